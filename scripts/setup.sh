@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine lacks for building, testing and the
+# demo: PostgreSQL server packages, and checks for kubectl and cargo.
+# Idempotent: does nothing when everything is present.
+set -euo pipefail
+
+need_apt=()
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1; }
+if [[ -z "$(pg_bin)" ]] || [[ ! -x "$(pg_bin)/postgres" ]]; then
+  need_apt+=(postgresql postgresql-contrib)
+fi
+command -v pg_dump >/dev/null || need_apt+=(postgresql-client)
+command -v runuser >/dev/null || need_apt+=(util-linux)
+command -v python3 >/dev/null || need_apt+=(python3)
+
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]}" >&2
+  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo is required (rustup.rs)" >&2; exit 1; }
+command -v kubectl >/dev/null || { echo "setup: kubectl is required on PATH (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
+exit 0

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: every test of the workspace against a private
+# PostgreSQL server (scripts/with-postgres.sh), after setup.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --workspace --bins --quiet
+exec bash scripts/with-postgres.sh cargo test --workspace --no-fail-fast

@@ -1,0 +1,165 @@
+//! The `Tenant` custom resource: one customer of the SaaS.
+//!
+//! Takes nothing, gives the Rust types that `crdgen` turns into the CRD and the
+//! controller reads and writes. The `///` comments on fields are user
+//! documentation: they become the descriptions `kubectl explain` prints.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::Condition;
+
+/// The regular expression of a tenant name: a DNS-1123 label.
+pub const NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// The longest tenant name; it keeps every derived Postgres identifier under
+/// Postgres's 63-byte limit (`tenant_` + 40 + `_owner` = 53).
+pub const NAME_MAX_LEN: usize = 40;
+
+/// A customer of the SaaS, with an isolated Postgres schema, its own roles,
+/// resource caps and credentials. The object's name is the tenant id: a
+/// DNS-1123 label of at most 40 characters.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tenancy.dev",
+    version = "v1alpha1",
+    kind = "Tenant",
+    plural = "tenants",
+    singular = "tenant",
+    shortname = "tn",
+    status = "TenantStatus",
+    derive = "PartialEq",
+    category = "tenancy",
+    doc = "A customer of the SaaS: an isolated Postgres schema with its own roles, caps and credentials.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Schema", type_ = "string", json_path = ".status.schema"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1123 label of at most 40 characters (lower-case letters, digits and '-', starting and ending with a letter or digit)")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantSpec {
+    /// Human-readable name of the customer, for people; not used in any identifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 200))]
+    pub display_name: Option<String>,
+
+    /// `Active` (the default) or `Suspended`. A suspended tenant's app role
+    /// cannot log in and its open sessions are terminated; its data is kept.
+    #[serde(default)]
+    pub state: TenantState,
+
+    /// When true, deleting the Tenant drops nothing: the delete waits, with a
+    /// `DeletionBlocked` condition, until this is set back to false.
+    #[serde(default)]
+    pub deletion_protection: bool,
+
+    /// Postgres settings of the tenant's schema and app role.
+    #[serde(default)]
+    pub database: DatabaseSpec,
+}
+
+/// The lifecycle state a person asks for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TenantState {
+    /// The tenant's app role can log in.
+    #[default]
+    Active,
+    /// The app role cannot log in; its sessions are terminated; data is kept.
+    Suspended,
+}
+
+/// Resource caps applied on the tenant's app role.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Most concurrent connections of the app role (`CONNECTION LIMIT`), 1 to 1000.
+    #[serde(default = "default_connection_limit")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub connection_limit: i32,
+
+    /// Longest a statement of the app role may run (`statement_timeout`),
+    /// as a Postgres duration: a positive integer and a unit (`ms`, `s`,
+    /// `min`, `h`, `d`), for example `30s`; `0` disables it. At most 24 days.
+    #[serde(default = "default_statement_timeout")]
+    #[schemars(regex(pattern = r"^(0|[1-9][0-9]{0,9}(ms|s|min|h|d))$"))]
+    pub statement_timeout: String,
+
+    /// Longest a session of the app role may sit idle inside a transaction
+    /// (`idle_in_transaction_session_timeout`), same format as
+    /// `statementTimeout`.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(regex(pattern = r"^(0|[1-9][0-9]{0,9}(ms|s|min|h|d))$"))]
+    pub idle_in_transaction_timeout: String,
+
+    /// Memory per sort or hash operation of the app role (`work_mem`): a
+    /// positive integer and a unit (`kB`, `MB`, `GB`), 64kB to 2GB.
+    #[serde(default = "default_work_mem")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,9}(kB|MB|GB)$"))]
+    pub work_mem: String,
+}
+
+fn default_connection_limit() -> i32 {
+    20
+}
+fn default_statement_timeout() -> String {
+    "30s".into()
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+fn default_work_mem() -> String {
+    "16MB".into()
+}
+
+impl Default for DatabaseSpec {
+    fn default() -> Self {
+        Self {
+            connection_limit: default_connection_limit(),
+            statement_timeout: default_statement_timeout(),
+            idle_in_transaction_timeout: default_idle_timeout(),
+            work_mem: default_work_mem(),
+        }
+    }
+}
+
+/// What the operator observed and did, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantStatus {
+    /// Where the tenant is in its lifecycle: Pending, Provisioning, Active,
+    /// Suspended, Deleting or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TenantPhase>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The tenant's Postgres schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// Conditions: `Ready`, `DatabaseReady`, and `DeletionBlocked` while a
+    /// delete waits on `deletionProtection`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The lifecycle phase shown in `kubectl get tenants`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TenantPhase {
+    /// Seen, nothing done yet.
+    Pending,
+    /// Being converged, or waiting on a transient failure.
+    Provisioning,
+    /// Converged; the app role can log in.
+    Active,
+    /// Converged while suspended; the app role cannot log in.
+    Suspended,
+    /// Deleted; waiting for cleanup to finish.
+    Deleting,
+    /// Blocked on something a person must change (see the conditions).
+    Failed,
+}

@@ -1,0 +1,81 @@
+//! The controllers and what they share.
+//!
+//! Takes a Kubernetes client, the admin pool and the operator's settings;
+//! gives `run`, which drives the Tenant controller until shutdown.
+
+pub mod tenant;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+use sqlx::PgPool;
+
+use tenant::plan::Endpoint;
+
+/// Settings every reconcile reads.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace of the per-tenant Secrets and other namespaced objects.
+    pub namespace: String,
+    /// How tenants' applications reach Postgres.
+    pub endpoint: Endpoint,
+    /// Reconciles at once, at most.
+    pub concurrency: u16,
+    /// Requeue after success, to catch changes made inside Postgres.
+    pub resync: Duration,
+}
+
+/// Counters a test (and later the metrics endpoint) reads.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reconciles: AtomicU64,
+    pub ddl_statements: AtomicU64,
+    pub kube_writes: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What each reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub pool: PgPool,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub stats: Stats,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, pool: PgPool, settings: Settings) -> Self {
+        let reporter = Reporter { controller: "tenant-operator".into(), instance: std::env::var("POD_NAME").ok() };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self { client, pool, settings, recorder, stats: Stats::default(), failures: Mutex::new(HashMap::new()) }
+    }
+
+    /// The next retry delay for `key`: 2s, 4s, 8s ... capped at 5 minutes.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        let secs = 1u64.checked_shl((*n).min(9)).unwrap_or(300).min(300);
+        Duration::from_secs(secs)
+    }
+
+    pub fn reset_backoff(&self, key: &str) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// Runs every controller until a shutdown signal.
+pub async fn run(ctx: std::sync::Arc<Context>) {
+    tenant::run(ctx).await
+}

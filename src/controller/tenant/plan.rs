@@ -1,0 +1,451 @@
+//! Plan: from a Tenant's spec and what was observed, the actions that
+//! converge it. Pure and synchronous, so every decision is unit-tested
+//! without a cluster or a database.
+
+use std::collections::BTreeMap;
+
+use crate::api::{Tenant, TenantSpec, TenantState};
+use crate::names::TenantName;
+use crate::pg::scram;
+use crate::pg::tenant::{ownership_marker, CatalogState, DbAction, Role, RoleState};
+
+/// Where tenants' applications reach Postgres (may differ from the admin
+/// connection, e.g. a Service name inside the cluster).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+/// The spec values, checked and in the form Postgres stores them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredDb {
+    pub login: bool,
+    pub connection_limit: i32,
+    /// Managed role settings, name to value, in the form `ALTER ROLE SET` stores.
+    pub settings: BTreeMap<&'static str, String>,
+}
+
+/// Why a Tenant cannot be converged until a person changes something.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    InvalidName(#[from] crate::names::NameError),
+    #[error("spec.database.{field}: {message}")]
+    InvalidSpec { field: &'static str, message: String },
+    #[error("{what} already exists and was not created by this operator for this tenant ({found}); refusing to adopt it: \
+             a left-over of a deleted tenant or another database's tenant of the same name must be removed by hand first")]
+    Conflict { what: String, found: String },
+}
+
+impl PlanError {
+    /// The condition reason: one of a fixed set of words.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PlanError::InvalidName(_) => "InvalidName",
+            PlanError::InvalidSpec { .. } => "InvalidSpec",
+            PlanError::Conflict { .. } => "OwnershipConflict",
+        }
+    }
+}
+
+/// Milliseconds of a Postgres duration in the CRD's format (`0`, `250ms`,
+/// `30s`, `5min`, `2h`, `1d`), bounded by `statement_timeout`'s INT_MAX ms.
+pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
+    if s == "0" {
+        return Ok(0);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} has no unit (ms, s, min, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: i64 = num.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
+    let factor = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?} has an unknown unit {unit:?}; use ms, s, min, h or d")),
+    };
+    let ms = n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))?;
+    if n == 0 || ms > i32::MAX as i64 {
+        return Err(format!("{s:?} must be 0 or between 1ms and 24 days"));
+    }
+    Ok(ms)
+}
+
+/// Kilobytes of a memory size (`64kB`, `16MB`, `1GB`), 64kB to 2GB.
+pub fn parse_memory_kb(s: &str) -> Result<i64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} has no unit (kB, MB, GB)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: i64 = num.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
+    let factor = match unit {
+        "kB" => 1,
+        "MB" => 1024,
+        "GB" => 1024 * 1024,
+        _ => return Err(format!("{s:?} has an unknown unit {unit:?}; use kB, MB or GB")),
+    };
+    let kb = n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))?;
+    if !(64..=2 * 1024 * 1024).contains(&kb) {
+        return Err(format!("{s:?} must be between 64kB and 2GB"));
+    }
+    Ok(kb)
+}
+
+/// Checks the spec and turns it into the values Postgres should hold. The
+/// CRD schema refuses most bad input first; this is the second line, for
+/// objects that reached the operator anyway (an older CRD, a direct write).
+pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, PlanError> {
+    // Destructured without `..`: a new spec field must be planned here or the
+    // build fails.
+    let TenantSpec { display_name: _, state, deletion_protection: _, database } = spec;
+    let crate::api::DatabaseSpec { connection_limit, statement_timeout, idle_in_transaction_timeout, work_mem } = database;
+    if !(1..=1000).contains(connection_limit) {
+        return Err(PlanError::InvalidSpec { field: "connectionLimit", message: format!("{connection_limit} is not between 1 and 1000") });
+    }
+    let st = parse_duration_ms(statement_timeout).map_err(|m| PlanError::InvalidSpec { field: "statementTimeout", message: m })?;
+    let it = parse_duration_ms(idle_in_transaction_timeout).map_err(|m| PlanError::InvalidSpec { field: "idleInTransactionTimeout", message: m })?;
+    let wm = parse_memory_kb(work_mem).map_err(|m| PlanError::InvalidSpec { field: "workMem", message: m })?;
+    let settings = BTreeMap::from([
+        ("search_path", name.schema()),
+        ("statement_timeout", format!("{st}ms")),
+        ("idle_in_transaction_session_timeout", format!("{it}ms")),
+        ("work_mem", format!("{wm}kB")),
+    ]);
+    Ok(DesiredDb { login: *state == TenantState::Active, connection_limit: *connection_limit, settings })
+}
+
+/// What one reconcile must do to the database, and the credentials to hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbPlan {
+    pub actions: Vec<DbAction>,
+    /// The app role's password: the one in the Secret, or a new one when the
+    /// Secret has none (then `actions` sets it on the role).
+    pub password: String,
+    /// End the app role's sessions after the actions commit.
+    pub terminate_sessions: bool,
+}
+
+fn check_marker(what: String, comment: &Option<String>, marker: &str) -> Result<(), PlanError> {
+    match comment {
+        Some(c) if c == marker => Ok(()),
+        Some(c) => Err(PlanError::Conflict { what, found: format!("marked {c:?}") }),
+        None => Err(PlanError::Conflict { what, found: "no ownership marker".into() }),
+    }
+}
+
+/// Plans the Postgres side of an Active or Suspended tenant.
+pub fn plan_db(
+    name: &TenantName,
+    uid: &str,
+    desired: &DesiredDb,
+    observed: &CatalogState,
+    secret_password: Option<&str>,
+) -> Result<DbPlan, PlanError> {
+    let marker = ownership_marker(uid);
+    if let Some(row) = &observed.registry {
+        if row.uid != uid {
+            return Err(PlanError::Conflict { what: format!("registry row for {name}"), found: format!("tenant uid {}", row.uid) });
+        }
+    }
+    if let Some(s) = &observed.schema {
+        check_marker(format!("schema {}", name.schema()), &s.comment, &marker)?;
+    }
+    if let Some(r) = &observed.owner_role {
+        check_marker(format!("role {}", name.owner_role()), &r.comment, &marker)?;
+    }
+    if let Some(r) = &observed.app_role {
+        check_marker(format!("role {}", name.app_role()), &r.comment, &marker)?;
+    }
+
+    let mut actions = Vec::new();
+    let (password, password_is_new) = match secret_password {
+        Some(p) if !p.is_empty() => (p.to_owned(), false),
+        _ => (scram::generate_password(), true),
+    };
+
+    match &observed.owner_role {
+        None => actions.extend([DbAction::CreateOwnerRole, DbAction::GrantOwnerToAdmin]),
+        Some(r) => role_hygiene(&mut actions, Role::Owner, r, DbAction::GrantOwnerToAdmin),
+    }
+    match &observed.app_role {
+        None => actions.extend([
+            DbAction::CreateAppRole { verifier: scram::verifier(&password), login: desired.login, connection_limit: desired.connection_limit },
+            DbAction::GrantAppToAdmin,
+        ]),
+        Some(r) => {
+            role_hygiene(&mut actions, Role::App, r, DbAction::GrantAppToAdmin);
+            for role in &r.member_of {
+                actions.push(DbAction::RevokeAppMembershipIn { role: role.clone() });
+            }
+            if r.can_login != desired.login {
+                actions.push(DbAction::SetLogin(desired.login));
+            }
+            if r.connection_limit != desired.connection_limit {
+                actions.push(DbAction::SetConnectionLimit(desired.connection_limit));
+            }
+            if password_is_new {
+                actions.push(DbAction::SetPassword { verifier: scram::verifier(&password) });
+            }
+        }
+    }
+    let schema_is_new = observed.schema.is_none();
+    if let Some(s) = &observed.schema {
+        for grantee in &s.other_grantees {
+            actions.push(DbAction::RevokeSchemaFrom { grantee: grantee.clone() });
+        }
+    } else {
+        actions.push(DbAction::CreateSchema);
+    }
+    let fresh = schema_is_new || observed.app_role.is_none();
+    match &observed.privileges {
+        Some(p) if !fresh => {
+            if !p.schema_usage {
+                actions.push(DbAction::GrantSchemaUsage);
+            }
+            if p.schema_create {
+                actions.push(DbAction::RevokeSchemaFrom { grantee: name.app_role() });
+                actions.push(DbAction::GrantSchemaUsage);
+            }
+            if p.objects_missing_dml > 0 {
+                actions.push(DbAction::GrantExistingObjects);
+            }
+            if !p.default_privileges {
+                actions.push(DbAction::SetDefaultPrivileges);
+            }
+            if !p.database_connect {
+                actions.push(DbAction::GrantConnect);
+            }
+        }
+        _ => actions.extend([DbAction::GrantSchemaUsage, DbAction::GrantExistingObjects, DbAction::SetDefaultPrivileges, DbAction::GrantConnect]),
+    }
+    let current = observed.app_role.as_ref().map(|r| &r.settings);
+    for (setting, value) in &desired.settings {
+        if current.and_then(|s| s.get(*setting)) != Some(value) {
+            actions.push(DbAction::SetSetting { name: setting, value: value.clone() });
+        }
+    }
+    let terminate_sessions = !desired.login && observed.app_sessions > 0;
+    Ok(DbPlan { actions, password, terminate_sessions })
+}
+
+/// Drift on an existing role: elevated attributes, foreign members, and the
+/// admin's membership (needed to manage it).
+fn role_hygiene(actions: &mut Vec<DbAction>, role: Role, r: &RoleState, grant_admin: DbAction) {
+    if r.elevated {
+        actions.push(DbAction::StripElevatedAttributes(role));
+    }
+    if !r.admin_is_member {
+        actions.push(grant_admin);
+    }
+    for member in &r.other_members {
+        actions.push(DbAction::RevokeMembership { role, member: member.clone() });
+    }
+}
+
+/// The data of the `tenant-<name>-db` Secret.
+pub fn secret_data(name: &TenantName, endpoint: &Endpoint, password: &str) -> BTreeMap<String, String> {
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    // RFC 3986 unreserved characters stay as they are.
+    const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    let user = name.app_role();
+    let host = if endpoint.host.contains(':') { format!("[{}]", endpoint.host) } else { endpoint.host.clone() };
+    let uri = format!(
+        "postgresql://{}:{}@{}:{}/{}",
+        utf8_percent_encode(&user, COMPONENT),
+        utf8_percent_encode(password, COMPONENT),
+        host,
+        endpoint.port,
+        utf8_percent_encode(&endpoint.database, COMPONENT)
+    );
+    BTreeMap::from([
+        ("host".to_string(), endpoint.host.clone()),
+        ("port".to_string(), endpoint.port.to_string()),
+        ("dbname".to_string(), endpoint.database.clone()),
+        ("user".to_string(), user),
+        ("password".to_string(), password.to_owned()),
+        ("uri".to_string(), uri),
+    ])
+}
+
+/// The manager that last changed the Tenant's spec, from managedFields: the
+/// actor recorded in the audit log.
+pub fn last_spec_manager(tenant: &Tenant) -> String {
+    tenant
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref().unwrap_or("").is_empty())
+        .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").is_some()))
+        .max_by_key(|m| m.time.as_ref().map(|t| t.0))
+        .and_then(|m| m.manager.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::DatabaseSpec;
+    use crate::pg::tenant::{AppPrivileges, RegistryRow, SchemaState};
+
+    fn name() -> TenantName {
+        TenantName::parse("acme").unwrap()
+    }
+
+    fn spec() -> TenantSpec {
+        TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default() }
+    }
+
+    /// The catalog state of a fully converged tenant.
+    fn converged(uid: &str, desired: &DesiredDb) -> CatalogState {
+        let marker = ownership_marker(uid);
+        let role = |login: bool, settings: BTreeMap<String, String>| RoleState {
+            can_login: login,
+            connection_limit: if login { desired.connection_limit } else { -1 },
+            settings,
+            comment: Some(marker.clone()),
+            elevated: false,
+            admin_is_member: true,
+            other_members: vec![],
+            member_of: vec![],
+        };
+        let settings = desired.settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        CatalogState {
+            schema: Some(SchemaState { owner: name().owner_role(), comment: Some(marker.clone()), other_grantees: vec![] }),
+            owner_role: Some(role(false, BTreeMap::new())),
+            app_role: Some(role(desired.login, settings)),
+            privileges: Some(AppPrivileges { schema_usage: true, schema_create: false, database_connect: true, objects_missing_dml: 0, default_privileges: true }),
+            registry: Some(RegistryRow { uid: uid.into(), name: "acme".into(), schema: name().schema(), state: "Active".into() }),
+            app_sessions: 2,
+        }
+    }
+
+    #[test]
+    fn a_new_tenant_gets_roles_schema_grants_and_settings() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let p = plan_db(&name(), "u1", &d, &CatalogState::default(), None).unwrap();
+        let labels: Vec<_> = p.actions.iter().map(|a| a.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "CreateOwnerRole", "GrantOwnerToAdmin", "CreateAppRole", "GrantAppToAdmin", "CreateSchema", "GrantSchemaUsage",
+                "GrantExistingObjects", "SetDefaultPrivileges", "GrantConnect", "SetRoleSetting", "SetRoleSetting", "SetRoleSetting",
+                "SetRoleSetting"
+            ]
+        );
+        assert_eq!(p.password.len(), 32);
+        assert!(!p.terminate_sessions);
+    }
+
+    #[test]
+    fn a_converged_tenant_plans_nothing() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let obs = converged("u1", &d);
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert!(p.actions.is_empty(), "converged tenant planned {:?}", p.actions);
+        assert_eq!(p.password, "pw");
+    }
+
+    #[test]
+    fn a_missing_secret_password_rotates_the_role_password() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let p = plan_db(&name(), "u1", &d, &converged("u1", &d), None).unwrap();
+        assert!(matches!(p.actions.as_slice(), [DbAction::SetPassword { .. }]), "{:?}", p.actions);
+    }
+
+    #[test]
+    fn suspending_disables_login_and_terminates_sessions() {
+        let mut s = spec();
+        let d_active = desired_db(&name(), &s).unwrap();
+        s.state = TenantState::Suspended;
+        let d = desired_db(&name(), &s).unwrap();
+        let p = plan_db(&name(), "u1", &d, &converged("u1", &d_active), Some("pw")).unwrap();
+        assert_eq!(p.actions, vec![DbAction::SetLogin(false)]);
+        assert!(p.terminate_sessions);
+    }
+
+    #[test]
+    fn changed_caps_converge_only_what_changed() {
+        let d0 = desired_db(&name(), &spec()).unwrap();
+        let mut s = spec();
+        s.database.connection_limit = 5;
+        s.database.work_mem = "64MB".into();
+        let d = desired_db(&name(), &s).unwrap();
+        let p = plan_db(&name(), "u1", &d, &converged("u1", &d0), Some("pw")).unwrap();
+        assert_eq!(
+            p.actions,
+            vec![DbAction::SetConnectionLimit(5), DbAction::SetSetting { name: "work_mem", value: "65536kB".into() }]
+        );
+    }
+
+    #[test]
+    fn foreign_grants_and_memberships_are_revoked() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let mut obs = converged("u1", &d);
+        obs.schema.as_mut().unwrap().other_grantees = vec!["PUBLIC".into(), "tenant_evil_app".into()];
+        obs.owner_role.as_mut().unwrap().other_members = vec!["tenant_evil_app".into()];
+        obs.app_role.as_mut().unwrap().member_of = vec!["tenant_other_owner".into()];
+        obs.privileges.as_mut().unwrap().schema_create = true;
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom { grantee: "PUBLIC".into() }));
+        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom { grantee: "tenant_evil_app".into() }));
+        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom { grantee: "tenant_acme_app".into() }));
+        assert!(p.actions.contains(&DbAction::RevokeMembership { role: Role::Owner, member: "tenant_evil_app".into() }));
+        assert!(p.actions.contains(&DbAction::RevokeAppMembershipIn { role: "tenant_other_owner".into() }));
+    }
+
+    #[test]
+    fn objects_of_another_tenant_or_unmarked_are_never_adopted() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let obs = converged("old-uid", &d);
+        let err = plan_db(&name(), "new-uid", &d, &obs, None).unwrap_err();
+        assert_eq!(err.reason(), "OwnershipConflict");
+        let mut obs = CatalogState::default();
+        obs.app_role = Some(RoleState { comment: None, ..Default::default() });
+        let err = plan_db(&name(), "u1", &d, &obs, None).unwrap_err();
+        assert!(err.to_string().contains("tenant_acme_app"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_spec_values_are_refused_with_the_field() {
+        for (mutate, field) in [
+            (Box::new(|s: &mut TenantSpec| s.database.connection_limit = 0) as Box<dyn Fn(&mut TenantSpec)>, "connectionLimit"),
+            (Box::new(|s: &mut TenantSpec| s.database.connection_limit = 5000), "connectionLimit"),
+            (Box::new(|s: &mut TenantSpec| s.database.statement_timeout = "30 seconds".into()), "statementTimeout"),
+            (Box::new(|s: &mut TenantSpec| s.database.statement_timeout = "9999d".into()), "statementTimeout"),
+            (Box::new(|s: &mut TenantSpec| s.database.idle_in_transaction_timeout = "-1s".into()), "idleInTransactionTimeout"),
+            (Box::new(|s: &mut TenantSpec| s.database.work_mem = "1kB".into()), "workMem"),
+            (Box::new(|s: &mut TenantSpec| s.database.work_mem = "16MB'; DROP ROLE x; --".into()), "workMem"),
+        ] {
+            let mut s = spec();
+            mutate(&mut s);
+            match desired_db(&name(), &s) {
+                Err(PlanError::InvalidSpec { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("expected InvalidSpec on {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_to_postgres_units() {
+        assert_eq!(parse_duration_ms("0"), Ok(0));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert_eq!(parse_duration_ms("5min"), Ok(300_000));
+        assert_eq!(parse_duration_ms("24d"), Ok(2_073_600_000));
+        assert!(parse_duration_ms("25d").is_err());
+        assert_eq!(parse_memory_kb("64kB"), Ok(64));
+        assert_eq!(parse_memory_kb("2GB"), Ok(2 * 1024 * 1024));
+        assert!(parse_memory_kb("3GB").is_err());
+    }
+
+    #[test]
+    fn secret_carries_a_working_uri() {
+        let e = Endpoint { host: "db.example".into(), port: 5433, database: "saas".into() };
+        let d = secret_data(&name(), &e, "AbC123");
+        assert_eq!(d["uri"], "postgresql://tenant_acme_app:AbC123@db.example:5433/saas");
+        assert_eq!(d["user"], "tenant_acme_app");
+        assert_eq!(d.len(), 6);
+    }
+}

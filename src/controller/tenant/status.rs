@@ -1,0 +1,87 @@
+//! Report: the Tenant's status and conditions from a reconcile's outcome.
+//!
+//! Pure. Keeps `lastTransitionTime` while a condition's status holds, sets
+//! `observedGeneration` everywhere, and says whether anything changed so the
+//! caller writes only then.
+
+use crate::api::{Condition, TenantPhase, TenantStatus};
+
+/// A condition before timestamps: type, status, reason, message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, status, reason, message: message.into() }
+    }
+}
+
+/// Merges `conds` into `old`'s conditions and sets phase, schema and
+/// generation. Conditions of a type not in `conds` and not in `keep` are
+/// dropped (for example `DeletionBlocked` once the block is lifted).
+pub fn next_status(
+    old: Option<&TenantStatus>,
+    phase: TenantPhase,
+    schema: Option<String>,
+    generation: Option<i64>,
+    conds: &[Cond],
+    now: &str,
+) -> TenantStatus {
+    let old_conds = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let conditions = conds
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" }.to_string();
+            let since = old_conds
+                .iter()
+                .find(|o| o.type_ == c.type_ && o.status == status)
+                .map(|o| o.last_transition_time.clone())
+                .unwrap_or_else(|| now.to_string());
+            Condition {
+                type_: c.type_.to_string(),
+                status,
+                reason: c.reason.to_string(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect();
+    TenantStatus { phase: Some(phase), observed_generation: generation, schema, conditions }
+}
+
+/// The condition of `type_` in a status, if any.
+pub fn condition<'a>(status: Option<&'a TenantStatus>, type_: &str) -> Option<&'a Condition> {
+    status.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_holds_while_status_holds() {
+        let c1 = [Cond::new("Ready", true, "Provisioned", "ok")];
+        let s1 = next_status(None, TenantPhase::Active, None, Some(1), &c1, "t1");
+        let c2 = [Cond::new("Ready", true, "Provisioned", "still ok")];
+        let s2 = next_status(Some(&s1), TenantPhase::Active, None, Some(2), &c2, "t2");
+        assert_eq!(s2.conditions[0].last_transition_time, "t1");
+        assert_eq!(s2.conditions[0].observed_generation, Some(2));
+        let c3 = [Cond::new("Ready", false, "DatabaseUnavailable", "down")];
+        let s3 = next_status(Some(&s2), TenantPhase::Active, None, Some(2), &c3, "t3");
+        assert_eq!(s3.conditions[0].last_transition_time, "t3");
+    }
+
+    #[test]
+    fn same_outcome_gives_an_equal_status() {
+        let c = [Cond::new("Ready", true, "Provisioned", "ok"), Cond::new("DatabaseReady", true, "Converged", "ok")];
+        let s1 = next_status(None, TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t1");
+        let s2 = next_status(Some(&s1), TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t9");
+        assert_eq!(s1, s2, "an unchanged outcome must not produce a status write");
+    }
+}

@@ -1,0 +1,8 @@
+//! tenant-operator: a Kubernetes operator for schema-per-tenant Postgres.
+//!
+//! The library holds everything; `main.rs` only parses flags and starts it.
+
+pub mod api;
+pub mod names;
+pub mod pg;
+pub mod controller;

@@ -1,0 +1,263 @@
+//! The only module that talks SQL.
+//!
+//! Takes the admin DSN, gives a connection pool, the control schema
+//! (`tenancy`, migrated with sqlx's migrator), database hardening, and the
+//! per-tenant statements in [`tenant`]. Side effects: DDL and DML on the
+//! database the admin DSN names.
+
+pub mod scram;
+pub mod tenant;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// Name of the operator's control schema.
+pub const CONTROL_SCHEMA: &str = "tenancy";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Errors of the Postgres layer; each names what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("the database URL is not valid: {0}")]
+    BadUrl(#[source] sqlx::Error),
+    #[error("cannot connect to Postgres at {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrating the control schema failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("{action} failed: {source}")]
+    Query {
+        action: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("the admin role {role:?} lacks {what}; grant it (see README, 'Admin role')")]
+    MissingPrivilege { role: String, what: String },
+    #[error("an identifier contains a NUL byte")]
+    NulInIdentifier,
+}
+
+impl PgError {
+    /// A failure that may go away by itself (network, restart, lock); as
+    /// opposed to one a person must fix.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PgError::Connect { .. } => true,
+            PgError::Query { source, .. } => is_transient_sqlx(source),
+            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier => false,
+        }
+    }
+}
+
+/// Connection-level and concurrency errors are transient; privilege and
+/// syntax errors are not.
+pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => match db.code() {
+            // 08: connection exception, 40: transaction rollback (serialization,
+            // deadlock), 53: insufficient resources, 55P03: lock not available,
+            // 57P: operator intervention (admin shutdown, cannot connect now).
+            Some(code) => {
+                code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code == "55P03" || code.starts_with("57P")
+                // 23505 unique violation / XX000 "tuple concurrently updated":
+                // two writers raced on a catalog row; a retry sees the winner.
+                || code == "23505" || code == "XX000"
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+pub(crate) fn query_err(action: &'static str) -> impl FnOnce(sqlx::Error) -> PgError {
+    move |source| PgError::Query { action, source }
+}
+
+/// Quotes an identifier for Postgres: wraps it in double quotes and doubles
+/// any double quote inside. Every dynamic identifier goes through here.
+pub fn quote_ident(ident: &str) -> Result<String, PgError> {
+    if ident.contains('\0') {
+        return Err(PgError::NulInIdentifier);
+    }
+    Ok(format!("\"{}\"", ident.replace('"', "\"\"")))
+}
+
+/// Quotes a string literal (standard_conforming_strings on, checked at
+/// connect): wraps it in single quotes and doubles any single quote. Only for
+/// utility statements, which take no bind parameters (`ALTER ROLE ... SET`).
+pub fn quote_literal(value: &str) -> Result<String, PgError> {
+    if value.contains('\0') {
+        return Err(PgError::NulInIdentifier);
+    }
+    Ok(format!("'{}'", value.replace('\'', "''")))
+}
+
+/// Where the admin DSN points, for messages and for tenants' DSNs.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+/// Parses the admin DSN and opens a bounded pool; checks the server is
+/// reachable and the settings quoting relies on.
+pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target), PgError> {
+    let opts: PgConnectOptions = url.parse().map_err(PgError::BadUrl)?;
+    let opts = opts.application_name("tenant-operator").log_statements(tracing::log::LevelFilter::Trace);
+    let target = Target {
+        host: opts.get_host().to_owned(),
+        port: opts.get_port(),
+        database: opts.get_database().unwrap_or(opts.get_username()).to_owned(),
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(5))
+        .idle_timeout(Duration::from_secs(60))
+        .test_before_acquire(true)
+        .connect_lazy_with(opts.clone());
+    // One direct connection up front so a wrong URL fails start-up with a
+    // clear message instead of surfacing later as reconcile errors.
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), opts.connect())
+        .await
+        .map_err(|_| PgError::Connect { target: describe(&target), source: sqlx::Error::PoolTimedOut })?
+        .map_err(|source| PgError::Connect { target: describe(&target), source })?;
+    let scs: String = sqlx::query_scalar("SHOW standard_conforming_strings")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(query_err("reading standard_conforming_strings"))?;
+    if scs != "on" {
+        return Err(PgError::MissingPrivilege { role: opts.get_username().to_owned(), what: "standard_conforming_strings = on".into() });
+    }
+    let _ = conn.close().await;
+    Ok((pool, target))
+}
+
+fn describe(t: &Target) -> String {
+    format!("{}:{}/{}", t.host, t.port, t.database)
+}
+
+/// Creates the control schema if needed and runs its migrations. Safe to run
+/// from several operator replicas at once: the migrator takes an advisory lock.
+pub async fn migrate_control_schema(pool: &PgPool) -> Result<(), PgError> {
+    let mut conn = pool.acquire().await.map_err(query_err("connecting to migrate"))?;
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS tenancy")
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("creating the control schema"))?;
+    sqlx::query("REVOKE ALL ON SCHEMA tenancy FROM PUBLIC")
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("locking down the control schema"))?;
+    // The migrator keeps its bookkeeping table in the first schema of the
+    // search path; point it at the control schema, not `public`.
+    sqlx::query("SET search_path TO tenancy").execute(&mut *conn).await.map_err(query_err("setting search_path"))?;
+    let result = MIGRATOR.run(&mut *conn).await.map_err(PgError::Migrate);
+    let _ = sqlx::query("RESET search_path").execute(&mut *conn).await;
+    result
+}
+
+/// What the admin role may do; checked at start so a missing privilege is
+/// reported once, clearly, instead of failing every tenant.
+#[derive(Clone, Debug)]
+pub struct AdminFacts {
+    pub role: String,
+    pub superuser: bool,
+    pub createrole: bool,
+    pub signal_backend: bool,
+    pub owns_database: bool,
+}
+
+pub async fn admin_facts(pool: &PgPool) -> Result<AdminFacts, PgError> {
+    let row: (String, bool, bool, bool, bool) = sqlx::query_as(
+        "SELECT current_user::text, r.rolsuper, r.rolcreaterole,
+                pg_has_role(current_user, 'pg_signal_backend', 'USAGE'),
+                pg_has_role(current_user, d.datdba, 'USAGE')
+           FROM pg_roles r, pg_database d
+          WHERE r.rolname = current_user AND d.datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(query_err("reading the admin role's attributes"))?;
+    Ok(AdminFacts { role: row.0, superuser: row.1, createrole: row.2, signal_backend: row.3, owns_database: row.4 })
+}
+
+impl AdminFacts {
+    /// CREATEROLE and pg_signal_backend are what the operator needs; superuser
+    /// is not (managed Postgres services do not give it).
+    pub fn require(&self) -> Result<(), PgError> {
+        if !self.superuser && !self.createrole {
+            return Err(PgError::MissingPrivilege { role: self.role.clone(), what: "CREATEROLE".into() });
+        }
+        if !self.superuser && !self.signal_backend {
+            return Err(PgError::MissingPrivilege { role: self.role.clone(), what: "membership in pg_signal_backend".into() });
+        }
+        Ok(())
+    }
+}
+
+/// Hardening for the schema-per-tenant model, done once at start. Returns
+/// warnings for steps the admin role may not take (it does not own the
+/// database); those are logged, not fatal.
+pub async fn harden_database(pool: &PgPool, facts: &AdminFacts) -> Result<Vec<String>, PgError> {
+    let mut warnings = Vec::new();
+    if !facts.owns_database && !facts.superuser {
+        warnings.push(format!(
+            "the admin role {:?} does not own the database: cannot revoke PUBLIC's rights on it or on schema public; \
+             do it once as the owner: REVOKE ALL ON DATABASE <db> FROM PUBLIC; REVOKE ALL ON SCHEMA public FROM PUBLIC",
+            facts.role
+        ));
+        return Ok(warnings);
+    }
+    let db: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(pool).await.map_err(query_err("reading the database name"))?;
+    let db = quote_ident(&db)?;
+    // Each tenant's app role gets CONNECT explicitly; nobody else needs to
+    // connect by default, create temporary tables, or use schema public.
+    for stmt in [
+        format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
+        "REVOKE ALL ON SCHEMA public FROM PUBLIC".to_string(),
+    ] {
+        let needed: bool = if stmt.contains("SCHEMA public") {
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a WHERE n.nspname = 'public' AND a.grantee = 0)")
+        } else {
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a WHERE d.datname = current_database() AND a.grantee = 0)")
+        }
+        .fetch_one(pool)
+        .await
+        .map_err(query_err("reading PUBLIC's privileges"))?;
+        if needed {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(pool).await.map_err(query_err("revoking PUBLIC's privileges"))?;
+        }
+    }
+    Ok(warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_ident_wraps_and_doubles_quotes() {
+        assert_eq!(quote_ident("tenant_acme").unwrap(), "\"tenant_acme\"");
+        assert_eq!(quote_ident("select").unwrap(), "\"select\"");
+        assert_eq!(quote_ident("a\"; DROP SCHEMA x; --").unwrap(), "\"a\"\"; DROP SCHEMA x; --\"");
+        assert_eq!(quote_ident("ünï").unwrap(), "\"ünï\"");
+        assert!(quote_ident("a\0b").is_err());
+    }
+
+    #[test]
+    fn quote_literal_doubles_single_quotes() {
+        assert_eq!(quote_literal("30s").unwrap(), "'30s'");
+        assert_eq!(quote_literal("x'; DROP ROLE y; --").unwrap(), "'x''; DROP ROLE y; --'");
+        assert_eq!(quote_literal("back\\slash").unwrap(), "'back\\slash'");
+        assert!(quote_literal("a\0").is_err());
+    }
+}

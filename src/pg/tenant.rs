@@ -1,0 +1,568 @@
+//! Per-tenant SQL: read a tenant's catalog state, render and run the
+//! statements that converge it, drop it, and prove nothing is left.
+//!
+//! Takes a validated [`TenantName`] (identifiers come only from it) and plain
+//! values; gives observed state as plain structs. Side effects: DDL on the
+//! tenant's schema and roles, rows in `tenancy.tenants` and
+//! `tenancy.audit_log`, and terminated sessions.
+
+use std::collections::BTreeMap;
+
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use super::{query_err, quote_ident, quote_literal, PgError};
+use crate::names::TenantName;
+
+/// The role settings the operator manages on the app role; any other setting
+/// found there is left alone.
+pub const MANAGED_SETTINGS: [&str; 4] = ["search_path", "statement_timeout", "idle_in_transaction_session_timeout", "work_mem"];
+
+/// A role as the catalog shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoleState {
+    pub can_login: bool,
+    pub connection_limit: i32,
+    /// Role-wide settings (`ALTER ROLE ... SET`), name to value.
+    pub settings: BTreeMap<String, String>,
+    /// `COMMENT ON ROLE`: the operator's ownership marker.
+    pub comment: Option<String>,
+    /// Any of SUPERUSER, CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS.
+    pub elevated: bool,
+    pub admin_is_member: bool,
+    /// Roles, other than the operator's admin, that are members of this role.
+    pub other_members: Vec<String>,
+    /// Roles this role is a member of.
+    pub member_of: Vec<String>,
+}
+
+/// The tenant's schema as the catalog shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SchemaState {
+    pub owner: String,
+    pub comment: Option<String>,
+    /// Grantees of any privilege on the schema other than its owner and the
+    /// tenant's app role (`PUBLIC` for the pseudo-role).
+    pub other_grantees: Vec<String>,
+}
+
+/// The app role's privileges, read only when both schema and role exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppPrivileges {
+    pub schema_usage: bool,
+    pub schema_create: bool,
+    pub database_connect: bool,
+    /// Tables, views and sequences in the schema lacking the app's DML rights.
+    pub objects_missing_dml: i64,
+    /// Whether the owner's default privileges give the app DML on new tables
+    /// and sequences.
+    pub default_privileges: bool,
+}
+
+/// The registry row of a tenant, looked up by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryRow {
+    pub uid: String,
+    pub name: String,
+    pub schema: String,
+    pub state: String,
+}
+
+/// Everything the plan needs to know about one tenant in Postgres.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatalogState {
+    pub schema: Option<SchemaState>,
+    pub owner_role: Option<RoleState>,
+    pub app_role: Option<RoleState>,
+    pub privileges: Option<AppPrivileges>,
+    pub registry: Option<RegistryRow>,
+    /// Open sessions of the app role.
+    pub app_sessions: i64,
+}
+
+/// The marker the operator writes on everything it creates for a tenant, so
+/// it never adopts an object it did not create (another database's tenant
+/// of the same name, a left-over of a deleted tenant, a hand-made role).
+pub fn ownership_marker(uid: &str) -> String {
+    format!("managed by tenancy.dev for tenant uid {uid}")
+}
+
+/// Reads the tenant's catalog state: 3 to 4 queries, no writes.
+pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, PgError> {
+    let schema = name.schema();
+    let (owner, app) = (name.owner_role(), name.app_role());
+    let mut conn = pool.acquire().await.map_err(query_err("connecting to read the catalog"))?;
+
+    let schema_state = sqlx::query(
+        "SELECT pg_get_userbyid(n.nspowner)::text AS owner,
+                obj_description(n.oid, 'pg_namespace') AS comment,
+                coalesce((SELECT array_agg(g ORDER BY g) FROM (
+                            SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END AS g
+                              FROM aclexplode(n.nspacl) a
+                             WHERE a.grantee <> n.nspowner
+                               AND a.grantee IS DISTINCT FROM (SELECT oid FROM pg_roles WHERE rolname = $2)) x), '{}') AS others
+           FROM pg_namespace n WHERE n.nspname = $1",
+    )
+    .bind(&schema)
+    .bind(&app)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(query_err("reading the tenant schema"))?
+    .map(|r| -> Result<SchemaState, sqlx::Error> {
+        Ok(SchemaState { owner: r.try_get("owner")?, comment: r.try_get("comment")?, other_grantees: r.try_get("others")? })
+    })
+    .transpose()
+    .map_err(query_err("decoding the tenant schema"))?;
+
+    let rows = sqlx::query(
+        "SELECT r.rolname::text AS name, r.rolcanlogin, r.rolconnlimit,
+                (r.rolsuper OR r.rolcreatedb OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls) AS elevated,
+                shobj_description(r.oid, 'pg_authid') AS comment,
+                coalesce((SELECT s.setconfig FROM pg_db_role_setting s WHERE s.setrole = r.oid AND s.setdatabase = 0), '{}') AS settings,
+                EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.roleid = r.oid AND m.member = (SELECT oid FROM pg_roles WHERE rolname = current_user)) AS admin_is_member,
+                coalesce((SELECT array_agg(pg_get_userbyid(m.member)::text ORDER BY 1) FROM pg_auth_members m
+                           WHERE m.roleid = r.oid AND pg_get_userbyid(m.member) <> current_user), '{}') AS other_members,
+                coalesce((SELECT array_agg(pg_get_userbyid(m.roleid)::text ORDER BY 1) FROM pg_auth_members m
+                           WHERE m.member = r.oid), '{}') AS member_of
+           FROM pg_roles r WHERE r.rolname = ANY($1)",
+    )
+    .bind(vec![owner.clone(), app.clone()])
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_err("reading the tenant roles"))?;
+    let mut owner_role = None;
+    let mut app_role = None;
+    for r in rows {
+        let decode = || -> Result<(String, RoleState), sqlx::Error> {
+            let settings: Vec<String> = r.try_get("settings")?;
+            let settings = settings
+                .into_iter()
+                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect();
+            Ok((
+                r.try_get("name")?,
+                RoleState {
+                    can_login: r.try_get("rolcanlogin")?,
+                    connection_limit: r.try_get("rolconnlimit")?,
+                    settings,
+                    comment: r.try_get("comment")?,
+                    elevated: r.try_get("elevated")?,
+                    admin_is_member: r.try_get("admin_is_member")?,
+                    other_members: r.try_get("other_members")?,
+                    member_of: r.try_get("member_of")?,
+                },
+            ))
+        };
+        let (rolname, state) = decode().map_err(query_err("decoding the tenant roles"))?;
+        if rolname == owner {
+            owner_role = Some(state);
+        } else {
+            app_role = Some(state);
+        }
+    }
+
+    let privileges = if schema_state.is_some() && app_role.is_some() {
+        let r = sqlx::query(
+            "SELECT has_schema_privilege($2, $1, 'USAGE') AS usage,
+                    has_schema_privilege($2, $1, 'CREATE') AS create,
+                    has_database_privilege($2, current_database(), 'CONNECT') AS connect,
+                    (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $1 AND (
+                        (c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT (
+                            has_table_privilege($2, c.oid, 'SELECT') AND has_table_privilege($2, c.oid, 'INSERT')
+                        AND has_table_privilege($2, c.oid, 'UPDATE') AND has_table_privilege($2, c.oid, 'DELETE')))
+                     OR (c.relkind = 'S' AND NOT (
+                            has_sequence_privilege($2, c.oid, 'USAGE') AND has_sequence_privilege($2, c.oid, 'SELECT')
+                        AND has_sequence_privilege($2, c.oid, 'UPDATE'))))) AS missing,
+                    (SELECT count(*) FROM pg_default_acl d JOIN pg_namespace n ON n.oid = d.defaclnamespace,
+                            aclexplode(d.defaclacl) a
+                      WHERE n.nspname = $1 AND d.defaclrole = (SELECT oid FROM pg_roles WHERE rolname = $3)
+                        AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = $2)
+                        AND ((d.defaclobjtype = 'r' AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE'))
+                          OR (d.defaclobjtype = 'S' AND a.privilege_type IN ('USAGE', 'SELECT', 'UPDATE')))) = 7 AS defaults",
+        )
+        .bind(&schema)
+        .bind(&app)
+        .bind(&owner)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(query_err("reading the app role's privileges"))?;
+        let decode = || -> Result<AppPrivileges, sqlx::Error> {
+            Ok(AppPrivileges {
+                schema_usage: r.try_get("usage")?,
+                schema_create: r.try_get("create")?,
+                database_connect: r.try_get("connect")?,
+                objects_missing_dml: r.try_get("missing")?,
+                default_privileges: r.try_get("defaults")?,
+            })
+        };
+        Some(decode().map_err(query_err("decoding the app role's privileges"))?)
+    } else {
+        None
+    };
+
+    let registry = sqlx::query_as::<_, (String, String, String, String)>(
+        "SELECT uid, name, schema_name, state FROM tenancy.tenants WHERE name = $1",
+    )
+    .bind(name.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(query_err("reading the tenant registry"))?
+    .map(|(uid, name, schema, state)| RegistryRow { uid, name, schema, state });
+
+    let app_sessions: i64 = if app_role.is_some() {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+            .bind(&app)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(query_err("counting the app role's sessions"))?
+    } else {
+        0
+    };
+
+    Ok(CatalogState { schema: schema_state, owner_role, app_role, privileges, registry, app_sessions })
+}
+
+/// One converging step. The plan builds a list of these; [`render`] turns
+/// each into SQL text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DbAction {
+    CreateOwnerRole,
+    /// Membership lets the admin create the schema for the owner, and later
+    /// drop what the roles own; Postgres 15 does not give it to CREATEROLE
+    /// creators by itself.
+    GrantOwnerToAdmin,
+    GrantAppToAdmin,
+    CreateAppRole { verifier: String, login: bool, connection_limit: i32 },
+    CreateSchema,
+    GrantSchemaUsage,
+    RevokeSchemaFrom { grantee: String },
+    RevokeMembership { role: Role, member: String },
+    RevokeAppMembershipIn { role: String },
+    GrantExistingObjects,
+    SetDefaultPrivileges,
+    GrantConnect,
+    SetLogin(bool),
+    SetConnectionLimit(i32),
+    SetSetting { name: &'static str, value: String },
+    SetPassword { verifier: String },
+    StripElevatedAttributes(Role),
+}
+
+/// Which of the tenant's two roles an action is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    App,
+}
+
+impl DbAction {
+    /// A fixed, password-free label for logs, audit rows and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DbAction::CreateOwnerRole => "CreateOwnerRole",
+            DbAction::GrantOwnerToAdmin => "GrantOwnerToAdmin",
+            DbAction::GrantAppToAdmin => "GrantAppToAdmin",
+            DbAction::CreateAppRole { .. } => "CreateAppRole",
+            DbAction::CreateSchema => "CreateSchema",
+            DbAction::GrantSchemaUsage => "GrantSchemaUsage",
+            DbAction::RevokeSchemaFrom { .. } => "RevokeForeignSchemaGrant",
+            DbAction::RevokeMembership { .. } => "RevokeForeignMembership",
+            DbAction::RevokeAppMembershipIn { .. } => "RevokeAppMembership",
+            DbAction::GrantExistingObjects => "GrantExistingObjects",
+            DbAction::SetDefaultPrivileges => "SetDefaultPrivileges",
+            DbAction::GrantConnect => "GrantConnect",
+            DbAction::SetLogin(true) => "EnableLogin",
+            DbAction::SetLogin(false) => "DisableLogin",
+            DbAction::SetConnectionLimit(_) => "SetConnectionLimit",
+            DbAction::SetSetting { .. } => "SetRoleSetting",
+            DbAction::SetPassword { .. } => "SetPassword",
+            DbAction::StripElevatedAttributes(_) => "StripElevatedAttributes",
+        }
+    }
+}
+
+/// The SQL for one action. Identifiers come from the validated name and are
+/// quoted; the few literals utility statements need are quoted too.
+pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -> Result<Vec<String>, PgError> {
+    let schema = quote_ident(&name.schema())?;
+    let owner = quote_ident(&name.owner_role())?;
+    let app = quote_ident(&name.app_role())?;
+    let marker = quote_literal(&ownership_marker(uid))?;
+    let role = |r: Role| if r == Role::Owner { owner.clone() } else { app.clone() };
+    Ok(match action {
+        DbAction::CreateOwnerRole => vec![
+            format!("CREATE ROLE {owner} NOLOGIN NOINHERIT"),
+            format!("COMMENT ON ROLE {owner} IS {marker}"),
+        ],
+        DbAction::GrantOwnerToAdmin => vec![format!("GRANT {owner} TO CURRENT_USER")],
+        DbAction::GrantAppToAdmin => vec![format!("GRANT {app} TO CURRENT_USER")],
+        DbAction::CreateAppRole { verifier, login, connection_limit } => vec![
+            format!(
+                "CREATE ROLE {app} {} NOINHERIT CONNECTION LIMIT {connection_limit} PASSWORD {}",
+                if *login { "LOGIN" } else { "NOLOGIN" },
+                quote_literal(verifier)?
+            ),
+            format!("COMMENT ON ROLE {app} IS {marker}"),
+        ],
+        DbAction::CreateSchema => vec![
+            format!("CREATE SCHEMA {schema} AUTHORIZATION {owner}"),
+            format!("COMMENT ON SCHEMA {schema} IS {marker}"),
+        ],
+        DbAction::GrantSchemaUsage => vec![format!("GRANT USAGE ON SCHEMA {schema} TO {app}")],
+        DbAction::RevokeSchemaFrom { grantee } => {
+            let who = if grantee == "PUBLIC" { "PUBLIC".to_string() } else { quote_ident(grantee)? };
+            vec![format!("REVOKE ALL ON SCHEMA {schema} FROM {who}")]
+        }
+        DbAction::RevokeMembership { role: r, member } => vec![format!("REVOKE {} FROM {}", role(*r), quote_ident(member)?)],
+        DbAction::RevokeAppMembershipIn { role: r } => vec![format!("REVOKE {} FROM {app}", quote_ident(r)?)],
+        DbAction::GrantExistingObjects => vec![
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {app}"),
+            format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {schema} TO {app}"),
+        ],
+        DbAction::SetDefaultPrivileges => vec![
+            format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}"),
+            format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {app}"),
+        ],
+        DbAction::GrantConnect => vec![format!("GRANT CONNECT ON DATABASE {} TO {app}", quote_ident(database)?)],
+        DbAction::SetLogin(login) => vec![format!("ALTER ROLE {app} {}", if *login { "LOGIN" } else { "NOLOGIN" })],
+        DbAction::SetConnectionLimit(n) => vec![format!("ALTER ROLE {app} CONNECTION LIMIT {n}")],
+        DbAction::SetSetting { name: setting, value } => {
+            // `setting` is one of MANAGED_SETTINGS, a compile-time constant.
+            let value = if *setting == "search_path" { quote_ident(value)? } else { quote_literal(value)? };
+            vec![format!("ALTER ROLE {app} SET {setting} TO {value}")]
+        }
+        DbAction::SetPassword { verifier } => vec![format!("ALTER ROLE {app} PASSWORD {}", quote_literal(verifier)?)],
+        DbAction::StripElevatedAttributes(r) => {
+            vec![format!("ALTER ROLE {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS", role(*r))]
+        }
+    })
+}
+
+/// What one reconcile writes to the registry and audit log with its DDL.
+#[derive(Clone, Debug)]
+pub struct RegistryWrite {
+    pub uid: String,
+    pub state: &'static str,
+    pub audit_action: &'static str,
+    pub actor: String,
+}
+
+/// Runs the actions and the registry write in one transaction: a crash or a
+/// lost connection part-way leaves the tenant as it was before. Returns the
+/// number of statements executed.
+pub async fn apply(
+    pool: &PgPool,
+    name: &TenantName,
+    uid: &str,
+    actions: &[DbAction],
+    registry: Option<&RegistryWrite>,
+) -> Result<usize, PgError> {
+    if actions.is_empty() && registry.is_none() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await.map_err(query_err("starting a transaction"))?;
+    let db: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(query_err("reading the database name"))?;
+    let mut count = 0;
+    for action in actions {
+        for stmt in render(action, name, uid, &db)? {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(|source| PgError::Query { action: action.label(), source })?;
+            count += 1;
+        }
+    }
+    if let Some(w) = registry {
+        write_registry(&mut tx, name, w, actions).await?;
+        count += 1;
+    }
+    tx.commit().await.map_err(query_err("committing the tenant's changes"))?;
+    Ok(count)
+}
+
+async fn write_registry(tx: &mut Transaction<'_, Postgres>, name: &TenantName, w: &RegistryWrite, actions: &[DbAction]) -> Result<(), PgError> {
+    sqlx::query(
+        "INSERT INTO tenancy.tenants (uid, name, schema_name, state) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (uid) DO UPDATE SET state = EXCLUDED.state, updated_at = now()
+           WHERE tenants.state IS DISTINCT FROM EXCLUDED.state",
+    )
+    .bind(&w.uid)
+    .bind(name.as_str())
+    .bind(name.schema())
+    .bind(w.state)
+    .execute(&mut **tx)
+    .await
+    .map_err(query_err("writing the tenant registry"))?;
+    let labels: Vec<&str> = actions.iter().map(DbAction::label).collect();
+    audit(&mut **tx, &w.uid, Some(name.as_str()), w.audit_action, &w.actor, serde_json::json!({ "steps": labels })).await
+}
+
+/// Appends one row to the operator's audit log.
+pub async fn audit<'e, E: sqlx::PgExecutor<'e>>(
+    exec: E,
+    uid: &str,
+    name: Option<&str>,
+    action: &str,
+    actor: &str,
+    detail: serde_json::Value,
+) -> Result<(), PgError> {
+    sqlx::query("INSERT INTO tenancy.audit_log (tenant_uid, tenant_name, action, actor, detail) VALUES ($1, $2, $3, $4, $5)")
+        .bind(uid)
+        .bind(name)
+        .bind(action)
+        .bind(actor)
+        .bind(sqlx::types::Json(detail))
+        .execute(exec)
+        .await
+        .map_err(query_err("writing the audit log"))?;
+    Ok(())
+}
+
+/// Ends every session of the app role; returns how many were signalled.
+/// Needs membership in `pg_signal_backend`, not superuser.
+pub async fn terminate_sessions(pool: &PgPool, name: &TenantName) -> Result<i64, PgError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(name.app_role())
+    .fetch_one(pool)
+    .await
+    .map_err(query_err("terminating the app role's sessions"))?;
+    Ok(n)
+}
+
+/// Drops everything of the tenant in one transaction: its schema with every
+/// object in it, what its roles own or were granted, the roles, the registry
+/// row; clears the tenant's name from the audit log and records the delete.
+/// Refuses to drop objects that carry another tenant's marker. Idempotent.
+pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &str) -> Result<usize, PgError> {
+    let observed = observe(pool, name).await?;
+    let marker = ownership_marker(uid);
+    let ours = |c: &Option<String>| c.as_deref() == Some(marker.as_str());
+    let mut stmts = Vec::new();
+    let schema = quote_ident(&name.schema())?;
+    let owner = quote_ident(&name.owner_role())?;
+    let app = quote_ident(&name.app_role())?;
+    if let Some(s) = &observed.schema {
+        if ours(&s.comment) {
+            stmts.push(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+    }
+    for (role, state) in [(&owner, &observed.owner_role), (&app, &observed.app_role)] {
+        if let Some(r) = state {
+            if ours(&r.comment) {
+                if !r.admin_is_member {
+                    stmts.push(format!("GRANT {role} TO CURRENT_USER"));
+                }
+                // Removes grants to the role and its default privileges in this
+                // database; objects it owns here went with the schema.
+                stmts.push(format!("DROP OWNED BY {role}"));
+                stmts.push(format!("DROP ROLE IF EXISTS {role}"));
+            }
+        }
+    }
+    // Lock the app role out first, then end its sessions, so none holds a
+    // lock the drop would wait on and none can start in between.
+    if observed.app_role.as_ref().is_some_and(|r| ours(&r.comment) && r.can_login) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {app} NOLOGIN")))
+            .execute(pool)
+            .await
+            .map_err(query_err("disabling the app role's login"))?;
+    }
+    if observed.app_role.is_some() {
+        terminate_sessions(pool, name).await?;
+    }
+    let mut tx = pool.begin().await.map_err(query_err("starting the delete transaction"))?;
+    for stmt in &stmts {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt.clone())).execute(&mut *tx).await.map_err(query_err("dropping the tenant"))?;
+    }
+    let removed = sqlx::query("DELETE FROM tenancy.tenants WHERE uid = $1")
+        .bind(uid)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("deleting the registry row"))?
+        .rows_affected();
+    if !stmts.is_empty() || removed > 0 {
+        sqlx::query("UPDATE tenancy.audit_log SET tenant_name = NULL WHERE tenant_uid = $1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("clearing the tenant's name from the audit log"))?;
+        audit(&mut *tx, uid, None, "Deleted", actor, serde_json::json!({ "statements": stmts.len() })).await?;
+    }
+    tx.commit().await.map_err(query_err("committing the delete"))?;
+    Ok(stmts.len())
+}
+
+/// What of a deleted tenant is still in Postgres, in words; empty when
+/// nothing is left.
+pub async fn leftovers(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Vec<String>, PgError> {
+    let marker = ownership_marker(uid);
+    let o = observe(pool, name).await?;
+    let mut left = Vec::new();
+    if o.schema.as_ref().is_some_and(|s| s.comment.as_deref() == Some(&marker)) {
+        left.push(format!("schema {}", name.schema()));
+    }
+    if o.owner_role.as_ref().is_some_and(|r| r.comment.as_deref() == Some(&marker)) {
+        left.push(format!("role {}", name.owner_role()));
+    }
+    if o.app_role.as_ref().is_some_and(|r| r.comment.as_deref() == Some(&marker)) {
+        left.push(format!("role {}", name.app_role()));
+    }
+    let registry: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.tenants WHERE uid = $1")
+        .bind(uid)
+        .fetch_one(pool)
+        .await
+        .map_err(query_err("reading the tenant registry"))?;
+    if registry > 0 {
+        left.push("registry row".into());
+    }
+    let named: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_uid = $1 AND tenant_name IS NOT NULL")
+        .bind(uid)
+        .fetch_one(pool)
+        .await
+        .map_err(query_err("reading the audit log"))?;
+    if named > 0 {
+        left.push(format!("{named} audit rows naming the tenant"));
+    }
+    Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> TenantName {
+        TenantName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn every_identifier_is_quoted() {
+        let name = n("select");
+        let sql = render(&DbAction::CreateSchema, &name, "u-1", "db").unwrap();
+        assert_eq!(sql[0], "CREATE SCHEMA \"tenant_select\" AUTHORIZATION \"tenant_select_owner\"");
+        assert_eq!(sql[1], "COMMENT ON SCHEMA \"tenant_select\" IS 'managed by tenancy.dev for tenant uid u-1'");
+    }
+
+    #[test]
+    fn settings_values_are_literals_and_search_path_an_identifier() {
+        let name = n("user");
+        let sql = render(&DbAction::SetSetting { name: "statement_timeout", value: "30s'; DROP ROLE x; --".into() }, &name, "u", "db").unwrap();
+        assert_eq!(sql, vec!["ALTER ROLE \"tenant_user_app\" SET statement_timeout TO '30s''; DROP ROLE x; --'"]);
+        let sql = render(&DbAction::SetSetting { name: "search_path", value: "tenant_user".into() }, &name, "u", "db").unwrap();
+        assert_eq!(sql, vec!["ALTER ROLE \"tenant_user_app\" SET search_path TO \"tenant_user\""]);
+    }
+
+    #[test]
+    fn marker_in_a_uid_cannot_break_out_of_the_comment() {
+        let sql = render(&DbAction::CreateOwnerRole, &n("a"), "x' ; DROP DATABASE d; --", "db").unwrap();
+        assert_eq!(sql[1], "COMMENT ON ROLE \"tenant_a_owner\" IS 'managed by tenancy.dev for tenant uid x'' ; DROP DATABASE d; --'");
+    }
+
+    #[test]
+    fn labels_never_carry_the_password_verifier() {
+        let a = DbAction::SetPassword { verifier: "SCRAM-SHA-256$4096:secret".into() };
+        assert!(!a.label().contains("SCRAM"));
+        assert!(!format!("{}", a.label()).contains("secret"));
+    }
+}

@@ -1,0 +1,596 @@
+//! Patch formats: JSON merge patch (RFC 7386), JSON patch (RFC 6902), a simplified strategic
+//! merge patch, and the field-ownership bookkeeping behind a simplified server-side apply.
+
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// RFC 7386 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            if let Some(t) = target.as_object_mut() {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn unescape(tok: &str) -> String {
+    tok.replace("~1", "/").replace("~0", "~")
+}
+
+fn tokens(path: &str) -> Result<Vec<String>, String> {
+    if path.is_empty() {
+        return Ok(vec![]);
+    }
+    let rest = path.strip_prefix('/').ok_or_else(|| format!("invalid JSON pointer {path:?}"))?;
+    Ok(rest.split('/').map(unescape).collect())
+}
+
+fn get_ptr<'a>(doc: &'a Value, toks: &[String]) -> Option<&'a Value> {
+    let mut cur = doc;
+    for t in toks {
+        cur = match cur {
+            Value::Object(o) => o.get(t)?,
+            Value::Array(a) => a.get(t.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn get_ptr_mut<'a>(doc: &'a mut Value, toks: &[String]) -> Option<&'a mut Value> {
+    let mut cur = doc;
+    for t in toks {
+        cur = match cur {
+            Value::Object(o) => o.get_mut(t)?,
+            Value::Array(a) => a.get_mut(t.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    let toks = tokens(path)?;
+    let Some((last, parent)) = toks.split_last() else {
+        *doc = value;
+        return Ok(());
+    };
+    let p = get_ptr_mut(doc, parent).ok_or_else(|| format!("add operation does not apply: doc is missing path: {path:?}"))?;
+    match p {
+        Value::Object(o) => {
+            o.insert(last.clone(), value);
+            Ok(())
+        }
+        Value::Array(a) => {
+            if last == "-" {
+                a.push(value);
+                return Ok(());
+            }
+            let i: usize = last.parse().map_err(|_| format!("add operation does not apply: invalid index {last:?}"))?;
+            if i > a.len() {
+                return Err(format!("add operation does not apply: index out of bounds: {path:?}"));
+            }
+            a.insert(i, value);
+            Ok(())
+        }
+        _ => Err(format!("add operation does not apply: doc is missing path: {path:?}")),
+    }
+}
+
+fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
+    let toks = tokens(path)?;
+    let Some((last, parent)) = toks.split_last() else { return Err("cannot remove the document root".into()) };
+    let p = get_ptr_mut(doc, parent).ok_or_else(|| format!("remove operation does not apply: doc is missing path: {path:?}"))?;
+    match p {
+        Value::Object(o) => o.remove(last).ok_or_else(|| format!("remove operation does not apply: doc is missing key: {path:?}")),
+        Value::Array(a) => {
+            let i: usize = last.parse().map_err(|_| format!("invalid index {last:?}"))?;
+            if i >= a.len() {
+                return Err(format!("remove operation does not apply: doc is missing index: {path:?}"));
+            }
+            Ok(a.remove(i))
+        }
+        _ => Err(format!("remove operation does not apply: doc is missing path: {path:?}")),
+    }
+}
+
+/// RFC 6902 JSON patch. As on the real server, `test` with value `null` passes for a missing path.
+pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), String> {
+    let ops = patch.as_array().ok_or("json patch must be an array of operations")?;
+    for op in ops {
+        let kind = op.get("op").and_then(Value::as_str).ok_or("missing op")?;
+        let path = op.get("path").and_then(Value::as_str).ok_or("missing path")?;
+        let value = op.get("value").cloned();
+        match kind {
+            "add" => add(doc, path, value.ok_or("add operation missing value")?)?,
+            "remove" => {
+                remove(doc, path)?;
+            }
+            "replace" => {
+                let toks = tokens(path)?;
+                let v = value.ok_or("replace operation missing value")?;
+                match get_ptr_mut(doc, &toks) {
+                    Some(t) => *t = v,
+                    None => return Err(format!("replace operation does not apply: doc is missing key: {path}")),
+                }
+            }
+            "move" => {
+                let from = op.get("from").and_then(Value::as_str).ok_or("move missing from")?;
+                let v = remove(doc, from)?;
+                add(doc, path, v)?;
+            }
+            "copy" => {
+                let from = op.get("from").and_then(Value::as_str).ok_or("copy missing from")?;
+                let v = get_ptr(doc, &tokens(from)?).cloned().ok_or_else(|| format!("copy from missing path {from}"))?;
+                add(doc, path, v)?;
+            }
+            "test" => {
+                let want = value.unwrap_or(Value::Null);
+                let got = get_ptr(doc, &tokens(path)?);
+                let ok = match got {
+                    None => want.is_null(),
+                    Some(g) => *g == want,
+                };
+                if !ok {
+                    return Err(format!("testing value {path} failed: test failed"));
+                }
+            }
+            other => return Err(format!("Unexpected kind: {other}")),
+        }
+    }
+    Ok(())
+}
+
+/// The merge key for a list field under strategic merge patch (a subset of the built-in types').
+fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
+    match field {
+        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes" | "imagePullSecrets" | "resourceClaims" => Some("name"),
+        "volumeMounts" | "volumeDevices" => Some("mountPath"),
+        "hostAliases" => Some("ip"),
+        "ownerReferences" => Some("uid"),
+        "conditions" => Some("type"),
+        "topologySpreadConstraints" => Some("topologyKey"),
+        "ports" => {
+            if items.iter().any(|i| i.get("containerPort").is_some()) {
+                Some("containerPort")
+            } else {
+                Some("port")
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Simplified strategic merge patch: maps merge, known keyed lists merge by key,
+/// `finalizers` merge as a set, other lists replace; `$patch` replace/delete and
+/// `$deleteFromPrimitiveList` are honoured, `$retainKeys` keeps only the listed keys,
+/// `$setElementOrder` is ignored.
+pub fn strategic_merge(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    match p.get("$patch").and_then(Value::as_str) {
+        Some("replace") => {
+            let mut np = p.clone();
+            np.remove("$patch");
+            *target = Value::Object(np);
+            return;
+        }
+        Some("delete") => {
+            *target = Value::Null;
+            return;
+        }
+        _ => {}
+    }
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Some(t) = target.as_object_mut() else { return };
+    if let Some(retain) = p.get("$retainKeys").and_then(Value::as_array) {
+        let keep: BTreeSet<&str> = retain.iter().filter_map(Value::as_str).collect();
+        t.retain(|k, _| keep.contains(k.as_str()));
+    }
+    for (k, v) in p {
+        if k.starts_with("$setElementOrder/") || k == "$retainKeys" || k == "$patch" {
+            continue;
+        }
+        if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
+            if let (Some(Value::Array(cur)), Some(del)) = (t.get_mut(field), v.as_array()) {
+                cur.retain(|x| !del.contains(x));
+            }
+            continue;
+        }
+        if v.is_null() {
+            t.remove(k);
+            continue;
+        }
+        match v {
+            Value::Array(items) => {
+                let cur = t.get(k).and_then(Value::as_array).cloned();
+                let key = merge_key(k, items);
+                match (cur, key) {
+                    (Some(mut cur), Some(key)) if items.iter().all(Value::is_object) => {
+                        for item in items {
+                            let id = item.get(key).cloned();
+                            let pos = cur.iter().position(|c| id.is_some() && c.get(key) == id.as_ref());
+                            let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
+                            match (pos, delete) {
+                                (Some(i), true) => {
+                                    cur.remove(i);
+                                }
+                                (None, true) => {}
+                                (Some(i), false) => strategic_merge(&mut cur[i], item),
+                                (None, false) => {
+                                    let mut n = Value::Null;
+                                    strategic_merge(&mut n, item);
+                                    cur.push(n);
+                                }
+                            }
+                        }
+                        t.insert(k.clone(), Value::Array(cur));
+                    }
+                    (Some(mut cur), None) if k == "finalizers" => {
+                        for item in items {
+                            if !cur.contains(item) {
+                                cur.push(item.clone());
+                            }
+                        }
+                        t.insert(k.clone(), Value::Array(cur));
+                    }
+                    _ => {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            Value::Object(_) => {
+                let slot = t.entry(k.clone()).or_insert(Value::Null);
+                strategic_merge(slot, v);
+                if slot.is_null() {
+                    t.remove(k);
+                }
+            }
+            _ => {
+                t.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-side apply: field sets and managedFields.
+
+pub type FieldPath = Vec<String>;
+pub type FieldSet = BTreeSet<FieldPath>;
+
+/// Leaf paths of a value. Lists and scalars are leaves (lists are treated as atomic);
+/// `apiVersion`, `kind` and server-owned metadata are skipped.
+pub fn leaves(v: &Value) -> FieldSet {
+    let mut out = FieldSet::new();
+    if let Some(o) = v.as_object() {
+        for (k, val) in o {
+            match k.as_str() {
+                "apiVersion" | "kind" => {}
+                "metadata" => {
+                    if let Some(m) = val.as_object() {
+                        for mk in ["labels", "annotations"] {
+                            if let Some(map) = m.get(mk).and_then(Value::as_object) {
+                                for lk in map.keys() {
+                                    out.insert(vec!["metadata".into(), mk.into(), lk.clone()]);
+                                }
+                            }
+                        }
+                        for mk in ["finalizers", "ownerReferences"] {
+                            if m.get(mk).is_some_and(|x| x.as_array().is_some_and(|a| !a.is_empty())) {
+                                out.insert(vec!["metadata".into(), mk.into()]);
+                            }
+                        }
+                    }
+                }
+                _ => collect(val, &mut vec![k.clone()], &mut out),
+            }
+        }
+    }
+    out
+}
+
+fn collect(v: &Value, path: &mut Vec<String>, out: &mut FieldSet) {
+    match v {
+        Value::Object(o) if !o.is_empty() => {
+            for (k, val) in o {
+                path.push(k.clone());
+                collect(val, path, out);
+                path.pop();
+            }
+        }
+        _ => {
+            out.insert(path.clone());
+        }
+    }
+}
+
+pub fn value_at<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    Some(cur)
+}
+
+pub fn remove_at(v: &mut Value, path: &[String]) {
+    let Some((last, parent)) = path.split_last() else { return };
+    let mut cur = v;
+    for p in parent {
+        match cur.get_mut(p) {
+            Some(n) => cur = n,
+            None => return,
+        }
+    }
+    if let Some(o) = cur.as_object_mut() {
+        o.remove(last);
+    }
+}
+
+/// Deep merge for apply: maps merge recursively, everything else replaces.
+pub fn apply_merge(target: &mut Value, applied: &Value) {
+    match (target.as_object_mut(), applied.as_object()) {
+        (Some(t), Some(a)) => {
+            for (k, v) in a {
+                match t.get_mut(k) {
+                    Some(slot) if slot.is_object() && v.is_object() => apply_merge(slot, v),
+                    _ => {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        _ => *target = applied.clone(),
+    }
+}
+
+pub fn encode_fields(set: &FieldSet) -> Value {
+    let mut root = Map::new();
+    for path in set {
+        let mut cur = &mut root;
+        for p in path {
+            let e = cur.entry(format!("f:{p}")).or_insert_with(|| Value::Object(Map::new()));
+            let Value::Object(m) = e else { break };
+            cur = m;
+        }
+    }
+    Value::Object(root)
+}
+
+pub fn decode_fields(v: &Value) -> FieldSet {
+    fn walk(v: &Value, path: &mut Vec<String>, out: &mut FieldSet) {
+        let Some(o) = v.as_object() else { return };
+        let fields: Vec<(&String, &Value)> = o.iter().filter(|(k, _)| k.starts_with("f:")).collect();
+        let others = o.keys().any(|k| k.starts_with("k:") || k.starts_with("v:") || k.starts_with("i:"));
+        if (fields.is_empty() || others) && !path.is_empty() {
+            out.insert(path.clone());
+            return;
+        }
+        for (k, val) in fields {
+            path.push(k[2..].to_string());
+            walk(val, path, out);
+            path.pop();
+        }
+    }
+    let mut out = FieldSet::new();
+    walk(v, &mut vec![], &mut out);
+    out
+}
+
+/// One managedFields entry, decoded.
+#[derive(Debug, Clone)]
+pub struct Managed {
+    pub manager: String,
+    pub operation: String,
+    pub subresource: String,
+    pub api_version: String,
+    pub time: String,
+    pub fields: FieldSet,
+}
+
+pub fn read_managed(obj: &Value) -> Vec<Managed> {
+    obj.pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|e| Managed {
+                    manager: e.get("manager").and_then(Value::as_str).unwrap_or("").to_string(),
+                    operation: e.get("operation").and_then(Value::as_str).unwrap_or("Update").to_string(),
+                    subresource: e.get("subresource").and_then(Value::as_str).unwrap_or("").to_string(),
+                    api_version: e.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string(),
+                    time: e.get("time").and_then(Value::as_str).unwrap_or("").to_string(),
+                    fields: e.get("fieldsV1").map(decode_fields).unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn write_managed(obj: &mut Value, entries: &[Managed]) {
+    let arr: Vec<Value> = entries
+        .iter()
+        .filter(|e| !e.fields.is_empty())
+        .map(|e| {
+            let mut v = json!({
+                "manager": e.manager,
+                "operation": e.operation,
+                "apiVersion": e.api_version,
+                "time": e.time,
+                "fieldsType": "FieldsV1",
+                "fieldsV1": encode_fields(&e.fields),
+            });
+            if !e.subresource.is_empty() {
+                v["subresource"] = json!(e.subresource);
+            }
+            v
+        })
+        .collect();
+    if let Some(md) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        if arr.is_empty() {
+            md.remove("managedFields");
+        } else {
+            md.insert("managedFields".into(), Value::Array(arr));
+        }
+    }
+}
+
+/// Records an Update operation by `manager`: fields it changed become its own and leave other managers.
+pub fn track_update(old: Option<&Value>, new: &mut Value, manager: &str, api_version: &str, subresource: &str, now: &str) {
+    let mut entries = old.map(read_managed).unwrap_or_default();
+    let new_leaves = leaves(new);
+    let old_leaves = old.map(leaves).unwrap_or_default();
+    let changed: FieldSet = new_leaves
+        .iter()
+        .filter(|p| old.and_then(|o| value_at(o, p)) != value_at(new, p))
+        .cloned()
+        .collect();
+    let removed: FieldSet = old_leaves.difference(&new_leaves).cloned().collect();
+    for e in entries.iter_mut() {
+        e.fields.retain(|p| !changed.contains(p) && !removed.contains(p) && new_leaves.contains(p));
+    }
+    if !changed.is_empty() {
+        match entries.iter_mut().find(|e| e.manager == manager && e.operation == "Update" && e.subresource == subresource) {
+            Some(e) => {
+                e.fields.extend(changed);
+                e.time = now.to_string();
+                e.api_version = api_version.to_string();
+            }
+            None => entries.push(Managed {
+                manager: manager.to_string(),
+                operation: "Update".into(),
+                subresource: subresource.to_string(),
+                api_version: api_version.to_string(),
+                time: now.to_string(),
+                fields: changed,
+            }),
+        }
+    }
+    write_managed(new, &entries);
+}
+
+pub struct Conflict {
+    pub manager: String,
+    pub api_version: String,
+    pub path: String,
+}
+
+pub fn dotted(p: &FieldPath) -> String {
+    p.iter().map(|s| format!(".{s}")).collect()
+}
+
+/// Applies `applied` (already stripped of what this endpoint may not write) on top of `current`
+/// for `manager`. Returns the new object or the conflicts.
+pub fn server_side_apply(
+    current: &Value,
+    applied: &Value,
+    manager: &str,
+    force: bool,
+    api_version: &str,
+    subresource: &str,
+    now: &str,
+    scope: &dyn Fn(&FieldPath) -> bool,
+) -> Result<Value, Vec<Conflict>> {
+    let mut entries = read_managed(current);
+    let applied_set: FieldSet = leaves(applied).into_iter().filter(|p| scope(p)).collect();
+    let mine = |e: &Managed| e.manager == manager && e.operation == "Apply" && e.subresource == subresource;
+    let mut conflicts = vec![];
+    let mut conflicted: BTreeMap<usize, FieldSet> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if mine(e) {
+            continue;
+        }
+        for p in applied_set.intersection(&e.fields) {
+            if value_at(current, p) != value_at(applied, p) {
+                conflicts.push(Conflict { manager: e.manager.clone(), api_version: e.api_version.clone(), path: dotted(p) });
+                conflicted.entry(i).or_default().insert(p.clone());
+            }
+        }
+    }
+    if !conflicts.is_empty() && !force {
+        return Err(conflicts);
+    }
+    for (i, set) in conflicted {
+        if let Some(e) = entries.get_mut(i) {
+            e.fields.retain(|p| !set.contains(p));
+        }
+    }
+    let previously_mine: FieldSet = entries.iter().filter(|e| mine(e)).flat_map(|e| e.fields.iter().cloned()).collect();
+    let others: FieldSet = entries.iter().filter(|e| !mine(e)).flat_map(|e| e.fields.iter().cloned()).collect();
+    let mut out = current.clone();
+    for p in previously_mine.difference(&applied_set) {
+        if !others.contains(p) {
+            remove_at(&mut out, p);
+        }
+    }
+    apply_merge(&mut out, applied);
+    match entries.iter_mut().find(|e| mine(e)) {
+        Some(e) => {
+            e.fields = applied_set;
+            e.time = now.to_string();
+            e.api_version = api_version.to_string();
+        }
+        None => entries.push(Managed {
+            manager: manager.to_string(),
+            operation: "Apply".into(),
+            subresource: subresource.to_string(),
+            api_version: api_version.to_string(),
+            time: now.to_string(),
+            fields: applied_set,
+        }),
+    }
+    write_managed(&mut out, &entries);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_patch_test_null_on_missing() {
+        let mut d = json!({"metadata": {}});
+        json_patch(&mut d, &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}, {"op": "add", "path": "/metadata/finalizers", "value": ["a"]}])).unwrap();
+        assert_eq!(d["metadata"]["finalizers"], json!(["a"]));
+        json_patch(&mut d, &json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "a"}, {"op": "remove", "path": "/metadata/finalizers/0"}])).unwrap();
+        assert_eq!(d["metadata"]["finalizers"], json!([]));
+        assert!(json_patch(&mut d, &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}])).is_err());
+    }
+
+    #[test]
+    fn smp_merges_by_name() {
+        let mut t = json!({"spec": {"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]}});
+        strategic_merge(&mut t, &json!({"spec": {"containers": [{"name": "b", "image": "z"}, {"name": "a", "$patch": "delete"}]}}));
+        assert_eq!(t, json!({"spec": {"containers": [{"name": "b", "image": "z"}]}}));
+    }
+
+    #[test]
+    fn ssa_conflicts_and_force() {
+        let mut cur = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"a": 1, "b": 2}});
+        track_update(None, &mut cur, "other", "v1", "", "t");
+        let all = |_: &FieldPath| true;
+        let applied = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"a": 5}});
+        let err = server_side_apply(&cur, &applied, "me", false, "v1", "", "t", &all).err().unwrap();
+        assert_eq!(err[0].path, ".spec.a");
+        let out = server_side_apply(&cur, &applied, "me", true, "v1", "", "t", &all).ok().unwrap();
+        assert_eq!(out["spec"], json!({"a": 5, "b": 2}));
+        // same value: shared ownership, no conflict
+        let same = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"b": 2}});
+        assert!(server_side_apply(&cur, &same, "me", false, "v1", "", "t", &all).is_ok());
+    }
+}

@@ -1,0 +1,390 @@
+//! The Postgres half of the Tenant controller against a real server, as the
+//! non-superuser admin role managed Postgres services give: provisioning,
+//! idempotency, isolation between tenants, caps, suspend, delete, drift and
+//! hostile names.
+
+mod support;
+
+use sqlx::{Connection, PgConnection, Row};
+use support::{unique, TestDb};
+use tenant_operator::api::{DatabaseSpec, TenantSpec, TenantState};
+use tenant_operator::controller::tenant::plan::{self, Endpoint};
+use tenant_operator::controller::tenant::{converge_db, ConvergeError, DbOutcome};
+use tenant_operator::names::TenantName;
+use tenant_operator::pg;
+
+struct Tenant {
+    name: TenantName,
+    uid: String,
+    spec: TenantSpec,
+    password: Option<String>,
+}
+
+impl Tenant {
+    fn new(name: &str) -> Self {
+        Tenant {
+            name: TenantName::parse(name).expect("valid name"),
+            uid: format!("uid-{name}"),
+            spec: TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default() },
+            password: None,
+        }
+    }
+
+    /// One reconcile's Postgres half; keeps the password as the Secret would.
+    async fn converge(&mut self, db: &TestDb) -> Result<DbOutcome, ConvergeError> {
+        let desired = plan::desired_db(&self.name, &self.spec)?;
+        let catalog = pg::tenant::observe(&db.admin, &self.name).await?;
+        let out = converge_db(&db.admin, &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await?;
+        self.password = Some(out.plan.password.clone());
+        Ok(out)
+    }
+
+    async fn app(&self, db: &TestDb) -> Result<PgConnection, sqlx::Error> {
+        let e = Endpoint { host: "127.0.0.1".into(), port: db.port(), database: db.name.clone() };
+        let data = plan::secret_data(&self.name, &e, self.password.as_deref().expect("converged"));
+        PgConnection::connect(&data["uri"]).await
+    }
+}
+
+async fn setup(label: &str) -> TestDb {
+    let db = TestDb::new(label).await;
+    pg::migrate_control_schema(&db.admin).await.expect("control schema");
+    let facts = pg::admin_facts(&db.admin).await.expect("facts");
+    assert!(!facts.superuser, "tests must run as a non-superuser admin");
+    facts.require().expect("CREATEROLE + pg_signal_backend is enough");
+    assert!(pg::harden_database(&db.admin, &facts).await.expect("harden").is_empty());
+    db
+}
+
+async fn show(c: &mut PgConnection, setting: &str) -> String {
+    sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {setting}"))).fetch_one(c).await.unwrap()
+}
+
+fn sqlstate(e: &sqlx::Error) -> String {
+    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+}
+
+/// Creates a table with one row in the tenant's schema, as its owner role
+/// (what a migration does).
+async fn seed_table(db: &TestDb, t: &Tenant, secret: &str) {
+    let mut su = db.superuser().await;
+    let schema = t.name.schema();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {owner}; CREATE TABLE {schema}.docs (id serial PRIMARY KEY, body text); INSERT INTO {schema}.docs (body) VALUES ('{secret}'); RESET ROLE;",
+        owner = t.name.owner_role()
+    )))
+    .execute(&mut su)
+    .await
+    .expect("seed table as owner");
+}
+
+#[tokio::test]
+async fn a_second_reconcile_issues_no_ddl_and_leaves_the_catalog_untouched() {
+    let db = setup("idem").await;
+    let mut t = Tenant::new(&unique("idem"));
+    let first = t.converge(&db).await.unwrap();
+    assert!(first.statements > 10, "first reconcile should provision, ran {}", first.statements);
+    let xmin = |db: &TestDb, t: &Tenant| {
+        let schema = t.name.schema();
+        let pool = db.admin.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT xmin::text FROM pg_namespace WHERE nspname = $1").bind(schema).fetch_one(&pool).await.unwrap()
+        }
+    };
+    let before = xmin(&db, &t).await;
+    let registry_before: String =
+        sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1").bind(&t.uid).fetch_one(&db.admin).await.unwrap();
+    for _ in 0..3 {
+        let again = t.converge(&db).await.unwrap();
+        assert_eq!(again.statements, 0, "an unchanged tenant ran {:?}", again.plan.actions);
+        assert!(again.registry.is_none());
+    }
+    assert_eq!(before, xmin(&db, &t).await, "the schema row was rewritten");
+    let registry_after: String =
+        sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1").bind(&t.uid).fetch_one(&db.admin).await.unwrap();
+    assert_eq!(registry_before, registry_after, "the registry row was rewritten");
+}
+
+#[tokio::test]
+async fn tenant_a_cannot_reach_tenant_b_by_any_path() {
+    let db = setup("iso").await;
+    let mut a = Tenant::new(&unique("a"));
+    let mut b = Tenant::new(&unique("b"));
+    a.converge(&db).await.unwrap();
+    b.converge(&db).await.unwrap();
+    seed_table(&db, &a, "a-data").await;
+    seed_table(&db, &b, "b-secret").await;
+    let (sa, sb) = (a.name.schema(), b.name.schema());
+    let mut conn = a.app(&db).await.expect("A's app role logs in with its Secret's password");
+
+    // Its own data, unqualified: the search path is pinned to its schema.
+    let own: String = sqlx::query_scalar("SELECT body FROM docs").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(own, "a-data");
+    sqlx::query("INSERT INTO docs (body) VALUES ('more')").execute(&mut conn).await.expect("DML on its own tables");
+    sqlx::query("UPDATE docs SET body = body").execute(&mut conn).await.expect("UPDATE on its own tables");
+    sqlx::query("DELETE FROM docs WHERE body = 'more'").execute(&mut conn).await.expect("DELETE on its own tables");
+    let path: String = sqlx::query_scalar("SHOW search_path").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(path, sa);
+
+    // B's data, schema-qualified: permission errors, never rows.
+    for sql in [
+        format!("SELECT body FROM {sb}.docs"),
+        format!("INSERT INTO {sb}.docs (body) VALUES ('x')"),
+        format!("UPDATE {sb}.docs SET body = 'x'"),
+        format!("DELETE FROM {sb}.docs"),
+    ] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut conn).await.expect_err(&format!("A ran {sql} on B's schema"));
+        assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
+    }
+    // B's schema on the search path: the query errors instead of leaking.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET search_path TO {sb}"))).execute(&mut conn).await.unwrap();
+    let err = sqlx::query("SELECT body FROM docs").fetch_all(&mut conn).await.expect_err("A read B's rows through the search path");
+    assert!(["42P01", "42501"].contains(&sqlstate(&err).as_str()), "{err}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET search_path TO {sb}, {sa}"))).execute(&mut conn).await.unwrap();
+    let rows: Vec<String> = sqlx::query_scalar("SELECT body FROM docs").fetch_all(&mut conn).await.unwrap();
+    assert!(!rows.contains(&"b-secret".to_string()), "B's row leaked through the search path");
+    sqlx::query("RESET search_path").execute(&mut conn).await.unwrap();
+
+    // Nothing in public, nothing new in its own schema.
+    for sql in ["CREATE TABLE public.leak (x int)", "CREATE TABLE leak (x int)", "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'select 1'"] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
+    }
+    // No role switching to B or to its own owner.
+    for role in [b.name.app_role(), b.name.owner_role(), a.name.owner_role()] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {role}"))).execute(&mut conn).await.expect_err(&role);
+        assert_eq!(sqlstate(&err), "42501", "SET ROLE {role}: {err}");
+    }
+    // And the control schema is off limits.
+    let err = sqlx::query("SELECT * FROM tenancy.tenants").fetch_all(&mut conn).await.expect_err("registry readable by a tenant");
+    assert_eq!(sqlstate(&err), "42501");
+}
+
+#[tokio::test]
+async fn caps_are_applied_on_the_app_role_and_follow_spec_changes() {
+    let db = setup("caps").await;
+    let mut t = Tenant::new(&unique("caps"));
+    t.spec.database.connection_limit = 2;
+    t.spec.database.statement_timeout = "1s".into();
+    t.spec.database.work_mem = "8MB".into();
+    t.converge(&db).await.unwrap();
+    let mut c1 = t.app(&db).await.unwrap();
+    assert_eq!(show(&mut c1, "statement_timeout").await, "1s");
+    assert_eq!(show(&mut c1, "work_mem").await, "8MB");
+    assert_eq!(show(&mut c1, "idle_in_transaction_session_timeout").await, "1min");
+    let err = sqlx::query("SELECT pg_sleep(3)").execute(&mut c1).await.expect_err("statement_timeout not enforced");
+    assert_eq!(sqlstate(&err), "57014");
+    let _c2 = t.app(&db).await.unwrap();
+    let err = t.app(&db).await.expect_err("third connection over a limit of 2");
+    assert_eq!(sqlstate(&err), "53300", "{err}");
+
+    t.spec.database.connection_limit = 3;
+    t.spec.database.statement_timeout = "5min".into();
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.plan.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["SetConnectionLimit", "SetRoleSetting"]);
+    let mut c3 = t.app(&db).await.expect("limit raised to 3");
+    assert_eq!(show(&mut c3, "statement_timeout").await, "5min");
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0);
+}
+
+#[tokio::test]
+async fn suspend_locks_out_and_ends_sessions_and_resume_restores_login() {
+    let db = setup("susp").await;
+    let mut t = Tenant::new(&unique("susp"));
+    t.converge(&db).await.unwrap();
+    let mut open = t.app(&db).await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut open).await.unwrap();
+
+    t.spec.state = TenantState::Suspended;
+    let out = t.converge(&db).await.unwrap();
+    assert!(out.plan.terminate_sessions);
+    let err = t.app(&db).await.expect_err("a suspended tenant logged in");
+    assert_eq!(sqlstate(&err), "28000", "{err}");
+    assert!(sqlx::query("SELECT 1").execute(&mut open).await.is_err(), "a suspended tenant's session survived");
+    let state: String = sqlx::query_scalar("SELECT state FROM tenancy.tenants WHERE uid = $1").bind(&t.uid).fetch_one(&db.admin).await.unwrap();
+    assert_eq!(state, "Suspended");
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "suspended steady state is not quiet");
+
+    t.spec.state = TenantState::Active;
+    t.converge(&db).await.unwrap();
+    t.app(&db).await.expect("resumed tenant logs in");
+    let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM tenancy.audit_log WHERE tenant_uid = $1 ORDER BY id")
+        .bind(&t.uid)
+        .fetch_all(&db.admin)
+        .await
+        .unwrap();
+    assert_eq!(actions, ["Provisioned", "Suspended", "Resumed"]);
+}
+
+#[tokio::test]
+async fn delete_leaves_nothing_of_a_and_does_not_touch_b() {
+    let db = setup("del").await;
+    let mut a = Tenant::new(&unique("a"));
+    let mut b = Tenant::new(&unique("b"));
+    a.converge(&db).await.unwrap();
+    b.converge(&db).await.unwrap();
+    seed_table(&db, &a, "a-data").await;
+    seed_table(&db, &b, "b-data").await;
+    let _a_session = a.app(&db).await.unwrap();
+
+    let dropped = pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test").await.unwrap();
+    assert!(dropped > 0);
+    let left = pg::tenant::leftovers(&db.admin, &a.name, &a.uid).await.unwrap();
+    assert!(left.is_empty(), "tenant A left behind: {left:?}");
+    let mut su = db.superuser().await;
+    let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1")
+        .bind(format!("{}%", a.name.schema()))
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(roles, 0, "roles of A survived");
+    let owned: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relnamespace::regnamespace::text = $1")
+        .bind(a.name.schema())
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(owned, 0, "relations of A survived");
+    let named: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_name = $1")
+        .bind(a.name.as_str())
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(named, 0, "the audit log still names A");
+    assert_eq!(pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test").await.unwrap(), 0, "a second delete is a no-op");
+
+    let mut cb = b.app(&db).await.expect("B still logs in");
+    let body: String = sqlx::query_scalar("SELECT body FROM docs").fetch_one(&mut cb).await.unwrap();
+    assert_eq!(body, "b-data");
+    assert_eq!(b.converge(&db).await.unwrap().statements, 0, "A's delete disturbed B");
+}
+
+#[tokio::test]
+async fn hostile_names_get_their_own_distinct_objects() {
+    let db = setup("names").await;
+    let suffix = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let long = format!("{}{}", "x".repeat(40 - suffix.len()), suffix);
+    let names = [format!("select-{suffix}"), format!("user-{suffix}"), format!("ab-c{suffix}"), format!("a-bc{suffix}"), long];
+    let mut tenants: Vec<Tenant> = names.iter().map(|n| Tenant::new(n)).collect();
+    for t in &mut tenants {
+        t.converge(&db).await.unwrap_or_else(|e| panic!("{}: {e}", t.name));
+    }
+    for t in &tenants {
+        let mut c = t.app(&db).await.unwrap();
+        let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut c).await.unwrap();
+        assert_eq!(user, t.name.app_role());
+    }
+    // Reserved words as whole names: the identifier quoting is what makes
+    // this work (`tenant_select` is not reserved, but the quoting is proven
+    // on the raw keyword by the unit tests).
+    let schemas: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM tenancy.tenants ORDER BY 1").fetch_all(&db.admin).await.unwrap();
+    assert_eq!(schemas.len(), 5);
+}
+
+#[tokio::test]
+async fn drift_made_by_hand_is_repaired() {
+    let db = setup("drift").await;
+    let mut a = Tenant::new(&unique("a"));
+    let mut b = Tenant::new(&unique("b"));
+    a.converge(&db).await.unwrap();
+    b.converge(&db).await.unwrap();
+    seed_table(&db, &a, "a-data").await;
+    let mut su = db.superuser().await;
+    // Someone opens A's schema to B, makes B a member of A's owner, and drops
+    // A's app role.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT USAGE ON SCHEMA {sa} TO {bapp}; GRANT SELECT ON ALL TABLES IN SCHEMA {sa} TO {bapp}; GRANT {aowner} TO {bapp}; GRANT USAGE ON SCHEMA {sa} TO PUBLIC;",
+        sa = a.name.schema(),
+        bapp = b.name.app_role(),
+        aowner = a.name.owner_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let mut cb = b.app(&db).await.unwrap();
+    let leaked: Result<String, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT body FROM {}.docs", a.name.schema()))).fetch_one(&mut cb).await;
+    assert!(leaked.is_ok(), "the drift setup did not open A to B");
+    drop(cb);
+
+    let out = a.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.plan.actions.iter().map(|x| x.label()).collect();
+    assert!(labels.contains(&"RevokeForeignSchemaGrant") && labels.contains(&"RevokeForeignMembership"), "{labels:?}");
+    let mut cb = b.app(&db).await.unwrap();
+    let err = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SELECT body FROM {}.docs", a.name.schema())))
+        .fetch_one(&mut cb)
+        .await
+        .expect_err("B still reads A after the repair");
+    assert_eq!(sqlstate(&err), "42501");
+
+    // A's app role dropped by hand comes back with the Secret's password.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {app}; DROP ROLE {app}", app = a.name.app_role()))).execute(&mut su).await.unwrap();
+    let out = a.converge(&db).await.unwrap();
+    assert!(out.plan.actions.iter().any(|x| x.label() == "CreateAppRole"));
+    let mut ca = a.app(&db).await.expect("recreated role takes the Secret's password");
+    let body: String = sqlx::query_scalar("SELECT body FROM docs").fetch_one(&mut ca).await.unwrap();
+    assert_eq!(body, "a-data");
+    assert_eq!(a.converge(&db).await.unwrap().statements, 0);
+}
+
+#[tokio::test]
+async fn objects_not_created_for_this_tenant_are_never_adopted() {
+    let db = setup("conflict").await;
+    let mut t = Tenant::new(&unique("squat"));
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE ROLE {} LOGIN PASSWORD 'x'", t.name.app_role()))).execute(&mut su).await.unwrap();
+    let err = t.converge(&db).await.expect_err("a hand-made role was adopted");
+    assert!(matches!(err, ConvergeError::Plan(ref e) if e.reason() == "OwnershipConflict"), "{err}");
+    let schema: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname = $1").bind(t.name.schema()).fetch_one(&mut su).await.unwrap();
+    assert_eq!(schema, 0, "something was created despite the conflict");
+
+    // A left-over of a deleted tenant of the same name is not handed to a new
+    // tenant with another uid.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE {}", t.name.app_role()))).execute(&mut su).await.unwrap();
+    t.converge(&db).await.unwrap();
+    let mut newcomer = Tenant::new(t.name.as_str());
+    newcomer.uid = "another-uid".into();
+    let err = newcomer.converge(&db).await.expect_err("a new tenant adopted an old tenant's data");
+    assert!(err.to_string().contains("refusing to adopt"), "{err}");
+}
+
+#[tokio::test]
+async fn a_failure_part_way_leaves_the_tenant_as_it_was() {
+    let db = setup("atomic").await;
+    let t = Tenant::new(&unique("atomic"));
+    // A plan whose last statement fails, standing in for a crash or a lost
+    // connection between two steps: the whole transaction rolls back.
+    let mut actions = plan::plan_db(&t.name, &t.uid, &plan::desired_db(&t.name, &t.spec).unwrap(), &Default::default(), None).unwrap().actions;
+    actions.push(pg::tenant::DbAction::SetSetting { name: "work_mem", value: "not-a-size".into() });
+    let err = pg::tenant::apply(&db.admin, &t.name, &t.uid, &actions, None).await.expect_err("bad setting accepted");
+    assert!(!err.is_transient(), "a bad value is not transient: {err}");
+    let o = pg::tenant::observe(&db.admin, &t.name).await.unwrap();
+    assert!(o.schema.is_none() && o.owner_role.is_none() && o.app_role.is_none(), "half-provisioned tenant left: {o:?}");
+}
+
+#[tokio::test]
+async fn postgres_unreachable_is_a_transient_error() {
+    let err = pg::connect("postgresql://tenancy_admin:x@127.0.0.1:1/none", 2).await.expect_err("connected to a closed port");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:1"), "the message should say where: {err}");
+    let err = pg::connect("not a url", 2).await.expect_err("parsed garbage");
+    assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn the_control_schema_migrates_idempotently_and_public_is_closed() {
+    let db = setup("control").await;
+    pg::migrate_control_schema(&db.admin).await.expect("second migration run");
+    let mut su = db.superuser().await;
+    let public_create: bool = sqlx::query_scalar("SELECT has_schema_privilege('public', 'public', 'CREATE') OR has_schema_privilege('public', 'public', 'USAGE')")
+        .fetch_one(&mut su)
+        .await
+        .unwrap_or(false);
+    assert!(!public_create);
+    let row = sqlx::query("SELECT count(*) AS n FROM pg_namespace n, aclexplode(n.nspacl) a WHERE n.nspname = 'public' AND a.grantee = 0")
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(row.get::<i64, _>("n"), 0, "PUBLIC still has rights on schema public");
+    let mig: String = sqlx::query_scalar("SELECT to_regclass('tenancy._sqlx_migrations')::text").fetch_one(&mut su).await.unwrap();
+    assert_eq!(mig, "tenancy._sqlx_migrations", "the migrator's table is not in the control schema");
+}

@@ -1,0 +1,63 @@
+//! Shared helpers of the integration suites: a fresh database per test on
+//! the PostgreSQL server that `scripts/with-postgres.sh` started.
+#![allow(dead_code)]
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+pub fn env(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests through `make test` (scripts/with-postgres.sh starts Postgres and sets it)")
+    })
+}
+
+/// A database of its own for one test, owned by the non-superuser admin role
+/// the operator uses (CREATEROLE + pg_signal_backend).
+pub struct TestDb {
+    pub name: String,
+    pub admin_url: String,
+    pub superuser_url: String,
+    pub admin: PgPool,
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("URL has a database part");
+    format!("{base}/{db}")
+}
+
+impl TestDb {
+    pub async fn new(label: &str) -> TestDb {
+        let superuser_url = env("TEST_PG_SUPERUSER_URL");
+        let admin_url = env("TEST_PG_ADMIN_URL");
+        let name = format!("t_{label}_{:08x}", rand::random::<u32>());
+        let mut su = PgConnection::connect(&superuser_url).await.expect("superuser connects");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} OWNER tenancy_admin")))
+            .execute(&mut su)
+            .await
+            .expect("create test database");
+        let admin_url = with_db(&admin_url, &name);
+        let superuser_url = with_db(&superuser_url, &name);
+        let admin = PgPoolOptions::new().max_connections(4).connect(&admin_url).await.expect("admin connects");
+        TestDb { name, admin_url, superuser_url, admin }
+    }
+
+    pub async fn superuser(&self) -> PgConnection {
+        PgConnection::connect(&self.superuser_url).await.expect("superuser connects")
+    }
+
+    /// A URL for `user` with `password` on this test's database.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        let port = env("TEST_PG_PORT");
+        format!("postgresql://{user}:{password}@127.0.0.1:{port}/{}", self.name)
+    }
+
+    pub fn port(&self) -> u16 {
+        env("TEST_PG_PORT").parse().expect("port")
+    }
+}
+
+/// A tenant name unique across the whole test run (roles are cluster-wide,
+/// so parallel tests in different databases must not share names).
+pub fn unique(base: &str) -> String {
+    format!("{base}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}

@@ -2,6 +2,8 @@
 //! the PostgreSQL server that `scripts/with-postgres.sh` started.
 #![allow(dead_code)]
 
+pub mod e2e;
+
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -60,4 +62,25 @@ impl TestDb {
 /// so parallel tests in different databases must not share names).
 pub fn unique(base: &str) -> String {
     format!("{base}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+impl TestDb {
+    /// Like [`TestDb::new`], plus an admin role of this test's own (CREATEROLE
+    /// + pg_signal_backend, owning the database), so a test can cut the
+    /// operator off from Postgres without touching other tests.
+    pub async fn with_own_admin(label: &str) -> (TestDb, String, String) {
+        let db = TestDb::new(label).await;
+        let role = format!("adm_{:08x}", rand::random::<u32>());
+        let password = format!("pw{:016x}", rand::random::<u64>());
+        let mut su = db.superuser().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {role} LOGIN CREATEROLE PASSWORD '{password}'; GRANT pg_signal_backend TO {role}; ALTER DATABASE {} OWNER TO {role};",
+            db.name
+        )))
+        .execute(&mut su)
+        .await
+        .expect("create the test's admin role");
+        let url = db.url_as(&role, &password);
+        (db, role, url)
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod discovery;
 pub mod patch;
+pub mod proto;
 pub mod resources;
 pub mod schema;
 pub mod selectors;

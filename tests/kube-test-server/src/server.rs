@@ -293,7 +293,7 @@ fn get(app: &App, t: &Target, req: &Req) -> Out {
 fn parse_body(req: &Req) -> ApiResult<Value> {
     let ct = req.header("content-type");
     if ct.contains("protobuf") {
-        return Err(ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {ct})")));
+        return crate::proto::decode(&req.body).map_err(|e| ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml ({e})")));
     }
     if let Ok(v) = serde_json::from_slice::<Value>(&req.body) {
         return Ok(v);
@@ -519,6 +519,7 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
             o.remove("status");
         }
     }
+    let raw = obj.clone();
     let mut warnings = admit(t, &mut obj, None, req)?;
     if st.get(t.g(), t.p(), &ns, &name).is_some() {
         return Err(ApiError::already_exists(t.g(), t.p(), &name));
@@ -554,7 +555,7 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
     }
     match applied_by {
         Some(force) => {
-            let applied = obj.clone();
+            let applied = raw;
             let scope = scope_fn(t);
             obj = patch::server_side_apply(&obj, &applied, manager, force, &t.api_version(), "", &ts, &scope).unwrap_or(obj);
         }

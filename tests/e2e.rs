@@ -1,0 +1,242 @@
+//! End to end: kubectl and the operator binary against a Kubernetes API (the
+//! bundled test server, or the cluster `E2E_KUBECONFIG` names) and real
+//! Postgres. Each test has its own database, admin role and operator.
+
+mod support;
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use support::e2e::{tenant_yaml, wait_for, Env, NAMESPACE};
+use support::unique;
+
+fn secret_field(env: &Env, tenant: &str, key: &str) -> String {
+    let b64 = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-db")], &format!("{{.data.{key}}}"));
+    use base64::Engine;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap_or_default()).unwrap_or_default()
+}
+
+async fn app_connect(env: &Env, tenant: &str) -> Result<PgConnection, sqlx::Error> {
+    PgConnection::connect(&secret_field(env, tenant, "uri")).await
+}
+
+fn condition(env: &Env, tenant: &str, type_: &str, field: &str) -> String {
+    env.jsonpath(&["tenant", tenant], &format!("{{.status.conditions[?(@.type==\"{type_}\")].{field}}}"))
+}
+
+async fn schema_exists(env: &Env, tenant: &str) -> bool {
+    let schema = format!("tenant_{}", tenant.replace('-', "_"));
+    sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(schema)
+        .fetch_one(&env.db.admin)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_gives_an_isolated_schema_and_a_quiet_steady_state() {
+    let env = Env::start("e2e_apply").await;
+    let name = unique("acme");
+    let out = env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "  database:\n    connectionLimit: 5\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.wait_ready(&name);
+
+    let table = env.kubectl_ok(&["get", "tenants", &name]);
+    let schema = format!("tenant_{}", name.replace('-', "_"));
+    assert!(table.contains("PHASE") && table.contains("SCHEMA") && table.contains("READY"), "printer columns missing:\n{table}");
+    assert!(table.contains("Active") && table.contains(&schema) && table.contains("True"), "row wrong:\n{table}");
+    assert_eq!(env.jsonpath(&["tenant", &name], "{.metadata.finalizers[0]}"), "tenancy.dev/cleanup");
+    assert_eq!(condition(&env, &name, "DatabaseReady", "status"), "True");
+
+    let mut conn = app_connect(&env, &name).await.expect("the Secret's uri logs in");
+    let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(user, format!("{schema}_app"));
+    drop(conn);
+
+    // Steady state: several resyncs later, nothing was written anywhere.
+    let rv = |what: &[&str]| env.jsonpath(what, "{.metadata.resourceVersion}");
+    let secret = ["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")];
+    let (t0, s0) = (rv(&["tenant", &name]), rv(&secret));
+    let events0 = env.kubectl_ok(&["get", "events", "-A", "--field-selector", &format!("involvedObject.name={name}"), "-o", "name"]);
+    let ddl0 = ddl_lines(&schema);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(t0, rv(&["tenant", &name]), "the Tenant was written in a steady state");
+    assert_eq!(s0, rv(&secret), "the Secret was written in a steady state");
+    let events1 = env.kubectl_ok(&["get", "events", "-A", "--field-selector", &format!("involvedObject.name={name}"), "-o", "name"]);
+    assert_eq!(events0, events1, "events were published in a steady state");
+    assert_eq!(ddl0, ddl_lines(&schema), "DDL ran in a steady state");
+    let reconciles = env.operator_log().matches("reconciled").count();
+    assert!(reconciles >= 2, "the operator did not resync ({reconciles} reconciles logged)");
+}
+
+/// Lines of the Postgres statement log (log_statement = ddl) naming `needle`.
+fn ddl_lines(needle: &str) -> usize {
+    let path = std::env::var("TEST_PG_LOG").expect("TEST_PG_LOG");
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter(|l| l.contains("statement:") && l.contains(needle)).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suspend_resume_and_delete_through_kubectl() {
+    let env = Env::start("e2e_life").await;
+    let name = unique("life");
+    let a = unique("keep");
+    for n in [&name, &a] {
+        assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(n, "")).status.success());
+    }
+    env.wait_ready(&name);
+    env.wait_ready(&a);
+    let mut session = app_connect(&env, &name).await.unwrap();
+
+    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"state":"Suspended"}}"#]);
+    wait_for(Duration::from_secs(30), "phase Suspended", || env.jsonpath(&["tenant", &name], "{.status.phase}") == "Suspended");
+    let err = app_connect(&env, &name).await.expect_err("a suspended tenant logged in");
+    assert!(err.to_string().contains("not permitted to log in"), "{err}");
+    assert!(sqlx::query("SELECT 1").execute(&mut session).await.is_err(), "the open session survived the suspend");
+
+    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"state":"Active"}}"#]);
+    wait_for(Duration::from_secs(30), "phase Active", || env.jsonpath(&["tenant", &name], "{.status.phase}") == "Active");
+    app_connect(&env, &name).await.expect("resumed tenant logs in");
+
+    // kubectl delete blocks until the finalizer is released.
+    env.kubectl_ok(&["delete", "tenant", &name, "--timeout=60s"]);
+    assert!(!env.kubectl(&["get", "tenant", &name]).status.success(), "the Tenant is still there");
+    assert!(!schema_exists(&env, &name).await, "the schema survived the delete");
+    assert!(!env.kubectl(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{name}-db")]).status.success(), "the Secret survived");
+    let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1")
+        .bind(format!("tenant_{}%", name.replace('-', "_")))
+        .fetch_one(&env.db.admin)
+        .await
+        .unwrap();
+    assert_eq!(roles, 0, "roles survived the delete");
+    // The other tenant is untouched.
+    assert_eq!(env.jsonpath(&["tenant", &a], "{.status.phase}"), "Active");
+    app_connect(&env, &a).await.expect("the other tenant still logs in");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deletion_protection_holds_a_delete_until_lifted() {
+    let env = Env::start("e2e_prot").await;
+    let name = unique("prot");
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "  deletionProtection: true\n")).status.success());
+    env.wait_ready(&name);
+    env.kubectl_ok(&["delete", "tenant", &name, "--wait=false"]);
+    wait_for(Duration::from_secs(30), "DeletionBlocked", || condition(&env, &name, "DeletionBlocked", "status") == "True");
+    assert_eq!(env.jsonpath(&["tenant", &name], "{.status.phase}"), "Deleting");
+    assert!(schema_exists(&env, &name).await, "a protected tenant's schema was dropped");
+    app_connect(&env, &name).await.expect("a protected tenant keeps working while the delete waits");
+
+    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"deletionProtection":false}}"#]);
+    wait_for(Duration::from_secs(30), "the Tenant to go", || !env.kubectl(&["get", "tenant", &name]).status.success());
+    assert!(!schema_exists(&env, &name).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_by_the_crd_schema_with_the_field() {
+    let env = Env::start("e2e_bad").await;
+    let too_long = "a".repeat(41);
+    let cases = [
+        (tenant_yaml(&too_long, ""), "metadata.name"),
+        (tenant_yaml("ok-name", "  database:\n    connectionLimit: 5000\n"), "spec.database.connectionLimit"),
+        (tenant_yaml("ok-name", "  database:\n    workMem: \"16MB'; DROP ROLE x; --\"\n"), "spec.database.workMem"),
+        (tenant_yaml("ok-name", "  state: Paused\n"), "spec.state"),
+        (tenant_yaml("ok-name", "  database:\n    statementTimeout: 30 seconds\n"), "spec.database.statementTimeout"),
+    ];
+    for (yaml, field) in cases {
+        let out = env.kubectl_stdin(&["apply"], &yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted:\n{yaml}");
+        assert!(stderr.contains(field), "the error does not name {field}: {stderr}");
+    }
+    let name_rule = env.kubectl_stdin(&["apply"], &tenant_yaml("Bad_Name", ""));
+    assert!(!name_rule.status.success(), "an invalid name was accepted");
+    assert!(env.kubectl_ok(&["get", "tenants", "-o", "name"]).trim().is_empty(), "a refused Tenant was stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hand_made_damage_is_repaired() {
+    let env = Env::start("e2e_heal").await;
+    let name = unique("heal");
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "")).status.success());
+    env.wait_ready(&name);
+    let uid0 = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")], "{.metadata.uid}");
+
+    // The Secret deleted by hand comes back (the watch on Secrets), with
+    // credentials that work.
+    env.kubectl_ok(&["delete", "secret", "-n", NAMESPACE, &format!("tenant-{name}-db")]);
+    wait_for(Duration::from_secs(30), "the Secret to come back", || {
+        let uid = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")], "{.metadata.uid}");
+        !uid.is_empty() && uid != uid0
+    });
+    app_connect(&env, &name).await.expect("the rewritten Secret's password works");
+
+    // The app role dropped by hand inside Postgres comes back on resync.
+    let app = format!("tenant_{}_app", name.replace('-', "_"));
+    let mut su = env.db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {app}; DROP ROLE {app}"))).execute(&mut su).await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if app_connect(&env, &name).await.is_ok() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the dropped role did not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_lost_mid_life_is_reported_and_recovered() {
+    let env = Env::start("e2e_down").await;
+    let name = unique("down");
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "")).status.success());
+    env.wait_ready(&name);
+
+    // Cut the operator off: its admin role can no longer log in, and its
+    // open connections are ended.
+    let mut su = env.db.superuser().await;
+    let cut = format!("ALTER ROLE {r} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{r}';", r = env.admin_role);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(cut)).execute(&mut su).await.unwrap();
+    // A change arrives while Postgres is unreachable.
+    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"database":{"connectionLimit":7}}}"#]);
+    wait_for(Duration::from_secs(30), "DatabaseUnavailable", || condition(&env, &name, "Ready", "reason") == "DatabaseUnavailable");
+    assert_eq!(condition(&env, &name, "Ready", "status"), "False");
+
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} LOGIN", env.admin_role))).execute(&mut su).await.unwrap();
+    wait_for(Duration::from_secs(60), "Ready again", || condition(&env, &name, "Ready", "status") == "True");
+    let limit: i32 = sqlx::query_scalar("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1")
+        .bind(format!("tenant_{}_app", name.replace('-', "_")))
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(limit, 7, "the change made during the outage was not applied");
+
+    // A delete while Postgres is unreachable waits; nothing is half-dropped.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {r} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{r}';", r = env.admin_role)))
+        .execute(&mut su)
+        .await
+        .unwrap();
+    env.kubectl_ok(&["delete", "tenant", &name, "--wait=false"]);
+    wait_for(Duration::from_secs(30), "the delete to wait on Postgres", || condition(&env, &name, "Ready", "reason") == "DatabaseUnavailable");
+    assert!(env.kubectl(&["get", "tenant", &name]).status.success(), "the finalizer was released without a drop");
+    assert!(schema_exists(&env, &name).await);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} LOGIN", env.admin_role))).execute(&mut su).await.unwrap();
+    wait_for(Duration::from_secs(60), "the Tenant to go", || !env.kubectl(&["get", "tenant", &name]).status.success());
+    assert!(!schema_exists(&env, &name).await, "the schema survived the delayed delete");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_without_a_database_url_or_with_an_unreachable_one_fails_clearly() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+        .arg("run")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--database-url"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+        .args(["run", "--database-url", "postgresql://x:y@127.0.0.1:1/db"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot connect to Postgres at 127.0.0.1:1/db"), "{stderr}");
+}

@@ -1,0 +1,182 @@
+//! The end-to-end environment: a Kubernetes API (the bundled test server, or
+//! a real cluster named by `E2E_KUBECONFIG`), a database of the test's own
+//! on the suite's Postgres, and the operator binary, driven with kubectl.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::TestDb;
+
+pub const NAMESPACE: &str = "tenant-system";
+
+pub struct Env {
+    pub db: TestDb,
+    pub admin_role: String,
+    pub admin_url: String,
+    pub kubeconfig: PathBuf,
+    pub dir: tempfile::TempDir,
+    server: Option<Child>,
+    operator: Option<Child>,
+    /// Held while a real cluster is shared: its tests run one at a time.
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+static REAL_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn workspace_bin(name: &str) -> PathBuf {
+    // Integration tests run from target/<profile>/deps/; the workspace's
+    // binaries sit one level up (`make test` builds them first).
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`)", bin.display());
+    bin
+}
+
+impl Env {
+    pub async fn start(label: &str) -> Env {
+        let (db, admin_role, admin_url) = TestDb::with_own_admin(label).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (kubeconfig, server, serial) = match std::env::var("E2E_KUBECONFIG") {
+            Ok(path) if !path.is_empty() => {
+                (PathBuf::from(path), None, Some(REAL_CLUSTER.lock().unwrap_or_else(|p| p.into_inner())))
+            }
+            _ => {
+                let kubeconfig = dir.path().join("kubeconfig");
+                let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+                let child = Command::new(workspace_bin("kube-test-server"))
+                    .args(["--listen", "127.0.0.1:0", "--kubeconfig"])
+                    .arg(&kubeconfig)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("start kube-test-server");
+                wait_for(Duration::from_secs(20), "the API test server's kubeconfig", || kubeconfig.exists());
+                (kubeconfig, Some(child), None)
+            }
+        };
+        let mut env = Env { db, admin_role, admin_url, kubeconfig, dir, server, operator: None, _serial: serial };
+        env.kubectl_ok(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")]);
+        env.kubectl_ok(&["wait", "--for=condition=Established", "crd/tenants.tenancy.dev", "--timeout=30s"]);
+        let ns = env.kubectl(&["get", "namespace", NAMESPACE]);
+        if !ns.status.success() {
+            env.kubectl_ok(&["create", "namespace", NAMESPACE]);
+        }
+        env.start_operator();
+        env
+    }
+
+    pub fn start_operator(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("operator.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+            .arg("run")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("DATABASE_URL", &self.admin_url)
+            .env("OPERATOR_NAMESPACE", NAMESPACE)
+            .env("RESYNC_SECONDS", "2")
+            .env("TENANT_CONCURRENCY", "4")
+            .env("RUST_LOG", "info,tenant_operator=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the operator");
+        self.operator = Some(child);
+    }
+
+    pub fn stop_operator(&mut self) {
+        if let Some(mut c) = self.operator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn operator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl").arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().expect("run kubectl")
+    }
+
+    /// Runs kubectl and returns its stdout; panics with its stderr and the
+    /// operator's log on failure.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}\n--- operator log (tail) ---\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.operator_log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl <args> -f -` with `yaml` on stdin.
+    pub fn kubectl_stdin(&self, args: &[&str], yaml: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("client config");
+        kube::Client::try_from(cfg).expect("client")
+    }
+
+    /// `kubectl get` of one field through jsonpath.
+    pub fn jsonpath(&self, what: &[&str], path: &str) -> String {
+        let arg = format!("jsonpath={path}");
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["-o", &arg]);
+        let out = self.kubectl(&args);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn wait_ready(&self, tenant: &str) {
+        self.kubectl_ok(&["wait", "--for=condition=Ready", &format!("tenant/{tenant}"), "--timeout=60s"]);
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop_operator();
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Polls `cond` every 100ms until it holds; panics naming `what` after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A Tenant manifest.
+pub fn tenant_yaml(name: &str, extra_spec: &str) -> String {
+    format!("apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: {name}\nspec:\n  displayName: Test {name}\n{extra_spec}")
+}

@@ -3,6 +3,7 @@
 //! The library holds everything; `main.rs` only parses flags and starts it.
 
 pub mod api;
+pub mod crypto;
 pub mod names;
 pub mod pg;
 pub mod controller;

@@ -65,7 +65,10 @@ pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
             // deadlock), 53: insufficient resources, 55P03: lock not available,
             // 57P: operator intervention (admin shutdown, cannot connect now).
             Some(code) => {
-                code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code == "55P03" || code.starts_with("57P")
+                // 28: the admin cannot log in (revoked, password changed):
+                // not the tenant's fault, and fixed outside the operator, so
+                // retried with backoff while the condition says why.
+                code.starts_with("08") || code.starts_with("28") || code.starts_with("40") || code.starts_with("53") || code == "55P03" || code.starts_with("57P")
                 // 23505 unique violation / XX000 "tuple concurrently updated":
                 // two writers raced on a catalog row; a retry sees the winner.
                 || code == "23505" || code == "XX000"

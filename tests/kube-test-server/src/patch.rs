@@ -496,6 +496,7 @@ pub fn dotted(p: &FieldPath) -> String {
 
 /// Applies `applied` (already stripped of what this endpoint may not write) on top of `current`
 /// for `manager`. Returns the new object or the conflicts.
+#[allow(clippy::too_many_arguments)]
 pub fn server_side_apply(
     current: &Value,
     applied: &Value,

@@ -197,7 +197,7 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
     Ok(Value::Object(m))
 }
 
-/// Decodes a `k8s\0`-prefixed protobuf body into JSON for Secret, ConfigMap and Namespace.
+/// Decodes a `k8s\0`-prefixed protobuf body into JSON for Secret, ConfigMap, Namespace and ServiceAccount.
 pub fn decode(body: &[u8]) -> Result<Value, String> {
     let rest = body.strip_prefix(b"k8s\x00").ok_or("missing protobuf magic prefix")?;
     let mut api_version = String::new();
@@ -224,6 +224,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
     let mut data = Map::new();
     let mut string_data = Map::new();
     let mut binary = Map::new();
+    let mut pull_secrets = vec![];
     for (n, w) in fields(raw)? {
         match (kind.as_str(), n, w) {
             (_, 1, Wire::Bytes(x)) => {
@@ -240,7 +241,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
                 let (k, v) = map_entry(x, false)?;
                 string_data.insert(k, v);
             }
-            ("Secret" | "ConfigMap", 5, Wire::Varint(v)) if kind == "Secret" => {
+            ("Secret", 5, Wire::Varint(v)) => {
                 obj.insert("immutable".into(), json!(v != 0));
             }
             ("ConfigMap", 2, Wire::Bytes(x)) => {
@@ -255,6 +256,19 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
                 obj.insert("immutable".into(), json!(v != 0));
             }
             ("Namespace", 2, Wire::Bytes(_)) | ("Namespace", 3, Wire::Bytes(_)) => {}
+            ("ServiceAccount", 3, Wire::Bytes(x)) => {
+                let mut name = String::new();
+                for (n, w) in fields(x)? {
+                    if let (1, Wire::Bytes(v)) = (n, w) {
+                        name = s(v);
+                    }
+                }
+                pull_secrets.push(json!({"name": name}));
+            }
+            ("ServiceAccount", 4, Wire::Varint(v)) => {
+                obj.insert("automountServiceAccountToken".into(), json!(v != 0));
+            }
+            ("ServiceAccount", _, _) => {}
             ("Secret" | "ConfigMap" | "Namespace", _, _) => {}
             (k, _, _) => return Err(format!("protobuf bodies for kind {k:?} are not supported; send JSON")),
         }
@@ -264,6 +278,9 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
     }
     if !string_data.is_empty() {
         obj.insert("stringData".into(), Value::Object(string_data));
+    }
+    if !pull_secrets.is_empty() {
+        obj.insert("imagePullSecrets".into(), Value::Array(pull_secrets));
     }
     if !binary.is_empty() {
         obj.insert("binaryData".into(), Value::Object(binary));

@@ -151,6 +151,13 @@ impl Target {
     fn g(&self) -> &str {
         &self.rt.group
     }
+    /// The group objects are stored under: events.k8s.io Events share core Events' storage.
+    fn sg(&self) -> &str {
+        if self.rt.group == "events.k8s.io" { "" } else { &self.rt.group }
+    }
+    fn storage_av(&self) -> String {
+        if self.rt.group == "events.k8s.io" { "v1".into() } else { self.api_version() }
+    }
     fn p(&self) -> &str {
         &self.rt.plural
     }
@@ -197,12 +204,67 @@ async fn resource(app: Arc<App>, g: &str, v: &str, rest: &[&str], req: &Req) -> 
 
 type Out = ApiResult<(u16, Value, Vec<String>)>;
 
+fn wants_partial(req: &Req) -> bool {
+    req.header("accept").split(',').next().is_some_and(|first| first.contains("as=PartialObjectMetadata"))
+}
+
+fn partial(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata").cloned().unwrap_or(json!({}))})
+}
+
 fn wants_table(req: &Req) -> bool {
     req.header("accept").split(',').next().is_some_and(|first| first.contains("as=Table"))
 }
 
+const EVENT_FIELDS: [(&str, &str); 11] = [
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+    ("reportingInstance", "reportingInstance"),
+    ("eventTime", "eventTime"),
+    ("series", "series"),
+    ("related", "related"),
+];
+
+/// Renames fields between core/v1 and events.k8s.io/v1 Events (they share storage).
+fn convert_event(obj: &mut Value, to_events_api: bool) {
+    if let Some(o) = obj.as_object_mut() {
+        for (core, ev) in EVENT_FIELDS {
+            let (from, to) = if to_events_api { (core, ev) } else { (ev, core) };
+            if from != to {
+                if let Some(v) = o.remove(from) {
+                    o.insert(to.to_string(), v);
+                }
+            }
+        }
+        if to_events_api {
+            if let Some(series) = o.get_mut("series").and_then(Value::as_object_mut) {
+                series.remove("state");
+            }
+        }
+    }
+}
+
+/// An incoming object in the API's shape, converted to the stored shape.
+fn to_storage(t: &Target, mut obj: Value) -> Value {
+    if t.rt.group == "events.k8s.io" {
+        convert_event(&mut obj, false);
+        if let Some(o) = obj.as_object_mut() {
+            o.insert("apiVersion".into(), json!("v1"));
+        }
+    }
+    obj
+}
+
 /// The object as served at the requested version.
 fn present(t: &Target, mut obj: Value) -> Value {
+    if t.rt.group == "events.k8s.io" {
+        convert_event(&mut obj, true);
+    }
     if let Some(o) = obj.as_object_mut() {
         o.insert("apiVersion".into(), json!(t.api_version()));
         o.insert("kind".into(), json!(t.rt.kind));
@@ -226,7 +288,7 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
     };
     let mut items = vec![];
     let mut next = None;
-    if let Some(objs) = st.objects.get(&(t.g().to_string(), t.p().to_string())) {
+    if let Some(objs) = st.objects.get(&(t.sg().to_string(), t.p().to_string())) {
         for ((ns, name), obj) in objs.iter() {
             if let Some(want) = &t.ns {
                 if ns != want {
@@ -263,6 +325,10 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
     if wants_table(req) {
         return Ok((200, table::table(&t.rt, &t.version, &items, meta, req.q("includeObject").unwrap_or("Metadata")), vec![]));
     }
+    if wants_partial(req) {
+        let items: Vec<Value> = items.iter().map(partial).collect();
+        return Ok((200, json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": meta, "items": items}), vec![]));
+    }
     Ok((200, json!({"apiVersion": t.api_version(), "kind": t.rt.list_kind, "metadata": meta, "items": items}), vec![]))
 }
 
@@ -281,11 +347,14 @@ fn decode_continue(c: &str) -> Option<(String, String)> {
 fn get(app: &App, t: &Target, req: &Req) -> Out {
     let name = t.name.clone().unwrap_or_default();
     let st = app.lock();
-    let obj = st.get(t.g(), t.p(), &t.nsk(), &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
+    let obj = st.get(t.sg(), t.p(), &t.nsk(), &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
     let obj = present(t, obj);
     if wants_table(req) {
         let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
         return Ok((200, table::table(&t.rt, &t.version, &[obj], meta, req.q("includeObject").unwrap_or("Metadata")), vec![]));
+    }
+    if wants_partial(req) {
+        return Ok((200, partial(&obj), vec![]));
     }
     Ok((200, obj, vec![]))
 }
@@ -370,10 +439,11 @@ fn admit(t: &Target, obj: &mut Value, old: Option<&Value>, req: &Req) -> ApiResu
     let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
     let mut causes: Vec<Cause> = schema::name_causes(t.rt.name_rule, &name);
     if let Some(labels) = obj.pointer("/metadata/labels").and_then(Value::as_object) {
+        let re = regex::Regex::new(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$").ok();
         for (k, v) in labels {
-            let ok = v.as_str().is_some_and(|s| s.len() <= 63 && regex::Regex::new(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$").map(|r| r.is_match(s)).unwrap_or(true));
+            let ok = v.as_str().is_some_and(|s| s.len() <= 63 && re.as_ref().is_none_or(|r| r.is_match(s)));
             if !ok {
-                causes.push(Cause::invalid(&format!("metadata.labels"), v, "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"));
+                causes.push(Cause::invalid("metadata.labels", v, "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"));
             }
             let _ = k;
         }
@@ -425,9 +495,7 @@ fn validate_crd(obj: &Value) -> Vec<Cause> {
         c.push(Cause::invalid("metadata.name", &json!(name), "must be spec.names.plural+\".\"+spec.group"));
     }
     let versions = obj.pointer("/spec/versions").and_then(Value::as_array).cloned().unwrap_or_default();
-    if versions.is_empty() {
-        c.push(Cause::invalid("spec.versions", &json!(versions), "must have exactly one version marked as storage version"));
-    } else if versions.iter().filter(|v| v.get("storage") == Some(&json!(true))).count() != 1 {
+    if versions.iter().filter(|v| v.get("storage") == Some(&json!(true))).count() != 1 {
         c.push(Cause::invalid("spec.versions", &json!(versions), "must have exactly one version marked as storage version"));
     }
     if obj.pointer("/spec/scope").and_then(Value::as_str).is_none_or(|s| s != "Cluster" && s != "Namespaced") {
@@ -458,6 +526,7 @@ fn create(app: &App, t: &Target, req: &Req) -> Out {
         return Err(ApiError::bad_request("the body of the request must be a JSON object"));
     }
     check_kind(t, &body)?;
+    let body = to_storage(t, body);
     let manager = field_manager(req, true);
     let dry = req.q("dryRun").is_some_and(|d| !d.is_empty());
     let mut st = app.lock();
@@ -468,7 +537,7 @@ fn create(app: &App, t: &Target, req: &Req) -> Out {
 fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager: &str, applied_by: Option<bool>, dry: bool) -> Out {
     let ns = t.nsk();
     if let Some(o) = obj.as_object_mut() {
-        o.insert("apiVersion".into(), json!(t.api_version()));
+        o.insert("apiVersion".into(), json!(t.storage_av()));
         o.insert("kind".into(), json!(t.rt.kind));
         let md = o.entry("metadata").or_insert_with(|| json!({}));
         if !md.is_object() {
@@ -494,7 +563,7 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
         loop {
             let suffix: String = (0..5).map(|_| NAME_CHARS[rand::random_range(0..NAME_CHARS.len())] as char).collect();
             name = format!("{gen}{suffix}");
-            if st.get(t.g(), t.p(), &ns, &name).is_none() {
+            if st.get(t.sg(), t.p(), &ns, &name).is_none() {
                 break;
             }
         }
@@ -521,7 +590,7 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
     }
     let raw = obj.clone();
     let mut warnings = admit(t, &mut obj, None, req)?;
-    if st.get(t.g(), t.p(), &ns, &name).is_some() {
+    if st.get(t.sg(), t.p(), &ns, &name).is_some() {
         return Err(ApiError::already_exists(t.g(), t.p(), &name));
     }
     let ts = now();
@@ -543,7 +612,7 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
         }
         ("", "secrets") => {
-            if obj.get("type").is_none() {
+            if obj.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
                 obj["type"] = json!("Opaque");
             }
             encode_string_data(&mut obj);
@@ -563,16 +632,16 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
     }
     if dry {
         obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        return Ok((201, obj, warnings));
+        return Ok((201, present(t, obj), warnings));
     }
     let rv = st.next_rv();
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-    st.put(t.g(), t.p(), &ns, &name, obj.clone());
-    st.emit(t.g(), t.p(), &ns, "ADDED", obj.clone(), None);
+    st.put(t.sg(), t.p(), &ns, &name, obj.clone());
+    st.emit(t.sg(), t.p(), &ns, "ADDED", obj.clone(), None);
     if t.rt.plural == "customresourcedefinitions" {
         register_crd(st, &obj, &mut warnings);
     }
-    Ok((201, obj, warnings))
+    Ok((201, present(t, obj), warnings))
 }
 
 fn encode_string_data(obj: &mut Value) {
@@ -616,6 +685,7 @@ fn update(app: &App, t: &Target, req: &Req) -> Out {
         return Err(ApiError::bad_request("the body of the request must be a JSON object"));
     }
     check_kind(t, &body)?;
+    let body = to_storage(t, body);
     let name = t.name.clone().unwrap_or_default();
     if let Some(bn) = body.pointer("/metadata/name").and_then(Value::as_str) {
         if bn != name {
@@ -624,7 +694,7 @@ fn update(app: &App, t: &Target, req: &Req) -> Out {
     }
     let manager = field_manager(req, true);
     let mut st = app.lock();
-    let old = st.get(t.g(), t.p(), &t.nsk(), &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
+    let old = st.get(t.sg(), t.p(), &t.nsk(), &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
     write_update(&mut st, t, old, body, req, &manager, None)
 }
 
@@ -667,7 +737,7 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
     };
     // Server-owned metadata comes from the stored object.
     if let Some(o) = new.as_object_mut() {
-        o.insert("apiVersion".into(), json!(t.api_version()));
+        o.insert("apiVersion".into(), json!(t.storage_av()));
         o.insert("kind".into(), json!(t.rt.kind));
         if !o.get("metadata").is_some_and(Value::is_object) {
             o.insert("metadata".into(), json!({}));
@@ -741,27 +811,27 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
     };
     if without_mf(&old) == without_mf(&new) {
         // A no-op write changes nothing, not even the resourceVersion.
-        return Ok((200, old, warnings));
+        return Ok((200, present(t, old), warnings));
     }
     if req.q("dryRun").is_some_and(|d| !d.is_empty()) {
-        return Ok((200, new, warnings));
+        return Ok((200, present(t, new), warnings));
     }
     let rv = st.next_rv();
     new["metadata"]["resourceVersion"] = json!(rv.to_string());
     let finalizers_empty = new.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(|a| a.is_empty());
     if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers_empty && !(t.g().is_empty() && t.p() == "namespaces") {
-        st.take(t.g(), t.p(), &ns, &name);
-        st.emit(t.g(), t.p(), &ns, "DELETED", new.clone(), Some(old));
-        after_removal(st, t.g(), t.p(), &ns, &new, "Background");
-        return Ok((200, new, warnings));
+        st.take(t.sg(), t.p(), &ns, &name);
+        st.emit(t.sg(), t.p(), &ns, "DELETED", new.clone(), Some(old));
+        after_removal(st, t.sg(), t.p(), &ns, &new, "Background");
+        return Ok((200, present(t, new), warnings));
     }
-    st.put(t.g(), t.p(), &ns, &name, new.clone());
-    st.emit(t.g(), t.p(), &ns, "MODIFIED", new.clone(), Some(old));
+    st.put(t.sg(), t.p(), &ns, &name, new.clone());
+    st.emit(t.sg(), t.p(), &ns, "MODIFIED", new.clone(), Some(old));
     if t.rt.plural == "customresourcedefinitions" && !is_status {
         let mut w = vec![];
         register_crd(st, &new, &mut w);
     }
-    Ok((200, new, warnings))
+    Ok((200, present(t, new), warnings))
 }
 
 fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
@@ -778,7 +848,7 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
         return Err(ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})")));
     };
     let mut st = app.lock();
-    let old = st.get(t.g(), t.p(), &t.nsk(), &name).cloned();
+    let old = st.get(t.sg(), t.p(), &t.nsk(), &name).cloned();
     if is_apply {
         check_kind(t, &body)?;
         if body.get("apiVersion").is_none() || body.get("kind").is_none() {
@@ -794,12 +864,12 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
             if t.sub.is_some() {
                 return Err(ApiError::not_found(t.g(), t.p(), &name));
             }
-            let mut body = body;
+            let mut body = to_storage(t, body);
             body["metadata"]["name"] = json!(name);
             let dry = req.q("dryRun").is_some_and(|d| !d.is_empty());
             return create_locked(&mut st, t, body, req, &manager, Some(force), dry);
         };
-        let mut applied = body.clone();
+        let mut applied = to_storage(t, body.clone());
         applied["metadata"]["name"] = json!(name);
         if let Some(m) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
             for k in ["managedFields", "resourceVersion", "uid", "creationTimestamp", "generation"] {
@@ -855,6 +925,7 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
     if !doc.is_object() {
         return Err(ApiError::bad_request("patch produced a non-object"));
     }
+    let doc = to_storage(t, doc);
     write_update(&mut st, t, old, doc, req, &manager, None)
 }
 
@@ -877,7 +948,7 @@ fn delete(app: &App, t: &Target, req: &Req) -> Out {
             if opts.get("orphanDependents") == Some(&json!(true)) || req.flag("orphanDependents") { "Orphan".into() } else { "Background".into() }
         });
     let mut st = app.lock();
-    let old = st.get(t.g(), t.p(), &ns, &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
+    let old = st.get(t.sg(), t.p(), &ns, &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
     if let Some(pre) = opts.get("preconditions") {
         if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
             let have = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
@@ -895,7 +966,7 @@ fn delete(app: &App, t: &Target, req: &Req) -> Out {
     if req.q("dryRun").is_some_and(|d| !d.is_empty()) || opts.get("dryRun").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
         return Ok((200, present(t, old), vec![]));
     }
-    let result = delete_locked(&mut st, t.g(), t.p(), &ns, &name, &policy);
+    let result = delete_locked(&mut st, t.sg(), t.p(), &ns, &name, &policy);
     match result {
         Some(still) => Ok((200, present(t, still), vec![])),
         None => {
@@ -914,7 +985,7 @@ fn delete_collection(app: &App, t: &Target, req: &Req) -> Out {
     let mut st = app.lock();
     let keys: Vec<(String, String)> = st
         .objects
-        .get(&(t.g().to_string(), t.p().to_string()))
+        .get(&(t.sg().to_string(), t.p().to_string()))
         .map(|m| {
             m.iter()
                 .filter(|((ns, _), o)| t.ns.as_ref().is_none_or(|w| w == ns) && ls.matches(o) && fs.matches(o))
@@ -924,10 +995,10 @@ fn delete_collection(app: &App, t: &Target, req: &Req) -> Out {
         .unwrap_or_default();
     let mut items = vec![];
     for (ns, name) in keys {
-        if let Some(o) = st.get(t.g(), t.p(), &ns, &name).cloned() {
+        if let Some(o) = st.get(t.sg(), t.p(), &ns, &name).cloned() {
             items.push(present(t, o));
         }
-        delete_locked(&mut st, t.g(), t.p(), &ns, &name, "Background");
+        delete_locked(&mut st, t.sg(), t.p(), &ns, &name, "Background");
     }
     Ok((200, json!({"apiVersion": t.api_version(), "kind": t.rt.list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}), vec![]))
 }
@@ -1106,15 +1177,30 @@ struct WatchFilter {
     t: Target,
     ls: LabelSelector,
     fs: FieldSelector,
+    /// `Some(includeObject)` when the client asked for Table events (`kubectl get -w`).
+    table: Option<String>,
+    /// PartialObjectMetadata events (kube-rs `metadata_watcher`).
+    partial: bool,
 }
 
 impl WatchFilter {
+    /// The object sent for an ADDED/MODIFIED/DELETED event.
+    fn render(&self, obj: Value) -> Value {
+        match &self.table {
+            Some(include) => {
+                let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
+                table::table(&self.t.rt, &self.t.version, &[obj], meta, include)
+            }
+            None if self.partial => partial(&obj),
+            None => obj,
+        }
+    }
     fn matches(&self, o: &Value) -> bool {
         self.ls.matches(o) && self.fs.matches(o)
     }
     /// The event this watcher sees for a store event, if any (selector transitions become ADDED/DELETED).
     fn convert(&self, ev: &WatchEvent) -> Option<(&'static str, Value)> {
-        if ev.group != self.t.rt.group || ev.plural != self.t.rt.plural {
+        if ev.group != self.t.sg() || ev.plural != self.t.rt.plural {
             return None;
         }
         if let Some(ns) = &self.t.ns {
@@ -1144,7 +1230,7 @@ impl WatchFilter {
                 other
             }
         };
-        Some((et, present(&self.t, ev.object.clone())))
+        Some((et, self.render(present(&self.t, ev.object.clone()))))
     }
 }
 
@@ -1173,7 +1259,8 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
     let bookmarks = req.flag("allowWatchBookmarks");
     let timeout = req.q("timeoutSeconds").and_then(|s| s.parse::<u64>().ok()).filter(|s| *s > 0).unwrap_or(1800);
     let rv_param = req.q("resourceVersion").unwrap_or("").to_string();
-    let filter = WatchFilter { t: t.clone(), ls, fs };
+    let table = if wants_table(req) { Some(req.q("includeObject").unwrap_or("Metadata").to_string()) } else { None };
+    let filter = WatchFilter { t: t.clone(), ls, fs, table, partial: wants_partial(req) };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let (mut sub, backlog, start_rv, mut close_rx, expired) = {
         let st = app.lock();
@@ -1182,12 +1269,12 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
         let mut backlog: Vec<Bytes> = vec![];
         let mut expired = None;
         if send_initial || rv_param.is_empty() || rv_param == "0" {
-            if let Some(m) = st.objects.get(&(t.g().to_string(), t.p().to_string())) {
+            if let Some(m) = st.objects.get(&(t.sg().to_string(), t.p().to_string())) {
                 for ((ns, _), o) in m.iter() {
                     if t.ns.as_ref().is_some_and(|w| w != ns) || !filter.matches(o) {
                         continue;
                     }
-                    backlog.push(watch_line("ADDED", &present(&t, o.clone())));
+                    backlog.push(watch_line("ADDED", &filter.render(present(&t, o.clone()))));
                 }
             }
             if send_initial {

@@ -273,3 +273,51 @@ async fn invalid_custom_resource_is_a_422_with_causes() {
     }
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn events_recorder_events_show_as_core_events() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    use kube::Resource;
+    let (h, client) = server().await;
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let c = api.create(&PostParams::default(), &cm("evt", "1")).await.unwrap();
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "tenant-operator".into(), instance: None });
+    let ev = Event { type_: EventType::Normal, reason: "Provisioned".into(), note: Some("schema created".into()), action: "Provision".into(), secondary: None };
+    recorder.publish(&ev, &c.object_ref(&())).await.unwrap();
+    recorder.publish(&ev, &c.object_ref(&())).await.unwrap();
+    let core: Api<CoreEvent> = Api::default_namespaced(client.clone());
+    let list = core.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1, "the second publish updates the series of the first");
+    let e = &list.items[0];
+    assert_eq!(e.message.as_deref(), Some("schema created"));
+    assert_eq!(e.reason.as_deref(), Some("Provisioned"));
+    assert_eq!(e.involved_object.name.as_deref(), Some("evt"));
+    assert_eq!(e.reporting_component.as_deref(), Some("tenant-operator"));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn metadata_watcher_and_status_subresource() {
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::WatchStreamExt;
+    let (h, client) = server().await;
+    let api = tenants(&client).await;
+    api.create(&PostParams::default(), &tenant("acme")).await.unwrap();
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"), "tenants");
+    let meta_api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client.clone(), &ar);
+    let mut stream = watcher(meta_api, watcher::Config::default()).applied_objects().boxed();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.metadata.name.as_deref(), Some("acme"));
+    // status writes through the subresource do not touch spec or generation
+    let patched = api
+        .patch_status("acme", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Provisioning"}, "spec": {"displayName": "nope"}})))
+        .await
+        .unwrap();
+    assert_eq!(patched.data["status"]["phase"], json!("Provisioning"));
+    assert_eq!(patched.data["spec"]["displayName"], json!("acme"));
+    assert_eq!(patched.metadata.generation, Some(1));
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.metadata.resource_version, patched.metadata.resource_version);
+    h.shutdown().await;
+}

@@ -89,7 +89,7 @@ fn delete_blocks_until_finalizer_removed() {
     s.kubectl_ok(&["patch", "tenant", "acme", "--type=json", "-p", r#"[{"op":"test","path":"/metadata/finalizers","value":null},{"op":"add","path":"/metadata/finalizers","value":["tenancy.dev/cleanup"]}]"#]);
     let started = Instant::now();
     let mut del = s.kubectl_cmd(&["delete", "tenant", "acme", "--timeout=30s"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    assert!(eventually(10, || s.kubectl_ok(&["get", "tenant", "acme", "-o", "jsonpath={.metadata.deletionTimestamp}"]) != ""));
+    assert!(eventually(10, || !s.kubectl_ok(&["get", "tenant", "acme", "-o", "jsonpath={.metadata.deletionTimestamp}"]).is_empty()));
     std::thread::sleep(Duration::from_millis(500));
     assert!(del.try_wait().unwrap().is_none(), "kubectl delete returned while a finalizer was pending");
     let out = s.kubectl_ok(&["get", "tenant", "acme", "-o", "jsonpath={.metadata.deletionGracePeriodSeconds}"]);

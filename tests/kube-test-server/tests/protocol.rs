@@ -28,8 +28,7 @@ impl Resp {
 fn dechunk(raw: &str) -> String {
     let mut out = String::new();
     let mut rest = raw;
-    loop {
-        let Some((size, after)) = rest.split_once("\r\n") else { break };
+    while let Some((size, after)) = rest.split_once("\r\n") {
         let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
         if n == 0 || after.len() < n {
             break;

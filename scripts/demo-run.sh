@@ -65,6 +65,8 @@ kubectl delete tenant initech --timeout=60s
 kubectl get tenants
 psql_su -c "SELECT count(*) AS initech_objects_left FROM pg_namespace WHERE nspname = 'tenant_initech'" \
         -c "SELECT count(*) AS initech_roles_left FROM pg_roles WHERE rolname LIKE 'tenant\_initech%'"
-kubectl get events -A --field-selector involvedObject.kind=Tenant 2>/dev/null | tail -n 12 || true
+step "the Events the operator published"
+kubectl get events -A --field-selector involvedObject.kind=Tenant \
+  -o custom-columns='TENANT:.involvedObject.name,TYPE:.type,REASON:.reason,MESSAGE:.message' 2>/dev/null || true
 echo
 echo "Done. Tenants are in Postgres schemas; kubectl drove everything; the operator ran as a non-superuser."

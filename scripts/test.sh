@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/.tools/bin:$PATH"
 cargo build --workspace --bins --quiet
 exec bash scripts/with-postgres.sh cargo test --workspace --no-fail-fast

@@ -22,7 +22,8 @@ ADMINPW=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 if [[ $(id -u) -eq 0 ]]; then
   id postgres >/dev/null 2>&1 || useradd --system --home-dir "$DIR" --shell /bin/bash postgres
   chown postgres "$DIR"
-  as_pg() { runuser -u postgres -- "$@"; }
+  RUNUSER=$(command -v runuser || echo /usr/sbin/runuser)
+  as_pg() { "$RUNUSER" -u postgres -- "$@"; }
 else
   as_pg() { "$@"; }
 fi

@@ -25,6 +25,7 @@ step "installing the CRDs and the operator namespace"
 kubectl apply -f crds/crds.yaml
 kubectl wait --for=condition=Established crd/tenants.tenancy.dev --timeout=30s >/dev/null
 kubectl create namespace tenant-system
+"$TARGET/debug/tenant-operator" keys new-secret --namespace tenant-system | kubectl apply -f -
 
 step "creating database 'saas', owned by a NON-superuser admin role (CREATEROLE + pg_signal_backend)"
 psql "$TEST_PG_SUPERUSER_URL" -X -q -c "CREATE DATABASE saas OWNER tenancy_admin"

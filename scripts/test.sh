@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.tools/bin:$PATH"
 cargo build --workspace --bins --quiet
-exec bash scripts/with-postgres.sh cargo test --workspace --no-fail-fast
+exec bash scripts/with-postgres.sh bash scripts/with-moto.sh cargo test --workspace --no-fail-fast

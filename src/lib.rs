@@ -4,6 +4,8 @@
 
 pub mod api;
 pub mod crypto;
+pub mod keys;
 pub mod names;
 pub mod pg;
+pub mod ratelimit;
 pub mod controller;

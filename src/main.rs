@@ -23,6 +23,85 @@ enum Command {
     Run(RunArgs),
     /// Print every CRD as multi-document YAML (the content of crds/).
     Crdgen,
+    /// Root keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Tenants' sealed secrets.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new root-keys Secret manifest (one random key `v1`, active):
+    /// `tenant-operator keys new-secret | kubectl apply -f -`.
+    NewSecret {
+        #[arg(long, env = "OPERATOR_NAMESPACE", default_value = "tenant-system")]
+        namespace: String,
+        #[arg(long, env = "ROOT_KEYS_SECRET", default_value = "tenant-operator-root-keys")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print the plaintext of one of a tenant's sealed secrets (for operators
+    /// of the system). Refuses, with an authentication error, an envelope
+    /// that is not this tenant's.
+    Open {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// The secret's name (its entry in spec.secrets).
+        #[arg(long)]
+        name: String,
+        /// Open the envelope in this file instead of the one in
+        /// tenant-<tenant>-sealed.
+        #[arg(long)]
+        envelope_file: Option<std::path::PathBuf>,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, env = "OPERATOR_NAMESPACE", default_value = "tenant-system")]
+        namespace: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+}
+
+/// Where the root keys are and how they are protected.
+#[derive(clap::Args, Clone)]
+struct KeyArgs {
+    /// Secret (in the operator namespace) with the root keys `v1`, `v2`, ...
+    /// and `active` naming the active one.
+    #[arg(long, env = "ROOT_KEYS_SECRET", default_value = "tenant-operator-root-keys")]
+    root_keys_secret: String,
+    /// The Secret's keys are wrapped by AWS KMS: unwrap them at start.
+    #[arg(long, env = "ROOT_KEYS_KMS")]
+    root_keys_kms: bool,
+    /// KMS endpoint URL (default: AWS's endpoint for the region).
+    #[arg(long, env = "KMS_ENDPOINT")]
+    kms_endpoint: Option<String>,
+    /// AWS region of the KMS key.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    kms_region: String,
+    /// The KMS key (id, ARN or alias) that wrapped the root keys; Decrypt is
+    /// then restricted to it.
+    #[arg(long, env = "KMS_KEY_ID")]
+    kms_key_id: Option<String>,
+}
+
+impl KeyArgs {
+    fn source(&self, namespace: &str) -> tenant_operator::keys::KeySource {
+        tenant_operator::keys::KeySource {
+            namespace: namespace.to_owned(),
+            secret: self.root_keys_secret.clone(),
+            kms: self.root_keys_kms.then(|| tenant_operator::keys::kms::KmsConfig {
+                endpoint: self.kms_endpoint.clone(),
+                region: self.kms_region.clone(),
+                key_id: self.kms_key_id.clone(),
+            }),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -51,6 +130,52 @@ struct RunArgs {
     /// Port that tenants' applications use (default: the admin DSN's port).
     #[arg(long, env = "TENANT_DB_PORT")]
     tenant_db_port: Option<u16>,
+    /// ConfigMap (in the operator namespace) holding the envoyproxy/ratelimit
+    /// config of every tenant; further shards, when needed, are <name>-1,
+    /// <name>-2, ...
+    #[arg(long, env = "RATELIMIT_CONFIGMAP", default_value = "tenant-ratelimits", value_parser = configmap_name)]
+    ratelimit_configmap: String,
+    /// Rate-limit domain of the API surface.
+    #[arg(long, env = "RATELIMIT_API_DOMAIN", default_value = "tenant-api", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    ratelimit_api_domain: String,
+    /// Rate-limit domain of the webhook surface.
+    #[arg(long, env = "RATELIMIT_WEBHOOK_DOMAIN", default_value = "tenant-webhook", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    ratelimit_webhook_domain: String,
+    /// Descriptor key whose value is the tenant name (what Envoy's rate
+    /// limit action sends).
+    #[arg(long, env = "RATELIMIT_DESCRIPTOR_KEY", default_value = "tenant_id", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    ratelimit_descriptor_key: String,
+    /// `lock_timeout` of each tenant migration: how long its statements may
+    /// wait for a lock the application holds before the migration fails
+    /// (a Postgres duration: 0, or <n> with ms, s, min, h or d).
+    #[arg(long, env = "MIGRATION_LOCK_TIMEOUT", default_value = "10s", value_parser = pg_duration)]
+    migration_lock_timeout: Duration,
+    /// `statement_timeout` of each tenant migration (same format; 0: none).
+    #[arg(long, env = "MIGRATION_STATEMENT_TIMEOUT", default_value = "15min", value_parser = pg_duration)]
+    migration_statement_timeout: Duration,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+/// A Postgres duration as the Tenant spec takes it (`0`, `500ms`, `10s`,
+/// `15min`, `2h`, `1d`).
+fn pg_duration(s: &str) -> Result<Duration, String> {
+    tenant_operator::controller::tenant::plan::parse_duration_ms(s).map(|ms| Duration::from_millis(ms as u64))
+}
+
+/// A ConfigMap name that also fits a label value (the shards are found by
+/// a label carrying it): a DNS-1123 label of at most 60 characters.
+fn configmap_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 60
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("must be a DNS-1123 label of at most 60 characters".into())
+    }
 }
 
 #[tokio::main]
@@ -62,7 +187,45 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::Keys(KeysCommand::NewSecret { namespace, name }) => {
+            print!("{}", tenant_operator::keys::new_secret_yaml(&namespace, &name));
+            Ok(())
+        }
+        Command::Secrets(SecretsCommand::Open { tenant, name, envelope_file, database_url, namespace, keys }) => {
+            open_secret(&tenant, &name, envelope_file, &database_url, &namespace, &keys).await
+        }
     }
+}
+
+async fn open_secret(
+    tenant: &str,
+    name: &str,
+    envelope_file: Option<std::path::PathBuf>,
+    database_url: &str,
+    namespace: &str,
+    keys: &KeyArgs,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tenant = tenant_operator::names::TenantName::parse(tenant)?;
+    let (pool, _) = pg::connect(database_url, 1).await.context("connecting to Postgres")?;
+    let uid = pg::tenant::uid_of(&pool, tenant.as_str()).await?.ok_or_else(|| anyhow::anyhow!("tenant {tenant} is not in the registry"))?;
+    let salt = pg::tenant::existing_key_salt(&pool, &uid)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("tenant {tenant} has no key salt (deleted tenants' secrets cannot be opened)"))?;
+    let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
+    let ring = tenant_operator::keys::load(&client, &keys.source(namespace)).await?;
+    let envelope = match envelope_file {
+        Some(path) => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        None => {
+            let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, namespace);
+            let sealed = api.get(&tenant.sealed_secret()).await.with_context(|| format!("reading Secret {namespace}/{}", tenant.sealed_secret()))?;
+            sealed.data.and_then(|mut d| d.remove(name)).map(|b| b.0).ok_or_else(|| anyhow::anyhow!("{} has no secret {name:?}", tenant.sealed_secret()))?
+        }
+    };
+    let plain = tenant_operator::crypto::open(&ring, &salt, &uid, tenant_operator::crypto::Purpose::Secrets, name, &envelope)
+        .with_context(|| format!("opening secret {name:?} of tenant {tenant}"))?;
+    std::io::stdout().write_all(&plain)?;
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -78,6 +241,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(%warning, "database hardening skipped");
     }
     let client = kube::Client::try_default().await.context("building the Kubernetes client (kubeconfig or in-cluster)")?;
+    let key_source = args.keys.source(&args.namespace);
+    let ring = tenant_operator::keys::load(&client, &key_source).await.context("loading the root keys")?;
+    let missing: Vec<String> = pg::tenant::key_versions_in_use(&pool)
+        .await?
+        .into_iter()
+        .filter_map(|v| tenant_operator::crypto::KeyVersion::new(v).ok())
+        .filter(|v| !ring.contains(*v))
+        .map(|v| v.to_string())
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the root keys lack version(s) {} that tenants' sealed data still uses: put them back into Secret {}/{}",
+            missing.join(", "),
+            key_source.namespace,
+            key_source.secret
+        );
+    }
+    tracing::info!(active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded");
     let settings = Settings {
         namespace: args.namespace,
         endpoint: Endpoint {
@@ -87,9 +268,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         concurrency: args.concurrency,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
+        ratelimit: tenant_operator::ratelimit::RenderSettings {
+            configmap: args.ratelimit_configmap,
+            api_domain: args.ratelimit_api_domain,
+            webhook_domain: args.ratelimit_webhook_domain,
+            descriptor_key: args.ratelimit_descriptor_key,
+            budget_bytes: tenant_operator::ratelimit::DEFAULT_BUDGET_BYTES,
+        },
+        migration_timeouts: tenant_operator::pg::migrations::Timeouts { lock: args.migration_lock_timeout, statement: args.migration_statement_timeout },
+        root_keys: key_source,
     };
     tracing::info!(namespace = %settings.namespace, concurrency = settings.concurrency, admin = %facts.role, superuser = facts.superuser, "tenant-operator starting");
-    controller::run(Arc::new(Context::new(client, pool, settings))).await;
+    controller::run(Arc::new(Context::new(client, pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)))).await;
     tracing::info!("tenant-operator stopped");
     Ok(())
 }

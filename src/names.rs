@@ -67,6 +67,11 @@ impl TenantName {
     pub fn db_secret(&self) -> String {
         format!("tenant-{}-db", self.0)
     }
+
+    /// The Kubernetes Secret holding the tenant's sealed secrets.
+    pub fn sealed_secret(&self) -> String {
+        format!("tenant-{}-sealed", self.0)
+    }
 }
 
 impl fmt::Display for TenantName {

@@ -140,6 +140,8 @@ async fn bad_input_is_refused_by_the_crd_schema_with_the_field() {
         (tenant_yaml("ok-name", "  database:\n    workMem: \"16MB'; DROP ROLE x; --\"\n"), "spec.database.workMem"),
         (tenant_yaml("ok-name", "  state: Paused\n"), "spec.state"),
         (tenant_yaml("ok-name", "  database:\n    statementTimeout: 30 seconds\n"), "spec.database.statementTimeout"),
+        (tenant_yaml("ok-name", "  rateLimits:\n    api:\n      requestsPerUnit: 2000000\n"), "spec.rateLimits.api.requestsPerUnit"),
+        (tenant_yaml("ok-name", "  rateLimits:\n    webhook:\n      requestsPerUnit: 5\n      unit: fortnight\n"), "spec.rateLimits.webhook.unit"),
     ];
     for (yaml, field) in cases {
         let out = env.kubectl_stdin(&["apply"], &yaml);
@@ -239,4 +241,80 @@ async fn start_up_without_a_database_url_or_with_an_unreachable_one_fails_clearl
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot connect to Postgres at 127.0.0.1:1/db"), "{stderr}");
+}
+
+/// The descriptors of one rendered rate-limit file, tenant to
+/// (requests_per_unit, unit, shadow_mode), or None while the ConfigMap or
+/// the file is missing or does not parse as envoyproxy/ratelimit config.
+fn rate_limits(env: &Env, file: &str) -> Option<std::collections::BTreeMap<String, (u32, String, bool)>> {
+    let path = format!("{{.data.{}}}", file.replace('.', "\\."));
+    let yaml = env.jsonpath(&["configmap", "-n", NAMESPACE, "tenant-ratelimits"], &path);
+    let root = tenant_operator::ratelimit::schema::parse(&yaml).ok()?;
+    let domain = if file.starts_with("api") { "tenant-api" } else { "tenant-webhook" };
+    assert_eq!(root.domain, domain, "{file} declares the wrong domain");
+    Some(
+        root.descriptors
+            .into_iter()
+            .map(|d| {
+                assert_eq!(d.key, "tenant_id");
+                let rl = d.rate_limit.expect("every descriptor has a rate_limit");
+                (d.value.expect("a tenant value"), (rl.requests_per_unit, rl.unit.unwrap_or_default(), d.shadow_mode))
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
+    let env = Env::start("e2e_rl").await;
+    let (a, b) = (unique("rla"), unique("rlb"));
+    let limits_a = "  rateLimits:\n    api:\n      requestsPerUnit: 50\n      unit: minute\n    webhook:\n      requestsPerUnit: 5\n      shadowMode: true\n";
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, limits_a)).status.success());
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&b, "")).status.success());
+    env.wait_ready(&a);
+    env.wait_ready(&b);
+
+    wait_for(Duration::from_secs(30), "both tenants in the rate-limit ConfigMap", || {
+        rate_limits(&env, "api.yaml").is_some_and(|m| m.contains_key(&a) && m.contains_key(&b))
+    });
+    let api = rate_limits(&env, "api.yaml").unwrap();
+    let webhook = rate_limits(&env, "webhook.yaml").expect("webhook.yaml parses");
+    assert_eq!(api[&a], (50, "minute".into(), false));
+    assert_eq!(api[&b], (100, "second".into(), false), "the default API limit");
+    assert_eq!(webhook[&a], (5, "second".into(), true));
+    assert_eq!(webhook[&b], (20, "second".into(), false), "the default webhook limit");
+    assert_eq!(condition(&env, &a, "RateLimitsApplied", "status"), "True");
+    assert_eq!(condition(&env, &a, "RateLimitsApplied", "reason"), "Rendered");
+    let msg = condition(&env, &a, "RateLimitsApplied", "message");
+    assert!(msg.contains("tenant-ratelimits") && msg.contains("api 50/minute"), "{msg}");
+
+    // Steady state: several resyncs (RESYNC_SECONDS=2) rewrite nothing.
+    let cm = ["configmap", "-n", NAMESPACE, "tenant-ratelimits"];
+    let rv0 = env.jsonpath(&cm, "{.metadata.resourceVersion}");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(rv0, env.jsonpath(&cm, "{.metadata.resourceVersion}"), "the rate-limit ConfigMap was rewritten in a steady state");
+
+    // Suspended: zero on both surfaces, and an event says so.
+    env.kubectl_ok(&["patch", "tenant", &b, "--type=merge", "-p", r#"{"spec":{"state":"Suspended"}}"#]);
+    wait_for(Duration::from_secs(30), "the suspended tenant's limits to become 0", || {
+        let zero = |f| rate_limits(&env, f).and_then(|m| m.get(&b).map(|l| l.0)) == Some(0);
+        zero("api.yaml") && zero("webhook.yaml")
+    });
+    assert_eq!(rate_limits(&env, "api.yaml").unwrap()[&a], (50, "minute".into(), false), "the other tenant changed");
+    wait_for(Duration::from_secs(30), "a RateLimitsChanged event", || {
+        env.jsonpath(&["events", "-A", "--field-selector", &format!("involvedObject.name={b}")], "{.items[*].reason}").contains("RateLimitsChanged")
+    });
+
+    // A hand edit is put back at the next resync.
+    env.kubectl_ok(&["patch", "configmap", "-n", NAMESPACE, "tenant-ratelimits", "--type=merge", "-p", r#"{"data":{"api.yaml":"domain: \"tenant-api\"\ndescriptors: []\n"}}"#]);
+    wait_for(Duration::from_secs(30), "the hand-edited ConfigMap to be rewritten", || {
+        rate_limits(&env, "api.yaml").is_some_and(|m| m.contains_key(&a) && m.contains_key(&b))
+    });
+
+    // Deleted: no entry at all.
+    env.kubectl_ok(&["delete", "tenant", &a, "--timeout=60s"]);
+    wait_for(Duration::from_secs(30), "the deleted tenant's entries to go", || {
+        let gone = |f| rate_limits(&env, f).is_some_and(|m| !m.contains_key(&a) && m.contains_key(&b));
+        gone("api.yaml") && gone("webhook.yaml")
+    });
 }

@@ -25,7 +25,7 @@ impl Tenant {
         Tenant {
             name: TenantName::parse(name).expect("valid name"),
             uid: format!("uid-{name}"),
-            spec: TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default() },
+            spec: TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default(), rate_limits: Default::default() },
             password: None,
         }
     }

@@ -33,6 +33,7 @@ pub const NAME_MAX_LEN: usize = 40;
     doc = "A customer of the SaaS: an isolated Postgres schema with its own roles, caps and credentials.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Schema", type_ = "string", json_path = ".status.schema"),
+    printcolumn(name = "Version", type_ = "integer", json_path = ".status.schemaVersion"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -61,6 +62,123 @@ pub struct TenantSpec {
     /// Postgres settings of the tenant's schema and app role.
     #[serde(default)]
     pub database: DatabaseSpec,
+
+    /// Request rate limits of the tenant, enforced by envoyproxy/ratelimit
+    /// from the ConfigMap the operator renders (one descriptor per tenant and
+    /// surface, keyed by the tenant id). A suspended tenant gets 0.
+    #[serde(default)]
+    pub rate_limits: RateLimitsSpec,
+
+    /// Secret material of the tenant (ERP credentials, SSO secrets, API
+    /// keys): each entry's plaintext is read from a Kubernetes Secret and
+    /// sealed (AES-256-GCM) under the tenant's own key into the Secret
+    /// `tenant-<name>-sealed` in the operator namespace, one data key per
+    /// entry `name`. The plaintext is never stored anywhere else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub secrets: Vec<TenantSecret>,
+}
+
+/// One secret to seal for the tenant.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantSecret {
+    /// The name of the sealed value: its data key in `tenant-<name>-sealed`
+    /// and part of what the envelope is bound to.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub name: String,
+    /// Where the plaintext comes from.
+    pub secret_ref: SecretKeyRef,
+}
+
+/// A key of a Kubernetes Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Namespace of the source Secret.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub namespace: String,
+    /// Name of the source Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Data key in the source Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// The tenant's rate limit on each surface.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitsSpec {
+    /// Limit on the public API (rate-limit domain `tenant-api` by default).
+    /// Default: 100 requests per second.
+    #[serde(default = "default_api_limit")]
+    pub api: RateLimit,
+
+    /// Limit on inbound webhooks (rate-limit domain `tenant-webhook` by
+    /// default). Default: 20 requests per second.
+    #[serde(default = "default_webhook_limit")]
+    pub webhook: RateLimit,
+}
+
+/// One rate limit: at most `requestsPerUnit` requests per `unit`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Requests allowed per unit of time, 0 to 1000000. 0 refuses every
+    /// request.
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub requests_per_unit: u32,
+
+    /// The unit of time: `second` (the default), `minute`, `hour` or `day`.
+    #[serde(default)]
+    pub unit: RateLimitUnit,
+
+    /// When true, requests over the limit are counted and reported by the
+    /// rate-limit service but not refused (to try a limit out first).
+    /// Ignored while the tenant is suspended.
+    #[serde(default)]
+    pub shadow_mode: bool,
+}
+
+/// The unit of time of a rate limit, as envoyproxy/ratelimit names it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitUnit {
+    /// Per second.
+    #[default]
+    Second,
+    /// Per minute.
+    Minute,
+    /// Per hour.
+    Hour,
+    /// Per day.
+    Day,
+}
+
+impl RateLimitUnit {
+    /// The word envoyproxy/ratelimit's config expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitUnit::Second => "second",
+            RateLimitUnit::Minute => "minute",
+            RateLimitUnit::Hour => "hour",
+            RateLimitUnit::Day => "day",
+        }
+    }
+}
+
+fn default_api_limit() -> RateLimit {
+    RateLimit { requests_per_unit: 100, unit: RateLimitUnit::Second, shadow_mode: false }
+}
+fn default_webhook_limit() -> RateLimit {
+    RateLimit { requests_per_unit: 20, unit: RateLimitUnit::Second, shadow_mode: false }
+}
+
+impl Default for RateLimitsSpec {
+    fn default() -> Self {
+        Self { api: default_api_limit(), webhook: default_webhook_limit() }
+    }
 }
 
 /// The lifecycle state a person asks for.
@@ -77,6 +195,14 @@ pub enum TenantState {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
+    /// The MigrationSet (cluster-scoped, by name) whose migrations this
+    /// tenant's schema follows. Default `default`. While it does not exist
+    /// the tenant waits with `MigrationsApplied=False`, reason
+    /// `MigrationSetNotFound`.
+    #[serde(default = "default_migration_set")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"))]
+    pub migration_set: String,
+
     /// Most concurrent connections of the app role (`CONNECTION LIMIT`), 1 to 1000.
     #[serde(default = "default_connection_limit")]
     #[schemars(range(min = 1, max = 1000))]
@@ -103,6 +229,9 @@ pub struct DatabaseSpec {
     pub work_mem: String,
 }
 
+fn default_migration_set() -> String {
+    "default".into()
+}
 fn default_connection_limit() -> i32 {
     20
 }
@@ -119,6 +248,7 @@ fn default_work_mem() -> String {
 impl Default for DatabaseSpec {
     fn default() -> Self {
         Self {
+            migration_set: default_migration_set(),
             connection_limit: default_connection_limit(),
             statement_timeout: default_statement_timeout(),
             idle_in_transaction_timeout: default_idle_timeout(),
@@ -141,8 +271,19 @@ pub struct TenantStatus {
     /// The tenant's Postgres schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
-    /// Conditions: `Ready`, `DatabaseReady`, and `DeletionBlocked` while a
-    /// delete waits on `deletionProtection`.
+    /// The root key version the tenant's sealed secrets are under (`v2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<String>,
+    /// Non-secret fingerprint of that root key, to tell keys apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
+    /// The highest migration version applied to the tenant's schema (0:
+    /// none), read from its `_tenancy_migrations` table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<i64>,
+    /// Conditions: `Ready`, `DatabaseReady`, `RateLimitsApplied`,
+    /// `MigrationsApplied`, and
+    /// `DeletionBlocked` while a delete waits on `deletionProtection`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -1,8 +1,11 @@
 //! The controllers and what they share.
 //!
 //! Takes a Kubernetes client, the admin pool and the operator's settings;
-//! gives `run`, which drives the Tenant controller until shutdown.
+//! gives `run`, which drives the Tenant controller and the rate-limit
+//! ConfigMap writer until shutdown.
 
+pub mod migration_set;
+pub mod ratelimits;
 pub mod tenant;
 
 use std::collections::HashMap;
@@ -27,6 +30,12 @@ pub struct Settings {
     pub concurrency: u16,
     /// Requeue after success, to catch changes made inside Postgres.
     pub resync: Duration,
+    /// Names, domains and descriptor key of the rendered rate-limit config.
+    pub ratelimit: crate::ratelimit::RenderSettings,
+    /// `lock_timeout` and `statement_timeout` of each tenant migration.
+    pub migration_timeouts: crate::pg::migrations::Timeouts,
+    /// Where the root keys live (reloaded when that Secret changes).
+    pub root_keys: crate::keys::KeySource,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.
@@ -50,6 +59,14 @@ pub struct Context {
     pub settings: Settings,
     pub recorder: Recorder,
     pub stats: Stats,
+    /// The root keys in use.
+    pub keys: std::sync::Arc<crate::keys::KeyHolder>,
+    /// Which source Secrets each tenant's sealed secrets come from, so a
+    /// change to one brings its tenants back for reconcile.
+    pub sources: tenant::sealing::SourceIndex,
+    /// The MigrationSets (a watch cache the Tenant controller fills when it
+    /// starts); without it a reconcile reads the set from the API server.
+    pub migration_sets: std::sync::OnceLock<kube::runtime::reflector::Store<crate::api::MigrationSet>>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -58,7 +75,23 @@ impl Context {
     pub fn new(client: Client, pool: PgPool, settings: Settings) -> Self {
         let reporter = Reporter { controller: "tenant-operator".into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
-        Self { client, pool, settings, recorder, stats: Stats::default(), failures: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            pool,
+            settings,
+            recorder,
+            stats: Stats::default(),
+            keys: Default::default(),
+            sources: Default::default(),
+            migration_sets: std::sync::OnceLock::new(),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Uses `keys` as the root keys.
+    pub fn with_keys(mut self, keys: crate::keys::KeyHolder) -> Self {
+        self.keys = std::sync::Arc::new(keys);
+        self
     }
 
     /// The next retry delay for `key`: 2s, 4s, 8s ... capped at 5 minutes.
@@ -75,7 +108,15 @@ impl Context {
     }
 }
 
-/// Runs every controller until a shutdown signal.
+/// Runs every controller until a shutdown signal. The Tenant controller
+/// owns shutdown; the rate-limit writer runs beside it and is dropped when
+/// it returns, as is the MigrationSet controller. Neither returns on its
+/// own: if one does, that is a bug, logged loudly, and the operator stops so
+/// that it gets restarted.
 pub async fn run(ctx: std::sync::Arc<Context>) {
-    tenant::run(ctx).await
+    tokio::select! {
+        _ = tenant::run(ctx.clone()) => {}
+        _ = ratelimits::run(ctx.clone()) => tracing::error!("the rate-limit writer stopped; stopping the operator"),
+        _ = migration_set::run(ctx) => tracing::error!("the MigrationSet controller stopped; stopping the operator"),
+    }
 }

@@ -5,6 +5,7 @@
 //! per-tenant statements in [`tenant`]. Side effects: DDL and DML on the
 //! database the admin DSN names.
 
+pub mod migrations;
 pub mod scram;
 pub mod tenant;
 

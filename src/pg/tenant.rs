@@ -51,7 +51,8 @@ pub struct AppPrivileges {
     pub schema_usage: bool,
     pub schema_create: bool,
     pub database_connect: bool,
-    /// Tables, views and sequences in the schema lacking the app's DML rights.
+    /// Tables, views and sequences in the schema lacking the app's DML rights
+    /// (except the migrations' version table, which the app may only read).
     pub objects_missing_dml: i64,
     /// Whether the owner's default privileges give the app DML on new tables
     /// and sequences.
@@ -166,7 +167,7 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
                     has_schema_privilege($2, $1, 'CREATE') AS create,
                     has_database_privilege($2, current_database(), 'CONNECT') AS connect,
                     (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE n.nspname = $1 AND (
+                      WHERE n.nspname = $1 AND c.relname <> '_tenancy_migrations' AND (
                         (c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT (
                             has_table_privilege($2, c.oid, 'SELECT') AND has_table_privilege($2, c.oid, 'INSERT')
                         AND has_table_privilege($2, c.oid, 'UPDATE') AND has_table_privilege($2, c.oid, 'DELETE')))
@@ -382,7 +383,7 @@ pub async fn apply(
 
 async fn write_registry(tx: &mut Transaction<'_, Postgres>, name: &TenantName, w: &RegistryWrite, actions: &[DbAction]) -> Result<(), PgError> {
     sqlx::query(
-        "INSERT INTO tenancy.tenants (uid, name, schema_name, state) VALUES ($1, $2, $3, $4)
+        "INSERT INTO tenancy.tenants (uid, name, schema_name, state, key_salt) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (uid) DO UPDATE SET state = EXCLUDED.state, updated_at = now()
            WHERE tenants.state IS DISTINCT FROM EXCLUDED.state",
     )
@@ -390,6 +391,8 @@ async fn write_registry(tx: &mut Transaction<'_, Postgres>, name: &TenantName, w
     .bind(name.as_str())
     .bind(name.schema())
     .bind(w.state)
+    // The tenant's HKDF salt, made once with the row and destroyed with it.
+    .bind(crate::crypto::TenantSalt::generate().to_vec())
     .execute(&mut **tx)
     .await
     .map_err(query_err("writing the tenant registry"))?;
@@ -416,6 +419,62 @@ pub async fn audit<'e, E: sqlx::PgExecutor<'e>>(
         .await
         .map_err(query_err("writing the audit log"))?;
     Ok(())
+}
+
+/// The tenant's HKDF salt from the registry, made now if the row predates
+/// salts. None when the tenant has no registry row.
+pub async fn key_salt(pool: &PgPool, uid: &str) -> Result<Option<crate::crypto::TenantSalt>, PgError> {
+    let salt: Option<Vec<u8>> = sqlx::query_scalar(
+        "UPDATE tenancy.tenants SET key_salt = coalesce(key_salt, $2) WHERE uid = $1 RETURNING key_salt",
+    )
+    .bind(uid)
+    .bind(crate::crypto::TenantSalt::generate().to_vec())
+    .fetch_optional(pool)
+    .await
+    .map_err(query_err("reading the tenant's key salt"))?;
+    salt.map(|s| crate::crypto::TenantSalt::from_bytes(&s))
+        .transpose()
+        .map_err(|_| PgError::MissingPrivilege { role: "registry".into(), what: "a 32-byte key salt".into() })
+}
+
+/// The tenant's salt without creating one (for reading envelopes).
+pub async fn existing_key_salt(pool: &PgPool, uid: &str) -> Result<Option<crate::crypto::TenantSalt>, PgError> {
+    let salt: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT key_salt FROM tenancy.tenants WHERE uid = $1")
+        .bind(uid)
+        .fetch_optional(pool)
+        .await
+        .map_err(query_err("reading the tenant's key salt"))?;
+    Ok(salt.flatten().and_then(|s| crate::crypto::TenantSalt::from_bytes(&s).ok()))
+}
+
+/// Records the root key version of the tenant's sealed data; writes only
+/// when it changed.
+pub async fn set_key_version(pool: &PgPool, uid: &str, version: Option<u32>) -> Result<(), PgError> {
+    sqlx::query("UPDATE tenancy.tenants SET key_version = $2 WHERE uid = $1 AND key_version IS DISTINCT FROM $2")
+        .bind(uid)
+        .bind(version.map(|v| v as i32))
+        .execute(pool)
+        .await
+        .map_err(query_err("recording the tenant's key version"))?;
+    Ok(())
+}
+
+/// Root key versions some tenant's sealed data still uses.
+pub async fn key_versions_in_use(pool: &PgPool) -> Result<Vec<u32>, PgError> {
+    let v: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT key_version FROM tenancy.tenants WHERE key_version IS NOT NULL ORDER BY 1")
+        .fetch_all(pool)
+        .await
+        .map_err(query_err("reading the key versions in use"))?;
+    Ok(v.into_iter().filter_map(|x| u32::try_from(x).ok()).collect())
+}
+
+/// The uid of the tenant called `name` in the registry.
+pub async fn uid_of(pool: &PgPool, name: &str) -> Result<Option<String>, PgError> {
+    sqlx::query_scalar("SELECT uid FROM tenancy.tenants WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(query_err("reading the tenant registry"))
 }
 
 /// Ends every session of the app role; returns how many were signalled.
@@ -482,6 +541,8 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         .await
         .map_err(query_err("deleting the registry row"))?
         .rows_affected();
+    // The tenant's last migration failure (its Postgres error may quote data).
+    super::migrations::clear_failure(&mut *tx, name.as_str()).await?;
     if !stmts.is_empty() || removed > 0 {
         sqlx::query("UPDATE tenancy.audit_log SET tenant_name = NULL WHERE tenant_uid = $1")
             .bind(uid)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::TestDb;
 
 pub const NAMESPACE: &str = "tenant-system";
+pub const ROOT_KEYS: &str = "tenant-operator-root-keys";
 
 pub struct Env {
     pub db: TestDb,
@@ -64,8 +65,25 @@ impl Env {
         if !ns.status.success() {
             env.kubectl_ok(&["create", "namespace", NAMESPACE]);
         }
+        if !env.kubectl(&["get", "secret", "-n", NAMESPACE, ROOT_KEYS]).status.success() {
+            let yaml = tenant_operator::keys::new_secret_yaml(NAMESPACE, ROOT_KEYS);
+            let out = env.kubectl_stdin(&["apply"], &yaml);
+            assert!(out.status.success(), "creating the root keys: {}", String::from_utf8_lossy(&out.stderr));
+        }
         env.start_operator();
         env
+    }
+
+    /// Runs the operator binary with this environment's kubeconfig and
+    /// database (for its CLI subcommands).
+    pub fn operator_cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("DATABASE_URL", &self.admin_url)
+            .env("OPERATOR_NAMESPACE", NAMESPACE)
+            .output()
+            .expect("run the operator CLI")
     }
 
     pub fn start_operator(&mut self) {

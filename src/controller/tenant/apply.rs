@@ -104,16 +104,18 @@ pub async fn converge_secret(
     Ok(true)
 }
 
-pub async fn delete_secret(ctx: &Context, name: &TenantName) -> Result<(), Error> {
+/// Deletes the tenant's Secrets (connection and sealed); gone already is fine.
+pub async fn delete_secrets(ctx: &Context, name: &TenantName) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match api.delete(&name.db_secret(), &DeleteParams::default()).await {
-        Ok(_) => {
-            Stats::add(&ctx.stats.kube_writes, 1);
-            Ok(())
+    ctx.sources.set(name.as_str(), &[]);
+    for secret in [name.db_secret(), name.sealed_secret()] {
+        match api.delete(&secret, &DeleteParams::default()).await {
+            Ok(_) => Stats::add(&ctx.stats.kube_writes, 1),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(Error::DeleteSecret(e)),
         }
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(Error::DeleteSecret(e)),
     }
+    Ok(())
 }
 
 /// Writes the status when it differs from the current one; returns whether
@@ -148,4 +150,103 @@ pub async fn event(ctx: &Context, t: &Tenant, warning: bool, reason: &'static st
         Ok(()) => Stats::add(&ctx.stats.kube_writes, 1),
         Err(e) => tracing::warn!(tenant = %t.name_any(), reason, error = %e, "publishing an event failed"),
     }
+}
+
+/// Annotations on the sealed Secret: the root key version and fingerprint.
+pub const KEY_VERSION_ANNOTATION: &str = "tenancy.dev/key-version";
+pub const KEY_FINGERPRINT_ANNOTATION: &str = "tenancy.dev/key-fingerprint";
+
+/// The outcome of converging the sealed secrets.
+pub struct Sealed {
+    pub cond: super::status::Cond,
+    /// The root key version and fingerprint in use, for the status.
+    pub key: Option<(String, String)>,
+}
+
+/// Reads the sources, seals what changed and converges
+/// `tenant-<name>-sealed` (deleting it when the spec lists no secrets).
+/// Writes nothing when nothing changed.
+pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: &str) -> Result<Sealed, Error> {
+    use super::sealing;
+    use super::status::Cond;
+    let spec = &t.spec.secrets;
+    ctx.sources.set(name.as_str(), spec);
+    let existing = super::observe::sealed_secret(ctx, name).await?;
+    if spec.is_empty() {
+        if existing.is_some() {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+            match api.delete(&name.sealed_secret(), &DeleteParams::default()).await {
+                Ok(_) => Stats::add(&ctx.stats.kube_writes, 1),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(Error::DeleteSecret(e)),
+            }
+        }
+        crate::pg::tenant::set_key_version(&ctx.pool, uid, None).await?;
+        return Ok(Sealed { cond: Cond::new("SecretsSealed", true, "NoSecrets", "spec.secrets is empty"), key: None });
+    }
+    if let Err(msg) = sealing::validate(spec) {
+        return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "InvalidSpec", msg), key: None });
+    }
+    let Some(ring) = ctx.keys.current() else {
+        return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "NoRootKeys", "the operator has no root keys loaded"), key: None });
+    };
+    let Some(salt) = crate::pg::tenant::key_salt(&ctx.pool, uid).await? else {
+        return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "NotProvisioned", "the tenant has no registry row yet"), key: None });
+    };
+    let sources = super::observe::read_sources(ctx, spec).await?;
+    let existing_data: BTreeMap<String, Vec<u8>> =
+        existing.as_ref().and_then(|s| s.data.clone()).unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    let plan = sealing::plan_sealed(&ring, &salt, uid, spec, &sources, &existing_data).map_err(Error::Seal)?;
+    let version = ring.active_version();
+    let fingerprint = ring.active_fingerprint().to_string();
+    let versions = sealing::versions_of(&plan.data);
+    let annotations = BTreeMap::from([
+        (KEY_VERSION_ANNOTATION.to_string(), versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")),
+        (KEY_FINGERPRINT_ANNOTATION.to_string(), fingerprint.clone()),
+    ]);
+    let owner = t.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
+    let same_meta = existing.as_ref().is_some_and(|s| {
+        annotations.iter().all(|(k, v)| s.annotations().get(k) == Some(v))
+            && s.metadata.owner_references.iter().flatten().any(|o| o.uid == owner.uid)
+            && s.labels().get(TENANT_LABEL).map(String::as_str) == Some(name.as_str())
+    });
+    if plan.changed || !same_meta || existing.is_none() {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.sealed_secret()),
+                namespace: Some(ctx.settings.namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+                    (TENANT_LABEL.to_string(), name.to_string()),
+                ])),
+                annotations: Some(annotations),
+                owner_references: Some(vec![owner]),
+                resource_version: existing.as_ref().and_then(|s| s.metadata.resource_version.clone()),
+                ..ObjectMeta::default()
+            },
+            data: Some(plan.data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone()))).collect()),
+            type_: Some("Opaque".into()),
+            ..Secret::default()
+        };
+        if existing.is_some() {
+            api.replace(&name.sealed_secret(), &PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
+        } else {
+            api.create(&PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
+        }
+        Stats::add(&ctx.stats.kube_writes, 1);
+        if plan.sealed > 0 {
+            event(ctx, t, false, "SecretsSealed", format!("sealed {} secret(s) under root key {version}", plan.sealed)).await;
+        }
+    }
+    // The oldest version still used is what rotation bookkeeping needs.
+    crate::pg::tenant::set_key_version(&ctx.pool, uid, versions.iter().next().map(|v| v.get())).await?;
+    let cond = if let Some(refused) = ctx.keys.refused() {
+        Cond::new("SecretsSealed", false, "KeyRemovalRefused", refused)
+    } else if !plan.missing.is_empty() {
+        Cond::new("SecretsSealed", false, "SourceMissing", format!("not sealed: {}; the others are sealed", plan.missing.join("; ")))
+    } else {
+        Cond::new("SecretsSealed", true, "Sealed", format!("{} secret(s) sealed in Secret {}/{} under root key {version}", plan.data.len(), ctx.settings.namespace, name.sealed_secret()))
+    };
+    Ok(Sealed { cond, key: Some((version.to_string(), fingerprint)) })
 }

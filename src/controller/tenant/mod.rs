@@ -5,8 +5,10 @@
 //! through the `tenancy.dev/cleanup` finalizer).
 
 pub mod apply;
+pub mod migrations;
 pub mod observe;
 pub mod plan;
+pub mod sealing;
 pub mod status;
 
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub enum Error {
     Database(#[from] PgError),
     #[error("the tenant was dropped but Postgres still holds: {0}")]
     Leftovers(String),
+    #[error("sealing the tenant's secrets: {0}")]
+    Seal(#[source] crate::crypto::CryptoError),
 }
 
 impl Error {
@@ -64,6 +68,7 @@ impl Error {
             Error::Database(e) if e.is_transient() => "DatabaseUnavailable",
             Error::Database(_) => "DatabaseError",
             Error::Leftovers(_) => "Leftovers",
+            Error::Seal(_) => "SealSecret",
         }
     }
 }
@@ -75,15 +80,40 @@ fn now() -> String {
 /// Starts the Tenant controller and drives it until shutdown.
 pub async fn run(ctx: Arc<Context>) {
     let tenants: Api<Tenant> = Api::all(ctx.client.clone());
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let secret_cfg = watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1));
-    Controller::new(tenants, watcher::Config::default().any_semantic())
-        // A Secret changed or deleted by hand brings its tenant back for
-        // reconcile. The owner is cluster-scoped, so map by label rather
-        // than `owns` (which looks owners up in the Secret's namespace).
-        .watches(secrets, secret_cfg, |s: Secret| {
-            s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)).into_iter().collect::<Vec<_>>()
+    // Every Secret, cluster-wide: the tenant's own Secrets (by label) and the
+    // sources of its sealed secrets (by the index) bring the tenant back for
+    // reconcile when they change or are deleted by hand. The owner is
+    // cluster-scoped, so map by label rather than `owns` (which looks owners
+    // up in the Secret's namespace). Only the trigger is kept, not a cache.
+    let secrets: Api<Secret> = Api::all(ctx.client.clone());
+    let index = ctx.clone();
+    let (rotate_tx, rotate_rx) = futures::channel::mpsc::unbounded::<()>();
+    tokio::spawn(watch_root_keys(ctx.clone(), rotate_tx));
+    // MigrationSets: a watch cache for the reconciles' lookups, and a watch
+    // that brings back the followers of a set whose status moved on (a
+    // rollout pass migrated some) or whose spec changed, when they are not
+    // yet shown at its latest version.
+    let (set_store, set_writer) = kube::runtime::reflector::store::<crate::api::MigrationSet>();
+    let _ = ctx.migration_sets.set(set_store);
+    let sets: Api<crate::api::MigrationSet> = Api::all(ctx.client.clone());
+    tokio::spawn({
+        use kube::runtime::WatchStreamExt;
+        let cache = kube::runtime::reflector::reflector(set_writer, watcher(sets.clone(), watcher::Config::default().any_semantic())).default_backoff();
+        cache.for_each(|_| futures::future::ready(()))
+    });
+    let controller = Controller::new(tenants, watcher::Config::default().any_semantic());
+    let tenant_cache = controller.store();
+    controller
+        .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| migrations::followers_to_refresh(&ms, &tenant_cache.state()))
+        .watches(secrets, watcher::Config::default(), move |s: Secret| {
+            let own = s.labels().get(apply::TENANT_LABEL).filter(|_| s.labels().get(apply::MANAGED_BY.0).map(String::as_str) == Some(apply::MANAGED_BY.1));
+            let mut names: Vec<String> = own.cloned().into_iter().collect();
+            names.extend(index.sources.tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any()));
+            names.into_iter().map(|n| ObjectRef::<Tenant>::new(&n)).collect::<Vec<_>>()
         })
+        // A new root key (rotation) re-seals every tenant, at the controller's
+        // bounded concurrency.
+        .reconcile_all_on(rotate_rx)
         .with_config(ControllerConfig::default().concurrency(ctx.settings.concurrency).debounce(Duration::from_millis(200)))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -94,6 +124,48 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// Reloads the root keys when their Secret changes; a keyring that drops a
+/// version still in use is refused (the old one stays) and reported on the
+/// tenants' `SecretsSealed` condition.
+async fn watch_root_keys(ctx: Arc<Context>, rotate: futures::channel::mpsc::UnboundedSender<()>) {
+    use kube::runtime::WatchStreamExt;
+    let src = &ctx.settings.root_keys;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &src.namespace);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={}", src.secret));
+    let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
+    while let Some(event) = stream.next().await {
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "watching the root-keys Secret");
+            continue;
+        }
+        let next = match crate::keys::load(&ctx.client, src).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the root keys failed; keeping the current ones");
+                continue;
+            }
+        };
+        let in_use = match crate::pg::tenant::key_versions_in_use(&ctx.pool).await {
+            Ok(v) => v.into_iter().filter_map(|v| crate::crypto::KeyVersion::new(v).ok()).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot check which key versions are in use; keeping the current keys");
+                continue;
+            }
+        };
+        match ctx.keys.replace(next, &in_use) {
+            Ok(true) => {
+                tracing::info!(active = ?ctx.keys.current().map(|k| k.active_version().to_string()), "root keys changed: re-sealing every tenant");
+                let _ = rotate.unbounded_send(());
+            }
+            Ok(false) => {}
+            Err(msg) => {
+                tracing::error!(%msg, "root keys refused");
+                let _ = rotate.unbounded_send(());
+            }
+        }
+    }
 }
 
 fn error_policy(t: Arc<Tenant>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -115,23 +187,40 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
 /// Writes a status built from `conds` and publishes an event when the Ready
 /// condition's reason changes (so a steady state publishes nothing).
 async fn report(ctx: &Context, t: &Tenant, phase: TenantPhase, schema: Option<String>, conds: &[Cond]) -> Result<(), Error> {
-    let new = status::next_status(t.status.as_ref(), phase, schema, t.metadata.generation, conds, &now());
+    report_with(ctx, t, phase, schema, conds, status::Extra::default()).await
+}
+
+/// [`report`], also setting the status fields in `extra`.
+async fn report_with(ctx: &Context, t: &Tenant, phase: TenantPhase, schema: Option<String>, conds: &[Cond], extra: status::Extra) -> Result<(), Error> {
+    let new = status::next_status_with(t.status.as_ref(), phase, schema, t.metadata.generation, conds, &now(), extra);
     let ready = conds.iter().find(|c| c.type_ == "Ready" || c.type_ == "DeletionBlocked");
     let old_reason = ready.and_then(|c| status::condition(t.status.as_ref(), c.type_)).map(|c| c.reason.clone());
     apply::write_status(ctx, t, new).await?;
     if let Some(c) = ready {
-        if old_reason.as_deref() != Some(c.reason) && !c.status || c.type_ == "DeletionBlocked" && old_reason.as_deref() != Some(c.reason) {
+        if old_reason.as_deref() != Some(c.reason) && (!c.status || c.type_ == "DeletionBlocked") {
             apply::event(ctx, t, true, c.reason, c.message.clone()).await;
         }
     }
     Ok(())
 }
 
+/// `RateLimitsApplied`, computed from the spec alone: the rate-limit writer
+/// renders every Tenant that is not being deleted, whatever its database
+/// state, so the condition holds as soon as the writer catches up (about a
+/// second). None for a Tenant being deleted (it has no entry).
+fn rate_limits_cond(ctx: &Context, t: &Tenant) -> Option<Cond> {
+    let entry = crate::ratelimit::Entry::of(t)?;
+    let cfg = &ctx.settings.ratelimit;
+    let message = format!("{} rendered into ConfigMap {}/{} (domains {}, {})", entry.summary(), ctx.settings.namespace, cfg.configmap, cfg.api_domain, cfg.webhook_domain);
+    Some(Cond::new("RateLimitsApplied", true, "Rendered", message))
+}
+
 /// Reports a failure a person must fix and waits for a change (or the
 /// periodic resync, for conflicts that are fixed inside Postgres).
 async fn fail(ctx: &Context, t: &Tenant, schema: Option<String>, reason: &'static str, message: String) -> Result<Action, Error> {
     tracing::warn!(tenant = %t.name_any(), reason, %message, "tenant cannot be converged");
-    let conds = [Cond::new("Ready", false, reason, message.clone()), Cond::new("DatabaseReady", false, reason, message)];
+    let mut conds = vec![Cond::new("Ready", false, reason, message.clone()), Cond::new("DatabaseReady", false, reason, message)];
+    conds.extend(rate_limits_cond(ctx, t));
     report(ctx, t, TenantPhase::Failed, schema, &conds).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
@@ -148,7 +237,10 @@ async fn database_down(ctx: &Context, t: &Tenant, schema: Option<String>, err: P
         Some(p @ (TenantPhase::Active | TenantPhase::Suspended)) => p,
         _ => TenantPhase::Provisioning,
     };
-    let conds = [Cond::new("Ready", false, "DatabaseUnavailable", message.clone()), Cond::new("DatabaseReady", false, "DatabaseUnavailable", message)];
+    let mut conds = vec![Cond::new("Ready", false, "DatabaseUnavailable", message.clone()), Cond::new("DatabaseReady", false, "DatabaseUnavailable", message)];
+    if !deleting {
+        conds.extend(rate_limits_cond(ctx, t));
+    }
     // The status write is best effort: the error below is what matters.
     let _ = report(ctx, t, phase, schema, &conds).await;
     Err(Error::Database(err))
@@ -205,11 +297,28 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         TenantState::Active => (TenantPhase::Active, "Provisioned", format!("schema {} is ready; credentials in Secret {}/{}", name.schema(), ctx.settings.namespace, name.db_secret())),
         TenantState::Suspended => (TenantPhase::Suspended, "Suspended", "the tenant is suspended: its app role cannot log in".to_string()),
     };
-    let conds = [
+    let mut conds = vec![
         Cond::new("Ready", true, reason, message),
-        Cond::new("DatabaseReady", true, "Converged", format!("schema, roles, privileges and caps match the spec")),
+        Cond::new("DatabaseReady", true, "Converged", "schema, roles, privileges and caps match the spec".to_string()),
     ];
-    report(ctx, t, phase, schema, &conds).await?;
+    conds.extend(rate_limits_cond(ctx, t));
+    let sealed = apply::converge_sealed(ctx, t, &name, &uid).await?;
+    conds.push(sealed.cond);
+    // After provisioning: a new schema gets the set's migrations here; one
+    // already on a version is reported (the MigrationSet controller rolls
+    // new versions out).
+    let schema_version = match migrations::converge(ctx, t, &name).await {
+        Ok((cond, version)) => {
+            conds.push(cond);
+            Some(version)
+        }
+        Err(migrations::StepError::Database(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
+        Err(e) => {
+            conds.push(Cond::new(migrations::CONDITION, false, "MigrationStateUnknown", e.to_string()));
+            None
+        }
+    };
+    report_with(ctx, t, phase, schema, &conds, status::Extra { key: sealed.key, schema_version, ..Default::default() }).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
@@ -291,14 +400,14 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
     };
     Stats::add(&ctx.stats.ddl_statements, dropped as u64);
-    apply::delete_secret(ctx, &name).await?;
+    apply::delete_secrets(ctx, &name).await?;
     let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;
     if !left.is_empty() {
         let msg = left.join(", ");
         report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "DeleteIncomplete", format!("still present after drop: {msg}"))]).await?;
         return Err(Error::Leftovers(msg));
     }
-    apply::event(ctx, t, false, "Deleted", format!("dropped schema {}, roles, registry row and Secret", name.schema())).await;
+    apply::event(ctx, t, false, "Deleted", format!("dropped schema {}, roles, registry row with the key salt, and Secrets", name.schema())).await;
     apply::remove_finalizer(ctx, t).await?;
     Ok(Action::await_change())
 }

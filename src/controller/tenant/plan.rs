@@ -98,8 +98,11 @@ pub fn parse_memory_kb(s: &str) -> Result<i64, String> {
 pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, PlanError> {
     // Destructured without `..`: a new spec field must be planned here or the
     // build fails.
-    let TenantSpec { display_name: _, state, deletion_protection: _, database } = spec;
-    let crate::api::DatabaseSpec { connection_limit, statement_timeout, idle_in_transaction_timeout, work_mem } = database;
+    // Rate limits are planned by the rate-limit writer (`crate::ratelimit`).
+    let TenantSpec { display_name: _, state, deletion_protection: _, database, rate_limits: _, secrets: _ } = spec;
+    // The MigrationSet is followed by the migrations step of the reconcile
+    // (`super::migrations`) and rolled out by the MigrationSet controller.
+    let crate::api::DatabaseSpec { migration_set: _, connection_limit, statement_timeout, idle_in_transaction_timeout, work_mem } = database;
     if !(1..=1000).contains(connection_limit) {
         return Err(PlanError::InvalidSpec { field: "connectionLimit", message: format!("{connection_limit} is not between 1 and 1000") });
     }
@@ -294,7 +297,7 @@ mod tests {
     }
 
     fn spec() -> TenantSpec {
-        TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default() }
+        TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default(), rate_limits: Default::default() }
     }
 
     /// The catalog state of a fully converged tenant.

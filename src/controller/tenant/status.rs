@@ -21,9 +21,20 @@ impl Cond {
     }
 }
 
+/// Status fields a reconcile may not have looked at: `None` keeps what the
+/// old status says.
+#[derive(Clone, Debug, Default)]
+pub struct Extra {
+    /// Root key version and fingerprint of the sealed secrets.
+    pub key: Option<(String, String)>,
+    /// The schema's migration version (`status.schemaVersion`); None keeps
+    /// what the old status says.
+    pub schema_version: Option<i64>,
+}
+
 /// Merges `conds` into `old`'s conditions and sets phase, schema and
-/// generation. Conditions of a type not in `conds` and not in `keep` are
-/// dropped (for example `DeletionBlocked` once the block is lifted).
+/// generation. Conditions of a type not in `conds` are dropped (for example
+/// `DeletionBlocked` once the block is lifted).
 pub fn next_status(
     old: Option<&TenantStatus>,
     phase: TenantPhase,
@@ -31,6 +42,19 @@ pub fn next_status(
     generation: Option<i64>,
     conds: &[Cond],
     now: &str,
+) -> TenantStatus {
+    next_status_with(old, phase, schema, generation, conds, now, Extra::default())
+}
+
+/// [`next_status`] with the fields of `extra`.
+pub fn next_status_with(
+    old: Option<&TenantStatus>,
+    phase: TenantPhase,
+    schema: Option<String>,
+    generation: Option<i64>,
+    conds: &[Cond],
+    now: &str,
+    extra: Extra,
 ) -> TenantStatus {
     let old_conds = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let conditions = conds
@@ -52,7 +76,12 @@ pub fn next_status(
             }
         })
         .collect();
-    TenantStatus { phase: Some(phase), observed_generation: generation, schema, conditions }
+    let (key_version, key_fingerprint) = match extra.key {
+        Some((v, f)) => (Some(v), Some(f)),
+        None => (old.and_then(|s| s.key_version.clone()), old.and_then(|s| s.key_fingerprint.clone())),
+    };
+    let schema_version = extra.schema_version.or_else(|| old.and_then(|s| s.schema_version));
+    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, conditions }
 }
 
 /// The condition of `type_` in a status, if any.

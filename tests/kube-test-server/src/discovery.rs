@@ -5,7 +5,16 @@ use crate::store::Store;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-const VERBS: [&str; 8] = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const VERBS: [&str; 8] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 pub fn version() -> Value {
     json!({
@@ -42,7 +51,12 @@ fn groups(st: &Store) -> Vec<(String, Vec<String>)> {
         if t.group.is_empty() {
             continue;
         }
-        let vs: Vec<String> = t.versions.iter().filter(|v| v.served).map(|v| v.name.clone()).collect();
+        let vs: Vec<String> = t
+            .versions
+            .iter()
+            .filter(|v| v.served)
+            .map(|v| v.name.clone())
+            .collect();
         match out.iter_mut().find(|(g, _)| *g == t.group) {
             Some((_, have)) => {
                 for v in vs {
@@ -58,23 +72,33 @@ fn groups(st: &Store) -> Vec<(String, Vec<String>)> {
 }
 
 fn group_json(g: &str, vs: &[String]) -> Value {
-    let versions: Vec<Value> = vs.iter().map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v})).collect();
+    let versions: Vec<Value> = vs
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+        .collect();
     let preferred = versions.first().cloned().unwrap_or(json!({}));
     json!({"name": g, "versions": versions, "preferredVersion": preferred})
 }
 
 pub fn group_list(st: &Store) -> Value {
-    let gs: Vec<Value> = groups(st).iter().filter(|(_, v)| !v.is_empty()).map(|(g, v)| group_json(g, v)).collect();
+    let gs: Vec<Value> = groups(st)
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(g, v)| group_json(g, v))
+        .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs})
 }
 
 pub fn group(st: &Store, g: &str) -> Option<Value> {
-    groups(st).iter().find(|(n, v)| n == g && !v.is_empty()).map(|(n, v)| {
-        let mut j = group_json(n, v);
-        j["kind"] = json!("APIGroup");
-        j["apiVersion"] = json!("v1");
-        j
-    })
+    groups(st)
+        .iter()
+        .find(|(n, v)| n == g && !v.is_empty())
+        .map(|(n, v)| {
+            let mut j = group_json(n, v);
+            j["kind"] = json!("APIGroup");
+            j["apiVersion"] = json!("v1");
+            j
+        })
 }
 
 fn hash8(s: &str) -> String {
@@ -85,7 +109,11 @@ fn hash8(s: &str) -> String {
 
 pub fn resource_list(st: &Store, g: &str, v: &str) -> Option<Value> {
     let mut res = vec![];
-    for t in st.types.values().filter(|t| t.group == g && t.version(v).is_some()) {
+    for t in st
+        .types
+        .values()
+        .filter(|t| t.group == g && t.version(v).is_some())
+    {
         let mut r = json!({
             "name": t.plural,
             "singularName": t.singular,
@@ -114,8 +142,14 @@ pub fn resource_list(st: &Store, g: &str, v: &str) -> Option<Value> {
     if res.is_empty() {
         return None;
     }
-    let gv = if g.is_empty() { v.to_string() } else { format!("{g}/{v}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": res}))
+    let gv = if g.is_empty() {
+        v.to_string()
+    } else {
+        format!("{g}/{v}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": res}),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,7 +171,10 @@ pub fn openapi_root(st: &Store) -> Value {
     for (key, g, v) in gv_paths(st) {
         if let Some(doc) = openapi_gv(st, &g, &v) {
             let hash = format!("{:X}", Sha256::digest(doc.to_string().as_bytes()));
-            paths.insert(key.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash={hash}")}));
+            paths.insert(
+                key.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash={hash}")}),
+            );
         }
     }
     json!({"paths": paths})
@@ -191,12 +228,22 @@ fn param(name: &str, ty: &str) -> Value {
 fn content(schema_ref: &str, types: &[&str]) -> Value {
     let mut m = Map::new();
     for t in types {
-        m.insert(t.to_string(), json!({"schema": {"$ref": format!("#/components/schemas/{schema_ref}")}}));
+        m.insert(
+            t.to_string(),
+            json!({"schema": {"$ref": format!("#/components/schemas/{schema_ref}")}}),
+        );
     }
     Value::Object(m)
 }
 
-fn op(action: &str, id: &str, gvk: &Value, schema_ref: &str, params: Vec<Value>, body: Option<&[&str]>) -> Value {
+fn op(
+    action: &str,
+    id: &str,
+    gvk: &Value,
+    schema_ref: &str,
+    params: Vec<Value>,
+    body: Option<&[&str]>,
+) -> Value {
     let mut o = json!({
         "operationId": id,
         "parameters": params,
@@ -220,7 +267,11 @@ pub fn openapi_gv(st: &Store, g: &str, v: &str) -> Option<Value> {
     schemas.insert(OBJECT_META.into(), object_meta_schema());
     schemas.insert(LIST_META.into(), json!({"type": "object", "properties": {"continue": {"type": "string"}, "remainingItemCount": {"type": "integer", "format": "int64"}, "resourceVersion": {"type": "string"}, "selfLink": {"type": "string"}}}));
     let mut any = false;
-    for t in st.types.values().filter(|t| t.group == g && t.version(v).is_some()) {
+    for t in st
+        .types
+        .values()
+        .filter(|t| t.group == g && t.version(v).is_some())
+    {
         any = true;
         let gvk = json!({"group": t.group, "version": v, "kind": t.kind});
         let name = schema_name(t, v, &t.kind);
@@ -234,7 +285,10 @@ pub fn openapi_gv(st: &Store, g: &str, v: &str) -> Option<Value> {
             props["apiVersion"] = json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."});
             props["kind"] = json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents."});
             props["metadata"] = json!({"allOf": [{"$ref": format!("#/components/schemas/{OBJECT_META}")}], "default": {}});
-            o.insert("x-kubernetes-group-version-kind".into(), json!([gvk.clone()]));
+            o.insert(
+                "x-kubernetes-group-version-kind".into(),
+                json!([gvk.clone()]),
+            );
         }
         schemas.insert(name.clone(), s);
         schemas.insert(
@@ -251,7 +305,11 @@ pub fn openapi_gv(st: &Store, g: &str, v: &str) -> Option<Value> {
                 "x-kubernetes-group-version-kind": [{"group": t.group, "version": v, "kind": t.list_kind}]
             }),
         );
-        let base = if g.is_empty() { format!("/api/{v}") } else { format!("/apis/{g}/{v}") };
+        let base = if g.is_empty() {
+            format!("/api/{v}")
+        } else {
+            format!("/apis/{g}/{v}")
+        };
         let mut prefixes = vec![];
         if t.namespaced {
             prefixes.push(format!("{base}/namespaces/{{namespace}}/{}", t.plural));
@@ -259,10 +317,20 @@ pub fn openapi_gv(st: &Store, g: &str, v: &str) -> Option<Value> {
             prefixes.push(format!("{base}/{}", t.plural));
         }
         let id = format!("{}{}", t.kind, if t.namespaced { "Namespaced" } else { "" });
-        let write_params = || vec![param("dryRun", "string"), param("fieldManager", "string"), param("fieldValidation", "string")];
+        let write_params = || {
+            vec![
+                param("dryRun", "string"),
+                param("fieldManager", "string"),
+                param("fieldValidation", "string"),
+            ]
+        };
         let mut patch_params = write_params();
         patch_params.push(param("force", "boolean"));
-        let patch_types: &[&str] = &["application/apply-patch+yaml", "application/json-patch+json", "application/merge-patch+json"];
+        let patch_types: &[&str] = &[
+            "application/apply-patch+yaml",
+            "application/json-patch+json",
+            "application/merge-patch+json",
+        ];
         for coll in prefixes {
             paths.insert(
                 coll.clone(),

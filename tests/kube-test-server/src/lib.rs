@@ -4,6 +4,7 @@
 //! `kubectl`, `helm` and kube-rs to run against it unchanged. See README.md for what differs
 //! from a real API server.
 
+pub mod defaults;
 pub mod discovery;
 pub mod patch;
 pub mod proto;
@@ -28,11 +29,17 @@ pub struct Config {
     pub watch_history: usize,
     /// How often BOOKMARK events are sent to watches that allow them.
     pub bookmark_interval: Duration,
+    /// Log one line per request (time, method, URI, status, user agent) to stderr.
+    pub log_requests: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { watch_history: 1000, bookmark_interval: Duration::from_secs(10) }
+        Config {
+            watch_history: 1000,
+            bookmark_interval: Duration::from_secs(10),
+            log_requests: false,
+        }
     }
 }
 
@@ -89,8 +96,21 @@ async fn entry(State(app): State<Arc<server::App>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, 64 * 1024 * 1024).await {
         Ok(b) => b,
-        Err(e) => return server::err_resp(&status::ApiError::bad_request(format!("reading request body: {e}"))),
+        Err(e) => {
+            return server::err_resp(&status::ApiError::bad_request(format!(
+                "reading request body: {e}"
+            )))
+        }
     };
+    let log = app.log_requests.then(|| {
+        let ua = parts
+            .headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        (parts.method.to_string(), parts.uri.to_string(), ua)
+    });
     let r = server::Req {
         method: parts.method,
         path: parts.uri.path().to_string(),
@@ -98,16 +118,28 @@ async fn entry(State(app): State<Arc<server::App>>, req: Request) -> Response {
         headers: parts.headers,
         body,
     };
-    server::handle(app, r).await
+    let resp = server::handle(app, r).await;
+    if let Some((method, uri, ua)) = log {
+        eprintln!(
+            "{} {method} {uri} {} {ua:?}",
+            store::now(),
+            resp.status().as_u16()
+        );
+    }
+    resp
 }
 
 /// Starts the server on `listener` in the current tokio runtime.
-pub async fn start(listener: tokio::net::TcpListener, config: Config) -> std::io::Result<ServerHandle> {
+pub async fn start(
+    listener: tokio::net::TcpListener,
+    config: Config,
+) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let app = Arc::new(server::App {
         store: Mutex::new(store::Store::new(config.watch_history)),
         addr: addr.to_string(),
         bookmark_interval: config.bookmark_interval,
+        log_requests: config.log_requests,
     });
     let router = axum::Router::new().fallback(entry).with_state(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -118,7 +150,12 @@ pub async fn start(listener: tokio::net::TcpListener, config: Config) -> std::io
             })
             .await;
     });
-    Ok(ServerHandle { addr, app, shutdown: Some(tx), join: Some(join) })
+    Ok(ServerHandle {
+        addr,
+        app,
+        shutdown: Some(tx),
+        join: Some(join),
+    })
 }
 
 /// Binds `addr` (port 0 picks a free port) and starts the server.

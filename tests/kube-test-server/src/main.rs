@@ -5,8 +5,9 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: kube-test-server [--listen ADDR] [--kubeconfig PATH] [--watch-history N] [--bookmark-interval-ms MS]\n\
-         Serves an in-memory Kubernetes API over plain HTTP. Prints `listening on http://ADDR` when ready."
+        "usage: kube-test-server [--listen ADDR] [--kubeconfig PATH] [--watch-history N] [--bookmark-interval-ms MS] [--quiet]\n\
+         Serves an in-memory Kubernetes API over plain HTTP. Prints `listening on http://ADDR` when ready\n\
+         and logs one line per request to stderr unless --quiet."
     );
     std::process::exit(2)
 }
@@ -14,24 +15,40 @@ fn usage() -> ! {
 fn main() {
     let mut listen = "127.0.0.1:0".to_string();
     let mut kubeconfig: Option<String> = None;
-    let mut config = kube_test_server::Config::default();
+    let mut config = kube_test_server::Config {
+        log_requests: true,
+        ..Default::default()
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (a.clone(), None),
         };
-        let mut value = || inline.clone().or_else(|| args.next()).unwrap_or_else(|| usage());
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .unwrap_or_else(|| usage())
+        };
         match flag.as_str() {
             "--listen" => listen = value(),
             "--kubeconfig" => kubeconfig = Some(value()),
             "--watch-history" => config.watch_history = value().parse().unwrap_or_else(|_| usage()),
-            "--bookmark-interval-ms" => config.bookmark_interval = Duration::from_millis(value().parse().unwrap_or_else(|_| usage())),
+            "--quiet" => config.log_requests = false,
+            "--bookmark-interval-ms" => {
+                config.bookmark_interval =
+                    Duration::from_millis(value().parse().unwrap_or_else(|_| usage()))
+            }
             "-h" | "--help" => usage(),
             _ => usage(),
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kube-test-server: starting runtime: {e}");
@@ -48,7 +65,8 @@ fn main() {
         };
         if let Some(path) = &kubeconfig {
             let tmp = format!("{path}.tmp.{}", std::process::id());
-            let written = std::fs::write(&tmp, handle.kubeconfig()).and_then(|_| std::fs::rename(&tmp, path));
+            let written =
+                std::fs::write(&tmp, handle.kubeconfig()).and_then(|_| std::fs::rename(&tmp, path));
             if let Err(e) = written {
                 eprintln!("kube-test-server: writing kubeconfig {path}: {e}");
                 return 1;
@@ -56,13 +74,14 @@ fn main() {
         }
         println!("listening on {}", handle.url());
         let _ = std::io::stdout().flush();
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("kube-test-server: installing SIGTERM handler: {e}");
-                return 1;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("kube-test-server: installing SIGTERM handler: {e}");
+                    return 1;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -65,13 +65,23 @@ impl ResourceType {
             .unwrap_or("v1")
     }
     pub fn api_version(&self, v: &str) -> String {
-        if self.group.is_empty() { v.to_string() } else { format!("{}/{}", self.group, v) }
+        if self.group.is_empty() {
+            v.to_string()
+        } else {
+            format!("{}/{}", self.group, v)
+        }
     }
     pub fn has_status(&self, v: &str) -> bool {
-        self.versions.iter().any(|x| x.name == v && x.status_subresource)
+        self.versions
+            .iter()
+            .any(|x| x.name == v && x.status_subresource)
     }
     pub fn qualified_kind(&self) -> String {
-        if self.group.is_empty() { self.kind.clone() } else { format!("{}.{}", self.kind, self.group) }
+        if self.group.is_empty() {
+            self.kind.clone()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
     }
 }
 
@@ -118,22 +128,198 @@ fn builtin(
 pub fn builtins() -> Vec<ResourceType> {
     use NameRule::*;
     let mut v = vec![
-        builtin("", "v1", "namespaces", "Namespace", false, &["ns"], true, false, Dns1123Label, "io.k8s.api.core.v1"),
-        builtin("", "v1", "secrets", "Secret", true, &[], false, false, Dns1123Subdomain, "io.k8s.api.core.v1"),
-        builtin("", "v1", "configmaps", "ConfigMap", true, &["cm"], false, false, Dns1123Subdomain, "io.k8s.api.core.v1"),
-        builtin("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"], false, false, Dns1123Subdomain, "io.k8s.api.core.v1"),
-        builtin("", "v1", "services", "Service", true, &["svc"], true, false, Dns1035Label, "io.k8s.api.core.v1"),
-        builtin("", "v1", "events", "Event", true, &["ev"], false, false, Dns1123Subdomain, "io.k8s.api.core.v1"),
-        builtin("events.k8s.io", "v1", "events", "Event", true, &["ev"], false, false, Dns1123Subdomain, "io.k8s.api.events.v1"),
-        builtin("batch", "v1", "jobs", "Job", true, &[], true, true, Dns1123Subdomain, "io.k8s.api.batch.v1"),
-        builtin("batch", "v1", "cronjobs", "CronJob", true, &["cj"], true, true, Dns1123Subdomain, "io.k8s.api.batch.v1"),
-        builtin("coordination.k8s.io", "v1", "leases", "Lease", true, &[], false, false, Dns1123Subdomain, "io.k8s.api.coordination.v1"),
-        builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, &[], false, false, PathSegment, "io.k8s.api.rbac.v1"),
-        builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true, &[], false, false, PathSegment, "io.k8s.api.rbac.v1"),
-        builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, &[], false, false, PathSegment, "io.k8s.api.rbac.v1"),
-        builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false, &[], false, false, PathSegment, "io.k8s.api.rbac.v1"),
-        builtin("apps", "v1", "deployments", "Deployment", true, &["deploy"], true, true, Dns1123Subdomain, "io.k8s.api.apps.v1"),
-        builtin("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true, &["pdb"], true, true, Dns1123Subdomain, "io.k8s.api.policy.v1"),
+        builtin(
+            "",
+            "v1",
+            "namespaces",
+            "Namespace",
+            false,
+            &["ns"],
+            true,
+            false,
+            Dns1123Label,
+            "io.k8s.api.core.v1",
+        ),
+        builtin(
+            "",
+            "v1",
+            "secrets",
+            "Secret",
+            true,
+            &[],
+            false,
+            false,
+            Dns1123Subdomain,
+            "io.k8s.api.core.v1",
+        ),
+        builtin(
+            "",
+            "v1",
+            "configmaps",
+            "ConfigMap",
+            true,
+            &["cm"],
+            false,
+            false,
+            Dns1123Subdomain,
+            "io.k8s.api.core.v1",
+        ),
+        builtin(
+            "",
+            "v1",
+            "serviceaccounts",
+            "ServiceAccount",
+            true,
+            &["sa"],
+            false,
+            false,
+            Dns1123Subdomain,
+            "io.k8s.api.core.v1",
+        ),
+        builtin(
+            "",
+            "v1",
+            "services",
+            "Service",
+            true,
+            &["svc"],
+            true,
+            false,
+            Dns1035Label,
+            "io.k8s.api.core.v1",
+        ),
+        builtin(
+            "",
+            "v1",
+            "events",
+            "Event",
+            true,
+            &["ev"],
+            false,
+            false,
+            Dns1123Subdomain,
+            "io.k8s.api.core.v1",
+        ),
+        builtin(
+            "events.k8s.io",
+            "v1",
+            "events",
+            "Event",
+            true,
+            &["ev"],
+            false,
+            false,
+            Dns1123Subdomain,
+            "io.k8s.api.events.v1",
+        ),
+        builtin(
+            "batch",
+            "v1",
+            "jobs",
+            "Job",
+            true,
+            &[],
+            true,
+            true,
+            Dns1123Subdomain,
+            "io.k8s.api.batch.v1",
+        ),
+        builtin(
+            "batch",
+            "v1",
+            "cronjobs",
+            "CronJob",
+            true,
+            &["cj"],
+            true,
+            true,
+            Dns1123Subdomain,
+            "io.k8s.api.batch.v1",
+        ),
+        builtin(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            "Lease",
+            true,
+            &[],
+            false,
+            false,
+            Dns1123Subdomain,
+            "io.k8s.api.coordination.v1",
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "roles",
+            "Role",
+            true,
+            &[],
+            false,
+            false,
+            PathSegment,
+            "io.k8s.api.rbac.v1",
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "rolebindings",
+            "RoleBinding",
+            true,
+            &[],
+            false,
+            false,
+            PathSegment,
+            "io.k8s.api.rbac.v1",
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterroles",
+            "ClusterRole",
+            false,
+            &[],
+            false,
+            false,
+            PathSegment,
+            "io.k8s.api.rbac.v1",
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            &[],
+            false,
+            false,
+            PathSegment,
+            "io.k8s.api.rbac.v1",
+        ),
+        builtin(
+            "apps",
+            "v1",
+            "deployments",
+            "Deployment",
+            true,
+            &["deploy"],
+            true,
+            true,
+            Dns1123Subdomain,
+            "io.k8s.api.apps.v1",
+        ),
+        builtin(
+            "policy",
+            "v1",
+            "poddisruptionbudgets",
+            "PodDisruptionBudget",
+            true,
+            &["pdb"],
+            true,
+            true,
+            Dns1123Subdomain,
+            "io.k8s.api.policy.v1",
+        ),
         builtin(
             "apiextensions.k8s.io",
             "v1",
@@ -148,9 +334,21 @@ pub fn builtins() -> Vec<ResourceType> {
         ),
     ];
     for r in v.iter_mut() {
-        if matches!(r.plural.as_str(), "services" | "jobs" | "cronjobs" | "deployments" | "configmaps" | "secrets" | "serviceaccounts") {
+        if matches!(
+            r.plural.as_str(),
+            "services"
+                | "jobs"
+                | "cronjobs"
+                | "deployments"
+                | "configmaps"
+                | "secrets"
+                | "serviceaccounts"
+        ) {
             // `kubectl get all` uses the `all` category.
-            if matches!(r.plural.as_str(), "services" | "jobs" | "cronjobs" | "deployments") {
+            if matches!(
+                r.plural.as_str(),
+                "services" | "jobs" | "cronjobs" | "deployments"
+            ) {
                 r.categories = vec!["all".to_string()];
             }
         }
@@ -163,7 +361,11 @@ pub fn builtins() -> Vec<ResourceType> {
 
 fn str_list(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -174,22 +376,53 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
     let names = spec.get("names")?;
     let plural = names.get("plural")?.as_str()?.to_string();
     let kind = names.get("kind")?.as_str()?.to_string();
-    let singular = names.get("singular").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| kind.to_lowercase());
-    let list_kind = names.get("listKind").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("{kind}List"));
+    let singular = names
+        .get("singular")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| kind.to_lowercase());
+    let list_kind = names
+        .get("listKind")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{kind}List"));
     let namespaced = spec.get("scope").and_then(Value::as_str) != Some("Cluster");
     let mut versions = vec![];
     for ver in spec.get("versions")?.as_array()? {
         let name = ver.get("name")?.as_str()?.to_string();
         let mut cols = vec![];
-        if let Some(pcs) = ver.get("additionalPrinterColumns").and_then(Value::as_array) {
+        if let Some(pcs) = ver
+            .get("additionalPrinterColumns")
+            .and_then(Value::as_array)
+        {
             for c in pcs {
                 cols.push(PrinterColumn {
-                    name: c.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
-                    type_: c.get("type").and_then(Value::as_str).unwrap_or("string").to_string(),
-                    format: c.get("format").and_then(Value::as_str).unwrap_or("").to_string(),
-                    description: c.get("description").and_then(Value::as_str).unwrap_or("").to_string(),
+                    name: c
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    type_: c
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("string")
+                        .to_string(),
+                    format: c
+                        .get("format")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    description: c
+                        .get("description")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                     priority: c.get("priority").and_then(Value::as_i64).unwrap_or(0),
-                    json_path: c.get("jsonPath").and_then(Value::as_str).unwrap_or("").to_string(),
+                    json_path: c
+                        .get("jsonPath")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                 });
             }
         } else {
@@ -209,7 +442,10 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
             schema: ver.pointer("/schema/openAPIV3Schema").cloned(),
             printer_columns: cols,
             status_subresource: ver.pointer("/subresources/status").is_some(),
-            deprecated: ver.get("deprecated").and_then(Value::as_bool).unwrap_or(false),
+            deprecated: ver
+                .get("deprecated")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         });
     }
     Some(ResourceType {
@@ -246,7 +482,12 @@ pub fn crd_status(crd: &Value, now: &str) -> Value {
     let stored: Vec<Value> = crd
         .pointer("/spec/versions")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter(|v| v.get("storage") == Some(&json!(true))).filter_map(|v| v.get("name").cloned()).collect())
+        .map(|a| {
+            a.iter()
+                .filter(|v| v.get("storage") == Some(&json!(true)))
+                .filter_map(|v| v.get("name").cloned())
+                .collect()
+        })
         .unwrap_or_default();
     json!({
         "acceptedNames": accepted,

@@ -34,15 +34,24 @@ fn split_top_level(s: &str) -> Vec<String> {
         }
     }
     out.push(cur);
-    out.into_iter().map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()
+    out.into_iter()
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
 }
 
 fn parse_set(rest: &str) -> Result<Vec<String>, String> {
     let r = rest.trim();
     if !(r.starts_with('(') && r.ends_with(')')) {
-        return Err(format!("unable to parse requirement: expected '(' in {rest:?}"));
+        return Err(format!(
+            "unable to parse requirement: expected '(' in {rest:?}"
+        ));
     }
-    Ok(r[1..r.len() - 1].split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+    Ok(r[1..r.len() - 1]
+        .split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect())
 }
 
 impl LabelSelector {
@@ -111,7 +120,9 @@ impl FieldSelector {
             } else if let Some((k, v)) = part.split_once('=') {
                 (k, true, v)
             } else {
-                return Err(format!("invalid selector: '{s}'; can't understand '{part}'"));
+                return Err(format!(
+                    "invalid selector: '{s}'; can't understand '{part}'"
+                ));
             };
             let k = k.trim();
             if k != "metadata.name" && k != "metadata.namespace" && !extra.contains(&k) {
@@ -156,7 +167,13 @@ pub fn extra_field_labels(group: &str, plural: &str) -> &'static [&'static str] 
             "source",
             "type",
         ],
-        ("events.k8s.io", "events") => &["regarding.kind", "regarding.name", "regarding.namespace", "reason", "type"],
+        ("events.k8s.io", "events") => &[
+            "regarding.kind",
+            "regarding.name",
+            "regarding.namespace",
+            "reason",
+            "type",
+        ],
         ("batch", "jobs") => &["status.successful"],
         _ => &[],
     }
@@ -190,8 +207,12 @@ mod tests {
     #[test]
     fn field_selectors() {
         let o = json!({"metadata": {"name": "n", "namespace": "ns"}});
-        assert!(FieldSelector::parse("metadata.name=n", &[]).unwrap().matches(&o));
-        assert!(!FieldSelector::parse("metadata.name!=n", &[]).unwrap().matches(&o));
+        assert!(FieldSelector::parse("metadata.name=n", &[])
+            .unwrap()
+            .matches(&o));
+        assert!(!FieldSelector::parse("metadata.name!=n", &[])
+            .unwrap()
+            .matches(&o));
         assert!(FieldSelector::parse("spec.x=1", &[]).is_err());
     }
 }

@@ -19,6 +19,7 @@ pub struct App {
     pub store: Mutex<Store>,
     pub addr: String,
     pub bookmark_interval: Duration,
+    pub log_requests: bool,
 }
 
 impl App {
@@ -46,7 +47,10 @@ impl Req {
         matches!(self.q(k), Some("true") | Some("1"))
     }
     fn header(&self, k: &str) -> &str {
-        self.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 }
 
@@ -54,7 +58,11 @@ pub fn parse_query(q: &str) -> HashMap<String, String> {
     let mut m = HashMap::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let dec = |s: &str| percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().to_string();
+        let dec = |s: &str| {
+            percent_encoding::percent_decode_str(&s.replace('+', " "))
+                .decode_utf8_lossy()
+                .to_string()
+        };
         m.insert(dec(k), dec(v));
     }
     m
@@ -63,8 +71,14 @@ pub fn parse_query(q: &str) -> HashMap<String, String> {
 pub fn json_resp(code: u16, v: &Value, warnings: &[String]) -> Response<Body> {
     let mut r = Response::new(Body::from(v.to_string()));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
     for w in warnings {
         let text = format!("299 - {w:?}");
         if let Ok(hv) = HeaderValue::from_str(&text) {
@@ -81,7 +95,10 @@ pub fn err_resp(e: &ApiError) -> Response<Body> {
 fn text_resp(code: u16, s: &str) -> Response<Body> {
     let mut r = Response::new(Body::from(s.to_string()));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -95,7 +112,12 @@ fn not_found_path() -> ApiError {
 }
 
 pub async fn handle(app: Arc<App>, req: Req) -> Response<Body> {
-    let segs: Vec<String> = req.path.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    let segs: Vec<String> = req
+        .path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let get = req.method == Method::GET;
     match s.as_slice() {
@@ -116,7 +138,8 @@ pub async fn handle(app: Arc<App>, req: Req) -> Response<Body> {
             None => err_resp(&not_found_path()),
         },
         ["openapi", "v3"] if get => json_resp(200, &discovery::openapi_root(&app.lock()), &[]),
-        ["openapi", "v3", "api", "v1"] if get => match discovery::openapi_gv(&app.lock(), "", "v1") {
+        ["openapi", "v3", "api", "v1"] if get => match discovery::openapi_gv(&app.lock(), "", "v1")
+        {
             Some(v) => json_resp(200, &v, &[]),
             None => err_resp(&not_found_path()),
         },
@@ -126,7 +149,11 @@ pub async fn handle(app: Arc<App>, req: Req) -> Response<Body> {
         },
         ["kube-test-server", "expire-watch-history"] if req.method == Method::POST => {
             app.lock().expire_history();
-            json_resp(200, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}), &[])
+            json_resp(
+                200,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                &[],
+            )
         }
         ["api", "v1", rest @ ..] if !rest.is_empty() => resource(app, "", "v1", rest, &req).await,
         ["apis", g, v, rest @ ..] if !rest.is_empty() => resource(app, g, v, rest, &req).await,
@@ -153,10 +180,18 @@ impl Target {
     }
     /// The group objects are stored under: events.k8s.io Events share core Events' storage.
     fn sg(&self) -> &str {
-        if self.rt.group == "events.k8s.io" { "" } else { &self.rt.group }
+        if self.rt.group == "events.k8s.io" {
+            ""
+        } else {
+            &self.rt.group
+        }
     }
     fn storage_av(&self) -> String {
-        if self.rt.group == "events.k8s.io" { "v1".into() } else { self.api_version() }
+        if self.rt.group == "events.k8s.io" {
+            "v1".into()
+        } else {
+            self.api_version()
+        }
     }
     fn p(&self) -> &str {
         &self.rt.plural
@@ -169,8 +204,14 @@ impl Target {
 async fn resource(app: Arc<App>, g: &str, v: &str, rest: &[&str], req: &Req) -> Response<Body> {
     let target = {
         let st = app.lock();
-        let namespaced_path = rest.len() >= 3 && rest[0] == "namespaces" && st.find_type(g, v, rest[2]).is_some_and(|t| t.namespaced);
-        let (ns, rest) = if namespaced_path { (Some(rest[1].to_string()), &rest[2..]) } else { (None, rest) };
+        let namespaced_path = rest.len() >= 3
+            && rest[0] == "namespaces"
+            && st.find_type(g, v, rest[2]).is_some_and(|t| t.namespaced);
+        let (ns, rest) = if namespaced_path {
+            (Some(rest[1].to_string()), &rest[2..])
+        } else {
+            (None, rest)
+        };
         let Some(rt) = st.find_type(g, v, rest[0]).cloned() else {
             return err_resp(&not_found_path());
         };
@@ -183,7 +224,13 @@ async fn resource(app: Arc<App>, g: &str, v: &str, rest: &[&str], req: &Req) -> 
                 return err_resp(&not_found_path());
             }
         }
-        Target { rt, version: v.to_string(), ns, name: rest.get(1).map(|s| s.to_string()), sub }
+        Target {
+            rt,
+            version: v.to_string(),
+            ns,
+            name: rest.get(1).map(|s| s.to_string()),
+            sub,
+        }
     };
     let result = match (&req.method, &target.name) {
         (&Method::GET, None) if req.flag("watch") => return watch(app, target, req).await,
@@ -194,7 +241,9 @@ async fn resource(app: Arc<App>, g: &str, v: &str, rest: &[&str], req: &Req) -> 
         (&Method::PATCH, Some(_)) => patch_handler(&app, &target, req),
         (&Method::DELETE, Some(_)) => delete(&app, &target, req),
         (&Method::DELETE, None) => delete_collection(&app, &target, req),
-        (m, _) => Err(ApiError::method_not_allowed(format!("the server does not allow this method on the requested resource ({m})"))),
+        (m, _) => Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource ({m})"
+        ))),
     };
     match result {
         Ok((code, v, warnings)) => json_resp(code, &v, &warnings),
@@ -205,7 +254,10 @@ async fn resource(app: Arc<App>, g: &str, v: &str, rest: &[&str], req: &Req) -> 
 type Out = ApiResult<(u16, Value, Vec<String>)>;
 
 fn wants_partial(req: &Req) -> bool {
-    req.header("accept").split(',').next().is_some_and(|first| first.contains("as=PartialObjectMetadata"))
+    req.header("accept")
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=PartialObjectMetadata"))
 }
 
 fn partial(obj: &Value) -> Value {
@@ -213,7 +265,10 @@ fn partial(obj: &Value) -> Value {
 }
 
 fn wants_table(req: &Req) -> bool {
-    req.header("accept").split(',').next().is_some_and(|first| first.contains("as=Table"))
+    req.header("accept")
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
 }
 
 const EVENT_FIELDS: [(&str, &str); 11] = [
@@ -234,7 +289,11 @@ const EVENT_FIELDS: [(&str, &str); 11] = [
 fn convert_event(obj: &mut Value, to_events_api: bool) {
     if let Some(o) = obj.as_object_mut() {
         for (core, ev) in EVENT_FIELDS {
-            let (from, to) = if to_events_api { (core, ev) } else { (ev, core) };
+            let (from, to) = if to_events_api {
+                (core, ev)
+            } else {
+                (ev, core)
+            };
             if from != to {
                 if let Some(v) = o.remove(from) {
                     o.insert(to.to_string(), v);
@@ -273,17 +332,27 @@ fn present(t: &Target, mut obj: Value) -> Value {
 }
 
 fn selectors(t: &Target, req: &Req) -> ApiResult<(LabelSelector, FieldSelector)> {
-    let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or("")).map_err(ApiError::bad_request)?;
-    let fs = FieldSelector::parse(req.q("fieldSelector").unwrap_or(""), extra_field_labels(t.g(), t.p())).map_err(ApiError::bad_request)?;
+    let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    let fs = FieldSelector::parse(
+        req.q("fieldSelector").unwrap_or(""),
+        extra_field_labels(t.g(), t.p()),
+    )
+    .map_err(ApiError::bad_request)?;
     Ok((ls, fs))
 }
 
 fn list(app: &App, t: &Target, req: &Req) -> Out {
     let (ls, fs) = selectors(t, req)?;
     let st = app.lock();
-    let limit = req.q("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    let limit = req
+        .q("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
     let start: Option<(String, String)> = match req.q("continue").filter(|c| !c.is_empty()) {
-        Some(c) => Some(decode_continue(c).ok_or_else(|| ApiError::bad_request("continue key is not valid: malformed continue token"))?),
+        Some(c) => Some(decode_continue(c).ok_or_else(|| {
+            ApiError::bad_request("continue key is not valid: malformed continue token")
+        })?),
         None => None,
     };
     let mut items = vec![];
@@ -307,8 +376,12 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
                 if items.len() == l {
                     next = items.last().map(|o: &Value| {
                         encode_continue(
-                            o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(""),
-                            o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or(""),
+                            o.pointer("/metadata/namespace")
+                                .and_then(Value::as_str)
+                                .unwrap_or(""),
+                            o.pointer("/metadata/name")
+                                .and_then(Value::as_str)
+                                .unwrap_or(""),
                         )
                     });
                     break;
@@ -323,35 +396,72 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
     }
     drop(st);
     if wants_table(req) {
-        return Ok((200, table::table(&t.rt, &t.version, &items, meta, req.q("includeObject").unwrap_or("Metadata")), vec![]));
+        return Ok((
+            200,
+            table::table(
+                &t.rt,
+                &t.version,
+                &items,
+                meta,
+                req.q("includeObject").unwrap_or("Metadata"),
+            ),
+            vec![],
+        ));
     }
     if wants_partial(req) {
         let items: Vec<Value> = items.iter().map(partial).collect();
-        return Ok((200, json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": meta, "items": items}), vec![]));
+        return Ok((
+            200,
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": meta, "items": items}),
+            vec![],
+        ));
     }
-    Ok((200, json!({"apiVersion": t.api_version(), "kind": t.rt.list_kind, "metadata": meta, "items": items}), vec![]))
+    Ok((
+        200,
+        json!({"apiVersion": t.api_version(), "kind": t.rt.list_kind, "metadata": meta, "items": items}),
+        vec![],
+    ))
 }
 
 fn encode_continue(ns: &str, name: &str) -> String {
     use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"ns": ns, "name": name}).to_string())
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"ns": ns, "name": name}).to_string())
 }
 
 fn decode_continue(c: &str) -> Option<(String, String)> {
     use base64::Engine as _;
-    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
     let v: Value = serde_json::from_slice(&b).ok()?;
-    Some((v.get("ns")?.as_str()?.to_string(), v.get("name")?.as_str()?.to_string()))
+    Some((
+        v.get("ns")?.as_str()?.to_string(),
+        v.get("name")?.as_str()?.to_string(),
+    ))
 }
 
 fn get(app: &App, t: &Target, req: &Req) -> Out {
     let name = t.name.clone().unwrap_or_default();
     let st = app.lock();
-    let obj = st.get(t.sg(), t.p(), &t.nsk(), &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
+    let obj = st
+        .get(t.sg(), t.p(), &t.nsk(), &name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
     let obj = present(t, obj);
     if wants_table(req) {
         let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
-        return Ok((200, table::table(&t.rt, &t.version, &[obj], meta, req.q("includeObject").unwrap_or("Metadata")), vec![]));
+        return Ok((
+            200,
+            table::table(
+                &t.rt,
+                &t.version,
+                &[obj],
+                meta,
+                req.q("includeObject").unwrap_or("Metadata"),
+            ),
+            vec![],
+        ));
     }
     if wants_partial(req) {
         return Ok((200, partial(&obj), vec![]));
@@ -367,8 +477,10 @@ fn parse_body(req: &Req) -> ApiResult<Value> {
     if let Ok(v) = serde_json::from_slice::<Value>(&req.body) {
         return Ok(v);
     }
-    let y: serde_yaml::Value = serde_yaml::from_slice(&req.body).map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))?;
-    serde_json::to_value(y).map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))
+    let y: serde_yaml::Value = serde_yaml::from_slice(&req.body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))?;
+    serde_json::to_value(y)
+        .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))
 }
 
 fn field_manager(req: &Req, default_from_ua: bool) -> String {
@@ -436,17 +548,26 @@ fn admit(t: &Target, obj: &mut Value, old: Option<&Value>, req: &Req) -> ApiResu
         }
     }
     normalize_meta(obj, &mut unknown);
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let mut causes: Vec<Cause> = schema::name_causes(t.rt.name_rule, &name);
     if let Some(labels) = obj.pointer("/metadata/labels").and_then(Value::as_object) {
         let re = regex::Regex::new(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$").ok();
         for (k, v) in labels {
-            let ok = v.as_str().is_some_and(|s| s.len() <= 63 && re.as_ref().is_none_or(|r| r.is_match(s)));
+            let ok = v
+                .as_str()
+                .is_some_and(|s| s.len() <= 63 && re.as_ref().is_none_or(|r| r.is_match(s)));
             if !ok {
                 causes.push(Cause::invalid("metadata.labels", v, "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"));
             }
             let _ = k;
         }
+    }
+    if t.rt.builtin {
+        crate::defaults::apply(t.g(), t.p(), obj);
     }
     if let Some(s) = t.rt.version(&t.version).and_then(|v| v.schema.clone()) {
         schema::prune_and_default(&s, obj, "", true, &mut unknown);
@@ -458,7 +579,10 @@ fn admit(t: &Target, obj: &mut Value, old: Option<&Value>, req: &Req) -> ApiResu
     if !unknown.is_empty() {
         match req.q("fieldValidation").unwrap_or("Warn") {
             "Strict" => {
-                let list: Vec<String> = unknown.iter().map(|u| format!("unknown field {u:?}")).collect();
+                let list: Vec<String> = unknown
+                    .iter()
+                    .map(|u| format!("unknown field {u:?}"))
+                    .collect();
                 return Err(ApiError::bad_request(format!(
                     "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
                     t.rt.kind,
@@ -474,32 +598,74 @@ fn admit(t: &Target, obj: &mut Value, old: Option<&Value>, req: &Req) -> ApiResu
     if !causes.is_empty() {
         return Err(ApiError::invalid(t.g(), &t.rt.kind, &name, causes));
     }
-    Ok(unknown.iter().map(|u| format!("unknown field {u:?}")).collect())
+    Ok(unknown
+        .iter()
+        .map(|u| format!("unknown field {u:?}"))
+        .collect())
 }
 
 fn validate_crd(obj: &Value) -> Vec<Cause> {
     let mut c = vec![];
-    let group = obj.pointer("/spec/group").and_then(Value::as_str).unwrap_or("");
-    let plural = obj.pointer("/spec/names/plural").and_then(Value::as_str).unwrap_or("");
+    let group = obj
+        .pointer("/spec/group")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let plural = obj
+        .pointer("/spec/names/plural")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if group.is_empty() {
         c.push(Cause::required("spec.group", ""));
     }
     if plural.is_empty() {
         c.push(Cause::required("spec.names.plural", ""));
     }
-    if obj.pointer("/spec/names/kind").and_then(Value::as_str).unwrap_or("").is_empty() {
+    if obj
+        .pointer("/spec/names/kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
         c.push(Cause::required("spec.names.kind", ""));
     }
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if !group.is_empty() && !plural.is_empty() && name != format!("{plural}.{group}") {
-        c.push(Cause::invalid("metadata.name", &json!(name), "must be spec.names.plural+\".\"+spec.group"));
+        c.push(Cause::invalid(
+            "metadata.name",
+            &json!(name),
+            "must be spec.names.plural+\".\"+spec.group",
+        ));
     }
-    let versions = obj.pointer("/spec/versions").and_then(Value::as_array).cloned().unwrap_or_default();
-    if versions.iter().filter(|v| v.get("storage") == Some(&json!(true))).count() != 1 {
-        c.push(Cause::invalid("spec.versions", &json!(versions), "must have exactly one version marked as storage version"));
+    let versions = obj
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if versions
+        .iter()
+        .filter(|v| v.get("storage") == Some(&json!(true)))
+        .count()
+        != 1
+    {
+        c.push(Cause::invalid(
+            "spec.versions",
+            &json!(versions),
+            "must have exactly one version marked as storage version",
+        ));
     }
-    if obj.pointer("/spec/scope").and_then(Value::as_str).is_none_or(|s| s != "Cluster" && s != "Namespaced") {
-        c.push(Cause::not_supported("spec.scope", obj.pointer("/spec/scope").unwrap_or(&Value::Null), &[json!("Cluster"), json!("Namespaced")]));
+    if obj
+        .pointer("/spec/scope")
+        .and_then(Value::as_str)
+        .is_none_or(|s| s != "Cluster" && s != "Namespaced")
+    {
+        c.push(Cause::not_supported(
+            "spec.scope",
+            obj.pointer("/spec/scope").unwrap_or(&Value::Null),
+            &[json!("Cluster"), json!("Namespaced")],
+        ));
     }
     c
 }
@@ -507,12 +673,19 @@ fn validate_crd(obj: &Value) -> Vec<Cause> {
 fn check_kind(t: &Target, obj: &Value) -> ApiResult<()> {
     if let Some(k) = obj.get("kind").and_then(Value::as_str) {
         if k != t.rt.kind {
-            return Err(ApiError::bad_request(format!("the API version in the data ({}) does not match the expected API version ({})", obj.get("apiVersion").and_then(Value::as_str).unwrap_or(""), t.api_version())));
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({}) does not match the expected API version ({})",
+                obj.get("apiVersion").and_then(Value::as_str).unwrap_or(""),
+                t.api_version()
+            )));
         }
     }
     if let Some(av) = obj.get("apiVersion").and_then(Value::as_str) {
         if av != t.api_version() {
-            return Err(ApiError::bad_request(format!("the API version in the data ({av}) does not match the expected API version ({})", t.api_version())));
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({av}) does not match the expected API version ({})",
+                t.api_version()
+            )));
         }
     }
     Ok(())
@@ -523,7 +696,9 @@ const NAME_CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 fn create(app: &App, t: &Target, req: &Req) -> Out {
     let body = parse_body(req)?;
     if !body.is_object() {
-        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON object",
+        ));
     }
     check_kind(t, &body)?;
     let body = to_storage(t, body);
@@ -534,7 +709,15 @@ fn create(app: &App, t: &Target, req: &Req) -> Out {
 }
 
 /// Creates an object. `applied_by` marks a server-side apply create (its field set is recorded).
-fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager: &str, applied_by: Option<bool>, dry: bool) -> Out {
+fn create_locked(
+    st: &mut Store,
+    t: &Target,
+    mut obj: Value,
+    req: &Req,
+    manager: &str,
+    applied_by: Option<bool>,
+    dry: bool,
+) -> Out {
     let ns = t.nsk();
     if let Some(o) = obj.as_object_mut() {
         o.insert("apiVersion".into(), json!(t.storage_av()));
@@ -554,14 +737,32 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
             m.remove("namespace");
         }
     }
-    let mut name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+    let mut name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if name.is_empty() {
-        let gen = obj.pointer("/metadata/generateName").and_then(Value::as_str).unwrap_or("").to_string();
+        let gen = obj
+            .pointer("/metadata/generateName")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if gen.is_empty() {
-            return Err(ApiError::invalid(t.g(), &t.rt.kind, "", vec![Cause::required("metadata.name", "name or generateName is required")]));
+            return Err(ApiError::invalid(
+                t.g(),
+                &t.rt.kind,
+                "",
+                vec![Cause::required(
+                    "metadata.name",
+                    "name or generateName is required",
+                )],
+            ));
         }
         loop {
-            let suffix: String = (0..5).map(|_| NAME_CHARS[rand::random_range(0..NAME_CHARS.len())] as char).collect();
+            let suffix: String = (0..5)
+                .map(|_| NAME_CHARS[rand::random_range(0..NAME_CHARS.len())] as char)
+                .collect();
             name = format!("{gen}{suffix}");
             if st.get(t.sg(), t.p(), &ns, &name).is_none() {
                 break;
@@ -577,7 +778,9 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
                     t.g(),
                     t.p(),
                     &name,
-                    &format!("unable to create new content in namespace {ns} because it is being terminated"),
+                    &format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                ),
                 ))
             }
             _ => {}
@@ -595,7 +798,12 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
     }
     let ts = now();
     if let Some(md) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
-        for k in ["deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "generation"] {
+        for k in [
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+            "generation",
+        ] {
             md.remove(k);
         }
         md.insert("uid".into(), json!(new_uid()));
@@ -612,7 +820,11 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
         }
         ("", "secrets") => {
-            if obj.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
+            if obj
+                .get("type")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
                 obj["type"] = json!("Opaque");
             }
             encode_string_data(&mut obj);
@@ -626,9 +838,26 @@ fn create_locked(st: &mut Store, t: &Target, mut obj: Value, req: &Req, manager:
         Some(force) => {
             let applied = raw;
             let scope = scope_fn(t);
-            obj = patch::server_side_apply(&obj, &applied, manager, force, &t.api_version(), "", &ts, &scope).unwrap_or(obj);
+            let av = t.api_version();
+            let w = patch::Writer {
+                manager,
+                api_version: &av,
+                subresource: "",
+                time: &ts,
+            };
+            obj = patch::server_side_apply(&obj, &applied, &w, force, &scope, &list_resolver(t))
+                .unwrap_or(obj);
         }
-        None => patch::track_update(None, &mut obj, manager, &t.api_version(), "", &ts),
+        None => {
+            let av = t.api_version();
+            let w = patch::Writer {
+                manager,
+                api_version: &av,
+                subresource: "",
+                time: &ts,
+            };
+            patch::track_update(None, &mut obj, &w, &list_resolver(t))
+        }
     }
     if dry {
         obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
@@ -648,11 +877,19 @@ fn encode_string_data(obj: &mut Value) {
     use base64::Engine as _;
     if let Some(sd) = obj.as_object_mut().and_then(|o| o.remove("stringData")) {
         if let Some(m) = sd.as_object() {
-            let data = obj.as_object_mut().map(|o| o.entry("data").or_insert_with(|| json!({})));
+            let data = obj
+                .as_object_mut()
+                .map(|o| o.entry("data").or_insert_with(|| json!({})));
             if let Some(Value::Object(d)) = data {
                 for (k, v) in m {
-                    let s = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-                    d.insert(k.clone(), json!(base64::engine::general_purpose::STANDARD.encode(s)));
+                    let s = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
+                    d.insert(
+                        k.clone(),
+                        json!(base64::engine::general_purpose::STANDARD.encode(s)),
+                    );
                 }
             }
         }
@@ -663,10 +900,25 @@ fn register_crd(st: &mut Store, crd: &Value, warnings: &mut Vec<String>) {
     if let Some(rt) = resources::from_crd(crd) {
         let key = (rt.group.clone(), rt.plural.clone());
         if st.types.get(&key).is_some_and(|t| t.builtin) {
-            warnings.push(format!("{} conflicts with a built-in resource; not served", crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")));
+            warnings.push(format!(
+                "{} conflicts with a built-in resource; not served",
+                crd.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+            ));
             return;
         }
         st.types.insert(key, rt);
+    }
+}
+
+/// How lists of this kind merge under server-side apply: from the CRD schema, or the
+/// built-in merge keys.
+fn list_resolver(t: &Target) -> impl Fn(&[String], &[Value]) -> patch::ListKind {
+    let schema = t.rt.version(&t.version).and_then(|v| v.schema.clone());
+    move |path: &[String], items: &[Value]| match &schema {
+        Some(s) => schema::list_kind(s, path, items),
+        None => patch::builtin_lists(path, items),
     }
 }
 
@@ -675,36 +927,63 @@ fn scope_fn(t: &Target) -> impl Fn(&patch::FieldPath) -> bool + '_ {
     let is_status = t.sub.as_deref() == Some("status");
     move |p: &patch::FieldPath| {
         let s = p.first().map(String::as_str) == Some("status");
-        if is_status { s } else { !(status && s) }
+        if is_status {
+            s
+        } else {
+            !(status && s)
+        }
     }
 }
 
 fn update(app: &App, t: &Target, req: &Req) -> Out {
     let body = parse_body(req)?;
     if !body.is_object() {
-        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON object",
+        ));
     }
     check_kind(t, &body)?;
     let body = to_storage(t, body);
     let name = t.name.clone().unwrap_or_default();
     if let Some(bn) = body.pointer("/metadata/name").and_then(Value::as_str) {
         if bn != name {
-            return Err(ApiError::bad_request(format!("the name of the object ({bn}) does not match the name on the URL ({name})")));
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({bn}) does not match the name on the URL ({name})"
+            )));
         }
     }
     let manager = field_manager(req, true);
     let mut st = app.lock();
-    let old = st.get(t.sg(), t.p(), &t.nsk(), &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
+    let old = st
+        .get(t.sg(), t.p(), &t.nsk(), &name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
     write_update(&mut st, t, old, body, req, &manager, None)
 }
 
 /// The common tail of PUT and PATCH: subresource rules, preconditions, validation,
 /// generation, finalizers, and the write itself. `ssa` holds an already-merged object.
-fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &Req, manager: &str, ssa: Option<()>) -> Out {
+fn write_update(
+    st: &mut Store,
+    t: &Target,
+    old: Value,
+    incoming: Value,
+    req: &Req,
+    manager: &str,
+    ssa: Option<()>,
+) -> Out {
     let name = t.name.clone().unwrap_or_default();
     let ns = t.nsk();
-    if let Some(rv) = incoming.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
-        if !rv.is_empty() && Some(rv) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+    if let Some(rv) = incoming
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        if !rv.is_empty()
+            && Some(rv)
+                != old
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+        {
             return Err(ApiError::stale(t.g(), t.p(), &name));
         }
     }
@@ -743,7 +1022,16 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
             o.insert("metadata".into(), json!({}));
         }
     }
-    for k in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "resourceVersion"] {
+    for k in [
+        "name",
+        "namespace",
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+        "resourceVersion",
+    ] {
         match old.pointer(&format!("/metadata/{k}")) {
             Some(v) => new["metadata"][k] = v.clone(),
             None => {
@@ -763,11 +1051,20 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
     let warnings = admit(t, &mut new, Some(&old), req)?;
     // No new finalizers on an object being deleted.
     if old.pointer("/metadata/deletionTimestamp").is_some() {
-        let old_f = old.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
+        let old_f = old
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let added: Vec<String> = new
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter(|f| !old_f.contains(f)).filter_map(|f| f.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter(|f| !old_f.contains(f))
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         if !added.is_empty() {
             let quoted: Vec<String> = added.iter().map(|a| format!("{a:?}")).collect();
@@ -781,11 +1078,23 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
     }
     let ts = now();
     if ssa.is_none() {
-        let client_set_managed = new.pointer("/metadata/managedFields") != old.pointer("/metadata/managedFields") && new.pointer("/metadata/managedFields").is_some();
+        let client_set_managed = new.pointer("/metadata/managedFields")
+            != old.pointer("/metadata/managedFields")
+            && new.pointer("/metadata/managedFields").is_some();
         if !client_set_managed {
-            new["metadata"]["managedFields"] = old.pointer("/metadata/managedFields").cloned().unwrap_or(json!([]));
+            new["metadata"]["managedFields"] = old
+                .pointer("/metadata/managedFields")
+                .cloned()
+                .unwrap_or(json!([]));
             let sub = if is_status { "status" } else { "" };
-            patch::track_update(Some(&old), &mut new, manager, &t.api_version(), sub, &ts);
+            let av = t.api_version();
+            let w = patch::Writer {
+                manager,
+                api_version: &av,
+                subresource: sub,
+                time: &ts,
+            };
+            patch::track_update(Some(&old), &mut new, &w, &list_resolver(t));
         }
     }
     normalize_meta(&mut new, &mut vec![]);
@@ -799,7 +1108,10 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
         v
     };
     if t.rt.tracks_generation && strip(&old) != strip(&new) {
-        let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+        let g = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         new["metadata"]["generation"] = json!(g + 1);
     }
     let without_mf = |v: &Value| {
@@ -818,8 +1130,14 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
     }
     let rv = st.next_rv();
     new["metadata"]["resourceVersion"] = json!(rv.to_string());
-    let finalizers_empty = new.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(|a| a.is_empty());
-    if new.pointer("/metadata/deletionTimestamp").is_some() && finalizers_empty && !(t.g().is_empty() && t.p() == "namespaces") {
+    let finalizers_empty = new
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_none_or(|a| a.is_empty());
+    if new.pointer("/metadata/deletionTimestamp").is_some()
+        && finalizers_empty
+        && !(t.g().is_empty() && t.p() == "namespaces")
+    {
         st.take(t.sg(), t.p(), &ns, &name);
         st.emit(t.sg(), t.p(), &ns, "DELETED", new.clone(), Some(old));
         after_removal(st, t.sg(), t.p(), &ns, &new, "Background");
@@ -835,14 +1153,26 @@ fn write_update(st: &mut Store, t: &Target, old: Value, incoming: Value, req: &R
 }
 
 fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
-    let ct = req.header("content-type").split(';').next().unwrap_or("").trim().to_string();
+    let ct = req
+        .header("content-type")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
     let name = t.name.clone().unwrap_or_default();
     let is_apply = ct == "application/apply-patch+yaml";
     let manager = field_manager(req, !is_apply);
     if is_apply && req.q("fieldManager").is_none_or(str::is_empty) {
-        return Err(ApiError::bad_request("PATCH, application/apply-patch+yaml requires fieldManager parameter"));
+        return Err(ApiError::bad_request(
+            "PATCH, application/apply-patch+yaml requires fieldManager parameter",
+        ));
     }
-    let body = if is_apply || ct == "application/merge-patch+json" || ct == "application/strategic-merge-patch+json" || ct == "application/json-patch+json" {
+    let body = if is_apply
+        || ct == "application/merge-patch+json"
+        || ct == "application/strategic-merge-patch+json"
+        || ct == "application/json-patch+json"
+    {
         parse_body(req)?
     } else {
         return Err(ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})")));
@@ -852,11 +1182,15 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
     if is_apply {
         check_kind(t, &body)?;
         if body.get("apiVersion").is_none() || body.get("kind").is_none() {
-            return Err(ApiError::bad_request("apiVersion and kind must be set in an apply configuration"));
+            return Err(ApiError::bad_request(
+                "apiVersion and kind must be set in an apply configuration",
+            ));
         }
         if let Some(bn) = body.pointer("/metadata/name").and_then(Value::as_str) {
             if bn != name {
-                return Err(ApiError::bad_request(format!("the name of the object ({bn}) does not match the name on the URL ({name})")));
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({bn}) does not match the name on the URL ({name})"
+                )));
             }
         }
         let force = req.flag("force");
@@ -872,7 +1206,13 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
         let mut applied = to_storage(t, body.clone());
         applied["metadata"]["name"] = json!(name);
         if let Some(m) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
-            for k in ["managedFields", "resourceVersion", "uid", "creationTimestamp", "generation"] {
+            for k in [
+                "managedFields",
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "generation",
+            ] {
                 m.remove(k);
             }
         }
@@ -897,7 +1237,24 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
             }
         }
         let sub = t.sub.clone().unwrap_or_default();
-        let merged = patch::server_side_apply(&old, &applied, &manager, force, &t.api_version(), &sub, &now(), &scope).map_err(|cs| {
+        let ts = now();
+        let av = t.api_version();
+        let w = patch::Writer {
+            manager: &manager,
+            api_version: &av,
+            subresource: &sub,
+            time: &ts,
+        };
+        let lists = list_resolver(t);
+        let mut result = patch::server_side_apply(&old, &applied, &w, force, &scope, &lists);
+        if let Err(cs) = &result {
+            // As the real server does for `kubectl apply --server-side` after client-side
+            // apply: conflicts on fields of the last-applied-configuration are forced.
+            if manager == "kubectl" && last_applied_covers(&old, cs, &lists) {
+                result = patch::server_side_apply(&old, &applied, &w, true, &scope, &lists);
+            }
+        }
+        let merged = result.map_err(|cs| {
             let n = cs.len();
             let msg = if n == 1 {
                 format!("Apply failed with 1 conflict: conflict with {:?} using {}: {}", cs[0].manager, cs[0].api_version, cs[0].path)
@@ -910,7 +1267,9 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
         })?;
         return write_update(&mut st, t, old, merged, req, &manager, Some(()));
     }
-    let Some(old) = old else { return Err(ApiError::not_found(t.g(), t.p(), &name)) };
+    let Some(old) = old else {
+        return Err(ApiError::not_found(t.g(), t.p(), &name));
+    };
     let mut doc = present(t, old.clone());
     match ct.as_str() {
         "application/merge-patch+json" => patch::merge_patch(&mut doc, &body),
@@ -920,13 +1279,38 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
             }
             patch::strategic_merge(&mut doc, &body)
         }
-        _ => patch::json_patch(&mut doc, &body).map_err(|e| ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))?,
+        _ => patch::json_patch(&mut doc, &body).map_err(|e| {
+            ApiError::new(
+                422,
+                "Invalid",
+                format!("the server rejected our request due to an error in our request: {e}"),
+            )
+        })?,
     }
     if !doc.is_object() {
         return Err(ApiError::bad_request("patch produced a non-object"));
     }
     let doc = to_storage(t, doc);
     write_update(&mut st, t, old, doc, req, &manager, None)
+}
+
+/// Whether every conflict is on a field listed in the object's
+/// `kubectl.kubernetes.io/last-applied-configuration` annotation.
+fn last_applied_covers(obj: &Value, conflicts: &[patch::Conflict], lists: patch::Lists) -> bool {
+    let Some(text) = obj
+        .pointer("/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration")
+        .and_then(Value::as_str)
+    else {
+        return false;
+    };
+    let Ok(last) = serde_json::from_str::<Value>(text) else {
+        return false;
+    };
+    let allowed: Vec<String> = patch::leaves(&last, lists)
+        .iter()
+        .map(patch::dotted)
+        .collect();
+    conflicts.iter().all(|c| allowed.contains(&c.path))
 }
 
 fn delete_options(req: &Req) -> Value {
@@ -943,27 +1327,49 @@ fn delete(app: &App, t: &Target, req: &Req) -> Out {
     let policy = req
         .q("propagationPolicy")
         .map(str::to_string)
-        .or_else(|| opts.get("propagationPolicy").and_then(Value::as_str).map(str::to_string))
+        .or_else(|| {
+            opts.get("propagationPolicy")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| {
-            if opts.get("orphanDependents") == Some(&json!(true)) || req.flag("orphanDependents") { "Orphan".into() } else { "Background".into() }
+            if opts.get("orphanDependents") == Some(&json!(true)) || req.flag("orphanDependents") {
+                "Orphan".into()
+            } else {
+                "Background".into()
+            }
         });
     let mut st = app.lock();
-    let old = st.get(t.sg(), t.p(), &ns, &name).cloned().ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
+    let old = st
+        .get(t.sg(), t.p(), &ns, &name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
     if let Some(pre) = opts.get("preconditions") {
         if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
-            let have = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+            let have = old
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if uid != have {
                 return Err(ApiError::conflict(t.g(), t.p(), &name, &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {have}")));
             }
         }
         if let Some(rv) = pre.get("resourceVersion").and_then(Value::as_str) {
-            let have = old.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("");
+            let have = old
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if rv != have {
                 return Err(ApiError::conflict(t.g(), t.p(), &name, &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {have}")));
             }
         }
     }
-    if req.q("dryRun").is_some_and(|d| !d.is_empty()) || opts.get("dryRun").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
+    if req.q("dryRun").is_some_and(|d| !d.is_empty())
+        || opts
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    {
         return Ok((200, present(t, old), vec![]));
     }
     let result = delete_locked(&mut st, t.sg(), t.p(), &ns, &name, &policy);
@@ -971,7 +1377,10 @@ fn delete(app: &App, t: &Target, req: &Req) -> Out {
         Some(still) => Ok((200, present(t, still), vec![])),
         None => {
             if t.rt.builtin {
-                let uid = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+                let uid = old
+                    .pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
                 Ok((200, success_status(t.g(), t.p(), &name, uid), vec![]))
             } else {
                 Ok((200, present(t, old), vec![]))
@@ -988,7 +1397,9 @@ fn delete_collection(app: &App, t: &Target, req: &Req) -> Out {
         .get(&(t.sg().to_string(), t.p().to_string()))
         .map(|m| {
             m.iter()
-                .filter(|((ns, _), o)| t.ns.as_ref().is_none_or(|w| w == ns) && ls.matches(o) && fs.matches(o))
+                .filter(|((ns, _), o)| {
+                    t.ns.as_ref().is_none_or(|w| w == ns) && ls.matches(o) && fs.matches(o)
+                })
                 .map(|(k, _)| k.clone())
                 .collect()
         })
@@ -1000,16 +1411,30 @@ fn delete_collection(app: &App, t: &Target, req: &Req) -> Out {
         }
         delete_locked(&mut st, t.sg(), t.p(), &ns, &name, "Background");
     }
-    Ok((200, json!({"apiVersion": t.api_version(), "kind": t.rt.list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}), vec![]))
+    Ok((
+        200,
+        json!({"apiVersion": t.api_version(), "kind": t.rt.list_kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+        vec![],
+    ))
 }
 
 /// Deletes one object: with finalizers it is marked (deletionTimestamp) and kept; otherwise it
 /// is removed, then dependents are garbage-collected. Returns the object if it remains.
-pub fn delete_locked(st: &mut Store, g: &str, p: &str, ns: &str, name: &str, policy: &str) -> Option<Value> {
+pub fn delete_locked(
+    st: &mut Store,
+    g: &str,
+    p: &str,
+    ns: &str,
+    name: &str,
+    policy: &str,
+) -> Option<Value> {
     let old = st.get(g, p, ns, name)?.clone();
     let is_ns = g.is_empty() && p == "namespaces";
     let is_crd = g == "apiextensions.k8s.io" && p == "customresourcedefinitions";
-    let has_finalizers = old.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+    let has_finalizers = old
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
     if is_ns || is_crd || has_finalizers {
         let mut new = old.clone();
         let fresh = old.pointer("/metadata/deletionTimestamp").is_none();
@@ -1034,7 +1459,11 @@ pub fn delete_locked(st: &mut Store, g: &str, p: &str, ns: &str, name: &str, pol
             let keys: Vec<(String, String, String)> = st
                 .objects
                 .iter()
-                .flat_map(|((tg, tp), m)| m.keys().filter(|(ons, _)| ons == name).map(move |(_, n)| (tg.clone(), tp.clone(), n.clone())))
+                .flat_map(|((tg, tp), m)| {
+                    m.keys()
+                        .filter(|(ons, _)| ons == name)
+                        .map(move |(_, n)| (tg.clone(), tp.clone(), n.clone()))
+                })
                 .collect();
             for (tg, tp, n) in keys {
                 delete_locked(st, &tg, &tp, name, &n, "Background");
@@ -1043,7 +1472,11 @@ pub fn delete_locked(st: &mut Store, g: &str, p: &str, ns: &str, name: &str, pol
         }
         if is_crd && fresh {
             if let Some((cg, cp)) = crd_type_key(&old) {
-                let keys: Vec<(String, String)> = st.objects.get(&(cg.clone(), cp.clone())).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+                let keys: Vec<(String, String)> = st
+                    .objects
+                    .get(&(cg.clone(), cp.clone()))
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
                 for (ons, n) in keys {
                     delete_locked(st, &cg, &cp, &ons, &n, "Background");
                 }
@@ -1062,7 +1495,10 @@ pub fn delete_locked(st: &mut Store, g: &str, p: &str, ns: &str, name: &str, pol
 }
 
 fn crd_type_key(crd: &Value) -> Option<(String, String)> {
-    Some((crd.pointer("/spec/group")?.as_str()?.to_string(), crd.pointer("/spec/names/plural")?.as_str()?.to_string()))
+    Some((
+        crd.pointer("/spec/group")?.as_str()?.to_string(),
+        crd.pointer("/spec/names/plural")?.as_str()?.to_string(),
+    ))
 }
 
 /// Removes a terminating namespace or CRD once nothing is left inside it.
@@ -1070,7 +1506,9 @@ fn finish_container(st: &mut Store, g: &str, p: &str, name: &str) -> Option<Valu
     let obj = st.get(g, p, "", name)?.clone();
     obj.pointer("/metadata/deletionTimestamp")?;
     let empty = if p == "namespaces" {
-        !st.objects.values().any(|m| m.keys().any(|(ns, _)| ns == name))
+        !st.objects
+            .values()
+            .any(|m| m.keys().any(|(ns, _)| ns == name))
     } else {
         crd_type_key(&obj).is_none_or(|k| st.objects.get(&k).is_none_or(|m| m.is_empty()))
     };
@@ -1095,22 +1533,36 @@ fn finish_container(st: &mut Store, g: &str, p: &str, name: &str) -> Option<Valu
 
 /// Garbage collection and container bookkeeping after an object is gone.
 fn after_removal(st: &mut Store, g: &str, p: &str, ns: &str, gone: &Value, policy: &str) {
-    let uid = gone.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("").to_string();
+    let uid = gone
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if !uid.is_empty() {
         let mut deps = vec![];
         for ((tg, tp), m) in st.objects.iter() {
             for ((ons, n), o) in m.iter() {
-                let owners = o.pointer("/metadata/ownerReferences").and_then(Value::as_array);
-                if owners.is_some_and(|a| a.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()))) {
+                let owners = o
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array);
+                if owners.is_some_and(|a| {
+                    a.iter()
+                        .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()))
+                }) {
                     deps.push((tg.clone(), tp.clone(), ons.clone(), n.clone()));
                 }
             }
         }
         for (tg, tp, ons, n) in deps {
-            let Some(o) = st.get(&tg, &tp, &ons, &n).cloned() else { continue };
+            let Some(o) = st.get(&tg, &tp, &ons, &n).cloned() else {
+                continue;
+            };
             if policy == "Orphan" {
                 let mut new = o.clone();
-                if let Some(a) = new.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
+                if let Some(a) = new
+                    .pointer_mut("/metadata/ownerReferences")
+                    .and_then(Value::as_array_mut)
+                {
                     a.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid.as_str()));
                 }
                 normalize_meta(&mut new, &mut vec![]);
@@ -1124,7 +1576,10 @@ fn after_removal(st: &mut Store, g: &str, p: &str, ns: &str, gone: &Value, polic
                 .pointer("/metadata/ownerReferences")
                 .and_then(Value::as_array)
                 .map(|a| {
-                    a.iter().filter_map(|r| r.get("uid").and_then(Value::as_str)).filter(|u| *u != uid).any(|u| uid_exists(st, u))
+                    a.iter()
+                        .filter_map(|r| r.get("uid").and_then(Value::as_str))
+                        .filter(|u| *u != uid)
+                        .any(|u| uid_exists(st, u))
                 })
                 .unwrap_or(false);
             if !other_owner_alive {
@@ -1139,11 +1594,21 @@ fn after_removal(st: &mut Store, g: &str, p: &str, ns: &str, gone: &Value, polic
     // A CR gone: its CRD may be waiting for it.
     let crds: Vec<String> = st
         .objects
-        .get(&("apiextensions.k8s.io".to_string(), "customresourcedefinitions".to_string()))
+        .get(&(
+            "apiextensions.k8s.io".to_string(),
+            "customresourcedefinitions".to_string(),
+        ))
         .map(|m| {
             m.values()
-                .filter(|c| c.pointer("/metadata/deletionTimestamp").is_some() && crd_type_key(c).is_some_and(|(cg, cp)| cg == g && cp == p))
-                .filter_map(|c| c.pointer("/metadata/name").and_then(Value::as_str).map(str::to_string))
+                .filter(|c| {
+                    c.pointer("/metadata/deletionTimestamp").is_some()
+                        && crd_type_key(c).is_some_and(|(cg, cp)| cg == g && cp == p)
+                })
+                .filter_map(|c| {
+                    c.pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -1153,7 +1618,10 @@ fn after_removal(st: &mut Store, g: &str, p: &str, ns: &str, gone: &Value, polic
 }
 
 fn uid_exists(st: &Store, uid: &str) -> bool {
-    st.objects.values().any(|m| m.values().any(|o| o.pointer("/metadata/uid").and_then(Value::as_str) == Some(uid)))
+    st.objects.values().any(|m| {
+        m.values()
+            .any(|o| o.pointer("/metadata/uid").and_then(Value::as_str) == Some(uid))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1253,14 +1721,31 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
             t.g(),
             "ListOptions",
             "",
-            vec![Cause::forbidden("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")],
+            vec![Cause::forbidden(
+                "resourceVersionMatch",
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            )],
         ));
     }
     let bookmarks = req.flag("allowWatchBookmarks");
-    let timeout = req.q("timeoutSeconds").and_then(|s| s.parse::<u64>().ok()).filter(|s| *s > 0).unwrap_or(1800);
+    let timeout = req
+        .q("timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(1800);
     let rv_param = req.q("resourceVersion").unwrap_or("").to_string();
-    let table = if wants_table(req) { Some(req.q("includeObject").unwrap_or("Metadata").to_string()) } else { None };
-    let filter = WatchFilter { t: t.clone(), ls, fs, table, partial: wants_partial(req) };
+    let table = if wants_table(req) {
+        Some(req.q("includeObject").unwrap_or("Metadata").to_string())
+    } else {
+        None
+    };
+    let filter = WatchFilter {
+        t: t.clone(),
+        ls,
+        fs,
+        table,
+        partial: wants_partial(req),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let (mut sub, backlog, start_rv, mut close_rx, expired) = {
         let st = app.lock();
@@ -1290,11 +1775,16 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
                     }
                 }
                 Ok(r) => {
-                    expired = Some(ApiError::expired(format!("too old resource version: {r} ({})", st.min_watch_rv)));
+                    expired = Some(ApiError::expired(format!(
+                        "too old resource version: {r} ({})",
+                        st.min_watch_rv
+                    )));
                 }
                 Err(_) => {
                     drop(st);
-                    return err_resp(&ApiError::bad_request(format!("invalid resource version: {rv_param}")));
+                    return err_resp(&ApiError::bad_request(format!(
+                        "invalid resource version: {rv_param}"
+                    )));
                 }
             }
         }
@@ -1340,9 +1830,18 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
         }
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let body = Body::from_stream(futures::StreamExt::map(stream, Ok::<Bytes, std::convert::Infallible>));
+    let body = Body::from_stream(futures::StreamExt::map(
+        stream,
+        Ok::<Bytes, std::convert::Infallible>,
+    ));
     let mut r = Response::new(body);
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
     r
 }

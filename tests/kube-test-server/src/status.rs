@@ -20,15 +20,27 @@ impl Cause {
         }
     }
     pub fn required(field: &str, detail: &str) -> Cause {
-        let message = if detail.is_empty() { "Required value".to_string() } else { format!("Required value: {detail}") };
-        Cause { reason: "FieldValueRequired", field: field.to_string(), message }
+        let message = if detail.is_empty() {
+            "Required value".to_string()
+        } else {
+            format!("Required value: {detail}")
+        };
+        Cause {
+            reason: "FieldValueRequired",
+            field: field.to_string(),
+            message,
+        }
     }
     pub fn not_supported(field: &str, value: &Value, allowed: &[Value]) -> Cause {
         let list: Vec<String> = allowed.iter().map(show_value).collect();
         Cause {
             reason: "FieldValueNotSupported",
             field: field.to_string(),
-            message: format!("Unsupported value: {}: supported values: {}", show_value(value), list.join(", ")),
+            message: format!(
+                "Unsupported value: {}: supported values: {}",
+                show_value(value),
+                list.join(", ")
+            ),
         }
     }
     pub fn too_long(field: &str, max: u64) -> Cause {
@@ -46,7 +58,11 @@ impl Cause {
         }
     }
     pub fn forbidden(field: &str, detail: &str) -> Cause {
-        Cause { reason: "FieldValueForbidden", field: field.to_string(), message: format!("Forbidden: {detail}") }
+        Cause {
+            reason: "FieldValueForbidden",
+            field: field.to_string(),
+            message: format!("Forbidden: {detail}"),
+        }
     }
     pub fn type_invalid(field: &str, value: &Value, detail: &str) -> Cause {
         Cause {
@@ -57,7 +73,11 @@ impl Cause {
     }
     /// `field: message` as in the real server's aggregated message; a root field prints as `<nil>`.
     pub fn full(&self) -> String {
-        let f = if self.field.is_empty() { "<nil>" } else { &self.field };
+        let f = if self.field.is_empty() {
+            "<nil>"
+        } else {
+            &self.field
+        };
         format!("{f}: {}", self.message)
     }
 }
@@ -87,12 +107,21 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 /// `resource.group` as the real server prints a qualified resource (`secrets` for the core group).
 pub fn qualified(resource: &str, group: &str) -> String {
-    if group.is_empty() { resource.to_string() } else { format!("{resource}.{group}") }
+    if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
+    }
 }
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { code, reason, message: message.into(), details: None }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
     }
     pub fn not_found(group: &str, resource: &str, name: &str) -> ApiError {
         ApiError {
@@ -114,7 +143,12 @@ impl ApiError {
         ApiError {
             code: 409,
             reason: "Conflict",
-            message: format!("Operation cannot be fulfilled on {} {:?}: {}", qualified(resource, group), name, why),
+            message: format!(
+                "Operation cannot be fulfilled on {} {:?}: {}",
+                qualified(resource, group),
+                name,
+                why
+            ),
             details: Some(json!({"name": name, "group": group, "kind": resource})),
         }
     }
@@ -127,7 +161,11 @@ impl ApiError {
         )
     }
     pub fn invalid(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> ApiError {
-        let qk = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
+        let qk = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
         let msg = if causes.len() == 1 {
             format!("{} {:?} is invalid: {}", qk, name, causes[0].full())
         } else {
@@ -148,7 +186,9 @@ impl ApiError {
             code: 422,
             reason: "Invalid",
             message: msg,
-            details: Some(json!({"name": name, "group": group, "kind": kind, "causes": causes_json})),
+            details: Some(
+                json!({"name": name, "group": group, "kind": kind, "causes": causes_json}),
+            ),
         }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -158,7 +198,11 @@ impl ApiError {
         ApiError::new(405, "MethodNotAllowed", message)
     }
     pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(500, "InternalError", format!("Internal error occurred: {}", message.into()))
+        ApiError::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {}", message.into()),
+        )
     }
     pub fn expired(message: impl Into<String>) -> ApiError {
         ApiError::new(410, "Expired", message)
@@ -167,7 +211,12 @@ impl ApiError {
         ApiError {
             code: 403,
             reason: "Forbidden",
-            message: format!("{} {:?} is forbidden: {}", qualified(resource, group), name, why),
+            message: format!(
+                "{} {:?} is forbidden: {}",
+                qualified(resource, group),
+                name,
+                why
+            ),
             details: Some(json!({"name": name, "group": group, "kind": resource})),
         }
     }

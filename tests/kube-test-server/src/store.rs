@@ -41,7 +41,14 @@ pub fn now() -> String {
 pub fn new_uid() -> String {
     let b: [u8; 16] = rand::random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 impl Store {
@@ -76,7 +83,10 @@ impl Store {
                 "spec": {"finalizers": ["kubernetes"]},
                 "status": {"phase": "Active"},
             });
-            st.objects.entry(("".into(), "namespaces".into())).or_default().insert(("".into(), ns.into()), obj);
+            st.objects
+                .entry(("".into(), "namespaces".into()))
+                .or_default()
+                .insert(("".into(), ns.into()), obj);
         }
         st
     }
@@ -86,7 +96,15 @@ impl Store {
         self.rv
     }
 
-    pub fn emit(&mut self, group: &str, plural: &str, namespace: &str, etype: &'static str, object: Value, prev: Option<Value>) {
+    pub fn emit(
+        &mut self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        etype: &'static str,
+        object: Value,
+        prev: Option<Value>,
+    ) {
         let rv = self.rv;
         let ev = Arc::new(WatchEvent {
             rv,
@@ -116,23 +134,36 @@ impl Store {
     }
 
     pub fn get(&self, group: &str, plural: &str, ns: &str, name: &str) -> Option<&Value> {
-        self.objects.get(&(group.to_string(), plural.to_string()))?.get(&(ns.to_string(), name.to_string()))
+        self.objects
+            .get(&(group.to_string(), plural.to_string()))?
+            .get(&(ns.to_string(), name.to_string()))
     }
 
     pub fn put(&mut self, group: &str, plural: &str, ns: &str, name: &str, obj: Value) {
-        self.objects.entry((group.to_string(), plural.to_string())).or_default().insert((ns.to_string(), name.to_string()), obj);
+        self.objects
+            .entry((group.to_string(), plural.to_string()))
+            .or_default()
+            .insert((ns.to_string(), name.to_string()), obj);
     }
 
     pub fn take(&mut self, group: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
-        self.objects.get_mut(&(group.to_string(), plural.to_string()))?.remove(&(ns.to_string(), name.to_string()))
+        self.objects
+            .get_mut(&(group.to_string(), plural.to_string()))?
+            .remove(&(ns.to_string(), name.to_string()))
     }
 
     pub fn find_type(&self, group: &str, version: &str, plural: &str) -> Option<&ResourceType> {
-        self.types.get(&(group.to_string(), plural.to_string())).filter(|t| t.version(version).is_some())
+        self.types
+            .get(&(group.to_string(), plural.to_string()))
+            .filter(|t| t.version(version).is_some())
     }
 
     pub fn namespace_phase(&self, ns: &str) -> Option<String> {
-        self.get("", "namespaces", "", ns)
-            .map(|n| n.pointer("/status/phase").and_then(Value::as_str).unwrap_or("Active").to_string())
+        self.get("", "namespaces", "", ns).map(|n| {
+            n.pointer("/status/phase")
+                .and_then(Value::as_str)
+                .unwrap_or("Active")
+                .to_string()
+        })
     }
 }

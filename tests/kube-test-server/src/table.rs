@@ -6,7 +6,10 @@ use serde_json::{json, Value};
 /// Evaluates the simple JSONPath subset used by printer columns.
 pub fn jsonpath(obj: &Value, path: &str) -> Vec<Value> {
     let p = path.trim();
-    let p = p.strip_prefix('{').and_then(|x| x.strip_suffix('}')).unwrap_or(p);
+    let p = p
+        .strip_prefix('{')
+        .and_then(|x| x.strip_suffix('}'))
+        .unwrap_or(p);
     let p = p.strip_prefix('$').unwrap_or(p);
     let mut cur = vec![obj.clone()];
     let chars: Vec<char> = p.chars().collect();
@@ -122,7 +125,11 @@ pub fn human_duration(secs: i64) -> String {
     let minutes = secs / 60;
     if minutes < 10 {
         let s = secs % 60;
-        return if s == 0 { format!("{minutes}m") } else { format!("{minutes}m{s}s") };
+        return if s == 0 {
+            format!("{minutes}m")
+        } else {
+            format!("{minutes}m{s}s")
+        };
     }
     if minutes < 60 * 3 {
         return format!("{minutes}m");
@@ -130,35 +137,51 @@ pub fn human_duration(secs: i64) -> String {
     let hours = minutes / 60;
     if hours < 8 {
         let m = minutes % 60;
-        return if m == 0 { format!("{hours}h") } else { format!("{hours}h{m}m") };
+        return if m == 0 {
+            format!("{hours}h")
+        } else {
+            format!("{hours}h{m}m")
+        };
     }
     if hours < 48 {
         return format!("{hours}h");
     }
     if hours < 24 * 8 {
         let h = hours % 24;
-        return if h == 0 { format!("{}d", hours / 24) } else { format!("{}d{}h", hours / 24, h) };
+        return if h == 0 {
+            format!("{}d", hours / 24)
+        } else {
+            format!("{}d{}h", hours / 24, h)
+        };
     }
     if hours < 24 * 365 * 2 {
         return format!("{}d", hours / 24);
     }
     if hours < 24 * 365 * 8 {
         let dy = (hours / 24) % 365;
-        return if dy == 0 { format!("{}y", hours / 24 / 365) } else { format!("{}y{}d", hours / 24 / 365, dy) };
+        return if dy == 0 {
+            format!("{}y", hours / 24 / 365)
+        } else {
+            format!("{}y{}d", hours / 24 / 365, dy)
+        };
     }
     format!("{}y", hours / 24 / 365)
 }
 
 fn age(ts: &str) -> Value {
     match chrono::DateTime::parse_from_rfc3339(ts) {
-        Ok(t) => json!(human_duration((chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())),
+        Ok(t) => json!(human_duration(
+            (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds()
+        )),
         Err(_) => json!("<unknown>"),
     }
 }
 
 fn cell(col: &PrinterColumn, obj: &Value) -> Value {
     let results = jsonpath(obj, &col.json_path);
-    let Some(v) = results.into_iter().next() else { return Value::Null };
+    let Some(v) = results.into_iter().next() else {
+        return Value::Null;
+    };
     match col.type_.as_str() {
         "date" => match v.as_str() {
             Some(s) => age(s),
@@ -228,23 +251,38 @@ fn columns(rt: &ResourceType, version: &str) -> (Vec<Value>, Vec<PrinterColumn>)
         v.push(age_pc);
         v
     } else {
-        rt.version(version).map(|v| v.printer_columns.clone()).unwrap_or_else(|| vec![age_pc])
+        rt.version(version)
+            .map(|v| v.printer_columns.clone())
+            .unwrap_or_else(|| vec![age_pc])
     };
     let mut defs = vec![name_col];
     for c in &pcs {
-        defs.push(column_def(&c.name, &c.type_, &c.format, &c.description, c.priority));
+        defs.push(column_def(
+            &c.name,
+            &c.type_,
+            &c.format,
+            &c.description,
+            c.priority,
+        ));
     }
     (defs, pcs)
 }
 
 fn row(obj: &Value, pcs: &[PrinterColumn], include: &str, secrets_data: bool) -> Value {
-    let mut cells = vec![obj.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
+    let mut cells = vec![obj
+        .pointer("/metadata/name")
+        .cloned()
+        .unwrap_or(Value::Null)];
     for c in pcs {
         cells.push(cell(c, obj));
     }
     if secrets_data {
         // Secrets' DATA column (count of keys), inserted before Age.
-        let n = obj.get("data").and_then(Value::as_object).map(|m| m.len()).unwrap_or(0);
+        let n = obj
+            .get("data")
+            .and_then(Value::as_object)
+            .map(|m| m.len())
+            .unwrap_or(0);
         let at = cells.len() - 1;
         cells.insert(at, json!(n));
     }
@@ -265,14 +303,23 @@ fn row(obj: &Value, pcs: &[PrinterColumn], include: &str, secrets_data: bool) ->
 }
 
 /// Builds a `meta.k8s.io/v1` Table from objects.
-pub fn table(rt: &ResourceType, version: &str, objs: &[Value], list_meta: Value, include: &str) -> Value {
+pub fn table(
+    rt: &ResourceType,
+    version: &str,
+    objs: &[Value],
+    list_meta: Value,
+    include: &str,
+) -> Value {
     let (mut defs, pcs) = columns(rt, version);
     let secrets = rt.builtin && rt.group.is_empty() && rt.plural == "secrets";
     if secrets {
         let at = defs.len() - 1;
         defs.insert(at, column_def("Data", "string", "", "", 0));
     }
-    let rows: Vec<Value> = objs.iter().map(|o| row(o, &pcs, include, secrets)).collect();
+    let rows: Vec<Value> = objs
+        .iter()
+        .map(|o| row(o, &pcs, include, secrets))
+        .collect();
     json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
@@ -290,7 +337,10 @@ mod tests {
     fn paths() {
         let o = json!({"status": {"phase": "Active", "conditions": [{"type": "A", "status": "False"}, {"type": "Ready", "status": "True"}]}});
         assert_eq!(jsonpath(&o, ".status.phase"), vec![json!("Active")]);
-        assert_eq!(jsonpath(&o, ".status.conditions[?(@.type==\"Ready\")].status"), vec![json!("True")]);
+        assert_eq!(
+            jsonpath(&o, ".status.conditions[?(@.type==\"Ready\")].status"),
+            vec![json!("True")]
+        );
         assert_eq!(jsonpath(&o, ".status.conditions[0].type"), vec![json!("A")]);
         assert!(jsonpath(&o, ".status.nope").is_empty());
     }

@@ -4,7 +4,10 @@ mod common;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
@@ -15,21 +18,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 async fn server() -> (kube_test_server::ServerHandle, Client) {
-    let h = kube_test_server::start_on("127.0.0.1:0", kube_test_server::Config::default()).await.unwrap();
+    let h = kube_test_server::start_on("127.0.0.1:0", kube_test_server::Config::default())
+        .await
+        .unwrap();
     let kc = Kubeconfig::from_yaml(&h.kubeconfig()).unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
     let client = Client::try_from(cfg).unwrap();
     (h, client)
 }
 
 fn cm(name: &str, v: &str) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": "t"}}, "data": {"k": v}})).unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"app": "t"}}, "data": {"k": v}}),
+    )
+    .unwrap()
 }
 
 async fn tenants(client: &Client) -> Api<DynamicObject> {
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(common::fixture("tenant-crd.yaml")).unwrap()).unwrap();
-    Api::<CustomResourceDefinition>::all(client.clone()).create(&PostParams::default(), &crd).await.unwrap();
-    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"), "tenants");
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&std::fs::read_to_string(common::fixture("tenant-crd.yaml")).unwrap())
+            .unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &crd)
+        .await
+        .unwrap();
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"),
+        "tenants",
+    );
     Api::all_with(client.clone(), &ar)
 }
 
@@ -56,7 +74,9 @@ impl std::error::Error for Never {}
 async fn watcher_relists_after_410_expired() {
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    api.create(&PostParams::default(), &cm("a", "1")).await.unwrap();
+    api.create(&PostParams::default(), &cm("a", "1"))
+        .await
+        .unwrap();
     let mut stream = watcher(api.clone(), watcher::Config::default().labels("app=t")).boxed();
     let mut inits = 0;
     let mut seen_b = false;
@@ -76,17 +96,28 @@ async fn watcher_relists_after_410_expired() {
                 watcher::Event::InitDone if inits == 1 => {
                     // force the next watch to start from a compacted resourceVersion
                     h.expire_watch_history();
-                    api.create(&PostParams::default(), &cm("b", "2")).await.unwrap();
+                    api.create(&PostParams::default(), &cm("b", "2"))
+                        .await
+                        .unwrap();
                 }
-                watcher::Event::InitApply(o) | watcher::Event::Apply(o) if o.metadata.name.as_deref() == Some("b") => seen_b = true,
+                watcher::Event::InitApply(o) | watcher::Event::Apply(o)
+                    if o.metadata.name.as_deref() == Some("b") =>
+                {
+                    seen_b = true
+                }
                 watcher::Event::InitDone if inits >= 2 && seen_b => break,
                 _ => {}
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), run).await.expect("watcher did not relist");
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("watcher did not relist");
     assert!(saw_410, "the resumed watch did not report 410 Expired");
-    assert!(inits >= 2, "expected a relist after 410, saw {inits} init(s)");
+    assert!(
+        inits >= 2,
+        "expected a relist after 410, saw {inits} init(s)"
+    );
     h.shutdown().await;
 }
 
@@ -94,7 +125,9 @@ async fn watcher_relists_after_410_expired() {
 async fn watcher_with_streaming_lists() {
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    api.create(&PostParams::default(), &cm("a", "1")).await.unwrap();
+    api.create(&PostParams::default(), &cm("a", "1"))
+        .await
+        .unwrap();
     let mut stream = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
     let run = async {
         let mut initial = vec![];
@@ -103,14 +136,18 @@ async fn watcher_with_streaming_lists() {
                 watcher::Event::InitApply(o) => initial.push(o.metadata.name.unwrap()),
                 watcher::Event::InitDone => {
                     assert_eq!(initial, vec!["a".to_string()]);
-                    api.create(&PostParams::default(), &cm("c", "3")).await.unwrap();
+                    api.create(&PostParams::default(), &cm("c", "3"))
+                        .await
+                        .unwrap();
                 }
                 watcher::Event::Apply(o) if o.metadata.name.as_deref() == Some("c") => break,
                 _ => {}
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), run).await.expect("streaming list watch failed");
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("streaming list watch failed");
     h.shutdown().await;
 }
 
@@ -118,14 +155,18 @@ async fn watcher_with_streaming_lists() {
 async fn finalizer_helper_adds_and_removes_its_finalizer() {
     let (h, client) = server().await;
     let api = tenants(&client).await;
-    api.create(&PostParams::default(), &tenant("acme")).await.unwrap();
+    api.create(&PostParams::default(), &tenant("acme"))
+        .await
+        .unwrap();
     let name = "tenancy.dev/cleanup";
     let reconcile = |obj: Arc<DynamicObject>| {
         let api = api.clone();
         async move {
             finalizer(&api, name, obj, |ev| async move {
                 match ev {
-                    FinalizerEvent::Apply(_) | FinalizerEvent::Cleanup(_) => Ok::<_, Never>(Action::await_change()),
+                    FinalizerEvent::Apply(_) | FinalizerEvent::Cleanup(_) => {
+                        Ok::<_, Never>(Action::await_change())
+                    }
                 }
             })
             .await
@@ -134,11 +175,17 @@ async fn finalizer_helper_adds_and_removes_its_finalizer() {
     };
     reconcile(Arc::new(api.get("acme").await.unwrap())).await;
     let obj = api.get("acme").await.unwrap();
-    assert_eq!(obj.metadata.finalizers.as_deref(), Some(&[name.to_string()][..]));
+    assert_eq!(
+        obj.metadata.finalizers.as_deref(),
+        Some(&[name.to_string()][..])
+    );
     // the Apply branch now runs without patching
     reconcile(Arc::new(obj.clone())).await;
     let del = api.delete("acme", &DeleteParams::default()).await.unwrap();
-    assert!(del.is_left(), "an object with a finalizer stays after delete");
+    assert!(
+        del.is_left(),
+        "an object with a finalizer stays after delete"
+    );
     let obj = api.get("acme").await.unwrap();
     assert!(obj.metadata.deletion_timestamp.is_some());
     reconcile(Arc::new(obj)).await;
@@ -157,27 +204,50 @@ async fn finalizer_helper_adds_and_removes_its_finalizer() {
 async fn stale_replace_is_a_conflict() {
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    let created = api.create(&PostParams::default(), &cm("x", "1")).await.unwrap();
+    let created = api
+        .create(&PostParams::default(), &cm("x", "1"))
+        .await
+        .unwrap();
     let mut first = created.clone();
     first.data = Some([("k".to_string(), "2".to_string())].into());
-    let replaced = api.replace("x", &PostParams::default(), &first).await.unwrap();
-    assert_ne!(replaced.metadata.resource_version, created.metadata.resource_version);
+    let replaced = api
+        .replace("x", &PostParams::default(), &first)
+        .await
+        .unwrap();
+    assert_ne!(
+        replaced.metadata.resource_version,
+        created.metadata.resource_version
+    );
     let mut stale = created.clone();
     stale.data = Some([("k".to_string(), "3".to_string())].into());
-    match api.replace("x", &PostParams::default(), &stale).await.unwrap_err() {
+    match api
+        .replace("x", &PostParams::default(), &stale)
+        .await
+        .unwrap_err()
+    {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 409);
             assert_eq!(s.reason, "Conflict");
-            assert!(s.message.contains("the object has been modified"), "{}", s.message);
+            assert!(
+                s.message.contains("the object has been modified"),
+                "{}",
+                s.message
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
     // replace without a resourceVersion is unconditional
     let mut unconditional = stale;
     unconditional.metadata.resource_version = None;
-    api.replace("x", &PostParams::default(), &unconditional).await.unwrap();
+    api.replace("x", &PostParams::default(), &unconditional)
+        .await
+        .unwrap();
     // creating it again: AlreadyExists
-    match api.create(&PostParams::default(), &cm("x", "1")).await.unwrap_err() {
+    match api
+        .create(&PostParams::default(), &cm("x", "1"))
+        .await
+        .unwrap_err()
+    {
         kube::Error::Api(s) => assert_eq!((s.code, s.reason.as_str()), (409, "AlreadyExists")),
         other => panic!("unexpected {other:?}"),
     }
@@ -189,30 +259,61 @@ async fn server_side_apply_with_patch_apply() {
     let (h, client) = server().await;
     let api = tenants(&client).await;
     let pp = PatchParams::apply("tenant-operator");
-    let applied = api.patch("acme", &pp, &Patch::Apply(tenant("acme"))).await.unwrap();
-    assert_eq!(applied.data["spec"]["database"]["connectionLimit"], json!(20), "defaults applied");
+    let applied = api
+        .patch("acme", &pp, &Patch::Apply(tenant("acme")))
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.data["spec"]["database"]["connectionLimit"],
+        json!(20),
+        "defaults applied"
+    );
     assert_eq!(applied.metadata.generation, Some(1));
     // status through the status subresource with apply
     let status = json!({"apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant", "status": {"phase": "Active", "observedGeneration": 1}});
-    let s = api.patch_status("acme", &pp, &Patch::Apply(status)).await.unwrap();
+    let s = api
+        .patch_status("acme", &pp, &Patch::Apply(status))
+        .await
+        .unwrap();
     assert_eq!(s.data["status"]["phase"], json!("Active"));
     assert_eq!(s.metadata.generation, Some(1));
     // another manager with a different value conflicts; force takes over
     let mut other = tenant("acme");
     other.data["spec"]["displayName"] = json!("Other");
-    let err = api.patch("acme", &PatchParams::apply("someone-else"), &Patch::Apply(other.clone())).await.unwrap_err();
+    let err = api
+        .patch(
+            "acme",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(other.clone()),
+        )
+        .await
+        .unwrap_err();
     match err {
         kube::Error::Api(s) => assert_eq!(s.code, 409, "{}", s.message),
         other => panic!("unexpected {other:?}"),
     }
-    let forced = api.patch("acme", &PatchParams::apply("someone-else").force(), &Patch::Apply(other)).await.unwrap();
+    let forced = api
+        .patch(
+            "acme",
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(other),
+        )
+        .await
+        .unwrap();
     assert_eq!(forced.data["spec"]["displayName"], json!("Other"));
     assert_eq!(forced.metadata.generation, Some(2));
     // merge patch of the status, and a no-op apply writes nothing
     let rv = forced.metadata.resource_version.clone();
     let mut again = tenant("acme");
     again.data["spec"]["displayName"] = json!("Other");
-    let same = api.patch("acme", &PatchParams::apply("someone-else").force(), &Patch::Apply(again)).await.unwrap();
+    let same = api
+        .patch(
+            "acme",
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(again),
+        )
+        .await
+        .unwrap();
     assert_eq!(same.metadata.resource_version, rv);
     h.shutdown().await;
 }
@@ -221,10 +322,17 @@ async fn server_side_apply_with_patch_apply() {
 async fn list_paginates_with_limit_and_continue() {
     let (h, client) = server().await;
     let nss: Api<Namespace> = Api::all(client.clone());
-    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "pages"}})).unwrap()).await.unwrap();
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "pages"}})).unwrap(),
+    )
+    .await
+    .unwrap();
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "pages");
     for i in 0..7 {
-        api.create(&PostParams::default(), &cm(&format!("cm-{i}"), "v")).await.unwrap();
+        api.create(&PostParams::default(), &cm(&format!("cm-{i}"), "v"))
+            .await
+            .unwrap();
     }
     let mut names = vec![];
     let mut lp = ListParams::default().limit(3);
@@ -241,13 +349,22 @@ async fn list_paginates_with_limit_and_continue() {
     assert_eq!(pages, 3);
     assert_eq!(names, (0..7).map(|i| format!("cm-{i}")).collect::<Vec<_>>());
     // label and field selectors
-    let one = api.list(&ListParams::default().fields("metadata.name=cm-3")).await.unwrap();
+    let one = api
+        .list(&ListParams::default().fields("metadata.name=cm-3"))
+        .await
+        .unwrap();
     assert_eq!(one.items.len(), 1);
-    let none = api.list(&ListParams::default().labels("app!=t")).await.unwrap();
+    let none = api
+        .list(&ListParams::default().labels("app!=t"))
+        .await
+        .unwrap();
     assert!(none.items.is_empty());
     // across namespaces
     let all: Api<ConfigMap> = Api::all(client.clone());
-    assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 7);
+    assert_eq!(
+        all.list(&ListParams::default()).await.unwrap().items.len(),
+        7
+    );
     h.shutdown().await;
 }
 
@@ -281,14 +398,33 @@ async fn events_recorder_events_show_as_core_events() {
     use kube::Resource;
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    let c = api.create(&PostParams::default(), &cm("evt", "1")).await.unwrap();
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "tenant-operator".into(), instance: None });
-    let ev = Event { type_: EventType::Normal, reason: "Provisioned".into(), note: Some("schema created".into()), action: "Provision".into(), secondary: None };
+    let c = api
+        .create(&PostParams::default(), &cm("evt", "1"))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tenant-operator".into(),
+            instance: None,
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Provisioned".into(),
+        note: Some("schema created".into()),
+        action: "Provision".into(),
+        secondary: None,
+    };
     recorder.publish(&ev, &c.object_ref(&())).await.unwrap();
     recorder.publish(&ev, &c.object_ref(&())).await.unwrap();
     let core: Api<CoreEvent> = Api::default_namespaced(client.clone());
     let list = core.list(&ListParams::default()).await.unwrap();
-    assert_eq!(list.items.len(), 1, "the second publish updates the series of the first");
+    assert_eq!(
+        list.items.len(),
+        1,
+        "the second publish updates the series of the first"
+    );
     let e = &list.items[0];
     assert_eq!(e.message.as_deref(), Some("schema created"));
     assert_eq!(e.reason.as_deref(), Some("Provisioned"));
@@ -303,21 +439,45 @@ async fn metadata_watcher_and_status_subresource() {
     use kube::runtime::WatchStreamExt;
     let (h, client) = server().await;
     let api = tenants(&client).await;
-    api.create(&PostParams::default(), &tenant("acme")).await.unwrap();
-    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"), "tenants");
+    api.create(&PostParams::default(), &tenant("acme"))
+        .await
+        .unwrap();
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"),
+        "tenants",
+    );
     let meta_api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client.clone(), &ar);
-    let mut stream = watcher(meta_api, watcher::Config::default()).applied_objects().boxed();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await.unwrap().unwrap().unwrap();
+    let mut stream = watcher(meta_api, watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(first.metadata.name.as_deref(), Some("acme"));
     // status writes through the subresource do not touch spec or generation
     let patched = api
-        .patch_status("acme", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Provisioning"}, "spec": {"displayName": "nope"}})))
+        .patch_status(
+            "acme",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Provisioning"}, "spec": {"displayName": "nope"}}),
+            ),
+        )
         .await
         .unwrap();
     assert_eq!(patched.data["status"]["phase"], json!("Provisioning"));
     assert_eq!(patched.data["spec"]["displayName"], json!("acme"));
     assert_eq!(patched.metadata.generation, Some(1));
-    let next = tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(next.metadata.resource_version, patched.metadata.resource_version);
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        next.metadata.resource_version,
+        patched.metadata.resource_version
+    );
     h.shutdown().await;
 }

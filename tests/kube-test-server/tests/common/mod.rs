@@ -20,12 +20,24 @@ impl TestServer {
     }
 
     pub fn start_with(config: kube_test_server::Config) -> TestServer {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let handle = rt.block_on(kube_test_server::start_on("127.0.0.1:0", config)).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt
+            .block_on(kube_test_server::start_on("127.0.0.1:0", config))
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, handle.kubeconfig()).unwrap();
-        TestServer { url: handle.url(), dir, kubeconfig, handle: Some(handle), rt: Some(rt) }
+        TestServer {
+            url: handle.url(),
+            dir,
+            kubeconfig,
+            handle: Some(handle),
+            rt: Some(rt),
+        }
     }
 
     pub fn handle(&self) -> &kube_test_server::ServerHandle {
@@ -56,7 +68,12 @@ impl TestServer {
     /// Runs kubectl and panics unless it succeeds; returns stdout.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         let out = self.kubectl(args);
-        assert!(out.status.success(), "kubectl {args:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
@@ -84,7 +101,11 @@ impl Drop for TestServer {
 }
 
 pub fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).to_string_lossy().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .to_string_lossy()
+        .to_string()
 }
 
 pub fn stderr(o: &Output) -> String {

@@ -1,0 +1,172 @@
+//! Apply: run a [`RolloutPlan`] against Postgres with bounded parallelism,
+//! and write the MigrationSet's status (only when it changed).
+//!
+//! The rollout opens its own pool of at most `maxConcurrent` admin
+//! connections (so a long migration never starves the Tenant controller's
+//! pool, and Postgres sees at most that many migrating sessions), runs the
+//! canaries, and only when each of them reached the latest version, the
+//! rest. With `Pause` the first failure stops tenants not yet started; the
+//! ones in flight finish (DDL is never cancelled mid-way).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{stream, StreamExt};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use super::plan::RolloutPlan;
+use super::Error;
+use crate::api::{MigrationSet, MigrationSetStatus, OnFailure};
+use crate::controller::{Context, Stats};
+use crate::names::TenantName;
+use crate::pg::migrations::{migrate_tenant, TenantOutcome, Timeouts};
+
+/// What happened to one tenant in a pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done(TenantOutcome),
+    /// Lost connection or another transient error: retried next pass.
+    Error(String),
+    /// Not started: the pass stopped first.
+    Skipped,
+}
+
+impl Outcome {
+    /// Reached `latest` (now or before).
+    pub fn at_latest(&self, latest: i64) -> bool {
+        matches!(self, Outcome::Done(TenantOutcome::Migrated { to, .. }) if *to >= latest)
+    }
+
+    fn stops_pause(&self) -> bool {
+        matches!(self, Outcome::Done(TenantOutcome::Failed { .. } | TenantOutcome::ChecksumMismatch { .. }) | Outcome::Error(_))
+    }
+}
+
+/// What a pass did.
+#[derive(Debug, Default)]
+pub struct RolloutReport {
+    pub results: Vec<(TenantName, Outcome)>,
+    /// A canary did not reach the latest version, so the rest did not start.
+    pub canary_stopped: bool,
+    /// The most admin connections the rollout's pool held at once.
+    pub peak_connections: u32,
+    pub elapsed: Duration,
+}
+
+impl RolloutReport {
+    pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.results.iter().filter(|(_, o)| f(o)).count()
+    }
+
+    /// Worth another pass soon: a tenant was busy, hit a transient error,
+    /// or was not started.
+    pub fn retry_soon(&self) -> bool {
+        self.results.iter().any(|(_, o)| matches!(o, Outcome::Error(_) | Outcome::Skipped | Outcome::Done(TenantOutcome::Busy)))
+    }
+}
+
+/// Runs one pass of `plan`. Never fails as a whole: each tenant's outcome is
+/// in the report.
+pub async fn rollout(pool: &PgPool, plan: &RolloutPlan, timeouts: &Timeouts) -> RolloutReport {
+    let start = Instant::now();
+    let mut report = RolloutReport::default();
+    if plan.is_empty() || plan.blocked.is_some() {
+        return report;
+    }
+    let opts = pool.connect_options().as_ref().clone();
+    // A connection waits for a free slot as long as a migration may run.
+    let wait = timeouts.statement.max(Duration::from_secs(60)) + timeouts.lock;
+    let migration_pool = PgPoolOptions::new()
+        .max_connections(plan.max_concurrent as u32)
+        .min_connections(0)
+        .acquire_timeout(wait)
+        .idle_timeout(Duration::from_secs(30))
+        .test_before_acquire(false)
+        .connect_lazy_with(opts);
+    let peak = std::sync::atomic::AtomicU32::new(0);
+    let latest = plan.latest();
+
+    let canaries = stage(&migration_pool, plan, &plan.canaries, true, timeouts, &peak).await;
+    let canaries_ok = canaries.iter().all(|(_, o)| o.at_latest(latest));
+    report.results.extend(canaries);
+    if canaries_ok {
+        report.results.extend(stage(&migration_pool, plan, &plan.rest, false, timeouts, &peak).await);
+    } else {
+        report.canary_stopped = true;
+        report.results.extend(plan.rest.iter().map(|n| (n.clone(), Outcome::Skipped)));
+    }
+    migration_pool.close().await;
+    report.peak_connections = peak.load(Ordering::Relaxed);
+    report.elapsed = start.elapsed();
+    report
+}
+
+async fn stage(
+    pool: &PgPool,
+    plan: &RolloutPlan,
+    tenants: &[TenantName],
+    canary: bool,
+    timeouts: &Timeouts,
+    peak: &std::sync::atomic::AtomicU32,
+) -> Vec<(TenantName, Outcome)> {
+    let stop = AtomicBool::new(false);
+    let stop_on_failure = canary || plan.on_failure == OnFailure::Pause;
+    stream::iter(tenants.iter().cloned())
+        .map(|name| {
+            let stop = &stop;
+            async move {
+                if stop.load(Ordering::SeqCst) {
+                    return (name, Outcome::Skipped);
+                }
+                let result = migrate_tenant(pool, &name, &plan.set, &plan.migrations, timeouts).await;
+                peak.fetch_max(pool.size(), Ordering::Relaxed);
+                let outcome = match result {
+                    Ok(o) => Outcome::Done(o),
+                    Err(e) => Outcome::Error(e.to_string()),
+                };
+                match &outcome {
+                    Outcome::Done(TenantOutcome::Failed { version, error, .. }) => {
+                        tracing::warn!(set = %plan.set.name, tenant = %name, version, %error, canary, "migration failed")
+                    }
+                    Outcome::Error(e) => tracing::warn!(set = %plan.set.name, tenant = %name, error = %e, "migrating a tenant was interrupted; retrying later"),
+                    _ => {}
+                }
+                if stop_on_failure && outcome.stops_pause() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                (name, outcome)
+            }
+        })
+        .buffer_unordered(plan.max_concurrent.max(1))
+        .collect()
+        .await
+}
+
+/// Writes the status when it differs from the current one; returns whether
+/// it wrote.
+pub async fn write_status(ctx: &Context, ms: &MigrationSet, status: MigrationSetStatus) -> Result<bool, Error> {
+    if ms.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let api: Api<MigrationSet> = Api::all(ctx.client.clone());
+    // A merge patch leaves out keys untouched: send the ones that went
+    // away (an emptied failed list) as null.
+    let mut value = serde_json::to_value(&status).map_err(Error::Serialize)?;
+    if let Some(map) = value.as_object_mut() {
+        for key in ["phase", "observedGeneration", "latestVersion", "progress", "versions", "failed", "conditions"] {
+            map.entry(key).or_insert(serde_json::Value::Null);
+        }
+    }
+    let patch = json!({ "status": value });
+    match api.patch_status(&ms.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
+        Err(e) => return Err(Error::PatchStatus(e)),
+    }
+    Stats::add(&ctx.stats.kube_writes, 1);
+    Ok(true)
+}

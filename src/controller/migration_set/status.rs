@@ -1,0 +1,127 @@
+//! Report: the MigrationSet's status from what a pass observed afterwards.
+//!
+//! Pure. Counts tenants per version, lists the failed ones (bounded), keeps
+//! `lastTransitionTime` while a condition's status holds and sets
+//! `observedGeneration`, so an unchanged rollout gives an equal status and
+//! no write.
+
+use std::collections::BTreeMap;
+
+use super::plan::{self, Blocked, Observed, RolloutPlan};
+use crate::api::{Condition, FailedTenant, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, VersionCount};
+use crate::controller::tenant::status::Cond;
+use crate::pg::migrations::{find_mismatch, REASON_CHECKSUM, REASON_FAILED};
+
+/// Most failed tenants listed in the status (all are counted).
+pub const MAX_FAILED: usize = 20;
+/// Most characters of a Postgres error in the status.
+pub const MAX_ERROR: usize = 500;
+
+/// The status after a pass. `plan` is the pass's plan (for why it was
+/// blocked), made from `spec`; `after` is observed once the pass finished; `more` says the
+/// controller will run another pass (deferred or interrupted tenants).
+pub fn compute(
+    old: Option<&MigrationSetStatus>,
+    generation: Option<i64>,
+    spec: &MigrationSetSpec,
+    plan: &RolloutPlan,
+    after: &Observed,
+    more: bool,
+    now: &str,
+) -> MigrationSetStatus {
+    let latest = plan.latest();
+    let mut versions: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut at_latest = 0usize;
+    for n in &after.followers {
+        match after.versions.get(n) {
+            Some(v) if v.schema_exists => {
+                *versions.entry(v.current()).or_default() += 1;
+                if v.current() >= latest {
+                    at_latest += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // Failed: a mismatch seen now, or a failure record the tenant is still
+    // behind (under any generation: an older one is retried, but until then
+    // it is what is known).
+    let mut failed: Vec<FailedTenant> = Vec::new();
+    if plan.blocked.as_ref().is_none_or(|b| !matches!(b, Blocked::InvalidSpec(_))) {
+        for n in &after.followers {
+            let Some(v) = after.versions.get(n) else { continue };
+            if let Some((version, what)) = find_mismatch(&v.applied, &plan.migrations) {
+                failed.push(FailedTenant { tenant: n.to_string(), version, reason: REASON_CHECKSUM.into(), error: truncate(&what) });
+            } else if let Some(f) = after.failures.iter().find(|f| f.tenant == n.as_str() && f.reason == REASON_FAILED && f.version > v.current()) {
+                let error = match &f.sqlstate {
+                    Some(code) => format!("{} (SQLSTATE {code})", f.error),
+                    None => f.error.clone(),
+                };
+                failed.push(FailedTenant { tenant: n.to_string(), version: f.version, reason: REASON_FAILED.into(), error: truncate(&error) });
+            }
+        }
+    }
+    let failed_count = failed.len() as i64;
+    failed.truncate(MAX_FAILED);
+
+    // Blocked now, judged on the state after the pass (a failure in this
+    // pass pauses the set even though the plan was not blocked).
+    let blocked = match &plan.blocked {
+        Some(Blocked::InvalidSpec(m)) => Some(Blocked::InvalidSpec(m.clone())),
+        _ => plan::plan(&plan.set.name, plan.set.generation, spec, after).blocked,
+    };
+    let behind = after.followers.len() - at_latest;
+    let phase = match (&blocked, behind, failed_count) {
+        (Some(_), _, _) => MigrationSetPhase::Paused,
+        (None, 0, _) => MigrationSetPhase::Complete,
+        // Only failed tenants are behind (onFailure: Continue): nothing
+        // more happens until the spec changes.
+        (None, b, f) if b as i64 == f && !more => MigrationSetPhase::Paused,
+        _ => MigrationSetPhase::Progressing,
+    };
+    let (ready_reason, ready_msg) = match (&phase, &blocked) {
+        (MigrationSetPhase::Complete, _) => ("RolledOut", format!("all {} tenant(s) at version {latest}", after.followers.len())),
+        (MigrationSetPhase::Paused, Some(b)) => (b.reason(), b.message()),
+        (MigrationSetPhase::Paused, None) => ("MigrationFailed", format!("{failed_count} tenant(s) failed and stay at their previous version; the others are at version {latest}")),
+        _ => ("Progressing", format!("{at_latest} of {} tenant(s) at version {latest}", after.followers.len())),
+    };
+    let conds = [
+        Cond::new("Ready", phase == MigrationSetPhase::Complete, ready_reason, ready_msg.clone()),
+        if phase == MigrationSetPhase::Paused { Cond::new("Paused", true, ready_reason, ready_msg) } else { Cond::new("Paused", false, "NotPaused", "") },
+    ];
+    MigrationSetStatus {
+        phase: Some(phase),
+        observed_generation: generation,
+        latest_version: Some(latest),
+        progress: Some(format!("{at_latest}/{}", after.followers.len())),
+        versions: versions.into_iter().map(|(version, tenants)| VersionCount { version, tenants }).collect(),
+        failed_count,
+        failed,
+        conditions: merge_conditions(old.map(|s| s.conditions.as_slice()).unwrap_or_default(), &conds, generation, now),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(MAX_ERROR).collect()
+}
+
+/// Conditions from `conds`, keeping `lastTransitionTime` of those whose
+/// status did not change.
+pub fn merge_conditions(old: &[Condition], conds: &[Cond], generation: Option<i64>, now: &str) -> Vec<Condition> {
+    conds
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" }.to_string();
+            let since = old.iter().find(|o| o.type_ == c.type_ && o.status == status).map(|o| o.last_transition_time.clone()).unwrap_or_else(|| now.to_string());
+            Condition {
+                type_: c.type_.to_string(),
+                status,
+                reason: c.reason.to_string(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}

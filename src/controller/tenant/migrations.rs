@@ -1,0 +1,228 @@
+//! The migrations step of a Tenant reconcile: `status.schemaVersion` and the
+//! `MigrationsApplied` condition, and a brand-new schema brought to the
+//! latest version.
+//!
+//! Takes the Tenant's MigrationSet (watch cache, or the API server), its
+//! schema's version table and its failure record. A tenant with no
+//! migration applied yet (just provisioned, or provisioned before its set
+//! existed) gets every migration of the set at once, here, without waiting
+//! for the rollout's canaries: it holds no data a migration could trip on.
+//! A tenant already on some version is left to the MigrationSet controller
+//! (canaries, `maxConcurrent`, pause on failure); this step only reports.
+//! Side effects: that first migration run (DDL in the tenant schema, rows in
+//! its version table and in `tenancy.migration_failures`).
+
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+
+use super::status::Cond;
+use crate::api::{MigrationSet, Tenant};
+use crate::controller::migration_set::plan::migrations as checked_migrations;
+use crate::controller::Context;
+use crate::names::TenantName;
+use crate::pg::migrations::{find_mismatch, FailureRecord, SchemaVersions, SetRef, TenantOutcome, REASON_FAILED};
+use crate::pg::PgError;
+
+pub const CONDITION: &str = "MigrationsApplied";
+
+/// What the step decides before touching Postgres. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Only report.
+    Report,
+    /// Apply every migration of the set (the schema has none yet).
+    MigrateNew,
+}
+
+/// Decides whether this reconcile runs the migrations itself.
+pub fn plan(set: Option<&MigrationSet>, versions: &SchemaVersions, failure: Option<&FailureRecord>) -> Step {
+    let Some(set) = set else { return Step::Report };
+    let Ok(migrations) = checked_migrations(&set.spec) else { return Step::Report };
+    if migrations.is_empty() || !versions.schema_exists || !versions.applied.is_empty() {
+        return Step::Report;
+    }
+    // A first run that failed under this generation waits for a spec change,
+    // as the rollout's failures do.
+    let generation = set.metadata.generation.unwrap_or(0);
+    let name = set.metadata.name.as_deref().unwrap_or_default();
+    if failure.is_some_and(|f| f.migration_set == name && f.set_generation == generation) {
+        return Step::Report;
+    }
+    Step::MigrateNew
+}
+
+/// `MigrationsApplied` and `schemaVersion` from what was observed. Pure.
+pub fn condition(set_name: &str, set: Option<&MigrationSet>, versions: &SchemaVersions, failure: Option<&FailureRecord>) -> (Cond, i64) {
+    let current = versions.current();
+    let Some(set) = set else {
+        return (
+            Cond::new(CONDITION, false, "MigrationSetNotFound", format!("MigrationSet {set_name} does not exist; the schema stays at version {current} until it does")),
+            current,
+        );
+    };
+    let migrations = match checked_migrations(&set.spec) {
+        Ok(m) => m,
+        Err(e) => return (Cond::new(CONDITION, false, "InvalidMigrationSet", format!("MigrationSet {set_name}: {e}")), current),
+    };
+    if let Some((_, what)) = find_mismatch(&versions.applied, &migrations) {
+        return (Cond::new(CONDITION, false, "ChecksumMismatch", what), current);
+    }
+    if let Some(f) = failure.filter(|f| f.migration_set == set_name && f.reason == REASON_FAILED && f.version > current) {
+        let code = f.sqlstate.as_deref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default();
+        let msg = format!("version {} ({}) failed: {}{code}; the schema stays at version {current}", f.version, f.migration_name, f.error);
+        return (Cond::new(CONDITION, false, "MigrationFailed", msg), current);
+    }
+    let latest = migrations.last().map(|m| m.version).unwrap_or(0);
+    if current >= latest {
+        let what = migrations.last().map(|m| format!(" ({})", m.name)).unwrap_or_default();
+        (Cond::new(CONDITION, true, "UpToDate", format!("schema at version {current}{what}, the latest of MigrationSet {set_name}")), current)
+    } else {
+        (Cond::new(CONDITION, false, "RollingOut", format!("schema at version {current} of {latest}; the MigrationSet {set_name} rollout applies the rest")), current)
+    }
+}
+
+/// The followers of `ms` whose status may be behind it: not shown at its
+/// latest version, not `MigrationsApplied=True`, or listed as failed. Pure.
+pub fn followers_to_refresh(ms: &MigrationSet, tenants: &[Arc<Tenant>]) -> Vec<ObjectRef<Tenant>> {
+    let name = ms.metadata.name.as_deref().unwrap_or_default();
+    let latest = ms.status.as_ref().and_then(|s| s.latest_version);
+    let failed: Vec<&str> = ms.status.iter().flat_map(|s| s.failed.iter().map(|f| f.tenant.as_str())).collect();
+    tenants
+        .iter()
+        .filter(|t| t.spec.database.migration_set == name)
+        .filter(|t| {
+            let status = t.status.as_ref();
+            let applied = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION)).is_some_and(|c| c.status == "True");
+            let shown = status.and_then(|s| s.schema_version);
+            latest.is_none() || shown != latest || !applied || failed.contains(&t.metadata.name.as_deref().unwrap_or_default())
+        })
+        .map(|t| ObjectRef::from_obj(&**t))
+        .collect()
+}
+
+/// The Tenant's MigrationSet: from the watch cache when the controller
+/// runs one, else from the API server.
+async fn get_set(ctx: &Context, name: &str) -> Result<Option<Arc<MigrationSet>>, kube::Error> {
+    if let Some(store) = ctx.migration_sets.get() {
+        if tokio::time::timeout(std::time::Duration::from_secs(10), store.wait_until_ready()).await.is_ok_and(|r| r.is_ok()) {
+            // Not in the cache may only mean not yet in it (its watch event
+            // can come before the cache's): then ask the API server.
+            if let Some(set) = store.get(&ObjectRef::new(name)) {
+                return Ok(Some(set));
+            }
+        }
+    }
+    let api: Api<MigrationSet> = Api::all(ctx.client.clone());
+    Ok(api.get_opt(name).await?.map(Arc::new))
+}
+
+/// Why the step could not report.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("reading MigrationSet {0}: {1}")]
+    ReadSet(String, #[source] kube::Error),
+    #[error(transparent)]
+    Database(#[from] PgError),
+}
+
+/// Observes, runs the first migrations of a new schema when planned, and
+/// gives the condition and schema version.
+pub async fn converge(ctx: &Context, t: &Tenant, name: &TenantName) -> Result<(Cond, i64), StepError> {
+    let set_name = t.spec.database.migration_set.clone();
+    let set = get_set(ctx, &set_name).await.map_err(|e| StepError::ReadSet(set_name.clone(), e))?;
+    converge_pg(&ctx.pool, name, &set_name, set.as_deref(), &ctx.settings.migration_timeouts).await.map_err(StepError::Database)
+}
+
+/// The Postgres half of [`converge`], for tests.
+pub async fn converge_pg(
+    pool: &sqlx::PgPool,
+    name: &TenantName,
+    set_name: &str,
+    set: Option<&MigrationSet>,
+    timeouts: &crate::pg::migrations::Timeouts,
+) -> Result<(Cond, i64), PgError> {
+    let mut versions = crate::pg::migrations::observe(pool, name).await?;
+    let mut failure = crate::pg::migrations::failure_of(pool, name).await?;
+    if let (Step::MigrateNew, Some(s)) = (plan(set, &versions, failure.as_ref()), set) {
+        let migrations = checked_migrations(&s.spec).unwrap_or_default();
+        let set_ref = SetRef { name: set_name.to_owned(), generation: s.metadata.generation.unwrap_or(0) };
+        let outcome = crate::pg::migrations::migrate_tenant(pool, name, &set_ref, &migrations, timeouts).await?;
+        match &outcome {
+            TenantOutcome::Migrated { to, applied, .. } => tracing::info!(tenant = %name, version = to, applied = applied.len(), "brought the new schema to the latest version"),
+            TenantOutcome::Failed { version, error, .. } => tracing::warn!(tenant = %name, version, %error, "a migration of the new schema failed"),
+            other => tracing::debug!(tenant = %name, outcome = ?other, "first migration run did nothing"),
+        }
+        versions = crate::pg::migrations::observe(pool, name).await?;
+        failure = crate::pg::migrations::failure_of(pool, name).await?;
+    }
+    Ok(condition(set_name, set, &versions, failure.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Migration, MigrationSetSpec, RolloutSpec};
+    use crate::pg::migrations::{checksum, Applied};
+
+    fn set(gen: i64, sqls: &[&str]) -> MigrationSet {
+        let mut s = MigrationSet::new(
+            "default",
+            MigrationSetSpec {
+                migrations: sqls.iter().enumerate().map(|(i, sql)| Migration { version: i as i64 + 1, name: format!("m{}", i + 1), sql: sql.to_string(), transactional: true }).collect(),
+                rollout: RolloutSpec::default(),
+            },
+        );
+        s.metadata.generation = Some(gen);
+        s
+    }
+
+    fn at(sqls: &[&str]) -> SchemaVersions {
+        SchemaVersions {
+            schema_exists: true,
+            applied: sqls.iter().enumerate().map(|(i, sql)| Applied { version: i as i64 + 1, name: format!("m{}", i + 1), checksum: checksum(sql) }).collect(),
+        }
+    }
+
+    #[test]
+    fn a_missing_set_waits() {
+        let (c, v) = condition("default", None, &at(&[]), None);
+        assert_eq!((c.status, c.reason, v), (false, "MigrationSetNotFound", 0));
+        assert_eq!(plan(None, &at(&[]), None), Step::Report);
+    }
+
+    #[test]
+    fn only_a_schema_without_versions_is_migrated_here() {
+        let s = set(1, &["a", "b"]);
+        assert_eq!(plan(Some(&s), &at(&[]), None), Step::MigrateNew);
+        assert_eq!(plan(Some(&s), &at(&["a"]), None), Step::Report, "a tenant on a version is the rollout's");
+        assert_eq!(plan(Some(&s), &SchemaVersions::default(), None), Step::Report, "no schema yet");
+    }
+
+    #[test]
+    fn up_to_date_behind_failed_and_edited() {
+        let s = set(2, &["a", "b"]);
+        let (c, v) = condition("default", Some(&s), &at(&["a", "b"]), None);
+        assert_eq!((c.status, c.reason, v), (true, "UpToDate", 2));
+        let (c, _) = condition("default", Some(&s), &at(&["a"]), None);
+        assert_eq!((c.status, c.reason), (false, "RollingOut"));
+        let f = FailureRecord {
+            tenant: "x".into(),
+            migration_set: "default".into(),
+            set_generation: 2,
+            version: 2,
+            migration_name: "m2".into(),
+            reason: REASON_FAILED.into(),
+            error: "check constraint violated".into(),
+            sqlstate: Some("23514".into()),
+        };
+        let (c, v) = condition("default", Some(&s), &at(&["a"]), Some(&f));
+        assert_eq!((c.status, c.reason, v), (false, "MigrationFailed", 1));
+        assert!(c.message.contains("version 2 (m2) failed: check constraint violated (SQLSTATE 23514)"), "{}", c.message);
+        assert_eq!(plan(Some(&s), &at(&[]), Some(&f)), Step::Report, "a failed first run waits for a new generation");
+        let edited = set(3, &["a", "b edited"]);
+        let (c, _) = condition("default", Some(&edited), &at(&["a", "b"]), None);
+        assert_eq!((c.status, c.reason), (false, "ChecksumMismatch"));
+    }
+}

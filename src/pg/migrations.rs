@@ -1,0 +1,582 @@
+//! Tenant schema migrations: the version table in each tenant schema, the
+//! per-tenant migration run, and the failure records in the control schema.
+//!
+//! Takes validated [`TenantName`]s (identifiers come only from them) and
+//! the migrations of a MigrationSet; gives what each tenant has applied and
+//! what a run did. Side effects: the migrations' own SQL, run in the tenant
+//! schema as the tenant's owner role; rows in `<schema>._tenancy_migrations`
+//! (created on first use, owned by the owner role) and in
+//! `tenancy.migration_failures`; a session-level advisory lock per tenant
+//! while it is migrated, so two operator instances never migrate one schema
+//! at once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+
+use super::{query_err, quote_ident, PgError};
+use crate::names::TenantName;
+
+/// The version table, in every tenant schema that has run a migration.
+pub const VERSION_TABLE: &str = "_tenancy_migrations";
+
+/// First key of the per-tenant advisory lock (`'tena'`); the second is
+/// `hashtext(<schema>)`. A hash collision only makes two tenants wait for
+/// each other, never share a run.
+const LOCK_NAMESPACE: i32 = 0x7465_6e61;
+
+/// The most characters of a Postgres error kept in a failure record.
+const MAX_ERROR: usize = 2000;
+
+/// The SHA-256 of a migration's SQL, lower-case hex: what the version table
+/// records, so an edited migration is recognised.
+pub fn checksum(sql: &str) -> String {
+    hex::encode(Sha256::digest(sql.as_bytes()))
+}
+
+/// One migration as a run executes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationSql {
+    pub version: i64,
+    pub name: String,
+    pub sql: String,
+    pub checksum: String,
+    pub transactional: bool,
+}
+
+impl MigrationSql {
+    pub fn new(version: i64, name: impl Into<String>, sql: impl Into<String>, transactional: bool) -> Self {
+        let sql = sql.into();
+        Self { version, name: name.into(), checksum: checksum(&sql), sql, transactional }
+    }
+}
+
+/// A row of a tenant's version table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub version: i64,
+    pub name: String,
+    pub checksum: String,
+}
+
+/// A tenant schema's migration state, as the catalog shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SchemaVersions {
+    /// Whether the tenant's schema exists (a tenant not yet provisioned, or
+    /// being deleted, has none).
+    pub schema_exists: bool,
+    /// The version table's rows, lowest version first (empty without a table).
+    pub applied: Vec<Applied>,
+}
+
+impl SchemaVersions {
+    /// The highest applied version, 0 when none.
+    pub fn current(&self) -> i64 {
+        self.applied.iter().map(|a| a.version).max().unwrap_or(0)
+    }
+}
+
+/// Per-statement limits of a migration run (`lock_timeout`,
+/// `statement_timeout`); zero disables one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub lock: Duration,
+    pub statement: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { lock: Duration::from_secs(10), statement: Duration::from_secs(15 * 60) }
+    }
+}
+
+impl Timeouts {
+    fn ms(d: Duration) -> String {
+        format!("{}ms", d.as_millis().min(i32::MAX as u128))
+    }
+}
+
+/// Which set (and which of its generations) a run works for; recorded with
+/// a failure so a new generation can retry it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetRef {
+    pub name: String,
+    pub generation: i64,
+}
+
+/// Why a tenant's last run did not bring it to the latest version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailureRecord {
+    pub tenant: String,
+    pub migration_set: String,
+    pub set_generation: i64,
+    pub version: i64,
+    pub migration_name: String,
+    /// `MigrationFailed` or `ChecksumMismatch`.
+    pub reason: String,
+    pub error: String,
+    pub sqlstate: Option<String>,
+}
+
+pub const REASON_FAILED: &str = "MigrationFailed";
+pub const REASON_CHECKSUM: &str = "ChecksumMismatch";
+
+/// What one tenant's run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TenantOutcome {
+    /// Now at `to`; `applied` lists what this run applied (empty: it was
+    /// already at the latest version).
+    Migrated { from: i64, to: i64, applied: Vec<i64> },
+    /// Another run (another operator instance) holds this tenant's lock;
+    /// nothing was done.
+    Busy,
+    /// The schema does not exist; nothing was done.
+    NoSchema,
+    /// A recorded migration differs from the set (edited, removed, or a
+    /// version added below the applied one): nothing was run.
+    ChecksumMismatch { version: i64, detail: String },
+    /// `version` failed; the schema stayed at `at`.
+    Failed { at: i64, version: i64, error: String, sqlstate: Option<String> },
+}
+
+/// Reads the migration state of many tenants in a few queries: one catalog
+/// query, then one `UNION ALL` over the version tables per 500 schemas.
+pub async fn observe_many(pool: &PgPool, names: &[TenantName]) -> Result<BTreeMap<TenantName, SchemaVersions>, PgError> {
+    let mut out: BTreeMap<TenantName, SchemaVersions> = BTreeMap::new();
+    if names.is_empty() {
+        return Ok(out);
+    }
+    let schemas: Vec<String> = names.iter().map(TenantName::schema).collect();
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT n.nspname::text, EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r')
+           FROM pg_namespace n WHERE n.nspname = ANY($1)",
+    )
+    .bind(&schemas)
+    .bind(VERSION_TABLE)
+    .fetch_all(pool)
+    .await
+    .map_err(query_err("reading which tenant schemas have a version table"))?;
+    let by_schema: BTreeMap<String, &TenantName> = names.iter().map(|n| (n.schema(), n)).collect();
+    let mut with_table = Vec::new();
+    for (schema, has_table) in rows {
+        if let Some(n) = by_schema.get(&schema) {
+            out.insert((*n).clone(), SchemaVersions { schema_exists: true, applied: Vec::new() });
+            if has_table {
+                with_table.push((*n).clone());
+            }
+        }
+    }
+    for n in names {
+        out.entry(n.clone()).or_default();
+    }
+    for chunk in with_table.chunks(500) {
+        let mut sql = String::new();
+        for (i, n) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(" UNION ALL ");
+            }
+            // `i` is a loop counter, the schema a quoted validated name.
+            sql.push_str(&format!("SELECT {i}::int, version, name, checksum FROM {}.{VERSION_TABLE}", quote_ident(&n.schema())?));
+        }
+        sql.push_str(" ORDER BY 1, 2");
+        let rows: Vec<(i32, i64, String, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await.map_err(query_err("reading the tenants' version tables"))?;
+        for (i, version, name, checksum) in rows {
+            if let Some(n) = chunk.get(i as usize) {
+                out.entry(n.clone()).or_default().applied.push(Applied { version, name, checksum });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One tenant's migration state.
+pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<SchemaVersions, PgError> {
+    let mut m = observe_many(pool, std::slice::from_ref(name)).await?;
+    Ok(m.remove(name).unwrap_or_default())
+}
+
+/// The failure records of the tenants following `set`.
+pub async fn failures_of_set(pool: &PgPool, set: &str) -> Result<Vec<FailureRecord>, PgError> {
+    let rows: Vec<(String, String, i64, i64, String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT tenant_name, migration_set, set_generation, version, migration_name, reason, error, sqlstate
+           FROM tenancy.migration_failures WHERE migration_set = $1 ORDER BY tenant_name",
+    )
+    .bind(set)
+    .fetch_all(pool)
+    .await
+    .map_err(query_err("reading the migration failures"))?;
+    Ok(rows.into_iter().map(record_from).collect())
+}
+
+/// The failure record of one tenant, if any.
+pub async fn failure_of(pool: &PgPool, tenant: &TenantName) -> Result<Option<FailureRecord>, PgError> {
+    let row: Option<(String, String, i64, i64, String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT tenant_name, migration_set, set_generation, version, migration_name, reason, error, sqlstate
+           FROM tenancy.migration_failures WHERE tenant_name = $1",
+    )
+    .bind(tenant.as_str())
+    .fetch_optional(pool)
+    .await
+    .map_err(query_err("reading the tenant's migration failure"))?;
+    Ok(row.map(record_from))
+}
+
+fn record_from(r: (String, String, i64, i64, String, String, String, Option<String>)) -> FailureRecord {
+    FailureRecord { tenant: r.0, migration_set: r.1, set_generation: r.2, version: r.3, migration_name: r.4, reason: r.5, error: r.6, sqlstate: r.7 }
+}
+
+/// Removes a tenant's failure record (on success, and with the tenant).
+pub async fn clear_failure<'e, E: sqlx::PgExecutor<'e>>(exec: E, tenant: &str) -> Result<(), PgError> {
+    sqlx::query("DELETE FROM tenancy.migration_failures WHERE tenant_name = $1")
+        .bind(tenant)
+        .execute(exec)
+        .await
+        .map_err(query_err("clearing the tenant's migration failure"))?;
+    Ok(())
+}
+
+async fn record_failure(conn: &mut PgConnection, f: &FailureRecord) -> Result<(), PgError> {
+    sqlx::query(
+        "INSERT INTO tenancy.migration_failures (tenant_name, migration_set, set_generation, version, migration_name, reason, error, sqlstate)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (tenant_name) DO UPDATE SET migration_set = EXCLUDED.migration_set, set_generation = EXCLUDED.set_generation,
+           version = EXCLUDED.version, migration_name = EXCLUDED.migration_name, reason = EXCLUDED.reason,
+           error = EXCLUDED.error, sqlstate = EXCLUDED.sqlstate, failed_at = now()",
+    )
+    .bind(&f.tenant)
+    .bind(&f.migration_set)
+    .bind(f.set_generation)
+    .bind(f.version)
+    .bind(&f.migration_name)
+    .bind(&f.reason)
+    .bind(&f.error)
+    .bind(&f.sqlstate)
+    .execute(conn)
+    .await
+    .map_err(query_err("recording the migration failure"))?;
+    Ok(())
+}
+
+/// Brings one tenant schema to the last of `migrations` (sorted by version),
+/// each in its own transaction (or, for a non-transactional one, on this
+/// session with the version recorded after it succeeded), under the
+/// tenant's advisory lock. A migration's own error is an outcome (recorded
+/// in `tenancy.migration_failures`); a lost connection is an `Err` (nothing
+/// recorded: the next run retries).
+pub async fn migrate_tenant(pool: &PgPool, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+    let mut conn: PoolConnection<Postgres> = pool.acquire().await.map_err(query_err("connecting to migrate a tenant"))?;
+    let result = locked(&mut conn, name, set, migrations, timeouts).await;
+    if result.is_err() {
+        // The session may hold the lock or a role/search_path of a
+        // non-transactional step: never hand it back to the pool.
+        conn.close_on_drop();
+    }
+    result
+}
+
+async fn locked(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+    let schema = name.schema();
+    let (exists, got): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2),
+                EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2) AND pg_try_advisory_lock($1, hashtext($2))",
+    )
+    .bind(LOCK_NAMESPACE)
+    .bind(&schema)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(query_err("taking the tenant's migration lock"))?;
+    if !exists {
+        return Ok(TenantOutcome::NoSchema);
+    }
+    if !got {
+        return Ok(TenantOutcome::Busy);
+    }
+    let outcome = run(conn, name, set, migrations, timeouts).await?;
+    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(LOCK_NAMESPACE)
+        .bind(&schema)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("releasing the tenant's migration lock"))?;
+    Ok(outcome)
+}
+
+/// Connection-level failures: the run is retried, nothing is recorded.
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") || c.starts_with("28")),
+        _ => false,
+    }
+}
+
+fn pg_error_parts(e: &sqlx::Error) -> (String, Option<String>) {
+    match e {
+        sqlx::Error::Database(db) => (db.message().chars().take(MAX_ERROR).collect(), db.code().map(|c| c.into_owned())),
+        other => (other.to_string().chars().take(MAX_ERROR).collect(), None),
+    }
+}
+
+async fn ensure_version_table(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL")
+        .bind(name.schema())
+        .bind(VERSION_TABLE)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(query_err("looking for the version table"))?;
+    if exists {
+        return Ok(());
+    }
+    let schema = quote_ident(&name.schema())?;
+    let owner = quote_ident(&name.owner_role())?;
+    let app = quote_ident(&name.app_role())?;
+    // Created as the owner role, so it belongs to it. The owner's default
+    // privileges give the app role DML on it; the app keeps only SELECT (it
+    // may read its schema version, not forge it).
+    let sql = format!(
+        "SET LOCAL ROLE {owner};
+         CREATE TABLE IF NOT EXISTS {schema}.{VERSION_TABLE} (
+             version     bigint PRIMARY KEY,
+             name        text NOT NULL,
+             checksum    text NOT NULL,
+             applied_at  timestamptz NOT NULL DEFAULT now(),
+             duration_ms bigint NOT NULL
+         );
+         REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE {schema}.{VERSION_TABLE} FROM {app};"
+    );
+    let mut tx = conn.begin().await.map_err(query_err("starting the version table's transaction"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(query_err("creating the version table"))?;
+    tx.commit().await.map_err(query_err("committing the version table"))?;
+    Ok(())
+}
+
+async fn read_applied(conn: &mut PgConnection, name: &TenantName) -> Result<Vec<Applied>, PgError> {
+    let sql = format!("SELECT version, name, checksum FROM {}.{VERSION_TABLE} ORDER BY version", quote_ident(&name.schema())?);
+    let rows: Vec<(i64, String, String)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *conn).await.map_err(query_err("reading the version table"))?;
+    Ok(rows.into_iter().map(|(version, name, checksum)| Applied { version, name, checksum }).collect())
+}
+
+/// What the recorded versions say about `migrations`: the first mismatch
+/// (version, what differs), if any. Pure.
+pub fn find_mismatch(applied: &[Applied], migrations: &[MigrationSql]) -> Option<(i64, String)> {
+    let by_version: BTreeMap<i64, &MigrationSql> = migrations.iter().map(|m| (m.version, m)).collect();
+    let current = applied.iter().map(|a| a.version).max().unwrap_or(0);
+    let mut found: Vec<(i64, String)> = Vec::new();
+    for a in applied {
+        match by_version.get(&a.version) {
+            None => found.push((a.version, format!("version {} ({}) is applied but no longer in the MigrationSet", a.version, a.name))),
+            Some(m) if m.checksum != a.checksum => found.push((
+                a.version,
+                format!(
+                    "version {} ({}) was applied with SQL checksum {} but the MigrationSet now has {}: applied migrations are immutable; restore its SQL and add a new version instead",
+                    a.version,
+                    m.name,
+                    short(&a.checksum),
+                    short(&m.checksum)
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    for m in migrations {
+        if m.version < current && !applied.iter().any(|a| a.version == m.version) {
+            found.push((m.version, format!("version {} ({}) was added below the applied version {current}: add new migrations after the last one", m.version, m.name)));
+        }
+    }
+    found.into_iter().min_by_key(|(v, _)| *v)
+}
+
+fn short(sum: &str) -> &str {
+    &sum[..sum.len().min(12)]
+}
+
+async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+    ensure_version_table(conn, name).await?;
+    let applied = read_applied(conn, name).await?;
+    let from = applied.iter().map(|a| a.version).max().unwrap_or(0);
+    if let Some((version, detail)) = find_mismatch(&applied, migrations) {
+        let migration_name = migrations.iter().find(|m| m.version == version).map(|m| m.name.clone()).unwrap_or_default();
+        let rec = FailureRecord {
+            tenant: name.as_str().to_owned(),
+            migration_set: set.name.clone(),
+            set_generation: set.generation,
+            version,
+            migration_name,
+            reason: REASON_CHECKSUM.into(),
+            error: detail.clone(),
+            sqlstate: None,
+        };
+        record_failure(conn, &rec).await?;
+        return Ok(TenantOutcome::ChecksumMismatch { version, detail });
+    }
+    let mut at = from;
+    let mut done = Vec::new();
+    for m in migrations.iter().filter(|m| m.version > from) {
+        let step = if m.transactional { apply_in_transaction(conn, name, m, timeouts).await? } else { apply_outside_transaction(conn, name, m, timeouts).await? };
+        if let Err(e) = step {
+            if is_connection_error(&e) {
+                return Err(PgError::Query { action: "running a migration", source: e });
+            }
+            let (error, sqlstate) = pg_error_parts(&e);
+            let rec = FailureRecord {
+                tenant: name.as_str().to_owned(),
+                migration_set: set.name.clone(),
+                set_generation: set.generation,
+                version: m.version,
+                migration_name: m.name.clone(),
+                reason: REASON_FAILED.into(),
+                error: error.clone(),
+                sqlstate: sqlstate.clone(),
+            };
+            record_failure(conn, &rec).await?;
+            return Ok(TenantOutcome::Failed { at, version: m.version, error, sqlstate });
+        }
+        at = m.version;
+        done.push(m.version);
+    }
+    clear_failure(&mut *conn, name.as_str()).await?;
+    Ok(TenantOutcome::Migrated { from, to: at, applied: done })
+}
+
+fn insert_version_sql(name: &TenantName) -> Result<String, PgError> {
+    Ok(format!(
+        "INSERT INTO {}.{VERSION_TABLE} (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)",
+        quote_ident(&name.schema())?
+    ))
+}
+
+/// Runs one migration and records its version in one transaction. The
+/// outer `Result` is a failure around the migration (it could not start or
+/// commit); the inner one is the migration's own outcome.
+async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, t: &Timeouts) -> Result<Result<(), sqlx::Error>, PgError> {
+    let owner = quote_ident(&name.owner_role())?;
+    let schema = quote_ident(&name.schema())?;
+    let insert = insert_version_sql(name)?;
+    let mut tx = conn.begin().await.map_err(query_err("starting a migration's transaction"))?;
+    let result: Result<(), sqlx::Error> = async {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}; SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)")
+            .bind(Timeouts::ms(t.lock))
+            .bind(Timeouts::ms(t.statement))
+            .execute(&mut *tx)
+            .await?;
+        let start = Instant::now();
+        // The MigrationSet's SQL, by design: its author decides the schema.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone())).execute(&mut *tx).await?;
+        let ms = start.elapsed().as_millis() as i64;
+        sqlx::query(sqlx::AssertSqlSafe(insert.clone())).bind(m.version).bind(&m.name).bind(&m.checksum).bind(ms).execute(&mut *tx).await?;
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => match tx.commit().await {
+            Ok(()) => Ok(Ok(())),
+            // A deferred constraint can fail at commit: the migration's fault.
+            Err(e) if !is_connection_error(&e) => Ok(Err(e)),
+            Err(e) => Err(PgError::Query { action: "committing a migration", source: e }),
+        },
+        Err(e) => {
+            // Roll back explicitly, so the session is clean for the failure record.
+            if !is_connection_error(&e) {
+                tx.rollback().await.map_err(query_err("rolling back a failed migration"))?;
+            }
+            Ok(Err(e))
+        }
+    }
+}
+
+/// Runs a non-transactional migration on this session (role and
+/// search_path set for the session, reset afterwards), then records its
+/// version in a transaction of its own.
+async fn apply_outside_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, t: &Timeouts) -> Result<Result<(), sqlx::Error>, PgError> {
+    let owner = quote_ident(&name.owner_role())?;
+    let schema = quote_ident(&name.schema())?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {owner}; SET search_path TO {schema}")))
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("setting the migration's role"))?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)")
+        .bind(Timeouts::ms(t.lock))
+        .bind(Timeouts::ms(t.statement))
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("setting the migration's timeouts"))?;
+    let start = Instant::now();
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone())).execute(&mut *conn).await.map(|_| ());
+    let ms = start.elapsed().as_millis() as i64;
+    if let Err(e) = &result {
+        if is_connection_error(e) {
+            return Ok(result);
+        }
+    }
+    sqlx::raw_sql("RESET ROLE; RESET search_path; RESET lock_timeout; RESET statement_timeout")
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("resetting the session after a migration"))?;
+    if result.is_err() {
+        return Ok(result);
+    }
+    let mut tx = conn.begin().await.map_err(query_err("starting the version record"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}")))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("setting the version record's role"))?;
+    sqlx::query(sqlx::AssertSqlSafe(insert_version_sql(name)?))
+        .bind(m.version)
+        .bind(&m.name)
+        .bind(&m.checksum)
+        .bind(ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("recording a non-transactional migration"))?;
+    tx.commit().await.map_err(query_err("committing the version record"))?;
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(v: i64, sql: &str) -> MigrationSql {
+        MigrationSql::new(v, format!("m{v}"), sql, true)
+    }
+
+    fn a(v: i64, sql: &str) -> Applied {
+        Applied { version: v, name: format!("m{v}"), checksum: checksum(sql) }
+    }
+
+    #[test]
+    fn checksum_is_sha256_hex() {
+        assert_eq!(checksum(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(checksum("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn matching_history_has_no_mismatch() {
+        let set = [m(1, "a"), m(2, "b"), m(3, "c")];
+        assert_eq!(find_mismatch(&[], &set), None);
+        assert_eq!(find_mismatch(&[a(1, "a"), a(2, "b")], &set), None);
+    }
+
+    #[test]
+    fn an_edited_applied_migration_is_a_mismatch() {
+        let set = [m(1, "a"), m(2, "b edited")];
+        let (v, detail) = find_mismatch(&[a(1, "a"), a(2, "b")], &set).unwrap();
+        assert_eq!(v, 2);
+        assert!(detail.contains("immutable"), "{detail}");
+    }
+
+    #[test]
+    fn a_removed_or_inserted_version_is_a_mismatch() {
+        let (v, _) = find_mismatch(&[a(1, "a"), a(2, "b")], &[m(1, "a")]).unwrap();
+        assert_eq!(v, 2);
+        let (v, detail) = find_mismatch(&[a(1, "a"), a(3, "c")], &[m(1, "a"), m(2, "new"), m(3, "c")]).unwrap();
+        assert_eq!(v, 2);
+        assert!(detail.contains("below"), "{detail}");
+    }
+}

@@ -1,0 +1,143 @@
+//! End to end: sealed secrets, root key rotation and crypto-shredding,
+//! through kubectl, the operator binary and its `secrets open` CLI.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use support::e2e::{tenant_yaml, wait_for, Env, NAMESPACE, ROOT_KEYS};
+use support::unique;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn source_secret(ns: &str, name: &str, pairs: &[(&str, &str)]) -> String {
+    let data: String = pairs.iter().map(|(k, v)| format!("  {k}: {}\n", B64.encode(v))).collect();
+    format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\ndata:\n{data}")
+}
+
+fn with_secrets(name: &str, ns: &str) -> String {
+    tenant_yaml(
+        name,
+        &format!(
+            "  secrets:\n  - name: erp-password\n    secretRef: {{namespace: {ns}, name: erp, key: password}}\n  - name: sso-secret\n    secretRef: {{namespace: {ns}, name: sso, key: client-secret}}\n"
+        ),
+    )
+}
+
+fn open(env: &Env, tenant: &str, name: &str) -> Result<String, String> {
+    let out = env.operator_cli(&["secrets", "open", "--tenant", tenant, "--name", name]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn cond(env: &Env, tenant: &str, field: &str) -> String {
+    env.jsonpath(&["tenant", tenant], &format!("{{.status.conditions[?(@.type==\"SecretsSealed\")].{field}}}"))
+}
+
+fn sealed_value(env: &Env, tenant: &str, key: &str) -> Vec<u8> {
+    let escaped = key.replace('.', "\\.");
+    let v = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-sealed")], &format!("{{.data.{escaped}}}"));
+    B64.decode(v.trim()).unwrap_or_default()
+}
+
+fn set_root_keys(env: &Env, keys: &[(&str, [u8; 32])], active: &str) {
+    let data: String = keys.iter().map(|(v, k)| format!("  {v}: {}\n", B64.encode(k))).collect();
+    let yaml = format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: {ROOT_KEYS}\n  namespace: {NAMESPACE}\ndata:\n{data}  active: {}\n", B64.encode(active));
+    let out = env.kubectl_stdin(&["replace"], &yaml);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn current_root_keys(env: &Env) -> Vec<(String, [u8; 32])> {
+    let json = env.kubectl_ok(&["get", "secret", "-n", NAMESPACE, ROOT_KEYS, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out = vec![];
+    for (k, val) in v["data"].as_object().unwrap() {
+        if k != "active" {
+            let bytes = B64.decode(val.as_str().unwrap()).unwrap();
+            out.push((k.clone(), bytes.try_into().unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_are_sealed_opened_rotated_and_shredded() {
+    let env = Env::start("e2e_seal").await;
+    let (a, b) = (unique("seal-a"), unique("seal-b"));
+    let src_ns = format!("src-{}", &a[a.len() - 6..]);
+    env.kubectl_ok(&["create", "namespace", &src_ns]);
+    for (n, pairs) in [("erp", vec![("password", "erp-pass-1")]), ("sso", vec![("client-secret", "sso-secret-1")])] {
+        assert!(env.kubectl_stdin(&["apply"], &source_secret(&src_ns, n, &pairs)).status.success());
+    }
+    for t in [&a, &b] {
+        assert!(env.kubectl_stdin(&["apply"], &with_secrets(t, &src_ns)).status.success());
+    }
+    env.wait_ready(&a);
+    env.wait_ready(&b);
+    wait_for(Duration::from_secs(30), "SecretsSealed", || cond(&env, &a, "status") == "True" && cond(&env, &b, "status") == "True");
+
+    // Sealed values are envelopes, never the plaintext; the CLI opens them.
+    let sealed = env.kubectl_ok(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{a}-sealed"), "-o", "yaml"]);
+    assert!(!sealed.contains(&B64.encode("erp-pass-1")) && !sealed.contains("erp-pass-1"), "plaintext in the sealed Secret");
+    assert_eq!(open(&env, &a, "erp-password").unwrap(), "erp-pass-1");
+    assert_eq!(open(&env, &a, "sso-secret").unwrap(), "sso-secret-1");
+    assert_eq!(env.jsonpath(&["tenant", &a], "{.status.keyVersion}"), "v1");
+    assert!(!env.operator_log().contains("erp-pass-1"), "plaintext in the operator's log");
+
+    // B's envelope presented as A's: authentication error.
+    let b_env = sealed_value(&env, &b, "erp-password");
+    let file = env.dir.path().join("b-envelope");
+    std::fs::write(&file, &b_env).unwrap();
+    let out = env.operator_cli(&["secrets", "open", "--tenant", &a, "--name", "erp-password", "--envelope-file", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "A opened B's envelope");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A changed source is re-sealed; a missing one is named, the other stays.
+    assert!(env.kubectl_stdin(&["apply"], &source_secret(&src_ns, "erp", &[("password", "erp-pass-2")])).status.success());
+    wait_for(Duration::from_secs(30), "the re-seal", || open(&env, &a, "erp-password").ok().as_deref() == Some("erp-pass-2"));
+    env.kubectl_ok(&["delete", "secret", "-n", &src_ns, "sso"]);
+    wait_for(Duration::from_secs(30), "SourceMissing", || cond(&env, &a, "reason") == "SourceMissing");
+    assert!(cond(&env, &a, "message").contains(&format!("Secret {src_ns}/sso not found")), "{}", cond(&env, &a, "message"));
+    assert_eq!(open(&env, &a, "erp-password").unwrap(), "erp-pass-2");
+    assert!(env.kubectl_stdin(&["apply"], &source_secret(&src_ns, "sso", &[("client-secret", "sso-secret-1")])).status.success());
+    wait_for(Duration::from_secs(30), "Sealed again", || cond(&env, &a, "status") == "True");
+
+    // Rotation: v2 becomes active; every tenant is re-sealed under it and
+    // old envelopes keep opening while v1 is present.
+    let a_v1 = sealed_value(&env, &a, "erp-password");
+    let mut keys = current_root_keys(&env);
+    let v2: [u8; 32] = rand::random();
+    keys.push(("v2".into(), v2));
+    let refs: Vec<(&str, [u8; 32])> = keys.iter().map(|(v, k)| (v.as_str(), *k)).collect();
+    set_root_keys(&env, &refs, "v2");
+    wait_for(Duration::from_secs(30), "keyVersion v2", || {
+        env.jsonpath(&["tenant", &a], "{.status.keyVersion}") == "v2" && env.jsonpath(&["tenant", &b], "{.status.keyVersion}") == "v2"
+    });
+    assert_eq!(open(&env, &a, "erp-password").unwrap(), "erp-pass-2");
+    std::fs::write(&file, &a_v1).unwrap();
+    let out = env.operator_cli(&["secrets", "open", "--tenant", &a, "--name", "erp-password", "--envelope-file", file.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "erp-pass-2", "a v1 envelope no longer opens: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Removing v2 while it is in use is refused: the old keys stay, the
+    // condition says why, secrets keep opening.
+    let v1_only: Vec<(&str, [u8; 32])> = refs.iter().filter(|(v, _)| *v == "v1").cloned().collect();
+    set_root_keys(&env, &v1_only, "v1");
+    wait_for(Duration::from_secs(30), "KeyRemovalRefused", || cond(&env, &a, "reason") == "KeyRemovalRefused");
+    assert!(cond(&env, &a, "message").contains("v2"));
+    set_root_keys(&env, &refs, "v2");
+    wait_for(Duration::from_secs(30), "Sealed after the keys came back", || cond(&env, &a, "reason") == "Sealed");
+
+    // Crypto-shredding: after the delete the salt is gone, so the envelope
+    // copied out before cannot be opened with the root keys.
+    let a_env = sealed_value(&env, &a, "erp-password");
+    env.kubectl_ok(&["delete", "tenant", &a, "--timeout=60s"]);
+    assert!(!env.kubectl(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{a}-sealed")]).status.success(), "the sealed Secret survived");
+    std::fs::write(&file, &a_env).unwrap();
+    let out = env.operator_cli(&["secrets", "open", "--tenant", &a, "--name", "erp-password", "--envelope-file", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "a deleted tenant's envelope still opens");
+    assert_eq!(open(&env, &b, "erp-password").unwrap(), "erp-pass-2", "B was disturbed by A's delete");
+}

@@ -141,3 +141,36 @@ async fn secrets_are_sealed_opened_rotated_and_shredded() {
     assert!(!out.status.success(), "a deleted tenant's envelope still opens");
     assert_eq!(open(&env, &b, "erp-password").unwrap(), "erp-pass-2", "B was disturbed by A's delete");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_short_or_garbled_root_keys_stop_start_up_with_a_clear_message() {
+    let env = Env::start("e2e_badkeys").await;
+    let run = |secret: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+            .arg("run")
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("DATABASE_URL", &env.admin_url)
+            .env("OPERATOR_NAMESPACE", NAMESPACE)
+            .env("ROOT_KEYS_SECRET", secret)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the operator started with root keys {secret}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run("no-such-keys");
+    assert!(err.contains("no-such-keys") && err.contains("does not exist"), "{err}");
+
+    let short = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: short-keys\n  namespace: {NAMESPACE}\ndata:\n  v1: {}\n  active: {}\n",
+        B64.encode([1u8; 16]),
+        B64.encode("v1")
+    );
+    assert!(env.kubectl_stdin(&["apply"], &short).status.success());
+    let err = run("short-keys");
+    assert!(err.contains("v1") && err.contains("16"), "the message should name the version and its length: {err}");
+
+    let no_active = format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: no-active\n  namespace: {NAMESPACE}\ndata:\n  v1: {}\n", B64.encode([1u8; 32]));
+    assert!(env.kubectl_stdin(&["apply"], &no_active).status.success());
+    let err = run("no-active");
+    assert!(err.contains("active"), "{err}");
+}

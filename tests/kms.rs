@@ -6,6 +6,7 @@
 //! (`CI` set), where a missing server is a failure.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use tenant_operator::crypto::{self, generate_root_key, Keyring, Purpose, TenantSalt};
@@ -25,7 +26,10 @@ fn endpoint(test: &str) -> Option<String> {
                 "TEST_KMS_ENDPOINT is not set but CI is: the KMS tests must run inside \
                  scripts/with-moto.sh (scripts/test.sh does this)"
             );
-            eprintln!(
+            // Straight to stderr, past the test harness's capture, so the
+            // skip shows in a normal run.
+            let _ = writeln!(
+                std::io::stderr(),
                 "skipping {test}: TEST_KMS_ENDPOINT is not set (run the tests through \
                  scripts/with-moto.sh, or `make test`)"
             );

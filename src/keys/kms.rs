@@ -309,6 +309,20 @@ fn endpoint_shown(cfg: &KmsConfig) -> String {
         .unwrap_or_else(|| format!("https://kms.{}.amazonaws.com", cfg.region))
 }
 
+/// An error and its sources, `outer: inner: ...`, skipping repeats.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 /// Maps an SDK error to a [`KmsError`] that says which kind of failure it was.
 fn classify<E, R>(op: &'static str, version: &str, cfg: &KmsConfig, err: SdkError<E, R>) -> KmsError
 where
@@ -319,12 +333,29 @@ where
     let code = err.code().unwrap_or_default().to_owned();
     let message = err.message().unwrap_or_default().to_owned();
     match &err {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+        SdkError::DispatchFailure(failure) => {
+            let detail = match failure.as_connector_error() {
+                Some(connector) => error_chain(connector),
+                None => DisplayErrorContext(&err).to_string(),
+            };
             return KmsError::Unreachable {
                 op,
                 version,
                 endpoint: endpoint_shown(cfg),
-                detail: DisplayErrorContext(&err).to_string(),
+                detail,
+            };
+        }
+        SdkError::TimeoutError(_) => {
+            return KmsError::Unreachable {
+                op,
+                version,
+                endpoint: endpoint_shown(cfg),
+                detail: format!(
+                    "no answer within the timeout (connect {}s, attempt {}s, operation {}s)",
+                    CONNECT_TIMEOUT.as_secs(),
+                    ATTEMPT_TIMEOUT.as_secs(),
+                    OPERATION_TIMEOUT.as_secs()
+                ),
             };
         }
         SdkError::ServiceError(_) => {}

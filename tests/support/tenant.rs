@@ -51,7 +51,16 @@ impl Tenant {
 pub async fn provision_many(db: &TestDb, names: &[String], parallel: usize) -> Vec<Tenant> {
     futures::stream::iter(names.iter().map(|n| Tenant::new(n)))
         .map(|mut t| async move {
-            t.converge(db).await.unwrap_or_else(|e| panic!("provisioning {}: {e}", t.name));
+            // Concurrent GRANT CONNECT ON DATABASE race on the database's
+            // catalog row ("tuple concurrently updated"): transient, retried
+            // as the controller's backoff would.
+            for attempt in 1.. {
+                match t.converge(db).await {
+                    Ok(_) => break,
+                    Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 10 => tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await,
+                    Err(e) => panic!("provisioning {}: {e}", t.name),
+                }
+            }
             t
         })
         .buffer_unordered(parallel)

@@ -297,7 +297,8 @@ mod tests {
     }
 
     fn spec() -> TenantSpec {
-        TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default(), rate_limits: Default::default() }
+        // Every default, as a `spec: {}` manifest gets them.
+        serde_json::from_value(serde_json::json!({})).expect("an empty spec takes every default")
     }
 
     /// The catalog state of a fully converged tenant.

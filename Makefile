@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: all setup build crds test demo clean
+.PHONY: all setup build crds test demo clean fuzz bench-crypto
 
 all: build
 
@@ -22,6 +22,15 @@ test: setup
 
 demo: setup
 	bash scripts/demo.sh
+
+# Coverage-guided fuzzing of the crypto formats, FUZZ_SECONDS per target
+# (default 20); installs cargo-fuzz if missing.
+fuzz:
+	bash scripts/fuzz-smoke.sh $(FUZZ_SECONDS)
+
+# Envelope, stream and HKDF throughput beside raw AES-GCM / HKDF.
+bench-crypto:
+	$(CARGO) bench --bench crypto
 
 clean:
 	$(CARGO) clean

@@ -318,3 +318,65 @@ async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
         gone("api.yaml") && gone("webhook.yaml")
     });
 }
+
+/// A MigrationSet manifest named `name` with `versions` (version, SQL).
+fn migration_set_yaml(name: &str, versions: &[(i64, &str)]) -> String {
+    let mut y = format!("apiVersion: tenancy.dev/v1alpha1\nkind: MigrationSet\nmetadata:\n  name: {name}\nspec:\n  rollout:\n    maxConcurrent: 2\n    canary: 1\n  migrations:\n");
+    for (v, sql) in versions {
+        y.push_str(&format!("    - version: {v}\n      name: v{v}\n      sql: \"{sql}\"\n"));
+    }
+    y
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_set_brings_tenants_to_its_latest_version_and_rolls_out_new_ones() {
+    let env = Env::start("e2e_ms").await;
+    env.kubectl_ok(&["wait", "--for=condition=Established", "crd/migrationsets.tenancy.dev", "--timeout=30s"]);
+    let (a, b) = (unique("msa"), unique("msb"));
+    let version = |t: &str| env.jsonpath(&["tenant", t], "{.status.schemaVersion}");
+
+    // Before its set exists, a tenant is provisioned and waits.
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, "")).status.success());
+    env.wait_ready(&a);
+    wait_for(Duration::from_secs(30), "MigrationSetNotFound", || condition(&env, &a, "MigrationsApplied", "reason") == "MigrationSetNotFound");
+    assert_eq!(condition(&env, &a, "MigrationsApplied", "status"), "False");
+
+    let v2 = [(1, "CREATE TABLE docs (id bigserial PRIMARY KEY, body text)"), (2, "ALTER TABLE docs ADD COLUMN tag text")];
+    let out = env.kubectl_stdin(&["apply"], &migration_set_yaml("default", &v2));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&b, "")).status.success());
+    for t in [&a, &b] {
+        wait_for(Duration::from_secs(60), "schemaVersion 2", || version(t) == "2");
+        wait_for(Duration::from_secs(30), "MigrationsApplied=True", || condition(&env, t, "MigrationsApplied", "status") == "True");
+    }
+    assert_eq!(condition(&env, &a, "MigrationsApplied", "reason"), "UpToDate");
+    let mut app = app_connect(&env, &b).await.expect("the app logs in");
+    sqlx::query("INSERT INTO docs (body, tag) VALUES ('x', 'y')").execute(&mut app).await.expect("the app writes a migrated table");
+    drop(app);
+    wait_for(Duration::from_secs(30), "the set Complete", || env.jsonpath(&["migrationset", "default"], "{.status.phase}") == "Complete");
+
+    // A new version, applied with kubectl, rolls out to both.
+    let v3 = [v2[0], v2[1], (3, "CREATE INDEX docs_tag ON docs (tag)")];
+    let out = env.kubectl_stdin(&["apply"], &migration_set_yaml("default", &v3));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for t in [&a, &b] {
+        wait_for(Duration::from_secs(60), "schemaVersion 3", || version(t) == "3");
+    }
+    wait_for(Duration::from_secs(30), "the set Complete at version 3", || {
+        env.jsonpath(&["migrationset", "default"], "{.status.phase}/{.status.latestVersion}/{.status.progress}") == "Complete/3/2/2"
+    });
+    let table = env.kubectl_ok(&["get", "migrationsets"]);
+    for col in ["PHASE", "LATEST", "PROGRESS", "AGE"] {
+        assert!(table.contains(col), "column {col} missing:\n{table}");
+    }
+    let row = table.lines().find(|l| l.starts_with("default")).unwrap_or_default().to_string();
+    assert!(row.contains("Complete") && row.contains(" 3 ") && row.contains("2/2"), "row wrong:\n{table}");
+    let tenants = env.kubectl_ok(&["get", "tenants", &a]);
+    assert!(tenants.contains("VERSION"), "{tenants}");
+    let mut su = env.db.superuser().await;
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM tenant_{}._tenancy_migrations", a.replace('-', "_"))))
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(n, 3, "each version is recorded once");
+}

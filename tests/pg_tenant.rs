@@ -6,45 +6,14 @@
 mod support;
 
 use sqlx::{Connection, PgConnection, Row};
+// The tenant helper (Postgres half of a reconcile, spec from the CRD's
+// defaults) is shared with the other Postgres suites.
+use support::tenant::Tenant;
 use support::{unique, TestDb};
-use tenant_operator::api::{DatabaseSpec, TenantSpec, TenantState};
-use tenant_operator::controller::tenant::plan::{self, Endpoint};
-use tenant_operator::controller::tenant::{converge_db, ConvergeError, DbOutcome};
-use tenant_operator::names::TenantName;
+use tenant_operator::api::TenantState;
+use tenant_operator::controller::tenant::plan;
+use tenant_operator::controller::tenant::ConvergeError;
 use tenant_operator::pg;
-
-struct Tenant {
-    name: TenantName,
-    uid: String,
-    spec: TenantSpec,
-    password: Option<String>,
-}
-
-impl Tenant {
-    fn new(name: &str) -> Self {
-        Tenant {
-            name: TenantName::parse(name).expect("valid name"),
-            uid: format!("uid-{name}"),
-            spec: TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default(), rate_limits: Default::default() },
-            password: None,
-        }
-    }
-
-    /// One reconcile's Postgres half; keeps the password as the Secret would.
-    async fn converge(&mut self, db: &TestDb) -> Result<DbOutcome, ConvergeError> {
-        let desired = plan::desired_db(&self.name, &self.spec)?;
-        let catalog = pg::tenant::observe(&db.admin, &self.name).await?;
-        let out = converge_db(&db.admin, &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await?;
-        self.password = Some(out.plan.password.clone());
-        Ok(out)
-    }
-
-    async fn app(&self, db: &TestDb) -> Result<PgConnection, sqlx::Error> {
-        let e = Endpoint { host: "127.0.0.1".into(), port: db.port(), database: db.name.clone() };
-        let data = plan::secret_data(&self.name, &e, self.password.as_deref().expect("converged"));
-        PgConnection::connect(&data["uri"]).await
-    }
-}
 
 async fn setup(label: &str) -> TestDb {
     let db = TestDb::new(label).await;

@@ -82,7 +82,8 @@ pub fn fixture() -> &'static Fixture {
             StreamEncryptor::with_chunk_size(&ring, &salt, UID, Purpose::Backup, STREAM_CHUNK)
                 .expect("fixture stream");
         let mut stream = Vec::new();
-        enc.push(&stream_plaintext, &mut stream).expect("fixture stream");
+        enc.push(&stream_plaintext, &mut stream)
+            .expect("fixture stream");
         enc.finish(&mut stream).expect("fixture stream");
         Fixture {
             ring,
@@ -156,7 +157,11 @@ pub fn envelope_open(data: &[u8]) {
                     candidate.len()
                 );
             };
-            assert_eq!(plaintext.as_slice(), sealed.as_slice(), "opened to other bytes");
+            assert_eq!(
+                plaintext.as_slice(),
+                sealed.as_slice(),
+                "opened to other bytes"
+            );
             assert!(version.is_ok(), "opened, but its key version did not parse");
         }
         Err(err) => {
@@ -165,7 +170,15 @@ pub fn envelope_open(data: &[u8]) {
     }
     // Never under another name or purpose, valid or not.
     assert!(
-        crypto::open(&fx.ring, &fx.salt, UID, Purpose::Secrets, "other", &candidate).is_err(),
+        crypto::open(
+            &fx.ring,
+            &fx.salt,
+            UID,
+            Purpose::Secrets,
+            "other",
+            &candidate
+        )
+        .is_err(),
         "an envelope opened under another name"
     );
     assert!(
@@ -234,7 +247,10 @@ pub fn stream_open(data: &[u8]) {
     match result {
         Ok(()) => {
             assert!(intact, "an altered stream opened to the end");
-            assert_eq!(out, fx.stream_plaintext, "an intact stream opened to other bytes");
+            assert_eq!(
+                out, fx.stream_plaintext,
+                "an intact stream opened to other bytes"
+            );
         }
         Err(err) => assert!(!intact, "the intact stream failed: {err}"),
     }
@@ -253,7 +269,10 @@ pub fn stream_open(data: &[u8]) {
             Ok(0) => break Ok(()),
             Ok(n) => {
                 out.extend_from_slice(&buf[..n]);
-                assert!(is_prefix(&out), "the reader released plaintext that was never sealed");
+                assert!(
+                    is_prefix(&out),
+                    "the reader released plaintext that was never sealed"
+                );
             }
             Err(err) => break Err(err),
         }
@@ -266,7 +285,10 @@ pub fn stream_open(data: &[u8]) {
         Err(err) => {
             assert!(!intact, "the reader failed on the intact stream: {err}");
             // After an error, the reader stays failed.
-            assert!(reader.read(&mut buf).is_err(), "the reader recovered after an error");
+            assert!(
+                reader.read(&mut buf).is_err(),
+                "the reader recovered after an error"
+            );
         }
     }
 }

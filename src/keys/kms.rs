@@ -82,9 +82,7 @@ pub enum KmsError {
     #[error("KMS is not configured: {0}")]
     Config(String),
     /// A Secret entry is not a version name.
-    #[error(
-        "wrapped root-key entry {0:?} is not a version name: expected `v<N>` (and `active`)"
-    )]
+    #[error("wrapped root-key entry {0:?} is not a version name: expected `v<N>` (and `active`)")]
     BadVersion(String),
     /// No answer from the endpoint: connection refused, DNS, TLS, timeout.
     #[error(
@@ -415,8 +413,13 @@ mod tests {
             matches!(&err, KmsError::BadVersion(n) if n == "key1"),
             "{err}"
         );
-        let err = wrap_key(&cfg, "alias/x", "v01", &[0u8; 32]).await.unwrap_err();
-        assert!(matches!(&err, KmsError::BadVersion(n) if n == "v01"), "{err}");
+        let err = wrap_key(&cfg, "alias/x", "v01", &[0u8; 32])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, KmsError::BadVersion(n) if n == "v01"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -434,6 +437,9 @@ mod tests {
             version: "v2".to_owned(),
         };
         let shown = err.to_string();
-        assert!(shown.contains("v2") && shown.contains(ENCRYPTION_CONTEXT_KEY), "{shown}");
+        assert!(
+            shown.contains("v2") && shown.contains(ENCRYPTION_CONTEXT_KEY),
+            "{shown}"
+        );
     }
 }

@@ -281,8 +281,11 @@ pub async fn migrate_tenant(pool: &PgPool, name: &TenantName, set: &SetRef, migr
 async fn locked(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
     let schema = name.schema();
     let (exists, got): (bool, bool) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2),
-                EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2) AND pg_try_advisory_lock($1, hashtext($2))",
+        // CASE, not AND: Postgres does not promise to evaluate AND's operands
+        // in order, and a lock taken for a missing schema would never be
+        // released.
+        "SELECT e, CASE WHEN e THEN pg_try_advisory_lock($1, hashtext($2)) ELSE false END
+           FROM (SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2) AS e) x",
     )
     .bind(LOCK_NAMESPACE)
     .bind(&schema)

@@ -85,7 +85,9 @@ pub async fn rollout(pool: &PgPool, plan: &RolloutPlan, timeouts: &Timeouts) -> 
         .min_connections(0)
         .acquire_timeout(wait)
         .idle_timeout(Duration::from_secs(30))
-        .test_before_acquire(false)
+        // A session ended while idle between two tenants is replaced, not
+        // handed to the next tenant.
+        .test_before_acquire(true)
         .connect_lazy_with(opts);
     let peak = std::sync::atomic::AtomicU32::new(0);
     let latest = plan.latest();

@@ -138,7 +138,6 @@ async fn reconcile(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<Actio
     let migrated = pass.report.count(|o| matches!(o, apply::Outcome::Done(crate::pg::migrations::TenantOutcome::Migrated { applied, .. }) if !applied.is_empty()));
     if !pass.report.results.is_empty() {
         tracing::info!(set = %name, migrated, tenants = pass.report.results.len(), elapsed_ms = pass.report.elapsed.as_millis() as u64, "rollout pass");
-        Stats::add(&ctx.stats.ddl_statements, migrated as u64);
     }
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true);
     let new = status::compute(ms.status.as_ref(), ms.metadata.generation, &ms.spec, &pass.plan, &pass.after, pass.more(), &now);

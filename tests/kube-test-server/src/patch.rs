@@ -442,7 +442,7 @@ fn collect(v: &Value, path: &mut Vec<String>, out: &mut FieldSet, lists: Lists) 
     }
 }
 
-fn find_item<'a>(items: &'a [Value], seg: &str) -> Option<usize> {
+fn find_item(items: &[Value], seg: &str) -> Option<usize> {
     if let Some(k) = seg.strip_prefix("k:") {
         let want: Value = serde_json::from_str(k).ok()?;
         let want = want.as_object()?;
@@ -451,7 +451,6 @@ fn find_item<'a>(items: &'a [Value], seg: &str) -> Option<usize> {
             .position(|i| want.iter().all(|(kk, vv)| i.get(kk) == Some(vv)));
     }
     let want: Value = serde_json::from_str(seg.strip_prefix("v:")?).ok()?;
-    let _: &'a [Value] = items;
     items.iter().position(|i| *i == want)
 }
 
@@ -590,10 +589,8 @@ pub fn encode_fields(set: &FieldSet) -> Value {
 pub fn decode_fields(v: &Value) -> FieldSet {
     fn walk(v: &Value, path: &mut Vec<String>, out: &mut FieldSet) {
         let Some(o) = v.as_object() else { return };
-        if o.is_empty() || o.contains_key(".") {
-            if !path.is_empty() {
-                out.insert(path.clone());
-            }
+        if (o.is_empty() || o.contains_key(".")) && !path.is_empty() {
+            out.insert(path.clone());
         }
         for (k, val) in o {
             let seg = if let Some(f) = k.strip_prefix("f:") {

@@ -57,6 +57,9 @@ pub struct AppPrivileges {
     /// Whether the owner's default privileges give the app DML on new tables
     /// and sequences.
     pub default_privileges: bool,
+    /// The operator's own tables in the schema (`_tenancy_*`: migration
+    /// versions, audit log) that the app role could write; must be 0.
+    pub internal_writable: i64,
 }
 
 /// The registry row of a tenant, looked up by name.
@@ -167,7 +170,7 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
                     has_schema_privilege($2, $1, 'CREATE') AS create,
                     has_database_privilege($2, current_database(), 'CONNECT') AS connect,
                     (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE n.nspname = $1 AND c.relname <> '_tenancy_migrations' AND (
+                      WHERE n.nspname = $1 AND c.relname NOT LIKE '\\_tenancy\\_%' AND (
                         (c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT (
                             has_table_privilege($2, c.oid, 'SELECT') AND has_table_privilege($2, c.oid, 'INSERT')
                         AND has_table_privilege($2, c.oid, 'UPDATE') AND has_table_privilege($2, c.oid, 'DELETE')))
@@ -179,7 +182,11 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
                       WHERE n.nspname = $1 AND d.defaclrole = (SELECT oid FROM pg_roles WHERE rolname = $3)
                         AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = $2)
                         AND ((d.defaclobjtype = 'r' AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE'))
-                          OR (d.defaclobjtype = 'S' AND a.privilege_type IN ('USAGE', 'SELECT', 'UPDATE')))) = 7 AS defaults",
+                          OR (d.defaclobjtype = 'S' AND a.privilege_type IN ('USAGE', 'SELECT', 'UPDATE')))) = 7 AS defaults,
+                    (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $1 AND c.relname LIKE '\\_tenancy\\_%' AND c.relkind IN ('r', 'p')
+                        AND (has_table_privilege($2, c.oid, 'INSERT') OR has_table_privilege($2, c.oid, 'UPDATE')
+                          OR has_table_privilege($2, c.oid, 'DELETE') OR has_table_privilege($2, c.oid, 'TRUNCATE'))) AS internal_writable",
         )
         .bind(&schema)
         .bind(&app)
@@ -194,6 +201,7 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
                 database_connect: r.try_get("connect")?,
                 objects_missing_dml: r.try_get("missing")?,
                 default_privileges: r.try_get("defaults")?,
+                internal_writable: r.try_get("internal_writable")?,
             })
         };
         Some(decode().map_err(query_err("decoding the app role's privileges"))?)
@@ -240,6 +248,9 @@ pub enum DbAction {
     RevokeMembership { role: Role, member: String },
     RevokeAppMembershipIn { role: String },
     GrantExistingObjects,
+    /// The app role may read but never write the operator's own tables in
+    /// its schema (`_tenancy_*`), whatever a schema-wide grant gave it.
+    RevokeInternalWrites,
     SetDefaultPrivileges,
     GrantConnect,
     SetLogin(bool),
@@ -270,6 +281,7 @@ impl DbAction {
             DbAction::RevokeMembership { .. } => "RevokeForeignMembership",
             DbAction::RevokeAppMembershipIn { .. } => "RevokeAppMembership",
             DbAction::GrantExistingObjects => "GrantExistingObjects",
+            DbAction::RevokeInternalWrites => "RevokeInternalWrites",
             DbAction::SetDefaultPrivileges => "SetDefaultPrivileges",
             DbAction::GrantConnect => "GrantConnect",
             DbAction::SetLogin(true) => "EnableLogin",
@@ -319,7 +331,9 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
         DbAction::GrantExistingObjects => vec![
             format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {app}"),
             format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {schema} TO {app}"),
+            revoke_internal_writes(name)?,
         ],
+        DbAction::RevokeInternalWrites => vec![revoke_internal_writes(name)?],
         DbAction::SetDefaultPrivileges => vec![
             format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}"),
             format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {app}"),
@@ -337,6 +351,20 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
             vec![format!("ALTER ROLE {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS", role(*r))]
         }
     })
+}
+
+/// A block that takes every write right on the schema's `_tenancy_*` tables
+/// from the app role (identifiers quoted by `format('%I')` inside).
+fn revoke_internal_writes(name: &TenantName) -> Result<String, PgError> {
+    let schema = quote_literal(&name.schema())?;
+    let app = quote_literal(&name.app_role())?;
+    Ok(format!(
+        "DO $tenancy$ DECLARE t record; BEGIN
+           FOR t IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = {schema} AND c.relname LIKE '\\_tenancy\\_%' AND c.relkind IN ('r', 'p') LOOP
+             EXECUTE format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE %I.%I FROM %I', {schema}, t.relname, {app});
+           END LOOP; END $tenancy$"
+    ))
 }
 
 /// What one reconcile writes to the registry and audit log with its DDL.

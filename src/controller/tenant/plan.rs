@@ -216,6 +216,9 @@ pub fn plan_db(
             if !p.default_privileges {
                 actions.push(DbAction::SetDefaultPrivileges);
             }
+            if p.internal_writable > 0 && p.objects_missing_dml == 0 {
+                actions.push(DbAction::RevokeInternalWrites);
+            }
             if !p.database_connect {
                 actions.push(DbAction::GrantConnect);
             }
@@ -319,7 +322,7 @@ mod tests {
             schema: Some(SchemaState { owner: name().owner_role(), comment: Some(marker.clone()), other_grantees: vec![] }),
             owner_role: Some(role(false, BTreeMap::new())),
             app_role: Some(role(desired.login, settings)),
-            privileges: Some(AppPrivileges { schema_usage: true, schema_create: false, database_connect: true, objects_missing_dml: 0, default_privileges: true }),
+            privileges: Some(AppPrivileges { schema_usage: true, schema_create: false, database_connect: true, objects_missing_dml: 0, default_privileges: true, internal_writable: 0 }),
             registry: Some(RegistryRow { uid: uid.into(), name: "acme".into(), schema: name().schema(), state: "Active".into() }),
             app_sessions: 2,
         }

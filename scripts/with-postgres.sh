@@ -40,8 +40,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# pgaudit (read auditing, docs/audit.md), when its library is installed.
+PRELOAD=
+[[ -f "$(dirname "$BIN")/lib/pgaudit.so" ]] && PRELOAD="-c shared_preload_libraries=pgaudit"
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/postgres.log" -w -t 60 \
-  -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_statement=ddl -c log_line_prefix='%m [%p] %u@%d '" \
+  -o "$PRELOAD -p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_statement=ddl -c log_line_prefix='%m [%p] %u@%d '" \
   start >/dev/null
 
 as_pg "$BIN/psql" -h "$DIR" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q <<SQL

@@ -3,9 +3,12 @@
 //! The library holds everything; `main.rs` only parses flags and starts it.
 
 pub mod api;
+pub mod backup;
 pub mod crypto;
 pub mod keys;
+pub mod leader;
 pub mod names;
 pub mod pg;
 pub mod ratelimit;
+pub mod telemetry;
 pub mod controller;

@@ -29,6 +29,62 @@ enum Command {
     /// Tenants' sealed secrets.
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Back up one tenant's schema, encrypted, to the backup store
+    /// (docs/backups.md).
+    Backup {
+        #[command(flatten)]
+        args: tenant_operator::backup::cli::BackupArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    /// Restore one tenant's schema from one of its backups; other tenants
+    /// are not touched (docs/backups.md).
+    Restore {
+        #[command(flatten)]
+        args: tenant_operator::backup::cli::RestoreArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    /// Tenants' audit logs (docs/audit.md).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the tenant's hash chain; print the first break (row id, what
+    /// mismatched) and exit non-zero if there is one.
+    Verify {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Write the tenant's audit rows since a time as JSON lines to stdout.
+    Export {
+        #[arg(long)]
+        tenant: String,
+        /// RFC 3339 time, e.g. 2026-11-01T00:00:00Z.
+        #[arg(long, value_parser = rfc3339)]
+        since: chrono::DateTime<chrono::Utc>,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Prune the tenant's audit rows older than N days now (the reconcile
+    /// does it daily when spec.audit.retentionDays is set), leaving an
+    /// ANCHOR row so the chain stays verifiable.
+    Prune {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        retention_days: u32,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+}
+
+fn rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&chrono::Utc)).map_err(|e| format!("not an RFC 3339 time: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -153,6 +209,18 @@ struct RunArgs {
     /// `statement_timeout` of each tenant migration (same format; 0: none).
     #[arg(long, env = "MIGRATION_STATEMENT_TIMEOUT", default_value = "15min", value_parser = pg_duration)]
     migration_statement_timeout: Duration,
+    /// Run the controllers only while holding the leader Lease, so that of
+    /// several replicas one reconciles and the others stand by
+    /// (`--leader-election=false`: run them at once).
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// The leader Lease (coordination.k8s.io/v1) in the operator namespace.
+    #[arg(long, env = "LEASE_NAME", default_value = "tenant-operator-leader")]
+    lease_name: String,
+    /// Address of the metrics and health server (`/metrics`, `/healthz`,
+    /// `/readyz`); port 0 picks a free port (logged at start).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -193,6 +261,55 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Secrets(SecretsCommand::Open { tenant, name, envelope_file, database_url, namespace, keys }) => {
             open_secret(&tenant, &name, envelope_file, &database_url, &namespace, &keys).await
+        }
+        Command::Audit(cmd) => audit(cmd).await,
+        Command::Backup { args, keys } => {
+            let src = keys.source(&args.common.namespace);
+            tenant_operator::backup::cli::run_backup(args, src).await
+        }
+        Command::Restore { args, keys } => {
+            let src = keys.source(&args.common.namespace);
+            tenant_operator::backup::cli::run_restore(args, src).await
+        }
+    }
+}
+
+async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
+    use tenant_operator::names::TenantName;
+    match cmd {
+        AuditCommand::Verify { tenant, database_url } => {
+            let name = TenantName::parse(&tenant)?;
+            let (pool, _) = pg::connect(&database_url, 1).await.context("connecting to Postgres")?;
+            let report = pg::audit::verify(&pool, &name).await?;
+            let from = report.anchor.map(|a| format!(" from the anchor at row {a}")).unwrap_or_default();
+            match report.first_break {
+                None => {
+                    println!("ok: {} row(s){from}, chain head {}", report.rows, report.head);
+                    Ok(())
+                }
+                Some(b) => {
+                    println!("BROKEN at row {}: {}", b.id, b.what);
+                    anyhow::bail!("the audit chain of tenant {name} is broken at row {}", b.id)
+                }
+            }
+        }
+        AuditCommand::Export { tenant, since, database_url } => {
+            let name = TenantName::parse(&tenant)?;
+            let (pool, _) = pg::connect(&database_url, 1).await.context("connecting to Postgres")?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let n = pg::audit::export(&pool, &name, since, &mut out).await?;
+            std::io::Write::flush(&mut out)?;
+            eprintln!("exported {n} audit row(s) of tenant {name}");
+            Ok(())
+        }
+        AuditCommand::Prune { tenant, retention_days, database_url } => {
+            let name = TenantName::parse(&tenant)?;
+            let (pool, _) = pg::connect(&database_url, 1).await.context("connecting to Postgres")?;
+            let before = chrono::Utc::now() - chrono::Duration::days(retention_days as i64);
+            let p = pg::audit::prune(&pool, &name, before, "tenant-operator audit prune").await?;
+            println!("pruned {} row(s) before {before}; anchor: {:?}", p.deleted, p.anchor);
+            Ok(())
         }
     }
 }
@@ -279,7 +396,65 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         root_keys: key_source,
     };
     tracing::info!(namespace = %settings.namespace, concurrency = settings.concurrency, admin = %facts.role, superuser = facts.superuser, "tenant-operator starting");
-    controller::run(Arc::new(Context::new(client, pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)))).await;
+    let namespace = settings.namespace.clone();
+    let ctx = Arc::new(Context::new(client.clone(), pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)));
+    tenant_operator::telemetry::serve(args.metrics_addr, ctx.clone())
+        .await
+        .with_context(|| format!("starting the metrics server on {}", args.metrics_addr))?;
+    let mut elector = args.leader_election.then(|| {
+        let identity = tenant_operator::leader::default_identity();
+        tenant_operator::leader::Elector::new(client, &namespace, &args.lease_name, &identity, Default::default())
+    });
+    if let Some(e) = elector.as_mut() {
+        // A standby is ready: it is healthy and can take over at any time.
+        ctx.health.set_started();
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = shutdown_signal() => {
+                tracing::info!("tenant-operator stopped while standing by");
+                return Ok(());
+            }
+        }
+    }
+    ctx.metrics.set_leader(true);
+    ctx.health.set_started();
+    let lost = match elector.as_mut() {
+        Some(e) => tokio::select! {
+            _ = controller::run(ctx.clone()) => None,
+            why = e.hold() => Some(why),
+        },
+        None => {
+            controller::run(ctx.clone()).await;
+            None
+        }
+    };
+    ctx.metrics.set_leader(false);
+    if let Some(why) = lost {
+        // Exit non-zero: Kubernetes restarts the container, which comes back
+        // as a standby.
+        anyhow::bail!("lost the leader lease ({why}): stopping the controllers");
+    }
+    if let Some(e) = elector.as_mut() {
+        e.release().await;
+    }
+    if let Err(dead) = ctx.health.live() {
+        anyhow::bail!("a controller task ended ({dead}): stopping so that the operator is restarted");
+    }
     tracing::info!("tenant-operator stopped");
     Ok(())
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -77,6 +77,72 @@ pub struct TenantSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub secrets: Vec<TenantSecret>,
+
+    /// The tenant's audit log: every insert, update, delete and truncate on
+    /// its tables, with the actor and request id the application sets,
+    /// hash-chained in the table `_tenancy_audit` of its schema (see
+    /// docs/audit.md).
+    #[serde(default, skip_serializing_if = "AuditSpec::is_default")]
+    pub audit: AuditSpec,
+
+    /// Scheduled backups of the tenant's schema: a CronJob
+    /// `tenant-<name>-backup` in the operator namespace runs
+    /// `tenant-operator backup`, which dumps this schema only, encrypts it
+    /// under the tenant's backup key and stores it (see docs/backups.md).
+    /// Unset: no scheduled backups (the CronJob is deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+}
+
+/// When the tenant is backed up and how many backups are kept.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// A cron schedule of five fields (minute hour day-of-month month
+    /// day-of-week, in the CronJob controller's time zone), for example
+    /// `0 3 * * *`.
+    #[schemars(length(min = 9, max = 100))]
+    pub schedule: String,
+    /// Which backups are kept after each backup; the newest is always kept.
+    #[serde(default)]
+    pub retention: BackupRetention,
+    /// True: the CronJob is suspended (no new backups); existing ones are kept.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Pruning of old backups: a backup is kept when it is among the newest
+/// `count` and younger than `maxAge` (each only when set).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRetention {
+    /// How many of the newest backups to keep, 1 to 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub count: Option<u32>,
+    /// Delete backups older than this: a number and a unit `m`, `h`, `d` or
+    /// `w` (`14d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,5}(m|h|d|w)$"))]
+    pub max_age: Option<String>,
+}
+
+/// How long the tenant's audit log is kept.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditSpec {
+    /// Days to keep audit rows, 1 to 3650. Older rows are pruned at most
+    /// once a day; an `ANCHOR` row at the cut keeps the rest of the chain
+    /// verifiable. Unset: rows are kept forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub retention_days: Option<u32>,
+}
+
+impl AuditSpec {
+    fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 /// One secret to seal for the tenant.
@@ -227,6 +293,15 @@ pub struct DatabaseSpec {
     #[serde(default = "default_work_mem")]
     #[schemars(regex(pattern = r"^[1-9][0-9]{0,9}(kB|MB|GB)$"))]
     pub work_mem: String,
+
+    /// Most temporary-file space one session of the app role may use
+    /// (`temp_file_limit`): a positive integer and a unit (`kB`, `MB`, `GB`,
+    /// `TB`). Unset: no limit. A superuser-only setting: the operator's admin
+    /// role needs `GRANT SET ON PARAMETER temp_file_limit` (Postgres 15+),
+    /// otherwise the condition `CapsApplied` says it was not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,9}(kB|MB|GB|TB)$"))]
+    pub temp_file_limit: Option<String>,
 }
 
 fn default_migration_set() -> String {
@@ -253,6 +328,7 @@ impl Default for DatabaseSpec {
             statement_timeout: default_statement_timeout(),
             idle_in_transaction_timeout: default_idle_timeout(),
             work_mem: default_work_mem(),
+            temp_file_limit: None,
         }
     }
 }
@@ -281,11 +357,26 @@ pub struct TenantStatus {
     /// none), read from its `_tenancy_migrations` table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<i64>,
+    /// The newest backup of the tenant (spec.backup, or one taken by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<LastBackup>,
     /// Conditions: `Ready`, `DatabaseReady`, `RateLimitsApplied`,
     /// `MigrationsApplied`, and
     /// `DeletionBlocked` while a delete waits on `deletionProtection`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A backup as `status.lastBackup` shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastBackup {
+    /// The backup id (its start time), what `TenantRestore.spec.backup` takes.
+    pub id: String,
+    /// When it was taken (RFC 3339).
+    pub time: String,
+    /// Size of the encrypted dump in bytes.
+    pub bytes: i64,
 }
 
 /// The lifecycle phase shown in `kubectl get tenants`.

@@ -67,6 +67,10 @@ pub struct Context {
     /// The MigrationSets (a watch cache the Tenant controller fills when it
     /// starts); without it a reconcile reads the set from the API server.
     pub migration_sets: std::sync::OnceLock<kube::runtime::reflector::Store<crate::api::MigrationSet>>,
+    /// Prometheus metrics (served by `telemetry::serve`).
+    pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
+    /// What `/healthz` and `/readyz` report.
+    pub health: std::sync::Arc<crate::telemetry::Health>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -84,6 +88,8 @@ impl Context {
             keys: Default::default(),
             sources: Default::default(),
             migration_sets: std::sync::OnceLock::new(),
+            metrics: Default::default(),
+            health: Default::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -116,7 +122,7 @@ impl Context {
 pub async fn run(ctx: std::sync::Arc<Context>) {
     tokio::select! {
         _ = tenant::run(ctx.clone()) => {}
-        _ = ratelimits::run(ctx.clone()) => tracing::error!("the rate-limit writer stopped; stopping the operator"),
-        _ = migration_set::run(ctx) => tracing::error!("the MigrationSet controller stopped; stopping the operator"),
+        _ = ratelimits::run(ctx.clone()) => ctx.health.task_died("ratelimits"),
+        _ = migration_set::run(ctx.clone()) => ctx.health.task_died("migrationset-controller"),
     }
 }

@@ -472,6 +472,8 @@ async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &Mi
         // The MigrationSet's SQL, by design: its author decides the schema.
         sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone())).execute(&mut *tx).await?;
         let ms = start.elapsed().as_millis() as i64;
+        // Audit triggers on the tables it created, committed with them (docs/audit.md).
+        super::audit::converge_in_tx(&mut tx, name).await?;
         sqlx::query(sqlx::AssertSqlSafe(insert.clone())).bind(m.version).bind(&m.name).bind(&m.checksum).bind(ms).execute(&mut *tx).await?;
         Ok(())
     }
@@ -529,6 +531,7 @@ async fn apply_outside_transaction(conn: &mut PgConnection, name: &TenantName, m
         .execute(&mut *tx)
         .await
         .map_err(query_err("setting the version record's role"))?;
+    super::audit::converge_in_tx(&mut tx, name).await.map_err(query_err("auditing the migration's tables"))?;
     sqlx::query(sqlx::AssertSqlSafe(insert_version_sql(name)?))
         .bind(m.version)
         .bind(&m.name)

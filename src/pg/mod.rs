@@ -5,6 +5,8 @@
 //! per-tenant statements in [`tenant`]. Side effects: DDL and DML on the
 //! database the admin DSN names.
 
+pub mod audit;
+pub mod backup;
 pub mod migrations;
 pub mod scram;
 pub mod tenant;

@@ -15,7 +15,7 @@ use crate::names::TenantName;
 
 /// The role settings the operator manages on the app role; any other setting
 /// found there is left alone.
-pub const MANAGED_SETTINGS: [&str; 4] = ["search_path", "statement_timeout", "idle_in_transaction_session_timeout", "work_mem"];
+pub const MANAGED_SETTINGS: [&str; 5] = ["search_path", "statement_timeout", "idle_in_transaction_session_timeout", "work_mem", "temp_file_limit"];
 
 /// A role as the catalog shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,6 +81,9 @@ pub struct CatalogState {
     pub registry: Option<RegistryRow>,
     /// Open sessions of the app role.
     pub app_sessions: i64,
+    /// Whether the admin may set `temp_file_limit` (a superuser-only setting
+    /// unless granted with `GRANT SET ON PARAMETER`, Postgres 15+).
+    pub can_set_temp_file_limit: bool,
 }
 
 /// The marker the operator writes on everything it creates for a tenant, so
@@ -218,17 +221,16 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
     .map_err(query_err("reading the tenant registry"))?
     .map(|(uid, name, schema, state)| RegistryRow { uid, name, schema, state });
 
-    let app_sessions: i64 = if app_role.is_some() {
-        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
-            .bind(&app)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(query_err("counting the app role's sessions"))?
-    } else {
-        0
-    };
+    let (app_sessions, can_set_temp_file_limit): (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_stat_activity WHERE usename = $1),
+                (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) OR has_parameter_privilege('temp_file_limit', 'SET')",
+    )
+    .bind(&app)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(query_err("counting the app role's sessions"))?;
 
-    Ok(CatalogState { schema: schema_state, owner_role, app_role, privileges, registry, app_sessions })
+    Ok(CatalogState { schema: schema_state, owner_role, app_role, privileges, registry, app_sessions, can_set_temp_file_limit })
 }
 
 /// One converging step. The plan builds a list of these; [`render`] turns
@@ -256,6 +258,7 @@ pub enum DbAction {
     SetLogin(bool),
     SetConnectionLimit(i32),
     SetSetting { name: &'static str, value: String },
+    ResetSetting { name: &'static str },
     SetPassword { verifier: String },
     StripElevatedAttributes(Role),
 }
@@ -288,6 +291,7 @@ impl DbAction {
             DbAction::SetLogin(false) => "DisableLogin",
             DbAction::SetConnectionLimit(_) => "SetConnectionLimit",
             DbAction::SetSetting { .. } => "SetRoleSetting",
+            DbAction::ResetSetting { .. } => "ResetRoleSetting",
             DbAction::SetPassword { .. } => "SetPassword",
             DbAction::StripElevatedAttributes(_) => "StripElevatedAttributes",
         }
@@ -341,6 +345,8 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
         DbAction::GrantConnect => vec![format!("GRANT CONNECT ON DATABASE {} TO {app}", quote_ident(database)?)],
         DbAction::SetLogin(login) => vec![format!("ALTER ROLE {app} {}", if *login { "LOGIN" } else { "NOLOGIN" })],
         DbAction::SetConnectionLimit(n) => vec![format!("ALTER ROLE {app} CONNECTION LIMIT {n}")],
+        // `setting` is one of MANAGED_SETTINGS, a compile-time constant.
+        DbAction::ResetSetting { name: setting } => vec![format!("ALTER ROLE {app} RESET {setting}")],
         DbAction::SetSetting { name: setting, value } => {
             // `setting` is one of MANAGED_SETTINGS, a compile-time constant.
             let value = if *setting == "search_path" { quote_ident(value)? } else { quote_literal(value)? };

@@ -10,7 +10,10 @@ use super::*;
 use crate::api::{RateLimitsSpec, TenantSpec};
 
 fn tenant(name: &str, state: TenantState, limits: RateLimitsSpec) -> Tenant {
-    let spec = TenantSpec { display_name: None, state, deletion_protection: false, database: Default::default(), rate_limits: limits, secrets: Vec::new() };
+    // Every other field at its default, as a manifest that omits it gets.
+    let mut spec: TenantSpec = serde_json::from_value(serde_json::json!({})).expect("an empty spec takes every default");
+    spec.state = state;
+    spec.rate_limits = limits;
     Tenant::new(name, spec)
 }
 

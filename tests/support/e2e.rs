@@ -87,8 +87,19 @@ impl Env {
     }
 
     pub fn start_operator(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("operator.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+        // The same identity across restarts: a restarted operator renews
+        // its own leader Lease at once instead of waiting for it to expire.
+        let child = self.spawn_operator("operator-0", "operator.log");
+        self.operator = Some(child);
+    }
+
+    /// Starts one more operator process (leader election: `identity` is its
+    /// POD_NAME), logging to `log` in the test's directory; the caller owns
+    /// the process. Its metrics server listens on a free loopback port
+    /// (see [`metrics_addr`]).
+    pub fn spawn_operator(&self, identity: &str, log: &str) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(log)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
             .arg("run")
             .env("KUBECONFIG", &self.kubeconfig)
             .env("DATABASE_URL", &self.admin_url)
@@ -96,11 +107,22 @@ impl Env {
             .env("RESYNC_SECONDS", "2")
             .env("TENANT_CONCURRENCY", "4")
             .env("RUST_LOG", "info,tenant_operator=debug")
+            .env("POD_NAME", identity)
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("start the operator");
-        self.operator = Some(child);
+            .expect("start the operator")
+    }
+
+    /// The content of a log file in the test's directory.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// The API test server's request log (empty against a real cluster).
+    pub fn server_log(&self) -> String {
+        self.log("server.log")
     }
 
     pub fn stop_operator(&mut self) {
@@ -178,6 +200,30 @@ impl Drop for Env {
             let _ = s.wait();
         }
     }
+}
+
+/// The address the operator's metrics server bound (from the last
+/// "metrics and health server listening" line of its JSON log).
+pub fn metrics_addr(log: &str) -> Option<String> {
+    log.lines()
+        .filter(|l| l.contains("metrics and health server listening"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.pointer("/fields/addr").and_then(|a| a.as_str()).map(str::to_owned))
+        .last()
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }
 
 pub fn tail(s: &str, n: usize) -> String {

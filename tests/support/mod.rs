@@ -4,6 +4,7 @@
 
 pub mod e2e;
 pub mod tenant;
+pub mod tools;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};

@@ -128,6 +128,14 @@ fn error_policy(ms: Arc<MigrationSet>, err: &Error, sctx: Arc<SetContext>) -> Ac
 }
 
 async fn reconcile(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("reconcile", controller = "migrationset", set = %ms.name_any());
+    let result = tracing::Instrument::instrument(reconcile_set(ms, sctx.clone()), span).await;
+    sctx.ctx.metrics.reconciled("migrationset", started.elapsed(), result.as_ref().err().map(Error::label));
+    result
+}
+
+async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<Action, Error> {
     let ctx = &sctx.ctx;
     Stats::add(&ctx.stats.reconciles, 1);
     sctx.tenants.wait_until_ready().await.map_err(|_| Error::StoreGone)?;

@@ -125,3 +125,82 @@ pub fn merge_conditions(old: &[Condition], conds: &[Cond], generation: Option<i6
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Migration, OnFailure, RolloutSpec};
+    use crate::names::TenantName;
+    use crate::pg::migrations::{checksum, Applied, FailureRecord, SchemaVersions};
+
+    fn spec(on_failure: OnFailure) -> MigrationSetSpec {
+        MigrationSetSpec {
+            migrations: vec![Migration { version: 1, name: "m1".into(), sql: "a".into(), transactional: true }],
+            rollout: RolloutSpec { max_concurrent: 4, canary: 0, on_failure },
+        }
+    }
+
+    fn observed(n: usize, at_latest: usize, failed: usize) -> Observed {
+        let names: Vec<TenantName> = (0..n).map(|i| TenantName::parse(&format!("t{i:03}")).unwrap()).collect();
+        let versions = names
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let applied = if i < at_latest { vec![Applied { version: 1, name: "m1".into(), checksum: checksum("a") }] } else { vec![] };
+                (t.clone(), SchemaVersions { schema_exists: true, applied })
+            })
+            .collect();
+        let failures = names[at_latest..at_latest + failed]
+            .iter()
+            .map(|t| FailureRecord {
+                tenant: t.to_string(),
+                migration_set: "default".into(),
+                set_generation: 1,
+                version: 1,
+                migration_name: "m1".into(),
+                reason: REASON_FAILED.into(),
+                error: "x".repeat(2000),
+                sqlstate: Some("23514".into()),
+            })
+            .collect();
+        Observed { followers: names, versions, failures }
+    }
+
+    fn status(obs: &Observed, on_failure: OnFailure, more: bool) -> MigrationSetStatus {
+        let s = spec(on_failure);
+        let p = plan::plan("default", 1, &s, obs);
+        compute(None, Some(1), &s, &p, obs, more, "t0")
+    }
+
+    #[test]
+    fn phases_follow_the_tenants() {
+        let st = status(&observed(3, 3, 0), OnFailure::Pause, false);
+        assert_eq!((st.phase, st.progress.as_deref()), (Some(MigrationSetPhase::Complete), Some("3/3")));
+        assert_eq!(st.versions, vec![VersionCount { version: 1, tenants: 3 }]);
+        let st = status(&observed(3, 1, 0), OnFailure::Pause, true);
+        assert_eq!((st.phase, st.progress.as_deref()), (Some(MigrationSetPhase::Progressing), Some("1/3")));
+        let st = status(&observed(3, 1, 1), OnFailure::Pause, false);
+        assert_eq!(st.phase, Some(MigrationSetPhase::Paused));
+        let st = status(&observed(3, 2, 1), OnFailure::Continue, false);
+        assert_eq!(st.phase, Some(MigrationSetPhase::Paused), "only failed tenants are behind: nothing more happens");
+        assert_eq!(st.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str()), Some("False"));
+    }
+
+    #[test]
+    fn the_failed_list_is_bounded_and_errors_truncated() {
+        let st = status(&observed(30, 0, 30), OnFailure::Continue, false);
+        assert_eq!(st.failed_count, 30);
+        assert_eq!(st.failed.len(), MAX_FAILED);
+        assert!(st.failed.iter().all(|f| f.error.chars().count() <= MAX_ERROR));
+    }
+
+    #[test]
+    fn an_unchanged_rollout_gives_an_equal_status() {
+        let obs = observed(3, 1, 0);
+        let s = spec(OnFailure::Pause);
+        let p = plan::plan("default", 1, &s, &obs);
+        let a = compute(None, Some(1), &s, &p, &obs, true, "t0");
+        let b = compute(Some(&a), Some(1), &s, &p, &obs, true, "t9");
+        assert_eq!(a, b, "a pass that changed nothing must not write the status");
+    }
+}

@@ -236,7 +236,18 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
         }
         Stats::add(&ctx.stats.kube_writes, 1);
         if plan.sealed > 0 {
-            event(ctx, t, false, "SecretsSealed", format!("sealed {} secret(s) under root key {version}", plan.sealed)).await;
+            // Envelopes under another root key were re-sealed: a key rotation.
+            let previous: Vec<String> = sealing::versions_of(&existing_data).iter().filter(|v| **v != version).map(|v| v.to_string()).collect();
+            let (action, reason) = if previous.is_empty() { ("SecretsSealed", "SecretsSealed") } else { ("KeyRotated", "KeyRotated") };
+            let detail = json!({ "sealed": plan.sealed, "key_version": version.to_string(), "previous_versions": previous });
+            let actor = if previous.is_empty() { super::plan::last_spec_manager(t) } else { "tenant-operator (root key rotation)".to_string() };
+            crate::pg::tenant::audit(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
+            let note = if previous.is_empty() {
+                format!("sealed {} secret(s) under root key {version}", plan.sealed)
+            } else {
+                format!("re-sealed {} secret(s) from root key {} to {version}", plan.sealed, previous.join(", "))
+            };
+            event(ctx, t, false, reason, note).await;
         }
     }
     // The oldest version still used is what rotation bookkeeping needs.

@@ -88,7 +88,11 @@ pub async fn run(ctx: Arc<Context>) {
     let secrets: Api<Secret> = Api::all(ctx.client.clone());
     let index = ctx.clone();
     let (rotate_tx, rotate_rx) = futures::channel::mpsc::unbounded::<()>();
-    tokio::spawn(watch_root_keys(ctx.clone(), rotate_tx));
+    let keys_ctx = ctx.clone();
+    tokio::spawn(async move {
+        watch_root_keys(keys_ctx.clone(), rotate_tx).await;
+        keys_ctx.health.task_died("root-keys-watch");
+    });
     // MigrationSets: a watch cache for the reconciles' lookups, and a watch
     // that brings back the followers of a set whose status moved on (a
     // rollout pass migrated some) or whose spec changed, when they are not
@@ -103,6 +107,7 @@ pub async fn run(ctx: Arc<Context>) {
     });
     let controller = Controller::new(tenants, watcher::Config::default().any_semantic());
     let tenant_cache = controller.store();
+    let _ = ctx.metrics.tenant_store.set(controller.store());
     controller
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| migrations::followers_to_refresh(&ms, &tenant_cache.state()))
         .watches(secrets, watcher::Config::default(), move |s: Secret| {
@@ -177,7 +182,12 @@ fn error_policy(t: Arc<Tenant>, err: &Error, ctx: Arc<Context>) -> Action {
 /// One reconcile of one Tenant.
 pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
     Stats::add(&ctx.stats.reconciles, 1);
-    let result = if t.metadata.deletion_timestamp.is_some() { cleanup(&t, &ctx).await } else { converge(&t, &ctx).await };
+    let started = std::time::Instant::now();
+    // Every log line of the reconcile carries the tenant's name (the JSON
+    // logs include the current span's fields).
+    let span = tracing::info_span!("reconcile", controller = "tenant", tenant = %t.name_any());
+    let result = tracing::Instrument::instrument(async { if t.metadata.deletion_timestamp.is_some() { cleanup(&t, &ctx).await } else { converge(&t, &ctx).await } }, span).await;
+    ctx.metrics.reconciled("tenant", started.elapsed(), result.as_ref().err().map(Error::label));
     if result.is_ok() {
         ctx.reset_backoff(&t.name_any());
     }
@@ -276,6 +286,11 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     };
     Stats::add(&ctx.stats.ddl_statements, outcome.statements as u64);
     let (db_plan, registry) = (outcome.plan, outcome.registry);
+    let read_auditing = &outcome.audit.read_auditing;
+    let read_auditing_cond = Cond::new("ReadAuditing", *read_auditing == crate::pg::audit::ReadAuditing::On, read_auditing.reason(), read_auditing.message());
+    if let Some(n) = outcome.audit.pruned.filter(|n| *n > 0) {
+        apply::event(ctx, t, false, "AuditPruned", format!("pruned {n} audit row(s) older than spec.audit.retentionDays; an ANCHOR row keeps the chain verifiable")).await;
+    }
     let data = plan::secret_data(&name, &ctx.settings.endpoint, &db_plan.password);
     let secret_written = apply::converge_secret(ctx, t, &name, observed.secret.as_ref(), data).await?;
 
@@ -302,6 +317,11 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Cond::new("DatabaseReady", true, "Converged", "schema, roles, privileges and caps match the spec".to_string()),
     ];
     conds.extend(rate_limits_cond(ctx, t));
+    conds.push(match &db_plan.caps_not_applied {
+        Some(why) => Cond::new("CapsApplied", false, "TempFileLimitNeedsPrivilege", why.clone()),
+        None => Cond::new("CapsApplied", true, "Applied", "connection limit, timeouts, work_mem and temp_file_limit as the spec says"),
+    });
+    conds.push(read_auditing_cond);
     let sealed = apply::converge_sealed(ctx, t, &name, &uid).await?;
     conds.push(sealed.cond);
     // After provisioning: a new schema gets the set's migrations here; one
@@ -339,6 +359,8 @@ pub struct DbOutcome {
     /// SQL statements executed (DDL plus the registry write); 0 when the
     /// tenant was already converged.
     pub statements: usize,
+    /// The audit log's convergence (tables, triggers, pgaudit, retention).
+    pub audit: crate::pg::audit::AuditOutcome,
 }
 
 /// The Postgres half of a reconcile: plan from the observed catalog, run the
@@ -369,7 +391,10 @@ pub async fn converge_db(
         let n = crate::pg::tenant::terminate_sessions(pool, name).await?;
         tracing::info!(tenant = %name, sessions = n, "terminated the suspended tenant's sessions");
     }
-    Ok(DbOutcome { plan: db_plan, registry, statements })
+    // The audit log: observed first, so a converged tenant runs nothing.
+    let audit = crate::pg::audit::converge(pool, name, desired.audit_retention_days).await?;
+    let statements = statements + audit.statements;
+    Ok(DbOutcome { plan: db_plan, registry, statements, audit })
 }
 
 async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {

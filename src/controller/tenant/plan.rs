@@ -25,6 +25,8 @@ pub struct DesiredDb {
     pub connection_limit: i32,
     /// Managed role settings, name to value, in the form `ALTER ROLE SET` stores.
     pub settings: BTreeMap<&'static str, String>,
+    /// `spec.audit.retentionDays`: audit rows older than this are pruned.
+    pub audit_retention_days: Option<u32>,
 }
 
 /// Why a Tenant cannot be converged until a person changes something.
@@ -34,6 +36,8 @@ pub enum PlanError {
     InvalidName(#[from] crate::names::NameError),
     #[error("spec.database.{field}: {message}")]
     InvalidSpec { field: &'static str, message: String },
+    #[error("spec.audit.retentionDays: {0} is not between 1 and 3650")]
+    InvalidRetention(u32),
     #[error("{what} already exists and was not created by this operator for this tenant ({found}); refusing to adopt it: \
              a left-over of a deleted tenant or another database's tenant of the same name must be removed by hand first")]
     Conflict { what: String, found: String },
@@ -44,7 +48,7 @@ impl PlanError {
     pub fn reason(&self) -> &'static str {
         match self {
             PlanError::InvalidName(_) => "InvalidName",
-            PlanError::InvalidSpec { .. } => "InvalidSpec",
+            PlanError::InvalidSpec { .. } | PlanError::InvalidRetention(_) => "InvalidSpec",
             PlanError::Conflict { .. } => "OwnershipConflict",
         }
     }
@@ -74,19 +78,29 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
     Ok(ms)
 }
 
-/// Kilobytes of a memory size (`64kB`, `16MB`, `1GB`), 64kB to 2GB.
-pub fn parse_memory_kb(s: &str) -> Result<i64, String> {
+/// Kilobytes of a size (`64kB`, `16MB`, `1GB`, `1TB`), at most `max_kb`.
+fn parse_size_kb(s: &str, max_kb: i64) -> Result<i64, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} has no unit (kB, MB, GB)"))?;
     let (num, unit) = s.split_at(split);
     let n: i64 = num.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
-    let factor = match unit {
+    let factor: i64 = match unit {
         "kB" => 1,
-        "MB" => 1024,
-        "GB" => 1024 * 1024,
-        _ => return Err(format!("{s:?} has an unknown unit {unit:?}; use kB, MB or GB")),
+        "MB" => 1 << 10,
+        "GB" => 1 << 20,
+        "TB" => 1 << 30,
+        _ => return Err(format!("{s:?} has an unknown unit {unit:?}; use kB, MB, GB or TB")),
     };
     let kb = n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))?;
-    if !(64..=2 * 1024 * 1024).contains(&kb) {
+    if n == 0 || kb > max_kb {
+        return Err(format!("{s:?} must be between 1kB and {}GB", max_kb >> 20));
+    }
+    Ok(kb)
+}
+
+/// Kilobytes of a `work_mem` size (`64kB`, `16MB`, `1GB`), 64kB to 2GB.
+pub fn parse_memory_kb(s: &str) -> Result<i64, String> {
+    let kb = parse_size_kb(s, 2 * 1024 * 1024)?;
+    if kb < 64 {
         return Err(format!("{s:?} must be between 64kB and 2GB"));
     }
     Ok(kb)
@@ -99,23 +113,34 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
     // Destructured without `..`: a new spec field must be planned here or the
     // build fails.
     // Rate limits are planned by the rate-limit writer (`crate::ratelimit`).
-    let TenantSpec { display_name: _, state, deletion_protection: _, database, rate_limits: _, secrets: _ } = spec;
+    let TenantSpec { display_name: _, state, deletion_protection: _, database, rate_limits: _, secrets: _, audit, backup: _ } = spec;
+    // spec.backup becomes the CronJob (`super::backup::desired_cronjob`).
+    // The audit log's objects and triggers are converged by `crate::pg::audit`
+    // (every tenant has one); only its retention comes from the spec.
+    let crate::api::tenant::AuditSpec { retention_days } = audit;
+    if let Some(days) = retention_days.filter(|d| !(1..=3650).contains(d)) {
+        return Err(PlanError::InvalidRetention(days));
+    }
     // The MigrationSet is followed by the migrations step of the reconcile
     // (`super::migrations`) and rolled out by the MigrationSet controller.
-    let crate::api::DatabaseSpec { migration_set: _, connection_limit, statement_timeout, idle_in_transaction_timeout, work_mem } = database;
+    let crate::api::DatabaseSpec { migration_set: _, connection_limit, statement_timeout, idle_in_transaction_timeout, work_mem, temp_file_limit } = database;
     if !(1..=1000).contains(connection_limit) {
         return Err(PlanError::InvalidSpec { field: "connectionLimit", message: format!("{connection_limit} is not between 1 and 1000") });
     }
     let st = parse_duration_ms(statement_timeout).map_err(|m| PlanError::InvalidSpec { field: "statementTimeout", message: m })?;
     let it = parse_duration_ms(idle_in_transaction_timeout).map_err(|m| PlanError::InvalidSpec { field: "idleInTransactionTimeout", message: m })?;
     let wm = parse_memory_kb(work_mem).map_err(|m| PlanError::InvalidSpec { field: "workMem", message: m })?;
-    let settings = BTreeMap::from([
+    let mut settings = BTreeMap::from([
         ("search_path", name.schema()),
         ("statement_timeout", format!("{st}ms")),
         ("idle_in_transaction_session_timeout", format!("{it}ms")),
         ("work_mem", format!("{wm}kB")),
     ]);
-    Ok(DesiredDb { login: *state == TenantState::Active, connection_limit: *connection_limit, settings })
+    if let Some(limit) = temp_file_limit {
+        let kb = parse_size_kb(limit, i32::MAX as i64).map_err(|m| PlanError::InvalidSpec { field: "tempFileLimit", message: m })?;
+        settings.insert("temp_file_limit", format!("{kb}kB"));
+    }
+    Ok(DesiredDb { login: *state == TenantState::Active, connection_limit: *connection_limit, settings, audit_retention_days: *retention_days })
 }
 
 /// What one reconcile must do to the database, and the credentials to hold.
@@ -127,6 +152,8 @@ pub struct DbPlan {
     pub password: String,
     /// End the app role's sessions after the actions commit.
     pub terminate_sessions: bool,
+    /// Caps the spec asks for that the admin role may not set, in words.
+    pub caps_not_applied: Option<String>,
 }
 
 fn check_marker(what: String, comment: &Option<String>, marker: &str) -> Result<(), PlanError> {
@@ -226,13 +253,31 @@ pub fn plan_db(
         _ => actions.extend([DbAction::GrantSchemaUsage, DbAction::GrantExistingObjects, DbAction::SetDefaultPrivileges, DbAction::GrantConnect]),
     }
     let current = observed.app_role.as_ref().map(|r| &r.settings);
+    let mut caps_not_applied = None;
     for (setting, value) in &desired.settings {
         if current.and_then(|s| s.get(*setting)) != Some(value) {
+            // temp_file_limit is superuser-only unless granted: degrade to a
+            // condition rather than fail the tenant.
+            if *setting == "temp_file_limit" && !observed.can_set_temp_file_limit {
+                caps_not_applied = Some(format!(
+                    "tempFileLimit {value} not applied: the admin role may not set temp_file_limit;                      as a superuser run GRANT SET ON PARAMETER temp_file_limit TO <admin role>"
+                ));
+                continue;
+            }
             actions.push(DbAction::SetSetting { name: setting, value: value.clone() });
         }
     }
+    // A managed setting the spec no longer asks for goes back to the default.
+    for setting in crate::pg::tenant::MANAGED_SETTINGS {
+        if !desired.settings.contains_key(setting) && current.is_some_and(|s| s.contains_key(setting)) {
+            if setting == "temp_file_limit" && !observed.can_set_temp_file_limit {
+                continue;
+            }
+            actions.push(DbAction::ResetSetting { name: setting });
+        }
+    }
     let terminate_sessions = !desired.login && observed.app_sessions > 0;
-    Ok(DbPlan { actions, password, terminate_sessions })
+    Ok(DbPlan { actions, password, terminate_sessions, caps_not_applied })
 }
 
 /// Drift on an existing role: elevated attributes, foreign members, and the
@@ -325,6 +370,7 @@ mod tests {
             privileges: Some(AppPrivileges { schema_usage: true, schema_create: false, database_connect: true, objects_missing_dml: 0, default_privileges: true, internal_writable: 0 }),
             registry: Some(RegistryRow { uid: uid.into(), name: "acme".into(), schema: name().schema(), state: "Active".into() }),
             app_sessions: 2,
+            can_set_temp_file_limit: false,
         }
     }
 
@@ -432,6 +478,26 @@ mod tests {
                 other => panic!("expected InvalidSpec on {field}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn temp_file_limit_degrades_without_the_privilege_and_resets_when_removed() {
+        let mut s = spec();
+        let d0 = desired_db(&name(), &s).unwrap();
+        s.database.temp_file_limit = Some("1GB".into());
+        let d = desired_db(&name(), &s).unwrap();
+        let mut obs = converged("u1", &d0);
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert!(p.caps_not_applied.as_deref().is_some_and(|m| m.contains("GRANT SET ON PARAMETER temp_file_limit")));
+        obs.can_set_temp_file_limit = true;
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert_eq!(p.actions, vec![DbAction::SetSetting { name: "temp_file_limit", value: "1048576kB".into() }]);
+        assert!(p.caps_not_applied.is_none());
+        // Applied, then removed from the spec: back to the server default.
+        obs.app_role.as_mut().unwrap().settings.insert("temp_file_limit".into(), "1048576kB".into());
+        let p = plan_db(&name(), "u1", &d0, &obs, Some("pw")).unwrap();
+        assert_eq!(p.actions, vec![DbAction::ResetSetting { name: "temp_file_limit" }]);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Extra {
     /// The schema's migration version (`status.schemaVersion`); None keeps
     /// what the old status says.
     pub schema_version: Option<i64>,
+    /// The newest backup (`status.lastBackup`); None keeps the old one.
+    pub last_backup: Option<crate::api::tenant::LastBackup>,
 }
 
 /// Merges `conds` into `old`'s conditions and sets phase, schema and
@@ -81,7 +83,8 @@ pub fn next_status_with(
         None => (old.and_then(|s| s.key_version.clone()), old.and_then(|s| s.key_fingerprint.clone())),
     };
     let schema_version = extra.schema_version.or_else(|| old.and_then(|s| s.schema_version));
-    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, conditions }
+    let last_backup = extra.last_backup.or_else(|| old.and_then(|s| s.last_backup.clone()));
+    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, last_backup, conditions }
 }
 
 /// The condition of `type_` in a status, if any.

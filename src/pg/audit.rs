@@ -1,0 +1,981 @@
+//! The per-tenant audit log: an append-only, hash-chained `_tenancy_audit`
+//! table in each tenant schema, fed by triggers on every tenant table, and
+//! read auditing through pgaudit (docs/audit.md).
+//!
+//! Takes a validated [`TenantName`] (schema and role identifiers come only
+//! from it; table names come from the catalog and are quoted); gives the
+//! observed audit state, the statements that converge it, chain
+//! verification, export and pruning. Side effects: DDL in the tenant schema
+//! as its owner role (tables `_tenancy_audit` and `_tenancy_audit_head`,
+//! three functions, triggers on the tenant's tables), `ALTER ROLE <app> SET
+//! pgaudit.log` where the admin may, and DELETE/INSERT on the audit table
+//! when pruning.
+//!
+//! The chain: every audit row carries `prev_hash` and `hash =
+//! sha256(prev_hash || content)`, content being [`content_sql`] of the row
+//! (a JSON array text of its fields). The first row's `prev_hash` is 32
+//! zero bytes; `_tenancy_audit_head` holds the last row's id and hash, and
+//! its row lock serializes appends per tenant until commit, so the chain is
+//! linear under concurrency (and a REPEATABLE READ writer that raced gets a
+//! serialization failure instead of forking it).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::{Acquire, PgConnection, PgPool, Row};
+
+use super::{query_err, quote_ident, quote_literal, PgError};
+use crate::names::TenantName;
+
+/// The audit table in every tenant schema.
+pub const AUDIT_TABLE: &str = "_tenancy_audit";
+/// Its one-row chain head (last id, last hash, last prune).
+pub const HEAD_TABLE: &str = "_tenancy_audit_head";
+const TRIGGER_FN: &str = "_tenancy_audit_trigger";
+const WRITE_FN: &str = "_tenancy_audit_write";
+const GUARD_FN: &str = "_tenancy_audit_guard";
+const GUARD_TRIGGER: &str = "_tenancy_audit_guard";
+/// The triggers on each tenant table: INSERT and DELETE statement-level with
+/// transition tables (one append per statement, however many rows), UPDATE
+/// per row (old and new row side by side for the changed columns), TRUNCATE.
+pub const TABLE_TRIGGERS: [&str; 4] = ["_tenancy_audit_ins", "_tenancy_audit_upd", "_tenancy_audit_del", "_tenancy_audit_trunc"];
+/// The `prev_hash` of the first row.
+pub const GENESIS: [u8; 32] = [0; 32];
+/// What the operator asks pgaudit to log for each tenant's app role.
+pub const PGAUDIT_CLASSES: &str = "read, write";
+/// The `search_path` of the audit functions: only the catalog, so no object
+/// a tenant creates can stand in for a built-in.
+const FN_SEARCH_PATH: &str = "search_path=pg_catalog, pg_temp";
+
+/// The canonical content of an audit row that its hash covers: a JSON array
+/// text of (epoch seconds with microseconds, actor, actor_given,
+/// request_id, operation, table_name, row_pk, changed_columns). jsonb's text
+/// form is deterministic, and the epoch does not depend on the session's
+/// TimeZone. The same expression serves the trigger (over variables) and
+/// verification (over columns).
+pub fn content_sql(time: &str, actor: &str, given: &str, request: &str, op: &str, table: &str, pk: &str, changed: &str) -> String {
+    format!(
+        "pg_catalog.convert_to(pg_catalog.jsonb_build_array(EXTRACT(EPOCH FROM {time}), {actor}, {given}, {request}, {op}, {table}, {pk}, pg_catalog.to_jsonb({changed}))::text, 'UTF8')"
+    )
+}
+
+/// The audit objects of one tenant schema, as the catalog shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditState {
+    pub schema_exists: bool,
+    pub table: bool,
+    pub head: bool,
+    /// The three functions exist with the expected body, owner, SECURITY
+    /// DEFINER flag and search_path.
+    pub functions_current: bool,
+    /// The append-only guard trigger on the audit table exists and is enabled.
+    pub guard: bool,
+    /// Tenant tables lacking one of [`TABLE_TRIGGERS`] (or with one disabled
+    /// or pointing elsewhere).
+    pub untriggered: Vec<String>,
+}
+
+/// What the server and the app role say about pgaudit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PgauditState {
+    /// `pgaudit.log` is a known setting: the library is loaded
+    /// (`shared_preload_libraries`).
+    pub loaded: bool,
+    /// The admin may set it on a role: superuser, or `GRANT SET ON
+    /// PARAMETER pgaudit.log` (Postgres 15+).
+    pub can_set: bool,
+    /// The app role's own `pgaudit.log`, if set.
+    pub app_setting: Option<String>,
+}
+
+impl PgauditState {
+    /// Whether the app role's setting logs reads and writes.
+    pub fn satisfied(&self) -> bool {
+        let Some(v) = &self.app_setting else { return false };
+        let classes: Vec<String> = v.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
+        let has = |c: &str| classes.iter().any(|x| x == c || x == "all");
+        has("read") && has("write")
+    }
+}
+
+/// Read auditing of one tenant: the `ReadAuditing` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadAuditing {
+    /// The app role's statements are logged by pgaudit.
+    On,
+    /// The pgaudit library is not loaded on the server.
+    NotInstalled,
+    /// pgaudit is loaded but `pgaudit.log` is superuser-only and the admin
+    /// may not set it.
+    NeedsSuperuser { app_role: String, admin: String },
+}
+
+impl ReadAuditing {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReadAuditing::On => "Applied",
+            ReadAuditing::NotInstalled => "PgauditNotInstalled",
+            ReadAuditing::NeedsSuperuser { .. } => "PgauditNeedsSuperuser",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ReadAuditing::On => format!("pgaudit logs the app role's reads and writes (pgaudit.log = '{PGAUDIT_CLASSES}')"),
+            ReadAuditing::NotInstalled => {
+                "read auditing is off: the pgaudit library is not loaded (shared_preload_libraries); writes are still audited in _tenancy_audit".into()
+            }
+            ReadAuditing::NeedsSuperuser { app_role, admin } => format!(
+                "read auditing is off: pgaudit.log is superuser-only; as a superuser (RDS: rds_superuser) run ALTER ROLE {app_role} SET pgaudit.log = '{PGAUDIT_CLASSES}', \
+                 or GRANT SET ON PARAMETER pgaudit.log TO {admin} so the operator sets it (docs/audit.md)"
+            ),
+        }
+    }
+}
+
+/// One converging step of the audit objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditAction {
+    CreateTables,
+    ReplaceFunctions,
+    GuardTable,
+    TriggerTable(String),
+    SetPgauditLog,
+}
+
+impl AuditAction {
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuditAction::CreateTables => "CreateAuditTables",
+            AuditAction::ReplaceFunctions => "ReplaceAuditFunctions",
+            AuditAction::GuardTable => "GuardAuditTable",
+            AuditAction::TriggerTable(_) => "AuditTable",
+            AuditAction::SetPgauditLog => "SetPgauditLog",
+        }
+    }
+
+    /// Runs as the tenant's owner role (everything but the role setting).
+    fn as_owner(&self) -> bool {
+        !matches!(self, AuditAction::SetPgauditLog)
+    }
+}
+
+/// The steps that converge the audit objects. Pure. `pgaudit` is None where
+/// read auditing is not converged (inside a migration's transaction).
+pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditAction> {
+    let mut actions = Vec::new();
+    if !state.schema_exists {
+        return actions;
+    }
+    if !state.table || !state.head {
+        actions.push(AuditAction::CreateTables);
+    }
+    if !state.functions_current {
+        actions.push(AuditAction::ReplaceFunctions);
+    }
+    if !state.guard {
+        actions.push(AuditAction::GuardTable);
+    }
+    actions.extend(state.untriggered.iter().cloned().map(AuditAction::TriggerTable));
+    if let Some(p) = pgaudit {
+        if p.loaded && p.can_set && !p.satisfied() {
+            actions.push(AuditAction::SetPgauditLog);
+        }
+    }
+    actions
+}
+
+/// The `ReadAuditing` outcome once `plan`'s actions ran. Pure.
+pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAuditing {
+    if !p.loaded {
+        ReadAuditing::NotInstalled
+    } else if p.satisfied() || p.can_set {
+        ReadAuditing::On
+    } else {
+        ReadAuditing::NeedsSuperuser { app_role: app_role.to_owned(), admin: admin.to_owned() }
+    }
+}
+
+/// The expected source of each audit function, by name.
+fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str, String>, PgError> {
+    let schema = quote_ident(&name.schema())?;
+    let owner = quote_literal(&name.owner_role())?;
+    let content = content_sql("v_time", "v_actor", "v_given", "v_request", "p_op", "p_table", "u.pk", "p_changed");
+    let write = format!(
+        r#"
+DECLARE
+  v_hash bytea;
+  v_time timestamptz;
+  v_actor text;
+  v_given boolean;
+  v_request text;
+  v_contents bytea[];
+  v_prevs bytea[] := '{{}}';
+  v_hashes bytea[] := '{{}}';
+  v_content bytea;
+  v_i integer := 0;
+  v_last bigint;
+BEGIN
+  IF coalesce(cardinality(p_pks), 0) = 0 THEN
+    RETURN;
+  END IF;
+  -- The head row's lock serializes appends per tenant until commit.
+  SELECT h.hash INTO STRICT v_hash FROM {schema}.{HEAD_TABLE} h FOR UPDATE;
+  v_time := clock_timestamp();
+  v_actor := nullif(current_setting('tenancy.actor', true), '');
+  v_given := v_actor IS NOT NULL;
+  v_actor := coalesce(v_actor, session_user::text);
+  v_request := nullif(current_setting('tenancy.request_id', true), '');
+  SELECT array_agg({content} ORDER BY u.o) INTO v_contents
+    FROM unnest(p_pks) WITH ORDINALITY AS u(pk, o);
+  FOREACH v_content IN ARRAY v_contents LOOP
+    v_i := v_i + 1;
+    v_prevs[v_i] := v_hash;
+    v_hash := sha256(v_hash || v_content);
+    v_hashes[v_i] := v_hash;
+  END LOOP;
+  WITH ins AS (
+    INSERT INTO {schema}.{AUDIT_TABLE} ("time", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash)
+    SELECT v_time, v_actor, v_given, v_request, p_op, p_table, u.pk, p_changed, u.prev, u.hash
+      FROM unnest(p_pks, v_prevs, v_hashes) WITH ORDINALITY AS u(pk, prev, hash, o)
+     ORDER BY u.o
+    RETURNING id)
+  SELECT max(id) INTO v_last FROM ins;
+  UPDATE {schema}.{HEAD_TABLE} SET hash = v_hash, last_id = v_last;
+END
+"#
+    );
+    let trigger = format!(
+        r#"
+DECLARE
+  v_cols text;
+  v_pks jsonb[];
+  v_pk jsonb;
+  v_new jsonb;
+  v_old jsonb;
+  v_changed text[];
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    PERFORM {schema}.{WRITE_FN}('TRUNCATE', TG_TABLE_NAME::text, ARRAY[NULL::jsonb], NULL);
+    RETURN NULL;
+  END IF;
+  IF TG_LEVEL = 'ROW' THEN
+    v_new := to_jsonb(NEW);
+    v_old := to_jsonb(OLD);
+    SELECT coalesce(array_agg(n.key ORDER BY n.key), '{{}}') INTO v_changed
+      FROM jsonb_each(v_new) n WHERE (v_old -> n.key) IS DISTINCT FROM n.value;
+    SELECT jsonb_object_agg(a.attname, v_new -> a.attname::text) INTO v_pk
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = TG_RELID AND i.indisprimary;
+    PERFORM {schema}.{WRITE_FN}(TG_OP, TG_TABLE_NAME::text, ARRAY[v_pk], v_changed);
+    RETURN NULL;
+  END IF;
+  SELECT string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_cols
+    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+   WHERE i.indrelid = TG_RELID AND i.indisprimary;
+  EXECUTE format('SELECT array_agg(%s) FROM %I t',
+                 CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
+                 CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
+    INTO v_pks;
+  PERFORM {schema}.{WRITE_FN}(TG_OP, TG_TABLE_NAME::text, v_pks, NULL);
+  RETURN NULL;
+END
+"#
+    );
+    let guard = format!(
+        r#"
+BEGIN
+  -- Pruning (as the owner, with the setting on) is the only delete.
+  IF TG_OP = 'DELETE' AND current_user = {owner} AND current_setting('tenancy.audit_prune', true) = 'on' THEN
+    RETURN NULL;
+  END IF;
+  RAISE EXCEPTION 'the audit log %.% is append-only: % refused', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP
+    USING ERRCODE = 'insufficient_privilege';
+END
+"#
+    );
+    Ok(BTreeMap::from([(WRITE_FN, write), (TRIGGER_FN, trigger), (GUARD_FN, guard)]))
+}
+
+/// The SQL of one action. Identifiers are quoted; the functions' bodies are
+/// dollar-quoted with a tag no identifier of a validated name can contain.
+pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, PgError> {
+    let schema = quote_ident(&name.schema())?;
+    let app = quote_ident(&name.app_role())?;
+    Ok(match action {
+        AuditAction::CreateTables => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{AUDIT_TABLE} (
+                    id bigserial PRIMARY KEY,
+                    \"time\" timestamptz NOT NULL,
+                    actor text NOT NULL,
+                    actor_given boolean NOT NULL,
+                    request_id text,
+                    operation text NOT NULL,
+                    table_name text,
+                    row_pk jsonb,
+                    changed_columns text[],
+                    prev_hash bytea NOT NULL,
+                    hash bytea NOT NULL)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{HEAD_TABLE} (
+                    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+                    last_id bigint NOT NULL DEFAULT 0,
+                    hash bytea NOT NULL,
+                    pruned_at timestamptz)"
+            ),
+            format!("INSERT INTO {schema}.{HEAD_TABLE} (hash) VALUES (decode(repeat('00', 32), 'hex')) ON CONFLICT DO NOTHING"),
+            // The owner's default privileges gave the app DML; it keeps only
+            // SELECT on the log, nothing on the head or the id sequence.
+            format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE {schema}.{AUDIT_TABLE} FROM {app}"),
+            format!("REVOKE ALL ON TABLE {schema}.{HEAD_TABLE} FROM {app}"),
+            format!("REVOKE ALL ON SEQUENCE {schema}.{AUDIT_TABLE}_id_seq FROM {app}"),
+        ],
+        AuditAction::ReplaceFunctions => {
+            let bodies = function_bodies(name)?;
+            let mut v = Vec::new();
+            for (f, args, ret, definer) in [
+                (WRITE_FN, "p_op text, p_table text, p_pks jsonb[], p_changed text[]", "void", true),
+                (TRIGGER_FN, "", "trigger", true),
+                (GUARD_FN, "", "trigger", false),
+            ] {
+                let security = if definer { "SECURITY DEFINER" } else { "SECURITY INVOKER" };
+                v.push(format!(
+                    "CREATE OR REPLACE FUNCTION {schema}.{f}({args}) RETURNS {ret} LANGUAGE plpgsql {security} SET search_path = pg_catalog, pg_temp AS $tenancy_fn${}$tenancy_fn$",
+                    bodies[f]
+                ));
+                let sig = if args.is_empty() { String::new() } else { "text, text, jsonb[], text[]".into() };
+                v.push(format!("REVOKE ALL ON FUNCTION {schema}.{f}({sig}) FROM PUBLIC"));
+            }
+            v
+        }
+        AuditAction::GuardTable => vec![
+            format!("DROP TRIGGER IF EXISTS {GUARD_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
+            format!(
+                "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{GUARD_FN}()"
+            ),
+        ],
+        AuditAction::TriggerTable(table) => {
+            let t = format!("{schema}.{}", quote_ident(table)?);
+            let f = format!("{schema}.{TRIGGER_FN}()");
+            let [ins, upd, del, trunc] = TABLE_TRIGGERS;
+            let mut v: Vec<String> = TABLE_TRIGGERS.iter().map(|tg| format!("DROP TRIGGER IF EXISTS {tg} ON {t}")).collect();
+            v.extend([
+                format!("CREATE TRIGGER {ins} AFTER INSERT ON {t} REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+                format!("CREATE TRIGGER {upd} AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}"),
+                format!("CREATE TRIGGER {del} AFTER DELETE ON {t} REFERENCING OLD TABLE AS tenancy_old FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+                format!("CREATE TRIGGER {trunc} AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+            ]);
+            v
+        }
+        AuditAction::SetPgauditLog => vec![format!("ALTER ROLE {app} SET pgaudit.log TO {}", quote_literal(PGAUDIT_CLASSES)?)],
+    })
+}
+
+/// Reads the audit objects of the tenant schema: 2 queries, no writes.
+pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<AuditState, PgError> {
+    let schema = name.schema();
+    let row = sqlx::query(
+        "SELECT n.oid IS NOT NULL AS schema_exists,
+                EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
+                EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
+                EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
+                         WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $4 AND t.tgenabled = 'O'
+                           AND p.pronamespace = n.oid AND p.proname = $5) AS guard,
+                coalesce((SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c
+                           WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+                             AND c.relname NOT LIKE '\\_tenancy\\_%'
+                             AND (SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                                   WHERE t.tgrelid = c.oid AND t.tgname = ANY ($6) AND t.tgenabled = 'O'
+                                     AND p.pronamespace = n.oid AND p.proname = $7) <> 4), '{}') AS untriggered
+           FROM (SELECT $1::text AS name) x LEFT JOIN pg_namespace n ON n.nspname = x.name",
+    )
+    .bind(&schema)
+    .bind(AUDIT_TABLE)
+    .bind(HEAD_TABLE)
+    .bind(GUARD_TRIGGER)
+    .bind(GUARD_FN)
+    .bind(TABLE_TRIGGERS.to_vec())
+    .bind(TRIGGER_FN)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(query_err("reading the tenant's audit objects"))?;
+    let decode = || -> Result<AuditState, sqlx::Error> {
+        Ok(AuditState {
+            schema_exists: row.try_get("schema_exists")?,
+            table: row.try_get("audit")?,
+            head: row.try_get("head")?,
+            guard: row.try_get("guard")?,
+            untriggered: row.try_get("untriggered")?,
+            functions_current: false,
+        })
+    };
+    let mut state = decode().map_err(query_err("decoding the tenant's audit objects"))?;
+    if !state.schema_exists {
+        return Ok(state);
+    }
+    let funcs: Vec<(String, String, bool, String, Vec<String>)> = sqlx::query_as(
+        "SELECT p.proname::text, p.prosrc, p.prosecdef, pg_get_userbyid(p.proowner)::text, coalesce(p.proconfig, '{}')
+           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = $1 AND p.proname = ANY ($2)",
+    )
+    .bind(&schema)
+    .bind(vec![WRITE_FN, TRIGGER_FN, GUARD_FN])
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_err("reading the tenant's audit functions"))?;
+    let bodies = function_bodies(name)?;
+    let owner = name.owner_role();
+    state.functions_current = funcs.len() == bodies.len()
+        && funcs.iter().all(|(f, src, definer, fowner, config)| {
+            bodies.get(f.as_str()).is_some_and(|b| b == src)
+                && *definer == (f != GUARD_FN)
+                && *fowner == owner
+                && config.as_slice() == [FN_SEARCH_PATH]
+        });
+    Ok(state)
+}
+
+/// Reads what pgaudit can do here and the app role's setting: 1 or 2
+/// queries, no writes.
+pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Result<PgauditState, PgError> {
+    let (loaded, superuser, version, settings): (bool, bool, i32, Vec<String>) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log'),
+                (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                current_setting('server_version_num')::int,
+                coalesce((SELECT array_agg(x) FROM pg_db_role_setting s, unnest(s.setconfig) x
+                           WHERE s.setrole = (SELECT oid FROM pg_roles WHERE rolname = $1)
+                             AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))), '{}')",
+    )
+    .bind(name.app_role())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(query_err("reading pgaudit's availability"))?;
+    let app_setting = settings.iter().find_map(|kv| kv.strip_prefix("pgaudit.log=").map(str::to_owned));
+    let can_set = if !loaded {
+        false
+    } else if superuser {
+        true
+    } else if version >= 150000 {
+        // Postgres 15 lets a superuser grant one parameter (GRANT SET ON PARAMETER).
+        sqlx::query_scalar("SELECT has_parameter_privilege('pgaudit.log', 'SET')")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(query_err("reading the admin's right to set pgaudit.log"))?
+    } else {
+        false
+    };
+    Ok(PgauditState { loaded, can_set, app_setting })
+}
+
+/// Runs `actions` on `conn`, in the transaction the caller holds; owner
+/// steps under `SET LOCAL ROLE <owner>` (left set: inside a migration the
+/// role already is the owner). Returns the statements run.
+async fn run(conn: &mut PgConnection, name: &TenantName, actions: &[AuditAction]) -> Result<usize, sqlx::Error> {
+    let mut count = 0;
+    for a in actions.iter().filter(|a| !a.as_owner()) {
+        for stmt in render(a, name).map_err(|e| sqlx::Error::Protocol(e.to_string()))? {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *conn).await?;
+            count += 1;
+        }
+    }
+    if actions.iter().any(AuditAction::as_owner) {
+        let owner = quote_ident(&name.owner_role()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}"))).execute(&mut *conn).await?;
+        count += 1;
+        for a in actions.iter().filter(|a| a.as_owner()) {
+            for stmt in render(a, name).map_err(|e| sqlx::Error::Protocol(e.to_string()))? {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *conn).await?;
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Converges the audit table, functions and triggers inside a transaction
+/// the caller holds (a migration's, after its SQL ran as the owner), so a
+/// table the migration created is audited from its first commit. Reads
+/// first: no DDL when everything is in place.
+pub async fn converge_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result<usize, sqlx::Error> {
+    let state = observe(conn, name).await.map_err(into_sqlx)?;
+    let actions = plan(&state, None);
+    if actions.is_empty() {
+        return Ok(0);
+    }
+    run(conn, name, &actions).await
+}
+
+fn into_sqlx(e: PgError) -> sqlx::Error {
+    match e {
+        PgError::Query { source, .. } => source,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
+}
+
+/// What one audit convergence of a reconcile did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditOutcome {
+    pub actions: Vec<AuditAction>,
+    pub statements: usize,
+    pub read_auditing: ReadAuditing,
+    /// Rows removed by retention this time (None: no prune was due).
+    pub pruned: Option<u64>,
+}
+
+/// Whether a prune is due, and its cutoff: at most once a day. Pure.
+pub fn prune_due(retention_days: Option<u32>, last_pruned: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let days = retention_days?;
+    if last_pruned.is_some_and(|t| now - t < chrono::Duration::days(1)) {
+        return None;
+    }
+    Some(now - chrono::Duration::days(days as i64))
+}
+
+/// The audit half of a reconcile: observe, then converge (one transaction)
+/// the audit objects and the app role's pgaudit setting; then prune when
+/// retention is set and a day has passed since the last prune. A converged
+/// tenant with nothing to prune runs no statement.
+pub async fn converge(pool: &PgPool, name: &TenantName, retention_days: Option<u32>) -> Result<AuditOutcome, PgError> {
+    let mut conn = pool.acquire().await.map_err(query_err("connecting to converge the audit log"))?;
+    let state = observe(&mut conn, name).await?;
+    let pgaudit = observe_pgaudit(&mut conn, name).await?;
+    let admin: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut *conn).await.map_err(query_err("reading the admin role"))?;
+    let actions = plan(&state, Some(&pgaudit));
+    let mut statements = 0;
+    if !actions.is_empty() {
+        let mut tx = conn.begin().await.map_err(query_err("starting the audit log's transaction"))?;
+        statements = run(&mut tx, name, &actions).await.map_err(query_err("converging the audit log"))?;
+        tx.commit().await.map_err(query_err("committing the audit log"))?;
+    }
+    let read = read_auditing(&pgaudit, &name.app_role(), &admin);
+    let mut pruned = None;
+    if retention_days.is_some() && state.schema_exists {
+        let last: Option<DateTime<Utc>> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT pruned_at FROM {}.{HEAD_TABLE}", quote_ident(&name.schema())?)))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(query_err("reading the audit log's last prune"))?
+                .flatten();
+        if let Some(cutoff) = prune_due(retention_days, last, Utc::now()) {
+            drop(conn);
+            let p = prune(pool, name, cutoff, "tenant-operator (retention)").await?;
+            statements += p.statements;
+            pruned = Some(p.deleted);
+        }
+    }
+    Ok(AuditOutcome { actions, statements, read_auditing: read, pruned })
+}
+
+/// What a prune did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PruneOutcome {
+    /// Rows deleted (a previous anchor included).
+    pub deleted: u64,
+    /// The id of the new ANCHOR row (the last pruned row's id), if any.
+    pub anchor: Option<i64>,
+    pub statements: usize,
+}
+
+/// Deletes the audit rows older than `before`, as the owner role, and keeps
+/// the rest verifiable: an ANCHOR row takes the last pruned row's id, with
+/// `prev_hash` and `hash` both that row's hash (the hash at the cut), so the
+/// next row links to it; and a PRUNE row appended to the chain records the
+/// cut (`row_pk`: through_id, cut_hash, rows), binding the anchor into the
+/// chain. Appends wait meanwhile (the head row is locked).
+pub async fn prune(pool: &PgPool, name: &TenantName, before: DateTime<Utc>, actor: &str) -> Result<PruneOutcome, PgError> {
+    let schema = quote_ident(&name.schema())?;
+    let owner = quote_ident(&name.owner_role())?;
+    let mut tx = pool.begin().await.map_err(query_err("starting the prune"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}"))).execute(&mut *tx).await.map_err(query_err("becoming the owner to prune"))?;
+    sqlx::query("SELECT set_config('tenancy.audit_prune', 'on', true), set_config('tenancy.actor', $1, true), set_config('tenancy.request_id', '', true)")
+        .bind(actor)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("marking the prune"))?;
+    let mut statements = 2;
+    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT 1 FROM {schema}.{HEAD_TABLE} FOR UPDATE")))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("locking the audit chain"))?;
+    let cut: Option<(i64, Vec<u8>, DateTime<Utc>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, hash, \"time\", operation FROM {schema}.{AUDIT_TABLE} WHERE \"time\" < $1 ORDER BY id DESC LIMIT 1"
+    )))
+    .bind(before)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(query_err("finding the audit log's cut"))?;
+    let mut out = PruneOutcome { deleted: 0, anchor: None, statements };
+    if let Some((id, hash, time, op)) = cut.filter(|c| c.3 != "ANCHOR") {
+        let _ = op;
+        let deleted = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{AUDIT_TABLE} WHERE id <= $1")))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("pruning the audit log"))?
+            .rows_affected();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {schema}.{AUDIT_TABLE} (id, \"time\", actor, actor_given, operation, row_pk, prev_hash, hash)
+             VALUES ($1, $2, $3, true, 'ANCHOR', jsonb_build_object('through_id', $1, 'before', $4::timestamptz, 'rows', $5::bigint), $6, $6)"
+        )))
+        .bind(id)
+        .bind(time)
+        .bind(actor)
+        .bind(before)
+        .bind(deleted as i64)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("writing the audit log's anchor"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {schema}.{WRITE_FN}('PRUNE', NULL, ARRAY[jsonb_build_object('through_id', $1::bigint, 'cut_hash', encode($2, 'hex'), 'rows', $3::bigint)], NULL)"
+        )))
+        .bind(id)
+        .bind(&hash)
+        .bind(deleted as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("recording the prune in the chain"))?;
+        statements += 3;
+        out = PruneOutcome { deleted, anchor: Some(id), statements };
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {schema}.{HEAD_TABLE} SET pruned_at = now()")))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("recording the prune time"))?;
+    out.statements += 2;
+    tx.commit().await.map_err(query_err("committing the prune"))?;
+    Ok(out)
+}
+
+/// Where the chain breaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// The audit row where the break is found.
+    pub id: i64,
+    pub what: String,
+}
+
+/// The outcome of walking a tenant's chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub rows: u64,
+    /// The ANCHOR row the walk started from, after a prune.
+    pub anchor: Option<i64>,
+    /// The hash of the last row (hex).
+    pub head: String,
+    pub first_break: Option<ChainBreak>,
+}
+
+/// One row as the walk sees it.
+#[derive(Clone, Debug)]
+pub struct ChainRow {
+    pub id: i64,
+    pub operation: String,
+    pub prev_hash: Vec<u8>,
+    pub hash: Vec<u8>,
+    pub content: Vec<u8>,
+    pub row_pk: Option<serde_json::Value>,
+}
+
+/// The walk itself, over rows in id order, then the head. Pure.
+pub struct Walker {
+    expected: Vec<u8>,
+    rows: u64,
+    anchor: Option<(i64, Vec<u8>)>,
+    anchor_confirmed: bool,
+    last_id: i64,
+    first_break: Option<ChainBreak>,
+}
+
+impl Default for Walker {
+    fn default() -> Self {
+        Walker { expected: GENESIS.to_vec(), rows: 0, anchor: None, anchor_confirmed: false, last_id: 0, first_break: None }
+    }
+}
+
+impl Walker {
+    fn broke(&mut self, id: i64, what: String) {
+        if self.first_break.is_none() {
+            self.first_break = Some(ChainBreak { id, what });
+        }
+    }
+
+    /// Checks one row; stops checking after the first break.
+    pub fn push(&mut self, r: &ChainRow) {
+        if self.first_break.is_some() {
+            return;
+        }
+        let first = self.rows == 0;
+        self.rows += 1;
+        self.last_id = r.id;
+        if r.operation == "ANCHOR" {
+            if !first {
+                return self.broke(r.id, "an ANCHOR row in the middle of the chain (only a prune's cut, at the start, may hold one)".into());
+            }
+            if r.prev_hash != r.hash {
+                return self.broke(r.id, "the ANCHOR row's prev_hash and hash differ (both must be the hash at the cut)".into());
+            }
+            self.anchor = Some((r.id, r.hash.clone()));
+            self.expected = r.hash.clone();
+            return;
+        }
+        if r.prev_hash != self.expected {
+            return self.broke(
+                r.id,
+                format!(
+                    "prev_hash {} is not the hash of the row before it ({}): a row was deleted, inserted or reordered",
+                    short(&r.prev_hash),
+                    short(&self.expected)
+                ),
+            );
+        }
+        let mut h = Sha256::new();
+        h.update(&r.prev_hash);
+        h.update(&r.content);
+        let computed = h.finalize().to_vec();
+        if computed != r.hash {
+            return self.broke(
+                r.id,
+                format!("the row's content does not match its hash (stored {}, content gives {}): the row was edited", short(&r.hash), short(&computed)),
+            );
+        }
+        if r.operation == "PRUNE" {
+            if let (Some((aid, ahash)), Some(pk)) = (&self.anchor, &r.row_pk) {
+                let through = pk.get("through_id").and_then(|v| v.as_i64());
+                let cut = pk.get("cut_hash").and_then(|v| v.as_str());
+                if through == Some(*aid) && cut == Some(hex::encode(ahash).as_str()) {
+                    self.anchor_confirmed = true;
+                }
+            }
+        }
+        self.expected = r.hash.clone();
+    }
+
+    /// Ends the walk with the head row's (last id, hash).
+    pub fn finish(mut self, head: Option<(i64, Vec<u8>)>) -> VerifyReport {
+        if self.first_break.is_none() {
+            if let Some((aid, _)) = &self.anchor {
+                if !self.anchor_confirmed {
+                    let aid = *aid;
+                    self.broke(aid, "the ANCHOR row is not confirmed by a PRUNE row in the chain (through_id and cut_hash): rows before it may have been removed".into());
+                }
+            }
+        }
+        if self.first_break.is_none() {
+            match &head {
+                Some((last_id, hash)) if *hash != self.expected || (*last_id != self.last_id && self.rows > 0) => {
+                    let (last_id, hash) = (*last_id, hash.clone());
+                    self.broke(
+                        last_id.max(self.last_id),
+                        format!(
+                            "the chain head records row {last_id} with hash {} but the last row is {} with hash {}: rows at the end were deleted or the head was edited",
+                            short(&hash),
+                            self.last_id,
+                            short(&self.expected)
+                        ),
+                    )
+                }
+                None if self.rows > 0 => self.broke(self.last_id, "the chain head row is missing".into()),
+                _ => {}
+            }
+        }
+        VerifyReport { rows: self.rows, anchor: self.anchor.map(|a| a.0), head: hex::encode(&self.expected), first_break: self.first_break }
+    }
+}
+
+fn short(h: &[u8]) -> String {
+    let s = hex::encode(h);
+    s[..s.len().min(16)].to_string()
+}
+
+async fn require_audit(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
+    let state = observe(conn, name).await?;
+    if !state.table || !state.head {
+        return Err(PgError::MissingPrivilege { role: name.schema(), what: "an audit log (the tenant does not exist or was never reconciled)".into() });
+    }
+    Ok(())
+}
+
+/// Walks the tenant's whole chain (streamed, in id order) and reports the
+/// first break.
+pub async fn verify(pool: &PgPool, name: &TenantName) -> Result<VerifyReport, PgError> {
+    let schema = quote_ident(&name.schema())?;
+    let mut conn = pool.acquire().await.map_err(query_err("connecting to verify the audit log"))?;
+    require_audit(&mut conn, name).await?;
+    // One snapshot for the rows and the head.
+    let mut tx = conn.begin().await.map_err(query_err("starting the verification"))?;
+    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await.map_err(query_err("starting the verification"))?;
+    let content = content_sql("a.\"time\"", "a.actor", "a.actor_given", "a.request_id", "a.operation", "a.table_name", "a.row_pk", "a.changed_columns");
+    let sql = format!("SELECT a.id, a.operation, a.prev_hash, a.hash, {content} AS content, a.row_pk FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id");
+    let mut walker = Walker::default();
+    {
+        let mut rows = sqlx::query_as::<_, (i64, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<serde_json::Value>)>(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
+        while let Some((id, operation, prev_hash, hash, content, row_pk)) = rows.try_next().await.map_err(query_err("reading the audit log"))? {
+            walker.push(&ChainRow { id, operation, prev_hash, hash, content, row_pk });
+        }
+    }
+    let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_id, hash FROM {schema}.{HEAD_TABLE}")))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_err("reading the audit chain head"))?;
+    tx.rollback().await.map_err(query_err("ending the verification"))?;
+    Ok(walker.finish(head))
+}
+
+/// One audit row as exported (JSON lines, for a SIEM).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub tenant: String,
+    pub id: i64,
+    /// RFC 3339, UTC, microseconds.
+    pub time: String,
+    pub actor: String,
+    pub actor_given: bool,
+    pub request_id: Option<String>,
+    pub operation: String,
+    pub table: Option<String>,
+    pub row_pk: Option<serde_json::Value>,
+    pub changed_columns: Option<Vec<String>>,
+    /// Lower-case hex.
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Streams the tenant's audit rows with `time >= since`, in id order, to
+/// `out` as JSON lines. Returns how many were written.
+pub async fn export<W: std::io::Write>(pool: &PgPool, name: &TenantName, since: DateTime<Utc>, out: &mut W) -> Result<u64, PgError> {
+    let schema = quote_ident(&name.schema())?;
+    let mut conn = pool.acquire().await.map_err(query_err("connecting to export the audit log"))?;
+    require_audit(&mut conn, name).await?;
+    let sql = format!(
+        "SELECT id, \"time\", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash
+           FROM {schema}.{AUDIT_TABLE} WHERE \"time\" >= $1 ORDER BY id"
+    );
+    let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since).fetch(&mut *conn);
+    let mut n = 0;
+    while let Some(r) = rows.try_next().await.map_err(query_err("reading the audit log"))? {
+        let decode = || -> Result<AuditRecord, sqlx::Error> {
+            let time: DateTime<Utc> = r.try_get("time")?;
+            Ok(AuditRecord {
+                tenant: name.as_str().to_owned(),
+                id: r.try_get("id")?,
+                time: time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                actor: r.try_get("actor")?,
+                actor_given: r.try_get("actor_given")?,
+                request_id: r.try_get("request_id")?,
+                operation: r.try_get("operation")?,
+                table: r.try_get("table_name")?,
+                row_pk: r.try_get("row_pk")?,
+                changed_columns: r.try_get("changed_columns")?,
+                prev_hash: hex::encode(r.try_get::<Vec<u8>, _>("prev_hash")?),
+                hash: hex::encode(r.try_get::<Vec<u8>, _>("hash")?),
+            })
+        };
+        let rec = decode().map_err(query_err("decoding an audit row"))?;
+        let line = serde_json::to_string(&rec).map_err(|e| PgError::MissingPrivilege { role: "export".into(), what: e.to_string() })?;
+        writeln!(out, "{line}").map_err(|e| PgError::Query { action: "writing the export", source: sqlx::Error::Io(e) })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> TenantName {
+        TenantName::parse(s).unwrap()
+    }
+
+    fn full() -> AuditState {
+        AuditState { schema_exists: true, table: true, head: true, functions_current: true, guard: true, untriggered: vec![] }
+    }
+
+    #[test]
+    fn a_converged_schema_plans_nothing() {
+        assert!(plan(&full(), None).is_empty());
+        let p = PgauditState { loaded: true, can_set: false, app_setting: None };
+        assert!(plan(&full(), Some(&p)).is_empty(), "nothing to do when pgaudit.log cannot be set");
+        let p = PgauditState { loaded: true, can_set: true, app_setting: Some("READ, write, ddl".into()) };
+        assert!(plan(&full(), Some(&p)).is_empty());
+        assert!(plan(&AuditState::default(), None).is_empty(), "no schema, nothing to do");
+    }
+
+    #[test]
+    fn a_new_schema_gets_tables_functions_guard_and_triggers() {
+        let s = AuditState { schema_exists: true, untriggered: vec!["docs".into()], ..Default::default() };
+        let p = PgauditState { loaded: true, can_set: true, app_setting: None };
+        let labels: Vec<_> = plan(&s, Some(&p)).iter().map(AuditAction::label).collect();
+        assert_eq!(labels, ["CreateAuditTables", "ReplaceAuditFunctions", "GuardAuditTable", "AuditTable", "SetPgauditLog"]);
+    }
+
+    #[test]
+    fn read_auditing_degrades_with_a_reason() {
+        let off = PgauditState::default();
+        assert_eq!(read_auditing(&off, "a", "adm").reason(), "PgauditNotInstalled");
+        let su = PgauditState { loaded: true, can_set: false, app_setting: None };
+        let r = read_auditing(&su, "tenant_x_app", "adm");
+        assert_eq!(r.reason(), "PgauditNeedsSuperuser");
+        assert!(r.message().contains("ALTER ROLE tenant_x_app SET pgaudit.log"), "{}", r.message());
+        let granted = PgauditState { loaded: true, can_set: false, app_setting: Some("all".into()) };
+        assert_eq!(read_auditing(&granted, "a", "adm"), ReadAuditing::On);
+    }
+
+    #[test]
+    fn table_names_are_quoted_in_triggers() {
+        let sql = render(&AuditAction::TriggerTable("we\"ird; DROP".into()), &n("acme")).unwrap();
+        assert!(sql.iter().all(|s| s.contains("\"tenant_acme\".\"we\"\"ird; DROP\"")), "{sql:?}");
+        assert_eq!(sql.len(), 8);
+    }
+
+    #[test]
+    fn prune_runs_at_most_daily() {
+        let now = Utc::now();
+        assert_eq!(prune_due(None, None, now), None);
+        assert_eq!(prune_due(Some(30), None, now), Some(now - chrono::Duration::days(30)));
+        assert_eq!(prune_due(Some(30), Some(now - chrono::Duration::hours(3)), now), None);
+        assert!(prune_due(Some(30), Some(now - chrono::Duration::hours(25)), now).is_some());
+    }
+
+    fn chain(n: usize) -> Vec<ChainRow> {
+        let mut prev = GENESIS.to_vec();
+        (1..=n as i64)
+            .map(|id| {
+                let content = format!("row {id}").into_bytes();
+                let hash = Sha256::new().chain_update(&prev).chain_update(&content).finalize().to_vec();
+                let r = ChainRow { id, operation: "INSERT".into(), prev_hash: prev.clone(), hash: hash.clone(), content, row_pk: None };
+                prev = hash;
+                r
+            })
+            .collect()
+    }
+
+    fn walk(rows: &[ChainRow], head: Option<(i64, Vec<u8>)>) -> VerifyReport {
+        let mut w = Walker::default();
+        rows.iter().for_each(|r| w.push(r));
+        w.finish(head)
+    }
+
+    #[test]
+    fn the_walk_finds_edits_removals_and_a_cut_tail() {
+        let rows = chain(5);
+        let head = Some((5, rows[4].hash.clone()));
+        assert_eq!(walk(&rows, head.clone()).first_break, None);
+        let mut edited = rows.clone();
+        edited[2].content = b"row 3 edited".to_vec();
+        assert_eq!(walk(&edited, head.clone()).first_break.unwrap().id, 3);
+        let mut removed = rows.clone();
+        removed.remove(1);
+        let b = walk(&removed, head.clone()).first_break.unwrap();
+        assert_eq!(b.id, 3);
+        assert!(b.what.contains("deleted"), "{}", b.what);
+        let b = walk(&rows[..4], head).first_break.unwrap();
+        assert!(b.what.contains("rows at the end"), "{}", b.what);
+        assert_eq!(walk(&[], Some((0, GENESIS.to_vec()))).first_break, None);
+    }
+}

@@ -1,0 +1,305 @@
+//! Metrics and health: what the operator tells Prometheus and the kubelet.
+//!
+//! Takes the operator's [`Context`] (for the Postgres pool and the Tenant
+//! watch cache); gives [`Metrics`] (recorded by the controllers), [`Health`]
+//! (task liveness, Postgres reachability, start-up) and [`serve`], an HTTP
+//! server for `/metrics` (OpenMetrics text), `/healthz` and `/readyz`.
+//! Side effects: binds a TCP port; pings Postgres every 10 seconds.
+//!
+//! Label values come from fixed sets only (controller names, error
+//! `label()`s, tenant phases), never from an object's name or an error's
+//! text, so the series count stays bounded whatever the number of tenants.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use kube::runtime::reflector::Store;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::api::{Tenant, TenantPhase};
+use crate::controller::Context;
+
+/// How long Postgres may be unreachable before `/readyz` fails.
+pub const DB_UNREACHABLE_LIMIT: Duration = Duration::from_secs(60);
+/// How often the health task pings Postgres.
+const DB_PING_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabel {
+    controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    controller: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    state: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    // 5ms .. about 40s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+/// The operator's Prometheus metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ControllerLabel, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Family<ControllerLabel, Histogram, fn() -> Histogram>,
+    tenants: Family<PhaseLabel, Gauge>,
+    pool: Family<PoolLabel, Gauge>,
+    leader: Gauge,
+    /// The Tenant controller's watch cache, for the per-phase gauge (set
+    /// when that controller starts).
+    pub tenant_store: OnceLock<Store<Tenant>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tenant_operator");
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Family::<ControllerLabel, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let tenants = Family::<PhaseLabel, Gauge>::default();
+        let pool = Family::<PoolLabel, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register("reconciles", "Reconciles run, per controller", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciles that failed, per controller and reason", errors.clone());
+        registry.register("reconcile_duration_seconds", "How long reconciles take, per controller", duration.clone());
+        registry.register("tenants", "Tenants per status phase (Unknown: no status yet)", tenants.clone());
+        registry.register("db_pool_connections", "Admin connections to Postgres, in use and idle", pool.clone());
+        registry.register("leader", "1 while this replica holds the leader lease and runs the controllers", leader.clone());
+        Self { registry, reconciles, errors, duration, tenants, pool, leader, tenant_store: OnceLock::new() }
+    }
+}
+
+/// The phases the per-phase gauge always reports (0 when none).
+const PHASES: [&str; 7] = ["Pending", "Provisioning", "Active", "Suspended", "Deleting", "Failed", "Unknown"];
+
+fn phase_label(p: Option<TenantPhase>) -> &'static str {
+    match p {
+        Some(TenantPhase::Pending) => "Pending",
+        Some(TenantPhase::Provisioning) => "Provisioning",
+        Some(TenantPhase::Active) => "Active",
+        Some(TenantPhase::Suspended) => "Suspended",
+        Some(TenantPhase::Deleting) => "Deleting",
+        Some(TenantPhase::Failed) => "Failed",
+        None => "Unknown",
+    }
+}
+
+impl Metrics {
+    /// Records one finished reconcile of `controller` that took `elapsed`;
+    /// `error` is the failure's fixed label.
+    pub fn reconciled(&self, controller: &'static str, elapsed: Duration, error: Option<&'static str>) {
+        self.reconciles.get_or_create(&ControllerLabel { controller }).inc();
+        self.duration.get_or_create(&ControllerLabel { controller }).observe(elapsed.as_secs_f64());
+        if let Some(reason) = error {
+            self.errors.get_or_create(&ErrorLabels { controller, reason }).inc();
+        }
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(leading as i64);
+    }
+
+    /// The OpenMetrics text, with the gauges read now.
+    pub fn render(&self, pool: &sqlx::PgPool) -> String {
+        let size = pool.size() as i64;
+        let idle = pool.num_idle() as i64;
+        self.pool.get_or_create(&PoolLabel { state: "idle" }).set(idle);
+        self.pool.get_or_create(&PoolLabel { state: "in_use" }).set((size - idle).max(0));
+        let mut counts: std::collections::HashMap<&'static str, i64> = PHASES.iter().map(|p| (*p, 0)).collect();
+        if let Some(store) = self.tenant_store.get() {
+            for t in store.state() {
+                *counts.entry(phase_label(t.status.as_ref().and_then(|s| s.phase))).or_default() += 1;
+            }
+        }
+        for (phase, n) in counts {
+            self.tenants.get_or_create(&PhaseLabel { phase }).set(n);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What `/healthz` and `/readyz` report.
+pub struct Health {
+    /// The controllers run (leader) or this replica stands by, after start-up
+    /// checks passed.
+    started: AtomicBool,
+    /// Background tasks that ended although they never should.
+    dead: Mutex<Vec<&'static str>>,
+    /// The last successful Postgres round trip.
+    db_last_ok: Mutex<Option<Instant>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self { started: AtomicBool::new(false), dead: Mutex::new(Vec::new()), db_last_ok: Mutex::new(Some(Instant::now())) }
+    }
+}
+
+impl Health {
+    /// Start-up is over: the controllers run, or this replica stands by.
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::Relaxed);
+    }
+
+    /// A task that should run forever ended: liveness fails from now on.
+    pub fn task_died(&self, task: &'static str) {
+        tracing::error!(task, "a background task stopped; /healthz fails from now on");
+        self.dead.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+    }
+
+    pub fn db_ok(&self) {
+        *self.db_last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Ok, or the names of the tasks that died.
+    pub fn live(&self) -> Result<(), String> {
+        let dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+        if dead.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("stopped: {}", dead.join(", ")))
+        }
+    }
+
+    /// Ok, or why this replica is not ready.
+    pub fn ready(&self) -> Result<(), String> {
+        self.live()?;
+        if !self.started.load(Ordering::Relaxed) {
+            return Err("starting".into());
+        }
+        let last = *self.db_last_ok.lock().unwrap_or_else(|p| p.into_inner());
+        match last {
+            Some(t) if t.elapsed() <= DB_UNREACHABLE_LIMIT => Ok(()),
+            Some(t) => Err(format!("Postgres unreachable for {}s", t.elapsed().as_secs())),
+            None => Err("Postgres not reached yet".into()),
+        }
+    }
+}
+
+/// Pings Postgres every 10 seconds and records each success.
+pub async fn watch_database(ctx: Arc<Context>) {
+    use sqlx::Connection;
+    loop {
+        let ping = async {
+            let mut conn = ctx.pool.acquire().await?;
+            conn.ping().await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), ping).await {
+            Ok(Ok(())) => ctx.health.db_ok(),
+            Ok(Err(e)) => tracing::warn!(error = %e, "Postgres health ping failed"),
+            Err(_) => tracing::warn!("Postgres health ping timed out"),
+        }
+        tokio::time::sleep(DB_PING_EVERY).await;
+    }
+}
+
+async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], ctx.metrics.render(&ctx.pool))
+}
+
+fn verdict(r: Result<(), String>) -> (StatusCode, String) {
+    match r {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+async fn healthz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    verdict(ctx.health.live())
+}
+
+async fn readyz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    verdict(ctx.health.ready())
+}
+
+/// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` in a
+/// background task; also starts the Postgres ping. Returns the bound
+/// address (port 0 picks a free one).
+pub async fn serve(addr: SocketAddr, ctx: Arc<Context>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(ctx.clone());
+    let health = ctx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+        health.health.task_died("metrics-server");
+    });
+    let db = ctx.clone();
+    tokio::spawn(async move {
+        watch_database(db.clone()).await;
+    });
+    tracing::info!(addr = %local, "metrics and health server listening");
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciles_and_errors_are_counted_per_controller_and_fixed_reason() {
+        let m = Metrics::default();
+        m.reconciled("tenant", Duration::from_millis(30), None);
+        m.reconciled("tenant", Duration::from_millis(30), Some("DatabaseUnavailable"));
+        m.reconciled("migrationset", Duration::from_secs(2), None);
+        m.set_leader(true);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        assert!(out.contains("tenant_operator_reconciles_total{controller=\"tenant\"} 2"), "{out}");
+        assert!(out.contains("tenant_operator_reconciles_total{controller=\"migrationset\"} 1"), "{out}");
+        assert!(out.contains("tenant_operator_reconcile_errors_total{controller=\"tenant\",reason=\"DatabaseUnavailable\"} 1"), "{out}");
+        assert!(out.contains("tenant_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 2"), "{out}");
+        assert!(out.contains("tenant_operator_leader 1"), "{out}");
+    }
+
+    #[test]
+    fn health_fails_on_a_dead_task_and_readiness_waits_for_start_and_postgres() {
+        let h = Health::default();
+        assert!(h.live().is_ok());
+        assert_eq!(h.ready(), Err("starting".into()));
+        h.set_started();
+        assert!(h.ready().is_ok());
+        *h.db_last_ok.lock().unwrap() = Some(Instant::now() - DB_UNREACHABLE_LIMIT - Duration::from_secs(1));
+        assert!(h.ready().unwrap_err().contains("Postgres unreachable"));
+        h.db_ok();
+        assert!(h.ready().is_ok());
+        h.task_died("ratelimits");
+        assert_eq!(h.live(), Err("stopped: ratelimits".into()));
+        assert!(h.ready().is_err());
+    }
+}

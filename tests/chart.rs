@@ -1,0 +1,206 @@
+//! The Helm chart: its CRDs are the top-level ones, it lints clean, it
+//! renders valid Kubernetes 1.32 objects (kubernetes-validate, offline),
+//! and `helm install` into the API test server creates what it should.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::e2e::wait_for;
+use support::tools::{self, documents, find_doc, render, run, text, CHART, ROOT};
+
+#[test]
+fn the_charts_crds_are_the_top_level_crds() {
+    let top = std::fs::read_to_string(format!("{ROOT}/crds/crds.yaml")).expect("crds/crds.yaml");
+    let chart = std::fs::read_to_string(format!("{CHART}/crds/crds.yaml")).expect("charts/tenant-operator/crds/crds.yaml");
+    assert!(
+        top == chart,
+        "charts/tenant-operator/crds/crds.yaml differs from crds/crds.yaml (the one source of truth): \
+         run `make crds` (it copies them), or `cp crds/crds.yaml charts/tenant-operator/crds/`"
+    );
+}
+
+#[test]
+fn helm_lint_strict_passes() {
+    let Some(helm) = tools::helm() else { return };
+    let o = run(&helm, &["lint", "--strict", CHART]);
+    assert!(o.status.success(), "helm lint --strict: {}", text(&o));
+    let o = run(&helm, &["lint", "--strict", CHART, "--set", "rootKeys.kms.enabled=true,rootKeys.kms.keyId=alias/x,metrics.serviceMonitor.enabled=true"]);
+    assert!(o.status.success(), "helm lint --strict (KMS, ServiceMonitor): {}", text(&o));
+}
+
+#[test]
+fn the_values_schema_refuses_bad_values() {
+    let Some(helm) = tools::helm() else { return };
+    for (set, field) in [("controller.concurrency=0", "controller.concurrency"), ("replicas=2", "replicas"), ("leaderElection.enabled=maybe", "leaderElection.enabled")] {
+        let o = run(&helm, &["template", "t", CHART, "--set", set]);
+        assert!(!o.status.success(), "--set {set} was accepted");
+        assert!(text(&o).contains(field), "--set {set}: the error does not name {field}: {}", text(&o));
+    }
+}
+
+/// Writes `yaml` to a file and runs kubernetes-validate against 1.32 in
+/// strict mode; fails on any error or warning (an unknown kind warns).
+fn validate_1_32(kv: &std::path::Path, label: &str, yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{label}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    let o = run(kv, &["--kubernetes-version", "1.32.0", "--strict", "--quiet", file.to_str().unwrap()]);
+    let out = text(&o);
+    assert!(o.status.success() && !out.contains("WARN") && !out.contains("ERROR"), "kubernetes-validate ({label}):\n{out}");
+}
+
+#[test]
+fn the_rendered_chart_is_valid_against_kubernetes_1_32() {
+    let Some(helm) = tools::helm() else { return };
+    let Some(kv) = tools::kubernetes_validate() else { return };
+    let defaults = render(&helm, &["--include-crds"]);
+    validate_1_32(&kv, "defaults", &defaults);
+    let docs = documents(&defaults);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in ["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget"] {
+        assert!(kinds.contains(&kind), "no {kind} rendered; got {kinds:?}");
+    }
+    let all = render(
+        &helm,
+        &[
+            "--set",
+            "rootKeys.kms.enabled=true,rootKeys.kms.keyId=alias/root,rootKeys.kms.credentialsSecret=aws,database.tenantHost=db.example,database.tenantPort=6432,podDisruptionBudget.maxUnavailable=50%",
+            "--set",
+            "replicaCount=3,imagePullSecrets[0].name=regcred,nodeSelector.pool=ops,serviceAccount.annotations.a=b",
+        ],
+    );
+    validate_1_32(&kv, "non-defaults", &all);
+
+    // The ServiceMonitor (a prometheus-operator kind, so not in the 1.32
+    // schemas) selects the metrics Service.
+    let with_sm = documents(&render(&helm, &["--set", "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.labels.release=prom"]));
+    let sm = find_doc(&with_sm, "ServiceMonitor", None).expect("a ServiceMonitor when metrics.serviceMonitor.enabled");
+    let svc = find_doc(&with_sm, "Service", None).expect("the metrics Service");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&svc["metadata"]["labels"][k], v, "the ServiceMonitor selects {k}={v}, the Service lacks it");
+    }
+    assert_eq!(sm["metadata"]["labels"]["release"], "prom");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], svc["spec"]["ports"][0]["name"]);
+    assert!(find_doc(&documents(&defaults), "ServiceMonitor", None).is_none(), "no ServiceMonitor by default");
+}
+
+#[test]
+fn the_deployment_is_hardened_probed_and_wired() {
+    let Some(helm) = tools::helm() else { return };
+    let docs = documents(&render(&helm, &[]));
+    let d = find_doc(&docs, "Deployment", Some("tenant-operator")).expect("Deployment tenant-operator");
+    assert_eq!(d["spec"]["replicas"], 2);
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(pod["serviceAccountName"], "tenant-operator");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let env = c["env"].as_array().unwrap();
+    let var = |n: &str| env.iter().find(|e| e["name"] == n).unwrap_or_else(|| panic!("env {n} missing"));
+    assert_eq!(var("POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(var("POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(var("OPERATOR_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(var("DATABASE_URL")["valueFrom"]["secretKeyRef"], serde_json::json!({"name": "tenant-operator-db", "key": "url"}));
+    assert_eq!(var("LEADER_ELECTION")["value"], "true");
+    assert_eq!(var("METRICS_ADDR")["value"], "0.0.0.0:8080");
+    assert_eq!(var("ROOT_KEYS_SECRET")["value"], "tenant-operator-root-keys");
+    // Every variable the chart sets is one the binary reads.
+    let help = String::from_utf8_lossy(&Command::new(env!("CARGO_BIN_EXE_tenant-operator")).args(["run", "--help"]).output().unwrap().stdout).into_owned();
+    for e in env {
+        let n = e["name"].as_str().unwrap();
+        if !matches!(n, "POD_NAME" | "POD_NAMESPACE" | "RUST_LOG") {
+            assert!((help.contains(&format!("[env: {n}=")) || help.contains(&format!("[env: {n}]"))), "the chart sets {n}, which `tenant-operator run` does not read");
+        }
+    }
+    let pdb = find_doc(&docs, "PodDisruptionBudget", None).expect("PDB");
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], d["spec"]["selector"]["matchLabels"]);
+}
+
+/// The API test server binary, started on a free port.
+struct Server {
+    child: std::process::Child,
+    kubeconfig: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().and_then(|p| p.parent()).unwrap().join("kube-test-server");
+        assert!(bin.exists(), "{} is missing: build the workspace's binaries first", bin.display());
+        let child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--quiet", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(20), "the API test server's kubeconfig", || kubeconfig.exists());
+        Server { child, kubeconfig, _dir: dir }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let o = Command::new("kubectl").arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().expect("kubectl");
+        assert!(o.status.success(), "kubectl {}: {}", args.join(" "), text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn helm_install_into_the_api_test_server_creates_the_operators_objects() {
+    let Some(helm) = tools::helm() else { return };
+    let s = Server::start();
+    let kc = s.kubeconfig.to_str().unwrap();
+    let o = run(&helm, &["--kubeconfig", kc, "install", "tenant-operator", CHART, "--namespace", "tenant-system", "--create-namespace", "--timeout", "60s"]);
+    assert!(o.status.success(), "helm install: {}", text(&o));
+    assert!(text(&o).contains("tenant-operator keys new-secret"), "NOTES.txt tells how to make the root keys: {}", text(&o));
+    for (kind, name, ns) in [
+        ("crd", "tenants.tenancy.dev", None),
+        ("crd", "migrationsets.tenancy.dev", None),
+        ("deployment", "tenant-operator", Some("tenant-system")),
+        ("serviceaccount", "tenant-operator", Some("tenant-system")),
+        ("clusterrole", "tenant-operator", None),
+        ("clusterrolebinding", "tenant-operator", None),
+        ("role", "tenant-operator", Some("tenant-system")),
+        ("rolebinding", "tenant-operator", Some("tenant-system")),
+        ("service", "tenant-operator-metrics", Some("tenant-system")),
+        ("poddisruptionbudget", "tenant-operator", Some("tenant-system")),
+    ] {
+        let mut args = vec!["get", kind, name, "-o", "name"];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        s.kubectl(&args);
+    }
+    // The stored Deployment keeps what the pods need.
+    let image = s.kubectl(&["get", "deployment", "tenant-operator", "-n", "tenant-system", "-o", "jsonpath={.spec.template.spec.containers[0].image}"]);
+    assert_eq!(image, "tenant-operator:0.1.0");
+    let subject = s.kubectl(&["get", "clusterrolebinding", "tenant-operator", "-o", "jsonpath={.subjects[0].namespace}/{.subjects[0].name}"]);
+    assert_eq!(subject, "tenant-system/tenant-operator");
+    // A Tenant can be applied right after the install (the CRDs came first).
+    let t = "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: acme\nspec:\n  displayName: Acme\n";
+    let mut child = Command::new("kubectl").args(["--kubeconfig", kc, "apply", "-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), t.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "kubectl apply tenant: {}", text(&o));
+    let o = run(&helm, &["--kubeconfig", kc, "upgrade", "tenant-operator", CHART, "--namespace", "tenant-system", "--set", "replicaCount=3"]);
+    assert!(o.status.success(), "helm upgrade: {}", text(&o));
+    assert_eq!(s.kubectl(&["get", "deployment", "tenant-operator", "-n", "tenant-system", "-o", "jsonpath={.spec.replicas}"]), "3");
+    let o = run(&helm, &["--kubeconfig", kc, "uninstall", "tenant-operator", "--namespace", "tenant-system"]);
+    assert!(o.status.success(), "helm uninstall: {}", text(&o));
+}

@@ -1,0 +1,258 @@
+//! End to end, operations: every request the operator makes is allowed by
+//! the chart's RBAC; of two replicas one leads and a standby takes over
+//! when it dies; metrics and health endpoints report what they should.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use support::e2e::{http_get, metrics_addr, tenant_yaml, wait_for, Env, NAMESPACE};
+use support::tools::{self, documents, render};
+use support::unique;
+
+const LEASE: &str = "tenant-operator-leader";
+
+/// One request in the API test server's log, as RBAC sees it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Attrs {
+    verb: String,
+    group: String,
+    /// `resource` or `resource/subresource`.
+    resource: String,
+    namespace: Option<String>,
+}
+
+/// The operator's requests in the API test server's log (one line per
+/// request: time, method, URI, status, quoted user agent). kube-rs sends no
+/// user agent; kubectl and helm do. Non-resource requests (discovery,
+/// /version) are returned apart.
+fn operator_requests(log: &str) -> (Vec<Attrs>, Vec<String>) {
+    let (mut out, mut other) = (Vec::new(), Vec::new());
+    for line in log.lines() {
+        let mut f = line.splitn(5, ' ');
+        let (Some(_time), Some(method), Some(uri), Some(_status), Some(ua)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else { continue };
+        if ua.trim() != "\"\"" {
+            continue;
+        }
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match segs.as_slice() {
+            ["api", _v, rest @ ..] if !rest.is_empty() => ("", rest),
+            ["apis", g, _v, rest @ ..] if !rest.is_empty() => (*g, rest),
+            _ => {
+                other.push(format!("{method} {path}"));
+                continue;
+            }
+        };
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+            _ => (None, rest),
+        };
+        let resource = match rest {
+            [r, _name, sub] => format!("{r}/{sub}"),
+            [r, ..] => r.to_string(),
+            [] => continue,
+        };
+        let named = rest.len() >= 2;
+        let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+        let verb = match method {
+            "GET" if watch => "watch",
+            "GET" if named => "get",
+            "GET" => "list",
+            "POST" => "create",
+            "PUT" => "update",
+            "PATCH" => "patch",
+            "DELETE" if named => "delete",
+            "DELETE" => "deletecollection",
+            m => m,
+        };
+        out.push(Attrs { verb: verb.into(), group: group.into(), resource, namespace });
+    }
+    (out, other)
+}
+
+/// (apiGroups, resources, verbs) of one RBAC rule.
+type Rule = (Vec<String>, Vec<String>, Vec<String>);
+
+fn rules(doc: &serde_json::Value) -> Vec<Rule> {
+    let strs = |v: &serde_json::Value| v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
+    doc["rules"].as_array().unwrap().iter().map(|r| (strs(&r["apiGroups"]), strs(&r["resources"]), strs(&r["verbs"]))).collect()
+}
+
+fn allows(rules: &[Rule], a: &Attrs) -> bool {
+    let has = |list: &Vec<String>, x: &str| list.iter().any(|i| i == x || i == "*");
+    rules.iter().any(|(g, r, v)| has(g, &a.group) && has(r, &a.resource) && has(v, &a.verb))
+}
+
+/// Rule verbs the e2e flow below may not exercise (rare paths): checked to
+/// be few, so the chart's rules cannot grow unnoticed.
+const RARE: &[(&str, &str, &str)] = &[
+    // A rate-limit ConfigMap not yet labelled is read by name (adoption).
+    ("", "configmaps", "get"),
+    // Shards no longer needed are deleted.
+    ("", "configmaps", "delete"),
+    // A MigrationSet looked up before the watch cache has it.
+    ("tenancy.dev", "migrationsets", "get"),
+    // An Event repeated within its series window is patched.
+    ("events.k8s.io", "events", "patch"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
+    let Some(helm) = tools::helm() else { return };
+    if std::env::var("E2E_KUBECONFIG").is_ok_and(|v| !v.is_empty()) {
+        eprintln!("SKIPPED: the RBAC check reads the API test server's request log");
+        return;
+    }
+    let docs = documents(&render(&helm, &[]));
+    let cluster = rules(docs.iter().find(|d| d["kind"] == "ClusterRole").expect("ClusterRole"));
+    let role_doc = docs.iter().find(|d| d["kind"] == "Role").expect("Role");
+    assert_eq!(role_doc["metadata"]["namespace"], NAMESPACE);
+    let role = rules(role_doc);
+
+    let mut env = Env::start("ops_rbac").await;
+    // The whole life of a tenant: sealed secrets from another namespace, a
+    // MigrationSet, rate limits, a changed source, suspend, delete.
+    let src = unique("rbac-src");
+    env.kubectl_ok(&["create", "namespace", &src]);
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let secret = |v: &str| format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: erp\n  namespace: {src}\ndata:\n  password: {}\n", b64(v));
+    assert!(env.kubectl_stdin(&["apply"], &secret("first")).status.success());
+    let ms = "apiVersion: tenancy.dev/v1alpha1\nkind: MigrationSet\nmetadata:\n  name: default\nspec:\n  migrations:\n    - version: 1\n      name: v1\n      sql: \"CREATE TABLE docs (id bigserial PRIMARY KEY)\"\n";
+    let out = env.kubectl_stdin(&["apply"], ms);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let name = unique("rbac");
+    let spec = format!(
+        "  secrets:\n  - name: erp-password\n    secretRef: {{namespace: {src}, name: erp, key: password}}\n  rateLimits:\n    api:\n      requestsPerUnit: 10\n      unit: second\n"
+    );
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, &spec)).status.success());
+    env.wait_ready(&name);
+    wait_for(Duration::from_secs(60), "the tenant at schema version 1", || env.jsonpath(&["tenant", &name], "{.status.schemaVersion}") == "1");
+    let sealed = || env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{name}-sealed")], "{.data.erp-password}");
+    let before = sealed();
+    assert!(env.kubectl_stdin(&["apply"], &secret("second")).status.success());
+    wait_for(Duration::from_secs(30), "the changed source re-sealed", || sealed() != before);
+    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"state":"Suspended"}}"#]);
+    wait_for(Duration::from_secs(30), "phase Suspended", || env.jsonpath(&["tenant", &name], "{.status.phase}") == "Suspended");
+    env.kubectl_ok(&["delete", "tenant", &name, "--timeout=60s"]);
+    // A few lease renewals and a rate-limit pass after the delete.
+    std::thread::sleep(Duration::from_secs(6));
+    env.stop_operator();
+
+    let (requests, other) = operator_requests(&env.server_log());
+    assert!(requests.len() > 20, "too few operator requests in the server log ({}): is the log format still `time method uri status \"ua\"`?", requests.len());
+    let denied: BTreeSet<&Attrs> = requests
+        .iter()
+        .filter(|a| !(allows(&cluster, a) || (a.namespace.as_deref() == Some(NAMESPACE) && allows(&role, a))))
+        .collect();
+    assert!(denied.is_empty(), "requests the chart's ClusterRole/Role do not allow:\n{denied:#?}");
+    assert!(other.is_empty(), "non-resource requests (not covered by the chart): {other:?}");
+
+    // And nothing granted goes unused, but for the known rare paths.
+    let seen: BTreeSet<(String, String, String, bool)> = requests.iter().map(|a| (a.group.clone(), a.resource.clone(), a.verb.clone(), a.namespace.as_deref() == Some(NAMESPACE))).collect();
+    let mut unused = Vec::new();
+    for (rules, namespaced) in [(&cluster, false), (&role, true)] {
+        for (groups, resources, verbs) in rules.iter() {
+            for g in groups {
+                for r in resources {
+                    for v in verbs {
+                        let used = seen.iter().any(|(sg, sr, sv, in_ns)| sg == g && sr == r && sv == v && (!namespaced || *in_ns));
+                        if !used && !RARE.contains(&(g.as_str(), r.as_str(), v.as_str())) {
+                            unused.push(format!("{g}/{r} {v}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(unused.is_empty(), "the chart grants what the operator never did in this run (remove it, or list it in RARE with why): {unused:?}");
+    // Secrets are written only in the operator namespace.
+    for a in &requests {
+        if a.resource == "secrets" && !matches!(a.verb.as_str(), "get" | "list" | "watch") {
+            assert_eq!(a.namespace.as_deref(), Some(NAMESPACE), "a Secret written outside the operator namespace: {a:?}");
+        }
+    }
+}
+
+fn lease_holder(env: &Env) -> String {
+    env.jsonpath(&["lease", "-n", NAMESPACE, LEASE], "{.spec.holderIdentity}")
+}
+
+fn get_metrics(env: &Env, log: &str) -> String {
+    let addr = metrics_addr(&env.log(log)).unwrap_or_else(|| panic!("no metrics address in {log}"));
+    let (status, body) = http_get(&addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
+    let mut env = Env::start("ops_leader").await;
+    wait_for(Duration::from_secs(20), "operator-0 to hold the lease", || lease_holder(&env) == "operator-0");
+    let mut standby = env.spawn_operator("operator-1", "operator-1.log");
+    wait_for(Duration::from_secs(30), "operator-1 to stand by", || env.log("operator-1.log").contains("standing by"));
+
+    let a = unique("lead");
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, "")).status.success());
+    env.wait_ready(&a);
+    assert_eq!(lease_holder(&env), "operator-0");
+    wait_for(Duration::from_secs(20), "both metrics servers", || metrics_addr(&env.log("operator-1.log")).is_some() && metrics_addr(&env.log("operator.log")).is_some());
+    assert!(get_metrics(&env, "operator.log").contains("tenant_operator_leader 1"));
+    assert!(get_metrics(&env, "operator-1.log").contains("tenant_operator_leader 0"));
+    let addr1 = metrics_addr(&env.log("operator-1.log")).unwrap();
+    assert_eq!(http_get(&addr1, "/readyz").unwrap().0, 200, "a standby is ready (it can take over)");
+    let standby_log = env.log("operator-1.log");
+    assert!(!standby_log.contains(&a), "the standby touched tenant {a}:\n{standby_log}");
+    assert!(env.operator_log().contains(&format!("\"tenant\":\"{a}\"")), "the leader's logs name the tenant as a field");
+
+    // The leader dies without releasing the lease: the standby takes over
+    // once it has not been renewed for the lease duration (15s).
+    env.stop_operator();
+    let killed = Instant::now();
+    wait_for(Duration::from_secs(30), "operator-1 to take the lease over", || lease_holder(&env) == "operator-1");
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(25), "take-over took {took:?}");
+    assert!(env.log("operator-1.log").contains("acquired the leader lease"));
+
+    // Tenants keep converging under the new leader.
+    let b = unique("after");
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&b, "")).status.success());
+    env.wait_ready(&b);
+    assert!(env.log("operator-1.log").contains(&b), "the new leader reconciled {b}");
+    assert!(get_metrics(&env, "operator-1.log").contains("tenant_operator_leader 1"));
+    let transitions = env.jsonpath(&["lease", "-n", NAMESPACE, LEASE], "{.spec.leaseTransitions}");
+    assert_eq!(transitions, "1");
+    let _ = standby.kill();
+    let _ = standby.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
+    let env = Env::start("ops_metrics").await;
+    let a = unique("met");
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, "")).status.success());
+    env.wait_ready(&a);
+    wait_for(Duration::from_secs(20), "the metrics address", || metrics_addr(&env.operator_log()).is_some());
+    let addr = metrics_addr(&env.operator_log()).unwrap();
+    let (code, body) = http_get(&addr, "/healthz").unwrap();
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, body) = http_get(&addr, "/readyz").unwrap();
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let m = get_metrics(&env, "operator.log");
+    for needle in [
+        "tenant_operator_reconciles_total{controller=\"tenant\"}",
+        "tenant_operator_reconcile_duration_seconds_bucket{",
+        "tenant_operator_tenants{phase=\"Active\"} 1",
+        "tenant_operator_tenants{phase=\"Failed\"} 0",
+        "tenant_operator_db_pool_connections{state=\"idle\"}",
+        "tenant_operator_db_pool_connections{state=\"in_use\"}",
+        "tenant_operator_leader 1",
+        "# EOF",
+    ] {
+        assert!(m.contains(needle), "/metrics lacks {needle}:\n{m}");
+    }
+    let (code, _) = http_get(&addr, "/nope").unwrap();
+    assert_eq!(code, 404);
+}

@@ -1,0 +1,483 @@
+//! The per-tenant audit log against a real Postgres (docs/audit.md): write
+//! auditing with the actor and request id, tables created later by
+//! migrations, append-only rights, the hash chain found broken by `audit
+//! verify` after a superuser's edit, pgaudit read logging, export, retention
+//! pruning, and a linear chain under concurrent writers.
+
+mod support;
+
+use std::process::Command;
+
+use sqlx::{Connection, PgConnection, Row};
+use support::tenant::Tenant;
+use support::{unique, TestDb};
+use tenant_operator::pg;
+use tenant_operator::pg::audit::{AuditRecord, ReadAuditing};
+use tenant_operator::pg::migrations::{MigrationSql, SetRef, TenantOutcome, Timeouts};
+
+async fn setup(label: &str) -> TestDb {
+    let db = TestDb::new(label).await;
+    pg::migrate_control_schema(&db.admin).await.expect("control schema");
+    db
+}
+
+/// A provisioned tenant with a table `docs` (created as its owner, as a
+/// migration would) and a reconcile after it, so the table is audited.
+async fn tenant_with_docs(db: &TestDb, base: &str) -> Tenant {
+    let mut t = Tenant::new(&unique(base));
+    t.converge(db).await.unwrap();
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {owner}; CREATE TABLE {schema}.docs (id serial PRIMARY KEY, body text, n int); RESET ROLE;",
+        owner = t.name.owner_role(),
+        schema = t.name.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .expect("create docs as the owner");
+    let out = t.converge(db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["AuditTable"], "the reconcile after a new table should only add its triggers");
+    assert_eq!(t.converge(db).await.unwrap().statements, 0, "a converged tenant ran audit DDL");
+    t
+}
+
+fn sqlstate(e: &sqlx::Error) -> String {
+    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+}
+
+#[derive(Debug)]
+struct Audit {
+    id: i64,
+    actor: String,
+    given: bool,
+    request: Option<String>,
+    op: String,
+    table: Option<String>,
+    pk: Option<serde_json::Value>,
+    changed: Option<Vec<String>>,
+}
+
+async fn audit_rows(db: &TestDb, t: &Tenant) -> Vec<Audit> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id, actor, actor_given, request_id, operation, table_name, row_pk, changed_columns FROM {}._tenancy_audit ORDER BY id",
+        t.name.schema()
+    )))
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|r| Audit {
+            id: r.get("id"),
+            actor: r.get("actor"),
+            given: r.get("actor_given"),
+            request: r.get("request_id"),
+            op: r.get("operation"),
+            table: r.get("table_name"),
+            pk: r.get("row_pk"),
+            changed: r.get("changed_columns"),
+        })
+        .collect()
+}
+
+fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tenant-operator")).args(args).env("DATABASE_URL", &db.admin_url).output().expect("run tenant-operator")
+}
+
+async fn verified(db: &TestDb, t: &Tenant) -> pg::audit::VerifyReport {
+    let r = pg::audit::verify(&db.admin, &t.name).await.unwrap();
+    assert_eq!(r.first_break, None, "the chain of {} is broken", t.name);
+    r
+}
+
+#[tokio::test]
+async fn insert_update_and_delete_are_audited_with_the_actor_and_request_id() {
+    let db = setup("aud_writes").await;
+    let t = tenant_with_docs(&db, "aw").await;
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql("SET tenancy.actor = 'alice'; SET tenancy.request_id = 'req-1'").execute(&mut app).await.unwrap();
+    sqlx::query("INSERT INTO docs (body, n) VALUES ('a', 1), ('b', 2)").execute(&mut app).await.unwrap();
+    sqlx::query("UPDATE docs SET body = 'a2' WHERE id = 1").execute(&mut app).await.unwrap();
+    sqlx::query("DELETE FROM docs WHERE id = 2").execute(&mut app).await.unwrap();
+    // Per request, in a transaction: SET LOCAL.
+    sqlx::raw_sql("BEGIN; SET LOCAL tenancy.actor = 'bob'; SET LOCAL tenancy.request_id = 'req-2'; INSERT INTO docs (body) VALUES ('c'); COMMIT")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    // No actor given: the session user, flagged.
+    let mut bare = t.app(&db).await.unwrap();
+    sqlx::query("UPDATE docs SET n = 7, body = 'z' WHERE id = 1").execute(&mut bare).await.unwrap();
+
+    let rows = audit_rows(&db, &t).await;
+    let summary: Vec<(&str, &str, bool, Option<&str>, Option<&str>)> =
+        rows.iter().map(|r| (r.op.as_str(), r.actor.as_str(), r.given, r.request.as_deref(), r.table.as_deref())).collect();
+    let app_role = t.name.app_role();
+    assert_eq!(
+        summary,
+        [
+            ("INSERT", "alice", true, Some("req-1"), Some("docs")),
+            ("INSERT", "alice", true, Some("req-1"), Some("docs")),
+            ("UPDATE", "alice", true, Some("req-1"), Some("docs")),
+            ("DELETE", "alice", true, Some("req-1"), Some("docs")),
+            ("INSERT", "bob", true, Some("req-2"), Some("docs")),
+            ("UPDATE", app_role.as_str(), false, None, Some("docs")),
+        ]
+    );
+    let pks: Vec<_> = rows.iter().map(|r| r.pk.clone().unwrap()).collect();
+    assert_eq!(pks[..4], [serde_json::json!({"id": 1}), serde_json::json!({"id": 2}), serde_json::json!({"id": 1}), serde_json::json!({"id": 2})]);
+    assert_eq!(rows[2].changed.as_deref(), Some(&["body".to_string()][..]));
+    assert_eq!(rows[5].changed.as_deref(), Some(&["body".to_string(), "n".to_string()][..]));
+    assert_eq!(rows[0].changed, None, "an insert has no changed columns");
+    // TRUNCATE is one row for the statement.
+    sqlx::query("TRUNCATE docs").execute(&mut bare).await.expect_err("the app role has no TRUNCATE right");
+    let r = verified(&db, &t).await;
+    assert_eq!(r.rows, 6);
+}
+
+#[tokio::test]
+async fn a_table_created_by_a_later_migration_is_audited_without_a_reconcile() {
+    let db = setup("aud_mig").await;
+    let mut t = Tenant::new(&unique("am"));
+    t.converge(&db).await.unwrap();
+    let set = SetRef { name: "default".into(), generation: 1 };
+    let migrations = [
+        MigrationSql::new(1, "orders", "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric)", true),
+        MigrationSql::new(2, "lines", "CREATE TABLE lines (order_id bigint, sku text, PRIMARY KEY (order_id, sku))", false),
+    ];
+    let out = pg::migrations::migrate_tenant(&db.admin, &t.name, &set, &migrations, &Timeouts::default()).await.unwrap();
+    assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] });
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql("SET tenancy.actor = 'carol'; INSERT INTO orders VALUES (10, 5.5); INSERT INTO lines VALUES (10, 'sku-1')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let rows = audit_rows(&db, &t).await;
+    let seen: Vec<(Option<&str>, &str, Option<serde_json::Value>)> = rows.iter().map(|r| (r.table.as_deref(), r.actor.as_str(), r.pk.clone())).collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("orders"), "carol", Some(serde_json::json!({"id": 10}))),
+            (Some("lines"), "carol", Some(serde_json::json!({"order_id": 10, "sku": "sku-1"}))),
+        ]
+    );
+    // The migrations left nothing for the reconcile to do.
+    let again = t.converge(&db).await.unwrap();
+    assert_eq!(again.statements, 0, "audit actions after the migration: {:?}", again.audit.actions);
+    verified(&db, &t).await;
+}
+
+#[tokio::test]
+async fn the_app_role_cannot_change_delete_truncate_or_forge_audit_rows() {
+    let db = setup("aud_ro").await;
+    let t = tenant_with_docs(&db, "ar").await;
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('x')").execute(&mut app).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _tenancy_audit").fetch_one(&mut app).await.expect("the app may read its audit log");
+    assert_eq!(n, 1);
+    for sql in [
+        "UPDATE _tenancy_audit SET actor = 'mallory'",
+        "DELETE FROM _tenancy_audit",
+        "TRUNCATE _tenancy_audit",
+        "INSERT INTO _tenancy_audit (\"time\", actor, actor_given, operation, prev_hash, hash) VALUES (now(), 'x', true, 'INSERT', '\\x00', '\\x00')",
+        "UPDATE _tenancy_audit_head SET hash = '\\x00'",
+        "SELECT * FROM _tenancy_audit_head",
+        "SELECT _tenancy_audit_write('INSERT', 'docs', ARRAY['{}'::jsonb], NULL)",
+        "SELECT setval('_tenancy_audit_id_seq', 1)",
+        "DROP TRIGGER _tenancy_audit_ins ON docs",
+        "ALTER TABLE docs DISABLE TRIGGER ALL",
+    ] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut app).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
+    }
+    // Second line: even with rights (the owner, or a grant by mistake) the
+    // guard trigger refuses changes.
+    let mut su = db.superuser().await;
+    let schema = t.name.schema();
+    for sql in [format!("UPDATE {schema}._tenancy_audit SET actor = 'm'"), format!("DELETE FROM {schema}._tenancy_audit"), format!("TRUNCATE {schema}._tenancy_audit")] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut su).await.expect_err(&sql);
+        assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+    verified(&db, &t).await;
+}
+
+#[tokio::test]
+async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
+    let db = setup("aud_verify").await;
+    let t = tenant_with_docs(&db, "av").await;
+    let mut app = t.app(&db).await.unwrap();
+    for i in 0..5 {
+        sqlx::query("INSERT INTO docs (body) VALUES ($1)").bind(format!("row {i}")).execute(&mut app).await.unwrap();
+    }
+    let ok = cli(&db, &["audit", "verify", "--tenant", t.name.as_str()]);
+    assert!(ok.status.success(), "verify of an intact chain failed: {}{}", String::from_utf8_lossy(&ok.stdout), String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: 5 row(s)"), "{}", String::from_utf8_lossy(&ok.stdout));
+
+    let schema = t.name.schema();
+    let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT id FROM {schema}._tenancy_audit ORDER BY id"))).fetch_all(&db.admin).await.unwrap();
+    let mut su = db.superuser().await;
+    // A superuser can get past the guard (replica mode skips triggers)...
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET session_replication_role = replica; UPDATE {schema}._tenancy_audit SET actor = 'someone-else' WHERE id = {}; RESET session_replication_role",
+        ids[2]
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    // ...but not past the chain.
+    let out = cli(&db, &["audit", "verify", "--tenant", t.name.as_str()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "verify passed an edited chain: {stdout}");
+    assert!(stdout.contains(&format!("BROKEN at row {}", ids[2])), "{stdout}");
+    assert!(stdout.contains("edited"), "{stdout}");
+
+    // Deleting the edited row instead: the next row's link is broken.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET session_replication_role = replica; DELETE FROM {schema}._tenancy_audit WHERE id = {}; RESET session_replication_role",
+        ids[2]
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let r = pg::audit::verify(&db.admin, &t.name).await.unwrap();
+    let b = r.first_break.expect("a removed row breaks the chain");
+    assert_eq!(b.id, ids[3], "{}", b.what);
+    // Removing the tail is found through the head.
+    let t2 = tenant_with_docs(&db, "av2").await;
+    let mut app2 = t2.app(&db).await.unwrap();
+    sqlx::raw_sql("INSERT INTO docs (body) VALUES ('1'); INSERT INTO docs (body) VALUES ('2')").execute(&mut app2).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET session_replication_role = replica; DELETE FROM {}._tenancy_audit WHERE id = (SELECT max(id) FROM {}._tenancy_audit); RESET session_replication_role",
+        t2.name.schema(),
+        t2.name.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let b = pg::audit::verify(&db.admin, &t2.name).await.unwrap().first_break.expect("a removed tail breaks the chain");
+    assert!(b.what.contains("rows at the end"), "{}", b.what);
+}
+
+fn pgaudit_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+#[tokio::test]
+async fn pgaudit_logs_a_select_by_the_app_role_with_its_role_name() {
+    let db = setup("aud_pgaudit").await;
+    let loaded: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')").fetch_one(&db.admin).await.unwrap();
+    if !loaded {
+        assert!(!pgaudit_required(), "CI is set but pgaudit is not loaded: scripts/setup.sh installs postgresql-<major>-pgaudit and scripts/with-postgres.sh loads it");
+        eprintln!("SKIPPED: pgaudit is not loaded on this server (run scripts/setup.sh)");
+        let mut t = Tenant::new(&unique("pga"));
+        assert_eq!(t.converge(&db).await.unwrap().audit.read_auditing, ReadAuditing::NotInstalled);
+        return;
+    }
+    let mut t = tenant_with_docs(&db, "pga").await;
+    // The operator's admin is no superuser: read auditing degrades with a reason.
+    let out = t.converge(&db).await.unwrap();
+    assert_eq!(out.audit.read_auditing.reason(), "PgauditNeedsSuperuser");
+    assert!(out.audit.read_auditing.message().contains(&t.name.app_role()), "{}", out.audit.read_auditing.message());
+    // An administrator grants it once, as a superuser.
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} SET pgaudit.log = 'read, write'", t.name.app_role()))).execute(&mut su).await.unwrap();
+    let out = t.converge(&db).await.unwrap();
+    assert_eq!(out.audit.read_auditing, ReadAuditing::On);
+    assert_eq!(out.statements, 0);
+
+    let marker = format!("marker_{:08x}", rand::random::<u32>());
+    let mut app = t.app(&db).await.unwrap();
+    let _: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT body FROM docs WHERE body = '{marker}'"))).fetch_all(&mut app).await.unwrap();
+    let log = support::env("TEST_PG_LOG");
+    let role = t.name.app_role();
+    let mut found = None;
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        found = text.lines().find(|l| l.contains("AUDIT: SESSION") && l.contains(&marker)).map(str::to_owned);
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let line = found.unwrap_or_else(|| panic!("no pgaudit line for the app role's SELECT ({marker}) in {log}"));
+    assert!(line.contains(&format!("{role}@")), "the pgaudit line does not carry the role name (log_line_prefix %u): {line}");
+    assert!(line.contains("READ,SELECT"), "{line}");
+}
+
+#[tokio::test]
+async fn the_operator_sets_pgaudit_log_when_granted_the_parameter() {
+    let (db, admin_role, admin_url) = TestDb::with_own_admin("aud_grant").await;
+    let loaded: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')").fetch_one(&db.admin).await.unwrap();
+    if !loaded {
+        assert!(!pgaudit_required(), "CI is set but pgaudit is not loaded");
+        eprintln!("SKIPPED: pgaudit is not loaded on this server");
+        return;
+    }
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT SET ON PARAMETER pgaudit.log TO {admin_role}"))).execute(&mut su).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&admin_url).await.unwrap();
+    pg::migrate_control_schema(&pool).await.unwrap();
+    let t = Tenant::new(&unique("pgg"));
+    let desired = tenant_operator::controller::tenant::plan::desired_db(&t.name, &t.spec).unwrap();
+    let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
+    let out = tenant_operator::controller::tenant::converge_db(&pool, &t.name, &t.uid, &desired, &catalog, None, "test").await.unwrap();
+    assert_eq!(out.audit.read_auditing, ReadAuditing::On);
+    assert!(out.audit.actions.iter().any(|a| a.label() == "SetPgauditLog"), "{:?}", out.audit.actions);
+    let setting: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(setconfig) FROM pg_db_role_setting WHERE setrole = (SELECT oid FROM pg_roles WHERE rolname = $1)",
+    )
+    .bind(t.name.app_role())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(setting.contains(&"pgaudit.log=read, write".to_string()), "{setting:?}");
+    let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
+    let again = tenant_operator::controller::tenant::converge_db(&pool, &t.name, &t.uid, &desired, &catalog, Some(&out.plan.password), "test").await.unwrap();
+    assert_eq!(again.statements, 0, "{:?} {:?}", again.plan.actions, again.audit.actions);
+    // Cleanup: the roles are cluster-wide.
+    pg::tenant::drop_tenant(&pool, &t.name, &t.uid, "test").await.unwrap();
+}
+
+#[tokio::test]
+async fn export_round_trips_as_json_lines() {
+    let db = setup("aud_export").await;
+    let t = tenant_with_docs(&db, "ae").await;
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql("SET tenancy.actor = 'dave'; SET tenancy.request_id = 'r\"quoted'; INSERT INTO docs (body) VALUES ('1'), ('2'); UPDATE docs SET body = 'x'")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let mid: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&db.admin).await.unwrap();
+    sqlx::raw_sql("DELETE FROM docs").execute(&mut app).await.unwrap();
+
+    let out = cli(&db, &["audit", "export", "--tenant", t.name.as_str(), "--since", "2000-01-01T00:00:00Z"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<AuditRecord> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id, actor, request_id, operation, encode(prev_hash, 'hex') AS prev, encode(hash, 'hex') AS hash, row_pk FROM {}._tenancy_audit ORDER BY id",
+        t.name.schema()
+    )))
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    assert_eq!(records.len(), rows.len());
+    assert_eq!(records.len(), 6);
+    for (rec, row) in records.iter().zip(&rows) {
+        assert_eq!(rec.id, row.get::<i64, _>("id"));
+        assert_eq!(rec.hash, row.get::<String, _>("hash"));
+        assert_eq!(rec.prev_hash, row.get::<String, _>("prev"));
+        assert_eq!(rec.actor, row.get::<String, _>("actor"));
+        assert_eq!(rec.request_id, row.get::<Option<String>, _>("request_id"));
+        assert_eq!(rec.operation, row.get::<String, _>("operation"));
+        assert_eq!(rec.row_pk, row.get::<Option<serde_json::Value>, _>("row_pk"));
+        assert_eq!(rec.tenant, t.name.as_str());
+        assert_eq!(rec.table.as_deref(), Some("docs"));
+    }
+    // The lines chain: each prev_hash is the line before's hash.
+    for w in records.windows(2) {
+        assert_eq!(w[1].prev_hash, w[0].hash);
+    }
+    let later = cli(&db, &["audit", "export", "--tenant", t.name.as_str(), "--since", &mid.to_rfc3339()]);
+    let later: Vec<AuditRecord> = String::from_utf8(later.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(later.iter().map(|r| r.operation.as_str()).collect::<Vec<_>>(), ["DELETE", "DELETE"]);
+    assert_eq!(later, records[4..]);
+}
+
+#[tokio::test]
+async fn retention_pruning_leaves_a_verifiable_chain() {
+    let db = setup("aud_prune").await;
+    let mut t = tenant_with_docs(&db, "ap").await;
+    let mut app = t.app(&db).await.unwrap();
+    for i in 0..4 {
+        sqlx::query("INSERT INTO docs (body) VALUES ($1)").bind(i.to_string()).execute(&mut app).await.unwrap();
+    }
+    let cut: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&db.admin).await.unwrap();
+    for i in 0..3 {
+        sqlx::query("UPDATE docs SET body = $1 WHERE id = 1").bind(format!("u{i}")).execute(&mut app).await.unwrap();
+    }
+    let before = audit_rows(&db, &t).await;
+    let p = pg::audit::prune(&db.admin, &t.name, cut, "test").await.unwrap();
+    assert_eq!(p.deleted, 4);
+    assert_eq!(p.anchor, Some(before[3].id));
+    let r = verified(&db, &t).await;
+    assert_eq!(r.anchor, Some(before[3].id));
+    assert_eq!(r.rows, 1 + 3 + 1, "anchor, the 3 updates, the PRUNE record");
+    let after = audit_rows(&db, &t).await;
+    assert_eq!(after.first().map(|a| a.op.as_str()), Some("ANCHOR"));
+    assert_eq!(after.last().map(|a| (a.op.as_str(), a.actor.as_str())), Some(("PRUNE", "test")));
+    // Writes go on after the prune, and a second prune cuts again.
+    sqlx::query("DELETE FROM docs WHERE id = 4").execute(&mut app).await.unwrap();
+    let cut2: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&db.admin).await.unwrap();
+    sqlx::query("DELETE FROM docs WHERE id = 3").execute(&mut app).await.unwrap();
+    let p2 = pg::audit::prune(&db.admin, &t.name, cut2, "test").await.unwrap();
+    assert_eq!(p2.deleted, 6, "old anchor, 3 updates, PRUNE, 1 delete");
+    verified(&db, &t).await;
+
+    // A forged anchor (hiding more rows) is not confirmed by the chain.
+    let schema = t.name.schema();
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET session_replication_role = replica;
+         UPDATE {schema}._tenancy_audit SET id = id - 1 WHERE operation = 'ANCHOR';
+         RESET session_replication_role"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let b = pg::audit::verify(&db.admin, &t.name).await.unwrap().first_break.expect("a moved anchor is found");
+    assert!(b.what.contains("ANCHOR"), "{}", b.what);
+
+    // From the reconcile: due once (nothing old enough yet), then not again
+    // within a day, so the tenant stays quiet.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("UPDATE {schema}._tenancy_audit_head SET pruned_at = NULL"))).execute(&mut su).await.unwrap();
+    t.spec.audit.retention_days = Some(30);
+    let out = t.converge(&db).await.unwrap();
+    assert_eq!(out.audit.pruned, Some(0));
+    let out = t.converge(&db).await.unwrap();
+    assert_eq!(out.audit.pruned, None);
+    assert_eq!(out.statements, 0);
+}
+
+#[tokio::test]
+async fn concurrent_writers_keep_one_linear_chain() {
+    let db = setup("aud_conc").await;
+    let t = tenant_with_docs(&db, "ac").await;
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let mut conn = t.app(&db).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            while done < 15 {
+                // Every other writer in REPEATABLE READ: it may have to retry
+                // (serialization failure) but never forks the chain.
+                let iso = if w % 2 == 0 { "READ COMMITTED" } else { "REPEATABLE READ" };
+                let sql = format!(
+                    "BEGIN ISOLATION LEVEL {iso}; SET LOCAL tenancy.actor = 'w{w}'; INSERT INTO docs (body, n) VALUES ('w{w}', {done}); UPDATE docs SET n = n + 1 WHERE body = 'w{w}'; COMMIT"
+                );
+                match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
+                    Ok(_) => done += 1,
+                    Err(e) if ["40001", "40P01"].contains(&sqlstate(&e).as_str()) => {
+                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
+                    }
+                    Err(e) => panic!("writer {w}: {e}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let r = verified(&db, &t).await;
+    // Each transaction: 1 insert, then its writer's rows updated (1..=15).
+    let expected: u64 = 6 * (15 + (1..=15).sum::<u64>());
+    assert_eq!(r.rows, expected);
+    let mut c = PgConnection::connect(&db.admin_url).await.unwrap();
+    let gaps: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM (SELECT prev_hash, lag(hash) OVER (ORDER BY id) AS before FROM {}._tenancy_audit) x WHERE before IS NOT NULL AND prev_hash <> before",
+        t.name.schema()
+    )))
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(gaps, 0);
+}

@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, Key, KeyInit, Nonce, Tag};
@@ -38,6 +39,23 @@ const SECRET_LEN: usize = 1024;
 const STREAM_LEN: usize = 256 << 20;
 const CHUNK: usize = DEFAULT_CHUNK_SIZE as usize;
 const TAG_LEN: usize = 16;
+
+/// Paired (interleaved) stream ratios measured after criterion's runs.
+static PAIRED: Mutex<Vec<(&'static str, f64)>> = Mutex::new(Vec::new());
+
+/// Whether a benchmark of `group` would run under the command line's filter
+/// (the first argument that is not a flag), so the paired run is skipped
+/// when only other groups were asked for, and in `--test` mode.
+fn c_filter_matches(group: &str) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--test" || a == "--list") {
+        return false;
+    }
+    match args.iter().find(|a| !a.starts_with('-')) {
+        Some(filter) => group.contains(filter.as_str()) || filter.contains(group),
+        None => true,
+    }
+}
 
 fn root_key() -> [u8; 32] {
     let mut key = [0u8; 32];
@@ -225,6 +243,37 @@ fn bench_stream(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
     });
     group.finish();
 
+    if c_filter_matches("stream_256MiB") {
+        let seal = || {
+            let mut w =
+                SealingWriter::new(io::sink(), ring, salt, UID, Purpose::Backup).expect("writer");
+            w.write_all(&data).expect("seal");
+            w.finish().expect("finish");
+        };
+        let raw_seal = || raw_stream_seal(&aead, &data, &mut io::sink());
+        let open = || {
+            let mut r =
+                OpeningReader::new(&sealed[..], ring, salt, UID, Purpose::Backup).expect("reader");
+            loop {
+                let buf = r.fill_buf().expect("open");
+                if buf.is_empty() {
+                    break;
+                }
+                let len = buf.len();
+                io::sink().write_all(buf).expect("write");
+                r.consume(len);
+            }
+        };
+        let raw_open = || raw_stream_open(&aead, &raw_sealed, &mut io::sink());
+        let rounds = 7;
+        let seal_ratio = paired_ratio(rounds, seal, raw_seal);
+        let open_ratio = paired_ratio(rounds, open, raw_open);
+        PAIRED
+            .lock()
+            .expect("paired results")
+            .extend([("seal", seal_ratio), ("open", open_ratio)]);
+    }
+
     // The reader must give back exactly what went in (checked once, outside timing).
     let mut back = Vec::with_capacity(STREAM_LEN);
     OpeningReader::new(&sealed[..], ring, salt, UID, Purpose::Backup)
@@ -259,6 +308,32 @@ fn bench_hkdf(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt, root: &[u8; 
 }
 
 /// Mean nanoseconds per iteration of `group/bench`, from criterion's report.
+/// Alternates `ours` and `raw` for `rounds` rounds and returns the median of
+/// the per-round time ratios. Background load on a shared machine shifts
+/// both sides of a round alike, so this ratio is steadier than one from two
+/// separate criterion runs.
+fn paired_ratio(rounds: usize, mut ours: impl FnMut(), mut raw: impl FnMut()) -> f64 {
+    let mut ratios: Vec<f64> = (0..rounds)
+        .map(|i| {
+            // Alternate which side goes first.
+            let (mut t_ours, mut t_raw) = (Duration::ZERO, Duration::ZERO);
+            for first_ours in [i % 2 == 0, i % 2 != 0] {
+                let start = Instant::now();
+                if first_ours {
+                    ours();
+                    t_ours += start.elapsed();
+                } else {
+                    raw();
+                    t_raw += start.elapsed();
+                }
+            }
+            t_ours.as_secs_f64() / t_raw.as_secs_f64()
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
 /// Only figures written by this run count (a filter may have skipped some).
 fn mean_ns(dir: &Path, group: &str, bench: &str, since: SystemTime) -> Option<f64> {
     let path = dir
@@ -335,6 +410,16 @@ fn summary(dir: &Path, since: SystemTime) {
     }
 }
 
+fn paired_summary() {
+    let paired = PAIRED.lock().expect("paired results");
+    for (what, ratio) in paired.iter() {
+        let verdict = if *ratio <= 1.10 { "met" } else { "MISSED" };
+        println!(
+            "   stream_256MiB {what:>6}: paired ratio {ratio:5.2} (median of 7 interleaved rounds; target <= 1.10: {verdict})"
+        );
+    }
+}
+
 fn output_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("CRITERION_HOME") {
         return PathBuf::from(home);
@@ -359,4 +444,5 @@ fn main() {
     bench_stream(&mut c, &ring, &salt);
     c.final_summary();
     summary(&dir, started);
+    paired_summary();
 }

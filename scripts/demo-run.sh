@@ -32,7 +32,7 @@ psql "$TEST_PG_SUPERUSER_URL" -X -q -c "CREATE DATABASE saas OWNER tenancy_admin
 ADMIN_URL="${TEST_PG_ADMIN_URL%/*}/saas"
 
 step "starting tenant-operator (log: operator.log)"
-DATABASE_URL=$ADMIN_URL OPERATOR_NAMESPACE=tenant-system RESYNC_SECONDS=10 \
+DATABASE_URL=$ADMIN_URL OPERATOR_NAMESPACE=tenant-system RESYNC_SECONDS=10 METRICS_ADDR=127.0.0.1:0 \
   "$TARGET/debug/tenant-operator" run >"$WORK/operator.log" 2>&1 &
 pids+=($!)
 

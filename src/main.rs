@@ -221,6 +221,27 @@ struct RunArgs {
     /// `/readyz`); port 0 picks a free port (logged at start).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
+    /// The operator's own image, run by the backup CronJobs and restore Jobs.
+    #[arg(long, env = "OPERATOR_IMAGE")]
+    image: Option<String>,
+    /// Secret (operator namespace) given to backup and restore Jobs as their
+    /// environment: DATABASE_URL, BACKUP_STORE, BACKUP_S3_* and AWS_* keys.
+    #[arg(long, env = "BACKUP_ENV_SECRET")]
+    backup_env_secret: Option<String>,
+    /// Service account of backup and restore Jobs (reads the root-keys
+    /// Secret, creates Events, patches Tenants).
+    #[arg(long, env = "BACKUP_SERVICE_ACCOUNT")]
+    backup_service_account: Option<String>,
+    /// The backup store (as for `tenant-operator backup`), so that deleting
+    /// a Tenant deletes its backups; unset: backups are left in place.
+    #[arg(long, env = "BACKUP_STORE")]
+    backup_store: Option<String>,
+    #[arg(long, env = "BACKUP_S3_ENDPOINT")]
+    backup_s3_endpoint: Option<String>,
+    #[arg(long, env = "BACKUP_S3_PATH_STYLE")]
+    backup_s3_path_style: bool,
+    #[arg(long, env = "BACKUP_S3_REGION", default_value = "us-east-1")]
+    backup_s3_region: String,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -394,6 +415,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         migration_timeouts: tenant_operator::pg::migrations::Timeouts { lock: args.migration_lock_timeout, statement: args.migration_statement_timeout },
         root_keys: key_source,
+        backup: tenant_operator::controller::tenant::backup::BackupSettings {
+            image: args.image,
+            env_secret: args.backup_env_secret,
+            service_account: args.backup_service_account,
+            store: args.backup_store.map(|url| tenant_operator::backup::StoreConfig {
+                url,
+                s3_endpoint: args.backup_s3_endpoint,
+                s3_path_style: args.backup_s3_path_style,
+                s3_region: args.backup_s3_region,
+            }),
+        },
     };
     tracing::info!(namespace = %settings.namespace, concurrency = settings.concurrency, admin = %facts.role, superuser = facts.superuser, "tenant-operator starting");
     let namespace = settings.namespace.clone();

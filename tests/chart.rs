@@ -204,3 +204,22 @@ fn helm_install_into_the_api_test_server_creates_the_operators_objects() {
     let o = run(&helm, &["--kubeconfig", kc, "uninstall", "tenant-operator", "--namespace", "tenant-system"]);
     assert!(o.status.success(), "helm uninstall: {}", text(&o));
 }
+
+#[test]
+fn the_dev_postgres_manifest_is_valid_against_kubernetes_1_32() {
+    let Some(kv) = tools::kubernetes_validate() else { return };
+    validate_1_32(&kv, "dev-postgres", &std::fs::read_to_string(format!("{ROOT}/deploy/dev/postgres.yaml")).unwrap());
+}
+
+#[test]
+fn the_image_runs_as_the_non_root_user_the_chart_expects() {
+    let dockerfile = std::fs::read_to_string(format!("{ROOT}/Dockerfile")).unwrap();
+    let values: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/values.yaml")).unwrap()).unwrap();
+    let uid = values["podSecurityContext"]["runAsUser"].as_i64().expect("podSecurityContext.runAsUser");
+    assert_ne!(uid, 0);
+    let user = dockerfile.lines().rev().find(|l| l.starts_with("USER ")).expect("a USER line in the runtime stage");
+    assert_eq!(user, format!("USER {uid}:{uid}"), "the image's user and the chart's runAsUser differ");
+    assert!(dockerfile.contains("postgresql-client-${PG_MAJOR}") && dockerfile.contains("ARG PG_MAJOR=15"), "the runtime carries postgresql-client-15");
+    assert!(dockerfile.contains("FROM debian:${DEBIAN_RELEASE}-slim") && dockerfile.contains("ARG DEBIAN_RELEASE=bookworm"));
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/tenant-operator\"]"));
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 use support::{unique, TestDb};
-use tenant_operator::api::{DatabaseSpec, TenantSpec, TenantState};
+use tenant_operator::api::TenantSpec;
 use tenant_operator::controller::tenant::converge_db;
 use tenant_operator::controller::tenant::plan::{self, Endpoint};
 use tenant_operator::names::TenantName;
@@ -27,7 +27,8 @@ struct Tenant {
 
 impl Tenant {
     fn new(name: &str) -> Self {
-        let spec = TenantSpec { display_name: None, state: TenantState::Active, deletion_protection: false, database: DatabaseSpec::default(), rate_limits: Default::default(), secrets: Vec::new() };
+        // Every default (as `spec: {}`), so new spec fields do not break the suite.
+        let spec: TenantSpec = serde_json::from_value(serde_json::json!({})).expect("an empty spec takes every default");
         Tenant { name: TenantName::parse(name).expect("valid name"), uid: format!("uid-{name}"), spec, password: None }
     }
 

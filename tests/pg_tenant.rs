@@ -195,6 +195,8 @@ async fn delete_leaves_nothing_of_a_and_does_not_touch_b() {
     b.converge(&db).await.unwrap();
     seed_table(&db, &a, "a-data").await;
     seed_table(&db, &b, "b-data").await;
+    // B's reconcile audits its new table (docs/audit.md); then B is converged.
+    b.converge(&db).await.unwrap();
     let _a_session = a.app(&db).await.unwrap();
 
     let dropped = pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test").await.unwrap();

@@ -4,12 +4,14 @@
 
 pub mod migration_set;
 pub mod tenant;
+pub mod tenant_restore;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool};
 use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
 pub use migration_set::{FailedTenant, Migration, MigrationSet, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, OnFailure, RolloutSpec, VersionCount};
+pub use tenant_restore::{RestorePhase, TenantRestore, TenantRestoreSpec, TenantRestoreStatus};
 pub use tenant::{DatabaseSpec, RateLimit, RateLimitUnit, RateLimitsSpec, Tenant, TenantPhase, TenantSpec, TenantState, TenantStatus};
 
 /// API group of every resource of the operator.
@@ -40,7 +42,7 @@ pub struct Condition {
 
 /// Every CRD the operator serves, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![Tenant::crd(), MigrationSet::crd()]
+    vec![Tenant::crd(), MigrationSet::crd(), tenant_restore::TenantRestore::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream, as committed under `crds/`.

@@ -361,7 +361,7 @@ pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
     /// Conditions: `Ready`, `DatabaseReady`, `RateLimitsApplied`,
-    /// `MigrationsApplied`, and
+    /// `MigrationsApplied`, `ReadAuditing` (pgaudit on the app role), and
     /// `DeletionBlocked` while a delete waits on `deletionProtection`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -82,6 +82,11 @@ impl Store {
         }
     }
 
+    /// The underlying object store.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.inner.clone()
+    }
+
     /// The URL the store was opened with (no credentials in it).
     pub fn url(&self) -> &str {
         &self.url

@@ -7,6 +7,7 @@
 pub mod migration_set;
 pub mod ratelimits;
 pub mod tenant;
+pub mod tenant_restore;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +37,8 @@ pub struct Settings {
     pub migration_timeouts: crate::pg::migrations::Timeouts,
     /// Where the root keys live (reloaded when that Secret changes).
     pub root_keys: crate::keys::KeySource,
+    /// Backup CronJobs, restore Jobs and the backup store.
+    pub backup: tenant::backup::BackupSettings,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.
@@ -124,5 +127,6 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
         _ = tenant::run(ctx.clone()) => {}
         _ = ratelimits::run(ctx.clone()) => ctx.health.task_died("ratelimits"),
         _ = migration_set::run(ctx.clone()) => ctx.health.task_died("migrationset-controller"),
+        _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),
     }
 }

@@ -217,34 +217,40 @@ DECLARE
   v_hashes bytea[] := '{{}}';
   v_content bytea;
   v_i integer := 0;
+  v_xid bigint;
   v_last bigint;
 BEGIN
   IF coalesce(cardinality(p_pks), 0) = 0 THEN
     RETURN;
   END IF;
-  -- The head row's lock serializes appends per tenant until commit.
-  SELECT h.hash INTO STRICT v_hash FROM {schema}.{HEAD_TABLE} h FOR UPDATE;
+  -- The head row's lock serializes appends per tenant until commit. The
+  -- first append of a transaction records where the chain stood (one head
+  -- update per transaction: updating it per append would make a long
+  -- transaction quadratic); a REPEATABLE READ writer that raced another
+  -- fails here (40001) rather than fork the chain.
+  SELECT h.xid INTO STRICT v_xid FROM {schema}.{HEAD_TABLE} h FOR UPDATE;
+  SELECT a.id, a.hash INTO v_last, v_hash FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id DESC LIMIT 1;
+  v_hash := coalesce(v_hash, decode(repeat('00', 32), 'hex'));
+  IF v_xid IS DISTINCT FROM txid_current() THEN
+    UPDATE {schema}.{HEAD_TABLE} SET xid = txid_current(), last_id = coalesce(v_last, 0), hash = v_hash;
+  END IF;
   v_time := clock_timestamp();
   v_actor := nullif(current_setting('tenancy.actor', true), '');
   v_given := v_actor IS NOT NULL;
   v_actor := coalesce(v_actor, session_user::text);
   v_request := nullif(current_setting('tenancy.request_id', true), '');
-  SELECT array_agg({content} ORDER BY u.o) INTO v_contents
-    FROM unnest(p_pks) WITH ORDINALITY AS u(pk, o);
+  -- unnest yields the array's order; no sort needed.
+  SELECT array_agg({content}) INTO v_contents FROM unnest(p_pks) AS u(pk);
   FOREACH v_content IN ARRAY v_contents LOOP
     v_i := v_i + 1;
     v_prevs[v_i] := v_hash;
     v_hash := sha256(v_hash || v_content);
     v_hashes[v_i] := v_hash;
   END LOOP;
-  WITH ins AS (
-    INSERT INTO {schema}.{AUDIT_TABLE} ("time", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash)
-    SELECT v_time, v_actor, v_given, v_request, p_op, p_table, u.pk, p_changed, u.prev, u.hash
-      FROM unnest(p_pks, v_prevs, v_hashes) WITH ORDINALITY AS u(pk, prev, hash, o)
-     ORDER BY u.o
-    RETURNING id)
-  SELECT max(id) INTO v_last FROM ins;
-  UPDATE {schema}.{HEAD_TABLE} SET hash = v_hash, last_id = v_last;
+  -- Ids are drawn in unnest's order: the chain's order.
+  INSERT INTO {schema}.{AUDIT_TABLE} ("time", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash)
+  SELECT v_time, v_actor, v_given, v_request, p_op, p_table, u.pk, p_changed, u.prev, u.hash
+    FROM unnest(p_pks, v_prevs, v_hashes) AS u(pk, prev, hash);
 END
 "#
     );
@@ -324,6 +330,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{HEAD_TABLE} (
                     one boolean PRIMARY KEY DEFAULT true CHECK (one),
+                    xid bigint,
                     last_id bigint NOT NULL DEFAULT 0,
                     hash bytea NOT NULL,
                     pruned_at timestamptz)"
@@ -690,15 +697,30 @@ pub struct Walker {
     anchor_confirmed: bool,
     last_id: i64,
     first_break: Option<ChainBreak>,
-}
-
-impl Default for Walker {
-    fn default() -> Self {
-        Walker { expected: GENESIS.to_vec(), rows: 0, anchor: None, anchor_confirmed: false, last_id: 0, first_break: None }
-    }
+    /// The head row: where the chain stood when the last writing
+    /// transaction began (last id, its hash); and whether that row was seen.
+    head: Option<(i64, Vec<u8>)>,
+    head_seen: bool,
 }
 
 impl Walker {
+    /// A walk that ends by checking the head row's (last id, hash).
+    pub fn new(head: Option<(i64, Vec<u8>)>) -> Self {
+        Walker { expected: GENESIS.to_vec(), rows: 0, anchor: None, anchor_confirmed: false, last_id: 0, first_break: None, head, head_seen: false }
+    }
+
+    fn see(&mut self, r: &ChainRow) {
+        if let Some((id, hash)) = &self.head {
+            if *id == r.id {
+                self.head_seen = true;
+                if *hash != r.hash {
+                    let what = format!("the chain head records hash {} for row {id} but the row has {}: the head or the row was edited", short(hash), short(&r.hash));
+                    self.broke(r.id, what);
+                }
+            }
+        }
+    }
+
     fn broke(&mut self, id: i64, what: String) {
         if self.first_break.is_none() {
             self.first_break = Some(ChainBreak { id, what });
@@ -722,7 +744,7 @@ impl Walker {
             }
             self.anchor = Some((r.id, r.hash.clone()));
             self.expected = r.hash.clone();
-            return;
+            return self.see(r);
         }
         if r.prev_hash != self.expected {
             return self.broke(
@@ -754,10 +776,11 @@ impl Walker {
             }
         }
         self.expected = r.hash.clone();
+        self.see(r);
     }
 
-    /// Ends the walk with the head row's (last id, hash).
-    pub fn finish(mut self, head: Option<(i64, Vec<u8>)>) -> VerifyReport {
+    /// Ends the walk: the anchor must be confirmed and the head's row seen.
+    pub fn finish(mut self) -> VerifyReport {
         if self.first_break.is_none() {
             if let Some((aid, _)) = &self.anchor {
                 if !self.anchor_confirmed {
@@ -767,19 +790,12 @@ impl Walker {
             }
         }
         if self.first_break.is_none() {
-            match &head {
-                Some((last_id, hash)) if *hash != self.expected || (*last_id != self.last_id && self.rows > 0) => {
-                    let (last_id, hash) = (*last_id, hash.clone());
-                    self.broke(
-                        last_id.max(self.last_id),
-                        format!(
-                            "the chain head records row {last_id} with hash {} but the last row is {} with hash {}: rows at the end were deleted or the head was edited",
-                            short(&hash),
-                            self.last_id,
-                            short(&self.expected)
-                        ),
-                    )
-                }
+            match self.head.clone() {
+                Some((0, hash)) if hash != GENESIS => self.broke(0, "the chain head was edited (it records a start at row 0 with a hash that is not the genesis)".into()),
+                Some((id, _)) if id > 0 && !self.head_seen => self.broke(
+                    id,
+                    format!("the chain head names row {id} (where the last writing transaction began) but there is no such row: rows at the end were deleted"),
+                ),
                 None if self.rows > 0 => self.broke(self.last_id, "the chain head row is missing".into()),
                 _ => {}
             }
@@ -812,19 +828,19 @@ pub async fn verify(pool: &PgPool, name: &TenantName) -> Result<VerifyReport, Pg
     sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await.map_err(query_err("starting the verification"))?;
     let content = content_sql("a.\"time\"", "a.actor", "a.actor_given", "a.request_id", "a.operation", "a.table_name", "a.row_pk", "a.changed_columns");
     let sql = format!("SELECT a.id, a.operation, a.prev_hash, a.hash, {content} AS content, a.row_pk FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id");
-    let mut walker = Walker::default();
+    let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_id, hash FROM {schema}.{HEAD_TABLE}")))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_err("reading the audit chain head"))?;
+    let mut walker = Walker::new(head);
     {
         let mut rows = sqlx::query_as::<_, (i64, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<serde_json::Value>)>(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
         while let Some((id, operation, prev_hash, hash, content, row_pk)) = rows.try_next().await.map_err(query_err("reading the audit log"))? {
             walker.push(&ChainRow { id, operation, prev_hash, hash, content, row_pk });
         }
     }
-    let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_id, hash FROM {schema}.{HEAD_TABLE}")))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(query_err("reading the audit chain head"))?;
     tx.rollback().await.map_err(query_err("ending the verification"))?;
-    Ok(walker.finish(head))
+    Ok(walker.finish())
 }
 
 /// One audit row as exported (JSON lines, for a SIEM).
@@ -956,15 +972,16 @@ mod tests {
     }
 
     fn walk(rows: &[ChainRow], head: Option<(i64, Vec<u8>)>) -> VerifyReport {
-        let mut w = Walker::default();
+        let mut w = Walker::new(head);
         rows.iter().for_each(|r| w.push(r));
-        w.finish(head)
+        w.finish()
     }
 
     #[test]
     fn the_walk_finds_edits_removals_and_a_cut_tail() {
         let rows = chain(5);
-        let head = Some((5, rows[4].hash.clone()));
+        // The last writing transaction began after row 3.
+        let head = Some((3, rows[2].hash.clone()));
         assert_eq!(walk(&rows, head.clone()).first_break, None);
         let mut edited = rows.clone();
         edited[2].content = b"row 3 edited".to_vec();
@@ -974,7 +991,7 @@ mod tests {
         let b = walk(&removed, head.clone()).first_break.unwrap();
         assert_eq!(b.id, 3);
         assert!(b.what.contains("deleted"), "{}", b.what);
-        let b = walk(&rows[..4], head).first_break.unwrap();
+        let b = walk(&rows[..2], head).first_break.unwrap();
         assert!(b.what.contains("rows at the end"), "{}", b.what);
         assert_eq!(walk(&[], Some((0, GENESIS.to_vec()))).first_break, None);
     }

@@ -79,6 +79,23 @@ pub async fn last_backup(pool: &PgPool, uid: &str) -> Result<Option<BackupRow>, 
     Ok(row.map(|(id, taken_at, bytes, key_version)| BackupRow { id, taken_at, bytes, key_version }))
 }
 
+/// The recorded backup `id`, or (None) the newest taken at or before
+/// `before` (or the newest of all).
+pub async fn find_backup(pool: &PgPool, uid: &str, id: Option<&str>, before: Option<chrono::DateTime<chrono::Utc>>) -> Result<Option<BackupRow>, PgError> {
+    let row: Option<(String, chrono::DateTime<chrono::Utc>, i64, i32)> = sqlx::query_as(
+        "SELECT id, taken_at, bytes, key_version FROM tenancy.backups
+          WHERE tenant_uid = $1 AND ($2::text IS NULL OR id = $2) AND ($3::timestamptz IS NULL OR taken_at <= $3)
+          ORDER BY taken_at DESC, id DESC LIMIT 1",
+    )
+    .bind(uid)
+    .bind(id)
+    .bind(before)
+    .fetch_optional(pool)
+    .await
+    .map_err(query_err("reading the tenant's backups"))?;
+    Ok(row.map(|(id, taken_at, bytes, key_version)| BackupRow { id, taken_at, bytes, key_version }))
+}
+
 /// The registry row's state (`Active`/`Suspended`) of the tenant with `uid`.
 pub async fn registry_state(pool: &PgPool, uid: &str) -> Result<Option<String>, PgError> {
     sqlx::query_scalar("SELECT state FROM tenancy.tenants WHERE uid = $1")

@@ -11,6 +11,14 @@ use super::TestDb;
 
 pub const NAMESPACE: &str = "tenant-system";
 pub const ROOT_KEYS: &str = "tenant-operator-root-keys";
+/// The image and env Secret the operator gives backup and restore Jobs.
+pub const BACKUP_IMAGE: &str = "tenant-operator:e2e";
+pub const BACKUP_ENV_SECRET: &str = "tenant-operator-backup-env";
+
+/// The identity the operator has under [`Env::start_rbac`] (the chart's
+/// ServiceAccount) and the bearer token that carries it.
+pub const OPERATOR_USER: &str = "system:serviceaccount:tenant-system:tenant-operator";
+pub const OPERATOR_TOKEN: &str = "tenant-operator-e2e-token";
 
 pub struct Env {
     pub db: TestDb,
@@ -20,6 +28,9 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     server: Option<Child>,
     operator: Option<Child>,
+    /// The operator's own kubeconfig when it runs under RBAC
+    /// ([`Env::start_rbac`]); else it uses `kubeconfig`.
+    operator_kubeconfig: Option<PathBuf>,
     /// Held while a real cluster is shared: its tests run one at a time.
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
@@ -38,6 +49,19 @@ fn workspace_bin(name: &str) -> PathBuf {
 
 impl Env {
     pub async fn start(label: &str) -> Env {
+        Self::start_opts(label, None).await
+    }
+
+    /// Like [`Env::start`], with the operator authorized by RBAC on the API
+    /// test server: `rbac` (ServiceAccount, Roles, bindings: what the chart
+    /// renders) is applied, and the operator's requests carry the token of
+    /// [`OPERATOR_USER`], so the server refuses (403) anything those rules
+    /// do not allow. Not for a real cluster.
+    pub async fn start_rbac(label: &str, rbac: &str) -> Env {
+        Self::start_opts(label, Some(rbac)).await
+    }
+
+    async fn start_opts(label: &str, rbac: Option<&str>) -> Env {
         let (db, admin_role, admin_url) = TestDb::with_own_admin(label).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (kubeconfig, server, serial) = match std::env::var("E2E_KUBECONFIG") {
@@ -47,7 +71,11 @@ impl Env {
             _ => {
                 let kubeconfig = dir.path().join("kubeconfig");
                 let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-                let child = Command::new(workspace_bin("kube-test-server"))
+                let mut server = Command::new(workspace_bin("kube-test-server"));
+                if rbac.is_some() {
+                    server.args(["--rbac-user", &format!("{OPERATOR_TOKEN}={OPERATOR_USER}")]);
+                }
+                let child = server
                     .args(["--listen", "127.0.0.1:0", "--kubeconfig"])
                     .arg(&kubeconfig)
                     .stdout(Stdio::null())
@@ -58,7 +86,8 @@ impl Env {
                 (kubeconfig, Some(child), None)
             }
         };
-        let mut env = Env { db, admin_role, admin_url, kubeconfig, dir, server, operator: None, _serial: serial };
+        assert!(rbac.is_none() || server.is_some(), "start_rbac needs the API test server (E2E_KUBECONFIG is set)");
+        let mut env = Env { db, admin_role, admin_url, kubeconfig, dir, server, operator: None, operator_kubeconfig: None, _serial: serial };
         env.kubectl_ok(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")]);
         env.kubectl_ok(&["wait", "--for=condition=Established", "crd/tenants.tenancy.dev", "--timeout=30s"]);
         let ns = env.kubectl(&["get", "namespace", NAMESPACE]);
@@ -69,6 +98,15 @@ impl Env {
             let yaml = tenant_operator::keys::new_secret_yaml(NAMESPACE, ROOT_KEYS);
             let out = env.kubectl_stdin(&["apply"], &yaml);
             assert!(out.status.success(), "creating the root keys: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if let Some(rbac) = rbac {
+            let out = env.kubectl_stdin(&["apply"], rbac);
+            assert!(out.status.success(), "applying the RBAC objects: {}", String::from_utf8_lossy(&out.stderr));
+            let admin = std::fs::read_to_string(&env.kubeconfig).expect("kubeconfig");
+            assert!(admin.contains("kube-test-server-dummy-token"), "the API test server's kubeconfig changed format");
+            let path = env.dir.path().join("operator.kubeconfig");
+            std::fs::write(&path, admin.replace("kube-test-server-dummy-token", OPERATOR_TOKEN)).unwrap();
+            env.operator_kubeconfig = Some(path);
         }
         env.start_operator();
         env
@@ -101,7 +139,7 @@ impl Env {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(log)).unwrap();
         Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
             .arg("run")
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", self.operator_kubeconfig.as_ref().unwrap_or(&self.kubeconfig))
             .env("DATABASE_URL", &self.admin_url)
             .env("OPERATOR_NAMESPACE", NAMESPACE)
             .env("RESYNC_SECONDS", "2")
@@ -109,10 +147,20 @@ impl Env {
             .env("RUST_LOG", "info,tenant_operator=debug")
             .env("POD_NAME", identity)
             .env("METRICS_ADDR", "127.0.0.1:0")
+            // Backups (tests/e2e_backup.rs): CronJobs and restore Jobs run
+            // this image; the store is a folder of the test's own.
+            .env("OPERATOR_IMAGE", BACKUP_IMAGE)
+            .env("BACKUP_ENV_SECRET", BACKUP_ENV_SECRET)
+            .env("BACKUP_STORE", self.backup_store())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start the operator")
+    }
+
+    /// The backup store of this environment (a folder in its directory).
+    pub fn backup_store(&self) -> String {
+        format!("file://{}/backups", self.dir.path().display())
     }
 
     /// The content of a log file in the test's directory.

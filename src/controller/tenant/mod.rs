@@ -5,6 +5,7 @@
 //! through the `tenancy.dev/cleanup` finalizer).
 
 pub mod apply;
+pub mod backup;
 pub mod migrations;
 pub mod observe;
 pub mod plan;
@@ -52,6 +53,10 @@ pub enum Error {
     Leftovers(String),
     #[error("sealing the tenant's secrets: {0}")]
     Seal(#[source] crate::crypto::CryptoError),
+    #[error("converging the tenant's backup CronJob: {0}")]
+    Backup(#[source] kube::Error),
+    #[error("deleting the tenant's backups from the store: {0}")]
+    DeleteBackups(String),
 }
 
 impl Error {
@@ -69,6 +74,8 @@ impl Error {
             Error::Database(_) => "DatabaseError",
             Error::Leftovers(_) => "Leftovers",
             Error::Seal(_) => "SealSecret",
+            Error::Backup(_) => "WriteCronJob",
+            Error::DeleteBackups(_) => "DeleteBackups",
         }
     }
 }
@@ -272,6 +279,16 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     if !apply::has_finalizer(t) {
         apply::add_finalizer(ctx, t).await?;
     }
+    // A restore that was killed half-way left the schema aside: put it back
+    // (or finish it) first; while a restore runs, leave the tenant alone.
+    // Reads only when there is nothing to do.
+    match crate::pg::backup::recover_aside(&ctx.pool, &name, &uid).await {
+        Ok(crate::pg::backup::AsideState::Clean) => {}
+        Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
+        Ok(state) => apply::event(ctx, t, true, "RestoreRecovered", format!("an interrupted restore was finished: {state:?}")).await,
+        Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
+        Err(e) => return fail(ctx, t, schema, "DatabaseError", e.to_string()).await,
+    }
     let observed = match observe::observe(ctx, &name).await {
         Ok(o) => o,
         Err(Error::Database(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
@@ -338,7 +355,9 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             None
         }
     };
-    report_with(ctx, t, phase, schema, &conds, status::Extra { key: sealed.key, schema_version, ..Default::default() }).await?;
+    conds.extend(backup::converge_cronjob(ctx, t, &name).await?);
+    let last_backup = backup::last_backup(ctx, &uid).await;
+    report_with(ctx, t, phase, schema, &conds, status::Extra { key: sealed.key, schema_version, last_backup, ..Default::default() }).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
@@ -432,7 +451,19 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "DeleteIncomplete", format!("still present after drop: {msg}"))]).await?;
         return Err(Error::Leftovers(msg));
     }
-    apply::event(ctx, t, false, "Deleted", format!("dropped schema {}, roles, registry row with the key salt, and Secrets", name.schema())).await;
+    // The tenant's backups (the salt that opens them went with the registry
+    // row, so a copy kept elsewhere cannot be opened either).
+    if let Some(cfg) = &ctx.settings.backup.store {
+        let deleted = match crate::backup::Store::open(cfg) {
+            Ok(store) => crate::backup::delete_all(&store, &uid).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(msg) = deleted {
+            report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "DeleteIncomplete", format!("deleting the tenant's backups: {msg}"))]).await?;
+            return Err(Error::DeleteBackups(msg));
+        }
+    }
+    apply::event(ctx, t, false, "Deleted", format!("dropped schema {}, roles, registry row with the key salt, Secrets and backups", name.schema())).await;
     apply::remove_finalizer(ctx, t).await?;
     Ok(Action::await_change())
 }

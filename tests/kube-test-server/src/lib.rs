@@ -8,6 +8,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod patch;
 pub mod proto;
+pub mod rbac;
 pub mod resources;
 pub mod schema;
 pub mod selectors;
@@ -31,6 +32,11 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// Log one line per request (time, method, URI, status, user agent) to stderr.
     pub log_requests: bool,
+    /// (bearer token, user): requests with one of these tokens, or
+    /// impersonating one of these users (`kubectl --as`), are authorized as
+    /// that user against the stored RBAC objects (see `rbac`); all other
+    /// requests are allowed.
+    pub rbac_tokens: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -39,6 +45,7 @@ impl Default for Config {
             watch_history: 1000,
             bookmark_interval: Duration::from_secs(10),
             log_requests: false,
+            rbac_tokens: Vec::new(),
         }
     }
 }
@@ -140,6 +147,7 @@ pub async fn start(
         addr: addr.to_string(),
         bookmark_interval: config.bookmark_interval,
         log_requests: config.log_requests,
+        rbac_tokens: config.rbac_tokens.clone(),
     });
     let router = axum::Router::new().fallback(entry).with_state(app.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

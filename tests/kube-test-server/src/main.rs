@@ -5,9 +5,10 @@ use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: kube-test-server [--listen ADDR] [--kubeconfig PATH] [--watch-history N] [--bookmark-interval-ms MS] [--quiet]\n\
+        "usage: kube-test-server [--listen ADDR] [--kubeconfig PATH] [--watch-history N] [--bookmark-interval-ms MS] [--quiet] [--rbac-user TOKEN=USER]...\n\
          Serves an in-memory Kubernetes API over plain HTTP. Prints `listening on http://ADDR` when ready\n\
-         and logs one line per request to stderr unless --quiet."
+         and logs one line per request to stderr unless --quiet. Requests bearing a --rbac-user TOKEN are\n\
+         authorized as USER against the stored Roles, ClusterRoles and bindings; others are allowed."
     );
     std::process::exit(2)
 }
@@ -36,6 +37,11 @@ fn main() {
             "--kubeconfig" => kubeconfig = Some(value()),
             "--watch-history" => config.watch_history = value().parse().unwrap_or_else(|_| usage()),
             "--quiet" => config.log_requests = false,
+            "--rbac-user" => {
+                let v = value();
+                let (token, user) = v.split_once('=').unwrap_or_else(|| usage());
+                config.rbac_tokens.push((token.to_string(), user.to_string()));
+            }
             "--bookmark-interval-ms" => {
                 config.bookmark_interval =
                     Duration::from_millis(value().parse().unwrap_or_else(|_| usage()))

@@ -20,6 +20,8 @@ pub struct App {
     pub addr: String,
     pub bookmark_interval: Duration,
     pub log_requests: bool,
+    /// (bearer token, user) pairs authorized through RBAC (see `rbac`).
+    pub rbac_tokens: Vec<(String, String)>,
 }
 
 impl App {
@@ -119,6 +121,9 @@ pub async fn handle(app: Arc<App>, req: Req) -> Response<Body> {
         .map(str::to_string)
         .collect();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+    if let Some(denied) = authorize(&app, &req, &s) {
+        return err_resp(&denied);
+    }
     let get = req.method == Method::GET;
     match s.as_slice() {
         ["version"] if get => json_resp(200, &discovery::version(), &[]),
@@ -159,6 +164,31 @@ pub async fn handle(app: Arc<App>, req: Req) -> Response<Body> {
         ["apis", g, v, rest @ ..] if !rest.is_empty() => resource(app, g, v, rest, &req).await,
         _ => err_resp(&not_found_path()),
     }
+}
+
+/// A 403 when the request's bearer token is one of the RBAC-checked ones
+/// and the stored RBAC objects do not allow the request.
+fn authorize(app: &App, req: &Req, segs: &[&str]) -> Option<ApiError> {
+    if app.rbac_tokens.is_empty() {
+        return None;
+    }
+    // kube-rs sends its bearer token over plain HTTP; kubectl does not, so
+    // `kubectl --as USER` (the Impersonate-User header) names a configured
+    // user too.
+    let token = req.header("authorization").strip_prefix("Bearer ").map(str::trim);
+    let impersonated = req.header("impersonate-user");
+    let user = app
+        .rbac_tokens
+        .iter()
+        .find(|(t, u)| Some(t.as_str()) == token || (!impersonated.is_empty() && u == impersonated))
+        .map(|(_, u)| u.as_str())?;
+    let attrs = crate::rbac::attributes(req.method.as_str(), segs, req.flag("watch"))?;
+    if crate::rbac::allowed(&app.lock(), user, &attrs) {
+        return None;
+    }
+    let mut e = ApiError::new(403, "Forbidden", crate::rbac::denied_message(user, &attrs));
+    e.details = Some(json!({"name": attrs.name.clone().unwrap_or_default(), "group": attrs.group, "kind": attrs.resource}));
+    Some(e)
 }
 
 /// What a resource request addresses.

@@ -103,7 +103,7 @@ async fn main() {
              SELECT g, g * 7919 % 1000003, (ARRAY['order','invoice','refund','login'])[1 + g % 4],
                     md5(g::text) || md5((g * 31)::text) || ' customer ' || (g % 5000) || ' item ' || (g % 977) || repeat(' ok', 10),
                     timestamptz '2026-01-01' + g * interval '1 second'
-               FROM generate_series({from}, {to}) g;
+               FROM generate_series({from}::bigint, {to}::bigint) g;
              RESET ROLE;"
         )))
         .execute(&mut admin)

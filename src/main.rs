@@ -96,6 +96,17 @@ enum KeysCommand {
         namespace: String,
         #[arg(long, env = "ROOT_KEYS_SECRET", default_value = "tenant-operator-root-keys")]
         name: String,
+        /// Wrap the new key with this AWS KMS key (id, ARN or alias): the
+        /// Secret then holds only the KMS ciphertext (run the operator with
+        /// --root-keys-kms).
+        #[arg(long, env = "KMS_KEY_ID")]
+        kms_key_id: Option<String>,
+        /// KMS endpoint URL (default: AWS's endpoint for the region).
+        #[arg(long, env = "KMS_ENDPOINT")]
+        kms_endpoint: Option<String>,
+        /// AWS region of the KMS key.
+        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+        kms_region: String,
     },
 }
 
@@ -240,8 +251,8 @@ struct RunArgs {
     backup_s3_endpoint: Option<String>,
     #[arg(long, env = "BACKUP_S3_PATH_STYLE")]
     backup_s3_path_style: bool,
-    #[arg(long, env = "BACKUP_S3_REGION", default_value = "us-east-1")]
-    backup_s3_region: String,
+    #[arg(long, env = "BACKUP_S3_REGION")]
+    backup_s3_region: Option<String>,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -276,8 +287,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
-        Command::Keys(KeysCommand::NewSecret { namespace, name }) => {
+        Command::Keys(KeysCommand::NewSecret { namespace, name, kms_key_id: None, .. }) => {
             print!("{}", tenant_operator::keys::new_secret_yaml(&namespace, &name));
+            Ok(())
+        }
+        Command::Keys(KeysCommand::NewSecret { namespace, name, kms_key_id: Some(key_id), kms_endpoint, kms_region }) => {
+            let cfg = tenant_operator::keys::kms::KmsConfig { endpoint: kms_endpoint, region: kms_region, key_id: Some(key_id.clone()) };
+            print!("{}", tenant_operator::keys::new_wrapped_secret_yaml(&namespace, &name, &cfg, &key_id).await?);
             Ok(())
         }
         Command::Secrets(SecretsCommand::Open { tenant, name, envelope_file, database_url, namespace, keys }) => {

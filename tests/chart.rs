@@ -111,6 +111,7 @@ fn the_deployment_is_hardened_probed_and_wired() {
     assert_eq!(var("LEADER_ELECTION")["value"], "true");
     assert_eq!(var("METRICS_ADDR")["value"], "0.0.0.0:8080");
     assert_eq!(var("ROOT_KEYS_SECRET")["value"], "tenant-operator-root-keys");
+    assert_eq!(var("OPERATOR_IMAGE")["value"], c["image"], "backup and restore Jobs run the operator's own image");
     // Every variable the chart sets is one the binary reads.
     let help = String::from_utf8_lossy(&Command::new(env!("CARGO_BIN_EXE_tenant-operator")).args(["run", "--help"]).output().unwrap().stdout).into_owned();
     for e in env {

@@ -297,6 +297,7 @@ async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
     let m = get_metrics(&env, "operator.log");
     for needle in [
         "tenant_operator_reconciles_total{controller=\"tenant\"}",
+        "tenant_operator_reconciles_total{controller=\"ratelimits\"}",
         "tenant_operator_reconcile_duration_seconds_bucket{",
         "tenant_operator_tenants{phase=\"Active\"} 1",
         "tenant_operator_tenants{phase=\"Failed\"} 0",

@@ -174,3 +174,72 @@ async fn missing_short_or_garbled_root_keys_stop_start_up_with_a_clear_message()
     let err = run("no-active");
     assert!(err.contains("active"), "{err}");
 }
+
+/// The KMS path end to end: `keys new-secret --kms-key-id` wraps a fresh key
+/// with KMS (moto on loopback), the Secret holds only ciphertext, and the
+/// operator unwraps it at start; without KMS the same Secret is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn kms_wrapped_root_keys_are_unwrapped_at_start() {
+    let Some(endpoint) = std::env::var("TEST_KMS_ENDPOINT").ok().filter(|e| !e.is_empty()) else {
+        assert!(std::env::var_os("CI").is_none(), "TEST_KMS_ENDPOINT is not set but CI is: run through scripts/with-moto.sh");
+        eprintln!("skipping: TEST_KMS_ENDPOINT is not set (run through scripts/with-moto.sh)");
+        return;
+    };
+    let env = Env::start("e2e_kms").await;
+    let region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into());
+    let conf = aws_sdk_kms::Config::builder()
+        .behavior_version(aws_sdk_kms::config::BehaviorVersion::latest())
+        .region(aws_sdk_kms::config::Region::new(region.clone()))
+        .credentials_provider(aws_sdk_kms::config::Credentials::new("test", "test", None, None, "test"))
+        .endpoint_url(&endpoint)
+        .http_client(aws_smithy_http_client::Builder::new().build_http())
+        .build();
+    let key_id = aws_sdk_kms::Client::from_conf(conf).create_key().send().await.unwrap().key_metadata().unwrap().key_id().to_owned();
+
+    let out = env.operator_cli(&["keys", "new-secret", "--name", "kms-keys", "--kms-key-id", &key_id, "--kms-endpoint", &endpoint]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(env.kubectl_stdin(&["apply"], &manifest).status.success());
+    let stored = env.kubectl_ok(&["get", "secret", "-n", NAMESPACE, "kms-keys", "-o", "jsonpath={.data.v1}"]);
+    assert!(B64.decode(stored.trim()).unwrap().len() > 32, "the Secret holds a raw key, not a KMS ciphertext");
+
+    let client = env.client().await;
+    let kms = tenant_operator::keys::kms::KmsConfig { endpoint: Some(endpoint.clone()), region, key_id: Some(key_id) };
+    let src = tenant_operator::keys::KeySource { namespace: NAMESPACE.into(), secret: "kms-keys".into(), kms: Some(kms) };
+    let ring = tenant_operator::keys::load(&client, &src).await.expect("the operator unwraps the KMS-wrapped keys");
+    assert_eq!(ring.active_version().to_string(), "v1");
+    let plain = tenant_operator::keys::KeySource { kms: None, ..src.clone() };
+    let err = tenant_operator::keys::load(&client, &plain).await.expect_err("a wrapped key was used as a raw key");
+    assert!(err.to_string().contains("v1"), "{err}");
+
+    // The operator binary starts with them.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+        .arg("run")
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("DATABASE_URL", &env.admin_url)
+        .env("OPERATOR_NAMESPACE", NAMESPACE)
+        .env("ROOT_KEYS_SECRET", "kms-keys")
+        .env("ROOT_KEYS_KMS", "true")
+        .env("KMS_ENDPOINT", &endpoint)
+        .env("LEADER_ELECTION", "false")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("root keys loaded") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.is_ok(), "the operator did not load the KMS-wrapped keys");
+}

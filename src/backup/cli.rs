@@ -38,9 +38,9 @@ pub struct StoreArgs {
     /// S3-compatible stores need.
     #[arg(long, env = "BACKUP_S3_PATH_STYLE")]
     pub backup_s3_path_style: bool,
-    /// The bucket's region.
-    #[arg(long, env = "BACKUP_S3_REGION", default_value = "us-east-1")]
-    pub backup_s3_region: String,
+    /// The bucket's region (default: AWS_REGION, else us-east-1).
+    #[arg(long, env = "BACKUP_S3_REGION")]
+    pub backup_s3_region: Option<String>,
 }
 
 impl StoreArgs {

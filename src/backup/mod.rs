@@ -587,7 +587,7 @@ mod tests {
     fn retention_by_age_never_deletes_the_newest() {
         let all: Vec<Manifest> = (0..3).map(|i| m(i * 3600)).collect();
         let now = all[2].time + chrono::Duration::hours(10);
-        let doomed = plan_prune(&all, Retention { count: None, max_age: Some(Duration::from_secs(3600 * 11)) }, now);
+        let doomed = plan_prune(&all, Retention { count: None, max_age: Some(Duration::from_secs(3600 * 10 + 1800)) }, now);
         assert_eq!(doomed, vec![all[1].id.clone(), all[0].id.clone()]);
         let both = plan_prune(&all, Retention { count: Some(2), max_age: Some(Duration::from_secs(3600 * 13)) }, now);
         assert_eq!(both, vec![all[0].id.clone()]);

@@ -24,8 +24,8 @@ pub struct StoreConfig {
     /// Path-style requests (`endpoint/bucket/key`) instead of
     /// virtual-hosted-style (`bucket.endpoint/key`).
     pub s3_path_style: bool,
-    /// The bucket's region.
-    pub s3_region: String,
+    /// The bucket's region (default: AWS_REGION, else us-east-1).
+    pub s3_region: Option<String>,
 }
 
 /// Why the store could not be used.
@@ -70,8 +70,10 @@ impl Store {
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_region(&cfg.s3_region)
                     .with_virtual_hosted_style_request(!cfg.s3_path_style);
+                if let Some(region) = &cfg.s3_region {
+                    b = b.with_region(region);
+                }
                 if let Some(ep) = &cfg.s3_endpoint {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
@@ -154,7 +156,7 @@ mod tests {
             url: "s3://bkt/some/prefix/".into(),
             s3_endpoint: Some("http://127.0.0.1:9".into()),
             s3_path_style: true,
-            s3_region: "us-east-1".into(),
+            s3_region: Some("us-east-1".into()),
         })
         .unwrap();
         assert_eq!(s.dump_path("u", "i").as_ref(), "some/prefix/tenants/u/i.dump.enc");

@@ -120,7 +120,10 @@ pub async fn run(ctx: Arc<Context>) {
             _ = sleep_until(wake), if ready && due.is_some() => {
                 due = None;
                 first_change = None;
-                match sync(&ctx, &store, &mut state, full).await {
+                let started = Instant::now();
+                let result = sync(&ctx, &store, &mut state, full).await;
+                ctx.metrics.reconciled("ratelimits", started.elapsed(), result.as_ref().err().map(Error::label));
+                match result {
                     Ok(0) => {
                         failures = 0;
                         full = false;

@@ -142,6 +142,18 @@ pub fn new_secret_yaml(namespace: &str, name: &str) -> String {
     )
 }
 
+/// A new root-keys Secret manifest whose random key `v1` is wrapped by KMS
+/// (the plaintext key never leaves this process).
+pub async fn new_wrapped_secret_yaml(namespace: &str, name: &str, cfg: &kms::KmsConfig, key_id: &str) -> Result<String, kms::KmsError> {
+    use base64::Engine;
+    let key = crate::crypto::generate_root_key();
+    let wrapped = kms::wrap_key(cfg, key_id, "v1", key.as_slice()).await?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(wrapped);
+    Ok(format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  annotations:\n    tenancy.dev/wrapped-by: aws-kms\ntype: Opaque\ndata:\n  v1: {b64}\nstringData:\n  active: v1\n"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

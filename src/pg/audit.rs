@@ -50,16 +50,37 @@ pub const PGAUDIT_CLASSES: &str = "read, write";
 /// a tenant creates can stand in for a built-in.
 const FN_SEARCH_PATH: &str = "search_path=pg_catalog, pg_temp";
 
-/// The canonical content of an audit row that its hash covers: a JSON array
-/// text of (epoch seconds with microseconds, actor, actor_given,
-/// request_id, operation, table_name, row_pk, changed_columns). jsonb's text
-/// form is deterministic, and the epoch does not depend on the session's
-/// TimeZone. The same expression serves the trigger (over variables) and
-/// verification (over columns).
+/// The canonical content of an audit row that its hash covers, as UTF-8:
+/// three lines, `header \n row_pk \n changed_columns`, where the header is
+/// the JSON array text of (epoch seconds with microseconds, actor,
+/// actor_given, request_id, operation, table_name) and the others are jsonb
+/// texts (`null` when NULL). jsonb's text form is deterministic and never
+/// holds a raw newline; the epoch does not depend on the session's TimeZone.
+/// Verification uses this over the columns; the write function computes
+/// [`header_sql`] and [`tail_sql`] once per statement and only the key per
+/// row (the same bytes).
 pub fn content_sql(time: &str, actor: &str, given: &str, request: &str, op: &str, table: &str, pk: &str, changed: &str) -> String {
     format!(
-        "pg_catalog.convert_to(pg_catalog.jsonb_build_array(EXTRACT(EPOCH FROM {time}), {actor}, {given}, {request}, {op}, {table}, {pk}, pg_catalog.to_jsonb({changed}))::text, 'UTF8')"
+        "pg_catalog.convert_to({} || E'\\n' || {} || E'\\n' || {}, 'UTF8')",
+        header_sql(time, actor, given, request, op, table),
+        pk_sql(pk),
+        tail_sql(changed)
     )
+}
+
+/// The first line of the content (text).
+pub fn header_sql(time: &str, actor: &str, given: &str, request: &str, op: &str, table: &str) -> String {
+    format!("pg_catalog.jsonb_build_array(EXTRACT(EPOCH FROM {time}), {actor}, {given}, {request}, {op}, {table})::text")
+}
+
+/// The second line (text).
+fn pk_sql(pk: &str) -> String {
+    format!("coalesce({pk}::text, 'null')")
+}
+
+/// The third line (text).
+pub fn tail_sql(changed: &str) -> String {
+    format!("coalesce(pg_catalog.to_jsonb({changed})::text, 'null')")
 }
 
 /// The audit objects of one tenant schema, as the catalog shows them.
@@ -89,6 +110,8 @@ pub struct PgauditState {
     pub can_set: bool,
     /// The app role's own `pgaudit.log`, if set.
     pub app_setting: Option<String>,
+    /// The admin role (for the condition's message).
+    pub admin: String,
 }
 
 impl PgauditState {
@@ -203,7 +226,9 @@ pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAudit
 fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str, String>, PgError> {
     let schema = quote_ident(&name.schema())?;
     let owner = quote_literal(&name.owner_role())?;
-    let content = content_sql("v_time", "v_actor", "v_given", "v_request", "p_op", "p_table", "u.pk", "p_changed");
+    let header = header_sql("v_time", "v_actor", "v_given", "v_request", "p_op", "p_table");
+    let tail = tail_sql("p_changed");
+    let pk = pk_sql("v_pk");
     let write = format!(
         r#"
 DECLARE
@@ -212,10 +237,11 @@ DECLARE
   v_actor text;
   v_given boolean;
   v_request text;
-  v_contents bytea[];
+  v_header bytea;
+  v_tail bytea;
+  v_pk jsonb;
   v_prevs bytea[] := '{{}}';
   v_hashes bytea[] := '{{}}';
-  v_content bytea;
   v_i integer := 0;
   v_xid bigint;
   v_last bigint;
@@ -239,12 +265,14 @@ BEGIN
   v_given := v_actor IS NOT NULL;
   v_actor := coalesce(v_actor, session_user::text);
   v_request := nullif(current_setting('tenancy.request_id', true), '');
-  -- unnest yields the array's order; no sort needed.
-  SELECT array_agg({content}) INTO v_contents FROM unnest(p_pks) AS u(pk);
-  FOREACH v_content IN ARRAY v_contents LOOP
+  -- The content's first and last lines are the statement's; only the key
+  -- differs per row.
+  v_header := convert_to({header} || E'\n', 'UTF8');
+  v_tail := convert_to(E'\n' || {tail}, 'UTF8');
+  FOREACH v_pk IN ARRAY p_pks LOOP
     v_i := v_i + 1;
     v_prevs[v_i] := v_hash;
-    v_hash := sha256(v_hash || v_content);
+    v_hash := sha256(v_hash || v_header || convert_to({pk}, 'UTF8') || v_tail);
     v_hashes[v_i] := v_hash;
   END LOOP;
   -- Ids are drawn in unnest's order: the chain's order.
@@ -383,9 +411,14 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
     })
 }
 
-/// Reads the audit objects of the tenant schema: 2 queries, no writes.
+/// Reads the audit objects of the tenant schema: 1 query (constant text, so
+/// one prepared statement for every tenant), no writes.
 pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<AuditState, PgError> {
     let schema = name.schema();
+    // Each function is current when sha256(name:source) is the expected one
+    // and its owner, SECURITY DEFINER flag and search_path are right.
+    let expected: Vec<String> =
+        function_bodies(name)?.iter().map(|(f, body)| hex::encode(Sha256::digest(format!("{f}:{body}").as_bytes()))).collect();
     let row = sqlx::query(
         "SELECT n.oid IS NOT NULL AS schema_exists,
                 EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
@@ -398,7 +431,13 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
                              AND c.relname NOT LIKE '\\_tenancy\\_%'
                              AND (SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
                                    WHERE t.tgrelid = c.oid AND t.tgname = ANY ($6) AND t.tgenabled = 'O'
-                                     AND p.pronamespace = n.oid AND p.proname = $7) <> 4), '{}') AS untriggered
+                                     AND p.pronamespace = n.oid AND p.proname = $7) <> 4), '{}') AS untriggered,
+                (SELECT count(*) FROM pg_proc p
+                  WHERE p.pronamespace = n.oid
+                    AND encode(sha256(convert_to(p.proname || ':' || p.prosrc, 'UTF8')), 'hex') = ANY ($8)
+                    AND p.prosecdef = (p.proname <> $5)
+                    AND p.proowner = (SELECT oid FROM pg_roles WHERE rolname = $9)
+                    AND p.proconfig = ARRAY[$10]) = 3 AS functions_current
            FROM (SELECT $1::text AS name) x LEFT JOIN pg_namespace n ON n.nspname = x.name",
     )
     .bind(&schema)
@@ -408,6 +447,9 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
     .bind(GUARD_FN)
     .bind(TABLE_TRIGGERS.to_vec())
     .bind(TRIGGER_FN)
+    .bind(expected)
+    .bind(name.owner_role())
+    .bind(FN_SEARCH_PATH)
     .fetch_one(&mut *conn)
     .await
     .map_err(query_err("reading the tenant's audit objects"))?;
@@ -418,40 +460,17 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
             head: row.try_get("head")?,
             guard: row.try_get("guard")?,
             untriggered: row.try_get("untriggered")?,
-            functions_current: false,
+            functions_current: row.try_get::<Option<bool>, _>("functions_current")?.unwrap_or(false),
         })
     };
-    let mut state = decode().map_err(query_err("decoding the tenant's audit objects"))?;
-    if !state.schema_exists {
-        return Ok(state);
-    }
-    let funcs: Vec<(String, String, bool, String, Vec<String>)> = sqlx::query_as(
-        "SELECT p.proname::text, p.prosrc, p.prosecdef, pg_get_userbyid(p.proowner)::text, coalesce(p.proconfig, '{}')
-           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-          WHERE n.nspname = $1 AND p.proname = ANY ($2)",
-    )
-    .bind(&schema)
-    .bind(vec![WRITE_FN, TRIGGER_FN, GUARD_FN])
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(query_err("reading the tenant's audit functions"))?;
-    let bodies = function_bodies(name)?;
-    let owner = name.owner_role();
-    state.functions_current = funcs.len() == bodies.len()
-        && funcs.iter().all(|(f, src, definer, fowner, config)| {
-            bodies.get(f.as_str()).is_some_and(|b| b == src)
-                && *definer == (f != GUARD_FN)
-                && *fowner == owner
-                && config.as_slice() == [FN_SEARCH_PATH]
-        });
-    Ok(state)
+    decode().map_err(query_err("decoding the tenant's audit objects"))
 }
 
 /// Reads what pgaudit can do here and the app role's setting: 1 or 2
 /// queries, no writes.
 pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Result<PgauditState, PgError> {
-    let (loaded, superuser, version, settings): (bool, bool, i32, Vec<String>) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log'),
+    let (admin, loaded, superuser, version, settings): (String, bool, bool, i32, Vec<String>) = sqlx::query_as(
+        "SELECT current_user::text, EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log'),
                 (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
                 current_setting('server_version_num')::int,
                 coalesce((SELECT array_agg(x) FROM pg_db_role_setting s, unnest(s.setconfig) x
@@ -476,32 +495,31 @@ pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Resu
     } else {
         false
     };
-    Ok(PgauditState { loaded, can_set, app_setting })
+    Ok(PgauditState { loaded, can_set, app_setting, admin })
 }
 
 /// Runs `actions` on `conn`, in the transaction the caller holds; owner
 /// steps under `SET LOCAL ROLE <owner>` (left set: inside a migration the
 /// role already is the owner). Returns the statements run.
 async fn run(conn: &mut PgConnection, name: &TenantName, actions: &[AuditAction]) -> Result<usize, sqlx::Error> {
-    let mut count = 0;
+    let rendered = |a: &AuditAction| render(a, name).map_err(|e| sqlx::Error::Protocol(e.to_string()));
+    // Admin steps first, then the owner's; all of them in one round trip
+    // (a migration rollout runs this for every tenant).
+    let mut stmts: Vec<String> = Vec::new();
     for a in actions.iter().filter(|a| !a.as_owner()) {
-        for stmt in render(a, name).map_err(|e| sqlx::Error::Protocol(e.to_string()))? {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *conn).await?;
-            count += 1;
-        }
+        stmts.extend(rendered(a)?);
     }
     if actions.iter().any(AuditAction::as_owner) {
         let owner = quote_ident(&name.owner_role()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}"))).execute(&mut *conn).await?;
-        count += 1;
+        stmts.push(format!("SET LOCAL ROLE {owner}"));
         for a in actions.iter().filter(|a| a.as_owner()) {
-            for stmt in render(a, name).map_err(|e| sqlx::Error::Protocol(e.to_string()))? {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *conn).await?;
-                count += 1;
-            }
+            stmts.extend(rendered(a)?);
         }
     }
-    Ok(count)
+    if !stmts.is_empty() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmts.join(";\n"))).execute(&mut *conn).await?;
+    }
+    Ok(stmts.len())
 }
 
 /// Converges the audit table, functions and triggers inside a transaction
@@ -551,7 +569,6 @@ pub async fn converge(pool: &PgPool, name: &TenantName, retention_days: Option<u
     let mut conn = pool.acquire().await.map_err(query_err("connecting to converge the audit log"))?;
     let state = observe(&mut conn, name).await?;
     let pgaudit = observe_pgaudit(&mut conn, name).await?;
-    let admin: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut *conn).await.map_err(query_err("reading the admin role"))?;
     let actions = plan(&state, Some(&pgaudit));
     let mut statements = 0;
     if !actions.is_empty() {
@@ -559,7 +576,7 @@ pub async fn converge(pool: &PgPool, name: &TenantName, retention_days: Option<u
         statements = run(&mut tx, name, &actions).await.map_err(query_err("converging the audit log"))?;
         tx.commit().await.map_err(query_err("committing the audit log"))?;
     }
-    let read = read_auditing(&pgaudit, &name.app_role(), &admin);
+    let read = read_auditing(&pgaudit, &name.app_role(), &pgaudit.admin);
     let mut pruned = None;
     if retention_days.is_some() && state.schema_exists {
         let last: Option<DateTime<Utc>> =
@@ -915,9 +932,9 @@ mod tests {
     #[test]
     fn a_converged_schema_plans_nothing() {
         assert!(plan(&full(), None).is_empty());
-        let p = PgauditState { loaded: true, can_set: false, app_setting: None };
+        let p = PgauditState { loaded: true, can_set: false, app_setting: None, ..Default::default() };
         assert!(plan(&full(), Some(&p)).is_empty(), "nothing to do when pgaudit.log cannot be set");
-        let p = PgauditState { loaded: true, can_set: true, app_setting: Some("READ, write, ddl".into()) };
+        let p = PgauditState { loaded: true, can_set: true, app_setting: Some("READ, write, ddl".into()), ..Default::default() };
         assert!(plan(&full(), Some(&p)).is_empty());
         assert!(plan(&AuditState::default(), None).is_empty(), "no schema, nothing to do");
     }
@@ -925,7 +942,7 @@ mod tests {
     #[test]
     fn a_new_schema_gets_tables_functions_guard_and_triggers() {
         let s = AuditState { schema_exists: true, untriggered: vec!["docs".into()], ..Default::default() };
-        let p = PgauditState { loaded: true, can_set: true, app_setting: None };
+        let p = PgauditState { loaded: true, can_set: true, app_setting: None, ..Default::default() };
         let labels: Vec<_> = plan(&s, Some(&p)).iter().map(AuditAction::label).collect();
         assert_eq!(labels, ["CreateAuditTables", "ReplaceAuditFunctions", "GuardAuditTable", "AuditTable", "SetPgauditLog"]);
     }
@@ -934,11 +951,11 @@ mod tests {
     fn read_auditing_degrades_with_a_reason() {
         let off = PgauditState::default();
         assert_eq!(read_auditing(&off, "a", "adm").reason(), "PgauditNotInstalled");
-        let su = PgauditState { loaded: true, can_set: false, app_setting: None };
+        let su = PgauditState { loaded: true, can_set: false, app_setting: None, ..Default::default() };
         let r = read_auditing(&su, "tenant_x_app", "adm");
         assert_eq!(r.reason(), "PgauditNeedsSuperuser");
         assert!(r.message().contains("ALTER ROLE tenant_x_app SET pgaudit.log"), "{}", r.message());
-        let granted = PgauditState { loaded: true, can_set: false, app_setting: Some("all".into()) };
+        let granted = PgauditState { loaded: true, can_set: false, app_setting: Some("all".into()), ..Default::default() };
         assert_eq!(read_auditing(&granted, "a", "adm"), ReadAuditing::On);
     }
 

@@ -280,15 +280,17 @@ pub async fn migrate_tenant(pool: &PgPool, name: &TenantName, set: &SetRef, migr
 
 async fn locked(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
     let schema = name.schema();
-    let (exists, got): (bool, bool) = sqlx::query_as(
-        // CASE, not AND: Postgres does not promise to evaluate AND's operands
-        // in order, and a lock taken for a missing schema would never be
-        // released.
-        "SELECT e, CASE WHEN e THEN pg_try_advisory_lock($1, hashtext($2)) ELSE false END
-           FROM (SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2) AS e) x",
+    // One round trip: the schema, the lock, the version table. CASE, not
+    // AND: Postgres does not promise to evaluate AND's operands in order, and
+    // a lock taken for a missing schema would never be released.
+    let (exists, got, has_table): (bool, bool, bool) = sqlx::query_as(
+        "SELECT e, l, l AND to_regclass(format('%I.%I', $2::text, $3::text)) IS NOT NULL
+           FROM (SELECT e, CASE WHEN e THEN pg_try_advisory_lock($1, hashtext($2)) ELSE false END AS l
+                   FROM (SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2) AS e) x) y",
     )
     .bind(LOCK_NAMESPACE)
     .bind(&schema)
+    .bind(VERSION_TABLE)
     .fetch_one(&mut *conn)
     .await
     .map_err(query_err("taking the tenant's migration lock"))?;
@@ -298,13 +300,24 @@ async fn locked(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrat
     if !got {
         return Ok(TenantOutcome::Busy);
     }
+    if !has_table {
+        create_version_table(conn, name).await?;
+    }
     let outcome = run(conn, name, set, migrations, timeouts).await?;
-    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
-        .bind(LOCK_NAMESPACE)
-        .bind(&schema)
-        .execute(&mut *conn)
-        .await
-        .map_err(query_err("releasing the tenant's migration lock"))?;
+    // Releasing the lock clears a success's old failure record in the same
+    // round trip.
+    let clear = matches!(outcome, TenantOutcome::Migrated { .. });
+    sqlx::query(
+        "WITH cleared AS (DELETE FROM tenancy.migration_failures WHERE $3 AND tenant_name = $4)
+         SELECT pg_advisory_unlock($1, hashtext($2))",
+    )
+    .bind(LOCK_NAMESPACE)
+    .bind(&schema)
+    .bind(clear)
+    .bind(name.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(query_err("releasing the tenant's migration lock"))?;
     Ok(outcome)
 }
 
@@ -324,16 +337,7 @@ fn pg_error_parts(e: &sqlx::Error) -> (String, Option<String>) {
     }
 }
 
-async fn ensure_version_table(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL")
-        .bind(name.schema())
-        .bind(VERSION_TABLE)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(query_err("looking for the version table"))?;
-    if exists {
-        return Ok(());
-    }
+async fn create_version_table(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
     let schema = quote_ident(&name.schema())?;
     let owner = quote_ident(&name.owner_role())?;
     let app = quote_ident(&name.app_role())?;
@@ -357,11 +361,27 @@ async fn ensure_version_table(conn: &mut PgConnection, name: &TenantName) -> Res
     Ok(())
 }
 
-async fn read_applied(conn: &mut PgConnection, name: &TenantName) -> Result<Vec<Applied>, PgError> {
-    let sql = format!("SELECT version, name, checksum FROM {}.{VERSION_TABLE} ORDER BY version", quote_ident(&name.schema())?);
-    let rows: Vec<(i64, String, String)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *conn).await.map_err(query_err("reading the version table"))?;
+/// Reads the version table through the transaction's `search_path` (the
+/// tenant schema), so every tenant shares one prepared statement.
+async fn read_applied(conn: &mut PgConnection) -> Result<Vec<Applied>, PgError> {
+    let rows: Vec<(i64, String, String)> = sqlx::query_as("SELECT version, name, checksum FROM _tenancy_migrations ORDER BY version")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_err("reading the version table"))?;
     Ok(rows.into_iter().map(|(version, name, checksum)| Applied { version, name, checksum }).collect())
+}
+
+/// `BEGIN` and the migration's settings in one round trip: the tenant's
+/// owner role, its schema as `search_path`, the timeouts. Identifiers are
+/// quoted validated names; the timeouts are digits and `ms`.
+fn begin_sql(name: &TenantName, t: &Timeouts) -> Result<String, PgError> {
+    Ok(format!(
+        "BEGIN; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; SET LOCAL lock_timeout = '{}'; SET LOCAL statement_timeout = '{}'",
+        quote_ident(&name.owner_role())?,
+        quote_ident(&name.schema())?,
+        Timeouts::ms(t.lock),
+        Timeouts::ms(t.statement)
+    ))
 }
 
 /// What the recorded versions say about `migrations`: the first mismatch
@@ -399,10 +419,14 @@ fn short(sum: &str) -> &str {
 }
 
 async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
-    ensure_version_table(conn, name).await?;
-    let applied = read_applied(conn, name).await?;
+    let begin = begin_sql(name, timeouts)?;
+    // The first transaction reads the versions; it is the first migration's
+    // transaction too when that one is transactional.
+    let mut tx = conn.begin_with(sqlx::AssertSqlSafe(begin.clone())).await.map_err(query_err("starting a migration's transaction"))?;
+    let applied = read_applied(&mut tx).await?;
     let from = applied.iter().map(|a| a.version).max().unwrap_or(0);
     if let Some((version, detail)) = find_mismatch(&applied, migrations) {
+        tx.rollback().await.map_err(query_err("ending the version check"))?;
         let migration_name = migrations.iter().find(|m| m.version == version).map(|m| m.name.clone()).unwrap_or_default();
         let rec = FailureRecord {
             tenant: name.as_str().to_owned(),
@@ -417,14 +441,55 @@ async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migration
         record_failure(conn, &rec).await?;
         return Ok(TenantOutcome::ChecksumMismatch { version, detail });
     }
+    let pending: Vec<&MigrationSql> = migrations.iter().filter(|m| m.version > from).collect();
     let mut at = from;
     let mut done = Vec::new();
-    for m in migrations.iter().filter(|m| m.version > from) {
-        let step = if m.transactional { apply_in_transaction(conn, name, m, timeouts).await? } else { apply_outside_transaction(conn, name, m, timeouts).await? };
-        if let Err(e) = step {
-            if is_connection_error(&e) {
-                return Err(PgError::Query { action: "running a migration", source: e });
-            }
+    // The version check's transaction runs the first migration when that
+    // one is transactional; otherwise it just ends.
+    let mut rest: &[&MigrationSql] = &pending;
+    if let Some(m) = pending.first().filter(|m| m.transactional) {
+        rest = &pending[1..];
+        let step = apply_in_transaction(tx, name, m).await?;
+        if let Some(failed) = settle(conn, name, set, m, step, &mut at, &mut done).await? {
+            return Ok(failed);
+        }
+    } else {
+        tx.commit().await.map_err(query_err("ending the version check"))?;
+    }
+    for m in rest {
+        let step = if m.transactional {
+            let tx = conn.begin_with(sqlx::AssertSqlSafe(begin.clone())).await.map_err(query_err("starting a migration's transaction"))?;
+            apply_in_transaction(tx, name, m).await?
+        } else {
+            apply_outside_transaction(conn, name, m, timeouts).await?
+        };
+        if let Some(failed) = settle(conn, name, set, m, step, &mut at, &mut done).await? {
+            return Ok(failed);
+        }
+    }
+    Ok(TenantOutcome::Migrated { from, to: at, applied: done })
+}
+
+/// Books one migration's outcome: on success advances `at`; on the
+/// migration's own error records it and gives the `Failed` outcome; a lost
+/// connection is an `Err`.
+async fn settle(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    set: &SetRef,
+    m: &MigrationSql,
+    step: Result<(), sqlx::Error>,
+    at: &mut i64,
+    done: &mut Vec<i64>,
+) -> Result<Option<TenantOutcome>, PgError> {
+    match step {
+        Ok(()) => {
+            *at = m.version;
+            done.push(m.version);
+            Ok(None)
+        }
+        Err(e) if is_connection_error(&e) => Err(PgError::Query { action: "running a migration", source: e }),
+        Err(e) => {
             let (error, sqlstate) = pg_error_parts(&e);
             let rec = FailureRecord {
                 tenant: name.as_str().to_owned(),
@@ -437,13 +502,9 @@ async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migration
                 sqlstate: sqlstate.clone(),
             };
             record_failure(conn, &rec).await?;
-            return Ok(TenantOutcome::Failed { at, version: m.version, error, sqlstate });
+            Ok(Some(TenantOutcome::Failed { at: *at, version: m.version, error, sqlstate }))
         }
-        at = m.version;
-        done.push(m.version);
     }
-    clear_failure(&mut *conn, name.as_str()).await?;
-    Ok(TenantOutcome::Migrated { from, to: at, applied: done })
 }
 
 fn insert_version_sql(name: &TenantName) -> Result<String, PgError> {
@@ -453,28 +514,28 @@ fn insert_version_sql(name: &TenantName) -> Result<String, PgError> {
     ))
 }
 
-/// Runs one migration and records its version in one transaction. The
-/// outer `Result` is a failure around the migration (it could not start or
-/// commit); the inner one is the migration's own outcome.
-async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, t: &Timeouts) -> Result<Result<(), sqlx::Error>, PgError> {
-    let owner = quote_ident(&name.owner_role())?;
-    let schema = quote_ident(&name.schema())?;
-    let insert = insert_version_sql(name)?;
-    let mut tx = conn.begin().await.map_err(query_err("starting a migration's transaction"))?;
+/// Runs one migration and records its version in `tx` (begun with
+/// [`begin_sql`]), then commits. The outer `Result` is a failure around the
+/// migration; the inner one is the migration's own outcome (rolled back).
+async fn apply_in_transaction(mut tx: sqlx::Transaction<'_, Postgres>, name: &TenantName, m: &MigrationSql) -> Result<Result<(), sqlx::Error>, PgError> {
     let result: Result<(), sqlx::Error> = async {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}; SET LOCAL search_path TO {schema}"))).execute(&mut *tx).await?;
-        sqlx::query("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)")
-            .bind(Timeouts::ms(t.lock))
-            .bind(Timeouts::ms(t.statement))
-            .execute(&mut *tx)
-            .await?;
         let start = Instant::now();
         // The MigrationSet's SQL, by design: its author decides the schema.
         sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone())).execute(&mut *tx).await?;
         let ms = start.elapsed().as_millis() as i64;
         // Audit triggers on the tables it created, committed with them (docs/audit.md).
         super::audit::converge_in_tx(&mut tx, name).await?;
-        sqlx::query(sqlx::AssertSqlSafe(insert.clone())).bind(m.version).bind(&m.name).bind(&m.checksum).bind(ms).execute(&mut *tx).await?;
+        // Through the search_path (the tenant schema), so every tenant shares
+        // one prepared statement. A migration that moved the search_path
+        // elsewhere finds no version table (the owner can create only in its
+        // own schema) and fails, rolled back.
+        sqlx::query("INSERT INTO _tenancy_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)")
+            .bind(m.version)
+            .bind(&m.name)
+            .bind(&m.checksum)
+            .bind(ms)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
     .await;

@@ -25,6 +25,10 @@ use crate::controller::{Context, Stats};
 use crate::names::TenantName;
 use crate::pg::migrations::{migrate_tenant, TenantOutcome, Timeouts};
 
+/// After this long a pass starts no further tenant (those in flight
+/// finish): the status is written and the next pass picks up the rest.
+pub const PASS_BUDGET: Duration = Duration::from_secs(10);
+
 /// What happened to one tenant in a pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -85,18 +89,19 @@ pub async fn rollout(pool: &PgPool, plan: &RolloutPlan, timeouts: &Timeouts) -> 
         .min_connections(0)
         .acquire_timeout(wait)
         .idle_timeout(Duration::from_secs(30))
-        // A session ended while idle between two tenants is replaced, not
-        // handed to the next tenant.
-        .test_before_acquire(true)
+        // No ping per tenant: a session that died idle fails its next tenant
+        // as a lost connection (retried next pass) and is closed.
+        .test_before_acquire(false)
         .connect_lazy_with(opts);
     let peak = std::sync::atomic::AtomicU32::new(0);
     let latest = plan.latest();
+    let deadline = start + PASS_BUDGET;
 
-    let canaries = stage(&migration_pool, plan, &plan.canaries, true, timeouts, &peak).await;
+    let canaries = stage(&migration_pool, plan, &plan.canaries, true, timeouts, &peak, deadline).await;
     let canaries_ok = canaries.iter().all(|(_, o)| o.at_latest(latest));
     report.results.extend(canaries);
     if canaries_ok {
-        report.results.extend(stage(&migration_pool, plan, &plan.rest, false, timeouts, &peak).await);
+        report.results.extend(stage(&migration_pool, plan, &plan.rest, false, timeouts, &peak, deadline).await);
     } else {
         report.canary_stopped = true;
         report.results.extend(plan.rest.iter().map(|n| (n.clone(), Outcome::Skipped)));
@@ -114,6 +119,7 @@ async fn stage(
     canary: bool,
     timeouts: &Timeouts,
     peak: &std::sync::atomic::AtomicU32,
+    deadline: Instant,
 ) -> Vec<(TenantName, Outcome)> {
     let stop = AtomicBool::new(false);
     let stop_on_failure = canary || plan.on_failure == OnFailure::Pause;
@@ -121,7 +127,8 @@ async fn stage(
         .map(|name| {
             let stop = &stop;
             async move {
-                if stop.load(Ordering::SeqCst) {
+                // Canaries always run: the rest waits on them.
+                if stop.load(Ordering::SeqCst) || (!canary && Instant::now() > deadline) {
                     return (name, Outcome::Skipped);
                 }
                 let result = migrate_tenant(pool, &name, &plan.set, &plan.migrations, timeouts).await;

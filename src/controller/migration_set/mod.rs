@@ -89,8 +89,62 @@ pub async fn pass(pool: &PgPool, name: &str, generation: i64, spec: &MigrationSe
     let before = observe::observe(pool, name, followers).await?;
     let plan = plan::plan(name, generation, spec, &before);
     let report = apply::rollout(pool, &plan, timeouts).await;
-    let after = if report.results.is_empty() { before.clone() } else { observe::observe(pool, name, followers).await? };
+    // The state afterwards follows from the report, unless another instance
+    // or a lost connection may have changed what is known: then read again
+    // (re-reading a thousand version tables costs more than the pass).
+    let after = match advance(&before, &plan, &report) {
+        Some(after) => after,
+        None => observe::observe(pool, name, followers).await?,
+    };
     Ok(Pass { plan, report, before, after })
+}
+
+/// `before` with the outcomes of `report` applied; None when an outcome
+/// leaves the tenant's state unknown (busy elsewhere, interrupted). Pure.
+pub fn advance(before: &plan::Observed, plan: &plan::RolloutPlan, report: &apply::RolloutReport) -> Option<plan::Observed> {
+    use crate::pg::migrations::{Applied, FailureRecord, TenantOutcome, REASON_CHECKSUM, REASON_FAILED};
+    let mut after = before.clone();
+    for (tenant, outcome) in &report.results {
+        let record = |version: i64, reason: &str, error: &str, sqlstate: &Option<String>| FailureRecord {
+            tenant: tenant.to_string(),
+            migration_set: plan.set.name.clone(),
+            set_generation: plan.set.generation,
+            version,
+            migration_name: plan.migrations.iter().find(|m| m.version == version).map(|m| m.name.clone()).unwrap_or_default(),
+            reason: reason.into(),
+            error: error.into(),
+            sqlstate: sqlstate.clone(),
+        };
+        let replace = |after: &mut plan::Observed, rec: Option<FailureRecord>| {
+            after.failures.retain(|f| f.tenant != tenant.as_str());
+            after.failures.extend(rec);
+            after.failures.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        };
+        match outcome {
+            apply::Outcome::Skipped | apply::Outcome::Done(TenantOutcome::NoSchema) => {}
+            apply::Outcome::Error(_) | apply::Outcome::Done(TenantOutcome::Busy) => return None,
+            apply::Outcome::Done(TenantOutcome::Migrated { applied, .. }) => {
+                let v = after.versions.entry(tenant.clone()).or_default();
+                for m in plan.migrations.iter().filter(|m| applied.contains(&m.version)) {
+                    v.applied.push(Applied { version: m.version, name: m.name.clone(), checksum: m.checksum.clone() });
+                }
+                replace(&mut after, None);
+            }
+            apply::Outcome::Done(TenantOutcome::Failed { version, error, sqlstate, at }) => {
+                // Versions before the failed one may have been applied in this run.
+                let v = after.versions.entry(tenant.clone()).or_default();
+                let current = v.current();
+                for m in plan.migrations.iter().filter(|m| m.version > current && m.version <= *at) {
+                    v.applied.push(Applied { version: m.version, name: m.name.clone(), checksum: m.checksum.clone() });
+                }
+                replace(&mut after, Some(record(*version, REASON_FAILED, error, sqlstate)));
+            }
+            apply::Outcome::Done(TenantOutcome::ChecksumMismatch { version, detail }) => {
+                replace(&mut after, Some(record(*version, REASON_CHECKSUM, detail, &None)));
+            }
+        }
+    }
+    Some(after)
 }
 
 /// Starts the MigrationSet controller and drives it until shutdown.
@@ -183,5 +237,44 @@ async fn event(ctx: &Context, ms: &MigrationSet, phase: MigrationSetPhase, messa
     match ctx.recorder.publish(&ev, &ms.object_ref(&())).await {
         Ok(()) => Stats::add(&ctx.stats.kube_writes, 1),
         Err(e) => tracing::warn!(set = %ms.name_any(), error = %e, "publishing an event failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::apply::{Outcome, RolloutReport};
+    use super::*;
+    use crate::api::{Migration, OnFailure, RolloutSpec};
+    use crate::pg::migrations::{SchemaVersions, TenantOutcome, REASON_FAILED};
+
+    #[test]
+    fn the_state_after_a_pass_follows_from_its_report() {
+        let spec = MigrationSetSpec {
+            migrations: (1..=2).map(|v| Migration { version: v, name: format!("m{v}"), sql: format!("sql {v}"), transactional: true }).collect(),
+            rollout: RolloutSpec { max_concurrent: 2, canary: 0, on_failure: OnFailure::Continue },
+        };
+        let names: Vec<TenantName> = ["a", "b", "c"].iter().map(|n| TenantName::parse(n).unwrap()).collect();
+        let before = plan::Observed {
+            followers: names.clone(),
+            versions: names.iter().map(|n| (n.clone(), SchemaVersions { schema_exists: true, applied: vec![] })).collect(),
+            failures: vec![],
+        };
+        let p = plan::plan("default", 1, &spec, &before);
+        let report = RolloutReport {
+            results: vec![
+                (names[0].clone(), Outcome::Done(TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] })),
+                (names[1].clone(), Outcome::Done(TenantOutcome::Failed { at: 1, version: 2, error: "boom".into(), sqlstate: None })),
+                (names[2].clone(), Outcome::Skipped),
+            ],
+            ..Default::default()
+        };
+        let after = advance(&before, &p, &report).expect("known outcomes");
+        assert_eq!(after.versions[&names[0]].current(), 2);
+        assert_eq!(after.versions[&names[1]].current(), 1, "the version before the failed one was applied");
+        assert_eq!(after.versions[&names[2]].current(), 0);
+        assert_eq!(after.failures.len(), 1);
+        assert_eq!((after.failures[0].tenant.as_str(), after.failures[0].version, after.failures[0].reason.as_str()), ("b", 2, REASON_FAILED));
+        let busy = RolloutReport { results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Busy))], ..Default::default() };
+        assert!(advance(&before, &p, &busy).is_none(), "a tenant busy elsewhere must be read again");
     }
 }

@@ -20,9 +20,11 @@ use crate::api::{MigrationSetSpec, OnFailure};
 use crate::names::TenantName;
 use crate::pg::migrations::{find_mismatch, FailureRecord, MigrationSql, SchemaVersions, SetRef, REASON_FAILED};
 
-/// Most tenants started by one pass (the status is written between passes,
-/// so `kubectl get migrationsets` shows progress during a long rollout).
-pub const PASS_FACTOR: usize = 32;
+/// Most tenants planned for one pass, per `maxConcurrent` (a pass also
+/// stops starting tenants after [`super::apply::PASS_BUDGET`]; the status is
+/// written between passes, so `kubectl get migrationsets` shows progress
+/// during a long rollout).
+pub const PASS_FACTOR: usize = 128;
 
 /// The spec's migrations, checked: versions strictly increasing.
 pub fn migrations(spec: &MigrationSetSpec) -> Result<Vec<MigrationSql>, String> {
@@ -322,10 +324,10 @@ mod tests {
 
     #[test]
     fn a_pass_is_bounded() {
-        let names: Vec<String> = (0..200).map(|i| format!("t{i:03}")).collect();
+        let names: Vec<String> = (0..300).map(|i| format!("t{i:03}")).collect();
         let o = obs(&names.iter().map(|t| (t.as_str(), at(&[]))).collect::<Vec<_>>());
         let p = plan("default", 1, &spec(&[(1, "a")], 0, OnFailure::Pause), &o);
         assert_eq!(p.rest.len(), 2 * PASS_FACTOR);
-        assert_eq!(p.deferred, 200 - 2 * PASS_FACTOR);
+        assert_eq!(p.deferred, 300 - 2 * PASS_FACTOR);
     }
 }

@@ -305,6 +305,12 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let (db_plan, registry) = (outcome.plan, outcome.registry);
     let read_auditing = &outcome.audit.read_auditing;
     let read_auditing_cond = Cond::new("ReadAuditing", *read_auditing == crate::pg::audit::ReadAuditing::On, read_auditing.reason(), read_auditing.message());
+    let audit_steps: Vec<&str> = outcome.audit.actions.iter().map(|a| a.label()).collect();
+    if !audit_steps.is_empty() && registry.as_ref().map(|w| w.audit_action) != Some("Provisioned") {
+        // Drift: a table made outside migrations, a trigger dropped or
+        // disabled, an audit function edited.
+        apply::event(ctx, t, false, "AuditConverged", format!("audit log converged: {}", audit_steps.join(", "))).await;
+    }
     if let Some(n) = outcome.audit.pruned.filter(|n| *n > 0) {
         apply::event(ctx, t, false, "AuditPruned", format!("pruned {n} audit row(s) older than spec.audit.retentionDays; an ANCHOR row keeps the chain verifiable")).await;
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, EnvFromSource, PodSpec, PodTemplateSpec, ResourceRequirements, SecretEnvSource};
+use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, EnvFromSource, PodSpec, PodTemplateSpec, ResourceRequirements, SecretEnvSource, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -68,12 +68,20 @@ pub fn desired_job(
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     service_account_name: settings.service_account.clone(),
+                    // The downloaded (encrypted) dump waits here while it is
+                    // checked; the image's root filesystem may be read-only.
+                    volumes: Some(vec![Volume { name: "work".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }]),
                     containers: vec![Container {
                         name: "restore".into(),
                         image: Some(image.clone()),
                         args: Some(args),
                         env_from: Some(vec![EnvFromSource { secret_ref: Some(SecretEnvSource { name: env_secret.clone(), optional: Some(false) }), ..Default::default() }]),
-                        env: Some(job_env(namespace, root_keys)),
+                        env: Some({
+                            let mut env = job_env(namespace, root_keys);
+                            env.push(k8s_openapi::api::core::v1::EnvVar { name: "TMPDIR".into(), value: Some("/work".into()), ..Default::default() });
+                            env
+                        }),
+                        volume_mounts: Some(vec![VolumeMount { name: "work".into(), mount_path: "/work".into(), ..Default::default() }]),
                         // The error, for status.error, from the log's tail.
                         termination_message_policy: Some("FallbackToLogsOnError".into()),
                         resources: Some(ResourceRequirements {

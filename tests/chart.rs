@@ -69,9 +69,19 @@ fn the_rendered_chart_is_valid_against_kubernetes_1_32() {
             "rootKeys.kms.enabled=true,rootKeys.kms.keyId=alias/root,rootKeys.kms.credentialsSecret=aws,database.tenantHost=db.example,database.tenantPort=6432,podDisruptionBudget.maxUnavailable=50%",
             "--set",
             "replicaCount=3,imagePullSecrets[0].name=regcred,nodeSelector.pool=ops,serviceAccount.annotations.a=b",
+            "--set",
+            "backup.store=s3://tenant-backups/prod,backup.s3.endpoint=http://minio:9000,backup.s3.pathStyle=true,backup.envSecret=backup-env",
         ],
     );
     validate_1_32(&kv, "non-defaults", &all);
+    // With a store, the Deployment passes the backup settings to the
+    // operator, and the Jobs get an identity of their own.
+    for env in ["BACKUP_STORE", "BACKUP_SERVICE_ACCOUNT", "BACKUP_ENV_SECRET", "BACKUP_S3_ENDPOINT", "BACKUP_S3_PATH_STYLE"] {
+        assert!(all.contains(&format!("name: {env}")), "{env} is not set on the operator");
+    }
+    let backup_docs = documents(&all);
+    assert!(find_doc(&backup_docs, "ServiceAccount", Some("tenant-operator-backup")).is_some(), "no ServiceAccount for the backup Jobs");
+    assert!(!defaults.contains("BACKUP_STORE"), "backups are configured by default");
 
     // The ServiceMonitor (a prometheus-operator kind, so not in the 1.32
     // schemas) selects the metrics Service.

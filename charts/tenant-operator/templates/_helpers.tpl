@@ -48,3 +48,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "tenant-operator.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The ServiceAccount of backup and restore Jobs. */}}
+{{- define "tenant-operator.backupServiceAccountName" -}}
+{{- default (printf "%s-backup" (include "tenant-operator.fullname" .)) .Values.backup.serviceAccountName -}}
+{{- end -}}

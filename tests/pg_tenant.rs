@@ -5,7 +5,7 @@
 
 mod support;
 
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 // The tenant helper (Postgres half of a reconcile, spec from the CRD's
 // defaults) is shared with the other Postgres suites.
 use support::tenant::Tenant;

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Resource};
 
 use super::{Retention, Selector, StoreConfig, Tools};
@@ -137,13 +137,7 @@ pub fn parse_age(s: &str) -> Result<Duration, String> {
 async fn publish(client: &kube::Client, tenant: Option<&Tenant>, warning: bool, reason: &str, note: String) {
     let Some(t) = tenant else { return };
     let reporter = Reporter { controller: "tenant-operator".into(), instance: std::env::var("POD_NAME").ok() };
-    let ev = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
+    let ev = crate::controller::event_of(warning, reason, note);
     if let Err(e) = Recorder::new(client.clone(), reporter).publish(&ev, &t.object_ref(&())).await {
         tracing::warn!(error = %e, "publishing an event failed");
     }

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use super::plan::{self, Blocked, Observed, RolloutPlan};
-use crate::api::{Condition, FailedTenant, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, VersionCount};
-use crate::controller::tenant::status::Cond;
+use crate::api::{FailedTenant, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, VersionCount};
+use crate::controller::tenant::status::{merge_conditions, Cond};
 use crate::pg::migrations::{find_mismatch, REASON_CHECKSUM, REASON_FAILED};
 
 /// Most failed tenants listed in the status (all are counted).
@@ -104,26 +104,6 @@ pub fn compute(
 
 fn truncate(s: &str) -> String {
     s.chars().take(MAX_ERROR).collect()
-}
-
-/// Conditions from `conds`, keeping `lastTransitionTime` of those whose
-/// status did not change.
-pub fn merge_conditions(old: &[Condition], conds: &[Cond], generation: Option<i64>, now: &str) -> Vec<Condition> {
-    conds
-        .iter()
-        .map(|c| {
-            let status = if c.status { "True" } else { "False" }.to_string();
-            let since = old.iter().find(|o| o.type_ == c.type_ && o.status == status).map(|o| o.last_transition_time.clone()).unwrap_or_else(|| now.to_string());
-            Condition {
-                type_: c.type_.to_string(),
-                status,
-                reason: c.reason.to_string(),
-                message: c.message.clone(),
-                observed_generation: generation,
-                last_transition_time: since,
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -139,13 +138,7 @@ pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Re
 /// Publishes an Event about the tenant. Events are best effort: a failure is
 /// logged, never fails the reconcile.
 pub async fn event(ctx: &Context, t: &Tenant, warning: bool, reason: &'static str, note: String) {
-    let ev = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
+    let ev = crate::controller::event_of(warning, reason, note);
     match ctx.recorder.publish(&ev, &t.object_ref(&())).await {
         Ok(()) => Stats::add(&ctx.stats.kube_writes, 1),
         Err(e) => tracing::warn!(tenant = %t.name_any(), reason, error = %e, "publishing an event failed"),

@@ -363,7 +363,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     };
     conds.extend(backup::converge_cronjob(ctx, t, &name).await?);
     let last_backup = backup::last_backup(ctx, &uid).await;
-    report_with(ctx, t, phase, schema, &conds, status::Extra { key: sealed.key, schema_version, last_backup, ..Default::default() }).await?;
+    report_with(ctx, t, phase, schema, &conds, status::Extra { key: sealed.key, schema_version, last_backup }).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 

@@ -337,7 +337,6 @@ pub fn last_spec_manager(tenant: &Tenant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::DatabaseSpec;
     use crate::pg::tenant::{AppPrivileges, RegistryRow, SchemaState};
 
     fn name() -> TenantName {
@@ -454,8 +453,7 @@ mod tests {
         let obs = converged("old-uid", &d);
         let err = plan_db(&name(), "new-uid", &d, &obs, None).unwrap_err();
         assert_eq!(err.reason(), "OwnershipConflict");
-        let mut obs = CatalogState::default();
-        obs.app_role = Some(RoleState { comment: None, ..Default::default() });
+        let obs = CatalogState { app_role: Some(RoleState { comment: None, ..Default::default() }), ..Default::default() };
         let err = plan_db(&name(), "u1", &d, &obs, None).unwrap_err();
         assert!(err.to_string().contains("tenant_acme_app"), "{err}");
     }

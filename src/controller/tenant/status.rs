@@ -59,15 +59,24 @@ pub fn next_status_with(
     extra: Extra,
 ) -> TenantStatus {
     let old_conds = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
-    let conditions = conds
+    let conditions = merge_conditions(old_conds, conds, generation, now);
+    let (key_version, key_fingerprint) = match extra.key {
+        Some((v, f)) => (Some(v), Some(f)),
+        None => (old.and_then(|s| s.key_version.clone()), old.and_then(|s| s.key_fingerprint.clone())),
+    };
+    let schema_version = extra.schema_version.or_else(|| old.and_then(|s| s.schema_version));
+    let last_backup = extra.last_backup.or_else(|| old.and_then(|s| s.last_backup.clone()));
+    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, last_backup, conditions }
+}
+
+/// Conditions from `conds`, keeping `lastTransitionTime` of those whose
+/// status did not change.
+pub fn merge_conditions(old: &[Condition], conds: &[Cond], generation: Option<i64>, now: &str) -> Vec<Condition> {
+    conds
         .iter()
         .map(|c| {
             let status = if c.status { "True" } else { "False" }.to_string();
-            let since = old_conds
-                .iter()
-                .find(|o| o.type_ == c.type_ && o.status == status)
-                .map(|o| o.last_transition_time.clone())
-                .unwrap_or_else(|| now.to_string());
+            let since = old.iter().find(|o| o.type_ == c.type_ && o.status == status).map(|o| o.last_transition_time.clone()).unwrap_or_else(|| now.to_string());
             Condition {
                 type_: c.type_.to_string(),
                 status,
@@ -77,14 +86,7 @@ pub fn next_status_with(
                 last_transition_time: since,
             }
         })
-        .collect();
-    let (key_version, key_fingerprint) = match extra.key {
-        Some((v, f)) => (Some(v), Some(f)),
-        None => (old.and_then(|s| s.key_version.clone()), old.and_then(|s| s.key_fingerprint.clone())),
-    };
-    let schema_version = extra.schema_version.or_else(|| old.and_then(|s| s.schema_version));
-    let last_backup = extra.last_backup.or_else(|| old.and_then(|s| s.last_backup.clone()));
-    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, last_backup, conditions }
+        .collect()
 }
 
 /// The condition of `type_` in a status, if any.

@@ -17,7 +17,6 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
@@ -72,13 +71,7 @@ fn error_policy(r: Arc<TenantRestore>, err: &Error, ctx: Arc<Context>) -> Action
 }
 
 async fn event(ctx: &Context, r: &TenantRestore, warning: bool, reason: &str, note: String) {
-    let ev = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
+    let ev = crate::controller::event_of(warning, reason, note);
     if ctx.recorder.publish(&ev, &r.object_ref(&())).await.is_ok() {
         Stats::add(&ctx.stats.kube_writes, 1);
     }

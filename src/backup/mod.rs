@@ -404,7 +404,11 @@ impl Drop for TempFile {
 /// back in place, untouched.
 pub async fn restore(pool: &PgPool, tools: &Tools, name: &TenantName, keyring: std::sync::Arc<Keyring>, store: &Store, sel: &Selector) -> Result<RestoreOutcome, BackupError> {
     let (uid, salt) = tenant_keys(pool, name).await?;
-    let lock = pgb::try_restore_lock(pool, name).await?.ok_or_else(|| BackupError::RestoreRunning(name.to_string()))?;
+    // A reconcile holds the lock for a moment (shared, while it may enable
+    // login); only another restore holds it longer.
+    let lock = pgb::restore_lock(pool, name, std::time::Duration::from_secs(30))
+        .await?
+        .ok_or_else(|| BackupError::RestoreRunning(name.to_string()))?;
     let result = restore_locked(pool, tools, name, &keyring, store, sel, &uid, &salt).await;
     lock.release().await;
     result

@@ -137,6 +137,34 @@ impl Drop for RestoreLock {
     }
 }
 
+/// Inside a transaction about to let the app role log in: holds the restore
+/// lock shared until commit, so a restore cannot start in between, and says
+/// false (do nothing) when a restore holds it.
+pub async fn guard_against_restore(tx: &mut sqlx::PgConnection, name: &TenantName) -> Result<bool, PgError> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock_shared($1, hashtext($2))")
+        .bind(RESTORE_LOCK_CLASS)
+        .bind(name.schema())
+        .fetch_one(tx)
+        .await
+        .map_err(query_err("checking for a running restore"))
+}
+
+/// Takes the tenant's restore lock for a restore, waiting up to `wait` for a
+/// reconcile that holds it briefly (shared, inside its transaction); None
+/// when another restore holds it.
+pub async fn restore_lock(pool: &PgPool, name: &TenantName, wait: std::time::Duration) -> Result<Option<RestoreLock>, PgError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some(lock) = try_restore_lock(pool, name).await? {
+            return Ok(Some(lock));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Takes the tenant's restore lock without waiting; None when a restore
 /// holds it.
 pub async fn try_restore_lock(pool: &PgPool, name: &TenantName) -> Result<Option<RestoreLock>, PgError> {

@@ -44,6 +44,8 @@ pub enum PgError {
     MissingPrivilege { role: String, what: String },
     #[error("an identifier contains a NUL byte")]
     NulInIdentifier,
+    #[error("a restore of tenant {0} is running; retrying when it is done")]
+    RestoreRunning(String),
 }
 
 impl PgError {
@@ -51,7 +53,7 @@ impl PgError {
     /// opposed to one a person must fix.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Connect { .. } => true,
+            PgError::Connect { .. } | PgError::RestoreRunning(_) => true,
             PgError::Query { source, .. } => is_transient_sqlx(source),
             PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier => false,
         }

@@ -396,6 +396,12 @@ pub async fn apply(
         return Ok(0);
     }
     let mut tx = pool.begin().await.map_err(query_err("starting a transaction"))?;
+    // Letting the app role log in must not race a restore that just locked
+    // it out: the shared restore lock, held to commit, orders the two.
+    let enables_login = actions.iter().any(|a| matches!(a, DbAction::SetLogin(true) | DbAction::CreateAppRole { login: true, .. }));
+    if enables_login && !super::backup::guard_against_restore(&mut tx, name).await? {
+        return Err(PgError::RestoreRunning(name.to_string()));
+    }
     let db: String = sqlx::query_scalar("SELECT current_database()::text")
         .fetch_one(&mut *tx)
         .await

@@ -209,7 +209,7 @@ async fn report(ctx: &Context, t: &Tenant, phase: TenantPhase, schema: Option<St
 
 /// [`report`], also setting the status fields in `extra`.
 async fn report_with(ctx: &Context, t: &Tenant, phase: TenantPhase, schema: Option<String>, conds: &[Cond], extra: status::Extra) -> Result<(), Error> {
-    let new = status::next_status_with(t.status.as_ref(), phase, schema, t.metadata.generation, conds, &now(), extra);
+    let new = status::next_status(t.status.as_ref(), phase, schema, t.metadata.generation, conds, &now(), extra);
     let ready = conds.iter().find(|c| c.type_ == "Ready" || c.type_ == "DeletionBlocked");
     let old_reason = ready.and_then(|c| status::condition(t.status.as_ref(), c.type_)).map(|c| c.reason.clone());
     apply::write_status(ctx, t, new).await?;

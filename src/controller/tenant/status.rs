@@ -34,22 +34,10 @@ pub struct Extra {
     pub last_backup: Option<crate::api::tenant::LastBackup>,
 }
 
-/// Merges `conds` into `old`'s conditions and sets phase, schema and
-/// generation. Conditions of a type not in `conds` are dropped (for example
-/// `DeletionBlocked` once the block is lifted).
+/// Merges `conds` into `old`'s conditions (a condition type not in `conds`
+/// is dropped, e.g. `DeletionBlocked` once lifted) and sets phase, schema,
+/// generation and the fields of `extra`.
 pub fn next_status(
-    old: Option<&TenantStatus>,
-    phase: TenantPhase,
-    schema: Option<String>,
-    generation: Option<i64>,
-    conds: &[Cond],
-    now: &str,
-) -> TenantStatus {
-    next_status_with(old, phase, schema, generation, conds, now, Extra::default())
-}
-
-/// [`next_status`] with the fields of `extra`.
-pub fn next_status_with(
     old: Option<&TenantStatus>,
     phase: TenantPhase,
     schema: Option<String>,
@@ -101,21 +89,21 @@ mod tests {
     #[test]
     fn transition_time_holds_while_status_holds() {
         let c1 = [Cond::new("Ready", true, "Provisioned", "ok")];
-        let s1 = next_status(None, TenantPhase::Active, None, Some(1), &c1, "t1");
+        let s1 = next_status(None, TenantPhase::Active, None, Some(1), &c1, "t1", Extra::default());
         let c2 = [Cond::new("Ready", true, "Provisioned", "still ok")];
-        let s2 = next_status(Some(&s1), TenantPhase::Active, None, Some(2), &c2, "t2");
+        let s2 = next_status(Some(&s1), TenantPhase::Active, None, Some(2), &c2, "t2", Extra::default());
         assert_eq!(s2.conditions[0].last_transition_time, "t1");
         assert_eq!(s2.conditions[0].observed_generation, Some(2));
         let c3 = [Cond::new("Ready", false, "DatabaseUnavailable", "down")];
-        let s3 = next_status(Some(&s2), TenantPhase::Active, None, Some(2), &c3, "t3");
+        let s3 = next_status(Some(&s2), TenantPhase::Active, None, Some(2), &c3, "t3", Extra::default());
         assert_eq!(s3.conditions[0].last_transition_time, "t3");
     }
 
     #[test]
     fn same_outcome_gives_an_equal_status() {
         let c = [Cond::new("Ready", true, "Provisioned", "ok"), Cond::new("DatabaseReady", true, "Converged", "ok")];
-        let s1 = next_status(None, TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t1");
-        let s2 = next_status(Some(&s1), TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t9");
+        let s1 = next_status(None, TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t1", Extra::default());
+        let s2 = next_status(Some(&s1), TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t9", Extra::default());
         assert_eq!(s1, s2, "an unchanged outcome must not produce a status write");
     }
 }

@@ -70,9 +70,9 @@ pub fn parse_query(q: &str) -> HashMap<String, String> {
     m
 }
 
-pub fn json_resp(code: u16, v: &Value, warnings: &[String]) -> Response<Body> {
-    let mut r = Response::new(Body::from(v.to_string()));
-    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+/// A JSON response with the headers the real API server sends on one.
+fn json_body(body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -81,6 +81,12 @@ pub fn json_resp(code: u16, v: &Value, warnings: &[String]) -> Response<Body> {
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, private"),
     );
+    r
+}
+
+pub fn json_resp(code: u16, v: &Value, warnings: &[String]) -> Response<Body> {
+    let mut r = json_body(Body::from(v.to_string()));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for w in warnings {
         let text = format!("299 - {w:?}");
         if let Ok(hv) = HeaderValue::from_str(&text) {
@@ -1864,14 +1870,5 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
         stream,
         Ok::<Bytes, std::convert::Infallible>,
     ));
-    let mut r = Response::new(body);
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, private"),
-    );
-    r
+    json_body(body)
 }

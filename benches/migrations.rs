@@ -5,16 +5,18 @@
 //! own with BENCH_TENANTS (default 1000) real tenant schemas, provisioned
 //! through the operator's code (`converge_db`, 8 at a time), brings them to
 //! version 1 (a trivial migration, so every version table exists), then
-//! times:
+//! runs BENCH_ROUNDS (default 3) rounds, each timing:
 //! - the operator: MigrationSet passes (observe, plan, bounded fan-out with
 //!   `maxConcurrent` = BENCH_MAX_CONCURRENT, default 8) until every schema
-//!   is at version 2, a migration of 5 DDL statements;
+//!   is at the round's new version, a migration of 5 DDL statements;
 //! - the baseline: ONE psql session running, serially, one transaction per
 //!   schema with the same 5 statements (on tables of another name, so both
 //!   do the same work), under `SET LOCAL ROLE <owner>` and `search_path`.
+//! The order alternates between rounds (this machine's speed drifts).
 //!
-//! Prints both times, their ratio, and the peak connection count to the
-//! bench database during the fan-out (pg_stat_activity sampled every 5ms).
+//! Prints each round, the sums and their ratio, and the peak connection
+//! count to the bench database during the fan-outs (pg_stat_activity
+//! sampled every 5ms). BENCH_KEEP_DB keeps the database for inspection.
 //! Drops its database and roles at the end. Not part of `cargo test`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -22,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tenant_operator::api::{Migration, MigrationSetSpec, OnFailure, RolloutSpec, TenantSpec};
 use tenant_operator::controller::migration_set::apply::Outcome;
@@ -113,7 +114,7 @@ async fn main() {
     let admin_url = with_db(&admin_url, &dbname);
     let su_db_url = with_db(&su_url, &dbname);
 
-    let admin = PgPoolOptions::new().max_connections(8).connect(&admin_url).await.expect("admin connects");
+    let (admin, _) = pg::connect(&admin_url, 8).await.expect("admin connects");
     pg::migrate_control_schema(&admin).await.expect("control schema");
     let facts = pg::admin_facts(&admin).await.expect("facts");
     pg::harden_database(&admin, &facts).await.expect("harden");
@@ -130,8 +131,7 @@ async fn main() {
 
     // The operator's fan-out, on an admin pool of 2 (what the Tenant
     // controller would hold meanwhile) plus the rollout's own pool.
-    let op_pool = PgPoolOptions::new().max_connections(2).connect(&admin_url).await.expect("admin connects");
-    let spec = set_spec(max_concurrent, &[v1, (2, ddl("events"))]);
+    let (op_pool, _) = pg::connect(&admin_url, 2).await.expect("admin connects");
     let peak = Arc::new(AtomicI64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -150,46 +150,88 @@ async fn main() {
             }
         })
     };
-    let start = Instant::now();
-    let passes = roll_out(&op_pool, 2, &spec, &names).await;
-    let operator = start.elapsed();
+
+    // Rounds: each adds one migration (version 2, 3, ...) of the same 5
+    // statements on tables of its own, and runs the same statements through
+    // psql on tables of another name. The order alternates, so a slow spell
+    // of a shared machine or a catalog that grows as the run goes on weighs
+    // on both sides alike; the ratio is of the sums.
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let psql = std::env::var("PSQL").unwrap_or_else(|_| "psql".into());
+    let mut versions = vec![v1];
+    let (mut op_total, mut psql_total) = (Duration::ZERO, Duration::ZERO);
+    println!("migrations bench: {count} tenant schemas, per round one migration of 5 DDL statements (CREATE TABLE, CREATE INDEX, ALTER TABLE, CREATE TABLE with FK, COMMENT)");
+    for round in 1..=rounds {
+        let version = round as i64 + 1;
+        versions.push((version, ddl(&format!("events_{round}"))));
+        let spec = set_spec(max_concurrent, &versions);
+        let operator_run = || async {
+            let start = Instant::now();
+            let passes = roll_out(&op_pool, version, &spec, &names).await;
+            let took = start.elapsed();
+            let at = pg::migrations::observe_many(&op_pool, &names).await.expect("observe").values().filter(|v| v.current() == version).count();
+            assert_eq!(at, count, "not every schema reached version {version}");
+            (took, passes)
+        };
+        let psql_run = || {
+            let table = format!("events_psql_{round}");
+            let mut script = String::from("\\set ON_ERROR_STOP on\n");
+            for n in &names {
+                script.push_str(&format!(
+                    "BEGIN;\nSET LOCAL ROLE \"{}\";\nSET LOCAL search_path TO \"{}\";\n{}\nCOMMIT;\n",
+                    n.owner_role(),
+                    n.schema(),
+                    ddl(&table)
+                ));
+            }
+            let path = std::env::temp_dir().join(format!("bench-migrations-{tag}-{round}.sql"));
+            std::fs::write(&path, script).expect("write the psql script");
+            let start = Instant::now();
+            let out = std::process::Command::new(&psql).args(["-X", "-q", "-d", &admin_url, "-f"]).arg(&path).output().expect("run psql");
+            let took = start.elapsed();
+            let _ = std::fs::remove_file(&path);
+            assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+            (took, table)
+        };
+        let ((op, passes), (base, table)) = if round % 2 == 1 {
+            let o = operator_run().await;
+            (o, psql_run())
+        } else {
+            let b = psql_run();
+            (operator_run().await, b)
+        };
+        let psql_tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = $1").bind(&table).fetch_one(&op_pool).await.expect("count");
+        assert_eq!(psql_tables as usize, count, "the psql baseline did not reach every schema");
+        println!(
+            "  round {round} (version {version}, {}): operator fan-out {:.2?} ({passes} MigrationSet passes, each observe + plan + rollout), psql baseline {:.2?}, ratio {:.2}",
+            if round % 2 == 1 { "operator first" } else { "psql first" },
+            op,
+            base,
+            op.as_secs_f64() / base.as_secs_f64()
+        );
+        op_total += op;
+        psql_total += base;
+    }
     stop.store(true, Ordering::Relaxed);
     sampler.await.expect("sampler");
-    let at2 = pg::migrations::observe_many(&op_pool, &names).await.expect("observe").values().filter(|v| v.current() == 2).count();
-    assert_eq!(at2, count, "not every schema reached version 2");
-
-    // The baseline: one psql session, one transaction per schema, serially.
-    let mut script = String::from("\\set ON_ERROR_STOP on\n");
-    for n in &names {
-        script.push_str(&format!(
-            "BEGIN;\nSET LOCAL ROLE \"{}\";\nSET LOCAL search_path TO \"{}\";\n{}\nCOMMIT;\n",
-            n.owner_role(),
-            n.schema(),
-            ddl("events_psql")
-        ));
-    }
-    let path = std::env::temp_dir().join(format!("bench-migrations-{tag}.sql"));
-    std::fs::write(&path, script).expect("write the psql script");
-    let psql = std::env::var("PSQL").unwrap_or_else(|_| "psql".into());
-    let start = Instant::now();
-    let out = std::process::Command::new(&psql).args(["-X", "-q", "-d", &admin_url, "-f"]).arg(&path).output().expect("run psql");
-    let baseline = start.elapsed();
-    let _ = std::fs::remove_file(&path);
-    assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
-    let psql_tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'events_psql'").fetch_one(&op_pool).await.expect("count");
-    assert_eq!(psql_tables as usize, count, "the psql baseline did not reach every schema");
     op_pool.close().await;
 
-    println!("migrations bench: {count} tenant schemas, one migration of 5 DDL statements (CREATE TABLE, CREATE INDEX, ALTER TABLE, CREATE TABLE with FK, COMMENT)");
-    println!("  operator fan-out, maxConcurrent {max_concurrent}: {:.2?} ({passes} MigrationSet passes, each observe + plan + rollout)", operator);
-    println!("  psql baseline, one psql session running the {count} transactions serially: {:.2?}", baseline);
-    println!("  ratio baseline / operator: {:.2}x", baseline.as_secs_f64() / operator.as_secs_f64());
+    println!("  operator fan-out, maxConcurrent {max_concurrent}, {rounds} round(s): {:.2?}", op_total);
+    println!("  psql baseline, one psql session running the {count} transactions serially per round, {rounds} round(s): {:.2?}", psql_total);
     println!(
-        "  peak client connections to the bench database during the fan-out: {} (maxConcurrent {max_concurrent} + an admin pool of at most 2; sampler excluded)",
+        "  ratio operator / baseline: {:.2} (target below 1.0: the operator faster than the serial loop)",
+        op_total.as_secs_f64() / psql_total.as_secs_f64()
+    );
+    println!(
+        "  peak client connections to the bench database during the fan-outs: {} (maxConcurrent {max_concurrent} + an admin pool of at most 2; sampler excluded)",
         peak.load(Ordering::Relaxed)
     );
     println!("  machine: {} CPU(s)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
 
+    if std::env::var_os("BENCH_KEEP_DB").is_some() {
+        println!("  kept database {dbname} (BENCH_KEEP_DB)");
+        return;
+    }
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {dbname} WITH (FORCE)"))).execute(&mut su).await.expect("drop database");
     let roles: Vec<String> = sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1")
         .bind(format!("tenant_b{tag}_%"))

@@ -4,6 +4,8 @@
 # operator's admin role (CREATEROLE + pg_signal_backend, NOT superuser),
 # export the URLs, run the command, stop and remove the server.
 #
+# PG_EXTRA_OPTS adds server options (e.g. "-c log_min_duration_statement=5").
+#
 # Exports: TEST_PG_SUPERUSER_URL, TEST_PG_ADMIN_URL, TEST_PG_PORT,
 #          TEST_PG_DIR, TEST_PG_LOG.
 set -euo pipefail
@@ -44,7 +46,7 @@ trap cleanup EXIT
 PRELOAD=
 [[ -f "$(dirname "$BIN")/lib/pgaudit.so" ]] && PRELOAD="-c shared_preload_libraries=pgaudit"
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/postgres.log" -w -t 60 \
-  -o "$PRELOAD -p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_statement=ddl -c log_line_prefix='%m [%p] %u@%d '" \
+  -o "$PRELOAD -p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_statement=ddl -c log_line_prefix='%m [%p] %u@%d ' ${PG_EXTRA_OPTS:-}" \
   start >/dev/null
 
 as_pg "$BIN/psql" -h "$DIR" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q <<SQL

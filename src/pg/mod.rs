@@ -119,7 +119,12 @@ pub struct Target {
 /// reachable and the settings quoting relies on.
 pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target), PgError> {
     let opts: PgConnectOptions = url.parse().map_err(PgError::BadUrl)?;
-    let opts = opts.application_name("tenant-operator").log_statements(tracing::log::LevelFilter::Trace);
+    // JIT off: the operator's statements are short catalog lookups whose
+    // cost estimates grow with the number of tenants (pg_class has no index
+    // on relnamespace alone), which past ~1,000 tenants made Postgres spend
+    // ~60 ms compiling each one for a query that runs in 5 ms (measured by
+    // `cargo bench --bench migrations`, docs/migrations.md).
+    let opts = opts.application_name("tenant-operator").options([("jit", "off")]).log_statements(tracing::log::LevelFilter::Trace);
     let target = Target {
         host: opts.get_host().to_owned(),
         port: opts.get_port(),

@@ -301,14 +301,26 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Audit(cmd) => audit(cmd).await,
         Command::Backup { args, keys } => {
+            cli_logging();
             let src = keys.source(&args.common.namespace);
             tenant_operator::backup::cli::run_backup(args, src).await
         }
         Command::Restore { args, keys } => {
+            cli_logging();
             let src = keys.source(&args.common.namespace);
             tenant_operator::backup::cli::run_restore(args, src).await
         }
     }
+}
+
+/// Logs of the one-shot commands: plain lines on stderr (stdout carries
+/// their JSON result).
+fn cli_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()))
+        .init();
 }
 
 async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {

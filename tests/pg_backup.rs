@@ -2,7 +2,10 @@
 //! pg_dump/pg_restore: a restore brings back exactly one tenant's data; a
 //! corrupted, truncated or other tenant's backup is refused with the live
 //! schema untouched; retention keeps what it should; an interrupted restore
-//! leaves the original usable; the filesystem and S3 (moto) stores.
+//! leaves the original usable; the filesystem and S3 (moto) stores;
+//! orphan dumps (no manifest) are pruned only after the grace period and
+//! never restored; the built binary backs up and restores with
+//! `--root-keys-file` and no Kubernetes cluster at all.
 //!
 //! Run: `bash scripts/with-postgres.sh cargo test --test pg_backup`
 //! (the S3 test also needs `scripts/with-moto.sh`; it fails under CI
@@ -319,7 +322,7 @@ async fn retention_keeps_exactly_what_it_should() {
     // maxAge: everything but the newest is older than a millisecond by now.
     tokio::time::sleep(Duration::from_millis(10)).await;
     let pruned = backup::prune(&f.db.admin, &a.uid, &f.store, Retention { count: None, max_age: Some(Duration::from_millis(1)) }, chrono::Utc::now()).await.unwrap();
-    assert_eq!(pruned, vec![ids[3].clone()]);
+    assert_eq!(pruned, backup::Pruned { backups: vec![ids[3].clone()], orphans: vec![] });
     // Deleting the tenant's backups empties its prefix.
     assert_eq!(backup::delete_all(&f.store, &a.uid).await.unwrap(), 2);
     assert!(backup::list(&f.store, &a.uid).await.unwrap().is_empty());
@@ -368,6 +371,183 @@ async fn s3_store_against_moto() {
     assert_eq!(rows(&f.db, &a).await, before);
     assert_eq!(backup::delete_all(&store, &a.uid).await.unwrap(), 2);
     assert!(store.list_tenant(&a.uid).await.unwrap().is_empty());
+}
+
+/// Writes `name` into the tenant's folder of the filesystem store, last
+/// modified `age` ago.
+fn put_aged(f: &Fixture, uid: &str, name: &str, age: Duration) -> std::path::PathBuf {
+    let path = f.dir.path().join(format!("tenants/{uid}/{name}"));
+    std::fs::write(&path, b"TNBK half an upload").unwrap();
+    let when = std::time::SystemTime::now() - age;
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(when).unwrap();
+    path
+}
+
+fn files_of(f: &Fixture, uid: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(f.dir.path().join(format!("tenants/{uid}"))).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn orphan_dumps_are_pruned_after_the_grace_and_never_restored() {
+    let f = setup("bk_orphan").await;
+    let a = tenant_with_data(&f.db, "bk-orph", 4).await;
+    let mut ids = vec![];
+    for _ in 0..3 {
+        ids.push(backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap().manifest.id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let newest = rows(&f.db, &a).await;
+    change(&f.db, &a).await;
+    // Dumps whose manifest was never written, with ids newer than every
+    // backup (so that `latest` would pick them if they counted): one past
+    // the grace, one still inside it; and the staging files a killed upload
+    // leaves in a filesystem store, one stale, one fresh.
+    let hour = Duration::from_secs(3600);
+    let id_at = |mins: i64| backup::backup_id(chrono::Utc::now() + chrono::Duration::minutes(mins));
+    let (old, young, stale_up, live_up) = (id_at(10), id_at(20), id_at(30), id_at(40));
+    put_aged(&f, &a.uid, &format!("{old}.dump.enc"), backup::ORPHAN_GRACE + hour);
+    put_aged(&f, &a.uid, &format!("{young}.dump.enc"), backup::ORPHAN_GRACE - hour);
+    put_aged(&f, &a.uid, &format!("{stale_up}.dump.enc#1"), backup::ORPHAN_GRACE + hour);
+    put_aged(&f, &a.uid, &format!("{live_up}.dump.enc#3"), Duration::from_secs(5));
+    put_aged(&f, &a.uid, "README", backup::ORPHAN_GRACE * 4);
+
+    // Orphans are not backups: not listed, not `latest`, not restored.
+    let listed: Vec<String> = backup::list(&f.store, &a.uid).await.unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(listed, ids, "an orphan dump is listed as a backup");
+    let r = backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::Latest).await.unwrap();
+    assert_eq!(r.manifest.id, ids[2], "latest picked an orphan dump");
+    assert_eq!(rows(&f.db, &a).await, newest);
+    let at = chrono::Utc::now() + chrono::Duration::minutes(15);
+    assert_eq!(backup::select(&backup::list(&f.store, &a.uid).await.unwrap(), &Selector::PointInTime(at)).unwrap().id, ids[2]);
+
+    let pruned = backup::prune(&f.db.admin, &a.uid, &f.store, Retention { count: Some(2), max_age: None }, chrono::Utc::now()).await.unwrap();
+    assert_eq!(pruned.backups, vec![ids[0].clone()], "retention");
+    assert_eq!(pruned.orphans, vec![old.clone(), stale_up.clone()], "orphans pruned");
+    let mut want = vec![
+        format!("{}.dump.enc", ids[1]),
+        format!("{}.manifest.json", ids[1]),
+        format!("{}.dump.enc", ids[2]),
+        format!("{}.manifest.json", ids[2]),
+        format!("{young}.dump.enc"),
+        format!("{live_up}.dump.enc#3"),
+        "README".to_string(),
+    ];
+    want.sort();
+    assert_eq!(files_of(&f, &a.uid), want, "the store holds other objects than retention and the grace keep");
+
+    // Pruning after a backup does the same, and says so.
+    let again = format!("{}.dump.enc", id_at(50));
+    put_aged(&f, &a.uid, &again, backup::ORPHAN_GRACE + hour);
+    let out = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap();
+    assert_eq!(out.orphans_pruned, vec![again.trim_end_matches(".dump.enc").to_string()]);
+    assert!(out.pruned.is_empty());
+    assert!(!files_of(&f, &a.uid).contains(&again));
+    assert!(files_of(&f, &a.uid).contains(&format!("{young}.dump.enc")), "a dump inside the grace was deleted");
+}
+
+/// Runs the built binary with no way to reach a cluster: KUBECONFIG names a
+/// missing file, no in-cluster variables, an empty HOME.
+fn without_cluster(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"));
+    cmd.args(args).env("KUBECONFIG", home.join("no-such-kubeconfig")).env("HOME", home);
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "DATABASE_URL", "BACKUP_STORE", "ROOT_KEYS_FILE", "ROOT_KEYS_SECRET", "ROOT_KEYS_KMS", "RUST_LOG"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("run tenant-operator");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A root-keys Secret as `kubectl get secret -o yaml` prints it.
+fn kubectl_secret_yaml(keys: &[(&str, &[u8])], active: &str) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut y = String::from("apiVersion: v1\ndata:\n");
+    y += &format!("  active: {}\n", b64(active.as_bytes()));
+    for (v, k) in keys {
+        y += &format!("  {v}: {}\n", b64(k));
+    }
+    y += "kind: Secret\nmetadata:\n  creationTimestamp: \"2026-01-05T10:00:00Z\"\n  name: tenant-operator-root-keys\n  namespace: tenant-system\n  resourceVersion: \"4711\"\n  uid: 5d6f0e0c-1111-2222-3333-444455556666\ntype: Opaque\n";
+    y
+}
+
+#[tokio::test]
+async fn disaster_recovery_without_a_cluster_uses_a_keys_file() {
+    use base64::Engine;
+    let db = TestDb::new("bk_dr").await;
+    pg::migrate_control_schema(&db.admin).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let a = tenant_with_data(&db, "bk-dr", 40).await;
+    let other = tenant_with_data(&db, "bk-dr-other", 5).await;
+    let backed_up = rows(&db, &a).await;
+
+    let key = crypto::generate_root_key();
+    let secret_file = home.path().join("root-keys.yaml");
+    std::fs::write(&secret_file, kubectl_secret_yaml(&[("v1", key.as_slice())], "v1")).unwrap();
+    let store_url = format!("file://{}", dir.path().join("backups").display());
+    let common = |keys: &std::path::Path| -> Vec<String> {
+        ["--database-url", &db.admin_url, "--backup-store", &store_url, "--root-keys-file", &keys.display().to_string()].iter().map(|s| s.to_string()).collect()
+    };
+    let run = |cmd: &str, extra: &[&str], keys: &std::path::Path| {
+        let mut args: Vec<String> = vec![cmd.into(), "--tenant".into(), a.name.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(common(keys));
+        without_cluster(home.path(), &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // Back up with no cluster: works, and says what it skipped.
+    let (ok, stdout, stderr) = run("backup", &[], &secret_file);
+    assert!(ok, "backup without a cluster failed: {stderr}");
+    assert!(stderr.contains("running without Kubernetes") && stderr.contains("Events"), "no log line says the Kubernetes side was skipped: {stderr}");
+    let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let id = out["manifest"]["id"].as_str().unwrap().to_string();
+    assert_eq!(out["manifest"]["keyVersion"], 1);
+    assert!(dir.path().join(format!("backups/tenants/{}/{id}.dump.enc", a.uid)).is_file(), "no dump in the store");
+    assert_eq!(pg::backup::last_backup(&db.admin, &a.uid).await.unwrap().expect("recorded in tenancy.backups").id, id);
+
+    change(&db, &a).await;
+    let live = rows(&db, &a).await;
+    let unchanged = |what: &'static str| {
+        let (db, a, live) = (&db, &a, &live);
+        async move {
+            assert_eq!(rows(db, a).await, *live, "{what}: the live data changed");
+            assert_eq!(schemas_like(db, a).await, vec![a.name.schema()], "{what}: schemas left behind");
+        }
+    };
+
+    // A missing file, a malformed one, the wrong key, a keyring without the
+    // backup's version: refused, with the live schema as it was.
+    let (ok, _, stderr) = run("restore", &[], &home.path().join("nope.yaml"));
+    assert!(!ok && stderr.contains("root-keys file") && stderr.contains("nope.yaml") && stderr.contains("No such file"), "missing file: {stderr}");
+    unchanged("missing keys file").await;
+    let malformed = home.path().join("malformed.yaml");
+    std::fs::write(&malformed, "kind: Secret\ndata:\n  v1: '%%% not base64'\n").unwrap();
+    let (ok, _, stderr) = run("restore", &[], &malformed);
+    assert!(!ok && stderr.contains("data.v1 is not base64"), "malformed file: {stderr}");
+    unchanged("malformed keys file").await;
+    let wrong = home.path().join("wrong.yaml");
+    std::fs::write(&wrong, kubectl_secret_yaml(&[("v1", crypto::generate_root_key().as_slice())], "v1")).unwrap();
+    let (ok, _, stderr) = run("restore", &[], &wrong);
+    assert!(!ok && stderr.contains("refused") && stderr.contains("does not decrypt"), "wrong key: {stderr}");
+    unchanged("wrong keys file").await;
+    let other_version = home.path().join("v2-only.yaml");
+    std::fs::write(&other_version, kubectl_secret_yaml(&[("v2", key.as_slice())], "v2")).unwrap();
+    let (ok, _, stderr) = run("restore", &["--backup", &id], &other_version);
+    assert!(!ok && stderr.contains("sealed under root key v1") && stderr.contains("hold v2"), "keys without the backup's version: {stderr}");
+    unchanged("keys without the backup's version").await;
+
+    // The right keys, as just the keys map: restored.
+    let flat = home.path().join("keys.yaml");
+    std::fs::write(&flat, format!("v1: {}\nactive: v1\n", base64::engine::general_purpose::STANDARD.encode(key.as_slice()))).unwrap();
+    let (ok, stdout, stderr) = run("restore", &["--backup", "latest"], &flat);
+    assert!(ok, "restore without a cluster failed: {stderr}");
+    assert!(stderr.contains("running without Kubernetes"), "{stderr}");
+    assert!(stdout.contains(&id), "{stdout}");
+    assert_eq!(rows(&db, &a).await, backed_up, "the restored data is not the backed-up data");
+    assert_eq!(schemas_like(&db, &a).await, vec![a.name.schema()]);
+    assert_eq!(rows(&db, &other).await.len(), 5, "another tenant was touched");
 }
 
 fn store_inner(s: &Store) -> Arc<dyn object_store::ObjectStore> {

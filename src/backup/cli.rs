@@ -7,15 +7,25 @@
 //! the Tenant, and an annotation `tenancy.dev/last-backup` on it after a
 //! backup (so the Tenant controller reports `status.lastBackup` at once; the
 //! controller stays the only writer of the status).
+//!
+//! With `--root-keys-file` the cluster is optional: the keys come from the
+//! file, and when no cluster is configured or answers, only the Kubernetes
+//! side effects (the Tenant's retention, Events, the annotation) are
+//! skipped, with a warning saying so. Postgres and the store are all a
+//! backup or restore needs.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Resource};
 
 use super::{Retention, Selector, StoreConfig, Tools};
 use crate::api::Tenant;
+use crate::crypto::Keyring;
+use crate::keys::KeySource;
 use crate::names::TenantName;
 
 /// Annotation the backup command sets on the Tenant: the id of its newest
@@ -104,6 +114,14 @@ pub struct CommonArgs {
     pub pg_dump: String,
     #[arg(long, env = "PG_RESTORE", default_value = "pg_restore")]
     pub pg_restore: String,
+    /// Read the root keys from this file instead of the cluster (disaster
+    /// recovery): the root-keys Secret's manifest as `kubectl get secret -o
+    /// yaml` (or `-o json`) prints it, or just its keys (`v1: <base64>`,
+    /// `active: v1`); with --root-keys-kms, a copy of the KMS-wrapped
+    /// Secret. No cluster is then needed: without one, the Tenant's
+    /// retention, Events and the last-backup annotation are skipped.
+    #[arg(long, env = "ROOT_KEYS_FILE")]
+    pub root_keys_file: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -134,8 +152,51 @@ pub fn parse_age(s: &str) -> Result<Duration, String> {
     n.checked_mul(secs).map(Duration::from_secs).ok_or_else(|| "too long".into())
 }
 
-async fn publish(client: &kube::Client, tenant: Option<&Tenant>, warning: bool, reason: &str, note: String) {
-    let Some(t) = tenant else { return };
+/// How long a command waits for the API server when the keys come from a
+/// file (the cluster may be gone: do not hang on it).
+const KUBE_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The cluster as a command sees it: the client and the Tenant (None when
+/// it does not exist there).
+struct Cluster {
+    client: kube::Client,
+    tenant: Option<Tenant>,
+}
+
+/// Loads the root keys and reaches the cluster. Keys from the Secret need
+/// the cluster (an error without one); keys from a file make it optional:
+/// no cluster is a warning naming what is skipped (`skipped`).
+async fn keys_and_cluster(name: &TenantName, common: &CommonArgs, keys: &KeySource, skipped: &str) -> anyhow::Result<(Keyring, Option<Cluster>)> {
+    let Some(path) = &common.root_keys_file else {
+        let client = kube::Client::try_default()
+            .await
+            .context("building the Kubernetes client (kubeconfig or in-cluster; without a cluster, pass the keys with --root-keys-file)")?;
+        let ring = crate::keys::load(&client, keys).await.context("loading the root keys")?;
+        let tenant = match Api::<Tenant>::all(client.clone()).get_opt(name.as_str()).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the Tenant failed: {skipped} are skipped");
+                None
+            }
+        };
+        return Ok((ring, Some(Cluster { client, tenant })));
+    };
+    let ring = crate::keys::load_file(path, keys.kms.as_ref()).await.context("loading the root keys")?;
+    tracing::info!(file = %path.display(), active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded from a file");
+    let why = match kube::Client::try_default().await {
+        Err(e) => format!("no Kubernetes cluster is configured ({e})"),
+        Ok(client) => match tokio::time::timeout(KUBE_PROBE_TIMEOUT, Api::<Tenant>::all(client.clone()).get_opt(name.as_str())).await {
+            Ok(Ok(tenant)) => return Ok((ring, Some(Cluster { client, tenant }))),
+            Ok(Err(e)) => format!("the Tenant cannot be read from Kubernetes ({e})"),
+            Err(_) => format!("the Kubernetes API did not answer within {} s", KUBE_PROBE_TIMEOUT.as_secs()),
+        },
+    };
+    tracing::warn!(reason = %why, "running without Kubernetes (root keys from a file): {skipped} are skipped");
+    Ok((ring, None))
+}
+
+async fn publish(cluster: Option<&Cluster>, warning: bool, reason: &str, note: String) {
+    let Some(Cluster { client, tenant: Some(t) }) = cluster else { return };
     let reporter = Reporter { controller: "tenant-operator".into(), instance: std::env::var("POD_NAME").ok() };
     let ev = crate::controller::event_of(warning, reason, note);
     if let Err(e) = Recorder::new(client.clone(), reporter).publish(&ev, &t.object_ref(&())).await {
@@ -144,16 +205,14 @@ async fn publish(client: &kube::Client, tenant: Option<&Tenant>, warning: bool, 
 }
 
 /// `tenant-operator backup`.
-pub async fn run_backup(args: BackupArgs, keys: crate::keys::KeySource) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()> {
     let name = TenantName::parse(&args.tenant)?;
+    let skipped = "the Tenant's spec.backup.retention (only --keep-count/--keep-max-age apply), Events and the tenancy.dev/last-backup annotation";
+    let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, skipped).await?;
     let (pool, _) = crate::pg::connect(&args.common.database_url, 2).await.context("connecting to Postgres")?;
     crate::pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
-    let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
-    let ring = crate::keys::load(&client, &keys).await.context("loading the root keys")?;
-    let tenants: Api<Tenant> = Api::all(client.clone());
-    let tenant = tenants.get_opt(name.as_str()).await.ok().flatten();
-    let spec_retention = tenant.as_ref().and_then(|t| t.spec.backup.as_ref()).map(|b| b.retention.clone()).unwrap_or_default();
+    let tenant = cluster.as_ref().and_then(|c| c.tenant.as_ref());
+    let spec_retention = tenant.and_then(|t| t.spec.backup.as_ref()).map(|b| b.retention.clone()).unwrap_or_default();
     let retention = Retention {
         count: args.keep_count.or(spec_retention.count),
         max_age: args.keep_max_age.or_else(|| spec_retention.max_age.as_deref().and_then(|a| parse_age(a).ok())),
@@ -162,26 +221,31 @@ pub async fn run_backup(args: BackupArgs, keys: crate::keys::KeySource) -> anyho
     match super::backup(&pool, &args.common.tools(), &name, &ring, &store, retention).await {
         Ok(out) => {
             let m = &out.manifest;
-            publish(&client, tenant.as_ref(), false, "BackupSucceeded", format!("backup {} ({} bytes, key v{}) in {}; pruned {}", m.id, m.bytes, m.key_version, store.url(), out.pruned.len())).await;
-            if tenant.is_some() {
-                let patch = serde_json::json!({ "metadata": { "annotations": { LAST_BACKUP_ANNOTATION: m.id } } });
-                if let Err(e) = tenants.patch(name.as_str(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await {
-                    tracing::warn!(error = %e, "annotating the Tenant failed");
+            let note = format!("backup {} ({} bytes, key v{}) in {}; pruned {}", m.id, m.bytes, m.key_version, store.url(), out.pruned.len());
+            publish(cluster.as_ref(), false, "BackupSucceeded", note).await;
+            match &cluster {
+                Some(Cluster { client, tenant: Some(_) }) => {
+                    let patch = serde_json::json!({ "metadata": { "annotations": { LAST_BACKUP_ANNOTATION: m.id } } });
+                    let tenants: Api<Tenant> = Api::all(client.clone());
+                    if let Err(e) = tenants.patch(name.as_str(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await {
+                        tracing::warn!(error = %e, "annotating the Tenant failed");
+                    }
                 }
+                Some(_) => {}
+                None => tracing::warn!(backup = %m.id, "the Tenant was not annotated (no Kubernetes): the controller reports status.lastBackup from tenancy.backups at its next reconcile"),
             }
-            println!("{}", serde_json::to_string(&serde_json::json!({ "manifest": m, "pruned": out.pruned }))?);
+            println!("{}", serde_json::to_string(&serde_json::json!({ "manifest": m, "pruned": out.pruned, "orphansPruned": out.orphans_pruned }))?);
             Ok(())
         }
         Err(e) => {
-            publish(&client, tenant.as_ref(), true, "BackupFailed", e.to_string()).await;
+            publish(cluster.as_ref(), true, "BackupFailed", e.to_string()).await;
             Err(e.into())
         }
     }
 }
 
 /// `tenant-operator restore`.
-pub async fn run_restore(args: RestoreArgs, keys: crate::keys::KeySource) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<()> {
     let name = TenantName::parse(&args.tenant)?;
     let selector = match (args.backup.as_str(), args.point_in_time) {
         ("latest", Some(t)) => Selector::PointInTime(t),
@@ -192,22 +256,20 @@ pub async fn run_restore(args: RestoreArgs, keys: crate::keys::KeySource) -> any
             Selector::Id(id.to_owned())
         }
     };
+    let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, "Events").await?;
+    let ring = Arc::new(ring);
     let (pool, _) = crate::pg::connect(&args.common.database_url, 3).await.context("connecting to Postgres")?;
     crate::pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
-    let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
-    let ring = Arc::new(crate::keys::load(&client, &keys).await.context("loading the root keys")?);
-    let tenants: Api<Tenant> = Api::all(client.clone());
-    let tenant = tenants.get_opt(name.as_str()).await.ok().flatten();
     let store = super::Store::open(&args.common.store.config())?;
     match super::restore(&pool, &args.common.tools(), &name, ring, &store, &selector).await {
         Ok(out) => {
             let m = &out.manifest;
-            publish(&client, tenant.as_ref(), false, "Restored", format!("schema {} restored from backup {} ({} bytes)", m.schema, m.id, m.bytes)).await;
+            publish(cluster.as_ref(), false, "Restored", format!("schema {} restored from backup {} ({} bytes)", m.schema, m.id, m.bytes)).await;
             println!("{}", serde_json::to_string(&serde_json::json!({ "restored": m }))?);
             Ok(())
         }
         Err(e) => {
-            publish(&client, tenant.as_ref(), true, "RestoreFailed", e.to_string()).await;
+            publish(cluster.as_ref(), true, "RestoreFailed", e.to_string()).await;
             Err(e.into())
         }
     }

@@ -13,6 +13,11 @@
 //! never touches local disk. A restore downloads to a temporary file first
 //! so that the whole file is checked (SHA-256, then every chunk's tag)
 //! before the live schema is touched.
+//!
+//! Pruning also deletes orphan dumps (no manifest: a backup that crashed
+//! after its upload and before its manifest) once they are older than
+//! [`ORPHAN_GRACE`], which is longer than a backup Job may run
+//! ([`JOB_DEADLINE`]), so a backup still under way is never touched.
 
 pub mod cli;
 pub mod store;
@@ -43,6 +48,17 @@ pub const PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// Upload parts in flight at once.
 const PARTS_IN_FLIGHT: usize = 2;
+
+/// The longest a scheduled backup Job may run (its `activeDeadlineSeconds`):
+/// Kubernetes kills it after that.
+pub const JOB_DEADLINE: Duration = Duration::from_secs(5 * 3600);
+
+/// How old a dump without a manifest must be before pruning deletes it.
+/// Longer than [`JOB_DEADLINE`]: an S3 object's last-modified time is when
+/// its multipart upload *started*, so a dump that has just completed may
+/// look as old as its backup's whole run while its manifest is being
+/// written.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(JOB_DEADLINE.as_secs() + 3600);
 
 /// What is stored beside each dump, as `<id>.manifest.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,7 +146,7 @@ pub fn backup_id(t: DateTime<Utc>) -> String {
 
 /// Checks a user-given id before it goes into an object path.
 pub fn check_id(id: &str) -> Result<(), BackupError> {
-    let ok = id.len() == 20 && chrono::NaiveDateTime::parse_from_str(&id[..19], "%Y%m%dT%H%M%S%.3f").is_ok() && id.ends_with('Z');
+    let ok = id.len() == 20 && id.is_ascii() && chrono::NaiveDateTime::parse_from_str(&id[..19], "%Y%m%dT%H%M%S%.3f").is_ok() && id.ends_with('Z');
     if ok {
         Ok(())
     } else {
@@ -159,6 +175,24 @@ pub fn plan_prune(manifests: &[Manifest], retention: Retention, now: DateTime<Ut
         })
         .map(|(_, m)| m.id.clone())
         .collect()
+}
+
+/// The ids of the orphan dumps among a tenant's `objects` (a listing of
+/// its prefix, `dir`): `<id>.dump.enc` without `<id>.manifest.json`, last
+/// modified more than `grace` before `now`. Sorted. Pure.
+pub fn plan_orphans(dir: &object_store::path::Path, objects: &[object_store::ObjectMeta], now: DateTime<Utc>, grace: Duration) -> Vec<String> {
+    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    let in_dir = |o: &object_store::ObjectMeta| o.location.prefix_match(dir).is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none());
+    let names: std::collections::BTreeSet<&str> = objects.iter().filter(|o| in_dir(o)).filter_map(|o| o.location.filename()).collect();
+    let mut out: Vec<String> = objects
+        .iter()
+        .filter(|o| in_dir(o) && now.signed_duration_since(o.last_modified) > grace)
+        .filter_map(|o| o.location.filename()?.strip_suffix(".dump.enc"))
+        .filter(|id| check_id(id).is_ok() && !names.contains(format!("{id}.manifest.json").as_str()))
+        .map(str::to_owned)
+        .collect();
+    out.sort();
+    out
 }
 
 /// Which backup to restore.
@@ -235,6 +269,8 @@ pub struct BackupOutcome {
     pub manifest: Manifest,
     /// Ids deleted by the retention.
     pub pruned: Vec<String>,
+    /// Ids of orphan dumps (no manifest) deleted.
+    pub orphans_pruned: Vec<String>,
 }
 
 fn tool_version(program: &str) -> String {
@@ -349,14 +385,25 @@ pub async fn backup(pool: &PgPool, tools: &Tools, name: &TenantName, keyring: &K
     }
     pgb::record_backup(pool, &uid, &BackupRow { id: id.clone(), taken_at: started_at, bytes: bytes as i64, key_version: key_version as i32 }).await?;
     let pruned = prune(pool, &uid, store, retention, Utc::now()).await?;
-    Ok(BackupOutcome { manifest, pruned })
+    Ok(BackupOutcome { manifest, pruned: pruned.backups, orphans_pruned: pruned.orphans })
+}
+
+/// What [`prune`] deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Backups the retention no longer keeps.
+    pub backups: Vec<String>,
+    /// Ids of orphan dumps (and, in a filesystem store, of uploads that
+    /// never completed) older than [`ORPHAN_GRACE`].
+    pub orphans: Vec<String>,
 }
 
 /// Deletes the tenant's backups that `retention` no longer keeps (dump
-/// first, then manifest, so a half-pruned backup is never listed) and
-/// forgets them in `tenancy.backups`. Returns the deleted ids.
-pub async fn prune(pool: &PgPool, uid: &str, store: &Store, retention: Retention, now: DateTime<Utc>) -> Result<Vec<String>, BackupError> {
-    let manifests = list(store, uid).await?;
+/// first, then manifest) and forgets them in `tenancy.backups`; then the
+/// orphan dumps older than [`ORPHAN_GRACE`] at `now`.
+pub async fn prune(pool: &PgPool, uid: &str, store: &Store, retention: Retention, now: DateTime<Utc>) -> Result<Pruned, BackupError> {
+    let objects = store.list_tenant(uid).await?;
+    let manifests = read_manifests(store, &objects).await?;
     let doomed = plan_prune(&manifests, retention, now);
     for id in &doomed {
         store.delete_quiet(&store.dump_path(uid, id)).await?;
@@ -365,13 +412,65 @@ pub async fn prune(pool: &PgPool, uid: &str, store: &Store, retention: Retention
     if !doomed.is_empty() {
         pgb::forget_backups(pool, uid, &doomed).await?;
     }
-    Ok(doomed)
+    let mut orphans = Vec::new();
+    for id in plan_orphans(&store.tenant_dir(uid), &objects, now, ORPHAN_GRACE) {
+        // A manifest written since the listing makes it a backup after all;
+        // when in doubt, keep it.
+        match store.inner.head(&store.manifest_path(uid, &id)).await {
+            Err(object_store::Error::NotFound { .. }) => {}
+            _ => continue,
+        }
+        tracing::warn!(tenant_uid = uid, backup = %id, "deleting an orphan dump: it has no manifest and is older than the grace period");
+        store.delete_quiet(&store.dump_path(uid, &id)).await?;
+        orphans.push(id);
+    }
+    for (id, path) in stale_local_uploads(store, uid, now, ORPHAN_GRACE)? {
+        tracing::warn!(tenant_uid = uid, backup = %id, "deleting the staging file of an upload that never completed");
+        std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(|source| BackupError::Local { path: path.display().to_string(), source })?;
+        orphans.push(id);
+    }
+    Ok(Pruned { backups: doomed, orphans })
 }
 
-/// The tenant's backups (their manifests), oldest first.
-pub async fn list(store: &Store, uid: &str) -> Result<Vec<Manifest>, BackupError> {
+/// In a filesystem store, the staging files (`<id>.dump.enc#<n>`, which
+/// listing does not show) of uploads that never completed (the process was
+/// killed), last written more than `grace` before `now`.
+fn stale_local_uploads(store: &Store, uid: &str, now: DateTime<Utc>, grace: Duration) -> Result<Vec<(String, std::path::PathBuf)>, BackupError> {
+    let Some(dir) = store.local_tenant_dir(uid) else { return Ok(Vec::new()) };
+    let local = |source| BackupError::Local { path: dir.display().to_string(), source };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(local(e)),
+    };
+    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
     let mut out = Vec::new();
-    for o in store.list_tenant(uid).await? {
+    for entry in entries {
+        let entry = entry.map_err(local)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((id, n)) = name.split_once(".dump.enc#") else { continue };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || check_id(id).is_err() {
+            continue;
+        }
+        let modified = entry.metadata().and_then(|m| m.modified()).map_err(local)?;
+        if now.signed_duration_since(DateTime::<Utc>::from(modified)) > grace {
+            out.push((id.to_owned(), entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The tenant's backups (their manifests), oldest first. A dump without a
+/// manifest is not a backup: it is never listed, so never `latest`.
+pub async fn list(store: &Store, uid: &str) -> Result<Vec<Manifest>, BackupError> {
+    read_manifests(store, &store.list_tenant(uid).await?).await
+}
+
+/// The manifests among `objects`, oldest first.
+async fn read_manifests(store: &Store, objects: &[object_store::ObjectMeta]) -> Result<Vec<Manifest>, BackupError> {
+    let mut out = Vec::new();
+    for o in objects {
         let Some(file) = o.location.filename() else { continue };
         let Some(id) = file.strip_suffix(".manifest.json") else { continue };
         let bytes = store.inner.get(&o.location).await.map_err(|e| BackupError::Store(e.into()))?.bytes().await.map_err(|e| BackupError::Store(e.into()))?;
@@ -434,6 +533,15 @@ async fn restore_locked(
     let refuse = |why: String| BackupError::Refused { id: id.clone(), why };
     if manifest.tenant_uid != uid || manifest.schema != name.schema() {
         return Err(refuse(format!("it belongs to tenant uid {} (schema {}), not to {name}", manifest.tenant_uid, manifest.schema)));
+    }
+    if !crate::crypto::KeyVersion::new(manifest.key_version).is_ok_and(|v| keyring.contains(v)) {
+        let held: Vec<String> = keyring.versions().map(|v| v.to_string()).collect();
+        return Err(refuse(format!(
+            "it is sealed under root key v{}, which the root keys given do not hold (they hold {}); restore with root keys that include v{}",
+            manifest.key_version,
+            held.join(", "),
+            manifest.key_version
+        )));
     }
 
     // Download, hashing as it comes.
@@ -595,6 +703,45 @@ mod tests {
         assert_eq!(doomed, vec![all[1].id.clone(), all[0].id.clone()]);
         let both = plan_prune(&all, Retention { count: Some(2), max_age: Some(Duration::from_secs(3600 * 13)) }, now);
         assert_eq!(both, vec![all[0].id.clone()]);
+    }
+
+    #[test]
+    fn only_old_dumps_without_a_manifest_are_orphans() {
+        let dir = object_store::path::Path::from("pre/tenants/u");
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let grace = Duration::from_secs(6 * 3600);
+        let obj = |name: &str, age_secs: i64| object_store::ObjectMeta {
+            location: dir.clone().join(name),
+            last_modified: now - chrono::Duration::seconds(age_secs),
+            size: 1,
+            e_tag: None,
+            version: None,
+        };
+        let (old, new, backed, other) = ("20270101T000000.000Z", "20270101T060000.000Z", "20260101T000000.000Z", "20250101T000000.000Z");
+        let objects = vec![
+            obj(&format!("{old}.dump.enc"), 6 * 3600 + 1),
+            obj(&format!("{new}.dump.enc"), 6 * 3600 - 1),
+            obj(&format!("{backed}.dump.enc"), 90 * 86400),
+            obj(&format!("{backed}.manifest.json"), 90 * 86400),
+            obj("notes.txt.dump.enc", 90 * 86400),
+            obj(&format!("{other}.manifest.json"), 90 * 86400),
+        ];
+        assert_eq!(plan_orphans(&dir, &objects, now, grace), vec![old.to_string()]);
+        // A manifest of the same id elsewhere does not make it a backup, and
+        // a dump in a sub-folder is not the tenant's.
+        let mut elsewhere = objects.clone();
+        elsewhere.push(object_store::ObjectMeta { location: object_store::path::Path::from(format!("pre/tenants/v/{old}.manifest.json")), ..obj("x", 0) });
+        elsewhere.push(object_store::ObjectMeta { location: dir.clone().join("sub").join(format!("{other}.dump.enc")), ..obj("x", 90 * 86400) });
+        assert_eq!(plan_orphans(&dir, &elsewhere, now, grace), vec![old.to_string()]);
+        // The grace is the line: a dump exactly as old is kept.
+        assert!(plan_orphans(&dir, &[obj(&format!("{old}.dump.enc"), 6 * 3600)], now, grace).is_empty());
+        assert!(ORPHAN_GRACE > JOB_DEADLINE, "a backup Job may still be uploading a dump the grace lets pruning delete");
+    }
+
+    #[test]
+    fn ids_with_multibyte_characters_are_refused_without_panicking() {
+        assert!(check_id("2023111\u{e9}T221320.05Z").is_err());
+        assert!(check_id("20231114T221320.00\u{e9}").is_err());
     }
 
     #[test]

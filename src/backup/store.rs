@@ -49,6 +49,8 @@ pub struct Store {
     pub(crate) inner: Arc<dyn ObjectStore>,
     prefix: Path,
     url: String,
+    /// The directory of a filesystem store.
+    local: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -61,7 +63,7 @@ impl Store {
                 let dir = url.to_file_path().map_err(|_| bad("not an absolute file path"))?;
                 std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir { path: dir.display().to_string(), source })?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
-                Ok(Store { inner: Arc::new(fs), prefix: Path::default(), url: cfg.url.clone() })
+                Ok(Store { inner: Arc::new(fs), prefix: Path::default(), url: cfg.url.clone(), local: Some(dir) })
             }
             "s3" => {
                 let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad("no bucket"))?;
@@ -78,7 +80,7 @@ impl Store {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
                 let prefix = Path::from(url.path().trim_matches('/'));
-                Ok(Store { inner: Arc::new(b.build()?), prefix, url: cfg.url.clone() })
+                Ok(Store { inner: Arc::new(b.build()?), prefix, url: cfg.url.clone(), local: None })
             }
             _ => Err(bad("the scheme must be file:// or s3://")),
         }
@@ -97,6 +99,13 @@ impl Store {
     /// `<prefix>/tenants/<uid>`.
     pub fn tenant_dir(&self, uid: &str) -> Path {
         self.prefix.clone().join("tenants").join(uid)
+    }
+
+    /// The tenant's directory on disk, for a filesystem store (where
+    /// uploads that never completed leave staging files that listing does
+    /// not show).
+    pub fn local_tenant_dir(&self, uid: &str) -> Option<std::path::PathBuf> {
+        self.local.as_ref().map(|d| d.join("tenants").join(uid))
     }
 
     /// The dump object of backup `id`.

@@ -4,7 +4,8 @@
 //!
 //! The CronJob runs the operator image's `tenant-operator backup --tenant
 //! <name>` with its environment (DATABASE_URL, store credentials) from the
-//! Secret named by `--backup-env-secret`. Suspended while the tenant is
+//! Secret named by `--backup-env-secret`; its Jobs may run at most
+//! [`crate::backup::JOB_DEADLINE`]. Suspended while the tenant is
 //! Suspended or `spec.backup.suspend`; deleted when `spec.backup` is removed.
 
 use std::collections::BTreeMap;
@@ -158,6 +159,10 @@ pub fn desired_cronjob(
                 metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..Default::default() }),
                 spec: Some(JobSpec {
                     backoff_limit: Some(2),
+                    // Bounds a hung pg_dump (Forbid would hold back every
+                    // later backup) and the age of a dump still uploading,
+                    // which orphan pruning's grace must exceed.
+                    active_deadline_seconds: Some(crate::backup::JOB_DEADLINE.as_secs() as i64),
                     template: PodTemplateSpec {
                         metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
                         spec: Some(PodSpec {
@@ -298,6 +303,9 @@ mod tests {
         assert_eq!(c.args.as_ref().unwrap(), &["backup", "--tenant", "acme"]);
         assert!(c.resources.as_ref().unwrap().requests.is_some());
         assert_eq!(pod.service_account_name.as_deref(), Some("sa"));
+        let deadline = s.job_template.spec.as_ref().unwrap().active_deadline_seconds;
+        assert_eq!(deadline, Some(crate::backup::JOB_DEADLINE.as_secs() as i64));
+        assert!(crate::backup::ORPHAN_GRACE.as_secs() as i64 > deadline.unwrap(), "orphan pruning could delete the dump of a Job still running");
         let suspended = desired_cronjob(&n, owner(), TenantState::Suspended, &spec, &settings(), "ns", &keys()).unwrap();
         assert_eq!(suspended.spec.as_ref().unwrap().suspend, Some(true));
         assert!(!up_to_date(&cj, &suspended), "a suspension must rewrite the CronJob");

@@ -12,6 +12,7 @@
 //! - the baseline: ONE psql session running, serially, one transaction per
 //!   schema with the same 5 statements (on tables of another name, so both
 //!   do the same work), under `SET LOCAL ROLE <owner>` and `search_path`.
+//!
 //! The order alternates between rounds (this machine's speed drifts).
 //!
 //! Prints each round, the sums and their ratio, and the peak connection

@@ -115,7 +115,7 @@ async fn insert_update_and_delete_are_audited_with_the_actor_and_request_id() {
     assert_eq!(
         summary,
         [
-            ("INSERT", "alice", true, Some("req-1"), Some("docs")),
+            // One entry for the two-row INSERT statement.
             ("INSERT", "alice", true, Some("req-1"), Some("docs")),
             ("UPDATE", "alice", true, Some("req-1"), Some("docs")),
             ("DELETE", "alice", true, Some("req-1"), Some("docs")),
@@ -124,14 +124,53 @@ async fn insert_update_and_delete_are_audited_with_the_actor_and_request_id() {
         ]
     );
     let pks: Vec<_> = rows.iter().map(|r| r.pk.clone().unwrap()).collect();
-    assert_eq!(pks[..4], [serde_json::json!({"id": 1}), serde_json::json!({"id": 2}), serde_json::json!({"id": 1}), serde_json::json!({"id": 2})]);
-    assert_eq!(rows[2].changed.as_deref(), Some(&["body".to_string()][..]));
-    assert_eq!(rows[5].changed.as_deref(), Some(&["body".to_string(), "n".to_string()][..]));
+    assert_eq!(pks[..3], [serde_json::json!([{"id": 1}, {"id": 2}]), serde_json::json!([{"id": 1}]), serde_json::json!([{"id": 2}])]);
+    assert_eq!(rows[1].changed.as_deref(), Some(&["body".to_string()][..]));
+    assert_eq!(rows[4].changed.as_deref(), Some(&["body".to_string(), "n".to_string()][..]));
     assert_eq!(rows[0].changed, None, "an insert has no changed columns");
     // TRUNCATE is one row for the statement.
     sqlx::query("TRUNCATE docs").execute(&mut bare).await.expect_err("the app role has no TRUNCATE right");
     let r = verified(&db, &t).await;
-    assert_eq!(r.rows, 6);
+    assert_eq!(r.rows, 5);
+}
+
+#[tokio::test]
+async fn a_large_statement_is_audited_in_bounded_entries_holding_every_key() {
+    let db = setup("aud_chunks").await;
+    let mut t = tenant_with_docs(&db, "ac").await;
+    let mut app = t.app(&db).await.unwrap();
+    let rows = 2 * pg::audit::CHUNK_ROWS + 5;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO docs (body, n) SELECT 'b' || g, g FROM generate_series(1, {rows}) g"))).execute(&mut app).await.unwrap();
+    // A statement touching no row leaves no entry.
+    sqlx::raw_sql("DELETE FROM docs WHERE false").execute(&mut app).await.unwrap();
+    let audit = audit_rows(&db, &t).await;
+    assert_eq!(audit.len(), 3, "ceil({rows} / {}) entries", pg::audit::CHUNK_ROWS);
+    let mut ids = Vec::new();
+    for (i, r) in audit.iter().enumerate() {
+        assert_eq!(r.op, "INSERT");
+        let keys = r.pk.as_ref().and_then(|v| v.as_array()).expect("a JSON array of keys");
+        assert_eq!(keys.len(), if i < 2 { pg::audit::CHUNK_ROWS } else { 5 });
+        ids.extend(keys.iter().map(|k| k["id"].as_i64().expect("an id")));
+    }
+    ids.sort_unstable();
+    let db_ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT id::bigint FROM {}.docs ORDER BY id", t.name.schema())))
+        .fetch_all(&db.admin)
+        .await
+        .unwrap();
+    assert_eq!(ids, db_ids, "every inserted row's key is in exactly one entry");
+
+    // A table without a primary key: each row counts as a null key.
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}; CREATE TABLE {}.nokey (v int); RESET ROLE", t.name.owner_role(), t.name.schema())))
+        .execute(&mut su)
+        .await
+        .unwrap();
+    t.converge(&db).await.unwrap();
+    sqlx::raw_sql("INSERT INTO nokey SELECT g FROM generate_series(1, 3) g").execute(&mut app).await.unwrap();
+    let last = audit_rows(&db, &t).await.pop().unwrap();
+    assert_eq!((last.op.as_str(), last.table.as_deref()), ("INSERT", Some("nokey")));
+    assert_eq!(last.pk, Some(serde_json::json!([null, null, null])));
+    verified(&db, &t).await;
 }
 
 #[tokio::test]
@@ -156,8 +195,8 @@ async fn a_table_created_by_a_later_migration_is_audited_without_a_reconcile() {
     assert_eq!(
         seen,
         [
-            (Some("orders"), "carol", Some(serde_json::json!({"id": 10}))),
-            (Some("lines"), "carol", Some(serde_json::json!({"order_id": 10, "sku": "sku-1"}))),
+            (Some("orders"), "carol", Some(serde_json::json!([{"id": 10}]))),
+            (Some("lines"), "carol", Some(serde_json::json!([{"order_id": 10, "sku": "sku-1"}]))),
         ]
     );
     // The migrations left nothing for the reconcile to do.
@@ -364,7 +403,8 @@ async fn export_round_trips_as_json_lines() {
     .await
     .unwrap();
     assert_eq!(records.len(), rows.len());
-    assert_eq!(records.len(), 6);
+    // INSERT of 2 rows (one entry), UPDATE of 2 rows (one entry per row), DELETE of 2 rows (one entry).
+    assert_eq!(records.len(), 4);
     for (rec, row) in records.iter().zip(&rows) {
         assert_eq!(rec.id, row.get::<i64, _>("id"));
         assert_eq!(rec.hash, row.get::<String, _>("hash"));
@@ -382,8 +422,8 @@ async fn export_round_trips_as_json_lines() {
     }
     let later = cli(&db, &["audit", "export", "--tenant", t.name.as_str(), "--since", &mid.to_rfc3339()]);
     let later: Vec<AuditRecord> = String::from_utf8(later.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(later.iter().map(|r| r.operation.as_str()).collect::<Vec<_>>(), ["DELETE", "DELETE"]);
-    assert_eq!(later, records[4..]);
+    assert_eq!(later.iter().map(|r| r.operation.as_str()).collect::<Vec<_>>(), ["DELETE"]);
+    assert_eq!(later, records[3..]);
 }
 
 #[tokio::test]

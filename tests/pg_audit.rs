@@ -281,23 +281,49 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     let r = pg::audit::verify(&db.admin, &t.name).await.unwrap();
     let b = r.first_break.expect("a removed row breaks the chain");
     assert_eq!(b.id, ids[3], "{}", b.what);
-    // Removing the rows of the last two transactions is found through the
-    // head (it records where the last writing transaction began).
+    // Removing the entries of the very last transaction (two statements,
+    // two entries) is found through the head, which the commit moved to
+    // the last entry.
     let t2 = tenant_with_docs(&db, "av2").await;
     let mut app2 = t2.app(&db).await.unwrap();
-    for body in ["1", "2", "3"] {
+    for body in ["1", "2"] {
         sqlx::query("INSERT INTO docs (body) VALUES ($1)").bind(body).execute(&mut app2).await.unwrap();
     }
+    sqlx::raw_sql("BEGIN; INSERT INTO docs (body) VALUES ('3'); UPDATE docs SET body = '3b' WHERE body = '3'; COMMIT").execute(&mut app2).await.unwrap();
+    let s2 = t2.name.schema();
+    let (head_id, last_id): (i64, i64) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT h.last_id, (SELECT max(id) FROM {s2}._tenancy_audit) FROM {s2}._tenancy_audit_head h")))
+            .fetch_one(&db.admin)
+            .await
+            .unwrap();
+    assert_eq!(head_id, last_id, "the commit moves the head to the last entry");
+    verified(&db, &t2).await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SET session_replication_role = replica; DELETE FROM {}._tenancy_audit WHERE id > (SELECT min(id) FROM {}._tenancy_audit); RESET session_replication_role",
-        t2.name.schema(),
-        t2.name.schema()
+        "SET session_replication_role = replica; DELETE FROM {s2}._tenancy_audit WHERE id > {} ; RESET session_replication_role",
+        last_id - 2
     )))
     .execute(&mut su)
     .await
     .unwrap();
     let b = pg::audit::verify(&db.admin, &t2.name).await.unwrap().first_break.expect("a removed tail breaks the chain");
     assert!(b.what.contains("rows at the end"), "{}", b.what);
+
+    // An entry appended behind the triggers' back (replica mode: no
+    // commit-time head update) is found as well.
+    let t3 = tenant_with_docs(&db, "av3").await;
+    let mut app3 = t3.app(&db).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('x')").execute(&mut app3).await.unwrap();
+    let s3 = t3.name.schema();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET session_replication_role = replica;
+         INSERT INTO {s3}._tenancy_audit (\"time\", actor, actor_given, operation, table_name, prev_hash, hash)
+           SELECT now(), 'forger', true, 'INSERT', 'docs', hash, hash FROM {s3}._tenancy_audit ORDER BY id DESC LIMIT 1;
+         RESET session_replication_role"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    assert!(pg::audit::verify(&db.admin, &t3.name).await.unwrap().first_break.is_some(), "a forged entry verified");
 }
 
 fn pgaudit_required() -> bool {

@@ -14,10 +14,12 @@
 //! The chain: every audit row carries `prev_hash` and `hash =
 //! sha256(prev_hash || content)`, content being [`content_sql`] of the row
 //! (a JSON array text of its fields). The first row's `prev_hash` is 32
-//! zero bytes; `_tenancy_audit_head` holds the last row's id and hash, and
-//! its row lock serializes appends per tenant until commit, so the chain is
-//! linear under concurrency (and a REPEATABLE READ writer that raced gets a
-//! serialization failure instead of forking it).
+//! zero bytes; `_tenancy_audit_head` holds the last row's id and hash (set
+//! at commit by a deferred constraint trigger, so deleting the entries of
+//! the last transaction is found too), and its row lock serializes appends
+//! per tenant until commit, so the chain is linear under concurrency (and a
+//! REPEATABLE READ writer that raced gets a serialization failure instead
+//! of forking it).
 
 use std::collections::BTreeMap;
 
@@ -38,6 +40,9 @@ const TRIGGER_FN: &str = "_tenancy_audit_trigger";
 const WRITE_FN: &str = "_tenancy_audit_write";
 const GUARD_FN: &str = "_tenancy_audit_guard";
 const GUARD_TRIGGER: &str = "_tenancy_audit_guard";
+const TAIL_FN: &str = "_tenancy_audit_tail";
+/// The deferred (commit-time) trigger that moves the head to the last entry.
+const TAIL_TRIGGER: &str = "_tenancy_audit_tail";
 /// The triggers on each tenant table: INSERT and DELETE statement-level with
 /// transition tables (one append per statement, however many rows), UPDATE
 /// per row (old and new row side by side for the changed columns), TRUNCATE.
@@ -346,7 +351,20 @@ BEGIN
 END
 "#
     );
-    Ok(BTreeMap::from([(WRITE_FN, write), (TRIGGER_FN, trigger), (GUARD_FN, guard)]))
+    // At commit (deferred, once per entry of the transaction): the entry with
+    // the highest id moves the head to itself. Appends are serialized by the
+    // head's row lock, so the highest id is this transaction's last entry.
+    let tail = format!(
+        r#"
+BEGIN
+  IF NEW.id = (SELECT max(a.id) FROM {schema}.{AUDIT_TABLE} a) THEN
+    UPDATE {schema}.{HEAD_TABLE} SET last_id = NEW.id, hash = NEW.hash;
+  END IF;
+  RETURN NULL;
+END
+"#
+    );
+    Ok(BTreeMap::from([(WRITE_FN, write), (TRIGGER_FN, trigger), (GUARD_FN, guard), (TAIL_FN, tail)]))
 }
 
 /// The SQL of one action. Identifiers are quoted; the functions' bodies are
@@ -398,6 +416,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
                 (WRITE_FN, "p_op text, p_table text, p_pks jsonb[], p_changed text[]", "void", true),
                 (TRIGGER_FN, "", "trigger", true),
                 (GUARD_FN, "", "trigger", false),
+                (TAIL_FN, "", "trigger", true),
             ] {
                 let security = if definer { "SECURITY DEFINER" } else { "SECURITY INVOKER" };
                 v.push(format!(
@@ -413,6 +432,10 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             format!("DROP TRIGGER IF EXISTS {GUARD_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
             format!(
                 "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{GUARD_FN}()"
+            ),
+            format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
+            format!(
+                "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER INSERT ON {schema}.{AUDIT_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.{TAIL_FN}()"
             ),
         ],
         AuditAction::TriggerTable(table) => {
@@ -451,7 +474,10 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
                 EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
                 EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
                          WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $4 AND t.tgenabled = 'O'
-                           AND p.pronamespace = n.oid AND p.proname = $5) AS guard,
+                           AND p.pronamespace = n.oid AND p.proname = $5)
+                AND EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
+                         WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $11 AND t.tgenabled = 'O'
+                           AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $11) AS guard,
                 coalesce((SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
                            WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = n.oid AND d.classid = 'pg_class'::regclass
                              AND c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
@@ -465,7 +491,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
                     AND encode(sha256(convert_to(p.proname || ':' || p.prosrc, 'UTF8')), 'hex') = ANY ($8)
                     AND p.prosecdef = (p.proname <> $5)
                     AND p.proowner = (SELECT oid FROM pg_roles WHERE rolname = $9)
-                    AND p.proconfig = ARRAY[$10]) = 3 AS functions_current
+                    AND p.proconfig = ARRAY[$10]) = cardinality($8) AS functions_current
            FROM (SELECT $1::text AS name) x LEFT JOIN pg_namespace n ON n.nspname = x.name",
     )
     .bind(&schema)
@@ -478,6 +504,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
     .bind(expected)
     .bind(name.owner_role())
     .bind(FN_SEARCH_PATH)
+    .bind(TAIL_TRIGGER)
     .fetch_one(&mut *conn)
     .await
     .map_err(query_err("reading the tenant's audit objects"))?;
@@ -755,20 +782,24 @@ pub struct Walker {
     anchor_confirmed: bool,
     last_id: i64,
     first_break: Option<ChainBreak>,
-    /// The head row: where the chain stood when the last writing
-    /// transaction began (last id, its hash); and whether that row was seen.
+    /// The head row: the last entry as of the last commit (its id and
+    /// hash); whether that row was seen; the first row after it.
     head: Option<(i64, Vec<u8>)>,
     head_seen: bool,
+    after_head: Option<i64>,
 }
 
 impl Walker {
     /// A walk that ends by checking the head row's (last id, hash).
     pub fn new(head: Option<(i64, Vec<u8>)>) -> Self {
-        Walker { expected: GENESIS.to_vec(), rows: 0, anchor: None, anchor_confirmed: false, last_id: 0, first_break: None, head, head_seen: false }
+        Walker { expected: GENESIS.to_vec(), rows: 0, anchor: None, anchor_confirmed: false, last_id: 0, first_break: None, head, head_seen: false, after_head: None }
     }
 
     fn see(&mut self, r: &ChainRow) {
         if let Some((id, hash)) = &self.head {
+            if r.id > *id && self.after_head.is_none() {
+                self.after_head = Some(r.id);
+            }
             if *id == r.id {
                 self.head_seen = true;
                 if *hash != r.hash {
@@ -852,8 +883,12 @@ impl Walker {
                 Some((0, hash)) if hash != GENESIS => self.broke(0, "the chain head was edited (it records a start at row 0 with a hash that is not the genesis)".into()),
                 Some((id, _)) if id > 0 && !self.head_seen => self.broke(
                     id,
-                    format!("the chain head names row {id} (where the last writing transaction began) but there is no such row: rows at the end were deleted"),
+                    format!("the chain head names row {id} (the last entry at the last commit) but there is no such row: rows at the end were deleted"),
                 ),
+                Some((id, _)) if self.after_head.is_some() => {
+                    let after = self.after_head.unwrap_or_default();
+                    self.broke(after, format!("row {after} comes after the chain head (row {id}): appended without the commit-time head update, or the head was set back"))
+                }
                 None if self.rows > 0 => self.broke(self.last_id, "the chain head row is missing".into()),
                 _ => {}
             }
@@ -1038,9 +1073,13 @@ mod tests {
     #[test]
     fn the_walk_finds_edits_removals_and_a_cut_tail() {
         let rows = chain(5);
-        // The last writing transaction began after row 3.
-        let head = Some((3, rows[2].hash.clone()));
+        // The head is the last entry.
+        let head = Some((5, rows[4].hash.clone()));
         assert_eq!(walk(&rows, head.clone()).first_break, None);
+        // Rows beyond the head: appended without it moving, or it was set back.
+        let b = walk(&rows, Some((3, rows[2].hash.clone()))).first_break.unwrap();
+        assert_eq!(b.id, 4);
+        assert!(b.what.contains("after the chain head"), "{}", b.what);
         let mut edited = rows.clone();
         edited[2].content = b"row 3 edited".to_vec();
         assert_eq!(walk(&edited, head.clone()).first_break.unwrap().id, 3);

@@ -5,19 +5,28 @@
 //! own with BENCH_TENANTS (default 1000) real tenant schemas, provisioned
 //! through the operator's code (`converge_db`, 8 at a time), brings them to
 //! version 1 (a trivial migration, so every version table exists), then
-//! runs BENCH_ROUNDS (default 3) rounds, each timing:
+//! runs BENCH_ROUNDS (default 4) rounds, each timing:
 //! - the operator: MigrationSet passes (observe, plan, bounded fan-out with
-//!   `maxConcurrent` = BENCH_MAX_CONCURRENT, default 8) until every schema
-//!   is at the round's new version, a migration of 5 DDL statements;
+//!   `maxConcurrent` = BENCH_MAX_CONCURRENT, default 4 as in the CRD) until
+//!   the status they give is `Complete` (as the controller runs them), a
+//!   migration of 5 DDL statements;
 //! - the baseline: ONE psql session running, serially, one transaction per
 //!   schema with the same 5 statements (on tables of another name, so both
 //!   do the same work), under `SET LOCAL ROLE <owner>` and `search_path`.
 //!
-//! The order alternates between rounds (this machine's speed drifts).
+//! The order alternates between rounds (this machine's speed drifts). After
+//! each psql run the baseline's tables get their audit triggers, untimed,
+//! as the Tenant controller's next reconcile would: the operator's next run
+//! must not pay for them.
 //!
-//! Prints each round, the sums and their ratio, and the peak connection
+//! Prints each round (with the whole machine's busy CPU time during each
+//! run, from /proc/stat), the sums and their ratio, and the peak connection
 //! count to the bench database during the fan-outs (pg_stat_activity
-//! sampled every 5ms). BENCH_KEEP_DB keeps the database for inspection.
+//! sampled every 20 ms). Before each timed run the bench waits (at most 60 s)
+//! for autovacuum workers to finish, so neither side pays for the catalog
+//! clean-up of the other's DDL. BENCH_KEEP_DB keeps the database for
+//! inspection; BENCH_PSS (with pg_stat_statements loaded) prints where the
+//! server time went; BENCH_PERF=<dir> records `perf` profiles.
 //! Drops its database and roles at the end. Not part of `cargo test`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -26,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sqlx::{Connection, PgConnection, PgPool};
-use tenant_operator::api::{Migration, MigrationSetSpec, OnFailure, RolloutSpec, TenantSpec};
+use tenant_operator::api::{Migration, MigrationSetPhase, MigrationSetSpec, OnFailure, RolloutSpec, TenantSpec};
 use tenant_operator::controller::migration_set::apply::Outcome;
-use tenant_operator::controller::migration_set::pass;
+use tenant_operator::controller::migration_set::{pass, status};
 use tenant_operator::pg::migrations::TenantOutcome;
 use tenant_operator::controller::tenant::{converge_db, plan, ConvergeError};
 use tenant_operator::names::TenantName;
@@ -79,7 +88,9 @@ fn set_spec(max_concurrent: u32, versions: &[(i64, String)]) -> MigrationSetSpec
     }
 }
 
-/// Passes until the plan is empty, as the controller's requeues would.
+/// Passes until the set is rolled out, as the controller runs them: a pass
+/// whose state afterwards makes the status `Complete` is the last one (the
+/// controller then waits for the next change or resync).
 async fn roll_out(pool: &PgPool, generation: i64, spec: &MigrationSetSpec, names: &[TenantName]) -> usize {
     for passes in 1..10_000 {
         let p = pass(pool, "bench", generation, spec, names, &Timeouts::default()).await.expect("pass");
@@ -95,17 +106,101 @@ async fn roll_out(pool: &PgPool, generation: i64, spec: &MigrationSetSpec, names
             .filter(|(_, o)| matches!(o, Outcome::Error(_) | Outcome::Done(TenantOutcome::Failed { .. } | TenantOutcome::ChecksumMismatch { .. })))
             .collect();
         assert!(failed.is_empty(), "tenants failed: {failed:?}");
-        if p.plan.is_empty() && !p.more() {
+        let status = status::compute(None, Some(generation), spec, &p.plan, &p.after, p.more(), "now");
+        if status.phase == Some(MigrationSetPhase::Complete) {
             return passes;
         }
     }
     unreachable!()
 }
 
+/// BENCH_PERF=<dir>: `perf record -a -g` of the whole machine around one
+/// timed run, into <dir>/<label>.data (BENCH_PERF_EVENT, default
+/// cpu-clock); [`perf_stop`] ends it.
+fn perf_start(label: &str) -> Option<std::process::Child> {
+    let dir = std::env::var("BENCH_PERF").ok()?;
+    let event = std::env::var("BENCH_PERF_EVENT").unwrap_or_else(|_| "cpu-clock".into());
+    let child = std::process::Command::new("perf")
+        .args(["record", "-q", "-e", &event, "-a", "-g", "-o"])
+        .arg(format!("{dir}/{label}.data"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    Some(child)
+}
+
+fn perf_stop(child: Option<std::process::Child>) {
+    if let Some(mut c) = child {
+        let _ = std::process::Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+        let _ = c.wait();
+    }
+}
+
+/// CPU time the whole machine spent busy (all but idle and iowait), from
+/// /proc/stat: both sides' server and client work.
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    Duration::from_millis(total.saturating_sub(idle) * 10)
+}
+
+/// Waits (at most 60 s) until no autovacuum worker runs: a run must not
+/// pay for the catalog clean-up after the other side's DDL.
+async fn quiesce(url: &str) {
+    let mut c = PgConnection::connect(url).await.expect("quiesce connects");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'").fetch_one(&mut c).await.expect("autovacuum workers");
+        if n == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// This process's user + system CPU time (Linux).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+    Duration::from_millis(f.iter().sum::<u64>() * 10)
+}
+
+/// BENCH_PSS: with pg_stat_statements loaded, reset (None) or print the
+/// statements' server time since the last reset, grouped by their first words.
+async fn pss(url: &str, label: Option<&str>) {
+    if std::env::var_os("BENCH_PSS").is_none() {
+        return;
+    }
+    let mut c = PgConnection::connect(url).await.expect("pss connects");
+    let Some(label) = label else {
+        if let Err(e) = sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()").execute(&mut c).await {
+            eprintln!("BENCH_PSS needs PG_EXTRA_OPTS='-c shared_preload_libraries=pg_stat_statements': {e}");
+            std::process::exit(2);
+        }
+        return;
+    };
+    let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+        "SELECT left(regexp_replace(query, '(\\s+|events_[a-z0-9_]+|tenant_[a-z0-9_]+)', ' ', 'g'), 90) q, sum(calls)::int8, sum(total_exec_time), sum(total_plan_time)
+           FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_activity%' GROUP BY 1 ORDER BY sum(total_exec_time) + sum(total_plan_time) DESC",
+    )
+    .fetch_all(&mut c)
+    .await
+    .expect("pss read");
+    let (e, p): (f64, f64) = rows.iter().fold((0.0, 0.0), |(e, p), r| (e + r.2, p + r.3));
+    println!("  pg_stat_statements, {label}: exec {e:.0} ms, plan {p:.0} ms");
+    for (q, calls, e, p) in rows.iter().take(25) {
+        println!("    {calls:>6} {e:>8.1} {p:>8.1}  {q}");
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let count: usize = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let max_concurrent: u32 = std::env::var("BENCH_MAX_CONCURRENT").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let max_concurrent: u32 = std::env::var("BENCH_MAX_CONCURRENT").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let su_url = env("TEST_PG_SUPERUSER_URL");
     let admin_url = env("TEST_PG_ADMIN_URL");
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
@@ -147,7 +242,7 @@ async fn main() {
                 .await
                 .expect("sample");
                 peak.fetch_max(n, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
     };
@@ -157,7 +252,7 @@ async fn main() {
     // psql on tables of another name. The order alternates, so a slow spell
     // of a shared machine or a catalog that grows as the run goes on weighs
     // on both sides alike; the ratio is of the sums.
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(1);
     let psql = std::env::var("PSQL").unwrap_or_else(|_| "psql".into());
     let mut versions = vec![v1];
     let (mut op_total, mut psql_total) = (Duration::ZERO, Duration::ZERO);
@@ -167,12 +262,20 @@ async fn main() {
         versions.push((version, ddl(&format!("events_{round}"))));
         let spec = set_spec(max_concurrent, &versions);
         let operator_run = || async {
+            quiesce(&su_db_url).await;
+            pss(&su_db_url, None).await;
+            let perf = perf_start(&format!("operator-{round}"));
+            let cpu0 = cpu_time();
+            let busy0 = machine_busy();
             let start = Instant::now();
             let passes = roll_out(&op_pool, version, &spec, &names).await;
             let took = start.elapsed();
+            pss(&su_db_url, Some("operator")).await;
+            let cpu = (cpu_time() - cpu0, machine_busy() - busy0);
+            perf_stop(perf);
             let at = pg::migrations::observe_many(&op_pool, &names).await.expect("observe").values().filter(|v| v.current() == version).count();
             assert_eq!(at, count, "not every schema reached version {version}");
-            (took, passes)
+            (took, passes, cpu)
         };
         let psql_run = || {
             let table = format!("events_psql_{round}");
@@ -187,18 +290,46 @@ async fn main() {
             }
             let path = std::env::temp_dir().join(format!("bench-migrations-{tag}-{round}.sql"));
             std::fs::write(&path, script).expect("write the psql script");
+            let perf = perf_start(&format!("psql-{round}"));
+            let busy0 = machine_busy();
             let start = Instant::now();
             let out = std::process::Command::new(&psql).args(["-X", "-q", "-d", &admin_url, "-f"]).arg(&path).output().expect("run psql");
             let took = start.elapsed();
+            let busy = machine_busy() - busy0;
+            perf_stop(perf);
             let _ = std::fs::remove_file(&path);
             assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
-            (took, table)
+            (took, table, busy)
         };
-        let ((op, passes), (base, table)) = if round % 2 == 1 {
+        // The baseline's tables have no audit triggers. Untimed, as the
+        // Tenant controller's next reconcile would, they get them now:
+        // otherwise the operator's next run, whose in-transaction audit
+        // step triggers every untriggered table of the schema, would pay for
+        // them (measured: 25-45% more CPU in rounds where psql ran first).
+        let audit_baseline = || async {
+            futures::stream::iter(names.iter())
+                .for_each_concurrent(4, |n| {
+                    let pool = op_pool.clone();
+                    async move {
+                        pg::audit::converge(&pool, n, None).await.expect("auditing the baseline's tables");
+                    }
+                })
+                .await;
+        };
+        let ((op, passes, (op_cpu, op_busy)), (base, table, base_busy)) = if round % 2 == 1 {
             let o = operator_run().await;
-            (o, psql_run())
-        } else {
+            quiesce(&su_db_url).await;
+            pss(&su_db_url, None).await;
             let b = psql_run();
+            pss(&su_db_url, Some("psql")).await;
+            audit_baseline().await;
+            (o, b)
+        } else {
+            quiesce(&su_db_url).await;
+            pss(&su_db_url, None).await;
+            let b = psql_run();
+            pss(&su_db_url, Some("psql")).await;
+            audit_baseline().await;
             (operator_run().await, b)
         };
         let psql_tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = $1").bind(&table).fetch_one(&op_pool).await.expect("count");
@@ -209,6 +340,9 @@ async fn main() {
             op,
             base,
             op.as_secs_f64() / base.as_secs_f64()
+        );
+        println!(
+            "    CPU busy (whole machine): operator {op_busy:.2?} (of which this process {op_cpu:.2?}), psql {base_busy:.2?}"
         );
         op_total += op;
         psql_total += base;

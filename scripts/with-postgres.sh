@@ -13,7 +13,8 @@ set -euo pipefail
 BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
 [[ -x "$BIN/postgres" ]] || { echo "with-postgres: no PostgreSQL server found; run scripts/setup.sh" >&2; exit 1; }
 
-DIR=$(mktemp -d /tmp/tenant-pg.XXXXXX)
+# PG_DATA_PARENT puts the cluster elsewhere (e.g. /dev/shm for benchmarks).
+DIR=$(mktemp -d "${PG_DATA_PARENT:-/tmp}/tenant-pg.XXXXXX")
 chmod 755 "$DIR"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 SUPERPW=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')

@@ -550,3 +550,33 @@ async fn concurrent_writers_keep_one_linear_chain() {
     .unwrap();
     assert_eq!(gaps, 0);
 }
+
+#[tokio::test]
+async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile() {
+    let db = setup("aud_repair").await;
+    let mut t = tenant_with_docs(&db, "rp").await;
+    let schema = t.name.schema();
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {schema}.docs DISABLE TRIGGER _tenancy_audit_upd; DROP TRIGGER _tenancy_audit_del ON {schema}.docs"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let mut conn = db.admin.acquire().await.unwrap();
+    let state = pg::audit::observe(&mut conn, &t.name).await.unwrap();
+    drop(conn);
+    assert_eq!(state.untriggered, ["docs"]);
+    assert_eq!(state.stale, ["docs"], "a table with some of the triggers has them replaced, not created next to them");
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["AuditTable"]);
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "the repaired tenant is converged");
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('a')").execute(&mut app).await.unwrap();
+    sqlx::query("UPDATE docs SET body = 'b'").execute(&mut app).await.unwrap();
+    sqlx::query("DELETE FROM docs").execute(&mut app).await.unwrap();
+    let ops: Vec<String> = audit_rows(&db, &t).await.into_iter().map(|a| a.op).collect();
+    assert_eq!(ops, ["INSERT", "UPDATE", "DELETE"], "every write is audited again");
+    verified(&db, &t).await;
+}

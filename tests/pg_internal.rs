@@ -43,3 +43,17 @@ async fn internal_tables_stay_read_only_for_the_app_role() {
     assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["RevokeInternalWrites"]);
     assert!(sqlx::query("INSERT INTO _tenancy_demo VALUES (1)").execute(&mut app).await.is_err());
 }
+
+#[tokio::test]
+async fn operator_instances_starting_at_once_all_prepare_the_control_schema() {
+    let db = TestDb::new("ctlrace").await;
+    let pools: Vec<sqlx::PgPool> = futures::future::join_all((0..6).map(|_| sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url)))
+        .await
+        .into_iter()
+        .map(|p| p.expect("admin connects"))
+        .collect();
+    let results = futures::future::join_all(pools.iter().map(pg::migrate_control_schema)).await;
+    for r in results {
+        r.expect("a concurrent start failed to prepare the control schema");
+    }
+}

@@ -415,3 +415,82 @@ async fn a_tenant_waits_while_its_set_does_not_exist() {
     let table: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(format!("{}._tenancy_migrations", t.name.schema())).fetch_one(&db.admin).await.unwrap();
     assert!(!table, "a tenant without a set got a version table");
 }
+
+#[tokio::test]
+async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_failure_is_the_migrations() {
+    let db = setup("msdefer").await;
+    let tenants = provision_many(&db, &tenant_names("d", 1), 1).await;
+    let t = &tenants[0].name;
+    let set = SetRef { name: "default".into(), generation: 1 };
+    // A deferred constraint trigger whose function names its table without a
+    // schema: it runs at COMMIT, after the operator's own statements, and
+    // must resolve `items` in the tenant schema as the migration did.
+    let check = "CREATE TABLE items (n int NOT NULL);
+        CREATE FUNCTION items_check() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF (SELECT sum(n) FROM items) > 10 THEN RAISE EXCEPTION 'items over budget'; END IF;
+          RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER items_budget AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION items_check();
+        INSERT INTO items VALUES (3), (4);";
+    let v1 = MigrationSql::new(1, "v1", check, true);
+    let out = pg::migrations::migrate_tenant(&db.admin, t, &set, std::slice::from_ref(&v1), &Timeouts::default()).await.unwrap();
+    assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 1, applied: vec![1] });
+    // Over budget: the check fails at COMMIT. That is the migration's
+    // failure: recorded, and the schema stays at version 1 without its rows.
+    let v2 = MigrationSql::new(2, "v2", "INSERT INTO items VALUES (5)", true);
+    let out = pg::migrations::migrate_tenant(&db.admin, t, &set, &[v1.clone(), v2.clone()], &Timeouts::default()).await.unwrap();
+    match &out {
+        TenantOutcome::Failed { at: 1, version: 2, error, .. } => assert!(error.contains("items over budget"), "{error}"),
+        other => panic!("expected the deferred check to fail version 2: {other:?}"),
+    }
+    assert_eq!(versions(&db, std::slice::from_ref(t)).await[t.as_str()], 1);
+    let sum: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT sum(n)::int8 FROM {}.items", t.schema()))).fetch_one(&db.admin).await.unwrap();
+    assert_eq!(sum, 7, "the failed migration's row was kept");
+    assert_eq!(failure_rows(&db).await, 1);
+    // The lock was released: the next run takes it, and a fixed set clears
+    // the record.
+    let v2b = MigrationSql::new(2, "v2", "INSERT INTO items VALUES (1)", true);
+    let out = pg::migrations::migrate_tenant(&db.admin, t, &set, &[v1, v2b], &Timeouts::default()).await.unwrap();
+    assert_eq!(out, TenantOutcome::Migrated { from: 1, to: 2, applied: vec![2] });
+    assert_eq!(failure_rows(&db).await, 0);
+}
+
+#[tokio::test]
+async fn a_run_cut_short_gives_back_neither_its_lock_nor_an_open_transaction() {
+    let db = setup("mscancel").await;
+    let tenants = provision_many(&db, &tenant_names("c", 1), 1).await;
+    let t = &tenants[0].name;
+    let set = SetRef { name: "default".into(), generation: 1 };
+    let slow = MigrationSql::new(1, "v1", "CREATE TABLE half (x int); SELECT pg_sleep(2)", true);
+    // One connection, so a connection handed back would be the next one used.
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url).await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_millis(500), pg::migrations::migrate_tenant(&pool, t, &set, std::slice::from_ref(&slow), &Timeouts::default())).await;
+    assert!(cut.is_err(), "the run should still have been sleeping");
+    // The dropped run's session is closed: Postgres rolls it back and frees
+    // the lock, so another pool's run is not told the tenant is busy.
+    let fast = MigrationSql::new(1, "v1", "CREATE TABLE half (x int)", true);
+    let start = Instant::now();
+    loop {
+        let out = pg::migrations::migrate_tenant(&db.admin, t, &set, std::slice::from_ref(&fast), &Timeouts::default()).await.unwrap();
+        if out != TenantOutcome::Busy {
+            assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 1, applied: vec![1] });
+            break;
+        }
+        // Postgres finishes the statement in flight (the sleep) before it
+        // notices its client went away; a pooled session would hold the lock
+        // for as long as the pool keeps it.
+        assert!(start.elapsed() < Duration::from_secs(15), "the cut-short run still holds the tenant's lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the one-connection pool gives a clean session: no transaction left
+    // open (SAVEPOINT works only inside one), no lock, no role.
+    let mut conn = pool.acquire().await.unwrap();
+    let err = sqlx::raw_sql("SAVEPOINT probe").execute(&mut *conn).await.expect_err("a pooled session was left inside the cut-short run's transaction");
+    assert_eq!(err.as_database_error().and_then(|d| d.code()).as_deref(), Some("25P01"), "{err}");
+    let clean: bool = sqlx::query_scalar("SELECT current_user = session_user AND NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(clean, "a pooled session kept the run's role or lock");
+}

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, PgConnection, PgPool, Postgres};
+use sqlx::postgres::PgRow;
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 
 use super::{query_err, quote_ident, PgError};
 use crate::names::TenantName;
@@ -142,8 +143,15 @@ pub enum TenantOutcome {
     Failed { at: i64, version: i64, error: String, sqlstate: Option<String> },
 }
 
+/// Schemas per `UNION ALL` query of [`observe_many`]. Postgres plans a
+/// `UNION ALL` in time growing faster than its branches (500 branches cost
+/// 3x as much per branch as 100; measured on Postgres 15), so the tables
+/// are read a hundred at a time.
+const OBSERVE_CHUNK: usize = 100;
+
 /// Reads the migration state of many tenants in a few queries: one catalog
-/// query, then one `UNION ALL` over the version tables per 500 schemas.
+/// query, then one `UNION ALL` over the version tables per
+/// [`OBSERVE_CHUNK`] schemas.
 pub async fn observe_many(pool: &PgPool, names: &[TenantName]) -> Result<BTreeMap<TenantName, SchemaVersions>, PgError> {
     let mut out: BTreeMap<TenantName, SchemaVersions> = BTreeMap::new();
     if names.is_empty() {
@@ -172,7 +180,7 @@ pub async fn observe_many(pool: &PgPool, names: &[TenantName]) -> Result<BTreeMa
     for n in names {
         out.entry(n.clone()).or_default();
     }
-    for chunk in with_table.chunks(500) {
+    for chunk in with_table.chunks(OBSERVE_CHUNK) {
         let mut sql = String::new();
         for (i, n) in chunk.iter().enumerate() {
             if i > 0 {
@@ -182,8 +190,14 @@ pub async fn observe_many(pool: &PgPool, names: &[TenantName]) -> Result<BTreeMa
             sql.push_str(&format!("SELECT {i}::int, version, name, checksum FROM {}.{VERSION_TABLE}", quote_ident(&n.schema())?));
         }
         sql.push_str(" ORDER BY 1, 2");
-        let rows: Vec<(i32, i64, String, String)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await.map_err(query_err("reading the tenants' version tables"))?;
+        // Not kept as a prepared statement: the texts change with the set of
+        // tenants, and would push the per-tenant statements out of the
+        // connection's statement cache.
+        let rows: Vec<(i32, i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .persistent(false)
+            .fetch_all(pool)
+            .await
+            .map_err(query_err("reading the tenants' version tables"))?;
         for (i, version, name, checksum) in rows {
             if let Some(n) = chunk.get(i as usize) {
                 out.entry(n.clone()).or_default().applied.push(Applied { version, name, checksum });
@@ -267,15 +281,37 @@ async fn record_failure(conn: &mut PgConnection, f: &FailureRecord) -> Result<()
 /// tenant's advisory lock. A migration's own error is an outcome (recorded
 /// in `tenancy.migration_failures`); a lost connection is an `Err` (nothing
 /// recorded: the next run retries).
+///
+/// Round trips in the common case (one pending transactional migration,
+/// version table present): 6 — the lock; `BEGIN` with the settings and the
+/// version read; the migration; the audit observation (2); then the audit
+/// triggers, the version record, `COMMIT` and the lock's release in one
+/// message. A rollout's cost beside the migration itself is mostly these
+/// (`cargo bench --bench migrations`, docs/migrations.md).
 pub async fn migrate_tenant(pool: &PgPool, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
     let mut conn: PoolConnection<Postgres> = pool.acquire().await.map_err(query_err("connecting to migrate a tenant"))?;
-    let result = locked(&mut conn, name, set, migrations, timeouts).await;
-    if result.is_err() {
-        // The session may hold the lock or a role/search_path of a
-        // non-transactional step: never hand it back to the pool.
-        conn.close_on_drop();
-    }
+    let mut session = Session { conn: &mut conn, clean: false };
+    let result = locked(session.conn, name, set, migrations, timeouts).await;
+    session.clean = result.is_ok();
     result
+}
+
+/// Hands the connection back to the pool only after a run that ended
+/// cleanly. A run cut short (an error, or its future dropped) may leave a
+/// transaction open, the advisory lock held, or a role or search_path set
+/// for the session: the connection is closed instead, and Postgres rolls
+/// back and releases with it.
+struct Session<'c> {
+    conn: &'c mut PoolConnection<Postgres>,
+    clean: bool,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 async fn locked(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
@@ -303,22 +339,24 @@ async fn locked(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrat
     if !has_table {
         create_version_table(conn, name).await?;
     }
-    let outcome = run(conn, name, set, migrations, timeouts).await?;
-    // Releasing the lock clears a success's old failure record in the same
-    // round trip.
-    let clear = matches!(outcome, TenantOutcome::Migrated { .. });
-    sqlx::query(
-        "WITH cleared AS (DELETE FROM tenancy.migration_failures WHERE $3 AND tenant_name = $4)
-         SELECT pg_advisory_unlock($1, hashtext($2))",
-    )
-    .bind(LOCK_NAMESPACE)
-    .bind(&schema)
-    .bind(clear)
-    .bind(name.as_str())
-    .execute(&mut *conn)
-    .await
-    .map_err(query_err("releasing the tenant's migration lock"))?;
+    let (outcome, released) = run(conn, name, set, migrations, timeouts).await?;
+    if !released {
+        // Releasing the lock clears a success's old failure record in the
+        // same round trip.
+        let clear = matches!(outcome, TenantOutcome::Migrated { .. });
+        sqlx::raw_sql(sqlx::AssertSqlSafe(release_sql(name, clear)?)).execute(&mut *conn).await.map_err(query_err("releasing the tenant's migration lock"))?;
+    }
     Ok(outcome)
+}
+
+/// Releases the tenant's advisory lock and, with `clear`, removes its
+/// failure record. Literals: the schema and tenant are validated names.
+fn release_sql(name: &TenantName, clear: bool) -> Result<String, PgError> {
+    let mut sql = format!("SELECT pg_advisory_unlock({LOCK_NAMESPACE}, hashtext({}))", super::quote_literal(&name.schema())?);
+    if clear {
+        sql.push_str(&format!(";\nDELETE FROM tenancy.migration_failures WHERE tenant_name = {}", super::quote_literal(name.as_str())?));
+    }
+    Ok(sql)
 }
 
 /// Connection-level failures: the run is retried, nothing is recorded.
@@ -359,16 +397,6 @@ async fn create_version_table(conn: &mut PgConnection, name: &TenantName) -> Res
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(query_err("creating the version table"))?;
     tx.commit().await.map_err(query_err("committing the version table"))?;
     Ok(())
-}
-
-/// Reads the version table through the transaction's `search_path` (the
-/// tenant schema), so every tenant shares one prepared statement.
-async fn read_applied(conn: &mut PgConnection) -> Result<Vec<Applied>, PgError> {
-    let rows: Vec<(i64, String, String)> = sqlx::query_as("SELECT version, name, checksum FROM _tenancy_migrations ORDER BY version")
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(query_err("reading the version table"))?;
-    Ok(rows.into_iter().map(|(version, name, checksum)| Applied { version, name, checksum }).collect())
 }
 
 /// `BEGIN` and the migration's settings in one round trip: the tenant's
@@ -418,15 +446,29 @@ fn short(sum: &str) -> &str {
     &sum[..sum.len().min(12)]
 }
 
-async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+/// The version table's rows, lowest version first, from the rows of a
+/// simple-protocol query (text values).
+fn applied_from(rows: &[PgRow]) -> Result<Vec<Applied>, sqlx::Error> {
+    rows.iter().map(|r| Ok(Applied { version: r.try_get(0)?, name: r.try_get(1)?, checksum: r.try_get(2)? })).collect()
+}
+
+/// Runs the pending migrations; gives the outcome and whether the lock was
+/// released on the way (with the last migration's commit).
+async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<(TenantOutcome, bool), PgError> {
     let begin = begin_sql(name, timeouts)?;
-    // The first transaction reads the versions; it is the first migration's
-    // transaction too when that one is transactional.
-    let mut tx = conn.begin_with(sqlx::AssertSqlSafe(begin.clone())).await.map_err(query_err("starting a migration's transaction"))?;
-    let applied = read_applied(&mut tx).await?;
+    let table = format!("{}.{VERSION_TABLE}", quote_ident(&name.schema())?);
+    // The first transaction reads the versions (under the lock, so no other
+    // operator instance moves them meanwhile); it is the first migration's
+    // transaction too when that one is transactional. An error here is not
+    // a migration's: the run fails and the session is closed (`Session`).
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{begin};\nSELECT version, name, checksum FROM {table} ORDER BY version")))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query_err("reading the version table"))?;
+    let applied = applied_from(&rows).map_err(query_err("decoding the version table"))?;
     let from = applied.iter().map(|a| a.version).max().unwrap_or(0);
     if let Some((version, detail)) = find_mismatch(&applied, migrations) {
-        tx.rollback().await.map_err(query_err("ending the version check"))?;
+        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
         let migration_name = migrations.iter().find(|m| m.version == version).map(|m| m.name.clone()).unwrap_or_default();
         let rec = FailureRecord {
             tenant: name.as_str().to_owned(),
@@ -439,35 +481,41 @@ async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migration
             sqlstate: None,
         };
         record_failure(conn, &rec).await?;
-        return Ok(TenantOutcome::ChecksumMismatch { version, detail });
+        return Ok((TenantOutcome::ChecksumMismatch { version, detail }, false));
     }
     let pending: Vec<&MigrationSql> = migrations.iter().filter(|m| m.version > from).collect();
+    if pending.is_empty() {
+        let sql = format!("COMMIT;\n{}", release_sql(name, true)?);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
+        return Ok((TenantOutcome::Migrated { from, to: from, applied: Vec::new() }, true));
+    }
     let mut at = from;
     let mut done = Vec::new();
-    // The version check's transaction runs the first migration when that
-    // one is transactional; otherwise it just ends.
-    let mut rest: &[&MigrationSql] = &pending;
-    if let Some(m) = pending.first().filter(|m| m.transactional) {
-        rest = &pending[1..];
-        let step = apply_in_transaction(tx, name, m).await?;
-        if let Some(failed) = settle(conn, name, set, m, step, &mut at, &mut done).await? {
-            return Ok(failed);
-        }
-    } else {
-        tx.commit().await.map_err(query_err("ending the version check"))?;
-    }
-    for m in rest {
+    let mut in_tx = true;
+    let mut released = false;
+    for (i, m) in pending.iter().enumerate() {
+        let last = i + 1 == pending.len();
         let step = if m.transactional {
-            let tx = conn.begin_with(sqlx::AssertSqlSafe(begin.clone())).await.map_err(query_err("starting a migration's transaction"))?;
-            apply_in_transaction(tx, name, m).await?
+            // A later migration's transaction begins in the message that
+            // carries its SQL (ours first, so nothing of the migration's can
+            // change them).
+            let prefix = if in_tx { String::new() } else { format!("{begin};\n") };
+            let step = apply_in_transaction(conn, name, m, &table, &prefix, last.then_some(release_sql(name, true)?)).await?;
+            in_tx = false;
+            released = last && step.is_ok();
+            step
         } else {
+            if in_tx {
+                sqlx::raw_sql("COMMIT").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
+                in_tx = false;
+            }
             apply_outside_transaction(conn, name, m, timeouts).await?
         };
         if let Some(failed) = settle(conn, name, set, m, step, &mut at, &mut done).await? {
-            return Ok(failed);
+            return Ok((failed, false));
         }
     }
-    Ok(TenantOutcome::Migrated { from, to: at, applied: done })
+    Ok((TenantOutcome::Migrated { from, to: at, applied: done }, released))
 }
 
 /// Books one migration's outcome: on success advances `at`; on the
@@ -514,47 +562,57 @@ fn insert_version_sql(name: &TenantName) -> Result<String, PgError> {
     ))
 }
 
-/// Runs one migration and records its version in `tx` (begun with
-/// [`begin_sql`]), then commits. The outer `Result` is a failure around the
-/// migration; the inner one is the migration's own outcome (rolled back).
-async fn apply_in_transaction(mut tx: sqlx::Transaction<'_, Postgres>, name: &TenantName, m: &MigrationSql) -> Result<Result<(), sqlx::Error>, PgError> {
+/// Runs one migration in the transaction open on `conn` (or begun by
+/// `prefix`), then in one message: the audit triggers of the tables it
+/// created, its version record, `COMMIT`, and `release` (the lock's
+/// release, after the last migration). The outer `Result` is a failure
+/// around the migration (the connection); the inner one is the migration's
+/// own outcome, rolled back.
+async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, table: &str, prefix: &str, release: Option<String>) -> Result<Result<(), sqlx::Error>, PgError> {
     let result: Result<(), sqlx::Error> = async {
         let start = Instant::now();
         // The MigrationSet's SQL, by design: its author decides the schema.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone())).execute(&mut *tx).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{prefix}{}", m.sql))).execute(&mut *conn).await?;
         let ms = start.elapsed().as_millis() as i64;
         // Audit triggers on the tables it created, committed with them (docs/audit.md).
-        super::audit::converge_in_tx(&mut tx, name).await?;
-        // Through the search_path (the tenant schema), so every tenant shares
-        // one prepared statement. A migration that moved the search_path
-        // elsewhere finds no version table (the owner can create only in its
-        // own schema) and fails, rolled back.
-        sqlx::query("INSERT INTO _tenancy_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)")
-            .bind(m.version)
-            .bind(&m.name)
-            .bind(&m.checksum)
-            .bind(ms)
-            .execute(&mut *tx)
-            .await?;
+        let audit = super::audit::statements_in_tx(conn, name).await?;
+        let literal = |v: &str| super::quote_literal(v).map_err(|e| sqlx::Error::Protocol(e.to_string()));
+        // The tenant's search_path and the default plan cache mode back
+        // first: deferred triggers of the migration's run at COMMIT and must
+        // see what the migration saw.
+        let mut sql = format!("SET LOCAL search_path TO {};\nSET LOCAL plan_cache_mode TO DEFAULT", quote_ident(&name.schema()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?);
+        for stmt in &audit {
+            sql.push_str(";\n");
+            sql.push_str(stmt);
+        }
+        sql.push_str(&format!(
+            ";\nINSERT INTO {table} (version, name, checksum, duration_ms) VALUES ({}, {}, {}, {ms});\nCOMMIT",
+            m.version,
+            literal(&m.name)?,
+            literal(&m.checksum)?
+        ));
+        if let Some(release) = &release {
+            sql.push_str(";\n");
+            sql.push_str(release);
+        }
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
         Ok(())
     }
     .await;
     match result {
-        Ok(()) => match tx.commit().await {
-            Ok(()) => Ok(Ok(())),
-            // A deferred constraint can fail at commit: the migration's fault.
-            Err(e) if !is_connection_error(&e) => Ok(Err(e)),
-            Err(e) => Err(PgError::Query { action: "committing a migration", source: e }),
-        },
+        Ok(()) => Ok(Ok(())),
+        Err(e) if is_connection_error(&e) => Err(PgError::Query { action: "running a migration", source: e }),
         Err(e) => {
-            // Roll back explicitly, so the session is clean for the failure record.
-            if !is_connection_error(&e) {
-                tx.rollback().await.map_err(query_err("rolling back a failed migration"))?;
-            }
+            // The migration's SQL, the audit DDL, the version record or a
+            // deferred constraint at COMMIT failed: roll back (a no-op with a
+            // warning when the failed COMMIT already did), so the session is
+            // clean for the failure record.
+            sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("rolling back a failed migration"))?;
             Ok(Err(e))
         }
     }
 }
+
 
 /// Runs a non-transactional migration on this session (role and
 /// search_path set for the session, reset afterwards), then records its

@@ -162,14 +162,16 @@ fn describe(t: &Target) -> String {
 /// from several operator replicas at once: the migrator takes an advisory lock.
 pub async fn migrate_control_schema(pool: &PgPool) -> Result<(), PgError> {
     let mut conn = pool.acquire().await.map_err(query_err("connecting to migrate"))?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS tenancy")
-        .execute(&mut *conn)
+    // Serialised across operator instances starting at once: two concurrent
+    // `CREATE SCHEMA IF NOT EXISTS` can both miss the other's and one fails
+    // on the catalog's unique index (the key is b"tenancy1" as an
+    // integer). The migrator below locks on its own.
+    let mut tx = conn.begin().await.map_err(query_err("starting the control schema's transaction"))?;
+    sqlx::raw_sql("SELECT pg_advisory_xact_lock(8387231245790312753); CREATE SCHEMA IF NOT EXISTS tenancy; REVOKE ALL ON SCHEMA tenancy FROM PUBLIC")
+        .execute(&mut *tx)
         .await
         .map_err(query_err("creating the control schema"))?;
-    sqlx::query("REVOKE ALL ON SCHEMA tenancy FROM PUBLIC")
-        .execute(&mut *conn)
-        .await
-        .map_err(query_err("locking down the control schema"))?;
+    tx.commit().await.map_err(query_err("committing the control schema"))?;
     // The migrator keeps its bookkeeping table in the first schema of the
     // search path; point it at the control schema, not `public`.
     sqlx::query("SET search_path TO tenancy").execute(&mut *conn).await.map_err(query_err("setting search_path"))?;

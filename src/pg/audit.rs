@@ -917,17 +917,16 @@ impl Walker {
             }
         }
         if self.first_break.is_none() {
-            match self.head.clone() {
-                Some((0, hash)) if hash != GENESIS => self.broke(0, "the chain head was edited (it records a start at row 0 with a hash that is not the genesis)".into()),
-                Some((id, _)) if id > 0 && !self.head_seen => self.broke(
+            match (self.head.clone(), self.after_head) {
+                (Some((0, hash)), _) if hash != GENESIS => self.broke(0, "the chain head was edited (it records a start at row 0 with a hash that is not the genesis)".into()),
+                (Some((id, _)), _) if id > 0 && !self.head_seen => self.broke(
                     id,
                     format!("the chain head names row {id} (the last entry at the last commit) but there is no such row: rows at the end were deleted"),
                 ),
-                Some((id, _)) if self.after_head.is_some() => {
-                    let after = self.after_head.unwrap_or_default();
+                (Some((id, _)), Some(after)) => {
                     self.broke(after, format!("row {after} comes after the chain head (row {id}): appended without the commit-time head update, or the head was set back"))
                 }
-                None if self.rows > 0 => self.broke(self.last_id, "the chain head row is missing".into()),
+                (None, _) if self.rows > 0 => self.broke(self.last_id, "the chain head row is missing".into()),
                 _ => {}
             }
         }

@@ -416,12 +416,19 @@ async fn a_tenant_waits_while_its_set_does_not_exist() {
     assert!(!table, "a tenant without a set got a version table");
 }
 
+/// A database with one provisioned tenant, and the set reference its
+/// direct `migrate_tenant` runs record failures under.
+async fn one_tenant(label: &str) -> (TestDb, TenantName, SetRef) {
+    let db = setup(label).await;
+    let tenants = provision_many(&db, &tenant_names(label, 1), 1).await;
+    let name = tenants[0].name.clone();
+    (db, name, SetRef { name: "default".into(), generation: 1 })
+}
+
 #[tokio::test]
 async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_failure_is_the_migrations() {
-    let db = setup("msdefer").await;
-    let tenants = provision_many(&db, &tenant_names("d", 1), 1).await;
-    let t = &tenants[0].name;
-    let set = SetRef { name: "default".into(), generation: 1 };
+    let (db, t, set) = one_tenant("msdefer").await;
+    let t = &t;
     // A deferred constraint trigger whose function names its table without a
     // schema: it runs at COMMIT, after the operator's own statements, and
     // must resolve `items` in the tenant schema as the migration did.
@@ -458,10 +465,8 @@ async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_fai
 
 #[tokio::test]
 async fn a_run_cut_short_gives_back_neither_its_lock_nor_an_open_transaction() {
-    let db = setup("mscancel").await;
-    let tenants = provision_many(&db, &tenant_names("c", 1), 1).await;
-    let t = &tenants[0].name;
-    let set = SetRef { name: "default".into(), generation: 1 };
+    let (db, t, set) = one_tenant("mscancel").await;
+    let t = &t;
     let slow = MigrationSql::new(1, "v1", "CREATE TABLE half (x int); SELECT pg_sleep(2)", true);
     // One connection, so a connection handed back would be the next one used.
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url).await.unwrap();

@@ -607,38 +607,17 @@ fn statements(name: &TenantName, actions: &[AuditAction]) -> Result<Vec<String>,
 /// of the transaction: the caller sets both back in that same message
 /// (`migrations::run`), before anything of the tenant's runs again.
 pub async fn statements_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result<Vec<String>, sqlx::Error> {
-    // Why a fixed search_path and a generic plan: see `converge_in_tx`.
+    // A rollout runs this once per tenant on a few long-lived sessions: one
+    // generic plan of the catalog query per session instead of planning it
+    // for every tenant (~2 ms each, measured by `cargo bench --bench
+    // migrations`). Postgres re-plans a cached statement whenever the
+    // search_path differs from when it was planned, and a migration's is
+    // the tenant schema: observe under a fixed one.
     sqlx::query("SELECT set_config('search_path', 'pg_catalog', true), set_config('plan_cache_mode', 'force_generic_plan', true)")
         .execute(&mut *conn)
         .await?;
     let state = observe(conn, name).await.map_err(into_sqlx)?;
     statements(name, &plan(&state, None))
-}
-
-/// Converges the audit table, functions and triggers inside a transaction
-/// the caller holds (a migration's, after its SQL ran as the owner), so a
-/// table the migration created is audited from its first commit. Reads
-/// first: no DDL when everything is in place.
-pub async fn converge_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result<usize, sqlx::Error> {
-    // A rollout runs this once per tenant on a few long-lived sessions: one
-    // generic plan of the catalog query per session instead of planning it
-    // for every tenant (~2 ms each, measured by `cargo bench --bench
-    // migrations`). Postgres re-plans a cached statement whenever the
-    // search_path differs from when it was planned, and the migration's is
-    // the tenant schema: observe under a fixed one, then put it back.
-    let (saved,): (String,) = sqlx::query_as(
-        "SELECT current_setting('search_path'), set_config('search_path', 'pg_catalog', true), set_config('plan_cache_mode', 'force_generic_plan', true)",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    let state = observe(conn, name).await.map_err(into_sqlx);
-    sqlx::query("SELECT set_config('search_path', $1, true)").bind(&saved).execute(&mut *conn).await?;
-    let state = state?;
-    let actions = plan(&state, None);
-    if actions.is_empty() {
-        return Ok(0);
-    }
-    run(conn, name, &actions).await
 }
 
 fn into_sqlx(e: PgError) -> sqlx::Error {

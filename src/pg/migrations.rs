@@ -456,7 +456,7 @@ fn applied_from(rows: &[PgRow]) -> Result<Vec<Applied>, sqlx::Error> {
 /// released on the way (with the last migration's commit).
 async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<(TenantOutcome, bool), PgError> {
     let begin = begin_sql(name, timeouts)?;
-    let table = format!("{}.{VERSION_TABLE}", quote_ident(&name.schema())?);
+    let table = version_table(name)?;
     // The first transaction reads the versions (under the lock, so no other
     // operator instance moves them meanwhile); it is the first migration's
     // transaction too when that one is transactional. An error here is not
@@ -500,7 +500,8 @@ async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migration
             // carries its SQL (ours first, so nothing of the migration's can
             // change them).
             let prefix = if in_tx { String::new() } else { format!("{begin};\n") };
-            let step = apply_in_transaction(conn, name, m, &table, &prefix, last.then_some(release_sql(name, true)?)).await?;
+            let release = if last { Some(release_sql(name, true)?) } else { None };
+            let step = apply_in_transaction(conn, name, m, &prefix, release).await?;
             in_tx = false;
             released = last && step.is_ok();
             step
@@ -555,11 +556,36 @@ async fn settle(
     }
 }
 
-fn insert_version_sql(name: &TenantName) -> Result<String, PgError> {
-    Ok(format!(
-        "INSERT INTO {}.{VERSION_TABLE} (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)",
-        quote_ident(&name.schema())?
-    ))
+/// The tenant's version table, schema-qualified.
+fn version_table(name: &TenantName) -> Result<String, PgError> {
+    Ok(format!("{}.{VERSION_TABLE}", quote_ident(&name.schema())?))
+}
+
+/// The message that ends a migration's transaction (one begun as the
+/// owner, after [`super::audit::statements_in_tx`]): the tenant's
+/// search_path and the default plan cache mode back first (deferred
+/// triggers of the migration's run at COMMIT and must see what the
+/// migration saw), the `audit` statements, the version row, `COMMIT`, then
+/// `release` if given. Values are literals: digits, and quoted strings
+/// (standard_conforming_strings is checked at connect).
+fn record_sql(name: &TenantName, m: &MigrationSql, audit: &[String], ms: i64, release: Option<&str>) -> Result<String, PgError> {
+    let mut sql = format!("SET LOCAL search_path TO {};\nSET LOCAL plan_cache_mode TO DEFAULT", quote_ident(&name.schema())?);
+    for stmt in audit {
+        sql.push_str(";\n");
+        sql.push_str(stmt);
+    }
+    sql.push_str(&format!(
+        ";\nINSERT INTO {} (version, name, checksum, duration_ms) VALUES ({}, {}, {}, {ms});\nCOMMIT",
+        version_table(name)?,
+        m.version,
+        super::quote_literal(&m.name)?,
+        super::quote_literal(&m.checksum)?
+    ));
+    if let Some(release) = release {
+        sql.push_str(";\n");
+        sql.push_str(release);
+    }
+    Ok(sql)
 }
 
 /// Runs one migration in the transaction open on `conn` (or begun by
@@ -568,7 +594,7 @@ fn insert_version_sql(name: &TenantName) -> Result<String, PgError> {
 /// release, after the last migration). The outer `Result` is a failure
 /// around the migration (the connection); the inner one is the migration's
 /// own outcome, rolled back.
-async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, table: &str, prefix: &str, release: Option<String>) -> Result<Result<(), sqlx::Error>, PgError> {
+async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, prefix: &str, release: Option<String>) -> Result<Result<(), sqlx::Error>, PgError> {
     let result: Result<(), sqlx::Error> = async {
         let start = Instant::now();
         // The MigrationSet's SQL, by design: its author decides the schema.
@@ -576,25 +602,7 @@ async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &Mi
         let ms = start.elapsed().as_millis() as i64;
         // Audit triggers on the tables it created, committed with them (docs/audit.md).
         let audit = super::audit::statements_in_tx(conn, name).await?;
-        let literal = |v: &str| super::quote_literal(v).map_err(|e| sqlx::Error::Protocol(e.to_string()));
-        // The tenant's search_path and the default plan cache mode back
-        // first: deferred triggers of the migration's run at COMMIT and must
-        // see what the migration saw.
-        let mut sql = format!("SET LOCAL search_path TO {};\nSET LOCAL plan_cache_mode TO DEFAULT", quote_ident(&name.schema()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?);
-        for stmt in &audit {
-            sql.push_str(";\n");
-            sql.push_str(stmt);
-        }
-        sql.push_str(&format!(
-            ";\nINSERT INTO {table} (version, name, checksum, duration_ms) VALUES ({}, {}, {}, {ms});\nCOMMIT",
-            m.version,
-            literal(&m.name)?,
-            literal(&m.checksum)?
-        ));
-        if let Some(release) = &release {
-            sql.push_str(";\n");
-            sql.push_str(release);
-        }
+        let sql = record_sql(name, m, &audit, ms, release.as_deref()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
         Ok(())
     }
@@ -645,21 +653,19 @@ async fn apply_outside_transaction(conn: &mut PgConnection, name: &TenantName, m
     if result.is_err() {
         return Ok(result);
     }
-    let mut tx = conn.begin().await.map_err(query_err("starting the version record"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}")))
-        .execute(&mut *tx)
+    // The version row in a transaction of its own, with the audit triggers
+    // of tables the migration created, as in the transactional case. An
+    // error here is not the migration's: the run fails and the session is
+    // closed (`Session`), rolling it back.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SET LOCAL ROLE {owner}")))
+        .execute(&mut *conn)
         .await
-        .map_err(query_err("setting the version record's role"))?;
-    super::audit::converge_in_tx(&mut tx, name).await.map_err(query_err("auditing the migration's tables"))?;
-    sqlx::query(sqlx::AssertSqlSafe(insert_version_sql(name)?))
-        .bind(m.version)
-        .bind(&m.name)
-        .bind(&m.checksum)
-        .bind(ms)
-        .execute(&mut *tx)
+        .map_err(query_err("starting the version record"))?;
+    let audit = super::audit::statements_in_tx(conn, name).await.map_err(query_err("auditing the migration's tables"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(record_sql(name, m, &audit, ms, None)?))
+        .execute(&mut *conn)
         .await
         .map_err(query_err("recording a non-transactional migration"))?;
-    tx.commit().await.map_err(query_err("committing the version record"))?;
     Ok(Ok(()))
 }
 

@@ -63,6 +63,15 @@ impl TenantName {
         format!("{}_app", self.schema())
     }
 
+    /// The LOGIN role (NOINHERIT, member of the owner role only) under which
+    /// the operator, and the Jobs it starts for this tenant, run anything
+    /// the tenant's owner controls: migrations, dumps, restores, reads of the
+    /// tenant's own tables. Its password is derived from the root key
+    /// ([`crate::crypto::login_password`]) and stored nowhere.
+    pub fn ops_role(&self) -> String {
+        format!("{}_ops", self.schema())
+    }
+
     /// The Kubernetes Secret holding the app role's connection details.
     pub fn db_secret(&self) -> String {
         format!("tenant-{}-db", self.0)
@@ -104,7 +113,7 @@ mod tests {
     #[test]
     fn derived_names_fit_postgres_identifier_limit() {
         let n = TenantName::parse(&"z".repeat(40)).unwrap();
-        for id in [n.schema(), n.owner_role(), n.app_role()] {
+        for id in [n.schema(), n.owner_role(), n.app_role(), n.ops_role()] {
             assert!(id.len() <= 63, "{id} is longer than NAMEDATALEN-1");
         }
     }
@@ -116,17 +125,18 @@ mod tests {
         assert_ne!(a.schema(), b.schema());
         assert_ne!(a.app_role(), b.app_role());
         assert_ne!(a.owner_role(), b.owner_role());
+        assert_ne!(a.ops_role(), b.ops_role());
     }
 
     #[test]
     fn no_tenant_role_can_equal_another_tenants_role() {
-        // Role names end in _owner or _app, so a tenant called `x-owner` or
-        // `x-app` never gets a role of tenant `x`.
-        let names: Vec<TenantName> = ["x", "x-owner", "x-app", "x-app-owner", "x-owner-app"]
+        // Role names end in _owner, _app or _ops, so a tenant called
+        // `x-owner`, `x-app` or `x-ops` never gets a role of tenant `x`.
+        let names: Vec<TenantName> = ["x", "x-owner", "x-app", "x-ops", "x-app-owner", "x-owner-app", "x-ops-app", "x-app-ops", "x-owner-ops"]
             .iter()
             .map(|n| TenantName::parse(n).unwrap())
             .collect();
-        let mut roles: Vec<String> = names.iter().flat_map(|n| [n.owner_role(), n.app_role()]).collect();
+        let mut roles: Vec<String> = names.iter().flat_map(|n| [n.owner_role(), n.app_role(), n.ops_role()]).collect();
         let before = roles.len();
         roles.sort();
         roles.dedup();

@@ -26,17 +26,24 @@ pub enum Purpose {
     Secrets,
     /// Encrypting the tenant's backups (the streaming format).
     Backup,
+    /// The password of the tenant's ops login role (`tenant_<x>_ops`),
+    /// derived, never stored ([`super::login_password`]).
+    Login,
+    /// Keying the anchors of the tenant's audit chain (HMAC-SHA256).
+    Audit,
 }
 
 impl Purpose {
     /// Every purpose.
-    pub const ALL: [Purpose; 2] = [Purpose::Secrets, Purpose::Backup];
+    pub const ALL: [Purpose; 4] = [Purpose::Secrets, Purpose::Backup, Purpose::Login, Purpose::Audit];
 
     /// The text form used in the HKDF info string and in AADs.
     pub const fn as_str(self) -> &'static str {
         match self {
             Purpose::Secrets => "secrets",
             Purpose::Backup => "backup",
+            Purpose::Login => "login",
+            Purpose::Audit => "audit",
         }
     }
 }
@@ -54,8 +61,10 @@ impl FromStr for Purpose {
         match s {
             "secrets" => Ok(Purpose::Secrets),
             "backup" => Ok(Purpose::Backup),
+            "login" => Ok(Purpose::Login),
+            "audit" => Ok(Purpose::Audit),
             other => Err(format!(
-                "unknown key purpose {other:?}: expected secrets or backup"
+                "unknown key purpose {other:?}: expected secrets, backup, login or audit"
             )),
         }
     }
@@ -200,6 +209,21 @@ impl Keyring {
     }
 }
 
+/// The password of a tenant's ops login role (`tenant_<x>_ops`): the
+/// tenant's `login` key under root key `version`, as 64 lower-case hex
+/// characters (256 bits: no key stretching needed, no quoting in a URI).
+/// Stored nowhere: whoever holds the root keys derives it again, and it
+/// changes when the active root key does.
+pub fn login_password(
+    ring: &Keyring,
+    version: KeyVersion,
+    salt: &TenantSalt,
+    tenant_uid: &str,
+) -> Result<Zeroizing<String>, CryptoError> {
+    let key = ring.derive_tenant_key(version, salt, tenant_uid, Purpose::Login)?;
+    Ok(Zeroizing::new(hex::encode(key.bytes())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +361,21 @@ mod tests {
         assert!(shown.contains("v1") && shown.contains("Backup"), "{shown}");
         assert_no_key_bytes(&shown, key.bytes());
         assert_no_key_bytes(&shown, &[0x5a; 32]);
+    }
+
+    #[test]
+    fn login_passwords_differ_per_tenant_and_root_version_and_from_other_keys() {
+        let ring = keyring(&[1, 2], 2);
+        let a1 = login_password(&ring, v(1), &salt(1), UID).unwrap();
+        let a2 = login_password(&ring, v(2), &salt(1), UID).unwrap();
+        let b1 = login_password(&ring, v(1), &salt(2), UID).unwrap();
+        assert_eq!(a1.len(), 64);
+        assert!(a1.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(*a1, *a2);
+        assert_ne!(*a1, *b1);
+        assert_eq!(*a1, *login_password(&ring, v(1), &salt(1), UID).unwrap());
+        let secrets = ring.derive_tenant_key(v(1), &salt(1), UID, Purpose::Secrets).unwrap();
+        assert_ne!(*a1, hex::encode(secrets.bytes()));
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod kat;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use derive::{hkdf_info, Purpose, TenantKey, TenantSalt, TENANT_SALT_LEN};
+pub use derive::{hkdf_info, login_password, Purpose, TenantKey, TenantSalt, TENANT_SALT_LEN};
 pub use envelope::{
     envelope_key_version, open, seal, ENVELOPE_FORMAT_V1, ENVELOPE_OVERHEAD, MAX_ENVELOPE_NAME_LEN,
     MAX_ENVELOPE_PLAINTEXT_LEN,

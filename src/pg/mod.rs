@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod backup;
+pub mod confined;
 pub mod migrations;
 pub mod scram;
 pub mod tenant;
@@ -46,6 +47,8 @@ pub enum PgError {
     NulInIdentifier,
     #[error("a restore of tenant {0} is running; retrying when it is done")]
     RestoreRunning(String),
+    #[error("tenant {0} has no ops login role of its own yet (it is created when the tenant is provisioned)")]
+    NoOpsRole(String),
 }
 
 impl PgError {
@@ -53,7 +56,7 @@ impl PgError {
     /// opposed to one a person must fix.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Connect { .. } | PgError::RestoreRunning(_) => true,
+            PgError::Connect { .. } | PgError::RestoreRunning(_) | PgError::NoOpsRole(_) => true,
             PgError::Query { source, .. } => is_transient_sqlx(source),
             PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier => false,
         }
@@ -108,11 +111,38 @@ pub fn quote_literal(value: &str) -> Result<String, PgError> {
 }
 
 /// Where the admin DSN points, for messages and for tenants' DSNs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Target {
     pub host: String,
     pub port: u16,
     pub database: String,
+    /// The admin DSN's connection options (TLS, host, port, database), from
+    /// which confined connections are made with another user and password
+    /// ([`confined`]). Never printed.
+    pub(crate) base: PgConnectOptions,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("host", &self.host).field("port", &self.port).field("database", &self.database).finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    /// The target of a DSN, without connecting.
+    pub fn from_url(url: &str) -> Result<Self, PgError> {
+        let opts: PgConnectOptions = url.parse().map_err(PgError::BadUrl)?;
+        Ok(Self::from_options(opts))
+    }
+
+    fn from_options(opts: PgConnectOptions) -> Self {
+        Target {
+            host: opts.get_host().to_owned(),
+            port: opts.get_port(),
+            database: opts.get_database().unwrap_or(opts.get_username()).to_owned(),
+            base: opts,
+        }
+    }
 }
 
 /// Parses the admin DSN and opens a bounded pool; checks the server is
@@ -125,11 +155,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target)
     // ~60 ms compiling each one for a query that runs in 5 ms (measured by
     // `cargo bench --bench migrations`, docs/migrations.md).
     let opts = opts.application_name("tenant-operator").options([("jit", "off")]).log_statements(tracing::log::LevelFilter::Trace);
-    let target = Target {
-        host: opts.get_host().to_owned(),
-        port: opts.get_port(),
-        database: opts.get_database().unwrap_or(opts.get_username()).to_owned(),
-    };
+    let target = Target::from_options(opts.clone());
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)

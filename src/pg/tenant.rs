@@ -13,6 +13,10 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
 
+/// Sessions the ops login may hold at once: a migration, a backup, a
+/// restore and an audit read of the same tenant.
+pub const OPS_CONNECTION_LIMIT: i32 = 4;
+
 /// The role settings the operator manages on the app role; any other setting
 /// found there is left alone.
 pub const MANAGED_SETTINGS: [&str; 5] = ["search_path", "statement_timeout", "idle_in_transaction_session_timeout", "work_mem", "temp_file_limit"];
@@ -28,6 +32,8 @@ pub struct RoleState {
     pub comment: Option<String>,
     /// Any of SUPERUSER, CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS.
     pub elevated: bool,
+    /// Whether the role inherits its memberships' privileges (`INHERIT`).
+    pub inherit: bool,
     pub admin_is_member: bool,
     /// Roles, other than the operator's admin, that are members of this role.
     pub other_members: Vec<String>,
@@ -50,6 +56,7 @@ pub struct SchemaState {
 pub struct AppPrivileges {
     pub schema_usage: bool,
     pub schema_create: bool,
+    /// Both the app role and the ops login may connect to the database.
     pub database_connect: bool,
     /// Tables, views and sequences in the schema lacking the app's DML rights
     /// (except the migrations' version table, which the app may only read).
@@ -77,6 +84,9 @@ pub struct CatalogState {
     pub schema: Option<SchemaState>,
     pub owner_role: Option<RoleState>,
     pub app_role: Option<RoleState>,
+    /// The ops login (`tenant_<x>_ops`): the only session user that runs
+    /// what the tenant's owner controls.
+    pub ops_role: Option<RoleState>,
     pub privileges: Option<AppPrivileges>,
     pub registry: Option<RegistryRow>,
     /// Open sessions of the app role.
@@ -96,7 +106,7 @@ pub fn ownership_marker(uid: &str) -> String {
 /// Reads the tenant's catalog state: 3 to 4 queries, no writes.
 pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, PgError> {
     let schema = name.schema();
-    let (owner, app) = (name.owner_role(), name.app_role());
+    let (owner, app, ops) = (name.owner_role(), name.app_role(), name.ops_role());
     let mut conn = pool.acquire().await.map_err(query_err("connecting to read the catalog"))?;
 
     let schema_state = sqlx::query(
@@ -121,7 +131,7 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
     .map_err(query_err("decoding the tenant schema"))?;
 
     let rows = sqlx::query(
-        "SELECT r.rolname::text AS name, r.rolcanlogin, r.rolconnlimit,
+        "SELECT r.rolname::text AS name, r.rolcanlogin, r.rolconnlimit, r.rolinherit,
                 (r.rolsuper OR r.rolcreatedb OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls) AS elevated,
                 shobj_description(r.oid, 'pg_authid') AS comment,
                 coalesce((SELECT s.setconfig FROM pg_db_role_setting s WHERE s.setrole = r.oid AND s.setdatabase = 0), '{}') AS settings,
@@ -132,12 +142,13 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
                            WHERE m.member = r.oid), '{}') AS member_of
            FROM pg_roles r WHERE r.rolname = ANY($1)",
     )
-    .bind(vec![owner.clone(), app.clone()])
+    .bind(vec![owner.clone(), app.clone(), ops.clone()])
     .fetch_all(&mut *conn)
     .await
     .map_err(query_err("reading the tenant roles"))?;
     let mut owner_role = None;
     let mut app_role = None;
+    let mut ops_role = None;
     for r in rows {
         let decode = || -> Result<(String, RoleState), sqlx::Error> {
             let settings: Vec<String> = r.try_get("settings")?;
@@ -153,6 +164,7 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
                     settings,
                     comment: r.try_get("comment")?,
                     elevated: r.try_get("elevated")?,
+                    inherit: r.try_get("rolinherit")?,
                     admin_is_member: r.try_get("admin_is_member")?,
                     other_members: r.try_get("other_members")?,
                     member_of: r.try_get("member_of")?,
@@ -162,6 +174,8 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
         let (rolname, state) = decode().map_err(query_err("decoding the tenant roles"))?;
         if rolname == owner {
             owner_role = Some(state);
+        } else if rolname == ops {
+            ops_role = Some(state);
         } else {
             app_role = Some(state);
         }
@@ -171,7 +185,8 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
         let r = sqlx::query(
             "SELECT has_schema_privilege($2, $1, 'USAGE') AS usage,
                     has_schema_privilege($2, $1, 'CREATE') AS create,
-                    has_database_privilege($2, current_database(), 'CONNECT') AS connect,
+                    has_database_privilege($2, current_database(), 'CONNECT')
+                    AND coalesce((SELECT has_database_privilege(r.oid, current_database(), 'CONNECT') FROM pg_roles r WHERE r.rolname = $4), false) AS connect,
                     (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                       WHERE n.nspname = $1 AND c.relname NOT LIKE '\\_tenancy\\_%' AND (
                         (c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT (
@@ -194,6 +209,7 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
         .bind(&schema)
         .bind(&app)
         .bind(&owner)
+        .bind(&ops)
         .fetch_one(&mut *conn)
         .await
         .map_err(query_err("reading the app role's privileges"))?;
@@ -230,7 +246,7 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
     .await
     .map_err(query_err("counting the app role's sessions"))?;
 
-    Ok(CatalogState { schema: schema_state, owner_role, app_role, privileges, registry, app_sessions, can_set_temp_file_limit })
+    Ok(CatalogState { schema: schema_state, owner_role, app_role, ops_role, privileges, registry, app_sessions, can_set_temp_file_limit })
 }
 
 /// One converging step. The plan builds a list of these; [`render`] turns
@@ -261,6 +277,16 @@ pub enum DbAction {
     ResetSetting { name: &'static str },
     SetPassword { verifier: String },
     StripElevatedAttributes(Role),
+    /// The ops login, created without a password: the first confined
+    /// connection sets the derived one ([`super::confined`]).
+    CreateOpsRole,
+    /// The ops login's one membership: the owner role (no ADMIN option).
+    GrantOwnerToOps,
+    /// The ops login must not inherit: after a `RESET ROLE` in user SQL it
+    /// holds no privilege at all.
+    SetOpsNoInherit,
+    SetOpsLogin,
+    RevokeOpsMembershipIn { role: String },
 }
 
 /// Which of the tenant's two roles an action is about.
@@ -268,6 +294,7 @@ pub enum DbAction {
 pub enum Role {
     Owner,
     App,
+    Ops,
 }
 
 impl DbAction {
@@ -294,6 +321,11 @@ impl DbAction {
             DbAction::ResetSetting { .. } => "ResetRoleSetting",
             DbAction::SetPassword { .. } => "SetPassword",
             DbAction::StripElevatedAttributes(_) => "StripElevatedAttributes",
+            DbAction::CreateOpsRole => "CreateOpsRole",
+            DbAction::GrantOwnerToOps => "GrantOwnerToOps",
+            DbAction::SetOpsNoInherit => "SetOpsNoInherit",
+            DbAction::SetOpsLogin => "SetOpsLogin",
+            DbAction::RevokeOpsMembershipIn { .. } => "RevokeOpsMembership",
         }
     }
 }
@@ -304,8 +336,13 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
     let schema = quote_ident(&name.schema())?;
     let owner = quote_ident(&name.owner_role())?;
     let app = quote_ident(&name.app_role())?;
+    let ops = quote_ident(&name.ops_role())?;
     let marker = quote_literal(&ownership_marker(uid))?;
-    let role = |r: Role| if r == Role::Owner { owner.clone() } else { app.clone() };
+    let role = |r: Role| match r {
+        Role::Owner => owner.clone(),
+        Role::App => app.clone(),
+        Role::Ops => ops.clone(),
+    };
     Ok(match action {
         DbAction::CreateOwnerRole => vec![
             format!("CREATE ROLE {owner} NOLOGIN NOINHERIT"),
@@ -342,7 +379,9 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
             format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}"),
             format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {app}"),
         ],
-        DbAction::GrantConnect => vec![format!("GRANT CONNECT ON DATABASE {} TO {app}", quote_ident(database)?)],
+        // One statement for both logins: each GRANT rewrites the database's
+        // catalog row, which concurrent reconciles contend on.
+        DbAction::GrantConnect => vec![format!("GRANT CONNECT ON DATABASE {} TO {app}, {ops}", quote_ident(database)?)],
         DbAction::SetLogin(login) => vec![format!("ALTER ROLE {app} {}", if *login { "LOGIN" } else { "NOLOGIN" })],
         DbAction::SetConnectionLimit(n) => vec![format!("ALTER ROLE {app} CONNECTION LIMIT {n}")],
         // `setting` is one of MANAGED_SETTINGS, a compile-time constant.
@@ -356,6 +395,14 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
         DbAction::StripElevatedAttributes(r) => {
             vec![format!("ALTER ROLE {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS", role(*r))]
         }
+        DbAction::CreateOpsRole => vec![
+            format!("CREATE ROLE {ops} LOGIN NOINHERIT CONNECTION LIMIT {OPS_CONNECTION_LIMIT}"),
+            format!("COMMENT ON ROLE {ops} IS {marker}"),
+        ],
+        DbAction::GrantOwnerToOps => vec![format!("GRANT {owner} TO {ops}")],
+        DbAction::SetOpsNoInherit => vec![format!("ALTER ROLE {ops} NOINHERIT")],
+        DbAction::SetOpsLogin => vec![format!("ALTER ROLE {ops} LOGIN CONNECTION LIMIT {OPS_CONNECTION_LIMIT}")],
+        DbAction::RevokeOpsMembershipIn { role: r } => vec![format!("REVOKE {} FROM {ops}", quote_ident(r)?)],
     })
 }
 
@@ -530,6 +577,36 @@ pub async fn terminate_sessions(pool: &PgPool, name: &TenantName) -> Result<i64,
     Ok(n)
 }
 
+/// Ends every session of the tenant's ops login (a migration, backup or
+/// restore of this tenant); returns how many were signalled.
+pub async fn terminate_ops_sessions(pool: &PgPool, name: &TenantName) -> Result<i64, PgError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(name.ops_role())
+    .fetch_one(pool)
+    .await
+    .map_err(query_err("terminating the ops role's sessions"))?;
+    Ok(n)
+}
+
+/// Sets the ops login's password verifier (computed by the caller from the
+/// derived password), only on a role carrying this tenant's marker.
+/// Returns false when there is no such role.
+pub async fn set_ops_password(pool: &PgPool, name: &TenantName, uid: &str, verifier: &str) -> Result<bool, PgError> {
+    let marker: Option<Option<String>> = sqlx::query_scalar("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1")
+        .bind(name.ops_role())
+        .fetch_optional(pool)
+        .await
+        .map_err(query_err("reading the ops role"))?;
+    if marker.flatten().as_deref() != Some(ownership_marker(uid).as_str()) {
+        return Ok(false);
+    }
+    let sql = format!("ALTER ROLE {} PASSWORD {}", quote_ident(&name.ops_role())?, quote_literal(verifier)?);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(query_err("setting the ops role's password"))?;
+    Ok(true)
+}
+
 /// Drops everything of the tenant in one transaction: its schema with every
 /// object in it, what its roles own or were granted, the roles, the registry
 /// row; clears the tenant's name from the audit log and records the delete.
@@ -542,12 +619,13 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
     let schema = quote_ident(&name.schema())?;
     let owner = quote_ident(&name.owner_role())?;
     let app = quote_ident(&name.app_role())?;
+    let ops = quote_ident(&name.ops_role())?;
     if let Some(s) = &observed.schema {
         if ours(&s.comment) {
             stmts.push(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
         }
     }
-    for (role, state) in [(&owner, &observed.owner_role), (&app, &observed.app_role)] {
+    for (role, state) in [(&ops, &observed.ops_role), (&owner, &observed.owner_role), (&app, &observed.app_role)] {
         if let Some(r) = state {
             if ours(&r.comment) {
                 if !r.admin_is_member {
@@ -568,8 +646,17 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
             .await
             .map_err(query_err("disabling the app role's login"))?;
     }
-    if observed.app_role.is_some() {
+    // The ops login too: a migration, backup or restore still running for
+    // this tenant ends here (its work rolls back).
+    if observed.ops_role.as_ref().is_some_and(|r| ours(&r.comment) && r.can_login) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {ops} NOLOGIN")))
+            .execute(pool)
+            .await
+            .map_err(query_err("disabling the ops role's login"))?;
+    }
+    if observed.app_role.is_some() || observed.ops_role.is_some() {
         terminate_sessions(pool, name).await?;
+        terminate_ops_sessions(pool, name).await?;
     }
     let mut tx = pool.begin().await.map_err(query_err("starting the delete transaction"))?;
     for stmt in &stmts {
@@ -609,6 +696,9 @@ pub async fn leftovers(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Ve
     }
     if o.app_role.as_ref().is_some_and(|r| r.comment.as_deref() == Some(&marker)) {
         left.push(format!("role {}", name.app_role()));
+    }
+    if o.ops_role.as_ref().is_some_and(|r| r.comment.as_deref() == Some(&marker)) {
+        left.push(format!("role {}", name.ops_role()));
     }
     let registry: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.tenants WHERE uid = $1")
         .bind(uid)

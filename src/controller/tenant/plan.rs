@@ -187,6 +187,9 @@ pub fn plan_db(
     if let Some(r) = &observed.app_role {
         check_marker(format!("role {}", name.app_role()), &r.comment, &marker)?;
     }
+    if let Some(r) = &observed.ops_role {
+        check_marker(format!("role {}", name.ops_role()), &r.comment, &marker)?;
+    }
 
     let mut actions = Vec::new();
     let (password, password_is_new) = match secret_password {
@@ -194,9 +197,16 @@ pub fn plan_db(
         _ => (scram::generate_password(), true),
     };
 
+    let ops = name.ops_role();
     match &observed.owner_role {
         None => actions.extend([DbAction::CreateOwnerRole, DbAction::GrantOwnerToAdmin]),
-        Some(r) => role_hygiene(&mut actions, Role::Owner, r, DbAction::GrantOwnerToAdmin),
+        Some(r) => {
+            // The ops login is the owner's one expected member (besides the
+            // admin); any other is revoked.
+            let mut r = r.clone();
+            r.other_members.retain(|m| *m != ops);
+            role_hygiene(&mut actions, Role::Owner, &r, DbAction::GrantOwnerToAdmin)
+        }
     }
     match &observed.app_role {
         None => actions.extend([
@@ -219,6 +229,7 @@ pub fn plan_db(
             }
         }
     }
+    plan_ops_role(&mut actions, name, observed.ops_role.as_ref());
     let schema_is_new = observed.schema.is_none();
     if let Some(s) = &observed.schema {
         for grantee in &s.other_grantees {
@@ -278,6 +289,35 @@ pub fn plan_db(
     }
     let terminate_sessions = !desired.login && observed.app_sessions > 0;
     Ok(DbPlan { actions, password, terminate_sessions, caps_not_applied })
+}
+
+/// The ops login: LOGIN, NOINHERIT, member of the tenant's owner role and
+/// of nothing else, no member of its own, no elevated attribute. The admin
+/// is not made a member (it needs none until the delete).
+fn plan_ops_role(actions: &mut Vec<DbAction>, name: &TenantName, ops: Option<&RoleState>) {
+    let Some(r) = ops else {
+        actions.extend([DbAction::CreateOpsRole, DbAction::GrantOwnerToOps]);
+        return;
+    };
+    if r.elevated {
+        actions.push(DbAction::StripElevatedAttributes(Role::Ops));
+    }
+    if r.inherit {
+        actions.push(DbAction::SetOpsNoInherit);
+    }
+    if !r.can_login || r.connection_limit != crate::pg::tenant::OPS_CONNECTION_LIMIT {
+        actions.push(DbAction::SetOpsLogin);
+    }
+    for member in &r.other_members {
+        actions.push(DbAction::RevokeMembership { role: Role::Ops, member: member.clone() });
+    }
+    let owner = name.owner_role();
+    for role in r.member_of.iter().filter(|m| **m != owner) {
+        actions.push(DbAction::RevokeOpsMembershipIn { role: role.clone() });
+    }
+    if !r.member_of.contains(&owner) {
+        actions.push(DbAction::GrantOwnerToOps);
+    }
 }
 
 /// Drift on an existing role: elevated attributes, foreign members, and the
@@ -357,6 +397,7 @@ mod tests {
             settings,
             comment: Some(marker.clone()),
             elevated: false,
+            inherit: false,
             admin_is_member: true,
             other_members: vec![],
             member_of: vec![],
@@ -364,8 +405,15 @@ mod tests {
         let settings = desired.settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         CatalogState {
             schema: Some(SchemaState { owner: name().owner_role(), comment: Some(marker.clone()), other_grantees: vec![] }),
-            owner_role: Some(role(false, BTreeMap::new())),
+            owner_role: Some(RoleState { other_members: vec![name().ops_role()], ..role(false, BTreeMap::new()) }),
             app_role: Some(role(desired.login, settings)),
+            ops_role: Some(RoleState {
+                can_login: true,
+                connection_limit: crate::pg::tenant::OPS_CONNECTION_LIMIT,
+                admin_is_member: false,
+                member_of: vec![name().owner_role()],
+                ..role(false, BTreeMap::new())
+            }),
             privileges: Some(AppPrivileges { schema_usage: true, schema_create: false, database_connect: true, objects_missing_dml: 0, default_privileges: true, internal_writable: 0 }),
             registry: Some(RegistryRow { uid: uid.into(), name: "acme".into(), schema: name().schema(), state: "Active".into() }),
             app_sessions: 2,
@@ -381,7 +429,8 @@ mod tests {
         assert_eq!(
             labels,
             [
-                "CreateOwnerRole", "GrantOwnerToAdmin", "CreateAppRole", "GrantAppToAdmin", "CreateSchema", "GrantSchemaUsage",
+                "CreateOwnerRole", "GrantOwnerToAdmin", "CreateAppRole", "GrantAppToAdmin", "CreateOpsRole", "GrantOwnerToOps",
+                "CreateSchema", "GrantSchemaUsage",
                 "GrantExistingObjects", "SetDefaultPrivileges", "GrantConnect", "SetRoleSetting", "SetRoleSetting", "SetRoleSetting",
                 "SetRoleSetting"
             ]
@@ -397,6 +446,35 @@ mod tests {
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
         assert!(p.actions.is_empty(), "converged tenant planned {:?}", p.actions);
         assert_eq!(p.password, "pw");
+    }
+
+    #[test]
+    fn the_ops_login_is_kept_confined_to_its_owner() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let mut obs = converged("u1", &d);
+        {
+            let ops = obs.ops_role.as_mut().unwrap();
+            ops.inherit = true;
+            ops.elevated = true;
+            ops.member_of = vec!["tenant_other_owner".into()];
+            ops.other_members = vec!["mallory".into()];
+        }
+        obs.owner_role.as_mut().unwrap().other_members.push("tenant_other_ops".into());
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        for a in [
+            DbAction::RevokeMembership { role: Role::Owner, member: "tenant_other_ops".into() },
+            DbAction::StripElevatedAttributes(Role::Ops),
+            DbAction::SetOpsNoInherit,
+            DbAction::RevokeMembership { role: Role::Ops, member: "mallory".into() },
+            DbAction::RevokeOpsMembershipIn { role: "tenant_other_owner".into() },
+            DbAction::GrantOwnerToOps,
+        ] {
+            assert!(p.actions.contains(&a), "{a:?} missing from {:?}", p.actions);
+        }
+        assert!(!p.actions.iter().any(|a| matches!(a, DbAction::RevokeMembership { member, .. } if *member == name().ops_role())));
+        // An ops role the operator did not create is never adopted.
+        obs.ops_role.as_mut().unwrap().comment = None;
+        assert!(matches!(plan_db(&name(), "u1", &d, &obs, Some("pw")), Err(PlanError::Conflict { .. })));
     }
 
     #[test]

@@ -1,0 +1,183 @@
+//! Connections confined to one tenant: the session user is the tenant's ops
+//! login (`tenant_<x>_ops`), which is NOINHERIT and a member of that
+//! tenant's owner role only.
+//!
+//! Takes the admin [`Target`] (host, port, database, TLS options), a
+//! validated [`TenantName`], its uid and the ops password (derived from the
+//! root key by [`crate::crypto::login_password`], stored nowhere); gives a
+//! [`Confined`] connection already `SET ROLE` to the tenant's owner with
+//! `search_path` pinned to the tenant schema. Side effects: a new server
+//! session (never pooled, closed when dropped) and, when the login fails
+//! because the role's password is not the derived one (the active root key
+//! changed, or someone set it by hand), one `ALTER ROLE ... PASSWORD` by the
+//! admin with a client-computed SCRAM verifier, then one retry.
+//!
+//! Why: everything the owner controls (migration SQL, functions, triggers,
+//! RLS policies and views in the tenant schema, a dump's objects) runs on
+//! such a connection, never on the admin's. Whatever that code does —
+//! `RESET ROLE`, `SET ROLE <another tenant's owner>`, `SET SESSION
+//! AUTHORIZATION`, `COMMIT; RESET ROLE; ...` — the most it can be is this
+//! tenant's owner, and after a `RESET ROLE` it holds no privilege at all.
+
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use zeroize::Zeroizing;
+
+use super::{quote_ident, PgError, Target};
+use crate::crypto::{CryptoError, Keyring, TenantSalt};
+use crate::names::TenantName;
+
+/// How long opening a confined session may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The credentials of one tenant's ops login. `Debug` never shows the
+/// password; the password is zeroized on drop.
+#[derive(Clone)]
+pub struct OpsLogin {
+    target: Target,
+    name: TenantName,
+    uid: String,
+    password: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for OpsLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpsLogin")
+            .field("target", &self.target)
+            .field("user", &self.name.ops_role())
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl OpsLogin {
+    pub fn new(target: &Target, name: &TenantName, uid: &str, password: Zeroizing<String>) -> Self {
+        Self { target: target.clone(), name: name.clone(), uid: uid.to_owned(), password }
+    }
+
+    /// The login with the password derived under the active root key.
+    pub fn derive(target: &Target, name: &TenantName, uid: &str, ring: &Keyring, salt: &TenantSalt) -> Result<Self, CryptoError> {
+        let password = crate::crypto::login_password(ring, ring.active_version(), salt, uid)?;
+        Ok(Self::new(target, name, uid, password))
+    }
+
+    pub fn tenant(&self) -> &TenantName {
+        &self.name
+    }
+
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The role to log in as.
+    pub fn user(&self) -> String {
+        self.name.ops_role()
+    }
+
+    /// The password, for handing to a child process (`PGPASSWORD`) or a
+    /// Job's Secret.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    fn options(&self) -> sqlx::postgres::PgConnectOptions {
+        self.target
+            .base
+            .clone()
+            .username(&self.name.ops_role())
+            .password(&self.password)
+            .application_name("tenant-operator/ops")
+            .options([("jit", "off")])
+            .log_statements(tracing::log::LevelFilter::Trace)
+    }
+}
+
+/// A session whose user is one tenant's ops login, acting as that tenant's
+/// owner. Dereferences to the connection; closed (not pooled) when dropped.
+pub struct Confined {
+    conn: PgConnection,
+}
+
+impl std::fmt::Debug for Confined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Confined(..)")
+    }
+}
+
+impl Deref for Confined {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Confined {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Confined {
+    /// Ends the session politely (dropping it closes the socket too).
+    pub async fn close(self) {
+        let _ = self.conn.close().await;
+    }
+}
+
+/// Whether a connect error says the password was refused (or the role has
+/// none): the cases a password reset repairs.
+fn is_auth_failure(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01") | Some("28000")))
+}
+
+async fn open(login: &OpsLogin) -> Result<PgConnection, sqlx::Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, login.options().connect()).await {
+        Ok(r) => r,
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
+    }
+}
+
+/// Opens a confined session for `login`'s tenant: logs in as its ops role
+/// (setting the derived password through `admin` once if the server refuses
+/// it), then `SET ROLE <owner>` and `search_path` = the tenant schema, in
+/// one round trip.
+pub async fn connect(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, PgError> {
+    let target = format!("{}:{}/{} as {}", login.target.host, login.target.port, login.target.database, login.user());
+    let conn = match open(login).await {
+        Ok(c) => c,
+        Err(e) if is_auth_failure(&e) => {
+            let verifier = super::scram::verifier_for_random_secret(login.password());
+            if !super::tenant::set_ops_password(admin, &login.name, &login.uid, &verifier).await? {
+                return Err(PgError::NoOpsRole(login.name.to_string()));
+            }
+            open(login).await.map_err(|source| PgError::Connect { target: target.clone(), source })?
+        }
+        Err(source) => return Err(PgError::Connect { target, source }),
+    };
+    let mut conn = Confined { conn };
+    let sql = format!("SET ROLE {}; SET search_path TO {}", quote_ident(&login.name.owner_role())?, quote_ident(&login.name.schema())?);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(super::query_err("acting as the tenant's owner"))?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let target = Target::from_url("postgresql://admin:adminpw@db.example:5432/saas").unwrap();
+        let name = TenantName::parse("acme").unwrap();
+        let login = OpsLogin::new(&target, &name, "u-1", Zeroizing::new("s3cr3t-derived".into()));
+        let shown = format!("{login:?} {login:#?} {target:?}");
+        assert!(!shown.contains("s3cr3t-derived"), "{shown}");
+        assert!(!shown.contains("adminpw"), "{shown}");
+        assert!(shown.contains("tenant_acme_ops"), "{shown}");
+    }
+}

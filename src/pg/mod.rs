@@ -154,7 +154,13 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target)
     // on relnamespace alone), which past ~1,000 tenants made Postgres spend
     // ~60 ms compiling each one for a query that runs in 5 ms (measured by
     // `cargo bench --bench migrations`, docs/migrations.md).
-    let opts = opts.application_name("tenant-operator").options([("jit", "off")]).log_statements(tracing::log::LevelFilter::Trace);
+    // client_min_messages: routine NOTICEs (`... does not exist, skipping`
+    // of an idempotent DROP ... IF EXISTS) are not sent at all, instead of
+    // one INFO log line each per tenant and reconcile; warnings still are.
+    let opts = opts
+        .application_name("tenant-operator")
+        .options([("jit", "off"), ("client_min_messages", "warning")])
+        .log_statements(tracing::log::LevelFilter::Trace);
     let target = Target::from_options(opts.clone());
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)

@@ -186,10 +186,11 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
     let Some(salt) = crate::pg::tenant::key_salt(&ctx.pool, uid).await? else {
         return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "NotProvisioned", "the tenant has no registry row yet"), key: None });
     };
-    let sources = super::observe::read_sources(ctx, spec).await?;
+    let sources = super::observe::read_sources(ctx, name.as_str(), spec).await?;
     let existing_data: BTreeMap<String, Vec<u8>> =
         existing.as_ref().and_then(|s| s.data.clone()).unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-    let plan = sealing::plan_sealed(&ring, &salt, uid, spec, &sources, &existing_data).map_err(Error::Seal)?;
+    let plan = sealing::plan_sealed(&ring, &salt, uid, name.as_str(), &ctx.settings.secret_sources, spec, &sources, &existing_data).map_err(Error::Seal)?;
+    drop(sources);
     let version = ring.active_version();
     let fingerprint = ring.active_fingerprint().to_string();
     let versions = sealing::versions_of(&plan.data);
@@ -247,6 +248,9 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
     crate::pg::tenant::set_key_version(&ctx.pool, uid, versions.iter().next().map(|v| v.get())).await?;
     let cond = if let Some(refused) = ctx.keys.refused() {
         Cond::new("SecretsSealed", false, "KeyRemovalRefused", refused)
+    } else if !plan.not_allowed.is_empty() {
+        let all: Vec<&str> = plan.not_allowed.iter().chain(&plan.missing).map(String::as_str).collect();
+        Cond::new("SecretsSealed", false, "SourceNotAllowed", format!("not sealed: {}; the others are sealed", all.join("; ")))
     } else if !plan.missing.is_empty() {
         Cond::new("SecretsSealed", false, "SourceMissing", format!("not sealed: {}; the others are sealed", plan.missing.join("; ")))
     } else {

@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use kube::core::PartialObjectMeta;
 use kube::{Api, ResourceExt};
 
 use crate::api::{Tenant, TenantPhase, TenantState};
@@ -87,13 +88,24 @@ fn now() -> String {
 /// Starts the Tenant controller and drives it until shutdown.
 pub async fn run(ctx: Arc<Context>) {
     let tenants: Api<Tenant> = Api::all(ctx.client.clone());
-    // Every Secret, cluster-wide: the tenant's own Secrets (by label) and the
-    // sources of its sealed secrets (by the index) bring the tenant back for
-    // reconcile when they change or are deleted by hand. The owner is
-    // cluster-scoped, so map by label rather than `owns` (which looks owners
-    // up in the Secret's namespace). Only the trigger is kept, not a cache.
-    let secrets: Api<Secret> = Api::all(ctx.client.clone());
-    let index = ctx.clone();
+    // Secrets, by metadata only (names and labels, never data), in the
+    // namespaces the operator may list: its own, for the tenants' own
+    // Secrets (by label; deleted or edited by hand brings the tenant back),
+    // and each source namespace, for the sources of sealed secrets (by the
+    // index). The owner is cluster-scoped, so map by label rather than
+    // `owns` (which looks owners up in the Secret's namespace). Opted-in
+    // sources elsewhere cannot be watched (the operator may only `get`
+    // them): they are re-read at every resync.
+    let own_secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let own_cfg = watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1));
+    let source_watches: Vec<(Api<PartialObjectMeta<Secret>>, Arc<Context>)> = ctx
+        .settings
+        .secret_sources
+        .namespaces
+        .iter()
+        .filter(|ns| ctx.settings.secret_sources.is_source_namespace(ns))
+        .map(|ns| (Api::namespaced(ctx.client.clone(), ns), ctx.clone()))
+        .collect();
     let (rotate_tx, rotate_rx) = futures::channel::mpsc::unbounded::<()>();
     let keys_ctx = ctx.clone();
     tokio::spawn(async move {
@@ -115,17 +127,19 @@ pub async fn run(ctx: Arc<Context>) {
     let controller = Controller::new(tenants, watcher::Config::default().any_semantic());
     let tenant_cache = controller.store();
     let _ = ctx.metrics.tenant_store.set(controller.store());
-    controller
+    let mut controller = controller
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| migrations::followers_to_refresh(&ms, &tenant_cache.state()))
-        .watches(secrets, watcher::Config::default(), move |s: Secret| {
-            let own = s.labels().get(apply::TENANT_LABEL).filter(|_| s.labels().get(apply::MANAGED_BY.0).map(String::as_str) == Some(apply::MANAGED_BY.1));
-            let mut names: Vec<String> = own.cloned().into_iter().collect();
-            names.extend(index.sources.tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any()));
-            names.into_iter().map(|n| ObjectRef::<Tenant>::new(&n)).collect::<Vec<_>>()
-        })
+        .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)))
         // A new root key (rotation) re-seals every tenant, at the controller's
         // bounded concurrency.
-        .reconcile_all_on(rotate_rx)
+        .reconcile_all_on(rotate_rx);
+    for (api, index) in source_watches {
+        controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
+            let tenants = index.sources.tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any());
+            tenants.into_iter().map(|n| ObjectRef::<Tenant>::new(&n)).collect::<Vec<_>>()
+        });
+    }
+    controller
         .with_config(ControllerConfig::default().concurrency(ctx.settings.concurrency).debounce(Duration::from_millis(200)))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

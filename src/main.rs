@@ -402,12 +402,15 @@ async fn open_secret(
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()))
         .init();
-    let (pool, target) = pg::connect(&args.database_url, args.max_connections).await.context("connecting to Postgres")?;
+    // The DSN holds the admin's password: wiped once the pool has it.
+    let database_url = zeroize::Zeroizing::new(std::mem::take(&mut args.database_url));
+    let (pool, target) = pg::connect(&database_url, args.max_connections).await.context("connecting to Postgres")?;
+    drop(database_url);
     let facts = pg::admin_facts(&pool).await?;
     facts.require()?;
     pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;

@@ -9,18 +9,41 @@ use crate::controller::Context;
 use crate::names::TenantName;
 use crate::pg::tenant::CatalogState;
 
-/// What one reconcile starts from.
+/// What one reconcile starts from. The tenant Secret's data (its password
+/// and URI) is wiped from memory when this is dropped.
 pub struct Observed {
     pub secret: Option<Secret>,
     pub catalog: CatalogState,
 }
 
 impl Observed {
-    /// The password in the tenant's Secret, when there is one.
-    pub fn secret_password(&self) -> Option<String> {
+    /// The password in the tenant's Secret, when there is one (a copy that
+    /// is zeroized when dropped).
+    pub fn secret_password(&self) -> Option<zeroize::Zeroizing<String>> {
         let data = self.secret.as_ref()?.data.as_ref()?;
         let raw = data.get("password")?;
-        String::from_utf8(raw.0.clone()).ok().filter(|p| !p.is_empty())
+        let password = zeroize::Zeroizing::new(String::from_utf8(raw.0.clone()).ok()?);
+        (!password.is_empty()).then_some(password)
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(s) = self.secret.as_mut() {
+            wipe_secret(s);
+        }
+    }
+}
+
+/// Zeroizes a Secret's data and string data in place (before it is
+/// dropped: neither `Secret` nor `ByteString` does it by itself).
+pub fn wipe_secret(s: &mut Secret) {
+    use zeroize::Zeroize;
+    for v in s.data.iter_mut().flat_map(|d| d.values_mut()) {
+        v.0.zeroize();
+    }
+    for v in s.string_data.iter_mut().flat_map(|d| d.values_mut()) {
+        v.zeroize();
     }
 }
 

@@ -53,7 +53,7 @@ impl Error {
             Error::PatchStatus(_) => "PatchStatus",
             Error::Serialize(_) => "Serialize",
             Error::StoreGone => "StoreGone",
-            Error::Database(e) if e.is_transient() => "DatabaseUnavailable",
+            Error::Database(e) if e.is_unreachable() => "DatabaseUnavailable",
             Error::Database(_) => "DatabaseError",
         }
     }

@@ -400,6 +400,9 @@ struct Record {
     /// The run's failure; or, with `clear`, the old failure goes.
     failure: Option<FailureRecord>,
     clear: bool,
+    /// A migration's SQL ran: what it could change about the tenant's own
+    /// roles is put back.
+    user_sql_ran: bool,
 }
 
 async fn locked(
@@ -419,10 +422,47 @@ async fn locked(
         return Ok(TenantOutcome::NoSchema);
     }
     let mut record = Record::default();
-    let outcome = run(session, login.tenant(), set, migrations, timeouts, scope, &lock, &mut record).await?;
+    let outcome = match run(session, login.tenant(), set, migrations, timeouts, scope, &lock, &mut record).await {
+        Ok(o) => o,
+        Err(e) => {
+            // Nothing is recorded (the next run re-syncs), but what the
+            // migration may have done to the tenant's roles (a session it
+            // ended itself, after setting the ops password) is put back.
+            if record.user_sql_ran {
+                let sql = format!("ROLLBACK;\n{}", roles_reset_sql(login)?);
+                let reset = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *admin).await {
+                    Ok(rows) => revoke_ops_members(admin, login, &rows).await,
+                    Err(err) => Err(query_err("resetting the tenant's roles")(err)),
+                };
+                if let Err(reset) = reset {
+                    tracing::warn!(tenant = %login.tenant(), error = %reset, "resetting the ops login after an interrupted migration failed");
+                }
+            }
+            return Err(e);
+        }
+    };
     let sql = finish_sql(login, &lock.recorded, &record)?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *admin).await.map_err(query_err("recording the tenant's migrations"))?;
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *admin).await.map_err(query_err("recording the tenant's migrations"))?;
+    revoke_ops_members(admin, login, &rows).await?;
     Ok(outcome)
+}
+
+/// Revokes the ops login from the roles [`roles_reset_sql`] listed (`rows`:
+/// every row of its message with a text first column). It has no members
+/// of its own: a migration made them (below Postgres 16 a role may grant
+/// itself when it is the session user, as the ops login is after a `RESET
+/// ROLE`). The Tenant reconcile would revoke them too; this ends it with
+/// the run.
+async fn revoke_ops_members(admin: &mut PgConnection, login: &OpsLogin, rows: &[PgRow]) -> Result<(), PgError> {
+    let members: Vec<String> = rows.iter().filter_map(|r| r.try_get::<String, _>(0).ok()).collect();
+    if members.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(tenant = %login.tenant(), ?members, "a migration made roles members of the tenant's ops login; revoking");
+    let list = members.iter().map(|m| quote_ident(m)).collect::<Result<Vec<_>, _>>()?.join(", ");
+    let sql = format!("REVOKE {} FROM {list}", quote_ident(&login.user())?);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *admin).await.map_err(query_err("revoking the ops login from the roles a migration gave it to"))?;
+    Ok(())
 }
 
 /// The admin's last message of a run: the record re-synced and the newly
@@ -479,8 +519,35 @@ fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<Stri
     } else if r.clear {
         sql.push_str(&format!("DELETE FROM tenancy.migration_failures WHERE tenant_name = {};\n", lit(login.tenant().as_str())?));
     }
+    if r.user_sql_ran {
+        sql.push_str(&roles_reset_sql(login)?);
+    }
     sql.push_str("COMMIT");
     Ok(sql)
+}
+
+/// What a migration can change about roles, put back after it ran: a role
+/// may set its own password and its own settings (Postgres lets every role
+/// do that to itself), and, below Postgres 16, grant itself to others when
+/// it is the session user (the members are listed by the last statement,
+/// for the caller to revoke). The ops login (after a `RESET ROLE` in the
+/// migration) gets the operator's derived password again, with a fresh
+/// verifier, so a password the migration chose never outlives the run; both
+/// the ops login and the owner lose any setting (`ALTER ROLE [IN DATABASE]
+/// ... SET`), which would otherwise apply to the operator's next sessions
+/// of the tenant. The owner's own password needs nothing: it cannot log in.
+fn roles_reset_sql(login: &OpsLogin) -> Result<String, PgError> {
+    let ops = quote_ident(&login.user())?;
+    let owner = quote_ident(&login.tenant().owner_role())?;
+    let db = quote_ident(&login.target().database)?;
+    let verifier = quote_literal(&super::scram::verifier_for_random_secret(login.password()))?;
+    let name = quote_literal(&login.user())?;
+    Ok(format!(
+        "ALTER ROLE {ops} PASSWORD {verifier};
+         ALTER ROLE {ops} RESET ALL; ALTER ROLE {ops} IN DATABASE {db} RESET ALL;
+         ALTER ROLE {owner} RESET ALL; ALTER ROLE {owner} IN DATABASE {db} RESET ALL;
+         SELECT pg_get_userbyid(m.member)::text FROM pg_auth_members m WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = {name});\n"
+    ))
 }
 
 /// Connection-level failures: the run is retried, nothing is recorded.
@@ -631,6 +698,7 @@ async fn run(
     }
     let mut at = from;
     let mut in_tx = true;
+    record.user_sql_ran = true;
     for m in pending {
         let step = if m.transactional {
             // A later migration's transaction begins in the message that

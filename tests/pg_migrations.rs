@@ -513,3 +513,49 @@ async fn a_run_cut_short_gives_back_neither_its_lock_nor_an_open_transaction() {
         .unwrap();
     assert!(clean, "a pooled session kept the run's role or lock");
 }
+
+#[tokio::test]
+async fn the_record_is_resynced_from_the_schema_after_a_crash_between_the_commits() {
+    let (db, t, set) = one_tenant("msresync").await;
+    let v1 = m(1, "CREATE TABLE a (x int)");
+    let v2 = m(2, "CREATE TABLE b (x int)");
+    let v3 = m(3, "CREATE TABLE c (x int)");
+    let sqls = |ms: &[&Migration]| ms.iter().map(|m| MigrationSql::new(m.version, &m.name, &m.sql, m.transactional)).collect::<Vec<_>>();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &t).await, &set, &sqls(&[&v1, &v2]), &Timeouts::default()).await.unwrap();
+    assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] });
+    // The confined session committed version 2; the admin's record of it
+    // was lost (a crash between the two commits).
+    let mut su = db.superuser().await;
+    sqlx::raw_sql("DELETE FROM tenancy.schema_versions WHERE version = 2").execute(&mut su).await.unwrap();
+    assert_eq!(versions(&db, std::slice::from_ref(&t)).await[t.as_str()], 1);
+    // The next pass plans the tenant as behind; its run re-syncs the record
+    // and applies nothing twice, and the pass's state afterwards says so.
+    let s = spec(vec![v1.clone(), v2.clone()], 2, 0, OnFailure::Pause);
+    let p = pass(&db.admin, &ring(), "default", 1, &s, std::slice::from_ref(&t), &Timeouts::default()).await.unwrap();
+    assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { from: 2, to: 2, applied }) if applied.is_empty()), "{:?}", p.report.results);
+    assert_eq!(p.after.versions[&t].current(), 2, "the pass's state afterwards kept the stale record");
+    assert_eq!(versions(&db, std::slice::from_ref(&t)).await[t.as_str()], 2);
+    assert_eq!(rows(&db, &t).await.len(), 2);
+
+    // An operator upgraded from one without the record: none at all. The
+    // Tenant reconcile re-syncs it at once, and does not apply the set's
+    // newer version itself (that is the rollout's, canaries first).
+    sqlx::raw_sql("DELETE FROM tenancy.schema_versions").execute(&mut su).await.unwrap();
+    let set3 = set_object("default", 2, spec(vec![v1, v2, v3], 2, 1, OnFailure::Pause));
+    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &t, "default", Some(&set3), &Timeouts::default()).await.unwrap();
+    assert_eq!((cond.status, cond.reason, version), (false, "RollingOut", 2), "{}", cond.message);
+    assert_eq!(rows(&db, &t).await.len(), 2, "the reconcile applied version 3 past the rollout");
+    // A version table the owner rewrote is what the record follows (its
+    // own tenant only): a row forged in, a row taken out.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {s}._tenancy_migrations WHERE version = 2; INSERT INTO {s}._tenancy_migrations (version, name, checksum, duration_ms) VALUES (7, 'forged', 'not-a-checksum', 0)",
+        s = t.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &t).await, &set, &sqls(&[&m(1, "CREATE TABLE a (x int)")]), &Timeouts::default()).await.unwrap();
+    assert!(matches!(out, TenantOutcome::ChecksumMismatch { version: 7, .. }), "{out:?}");
+    let recorded: Vec<i64> = sqlx::query_scalar("SELECT version FROM tenancy.schema_versions ORDER BY 1").fetch_all(&db.admin).await.unwrap();
+    assert_eq!(recorded, vec![1, 7]);
+}

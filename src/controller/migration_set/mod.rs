@@ -292,5 +292,7 @@ mod tests {
         assert_eq!((after.failures[0].tenant.as_str(), after.failures[0].version, after.failures[0].reason.as_str()), ("b", 2, REASON_FAILED));
         let busy = RolloutReport { results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Busy))], ..Default::default() };
         assert!(advance(&before, &p, &busy).is_none(), "a tenant busy elsewhere must be read again");
+        let resynced = RolloutReport { results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Migrated { from: 2, to: 2, applied: vec![] }))], ..Default::default() };
+        assert!(advance(&before, &p, &resynced).is_none(), "a run that found the schema ahead of its record re-synced it: read again");
     }
 }

@@ -4,11 +4,11 @@
 //! Each tenant is migrated on a confined session of its own (its ops login,
 //! closed after the run; never the admin's) while an admin connection holds
 //! its migration lock. The rollout opens its own pool of at most
-//! `maxConcurrent` + 1 admin connections for those locks (so a long
-//! migration never starves the Tenant controller's pool; the one more
-//! serves an ops password reset while every lock is taken), runs the
-//! canaries, and only when each of them reached the latest version, the
-//! rest. With `Pause` the first failure stops tenants not yet started; the
+//! `maxConcurrent` admin connections for those locks (so a long migration
+//! never starves the Tenant controller's pool; a run logs in before it
+//! takes its admin connection, so an ops password reset borrows the one it
+//! will use), runs the canaries, and only when each of them reached the
+//! latest version, the rest. With `Pause` the first failure stops tenants not yet started; the
 //! ones in flight finish (DDL is never cancelled mid-way).
 
 use std::collections::BTreeMap;
@@ -91,7 +91,7 @@ pub async fn rollout(pool: &PgPool, logins: &BTreeMap<TenantName, OpsLogin>, pla
     // A connection waits for a free slot as long as a migration may run.
     let wait = timeouts.statement.max(Duration::from_secs(60)) + timeouts.lock;
     let migration_pool = PgPoolOptions::new()
-        .max_connections(plan.max_concurrent as u32 + 1)
+        .max_connections(plan.max_concurrent as u32)
         .min_connections(0)
         .acquire_timeout(wait)
         .idle_timeout(Duration::from_secs(30))

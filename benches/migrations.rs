@@ -81,6 +81,12 @@ async fn provision(pool: &PgPool, name: TenantName) {
     }
 }
 
+/// The operator's root keys (each tenant's ops login password derives from
+/// them).
+fn ring() -> tenant_operator::crypto::Keyring {
+    tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![7u8; 32])].into_iter().collect(), "v1").expect("keyring")
+}
+
 fn set_spec(max_concurrent: u32, versions: &[(i64, String)]) -> MigrationSetSpec {
     MigrationSetSpec {
         migrations: versions.iter().map(|(v, sql)| Migration { version: *v, name: format!("v{v}"), sql: sql.clone(), transactional: true }).collect(),
@@ -93,7 +99,7 @@ fn set_spec(max_concurrent: u32, versions: &[(i64, String)]) -> MigrationSetSpec
 /// controller then waits for the next change or resync).
 async fn roll_out(pool: &PgPool, generation: i64, spec: &MigrationSetSpec, names: &[TenantName]) -> usize {
     for passes in 1..10_000 {
-        let p = pass(pool, "bench", generation, spec, names, &Timeouts::default()).await.expect("pass");
+        let p = pass(pool, &ring(), "bench", generation, spec, names, &Timeouts::default()).await.expect("pass");
         if let Some(b) = &p.plan.blocked {
             panic!("the rollout is blocked: {}", b.message());
         }

@@ -183,7 +183,9 @@ async fn a_table_created_by_a_later_migration_is_audited_without_a_reconcile() {
         MigrationSql::new(1, "orders", "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric)", true),
         MigrationSql::new(2, "lines", "CREATE TABLE lines (order_id bigint, sku text, PRIMARY KEY (order_id, sku))", false),
     ];
-    let out = pg::migrations::migrate_tenant(&db.admin, &t.name, &set, &migrations, &Timeouts::default()).await.unwrap();
+    let ring = tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![7u8; 32])].into_iter().collect(), "v1").unwrap();
+    let login = pg::migrations::ops_login(&db.admin, &ring, &t.name).await.unwrap().expect("registered");
+    let out = pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default()).await.unwrap();
     assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] });
     let mut app = t.app(&db).await.unwrap();
     sqlx::raw_sql("SET tenancy.actor = 'carol'; INSERT INTO orders VALUES (10, 5.5); INSERT INTO lines VALUES (10, 'sku-1')")

@@ -57,3 +57,82 @@ async fn operator_instances_starting_at_once_all_prepare_the_control_schema() {
         r.expect("a concurrent start failed to prepare the control schema");
     }
 }
+
+/// Every `_tenancy_*` sequence of the tenant schema (as the superuser sees
+/// them), and for each whether the app role could `nextval` or `setval` it.
+async fn internal_sequences(db: &TestDb, t: &Tenant) -> Vec<(String, bool, bool)> {
+    let seqs: Vec<String> = sqlx::query_scalar("SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences WHERE schemaname = $1 AND sequencename LIKE '\\_tenancy\\_%' ORDER BY 1")
+        .bind(t.name.schema())
+        .fetch_all(&mut db.superuser().await)
+        .await
+        .unwrap();
+    let mut app = t.app(db).await.unwrap();
+    let mut out = Vec::new();
+    for s in seqs {
+        let mut tried = Vec::new();
+        for sql in [format!("SELECT nextval('{s}')"), format!("SELECT setval('{s}', 1)")] {
+            // In a transaction rolled back, so a sequence the app could move stays put.
+            let mut tx = sqlx::Connection::begin(&mut app).await.unwrap();
+            let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *tx).await;
+            if let Err(e) = &r {
+                assert_eq!(e.as_database_error().and_then(|d| d.code()).as_deref(), Some("42501"), "{sql}: {e}");
+            }
+            tried.push(r.is_ok());
+            drop(tx);
+        }
+        out.push((s, tried[0], tried[1]));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_app_role_can_neither_advance_nor_set_an_internal_sequence() {
+    let db = TestDb::new("intseq").await;
+    pg::migrate_control_schema(&db.admin).await.unwrap();
+    let mut t = Tenant::new(&unique("intseq"));
+    t.converge(&db).await.unwrap();
+    let schema = t.name.schema();
+    let app = t.name.app_role();
+    // A migration creates tables: the owner's default privileges give the
+    // app their sequences (and the operator's own kind too, by name).
+    let ring = tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![5u8; 32])].into_iter().collect(), "v1").unwrap();
+    let login = pg::migrations::ops_login(&db.admin, &ring, &t.name).await.unwrap().expect("registered");
+    let set = pg::migrations::SetRef { name: "default".into(), generation: 1 };
+    let v1 = pg::migrations::MigrationSql::new(1, "v1", "CREATE TABLE docs (id bigserial PRIMARY KEY); CREATE TABLE _tenancy_extra (id bigserial PRIMARY KEY)", true);
+    pg::migrations::migrate_tenant(&db.admin, &login, &set, &[v1], &pg::migrations::Timeouts::default()).await.unwrap();
+    t.converge(&db).await.unwrap();
+    let seqs = internal_sequences(&db, &t).await;
+    assert!(seqs.len() >= 2, "the audit id and _tenancy_extra sequences: {seqs:?}");
+    assert!(seqs.iter().all(|(_, next, set)| !next && !set), "after a migration and a reconcile: {seqs:?}");
+    let mut a = t.app(&db).await.unwrap();
+    sqlx::raw_sql("SELECT nextval('docs_id_seq')").execute(&mut a).await.expect("the app uses its own tables' sequences");
+
+    // Granted by hand: found and revoked by the next reconcile.
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT ALL ON ALL SEQUENCES IN SCHEMA {schema} TO {app}; GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {app}")))
+        .execute(&mut su)
+        .await
+        .unwrap();
+    assert!(internal_sequences(&db, &t).await.iter().all(|(_, next, set)| *next && *set), "the grant did not take");
+    let out = t.converge(&db).await.unwrap();
+    assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["RevokeInternalWrites"]);
+    let seqs = internal_sequences(&db, &t).await;
+    assert!(seqs.iter().all(|(_, next, set)| !next && !set), "after the repair: {seqs:?}");
+    let callable: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_proc WHERE pronamespace = $1::regnamespace AND proname LIKE '\\_tenancy\\_%' AND has_function_privilege($2, oid, 'EXECUTE')")
+        .bind(&schema)
+        .bind(&app)
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
+    assert_eq!(callable, 0, "the app may still call the operator's functions in its schema");
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "not converged after the repair");
+
+    // A table without the app's grants makes the reconcile grant on every
+    // object of the schema; the internal sequences stay closed.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE ALL ON {schema}.docs FROM {app}"))).execute(&mut su).await.unwrap();
+    let out = t.converge(&db).await.unwrap();
+    assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["GrantExistingObjects"]);
+    let seqs = internal_sequences(&db, &t).await;
+    assert!(seqs.iter().all(|(_, next, set)| !next && !set), "after GrantExistingObjects: {seqs:?}");
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0);
+}

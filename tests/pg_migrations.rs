@@ -14,8 +14,10 @@ use tenant_operator::controller::migration_set::apply::Outcome;
 use tenant_operator::controller::migration_set::plan::Blocked;
 use tenant_operator::controller::migration_set::{pass, status, Pass};
 use tenant_operator::controller::tenant::migrations as tenant_migrations;
+use tenant_operator::crypto::Keyring;
 use tenant_operator::names::TenantName;
 use tenant_operator::pg;
+use tenant_operator::pg::confined::OpsLogin;
 use tenant_operator::pg::migrations::{MigrationSql, SetRef, TenantOutcome, Timeouts};
 
 async fn setup(label: &str) -> TestDb {
@@ -25,6 +27,17 @@ async fn setup(label: &str) -> TestDb {
     assert!(!facts.superuser, "tests must run as a non-superuser admin");
     pg::harden_database(&db.admin, &facts).await.expect("harden");
     db
+}
+
+/// The root keys the tests' operator holds (the ops logins' passwords are
+/// derived from them).
+fn ring() -> Keyring {
+    Keyring::new([("v1".to_string(), vec![7u8; 32])].into_iter().collect(), "v1").expect("keyring")
+}
+
+/// A tenant's ops login, as a rollout pass builds it.
+async fn login(db: &TestDb, t: &TenantName) -> OpsLogin {
+    pg::migrations::ops_login(&db.admin, &ring(), t).await.expect("registry").expect("registered")
 }
 
 fn m(version: i64, sql: &str) -> Migration {
@@ -52,7 +65,7 @@ fn tenant_names(base: &str, count: usize) -> Vec<String> {
 async fn converge(db: &TestDb, set: &str, generation: i64, spec: &MigrationSetSpec, followers: &[TenantName], limit: usize) -> Vec<Pass> {
     let mut passes = Vec::new();
     for _ in 0..limit {
-        let p = pass(&db.admin, set, generation, spec, followers, &Timeouts::default()).await.expect("pass");
+        let p = pass(&db.admin, &ring(), set, generation, spec, followers, &Timeouts::default()).await.expect("pass");
         let done = p.plan.is_empty() || p.plan.blocked.is_some();
         let more = p.more();
         passes.push(p);
@@ -123,7 +136,7 @@ async fn two_hundred_tenants_converge_to_a_three_version_set() {
     assert_eq!(st.progress.as_deref(), Some("200/200"));
     assert_eq!(st.versions, vec![tenant_operator::api::VersionCount { version: 3, tenants: 200 }]);
     // A converged set costs one observation and runs nothing.
-    let again = pass(&db.admin, "default", 1, &s, &followers, &Timeouts::default()).await.unwrap();
+    let again = pass(&db.admin, &ring(), "default", 1, &s, &followers, &Timeouts::default()).await.unwrap();
     assert!(again.plan.is_empty() && again.report.results.is_empty(), "a converged set ran {:?}", again.report.results.len());
     assert!(last.report.peak_connections <= 8, "the rollout held {} connections, maxConcurrent is 8", last.report.peak_connections);
 }
@@ -140,7 +153,7 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
     let mut broken = v1.clone();
     broken.push(m(2, "ALTER TABLE items ADD COLUMN qty int; SELECT 1 / 0"));
     let s2 = spec(broken, 4, 1, OnFailure::Continue);
-    let p = pass(&db.admin, "default", 2, &s2, &followers, &Timeouts::default()).await.unwrap();
+    let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default()).await.unwrap();
     assert_eq!(p.plan.canaries, vec![followers[0].clone()], "the canary is the first tenant by name");
     assert!(p.report.canary_stopped);
     assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Failed { at: 1, version: 2, sqlstate: Some(code), .. }) if code == "22012"), "{:?}", p.report.results[0]);
@@ -155,12 +168,12 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
     assert_eq!(st.failed[0].tenant, followers[0].as_str());
     assert!(st.failed[0].error.contains("division by zero"), "{:?}", st.failed[0]);
     // Later passes of this generation start nobody.
-    let p = pass(&db.admin, "default", 2, &s2, &followers, &Timeouts::default()).await.unwrap();
+    let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default()).await.unwrap();
     assert_eq!(p.plan.blocked, Some(Blocked::CanaryFailed(followers[0].clone())));
     assert!(p.report.results.is_empty());
     // The canary's own condition says what failed.
     let set = set_object("default", 2, s2.clone());
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &followers[0], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[0], "default", Some(&set), &Timeouts::default()).await.unwrap();
     assert_eq!((cond.status, cond.reason, version), (false, "MigrationFailed", 1));
     assert!(cond.message.contains("version 2 (v2) failed: division by zero"), "{}", cond.message);
 
@@ -205,10 +218,10 @@ async fn with_continue_a_data_dependent_failure_holds_back_only_that_tenant() {
     assert_eq!((st.failed[0].tenant.as_str(), st.failed[0].version), (followers[3].as_str(), 2));
     assert!(st.failed[0].error.contains("qty_not_negative") && st.failed[0].error.contains("23514"), "{:?}", st.failed[0]);
     let set = set_object("default", 2, s.clone());
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &followers[3], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[3], "default", Some(&set), &Timeouts::default()).await.unwrap();
     assert_eq!((cond.status, cond.reason, version), (false, "MigrationFailed", 1));
     assert!(cond.message.contains("qty_not_negative"), "{}", cond.message);
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &followers[4], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[4], "default", Some(&set), &Timeouts::default()).await.unwrap();
     assert_eq!((cond.status, cond.reason, version), (true, "UpToDate", 2));
     // The failed tenant's schema is exactly as before: no constraint.
     let has: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'qty_not_negative' AND connamespace = $1::regnamespace)")
@@ -230,7 +243,7 @@ async fn with_pause_the_first_failure_stops_tenants_not_yet_started() {
     let (db, followers, v2) = data_dependent_setup("mspause").await;
     // One at a time, in name order: tenant 3 fails, 4 and 5 never start.
     let s = spec(v2, 1, 1, OnFailure::Pause);
-    let p = pass(&db.admin, "default", 2, &s, &followers, &Timeouts::default()).await.unwrap();
+    let p = pass(&db.admin, &ring(), "default", 2, &s, &followers, &Timeouts::default()).await.unwrap();
     let v = versions(&db, &followers).await;
     let got: Vec<i64> = followers.iter().map(|t| v[t.as_str()]).collect();
     assert_eq!(got, vec![2, 2, 2, 1, 1, 1], "{:?}", p.report.results);
@@ -238,7 +251,7 @@ async fn with_pause_the_first_failure_stops_tenants_not_yet_started() {
     let st = status_of(2, &s, &p);
     assert_eq!(st.phase, Some(MigrationSetPhase::Paused));
     assert_eq!(st.conditions.iter().find(|c| c.type_ == "Paused").map(|c| c.reason.as_str()), Some("MigrationFailed"));
-    let p = pass(&db.admin, "default", 2, &s, &followers, &Timeouts::default()).await.unwrap();
+    let p = pass(&db.admin, &ring(), "default", 2, &s, &followers, &Timeouts::default()).await.unwrap();
     assert_eq!(p.plan.blocked, Some(Blocked::Paused(followers[3].clone())));
     assert!(p.report.results.is_empty(), "a paused set started tenants");
     // Deleting the failed tenant removes its failure record with it.
@@ -258,7 +271,8 @@ async fn two_rollouts_at_once_never_apply_a_migration_twice() {
     // Two operator instances: two pools, two rollouts at the same moment.
     let other = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.admin_url).await.unwrap();
     let timeouts = Timeouts::default();
-    let (a, b) = tokio::join!(pass(&db.admin, "default", 1, &s, &followers, &timeouts), pass(&other, "default", 1, &s, &followers, &timeouts));
+    let keys = ring();
+    let (a, b) = tokio::join!(pass(&db.admin, &keys, "default", 1, &s, &followers, &timeouts), pass(&other, &keys, "default", 1, &s, &followers, &timeouts));
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied = |p: &Pass| -> usize {
         p.report.results.iter().map(|(_, o)| if let Outcome::Done(TenantOutcome::Migrated { applied, .. }) = o { applied.len() } else { 0 }).sum()
@@ -287,7 +301,7 @@ async fn an_edited_migration_is_refused_and_never_rerun() {
     let before = rows(&db, &followers[0]).await;
 
     let edited = spec(vec![m(1, "CREATE TABLE notes (id int PRIMARY KEY, body text)"), m(2, "CREATE TABLE more (id int)")], 2, 1, OnFailure::Continue);
-    let p = pass(&db.admin, "default", 2, &edited, &followers, &Timeouts::default()).await.unwrap();
+    let p = pass(&db.admin, &ring(), "default", 2, &edited, &followers, &Timeouts::default()).await.unwrap();
     assert!(matches!(&p.plan.blocked, Some(Blocked::ChecksumMismatch(v)) if v.len() == 3), "{:?}", p.plan.blocked);
     assert!(p.report.results.is_empty(), "an edited set ran migrations");
     let st = status_of(2, &edited, &p);
@@ -297,7 +311,7 @@ async fn an_edited_migration_is_refused_and_never_rerun() {
     // The per-tenant guard refuses too (another operator with the edited
     // spec), and records why.
     let migrations: Vec<MigrationSql> = tenant_operator::controller::migration_set::plan::migrations(&edited).unwrap();
-    let out = pg::migrations::migrate_tenant(&db.admin, &followers[0], &SetRef { name: "default".into(), generation: 2 }, &migrations, &Timeouts::default()).await.unwrap();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &followers[0]).await, &SetRef { name: "default".into(), generation: 2 }, &migrations, &Timeouts::default()).await.unwrap();
     assert!(matches!(out, TenantOutcome::ChecksumMismatch { version: 1, .. }), "{out:?}");
     assert_eq!(rows(&db, &followers[0]).await, before, "the version table changed");
     let body: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'notes' AND column_name = 'body')")
@@ -309,7 +323,7 @@ async fn an_edited_migration_is_refused_and_never_rerun() {
     let more: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(format!("{}.more", followers[0].schema())).fetch_one(&db.admin).await.unwrap();
     assert!(!more, "a version after the edited one ran");
     let set = set_object("default", 2, edited);
-    let (cond, _) = tenant_migrations::converge_pg(&db.admin, &followers[1], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, _) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[1], "default", Some(&set), &Timeouts::default()).await.unwrap();
     assert_eq!((cond.status, cond.reason), (false, "ChecksumMismatch"));
 }
 
@@ -321,7 +335,7 @@ async fn a_connection_killed_mid_rollout_resumes_on_the_next_run() {
     let s = spec(vec![m(1, "CREATE TABLE slow (x int); SELECT pg_sleep(1)")], 2, 0, OnFailure::Pause);
     let pool = db.admin.clone();
     let (f, s2) = (followers.clone(), s.clone());
-    let run = tokio::spawn(async move { pass(&pool, "default", 1, &s2, &f, &Timeouts::default()).await });
+    let run = tokio::spawn(async move { pass(&pool, &ring(), "default", 1, &s2, &f, &Timeouts::default()).await });
     // Wait for a migration to be running, then end the admin's backends that
     // run it, from a superuser session.
     let mut su = db.superuser().await;
@@ -376,7 +390,7 @@ async fn tables_created_by_migrations_belong_to_the_owner_and_the_app_gets_dml()
     // A brand-new tenant is brought to the latest version by its reconcile
     // (on a one-connection pool, to look at that session afterwards).
     let one = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url).await.unwrap();
-    let (cond, version) = tenant_migrations::converge_pg(&one, &t.name, "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(&one, &ring(), &t.name, "default", Some(&set), &Timeouts::default()).await.unwrap();
     assert_eq!((cond.status, cond.reason, version), (true, "UpToDate", 2), "{}", cond.message);
     let owner: String = sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE schemaname = $1 AND tablename = 'docs'").bind(t.name.schema()).fetch_one(&db.admin).await.unwrap();
     assert_eq!(owner, t.name.owner_role());
@@ -401,7 +415,7 @@ async fn tables_created_by_migrations_belong_to_the_owner_and_the_app_gets_dml()
     // The migrations are not drift: the next reconcile runs nothing.
     let again = t.converge(&db).await.unwrap();
     assert_eq!(again.statements, 0, "a reconcile after migrations ran {:?}", again.plan.actions);
-    let again = tenant_migrations::converge_pg(&db.admin, &t.name, "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let again = tenant_migrations::converge_pg(&db.admin, &ring(), &t.name, "default", Some(&set), &Timeouts::default()).await.unwrap();
     assert_eq!(again.1, 2);
 }
 
@@ -410,7 +424,7 @@ async fn a_tenant_waits_while_its_set_does_not_exist() {
     let db = setup("msnone").await;
     let mut t = Tenant::new(&unique("wait"));
     t.converge(&db).await.unwrap();
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &t.name, "default", None, &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &t.name, "default", None, &Timeouts::default()).await.unwrap();
     assert_eq!((cond.status, cond.reason, version), (false, "MigrationSetNotFound", 0));
     let table: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(format!("{}._tenancy_migrations", t.name.schema())).fetch_one(&db.admin).await.unwrap();
     assert!(!table, "a tenant without a set got a version table");
@@ -441,12 +455,12 @@ async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_fai
         CREATE CONSTRAINT TRIGGER items_budget AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION items_check();
         INSERT INTO items VALUES (3), (4);";
     let v1 = MigrationSql::new(1, "v1", check, true);
-    let out = pg::migrations::migrate_tenant(&db.admin, t, &set, std::slice::from_ref(&v1), &Timeouts::default()).await.unwrap();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, std::slice::from_ref(&v1), &Timeouts::default()).await.unwrap();
     assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 1, applied: vec![1] });
     // Over budget: the check fails at COMMIT. That is the migration's
     // failure: recorded, and the schema stays at version 1 without its rows.
     let v2 = MigrationSql::new(2, "v2", "INSERT INTO items VALUES (5)", true);
-    let out = pg::migrations::migrate_tenant(&db.admin, t, &set, &[v1.clone(), v2.clone()], &Timeouts::default()).await.unwrap();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, &[v1.clone(), v2.clone()], &Timeouts::default()).await.unwrap();
     match &out {
         TenantOutcome::Failed { at: 1, version: 2, error, .. } => assert!(error.contains("items over budget"), "{error}"),
         other => panic!("expected the deferred check to fail version 2: {other:?}"),
@@ -458,7 +472,7 @@ async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_fai
     // The lock was released: the next run takes it, and a fixed set clears
     // the record.
     let v2b = MigrationSql::new(2, "v2", "INSERT INTO items VALUES (1)", true);
-    let out = pg::migrations::migrate_tenant(&db.admin, t, &set, &[v1, v2b], &Timeouts::default()).await.unwrap();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, &[v1, v2b], &Timeouts::default()).await.unwrap();
     assert_eq!(out, TenantOutcome::Migrated { from: 1, to: 2, applied: vec![2] });
     assert_eq!(failure_rows(&db).await, 0);
 }
@@ -470,14 +484,14 @@ async fn a_run_cut_short_gives_back_neither_its_lock_nor_an_open_transaction() {
     let slow = MigrationSql::new(1, "v1", "CREATE TABLE half (x int); SELECT pg_sleep(2)", true);
     // One connection, so a connection handed back would be the next one used.
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url).await.unwrap();
-    let cut = tokio::time::timeout(Duration::from_millis(500), pg::migrations::migrate_tenant(&pool, t, &set, std::slice::from_ref(&slow), &Timeouts::default())).await;
+    let cut = tokio::time::timeout(Duration::from_millis(500), pg::migrations::migrate_tenant(&pool, &login(&db, t).await, &set, std::slice::from_ref(&slow), &Timeouts::default())).await;
     assert!(cut.is_err(), "the run should still have been sleeping");
     // The dropped run's session is closed: Postgres rolls it back and frees
     // the lock, so another pool's run is not told the tenant is busy.
     let fast = MigrationSql::new(1, "v1", "CREATE TABLE half (x int)", true);
     let start = Instant::now();
     loop {
-        let out = pg::migrations::migrate_tenant(&db.admin, t, &set, std::slice::from_ref(&fast), &Timeouts::default()).await.unwrap();
+        let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, std::slice::from_ref(&fast), &Timeouts::default()).await.unwrap();
         if out != TenantOutcome::Busy {
             assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 1, applied: vec![1] });
             break;
@@ -498,4 +512,50 @@ async fn a_run_cut_short_gives_back_neither_its_lock_nor_an_open_transaction() {
         .await
         .unwrap();
     assert!(clean, "a pooled session kept the run's role or lock");
+}
+
+#[tokio::test]
+async fn the_record_is_resynced_from_the_schema_after_a_crash_between_the_commits() {
+    let (db, t, set) = one_tenant("msresync").await;
+    let v1 = m(1, "CREATE TABLE a (x int)");
+    let v2 = m(2, "CREATE TABLE b (x int)");
+    let v3 = m(3, "CREATE TABLE c (x int)");
+    let sqls = |ms: &[&Migration]| ms.iter().map(|m| MigrationSql::new(m.version, &m.name, &m.sql, m.transactional)).collect::<Vec<_>>();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &t).await, &set, &sqls(&[&v1, &v2]), &Timeouts::default()).await.unwrap();
+    assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] });
+    // The confined session committed version 2; the admin's record of it
+    // was lost (a crash between the two commits).
+    let mut su = db.superuser().await;
+    sqlx::raw_sql("DELETE FROM tenancy.schema_versions WHERE version = 2").execute(&mut su).await.unwrap();
+    assert_eq!(versions(&db, std::slice::from_ref(&t)).await[t.as_str()], 1);
+    // The next pass plans the tenant as behind; its run re-syncs the record
+    // and applies nothing twice, and the pass's state afterwards says so.
+    let s = spec(vec![v1.clone(), v2.clone()], 2, 0, OnFailure::Pause);
+    let p = pass(&db.admin, &ring(), "default", 1, &s, std::slice::from_ref(&t), &Timeouts::default()).await.unwrap();
+    assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { from: 2, to: 2, applied }) if applied.is_empty()), "{:?}", p.report.results);
+    assert_eq!(p.after.versions[&t].current(), 2, "the pass's state afterwards kept the stale record");
+    assert_eq!(versions(&db, std::slice::from_ref(&t)).await[t.as_str()], 2);
+    assert_eq!(rows(&db, &t).await.len(), 2);
+
+    // An operator upgraded from one without the record: none at all. The
+    // Tenant reconcile re-syncs it at once, and does not apply the set's
+    // newer version itself (that is the rollout's, canaries first).
+    sqlx::raw_sql("DELETE FROM tenancy.schema_versions").execute(&mut su).await.unwrap();
+    let set3 = set_object("default", 2, spec(vec![v1, v2, v3], 2, 1, OnFailure::Pause));
+    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &t, "default", Some(&set3), &Timeouts::default()).await.unwrap();
+    assert_eq!((cond.status, cond.reason, version), (false, "RollingOut", 2), "{}", cond.message);
+    assert_eq!(rows(&db, &t).await.len(), 2, "the reconcile applied version 3 past the rollout");
+    // A version table the owner rewrote is what the record follows (its
+    // own tenant only): a row forged in, a row taken out.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {s}._tenancy_migrations WHERE version = 2; INSERT INTO {s}._tenancy_migrations (version, name, checksum, duration_ms) VALUES (7, 'forged', 'not-a-checksum', 0)",
+        s = t.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &t).await, &set, &sqls(&[&m(1, "CREATE TABLE a (x int)")]), &Timeouts::default()).await.unwrap();
+    assert!(matches!(out, TenantOutcome::ChecksumMismatch { version: 7, .. }), "{out:?}");
+    let recorded: Vec<i64> = sqlx::query_scalar("SELECT version FROM tenancy.schema_versions ORDER BY 1").fetch_all(&db.admin).await.unwrap();
+    assert_eq!(recorded, vec![1, 7]);
 }

@@ -148,6 +148,18 @@ async fn open(login: &OpsLogin) -> Result<PgConnection, sqlx::Error> {
 /// it), then `SET ROLE <owner>` and `search_path` = the tenant schema, in
 /// one round trip.
 pub async fn connect(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, PgError> {
+    let mut conn = log_in(admin, login).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(enter_sql(&login.name)?)).execute(&mut *conn).await.map_err(super::query_err("acting as the tenant's owner"))?;
+    Ok(conn)
+}
+
+/// Logs in as `login`'s ops role (setting the derived password through
+/// `admin` once if the server refuses it) and acts as nobody yet: the
+/// session holds no privilege until it runs [`enter_sql`] (or `SET [LOCAL]
+/// ROLE` to the owner), which a caller folds into its first message.
+/// Holds no admin connection while it logs in; a password reset borrows one
+/// from `admin` for two statements.
+pub async fn log_in(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, PgError> {
     let target = format!("{}:{}/{} as {}", login.target.host, login.target.port, login.target.database, login.user());
     let conn = match open(login).await {
         Ok(c) => c,
@@ -160,10 +172,13 @@ pub async fn connect(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined,
         }
         Err(source) => return Err(PgError::Connect { target, source }),
     };
-    let mut conn = Confined { conn };
-    let sql = format!("SET ROLE {}; SET search_path TO {}", quote_ident(&login.name.owner_role())?, quote_ident(&login.name.schema())?);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(super::query_err("acting as the tenant's owner"))?;
-    Ok(conn)
+    Ok(Confined { conn })
+}
+
+/// `SET ROLE <owner>; SET search_path TO <schema>` of `name`: quoted
+/// validated names.
+pub fn enter_sql(name: &TenantName) -> Result<String, PgError> {
+    Ok(format!("SET ROLE {}; SET search_path TO {}", quote_ident(&name.owner_role())?, quote_ident(&name.schema())?))
 }
 
 #[cfg(test)]

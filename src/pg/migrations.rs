@@ -1,14 +1,18 @@
-//! Tenant schema migrations: the version table in each tenant schema, the
-//! per-tenant migration run, and the failure records in the control schema.
+//! Tenant schema migrations: the per-tenant migration run, the record of
+//! what each tenant applied, and the failure records, in the control schema.
 //!
-//! Takes validated [`TenantName`]s (identifiers come only from them) and
-//! the migrations of a MigrationSet; gives what each tenant has applied and
-//! what a run did. Side effects: the migrations' own SQL, run in the tenant
-//! schema as the tenant's owner role; rows in `<schema>._tenancy_migrations`
-//! (created on first use, owned by the owner role) and in
-//! `tenancy.migration_failures`; a session-level advisory lock per tenant
-//! while it is migrated, so two operator instances never migrate one schema
-//! at once.
+//! Takes validated [`TenantName`]s (identifiers come only from them), each
+//! tenant's [`OpsLogin`] and the migrations of a MigrationSet; gives what
+//! each tenant has applied and what a run did. Side effects: the
+//! migrations' own SQL, run on a confined session of the tenant (session
+//! user `tenant_<x>_ops`, acting as the tenant's owner; never the admin's,
+//! closed after the run); rows in `<schema>._tenancy_migrations` (created on
+//! first use by the owner, written on that session); rows in
+//! `tenancy.schema_versions` and `tenancy.migration_failures` and the
+//! tenant's row lock in `tenancy.locks` (`('migrate', <uid>)`), written and
+//! held by the admin. The admin never reads nor writes a relation inside a
+//! tenant schema: what a tenant applied is read from
+//! `tenancy.schema_versions`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,21 +20,31 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
-use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 
-use super::{query_err, quote_ident, PgError};
+use super::confined::{self, OpsLogin};
+use super::{query_err, quote_ident, quote_literal, PgError, Target};
+use crate::crypto::{Keyring, TenantSalt};
 use crate::names::TenantName;
 
 /// The version table, in every tenant schema that has run a migration.
 pub const VERSION_TABLE: &str = "_tenancy_migrations";
 
-/// First key of the per-tenant advisory lock (`'tena'`); the second is
-/// `hashtext(<schema>)`. A hash collision only makes two tenants wait for
-/// each other, never share a run.
-const LOCK_NAMESPACE: i32 = 0x7465_6e61;
+/// The kind of a migration run's row in `tenancy.locks` (its key is the
+/// tenant's uid). Restores use `restore`.
+pub const LOCK_KIND: &str = "migrate";
+
+/// How long taking a tenant's migration lock may wait: only on another
+/// run that is inserting the same lock row right now (a held lock is
+/// refused at once, `NOWAIT`).
+const LOCK_WAIT: &str = "2s";
 
 /// The most characters of a Postgres error kept in a failure record.
 const MAX_ERROR: usize = 2000;
+
+/// The most characters of a name or checksum re-synced from a tenant's own
+/// version table (which its owner may have written anything into).
+const MAX_SYNCED: usize = 200;
 
 /// The SHA-256 of a migration's SQL, lower-case hex: what the version table
 /// records, so an edited migration is recognised.
@@ -55,7 +69,7 @@ impl MigrationSql {
     }
 }
 
-/// A row of a tenant's version table.
+/// A recorded migration of a tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     pub version: i64,
@@ -63,13 +77,13 @@ pub struct Applied {
     pub checksum: String,
 }
 
-/// A tenant schema's migration state, as the catalog shows it.
+/// A tenant's migration state, as the control schema records it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SchemaVersions {
-    /// Whether the tenant's schema exists (a tenant not yet provisioned, or
-    /// being deleted, has none).
+    /// Whether the tenant is registered and its schema exists (a tenant not
+    /// yet provisioned, or being deleted, has none).
     pub schema_exists: bool,
-    /// The version table's rows, lowest version first (empty without a table).
+    /// The recorded migrations, lowest version first.
     pub applied: Vec<Applied>,
 }
 
@@ -129,12 +143,15 @@ pub const REASON_CHECKSUM: &str = "ChecksumMismatch";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TenantOutcome {
     /// Now at `to`; `applied` lists what this run applied (empty: it was
-    /// already at the latest version).
+    /// already at the latest version). `from` is the version the schema's
+    /// own table showed at the start (when it differs from the recorded
+    /// one, the record was re-synced).
     Migrated { from: i64, to: i64, applied: Vec<i64> },
     /// Another run (another operator instance) holds this tenant's lock;
     /// nothing was done.
     Busy,
-    /// The schema does not exist; nothing was done.
+    /// The schema does not exist (or the tenant is not registered); nothing
+    /// was done.
     NoSchema,
     /// A recorded migration differs from the set (edited, removed, or a
     /// version added below the applied one): nothing was run.
@@ -143,74 +160,76 @@ pub enum TenantOutcome {
     Failed { at: i64, version: i64, error: String, sqlstate: Option<String> },
 }
 
-/// Schemas per `UNION ALL` query of [`observe_many`]. Postgres plans a
-/// `UNION ALL` in time growing faster than its branches (500 branches cost
-/// 3x as much per branch as 100; measured on Postgres 15), so the tables
-/// are read a hundred at a time.
-const OBSERVE_CHUNK: usize = 100;
-
-/// Reads the migration state of many tenants in a few queries: one catalog
-/// query, then one `UNION ALL` over the version tables per
-/// [`OBSERVE_CHUNK`] schemas.
+/// Reads the recorded migration state of many tenants in one query (of the
+/// control schema and the catalog; nothing inside a tenant schema).
 pub async fn observe_many(pool: &PgPool, names: &[TenantName]) -> Result<BTreeMap<TenantName, SchemaVersions>, PgError> {
-    let mut out: BTreeMap<TenantName, SchemaVersions> = BTreeMap::new();
+    let mut out: BTreeMap<TenantName, SchemaVersions> = names.iter().map(|n| (n.clone(), SchemaVersions::default())).collect();
     if names.is_empty() {
         return Ok(out);
     }
-    let schemas: Vec<String> = names.iter().map(TenantName::schema).collect();
-    let rows: Vec<(String, bool)> = sqlx::query_as(
-        "SELECT n.nspname::text, EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r')
-           FROM pg_namespace n WHERE n.nspname = ANY($1)",
+    let list: Vec<&str> = names.iter().map(TenantName::as_str).collect();
+    let rows: Vec<(String, bool, Option<i64>, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT t.name, EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = t.schema_name), v.version, v.name, v.checksum
+           FROM tenancy.tenants t LEFT JOIN tenancy.schema_versions v ON v.tenant_uid = t.uid
+          WHERE t.name = ANY($1) ORDER BY t.name, v.version",
     )
-    .bind(&schemas)
-    .bind(VERSION_TABLE)
+    .bind(&list)
     .fetch_all(pool)
     .await
-    .map_err(query_err("reading which tenant schemas have a version table"))?;
-    let by_schema: BTreeMap<String, &TenantName> = names.iter().map(|n| (n.schema(), n)).collect();
-    let mut with_table = Vec::new();
-    for (schema, has_table) in rows {
-        if let Some(n) = by_schema.get(&schema) {
-            out.insert((*n).clone(), SchemaVersions { schema_exists: true, applied: Vec::new() });
-            if has_table {
-                with_table.push((*n).clone());
-            }
-        }
-    }
-    for n in names {
-        out.entry(n.clone()).or_default();
-    }
-    for chunk in with_table.chunks(OBSERVE_CHUNK) {
-        let mut sql = String::new();
-        for (i, n) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(" UNION ALL ");
-            }
-            // `i` is a loop counter, the schema a quoted validated name.
-            sql.push_str(&format!("SELECT {i}::int, version, name, checksum FROM {}.{VERSION_TABLE}", quote_ident(&n.schema())?));
-        }
-        sql.push_str(" ORDER BY 1, 2");
-        // Not kept as a prepared statement: the texts change with the set of
-        // tenants, and would push the per-tenant statements out of the
-        // connection's statement cache.
-        let rows: Vec<(i32, i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .persistent(false)
-            .fetch_all(pool)
-            .await
-            .map_err(query_err("reading the tenants' version tables"))?;
-        for (i, version, name, checksum) in rows {
-            if let Some(n) = chunk.get(i as usize) {
-                out.entry(n.clone()).or_default().applied.push(Applied { version, name, checksum });
-            }
+    .map_err(query_err("reading the tenants' schema versions"))?;
+    let by_name: BTreeMap<&str, &TenantName> = names.iter().map(|n| (n.as_str(), n)).collect();
+    for (tenant, exists, version, name, checksum) in rows {
+        let Some(n) = by_name.get(tenant.as_str()) else { continue };
+        let entry = out.entry((*n).clone()).or_default();
+        entry.schema_exists = exists;
+        if let (Some(version), Some(name), Some(checksum)) = (version, name, checksum) {
+            entry.applied.push(Applied { version, name, checksum });
         }
     }
     Ok(out)
 }
 
-/// One tenant's migration state.
+/// One tenant's recorded migration state.
 pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<SchemaVersions, PgError> {
     let mut m = observe_many(pool, std::slice::from_ref(name)).await?;
     Ok(m.remove(name).unwrap_or_default())
+}
+
+/// The ops logins of `names` (those registered), in one query: uid and key
+/// salt from `tenancy.tenants`, the password derived from `ring`'s active
+/// root key, the server from `pool`'s options. A registry row older than
+/// key salts gets its salt made here.
+pub async fn ops_logins(pool: &PgPool, ring: &Keyring, names: &[TenantName]) -> Result<BTreeMap<TenantName, OpsLogin>, PgError> {
+    let mut out = BTreeMap::new();
+    if names.is_empty() {
+        return Ok(out);
+    }
+    let target = Target::of_pool(pool);
+    let list: Vec<&str> = names.iter().map(TenantName::as_str).collect();
+    let rows: Vec<(String, String, Option<Vec<u8>>)> = sqlx::query_as("SELECT name, uid, key_salt FROM tenancy.tenants WHERE name = ANY($1)")
+        .bind(&list)
+        .fetch_all(pool)
+        .await
+        .map_err(query_err("reading the tenants' registry rows"))?;
+    let by_name: BTreeMap<&str, &TenantName> = names.iter().map(|n| (n.as_str(), n)).collect();
+    for (tenant, uid, salt) in rows {
+        let Some(n) = by_name.get(tenant.as_str()) else { continue };
+        let salt = match salt.and_then(|s| TenantSalt::from_bytes(&s).ok()) {
+            Some(s) => s,
+            None => match super::tenant::key_salt(pool, &uid).await? {
+                Some(s) => s,
+                None => continue,
+            },
+        };
+        let login = OpsLogin::derive(&target, n, &uid, ring, &salt).map_err(|source| PgError::OpsLogin { tenant: tenant.clone(), source })?;
+        out.insert((*n).clone(), login);
+    }
+    Ok(out)
+}
+
+/// One tenant's ops login; None when it is not registered.
+pub async fn ops_login(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<Option<OpsLogin>, PgError> {
+    Ok(ops_logins(pool, ring, std::slice::from_ref(name)).await?.remove(name))
 }
 
 /// The failure records of the tenants following `set`.
@@ -253,54 +272,64 @@ pub async fn clear_failure<'e, E: sqlx::PgExecutor<'e>>(exec: E, tenant: &str) -
     Ok(())
 }
 
-async fn record_failure(conn: &mut PgConnection, f: &FailureRecord) -> Result<(), PgError> {
-    sqlx::query(
-        "INSERT INTO tenancy.migration_failures (tenant_name, migration_set, set_generation, version, migration_name, reason, error, sqlstate)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (tenant_name) DO UPDATE SET migration_set = EXCLUDED.migration_set, set_generation = EXCLUDED.set_generation,
-           version = EXCLUDED.version, migration_name = EXCLUDED.migration_name, reason = EXCLUDED.reason,
-           error = EXCLUDED.error, sqlstate = EXCLUDED.sqlstate, failed_at = now()",
-    )
-    .bind(&f.tenant)
-    .bind(&f.migration_set)
-    .bind(f.set_generation)
-    .bind(f.version)
-    .bind(&f.migration_name)
-    .bind(&f.reason)
-    .bind(&f.error)
-    .bind(&f.sqlstate)
-    .execute(conn)
-    .await
-    .map_err(query_err("recording the migration failure"))?;
-    Ok(())
+/// Which pending migrations a run applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// Every pending one.
+    Pending,
+    /// Only when the schema has applied none yet (a new tenant's first run);
+    /// otherwise the record is re-synced and nothing runs.
+    FirstRun,
 }
 
-/// Brings one tenant schema to the last of `migrations` (sorted by version),
-/// each in its own transaction (or, for a non-transactional one, on this
-/// session with the version recorded after it succeeded), under the
-/// tenant's advisory lock. A migration's own error is an outcome (recorded
-/// in `tenancy.migration_failures`); a lost connection is an `Err` (nothing
-/// recorded: the next run retries).
+/// Brings one tenant schema to the last of `migrations` (sorted by
+/// version), on a confined session of the tenant (closed afterwards), under
+/// the tenant's migration lock. Each migration runs in its own transaction
+/// (or, for a non-transactional one, on the session, with the version
+/// recorded after it succeeded). A migration's own error is an outcome
+/// (recorded in `tenancy.migration_failures`); a lost connection is an
+/// `Err` (nothing recorded: the next run retries and re-syncs).
 ///
 /// Round trips in the common case (one pending transactional migration,
-/// version table present): 6 — the lock; `BEGIN` with the settings and the
-/// version read; the migration; the audit observation (2); then the audit
-/// triggers, the version record, `COMMIT` and the lock's release in one
-/// message. A rollout's cost beside the migration itself is mostly these
+/// version table present), beside the login: 6 — the lock (admin); `BEGIN`
+/// with the role, search_path and timeouts and the version read; the
+/// migration; the audit observation (2); the audit triggers, the version
+/// row and `COMMIT` in one message; then (admin) the control record, the
+/// clearing of an old failure and `COMMIT`, which releases the lock. A
+/// rollout's cost beside the migration itself is mostly these and the login
 /// (`cargo bench --bench migrations`, docs/migrations.md).
-pub async fn migrate_tenant(pool: &PgPool, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
-    let mut conn: PoolConnection<Postgres> = pool.acquire().await.map_err(query_err("connecting to migrate a tenant"))?;
-    let mut session = Session { conn: &mut conn, clean: false };
-    let result = locked(session.conn, name, set, migrations, timeouts).await;
-    session.clean = result.is_ok();
+pub async fn migrate_tenant(pool: &PgPool, login: &OpsLogin, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+    run_tenant(pool, login, set, migrations, timeouts, Scope::Pending).await
+}
+
+/// [`migrate_tenant`] for a tenant whose record shows no migration: runs
+/// them only if the schema's own table agrees (a record lost, or not yet
+/// written by an older operator, is re-synced instead, and the rollout's
+/// canaries keep deciding about the rest).
+pub async fn migrate_new_tenant(pool: &PgPool, login: &OpsLogin, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+    run_tenant(pool, login, set, migrations, timeouts, Scope::FirstRun).await
+}
+
+async fn run_tenant(pool: &PgPool, login: &OpsLogin, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts, scope: Scope) -> Result<TenantOutcome, PgError> {
+    // The login first, holding no admin connection: a password reset
+    // borrows one from `pool` (which may be as small as the rollout's).
+    let mut session = confined::log_in(pool, login).await?;
+    let result = async {
+        let mut conn: PoolConnection<Postgres> = pool.acquire().await.map_err(query_err("connecting to lock a tenant's migrations"))?;
+        let mut admin = Session { conn: &mut conn, clean: false };
+        let result = locked(admin.conn, &mut session, login, set, migrations, timeouts, scope).await;
+        admin.clean = result.is_ok();
+        result
+    }
+    .await;
+    session.close().await;
     result
 }
 
-/// Hands the connection back to the pool only after a run that ended
-/// cleanly. A run cut short (an error, or its future dropped) may leave a
-/// transaction open, the advisory lock held, or a role or search_path set
-/// for the session: the connection is closed instead, and Postgres rolls
-/// back and releases with it.
+/// Hands the admin connection back to the pool only after a run that ended
+/// cleanly. A run cut short (an error, or its future dropped) may leave its
+/// transaction open with the lock held: the connection is closed instead,
+/// and Postgres rolls back and releases with it.
 struct Session<'c> {
     conn: &'c mut PoolConnection<Postgres>,
     clean: bool,
@@ -314,49 +343,211 @@ impl Drop for Session<'_> {
     }
 }
 
-async fn locked(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
-    let schema = name.schema();
-    // One round trip: the schema, the lock, the version table. CASE, not
-    // AND: Postgres does not promise to evaluate AND's operands in order, and
-    // a lock taken for a missing schema would never be released.
-    let (exists, got, has_table): (bool, bool, bool) = sqlx::query_as(
-        "SELECT e, l, l AND to_regclass(format('%I.%I', $2::text, $3::text)) IS NOT NULL
-           FROM (SELECT e, CASE WHEN e THEN pg_try_advisory_lock($1, hashtext($2)) ELSE false END AS l
-                   FROM (SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $2) AS e) x) y",
-    )
-    .bind(LOCK_NAMESPACE)
-    .bind(&schema)
-    .bind(VERSION_TABLE)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(query_err("taking the tenant's migration lock"))?;
-    if !exists {
+/// What the lock's round trip found.
+struct Locked {
+    schema_exists: bool,
+    has_table: bool,
+    /// The control schema's record of the tenant.
+    recorded: Vec<Applied>,
+}
+
+/// Takes the tenant's migration lock in an admin transaction left open (the
+/// row, inserted if missing, `FOR UPDATE NOWAIT`), and reads whether the
+/// schema and its version table exist and what is recorded, in one round
+/// trip. None: another run holds the lock (the transaction is rolled
+/// back). Literals: the uid and schema are quoted.
+async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<Locked>, PgError> {
+    let uid = quote_literal(login.uid())?;
+    let schema = quote_literal(&login.tenant().schema())?;
+    let sql = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT}';
+         INSERT INTO tenancy.locks (kind, key) VALUES ('{LOCK_KIND}', {uid}) ON CONFLICT DO NOTHING;
+         SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {schema}) AS schema_exists,
+                to_regclass(format('%I.%I', {schema}::text, '{VERSION_TABLE}')) IS NOT NULL AS has_table
+           FROM tenancy.locks WHERE kind = '{LOCK_KIND}' AND key = {uid} FOR UPDATE OF locks NOWAIT;
+         SELECT version, name, checksum FROM tenancy.schema_versions WHERE tenant_uid = {uid} ORDER BY version"
+    );
+    let rows = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *admin).await {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+            sqlx::raw_sql("ROLLBACK").execute(&mut *admin).await.map_err(query_err("ending a refused migration lock"))?;
+            return Ok(None);
+        }
+        Err(e) => return Err(query_err("taking the tenant's migration lock")(e)),
+    };
+    let decode = || -> Result<Locked, sqlx::Error> {
+        let mut locked = Locked { schema_exists: false, has_table: false, recorded: Vec::new() };
+        for r in &rows {
+            if r.columns().len() == 2 {
+                locked.schema_exists = r.try_get(0)?;
+                locked.has_table = r.try_get(1)?;
+            } else {
+                locked.recorded.push(Applied { version: r.try_get(0)?, name: r.try_get(1)?, checksum: r.try_get(2)? });
+            }
+        }
+        Ok(locked)
+    };
+    Ok(Some(decode().map_err(query_err("decoding the tenant's migration lock"))?))
+}
+
+/// What the admin writes when the run ends, in the lock's transaction.
+#[derive(Default)]
+struct Record {
+    /// The schema's own version table, when it differs from the record.
+    sync: Option<Vec<Applied>>,
+    /// Applied by this run, with their durations in ms.
+    applied: Vec<(Applied, i64)>,
+    /// The run's failure; or, with `clear`, the old failure goes.
+    failure: Option<FailureRecord>,
+    clear: bool,
+    /// A migration's SQL ran: what it could change about the tenant's own
+    /// roles is put back.
+    user_sql_ran: bool,
+}
+
+async fn locked(
+    admin: &mut PgConnection,
+    session: &mut PgConnection,
+    login: &OpsLogin,
+    set: &SetRef,
+    migrations: &[MigrationSql],
+    timeouts: &Timeouts,
+    scope: Scope,
+) -> Result<TenantOutcome, PgError> {
+    let Some(lock) = take_lock(admin, login).await? else {
+        return Ok(TenantOutcome::Busy);
+    };
+    if !lock.schema_exists {
+        sqlx::raw_sql("ROLLBACK").execute(&mut *admin).await.map_err(query_err("releasing the tenant's migration lock"))?;
         return Ok(TenantOutcome::NoSchema);
     }
-    if !got {
-        return Ok(TenantOutcome::Busy);
-    }
-    if !has_table {
-        create_version_table(conn, name).await?;
-    }
-    let (outcome, released) = run(conn, name, set, migrations, timeouts).await?;
-    if !released {
-        // Releasing the lock clears a success's old failure record in the
-        // same round trip.
-        let clear = matches!(outcome, TenantOutcome::Migrated { .. });
-        sqlx::raw_sql(sqlx::AssertSqlSafe(release_sql(name, clear)?)).execute(&mut *conn).await.map_err(query_err("releasing the tenant's migration lock"))?;
-    }
+    let mut record = Record::default();
+    let outcome = match run(session, login.tenant(), set, migrations, timeouts, scope, &lock, &mut record).await {
+        Ok(o) => o,
+        Err(e) => {
+            // Nothing is recorded (the next run re-syncs), but what the
+            // migration may have done to the tenant's roles (a session it
+            // ended itself, after setting the ops password) is put back.
+            if record.user_sql_ran {
+                let sql = format!("ROLLBACK;\n{}", roles_reset_sql(login)?);
+                let reset = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *admin).await {
+                    Ok(rows) => revoke_ops_members(admin, login, &rows).await,
+                    Err(err) => Err(query_err("resetting the tenant's roles")(err)),
+                };
+                if let Err(reset) = reset {
+                    tracing::warn!(tenant = %login.tenant(), error = %reset, "resetting the ops login after an interrupted migration failed");
+                }
+            }
+            return Err(e);
+        }
+    };
+    let sql = finish_sql(login, &lock.recorded, &record)?;
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *admin).await.map_err(query_err("recording the tenant's migrations"))?;
+    revoke_ops_members(admin, login, &rows).await?;
     Ok(outcome)
 }
 
-/// Releases the tenant's advisory lock and, with `clear`, removes its
-/// failure record. Literals: the schema and tenant are validated names.
-fn release_sql(name: &TenantName, clear: bool) -> Result<String, PgError> {
-    let mut sql = format!("SELECT pg_advisory_unlock({LOCK_NAMESPACE}, hashtext({}))", super::quote_literal(&name.schema())?);
-    if clear {
-        sql.push_str(&format!(";\nDELETE FROM tenancy.migration_failures WHERE tenant_name = {}", super::quote_literal(name.as_str())?));
+/// Revokes the ops login from the roles [`roles_reset_sql`] listed (`rows`:
+/// every row of its message with a text first column). It has no members
+/// of its own: a migration made them (below Postgres 16 a role may grant
+/// itself when it is the session user, as the ops login is after a `RESET
+/// ROLE`). The Tenant reconcile would revoke them too; this ends it with
+/// the run.
+async fn revoke_ops_members(admin: &mut PgConnection, login: &OpsLogin, rows: &[PgRow]) -> Result<(), PgError> {
+    let members: Vec<String> = rows.iter().filter_map(|r| r.try_get::<String, _>(0).ok()).collect();
+    if members.is_empty() {
+        return Ok(());
     }
+    tracing::warn!(tenant = %login.tenant(), ?members, "a migration made roles members of the tenant's ops login; revoking");
+    let list = members.iter().map(|m| quote_ident(m)).collect::<Result<Vec<_>, _>>()?.join(", ");
+    let sql = format!("REVOKE {} FROM {list}", quote_ident(&login.user())?);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *admin).await.map_err(query_err("revoking the ops login from the roles a migration gave it to"))?;
+    Ok(())
+}
+
+/// The admin's last message of a run: the record re-synced and the newly
+/// applied versions added (`tenancy.schema_versions`), the failure recorded
+/// or cleared, `COMMIT` (which releases the lock). Values are literals:
+/// digits, and quoted strings (standard_conforming_strings is checked at
+/// connect; NULs, which no Postgres text holds, are dropped).
+fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<String, PgError> {
+    let lit = |s: &str| quote_literal(&s.replace('\0', ""));
+    let uid = lit(login.uid())?;
+    let mut sql = String::new();
+    let mut rows: Vec<String> = Vec::new();
+    if let Some(sync) = &r.sync {
+        let keep: Vec<String> = sync.iter().map(|a| a.version.to_string()).chain(r.applied.iter().map(|(a, _)| a.version.to_string())).collect();
+        if recorded.iter().any(|a| !keep.contains(&a.version.to_string())) {
+            sql.push_str(&format!("DELETE FROM tenancy.schema_versions WHERE tenant_uid = {uid} AND NOT (version = ANY (ARRAY[{}]::bigint[]));\n", keep.join(", ")));
+        }
+        for a in sync.iter().filter(|a| !recorded.contains(a)) {
+            let name: String = a.name.chars().take(MAX_SYNCED).collect();
+            let sum: String = a.checksum.chars().take(MAX_SYNCED).collect();
+            rows.push(format!("({uid}, {}, {}, {}, NULL)", a.version, lit(&name)?, lit(&sum)?));
+        }
+    }
+    for (a, ms) in &r.applied {
+        rows.push(format!("({uid}, {}, {}, {}, {ms})", a.version, lit(&a.name)?, lit(&a.checksum)?));
+    }
+    if !rows.is_empty() {
+        sql.push_str(&format!(
+            "INSERT INTO tenancy.schema_versions (tenant_uid, version, name, checksum, duration_ms) VALUES {}
+             ON CONFLICT (tenant_uid, version) DO UPDATE SET name = EXCLUDED.name, checksum = EXCLUDED.checksum,
+               duration_ms = EXCLUDED.duration_ms, recorded_at = now();\n",
+            rows.join(", ")
+        ));
+    }
+    if let Some(f) = &r.failure {
+        let sqlstate = match &f.sqlstate {
+            Some(s) => lit(s)?,
+            None => "NULL".into(),
+        };
+        sql.push_str(&format!(
+            "INSERT INTO tenancy.migration_failures (tenant_name, migration_set, set_generation, version, migration_name, reason, error, sqlstate)
+             VALUES ({}, {}, {}, {}, {}, {}, {}, {sqlstate})
+             ON CONFLICT (tenant_name) DO UPDATE SET migration_set = EXCLUDED.migration_set, set_generation = EXCLUDED.set_generation,
+               version = EXCLUDED.version, migration_name = EXCLUDED.migration_name, reason = EXCLUDED.reason,
+               error = EXCLUDED.error, sqlstate = EXCLUDED.sqlstate, failed_at = now();\n",
+            lit(&f.tenant)?,
+            lit(&f.migration_set)?,
+            f.set_generation,
+            f.version,
+            lit(&f.migration_name)?,
+            lit(&f.reason)?,
+            lit(&f.error)?,
+        ));
+    } else if r.clear {
+        sql.push_str(&format!("DELETE FROM tenancy.migration_failures WHERE tenant_name = {};\n", lit(login.tenant().as_str())?));
+    }
+    if r.user_sql_ran {
+        sql.push_str(&roles_reset_sql(login)?);
+    }
+    sql.push_str("COMMIT");
     Ok(sql)
+}
+
+/// What a migration can change about roles, put back after it ran: a role
+/// may set its own password and its own settings (Postgres lets every role
+/// do that to itself), and, below Postgres 16, grant itself to others when
+/// it is the session user (the members are listed by the last statement,
+/// for the caller to revoke). The ops login (after a `RESET ROLE` in the
+/// migration) gets the operator's derived password again, with a fresh
+/// verifier, so a password the migration chose never outlives the run; both
+/// the ops login and the owner lose any setting (`ALTER ROLE [IN DATABASE]
+/// ... SET`), which would otherwise apply to the operator's next sessions
+/// of the tenant. The owner's own password needs nothing: it cannot log in.
+fn roles_reset_sql(login: &OpsLogin) -> Result<String, PgError> {
+    let ops = quote_ident(&login.user())?;
+    let owner = quote_ident(&login.tenant().owner_role())?;
+    let db = quote_ident(&login.target().database)?;
+    let verifier = quote_literal(&super::scram::verifier_for_random_secret(login.password()))?;
+    let name = quote_literal(&login.user())?;
+    Ok(format!(
+        "ALTER ROLE {ops} PASSWORD {verifier};
+         ALTER ROLE {ops} RESET ALL; ALTER ROLE {ops} IN DATABASE {db} RESET ALL;
+         ALTER ROLE {owner} RESET ALL; ALTER ROLE {owner} IN DATABASE {db} RESET ALL;
+         SELECT pg_get_userbyid(m.member)::text FROM pg_auth_members m WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = {name});\n"
+    ))
 }
 
 /// Connection-level failures: the run is retried, nothing is recorded.
@@ -375,33 +566,30 @@ fn pg_error_parts(e: &sqlx::Error) -> (String, Option<String>) {
     }
 }
 
-async fn create_version_table(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
+/// The version table, created by the owner in the first migration's
+/// transaction. The owner's default privileges give the app role DML on
+/// it; the app keeps only SELECT (it may read its schema version, not
+/// forge it). Identifiers are quoted validated names.
+fn create_version_table_sql(name: &TenantName) -> Result<String, PgError> {
     let schema = quote_ident(&name.schema())?;
-    let owner = quote_ident(&name.owner_role())?;
     let app = quote_ident(&name.app_role())?;
-    // Created as the owner role, so it belongs to it. The owner's default
-    // privileges give the app role DML on it; the app keeps only SELECT (it
-    // may read its schema version, not forge it).
-    let sql = format!(
-        "SET LOCAL ROLE {owner};
-         CREATE TABLE IF NOT EXISTS {schema}.{VERSION_TABLE} (
+    Ok(format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.{VERSION_TABLE} (
              version     bigint PRIMARY KEY,
              name        text NOT NULL,
              checksum    text NOT NULL,
              applied_at  timestamptz NOT NULL DEFAULT now(),
              duration_ms bigint NOT NULL
          );
-         REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE {schema}.{VERSION_TABLE} FROM {app};"
-    );
-    let mut tx = conn.begin().await.map_err(query_err("starting the version table's transaction"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(query_err("creating the version table"))?;
-    tx.commit().await.map_err(query_err("committing the version table"))?;
-    Ok(())
+         REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE {schema}.{VERSION_TABLE} FROM {app};\n"
+    ))
 }
 
-/// `BEGIN` and the migration's settings in one round trip: the tenant's
-/// owner role, its schema as `search_path`, the timeouts. Identifiers are
-/// quoted validated names; the timeouts are digits and `ms`.
+/// `BEGIN` and a migration transaction's settings in one message: the
+/// tenant's owner role, its schema as `search_path`, the timeouts — all
+/// `LOCAL`, so whatever an earlier migration did to the session is undone
+/// for this one. Identifiers are quoted validated names; the timeouts are
+/// digits and `ms`.
 fn begin_sql(name: &TenantName, t: &Timeouts) -> Result<String, PgError> {
     Ok(format!(
         "BEGIN; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; SET LOCAL lock_timeout = '{}'; SET LOCAL statement_timeout = '{}'",
@@ -443,7 +631,8 @@ pub fn find_mismatch(applied: &[Applied], migrations: &[MigrationSql]) -> Option
 }
 
 fn short(sum: &str) -> &str {
-    &sum[..sum.len().min(12)]
+    let end = sum.char_indices().nth(12).map(|(i, _)| i).unwrap_or(sum.len());
+    &sum[..end]
 }
 
 /// The version table's rows, lowest version first, from the rows of a
@@ -452,25 +641,40 @@ fn applied_from(rows: &[PgRow]) -> Result<Vec<Applied>, sqlx::Error> {
     rows.iter().map(|r| Ok(Applied { version: r.try_get(0)?, name: r.try_get(1)?, checksum: r.try_get(2)? })).collect()
 }
 
-/// Runs the pending migrations; gives the outcome and whether the lock was
-/// released on the way (with the last migration's commit).
-async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<(TenantOutcome, bool), PgError> {
+/// Runs the pending migrations on the confined session; gives the outcome
+/// and fills `record` with what the admin is to write.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    set: &SetRef,
+    migrations: &[MigrationSql],
+    timeouts: &Timeouts,
+    scope: Scope,
+    lock: &Locked,
+    record: &mut Record,
+) -> Result<TenantOutcome, PgError> {
     let begin = begin_sql(name, timeouts)?;
     let table = version_table(name)?;
+    let create = if lock.has_table { String::new() } else { create_version_table_sql(name)? };
     // The first transaction reads the versions (under the lock, so no other
     // operator instance moves them meanwhile); it is the first migration's
-    // transaction too when that one is transactional. An error here is not
-    // a migration's: the run fails and the session is closed (`Session`).
-    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{begin};\nSELECT version, name, checksum FROM {table} ORDER BY version")))
+    // transaction too when that one is transactional, and creates the
+    // version table with it on a tenant's first run. An error here is not a
+    // migration's: the run fails and the session is closed.
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{begin};\n{create}SELECT version, name, checksum FROM {table} ORDER BY version")))
         .fetch_all(&mut *conn)
         .await
         .map_err(query_err("reading the version table"))?;
     let applied = applied_from(&rows).map_err(query_err("decoding the version table"))?;
+    if applied != lock.recorded {
+        record.sync = Some(applied.clone());
+    }
     let from = applied.iter().map(|a| a.version).max().unwrap_or(0);
     if let Some((version, detail)) = find_mismatch(&applied, migrations) {
         sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
         let migration_name = migrations.iter().find(|m| m.version == version).map(|m| m.name.clone()).unwrap_or_default();
-        let rec = FailureRecord {
+        record.failure = Some(FailureRecord {
             tenant: name.as_str().to_owned(),
             migration_set: set.name.clone(),
             set_generation: set.generation,
@@ -479,81 +683,59 @@ async fn run(conn: &mut PgConnection, name: &TenantName, set: &SetRef, migration
             reason: REASON_CHECKSUM.into(),
             error: detail.clone(),
             sqlstate: None,
-        };
-        record_failure(conn, &rec).await?;
-        return Ok((TenantOutcome::ChecksumMismatch { version, detail }, false));
+        });
+        return Ok(TenantOutcome::ChecksumMismatch { version, detail });
+    }
+    if scope == Scope::FirstRun && !applied.is_empty() {
+        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
+        return Ok(TenantOutcome::Migrated { from, to: from, applied: Vec::new() });
     }
     let pending: Vec<&MigrationSql> = migrations.iter().filter(|m| m.version > from).collect();
     if pending.is_empty() {
-        let sql = format!("COMMIT;\n{}", release_sql(name, true)?);
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
-        return Ok((TenantOutcome::Migrated { from, to: from, applied: Vec::new() }, true));
+        sqlx::raw_sql("COMMIT").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
+        record.clear = true;
+        return Ok(TenantOutcome::Migrated { from, to: from, applied: Vec::new() });
     }
     let mut at = from;
-    let mut done = Vec::new();
     let mut in_tx = true;
-    let mut released = false;
-    for (i, m) in pending.iter().enumerate() {
-        let last = i + 1 == pending.len();
+    record.user_sql_ran = true;
+    for m in pending {
         let step = if m.transactional {
             // A later migration's transaction begins in the message that
             // carries its SQL (ours first, so nothing of the migration's can
             // change them).
             let prefix = if in_tx { String::new() } else { format!("{begin};\n") };
-            let release = if last { Some(release_sql(name, true)?) } else { None };
-            let step = apply_in_transaction(conn, name, m, &prefix, release).await?;
             in_tx = false;
-            released = last && step.is_ok();
-            step
+            apply_in_transaction(conn, name, m, &prefix).await?
         } else {
-            if in_tx {
-                sqlx::raw_sql("COMMIT").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
-                in_tx = false;
-            }
-            apply_outside_transaction(conn, name, m, timeouts).await?
+            let commit = if in_tx { "COMMIT;\n" } else { "" };
+            in_tx = false;
+            apply_outside_transaction(conn, name, m, commit, &begin, timeouts).await?
         };
-        if let Some(failed) = settle(conn, name, set, m, step, &mut at, &mut done).await? {
-            return Ok((failed, false));
+        match step {
+            Ok(ms) => {
+                at = m.version;
+                record.applied.push((Applied { version: m.version, name: m.name.clone(), checksum: m.checksum.clone() }, ms));
+            }
+            Err(e) => {
+                let (error, sqlstate) = pg_error_parts(&e);
+                record.failure = Some(FailureRecord {
+                    tenant: name.as_str().to_owned(),
+                    migration_set: set.name.clone(),
+                    set_generation: set.generation,
+                    version: m.version,
+                    migration_name: m.name.clone(),
+                    reason: REASON_FAILED.into(),
+                    error: error.clone(),
+                    sqlstate: sqlstate.clone(),
+                });
+                return Ok(TenantOutcome::Failed { at, version: m.version, error, sqlstate });
+            }
         }
     }
-    Ok((TenantOutcome::Migrated { from, to: at, applied: done }, released))
-}
-
-/// Books one migration's outcome: on success advances `at`; on the
-/// migration's own error records it and gives the `Failed` outcome; a lost
-/// connection is an `Err`.
-async fn settle(
-    conn: &mut PgConnection,
-    name: &TenantName,
-    set: &SetRef,
-    m: &MigrationSql,
-    step: Result<(), sqlx::Error>,
-    at: &mut i64,
-    done: &mut Vec<i64>,
-) -> Result<Option<TenantOutcome>, PgError> {
-    match step {
-        Ok(()) => {
-            *at = m.version;
-            done.push(m.version);
-            Ok(None)
-        }
-        Err(e) if is_connection_error(&e) => Err(PgError::Query { action: "running a migration", source: e }),
-        Err(e) => {
-            let (error, sqlstate) = pg_error_parts(&e);
-            let rec = FailureRecord {
-                tenant: name.as_str().to_owned(),
-                migration_set: set.name.clone(),
-                set_generation: set.generation,
-                version: m.version,
-                migration_name: m.name.clone(),
-                reason: REASON_FAILED.into(),
-                error: error.clone(),
-                sqlstate: sqlstate.clone(),
-            };
-            record_failure(conn, &rec).await?;
-            Ok(Some(TenantOutcome::Failed { at: *at, version: m.version, error, sqlstate }))
-        }
-    }
+    record.clear = true;
+    let done = record.applied.iter().map(|(a, _)| a.version).collect();
+    Ok(TenantOutcome::Migrated { from, to: at, applied: done })
 }
 
 /// The tenant's version table, schema-qualified.
@@ -561,15 +743,19 @@ fn version_table(name: &TenantName) -> Result<String, PgError> {
     Ok(format!("{}.{VERSION_TABLE}", quote_ident(&name.schema())?))
 }
 
-/// The message that ends a migration's transaction (one begun as the
-/// owner, after [`super::audit::statements_in_tx`]): the tenant's
-/// search_path and the default plan cache mode back first (deferred
-/// triggers of the migration's run at COMMIT and must see what the
-/// migration saw), the `audit` statements, the version row, `COMMIT`, then
-/// `release` if given. Values are literals: digits, and quoted strings
+/// The message that ends a migration's transaction (after
+/// [`super::audit::statements_in_tx`]): the owner role, the tenant's
+/// search_path and the default plan cache mode back first (whatever the
+/// migration set; deferred triggers of the migration's run at COMMIT and
+/// must see what the migration saw), the `audit` statements, the version
+/// row, `COMMIT`. Values are literals: digits, and quoted strings
 /// (standard_conforming_strings is checked at connect).
-fn record_sql(name: &TenantName, m: &MigrationSql, audit: &[String], ms: i64, release: Option<&str>) -> Result<String, PgError> {
-    let mut sql = format!("SET LOCAL search_path TO {};\nSET LOCAL plan_cache_mode TO DEFAULT", quote_ident(&name.schema())?);
+fn record_sql(name: &TenantName, m: &MigrationSql, audit: &[String], ms: i64) -> Result<String, PgError> {
+    let mut sql = format!(
+        "SET LOCAL ROLE {};\nSET LOCAL search_path TO {};\nSET LOCAL plan_cache_mode TO DEFAULT",
+        quote_ident(&name.owner_role())?,
+        quote_ident(&name.schema())?
+    );
     for stmt in audit {
         sql.push_str(";\n");
         sql.push_str(stmt);
@@ -578,95 +764,76 @@ fn record_sql(name: &TenantName, m: &MigrationSql, audit: &[String], ms: i64, re
         ";\nINSERT INTO {} (version, name, checksum, duration_ms) VALUES ({}, {}, {}, {ms});\nCOMMIT",
         version_table(name)?,
         m.version,
-        super::quote_literal(&m.name)?,
-        super::quote_literal(&m.checksum)?
+        quote_literal(&m.name)?,
+        quote_literal(&m.checksum)?
     ));
-    if let Some(release) = release {
-        sql.push_str(";\n");
-        sql.push_str(release);
-    }
     Ok(sql)
 }
 
 /// Runs one migration in the transaction open on `conn` (or begun by
 /// `prefix`), then in one message: the audit triggers of the tables it
-/// created, its version record, `COMMIT`, and `release` (the lock's
-/// release, after the last migration). The outer `Result` is a failure
-/// around the migration (the connection); the inner one is the migration's
-/// own outcome, rolled back.
-async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, prefix: &str, release: Option<String>) -> Result<Result<(), sqlx::Error>, PgError> {
-    let result: Result<(), sqlx::Error> = async {
+/// created, its version record and `COMMIT`. The outer `Result` is a
+/// failure around the migration (the connection); the inner one is the
+/// migration's own outcome (its duration in ms), rolled back on error.
+async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, prefix: &str) -> Result<Result<i64, sqlx::Error>, PgError> {
+    let result: Result<i64, sqlx::Error> = async {
         let start = Instant::now();
         // The MigrationSet's SQL, by design: its author decides the schema.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{prefix}{}", m.sql))).execute(&mut *conn).await?;
         let ms = start.elapsed().as_millis() as i64;
         // Audit triggers on the tables it created, committed with them (docs/audit.md).
         let audit = super::audit::statements_in_tx(conn, name).await?;
-        let sql = record_sql(name, m, &audit, ms, release.as_deref()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let sql = record_sql(name, m, &audit, ms).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
-        Ok(())
+        Ok(ms)
     }
     .await;
     match result {
-        Ok(()) => Ok(Ok(())),
+        Ok(ms) => Ok(Ok(ms)),
         Err(e) if is_connection_error(&e) => Err(PgError::Query { action: "running a migration", source: e }),
         Err(e) => {
             // The migration's SQL, the audit DDL, the version record or a
             // deferred constraint at COMMIT failed: roll back (a no-op with a
-            // warning when the failed COMMIT already did), so the session is
-            // clean for the failure record.
+            // warning when the failed COMMIT already did).
             sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("rolling back a failed migration"))?;
             Ok(Err(e))
         }
     }
 }
 
-
-/// Runs a non-transactional migration on this session (role and
-/// search_path set for the session, reset afterwards), then records its
-/// version in a transaction of its own.
-async fn apply_outside_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, t: &Timeouts) -> Result<Result<(), sqlx::Error>, PgError> {
-    let owner = quote_ident(&name.owner_role())?;
-    let schema = quote_ident(&name.schema())?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {owner}; SET search_path TO {schema}")))
-        .execute(&mut *conn)
-        .await
-        .map_err(query_err("setting the migration's role"))?;
-    sqlx::query("SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)")
-        .bind(Timeouts::ms(t.lock))
-        .bind(Timeouts::ms(t.statement))
-        .execute(&mut *conn)
-        .await
-        .map_err(query_err("setting the migration's timeouts"))?;
+/// Runs a non-transactional migration on the session (after `commit`, the
+/// end of the version check's transaction when it is still open; role,
+/// search_path and timeouts set for the session, which is closed after the
+/// run), then records its version in a transaction of its own (`begin`).
+async fn apply_outside_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, commit: &str, begin: &str, t: &Timeouts) -> Result<Result<i64, sqlx::Error>, PgError> {
+    let setup = format!(
+        "{commit}{}; SET lock_timeout = '{}'; SET statement_timeout = '{}'",
+        confined::enter_sql(name)?,
+        Timeouts::ms(t.lock),
+        Timeouts::ms(t.statement)
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut *conn).await.map_err(query_err("setting the migration's role"))?;
     let start = Instant::now();
+    // Alone in its message: a multi-statement message is one transaction.
     let result = sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone())).execute(&mut *conn).await.map(|_| ());
     let ms = start.elapsed().as_millis() as i64;
-    if let Err(e) = &result {
-        if is_connection_error(e) {
-            return Ok(result);
+    if let Err(e) = result {
+        if is_connection_error(&e) {
+            return Err(PgError::Query { action: "running a migration", source: e });
         }
-    }
-    sqlx::raw_sql("RESET ROLE; RESET search_path; RESET lock_timeout; RESET statement_timeout")
-        .execute(&mut *conn)
-        .await
-        .map_err(query_err("resetting the session after a migration"))?;
-    if result.is_err() {
-        return Ok(result);
+        return Ok(Err(e));
     }
     // The version row in a transaction of its own, with the audit triggers
     // of tables the migration created, as in the transactional case. An
-    // error here is not the migration's: the run fails and the session is
-    // closed (`Session`), rolling it back.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SET LOCAL ROLE {owner}")))
-        .execute(&mut *conn)
-        .await
-        .map_err(query_err("starting the version record"))?;
+    // error here is not the migration's: the run fails (the session is
+    // closed, rolling it back).
+    sqlx::raw_sql(sqlx::AssertSqlSafe(begin.to_owned())).execute(&mut *conn).await.map_err(query_err("starting the version record"))?;
     let audit = super::audit::statements_in_tx(conn, name).await.map_err(query_err("auditing the migration's tables"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(record_sql(name, m, &audit, ms, None)?))
+    sqlx::raw_sql(sqlx::AssertSqlSafe(record_sql(name, m, &audit, ms)?))
         .execute(&mut *conn)
         .await
         .map_err(query_err("recording a non-transactional migration"))?;
-    Ok(Ok(()))
+    Ok(Ok(ms))
 }
 
 #[cfg(test)]

@@ -49,6 +49,12 @@ pub enum PgError {
     RestoreRunning(String),
     #[error("tenant {0} has no ops login role of its own yet (it is created when the tenant is provisioned)")]
     NoOpsRole(String),
+    #[error("deriving the ops login of tenant {tenant}: {source}")]
+    OpsLogin {
+        tenant: String,
+        #[source]
+        source: crate::crypto::CryptoError,
+    },
 }
 
 impl PgError {
@@ -58,7 +64,7 @@ impl PgError {
         match self {
             PgError::Connect { .. } | PgError::RestoreRunning(_) | PgError::NoOpsRole(_) => true,
             PgError::Query { source, .. } => is_transient_sqlx(source),
-            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier => false,
+            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier | PgError::OpsLogin { .. } => false,
         }
     }
 }
@@ -194,6 +200,11 @@ impl Target {
         Ok(Self::from_options(opts))
     }
 
+    /// The target of an admin pool (its connection options).
+    pub fn of_pool(pool: &PgPool) -> Self {
+        Self::from_options(pool.connect_options().as_ref().clone())
+    }
+
     fn from_options(opts: PgConnectOptions) -> Self {
         Target {
             host: opts.get_host().to_owned(),
@@ -249,24 +260,73 @@ fn describe(t: &Target) -> String {
     format!("{}:{}/{}", t.host, t.port, t.database)
 }
 
+/// The start-up lock's row in `tenancy.locks` (kind, key).
+const STARTUP_LOCK: (&str, &str) = ("startup", "control-schema");
+
+/// How long a starting instance waits for another one's control schema
+/// migrations.
+const STARTUP_LOCK_TIMEOUT: &str = "5min";
+
+/// The control schema and its lock table, idempotently: what the start-up
+/// lock needs before the migrator has run (the same table as migration
+/// `20261201000001_locks.sql`).
+const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS tenancy;
+REVOKE ALL ON SCHEMA tenancy FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS tenancy.locks (kind text NOT NULL, key text NOT NULL, PRIMARY KEY (kind, key))";
+
+/// Two instances creating the same catalog object at once: one of them
+/// fails on a catalog unique index (23505), or with "tuple concurrently
+/// updated" (XX000) on the schema's ACL. Running again finds the object.
+fn is_catalog_race(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("23505") | Some("XX000")))
+}
+
 /// Creates the control schema if needed and runs its migrations. Safe to run
-/// from several operator replicas at once: the migrator takes an advisory lock.
+/// from several operator replicas at once, and no tenant can stall it: the
+/// replicas take turns on a row lock of `tenancy.locks` (a table closed to
+/// PUBLIC), held on a connection of its own while the migrator, with its own
+/// advisory lock (keyed on the database name, which any role could take)
+/// turned off, runs on another.
 pub async fn migrate_control_schema(pool: &PgPool) -> Result<(), PgError> {
-    let mut conn = pool.acquire().await.map_err(query_err("connecting to migrate"))?;
-    // Serialised across operator instances starting at once: two concurrent
-    // `CREATE SCHEMA IF NOT EXISTS` can both miss the other's and one fails
-    // on the catalog's unique index (the key is b"tenancy1" as an
-    // integer). The migrator below locks on its own.
-    let mut tx = conn.begin().await.map_err(query_err("starting the control schema's transaction"))?;
-    sqlx::raw_sql("SELECT pg_advisory_xact_lock(8387231245790312753); CREATE SCHEMA IF NOT EXISTS tenancy; REVOKE ALL ON SCHEMA tenancy FROM PUBLIC")
-        .execute(&mut *tx)
+    let opts = pool.connect_options().as_ref().clone();
+    let target = Target::from_options(opts.clone());
+    let mut lock = tokio::time::timeout(Duration::from_secs(10), opts.connect())
         .await
-        .map_err(query_err("creating the control schema"))?;
-    tx.commit().await.map_err(query_err("committing the control schema"))?;
+        .map_err(|_| PgError::Connect { target: describe(&target), source: sqlx::Error::PoolTimedOut })?
+        .map_err(|source| PgError::Connect { target: describe(&target), source })?;
+    let result = migrate_locked(pool, &mut lock).await;
+    // Ends the lock's transaction (rolled back with the connection if the
+    // migrator failed).
+    if result.is_ok() {
+        sqlx::raw_sql("COMMIT").execute(&mut lock).await.map_err(query_err("releasing the start-up lock"))?;
+    }
+    let _ = lock.close().await;
+    result
+}
+
+async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<(), PgError> {
+    for attempt in 1.. {
+        match sqlx::raw_sql(BOOTSTRAP_SQL).execute(&mut *lock).await {
+            Ok(_) => break,
+            Err(e) if attempt < 10 && is_catalog_race(&e) => tokio::time::sleep(Duration::from_millis(20 * attempt)).await,
+            Err(e) => return Err(query_err("creating the control schema")(e)),
+        }
+    }
+    let sql = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{STARTUP_LOCK_TIMEOUT}';
+         INSERT INTO tenancy.locks (kind, key) VALUES ('{kind}', '{key}') ON CONFLICT DO NOTHING;
+         SELECT 1 FROM tenancy.locks WHERE kind = '{kind}' AND key = '{key}' FOR UPDATE",
+        kind = STARTUP_LOCK.0,
+        key = STARTUP_LOCK.1
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *lock).await.map_err(query_err("taking the start-up lock"))?;
+    let mut conn = pool.acquire().await.map_err(query_err("connecting to migrate"))?;
     // The migrator keeps its bookkeeping table in the first schema of the
     // search path; point it at the control schema, not `public`.
     sqlx::query("SET search_path TO tenancy").execute(&mut *conn).await.map_err(query_err("setting search_path"))?;
-    let result = MIGRATOR.run(&mut *conn).await.map_err(PgError::Migrate);
+    let mut migrator = sqlx::migrate::Migrator::with_migrations(MIGRATOR.iter().cloned().collect());
+    migrator.set_locking(false);
+    let result = migrator.run(&mut *conn).await.map_err(PgError::Migrate);
     let _ = sqlx::query("RESET search_path").execute(&mut *conn).await;
     result
 }

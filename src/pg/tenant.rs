@@ -65,8 +65,10 @@ pub struct AppPrivileges {
     /// Whether the owner's default privileges give the app DML on new tables
     /// and sequences.
     pub default_privileges: bool,
-    /// The operator's own tables in the schema (`_tenancy_*`: migration
-    /// versions, audit log) that the app role could write; must be 0.
+    /// The operator's own objects in the schema (`_tenancy_*`: migration
+    /// versions, audit log and head) that the app role could change: tables
+    /// (and views) it could write, sequences it could advance or set
+    /// (`nextval`, `setval`), functions it could call; must be 0.
     pub internal_writable: i64,
 }
 
@@ -203,9 +205,13 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
                         AND ((d.defaclobjtype = 'r' AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE'))
                           OR (d.defaclobjtype = 'S' AND a.privilege_type IN ('USAGE', 'SELECT', 'UPDATE')))) = 7 AS defaults,
                     (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE n.nspname = $1 AND c.relname LIKE '\\_tenancy\\_%' AND c.relkind IN ('r', 'p')
-                        AND (has_table_privilege($2, c.oid, 'INSERT') OR has_table_privilege($2, c.oid, 'UPDATE')
-                          OR has_table_privilege($2, c.oid, 'DELETE') OR has_table_privilege($2, c.oid, 'TRUNCATE'))) AS internal_writable",
+                      WHERE n.nspname = $1 AND c.relname LIKE '\\_tenancy\\_%' AND (
+                        (c.relkind IN ('r', 'p', 'v', 'f')
+                         AND (has_table_privilege($2, c.oid, 'INSERT') OR has_table_privilege($2, c.oid, 'UPDATE')
+                           OR has_table_privilege($2, c.oid, 'DELETE') OR has_table_privilege($2, c.oid, 'TRUNCATE')))
+                     OR (c.relkind = 'S' AND (has_sequence_privilege($2, c.oid, 'USAGE') OR has_sequence_privilege($2, c.oid, 'UPDATE')))))
+                  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                      WHERE n.nspname = $1 AND p.proname LIKE '\\_tenancy\\_%' AND has_function_privilege($2, p.oid, 'EXECUTE')) AS internal_writable",
         )
         .bind(&schema)
         .bind(&app)
@@ -424,16 +430,27 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
     })
 }
 
-/// A block that takes every write right on the schema's `_tenancy_*` tables
-/// from the app role (identifiers quoted by `format('%I')` inside).
+/// A block that takes from the app role every right to change the schema's
+/// `_tenancy_*` objects: writes on tables and views, USAGE and UPDATE on
+/// sequences (`nextval`, `setval`; reading stays), EXECUTE on functions
+/// (from PUBLIC too). Identifiers are quoted by `format('%I')` and
+/// `regprocedure` inside.
 fn revoke_internal_writes(name: &TenantName) -> Result<String, PgError> {
     let schema = quote_literal(&name.schema())?;
     let app = quote_literal(&name.app_role())?;
     Ok(format!(
         "DO $tenancy$ DECLARE t record; BEGIN
-           FOR t IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE n.nspname = {schema} AND c.relname LIKE '\\_tenancy\\_%' AND c.relkind IN ('r', 'p') LOOP
-             EXECUTE format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE %I.%I FROM %I', {schema}, t.relname, {app});
+           FOR t IN SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = {schema} AND c.relname LIKE '\\_tenancy\\_%' AND c.relkind IN ('r', 'p', 'v', 'f', 'S') LOOP
+             IF t.relkind = 'S' THEN
+               EXECUTE format('REVOKE USAGE, UPDATE ON SEQUENCE %I.%I FROM %I', {schema}, t.relname, {app});
+             ELSE
+               EXECUTE format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE %I.%I FROM %I', {schema}, t.relname, {app});
+             END IF;
+           END LOOP;
+           FOR t IN SELECT p.oid::regprocedure AS sig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                     WHERE n.nspname = {schema} AND p.proname LIKE '\\_tenancy\\_%' LOOP
+             EXECUTE format('REVOKE EXECUTE ON ROUTINE %s FROM PUBLIC, %I', t.sig, {app});
            END LOOP; END $tenancy$"
     ))
 }

@@ -1,13 +1,17 @@
 //! Apply: run a [`RolloutPlan`] against Postgres with bounded parallelism,
 //! and write the MigrationSet's status (only when it changed).
 //!
-//! The rollout opens its own pool of at most `maxConcurrent` admin
-//! connections (so a long migration never starves the Tenant controller's
-//! pool, and Postgres sees at most that many migrating sessions), runs the
-//! canaries, and only when each of them reached the latest version, the
-//! rest. With `Pause` the first failure stops tenants not yet started; the
+//! Each tenant is migrated on a confined session of its own (its ops login,
+//! closed after the run; never the admin's) while an admin connection holds
+//! its migration lock. The rollout opens its own pool of at most
+//! `maxConcurrent` admin connections for those locks (so a long migration
+//! never starves the Tenant controller's pool; a run logs in before it
+//! takes its admin connection, so an ops password reset borrows the one it
+//! will use), runs the canaries, and only when each of them reached the
+//! latest version, the rest. With `Pause` the first failure stops tenants not yet started; the
 //! ones in flight finish (DDL is never cancelled mid-way).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -23,6 +27,7 @@ use super::Error;
 use crate::api::{MigrationSet, MigrationSetStatus, OnFailure};
 use crate::controller::{Context, Stats};
 use crate::names::TenantName;
+use crate::pg::confined::OpsLogin;
 use crate::pg::migrations::{migrate_tenant, TenantOutcome, Timeouts};
 
 /// After this long a pass starts no further tenant (those in flight
@@ -73,9 +78,10 @@ impl RolloutReport {
     }
 }
 
-/// Runs one pass of `plan`. Never fails as a whole: each tenant's outcome is
-/// in the report.
-pub async fn rollout(pool: &PgPool, plan: &RolloutPlan, timeouts: &Timeouts) -> RolloutReport {
+/// Runs one pass of `plan`, each tenant with its ops login from `logins`
+/// (a tenant without one is not registered: `NoSchema`). Never fails as a
+/// whole: each tenant's outcome is in the report.
+pub async fn rollout(pool: &PgPool, logins: &BTreeMap<TenantName, OpsLogin>, plan: &RolloutPlan, timeouts: &Timeouts) -> RolloutReport {
     let start = Instant::now();
     let mut report = RolloutReport::default();
     if plan.is_empty() || plan.blocked.is_some() {
@@ -97,11 +103,11 @@ pub async fn rollout(pool: &PgPool, plan: &RolloutPlan, timeouts: &Timeouts) -> 
     let latest = plan.latest();
     let deadline = start + PASS_BUDGET;
 
-    let canaries = stage(&migration_pool, plan, &plan.canaries, true, timeouts, &peak, deadline).await;
+    let canaries = stage(&migration_pool, logins, plan, &plan.canaries, true, timeouts, &peak, deadline).await;
     let canaries_ok = canaries.iter().all(|(_, o)| o.at_latest(latest));
     report.results.extend(canaries);
     if canaries_ok {
-        report.results.extend(stage(&migration_pool, plan, &plan.rest, false, timeouts, &peak, deadline).await);
+        report.results.extend(stage(&migration_pool, logins, plan, &plan.rest, false, timeouts, &peak, deadline).await);
     } else {
         report.canary_stopped = true;
         report.results.extend(plan.rest.iter().map(|n| (n.clone(), Outcome::Skipped)));
@@ -112,8 +118,10 @@ pub async fn rollout(pool: &PgPool, plan: &RolloutPlan, timeouts: &Timeouts) -> 
     report
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stage(
     pool: &PgPool,
+    logins: &BTreeMap<TenantName, OpsLogin>,
     plan: &RolloutPlan,
     tenants: &[TenantName],
     canary: bool,
@@ -131,7 +139,10 @@ async fn stage(
                 if stop.load(Ordering::SeqCst) || (!canary && Instant::now() > deadline) {
                     return (name, Outcome::Skipped);
                 }
-                let result = migrate_tenant(pool, &name, &plan.set, &plan.migrations, timeouts).await;
+                let result = match logins.get(&name) {
+                    Some(login) => migrate_tenant(pool, login, &plan.set, &plan.migrations, timeouts).await,
+                    None => Ok(TenantOutcome::NoSchema),
+                };
                 peak.fetch_max(pool.size(), Ordering::Relaxed);
                 let outcome = match result {
                     Ok(o) => Outcome::Done(o),

@@ -28,6 +28,7 @@ use kube::{Api, Resource, ResourceExt};
 use sqlx::PgPool;
 
 use crate::api::{MigrationSet, MigrationSetPhase, MigrationSetSpec, Tenant};
+use crate::crypto::Keyring;
 use crate::controller::{Context, Stats};
 use crate::names::TenantName;
 use crate::pg::migrations::Timeouts;
@@ -42,6 +43,8 @@ pub enum Error {
     Serialize(#[source] serde_json::Error),
     #[error("the Tenant watch cache is gone")]
     StoreGone,
+    #[error("the operator has no root keys loaded: it cannot log in as the tenants' ops roles")]
+    NoRootKeys,
     #[error(transparent)]
     Database(#[from] PgError),
 }
@@ -53,6 +56,7 @@ impl Error {
             Error::PatchStatus(_) => "PatchStatus",
             Error::Serialize(_) => "Serialize",
             Error::StoreGone => "StoreGone",
+            Error::NoRootKeys => "NoRootKeys",
             Error::Database(e) if e.is_unreachable() => "DatabaseUnavailable",
             Error::Database(_) => "DatabaseError",
         }
@@ -84,11 +88,18 @@ impl Pass {
     }
 }
 
-/// Observe, plan, roll out, observe again.
-pub async fn pass(pool: &PgPool, name: &str, generation: i64, spec: &MigrationSetSpec, followers: &[TenantName], timeouts: &Timeouts) -> Result<Pass, PgError> {
+/// Observe, plan, roll out (logging in as each planned tenant's ops role
+/// with a password derived from `ring`), observe again.
+pub async fn pass(pool: &PgPool, ring: &Keyring, name: &str, generation: i64, spec: &MigrationSetSpec, followers: &[TenantName], timeouts: &Timeouts) -> Result<Pass, PgError> {
     let before = observe::observe(pool, name, followers).await?;
     let plan = plan::plan(name, generation, spec, &before);
-    let report = apply::rollout(pool, &plan, timeouts).await;
+    let logins = if plan.is_empty() || plan.blocked.is_some() {
+        Default::default()
+    } else {
+        let planned: Vec<TenantName> = plan.canaries.iter().chain(plan.rest.iter()).cloned().collect();
+        crate::pg::migrations::ops_logins(pool, ring, &planned).await?
+    };
+    let report = apply::rollout(pool, &logins, &plan, timeouts).await;
     // The state afterwards follows from the report, unless another instance
     // or a lost connection may have changed what is known: then read again
     // (re-reading a thousand version tables costs more than the pass).
@@ -123,8 +134,12 @@ pub fn advance(before: &plan::Observed, plan: &plan::RolloutPlan, report: &apply
         match outcome {
             apply::Outcome::Skipped | apply::Outcome::Done(TenantOutcome::NoSchema) => {}
             apply::Outcome::Error(_) | apply::Outcome::Done(TenantOutcome::Busy) => return None,
-            apply::Outcome::Done(TenantOutcome::Migrated { applied, .. }) => {
+            apply::Outcome::Done(TenantOutcome::Migrated { from, applied, .. }) => {
                 let v = after.versions.entry(tenant.clone()).or_default();
+                // The record was re-synced from the schema's own table: read it again.
+                if *from != v.current() {
+                    return None;
+                }
                 for m in plan.migrations.iter().filter(|m| applied.contains(&m.version)) {
                     v.applied.push(Applied { version: m.version, name: m.name.clone(), checksum: m.checksum.clone() });
                 }
@@ -222,7 +237,8 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
     let name = ms.name_any();
     let generation = ms.metadata.generation.unwrap_or(0);
     let followers = observe::followers(&sctx.tenants.state(), &name);
-    let pass = pass(&ctx.pool, &name, generation, &ms.spec, &followers, &ctx.settings.migration_timeouts).await?;
+    let ring = ctx.keys.current().ok_or(Error::NoRootKeys)?;
+    let pass = pass(&ctx.pool, &ring, &name, generation, &ms.spec, &followers, &ctx.settings.migration_timeouts).await?;
     let migrated = pass.report.count(|o| matches!(o, apply::Outcome::Done(crate::pg::migrations::TenantOutcome::Migrated { applied, .. }) if !applied.is_empty()));
     if !pass.report.results.is_empty() {
         tracing::info!(set = %name, migrated, tenants = pass.report.results.len(), elapsed_ms = pass.report.elapsed.as_millis() as u64, "rollout pass");
@@ -324,5 +340,7 @@ mod tests {
         assert_eq!((after.failures[0].tenant.as_str(), after.failures[0].version, after.failures[0].reason.as_str()), ("b", 2, REASON_FAILED));
         let busy = RolloutReport { results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Busy))], ..Default::default() };
         assert!(advance(&before, &p, &busy).is_none(), "a tenant busy elsewhere must be read again");
+        let resynced = RolloutReport { results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Migrated { from: 2, to: 2, applied: vec![] }))], ..Default::default() };
+        assert!(advance(&before, &p, &resynced).is_none(), "a run that found the schema ahead of its record re-synced it: read again");
     }
 }

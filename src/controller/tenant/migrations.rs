@@ -3,14 +3,16 @@
 //! latest version.
 //!
 //! Takes the Tenant's MigrationSet (watch cache, or the API server), its
-//! schema's version table and its failure record. A tenant with no
+//! recorded schema versions (`tenancy.schema_versions`), its failure record
+//! and the root keys (for its ops login). A tenant with no
 //! migration applied yet (just provisioned, or provisioned before its set
 //! existed) gets every migration of the set at once, here, without waiting
 //! for the rollout's canaries: it holds no data a migration could trip on.
 //! A tenant already on some version is left to the MigrationSet controller
 //! (canaries, `maxConcurrent`, pause on failure); this step only reports.
-//! Side effects: that first migration run (DDL in the tenant schema, rows in
-//! its version table and in `tenancy.migration_failures`).
+//! Side effects: that first migration run (on a confined session of the
+//! tenant: DDL in its schema, rows in its version table; by the admin: rows
+//! in `tenancy.schema_versions` and `tenancy.migration_failures`).
 
 use std::sync::Arc;
 
@@ -123,6 +125,8 @@ async fn get_set(ctx: &Context, name: &str) -> Result<Option<Arc<MigrationSet>>,
 pub enum StepError {
     #[error("reading MigrationSet {0}: {1}")]
     ReadSet(String, #[source] kube::Error),
+    #[error("the operator has no root keys loaded: it cannot log in as the tenant's ops role")]
+    NoRootKeys,
     #[error(transparent)]
     Database(#[from] PgError),
 }
@@ -132,12 +136,14 @@ pub enum StepError {
 pub async fn converge(ctx: &Context, t: &Tenant, name: &TenantName) -> Result<(Cond, i64), StepError> {
     let set_name = t.spec.database.migration_set.clone();
     let set = get_set(ctx, &set_name).await.map_err(|e| StepError::ReadSet(set_name.clone(), e))?;
-    converge_pg(&ctx.pool, name, &set_name, set.as_deref(), &ctx.settings.migration_timeouts).await.map_err(StepError::Database)
+    let ring = ctx.keys.current().ok_or(StepError::NoRootKeys)?;
+    converge_pg(&ctx.pool, &ring, name, &set_name, set.as_deref(), &ctx.settings.migration_timeouts).await.map_err(StepError::Database)
 }
 
 /// The Postgres half of [`converge`], for tests.
 pub async fn converge_pg(
     pool: &sqlx::PgPool,
+    ring: &crate::crypto::Keyring,
     name: &TenantName,
     set_name: &str,
     set: Option<&MigrationSet>,
@@ -148,7 +154,10 @@ pub async fn converge_pg(
     if let (Step::MigrateNew, Some(s)) = (plan(set, &versions, failure.as_ref()), set) {
         let migrations = checked_migrations(&s.spec).unwrap_or_default();
         let set_ref = SetRef { name: set_name.to_owned(), generation: s.metadata.generation.unwrap_or(0) };
-        let outcome = crate::pg::migrations::migrate_tenant(pool, name, &set_ref, &migrations, timeouts).await?;
+        let outcome = match crate::pg::migrations::ops_login(pool, ring, name).await? {
+            Some(login) => crate::pg::migrations::migrate_new_tenant(pool, &login, &set_ref, &migrations, timeouts).await?,
+            None => TenantOutcome::NoSchema,
+        };
         match &outcome {
             TenantOutcome::Migrated { to, applied, .. } => tracing::info!(tenant = %name, version = to, applied = applied.len(), "brought the new schema to the latest version"),
             TenantOutcome::Failed { version, error, .. } => tracing::warn!(tenant = %name, version, %error, "a migration of the new schema failed"),

@@ -4,6 +4,7 @@
 //! gives `run`, which drives the Tenant controller and the rate-limit
 //! ConfigMap writer until shutdown.
 
+pub mod anchoring;
 pub mod migration_set;
 pub mod ratelimits;
 pub mod tenant;
@@ -39,6 +40,8 @@ pub struct Settings {
     pub root_keys: crate::keys::KeySource,
     /// Backup CronJobs, restore Jobs and the backup store.
     pub backup: tenant::backup::BackupSettings,
+    /// Time between audit anchoring passes ([`anchoring`]).
+    pub audit_anchor_interval: Duration,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.
@@ -128,6 +131,7 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
         _ = ratelimits::run(ctx.clone()) => ctx.health.task_died("ratelimits"),
         _ = migration_set::run(ctx.clone()) => ctx.health.task_died("migrationset-controller"),
         _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),
+        _ = anchoring::run(ctx.clone()) => ctx.health.task_died("audit-anchoring"),
     }
 }
 

@@ -49,6 +49,10 @@ pub enum PgError {
     RestoreRunning(String),
     #[error("tenant {0} has no ops login role of its own yet (it is created when the tenant is provisioned)")]
     NoOpsRole(String),
+    #[error("deriving the tenant's keys failed: {0}")]
+    Keys(#[source] crate::crypto::CryptoError),
+    #[error("the audit log of tenant {tenant}: {what}")]
+    Audit { tenant: String, what: String },
 }
 
 impl PgError {
@@ -58,7 +62,7 @@ impl PgError {
         match self {
             PgError::Connect { .. } | PgError::RestoreRunning(_) | PgError::NoOpsRole(_) => true,
             PgError::Query { source, .. } => is_transient_sqlx(source),
-            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier => false,
+            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier | PgError::Keys(_) | PgError::Audit { .. } => false,
         }
     }
 }
@@ -135,6 +139,11 @@ impl Target {
         Ok(Self::from_options(opts))
     }
 
+    /// The target of a pool (the server and options it connects with).
+    pub fn of_pool(pool: &PgPool) -> Self {
+        Self::from_options((*pool.connect_options()).clone())
+    }
+
     fn from_options(opts: PgConnectOptions) -> Self {
         Target {
             host: opts.get_host().to_owned(),
@@ -203,7 +212,10 @@ pub async fn migrate_control_schema(pool: &PgPool) -> Result<(), PgError> {
     sqlx::query("SET search_path TO tenancy").execute(&mut *conn).await.map_err(query_err("setting search_path"))?;
     let result = MIGRATOR.run(&mut *conn).await.map_err(PgError::Migrate);
     let _ = sqlx::query("RESET search_path").execute(&mut *conn).await;
-    result
+    result?;
+    drop(conn);
+    // The audit anchor role and the anchor functions' schema.
+    audit::prepare_anchoring(pool).await
 }
 
 /// What the admin role may do; checked at start so a missing privilege is

@@ -295,7 +295,12 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Err(e) => return Err(e),
     };
     let actor = plan::last_spec_manager(t);
-    let outcome = match converge_db(&ctx.pool, &name, &uid, &desired, &observed.catalog, observed.secret_password().as_deref(), &actor).await {
+    // The root keys: the ops login's password and the audit key derive
+    // from them.
+    let Some(ring) = ctx.keys.current() else {
+        return fail(ctx, t, schema, "RootKeysUnavailable", "the root keys are not loaded".into()).await;
+    };
+    let outcome = match converge_db(&ctx.pool, &ring, &name, &uid, &desired, &observed.catalog, observed.secret_password().as_deref(), &actor).await {
         Ok(o) => o,
         Err(ConvergeError::Plan(e)) => return fail(ctx, t, schema, e.reason(), e.to_string()).await,
         Err(ConvergeError::Db(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
@@ -394,6 +399,7 @@ pub struct DbOutcome {
 /// drive it directly.
 pub async fn converge_db(
     pool: &sqlx::PgPool,
+    ring: &crate::crypto::Keyring,
     name: &TenantName,
     uid: &str,
     desired: &plan::DesiredDb,
@@ -417,7 +423,7 @@ pub async fn converge_db(
         tracing::info!(tenant = %name, sessions = n, "terminated the suspended tenant's sessions");
     }
     // The audit log: observed first, so a converged tenant runs nothing.
-    let audit = crate::pg::audit::converge(pool, name, desired.audit_retention_days).await?;
+    let audit = crate::pg::audit::converge(pool, ring, name, uid, desired.audit_retention_days).await?;
     let statements = statements + audit.statements;
     Ok(DbOutcome { plan: db_plan, registry, statements, audit })
 }

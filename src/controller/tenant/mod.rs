@@ -397,6 +397,7 @@ pub struct DbOutcome {
 /// plan in one transaction with the registry and audit writes, then end the
 /// sessions of a suspended tenant. No Kubernetes calls, so Postgres tests
 /// drive it directly.
+#[allow(clippy::too_many_arguments)]
 pub async fn converge_db(
     pool: &sqlx::PgPool,
     ring: &crate::crypto::Keyring,

@@ -12,7 +12,10 @@
 //! - BENCH_SINGLE (default 10,000) single-row INSERT statements in one
 //!   transaction (a server-side loop, so no network round trips);
 //! - one UPDATE of BENCH_ROWS / 10 rows (row-level trigger: one chained
-//!   append per row).
+//!   append per row);
+//! - BENCH_TX (default 2,000) transactions of one single-row INSERT each,
+//!   committed one by one (a server-side loop with COMMIT): what each
+//!   commit pays, the commit-time head update and anchor call included.
 //!
 //! Then verifies the tenant's chain. Drops its database and roles at the
 //! end. Not part of `cargo test`.
@@ -52,6 +55,12 @@ async fn timed(conn: &mut PgConnection, sql: &str) -> Duration {
     start.elapsed()
 }
 
+/// The root keys of the bench (one fixed key): the ops logins' passwords
+/// and the audit keys derive from them.
+fn bench_ring() -> tenant_operator::crypto::Keyring {
+    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
+}
+
 const TABLE: &str = "(id bigserial PRIMARY KEY, name text NOT NULL, qty integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now())";
 
 #[tokio::main]
@@ -72,7 +81,7 @@ async fn main() {
     let spec: TenantSpec = serde_json::from_value(serde_json::json!({})).expect("default spec");
     let desired = plan::desired_db(&name, &spec).expect("desired");
     let catalog = pg::tenant::observe(&pool, &name).await.expect("observe");
-    let out = converge_db(&pool, &name, &uid, &desired, &catalog, None, "bench").await.expect("provision");
+    let out = converge_db(&pool, &bench_ring(), &name, &uid, &desired, &catalog, None, "bench").await.expect("provision");
     let password = out.plan.password.clone();
     let (schema, owner) = (name.schema(), name.owner_role());
     let mut admin = PgConnection::connect(&with_db(&admin_url, &dbname)).await.expect("admin connects");
@@ -84,7 +93,7 @@ async fn main() {
     .await
     .expect("create the tables");
     let catalog = pg::tenant::observe(&pool, &name).await.expect("observe");
-    let out = converge_db(&pool, &name, &uid, &desired, &catalog, Some(&password), "bench").await.expect("audit the new table");
+    let out = converge_db(&pool, &bench_ring(), &name, &uid, &desired, &catalog, Some(&password), "bench").await.expect("audit the new table");
     assert!(out.audit.actions.iter().any(|a| a.label() == "AuditTable"), "the tenant table got no triggers: {:?}", out.audit.actions);
     sqlx::raw_sql("SET tenancy.actor = 'bench'; SET tenancy.request_id = 'bench-run'").execute(&mut admin).await.expect("set the actor");
 
@@ -93,6 +102,8 @@ async fn main() {
         format!("DO $b$ BEGIN FOR i IN 1..{single} LOOP INSERT INTO {t} (name, qty) VALUES ('single ' || i, i); END LOOP; END $b$")
     };
     let update = |t: &str| format!("UPDATE {t} SET qty = qty + 1 WHERE id IN (SELECT id FROM {t} ORDER BY id DESC LIMIT {})", rows / 10);
+    let txs = env_or("BENCH_TX", 2_000);
+    let commits = |t: &str| format!("DO $b$ BEGIN FOR i IN 1..{txs} LOOP INSERT INTO {t} (name, qty) VALUES ('tx ' || i, i); COMMIT; END LOOP; END $b$");
     let plain = "bench_plain.items".to_string();
     let audited = format!("{schema}.items");
 
@@ -101,6 +112,7 @@ async fn main() {
         (format!("bulk INSERT ... SELECT of {rows} rows"), &bulk as &dyn Fn(&str) -> String),
         (format!("{single} single-row INSERTs in one transaction"), &loop_),
         (format!("UPDATE of {} rows", rows / 10), &update),
+        (format!("{txs} one-row INSERT transactions"), &commits),
     ] {
         let (mut base, mut with) = (Vec::new(), Vec::new());
         // A warm-up of each, then alternate so both see the same cache and
@@ -116,7 +128,7 @@ async fn main() {
     }
     let audit_rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {schema}._tenancy_audit"))).fetch_one(&mut admin).await.expect("count");
     let verify_start = Instant::now();
-    let report = pg::audit::verify(&pool, &name).await.expect("verify");
+    let report = pg::audit::verify(&pool, &bench_ring(), &name).await.expect("verify");
     let verify_time = verify_start.elapsed();
 
     println!("audit triggers vs the same writes without triggers, median of {rounds} rounds each (PostgreSQL, same server, same run):");

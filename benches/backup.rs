@@ -22,9 +22,16 @@ use sqlx::{Connection, PgConnection};
 use tenant_operator::api::TenantSpec;
 use tenant_operator::backup::{self, Retention, Store, StoreConfig, Tools};
 use tenant_operator::controller::tenant::{converge_db, plan};
+
 use tenant_operator::crypto::{self, Keyring};
 use tenant_operator::names::TenantName;
 use tenant_operator::pg;
+
+/// The root keys of the bench (one fixed key): the ops logins' passwords
+/// and the audit keys derive from them.
+fn bench_ring() -> tenant_operator::crypto::Keyring {
+    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
+}
 
 fn env(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -76,7 +83,7 @@ async fn main() {
     let spec: TenantSpec = serde_json::from_value(serde_json::json!({})).unwrap();
     let desired = plan::desired_db(&name, &spec).unwrap();
     let catalog = pg::tenant::observe(&pool, &name).await.unwrap();
-    converge_db(&pool, &name, &format!("uid-{name}"), &desired, &catalog, None, "bench").await.unwrap();
+    converge_db(&pool, &bench_ring(), &name, &format!("uid-{name}"), &desired, &catalog, None, "bench").await.unwrap();
     let (schema, owner) = (name.schema(), name.owner_role());
 
     // About `mb` MiB: rows of ~200 bytes on disk, half of it hex (which

@@ -40,9 +40,16 @@ use tenant_operator::controller::migration_set::apply::Outcome;
 use tenant_operator::controller::migration_set::{pass, status};
 use tenant_operator::pg::migrations::TenantOutcome;
 use tenant_operator::controller::tenant::{converge_db, plan, ConvergeError};
+
 use tenant_operator::names::TenantName;
 use tenant_operator::pg;
 use tenant_operator::pg::migrations::Timeouts;
+
+/// The root keys of the bench (one fixed key): the ops logins' passwords
+/// and the audit keys derive from them.
+fn bench_ring() -> tenant_operator::crypto::Keyring {
+    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
+}
 
 fn env(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -72,7 +79,7 @@ async fn provision(pool: &PgPool, name: TenantName) {
     let desired = plan::desired_db(&name, &spec).expect("desired");
     for attempt in 1.. {
         let catalog = pg::tenant::observe(pool, &name).await.expect("observe");
-        match converge_db(pool, &name, &format!("uid-{name}"), &desired, &catalog, None, "bench").await {
+        match converge_db(pool, &bench_ring(), &name, &format!("uid-{name}"), &desired, &catalog, None, "bench").await {
             Ok(_) => return,
             // Concurrent GRANT CONNECT ON DATABASE: "tuple concurrently updated".
             Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 20 => tokio::time::sleep(Duration::from_millis(10 * attempt)).await,
@@ -317,7 +324,7 @@ async fn main() {
                 .for_each_concurrent(4, |n| {
                     let pool = op_pool.clone();
                     async move {
-                        pg::audit::converge(&pool, n, None).await.expect("auditing the baseline's tables");
+                        pg::audit::converge(&pool, &bench_ring(), n, &format!("uid-{n}"), None).await.expect("auditing the baseline's tables");
                     }
                 })
                 .await;

@@ -52,13 +52,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Walk the tenant's hash chain; print the first break (row id, what
+    /// Anchor the tenant's chain head, then walk its hash chain against the
+    /// head and every anchor; print the first break (row id, what
     /// mismatched) and exit non-zero if there is one.
     Verify {
         #[arg(long)]
         tenant: String,
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        #[command(flatten)]
+        keys: AuditKeyArgs,
     },
     /// Write the tenant's audit rows since a time as JSON lines to stdout.
     Export {
@@ -69,6 +72,8 @@ enum AuditCommand {
         since: chrono::DateTime<chrono::Utc>,
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        #[command(flatten)]
+        keys: AuditKeyArgs,
     },
     /// Prune the tenant's audit rows older than N days now (the reconcile
     /// does it daily when spec.audit.retentionDays is set), leaving an
@@ -80,7 +85,41 @@ enum AuditCommand {
         retention_days: u32,
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        #[command(flatten)]
+        keys: AuditKeyArgs,
     },
+}
+
+/// The root keys of the audit commands: they act on the tenant's schema
+/// through its ops login, whose password, like the tenant's audit key,
+/// derives from the root keys.
+#[derive(clap::Args, Clone)]
+struct AuditKeyArgs {
+    /// The operator namespace (root-keys Secret).
+    #[arg(long, env = "OPERATOR_NAMESPACE", default_value = "tenant-system")]
+    namespace: String,
+    /// Read the root keys from this file instead of the cluster (as for
+    /// `backup`): the root-keys Secret's manifest, or just its keys.
+    #[arg(long, env = "ROOT_KEYS_FILE")]
+    root_keys_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+impl AuditKeyArgs {
+    async fn load(&self) -> anyhow::Result<tenant_operator::crypto::Keyring> {
+        let src = self.keys.source(&self.namespace);
+        let ring = match &self.root_keys_file {
+            Some(path) => tenant_operator::keys::load_file(path, src.kms.as_ref()).await?,
+            None => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("building the Kubernetes client (kubeconfig or in-cluster; without a cluster, pass the keys with --root-keys-file)")?;
+                tenant_operator::keys::load(&client, &src).await?
+            }
+        };
+        Ok(ring)
+    }
 }
 
 fn rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
@@ -261,6 +300,12 @@ struct RunArgs {
     /// source.
     #[arg(long, env = "SECRET_SOURCE_NAMESPACES", default_value = "")]
     secret_source_namespaces: String,
+    /// Seconds between anchoring passes: each writes an HMAC'd anchor of
+    /// every tenant audit chain head that moved since its last anchor
+    /// (docs/audit.md). A tenant's owner can rewrite audit entries newer
+    /// than its latest anchor without `audit verify` noticing.
+    #[arg(long, env = "AUDIT_ANCHOR_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    audit_anchor_seconds: u64,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -334,14 +379,16 @@ fn cli_logging() {
 async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
     use tenant_operator::names::TenantName;
     match cmd {
-        AuditCommand::Verify { tenant, database_url } => {
+        AuditCommand::Verify { tenant, database_url, keys } => {
             let name = TenantName::parse(&tenant)?;
-            let (pool, _) = pg::connect(&database_url, 1).await.context("connecting to Postgres")?;
-            let report = pg::audit::verify(&pool, &name).await?;
+            let ring = keys.load().await.context("loading the root keys")?;
+            let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
+            let report = pg::audit::verify(&pool, &ring, &name).await?;
             let from = report.anchor.map(|a| format!(" from the anchor at row {a}")).unwrap_or_default();
             match report.first_break {
                 None => {
-                    println!("ok: {} row(s){from}, chain head {}", report.rows, report.head);
+                    let skipped = if report.anchors_skipped > 0 { format!(", {} not checkable (pruned, or a retired root key)", report.anchors_skipped) } else { String::new() };
+                    println!("ok: {} row(s){from}, chain head {}; {} anchor(s) checked{skipped}", report.rows, report.head, report.anchors_checked);
                     Ok(())
                 }
                 Some(b) => {
@@ -350,21 +397,23 @@ async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        AuditCommand::Export { tenant, since, database_url } => {
+        AuditCommand::Export { tenant, since, database_url, keys } => {
             let name = TenantName::parse(&tenant)?;
-            let (pool, _) = pg::connect(&database_url, 1).await.context("connecting to Postgres")?;
+            let ring = keys.load().await.context("loading the root keys")?;
+            let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let n = pg::audit::export(&pool, &name, since, &mut out).await?;
+            let n = pg::audit::export(&pool, &ring, &name, since, &mut out).await?;
             std::io::Write::flush(&mut out)?;
             eprintln!("exported {n} audit row(s) of tenant {name}");
             Ok(())
         }
-        AuditCommand::Prune { tenant, retention_days, database_url } => {
+        AuditCommand::Prune { tenant, retention_days, database_url, keys } => {
             let name = TenantName::parse(&tenant)?;
-            let (pool, _) = pg::connect(&database_url, 1).await.context("connecting to Postgres")?;
+            let ring = keys.load().await.context("loading the root keys")?;
+            let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
             let before = chrono::Utc::now() - chrono::Duration::days(retention_days as i64);
-            let p = pg::audit::prune(&pool, &name, before, "tenant-operator audit prune").await?;
+            let p = pg::audit::prune(&pool, &ring, &name, before, "tenant-operator audit prune").await?;
             println!("pruned {} row(s) before {before}; anchor: {:?}", p.deleted, p.anchor);
             Ok(())
         }
@@ -459,6 +508,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
         migration_timeouts: tenant_operator::pg::migrations::Timeouts { lock: args.migration_lock_timeout, statement: args.migration_statement_timeout },
         root_keys: key_source,
+        audit_anchor_interval: Duration::from_secs(args.audit_anchor_seconds),
         backup: tenant_operator::controller::tenant::backup::BackupSettings {
             image: args.image,
             env_secret: args.backup_env_secret,

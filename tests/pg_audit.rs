@@ -81,11 +81,16 @@ async fn audit_rows(db: &TestDb, t: &Tenant) -> Vec<Audit> {
 }
 
 fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tenant-operator")).args(args).env("DATABASE_URL", &db.admin_url).output().expect("run tenant-operator")
+    Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+        .args(args)
+        .env("DATABASE_URL", &db.admin_url)
+        .env("ROOT_KEYS_FILE", support::test_ring_file())
+        .output()
+        .expect("run tenant-operator")
 }
 
 async fn verified(db: &TestDb, t: &Tenant) -> pg::audit::VerifyReport {
-    let r = pg::audit::verify(&db.admin, &t.name).await.unwrap();
+    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap();
     assert_eq!(r.first_break, None, "the chain of {} is broken", t.name);
     r
 }
@@ -280,7 +285,7 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     .execute(&mut su)
     .await
     .unwrap();
-    let r = pg::audit::verify(&db.admin, &t.name).await.unwrap();
+    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap();
     let b = r.first_break.expect("a removed row breaks the chain");
     assert_eq!(b.id, ids[3], "{}", b.what);
     // Removing the entries of the very last transaction (two statements,
@@ -307,7 +312,7 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     .execute(&mut su)
     .await
     .unwrap();
-    let b = pg::audit::verify(&db.admin, &t2.name).await.unwrap().first_break.expect("a removed tail breaks the chain");
+    let b = pg::audit::verify(&db.admin, &support::test_ring(), &t2.name).await.unwrap().first_break.expect("a removed tail breaks the chain");
     assert!(b.what.contains("rows at the end"), "{}", b.what);
 
     // An entry appended behind the triggers' back (replica mode: no
@@ -325,7 +330,7 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     .execute(&mut su)
     .await
     .unwrap();
-    assert!(pg::audit::verify(&db.admin, &t3.name).await.unwrap().first_break.is_some(), "a forged entry verified");
+    assert!(pg::audit::verify(&db.admin, &support::test_ring(), &t3.name).await.unwrap().first_break.is_some(), "a forged entry verified");
 }
 
 fn pgaudit_required() -> bool {
@@ -390,7 +395,7 @@ async fn the_operator_sets_pgaudit_log_when_granted_the_parameter() {
     let t = Tenant::new(&unique("pgg"));
     let desired = tenant_operator::controller::tenant::plan::desired_db(&t.name, &t.spec).unwrap();
     let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
-    let out = tenant_operator::controller::tenant::converge_db(&pool, &t.name, &t.uid, &desired, &catalog, None, "test").await.unwrap();
+    let out = tenant_operator::controller::tenant::converge_db(&pool, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, None, "test").await.unwrap();
     assert_eq!(out.audit.read_auditing, ReadAuditing::On);
     assert!(out.audit.actions.iter().any(|a| a.label() == "SetPgauditLog"), "{:?}", out.audit.actions);
     let setting: Vec<String> = sqlx::query_scalar(
@@ -402,7 +407,7 @@ async fn the_operator_sets_pgaudit_log_when_granted_the_parameter() {
     .unwrap();
     assert!(setting.contains(&"pgaudit.log=read, write".to_string()), "{setting:?}");
     let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
-    let again = tenant_operator::controller::tenant::converge_db(&pool, &t.name, &t.uid, &desired, &catalog, Some(&out.plan.password), "test").await.unwrap();
+    let again = tenant_operator::controller::tenant::converge_db(&pool, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, Some(&out.plan.password), "test").await.unwrap();
     assert_eq!(again.statements, 0, "{:?} {:?}", again.plan.actions, again.audit.actions);
     // Cleanup: the roles are cluster-wide.
     pg::tenant::drop_tenant(&pool, &t.name, &t.uid, "test").await.unwrap();
@@ -467,7 +472,7 @@ async fn retention_pruning_leaves_a_verifiable_chain() {
         sqlx::query("UPDATE docs SET body = $1 WHERE id = 1").bind(format!("u{i}")).execute(&mut app).await.unwrap();
     }
     let before = audit_rows(&db, &t).await;
-    let p = pg::audit::prune(&db.admin, &t.name, cut, "test").await.unwrap();
+    let p = pg::audit::prune(&db.admin, &support::test_ring(), &t.name, cut, "test").await.unwrap();
     assert_eq!(p.deleted, 4);
     assert_eq!(p.anchor, Some(before[3].id));
     let r = verified(&db, &t).await;
@@ -480,7 +485,7 @@ async fn retention_pruning_leaves_a_verifiable_chain() {
     sqlx::query("DELETE FROM docs WHERE id = 4").execute(&mut app).await.unwrap();
     let cut2: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&db.admin).await.unwrap();
     sqlx::query("DELETE FROM docs WHERE id = 3").execute(&mut app).await.unwrap();
-    let p2 = pg::audit::prune(&db.admin, &t.name, cut2, "test").await.unwrap();
+    let p2 = pg::audit::prune(&db.admin, &support::test_ring(), &t.name, cut2, "test").await.unwrap();
     assert_eq!(p2.deleted, 6, "old anchor, 3 updates, PRUNE, 1 delete");
     verified(&db, &t).await;
 
@@ -495,12 +500,12 @@ async fn retention_pruning_leaves_a_verifiable_chain() {
     .execute(&mut su)
     .await
     .unwrap();
-    let b = pg::audit::verify(&db.admin, &t.name).await.unwrap().first_break.expect("a moved anchor is found");
+    let b = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap().first_break.expect("a moved anchor is found");
     assert!(b.what.contains("ANCHOR"), "{}", b.what);
 
     // From the reconcile: due once (nothing old enough yet), then not again
     // within a day, so the tenant stays quiet.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("UPDATE {schema}._tenancy_audit_head SET pruned_at = NULL"))).execute(&mut su).await.unwrap();
+    sqlx::query("UPDATE tenancy.audit_heads SET pruned_at = NULL WHERE tenant_uid = $1").bind(&t.uid).execute(&mut su).await.unwrap();
     t.spec.audit.retention_days = Some(30);
     let out = t.converge(&db).await.unwrap();
     assert_eq!(out.audit.pruned, Some(0));

@@ -29,19 +29,19 @@ async fn temp_file_limit_needs_a_grant_and_then_caps_spilling_queries() {
     // and the plan says why.
     let catalog = pg::tenant::observe(&admin, &name).await.unwrap();
     assert!(!catalog.can_set_temp_file_limit);
-    let out = converge_db(&admin, &name, &uid, &desired, &catalog, None, "test").await.unwrap();
+    let out = converge_db(&admin, &support::test_ring(), &name, &uid, &desired, &catalog, None, "test").await.unwrap();
     assert!(out.plan.caps_not_applied.as_deref().is_some_and(|m| m.contains("GRANT SET ON PARAMETER")), "{:?}", out.plan.caps_not_applied);
     let password = out.plan.password.clone();
     let catalog = pg::tenant::observe(&admin, &name).await.unwrap();
     assert!(!catalog.app_role.as_ref().unwrap().settings.contains_key("temp_file_limit"));
-    let again = converge_db(&admin, &name, &uid, &desired, &catalog, Some(&password), "test").await.unwrap();
+    let again = converge_db(&admin, &support::test_ring(), &name, &uid, &desired, &catalog, Some(&password), "test").await.unwrap();
     assert_eq!(again.statements, 0, "the degraded state is not quiet");
 
     // With the grant (what a managed service's superuser-equivalent does once).
     let mut su = db.superuser().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT SET ON PARAMETER temp_file_limit TO {admin_role}"))).execute(&mut su).await.unwrap();
     let catalog = pg::tenant::observe(&admin, &name).await.unwrap();
-    let out = converge_db(&admin, &name, &uid, &desired, &catalog, Some(&password), "test").await.unwrap();
+    let out = converge_db(&admin, &support::test_ring(), &name, &uid, &desired, &catalog, Some(&password), "test").await.unwrap();
     assert!(out.plan.caps_not_applied.is_none());
     assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["SetRoleSetting"]);
 
@@ -62,6 +62,6 @@ async fn temp_file_limit_needs_a_grant_and_then_caps_spilling_queries() {
     spec.database.temp_file_limit = None;
     let desired = plan::desired_db(&name, &spec).unwrap();
     let catalog = pg::tenant::observe(&admin, &name).await.unwrap();
-    let out = converge_db(&admin, &name, &uid, &desired, &catalog, Some(&password), "test").await.unwrap();
+    let out = converge_db(&admin, &support::test_ring(), &name, &uid, &desired, &catalog, Some(&password), "test").await.unwrap();
     assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["ResetRoleSetting"]);
 }

@@ -35,7 +35,7 @@ impl Tenant {
     async fn converge(&mut self, db: &TestDb) {
         let desired = plan::desired_db(&self.name, &self.spec).expect("valid spec");
         let catalog = pg::tenant::observe(&db.admin, &self.name).await.expect("observe");
-        let out = converge_db(&db.admin, &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await.expect("converge");
+        let out = converge_db(&db.admin, &support::test_ring(), &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await.expect("converge");
         self.password = Some(out.plan.password.clone());
     }
 

@@ -205,7 +205,7 @@ async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
     // ... then the application logs in, before NOLOGIN commits.
     let mut late = t.app(&db).await.expect("login is still on");
     sqlx::query("SELECT 1").execute(&mut late).await.unwrap();
-    tenant_operator::controller::tenant::converge_db(&db.admin, &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
+    tenant_operator::controller::tenant::converge_db(&db.admin, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
     // Ended after the commit, though the read saw no session.
     for _ in 0..50 {
         if app_sessions(&db, &t).await == 0 {
@@ -219,7 +219,7 @@ async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
     // And at every later reconcile of the suspended tenant, any session left
     // (one that slipped in as the previous terminate ran) is ended too.
     let catalog = pg::tenant::observe(&db.admin, &t.name).await.unwrap();
-    let again = tenant_operator::controller::tenant::converge_db(&db.admin, &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
+    let again = tenant_operator::controller::tenant::converge_db(&db.admin, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
     assert!(again.plan.terminate_sessions && again.statements == 0);
 }
 
@@ -239,7 +239,7 @@ async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
             let desired = plan::desired_db(&t.name, &t.spec).unwrap();
             let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
             barrier.wait().await;
-            tenant_operator::controller::tenant::converge_db(&pool, &t.name, &t.uid, &desired, &catalog, None, "test").await
+            tenant_operator::controller::tenant::converge_db(&pool, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, None, "test").await
         }
     });
     let results = futures::future::join_all(runs).await;

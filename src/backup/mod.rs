@@ -591,7 +591,16 @@ async fn restore_locked(
     match ran {
         Ok(()) => {
             pgb::drop_aside(pool, name).await?;
+            // The restored audit chain is older than the anchored head: the
+            // anchors are reset to it (and that is recorded) before the app
+            // may write again (docs/audit.md, "After a restore").
+            let rebased = async {
+                let login = crate::pg::confined::OpsLogin::derive(&crate::pg::Target::of_pool(pool), name, uid, keyring, salt).map_err(crate::pg::PgError::Keys)?;
+                crate::pg::audit::rebase_after_restore(pool, keyring, &login, "tenant-operator restore", serde_json::json!({ "backup": id })).await
+            }
+            .await;
             pgb::restore_login(pool, name, uid).await?;
+            rebased?;
             Ok(RestoreOutcome { manifest, recovered })
         }
         Err(why) => {

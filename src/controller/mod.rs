@@ -4,6 +4,7 @@
 //! gives `run`, which drives the Tenant controller and the rate-limit
 //! ConfigMap writer until shutdown.
 
+pub mod anchoring;
 pub mod migration_set;
 pub mod ratelimits;
 pub mod tenant;
@@ -41,6 +42,8 @@ pub struct Settings {
     pub backup: tenant::backup::BackupSettings,
     /// Which Secrets may be sources of tenants' sealed secrets.
     pub secret_sources: tenant::sealing::SourcePolicy,
+    /// Time between audit anchoring passes ([`anchoring`]).
+    pub audit_anchor_interval: Duration,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.
@@ -130,6 +133,7 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
         _ = ratelimits::run(ctx.clone()) => ctx.health.task_died("ratelimits"),
         _ = migration_set::run(ctx.clone()) => ctx.health.task_died("migrationset-controller"),
         _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),
+        _ = anchoring::run(ctx.clone()) => ctx.health.task_died("audit-anchoring"),
     }
 }
 

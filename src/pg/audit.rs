@@ -1,15 +1,21 @@
 //! The per-tenant audit log: an append-only, hash-chained `_tenancy_audit`
-//! table in each tenant schema, fed by triggers on every tenant table, and
-//! read auditing through pgaudit (docs/audit.md).
+//! table in each tenant schema, fed by triggers on every tenant table, its
+//! head anchored outside the schema under a key only the operator holds,
+//! and read auditing through pgaudit (docs/audit.md).
 //!
 //! Takes a validated [`TenantName`] (schema and role identifiers come only
-//! from it; table names come from the catalog and are quoted); gives the
-//! observed audit state, the statements that converge it, chain
-//! verification, export and pruning. Side effects: DDL in the tenant schema
-//! as its owner role (tables `_tenancy_audit` and `_tenancy_audit_head`,
-//! three functions, triggers on the tenant's tables), `ALTER ROLE <app> SET
-//! pgaudit.log` where the admin may, and DELETE/INSERT on the audit table
-//! when pruning.
+//! from it; table names come from the catalog and are quoted), the tenant's
+//! uid and the root keys; gives the observed audit state, the statements
+//! that converge it, anchoring, chain verification, export and pruning.
+//!
+//! Who runs what: the admin pool reads catalogs and `tenancy.*` and writes
+//! `tenancy.*` (heads, anchors), the anchor functions in schema
+//! `tenancy_audit` and `ALTER ROLE <app> SET pgaudit.log`. Everything that
+//! reads or writes a relation in the tenant schema, and the audit DDL there,
+//! runs on a confined session ([`super::confined`]: session user
+//! `tenant_<x>_ops`, acting as the tenant's owner), opened only when there
+//! is something to do, so nothing the owner wrote (a trigger, an RLS policy,
+//! a view in place of a table) ever runs as the admin.
 //!
 //! The chain: every audit row carries `prev_hash` and `hash =
 //! sha256(prev_hash || content)`, content being [`content_sql`] of the row
@@ -19,17 +25,24 @@
 //! the last transaction is found too), and its row lock serializes appends
 //! per tenant until commit, so the chain is linear under concurrency (and a
 //! REPEATABLE READ writer that raced gets a serialization failure instead
-//! of forking it).
+//! of forking it). The same commit-time trigger moves the tenant's head in
+//! `tenancy.audit_heads` through its anchor function (forward only); the
+//! operator periodically writes an HMAC'd anchor of each head that moved
+//! (`tenancy.audit_anchors`), so rewriting the chain before the latest
+//! anchor is found by [`verify`] even when every hash is recomputed.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::{Acquire, PgConnection, PgPool, Row};
+use sqlx::{Acquire, Connection, PgConnection, PgPool, Row};
 
+use super::confined::{self, Confined, OpsLogin};
 use super::{query_err, quote_ident, quote_literal, PgError};
+use crate::crypto::{KeyVersion, Keyring, Purpose, TenantSalt};
 use crate::names::TenantName;
 
 /// The audit table in every tenant schema.
@@ -58,6 +71,16 @@ pub const PGAUDIT_CLASSES: &str = "read, write";
 /// The `search_path` of the audit functions: only the catalog, so no object
 /// a tenant creates can stand in for a built-in.
 const FN_SEARCH_PATH: &str = "search_path=pg_catalog, pg_temp";
+/// The schema of the per-tenant anchor functions (one per tenant, named
+/// like the tenant's schema), owned by the admin; each tenant's owner may
+/// use it (to call its own function) and nothing else.
+pub const ANCHOR_SCHEMA: &str = "tenancy_audit";
+/// The anchor role is this prefix and the database's oid (roles are
+/// cluster-wide, anchor functions per database): NOLOGIN, owns the anchor
+/// functions, may write `tenancy.audit_heads` and nothing else.
+pub const ANCHOR_ROLE_PREFIX: &str = "tenancy_anchor_";
+/// The domain separator of an anchor's MAC input ([`anchor_message`]).
+pub const ANCHOR_DOMAIN: &[u8] = b"tenancy.dev/audit-anchor/v1\0";
 
 /// The canonical content of an audit row that its hash covers, as UTF-8:
 /// three lines, `header \n row_pk \n changed_columns`, where the header is
@@ -110,6 +133,26 @@ pub struct AuditState {
     /// names (to be replaced); the others, typically a migration's new
     /// tables, only get them created.
     pub stale: Vec<String>,
+    /// `_tenancy_audit` or `_tenancy_audit_head` exists as something else
+    /// than a table (a view, say): put there by the tenant's owner. The
+    /// reconcile reports it and leaves it alone.
+    pub misshapen: Vec<String>,
+}
+
+/// The tenant's anchoring, as the catalog and `tenancy.audit_heads` show
+/// it (read by the admin: catalogs and the control schema only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AnchorState {
+    /// The anchor role of this database ([`ANCHOR_ROLE_PREFIX`] + oid).
+    pub role: String,
+    /// The tenant's anchor function exists with the expected body, owner,
+    /// SECURITY DEFINER, search_path and marker, EXECUTE only for the
+    /// tenant's owner, who may use its schema.
+    pub function_current: bool,
+    /// The tenant has a head in `tenancy.audit_heads`.
+    pub seeded: bool,
+    /// When the operator last pruned the tenant's log.
+    pub pruned_at: Option<DateTime<Utc>>,
 }
 
 /// What the server and the app role say about pgaudit.
@@ -182,6 +225,13 @@ pub enum AuditAction {
     /// (dropped first).
     TriggerTable { table: String, replace: bool },
     SetPgauditLog,
+    /// The tenant's anchor function in [`ANCHOR_SCHEMA`] (admin), owned by
+    /// the anchor `role`, its uid a literal in its body.
+    AnchorFunction { uid: String, role: String },
+    /// The first head in `tenancy.audit_heads`: the in-schema head, through
+    /// the anchor function (as the owner; a tenant whose chain predates
+    /// anchoring keeps its chain).
+    SeedHead,
 }
 
 impl AuditAction {
@@ -192,12 +242,15 @@ impl AuditAction {
             AuditAction::GuardTable => "GuardAuditTable",
             AuditAction::TriggerTable { .. } => "AuditTable",
             AuditAction::SetPgauditLog => "SetPgauditLog",
+            AuditAction::AnchorFunction { .. } => "AnchorFunction",
+            AuditAction::SeedHead => "SeedAuditHead",
         }
     }
 
-    /// Runs as the tenant's owner role (everything but the role setting).
+    /// Runs as the tenant's owner role, on a confined session (everything
+    /// but the role setting and the anchor function).
     fn as_owner(&self) -> bool {
-        !matches!(self, AuditAction::SetPgauditLog)
+        !matches!(self, AuditAction::SetPgauditLog | AuditAction::AnchorFunction { .. })
     }
 }
 
@@ -222,6 +275,22 @@ pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditActi
         if p.loaded && p.can_set && !p.satisfied() {
             actions.push(AuditAction::SetPgauditLog);
         }
+    }
+    actions
+}
+
+/// The steps that converge the tenant's anchoring: its anchor function
+/// (admin) and its first head (owner, after the owner's other steps). Pure.
+pub fn plan_anchor(state: &AuditState, anchor: &AnchorState, uid: &str) -> Vec<AuditAction> {
+    let mut actions = Vec::new();
+    if !state.schema_exists {
+        return actions;
+    }
+    if !anchor.function_current {
+        actions.push(AuditAction::AnchorFunction { uid: uid.to_owned(), role: anchor.role.clone() });
+    }
+    if !anchor.seeded {
+        actions.push(AuditAction::SeedHead);
     }
     actions
 }
@@ -358,19 +427,53 @@ END
 "#
     );
     // At commit (deferred, once per entry of the transaction): the entry with
-    // the highest id moves the head to itself. Appends are serialized by the
-    // head's row lock, so the highest id is this transaction's last entry.
+    // the highest id moves the head to itself, and the tenant's head in
+    // tenancy.audit_heads through its anchor function (which refuses to move
+    // it back). Appends are serialized by the head's row lock, so the
+    // highest id is this transaction's last entry.
+    let anchor = anchor_fn(name)?;
     let tail = format!(
         r#"
 BEGIN
   IF NEW.id = (SELECT max(a.id) FROM {schema}.{AUDIT_TABLE} a) THEN
     UPDATE {schema}.{HEAD_TABLE} SET last_id = NEW.id, hash = NEW.hash;
+    PERFORM {anchor}(NEW.id, NEW.hash);
   END IF;
   RETURN NULL;
 END
 "#
     );
     Ok(BTreeMap::from([(WRITE_FN, write), (TRIGGER_FN, trigger), (GUARD_FN, guard), (TAIL_FN, tail)]))
+}
+
+/// The tenant's anchor function, qualified and quoted.
+fn anchor_fn(name: &TenantName) -> Result<String, PgError> {
+    Ok(format!("{}.{}", quote_ident(ANCHOR_SCHEMA)?, quote_ident(&name.schema())?))
+}
+
+/// The source of the tenant's anchor function: moves the tenant's head in
+/// `tenancy.audit_heads` forward (a later row, or the same row with the same
+/// hash), refuses anything else. The uid is a literal, so the function can
+/// only ever write its own tenant's row.
+pub fn anchor_function_body(name: &TenantName, uid: &str) -> Result<String, PgError> {
+    let uid = quote_literal(uid)?;
+    let tenant = quote_literal(name.as_str())?;
+    Ok(format!(
+        r#"
+BEGIN
+  IF p_last_id IS NULL OR p_last_id < 0 OR p_hash IS NULL OR octet_length(p_hash) <> 32 THEN
+    RAISE EXCEPTION 'not an audit chain head: row %', p_last_id USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  INSERT INTO tenancy.audit_heads AS h (tenant_uid, last_id, hash, moved_at) VALUES ({uid}, p_last_id, p_hash, now())
+  ON CONFLICT (tenant_uid) DO UPDATE SET last_id = excluded.last_id, hash = excluded.hash, moved_at = excluded.moved_at
+   WHERE h.last_id < excluded.last_id OR (h.last_id = excluded.last_id AND h.hash = excluded.hash);
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'the audit chain head of tenant % cannot move back or be rewritten (to row %)', {tenant}, p_last_id
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+END
+"#
+    ))
 }
 
 /// The SQL of one action. Identifiers are quoted; the functions' bodies are
@@ -460,6 +563,30 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             v
         }
         AuditAction::SetPgauditLog => vec![format!("ALTER ROLE {app} SET pgaudit.log TO {}", quote_literal(PGAUDIT_CLASSES)?)],
+        AuditAction::AnchorFunction { uid, role } => {
+            let f = anchor_fn(name)?;
+            let owner = quote_ident(&name.owner_role())?;
+            let role = quote_ident(role)?;
+            let marker = quote_literal(&super::tenant::ownership_marker(uid))?;
+            let body = anchor_function_body(name, uid)?;
+            // Created by the admin (a member of the anchor role) and then
+            // given to the anchor role, so it runs with the anchor role's
+            // rights only; grants made before the owner change move with it.
+            // Dropped first: a replaced function would keep grants made
+            // by hand.
+            vec![
+                format!("DROP FUNCTION IF EXISTS {f}(bigint, bytea)"),
+                format!(
+                    "CREATE FUNCTION {f}(p_last_id bigint, p_hash bytea) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $tenancy_fn${body}$tenancy_fn$"
+                ),
+                format!("REVOKE ALL ON FUNCTION {f}(bigint, bytea) FROM PUBLIC"),
+                format!("GRANT EXECUTE ON FUNCTION {f}(bigint, bytea) TO {owner}"),
+                format!("COMMENT ON FUNCTION {f}(bigint, bytea) IS {marker}"),
+                format!("ALTER FUNCTION {f}(bigint, bytea) OWNER TO {role}"),
+                format!("GRANT USAGE ON SCHEMA {} TO {owner}", quote_ident(ANCHOR_SCHEMA)?),
+            ]
+        }
+        AuditAction::SeedHead => vec![format!("SELECT {}(h.last_id, h.hash) FROM {schema}.{HEAD_TABLE} h", anchor_fn(name)?)],
     })
 }
 
@@ -486,6 +613,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
                 AND EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
                          WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $11 AND t.tgenabled = 'O'
                            AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $11) AS guard,
+                ARRAY(SELECT c.relname::text FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
                 coalesce(u.untriggered, '{}') AS untriggered,
                 coalesce(u.stale, '{}') AS stale,
                 (SELECT count(*) FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid
@@ -530,10 +658,98 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
             guard: row.try_get("guard")?,
             untriggered: row.try_get("untriggered")?,
             stale: row.try_get("stale")?,
+            misshapen: row.try_get::<Option<Vec<String>>, _>("misshapen")?.unwrap_or_default(),
             functions_current: row.try_get::<Option<bool>, _>("functions_current")?.unwrap_or(false),
         })
     };
     decode().map_err(query_err("decoding the tenant's audit objects"))
+}
+
+/// Reads the tenant's anchoring (admin: catalogs and `tenancy.audit_heads`
+/// only): 1 query, no writes.
+pub async fn observe_anchor(conn: &mut PgConnection, name: &TenantName, uid: &str) -> Result<AnchorState, PgError> {
+    let row = sqlx::query(
+        "SELECT $5 || d.oid::text AS role,
+                coalesce((SELECT p.prosrc = $3 AND p.prosecdef AND p.proowner = r.oid AND p.proconfig = ARRAY[$4]
+                                 AND obj_description(p.oid, 'pg_proc') = $6
+                                 AND EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = o.oid AND a.privilege_type = 'EXECUTE')
+                                 AND NOT EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a WHERE a.grantee NOT IN (p.proowner, o.oid))
+                                 AND has_schema_privilege(o.oid, s.oid, 'USAGE')
+                            FROM pg_namespace s JOIN pg_proc p ON p.pronamespace = s.oid
+                           WHERE s.nspname = $7 AND p.proname = $1 AND p.proargtypes = '20 17'::oidvector), false) AS function_current,
+                h.tenant_uid IS NOT NULL AS seeded,
+                h.pruned_at
+           FROM pg_database d
+           LEFT JOIN pg_roles r ON r.rolname = $5 || d.oid::text
+           LEFT JOIN pg_roles o ON o.rolname = $8
+           LEFT JOIN tenancy.audit_heads h ON h.tenant_uid = $2
+          WHERE d.datname = current_database()",
+    )
+    .bind(name.schema())
+    .bind(uid)
+    .bind(anchor_function_body(name, uid)?)
+    .bind(FN_SEARCH_PATH)
+    .bind(ANCHOR_ROLE_PREFIX)
+    .bind(super::tenant::ownership_marker(uid))
+    .bind(ANCHOR_SCHEMA)
+    .bind(name.owner_role())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(query_err("reading the tenant's audit anchoring"))?;
+    let decode = || -> Result<AnchorState, sqlx::Error> {
+        Ok(AnchorState {
+            role: row.try_get("role")?,
+            function_current: row.try_get("function_current")?,
+            seeded: row.try_get("seeded")?,
+            pruned_at: row.try_get("pruned_at")?,
+        })
+    };
+    decode().map_err(query_err("decoding the tenant's audit anchoring"))
+}
+
+/// Creates, once per database and idempotently, what anchoring needs: the
+/// anchor role (NOLOGIN; the admin is a member so it can give it the
+/// anchor functions) with the right to move heads in
+/// `tenancy.audit_heads`, and the schema [`ANCHOR_SCHEMA`]. Called at start
+/// after the control schema's migrations; serialized across operator
+/// instances by a row lock on `tenancy.locks`.
+pub async fn prepare_anchoring(pool: &PgPool) -> Result<(), PgError> {
+    let mut tx = pool.begin().await.map_err(query_err("starting the anchoring set-up"))?;
+    sqlx::raw_sql(
+        "INSERT INTO tenancy.locks (kind, key) VALUES ('audit-anchoring', '') ON CONFLICT DO NOTHING;
+         SELECT 1 FROM tenancy.locks WHERE kind = 'audit-anchoring' AND key = '' FOR UPDATE",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(query_err("locking the anchoring set-up"))?;
+    let sql = format!(
+        r#"DO $tenancy_prep$
+DECLARE
+  v_role text := {prefix} || (SELECT oid FROM pg_database WHERE datname = current_database())::text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
+    EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+    EXECUTE format('COMMENT ON ROLE %I IS %L', v_role, 'tenancy.dev: owns the audit anchor functions of database ' || current_database());
+  END IF;
+  IF NOT pg_has_role(current_user, v_role, 'MEMBER') THEN
+    EXECUTE format('GRANT %I TO %I', v_role, current_user);
+  END IF;
+  EXECUTE format('GRANT USAGE ON SCHEMA tenancy TO %I', v_role);
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE ON tenancy.audit_heads TO %I', v_role);
+  IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {schema}) THEN
+    EXECUTE format('CREATE SCHEMA %I', {schema});
+  END IF;
+  -- Only so that the anchor functions can be given to the role (a new
+  -- owner needs CREATE on the schema); nobody logs in as it.
+  EXECUTE format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', {schema}, v_role);
+END
+$tenancy_prep$"#,
+        prefix = quote_literal(ANCHOR_ROLE_PREFIX)?,
+        schema = quote_literal(ANCHOR_SCHEMA)?,
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(query_err("preparing the audit anchoring"))?;
+    tx.commit().await.map_err(query_err("committing the anchoring set-up"))?;
+    Ok(())
 }
 
 /// Reads what pgaudit can do here and the app role's setting: 1 or 2
@@ -646,36 +862,101 @@ pub fn prune_due(retention_days: Option<u32>, last_pruned: Option<DateTime<Utc>>
     Some(now - chrono::Duration::days(days as i64))
 }
 
-/// The audit half of a reconcile: observe, then converge (one transaction)
-/// the audit objects and the app role's pgaudit setting; then prune when
-/// retention is set and a day has passed since the last prune. A converged
-/// tenant with nothing to prune runs no statement.
-pub async fn converge(pool: &PgPool, name: &TenantName, retention_days: Option<u32>) -> Result<AuditOutcome, PgError> {
+/// The tenant's HKDF salt (from the registry; made with the tenant).
+async fn salt_of(pool: &PgPool, name: &TenantName, uid: &str) -> Result<TenantSalt, PgError> {
+    super::tenant::existing_key_salt(pool, uid)
+        .await?
+        .ok_or_else(|| PgError::Audit { tenant: name.to_string(), what: "the tenant has no key salt in the registry (it is not provisioned)".into() })
+}
+
+/// The uid of a tenant by name, from the registry.
+async fn uid_for(pool: &PgPool, name: &TenantName) -> Result<String, PgError> {
+    super::tenant::uid_of(pool, name.as_str())
+        .await?
+        .ok_or_else(|| PgError::Audit { tenant: name.to_string(), what: "the tenant is not in the registry".into() })
+}
+
+/// A confined session of the tenant (its ops login, password derived from
+/// the active root key), on the admin pool's server.
+async fn open_confined(pool: &PgPool, ring: &Keyring, name: &TenantName, uid: &str) -> Result<Confined, PgError> {
+    let salt = salt_of(pool, name, uid).await?;
+    let login = OpsLogin::derive(&super::Target::of_pool(pool), name, uid, ring, &salt).map_err(PgError::Keys)?;
+    confined::connect(pool, &login).await
+}
+
+fn misshapen(name: &TenantName, objects: &[String]) -> PgError {
+    PgError::Audit {
+        tenant: name.to_string(),
+        what: format!(
+            "{} in schema {} is not a table (the tenant's owner replaced it, e.g. by a view): the operator does not touch it; \
+             the chain cannot be kept or verified until an administrator puts the table back (docs/audit.md)",
+            objects.join(" and "),
+            name.schema()
+        ),
+    }
+}
+
+/// The audit half of a reconcile: observe (admin: catalogs and
+/// `tenancy.*`), then converge the anchor function and the app role's
+/// pgaudit setting (admin, one transaction) and the audit objects in the
+/// schema (a confined session, one transaction); then prune when retention
+/// is set and a day has passed since the last prune (the same confined
+/// session). A converged tenant with nothing to prune runs no statement and
+/// opens no confined session.
+pub async fn converge(pool: &PgPool, ring: &Keyring, name: &TenantName, uid: &str, retention_days: Option<u32>) -> Result<AuditOutcome, PgError> {
     let mut conn = pool.acquire().await.map_err(query_err("connecting to converge the audit log"))?;
     let state = observe(&mut conn, name).await?;
+    if !state.misshapen.is_empty() {
+        return Err(misshapen(name, &state.misshapen));
+    }
+    let anchor = if state.schema_exists { observe_anchor(&mut conn, name, uid).await? } else { AnchorState::default() };
     let pgaudit = observe_pgaudit(&mut conn, name).await?;
-    let actions = plan(&state, Some(&pgaudit));
+    let mut actions = plan(&state, Some(&pgaudit));
+    actions.extend(plan_anchor(&state, &anchor, uid));
+    let (admin, owner): (Vec<AuditAction>, Vec<AuditAction>) = actions.iter().cloned().partition(|a| !a.as_owner());
     let mut statements = 0;
-    if !actions.is_empty() {
+    if !admin.is_empty() {
         let mut tx = conn.begin().await.map_err(query_err("starting the audit log's transaction"))?;
-        statements = run(&mut tx, name, &actions).await.map_err(query_err("converging the audit log"))?;
-        tx.commit().await.map_err(query_err("committing the audit log"))?;
+        statements += run(&mut tx, name, &admin).await.map_err(query_err("converging the audit log's anchoring"))?;
+        tx.commit().await.map_err(query_err("committing the audit log's anchoring"))?;
+    }
+    drop(conn);
+    let mut session: Option<Confined> = None;
+    if !owner.is_empty() {
+        let mut c = open_confined(pool, ring, name, uid).await?;
+        let result = async {
+            let mut tx = Connection::begin(&mut *c).await?;
+            let n = run(&mut tx, name, &owner).await?;
+            tx.commit().await?;
+            Ok::<usize, sqlx::Error>(n)
+        }
+        .await;
+        match result {
+            Ok(n) => statements += n,
+            Err(e) => {
+                c.close().await;
+                return Err(PgError::Query { action: "converging the audit log", source: e });
+            }
+        }
+        session = Some(c);
     }
     let read = read_auditing(&pgaudit, &name.app_role(), &pgaudit.admin);
     let mut pruned = None;
-    if retention_days.is_some() && state.schema_exists {
-        let last: Option<DateTime<Utc>> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT pruned_at FROM {}.{HEAD_TABLE}", quote_ident(&name.schema())?)))
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(query_err("reading the audit log's last prune"))?
-                .flatten();
-        if let Some(cutoff) = prune_due(retention_days, last, Utc::now()) {
-            drop(conn);
-            let p = prune(pool, name, cutoff, "tenant-operator (retention)").await?;
+    if state.schema_exists {
+        if let Some(cutoff) = prune_due(retention_days, anchor.pruned_at, Utc::now()) {
+            let mut c = match session.take() {
+                Some(c) => c,
+                None => open_confined(pool, ring, name, uid).await?,
+            };
+            let p = prune_on(pool, &mut c, name, uid, cutoff, "tenant-operator (retention)").await;
+            c.close().await;
+            let p = p?;
             statements += p.statements;
             pruned = Some(p.deleted);
         }
+    }
+    if let Some(c) = session {
+        c.close().await;
     }
     Ok(AuditOutcome { actions, statements, read_auditing: read, pruned })
 }
@@ -690,74 +971,119 @@ pub struct PruneOutcome {
     pub statements: usize,
 }
 
-/// Deletes the audit rows older than `before`, as the owner role, and keeps
-/// the rest verifiable: an ANCHOR row takes the last pruned row's id, with
+/// Deletes the audit rows older than `before` and keeps the rest
+/// verifiable: an ANCHOR row takes the last pruned row's id, with
 /// `prev_hash` and `hash` both that row's hash (the hash at the cut), so the
 /// next row links to it; and a PRUNE row appended to the chain records the
 /// cut (`row_pk`: through_id, cut_hash, rows), binding the anchor into the
-/// chain. Appends wait meanwhile (the head row is locked).
-pub async fn prune(pool: &PgPool, name: &TenantName, before: DateTime<Utc>, actor: &str) -> Result<PruneOutcome, PgError> {
+/// chain. The cut is recorded in `tenancy.audit_heads` (admin) before the
+/// rows go, so [`verify`] accepts an ANCHOR row only at or before a cut the
+/// operator made; anchors before the cut are then forgotten. The rows are
+/// deleted on a confined session, as the owner; appends wait meanwhile (the
+/// head row is locked).
+pub async fn prune(pool: &PgPool, ring: &Keyring, name: &TenantName, before: DateTime<Utc>, actor: &str) -> Result<PruneOutcome, PgError> {
+    let uid = uid_for(pool, name).await?;
+    let mut c = open_confined(pool, ring, name, &uid).await?;
+    let out = prune_on(pool, &mut c, name, &uid, before, actor).await;
+    c.close().await;
+    out
+}
+
+async fn prune_on(pool: &PgPool, conn: &mut PgConnection, name: &TenantName, uid: &str, before: DateTime<Utc>, actor: &str) -> Result<PruneOutcome, PgError> {
     let schema = quote_ident(&name.schema())?;
-    let owner = quote_ident(&name.owner_role())?;
-    let mut tx = pool.begin().await.map_err(query_err("starting the prune"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}"))).execute(&mut *tx).await.map_err(query_err("becoming the owner to prune"))?;
-    sqlx::query("SELECT set_config('tenancy.audit_prune', 'on', true), set_config('tenancy.actor', $1, true), set_config('tenancy.request_id', '', true)")
-        .bind(actor)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("marking the prune"))?;
-    let mut statements = 2;
-    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT 1 FROM {schema}.{HEAD_TABLE} FOR UPDATE")))
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("locking the audit chain"))?;
     let cut: Option<(i64, Vec<u8>, DateTime<Utc>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, hash, \"time\", operation FROM {schema}.{AUDIT_TABLE} WHERE \"time\" < $1 ORDER BY id DESC LIMIT 1"
     )))
     .bind(before)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(query_err("finding the audit log's cut"))?;
-    let mut out = PruneOutcome { deleted: 0, anchor: None, statements };
-    if let Some((id, hash, time, op)) = cut.filter(|c| c.3 != "ANCHOR") {
-        let _ = op;
-        let deleted = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{AUDIT_TABLE} WHERE id <= $1")))
+    let mut out = PruneOutcome { deleted: 0, anchor: None, statements: 1 };
+    if let Some((id, hash, time, _)) = cut.filter(|c| c.3 != "ANCHOR") {
+        // The cut first, so that a crash between here and the delete
+        // leaves a chain that still verifies (the cut row is still there).
+        let recorded = sqlx::query("UPDATE tenancy.audit_heads SET cut_id = $2, cut_hash = $3 WHERE tenant_uid = $1")
+            .bind(uid)
             .bind(id)
+            .bind(&hash)
+            .execute(pool)
+            .await
+            .map_err(query_err("recording the audit log's cut"))?
+            .rows_affected();
+        if recorded == 0 {
+            return Err(PgError::Audit { tenant: name.to_string(), what: "its chain is not anchored yet (the next reconcile anchors it); not pruned".into() });
+        }
+        let mut tx = Connection::begin(&mut *conn).await.map_err(query_err("starting the prune"))?;
+        sqlx::query("SELECT set_config('tenancy.audit_prune', 'on', true), set_config('tenancy.actor', $1, true), set_config('tenancy.request_id', '', true)")
+            .bind(actor)
             .execute(&mut *tx)
             .await
-            .map_err(query_err("pruning the audit log"))?
-            .rows_affected();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO {schema}.{AUDIT_TABLE} (id, \"time\", actor, actor_given, operation, row_pk, prev_hash, hash)
-             VALUES ($1, $2, $3, true, 'ANCHOR', jsonb_build_object('through_id', $1, 'before', $4::timestamptz, 'rows', $5::bigint), $6, $6)"
-        )))
-        .bind(id)
-        .bind(time)
-        .bind(actor)
-        .bind(before)
-        .bind(deleted as i64)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("writing the audit log's anchor"))?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {schema}.{WRITE_FN}('PRUNE', NULL, ARRAY[jsonb_build_object('through_id', $1::bigint, 'cut_hash', encode($2, 'hex'), 'rows', $3::bigint)], NULL)"
+            .map_err(query_err("marking the prune"))?;
+        // Under the chain's lock: the cut row must still be there (another
+        // prune may have cut further meanwhile).
+        let still: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT (SELECT a.hash = $2 AND a.operation <> 'ANCHOR' FROM {schema}.{AUDIT_TABLE} a WHERE a.id = $1) FROM {schema}.{HEAD_TABLE} FOR UPDATE"
         )))
         .bind(id)
         .bind(&hash)
-        .bind(deleted as i64)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(query_err("recording the prune in the chain"))?;
-        statements += 3;
-        out = PruneOutcome { deleted, anchor: Some(id), statements };
+        .map_err(query_err("locking the audit chain"))?
+        .flatten();
+        out.statements += 3;
+        if still == Some(true) {
+            let deleted = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{AUDIT_TABLE} WHERE id <= $1")))
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("pruning the audit log"))?
+                .rows_affected();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {schema}.{AUDIT_TABLE} (id, \"time\", actor, actor_given, operation, row_pk, prev_hash, hash)
+                 VALUES ($1, $2, $3, true, 'ANCHOR', jsonb_build_object('through_id', $1, 'before', $4::timestamptz, 'rows', $5::bigint), $6, $6)"
+            )))
+            .bind(id)
+            .bind(time)
+            .bind(actor)
+            .bind(before)
+            .bind(deleted as i64)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("writing the audit log's anchor"))?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {schema}.{WRITE_FN}('PRUNE', NULL, ARRAY[jsonb_build_object('through_id', $1::bigint, 'cut_hash', encode($2, 'hex'), 'rows', $3::bigint)], NULL)"
+            )))
+            .bind(id)
+            .bind(&hash)
+            .bind(deleted as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("recording the prune in the chain"))?;
+            out.statements += 3;
+            out.deleted = deleted;
+            out.anchor = Some(id);
+        }
+        tx.commit().await.map_err(query_err("committing the prune"))?;
+        // Anchors before the cut cannot be checked any more.
+        sqlx::query(
+            "WITH gone AS (DELETE FROM tenancy.audit_anchors WHERE tenant_uid = $1 AND last_id < $2)
+             UPDATE tenancy.audit_heads SET pruned_at = now() WHERE tenant_uid = $1",
+        )
+        .bind(uid)
+        .bind(id)
+        .execute(pool)
+        .await
+        .map_err(query_err("recording the prune"))?;
+        out.statements += 1;
+        return Ok(out);
     }
-    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {schema}.{HEAD_TABLE} SET pruned_at = now()")))
-        .execute(&mut *tx)
+    sqlx::query("UPDATE tenancy.audit_heads SET pruned_at = now() WHERE tenant_uid = $1")
+        .bind(uid)
+        .execute(pool)
         .await
         .map_err(query_err("recording the prune time"))?;
-    out.statements += 2;
-    tx.commit().await.map_err(query_err("committing the prune"))?;
+    out.statements += 1;
     Ok(out)
 }
 
@@ -777,6 +1103,12 @@ pub struct VerifyReport {
     pub anchor: Option<i64>,
     /// The hash of the last row (hex).
     pub head: String,
+    /// Anchors (`tenancy.audit_anchors`) whose MAC verified and whose row
+    /// the walk reached with the anchored hash.
+    pub anchors_checked: u64,
+    /// Anchors that could not be checked: before the retention cut, or made
+    /// under a root key version no longer in the keyring.
+    pub anchors_skipped: u64,
     pub first_break: Option<ChainBreak>,
 }
 
@@ -789,6 +1121,33 @@ pub struct ChainRow {
     pub hash: Vec<u8>,
     pub content: Vec<u8>,
     pub row_pk: Option<serde_json::Value>,
+}
+
+/// A point the walk must pass through: the hash of the chain at row `id`
+/// (0: the empty chain, hash [`GENESIS`]), as recorded outside the tenant
+/// schema.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub id: i64,
+    pub hash: Vec<u8>,
+    /// What recorded it, for the message ("anchor #3 of ...").
+    pub what: String,
+    /// An anchor (counted in the report) rather than the head or the cut.
+    pub is_anchor: bool,
+}
+
+/// What the operator recorded outside the tenant schema, for the walk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Anchored {
+    /// Checkpoints (the anchored head read before the walk, the verified
+    /// anchors, the retention cut), in any order.
+    pub checkpoints: Vec<Checkpoint>,
+    /// The last retention cut the operator recorded (row id, hash): the
+    /// only ANCHOR row the chain may start from is at or before it.
+    pub cut: Option<(i64, Vec<u8>)>,
+    /// The anchored head's row read after the walk's snapshot: a row of the
+    /// snapshot beyond it was appended without moving it.
+    pub head_after: Option<i64>,
 }
 
 /// The walk itself, over rows in id order, then the head. Pure.
@@ -804,12 +1163,97 @@ pub struct Walker {
     head: Option<(i64, Vec<u8>)>,
     head_seen: bool,
     after_head: Option<i64>,
+    /// The anchoring, when checked: checkpoints sorted by id (the next one
+    /// to reach first), how many were passed or skipped.
+    anchored: Option<Anchored>,
+    next_checkpoint: usize,
+    anchors_checked: u64,
+    anchors_skipped: u64,
 }
 
 impl Walker {
     /// A walk that ends by checking the head row's (last id, hash).
     pub fn new(head: Option<(i64, Vec<u8>)>) -> Self {
-        Walker { expected: GENESIS.to_vec(), rows: 0, anchor: None, anchor_confirmed: false, last_id: 0, first_break: None, head, head_seen: false, after_head: None }
+        Walker {
+            expected: GENESIS.to_vec(),
+            rows: 0,
+            anchor: None,
+            anchor_confirmed: false,
+            last_id: 0,
+            first_break: None,
+            head,
+            head_seen: false,
+            after_head: None,
+            anchored: None,
+            next_checkpoint: 0,
+            anchors_checked: 0,
+            anchors_skipped: 0,
+        }
+    }
+
+    /// A walk that also checks what the operator anchored outside the
+    /// schema: every checkpoint must be passed with its hash, an ANCHOR row
+    /// must be at or before the recorded cut, and no row may lie beyond the
+    /// anchored head.
+    pub fn with_anchors(head: Option<(i64, Vec<u8>)>, mut anchored: Anchored) -> Self {
+        anchored.checkpoints.sort_by_key(|c| c.id);
+        Walker { anchored: Some(anchored), ..Walker::new(head) }
+    }
+
+    /// Records a break found outside the walk (an anchor that does not
+    /// verify); the walk then stops at once.
+    pub fn broken(&mut self, b: ChainBreak) {
+        self.broke(b.id, b.what);
+    }
+
+    /// Passes the checkpoints up to row `r` (all of them at the end, None).
+    /// `start`: the chain's first row is an ANCHOR at this id: checkpoints
+    /// before it were pruned away.
+    fn pass_checkpoints(&mut self, r: Option<&ChainRow>) {
+        let Some(anchored) = &self.anchored else { return };
+        let start = self.anchor.as_ref().map(|a| a.0);
+        let mut found: Option<ChainBreak> = None;
+        let (mut checked, mut skipped) = (0, 0);
+        let mut i = self.next_checkpoint;
+        while let Some(c) = anchored.checkpoints.get(i) {
+            if r.is_some_and(|r| c.id > r.id) {
+                break;
+            }
+            i += 1;
+            if start.is_some_and(|s| c.id < s) {
+                skipped += u64::from(c.is_anchor);
+                continue;
+            }
+            let ok = match r {
+                Some(r) if r.id == c.id => r.hash == c.hash,
+                _ if c.id == 0 && start.is_none() => c.hash == GENESIS,
+                _ => false,
+            };
+            if ok {
+                checked += u64::from(c.is_anchor);
+                continue;
+            }
+            let what = match r {
+                Some(r) if r.id == c.id => format!(
+                    "{} records hash {} for row {} but the chain has {}: rows up to it were edited, inserted, deleted or re-chained",
+                    c.what,
+                    short(&c.hash),
+                    c.id,
+                    short(&r.hash)
+                ),
+                _ if c.id == 0 => format!("{} records the empty chain, but its hash is not the genesis", c.what),
+                Some(r) => format!("{} names row {} but there is no such row (the next is {}): rows were deleted", c.what, c.id, r.id),
+                None => format!("{} names row {} but the chain ends at row {}: rows at the end were deleted, or the chain was set back", c.what, c.id, self.last_id),
+            };
+            found = Some(ChainBreak { id: c.id, what });
+            break;
+        }
+        self.next_checkpoint = i;
+        self.anchors_checked += checked;
+        self.anchors_skipped += skipped;
+        if let Some(b) = found {
+            self.broke(b.id, b.what);
+        }
     }
 
     fn see(&mut self, r: &ChainRow) {
@@ -823,6 +1267,18 @@ impl Walker {
                     let what = format!("the chain head records hash {} for row {id} but the row has {}: the head or the row was edited", short(hash), short(&r.hash));
                     self.broke(r.id, what);
                 }
+            }
+        }
+        if self.first_break.is_some() {
+            return;
+        }
+        self.pass_checkpoints(Some(r));
+        if let Some(after) = self.anchored.as_ref().and_then(|a| a.head_after) {
+            if r.id > after && self.first_break.is_none() {
+                self.broke(
+                    r.id,
+                    format!("row {} comes after the anchored head (row {after} in tenancy.audit_heads): appended without the commit-time head update (the trigger was off), or the head was set back", r.id),
+                );
             }
         }
     }
@@ -847,6 +1303,21 @@ impl Walker {
             }
             if r.prev_hash != r.hash {
                 return self.broke(r.id, "the ANCHOR row's prev_hash and hash differ (both must be the hash at the cut)".into());
+            }
+            if let Some(anchored) = &self.anchored {
+                match &anchored.cut {
+                    None => {
+                        return self.broke(r.id, "the chain starts at an ANCHOR row, but the operator recorded no retention cut: rows before it were removed".into())
+                    }
+                    Some((cut, _)) if r.id > *cut => {
+                        let cut = *cut;
+                        return self.broke(
+                            r.id,
+                            format!("the chain starts at an ANCHOR row (row {}) after the operator's last retention cut (row {cut}): rows were removed", r.id),
+                        );
+                    }
+                    _ => {}
+                }
             }
             self.anchor = Some((r.id, r.hash.clone()));
             self.expected = r.hash.clone();
@@ -881,8 +1352,19 @@ impl Walker {
                 }
             }
         }
+        if first {
+            // The empty chain's checkpoints (row 0) come before the first row.
+            self.pass_zero();
+        }
         self.expected = r.hash.clone();
         self.see(r);
+    }
+
+    /// Checkpoints at row 0 (the empty chain), before a chain that starts
+    /// at the genesis.
+    fn pass_zero(&mut self) {
+        let zero = ChainRow { id: 0, operation: String::new(), prev_hash: Vec::new(), hash: GENESIS.to_vec(), content: Vec::new(), row_pk: None };
+        self.pass_checkpoints(Some(&zero));
     }
 
     /// Ends the walk: the anchor must be confirmed and the head's row seen.
@@ -909,7 +1391,20 @@ impl Walker {
                 _ => {}
             }
         }
-        VerifyReport { rows: self.rows, anchor: self.anchor.map(|a| a.0), head: hex::encode(&self.expected), first_break: self.first_break }
+        if self.first_break.is_none() {
+            if self.rows == 0 {
+                self.pass_zero();
+            }
+            self.pass_checkpoints(None);
+        }
+        VerifyReport {
+            rows: self.rows,
+            anchor: self.anchor.map(|a| a.0),
+            head: hex::encode(&self.expected),
+            anchors_checked: self.anchors_checked,
+            anchors_skipped: self.anchors_skipped,
+            first_break: self.first_break,
+        }
     }
 }
 
@@ -920,28 +1415,260 @@ fn short(h: &[u8]) -> String {
 
 async fn require_audit(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
     let state = observe(conn, name).await?;
+    if !state.misshapen.is_empty() {
+        return Err(misshapen(name, &state.misshapen));
+    }
     if !state.table || !state.head {
-        return Err(PgError::MissingPrivilege { role: name.schema(), what: "an audit log (the tenant does not exist or was never reconciled)".into() });
+        return Err(PgError::Audit { tenant: name.to_string(), what: "it has no audit log (the tenant does not exist or was never reconciled)".into() });
     }
     Ok(())
 }
 
-/// Walks the tenant's whole chain (streamed, in id order) and reports the
-/// first break.
-pub async fn verify(pool: &PgPool, name: &TenantName) -> Result<VerifyReport, PgError> {
+/// The canonical bytes an anchor's MAC covers: the domain
+/// ([`ANCHOR_DOMAIN`]), then the tenant uid (u32 length, big-endian, then
+/// its UTF-8), the anchor's sequence number, the chain row id (i64
+/// big-endian each), the chain hash (u32 length, bytes), the anchoring time
+/// (microseconds since the Unix epoch, i64 big-endian), the root key version
+/// (u32 big-endian) and the previous anchor's MAC (one byte 0 when none;
+/// else 1, u32 length, bytes). Every field has a fixed width or a length
+/// prefix, so no two anchors share an encoding. Pure.
+pub fn anchor_message(uid: &str, seq: i64, last_id: i64, hash: &[u8], anchored_at_micros: i64, key_version: u32, prev_mac: Option<&[u8]>) -> Vec<u8> {
+    let mut m = Vec::with_capacity(ANCHOR_DOMAIN.len() + uid.len() + hash.len() + 96);
+    m.extend_from_slice(ANCHOR_DOMAIN);
+    let field = |m: &mut Vec<u8>, b: &[u8]| {
+        m.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        m.extend_from_slice(b);
+    };
+    field(&mut m, uid.as_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(&last_id.to_be_bytes());
+    field(&mut m, hash);
+    m.extend_from_slice(&anchored_at_micros.to_be_bytes());
+    m.extend_from_slice(&key_version.to_be_bytes());
+    match prev_mac {
+        None => m.push(0),
+        Some(p) => {
+            m.push(1);
+            field(&mut m, p);
+        }
+    }
+    m
+}
+
+/// The tenant's audit key under root key `version`: HKDF purpose `audit`.
+/// Held by the operator only; never sent to the database.
+fn audit_mac(ring: &Keyring, version: KeyVersion, salt: &TenantSalt, uid: &str) -> Result<Hmac<Sha256>, PgError> {
+    let key = ring.derive_tenant_key(version, salt, uid, Purpose::Audit).map_err(PgError::Keys)?;
+    // HMAC takes keys of any length: this cannot fail.
+    <Hmac<Sha256> as Mac>::new_from_slice(key.bytes()).map_err(|_| PgError::Keys(crate::crypto::CryptoError::TooLong { what: "the audit key", len: 32, max: 0 }))
+}
+
+/// One row of `tenancy.audit_anchors`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnchorRow {
+    pub seq: i64,
+    pub last_id: i64,
+    pub hash: Vec<u8>,
+    pub anchored_at: DateTime<Utc>,
+    pub key_version: i32,
+    pub prev_mac: Option<Vec<u8>>,
+    pub mac: Vec<u8>,
+}
+
+impl AnchorRow {
+    fn message(&self, uid: &str) -> Vec<u8> {
+        anchor_message(uid, self.seq, self.last_id, &self.hash, self.anchored_at.timestamp_micros(), self.key_version as u32, self.prev_mac.as_deref())
+    }
+}
+
+/// A new anchor of (last_id, hash) after `prev` under the active root key.
+pub fn make_anchor(ring: &Keyring, salt: &TenantSalt, uid: &str, prev: Option<(i64, &[u8])>, last_id: i64, hash: &[u8], now: DateTime<Utc>) -> Result<AnchorRow, PgError> {
+    let version = ring.active_version();
+    // Postgres keeps microseconds: the time the MAC covers is the stored one.
+    let anchored_at = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+    let mut row = AnchorRow {
+        seq: prev.map_or(1, |p| p.0 + 1),
+        last_id,
+        hash: hash.to_vec(),
+        anchored_at,
+        key_version: version.get() as i32,
+        prev_mac: prev.map(|p| p.1.to_vec()),
+        mac: Vec::new(),
+    };
+    let mut mac = audit_mac(ring, version, salt, uid)?;
+    mac.update(&row.message(uid));
+    row.mac = mac.finalize().into_bytes().to_vec();
+    Ok(row)
+}
+
+/// Checks the anchors of one tenant (ordered by seq): each MAC under its
+/// root key version (constant-time), each linked to the one before. Gives
+/// the checkpoints of those that verify, how many could not be checked (a
+/// root key version no longer in the keyring), and the first that fails.
+/// Pure but for the key derivation.
+pub fn check_anchors(ring: &Keyring, salt: &TenantSalt, uid: &str, anchors: &[AnchorRow]) -> (Vec<Checkpoint>, u64, Option<ChainBreak>) {
+    let mut points = Vec::new();
+    let mut unknown = 0;
+    for (i, a) in anchors.iter().enumerate() {
+        let what = format!("anchor #{} of {} (tenancy.audit_anchors)", a.seq, a.anchored_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        if i > 0 && a.prev_mac.as_deref() != Some(anchors[i - 1].mac.as_slice()) {
+            return (points, unknown, Some(ChainBreak { id: a.last_id, what: format!("{what} does not follow anchor #{}: an anchor was removed, inserted or edited", anchors[i - 1].seq) }));
+        }
+        let version = match u32::try_from(a.key_version).ok().and_then(|v| KeyVersion::new(v).ok()) {
+            Some(v) if ring.contains(v) => v,
+            _ => {
+                unknown += 1;
+                continue;
+            }
+        };
+        let verified = audit_mac(ring, version, salt, uid).map(|mut m| {
+            m.update(&a.message(uid));
+            m.verify_slice(&a.mac).is_ok()
+        });
+        if !matches!(verified, Ok(true)) {
+            return (points, unknown, Some(ChainBreak { id: a.last_id, what: format!("{what} does not verify (its MAC is wrong): it was forged or edited") }));
+        }
+        points.push(Checkpoint { id: a.last_id, hash: a.hash.clone(), what, is_anchor: true });
+    }
+    (points, unknown, None)
+}
+
+/// Anchors every tenant (or only `uid`) whose head in `tenancy.audit_heads`
+/// moved since its last anchor, or whose last anchor was made under another
+/// root key than the active one: one query reads them, one statement
+/// writes their anchors (admin, `tenancy.*` only). An idle tenant gets no
+/// write. Returns how many anchors were written.
+pub async fn anchor_heads(pool: &PgPool, ring: &Keyring, uid: Option<&str>) -> Result<usize, PgError> {
+    #[allow(clippy::type_complexity)]
+    let due: Vec<(String, i64, Vec<u8>, Option<Vec<u8>>, Option<i64>, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT h.tenant_uid, h.last_id, h.hash, t.key_salt, a.seq, a.mac
+           FROM tenancy.audit_heads h
+           JOIN tenancy.tenants t ON t.uid = h.tenant_uid
+           LEFT JOIN LATERAL (SELECT x.seq, x.mac, x.last_id, x.hash, x.key_version FROM tenancy.audit_anchors x
+                               WHERE x.tenant_uid = h.tenant_uid ORDER BY x.seq DESC LIMIT 1) a ON true
+          WHERE ($1::text IS NULL OR h.tenant_uid = $1)
+            AND (a.seq IS NULL OR a.last_id <> h.last_id OR a.hash <> h.hash OR a.key_version <> $2)",
+    )
+    .bind(uid)
+    .bind(ring.active_version().get() as i32)
+    .fetch_all(pool)
+    .await
+    .map_err(query_err("reading the audit heads to anchor"))?;
+    let now = Utc::now();
+    let mut rows: Vec<(String, AnchorRow)> = Vec::with_capacity(due.len());
+    for (uid, last_id, hash, salt, seq, mac) in due {
+        let Some(salt) = salt.and_then(|s| TenantSalt::from_bytes(&s).ok()) else {
+            tracing::warn!(tenant_uid = %uid, "the tenant has no key salt: its audit head is not anchored");
+            continue;
+        };
+        let prev = seq.zip(mac.as_deref());
+        rows.push((uid.clone(), make_anchor(ring, &salt, &uid, prev, last_id, &hash, now)?));
+    }
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let written = sqlx::query(
+        "INSERT INTO tenancy.audit_anchors (tenant_uid, seq, last_id, hash, anchored_at, key_version, prev_mac, mac)
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::timestamptz[], $6::int[], $7::bytea[], $8::bytea[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.seq).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.last_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.hash.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.anchored_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.key_version).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.prev_mac.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.mac.clone()).collect::<Vec<_>>())
+    .execute(pool)
+    .await
+    .map_err(query_err("writing audit anchors"))?
+    .rows_affected();
+    Ok(written as usize)
+}
+
+/// The tenant's anchoring as `tenancy.*` holds it: the head (row id, hash),
+/// the recorded retention cut, the anchors by seq.
+#[allow(clippy::type_complexity)]
+async fn read_anchoring(pool: &PgPool, uid: &str) -> Result<(Option<(i64, Vec<u8>)>, Option<(i64, Vec<u8>)>, Vec<AnchorRow>), PgError> {
+    let head: Option<(i64, Vec<u8>, Option<i64>, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT last_id, hash, cut_id, cut_hash FROM tenancy.audit_heads WHERE tenant_uid = $1")
+            .bind(uid)
+            .fetch_optional(pool)
+            .await
+            .map_err(query_err("reading the anchored audit head"))?;
+    let anchors: Vec<(i64, i64, Vec<u8>, DateTime<Utc>, i32, Option<Vec<u8>>, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, last_id, hash, anchored_at, key_version, prev_mac, mac FROM tenancy.audit_anchors WHERE tenant_uid = $1 ORDER BY seq",
+    )
+    .bind(uid)
+    .fetch_all(pool)
+    .await
+    .map_err(query_err("reading the audit anchors"))?;
+    let anchors = anchors
+        .into_iter()
+        .map(|(seq, last_id, hash, anchored_at, key_version, prev_mac, mac)| AnchorRow { seq, last_id, hash, anchored_at, key_version, prev_mac, mac })
+        .collect();
+    let cut = head.as_ref().and_then(|h| h.2.zip(h.3.clone()));
+    Ok((head.map(|h| (h.0, h.1)), cut, anchors))
+}
+
+/// Verifies the tenant's chain: anchors its current head first (as the
+/// periodic pass would), checks the anchors' MACs, then walks the whole
+/// chain (streamed, in id order, one snapshot, on a confined session) and
+/// checks it against the in-schema head, the anchored head and every kept
+/// anchor. Reports the first break.
+pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<VerifyReport, PgError> {
+    let uid = uid_for(pool, name).await?;
+    {
+        let mut conn = pool.acquire().await.map_err(query_err("connecting to verify the audit log"))?;
+        require_audit(&mut conn, name).await?;
+    }
+    let salt = salt_of(pool, name, &uid).await?;
+    anchor_heads(pool, ring, Some(&uid)).await?;
+    // Read before the walk's snapshot: all of it was committed before it.
+    let (head, cut, anchors) = read_anchoring(pool, &uid).await?;
+    let Some((head_id, head_hash)) = head else {
+        return Err(PgError::Audit { tenant: name.to_string(), what: "its chain is not anchored yet (the next reconcile anchors it)".into() });
+    };
+    let (anchored, unknown, anchor_break) = check_anchors(ring, &salt, &uid, &anchors);
+    // The head and the cut first: at the same row, theirs is the message.
+    let mut checkpoints = vec![Checkpoint { id: head_id, hash: head_hash, what: "the anchored head (tenancy.audit_heads)".into(), is_anchor: false }];
+    if let Some((id, hash)) = &cut {
+        checkpoints.push(Checkpoint { id: *id, hash: hash.clone(), what: "the operator's retention cut (the ANCHOR row it recorded in tenancy.audit_heads)".into(), is_anchor: false });
+    }
+    checkpoints.extend(anchored);
+    let mut c = open_confined(pool, ring, name, &uid).await?;
+    let walked = walk(&mut c, name, Anchored { checkpoints, cut, head_after: None }, anchor_break, pool, &uid).await;
+    c.close().await;
+    let mut report = walked?;
+    report.anchors_skipped += unknown;
+    Ok(report)
+}
+
+/// The walk on a confined session, in one REPEATABLE READ snapshot; the
+/// anchored head is read again (admin) once the snapshot is taken.
+async fn walk(conn: &mut PgConnection, name: &TenantName, mut anchored: Anchored, anchor_break: Option<ChainBreak>, pool: &PgPool, uid: &str) -> Result<VerifyReport, PgError> {
     let schema = quote_ident(&name.schema())?;
-    let mut conn = pool.acquire().await.map_err(query_err("connecting to verify the audit log"))?;
-    require_audit(&mut conn, name).await?;
-    // One snapshot for the rows and the head.
-    let mut tx = conn.begin().await.map_err(query_err("starting the verification"))?;
+    let mut tx = Connection::begin(&mut *conn).await.map_err(query_err("starting the verification"))?;
     sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await.map_err(query_err("starting the verification"))?;
     let content = content_sql("a.\"time\"", "a.actor", "a.actor_given", "a.request_id", "a.operation", "a.table_name", "a.row_pk", "a.changed_columns");
     let sql = format!("SELECT a.id, a.operation, a.prev_hash, a.hash, {content} AS content, a.row_pk FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id");
+    // The first query takes the snapshot.
     let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_id, hash FROM {schema}.{HEAD_TABLE}")))
         .fetch_optional(&mut *tx)
         .await
         .map_err(query_err("reading the audit chain head"))?;
-    let mut walker = Walker::new(head);
+    // Every commit in the snapshot moved the anchored head at or beyond its
+    // last row: a row of the snapshot past it was appended without moving it.
+    anchored.head_after = sqlx::query_scalar("SELECT last_id FROM tenancy.audit_heads WHERE tenant_uid = $1")
+        .bind(uid)
+        .fetch_optional(pool)
+        .await
+        .map_err(query_err("reading the anchored audit head"))?;
+    let mut walker = Walker::with_anchors(head, anchored);
+    if let Some(b) = anchor_break {
+        walker.broken(b);
+    }
     {
         let mut rows = sqlx::query_as::<_, (i64, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<serde_json::Value>)>(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
         while let Some((id, operation, prev_hash, hash, content, row_pk)) = rows.try_next().await.map_err(query_err("reading the audit log"))? {
@@ -972,11 +1699,22 @@ pub struct AuditRecord {
 }
 
 /// Streams the tenant's audit rows with `time >= since`, in id order, to
-/// `out` as JSON lines. Returns how many were written.
-pub async fn export<W: std::io::Write>(pool: &PgPool, name: &TenantName, since: DateTime<Utc>, out: &mut W) -> Result<u64, PgError> {
+/// `out` as JSON lines (read on a confined session). Returns how many were
+/// written.
+pub async fn export<W: std::io::Write>(pool: &PgPool, ring: &Keyring, name: &TenantName, since: DateTime<Utc>, out: &mut W) -> Result<u64, PgError> {
+    let uid = uid_for(pool, name).await?;
+    {
+        let mut conn = pool.acquire().await.map_err(query_err("connecting to export the audit log"))?;
+        require_audit(&mut conn, name).await?;
+    }
+    let mut c = open_confined(pool, ring, name, &uid).await?;
+    let n = export_on(&mut c, name, since, out).await;
+    c.close().await;
+    n
+}
+
+async fn export_on<W: std::io::Write>(conn: &mut PgConnection, name: &TenantName, since: DateTime<Utc>, out: &mut W) -> Result<u64, PgError> {
     let schema = quote_ident(&name.schema())?;
-    let mut conn = pool.acquire().await.map_err(query_err("connecting to export the audit log"))?;
-    require_audit(&mut conn, name).await?;
     let sql = format!(
         "SELECT id, \"time\", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash
            FROM {schema}.{AUDIT_TABLE} WHERE \"time\" >= $1 ORDER BY id"
@@ -1002,11 +1740,172 @@ pub async fn export<W: std::io::Write>(pool: &PgPool, name: &TenantName, since: 
             })
         };
         let rec = decode().map_err(query_err("decoding an audit row"))?;
-        let line = serde_json::to_string(&rec).map_err(|e| PgError::MissingPrivilege { role: "export".into(), what: e.to_string() })?;
+        let line = serde_json::to_string(&rec).map_err(|e| PgError::Audit { tenant: name.to_string(), what: format!("encoding an exported row: {e}") })?;
         writeln!(out, "{line}").map_err(|e| PgError::Query { action: "writing the export", source: sqlx::Error::Io(e) })?;
         n += 1;
     }
     Ok(n)
+}
+
+/// What [`rebase_after_restore`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebaseOutcome {
+    /// The anchored head before (row id, hex hash), if there was one.
+    pub from: Option<(i64, String)>,
+    /// The restored chain's head (row id, hex hash), now anchored.
+    pub to: (i64, String),
+    /// Anchors of the replaced chain that were forgotten.
+    pub anchors_dropped: u64,
+}
+
+/// After a restore put a backup's schema (and so its audit chain, which is
+/// older than the anchored head) in place of the tenant's: reads the
+/// restored chain's head and ANCHOR row on a confined session, then, in one
+/// admin transaction, resets the tenant's head in `tenancy.audit_heads` to
+/// it (and its retention cut to the restored ANCHOR row), forgets the
+/// anchors of the replaced chain, writes a first anchor of the restored
+/// head, and records `AuditRebased` in `tenancy.audit_log` (from, to, and
+/// `detail`, e.g. the backup's id). Call it after `pg_restore` committed and
+/// before the app role may log in again: until then the restored chain's
+/// commits are refused (their head would move back).
+pub async fn rebase_after_restore(pool: &PgPool, ring: &Keyring, login: &OpsLogin, actor: &str, detail: serde_json::Value) -> Result<RebaseOutcome, PgError> {
+    let name = login.tenant().clone();
+    let uid = login.uid().to_owned();
+    let salt = salt_of(pool, &name, &uid).await?;
+    let schema = quote_ident(&name.schema())?;
+    let mut c = confined::connect(pool, login).await?;
+    #[allow(clippy::type_complexity)]
+    let read: Result<(Option<(i64, Vec<u8>)>, Option<(i64, Vec<u8>)>), sqlx::Error> = async {
+        let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_id, hash FROM {schema}.{HEAD_TABLE}"))).fetch_optional(&mut *c).await?;
+        let anchor: Option<(i64, Vec<u8>)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT id, hash FROM {schema}.{AUDIT_TABLE} WHERE operation = 'ANCHOR' ORDER BY id LIMIT 1")))
+                .fetch_optional(&mut *c)
+                .await?;
+        Ok((head, anchor))
+    }
+    .await;
+    c.close().await;
+    let (head, cut) = read.map_err(query_err("reading the restored audit chain's head"))?;
+    let (last_id, hash) = head.unwrap_or((0, GENESIS.to_vec()));
+    let mut tx = pool.begin().await.map_err(query_err("starting the audit rebase"))?;
+    let before: Option<(i64, Vec<u8>)> = sqlx::query_as("SELECT last_id, hash FROM tenancy.audit_heads WHERE tenant_uid = $1 FOR UPDATE")
+        .bind(&uid)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_err("locking the anchored audit head"))?;
+    let last_seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM tenancy.audit_anchors WHERE tenant_uid = $1")
+        .bind(&uid)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(query_err("reading the audit anchors"))?;
+    let dropped = sqlx::query("DELETE FROM tenancy.audit_anchors WHERE tenant_uid = $1")
+        .bind(&uid)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("forgetting the replaced chain's anchors"))?
+        .rows_affected();
+    sqlx::query(
+        "INSERT INTO tenancy.audit_heads (tenant_uid, last_id, hash, moved_at, cut_id, cut_hash) VALUES ($1, $2, $3, now(), $4, $5)
+         ON CONFLICT (tenant_uid) DO UPDATE SET last_id = excluded.last_id, hash = excluded.hash, moved_at = excluded.moved_at,
+                                                cut_id = excluded.cut_id, cut_hash = excluded.cut_hash",
+    )
+    .bind(&uid)
+    .bind(last_id)
+    .bind(&hash)
+    .bind(cut.as_ref().map(|c| c.0))
+    .bind(cut.as_ref().map(|c| c.1.clone()))
+    .execute(&mut *tx)
+    .await
+    .map_err(query_err("resetting the anchored audit head"))?;
+    // The sequence goes on (a restored tenant's anchors never reuse a
+    // number); the first anchor of the restored chain links to nothing.
+    let mut first = make_anchor(ring, &salt, &uid, None, last_id, &hash, Utc::now())?;
+    first.seq = last_seq.unwrap_or(0) + 1;
+    let mut mac = audit_mac(ring, ring.active_version(), &salt, &uid)?;
+    mac.update(&first.message(&uid));
+    first.mac = mac.finalize().into_bytes().to_vec();
+    sqlx::query(
+        "INSERT INTO tenancy.audit_anchors (tenant_uid, seq, last_id, hash, anchored_at, key_version, prev_mac, mac) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)",
+    )
+    .bind(&uid)
+    .bind(first.seq)
+    .bind(first.last_id)
+    .bind(&first.hash)
+    .bind(first.anchored_at)
+    .bind(first.key_version)
+    .bind(&first.mac)
+    .execute(&mut *tx)
+    .await
+    .map_err(query_err("anchoring the restored audit chain"))?;
+    let from = before.map(|(id, h)| (id, hex::encode(h)));
+    let to = (last_id, hex::encode(&hash));
+    let record = serde_json::json!({
+        "from": from.as_ref().map(|f| serde_json::json!({"last_id": f.0, "hash": f.1})),
+        "to": {"last_id": to.0, "hash": to.1},
+        "anchors_dropped": dropped,
+        "restore": detail,
+    });
+    super::tenant::audit(&mut *tx, &uid, Some(name.as_str()), "AuditRebased", actor, record).await?;
+    tx.commit().await.map_err(query_err("committing the audit rebase"))?;
+    Ok(RebaseOutcome { from, to, anchors_dropped: dropped })
+}
+
+/// The anchoring of a deleted tenant goes with it (inside the delete's
+/// transaction): its anchor function (when it carries this tenant's
+/// marker), its head and its anchors. Returns the statements run.
+pub async fn forget_tenant(tx: &mut PgConnection, name: &TenantName, uid: &str) -> Result<usize, PgError> {
+    let ours: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace
+                         WHERE s.nspname = $1 AND p.proname = $2 AND obj_description(p.oid, 'pg_proc') = $3)",
+    )
+    .bind(ANCHOR_SCHEMA)
+    .bind(name.schema())
+    .bind(super::tenant::ownership_marker(uid))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(query_err("reading the tenant's anchor function"))?;
+    let mut n = 2;
+    if ours {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP FUNCTION IF EXISTS {}(bigint, bytea)", anchor_fn(name)?)))
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("dropping the tenant's anchor function"))?;
+        n += 1;
+    }
+    sqlx::query("WITH a AS (DELETE FROM tenancy.audit_anchors WHERE tenant_uid = $1) DELETE FROM tenancy.audit_heads WHERE tenant_uid = $1")
+        .bind(uid)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("forgetting the tenant's audit anchors"))?;
+    Ok(n)
+}
+
+/// What of a deleted tenant's anchoring is still there, in words.
+pub async fn leftovers(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Vec<String>, PgError> {
+    let (function, head, anchors): (bool, bool, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace
+                         WHERE s.nspname = $1 AND p.proname = $2 AND obj_description(p.oid, 'pg_proc') = $3),
+                EXISTS (SELECT 1 FROM tenancy.audit_heads WHERE tenant_uid = $4),
+                (SELECT count(*) FROM tenancy.audit_anchors WHERE tenant_uid = $4)",
+    )
+    .bind(ANCHOR_SCHEMA)
+    .bind(name.schema())
+    .bind(super::tenant::ownership_marker(uid))
+    .bind(uid)
+    .fetch_one(pool)
+    .await
+    .map_err(query_err("reading the tenant's audit anchoring"))?;
+    let mut left = Vec::new();
+    if function {
+        left.push(format!("function {ANCHOR_SCHEMA}.{}", name.schema()));
+    }
+    if head {
+        left.push("audit head row".into());
+    }
+    if anchors > 0 {
+        left.push(format!("{anchors} audit anchors"));
+    }
+    Ok(left)
 }
 
 #[cfg(test)]
@@ -1018,7 +1917,7 @@ mod tests {
     }
 
     fn full() -> AuditState {
-        AuditState { schema_exists: true, table: true, head: true, functions_current: true, guard: true, untriggered: vec![], stale: vec![] }
+        AuditState { schema_exists: true, table: true, head: true, functions_current: true, guard: true, untriggered: vec![], stale: vec![], misshapen: vec![] }
     }
 
     #[test]
@@ -1122,5 +2021,164 @@ mod tests {
         let b = walk(&rows[..2], head).first_break.unwrap();
         assert!(b.what.contains("rows at the end"), "{}", b.what);
         assert_eq!(walk(&[], Some((0, GENESIS.to_vec()))).first_break, None);
+    }
+
+    fn ring(active: u32) -> Keyring {
+        let keys = (1..=active).map(|v| (format!("v{v}"), vec![v as u8 * 7; 32])).collect();
+        Keyring::new(keys, &format!("v{active}")).unwrap()
+    }
+
+    #[test]
+    fn the_anchor_encoding_is_unambiguous_and_covers_every_field() {
+        let base = anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 1, Some(&[9; 32]));
+        assert!(base.starts_with(ANCHOR_DOMAIN));
+        let variants = [
+            anchor_message("uid-2", 3, 42, &[7; 32], 1_700_000_000_000_000, 1, Some(&[9; 32])),
+            anchor_message("uid-1", 4, 42, &[7; 32], 1_700_000_000_000_000, 1, Some(&[9; 32])),
+            anchor_message("uid-1", 3, 43, &[7; 32], 1_700_000_000_000_000, 1, Some(&[9; 32])),
+            anchor_message("uid-1", 3, 42, &[8; 32], 1_700_000_000_000_000, 1, Some(&[9; 32])),
+            anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_001, 1, Some(&[9; 32])),
+            anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 2, Some(&[9; 32])),
+            anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 1, None),
+            anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 1, Some(&[]))
+        ];
+        for v in &variants {
+            assert_ne!(v, &base);
+        }
+        // Length prefixes: moving a byte from the uid into the hash changes the encoding.
+        assert_ne!(anchor_message("ab", 1, 1, b"c", 0, 1, None), anchor_message("a", 1, 1, b"bc", 0, 1, None));
+        // The layout, field by field.
+        let m = anchor_message("u", 1, 2, &[0xaa], 3, 4, None);
+        let mut expected = ANCHOR_DOMAIN.to_vec();
+        expected.extend([0, 0, 0, 1, b'u']);
+        expected.extend(1i64.to_be_bytes());
+        expected.extend(2i64.to_be_bytes());
+        expected.extend([0, 0, 0, 1, 0xaa]);
+        expected.extend(3i64.to_be_bytes());
+        expected.extend(4u32.to_be_bytes());
+        expected.push(0);
+        assert_eq!(m, expected);
+    }
+
+    fn anchors(ring: &Keyring, salt: &TenantSalt, points: &[(i64, &[u8])]) -> Vec<AnchorRow> {
+        let mut out: Vec<AnchorRow> = Vec::new();
+        for (id, hash) in points {
+            let prev = out.last().map(|a| (a.seq, a.mac.clone()));
+            out.push(make_anchor(ring, salt, "uid-1", prev.as_ref().map(|p| (p.0, p.1.as_slice())), *id, hash, Utc::now()).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn anchors_verify_under_their_key_only_and_in_order() {
+        let (r, salt) = (ring(1), TenantSalt::generate());
+        let rows = chain(5);
+        let a = anchors(&r, &salt, &[(2, &rows[1].hash), (5, &rows[4].hash)]);
+        let (points, unknown, bad) = check_anchors(&r, &salt, "uid-1", &a);
+        assert_eq!((points.len(), unknown, bad), (2, 0, None));
+        // Another tenant's key (salt or uid), an edited field, a forged MAC.
+        assert!(check_anchors(&r, &TenantSalt::generate(), "uid-1", &a).2.is_some());
+        assert!(check_anchors(&r, &salt, "uid-2", &a).2.is_some());
+        let mut edited = a.clone();
+        edited[0].last_id = 3;
+        assert!(check_anchors(&r, &salt, "uid-1", &edited).2.unwrap().what.contains("does not verify"));
+        // A removed anchor breaks the link of the next.
+        let three = anchors(&r, &salt, &[(1, &rows[0].hash), (2, &rows[1].hash), (3, &rows[2].hash)]);
+        let gap = [three[0].clone(), three[2].clone()];
+        assert!(check_anchors(&r, &salt, "uid-1", &gap).2.unwrap().what.contains("does not follow"));
+        // An anchor under a root key that was retired is skipped, not failed;
+        // after a rotation the next anchors are under the new key.
+        let rotated = ring(2);
+        let mut mixed = a.clone();
+        let prev = (mixed[1].seq, mixed[1].mac.clone());
+        mixed.push(make_anchor(&rotated, &salt, "uid-1", Some((prev.0, &prev.1)), 5, &rows[4].hash, Utc::now()).unwrap());
+        assert_eq!(mixed[2].key_version, 2);
+        let (points, unknown, bad) = check_anchors(&ring(1), &salt, "uid-1", &mixed);
+        assert_eq!((points.len(), unknown, bad), (2, 1, None));
+        assert_eq!(check_anchors(&rotated, &salt, "uid-1", &mixed).0.len(), 3);
+    }
+
+    fn point(id: i64, hash: &[u8], anchor: bool) -> Checkpoint {
+        Checkpoint { id, hash: hash.to_vec(), what: format!("point {id}"), is_anchor: anchor }
+    }
+
+    fn walk_anchored(rows: &[ChainRow], anchored: Anchored) -> VerifyReport {
+        let head = rows.last().map(|r| (r.id, r.hash.clone())).or(Some((0, GENESIS.to_vec())));
+        let mut w = Walker::with_anchors(head, anchored);
+        rows.iter().for_each(|r| w.push(r));
+        w.finish()
+    }
+
+    #[test]
+    fn the_walk_checks_every_checkpoint_the_operator_recorded() {
+        let rows = chain(6);
+        let points = vec![point(6, &rows[5].hash, false), point(3, &rows[2].hash, true), point(0, &GENESIS, true)];
+        let ok = walk_anchored(&rows, Anchored { checkpoints: points.clone(), ..Default::default() });
+        assert_eq!(ok.first_break, None);
+        assert_eq!(ok.anchors_checked, 2);
+        // A consistent rewrite: every hash recomputed after an edit of row 2.
+        let mut rewritten = rows.clone();
+        rewritten[1].content = b"row 2 edited".to_vec();
+        let mut prev = rewritten[0].hash.clone();
+        for r in rewritten.iter_mut().skip(1) {
+            r.prev_hash = prev.clone();
+            r.hash = Sha256::new().chain_update(&prev).chain_update(&r.content).finalize().to_vec();
+            prev = r.hash.clone();
+        }
+        assert_eq!(walk(&rewritten, Some((6, prev.clone()))).first_break, None, "without anchors the rewrite passes");
+        let b = walk_anchored(&rewritten, Anchored { checkpoints: points.clone(), ..Default::default() }).first_break.unwrap();
+        assert_eq!(b.id, 3);
+        assert!(b.what.contains("point 3"), "{}", b.what);
+        // The tail cut and the in-schema head set back to match.
+        let b = walk_anchored(&rows[..4], Anchored { checkpoints: points.clone(), ..Default::default() }).first_break.unwrap();
+        assert_eq!(b.id, 6);
+        assert!(b.what.contains("rows at the end"), "{}", b.what);
+        // A missing row in the middle, at a checkpoint.
+        let holed: Vec<ChainRow> = rows.iter().filter(|r| r.id != 3).cloned().collect();
+        assert!(walk_anchored(&holed, Anchored { checkpoints: points.clone(), ..Default::default() }).first_break.is_some());
+        // Rows beyond the anchored head read after the snapshot.
+        let b = walk_anchored(&rows, Anchored { checkpoints: vec![point(4, &rows[3].hash, false)], head_after: Some(4), ..Default::default() }).first_break.unwrap();
+        assert_eq!(b.id, 5);
+        assert!(b.what.contains("anchored head"), "{}", b.what);
+        // The empty chain.
+        assert_eq!(walk_anchored(&[], Anchored { checkpoints: vec![point(0, &GENESIS, false)], ..Default::default() }).first_break, None);
+        assert!(walk_anchored(&[], Anchored { checkpoints: vec![point(0, &[1; 32], false)], ..Default::default() }).first_break.is_some());
+    }
+
+    /// A chain pruned at row `cut`: an ANCHOR row there, the rows after it,
+    /// a PRUNE row confirming it.
+    fn pruned(rows: &[ChainRow], cut: usize) -> Vec<ChainRow> {
+        let c = &rows[cut - 1];
+        let mut out = vec![ChainRow { id: c.id, operation: "ANCHOR".into(), prev_hash: c.hash.clone(), hash: c.hash.clone(), content: vec![], row_pk: None }];
+        out.extend(rows[cut..].iter().cloned());
+        let prev = out.last().map(|r| r.hash.clone()).unwrap();
+        let content = b"prune".to_vec();
+        let hash = Sha256::new().chain_update(&prev).chain_update(&content).finalize().to_vec();
+        let id = out.last().map(|r| r.id + 1).unwrap();
+        let pk = serde_json::json!({"through_id": c.id, "cut_hash": hex::encode(&c.hash)});
+        out.push(ChainRow { id, operation: "PRUNE".into(), prev_hash: prev, hash, content, row_pk: Some(pk) });
+        out
+    }
+
+    #[test]
+    fn an_anchor_row_must_be_at_or_before_the_recorded_cut() {
+        let rows = chain(6);
+        let chain3 = pruned(&rows, 3);
+        let cut = |id: i64| Some((id, rows[id as usize - 1].hash.clone()));
+        let before = vec![point(2, &rows[1].hash, true), point(5, &rows[4].hash, true)];
+        let ok = walk_anchored(&chain3, Anchored { checkpoints: before.clone(), cut: cut(3), ..Default::default() });
+        assert_eq!(ok.first_break, None);
+        assert_eq!((ok.anchors_checked, ok.anchors_skipped), (1, 1), "the anchor before the cut cannot be checked");
+        // No cut recorded: the owner pruned by itself.
+        let b = walk_anchored(&chain3, Anchored { checkpoints: before.clone(), ..Default::default() }).first_break.unwrap();
+        assert!(b.what.contains("no retention cut"), "{}", b.what);
+        // A cut further than the operator's.
+        let b = walk_anchored(&chain3, Anchored { checkpoints: before.clone(), cut: cut(2), ..Default::default() }).first_break.unwrap();
+        assert!(b.what.contains("after the operator's last retention cut"), "{}", b.what);
+        // The operator recorded a later cut but crashed before deleting: the
+        // older ANCHOR row is fine, the recorded cut's row must be passed.
+        let mut points = before.clone();
+        points.push(point(4, &rows[3].hash, false));
+        assert_eq!(walk_anchored(&chain3, Anchored { checkpoints: points, cut: cut(4), ..Default::default() }).first_break, None);
     }
 }

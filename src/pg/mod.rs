@@ -55,6 +55,10 @@ pub enum PgError {
         #[source]
         source: crate::crypto::CryptoError,
     },
+    #[error("deriving the tenant's keys failed: {0}")]
+    Keys(#[source] crate::crypto::CryptoError),
+    #[error("the audit log of tenant {tenant}: {what}")]
+    Audit { tenant: String, what: String },
 }
 
 impl PgError {
@@ -64,7 +68,7 @@ impl PgError {
         match self {
             PgError::Connect { .. } | PgError::RestoreRunning(_) | PgError::NoOpsRole(_) => true,
             PgError::Query { source, .. } => is_transient_sqlx(source),
-            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier | PgError::OpsLogin { .. } => false,
+            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier | PgError::OpsLogin { .. } | PgError::Keys(_) | PgError::Audit { .. } => false,
         }
     }
 }
@@ -328,7 +332,10 @@ async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<
     migrator.set_locking(false);
     let result = migrator.run(&mut *conn).await.map_err(PgError::Migrate);
     let _ = sqlx::query("RESET search_path").execute(&mut *conn).await;
-    result
+    result?;
+    drop(conn);
+    // The audit anchor role and the anchor functions' schema.
+    audit::prepare_anchoring(pool).await
 }
 
 /// What the admin role may do; checked at start so a missing privilege is

@@ -721,6 +721,8 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         .rows_affected();
     // The tenant's last migration failure (its Postgres error may quote data).
     super::migrations::clear_failure(&mut *tx, name.as_str()).await?;
+    // Its audit anchoring: the anchor function, head and anchors.
+    super::audit::forget_tenant(&mut tx, name, uid).await?;
     if !stmts.is_empty() || removed > 0 {
         sqlx::query("UPDATE tenancy.audit_log SET tenant_name = NULL WHERE tenant_uid = $1")
             .bind(uid)
@@ -767,6 +769,7 @@ pub async fn leftovers(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Ve
     if named > 0 {
         left.push(format!("{named} audit rows naming the tenant"));
     }
+    left.extend(super::audit::leftovers(pool, name, uid).await?);
     Ok(left)
 }
 

@@ -62,6 +62,24 @@ impl TestDb {
 
 /// A tenant name unique across the whole test run (roles are cluster-wide,
 /// so parallel tests in different databases must not share names).
+/// The root keys the Postgres suites run with (one fixed key `v1`): the
+/// ops logins' passwords and the audit keys derive from them.
+pub fn test_ring() -> tenant_operator::crypto::Keyring {
+    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("test keyring")
+}
+
+/// [`test_ring`] as a root-keys file (`--root-keys-file`), written once
+/// per test process.
+pub fn test_ring_file() -> std::path::PathBuf {
+    use base64::Engine;
+    let path = std::env::temp_dir().join(format!("tenant-test-root-keys-{}.yaml", std::process::id()));
+    if !path.exists() {
+        let text = format!("v1: {}\nactive: v1\n", base64::engine::general_purpose::STANDARD.encode([0x5a; 32]));
+        std::fs::write(&path, text).expect("write the root-keys file");
+    }
+    path
+}
+
 pub fn unique(base: &str) -> String {
     format!("{base}-{:06x}", rand::random::<u32>() & 0xff_ffff)
 }

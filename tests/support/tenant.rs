@@ -34,7 +34,7 @@ impl Tenant {
     pub async fn converge(&mut self, db: &TestDb) -> Result<DbOutcome, ConvergeError> {
         let desired = plan::desired_db(&self.name, &self.spec)?;
         let catalog = pg::tenant::observe(&db.admin, &self.name).await?;
-        let out = converge_db(&db.admin, &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await?;
+        let out = converge_db(&db.admin, &super::test_ring(), &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await?;
         self.password = Some(out.plan.password.clone());
         Ok(out)
     }

@@ -320,7 +320,12 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     };
     let actor = plan::last_spec_manager(t);
     let secret_password = observed.secret_password();
-    let outcome = match converge_db(&ctx.pool, &name, &uid, &desired, &observed.catalog, secret_password.as_ref().map(|p| p.as_str()), &actor).await {
+    // The root keys: the ops login's password and the audit key derive
+    // from them.
+    let Some(ring) = ctx.keys.current() else {
+        return fail(ctx, t, schema, "RootKeysUnavailable", "the root keys are not loaded".into()).await;
+    };
+    let outcome = match converge_db(&ctx.pool, &ring, &name, &uid, &desired, &observed.catalog, secret_password.as_ref().map(|p| p.as_str()), &actor).await {
         Ok(o) => o,
         Err(ConvergeError::Plan(e)) => return fail(ctx, t, schema, e.reason(), e.to_string()).await,
         Err(ConvergeError::Db(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
@@ -418,8 +423,10 @@ pub struct DbOutcome {
 /// plan in one transaction with the registry and audit writes, then end the
 /// sessions of a suspended tenant. No Kubernetes calls, so Postgres tests
 /// drive it directly.
+#[allow(clippy::too_many_arguments)]
 pub async fn converge_db(
     pool: &sqlx::PgPool,
+    ring: &crate::crypto::Keyring,
     name: &TenantName,
     uid: &str,
     desired: &plan::DesiredDb,
@@ -448,7 +455,7 @@ pub async fn converge_db(
         }
     }
     // The audit log: observed first, so a converged tenant runs nothing.
-    let audit = crate::pg::audit::converge(pool, name, desired.audit_retention_days).await?;
+    let audit = crate::pg::audit::converge(pool, ring, name, uid, desired.audit_retention_days).await?;
     let statements = statements + audit.statements;
     Ok(DbOutcome { plan: db_plan, registry, statements, audit })
 }

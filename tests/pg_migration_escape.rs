@@ -81,7 +81,16 @@ async fn outside(db: &TestDb, a: &TenantName, b: &TenantName) -> Vec<String> {
     let mut su = db.superuser().await;
     // Roles are the cluster's: other tests' tenants come and go meanwhile.
     let ours = [a, b].iter().flat_map(|t| [t.owner_role(), t.app_role(), t.ops_role()]).map(|r| format!("'{r}'")).collect::<Vec<_>>().join(", ");
-    let role = |col: &str| format!("({col}::text NOT LIKE 'tenant\\_%' OR {col}::text IN ({ours}))");
+    // Also made by other tests meanwhile: their admins (`adm_*`), gateways
+    // (`gw_*`) and their databases' audit anchor roles.
+    let role = |col: &str| {
+        format!(
+            "(({col}::text NOT LIKE 'tenant\\_%' AND {col}::text NOT LIKE 'adm\\_%' AND {col}::text NOT LIKE 'gw\\_%'
+               AND ({col}::text NOT LIKE 'tenancy\\_anchor\\_%'
+                    OR {col}::text = 'tenancy_anchor_' || (SELECT oid FROM pg_database WHERE datname = current_database())::text))
+              OR {col}::text IN ({ours}))"
+        )
+    };
     let queries = [
         format!(
             "SELECT string_agg(format('%s super=%s inherit=%s createrole=%s createdb=%s login=%s repl=%s bypassrls=%s connlimit=%s until=%s',

@@ -583,7 +583,6 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
                 format!("GRANT EXECUTE ON FUNCTION {f}(bigint, bytea) TO {owner}"),
                 format!("COMMENT ON FUNCTION {f}(bigint, bytea) IS {marker}"),
                 format!("ALTER FUNCTION {f}(bigint, bytea) OWNER TO {role}"),
-                format!("GRANT USAGE ON SCHEMA {} TO {owner}", quote_ident(ANCHOR_SCHEMA)?),
             ]
         }
         AuditAction::SeedHead => vec![format!("SELECT {}(h.last_id, h.hash) FROM {schema}.{HEAD_TABLE} h", anchor_fn(name)?)],
@@ -742,6 +741,13 @@ BEGIN
   -- Only so that the anchor functions can be given to the role (a new
   -- owner needs CREATE on the schema); nobody logs in as it.
   EXECUTE format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', {schema}, v_role);
+  -- Every tenant owner calls its own function here: USAGE for everyone,
+  -- once, rather than one ACL entry per tenant on the schema's catalog row
+  -- (a grant per tenant made concurrent reconciles fail with "tuple
+  -- concurrently updated", and 10,000 entries would bloat the row). The
+  -- schema holds only the anchor functions, whose EXECUTE is each revoked
+  -- from PUBLIC and granted to one owner.
+  EXECUTE format('GRANT USAGE ON SCHEMA %I TO PUBLIC', {schema});
 END
 $tenancy_prep$"#,
         prefix = quote_literal(ANCHOR_ROLE_PREFIX)?,

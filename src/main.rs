@@ -253,6 +253,12 @@ struct RunArgs {
     backup_s3_path_style: bool,
     #[arg(long, env = "BACKUP_S3_REGION")]
     backup_s3_region: Option<String>,
+    /// The gateway login of this database: applications reach every
+    /// Active tenant through it over one pool (docs/data-path.md); its
+    /// credentials go in Secret tenant-gateway-db. Roles are cluster-wide:
+    /// give each database on one server its own name. Empty: no gateway.
+    #[arg(long, env = "GATEWAY_ROLE", default_value = tenant_operator::pg::gateway::DEFAULT_ROLE)]
+    gateway_role: String,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -425,7 +431,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded");
+    let gateway = match args.gateway_role.as_str() {
+        "" => None,
+        g => Some(tenant_operator::pg::gateway::GatewayName::parse(g).map_err(|e| anyhow::anyhow!("--gateway-role: {e}"))?),
+    };
     let settings = Settings {
+        gateway,
         namespace: args.namespace,
         endpoint: Endpoint {
             host: args.tenant_db_host.unwrap_or(target.host),

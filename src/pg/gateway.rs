@@ -74,8 +74,11 @@ pub struct GatewayState {
     pub comment: Option<String>,
     pub can_login: bool,
     pub inherit: bool,
-    /// Any of SUPERUSER, CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS.
+    /// CREATEDB or CREATEROLE (the admin may take them away).
     pub elevated: bool,
+    /// SUPERUSER, REPLICATION or BYPASSRLS (only a superuser may take them
+    /// away: the converge fails saying so).
+    pub superpowers: bool,
     /// The role-wide `search_path` setting, as stored (`""` when empty).
     pub search_path: Option<String>,
     /// Roles the gateway is a member of that are not the app role of an
@@ -96,7 +99,7 @@ pub struct GatewayState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GatewayAction {
     Create { verifier: String },
-    StripElevated,
+    StripElevated { superpowers: bool },
     SetNoInherit,
     SetLogin,
     SetEmptySearchPath,
@@ -115,7 +118,7 @@ impl GatewayAction {
     pub fn label(&self) -> &'static str {
         match self {
             GatewayAction::Create { .. } => "CreateGateway",
-            GatewayAction::StripElevated => "StripElevatedAttributes",
+            GatewayAction::StripElevated { .. } => "StripElevatedAttributes",
             GatewayAction::SetNoInherit => "SetNoInherit",
             GatewayAction::SetLogin => "SetLogin",
             GatewayAction::SetEmptySearchPath => "SetEmptySearchPath",
@@ -145,7 +148,8 @@ pub async fn observe(pool: &PgPool, gateway: &GatewayName) -> Result<(String, Op
         "SELECT current_database()::text AS db, r.oid IS NOT NULL AS found,
                 shobj_description(r.oid, 'pg_authid') AS comment,
                 coalesce(r.rolcanlogin, false) AS login, coalesce(r.rolinherit, false) AS inherit,
-                coalesce(r.rolsuper OR r.rolcreatedb OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls, false) AS elevated,
+                coalesce(r.rolcreatedb OR r.rolcreaterole, false) AS elevated,
+                coalesce(r.rolsuper OR r.rolreplication OR r.rolbypassrls, false) AS superpowers,
                 (SELECT substr(kv, 13) FROM pg_db_role_setting s, unnest(s.setconfig) kv
                   WHERE s.setrole = r.oid AND s.setdatabase = 0 AND kv LIKE 'search\\_path=%') AS search_path,
                 coalesce((SELECT array_agg(g.rolname::text ORDER BY g.rolname) FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
@@ -182,6 +186,7 @@ pub async fn observe(pool: &PgPool, gateway: &GatewayName) -> Result<(String, Op
                 can_login: row.try_get("login")?,
                 inherit: row.try_get("inherit")?,
                 elevated: row.try_get("elevated")?,
+                superpowers: row.try_get("superpowers")?,
                 search_path: row.try_get("search_path")?,
                 foreign_memberships: row.try_get("foreign_memberships")?,
                 members: row.try_get("members")?,
@@ -209,8 +214,8 @@ pub fn plan(gateway: &GatewayName, database: &str, observed: Option<&GatewayStat
         return Err(GatewayError::Conflict { role: gateway.to_string(), database: database.to_owned(), found });
     }
     let mut actions = Vec::new();
-    if g.elevated {
-        actions.push(GatewayAction::StripElevated);
+    if g.elevated || g.superpowers {
+        actions.push(GatewayAction::StripElevated { superpowers: g.superpowers });
     }
     if g.inherit {
         actions.push(GatewayAction::SetNoInherit);
@@ -249,7 +254,9 @@ pub fn render(action: &GatewayAction, gateway: &GatewayName, database: &str) -> 
             format!("COMMENT ON ROLE {gw} IS {}", quote_literal(&gateway_marker(database))?),
             format!("ALTER ROLE {gw} SET search_path TO ''"),
         ],
-        GatewayAction::StripElevated => vec![format!("ALTER ROLE {gw} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")],
+        // A CREATEROLE admin may not even name the superuser-only attributes.
+        GatewayAction::StripElevated { superpowers: false } => vec![format!("ALTER ROLE {gw} NOCREATEDB NOCREATEROLE")],
+        GatewayAction::StripElevated { superpowers: true } => vec![format!("ALTER ROLE {gw} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")],
         GatewayAction::SetNoInherit => vec![format!("ALTER ROLE {gw} NOINHERIT")],
         GatewayAction::SetLogin => vec![format!("ALTER ROLE {gw} LOGIN")],
         GatewayAction::SetEmptySearchPath => vec![format!("ALTER ROLE {gw} SET search_path TO ''")],
@@ -329,11 +336,17 @@ fn audit_value(field: &'static str, value: &str) -> Result<String, BeginError> {
 }
 
 /// The one simple-query message that opens a tenant transaction as the
-/// gateway: `BEGIN`, `SET LOCAL ROLE` to the tenant's app role (refused by
-/// Postgres unless the tenant is Active: 22023 when the role does not exist,
-/// 42501 when the gateway is not its member; nothing after it runs), the
+/// gateway: `SET LOCAL ROLE` to the tenant's app role, `BEGIN`, then the
 /// tenant's `search_path`, its caps copied from the app role's settings, and
 /// the audit actor and request id, all transaction-local.
+///
+/// The role comes first, before `BEGIN`: in a multi-statement message the
+/// statements before a `BEGIN` run in an implicit transaction block that
+/// the `BEGIN` turns into the explicit one (so the role holds in it), and
+/// when the role is refused (22023: no such role; 42501: the gateway is not
+/// its member, i.e. the tenant is not Active) Postgres skips the rest and
+/// rolls the implicit block back: the connection is left idle, with no
+/// aborted transaction for the pool to clean up.
 pub fn begin_sql(tenant: &TenantName, actor: &str, request_id: &str) -> Result<String, BeginError> {
     let actor = audit_value("actor", actor)?;
     let request_id = audit_value("request_id", request_id)?;
@@ -342,7 +355,7 @@ pub fn begin_sql(tenant: &TenantName, actor: &str, request_id: &str) -> Result<S
     let path = escape_literal(&format!("\"{}\"", tenant.schema()));
     let copied = COPIED_SETTINGS.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
     Ok(format!(
-        "BEGIN; SET LOCAL ROLE {app}; \
+        "SET LOCAL ROLE {app}; BEGIN; \
          SELECT pg_catalog.set_config('search_path', {path}, true), \
                 pg_catalog.set_config('tenancy.actor', {actor}, true), \
                 pg_catalog.set_config('tenancy.request_id', {request_id}, true), \
@@ -385,6 +398,7 @@ mod tests {
             can_login: true,
             inherit: false,
             elevated: false,
+            superpowers: false,
             search_path: Some("\"\"".into()),
             foreign_memberships: vec![],
             members: vec![],
@@ -426,7 +440,7 @@ mod tests {
         assert_eq!(
             a,
             vec![
-                GatewayAction::StripElevated,
+                GatewayAction::StripElevated { superpowers: false },
                 GatewayAction::SetNoInherit,
                 GatewayAction::SetLogin,
                 GatewayAction::SetEmptySearchPath,
@@ -443,7 +457,7 @@ mod tests {
     fn begin_is_one_message_with_every_value_escaped() {
         let t = TenantName::parse("acme-eu").unwrap();
         let sql = begin_sql(&t, "o'brien\\'; RESET ROLE; --", "req-1").unwrap();
-        assert!(sql.starts_with("BEGIN; SET LOCAL ROLE \"tenant_acme_eu_app\"; SELECT "), "{sql}");
+        assert!(sql.starts_with("SET LOCAL ROLE \"tenant_acme_eu_app\"; BEGIN; SELECT "), "{sql}");
         assert!(sql.contains("set_config('search_path', E'\"tenant_acme_eu\"', true)"), "{sql}");
         assert!(sql.contains("set_config('tenancy.actor', E'o''brien\\\\''; RESET ROLE; --', true)"), "{sql}");
         assert!(sql.contains("IN ('statement_timeout', 'idle_in_transaction_session_timeout', 'work_mem')"), "{sql}");

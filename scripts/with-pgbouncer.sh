@@ -66,13 +66,17 @@ auth_user = pgbouncer_auth
 auth_query = SELECT usename, passwd FROM pgbouncer.get_auth(\$1)
 pool_mode = transaction
 default_pool_size = $POOL
-max_client_conn = 5000
+max_client_conn = 900
 max_db_connections = 0
 ; sqlx sends extra_float_digits; libpq clients may send options.
 ignore_startup_parameters = extra_float_digits,options
-; Transaction pooling: no reset between clients; the data path keeps
-; everything transaction-local (docs/data-path.md).
-server_reset_query =
+; After every transaction (not only at session end): DISCARD ALL drops
+; what application code may have left at session level (SET without LOCAL,
+; SET ROLE, prepared statements, temp tables, advisory locks), so nothing
+; reaches the next client even when code bypasses the library
+; (docs/data-path.md). It also lets sqlx run with its statement cache off.
+server_reset_query = DISCARD ALL
+server_reset_query_always = 1
 server_lifetime = 3600
 server_idle_timeout = 600
 INI

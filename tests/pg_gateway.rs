@@ -109,7 +109,7 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     a.converge(&db).await.unwrap();
     assert!(is_member(a.name.app_role()).await);
 
-    let gateway = Gateway::connect(&db.url_as(gw.as_str(), &password)).await.expect("library pool");
+    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(2)).await.expect("library pool");
     let mut tx = gateway.begin(a.name.as_str(), "alice", "r-1").await.expect("begin");
     let v: String = sqlx::query_scalar("SELECT v FROM items").fetch_one(&mut *tx).await.unwrap();
     assert_eq!(v, "a-row");
@@ -170,7 +170,7 @@ async fn a_tenant_transaction_carries_role_path_caps_and_audit_values() {
     a.spec.database.idle_in_transaction_timeout = "7s".into();
     a.converge(&db).await.expect("provision");
     seed(&db, &a, "x").await;
-    let gateway = Gateway::connect_with(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(1)).await.unwrap();
+    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(1)).await.unwrap();
     let mut tx = gateway.begin(a.name.as_str(), "o'brien\\", "req-9").await.unwrap();
     let row: (String, String, String, String, String, String, String) = sqlx::query_as(
         "SELECT current_user::text, session_user::text, current_setting('search_path'), current_setting('statement_timeout'),

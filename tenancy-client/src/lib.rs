@@ -86,19 +86,29 @@ pub fn options_from_secret(data: &BTreeMap<String, String>) -> Result<PgConnectO
 }
 
 impl Gateway {
-    /// A pool of at most 10 connections on the gateway `url` (a Postgres
-    /// URL; through PgBouncer or direct), with the statement cache off so
-    /// it works through a pooler in transaction mode.
+    /// A pool of at most 10 connections on the gateway `url` through a
+    /// pooler in transaction mode (PgBouncer): sqlx's statement cache is
+    /// off, since a named statement prepared in one transaction is not on
+    /// the server connection the next one gets. The pooler must discard
+    /// session state after each transaction (`server_reset_query = DISCARD
+    /// ALL`, `server_reset_query_always = 1`): docs/data-path.md.
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let opts: PgConnectOptions = url.parse()?;
-        Self::connect_with(opts, PgPoolOptions::new().max_connections(10)).await
+        Self::connect_with(url.parse()?, PgPoolOptions::new().max_connections(10)).await
     }
 
-    /// A pool with your own options. The statement cache is turned off
-    /// (named prepared statements do not survive a pooler in transaction
-    /// mode, which hands each transaction any server connection).
+    /// [`Gateway::connect`] with your own options (the statement cache is
+    /// turned off).
     pub async fn connect_with(opts: PgConnectOptions, pool: PgPoolOptions) -> Result<Self, Error> {
         let opts = opts.statement_cache_capacity(0);
+        let pool = pool.acquire_timeout(Duration::from_secs(10)).connect_with(opts).await?;
+        Ok(Self { pool })
+    }
+
+    /// A pool straight to Postgres (no pooler in between, or PgBouncer
+    /// 1.21+ with `max_prepared_statements`): sqlx's statement cache stays
+    /// on (with it off, sqlx would leave one prepared statement per query
+    /// on a connection that nothing discards).
+    pub async fn connect_direct(opts: PgConnectOptions, pool: PgPoolOptions) -> Result<Self, Error> {
         let pool = pool.acquire_timeout(Duration::from_secs(10)).connect_with(opts).await?;
         Ok(Self { pool })
     }

@@ -286,3 +286,54 @@ async fn a_suspend_under_load_refuses_the_tenant_within_a_second_and_spares_the_
     assert!(refused > 0, "the suspended tenant was never refused");
     println!("suspend converged in {took:?}; the suspended tenant was refused {refused} times after 1s");
 }
+
+/// The venv with psycopg for the Python example (made once, like
+/// scripts/with-moto.sh makes moto's).
+fn psycopg_python() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join(".tools/psycopg-venv");
+    let python = venv.join("bin/python");
+    let ok = |p: &std::path::Path| std::process::Command::new(p).args(["-c", "import psycopg"]).output().is_ok_and(|o| o.status.success());
+    if !ok(&python) {
+        let _ = std::fs::remove_dir_all(&venv);
+        let st = std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 -m venv");
+        assert!(st.success(), "python3 -m venv failed: run scripts/setup.sh (python3-venv)");
+        let st = std::process::Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "psycopg[binary]==3.3.9"])
+            .status()
+            .expect("pip");
+        assert!(st.success(), "installing psycopg[binary] from PyPI failed");
+    }
+    python
+}
+
+#[tokio::test]
+async fn the_python_example_routes_each_tenant_and_refuses_the_others() {
+    let env = setup("pb_python").await;
+    let mut tenants = env.tenants(2).await;
+    tenants[1].spec.state = TenantState::Suspended;
+    tenants[1].converge(&env.db).await.unwrap();
+    let python = psycopg_python();
+    let nobody = unique("nobody");
+    let out = std::process::Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/tenant_request.py"))
+        .arg(env.pooler_url())
+        .args([tenants[0].name.as_str(), tenants[1].name.as_str(), &nobody, tenants[0].name.as_str()])
+        .output()
+        .expect("run the example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let a = &tenants[0].name;
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec![format!("{a} ok {a}"), format!("{} not-active", tenants[1].name), format!("{nobody} unknown"), format!("{a} ok {a}")],
+    );
+    // Every transaction it opened was ended (refused ones left nothing).
+    let mut su = env.db.superuser().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND state = 'idle in transaction'")
+        .bind(env.gw.as_str())
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the example left a transaction open");
+}

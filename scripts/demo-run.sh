@@ -69,5 +69,10 @@ psql_su -c "SELECT count(*) AS initech_objects_left FROM pg_namespace WHERE nspn
 step "the Events the operator published"
 kubectl get events -A --field-selector involvedObject.kind=Tenant \
   -o custom-columns='TENANT:.involvedObject.name,TYPE:.type,REASON:.reason,MESSAGE:.message' 2>/dev/null || true
+step "requests through PgBouncer with one pool on the gateway login (tenancy-client), one per tenant"
+psql "$TEST_PG_SUPERUSER_URL" -X -q -c "GRANT CONNECT ON DATABASE saas TO pgbouncer_auth"
+GW_PW=$(kubectl get secret -n tenant-system tenant-gateway-db -o jsonpath='{.data.password}' | base64 -d)
+"$TARGET/debug/tenancy-request" "postgresql://tenancy_gateway:$GW_PW@127.0.0.1:$TEST_PGBOUNCER_PORT/saas" acme globex initech | sed 's/^/    /'
+
 echo
 echo "Done. Tenants are in Postgres schemas; kubectl drove everything; the operator ran as a non-superuser."

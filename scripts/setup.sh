@@ -12,6 +12,8 @@ fi
 command -v pg_dump >/dev/null || need_apt+=(postgresql-client)
 command -v runuser >/dev/null || [[ -x /usr/sbin/runuser ]] || need_apt+=(util-linux)
 command -v python3 >/dev/null || need_apt+=(python3)
+# scripts/with-pgbouncer.sh: the data path's pooler (transaction pooling).
+command -v pgbouncer >/dev/null || [[ -x /usr/sbin/pgbouncer ]] || need_apt+=(pgbouncer)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 # scripts/with-moto.sh makes a venv (Debian's python3 needs python3-venv for that).
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)

@@ -306,6 +306,12 @@ struct RunArgs {
     /// than its latest anchor without `audit verify` noticing.
     #[arg(long, env = "AUDIT_ANCHOR_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
     audit_anchor_seconds: u64,
+    /// The gateway login of this database: applications reach every
+    /// Active tenant through it over one pool (docs/data-path.md); its
+    /// credentials go in Secret tenant-gateway-db. Roles are cluster-wide:
+    /// give each database on one server its own name. Empty: no gateway.
+    #[arg(long, env = "GATEWAY_ROLE", default_value = tenant_operator::pg::gateway::DEFAULT_ROLE)]
+    gateway_role: String,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -489,8 +495,13 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     if listed_own {
         tracing::warn!(namespace = %args.namespace, "--secret-source-namespaces lists the operator's own namespace: ignored, its Secrets are never sources");
     }
+    let gateway = match args.gateway_role.as_str() {
+        "" => None,
+        g => Some(tenant_operator::pg::gateway::GatewayName::parse(g).map_err(|e| anyhow::anyhow!("--gateway-role: {e}"))?),
+    };
     let settings = Settings {
         secret_sources,
+        gateway,
         namespace: args.namespace,
         endpoint: Endpoint {
             host: args.tenant_db_host.unwrap_or(target.host),

@@ -5,6 +5,7 @@
 //! ConfigMap writer until shutdown.
 
 pub mod anchoring;
+pub mod gateway;
 pub mod migration_set;
 pub mod ratelimits;
 pub mod tenant;
@@ -44,6 +45,9 @@ pub struct Settings {
     pub secret_sources: tenant::sealing::SourcePolicy,
     /// Time between audit anchoring passes ([`anchoring`]).
     pub audit_anchor_interval: Duration,
+    /// The gateway login of this database (`--gateway-role`); None: no
+    /// gateway (`--gateway-role=""`).
+    pub gateway: Option<crate::pg::gateway::GatewayName>,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.
@@ -79,6 +83,9 @@ pub struct Context {
     pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// What `/healthz` and `/readyz` report.
     pub health: std::sync::Arc<crate::telemetry::Health>,
+    /// The gateway role, once it was converged: tenant reconciles make it a
+    /// member of each Active tenant's app role.
+    pub gateway: std::sync::OnceLock<String>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -98,6 +105,7 @@ impl Context {
             migration_sets: std::sync::OnceLock::new(),
             metrics: Default::default(),
             health: Default::default(),
+            gateway: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -128,7 +136,22 @@ impl Context {
 /// own: if one does, that is a bug, logged loudly, and the operator stops so
 /// that it gets restarted.
 pub async fn run(ctx: std::sync::Arc<Context>) {
+    // The gateway first, so that tenants are granted to a role that exists
+    // (a failure is retried by its loop; tenants then go without it).
+    let gateway = ctx.settings.gateway.clone();
+    if let Some(g) = &gateway {
+        if let Err(e) = gateway::converge(&ctx, g).await {
+            tracing::error!(error = %e, "converging the gateway role failed; tenants are not granted to it until it succeeds");
+        }
+    }
+    let gateway_loop = async {
+        match gateway {
+            Some(g) => gateway::run(ctx.clone(), g).await,
+            None => futures::future::pending::<()>().await,
+        }
+    };
     tokio::select! {
+        _ = gateway_loop => ctx.health.task_died("gateway"),
         _ = tenant::run(ctx.clone()) => {}
         _ = ratelimits::run(ctx.clone()) => ctx.health.task_died("ratelimits"),
         _ = migration_set::run(ctx.clone()) => ctx.health.task_died("migrationset-controller"),

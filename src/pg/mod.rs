@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod backup;
 pub mod confined;
+pub mod gateway;
 pub mod migrations;
 pub mod scram;
 pub mod tenant;

@@ -266,6 +266,9 @@ pub enum DbAction {
     /// creators by itself.
     GrantOwnerToAdmin,
     GrantAppToAdmin,
+    /// The gateway login ([`super::gateway`]) may `SET ROLE` to the app role
+    /// of an Active tenant; revoked (as a foreign member) when it is not.
+    GrantAppToGateway { gateway: String },
     CreateAppRole { verifier: SecretString, login: bool, connection_limit: i32 },
     CreateSchema,
     GrantSchemaUsage,
@@ -311,6 +314,7 @@ impl DbAction {
             DbAction::CreateOwnerRole => "CreateOwnerRole",
             DbAction::GrantOwnerToAdmin => "GrantOwnerToAdmin",
             DbAction::GrantAppToAdmin => "GrantAppToAdmin",
+            DbAction::GrantAppToGateway { .. } => "GrantAppToGateway",
             DbAction::CreateAppRole { .. } => "CreateAppRole",
             DbAction::CreateSchema => "CreateSchema",
             DbAction::GrantSchemaUsage => "GrantSchemaUsage",
@@ -357,6 +361,7 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
         ],
         DbAction::GrantOwnerToAdmin => vec![format!("GRANT {owner} TO CURRENT_USER")],
         DbAction::GrantAppToAdmin => vec![format!("GRANT {app} TO CURRENT_USER")],
+        DbAction::GrantAppToGateway { gateway } => vec![format!("GRANT {app} TO {}", quote_ident(gateway)?)],
         DbAction::CreateAppRole { verifier, login, connection_limit } => vec![
             format!(
                 "CREATE ROLE {app} {} NOINHERIT CONNECTION LIMIT {connection_limit} PASSWORD {}",
@@ -608,13 +613,23 @@ pub async fn uid_of(pool: &PgPool, name: &str) -> Result<Option<String>, PgError
         .map_err(query_err("reading the tenant registry"))
 }
 
-/// Ends every session of the app role; returns how many were signalled.
-/// Needs membership in `pg_signal_backend`, not superuser.
+/// Ends every session of the app role, and every other session (the
+/// gateway's, serving this tenant through a pooler) holding a lock on a
+/// relation of the tenant's schema, except the ops login's and the
+/// admin's; returns how many were signalled. Needs membership in
+/// `pg_signal_backend`, not superuser.
 pub async fn terminate_sessions(pool: &PgPool, name: &TenantName) -> Result<i64, PgError> {
     let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1 AND pid <> pg_backend_pid()",
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) FROM pg_stat_activity a
+          WHERE a.pid <> pg_backend_pid()
+            AND (a.usename = $1
+              OR (a.usename NOT IN ($3, current_user) AND EXISTS (
+                    SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE l.pid = a.pid AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND n.nspname = $2)))",
     )
     .bind(name.app_role())
+    .bind(name.schema())
+    .bind(name.ops_role())
     .fetch_one(pool)
     .await
     .map_err(query_err("terminating the app role's sessions"))?;
@@ -689,6 +704,16 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
             .execute(pool)
             .await
             .map_err(query_err("disabling the app role's login"))?;
+    }
+    // Nobody may SET ROLE to the app role any more (the gateway): its
+    // transactions already running end with the sessions below.
+    if let Some(r) = observed.app_role.as_ref().filter(|r| ours(&r.comment)) {
+        for member in &r.other_members {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE {app} FROM {}", quote_ident(member)?)))
+                .execute(pool)
+                .await
+                .map_err(query_err("revoking the app role from its members"))?;
+        }
     }
     // The ops login too: a migration, backup or restore still running for
     // this tenant ends here (its work rolls back).

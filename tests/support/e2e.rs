@@ -158,6 +158,8 @@ impl Env {
             .env("TENANT_CONCURRENCY", "4")
             .env("RUST_LOG", "info,tenant_operator=debug")
             .env("POD_NAME", identity)
+            // Roles are cluster-wide: each test database its own gateway.
+            .env("GATEWAY_ROLE", format!("gw_{}", self.db.name))
             .env("METRICS_ADDR", "127.0.0.1:0")
             // Backups (tests/e2e_backup.rs): CronJobs and restore Jobs run
             // this image; the store is a folder of the test's own.

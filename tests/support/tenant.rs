@@ -18,6 +18,9 @@ pub struct Tenant {
     pub uid: String,
     pub spec: TenantSpec,
     pub password: Option<String>,
+    /// The gateway login made a member of the app role while Active
+    /// (tests/pg_gateway.rs); None: no gateway.
+    pub gateway: Option<String>,
 }
 
 /// The spec a `spec: {}` manifest gets.
@@ -27,12 +30,13 @@ pub fn default_spec() -> TenantSpec {
 
 impl Tenant {
     pub fn new(name: &str) -> Self {
-        Tenant { name: TenantName::parse(name).expect("valid name"), uid: format!("uid-{name}"), spec: default_spec(), password: None }
+        Tenant { name: TenantName::parse(name).expect("valid name"), uid: format!("uid-{name}"), spec: default_spec(), password: None, gateway: None }
     }
 
     /// One reconcile's Postgres half; keeps the password as the Secret would.
     pub async fn converge(&mut self, db: &TestDb) -> Result<DbOutcome, ConvergeError> {
-        let desired = plan::desired_db(&self.name, &self.spec)?;
+        let mut desired = plan::desired_db(&self.name, &self.spec)?;
+        desired.gateway = self.gateway.clone();
         let catalog = pg::tenant::observe(&db.admin, &self.name).await?;
         let out = converge_db(&db.admin, &super::test_ring(), &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await?;
         self.password = Some(out.plan.password.clone());

@@ -294,10 +294,11 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Err(e) => return fail(ctx, t, None, "InvalidName", e.to_string()).await,
     };
     let schema = Some(name.schema());
-    let desired = match plan::desired_db(&name, &t.spec) {
+    let mut desired = match plan::desired_db(&name, &t.spec) {
         Ok(d) => d,
         Err(e) => return fail(ctx, t, schema, e.reason(), e.to_string()).await,
     };
+    desired.gateway = ctx.gateway.get().cloned();
     // The finalizer goes on before anything exists outside Kubernetes, so a
     // delete can never skip cleanup.
     if !apply::has_finalizer(t) {

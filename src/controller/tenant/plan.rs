@@ -27,6 +27,10 @@ pub struct DesiredDb {
     pub settings: BTreeMap<&'static str, String>,
     /// `spec.audit.retentionDays`: audit rows older than this are pruned.
     pub audit_retention_days: Option<u32>,
+    /// The gateway login ([`crate::pg::gateway`]) that is a member of the
+    /// app role while the tenant is Active; None: no gateway (any member
+    /// other than the admin is revoked). Set by the controller, not the spec.
+    pub gateway: Option<String>,
 }
 
 /// Why a Tenant cannot be converged until a person changes something.
@@ -140,7 +144,7 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
         let kb = parse_size_kb(limit, i32::MAX as i64).map_err(|m| PlanError::InvalidSpec { field: "tempFileLimit", message: m })?;
         settings.insert("temp_file_limit", format!("{kb}kB"));
     }
-    Ok(DesiredDb { login: *state == TenantState::Active, connection_limit: *connection_limit, settings, audit_retention_days: *retention_days })
+    Ok(DesiredDb { login: *state == TenantState::Active, connection_limit: *connection_limit, settings, audit_retention_days: *retention_days, gateway: None })
 }
 
 /// What one reconcile must do to the database, and the credentials to hold.
@@ -223,12 +227,27 @@ pub fn plan_db(
             role_hygiene(&mut actions, Role::Owner, &r, DbAction::GrantOwnerToAdmin)
         }
     }
+    // The gateway is the app role's one expected member (besides the admin)
+    // while the tenant is Active; otherwise it is revoked like any other.
+    let gateway = desired.gateway.as_ref().filter(|_| desired.login);
     match &observed.app_role {
-        None => actions.extend([
-            DbAction::CreateAppRole { verifier: scram::verifier(&password).into(), login: desired.login, connection_limit: desired.connection_limit },
-            DbAction::GrantAppToAdmin,
-        ]),
+        None => {
+            actions.extend([
+                DbAction::CreateAppRole { verifier: scram::verifier(&password).into(), login: desired.login, connection_limit: desired.connection_limit },
+                DbAction::GrantAppToAdmin,
+            ]);
+            actions.extend(gateway.map(|g| DbAction::GrantAppToGateway { gateway: g.clone() }));
+        }
         Some(r) => {
+            let mut r = r.clone();
+            if let Some(g) = gateway {
+                let before = r.other_members.len();
+                r.other_members.retain(|m| m != g);
+                if r.other_members.len() == before {
+                    actions.push(DbAction::GrantAppToGateway { gateway: g.clone() });
+                }
+            }
+            let r = &r;
             role_hygiene(&mut actions, Role::App, r, DbAction::GrantAppToAdmin);
             for role in &r.member_of {
                 actions.push(DbAction::RevokeAppMembershipIn { role: role.clone() });
@@ -303,7 +322,9 @@ pub fn plan_db(
         }
     }
     // Not only when sessions were seen: one may open between this read and
-    // the commit that turns login off.
+    // the commit that turns login off. A suspend also ends the gateway's
+    // sessions still working in the tenant's schema
+    // (`crate::pg::tenant::terminate_sessions`).
     let terminate_sessions = !desired.login;
     Ok(DbPlan { actions, password, terminate_sessions, caps_not_applied })
 }
@@ -353,10 +374,16 @@ fn role_hygiene(actions: &mut Vec<DbAction>, role: Role, r: &RoleState, grant_ad
 
 /// The data of the `tenant-<name>-db` Secret.
 pub fn secret_data(name: &TenantName, endpoint: &Endpoint, password: &str) -> BTreeMap<String, String> {
+    login_secret_data(&name.app_role(), endpoint, password)
+}
+
+/// The data of a login's Secret (a tenant's, or the gateway's
+/// `tenant-gateway-db`): host, port, dbname, user, password, uri.
+pub fn login_secret_data(user: &str, endpoint: &Endpoint, password: &str) -> BTreeMap<String, String> {
     use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
     // RFC 3986 unreserved characters stay as they are.
     const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
-    let user = name.app_role();
+    let user = user.to_owned();
     let host = if endpoint.host.contains(':') { format!("[{}]", endpoint.host) } else { endpoint.host.clone() };
     let uri = format!(
         "postgresql://{}:{}@{}:{}/{}",
@@ -492,6 +519,32 @@ mod tests {
         // An ops role the operator did not create is never adopted.
         obs.ops_role.as_mut().unwrap().comment = None;
         assert!(matches!(plan_db(&name(), "u1", &d, &obs, Some("pw")), Err(PlanError::Conflict { .. })));
+    }
+
+    #[test]
+    fn the_gateway_is_a_member_of_the_app_role_only_while_active() {
+        let mut d = desired_db(&name(), &spec()).unwrap();
+        d.gateway = Some("tenancy_gateway".into());
+        // Provisioning grants it in the same transaction.
+        let p = plan_db(&name(), "u1", &d, &CatalogState::default(), None).unwrap();
+        assert!(p.actions.contains(&DbAction::GrantAppToGateway { gateway: "tenancy_gateway".into() }), "{:?}", p.actions);
+        // Converged with it: nothing to do; the drift repair keeps it.
+        let mut obs = converged("u1", &d);
+        obs.app_role.as_mut().unwrap().other_members = vec!["tenancy_gateway".into()];
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        // Revoked by hand: granted again; another member is still revoked.
+        obs.app_role.as_mut().unwrap().other_members = vec!["mallory".into()];
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert!(p.actions.contains(&DbAction::GrantAppToGateway { gateway: "tenancy_gateway".into() }));
+        assert!(p.actions.contains(&DbAction::RevokeMembership { role: Role::App, member: "mallory".into() }));
+        // Suspended: revoked with the login, and its sessions ended.
+        obs.app_role.as_mut().unwrap().other_members = vec!["tenancy_gateway".into()];
+        obs.app_sessions = 0;
+        d.login = false;
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert_eq!(p.actions, vec![DbAction::RevokeMembership { role: Role::App, member: "tenancy_gateway".into() }, DbAction::SetLogin(false)]);
+        assert!(p.terminate_sessions);
     }
 
     #[test]

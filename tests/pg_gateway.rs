@@ -1,0 +1,205 @@
+//! The gateway login against a real server, with the non-superuser admin:
+//! created once, member of each Active tenant's app role and of nothing
+//! else, no privilege of its own; tenant transactions through the
+//! application library (tenancy-client), direct to Postgres (the pooler
+//! suite is tests/pgbouncer.rs).
+
+mod support;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection};
+use support::tenant::Tenant;
+use support::{unique, TestDb};
+use tenancy_client::{Error, Gateway};
+use tenant_operator::api::TenantState;
+use tenant_operator::pg;
+use tenant_operator::pg::gateway::GatewayName;
+
+pub async fn setup(label: &str) -> (TestDb, GatewayName, String) {
+    let db = TestDb::new(label).await;
+    pg::migrate_control_schema(&db.admin).await.expect("control schema");
+    let facts = pg::admin_facts(&db.admin).await.expect("facts");
+    assert!(!facts.superuser, "tests must run as a non-superuser admin");
+    pg::harden_database(&db.admin, &facts).await.expect("harden");
+    let gw = GatewayName::parse(&format!("gw_{}", db.name)).expect("gateway name");
+    let password = pg::scram::generate_password();
+    let out = pg::gateway::converge(&db.admin, &gw, &password, true).await.expect("gateway converges");
+    assert!(out.statements > 0);
+    (db, gw, password)
+}
+
+async fn tenant(db: &TestDb, gw: &GatewayName, base: &str) -> Tenant {
+    let mut t = Tenant::new(&unique(base));
+    t.gateway = Some(gw.to_string());
+    t.converge(db).await.expect("provision");
+    t
+}
+
+fn sqlstate(e: &sqlx::Error) -> String {
+    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+}
+
+async fn seed(db: &TestDb, t: &Tenant, value: &str) {
+    // As the tenant's owner would through a migration: a table and a row.
+    let mut su = db.superuser().await;
+    let s = t.name.schema();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {o}; CREATE TABLE {s}.items (id serial PRIMARY KEY, v text); INSERT INTO {s}.items (v) VALUES ('{value}'); RESET ROLE;",
+        o = t.name.owner_role()
+    )))
+    .execute(&mut su)
+    .await
+    .expect("seed");
+    // The app role's grants on the new table come from the default privileges.
+}
+
+#[tokio::test]
+async fn the_gateway_is_created_once_with_nothing_of_its_own() {
+    let (db, gw, password) = setup("gw_create").await;
+    // Converged: nothing written the second time.
+    let again = pg::gateway::converge(&db.admin, &gw, &password, false).await.expect("again");
+    assert_eq!(again.statements, 0, "{:?}", again.actions);
+    let (login, inherit, path): (bool, bool, Vec<String>) = sqlx::query_as(
+        "SELECT rolcanlogin, rolinherit, coalesce(rolconfig, '{}') FROM pg_roles WHERE rolname = $1",
+    )
+    .bind(gw.as_str())
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
+    assert!(login && !inherit, "login {login} inherit {inherit}");
+    assert_eq!(path, vec!["search_path=\"\"".to_string()]);
+    // As the gateway, outside any tenant: no table resolves, none is readable.
+    let t = tenant(&db, &gw, "gw-a").await;
+    seed(&db, &t, "a-row").await;
+    let mut c = PgConnection::connect(&db.url_as(gw.as_str(), &password)).await.expect("the gateway logs in");
+    let e = sqlx::query("SELECT * FROM items").fetch_all(&mut c).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42P01", "{e}");
+    let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {}.items", t.name.schema()))).fetch_all(&mut c).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+    let e = sqlx::query("SELECT * FROM tenancy.tenants").fetch_all(&mut c).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+    // It may become the app role, and nothing else of the tenant.
+    let e = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}", t.name.owner_role()))).execute(&mut c).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+}
+
+#[tokio::test]
+async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
+    let (db, gw, password) = setup("gw_life").await;
+    let mut a = tenant(&db, &gw, "gw-a").await;
+    seed(&db, &a, "a-row").await;
+    let is_member = |role: String| {
+        let pool = db.admin.clone();
+        let gw = gw.to_string();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_auth_members WHERE roleid = to_regrole($1) AND member = to_regrole($2))")
+                .bind(role)
+                .bind(gw)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(is_member(a.name.app_role()).await);
+    // The tenant's own drift repair keeps it: a second converge does nothing.
+    let out = a.converge(&db).await.unwrap();
+    assert!(out.plan.actions.is_empty(), "{:?}", out.plan.actions);
+    // Revoked by hand: granted back.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE {} FROM {gw}", a.name.app_role()))).execute(&db.admin).await.unwrap();
+    a.converge(&db).await.unwrap();
+    assert!(is_member(a.name.app_role()).await);
+
+    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(2)).await.expect("library pool");
+    let mut tx = gateway.begin(a.name.as_str(), "alice", "r-1").await.expect("begin");
+    let v: String = sqlx::query_scalar("SELECT v FROM items").fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(v, "a-row");
+    tx.commit().await.unwrap();
+
+    // Suspended: revoked, new transactions refused with a typed error.
+    a.spec.state = TenantState::Suspended;
+    a.converge(&db).await.unwrap();
+    assert!(!is_member(a.name.app_role()).await);
+    assert!(matches!(gateway.begin(a.name.as_str(), "alice", "r-2").await, Err(Error::TenantNotActive(_))));
+    a.spec.state = TenantState::Active;
+    a.converge(&db).await.unwrap();
+    gateway.begin(a.name.as_str(), "alice", "r-3").await.expect("resumed").rollback().await.unwrap();
+
+    // Anything else granted to the gateway, or the gateway granted to
+    // someone, is revoked by its own converge; its attributes are put back.
+    let b = tenant(&db, &gw, "gw-b").await;
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT {owner} TO {gw}; GRANT pg_read_all_data TO {gw}; GRANT SELECT ON tenancy.tenants TO {gw}; CREATE ROLE mallory_{db}; GRANT {gw} TO mallory_{db};
+         ALTER ROLE {gw} INHERIT CREATEDB; ALTER ROLE {gw} RESET search_path;",
+        owner = b.name.owner_role(),
+        db = db.name
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let out = pg::gateway::converge(&db.admin, &gw, &password, false).await.expect("repair");
+    let labels: Vec<&str> = out.actions.iter().map(|a| a.label()).collect();
+    assert!(labels.contains(&"RevokeForeignMembership") && labels.contains(&"RevokeGatewayMember") && labels.contains(&"RevokeForeignPrivileges"), "{labels:?}");
+    let again = pg::gateway::converge(&db.admin, &gw, &password, false).await.expect("converged");
+    assert!(again.actions.is_empty(), "{:?}", again.actions);
+    let member_of: Vec<String> = sqlx::query_scalar("SELECT pg_get_userbyid(roleid)::text FROM pg_auth_members WHERE member = to_regrole($1) ORDER BY 1")
+        .bind(gw.as_str())
+        .fetch_all(&db.admin)
+        .await
+        .unwrap();
+    let mut expected = vec![a.name.app_role(), b.name.app_role()];
+    expected.sort();
+    assert_eq!(member_of, expected);
+    let c = PgConnection::connect(&db.url_as(gw.as_str(), &password)).await;
+    let mut c = c.expect("the gateway still logs in");
+    let e = sqlx::query("SELECT * FROM tenancy.tenants").fetch_all(&mut c).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42501");
+
+    // Deleted: the role is gone, the library says so.
+    pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test").await.unwrap();
+    assert!(matches!(gateway.begin(a.name.as_str(), "alice", "r-4").await, Err(Error::UnknownTenant(_))));
+}
+
+#[tokio::test]
+async fn a_tenant_transaction_carries_role_path_caps_and_audit_values() {
+    let (db, gw, password) = setup("gw_tx").await;
+    let mut a = Tenant::new(&unique("gw-caps"));
+    a.gateway = Some(gw.to_string());
+    a.spec.database.statement_timeout = "1500ms".into();
+    a.spec.database.work_mem = "8MB".into();
+    a.spec.database.idle_in_transaction_timeout = "7s".into();
+    a.converge(&db).await.expect("provision");
+    seed(&db, &a, "x").await;
+    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(1)).await.unwrap();
+    let mut tx = gateway.begin(a.name.as_str(), "o'brien\\", "req-9").await.unwrap();
+    let row: (String, String, String, String, String, String, String) = sqlx::query_as(
+        "SELECT current_user::text, session_user::text, current_setting('search_path'), current_setting('statement_timeout'),
+                current_setting('work_mem'), current_setting('idle_in_transaction_session_timeout'), current_setting('tenancy.actor')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(row.0, a.name.app_role());
+    assert_eq!(row.1, gw.as_str());
+    assert_eq!(row.2, format!("\"{}\"", a.name.schema()));
+    assert_eq!((row.3.as_str(), row.4.as_str(), row.5.as_str()), ("1500ms", "8MB", "7s"));
+    assert_eq!(row.6, "o'brien\\");
+    // The cap holds: a statement past 1.5 s is cancelled.
+    let e = sqlx::query("SELECT pg_sleep(3)").execute(&mut *tx).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+    drop(tx);
+    // Next transaction on the same (only) connection: nothing left.
+    let mut c = gateway.pool().acquire().await.unwrap();
+    let row: (String, String, String, String) =
+        sqlx::query_as("SELECT current_user::text, current_setting('search_path'), current_setting('statement_timeout'), coalesce(current_setting('tenancy.actor', true), '')")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+    assert_eq!(row, (gw.to_string(), "\"\"".to_string(), "0".to_string(), String::new()));
+    drop(c);
+    // Bad input is refused before anything is sent.
+    assert!(matches!(gateway.begin("Not_A_Tenant", "a", "r").await, Err(Error::InvalidTenant(_))));
+    assert!(matches!(gateway.begin(a.name.as_str(), "a\0", "r").await, Err(Error::InvalidValue(_))));
+    let r = gateway.begin(&unique("nobody"), "a", "r").await;
+    assert!(matches!(r, Err(Error::UnknownTenant(_))), "{r:?}");
+}

@@ -160,7 +160,19 @@ pub async fn connect(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined,
         }
         Err(source) => return Err(PgError::Connect { target, source }),
     };
-    let mut conn = Confined { conn };
+    become_owner(Confined { conn }, login).await
+}
+
+/// [`connect`] for a process that holds the derived password but no admin
+/// (a backup or restore Job, given the password by the operator): a refused
+/// password is an error, not repaired.
+pub async fn connect_without_admin(login: &OpsLogin) -> Result<Confined, PgError> {
+    let target = format!("{}:{}/{} as {}", login.target.host, login.target.port, login.target.database, login.user());
+    let conn = open(login).await.map_err(|source| PgError::Connect { target, source })?;
+    become_owner(Confined { conn }, login).await
+}
+
+async fn become_owner(mut conn: Confined, login: &OpsLogin) -> Result<Confined, PgError> {
     let sql = format!("SET ROLE {}; SET search_path TO {}", quote_ident(&login.name.owner_role())?, quote_ident(&login.name.schema())?);
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(super::query_err("acting as the tenant's owner"))?;
     Ok(conn)

@@ -425,6 +425,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded");
+    let pg_ssl_mode = tenant_operator::backup::libpq_ssl_mode(&target).to_string();
     let settings = Settings {
         namespace: args.namespace,
         endpoint: Endpoint {
@@ -447,6 +448,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             image: args.image,
             env_secret: args.backup_env_secret,
             service_account: args.backup_service_account,
+            pg_ssl_mode: Some(pg_ssl_mode),
             store: args.backup_store.map(|url| tenant_operator::backup::StoreConfig {
                 url,
                 s3_endpoint: args.backup_s3_endpoint,

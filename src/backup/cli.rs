@@ -2,9 +2,9 @@
 //! Kubernetes (root keys, the Tenant's retention, Events), Postgres and the
 //! store.
 //!
-//! Two ways to run, chosen by whether an admin DSN is given:
+//! Two ways to run:
 //!
-//! - **Job** (no `DATABASE_URL`): what the backup CronJob and the restore
+//! - **Job** (`--job`): what the backup CronJob and the restore
 //!   Job run. Everything comes from the environment the operator gives it
 //!   (the per-tenant Secret, [`super::TenantAccess::from_env`]): the
 //!   tenant's ops login and its backup key(s), nothing else; no Kubernetes
@@ -110,10 +110,14 @@ pub struct RestoreArgs {
 /// Flags both commands share (besides the root keys, flattened by main).
 #[derive(clap::Args, Clone, Debug)]
 pub struct CommonArgs {
-    /// Admin DSN, for a person's disaster recovery (with the root keys).
-    /// Unset: the command runs as a Job, from the tenant's ops login and
-    /// backup key in its environment (PGHOST, PGPORT, PGDATABASE, PGUSER,
-    /// PGPASSWORD, TENANT_UID, TENANT_BACKUP_KEY_V<n>).
+    /// Run as a backup or restore Job: the tenant's ops login and backup
+    /// key from the environment (PGHOST, PGPORT, PGDATABASE, PGUSER,
+    /// PGPASSWORD, TENANT_UID, TENANT_BACKUP_KEY_V<n>); DATABASE_URL and the
+    /// root keys are ignored, Kubernetes is not called.
+    #[arg(long)]
+    pub job: bool,
+    /// Admin DSN, for a person's backup or disaster recovery (with the root
+    /// keys); not used with --job.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// The operator namespace (root-keys Secret).
@@ -220,9 +224,10 @@ async fn publish(cluster: Option<&Cluster>, warning: bool, reason: &str, note: S
 /// `tenant-operator backup`.
 pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()> {
     let name = TenantName::parse(&args.tenant)?;
-    let Some(url) = args.common.database_url.clone() else {
+    if args.common.job {
         return run_backup_job(args, name).await;
-    };
+    }
+    let url = args.common.database_url.clone().context("DATABASE_URL (the admin DSN) is needed without --job")?;
     let skipped = "the Tenant's spec.backup.retention (only --keep-count/--keep-max-age apply), Events and the tenancy.dev/last-backup annotation";
     let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, skipped).await?;
     let (pool, target) = crate::pg::connect(&url, 2).await.context("connecting to Postgres")?;
@@ -295,17 +300,18 @@ pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<(
             Selector::Id(id.to_owned())
         }
     };
-    let Some(url) = args.common.database_url.clone() else {
+    if args.common.job {
         // A restore Job: the operator chose the backup and prepared the schema.
         let Selector::Id(id) = selector else {
-            anyhow::bail!("without DATABASE_URL (a restore Job) --backup must name a backup id: the operator resolves latest and --point-in-time")
+            anyhow::bail!("with --job, --backup must name a backup id: the operator resolves latest and --point-in-time")
         };
         let access = super::TenantAccess::from_env(&name)?;
         let store = super::Store::open(&args.common.store.config())?;
         let m = super::restore_prepared(&access, &args.common.tools(), &store, &id).await?;
         println!("{}", serde_json::to_string(&serde_json::json!({ "restored": m }))?);
         return Ok(());
-    };
+    }
+    let url = args.common.database_url.clone().context("DATABASE_URL (the admin DSN) is needed without --job")?;
     let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, "Events").await?;
     let ring = Arc::new(ring);
     let (pool, target) = crate::pg::connect(&url, 3).await.context("connecting to Postgres")?;

@@ -392,13 +392,14 @@ impl TenantAccess {
             cmd.env_remove(k);
         }
         cmd.env("PGHOST", &t.host).env("PGPORT", t.port.to_string()).env("PGUSER", self.login.user()).env("PGPASSWORD", self.login.password());
-        cmd.env("PGSSLMODE", ssl_mode(t)).env("PGAPPNAME", format!("tenant-operator-{}", program.rsplit('/').next().unwrap_or(program)));
+        cmd.env("PGSSLMODE", libpq_ssl_mode(t)).env("PGAPPNAME", format!("tenant-operator-{}", program.rsplit('/').next().unwrap_or(program)));
         let escaped = t.database.replace('\\', "\\\\").replace('\'', "\\'");
         (cmd, format!("dbname='{escaped}'"))
     }
 }
 
-fn ssl_mode(t: &Target) -> &'static str {
+/// The target's TLS mode as libpq's `sslmode` names it.
+pub fn libpq_ssl_mode(t: &Target) -> &'static str {
     use sqlx::postgres::PgSslMode;
     match t.ssl_mode() {
         PgSslMode::Disable => "disable",

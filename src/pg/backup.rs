@@ -178,7 +178,7 @@ pub async fn registry_state(pool: &PgPool, uid: &str) -> Result<Option<String>, 
 /// login acting as the owner, `search_path` = the tenant schema): None
 /// without a version table or versions.
 pub async fn schema_version(conn: &mut PgConnection) -> Result<Option<i64>, PgError> {
-    let table = format!("{}", quote_ident(super::migrations::VERSION_TABLE)?);
+    let table = quote_ident(super::migrations::VERSION_TABLE)?;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(&table)
         .fetch_one(&mut *conn)

@@ -620,3 +620,126 @@ async fn disaster_recovery_without_a_cluster_uses_a_keys_file() {
 fn store_inner(s: &Store) -> Arc<dyn object_store::ObjectStore> {
     s.object_store()
 }
+
+/// A tenant whose schema holds code that would, run as the admin, change
+/// the admin, the registry, another tenant's data and roles: backed up and
+/// restored, none of it happens. The CHECK constraint's function runs
+/// during the restore (pg_restore's COPY evaluates it), as the tenant's
+/// owner on its ops login, and is denied each time; the trigger and the
+/// default are restored too (and would fare no better).
+#[tokio::test]
+async fn a_hostile_dump_restores_without_reaching_outside_its_tenant() {
+    let f = setup("bk_hostile").await;
+    let a = tenant_with_data(&f.db, "bk-host", 3).await;
+    let b = tenant_with_data(&f.db, "bk-victim", 4).await;
+    let b_rows = rows(&f.db, &b).await;
+    let admin: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&f.db.admin).await.unwrap();
+    let evil = format!("evil_{:08x}", rand::random::<u32>());
+    let attempts = [
+        ("alter admin", format!("ALTER ROLE \"{admin}\" CONNECTION LIMIT 3")),
+        ("write registry", format!("UPDATE tenancy.tenants SET state = 'Suspended' WHERE name = '{}'", b.name)),
+        ("read registry", "PERFORM count(*) FROM tenancy.tenants".to_string()),
+        ("write other tenant", format!("INSERT INTO \"{}\".items VALUES (-99, 'from a')", b.name.schema())),
+        ("alter another tenant role", format!("ALTER ROLE \"{}\" CONNECTION LIMIT 1", b.name.app_role())),
+        ("create role", format!("CREATE ROLE {evil} LOGIN")),
+    ];
+    let mut body = String::new();
+    for (what, stmt) in &attempts {
+        let stmt = if stmt.starts_with("PERFORM") { stmt.clone() } else { format!("EXECUTE {}", pg::quote_literal(stmt).unwrap()) };
+        body += &format!(
+            "BEGIN {stmt}; r := 'did'; EXCEPTION WHEN OTHERS THEN r := 'denied ' || SQLSTATE; END;
+             INSERT INTO \"{schema}\".evidence VALUES (current_setting('application_name'), session_user || '/' || current_user, '{what}: ' || r);\n",
+            schema = a.name.schema()
+        );
+    }
+    let setup_sql = format!(
+        "CREATE TABLE evidence (app text, who text, what text);
+         CREATE FUNCTION hostile(int) RETURNS boolean LANGUAGE plpgsql AS $fn$ DECLARE r text; BEGIN {body} RETURN true; END $fn$;
+         CREATE TABLE victim (id int CHECK (hostile(id)), flag boolean DEFAULT hostile(0));
+         CREATE FUNCTION hostile_trigger() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN PERFORM {schema}.hostile(0); RETURN NEW; END $fn$;
+         CREATE TRIGGER hostile BEFORE INSERT OR UPDATE ON victim FOR EACH ROW EXECUTE FUNCTION hostile_trigger();
+         INSERT INTO victim (id) VALUES (1), (2);",
+        schema = pg::quote_ident(&a.name.schema()).unwrap()
+    );
+    let acc = access(&f.db, &f.ring, &a.name).await;
+    let mut c = pg::confined::connect(&f.db.admin, &acc.login).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(setup_sql)).execute(&mut *c).await.expect("the owner sets its trap");
+    c.close().await;
+
+    let m = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap().manifest;
+    let admin_before: (i32, bool, bool) = sqlx::query_as("SELECT rolconnlimit, rolcreaterole, rolsuper FROM pg_roles WHERE rolname = current_user").fetch_one(&f.db.admin).await.unwrap();
+    rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::Id(m.id.clone())).await.expect("the hostile dump restores (its code is harmless)");
+
+    // The code ran during the restore, as the owner on the ops login, and
+    // every attempt was denied.
+    let acc = access(&f.db, &f.ring, &a.name).await;
+    let mut c = pg::confined::connect(&f.db.admin, &acc.login).await.unwrap();
+    let during: Vec<(String, String)> = sqlx::query_as("SELECT who, what FROM evidence WHERE app LIKE 'tenant-operator-pg_restore%' ORDER BY what").fetch_all(&mut *c).await.unwrap();
+    c.close().await;
+    assert!(!during.is_empty(), "the dump's CHECK function never ran during the restore: the test proves nothing");
+    for (who, what) in &during {
+        assert_eq!(who, &format!("{}/{}", a.name.ops_role(), a.name.owner_role()), "the dump's code ran as {who}");
+        assert!(what.contains(": denied"), "the dump's code, during the restore: {what}");
+    }
+    assert_eq!(during.len(), attempts.len() * 2, "{during:?}");
+    // And nothing outside the tenant changed.
+    let admin_after: (i32, bool, bool) = sqlx::query_as("SELECT rolconnlimit, rolcreaterole, rolsuper FROM pg_roles WHERE rolname = current_user").fetch_one(&f.db.admin).await.unwrap();
+    assert_eq!(admin_after, admin_before, "the admin role changed");
+    assert_eq!(rows(&f.db, &b).await, b_rows, "tenant B's data changed");
+    let (b_state, b_limit): (String, i32) = sqlx::query_as("SELECT t.state, r.rolconnlimit FROM tenancy.tenants t, pg_roles r WHERE t.name = $1 AND r.rolname = $2")
+        .bind(b.name.as_str())
+        .bind(b.name.app_role())
+        .fetch_one(&f.db.admin)
+        .await
+        .unwrap();
+    assert_eq!(b_state, "Active", "the registry changed");
+    assert_ne!(b_limit, 1, "tenant B's app role changed");
+    let evil_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)").bind(&evil).fetch_one(&f.db.admin).await.unwrap();
+    assert!(!evil_exists, "the dump's code created a role");
+    assert_eq!(schemas_like(&f.db, &a).await, vec![a.name.schema()]);
+}
+
+/// A Job's half of a restore, with nothing but the tenant's ops login and
+/// the backup key of one version: it refuses a schema the operator did
+/// not prepare, and restores into one it did; it backs up too.
+#[tokio::test]
+async fn a_job_restores_only_into_a_prepared_schema_with_its_tenants_key_alone() {
+    let f = setup("bk_job").await;
+    let a = tenant_with_data(&f.db, "bk-job", 6).await;
+    let before = rows(&f.db, &a).await;
+    // What the operator hands the Job: the login and one key, no admin.
+    let derived = access(&f.db, &f.ring, &a.name).await;
+    // The operator sets the ops login's password before it writes it into
+    // the Job's Secret (a confined session does the same).
+    pg::confined::connect(&f.db.admin, &derived.login).await.unwrap().close().await;
+    let key = derived.keys.get(f.ring.active_version()).unwrap().clone();
+    let job = TenantAccess::new(derived.login.clone(), backup::BackupKeys::from_keys(vec![key]).unwrap());
+    let m = backup::backup(&job, &f.tools, &f.store, Retention::default()).await.expect("a Job backs up with its tenant's key alone").manifest;
+    change(&f.db, &a).await;
+    let live = rows(&f.db, &a).await;
+
+    let err = backup::restore_prepared(&job, &f.tools, &f.store, &m.id).await.unwrap_err();
+    assert!(matches!(err, BackupError::NotPrepared { .. }), "{err}");
+    assert_eq!(rows(&f.db, &a).await, live, "an unprepared schema was touched");
+
+    let by = pg::backup::by_tenant_restore("r-job");
+    assert_eq!(pg::backup::prepare(&f.db.admin, &a.name, &a.uid, &by, true).await.unwrap(), pg::backup::Prepared::Done);
+    backup::restore_prepared(&job, &f.tools, &f.store, &m.id).await.expect("the Job restores into the prepared schema");
+    let record = pg::backup::RestoreRecord { backup_id: m.id.clone(), actor: by.clone(), detail: serde_json::json!({}) };
+    assert_eq!(pg::backup::finalize(&f.db.admin, &a.name, &a.uid, &by, true, &record).await.unwrap(), pg::backup::Finalized::Done);
+    assert_eq!(rows(&f.db, &a).await, before);
+
+    // A key of another version, or another tenant's login, gets nowhere.
+    let other_ring = keyring();
+    let wrong = access(&f.db, &other_ring, &a.name).await;
+    let wrong_key = TenantAccess::new(derived.login.clone(), wrong.keys.clone());
+    assert!(matches!(backup::restore_prepared(&wrong_key, &f.tools, &f.store, &m.id).await.unwrap_err(), BackupError::Refused { .. }));
+}
+
+#[test]
+fn the_restore_list_leaves_out_the_schemas_own_entries() {
+    let list = "; Archive created at 2026-12-01 10:00:00 UTC\n;\n6; 2615 16390 SCHEMA - tenant_acme tenant_acme_owner\n3390; 0 0 COMMENT - SCHEMA tenant_acme tenant_acme_owner\n222; 1259 16400 TABLE tenant_acme items tenant_acme_owner\n3391; 0 0 ACL - SCHEMA tenant_acme tenant_acme_owner\n3392; 0 0 ACL tenant_acme TABLE items tenant_acme_owner\n7; 2615 16391 SCHEMA - tenant_acme2 tenant_acme2_owner\n";
+    let out = backup::restore_list(list, "tenant_acme");
+    let kept: Vec<&str> = out.lines().filter(|l| !l.starts_with(';')).collect();
+    assert_eq!(kept, ["222; 1259 16400 TABLE tenant_acme items tenant_acme_owner", "3392; 0 0 ACL tenant_acme TABLE items tenant_acme_owner", "7; 2615 16391 SCHEMA - tenant_acme2 tenant_acme2_owner"]);
+}

@@ -102,7 +102,8 @@ async fn cronjob_backup_and_tenant_restore() {
     assert_eq!(c["envFrom"][0]["secretRef"]["name"], BACKUP_ENV_SECRET);
     let job_secret = format!("tenant-{t}-job");
     assert_eq!(c["envFrom"][1]["secretRef"]["name"], job_secret.as_str());
-    assert!(!json.to_string().contains("DATABASE_URL") && !json.to_string().contains("ROOT_KEYS"), "the CronJob gets the admin DSN or the root keys: {json}");
+    assert!(!json.to_string().contains("ROOT_KEYS") && !json.to_string().contains("postgresql://"), "the CronJob gets the admin DSN or the root keys: {json}");
+    assert_eq!(c["env"], serde_json::json!([{"name": "TMPDIR", "value": "/tmp"}, {"name": "DATABASE_URL", "value": ""}]), "an env Secret's DATABASE_URL must not reach the pod");
     assert_eq!(pod["automountServiceAccountToken"], false);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert!(c["resources"]["requests"]["cpu"].is_string(), "no resource requests: {c}");
@@ -153,7 +154,7 @@ async fn cronjob_backup_and_tenant_restore() {
     assert_eq!(jc["envFrom"][1]["secretRef"]["name"], job.as_str());
     assert_eq!(jj["metadata"]["ownerReferences"][0]["kind"], "TenantRestore");
     assert_eq!(jj["spec"]["template"]["spec"]["automountServiceAccountToken"], false);
-    assert!(!jj.to_string().contains("DATABASE_URL") && !jj.to_string().contains("ROOT_KEYS"), "the restore Job gets the admin DSN or the root keys: {jj}");
+    assert!(!jj.to_string().contains("ROOT_KEYS") && !jj.to_string().contains("postgresql://"), "the restore Job gets the admin DSN or the root keys: {jj}");
     let mut keys = secret_keys(&env, &job);
     keys.sort();
     assert_eq!(keys, ["PGDATABASE", "PGHOST", "PGPASSWORD", "PGPORT", "PGSSLMODE", "PGUSER", "TENANT_BACKUP_KEY_V1", "TENANT_UID"]);

@@ -204,6 +204,14 @@ pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
         .collect()
 }
 
+/// The Jobs' own environment entries: `TMPDIR`, and `DATABASE_URL` set
+/// empty, so that an env Secret still holding the admin DSN (from before
+/// Jobs ran with `--job`) does not reach the pod (an `env` entry overrides
+/// `envFrom`).
+pub fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
+    vec![tmpdir, EnvVar { name: "DATABASE_URL".into(), value: Some(String::new()), ..Default::default() }]
+}
+
 /// The `emptyDir` for temporary files at `path` (`TMPDIR`), and its mount.
 pub fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
     (
@@ -304,7 +312,7 @@ pub fn desired_cronjob(name: &TenantName, owner: OwnerReference, state: TenantSt
         image: Some(image.clone()),
         args: Some(args),
         env_from: Some(job_env_from(env_secret, &job_secret_name(name))),
-        env: Some(vec![tmpdir]),
+        env: Some(job_env(tmpdir)),
         volume_mounts: Some(vec![mount]),
         security_context: Some(container_security),
         resources: Some(ResourceRequirements {
@@ -567,10 +575,10 @@ mod tests {
         // Its environment: the store's Secret and the tenant's own, nothing else.
         let from: Vec<&str> = c.env_from.iter().flatten().filter_map(|e| e.secret_ref.as_ref()).map(|s| s.name.as_str()).collect();
         assert_eq!(from, ["backup-env", "tenant-acme-job"]);
-        let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-        assert_eq!(env, ["TMPDIR"], "the Job's env names more than its temporary directory: {env:?}");
+        let env: Vec<(&str, &str)> = c.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("?"))).collect();
+        assert_eq!(env, [("TMPDIR", "/tmp"), ("DATABASE_URL", "")], "the Job's own env: {env:?}");
         let json = serde_json::to_string(&cj).unwrap();
-        for leak in ["DATABASE_URL", "ROOT_KEYS", "root-keys", "KMS"] {
+        for leak in ["ROOT_KEYS", "root-keys", "KMS", "postgres://", "postgresql://"] {
             assert!(!json.contains(leak), "the CronJob mentions {leak}: {json}");
         }
         // No API access, a restricted pod.

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use crate::api::{RestorePhase, TenantRestoreSpec, TenantRestoreStatus};
 use crate::controller::tenant::apply::{MANAGED_BY, TENANT_LABEL};
 use crate::backup::Selector;
-use crate::controller::tenant::backup::{job_env_from, restricted_security, work_dir, BackupSettings};
+use crate::controller::tenant::backup::{job_env, job_env_from, restricted_security, work_dir, BackupSettings};
 use crate::names::TenantName;
 
 /// Label on the Job naming its TenantRestore (brings it back on Job events).
@@ -88,7 +88,7 @@ pub fn desired_job(restore: &str, tenant: &TenantName, backup_id: &str, owner: O
                         image: Some(image.clone()),
                         args: Some(args),
                         env_from: Some(job_env_from(env_secret, &secret_name(restore))),
-                        env: Some(vec![tmpdir]),
+                        env: Some(job_env(tmpdir)),
                         volume_mounts: Some(vec![mount]),
                         security_context: Some(container_security),
                         // The error, for status.error, from the log's tail.
@@ -178,7 +178,8 @@ mod tests {
         let from: Vec<&str> = c.env_from.iter().flatten().filter_map(|e| e.secret_ref.as_ref()).map(|s| s.name.as_str()).collect();
         assert_eq!(from, ["env", "tenant-restore-r1"]);
         let json = serde_json::to_string(&job).unwrap();
-        for leak in ["DATABASE_URL", "ROOT_KEYS", "KMS"] {
+        assert!(c.env.iter().flatten().any(|e| e.name == "DATABASE_URL" && e.value.as_deref() == Some("")), "an env Secret's DATABASE_URL would reach the pod");
+        for leak in ["ROOT_KEYS", "KMS", "postgres://", "postgresql://"] {
             assert!(!json.contains(leak), "the Job mentions {leak}: {json}");
         }
         assert_eq!(pod.automount_service_account_token, Some(false));

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use support::tenant::Tenant;
 use support::{unique, TestDb};
-use tenant_operator::controller::tenant::ConvergeError;
 use tenant_operator::pg;
+use tenant_operator::pg::tenant::DbAction;
 
 #[tokio::test]
 async fn a_reconcile_during_a_restore_keeps_the_app_role_locked_out() {
@@ -25,9 +25,14 @@ async fn a_reconcile_during_a_restore_keeps_the_app_role_locked_out() {
     assert_eq!(pg::backup::prepare(&db.admin, &t.name, &t.uid, pg::backup::BY_COMMAND, false).await.unwrap(), pg::backup::Prepared::Done);
     assert!(t.app(&db).await.is_err());
 
-    // A reconcile that would turn login back on backs off instead.
-    let err = t.converge(&db).await.expect_err("a reconcile re-enabled login during a restore");
-    assert!(matches!(err, ConvergeError::Db(ref e) if e.is_transient()), "{err}");
+    // A reconcile that planned to turn login back on just before the
+    // restore started backs off instead (its transaction cannot take the
+    // lock shared) ...
+    let login = [DbAction::SetLogin(true)];
+    let err = pg::tenant::apply(&db.admin, &t.name, &t.uid, &login, None).await.expect_err("a reconcile re-enabled login during a restore");
+    assert!(matches!(err, pg::PgError::RestoreRunning(_)) && err.is_transient(), "{err}");
+    // ... and one that plans now sees the restore's schema and stops.
+    assert!(t.converge(&db).await.is_err(), "a reconcile converged a tenant under restore");
     assert!(t.app(&db).await.is_err(), "the app role logged in while the restore ran");
 
     // A second restore cannot start while the first runs (it waits, then says so).
@@ -36,8 +41,14 @@ async fn a_reconcile_during_a_restore_keeps_the_app_role_locked_out() {
     // Nor can the TenantRestore controller's steps.
     assert_eq!(pg::backup::put_back(&db.admin, &t.name, &t.uid, true).await.unwrap(), pg::backup::PutBack::Busy);
 
-    assert_eq!(pg::backup::put_back(&db.admin, &t.name, &t.uid, false).await.unwrap(), pg::backup::PutBack::Done);
+    // With the lock free but the restore's schemas still there (a
+    // TenantRestore's Job runs between the controller's steps), login
+    // stays off too.
     lock.release().await;
+    let err = pg::tenant::apply(&db.admin, &t.name, &t.uid, &login, None).await.expect_err("login enabled with a restore under way");
+    assert!(matches!(err, pg::PgError::RestoreRunning(_)), "{err}");
+    assert!(t.app(&db).await.is_err());
+    assert_eq!(pg::backup::put_back(&db.admin, &t.name, &t.uid, true).await.unwrap(), pg::backup::PutBack::Done);
     t.converge(&db).await.unwrap();
     t.app(&db).await.expect("login is back once the restore is done");
 }

@@ -7,7 +7,8 @@
 //! 1024) MiB of rows (INSERT ... SELECT generate_series), then times, in
 //! alternation, BENCH_ROUNDS (default 2) rounds of:
 //! - the baseline: `pg_dump -Fc -n <schema> -f <file>`;
-//! - the operator: `backup::backup` (the same pg_dump, streamed through the
+//! - the operator: `backup::backup` (the same pg_dump, run as the tenant's
+//!   ops login with `--role=<owner>`, streamed through the
 //!   tenant's backup key into a multipart upload to a `file://` store, plus
 //!   the manifest, the backups table row and pruning).
 //!
@@ -131,7 +132,8 @@ async fn main() {
     let ring = Arc::new(Keyring::new(keys, "v1").unwrap());
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string())).unwrap();
     let store = Store::open(&StoreConfig { url: format!("file://{}/store", dir.path().display()), ..Default::default() }).unwrap();
-    let tools = Tools::new(&admin_url);
+    let tools = Tools::default();
+    let target = tenant_operator::pg::Target::from_url(&admin_url).unwrap();
     let plain_file = dir.path().join("plain.dump");
 
     let (mut best_plain, mut best_full) = (Duration::MAX, Duration::MAX);
@@ -141,7 +143,11 @@ async fn main() {
         plain_bytes = std::fs::metadata(&plain_file).unwrap().len();
         std::fs::remove_file(&plain_file).ok();
         let started = Instant::now();
-        let out = backup::backup(&pool, &tools, &name, &ring, &store, Retention { count: Some(1), max_age: None }).await.unwrap();
+        // As the backup command by hand runs it: the ops login and backup
+        // key derived, pg_dump as the ops login, the outcome recorded.
+        let access = backup::TenantAccess::derive(&pool, &target, &name, &ring).await.unwrap();
+        let out = backup::backup(&access, &tools, &store, Retention { count: Some(1), max_age: None }).await.unwrap();
+        backup::record(&pool, &out).await.unwrap();
         let f = started.elapsed();
         full_bytes = out.manifest.bytes;
         eprintln!("round {round}: plain pg_dump {t:.2?}, full backup {f:.2?}");
@@ -161,7 +167,7 @@ async fn main() {
 
     pool.close().await;
     drop(admin);
-    let roles = [name.app_role(), name.owner_role()];
+    let roles = [name.ops_role(), name.app_role(), name.owner_role()];
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)"))).execute(&mut su).await.unwrap();
     for r in roles {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS \"{r}\""))).execute(&mut su).await.ok();

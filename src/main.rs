@@ -499,6 +499,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         "" => None,
         g => Some(tenant_operator::pg::gateway::GatewayName::parse(g).map_err(|e| anyhow::anyhow!("--gateway-role: {e}"))?),
     };
+    let pg_ssl_mode = tenant_operator::backup::libpq_ssl_mode(&target).to_string();
     let settings = Settings {
         secret_sources,
         gateway,
@@ -524,6 +525,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             image: args.image,
             env_secret: args.backup_env_secret,
             service_account: args.backup_service_account,
+            pg_ssl_mode: Some(pg_ssl_mode),
             store: args.backup_store.map(|url| tenant_operator::backup::StoreConfig {
                 url,
                 s3_endpoint: args.backup_s3_endpoint,

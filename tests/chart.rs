@@ -80,7 +80,20 @@ fn the_rendered_chart_is_valid_against_kubernetes_1_32() {
         assert!(all.contains(&format!("name: {env}")), "{env} is not set on the operator");
     }
     let backup_docs = documents(&all);
-    assert!(find_doc(&backup_docs, "ServiceAccount", Some("tenant-operator-backup")).is_some(), "no ServiceAccount for the backup Jobs");
+    let sa = find_doc(&backup_docs, "ServiceAccount", Some("tenant-operator-backup")).expect("no ServiceAccount for the backup Jobs");
+    // The Jobs call no API: their account has no token and no rights at
+    // all (in particular not the root-keys Secret, nor any Tenant).
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    for d in &backup_docs {
+        let kind = d["kind"].as_str().unwrap_or_default();
+        if matches!(kind, "Role" | "ClusterRole") {
+            assert!(d["metadata"]["name"] != "tenant-operator-backup", "a {kind} for the backup Jobs: {d}");
+        }
+        if matches!(kind, "RoleBinding" | "ClusterRoleBinding") {
+            let subjects = d["subjects"].as_array().cloned().unwrap_or_default();
+            assert!(!subjects.iter().any(|s| s["name"] == "tenant-operator-backup"), "the backup Jobs' account is bound by {kind} {}", d["metadata"]["name"]);
+        }
+    }
     assert!(!defaults.contains("BACKUP_STORE"), "backups are configured by default");
 
     // The ServiceMonitor (a prometheus-operator kind, so not in the 1.32

@@ -19,7 +19,7 @@ use std::time::Duration;
 use object_store::path::Path;
 use support::tenant::Tenant;
 use support::{unique, TestDb};
-use tenant_operator::backup::{self, BackupError, Retention, Selector, Store, StoreConfig, Tools};
+use tenant_operator::backup::{self, BackupError, BackupOutcome, RestoreOutcome, Retention, Selector, Store, StoreConfig, TenantAccess, Tools};
 use tenant_operator::crypto::{self, Keyring};
 use tenant_operator::pg;
 use tenant_operator::pg::backup::AsideState;
@@ -43,8 +43,27 @@ async fn setup(label: &str) -> Fixture {
     pg::migrate_control_schema(&db.admin).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreConfig { url: format!("file://{}", dir.path().display()), ..Default::default() }).unwrap();
-    let tools = Tools::new(&db.admin_url);
+    let tools = Tools::default();
     Fixture { db, ring: keyring(), dir, store, tools }
+}
+
+/// The tenant's access as the admin's commands derive it (ops login,
+/// backup keys).
+async fn access(db: &TestDb, ring: &Keyring, name: &tenant_operator::names::TenantName) -> TenantAccess {
+    let target = pg::Target::from_url(&db.admin_url).unwrap();
+    TenantAccess::derive(&db.admin, &target, name, ring).await.unwrap()
+}
+
+/// A backup as the backup command by hand takes it: pg_dump as the ops
+/// login, then recorded in tenancy.backups by the admin.
+async fn bk_with(db: &TestDb, ring: &Keyring, tools: &Tools, store: &Store, name: &tenant_operator::names::TenantName, retention: Retention) -> Result<BackupOutcome, BackupError> {
+    let out = backup::backup(&access(db, ring, name).await, tools, store, retention).await?;
+    backup::record(&db.admin, &out).await?;
+    Ok(out)
+}
+
+async fn rs_with(db: &TestDb, ring: &Keyring, tools: &Tools, store: &Store, name: &tenant_operator::names::TenantName, sel: &Selector) -> Result<RestoreOutcome, BackupError> {
+    backup::restore(&db.admin, ring, &access(db, ring, name).await, tools, store, sel, "test").await
 }
 
 /// A provisioned tenant with a table `items` holding `rows` rows.
@@ -103,7 +122,7 @@ async fn restore_brings_back_one_tenant_and_leaves_the_other_alone() {
     let b = tenant_with_data(&f.db, "bk-b", 20).await;
     let before_a = rows(&f.db, &a).await;
 
-    let out = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap();
+    let out = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap();
     let m = &out.manifest;
     assert_eq!((m.tenant_uid.as_str(), m.schema.as_str()), (a.uid.as_str(), a.name.schema().as_str()));
     assert!(m.pg_dump_version.contains("pg_dump"), "manifest lacks the pg_dump version: {m:?}");
@@ -119,7 +138,7 @@ async fn restore_brings_back_one_tenant_and_leaves_the_other_alone() {
     let before_b = rows(&f.db, &b).await;
     assert_ne!(rows(&f.db, &a).await, before_a);
 
-    let r = backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::Latest).await.unwrap();
+    let r = rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::Latest).await.unwrap();
     assert_eq!(r.manifest.id, m.id);
     assert_eq!(rows(&f.db, &a).await, before_a, "the restored data is not the backed-up data");
     assert_eq!(rows(&f.db, &b).await, before_b, "restoring A changed tenant B");
@@ -138,17 +157,17 @@ async fn restore_brings_back_one_tenant_and_leaves_the_other_alone() {
 async fn point_in_time_and_id_pick_the_right_backup() {
     let f = setup("bk_pit").await;
     let a = tenant_with_data(&f.db, "bk-pit", 3).await;
-    let first = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap().manifest;
+    let first = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap().manifest;
     let v1 = rows(&f.db, &a).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     change(&f.db, &a).await;
-    let second = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap().manifest;
+    let second = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap().manifest;
     let v2 = rows(&f.db, &a).await;
-    backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::PointInTime(second.time - chrono::Duration::milliseconds(1))).await.unwrap();
+    rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::PointInTime(second.time - chrono::Duration::milliseconds(1))).await.unwrap();
     assert_eq!(rows(&f.db, &a).await, v1, "point in time before the second backup must pick the first");
-    backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::Id(second.id.clone())).await.unwrap();
+    rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::Id(second.id.clone())).await.unwrap();
     assert_eq!(rows(&f.db, &a).await, v2);
-    let err = backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::PointInTime(first.time - chrono::Duration::seconds(1))).await.unwrap_err();
+    let err = rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::PointInTime(first.time - chrono::Duration::seconds(1))).await.unwrap_err();
     assert!(matches!(err, BackupError::NoSuchBackup { .. }), "{err}");
 }
 
@@ -170,14 +189,14 @@ async fn corrupted_truncated_and_foreign_backups_are_refused_and_the_live_schema
     let a = tenant_with_data(&f.db, "bk-ra", 2000).await;
     let b = tenant_with_data(&f.db, "bk-rb", 10).await;
     pad(&f.db, &a, 60_000).await;
-    let m = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap().manifest;
+    let m = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap().manifest;
     change(&f.db, &a).await;
     let live = rows(&f.db, &a).await;
     let path = f.dir.path().join(format!("tenants/{}/{}.dump.enc", a.uid, m.id));
     let good = std::fs::read(&path).unwrap();
 
     let by_id = Selector::Id(m.id.clone());
-    let restore = || backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &by_id);
+    let restore = || rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &by_id);
     let check_untouched = |what: &'static str| {
         let (db, a, live) = (&f.db, &a, &live);
         async move {
@@ -215,7 +234,7 @@ async fn corrupted_truncated_and_foreign_backups_are_refused_and_the_live_schema
     }
 
     // B's backup dressed up as A's.
-    let mb = backup::backup(&f.db.admin, &f.tools, &b.name, &f.ring, &f.store, Retention::default()).await.unwrap().manifest;
+    let mb = bk_with(&f.db, &f.ring, &f.tools, &f.store, &b.name, Retention::default()).await.unwrap().manifest;
     let b_dump = std::fs::read(f.dir.path().join(format!("tenants/{}/{}.dump.enc", b.uid, mb.id))).unwrap();
     let mut as_a = mb.clone();
     as_a.tenant_uid = a.uid.clone();
@@ -230,7 +249,7 @@ async fn corrupted_truncated_and_foreign_backups_are_refused_and_the_live_schema
     let mut b_manifest = mb.clone();
     b_manifest.id = "20000101T000000.000Z".into();
     forge(&f, &a.uid, &b_manifest.id.clone(), &b_dump, &mut b_manifest);
-    let err = backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::Id(b_manifest.id.clone())).await.unwrap_err();
+    let err = rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::Id(b_manifest.id.clone())).await.unwrap_err();
     assert!(matches!(err, BackupError::Refused { .. }), "other tenant's manifest: {err}");
     check_untouched("other tenant's manifest").await;
 
@@ -246,7 +265,7 @@ async fn corrupted_truncated_and_foreign_backups_are_refused_and_the_live_schema
 async fn a_failed_pg_restore_puts_the_original_back() {
     let f = setup("bk_fail").await;
     let a = tenant_with_data(&f.db, "bk-fail", 5).await;
-    backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap();
+    bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap();
     change(&f.db, &a).await;
     let live = rows(&f.db, &a).await;
     // A pg_restore that reads part of its input and fails.
@@ -254,7 +273,7 @@ async fn a_failed_pg_restore_puts_the_original_back() {
     std::fs::write(&script, "#!/bin/sh\nhead -c 100 >/dev/null\necho 'simulated failure' >&2\nexit 1\n").unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let tools = Tools { pg_restore: script.display().to_string(), ..f.tools.clone() };
-    let err = backup::restore(&f.db.admin, &tools, &a.name, f.ring.clone(), &f.store, &Selector::Latest).await.unwrap_err();
+    let err = rs_with(&f.db, &f.ring, &tools, &f.store, &a.name, &Selector::Latest).await.unwrap_err();
     assert!(matches!(err, BackupError::RestoreFailed { .. }) && err.to_string().contains("simulated failure"), "{err}");
     assert_eq!(rows(&f.db, &a).await, live, "the original schema was not put back untouched (or login not restored)");
     assert_eq!(schemas_like(&f.db, &a).await, vec![a.name.schema()]);
@@ -267,33 +286,81 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
     let live = rows(&f.db, &a).await;
     let other = tenant_with_data(&f.db, "bk-kother", 3).await;
 
-    // Killed after the rename, before pg_restore committed: the live schema
-    // is missing, the original is aside, the app role locked out.
-    pg::backup::lock_out_app(&f.db.admin, &a.name).await.unwrap();
-    pg::backup::move_aside(&f.db.admin, &a.name).await.unwrap();
+    // Killed after the admin prepared (the original aside, an empty schema
+    // marked restoring, the app role locked out), before pg_restore ran.
+    let lock = pg::backup::try_restore_lock(&f.db.admin, &a.uid).await.unwrap().expect("lock is free");
+    assert_eq!(pg::backup::prepare(&f.db.admin, &a.name, &a.uid, pg::backup::BY_COMMAND, false).await.unwrap(), pg::backup::Prepared::Done);
     assert!(a.app(&f.db).await.is_err(), "the app role can log in during a restore");
-    // While a restore holds the lock, recovery keeps out.
-    let lock = pg::backup::try_restore_lock(&f.db.admin, &a.name).await.unwrap().expect("lock is free");
+    assert_eq!(schemas_like(&f.db, &a).await, vec![a.name.schema(), pg::backup::aside_schema(&a.name)]);
+    // While a restore holds the lock, recovery keeps out, and so does a
+    // reconcile that would give the login back.
     assert_eq!(pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(), AsideState::RestoreRunning);
+    assert!(a.converge(&f.db).await.is_err(), "a reconcile ran during a restore");
     drop(lock); // the process died: its session ends, so does the lock
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // The reconcile's pre-step puts it back, then the reconcile restores login.
+    // Even with the lock free, a reconcile does not let the app in while a
+    // restore's schemas are there ...
+    assert!(a.converge(&f.db).await.is_err(), "a reconcile let the app in with a restore under way");
+    assert!(a.app(&f.db).await.is_err());
+    // ... the reconcile's pre-step puts it back, then the reconcile restores login.
     assert_eq!(pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(), AsideState::PutBack);
     a.converge(&f.db).await.unwrap();
     assert_eq!(rows(&f.db, &a).await, live, "the original schema is not usable after recovery");
     assert_eq!(pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(), AsideState::Clean);
     assert_eq!(a.converge(&f.db).await.unwrap().statements, 0, "recovery left drift");
 
+    // Killed after pg_restore committed, before the admin finalized: the
+    // schema still says "restoring", so recovery drops what was restored
+    // and puts the original back.
+    assert_eq!(pg::backup::prepare(&f.db.admin, &a.name, &a.uid, pg::backup::BY_COMMAND, true).await.unwrap(), pg::backup::Prepared::Done);
+    {
+        let acc = access(&f.db, &f.ring, &a.name).await;
+        let mut c = pg::confined::connect(&f.db.admin, &acc.login).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL); INSERT INTO items VALUES (1, 'restored, never finalized')").execute(&mut *c).await.unwrap();
+        c.close().await;
+    }
+    assert_eq!(pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(), AsideState::PutBack);
+    a.converge(&f.db).await.unwrap();
+    assert_eq!(rows(&f.db, &a).await, live, "an unfinalized restore survived recovery");
+    assert_eq!(schemas_like(&f.db, &a).await, vec![a.name.schema()]);
+
+    // The TenantRestore controller's steps are safe to repeat after a crash.
+    let by = pg::backup::by_tenant_restore("r1");
+    assert_eq!(pg::backup::prepare(&f.db.admin, &a.name, &a.uid, &by, true).await.unwrap(), pg::backup::Prepared::Done);
+    assert_eq!(pg::backup::prepare(&f.db.admin, &a.name, &a.uid, &by, true).await.unwrap(), pg::backup::Prepared::Already);
+    assert_eq!(pg::backup::prepare(&f.db.admin, &a.name, &a.uid, "TenantRestore/other", true).await.unwrap(), pg::backup::Prepared::Unfinished);
+    assert_eq!(pg::backup::put_back(&f.db.admin, &a.name, &a.uid, true).await.unwrap(), pg::backup::PutBack::Done);
+    assert_eq!(pg::backup::put_back(&f.db.admin, &a.name, &a.uid, true).await.unwrap(), pg::backup::PutBack::Nothing);
+    let record = pg::backup::RestoreRecord { backup_id: "x".into(), actor: "test".into(), detail: serde_json::json!({}) };
+    assert!(matches!(pg::backup::finalize(&f.db.admin, &a.name, &a.uid, &by, true, &record).await.unwrap(), pg::backup::Finalized::NotPrepared(_)), "a put-back restore taken for finalized");
+    a.converge(&f.db).await.unwrap();
+    assert_eq!(rows(&f.db, &a).await, live);
+    // Finalize twice (another tenant: this restores nothing into it): the
+    // second says it was done (the audit log has it).
+    let mut c = tenant_with_data(&f.db, "bk-kfin", 1).await;
+    assert_eq!(pg::backup::prepare(&f.db.admin, &c.name, &c.uid, &by, true).await.unwrap(), pg::backup::Prepared::Done);
+    assert_eq!(pg::backup::finalize(&f.db.admin, &c.name, &c.uid, &by, true, &record).await.unwrap(), pg::backup::Finalized::Done);
+    assert_eq!(pg::backup::finalize(&f.db.admin, &c.name, &c.uid, &by, true, &record).await.unwrap(), pg::backup::Finalized::Already);
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_uid = $1 AND action = 'Restored' AND detail->>'backupId' = 'x'")
+        .bind(&c.uid)
+        .fetch_one(&f.db.admin)
+        .await
+        .unwrap();
+    assert_eq!(logged, 1, "the restore is in the operator's audit log once");
+    assert_eq!(schemas_like(&f.db, &c).await, vec![c.name.schema()]);
+    c.converge(&f.db).await.unwrap();
+    assert_eq!(c.converge(&f.db).await.unwrap().statements, 0, "a finalized restore left drift");
+
     // Killed after pg_restore committed, before the old schema was dropped:
     // the restore command's start finishes it (drops the aside one).
-    backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap();
+    bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap();
     let copy = format!("CREATE SCHEMA \"{}\"", pg::backup::aside_schema(&a.name));
     sqlx::raw_sql(sqlx::AssertSqlSafe(copy)).execute(&f.db.admin).await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("COMMENT ON SCHEMA \"{}\" IS '{}'", pg::backup::aside_schema(&a.name), pg::tenant::ownership_marker(&a.uid))))
         .execute(&f.db.admin)
         .await
         .unwrap();
-    let r = backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::Latest).await.unwrap();
+    let r = rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::Latest).await.unwrap();
     assert_eq!(r.recovered, AsideState::DroppedOld);
     assert_eq!(rows(&f.db, &a).await, live);
     assert_eq!(schemas_like(&f.db, &a).await, vec![a.name.schema()]);
@@ -307,10 +374,10 @@ async fn retention_keeps_exactly_what_it_should() {
     let a = tenant_with_data(&f.db, "bk-keep", 3).await;
     let mut ids = vec![];
     for _ in 0..4 {
-        ids.push(backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap().manifest.id);
+        ids.push(bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap().manifest.id);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let out = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention { count: Some(2), max_age: None }).await.unwrap();
+    let out = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention { count: Some(2), max_age: None }).await.unwrap();
     ids.push(out.manifest.id.clone());
     assert_eq!(out.pruned, vec![ids[2].clone(), ids[1].clone(), ids[0].clone()]);
     let kept: Vec<String> = backup::list(&f.store, &a.uid).await.unwrap().into_iter().map(|m| m.id).collect();
@@ -321,7 +388,7 @@ async fn retention_keeps_exactly_what_it_should() {
     assert_eq!(rows, 2);
     // maxAge: everything but the newest is older than a millisecond by now.
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let pruned = backup::prune(&f.db.admin, &a.uid, &f.store, Retention { count: None, max_age: Some(Duration::from_millis(1)) }, chrono::Utc::now()).await.unwrap();
+    let pruned = backup::prune(&f.store, &a.uid, Retention { count: None, max_age: Some(Duration::from_millis(1)) }, chrono::Utc::now()).await.unwrap();
     assert_eq!(pruned, backup::Pruned { backups: vec![ids[3].clone()], orphans: vec![] });
     // Deleting the tenant's backups empties its prefix.
     assert_eq!(backup::delete_all(&f.store, &a.uid).await.unwrap(), 2);
@@ -336,7 +403,7 @@ async fn a_failing_pg_dump_leaves_nothing_under_the_final_name() {
     std::fs::write(&script, "#!/bin/sh\nhead -c 3000000 /dev/urandom\necho 'dump broke' >&2\nexit 2\n").unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let tools = Tools { pg_dump: script.display().to_string(), ..f.tools.clone() };
-    let err = backup::backup(&f.db.admin, &tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap_err();
+    let err = bk_with(&f.db, &f.ring, &tools, &f.store, &a.name, Retention::default()).await.unwrap_err();
     assert!(err.to_string().contains("dump broke"), "{err}");
     assert!(f.store.list_tenant(&a.uid).await.unwrap().is_empty(), "a failed backup left objects");
     assert!(pg::backup::last_backup(&f.db.admin, &a.uid).await.unwrap().is_none());
@@ -362,12 +429,12 @@ async fn s3_store_against_moto() {
     // Incompressible enough for a dump of more than one 8 MiB upload part.
     pad(&f.db, &a, 400_000).await;
     let before = rows(&f.db, &a).await;
-    let m = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &store, Retention::default()).await.unwrap().manifest;
+    let m = bk_with(&f.db, &f.ring, &f.tools, &store, &a.name, Retention::default()).await.unwrap().manifest;
     let meta = object_store::ObjectStoreExt::head(&*store_inner(&store), &Path::from(format!("some/prefix/tenants/{}/{}.dump.enc", a.uid, m.id))).await.unwrap();
     assert_eq!(meta.size, m.bytes);
     assert!(m.bytes > backup::PART_SIZE as u64, "the dump ({} bytes) fits one upload part: the multipart path is not exercised", m.bytes);
     change(&f.db, &a).await;
-    backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &store, &Selector::Latest).await.unwrap();
+    rs_with(&f.db, &f.ring, &f.tools, &store, &a.name, &Selector::Latest).await.unwrap();
     assert_eq!(rows(&f.db, &a).await, before);
     assert_eq!(backup::delete_all(&store, &a.uid).await.unwrap(), 2);
     assert!(store.list_tenant(&a.uid).await.unwrap().is_empty());
@@ -395,7 +462,7 @@ async fn orphan_dumps_are_pruned_after_the_grace_and_never_restored() {
     let a = tenant_with_data(&f.db, "bk-orph", 4).await;
     let mut ids = vec![];
     for _ in 0..3 {
-        ids.push(backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap().manifest.id);
+        ids.push(bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap().manifest.id);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let newest = rows(&f.db, &a).await;
@@ -416,13 +483,13 @@ async fn orphan_dumps_are_pruned_after_the_grace_and_never_restored() {
     // Orphans are not backups: not listed, not `latest`, not restored.
     let listed: Vec<String> = backup::list(&f.store, &a.uid).await.unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(listed, ids, "an orphan dump is listed as a backup");
-    let r = backup::restore(&f.db.admin, &f.tools, &a.name, f.ring.clone(), &f.store, &Selector::Latest).await.unwrap();
+    let r = rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::Latest).await.unwrap();
     assert_eq!(r.manifest.id, ids[2], "latest picked an orphan dump");
     assert_eq!(rows(&f.db, &a).await, newest);
     let at = chrono::Utc::now() + chrono::Duration::minutes(15);
     assert_eq!(backup::select(&backup::list(&f.store, &a.uid).await.unwrap(), &Selector::PointInTime(at)).unwrap().id, ids[2]);
 
-    let pruned = backup::prune(&f.db.admin, &a.uid, &f.store, Retention { count: Some(2), max_age: None }, chrono::Utc::now()).await.unwrap();
+    let pruned = backup::prune(&f.store, &a.uid, Retention { count: Some(2), max_age: None }, chrono::Utc::now()).await.unwrap();
     assert_eq!(pruned.backups, vec![ids[0].clone()], "retention");
     assert_eq!(pruned.orphans, vec![old.clone(), stale_up.clone()], "orphans pruned");
     let mut want = vec![
@@ -440,7 +507,7 @@ async fn orphan_dumps_are_pruned_after_the_grace_and_never_restored() {
     // Pruning after a backup does the same, and says so.
     let again = format!("{}.dump.enc", id_at(50));
     put_aged(&f, &a.uid, &again, backup::ORPHAN_GRACE + hour);
-    let out = backup::backup(&f.db.admin, &f.tools, &a.name, &f.ring, &f.store, Retention::default()).await.unwrap();
+    let out = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap();
     assert_eq!(out.orphans_pruned, vec![again.trim_end_matches(".dump.enc").to_string()]);
     assert!(out.pruned.is_empty());
     assert!(!files_of(&f, &a.uid).contains(&again));
@@ -552,4 +619,127 @@ async fn disaster_recovery_without_a_cluster_uses_a_keys_file() {
 
 fn store_inner(s: &Store) -> Arc<dyn object_store::ObjectStore> {
     s.object_store()
+}
+
+/// A tenant whose schema holds code that would, run as the admin, change
+/// the admin, the registry, another tenant's data and roles: backed up and
+/// restored, none of it happens. The CHECK constraint's function runs
+/// during the restore (pg_restore's COPY evaluates it), as the tenant's
+/// owner on its ops login, and is denied each time; the trigger and the
+/// default are restored too (and would fare no better).
+#[tokio::test]
+async fn a_hostile_dump_restores_without_reaching_outside_its_tenant() {
+    let f = setup("bk_hostile").await;
+    let a = tenant_with_data(&f.db, "bk-host", 3).await;
+    let b = tenant_with_data(&f.db, "bk-victim", 4).await;
+    let b_rows = rows(&f.db, &b).await;
+    let admin: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&f.db.admin).await.unwrap();
+    let evil = format!("evil_{:08x}", rand::random::<u32>());
+    let attempts = [
+        ("alter admin", format!("ALTER ROLE \"{admin}\" CONNECTION LIMIT 3")),
+        ("write registry", format!("UPDATE tenancy.tenants SET state = 'Suspended' WHERE name = '{}'", b.name)),
+        ("read registry", "PERFORM count(*) FROM tenancy.tenants".to_string()),
+        ("write other tenant", format!("INSERT INTO \"{}\".items VALUES (-99, 'from a')", b.name.schema())),
+        ("alter another tenant role", format!("ALTER ROLE \"{}\" CONNECTION LIMIT 1", b.name.app_role())),
+        ("create role", format!("CREATE ROLE {evil} LOGIN")),
+    ];
+    let mut body = String::new();
+    for (what, stmt) in &attempts {
+        let stmt = if stmt.starts_with("PERFORM") { stmt.clone() } else { format!("EXECUTE {}", pg::quote_literal(stmt).unwrap()) };
+        body += &format!(
+            "BEGIN {stmt}; r := 'did'; EXCEPTION WHEN OTHERS THEN r := 'denied ' || SQLSTATE; END;
+             INSERT INTO \"{schema}\".evidence VALUES (current_setting('application_name'), session_user || '/' || current_user, '{what}: ' || r);\n",
+            schema = a.name.schema()
+        );
+    }
+    let setup_sql = format!(
+        "CREATE TABLE evidence (app text, who text, what text);
+         CREATE FUNCTION hostile(int) RETURNS boolean LANGUAGE plpgsql AS $fn$ DECLARE r text; BEGIN {body} RETURN true; END $fn$;
+         CREATE TABLE victim (id int CHECK (hostile(id)), flag boolean DEFAULT hostile(0));
+         CREATE FUNCTION hostile_trigger() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN PERFORM {schema}.hostile(0); RETURN NEW; END $fn$;
+         CREATE TRIGGER hostile BEFORE INSERT OR UPDATE ON victim FOR EACH ROW EXECUTE FUNCTION hostile_trigger();
+         INSERT INTO victim (id) VALUES (1), (2);",
+        schema = pg::quote_ident(&a.name.schema()).unwrap()
+    );
+    let acc = access(&f.db, &f.ring, &a.name).await;
+    let mut c = pg::confined::connect(&f.db.admin, &acc.login).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(setup_sql)).execute(&mut *c).await.expect("the owner sets its trap");
+    c.close().await;
+
+    let m = bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default()).await.unwrap().manifest;
+    let admin_before: (i32, bool, bool) = sqlx::query_as("SELECT rolconnlimit, rolcreaterole, rolsuper FROM pg_roles WHERE rolname = current_user").fetch_one(&f.db.admin).await.unwrap();
+    rs_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, &Selector::Id(m.id.clone())).await.expect("the hostile dump restores (its code is harmless)");
+
+    // The code ran during the restore, as the owner on the ops login, and
+    // every attempt was denied.
+    let acc = access(&f.db, &f.ring, &a.name).await;
+    let mut c = pg::confined::connect(&f.db.admin, &acc.login).await.unwrap();
+    let during: Vec<(String, String)> = sqlx::query_as("SELECT who, what FROM evidence WHERE app LIKE 'tenant-operator-pg_restore%' ORDER BY what").fetch_all(&mut *c).await.unwrap();
+    c.close().await;
+    assert!(!during.is_empty(), "the dump's CHECK function never ran during the restore: the test proves nothing");
+    for (who, what) in &during {
+        assert_eq!(who, &format!("{}/{}", a.name.ops_role(), a.name.owner_role()), "the dump's code ran as {who}");
+        assert!(what.contains(": denied"), "the dump's code, during the restore: {what}");
+    }
+    assert_eq!(during.len(), attempts.len() * 2, "{during:?}");
+    // And nothing outside the tenant changed.
+    let admin_after: (i32, bool, bool) = sqlx::query_as("SELECT rolconnlimit, rolcreaterole, rolsuper FROM pg_roles WHERE rolname = current_user").fetch_one(&f.db.admin).await.unwrap();
+    assert_eq!(admin_after, admin_before, "the admin role changed");
+    assert_eq!(rows(&f.db, &b).await, b_rows, "tenant B's data changed");
+    let (b_state, b_limit): (String, i32) = sqlx::query_as("SELECT t.state, r.rolconnlimit FROM tenancy.tenants t, pg_roles r WHERE t.name = $1 AND r.rolname = $2")
+        .bind(b.name.as_str())
+        .bind(b.name.app_role())
+        .fetch_one(&f.db.admin)
+        .await
+        .unwrap();
+    assert_eq!(b_state, "Active", "the registry changed");
+    assert_ne!(b_limit, 1, "tenant B's app role changed");
+    let evil_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)").bind(&evil).fetch_one(&f.db.admin).await.unwrap();
+    assert!(!evil_exists, "the dump's code created a role");
+    assert_eq!(schemas_like(&f.db, &a).await, vec![a.name.schema()]);
+}
+
+/// A Job's half of a restore, with nothing but the tenant's ops login and
+/// the backup key of one version: it refuses a schema the operator did
+/// not prepare, and restores into one it did; it backs up too.
+#[tokio::test]
+async fn a_job_restores_only_into_a_prepared_schema_with_its_tenants_key_alone() {
+    let f = setup("bk_job").await;
+    let a = tenant_with_data(&f.db, "bk-job", 6).await;
+    let before = rows(&f.db, &a).await;
+    // What the operator hands the Job: the login and one key, no admin.
+    let derived = access(&f.db, &f.ring, &a.name).await;
+    // The operator sets the ops login's password before it writes it into
+    // the Job's Secret (a confined session does the same).
+    pg::confined::connect(&f.db.admin, &derived.login).await.unwrap().close().await;
+    let key = derived.keys.get(f.ring.active_version()).unwrap().clone();
+    let job = TenantAccess::new(derived.login.clone(), backup::BackupKeys::from_keys(vec![key]).unwrap());
+    let m = backup::backup(&job, &f.tools, &f.store, Retention::default()).await.expect("a Job backs up with its tenant's key alone").manifest;
+    change(&f.db, &a).await;
+    let live = rows(&f.db, &a).await;
+
+    let err = backup::restore_prepared(&job, &f.tools, &f.store, &m.id).await.unwrap_err();
+    assert!(matches!(err, BackupError::NotPrepared { .. }), "{err}");
+    assert_eq!(rows(&f.db, &a).await, live, "an unprepared schema was touched");
+
+    let by = pg::backup::by_tenant_restore("r-job");
+    assert_eq!(pg::backup::prepare(&f.db.admin, &a.name, &a.uid, &by, true).await.unwrap(), pg::backup::Prepared::Done);
+    backup::restore_prepared(&job, &f.tools, &f.store, &m.id).await.expect("the Job restores into the prepared schema");
+    let record = pg::backup::RestoreRecord { backup_id: m.id.clone(), actor: by.clone(), detail: serde_json::json!({}) };
+    assert_eq!(pg::backup::finalize(&f.db.admin, &a.name, &a.uid, &by, true, &record).await.unwrap(), pg::backup::Finalized::Done);
+    assert_eq!(rows(&f.db, &a).await, before);
+
+    // A key of another version, or another tenant's login, gets nowhere.
+    let other_ring = keyring();
+    let wrong = access(&f.db, &other_ring, &a.name).await;
+    let wrong_key = TenantAccess::new(derived.login.clone(), wrong.keys.clone());
+    assert!(matches!(backup::restore_prepared(&wrong_key, &f.tools, &f.store, &m.id).await.unwrap_err(), BackupError::Refused { .. }));
+}
+
+#[test]
+fn the_restore_list_leaves_out_the_schemas_own_entries() {
+    let list = "; Archive created at 2026-12-01 10:00:00 UTC\n;\n6; 2615 16390 SCHEMA - tenant_acme tenant_acme_owner\n3390; 0 0 COMMENT - SCHEMA tenant_acme tenant_acme_owner\n222; 1259 16400 TABLE tenant_acme items tenant_acme_owner\n3391; 0 0 ACL - SCHEMA tenant_acme tenant_acme_owner\n3392; 0 0 ACL tenant_acme TABLE items tenant_acme_owner\n7; 2615 16391 SCHEMA - tenant_acme2 tenant_acme2_owner\n";
+    let out = backup::restore_list(list, "tenant_acme");
+    let kept: Vec<&str> = out.lines().filter(|l| !l.starts_with(';')).collect();
+    assert_eq!(kept, ["222; 1259 16400 TABLE tenant_acme items tenant_acme_owner", "3392; 0 0 ACL tenant_acme TABLE items tenant_acme_owner", "7; 2615 16391 SCHEMA - tenant_acme2 tenant_acme2_owner"]);
 }

@@ -1,18 +1,25 @@
 //! The `backup` and `restore` subcommands: flags, and the glue between
 //! Kubernetes (root keys, the Tenant's retention, Events), Postgres and the
-//! store. Used by the CronJob and the TenantRestore Job, and by hand for
-//! disaster recovery.
+//! store.
 //!
-//! Side effects: those of [`super::backup`]/[`super::restore`], an Event on
-//! the Tenant, and an annotation `tenancy.dev/last-backup` on it after a
-//! backup (so the Tenant controller reports `status.lastBackup` at once; the
-//! controller stays the only writer of the status).
+//! Two ways to run:
 //!
-//! With `--root-keys-file` the cluster is optional: the keys come from the
-//! file, and when no cluster is configured or answers, only the Kubernetes
-//! side effects (the Tenant's retention, Events, the annotation) are
-//! skipped, with a warning saying so. Postgres and the store are all a
-//! backup or restore needs.
+//! - **Job** (`--job`): what the backup CronJob and the restore
+//!   Job run. Everything comes from the environment the operator gives it
+//!   (the per-tenant Secret, [`super::TenantAccess::from_env`]): the
+//!   tenant's ops login and its backup key(s), nothing else; no Kubernetes
+//!   API, no admin, no root keys. A backup writes only the store; a restore
+//!   only runs `pg_restore` into the schema the operator prepared
+//!   (`--backup <id>`). The operator records, reports and finalizes.
+//! - **By hand** (`DATABASE_URL` = the admin DSN, root keys from the
+//!   cluster's Secret or `--root-keys-file`): disaster recovery by a
+//!   person. The whole backup (recorded in `tenancy.backups`) or restore
+//!   (prepare, pg_restore as the ops login, finalize), an Event on the
+//!   Tenant and, after a backup, the annotation `tenancy.dev/last-backup`
+//!   (the Tenant controller, the only writer of the status, picks it up at
+//!   once). With `--root-keys-file` the cluster is optional: when none is
+//!   configured or answers, only those Kubernetes side effects (and the
+//!   Tenant's retention) are skipped, with a warning saying so.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,9 +110,16 @@ pub struct RestoreArgs {
 /// Flags both commands share (besides the root keys, flattened by main).
 #[derive(clap::Args, Clone, Debug)]
 pub struct CommonArgs {
-    /// Admin DSN (the operator's).
+    /// Run as a backup or restore Job: the tenant's ops login and backup
+    /// key from the environment (PGHOST, PGPORT, PGDATABASE, PGUSER,
+    /// PGPASSWORD, TENANT_UID, TENANT_BACKUP_KEY_V<n>); DATABASE_URL and the
+    /// root keys are ignored, Kubernetes is not called.
+    #[arg(long)]
+    pub job: bool,
+    /// Admin DSN, for a person's backup or disaster recovery (with the root
+    /// keys); not used with --job.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
     /// The operator namespace (root-keys Secret).
     #[arg(long, env = "OPERATOR_NAMESPACE", default_value = "tenant-system")]
     pub namespace: String,
@@ -128,9 +142,12 @@ pub struct CommonArgs {
 
 impl CommonArgs {
     fn tools(&self) -> Tools {
-        Tools { database_url: self.database_url.clone(), pg_dump: self.pg_dump.clone(), pg_restore: self.pg_restore.clone() }
+        Tools { pg_dump: self.pg_dump.clone(), pg_restore: self.pg_restore.clone() }
     }
 }
+
+/// Who the audit log names for a restore run by hand.
+const COMMAND_ACTOR: &str = "tenant-operator restore (command)";
 
 /// `30m`, `36h`, `14d`, `2w`, `90s`.
 pub fn parse_age(s: &str) -> Result<Duration, String> {
@@ -207,9 +224,13 @@ async fn publish(cluster: Option<&Cluster>, warning: bool, reason: &str, note: S
 /// `tenant-operator backup`.
 pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()> {
     let name = TenantName::parse(&args.tenant)?;
+    if args.common.job {
+        return run_backup_job(args, name).await;
+    }
+    let url = args.common.database_url.clone().context("DATABASE_URL (the admin DSN) is needed without --job")?;
     let skipped = "the Tenant's spec.backup.retention (only --keep-count/--keep-max-age apply), Events and the tenancy.dev/last-backup annotation";
     let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, skipped).await?;
-    let (pool, _) = crate::pg::connect(&args.common.database_url, 2).await.context("connecting to Postgres")?;
+    let (pool, target) = crate::pg::connect(&url, 2).await.context("connecting to Postgres")?;
     crate::pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
     let tenant = cluster.as_ref().and_then(|c| c.tenant.as_ref());
     let spec_retention = tenant.and_then(|t| t.spec.backup.as_ref()).map(|b| b.retention.clone()).unwrap_or_default();
@@ -218,7 +239,14 @@ pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()>
         max_age: args.keep_max_age.or_else(|| spec_retention.max_age.as_deref().and_then(|a| parse_age(a).ok())),
     };
     let store = super::Store::open(&args.common.store.config())?;
-    match super::backup(&pool, &args.common.tools(), &name, &ring, &store, retention).await {
+    let done = async {
+        let access = super::TenantAccess::derive(&pool, &target, &name, &ring).await?;
+        let out = super::backup(&access, &args.common.tools(), &store, retention).await?;
+        super::record(&pool, &out).await?;
+        Ok::<_, super::BackupError>(out)
+    }
+    .await;
+    match done {
         Ok(out) => {
             let m = &out.manifest;
             let note = format!("backup {} ({} bytes, key v{}) in {}; pruned {}", m.id, m.bytes, m.key_version, store.url(), out.pruned.len());
@@ -234,14 +262,30 @@ pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()>
                 Some(_) => {}
                 None => tracing::warn!(backup = %m.id, "the Tenant was not annotated (no Kubernetes): the controller reports status.lastBackup from tenancy.backups at its next reconcile"),
             }
-            println!("{}", serde_json::to_string(&serde_json::json!({ "manifest": m, "pruned": out.pruned, "orphansPruned": out.orphans_pruned }))?);
-            Ok(())
+            print_backup(&out)
         }
         Err(e) => {
             publish(cluster.as_ref(), true, "BackupFailed", e.to_string()).await;
             Err(e.into())
         }
     }
+}
+
+fn print_backup(out: &super::BackupOutcome) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(&serde_json::json!({ "manifest": out.manifest, "pruned": out.pruned, "orphansPruned": out.orphans_pruned }))?);
+    Ok(())
+}
+
+/// The backup CronJob's run: the tenant's ops login and backup key from the
+/// environment, the store; retention from the flags (the operator writes
+/// the Tenant's into the CronJob). No Kubernetes, no admin.
+async fn run_backup_job(args: BackupArgs, name: TenantName) -> anyhow::Result<()> {
+    let access = super::TenantAccess::from_env(&name)?;
+    let store = super::Store::open(&args.common.store.config())?;
+    let retention = Retention { count: args.keep_count, max_age: args.keep_max_age };
+    let out = super::backup(&access, &args.common.tools(), &store, retention).await?;
+    tracing::info!(backup = %out.manifest.id, bytes = out.manifest.bytes, pruned = out.pruned.len(), "backup written; the operator records it");
+    print_backup(&out)
 }
 
 /// `tenant-operator restore`.
@@ -256,12 +300,29 @@ pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<(
             Selector::Id(id.to_owned())
         }
     };
+    if args.common.job {
+        // A restore Job: the operator chose the backup and prepared the schema.
+        let Selector::Id(id) = selector else {
+            anyhow::bail!("with --job, --backup must name a backup id: the operator resolves latest and --point-in-time")
+        };
+        let access = super::TenantAccess::from_env(&name)?;
+        let store = super::Store::open(&args.common.store.config())?;
+        let m = super::restore_prepared(&access, &args.common.tools(), &store, &id).await?;
+        println!("{}", serde_json::to_string(&serde_json::json!({ "restored": m }))?);
+        return Ok(());
+    }
+    let url = args.common.database_url.clone().context("DATABASE_URL (the admin DSN) is needed without --job")?;
     let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, "Events").await?;
     let ring = Arc::new(ring);
-    let (pool, _) = crate::pg::connect(&args.common.database_url, 3).await.context("connecting to Postgres")?;
+    let (pool, target) = crate::pg::connect(&url, 3).await.context("connecting to Postgres")?;
     crate::pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
     let store = super::Store::open(&args.common.store.config())?;
-    match super::restore(&pool, &args.common.tools(), &name, ring, &store, &selector).await {
+    let done = async {
+        let access = super::TenantAccess::derive(&pool, &target, &name, &ring).await?;
+        super::restore(&pool, &ring, &access, &args.common.tools(), &store, &selector, COMMAND_ACTOR).await
+    }
+    .await;
+    match done {
         Ok(out) => {
             let m = &out.manifest;
             publish(cluster.as_ref(), false, "Restored", format!("schema {} restored from backup {} ({} bytes)", m.schema, m.id, m.bytes)).await;

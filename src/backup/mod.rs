@@ -1,13 +1,24 @@
 //! Per-tenant backups and single-tenant restores.
 //!
-//! Takes the admin pool and DSN, a validated tenant name, the root keys and
-//! an open [`Store`]. Gives [`backup`] (`pg_dump -Fc -n <schema>` streamed
-//! through the tenant's `backup` key into the store, a manifest beside it,
-//! then pruning) and [`restore`] (download, verify, move the live schema
-//! aside, `pg_restore --single-transaction`, drop or put back). Side effects:
-//! runs `pg_dump`/`pg_restore` as child processes, objects under
-//! `tenants/<uid>/` in the store, rows in `tenancy.backups`, and (restore)
-//! DDL on the tenant's own schema and app role, nothing else.
+//! Takes a [`TenantAccess`] (the tenant's ops login and its backup keys:
+//! derived from the root keys by an admin caller, or handed over whole to a
+//! Job that has neither the admin DSN nor the root keys) and an open
+//! [`Store`]. Gives [`backup`] (`pg_dump -Fc -n <schema>` streamed through
+//! the tenant's `backup` key into the store, a manifest beside it, then
+//! pruning), [`restore`] (the whole restore, for the admin's restore
+//! command: download, verify, prepare, `pg_restore`, finalize or put back),
+//! [`restore_prepared`] (a Job's half: download, verify, `pg_restore` into a
+//! schema the operator prepared), [`resolve`] and [`sync_registry`] (the
+//! operator's side). Side effects: runs `pg_dump`/`pg_restore` as child
+//! processes, objects under `tenants/<uid>/` in the store, and (admin
+//! callers only) rows in `tenancy.backups` and the restore's steps
+//! ([`crate::pg::backup`]).
+//!
+//! `pg_dump` and `pg_restore` never run as the admin: their session user is
+//! the tenant's ops login (`PGUSER`/`PGPASSWORD` in their environment, never
+//! on a command line) and they `SET ROLE` to the tenant's owner
+//! (`--role`). Whatever a dump contains (functions, CHECK constraints,
+//! index expressions, defaults, triggers) runs at most as that owner.
 //!
 //! Memory: a backup holds at most a few upload parts (8 MiB each); the dump
 //! never touches local disk. A restore downloads to a temporary file first
@@ -35,10 +46,11 @@ use tokio::io::AsyncReadExt;
 
 pub use store::{Store, StoreConfig, StoreError};
 
-use crate::crypto::{CryptoError, Keyring, OpeningReader, Purpose, StreamEncryptor};
+use crate::crypto::{CryptoError, KeyVersion, Keyring, OpeningReader, Purpose, StreamEncryptor, TenantKey};
 use crate::names::TenantName;
 use crate::pg::backup::{self as pgb, BackupRow};
-use crate::pg::PgError;
+use crate::pg::confined::{self, OpsLogin};
+use crate::pg::{PgError, Target};
 
 /// Version of the manifest layout.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -131,6 +143,12 @@ pub enum BackupError {
     RestoreRunning(String),
     #[error("restoring backup {id} failed, the original schema was put back: {why}")]
     RestoreFailed { id: String, why: String },
+    #[error("pg_restore of backup {id} failed (the operator puts the original schema back): {why}")]
+    PgRestore { id: String, why: String },
+    #[error("the schema of tenant {tenant} is not prepared for a restore ({why}); the operator prepares it before it starts the restore Job")]
+    NotPrepared { tenant: String, why: String },
+    #[error("the Job's credentials: {0}")]
+    Credentials(String),
     #[error("local file {path}: {source}")]
     Local {
         path: String,
@@ -223,44 +241,174 @@ pub fn select<'a>(manifests: &'a [Manifest], sel: &Selector) -> Option<&'a Manif
         Selector::PointInTime(t) => newest(&mut manifests.iter().filter(|m| m.time <= *t)),
     }
 }
-
-/// The tools and how to reach Postgres with them.
+/// The `pg_dump` and `pg_restore` binaries.
 #[derive(Clone, Debug)]
 pub struct Tools {
-    /// The admin DSN (libpq form; its password goes in PGPASSWORD, never on
-    /// a command line).
-    pub database_url: String,
     pub pg_dump: String,
     pub pg_restore: String,
 }
 
-impl Tools {
-    pub fn new(database_url: &str) -> Self {
-        Tools { database_url: database_url.to_owned(), pg_dump: "pg_dump".into(), pg_restore: "pg_restore".into() }
-    }
-
-    /// A command for `program` with the connection in its environment.
-    fn command(&self, program: &str) -> Result<(std::process::Command, String), BackupError> {
-        let mut url = url::Url::parse(&self.database_url).map_err(|e| BackupError::Spawn {
-            program: program.into(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("the database URL is not valid: {e}")),
-        })?;
-        let password = url.password().map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned());
-        let _ = url.set_password(None);
-        let mut cmd = std::process::Command::new(program);
-        if let Some(p) = password {
-            cmd.env("PGPASSWORD", p);
-        }
-        cmd.env("PGAPPNAME", "tenant-operator-backup");
-        Ok((cmd, url.to_string()))
+impl Default for Tools {
+    fn default() -> Self {
+        Tools { pg_dump: "pg_dump".into(), pg_restore: "pg_restore".into() }
     }
 }
 
-/// The tenant's uid and salt from the registry.
-async fn tenant_keys(pool: &PgPool, name: &TenantName) -> Result<(String, crate::crypto::TenantSalt), BackupError> {
-    let uid = crate::pg::tenant::uid_of(pool, name.as_str()).await?.ok_or_else(|| BackupError::UnknownTenant(name.to_string()))?;
-    let salt = crate::pg::tenant::existing_key_salt(pool, &uid).await?.ok_or_else(|| BackupError::NoSalt(name.to_string()))?;
-    Ok((uid, salt))
+/// The tenant's backup keys (purpose `backup`), one per root key version
+/// held; backups are sealed under `active`'s. `Debug` shows versions only.
+#[derive(Clone)]
+pub struct BackupKeys {
+    keys: Vec<TenantKey>,
+    active: KeyVersion,
+}
+
+impl std::fmt::Debug for BackupKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupKeys").field("versions", &self.versions()).field("active", &self.active).finish()
+    }
+}
+
+impl BackupKeys {
+    /// Derives the tenant's backup key under every version of the keyring.
+    pub fn from_ring(ring: &Keyring, salt: &crate::crypto::TenantSalt, uid: &str) -> Result<Self, CryptoError> {
+        let keys = ring.versions().map(|v| ring.derive_tenant_key(v, salt, uid, Purpose::Backup)).collect::<Result<Vec<_>, _>>()?;
+        Ok(BackupKeys { keys, active: ring.active_version() })
+    }
+
+    /// Keys handed over (a Job's); the newest version seals.
+    pub fn from_keys(keys: Vec<TenantKey>) -> Result<Self, BackupError> {
+        if let Some(k) = keys.iter().find(|k| k.purpose() != Purpose::Backup) {
+            return Err(BackupError::Credentials(format!("a key for purpose {} was given as a backup key", k.purpose())));
+        }
+        let active = keys.iter().map(TenantKey::version).max().ok_or_else(|| BackupError::Credentials("no backup key was given".into()))?;
+        Ok(BackupKeys { keys, active })
+    }
+
+    /// The versions held, ascending.
+    pub fn versions(&self) -> Vec<KeyVersion> {
+        let mut v: Vec<KeyVersion> = self.keys.iter().map(TenantKey::version).collect();
+        v.sort();
+        v
+    }
+
+    pub fn contains(&self, version: KeyVersion) -> bool {
+        self.keys.iter().any(|k| k.version() == version)
+    }
+
+    /// The key of `version`.
+    pub fn get(&self, version: KeyVersion) -> Option<&TenantKey> {
+        self.keys.iter().find(|k| k.version() == version)
+    }
+
+    fn active(&self) -> Result<&TenantKey, BackupError> {
+        self.get(self.active).ok_or_else(|| BackupError::Credentials(format!("no backup key for the active version {}", self.active)))
+    }
+}
+
+/// One tenant, as a backup or restore reaches it: its ops login (the only
+/// session user that runs pg_dump/pg_restore and reads its schema) and its
+/// backup keys. `admin` is set for the admin's own commands, which may
+/// repair the ops login's password; a Job has none.
+#[derive(Clone, Debug)]
+pub struct TenantAccess {
+    pub login: OpsLogin,
+    pub keys: BackupKeys,
+    admin: Option<PgPool>,
+}
+
+/// Environment variable of a Job's backup key of root key version `v`
+/// (64 hex characters).
+pub fn key_env_var(v: KeyVersion) -> String {
+    format!("TENANT_BACKUP_KEY_{}", v.to_string().to_uppercase())
+}
+
+/// Environment variable naming the tenant's uid, for a Job.
+pub const UID_ENV_VAR: &str = "TENANT_UID";
+
+impl TenantAccess {
+    /// For an admin caller holding the root keys: the tenant's uid and salt
+    /// from the registry, its ops login and backup keys derived.
+    pub async fn derive(admin: &PgPool, target: &Target, name: &TenantName, ring: &Keyring) -> Result<Self, BackupError> {
+        let uid = crate::pg::tenant::uid_of(admin, name.as_str()).await?.ok_or_else(|| BackupError::UnknownTenant(name.to_string()))?;
+        let salt = crate::pg::tenant::existing_key_salt(admin, &uid).await?.ok_or_else(|| BackupError::NoSalt(name.to_string()))?;
+        let login = OpsLogin::derive(target, name, &uid, ring, &salt).map_err(BackupError::Seal)?;
+        let keys = BackupKeys::from_ring(ring, &salt, &uid).map_err(BackupError::Seal)?;
+        Ok(TenantAccess { login, keys, admin: Some(admin.clone()) })
+    }
+
+    /// What a Job is given and nothing else: the ops login and the tenant
+    /// key(s).
+    pub fn new(login: OpsLogin, keys: BackupKeys) -> Self {
+        TenantAccess { login, keys, admin: None }
+    }
+
+    /// A Job's access from its environment (the per-tenant Secret the
+    /// operator writes): libpq's `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`
+    /// (the tenant's ops login), `PGPASSWORD`, optionally `PGSSLMODE`;
+    /// [`UID_ENV_VAR`]; and one [`key_env_var`] per key version.
+    pub fn from_env(name: &TenantName) -> Result<Self, BackupError> {
+        let var = |k: &str| std::env::var(k).map_err(|_| BackupError::Credentials(format!("{k} is not set")));
+        let user = var("PGUSER")?;
+        if user != name.ops_role() {
+            return Err(BackupError::Credentials(format!("PGUSER is {user}, not tenant {name}'s ops login {}", name.ops_role())));
+        }
+        let uid = var(UID_ENV_VAR)?;
+        let password = zeroize::Zeroizing::new(var("PGPASSWORD")?);
+        let target = Target::from_options(sqlx::postgres::PgConnectOptions::new());
+        let mut keys = Vec::new();
+        for (k, v) in std::env::vars() {
+            let Some(version) = k.strip_prefix("TENANT_BACKUP_KEY_") else { continue };
+            let version: KeyVersion = version.to_lowercase().parse().map_err(|e: CryptoError| BackupError::Credentials(format!("{k}: {e}")))?;
+            let v = zeroize::Zeroizing::new(v);
+            let bytes = zeroize::Zeroizing::new(hex::decode(v.trim()).map_err(|_| BackupError::Credentials(format!("{k} is not hex")))?);
+            keys.push(TenantKey::from_bytes(&bytes, version, Purpose::Backup).map_err(|e| BackupError::Credentials(format!("{k}: {e}")))?);
+        }
+        Ok(TenantAccess::new(OpsLogin::new(&target, name, &uid, password), BackupKeys::from_keys(keys)?))
+    }
+
+    pub fn name(&self) -> &TenantName {
+        self.login.tenant()
+    }
+
+    pub fn uid(&self) -> &str {
+        self.login.uid()
+    }
+
+    /// A confined session (the ops login acting as the owner).
+    async fn connect(&self) -> Result<confined::Confined, BackupError> {
+        Ok(match &self.admin {
+            Some(admin) => confined::connect(admin, &self.login).await?,
+            None => confined::connect_without_admin(&self.login).await?,
+        })
+    }
+
+    /// A command for `program` connecting as the ops login: libpq's
+    /// variables in its environment (the password never on a command
+    /// line), and the conninfo naming only the database for `--dbname`.
+    fn command(&self, program: &str) -> (std::process::Command, String) {
+        let t = self.login.target();
+        let mut cmd = std::process::Command::new(program);
+        for k in ["PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE", "PGOPTIONS", "PGSSLMODE"] {
+            cmd.env_remove(k);
+        }
+        cmd.env("PGHOST", &t.host).env("PGPORT", t.port.to_string()).env("PGUSER", self.login.user()).env("PGPASSWORD", self.login.password());
+        cmd.env("PGSSLMODE", libpq_ssl_mode(t)).env("PGAPPNAME", format!("tenant-operator-{}", program.rsplit('/').next().unwrap_or(program)));
+        let escaped = t.database.replace('\\', "\\\\").replace('\'', "\\'");
+        (cmd, format!("dbname='{escaped}'"))
+    }
+}
+
+/// The target's TLS mode as libpq's `sslmode` names it.
+pub fn libpq_ssl_mode(t: &Target) -> &'static str {
+    use sqlx::postgres::PgSslMode;
+    match t.ssl_mode() {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
 }
 
 /// What [`backup`] did.
@@ -282,22 +430,36 @@ fn tool_version(program: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Backs up one tenant's schema: `pg_dump -Fc -n <schema>`, sealed on the
-/// fly under the tenant's `backup` key and uploaded in parts; on success a
-/// manifest beside it, a row in `tenancy.backups`, then pruning. On any
+/// Backs up one tenant's schema: `pg_dump -Fc -n <schema> --role=<owner>`
+/// as its ops login, sealed on the fly under the tenant's `backup` key and
+/// uploaded in parts; on success a manifest beside it, then pruning. On any
 /// failure the upload is aborted: nothing appears under the final name.
-pub async fn backup(pool: &PgPool, tools: &Tools, name: &TenantName, keyring: &Keyring, store: &Store, retention: Retention) -> Result<BackupOutcome, BackupError> {
-    let (uid, salt) = tenant_keys(pool, name).await?;
-    let schema_version = pgb::schema_version(pool, name).await?;
+/// Writes nothing in Postgres: an admin caller records the outcome with
+/// [`record`]; the operator finds a Job's backups in the store
+/// ([`sync_registry`]).
+pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retention: Retention) -> Result<BackupOutcome, BackupError> {
+    let (name, uid) = (access.name().clone(), access.uid().to_owned());
+    // The schema version, read as the owner; it also proves the login
+    // works (and, for an admin caller, sets its password) before pg_dump.
+    let schema_version = {
+        let mut conn = access.connect().await?;
+        let v = pgb::schema_version(&mut conn).await;
+        conn.close().await;
+        v?
+    };
     let started_at = Utc::now();
     let started = Instant::now();
     let id = backup_id(started_at);
-    let mut enc = StreamEncryptor::new(keyring, &salt, &uid, Purpose::Backup).map_err(BackupError::Seal)?;
+    let mut enc = StreamEncryptor::with_tenant_key(access.keys.active()?, &uid, Purpose::Backup).map_err(BackupError::Seal)?;
     let key_version = enc.header().key_version.get();
 
-    let (cmd, url) = tools.command(&tools.pg_dump)?;
+    let (cmd, dbname) = access.command(&tools.pg_dump);
     let mut cmd = tokio::process::Command::from(cmd);
-    cmd.arg("--format=custom").arg(format!("--schema={}", crate::pg::quote_ident(&name.schema())?)).arg("--dbname").arg(&url);
+    cmd.arg("--format=custom")
+        .arg(format!("--schema={}", crate::pg::quote_ident(&name.schema())?))
+        .arg(format!("--role={}", name.owner_role()))
+        .arg("--dbname")
+        .arg(&dbname);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|source| BackupError::Spawn { program: tools.pg_dump.clone(), source })?;
     let mut stdout = child.stdout.take().ok_or_else(|| BackupError::Read(std::io::Error::other("no stdout")))?;
@@ -383,9 +545,67 @@ pub async fn backup(pool: &PgPool, tools: &Tools, name: &TenantName, keyring: &K
         let _ = store.delete_quiet(&dump_path).await;
         return Err(BackupError::Upload(e));
     }
-    pgb::record_backup(pool, &uid, &BackupRow { id: id.clone(), taken_at: started_at, bytes: bytes as i64, key_version: key_version as i32 }).await?;
-    let pruned = prune(pool, &uid, store, retention, Utc::now()).await?;
+    let pruned = prune(store, &uid, retention, Utc::now()).await?;
     Ok(BackupOutcome { manifest, pruned: pruned.backups, orphans_pruned: pruned.orphans })
+}
+
+/// For an admin caller (the backup command run by a person): records a
+/// backup's outcome in `tenancy.backups` (the new backup, minus the pruned
+/// ones), as the operator's [`sync_registry`] would.
+pub async fn record(admin: &PgPool, outcome: &BackupOutcome) -> Result<(), BackupError> {
+    let m = &outcome.manifest;
+    let row = BackupRow { id: m.id.clone(), taken_at: m.time, bytes: m.bytes as i64, key_version: m.key_version as i32 };
+    pgb::sync_backups(admin, &m.tenant_uid, &[row], &outcome.pruned).await?;
+    Ok(())
+}
+
+/// What [`sync_registry`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    /// Backups found in the store that `tenancy.backups` did not list.
+    pub added: Vec<Manifest>,
+    /// Ids `tenancy.backups` listed that are no longer in the store.
+    pub removed: Vec<String>,
+}
+
+/// The operator's side of backups a Job took: makes `tenancy.backups`
+/// list exactly the tenant's backups in the store. One listing of the
+/// tenant's prefix and one read of the table; a manifest is read only for
+/// an id the table lacks, and Postgres is written only on a change. A
+/// manifest that names another tenant is ignored.
+pub async fn sync_registry(admin: &PgPool, store: &Store, uid: &str) -> Result<Synced, BackupError> {
+    let objects = store.list_tenant(uid).await?;
+    let in_store: std::collections::BTreeSet<String> = objects
+        .iter()
+        .filter_map(|o| o.location.filename()?.strip_suffix(".manifest.json").map(str::to_owned))
+        .filter(|id| check_id(id).is_ok())
+        .collect();
+    let recorded: std::collections::BTreeSet<String> = pgb::backup_ids(admin, uid).await?.into_iter().collect();
+    let mut added = Vec::new();
+    for id in in_store.difference(&recorded) {
+        let m = read_manifest(store, uid, id).await?;
+        if m.tenant_uid != uid || m.id != *id {
+            tracing::warn!(tenant_uid = uid, backup = %id, "a manifest in the tenant's folder names another tenant or id: ignored");
+            continue;
+        }
+        added.push(m);
+    }
+    let removed: Vec<String> = recorded.difference(&in_store).cloned().collect();
+    let rows: Vec<BackupRow> = added.iter().map(|m| BackupRow { id: m.id.clone(), taken_at: m.time, bytes: m.bytes as i64, key_version: m.key_version as i32 }).collect();
+    pgb::sync_backups(admin, uid, &rows, &removed).await?;
+    Ok(Synced { added, removed })
+}
+
+async fn read_manifest(store: &Store, uid: &str, id: &str) -> Result<Manifest, BackupError> {
+    let bytes = store
+        .inner
+        .get(&store.manifest_path(uid, id))
+        .await
+        .map_err(|e| BackupError::Store(e.into()))?
+        .bytes()
+        .await
+        .map_err(|e| BackupError::Store(e.into()))?;
+    serde_json::from_slice(&bytes).map_err(|e| BackupError::BadManifest { id: id.to_owned(), why: e.to_string() })
 }
 
 /// What [`prune`] deleted.
@@ -399,18 +619,16 @@ pub struct Pruned {
 }
 
 /// Deletes the tenant's backups that `retention` no longer keeps (dump
-/// first, then manifest) and forgets them in `tenancy.backups`; then the
-/// orphan dumps older than [`ORPHAN_GRACE`] at `now`.
-pub async fn prune(pool: &PgPool, uid: &str, store: &Store, retention: Retention, now: DateTime<Utc>) -> Result<Pruned, BackupError> {
+/// first, then manifest), then the orphan dumps older than
+/// [`ORPHAN_GRACE`] at `now`. Store objects only: `tenancy.backups` follows
+/// the store ([`record`] by hand, [`sync_registry`] in the operator).
+pub async fn prune(store: &Store, uid: &str, retention: Retention, now: DateTime<Utc>) -> Result<Pruned, BackupError> {
     let objects = store.list_tenant(uid).await?;
     let manifests = read_manifests(store, &objects).await?;
     let doomed = plan_prune(&manifests, retention, now);
     for id in &doomed {
         store.delete_quiet(&store.dump_path(uid, id)).await?;
         store.delete_quiet(&store.manifest_path(uid, id)).await?;
-    }
-    if !doomed.is_empty() {
-        pgb::forget_backups(pool, uid, &doomed).await?;
     }
     let mut orphans = Vec::new();
     for id in plan_orphans(&store.tenant_dir(uid), &objects, now, ORPHAN_GRACE) {
@@ -480,7 +698,6 @@ async fn read_manifests(store: &Store, objects: &[object_store::ObjectMeta]) -> 
     out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
     Ok(out)
 }
-
 /// What [`restore`] did.
 #[derive(Clone, Debug)]
 pub struct RestoreOutcome {
@@ -492,40 +709,22 @@ pub struct RestoreOutcome {
 /// A temporary file removed on drop.
 struct TempFile(std::path::PathBuf);
 
+impl TempFile {
+    fn new(name: &TenantName, what: &str) -> Self {
+        TempFile(std::env::temp_dir().join(format!("tenant-restore-{name}-{:016x}.{what}", rand::random::<u64>())))
+    }
+}
+
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
 }
 
-/// Restores one tenant's schema from one of its backups. Only this tenant's
-/// schema and app role are touched; on any failure the original schema is
-/// back in place, untouched.
-pub async fn restore(pool: &PgPool, tools: &Tools, name: &TenantName, keyring: std::sync::Arc<Keyring>, store: &Store, sel: &Selector) -> Result<RestoreOutcome, BackupError> {
-    let (uid, salt) = tenant_keys(pool, name).await?;
-    // A reconcile holds the lock for a moment (shared, while it may enable
-    // login); only another restore holds it longer.
-    let lock = pgb::restore_lock(pool, name, std::time::Duration::from_secs(30))
-        .await?
-        .ok_or_else(|| BackupError::RestoreRunning(name.to_string()))?;
-    let result = restore_locked(pool, tools, name, &keyring, store, sel, &uid, &salt).await;
-    lock.release().await;
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn restore_locked(
-    pool: &PgPool,
-    tools: &Tools,
-    name: &TenantName,
-    keyring: &std::sync::Arc<Keyring>,
-    store: &Store,
-    sel: &Selector,
-    uid: &str,
-    salt: &crate::crypto::TenantSalt,
-) -> Result<RestoreOutcome, BackupError> {
-    // A restore killed earlier left the schema aside: finish that first.
-    let recovered = pgb::recover_aside_locked(pool, name, uid).await?;
+/// Picks the backup `sel` names among the tenant's manifests and checks
+/// that it is this tenant's and sealed under a version in `held`. Reads
+/// the store only.
+pub async fn resolve(store: &Store, name: &TenantName, uid: &str, sel: &Selector, held: &[KeyVersion]) -> Result<Manifest, BackupError> {
     let manifests = list(store, uid).await?;
     let manifest = select(&manifests, sel).cloned().ok_or_else(|| BackupError::NoSuchBackup { tenant: name.to_string(), wanted: sel.to_string() })?;
     let id = manifest.id.clone();
@@ -534,8 +733,8 @@ async fn restore_locked(
     if manifest.tenant_uid != uid || manifest.schema != name.schema() {
         return Err(refuse(format!("it belongs to tenant uid {} (schema {}), not to {name}", manifest.tenant_uid, manifest.schema)));
     }
-    if !crate::crypto::KeyVersion::new(manifest.key_version).is_ok_and(|v| keyring.contains(v)) {
-        let held: Vec<String> = keyring.versions().map(|v| v.to_string()).collect();
+    if !KeyVersion::new(manifest.key_version).is_ok_and(|v| held.contains(&v)) {
+        let held: Vec<String> = held.iter().map(|v| v.to_string()).collect();
         return Err(refuse(format!(
             "it is sealed under root key v{}, which the root keys given do not hold (they hold {}); restore with root keys that include v{}",
             manifest.key_version,
@@ -543,9 +742,16 @@ async fn restore_locked(
             manifest.key_version
         )));
     }
+    Ok(manifest)
+}
 
-    // Download, hashing as it comes.
-    let tmp = TempFile(std::env::temp_dir().join(format!("tenant-restore-{}-{:016x}.dump.enc", name, rand::random::<u64>())));
+/// Downloads backup `manifest` to a temporary file, checking its size and
+/// SHA-256 against the manifest, then decrypts it once to nowhere (every
+/// chunk's tag, and the final chunk). Touches nothing in Postgres.
+async fn fetch_verified(store: &Store, access: &TenantAccess, manifest: &Manifest) -> Result<TempFile, BackupError> {
+    let (name, uid, id) = (access.name(), access.uid(), manifest.id.clone());
+    let refuse = |why: String| BackupError::Refused { id: id.clone(), why };
+    let tmp = TempFile::new(name, "dump.enc");
     let local = |source| BackupError::Local { path: tmp.0.display().to_string(), source };
     {
         use futures::StreamExt;
@@ -567,86 +773,169 @@ async fn restore_locked(
             return Err(refuse(format!("its SHA-256/size ({sha}, {size} bytes) differ from the manifest's ({}, {} bytes)", manifest.sha256, manifest.bytes)));
         }
     }
+    let (path, keys, uid_owned) = (tmp.0.clone(), access.keys.keys.clone(), uid.to_owned());
+    let checked = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+        let mut r = OpeningReader::with_tenant_keys(f, keys, &uid_owned, Purpose::Backup).map_err(std::io::Error::other)?;
+        std::io::copy(&mut r, &mut std::io::sink())
+    })
+    .await
+    .map_err(|e| refuse(e.to_string()))?;
+    checked.map_err(|e| refuse(format!("it does not decrypt as this tenant's backup: {e}")))?;
+    Ok(tmp)
+}
 
-    // Every chunk's tag, before anything is touched.
-    {
-        let (path, ring, salt, uid) = (tmp.0.clone(), keyring.clone(), salt.clone(), uid.to_owned());
-        let checked = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-            let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-            let mut r = OpeningReader::new(f, &ring, &salt, &uid, Purpose::Backup).map_err(std::io::Error::other)?;
-            std::io::copy(&mut r, &mut std::io::sink())
-        })
-        .await
-        .map_err(|e| refuse(e.to_string()))?;
-        checked.map_err(|e| refuse(format!("it does not decrypt as this tenant's backup: {e}")))?;
-    }
+/// The whole restore, for the restore command run by a person with the
+/// admin DSN and the root keys (disaster recovery): takes the restore lock
+/// for its whole run, finishes an interrupted restore, picks and checks the
+/// backup (nothing touched up to here), prepares (admin), runs
+/// `pg_restore` as the ops login, then finalizes (admin; audit row
+/// `Restored` by `actor`) or puts the original back. Only this tenant's
+/// schema and app role are touched.
+pub async fn restore(admin: &PgPool, ring: &Keyring, access: &TenantAccess, tools: &Tools, store: &Store, sel: &Selector, actor: &str) -> Result<RestoreOutcome, BackupError> {
+    // A reconcile holds the lock for a moment (shared, while it may enable
+    // login); only another restore holds it longer.
+    let lock = pgb::restore_lock(admin, access.uid(), Duration::from_secs(30)).await?.ok_or_else(|| BackupError::RestoreRunning(access.name().to_string()))?;
+    let result = restore_locked(admin, ring, access, tools, store, sel, actor).await;
+    lock.release().await;
+    result
+}
 
-    // The switch: lock the app out, move the live schema aside, restore.
-    pgb::lock_out_app(pool, name).await?;
-    let had_live = pgb::live_schema_is_ours(pool, name, uid).await?;
-    if had_live {
-        pgb::move_aside(pool, name).await?;
+async fn restore_locked(admin: &PgPool, ring: &Keyring, access: &TenantAccess, tools: &Tools, store: &Store, sel: &Selector, actor: &str) -> Result<RestoreOutcome, BackupError> {
+    let (name, uid) = (access.name(), access.uid());
+    // A restore killed earlier left the schema aside: finish that first.
+    let recovered = pgb::recover_aside_locked(admin, name, uid).await?;
+    let manifest = resolve(store, name, uid, sel, &access.keys.versions()).await?;
+    let id = manifest.id.clone();
+    let tmp = fetch_verified(store, access, &manifest).await?;
+    // The ops login works (its password set) before anything is moved.
+    access.connect().await?.close().await;
+
+    match pgb::prepare(admin, name, uid, pgb::BY_COMMAND, false).await? {
+        pgb::Prepared::Done | pgb::Prepared::Already => {}
+        other => return Err(BackupError::NotPrepared { tenant: name.to_string(), why: format!("{other:?}") }),
     }
-    let ran = run_pg_restore(tools, &tmp.0, keyring, salt, uid).await;
-    match ran {
+    match run_pg_restore(access, tools, &tmp.0).await {
         Ok(()) => {
-            pgb::drop_aside(pool, name).await?;
             // The restored audit chain is older than the anchored head: the
             // anchors are reset to it (and that is recorded) before the app
             // may write again (docs/audit.md, "After a restore").
-            let rebased = async {
-                let login = crate::pg::confined::OpsLogin::derive(&crate::pg::Target::of_pool(pool), name, uid, keyring, salt).map_err(crate::pg::PgError::Keys)?;
-                crate::pg::audit::rebase_after_restore(pool, keyring, &login, "tenant-operator restore", serde_json::json!({ "backup": id })).await
+            let login = &access.login;
+            crate::pg::audit::rebase_after_restore(admin, ring, login, actor, serde_json::json!({ "backup": id })).await?;
+            let record = pgb::RestoreRecord { backup_id: id.clone(), actor: actor.to_owned(), detail: serde_json::json!({ "bytes": manifest.bytes, "keyVersion": manifest.key_version }) };
+            match pgb::finalize(admin, name, uid, pgb::BY_COMMAND, false, &record).await? {
+                pgb::Finalized::Done | pgb::Finalized::Already => Ok(RestoreOutcome { manifest, recovered }),
+                other => Err(BackupError::RestoreFailed { id, why: format!("finalizing found {other:?}") }),
             }
-            .await;
-            pgb::restore_login(pool, name, uid).await?;
-            rebased?;
-            Ok(RestoreOutcome { manifest, recovered })
         }
         Err(why) => {
-            if had_live {
-                pgb::put_back(pool, name, uid).await?;
-            }
-            pgb::restore_login(pool, name, uid).await?;
+            pgb::put_back(admin, name, uid, false).await?;
             Err(BackupError::RestoreFailed { id, why })
         }
     }
 }
 
-/// Streams the decrypted dump into `pg_restore --single-transaction`. A
-/// decryption error kills pg_restore before it can commit.
-async fn run_pg_restore(tools: &Tools, path: &std::path::Path, keyring: &std::sync::Arc<Keyring>, salt: &crate::crypto::TenantSalt, uid: &str) -> Result<(), String> {
-    let (mut cmd, url) = tools.command(&tools.pg_restore).map_err(|e| e.to_string())?;
-    cmd.arg("--single-transaction").arg("--exit-on-error").arg("--dbname").arg(&url);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let (path, ring, salt, uid, program) = (path.to_owned(), keyring.clone(), salt.clone(), uid.to_owned(), tools.pg_restore.clone());
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let mut child = cmd.spawn().map_err(|e| format!("running {program}: {e}"))?;
-        let mut stdin = child.stdin.take().ok_or("no stdin")?;
-        let mut stderr = child.stderr.take().ok_or("no stderr")?;
-        let err_thread = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
-        });
-        let copied = (|| -> std::io::Result<()> {
-            let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
-            let mut r = OpeningReader::new(f, &ring, &salt, &uid, Purpose::Backup).map_err(std::io::Error::other)?;
-            std::io::copy(&mut r, &mut stdin)?;
-            stdin.flush()
-        })();
-        if let Err(e) = copied {
-            if e.kind() != std::io::ErrorKind::BrokenPipe {
-                // Kill before closing stdin: pg_restore must never see a
-                // clean end of input and commit.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("decrypting the dump: {e}"));
-            }
+/// A restore Job's half, with only the tenant's ops login and backup keys:
+/// picks backup `id`, downloads and checks it, checks that the operator
+/// prepared the schema (an empty one marked restoring, the original
+/// aside), and runs `pg_restore` into it. The operator finalizes or puts
+/// back when the Job ends.
+pub async fn restore_prepared(access: &TenantAccess, tools: &Tools, store: &Store, id: &str) -> Result<Manifest, BackupError> {
+    check_id(id)?;
+    let (name, uid) = (access.name(), access.uid());
+    let manifest = resolve(store, name, uid, &Selector::Id(id.to_owned()), &access.keys.versions()).await?;
+    let tmp = fetch_verified(store, access, &manifest).await?;
+    let mut conn = access.connect().await?;
+    let prepared = pgb::check_prepared(&mut conn, name, uid).await;
+    conn.close().await;
+    if let Err(why) = prepared? {
+        return Err(BackupError::NotPrepared { tenant: name.to_string(), why });
+    }
+    run_pg_restore(access, tools, &tmp.0).await.map_err(|why| BackupError::PgRestore { id: id.to_owned(), why })?;
+    Ok(manifest)
+}
+
+/// The TOC list `pg_restore -l` printed, without the entries of the
+/// schema itself (its creation, comment and privileges): the restore goes
+/// into a schema the admin created, owned by the tenant's owner, and only
+/// the admin sets its comment. Pure.
+pub fn restore_list(list: &str, schema: &str) -> String {
+    let skip = [format!("SCHEMA - {schema} "), format!("COMMENT - SCHEMA {schema} "), format!("ACL - SCHEMA {schema} ")];
+    let mut out = String::with_capacity(list.len());
+    for line in list.lines() {
+        // `<dump id>; <table oid> <oid> <type> <namespace> <tag> <owner>`
+        let entry = line.split_once("; ").and_then(|(_, rest)| rest.splitn(3, ' ').nth(2));
+        if entry.is_some_and(|e| skip.iter().any(|s| e.starts_with(s.as_str()) || format!("{e} ") == *s)) {
+            out.push(';');
         }
-        drop(stdin);
-        let status = child.wait().map_err(|e| e.to_string())?;
-        let stderr = err_thread.join().unwrap_or_default();
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs `cmd` with the decrypted dump on its stdin; returns its status,
+/// stdout (when `capture`) and stderr. A decryption error kills it before
+/// its input ends (pg_restore must never see a clean end and commit).
+fn pipe_decrypted(mut cmd: std::process::Command, path: &std::path::Path, keys: Vec<TenantKey>, uid: &str, capture: bool) -> Result<(std::process::ExitStatus, String, String), String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::piped()).stdout(if capture { Stdio::piped() } else { Stdio::null() }).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("running {program}: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let err_thread = reader(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let out_thread = reader(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let copied = (|| -> std::io::Result<()> {
+        let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+        let mut r = OpeningReader::with_tenant_keys(f, keys, uid, Purpose::Backup).map_err(std::io::Error::other)?;
+        std::io::copy(&mut r, &mut stdin)?;
+        stdin.flush()
+    })();
+    if let Err(e) = copied {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("decrypting the dump: {e}"));
+        }
+    }
+    drop(stdin);
+    let status = child.wait().map_err(|e| e.to_string())?;
+    Ok((status, out_thread.join().unwrap_or_default(), err_thread.join().unwrap_or_default()))
+}
+
+/// Restores the decrypted dump at `path` as the ops login acting as the
+/// owner: `pg_restore -l` for its TOC, the schema's own entries left out
+/// ([`restore_list`]), then `pg_restore --single-transaction
+/// --exit-on-error --role=<owner> -L <list>`.
+async fn run_pg_restore(access: &TenantAccess, tools: &Tools, path: &std::path::Path) -> Result<(), String> {
+    let name = access.name().clone();
+    let (mut cmd, dbname) = access.command(&tools.pg_restore);
+    let list_file = TempFile::new(&name, "list");
+    cmd.arg("--single-transaction")
+        .arg("--exit-on-error")
+        .arg(format!("--role={}", name.owner_role()))
+        .arg("--use-list")
+        .arg(&list_file.0)
+        .arg("--dbname")
+        .arg(&dbname);
+    let mut list_cmd = std::process::Command::new(&tools.pg_restore);
+    list_cmd.arg("--list");
+    let (path, keys, uid, program) = (path.to_owned(), access.keys.keys.clone(), access.uid().to_owned(), tools.pg_restore.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let (status, list, stderr) = pipe_decrypted(list_cmd, &path, keys.clone(), &uid, true)?;
+        if !status.success() {
+            return Err(format!("{program} --list failed ({status}): {}", stderr.trim()));
+        }
+        std::fs::write(&list_file.0, restore_list(&list, &name.schema())).map_err(|e| format!("writing {}: {e}", list_file.0.display()))?;
+        let (status, _, stderr) = pipe_decrypted(cmd, &path, keys, &uid, false)?;
         if status.success() {
             Ok(())
         } else {

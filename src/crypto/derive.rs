@@ -124,7 +124,27 @@ pub struct TenantKey {
     purpose: Purpose,
 }
 
+impl Clone for TenantKey {
+    fn clone(&self) -> Self {
+        Self { key: Zeroizing::new(*self.key), version: self.version, purpose: self.purpose }
+    }
+}
+
 impl TenantKey {
+    /// A tenant key handed over as bytes rather than derived here: what a
+    /// backup or restore Job gets instead of the root keys (the operator
+    /// derived it and wrote it into the Job's Secret). Must be 32 bytes.
+    pub fn from_bytes(bytes: &[u8], version: KeyVersion, purpose: Purpose) -> Result<Self, CryptoError> {
+        let key: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::BadKeyLength { version, len: bytes.len() })?;
+        Ok(Self { key: Zeroizing::new(key), version, purpose })
+    }
+
+    /// The key as 64 lower-case hex characters, for handing it to a Job
+    /// (zeroized on drop).
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        Zeroizing::new(hex::encode(self.key.as_ref()))
+    }
+
     /// The root key version it was derived from.
     pub fn version(&self) -> KeyVersion {
         self.version
@@ -233,6 +253,17 @@ mod tests {
 
     fn v(n: u32) -> KeyVersion {
         KeyVersion::new(n).unwrap()
+    }
+
+    #[test]
+    fn a_key_handed_over_as_bytes_is_the_derived_key() {
+        let ring = keyring(&[1], 1);
+        let key = ring.derive_tenant_key(v(1), &salt(9), UID, Purpose::Backup).unwrap();
+        let hex = key.to_hex();
+        let back = TenantKey::from_bytes(&hex::decode(hex.as_str()).unwrap(), v(1), Purpose::Backup).unwrap();
+        assert_eq!(back.bytes(), key.bytes());
+        assert!(TenantKey::from_bytes(&[0u8; 31], v(1), Purpose::Backup).is_err());
+        assert!(!format!("{back:?}").contains(&hex[..16]), "Debug shows key bytes");
     }
 
     #[test]

@@ -90,6 +90,15 @@ pub enum CryptoError {
     /// An earlier call on this stream failed; its output is incomplete.
     #[error("an earlier operation on this stream failed; the stream must be discarded")]
     StreamPoisoned,
+    /// A tenant key handed over directly is for another purpose than the
+    /// one it is used for.
+    #[error("a tenant key for purpose {got} was given where one for {expected} is needed")]
+    WrongKeyPurpose {
+        /// The purpose needed.
+        expected: super::Purpose,
+        /// The key's purpose.
+        got: super::Purpose,
+    },
 }
 
 impl From<CryptoError> for std::io::Error {

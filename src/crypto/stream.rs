@@ -274,6 +274,31 @@ impl StreamEncryptor {
         })
     }
 
+    /// A sealer under a tenant key handed over directly (a backup Job holds
+    /// its tenant's backup key, not the root keys), default chunk size.
+    pub fn with_tenant_key(key: &TenantKey, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
+        validate_tenant_uid(tenant_uid)?;
+        if key.purpose() != purpose {
+            return Err(CryptoError::WrongKeyPurpose { expected: purpose, got: key.purpose() });
+        }
+        Ok(Self::from_key(key, tenant_uid, purpose, DEFAULT_CHUNK_SIZE as usize, DEFAULT_CHUNK_SIZE))
+    }
+
+    fn from_key(key: &TenantKey, tenant_uid: &str, purpose: Purpose, chunk: usize, chunk_size: u32) -> Self {
+        let mut stream_id = [0u8; STREAM_ID_LEN];
+        rand::rng().fill_bytes(&mut stream_id);
+        let header = StreamHeader { key_version: key.version(), stream_id, chunk_size };
+        Self {
+            header: header.to_bytes(),
+            parsed_header: header,
+            header_sent: false,
+            cipher: ChunkCipher::new(key, &header, tenant_uid, purpose),
+            chunk_size: chunk,
+            buf: Zeroizing::new(Vec::with_capacity(chunk + TAG_LEN)),
+            failed: false,
+        }
+    }
+
     /// The header this stream starts with.
     pub fn header(&self) -> StreamHeader {
         self.parsed_header
@@ -417,6 +442,24 @@ impl StreamDecryptor {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             candidates,
+            tenant_uid: tenant_uid.to_owned(),
+            purpose,
+            header_buf: [0u8; STREAM_HEADER_LEN],
+            header_filled: 0,
+            body: None,
+            failed: false,
+        })
+    }
+
+    /// An opener given the tenant keys themselves (a restore Job holds the
+    /// key of the backup's version, not the root keys); the header picks one.
+    pub fn with_tenant_keys(keys: Vec<TenantKey>, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
+        validate_tenant_uid(tenant_uid)?;
+        if let Some(k) = keys.iter().find(|k| k.purpose() != purpose) {
+            return Err(CryptoError::WrongKeyPurpose { expected: purpose, got: k.purpose() });
+        }
+        Ok(Self {
+            candidates: keys,
             tenant_uid: tenant_uid.to_owned(),
             purpose,
             header_buf: [0u8; STREAM_HEADER_LEN],
@@ -686,6 +729,13 @@ impl<R: Read> OpeningReader<R> {
         })
     }
 
+    /// Opens a stream read from `inner` with the tenant keys given
+    /// ([`StreamDecryptor::with_tenant_keys`]).
+    pub fn with_tenant_keys(inner: R, keys: Vec<TenantKey>, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
+        let dec = StreamDecryptor::with_tenant_keys(keys, tenant_uid, purpose)?;
+        Ok(Self { inner, dec, out_start: 0, out_end: 0, done: false })
+    }
+
     /// The header, once read.
     pub fn header(&self) -> Option<StreamHeader> {
         self.dec.header()
@@ -811,6 +861,37 @@ mod tests {
         }
         enc.finish(&mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn a_tenant_key_handed_over_seals_and_opens_like_the_keyring() {
+        let ring = keyring(&[1, 2], 2);
+        let data = payload(3 * DEFAULT_CHUNK_SIZE as usize / 2);
+        let key = ring.derive_active_tenant_key(&salt(1), UID, Purpose::Backup).unwrap();
+        let mut enc = StreamEncryptor::with_tenant_key(&key, UID, Purpose::Backup).unwrap();
+        let mut sealed = Vec::new();
+        enc.push(&data, &mut sealed).unwrap();
+        enc.finish(&mut sealed).unwrap();
+        // The keyring opens what the key sealed ...
+        let mut r = OpeningReader::new(&sealed[..], &ring, &salt(1), UID, Purpose::Backup).unwrap();
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        // ... and the key opens what the keyring sealed; another version's
+        // key, another purpose's or another tenant's does not.
+        let by_ring = seal_default(&ring, &data);
+        let mut r = OpeningReader::with_tenant_keys(&by_ring[..], vec![key.clone()], UID, Purpose::Backup).unwrap();
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        let v1 = ring.derive_tenant_key(KeyVersion::new(1).unwrap(), &salt(1), UID, Purpose::Backup).unwrap();
+        let mut r = OpeningReader::with_tenant_keys(&by_ring[..], vec![v1], UID, Purpose::Backup).unwrap();
+        assert!(r.read_to_end(&mut Vec::new()).is_err(), "a v1 key opened a v2 stream");
+        let secrets = ring.derive_active_tenant_key(&salt(1), UID, Purpose::Secrets).unwrap();
+        assert!(matches!(OpeningReader::with_tenant_keys(&by_ring[..], vec![secrets.clone()], UID, Purpose::Backup), Err(CryptoError::WrongKeyPurpose { .. })));
+        assert!(StreamEncryptor::with_tenant_key(&secrets, UID, Purpose::Backup).is_err());
+        let mut r = OpeningReader::with_tenant_keys(&by_ring[..], vec![key], "another-uid", Purpose::Backup).unwrap();
+        assert!(r.read_to_end(&mut Vec::new()).is_err(), "another tenant's uid opened the stream");
     }
 
     fn seal_default(ring: &Keyring, data: &[u8]) -> Vec<u8> {

@@ -181,6 +181,21 @@ pub fn enter_sql(name: &TenantName) -> Result<String, PgError> {
     Ok(format!("SET ROLE {}; SET search_path TO {}", quote_ident(&name.owner_role())?, quote_ident(&name.schema())?))
 }
 
+/// [`connect`] for a process that holds the derived password but no admin
+/// (a backup or restore Job, given the password by the operator): a refused
+/// password is an error, not repaired.
+pub async fn connect_without_admin(login: &OpsLogin) -> Result<Confined, PgError> {
+    let target = format!("{}:{}/{} as {}", login.target.host, login.target.port, login.target.database, login.user());
+    let conn = open(login).await.map_err(|source| PgError::Connect { target, source })?;
+    become_owner(Confined { conn }, login).await
+}
+
+async fn become_owner(mut conn: Confined, login: &OpsLogin) -> Result<Confined, PgError> {
+    let sql = enter_sql(&login.name)?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(super::query_err("acting as the tenant's owner"))?;
+    Ok(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -199,6 +199,11 @@ impl std::fmt::Debug for Target {
 }
 
 impl Target {
+    /// The TLS mode of the connection options.
+    pub fn ssl_mode(&self) -> sqlx::postgres::PgSslMode {
+        self.base.get_ssl_mode()
+    }
+
     /// The target of a DSN, without connecting.
     pub fn from_url(url: &str) -> Result<Self, PgError> {
         let opts: PgConnectOptions = url.parse().map_err(PgError::BadUrl)?;
@@ -210,7 +215,9 @@ impl Target {
         Self::from_options(pool.connect_options().as_ref().clone())
     }
 
-    fn from_options(opts: PgConnectOptions) -> Self {
+    /// The target of connection options (e.g. `PgConnectOptions::new()`,
+    /// which reads libpq's `PG*` environment variables).
+    pub fn from_options(opts: PgConnectOptions) -> Self {
         Target {
             host: opts.get_host().to_owned(),
             port: opts.get_port(),

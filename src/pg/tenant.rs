@@ -486,7 +486,7 @@ pub async fn apply(
     // Letting the app role log in must not race a restore that just locked
     // it out: the shared restore lock, held to commit, orders the two.
     let enables_login = actions.iter().any(|a| matches!(a, DbAction::SetLogin(true) | DbAction::CreateAppRole { login: true, .. }));
-    if enables_login && !super::backup::guard_against_restore(&mut tx, name).await? {
+    if enables_login && !super::backup::guard_against_restore(&mut tx, name, uid).await? {
         return Err(PgError::RestoreRunning(name.to_string()));
     }
     let db: String = sqlx::query_scalar("SELECT current_database()::text")

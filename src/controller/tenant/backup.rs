@@ -1,17 +1,31 @@
 //! Scheduled backups of a tenant: the CronJob `tenant-<name>-backup` in the
 //! operator namespace (plan: pure; apply: written only when it differs), the
-//! `BackupScheduled` condition, and `status.lastBackup`.
+//! Secret its Jobs get (`tenant-<name>-job`), the `BackupScheduled`
+//! condition, `tenancy.backups` kept in step with the store, and
+//! `status.lastBackup`.
 //!
-//! The CronJob runs the operator image's `tenant-operator backup --tenant
-//! <name>` with its environment (DATABASE_URL, store credentials) from the
-//! Secret named by `--backup-env-secret`; its Jobs may run at most
-//! [`crate::backup::JOB_DEADLINE`]. Suspended while the tenant is
-//! Suspended or `spec.backup.suspend`; deleted when `spec.backup` is removed.
+//! The CronJob runs the operator image's `tenant-operator backup --job
+//! --tenant <name>` with the store's settings and credentials from the
+//! Secret named by `--backup-env-secret` and, from `tenant-<name>-job`, only
+//! what this one tenant's backup needs: its ops login (libpq's `PG*`
+//! variables, password derived from the active root key) and its backup key
+//! of the active root key version. No admin DSN, no root keys, no
+//! Kubernetes API (`automountServiceAccountToken: false`), a restricted
+//! securityContext. Its Jobs may run at most
+//! [`crate::backup::JOB_DEADLINE`]. Suspended while the tenant is Suspended
+//! or `spec.backup.suspend`; deleted (with its Secret) when `spec.backup` is
+//! removed. A Job writes only the store: the operator finds its backups
+//! there at the tenant's next reconcile ([`crate::backup::sync_registry`];
+//! Job events bring that reconcile at once) and publishes `BackupSucceeded`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
-use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, SecretEnvSource};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, Secret, SecretEnvSource, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::ByteString;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, PostParams};
@@ -36,14 +50,175 @@ pub const SPEC_HASH_ANNOTATION: &str = "tenancy.dev/spec-hash";
 pub struct BackupSettings {
     /// The operator image the CronJob and restore Jobs run.
     pub image: Option<String>,
-    /// Secret with DATABASE_URL, BACKUP_STORE and the store credentials,
-    /// given to the Jobs as their environment.
+    /// Secret with BACKUP_STORE and the store's credentials, given to the
+    /// Jobs as their environment (a DATABASE_URL in it is ignored: Jobs run
+    /// with `--job`).
     pub env_secret: Option<String>,
-    /// Service account of the Jobs (must read the root-keys Secret and
-    /// create Events, and patch Tenants).
+    /// Service account of the Jobs. They call no Kubernetes API (no token
+    /// is mounted); set it for a cloud identity that reaches the store.
     pub service_account: Option<String>,
-    /// The store, for the delete finalizer (deletes `tenants/<uid>/`).
+    /// The store: the operator reads it to record Jobs' backups, resolve
+    /// restores, and delete a deleted tenant's backups (`tenants/<uid>/`).
     pub store: Option<crate::backup::StoreConfig>,
+    /// libpq's `sslmode` for the Jobs' connections (the admin DSN's).
+    pub pg_ssl_mode: Option<String>,
+}
+
+/// The Secret of a tenant's backup Jobs.
+pub fn job_secret_name(name: &TenantName) -> String {
+    format!("tenant-{name}-job")
+}
+
+/// What a Job's Secret holds: the tenant's ops login as libpq's variables,
+/// its uid, and its backup key(s) (hex), each as an environment variable.
+/// Pure.
+pub fn job_secret_data(
+    name: &TenantName,
+    uid: &str,
+    endpoint: &super::plan::Endpoint,
+    ssl_mode: Option<&str>,
+    password: &str,
+    keys: &[crate::crypto::TenantKey],
+) -> BTreeMap<String, String> {
+    let mut data = BTreeMap::from([
+        ("PGHOST".to_string(), endpoint.host.clone()),
+        ("PGPORT".to_string(), endpoint.port.to_string()),
+        ("PGDATABASE".to_string(), endpoint.database.clone()),
+        ("PGUSER".to_string(), name.ops_role()),
+        ("PGPASSWORD".to_string(), password.to_owned()),
+        (crate::backup::UID_ENV_VAR.to_string(), uid.to_owned()),
+    ]);
+    if let Some(mode) = ssl_mode {
+        data.insert("PGSSLMODE".into(), mode.to_owned());
+    }
+    for k in keys {
+        data.insert(crate::backup::key_env_var(k.version()), k.to_hex().to_string());
+    }
+    data
+}
+
+/// The ops login's password under the active root key and the tenant's
+/// backup keys of `versions` (the active one when empty).
+pub fn job_credentials(ring: &crate::crypto::Keyring, salt: &crate::crypto::TenantSalt, uid: &str, versions: &[crate::crypto::KeyVersion]) -> Result<(zeroize::Zeroizing<String>, Vec<crate::crypto::TenantKey>), crate::crypto::CryptoError> {
+    let password = crate::crypto::login_password(ring, ring.active_version(), salt, uid)?;
+    let active = [ring.active_version()];
+    let versions = if versions.is_empty() { &active[..] } else { versions };
+    let keys = versions.iter().map(|v| ring.derive_tenant_key(*v, salt, uid, crate::crypto::Purpose::Backup)).collect::<Result<Vec<_>, _>>()?;
+    Ok((password, keys))
+}
+
+/// Writes a Job's Secret when its data, owner or labels differ, after
+/// setting the ops login's password to the one in it (so that a Secret
+/// never holds a password Postgres refuses). Returns whether it wrote.
+#[allow(clippy::too_many_arguments)]
+pub async fn write_job_secret(
+    ctx: &Context,
+    secret: &str,
+    owner: OwnerReference,
+    labels: BTreeMap<String, String>,
+    name: &TenantName,
+    uid: &str,
+    data: BTreeMap<String, String>,
+) -> Result<bool, JobSecretError> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let existing = api.get_opt(secret).await.map_err(JobSecretError::Kube)?;
+    let data: BTreeMap<String, ByteString> = data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect();
+    if let Some(s) = &existing {
+        let same_owner = s.metadata.owner_references.iter().flatten().any(|o| o.uid == owner.uid);
+        let same_labels = labels.iter().all(|(k, v)| s.labels().get(k) == Some(v));
+        if s.data.as_ref() == Some(&data) && same_owner && same_labels {
+            return Ok(false);
+        }
+    }
+    let password = data.get("PGPASSWORD").map(|p| String::from_utf8_lossy(&p.0).into_owned()).unwrap_or_default();
+    let verifier = crate::pg::scram::verifier_for_random_secret(&password);
+    if !crate::pg::tenant::set_ops_password(&ctx.pool, name, uid, &verifier).await.map_err(JobSecretError::Database)? {
+        return Err(JobSecretError::Database(crate::pg::PgError::NoOpsRole(name.to_string())));
+    }
+    let next = Secret {
+        metadata: ObjectMeta {
+            name: Some(secret.to_owned()),
+            namespace: Some(ctx.settings.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            resource_version: existing.as_ref().and_then(|e| e.metadata.resource_version.clone()),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match existing {
+        Some(_) => api.replace(secret, &PostParams::default(), &next).await.map_err(JobSecretError::Kube)?,
+        None => api.create(&PostParams::default(), &next).await.map_err(JobSecretError::Kube)?,
+    };
+    Stats::add(&ctx.stats.kube_writes, 1);
+    Ok(true)
+}
+
+/// Deletes a Job's Secret (a missing one is fine).
+pub async fn delete_job_secret(ctx: &Context, secret: &str) -> Result<bool, kube::Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    match api.delete(secret, &DeleteParams::default()).await {
+        Ok(_) => {
+            Stats::add(&ctx.stats.kube_writes, 1);
+            Ok(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why a Job's Secret could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum JobSecretError {
+    #[error("writing the Job's Secret: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("setting the ops login's password: {0}")]
+    Database(#[source] crate::pg::PgError),
+}
+
+/// The restricted security context of the backup and restore pods and
+/// their container: non-root, no privilege escalation, no capabilities, a
+/// read-only root filesystem (temporary files in an `emptyDir`), the
+/// runtime's default seccomp profile.
+pub fn restricted_security() -> (PodSecurityContext, SecurityContext) {
+    let seccomp = SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() };
+    let pod = PodSecurityContext { run_as_non_root: Some(true), seccomp_profile: Some(seccomp.clone()), ..Default::default() };
+    let container = SecurityContext {
+        run_as_non_root: Some(true),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        seccomp_profile: Some(seccomp),
+        ..Default::default()
+    };
+    (pod, container)
+}
+
+/// The environment sources of a Job: the store's Secret and the tenant's.
+pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
+    [env_secret, job_secret]
+        .iter()
+        .map(|s| EnvFromSource { secret_ref: Some(SecretEnvSource { name: s.to_string(), optional: Some(false) }), ..Default::default() })
+        .collect()
+}
+
+/// The Jobs' own environment entries: `TMPDIR`, and `DATABASE_URL` set
+/// empty, so that an env Secret still holding the admin DSN (from before
+/// Jobs ran with `--job`) does not reach the pod (an `env` entry overrides
+/// `envFrom`).
+pub fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
+    vec![tmpdir, EnvVar { name: "DATABASE_URL".into(), value: Some(String::new()), ..Default::default() }]
+}
+
+/// The `emptyDir` for temporary files at `path` (`TMPDIR`), and its mount.
+pub fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
+    (
+        Volume { name: "work".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        VolumeMount { name: "work".into(), mount_path: path.into(), ..Default::default() },
+        EnvVar { name: "TMPDIR".into(), value: Some(path.into()), ..Default::default() },
+    )
 }
 
 /// The CronJob's name: `tenant-<name>-backup`. CronJob names may have at
@@ -111,28 +286,35 @@ pub fn check_schedule(s: &str) -> Result<(), String> {
 }
 
 /// The wanted CronJob, or why there is none. Pure.
-pub fn desired_cronjob(
-    name: &TenantName,
-    owner: OwnerReference,
-    state: TenantState,
-    backup: &BackupSpec,
-    settings: &BackupSettings,
-    namespace: &str,
-    root_keys: &crate::keys::KeySource,
-) -> Result<CronJob, (&'static str, String)> {
-    let BackupSpec { schedule, retention: _, suspend } = backup;
-    // retention is read by the backup command from the Tenant itself.
+pub fn desired_cronjob(name: &TenantName, owner: OwnerReference, state: TenantState, backup: &BackupSpec, settings: &BackupSettings, namespace: &str) -> Result<CronJob, (&'static str, String)> {
+    let BackupSpec { schedule, retention, suspend } = backup;
     check_schedule(schedule).map_err(|m| ("InvalidSchedule", m))?;
     let (Some(image), Some(env_secret)) = (&settings.image, &settings.env_secret) else {
         return Err(("BackupNotConfigured", "the operator runs without --image or --backup-env-secret: backup Jobs cannot be created".into()));
     };
+    if settings.store.is_none() {
+        return Err(("BackupNotConfigured", "the operator runs without --backup-store: it could not record the Jobs' backups".into()));
+    }
     let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()), (TENANT_LABEL.to_string(), name.to_string())]);
+    // The Job cannot read the Tenant: the retention goes in its flags.
+    let mut args = vec!["backup".to_string(), "--job".into(), "--tenant".into(), name.to_string()];
+    if let Some(c) = retention.count {
+        args.extend(["--keep-count".to_string(), c.to_string()]);
+    }
+    if let Some(a) = &retention.max_age {
+        crate::backup::cli::parse_age(a).map_err(|m| ("InvalidRetention", format!("spec.backup.retention.maxAge {a:?}: {m}")))?;
+        args.extend(["--keep-max-age".to_string(), a.clone()]);
+    }
+    let (pod_security, container_security) = restricted_security();
+    let (volume, mount, tmpdir) = work_dir("/tmp");
     let container = Container {
         name: "backup".into(),
         image: Some(image.clone()),
-        args: Some(vec!["backup".into(), "--tenant".into(), name.to_string()]),
-        env_from: Some(vec![EnvFromSource { secret_ref: Some(SecretEnvSource { name: env_secret.clone(), optional: Some(false) }), ..Default::default() }]),
-        env: Some(job_env(namespace, root_keys)),
+        args: Some(args),
+        env_from: Some(job_env_from(env_secret, &job_secret_name(name))),
+        env: Some(job_env(tmpdir)),
+        volume_mounts: Some(vec![mount]),
+        security_context: Some(container_security),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([("cpu".to_string(), Quantity("100m".into())), ("memory".to_string(), Quantity("64Mi".into()))])),
             limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
@@ -168,6 +350,9 @@ pub fn desired_cronjob(
                         spec: Some(PodSpec {
                             restart_policy: Some("Never".into()),
                             service_account_name: settings.service_account.clone(),
+                            automount_service_account_token: Some(false),
+                            security_context: Some(pod_security),
+                            volumes: Some(vec![volume]),
                             containers: vec![container],
                             ..Default::default()
                         }),
@@ -184,24 +369,6 @@ pub fn desired_cronjob(
     Ok(cj)
 }
 
-/// What the backup and restore Jobs need besides the env Secret: where the
-/// root keys are.
-pub fn job_env(namespace: &str, root_keys: &crate::keys::KeySource) -> Vec<EnvVar> {
-    let var = |n: &str, v: &str| EnvVar { name: n.into(), value: Some(v.into()), ..Default::default() };
-    let mut env = vec![var("OPERATOR_NAMESPACE", namespace), var("ROOT_KEYS_SECRET", &root_keys.secret)];
-    if let Some(kms) = &root_keys.kms {
-        env.push(var("ROOT_KEYS_KMS", "true"));
-        env.push(var("AWS_REGION", &kms.region));
-        if let Some(e) = &kms.endpoint {
-            env.push(var("KMS_ENDPOINT", e));
-        }
-        if let Some(k) = &kms.key_id {
-            env.push(var("KMS_KEY_ID", k));
-        }
-    }
-    env
-}
-
 /// Whether `existing` already is `desired` (same content hash and owner).
 pub fn up_to_date(existing: &CronJob, desired: &CronJob) -> bool {
     let hash = |c: &CronJob| c.annotations().get(SPEC_HASH_ANNOTATION).cloned();
@@ -209,9 +376,11 @@ pub fn up_to_date(existing: &CronJob, desired: &CronJob) -> bool {
     hash(existing).is_some() && hash(existing) == hash(desired) && owner(existing) == owner(desired)
 }
 
-/// Creates, replaces or deletes the tenant's CronJob; returns the
-/// `BackupScheduled` condition (None without `spec.backup`).
-pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName) -> Result<Option<Cond>, Error> {
+/// Creates, replaces or deletes the tenant's CronJob and its Jobs' Secret,
+/// and brings `tenancy.backups` in step with the store (an Event
+/// `BackupSucceeded` per backup found); returns the `BackupScheduled`
+/// condition (None without `spec.backup`).
+pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid: &str) -> Result<Option<Cond>, Error> {
     let api: Api<CronJob> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let cj_name = cronjob_name(name);
     let existing = api.get_opt(&cj_name).await.map_err(Error::Backup)?;
@@ -222,14 +391,30 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName) -> R
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(Error::Backup(e)),
             }
+            delete_job_secret(ctx, &job_secret_name(name)).await.map_err(Error::DeleteSecret)?;
         }
         return Ok(None);
     };
     let owner = t.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
-    let desired = match desired_cronjob(name, owner, t.spec.state, spec, &ctx.settings.backup, &ctx.settings.namespace, &ctx.settings.root_keys) {
+    let desired = match desired_cronjob(name, owner.clone(), t.spec.state, spec, &ctx.settings.backup, &ctx.settings.namespace) {
         Ok(d) => d,
         Err((reason, message)) => return Ok(Some(Cond::new(CONDITION, false, reason, message))),
     };
+    // The Jobs' Secret, before the CronJob that uses it: rewritten (with
+    // the ops login's password) when the active root key changed.
+    let Some(ring) = ctx.keys.current() else {
+        return Ok(Some(Cond::new(CONDITION, false, "RootKeysUnavailable", "the operator holds no root keys: the backup Jobs' key cannot be derived")));
+    };
+    let Some(salt) = crate::pg::tenant::existing_key_salt(&ctx.pool, uid).await? else {
+        return Ok(Some(Cond::new(CONDITION, false, "NoKeySalt", "the tenant's registry row has no key salt yet")));
+    };
+    let (password, keys) = job_credentials(&ring, &salt, uid, &[]).map_err(Error::Seal)?;
+    let data = job_secret_data(name, uid, &ctx.settings.endpoint, ctx.settings.backup.pg_ssl_mode.as_deref(), &password, &keys);
+    let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()), (TENANT_LABEL.to_string(), name.to_string())]);
+    write_job_secret(ctx, &job_secret_name(name), owner, labels, name, uid, data).await.map_err(|e| match e {
+        JobSecretError::Kube(e) => Error::WriteSecret(e),
+        JobSecretError::Database(e) => Error::Database(e),
+    })?;
     match existing {
         Some(e) if up_to_date(&e, &desired) => {}
         Some(e) => {
@@ -243,9 +428,64 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName) -> R
             Stats::add(&ctx.stats.kube_writes, 1);
         }
     }
+    sync_backups(ctx, t, uid).await;
     let suspended = desired.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
     let message = format!("CronJob {}/{cj_name} runs `{}`{}", ctx.settings.namespace, spec.schedule, if suspended { " (suspended)" } else { "" });
     Ok(Some(Cond::new(CONDITION, true, if suspended { "Suspended" } else { "Scheduled" }, message)))
+}
+
+/// Records the backups the Jobs took (and forgets pruned ones): one listing
+/// of the tenant's folder in the store; Postgres and Events only on a
+/// change. A store error is logged, not fatal: the next reconcile retries.
+async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
+    let Some(cfg) = &ctx.settings.backup.store else { return };
+    let synced = match crate::backup::Store::open(cfg) {
+        Ok(store) => crate::backup::sync_registry(&ctx.pool, &store, uid).await,
+        Err(e) => Err(e.into()),
+    };
+    match synced {
+        Ok(s) => {
+            for m in &s.added {
+                let note = format!("backup {} ({} bytes, key v{}, schema version {:?})", m.id, m.bytes, m.key_version, m.schema_version);
+                super::apply::event(ctx, t, false, "BackupSucceeded", note).await;
+            }
+        }
+        Err(e) => tracing::warn!(tenant = %t.name_any(), error = %e, "reading the tenant's backups in the store"),
+    }
+}
+
+/// The Tenant reconcile's first step: finishes a restore that was cut
+/// short (`pg::backup::recover_aside`), but leaves alone one a TenantRestore
+/// is still running (its controller finalizes or puts it back). One catalog
+/// read when there is nothing to do.
+pub async fn recover_restore(ctx: &Context, name: &TenantName, uid: &str) -> Result<crate::pg::backup::AsideState, crate::pg::PgError> {
+    use crate::pg::backup::{self as pgb, AsideState, Live};
+    let Some(live) = pgb::pending_restore(&ctx.pool, name, uid).await? else {
+        return Ok(AsideState::Clean);
+    };
+    if let Live::Restoring(by) = &live {
+        if let Some(restore) = pgb::tenant_restore_of(by) {
+            if tenant_restore_running(ctx, restore).await {
+                return Ok(AsideState::RestoreRunning);
+            }
+        }
+    }
+    pgb::recover_aside(&ctx.pool, name, uid).await
+}
+
+/// Whether TenantRestore `name` exists and has not ended (true when the API
+/// cannot tell: never recover under a restore that may still run).
+async fn tenant_restore_running(ctx: &Context, name: &str) -> bool {
+    let api: Api<crate::api::TenantRestore> = Api::all(ctx.client.clone());
+    match api.list(&kube::api::ListParams::default()).await {
+        Ok(list) => list.items.iter().any(|r| {
+            r.name_any() == name && r.metadata.deletion_timestamp.is_none() && !matches!(r.status.as_ref().and_then(|s| s.phase), Some(crate::api::RestorePhase::Succeeded | crate::api::RestorePhase::Failed))
+        }),
+        Err(e) => {
+            tracing::warn!(restore = name, error = %e, "listing TenantRestores");
+            true
+        }
+    }
 }
 
 /// `status.lastBackup` from the backups table.
@@ -268,11 +508,13 @@ mod tests {
     use super::*;
 
     fn settings() -> BackupSettings {
-        BackupSettings { image: Some("op:1".into()), env_secret: Some("backup-env".into()), service_account: Some("sa".into()), store: None }
-    }
-
-    fn keys() -> crate::keys::KeySource {
-        crate::keys::KeySource { namespace: "ns".into(), secret: "rk".into(), kms: None }
+        BackupSettings {
+            image: Some("op:1".into()),
+            env_secret: Some("backup-env".into()),
+            service_account: Some("sa".into()),
+            store: Some(crate::backup::StoreConfig { url: "file:///b".into(), ..Default::default() }),
+            pg_ssl_mode: None,
+        }
     }
 
     fn owner() -> OwnerReference {
@@ -293,28 +535,91 @@ mod tests {
     fn cronjob_runs_the_backup_command_forbids_overlap_and_follows_suspension() {
         let n = TenantName::parse("acme").unwrap();
         let spec = BackupSpec { schedule: "0 3 * * *".into(), ..Default::default() };
-        let cj = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns", &keys()).unwrap();
+        let cj = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns").unwrap();
         assert_eq!(cj.metadata.name.as_deref(), Some("tenant-acme-backup"));
         let s = cj.spec.as_ref().unwrap();
         assert_eq!(s.concurrency_policy.as_deref(), Some("Forbid"));
         assert_eq!(s.suspend, Some(false));
         let pod = s.job_template.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let c = &pod.containers[0];
-        assert_eq!(c.args.as_ref().unwrap(), &["backup", "--tenant", "acme"]);
+        assert_eq!(c.args.as_ref().unwrap(), &["backup", "--job", "--tenant", "acme"]);
         assert!(c.resources.as_ref().unwrap().requests.is_some());
         assert_eq!(pod.service_account_name.as_deref(), Some("sa"));
         let deadline = s.job_template.spec.as_ref().unwrap().active_deadline_seconds;
         assert_eq!(deadline, Some(crate::backup::JOB_DEADLINE.as_secs() as i64));
         assert!(crate::backup::ORPHAN_GRACE.as_secs() as i64 > deadline.unwrap(), "orphan pruning could delete the dump of a Job still running");
-        let suspended = desired_cronjob(&n, owner(), TenantState::Suspended, &spec, &settings(), "ns", &keys()).unwrap();
+        let suspended = desired_cronjob(&n, owner(), TenantState::Suspended, &spec, &settings(), "ns").unwrap();
         assert_eq!(suspended.spec.as_ref().unwrap().suspend, Some(true));
         assert!(!up_to_date(&cj, &suspended), "a suspension must rewrite the CronJob");
-        let again = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns", &keys()).unwrap();
+        let again = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns").unwrap();
         assert!(up_to_date(&cj, &again), "an unchanged spec must not rewrite the CronJob");
         let by_spec = BackupSpec { suspend: true, ..spec.clone() };
-        assert_eq!(desired_cronjob(&n, owner(), TenantState::Active, &by_spec, &settings(), "ns", &keys()).unwrap().spec.unwrap().suspend, Some(true));
-        let err = desired_cronjob(&n, owner(), TenantState::Active, &spec, &BackupSettings::default(), "ns", &keys()).unwrap_err();
+        assert_eq!(desired_cronjob(&n, owner(), TenantState::Active, &by_spec, &settings(), "ns").unwrap().spec.unwrap().suspend, Some(true));
+        let err = desired_cronjob(&n, owner(), TenantState::Active, &spec, &BackupSettings::default(), "ns").unwrap_err();
         assert_eq!(err.0, "BackupNotConfigured");
+    }
+
+    #[test]
+    fn backup_jobs_get_only_their_tenants_login_and_key() {
+        let n = TenantName::parse("acme").unwrap();
+        let spec = BackupSpec {
+            schedule: "0 3 * * *".into(),
+            retention: crate::api::tenant::BackupRetention { count: Some(14), max_age: Some("30d".into()) },
+            ..Default::default()
+        };
+        let cj = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns").unwrap();
+        let pod = cj.spec.as_ref().unwrap().job_template.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let c = &pod.containers[0];
+        // The retention travels in the flags: the Job cannot read its Tenant.
+        assert_eq!(c.args.as_ref().unwrap(), &["backup", "--job", "--tenant", "acme", "--keep-count", "14", "--keep-max-age", "30d"]);
+        // Its environment: the store's Secret and the tenant's own, nothing else.
+        let from: Vec<&str> = c.env_from.iter().flatten().filter_map(|e| e.secret_ref.as_ref()).map(|s| s.name.as_str()).collect();
+        assert_eq!(from, ["backup-env", "tenant-acme-job"]);
+        let env: Vec<(&str, &str)> = c.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("?"))).collect();
+        assert_eq!(env, [("TMPDIR", "/tmp"), ("DATABASE_URL", "")], "the Job's own env: {env:?}");
+        let json = serde_json::to_string(&cj).unwrap();
+        for leak in ["ROOT_KEYS", "root-keys", "KMS", "postgres://", "postgresql://"] {
+            assert!(!json.contains(leak), "the CronJob mentions {leak}: {json}");
+        }
+        // No API access, a restricted pod.
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let ps = pod.security_context.as_ref().unwrap();
+        assert_eq!(ps.run_as_non_root, Some(true));
+        assert_eq!(ps.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        let cs = c.security_context.as_ref().unwrap();
+        assert_eq!((cs.allow_privilege_escalation, cs.read_only_root_filesystem, cs.run_as_non_root), (Some(false), Some(true), Some(true)));
+        assert_eq!(cs.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/tmp");
+        assert!(pod.volumes.as_ref().unwrap()[0].empty_dir.is_some());
+        // A changed retention rewrites it.
+        let other = BackupSpec { retention: Default::default(), ..spec.clone() };
+        assert!(!up_to_date(&cj, &desired_cronjob(&n, owner(), TenantState::Active, &other, &settings(), "ns").unwrap()));
+        // Without a store the operator could not record the backups.
+        let no_store = BackupSettings { store: None, ..settings() };
+        assert_eq!(desired_cronjob(&n, owner(), TenantState::Active, &spec, &no_store, "ns").unwrap_err().0, "BackupNotConfigured");
+    }
+
+    #[test]
+    fn the_job_secret_holds_the_ops_login_and_the_versions_asked_for() {
+        let n = TenantName::parse("acme").unwrap();
+        let mut keys = BTreeMap::new();
+        keys.insert("v1".to_string(), vec![1u8; 32]);
+        keys.insert("v2".to_string(), vec![2u8; 32]);
+        let ring = crate::crypto::Keyring::new(keys, "v2").unwrap();
+        let salt = crate::crypto::TenantSalt::generate();
+        let endpoint = super::super::plan::Endpoint { host: "db".into(), port: 5432, database: "saas".into() };
+        let (pw, ks) = job_credentials(&ring, &salt, "u-1", &[]).unwrap();
+        let data = job_secret_data(&n, "u-1", &endpoint, Some("require"), &pw, &ks);
+        let names: Vec<&str> = data.keys().map(String::as_str).collect();
+        assert_eq!(names, ["PGDATABASE", "PGHOST", "PGPASSWORD", "PGPORT", "PGSSLMODE", "PGUSER", "TENANT_BACKUP_KEY_V2", "TENANT_UID"]);
+        assert_eq!(data["PGUSER"], "tenant_acme_ops");
+        assert_eq!(data["PGPASSWORD"], pw.as_str());
+        let v2 = ring.derive_tenant_key(crate::crypto::KeyVersion::new(2).unwrap(), &salt, "u-1", crate::crypto::Purpose::Backup).unwrap();
+        assert_eq!(data["TENANT_BACKUP_KEY_V2"], v2.to_hex().as_str());
+        // A restore of a v1 backup gets v1's key alone.
+        let (_, old) = job_credentials(&ring, &salt, "u-1", &[crate::crypto::KeyVersion::new(1).unwrap()]).unwrap();
+        let data = job_secret_data(&n, "u-1", &endpoint, None, &pw, &old);
+        assert!(data.contains_key("TENANT_BACKUP_KEY_V1") && !data.contains_key("TENANT_BACKUP_KEY_V2") && !data.contains_key("PGSSLMODE"));
     }
 
     #[test]

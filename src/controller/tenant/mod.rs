@@ -130,6 +130,13 @@ pub async fn run(ctx: Arc<Context>) {
     let mut controller = controller
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| migrations::followers_to_refresh(&ms, &tenant_cache.state()))
         .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)))
+        // A backup Job that ended brings its tenant back: the operator
+        // records what the Job wrote to the store.
+        .watches(
+            Api::<k8s_openapi::api::batch::v1::Job>::namespaced(ctx.client.clone(), &ctx.settings.namespace),
+            watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1)),
+            |j: k8s_openapi::api::batch::v1::Job| j.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)),
+        )
         // A new root key (rotation) re-seals every tenant, at the controller's
         // bounded concurrency.
         .reconcile_all_on(rotate_rx);
@@ -307,7 +314,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     // A restore that was killed half-way left the schema aside: put it back
     // (or finish it) first; while a restore runs, leave the tenant alone.
     // Reads only when there is nothing to do.
-    match crate::pg::backup::recover_aside(&ctx.pool, &name, &uid).await {
+    match backup::recover_restore(ctx, &name, &uid).await {
         Ok(crate::pg::backup::AsideState::Clean) => {}
         Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
         Ok(state) => apply::event(ctx, t, true, "RestoreRecovered", format!("an interrupted restore was finished: {state:?}")).await,
@@ -393,7 +400,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             None
         }
     };
-    conds.extend(backup::converge_cronjob(ctx, t, &name).await?);
+    conds.extend(backup::converge_cronjob(ctx, t, &name, &uid).await?);
     let last_backup = backup::last_backup(ctx, &uid).await;
     report_with(ctx, t, phase, schema, &conds, status::Extra { key: sealed.key, schema_version, last_backup }).await?;
     Ok(Action::requeue(ctx.settings.resync))
@@ -490,6 +497,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     };
     Stats::add(&ctx.stats.ddl_statements, dropped as u64);
     apply::delete_secrets(ctx, &name).await?;
+    backup::delete_job_secret(ctx, &backup::job_secret_name(&name)).await.map_err(Error::DeleteSecret)?;
     let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;
     if !left.is_empty() {
         let msg = left.join(", ");

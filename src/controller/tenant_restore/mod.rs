@@ -1,17 +1,27 @@
-//! The TenantRestore controller: runs one restore Job per TenantRestore and
-//! reports the Job's outcome in the TenantRestore's status.
+//! The TenantRestore controller: the admin's half of a restore, around one
+//! restore Job per TenantRestore, and the TenantRestore's status.
 //!
 //! Takes TenantRestores from a watch, and their Jobs (by label) as triggers.
-//! Writes: the Job (created once, never changed), the TenantRestore's status
-//! (only when it changed) and Events. The restore itself (Postgres, store)
-//! is the Job's `tenant-operator restore`; this controller touches neither.
+//! A new TenantRestore: the backup is resolved from the store's manifests
+//! (the Job restores that id), the Job's Secret `tenant-restore-<name>` is
+//! written (the tenant's ops login and the backup key of that backup's root
+//! key version, nothing else), the tenant's schema is prepared
+//! (`pg::backup::prepare`: app role locked out, original aside, an empty
+//! schema marked restoring), then the Job is created; it runs `pg_restore`
+//! as the ops login. When the Job succeeded: `pg::backup::finalize` (the
+//! restored schema becomes the tenant's, the original is dropped, login
+//! back, audit row `Restored`); when it failed: `pg::backup::put_back`.
+//! Either way the Job's Secret is deleted. Each step takes the tenant's
+//! restore lock and is safe to repeat after a crash. Writes: the Secret,
+//! the Job (created once, never changed), the TenantRestore's status (only
+//! when it changed) and Events (on the TenantRestore, and `Restored` on
+//! the Tenant).
 
 pub mod plan;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::DateTime;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
@@ -21,8 +31,16 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
+use std::collections::BTreeMap;
+
 use crate::api::{RestorePhase, TenantRestore, TenantRestoreStatus};
+use crate::backup::Selector;
+use crate::controller::tenant::apply::{MANAGED_BY, TENANT_LABEL};
+use crate::controller::tenant::backup::{job_credentials, job_secret_data, write_job_secret};
 use crate::controller::{Context, Stats};
+use crate::crypto::KeyVersion;
+use crate::names::TenantName;
+use crate::pg::backup as pgb;
 
 /// Errors of one TenantRestore reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +51,16 @@ pub enum Error {
     PatchStatus(#[source] kube::Error),
     #[error("the TenantRestore has no uid")]
     MissingUid,
+    #[error(transparent)]
+    Database(#[from] crate::pg::PgError),
+    #[error(transparent)]
+    Secret(#[from] crate::controller::tenant::backup::JobSecretError),
+    #[error("deleting the restore Job's Secret: {0}")]
+    DeleteSecret(#[source] kube::Error),
+    #[error("the operator holds no root keys yet")]
+    NoKeys,
+    #[error("{0}")]
+    Waiting(String),
 }
 
 impl Error {
@@ -41,6 +69,11 @@ impl Error {
             Error::Job(_) => "WriteJob",
             Error::PatchStatus(_) => "PatchStatus",
             Error::MissingUid => "MissingUid",
+            Error::Database(_) => "Database",
+            Error::Secret(_) => "WriteSecret",
+            Error::DeleteSecret(_) => "DeleteSecret",
+            Error::NoKeys => "NoKeys",
+            Error::Waiting(_) => "Waiting",
         }
     }
 }
@@ -110,6 +143,11 @@ pub async fn reconcile(r: Arc<TenantRestore>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
+fn failed(r: &TenantRestore, why: String) -> TenantRestoreStatus {
+    let old = r.status.clone().unwrap_or_default();
+    TenantRestoreStatus { phase: Some(RestorePhase::Failed), error: Some(why), observed_generation: r.metadata.generation, ..old }
+}
+
 async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Error> {
     if r.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -119,33 +157,153 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     let name = r.name_any();
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let job = match jobs.get_opt(&plan::job_name(&name)).await.map_err(Error::Job)? {
-        Some(j) => j,
-        None => {
-            let owner = r.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
-            match plan::desired_job(&name, &r.spec, owner, &ctx.settings.backup, &ctx.settings.namespace, &ctx.settings.root_keys) {
-                Ok(job) => {
-                    let created = jobs.create(&PostParams::default(), &job).await.map_err(Error::Job)?;
-                    Stats::add(&ctx.stats.kube_writes, 1);
-                    created
-                }
-                Err(why) => {
-                    let status = TenantRestoreStatus { phase: Some(RestorePhase::Failed), error: Some(why), observed_generation: r.metadata.generation, ..Default::default() };
-                    write_status(ctx, r, status).await?;
-                    return Ok(Action::await_change());
-                }
-            }
+    let (tenant, selector) = match plan::selector(&r.spec) {
+        Ok(v) => v,
+        Err(why) => {
+            write_status(ctx, r, failed(r, why)).await?;
+            return Ok(Action::await_change());
         }
     };
-    let failed = job.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
-    let pod_error = if failed { pod_error(ctx, &plan::job_name(&name)).await } else { None };
-    let succeeded = job.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| (c.type_ == "Complete" || c.type_ == "SuccessCriteriaMet") && c.status == "True"));
-    let found = if succeeded { restored_backup(ctx, r).await } else { None };
-    let status = plan::status_from_job(old, &job, pod_error, found, r.metadata.generation);
-    let done = matches!(status.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed));
+    let by = pgb::by_tenant_restore(&name);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let Some(job) = jobs.get_opt(&plan::job_name(&name)).await.map_err(Error::Job)? else {
+        return start(ctx, r, &tenant, &selector, &by).await;
+    };
+    let conds = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+    let is = |t: &str| conds.iter().any(|c| c.type_ == t && c.status == "True");
+    let (succeeded, job_failed) = (is("Complete") || is("SuccessCriteriaMet"), is("Failed"));
+    if !succeeded && !job_failed {
+        write_status(ctx, r, plan::status_from_job(old, &job, None, None, r.metadata.generation)).await?;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    let Some(uid) = crate::pg::tenant::uid_of(&ctx.pool, tenant.as_str()).await? else {
+        write_status(ctx, r, failed(r, format!("tenant {tenant} is no longer in the registry"))).await?;
+        return Ok(Action::await_change());
+    };
+    let mut status = plan::status_from_job(old, &job, None, None, r.metadata.generation);
+    if succeeded {
+        let backup_id = plan::job_backup_id(&job).unwrap_or_default();
+        let detail = serde_json::json!({ "restore": name, "job": plan::job_name(&name), "bytes": status.bytes });
+        let record = pgb::RestoreRecord { backup_id: backup_id.clone(), actor: by.clone(), detail };
+        // The restored audit chain is older than the anchored head: its
+        // anchors are reset to it (recorded as AuditRebased) before the app
+        // role may log in again (docs/audit.md, "After a restore").
+        if pgb::awaiting_finalize(&ctx.pool, &tenant, &uid, &by).await? {
+            let ring = ctx.keys.current().ok_or_else(|| Error::Waiting("the root keys are not loaded".into()))?;
+            let salt = crate::pg::tenant::existing_key_salt(&ctx.pool, &uid).await?.ok_or_else(|| Error::Waiting(format!("tenant {tenant} has no key salt")))?;
+            let login = crate::pg::confined::OpsLogin::derive(&crate::pg::Target::of_pool(&ctx.pool), &tenant, &uid, &ring, &salt)
+                .map_err(|e| Error::Waiting(format!("deriving the ops login of tenant {tenant}: {e}")))?;
+            crate::pg::audit::rebase_after_restore(&ctx.pool, &ring, &login, &by, serde_json::json!({ "backup": backup_id, "restore": name })).await?;
+        }
+        match pgb::finalize(&ctx.pool, &tenant, &uid, &by, true, &record).await? {
+            pgb::Finalized::Done => tenant_event(ctx, &tenant, &uid, false, "Restored", format!("schema {} restored from backup {backup_id} by TenantRestore {name}", tenant.schema())).await,
+            pgb::Finalized::Already => {}
+            pgb::Finalized::Busy => return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken"))),
+            pgb::Finalized::NotPrepared(why) => status = failed(r, format!("the Job restored backup {backup_id} but the schema could not be finalized: {why}")),
+        }
+    } else {
+        match pgb::put_back(&ctx.pool, &tenant, &uid, true).await? {
+            pgb::PutBack::Done | pgb::PutBack::Nothing => {}
+            pgb::PutBack::Busy => return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken"))),
+        }
+        let pod_error = pod_error(ctx, &plan::job_name(&name)).await;
+        status = plan::status_from_job(old, &job, pod_error, None, r.metadata.generation);
+        if let Some(e) = status.error.as_mut() {
+            e.push_str(" (the original schema was put back)");
+        }
+    }
+    crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name)).await.map_err(Error::DeleteSecret)?;
     write_status(ctx, r, status).await?;
-    Ok(if done { Action::await_change() } else { Action::requeue(Duration::from_secs(30)) })
+    Ok(Action::await_change())
+}
+
+/// A new TenantRestore: resolve the backup, write the Job's Secret, prepare
+/// the schema, create the Job. Each step may be repeated after a crash.
+async fn start(ctx: &Context, r: &TenantRestore, tenant: &TenantName, selector: &Selector, by: &str) -> Result<Action, Error> {
+    let name = r.name_any();
+    let fail = |why: String| failed(r, why);
+    let settings = &ctx.settings.backup;
+    let Some(store_cfg) = &settings.store else {
+        write_status(ctx, r, fail("the operator runs without --backup-store: it cannot resolve the backup".into())).await?;
+        return Ok(Action::await_change());
+    };
+    let Some(uid) = crate::pg::tenant::uid_of(&ctx.pool, tenant.as_str()).await? else {
+        write_status(ctx, r, fail(format!("tenant {tenant} is not in the registry"))).await?;
+        return Ok(Action::await_change());
+    };
+    let Some(salt) = crate::pg::tenant::existing_key_salt(&ctx.pool, &uid).await? else {
+        write_status(ctx, r, fail(format!("tenant {tenant} has no key salt"))).await?;
+        return Ok(Action::await_change());
+    };
+    let ring = ctx.keys.current().ok_or(Error::NoKeys)?;
+    let held: Vec<KeyVersion> = ring.versions().collect();
+    let resolved = match crate::backup::Store::open(store_cfg) {
+        Ok(store) => crate::backup::resolve(&store, tenant, &uid, selector, &held).await,
+        Err(e) => Err(e.into()),
+    };
+    let manifest = match resolved {
+        Ok(m) => m,
+        Err(e) => {
+            write_status(ctx, r, fail(e.to_string())).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let owner = r.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
+    let job = match plan::desired_job(&name, tenant, &manifest.id, owner.clone(), settings, &ctx.settings.namespace) {
+        Ok(j) => j,
+        Err(why) => {
+            write_status(ctx, r, fail(why)).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let version = KeyVersion::new(manifest.key_version).map_err(|e| Error::Waiting(e.to_string()))?;
+    let (password, keys) = job_credentials(&ring, &salt, &uid, &[version]).map_err(|e| Error::Waiting(e.to_string()))?;
+    let data = job_secret_data(tenant, &uid, &ctx.settings.endpoint, settings.pg_ssl_mode.as_deref(), &password, &keys);
+    let labels = BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (TENANT_LABEL.to_string(), tenant.to_string()),
+        (plan::RESTORE_LABEL.to_string(), name.clone()),
+    ]);
+    write_job_secret(ctx, &plan::secret_name(&name), owner, labels, tenant, &uid, data).await?;
+    match pgb::prepare(&ctx.pool, tenant, &uid, by, true).await? {
+        pgb::Prepared::Done | pgb::Prepared::Already => {}
+        pgb::Prepared::Busy => return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken"))),
+        pgb::Prepared::Unfinished => return Err(Error::Waiting(format!("another restore of tenant {tenant} is under way or was cut short (the Tenant's reconcile finishes it)"))),
+        pgb::Prepared::NoSchema => {
+            crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name)).await.map_err(Error::DeleteSecret)?;
+            write_status(ctx, r, fail(format!("tenant {tenant} has no schema of its own to restore into"))).await?;
+            return Ok(Action::await_change());
+        }
+    }
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let created = match jobs.create(&PostParams::default(), &job).await {
+        Ok(j) => {
+            Stats::add(&ctx.stats.kube_writes, 1);
+            j
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(&plan::job_name(&name)).await.map_err(Error::Job)?,
+        Err(e) => return Err(Error::Job(e)),
+    };
+    let mut status = plan::status_from_job(r.status.as_ref(), &created, None, None, r.metadata.generation);
+    status.backup_id = Some(manifest.id.clone());
+    status.bytes = Some(manifest.bytes as i64);
+    write_status(ctx, r, status).await?;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// An Event on the Tenant (cluster-scoped; its uid is the registry's).
+async fn tenant_event(ctx: &Context, tenant: &TenantName, uid: &str, warning: bool, reason: &str, note: String) {
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(crate::api::Tenant::api_version(&()).into_owned()),
+        kind: Some(crate::api::Tenant::kind(&()).into_owned()),
+        name: Some(tenant.to_string()),
+        uid: Some(uid.to_owned()),
+        ..Default::default()
+    };
+    let ev = crate::controller::event_of(warning, reason, note);
+    if ctx.recorder.publish(&ev, &reference).await.is_ok() {
+        Stats::add(&ctx.stats.kube_writes, 1);
+    }
 }
 
 /// The termination message of the Job's failed pod (the log's tail).
@@ -155,13 +313,4 @@ async fn pod_error(ctx: &Context, job: &str) -> Option<String> {
     list.items.iter().find_map(|p| {
         p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
     }).map(|m| m.trim().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect())
-}
-
-/// Which backup the Job restored, from the backups table.
-async fn restored_backup(ctx: &Context, r: &TenantRestore) -> Option<(String, i64)> {
-    let uid = crate::pg::tenant::uid_of(&ctx.pool, &r.spec.tenant).await.ok()??;
-    let id = (r.spec.backup != "latest").then_some(r.spec.backup.as_str());
-    let before = r.spec.point_in_time.as_deref().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.to_utc());
-    let row = crate::pg::backup::find_backup(&ctx.pool, &uid, id, before).await.ok()??;
-    Some((row.id, row.bytes))
 }

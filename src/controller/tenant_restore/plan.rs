@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, EnvFromSource, PodSpec, PodTemplateSpec, ResourceRequirements, SecretEnvSource, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::api::{RestorePhase, TenantRestoreSpec, TenantRestoreStatus};
 use crate::controller::tenant::apply::{MANAGED_BY, TENANT_LABEL};
-use crate::controller::tenant::backup::{job_env, BackupSettings};
+use crate::backup::Selector;
+use crate::controller::tenant::backup::{job_env, job_env_from, restricted_security, work_dir, BackupSettings};
 use crate::names::TenantName;
 
 /// Label on the Job naming its TenantRestore (brings it back on Job events).
@@ -21,28 +22,35 @@ pub fn job_name(restore: &str) -> String {
     format!("tenant-restore-{restore}")
 }
 
-/// The restore Job, or why it cannot be made (reason, message).
-pub fn desired_job(
-    restore: &str,
-    spec: &TenantRestoreSpec,
-    owner: OwnerReference,
-    settings: &BackupSettings,
-    namespace: &str,
-    root_keys: &crate::keys::KeySource,
-) -> Result<Job, String> {
+/// The Secret of TenantRestore `restore`'s Job (the tenant's ops login and
+/// the one backup key the chosen backup needs).
+pub fn secret_name(restore: &str) -> String {
+    format!("tenant-restore-{restore}")
+}
+
+/// Which backup the spec asks for, or why the spec is wrong. Pure.
+pub fn selector(spec: &TenantRestoreSpec) -> Result<(TenantName, Selector), String> {
     let TenantRestoreSpec { tenant, backup, point_in_time } = spec;
     let tenant = TenantName::parse(tenant).map_err(|e| format!("spec.tenant: {e}"))?;
-    let mut args = vec!["restore".to_string(), "--tenant".into(), tenant.to_string(), "--backup".into(), backup.clone()];
-    if backup != "latest" {
-        crate::backup::check_id(backup).map_err(|e| format!("spec.backup: {e}"))?;
-    }
-    if let Some(t) = point_in_time {
-        if backup != "latest" {
-            return Err("spec.pointInTime goes with spec.backup: latest".into());
+    let sel = match (backup.as_str(), point_in_time) {
+        ("latest", None) => Selector::Latest,
+        ("latest", Some(t)) => Selector::PointInTime(chrono::DateTime::parse_from_rfc3339(t).map_err(|e| format!("spec.pointInTime {t:?} is not an RFC 3339 time: {e}"))?.to_utc()),
+        (_, Some(_)) => return Err("spec.pointInTime goes with spec.backup: latest".into()),
+        (id, None) => {
+            crate::backup::check_id(id).map_err(|e| format!("spec.backup: {e}"))?;
+            Selector::Id(id.to_owned())
         }
-        chrono::DateTime::parse_from_rfc3339(t).map_err(|e| format!("spec.pointInTime {t:?} is not an RFC 3339 time: {e}"))?;
-        args.extend(["--point-in-time".to_string(), t.clone()]);
-    }
+    };
+    Ok((tenant, sel))
+}
+
+/// The restore Job of backup `backup_id` (resolved by the operator), or why
+/// it cannot be made. Its environment: the store's Secret and the
+/// restore's own ([`secret_name`]); no admin DSN, no root keys, no
+/// Kubernetes API, a restricted securityContext.
+pub fn desired_job(restore: &str, tenant: &TenantName, backup_id: &str, owner: OwnerReference, settings: &BackupSettings, namespace: &str) -> Result<Job, String> {
+    crate::backup::check_id(backup_id).map_err(|e| e.to_string())?;
+    let args = vec!["restore".to_string(), "--job".into(), "--tenant".into(), tenant.to_string(), "--backup".into(), backup_id.to_owned()];
     let (Some(image), Some(env_secret)) = (&settings.image, &settings.env_secret) else {
         return Err("the operator runs without --image or --backup-env-secret: restore Jobs cannot be created".into());
     };
@@ -51,6 +59,10 @@ pub fn desired_job(
         (TENANT_LABEL.to_string(), tenant.to_string()),
         (RESTORE_LABEL.to_string(), restore.to_string()),
     ]);
+    let (pod_security, container_security) = restricted_security();
+    // The downloaded (encrypted) dump waits here while it is checked; the
+    // root filesystem is read-only.
+    let (volume, mount, tmpdir) = work_dir("/work");
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(job_name(restore)),
@@ -60,28 +72,25 @@ pub fn desired_job(
             ..Default::default()
         },
         spec: Some(JobSpec {
-            // A restore is not retried by itself: a failed one put the
-            // original back; a person decides what to do next.
+            // A restore is not retried by itself: the operator puts the
+            // original back when it fails; a person decides what next.
             backoff_limit: Some(0),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     service_account_name: settings.service_account.clone(),
-                    // The downloaded (encrypted) dump waits here while it is
-                    // checked; the image's root filesystem may be read-only.
-                    volumes: Some(vec![Volume { name: "work".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }]),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(pod_security),
+                    volumes: Some(vec![volume]),
                     containers: vec![Container {
                         name: "restore".into(),
                         image: Some(image.clone()),
                         args: Some(args),
-                        env_from: Some(vec![EnvFromSource { secret_ref: Some(SecretEnvSource { name: env_secret.clone(), optional: Some(false) }), ..Default::default() }]),
-                        env: Some({
-                            let mut env = job_env(namespace, root_keys);
-                            env.push(k8s_openapi::api::core::v1::EnvVar { name: "TMPDIR".into(), value: Some("/work".into()), ..Default::default() });
-                            env
-                        }),
-                        volume_mounts: Some(vec![VolumeMount { name: "work".into(), mount_path: "/work".into(), ..Default::default() }]),
+                        env_from: Some(job_env_from(env_secret, &secret_name(restore))),
+                        env: Some(job_env(tmpdir)),
+                        volume_mounts: Some(vec![mount]),
+                        security_context: Some(container_security),
                         // The error, for status.error, from the log's tail.
                         termination_message_policy: Some("FallbackToLogsOnError".into()),
                         resources: Some(ResourceRequirements {
@@ -98,6 +107,13 @@ pub fn desired_job(
         }),
         ..Default::default()
     })
+}
+
+/// The backup id a restore Job was started with (its `--backup` argument).
+pub fn job_backup_id(job: &Job) -> Option<String> {
+    let args = job.spec.as_ref()?.template.spec.as_ref()?.containers.first()?.args.as_ref()?;
+    let i = args.iter().position(|a| a == "--backup")?;
+    args.get(i + 1).cloned()
 }
 
 /// The status a Job's state gives (`pod_error`: the failed pod's
@@ -131,11 +147,7 @@ mod tests {
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
 
     fn settings() -> BackupSettings {
-        BackupSettings { image: Some("op:1".into()), env_secret: Some("env".into()), service_account: None, store: None }
-    }
-
-    fn keys() -> crate::keys::KeySource {
-        crate::keys::KeySource { namespace: "ns".into(), secret: "rk".into(), kms: None }
+        BackupSettings { image: Some("op:1".into()), env_secret: Some("env".into()), ..Default::default() }
     }
 
     fn spec(backup: &str, pit: Option<&str>) -> TenantRestoreSpec {
@@ -143,15 +155,39 @@ mod tests {
     }
 
     #[test]
-    fn job_runs_the_restore_command() {
-        let job = desired_job("r1", &spec("latest", Some("2026-11-26T03:00:00Z")), OwnerReference::default(), &settings(), "ns", &keys()).unwrap();
-        let c = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
-        assert_eq!(c.args.as_ref().unwrap(), &["restore", "--tenant", "acme", "--backup", "latest", "--point-in-time", "2026-11-26T03:00:00Z"]);
+    fn the_spec_names_one_backup() {
+        let (t, sel) = selector(&spec("latest", Some("2026-11-26T03:00:00Z"))).unwrap();
+        assert_eq!(t.as_str(), "acme");
+        assert!(matches!(sel, Selector::PointInTime(_)));
+        assert_eq!(selector(&spec("20261126T030000.000Z", None)).unwrap().1, Selector::Id("20261126T030000.000Z".into()));
+        assert_eq!(selector(&spec("latest", None)).unwrap().1, Selector::Latest);
+        assert!(selector(&spec("20261126T030000.000Z", Some("2026-11-26T03:00:00Z"))).is_err());
+        assert!(selector(&spec("../x", None)).is_err());
+        assert!(selector(&spec("latest", Some("yesterday"))).is_err());
+    }
+
+    #[test]
+    fn the_job_restores_the_resolved_backup_with_only_the_tenants_credentials() {
+        let t = TenantName::parse("acme").unwrap();
+        let job = desired_job("r1", &t, "20261126T030000.000Z", OwnerReference::default(), &settings(), "ns").unwrap();
+        assert_eq!(job_backup_id(&job).as_deref(), Some("20261126T030000.000Z"));
+        let pod = job.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_ref().unwrap(), &["restore", "--job", "--tenant", "acme", "--backup", "20261126T030000.000Z"]);
         assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
-        assert!(desired_job("r1", &spec("20261126T030000.000Z", Some("2026-11-26T03:00:00Z")), OwnerReference::default(), &settings(), "ns", &keys()).is_err());
-        assert!(desired_job("r1", &spec("../x", None), OwnerReference::default(), &settings(), "ns", &keys()).is_err());
-        assert!(desired_job("r1", &spec("latest", Some("yesterday")), OwnerReference::default(), &settings(), "ns", &keys()).is_err());
-        assert!(desired_job("r1", &spec("latest", None), OwnerReference::default(), &BackupSettings::default(), "ns", &keys()).is_err());
+        let from: Vec<&str> = c.env_from.iter().flatten().filter_map(|e| e.secret_ref.as_ref()).map(|s| s.name.as_str()).collect();
+        assert_eq!(from, ["env", "tenant-restore-r1"]);
+        let json = serde_json::to_string(&job).unwrap();
+        assert!(c.env.iter().flatten().any(|e| e.name == "DATABASE_URL" && e.value.as_deref() == Some("")), "an env Secret's DATABASE_URL would reach the pod");
+        for leak in ["ROOT_KEYS", "KMS", "postgres://", "postgresql://"] {
+            assert!(!json.contains(leak), "the Job mentions {leak}: {json}");
+        }
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let cs = c.security_context.as_ref().unwrap();
+        assert_eq!((cs.allow_privilege_escalation, cs.read_only_root_filesystem, cs.run_as_non_root), (Some(false), Some(true), Some(true)));
+        assert_eq!(c.env.as_ref().unwrap()[0].value.as_deref(), Some("/work"));
+        assert!(desired_job("r1", &t, "../x", OwnerReference::default(), &settings(), "ns").is_err());
+        assert!(desired_job("r1", &t, "20261126T030000.000Z", OwnerReference::default(), &BackupSettings::default(), "ns").is_err());
     }
 
     #[test]

@@ -10,5 +10,6 @@ pub mod leader;
 pub mod names;
 pub mod pg;
 pub mod ratelimit;
+pub mod sensitive;
 pub mod telemetry;
 pub mod controller;

@@ -253,6 +253,14 @@ struct RunArgs {
     backup_s3_path_style: bool,
     #[arg(long, env = "BACKUP_S3_REGION")]
     backup_s3_region: Option<String>,
+    /// Namespaces (comma-separated) every Secret of which a Tenant's
+    /// spec.secrets may name as a source (the operator lists, watches and
+    /// reads Secrets there). Elsewhere a Secret must opt in with the label
+    /// tenancy.dev/seal-for=<tenant> (or that annotation listing tenants) and
+    /// be readable by the operator. The operator's own namespace is never a
+    /// source.
+    #[arg(long, env = "SECRET_SOURCE_NAMESPACES", default_value = "")]
+    secret_source_namespaces: String,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -394,12 +402,15 @@ async fn open_secret(
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()))
         .init();
-    let (pool, target) = pg::connect(&args.database_url, args.max_connections).await.context("connecting to Postgres")?;
+    // The DSN holds the admin's password: wiped once the pool has it.
+    let database_url = zeroize::Zeroizing::new(std::mem::take(&mut args.database_url));
+    let (pool, target) = pg::connect(&database_url, args.max_connections).await.context("connecting to Postgres")?;
+    drop(database_url);
     let facts = pg::admin_facts(&pool).await?;
     facts.require()?;
     pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
@@ -425,7 +436,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded");
+    let (secret_sources, listed_own) = tenant_operator::controller::tenant::sealing::SourcePolicy::new(&args.namespace, &args.secret_source_namespaces);
+    if listed_own {
+        tracing::warn!(namespace = %args.namespace, "--secret-source-namespaces lists the operator's own namespace: ignored, its Secrets are never sources");
+    }
     let settings = Settings {
+        secret_sources,
         namespace: args.namespace,
         endpoint: Endpoint {
             host: args.tenant_db_host.unwrap_or(target.host),

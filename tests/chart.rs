@@ -68,7 +68,7 @@ fn the_rendered_chart_is_valid_against_kubernetes_1_32() {
             "--set",
             "rootKeys.kms.enabled=true,rootKeys.kms.keyId=alias/root,rootKeys.kms.credentialsSecret=aws,database.tenantHost=db.example,database.tenantPort=6432,podDisruptionBudget.maxUnavailable=50%",
             "--set",
-            "replicaCount=3,imagePullSecrets[0].name=regcred,nodeSelector.pool=ops,serviceAccount.annotations.a=b",
+            "replicaCount=3,imagePullSecrets[0].name=regcred,nodeSelector.pool=ops,serviceAccount.annotations.a=b,secretSources.namespaces={acme-onboarding}",
             "--set",
             "backup.store=s3://tenant-backups/prod,backup.s3.endpoint=http://minio:9000,backup.s3.pathStyle=true,backup.envSecret=backup-env",
         ],
@@ -132,6 +132,55 @@ fn the_deployment_is_hardened_probed_and_wired() {
     }
     let pdb = find_doc(&docs, "PodDisruptionBudget", None).expect("PDB");
     assert_eq!(pdb["spec"]["selector"]["matchLabels"], d["spec"]["selector"]["matchLabels"]);
+}
+
+/// The rules of `doc` (a Role or ClusterRole) that mention Secrets.
+fn secret_rules(doc: &serde_json::Value) -> Vec<serde_json::Value> {
+    doc["rules"].as_array().unwrap().iter().filter(|r| r["resources"].as_array().unwrap().iter().any(|x| x == "secrets" || x == "*")).cloned().collect()
+}
+
+#[test]
+fn the_chart_grants_no_cluster_wide_secret_access_and_reads_only_configured_namespaces() {
+    let Some(helm) = tools::helm() else { return };
+    for (set, backup) in [(None, false), (Some("backup.store=s3://bucket/p,backup.envSecret=e"), true)] {
+        let docs = documents(&render(&helm, set.map(|s| vec!["--set", s]).unwrap_or_default().as_slice()));
+        // Whatever is enabled, no ClusterRole names Secrets: cluster-wide
+        // list/watch of Secrets is reading every Secret.
+        for cr in docs.iter().filter(|d| d["kind"] == "ClusterRole") {
+            assert!(secret_rules(cr).is_empty(), "ClusterRole {} grants Secrets: {:?}", cr["metadata"]["name"], secret_rules(cr));
+        }
+        // Secrets only in the release namespace, and no source namespace
+        // by default.
+        let roles: Vec<&serde_json::Value> = docs.iter().filter(|d| d["kind"] == "Role").collect();
+        assert_eq!(roles.len(), if backup { 2 } else { 1 }, "Roles: {roles:?}");
+        for r in &roles {
+            assert_eq!(r["metadata"]["namespace"], "tenant-system");
+        }
+        let d = find_doc(&docs, "Deployment", Some("tenant-operator")).unwrap();
+        let env = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
+        assert!(!env.iter().any(|e| e["name"] == "SECRET_SOURCE_NAMESPACES"), "a source namespace by default");
+    }
+    // Each configured source namespace gets a Role reading Secrets there
+    // (list/watch: the operator watches them by metadata), bound to the
+    // operator's ServiceAccount, and the operator is told the list.
+    let docs = documents(&render(&helm, &["--set", "secretSources.namespaces={acme-onboarding,erp-secrets}"]));
+    for ns in ["acme-onboarding", "erp-secrets"] {
+        let role = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == ns).unwrap_or_else(|| panic!("no Role in {ns}"));
+        assert_eq!(role["rules"], serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}]));
+        let binding = docs.iter().find(|d| d["kind"] == "RoleBinding" && d["metadata"]["namespace"] == ns).unwrap_or_else(|| panic!("no RoleBinding in {ns}"));
+        assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+        assert_eq!(binding["subjects"], serde_json::json!([{"kind": "ServiceAccount", "name": "tenant-operator", "namespace": "tenant-system"}]));
+    }
+    assert_eq!(docs.iter().filter(|d| d["kind"] == "Role").count(), 3);
+    let d = find_doc(&docs, "Deployment", Some("tenant-operator")).unwrap();
+    let env = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
+    let var = env.iter().find(|e| e["name"] == "SECRET_SOURCE_NAMESPACES").expect("SECRET_SOURCE_NAMESPACES");
+    assert_eq!(var["value"], "acme-onboarding,erp-secrets");
+    // The release namespace (root keys, database DSN) is never a source.
+    let o = run(&helm, &["template", "tenant-operator", CHART, "--namespace", "tenant-system", "--set", "secretSources.namespaces={tenant-system}"]);
+    assert!(!o.status.success() && text(&o).contains("never sources"), "{}", text(&o));
+    let o = run(&helm, &["template", "tenant-operator", CHART, "--namespace", "tenant-system", "--set", "secretSources.namespaces={Not_A_Namespace}"]);
+    assert!(!o.status.success() && text(&o).contains("secretSources.namespaces"), "{}", text(&o));
 }
 
 /// The API test server binary, started on a free port.

@@ -115,24 +115,30 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
         eprintln!("SKIPPED: the RBAC check reads the API test server's request log");
         return;
     }
-    let docs = documents(&render(&helm, &[]));
+    // The sealed secret below comes from a source namespace (the chart's
+    // secretSources.namespaces: a Role there).
+    let src = unique("rbac-src");
+    let docs = documents(&render(&helm, &["--set", &format!("secretSources.namespaces={{{src}}}")]));
     let cluster = rules(docs.iter().find(|d| d["kind"] == "ClusterRole").expect("ClusterRole"));
-    let role_doc = docs.iter().find(|d| d["kind"] == "Role").expect("Role");
-    assert_eq!(role_doc["metadata"]["namespace"], NAMESPACE);
+    let role_doc = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == NAMESPACE).expect("Role");
     let role = rules(role_doc);
+    let source_role = rules(docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == src.as_str()).expect("the source namespace's Role"));
     let rbac_kinds = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
     let items: Vec<&serde_json::Value> = docs.iter().filter(|d| rbac_kinds.iter().any(|k| d["kind"] == *k)).collect();
-    assert_eq!(items.len(), 5, "the chart renders a ServiceAccount, a ClusterRole, a Role and their bindings");
+    assert_eq!(items.len(), 7, "the chart renders a ServiceAccount, a ClusterRole, a Role, a Role in the source namespace and their bindings");
     for b in items.iter().filter(|d| d["kind"].as_str().unwrap().ends_with("Binding")) {
         let subject = &b["subjects"][0];
         assert_eq!(format!("system:serviceaccount:{}:{}", subject["namespace"].as_str().unwrap(), subject["name"].as_str().unwrap()), support::e2e::OPERATOR_USER);
     }
-    let rbac: String = items.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect();
+    // The source namespace comes first (its Role lives there).
+    let rbac: String = std::iter::once(format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {src}\n"))
+        .chain(items.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())))
+        .collect();
 
     // The API test server enforces the chart's rules on the operator's
     // requests (its token is the chart's ServiceAccount): a request they do
     // not allow is refused with 403, and the flow below fails.
-    let mut env = Env::start_rbac("ops_rbac", &rbac).await;
+    let mut env = Env::start_with("ops_rbac", Some(&rbac), &[("SECRET_SOURCE_NAMESPACES", &src)]).await;
     // The enforcement is on: with the operator's credentials, kube-rs is
     // refused what the chart does not grant.
     let kc = kube::config::Kubeconfig::read_from(env.dir.path().join("operator.kubeconfig")).expect("operator kubeconfig");
@@ -146,8 +152,6 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
     own.get("tenant-operator-root-keys").await.expect("the operator reads its root keys");
     // The whole life of a tenant: sealed secrets from another namespace, a
     // MigrationSet, rate limits, a changed source, suspend, delete.
-    let src = unique("rbac-src");
-    env.kubectl_ok(&["create", "namespace", &src]);
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let secret = |v: &str| format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: erp\n  namespace: {src}\ndata:\n  password: {}\n", b64(v));
     assert!(env.kubectl_stdin(&["apply"], &secret("first")).status.success());
@@ -186,20 +190,24 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
     assert!(requests.len() > 20, "too few operator requests in the server log ({}): is the log format still `time method uri status \"ua\"`?", requests.len());
     let denied: BTreeSet<&Attrs> = requests
         .iter()
-        .filter(|a| !(allows(&cluster, a) || (a.namespace.as_deref() == Some(NAMESPACE) && allows(&role, a))))
+        .filter(|a| {
+            !(allows(&cluster, a)
+                || (a.namespace.as_deref() == Some(NAMESPACE) && allows(&role, a))
+                || (a.namespace.as_deref() == Some(src.as_str()) && allows(&source_role, a)))
+        })
         .collect();
     assert!(denied.is_empty(), "requests the chart's ClusterRole/Role do not allow:\n{denied:#?}");
     assert!(other.is_empty(), "non-resource requests (not covered by the chart): {other:?}");
 
     // And nothing granted goes unused, but for the known rare paths.
-    let seen: BTreeSet<(String, String, String, bool)> = requests.iter().map(|a| (a.group.clone(), a.resource.clone(), a.verb.clone(), a.namespace.as_deref() == Some(NAMESPACE))).collect();
+    let seen: BTreeSet<(String, String, String, Option<String>)> = requests.iter().map(|a| (a.group.clone(), a.resource.clone(), a.verb.clone(), a.namespace.clone())).collect();
     let mut unused = Vec::new();
-    for (rules, namespaced) in [(&cluster, false), (&role, true)] {
+    for (rules, namespace) in [(&cluster, None), (&role, Some(NAMESPACE)), (&source_role, Some(src.as_str()))] {
         for (groups, resources, verbs) in rules.iter() {
             for g in groups {
                 for r in resources {
                     for v in verbs {
-                        let used = seen.iter().any(|(sg, sr, sv, in_ns)| sg == g && sr == r && sv == v && (!namespaced || *in_ns));
+                        let used = seen.iter().any(|(sg, sr, sv, ns)| sg == g && sr == r && sv == v && (namespace.is_none() || ns.as_deref() == namespace));
                         if !used && !RARE.contains(&(g.as_str(), r.as_str(), v.as_str())) {
                             unused.push(format!("{g}/{r} {v}"));
                         }
@@ -209,8 +217,12 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
         }
     }
     assert!(unused.is_empty(), "the chart grants what the operator never did in this run (remove it, or list it in RARE with why): {unused:?}");
-    // Secrets are written only in the operator namespace.
+    // Secrets are written only in the operator namespace, and read nowhere
+    // but there and in the source namespace.
     for a in &requests {
+        if a.resource == "secrets" {
+            assert!(a.namespace.as_deref() == Some(NAMESPACE) || a.namespace.as_deref() == Some(src.as_str()), "a Secret request elsewhere: {a:?}");
+        }
         if a.resource == "secrets" && !matches!(a.verb.as_str(), "get" | "list" | "watch") {
             assert_eq!(a.namespace.as_deref(), Some(NAMESPACE), "a Secret written outside the operator namespace: {a:?}");
         }

@@ -66,9 +66,11 @@ fn current_root_keys(env: &Env) -> Vec<(String, [u8; 32])> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_are_sealed_opened_rotated_and_shredded() {
-    let env = Env::start("e2e_seal").await;
     let (a, b) = (unique("seal-a"), unique("seal-b"));
     let src_ns = format!("src-{}", &a[a.len() - 6..]);
+    // A source namespace: every Secret in it may be sealed, and a missing
+    // one is reported as missing.
+    let env = Env::start_with("e2e_seal", None, &[("SECRET_SOURCE_NAMESPACES", &src_ns)]).await;
     env.kubectl_ok(&["create", "namespace", &src_ns]);
     for (n, pairs) in [("erp", vec![("password", "erp-pass-1")]), ("sso", vec![("client-secret", "sso-secret-1")])] {
         assert!(env.kubectl_stdin(&["apply"], &source_secret(&src_ns, n, &pairs)).status.success());
@@ -140,6 +142,114 @@ async fn secrets_are_sealed_opened_rotated_and_shredded() {
     let out = env.operator_cli(&["secrets", "open", "--tenant", &a, "--name", "erp-password", "--envelope-file", file.to_str().unwrap()]);
     assert!(!out.status.success(), "a deleted tenant's envelope still opens");
     assert_eq!(open(&env, &b, "erp-password").unwrap(), "erp-pass-2", "B was disturbed by A's delete");
+}
+
+fn labelled_secret(ns: &str, name: &str, labels: &[(&str, &str)], pairs: &[(&str, &str)]) -> String {
+    let labels: String = labels.iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect();
+    let data: String = pairs.iter().map(|(k, v)| format!("  {k}: {}\n", B64.encode(v))).collect();
+    format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n{labels}data:\n{data}")
+}
+
+fn sealed_keys(env: &Env, tenant: &str) -> Vec<String> {
+    let json = env.kubectl_ok(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{tenant}-sealed"), "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["data"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+}
+
+/// A Tenant author cannot have the operator seal what the author could not
+/// read: under the chart's default RBAC (no source namespace, no
+/// cluster-wide Secret access), naming the root keys, the operator's
+/// database Secret, a kube-system Secret (present or not) or a Secret
+/// opted in for another tenant gets `SourceNotAllowed` with one message
+/// whether the Secret exists or not, and nothing of them is sealed; a
+/// Secret whose namespace owner granted the operator `get` on it and
+/// labelled it for the tenant is sealed, until the label goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_opted_in_sources_are_sealed_and_refusals_do_not_tell_existence() {
+    let Some(helm) = support::tools::helm() else { return };
+    if std::env::var("E2E_KUBECONFIG").is_ok_and(|v| !v.is_empty()) {
+        eprintln!("SKIPPED: needs the API test server's RBAC enforcement");
+        return;
+    }
+    let docs = support::tools::documents(&support::tools::render(&helm, &[]));
+    let rbac: String = docs
+        .iter()
+        .filter(|d| ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"].iter().any(|k| d["kind"] == *k))
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+        .collect();
+    let mut env = Env::start_rbac("e2e_src", &rbac).await;
+    let t = unique("src");
+    let optin = format!("optin-{}", &t[t.len() - 6..]);
+    env.kubectl_ok(&["create", "namespace", &optin]);
+    // The namespace owner's part: the label naming the tenant, and a Role
+    // letting the operator get exactly these Secrets.
+    for y in [
+        labelled_secret(&optin, "erp", &[("tenancy.dev/seal-for", &t)], &[("password", "erp-opted-in")]),
+        labelled_secret(&optin, "for-another", &[("tenancy.dev/seal-for", "globex")], &[("password", "not-for-you")]),
+        labelled_secret("kube-system", "cluster-secret", &[], &[("token", "kube-system-token")]),
+        labelled_secret(NAMESPACE, "tenant-operator-db", &[("tenancy.dev/seal-for", &t)], &[("url", "postgresql://admin:pw@db/x")]),
+    ] {
+        let out = env.kubectl_stdin(&["apply"], &y);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let grant = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: seal-source, namespace: {optin}}}\n\
+         rules:\n- apiGroups: [\"\"]\n  resources: [secrets]\n  resourceNames: [erp, for-another]\n  verbs: [get]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: seal-source, namespace: {optin}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: seal-source}}\n\
+         subjects:\n- {{kind: ServiceAccount, name: tenant-operator, namespace: {NAMESPACE}}}\n"
+    );
+    let out = env.kubectl_stdin(&["apply"], &grant);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let entry = |name: &str, ns: &str, secret: &str, key: &str| format!("  - name: {name}\n    secretRef: {{namespace: {ns}, name: {secret}, key: {key}}}\n");
+    let refs = [
+        ("erp", optin.as_str(), "erp", "password"),
+        ("root", NAMESPACE, support::e2e::ROOT_KEYS, "v1"),
+        ("db", NAMESPACE, "tenant-operator-db", "url"),
+        ("kube", "kube-system", "cluster-secret", "token"),
+        ("ghost", "kube-system", "no-such-secret", "token"),
+        ("other", optin.as_str(), "for-another", "password"),
+        ("unlisted", optin.as_str(), "not-granted", "password"),
+    ];
+    let spec = format!("  secrets:\n{}", refs.iter().map(|(n, ns, s, k)| entry(n, ns, s, k)).collect::<String>());
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&t, &spec)).status.success());
+    env.wait_ready(&t);
+    wait_for(Duration::from_secs(30), "SourceNotAllowed", || cond(&env, &t, "reason") == "SourceNotAllowed");
+    wait_for(Duration::from_secs(30), "the opted-in source sealed", || open(&env, &t, "erp").ok().as_deref() == Some("erp-opted-in"));
+    assert_eq!(sealed_keys(&env, &t), ["erp"], "only the opted-in source is sealed");
+
+    let message = cond(&env, &t, "message");
+    let (policy, _) = tenant_operator::controller::tenant::sealing::SourcePolicy::new(NAMESPACE, "");
+    let spec_of = |name: &str| {
+        let (n, ns, s, k) = refs.iter().find(|r| r.0 == name).unwrap();
+        tenant_operator::api::tenant::TenantSecret {
+            name: n.to_string(),
+            secret_ref: tenant_operator::api::tenant::SecretKeyRef { namespace: ns.to_string(), name: s.to_string(), key: k.to_string() },
+        }
+    };
+    let expect = |name: &str| tenant_operator::controller::tenant::sealing::not_allowed_message(&policy, &t, &spec_of(name));
+    for name in ["root", "db", "kube", "ghost", "other", "unlisted"] {
+        assert!(message.contains(&expect(name)), "{name}: {message}");
+    }
+    // A kube-system Secret that exists and one that does not read the same
+    // (and nothing anywhere says "not found").
+    assert_eq!(expect("kube").replace("kube:", "ghost:").replace("cluster-secret", "no-such-secret"), expect("ghost"));
+    assert!(!message.contains("not found") && !message.contains("forbidden"), "{message}");
+    for plain in ["kube-system-token", "not-for-you", "postgresql://admin"] {
+        assert!(!env.operator_log().contains(plain), "{plain} in the operator's log");
+    }
+
+    // The owner withdraws the opt-in: at the next resync the source is no
+    // longer allowed and its envelope leaves the sealed Secret.
+    env.kubectl_ok(&["label", "secret", "-n", &optin, "erp", "tenancy.dev/seal-for-"]);
+    wait_for(Duration::from_secs(30), "the withdrawn source dropped", || sealed_keys(&env, &t).is_empty());
+    assert!(cond(&env, &t, "message").contains(&expect("erp")));
+    env.stop_operator();
+    // The operator never read a kube-system Secret: it has no right to, and
+    // it did not try to read their data.
+    let log = env.server_log();
+    let tried: Vec<&str> = log.lines().filter(|l| l.contains("/namespaces/kube-system/secrets") && l.ends_with(" \"\"")).collect();
+    assert!(tried.iter().all(|l| l.contains(" 403 ")), "the operator read kube-system Secrets: {tried:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

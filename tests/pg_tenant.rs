@@ -186,6 +186,77 @@ async fn suspend_locks_out_and_ends_sessions_and_resume_restores_login() {
     assert_eq!(actions, ["Provisioned", "Suspended", "Resumed"]);
 }
 
+/// Sessions of `t`'s app role, seen by the superuser.
+async fn app_sessions(db: &TestDb, t: &Tenant) -> i64 {
+    let mut su = db.superuser().await;
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1").bind(t.name.app_role()).fetch_one(&mut su).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
+    let db = setup("suspwin").await;
+    let mut t = Tenant::new(&unique("swin"));
+    t.converge(&db).await.unwrap();
+    t.spec.state = TenantState::Suspended;
+    // The reconcile reads the catalog: no session of the app role yet ...
+    let desired = plan::desired_db(&t.name, &t.spec).unwrap();
+    let catalog = pg::tenant::observe(&db.admin, &t.name).await.unwrap();
+    assert_eq!(catalog.app_sessions, 0);
+    // ... then the application logs in, before NOLOGIN commits.
+    let mut late = t.app(&db).await.expect("login is still on");
+    sqlx::query("SELECT 1").execute(&mut late).await.unwrap();
+    tenant_operator::controller::tenant::converge_db(&db.admin, &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
+    // Ended after the commit, though the read saw no session.
+    for _ in 0..50 {
+        if app_sessions(&db, &t).await == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(app_sessions(&db, &t).await, 0, "the session opened in the window survived the suspend");
+    assert!(sqlx::query("SELECT 1").execute(&mut late).await.is_err(), "the late session still answers");
+    assert_eq!(sqlstate(&t.app(&db).await.expect_err("a suspended tenant logged in")), "28000");
+    // And at every later reconcile of the suspended tenant, any session left
+    // (one that slipped in as the previous terminate ran) is ended too.
+    let catalog = pg::tenant::observe(&db.admin, &t.name).await.unwrap();
+    let again = tenant_operator::controller::tenant::converge_db(&db.admin, &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
+    assert!(again.plan.terminate_sessions && again.statements == 0);
+}
+
+/// Many Tenants created at once (as `kubectl apply -f` of a folder does):
+/// every reconcile succeeds the first time. Concurrent `GRANT CONNECT ON
+/// DATABASE` used to fail with "tuple concurrently updated" (XX000); it is
+/// now serialized on a `tenancy.locks` row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
+    let db = setup("conc").await;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(40).connect(&db.admin_url).await.unwrap();
+    let tenants: Vec<Tenant> = (0..40).map(|i| Tenant::new(&unique(&format!("c{i}")))).collect();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tenants.len()));
+    let runs = tenants.iter().map(|t| {
+        let (pool, barrier) = (pool.clone(), barrier.clone());
+        async move {
+            let desired = plan::desired_db(&t.name, &t.spec).unwrap();
+            let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
+            barrier.wait().await;
+            tenant_operator::controller::tenant::converge_db(&pool, &t.name, &t.uid, &desired, &catalog, None, "test").await
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    let failed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+    assert!(failed.is_empty(), "{} of 40 reconciles failed: {failed:?}", failed.len());
+    let connect: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = ANY($1) AND has_database_privilege(oid, current_database(), 'CONNECT')")
+        .bind(tenants.iter().map(|t| t.name.app_role()).collect::<Vec<_>>())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(connect, 40);
+    // Deleting them at once (DROP OWNED revokes CONNECT) races the same way.
+    let drops = tenants.iter().map(|t| pg::tenant::drop_tenant(&pool, &t.name, &t.uid, "test"));
+    let failed: Vec<String> = futures::future::join_all(drops).await.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+    assert!(failed.is_empty(), "{} of 40 deletes failed: {failed:?}", failed.len());
+}
+
 #[tokio::test]
 async fn delete_leaves_nothing_of_a_and_does_not_touch_b() {
     let db = setup("del").await;

@@ -73,7 +73,13 @@ pub struct TenantSpec {
     /// keys): each entry's plaintext is read from a Kubernetes Secret and
     /// sealed (AES-256-GCM) under the tenant's own key into the Secret
     /// `tenant-<name>-sealed` in the operator namespace, one data key per
-    /// entry `name`. The plaintext is never stored anywhere else.
+    /// entry `name`. The plaintext is never stored anywhere else. A source
+    /// Secret is used only when it is in a namespace the operator is
+    /// configured to read (`--secret-source-namespaces`) or carries the
+    /// label `tenancy.dev/seal-for=<this tenant>` (or lists it in that
+    /// annotation) and is readable by the operator; never one of the
+    /// operator's own namespace. Otherwise `SecretsSealed` is False with
+    /// reason `SourceNotAllowed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub secrets: Vec<TenantSecret>,
@@ -161,7 +167,7 @@ pub struct TenantSecret {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    /// Namespace of the source Secret.
+    /// Namespace of the source Secret (not the operator's own).
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub namespace: String,
     /// Name of the source Secret.

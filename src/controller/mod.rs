@@ -39,6 +39,8 @@ pub struct Settings {
     pub root_keys: crate::keys::KeySource,
     /// Backup CronJobs, restore Jobs and the backup store.
     pub backup: tenant::backup::BackupSettings,
+    /// Which Secrets may be sources of tenants' sealed secrets.
+    pub secret_sources: tenant::sealing::SourcePolicy,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.

@@ -93,7 +93,7 @@ impl OpsLogin {
             .username(&self.name.ops_role())
             .password(&self.password)
             .application_name("tenant-operator/ops")
-            .options([("jit", "off")])
+            .options([("jit", "off"), ("client_min_messages", "warning")])
             .log_statements(tracing::log::LevelFilter::Trace)
     }
 }

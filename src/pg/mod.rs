@@ -69,6 +69,65 @@ impl PgError {
     }
 }
 
+impl PgError {
+    /// Postgres could not be reached, or would not let the operator in
+    /// (network, TLS, pool exhausted or closed, connection ended, server
+    /// shutting down or starting, too many connections, the admin's login
+    /// refused): reported as `DatabaseUnavailable`. Any other failure is an
+    /// answer from Postgres, reported as `DatabaseError` with its SQLSTATE
+    /// (and retried when [`PgError::is_transient`]).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            PgError::Connect { .. } => true,
+            PgError::Query { source, .. } => is_unreachable_sqlx(source),
+            _ => false,
+        }
+    }
+
+    /// The SQLSTATE of the Postgres error behind this one, if any.
+    pub fn sqlstate(&self) -> Option<String> {
+        let source = match self {
+            PgError::Connect { source, .. } | PgError::Query { source, .. } | PgError::BadUrl(source) => source,
+            _ => return None,
+        };
+        source.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned())
+    }
+
+    /// The error in words, with its SQLSTATE when Postgres gave one.
+    pub fn describe(&self) -> String {
+        match self.sqlstate() {
+            Some(code) => format!("{self} (SQLSTATE {code})"),
+            None => self.to_string(),
+        }
+    }
+}
+
+/// See [`PgError::is_unreachable`].
+pub fn is_unreachable_sqlx(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // 08: connection exception, 28: invalid authorization (the admin
+            // cannot log in), 53300: too many connections, 57P01-57P03: admin
+            // or crash shutdown, cannot connect now.
+            c.starts_with("08") || c.starts_with("28") || c == "53300" || matches!(&*c, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// The lock that serializes changes to the database's ACL (`GRANT` or
+/// `REVOKE ... ON DATABASE`, `DROP OWNED BY` a role with CONNECT): Postgres
+/// updates the one `pg_database` row in place of the previous version, and
+/// a second writer that waited for the first fails with `tuple concurrently
+/// updated` (XX000) instead of applying its change. A row lock on
+/// `tenancy.locks` (no tenant role can reach the table), held to commit,
+/// with a lock timeout. Run inside the transaction that changes the ACL,
+/// as late as possible (it is held until commit).
+pub const LOCK_DATABASE_ACL: &str = "SET LOCAL lock_timeout = '10s';
+INSERT INTO tenancy.locks (kind, key) VALUES ('database-acl', current_database()) ON CONFLICT (kind, key) DO NOTHING;
+SELECT 1 FROM tenancy.locks WHERE kind = 'database-acl' AND key = current_database() FOR UPDATE";
+
 /// Connection-level and concurrency errors are transient; privilege and
 /// syntax errors are not.
 pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
@@ -165,7 +224,13 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target)
     // on relnamespace alone), which past ~1,000 tenants made Postgres spend
     // ~60 ms compiling each one for a query that runs in 5 ms (measured by
     // `cargo bench --bench migrations`, docs/migrations.md).
-    let opts = opts.application_name("tenant-operator").options([("jit", "off")]).log_statements(tracing::log::LevelFilter::Trace);
+    // client_min_messages: routine NOTICEs (`... does not exist, skipping`
+    // of an idempotent DROP ... IF EXISTS) are not sent at all, instead of
+    // one INFO log line each per tenant and reconcile; warnings still are.
+    let opts = opts
+        .application_name("tenant-operator")
+        .options([("jit", "off"), ("client_min_messages", "warning")])
+        .log_statements(tracing::log::LevelFilter::Trace);
     let target = Target::from_options(opts.clone());
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
@@ -335,7 +400,12 @@ pub async fn harden_database(pool: &PgPool, facts: &AdminFacts) -> Result<Vec<St
         .await
         .map_err(query_err("reading PUBLIC's privileges"))?;
         if needed {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(pool).await.map_err(query_err("revoking PUBLIC's privileges"))?;
+            let mut tx = pool.begin().await.map_err(query_err("starting a transaction"))?;
+            if !stmt.contains("SCHEMA public") {
+                sqlx::raw_sql(LOCK_DATABASE_ACL).execute(&mut *tx).await.map_err(query_err("locking the database's ACL"))?;
+            }
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(query_err("revoking PUBLIC's privileges"))?;
+            tx.commit().await.map_err(query_err("committing the revoke"))?;
         }
     }
     Ok(warnings)
@@ -352,6 +422,71 @@ mod tests {
         assert_eq!(quote_ident("a\"; DROP SCHEMA x; --").unwrap(), "\"a\"\"; DROP SCHEMA x; --\"");
         assert_eq!(quote_ident("ünï").unwrap(), "\"ünï\"");
         assert!(quote_ident("a\0b").is_err());
+    }
+
+    #[test]
+    fn only_connection_failures_count_as_unreachable() {
+        let q = |source| PgError::Query { action: "granting CONNECT on the database", source };
+        let io = q(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused")));
+        assert!(io.is_unreachable() && io.is_transient());
+        assert!(q(sqlx::Error::PoolTimedOut).is_unreachable());
+        assert!(PgError::Connect { target: "db:5432/x".into(), source: sqlx::Error::PoolClosed }.is_unreachable());
+        // Not reaching Postgres at all: no SQLSTATE to show.
+        assert_eq!(io.sqlstate(), None);
+        assert!(!PgError::RestoreRunning("acme".into()).is_unreachable());
+        assert!(!PgError::MissingPrivilege { role: "a".into(), what: "b".into() }.is_unreachable());
+    }
+
+    /// A Postgres error with a SQLSTATE, as the server would send it.
+    #[derive(Debug)]
+    struct Db(&'static str, &'static str);
+
+    impl std::fmt::Display for Db {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.1)
+        }
+    }
+
+    impl std::error::Error for Db {}
+
+    impl sqlx::error::DatabaseError for Db {
+        fn message(&self) -> &str {
+            self.1
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn a_postgres_answer_is_an_error_with_its_sqlstate_not_an_unreachable_postgres() {
+        let q = |code, msg| PgError::Query { action: "granting CONNECT on the database", source: sqlx::Error::Database(Box::new(Db(code, msg))) };
+        // The concurrent GRANT CONNECT of issue 14: an error, retried.
+        let race = q("XX000", "tuple concurrently updated");
+        assert!(!race.is_unreachable() && race.is_transient());
+        assert_eq!(race.sqlstate().as_deref(), Some("XX000"));
+        assert!(race.describe().contains("tuple concurrently updated") && race.describe().ends_with("(SQLSTATE XX000)"), "{}", race.describe());
+        for (code, transient) in [("40001", true), ("40P01", true), ("55P03", true), ("42501", false), ("42601", false), ("23514", false)] {
+            let e = q(code, "x");
+            assert!(!e.is_unreachable(), "{code} counted as unreachable");
+            assert_eq!(e.is_transient(), transient, "{code}");
+        }
+        for code in ["08006", "08001", "28000", "28P01", "53300", "57P01", "57P03"] {
+            let e = q(code, "x");
+            assert!(e.is_unreachable() && e.is_transient(), "{code}");
+        }
     }
 
     #[test]

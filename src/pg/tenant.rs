@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{query_err, quote_ident, quote_literal, PgError};
+use crate::sensitive::SecretString;
 use crate::names::TenantName;
 
 /// Sessions the ops login may hold at once: a migration, a backup, a
@@ -265,7 +266,7 @@ pub enum DbAction {
     /// creators by itself.
     GrantOwnerToAdmin,
     GrantAppToAdmin,
-    CreateAppRole { verifier: String, login: bool, connection_limit: i32 },
+    CreateAppRole { verifier: SecretString, login: bool, connection_limit: i32 },
     CreateSchema,
     GrantSchemaUsage,
     RevokeSchemaFrom { grantee: String },
@@ -281,7 +282,7 @@ pub enum DbAction {
     SetConnectionLimit(i32),
     SetSetting { name: &'static str, value: String },
     ResetSetting { name: &'static str },
-    SetPassword { verifier: String },
+    SetPassword { verifier: SecretString },
     StripElevatedAttributes(Role),
     /// The ops login, created without a password: the first confined
     /// connection sets the derived one ([`super::confined`]).
@@ -360,7 +361,7 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
             format!(
                 "CREATE ROLE {app} {} NOINHERIT CONNECTION LIMIT {connection_limit} PASSWORD {}",
                 if *login { "LOGIN" } else { "NOLOGIN" },
-                quote_literal(verifier)?
+                quote_literal(verifier.expose())?
             ),
             format!("COMMENT ON ROLE {app} IS {marker}"),
         ],
@@ -385,9 +386,26 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
             format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}"),
             format!("ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {app}"),
         ],
-        // One statement for both logins: each GRANT rewrites the database's
-        // catalog row, which concurrent reconciles contend on.
-        DbAction::GrantConnect => vec![format!("GRANT CONNECT ON DATABASE {} TO {app}, {ops}", quote_ident(database)?)],
+        // Serialized with every other change to the database's ACL (see
+        // `LOCK_DATABASE_ACL`), skipped when both logins have it, and one
+        // statement for both (each GRANT rewrites the database's row).
+        DbAction::GrantConnect => {
+            let logins = format!("{}, {}", quote_literal(&name.app_role())?, quote_literal(&name.ops_role())?);
+            vec![format!(
+                "{lock};
+                 DO $tenancy$ BEGIN
+                   IF (SELECT count(*) FROM pg_database d, aclexplode(d.datacl) a
+                        WHERE d.datname = current_database() AND a.privilege_type = 'CONNECT'
+                          AND a.grantee IN (SELECT oid FROM pg_roles WHERE rolname IN ({logins}))) < 2 THEN
+                     EXECUTE 'GRANT CONNECT ON DATABASE {db} TO {app}, {ops}';
+                   END IF;
+                 END $tenancy$",
+                lock = super::LOCK_DATABASE_ACL,
+                db = quote_ident(database)?.replace('\'', "''"),
+                app = app.replace('\'', "''"),
+                ops = ops.replace('\'', "''"),
+            )]
+        }
         DbAction::SetLogin(login) => vec![format!("ALTER ROLE {app} {}", if *login { "LOGIN" } else { "NOLOGIN" })],
         DbAction::SetConnectionLimit(n) => vec![format!("ALTER ROLE {app} CONNECTION LIMIT {n}")],
         // `setting` is one of MANAGED_SETTINGS, a compile-time constant.
@@ -397,7 +415,7 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str, database: &str) -
             let value = if *setting == "search_path" { quote_ident(value)? } else { quote_literal(value)? };
             vec![format!("ALTER ROLE {app} SET {setting} TO {value}")]
         }
-        DbAction::SetPassword { verifier } => vec![format!("ALTER ROLE {app} PASSWORD {}", quote_literal(verifier)?)],
+        DbAction::SetPassword { verifier } => vec![format!("ALTER ROLE {app} PASSWORD {}", quote_literal(verifier.expose())?)],
         DbAction::StripElevatedAttributes(r) => {
             vec![format!("ALTER ROLE {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS", role(*r))]
         }
@@ -471,7 +489,10 @@ pub async fn apply(
         .await
         .map_err(query_err("reading the database name"))?;
     let mut count = 0;
-    for action in actions {
+    // The database ACL change goes last: the lock it takes is held to
+    // commit, so concurrent provisionings wait on each other only that long.
+    let (acl, rest): (Vec<&DbAction>, Vec<&DbAction>) = actions.iter().partition(|a| matches!(a, DbAction::GrantConnect));
+    for action in rest {
         for stmt in render(action, name, uid, &db)? {
             sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(|source| PgError::Query { action: action.label(), source })?;
             count += 1;
@@ -480,6 +501,12 @@ pub async fn apply(
     if let Some(w) = registry {
         write_registry(&mut tx, name, w, actions).await?;
         count += 1;
+    }
+    for action in acl {
+        for stmt in render(action, name, uid, &db)? {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(|source| PgError::Query { action: action.label(), source })?;
+            count += 1;
+        }
     }
     tx.commit().await.map_err(query_err("committing the tenant's changes"))?;
     Ok(count)
@@ -676,7 +703,14 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         terminate_ops_sessions(pool, name).await?;
     }
     let mut tx = pool.begin().await.map_err(query_err("starting the delete transaction"))?;
+    let mut acl_locked = false;
     for stmt in &stmts {
+        // DROP OWNED revokes the app role's CONNECT: a change to the
+        // database's ACL, serialized with the others.
+        if stmt.starts_with("DROP OWNED") && !acl_locked {
+            sqlx::raw_sql(super::LOCK_DATABASE_ACL).execute(&mut *tx).await.map_err(query_err("locking the database's ACL"))?;
+            acl_locked = true;
+        }
         sqlx::raw_sql(sqlx::AssertSqlSafe(stmt.clone())).execute(&mut *tx).await.map_err(query_err("dropping the tenant"))?;
     }
     let removed = sqlx::query("DELETE FROM tenancy.tenants WHERE uid = $1")
@@ -772,5 +806,11 @@ mod tests {
         let a = DbAction::SetPassword { verifier: "SCRAM-SHA-256$4096:secret".into() };
         assert!(!a.label().contains("SCRAM"));
         assert!(!a.label().contains("secret"));
+        let b = DbAction::CreateAppRole { verifier: "SCRAM-SHA-256$4096:secret".into(), login: true, connection_limit: 1 };
+        for shown in [format!("{a:?}"), format!("{b:?}"), format!("{:?}", vec![a.clone(), b.clone()])] {
+            assert!(!shown.contains("SCRAM") && !shown.contains("secret"), "{shown}");
+        }
+        // The statement itself carries it (that is its purpose).
+        assert!(render(&a, &n("a"), "u", "db").unwrap()[0].contains("SCRAM-SHA-256$4096:secret"));
     }
 }

@@ -31,6 +31,8 @@ pub struct Env {
     /// The operator's own kubeconfig when it runs under RBAC
     /// ([`Env::start_rbac`]); else it uses `kubeconfig`.
     operator_kubeconfig: Option<PathBuf>,
+    /// Extra environment of the operator processes ([`Env::start_with`]).
+    operator_env: Vec<(String, String)>,
     /// Held while a real cluster is shared: its tests run one at a time.
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
@@ -61,7 +63,17 @@ impl Env {
         Self::start_opts(label, Some(rbac)).await
     }
 
+    /// Like [`Env::start`] (or [`Env::start_rbac`] when `rbac` is given),
+    /// with extra environment variables for the operator.
+    pub async fn start_with(label: &str, rbac: Option<&str>, env: &[(&str, &str)]) -> Env {
+        Self::start_env(label, rbac, env).await
+    }
+
     async fn start_opts(label: &str, rbac: Option<&str>) -> Env {
+        Self::start_env(label, rbac, &[]).await
+    }
+
+    async fn start_env(label: &str, rbac: Option<&str>, operator_env: &[(&str, &str)]) -> Env {
         let (db, admin_role, admin_url) = TestDb::with_own_admin(label).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (kubeconfig, server, serial) = match std::env::var("E2E_KUBECONFIG") {
@@ -87,7 +99,7 @@ impl Env {
             }
         };
         assert!(rbac.is_none() || server.is_some(), "start_rbac needs the API test server (E2E_KUBECONFIG is set)");
-        let mut env = Env { db, admin_role, admin_url, kubeconfig, dir, server, operator: None, operator_kubeconfig: None, _serial: serial };
+        let mut env = Env { db, admin_role, admin_url, kubeconfig, dir, server, operator: None, operator_kubeconfig: None, operator_env: operator_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), _serial: serial };
         env.kubectl_ok(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")]);
         env.kubectl_ok(&["wait", "--for=condition=Established", "crd/tenants.tenancy.dev", "--timeout=30s"]);
         let ns = env.kubectl(&["get", "namespace", NAMESPACE]);
@@ -152,6 +164,7 @@ impl Env {
             .env("OPERATOR_IMAGE", BACKUP_IMAGE)
             .env("BACKUP_ENV_SECRET", BACKUP_ENV_SECRET)
             .env("BACKUP_STORE", self.backup_store())
+            .envs(self.operator_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -57,7 +57,7 @@ impl Error {
             Error::Serialize(_) => "Serialize",
             Error::StoreGone => "StoreGone",
             Error::NoRootKeys => "NoRootKeys",
-            Error::Database(e) if e.is_transient() => "DatabaseUnavailable",
+            Error::Database(e) if e.is_unreachable() => "DatabaseUnavailable",
             Error::Database(_) => "DatabaseError",
         }
     }
@@ -166,10 +166,15 @@ pub fn advance(before: &plan::Observed, plan: &plan::RolloutPlan, report: &apply
 pub async fn run(ctx: Arc<Context>) {
     let (store, writer) = reflector::store::<Tenant>();
     let tenants: Api<Tenant> = Api::all(ctx.client.clone());
+    // Only what changes a set's followers brings the sets back: a Tenant
+    // created, deleted, or following another set. Status writes do not (a
+    // rollout makes every follower write its status; re-triggering on each
+    // kept the sets' reconciles debounced for as long as that burst lasted,
+    // about 37 s at 1,000 tenants).
+    let mut follows = FollowerIndex::default();
     let tenant_changes = reflector::reflector(writer, watcher(tenants, watcher::Config::default().any_semantic()).modify(|t| t.managed_fields_mut().clear()))
         .default_backoff()
-        .touched_objects()
-        .filter_map(|r| futures::future::ready(r.ok().map(|_| ())));
+        .filter_map(move |ev| futures::future::ready(ev.ok().and_then(|ev| follows.changed(&ev).then_some(()))));
     let sets: Api<MigrationSet> = Api::all(ctx.client.clone());
     let sctx = Arc::new(SetContext { ctx: ctx.clone(), tenants: store });
     Controller::new(sets, watcher::Config::default().any_semantic())
@@ -188,6 +193,27 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// Which set each Tenant follows, as the watch last showed it: tells the
+/// events that change some set's followers from those that do not.
+#[derive(Default)]
+struct FollowerIndex(std::collections::HashMap<String, String>);
+
+impl FollowerIndex {
+    /// Records `ev` and says whether it changed a set's followers.
+    fn changed(&mut self, ev: &watcher::Event<Tenant>) -> bool {
+        match ev {
+            watcher::Event::Apply(t) | watcher::Event::InitApply(t) => {
+                let set = if t.metadata.deletion_timestamp.is_some() { String::new() } else { t.spec.database.migration_set.clone() };
+                self.0.insert(t.name_any(), set.clone()).as_ref() != Some(&set)
+            }
+            watcher::Event::Delete(t) => self.0.remove(&t.name_any()).is_some(),
+            watcher::Event::Init => false,
+            // A relist ends: sets are reconciled once for it.
+            watcher::Event::InitDone => true,
+        }
+    }
 }
 
 fn error_policy(ms: Arc<MigrationSet>, err: &Error, sctx: Arc<SetContext>) -> Action {
@@ -262,6 +288,28 @@ mod tests {
     use super::*;
     use crate::api::{Migration, OnFailure, RolloutSpec};
     use crate::pg::migrations::{SchemaVersions, TenantOutcome, REASON_FAILED};
+
+    #[test]
+    fn only_changes_of_a_tenants_set_bring_the_sets_back() {
+        let tenant = |name: &str, set: &str| {
+            let mut t = Tenant::new(name, serde_json::from_value(serde_json::json!({"database": {"migrationSet": set}})).unwrap());
+            t.status = Some(Default::default());
+            t
+        };
+        let mut idx = FollowerIndex::default();
+        assert!(idx.changed(&watcher::Event::Apply(tenant("a", "default"))), "a new tenant");
+        let mut status_only = tenant("a", "default");
+        status_only.status.as_mut().unwrap().schema_version = Some(3);
+        assert!(!idx.changed(&watcher::Event::Apply(status_only)), "a status write");
+        assert!(idx.changed(&watcher::Event::Apply(tenant("a", "other"))), "moved to another set");
+        let mut deleting = tenant("a", "other");
+        deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        assert!(idx.changed(&watcher::Event::Apply(deleting)), "being deleted");
+        assert!(idx.changed(&watcher::Event::Delete(tenant("a", "other"))), "gone");
+        assert!(!idx.changed(&watcher::Event::Delete(tenant("a", "other"))), "gone twice");
+        assert!(!idx.changed(&watcher::Event::Init));
+        assert!(idx.changed(&watcher::Event::InitDone));
+    }
 
     #[test]
     fn the_state_after_a_pass_follows_from_its_report() {

@@ -63,22 +63,15 @@ pub async fn converge_secret(
     existing: Option<&Secret>,
     data: BTreeMap<String, String>,
 ) -> Result<bool, Error> {
+    // The values (password, URI) move into the Secret without a copy; it
+    // and what the API server sends back are wiped when dropped.
     let data: BTreeMap<String, ByteString> = data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect();
     let owner = t.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
     let labels = BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (TENANT_LABEL.to_string(), name.to_string()),
     ]);
-    if let Some(s) = existing {
-        let same_data = s.data.as_ref() == Some(&data);
-        let same_owner = s.metadata.owner_references.iter().flatten().any(|o| o.uid == owner.uid);
-        let same_labels = labels.iter().all(|(k, v)| s.labels().get(k) == Some(v));
-        if same_data && same_owner && same_labels && s.type_.as_deref() == Some("Opaque") {
-            return Ok(false);
-        }
-    }
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let mut secret = Secret {
+    let mut secret = Wiped(Secret {
         metadata: ObjectMeta {
             name: Some(name.db_secret()),
             namespace: Some(ctx.settings.namespace.clone()),
@@ -89,18 +82,36 @@ pub async fn converge_secret(
         data: Some(data),
         type_: Some("Opaque".into()),
         ..Secret::default()
-    };
-    match existing {
-        None => {
-            api.create(&PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
-        }
-        Some(s) => {
-            secret.metadata.resource_version = s.metadata.resource_version.clone();
-            api.replace(&name.db_secret(), &PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
+    });
+    if let Some(s) = existing {
+        let same_data = s.data == secret.0.data;
+        let owner_uid = secret.0.metadata.owner_references.iter().flatten().next().map(|o| o.uid.clone());
+        let same_owner = s.metadata.owner_references.iter().flatten().any(|o| Some(&o.uid) == owner_uid.as_ref());
+        let same_labels = secret.0.labels().iter().all(|(k, v)| s.labels().get(k) == Some(v));
+        if same_data && same_owner && same_labels && s.type_.as_deref() == Some("Opaque") {
+            return Ok(false);
         }
     }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let written = match existing {
+        None => api.create(&PostParams::default(), &secret.0).await.map_err(Error::WriteSecret)?,
+        Some(s) => {
+            secret.0.metadata.resource_version = s.metadata.resource_version.clone();
+            api.replace(&name.db_secret(), &PostParams::default(), &secret.0).await.map_err(Error::WriteSecret)?
+        }
+    };
+    drop(Wiped(written));
     Stats::add(&ctx.stats.kube_writes, 1);
     Ok(true)
+}
+
+/// A Secret whose data is zeroized when it is dropped.
+struct Wiped(Secret);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        super::observe::wipe_secret(&mut self.0);
+    }
 }
 
 /// Deletes the tenant's Secrets (connection and sealed); gone already is fine.
@@ -186,10 +197,11 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
     let Some(salt) = crate::pg::tenant::key_salt(&ctx.pool, uid).await? else {
         return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "NotProvisioned", "the tenant has no registry row yet"), key: None });
     };
-    let sources = super::observe::read_sources(ctx, spec).await?;
+    let sources = super::observe::read_sources(ctx, name.as_str(), spec).await?;
     let existing_data: BTreeMap<String, Vec<u8>> =
         existing.as_ref().and_then(|s| s.data.clone()).unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-    let plan = sealing::plan_sealed(&ring, &salt, uid, spec, &sources, &existing_data).map_err(Error::Seal)?;
+    let plan = sealing::plan_sealed(&ring, &salt, uid, name.as_str(), &ctx.settings.secret_sources, spec, &sources, &existing_data).map_err(Error::Seal)?;
+    drop(sources);
     let version = ring.active_version();
     let fingerprint = ring.active_fingerprint().to_string();
     let versions = sealing::versions_of(&plan.data);
@@ -247,6 +259,9 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
     crate::pg::tenant::set_key_version(&ctx.pool, uid, versions.iter().next().map(|v| v.get())).await?;
     let cond = if let Some(refused) = ctx.keys.refused() {
         Cond::new("SecretsSealed", false, "KeyRemovalRefused", refused)
+    } else if !plan.not_allowed.is_empty() {
+        let all: Vec<&str> = plan.not_allowed.iter().chain(&plan.missing).map(String::as_str).collect();
+        Cond::new("SecretsSealed", false, "SourceNotAllowed", format!("not sealed: {}; the others are sealed", all.join("; ")))
     } else if !plan.missing.is_empty() {
         Cond::new("SecretsSealed", false, "SourceMissing", format!("not sealed: {}; the others are sealed", plan.missing.join("; ")))
     } else {

@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use kube::core::PartialObjectMeta;
 use kube::{Api, ResourceExt};
 
 use crate::api::{Tenant, TenantPhase, TenantState};
@@ -70,7 +71,7 @@ impl Error {
             Error::PatchFinalizer(_) => "PatchFinalizer",
             Error::Serialize(_) => "Serialize",
             Error::MissingUid => "MissingUid",
-            Error::Database(e) if e.is_transient() => "DatabaseUnavailable",
+            Error::Database(e) if e.is_unreachable() => "DatabaseUnavailable",
             Error::Database(_) => "DatabaseError",
             Error::Leftovers(_) => "Leftovers",
             Error::Seal(_) => "SealSecret",
@@ -87,13 +88,24 @@ fn now() -> String {
 /// Starts the Tenant controller and drives it until shutdown.
 pub async fn run(ctx: Arc<Context>) {
     let tenants: Api<Tenant> = Api::all(ctx.client.clone());
-    // Every Secret, cluster-wide: the tenant's own Secrets (by label) and the
-    // sources of its sealed secrets (by the index) bring the tenant back for
-    // reconcile when they change or are deleted by hand. The owner is
-    // cluster-scoped, so map by label rather than `owns` (which looks owners
-    // up in the Secret's namespace). Only the trigger is kept, not a cache.
-    let secrets: Api<Secret> = Api::all(ctx.client.clone());
-    let index = ctx.clone();
+    // Secrets, by metadata only (names and labels, never data), in the
+    // namespaces the operator may list: its own, for the tenants' own
+    // Secrets (by label; deleted or edited by hand brings the tenant back),
+    // and each source namespace, for the sources of sealed secrets (by the
+    // index). The owner is cluster-scoped, so map by label rather than
+    // `owns` (which looks owners up in the Secret's namespace). Opted-in
+    // sources elsewhere cannot be watched (the operator may only `get`
+    // them): they are re-read at every resync.
+    let own_secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let own_cfg = watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1));
+    let source_watches: Vec<(Api<PartialObjectMeta<Secret>>, Arc<Context>)> = ctx
+        .settings
+        .secret_sources
+        .namespaces
+        .iter()
+        .filter(|ns| ctx.settings.secret_sources.is_source_namespace(ns))
+        .map(|ns| (Api::namespaced(ctx.client.clone(), ns), ctx.clone()))
+        .collect();
     let (rotate_tx, rotate_rx) = futures::channel::mpsc::unbounded::<()>();
     let keys_ctx = ctx.clone();
     tokio::spawn(async move {
@@ -115,17 +127,19 @@ pub async fn run(ctx: Arc<Context>) {
     let controller = Controller::new(tenants, watcher::Config::default().any_semantic());
     let tenant_cache = controller.store();
     let _ = ctx.metrics.tenant_store.set(controller.store());
-    controller
+    let mut controller = controller
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| migrations::followers_to_refresh(&ms, &tenant_cache.state()))
-        .watches(secrets, watcher::Config::default(), move |s: Secret| {
-            let own = s.labels().get(apply::TENANT_LABEL).filter(|_| s.labels().get(apply::MANAGED_BY.0).map(String::as_str) == Some(apply::MANAGED_BY.1));
-            let mut names: Vec<String> = own.cloned().into_iter().collect();
-            names.extend(index.sources.tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any()));
-            names.into_iter().map(|n| ObjectRef::<Tenant>::new(&n)).collect::<Vec<_>>()
-        })
+        .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)))
         // A new root key (rotation) re-seals every tenant, at the controller's
         // bounded concurrency.
-        .reconcile_all_on(rotate_rx)
+        .reconcile_all_on(rotate_rx);
+    for (api, index) in source_watches {
+        controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
+            let tenants = index.sources.tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any());
+            tenants.into_iter().map(|n| ObjectRef::<Tenant>::new(&n)).collect::<Vec<_>>()
+        });
+    }
+    controller
         .with_config(ControllerConfig::default().concurrency(ctx.settings.concurrency).debounce(Duration::from_millis(200)))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -242,19 +256,29 @@ async fn fail(ctx: &Context, t: &Tenant, schema: Option<String>, reason: &'stati
     Ok(Action::requeue(ctx.settings.resync))
 }
 
-/// Reports Postgres being unreachable and hands the error to the backoff.
+/// The reason and message of a Postgres failure that will be retried:
+/// `DatabaseUnavailable` only when Postgres could not be reached (or let the
+/// operator in); any answer from Postgres is a `DatabaseError` with its
+/// SQLSTATE.
+pub fn retried_db_condition(err: &PgError, deleting: bool) -> (&'static str, String) {
+    match (err.is_unreachable(), deleting) {
+        (true, true) => ("DatabaseUnavailable", format!("waiting for Postgres to drop the tenant: {err}")),
+        (true, false) => ("DatabaseUnavailable", format!("cannot reach Postgres: {err}")),
+        (false, true) => ("DatabaseError", format!("dropping the tenant failed, retrying: {}", err.describe())),
+        (false, false) => ("DatabaseError", format!("Postgres refused a step, retrying: {}", err.describe())),
+    }
+}
+
+/// Reports a Postgres failure that may go away by itself (unreachable, a
+/// lock or a concurrent update) and hands the error to the backoff.
 async fn database_down(ctx: &Context, t: &Tenant, schema: Option<String>, err: PgError, deleting: bool) -> Result<Action, Error> {
-    let message = if deleting {
-        format!("waiting for Postgres to drop the tenant: {err}")
-    } else {
-        format!("cannot reach Postgres: {err}")
-    };
+    let (reason, message) = retried_db_condition(&err, deleting);
     let phase = match t.status.as_ref().and_then(|s| s.phase) {
         _ if deleting => TenantPhase::Deleting,
         Some(p @ (TenantPhase::Active | TenantPhase::Suspended)) => p,
         _ => TenantPhase::Provisioning,
     };
-    let mut conds = vec![Cond::new("Ready", false, "DatabaseUnavailable", message.clone()), Cond::new("DatabaseReady", false, "DatabaseUnavailable", message)];
+    let mut conds = vec![Cond::new("Ready", false, reason, message.clone()), Cond::new("DatabaseReady", false, reason, message)];
     if !deleting {
         conds.extend(rate_limits_cond(ctx, t));
     }
@@ -287,7 +311,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
         Ok(state) => apply::event(ctx, t, true, "RestoreRecovered", format!("an interrupted restore was finished: {state:?}")).await,
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
-        Err(e) => return fail(ctx, t, schema, "DatabaseError", e.to_string()).await,
+        Err(e) => return fail(ctx, t, schema, "DatabaseError", e.describe()).await,
     }
     let observed = match observe::observe(ctx, &name).await {
         Ok(o) => o,
@@ -295,14 +319,15 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Err(e) => return Err(e),
     };
     let actor = plan::last_spec_manager(t);
-    let outcome = match converge_db(&ctx.pool, &name, &uid, &desired, &observed.catalog, observed.secret_password().as_deref(), &actor).await {
+    let secret_password = observed.secret_password();
+    let outcome = match converge_db(&ctx.pool, &name, &uid, &desired, &observed.catalog, secret_password.as_ref().map(|p| p.as_str()), &actor).await {
         Ok(o) => o,
         Err(ConvergeError::Plan(e)) => return fail(ctx, t, schema, e.reason(), e.to_string()).await,
         Err(ConvergeError::Db(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
-        Err(ConvergeError::Db(e)) => return fail(ctx, t, schema, "DatabaseError", e.to_string()).await,
+        Err(ConvergeError::Db(e)) => return fail(ctx, t, schema, "DatabaseError", e.describe()).await,
     };
     Stats::add(&ctx.stats.ddl_statements, outcome.statements as u64);
-    let (db_plan, registry) = (outcome.plan, outcome.registry);
+    let (mut db_plan, registry) = (outcome.plan, outcome.registry);
     let read_auditing = &outcome.audit.read_auditing;
     let read_auditing_cond = Cond::new("ReadAuditing", *read_auditing == crate::pg::audit::ReadAuditing::On, read_auditing.reason(), read_auditing.message());
     let audit_steps: Vec<&str> = outcome.audit.actions.iter().map(|a| a.label()).collect();
@@ -315,6 +340,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         apply::event(ctx, t, false, "AuditPruned", format!("pruned {n} audit row(s) older than spec.audit.retentionDays; an ANCHOR row keeps the chain verifiable")).await;
     }
     let data = plan::secret_data(&name, &ctx.settings.endpoint, &db_plan.password);
+    zeroize::Zeroize::zeroize(&mut db_plan.password);
     let secret_written = apply::converge_secret(ctx, t, &name, observed.secret.as_ref(), data).await?;
 
     if let Some(w) = &registry {
@@ -412,9 +438,14 @@ pub async fn converge_db(
     };
     let registry = audit_action.map(|audit_action| RegistryWrite { uid: uid.to_owned(), state, audit_action, actor: actor.to_owned() });
     let statements = crate::pg::tenant::apply(pool, name, uid, &db_plan.actions, registry.as_ref()).await?;
+    // Whenever the app role may not log in after the commit, end every
+    // session it has: also one opened between the catalog read above and
+    // the commit of NOLOGIN, which the read did not see.
     if db_plan.terminate_sessions {
         let n = crate::pg::tenant::terminate_sessions(pool, name).await?;
-        tracing::info!(tenant = %name, sessions = n, "terminated the suspended tenant's sessions");
+        if n > 0 {
+            tracing::info!(tenant = %name, sessions = n, "terminated the suspended tenant's sessions");
+        }
     }
     // The audit log: observed first, so a converged tenant runs nothing.
     let audit = crate::pg::audit::converge(pool, name, desired.audit_retention_days).await?;
@@ -444,7 +475,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Ok(n) => n,
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, true).await,
         Err(e) => {
-            let msg = format!("cannot drop the tenant: {e}");
+            let msg = format!("cannot drop the tenant: {}", e.describe());
             report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "DeleteFailed", msg)]).await?;
             return Err(Error::Database(e));
         }

@@ -144,16 +144,31 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
 }
 
 /// What one reconcile must do to the database, and the credentials to hold.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `Debug` never shows the password (the controller zeroizes it once the
+/// tenant's Secret is built).
+#[derive(Clone, PartialEq, Eq)]
 pub struct DbPlan {
     pub actions: Vec<DbAction>,
     /// The app role's password: the one in the Secret, or a new one when the
     /// Secret has none (then `actions` sets it on the role).
     pub password: String,
-    /// End the app role's sessions after the actions commit.
+    /// End the app role's sessions after the actions commit: whenever the
+    /// app role may not log in (a suspended tenant), whatever sessions the
+    /// catalog read saw.
     pub terminate_sessions: bool,
     /// Caps the spec asks for that the admin role may not set, in words.
     pub caps_not_applied: Option<String>,
+}
+
+impl std::fmt::Debug for DbPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbPlan")
+            .field("actions", &self.actions)
+            .field("password", &"<redacted>")
+            .field("terminate_sessions", &self.terminate_sessions)
+            .field("caps_not_applied", &self.caps_not_applied)
+            .finish()
+    }
 }
 
 fn check_marker(what: String, comment: &Option<String>, marker: &str) -> Result<(), PlanError> {
@@ -210,7 +225,7 @@ pub fn plan_db(
     }
     match &observed.app_role {
         None => actions.extend([
-            DbAction::CreateAppRole { verifier: scram::verifier(&password), login: desired.login, connection_limit: desired.connection_limit },
+            DbAction::CreateAppRole { verifier: scram::verifier(&password).into(), login: desired.login, connection_limit: desired.connection_limit },
             DbAction::GrantAppToAdmin,
         ]),
         Some(r) => {
@@ -225,7 +240,7 @@ pub fn plan_db(
                 actions.push(DbAction::SetConnectionLimit(desired.connection_limit));
             }
             if password_is_new {
-                actions.push(DbAction::SetPassword { verifier: scram::verifier(&password) });
+                actions.push(DbAction::SetPassword { verifier: scram::verifier(&password).into() });
             }
         }
     }
@@ -287,7 +302,9 @@ pub fn plan_db(
             actions.push(DbAction::ResetSetting { name: setting });
         }
     }
-    let terminate_sessions = !desired.login && observed.app_sessions > 0;
+    // Not only when sessions were seen: one may open between this read and
+    // the commit that turns login off.
+    let terminate_sessions = !desired.login;
     Ok(DbPlan { actions, password, terminate_sessions, caps_not_applied })
 }
 
@@ -493,6 +510,35 @@ mod tests {
         let p = plan_db(&name(), "u1", &d, &converged("u1", &d_active), Some("pw")).unwrap();
         assert_eq!(p.actions, vec![DbAction::SetLogin(false)]);
         assert!(p.terminate_sessions);
+    }
+
+    #[test]
+    fn a_suspended_tenant_ends_sessions_even_when_none_were_seen() {
+        // A session may open between the catalog read and the commit of
+        // NOLOGIN: the plan ends sessions whenever login is off.
+        let mut s = spec();
+        s.state = TenantState::Suspended;
+        let d = desired_db(&name(), &s).unwrap();
+        let mut obs = converged("u1", &d);
+        obs.app_sessions = 0;
+        let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
+        assert!(p.terminate_sessions, "{:?}", p.actions);
+        let active = desired_db(&name(), &spec()).unwrap();
+        assert!(!plan_db(&name(), "u1", &active, &converged("u1", &active), Some("pw")).unwrap().terminate_sessions);
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let fresh = plan_db(&name(), "u1", &d, &CatalogState::default(), None).unwrap();
+        let kept = plan_db(&name(), "u1", &d, &converged("u1", &d), Some("hunter2-password")).unwrap();
+        for (p, pw) in [(&fresh, fresh.password.clone()), (&kept, "hunter2-password".to_string())] {
+            let shown = format!("{p:?}");
+            assert!(!shown.contains(&pw), "{shown}");
+            assert!(!shown.contains("SCRAM-SHA-256"), "{shown}");
+        }
+        let data = secret_data(&name(), &Endpoint { host: "db".into(), port: 5432, database: "saas".into() }, "hunter2-password");
+        assert!(data["uri"].contains("hunter2-password"));
     }
 
     #[test]

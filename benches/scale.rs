@@ -1,0 +1,390 @@
+//! End to end at scale, as a user sees it: the release binaries (operator,
+//! Kubernetes API test server), kubectl and Postgres, beside plain psql
+//! doing the same DDL on the same server in the same run.
+//!
+//! `bash scripts/bench-scale.sh` (builds the release binaries, starts a
+//! private Postgres with fsync on, runs this). BENCH_TENANTS (default 1000;
+//! 10000 for the large run) tenants. Prints:
+//! - provisioning: `kubectl apply -f` of N Tenants (following a one-table
+//!   MigrationSet) until every Tenant is Ready, beside ONE psql session
+//!   creating the same roles, schema, grants, settings and table for N
+//!   tenants, one transaction each;
+//! - migration: `kubectl apply` of a new MigrationSet version (5 DDL
+//!   statements) until its status is Complete, beside ONE psql session
+//!   running the same 5 statements per schema, one transaction each;
+//! - the ratios, the operator's peak RSS, the CPU time of the API test
+//!   server against the whole machine's, the failed reconciles (the
+//!   operator's `reconcile_errors` metric), and an idle resync's writes
+//!   (Tenant resourceVersions that moved, DDL statements in the server log).
+//!
+//! Not part of `cargo test`.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use sqlx::{Connection, PgConnection};
+use tenant_operator::api::{MigrationSet, MigrationSetPhase, Tenant};
+
+fn env(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        eprintln!("{var} is not set: run `bash scripts/bench-scale.sh`");
+        std::process::exit(2)
+    })
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("URL has a database part");
+    format!("{base}/{db}")
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    // The bench runs from target/release/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join(name);
+    if !bin.exists() {
+        eprintln!("{} is missing: `cargo build --release --workspace --bins` first (scripts/bench-scale.sh does)", bin.display());
+        std::process::exit(2);
+    }
+    bin
+}
+
+/// The one table of the first version.
+const V1: &str = "CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())";
+
+/// The 5 DDL statements of the measured migration.
+fn v2() -> String {
+    "CREATE TABLE events (id bigserial PRIMARY KEY, ref bigint NOT NULL, kind text NOT NULL, payload jsonb, created_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX events_kind ON events (kind, created_at);
+ALTER TABLE events ADD COLUMN source text;
+CREATE TABLE event_tags (event_id bigint NOT NULL REFERENCES events (id) ON DELETE CASCADE, tag text NOT NULL, PRIMARY KEY (event_id, tag));
+COMMENT ON TABLE events IS 'bench'"
+        .into()
+}
+
+/// What plain psql does to provision tenant `i` of the baseline: the
+/// operator's statements for a new tenant, written by hand (roles, schema,
+/// grants, default privileges, connect, role settings, the version-1 table
+/// created as the owner), one transaction per tenant.
+fn baseline_tenant(i: usize, db: &str) -> String {
+    let s = format!("psqlb_{i}");
+    let (owner, app, ops) = (format!("{s}_owner"), format!("{s}_app"), format!("{s}_ops"));
+    // A SCRAM verifier of a random password, as the operator sends it.
+    let verifier = "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$Y9S4QbJHnVLjOmr1Sup8bY8sTvFbM9oL6l8lGv1UpPk=:2JqcZ6dI4bXj7bU0oRzMZP3jM+d0y5aJmQ0wJ3vZ2ko=";
+    format!(
+        "BEGIN;
+CREATE ROLE {owner} NOLOGIN NOINHERIT; COMMENT ON ROLE {owner} IS 'bench'; GRANT {owner} TO CURRENT_USER;
+CREATE ROLE {app} LOGIN NOINHERIT CONNECTION LIMIT 20 PASSWORD '{verifier}'; COMMENT ON ROLE {app} IS 'bench'; GRANT {app} TO CURRENT_USER;
+CREATE ROLE {ops} LOGIN NOINHERIT CONNECTION LIMIT 4; COMMENT ON ROLE {ops} IS 'bench'; GRANT {owner} TO {ops};
+CREATE SCHEMA {s} AUTHORIZATION {owner}; COMMENT ON SCHEMA {s} IS 'bench';
+GRANT USAGE ON SCHEMA {s} TO {app};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {app};
+GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {s} TO {app};
+ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app};
+ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {s} GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {app};
+GRANT CONNECT ON DATABASE {db} TO {app}, {ops};
+ALTER ROLE {app} SET search_path TO {s}; ALTER ROLE {app} SET statement_timeout TO '30s';
+ALTER ROLE {app} SET idle_in_transaction_session_timeout TO '60s'; ALTER ROLE {app} SET work_mem TO '16MB';
+SET LOCAL ROLE {owner}; SET LOCAL search_path TO {s};
+{V1};
+COMMIT;
+"
+    )
+}
+
+fn baseline_migration(i: usize) -> String {
+    let s = format!("psqlb_{i}");
+    format!("BEGIN; SET LOCAL ROLE {s}_owner; SET LOCAL search_path TO {s};\n{};\nCOMMIT;\n", v2())
+}
+
+/// Runs a SQL file through ONE psql session as the admin; its wall time.
+fn psql_file(url: &str, sql: &str, dir: &Path, label: &str) -> Duration {
+    let path = dir.join(format!("{label}.sql"));
+    std::fs::write(&path, sql).expect("write sql");
+    let start = Instant::now();
+    let out = Command::new("psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"]).arg(&path).arg(url).output().expect("run psql");
+    let took = start.elapsed();
+    assert!(out.status.success(), "psql {label}: {}", String::from_utf8_lossy(&out.stderr));
+    took
+}
+
+/// Busy jiffies of the whole machine (all CPUs), from /proc/stat.
+fn machine_busy() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    cpu.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
+}
+
+/// utime + stime of a process, in jiffies.
+fn proc_cpu(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+struct Procs(Vec<Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let mut cmd = Command::new("kubectl");
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("kubectl");
+    if let Some(s) = stdin {
+        child.stdin.take().expect("stdin").write_all(s.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("kubectl");
+    assert!(out.status.success(), "kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn migration_set(versions: &[(i64, &str, String)]) -> String {
+    let migrations: Vec<serde_json::Value> = versions.iter().map(|(v, n, sql)| serde_json::json!({"version": v, "name": n, "sql": sql})).collect();
+    serde_json::json!({
+        "apiVersion": "tenancy.dev/v1alpha1", "kind": "MigrationSet", "metadata": {"name": "default"},
+        "spec": {"migrations": migrations}
+    })
+    .to_string()
+}
+
+fn ready(t: &Tenant) -> bool {
+    t.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits until `done` holds for every one of `n` watched objects; the time
+/// at which it first did.
+async fn wait_all<K, F>(api: Api<K>, n: usize, deadline: Duration, done: F) -> Instant
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(&K) -> bool,
+{
+    let mut state: HashMap<String, bool> = HashMap::new();
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+    let limit = Instant::now() + deadline;
+    loop {
+        let ev = tokio::time::timeout_at(limit.into(), stream.next()).await.expect("timed out waiting");
+        match ev {
+            Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o))) => {
+                state.insert(o.name_any(), done(&o));
+            }
+            Some(Ok(watcher::Event::Delete(o))) => {
+                state.remove(&o.name_any());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => eprintln!("watch: {e}"),
+            None => panic!("watch ended"),
+        }
+        if state.len() >= n && state.values().filter(|v| **v).count() >= n {
+            return Instant::now();
+        }
+    }
+}
+
+async fn scrape_errors(port: u16) -> u64 {
+    use std::io::Read as _;
+    let mut text = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let _ = s.read_to_string(&mut text);
+    }
+    text.lines()
+        .filter(|l| l.starts_with("reconcile_errors_total"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+fn pg_log_ddl(path: &str, from: u64) -> usize {
+    let data = std::fs::read(path).unwrap_or_default();
+    let tail = String::from_utf8_lossy(data.get(from as usize..).unwrap_or(&[]));
+    tail.lines().filter(|l| l.contains("statement: ") && !l.contains("psqlb_")).count()
+}
+
+fn file_len(path: &str) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let resync: u64 = std::env::var("BENCH_RESYNC_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let su_url = env("TEST_PG_SUPERUSER_URL");
+    let admin_url = env("TEST_PG_ADMIN_URL");
+    let pg_log = env("TEST_PG_LOG");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (op_db, base_db) = ("scale_op", "scale_psql");
+    let mut su = PgConnection::connect(&su_url).await.expect("superuser connects");
+    for db in [op_db, base_db] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} OWNER tenancy_admin")))
+            .execute(&mut su)
+            .await
+            .expect("create database");
+    }
+    let base_url = with_db(&admin_url, base_db);
+    let op_url = with_db(&admin_url, op_db);
+    // The operator's start-up hardening, on both.
+    for db in [op_db, base_db] {
+        let mut c = PgConnection::connect(&with_db(&admin_url, db)).await.expect("admin connects");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC; REVOKE ALL ON SCHEMA public FROM PUBLIC")))
+            .execute(&mut c)
+            .await
+            .expect("harden");
+    }
+    println!("scale bench: N = {n} tenants, Postgres {}, 2 CPUs", sqlx::query_scalar::<_, String>("SHOW server_version").fetch_one(&mut su).await.unwrap());
+
+    // --- the API test server, CRDs, namespace, keys, MigrationSet v1
+    let kubeconfig = dir.path().join("kubeconfig");
+    let server_log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let server = Command::new(release_bin("kube-test-server"))
+        .args(["--listen", "127.0.0.1:0", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(server_log)
+        .spawn()
+        .expect("kube-test-server");
+    let server_pid = server.id();
+    let mut procs = Procs(vec![server]);
+    for _ in 0..200 {
+        if kubeconfig.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kubectl(&kubeconfig, &["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")], None);
+    kubectl(&kubeconfig, &["wait", "--for=condition=Established", "crd/tenants.tenancy.dev", "--timeout=30s"], None);
+    kubectl(&kubeconfig, &["create", "namespace", "tenant-system"], None);
+    kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&tenant_operator::keys::new_secret_yaml("tenant-system", "tenant-operator-root-keys")));
+    kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&migration_set(&[(1, "items", V1.into())])));
+    let metrics_port = free_port();
+    let op_log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
+    let operator = Command::new(release_bin("tenant-operator"))
+        .arg("run")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("DATABASE_URL", &op_url)
+        .env("OPERATOR_NAMESPACE", "tenant-system")
+        .env("RESYNC_SECONDS", resync.to_string())
+        .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("RUST_LOG", "info")
+        .stdout(op_log.try_clone().unwrap())
+        .stderr(op_log)
+        .spawn()
+        .expect("operator");
+    let op_pid = operator.id();
+    procs.0.push(operator);
+    // Peak RSS, sampled (VmHWM too, at the end).
+    let peak = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(proc_status_kib(op_pid, "VmRSS:"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+    let client = Client::try_from(kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(), &Default::default()).await.unwrap())
+        .expect("kube client");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // --- provisioning
+    let base_prov: String = (0..n).map(|i| baseline_tenant(i, base_db)).collect();
+    let psql_prov = psql_file(&base_url, &base_prov, dir.path(), "baseline-provision");
+    let manifests: String = (0..n)
+        .map(|i| format!("---\napiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: t{i:05}\nspec: {{}}\n"))
+        .collect();
+    std::fs::write(dir.path().join("tenants.yaml"), &manifests).unwrap();
+    let (busy0, srv0, op0) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
+    let start = Instant::now();
+    let apply_path = dir.path().join("tenants.yaml");
+    let apply = tokio::task::spawn_blocking({
+        let kc = kubeconfig.clone();
+        move || {
+            let s = Instant::now();
+            kubectl(&kc, &["apply", "-f", apply_path.to_str().unwrap()], None);
+            s.elapsed()
+        }
+    });
+    let all_ready = wait_all(Api::<Tenant>::all(client.clone()), n, Duration::from_secs(3600), ready).await;
+    let kubectl_apply = apply.await.unwrap();
+    let op_prov = all_ready - start;
+    let (busy1, srv1, op1) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
+    let errors_prov = scrape_errors(metrics_port).await;
+
+    // --- migration
+    let base_mig: String = (0..n).map(baseline_migration).collect();
+    let psql_mig = psql_file(&base_url, &base_mig, dir.path(), "baseline-migration");
+    let sets: Api<MigrationSet> = Api::all(client.clone());
+    let start = Instant::now();
+    kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&migration_set(&[(1, "items", V1.into()), (2, "events", v2())])));
+    let complete = wait_all(sets, 1, Duration::from_secs(3600), |s: &MigrationSet| {
+        let gen = s.metadata.generation;
+        s.status.as_ref().is_some_and(|st| st.phase == Some(MigrationSetPhase::Complete) && st.observed_generation == gen && st.latest_version == Some(2))
+    })
+    .await;
+    let op_mig = complete - start;
+    let errors_mig = scrape_errors(metrics_port).await - errors_prov;
+
+    // --- an idle resync: nothing may be written
+    let rvs = |list: Vec<Tenant>| list.into_iter().map(|t| (t.name_any(), t.resource_version().unwrap_or_default())).collect::<HashMap<_, _>>();
+    let tenants: Api<Tenant> = Api::all(client.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = rvs(tenants.list(&Default::default()).await.expect("list").items);
+    let log_from = file_len(&pg_log);
+    tokio::time::sleep(Duration::from_secs(resync + 10)).await;
+    let after = rvs(tenants.list(&Default::default()).await.expect("list").items);
+    let moved = before.iter().filter(|(k, v)| after.get(*k) != Some(v)).count();
+    let idle_ddl = pg_log_ddl(&pg_log, log_from);
+    stop.store(true, Ordering::Relaxed);
+    let hwm = proc_status_kib(op_pid, "VmHWM:");
+    let peak_rss = peak.load(Ordering::Relaxed).max(hwm);
+
+    let secs = |d: Duration| d.as_secs_f64();
+    let busy = (busy1 - busy0).max(1) as f64;
+    println!();
+    println!("| N = {n} | plain psql, serial | operator, end to end | ratio |");
+    println!("| --- | --- | --- | --- |");
+    println!("| provisioning until every Tenant is Ready | {:.2} s | {:.2} s | {:.2}x |", secs(psql_prov), secs(op_prov), secs(op_prov) / secs(psql_prov));
+    println!("| 5-DDL migration, apply to Complete | {:.2} s | {:.2} s | {:.2}x |", secs(psql_mig), secs(op_mig), secs(op_mig) / secs(psql_mig));
+    println!();
+    println!("kubectl apply of {n} Tenants alone: {:.2} s", secs(kubectl_apply));
+    println!(
+        "CPU during provisioning (machine busy {:.1} s): API test server {:.1} s ({:.0}%), operator {:.1} s ({:.0}%), the rest (Postgres, kubectl) {:.0}%",
+        busy / 100.0,
+        (srv1 - srv0) as f64 / 100.0,
+        100.0 * (srv1 - srv0) as f64 / busy,
+        (op1 - op0) as f64 / 100.0,
+        100.0 * (op1 - op0) as f64 / busy,
+        100.0 * (busy - (srv1 - srv0) as f64 - (op1 - op0) as f64) / busy
+    );
+    println!("operator peak RSS: {:.1} MiB", peak_rss as f64 / 1024.0);
+    println!("failed reconciles: {errors_prov} during provisioning, {errors_mig} during the migration");
+    println!("idle resync ({resync} s + 10 s): {moved} Tenant resourceVersions moved, {idle_ddl} DDL statements logged by Postgres");
+    drop(procs);
+}

@@ -527,24 +527,27 @@ fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<Stri
 }
 
 /// What a migration can change about roles, put back after it ran: a role
-/// may set its own password and its own settings (Postgres lets every role
-/// do that to itself), and, below Postgres 16, grant itself to others when
-/// it is the session user (the members are listed by the last statement,
-/// for the caller to revoke). The ops login (after a `RESET ROLE` in the
-/// migration) gets the operator's derived password again, with a fresh
-/// verifier, so a password the migration chose never outlives the run; both
-/// the ops login and the owner lose any setting (`ALTER ROLE [IN DATABASE]
-/// ... SET`), which would otherwise apply to the operator's next sessions
-/// of the tenant. The owner's own password needs nothing: it cannot log in.
+/// may set its own settings (Postgres lets every role do that to itself),
+/// and, below Postgres 16, grant itself to others when it is the session
+/// user (the members are listed by the last statement, for the caller to
+/// revoke). Both the ops login and the owner lose any setting (`ALTER ROLE
+/// [IN DATABASE] ... SET`), which would otherwise apply to the operator's
+/// next sessions of the tenant; `RESET ALL` writes nothing when none is
+/// set. The ops login's password, which it may also set itself, is not
+/// rewritten here: every `pg_authid` write makes every session recompute
+/// its role memberships (the admin is a member of every tenant's roles, so
+/// a rewrite per run made a 1,000-tenant rollout several times slower). A
+/// password a migration chose stops working at the operator's next login
+/// of the tenant, which finds it refused and sets the derived one again;
+/// until then it logs in as that tenant's owner at most. The owner's own
+/// password is harmless: it cannot log in.
 fn roles_reset_sql(login: &OpsLogin) -> Result<String, PgError> {
     let ops = quote_ident(&login.user())?;
     let owner = quote_ident(&login.tenant().owner_role())?;
     let db = quote_ident(&login.target().database)?;
-    let verifier = quote_literal(&super::scram::verifier_for_random_secret(login.password()))?;
     let name = quote_literal(&login.user())?;
     Ok(format!(
-        "ALTER ROLE {ops} PASSWORD {verifier};
-         ALTER ROLE {ops} RESET ALL; ALTER ROLE {ops} IN DATABASE {db} RESET ALL;
+        "ALTER ROLE {ops} RESET ALL; ALTER ROLE {ops} IN DATABASE {db} RESET ALL;
          ALTER ROLE {owner} RESET ALL; ALTER ROLE {owner} IN DATABASE {db} RESET ALL;
          SELECT pg_get_userbyid(m.member)::text FROM pg_auth_members m WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = {name});\n"
     ))

@@ -535,8 +535,8 @@ fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<Stri
 /// next sessions of the tenant; `RESET ALL` writes nothing when none is
 /// set. The ops login's password, which it may also set itself, is not
 /// rewritten here: every `pg_authid` write makes every session recompute
-/// its role memberships (the admin is a member of every tenant's roles, so
-/// a rewrite per run made a 1,000-tenant rollout several times slower). A
+/// its role memberships (the admin is a member of every tenant's roles),
+/// a cost per run a rollout of thousands of tenants should not pay. A
 /// password a migration chose stops working at the operator's next login
 /// of the tenant, which finds it refused and sets the derived one again;
 /// until then it logs in as that tenant's owner at most. The owner's own

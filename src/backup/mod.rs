@@ -309,11 +309,18 @@ impl BackupKeys {
 /// session user that runs pg_dump/pg_restore and reads its schema) and its
 /// backup keys. `admin` is set for the admin's own commands, which may
 /// repair the ops login's password; a Job has none.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TenantAccess {
     pub login: OpsLogin,
     pub keys: BackupKeys,
     admin: Option<PgPool>,
+}
+
+impl std::fmt::Debug for TenantAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The login and keys print redacted; the admin pool not at all.
+        f.debug_struct("TenantAccess").field("login", &self.login).field("keys", &self.keys).field("admin", &self.admin.is_some()).finish()
+    }
 }
 
 /// Environment variable of a Job's backup key of root key version `v`
@@ -971,6 +978,18 @@ mod tests {
             pg_dump_version: String::new(),
             time: t,
             duration_ms: 0,
+        }
+    }
+
+    #[test]
+    fn debug_shows_no_password_or_key() {
+        let target = crate::pg::Target::from_url("postgresql://admin:adminpw@db:5432/saas").unwrap();
+        let name = TenantName::parse("acme").unwrap();
+        let key = TenantKey::from_bytes(&[0xab; 32], KeyVersion::new(1).unwrap(), Purpose::Backup).unwrap();
+        let access = TenantAccess::new(OpsLogin::new(&target, &name, "u-1", zeroize::Zeroizing::new("opspw-123".into())), BackupKeys::from_keys(vec![key]).unwrap());
+        let shown = format!("{access:?} {access:#?}");
+        for secret in ["opspw-123", "adminpw", "abab", "171, 171"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
         }
     }
 

@@ -58,6 +58,17 @@ if [[ ! -x "$KV_VENV/bin/kubernetes-validate" ]]; then
   "$KV_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$KV_VERSION" >&2
 fi
 
+# psycopg (PyPI), for the Python data-path example (examples/python,
+# tests/pgbouncer.rs), into the project's .tools/.
+PSYCOPG_VENV="$(cd "$(dirname "$0")/.." && pwd)/.tools/psycopg-venv"
+PSYCOPG_VERSION="3.3.9"
+if ! "$PSYCOPG_VENV/bin/python" -c 'import psycopg' >/dev/null 2>&1; then
+  echo "setup: installing psycopg[binary]==$PSYCOPG_VERSION into $PSYCOPG_VENV" >&2
+  rm -rf "$PSYCOPG_VENV"
+  python3 -m venv "$PSYCOPG_VENV"
+  "$PSYCOPG_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "psycopg[binary]==$PSYCOPG_VERSION" >&2
+fi
+
 command -v cargo >/dev/null || { echo "setup: cargo is required (rustup.rs)" >&2; exit 1; }
 command -v kubectl >/dev/null || { echo "setup: kubectl is required on PATH (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
 exit 0

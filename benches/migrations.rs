@@ -47,6 +47,9 @@ use tenant_operator::pg::migrations::Timeouts;
 
 /// The root keys of the bench (one fixed key): the ops logins' passwords
 /// and the audit keys derive from them.
+/// The one keyring of the bench: tenants are provisioned and migrated under
+/// it (two keyrings made every tenant's first migration a password reset,
+/// a pg_authid write each).
 fn bench_ring() -> tenant_operator::crypto::Keyring {
     tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
 }
@@ -90,9 +93,6 @@ async fn provision(pool: &PgPool, name: TenantName) {
 
 /// The operator's root keys (each tenant's ops login password derives from
 /// them).
-fn ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![7u8; 32])].into_iter().collect(), "v1").expect("keyring")
-}
 
 fn set_spec(max_concurrent: u32, versions: &[(i64, String)]) -> MigrationSetSpec {
     MigrationSetSpec {
@@ -106,7 +106,7 @@ fn set_spec(max_concurrent: u32, versions: &[(i64, String)]) -> MigrationSetSpec
 /// controller then waits for the next change or resync).
 async fn roll_out(pool: &PgPool, generation: i64, spec: &MigrationSetSpec, names: &[TenantName]) -> usize {
     for passes in 1..10_000 {
-        let p = pass(pool, &ring(), "bench", generation, spec, names, &Timeouts::default()).await.expect("pass");
+        let p = pass(pool, &bench_ring(), "bench", generation, spec, names, &Timeouts::default()).await.expect("pass");
         if let Some(b) = &p.plan.blocked {
             panic!("the rollout is blocked: {}", b.message());
         }

@@ -35,8 +35,11 @@ async fn setup(label: &str) -> TestDb {
     db
 }
 
+/// The keyring the tenants were provisioned with (`support::tenant`): the
+/// ops logins' passwords derive from it, so another one would make every
+/// first login a password reset.
 fn ring() -> Keyring {
-    Keyring::new([("v1".to_string(), vec![9u8; 32])].into_iter().collect(), "v1").expect("keyring")
+    support::test_ring()
 }
 
 fn spec(migrations: Vec<Migration>) -> MigrationSetSpec {

@@ -31,8 +31,11 @@ async fn setup(label: &str) -> TestDb {
 
 /// The root keys the tests' operator holds (the ops logins' passwords are
 /// derived from them).
+/// The keyring the tenants were provisioned with (`support::tenant`): the
+/// ops logins' passwords derive from it, so another one would make every
+/// first login a password reset.
 fn ring() -> Keyring {
-    Keyring::new([("v1".to_string(), vec![7u8; 32])].into_iter().collect(), "v1").expect("keyring")
+    support::test_ring()
 }
 
 /// A tenant's ops login, as a rollout pass builds it.

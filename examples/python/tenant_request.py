@@ -2,7 +2,8 @@
 
 The same single message as the Rust library (docs/data-path.md): the
 tenant's app role, BEGIN, then search_path, the tenant's caps and the audit
-actor and request id, all transaction-local, in one round trip.
+actor and request id, all SET LOCAL, in one round trip. The caps of every
+tenant are read with one query and kept for CAPS_TTL seconds.
 
     python tenant_request.py POSTGRES_URL TENANT [TENANT ...]
 
@@ -12,6 +13,7 @@ table `items`, "<tenant> unknown" or "<tenant> not-active".
 
 import re
 import sys
+import time
 
 import psycopg
 from psycopg import errors
@@ -35,22 +37,43 @@ def literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def begin_sql(tenant: str, actor: str, request_id: str) -> str:
+CAPS_TTL = 10.0
+CAPS_SQL = (
+    "SELECT r.rolname::text, pg_catalog.split_part(kv, '=', 1), "
+    "pg_catalog.substr(kv, pg_catalog.strpos(kv, '=') + 1) "
+    "FROM pg_catalog.pg_db_role_setting s JOIN pg_catalog.pg_roles r ON r.oid = s.setrole "
+    "CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) AS kv "
+    "WHERE s.setdatabase = 0 AND r.rolname LIKE 'tenant\\_%\\_app' "
+    "AND pg_catalog.split_part(kv, '=', 1) IN (" + ", ".join(f"'{s}'" for s in COPIED) + ")"
+)
+_caps: dict[str, list[tuple[str, str]]] = {}
+_caps_read = 0.0
+
+
+def caps(conn: psycopg.Connection, app_role: str) -> list[tuple[str, str]]:
+    """The app role's caps, from every tenant's read at most every CAPS_TTL s."""
+    global _caps, _caps_read
+    age = time.monotonic() - _caps_read
+    if age >= CAPS_TTL or (app_role not in _caps and age >= 1.0):
+        fresh: dict[str, list[tuple[str, str]]] = {}
+        for role, name, value in conn.execute(CAPS_SQL).fetchall():
+            fresh.setdefault(role, []).append((name, value))
+        _caps, _caps_read = fresh, time.monotonic()
+    return _caps.get(app_role, [])
+
+
+def begin_sql(tenant: str, actor: str, request_id: str, tenant_caps: list[tuple[str, str]]) -> str:
     if not TENANT.match(tenant):
         raise ValueError(f"not a tenant name: {tenant!r}")
     ident = "tenant_" + tenant.replace("-", "_")
-    copied = ", ".join(f"'{s}'" for s in COPIED)
-    return (
-        f'SET LOCAL ROLE "{ident}_app"; BEGIN; SELECT '
-        f"pg_catalog.set_config('search_path', {literal(chr(34) + ident + chr(34))}, true), "
-        f"pg_catalog.set_config('tenancy.actor', {literal(actor)}, true), "
-        f"pg_catalog.set_config('tenancy.request_id', {literal(request_id)}, true), "
-        "(SELECT pg_catalog.count(pg_catalog.set_config(pg_catalog.split_part(kv, '=', 1), "
-        "pg_catalog.substr(kv, pg_catalog.strpos(kv, '=') + 1), true)) "
-        "FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) AS kv "
-        "WHERE s.setdatabase = 0 AND s.setrole = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER) "
-        f"AND pg_catalog.split_part(kv, '=', 1) IN ({copied}))"
+    sql = (
+        f'SET LOCAL ROLE "{ident}_app"; BEGIN; SET LOCAL search_path = "{ident}"; '
+        f"SET LOCAL tenancy.actor = {literal(actor)}; SET LOCAL tenancy.request_id = {literal(request_id)};"
     )
+    for name, value in tenant_caps:
+        if name in COPIED:
+            sql += f" SET LOCAL {name} = {literal(value)};"
+    return sql
 
 
 def begin(conn: psycopg.Connection, tenant: str, actor: str, request_id: str) -> None:
@@ -59,7 +82,10 @@ def begin(conn: psycopg.Connection, tenant: str, actor: str, request_id: str) ->
     try:
         # No parameters: psycopg sends it with the simple query protocol,
         # which allows the several statements.
-        conn.execute(begin_sql(tenant, actor, request_id).encode())
+        if not TENANT.match(tenant):
+            raise ValueError(f"not a tenant name: {tenant!r}")
+        app_role = "tenant_" + tenant.replace("-", "_") + "_app"
+        conn.execute(begin_sql(tenant, actor, request_id, caps(conn, app_role)).encode())
     except errors.InvalidParameterValue as e:  # 22023: no such role
         raise UnknownTenant(tenant) from e
     except errors.InsufficientPrivilege as e:  # 42501: not a member: not Active

@@ -335,10 +335,27 @@ fn audit_value(field: &'static str, value: &str) -> Result<String, BeginError> {
     Ok(escape_literal(value))
 }
 
+/// Every tenant's copied settings in one query (the gateway may read
+/// `pg_db_role_setting`): rows of (app role, setting, value) for the
+/// [`COPIED_SETTINGS`] of every role named like a tenant's app role. An
+/// application reads it once per cache period for all its tenants
+/// ([`begin_sql`] takes the values as literals), not once per request.
+pub fn caps_sql() -> String {
+    let copied = COPIED_SETTINGS.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    format!(
+        "SELECT r.rolname::text, pg_catalog.split_part(kv, '=', 1), pg_catalog.substr(kv, pg_catalog.strpos(kv, '=') + 1) \
+           FROM pg_catalog.pg_db_role_setting s JOIN pg_catalog.pg_roles r ON r.oid = s.setrole \
+          CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) AS kv \
+          WHERE s.setdatabase = 0 AND r.rolname LIKE 'tenant\\_%\\_app' \
+            AND pg_catalog.split_part(kv, '=', 1) IN ({copied})"
+    )
+}
+
 /// The one simple-query message that opens a tenant transaction as the
 /// gateway: `SET LOCAL ROLE` to the tenant's app role, `BEGIN`, then the
-/// tenant's `search_path`, its caps copied from the app role's settings, and
-/// the audit actor and request id, all transaction-local.
+/// tenant's `search_path`, its caps (`caps`: the app role's settings as
+/// [`caps_sql`] read them; any name not in [`COPIED_SETTINGS`] is ignored),
+/// and the audit actor and request id, all `SET LOCAL`.
 ///
 /// The role comes first, before `BEGIN`: in a multi-statement message the
 /// statements before a `BEGIN` run in an implicit transaction block that
@@ -347,23 +364,27 @@ fn audit_value(field: &'static str, value: &str) -> Result<String, BeginError> {
 /// its member, i.e. the tenant is not Active) Postgres skips the rest and
 /// rolls the implicit block back: the connection is left idle, with no
 /// aborted transaction for the pool to clean up.
-pub fn begin_sql(tenant: &TenantName, actor: &str, request_id: &str) -> Result<String, BeginError> {
+///
+/// Only utility statements (`SET LOCAL`), no `SELECT`: nothing to plan,
+/// which is what keeps a tenant transaction's cost near a plain one's
+/// (`cargo bench --bench data_path`).
+pub fn begin_sql(tenant: &TenantName, actor: &str, request_id: &str, caps: &[(String, String)]) -> Result<String, BeginError> {
     let actor = audit_value("actor", actor)?;
     let request_id = audit_value("request_id", request_id)?;
     // Identifiers from a validated TenantName: [a-z0-9_] only.
-    let app = format!("\"{}\"", tenant.app_role());
-    let path = escape_literal(&format!("\"{}\"", tenant.schema()));
-    let copied = COPIED_SETTINGS.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
-    Ok(format!(
-        "SET LOCAL ROLE {app}; BEGIN; \
-         SELECT pg_catalog.set_config('search_path', {path}, true), \
-                pg_catalog.set_config('tenancy.actor', {actor}, true), \
-                pg_catalog.set_config('tenancy.request_id', {request_id}, true), \
-                (SELECT pg_catalog.count(pg_catalog.set_config(pg_catalog.split_part(kv, '=', 1), pg_catalog.substr(kv, pg_catalog.strpos(kv, '=') + 1), true)) \
-                   FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) AS kv \
-                  WHERE s.setdatabase = 0 AND s.setrole = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER) \
-                    AND pg_catalog.split_part(kv, '=', 1) IN ({copied}))"
-    ))
+    let mut sql = format!(
+        "SET LOCAL ROLE \"{}\"; BEGIN; SET LOCAL search_path = \"{}\"; SET LOCAL tenancy.actor = {actor}; SET LOCAL tenancy.request_id = {request_id};",
+        tenant.app_role(),
+        tenant.schema()
+    );
+    for (name, value) in caps {
+        let Some(name) = COPIED_SETTINGS.iter().find(|s| **s == name.as_str()) else { continue };
+        if value.contains('\0') {
+            return Err(BeginError::Nul { field: "setting" });
+        }
+        sql.push_str(&format!(" SET LOCAL {name} = {};", escape_literal(value)));
+    }
+    Ok(sql)
 }
 
 /// What a failed [`begin_sql`] means, from its SQLSTATE.
@@ -456,12 +477,20 @@ mod tests {
     #[test]
     fn begin_is_one_message_with_every_value_escaped() {
         let t = TenantName::parse("acme-eu").unwrap();
-        let sql = begin_sql(&t, "o'brien\\'; RESET ROLE; --", "req-1").unwrap();
-        assert!(sql.starts_with("SET LOCAL ROLE \"tenant_acme_eu_app\"; BEGIN; SELECT "), "{sql}");
-        assert!(sql.contains("set_config('search_path', E'\"tenant_acme_eu\"', true)"), "{sql}");
-        assert!(sql.contains("set_config('tenancy.actor', E'o''brien\\\\''; RESET ROLE; --', true)"), "{sql}");
-        assert!(sql.contains("IN ('statement_timeout', 'idle_in_transaction_session_timeout', 'work_mem')"), "{sql}");
-        assert_eq!(begin_sql(&t, "a\0", "r"), Err(BeginError::Nul { field: "actor" }));
-        assert_eq!(begin_sql(&t, "a", &"r".repeat(201)), Err(BeginError::TooLong { field: "request_id" }));
+        let caps = vec![
+            ("statement_timeout".to_string(), "1500ms".to_string()),
+            ("work_mem".to_string(), "8MB'; RESET ROLE; --".to_string()),
+            ("search_path".to_string(), "public".to_string()),
+        ];
+        let sql = begin_sql(&t, "o'brien\\'; RESET ROLE; --", "req-1", &caps).unwrap();
+        assert!(sql.starts_with("SET LOCAL ROLE \"tenant_acme_eu_app\"; BEGIN; SET LOCAL search_path = \"tenant_acme_eu\"; "), "{sql}");
+        assert!(sql.contains("SET LOCAL tenancy.actor = E'o''brien\\\\''; RESET ROLE; --';"), "{sql}");
+        assert!(sql.contains("SET LOCAL statement_timeout = E'1500ms';"), "{sql}");
+        assert!(sql.contains("SET LOCAL work_mem = E'8MB''; RESET ROLE; --';"), "{sql}");
+        assert!(!sql.contains("public"), "a setting outside COPIED_SETTINGS is ignored: {sql}");
+        assert!(!sql.contains("SELECT"), "nothing to plan: {sql}");
+        assert_eq!(begin_sql(&t, "a\0", "r", &[]), Err(BeginError::Nul { field: "actor" }));
+        assert_eq!(begin_sql(&t, "a", &"r".repeat(201), &[]), Err(BeginError::TooLong { field: "request_id" }));
+        assert!(caps_sql().contains("IN ('statement_timeout', 'idle_in_transaction_session_timeout', 'work_mem')"));
     }
 }

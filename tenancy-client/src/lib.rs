@@ -24,8 +24,9 @@
 //! validated tenant name, and [`Gateway::begin`] is the only way it opens a
 //! transaction; the README's threat model says the rest.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -66,10 +67,79 @@ pub enum Error {
     Secret(#[from] tenant_operator::crypto::CryptoError),
 }
 
+/// How long the tenants' caps read from Postgres are used before they are
+/// read again ([`Gateway::with_caps_ttl`]).
+pub const DEFAULT_CAPS_TTL: Duration = Duration::from_secs(10);
+
+/// A tenant missing from the caps just read (provisioned since, or with no
+/// caps set) makes the next `begin` for it read them again, at most this
+/// often.
+const MISS_RELOAD: Duration = Duration::from_secs(1);
+
 /// A pool on the gateway login.
 #[derive(Clone, Debug)]
 pub struct Gateway {
     pool: PgPool,
+    caps: Arc<CapsCache>,
+}
+
+/// Every tenant's caps (its app role's copied settings), read for all
+/// tenants in one query and kept for a TTL: a request never waits for a
+/// catalog lookup of its own, and a cap changed by the operator reaches new
+/// transactions within the TTL (the operator's watchdog enforces caps on
+/// running statements whatever a session set).
+#[derive(Debug)]
+struct CapsCache {
+    ttl: Duration,
+    state: std::sync::RwLock<Caps>,
+    /// Single flight: one reload at a time.
+    reload: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct Caps {
+    loaded: Option<Instant>,
+    by_role: HashMap<String, Vec<(String, String)>>,
+}
+
+impl Caps {
+    /// The caps of `role` when they can be used as they are.
+    fn fresh(&self, role: &str, ttl: Duration) -> Option<Vec<(String, String)>> {
+        let age = self.loaded?.elapsed();
+        match self.by_role.get(role) {
+            Some(c) if age < ttl => Some(c.clone()),
+            None if age < MISS_RELOAD.min(ttl) => Some(Vec::new()),
+            _ => None,
+        }
+    }
+}
+
+impl CapsCache {
+    fn new(ttl: Duration) -> Arc<Self> {
+        Arc::new(Self { ttl, state: Default::default(), reload: Default::default() })
+    }
+
+    async fn get(&self, pool: &PgPool, role: &str) -> Result<Vec<(String, String)>, Error> {
+        if let Some(c) = self.state.read().expect("caps lock").fresh(role, self.ttl) {
+            return Ok(c);
+        }
+        let _one = self.reload.lock().await;
+        if let Some(c) = self.state.read().expect("caps lock").fresh(role, self.ttl) {
+            return Ok(c);
+        }
+        self.load(pool).await?;
+        Ok(self.state.read().expect("caps lock").by_role.get(role).cloned().unwrap_or_default())
+    }
+
+    async fn load(&self, pool: &PgPool) -> Result<(), Error> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(gw::caps_sql())).fetch_all(pool).await?;
+        let mut by_role: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (role, name, value) in rows {
+            by_role.entry(role).or_default().push((name, value));
+        }
+        *self.state.write().expect("caps lock") = Caps { loaded: Some(Instant::now()), by_role };
+        Ok(())
+    }
 }
 
 /// Connection options from the data of the `tenant-gateway-db` Secret
@@ -101,7 +171,7 @@ impl Gateway {
     pub async fn connect_with(opts: PgConnectOptions, pool: PgPoolOptions) -> Result<Self, Error> {
         let opts = opts.statement_cache_capacity(0);
         let pool = pool.acquire_timeout(Duration::from_secs(10)).connect_with(opts).await?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     /// A pool straight to Postgres (no pooler in between, or PgBouncer
@@ -110,12 +180,26 @@ impl Gateway {
     /// on a connection that nothing discards).
     pub async fn connect_direct(opts: PgConnectOptions, pool: PgPoolOptions) -> Result<Self, Error> {
         let pool = pool.acquire_timeout(Duration::from_secs(10)).connect_with(opts).await?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     /// A pool you built (keep its statement cache off behind a pooler).
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, caps: CapsCache::new(DEFAULT_CAPS_TTL) }
+    }
+
+    /// Reads the tenants' caps again after `ttl` instead of
+    /// [`DEFAULT_CAPS_TTL`] (a cap changed on a Tenant reaches new
+    /// transactions within it).
+    pub fn with_caps_ttl(mut self, ttl: Duration) -> Self {
+        self.caps = CapsCache::new(ttl);
+        self
+    }
+
+    /// Reads every tenant's caps now (one query), e.g. after changing them.
+    pub async fn refresh_caps(&self) -> Result<(), Error> {
+        let _one = self.caps.reload.lock().await;
+        self.caps.load(&self.pool).await
     }
 
     /// The pool itself. Anything run on it outside [`Gateway::begin`] runs
@@ -126,13 +210,16 @@ impl Gateway {
     }
 
     /// Opens a transaction as `tenant`'s app role: one round trip (the
-    /// message of [`tenant_operator::pg::gateway::begin_sql`]). `actor` and
+    /// message of [`tenant_operator::pg::gateway::begin_sql`], with the
+    /// tenant's caps from the cache; a second one when the cache is read
+    /// again, once per TTL for all tenants). `actor` and
     /// `request_id` (at most 200 bytes, no NUL) land in every audit entry
     /// the transaction writes. Unknown or inactive tenant: a typed error,
     /// and the transaction is rolled back before any statement of yours.
     pub async fn begin(&self, tenant: &str, actor: &str, request_id: &str) -> Result<Transaction<'static, Postgres>, Error> {
         let name = TenantName::parse(tenant)?;
-        let sql = gw::begin_sql(&name, actor, request_id)?;
+        let caps = self.caps.get(&self.pool, &name.app_role()).await?;
+        let sql = gw::begin_sql(&name, actor, request_id, &caps)?;
         match self.pool.begin_with(sqlx::AssertSqlSafe(sql)).await {
             Ok(tx) => Ok(tx),
             Err(e) => Err(classify(e, &name)),

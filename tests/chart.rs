@@ -28,12 +28,23 @@ fn helm_lint_strict_passes() {
     assert!(o.status.success(), "helm lint --strict: {}", text(&o));
     let o = run(&helm, &["lint", "--strict", CHART, "--set", "rootKeys.kms.enabled=true,rootKeys.kms.keyId=alias/x,metrics.serviceMonitor.enabled=true"]);
     assert!(o.status.success(), "helm lint --strict (KMS, ServiceMonitor): {}", text(&o));
+    let o = run(&helm, &["lint", "--strict", CHART, "--set", "pgbouncer.enabled=true,pgbouncer.databaseHost=postgres.db.svc"]);
+    assert!(o.status.success(), "helm lint --strict (PgBouncer): {}", text(&o));
 }
 
 #[test]
 fn the_values_schema_refuses_bad_values() {
     let Some(helm) = tools::helm() else { return };
-    for (set, field) in [("controller.concurrency=0", "controller.concurrency"), ("replicas=2", "replicas"), ("leaderElection.enabled=maybe", "leaderElection.enabled")] {
+    for (set, field) in [
+        ("controller.concurrency=0", "controller.concurrency"),
+        ("replicas=2", "replicas"),
+        ("leaderElection.enabled=maybe", "leaderElection.enabled"),
+        ("gateway.role=Tenancy-Gateway", "gateway.role"),
+        ("gateway.role=1gateway", "gateway.role"),
+        ("gateway.role=g234567890123456789012345678901234567890123456789012345678901234", "gateway.role"),
+        ("pgbouncer.poolSize=0", "pgbouncer.poolSize"),
+        ("pgbouncer.databaseHost=db;x", "pgbouncer.databaseHost"),
+    ] {
         let o = run(&helm, &["template", "t", CHART, "--set", set]);
         assert!(!o.status.success(), "--set {set} was accepted");
         assert!(text(&o).contains(field), "--set {set}: the error does not name {field}: {}", text(&o));
@@ -135,6 +146,7 @@ fn the_deployment_is_hardened_probed_and_wired() {
     assert_eq!(var("METRICS_ADDR")["value"], "0.0.0.0:8080");
     assert_eq!(var("ROOT_KEYS_SECRET")["value"], "tenant-operator-root-keys");
     assert_eq!(var("OPERATOR_IMAGE")["value"], c["image"], "backup and restore Jobs run the operator's own image");
+    assert_eq!(var("GATEWAY_ROLE")["value"], "tenancy_gateway", "the gateway login is on by default");
     // Every variable the chart sets is one the binary reads.
     let help = String::from_utf8_lossy(&Command::new(env!("CARGO_BIN_EXE_tenant-operator")).args(["run", "--help"]).output().unwrap().stdout).into_owned();
     for e in env {
@@ -145,6 +157,174 @@ fn the_deployment_is_hardened_probed_and_wired() {
     }
     let pdb = find_doc(&docs, "PodDisruptionBudget", None).expect("PDB");
     assert_eq!(pdb["spec"]["selector"]["matchLabels"], d["spec"]["selector"]["matchLabels"]);
+}
+
+/// The `key = value` settings of one `[section]` of an ini file
+/// (comments and blank lines skipped).
+fn ini_section(ini: &str, section: &str) -> std::collections::BTreeMap<String, String> {
+    let mut current = String::new();
+    let mut out = std::collections::BTreeMap::new();
+    for line in ini.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with(';') && !l.starts_with('#')) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name.to_string();
+        } else if current == section {
+            let (k, v) = line.split_once('=').unwrap_or_else(|| panic!("not a setting: {line}"));
+            assert!(out.insert(k.trim().to_string(), v.trim().to_string()).is_none(), "{k} set twice in [{section}]");
+        }
+    }
+    out
+}
+
+#[test]
+fn the_gateway_role_is_passed_to_the_operator() {
+    let Some(helm) = tools::helm() else { return };
+    for (set, want) in [("gateway.role=gw_saas_eu", "gw_saas_eu"), ("gateway.role=", "")] {
+        let docs = documents(&render(&helm, &["--set", set]));
+        let d = find_doc(&docs, "Deployment", Some("tenant-operator")).unwrap();
+        let env = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
+        let var = env.iter().find(|e| e["name"] == "GATEWAY_ROLE").unwrap_or_else(|| panic!("--set {set}: no GATEWAY_ROLE"));
+        assert_eq!(var["value"], want, "--set {set}");
+    }
+}
+
+#[test]
+fn pgbouncer_is_off_by_default() {
+    let Some(helm) = tools::helm() else { return };
+    let defaults = render(&helm, &[]);
+    assert!(!defaults.to_lowercase().contains("pgbouncer"), "something of PgBouncer is rendered by default");
+    // Its settings alone do not turn it on.
+    assert!(!render(&helm, &["--set", "pgbouncer.databaseHost=postgres.db.svc,pgbouncer.poolSize=7"]).to_lowercase().contains("pgbouncer"));
+}
+
+#[test]
+fn pgbouncer_pools_transactions_as_the_gateway_and_is_hardened() {
+    let Some(helm) = tools::helm() else { return };
+    let yaml = render(
+        &helm,
+        &["--set", "pgbouncer.enabled=true,pgbouncer.databaseHost=postgres.db.svc,pgbouncer.databasePort=5433,pgbouncer.poolSize=7,pgbouncer.serverLifetime=900,pgbouncer.maxClientConnections=500"],
+    );
+    if let Some(kv) = tools::kubernetes_validate() {
+        validate_1_32(&kv, "pgbouncer", &yaml);
+    }
+    let docs = documents(&yaml);
+    let name = "tenant-operator-pgbouncer";
+
+    // The configuration: transaction pooling, the session reset after
+    // every transaction, the configured sizes, one Postgres for every
+    // database name, the gateway's credentials from a file.
+    let cm = find_doc(&docs, "ConfigMap", Some(name)).expect("the PgBouncer ConfigMap");
+    let ini = cm["data"]["pgbouncer.ini"].as_str().expect("pgbouncer.ini");
+    let pgb = ini_section(ini, "pgbouncer");
+    for (k, v) in [
+        ("pool_mode", "transaction"),
+        ("server_reset_query", "DISCARD ALL"),
+        ("server_reset_query_always", "1"),
+        ("ignore_startup_parameters", "extra_float_digits,options"),
+        ("auth_type", "scram-sha-256"),
+        ("auth_file", "/etc/pgbouncer-auth/userlist.txt"),
+        ("default_pool_size", "7"),
+        ("max_client_conn", "500"),
+        ("server_lifetime", "900"),
+        ("server_idle_timeout", "600"),
+        ("listen_port", "6432"),
+    ] {
+        assert_eq!(pgb.get(k).map(String::as_str), Some(v), "pgbouncer.ini: {k}\n{ini}");
+    }
+    assert!(!pgb.contains_key("auth_query") && !pgb.contains_key("auth_user"), "auth_query needs a superuser's function: {ini}");
+    assert!(ini.contains("\"Catalog memory\""), "server_lifetime's comment points to docs/data-path.md: {ini}");
+    assert_eq!(ini_section(ini, "databases"), [("*".to_string(), "host=postgres.db.svc port=5433".to_string())].into());
+    let defaults = documents(&render(&helm, &["--set", "pgbouncer.enabled=true,pgbouncer.databaseHost=db"]));
+    let ini = find_doc(&defaults, "ConfigMap", Some(name)).unwrap()["data"]["pgbouncer.ini"].as_str().unwrap().to_string();
+    let pgb = ini_section(&ini, "pgbouncer");
+    for (k, v) in [("default_pool_size", "20"), ("max_client_conn", "1000"), ("server_lifetime", "3600")] {
+        assert_eq!(pgb.get(k).map(String::as_str), Some(v), "default {k}");
+    }
+    assert_eq!(ini_section(&ini, "databases")["*"], "host=db port=5432");
+
+    // The Service selects the PgBouncer pods, and none of the operator's
+    // selectors (its Deployment, metrics Service, PDB) does.
+    let d = find_doc(&docs, "Deployment", Some(name)).expect("the PgBouncer Deployment");
+    let pod_labels = d["spec"]["template"]["metadata"]["labels"].as_object().unwrap();
+    let selects = |sel: &serde_json::Value| sel.as_object().unwrap().iter().all(|(k, v)| pod_labels.get(k) == Some(v));
+    let svc = find_doc(&docs, "Service", Some(name)).expect("the PgBouncer Service");
+    assert!(selects(&svc["spec"]["selector"]), "the Service does not select the PgBouncer pods: {}", svc["spec"]["selector"]);
+    assert!(selects(&d["spec"]["selector"]["matchLabels"]));
+    assert_eq!(svc["spec"]["ports"][0]["port"], 6432);
+    let op = find_doc(&docs, "Deployment", Some("tenant-operator")).unwrap();
+    for (what, sel) in [
+        ("the operator's Deployment", &op["spec"]["selector"]["matchLabels"]),
+        ("the metrics Service", &find_doc(&docs, "Service", Some("tenant-operator-metrics")).unwrap()["spec"]["selector"]),
+        ("the operator's PDB", &find_doc(&docs, "PodDisruptionBudget", None).unwrap()["spec"]["selector"]["matchLabels"]),
+    ] {
+        assert!(!selects(sel), "{what} selects the PgBouncer pods");
+    }
+
+    // The pod: the init container writes userlist.txt from the gateway's
+    // Secret into a memory volume PgBouncer reads; both are hardened.
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let init = &pod["initContainers"][0];
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "ghcr.io/cloudnative-pg/pgbouncer:1.23.1");
+    assert_eq!(init["image"], c["image"], "the init container uses the PgBouncer image by default");
+    assert_eq!(c["command"], serde_json::json!(["pgbouncer", "/etc/pgbouncer/pgbouncer.ini"]));
+    let env = init["env"].as_array().unwrap();
+    let mut keys: Vec<&str> = env
+        .iter()
+        .map(|e| {
+            let r = &e["valueFrom"]["secretKeyRef"];
+            assert_eq!(r["name"], "tenant-gateway-db", "{e}");
+            r["key"].as_str().unwrap()
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["password", "user"]);
+    let script = init["command"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect::<Vec<_>>().join(" ");
+    assert!(script.starts_with("/bin/sh -c") && script.contains("/etc/pgbouncer-auth/userlist.txt"), "{script}");
+    let mount = |c: &serde_json::Value, path: &str| -> String {
+        let m = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == path).unwrap_or_else(|| panic!("{} mounts nothing at {path}", c["name"]));
+        m["name"].as_str().unwrap().to_string()
+    };
+    let auth = mount(init, "/etc/pgbouncer-auth");
+    assert_eq!(mount(c, "/etc/pgbouncer-auth"), auth);
+    let vol = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == auth.as_str()).unwrap();
+    assert_eq!(vol["emptyDir"]["medium"], "Memory", "the password stays off disk");
+    let config = mount(c, "/etc/pgbouncer");
+    let vol = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == config.as_str()).unwrap();
+    assert_eq!(vol["configMap"]["name"], name);
+    for c in [init, c] {
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{}", c["name"]);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false, "{}", c["name"]);
+        assert_eq!(c["securityContext"]["runAsNonRoot"], true, "{}", c["name"]);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]), "{}", c["name"]);
+        assert_eq!(c["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{}", c["name"]);
+        assert!(c["resources"]["limits"]["memory"].is_string(), "{} has no memory limit", c["name"]);
+    }
+    assert_eq!(c["ports"][0]["containerPort"], 6432);
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["tcpSocket"]["port"], "pgbouncer", "{probe}");
+    }
+    assert!(d["spec"]["template"]["metadata"]["annotations"]["checksum/config"].is_string(), "a changed pgbouncer.ini rolls the pods");
+
+    // A separate init image when asked.
+    let docs = documents(&render(&helm, &["--set", "pgbouncer.enabled=true,pgbouncer.databaseHost=db,pgbouncer.initImage=busybox:1.36"]));
+    assert_eq!(find_doc(&docs, "Deployment", Some(name)).unwrap()["spec"]["template"]["spec"]["initContainers"][0]["image"], "busybox:1.36");
+}
+
+#[test]
+fn pgbouncer_refuses_to_render_without_a_database_host_or_a_gateway() {
+    let Some(helm) = tools::helm() else { return };
+    for (set, says) in [
+        ("pgbouncer.enabled=true", "pgbouncer.databaseHost is required"),
+        ("pgbouncer.enabled=true,pgbouncer.databaseHost=db,gateway.role=", "set gateway.role"),
+    ] {
+        let o = run(&helm, &["template", "tenant-operator", CHART, "--namespace", "tenant-system", "--set", set]);
+        assert!(!o.status.success(), "--set {set} rendered");
+        assert!(text(&o).contains(says), "--set {set}: the error does not say {says:?}: {}", text(&o));
+    }
 }
 
 /// The rules of `doc` (a Role or ClusterRole) that mention Secrets.
@@ -272,9 +452,16 @@ fn helm_install_into_the_api_test_server_creates_the_operators_objects() {
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), t.as_bytes()).unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "kubectl apply tenant: {}", text(&o));
-    let o = run(&helm, &["--kubeconfig", kc, "upgrade", "tenant-operator", CHART, "--namespace", "tenant-system", "--set", "replicaCount=3"]);
+    let o = run(
+        &helm,
+        &["--kubeconfig", kc, "upgrade", "tenant-operator", CHART, "--namespace", "tenant-system", "--set", "replicaCount=3,pgbouncer.enabled=true,pgbouncer.databaseHost=db.example"],
+    );
     assert!(o.status.success(), "helm upgrade: {}", text(&o));
+    assert!(text(&o).contains("rollout restart deployment/tenant-operator-pgbouncer"), "NOTES.txt tells how to pick up a new gateway password: {}", text(&o));
     assert_eq!(s.kubectl(&["get", "deployment", "tenant-operator", "-n", "tenant-system", "-o", "jsonpath={.spec.replicas}"]), "3");
+    for kind in ["deployment", "service", "configmap"] {
+        s.kubectl(&["get", kind, "tenant-operator-pgbouncer", "-n", "tenant-system", "-o", "name"]);
+    }
     let o = run(&helm, &["--kubeconfig", kc, "uninstall", "tenant-operator", "--namespace", "tenant-system"]);
     assert!(o.status.success(), "helm uninstall: {}", text(&o));
 }

@@ -97,6 +97,16 @@ async fn suspend_resume_and_delete_through_kubectl() {
     wait_for(Duration::from_secs(30), "phase Active", || env.jsonpath(&["tenant", &name], "{.status.phase}") == "Active");
     app_connect(&env, &name).await.expect("resumed tenant logs in");
 
+    // The audit log names who changed the spec (from managedFields, which
+    // the operator's Tenant cache keeps only the spec manager's entry of).
+    let actors: Vec<(String, String)> = sqlx::query_as("SELECT action, actor FROM tenancy.audit_log WHERE tenant_name = $1 AND action IN ('Provisioned', 'Suspended', 'Resumed') ORDER BY id")
+        .bind(&name)
+        .fetch_all(&mut env.db.superuser().await)
+        .await
+        .unwrap();
+    let actors: Vec<(&str, &str)> = actors.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(actors, [("Provisioned", "kubectl-client-side-apply"), ("Suspended", "kubectl-patch"), ("Resumed", "kubectl-patch")]);
+
     // kubectl delete blocks until the finalizer is released.
     env.kubectl_ok(&["delete", "tenant", &name, "--timeout=60s"]);
     assert!(!env.kubectl(&["get", "tenant", &name]).status.success(), "the Tenant is still there");

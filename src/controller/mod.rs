@@ -10,6 +10,7 @@ pub mod migration_set;
 pub mod ratelimits;
 pub mod tenant;
 pub mod tenant_restore;
+pub mod tenant_watch;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,11 +151,17 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
             None => futures::future::pending::<()>().await,
         }
     };
+    // One watch and one cache of every Tenant: the Tenant controller drives
+    // it, the rate-limit writer and the MigrationSet controller read its
+    // store and hear of the changes they care about.
+    let mut tenants = tenant_watch::TenantWatch::new(ctx.client.clone());
+    let ratelimit_input = ratelimits::subscribe(&mut tenants);
+    let migration_set_input = migration_set::subscribe(&mut tenants);
     tokio::select! {
         _ = gateway_loop => ctx.health.task_died("gateway"),
-        _ = tenant::run(ctx.clone()) => {}
-        _ = ratelimits::run(ctx.clone()) => ctx.health.task_died("ratelimits"),
-        _ = migration_set::run(ctx.clone()) => ctx.health.task_died("migrationset-controller"),
+        _ = tenant::run(ctx.clone(), tenants) => {}
+        _ = ratelimits::run(ctx.clone(), ratelimit_input) => ctx.health.task_died("ratelimits"),
+        _ = migration_set::run(ctx.clone(), migration_set_input) => ctx.health.task_died("migrationset-controller"),
         _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),
         _ = anchoring::run(ctx.clone()) => ctx.health.task_died("audit-anchoring"),
     }

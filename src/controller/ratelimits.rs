@@ -1,8 +1,8 @@
 //! The rate-limit writer: the one task that writes the envoyproxy/ratelimit
 //! ConfigMap(s), so tenants never contend for them.
 //!
-//! Takes a watch of every Tenant (kept in a reflector store without managed
-//! fields); on any change, debounced, and on every resync, renders the whole
+//! Takes the operator's Tenant cache ([`crate::controller::tenant_watch`])
+//! and its changes; on any change, debounced, and on every resync, renders the whole
 //! store with [`crate::ratelimit::render`] and converges the ConfigMaps in
 //! the operator namespace: get, then create or replace only the ones whose
 //! data differ, then delete shards no longer needed. Publishes a
@@ -17,13 +17,14 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::time::{sleep_until, Instant};
 
 use crate::api::Tenant;
 use crate::controller::tenant::apply::{self, MANAGED_BY};
+use crate::controller::tenant_watch::TenantWatch;
 use crate::controller::{Context, Stats};
 use crate::ratelimit::{self, Limit, RenderError};
 
@@ -68,13 +69,37 @@ impl Error {
     }
 }
 
+/// What a Tenant event means to the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A full list ended: the store holds every Tenant.
+    Relisted,
+    /// A Tenant was created, changed or deleted.
+    Changed,
+}
+
+/// The writer's view of the operator's Tenant watch: its store, and the
+/// changes, as they come.
+pub struct Tenants {
+    store: Store<Tenant>,
+    changes: futures::channel::mpsc::UnboundedReceiver<Change>,
+}
+
+/// Subscribes the writer to the Tenant watch (before it starts).
+pub fn subscribe(watch: &mut TenantWatch) -> Tenants {
+    let changes = watch.listen(|ev| match ev {
+        watcher::Event::InitDone => Some(Change::Relisted),
+        watcher::Event::Apply(_) | watcher::Event::Delete(_) => Some(Change::Changed),
+        // The store swaps its content on InitDone.
+        watcher::Event::Init | watcher::Event::InitApply(_) => None,
+    });
+    Tenants { store: watch.store(), changes }
+}
+
 /// Runs the writer until the process stops. Returns only if the Tenant
-/// watch stream ends, which it does not by itself.
-pub async fn run(ctx: Arc<Context>) {
-    let tenants: Api<Tenant> = Api::all(ctx.client.clone());
-    let (store, writer) = reflector::store::<Tenant>();
-    let watch = watcher(tenants, watcher::Config::default().any_semantic()).modify(|t| t.managed_fields_mut().clear());
-    let mut events = std::pin::pin!(reflector::reflector(writer, watch).default_backoff());
+/// watch ends, which it does not by itself.
+pub async fn run(ctx: Arc<Context>, tenants: Tenants) {
+    let Tenants { store, mut changes } = tenants;
     let mut resync = tokio::time::interval(ctx.settings.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -92,19 +117,16 @@ pub async fn run(ctx: Arc<Context>) {
     loop {
         let wake = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            ev = events.next() => match ev {
-                Some(Ok(watcher::Event::InitDone)) => {
+            ev = changes.next() => match ev {
+                Some(Change::Relisted) => {
                     ready = true;
                     due = Some(Instant::now());
                 }
-                Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+                Some(Change::Changed) => {
                     let now = Instant::now();
                     let first = *first_change.get_or_insert(now);
                     due = Some((now + DEBOUNCE).min(first + MAX_DELAY));
                 }
-                // The store swaps its content on InitDone.
-                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-                Some(Err(e)) => tracing::warn!(error = %e, "watching Tenants for rate limits failed; retrying"),
                 None => {
                     tracing::error!("the Tenant watch of the rate-limit writer ended");
                     return;

@@ -1,8 +1,9 @@
 //! The MigrationSet controller: rolls each set's migrations out across the
 //! Tenants that follow it, and reports progress in the set's status.
 //!
-//! Takes MigrationSets from a watch and the Tenants from a watch cache of
-//! its own (any Tenant change brings every set back: sets are few). Each
+//! Takes MigrationSets from a watch and the Tenants from the operator's one
+//! Tenant cache (a change of a set's followers brings every set back: sets
+//! are few). Each
 //! reconcile is one pass: observe the followers' version tables, plan
 //! (canaries, the rest, or why nobody), migrate with bounded parallelism,
 //! observe again and write the status when it changed. It writes only the
@@ -22,8 +23,8 @@ use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use sqlx::PgPool;
 
@@ -162,19 +163,28 @@ pub fn advance(before: &plan::Observed, plan: &plan::RolloutPlan, report: &apply
     Some(after)
 }
 
-/// Starts the MigrationSet controller and drives it until shutdown.
-pub async fn run(ctx: Arc<Context>) {
-    let (store, writer) = reflector::store::<Tenant>();
-    let tenants: Api<Tenant> = Api::all(ctx.client.clone());
+/// The controller's view of the operator's Tenant watch: its store, and a
+/// signal each time some set's followers changed.
+pub struct Followers {
+    store: Store<Tenant>,
+    changes: futures::channel::mpsc::UnboundedReceiver<()>,
+}
+
+/// Subscribes the controller to the Tenant watch (before it starts).
+pub fn subscribe(watch: &mut crate::controller::tenant_watch::TenantWatch) -> Followers {
     // Only what changes a set's followers brings the sets back: a Tenant
     // created, deleted, or following another set. Status writes do not (a
     // rollout makes every follower write its status; re-triggering on each
     // kept the sets' reconciles debounced for as long as that burst lasted,
     // about 37 s at 1,000 tenants).
     let mut follows = FollowerIndex::default();
-    let tenant_changes = reflector::reflector(writer, watcher(tenants, watcher::Config::default().any_semantic()).modify(|t| t.managed_fields_mut().clear()))
-        .default_backoff()
-        .filter_map(move |ev| futures::future::ready(ev.ok().and_then(|ev| follows.changed(&ev).then_some(()))));
+    let changes = watch.listen(move |ev| follows.changed(ev).then_some(()));
+    Followers { store: watch.store(), changes }
+}
+
+/// Starts the MigrationSet controller and drives it until shutdown.
+pub async fn run(ctx: Arc<Context>, tenants: Followers) {
+    let Followers { store, changes: tenant_changes } = tenants;
     let sets: Api<MigrationSet> = Api::all(ctx.client.clone());
     let sctx = Arc::new(SetContext { ctx: ctx.clone(), tenants: store });
     Controller::new(sets, watcher::Config::default().any_semantic())

@@ -85,9 +85,10 @@ fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// Starts the Tenant controller and drives it until shutdown.
-pub async fn run(ctx: Arc<Context>) {
-    let tenants: Api<Tenant> = Api::all(ctx.client.clone());
+/// Starts the Tenant controller and drives it, and with it the operator's
+/// one Tenant watch (`tenants`, whose store the other readers share), until
+/// shutdown.
+pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::TenantWatch) {
     // Secrets, by metadata only (names and labels, never data), in the
     // namespaces the operator may list: its own, for the tenants' own
     // Secrets (by label; deleted or edited by hand brings the tenant back),
@@ -124,10 +125,9 @@ pub async fn run(ctx: Arc<Context>) {
         let cache = kube::runtime::reflector::reflector(set_writer, watcher(sets.clone(), watcher::Config::default().any_semantic())).default_backoff();
         cache.for_each(|_| futures::future::ready(()))
     });
-    let controller = Controller::new(tenants, watcher::Config::default().any_semantic());
-    let tenant_cache = controller.store();
-    let _ = ctx.metrics.tenant_store.set(controller.store());
-    let mut controller = controller
+    let tenant_cache = tenants.store();
+    let _ = ctx.metrics.tenant_store.set(tenants.store());
+    let mut controller = Controller::for_stream(tenants.into_stream(), tenant_cache.clone())
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| migrations::followers_to_refresh(&ms, &tenant_cache.state()))
         .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)))
         // A backup Job that ended brings its tenant back: the operator

@@ -406,6 +406,13 @@ pub fn login_secret_data(user: &str, endpoint: &Endpoint, password: &str) -> BTr
 /// The manager that last changed the Tenant's spec, from managedFields: the
 /// actor recorded in the audit log.
 pub fn last_spec_manager(tenant: &Tenant) -> String {
+    spec_manager_entry(tenant).and_then(|m| m.manager.clone()).unwrap_or_else(|| "unknown".into())
+}
+
+/// The managedFields entry [`last_spec_manager`] reads: the latest write of
+/// the spec itself (not of a subresource). The Tenant cache keeps only this
+/// one (`controller::tenant_watch::slim`).
+pub fn spec_manager_entry(tenant: &Tenant) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry> {
     tenant
         .metadata
         .managed_fields
@@ -414,8 +421,6 @@ pub fn last_spec_manager(tenant: &Tenant) -> String {
         .filter(|m| m.subresource.as_deref().unwrap_or("").is_empty())
         .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").is_some()))
         .max_by_key(|m| m.time.as_ref().map(|t| t.0))
-        .and_then(|m| m.manager.clone())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

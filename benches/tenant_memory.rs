@@ -1,0 +1,123 @@
+//! What the operator's Tenant cache costs per tenant, before and after
+//! slimming (issue 16: RSS <= 64 MiB at 10,000 tenants).
+//!
+//! `cargo bench --bench tenant_memory` (no Postgres, no API server;
+//! BENCH_TENANTS, default 10000; the counts do not depend on the profile,
+//! so `--profile dev` gives the same figures sooner). Builds BENCH_TENANTS Tenants as the API
+//! server returns them after `kubectl apply` (client side: the
+//! last-applied-configuration annotation, managedFields of kubectl, the
+//! operator's finalizer and status writes and a `kubectl edit`;
+//! `tests/golden/tenant-kubectl-apply.json`, renamed per tenant), feeds
+//! them to reflector stores as a watch's initial list would, and counts the
+//! heap bytes the stores hold with a counting global allocator:
+//! - a store of full Tenants (what `Controller::new` kept),
+//! - a store with managedFields cleared (what the MigrationSet controller's
+//!   and the rate-limit writer's own watches kept),
+//! - a store of `tenant_watch::slim` Tenants (the one store now).
+//!
+//! Prints bytes per tenant for each, the operator's total before (one full
+//! store plus two cleared ones) and after (one slim store), and the ratio.
+//! Not counted: allocator overhead and fragmentation, and the second copy a
+//! reflector builds during a relist (until `InitDone` swaps it in).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use kube::runtime::reflector;
+use kube::runtime::watcher::Event;
+use tenant_operator::api::Tenant;
+use tenant_operator::controller::tenant_watch::slim;
+
+/// The system allocator, counting the bytes in use.
+struct Counting;
+
+static IN_USE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            IN_USE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        IN_USE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            IN_USE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            IN_USE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn in_use() -> isize {
+    IN_USE.load(Ordering::Relaxed)
+}
+
+const FIXTURE: &str = include_str!("../tests/golden/tenant-kubectl-apply.json");
+
+/// Tenant number `i`, as the API server sends it in a watch event.
+fn tenant_json(i: usize) -> String {
+    FIXTURE.replace("acme", &format!("tenant-{i:05}")).replace("0c1d2e3f4a5b", &format!("{i:012x}")).replace("1048213", &format!("{}", 1_048_213 + i))
+}
+
+/// Heap bytes a store holds once the initial list of `n` Tenants, each
+/// passed through `shrink`, was applied to it (as a reflector does).
+fn store_bytes(n: usize, shrink: impl Fn(&mut Tenant)) -> (isize, usize) {
+    let before = in_use();
+    let (store, mut writer) = reflector::store::<Tenant>();
+    writer.apply_watcher_event(&Event::Init);
+    let mut serialized = 0;
+    for i in 0..n {
+        let mut t: Tenant = serde_json::from_str(&tenant_json(i)).expect("a Tenant");
+        shrink(&mut t);
+        serialized += serde_json::to_vec(&t).expect("serializes").len();
+        writer.apply_watcher_event(&Event::InitApply(t));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    assert_eq!(store.len(), n);
+    let held = in_use() - before;
+    drop((store, writer));
+    (held, serialized)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let n: usize = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let per = |b: isize| b as f64 / n as f64;
+    let kib = |b: isize| b as f64 / 1024.0 / 1024.0;
+
+    // Warm up (lazy statics, the allocator's first arenas), then measure.
+    let _ = store_bytes(10, |_| {});
+    let (full, full_json) = store_bytes(n, |_| {});
+    let (cleared, cleared_json) = store_bytes(n, |t| t.metadata.managed_fields = None);
+    let (slimmed, slim_json) = store_bytes(n, slim);
+
+    println!("{n} Tenants as `kubectl apply` leaves them (tests/golden/tenant-kubectl-apply.json)");
+    println!("{:<44} {:>12} {:>12} {:>10}", "store", "heap B/tenant", "JSON B/tenant", "MiB");
+    for (what, bytes, json) in [
+        ("full (Controller::new, before)", full, full_json),
+        ("managedFields cleared (2 stores, before)", cleared, cleared_json),
+        ("slim (the one store, after)", slimmed, slim_json),
+    ] {
+        println!("{what:<44} {:>12.0} {:>12.0} {:>10.1}", per(bytes), json as f64 / n as f64, kib(bytes));
+    }
+    let before = full + 2 * cleared;
+    println!("operator before: 3 stores, {:.0} B/tenant, {:.1} MiB", per(before), kib(before));
+    println!("operator after:  1 store,  {:.0} B/tenant, {:.1} MiB", per(slimmed), kib(slimmed));
+    println!("ratio after/before: {:.3} (one store: slim/full {:.3})", slimmed as f64 / before as f64, slimmed as f64 / full as f64);
+}

@@ -181,7 +181,7 @@ async fn a_tenant_transaction_carries_role_path_caps_and_audit_values() {
     .unwrap();
     assert_eq!(row.0, a.name.app_role());
     assert_eq!(row.1, gw.as_str());
-    assert_eq!(row.2, format!("\"{}\"", a.name.schema()));
+    assert_eq!(row.2, a.name.schema());
     assert_eq!((row.3.as_str(), row.4.as_str(), row.5.as_str()), ("1500ms", "8MB", "7s"));
     assert_eq!(row.6, "o'brien\\");
     // The cap holds: a statement past 1.5 s is cancelled.
@@ -202,4 +202,49 @@ async fn a_tenant_transaction_carries_role_path_caps_and_audit_values() {
     assert!(matches!(gateway.begin(a.name.as_str(), "a\0", "r").await, Err(Error::InvalidValue(_))));
     let r = gateway.begin(&unique("nobody"), "a", "r").await;
     assert!(matches!(r, Err(Error::UnknownTenant(_))), "{r:?}");
+}
+
+#[tokio::test]
+async fn caps_are_read_for_all_tenants_at_once_and_a_change_arrives_within_the_ttl() {
+    let (db, gw, password) = setup("gw_capcache").await;
+    let mut a = Tenant::new(&unique("gw-cc"));
+    a.gateway = Some(gw.to_string());
+    a.spec.database.statement_timeout = "1500ms".into();
+    a.converge(&db).await.expect("provision");
+    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(1))
+        .await
+        .unwrap()
+        .with_caps_ttl(std::time::Duration::from_millis(1500));
+    async fn timeout_in(gateway: &Gateway, t: &Tenant) -> String {
+        let mut tx = gateway.begin(t.name.as_str(), "a", "r").await.expect("begin");
+        let v: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')").fetch_one(&mut *tx).await.unwrap();
+        tx.rollback().await.unwrap();
+        v
+    }
+    assert_eq!(timeout_in(&gateway, &a).await, "1500ms");
+    // Changed on the Tenant: new transactions keep the value read until
+    // the cache period ends, then get the new one.
+    a.spec.database.statement_timeout = "2500ms".into();
+    a.converge(&db).await.expect("converge the new cap");
+    assert_eq!(timeout_in(&gateway, &a).await, "1500ms", "read again before the TTL");
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    assert_eq!(timeout_in(&gateway, &a).await, "2500ms", "not read again after the TTL");
+    // A tenant provisioned after the caps were read gets its own caps (a
+    // miss reads again, at most once a second), never another tenant's.
+    let mut b = Tenant::new(&unique("gw-cc"));
+    b.gateway = Some(gw.to_string());
+    b.spec.database.statement_timeout = "3500ms".into();
+    b.converge(&db).await.expect("provision b");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(timeout_in(&gateway, &b).await, "3500ms");
+    assert_eq!(timeout_in(&gateway, &a).await, "2500ms");
+    // A cap the library did not copy cannot come from the catalog: the
+    // query reads only the three copied settings of tenant app roles.
+    let rows: Vec<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(pg::gateway::caps_sql())).fetch_all(gateway.pool()).await.unwrap();
+    assert!(rows.iter().all(|(role, name, _)| role.starts_with("tenant_") && role.ends_with("_app") && pg::gateway::COPIED_SETTINGS.contains(&name.as_str())), "{rows:?}");
+    assert!(rows.iter().any(|(role, name, v)| role == &b.name.app_role() && name == "statement_timeout" && v == "3500ms"), "{rows:?}");
+    // A suspend is never cached: refused at once, with the caps still cached.
+    a.spec.state = TenantState::Suspended;
+    a.converge(&db).await.expect("suspend");
+    assert!(matches!(gateway.begin(a.name.as_str(), "a", "r").await, Err(Error::TenantNotActive(_))));
 }

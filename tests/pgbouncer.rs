@@ -171,7 +171,7 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
         .unwrap();
         pids.push(row.0);
         assert_eq!(row.1, t.name.app_role());
-        assert_eq!(row.2, format!("\"{}\"", t.name.schema()));
+        assert_eq!(row.2, t.name.schema());
         assert_eq!(row.3, format!("{}ms", 1001 + i));
         assert_eq!(row.4, format!("{}kB", 1100 + 10 * i));
         assert_eq!((row.5.as_str(), row.6.as_str()), (format!("actor-{round}").as_str(), format!("req-{round}").as_str()));

@@ -108,7 +108,11 @@ async fn main() {
     };
     let (mut lib, mut plain) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
     let (mut lib_cpu, mut plain_cpu) = (0u64, 0u64);
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(gateway.pool()).await.unwrap();
+    // In a transaction: through PgBouncer, a statement outside one may be
+    // parsed on one server connection and run on another.
+    let mut tx = gateway.pool().begin().await.unwrap();
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
     // Warm-up, then alternate so both see the same server state.
     for i in 0..(requests + 200) {
         let id = (i % 10_000) as i32 + 1;

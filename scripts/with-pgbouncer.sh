@@ -77,7 +77,7 @@ ignore_startup_parameters = extra_float_digits,options
 ; (docs/data-path.md). It also lets sqlx run with its statement cache off.
 server_reset_query = DISCARD ALL
 server_reset_query_always = 1
-server_lifetime = 3600
+server_lifetime = 600
 server_idle_timeout = 600
 INI
 echo "\"pgbouncer_auth\" \"$AUTHPW\"" >"$DIR/userlist.txt"

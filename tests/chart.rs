@@ -236,7 +236,7 @@ fn pgbouncer_pools_transactions_as_the_gateway_and_is_hardened() {
     let defaults = documents(&render(&helm, &["--set", "pgbouncer.enabled=true,pgbouncer.databaseHost=db"]));
     let ini = find_doc(&defaults, "ConfigMap", Some(name)).unwrap()["data"]["pgbouncer.ini"].as_str().unwrap().to_string();
     let pgb = ini_section(&ini, "pgbouncer");
-    for (k, v) in [("default_pool_size", "20"), ("max_client_conn", "1000"), ("server_lifetime", "3600")] {
+    for (k, v) in [("default_pool_size", "20"), ("max_client_conn", "1000"), ("server_lifetime", "600")] {
         assert_eq!(pgb.get(k).map(String::as_str), Some(v), "default {k}");
     }
     assert_eq!(ini_section(&ini, "databases")["*"], "host=db port=5432");

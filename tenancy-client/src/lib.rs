@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use tenant_operator::crypto::{Keyring, Purpose, TenantSalt};
 use tenant_operator::names::TenantName;
 use tenant_operator::pg::gateway::{self as gw, Refusal};
@@ -132,9 +132,13 @@ impl CapsCache {
     }
 
     async fn load(&self, pool: &PgPool) -> Result<(), Error> {
-        let rows: Vec<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(gw::caps_sql())).fetch_all(pool).await?;
+        // The simple protocol: one message, no prepared statement (behind
+        // PgBouncer in transaction mode a statement prepared outside a
+        // transaction may be gone, DISCARD ALL, before it runs).
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(gw::caps_sql())).fetch_all(pool).await?;
         let mut by_role: HashMap<String, Vec<(String, String)>> = HashMap::new();
-        for (role, name, value) in rows {
+        for row in rows {
+            let (role, name, value): (String, String, String) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
             by_role.entry(role).or_default().push((name, value));
         }
         *self.state.write().expect("caps lock") = Caps { loaded: Some(Instant::now()), by_role };

@@ -241,10 +241,10 @@ async fn main() {
     let (op_db, base_db) = ("scale_op", "scale_psql");
     let mut su = PgConnection::connect(&su_url).await.expect("superuser connects");
     for db in [op_db, base_db] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} OWNER tenancy_admin")))
-            .execute(&mut su)
-            .await
-            .expect("create database");
+        // One statement per message: neither may run in a transaction block.
+        for stmt in [format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"), format!("CREATE DATABASE {db} OWNER tenancy_admin")] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut su).await.expect("create database");
+        }
     }
     let base_url = with_db(&admin_url, base_db);
     let op_url = with_db(&admin_url, op_db);

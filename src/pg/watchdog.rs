@@ -243,7 +243,7 @@ owned AS (
      AND NOT EXISTS (SELECT 1 FROM tenancy.tenants t2 WHERE b.application_name LIKE 'tenant:%' AND t2.name = pg_catalog.substr(b.application_name, 8))
 )
 SELECT o.pid, o.name, o.uid, o.via, o.state, o.since,
-       (pg_catalog.extract(epoch FROM pg_catalog.now() - o.since) * 1000)::int8 AS elapsed_ms,
+       (EXTRACT(epoch FROM pg_catalog.now() - o.since) * 1000)::int8 AS elapsed_ms,
        COALESCE(s.setconfig, '{}'::text[]) AS settings
   FROM owned o
   LEFT JOIN LATERAL (
@@ -292,7 +292,7 @@ pub async fn signal(pool: &PgPool, signals: &[Signal]) -> Result<Vec<Signal>, Pg
     let terminate: Vec<bool> = signals.iter().map(|s| s.reason == Reason::IdleSessionEnded).collect();
     let since: Vec<chrono::DateTime<chrono::Utc>> = signals.iter().map(|s| s.since).collect();
     let done: Vec<i32> = sqlx::query_scalar(
-        "SELECT a.pid FROM pg_catalog.unnest($1::int4[], $2::bool[], $3::timestamptz[]) AS s(pid, terminate, since)
+        "SELECT a.pid FROM ROWS FROM (pg_catalog.unnest($1::int4[]), pg_catalog.unnest($2::bool[]), pg_catalog.unnest($3::timestamptz[])) AS s(pid, terminate, since)
            JOIN pg_catalog.pg_stat_activity a ON a.pid = s.pid
           WHERE CASE WHEN s.terminate AND a.state IN ('idle in transaction', 'idle in transaction (aborted)') AND a.state_change = s.since
                      THEN pg_catalog.pg_terminate_backend(a.pid)

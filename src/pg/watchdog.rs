@@ -162,9 +162,9 @@ pub fn setting_ms(value: &str) -> Option<i64> {
 pub fn cap_ms(settings: &[String], setting: &str) -> Option<i64> {
     settings
         .iter()
+        .rev()
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == setting)
-        .last()
+        .find(|(k, _)| *k == setting)
         .and_then(|(_, v)| setting_ms(v))
         .filter(|ms| *ms > 0)
 }

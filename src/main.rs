@@ -312,6 +312,16 @@ struct RunArgs {
     /// give each database on one server its own name. Empty: no gateway.
     #[arg(long, env = "GATEWAY_ROLE", default_value = tenant_operator::pg::gateway::DEFAULT_ROLE)]
     gateway_role: String,
+    /// Milliseconds between passes of the caps watchdog (leader only): each
+    /// cancels tenants' statements running past their statementTimeout and
+    /// ends sessions idle in a transaction past idleInTransactionTimeout
+    /// (plus the grace), whatever the session set for itself. 0: off.
+    #[arg(long, env = "WATCHDOG_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    watchdog_interval_ms: u64,
+    /// Milliseconds the watchdog adds to each cap before it signals (Postgres'
+    /// own timeout, where the session kept it, acts first).
+    #[arg(long, env = "WATCHDOG_GRACE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    watchdog_grace_ms: u64,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -521,6 +531,10 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         migration_timeouts: tenant_operator::pg::migrations::Timeouts { lock: args.migration_lock_timeout, statement: args.migration_statement_timeout },
         root_keys: key_source,
         audit_anchor_interval: Duration::from_secs(args.audit_anchor_seconds),
+        watchdog: tenant_operator::controller::watchdog::WatchdogSettings {
+            interval: (args.watchdog_interval_ms > 0).then(|| Duration::from_millis(args.watchdog_interval_ms)),
+            grace: Duration::from_millis(args.watchdog_grace_ms),
+        },
         backup: tenant_operator::controller::tenant::backup::BackupSettings {
             image: args.image,
             env_secret: args.backup_env_secret,

@@ -7,8 +7,10 @@
 //! Side effects: binds a TCP port; pings Postgres every 10 seconds.
 //!
 //! Label values come from fixed sets only (controller names, error
-//! `label()`s, tenant phases), never from an object's name or an error's
-//! text, so the series count stays bounded whatever the number of tenants.
+//! `label()`s, tenant phases), never from an error's text, and an object's
+//! name only where its count is bounded (the watchdog names at most
+//! [`WATCHDOG_NAMED_TENANTS`] tenants, the rest are `other`), so the series
+//! count stays bounded whatever the number of tenants.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +55,23 @@ struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantReasonLabels {
+    tenant: String,
+    reason: &'static str,
+}
+
+/// How many tenants the watchdog's per-tenant counter names: the first
+/// ones signalled since start keep their own series (counters must only
+/// grow, so a series never moves to another tenant); later ones count as
+/// `tenant="other"`. The per-reason total counts all.
+pub const WATCHDOG_NAMED_TENANTS: usize = 20;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabel {
     state: &'static str,
 }
@@ -71,6 +90,10 @@ pub struct Metrics {
     tenants: Family<PhaseLabel, Gauge>,
     pool: Family<PoolLabel, Gauge>,
     leader: Gauge,
+    watchdog: Family<ReasonLabel, Counter>,
+    watchdog_tenants: Family<TenantReasonLabels, Counter>,
+    watchdog_named: Mutex<std::collections::HashSet<String>>,
+    watchdog_errors: Counter,
     /// The Tenant controller's watch cache, for the per-phase gauge (set
     /// when that controller starts).
     pub tenant_store: OnceLock<Store<Tenant>>,
@@ -85,13 +108,40 @@ impl Default for Metrics {
         let tenants = Family::<PhaseLabel, Gauge>::default();
         let pool = Family::<PoolLabel, Gauge>::default();
         let leader = Gauge::default();
+        let watchdog = Family::<ReasonLabel, Counter>::default();
+        let watchdog_tenants = Family::<TenantReasonLabels, Counter>::default();
+        let watchdog_errors = Counter::default();
         registry.register("reconciles", "Reconciles run, per controller", reconciles.clone());
         registry.register("reconcile_errors", "Reconciles that failed, per controller and reason", errors.clone());
         registry.register("reconcile_duration_seconds", "How long reconciles take, per controller", duration.clone());
         registry.register("tenants", "Tenants per status phase (Unknown: no status yet)", tenants.clone());
         registry.register("db_pool_connections", "Admin connections to Postgres, in use and idle", pool.clone());
         registry.register("leader", "1 while this replica holds the leader lease and runs the controllers", leader.clone());
-        Self { registry, reconciles, errors, duration, tenants, pool, leader, tenant_store: OnceLock::new() }
+        registry.register(
+            "watchdog_signals",
+            "Tenant sessions the caps watchdog signalled, per reason (StatementCancelled, IdleSessionEnded)",
+            watchdog.clone(),
+        );
+        registry.register(
+            "watchdog_tenant_signals",
+            "Tenant sessions the caps watchdog signalled, per tenant (the first 20 signalled since start; the rest: other) and reason",
+            watchdog_tenants.clone(),
+        );
+        registry.register("watchdog_pass_errors", "Caps watchdog passes that failed", watchdog_errors.clone());
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            tenants,
+            pool,
+            leader,
+            watchdog,
+            watchdog_tenants,
+            watchdog_named: Mutex::new(Default::default()),
+            watchdog_errors,
+            tenant_store: OnceLock::new(),
+        }
     }
 }
 
@@ -119,6 +169,25 @@ impl Metrics {
         if let Some(reason) = error {
             self.errors.get_or_create(&ErrorLabels { controller, reason }).inc();
         }
+    }
+
+    /// The watchdog signalled one session of `tenant` for `reason`.
+    pub fn watchdog_signalled(&self, tenant: &str, reason: &'static str) {
+        self.watchdog.get_or_create(&ReasonLabel { reason }).inc();
+        let label = {
+            let mut named = self.watchdog_named.lock().unwrap_or_else(|p| p.into_inner());
+            if named.contains(tenant) || (named.len() < WATCHDOG_NAMED_TENANTS && named.insert(tenant.to_string())) {
+                tenant.to_string()
+            } else {
+                "other".to_string()
+            }
+        };
+        self.watchdog_tenants.get_or_create(&TenantReasonLabels { tenant: label, reason }).inc();
+    }
+
+    /// A watchdog pass failed.
+    pub fn watchdog_failed(&self) {
+        self.watchdog_errors.inc();
     }
 
     pub fn set_leader(&self, leading: bool) {
@@ -285,6 +354,28 @@ mod tests {
         assert!(out.contains("tenant_operator_reconcile_errors_total{controller=\"tenant\",reason=\"DatabaseUnavailable\"} 1"), "{out}");
         assert!(out.contains("tenant_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 2"), "{out}");
         assert!(out.contains("tenant_operator_leader 1"), "{out}");
+    }
+
+    #[test]
+    fn watchdog_counts_per_reason_and_names_at_most_twenty_tenants() {
+        let m = Metrics::default();
+        for i in 0..25 {
+            m.watchdog_signalled(&format!("t{i}"), "StatementCancelled");
+        }
+        m.watchdog_signalled("t0", "StatementCancelled");
+        m.watchdog_signalled("t24", "IdleSessionEnded");
+        m.watchdog_failed();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        assert!(out.contains("tenant_operator_watchdog_signals_total{reason=\"StatementCancelled\"} 26"), "{out}");
+        assert!(out.contains("tenant_operator_watchdog_signals_total{reason=\"IdleSessionEnded\"} 1"), "{out}");
+        assert!(out.contains("tenant_operator_watchdog_tenant_signals_total{tenant=\"t0\",reason=\"StatementCancelled\"} 2"), "{out}");
+        assert!(out.contains("tenant_operator_watchdog_tenant_signals_total{tenant=\"other\",reason=\"StatementCancelled\"} 5"), "{out}");
+        assert!(out.contains("tenant_operator_watchdog_tenant_signals_total{tenant=\"other\",reason=\"IdleSessionEnded\"} 1"), "{out}");
+        assert!(!out.contains("tenant=\"t20\""), "{out}");
+        assert!(out.contains("tenant_operator_watchdog_pass_errors_total 1"), "{out}");
+        let series = out.lines().filter(|l| l.starts_with("tenant_operator_watchdog_tenant_signals_total{")).count();
+        assert_eq!(series, 22, "{out}");
     }
 
     #[test]

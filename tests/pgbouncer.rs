@@ -158,6 +158,14 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
     // One client connection: every transaction goes through PgBouncer to
     // whichever server connection is free (mostly the same one).
     let gateway = env.gateway(1).await;
+    // The application_name the client logged in with, as PgBouncer keeps
+    // it for the client: what every non-tenant transaction must see.
+    let initial: String = sqlx::raw_sql("SELECT current_setting('application_name')")
+        .fetch_one(gateway.pool())
+        .await
+        .map(|r| sqlx::Row::get(&r, 0))
+        .unwrap();
+    assert!(!initial.starts_with("tenant:"), "{initial:?}");
     let mut pids = Vec::new();
     for round in 0..60 {
         let (i, t) = (round % 3, &tenants[round % 3]);
@@ -175,10 +183,16 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
         assert_eq!(row.3, format!("{}ms", 1001 + i));
         assert_eq!(row.4, format!("{}kB", 1100 + 10 * i));
         assert_eq!((row.5.as_str(), row.6.as_str()), (format!("actor-{round}").as_str(), format!("req-{round}").as_str()));
+        // The begin message names the tenant, for the watchdog, and Postgres
+        // shows it to other sessions while the transaction lasts.
+        let app_name: String = sqlx::query_scalar("SELECT current_setting('application_name')").fetch_one(&mut *tx).await.unwrap();
+        assert_eq!(app_name, format!("tenant:{}", t.name));
+        let shown: String = sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1").bind(row.0).fetch_one(&env.db.admin).await.unwrap();
+        assert_eq!(shown, app_name);
         // Whatever the transaction sets LOCAL itself dies with it too.
         // And what code bypassing the library leaves at session level is
         // discarded by the pooler (server_reset_query = DISCARD ALL).
-        sqlx::raw_sql("SET LOCAL work_mem = '77MB'; SELECT set_config('tenancy.actor', 'mallory', true); SET enable_seqscan = off; SET tenancy.request_id = 'leak'; SET LOCAL ROLE NONE")
+        sqlx::raw_sql("SET LOCAL work_mem = '77MB'; SELECT set_config('tenancy.actor', 'mallory', true); SET enable_seqscan = off; SET tenancy.request_id = 'leak'; SET LOCAL application_name = 'tenant:mallory'; SET LOCAL ROLE NONE")
             .execute(&mut *tx)
             .await
             .unwrap();
@@ -189,15 +203,16 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
         }
         // The next transaction outside any tenant: the gateway, as it logged in.
         let mut tx = gateway.pool().begin().await.unwrap();
-        let row: (String, String, String, String, String) = sqlx::query_as(
+        let row: (String, String, String, String, String, String) = sqlx::query_as(
             "SELECT current_user::text, current_setting('search_path'), current_setting('statement_timeout'),
-                    current_setting('work_mem') || current_setting('enable_seqscan'), coalesce(current_setting('tenancy.actor', true), '') || coalesce(current_setting('tenancy.request_id', true), '')",
+                    current_setting('work_mem') || current_setting('enable_seqscan'), coalesce(current_setting('tenancy.actor', true), '') || coalesce(current_setting('tenancy.request_id', true), ''),
+                    current_setting('application_name')",
         )
         .fetch_one(&mut *tx)
         .await
         .unwrap();
         tx.rollback().await.unwrap();
-        assert_eq!(row, (env.gw.to_string(), "\"\"".into(), "0".into(), "4MBon".into(), String::new()), "round {round}");
+        assert_eq!(row, (env.gw.to_string(), "\"\"".into(), "0".into(), "4MBon".into(), String::new(), initial.clone()), "round {round}");
     }
     let distinct: HashSet<i32> = pids.iter().copied().collect();
     assert!(distinct.len() < pids.len() / 2, "server connections were not reused: {} pids over {} transactions", distinct.len(), pids.len());
@@ -336,4 +351,42 @@ async fn the_python_example_routes_each_tenant_and_refuses_the_others() {
         .await
         .unwrap();
     assert_eq!(n, 0, "the example left a transaction open");
+}
+
+#[tokio::test]
+async fn the_caps_watchdog_cancels_a_statement_through_the_pooler_and_the_connection_serves_on() {
+    let env = setup("pb_watchdog").await;
+    let mut tenants = env.tenants(2).await;
+    tenants[0].spec.database.statement_timeout = "2s".into();
+    tenants[0].converge(&env.db).await.unwrap();
+    pg::watchdog::ensure_visibility(&env.db.admin).await.expect("the admin sees tenants' sessions");
+    let cfg = pg::watchdog::Config { grace: Duration::from_secs(1), gateway: Some(env.gw.to_string()) };
+    let (pool, signalled) = (env.db.admin.clone(), Arc::new(std::sync::Mutex::new(Vec::new())));
+    let out = signalled.clone();
+    let dog = tokio::spawn(async move {
+        loop {
+            let o = pg::watchdog::pass(&pool, &cfg).await.expect("watchdog pass");
+            out.lock().unwrap().extend(o.signalled);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let gateway = env.gateway(1).await;
+    let mut tx = gateway.begin(tenants[0].name.as_str(), "wd", "r-1").await.unwrap();
+    sqlx::raw_sql("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.unwrap();
+    let t0 = Instant::now();
+    let e = sqlx::raw_sql("SELECT pg_sleep(30)").execute(&mut *tx).await.expect_err("not cancelled");
+    let took = t0.elapsed();
+    assert_eq!(sqlstate(&e), "57014", "{e}");
+    assert!(took < Duration::from_secs(4), "cancelled after {took:?}");
+    tx.rollback().await.unwrap();
+    // The same client connection serves the other tenant next, unharmed.
+    let mut tx = gateway.begin(tenants[1].name.as_str(), "wd", "r-2").await.unwrap();
+    let rows: Vec<String> = sqlx::query_scalar("SELECT v FROM items").fetch_all(&mut *tx).await.unwrap();
+    assert_eq!(rows, vec![tenants[1].name.to_string()]);
+    tx.commit().await.unwrap();
+    assert!(!dog.is_finished(), "the watchdog's pass failed");
+    dog.abort();
+    let s = signalled.lock().unwrap().clone();
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!((s[0].tenant.as_str(), s[0].via), (tenants[0].name.as_str(), pg::watchdog::Via::ApplicationName));
 }

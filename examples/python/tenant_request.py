@@ -1,8 +1,10 @@
 """One request per tenant through the gateway login, in Python with psycopg 3.
 
 The same single message as the Rust library (docs/data-path.md): the
-tenant's app role, BEGIN, then search_path, the tenant's caps and the audit
-actor and request id, all SET LOCAL, in one round trip. The caps of every
+tenant's app role, BEGIN, then search_path, application_name
+'tenant:<name>' (so the operator's caps watchdog sees whose transaction
+this is), the tenant's caps and the audit actor and request id, all SET
+LOCAL, in one round trip. The caps of every
 tenant are read with one query and kept for CAPS_TTL seconds.
 
     python tenant_request.py POSTGRES_URL TENANT [TENANT ...]
@@ -68,6 +70,7 @@ def begin_sql(tenant: str, actor: str, request_id: str, tenant_caps: list[tuple[
     ident = "tenant_" + tenant.replace("-", "_")
     sql = (
         f'SET LOCAL ROLE "{ident}_app"; BEGIN; SET LOCAL search_path = "{ident}"; '
+        f"SET LOCAL application_name = 'tenant:{tenant}'; "
         f"SET LOCAL tenancy.actor = {literal(actor)}; SET LOCAL tenancy.request_id = {literal(request_id)};"
     )
     for name, value in tenant_caps:
@@ -107,6 +110,8 @@ def main(url: str, tenants: list[str]) -> None:
                 continue
             try:
                 rows = [r[0] for r in conn.execute("SELECT v FROM items ORDER BY id").fetchall()]
+                (name,) = conn.execute("SELECT current_setting('application_name')").fetchone()
+                assert name == f"tenant:{tenant}", name
                 conn.execute("COMMIT")
             except Exception:
                 conn.execute("ROLLBACK")

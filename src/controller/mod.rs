@@ -11,6 +11,7 @@ pub mod ratelimits;
 pub mod tenant;
 pub mod tenant_restore;
 pub mod tenant_watch;
+pub mod watchdog;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +50,8 @@ pub struct Settings {
     /// The gateway login of this database (`--gateway-role`); None: no
     /// gateway (`--gateway-role=""`).
     pub gateway: Option<crate::pg::gateway::GatewayName>,
+    /// The caps watchdog ([`watchdog`]).
+    pub watchdog: watchdog::WatchdogSettings,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.
@@ -164,6 +167,7 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
         _ = migration_set::run(ctx.clone(), migration_set_input) => ctx.health.task_died("migrationset-controller"),
         _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),
         _ = anchoring::run(ctx.clone()) => ctx.health.task_died("audit-anchoring"),
+        _ = watchdog::run(ctx.clone()) => ctx.health.task_died("watchdog"),
     }
 }
 

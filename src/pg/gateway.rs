@@ -355,7 +355,10 @@ pub fn caps_sql() -> String {
 /// gateway: `SET LOCAL ROLE` to the tenant's app role, `BEGIN`, then the
 /// tenant's `search_path`, its caps (`caps`: the app role's settings as
 /// [`caps_sql`] read them; any name not in [`COPIED_SETTINGS`] is ignored),
-/// and the audit actor and request id, all `SET LOCAL`.
+/// and the audit actor and request id, all `SET LOCAL`; and
+/// `application_name = 'tenant:<name>'` LOCAL, so that `pg_stat_activity`
+/// shows whose transaction the gateway session is in while it lasts (the
+/// caps watchdog, [`super::watchdog`], enforces the tenant's caps on it).
 ///
 /// The role comes first, before `BEGIN`: in a multi-statement message the
 /// statements before a `BEGIN` run in an implicit transaction block that
@@ -373,9 +376,11 @@ pub fn begin_sql(tenant: &TenantName, actor: &str, request_id: &str, caps: &[(St
     let request_id = audit_value("request_id", request_id)?;
     // Identifiers from a validated TenantName: [a-z0-9_] only.
     let mut sql = format!(
-        "SET LOCAL ROLE \"{}\"; BEGIN; SET LOCAL search_path = \"{}\"; SET LOCAL tenancy.actor = {actor}; SET LOCAL tenancy.request_id = {request_id};",
+        "SET LOCAL ROLE \"{}\"; BEGIN; SET LOCAL search_path = \"{}\"; SET LOCAL application_name = '{}{}'; SET LOCAL tenancy.actor = {actor}; SET LOCAL tenancy.request_id = {request_id};",
         tenant.app_role(),
-        tenant.schema()
+        tenant.schema(),
+        super::watchdog::APPLICATION_NAME_PREFIX,
+        tenant.as_str()
     );
     for (name, value) in caps {
         let Some(name) = COPIED_SETTINGS.iter().find(|s| **s == name.as_str()) else { continue };
@@ -483,7 +488,10 @@ mod tests {
             ("search_path".to_string(), "public".to_string()),
         ];
         let sql = begin_sql(&t, "o'brien\\'; RESET ROLE; --", "req-1", &caps).unwrap();
-        assert!(sql.starts_with("SET LOCAL ROLE \"tenant_acme_eu_app\"; BEGIN; SET LOCAL search_path = \"tenant_acme_eu\"; "), "{sql}");
+        assert!(
+            sql.starts_with("SET LOCAL ROLE \"tenant_acme_eu_app\"; BEGIN; SET LOCAL search_path = \"tenant_acme_eu\"; SET LOCAL application_name = 'tenant:acme-eu'; "),
+            "{sql}"
+        );
         assert!(sql.contains("SET LOCAL tenancy.actor = E'o''brien\\\\''; RESET ROLE; --';"), "{sql}");
         assert!(sql.contains("SET LOCAL statement_timeout = E'1500ms';"), "{sql}");
         assert!(sql.contains("SET LOCAL work_mem = E'8MB''; RESET ROLE; --';"), "{sql}");

@@ -351,15 +351,26 @@ async fn main() {
     let op_mig = complete - start;
     let errors_mig = scrape_errors(metrics_port).await - errors_prov;
 
-    // --- an idle resync: nothing may be written
-    let rvs = |list: Vec<Tenant>| list.into_iter().map(|t| (t.name_any(), t.resource_version().unwrap_or_default())).collect::<HashMap<_, _>>();
+    // Every Tenant shows the new version (the set's Complete comes from the
+    // rollout; each Tenant's status.schemaVersion from its own reconcile).
     let tenants: Api<Tenant> = Api::all(client.clone());
+    let shown = wait_all(tenants.clone(), n, Duration::from_secs(3600), |t: &Tenant| t.status.as_ref().is_some_and(|st| st.schema_version == Some(2))).await;
+    let followers_lag = shown.saturating_duration_since(complete);
+
+    // --- an idle resync: nothing may be written
+    let by_name = |list: Vec<Tenant>| list.into_iter().map(|t| (t.name_any(), t)).collect::<HashMap<_, _>>();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = rvs(tenants.list(&Default::default()).await.expect("list").items);
+    let before = by_name(tenants.list(&Default::default()).await.expect("list").items);
     let log_from = file_len(&pg_log);
     tokio::time::sleep(Duration::from_secs(resync + 10)).await;
-    let after = rvs(tenants.list(&Default::default()).await.expect("list").items);
-    let moved = before.iter().filter(|(k, v)| after.get(*k) != Some(v)).count();
+    let after = by_name(tenants.list(&Default::default()).await.expect("list").items);
+    let moved: Vec<&String> = before.iter().filter(|(k, v)| after.get(*k).map(|a| a.resource_version()) != Some(v.resource_version())).map(|(k, _)| k).collect();
+    if let Some(name) = moved.first() {
+        // What an idle write changed, for the first one.
+        let show = |t: &Tenant| serde_json::to_string(&t.status).unwrap_or_default();
+        println!("first Tenant written while idle, {name}:\n  before {}\n  after  {}", show(&before[*name]), show(&after[*name]));
+    }
+    let moved = moved.len();
     let idle_ddl = pg_log_ddl(&pg_log, log_from);
     stop.store(true, Ordering::Relaxed);
     let hwm = proc_status_kib(op_pid, "VmHWM:");
@@ -374,6 +385,7 @@ async fn main() {
     println!("| 5-DDL migration, apply to Complete | {:.2} s | {:.2} s | {:.2}x |", secs(psql_mig), secs(op_mig), secs(op_mig) / secs(psql_mig));
     println!();
     println!("kubectl apply of {n} Tenants alone: {:.2} s", secs(kubectl_apply));
+    println!("every Tenant showing the new version: {:.2} s after the set's Complete", secs(followers_lag));
     println!(
         "CPU during provisioning (machine busy {:.1} s): API test server {:.1} s ({:.0}%), operator {:.1} s ({:.0}%), the rest (Postgres, kubectl) {:.0}%",
         busy / 100.0,

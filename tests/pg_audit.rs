@@ -616,6 +616,12 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
             Light,
         ),
         ("an overload of an audit function", "CREATE FUNCTION _tenancy_audit_trigger(x int) RETURNS int LANGUAGE sql AS 'SELECT 1'", Light),
+        (
+            "a temporary view hiding a new table from the catalog",
+            "CREATE TABLE hidden (id int); CREATE TEMP VIEW pg_class AS SELECT * FROM pg_catalog.pg_class WHERE relname <> 'hidden';
+             ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard",
+            Full,
+        ),
         ("the audit table dropped", "DROP TABLE _tenancy_audit CASCADE", Full),
         ("the head table dropped", "DROP TABLE _tenancy_audit_head", Full),
         ("the head replaced by a view", "ALTER TABLE _tenancy_audit_head RENAME TO old_head; CREATE VIEW _tenancy_audit_head AS SELECT * FROM old_head", Full),
@@ -653,6 +659,7 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
         match what {
             "nothing" => assert_eq!(pg::audit::plan(&state, None), vec![], "{what}"),
             "new tables" => assert_eq!(state.untriggered, ["ev", "orders"], "{what}"),
+            "a temporary view hiding a new table from the catalog" => assert_eq!(state.untriggered, ["hidden"], "{what}"),
             "an overload of an audit function" => assert!(pg::audit::plan(&state, None).is_empty(), "{what}"),
             _ => assert!(!pg::audit::plan(&state, None).is_empty(), "{what}: nothing to repair"),
         }

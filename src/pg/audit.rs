@@ -590,7 +590,10 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
 }
 
 /// Reads the audit objects of the tenant schema: 1 query (constant text, so
-/// one prepared statement for every tenant), no writes.
+/// one prepared statement for every tenant), no writes. Every relation and
+/// type it names is schema-qualified: inside a migration's transaction
+/// ([`observe_in_tx`]) the session's temporary schema, searched before
+/// `pg_catalog` for relations and types, could hold the owner's stand-ins.
 pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<AuditState, PgError> {
     let schema = name.schema();
     // Relations and functions of the schema are found through their
@@ -604,34 +607,34 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
         function_bodies(name)?.iter().map(|(f, body)| hex::encode(Sha256::digest(format!("{f}:{body}").as_bytes()))).collect();
     let row = sqlx::query(
         "SELECT n.oid IS NOT NULL AS schema_exists,
-                EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
-                EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
-                EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
+                EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
                          WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $4 AND t.tgenabled = 'O'
                            AND p.pronamespace = n.oid AND p.proname = $5)
-                AND EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
                          WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $11 AND t.tgenabled = 'O'
                            AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $11) AS guard,
-                ARRAY(SELECT c.relname::text FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
+                ARRAY(SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
                 coalesce(u.untriggered, '{}') AS untriggered,
                 coalesce(u.stale, '{}') AS stale,
-                (SELECT count(*) FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid
-                  WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = n.oid AND d.classid = 'pg_proc'::regclass
+                (SELECT count(*) FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.objid
+                  WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
                     AND p.pronamespace = n.oid
                     AND encode(sha256(convert_to(p.proname || ':' || p.prosrc, 'UTF8')), 'hex') = ANY ($8)
                     AND p.prosecdef = (p.proname <> $5)
-                    AND p.proowner = (SELECT oid FROM pg_roles WHERE rolname = $9)
+                    AND p.proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $9)
                     AND p.proconfig = ARRAY[$10]) = cardinality($8) AS functions_current
-           FROM (SELECT $1::text AS name) x LEFT JOIN pg_namespace n ON n.nspname = x.name
+           FROM (SELECT $1::pg_catalog.text AS name) x LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = x.name
            LEFT JOIN LATERAL (
-                SELECT array_agg(c.relname::text ORDER BY c.relname) FILTER (WHERE tg.good <> 4) AS untriggered,
-                       array_agg(c.relname::text ORDER BY c.relname) FILTER (WHERE tg.good <> 4 AND tg.ours > 0) AS stale
-                  FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                SELECT array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE tg.good <> 4) AS untriggered,
+                       array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE tg.good <> 4 AND tg.ours > 0) AS stale
+                  FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.objid
                  CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE t.tgenabled = 'O' AND p.pronamespace = n.oid AND p.proname = $7) AS good,
                                             count(*) AS ours
-                                       FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                                       FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
                                       WHERE t.tgrelid = c.oid AND t.tgname = ANY ($6)) tg
-                 WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = n.oid AND d.classid = 'pg_class'::regclass
+                 WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
                    AND c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
                    AND c.relname NOT LIKE '\\_tenancy\\_%') u ON true",
     )

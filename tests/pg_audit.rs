@@ -587,3 +587,132 @@ async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile()
     assert_eq!(ops, ["INSERT", "UPDATE", "DELETE"], "every write is audited again");
     verified(&db, &t).await;
 }
+
+/// Inside a migration's transaction the light check stands in for the full
+/// observation only when the audit log's own objects are intact: after each
+/// of these changes (made as the owner, as a migration would, in the
+/// transaction), `observe_in_tx` gives exactly what `observe` gives, by the
+/// light check for what only concerns tenant tables, by the full
+/// observation otherwise.
+#[tokio::test]
+async fn the_in_transaction_check_agrees_with_the_full_observation() {
+    use pg::audit::Observation::{Full, Light};
+    let db = setup("aud_light").await;
+    let t = tenant_with_docs(&db, "lt").await;
+    let cases: Vec<(&str, &str, pg::audit::Observation)> = vec![
+        ("nothing", "SELECT 1", Light),
+        (
+            "new tables",
+            "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE ev (id int, at date) PARTITION BY RANGE (at);
+             CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); CREATE VIEW v AS SELECT 1 AS x",
+            Light,
+        ),
+        ("a table trigger disabled", "ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_upd", Light),
+        ("a table trigger dropped", "DROP TRIGGER _tenancy_audit_trunc ON docs", Light),
+        (
+            "a table trigger pointed elsewhere",
+            "CREATE FUNCTION other() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$;
+             CREATE OR REPLACE TRIGGER _tenancy_audit_ins AFTER INSERT ON docs REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION other()",
+            Light,
+        ),
+        ("an overload of an audit function", "CREATE FUNCTION _tenancy_audit_trigger(x int) RETURNS int LANGUAGE sql AS 'SELECT 1'", Light),
+        (
+            "a temporary view hiding a new table from the catalog",
+            "CREATE TABLE hidden (id int); CREATE TEMP VIEW pg_class AS SELECT * FROM pg_catalog.pg_class WHERE relname <> 'hidden';
+             ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard",
+            Full,
+        ),
+        ("the audit table dropped", "DROP TABLE _tenancy_audit CASCADE", Full),
+        ("the head table dropped", "DROP TABLE _tenancy_audit_head", Full),
+        ("the head replaced by a view", "ALTER TABLE _tenancy_audit_head RENAME TO old_head; CREATE VIEW _tenancy_audit_head AS SELECT * FROM old_head", Full),
+        (
+            "the trigger function replaced",
+            "CREATE OR REPLACE FUNCTION _tenancy_audit_trigger() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$BEGIN RETURN NULL; END$$",
+            Full,
+        ),
+        ("the write function made SECURITY INVOKER", "ALTER FUNCTION _tenancy_audit_write(text, text, jsonb[], text[]) SECURITY INVOKER", Full),
+        ("a function's search_path reset", "ALTER FUNCTION _tenancy_audit_tail() RESET search_path", Full),
+        ("a function's search_path changed", "ALTER FUNCTION _tenancy_audit_trigger() SET search_path = public", Full),
+        ("a function given away", "RESET ROLE; ALTER FUNCTION _tenancy_audit_guard() OWNER TO postgres", Full),
+        ("a function renamed", "ALTER FUNCTION _tenancy_audit_guard() RENAME TO g2", Full),
+        ("the guard disabled", "ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard", Full),
+        ("the guard renamed", "ALTER TRIGGER _tenancy_audit_guard ON _tenancy_audit RENAME TO g2", Full),
+        ("the tail disabled", "ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_tail", Full),
+        (
+            "the tail not deferred",
+            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit;
+             CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON _tenancy_audit NOT DEFERRABLE FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
+            Full,
+        ),
+    ];
+    let mut su = db.superuser().await;
+    for (what, sql, expected) in cases {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; {sql}", t.name.owner_role(), t.name.schema())))
+            .execute(&mut su)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (state, how) = pg::audit::observe_in_tx(&mut su, &t.name).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let full = pg::audit::observe(&mut su, &t.name).await.unwrap();
+        sqlx::raw_sql("ROLLBACK").execute(&mut su).await.unwrap();
+        assert_eq!(state, full, "{what}: the in-transaction check disagrees with observe");
+        assert_eq!(how, expected, "{what}");
+        match what {
+            "nothing" => assert_eq!(pg::audit::plan(&state, None), vec![], "{what}"),
+            "new tables" => assert_eq!(state.untriggered, ["ev", "orders"], "{what}"),
+            "a temporary view hiding a new table from the catalog" => assert_eq!(state.untriggered, ["hidden"], "{what}"),
+            "an overload of an audit function" => assert!(pg::audit::plan(&state, None).is_empty(), "{what}"),
+            _ => assert!(!pg::audit::plan(&state, None).is_empty(), "{what}: nothing to repair"),
+        }
+    }
+}
+
+/// A migration that disables, drops or replaces what the audit log is made
+/// of has it all put back in its own transaction (before anything of the
+/// tenant's can commit without it), with no reconcile in between: table
+/// triggers, the trigger and write functions (source, SECURITY DEFINER,
+/// search_path), the guard and tail triggers, the audit table itself; also
+/// for a non-transactional migration.
+#[tokio::test]
+async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transaction() {
+    let db = setup("aud_mig_repair").await;
+    let t = tenant_with_docs(&db, "mr").await;
+    let login = pg::migrations::ops_login(&db.admin, &support::test_ring(), &t.name).await.unwrap().expect("registered");
+    let set = SetRef { name: "default".into(), generation: 1 };
+    let steps = [
+        ("ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_upd; DROP TRIGGER _tenancy_audit_del ON docs; CREATE TABLE notes (id int PRIMARY KEY, body text)", true),
+        ("CREATE OR REPLACE FUNCTION _tenancy_audit_trigger() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$", true),
+        (
+            "ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_tail; ALTER FUNCTION _tenancy_audit_write(text, text, jsonb[], text[]) SECURITY INVOKER RESET search_path",
+            true,
+        ),
+        ("ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard", false),
+        ("DROP TABLE _tenancy_audit CASCADE", true),
+    ];
+    let mut migrations = Vec::new();
+    let mut app = t.app(&db).await.unwrap();
+    for (i, (sql, transactional)) in steps.into_iter().enumerate() {
+        let v = i as i64 + 1;
+        migrations.push(MigrationSql::new(v, format!("m{v}"), sql, transactional));
+        let out = pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default()).await.unwrap();
+        assert_eq!(out, TenantOutcome::Migrated { from: v - 1, to: v, applied: vec![v] }, "{sql}");
+        let mut conn = db.admin.acquire().await.unwrap();
+        let state = pg::audit::observe(&mut conn, &t.name).await.unwrap();
+        drop(conn);
+        assert_eq!(pg::audit::plan(&state, None), vec![], "after {sql:?} committed, the audit log is not whole: {state:?}");
+        if v < 5 {
+            let before = audit_rows(&db, &t).await.len();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO docs (body) VALUES ('a'); UPDATE docs SET body = 'b'; DELETE FROM docs; INSERT INTO notes VALUES ({v}, 'n')")))
+                .execute(&mut app)
+                .await
+                .unwrap_or_else(|e| panic!("after {sql:?}: {e}"));
+            let ops: Vec<String> = audit_rows(&db, &t).await.into_iter().skip(before).map(|a| a.op).collect();
+            assert_eq!(ops, ["INSERT", "UPDATE", "DELETE", "INSERT"], "after {sql:?}: every write is audited");
+            verified(&db, &t).await;
+        }
+    }
+    // The log itself was dropped: an empty one is back, guarded, and the
+    // chain's anchored head says rows went missing.
+    assert!(audit_rows(&db, &t).await.is_empty());
+    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap();
+    assert!(r.first_break.is_some(), "{r:?}");
+}

@@ -12,4 +12,5 @@ pub mod pg;
 pub mod ratelimit;
 pub mod sensitive;
 pub mod telemetry;
+pub mod top;
 pub mod controller;

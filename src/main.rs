@@ -48,6 +48,9 @@ enum Command {
     /// Tenants' audit logs (docs/audit.md).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The tenants by statement time, sessions or bytes, like `kubectl top`
+    /// (README, "Performance isolation").
+    Top(tenant_operator::top::TopArgs),
 }
 
 #[derive(Subcommand)]
@@ -322,6 +325,12 @@ struct RunArgs {
     /// own timeout, where the session kept it, acts first).
     #[arg(long, env = "WATCHDOG_GRACE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     watchdog_grace_ms: u64,
+    /// Seconds between usage samples (leader only): one query for all
+    /// tenants gives each one's sessions, bytes, rows written, statement time
+    /// and temp bytes, for status.usage and the tenant_operator_usage
+    /// gauges. 0: off.
+    #[arg(long, env = "USAGE_INTERVAL_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    usage_interval_seconds: u64,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -369,6 +378,7 @@ async fn main() -> anyhow::Result<()> {
             open_secret(&tenant, &name, envelope_file, &database_url, &namespace, &keys).await
         }
         Command::Audit(cmd) => audit(cmd).await,
+        Command::Top(args) => tenant_operator::top::run(args).await,
         Command::Backup { args, keys } => {
             cli_logging();
             let src = keys.source(&args.common.namespace);
@@ -535,6 +545,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             interval: (args.watchdog_interval_ms > 0).then(|| Duration::from_millis(args.watchdog_interval_ms)),
             grace: Duration::from_millis(args.watchdog_grace_ms),
         },
+        usage_interval: (args.usage_interval_seconds > 0).then(|| Duration::from_secs(args.usage_interval_seconds)),
         backup: tenant_operator::controller::tenant::backup::BackupSettings {
             image: args.image,
             env_secret: args.backup_env_secret,

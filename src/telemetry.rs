@@ -72,6 +72,37 @@ struct TenantReasonLabels {
 pub const WATCHDOG_NAMED_TENANTS: usize = 20;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MeasureTenantLabels {
+    measure: &'static str,
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MeasureLabel {
+    measure: &'static str,
+}
+
+/// How many tenants each usage gauge names (the largest by that measure at
+/// the latest sample); the rest are summed as `tenant="other"`.
+pub const USAGE_NAMED_TENANTS: usize = 20;
+
+/// The usage measures, as the gauges' `measure` label names them.
+pub const USAGE_MEASURES: [&str; 7] =
+    ["sessions_active", "sessions_idle", "bytes", "rows_written_per_second", "statement_seconds_per_minute", "temp_bytes", "cancellations"];
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The `n` largest of `values` by value (then name), the sum of the rest
+/// and the total. Pure.
+pub fn top_n(values: &[(&str, f64)], n: usize) -> (Vec<(String, f64)>, f64, f64) {
+    let mut v: Vec<(&str, f64)> = values.to_vec();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let total = v.iter().map(|x| x.1).sum();
+    let other = v.iter().skip(n).map(|x| x.1).sum();
+    (v.into_iter().take(n).map(|(k, x)| (k.to_string(), x)).collect(), other, total)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabel {
     state: &'static str,
 }
@@ -94,6 +125,10 @@ pub struct Metrics {
     watchdog_tenants: Family<TenantReasonLabels, Counter>,
     watchdog_named: Mutex<std::collections::HashSet<String>>,
     watchdog_errors: Counter,
+    /// Sessions signalled per tenant since start (status.usage.cancellations).
+    watchdog_per_tenant: Mutex<std::collections::HashMap<String, u64>>,
+    usage: Family<MeasureTenantLabels, FloatGauge>,
+    usage_totals: Family<MeasureLabel, FloatGauge>,
     /// The Tenant controller's watch cache, for the per-phase gauge (set
     /// when that controller starts).
     pub tenant_store: OnceLock<Store<Tenant>>,
@@ -128,6 +163,14 @@ impl Default for Metrics {
             watchdog_tenants.clone(),
         );
         registry.register("watchdog_pass_errors", "Caps watchdog passes that failed", watchdog_errors.clone());
+        let usage = Family::<MeasureTenantLabels, FloatGauge>::default();
+        let usage_totals = Family::<MeasureLabel, FloatGauge>::default();
+        registry.register(
+            "usage",
+            "Tenants' usage at the latest sample, per measure: the 20 largest tenants by that measure by name, the rest summed as other",
+            usage.clone(),
+        );
+        registry.register("usage_all_tenants", "Tenants' usage at the latest sample, per measure, summed over all tenants", usage_totals.clone());
         Self {
             registry,
             reconciles,
@@ -140,6 +183,9 @@ impl Default for Metrics {
             watchdog_tenants,
             watchdog_named: Mutex::new(Default::default()),
             watchdog_errors,
+            watchdog_per_tenant: Mutex::new(Default::default()),
+            usage,
+            usage_totals,
             tenant_store: OnceLock::new(),
         }
     }
@@ -183,6 +229,48 @@ impl Metrics {
             }
         };
         self.watchdog_tenants.get_or_create(&TenantReasonLabels { tenant: label, reason }).inc();
+        *self.watchdog_per_tenant.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_insert(0) += 1;
+    }
+
+    /// Sessions the watchdog signalled per tenant since start.
+    pub fn watchdog_per_tenant(&self) -> std::collections::HashMap<String, u64> {
+        self.watchdog_per_tenant.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the usage gauges from one sample: per measure the
+    /// [`USAGE_NAMED_TENANTS`] largest tenants by name, the rest as
+    /// `other`, and the total; series of tenants no longer among the
+    /// largest are dropped.
+    pub fn set_usage(&self, figs: &[crate::pg::usage::Figures], cancellations: &std::collections::HashMap<String, u64>) {
+        self.usage.clear();
+        for measure in USAGE_MEASURES {
+            let values: Vec<(&str, f64)> = figs
+                .iter()
+                .filter_map(|f| {
+                    let v = match measure {
+                        "sessions_active" => f.sessions_active as f64,
+                        "sessions_idle" => f.sessions_idle as f64,
+                        "bytes" => f.bytes as f64,
+                        "rows_written_per_second" => f.rows_written_per_second,
+                        "statement_seconds_per_minute" => f.statement_seconds_per_minute,
+                        "temp_bytes" => f.temp_bytes? as f64,
+                        _ => cancellations.get(&f.name).copied().unwrap_or(0) as f64,
+                    };
+                    Some((f.name.as_str(), v))
+                })
+                .collect();
+            if measure == "temp_bytes" && values.is_empty() {
+                // Without pg_stat_statements: no temp figure at all.
+                self.usage_totals.remove(&MeasureLabel { measure });
+                continue;
+            }
+            let (top, other, total) = top_n(&values, USAGE_NAMED_TENANTS);
+            for (tenant, v) in top {
+                self.usage.get_or_create(&MeasureTenantLabels { measure, tenant }).set(v);
+            }
+            self.usage.get_or_create(&MeasureTenantLabels { measure, tenant: "other".into() }).set(other);
+            self.usage_totals.get_or_create(&MeasureLabel { measure }).set(total);
+        }
     }
 
     /// A watchdog pass failed.
@@ -354,6 +442,46 @@ mod tests {
         assert!(out.contains("tenant_operator_reconcile_errors_total{controller=\"tenant\",reason=\"DatabaseUnavailable\"} 1"), "{out}");
         assert!(out.contains("tenant_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 2"), "{out}");
         assert!(out.contains("tenant_operator_leader 1"), "{out}");
+    }
+
+    #[test]
+    fn usage_gauges_name_the_twenty_largest_per_measure_and_sum_the_rest() {
+        let m = Metrics::default();
+        let figs: Vec<crate::pg::usage::Figures> = (0..30)
+            .map(|i| crate::pg::usage::Figures {
+                name: format!("t{i:02}"),
+                uid: format!("u{i}"),
+                sessions_active: 1,
+                sessions_idle: 0,
+                bytes: 1000 * i,
+                rows_written_per_second: 0.0,
+                statement_seconds_per_minute: if i == 3 { 42.0 } else { 0.0 },
+                temp_bytes: None,
+            })
+            .collect();
+        m.set_usage(&figs, &[("t05".to_string(), 2)].into());
+        let render = |m: &Metrics| {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+            out
+        };
+        let out = render(&m);
+        assert!(out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"t29\"} 29000.0"), "{out}");
+        assert!(!out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"t09\"}"), "{out}");
+        // t00..t09 are the rest: 0+1000+...+9000.
+        assert!(out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"other\"} 45000.0"), "{out}");
+        assert!(out.contains("tenant_operator_usage_all_tenants{measure=\"bytes\"} 435000.0"), "{out}");
+        assert!(out.contains("tenant_operator_usage{measure=\"statement_seconds_per_minute\",tenant=\"t03\"} 42.0"), "{out}");
+        assert!(out.contains("tenant_operator_usage{measure=\"cancellations\",tenant=\"t05\"} 2.0"), "{out}");
+        assert!(!out.contains("measure=\"temp_bytes\""), "no temp figure without pg_stat_statements");
+        for measure in ["bytes", "sessions_active"] {
+            let series = out.lines().filter(|l| l.starts_with(&format!("tenant_operator_usage{{measure=\"{measure}\","))).count();
+            assert_eq!(series, USAGE_NAMED_TENANTS + 1, "{measure}");
+        }
+        // A later sample: the series of tenants no longer among the largest go.
+        m.set_usage(&figs[..2], &Default::default());
+        let out = render(&m);
+        assert!(!out.contains("tenant=\"t29\""), "{out}");
     }
 
     #[test]

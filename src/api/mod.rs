@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use migration_set::{FailedTenant, Migration, MigrationSet, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, OnFailure, RolloutSpec, VersionCount};
 pub use tenant_restore::{RestorePhase, TenantRestore, TenantRestoreSpec, TenantRestoreStatus};
-pub use tenant::{DatabaseSpec, RateLimit, RateLimitUnit, RateLimitsSpec, Tenant, TenantPhase, TenantSpec, TenantState, TenantStatus};
+pub use tenant::{DatabaseSpec, RateLimit, RateLimitUnit, RateLimitsSpec, Tenant, TenantPhase, TenantSpec, TenantState, TenantStatus, TenantUsage};
 
 /// API group of every resource of the operator.
 pub const GROUP: &str = "tenancy.dev";

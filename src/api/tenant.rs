@@ -39,6 +39,8 @@ pub const NAME_MAX_LEN: usize = 40;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(name = "Size", type_ = "integer", json_path = ".status.usage.bytes", priority = 1),
+    printcolumn(name = "Conns", type_ = "integer", json_path = ".status.usage.sessions", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1123 label of at most 40 characters (lower-case letters, digits and '-', starting and ending with a letter or digit)")
 )]
@@ -371,6 +373,39 @@ pub struct TenantStatus {
     /// `DeletionBlocked` while a delete waits on `deletionProtection`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// What the tenant uses, sampled by the operator (README, "Performance
+    /// isolation"); rewritten when a figure moves by more than 10%.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TenantUsage>,
+}
+
+/// A tenant's usage as `status.usage` shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantUsage {
+    /// Sessions running a statement (app login, and gateway sessions in a
+    /// transaction of the tenant).
+    pub sessions_active: i64,
+    /// Other sessions (idle, idle in a transaction).
+    pub sessions_idle: i64,
+    /// All sessions (the CONNS column).
+    pub sessions: i64,
+    /// Bytes of the schema's tables, indexes and toast.
+    pub bytes: i64,
+    /// Rows inserted, updated and deleted per second.
+    pub rows_written_per_second: f64,
+    /// Seconds of statement time per minute (from pg_stat_statements, or
+    /// sampled running statements without it).
+    pub statement_seconds_per_minute: f64,
+    /// Bytes of temporary files written (pg_stat_statements only; absent
+    /// without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_bytes: Option<i64>,
+    /// Statements cancelled and sessions ended by the caps watchdog since
+    /// the leading operator started.
+    pub cancellations: i64,
+    /// When these figures were sampled (RFC 3339).
+    pub sampled_at: String,
 }
 
 /// A backup as `status.lastBackup` shows it.

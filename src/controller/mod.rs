@@ -11,6 +11,7 @@ pub mod ratelimits;
 pub mod tenant;
 pub mod tenant_restore;
 pub mod tenant_watch;
+pub mod usage;
 pub mod watchdog;
 
 use std::collections::HashMap;
@@ -52,6 +53,8 @@ pub struct Settings {
     pub gateway: Option<crate::pg::gateway::GatewayName>,
     /// The caps watchdog ([`watchdog`]).
     pub watchdog: watchdog::WatchdogSettings,
+    /// Time between usage samples ([`usage`]); None: off.
+    pub usage_interval: Option<Duration>,
 }
 
 /// Counters a test (and later the metrics endpoint) reads.
@@ -168,6 +171,7 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
         _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),
         _ = anchoring::run(ctx.clone()) => ctx.health.task_died("audit-anchoring"),
         _ = watchdog::run(ctx.clone()) => ctx.health.task_died("watchdog"),
+        _ = usage::run(ctx.clone()) => ctx.health.task_died("usage-sampler"),
     }
 }
 

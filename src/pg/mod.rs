@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod migrations;
 pub mod scram;
 pub mod tenant;
+pub mod usage;
 pub mod watchdog;
 
 use std::time::Duration;

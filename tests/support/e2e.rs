@@ -161,6 +161,9 @@ impl Env {
             // Roles are cluster-wide: each test database its own gateway.
             .env("GATEWAY_ROLE", format!("gw_{}", self.db.name))
             .env("METRICS_ADDR", "127.0.0.1:0")
+            // The usage sampler writes status.usage of new tenants; off, so
+            // that the steady-state checks (no write at all) keep their meaning.
+            .env("USAGE_INTERVAL_SECONDS", "0")
             // Backups (tests/e2e_backup.rs): CronJobs and restore Jobs run
             // this image; the store is a folder of the test's own.
             .env("OPERATOR_IMAGE", BACKUP_IMAGE)

@@ -134,11 +134,21 @@ pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Re
     if t.status.as_ref() == Some(&status) {
         return Ok(false);
     }
+    patch_status(ctx, &t.name_any(), json!({ "status": status })).await
+}
+
+/// Writes `status.usage` alone (the usage sampler's figures,
+/// src/controller/usage.rs), the same way; returns whether it wrote.
+pub async fn write_usage(ctx: &Context, name: &str, usage: &crate::api::TenantUsage) -> Result<bool, Error> {
+    patch_status(ctx, name, json!({ "status": { "usage": usage } })).await
+}
+
+/// A merge patch on the Tenant's status subresource; a Tenant gone
+/// meanwhile (its finalizer was just removed) is no write and no error.
+async fn patch_status(ctx: &Context, name: &str, patch: serde_json::Value) -> Result<bool, Error> {
     let api: Api<Tenant> = Api::all(ctx.client.clone());
-    let patch = json!({ "status": status });
-    match api.patch_status(&t.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(_) => {}
-        // The Tenant went away meanwhile (its finalizer was just removed).
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
         Err(e) => return Err(Error::PatchStatus(e)),
     }

@@ -54,7 +54,9 @@ pub fn next_status(
     };
     let schema_version = extra.schema_version.or_else(|| old.and_then(|s| s.schema_version));
     let last_backup = extra.last_backup.or_else(|| old.and_then(|s| s.last_backup.clone()));
-    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, last_backup, conditions }
+    // The usage sampler's figures are its own (src/controller/usage.rs).
+    let usage = old.and_then(|s| s.usage.clone());
+    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, last_backup, conditions, usage }
 }
 
 /// Conditions from `conds`, keeping `lastTransitionTime` of those whose

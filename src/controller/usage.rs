@@ -1,0 +1,280 @@
+//! The usage sampler (README, "Performance isolation"): while this instance
+//! leads, every `--usage-interval-seconds` one sample
+//! ([`crate::pg::usage::sample`], one query for all tenants) gives each
+//! tenant's figures; they go to the Prometheus gauges (top 20 per measure by
+//! name, the rest as `other`, plus totals) and to `status.usage`, written
+//! only when [`should_write`] says so, so that an idle fleet costs the API
+//! server nothing.
+//!
+//! Takes the context (admin pool, settings, metrics, the Tenant cache); side
+//! effects: merge patches on Tenants' status subresource, the
+//! `tenant_operator_usage*` gauges. Never returns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::runtime::reflector::ObjectRef;
+
+use super::Context;
+use crate::api::{Tenant, TenantUsage};
+use crate::pg::usage::{self as us, Figures};
+
+/// A status whose figures moved less than [`MOVED`] is still rewritten
+/// once it is this old, if any figure changed at all.
+pub const REFRESH: Duration = Duration::from_secs(300);
+/// A figure moved when it changed by more than this fraction of its old
+/// value (or from or to zero).
+pub const MOVED: f64 = 0.10;
+/// Status writes per sample at most; the rest are decided again at the
+/// next one (their status still differs), so a first sample of 10,000
+/// tenants is spread over several.
+pub const WRITES_PER_SAMPLE: usize = 500;
+/// How often `pg_stat_statements` is looked for again.
+const STATEMENTS_RECHECK: Duration = Duration::from_secs(600);
+/// How often a missing `pg_read_all_stats` is tried again.
+const VISIBILITY_RETRY: Duration = Duration::from_secs(60);
+
+fn moved(old: f64, new: f64) -> bool {
+    if old == new {
+        return false;
+    }
+    if old == 0.0 || new == 0.0 {
+        return true;
+    }
+    // (A hair of slack: 2.0 -> 2.2 is 10% exactly, not 10.0000001%.)
+    (new - old).abs() > MOVED * old.abs() * (1.0 + 1e-9)
+}
+
+fn values(u: &TenantUsage) -> [f64; 7] {
+    [
+        u.sessions_active as f64,
+        u.sessions_idle as f64,
+        u.bytes as f64,
+        u.rows_written_per_second,
+        u.statement_seconds_per_minute,
+        u.temp_bytes.map(|b| b as f64).unwrap_or(-1.0),
+        u.cancellations as f64,
+    ]
+}
+
+/// Whether to write `new` over `old` at `now`: no status yet; a figure
+/// moved by more than 10% (or from or to zero; temp bytes appearing or
+/// going); or some figure changed at all and `old` is [`REFRESH`] old. The
+/// same figures are never rewritten (an idle tenant costs no write). Pure.
+pub fn should_write(old: Option<&TenantUsage>, new: &TenantUsage, now: chrono::DateTime<chrono::Utc>) -> bool {
+    let Some(old) = old else { return true };
+    let (a, b) = (values(old), values(new));
+    if a.iter().zip(&b).any(|(x, y)| moved(*x, *y) || ((*x < 0.0) != (*y < 0.0))) {
+        return true;
+    }
+    if a == b {
+        return false;
+    }
+    match chrono::DateTime::parse_from_rfc3339(&old.sampled_at) {
+        Ok(at) => now.signed_duration_since(at).to_std().is_ok_and(|age| age >= REFRESH),
+        Err(_) => true,
+    }
+}
+
+/// The status figures of `f`.
+pub fn usage_of(f: &Figures, cancellations: u64, sampled_at: chrono::DateTime<chrono::Utc>) -> TenantUsage {
+    TenantUsage {
+        sessions_active: f.sessions_active,
+        sessions_idle: f.sessions_idle,
+        sessions: f.sessions(),
+        bytes: f.bytes,
+        rows_written_per_second: f.rows_written_per_second,
+        statement_seconds_per_minute: f.statement_seconds_per_minute,
+        temp_bytes: f.temp_bytes,
+        cancellations: cancellations.min(i64::MAX as u64) as i64,
+        sampled_at: sampled_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    }
+}
+
+/// The status writes one sample decides: for each tenant `current` knows
+/// (by name and uid: Some(its status.usage)), its new usage when
+/// [`should_write`]. Pure.
+pub fn decide(
+    figs: &[Figures],
+    current: impl Fn(&str, &str) -> Option<Option<TenantUsage>>,
+    cancellations: &HashMap<String, u64>,
+    sampled_at: chrono::DateTime<chrono::Utc>,
+) -> Vec<(String, TenantUsage)> {
+    figs.iter()
+        .filter_map(|f| {
+            let old = current(&f.name, &f.uid)?;
+            let new = usage_of(f, cancellations.get(&f.name).copied().unwrap_or(0), sampled_at);
+            should_write(old.as_ref(), &new, sampled_at).then(|| (f.name.clone(), new))
+        })
+        .collect()
+}
+
+pub async fn run(ctx: Arc<Context>) {
+    let Some(every) = ctx.settings.usage_interval else {
+        tracing::info!("the usage sampler is off (--usage-interval-seconds=0)");
+        return futures::future::pending().await;
+    };
+    let cfg = us::Config { gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()), window: every };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut visible_checked: Option<Instant> = None;
+    let mut visible = false;
+    let mut pgss: Option<(Instant, Option<String>)> = None;
+    let mut prev: Option<us::Sample> = None;
+    loop {
+        tick.tick().await;
+        if !visible {
+            if visible_checked.is_some_and(|t| t.elapsed() < VISIBILITY_RETRY) {
+                continue;
+            }
+            visible_checked = Some(Instant::now());
+            match crate::pg::watchdog::ensure_visibility(&ctx.pool).await {
+                Ok(()) => visible = true,
+                Err(e) => {
+                    tracing::error!(error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
+                    continue;
+                }
+            }
+        }
+        if pgss.as_ref().is_none_or(|(at, _)| at.elapsed() >= STATEMENTS_RECHECK) {
+            match us::statements_source(&ctx.pool).await {
+                Ok(src) => pgss = Some((Instant::now(), src)),
+                Err(e) => tracing::warn!(error = %e, "looking for pg_stat_statements failed"),
+            }
+        }
+        let src = pgss.as_ref().and_then(|(_, s)| s.as_deref());
+        let started = Instant::now();
+        let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), us::sample(&ctx.pool, &cfg, src)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "usage sample failed; retrying at the next one");
+                pgss = None;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("usage sample timed out; retrying at the next one");
+                continue;
+            }
+        };
+        let took = started.elapsed();
+        // Two samples of different sources give no rate.
+        let base = prev.as_ref().filter(|p| p.statements == cur.statements);
+        let figs = us::figures(base, &cur);
+        let cancellations = ctx.metrics.watchdog_per_tenant();
+        ctx.metrics.set_usage(&figs, &cancellations);
+        let writes = match ctx.metrics.tenant_store.get() {
+            Some(store) => decide(
+                &figs,
+                |name, uid| {
+                    let t: Arc<Tenant> = store.get(&ObjectRef::new(name))?;
+                    (t.metadata.uid.as_deref() == Some(uid) && t.metadata.deletion_timestamp.is_none()).then(|| t.status.as_ref().and_then(|s| s.usage.clone()))
+                },
+                &cancellations,
+                cur.sampled_at,
+            ),
+            None => Vec::new(),
+        };
+        let due = writes.len();
+        let mut written = 0;
+        for (name, usage) in writes.into_iter().take(WRITES_PER_SAMPLE) {
+            match super::tenant::apply::write_usage(&ctx, &name, &usage).await {
+                Ok(true) => written += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(tenant = %name, error = %e, "writing status.usage failed"),
+            }
+        }
+        tracing::debug!(tenants = figs.len(), query_ms = took.as_millis() as u64, due, written, "usage sample");
+        prev = Some(cur);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn usage(bytes: i64, sessions: i64, stmt: f64, secs: i64) -> TenantUsage {
+        TenantUsage {
+            sessions_active: 0,
+            sessions_idle: sessions,
+            sessions,
+            bytes,
+            rows_written_per_second: 0.0,
+            statement_seconds_per_minute: stmt,
+            temp_bytes: None,
+            cancellations: 0,
+            sampled_at: at(secs).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    #[test]
+    fn written_when_a_figure_moves_more_than_ten_percent_or_from_or_to_zero() {
+        let old = usage(1_000_000, 10, 2.0, 0);
+        assert!(should_write(None, &old, at(0)), "no status yet");
+        assert!(!should_write(Some(&old), &usage(1_000_000, 10, 2.0, 15), at(15)), "same figures");
+        assert!(!should_write(Some(&old), &usage(1_100_000, 11, 2.2, 15), at(15)), "10% exactly is not more than 10%");
+        assert!(should_write(Some(&old), &usage(1_100_001, 10, 2.0, 15), at(15)));
+        assert!(should_write(Some(&old), &usage(1_000_000, 8, 2.0, 15), at(15)), "down too");
+        assert!(should_write(Some(&old), &usage(1_000_000, 10, 0.0, 15), at(15)), "to zero");
+        assert!(should_write(Some(&usage(0, 0, 0.0, 0)), &usage(0, 0, 0.01, 15), at(15)), "from zero");
+        let mut temp = old.clone();
+        temp.temp_bytes = Some(0);
+        assert!(should_write(Some(&old), &temp, at(15)), "temp bytes appear");
+    }
+
+    #[test]
+    fn small_drifts_wait_for_five_minutes_and_the_same_figures_never_rewrite() {
+        let old = usage(1_000_000, 10, 2.0, 0);
+        let drift = |secs| usage(1_050_000, 10, 2.0, secs);
+        assert!(!should_write(Some(&old), &drift(299), at(299)));
+        assert!(should_write(Some(&old), &drift(300), at(300)));
+        assert!(!should_write(Some(&old), &usage(1_000_000, 10, 2.0, 3_600), at(3_600)), "unchanged: never, however old");
+        let mut bad = old.clone();
+        bad.sampled_at = "yesterday".into();
+        assert!(should_write(Some(&bad), &drift(1), at(1)));
+    }
+
+    fn figs(n: usize) -> Vec<Figures> {
+        (0..n)
+            .map(|i| Figures {
+                name: format!("t{i:04}"),
+                uid: format!("u{i}"),
+                sessions_active: 0,
+                sessions_idle: (i % 3) as i64,
+                bytes: 8192 * (1 + i as i64 % 7),
+                rows_written_per_second: 0.0,
+                statement_seconds_per_minute: 0.0,
+                temp_bytes: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_idle_fleet_of_a_thousand_tenants_is_written_once_then_never() {
+        let fleet = figs(1_000);
+        let mut status: HashMap<String, Option<TenantUsage>> = fleet.iter().map(|f| (f.name.clone(), None)).collect();
+        let cancellations = HashMap::new();
+        let first = decide(&fleet, |n, _| status.get(n).cloned(), &cancellations, at(0));
+        assert_eq!(first.len(), 1_000);
+        for (n, u) in first {
+            status.insert(n, Some(u));
+        }
+        for k in 1..=40 {
+            let again = decide(&fleet, |n, _| status.get(n).cloned(), &cancellations, at(15 * k));
+            assert!(again.is_empty(), "sample {k} wrote {}", again.len());
+        }
+        // One tenant busy, one with a cancellation: those two only.
+        let mut busy = fleet.clone();
+        busy[7].sessions_active = 3;
+        let c: HashMap<String, u64> = [("t0500".to_string(), 1)].into();
+        let w = decide(&busy, |n, _| status.get(n).cloned(), &c, at(700));
+        assert_eq!(w.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["t0007", "t0500"]);
+        assert_eq!((w[0].1.sessions, w[1].1.cancellations), (3 + 1, 1));
+        // Tenants the cache does not know are not written.
+        assert!(decide(&busy, |_, _| None, &c, at(700)).is_empty());
+    }
+}

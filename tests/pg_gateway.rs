@@ -16,16 +16,7 @@ use tenant_operator::pg;
 use tenant_operator::pg::gateway::GatewayName;
 
 pub async fn setup(label: &str) -> (TestDb, GatewayName, String) {
-    let db = TestDb::new(label).await;
-    pg::migrate_control_schema(&db.admin).await.expect("control schema");
-    let facts = pg::admin_facts(&db.admin).await.expect("facts");
-    assert!(!facts.superuser, "tests must run as a non-superuser admin");
-    pg::harden_database(&db.admin, &facts).await.expect("harden");
-    let gw = GatewayName::parse(&format!("gw_{}", db.name)).expect("gateway name");
-    let password = pg::scram::generate_password();
-    let out = pg::gateway::converge(&db.admin, &gw, &password, true).await.expect("gateway converges");
-    assert!(out.statements > 0);
-    (db, gw, password)
+    support::gateway_db(label).await
 }
 
 async fn tenant(db: &TestDb, gw: &GatewayName, base: &str) -> Tenant {

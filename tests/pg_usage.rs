@@ -32,14 +32,7 @@ struct Env {
 /// with an index and a toasted column, `rows[i]` rows inserted and a tenth of
 /// them updated; vacuumed, so that no fork appears later.
 async fn setup(label: &str, rows: [i64; 3]) -> Env {
-    let db = TestDb::new(label).await;
-    pg::migrate_control_schema(&db.admin).await.expect("control schema");
-    let facts = pg::admin_facts(&db.admin).await.expect("facts");
-    assert!(!facts.superuser, "tests must run as a non-superuser admin");
-    pg::harden_database(&db.admin, &facts).await.expect("harden");
-    let gw = GatewayName::parse(&format!("gw_{}", db.name)).expect("gateway name");
-    let gw_password = pg::scram::generate_password();
-    pg::gateway::converge(&db.admin, &gw, &gw_password, true).await.expect("gateway");
+    let (db, gw, gw_password) = support::gateway_db(label).await;
     pg::watchdog::ensure_visibility(&db.admin).await.expect("the non-superuser admin can see tenants' sessions");
     let mut tenants = Vec::new();
     for (base, n) in ["big", "mid", "small"].iter().zip(rows) {

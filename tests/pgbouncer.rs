@@ -28,14 +28,7 @@ struct Env {
 }
 
 async fn setup(label: &str) -> Env {
-    let db = TestDb::new(label).await;
-    pg::migrate_control_schema(&db.admin).await.expect("control schema");
-    let facts = pg::admin_facts(&db.admin).await.expect("facts");
-    assert!(!facts.superuser, "tests must run as a non-superuser admin");
-    pg::harden_database(&db.admin, &facts).await.expect("harden");
-    let gw = GatewayName::parse(&format!("gw_{}", db.name)).expect("gateway name");
-    let password = pg::scram::generate_password();
-    pg::gateway::converge(&db.admin, &gw, &password, true).await.expect("gateway");
+    let (db, gw, password) = support::gateway_db(label).await;
     // PgBouncer looks the gateway's verifier up through its auth login,
     // which (like everyone) needs CONNECT on the hardened database.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT CONNECT ON DATABASE {} TO pgbouncer_auth", db.name))).execute(&db.admin).await.expect("grant auth login");

@@ -33,7 +33,6 @@ pub const WRITES_PER_SAMPLE: usize = 500;
 /// How often `pg_stat_statements` is looked for again.
 const STATEMENTS_RECHECK: Duration = Duration::from_secs(600);
 /// How often a missing `pg_read_all_stats` is tried again.
-const VISIBILITY_RETRY: Duration = Duration::from_secs(60);
 
 fn moved(old: f64, new: f64) -> bool {
     if old == new {
@@ -118,23 +117,17 @@ pub async fn run(ctx: Arc<Context>) {
     let cfg = us::Config { gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()), window: every };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut visible_checked: Option<Instant> = None;
-    let mut visible = false;
+    let mut visibility = super::watchdog::Visibility::default();
     let mut pgss: Option<(Instant, Option<String>)> = None;
     let mut prev: Option<us::Sample> = None;
     loop {
         tick.tick().await;
-        if !visible {
-            if visible_checked.is_some_and(|t| t.elapsed() < VISIBILITY_RETRY) {
+        match visibility.check(&ctx.pool).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
                 continue;
-            }
-            visible_checked = Some(Instant::now());
-            match crate::pg::watchdog::ensure_visibility(&ctx.pool).await {
-                Ok(()) => visible = true,
-                Err(e) => {
-                    tracing::error!(error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
-                    continue;
-                }
             }
         }
         if pgss.as_ref().is_none_or(|(at, _)| at.elapsed() >= STATEMENTS_RECHECK) {

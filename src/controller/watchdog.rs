@@ -135,6 +135,32 @@ fn tenant_ref(name: &str, uid: &str) -> ObjectReference {
     }
 }
 
+/// Whether the admin can see other roles' sessions (`pg_read_all_stats`,
+/// [`wd::ensure_visibility`]): checked until it can, at most once every
+/// [`VISIBILITY_RETRY`]. Shared by the watchdog and the usage sampler.
+#[derive(Default)]
+pub(crate) struct Visibility {
+    checked: Option<Instant>,
+    visible: bool,
+}
+
+impl Visibility {
+    /// Ok(true): go on; Ok(false): checked too recently, skip this pass;
+    /// Err: not visible (report it, skip this pass).
+    pub(crate) async fn check(&mut self, pool: &sqlx::PgPool) -> Result<bool, crate::pg::PgError> {
+        if self.visible {
+            return Ok(true);
+        }
+        if self.checked.is_some_and(|t| t.elapsed() < VISIBILITY_RETRY) {
+            return Ok(false);
+        }
+        self.checked = Some(Instant::now());
+        wd::ensure_visibility(pool).await?;
+        self.visible = true;
+        Ok(true)
+    }
+}
+
 pub async fn run(ctx: Arc<Context>) {
     let Some(every) = ctx.settings.watchdog.interval else {
         tracing::info!("the caps watchdog is off (--watchdog-interval-ms=0)");
@@ -143,23 +169,17 @@ pub async fn run(ctx: Arc<Context>) {
     let cfg = wd::Config { grace: ctx.settings.watchdog.grace, gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()) };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut visible_checked: Option<Instant> = None;
-    let mut visible = false;
+    let mut visibility = Visibility::default();
     let mut throttle = EventThrottle::default();
     loop {
         tick.tick().await;
-        if !visible {
-            if visible_checked.is_some_and(|t| t.elapsed() < VISIBILITY_RETRY) {
+        match visibility.check(&ctx.pool).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                ctx.metrics.watchdog_failed();
+                tracing::error!(error = %e, "the caps watchdog cannot see tenants' sessions; caps are not enforced until it can");
                 continue;
-            }
-            visible_checked = Some(Instant::now());
-            match wd::ensure_visibility(&ctx.pool).await {
-                Ok(()) => visible = true,
-                Err(e) => {
-                    ctx.metrics.watchdog_failed();
-                    tracing::error!(error = %e, "the caps watchdog cannot see tenants' sessions; caps are not enforced until it can");
-                    continue;
-                }
             }
         }
         let outcome = match tokio::time::timeout(every.max(Duration::from_secs(10)), wd::pass(&ctx.pool, &cfg)).await {

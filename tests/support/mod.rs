@@ -104,3 +104,19 @@ impl TestDb {
         (db, role, url)
     }
 }
+
+/// A test database hardened as the operator's start-up hardens one, with
+/// a gateway login converged in it: (database, gateway, its password).
+pub async fn gateway_db(label: &str) -> (TestDb, tenant_operator::pg::gateway::GatewayName, String) {
+    use tenant_operator::pg;
+    let db = TestDb::new(label).await;
+    pg::migrate_control_schema(&db.admin).await.expect("control schema");
+    let facts = pg::admin_facts(&db.admin).await.expect("facts");
+    assert!(!facts.superuser, "tests must run as a non-superuser admin");
+    pg::harden_database(&db.admin, &facts).await.expect("harden");
+    let gw = pg::gateway::GatewayName::parse(&format!("gw_{}", db.name)).expect("gateway name");
+    let password = pg::scram::generate_password();
+    let out = pg::gateway::converge(&db.admin, &gw, &password, true).await.expect("gateway converges");
+    assert!(out.statements > 0);
+    (db, gw, password)
+}

@@ -390,3 +390,32 @@ async fn a_migration_set_brings_tenants_to_its_latest_version_and_rolls_out_new_
         .unwrap();
     assert_eq!(n, 3, "each version is recorded once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_reaches_the_tenants_status_and_the_wide_columns() {
+    // The sampler is off in the other tests (their steady-state checks
+    // count writes); here it samples every second.
+    let env = Env::start_with("usage", None, &[("USAGE_INTERVAL_SECONDS", "1")]).await;
+    let name = unique("use");
+    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "")).status.success());
+    env.wait_ready(&name);
+    let sessions = || env.jsonpath(&["tenant", &name], "{.status.usage.sessions}").trim().to_string();
+    let a = app_connect(&env, &name).await.expect("app login");
+    let b = app_connect(&env, &name).await.expect("app login");
+    wait_for(Duration::from_secs(30), "status.usage.sessions = 2", || sessions() == "2");
+    let bytes: i64 = env.jsonpath(&["tenant", &name], "{.status.usage.bytes}").trim().parse().expect("status.usage.bytes");
+    assert!(bytes > 0, "the schema (audit log, version table) has a size");
+    // `kubectl get -o wide` shows them (SIZE and CONNS are priority-1 columns).
+    let wide = env.kubectl_ok(&["get", "tenant", &name, "-o", "wide"]);
+    let header: Vec<&str> = wide.lines().next().unwrap_or_default().split_whitespace().collect();
+    let row: Vec<&str> = wide.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    let col = |h: &str| header.iter().position(|c| *c == h).unwrap_or_else(|| panic!("no {h} column in:\n{wide}"));
+    assert_eq!(row.get(col("CONNS")).copied(), Some("2"), "{wide}");
+    assert!(row.get(col("SIZE")).is_some_and(|s| s.parse::<i64>().is_ok_and(|n| n > 0)), "{wide}");
+    let plain = env.kubectl_ok(&["get", "tenant", &name]);
+    assert!(!plain.contains("CONNS"), "the usage columns are for -o wide only:\n{plain}");
+    // Both sessions gone: a move to zero is always written.
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    wait_for(Duration::from_secs(30), "status.usage.sessions back to 0", || sessions() == "0");
+}

@@ -240,7 +240,8 @@ async fn top_by_cpu(db: &TestDb) -> (Vec<String>, String) {
 /// the caps watchdog, and with the watchdog's pass running every second as
 /// the operator's leader loop does. Asserted: A is first in `top --sort
 /// cpu` while loading; with the watchdog every statement of A is cancelled
-/// (57014) within its statementTimeout + 2 s. B's latencies are printed,
+/// (57014) within its statementTimeout + 2 s (+ 250 ms for the pass's own
+/// latency). `NOISY_LIMITS=1,2,20` picks A's connection limits (default 2,20). B's latencies are printed,
 /// not asserted beyond a loose bound (a shared 2-core machine; see the
 /// README's figures): no watchdog can give back the CPU that A's
 /// connection limit allows it to take, the watchdog only bounds how long
@@ -321,6 +322,7 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
         let out = signals.clone();
         let dog = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let o = pg::watchdog::pass(&pool, &cfg).await.expect("watchdog pass");
@@ -348,7 +350,13 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
         let signals = signals.lock().unwrap().clone();
         assert!(signals.iter().all(|s| s.tenant == a.name.as_str() && s.reason == pg::watchdog::Reason::StatementCancelled), "the watchdog signalled another tenant or reason: {signals:?}");
 
-        let cap = Duration::from_secs(2) + Duration::from_secs(2);
+        // statementTimeout 2 s + grace 1 s + one interval 1 s is the design's
+        // worst case: a statement restarted just after a pass is seen at
+        // 3 s - a little by the third pass after it and cancelled by the
+        // fourth, so the figures sit at 3.9-4.0 s. The pass's own latency
+        // (its query and the cancel, slower on a loaded machine) comes on
+        // top: allowed 250 ms, which the printed figures show unused.
+        let cap = Duration::from_secs(2) + Duration::from_secs(2) + Duration::from_millis(250);
         let mut under_watch = Vec::new();
         for (i, r) in runs.iter().enumerate() {
             assert!(r.iter().all(|x| x.outcome.is_err()), "a statement of A completed: {:?}", r.iter().map(|x| &x.outcome).collect::<Vec<_>>());
@@ -358,7 +366,7 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
             let cancelled_by_dog: Vec<Duration> = fresh.iter().copied().filter(|d| *d >= Duration::from_secs(2)).collect();
             assert!(!cancelled_by_dog.is_empty(), "connection {i} of A: no statement started under the watchdog was cancelled by it ({fresh:?})");
             for d in &cancelled_by_dog {
-                assert!(*d <= cap, "connection {i} of A: a statement ran {d:?}, past statementTimeout 2s + 2s");
+                assert!(*d <= cap, "connection {i} of A: a statement ran {d:?}, past statementTimeout 2s + 2s + 250ms");
             }
             under_watch.extend(cancelled_by_dog);
         }
@@ -366,7 +374,7 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
         let worst = under_watch.last().copied().unwrap_or_default();
         let line = format!(
             "connectionLimit {limit} on {cores} cores: B p50/p99 idle {:?}/{:?} (n={}), A loading without watchdog {:?}/{:?} (n={}), with watchdog {:?}/{:?} (n={}); \
-             A under the watchdog: {} statements cancelled after {:?}..{:?} (cap 2s + 1s grace, asserted <= 4s)",
+             A under the watchdog: {} statements cancelled after {:?}..{:?} (cap 2s + 1s grace, passes 1s apart; asserted <= 4.25s)",
             idle.0, idle.1, idle.2, loaded.0, loaded.1, loaded.2, watched.0, watched.1, watched.2, under_watch.len(), under_watch.first().copied().unwrap_or_default(), worst
         );
         println!("noisy neighbour: {line}");

@@ -196,7 +196,7 @@ async fn a_noisy_tenant_is_held_to_its_caps_and_its_neighbour_keeps_its_latency(
 async fn latencies_for(conn: &mut PgConnection, span: Duration) -> (Duration, Duration, usize) {
     let mut v = Vec::new();
     let end = Instant::now() + span;
-    let mut i = 0;
+    let mut i = 0usize;
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let start = Instant::now();
@@ -241,11 +241,11 @@ async fn top_by_cpu(db: &TestDb) -> (Vec<String>, String) {
 /// the operator's leader loop does. Asserted: A is first in `top --sort
 /// cpu` while loading; with the watchdog every statement of A is cancelled
 /// (57014) within its statementTimeout + 2 s (+ 250 ms for the pass's own
-/// latency). `NOISY_LIMITS=1,2,20` picks A's connection limits (default 2,20). B's latencies are printed,
-/// not asserted beyond a loose bound (a shared 2-core machine; see the
-/// README's figures): no watchdog can give back the CPU that A's
-/// connection limit allows it to take, the watchdog only bounds how long
-/// one statement holds it.
+/// latency). B's latencies are printed, not asserted beyond a loose bound
+/// (a shared 2-core machine; see the README's figures): no watchdog can
+/// give back the CPU that A's connection limit allows it to take, the
+/// watchdog only bounds how long one statement holds it.
+/// `NOISY_LIMITS=1,2,20` picks A's connection limits (default: 2 and 20).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and_named_by_top() {
     let _serial = SERIAL.lock().await;

@@ -323,7 +323,7 @@ struct RunArgs {
     watchdog_interval_ms: u64,
     /// Milliseconds the watchdog adds to each cap before it signals (Postgres'
     /// own timeout, where the session kept it, acts first).
-    #[arg(long, env = "WATCHDOG_GRACE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    #[arg(long, env = "WATCHDOG_GRACE_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     watchdog_grace_ms: u64,
     /// Seconds between usage samples (leader only): one query for all
     /// tenants gives each one's sessions, bytes, rows written, statement time

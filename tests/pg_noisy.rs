@@ -240,8 +240,8 @@ async fn top_by_cpu(db: &TestDb) -> (Vec<String>, String) {
 /// the caps watchdog, and with the watchdog's pass running every second as
 /// the operator's leader loop does. Asserted: A is first in `top --sort
 /// cpu` while loading; with the watchdog every statement of A is cancelled
-/// (57014) within its statementTimeout + 2 s (+ 250 ms for the pass's own
-/// latency). B's latencies are printed, not asserted beyond a loose bound
+/// (57014) within its statementTimeout + 2 s (the operator's default grace
+/// 0.5 s and interval 1 s leave 0.5 s for the pass's own latency). B's latencies are printed, not asserted beyond a loose bound
 /// (a shared 2-core machine; see the README's figures): no watchdog can
 /// give back the CPU that A's connection limit allows it to take, the
 /// watchdog only bounds how long one statement holds it.
@@ -317,7 +317,7 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
 
         // (c) the watchdog's pass every second, as the leader loop runs it.
         let watch_from = Instant::now();
-        let (pool, cfg) = (db.admin.clone(), pg::watchdog::Config { grace: Duration::from_secs(1), gateway: None });
+        let (pool, cfg) = (db.admin.clone(), pg::watchdog::Config { grace: Duration::from_millis(500), gateway: None });
         let signals = Arc::new(std::sync::Mutex::new(Vec::new()));
         let out = signals.clone();
         let dog = tokio::spawn(async move {
@@ -350,13 +350,11 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
         let signals = signals.lock().unwrap().clone();
         assert!(signals.iter().all(|s| s.tenant == a.name.as_str() && s.reason == pg::watchdog::Reason::StatementCancelled), "the watchdog signalled another tenant or reason: {signals:?}");
 
-        // statementTimeout 2 s + grace 1 s + one interval 1 s is the design's
-        // worst case: a statement restarted just after a pass is seen at
-        // 3 s - a little by the third pass after it and cancelled by the
-        // fourth, so the figures sit at 3.9-4.0 s. The pass's own latency
-        // (its query and the cancel, slower on a loaded machine) comes on
-        // top: allowed 250 ms, which the printed figures show unused.
-        let cap = Duration::from_secs(2) + Duration::from_secs(2) + Duration::from_millis(250);
+        // statementTimeout 2 s + grace 0.5 s + one interval 1 s is the
+        // design's worst case (3.5 s); the pass's own latency (its query and
+        // the cancel, slower on a loaded machine) has the 0.5 s left of the
+        // issue's bound, timeout + 2 s.
+        let cap = Duration::from_secs(2) + Duration::from_secs(2);
         let mut under_watch = Vec::new();
         for (i, r) in runs.iter().enumerate() {
             assert!(r.iter().all(|x| x.outcome.is_err()), "a statement of A completed: {:?}", r.iter().map(|x| &x.outcome).collect::<Vec<_>>());
@@ -366,7 +364,7 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
             let cancelled_by_dog: Vec<Duration> = fresh.iter().copied().filter(|d| *d >= Duration::from_secs(2)).collect();
             assert!(!cancelled_by_dog.is_empty(), "connection {i} of A: no statement started under the watchdog was cancelled by it ({fresh:?})");
             for d in &cancelled_by_dog {
-                assert!(*d <= cap, "connection {i} of A: a statement ran {d:?}, past statementTimeout 2s + 2s + 250ms");
+                assert!(*d <= cap, "connection {i} of A: a statement ran {d:?}, past statementTimeout 2s + 2s");
             }
             under_watch.extend(cancelled_by_dog);
         }
@@ -374,7 +372,7 @@ async fn a_tenant_that_switches_its_timeout_off_is_cancelled_by_the_watchdog_and
         let worst = under_watch.last().copied().unwrap_or_default();
         let line = format!(
             "connectionLimit {limit} on {cores} cores: B p50/p99 idle {:?}/{:?} (n={}), A loading without watchdog {:?}/{:?} (n={}), with watchdog {:?}/{:?} (n={}); \
-             A under the watchdog: {} statements cancelled after {:?}..{:?} (cap 2s + 1s grace, passes 1s apart; asserted <= 4.25s)",
+             A under the watchdog: {} statements cancelled after {:?}..{:?} (cap 2s + 0.5s grace, passes 1s apart; asserted <= 4s)",
             idle.0, idle.1, idle.2, loaded.0, loaded.1, loaded.2, watched.0, watched.1, watched.2, under_watch.len(), under_watch.first().copied().unwrap_or_default(), worst
         );
         println!("noisy neighbour: {line}");

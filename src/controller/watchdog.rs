@@ -34,7 +34,7 @@ pub struct WatchdogSettings {
 
 impl Default for WatchdogSettings {
     fn default() -> Self {
-        Self { interval: Some(Duration::from_secs(1)), grace: Duration::from_secs(1) }
+        Self { interval: Some(Duration::from_secs(1)), grace: Duration::from_millis(500) }
     }
 }
 

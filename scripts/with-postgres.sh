@@ -44,8 +44,12 @@ cleanup() {
 trap cleanup EXIT
 
 # pgaudit (read auditing, docs/audit.md), when its library is installed.
-PRELOAD=
-[[ -f "$(dirname "$BIN")/lib/pgaudit.so" ]] && PRELOAD="-c shared_preload_libraries=pgaudit"
+# pg_stat_statements (the usage sampler's statement time, where a database
+# has the extension; ships with the server package).
+LIBS=
+[[ -f "$(dirname "$BIN")/lib/pgaudit.so" ]] && LIBS=pgaudit
+[[ -f "$(dirname "$BIN")/lib/pg_stat_statements.so" ]] && LIBS=${LIBS:+$LIBS,}pg_stat_statements
+PRELOAD=${LIBS:+-c shared_preload_libraries=$LIBS}
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/postgres.log" -w -t 60 \
   -o "$PRELOAD -p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_statement=ddl -c log_line_prefix='%m [%p] %u@%d ' ${PG_EXTRA_OPTS:-}" \
   start >/dev/null

@@ -222,3 +222,36 @@ async fn top_sorts_by_cpu_sessions_and_bytes() {
         s.abort();
     }
 }
+
+#[tokio::test]
+async fn with_pg_stat_statements_statement_time_and_temp_bytes_come_from_it_by_role() {
+    let env = setup("us_pgss", [10, 10, 10]).await;
+    let mut su = env.db.superuser().await;
+    let loaded: String = sqlx::query_scalar("SHOW shared_preload_libraries").fetch_one(&mut su).await.unwrap();
+    assert!(loaded.contains("pg_stat_statements"), "scripts/with-postgres.sh preloads pg_stat_statements: {loaded}");
+    // Not a trusted extension: created by a superuser (on managed Postgres,
+    // the provider's set-up), read by the admin through pg_read_all_stats.
+    sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut su).await.expect("create extension");
+    let src = us::statements_source(&env.db.admin).await.expect("look for pg_stat_statements").expect("found and readable by the admin");
+    let cfg = env.config(Duration::from_secs(15));
+    let before = us::sample(&env.db.admin, &cfg, Some(&src)).await.expect("sample");
+    assert!(before.statements, "the sample says its statement time comes from pg_stat_statements");
+    // big: 0.9 s of statements and a sort spilled to disk; the others nothing.
+    let mut app = env.tenants[0].app(&env.db).await.unwrap();
+    sqlx::raw_sql("SELECT pg_sleep(0.3); SELECT pg_sleep(0.3); SELECT pg_sleep(0.3)").execute(&mut app).await.unwrap();
+    sqlx::raw_sql("SET work_mem = '64kB'; SELECT count(*) FROM (SELECT g FROM generate_series(1, 200000) g ORDER BY g DESC) s")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    drop(app);
+    let after = us::sample(&env.db.admin, &cfg, Some(&src)).await.expect("sample");
+    let delta = |i: usize, f: fn(&Row) -> Option<f64>| f(env.row(&after, i)).unwrap_or(0.0) - f(env.row(&before, i)).unwrap_or(0.0);
+    let stmt = delta(0, |r| r.statement_ms);
+    assert!(stmt >= 900.0, "big's statement time grew by {stmt} ms, expected >= 900: {:?}", after.rows);
+    let temp = delta(0, |r| r.temp_bytes.map(|b| b as f64));
+    assert!(temp > 0.0, "big's temp bytes did not grow: {:?}", after.rows);
+    for i in [1, 2] {
+        let other = delta(i, |r| r.statement_ms);
+        assert!(other < 100.0, "tenant {i} was charged {other} ms it did not run");
+    }
+}

@@ -51,14 +51,21 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 async fn timed(conn: &mut PgConnection, sql: &str) -> Duration {
     let start = Instant::now();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut *conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     start.elapsed()
 }
 
 /// The root keys of the bench (one fixed key): the ops logins' passwords
 /// and the audit keys derive from them.
 fn bench_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
+    tenant_operator::crypto::Keyring::new(
+        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
+        "v1",
+    )
+    .expect("keyring")
 }
 
 const TABLE: &str = "(id bigserial PRIMARY KEY, name text NOT NULL, qty integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now())";
@@ -72,8 +79,17 @@ async fn main() {
     let rounds = env_or("BENCH_ROUNDS", 5).max(1);
     let dbname = format!("bench_audit_{:08x}", rand::random::<u32>());
     let mut su = PgConnection::connect(&su_url).await.expect("superuser connects");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {dbname} OWNER tenancy_admin"))).execute(&mut su).await.expect("create database");
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&with_db(&admin_url, &dbname)).await.expect("admin connects");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {dbname} OWNER tenancy_admin"
+    )))
+    .execute(&mut su)
+    .await
+    .expect("create database");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&with_db(&admin_url, &dbname))
+        .await
+        .expect("admin connects");
     pg::migrate_control_schema(&pool).await.expect("control schema");
 
     let name = TenantName::parse(&format!("bench-{:06x}", rand::random::<u32>() & 0xff_ffff)).expect("name");
@@ -81,10 +97,14 @@ async fn main() {
     let spec: TenantSpec = serde_json::from_value(serde_json::json!({})).expect("default spec");
     let desired = plan::desired_db(&name, &spec).expect("desired");
     let catalog = pg::tenant::observe(&pool, &name).await.expect("observe");
-    let out = converge_db(&pool, &bench_ring(), &name, &uid, &desired, &catalog, None, "bench").await.expect("provision");
+    let out = converge_db(&pool, &bench_ring(), &name, &uid, &desired, &catalog, None, "bench")
+        .await
+        .expect("provision");
     let password = out.plan.password.clone();
     let (schema, owner) = (name.schema(), name.owner_role());
-    let mut admin = PgConnection::connect(&with_db(&admin_url, &dbname)).await.expect("admin connects");
+    let mut admin = PgConnection::connect(&with_db(&admin_url, &dbname))
+        .await
+        .expect("admin connects");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE SCHEMA bench_plain; CREATE TABLE bench_plain.items {TABLE};
          BEGIN; SET LOCAL ROLE {owner}; CREATE TABLE {schema}.items {TABLE}; COMMIT;"
@@ -93,23 +113,52 @@ async fn main() {
     .await
     .expect("create the tables");
     let catalog = pg::tenant::observe(&pool, &name).await.expect("observe");
-    let out = converge_db(&pool, &bench_ring(), &name, &uid, &desired, &catalog, Some(&password), "bench").await.expect("audit the new table");
-    assert!(out.audit.actions.iter().any(|a| a.label() == "AuditTable"), "the tenant table got no triggers: {:?}", out.audit.actions);
-    sqlx::raw_sql("SET tenancy.actor = 'bench'; SET tenancy.request_id = 'bench-run'").execute(&mut admin).await.expect("set the actor");
+    let out = converge_db(
+        &pool,
+        &bench_ring(),
+        &name,
+        &uid,
+        &desired,
+        &catalog,
+        Some(&password),
+        "bench",
+    )
+    .await
+    .expect("audit the new table");
+    assert!(
+        out.audit.actions.iter().any(|a| a.label() == "AuditTable"),
+        "the tenant table got no triggers: {:?}",
+        out.audit.actions
+    );
+    sqlx::raw_sql("SET tenancy.actor = 'bench'; SET tenancy.request_id = 'bench-run'")
+        .execute(&mut admin)
+        .await
+        .expect("set the actor");
 
-    let bulk = |t: &str| format!("INSERT INTO {t} (name, qty) SELECT 'item ' || g, g FROM generate_series(1, {rows}) g");
+    let bulk =
+        |t: &str| format!("INSERT INTO {t} (name, qty) SELECT 'item ' || g, g FROM generate_series(1, {rows}) g");
     let loop_ = |t: &str| {
         format!("DO $b$ BEGIN FOR i IN 1..{single} LOOP INSERT INTO {t} (name, qty) VALUES ('single ' || i, i); END LOOP; END $b$")
     };
-    let update = |t: &str| format!("UPDATE {t} SET qty = qty + 1 WHERE id IN (SELECT id FROM {t} ORDER BY id DESC LIMIT {})", rows / 10);
+    let update = |t: &str| {
+        format!(
+            "UPDATE {t} SET qty = qty + 1 WHERE id IN (SELECT id FROM {t} ORDER BY id DESC LIMIT {})",
+            rows / 10
+        )
+    };
     let txs = env_or("BENCH_TX", 2_000);
-    let commits = |t: &str| format!("DO $b$ BEGIN FOR i IN 1..{txs} LOOP INSERT INTO {t} (name, qty) VALUES ('tx ' || i, i); COMMIT; END LOOP; END $b$");
+    let commits = |t: &str| {
+        format!("DO $b$ BEGIN FOR i IN 1..{txs} LOOP INSERT INTO {t} (name, qty) VALUES ('tx ' || i, i); COMMIT; END LOOP; END $b$")
+    };
     let plain = "bench_plain.items".to_string();
     let audited = format!("{schema}.items");
 
     let mut results = Vec::new();
     for (label, make) in [
-        (format!("bulk INSERT ... SELECT of {rows} rows"), &bulk as &dyn Fn(&str) -> String),
+        (
+            format!("bulk INSERT ... SELECT of {rows} rows"),
+            &bulk as &dyn Fn(&str) -> String,
+        ),
         (format!("{single} single-row INSERTs in one transaction"), &loop_),
         (format!("UPDATE of {} rows", rows / 10), &update),
         (format!("{txs} one-row INSERT transactions"), &commits),
@@ -126,28 +175,51 @@ async fn main() {
         let (b, w) = (median(base), median(with));
         results.push((label, b, w));
     }
-    let audit_rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {schema}._tenancy_audit"))).fetch_one(&mut admin).await.expect("count");
+    let audit_rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {schema}._tenancy_audit"
+    )))
+    .fetch_one(&mut admin)
+    .await
+    .expect("count");
     let verify_start = Instant::now();
     let report = pg::audit::verify(&pool, &bench_ring(), &name).await.expect("verify");
     let verify_time = verify_start.elapsed();
 
     println!("audit triggers vs the same writes without triggers, median of {rounds} rounds each (PostgreSQL, same server, same run):");
     for (label, b, w) in &results {
-        println!("  {label:<48} without: {:>9.1} ms   with audit: {:>9.1} ms   ratio {:.2}x", b.as_secs_f64() * 1e3, w.as_secs_f64() * 1e3, w.as_secs_f64() / b.as_secs_f64());
+        println!(
+            "  {label:<48} without: {:>9.1} ms   with audit: {:>9.1} ms   ratio {:.2}x",
+            b.as_secs_f64() * 1e3,
+            w.as_secs_f64() * 1e3,
+            w.as_secs_f64() / b.as_secs_f64()
+        );
     }
     println!(
         "  verify: {} chained rows walked in {:.1} ms ({}), {audit_rows} audit rows in the table",
         report.rows,
         verify_time.as_secs_f64() * 1e3,
-        if report.first_break.is_none() { "intact" } else { "BROKEN" }
+        if report.first_break.is_none() {
+            "intact"
+        } else {
+            "BROKEN"
+        }
     );
     let target = results[0].2.as_secs_f64() / results[0].1.as_secs_f64();
-    println!("  target (bulk insert below 2x): {}", if target < 2.0 { "met" } else { "NOT met" });
+    println!(
+        "  target (bulk insert below 2x): {}",
+        if target < 2.0 { "met" } else { "NOT met" }
+    );
 
     drop(admin);
     pool.close().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {dbname} WITH (FORCE)"))).execute(&mut su).await.expect("drop database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {dbname} WITH (FORCE)")))
+        .execute(&mut su)
+        .await
+        .expect("drop database");
     for r in [name.app_role(), name.owner_role()] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE \"{r}\""))).execute(&mut su).await.expect("drop role");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE \"{r}\"")))
+            .execute(&mut su)
+            .await
+            .expect("drop role");
     }
 }

@@ -31,7 +31,11 @@ use tenant_operator::pg;
 /// The root keys of the bench (one fixed key): the ops logins' passwords
 /// and the audit keys derive from them.
 fn bench_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
+    tenant_operator::crypto::Keyring::new(
+        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
+        "v1",
+    )
+    .expect("keyring")
 }
 
 fn env(var: &str) -> String {
@@ -70,21 +74,46 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mb: u64 = std::env::var("BENCH_BACKUP_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).max(1);
+    let mb: u64 = std::env::var("BENCH_BACKUP_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
     let su_url = env("TEST_PG_SUPERUSER_URL");
     let db = format!("bench_backup_{:08x}", rand::random::<u32>());
     let mut su = PgConnection::connect(&su_url).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db} OWNER tenancy_admin"))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db} OWNER tenancy_admin")))
+        .execute(&mut su)
+        .await
+        .unwrap();
     let admin_url = with_db(&env("TEST_PG_ADMIN_URL"), &db);
-    let pool = PgPoolOptions::new().max_connections(4).connect(&admin_url).await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&admin_url)
+        .await
+        .unwrap();
     pg::migrate_control_schema(&pool).await.unwrap();
 
     let name = TenantName::parse(&format!("bench-{:06x}", rand::random::<u32>() & 0xff_ffff)).unwrap();
     let spec: TenantSpec = serde_json::from_value(serde_json::json!({})).unwrap();
     let desired = plan::desired_db(&name, &spec).unwrap();
     let catalog = pg::tenant::observe(&pool, &name).await.unwrap();
-    converge_db(&pool, &bench_ring(), &name, &format!("uid-{name}"), &desired, &catalog, None, "bench").await.unwrap();
+    converge_db(
+        &pool,
+        &bench_ring(),
+        &name,
+        &format!("uid-{name}"),
+        &desired,
+        &catalog,
+        None,
+        "bench",
+    )
+    .await
+    .unwrap();
     let (schema, owner) = (name.schema(), name.owner_role());
 
     // About `mb` MiB: rows of ~200 bytes on disk, half of it hex (which
@@ -130,8 +159,14 @@ async fn main() {
     let mut keys = std::collections::BTreeMap::new();
     keys.insert("v1".to_string(), crypto::generate_root_key().to_vec());
     let ring = Arc::new(Keyring::new(keys, "v1").unwrap());
-    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string())).unwrap();
-    let store = Store::open(&StoreConfig { url: format!("file://{}/store", dir.path().display()), ..Default::default() }).unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+            .unwrap();
+    let store = Store::open(&StoreConfig {
+        url: format!("file://{}/store", dir.path().display()),
+        ..Default::default()
+    })
+    .unwrap();
     let tools = Tools::default();
     let target = tenant_operator::pg::Target::from_url(&admin_url).unwrap();
     let plain_file = dir.path().join("plain.dump");
@@ -145,8 +180,20 @@ async fn main() {
         let started = Instant::now();
         // As the backup command by hand runs it: the ops login and backup
         // key derived, pg_dump as the ops login, the outcome recorded.
-        let access = backup::TenantAccess::derive(&pool, &target, &name, &ring).await.unwrap();
-        let out = backup::backup(&access, &tools, &store, Retention { count: Some(1), max_age: None }).await.unwrap();
+        let access = backup::TenantAccess::derive(&pool, &target, &name, &ring)
+            .await
+            .unwrap();
+        let out = backup::backup(
+            &access,
+            &tools,
+            &store,
+            Retention {
+                count: Some(1),
+                max_age: None,
+            },
+        )
+        .await
+        .unwrap();
         backup::record(&pool, &out).await.unwrap();
         let f = started.elapsed();
         full_bytes = out.manifest.bytes;
@@ -168,8 +215,14 @@ async fn main() {
     pool.close().await;
     drop(admin);
     let roles = [name.ops_role(), name.app_role(), name.owner_role()];
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)"))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
+        .execute(&mut su)
+        .await
+        .unwrap();
     for r in roles {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS \"{r}\""))).execute(&mut su).await.ok();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS \"{r}\"")))
+            .execute(&mut su)
+            .await
+            .ok();
     }
 }

@@ -29,8 +29,7 @@ use hkdf::Hkdf;
 use rand::RngCore;
 use sha2::Sha256;
 use tenant_operator::crypto::{
-    self, hkdf_info, KeyVersion, Keyring, OpeningReader, Purpose, SealingWriter, TenantSalt,
-    DEFAULT_CHUNK_SIZE,
+    self, hkdf_info, KeyVersion, Keyring, OpeningReader, Purpose, SealingWriter, TenantSalt, DEFAULT_CHUNK_SIZE,
 };
 
 const UID: &str = "0b9e7f7c-2a51-4d4e-9b1f-3c2d1e0f9a8b";
@@ -82,15 +81,11 @@ fn bench_envelopes(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
     group.warm_up_time(Duration::from_secs(1));
 
     group.bench_function("seal", |b| {
-        b.iter(|| {
-            crypto::seal(ring, salt, UID, Purpose::Secrets, NAME, black_box(&secret)).expect("seal")
-        })
+        b.iter(|| crypto::seal(ring, salt, UID, Purpose::Secrets, NAME, black_box(&secret)).expect("seal"))
     });
     let sealed = crypto::seal(ring, salt, UID, Purpose::Secrets, NAME, &secret).expect("seal");
     group.bench_function("open", |b| {
-        b.iter(|| {
-            crypto::open(ring, salt, UID, Purpose::Secrets, NAME, black_box(&sealed)).expect("open")
-        })
+        b.iter(|| crypto::open(ring, salt, UID, Purpose::Secrets, NAME, black_box(&sealed)).expect("open"))
     });
 
     // Raw: key schedule, a random nonce, encrypt a copy in place, append the tag.
@@ -127,13 +122,8 @@ fn bench_envelopes(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
             let (nonce, body) = input.split_at(12);
             let (ct, tag) = body.split_at(body.len() - TAG_LEN);
             let mut pt = ct.to_vec();
-            aead.decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                b"",
-                &mut pt,
-                Tag::from_slice(tag),
-            )
-            .expect("raw open");
+            aead.decrypt_in_place_detached(Nonce::from_slice(nonce), b"", &mut pt, Tag::from_slice(tag))
+                .expect("raw open");
             pt
         })
     });
@@ -167,13 +157,8 @@ fn raw_stream_open(aead: &Aes256Gcm, sealed: &[u8], out: &mut impl Write) {
         let (ct, tag) = chunk.split_at(chunk.len() - TAG_LEN);
         buf.clear();
         buf.extend_from_slice(ct);
-        aead.decrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
-            b"",
-            &mut buf,
-            Tag::from_slice(tag),
-        )
-        .expect("raw chunk open");
+        aead.decrypt_in_place_detached(Nonce::from_slice(&nonce), b"", &mut buf, Tag::from_slice(tag))
+            .expect("raw chunk open");
         out.write_all(&buf).expect("write");
     }
 }
@@ -207,8 +192,7 @@ fn bench_stream(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
 
     group.bench_function("seal", |b| {
         b.iter(|| {
-            let mut w =
-                SealingWriter::new(io::sink(), ring, salt, UID, Purpose::Backup).expect("writer");
+            let mut w = SealingWriter::new(io::sink(), ring, salt, UID, Purpose::Backup).expect("writer");
             w.write_all(black_box(&data)).expect("seal");
             w.finish().expect("finish")
         })
@@ -218,9 +202,7 @@ fn bench_stream(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
     });
     group.bench_function("open", |b| {
         b.iter(|| {
-            let mut r =
-                OpeningReader::new(black_box(&sealed[..]), ring, salt, UID, Purpose::Backup)
-                    .expect("reader");
+            let mut r = OpeningReader::new(black_box(&sealed[..]), ring, salt, UID, Purpose::Backup).expect("reader");
             // Zero-copy, as a restore pipes it: BufRead lends each chunk's
             // plaintext straight from the reader's buffer.
             let mut sink = io::sink();
@@ -245,15 +227,13 @@ fn bench_stream(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
 
     if c_filter_matches("stream_256MiB") {
         let seal = || {
-            let mut w =
-                SealingWriter::new(io::sink(), ring, salt, UID, Purpose::Backup).expect("writer");
+            let mut w = SealingWriter::new(io::sink(), ring, salt, UID, Purpose::Backup).expect("writer");
             w.write_all(&data).expect("seal");
             w.finish().expect("finish");
         };
         let raw_seal = || raw_stream_seal(&aead, &data, &mut io::sink());
         let open = || {
-            let mut r =
-                OpeningReader::new(&sealed[..], ring, salt, UID, Purpose::Backup).expect("reader");
+            let mut r = OpeningReader::new(&sealed[..], ring, salt, UID, Purpose::Backup).expect("reader");
             loop {
                 let buf = r.fill_buf().expect("open");
                 if buf.is_empty() {
@@ -336,11 +316,7 @@ fn paired_ratio(rounds: usize, mut ours: impl FnMut(), mut raw: impl FnMut()) ->
 
 /// Only figures written by this run count (a filter may have skipped some).
 fn mean_ns(dir: &Path, group: &str, bench: &str, since: SystemTime) -> Option<f64> {
-    let path = dir
-        .join(group)
-        .join(bench)
-        .join("new")
-        .join("estimates.json");
+    let path = dir.join(group).join(bench).join("new").join("estimates.json");
     if std::fs::metadata(&path).ok()?.modified().ok()? < since {
         return None;
     }
@@ -358,42 +334,15 @@ fn rate(bytes: Option<u64>, ns: f64) -> String {
 
 fn summary(dir: &Path, since: SystemTime) {
     let pairs: [(&str, &str, &str, Option<u64>, Option<f64>); 5] = [
-        (
-            "envelope_1KiB",
-            "seal",
-            "raw_seal",
-            Some(SECRET_LEN as u64),
-            None,
-        ),
-        (
-            "envelope_1KiB",
-            "open",
-            "raw_open",
-            Some(SECRET_LEN as u64),
-            None,
-        ),
-        (
-            "stream_256MiB",
-            "seal",
-            "raw_seal",
-            Some(STREAM_LEN as u64),
-            Some(1.10),
-        ),
-        (
-            "stream_256MiB",
-            "open",
-            "raw_open",
-            Some(STREAM_LEN as u64),
-            Some(1.10),
-        ),
+        ("envelope_1KiB", "seal", "raw_seal", Some(SECRET_LEN as u64), None),
+        ("envelope_1KiB", "open", "raw_open", Some(SECRET_LEN as u64), None),
+        ("stream_256MiB", "seal", "raw_seal", Some(STREAM_LEN as u64), Some(1.10)),
+        ("stream_256MiB", "open", "raw_open", Some(STREAM_LEN as u64), Some(1.10)),
         ("hkdf_tenant_key", "derive", "raw_derive", None, None),
     ];
     println!("\nsummary (mean time per operation; ratio = ours / raw, lower is better):");
     for (group, ours, raw, bytes, target) in pairs {
-        let (Some(o), Some(r)) = (
-            mean_ns(dir, group, ours, since),
-            mean_ns(dir, group, raw, since),
-        ) else {
+        let (Some(o), Some(r)) = (mean_ns(dir, group, ours, since), mean_ns(dir, group, raw, since)) else {
             continue;
         };
         let ratio = o / r;
@@ -433,9 +382,7 @@ fn output_dir() -> PathBuf {
 fn main() {
     let started = SystemTime::now();
     let dir = output_dir();
-    let mut c = Criterion::default()
-        .output_directory(&dir)
-        .configure_from_args();
+    let mut c = Criterion::default().output_directory(&dir).configure_from_args();
     let root = root_key();
     let ring = keyring(&root);
     let salt = TenantSalt::generate();

@@ -44,42 +44,63 @@ fn p50(mut v: Vec<Duration>) -> Duration {
 /// this machine). Through PgBouncer with one server connection the pid is
 /// the same for every transaction.
 fn cpu_ticks(pid: i32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.
-    let Some((_, rest)) = stat.rsplit_once(')') else { return 0 };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
 
 #[tokio::main]
 async fn main() {
     let su_url = env("TEST_PG_SUPERUSER_URL");
     let admin_url = env("TEST_PG_ADMIN_URL");
-    let requests: usize = std::env::var("BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let requests: usize = std::env::var("BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
     let db = format!("bench_dp_{:08x}", rand::random::<u32>());
     let mut su = PgConnection::connect(&su_url).await.expect("superuser");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db} OWNER tenancy_admin"))).execute(&mut su).await.expect("create db");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db} OWNER tenancy_admin")))
+        .execute(&mut su)
+        .await
+        .expect("create db");
     let (admin, _) = pg::connect(&with_db(&admin_url, &db), 4).await.expect("admin");
     pg::migrate_control_schema(&admin).await.expect("control schema");
     let facts = pg::admin_facts(&admin).await.expect("facts");
     pg::harden_database(&admin, &facts).await.expect("harden");
     let gw = pg::gateway::GatewayName::parse(&format!("gw_{db}")).unwrap();
     let password = pg::scram::generate_password();
-    pg::gateway::converge(&admin, &gw, &password, true).await.expect("gateway");
+    pg::gateway::converge(&admin, &gw, &password, true)
+        .await
+        .expect("gateway");
     let name = TenantName::parse(&format!("bench-{:06x}", rand::random::<u32>() & 0xffffff)).unwrap();
     let spec: TenantSpec = serde_json::from_value(serde_json::json!({})).unwrap();
     let mut desired = plan::desired_db(&name, &spec).unwrap();
     desired.gateway = Some(gw.to_string());
     let catalog = pg::tenant::observe(&admin, &name).await.unwrap();
-    let ring = tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring");
-    converge_db(&admin, &ring, &name, "uid-bench", &desired, &catalog, None, "bench").await.expect("tenant");
+    let ring = tenant_operator::crypto::Keyring::new(
+        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
+        "v1",
+    )
+    .expect("keyring");
+    converge_db(&admin, &ring, &name, "uid-bench", &desired, &catalog, None, "bench")
+        .await
+        .expect("tenant");
 
     // The same table in the tenant's schema (made by its owner, so the app
     // role has its default privileges) and in a plain schema the gateway
     // may read.
     let table = "(id int PRIMARY KEY, v text NOT NULL); INSERT INTO items SELECT g, 'row ' || g FROM generate_series(1, 10000) g; ANALYZE items";
-    let mut su_db = PgConnection::connect(&with_db(&su_url, &db)).await.expect("superuser on the bench database");
+    let mut su_db = PgConnection::connect(&with_db(&su_url, &db))
+        .await
+        .expect("superuser on the bench database");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "SET ROLE \"{owner}\"; SET search_path = \"{schema}\"; CREATE TABLE items {table}; RESET ROLE;
          CREATE SCHEMA bench_plain; SET search_path = bench_plain; CREATE TABLE items {table};
@@ -94,16 +115,31 @@ async fn main() {
     let port = std::env::var("TEST_PGBOUNCER_PORT").ok();
     let (gateway, via) = match &port {
         Some(p) => {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT CONNECT ON DATABASE {db} TO pgbouncer_auth"))).execute(&admin).await.expect("auth login");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "GRANT CONNECT ON DATABASE {db} TO pgbouncer_auth"
+            )))
+            .execute(&admin)
+            .await
+            .expect("auth login");
             let url = format!("postgresql://{gw}:{password}@127.0.0.1:{p}/{db}");
-            (Gateway::connect_with(url.parse().unwrap(), PgPoolOptions::new().max_connections(1)).await.expect("pool"), "PgBouncer (transaction pooling)")
+            (
+                Gateway::connect_with(url.parse().unwrap(), PgPoolOptions::new().max_connections(1))
+                    .await
+                    .expect("pool"),
+                "PgBouncer (transaction pooling)",
+            )
         }
         None => {
             let url = with_db(&admin_url, &db);
             let (base, rest) = url.split_once("://").unwrap();
             let host = rest.split_once('@').unwrap().1;
             let url = format!("{base}://{gw}:{password}@{host}");
-            (Gateway::connect_direct(url.parse().unwrap(), PgPoolOptions::new().max_connections(1)).await.expect("pool"), "direct")
+            (
+                Gateway::connect_direct(url.parse().unwrap(), PgPoolOptions::new().max_connections(1))
+                    .await
+                    .expect("pool"),
+                "direct",
+            )
         }
     };
     let (mut lib, mut plain) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
@@ -111,7 +147,10 @@ async fn main() {
     // In a transaction: through PgBouncer, a statement outside one may be
     // parsed on one server connection and run on another.
     let mut tx = gateway.pool().begin().await.unwrap();
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap();
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     // Warm-up, then alternate so both see the same server state.
     for i in 0..(requests + 200) {
@@ -119,13 +158,21 @@ async fn main() {
         let c0 = cpu_ticks(backend);
         let t = Instant::now();
         let mut tx = gateway.begin(name.as_str(), "bench", "r").await.expect("begin");
-        let _: String = sqlx::query_scalar("SELECT v FROM items WHERE id = $1").bind(id).fetch_one(&mut *tx).await.unwrap();
+        let _: String = sqlx::query_scalar("SELECT v FROM items WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         let l = t.elapsed();
         let c1 = cpu_ticks(backend);
         let t = Instant::now();
         let mut tx = gateway.pool().begin().await.unwrap();
-        let _: String = sqlx::query_scalar("SELECT v FROM bench_plain.items WHERE id = $1").bind(id).fetch_one(&mut *tx).await.unwrap();
+        let _: String = sqlx::query_scalar("SELECT v FROM bench_plain.items WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         let p = t.elapsed();
         let c2 = cpu_ticks(backend);
@@ -154,5 +201,7 @@ async fn main() {
 
     gateway.pool().close().await;
     admin.close().await;
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)"))).execute(&mut su).await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
+        .execute(&mut su)
+        .await;
 }

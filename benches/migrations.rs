@@ -38,8 +38,8 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tenant_operator::api::{Migration, MigrationSetPhase, MigrationSetSpec, OnFailure, RolloutSpec, TenantSpec};
 use tenant_operator::controller::migration_set::apply::Outcome;
 use tenant_operator::controller::migration_set::{pass, status};
-use tenant_operator::pg::migrations::TenantOutcome;
 use tenant_operator::controller::tenant::{converge_db, plan, ConvergeError};
+use tenant_operator::pg::migrations::TenantOutcome;
 
 use tenant_operator::names::TenantName;
 use tenant_operator::pg;
@@ -51,7 +51,11 @@ use tenant_operator::pg::migrations::Timeouts;
 /// it (two keyrings made every tenant's first migration a password reset,
 /// a pg_authid write each).
 fn bench_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
+    tenant_operator::crypto::Keyring::new(
+        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
+        "v1",
+    )
+    .expect("keyring")
 }
 
 fn env(var: &str) -> String {
@@ -82,22 +86,44 @@ async fn provision(pool: &PgPool, name: TenantName) {
     let desired = plan::desired_db(&name, &spec).expect("desired");
     for attempt in 1.. {
         let catalog = pg::tenant::observe(pool, &name).await.expect("observe");
-        match converge_db(pool, &bench_ring(), &name, &format!("uid-{name}"), &desired, &catalog, None, "bench").await {
+        match converge_db(
+            pool,
+            &bench_ring(),
+            &name,
+            &format!("uid-{name}"),
+            &desired,
+            &catalog,
+            None,
+            "bench",
+        )
+        .await
+        {
             Ok(_) => return,
             // Concurrent GRANT CONNECT ON DATABASE: "tuple concurrently updated".
-            Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 20 => tokio::time::sleep(Duration::from_millis(10 * attempt)).await,
+            Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 20 => {
+                tokio::time::sleep(Duration::from_millis(10 * attempt)).await
+            }
             Err(e) => panic!("provisioning {name}: {e}"),
         }
     }
 }
 
-/// The operator's root keys (each tenant's ops login password derives from
-/// them).
-
 fn set_spec(max_concurrent: u32, versions: &[(i64, String)]) -> MigrationSetSpec {
     MigrationSetSpec {
-        migrations: versions.iter().map(|(v, sql)| Migration { version: *v, name: format!("v{v}"), sql: sql.clone(), transactional: true }).collect(),
-        rollout: RolloutSpec { max_concurrent, canary: 1, on_failure: OnFailure::Pause },
+        migrations: versions
+            .iter()
+            .map(|(v, sql)| Migration {
+                version: *v,
+                name: format!("v{v}"),
+                sql: sql.clone(),
+                transactional: true,
+            })
+            .collect(),
+        rollout: RolloutSpec {
+            max_concurrent,
+            canary: 1,
+            on_failure: OnFailure::Pause,
+        },
     }
 }
 
@@ -106,7 +132,17 @@ fn set_spec(max_concurrent: u32, versions: &[(i64, String)]) -> MigrationSetSpec
 /// controller then waits for the next change or resync).
 async fn roll_out(pool: &PgPool, generation: i64, spec: &MigrationSetSpec, names: &[TenantName]) -> usize {
     for passes in 1..10_000 {
-        let p = pass(pool, &bench_ring(), "bench", generation, spec, names, &Timeouts::default()).await.expect("pass");
+        let p = pass(
+            pool,
+            &bench_ring(),
+            "bench",
+            generation,
+            spec,
+            names,
+            &Timeouts::default(),
+        )
+        .await
+        .expect("pass");
         if let Some(b) = &p.plan.blocked {
             panic!("the rollout is blocked: {}", b.message());
         }
@@ -116,7 +152,13 @@ async fn roll_out(pool: &PgPool, generation: i64, spec: &MigrationSetSpec, names
             .report
             .results
             .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Error(_) | Outcome::Done(TenantOutcome::Failed { .. } | TenantOutcome::ChecksumMismatch { .. })))
+            .filter(|(_, o)| {
+                matches!(
+                    o,
+                    Outcome::Error(_)
+                        | Outcome::Done(TenantOutcome::Failed { .. } | TenantOutcome::ChecksumMismatch { .. })
+                )
+            })
             .collect();
         assert!(failed.is_empty(), "tenants failed: {failed:?}");
         let status = status::compute(None, Some(generation), spec, &p.plan, &p.after, p.more(), "now");
@@ -145,7 +187,9 @@ fn perf_start(label: &str) -> Option<std::process::Child> {
 
 fn perf_stop(child: Option<std::process::Child>) {
     if let Some(mut c) = child {
-        let _ = std::process::Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &c.id().to_string()])
+            .status();
         let _ = c.wait();
     }
 }
@@ -154,7 +198,14 @@ fn perf_stop(child: Option<std::process::Child>) {
 /// /proc/stat: both sides' server and client work.
 fn machine_busy() -> Duration {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let total: u64 = f.iter().take(8).sum();
     let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
     Duration::from_millis(total.saturating_sub(idle) * 10)
@@ -166,7 +217,11 @@ async fn quiesce(url: &str) {
     let mut c = PgConnection::connect(url).await.expect("quiesce connects");
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'").fetch_one(&mut c).await.expect("autovacuum workers");
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+                .fetch_one(&mut c)
+                .await
+                .expect("autovacuum workers");
         if n == 0 {
             return;
         }
@@ -178,7 +233,12 @@ async fn quiesce(url: &str) {
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     Duration::from_millis(f.iter().sum::<u64>() * 10)
 }
 
@@ -190,7 +250,11 @@ async fn pss(url: &str, label: Option<&str>) {
     }
     let mut c = PgConnection::connect(url).await.expect("pss connects");
     let Some(label) = label else {
-        if let Err(e) = sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()").execute(&mut c).await {
+        if let Err(e) =
+            sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()")
+                .execute(&mut c)
+                .await
+        {
             eprintln!("BENCH_PSS needs PG_EXTRA_OPTS='-c shared_preload_libraries=pg_stat_statements': {e}");
             std::process::exit(2);
         }
@@ -212,14 +276,25 @@ async fn pss(url: &str, label: Option<&str>) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let count: usize = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let max_concurrent: u32 = std::env::var("BENCH_MAX_CONCURRENT").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let count: usize = std::env::var("BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let max_concurrent: u32 = std::env::var("BENCH_MAX_CONCURRENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
     let su_url = env("TEST_PG_SUPERUSER_URL");
     let admin_url = env("TEST_PG_ADMIN_URL");
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let dbname = format!("bench_migrations_{tag}");
     let mut su = PgConnection::connect(&su_url).await.expect("superuser connects");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {dbname} OWNER tenancy_admin"))).execute(&mut su).await.expect("create database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {dbname} OWNER tenancy_admin"
+    )))
+    .execute(&mut su)
+    .await
+    .expect("create database");
     let admin_url = with_db(&admin_url, &dbname);
     let su_db_url = with_db(&su_url, &dbname);
 
@@ -228,10 +303,17 @@ async fn main() {
     let facts = pg::admin_facts(&admin).await.expect("facts");
     pg::harden_database(&admin, &facts).await.expect("harden");
 
-    let names: Vec<TenantName> = (0..count).map(|i| TenantName::parse(&format!("b{tag}-{i:05}")).expect("name")).collect();
+    let names: Vec<TenantName> = (0..count)
+        .map(|i| TenantName::parse(&format!("b{tag}-{i:05}")).expect("name"))
+        .collect();
     let start = Instant::now();
-    futures::stream::iter(names.iter().cloned()).for_each_concurrent(8, |n| provision(&admin, n)).await;
-    println!("provisioned {count} tenant schemas through converge_db in {:.1?}", start.elapsed());
+    futures::stream::iter(names.iter().cloned())
+        .for_each_concurrent(8, |n| provision(&admin, n))
+        .await;
+    println!(
+        "provisioned {count} tenant schemas through converge_db in {:.1?}",
+        start.elapsed()
+    );
 
     // Version 1 everywhere first, so both measured runs find a version table.
     let v1 = (1, "SELECT 1".to_string());
@@ -265,7 +347,11 @@ async fn main() {
     // psql on tables of another name. The order alternates, so a slow spell
     // of a shared machine or a catalog that grows as the run goes on weighs
     // on both sides alike; the ratio is of the sums.
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(1);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+        .max(1);
     let psql = std::env::var("PSQL").unwrap_or_else(|_| "psql".into());
     let mut versions = vec![v1];
     let (mut op_total, mut psql_total) = (Duration::ZERO, Duration::ZERO);
@@ -286,7 +372,12 @@ async fn main() {
             pss(&su_db_url, Some("operator")).await;
             let cpu = (cpu_time() - cpu0, machine_busy() - busy0);
             perf_stop(perf);
-            let at = pg::migrations::observe_many(&op_pool, &names).await.expect("observe").values().filter(|v| v.current() == version).count();
+            let at = pg::migrations::observe_many(&op_pool, &names)
+                .await
+                .expect("observe")
+                .values()
+                .filter(|v| v.current() == version)
+                .count();
             assert_eq!(at, count, "not every schema reached version {version}");
             (took, passes, cpu)
         };
@@ -306,12 +397,20 @@ async fn main() {
             let perf = perf_start(&format!("psql-{round}"));
             let busy0 = machine_busy();
             let start = Instant::now();
-            let out = std::process::Command::new(&psql).args(["-X", "-q", "-d", &admin_url, "-f"]).arg(&path).output().expect("run psql");
+            let out = std::process::Command::new(&psql)
+                .args(["-X", "-q", "-d", &admin_url, "-f"])
+                .arg(&path)
+                .output()
+                .expect("run psql");
             let took = start.elapsed();
             let busy = machine_busy() - busy0;
             perf_stop(perf);
             let _ = std::fs::remove_file(&path);
-            assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             (took, table, busy)
         };
         // The baseline's tables have no audit triggers. Untimed, as the
@@ -324,7 +423,9 @@ async fn main() {
                 .for_each_concurrent(4, |n| {
                     let pool = op_pool.clone();
                     async move {
-                        pg::audit::converge(&pool, &bench_ring(), n, &format!("uid-{n}"), None).await.expect("auditing the baseline's tables");
+                        pg::audit::converge(&pool, &bench_ring(), n, &format!("uid-{n}"), None)
+                            .await
+                            .expect("auditing the baseline's tables");
                     }
                 })
                 .await;
@@ -345,8 +446,15 @@ async fn main() {
             audit_baseline().await;
             (operator_run().await, b)
         };
-        let psql_tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = $1").bind(&table).fetch_one(&op_pool).await.expect("count");
-        assert_eq!(psql_tables as usize, count, "the psql baseline did not reach every schema");
+        let psql_tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = $1")
+            .bind(&table)
+            .fetch_one(&op_pool)
+            .await
+            .expect("count");
+        assert_eq!(
+            psql_tables as usize, count,
+            "the psql baseline did not reach every schema"
+        );
         println!(
             "  round {round} (version {version}, {}): operator fan-out {:.2?} ({passes} MigrationSet passes, each observe + plan + rollout), psql baseline {:.2?}, ratio {:.2}",
             if round % 2 == 1 { "operator first" } else { "psql first" },
@@ -364,7 +472,10 @@ async fn main() {
     sampler.await.expect("sampler");
     op_pool.close().await;
 
-    println!("  operator fan-out, maxConcurrent {max_concurrent}, {rounds} round(s): {:.2?}", op_total);
+    println!(
+        "  operator fan-out, maxConcurrent {max_concurrent}, {rounds} round(s): {:.2?}",
+        op_total
+    );
     println!("  psql baseline, one psql session running the {count} transactions serially per round, {rounds} round(s): {:.2?}", psql_total);
     println!(
         "  ratio operator / baseline: {:.2} (target below 1.0: the operator faster than the serial loop)",
@@ -374,19 +485,28 @@ async fn main() {
         "  peak client connections to the bench database during the fan-outs: {} (maxConcurrent {max_concurrent} + an admin pool of at most 2; sampler excluded)",
         peak.load(Ordering::Relaxed)
     );
-    println!("  machine: {} CPU(s)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "  machine: {} CPU(s)",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
 
     if std::env::var_os("BENCH_KEEP_DB").is_some() {
         println!("  kept database {dbname} (BENCH_KEEP_DB)");
         return;
     }
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {dbname} WITH (FORCE)"))).execute(&mut su).await.expect("drop database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {dbname} WITH (FORCE)")))
+        .execute(&mut su)
+        .await
+        .expect("drop database");
     let roles: Vec<String> = sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1")
         .bind(format!("tenant_b{tag}_%"))
         .fetch_all(&mut su)
         .await
         .expect("list roles");
     for r in roles {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE \"{r}\""))).execute(&mut su).await.expect("drop role");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE \"{r}\"")))
+            .execute(&mut su)
+            .await
+            .expect("drop role");
     }
 }

@@ -59,7 +59,11 @@ fn with_db(url: &str, db: &str) -> String {
 }
 
 fn ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("keyring")
+    tenant_operator::crypto::Keyring::new(
+        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
+        "v1",
+    )
+    .expect("keyring")
 }
 
 /// Provisions one tenant with a gateway membership; gives its app password.
@@ -69,9 +73,22 @@ async fn provision(admin: &sqlx::PgPool, name: &TenantName, gateway: &str) -> St
     desired.gateway = Some(gateway.to_string());
     for attempt in 1.. {
         let catalog = pg::tenant::observe(admin, name).await.expect("observe");
-        match converge_db(admin, &ring(), name, &format!("uid-{name}"), &desired, &catalog, None, "bench").await {
+        match converge_db(
+            admin,
+            &ring(),
+            name,
+            &format!("uid-{name}"),
+            &desired,
+            &catalog,
+            None,
+            "bench",
+        )
+        .await
+        {
             Ok(out) => return out.plan.password.clone(),
-            Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 20 => tokio::time::sleep(Duration::from_millis(10 * attempt)).await,
+            Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 20 => {
+                tokio::time::sleep(Duration::from_millis(10 * attempt)).await
+            }
             Err(e) => panic!("provisioning {name}: {e}"),
         }
     }
@@ -170,7 +187,11 @@ where
 /// log, where `pg_log_backend_memory_contexts` writes it.
 async fn backend_memory(su: &mut PgConnection, pid: i32, log: &str) -> (Option<u64>, Option<u64>) {
     let before = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
-    let _: bool = sqlx::query_scalar("SELECT pg_log_backend_memory_contexts($1)").bind(pid).fetch_one(&mut *su).await.expect("log memory");
+    let _: bool = sqlx::query_scalar("SELECT pg_log_backend_memory_contexts($1)")
+        .bind(pid)
+        .fetch_one(&mut *su)
+        .await
+        .expect("log memory");
     let mut total = None;
     // The backend logs at its next interrupt check: when its client sends
     // something. The caller makes it do so; wait for the line.
@@ -178,14 +199,28 @@ async fn backend_memory(su: &mut PgConnection, pid: i32, log: &str) -> (Option<u
         tokio::time::sleep(Duration::from_millis(20)).await;
         let text = std::fs::read(log).unwrap_or_default();
         let tail = String::from_utf8_lossy(&text[before.min(text.len() as u64) as usize..]).to_string();
-        if let Some(line) = tail.lines().rev().find(|l| l.contains(&format!("[{pid}]")) && l.contains("Grand total:")) {
-            total = line.split("Grand total:").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse::<u64>().ok()).map(|b| b / 1024);
+        if let Some(line) = tail
+            .lines()
+            .rev()
+            .find(|l| l.contains(&format!("[{pid}]")) && l.contains("Grand total:"))
+        {
+            total = line
+                .split("Grand total:")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .map(|b| b / 1024);
             break;
         }
     }
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("RssAnon:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse().ok()));
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        });
     (total, rss)
 }
 
@@ -200,50 +235,99 @@ async fn main() {
     let rounds = num("BENCH_ROUNDS", 3);
     let secs = num("BENCH_SECONDS", 10);
     let clients = num("BENCH_CLIENTS", 40) as usize;
-    let server_conns: usize = std::env::var("PGBOUNCER_POOL_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let server_conns: usize = std::env::var("PGBOUNCER_POOL_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
 
     let db = format!("bench_rt_{:08x}", rand::random::<u32>());
     let mut su = PgConnection::connect(&su_url).await.expect("superuser");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db} OWNER tenancy_admin"))).execute(&mut su).await.expect("create db");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db} OWNER tenancy_admin")))
+        .execute(&mut su)
+        .await
+        .expect("create db");
     let (admin, _) = pg::connect(&with_db(&admin_url, &db), 8).await.expect("admin");
     pg::migrate_control_schema(&admin).await.expect("control schema");
     let facts = pg::admin_facts(&admin).await.expect("facts");
     pg::harden_database(&admin, &facts).await.expect("harden");
     let gw = pg::gateway::GatewayName::parse(&format!("gw_{db}")).unwrap();
     let gw_password = pg::scram::generate_password();
-    pg::gateway::converge(&admin, &gw, &gw_password, true).await.expect("gateway");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT CONNECT ON DATABASE {db} TO pgbouncer_auth"))).execute(&admin).await.expect("auth login");
+    pg::gateway::converge(&admin, &gw, &gw_password, true)
+        .await
+        .expect("gateway");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT CONNECT ON DATABASE {db} TO pgbouncer_auth"
+    )))
+    .execute(&admin)
+    .await
+    .expect("auth login");
 
     let tag = format!("{:04x}", rand::random::<u16>());
-    let names: Vec<TenantName> = (0..count).map(|i| TenantName::parse(&format!("r{tag}-{i:05}")).unwrap()).collect();
+    let names: Vec<TenantName> = (0..count)
+        .map(|i| TenantName::parse(&format!("r{tag}-{i:05}")).unwrap())
+        .collect();
     let start = Instant::now();
-    let passwords: Vec<String> = futures::stream::iter(names.iter()).map(|n| provision(&admin, n, gw.as_str())).buffered(8).collect().await;
-    println!("provisioned {count} tenants through converge_db in {:.1?}", start.elapsed());
+    let passwords: Vec<String> = futures::stream::iter(names.iter())
+        .map(|n| provision(&admin, n, gw.as_str()))
+        .buffered(8)
+        .collect()
+        .await;
+    println!(
+        "provisioned {count} tenants through converge_db in {:.1?}",
+        start.elapsed()
+    );
 
     // The tables, made by each tenant's owner (default privileges give its
     // app role access), 100 tenants per statement batch.
     let start = Instant::now();
-    let mut su_db = PgConnection::connect(&with_db(&su_url, &db)).await.expect("superuser on the bench database");
+    let mut su_db = PgConnection::connect(&with_db(&su_url, &db))
+        .await
+        .expect("superuser on the bench database");
     for chunk in names.chunks(100) {
         let mut sql = String::new();
         for n in chunk {
-            sql.push_str(&format!("SET ROLE \"{}\"; SET search_path = \"{}\";", n.owner_role(), n.schema()));
+            sql.push_str(&format!(
+                "SET ROLE \"{}\"; SET search_path = \"{}\";",
+                n.owner_role(),
+                n.schema()
+            ));
             for t in 0..tables {
                 sql.push_str(&format!(" CREATE TABLE t{t} (id int PRIMARY KEY, v text NOT NULL); INSERT INTO t{t} SELECT g, 'row ' || g FROM generate_series(1, 100) g;"));
             }
             sql.push_str(" RESET ROLE;");
         }
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; {sql} COMMIT"))).execute(&mut su_db).await.expect("tables");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; {sql} COMMIT")))
+            .execute(&mut su_db)
+            .await
+            .expect("tables");
     }
     println!("created {} tables in {:.1?}", count * tables, start.elapsed());
     let _ = sqlx::raw_sql("ANALYZE").execute(&mut su_db).await;
 
     let port: u16 = bouncer.parse().expect("TEST_PGBOUNCER_PORT");
-    let shared_opts = PgConnectOptions::new_without_pgpass().host("127.0.0.1").port(port).database(&db).username(gw.as_str()).password(&gw_password);
-    let gateway = Gateway::connect_with(shared_opts, PgPoolOptions::new().max_connections(clients as u32)).await.expect("gateway pool through PgBouncer");
+    let shared_opts = PgConnectOptions::new_without_pgpass()
+        .host("127.0.0.1")
+        .port(port)
+        .database(&db)
+        .username(gw.as_str())
+        .password(&gw_password);
+    let gateway = Gateway::connect_with(shared_opts, PgPoolOptions::new().max_connections(clients as u32))
+        .await
+        .expect("gateway pool through PgBouncer");
     let direct: PgConnectOptions = with_db(&admin_url, &db).parse().expect("admin URL");
-    let tenant_opts: Arc<Vec<PgConnectOptions>> =
-        Arc::new(names.iter().zip(&passwords).map(|(n, pw)| direct.clone().username(&n.app_role()).password(pw).statement_cache_capacity(0)).collect());
+    let tenant_opts: Arc<Vec<PgConnectOptions>> = Arc::new(
+        names
+            .iter()
+            .zip(&passwords)
+            .map(|(n, pw)| {
+                direct
+                    .clone()
+                    .username(&n.app_role())
+                    .password(pw)
+                    .statement_cache_capacity(0)
+            })
+            .collect(),
+    );
     let names = Arc::new(names);
 
     let shared = |gateway: Gateway, names: Arc<Vec<TenantName>>| {
@@ -251,7 +335,11 @@ async fn main() {
             let (gateway, names) = (gateway.clone(), names.clone());
             async move {
                 let mut tx = gateway.begin(names[t].as_str(), "bench", "r").await.expect("begin");
-                let _: String = sqlx::query_scalar("SELECT v FROM t0 WHERE id = $1").bind((t % 100) as i32 + 1).fetch_one(&mut *tx).await.unwrap();
+                let _: String = sqlx::query_scalar("SELECT v FROM t0 WHERE id = $1")
+                    .bind((t % 100) as i32 + 1)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
                 tx.commit().await.unwrap();
             }
         }
@@ -262,7 +350,11 @@ async fn main() {
             async move {
                 let mut c = pools.take(t, &opts[t]).await;
                 let mut tx = c.begin().await.unwrap();
-                let _: String = sqlx::query_scalar("SELECT v FROM t0 WHERE id = $1").bind((t % 100) as i32 + 1).fetch_one(&mut *tx).await.unwrap();
+                let _: String = sqlx::query_scalar("SELECT v FROM t0 WHERE id = $1")
+                    .bind((t % 100) as i32 + 1)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
                 tx.commit().await.unwrap();
                 pools.give_back(t, c);
             }
@@ -271,14 +363,26 @@ async fn main() {
 
     // Warm-up of both (and the gateway's caps cache).
     drive(clients, 2, count, shared(gateway.clone(), names.clone())).await;
-    let server_side: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1").bind(gw.as_str()).fetch_one(&mut su).await.unwrap();
+    let server_side: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+        .bind(gw.as_str())
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
     println!("PgBouncer holds {server_side} server connections for the gateway (PGBOUNCER_POOL_SIZE={server_conns}); {clients} clients");
-    assert!(server_side as usize <= server_conns, "PgBouncer opened more server connections than its pool size");
+    assert!(
+        server_side as usize <= server_conns,
+        "PgBouncer opened more server connections than its pool size"
+    );
 
     let (mut shared_sum, mut per_sum) = (0.0, 0.0);
     for round in 1..=rounds {
         let s = drive(clients, secs, count, shared(gateway.clone(), names.clone())).await;
-        let pools = Arc::new(PerTenantPools { cap: server_conns, idle: Mutex::new(VecDeque::new()), open: Mutex::new(0), connects: AtomicU64::new(0) });
+        let pools = Arc::new(PerTenantPools {
+            cap: server_conns,
+            idle: Mutex::new(VecDeque::new()),
+            open: Mutex::new(0),
+            connects: AtomicU64::new(0),
+        });
         let p = drive(clients, secs, count, per_tenant(pools.clone(), tenant_opts.clone())).await;
         let idle: Vec<(usize, PgConnection)> = pools.idle.lock().unwrap().drain(..).collect();
         for (_, c) in idle {
@@ -303,25 +407,44 @@ async fn main() {
     // Catalog memory: one direct gateway connection serves every tenant,
     // reading each of its tables once.
     let one = Gateway::connect_direct(
-        PgConnectOptions::new_without_pgpass().host("127.0.0.1").port(direct.get_port()).database(&db).username(gw.as_str()).password(&gw_password),
+        PgConnectOptions::new_without_pgpass()
+            .host("127.0.0.1")
+            .port(direct.get_port())
+            .database(&db)
+            .username(gw.as_str())
+            .password(&gw_password),
         PgPoolOptions::new().max_connections(1).min_connections(1),
     )
     .await
     .expect("direct gateway");
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(one.pool()).await.unwrap();
-    let union = (0..tables).map(|t| format!("SELECT v FROM t{t} WHERE id = 1")).collect::<Vec<_>>().join(" UNION ALL ");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(one.pool())
+        .await
+        .unwrap();
+    let union = (0..tables)
+        .map(|t| format!("SELECT v FROM t{t} WHERE id = 1"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
     let (t0, r0) = measure(&mut su, pid, &log, &one).await;
     println!("catalog memory of one server connection (Postgres memory contexts / private RSS, KiB):");
     println!("  fresh connection            {:>9} / {:>9}", fmt(t0), fmt(r0));
     let mut last = (t0, r0);
     for (i, n) in names.iter().enumerate() {
         let mut tx = one.begin(n.as_str(), "bench", "mem").await.expect("begin");
-        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(union.clone())).fetch_all(&mut *tx).await.unwrap();
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(union.clone()))
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
         assert_eq!(rows.len(), tables);
         tx.commit().await.unwrap();
         if (i + 1) % (count / 5).max(1) == 0 || i + 1 == count {
             last = measure(&mut su, pid, &log, &one).await;
-            println!("  after {:>5} tenants        {:>9} / {:>9}", i + 1, fmt(last.0), fmt(last.1));
+            println!(
+                "  after {:>5} tenants        {:>9} / {:>9}",
+                i + 1,
+                fmt(last.0),
+                fmt(last.1)
+            );
         }
     }
     if let (Some(a), Some(b)) = (t0, last.0) {
@@ -333,7 +456,9 @@ async fn main() {
     }
     one.pool().close().await;
     admin.close().await;
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)"))).execute(&mut su).await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
+        .execute(&mut su)
+        .await;
 }
 
 /// [`backend_memory`] of the connection of `one`, which it makes act on

@@ -50,14 +50,18 @@ fn release_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let bin = exe.parent().and_then(Path::parent).expect("target dir").join(name);
     if !bin.exists() {
-        eprintln!("{} is missing: `cargo build --release --workspace --bins` first (scripts/bench-scale.sh does)", bin.display());
+        eprintln!(
+            "{} is missing: `cargo build --release --workspace --bins` first (scripts/bench-scale.sh does)",
+            bin.display()
+        );
         std::process::exit(2);
     }
     bin
 }
 
 /// The one table of the first version.
-const V1: &str = "CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())";
+const V1: &str =
+    "CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())";
 
 /// The 5 DDL statements of the measured migration.
 fn v2() -> String {
@@ -101,7 +105,10 @@ COMMIT;
 
 fn baseline_migration(i: usize) -> String {
     let s = format!("psqlb_{i}");
-    format!("BEGIN; SET LOCAL ROLE {s}_owner; SET LOCAL search_path TO {s};\n{};\nCOMMIT;\n", v2())
+    format!(
+        "BEGIN; SET LOCAL ROLE {s}_owner; SET LOCAL search_path TO {s};\n{};\nCOMMIT;\n",
+        v2()
+    )
 }
 
 /// Runs a SQL file through ONE psql session as the admin; its wall time.
@@ -109,18 +116,38 @@ fn psql_file(url: &str, sql: &str, dir: &Path, label: &str) -> Duration {
     let path = dir.join(format!("{label}.sql"));
     std::fs::write(&path, sql).expect("write sql");
     let start = Instant::now();
-    let out = Command::new("psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"]).arg(&path).arg(url).output().expect("run psql");
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&path)
+        .arg(url)
+        .output()
+        .expect("run psql");
     let took = start.elapsed();
-    assert!(out.status.success(), "psql {label}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql {label}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     took
 }
 
 /// Busy jiffies of the whole machine (all CPUs), from /proc/stat.
 fn machine_busy() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal
-    cpu.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
+    cpu.iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum()
 }
 
 /// utime + stime of a process, in jiffies.
@@ -128,16 +155,24 @@ fn proc_cpu(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 struct Procs(Vec<Child>);
@@ -152,21 +187,38 @@ impl Drop for Procs {
 
 fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
     let mut cmd = Command::new("kubectl");
-    cmd.arg("--kubeconfig").arg(kubeconfig).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if stdin.is_some() {
         cmd.stdin(Stdio::piped());
     }
     let mut child = cmd.spawn().expect("kubectl");
     if let Some(s) = stdin {
-        child.stdin.take().expect("stdin").write_all(s.as_bytes()).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(s.as_bytes())
+            .expect("write stdin");
     }
     let out = child.wait_with_output().expect("kubectl");
-    assert!(out.status.success(), "kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn migration_set(versions: &[(i64, &str, String)]) -> String {
-    let migrations: Vec<serde_json::Value> = versions.iter().map(|(v, n, sql)| serde_json::json!({"version": v, "name": n, "sql": sql})).collect();
+    let migrations: Vec<serde_json::Value> = versions
+        .iter()
+        .map(|(v, n, sql)| serde_json::json!({"version": v, "name": n, "sql": sql}))
+        .collect();
     serde_json::json!({
         "apiVersion": "tenancy.dev/v1alpha1", "kind": "MigrationSet", "metadata": {"name": "default"},
         "spec": {"migrations": migrations}
@@ -175,7 +227,9 @@ fn migration_set(versions: &[(i64, &str, String)]) -> String {
 }
 
 fn ready(t: &Tenant) -> bool {
-    t.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    t.status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Waits until `done` holds for every one of `n` watched objects; the time
@@ -189,7 +243,9 @@ where
     let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
     let limit = Instant::now() + deadline;
     loop {
-        let ev = tokio::time::timeout_at(limit.into(), stream.next()).await.expect("timed out waiting");
+        let ev = tokio::time::timeout_at(limit.into(), stream.next())
+            .await
+            .expect("timed out waiting");
         match ev {
             Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o))) => {
                 state.insert(o.name_any(), done(&o));
@@ -223,7 +279,9 @@ async fn scrape_errors(port: u16) -> u64 {
 fn pg_log_ddl(path: &str, from: u64) -> usize {
     let data = std::fs::read(path).unwrap_or_default();
     let tail = String::from_utf8_lossy(data.get(from as usize..).unwrap_or(&[]));
-    tail.lines().filter(|l| l.contains("statement: ") && !l.contains("psqlb_")).count()
+    tail.lines()
+        .filter(|l| l.contains("statement: ") && !l.contains("psqlb_"))
+        .count()
 }
 
 fn file_len(path: &str) -> u64 {
@@ -232,8 +290,14 @@ fn file_len(path: &str) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let resync: u64 = std::env::var("BENCH_RESYNC_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let n: usize = std::env::var("BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let resync: u64 = std::env::var("BENCH_RESYNC_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
     let su_url = env("TEST_PG_SUPERUSER_URL");
     let admin_url = env("TEST_PG_ADMIN_URL");
     let pg_log = env("TEST_PG_LOG");
@@ -242,21 +306,37 @@ async fn main() {
     let mut su = PgConnection::connect(&su_url).await.expect("superuser connects");
     for db in [op_db, base_db] {
         // One statement per message: neither may run in a transaction block.
-        for stmt in [format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"), format!("CREATE DATABASE {db} OWNER tenancy_admin")] {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut su).await.expect("create database");
+        for stmt in [
+            format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            format!("CREATE DATABASE {db} OWNER tenancy_admin"),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+                .execute(&mut su)
+                .await
+                .expect("create database");
         }
     }
     let base_url = with_db(&admin_url, base_db);
     let op_url = with_db(&admin_url, op_db);
     // The operator's start-up hardening, on both.
     for db in [op_db, base_db] {
-        let mut c = PgConnection::connect(&with_db(&admin_url, db)).await.expect("admin connects");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC; REVOKE ALL ON SCHEMA public FROM PUBLIC")))
-            .execute(&mut c)
+        let mut c = PgConnection::connect(&with_db(&admin_url, db))
             .await
-            .expect("harden");
+            .expect("admin connects");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "REVOKE ALL ON DATABASE {db} FROM PUBLIC; REVOKE ALL ON SCHEMA public FROM PUBLIC"
+        )))
+        .execute(&mut c)
+        .await
+        .expect("harden");
     }
-    println!("scale bench: N = {n} tenants, Postgres {}, 2 CPUs", sqlx::query_scalar::<_, String>("SHOW server_version").fetch_one(&mut su).await.unwrap());
+    println!(
+        "scale bench: N = {n} tenants, Postgres {}, 2 CPUs",
+        sqlx::query_scalar::<_, String>("SHOW server_version")
+            .fetch_one(&mut su)
+            .await
+            .unwrap()
+    );
 
     // --- the API test server, CRDs, namespace, keys, MigrationSet v1
     let kubeconfig = dir.path().join("kubeconfig");
@@ -276,11 +356,35 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    kubectl(&kubeconfig, &["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")], None);
-    kubectl(&kubeconfig, &["wait", "--for=condition=Established", "crd/tenants.tenancy.dev", "--timeout=30s"], None);
+    kubectl(
+        &kubeconfig,
+        &["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")],
+        None,
+    );
+    kubectl(
+        &kubeconfig,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/tenants.tenancy.dev",
+            "--timeout=30s",
+        ],
+        None,
+    );
     kubectl(&kubeconfig, &["create", "namespace", "tenant-system"], None);
-    kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&tenant_operator::keys::new_secret_yaml("tenant-system", "tenant-operator-root-keys")));
-    kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&migration_set(&[(1, "items", V1.into())])));
+    kubectl(
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&tenant_operator::keys::new_secret_yaml(
+            "tenant-system",
+            "tenant-operator-root-keys",
+        )),
+    );
+    kubectl(
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&migration_set(&[(1, "items", V1.into())])),
+    );
     let metrics_port = free_port();
     let op_log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
     let operator = Command::new(release_bin("tenant-operator"))
@@ -309,15 +413,24 @@ async fn main() {
             }
         });
     }
-    let client = Client::try_from(kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(), &Default::default()).await.unwrap())
-        .expect("kube client");
+    let client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .expect("kube client");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // --- provisioning
     let base_prov: String = (0..n).map(|i| baseline_tenant(i, base_db)).collect();
     let psql_prov = psql_file(&base_url, &base_prov, dir.path(), "baseline-provision");
     let manifests: String = (0..n)
-        .map(|i| format!("---\napiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: t{i:05}\nspec: {{}}\n"))
+        .map(|i| {
+            format!("---\napiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: t{i:05}\nspec: {{}}\n")
+        })
         .collect();
     std::fs::write(dir.path().join("tenants.yaml"), &manifests).unwrap();
     let (busy0, srv0, op0) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
@@ -342,10 +455,18 @@ async fn main() {
     let psql_mig = psql_file(&base_url, &base_mig, dir.path(), "baseline-migration");
     let sets: Api<MigrationSet> = Api::all(client.clone());
     let start = Instant::now();
-    kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&migration_set(&[(1, "items", V1.into()), (2, "events", v2())])));
+    kubectl(
+        &kubeconfig,
+        &["apply", "-f", "-"],
+        Some(&migration_set(&[(1, "items", V1.into()), (2, "events", v2())])),
+    );
     let complete = wait_all(sets, 1, Duration::from_secs(3600), |s: &MigrationSet| {
         let gen = s.metadata.generation;
-        s.status.as_ref().is_some_and(|st| st.phase == Some(MigrationSetPhase::Complete) && st.observed_generation == gen && st.latest_version == Some(2))
+        s.status.as_ref().is_some_and(|st| {
+            st.phase == Some(MigrationSetPhase::Complete)
+                && st.observed_generation == gen
+                && st.latest_version == Some(2)
+        })
     })
     .await;
     let op_mig = complete - start;
@@ -354,7 +475,10 @@ async fn main() {
     // Every Tenant shows the new version (the set's Complete comes from the
     // rollout; each Tenant's status.schemaVersion from its own reconcile).
     let tenants: Api<Tenant> = Api::all(client.clone());
-    let shown = wait_all(tenants.clone(), n, Duration::from_secs(3600), |t: &Tenant| t.status.as_ref().is_some_and(|st| st.schema_version == Some(2))).await;
+    let shown = wait_all(tenants.clone(), n, Duration::from_secs(3600), |t: &Tenant| {
+        t.status.as_ref().is_some_and(|st| st.schema_version == Some(2))
+    })
+    .await;
     let followers_lag = shown.saturating_duration_since(complete);
 
     // --- an idle resync: nothing may be written
@@ -364,11 +488,19 @@ async fn main() {
     let log_from = file_len(&pg_log);
     tokio::time::sleep(Duration::from_secs(resync + 10)).await;
     let after = by_name(tenants.list(&Default::default()).await.expect("list").items);
-    let moved: Vec<&String> = before.iter().filter(|(k, v)| after.get(*k).map(|a| a.resource_version()) != Some(v.resource_version())).map(|(k, _)| k).collect();
+    let moved: Vec<&String> = before
+        .iter()
+        .filter(|(k, v)| after.get(*k).map(|a| a.resource_version()) != Some(v.resource_version()))
+        .map(|(k, _)| k)
+        .collect();
     if let Some(name) = moved.first() {
         // What an idle write changed, for the first one.
         let show = |t: &Tenant| serde_json::to_string(&t.status).unwrap_or_default();
-        println!("first Tenant written while idle, {name}:\n  before {}\n  after  {}", show(&before[*name]), show(&after[*name]));
+        println!(
+            "first Tenant written while idle, {name}:\n  before {}\n  after  {}",
+            show(&before[*name]),
+            show(&after[*name])
+        );
     }
     let moved = moved.len();
     let idle_ddl = pg_log_ddl(&pg_log, log_from);
@@ -381,11 +513,24 @@ async fn main() {
     println!();
     println!("| N = {n} | plain psql, serial | operator, end to end | ratio |");
     println!("| --- | --- | --- | --- |");
-    println!("| provisioning until every Tenant is Ready | {:.2} s | {:.2} s | {:.2}x |", secs(psql_prov), secs(op_prov), secs(op_prov) / secs(psql_prov));
-    println!("| 5-DDL migration, apply to Complete | {:.2} s | {:.2} s | {:.2}x |", secs(psql_mig), secs(op_mig), secs(op_mig) / secs(psql_mig));
+    println!(
+        "| provisioning until every Tenant is Ready | {:.2} s | {:.2} s | {:.2}x |",
+        secs(psql_prov),
+        secs(op_prov),
+        secs(op_prov) / secs(psql_prov)
+    );
+    println!(
+        "| 5-DDL migration, apply to Complete | {:.2} s | {:.2} s | {:.2}x |",
+        secs(psql_mig),
+        secs(op_mig),
+        secs(op_mig) / secs(psql_mig)
+    );
     println!();
     println!("kubectl apply of {n} Tenants alone: {:.2} s", secs(kubectl_apply));
-    println!("every Tenant showing the new version: {:.2} s after the set's Complete", secs(followers_lag));
+    println!(
+        "every Tenant showing the new version: {:.2} s after the set's Complete",
+        secs(followers_lag)
+    );
     println!(
         "CPU during provisioning (machine busy {:.1} s): API test server {:.1} s ({:.0}%), operator {:.1} s ({:.0}%), the rest (Postgres, kubectl) {:.0}%",
         busy / 100.0,

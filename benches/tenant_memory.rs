@@ -72,7 +72,10 @@ const FIXTURE: &str = include_str!("../tests/golden/tenant-kubectl-apply.json");
 
 /// Tenant number `i`, as the API server sends it in a watch event.
 fn tenant_json(i: usize) -> String {
-    FIXTURE.replace("acme", &format!("tenant-{i:05}")).replace("0c1d2e3f4a5b", &format!("{i:012x}")).replace("1048213", &format!("{}", 1_048_213 + i))
+    FIXTURE
+        .replace("acme", &format!("tenant-{i:05}"))
+        .replace("0c1d2e3f4a5b", &format!("{i:012x}"))
+        .replace("1048213", &format!("{}", 1_048_213 + i))
 }
 
 /// Heap bytes a store holds once the initial list of `n` Tenants, each
@@ -97,7 +100,10 @@ fn store_bytes(n: usize, shrink: impl Fn(&mut Tenant)) -> (isize, usize) {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let n: usize = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let n: usize = std::env::var("BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     let per = |b: isize| b as f64 / n as f64;
     let kib = |b: isize| b as f64 / 1024.0 / 1024.0;
 
@@ -108,16 +114,36 @@ fn main() {
     let (slimmed, slim_json) = store_bytes(n, slim);
 
     println!("{n} Tenants as `kubectl apply` leaves them (tests/golden/tenant-kubectl-apply.json)");
-    println!("{:<44} {:>12} {:>12} {:>10}", "store", "heap B/tenant", "JSON B/tenant", "MiB");
+    println!(
+        "{:<44} {:>12} {:>12} {:>10}",
+        "store", "heap B/tenant", "JSON B/tenant", "MiB"
+    );
     for (what, bytes, json) in [
         ("full (Controller::new, before)", full, full_json),
         ("managedFields cleared (2 stores, before)", cleared, cleared_json),
         ("slim (the one store, after)", slimmed, slim_json),
     ] {
-        println!("{what:<44} {:>12.0} {:>12.0} {:>10.1}", per(bytes), json as f64 / n as f64, kib(bytes));
+        println!(
+            "{what:<44} {:>12.0} {:>12.0} {:>10.1}",
+            per(bytes),
+            json as f64 / n as f64,
+            kib(bytes)
+        );
     }
     let before = full + 2 * cleared;
-    println!("operator before: 3 stores, {:.0} B/tenant, {:.1} MiB", per(before), kib(before));
-    println!("operator after:  1 store,  {:.0} B/tenant, {:.1} MiB", per(slimmed), kib(slimmed));
-    println!("ratio after/before: {:.3} (one store: slim/full {:.3})", slimmed as f64 / before as f64, slimmed as f64 / full as f64);
+    println!(
+        "operator before: 3 stores, {:.0} B/tenant, {:.1} MiB",
+        per(before),
+        kib(before)
+    );
+    println!(
+        "operator after:  1 store,  {:.0} B/tenant, {:.1} MiB",
+        per(slimmed),
+        kib(slimmed)
+    );
+    println!(
+        "ratio after/before: {:.3} (one store: slim/full {:.3})",
+        slimmed as f64 / before as f64,
+        slimmed as f64 / full as f64
+    );
 }

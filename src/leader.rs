@@ -80,7 +80,14 @@ pub struct Elector {
 
 impl Elector {
     pub fn new(client: Client, namespace: &str, name: &str, identity: &str, timings: Timings) -> Self {
-        Self { api: Api::namespaced(client, namespace), name: name.to_owned(), identity: identity.to_owned(), timings, observed: None, held_since: None }
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+            identity: identity.to_owned(),
+            timings,
+            observed: None,
+            held_since: None,
+        }
     }
 
     pub fn identity(&self) -> &str {
@@ -145,7 +152,9 @@ impl Elector {
                 }
                 Err(_) => {
                     self.held_since = None;
-                    return format!("no renewal succeeded within {deadline:?}: the last renewal request did not answer in time");
+                    return format!(
+                        "no renewal succeeded within {deadline:?}: the last renewal request did not answer in time"
+                    );
                 }
             }
         }
@@ -154,7 +163,9 @@ impl Elector {
     /// Gives the Lease up (at a clean shutdown) so a standby need not wait
     /// for it to expire. Best effort.
     pub async fn release(&mut self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else { return };
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
         let spec = lease.spec.get_or_insert_with(Default::default);
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return;
@@ -175,7 +186,10 @@ impl Elector {
         let duration_secs = self.timings.lease_duration.as_secs().max(1) as i32;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
                     lease_duration_seconds: Some(duration_secs),
@@ -199,7 +213,8 @@ impl Elector {
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let mine = holder.as_deref() == Some(self.identity.as_str());
         if !mine && holder.is_some() {
-            let their_duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration_secs).max(1) as u64);
+            let their_duration =
+                Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration_secs).max(1) as u64);
             let unchanged_for = self.observed.as_ref().map(|(_, at)| at.elapsed()).unwrap_or_default();
             if unchanged_for < their_duration {
                 return Ok(false);
@@ -308,8 +323,14 @@ mod tests {
     async fn serve() -> (Arc<Stub>, Client) {
         let stub = Arc::new(Stub::default());
         let app = Router::new()
-            .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", axum::routing::post(create_lease))
-            .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}", get(get_lease).put(put_lease))
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                axum::routing::post(create_lease),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                get(get_lease).put(put_lease),
+            )
             .with_state(stub.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -333,19 +354,30 @@ mod tests {
     async fn hold_returns_in_time_when(stall: impl FnOnce(&Stub)) {
         let (stub, client) = serve().await;
         let mut e = Elector::new(client, "ns", "leader", "me", timings());
-        tokio::time::timeout(Duration::from_secs(5), e.acquire()).await.expect("acquired");
+        tokio::time::timeout(Duration::from_secs(5), e.acquire())
+            .await
+            .expect("acquired");
         let held = tokio::spawn(async move { (e.hold().await, Instant::now()) });
         tokio::time::sleep(Duration::from_millis(700)).await;
-        assert!(stub.last_put.lock().unwrap().is_some(), "no renewal got through before the stall");
+        assert!(
+            stub.last_put.lock().unwrap().is_some(),
+            "no renewal got through before the stall"
+        );
         stall(&stub);
         let stalled_at = Instant::now();
         // Without the per-request timeout, hold() waits on the hung request
         // for ever.
-        let (why, returned_at) = tokio::time::timeout(Duration::from_secs(5), held).await.expect("hold() returned").unwrap();
+        let (why, returned_at) = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("hold() returned")
+            .unwrap();
         let last_ok = stub.last_put.lock().unwrap().expect("a renewal");
         assert!(last_ok <= stalled_at);
         let after_last_ok = returned_at - last_ok;
-        assert!(after_last_ok <= timings().renew_deadline + Duration::from_millis(250), "hold() returned {after_last_ok:?} after the last renewal");
+        assert!(
+            after_last_ok <= timings().renew_deadline + Duration::from_millis(250),
+            "hold() returned {after_last_ok:?} after the last renewal"
+        );
         assert!(why.contains("no renewal succeeded"), "{why}");
     }
 
@@ -367,7 +399,9 @@ mod tests {
         let mut lease = stub.lease.lock().unwrap().clone().unwrap();
         lease["spec"]["holderIdentity"] = "someone-else".into();
         store(&stub, lease);
-        let why = tokio::time::timeout(Duration::from_secs(2), e.hold()).await.expect("hold() returned");
+        let why = tokio::time::timeout(Duration::from_secs(2), e.hold())
+            .await
+            .expect("hold() returned");
         assert_eq!(why, "another replica holds the lease");
     }
 }

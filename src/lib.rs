@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod controller;
 pub mod crypto;
 pub mod keys;
 pub mod leader;
@@ -13,4 +14,3 @@ pub mod ratelimit;
 pub mod sensitive;
 pub mod telemetry;
 pub mod top;
-pub mod controller;

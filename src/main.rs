@@ -11,7 +11,11 @@ use tenant_operator::controller::{self, Context, Settings};
 use tenant_operator::pg;
 
 #[derive(Parser)]
-#[command(name = "tenant-operator", version, about = "Kubernetes operator for schema-per-tenant Postgres")]
+#[command(
+    name = "tenant-operator",
+    version,
+    about = "Kubernetes operator for schema-per-tenant Postgres"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -126,7 +130,9 @@ impl AuditKeyArgs {
 }
 
 fn rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&chrono::Utc)).map_err(|e| format!("not an RFC 3339 time: {e}"))
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("not an RFC 3339 time: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -346,7 +352,8 @@ fn pg_duration(s: &str) -> Result<Duration, String> {
 fn configmap_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 60
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-');
     if ok {
@@ -365,18 +372,41 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
-        Command::Keys(KeysCommand::NewSecret { namespace, name, kms_key_id: None, .. }) => {
+        Command::Keys(KeysCommand::NewSecret {
+            namespace,
+            name,
+            kms_key_id: None,
+            ..
+        }) => {
             print!("{}", tenant_operator::keys::new_secret_yaml(&namespace, &name));
             Ok(())
         }
-        Command::Keys(KeysCommand::NewSecret { namespace, name, kms_key_id: Some(key_id), kms_endpoint, kms_region }) => {
-            let cfg = tenant_operator::keys::kms::KmsConfig { endpoint: kms_endpoint, region: kms_region, key_id: Some(key_id.clone()) };
-            print!("{}", tenant_operator::keys::new_wrapped_secret_yaml(&namespace, &name, &cfg, &key_id).await?);
+        Command::Keys(KeysCommand::NewSecret {
+            namespace,
+            name,
+            kms_key_id: Some(key_id),
+            kms_endpoint,
+            kms_region,
+        }) => {
+            let cfg = tenant_operator::keys::kms::KmsConfig {
+                endpoint: kms_endpoint,
+                region: kms_region,
+                key_id: Some(key_id.clone()),
+            };
+            print!(
+                "{}",
+                tenant_operator::keys::new_wrapped_secret_yaml(&namespace, &name, &cfg, &key_id).await?
+            );
             Ok(())
         }
-        Command::Secrets(SecretsCommand::Open { tenant, name, envelope_file, database_url, namespace, keys }) => {
-            open_secret(&tenant, &name, envelope_file, &database_url, &namespace, &keys).await
-        }
+        Command::Secrets(SecretsCommand::Open {
+            tenant,
+            name,
+            envelope_file,
+            database_url,
+            namespace,
+            keys,
+        }) => open_secret(&tenant, &name, envelope_file, &database_url, &namespace, &keys).await,
         Command::Audit(cmd) => audit(cmd).await,
         Command::Top(args) => tenant_operator::top::run(args).await,
         Command::Backup { args, keys } => {
@@ -398,23 +428,42 @@ fn cli_logging() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()),
+        )
         .init();
 }
 
 async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
     use tenant_operator::names::TenantName;
     match cmd {
-        AuditCommand::Verify { tenant, database_url, keys } => {
+        AuditCommand::Verify {
+            tenant,
+            database_url,
+            keys,
+        } => {
             let name = TenantName::parse(&tenant)?;
             let ring = keys.load().await.context("loading the root keys")?;
             let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
             let report = pg::audit::verify(&pool, &ring, &name).await?;
-            let from = report.anchor.map(|a| format!(" from the anchor at row {a}")).unwrap_or_default();
+            let from = report
+                .anchor
+                .map(|a| format!(" from the anchor at row {a}"))
+                .unwrap_or_default();
             match report.first_break {
                 None => {
-                    let skipped = if report.anchors_skipped > 0 { format!(", {} not checkable (pruned, or a retired root key)", report.anchors_skipped) } else { String::new() };
-                    println!("ok: {} row(s){from}, chain head {}; {} anchor(s) checked{skipped}", report.rows, report.head, report.anchors_checked);
+                    let skipped = if report.anchors_skipped > 0 {
+                        format!(
+                            ", {} not checkable (pruned, or a retired root key)",
+                            report.anchors_skipped
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "ok: {} row(s){from}, chain head {}; {} anchor(s) checked{skipped}",
+                        report.rows, report.head, report.anchors_checked
+                    );
                     Ok(())
                 }
                 Some(b) => {
@@ -423,7 +472,12 @@ async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        AuditCommand::Export { tenant, since, database_url, keys } => {
+        AuditCommand::Export {
+            tenant,
+            since,
+            database_url,
+            keys,
+        } => {
             let name = TenantName::parse(&tenant)?;
             let ring = keys.load().await.context("loading the root keys")?;
             let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
@@ -434,7 +488,12 @@ async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
             eprintln!("exported {n} audit row(s) of tenant {name}");
             Ok(())
         }
-        AuditCommand::Prune { tenant, retention_days, database_url, keys } => {
+        AuditCommand::Prune {
+            tenant,
+            retention_days,
+            database_url,
+            keys,
+        } => {
             let name = TenantName::parse(&tenant)?;
             let ring = keys.load().await.context("loading the root keys")?;
             let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
@@ -457,22 +516,40 @@ async fn open_secret(
     use std::io::Write;
     let tenant = tenant_operator::names::TenantName::parse(tenant)?;
     let (pool, _) = pg::connect(database_url, 1).await.context("connecting to Postgres")?;
-    let uid = pg::tenant::uid_of(&pool, tenant.as_str()).await?.ok_or_else(|| anyhow::anyhow!("tenant {tenant} is not in the registry"))?;
-    let salt = pg::tenant::existing_key_salt(&pool, &uid)
+    let uid = pg::tenant::uid_of(&pool, tenant.as_str())
         .await?
-        .ok_or_else(|| anyhow::anyhow!("tenant {tenant} has no key salt (deleted tenants' secrets cannot be opened)"))?;
-    let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
+        .ok_or_else(|| anyhow::anyhow!("tenant {tenant} is not in the registry"))?;
+    let salt = pg::tenant::existing_key_salt(&pool, &uid).await?.ok_or_else(|| {
+        anyhow::anyhow!("tenant {tenant} has no key salt (deleted tenants' secrets cannot be opened)")
+    })?;
+    let client = kube::Client::try_default()
+        .await
+        .context("building the Kubernetes client")?;
     let ring = tenant_operator::keys::load(&client, &keys.source(namespace)).await?;
     let envelope = match envelope_file {
         Some(path) => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
         None => {
             let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, namespace);
-            let sealed = api.get(&tenant.sealed_secret()).await.with_context(|| format!("reading Secret {namespace}/{}", tenant.sealed_secret()))?;
-            sealed.data.and_then(|mut d| d.remove(name)).map(|b| b.0).ok_or_else(|| anyhow::anyhow!("{} has no secret {name:?}", tenant.sealed_secret()))?
+            let sealed = api
+                .get(&tenant.sealed_secret())
+                .await
+                .with_context(|| format!("reading Secret {namespace}/{}", tenant.sealed_secret()))?;
+            sealed
+                .data
+                .and_then(|mut d| d.remove(name))
+                .map(|b| b.0)
+                .ok_or_else(|| anyhow::anyhow!("{} has no secret {name:?}", tenant.sealed_secret()))?
         }
     };
-    let plain = tenant_operator::crypto::open(&ring, &salt, &uid, tenant_operator::crypto::Purpose::Secrets, name, &envelope)
-        .with_context(|| format!("opening secret {name:?} of tenant {tenant}"))?;
+    let plain = tenant_operator::crypto::open(
+        &ring,
+        &salt,
+        &uid,
+        tenant_operator::crypto::Purpose::Secrets,
+        name,
+        &envelope,
+    )
+    .with_context(|| format!("opening secret {name:?} of tenant {tenant}"))?;
     std::io::stdout().write_all(&plain)?;
     Ok(())
 }
@@ -480,21 +557,31 @@ async fn open_secret(
 async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()),
+        )
         .init();
     // The DSN holds the admin's password: wiped once the pool has it.
     let database_url = zeroize::Zeroizing::new(std::mem::take(&mut args.database_url));
-    let (pool, target) = pg::connect(&database_url, args.max_connections).await.context("connecting to Postgres")?;
+    let (pool, target) = pg::connect(&database_url, args.max_connections)
+        .await
+        .context("connecting to Postgres")?;
     drop(database_url);
     let facts = pg::admin_facts(&pool).await?;
     facts.require()?;
-    pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
+    pg::migrate_control_schema(&pool)
+        .await
+        .context("preparing the control schema")?;
     for warning in pg::harden_database(&pool, &facts).await? {
         tracing::warn!(%warning, "database hardening skipped");
     }
-    let client = kube::Client::try_default().await.context("building the Kubernetes client (kubeconfig or in-cluster)")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("building the Kubernetes client (kubeconfig or in-cluster)")?;
     let key_source = args.keys.source(&args.namespace);
-    let ring = tenant_operator::keys::load(&client, &key_source).await.context("loading the root keys")?;
+    let ring = tenant_operator::keys::load(&client, &key_source)
+        .await
+        .context("loading the root keys")?;
     let missing: Vec<String> = pg::tenant::key_versions_in_use(&pool)
         .await?
         .into_iter()
@@ -511,13 +598,18 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded");
-    let (secret_sources, listed_own) = tenant_operator::controller::tenant::sealing::SourcePolicy::new(&args.namespace, &args.secret_source_namespaces);
+    let (secret_sources, listed_own) = tenant_operator::controller::tenant::sealing::SourcePolicy::new(
+        &args.namespace,
+        &args.secret_source_namespaces,
+    );
     if listed_own {
         tracing::warn!(namespace = %args.namespace, "--secret-source-namespaces lists the operator's own namespace: ignored, its Secrets are never sources");
     }
     let gateway = match args.gateway_role.as_str() {
         "" => None,
-        g => Some(tenant_operator::pg::gateway::GatewayName::parse(g).map_err(|e| anyhow::anyhow!("--gateway-role: {e}"))?),
+        g => Some(
+            tenant_operator::pg::gateway::GatewayName::parse(g).map_err(|e| anyhow::anyhow!("--gateway-role: {e}"))?,
+        ),
     };
     let pg_ssl_mode = tenant_operator::backup::libpq_ssl_mode(&target).to_string();
     let settings = Settings {
@@ -538,7 +630,10 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             descriptor_key: args.ratelimit_descriptor_key,
             budget_bytes: tenant_operator::ratelimit::DEFAULT_BUDGET_BYTES,
         },
-        migration_timeouts: tenant_operator::pg::migrations::Timeouts { lock: args.migration_lock_timeout, statement: args.migration_statement_timeout },
+        migration_timeouts: tenant_operator::pg::migrations::Timeouts {
+            lock: args.migration_lock_timeout,
+            statement: args.migration_statement_timeout,
+        },
         root_keys: key_source,
         audit_anchor_interval: Duration::from_secs(args.audit_anchor_seconds),
         watchdog: tenant_operator::controller::watchdog::WatchdogSettings {
@@ -561,7 +656,8 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     };
     tracing::info!(namespace = %settings.namespace, concurrency = settings.concurrency, admin = %facts.role, superuser = facts.superuser, "tenant-operator starting");
     let namespace = settings.namespace.clone();
-    let ctx = Arc::new(Context::new(client.clone(), pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)));
+    let ctx =
+        Arc::new(Context::new(client.clone(), pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)));
     tenant_operator::telemetry::serve(args.metrics_addr, ctx.clone())
         .await
         .with_context(|| format!("starting the metrics server on {}", args.metrics_addr))?;

@@ -35,7 +35,9 @@ impl TenantName {
             return Err(NameError::TooLong(name.chars().take(64).collect()));
         }
         let bytes = name.as_bytes();
-        let ok_inner = bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        let ok_inner = bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
         let ok_ends = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
         if !ok_inner || !ok_ends(bytes[0]) || !ok_ends(bytes[bytes.len() - 1]) {
             return Err(NameError::NotDnsLabel(name.chars().take(64).collect()));
@@ -132,11 +134,24 @@ mod tests {
     fn no_tenant_role_can_equal_another_tenants_role() {
         // Role names end in _owner, _app or _ops, so a tenant called
         // `x-owner`, `x-app` or `x-ops` never gets a role of tenant `x`.
-        let names: Vec<TenantName> = ["x", "x-owner", "x-app", "x-ops", "x-app-owner", "x-owner-app", "x-ops-app", "x-app-ops", "x-owner-ops"]
+        let names: Vec<TenantName> = [
+            "x",
+            "x-owner",
+            "x-app",
+            "x-ops",
+            "x-app-owner",
+            "x-owner-app",
+            "x-ops-app",
+            "x-app-ops",
+            "x-owner-ops",
+        ]
+        .iter()
+        .map(|n| TenantName::parse(n).unwrap())
+        .collect();
+        let mut roles: Vec<String> = names
             .iter()
-            .map(|n| TenantName::parse(n).unwrap())
+            .flat_map(|n| [n.owner_role(), n.app_role(), n.ops_role()])
             .collect();
-        let mut roles: Vec<String> = names.iter().flat_map(|n| [n.owner_role(), n.app_role(), n.ops_role()]).collect();
         let before = roles.len();
         roles.sort();
         roles.dedup();

@@ -70,10 +70,22 @@ pub struct Limit {
 impl Limit {
     /// The effective limit: a suspended tenant gets 0, enforced (not shadow).
     pub fn effective(spec: &RateLimit, state: TenantState) -> Limit {
-        let RateLimit { requests_per_unit, unit, shadow_mode } = *spec;
+        let RateLimit {
+            requests_per_unit,
+            unit,
+            shadow_mode,
+        } = *spec;
         match state {
-            TenantState::Active => Limit { requests_per_unit, unit, shadow_mode },
-            TenantState::Suspended => Limit { requests_per_unit: 0, unit, shadow_mode: false },
+            TenantState::Active => Limit {
+                requests_per_unit,
+                unit,
+                shadow_mode,
+            },
+            TenantState::Suspended => Limit {
+                requests_per_unit: 0,
+                unit,
+                shadow_mode: false,
+            },
         }
     }
 }
@@ -213,7 +225,12 @@ pub fn render(cfg: &RenderSettings, entries: &[Entry]) -> Result<Vec<Shard>, Ren
     let key_q = quote(&cfg.descriptor_key);
     let lines: Vec<(String, String)> = entries
         .iter()
-        .map(|e| (descriptor_line(&key_q, &e.tenant, &e.api), descriptor_line(&key_q, &e.tenant, &e.webhook)))
+        .map(|e| {
+            (
+                descriptor_line(&key_q, &e.tenant, &e.api),
+                descriptor_line(&key_q, &e.tenant, &e.webhook),
+            )
+        })
         .collect();
     let single = render_shards(cfg, entries, &lines, 1);
     if single[0].size() <= cfg.budget_bytes {
@@ -227,7 +244,11 @@ pub fn render(cfg: &RenderSettings, entries: &[Entry]) -> Result<Vec<Shard>, Ren
             return Ok(shards);
         }
     }
-    Err(RenderError::TooLarge { tenants: entries.len(), max: MAX_SHARDS, budget: cfg.budget_bytes })
+    Err(RenderError::TooLarge {
+        tenants: entries.len(),
+        max: MAX_SHARDS,
+        budget: cfg.budget_bytes,
+    })
 }
 
 fn render_shards(cfg: &RenderSettings, entries: &[Entry], lines: &[(String, String)], n: usize) -> Vec<Shard> {
@@ -241,9 +262,19 @@ fn render_shards(cfg: &RenderSettings, entries: &[Entry], lines: &[(String, Stri
         .into_iter()
         .enumerate()
         .map(|(i, (api, webhook))| {
-            let (fa, fw) = if n == 1 { ("api.yaml".to_string(), "webhook.yaml".to_string()) } else { (format!("api-{i}.yaml"), format!("webhook-{i}.yaml")) };
-            let data = BTreeMap::from([(fa, file(&cfg.api_domain, &api)), (fw, file(&cfg.webhook_domain, &webhook))]);
-            Shard { name: shard_name(&cfg.configmap, i), data }
+            let (fa, fw) = if n == 1 {
+                ("api.yaml".to_string(), "webhook.yaml".to_string())
+            } else {
+                (format!("api-{i}.yaml"), format!("webhook-{i}.yaml"))
+            };
+            let data = BTreeMap::from([
+                (fa, file(&cfg.api_domain, &api)),
+                (fw, file(&cfg.webhook_domain, &webhook)),
+            ]);
+            Shard {
+                name: shard_name(&cfg.configmap, i),
+                data,
+            }
         })
         .collect()
 }
@@ -323,7 +354,9 @@ pub fn read_back(cfg: &RenderSettings, files: &[&BTreeMap<String, String>]) -> B
         for content in data.values() {
             let Ok(root) = schema::parse(content) else { continue };
             for d in root.descriptors {
-                let (Some(value), Some(rl)) = (d.value, d.rate_limit) else { continue };
+                let (Some(value), Some(rl)) = (d.value, d.rate_limit) else {
+                    continue;
+                };
                 if d.key != cfg.descriptor_key {
                     continue;
                 }
@@ -334,7 +367,14 @@ pub fn read_back(cfg: &RenderSettings, files: &[&BTreeMap<String, String>]) -> B
                     Some("day") => RateLimitUnit::Day,
                     _ => continue,
                 };
-                out.insert((root.domain.clone(), value), Limit { requests_per_unit: rl.requests_per_unit, unit, shadow_mode: d.shadow_mode });
+                out.insert(
+                    (root.domain.clone(), value),
+                    Limit {
+                        requests_per_unit: rl.requests_per_unit,
+                        unit,
+                        shadow_mode: d.shadow_mode,
+                    },
+                );
             }
         }
     }

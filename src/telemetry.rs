@@ -87,8 +87,15 @@ struct MeasureLabel {
 pub const USAGE_NAMED_TENANTS: usize = 20;
 
 /// The usage measures, as the gauges' `measure` label names them.
-pub const USAGE_MEASURES: [&str; 7] =
-    ["sessions_active", "sessions_idle", "bytes", "rows_written_per_second", "statement_seconds_per_minute", "temp_bytes", "cancellations"];
+pub const USAGE_MEASURES: [&str; 7] = [
+    "sessions_active",
+    "sessions_idle",
+    "bytes",
+    "rows_written_per_second",
+    "statement_seconds_per_minute",
+    "temp_bytes",
+    "cancellations",
+];
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
@@ -99,7 +106,11 @@ pub fn top_n(values: &[(&str, f64)], n: usize) -> (Vec<(String, f64)>, f64, f64)
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     let total = v.iter().map(|x| x.1).sum();
     let other = v.iter().skip(n).map(|x| x.1).sum();
-    (v.into_iter().take(n).map(|(k, x)| (k.to_string(), x)).collect(), other, total)
+    (
+        v.into_iter().take(n).map(|(k, x)| (k.to_string(), x)).collect(),
+        other,
+        total,
+    )
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -139,7 +150,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("tenant_operator");
         let reconciles = Family::<ControllerLabel, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
-        let duration = Family::<ControllerLabel, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let duration = Family::<ControllerLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
         let tenants = Family::<PhaseLabel, Gauge>::default();
         let pool = Family::<PoolLabel, Gauge>::default();
         let leader = Gauge::default();
@@ -147,11 +160,31 @@ impl Default for Metrics {
         let watchdog_tenants = Family::<TenantReasonLabels, Counter>::default();
         let watchdog_errors = Counter::default();
         registry.register("reconciles", "Reconciles run, per controller", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed, per controller and reason", errors.clone());
-        registry.register("reconcile_duration_seconds", "How long reconciles take, per controller", duration.clone());
-        registry.register("tenants", "Tenants per status phase (Unknown: no status yet)", tenants.clone());
-        registry.register("db_pool_connections", "Admin connections to Postgres, in use and idle", pool.clone());
-        registry.register("leader", "1 while this replica holds the leader lease and runs the controllers", leader.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, per controller and reason",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long reconciles take, per controller",
+            duration.clone(),
+        );
+        registry.register(
+            "tenants",
+            "Tenants per status phase (Unknown: no status yet)",
+            tenants.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Admin connections to Postgres, in use and idle",
+            pool.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease and runs the controllers",
+            leader.clone(),
+        );
         registry.register(
             "watchdog_signals",
             "Tenant sessions the caps watchdog signalled, per reason (StatementCancelled, IdleSessionEnded)",
@@ -162,7 +195,11 @@ impl Default for Metrics {
             "Tenant sessions the caps watchdog signalled, per tenant (the first 20 signalled since start; the rest: other) and reason",
             watchdog_tenants.clone(),
         );
-        registry.register("watchdog_pass_errors", "Caps watchdog passes that failed", watchdog_errors.clone());
+        registry.register(
+            "watchdog_pass_errors",
+            "Caps watchdog passes that failed",
+            watchdog_errors.clone(),
+        );
         let usage = Family::<MeasureTenantLabels, FloatGauge>::default();
         let usage_totals = Family::<MeasureLabel, FloatGauge>::default();
         registry.register(
@@ -170,7 +207,11 @@ impl Default for Metrics {
             "Tenants' usage at the latest sample, per measure: the 20 largest tenants by that measure by name, the rest summed as other",
             usage.clone(),
         );
-        registry.register("usage_all_tenants", "Tenants' usage at the latest sample, per measure, summed over all tenants", usage_totals.clone());
+        registry.register(
+            "usage_all_tenants",
+            "Tenants' usage at the latest sample, per measure, summed over all tenants",
+            usage_totals.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -192,7 +233,15 @@ impl Default for Metrics {
 }
 
 /// The phases the per-phase gauge always reports (0 when none).
-const PHASES: [&str; 7] = ["Pending", "Provisioning", "Active", "Suspended", "Deleting", "Failed", "Unknown"];
+const PHASES: [&str; 7] = [
+    "Pending",
+    "Provisioning",
+    "Active",
+    "Suspended",
+    "Deleting",
+    "Failed",
+    "Unknown",
+];
 
 fn phase_label(p: Option<TenantPhase>) -> &'static str {
     match p {
@@ -211,7 +260,9 @@ impl Metrics {
     /// `error` is the failure's fixed label.
     pub fn reconciled(&self, controller: &'static str, elapsed: Duration, error: Option<&'static str>) {
         self.reconciles.get_or_create(&ControllerLabel { controller }).inc();
-        self.duration.get_or_create(&ControllerLabel { controller }).observe(elapsed.as_secs_f64());
+        self.duration
+            .get_or_create(&ControllerLabel { controller })
+            .observe(elapsed.as_secs_f64());
         if let Some(reason) = error {
             self.errors.get_or_create(&ErrorLabels { controller, reason }).inc();
         }
@@ -228,20 +279,34 @@ impl Metrics {
                 "other".to_string()
             }
         };
-        self.watchdog_tenants.get_or_create(&TenantReasonLabels { tenant: label, reason }).inc();
-        *self.watchdog_per_tenant.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_insert(0) += 1;
+        self.watchdog_tenants
+            .get_or_create(&TenantReasonLabels { tenant: label, reason })
+            .inc();
+        *self
+            .watchdog_per_tenant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.to_string())
+            .or_insert(0) += 1;
     }
 
     /// Sessions the watchdog signalled per tenant since start.
     pub fn watchdog_per_tenant(&self) -> std::collections::HashMap<String, u64> {
-        self.watchdog_per_tenant.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.watchdog_per_tenant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Sets the usage gauges from one sample: per measure the
     /// [`USAGE_NAMED_TENANTS`] largest tenants by name, the rest as
     /// `other`, and the total; series of tenants no longer among the
     /// largest are dropped.
-    pub fn set_usage(&self, figs: &[crate::pg::usage::Figures], cancellations: &std::collections::HashMap<String, u64>) {
+    pub fn set_usage(
+        &self,
+        figs: &[crate::pg::usage::Figures],
+        cancellations: &std::collections::HashMap<String, u64>,
+    ) {
         self.usage.clear();
         for measure in USAGE_MEASURES {
             let values: Vec<(&str, f64)> = figs
@@ -266,9 +331,16 @@ impl Metrics {
             }
             let (top, other, total) = top_n(&values, USAGE_NAMED_TENANTS);
             for (tenant, v) in top {
-                self.usage.get_or_create(&MeasureTenantLabels { measure, tenant }).set(v);
+                self.usage
+                    .get_or_create(&MeasureTenantLabels { measure, tenant })
+                    .set(v);
             }
-            self.usage.get_or_create(&MeasureTenantLabels { measure, tenant: "other".into() }).set(other);
+            self.usage
+                .get_or_create(&MeasureTenantLabels {
+                    measure,
+                    tenant: "other".into(),
+                })
+                .set(other);
             self.usage_totals.get_or_create(&MeasureLabel { measure }).set(total);
         }
     }
@@ -287,11 +359,15 @@ impl Metrics {
         let size = pool.size() as i64;
         let idle = pool.num_idle() as i64;
         self.pool.get_or_create(&PoolLabel { state: "idle" }).set(idle);
-        self.pool.get_or_create(&PoolLabel { state: "in_use" }).set((size - idle).max(0));
+        self.pool
+            .get_or_create(&PoolLabel { state: "in_use" })
+            .set((size - idle).max(0));
         let mut counts: std::collections::HashMap<&'static str, i64> = PHASES.iter().map(|p| (*p, 0)).collect();
         if let Some(store) = self.tenant_store.get() {
             for t in store.state() {
-                *counts.entry(phase_label(t.status.as_ref().and_then(|s| s.phase))).or_default() += 1;
+                *counts
+                    .entry(phase_label(t.status.as_ref().and_then(|s| s.phase)))
+                    .or_default() += 1;
             }
         }
         for (phase, n) in counts {
@@ -317,7 +393,11 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Self { started: AtomicBool::new(false), dead: Mutex::new(Vec::new()), db_last_ok: Mutex::new(Some(Instant::now())) }
+        Self {
+            started: AtomicBool::new(false),
+            dead: Mutex::new(Vec::new()),
+            db_last_ok: Mutex::new(Some(Instant::now())),
+        }
     }
 }
 
@@ -380,7 +460,13 @@ pub async fn watch_database(ctx: Arc<Context>) {
 }
 
 async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], ctx.metrics.render(&ctx.pool))
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ctx.metrics.render(&ctx.pool),
+    )
 }
 
 fn verdict(r: Result<(), String>) -> (StatusCode, String) {
@@ -437,10 +523,24 @@ mod tests {
         m.set_leader(true);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
-        assert!(out.contains("tenant_operator_reconciles_total{controller=\"tenant\"} 2"), "{out}");
-        assert!(out.contains("tenant_operator_reconciles_total{controller=\"migrationset\"} 1"), "{out}");
-        assert!(out.contains("tenant_operator_reconcile_errors_total{controller=\"tenant\",reason=\"DatabaseUnavailable\"} 1"), "{out}");
-        assert!(out.contains("tenant_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 2"), "{out}");
+        assert!(
+            out.contains("tenant_operator_reconciles_total{controller=\"tenant\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tenant_operator_reconciles_total{controller=\"migrationset\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "tenant_operator_reconcile_errors_total{controller=\"tenant\",reason=\"DatabaseUnavailable\"} 1"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("tenant_operator_reconcile_duration_seconds_count{controller=\"tenant\"} 2"),
+            "{out}"
+        );
         assert!(out.contains("tenant_operator_leader 1"), "{out}");
     }
 
@@ -466,16 +566,40 @@ mod tests {
             out
         };
         let out = render(&m);
-        assert!(out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"t29\"} 29000.0"), "{out}");
-        assert!(!out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"t09\"}"), "{out}");
+        assert!(
+            out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"t29\"} 29000.0"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"t09\"}"),
+            "{out}"
+        );
         // t00..t09 are the rest: 0+1000+...+9000.
-        assert!(out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"other\"} 45000.0"), "{out}");
-        assert!(out.contains("tenant_operator_usage_all_tenants{measure=\"bytes\"} 435000.0"), "{out}");
-        assert!(out.contains("tenant_operator_usage{measure=\"statement_seconds_per_minute\",tenant=\"t03\"} 42.0"), "{out}");
-        assert!(out.contains("tenant_operator_usage{measure=\"cancellations\",tenant=\"t05\"} 2.0"), "{out}");
-        assert!(!out.contains("measure=\"temp_bytes\""), "no temp figure without pg_stat_statements");
+        assert!(
+            out.contains("tenant_operator_usage{measure=\"bytes\",tenant=\"other\"} 45000.0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tenant_operator_usage_all_tenants{measure=\"bytes\"} 435000.0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tenant_operator_usage{measure=\"statement_seconds_per_minute\",tenant=\"t03\"} 42.0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tenant_operator_usage{measure=\"cancellations\",tenant=\"t05\"} 2.0"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("measure=\"temp_bytes\""),
+            "no temp figure without pg_stat_statements"
+        );
         for measure in ["bytes", "sessions_active"] {
-            let series = out.lines().filter(|l| l.starts_with(&format!("tenant_operator_usage{{measure=\"{measure}\","))).count();
+            let series = out
+                .lines()
+                .filter(|l| l.starts_with(&format!("tenant_operator_usage{{measure=\"{measure}\",")))
+                .count();
             assert_eq!(series, USAGE_NAMED_TENANTS + 1, "{measure}");
         }
         // A later sample: the series of tenants no longer among the largest go.
@@ -495,14 +619,38 @@ mod tests {
         m.watchdog_failed();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
-        assert!(out.contains("tenant_operator_watchdog_signals_total{reason=\"StatementCancelled\"} 26"), "{out}");
-        assert!(out.contains("tenant_operator_watchdog_signals_total{reason=\"IdleSessionEnded\"} 1"), "{out}");
-        assert!(out.contains("tenant_operator_watchdog_tenant_signals_total{tenant=\"t0\",reason=\"StatementCancelled\"} 2"), "{out}");
-        assert!(out.contains("tenant_operator_watchdog_tenant_signals_total{tenant=\"other\",reason=\"StatementCancelled\"} 5"), "{out}");
-        assert!(out.contains("tenant_operator_watchdog_tenant_signals_total{tenant=\"other\",reason=\"IdleSessionEnded\"} 1"), "{out}");
+        assert!(
+            out.contains("tenant_operator_watchdog_signals_total{reason=\"StatementCancelled\"} 26"),
+            "{out}"
+        );
+        assert!(
+            out.contains("tenant_operator_watchdog_signals_total{reason=\"IdleSessionEnded\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "tenant_operator_watchdog_tenant_signals_total{tenant=\"t0\",reason=\"StatementCancelled\"} 2"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "tenant_operator_watchdog_tenant_signals_total{tenant=\"other\",reason=\"StatementCancelled\"} 5"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "tenant_operator_watchdog_tenant_signals_total{tenant=\"other\",reason=\"IdleSessionEnded\"} 1"
+            ),
+            "{out}"
+        );
         assert!(!out.contains("tenant=\"t20\""), "{out}");
         assert!(out.contains("tenant_operator_watchdog_pass_errors_total 1"), "{out}");
-        let series = out.lines().filter(|l| l.starts_with("tenant_operator_watchdog_tenant_signals_total{")).count();
+        let series = out
+            .lines()
+            .filter(|l| l.starts_with("tenant_operator_watchdog_tenant_signals_total{"))
+            .count();
         assert_eq!(series, 22, "{out}");
     }
 

@@ -38,13 +38,18 @@ pub struct TopArgs {
 
 /// Runs `top`: prints one table (or one per interval with `--watch`).
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
-    let (pool, _) = crate::pg::connect(&args.database_url, 1).await.context("connecting to Postgres")?;
+    let (pool, _) = crate::pg::connect(&args.database_url, 1)
+        .await
+        .context("connecting to Postgres")?;
     if !crate::pg::watchdog::can_see_sessions(&pool).await? {
         eprintln!("warning: this login lacks pg_read_all_stats: other roles' sessions show no state (counted idle) and no timings");
     }
     let pgss = us::statements_source(&pool).await?;
     let window = Duration::from_secs(args.interval);
-    let cfg = us::Config { gateway: (!args.gateway_role.is_empty()).then(|| args.gateway_role.clone()), window };
+    let cfg = us::Config {
+        gateway: (!args.gateway_role.is_empty()).then(|| args.gateway_role.clone()),
+        window,
+    };
     let mut prev = us::sample(&pool, &cfg, pgss.as_deref()).await?;
     loop {
         tokio::time::sleep(window).await;

@@ -14,7 +14,16 @@ fn committed_crds_match_the_generated_ones() {
 #[test]
 fn tenant_crd_enforces_the_name_rule_and_bounds() {
     let yaml = tenant_operator::api::crds_yaml().unwrap();
-    assert!(yaml.contains("self.metadata.name.size() <= 40"), "the CEL name rule is missing");
-    assert!(yaml.contains("maximum: 1000.0") && yaml.contains("minimum: 1.0"), "connectionLimit bounds are missing");
-    assert!(yaml.contains("scope: Cluster") && yaml.contains("- tn"), "scope or short name is wrong");
+    assert!(
+        yaml.contains("self.metadata.name.size() <= 40"),
+        "the CEL name rule is missing"
+    );
+    assert!(
+        yaml.contains("maximum: 1000.0") && yaml.contains("minimum: 1.0"),
+        "connectionLimit bounds are missing"
+    );
+    assert!(
+        yaml.contains("scope: Cluster") && yaml.contains("- tn"),
+        "scope or short name is wrong"
+    );
 }

@@ -11,9 +11,17 @@ use support::e2e::{tenant_yaml, wait_for, Env, NAMESPACE};
 use support::unique;
 
 fn secret_field(env: &Env, tenant: &str, key: &str) -> String {
-    let b64 = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-db")], &format!("{{.data.{key}}}"));
+    let b64 = env.jsonpath(
+        &["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-db")],
+        &format!("{{.data.{key}}}"),
+    );
     use base64::Engine;
-    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap_or_default()).unwrap_or_default()
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default()
 }
 
 async fn app_connect(env: &Env, tenant: &str) -> Result<PgConnection, sqlx::Error> {
@@ -21,7 +29,10 @@ async fn app_connect(env: &Env, tenant: &str) -> Result<PgConnection, sqlx::Erro
 }
 
 fn condition(env: &Env, tenant: &str, type_: &str, field: &str) -> String {
-    env.jsonpath(&["tenant", tenant], &format!("{{.status.conditions[?(@.type==\"{type_}\")].{field}}}"))
+    env.jsonpath(
+        &["tenant", tenant],
+        &format!("{{.status.conditions[?(@.type==\"{type_}\")].{field}}}"),
+    )
 }
 
 async fn schema_exists(env: &Env, tenant: &str) -> bool {
@@ -43,13 +54,25 @@ async fn apply_gives_an_isolated_schema_and_a_quiet_steady_state() {
 
     let table = env.kubectl_ok(&["get", "tenants", &name]);
     let schema = format!("tenant_{}", name.replace('-', "_"));
-    assert!(table.contains("PHASE") && table.contains("SCHEMA") && table.contains("READY"), "printer columns missing:\n{table}");
-    assert!(table.contains("Active") && table.contains(&schema) && table.contains("True"), "row wrong:\n{table}");
-    assert_eq!(env.jsonpath(&["tenant", &name], "{.metadata.finalizers[0]}"), "tenancy.dev/cleanup");
+    assert!(
+        table.contains("PHASE") && table.contains("SCHEMA") && table.contains("READY"),
+        "printer columns missing:\n{table}"
+    );
+    assert!(
+        table.contains("Active") && table.contains(&schema) && table.contains("True"),
+        "row wrong:\n{table}"
+    );
+    assert_eq!(
+        env.jsonpath(&["tenant", &name], "{.metadata.finalizers[0]}"),
+        "tenancy.dev/cleanup"
+    );
     assert_eq!(condition(&env, &name, "DatabaseReady", "status"), "True");
 
     let mut conn = app_connect(&env, &name).await.expect("the Secret's uri logs in");
-    let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut conn).await.unwrap();
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(user, format!("{schema}_app"));
     drop(conn);
 
@@ -57,22 +80,45 @@ async fn apply_gives_an_isolated_schema_and_a_quiet_steady_state() {
     let rv = |what: &[&str]| env.jsonpath(what, "{.metadata.resourceVersion}");
     let secret = ["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")];
     let (t0, s0) = (rv(&["tenant", &name]), rv(&secret));
-    let events0 = env.kubectl_ok(&["get", "events", "-A", "--field-selector", &format!("involvedObject.name={name}"), "-o", "name"]);
+    let events0 = env.kubectl_ok(&[
+        "get",
+        "events",
+        "-A",
+        "--field-selector",
+        &format!("involvedObject.name={name}"),
+        "-o",
+        "name",
+    ]);
     let ddl0 = ddl_lines(&schema);
     tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(t0, rv(&["tenant", &name]), "the Tenant was written in a steady state");
     assert_eq!(s0, rv(&secret), "the Secret was written in a steady state");
-    let events1 = env.kubectl_ok(&["get", "events", "-A", "--field-selector", &format!("involvedObject.name={name}"), "-o", "name"]);
+    let events1 = env.kubectl_ok(&[
+        "get",
+        "events",
+        "-A",
+        "--field-selector",
+        &format!("involvedObject.name={name}"),
+        "-o",
+        "name",
+    ]);
     assert_eq!(events0, events1, "events were published in a steady state");
     assert_eq!(ddl0, ddl_lines(&schema), "DDL ran in a steady state");
     let reconciles = env.operator_log().matches("reconciled").count();
-    assert!(reconciles >= 2, "the operator did not resync ({reconciles} reconciles logged)");
+    assert!(
+        reconciles >= 2,
+        "the operator did not resync ({reconciles} reconciles logged)"
+    );
 }
 
 /// Lines of the Postgres statement log (log_statement = ddl) naming `needle`.
 fn ddl_lines(needle: &str) -> usize {
     let path = std::env::var("TEST_PG_LOG").expect("TEST_PG_LOG");
-    std::fs::read_to_string(path).unwrap_or_default().lines().filter(|l| l.contains("statement:") && l.contains(needle)).count()
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("statement:") && l.contains(needle))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -87,14 +133,37 @@ async fn suspend_resume_and_delete_through_kubectl() {
     env.wait_ready(&a);
     let mut session = app_connect(&env, &name).await.unwrap();
 
-    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"state":"Suspended"}}"#]);
-    wait_for(Duration::from_secs(30), "phase Suspended", || env.jsonpath(&["tenant", &name], "{.status.phase}") == "Suspended");
-    let err = app_connect(&env, &name).await.expect_err("a suspended tenant logged in");
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &name,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"state":"Suspended"}}"#,
+    ]);
+    wait_for(Duration::from_secs(30), "phase Suspended", || {
+        env.jsonpath(&["tenant", &name], "{.status.phase}") == "Suspended"
+    });
+    let err = app_connect(&env, &name)
+        .await
+        .expect_err("a suspended tenant logged in");
     assert!(err.to_string().contains("not permitted to log in"), "{err}");
-    assert!(sqlx::query("SELECT 1").execute(&mut session).await.is_err(), "the open session survived the suspend");
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
+        "the open session survived the suspend"
+    );
 
-    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"state":"Active"}}"#]);
-    wait_for(Duration::from_secs(30), "phase Active", || env.jsonpath(&["tenant", &name], "{.status.phase}") == "Active");
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &name,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"state":"Active"}}"#,
+    ]);
+    wait_for(Duration::from_secs(30), "phase Active", || {
+        env.jsonpath(&["tenant", &name], "{.status.phase}") == "Active"
+    });
     app_connect(&env, &name).await.expect("resumed tenant logs in");
 
     // The audit log names who changed the spec (from managedFields, which
@@ -105,13 +174,28 @@ async fn suspend_resume_and_delete_through_kubectl() {
         .await
         .unwrap();
     let actors: Vec<(&str, &str)> = actors.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    assert_eq!(actors, [("Provisioned", "kubectl-client-side-apply"), ("Suspended", "kubectl-patch"), ("Resumed", "kubectl-patch")]);
+    assert_eq!(
+        actors,
+        [
+            ("Provisioned", "kubectl-client-side-apply"),
+            ("Suspended", "kubectl-patch"),
+            ("Resumed", "kubectl-patch")
+        ]
+    );
 
     // kubectl delete blocks until the finalizer is released.
     env.kubectl_ok(&["delete", "tenant", &name, "--timeout=60s"]);
-    assert!(!env.kubectl(&["get", "tenant", &name]).status.success(), "the Tenant is still there");
+    assert!(
+        !env.kubectl(&["get", "tenant", &name]).status.success(),
+        "the Tenant is still there"
+    );
     assert!(!schema_exists(&env, &name).await, "the schema survived the delete");
-    assert!(!env.kubectl(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{name}-db")]).status.success(), "the Secret survived");
+    assert!(
+        !env.kubectl(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{name}-db")])
+            .status
+            .success(),
+        "the Secret survived"
+    );
     let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1")
         .bind(format!("tenant_{}%", name.replace('-', "_")))
         .fetch_one(&env.db.admin)
@@ -127,16 +211,35 @@ async fn suspend_resume_and_delete_through_kubectl() {
 async fn deletion_protection_holds_a_delete_until_lifted() {
     let env = Env::start("e2e_prot").await;
     let name = unique("prot");
-    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "  deletionProtection: true\n")).status.success());
+    assert!(env
+        .kubectl_stdin(&["apply"], &tenant_yaml(&name, "  deletionProtection: true\n"))
+        .status
+        .success());
     env.wait_ready(&name);
     env.kubectl_ok(&["delete", "tenant", &name, "--wait=false"]);
-    wait_for(Duration::from_secs(30), "DeletionBlocked", || condition(&env, &name, "DeletionBlocked", "status") == "True");
+    wait_for(Duration::from_secs(30), "DeletionBlocked", || {
+        condition(&env, &name, "DeletionBlocked", "status") == "True"
+    });
     assert_eq!(env.jsonpath(&["tenant", &name], "{.status.phase}"), "Deleting");
-    assert!(schema_exists(&env, &name).await, "a protected tenant's schema was dropped");
-    app_connect(&env, &name).await.expect("a protected tenant keeps working while the delete waits");
+    assert!(
+        schema_exists(&env, &name).await,
+        "a protected tenant's schema was dropped"
+    );
+    app_connect(&env, &name)
+        .await
+        .expect("a protected tenant keeps working while the delete waits");
 
-    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"deletionProtection":false}}"#]);
-    wait_for(Duration::from_secs(30), "the Tenant to go", || !env.kubectl(&["get", "tenant", &name]).status.success());
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &name,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"deletionProtection":false}}"#,
+    ]);
+    wait_for(Duration::from_secs(30), "the Tenant to go", || {
+        !env.kubectl(&["get", "tenant", &name]).status.success()
+    });
     assert!(!schema_exists(&env, &name).await);
 }
 
@@ -146,12 +249,30 @@ async fn bad_input_is_refused_by_the_crd_schema_with_the_field() {
     let too_long = "a".repeat(41);
     let cases = [
         (tenant_yaml(&too_long, ""), "metadata.name"),
-        (tenant_yaml("ok-name", "  database:\n    connectionLimit: 5000\n"), "spec.database.connectionLimit"),
-        (tenant_yaml("ok-name", "  database:\n    workMem: \"16MB'; DROP ROLE x; --\"\n"), "spec.database.workMem"),
+        (
+            tenant_yaml("ok-name", "  database:\n    connectionLimit: 5000\n"),
+            "spec.database.connectionLimit",
+        ),
+        (
+            tenant_yaml("ok-name", "  database:\n    workMem: \"16MB'; DROP ROLE x; --\"\n"),
+            "spec.database.workMem",
+        ),
         (tenant_yaml("ok-name", "  state: Paused\n"), "spec.state"),
-        (tenant_yaml("ok-name", "  database:\n    statementTimeout: 30 seconds\n"), "spec.database.statementTimeout"),
-        (tenant_yaml("ok-name", "  rateLimits:\n    api:\n      requestsPerUnit: 2000000\n"), "spec.rateLimits.api.requestsPerUnit"),
-        (tenant_yaml("ok-name", "  rateLimits:\n    webhook:\n      requestsPerUnit: 5\n      unit: fortnight\n"), "spec.rateLimits.webhook.unit"),
+        (
+            tenant_yaml("ok-name", "  database:\n    statementTimeout: 30 seconds\n"),
+            "spec.database.statementTimeout",
+        ),
+        (
+            tenant_yaml("ok-name", "  rateLimits:\n    api:\n      requestsPerUnit: 2000000\n"),
+            "spec.rateLimits.api.requestsPerUnit",
+        ),
+        (
+            tenant_yaml(
+                "ok-name",
+                "  rateLimits:\n    webhook:\n      requestsPerUnit: 5\n      unit: fortnight\n",
+            ),
+            "spec.rateLimits.webhook.unit",
+        ),
     ];
     for (yaml, field) in cases {
         let out = env.kubectl_stdin(&["apply"], &yaml);
@@ -161,7 +282,10 @@ async fn bad_input_is_refused_by_the_crd_schema_with_the_field() {
     }
     let name_rule = env.kubectl_stdin(&["apply"], &tenant_yaml("Bad_Name", ""));
     assert!(!name_rule.status.success(), "an invalid name was accepted");
-    assert!(env.kubectl_ok(&["get", "tenants", "-o", "name"]).trim().is_empty(), "a refused Tenant was stored");
+    assert!(
+        env.kubectl_ok(&["get", "tenants", "-o", "name"]).trim().is_empty(),
+        "a refused Tenant was stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -170,27 +294,41 @@ async fn hand_made_damage_is_repaired() {
     let name = unique("heal");
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "")).status.success());
     env.wait_ready(&name);
-    let uid0 = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")], "{.metadata.uid}");
+    let uid0 = env.jsonpath(
+        &["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")],
+        "{.metadata.uid}",
+    );
 
     // The Secret deleted by hand comes back (the watch on Secrets), with
     // credentials that work.
     env.kubectl_ok(&["delete", "secret", "-n", NAMESPACE, &format!("tenant-{name}-db")]);
     wait_for(Duration::from_secs(30), "the Secret to come back", || {
-        let uid = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")], "{.metadata.uid}");
+        let uid = env.jsonpath(
+            &["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")],
+            "{.metadata.uid}",
+        );
         !uid.is_empty() && uid != uid0
     });
-    app_connect(&env, &name).await.expect("the rewritten Secret's password works");
+    app_connect(&env, &name)
+        .await
+        .expect("the rewritten Secret's password works");
 
     // The app role dropped by hand inside Postgres comes back on resync.
     let app = format!("tenant_{}_app", name.replace('-', "_"));
     let mut su = env.db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {app}; DROP ROLE {app}"))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {app}; DROP ROLE {app}")))
+        .execute(&mut su)
+        .await
+        .unwrap();
     let start = std::time::Instant::now();
     loop {
         if app_connect(&env, &name).await.is_ok() {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "the dropped role did not come back");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the dropped role did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -205,15 +343,32 @@ async fn postgres_lost_mid_life_is_reported_and_recovered() {
     // Cut the operator off: its admin role can no longer log in, and its
     // open connections are ended.
     let mut su = env.db.superuser().await;
-    let cut = format!("ALTER ROLE {r} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{r}';", r = env.admin_role);
+    let cut = format!(
+        "ALTER ROLE {r} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{r}';",
+        r = env.admin_role
+    );
     sqlx::raw_sql(sqlx::AssertSqlSafe(cut)).execute(&mut su).await.unwrap();
     // A change arrives while Postgres is unreachable.
-    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"database":{"connectionLimit":7}}}"#]);
-    wait_for(Duration::from_secs(30), "DatabaseUnavailable", || condition(&env, &name, "Ready", "reason") == "DatabaseUnavailable");
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &name,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"database":{"connectionLimit":7}}}"#,
+    ]);
+    wait_for(Duration::from_secs(30), "DatabaseUnavailable", || {
+        condition(&env, &name, "Ready", "reason") == "DatabaseUnavailable"
+    });
     assert_eq!(condition(&env, &name, "Ready", "status"), "False");
 
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} LOGIN", env.admin_role))).execute(&mut su).await.unwrap();
-    wait_for(Duration::from_secs(60), "Ready again", || condition(&env, &name, "Ready", "status") == "True");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} LOGIN", env.admin_role)))
+        .execute(&mut su)
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(60), "Ready again", || {
+        condition(&env, &name, "Ready", "status") == "True"
+    });
     let limit: i32 = sqlx::query_scalar("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1")
         .bind(format!("tenant_{}_app", name.replace('-', "_")))
         .fetch_one(&mut su)
@@ -222,17 +377,33 @@ async fn postgres_lost_mid_life_is_reported_and_recovered() {
     assert_eq!(limit, 7, "the change made during the outage was not applied");
 
     // A delete while Postgres is unreachable waits; nothing is half-dropped.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {r} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{r}';", r = env.admin_role)))
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {r} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{r}';",
+        r = env.admin_role
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    env.kubectl_ok(&["delete", "tenant", &name, "--wait=false"]);
+    wait_for(Duration::from_secs(30), "the delete to wait on Postgres", || {
+        condition(&env, &name, "Ready", "reason") == "DatabaseUnavailable"
+    });
+    assert!(
+        env.kubectl(&["get", "tenant", &name]).status.success(),
+        "the finalizer was released without a drop"
+    );
+    assert!(schema_exists(&env, &name).await);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} LOGIN", env.admin_role)))
         .execute(&mut su)
         .await
         .unwrap();
-    env.kubectl_ok(&["delete", "tenant", &name, "--wait=false"]);
-    wait_for(Duration::from_secs(30), "the delete to wait on Postgres", || condition(&env, &name, "Ready", "reason") == "DatabaseUnavailable");
-    assert!(env.kubectl(&["get", "tenant", &name]).status.success(), "the finalizer was released without a drop");
-    assert!(schema_exists(&env, &name).await);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} LOGIN", env.admin_role))).execute(&mut su).await.unwrap();
-    wait_for(Duration::from_secs(60), "the Tenant to go", || !env.kubectl(&["get", "tenant", &name]).status.success());
-    assert!(!schema_exists(&env, &name).await, "the schema survived the delayed delete");
+    wait_for(Duration::from_secs(60), "the Tenant to go", || {
+        !env.kubectl(&["get", "tenant", &name]).status.success()
+    });
+    assert!(
+        !schema_exists(&env, &name).await,
+        "the schema survived the delayed delete"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,14 +414,21 @@ async fn start_up_without_a_database_url_or_with_an_unreachable_one_fails_clearl
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--database-url"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--database-url"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
         .args(["run", "--database-url", "postgresql://x:y@127.0.0.1:1/db"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot connect to Postgres at 127.0.0.1:1/db"), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to Postgres at 127.0.0.1:1/db"),
+        "{stderr}"
+    );
 }
 
 /// The descriptors of one rendered rate-limit file, tenant to
@@ -260,7 +438,11 @@ fn rate_limits(env: &Env, file: &str) -> Option<std::collections::BTreeMap<Strin
     let path = format!("{{.data.{}}}", file.replace('.', "\\."));
     let yaml = env.jsonpath(&["configmap", "-n", NAMESPACE, "tenant-ratelimits"], &path);
     let root = tenant_operator::ratelimit::schema::parse(&yaml).ok()?;
-    let domain = if file.starts_with("api") { "tenant-api" } else { "tenant-webhook" };
+    let domain = if file.starts_with("api") {
+        "tenant-api"
+    } else {
+        "tenant-webhook"
+    };
     assert_eq!(root.domain, domain, "{file} declares the wrong domain");
     Some(
         root.descriptors
@@ -268,7 +450,10 @@ fn rate_limits(env: &Env, file: &str) -> Option<std::collections::BTreeMap<Strin
             .map(|d| {
                 assert_eq!(d.key, "tenant_id");
                 let rl = d.rate_limit.expect("every descriptor has a rate_limit");
-                (d.value.expect("a tenant value"), (rl.requests_per_unit, rl.unit.unwrap_or_default(), d.shadow_mode))
+                (
+                    d.value.expect("a tenant value"),
+                    (rl.requests_per_unit, rl.unit.unwrap_or_default(), d.shadow_mode),
+                )
             })
             .collect(),
     )
@@ -279,14 +464,19 @@ async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
     let env = Env::start("e2e_rl").await;
     let (a, b) = (unique("rla"), unique("rlb"));
     let limits_a = "  rateLimits:\n    api:\n      requestsPerUnit: 50\n      unit: minute\n    webhook:\n      requestsPerUnit: 5\n      shadowMode: true\n";
-    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, limits_a)).status.success());
+    assert!(env
+        .kubectl_stdin(&["apply"], &tenant_yaml(&a, limits_a))
+        .status
+        .success());
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&b, "")).status.success());
     env.wait_ready(&a);
     env.wait_ready(&b);
 
-    wait_for(Duration::from_secs(30), "both tenants in the rate-limit ConfigMap", || {
-        rate_limits(&env, "api.yaml").is_some_and(|m| m.contains_key(&a) && m.contains_key(&b))
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "both tenants in the rate-limit ConfigMap",
+        || rate_limits(&env, "api.yaml").is_some_and(|m| m.contains_key(&a) && m.contains_key(&b)),
+    );
     let api = rate_limits(&env, "api.yaml").unwrap();
     let webhook = rate_limits(&env, "webhook.yaml").expect("webhook.yaml parses");
     assert_eq!(api[&a], (50, "minute".into(), false));
@@ -296,30 +486,67 @@ async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
     assert_eq!(condition(&env, &a, "RateLimitsApplied", "status"), "True");
     assert_eq!(condition(&env, &a, "RateLimitsApplied", "reason"), "Rendered");
     let msg = condition(&env, &a, "RateLimitsApplied", "message");
-    assert!(msg.contains("tenant-ratelimits") && msg.contains("api 50/minute"), "{msg}");
+    assert!(
+        msg.contains("tenant-ratelimits") && msg.contains("api 50/minute"),
+        "{msg}"
+    );
 
     // Steady state: several resyncs (RESYNC_SECONDS=2) rewrite nothing.
     let cm = ["configmap", "-n", NAMESPACE, "tenant-ratelimits"];
     let rv0 = env.jsonpath(&cm, "{.metadata.resourceVersion}");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(rv0, env.jsonpath(&cm, "{.metadata.resourceVersion}"), "the rate-limit ConfigMap was rewritten in a steady state");
+    assert_eq!(
+        rv0,
+        env.jsonpath(&cm, "{.metadata.resourceVersion}"),
+        "the rate-limit ConfigMap was rewritten in a steady state"
+    );
 
     // Suspended: zero on both surfaces, and an event says so.
-    env.kubectl_ok(&["patch", "tenant", &b, "--type=merge", "-p", r#"{"spec":{"state":"Suspended"}}"#]);
-    wait_for(Duration::from_secs(30), "the suspended tenant's limits to become 0", || {
-        let zero = |f| rate_limits(&env, f).and_then(|m| m.get(&b).map(|l| l.0)) == Some(0);
-        zero("api.yaml") && zero("webhook.yaml")
-    });
-    assert_eq!(rate_limits(&env, "api.yaml").unwrap()[&a], (50, "minute".into(), false), "the other tenant changed");
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &b,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"state":"Suspended"}}"#,
+    ]);
+    wait_for(
+        Duration::from_secs(30),
+        "the suspended tenant's limits to become 0",
+        || {
+            let zero = |f| rate_limits(&env, f).and_then(|m| m.get(&b).map(|l| l.0)) == Some(0);
+            zero("api.yaml") && zero("webhook.yaml")
+        },
+    );
+    assert_eq!(
+        rate_limits(&env, "api.yaml").unwrap()[&a],
+        (50, "minute".into(), false),
+        "the other tenant changed"
+    );
     wait_for(Duration::from_secs(30), "a RateLimitsChanged event", || {
-        env.jsonpath(&["events", "-A", "--field-selector", &format!("involvedObject.name={b}")], "{.items[*].reason}").contains("RateLimitsChanged")
+        env.jsonpath(
+            &["events", "-A", "--field-selector", &format!("involvedObject.name={b}")],
+            "{.items[*].reason}",
+        )
+        .contains("RateLimitsChanged")
     });
 
     // A hand edit is put back at the next resync.
-    env.kubectl_ok(&["patch", "configmap", "-n", NAMESPACE, "tenant-ratelimits", "--type=merge", "-p", r#"{"data":{"api.yaml":"domain: \"tenant-api\"\ndescriptors: []\n"}}"#]);
-    wait_for(Duration::from_secs(30), "the hand-edited ConfigMap to be rewritten", || {
-        rate_limits(&env, "api.yaml").is_some_and(|m| m.contains_key(&a) && m.contains_key(&b))
-    });
+    env.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "-n",
+        NAMESPACE,
+        "tenant-ratelimits",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"api.yaml":"domain: \"tenant-api\"\ndescriptors: []\n"}}"#,
+    ]);
+    wait_for(
+        Duration::from_secs(30),
+        "the hand-edited ConfigMap to be rewritten",
+        || rate_limits(&env, "api.yaml").is_some_and(|m| m.contains_key(&a) && m.contains_key(&b)),
+    );
 
     // Deleted: no entry at all.
     env.kubectl_ok(&["delete", "tenant", &a, "--timeout=60s"]);
@@ -341,29 +568,46 @@ fn migration_set_yaml(name: &str, versions: &[(i64, &str)]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_migration_set_brings_tenants_to_its_latest_version_and_rolls_out_new_ones() {
     let env = Env::start("e2e_ms").await;
-    env.kubectl_ok(&["wait", "--for=condition=Established", "crd/migrationsets.tenancy.dev", "--timeout=30s"]);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/migrationsets.tenancy.dev",
+        "--timeout=30s",
+    ]);
     let (a, b) = (unique("msa"), unique("msb"));
     let version = |t: &str| env.jsonpath(&["tenant", t], "{.status.schemaVersion}");
 
     // Before its set exists, a tenant is provisioned and waits.
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, "")).status.success());
     env.wait_ready(&a);
-    wait_for(Duration::from_secs(30), "MigrationSetNotFound", || condition(&env, &a, "MigrationsApplied", "reason") == "MigrationSetNotFound");
+    wait_for(Duration::from_secs(30), "MigrationSetNotFound", || {
+        condition(&env, &a, "MigrationsApplied", "reason") == "MigrationSetNotFound"
+    });
     assert_eq!(condition(&env, &a, "MigrationsApplied", "status"), "False");
 
-    let v2 = [(1, "CREATE TABLE docs (id bigserial PRIMARY KEY, body text)"), (2, "ALTER TABLE docs ADD COLUMN tag text")];
+    let v2 = [
+        (1, "CREATE TABLE docs (id bigserial PRIMARY KEY, body text)"),
+        (2, "ALTER TABLE docs ADD COLUMN tag text"),
+    ];
     let out = env.kubectl_stdin(&["apply"], &migration_set_yaml("default", &v2));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&b, "")).status.success());
     for t in [&a, &b] {
         wait_for(Duration::from_secs(60), "schemaVersion 2", || version(t) == "2");
-        wait_for(Duration::from_secs(30), "MigrationsApplied=True", || condition(&env, t, "MigrationsApplied", "status") == "True");
+        wait_for(Duration::from_secs(30), "MigrationsApplied=True", || {
+            condition(&env, t, "MigrationsApplied", "status") == "True"
+        });
     }
     assert_eq!(condition(&env, &a, "MigrationsApplied", "reason"), "UpToDate");
     let mut app = app_connect(&env, &b).await.expect("the app logs in");
-    sqlx::query("INSERT INTO docs (body, tag) VALUES ('x', 'y')").execute(&mut app).await.expect("the app writes a migrated table");
+    sqlx::query("INSERT INTO docs (body, tag) VALUES ('x', 'y')")
+        .execute(&mut app)
+        .await
+        .expect("the app writes a migrated table");
     drop(app);
-    wait_for(Duration::from_secs(30), "the set Complete", || env.jsonpath(&["migrationset", "default"], "{.status.phase}") == "Complete");
+    wait_for(Duration::from_secs(30), "the set Complete", || {
+        env.jsonpath(&["migrationset", "default"], "{.status.phase}") == "Complete"
+    });
 
     // A new version, applied with kubectl, rolls out to both.
     let v3 = [v2[0], v2[1], (3, "CREATE INDEX docs_tag ON docs (tag)")];
@@ -373,21 +617,34 @@ async fn a_migration_set_brings_tenants_to_its_latest_version_and_rolls_out_new_
         wait_for(Duration::from_secs(60), "schemaVersion 3", || version(t) == "3");
     }
     wait_for(Duration::from_secs(30), "the set Complete at version 3", || {
-        env.jsonpath(&["migrationset", "default"], "{.status.phase}/{.status.latestVersion}/{.status.progress}") == "Complete/3/2/2"
+        env.jsonpath(
+            &["migrationset", "default"],
+            "{.status.phase}/{.status.latestVersion}/{.status.progress}",
+        ) == "Complete/3/2/2"
     });
     let table = env.kubectl_ok(&["get", "migrationsets"]);
     for col in ["PHASE", "LATEST", "PROGRESS", "AGE"] {
         assert!(table.contains(col), "column {col} missing:\n{table}");
     }
-    let row = table.lines().find(|l| l.starts_with("default")).unwrap_or_default().to_string();
-    assert!(row.contains("Complete") && row.contains(" 3 ") && row.contains("2/2"), "row wrong:\n{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("default"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        row.contains("Complete") && row.contains(" 3 ") && row.contains("2/2"),
+        "row wrong:\n{table}"
+    );
     let tenants = env.kubectl_ok(&["get", "tenants", &a]);
     assert!(tenants.contains("VERSION"), "{tenants}");
     let mut su = env.db.superuser().await;
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM tenant_{}._tenancy_migrations", a.replace('-', "_"))))
-        .fetch_one(&mut su)
-        .await
-        .unwrap();
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM tenant_{}._tenancy_migrations",
+        a.replace('-', "_")
+    )))
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
     assert_eq!(n, 3, "each version is recorded once");
 }
 
@@ -399,23 +656,47 @@ async fn usage_reaches_the_tenants_status_and_the_wide_columns() {
     let name = unique("use");
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "")).status.success());
     env.wait_ready(&name);
-    let sessions = || env.jsonpath(&["tenant", &name], "{.status.usage.sessions}").trim().to_string();
+    let sessions = || {
+        env.jsonpath(&["tenant", &name], "{.status.usage.sessions}")
+            .trim()
+            .to_string()
+    };
     let a = app_connect(&env, &name).await.expect("app login");
     let b = app_connect(&env, &name).await.expect("app login");
-    wait_for(Duration::from_secs(30), "status.usage.sessions = 2", || sessions() == "2");
-    let bytes: i64 = env.jsonpath(&["tenant", &name], "{.status.usage.bytes}").trim().parse().expect("status.usage.bytes");
+    wait_for(Duration::from_secs(30), "status.usage.sessions = 2", || {
+        sessions() == "2"
+    });
+    let bytes: i64 = env
+        .jsonpath(&["tenant", &name], "{.status.usage.bytes}")
+        .trim()
+        .parse()
+        .expect("status.usage.bytes");
     assert!(bytes > 0, "the schema (audit log, version table) has a size");
     // `kubectl get -o wide` shows them (SIZE and CONNS are priority-1 columns).
     let wide = env.kubectl_ok(&["get", "tenant", &name, "-o", "wide"]);
     let header: Vec<&str> = wide.lines().next().unwrap_or_default().split_whitespace().collect();
     let row: Vec<&str> = wide.lines().nth(1).unwrap_or_default().split_whitespace().collect();
-    let col = |h: &str| header.iter().position(|c| *c == h).unwrap_or_else(|| panic!("no {h} column in:\n{wide}"));
+    let col = |h: &str| {
+        header
+            .iter()
+            .position(|c| *c == h)
+            .unwrap_or_else(|| panic!("no {h} column in:\n{wide}"))
+    };
     assert_eq!(row.get(col("CONNS")).copied(), Some("2"), "{wide}");
-    assert!(row.get(col("SIZE")).is_some_and(|s| s.parse::<i64>().is_ok_and(|n| n > 0)), "{wide}");
+    assert!(
+        row.get(col("SIZE"))
+            .is_some_and(|s| s.parse::<i64>().is_ok_and(|n| n > 0)),
+        "{wide}"
+    );
     let plain = env.kubectl_ok(&["get", "tenant", &name]);
-    assert!(!plain.contains("CONNS"), "the usage columns are for -o wide only:\n{plain}");
+    assert!(
+        !plain.contains("CONNS"),
+        "the usage columns are for -o wide only:\n{plain}"
+    );
     // Both sessions gone: a move to zero is always written.
     a.close().await.unwrap();
     b.close().await.unwrap();
-    wait_for(Duration::from_secs(30), "status.usage.sessions back to 0", || sessions() == "0");
+    wait_for(Duration::from_secs(30), "status.usage.sessions back to 0", || {
+        sessions() == "0"
+    });
 }

@@ -32,7 +32,11 @@ fn operator_requests(log: &str) -> (Vec<Attrs>, Vec<String>) {
     let (mut out, mut other) = (Vec::new(), Vec::new());
     for line in log.lines() {
         let mut f = line.splitn(5, ' ');
-        let (Some(_time), Some(method), Some(uri), Some(_status), Some(ua)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else { continue };
+        let (Some(_time), Some(method), Some(uri), Some(_status), Some(ua)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
         if ua.trim() != "\"\"" {
             continue;
         }
@@ -68,7 +72,12 @@ fn operator_requests(log: &str) -> (Vec<Attrs>, Vec<String>) {
             "DELETE" => "deletecollection",
             m => m,
         };
-        out.push(Attrs { verb: verb.into(), group: group.into(), resource, namespace });
+        out.push(Attrs {
+            verb: verb.into(),
+            group: group.into(),
+            resource,
+            namespace,
+        });
     }
     (out, other)
 }
@@ -77,13 +86,24 @@ fn operator_requests(log: &str) -> (Vec<Attrs>, Vec<String>) {
 type Rule = (Vec<String>, Vec<String>, Vec<String>);
 
 fn rules(doc: &serde_json::Value) -> Vec<Rule> {
-    let strs = |v: &serde_json::Value| v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default();
-    doc["rules"].as_array().unwrap().iter().map(|r| (strs(&r["apiGroups"]), strs(&r["resources"]), strs(&r["verbs"]))).collect()
+    let strs = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+    doc["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (strs(&r["apiGroups"]), strs(&r["resources"]), strs(&r["verbs"])))
+        .collect()
 }
 
 fn allows(rules: &[Rule], a: &Attrs) -> bool {
     let has = |list: &Vec<String>, x: &str| list.iter().any(|i| i == x || i == "*");
-    rules.iter().any(|(g, r, v)| has(g, &a.group) && has(r, &a.resource) && has(v, &a.verb))
+    rules
+        .iter()
+        .any(|(g, r, v)| has(g, &a.group) && has(r, &a.resource) && has(v, &a.verb))
 }
 
 /// Rule verbs the e2e flow below may not exercise (rare paths): checked to
@@ -118,21 +138,58 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
     // The sealed secret below comes from a source namespace (the chart's
     // secretSources.namespaces: a Role there).
     let src = unique("rbac-src");
-    let docs = documents(&render(&helm, &["--set", &format!("secretSources.namespaces={{{src}}}")]));
+    let docs = documents(&render(
+        &helm,
+        &["--set", &format!("secretSources.namespaces={{{src}}}")],
+    ));
     let cluster = rules(docs.iter().find(|d| d["kind"] == "ClusterRole").expect("ClusterRole"));
-    let role_doc = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == NAMESPACE).expect("Role");
+    let role_doc = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == NAMESPACE)
+        .expect("Role");
     let role = rules(role_doc);
-    let source_role = rules(docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == src.as_str()).expect("the source namespace's Role"));
-    let rbac_kinds = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
-    let items: Vec<&serde_json::Value> = docs.iter().filter(|d| rbac_kinds.iter().any(|k| d["kind"] == *k)).collect();
-    assert_eq!(items.len(), 7, "the chart renders a ServiceAccount, a ClusterRole, a Role, a Role in the source namespace and their bindings");
-    for b in items.iter().filter(|d| d["kind"].as_str().unwrap().ends_with("Binding")) {
+    let source_role = rules(
+        docs.iter()
+            .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == src.as_str())
+            .expect("the source namespace's Role"),
+    );
+    let rbac_kinds = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ];
+    let items: Vec<&serde_json::Value> = docs
+        .iter()
+        .filter(|d| rbac_kinds.iter().any(|k| d["kind"] == *k))
+        .collect();
+    assert_eq!(
+        items.len(),
+        7,
+        "the chart renders a ServiceAccount, a ClusterRole, a Role, a Role in the source namespace and their bindings"
+    );
+    for b in items
+        .iter()
+        .filter(|d| d["kind"].as_str().unwrap().ends_with("Binding"))
+    {
         let subject = &b["subjects"][0];
-        assert_eq!(format!("system:serviceaccount:{}:{}", subject["namespace"].as_str().unwrap(), subject["name"].as_str().unwrap()), support::e2e::OPERATOR_USER);
+        assert_eq!(
+            format!(
+                "system:serviceaccount:{}:{}",
+                subject["namespace"].as_str().unwrap(),
+                subject["name"].as_str().unwrap()
+            ),
+            support::e2e::OPERATOR_USER
+        );
     }
     // The source namespace comes first (its Role lives there).
     let rbac: String = std::iter::once(format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {src}\n"))
-        .chain(items.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())))
+        .chain(
+            items
+                .iter()
+                .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())),
+        )
         .collect();
 
     // The API test server enforces the chart's rules on the operator's
@@ -141,19 +198,36 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
     let mut env = Env::start_with("ops_rbac", Some(&rbac), &[("SECRET_SOURCE_NAMESPACES", &src)]).await;
     // The enforcement is on: with the operator's credentials, kube-rs is
     // refused what the chart does not grant.
-    let kc = kube::config::Kubeconfig::read_from(env.dir.path().join("operator.kubeconfig")).expect("operator kubeconfig");
-    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap()).unwrap();
+    let kc =
+        kube::config::Kubeconfig::read_from(env.dir.path().join("operator.kubeconfig")).expect("operator kubeconfig");
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
     match namespaces.list(&Default::default()).await {
-        Err(kube::Error::Api(e)) if e.code == 403 => assert!(e.message.contains("cannot list resource \"namespaces\""), "{}", e.message),
+        Err(kube::Error::Api(e)) if e.code == 403 => assert!(
+            e.message.contains("cannot list resource \"namespaces\""),
+            "{}",
+            e.message
+        ),
         other => panic!("listing namespaces as the operator should be forbidden, got {other:?}"),
     }
     let own: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, NAMESPACE);
-    own.get("tenant-operator-root-keys").await.expect("the operator reads its root keys");
+    own.get("tenant-operator-root-keys")
+        .await
+        .expect("the operator reads its root keys");
     // The whole life of a tenant: sealed secrets from another namespace, a
     // MigrationSet, rate limits, a changed source, suspend, delete.
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let secret = |v: &str| format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: erp\n  namespace: {src}\ndata:\n  password: {}\n", b64(v));
+    let secret = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: erp\n  namespace: {src}\ndata:\n  password: {}\n",
+            b64(v)
+        )
+    };
     assert!(env.kubectl_stdin(&["apply"], &secret("first")).status.success());
     let ms = "apiVersion: tenancy.dev/v1alpha1\nkind: MigrationSet\nmetadata:\n  name: default\nspec:\n  migrations:\n    - version: 1\n      name: v1\n      sql: \"CREATE TABLE docs (id bigserial PRIMARY KEY)\"\n";
     let out = env.kubectl_stdin(&["apply"], ms);
@@ -162,32 +236,79 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
     let spec = format!(
         "  secrets:\n  - name: erp-password\n    secretRef: {{namespace: {src}, name: erp, key: password}}\n  rateLimits:\n    api:\n      requestsPerUnit: 10\n      unit: second\n"
     );
-    assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, &spec)).status.success());
+    assert!(env
+        .kubectl_stdin(&["apply"], &tenant_yaml(&name, &spec))
+        .status
+        .success());
     env.wait_ready(&name);
-    let limits = || env.jsonpath(&["configmap", "-n", NAMESPACE, "tenant-ratelimits"], "{.data.api\\.yaml}");
-    wait_for(Duration::from_secs(30), "the tenant in the rate-limit ConfigMap", || limits().contains(&name));
+    let limits = || {
+        env.jsonpath(
+            &["configmap", "-n", NAMESPACE, "tenant-ratelimits"],
+            "{.data.api\\.yaml}",
+        )
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the tenant in the rate-limit ConfigMap",
+        || limits().contains(&name),
+    );
     let limits_active = limits();
-    wait_for(Duration::from_secs(60), "the tenant at schema version 1", || env.jsonpath(&["tenant", &name], "{.status.schemaVersion}") == "1");
-    let sealed = || env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{name}-sealed")], "{.data.erp-password}");
+    wait_for(Duration::from_secs(60), "the tenant at schema version 1", || {
+        env.jsonpath(&["tenant", &name], "{.status.schemaVersion}") == "1"
+    });
+    let sealed = || {
+        env.jsonpath(
+            &["secret", "-n", NAMESPACE, &format!("tenant-{name}-sealed")],
+            "{.data.erp-password}",
+        )
+    };
     let before = sealed();
     assert!(env.kubectl_stdin(&["apply"], &secret("second")).status.success());
-    wait_for(Duration::from_secs(30), "the changed source re-sealed", || sealed() != before);
-    env.kubectl_ok(&["patch", "tenant", &name, "--type=merge", "-p", r#"{"spec":{"state":"Suspended"}}"#]);
-    wait_for(Duration::from_secs(30), "phase Suspended", || env.jsonpath(&["tenant", &name], "{.status.phase}") == "Suspended");
-    wait_for(Duration::from_secs(30), "the suspended tenant's limits rewritten", || limits() != limits_active);
+    wait_for(Duration::from_secs(30), "the changed source re-sealed", || {
+        sealed() != before
+    });
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &name,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"state":"Suspended"}}"#,
+    ]);
+    wait_for(Duration::from_secs(30), "phase Suspended", || {
+        env.jsonpath(&["tenant", &name], "{.status.phase}") == "Suspended"
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the suspended tenant's limits rewritten",
+        || limits() != limits_active,
+    );
     env.kubectl_ok(&["delete", "tenant", &name, "--timeout=60s"]);
     // A few lease renewals and a rate-limit pass after the delete.
     std::thread::sleep(Duration::from_secs(6));
     env.stop_operator();
 
     // Without the probe above (the operator never lists namespaces).
-    let log: String = env.server_log().lines().filter(|l| !l.contains(" GET /api/v1/namespaces? 403 ")).map(|l| format!("{l}\n")).collect();
+    let log: String = env
+        .server_log()
+        .lines()
+        .filter(|l| !l.contains(" GET /api/v1/namespaces? 403 "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let forbidden: Vec<&str> = log.lines().filter(|l| l.ends_with(" 403 \"\"")).collect();
-    assert!(forbidden.is_empty(), "the API server refused the operator (RBAC):\n{}", forbidden.join("\n"));
+    assert!(
+        forbidden.is_empty(),
+        "the API server refused the operator (RBAC):\n{}",
+        forbidden.join("\n")
+    );
     // The same requests, checked against the rules here too (a second
     // implementation of the matching, and the unused-rule check).
     let (requests, other) = operator_requests(&log);
-    assert!(requests.len() > 20, "too few operator requests in the server log ({}): is the log format still `time method uri status \"ua\"`?", requests.len());
+    assert!(
+        requests.len() > 20,
+        "too few operator requests in the server log ({}): is the log format still `time method uri status \"ua\"`?",
+        requests.len()
+    );
     let denied: BTreeSet<&Attrs> = requests
         .iter()
         .filter(|a| {
@@ -196,18 +317,33 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
                 || (a.namespace.as_deref() == Some(src.as_str()) && allows(&source_role, a)))
         })
         .collect();
-    assert!(denied.is_empty(), "requests the chart's ClusterRole/Role do not allow:\n{denied:#?}");
-    assert!(other.is_empty(), "non-resource requests (not covered by the chart): {other:?}");
+    assert!(
+        denied.is_empty(),
+        "requests the chart's ClusterRole/Role do not allow:\n{denied:#?}"
+    );
+    assert!(
+        other.is_empty(),
+        "non-resource requests (not covered by the chart): {other:?}"
+    );
 
     // And nothing granted goes unused, but for the known rare paths.
-    let seen: BTreeSet<(String, String, String, Option<String>)> = requests.iter().map(|a| (a.group.clone(), a.resource.clone(), a.verb.clone(), a.namespace.clone())).collect();
+    let seen: BTreeSet<(String, String, String, Option<String>)> = requests
+        .iter()
+        .map(|a| (a.group.clone(), a.resource.clone(), a.verb.clone(), a.namespace.clone()))
+        .collect();
     let mut unused = Vec::new();
-    for (rules, namespace) in [(&cluster, None), (&role, Some(NAMESPACE)), (&source_role, Some(src.as_str()))] {
+    for (rules, namespace) in [
+        (&cluster, None),
+        (&role, Some(NAMESPACE)),
+        (&source_role, Some(src.as_str())),
+    ] {
         for (groups, resources, verbs) in rules.iter() {
             for g in groups {
                 for r in resources {
                     for v in verbs {
-                        let used = seen.iter().any(|(sg, sr, sv, ns)| sg == g && sr == r && sv == v && (namespace.is_none() || ns.as_deref() == namespace));
+                        let used = seen.iter().any(|(sg, sr, sv, ns)| {
+                            sg == g && sr == r && sv == v && (namespace.is_none() || ns.as_deref() == namespace)
+                        });
                         if !used && !RARE.contains(&(g.as_str(), r.as_str(), v.as_str())) {
                             unused.push(format!("{g}/{r} {v}"));
                         }
@@ -216,15 +352,25 @@ async fn every_request_the_operator_makes_is_allowed_by_the_charts_rbac() {
             }
         }
     }
-    assert!(unused.is_empty(), "the chart grants what the operator never did in this run (remove it, or list it in RARE with why): {unused:?}");
+    assert!(
+        unused.is_empty(),
+        "the chart grants what the operator never did in this run (remove it, or list it in RARE with why): {unused:?}"
+    );
     // Secrets are written only in the operator namespace, and read nowhere
     // but there and in the source namespace.
     for a in &requests {
         if a.resource == "secrets" {
-            assert!(a.namespace.as_deref() == Some(NAMESPACE) || a.namespace.as_deref() == Some(src.as_str()), "a Secret request elsewhere: {a:?}");
+            assert!(
+                a.namespace.as_deref() == Some(NAMESPACE) || a.namespace.as_deref() == Some(src.as_str()),
+                "a Secret request elsewhere: {a:?}"
+            );
         }
         if a.resource == "secrets" && !matches!(a.verb.as_str(), "get" | "list" | "watch") {
-            assert_eq!(a.namespace.as_deref(), Some(NAMESPACE), "a Secret written outside the operator namespace: {a:?}");
+            assert_eq!(
+                a.namespace.as_deref(),
+                Some(NAMESPACE),
+                "a Secret written outside the operator namespace: {a:?}"
+            );
         }
     }
 }
@@ -243,28 +389,46 @@ fn get_metrics(env: &Env, log: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
     let mut env = Env::start("ops_leader").await;
-    wait_for(Duration::from_secs(20), "operator-0 to hold the lease", || lease_holder(&env) == "operator-0");
+    wait_for(Duration::from_secs(20), "operator-0 to hold the lease", || {
+        lease_holder(&env) == "operator-0"
+    });
     let mut standby = env.spawn_operator("operator-1", "operator-1.log");
-    wait_for(Duration::from_secs(30), "operator-1 to stand by", || env.log("operator-1.log").contains("standing by"));
+    wait_for(Duration::from_secs(30), "operator-1 to stand by", || {
+        env.log("operator-1.log").contains("standing by")
+    });
 
     let a = unique("lead");
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, "")).status.success());
     env.wait_ready(&a);
     assert_eq!(lease_holder(&env), "operator-0");
-    wait_for(Duration::from_secs(20), "both metrics servers", || metrics_addr(&env.log("operator-1.log")).is_some() && metrics_addr(&env.log("operator.log")).is_some());
+    wait_for(Duration::from_secs(20), "both metrics servers", || {
+        metrics_addr(&env.log("operator-1.log")).is_some() && metrics_addr(&env.log("operator.log")).is_some()
+    });
     assert!(get_metrics(&env, "operator.log").contains("tenant_operator_leader 1"));
     assert!(get_metrics(&env, "operator-1.log").contains("tenant_operator_leader 0"));
     let addr1 = metrics_addr(&env.log("operator-1.log")).unwrap();
-    assert_eq!(http_get(&addr1, "/readyz").unwrap().0, 200, "a standby is ready (it can take over)");
+    assert_eq!(
+        http_get(&addr1, "/readyz").unwrap().0,
+        200,
+        "a standby is ready (it can take over)"
+    );
     let standby_log = env.log("operator-1.log");
-    assert!(!standby_log.contains(&a), "the standby touched tenant {a}:\n{standby_log}");
-    assert!(env.operator_log().contains(&format!("\"tenant\":\"{a}\"")), "the leader's logs name the tenant as a field");
+    assert!(
+        !standby_log.contains(&a),
+        "the standby touched tenant {a}:\n{standby_log}"
+    );
+    assert!(
+        env.operator_log().contains(&format!("\"tenant\":\"{a}\"")),
+        "the leader's logs name the tenant as a field"
+    );
 
     // The leader dies without releasing the lease: the standby takes over
     // once it has not been renewed for the lease duration (15s).
     env.stop_operator();
     let killed = Instant::now();
-    wait_for(Duration::from_secs(30), "operator-1 to take the lease over", || lease_holder(&env) == "operator-1");
+    wait_for(Duration::from_secs(30), "operator-1 to take the lease over", || {
+        lease_holder(&env) == "operator-1"
+    });
     let took = killed.elapsed();
     assert!(took <= Duration::from_secs(25), "take-over took {took:?}");
     assert!(env.log("operator-1.log").contains("acquired the leader lease"));
@@ -280,7 +444,16 @@ async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
 
     // A leader that finds the Lease taken stops its controllers and exits
     // non-zero (Kubernetes restarts it as a standby).
-    env.kubectl_ok(&["patch", "lease", "-n", NAMESPACE, LEASE, "--type=merge", "-p", r#"{"spec":{"holderIdentity":"intruder"}}"#]);
+    env.kubectl_ok(&[
+        "patch",
+        "lease",
+        "-n",
+        NAMESPACE,
+        LEASE,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"holderIdentity":"intruder"}}"#,
+    ]);
     let mut status = None;
     wait_for(Duration::from_secs(20), "the deposed leader to exit", || {
         status = standby.try_wait().expect("try_wait");
@@ -288,7 +461,11 @@ async fn one_replica_leads_and_a_standby_takes_over_when_it_dies() {
     });
     let status = status.unwrap();
     assert!(!status.success(), "the deposed leader exited with {status}");
-    assert!(env.log("operator-1.log").contains("lost the leader lease"), "{}", support::e2e::tail(&env.log("operator-1.log"), 5));
+    assert!(
+        env.log("operator-1.log").contains("lost the leader lease"),
+        "{}",
+        support::e2e::tail(&env.log("operator-1.log"), 5)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -297,7 +474,9 @@ async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
     let a = unique("met");
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&a, "")).status.success());
     env.wait_ready(&a);
-    wait_for(Duration::from_secs(20), "the metrics address", || metrics_addr(&env.operator_log()).is_some());
+    wait_for(Duration::from_secs(20), "the metrics address", || {
+        metrics_addr(&env.operator_log()).is_some()
+    });
     let addr = metrics_addr(&env.operator_log()).unwrap();
     let (code, body) = http_get(&addr, "/healthz").unwrap();
     assert_eq!((code, body.trim()), (200, "ok"));
@@ -305,7 +484,9 @@ async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
     assert_eq!((code, body.trim()), (200, "ok"));
     // The gauge reads the controller's watch cache, which follows the API
     // server by a moment.
-    wait_for(Duration::from_secs(10), "the Active tenant in the phase gauge", || get_metrics(&env, "operator.log").contains("tenant_operator_tenants{phase=\"Active\"} 1"));
+    wait_for(Duration::from_secs(10), "the Active tenant in the phase gauge", || {
+        get_metrics(&env, "operator.log").contains("tenant_operator_tenants{phase=\"Active\"} 1")
+    });
     let m = get_metrics(&env, "operator.log");
     for needle in [
         "tenant_operator_reconciles_total{controller=\"tenant\"}",

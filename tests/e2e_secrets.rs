@@ -12,7 +12,10 @@ use support::unique;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 fn source_secret(ns: &str, name: &str, pairs: &[(&str, &str)]) -> String {
-    let data: String = pairs.iter().map(|(k, v)| format!("  {k}: {}\n", B64.encode(v))).collect();
+    let data: String = pairs
+        .iter()
+        .map(|(k, v)| format!("  {k}: {}\n", B64.encode(v)))
+        .collect();
     format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\ndata:\n{data}")
 }
 
@@ -35,17 +38,26 @@ fn open(env: &Env, tenant: &str, name: &str) -> Result<String, String> {
 }
 
 fn cond(env: &Env, tenant: &str, field: &str) -> String {
-    env.jsonpath(&["tenant", tenant], &format!("{{.status.conditions[?(@.type==\"SecretsSealed\")].{field}}}"))
+    env.jsonpath(
+        &["tenant", tenant],
+        &format!("{{.status.conditions[?(@.type==\"SecretsSealed\")].{field}}}"),
+    )
 }
 
 fn sealed_value(env: &Env, tenant: &str, key: &str) -> Vec<u8> {
     let escaped = key.replace('.', "\\.");
-    let v = env.jsonpath(&["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-sealed")], &format!("{{.data.{escaped}}}"));
+    let v = env.jsonpath(
+        &["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-sealed")],
+        &format!("{{.data.{escaped}}}"),
+    );
     B64.decode(v.trim()).unwrap_or_default()
 }
 
 fn set_root_keys(env: &Env, keys: &[(&str, [u8; 32])], active: &str) {
-    let data: String = keys.iter().map(|(v, k)| format!("  {v}: {}\n", B64.encode(k))).collect();
+    let data: String = keys
+        .iter()
+        .map(|(v, k)| format!("  {v}: {}\n", B64.encode(k)))
+        .collect();
     let yaml = format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: {ROOT_KEYS}\n  namespace: {NAMESPACE}\ndata:\n{data}  active: {}\n", B64.encode(active));
     let out = env.kubectl_stdin(&["replace"], &yaml);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -72,41 +84,101 @@ async fn secrets_are_sealed_opened_rotated_and_shredded() {
     // one is reported as missing.
     let env = Env::start_with("e2e_seal", None, &[("SECRET_SOURCE_NAMESPACES", &src_ns)]).await;
     env.kubectl_ok(&["create", "namespace", &src_ns]);
-    for (n, pairs) in [("erp", vec![("password", "erp-pass-1")]), ("sso", vec![("client-secret", "sso-secret-1")])] {
-        assert!(env.kubectl_stdin(&["apply"], &source_secret(&src_ns, n, &pairs)).status.success());
+    for (n, pairs) in [
+        ("erp", vec![("password", "erp-pass-1")]),
+        ("sso", vec![("client-secret", "sso-secret-1")]),
+    ] {
+        assert!(env
+            .kubectl_stdin(&["apply"], &source_secret(&src_ns, n, &pairs))
+            .status
+            .success());
     }
     for t in [&a, &b] {
-        assert!(env.kubectl_stdin(&["apply"], &with_secrets(t, &src_ns)).status.success());
+        assert!(env
+            .kubectl_stdin(&["apply"], &with_secrets(t, &src_ns))
+            .status
+            .success());
     }
     env.wait_ready(&a);
     env.wait_ready(&b);
-    wait_for(Duration::from_secs(30), "SecretsSealed", || cond(&env, &a, "status") == "True" && cond(&env, &b, "status") == "True");
+    wait_for(Duration::from_secs(30), "SecretsSealed", || {
+        cond(&env, &a, "status") == "True" && cond(&env, &b, "status") == "True"
+    });
 
     // Sealed values are envelopes, never the plaintext; the CLI opens them.
-    let sealed = env.kubectl_ok(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{a}-sealed"), "-o", "yaml"]);
-    assert!(!sealed.contains(&B64.encode("erp-pass-1")) && !sealed.contains("erp-pass-1"), "plaintext in the sealed Secret");
+    let sealed = env.kubectl_ok(&[
+        "get",
+        "secret",
+        "-n",
+        NAMESPACE,
+        &format!("tenant-{a}-sealed"),
+        "-o",
+        "yaml",
+    ]);
+    assert!(
+        !sealed.contains(&B64.encode("erp-pass-1")) && !sealed.contains("erp-pass-1"),
+        "plaintext in the sealed Secret"
+    );
     assert_eq!(open(&env, &a, "erp-password").unwrap(), "erp-pass-1");
     assert_eq!(open(&env, &a, "sso-secret").unwrap(), "sso-secret-1");
     assert_eq!(env.jsonpath(&["tenant", &a], "{.status.keyVersion}"), "v1");
-    assert!(!env.operator_log().contains("erp-pass-1"), "plaintext in the operator's log");
+    assert!(
+        !env.operator_log().contains("erp-pass-1"),
+        "plaintext in the operator's log"
+    );
 
     // B's envelope presented as A's: authentication error.
     let b_env = sealed_value(&env, &b, "erp-password");
     let file = env.dir.path().join("b-envelope");
     std::fs::write(&file, &b_env).unwrap();
-    let out = env.operator_cli(&["secrets", "open", "--tenant", &a, "--name", "erp-password", "--envelope-file", file.to_str().unwrap()]);
+    let out = env.operator_cli(&[
+        "secrets",
+        "open",
+        "--tenant",
+        &a,
+        "--name",
+        "erp-password",
+        "--envelope-file",
+        file.to_str().unwrap(),
+    ]);
     assert!(!out.status.success(), "A opened B's envelope");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("authentication"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A changed source is re-sealed; a missing one is named, the other stays.
-    assert!(env.kubectl_stdin(&["apply"], &source_secret(&src_ns, "erp", &[("password", "erp-pass-2")])).status.success());
-    wait_for(Duration::from_secs(30), "the re-seal", || open(&env, &a, "erp-password").ok().as_deref() == Some("erp-pass-2"));
+    assert!(env
+        .kubectl_stdin(
+            &["apply"],
+            &source_secret(&src_ns, "erp", &[("password", "erp-pass-2")])
+        )
+        .status
+        .success());
+    wait_for(Duration::from_secs(30), "the re-seal", || {
+        open(&env, &a, "erp-password").ok().as_deref() == Some("erp-pass-2")
+    });
     env.kubectl_ok(&["delete", "secret", "-n", &src_ns, "sso"]);
-    wait_for(Duration::from_secs(30), "SourceMissing", || cond(&env, &a, "reason") == "SourceMissing");
-    assert!(cond(&env, &a, "message").contains(&format!("Secret {src_ns}/sso not found")), "{}", cond(&env, &a, "message"));
+    wait_for(Duration::from_secs(30), "SourceMissing", || {
+        cond(&env, &a, "reason") == "SourceMissing"
+    });
+    assert!(
+        cond(&env, &a, "message").contains(&format!("Secret {src_ns}/sso not found")),
+        "{}",
+        cond(&env, &a, "message")
+    );
     assert_eq!(open(&env, &a, "erp-password").unwrap(), "erp-pass-2");
-    assert!(env.kubectl_stdin(&["apply"], &source_secret(&src_ns, "sso", &[("client-secret", "sso-secret-1")])).status.success());
-    wait_for(Duration::from_secs(30), "Sealed again", || cond(&env, &a, "status") == "True");
+    assert!(env
+        .kubectl_stdin(
+            &["apply"],
+            &source_secret(&src_ns, "sso", &[("client-secret", "sso-secret-1")])
+        )
+        .status
+        .success());
+    wait_for(Duration::from_secs(30), "Sealed again", || {
+        cond(&env, &a, "status") == "True"
+    });
 
     // Rotation: v2 becomes active; every tenant is re-sealed under it and
     // old envelopes keep opening while v1 is present.
@@ -117,43 +189,96 @@ async fn secrets_are_sealed_opened_rotated_and_shredded() {
     let refs: Vec<(&str, [u8; 32])> = keys.iter().map(|(v, k)| (v.as_str(), *k)).collect();
     set_root_keys(&env, &refs, "v2");
     wait_for(Duration::from_secs(30), "keyVersion v2", || {
-        env.jsonpath(&["tenant", &a], "{.status.keyVersion}") == "v2" && env.jsonpath(&["tenant", &b], "{.status.keyVersion}") == "v2"
+        env.jsonpath(&["tenant", &a], "{.status.keyVersion}") == "v2"
+            && env.jsonpath(&["tenant", &b], "{.status.keyVersion}") == "v2"
     });
     assert_eq!(open(&env, &a, "erp-password").unwrap(), "erp-pass-2");
     std::fs::write(&file, &a_v1).unwrap();
-    let out = env.operator_cli(&["secrets", "open", "--tenant", &a, "--name", "erp-password", "--envelope-file", file.to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "erp-pass-2", "a v1 envelope no longer opens: {}", String::from_utf8_lossy(&out.stderr));
+    let out = env.operator_cli(&[
+        "secrets",
+        "open",
+        "--tenant",
+        &a,
+        "--name",
+        "erp-password",
+        "--envelope-file",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "erp-pass-2",
+        "a v1 envelope no longer opens: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Removing v2 while it is in use is refused: the old keys stay, the
     // condition says why, secrets keep opening.
     let v1_only: Vec<(&str, [u8; 32])> = refs.iter().filter(|(v, _)| *v == "v1").cloned().collect();
     set_root_keys(&env, &v1_only, "v1");
-    wait_for(Duration::from_secs(30), "KeyRemovalRefused", || cond(&env, &a, "reason") == "KeyRemovalRefused");
+    wait_for(Duration::from_secs(30), "KeyRemovalRefused", || {
+        cond(&env, &a, "reason") == "KeyRemovalRefused"
+    });
     assert!(cond(&env, &a, "message").contains("v2"));
     set_root_keys(&env, &refs, "v2");
-    wait_for(Duration::from_secs(30), "Sealed after the keys came back", || cond(&env, &a, "reason") == "Sealed");
+    wait_for(Duration::from_secs(30), "Sealed after the keys came back", || {
+        cond(&env, &a, "reason") == "Sealed"
+    });
 
     // Crypto-shredding: after the delete the salt is gone, so the envelope
     // copied out before cannot be opened with the root keys.
     let a_env = sealed_value(&env, &a, "erp-password");
     env.kubectl_ok(&["delete", "tenant", &a, "--timeout=60s"]);
-    assert!(!env.kubectl(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{a}-sealed")]).status.success(), "the sealed Secret survived");
+    assert!(
+        !env.kubectl(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{a}-sealed")])
+            .status
+            .success(),
+        "the sealed Secret survived"
+    );
     std::fs::write(&file, &a_env).unwrap();
-    let out = env.operator_cli(&["secrets", "open", "--tenant", &a, "--name", "erp-password", "--envelope-file", file.to_str().unwrap()]);
+    let out = env.operator_cli(&[
+        "secrets",
+        "open",
+        "--tenant",
+        &a,
+        "--name",
+        "erp-password",
+        "--envelope-file",
+        file.to_str().unwrap(),
+    ]);
     assert!(!out.status.success(), "a deleted tenant's envelope still opens");
-    assert_eq!(open(&env, &b, "erp-password").unwrap(), "erp-pass-2", "B was disturbed by A's delete");
+    assert_eq!(
+        open(&env, &b, "erp-password").unwrap(),
+        "erp-pass-2",
+        "B was disturbed by A's delete"
+    );
 }
 
 fn labelled_secret(ns: &str, name: &str, labels: &[(&str, &str)], pairs: &[(&str, &str)]) -> String {
     let labels: String = labels.iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect();
-    let data: String = pairs.iter().map(|(k, v)| format!("  {k}: {}\n", B64.encode(v))).collect();
-    format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n{labels}data:\n{data}")
+    let data: String = pairs
+        .iter()
+        .map(|(k, v)| format!("  {k}: {}\n", B64.encode(v)))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n{labels}data:\n{data}"
+    )
 }
 
 fn sealed_keys(env: &Env, tenant: &str) -> Vec<String> {
-    let json = env.kubectl_ok(&["get", "secret", "-n", NAMESPACE, &format!("tenant-{tenant}-sealed"), "-o", "json"]);
+    let json = env.kubectl_ok(&[
+        "get",
+        "secret",
+        "-n",
+        NAMESPACE,
+        &format!("tenant-{tenant}-sealed"),
+        "-o",
+        "json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    v["data"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    v["data"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 /// A Tenant author cannot have the operator seal what the author could not
@@ -174,7 +299,17 @@ async fn only_opted_in_sources_are_sealed_and_refusals_do_not_tell_existence() {
     let docs = support::tools::documents(&support::tools::render(&helm, &[]));
     let rbac: String = docs
         .iter()
-        .filter(|d| ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"].iter().any(|k| d["kind"] == *k))
+        .filter(|d| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .iter()
+            .any(|k| d["kind"] == *k)
+        })
         .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
         .collect();
     let mut env = Env::start_rbac("e2e_src", &rbac).await;
@@ -184,10 +319,25 @@ async fn only_opted_in_sources_are_sealed_and_refusals_do_not_tell_existence() {
     // The namespace owner's part: the label naming the tenant, and a Role
     // letting the operator get exactly these Secrets.
     for y in [
-        labelled_secret(&optin, "erp", &[("tenancy.dev/seal-for", &t)], &[("password", "erp-opted-in")]),
-        labelled_secret(&optin, "for-another", &[("tenancy.dev/seal-for", "globex")], &[("password", "not-for-you")]),
+        labelled_secret(
+            &optin,
+            "erp",
+            &[("tenancy.dev/seal-for", &t)],
+            &[("password", "erp-opted-in")],
+        ),
+        labelled_secret(
+            &optin,
+            "for-another",
+            &[("tenancy.dev/seal-for", "globex")],
+            &[("password", "not-for-you")],
+        ),
         labelled_secret("kube-system", "cluster-secret", &[], &[("token", "kube-system-token")]),
-        labelled_secret(NAMESPACE, "tenant-operator-db", &[("tenancy.dev/seal-for", &t)], &[("url", "postgresql://admin:pw@db/x")]),
+        labelled_secret(
+            NAMESPACE,
+            "tenant-operator-db",
+            &[("tenancy.dev/seal-for", &t)],
+            &[("url", "postgresql://admin:pw@db/x")],
+        ),
     ] {
         let out = env.kubectl_stdin(&["apply"], &y);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -201,7 +351,9 @@ async fn only_opted_in_sources_are_sealed_and_refusals_do_not_tell_existence() {
     );
     let out = env.kubectl_stdin(&["apply"], &grant);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let entry = |name: &str, ns: &str, secret: &str, key: &str| format!("  - name: {name}\n    secretRef: {{namespace: {ns}, name: {secret}, key: {key}}}\n");
+    let entry = |name: &str, ns: &str, secret: &str, key: &str| {
+        format!("  - name: {name}\n    secretRef: {{namespace: {ns}, name: {secret}, key: {key}}}\n")
+    };
     let refs = [
         ("erp", optin.as_str(), "erp", "password"),
         ("root", NAMESPACE, support::e2e::ROOT_KEYS, "v1"),
@@ -211,11 +363,18 @@ async fn only_opted_in_sources_are_sealed_and_refusals_do_not_tell_existence() {
         ("other", optin.as_str(), "for-another", "password"),
         ("unlisted", optin.as_str(), "not-granted", "password"),
     ];
-    let spec = format!("  secrets:\n{}", refs.iter().map(|(n, ns, s, k)| entry(n, ns, s, k)).collect::<String>());
+    let spec = format!(
+        "  secrets:\n{}",
+        refs.iter().map(|(n, ns, s, k)| entry(n, ns, s, k)).collect::<String>()
+    );
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&t, &spec)).status.success());
     env.wait_ready(&t);
-    wait_for(Duration::from_secs(30), "SourceNotAllowed", || cond(&env, &t, "reason") == "SourceNotAllowed");
-    wait_for(Duration::from_secs(30), "the opted-in source sealed", || open(&env, &t, "erp").ok().as_deref() == Some("erp-opted-in"));
+    wait_for(Duration::from_secs(30), "SourceNotAllowed", || {
+        cond(&env, &t, "reason") == "SourceNotAllowed"
+    });
+    wait_for(Duration::from_secs(30), "the opted-in source sealed", || {
+        open(&env, &t, "erp").ok().as_deref() == Some("erp-opted-in")
+    });
     assert_eq!(sealed_keys(&env, &t), ["erp"], "only the opted-in source is sealed");
 
     let message = cond(&env, &t, "message");
@@ -224,17 +383,30 @@ async fn only_opted_in_sources_are_sealed_and_refusals_do_not_tell_existence() {
         let (n, ns, s, k) = refs.iter().find(|r| r.0 == name).unwrap();
         tenant_operator::api::tenant::TenantSecret {
             name: n.to_string(),
-            secret_ref: tenant_operator::api::tenant::SecretKeyRef { namespace: ns.to_string(), name: s.to_string(), key: k.to_string() },
+            secret_ref: tenant_operator::api::tenant::SecretKeyRef {
+                namespace: ns.to_string(),
+                name: s.to_string(),
+                key: k.to_string(),
+            },
         }
     };
-    let expect = |name: &str| tenant_operator::controller::tenant::sealing::not_allowed_message(&policy, &t, &spec_of(name));
+    let expect =
+        |name: &str| tenant_operator::controller::tenant::sealing::not_allowed_message(&policy, &t, &spec_of(name));
     for name in ["root", "db", "kube", "ghost", "other", "unlisted"] {
         assert!(message.contains(&expect(name)), "{name}: {message}");
     }
     // A kube-system Secret that exists and one that does not read the same
     // (and nothing anywhere says "not found").
-    assert_eq!(expect("kube").replace("kube:", "ghost:").replace("cluster-secret", "no-such-secret"), expect("ghost"));
-    assert!(!message.contains("not found") && !message.contains("forbidden"), "{message}");
+    assert_eq!(
+        expect("kube")
+            .replace("kube:", "ghost:")
+            .replace("cluster-secret", "no-such-secret"),
+        expect("ghost")
+    );
+    assert!(
+        !message.contains("not found") && !message.contains("forbidden"),
+        "{message}"
+    );
     for plain in ["kube-system-token", "not-for-you", "postgresql://admin"] {
         assert!(!env.operator_log().contains(plain), "{plain} in the operator's log");
     }
@@ -242,14 +414,22 @@ async fn only_opted_in_sources_are_sealed_and_refusals_do_not_tell_existence() {
     // The owner withdraws the opt-in: at the next resync the source is no
     // longer allowed and its envelope leaves the sealed Secret.
     env.kubectl_ok(&["label", "secret", "-n", &optin, "erp", "tenancy.dev/seal-for-"]);
-    wait_for(Duration::from_secs(30), "the withdrawn source dropped", || sealed_keys(&env, &t).is_empty());
+    wait_for(Duration::from_secs(30), "the withdrawn source dropped", || {
+        sealed_keys(&env, &t).is_empty()
+    });
     assert!(cond(&env, &t, "message").contains(&expect("erp")));
     env.stop_operator();
     // The operator never read a kube-system Secret: it has no right to, and
     // it did not try to read their data.
     let log = env.server_log();
-    let tried: Vec<&str> = log.lines().filter(|l| l.contains("/namespaces/kube-system/secrets") && l.ends_with(" \"\"")).collect();
-    assert!(tried.iter().all(|l| l.contains(" 403 ")), "the operator read kube-system Secrets: {tried:?}");
+    let tried: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("/namespaces/kube-system/secrets") && l.ends_with(" \"\""))
+        .collect();
+    assert!(
+        tried.iter().all(|l| l.contains(" 403 ")),
+        "the operator read kube-system Secrets: {tried:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -277,9 +457,15 @@ async fn missing_short_or_garbled_root_keys_stop_start_up_with_a_clear_message()
     );
     assert!(env.kubectl_stdin(&["apply"], &short).status.success());
     let err = run("short-keys");
-    assert!(err.contains("v1") && err.contains("16"), "the message should name the version and its length: {err}");
+    assert!(
+        err.contains("v1") && err.contains("16"),
+        "the message should name the version and its length: {err}"
+    );
 
-    let no_active = format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: no-active\n  namespace: {NAMESPACE}\ndata:\n  v1: {}\n", B64.encode([1u8; 32]));
+    let no_active = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: no-active\n  namespace: {NAMESPACE}\ndata:\n  v1: {}\n",
+        B64.encode([1u8; 32])
+    );
     assert!(env.kubectl_stdin(&["apply"], &no_active).status.success());
     let err = run("no-active");
     assert!(err.contains("active"), "{err}");
@@ -291,7 +477,10 @@ async fn missing_short_or_garbled_root_keys_stop_start_up_with_a_clear_message()
 #[tokio::test(flavor = "multi_thread")]
 async fn kms_wrapped_root_keys_are_unwrapped_at_start() {
     let Some(endpoint) = std::env::var("TEST_KMS_ENDPOINT").ok().filter(|e| !e.is_empty()) else {
-        assert!(std::env::var_os("CI").is_none(), "TEST_KMS_ENDPOINT is not set but CI is: run through scripts/with-moto.sh");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "TEST_KMS_ENDPOINT is not set but CI is: run through scripts/with-moto.sh"
+        );
         eprintln!("skipping: TEST_KMS_ENDPOINT is not set (run through scripts/with-moto.sh)");
         return;
     };
@@ -300,26 +489,71 @@ async fn kms_wrapped_root_keys_are_unwrapped_at_start() {
     let conf = aws_sdk_kms::Config::builder()
         .behavior_version(aws_sdk_kms::config::BehaviorVersion::latest())
         .region(aws_sdk_kms::config::Region::new(region.clone()))
-        .credentials_provider(aws_sdk_kms::config::Credentials::new("test", "test", None, None, "test"))
+        .credentials_provider(aws_sdk_kms::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
         .endpoint_url(&endpoint)
         .http_client(aws_smithy_http_client::Builder::new().build_http())
         .build();
-    let key_id = aws_sdk_kms::Client::from_conf(conf).create_key().send().await.unwrap().key_metadata().unwrap().key_id().to_owned();
+    let key_id = aws_sdk_kms::Client::from_conf(conf)
+        .create_key()
+        .send()
+        .await
+        .unwrap()
+        .key_metadata()
+        .unwrap()
+        .key_id()
+        .to_owned();
 
-    let out = env.operator_cli(&["keys", "new-secret", "--name", "kms-keys", "--kms-key-id", &key_id, "--kms-endpoint", &endpoint]);
+    let out = env.operator_cli(&[
+        "keys",
+        "new-secret",
+        "--name",
+        "kms-keys",
+        "--kms-key-id",
+        &key_id,
+        "--kms-endpoint",
+        &endpoint,
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let manifest = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(env.kubectl_stdin(&["apply"], &manifest).status.success());
-    let stored = env.kubectl_ok(&["get", "secret", "-n", NAMESPACE, "kms-keys", "-o", "jsonpath={.data.v1}"]);
-    assert!(B64.decode(stored.trim()).unwrap().len() > 32, "the Secret holds a raw key, not a KMS ciphertext");
+    let stored = env.kubectl_ok(&[
+        "get",
+        "secret",
+        "-n",
+        NAMESPACE,
+        "kms-keys",
+        "-o",
+        "jsonpath={.data.v1}",
+    ]);
+    assert!(
+        B64.decode(stored.trim()).unwrap().len() > 32,
+        "the Secret holds a raw key, not a KMS ciphertext"
+    );
 
     let client = env.client().await;
-    let kms = tenant_operator::keys::kms::KmsConfig { endpoint: Some(endpoint.clone()), region, key_id: Some(key_id) };
-    let src = tenant_operator::keys::KeySource { namespace: NAMESPACE.into(), secret: "kms-keys".into(), kms: Some(kms) };
-    let ring = tenant_operator::keys::load(&client, &src).await.expect("the operator unwraps the KMS-wrapped keys");
+    let kms = tenant_operator::keys::kms::KmsConfig {
+        endpoint: Some(endpoint.clone()),
+        region,
+        key_id: Some(key_id),
+    };
+    let src = tenant_operator::keys::KeySource {
+        namespace: NAMESPACE.into(),
+        secret: "kms-keys".into(),
+        kms: Some(kms),
+    };
+    let ring = tenant_operator::keys::load(&client, &src)
+        .await
+        .expect("the operator unwraps the KMS-wrapped keys");
     assert_eq!(ring.active_version().to_string(), "v1");
-    let plain = tenant_operator::keys::KeySource { kms: None, ..src.clone() };
-    let err = tenant_operator::keys::load(&client, &plain).await.expect_err("a wrapped key was used as a raw key");
+    let plain = tenant_operator::keys::KeySource {
+        kms: None,
+        ..src.clone()
+    };
+    let err = tenant_operator::keys::load(&client, &plain)
+        .await
+        .expect_err("a wrapped key was used as a raw key");
     assert!(err.to_string().contains("v1"), "{err}");
 
     // The operator binary starts with them.

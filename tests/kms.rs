@@ -113,44 +113,23 @@ async fn wrapped_keys_unwrap_into_a_keyring_that_seals_and_opens() {
         ["v1", "v2"],
         "unwrap_keys should return exactly the version entries"
     );
-    assert_eq!(
-        unwrapped["v1"].as_slice(),
-        v1.as_slice(),
-        "v1 came back different"
-    );
-    assert_eq!(
-        unwrapped["v2"].as_slice(),
-        v2.as_slice(),
-        "v2 came back different"
-    );
+    assert_eq!(unwrapped["v1"].as_slice(), v1.as_slice(), "v1 came back different");
+    assert_eq!(unwrapped["v2"].as_slice(), v2.as_slice(), "v2 came back different");
 
     // Pinning the expected KMS key works too.
     let pinned = KmsConfig {
         key_id: Some(key_id.clone()),
         ..cfg.clone()
     };
-    let again = kms::unwrap_keys(&pinned, &wrapped)
-        .await
-        .expect("unwrap with key id");
+    let again = kms::unwrap_keys(&pinned, &wrapped).await.expect("unwrap with key id");
     assert_eq!(again["v2"].as_slice(), v2.as_slice());
 
     // The unwrapped map feeds the keyring, which seals and opens.
-    let entries: BTreeMap<String, Vec<u8>> = unwrapped
-        .into_iter()
-        .map(|(k, v)| (k, v.to_vec()))
-        .collect();
+    let entries: BTreeMap<String, Vec<u8>> = unwrapped.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
     let ring = Keyring::new(entries, "v2").expect("keyring from unwrapped keys");
     assert_eq!(ring.active_version().to_string(), "v2");
     let salt = TenantSalt::generate();
-    let sealed = crypto::seal(
-        &ring,
-        &salt,
-        UID,
-        Purpose::Secrets,
-        "db-password",
-        b"hunter2",
-    )
-    .expect("seal");
+    let sealed = crypto::seal(&ring, &salt, UID, Purpose::Secrets, "db-password", b"hunter2").expect("seal");
     let opened: Zeroizing<Vec<u8>> =
         crypto::open(&ring, &salt, UID, Purpose::Secrets, "db-password", &sealed).expect("open");
     assert_eq!(opened.as_slice(), b"hunter2");
@@ -161,15 +140,8 @@ async fn wrapped_keys_unwrap_into_a_keyring_that_seals_and_opens() {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
     let raw_ring = Keyring::new(raw, "v1").unwrap();
-    let opened = crypto::open(
-        &raw_ring,
-        &salt,
-        UID,
-        Purpose::Secrets,
-        "db-password",
-        &sealed,
-    )
-    .expect("open with the raw keys");
+    let opened =
+        crypto::open(&raw_ring, &salt, UID, Purpose::Secrets, "db-password", &sealed).expect("open with the raw keys");
     assert_eq!(opened.as_slice(), b"hunter2");
 }
 
@@ -181,9 +153,7 @@ async fn a_key_wrapped_for_v1_does_not_unwrap_as_v2() {
     let cfg = config(&ep);
     let key_id = create_key(&ep, "moved version").await;
     let v1 = generate_root_key();
-    let blob = kms::wrap_key(&cfg, &key_id, "v1", v1.as_slice())
-        .await
-        .unwrap();
+    let blob = kms::wrap_key(&cfg, &key_id, "v1", v1.as_slice()).await.unwrap();
 
     let moved = BTreeMap::from([("v2".to_owned(), blob.clone())]);
     let err = kms::unwrap_keys(&cfg, &moved)
@@ -217,15 +187,9 @@ async fn garbage_ciphertext_fails_clearly() {
     };
     let cfg = config(&ep);
     let _ = create_key(&ep, "garbage").await;
-    for garbage in [
-        vec![0u8; 64],
-        (0u8..=255).collect::<Vec<_>>(),
-        b"not base64 !".to_vec(),
-    ] {
+    for garbage in [vec![0u8; 64], (0u8..=255).collect::<Vec<_>>(), b"not base64 !".to_vec()] {
         let wrapped = BTreeMap::from([("v3".to_owned(), garbage)]);
-        let err = kms::unwrap_keys(&cfg, &wrapped)
-            .await
-            .expect_err("garbage unwrapped");
+        let err = kms::unwrap_keys(&cfg, &wrapped).await.expect_err("garbage unwrapped");
         // AWS answers InvalidCiphertext; a blob that names no key it knows can
         // also come back as AccessDenied (moto does this for random bytes).
         assert!(
@@ -240,18 +204,13 @@ async fn garbage_ciphertext_fails_clearly() {
     }
     // A valid ciphertext with one byte flipped is refused the same way.
     let key_id = create_key(&ep, "flipped").await;
-    let mut blob = kms::wrap_key(&cfg, &key_id, "v1", &[7u8; 32])
-        .await
-        .unwrap();
+    let mut blob = kms::wrap_key(&cfg, &key_id, "v1", &[7u8; 32]).await.unwrap();
     let last = blob.len() - 1;
     blob[last] ^= 0x01;
     let err = kms::unwrap_keys(&cfg, &BTreeMap::from([("v1".to_owned(), blob)]))
         .await
         .unwrap_err();
-    assert!(
-        matches!(&err, KmsError::InvalidCiphertext { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(&err, KmsError::InvalidCiphertext { .. }), "{err:?}");
 }
 
 #[tokio::test]
@@ -262,9 +221,7 @@ async fn a_blob_from_another_kms_key_is_refused_when_the_key_is_pinned() {
     let cfg = config(&ep);
     let ours = create_key(&ep, "pinned").await;
     let theirs = create_key(&ep, "foreign").await;
-    let blob = kms::wrap_key(&cfg, &theirs, "v1", &[9u8; 32])
-        .await
-        .unwrap();
+    let blob = kms::wrap_key(&cfg, &theirs, "v1", &[9u8; 32]).await.unwrap();
     let pinned = KmsConfig {
         key_id: Some(ours),
         ..cfg
@@ -289,14 +246,9 @@ async fn an_unknown_kms_key_is_reported() {
         return;
     };
     let cfg = config(&ep);
-    let err = kms::wrap_key(
-        &cfg,
-        "11111111-2222-3333-4444-555555555555",
-        "v1",
-        &[1u8; 32],
-    )
-    .await
-    .expect_err("wrapped under a key that does not exist");
+    let err = kms::wrap_key(&cfg, "11111111-2222-3333-4444-555555555555", "v1", &[1u8; 32])
+        .await
+        .expect_err("wrapped under a key that does not exist");
     assert!(
         matches!(&err, KmsError::KeyUnusable { version, .. } if version == "v1"),
         "expected KeyUnusable (NotFound), got: {err:?}"
@@ -322,10 +274,7 @@ async fn an_unreachable_endpoint_fails_clearly() {
         .expect_err("unwrapped through a dead endpoint");
     match &err {
         KmsError::Unreachable {
-            op,
-            version,
-            endpoint,
-            ..
+            op, version, endpoint, ..
         } => {
             assert_eq!(*op, "Decrypt");
             assert_eq!(version, "v1");

@@ -37,13 +37,24 @@ async fn tenant_with_docs(db: &TestDb, base: &str) -> Tenant {
     .expect("create docs as the owner");
     let out = t.converge(db).await.unwrap();
     let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
-    assert_eq!(labels, ["AuditTable"], "the reconcile after a new table should only add its triggers");
-    assert_eq!(t.converge(db).await.unwrap().statements, 0, "a converged tenant ran audit DDL");
+    assert_eq!(
+        labels,
+        ["AuditTable"],
+        "the reconcile after a new table should only add its triggers"
+    );
+    assert_eq!(
+        t.converge(db).await.unwrap().statements,
+        0,
+        "a converged tenant ran audit DDL"
+    );
     t
 }
 
 fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 #[derive(Debug)]
@@ -90,7 +101,9 @@ fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
 }
 
 async fn verified(db: &TestDb, t: &Tenant) -> pg::audit::VerifyReport {
-    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap();
+    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
+        .await
+        .unwrap();
     assert_eq!(r.first_break, None, "the chain of {} is broken", t.name);
     r
 }
@@ -100,10 +113,22 @@ async fn insert_update_and_delete_are_audited_with_the_actor_and_request_id() {
     let db = setup("aud_writes").await;
     let t = tenant_with_docs(&db, "aw").await;
     let mut app = t.app(&db).await.unwrap();
-    sqlx::raw_sql("SET tenancy.actor = 'alice'; SET tenancy.request_id = 'req-1'").execute(&mut app).await.unwrap();
-    sqlx::query("INSERT INTO docs (body, n) VALUES ('a', 1), ('b', 2)").execute(&mut app).await.unwrap();
-    sqlx::query("UPDATE docs SET body = 'a2' WHERE id = 1").execute(&mut app).await.unwrap();
-    sqlx::query("DELETE FROM docs WHERE id = 2").execute(&mut app).await.unwrap();
+    sqlx::raw_sql("SET tenancy.actor = 'alice'; SET tenancy.request_id = 'req-1'")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO docs (body, n) VALUES ('a', 1), ('b', 2)")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE docs SET body = 'a2' WHERE id = 1")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM docs WHERE id = 2")
+        .execute(&mut app)
+        .await
+        .unwrap();
     // Per request, in a transaction: SET LOCAL.
     sqlx::raw_sql("BEGIN; SET LOCAL tenancy.actor = 'bob'; SET LOCAL tenancy.request_id = 'req-2'; INSERT INTO docs (body) VALUES ('c'); COMMIT")
         .execute(&mut app)
@@ -111,11 +136,24 @@ async fn insert_update_and_delete_are_audited_with_the_actor_and_request_id() {
         .unwrap();
     // No actor given: the session user, flagged.
     let mut bare = t.app(&db).await.unwrap();
-    sqlx::query("UPDATE docs SET n = 7, body = 'z' WHERE id = 1").execute(&mut bare).await.unwrap();
+    sqlx::query("UPDATE docs SET n = 7, body = 'z' WHERE id = 1")
+        .execute(&mut bare)
+        .await
+        .unwrap();
 
     let rows = audit_rows(&db, &t).await;
-    let summary: Vec<(&str, &str, bool, Option<&str>, Option<&str>)> =
-        rows.iter().map(|r| (r.op.as_str(), r.actor.as_str(), r.given, r.request.as_deref(), r.table.as_deref())).collect();
+    let summary: Vec<(&str, &str, bool, Option<&str>, Option<&str>)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.op.as_str(),
+                r.actor.as_str(),
+                r.given,
+                r.request.as_deref(),
+                r.table.as_deref(),
+            )
+        })
+        .collect();
     let app_role = t.name.app_role();
     assert_eq!(
         summary,
@@ -129,12 +167,25 @@ async fn insert_update_and_delete_are_audited_with_the_actor_and_request_id() {
         ]
     );
     let pks: Vec<_> = rows.iter().map(|r| r.pk.clone().unwrap()).collect();
-    assert_eq!(pks[..3], [serde_json::json!([{"id": 1}, {"id": 2}]), serde_json::json!([{"id": 1}]), serde_json::json!([{"id": 2}])]);
+    assert_eq!(
+        pks[..3],
+        [
+            serde_json::json!([{"id": 1}, {"id": 2}]),
+            serde_json::json!([{"id": 1}]),
+            serde_json::json!([{"id": 2}])
+        ]
+    );
     assert_eq!(rows[1].changed.as_deref(), Some(&["body".to_string()][..]));
-    assert_eq!(rows[4].changed.as_deref(), Some(&["body".to_string(), "n".to_string()][..]));
+    assert_eq!(
+        rows[4].changed.as_deref(),
+        Some(&["body".to_string(), "n".to_string()][..])
+    );
     assert_eq!(rows[0].changed, None, "an insert has no changed columns");
     // TRUNCATE is one row for the statement.
-    sqlx::query("TRUNCATE docs").execute(&mut bare).await.expect_err("the app role has no TRUNCATE right");
+    sqlx::query("TRUNCATE docs")
+        .execute(&mut bare)
+        .await
+        .expect_err("the app role has no TRUNCATE right");
     let r = verified(&db, &t).await;
     assert_eq!(r.rows, 5);
 }
@@ -145,9 +196,17 @@ async fn a_large_statement_is_audited_in_bounded_entries_holding_every_key() {
     let mut t = tenant_with_docs(&db, "ac").await;
     let mut app = t.app(&db).await.unwrap();
     let rows = 2 * pg::audit::CHUNK_ROWS + 5;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO docs (body, n) SELECT 'b' || g, g FROM generate_series(1, {rows}) g"))).execute(&mut app).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO docs (body, n) SELECT 'b' || g, g FROM generate_series(1, {rows}) g"
+    )))
+    .execute(&mut app)
+    .await
+    .unwrap();
     // A statement touching no row leaves no entry.
-    sqlx::raw_sql("DELETE FROM docs WHERE false").execute(&mut app).await.unwrap();
+    sqlx::raw_sql("DELETE FROM docs WHERE false")
+        .execute(&mut app)
+        .await
+        .unwrap();
     let audit = audit_rows(&db, &t).await;
     assert_eq!(audit.len(), 3, "ceil({rows} / {}) entries", pg::audit::CHUNK_ROWS);
     let mut ids = Vec::new();
@@ -158,20 +217,30 @@ async fn a_large_statement_is_audited_in_bounded_entries_holding_every_key() {
         ids.extend(keys.iter().map(|k| k["id"].as_i64().expect("an id")));
     }
     ids.sort_unstable();
-    let db_ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT id::bigint FROM {}.docs ORDER BY id", t.name.schema())))
-        .fetch_all(&db.admin)
-        .await
-        .unwrap();
+    let db_ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id::bigint FROM {}.docs ORDER BY id",
+        t.name.schema()
+    )))
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
     assert_eq!(ids, db_ids, "every inserted row's key is in exactly one entry");
 
     // A table without a primary key: each row counts as a null key.
     let mut su = db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}; CREATE TABLE {}.nokey (v int); RESET ROLE", t.name.owner_role(), t.name.schema())))
-        .execute(&mut su)
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {}; CREATE TABLE {}.nokey (v int); RESET ROLE",
+        t.name.owner_role(),
+        t.name.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    t.converge(&db).await.unwrap();
+    sqlx::raw_sql("INSERT INTO nokey SELECT g FROM generate_series(1, 3) g")
+        .execute(&mut app)
         .await
         .unwrap();
-    t.converge(&db).await.unwrap();
-    sqlx::raw_sql("INSERT INTO nokey SELECT g FROM generate_series(1, 3) g").execute(&mut app).await.unwrap();
     let last = audit_rows(&db, &t).await.pop().unwrap();
     assert_eq!((last.op.as_str(), last.table.as_deref()), ("INSERT", Some("nokey")));
     assert_eq!(last.pk, Some(serde_json::json!([null, null, null])));
@@ -183,32 +252,71 @@ async fn a_table_created_by_a_later_migration_is_audited_without_a_reconcile() {
     let db = setup("aud_mig").await;
     let mut t = Tenant::new(&unique("am"));
     t.converge(&db).await.unwrap();
-    let set = SetRef { name: "default".into(), generation: 1 };
+    let set = SetRef {
+        name: "default".into(),
+        generation: 1,
+    };
     let migrations = [
-        MigrationSql::new(1, "orders", "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric)", true),
-        MigrationSql::new(2, "lines", "CREATE TABLE lines (order_id bigint, sku text, PRIMARY KEY (order_id, sku))", false),
+        MigrationSql::new(
+            1,
+            "orders",
+            "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric)",
+            true,
+        ),
+        MigrationSql::new(
+            2,
+            "lines",
+            "CREATE TABLE lines (order_id bigint, sku text, PRIMARY KEY (order_id, sku))",
+            false,
+        ),
     ];
-    let ring = tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![7u8; 32])].into_iter().collect(), "v1").unwrap();
-    let login = pg::migrations::ops_login(&db.admin, &ring, &t.name).await.unwrap().expect("registered");
-    let out = pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default()).await.unwrap();
-    assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] });
-    let mut app = t.app(&db).await.unwrap();
-    sqlx::raw_sql("SET tenancy.actor = 'carol'; INSERT INTO orders VALUES (10, 5.5); INSERT INTO lines VALUES (10, 'sku-1')")
-        .execute(&mut app)
+    let ring =
+        tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![7u8; 32])].into_iter().collect(), "v1").unwrap();
+    let login = pg::migrations::ops_login(&db.admin, &ring, &t.name)
+        .await
+        .unwrap()
+        .expect("registered");
+    let out = pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default())
         .await
         .unwrap();
+    assert_eq!(
+        out,
+        TenantOutcome::Migrated {
+            from: 0,
+            to: 2,
+            applied: vec![1, 2]
+        }
+    );
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql(
+        "SET tenancy.actor = 'carol'; INSERT INTO orders VALUES (10, 5.5); INSERT INTO lines VALUES (10, 'sku-1')",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
     let rows = audit_rows(&db, &t).await;
-    let seen: Vec<(Option<&str>, &str, Option<serde_json::Value>)> = rows.iter().map(|r| (r.table.as_deref(), r.actor.as_str(), r.pk.clone())).collect();
+    let seen: Vec<(Option<&str>, &str, Option<serde_json::Value>)> = rows
+        .iter()
+        .map(|r| (r.table.as_deref(), r.actor.as_str(), r.pk.clone()))
+        .collect();
     assert_eq!(
         seen,
         [
             (Some("orders"), "carol", Some(serde_json::json!([{"id": 10}]))),
-            (Some("lines"), "carol", Some(serde_json::json!([{"order_id": 10, "sku": "sku-1"}]))),
+            (
+                Some("lines"),
+                "carol",
+                Some(serde_json::json!([{"order_id": 10, "sku": "sku-1"}]))
+            ),
         ]
     );
     // The migrations left nothing for the reconcile to do.
     let again = t.converge(&db).await.unwrap();
-    assert_eq!(again.statements, 0, "audit actions after the migration: {:?}", again.audit.actions);
+    assert_eq!(
+        again.statements, 0,
+        "audit actions after the migration: {:?}",
+        again.audit.actions
+    );
     verified(&db, &t).await;
 }
 
@@ -217,8 +325,14 @@ async fn the_app_role_cannot_change_delete_truncate_or_forge_audit_rows() {
     let db = setup("aud_ro").await;
     let t = tenant_with_docs(&db, "ar").await;
     let mut app = t.app(&db).await.unwrap();
-    sqlx::query("INSERT INTO docs (body) VALUES ('x')").execute(&mut app).await.unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _tenancy_audit").fetch_one(&mut app).await.expect("the app may read its audit log");
+    sqlx::query("INSERT INTO docs (body) VALUES ('x')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _tenancy_audit")
+        .fetch_one(&mut app)
+        .await
+        .expect("the app may read its audit log");
     assert_eq!(n, 1);
     for sql in [
         "UPDATE _tenancy_audit SET actor = 'mallory'",
@@ -239,8 +353,15 @@ async fn the_app_role_cannot_change_delete_truncate_or_forge_audit_rows() {
     // guard trigger refuses changes.
     let mut su = db.superuser().await;
     let schema = t.name.schema();
-    for sql in [format!("UPDATE {schema}._tenancy_audit SET actor = 'm'"), format!("DELETE FROM {schema}._tenancy_audit"), format!("TRUNCATE {schema}._tenancy_audit")] {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut su).await.expect_err(&sql);
+    for sql in [
+        format!("UPDATE {schema}._tenancy_audit SET actor = 'm'"),
+        format!("DELETE FROM {schema}._tenancy_audit"),
+        format!("TRUNCATE {schema}._tenancy_audit"),
+    ] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut su)
+            .await
+            .expect_err(&sql);
         assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
         assert!(err.to_string().contains("append-only"), "{err}");
     }
@@ -253,14 +374,32 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     let t = tenant_with_docs(&db, "av").await;
     let mut app = t.app(&db).await.unwrap();
     for i in 0..5 {
-        sqlx::query("INSERT INTO docs (body) VALUES ($1)").bind(format!("row {i}")).execute(&mut app).await.unwrap();
+        sqlx::query("INSERT INTO docs (body) VALUES ($1)")
+            .bind(format!("row {i}"))
+            .execute(&mut app)
+            .await
+            .unwrap();
     }
     let ok = cli(&db, &["audit", "verify", "--tenant", t.name.as_str()]);
-    assert!(ok.status.success(), "verify of an intact chain failed: {}{}", String::from_utf8_lossy(&ok.stdout), String::from_utf8_lossy(&ok.stderr));
-    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: 5 row(s)"), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(
+        ok.status.success(),
+        "verify of an intact chain failed: {}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).starts_with("ok: 5 row(s)"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
 
     let schema = t.name.schema();
-    let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT id FROM {schema}._tenancy_audit ORDER BY id"))).fetch_all(&db.admin).await.unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM {schema}._tenancy_audit ORDER BY id"
+    )))
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
     let mut su = db.superuser().await;
     // A superuser can get past the guard (replica mode skips triggers)...
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -285,7 +424,9 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     .execute(&mut su)
     .await
     .unwrap();
-    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap();
+    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
+        .await
+        .unwrap();
     let b = r.first_break.expect("a removed row breaks the chain");
     assert_eq!(b.id, ids[3], "{}", b.what);
     // Removing the entries of the very last transaction (two statements,
@@ -294,15 +435,23 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     let t2 = tenant_with_docs(&db, "av2").await;
     let mut app2 = t2.app(&db).await.unwrap();
     for body in ["1", "2"] {
-        sqlx::query("INSERT INTO docs (body) VALUES ($1)").bind(body).execute(&mut app2).await.unwrap();
-    }
-    sqlx::raw_sql("BEGIN; INSERT INTO docs (body) VALUES ('3'); UPDATE docs SET body = '3b' WHERE body = '3'; COMMIT").execute(&mut app2).await.unwrap();
-    let s2 = t2.name.schema();
-    let (head_id, last_id): (i64, i64) =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT h.last_id, (SELECT max(id) FROM {s2}._tenancy_audit) FROM {s2}._tenancy_audit_head h")))
-            .fetch_one(&db.admin)
+        sqlx::query("INSERT INTO docs (body) VALUES ($1)")
+            .bind(body)
+            .execute(&mut app2)
             .await
             .unwrap();
+    }
+    sqlx::raw_sql("BEGIN; INSERT INTO docs (body) VALUES ('3'); UPDATE docs SET body = '3b' WHERE body = '3'; COMMIT")
+        .execute(&mut app2)
+        .await
+        .unwrap();
+    let s2 = t2.name.schema();
+    let (head_id, last_id): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT h.last_id, (SELECT max(id) FROM {s2}._tenancy_audit) FROM {s2}._tenancy_audit_head h"
+    )))
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
     assert_eq!(head_id, last_id, "the commit moves the head to the last entry");
     verified(&db, &t2).await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -312,14 +461,21 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     .execute(&mut su)
     .await
     .unwrap();
-    let b = pg::audit::verify(&db.admin, &support::test_ring(), &t2.name).await.unwrap().first_break.expect("a removed tail breaks the chain");
+    let b = pg::audit::verify(&db.admin, &support::test_ring(), &t2.name)
+        .await
+        .unwrap()
+        .first_break
+        .expect("a removed tail breaks the chain");
     assert!(b.what.contains("rows at the end"), "{}", b.what);
 
     // An entry appended behind the triggers' back (replica mode: no
     // commit-time head update) is found as well.
     let t3 = tenant_with_docs(&db, "av3").await;
     let mut app3 = t3.app(&db).await.unwrap();
-    sqlx::query("INSERT INTO docs (body) VALUES ('x')").execute(&mut app3).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('x')")
+        .execute(&mut app3)
+        .await
+        .unwrap();
     let s3 = t3.name.schema();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "SET session_replication_role = replica;
@@ -330,7 +486,14 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     .execute(&mut su)
     .await
     .unwrap();
-    assert!(pg::audit::verify(&db.admin, &support::test_ring(), &t3.name).await.unwrap().first_break.is_some(), "a forged entry verified");
+    assert!(
+        pg::audit::verify(&db.admin, &support::test_ring(), &t3.name)
+            .await
+            .unwrap()
+            .first_break
+            .is_some(),
+        "a forged entry verified"
+    );
 }
 
 fn pgaudit_required() -> bool {
@@ -340,64 +503,118 @@ fn pgaudit_required() -> bool {
 #[tokio::test]
 async fn pgaudit_logs_a_select_by_the_app_role_with_its_role_name() {
     let db = setup("aud_pgaudit").await;
-    let loaded: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')").fetch_one(&db.admin).await.unwrap();
+    let loaded: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')")
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     if !loaded {
         assert!(!pgaudit_required(), "CI is set but pgaudit is not loaded: scripts/setup.sh installs postgresql-<major>-pgaudit and scripts/with-postgres.sh loads it");
         eprintln!("SKIPPED: pgaudit is not loaded on this server (run scripts/setup.sh)");
         let mut t = Tenant::new(&unique("pga"));
-        assert_eq!(t.converge(&db).await.unwrap().audit.read_auditing, ReadAuditing::NotInstalled);
+        assert_eq!(
+            t.converge(&db).await.unwrap().audit.read_auditing,
+            ReadAuditing::NotInstalled
+        );
         return;
     }
     let mut t = tenant_with_docs(&db, "pga").await;
     // The operator's admin is no superuser: read auditing degrades with a reason.
     let out = t.converge(&db).await.unwrap();
     assert_eq!(out.audit.read_auditing.reason(), "PgauditNeedsSuperuser");
-    assert!(out.audit.read_auditing.message().contains(&t.name.app_role()), "{}", out.audit.read_auditing.message());
+    assert!(
+        out.audit.read_auditing.message().contains(&t.name.app_role()),
+        "{}",
+        out.audit.read_auditing.message()
+    );
     // An administrator grants it once, as a superuser.
     let mut su = db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} SET pgaudit.log = 'read, write'", t.name.app_role()))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {} SET pgaudit.log = 'read, write'",
+        t.name.app_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
     let out = t.converge(&db).await.unwrap();
     assert_eq!(out.audit.read_auditing, ReadAuditing::On);
     assert_eq!(out.statements, 0);
 
     let marker = format!("marker_{:08x}", rand::random::<u32>());
     let mut app = t.app(&db).await.unwrap();
-    let _: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT body FROM docs WHERE body = '{marker}'"))).fetch_all(&mut app).await.unwrap();
+    let _: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT body FROM docs WHERE body = '{marker}'"
+    )))
+    .fetch_all(&mut app)
+    .await
+    .unwrap();
     let log = support::env("TEST_PG_LOG");
     let role = t.name.app_role();
     let mut found = None;
     for _ in 0..50 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        found = text.lines().find(|l| l.contains("AUDIT: SESSION") && l.contains(&marker)).map(str::to_owned);
+        found = text
+            .lines()
+            .find(|l| l.contains("AUDIT: SESSION") && l.contains(&marker))
+            .map(str::to_owned);
         if found.is_some() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let line = found.unwrap_or_else(|| panic!("no pgaudit line for the app role's SELECT ({marker}) in {log}"));
-    assert!(line.contains(&format!("{role}@")), "the pgaudit line does not carry the role name (log_line_prefix %u): {line}");
+    assert!(
+        line.contains(&format!("{role}@")),
+        "the pgaudit line does not carry the role name (log_line_prefix %u): {line}"
+    );
     assert!(line.contains("READ,SELECT"), "{line}");
 }
 
 #[tokio::test]
 async fn the_operator_sets_pgaudit_log_when_granted_the_parameter() {
     let (db, admin_role, admin_url) = TestDb::with_own_admin("aud_grant").await;
-    let loaded: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')").fetch_one(&db.admin).await.unwrap();
+    let loaded: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')")
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     if !loaded {
         assert!(!pgaudit_required(), "CI is set but pgaudit is not loaded");
         eprintln!("SKIPPED: pgaudit is not loaded on this server");
         return;
     }
     let mut su = db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT SET ON PARAMETER pgaudit.log TO {admin_role}"))).execute(&mut su).await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&admin_url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT SET ON PARAMETER pgaudit.log TO {admin_role}"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&admin_url)
+        .await
+        .unwrap();
     pg::migrate_control_schema(&pool).await.unwrap();
     let t = Tenant::new(&unique("pgg"));
     let desired = tenant_operator::controller::tenant::plan::desired_db(&t.name, &t.spec).unwrap();
     let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
-    let out = tenant_operator::controller::tenant::converge_db(&pool, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, None, "test").await.unwrap();
+    let out = tenant_operator::controller::tenant::converge_db(
+        &pool,
+        &support::test_ring(),
+        &t.name,
+        &t.uid,
+        &desired,
+        &catalog,
+        None,
+        "test",
+    )
+    .await
+    .unwrap();
     assert_eq!(out.audit.read_auditing, ReadAuditing::On);
-    assert!(out.audit.actions.iter().any(|a| a.label() == "SetPgauditLog"), "{:?}", out.audit.actions);
+    assert!(
+        out.audit.actions.iter().any(|a| a.label() == "SetPgauditLog"),
+        "{:?}",
+        out.audit.actions
+    );
     let setting: Vec<String> = sqlx::query_scalar(
         "SELECT unnest(setconfig) FROM pg_db_role_setting WHERE setrole = (SELECT oid FROM pg_roles WHERE rolname = $1)",
     )
@@ -407,8 +624,23 @@ async fn the_operator_sets_pgaudit_log_when_granted_the_parameter() {
     .unwrap();
     assert!(setting.contains(&"pgaudit.log=read, write".to_string()), "{setting:?}");
     let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
-    let again = tenant_operator::controller::tenant::converge_db(&pool, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, Some(&out.plan.password), "test").await.unwrap();
-    assert_eq!(again.statements, 0, "{:?} {:?}", again.plan.actions, again.audit.actions);
+    let again = tenant_operator::controller::tenant::converge_db(
+        &pool,
+        &support::test_ring(),
+        &t.name,
+        &t.uid,
+        &desired,
+        &catalog,
+        Some(&out.plan.password),
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        again.statements, 0,
+        "{:?} {:?}",
+        again.plan.actions, again.audit.actions
+    );
     // Cleanup: the roles are cluster-wide.
     pg::tenant::drop_tenant(&pool, &t.name, &t.uid, "test").await.unwrap();
 }
@@ -422,12 +654,29 @@ async fn export_round_trips_as_json_lines() {
         .execute(&mut app)
         .await
         .unwrap();
-    let mid: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&db.admin).await.unwrap();
+    let mid: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     sqlx::raw_sql("DELETE FROM docs").execute(&mut app).await.unwrap();
 
-    let out = cli(&db, &["audit", "export", "--tenant", t.name.as_str(), "--since", "2000-01-01T00:00:00Z"]);
+    let out = cli(
+        &db,
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            t.name.as_str(),
+            "--since",
+            "2000-01-01T00:00:00Z",
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let records: Vec<AuditRecord> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let records: Vec<AuditRecord> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT id, actor, request_id, operation, encode(prev_hash, 'hex') AS prev, encode(hash, 'hex') AS hash, row_pk FROM {}._tenancy_audit ORDER BY id",
         t.name.schema()
@@ -453,9 +702,26 @@ async fn export_round_trips_as_json_lines() {
     for w in records.windows(2) {
         assert_eq!(w[1].prev_hash, w[0].hash);
     }
-    let later = cli(&db, &["audit", "export", "--tenant", t.name.as_str(), "--since", &mid.to_rfc3339()]);
-    let later: Vec<AuditRecord> = String::from_utf8(later.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(later.iter().map(|r| r.operation.as_str()).collect::<Vec<_>>(), ["DELETE"]);
+    let later = cli(
+        &db,
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            t.name.as_str(),
+            "--since",
+            &mid.to_rfc3339(),
+        ],
+    );
+    let later: Vec<AuditRecord> = String::from_utf8(later.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        later.iter().map(|r| r.operation.as_str()).collect::<Vec<_>>(),
+        ["DELETE"]
+    );
     assert_eq!(later, records[3..]);
 }
 
@@ -465,14 +731,27 @@ async fn retention_pruning_leaves_a_verifiable_chain() {
     let mut t = tenant_with_docs(&db, "ap").await;
     let mut app = t.app(&db).await.unwrap();
     for i in 0..4 {
-        sqlx::query("INSERT INTO docs (body) VALUES ($1)").bind(i.to_string()).execute(&mut app).await.unwrap();
+        sqlx::query("INSERT INTO docs (body) VALUES ($1)")
+            .bind(i.to_string())
+            .execute(&mut app)
+            .await
+            .unwrap();
     }
-    let cut: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&db.admin).await.unwrap();
+    let cut: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     for i in 0..3 {
-        sqlx::query("UPDATE docs SET body = $1 WHERE id = 1").bind(format!("u{i}")).execute(&mut app).await.unwrap();
+        sqlx::query("UPDATE docs SET body = $1 WHERE id = 1")
+            .bind(format!("u{i}"))
+            .execute(&mut app)
+            .await
+            .unwrap();
     }
     let before = audit_rows(&db, &t).await;
-    let p = pg::audit::prune(&db.admin, &support::test_ring(), &t.name, cut, "test").await.unwrap();
+    let p = pg::audit::prune(&db.admin, &support::test_ring(), &t.name, cut, "test")
+        .await
+        .unwrap();
     assert_eq!(p.deleted, 4);
     assert_eq!(p.anchor, Some(before[3].id));
     let r = verified(&db, &t).await;
@@ -480,12 +759,26 @@ async fn retention_pruning_leaves_a_verifiable_chain() {
     assert_eq!(r.rows, 1 + 3 + 1, "anchor, the 3 updates, the PRUNE record");
     let after = audit_rows(&db, &t).await;
     assert_eq!(after.first().map(|a| a.op.as_str()), Some("ANCHOR"));
-    assert_eq!(after.last().map(|a| (a.op.as_str(), a.actor.as_str())), Some(("PRUNE", "test")));
+    assert_eq!(
+        after.last().map(|a| (a.op.as_str(), a.actor.as_str())),
+        Some(("PRUNE", "test"))
+    );
     // Writes go on after the prune, and a second prune cuts again.
-    sqlx::query("DELETE FROM docs WHERE id = 4").execute(&mut app).await.unwrap();
-    let cut2: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&db.admin).await.unwrap();
-    sqlx::query("DELETE FROM docs WHERE id = 3").execute(&mut app).await.unwrap();
-    let p2 = pg::audit::prune(&db.admin, &support::test_ring(), &t.name, cut2, "test").await.unwrap();
+    sqlx::query("DELETE FROM docs WHERE id = 4")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let cut2: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM docs WHERE id = 3")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let p2 = pg::audit::prune(&db.admin, &support::test_ring(), &t.name, cut2, "test")
+        .await
+        .unwrap();
     assert_eq!(p2.deleted, 6, "old anchor, 3 updates, PRUNE, 1 delete");
     verified(&db, &t).await;
 
@@ -500,12 +793,20 @@ async fn retention_pruning_leaves_a_verifiable_chain() {
     .execute(&mut su)
     .await
     .unwrap();
-    let b = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap().first_break.expect("a moved anchor is found");
+    let b = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
+        .await
+        .unwrap()
+        .first_break
+        .expect("a moved anchor is found");
     assert!(b.what.contains("ANCHOR"), "{}", b.what);
 
     // From the reconcile: due once (nothing old enough yet), then not again
     // within a day, so the tenant stays quiet.
-    sqlx::query("UPDATE tenancy.audit_heads SET pruned_at = NULL WHERE tenant_uid = $1").bind(&t.uid).execute(&mut su).await.unwrap();
+    sqlx::query("UPDATE tenancy.audit_heads SET pruned_at = NULL WHERE tenant_uid = $1")
+        .bind(&t.uid)
+        .execute(&mut su)
+        .await
+        .unwrap();
     t.spec.audit.retention_days = Some(30);
     let out = t.converge(&db).await.unwrap();
     assert_eq!(out.audit.pruned, Some(0));
@@ -574,14 +875,28 @@ async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile()
     let state = pg::audit::observe(&mut conn, &t.name).await.unwrap();
     drop(conn);
     assert_eq!(state.untriggered, ["docs"]);
-    assert_eq!(state.stale, ["docs"], "a table with some of the triggers has them replaced, not created next to them");
+    assert_eq!(
+        state.stale,
+        ["docs"],
+        "a table with some of the triggers has them replaced, not created next to them"
+    );
     let out = t.converge(&db).await.unwrap();
     let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
     assert_eq!(labels, ["AuditTable"]);
-    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "the repaired tenant is converged");
+    assert_eq!(
+        t.converge(&db).await.unwrap().statements,
+        0,
+        "the repaired tenant is converged"
+    );
     let mut app = t.app(&db).await.unwrap();
-    sqlx::query("INSERT INTO docs (body) VALUES ('a')").execute(&mut app).await.unwrap();
-    sqlx::query("UPDATE docs SET body = 'b'").execute(&mut app).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('a')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE docs SET body = 'b'")
+        .execute(&mut app)
+        .await
+        .unwrap();
     sqlx::query("DELETE FROM docs").execute(&mut app).await.unwrap();
     let ops: Vec<String> = audit_rows(&db, &t).await.into_iter().map(|a| a.op).collect();
     assert_eq!(ops, ["INSERT", "UPDATE", "DELETE"], "every write is audited again");
@@ -647,11 +962,17 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
     ];
     let mut su = db.superuser().await;
     for (what, sql, expected) in cases {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; {sql}", t.name.owner_role(), t.name.schema())))
-            .execute(&mut su)
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; {sql}",
+            t.name.owner_role(),
+            t.name.schema()
+        )))
+        .execute(&mut su)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (state, how) = pg::audit::observe_in_tx(&mut su, &t.name)
             .await
             .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let (state, how) = pg::audit::observe_in_tx(&mut su, &t.name).await.unwrap_or_else(|e| panic!("{what}: {e}"));
         let full = pg::audit::observe(&mut su, &t.name).await.unwrap();
         sqlx::raw_sql("ROLLBACK").execute(&mut su).await.unwrap();
         assert_eq!(state, full, "{what}: the in-transaction check disagrees with observe");
@@ -659,7 +980,9 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
         match what {
             "nothing" => assert_eq!(pg::audit::plan(&state, None), vec![], "{what}"),
             "new tables" => assert_eq!(state.untriggered, ["ev", "orders"], "{what}"),
-            "a temporary view hiding a new table from the catalog" => assert_eq!(state.untriggered, ["hidden"], "{what}"),
+            "a temporary view hiding a new table from the catalog" => {
+                assert_eq!(state.untriggered, ["hidden"], "{what}")
+            }
             "an overload of an audit function" => assert!(pg::audit::plan(&state, None).is_empty(), "{what}"),
             _ => assert!(!pg::audit::plan(&state, None).is_empty(), "{what}: nothing to repair"),
         }
@@ -676,8 +999,14 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
 async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transaction() {
     let db = setup("aud_mig_repair").await;
     let t = tenant_with_docs(&db, "mr").await;
-    let login = pg::migrations::ops_login(&db.admin, &support::test_ring(), &t.name).await.unwrap().expect("registered");
-    let set = SetRef { name: "default".into(), generation: 1 };
+    let login = pg::migrations::ops_login(&db.admin, &support::test_ring(), &t.name)
+        .await
+        .unwrap()
+        .expect("registered");
+    let set = SetRef {
+        name: "default".into(),
+        generation: 1,
+    };
     let steps = [
         ("ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_upd; DROP TRIGGER _tenancy_audit_del ON docs; CREATE TABLE notes (id int PRIMARY KEY, body text)", true),
         ("CREATE OR REPLACE FUNCTION _tenancy_audit_trigger() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$", true),
@@ -693,26 +1022,51 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
     for (i, (sql, transactional)) in steps.into_iter().enumerate() {
         let v = i as i64 + 1;
         migrations.push(MigrationSql::new(v, format!("m{v}"), sql, transactional));
-        let out = pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default()).await.unwrap();
-        assert_eq!(out, TenantOutcome::Migrated { from: v - 1, to: v, applied: vec![v] }, "{sql}");
+        let out = pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            TenantOutcome::Migrated {
+                from: v - 1,
+                to: v,
+                applied: vec![v]
+            },
+            "{sql}"
+        );
         let mut conn = db.admin.acquire().await.unwrap();
         let state = pg::audit::observe(&mut conn, &t.name).await.unwrap();
         drop(conn);
-        assert_eq!(pg::audit::plan(&state, None), vec![], "after {sql:?} committed, the audit log is not whole: {state:?}");
+        assert_eq!(
+            pg::audit::plan(&state, None),
+            vec![],
+            "after {sql:?} committed, the audit log is not whole: {state:?}"
+        );
         if v < 5 {
             let before = audit_rows(&db, &t).await.len();
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO docs (body) VALUES ('a'); UPDATE docs SET body = 'b'; DELETE FROM docs; INSERT INTO notes VALUES ({v}, 'n')")))
                 .execute(&mut app)
                 .await
                 .unwrap_or_else(|e| panic!("after {sql:?}: {e}"));
-            let ops: Vec<String> = audit_rows(&db, &t).await.into_iter().skip(before).map(|a| a.op).collect();
-            assert_eq!(ops, ["INSERT", "UPDATE", "DELETE", "INSERT"], "after {sql:?}: every write is audited");
+            let ops: Vec<String> = audit_rows(&db, &t)
+                .await
+                .into_iter()
+                .skip(before)
+                .map(|a| a.op)
+                .collect();
+            assert_eq!(
+                ops,
+                ["INSERT", "UPDATE", "DELETE", "INSERT"],
+                "after {sql:?}: every write is audited"
+            );
             verified(&db, &t).await;
         }
     }
     // The log itself was dropped: an empty one is back, guarded, and the
     // chain's anchored head says rows went missing.
     assert!(audit_rows(&db, &t).await.is_empty());
-    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await.unwrap();
+    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
+        .await
+        .unwrap();
     assert!(r.first_break.is_some(), "{r:?}");
 }

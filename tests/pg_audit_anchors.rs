@@ -25,7 +25,10 @@ async fn setup(label: &str) -> TestDb {
 }
 
 fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 /// A provisioned tenant with an audited table `docs`.
@@ -33,7 +36,10 @@ async fn tenant_with_docs(db: &TestDb, base: &str) -> Tenant {
     let mut t = Tenant::new(&unique(base));
     t.converge(db).await.expect("provision");
     let mut c = owner(db, &t).await;
-    sqlx::raw_sql("CREATE TABLE docs (id serial PRIMARY KEY, body text)").execute(&mut *c).await.expect("create docs as the owner");
+    sqlx::raw_sql("CREATE TABLE docs (id serial PRIMARY KEY, body text)")
+        .execute(&mut *c)
+        .await
+        .expect("create docs as the owner");
     c.close().await;
     t.converge(db).await.expect("audit docs");
     t
@@ -41,34 +47,64 @@ async fn tenant_with_docs(db: &TestDb, base: &str) -> Tenant {
 
 /// The tenant's confined session: its owner, as a migration runs.
 async fn owner(db: &TestDb, t: &Tenant) -> Confined {
-    confined::connect(&db.admin, &login(db, t, &test_ring()).await).await.expect("confined session")
+    confined::connect(&db.admin, &login(db, t, &test_ring()).await)
+        .await
+        .expect("confined session")
 }
 
 async fn login(db: &TestDb, t: &Tenant, ring: &Keyring) -> OpsLogin {
-    let salt = pg::tenant::existing_key_salt(&db.admin, &t.uid).await.unwrap().expect("salt");
-    OpsLogin::derive(&pg::Target::from_url(&db.admin_url).unwrap(), &t.name, &t.uid, ring, &salt).unwrap()
+    let salt = pg::tenant::existing_key_salt(&db.admin, &t.uid)
+        .await
+        .unwrap()
+        .expect("salt");
+    OpsLogin::derive(
+        &pg::Target::from_url(&db.admin_url).unwrap(),
+        &t.name,
+        &t.uid,
+        ring,
+        &salt,
+    )
+    .unwrap()
 }
 
 async fn write(db: &TestDb, t: &Tenant, bodies: &[&str]) {
     let mut app = t.app(db).await.unwrap();
     for b in bodies {
-        sqlx::query("INSERT INTO docs (body) VALUES ($1)").bind(*b).execute(&mut app).await.unwrap();
+        sqlx::query("INSERT INTO docs (body) VALUES ($1)")
+            .bind(*b)
+            .execute(&mut app)
+            .await
+            .unwrap();
     }
 }
 
 async fn verify(db: &TestDb, t: &Tenant) -> pg::audit::VerifyReport {
-    pg::audit::verify(&db.admin, &test_ring(), &t.name).await.expect("verify runs")
+    pg::audit::verify(&db.admin, &test_ring(), &t.name)
+        .await
+        .expect("verify runs")
 }
 
 async fn broken(db: &TestDb, t: &Tenant) -> pg::audit::ChainBreak {
-    verify(db, t).await.first_break.expect("the chain should be found broken")
+    verify(db, t)
+        .await
+        .first_break
+        .expect("the chain should be found broken")
 }
 
 /// SQL, as the owner, that recomputes every hash of the chain from row
 /// `from` on (after the owner has turned the guard off), the way an owner
 /// who wants a consistent rewrite would.
 fn rechain_sql(schema: &str) -> String {
-    let content = pg::audit::content_sql("r.\"time\"", "r.actor", "r.actor_given", "r.request_id", "r.operation", "r.table_name", "r.row_pk", "r.changed_columns");
+    let content = pg::audit::content_sql(
+        "r.\"time\"",
+        "r.actor",
+        "r.actor_given",
+        "r.request_id",
+        "r.operation",
+        "r.table_name",
+        "r.row_pk",
+        "r.changed_columns",
+    );
     format!(
         "DO $x$ DECLARE r record; v_prev bytea := decode(repeat('00', 32), 'hex'); v_hash bytea; BEGIN
            FOR r IN SELECT * FROM {schema}._tenancy_audit ORDER BY id LOOP
@@ -88,7 +124,11 @@ async fn a_consistent_rewrite_by_the_owner_before_the_latest_anchor_is_found() {
     write(&db, &t, &["a", "b", "c", "d"]).await;
     // The operator's periodic pass anchors the head.
     assert_eq!(pg::audit::anchor_heads(&db.admin, &test_ring(), None).await.unwrap(), 1);
-    assert_eq!(pg::audit::anchor_heads(&db.admin, &test_ring(), None).await.unwrap(), 0, "an idle tenant gets no anchor");
+    assert_eq!(
+        pg::audit::anchor_heads(&db.admin, &test_ring(), None).await.unwrap(),
+        0,
+        "an idle tenant gets no anchor"
+    );
     let ok = verify(&db, &t).await;
     assert_eq!(ok.first_break, None);
     assert_eq!(ok.anchors_checked, 1);
@@ -131,7 +171,10 @@ async fn the_anchored_head_moves_forward_only_and_a_cut_tail_is_found() {
         format!("SELECT {f}(h.last_id, sha256(h.hash)) FROM _tenancy_audit_head h"),
         format!("SELECT {f}(0, decode(repeat('00', 32), 'hex'))"),
     ] {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *c).await.expect_err(&sql);
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut *c)
+            .await
+            .expect_err(&sql);
         assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
         assert!(err.to_string().contains("cannot move back"), "{err}");
     }
@@ -158,7 +201,9 @@ async fn a_forged_or_removed_anchor_is_found() {
     let t = tenant_with_docs(&db, "fg").await;
     for body in ["a", "b", "c"] {
         write(&db, &t, &[body]).await;
-        pg::audit::anchor_heads(&db.admin, &test_ring(), Some(&t.uid)).await.unwrap();
+        pg::audit::anchor_heads(&db.admin, &test_ring(), Some(&t.uid))
+            .await
+            .unwrap();
     }
     assert_eq!(verify(&db, &t).await.anchors_checked, 3);
     let mut su = db.superuser().await;
@@ -193,24 +238,39 @@ async fn only_the_tenants_owner_may_call_its_anchor_function() {
     let db = setup("anc_rights").await;
     let a = tenant_with_docs(&db, "ra").await;
     let b = tenant_with_docs(&db, "rb").await;
-    let (fa, fb) = (format!("tenancy_audit.{}", a.name.schema()), format!("tenancy_audit.{}", b.name.schema()));
+    let (fa, fb) = (
+        format!("tenancy_audit.{}", a.name.schema()),
+        format!("tenancy_audit.{}", b.name.schema()),
+    );
     let genesis = "decode(repeat('00', 32), 'hex')";
     let mut app = a.app(&db).await.unwrap();
     for f in [&fa, &fb] {
         let sql = format!("SELECT {f}(1000000, {genesis})");
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut app).await.expect_err(&sql);
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut app)
+            .await
+            .expect_err(&sql);
         assert_eq!(sqlstate(&err), "42501", "the app role called {f}: {err}");
     }
     let mut c = owner(&db, &a).await;
     let sql = format!("SELECT {fb}(1000000, {genesis})");
-    let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *c).await.expect_err(&sql);
+    let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+        .execute(&mut *c)
+        .await
+        .expect_err(&sql);
     assert_eq!(sqlstate(&err), "42501", "a's owner called b's anchor function: {err}");
     // Nor may it write tenancy.audit_heads itself, or create in the anchor schema.
     for sql in [
-        format!("UPDATE tenancy.audit_heads SET last_id = 0 WHERE tenant_uid = '{}'", b.uid),
+        format!(
+            "UPDATE tenancy.audit_heads SET last_id = 0 WHERE tenant_uid = '{}'",
+            b.uid
+        ),
         "CREATE FUNCTION tenancy_audit.x() RETURNS int LANGUAGE sql AS 'SELECT 1'".to_string(),
     ] {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *c).await.expect_err(&sql);
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut *c)
+            .await
+            .expect_err(&sql);
         assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
     }
     c.close().await;
@@ -244,10 +304,16 @@ async fn plant_hostile(db: &TestDb, a: &Tenant, b: &Tenant) {
         a_schema = a.name.schema(),
         b_schema = b.name.schema(),
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *c).await.expect("the owner plants its functions");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *c)
+        .await
+        .expect("the owner plants its functions");
     c.close().await;
     let mut cb = owner(db, b).await;
-    sqlx::raw_sql("CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('b-only')").execute(&mut *cb).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('b-only')")
+        .execute(&mut *cb)
+        .await
+        .unwrap();
     cb.close().await;
 }
 
@@ -262,14 +328,33 @@ async fn nothing_happened(db: &TestDb, a: &Tenant) {
         .await
         .unwrap();
     assert!(!limits.contains(&77), "a role was altered: {limits:?}");
-    let forged: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE action = 'forged'").fetch_one(&mut su).await.unwrap();
+    let forged: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE action = 'forged'")
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
     assert_eq!(forged, 0, "the control schema was written");
     let schema = a.name.schema();
-    let loot: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {schema}._tenancy_loot"))).fetch_one(&mut su).await.unwrap();
+    let loot: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {schema}._tenancy_loot"
+    )))
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
     assert_eq!(loot, 0, "another tenant's rows were read");
-    let sessions: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT DISTINCT session_role FROM {schema}._tenancy_ran"))).fetch_all(&mut su).await.unwrap();
-    assert!(sessions.contains(&a.name.ops_role()), "the hostile objects never ran on the operator's session: {sessions:?}");
-    assert!(!sessions.contains(&facts.role), "the hostile objects ran as the admin: {sessions:?}");
+    let sessions: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT DISTINCT session_role FROM {schema}._tenancy_ran"
+    )))
+    .fetch_all(&mut su)
+    .await
+    .unwrap();
+    assert!(
+        sessions.contains(&a.name.ops_role()),
+        "the hostile objects never ran on the operator's session: {sessions:?}"
+    );
+    assert!(
+        !sessions.contains(&facts.role),
+        "the hostile objects ran as the admin: {sessions:?}"
+    );
 }
 
 #[tokio::test]
@@ -293,11 +378,15 @@ async fn an_owner_trigger_on_the_head_or_an_rls_policy_on_the_log_never_runs_as_
     // Everything the operator does on the audit log.
     a.spec.audit.retention_days = Some(30);
     a.converge(&db).await.expect("converge with retention");
-    let p = pg::audit::prune(&db.admin, &test_ring(), &a.name, chrono::Utc::now(), "test").await.expect("prune");
+    let p = pg::audit::prune(&db.admin, &test_ring(), &a.name, chrono::Utc::now(), "test")
+        .await
+        .expect("prune");
     assert!(p.deleted > 0);
     assert_eq!(verify(&db, &a).await.first_break, None);
     let mut out = Vec::new();
-    let n = pg::audit::export(&db.admin, &test_ring(), &a.name, chrono::DateTime::UNIX_EPOCH, &mut out).await.expect("export");
+    let n = pg::audit::export(&db.admin, &test_ring(), &a.name, chrono::DateTime::UNIX_EPOCH, &mut out)
+        .await
+        .expect("export");
     assert!(n > 0);
     nothing_happened(&db, &a).await;
 }
@@ -318,16 +407,42 @@ async fn a_view_in_place_of_the_head_table_is_reported_and_never_read() {
     .await
     .expect("the owner replaces the head by a view");
     c.close().await;
-    let err = a.converge(&db).await.expect_err("a view in place of the head converged");
-    assert!(err.to_string().contains("_tenancy_audit_head") && err.to_string().contains("not a table"), "{err}");
-    let err = pg::audit::verify(&db.admin, &test_ring(), &a.name).await.expect_err("verified through a view");
+    let err = a
+        .converge(&db)
+        .await
+        .expect_err("a view in place of the head converged");
+    assert!(
+        err.to_string().contains("_tenancy_audit_head") && err.to_string().contains("not a table"),
+        "{err}"
+    );
+    let err = pg::audit::verify(&db.admin, &test_ring(), &a.name)
+        .await
+        .expect_err("verified through a view");
     assert!(err.to_string().contains("not a table"), "{err}");
-    let err = pg::audit::export(&db.admin, &test_ring(), &a.name, chrono::DateTime::UNIX_EPOCH, &mut Vec::new()).await.expect_err("exported");
+    let err = pg::audit::export(
+        &db.admin,
+        &test_ring(),
+        &a.name,
+        chrono::DateTime::UNIX_EPOCH,
+        &mut Vec::new(),
+    )
+    .await
+    .expect_err("exported");
     assert!(err.to_string().contains("not a table"), "{err}");
     let mut su = db.superuser().await;
-    let ran: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {}._tenancy_ran", a.name.schema()))).fetch_one(&mut su).await.unwrap();
+    let ran: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}._tenancy_ran",
+        a.name.schema()
+    )))
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
     assert_eq!(ran, 0, "the view was read by the operator");
-    let limits: Vec<i32> = sqlx::query_scalar("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1").bind(a.name.app_role()).fetch_all(&mut su).await.unwrap();
+    let limits: Vec<i32> = sqlx::query_scalar("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1")
+        .bind(a.name.app_role())
+        .fetch_all(&mut su)
+        .await
+        .unwrap();
     assert!(!limits.contains(&77));
 }
 
@@ -372,7 +487,12 @@ async fn a_restore_rebases_the_anchors_onto_the_restored_chain() {
     let t = tenant_with_docs(&db, "rs").await;
     write(&db, &t, &["a", "b"]).await;
     let schema = t.name.schema();
-    let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT last_id FROM {schema}._tenancy_audit_head"))).fetch_one(&db.admin).await.unwrap();
+    let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT last_id FROM {schema}._tenancy_audit_head"
+    )))
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
     write(&db, &t, &["c", "d"]).await;
     pg::audit::anchor_heads(&db.admin, &test_ring(), None).await.unwrap();
     // What a restore of an older backup leaves: the chain as it was at `kept`.
@@ -390,11 +510,20 @@ async fn a_restore_rebases_the_anchors_onto_the_restored_chain() {
     assert!(broken(&db, &t).await.what.contains("rows at the end"));
     // The restored chain's commits are refused until the operator rebases.
     let mut app = t.app(&db).await.unwrap();
-    let err = sqlx::query("INSERT INTO docs (body) VALUES ('early')").execute(&mut app).await.expect_err("a write moved the head back");
-    assert!(err.to_string().contains("cannot move back"), "{err}");
-    let out = pg::audit::rebase_after_restore(&db.admin, &test_ring(), &login(&db, &t, &test_ring()).await, "test", serde_json::json!({"backup": "b-1"}))
+    let err = sqlx::query("INSERT INTO docs (body) VALUES ('early')")
+        .execute(&mut app)
         .await
-        .expect("rebase");
+        .expect_err("a write moved the head back");
+    assert!(err.to_string().contains("cannot move back"), "{err}");
+    let out = pg::audit::rebase_after_restore(
+        &db.admin,
+        &test_ring(),
+        &login(&db, &t, &test_ring()).await,
+        "test",
+        serde_json::json!({"backup": "b-1"}),
+    )
+    .await
+    .expect("rebase");
     assert_eq!(out.to.0, kept);
     assert!(out.from.is_some_and(|f| f.0 > kept));
     let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_uid = $1 AND action = 'AuditRebased' AND detail->'restore'->>'backup' = 'b-1'")
@@ -415,9 +544,17 @@ async fn deleting_a_tenant_removes_its_anchoring() {
     let t = tenant_with_docs(&db, "dl").await;
     write(&db, &t, &["a"]).await;
     pg::audit::anchor_heads(&db.admin, &test_ring(), None).await.unwrap();
-    assert!(!pg::audit::leftovers(&db.admin, &t.name, &t.uid).await.unwrap().is_empty());
-    pg::tenant::drop_tenant(&db.admin, &t.name, &t.uid, "test").await.expect("drop");
-    assert_eq!(pg::tenant::leftovers(&db.admin, &t.name, &t.uid).await.unwrap(), Vec::<String>::new());
+    assert!(!pg::audit::leftovers(&db.admin, &t.name, &t.uid)
+        .await
+        .unwrap()
+        .is_empty());
+    pg::tenant::drop_tenant(&db.admin, &t.name, &t.uid, "test")
+        .await
+        .expect("drop");
+    assert_eq!(
+        pg::tenant::leftovers(&db.admin, &t.name, &t.uid).await.unwrap(),
+        Vec::<String>::new()
+    );
     let mut c = PgConnection::connect(&db.superuser_url).await.unwrap();
     let (f, h, a): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace WHERE s.nspname = 'tenancy_audit' AND p.proname = $1),

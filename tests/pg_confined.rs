@@ -21,7 +21,9 @@ async fn setup(label: &str) -> TestDb {
 }
 
 fn ring(active: u32) -> Keyring {
-    let keys = (1..=active).map(|v| (format!("v{v}"), vec![v as u8 * 3 + 1; 32])).collect();
+    let keys = (1..=active)
+        .map(|v| (format!("v{v}"), vec![v as u8 * 3 + 1; 32]))
+        .collect();
     Keyring::new(keys, &format!("v{active}")).expect("keyring")
 }
 
@@ -31,7 +33,10 @@ fn login(db: &TestDb, t: &Tenant, ring: &Keyring, salt: &TenantSalt) -> OpsLogin
 }
 
 fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 async fn two_tenants(db: &TestDb) -> (Tenant, Tenant) {
@@ -40,8 +45,13 @@ async fn two_tenants(db: &TestDb) -> (Tenant, Tenant) {
     a.converge(db).await.expect("provision a");
     b.converge(db).await.expect("provision b");
     // B has data A must never see.
-    let mut c = confined::connect(&db.admin, &login(db, &b, &ring(1), &TenantSalt::generate())).await.expect("b's confined session");
-    sqlx::raw_sql("CREATE TABLE secrets (id int PRIMARY KEY, v text); INSERT INTO secrets VALUES (1, 'b-only')").execute(&mut *c).await.expect("b seeds");
+    let mut c = confined::connect(&db.admin, &login(db, &b, &ring(1), &TenantSalt::generate()))
+        .await
+        .expect("b's confined session");
+    sqlx::raw_sql("CREATE TABLE secrets (id int PRIMARY KEY, v text); INSERT INTO secrets VALUES (1, 'b-only')")
+        .execute(&mut *c)
+        .await
+        .expect("b seeds");
     c.close().await;
     (a, b)
 }
@@ -50,18 +60,27 @@ async fn two_tenants(db: &TestDb) -> (Tenant, Tenant) {
 async fn a_confined_session_is_the_tenants_owner_in_its_schema() {
     let db = setup("conf_owner").await;
     let (a, _b) = two_tenants(&db).await;
-    let mut c = confined::connect(&db.admin, &login(&db, &a, &ring(1), &TenantSalt::generate())).await.expect("confined");
+    let mut c = confined::connect(&db.admin, &login(&db, &a, &ring(1), &TenantSalt::generate()))
+        .await
+        .expect("confined");
     let (session, current, path): (String, String, String) =
-        sqlx::query_as("SELECT session_user::text, current_user::text, current_setting('search_path')").fetch_one(&mut *c).await.unwrap();
+        sqlx::query_as("SELECT session_user::text, current_user::text, current_setting('search_path')")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
     assert_eq!(session, a.name.ops_role());
     assert_eq!(current, a.name.owner_role());
     assert_eq!(path, a.name.schema());
-    sqlx::raw_sql("CREATE TABLE orders (id int PRIMARY KEY)").execute(&mut *c).await.expect("the owner creates in its schema");
-    let owner: String = sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'orders' AND schemaname = $1")
-        .bind(a.name.schema())
-        .fetch_one(&mut *c)
+    sqlx::raw_sql("CREATE TABLE orders (id int PRIMARY KEY)")
+        .execute(&mut *c)
         .await
-        .unwrap();
+        .expect("the owner creates in its schema");
+    let owner: String =
+        sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'orders' AND schemaname = $1")
+            .bind(a.name.schema())
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
     assert_eq!(owner, a.name.owner_role(), "objects belong to the owner, not the login");
 }
 
@@ -69,7 +88,9 @@ async fn a_confined_session_is_the_tenants_owner_in_its_schema() {
 async fn nothing_run_on_a_confined_session_gets_out_of_its_tenant() {
     let db = setup("conf_escape").await;
     let (a, b) = two_tenants(&db).await;
-    let mut c = confined::connect(&db.admin, &login(&db, &a, &ring(1), &TenantSalt::generate())).await.expect("confined");
+    let mut c = confined::connect(&db.admin, &login(&db, &a, &ring(1), &TenantSalt::generate()))
+        .await
+        .expect("confined");
     let b_table = format!("{}.secrets", b.name.schema());
     // Each attempt, as a migration would send it; each must fail.
     let attempts: Vec<(String, &str)> = vec![
@@ -80,29 +101,54 @@ async fn nothing_run_on_a_confined_session_gets_out_of_its_tenant() {
         ("SET SESSION AUTHORIZATION postgres".into(), "42501"),
         (format!("SELECT * FROM {b_table}"), "42501"),
         ("SELECT * FROM tenancy.tenants".into(), "42501"),
-        ("INSERT INTO tenancy.audit_log (tenant_uid, action, actor) VALUES ('x', 'forged', 'me')".into(), "42501"),
+        (
+            "INSERT INTO tenancy.audit_log (tenant_uid, action, actor) VALUES ('x', 'forged', 'me')".into(),
+            "42501",
+        ),
         (format!("ALTER ROLE {} SUPERUSER", a.name.ops_role()), "42501"),
         (format!("ALTER ROLE {} LOGIN", b.name.owner_role()), "42501"),
-        (format!("GRANT {} TO {}", b.name.owner_role(), a.name.ops_role()), "42501"),
+        (
+            format!("GRANT {} TO {}", b.name.owner_role(), a.name.ops_role()),
+            "42501",
+        ),
         ("CREATE ROLE sneaky LOGIN".into(), "42501"),
         ("CREATE SCHEMA elsewhere".into(), "42501"),
         ("CREATE TABLE public.leak (x int)".into(), "42501"),
     ];
     for (sql, code) in &attempts {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *c).await.expect_err(sql);
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut *c)
+            .await
+            .expect_err(sql);
         assert_eq!(&sqlstate(&err), code, "{sql}: {err}");
     }
     // RESET ROLE (also after a COMMIT): the session falls back to the ops
     // login itself, which inherits nothing.
     for prefix in ["", "BEGIN; COMMIT; "] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{prefix}RESET ROLE"))).execute(&mut *c).await.expect("RESET ROLE is allowed");
-        let who: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut *c).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{prefix}RESET ROLE")))
+            .execute(&mut *c)
+            .await
+            .expect("RESET ROLE is allowed");
+        let who: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
         assert_eq!(who, a.name.ops_role());
-        for sql in [format!("SELECT * FROM {b_table}"), format!("CREATE TABLE {}.t2 (x int)", a.name.schema()), "SELECT * FROM tenancy.tenants".into()] {
-            let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *c).await.expect_err(&sql);
+        for sql in [
+            format!("SELECT * FROM {b_table}"),
+            format!("CREATE TABLE {}.t2 (x int)", a.name.schema()),
+            "SELECT * FROM tenancy.tenants".into(),
+        ] {
+            let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut *c)
+                .await
+                .expect_err(&sql);
             assert_eq!(sqlstate(&err), "42501", "{sql} after RESET ROLE: {err}");
         }
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}", a.name.owner_role()))).execute(&mut *c).await.expect("back to its own owner");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}", a.name.owner_role())))
+            .execute(&mut *c)
+            .await
+            .expect("back to its own owner");
     }
     // The admin's catalog says the ops login has the one membership.
     let member_of: Vec<String> = sqlx::query_scalar("SELECT pg_get_userbyid(m.roleid)::text FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = $1")
@@ -120,22 +166,47 @@ async fn a_rotated_root_key_or_a_password_set_by_hand_is_repaired_on_the_next_lo
     a.converge(&db).await.expect("provision");
     let salt = TenantSalt::generate();
     let v1 = login(&db, &a, &ring(1), &salt);
-    confined::connect(&db.admin, &v1).await.expect("first login sets the password").close().await;
+    confined::connect(&db.admin, &v1)
+        .await
+        .expect("first login sets the password")
+        .close()
+        .await;
     // Someone sets the password by hand: the derived one works again after
     // the operator's reset; the hand-set one stops working.
     let mut su = db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} PASSWORD 'known-to-mallory'", a.name.ops_role()))).execute(&mut su).await.unwrap();
-    confined::connect(&db.admin, &v1).await.expect("reset and retried").close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {} PASSWORD 'known-to-mallory'",
+        a.name.ops_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    confined::connect(&db.admin, &v1)
+        .await
+        .expect("reset and retried")
+        .close()
+        .await;
     let url = db.url_as(&a.name.ops_role(), "known-to-mallory");
-    assert!(PgConnection::connect(&url).await.is_err(), "the hand-set password still logs in");
+    assert!(
+        PgConnection::connect(&url).await.is_err(),
+        "the hand-set password still logs in"
+    );
     // A new active root key: a new password, set on first use.
     let v2 = login(&db, &a, &ring(2), &salt);
     assert_ne!(v1.password(), v2.password());
     confined::connect(&db.admin, &v2).await.expect("v2 login").close().await;
-    assert!(PgConnection::connect(&db.url_as(&a.name.ops_role(), v1.password())).await.is_err(), "the v1 password still logs in");
+    assert!(
+        PgConnection::connect(&db.url_as(&a.name.ops_role(), v1.password()))
+            .await
+            .is_err(),
+        "the v1 password still logs in"
+    );
     // The app role's own credentials cannot become the owner.
     let mut app = a.app(&db).await.expect("app session");
-    let err = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}", a.name.ops_role()))).execute(&mut app).await.expect_err("app became ops");
+    let err = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}", a.name.ops_role())))
+        .execute(&mut app)
+        .await
+        .expect_err("app became ops");
     assert_eq!(sqlstate(&err), "42501");
 }
 
@@ -147,8 +218,15 @@ async fn an_ops_role_the_operator_did_not_create_is_never_given_a_password() {
     // The role is replaced by a hand-made one of the same name.
     let mut su = db.superuser().await;
     let ops = a.name.ops_role();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {ops}; DROP ROLE {ops}; CREATE ROLE {ops} LOGIN"))).execute(&mut su).await.unwrap();
-    let err = confined::connect(&db.admin, &login(&db, &a, &ring(1), &TenantSalt::generate())).await.expect_err("logged in as a foreign role");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {ops}; DROP ROLE {ops}; CREATE ROLE {ops} LOGIN"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let err = confined::connect(&db.admin, &login(&db, &a, &ring(1), &TenantSalt::generate()))
+        .await
+        .expect_err("logged in as a foreign role");
     assert!(matches!(err, pg::PgError::NoOpsRole(_)), "{err}");
     // And the reconcile refuses to adopt it.
     assert!(a.converge(&db).await.is_err(), "a hand-made ops role was adopted");

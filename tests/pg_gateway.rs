@@ -27,7 +27,10 @@ async fn tenant(db: &TestDb, gw: &GatewayName, base: &str) -> Tenant {
 }
 
 fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 async fn seed(db: &TestDb, t: &Tenant, value: &str) {
@@ -48,29 +51,41 @@ async fn seed(db: &TestDb, t: &Tenant, value: &str) {
 async fn the_gateway_is_created_once_with_nothing_of_its_own() {
     let (db, gw, password) = setup("gw_create").await;
     // Converged: nothing written the second time.
-    let again = pg::gateway::converge(&db.admin, &gw, &password, false).await.expect("again");
+    let again = pg::gateway::converge(&db.admin, &gw, &password, false)
+        .await
+        .expect("again");
     assert_eq!(again.statements, 0, "{:?}", again.actions);
-    let (login, inherit, path): (bool, bool, Vec<String>) = sqlx::query_as(
-        "SELECT rolcanlogin, rolinherit, coalesce(rolconfig, '{}') FROM pg_roles WHERE rolname = $1",
-    )
-    .bind(gw.as_str())
-    .fetch_one(&db.admin)
-    .await
-    .unwrap();
+    let (login, inherit, path): (bool, bool, Vec<String>) =
+        sqlx::query_as("SELECT rolcanlogin, rolinherit, coalesce(rolconfig, '{}') FROM pg_roles WHERE rolname = $1")
+            .bind(gw.as_str())
+            .fetch_one(&db.admin)
+            .await
+            .unwrap();
     assert!(login && !inherit, "login {login} inherit {inherit}");
     assert_eq!(path, vec!["search_path=\"\"".to_string()]);
     // As the gateway, outside any tenant: no table resolves, none is readable.
     let t = tenant(&db, &gw, "gw-a").await;
     seed(&db, &t, "a-row").await;
-    let mut c = PgConnection::connect(&db.url_as(gw.as_str(), &password)).await.expect("the gateway logs in");
+    let mut c = PgConnection::connect(&db.url_as(gw.as_str(), &password))
+        .await
+        .expect("the gateway logs in");
     let e = sqlx::query("SELECT * FROM items").fetch_all(&mut c).await.unwrap_err();
     assert_eq!(sqlstate(&e), "42P01", "{e}");
-    let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {}.items", t.name.schema()))).fetch_all(&mut c).await.unwrap_err();
+    let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {}.items", t.name.schema())))
+        .fetch_all(&mut c)
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501", "{e}");
-    let e = sqlx::query("SELECT * FROM tenancy.tenants").fetch_all(&mut c).await.unwrap_err();
+    let e = sqlx::query("SELECT * FROM tenancy.tenants")
+        .fetch_all(&mut c)
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501", "{e}");
     // It may become the app role, and nothing else of the tenant.
-    let e = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}", t.name.owner_role()))).execute(&mut c).await.unwrap_err();
+    let e = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {}", t.name.owner_role())))
+        .execute(&mut c)
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501", "{e}");
 }
 
@@ -96,13 +111,24 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     let out = a.converge(&db).await.unwrap();
     assert!(out.plan.actions.is_empty(), "{:?}", out.plan.actions);
     // Revoked by hand: granted back.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE {} FROM {gw}", a.name.app_role()))).execute(&db.admin).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE {} FROM {gw}", a.name.app_role())))
+        .execute(&db.admin)
+        .await
+        .unwrap();
     a.converge(&db).await.unwrap();
     assert!(is_member(a.name.app_role()).await);
 
-    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(2)).await.expect("library pool");
+    let gateway = Gateway::connect_direct(
+        db.url_as(gw.as_str(), &password).parse().unwrap(),
+        PgPoolOptions::new().max_connections(2),
+    )
+    .await
+    .expect("library pool");
     let mut tx = gateway.begin(a.name.as_str(), "alice", "r-1").await.expect("begin");
-    let v: String = sqlx::query_scalar("SELECT v FROM items").fetch_one(&mut *tx).await.unwrap();
+    let v: String = sqlx::query_scalar("SELECT v FROM items")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
     assert_eq!(v, "a-row");
     tx.commit().await.unwrap();
 
@@ -110,10 +136,19 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     a.spec.state = TenantState::Suspended;
     a.converge(&db).await.unwrap();
     assert!(!is_member(a.name.app_role()).await);
-    assert!(matches!(gateway.begin(a.name.as_str(), "alice", "r-2").await, Err(Error::TenantNotActive(_))));
+    assert!(matches!(
+        gateway.begin(a.name.as_str(), "alice", "r-2").await,
+        Err(Error::TenantNotActive(_))
+    ));
     a.spec.state = TenantState::Active;
     a.converge(&db).await.unwrap();
-    gateway.begin(a.name.as_str(), "alice", "r-3").await.expect("resumed").rollback().await.unwrap();
+    gateway
+        .begin(a.name.as_str(), "alice", "r-3")
+        .await
+        .expect("resumed")
+        .rollback()
+        .await
+        .unwrap();
 
     // Anything else granted to the gateway, or the gateway granted to
     // someone, is revoked by its own converge; its attributes are put back.
@@ -128,27 +163,46 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     .execute(&mut su)
     .await
     .unwrap();
-    let out = pg::gateway::converge(&db.admin, &gw, &password, false).await.expect("repair");
-    let labels: Vec<&str> = out.actions.iter().map(|a| a.label()).collect();
-    assert!(labels.contains(&"RevokeForeignMembership") && labels.contains(&"RevokeGatewayMember") && labels.contains(&"RevokeForeignPrivileges"), "{labels:?}");
-    let again = pg::gateway::converge(&db.admin, &gw, &password, false).await.expect("converged");
-    assert!(again.actions.is_empty(), "{:?}", again.actions);
-    let member_of: Vec<String> = sqlx::query_scalar("SELECT pg_get_userbyid(roleid)::text FROM pg_auth_members WHERE member = to_regrole($1) ORDER BY 1")
-        .bind(gw.as_str())
-        .fetch_all(&db.admin)
+    let out = pg::gateway::converge(&db.admin, &gw, &password, false)
         .await
-        .unwrap();
+        .expect("repair");
+    let labels: Vec<&str> = out.actions.iter().map(|a| a.label()).collect();
+    assert!(
+        labels.contains(&"RevokeForeignMembership")
+            && labels.contains(&"RevokeGatewayMember")
+            && labels.contains(&"RevokeForeignPrivileges"),
+        "{labels:?}"
+    );
+    let again = pg::gateway::converge(&db.admin, &gw, &password, false)
+        .await
+        .expect("converged");
+    assert!(again.actions.is_empty(), "{:?}", again.actions);
+    let member_of: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_userbyid(roleid)::text FROM pg_auth_members WHERE member = to_regrole($1) ORDER BY 1",
+    )
+    .bind(gw.as_str())
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
     let mut expected = vec![a.name.app_role(), b.name.app_role()];
     expected.sort();
     assert_eq!(member_of, expected);
     let c = PgConnection::connect(&db.url_as(gw.as_str(), &password)).await;
     let mut c = c.expect("the gateway still logs in");
-    let e = sqlx::query("SELECT * FROM tenancy.tenants").fetch_all(&mut c).await.unwrap_err();
+    let e = sqlx::query("SELECT * FROM tenancy.tenants")
+        .fetch_all(&mut c)
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501");
 
     // Deleted: the role is gone, the library says so.
-    pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test").await.unwrap();
-    assert!(matches!(gateway.begin(a.name.as_str(), "alice", "r-4").await, Err(Error::UnknownTenant(_))));
+    pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test")
+        .await
+        .unwrap();
+    assert!(matches!(
+        gateway.begin(a.name.as_str(), "alice", "r-4").await,
+        Err(Error::UnknownTenant(_))
+    ));
 }
 
 #[tokio::test]
@@ -161,7 +215,12 @@ async fn a_tenant_transaction_carries_role_path_caps_and_audit_values() {
     a.spec.database.idle_in_transaction_timeout = "7s".into();
     a.converge(&db).await.expect("provision");
     seed(&db, &a, "x").await;
-    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(1)).await.unwrap();
+    let gateway = Gateway::connect_direct(
+        db.url_as(gw.as_str(), &password).parse().unwrap(),
+        PgPoolOptions::new().max_connections(1),
+    )
+    .await
+    .unwrap();
     let mut tx = gateway.begin(a.name.as_str(), "o'brien\\", "req-9").await.unwrap();
     let row: (String, String, String, String, String, String, String) = sqlx::query_as(
         "SELECT current_user::text, session_user::text, current_setting('search_path'), current_setting('statement_timeout'),
@@ -173,7 +232,10 @@ async fn a_tenant_transaction_carries_role_path_caps_and_audit_values() {
     assert_eq!(row.0, a.name.app_role());
     assert_eq!(row.1, gw.as_str());
     assert_eq!(row.2, a.name.schema());
-    assert_eq!((row.3.as_str(), row.4.as_str(), row.5.as_str()), ("1500ms", "8MB", "7s"));
+    assert_eq!(
+        (row.3.as_str(), row.4.as_str(), row.5.as_str()),
+        ("1500ms", "8MB", "7s")
+    );
     assert_eq!(row.6, "o'brien\\");
     // The cap holds: a statement past 1.5 s is cancelled.
     let e = sqlx::query("SELECT pg_sleep(3)").execute(&mut *tx).await.unwrap_err();
@@ -186,11 +248,20 @@ async fn a_tenant_transaction_carries_role_path_caps_and_audit_values() {
             .fetch_one(&mut *c)
             .await
             .unwrap();
-    assert_eq!(row, (gw.to_string(), "\"\"".to_string(), "0".to_string(), String::new()));
+    assert_eq!(
+        row,
+        (gw.to_string(), "\"\"".to_string(), "0".to_string(), String::new())
+    );
     drop(c);
     // Bad input is refused before anything is sent.
-    assert!(matches!(gateway.begin("Not_A_Tenant", "a", "r").await, Err(Error::InvalidTenant(_))));
-    assert!(matches!(gateway.begin(a.name.as_str(), "a\0", "r").await, Err(Error::InvalidValue(_))));
+    assert!(matches!(
+        gateway.begin("Not_A_Tenant", "a", "r").await,
+        Err(Error::InvalidTenant(_))
+    ));
+    assert!(matches!(
+        gateway.begin(a.name.as_str(), "a\0", "r").await,
+        Err(Error::InvalidValue(_))
+    ));
     let r = gateway.begin(&unique("nobody"), "a", "r").await;
     assert!(matches!(r, Err(Error::UnknownTenant(_))), "{r:?}");
 }
@@ -202,13 +273,19 @@ async fn caps_are_read_for_all_tenants_at_once_and_a_change_arrives_within_the_t
     a.gateway = Some(gw.to_string());
     a.spec.database.statement_timeout = "1500ms".into();
     a.converge(&db).await.expect("provision");
-    let gateway = Gateway::connect_direct(db.url_as(gw.as_str(), &password).parse().unwrap(), PgPoolOptions::new().max_connections(1))
-        .await
-        .unwrap()
-        .with_caps_ttl(std::time::Duration::from_millis(1500));
+    let gateway = Gateway::connect_direct(
+        db.url_as(gw.as_str(), &password).parse().unwrap(),
+        PgPoolOptions::new().max_connections(1),
+    )
+    .await
+    .unwrap()
+    .with_caps_ttl(std::time::Duration::from_millis(1500));
     async fn timeout_in(gateway: &Gateway, t: &Tenant) -> String {
         let mut tx = gateway.begin(t.name.as_str(), "a", "r").await.expect("begin");
-        let v: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')").fetch_one(&mut *tx).await.unwrap();
+        let v: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
         tx.rollback().await.unwrap();
         v
     }
@@ -231,11 +308,26 @@ async fn caps_are_read_for_all_tenants_at_once_and_a_change_arrives_within_the_t
     assert_eq!(timeout_in(&gateway, &a).await, "2500ms");
     // A cap the library did not copy cannot come from the catalog: the
     // query reads only the three copied settings of tenant app roles.
-    let rows: Vec<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(pg::gateway::caps_sql())).fetch_all(gateway.pool()).await.unwrap();
-    assert!(rows.iter().all(|(role, name, _)| role.starts_with("tenant_") && role.ends_with("_app") && pg::gateway::COPIED_SETTINGS.contains(&name.as_str())), "{rows:?}");
-    assert!(rows.iter().any(|(role, name, v)| role == &b.name.app_role() && name == "statement_timeout" && v == "3500ms"), "{rows:?}");
+    let rows: Vec<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(pg::gateway::caps_sql()))
+        .fetch_all(gateway.pool())
+        .await
+        .unwrap();
+    assert!(
+        rows.iter().all(|(role, name, _)| role.starts_with("tenant_")
+            && role.ends_with("_app")
+            && pg::gateway::COPIED_SETTINGS.contains(&name.as_str())),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|(role, name, v)| role == &b.name.app_role() && name == "statement_timeout" && v == "3500ms"),
+        "{rows:?}"
+    );
     // A suspend is never cached: refused at once, with the caps still cached.
     a.spec.state = TenantState::Suspended;
     a.converge(&db).await.expect("suspend");
-    assert!(matches!(gateway.begin(a.name.as_str(), "a", "r").await, Err(Error::TenantNotActive(_))));
+    assert!(matches!(
+        gateway.begin(a.name.as_str(), "a", "r").await,
+        Err(Error::TenantNotActive(_))
+    ));
 }

@@ -30,28 +30,63 @@ async fn internal_tables_stay_read_only_for_the_app_role() {
     let labels: Vec<_> = out.plan.actions.iter().map(|a| a.label()).collect();
     assert_eq!(labels, ["GrantExistingObjects"], "{labels:?}");
     let mut app = t.app(&db).await.unwrap();
-    sqlx::query("INSERT INTO docs VALUES (1)").execute(&mut app).await.expect("DML on an ordinary table");
-    for sql in ["INSERT INTO _tenancy_demo VALUES (1)", "UPDATE _tenancy_demo SET x = 2", "DELETE FROM _tenancy_demo", "TRUNCATE _tenancy_demo"] {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut app).await.expect_err(sql);
-        assert_eq!(err.as_database_error().and_then(|d| d.code()).as_deref(), Some("42501"), "{sql}: {err}");
+    sqlx::query("INSERT INTO docs VALUES (1)")
+        .execute(&mut app)
+        .await
+        .expect("DML on an ordinary table");
+    for sql in [
+        "INSERT INTO _tenancy_demo VALUES (1)",
+        "UPDATE _tenancy_demo SET x = 2",
+        "DELETE FROM _tenancy_demo",
+        "TRUNCATE _tenancy_demo",
+    ] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut app)
+            .await
+            .expect_err(sql);
+        assert_eq!(
+            err.as_database_error().and_then(|d| d.code()).as_deref(),
+            Some("42501"),
+            "{sql}: {err}"
+        );
     }
-    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "not converged after the repair");
+    assert_eq!(
+        t.converge(&db).await.unwrap().statements,
+        0,
+        "not converged after the repair"
+    );
 
     // A write right granted by hand on an internal table alone is found and revoked.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT INSERT ON {schema}._tenancy_demo TO {}", t.name.app_role()))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT INSERT ON {schema}._tenancy_demo TO {}",
+        t.name.app_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
     let out = t.converge(&db).await.unwrap();
-    assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["RevokeInternalWrites"]);
-    assert!(sqlx::query("INSERT INTO _tenancy_demo VALUES (1)").execute(&mut app).await.is_err());
+    assert_eq!(
+        out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(),
+        ["RevokeInternalWrites"]
+    );
+    assert!(sqlx::query("INSERT INTO _tenancy_demo VALUES (1)")
+        .execute(&mut app)
+        .await
+        .is_err());
 }
 
 #[tokio::test]
 async fn operator_instances_starting_at_once_all_prepare_the_control_schema() {
     let db = TestDb::new("ctlrace").await;
-    let pools: Vec<sqlx::PgPool> = futures::future::join_all((0..6).map(|_| sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url)))
-        .await
-        .into_iter()
-        .map(|p| p.expect("admin connects"))
-        .collect();
+    let pools: Vec<sqlx::PgPool> = futures::future::join_all((0..6).map(|_| {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&db.admin_url)
+    }))
+    .await
+    .into_iter()
+    .map(|p| p.expect("admin connects"))
+    .collect();
     let results = futures::future::join_all(pools.iter().map(pg::migrate_control_schema)).await;
     for r in results {
         r.expect("a concurrent start failed to prepare the control schema");
@@ -75,7 +110,11 @@ async fn internal_sequences(db: &TestDb, t: &Tenant) -> Vec<(String, bool, bool)
             let mut tx = sqlx::Connection::begin(&mut app).await.unwrap();
             let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *tx).await;
             if let Err(e) = &r {
-                assert_eq!(e.as_database_error().and_then(|d| d.code()).as_deref(), Some("42501"), "{sql}: {e}");
+                assert_eq!(
+                    e.as_database_error().and_then(|d| d.code()).as_deref(),
+                    Some("42501"),
+                    "{sql}: {e}"
+                );
             }
             tried.push(r.is_ok());
             drop(tx);
@@ -95,17 +134,37 @@ async fn the_app_role_can_neither_advance_nor_set_an_internal_sequence() {
     let app = t.name.app_role();
     // A migration creates tables: the owner's default privileges give the
     // app their sequences (and the operator's own kind too, by name).
-    let ring = tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![5u8; 32])].into_iter().collect(), "v1").unwrap();
-    let login = pg::migrations::ops_login(&db.admin, &ring, &t.name).await.unwrap().expect("registered");
-    let set = pg::migrations::SetRef { name: "default".into(), generation: 1 };
-    let v1 = pg::migrations::MigrationSql::new(1, "v1", "CREATE TABLE docs (id bigserial PRIMARY KEY); CREATE TABLE _tenancy_extra (id bigserial PRIMARY KEY)", true);
-    pg::migrations::migrate_tenant(&db.admin, &login, &set, &[v1], &pg::migrations::Timeouts::default()).await.unwrap();
+    let ring =
+        tenant_operator::crypto::Keyring::new([("v1".to_string(), vec![5u8; 32])].into_iter().collect(), "v1").unwrap();
+    let login = pg::migrations::ops_login(&db.admin, &ring, &t.name)
+        .await
+        .unwrap()
+        .expect("registered");
+    let set = pg::migrations::SetRef {
+        name: "default".into(),
+        generation: 1,
+    };
+    let v1 = pg::migrations::MigrationSql::new(
+        1,
+        "v1",
+        "CREATE TABLE docs (id bigserial PRIMARY KEY); CREATE TABLE _tenancy_extra (id bigserial PRIMARY KEY)",
+        true,
+    );
+    pg::migrations::migrate_tenant(&db.admin, &login, &set, &[v1], &pg::migrations::Timeouts::default())
+        .await
+        .unwrap();
     t.converge(&db).await.unwrap();
     let seqs = internal_sequences(&db, &t).await;
     assert!(seqs.len() >= 2, "the audit id and _tenancy_extra sequences: {seqs:?}");
-    assert!(seqs.iter().all(|(_, next, set)| !next && !set), "after a migration and a reconcile: {seqs:?}");
+    assert!(
+        seqs.iter().all(|(_, next, set)| !next && !set),
+        "after a migration and a reconcile: {seqs:?}"
+    );
     let mut a = t.app(&db).await.unwrap();
-    sqlx::raw_sql("SELECT nextval('docs_id_seq')").execute(&mut a).await.expect("the app uses its own tables' sequences");
+    sqlx::raw_sql("SELECT nextval('docs_id_seq')")
+        .execute(&mut a)
+        .await
+        .expect("the app uses its own tables' sequences");
 
     // Granted by hand: found and revoked by the next reconcile.
     let mut su = db.superuser().await;
@@ -113,26 +172,54 @@ async fn the_app_role_can_neither_advance_nor_set_an_internal_sequence() {
         .execute(&mut su)
         .await
         .unwrap();
-    assert!(internal_sequences(&db, &t).await.iter().all(|(_, next, set)| *next && *set), "the grant did not take");
+    assert!(
+        internal_sequences(&db, &t)
+            .await
+            .iter()
+            .all(|(_, next, set)| *next && *set),
+        "the grant did not take"
+    );
     let out = t.converge(&db).await.unwrap();
-    assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["RevokeInternalWrites"]);
+    assert_eq!(
+        out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(),
+        ["RevokeInternalWrites"]
+    );
     let seqs = internal_sequences(&db, &t).await;
-    assert!(seqs.iter().all(|(_, next, set)| !next && !set), "after the repair: {seqs:?}");
+    assert!(
+        seqs.iter().all(|(_, next, set)| !next && !set),
+        "after the repair: {seqs:?}"
+    );
     let callable: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_proc WHERE pronamespace = $1::regnamespace AND proname LIKE '\\_tenancy\\_%' AND has_function_privilege($2, oid, 'EXECUTE')")
         .bind(&schema)
         .bind(&app)
         .fetch_one(&db.admin)
         .await
         .unwrap();
-    assert_eq!(callable, 0, "the app may still call the operator's functions in its schema");
-    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "not converged after the repair");
+    assert_eq!(
+        callable, 0,
+        "the app may still call the operator's functions in its schema"
+    );
+    assert_eq!(
+        t.converge(&db).await.unwrap().statements,
+        0,
+        "not converged after the repair"
+    );
 
     // A table without the app's grants makes the reconcile grant on every
     // object of the schema; the internal sequences stay closed.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE ALL ON {schema}.docs FROM {app}"))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE ALL ON {schema}.docs FROM {app}")))
+        .execute(&mut su)
+        .await
+        .unwrap();
     let out = t.converge(&db).await.unwrap();
-    assert_eq!(out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(), ["GrantExistingObjects"]);
+    assert_eq!(
+        out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(),
+        ["GrantExistingObjects"]
+    );
     let seqs = internal_sequences(&db, &t).await;
-    assert!(seqs.iter().all(|(_, next, set)| !next && !set), "after GrantExistingObjects: {seqs:?}");
+    assert!(
+        seqs.iter().all(|(_, next, set)| !next && !set),
+        "after GrantExistingObjects: {seqs:?}"
+    );
     assert_eq!(t.converge(&db).await.unwrap().statements, 0);
 }

@@ -43,7 +43,14 @@ fn ring() -> Keyring {
 }
 
 fn spec(migrations: Vec<Migration>) -> MigrationSetSpec {
-    MigrationSetSpec { migrations, rollout: RolloutSpec { max_concurrent: 2, canary: 0, on_failure: OnFailure::Continue } }
+    MigrationSetSpec {
+        migrations,
+        rollout: RolloutSpec {
+            max_concurrent: 2,
+            canary: 0,
+            on_failure: OnFailure::Continue,
+        },
+    }
 }
 
 fn set_object(name: &str, generation: i64, spec: MigrationSetSpec) -> MigrationSet {
@@ -72,7 +79,10 @@ async fn world(label: &str) -> (TestDb, Tenant, Tenant) {
         as_ = a.name.schema(),
         ao = a.name.owner_role()
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut su).await.expect("seed");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut su)
+        .await
+        .expect("seed");
     (db, a, b)
 }
 
@@ -83,7 +93,12 @@ async fn world(label: &str) -> (TestDb, Tenant, Tenant) {
 async fn outside(db: &TestDb, a: &TenantName, b: &TenantName) -> Vec<String> {
     let mut su = db.superuser().await;
     // Roles are the cluster's: other tests' tenants come and go meanwhile.
-    let ours = [a, b].iter().flat_map(|t| [t.owner_role(), t.app_role(), t.ops_role()]).map(|r| format!("'{r}'")).collect::<Vec<_>>().join(", ");
+    let ours = [a, b]
+        .iter()
+        .flat_map(|t| [t.owner_role(), t.app_role(), t.ops_role()])
+        .map(|r| format!("'{r}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     // Also made by other tests meanwhile: their admins (`adm_*`), gateways
     // (`gw_*`) and their databases' audit anchor roles.
     let role = |col: &str| {
@@ -122,7 +137,10 @@ async fn outside(db: &TestDb, a: &TenantName, b: &TenantName) -> Vec<String> {
     ];
     let mut out = Vec::new();
     for q in queries {
-        let v: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(q.clone())).fetch_one(&mut su).await.unwrap_or_else(|e| panic!("{q}: {e}"));
+        let v: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(q.clone()))
+            .fetch_one(&mut su)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
         out.push(format!("{q}\n=> {}", v.unwrap_or_default()));
     }
     out
@@ -130,8 +148,15 @@ async fn outside(db: &TestDb, a: &TenantName, b: &TenantName) -> Vec<String> {
 
 /// The operator's next login of the tenant (a confined session, closed).
 async fn relogin(db: &TestDb, t: &TenantName) {
-    let login = pg::migrations::ops_login(&db.admin, &ring(), t).await.unwrap().expect("registered");
-    pg::confined::connect(&db.admin, &login).await.expect("the operator logs in").close().await;
+    let login = pg::migrations::ops_login(&db.admin, &ring(), t)
+        .await
+        .unwrap()
+        .expect("registered");
+    pg::confined::connect(&db.admin, &login)
+        .await
+        .expect("the operator logs in")
+        .close()
+        .await;
 }
 
 fn sqlstate_of(o: &Outcome) -> Option<String> {
@@ -144,14 +169,42 @@ fn sqlstate_of(o: &Outcome) -> Option<String> {
 /// Rolls `attempt` out to A as the next version of the set (a new
 /// generation each time); keeps it in `applied` if it succeeded. Gives the
 /// outcome.
-async fn attempt(db: &TestDb, a: &TenantName, applied: &mut Vec<Migration>, generation: &mut i64, sql: &str, transactional: bool) -> Outcome {
+async fn attempt(
+    db: &TestDb,
+    a: &TenantName,
+    applied: &mut Vec<Migration>,
+    generation: &mut i64,
+    sql: &str,
+    transactional: bool,
+) -> Outcome {
     *generation += 1;
     let version = applied.last().map(|m| m.version).unwrap_or(0) + 1;
-    let m = Migration { version, name: format!("attempt-{version}"), sql: sql.into(), transactional };
+    let m = Migration {
+        version,
+        name: format!("attempt-{version}"),
+        sql: sql.into(),
+        transactional,
+    };
     let mut list = applied.clone();
     list.push(m.clone());
-    let p = pass(&db.admin, &ring(), "hostile", *generation, &spec(list), std::slice::from_ref(a), &Timeouts::default()).await.expect("pass");
-    let outcome = p.report.results.into_iter().next().map(|(_, o)| o).expect("A was planned");
+    let p = pass(
+        &db.admin,
+        &ring(),
+        "hostile",
+        *generation,
+        &spec(list),
+        std::slice::from_ref(a),
+        &Timeouts::default(),
+    )
+    .await
+    .expect("pass");
+    let outcome = p
+        .report
+        .results
+        .into_iter()
+        .next()
+        .map(|(_, o)| o)
+        .expect("A was planned");
     if matches!(outcome, Outcome::Done(TenantOutcome::Migrated { .. })) {
         applied.push(m);
     }
@@ -162,7 +215,13 @@ async fn attempt(db: &TestDb, a: &TenantName, applied: &mut Vec<Migration>, gene
 async fn no_migration_reaches_outside_its_tenant() {
     let (db, a, b) = world("esc_sql").await;
     let before = outside(&db, &a.name, &b.name).await;
-    let (ao, ap, aops, bo, bapp) = (a.name.owner_role(), a.name.app_role(), a.name.ops_role(), b.name.owner_role(), b.name.app_role());
+    let (ao, ap, aops, bo, bapp) = (
+        a.name.owner_role(),
+        a.name.app_role(),
+        a.name.ops_role(),
+        b.name.owner_role(),
+        b.name.app_role(),
+    );
     let bs = b.name.schema();
     let mut applied = Vec::new();
     let mut generation = 0;
@@ -170,24 +229,51 @@ async fn no_migration_reaches_outside_its_tenant() {
     let refused: Vec<(String, bool)> = vec![
         (format!("RESET ROLE; SELECT * FROM {bs}.secrets"), true),
         ("RESET ROLE; CREATE TABLE public.pwned (x int)".into(), true),
-        ("RESET ROLE; INSERT INTO tenancy.canary VALUES ('reset-role', session_user)".into(), true),
-        (format!("RESET ROLE; CREATE TABLE {}.t_as_ops (x int)", a.name.schema()), true),
+        (
+            "RESET ROLE; INSERT INTO tenancy.canary VALUES ('reset-role', session_user)".into(),
+            true,
+        ),
+        (
+            format!("RESET ROLE; CREATE TABLE {}.t_as_ops (x int)", a.name.schema()),
+            true,
+        ),
         (format!("SET ROLE {bo}; DELETE FROM {bs}.secrets"), true),
         (format!("SET ROLE {bapp}"), true),
-        (format!("SET ROLE {ADMIN}; INSERT INTO tenancy.canary VALUES ('set-role', current_user)"), true),
+        (
+            format!("SET ROLE {ADMIN}; INSERT INTO tenancy.canary VALUES ('set-role', current_user)"),
+            true,
+        ),
         (format!("SET SESSION AUTHORIZATION {ADMIN}"), true),
         (format!("SET SESSION AUTHORIZATION {bo}"), true),
         ("SET SESSION AUTHORIZATION postgres".into(), true),
-        ("COMMIT; RESET ROLE; INSERT INTO tenancy.canary VALUES ('commit-reset', session_user)".into(), true),
-        ("COMMIT; RESET ROLE; INSERT INTO tenancy.canary VALUES ('commit-reset', session_user)".into(), false),
-        (format!("COMMIT; RESET ROLE; SET ROLE {bo}; DELETE FROM {bs}.secrets"), false),
+        (
+            "COMMIT; RESET ROLE; INSERT INTO tenancy.canary VALUES ('commit-reset', session_user)".into(),
+            true,
+        ),
+        (
+            "COMMIT; RESET ROLE; INSERT INTO tenancy.canary VALUES ('commit-reset', session_user)".into(),
+            false,
+        ),
+        (
+            format!("COMMIT; RESET ROLE; SET ROLE {bo}; DELETE FROM {bs}.secrets"),
+            false,
+        ),
         (format!("RESET ROLE; SET SESSION AUTHORIZATION {ADMIN}"), false),
         ("SELECT * FROM tenancy.tenants".into(), true),
         ("SELECT * FROM tenancy.schema_versions".into(), true),
-        ("INSERT INTO tenancy.audit_log (tenant_uid, action, actor) VALUES ('x', 'forged', 'me')".into(), true),
+        (
+            "INSERT INTO tenancy.audit_log (tenant_uid, action, actor) VALUES ('x', 'forged', 'me')".into(),
+            true,
+        ),
         ("DELETE FROM tenancy.migration_failures".into(), true),
         ("UPDATE tenancy.locks SET key = key".into(), true),
-        (format!("INSERT INTO tenancy.schema_versions (tenant_uid, version, name, checksum) VALUES ('{}', 99, 'x', 'x')", b.uid), true),
+        (
+            format!(
+                "INSERT INTO tenancy.schema_versions (tenant_uid, version, name, checksum) VALUES ('{}', 99, 'x', 'x')",
+                b.uid
+            ),
+            true,
+        ),
         (format!("ALTER ROLE {aops} SUPERUSER"), true),
         (format!("ALTER ROLE {aops} INHERIT"), true),
         (format!("RESET ROLE; ALTER ROLE {aops} CONNECTION LIMIT 100"), true),
@@ -205,7 +291,11 @@ async fn no_migration_reaches_outside_its_tenant() {
     ];
     for (sql, transactional) in &refused {
         let out = attempt(&db, &a.name, &mut applied, &mut generation, sql, *transactional).await;
-        assert_eq!(sqlstate_of(&out).as_deref(), Some("42501"), "{sql} (transactional: {transactional}): {out:?}");
+        assert_eq!(
+            sqlstate_of(&out).as_deref(),
+            Some("42501"),
+            "{sql} (transactional: {transactional}): {out:?}"
+        );
     }
     // Allowed by Postgres to any role for itself, and put back after the
     // run: the ops login's password (a migration that `RESET ROLE`s is the
@@ -213,17 +303,25 @@ async fn no_migration_reaches_outside_its_tenant() {
     let harmless = [
         format!("RESET ROLE; ALTER ROLE {aops} PASSWORD 'chosen-by-migration'"),
         format!("RESET ROLE; ALTER ROLE {aops} SET statement_timeout = '1ms'"),
-        format!("RESET ROLE; ALTER ROLE {aops} IN DATABASE {} SET work_mem = '64kB'", db.name),
+        format!(
+            "RESET ROLE; ALTER ROLE {aops} IN DATABASE {} SET work_mem = '64kB'",
+            db.name
+        ),
         format!("ALTER ROLE {ao} SET search_path = public"),
         format!("ALTER ROLE {ao} PASSWORD 'owner-cannot-log-in'"),
     ];
     for sql in &harmless {
         let out = attempt(&db, &a.name, &mut applied, &mut generation, sql, false).await;
-        assert!(matches!(out, Outcome::Done(TenantOutcome::Migrated { .. })), "{sql}: {out:?}");
+        assert!(
+            matches!(out, Outcome::Done(TenantOutcome::Migrated { .. })),
+            "{sql}: {out:?}"
+        );
         // The operator's next login of the tenant finds its password refused and sets it again.
         relogin(&db, &a.name).await;
         assert!(
-            PgConnection::connect(&db.url_as(&aops, "chosen-by-migration")).await.is_err(),
+            PgConnection::connect(&db.url_as(&aops, "chosen-by-migration"))
+                .await
+                .is_err(),
             "{sql}: the password a migration chose for the ops login still logs in after the next login"
         );
     }
@@ -232,12 +330,18 @@ async fn no_migration_reaches_outside_its_tenant() {
     for transactional in [true, false] {
         let sql = format!("RESET ROLE; GRANT {aops} TO {bapp}");
         let out = attempt(&db, &a.name, &mut applied, &mut generation, &sql, transactional).await;
-        assert!(matches!(out, Outcome::Done(TenantOutcome::Migrated { .. })) || sqlstate_of(&out).as_deref() == Some("42501"), "{sql}: {out:?}");
-        let members: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_auth_members WHERE roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)")
-            .bind(&aops)
-            .fetch_one(&db.admin)
-            .await
-            .unwrap();
+        assert!(
+            matches!(out, Outcome::Done(TenantOutcome::Migrated { .. }))
+                || sqlstate_of(&out).as_deref() == Some("42501"),
+            "{sql}: {out:?}"
+        );
+        let members: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_auth_members WHERE roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)",
+        )
+        .bind(&aops)
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
         assert_eq!(members, 0, "{sql}: another role can still act as A's ops login");
     }
     // A migration that ends its own session right after choosing a password:
@@ -253,9 +357,22 @@ async fn no_migration_reaches_outside_its_tenant() {
     .await;
     assert!(matches!(out, Outcome::Error(_)), "{out:?}");
     relogin(&db, &a.name).await;
-    assert!(PgConnection::connect(&db.url_as(&aops, "chosen-then-gone")).await.is_err(), "the chosen password outlived an interrupted run");
+    assert!(
+        PgConnection::connect(&db.url_as(&aops, "chosen-then-gone"))
+            .await
+            .is_err(),
+        "the chosen password outlived an interrupted run"
+    );
     // The same set rolls on afterwards, and the ops login still works.
-    let out = attempt(&db, &a.name, &mut applied, &mut generation, "CREATE TABLE fine (x int)", true).await;
+    let out = attempt(
+        &db,
+        &a.name,
+        &mut applied,
+        &mut generation,
+        "CREATE TABLE fine (x int)",
+        true,
+    )
+    .await;
     assert!(matches!(out, Outcome::Done(TenantOutcome::Migrated { .. })), "{out:?}");
 
     let after = outside(&db, &a.name, &b.name).await;
@@ -304,9 +421,24 @@ fn traps(a: &TenantName, b: &TenantName) -> Vec<Migration> {
     let view = "ALTER TABLE _tenancy_migrations RENAME TO real_versions;
                 CREATE VIEW _tenancy_migrations AS SELECT * FROM real_versions WHERE evil_inv('view') AND evil_def('view-definer');";
     vec![
-        Migration { version: 1, name: "base".into(), sql: "CREATE TABLE items (id int PRIMARY KEY)".into(), transactional: true },
-        Migration { version: 2, name: "plant".into(), sql: plant, transactional: true },
-        Migration { version: 3, name: "view".into(), sql: view.into(), transactional: true },
+        Migration {
+            version: 1,
+            name: "base".into(),
+            sql: "CREATE TABLE items (id int PRIMARY KEY)".into(),
+            transactional: true,
+        },
+        Migration {
+            version: 2,
+            name: "plant".into(),
+            sql: plant,
+            transactional: true,
+        },
+        Migration {
+            version: 3,
+            name: "view".into(),
+            sql: view.into(),
+            transactional: true,
+        },
     ]
 }
 
@@ -320,21 +452,56 @@ async fn objects_a_migration_plants_never_run_as_the_admin() {
     let mut generation = 1;
     // The rollout, twice (the second pass finds A up to date and re-reads).
     for _ in 0..2 {
-        let p = pass(&db.admin, &keys, "traps", generation, &spec(migrations.clone()), &followers, &Timeouts::default()).await.unwrap();
+        let p = pass(
+            &db.admin,
+            &keys,
+            "traps",
+            generation,
+            &spec(migrations.clone()),
+            &followers,
+            &Timeouts::default(),
+        )
+        .await
+        .unwrap();
         for (t, o) in &p.report.results {
             assert!(matches!(o, Outcome::Done(TenantOutcome::Migrated { .. })), "{t}: {o:?}");
         }
     }
     // A new version goes through the planted view, trigger and policy.
-    migrations.push(Migration { version: 4, name: "more".into(), sql: "CREATE TABLE more_items (id int)".into(), transactional: false });
+    migrations.push(Migration {
+        version: 4,
+        name: "more".into(),
+        sql: "CREATE TABLE more_items (id int)".into(),
+        transactional: false,
+    });
     generation += 1;
-    let p = pass(&db.admin, &keys, "traps", generation, &spec(migrations.clone()), &followers, &Timeouts::default()).await.unwrap();
-    assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { to: 4, .. })), "{:?}", p.report.results);
+    let p = pass(
+        &db.admin,
+        &keys,
+        "traps",
+        generation,
+        &spec(migrations.clone()),
+        &followers,
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            &p.report.results[0].1,
+            Outcome::Done(TenantOutcome::Migrated { to: 4, .. })
+        ),
+        "{:?}",
+        p.report.results
+    );
     // A Tenant reconcile (its Postgres half: catalog, DDL, audit, the
     // migrations step) and every status read.
     a.converge(&db).await.expect("reconcile");
     let set = set_object("traps", generation, spec(migrations.clone()));
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &keys, &a.name, "traps", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) =
+        tenant_migrations::converge_pg(&db.admin, &keys, &a.name, "traps", Some(&set), &Timeouts::default())
+            .await
+            .unwrap();
     assert_eq!((cond.status, version), (true, 4), "{}", cond.message);
     assert_eq!(pg::migrations::observe(&db.admin, &a.name).await.unwrap().current(), 4);
     pg::migrations::failures_of_set(&db.admin, "traps").await.unwrap();
@@ -342,13 +509,26 @@ async fn objects_a_migration_plants_never_run_as_the_admin() {
     pg::tenant::observe(&db.admin, &a.name).await.unwrap();
 
     let mut su = db.superuser().await;
-    let calls: Vec<(String, String, String)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT tag, usr, sess FROM {}.calls ORDER BY 1, 2, 3", a.name.schema()))).fetch_all(&mut su).await.unwrap();
-    assert!(calls.iter().any(|(tag, _, sess)| tag == "view" && *sess == a.name.ops_role()), "the traps never fired (the test proves nothing): {calls:?}");
+    let calls: Vec<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT tag, usr, sess FROM {}.calls ORDER BY 1, 2, 3",
+        a.name.schema()
+    )))
+    .fetch_all(&mut su)
+    .await
+    .unwrap();
+    assert!(
+        calls
+            .iter()
+            .any(|(tag, _, sess)| tag == "view" && *sess == a.name.ops_role()),
+        "the traps never fired (the test proves nothing): {calls:?}"
+    );
     assert!(calls.iter().any(|(tag, _, _)| tag == "trigger"), "{calls:?}");
     assert!(calls.iter().any(|(tag, _, _)| tag == "policy"), "{calls:?}");
     for (tag, usr, sess) in &calls {
-        assert!(usr != ADMIN && sess != ADMIN, "{tag} ran as {usr} in a session of {sess}");
+        assert!(
+            usr != ADMIN && sess != ADMIN,
+            "{tag} ran as {usr} in a session of {sess}"
+        );
         assert_eq!(sess, &a.name.ops_role(), "{tag} ran in a session of {sess}");
     }
     let after = outside(&db, &a.name, &b.name).await;
@@ -389,22 +569,75 @@ async fn a_session_that_ran_a_migration_never_comes_back_to_an_admin_pool() {
     ];
     // The rollout pass, then the Tenant reconcile's step on a one-connection
     // admin pool (a session handed back would be the next one used).
-    let one = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url).await.unwrap();
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.admin_url)
+        .await
+        .unwrap();
     let one_before = settings_of(&one, 1).await;
-    let p = pass(&db.admin, &ring(), "dirty", 1, &spec(migrations[..2].to_vec()), std::slice::from_ref(&a.name), &Timeouts::default()).await.unwrap();
-    assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { to: 2, .. })), "{:?}", p.report.results);
+    let p = pass(
+        &db.admin,
+        &ring(),
+        "dirty",
+        1,
+        &spec(migrations[..2].to_vec()),
+        std::slice::from_ref(&a.name),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            &p.report.results[0].1,
+            Outcome::Done(TenantOutcome::Migrated { to: 2, .. })
+        ),
+        "{:?}",
+        p.report.results
+    );
     // The third through one run on the one-connection pool (its login,
     // lock and records), then the Tenant reconcile's step on it.
-    let login = pg::migrations::ops_login(&one, &ring(), &a.name).await.unwrap().expect("registered");
-    let all: Vec<pg::migrations::MigrationSql> = migrations.iter().map(|m| pg::migrations::MigrationSql::new(m.version, &m.name, &m.sql, m.transactional)).collect();
-    let out = pg::migrations::migrate_tenant(&one, &login, &pg::migrations::SetRef { name: "dirty".into(), generation: 2 }, &all, &Timeouts::default()).await.unwrap();
-    assert_eq!(out, TenantOutcome::Migrated { from: 2, to: 3, applied: vec![3] });
+    let login = pg::migrations::ops_login(&one, &ring(), &a.name)
+        .await
+        .unwrap()
+        .expect("registered");
+    let all: Vec<pg::migrations::MigrationSql> = migrations
+        .iter()
+        .map(|m| pg::migrations::MigrationSql::new(m.version, &m.name, &m.sql, m.transactional))
+        .collect();
+    let out = pg::migrations::migrate_tenant(
+        &one,
+        &login,
+        &pg::migrations::SetRef {
+            name: "dirty".into(),
+            generation: 2,
+        },
+        &all,
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out,
+        TenantOutcome::Migrated {
+            from: 2,
+            to: 3,
+            applied: vec![3]
+        }
+    );
     let set = set_object("dirty", 2, spec(migrations.clone()));
-    let (cond, _) = tenant_migrations::converge_pg(&one, &ring(), &a.name, "dirty", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, _) = tenant_migrations::converge_pg(&one, &ring(), &a.name, "dirty", Some(&set), &Timeouts::default())
+        .await
+        .unwrap();
     assert!(cond.status, "{}", cond.message);
 
     let mut su = db.superuser().await;
-    let pids: Vec<(i32, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT pid, sess FROM {}.pids", a.name.schema()))).fetch_all(&mut su).await.unwrap();
+    let pids: Vec<(i32, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT pid, sess FROM {}.pids",
+        a.name.schema()
+    )))
+    .fetch_all(&mut su)
+    .await
+    .unwrap();
     assert_eq!(pids.len(), 2, "{pids:?}");
     for (_, sess) in &pids {
         assert_eq!(sess, &a.name.ops_role(), "a migration ran in a session of {sess}");
@@ -414,9 +647,16 @@ async fn a_session_that_ran_a_migration_never_comes_back_to_an_admin_pool() {
     assert_eq!(settings_of(&db.admin, 4).await, admin_defaults);
     assert_eq!(settings_of(&one, 1).await, one_before);
     for pool in [&db.admin, &one] {
-        let admin_pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE usename = $1").bind(ADMIN).fetch_all(pool).await.unwrap();
+        let admin_pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE usename = $1")
+            .bind(ADMIN)
+            .fetch_all(pool)
+            .await
+            .unwrap();
         for (pid, _) in &pids {
-            assert!(!admin_pids.contains(pid), "backend {pid} that ran a migration is an admin session now");
+            assert!(
+                !admin_pids.contains(pid),
+                "backend {pid} that ran a migration is an admin session now"
+            );
         }
     }
     // And the migrations' backends are gone.
@@ -430,7 +670,10 @@ async fn a_session_that_ran_a_migration_never_comes_back_to_an_admin_pool() {
         if alive == 0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "a session that ran a migration is still open");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a session that ran a migration is still open"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -462,7 +705,11 @@ fn sqlx_lock_key(db: &str) -> i64 {
     for byte in db.bytes() {
         crc ^= byte as u32;
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     0x3d32ad9e * (!crc as i64)
@@ -475,8 +722,23 @@ async fn advisory_locks_a_tenant_holds_delay_nothing_of_the_operators() {
     let mut b = Tenant::new(&unique("lock-b"));
     a.converge(&db).await.unwrap();
     b.converge(&db).await.unwrap();
-    let v1 = vec![Migration { version: 1, name: "v1".into(), sql: "CREATE TABLE items (id int)".into(), transactional: true }];
-    pass(&db.admin, &ring(), "default", 1, &spec(v1.clone()), &[a.name.clone(), b.name.clone()], &Timeouts::default()).await.unwrap();
+    let v1 = vec![Migration {
+        version: 1,
+        name: "v1".into(),
+        sql: "CREATE TABLE items (id int)".into(),
+        transactional: true,
+    }];
+    pass(
+        &db.admin,
+        &ring(),
+        "default",
+        1,
+        &spec(v1.clone()),
+        &[a.name.clone(), b.name.clone()],
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
     // Every key the operator used to lock on, held by A's app role in its
     // own session: the per-tenant migration and restore keys of both
     // tenants, the control schema's start-up key, sqlx's migrator key.
@@ -490,10 +752,21 @@ async fn advisory_locks_a_tenant_holds_delay_nothing_of_the_operators() {
         sqlx_lock_key(&db.name)
     );
     let mut app = a.app(&db).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(all.clone())).execute(&mut app).await.expect("the app role takes every advisory key");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(all.clone()))
+        .execute(&mut app)
+        .await
+        .expect("the app role takes every advisory key");
     // And A's owner, in a migration that holds them while it runs (the
     // second tenant of the pass is B).
-    let hold = Migration { version: 2, name: "hold".into(), sql: format!("{}; SELECT pg_sleep(3)", all.replace("pg_advisory_lock", "pg_try_advisory_lock")), transactional: false };
+    let hold = Migration {
+        version: 2,
+        name: "hold".into(),
+        sql: format!(
+            "{}; SELECT pg_sleep(3)",
+            all.replace("pg_advisory_lock", "pg_try_advisory_lock")
+        ),
+        transactional: false,
+    };
     let mut v2 = v1.clone();
     v2.push(hold);
     let slow_a = {
@@ -504,26 +777,67 @@ async fn advisory_locks_a_tenant_holds_delay_nothing_of_the_operators() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let start = Instant::now();
-    let other = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&db.admin_url).await.unwrap();
+    let other = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db.admin_url)
+        .await
+        .unwrap();
     let bounded = tokio::time::timeout(Duration::from_secs(5), async {
         // A second replica starting.
-        pg::migrate_control_schema(&other).await.expect("control schema from a second replica");
+        pg::migrate_control_schema(&other)
+            .await
+            .expect("control schema from a second replica");
         // A rollout of B.
         let mut v2b = v1.clone();
-        v2b.push(Migration { version: 2, name: "v2".into(), sql: "ALTER TABLE items ADD COLUMN n int".into(), transactional: true });
-        let p = pass(&other, &ring(), "default", 2, &spec(v2b.clone()), std::slice::from_ref(&b.name), &Timeouts::default()).await.unwrap();
-        assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { to: 2, .. })), "{:?}", p.report.results);
+        v2b.push(Migration {
+            version: 2,
+            name: "v2".into(),
+            sql: "ALTER TABLE items ADD COLUMN n int".into(),
+            transactional: true,
+        });
+        let p = pass(
+            &other,
+            &ring(),
+            "default",
+            2,
+            &spec(v2b.clone()),
+            std::slice::from_ref(&b.name),
+            &Timeouts::default(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                &p.report.results[0].1,
+                Outcome::Done(TenantOutcome::Migrated { to: 2, .. })
+            ),
+            "{:?}",
+            p.report.results
+        );
         // A Tenant reconcile of each, with its migrations step.
         a.converge(&db).await.expect("reconcile a");
         b.converge(&db).await.expect("reconcile b");
         let set = set_object("default", 2, spec(v2b));
-        let (cond, _) = tenant_migrations::converge_pg(&other, &ring(), &b.name, "default", Some(&set), &Timeouts::default()).await.unwrap();
+        let (cond, _) =
+            tenant_migrations::converge_pg(&other, &ring(), &b.name, "default", Some(&set), &Timeouts::default())
+                .await
+                .unwrap();
         assert!(cond.status, "{}", cond.message);
     })
     .await;
     assert!(bounded.is_ok(), "the operator was stalled by a tenant's advisory locks");
-    println!("rollout, reconciles and a second replica's start-up took {:?} with every advisory key held", start.elapsed());
+    println!(
+        "rollout, reconciles and a second replica's start-up took {:?} with every advisory key held",
+        start.elapsed()
+    );
     let p = slow_a.await.unwrap().unwrap();
-    assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { to: 2, .. })), "{:?}", p.report.results);
+    assert!(
+        matches!(
+            &p.report.results[0].1,
+            Outcome::Done(TenantOutcome::Migrated { to: 2, .. })
+        ),
+        "{:?}",
+        p.report.results
+    );
     drop(app);
 }

@@ -40,15 +40,30 @@ fn ring() -> Keyring {
 
 /// A tenant's ops login, as a rollout pass builds it.
 async fn login(db: &TestDb, t: &TenantName) -> OpsLogin {
-    pg::migrations::ops_login(&db.admin, &ring(), t).await.expect("registry").expect("registered")
+    pg::migrations::ops_login(&db.admin, &ring(), t)
+        .await
+        .expect("registry")
+        .expect("registered")
 }
 
 fn m(version: i64, sql: &str) -> Migration {
-    Migration { version, name: format!("v{version}"), sql: sql.into(), transactional: true }
+    Migration {
+        version,
+        name: format!("v{version}"),
+        sql: sql.into(),
+        transactional: true,
+    }
 }
 
 fn spec(migrations: Vec<Migration>, max_concurrent: u32, canary: u32, on_failure: OnFailure) -> MigrationSetSpec {
-    MigrationSetSpec { migrations, rollout: RolloutSpec { max_concurrent, canary, on_failure } }
+    MigrationSetSpec {
+        migrations,
+        rollout: RolloutSpec {
+            max_concurrent,
+            canary,
+            on_failure,
+        },
+    }
 }
 
 fn names(ts: &[Tenant]) -> Vec<TenantName> {
@@ -65,10 +80,27 @@ fn tenant_names(base: &str, count: usize) -> Vec<String> {
 
 /// Passes until nothing is left to do (or `limit` passes), as the
 /// controller's requeues would.
-async fn converge(db: &TestDb, set: &str, generation: i64, spec: &MigrationSetSpec, followers: &[TenantName], limit: usize) -> Vec<Pass> {
+async fn converge(
+    db: &TestDb,
+    set: &str,
+    generation: i64,
+    spec: &MigrationSetSpec,
+    followers: &[TenantName],
+    limit: usize,
+) -> Vec<Pass> {
     let mut passes = Vec::new();
     for _ in 0..limit {
-        let p = pass(&db.admin, &ring(), set, generation, spec, followers, &Timeouts::default()).await.expect("pass");
+        let p = pass(
+            &db.admin,
+            &ring(),
+            set,
+            generation,
+            spec,
+            followers,
+            &Timeouts::default(),
+        )
+        .await
+        .expect("pass");
         let done = p.plan.is_empty() || p.plan.blocked.is_some();
         let more = p.more();
         passes.push(p);
@@ -85,18 +117,32 @@ async fn versions(db: &TestDb, ts: &[TenantName]) -> BTreeMap<String, i64> {
 }
 
 async fn rows(db: &TestDb, t: &TenantName) -> Vec<(i64, String)> {
-    sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(format!("SELECT version, checksum FROM {}._tenancy_migrations ORDER BY version", t.schema())))
-        .fetch_all(&db.admin)
+    sqlx::query_as::<_, (i64, String)>(sqlx::AssertSqlSafe(format!(
+        "SELECT version, checksum FROM {}._tenancy_migrations ORDER BY version",
+        t.schema()
+    )))
+    .fetch_all(&db.admin)
+    .await
+    .unwrap()
+}
+
+async fn failure_rows(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM tenancy.migration_failures")
+        .fetch_one(&db.admin)
         .await
         .unwrap()
 }
 
-async fn failure_rows(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM tenancy.migration_failures").fetch_one(&db.admin).await.unwrap()
-}
-
 fn status_of(generation: i64, spec: &MigrationSetSpec, p: &Pass) -> tenant_operator::api::MigrationSetStatus {
-    status::compute(None, Some(generation), spec, &p.plan, &p.after, p.more(), "2026-01-01T00:00:00Z")
+    status::compute(
+        None,
+        Some(generation),
+        spec,
+        &p.plan,
+        &p.after,
+        p.more(),
+        "2026-01-01T00:00:00Z",
+    )
 }
 
 fn set_object(name: &str, generation: i64, spec: MigrationSetSpec) -> MigrationSet {
@@ -125,11 +171,21 @@ async fn two_hundred_tenants_converge_to_a_three_version_set() {
     let start = Instant::now();
     let passes = converge(&db, "default", 1, &s, &followers, 20).await;
     let elapsed = start.elapsed();
-    let migrated: usize = passes.iter().map(|p| p.report.count(|o| matches!(o, Outcome::Done(TenantOutcome::Migrated { applied, .. }) if applied.len() == 3))).sum();
+    let migrated: usize = passes
+        .iter()
+        .map(|p| {
+            p.report
+                .count(|o| matches!(o, Outcome::Done(TenantOutcome::Migrated { applied, .. }) if applied.len() == 3))
+        })
+        .sum();
     println!("200 tenants provisioned in {provisioned:?}; migrated to version 3 in {elapsed:?} over {} passes (maxConcurrent 8)", passes.len());
     assert_eq!(migrated, 200, "each tenant applies the 3 versions exactly once");
     let v = versions(&db, &followers).await;
-    assert!(v.values().all(|&x| x == 3), "tenants left behind: {:?}", v.iter().filter(|(_, &x)| x != 3).collect::<Vec<_>>());
+    assert!(
+        v.values().all(|&x| x == 3),
+        "tenants left behind: {:?}",
+        v.iter().filter(|(_, &x)| x != 3).collect::<Vec<_>>()
+    );
     for t in followers.iter().take(5) {
         assert_eq!(rows(&db, t).await.len(), 3);
     }
@@ -137,11 +193,27 @@ async fn two_hundred_tenants_converge_to_a_three_version_set() {
     let st = status_of(1, &s, last);
     assert_eq!(st.phase, Some(MigrationSetPhase::Complete));
     assert_eq!(st.progress.as_deref(), Some("200/200"));
-    assert_eq!(st.versions, vec![tenant_operator::api::VersionCount { version: 3, tenants: 200 }]);
+    assert_eq!(
+        st.versions,
+        vec![tenant_operator::api::VersionCount {
+            version: 3,
+            tenants: 200
+        }]
+    );
     // A converged set costs one observation and runs nothing.
-    let again = pass(&db.admin, &ring(), "default", 1, &s, &followers, &Timeouts::default()).await.unwrap();
-    assert!(again.plan.is_empty() && again.report.results.is_empty(), "a converged set ran {:?}", again.report.results.len());
-    assert!(last.report.peak_connections <= 8, "the rollout held {} connections, maxConcurrent is 8", last.report.peak_connections);
+    let again = pass(&db.admin, &ring(), "default", 1, &s, &followers, &Timeouts::default())
+        .await
+        .unwrap();
+    assert!(
+        again.plan.is_empty() && again.report.results.is_empty(),
+        "a converged set ran {:?}",
+        again.report.results.len()
+    );
+    assert!(
+        last.report.peak_connections <= 8,
+        "the rollout held {} connections, maxConcurrent is 8",
+        last.report.peak_connections
+    );
 }
 
 #[tokio::test]
@@ -150,18 +222,39 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
     let tenants = provision_many(&db, &tenant_names("c", 6), 4).await;
     let followers = names(&tenants);
     let v1 = vec![m(1, "CREATE TABLE items (id int PRIMARY KEY)")];
-    converge(&db, "default", 1, &spec(v1.clone(), 4, 1, OnFailure::Continue), &followers, 5).await;
+    converge(
+        &db,
+        "default",
+        1,
+        &spec(v1.clone(), 4, 1, OnFailure::Continue),
+        &followers,
+        5,
+    )
+    .await;
 
     // Version 2 fails everywhere; with Continue the canary still gates.
     let mut broken = v1.clone();
     broken.push(m(2, "ALTER TABLE items ADD COLUMN qty int; SELECT 1 / 0"));
     let s2 = spec(broken, 4, 1, OnFailure::Continue);
-    let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default()).await.unwrap();
-    assert_eq!(p.plan.canaries, vec![followers[0].clone()], "the canary is the first tenant by name");
+    let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        p.plan.canaries,
+        vec![followers[0].clone()],
+        "the canary is the first tenant by name"
+    );
     assert!(p.report.canary_stopped);
-    assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Failed { at: 1, version: 2, sqlstate: Some(code), .. }) if code == "22012"), "{:?}", p.report.results[0]);
+    assert!(
+        matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Failed { at: 1, version: 2, sqlstate: Some(code), .. }) if code == "22012"),
+        "{:?}",
+        p.report.results[0]
+    );
     let v = versions(&db, &followers).await;
-    assert!(v.values().all(|&x| x == 1), "a tenant moved past the failed canary: {v:?}");
+    assert!(
+        v.values().all(|&x| x == 1),
+        "a tenant moved past the failed canary: {v:?}"
+    );
     for t in &followers[1..] {
         assert_eq!(rows(&db, t).await.len(), 1, "{t} was touched");
     }
@@ -171,14 +264,29 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
     assert_eq!(st.failed[0].tenant, followers[0].as_str());
     assert!(st.failed[0].error.contains("division by zero"), "{:?}", st.failed[0]);
     // Later passes of this generation start nobody.
-    let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default()).await.unwrap();
+    let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default())
+        .await
+        .unwrap();
     assert_eq!(p.plan.blocked, Some(Blocked::CanaryFailed(followers[0].clone())));
     assert!(p.report.results.is_empty());
     // The canary's own condition says what failed.
     let set = set_object("default", 2, s2.clone());
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[0], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(
+        &db.admin,
+        &ring(),
+        &followers[0],
+        "default",
+        Some(&set),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!((cond.status, cond.reason, version), (false, "MigrationFailed", 1));
-    assert!(cond.message.contains("version 2 (v2) failed: division by zero"), "{}", cond.message);
+    assert!(
+        cond.message.contains("version 2 (v2) failed: division by zero"),
+        "{}",
+        cond.message
+    );
 
     // No tenant recorded version 2, so its SQL may still be fixed: the new
     // generation retries the canary, then the rest.
@@ -187,8 +295,15 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
     let s3 = spec(fixed, 4, 1, OnFailure::Continue);
     let passes = converge(&db, "default", 3, &s3, &followers, 5).await;
     assert!(versions(&db, &followers).await.values().all(|&x| x == 2));
-    assert_eq!(status_of(3, &s3, passes.last().unwrap()).phase, Some(MigrationSetPhase::Complete));
-    assert_eq!(failure_rows(&db).await, 0, "the fixed canary's failure record was not cleared");
+    assert_eq!(
+        status_of(3, &s3, passes.last().unwrap()).phase,
+        Some(MigrationSetPhase::Complete)
+    );
+    assert_eq!(
+        failure_rows(&db).await,
+        0,
+        "the fixed canary's failure record was not cleared"
+    );
 }
 
 /// Six tenants at version 1 with an `items` table; the fourth holds a row a
@@ -198,10 +313,27 @@ async fn data_dependent_setup(label: &str) -> (TestDb, Vec<TenantName>, Vec<Migr
     let tenants = provision_many(&db, &tenant_names("d", 6), 4).await;
     let followers = names(&tenants);
     let v1 = vec![m(1, "CREATE TABLE items (id int PRIMARY KEY, qty int NOT NULL)")];
-    converge(&db, "default", 1, &spec(v1.clone(), 1, 1, OnFailure::Pause), &followers, 5).await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO {}.items VALUES (1, -5)", followers[3].schema()))).execute(&db.admin).await.unwrap();
+    converge(
+        &db,
+        "default",
+        1,
+        &spec(v1.clone(), 1, 1, OnFailure::Pause),
+        &followers,
+        5,
+    )
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {}.items VALUES (1, -5)",
+        followers[3].schema()
+    )))
+    .execute(&db.admin)
+    .await
+    .unwrap();
     let mut v2 = v1;
-    v2.push(m(2, "ALTER TABLE items ADD CONSTRAINT qty_not_negative CHECK (qty >= 0)"));
+    v2.push(m(
+        2,
+        "ALTER TABLE items ADD CONSTRAINT qty_not_negative CHECK (qty >= 0)",
+    ));
     (db, followers, v2)
 }
 
@@ -215,16 +347,45 @@ async fn with_continue_a_data_dependent_failure_holds_back_only_that_tenant() {
         assert_eq!(v[t.as_str()], if i == 3 { 1 } else { 2 }, "{t}: {v:?}");
     }
     let st = status_of(2, &s, passes.last().unwrap());
-    assert_eq!(st.phase, Some(MigrationSetPhase::Paused), "only the failed tenant is behind");
+    assert_eq!(
+        st.phase,
+        Some(MigrationSetPhase::Paused),
+        "only the failed tenant is behind"
+    );
     assert_eq!(st.progress.as_deref(), Some("5/6"));
     assert_eq!(st.failed_count, 1);
-    assert_eq!((st.failed[0].tenant.as_str(), st.failed[0].version), (followers[3].as_str(), 2));
-    assert!(st.failed[0].error.contains("qty_not_negative") && st.failed[0].error.contains("23514"), "{:?}", st.failed[0]);
+    assert_eq!(
+        (st.failed[0].tenant.as_str(), st.failed[0].version),
+        (followers[3].as_str(), 2)
+    );
+    assert!(
+        st.failed[0].error.contains("qty_not_negative") && st.failed[0].error.contains("23514"),
+        "{:?}",
+        st.failed[0]
+    );
     let set = set_object("default", 2, s.clone());
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[3], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(
+        &db.admin,
+        &ring(),
+        &followers[3],
+        "default",
+        Some(&set),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!((cond.status, cond.reason, version), (false, "MigrationFailed", 1));
     assert!(cond.message.contains("qty_not_negative"), "{}", cond.message);
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[4], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, version) = tenant_migrations::converge_pg(
+        &db.admin,
+        &ring(),
+        &followers[4],
+        "default",
+        Some(&set),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!((cond.status, cond.reason, version), (true, "UpToDate", 2));
     // The failed tenant's schema is exactly as before: no constraint.
     let has: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'qty_not_negative' AND connamespace = $1::regnamespace)")
@@ -235,7 +396,13 @@ async fn with_continue_a_data_dependent_failure_holds_back_only_that_tenant() {
     assert!(!has, "the failed migration left its constraint behind");
 
     // Fix the data, change the spec (a new generation): the tenant is retried.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("UPDATE {}.items SET qty = 0", followers[3].schema()))).execute(&db.admin).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE {}.items SET qty = 0",
+        followers[3].schema()
+    )))
+    .execute(&db.admin)
+    .await
+    .unwrap();
     converge(&db, "default", 3, &s, &followers, 5).await;
     assert_eq!(versions(&db, &followers).await[followers[3].as_str()], 2);
     assert_eq!(failure_rows(&db).await, 0);
@@ -246,21 +413,37 @@ async fn with_pause_the_first_failure_stops_tenants_not_yet_started() {
     let (db, followers, v2) = data_dependent_setup("mspause").await;
     // One at a time, in name order: tenant 3 fails, 4 and 5 never start.
     let s = spec(v2, 1, 1, OnFailure::Pause);
-    let p = pass(&db.admin, &ring(), "default", 2, &s, &followers, &Timeouts::default()).await.unwrap();
+    let p = pass(&db.admin, &ring(), "default", 2, &s, &followers, &Timeouts::default())
+        .await
+        .unwrap();
     let v = versions(&db, &followers).await;
     let got: Vec<i64> = followers.iter().map(|t| v[t.as_str()]).collect();
     assert_eq!(got, vec![2, 2, 2, 1, 1, 1], "{:?}", p.report.results);
     assert_eq!(p.report.count(|o| matches!(o, Outcome::Skipped)), 2);
     let st = status_of(2, &s, &p);
     assert_eq!(st.phase, Some(MigrationSetPhase::Paused));
-    assert_eq!(st.conditions.iter().find(|c| c.type_ == "Paused").map(|c| c.reason.as_str()), Some("MigrationFailed"));
-    let p = pass(&db.admin, &ring(), "default", 2, &s, &followers, &Timeouts::default()).await.unwrap();
+    assert_eq!(
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "Paused")
+            .map(|c| c.reason.as_str()),
+        Some("MigrationFailed")
+    );
+    let p = pass(&db.admin, &ring(), "default", 2, &s, &followers, &Timeouts::default())
+        .await
+        .unwrap();
     assert_eq!(p.plan.blocked, Some(Blocked::Paused(followers[3].clone())));
     assert!(p.report.results.is_empty(), "a paused set started tenants");
     // Deleting the failed tenant removes its failure record with it.
     let registry_uid = format!("uid-{}", followers[3]);
-    pg::tenant::drop_tenant(&db.admin, &followers[3], &registry_uid, "test").await.unwrap();
-    assert_eq!(failure_rows(&db).await, 0, "the dropped tenant's failure record survived");
+    pg::tenant::drop_tenant(&db.admin, &followers[3], &registry_uid, "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        failure_rows(&db).await,
+        0,
+        "the dropped tenant's failure record survived"
+    );
 }
 
 #[tokio::test]
@@ -270,20 +453,57 @@ async fn two_rollouts_at_once_never_apply_a_migration_twice() {
     let followers = names(&tenants);
     // Not idempotent: a second run fails (the table exists) and would be
     // recorded as a failure.
-    let s = spec(vec![m(1, "CREATE TABLE once (x int); SELECT pg_sleep(0.05)"), m(2, "ALTER TABLE once ADD COLUMN y int")], 4, 0, OnFailure::Continue);
+    let s = spec(
+        vec![
+            m(1, "CREATE TABLE once (x int); SELECT pg_sleep(0.05)"),
+            m(2, "ALTER TABLE once ADD COLUMN y int"),
+        ],
+        4,
+        0,
+        OnFailure::Continue,
+    );
     // Two operator instances: two pools, two rollouts at the same moment.
-    let other = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.admin_url).await.unwrap();
+    let other = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.admin_url)
+        .await
+        .unwrap();
     let timeouts = Timeouts::default();
     let keys = ring();
-    let (a, b) = tokio::join!(pass(&db.admin, &keys, "default", 1, &s, &followers, &timeouts), pass(&other, &keys, "default", 1, &s, &followers, &timeouts));
+    let (a, b) = tokio::join!(
+        pass(&db.admin, &keys, "default", 1, &s, &followers, &timeouts),
+        pass(&other, &keys, "default", 1, &s, &followers, &timeouts)
+    );
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied = |p: &Pass| -> usize {
-        p.report.results.iter().map(|(_, o)| if let Outcome::Done(TenantOutcome::Migrated { applied, .. }) = o { applied.len() } else { 0 }).sum()
+        p.report
+            .results
+            .iter()
+            .map(|(_, o)| {
+                if let Outcome::Done(TenantOutcome::Migrated { applied, .. }) = o {
+                    applied.len()
+                } else {
+                    0
+                }
+            })
+            .sum()
     };
     let busy = |p: &Pass| p.report.count(|o| matches!(o, Outcome::Done(TenantOutcome::Busy)));
-    println!("instance A applied {} and found {} busy; B applied {} and found {} busy", applied(&a), busy(&a), applied(&b), busy(&b));
+    println!(
+        "instance A applied {} and found {} busy; B applied {} and found {} busy",
+        applied(&a),
+        busy(&a),
+        applied(&b),
+        busy(&b)
+    );
     for p in [&a, &b] {
-        assert_eq!(p.report.count(|o| matches!(o, Outcome::Done(TenantOutcome::Failed { .. }))), 0, "a migration ran twice: {:?}", p.report.results);
+        assert_eq!(
+            p.report
+                .count(|o| matches!(o, Outcome::Done(TenantOutcome::Failed { .. }))),
+            0,
+            "a migration ran twice: {:?}",
+            p.report.results
+        );
     }
     converge(&db, "default", 1, &s, &followers, 5).await;
     for t in &followers {
@@ -303,19 +523,61 @@ async fn an_edited_migration_is_refused_and_never_rerun() {
     converge(&db, "default", 1, &spec(v1, 2, 1, OnFailure::Pause), &followers, 5).await;
     let before = rows(&db, &followers[0]).await;
 
-    let edited = spec(vec![m(1, "CREATE TABLE notes (id int PRIMARY KEY, body text)"), m(2, "CREATE TABLE more (id int)")], 2, 1, OnFailure::Continue);
-    let p = pass(&db.admin, &ring(), "default", 2, &edited, &followers, &Timeouts::default()).await.unwrap();
-    assert!(matches!(&p.plan.blocked, Some(Blocked::ChecksumMismatch(v)) if v.len() == 3), "{:?}", p.plan.blocked);
+    let edited = spec(
+        vec![
+            m(1, "CREATE TABLE notes (id int PRIMARY KEY, body text)"),
+            m(2, "CREATE TABLE more (id int)"),
+        ],
+        2,
+        1,
+        OnFailure::Continue,
+    );
+    let p = pass(
+        &db.admin,
+        &ring(),
+        "default",
+        2,
+        &edited,
+        &followers,
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&p.plan.blocked, Some(Blocked::ChecksumMismatch(v)) if v.len() == 3),
+        "{:?}",
+        p.plan.blocked
+    );
     assert!(p.report.results.is_empty(), "an edited set ran migrations");
     let st = status_of(2, &edited, &p);
     assert_eq!(st.phase, Some(MigrationSetPhase::Paused));
     assert_eq!(st.failed_count, 3);
-    assert!(st.failed.iter().all(|f| f.reason == "ChecksumMismatch" && f.version == 1), "{:?}", st.failed);
+    assert!(
+        st.failed
+            .iter()
+            .all(|f| f.reason == "ChecksumMismatch" && f.version == 1),
+        "{:?}",
+        st.failed
+    );
     // The per-tenant guard refuses too (another operator with the edited
     // spec), and records why.
     let migrations: Vec<MigrationSql> = tenant_operator::controller::migration_set::plan::migrations(&edited).unwrap();
-    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &followers[0]).await, &SetRef { name: "default".into(), generation: 2 }, &migrations, &Timeouts::default()).await.unwrap();
-    assert!(matches!(out, TenantOutcome::ChecksumMismatch { version: 1, .. }), "{out:?}");
+    let out = pg::migrations::migrate_tenant(
+        &db.admin,
+        &login(&db, &followers[0]).await,
+        &SetRef {
+            name: "default".into(),
+            generation: 2,
+        },
+        &migrations,
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(out, TenantOutcome::ChecksumMismatch { version: 1, .. }),
+        "{out:?}"
+    );
     assert_eq!(rows(&db, &followers[0]).await, before, "the version table changed");
     let body: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'notes' AND column_name = 'body')")
         .bind(followers[0].schema())
@@ -323,10 +585,23 @@ async fn an_edited_migration_is_refused_and_never_rerun() {
         .await
         .unwrap();
     assert!(!body, "the edited migration was re-run");
-    let more: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(format!("{}.more", followers[0].schema())).fetch_one(&db.admin).await.unwrap();
+    let more: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.more", followers[0].schema()))
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     assert!(!more, "a version after the edited one ran");
     let set = set_object("default", 2, edited);
-    let (cond, _) = tenant_migrations::converge_pg(&db.admin, &ring(), &followers[1], "default", Some(&set), &Timeouts::default()).await.unwrap();
+    let (cond, _) = tenant_migrations::converge_pg(
+        &db.admin,
+        &ring(),
+        &followers[1],
+        "default",
+        Some(&set),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!((cond.status, cond.reason), (false, "ChecksumMismatch"));
 }
 
@@ -335,7 +610,12 @@ async fn a_connection_killed_mid_rollout_resumes_on_the_next_run() {
     let db = setup("mskill").await;
     let tenants = provision_many(&db, &tenant_names("k", 6), 4).await;
     let followers = names(&tenants);
-    let s = spec(vec![m(1, "CREATE TABLE slow (x int); SELECT pg_sleep(1)")], 2, 0, OnFailure::Pause);
+    let s = spec(
+        vec![m(1, "CREATE TABLE slow (x int); SELECT pg_sleep(1)")],
+        2,
+        0,
+        OnFailure::Pause,
+    );
     let pool = db.admin.clone();
     let (f, s2) = (followers.clone(), s.clone());
     let run = tokio::spawn(async move { pass(&pool, &ring(), "default", 1, &s2, &f, &Timeouts::default()).await });
@@ -359,17 +639,31 @@ async fn a_connection_killed_mid_rollout_resumes_on_the_next_run() {
     };
     let p = run.await.unwrap().expect("a pass survives a killed connection");
     let errors = p.report.count(|o| matches!(o, Outcome::Error(_)));
-    println!("killed {killed} backend(s); {errors} tenant(s) interrupted, {} skipped", p.report.count(|o| matches!(o, Outcome::Skipped)));
+    println!(
+        "killed {killed} backend(s); {errors} tenant(s) interrupted, {} skipped",
+        p.report.count(|o| matches!(o, Outcome::Skipped))
+    );
     assert!(errors >= 1, "{:?}", p.report.results);
     assert!(p.more(), "an interrupted pass must ask for another");
     for (t, o) in &p.report.results {
         if matches!(o, Outcome::Error(_)) {
-            assert_eq!(versions(&db, std::slice::from_ref(t)).await[t.as_str()], 0, "{t}: an interrupted migration was half-applied");
+            assert_eq!(
+                versions(&db, std::slice::from_ref(t)).await[t.as_str()],
+                0,
+                "{t}: an interrupted migration was half-applied"
+            );
         }
     }
-    assert_eq!(failure_rows(&db).await, 0, "a lost connection is not the migration's failure");
+    assert_eq!(
+        failure_rows(&db).await,
+        0,
+        "a lost connection is not the migration's failure"
+    );
     converge(&db, "default", 1, &s, &followers, 10).await;
-    assert!(versions(&db, &followers).await.values().all(|&v| v == 1), "the rollout did not resume");
+    assert!(
+        versions(&db, &followers).await.values().all(|&v| v == 1),
+        "the rollout did not resume"
+    );
 }
 
 #[tokio::test]
@@ -383,7 +677,12 @@ async fn tables_created_by_migrations_belong_to_the_owner_and_the_app_gets_dml()
         spec(
             vec![
                 m(1, "CREATE TABLE docs (id bigserial PRIMARY KEY, body text NOT NULL)"),
-                Migration { version: 2, name: "index".into(), sql: "CREATE INDEX CONCURRENTLY IF NOT EXISTS docs_body ON docs (body)".into(), transactional: false },
+                Migration {
+                    version: 2,
+                    name: "index".into(),
+                    sql: "CREATE INDEX CONCURRENTLY IF NOT EXISTS docs_body ON docs (body)".into(),
+                    transactional: false,
+                },
             ],
             4,
             1,
@@ -392,33 +691,82 @@ async fn tables_created_by_migrations_belong_to_the_owner_and_the_app_gets_dml()
     );
     // A brand-new tenant is brought to the latest version by its reconcile
     // (on a one-connection pool, to look at that session afterwards).
-    let one = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url).await.unwrap();
-    let (cond, version) = tenant_migrations::converge_pg(&one, &ring(), &t.name, "default", Some(&set), &Timeouts::default()).await.unwrap();
-    assert_eq!((cond.status, cond.reason, version), (true, "UpToDate", 2), "{}", cond.message);
-    let owner: String = sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE schemaname = $1 AND tablename = 'docs'").bind(t.name.schema()).fetch_one(&db.admin).await.unwrap();
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.admin_url)
+        .await
+        .unwrap();
+    let (cond, version) =
+        tenant_migrations::converge_pg(&one, &ring(), &t.name, "default", Some(&set), &Timeouts::default())
+            .await
+            .unwrap();
+    assert_eq!(
+        (cond.status, cond.reason, version),
+        (true, "UpToDate", 2),
+        "{}",
+        cond.message
+    );
+    let owner: String =
+        sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE schemaname = $1 AND tablename = 'docs'")
+            .bind(t.name.schema())
+            .fetch_one(&db.admin)
+            .await
+            .unwrap();
     assert_eq!(owner, t.name.owner_role());
-    let valid: bool = sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)").bind(format!("{}.docs_body", t.name.schema())).fetch_one(&db.admin).await.unwrap();
+    let valid: bool = sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)")
+        .bind(format!("{}.docs_body", t.name.schema()))
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     assert!(valid, "the concurrent index is not valid");
 
     let mut app = t.app(&db).await.unwrap();
-    sqlx::query("INSERT INTO docs (body) VALUES ('a'), ('b')").execute(&mut app).await.expect("INSERT (and the sequence) on a migrated table");
-    sqlx::query("UPDATE docs SET body = body || '!'").execute(&mut app).await.expect("UPDATE");
-    sqlx::query("DELETE FROM docs WHERE body = 'a!'").execute(&mut app).await.expect("DELETE");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM docs").fetch_one(&mut app).await.expect("SELECT");
+    sqlx::query("INSERT INTO docs (body) VALUES ('a'), ('b')")
+        .execute(&mut app)
+        .await
+        .expect("INSERT (and the sequence) on a migrated table");
+    sqlx::query("UPDATE docs SET body = body || '!'")
+        .execute(&mut app)
+        .await
+        .expect("UPDATE");
+    sqlx::query("DELETE FROM docs WHERE body = 'a!'")
+        .execute(&mut app)
+        .await
+        .expect("DELETE");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM docs")
+        .fetch_one(&mut app)
+        .await
+        .expect("SELECT");
     assert_eq!(n, 1);
     // The version table is readable, not writable, by the app.
-    let v: i64 = sqlx::query_scalar("SELECT max(version) FROM _tenancy_migrations").fetch_one(&mut app).await.unwrap();
+    let v: i64 = sqlx::query_scalar("SELECT max(version) FROM _tenancy_migrations")
+        .fetch_one(&mut app)
+        .await
+        .unwrap();
     assert_eq!(v, 2);
-    let err = sqlx::query("DELETE FROM _tenancy_migrations").execute(&mut app).await.expect_err("the app forged its schema version");
+    let err = sqlx::query("DELETE FROM _tenancy_migrations")
+        .execute(&mut app)
+        .await
+        .expect_err("the app forged its schema version");
     assert_eq!(err.as_database_error().and_then(|d| d.code()).as_deref(), Some("42501"));
     // The session that ran the non-transactional step is back to the admin.
-    let (user, path): (String, String) = sqlx::query_as("SELECT current_user::text, current_setting('search_path')").fetch_one(&one).await.unwrap();
+    let (user, path): (String, String) = sqlx::query_as("SELECT current_user::text, current_setting('search_path')")
+        .fetch_one(&one)
+        .await
+        .unwrap();
     assert_eq!(user, "tenancy_admin");
     assert!(!path.contains(&t.name.schema()), "{path}");
     // The migrations are not drift: the next reconcile runs nothing.
     let again = t.converge(&db).await.unwrap();
-    assert_eq!(again.statements, 0, "a reconcile after migrations ran {:?}", again.plan.actions);
-    let again = tenant_migrations::converge_pg(&db.admin, &ring(), &t.name, "default", Some(&set), &Timeouts::default()).await.unwrap();
+    assert_eq!(
+        again.statements, 0,
+        "a reconcile after migrations ran {:?}",
+        again.plan.actions
+    );
+    let again =
+        tenant_migrations::converge_pg(&db.admin, &ring(), &t.name, "default", Some(&set), &Timeouts::default())
+            .await
+            .unwrap();
     assert_eq!(again.1, 2);
 }
 
@@ -427,9 +775,16 @@ async fn a_tenant_waits_while_its_set_does_not_exist() {
     let db = setup("msnone").await;
     let mut t = Tenant::new(&unique("wait"));
     t.converge(&db).await.unwrap();
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &t.name, "default", None, &Timeouts::default()).await.unwrap();
+    let (cond, version) =
+        tenant_migrations::converge_pg(&db.admin, &ring(), &t.name, "default", None, &Timeouts::default())
+            .await
+            .unwrap();
     assert_eq!((cond.status, cond.reason, version), (false, "MigrationSetNotFound", 0));
-    let table: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(format!("{}._tenancy_migrations", t.name.schema())).fetch_one(&db.admin).await.unwrap();
+    let table: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}._tenancy_migrations", t.name.schema()))
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     assert!(!table, "a tenant without a set got a version table");
 }
 
@@ -439,7 +794,14 @@ async fn one_tenant(label: &str) -> (TestDb, TenantName, SetRef) {
     let db = setup(label).await;
     let tenants = provision_many(&db, &tenant_names(label, 1), 1).await;
     let name = tenants[0].name.clone();
-    (db, name, SetRef { name: "default".into(), generation: 1 })
+    (
+        db,
+        name,
+        SetRef {
+            name: "default".into(),
+            generation: 1,
+        },
+    )
 }
 
 #[tokio::test]
@@ -458,25 +820,68 @@ async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_fai
         CREATE CONSTRAINT TRIGGER items_budget AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION items_check();
         INSERT INTO items VALUES (3), (4);";
     let v1 = MigrationSql::new(1, "v1", check, true);
-    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, std::slice::from_ref(&v1), &Timeouts::default()).await.unwrap();
-    assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 1, applied: vec![1] });
+    let out = pg::migrations::migrate_tenant(
+        &db.admin,
+        &login(&db, t).await,
+        &set,
+        std::slice::from_ref(&v1),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out,
+        TenantOutcome::Migrated {
+            from: 0,
+            to: 1,
+            applied: vec![1]
+        }
+    );
     // Over budget: the check fails at COMMIT. That is the migration's
     // failure: recorded, and the schema stays at version 1 without its rows.
     let v2 = MigrationSql::new(2, "v2", "INSERT INTO items VALUES (5)", true);
-    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, &[v1.clone(), v2.clone()], &Timeouts::default()).await.unwrap();
+    let out = pg::migrations::migrate_tenant(
+        &db.admin,
+        &login(&db, t).await,
+        &set,
+        &[v1.clone(), v2.clone()],
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
     match &out {
-        TenantOutcome::Failed { at: 1, version: 2, error, .. } => assert!(error.contains("items over budget"), "{error}"),
+        TenantOutcome::Failed {
+            at: 1,
+            version: 2,
+            error,
+            ..
+        } => assert!(error.contains("items over budget"), "{error}"),
         other => panic!("expected the deferred check to fail version 2: {other:?}"),
     }
     assert_eq!(versions(&db, std::slice::from_ref(t)).await[t.as_str()], 1);
-    let sum: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT sum(n)::int8 FROM {}.items", t.schema()))).fetch_one(&db.admin).await.unwrap();
+    let sum: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT sum(n)::int8 FROM {}.items",
+        t.schema()
+    )))
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
     assert_eq!(sum, 7, "the failed migration's row was kept");
     assert_eq!(failure_rows(&db).await, 1);
     // The lock was released: the next run takes it, and a fixed set clears
     // the record.
     let v2b = MigrationSql::new(2, "v2", "INSERT INTO items VALUES (1)", true);
-    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, &[v1, v2b], &Timeouts::default()).await.unwrap();
-    assert_eq!(out, TenantOutcome::Migrated { from: 1, to: 2, applied: vec![2] });
+    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, &[v1, v2b], &Timeouts::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        TenantOutcome::Migrated {
+            from: 1,
+            to: 2,
+            applied: vec![2]
+        }
+    );
     assert_eq!(failure_rows(&db).await, 0);
 }
 
@@ -486,30 +891,69 @@ async fn a_run_cut_short_gives_back_neither_its_lock_nor_an_open_transaction() {
     let t = &t;
     let slow = MigrationSql::new(1, "v1", "CREATE TABLE half (x int); SELECT pg_sleep(2)", true);
     // One connection, so a connection handed back would be the next one used.
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.admin_url).await.unwrap();
-    let cut = tokio::time::timeout(Duration::from_millis(500), pg::migrations::migrate_tenant(&pool, &login(&db, t).await, &set, std::slice::from_ref(&slow), &Timeouts::default())).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.admin_url)
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        pg::migrations::migrate_tenant(
+            &pool,
+            &login(&db, t).await,
+            &set,
+            std::slice::from_ref(&slow),
+            &Timeouts::default(),
+        ),
+    )
+    .await;
     assert!(cut.is_err(), "the run should still have been sleeping");
     // The dropped run's session is closed: Postgres rolls it back and frees
     // the lock, so another pool's run is not told the tenant is busy.
     let fast = MigrationSql::new(1, "v1", "CREATE TABLE half (x int)", true);
     let start = Instant::now();
     loop {
-        let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, t).await, &set, std::slice::from_ref(&fast), &Timeouts::default()).await.unwrap();
+        let out = pg::migrations::migrate_tenant(
+            &db.admin,
+            &login(&db, t).await,
+            &set,
+            std::slice::from_ref(&fast),
+            &Timeouts::default(),
+        )
+        .await
+        .unwrap();
         if out != TenantOutcome::Busy {
-            assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 1, applied: vec![1] });
+            assert_eq!(
+                out,
+                TenantOutcome::Migrated {
+                    from: 0,
+                    to: 1,
+                    applied: vec![1]
+                }
+            );
             break;
         }
         // Postgres finishes the statement in flight (the sleep) before it
         // notices its client went away; a pooled session would hold the lock
         // for as long as the pool keeps it.
-        assert!(start.elapsed() < Duration::from_secs(15), "the cut-short run still holds the tenant's lock");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the cut-short run still holds the tenant's lock"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // And the one-connection pool gives a clean session: no transaction left
     // open (SAVEPOINT works only inside one), no lock, no role.
     let mut conn = pool.acquire().await.unwrap();
-    let err = sqlx::raw_sql("SAVEPOINT probe").execute(&mut *conn).await.expect_err("a pooled session was left inside the cut-short run's transaction");
-    assert_eq!(err.as_database_error().and_then(|d| d.code()).as_deref(), Some("25P01"), "{err}");
+    let err = sqlx::raw_sql("SAVEPOINT probe")
+        .execute(&mut *conn)
+        .await
+        .expect_err("a pooled session was left inside the cut-short run's transaction");
+    assert_eq!(
+        err.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("25P01"),
+        "{err}"
+    );
     let clean: bool = sqlx::query_scalar("SELECT current_user = session_user AND NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())")
         .fetch_one(&mut *conn)
         .await
@@ -523,31 +967,86 @@ async fn the_record_is_resynced_from_the_schema_after_a_crash_between_the_commit
     let v1 = m(1, "CREATE TABLE a (x int)");
     let v2 = m(2, "CREATE TABLE b (x int)");
     let v3 = m(3, "CREATE TABLE c (x int)");
-    let sqls = |ms: &[&Migration]| ms.iter().map(|m| MigrationSql::new(m.version, &m.name, &m.sql, m.transactional)).collect::<Vec<_>>();
-    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &t).await, &set, &sqls(&[&v1, &v2]), &Timeouts::default()).await.unwrap();
-    assert_eq!(out, TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] });
+    let sqls = |ms: &[&Migration]| {
+        ms.iter()
+            .map(|m| MigrationSql::new(m.version, &m.name, &m.sql, m.transactional))
+            .collect::<Vec<_>>()
+    };
+    let out = pg::migrations::migrate_tenant(
+        &db.admin,
+        &login(&db, &t).await,
+        &set,
+        &sqls(&[&v1, &v2]),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out,
+        TenantOutcome::Migrated {
+            from: 0,
+            to: 2,
+            applied: vec![1, 2]
+        }
+    );
     // The confined session committed version 2; the admin's record of it
     // was lost (a crash between the two commits).
     let mut su = db.superuser().await;
-    sqlx::raw_sql("DELETE FROM tenancy.schema_versions WHERE version = 2").execute(&mut su).await.unwrap();
+    sqlx::raw_sql("DELETE FROM tenancy.schema_versions WHERE version = 2")
+        .execute(&mut su)
+        .await
+        .unwrap();
     assert_eq!(versions(&db, std::slice::from_ref(&t)).await[t.as_str()], 1);
     // The next pass plans the tenant as behind; its run re-syncs the record
     // and applies nothing twice, and the pass's state afterwards says so.
     let s = spec(vec![v1.clone(), v2.clone()], 2, 0, OnFailure::Pause);
-    let p = pass(&db.admin, &ring(), "default", 1, &s, std::slice::from_ref(&t), &Timeouts::default()).await.unwrap();
-    assert!(matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { from: 2, to: 2, applied }) if applied.is_empty()), "{:?}", p.report.results);
-    assert_eq!(p.after.versions[&t].current(), 2, "the pass's state afterwards kept the stale record");
+    let p = pass(
+        &db.admin,
+        &ring(),
+        "default",
+        1,
+        &s,
+        std::slice::from_ref(&t),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&p.report.results[0].1, Outcome::Done(TenantOutcome::Migrated { from: 2, to: 2, applied }) if applied.is_empty()),
+        "{:?}",
+        p.report.results
+    );
+    assert_eq!(
+        p.after.versions[&t].current(),
+        2,
+        "the pass's state afterwards kept the stale record"
+    );
     assert_eq!(versions(&db, std::slice::from_ref(&t)).await[t.as_str()], 2);
     assert_eq!(rows(&db, &t).await.len(), 2);
 
     // An operator upgraded from one without the record: none at all. The
     // Tenant reconcile re-syncs it at once, and does not apply the set's
     // newer version itself (that is the rollout's, canaries first).
-    sqlx::raw_sql("DELETE FROM tenancy.schema_versions").execute(&mut su).await.unwrap();
+    sqlx::raw_sql("DELETE FROM tenancy.schema_versions")
+        .execute(&mut su)
+        .await
+        .unwrap();
     let set3 = set_object("default", 2, spec(vec![v1, v2, v3], 2, 1, OnFailure::Pause));
-    let (cond, version) = tenant_migrations::converge_pg(&db.admin, &ring(), &t, "default", Some(&set3), &Timeouts::default()).await.unwrap();
-    assert_eq!((cond.status, cond.reason, version), (false, "RollingOut", 2), "{}", cond.message);
-    assert_eq!(rows(&db, &t).await.len(), 2, "the reconcile applied version 3 past the rollout");
+    let (cond, version) =
+        tenant_migrations::converge_pg(&db.admin, &ring(), &t, "default", Some(&set3), &Timeouts::default())
+            .await
+            .unwrap();
+    assert_eq!(
+        (cond.status, cond.reason, version),
+        (false, "RollingOut", 2),
+        "{}",
+        cond.message
+    );
+    assert_eq!(
+        rows(&db, &t).await.len(),
+        2,
+        "the reconcile applied version 3 past the rollout"
+    );
     // A version table the owner rewrote is what the record follows (its
     // own tenant only): a row forged in, a row taken out.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -557,8 +1056,22 @@ async fn the_record_is_resynced_from_the_schema_after_a_crash_between_the_commit
     .execute(&mut su)
     .await
     .unwrap();
-    let out = pg::migrations::migrate_tenant(&db.admin, &login(&db, &t).await, &set, &sqls(&[&m(1, "CREATE TABLE a (x int)")]), &Timeouts::default()).await.unwrap();
-    assert!(matches!(out, TenantOutcome::ChecksumMismatch { version: 7, .. }), "{out:?}");
-    let recorded: Vec<i64> = sqlx::query_scalar("SELECT version FROM tenancy.schema_versions ORDER BY 1").fetch_all(&db.admin).await.unwrap();
+    let out = pg::migrations::migrate_tenant(
+        &db.admin,
+        &login(&db, &t).await,
+        &set,
+        &sqls(&[&m(1, "CREATE TABLE a (x int)")]),
+        &Timeouts::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(out, TenantOutcome::ChecksumMismatch { version: 7, .. }),
+        "{out:?}"
+    );
+    let recorded: Vec<i64> = sqlx::query_scalar("SELECT version FROM tenancy.schema_versions ORDER BY 1")
+        .fetch_all(&db.admin)
+        .await
+        .unwrap();
     assert_eq!(recorded, vec![1, 7]);
 }

@@ -26,11 +26,17 @@ async fn setup(label: &str) -> TestDb {
 }
 
 async fn show(c: &mut PgConnection, setting: &str) -> String {
-    sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {setting}"))).fetch_one(c).await.unwrap()
+    sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {setting}")))
+        .fetch_one(c)
+        .await
+        .unwrap()
 }
 
 fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 /// Creates a table with one row in the tenant's schema, as its owner role
@@ -52,25 +58,39 @@ async fn a_second_reconcile_issues_no_ddl_and_leaves_the_catalog_untouched() {
     let db = setup("idem").await;
     let mut t = Tenant::new(&unique("idem"));
     let first = t.converge(&db).await.unwrap();
-    assert!(first.statements > 10, "first reconcile should provision, ran {}", first.statements);
+    assert!(
+        first.statements > 10,
+        "first reconcile should provision, ran {}",
+        first.statements
+    );
     let xmin = |db: &TestDb, t: &Tenant| {
         let schema = t.name.schema();
         let pool = db.admin.clone();
         async move {
-            sqlx::query_scalar::<_, String>("SELECT xmin::text FROM pg_namespace WHERE nspname = $1").bind(schema).fetch_one(&pool).await.unwrap()
+            sqlx::query_scalar::<_, String>("SELECT xmin::text FROM pg_namespace WHERE nspname = $1")
+                .bind(schema)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
         }
     };
     let before = xmin(&db, &t).await;
-    let registry_before: String =
-        sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1").bind(&t.uid).fetch_one(&db.admin).await.unwrap();
+    let registry_before: String = sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1")
+        .bind(&t.uid)
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     for _ in 0..3 {
         let again = t.converge(&db).await.unwrap();
         assert_eq!(again.statements, 0, "an unchanged tenant ran {:?}", again.plan.actions);
         assert!(again.registry.is_none());
     }
     assert_eq!(before, xmin(&db, &t).await, "the schema row was rewritten");
-    let registry_after: String =
-        sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1").bind(&t.uid).fetch_one(&db.admin).await.unwrap();
+    let registry_after: String = sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1")
+        .bind(&t.uid)
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     assert_eq!(registry_before, registry_after, "the registry row was rewritten");
 }
 
@@ -84,15 +104,33 @@ async fn tenant_a_cannot_reach_tenant_b_by_any_path() {
     seed_table(&db, &a, "a-data").await;
     seed_table(&db, &b, "b-secret").await;
     let (sa, sb) = (a.name.schema(), b.name.schema());
-    let mut conn = a.app(&db).await.expect("A's app role logs in with its Secret's password");
+    let mut conn = a
+        .app(&db)
+        .await
+        .expect("A's app role logs in with its Secret's password");
 
     // Its own data, unqualified: the search path is pinned to its schema.
-    let own: String = sqlx::query_scalar("SELECT body FROM docs").fetch_one(&mut conn).await.unwrap();
+    let own: String = sqlx::query_scalar("SELECT body FROM docs")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(own, "a-data");
-    sqlx::query("INSERT INTO docs (body) VALUES ('more')").execute(&mut conn).await.expect("DML on its own tables");
-    sqlx::query("UPDATE docs SET body = body").execute(&mut conn).await.expect("UPDATE on its own tables");
-    sqlx::query("DELETE FROM docs WHERE body = 'more'").execute(&mut conn).await.expect("DELETE on its own tables");
-    let path: String = sqlx::query_scalar("SHOW search_path").fetch_one(&mut conn).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('more')")
+        .execute(&mut conn)
+        .await
+        .expect("DML on its own tables");
+    sqlx::query("UPDATE docs SET body = body")
+        .execute(&mut conn)
+        .await
+        .expect("UPDATE on its own tables");
+    sqlx::query("DELETE FROM docs WHERE body = 'more'")
+        .execute(&mut conn)
+        .await
+        .expect("DELETE on its own tables");
+    let path: String = sqlx::query_scalar("SHOW search_path")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(path, sa);
 
     // B's data, schema-qualified: permission errors, never rows.
@@ -102,30 +140,61 @@ async fn tenant_a_cannot_reach_tenant_b_by_any_path() {
         format!("UPDATE {sb}.docs SET body = 'x'"),
         format!("DELETE FROM {sb}.docs"),
     ] {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut conn).await.expect_err(&format!("A ran {sql} on B's schema"));
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut conn)
+            .await
+            .expect_err(&format!("A ran {sql} on B's schema"));
         assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
     }
     // B's schema on the search path: the query errors instead of leaking.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET search_path TO {sb}"))).execute(&mut conn).await.unwrap();
-    let err = sqlx::query("SELECT body FROM docs").fetch_all(&mut conn).await.expect_err("A read B's rows through the search path");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET search_path TO {sb}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let err = sqlx::query("SELECT body FROM docs")
+        .fetch_all(&mut conn)
+        .await
+        .expect_err("A read B's rows through the search path");
     assert!(["42P01", "42501"].contains(&sqlstate(&err).as_str()), "{err}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET search_path TO {sb}, {sa}"))).execute(&mut conn).await.unwrap();
-    let rows: Vec<String> = sqlx::query_scalar("SELECT body FROM docs").fetch_all(&mut conn).await.unwrap();
-    assert!(!rows.contains(&"b-secret".to_string()), "B's row leaked through the search path");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET search_path TO {sb}, {sa}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let rows: Vec<String> = sqlx::query_scalar("SELECT body FROM docs")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !rows.contains(&"b-secret".to_string()),
+        "B's row leaked through the search path"
+    );
     sqlx::query("RESET search_path").execute(&mut conn).await.unwrap();
 
     // Nothing in public, nothing new in its own schema.
-    for sql in ["CREATE TABLE public.leak (x int)", "CREATE TABLE leak (x int)", "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'select 1'"] {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.expect_err(sql);
+    for sql in [
+        "CREATE TABLE public.leak (x int)",
+        "CREATE TABLE leak (x int)",
+        "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'select 1'",
+    ] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .expect_err(sql);
         assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
     }
     // No role switching to B or to its own owner.
     for role in [b.name.app_role(), b.name.owner_role(), a.name.owner_role()] {
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {role}"))).execute(&mut conn).await.expect_err(&role);
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET ROLE {role}")))
+            .execute(&mut conn)
+            .await
+            .expect_err(&role);
         assert_eq!(sqlstate(&err), "42501", "SET ROLE {role}: {err}");
     }
     // And the control schema is off limits.
-    let err = sqlx::query("SELECT * FROM tenancy.tenants").fetch_all(&mut conn).await.expect_err("registry readable by a tenant");
+    let err = sqlx::query("SELECT * FROM tenancy.tenants")
+        .fetch_all(&mut conn)
+        .await
+        .expect_err("registry readable by a tenant");
     assert_eq!(sqlstate(&err), "42501");
 }
 
@@ -141,7 +210,10 @@ async fn caps_are_applied_on_the_app_role_and_follow_spec_changes() {
     assert_eq!(show(&mut c1, "statement_timeout").await, "1s");
     assert_eq!(show(&mut c1, "work_mem").await, "8MB");
     assert_eq!(show(&mut c1, "idle_in_transaction_session_timeout").await, "1min");
-    let err = sqlx::query("SELECT pg_sleep(3)").execute(&mut c1).await.expect_err("statement_timeout not enforced");
+    let err = sqlx::query("SELECT pg_sleep(3)")
+        .execute(&mut c1)
+        .await
+        .expect_err("statement_timeout not enforced");
     assert_eq!(sqlstate(&err), "57014");
     let _c2 = t.app(&db).await.unwrap();
     let err = t.app(&db).await.expect_err("third connection over a limit of 2");
@@ -170,26 +242,42 @@ async fn suspend_locks_out_and_ends_sessions_and_resume_restores_login() {
     assert!(out.plan.terminate_sessions);
     let err = t.app(&db).await.expect_err("a suspended tenant logged in");
     assert_eq!(sqlstate(&err), "28000", "{err}");
-    assert!(sqlx::query("SELECT 1").execute(&mut open).await.is_err(), "a suspended tenant's session survived");
-    let state: String = sqlx::query_scalar("SELECT state FROM tenancy.tenants WHERE uid = $1").bind(&t.uid).fetch_one(&db.admin).await.unwrap();
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut open).await.is_err(),
+        "a suspended tenant's session survived"
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM tenancy.tenants WHERE uid = $1")
+        .bind(&t.uid)
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
     assert_eq!(state, "Suspended");
-    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "suspended steady state is not quiet");
+    assert_eq!(
+        t.converge(&db).await.unwrap().statements,
+        0,
+        "suspended steady state is not quiet"
+    );
 
     t.spec.state = TenantState::Active;
     t.converge(&db).await.unwrap();
     t.app(&db).await.expect("resumed tenant logs in");
-    let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM tenancy.audit_log WHERE tenant_uid = $1 ORDER BY id")
-        .bind(&t.uid)
-        .fetch_all(&db.admin)
-        .await
-        .unwrap();
+    let actions: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM tenancy.audit_log WHERE tenant_uid = $1 ORDER BY id")
+            .bind(&t.uid)
+            .fetch_all(&db.admin)
+            .await
+            .unwrap();
     assert_eq!(actions, ["Provisioned", "Suspended", "Resumed"]);
 }
 
 /// Sessions of `t`'s app role, seen by the superuser.
 async fn app_sessions(db: &TestDb, t: &Tenant) -> i64 {
     let mut su = db.superuser().await;
-    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1").bind(t.name.app_role()).fetch_one(&mut su).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+        .bind(t.name.app_role())
+        .fetch_one(&mut su)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -205,7 +293,18 @@ async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
     // ... then the application logs in, before NOLOGIN commits.
     let mut late = t.app(&db).await.expect("login is still on");
     sqlx::query("SELECT 1").execute(&mut late).await.unwrap();
-    tenant_operator::controller::tenant::converge_db(&db.admin, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
+    tenant_operator::controller::tenant::converge_db(
+        &db.admin,
+        &support::test_ring(),
+        &t.name,
+        &t.uid,
+        &desired,
+        &catalog,
+        t.password.as_deref(),
+        "test",
+    )
+    .await
+    .unwrap();
     // Ended after the commit, though the read saw no session.
     for _ in 0..50 {
         if app_sessions(&db, &t).await == 0 {
@@ -213,13 +312,34 @@ async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(app_sessions(&db, &t).await, 0, "the session opened in the window survived the suspend");
-    assert!(sqlx::query("SELECT 1").execute(&mut late).await.is_err(), "the late session still answers");
-    assert_eq!(sqlstate(&t.app(&db).await.expect_err("a suspended tenant logged in")), "28000");
+    assert_eq!(
+        app_sessions(&db, &t).await,
+        0,
+        "the session opened in the window survived the suspend"
+    );
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut late).await.is_err(),
+        "the late session still answers"
+    );
+    assert_eq!(
+        sqlstate(&t.app(&db).await.expect_err("a suspended tenant logged in")),
+        "28000"
+    );
     // And at every later reconcile of the suspended tenant, any session left
     // (one that slipped in as the previous terminate ran) is ended too.
     let catalog = pg::tenant::observe(&db.admin, &t.name).await.unwrap();
-    let again = tenant_operator::controller::tenant::converge_db(&db.admin, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, t.password.as_deref(), "test").await.unwrap();
+    let again = tenant_operator::controller::tenant::converge_db(
+        &db.admin,
+        &support::test_ring(),
+        &t.name,
+        &t.uid,
+        &desired,
+        &catalog,
+        t.password.as_deref(),
+        "test",
+    )
+    .await
+    .unwrap();
     assert!(again.plan.terminate_sessions && again.statements == 0);
 }
 
@@ -230,7 +350,11 @@ async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
     let db = setup("conc").await;
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(40).connect(&db.admin_url).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(40)
+        .connect(&db.admin_url)
+        .await
+        .unwrap();
     let tenants: Vec<Tenant> = (0..40).map(|i| Tenant::new(&unique(&format!("c{i}")))).collect();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tenants.len()));
     let runs = tenants.iter().map(|t| {
@@ -239,12 +363,29 @@ async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
             let desired = plan::desired_db(&t.name, &t.spec).unwrap();
             let catalog = pg::tenant::observe(&pool, &t.name).await.unwrap();
             barrier.wait().await;
-            tenant_operator::controller::tenant::converge_db(&pool, &support::test_ring(), &t.name, &t.uid, &desired, &catalog, None, "test").await
+            tenant_operator::controller::tenant::converge_db(
+                &pool,
+                &support::test_ring(),
+                &t.name,
+                &t.uid,
+                &desired,
+                &catalog,
+                None,
+                "test",
+            )
+            .await
         }
     });
     let results = futures::future::join_all(runs).await;
-    let failed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
-    assert!(failed.is_empty(), "{} of 40 reconciles failed: {failed:?}", failed.len());
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 40 reconciles failed: {failed:?}",
+        failed.len()
+    );
     let connect: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = ANY($1) AND has_database_privilege(oid, current_database(), 'CONNECT')")
         .bind(tenants.iter().map(|t| t.name.app_role()).collect::<Vec<_>>())
         .fetch_one(&pool)
@@ -252,8 +393,14 @@ async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
         .unwrap();
     assert_eq!(connect, 40);
     // Deleting them at once (DROP OWNED revokes CONNECT) races the same way.
-    let drops = tenants.iter().map(|t| pg::tenant::drop_tenant(&pool, &t.name, &t.uid, "test"));
-    let failed: Vec<String> = futures::future::join_all(drops).await.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+    let drops = tenants
+        .iter()
+        .map(|t| pg::tenant::drop_tenant(&pool, &t.name, &t.uid, "test"));
+    let failed: Vec<String> = futures::future::join_all(drops)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
     assert!(failed.is_empty(), "{} of 40 deletes failed: {failed:?}", failed.len());
 }
 
@@ -270,7 +417,9 @@ async fn delete_leaves_nothing_of_a_and_does_not_touch_b() {
     b.converge(&db).await.unwrap();
     let _a_session = a.app(&db).await.unwrap();
 
-    let dropped = pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test").await.unwrap();
+    let dropped = pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test")
+        .await
+        .unwrap();
     assert!(dropped > 0);
     let left = pg::tenant::leftovers(&db.admin, &a.name, &a.uid).await.unwrap();
     assert!(left.is_empty(), "tenant A left behind: {left:?}");
@@ -293,10 +442,19 @@ async fn delete_leaves_nothing_of_a_and_does_not_touch_b() {
         .await
         .unwrap();
     assert_eq!(named, 0, "the audit log still names A");
-    assert_eq!(pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test").await.unwrap(), 0, "a second delete is a no-op");
+    assert_eq!(
+        pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test")
+            .await
+            .unwrap(),
+        0,
+        "a second delete is a no-op"
+    );
 
     let mut cb = b.app(&db).await.expect("B still logs in");
-    let body: String = sqlx::query_scalar("SELECT body FROM docs").fetch_one(&mut cb).await.unwrap();
+    let body: String = sqlx::query_scalar("SELECT body FROM docs")
+        .fetch_one(&mut cb)
+        .await
+        .unwrap();
     assert_eq!(body, "b-data");
     assert_eq!(b.converge(&db).await.unwrap().statements, 0, "A's delete disturbed B");
 }
@@ -306,20 +464,32 @@ async fn hostile_names_get_their_own_distinct_objects() {
     let db = setup("names").await;
     let suffix = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let long = format!("{}{}", "x".repeat(40 - suffix.len()), suffix);
-    let names = [format!("select-{suffix}"), format!("user-{suffix}"), format!("ab-c{suffix}"), format!("a-bc{suffix}"), long];
+    let names = [
+        format!("select-{suffix}"),
+        format!("user-{suffix}"),
+        format!("ab-c{suffix}"),
+        format!("a-bc{suffix}"),
+        long,
+    ];
     let mut tenants: Vec<Tenant> = names.iter().map(|n| Tenant::new(n)).collect();
     for t in &mut tenants {
         t.converge(&db).await.unwrap_or_else(|e| panic!("{}: {e}", t.name));
     }
     for t in &tenants {
         let mut c = t.app(&db).await.unwrap();
-        let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut c).await.unwrap();
+        let user: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
         assert_eq!(user, t.name.app_role());
     }
     // Reserved words as whole names: the identifier quoting is what makes
     // this work (`tenant_select` is not reserved, but the quoting is proven
     // on the raw keyword by the unit tests).
-    let schemas: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM tenancy.tenants ORDER BY 1").fetch_all(&db.admin).await.unwrap();
+    let schemas: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM tenancy.tenants ORDER BY 1")
+        .fetch_all(&db.admin)
+        .await
+        .unwrap();
     assert_eq!(schemas.len(), 5);
 }
 
@@ -344,26 +514,46 @@ async fn drift_made_by_hand_is_repaired() {
     .await
     .unwrap();
     let mut cb = b.app(&db).await.unwrap();
-    let leaked: Result<String, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT body FROM {}.docs", a.name.schema()))).fetch_one(&mut cb).await;
+    let leaked: Result<String, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT body FROM {}.docs",
+        a.name.schema()
+    )))
+    .fetch_one(&mut cb)
+    .await;
     assert!(leaked.is_ok(), "the drift setup did not open A to B");
     drop(cb);
 
     let out = a.converge(&db).await.unwrap();
     let labels: Vec<_> = out.plan.actions.iter().map(|x| x.label()).collect();
-    assert!(labels.contains(&"RevokeForeignSchemaGrant") && labels.contains(&"RevokeForeignMembership"), "{labels:?}");
+    assert!(
+        labels.contains(&"RevokeForeignSchemaGrant") && labels.contains(&"RevokeForeignMembership"),
+        "{labels:?}"
+    );
     let mut cb = b.app(&db).await.unwrap();
-    let err = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SELECT body FROM {}.docs", a.name.schema())))
-        .fetch_one(&mut cb)
-        .await
-        .expect_err("B still reads A after the repair");
+    let err = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
+        "SELECT body FROM {}.docs",
+        a.name.schema()
+    )))
+    .fetch_one(&mut cb)
+    .await
+    .expect_err("B still reads A after the repair");
     assert_eq!(sqlstate(&err), "42501");
 
     // A's app role dropped by hand comes back with the Secret's password.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {app}; DROP ROLE {app}", app = a.name.app_role()))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {app}; DROP ROLE {app}",
+        app = a.name.app_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
     let out = a.converge(&db).await.unwrap();
     assert!(out.plan.actions.iter().any(|x| x.label() == "CreateAppRole"));
     let mut ca = a.app(&db).await.expect("recreated role takes the Secret's password");
-    let body: String = sqlx::query_scalar("SELECT body FROM docs").fetch_one(&mut ca).await.unwrap();
+    let body: String = sqlx::query_scalar("SELECT body FROM docs")
+        .fetch_one(&mut ca)
+        .await
+        .unwrap();
     assert_eq!(body, "a-data");
     assert_eq!(a.converge(&db).await.unwrap().statements, 0);
 }
@@ -373,19 +563,38 @@ async fn objects_not_created_for_this_tenant_are_never_adopted() {
     let db = setup("conflict").await;
     let mut t = Tenant::new(&unique("squat"));
     let mut su = db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE ROLE {} LOGIN PASSWORD 'x'", t.name.app_role()))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {} LOGIN PASSWORD 'x'",
+        t.name.app_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
     let err = t.converge(&db).await.expect_err("a hand-made role was adopted");
-    assert!(matches!(err, ConvergeError::Plan(ref e) if e.reason() == "OwnershipConflict"), "{err}");
-    let schema: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname = $1").bind(t.name.schema()).fetch_one(&mut su).await.unwrap();
+    assert!(
+        matches!(err, ConvergeError::Plan(ref e) if e.reason() == "OwnershipConflict"),
+        "{err}"
+    );
+    let schema: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname = $1")
+        .bind(t.name.schema())
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
     assert_eq!(schema, 0, "something was created despite the conflict");
 
     // A left-over of a deleted tenant of the same name is not handed to a new
     // tenant with another uid.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE {}", t.name.app_role()))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE {}", t.name.app_role())))
+        .execute(&mut su)
+        .await
+        .unwrap();
     t.converge(&db).await.unwrap();
     let mut newcomer = Tenant::new(t.name.as_str());
     newcomer.uid = "another-uid".into();
-    let err = newcomer.converge(&db).await.expect_err("a new tenant adopted an old tenant's data");
+    let err = newcomer
+        .converge(&db)
+        .await
+        .expect_err("a new tenant adopted an old tenant's data");
     assert!(err.to_string().contains("refusing to adopt"), "{err}");
 }
 
@@ -395,19 +604,40 @@ async fn a_failure_part_way_leaves_the_tenant_as_it_was() {
     let t = Tenant::new(&unique("atomic"));
     // A plan whose last statement fails, standing in for a crash or a lost
     // connection between two steps: the whole transaction rolls back.
-    let mut actions = plan::plan_db(&t.name, &t.uid, &plan::desired_db(&t.name, &t.spec).unwrap(), &Default::default(), None).unwrap().actions;
-    actions.push(pg::tenant::DbAction::SetSetting { name: "work_mem", value: "not-a-size".into() });
-    let err = pg::tenant::apply(&db.admin, &t.name, &t.uid, &actions, None).await.expect_err("bad setting accepted");
+    let mut actions = plan::plan_db(
+        &t.name,
+        &t.uid,
+        &plan::desired_db(&t.name, &t.spec).unwrap(),
+        &Default::default(),
+        None,
+    )
+    .unwrap()
+    .actions;
+    actions.push(pg::tenant::DbAction::SetSetting {
+        name: "work_mem",
+        value: "not-a-size".into(),
+    });
+    let err = pg::tenant::apply(&db.admin, &t.name, &t.uid, &actions, None)
+        .await
+        .expect_err("bad setting accepted");
     assert!(!err.is_transient(), "a bad value is not transient: {err}");
     let o = pg::tenant::observe(&db.admin, &t.name).await.unwrap();
-    assert!(o.schema.is_none() && o.owner_role.is_none() && o.app_role.is_none(), "half-provisioned tenant left: {o:?}");
+    assert!(
+        o.schema.is_none() && o.owner_role.is_none() && o.app_role.is_none(),
+        "half-provisioned tenant left: {o:?}"
+    );
 }
 
 #[tokio::test]
 async fn postgres_unreachable_is_a_transient_error() {
-    let err = pg::connect("postgresql://tenancy_admin:x@127.0.0.1:1/none", 2).await.expect_err("connected to a closed port");
+    let err = pg::connect("postgresql://tenancy_admin:x@127.0.0.1:1/none", 2)
+        .await
+        .expect_err("connected to a closed port");
     assert!(err.is_transient(), "{err}");
-    assert!(err.to_string().contains("127.0.0.1:1"), "the message should say where: {err}");
+    assert!(
+        err.to_string().contains("127.0.0.1:1"),
+        "the message should say where: {err}"
+    );
     let err = pg::connect("not a url", 2).await.expect_err("parsed garbage");
     assert!(!err.is_transient());
 }
@@ -415,18 +645,28 @@ async fn postgres_unreachable_is_a_transient_error() {
 #[tokio::test]
 async fn the_control_schema_migrates_idempotently_and_public_is_closed() {
     let db = setup("control").await;
-    pg::migrate_control_schema(&db.admin).await.expect("second migration run");
+    pg::migrate_control_schema(&db.admin)
+        .await
+        .expect("second migration run");
     let mut su = db.superuser().await;
     let public_create: bool = sqlx::query_scalar("SELECT has_schema_privilege('public', 'public', 'CREATE') OR has_schema_privilege('public', 'public', 'USAGE')")
         .fetch_one(&mut su)
         .await
         .unwrap_or(false);
     assert!(!public_create);
-    let row = sqlx::query("SELECT count(*) AS n FROM pg_namespace n, aclexplode(n.nspacl) a WHERE n.nspname = 'public' AND a.grantee = 0")
+    let row = sqlx::query(
+        "SELECT count(*) AS n FROM pg_namespace n, aclexplode(n.nspacl) a WHERE n.nspname = 'public' AND a.grantee = 0",
+    )
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i64, _>("n"), 0, "PUBLIC still has rights on schema public");
+    let mig: String = sqlx::query_scalar("SELECT to_regclass('tenancy._sqlx_migrations')::text")
         .fetch_one(&mut su)
         .await
         .unwrap();
-    assert_eq!(row.get::<i64, _>("n"), 0, "PUBLIC still has rights on schema public");
-    let mig: String = sqlx::query_scalar("SELECT to_regclass('tenancy._sqlx_migrations')::text").fetch_one(&mut su).await.unwrap();
-    assert_eq!(mig, "tenancy._sqlx_migrations", "the migrator's table is not in the control schema");
+    assert_eq!(
+        mig, "tenancy._sqlx_migrations",
+        "the migrator's table is not in the control schema"
+    );
 }

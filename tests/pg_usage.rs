@@ -33,7 +33,9 @@ struct Env {
 /// them updated; vacuumed, so that no fork appears later.
 async fn setup(label: &str, rows: [i64; 3]) -> Env {
     let (db, gw, gw_password) = support::gateway_db(label).await;
-    pg::watchdog::ensure_visibility(&db.admin).await.expect("the non-superuser admin can see tenants' sessions");
+    pg::watchdog::ensure_visibility(&db.admin)
+        .await
+        .expect("the non-superuser admin can see tenants' sessions");
     let mut tenants = Vec::new();
     for (base, n) in ["big", "mid", "small"].iter().zip(rows) {
         let mut t = Tenant::new(&unique(&format!("us-{base}")));
@@ -53,25 +55,44 @@ async fn setup(label: &str, rows: [i64; 3]) -> Env {
         .execute(&mut su)
         .await
         .expect("seed");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM (ANALYZE) {}.items", t.name.schema()))).execute(&mut su).await.expect("vacuum");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "VACUUM (ANALYZE) {}.items",
+            t.name.schema()
+        )))
+        .execute(&mut su)
+        .await
+        .expect("vacuum");
         // Closing the session flushes its statistics.
         drop(su);
         tenants.push(t);
     }
-    Env { db, gw, gw_password, tenants }
+    Env {
+        db,
+        gw,
+        gw_password,
+        tenants,
+    }
 }
 
 impl Env {
     fn config(&self, window: Duration) -> us::Config {
-        us::Config { gateway: Some(self.gw.to_string()), window }
+        us::Config {
+            gateway: Some(self.gw.to_string()),
+            window,
+        }
     }
 
     async fn sample(&self) -> us::Sample {
-        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None).await.expect("sample")
+        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None)
+            .await
+            .expect("sample")
     }
 
     fn row<'a>(&self, s: &'a us::Sample, i: usize) -> &'a Row {
-        s.rows.iter().find(|r| r.name == self.tenants[i].name.as_str()).expect("every tenant has a row")
+        s.rows
+            .iter()
+            .find(|r| r.name == self.tenants[i].name.as_str())
+            .expect("every tenant has a row")
     }
 
     /// The schema's bytes summed another way: table (heap + toast) plus
@@ -104,17 +125,23 @@ impl Env {
 /// Runs `SELECT pg_sleep(secs)` on `c` in the background.
 fn sleep_on(mut c: PgConnection, secs: u32) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SELECT pg_sleep({secs})"))).execute(&mut c).await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SELECT pg_sleep({secs})")))
+            .execute(&mut c)
+            .await;
     })
 }
 
+#[allow(clippy::needless_range_loop)] // i indexes tenants, rows and sessions alike
 #[tokio::test]
 async fn the_sampled_figures_match_what_the_tenants_wrote_and_hold() {
     let rows = [20_000, 4_000, 50];
     let env = setup("us_figures", rows).await;
-    let gateway = Gateway::connect_direct(env.db.url_as(env.gw.as_str(), &env.gw_password).parse().unwrap(), PgPoolOptions::new().max_connections(2))
-        .await
-        .expect("library pool");
+    let gateway = Gateway::connect_direct(
+        env.db.url_as(env.gw.as_str(), &env.gw_password).parse().unwrap(),
+        PgPoolOptions::new().max_connections(2),
+    )
+    .await
+    .expect("library pool");
 
     // big: 1 running statement + 2 idle app sessions; mid: 1 idle; small:
     // one gateway transaction, idle in it.
@@ -126,10 +153,19 @@ async fn the_sampled_figures_match_what_the_tenants_wrote_and_hold() {
     sqlx::raw_sql("SELECT 1").execute(&mut *tx).await.unwrap();
 
     let s = env
-        .sample_until(|s| env.row(s, 0).sessions_active == 1 && (0..3).all(|i| env.row(s, i).rows_written >= rows[i] + rows[i] / 10))
+        .sample_until(|s| {
+            env.row(s, 0).sessions_active == 1 && (0..3).all(|i| env.row(s, i).rows_written >= rows[i] + rows[i] / 10)
+        })
         .await;
-    let sessions: Vec<(i64, i64)> = (0..3).map(|i| (env.row(&s, i).sessions_active, env.row(&s, i).sessions_idle)).collect();
-    assert_eq!(sessions, [(1, 2), (0, 1), (0, 1)], "sessions (active, idle) of big, mid, small: {:?}", s.rows);
+    let sessions: Vec<(i64, i64)> = (0..3)
+        .map(|i| (env.row(&s, i).sessions_active, env.row(&s, i).sessions_idle))
+        .collect();
+    assert_eq!(
+        sessions,
+        [(1, 2), (0, 1), (0, 1)],
+        "sessions (active, idle) of big, mid, small: {:?}",
+        s.rows
+    );
     for i in 0..3 {
         let r = env.row(&s, i);
         // What the test wrote, plus the few rows provisioning wrote in the
@@ -139,26 +175,60 @@ async fn the_sampled_figures_match_what_the_tenants_wrote_and_hold() {
             .fetch_one(&env.db.admin)
             .await
             .unwrap();
-        assert_eq!(r.rows_written, counted, "{}: rows written, as pg_stat_user_tables sums them", r.name);
-        assert!((rows[i] + rows[i] / 10..=rows[i] + rows[i] / 10 + 5).contains(&r.rows_written), "{}: {} rows written, the test wrote {}", r.name, r.rows_written, rows[i] + rows[i] / 10);
+        assert_eq!(
+            r.rows_written, counted,
+            "{}: rows written, as pg_stat_user_tables sums them",
+            r.name
+        );
+        assert!(
+            (rows[i] + rows[i] / 10..=rows[i] + rows[i] / 10 + 5).contains(&r.rows_written),
+            "{}: {} rows written, the test wrote {}",
+            r.name,
+            r.rows_written,
+            rows[i] + rows[i] / 10
+        );
         let want = env.bytes(i).await;
-        assert!(want > 0 && (r.bytes - want).abs() as f64 <= 0.10 * want as f64, "{}: sampled {} bytes, pg_table_size + pg_indexes_size say {want}", r.name, r.bytes);
-        assert_eq!((r.statement_ms, r.temp_bytes), (None, None), "no pg_stat_statements here");
+        assert!(
+            want > 0 && (r.bytes - want).abs() as f64 <= 0.10 * want as f64,
+            "{}: sampled {} bytes, pg_table_size + pg_indexes_size say {want}",
+            r.name,
+            r.bytes
+        );
+        assert_eq!(
+            (r.statement_ms, r.temp_bytes),
+            (None, None),
+            "no pg_stat_statements here"
+        );
         assert_eq!(r.uid, env.tenants[i].uid);
     }
     assert!(env.row(&s, 0).bytes > env.row(&s, 1).bytes && env.row(&s, 1).bytes > env.row(&s, 2).bytes);
     // The running statement's time (fallback without pg_stat_statements).
     let f = us::figures(None, &s);
     assert!(env.row(&s, 0).running_ms > 0.0);
-    assert!(f.iter().any(|x| x.name == big.name.as_str() && x.statement_seconds_per_minute > 0.0), "{f:?}");
-    assert!(f.iter().filter(|x| x.name != big.name.as_str()).all(|x| x.statement_seconds_per_minute == 0.0));
+    assert!(
+        f.iter()
+            .any(|x| x.name == big.name.as_str() && x.statement_seconds_per_minute > 0.0),
+        "{f:?}"
+    );
+    assert!(f
+        .iter()
+        .filter(|x| x.name != big.name.as_str())
+        .all(|x| x.statement_seconds_per_minute == 0.0));
 
     // Writes show up as a rate between two samples.
     let mut w = big.app(&env.db).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO {}.items (v) SELECT 'n' FROM generate_series(1, 500)", big.name.schema()))).execute(&mut w).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {}.items (v) SELECT 'n' FROM generate_series(1, 500)",
+        big.name.schema()
+    )))
+    .execute(&mut w)
+    .await
+    .unwrap();
     drop(w);
     let before = s;
-    let after = env.sample_until(|s| env.row(s, 0).rows_written >= rows[0] + rows[0] / 10 + 500).await;
+    let after = env
+        .sample_until(|s| env.row(s, 0).rows_written >= rows[0] + rows[0] / 10 + 500)
+        .await;
     let f = us::figures(Some(&before), &after);
     let fb = f.iter().find(|x| x.name == big.name.as_str()).unwrap();
     assert!(fb.rows_written_per_second > 0.0, "{fb:?}");
@@ -171,10 +241,21 @@ async fn an_idle_set_sampled_twice_decides_no_status_write_the_second_time() {
     let env = setup("us_idle", [3_000, 300, 30]).await;
     // Statistics of the seeding sessions settle first.
     let want: Vec<i64> = [3_000i64, 300, 30].iter().map(|n| n + n / 10).collect();
-    let first = env.sample_until(|s| (0..3).all(|i| env.row(s, i).rows_written >= want[i])).await;
-    let mut status: HashMap<String, Option<TenantUsage>> = env.tenants.iter().map(|t| (t.name.as_str().to_string(), None)).collect();
+    let first = env
+        .sample_until(|s| (0..3).all(|i| env.row(s, i).rows_written >= want[i]))
+        .await;
+    let mut status: HashMap<String, Option<TenantUsage>> = env
+        .tenants
+        .iter()
+        .map(|t| (t.name.as_str().to_string(), None))
+        .collect();
     let none = HashMap::new();
-    let writes = decide(&us::figures(None, &first), |n, _| status.get(n).cloned(), &none, first.sampled_at);
+    let writes = decide(
+        &us::figures(None, &first),
+        |n, _| status.get(n).cloned(),
+        &none,
+        first.sampled_at,
+    );
     assert_eq!(writes.len(), 3, "the first sample writes every tenant's status");
     for (n, u) in writes {
         assert!(u.bytes > 0 && u.sessions == 0 && u.temp_bytes.is_none(), "{u:?}");
@@ -182,7 +263,12 @@ async fn an_idle_set_sampled_twice_decides_no_status_write_the_second_time() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let second = env.sample().await;
-    let writes = decide(&us::figures(Some(&first), &second), |n, _| status.get(n).cloned(), &none, second.sampled_at);
+    let writes = decide(
+        &us::figures(Some(&first), &second),
+        |n, _| status.get(n).cloned(),
+        &none,
+        second.sampled_at,
+    );
     assert!(writes.is_empty(), "an idle set was written again: {writes:?}");
 }
 
@@ -195,11 +281,21 @@ async fn top(env: &Env, sort: &str) -> Vec<String> {
         .await
         .expect("runs the binary");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "top failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "top failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut lines = stdout.lines();
     let head = lines.next().unwrap_or_default();
-    assert!(head.split_whitespace().eq(["NAME", "STMT-TIME", "SESSIONS", "BYTES", "WRITES/S"]), "{stdout}");
-    let names: Vec<String> = lines.map(|l| l.split_whitespace().next().unwrap_or_default().to_string()).collect();
+    assert!(
+        head.split_whitespace()
+            .eq(["NAME", "STMT-TIME", "SESSIONS", "BYTES", "WRITES/S"]),
+        "{stdout}"
+    );
+    let names: Vec<String> = lines
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+        .collect();
     println!("top --sort {sort}:\n{stdout}");
     names
 }
@@ -210,9 +306,21 @@ async fn top_sorts_by_cpu_sessions_and_bytes() {
     let [big, mid, small] = [0, 1, 2].map(|i| &env.tenants[i]);
     // cpu: mid (2 running statements) > big (1) > small (none);
     // sessions: small (3) > mid (2) > big (1); bytes: big > mid > small.
-    let sleepers = vec![sleep_on(big.app(&env.db).await.unwrap(), 30), sleep_on(mid.app(&env.db).await.unwrap(), 30), sleep_on(mid.app(&env.db).await.unwrap(), 30)];
-    let _idle = [small.app(&env.db).await.unwrap(), small.app(&env.db).await.unwrap(), small.app(&env.db).await.unwrap()];
-    let s = env.sample_until(|s| env.row(s, 0).sessions_active == 1 && env.row(s, 1).sessions_active == 2 && env.row(s, 2).sessions_idle == 3).await;
+    let sleepers = vec![
+        sleep_on(big.app(&env.db).await.unwrap(), 30),
+        sleep_on(mid.app(&env.db).await.unwrap(), 30),
+        sleep_on(mid.app(&env.db).await.unwrap(), 30),
+    ];
+    let _idle = [
+        small.app(&env.db).await.unwrap(),
+        small.app(&env.db).await.unwrap(),
+        small.app(&env.db).await.unwrap(),
+    ];
+    let s = env
+        .sample_until(|s| {
+            env.row(s, 0).sessions_active == 1 && env.row(s, 1).sessions_active == 2 && env.row(s, 2).sessions_idle == 3
+        })
+        .await;
     assert_eq!(env.row(&s, 1).sessions_active, 2, "the statements run");
     let names = |v: [&Tenant; 3]| v.map(|t| t.name.as_str().to_string()).to_vec();
     assert_eq!(top(&env, "cpu").await, names([mid, big, small]));
@@ -227,27 +335,53 @@ async fn top_sorts_by_cpu_sessions_and_bytes() {
 async fn with_pg_stat_statements_statement_time_and_temp_bytes_come_from_it_by_role() {
     let env = setup("us_pgss", [10, 10, 10]).await;
     let mut su = env.db.superuser().await;
-    let loaded: String = sqlx::query_scalar("SHOW shared_preload_libraries").fetch_one(&mut su).await.unwrap();
-    assert!(loaded.contains("pg_stat_statements"), "scripts/with-postgres.sh preloads pg_stat_statements: {loaded}");
+    let loaded: String = sqlx::query_scalar("SHOW shared_preload_libraries")
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert!(
+        loaded.contains("pg_stat_statements"),
+        "scripts/with-postgres.sh preloads pg_stat_statements: {loaded}"
+    );
     // Not a trusted extension: created by a superuser (on managed Postgres,
     // the provider's set-up), read by the admin through pg_read_all_stats.
-    sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut su).await.expect("create extension");
-    let src = us::statements_source(&env.db.admin).await.expect("look for pg_stat_statements").expect("found and readable by the admin");
+    sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&mut su)
+        .await
+        .expect("create extension");
+    let src = us::statements_source(&env.db.admin)
+        .await
+        .expect("look for pg_stat_statements")
+        .expect("found and readable by the admin");
     let cfg = env.config(Duration::from_secs(15));
     let before = us::sample(&env.db.admin, &cfg, Some(&src)).await.expect("sample");
-    assert!(before.statements, "the sample says its statement time comes from pg_stat_statements");
+    assert!(
+        before.statements,
+        "the sample says its statement time comes from pg_stat_statements"
+    );
     // big: 0.9 s of statements and a sort spilled to disk; the others nothing.
     let mut app = env.tenants[0].app(&env.db).await.unwrap();
-    sqlx::raw_sql("SELECT pg_sleep(0.3); SELECT pg_sleep(0.3); SELECT pg_sleep(0.3)").execute(&mut app).await.unwrap();
-    sqlx::raw_sql("SET work_mem = '64kB'; SELECT count(*) FROM (SELECT g FROM generate_series(1, 200000) g ORDER BY g DESC) s")
+    sqlx::raw_sql("SELECT pg_sleep(0.3); SELECT pg_sleep(0.3); SELECT pg_sleep(0.3)")
         .execute(&mut app)
         .await
         .unwrap();
+    sqlx::raw_sql(
+        "SET work_mem = '64kB'; SELECT count(*) FROM (SELECT g FROM generate_series(1, 200000) g ORDER BY g DESC) s",
+    )
+    .execute(&mut app)
+    .await
+    .unwrap();
     drop(app);
     let after = us::sample(&env.db.admin, &cfg, Some(&src)).await.expect("sample");
-    let delta = |i: usize, f: fn(&Row) -> Option<f64>| f(env.row(&after, i)).unwrap_or(0.0) - f(env.row(&before, i)).unwrap_or(0.0);
+    let delta = |i: usize, f: fn(&Row) -> Option<f64>| {
+        f(env.row(&after, i)).unwrap_or(0.0) - f(env.row(&before, i)).unwrap_or(0.0)
+    };
     let stmt = delta(0, |r| r.statement_ms);
-    assert!(stmt >= 900.0, "big's statement time grew by {stmt} ms, expected >= 900: {:?}", after.rows);
+    assert!(
+        stmt >= 900.0,
+        "big's statement time grew by {stmt} ms, expected >= 900: {:?}",
+        after.rows
+    );
     let temp = delta(0, |r| r.temp_bytes.map(|b| b as f64));
     assert!(temp > 0.0, "big's temp bytes did not grow: {:?}", after.rows);
     for i in [1, 2] {

@@ -30,7 +30,9 @@ struct Env {
 async fn setup(label: &str) -> Env {
     let (db, gw, gw_password) = support::gateway_db(label).await;
     // What the operator's loop does first: see other roles' sessions.
-    wd::ensure_visibility(&db.admin).await.expect("the non-superuser admin can see tenants' sessions");
+    wd::ensure_visibility(&db.admin)
+        .await
+        .expect("the non-superuser admin can see tenants' sessions");
     Env { db, gw, gw_password }
 }
 
@@ -55,13 +57,19 @@ impl Env {
     }
 
     async fn gateway(&self) -> Gateway {
-        Gateway::connect_direct(self.db.url_as(self.gw.as_str(), &self.gw_password).parse().unwrap(), PgPoolOptions::new().max_connections(4))
-            .await
-            .expect("library pool")
+        Gateway::connect_direct(
+            self.db.url_as(self.gw.as_str(), &self.gw_password).parse().unwrap(),
+            PgPoolOptions::new().max_connections(4),
+        )
+        .await
+        .expect("library pool")
     }
 
     fn config(&self) -> wd::Config {
-        wd::Config { grace: Duration::from_secs(1), gateway: Some(self.gw.to_string()) }
+        wd::Config {
+            grace: Duration::from_secs(1),
+            gateway: Some(self.gw.to_string()),
+        }
     }
 
     /// Runs a pass every 200 ms until dropped; collects what it signalled.
@@ -87,7 +95,10 @@ struct Watchdog {
 
 impl Watchdog {
     fn signalled(&self) -> Vec<Signal> {
-        assert!(!self.task.is_finished(), "the watchdog's pass failed (see its panic above)");
+        assert!(
+            !self.task.is_finished(),
+            "the watchdog's pass failed (see its panic above)"
+        );
         self.signalled.lock().unwrap().clone()
     }
 }
@@ -99,17 +110,26 @@ impl Drop for Watchdog {
 }
 
 fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 async fn pid(c: &mut PgConnection) -> i32 {
-    sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(c).await.unwrap()
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(c)
+        .await
+        .unwrap()
 }
 
 /// Runs `sql` (a 30 s sleep) and returns how long until it failed and with what.
 async fn cancelled_after(c: &mut PgConnection, sql: &'static str) -> (Duration, String) {
     let t0 = Instant::now();
-    let e = sqlx::raw_sql(sql).execute(c).await.expect_err("the 30 s statement was not cancelled");
+    let e = sqlx::raw_sql(sql)
+        .execute(c)
+        .await
+        .expect_err("the 30 s statement was not cancelled");
     (t0.elapsed(), sqlstate(&e))
 }
 
@@ -123,16 +143,25 @@ async fn a_statement_past_the_cap_is_cancelled_whatever_the_session_set() {
     // Its own app login, timeout switched off.
     let direct = async {
         let mut app = t.app(&env.db).await.unwrap();
-        sqlx::raw_sql("SET statement_timeout = 0").execute(&mut app).await.unwrap();
+        sqlx::raw_sql("SET statement_timeout = 0")
+            .execute(&mut app)
+            .await
+            .unwrap();
         let pid = pid(&mut app).await;
         let (took, code) = cancelled_after(&mut app, "SELECT pg_sleep(30)").await;
-        sqlx::raw_sql("SELECT 1").execute(&mut app).await.expect("a cancelled statement leaves the session usable");
+        sqlx::raw_sql("SELECT 1")
+            .execute(&mut app)
+            .await
+            .expect("a cancelled statement leaves the session usable");
         (pid, took, code)
     };
     // Through the library: SET LOCAL inside the tenant transaction.
     let gateway_tx = async {
         let mut tx = gateway.begin(t.name.as_str(), "wd", "r-1").await.unwrap();
-        sqlx::raw_sql("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.unwrap();
+        sqlx::raw_sql("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         let pid = pid(&mut tx).await;
         let (took, code) = cancelled_after(&mut tx, "SELECT pg_sleep(30)").await;
         tx.rollback().await.unwrap();
@@ -141,22 +170,47 @@ async fn a_statement_past_the_cap_is_cancelled_whatever_the_session_set() {
     // The same, after the application renamed itself: found by its locks.
     let renamed = async {
         let mut tx = gateway.begin(t.name.as_str(), "wd", "r-2").await.unwrap();
-        sqlx::raw_sql("SELECT count(*) FROM items; SET LOCAL application_name = 'mine'; SET LOCAL statement_timeout = 0").execute(&mut *tx).await.unwrap();
+        sqlx::raw_sql(
+            "SELECT count(*) FROM items; SET LOCAL application_name = 'mine'; SET LOCAL statement_timeout = 0",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
         let pid = pid(&mut tx).await;
         let (took, code) = cancelled_after(&mut tx, "SELECT pg_sleep(30)").await;
         tx.rollback().await.unwrap();
         (pid, took, code)
     };
     let (direct, via_gateway, renamed) = tokio::join!(direct, gateway_tx, renamed);
-    for (what, (_, took, code)) in [("app login", &direct), ("gateway", &via_gateway), ("gateway, renamed", &renamed)] {
+    for (what, (_, took, code)) in [
+        ("app login", &direct),
+        ("gateway", &via_gateway),
+        ("gateway, renamed", &renamed),
+    ] {
         assert_eq!(code, "57014", "{what}: not a cancel");
-        assert!(*took >= Duration::from_secs(2) && *took < Duration::from_secs(4), "{what}: cancelled after {took:?} (cap 2 s, grace 1 s)");
+        assert!(
+            *took >= Duration::from_secs(2) && *took < Duration::from_secs(4),
+            "{what}: cancelled after {took:?} (cap 2 s, grace 1 s)"
+        );
     }
     let signalled = dog.signalled();
-    let of = |pid: i32| signalled.iter().find(|s| s.pid == pid).unwrap_or_else(|| panic!("pid {pid} not in {signalled:?}")).clone();
-    for ((pid, _, _), via) in [(direct, Via::Login), (via_gateway, Via::ApplicationName), (renamed, Via::Locks)] {
+    let of = |pid: i32| {
+        signalled
+            .iter()
+            .find(|s| s.pid == pid)
+            .unwrap_or_else(|| panic!("pid {pid} not in {signalled:?}"))
+            .clone()
+    };
+    for ((pid, _, _), via) in [
+        (direct, Via::Login),
+        (via_gateway, Via::ApplicationName),
+        (renamed, Via::Locks),
+    ] {
         let s = of(pid);
-        assert_eq!((s.tenant.as_str(), s.uid.as_str(), s.reason, s.via, s.cap_ms), (t.name.as_str(), t.uid.as_str(), Reason::StatementCancelled, via, 2_000));
+        assert_eq!(
+            (s.tenant.as_str(), s.uid.as_str(), s.reason, s.via, s.cap_ms),
+            (t.name.as_str(), t.uid.as_str(), Reason::StatementCancelled, via, 2_000)
+        );
     }
     assert_eq!(signalled.len(), 3, "each signalled once: {signalled:?}");
 }
@@ -170,21 +224,43 @@ async fn a_session_idle_in_a_transaction_past_its_cap_is_ended() {
 
     let mut app = t.app(&env.db).await.unwrap();
     let app_pid = pid(&mut app).await;
-    sqlx::raw_sql("SET idle_in_transaction_session_timeout = 0; BEGIN; SELECT count(*) FROM items").execute(&mut app).await.unwrap();
+    sqlx::raw_sql("SET idle_in_transaction_session_timeout = 0; BEGIN; SELECT count(*) FROM items")
+        .execute(&mut app)
+        .await
+        .unwrap();
     let mut tx = gateway.begin(t.name.as_str(), "wd", "r-1").await.unwrap();
-    sqlx::raw_sql("SET LOCAL idle_in_transaction_session_timeout = 0").execute(&mut *tx).await.unwrap();
+    sqlx::raw_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let gw_pid = pid(&mut tx).await;
     tokio::time::sleep(Duration::from_millis(4000)).await;
-    let e = sqlx::raw_sql("SELECT 1").execute(&mut app).await.expect_err("the idle transaction's session survived");
-    assert!(matches!(sqlstate(&e).as_str(), "57P01") || e.as_database_error().is_none(), "{e}");
-    assert!(sqlx::raw_sql("SELECT 1").execute(&mut *tx).await.is_err(), "the gateway's idle transaction survived");
+    let e = sqlx::raw_sql("SELECT 1")
+        .execute(&mut app)
+        .await
+        .expect_err("the idle transaction's session survived");
+    assert!(
+        matches!(sqlstate(&e).as_str(), "57P01") || e.as_database_error().is_none(),
+        "{e}"
+    );
+    assert!(
+        sqlx::raw_sql("SELECT 1").execute(&mut *tx).await.is_err(),
+        "the gateway's idle transaction survived"
+    );
     let signalled = dog.signalled();
     let mut got: Vec<(i32, Reason, Via)> = signalled.iter().map(|s| (s.pid, s.reason, s.via)).collect();
     got.sort_by_key(|g| g.0);
-    let mut want = vec![(app_pid, Reason::IdleSessionEnded, Via::Login), (gw_pid, Reason::IdleSessionEnded, Via::ApplicationName)];
+    let mut want = vec![
+        (app_pid, Reason::IdleSessionEnded, Via::Login),
+        (gw_pid, Reason::IdleSessionEnded, Via::ApplicationName),
+    ];
     want.sort_by_key(|g| g.0);
     assert_eq!(got, want);
-    let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)").bind(vec![app_pid, gw_pid]).fetch_one(&env.db.admin).await.unwrap();
+    let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+        .bind(vec![app_pid, gw_pid])
+        .fetch_one(&env.db.admin)
+        .await
+        .unwrap();
     assert_eq!(alive, 0);
 }
 
@@ -198,12 +274,22 @@ async fn it_never_touches_the_admin_ops_logins_other_roles_tenants_within_limits
     // A role of no tenant, calling itself one of the capped tenant's.
     let plain = format!("plain_{:08x}", rand::random::<u32>());
     let mut su = env.db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE ROLE {plain} LOGIN PASSWORD 'pw'; GRANT CONNECT ON DATABASE {} TO {plain}", env.db.name))).execute(&mut su).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {plain} LOGIN PASSWORD 'pw'; GRANT CONNECT ON DATABASE {} TO {plain}",
+        env.db.name
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
     let mut plain_c = PgConnection::connect(&env.db.url_as(&plain, "pw")).await.unwrap();
     // The capped tenant's ops login (migrations, backups).
-    let salt = pg::tenant::existing_key_salt(&env.db.admin, &capped.uid).await.unwrap().expect("salt");
+    let salt = pg::tenant::existing_key_salt(&env.db.admin, &capped.uid)
+        .await
+        .unwrap()
+        .expect("salt");
     let target = pg::Target::from_url(&env.db.admin_url).unwrap();
-    let login = pg::confined::OpsLogin::derive(&target, &capped.name, &capped.uid, &support::test_ring(), &salt).unwrap();
+    let login =
+        pg::confined::OpsLogin::derive(&target, &capped.name, &capped.uid, &support::test_ring(), &salt).unwrap();
     let mut ops = pg::confined::connect(&env.db.admin, &login).await.expect("ops login");
     let dog = env.watchdog();
 
@@ -211,7 +297,10 @@ async fn it_never_touches_the_admin_ops_logins_other_roles_tenants_within_limits
     let control = async {
         // Proof the watchdog was at work meanwhile.
         let mut app = capped.app(&env.db).await.unwrap();
-        sqlx::raw_sql("SET statement_timeout = 0").execute(&mut app).await.unwrap();
+        sqlx::raw_sql("SET statement_timeout = 0")
+            .execute(&mut app)
+            .await
+            .unwrap();
         let pid = pid(&mut app).await;
         (pid, cancelled_after(&mut app, "SELECT pg_sleep(30)").await.1)
     };
@@ -238,19 +327,42 @@ async fn it_never_touches_the_admin_ops_logins_other_roles_tenants_within_limits
         tx.commit().await
     };
     let plain_sleep = async {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET application_name = 'tenant:{}'; {sleep}", capped.name))).execute(&mut plain_c).await.map(|_| ())
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET application_name = 'tenant:{}'; {sleep}",
+            capped.name
+        )))
+        .execute(&mut plain_c)
+        .await
+        .map(|_| ())
     };
     let admin_sleep = async {
         let mut c = env.db.admin.acquire().await.unwrap();
-        let r = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SET LOCAL application_name = 'tenant:{}'; SELECT pg_sleep(4.5); COMMIT", capped.name)))
-            .execute(&mut *c)
-            .await
-            .map(|_| ());
+        let r = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; SET LOCAL application_name = 'tenant:{}'; SELECT pg_sleep(4.5); COMMIT",
+            capped.name
+        )))
+        .execute(&mut *c)
+        .await
+        .map(|_| ());
         let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *c).await;
         r
     };
-    let ops_sleep = async { sqlx::raw_sql("SET statement_timeout = 0; SELECT pg_sleep(4.5)").execute(&mut *ops).await.map(|_| ()) };
-    let (control, a, b, c, d, e, f, g) = tokio::join!(control, within_app, within_gateway, uncapped_app, uncapped_gateway, plain_sleep, admin_sleep, ops_sleep);
+    let ops_sleep = async {
+        sqlx::raw_sql("SET statement_timeout = 0; SELECT pg_sleep(4.5)")
+            .execute(&mut *ops)
+            .await
+            .map(|_| ())
+    };
+    let (control, a, b, c, d, e, f, g) = tokio::join!(
+        control,
+        within_app,
+        within_gateway,
+        uncapped_app,
+        uncapped_gateway,
+        plain_sleep,
+        admin_sleep,
+        ops_sleep
+    );
     assert_eq!(control.1, "57014", "the watchdog did not cancel the control statement");
     for (what, r) in [
         ("a tenant within its caps (own login)", a),
@@ -264,7 +376,11 @@ async fn it_never_touches_the_admin_ops_logins_other_roles_tenants_within_limits
         r.unwrap_or_else(|err| panic!("{what} was touched: {err}"));
     }
     let signalled = dog.signalled();
-    assert_eq!(signalled.iter().map(|s| s.pid).collect::<Vec<_>>(), vec![control.0], "only the control: {signalled:?}");
+    assert_eq!(
+        signalled.iter().map(|s| s.pid).collect::<Vec<_>>(),
+        vec![control.0],
+        "only the control: {signalled:?}"
+    );
 }
 
 #[tokio::test]
@@ -276,10 +392,19 @@ async fn the_begin_message_names_the_tenant_in_pg_stat_activity_for_the_transact
     let pid = pid(&mut tx).await;
     let seen = |pid: i32| {
         let admin = env.db.admin.clone();
-        async move { sqlx::query_scalar::<_, String>("SELECT application_name FROM pg_stat_activity WHERE pid = $1").bind(pid).fetch_one(&admin).await.unwrap() }
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(seen(pid).await, format!("tenant:{}", t.name));
     tx.commit().await.unwrap();
     let after = seen(pid).await;
-    assert!(!after.starts_with("tenant:"), "application_name outlived the transaction: {after:?}");
+    assert!(
+        !after.starts_with("tenant:"),
+        "application_name outlived the transaction: {after:?}"
+    );
 }

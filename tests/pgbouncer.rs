@@ -31,17 +31,34 @@ async fn setup(label: &str) -> Env {
     let (db, gw, password) = support::gateway_db(label).await;
     // PgBouncer looks the gateway's verifier up through its auth login,
     // which (like everyone) needs CONNECT on the hardened database.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT CONNECT ON DATABASE {} TO pgbouncer_auth", db.name))).execute(&db.admin).await.expect("grant auth login");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT CONNECT ON DATABASE {} TO pgbouncer_auth",
+        db.name
+    )))
+    .execute(&db.admin)
+    .await
+    .expect("grant auth login");
     Env { db, gw, password }
 }
 
 impl Env {
     fn pooler_url(&self) -> String {
-        format!("postgresql://{}:{}@127.0.0.1:{}/{}", self.gw, self.password, env("TEST_PGBOUNCER_PORT"), self.db.name)
+        format!(
+            "postgresql://{}:{}@127.0.0.1:{}/{}",
+            self.gw,
+            self.password,
+            env("TEST_PGBOUNCER_PORT"),
+            self.db.name
+        )
     }
 
     async fn gateway(&self, clients: u32) -> Gateway {
-        Gateway::connect_with(self.pooler_url().parse().unwrap(), PgPoolOptions::new().max_connections(clients)).await.expect("library pool through PgBouncer")
+        Gateway::connect_with(
+            self.pooler_url().parse().unwrap(),
+            PgPoolOptions::new().max_connections(clients),
+        )
+        .await
+        .expect("library pool through PgBouncer")
     }
 
     /// Tenants with a table `items` holding one row: their own name.
@@ -73,7 +90,10 @@ impl Env {
             ));
         }
         let mut su = self.db.superuser().await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut su).await.expect("seed");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut su)
+            .await
+            .expect("seed");
         // The audit triggers on the new tables.
         for t in &mut tenants {
             t.converge(&self.db).await.expect("converge after seeding");
@@ -91,13 +111,19 @@ impl Env {
 }
 
 fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 #[tokio::test]
 async fn fifty_tenants_over_five_server_connections_each_see_only_their_own_rows() {
     let env = setup("pb_matrix").await;
-    let pool_size: i64 = std::env::var("TEST_PGBOUNCER_POOL_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let pool_size: i64 = std::env::var("TEST_PGBOUNCER_POOL_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let tenants = env.tenants(50).await;
     let gateway = env.gateway(25).await;
     let other = tenants[1].name.schema();
@@ -109,14 +135,23 @@ async fn fifty_tenants_over_five_server_connections_each_see_only_their_own_rows
             let (gateway, t, other, max_seen) = (&gateway, &tenants[i], other.clone(), max_seen.clone());
             let env = &env;
             async move {
-                let mut tx = gateway.begin(t.name.as_str(), "matrix", &format!("{i}-{r}")).await.expect("begin");
-                let rows: Vec<String> = sqlx::query_scalar("SELECT v FROM items").fetch_all(&mut *tx).await.expect("own rows");
+                let mut tx = gateway
+                    .begin(t.name.as_str(), "matrix", &format!("{i}-{r}"))
+                    .await
+                    .expect("begin");
+                let rows: Vec<String> = sqlx::query_scalar("SELECT v FROM items")
+                    .fetch_all(&mut *tx)
+                    .await
+                    .expect("own rows");
                 assert_eq!(rows, vec![t.name.to_string()], "tenant {} saw {rows:?}", t.name);
                 let seen = env.server_connections().await as u64;
                 max_seen.fetch_max(seen, Ordering::Relaxed);
                 if i != 1 && r == 0 {
                     // Another tenant's schema, named outright: refused.
-                    let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT v FROM {other}.items"))).fetch_all(&mut *tx).await.unwrap_err();
+                    let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT v FROM {other}.items")))
+                        .fetch_all(&mut *tx)
+                        .await
+                        .unwrap_err();
                     assert_eq!(sqlstate(&e), "42501", "{e}");
                     tx.rollback().await.unwrap();
                 } else {
@@ -128,13 +163,22 @@ async fn fifty_tenants_over_five_server_connections_each_see_only_their_own_rows
         .collect::<Vec<()>>()
         .await;
     let max_seen = max_seen.load(Ordering::Relaxed) as i64;
-    assert!(max_seen >= 1 && max_seen <= pool_size, "PgBouncer used {max_seen} server connections (pool {pool_size})");
+    assert!(
+        max_seen >= 1 && max_seen <= pool_size,
+        "PgBouncer used {max_seen} server connections (pool {pool_size})"
+    );
     // A query without picking a tenant: the gateway reads nothing.
     // (Outside a transaction, through PgBouncer 1.18, only the simple query
     // protocol: an extended-protocol query may span two server connections.)
-    let e = sqlx::raw_sql("SELECT v FROM items").execute(gateway.pool()).await.unwrap_err();
+    let e = sqlx::raw_sql("SELECT v FROM items")
+        .execute(gateway.pool())
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42P01", "{e}");
-    let e = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SELECT v FROM {other}.items"))).execute(gateway.pool()).await.unwrap_err();
+    let e = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SELECT v FROM {other}.items")))
+        .execute(gateway.pool())
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e), "42501", "{e}");
 }
 
@@ -162,7 +206,10 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
     let mut pids = Vec::new();
     for round in 0..60 {
         let (i, t) = (round % 3, &tenants[round % 3]);
-        let mut tx = gateway.begin(t.name.as_str(), &format!("actor-{round}"), &format!("req-{round}")).await.unwrap();
+        let mut tx = gateway
+            .begin(t.name.as_str(), &format!("actor-{round}"), &format!("req-{round}"))
+            .await
+            .unwrap();
         let row: (i32, String, String, String, String, String, String) = sqlx::query_as(
             "SELECT pg_backend_pid(), current_user::text, current_setting('search_path'), current_setting('statement_timeout'),
                     current_setting('work_mem'), current_setting('tenancy.actor'), current_setting('tenancy.request_id')",
@@ -175,12 +222,22 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
         assert_eq!(row.2, t.name.schema());
         assert_eq!(row.3, format!("{}ms", 1001 + i));
         assert_eq!(row.4, format!("{}kB", 1100 + 10 * i));
-        assert_eq!((row.5.as_str(), row.6.as_str()), (format!("actor-{round}").as_str(), format!("req-{round}").as_str()));
+        assert_eq!(
+            (row.5.as_str(), row.6.as_str()),
+            (format!("actor-{round}").as_str(), format!("req-{round}").as_str())
+        );
         // The begin message names the tenant, for the watchdog, and Postgres
         // shows it to other sessions while the transaction lasts.
-        let app_name: String = sqlx::query_scalar("SELECT current_setting('application_name')").fetch_one(&mut *tx).await.unwrap();
+        let app_name: String = sqlx::query_scalar("SELECT current_setting('application_name')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
         assert_eq!(app_name, format!("tenant:{}", t.name));
-        let shown: String = sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1").bind(row.0).fetch_one(&env.db.admin).await.unwrap();
+        let shown: String = sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+            .bind(row.0)
+            .fetch_one(&env.db.admin)
+            .await
+            .unwrap();
         assert_eq!(shown, app_name);
         // Whatever the transaction sets LOCAL itself dies with it too.
         // And what code bypassing the library leaves at session level is
@@ -205,10 +262,26 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
         .await
         .unwrap();
         tx.rollback().await.unwrap();
-        assert_eq!(row, (env.gw.to_string(), "\"\"".into(), "0".into(), "4MBon".into(), String::new(), initial.clone()), "round {round}");
+        assert_eq!(
+            row,
+            (
+                env.gw.to_string(),
+                "\"\"".into(),
+                "0".into(),
+                "4MBon".into(),
+                String::new(),
+                initial.clone()
+            ),
+            "round {round}"
+        );
     }
     let distinct: HashSet<i32> = pids.iter().copied().collect();
-    assert!(distinct.len() < pids.len() / 2, "server connections were not reused: {} pids over {} transactions", distinct.len(), pids.len());
+    assert!(
+        distinct.len() < pids.len() / 2,
+        "server connections were not reused: {} pids over {} transactions",
+        distinct.len(),
+        pids.len()
+    );
 }
 
 #[tokio::test]
@@ -218,8 +291,14 @@ async fn audit_entries_written_through_the_pooler_carry_actor_and_request_id() {
     let gateway = env.gateway(2).await;
     for (t, actor, req) in [(&tenants[0], "alice@a", "req-a-1"), (&tenants[1], "bob@b", "req-b-1")] {
         let mut tx = gateway.begin(t.name.as_str(), actor, req).await.unwrap();
-        sqlx::query("INSERT INTO items (v) VALUES ('new')").execute(&mut *tx).await.unwrap();
-        sqlx::query("UPDATE items SET v = 'changed' WHERE v = 'new'").execute(&mut *tx).await.unwrap();
+        sqlx::query("INSERT INTO items (v) VALUES ('new')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE items SET v = 'changed' WHERE v = 'new'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
     let mut su = env.db.superuser().await;
@@ -253,7 +332,9 @@ async fn a_suspend_under_load_refuses_the_tenant_within_a_second_and_spares_the_
                 while !stop.load(Ordering::Relaxed) {
                     let r = async {
                         let mut tx = gateway.begin(&name, "load", "r").await?;
-                        let _: i64 = sqlx::query_scalar("SELECT count(*) FROM items").fetch_one(&mut *tx).await?;
+                        let _: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+                            .fetch_one(&mut *tx)
+                            .await?;
                         tx.commit().await?;
                         Ok::<(), Error>(())
                     }
@@ -281,7 +362,10 @@ async fn a_suspend_under_load_refuses_the_tenant_within_a_second_and_spares_the_
     for w in workers {
         let (i, ok, ok_late, refused_late, errors) = w.await.unwrap();
         if i == 0 {
-            assert_eq!(ok_late, 0, "tenant {i}: a transaction began more than 1s after the suspend");
+            assert_eq!(
+                ok_late, 0,
+                "tenant {i}: a transaction began more than 1s after the suspend"
+            );
             refused += refused_late;
             // Its requests in flight at the suspend may end with their
             // session (terminated); nothing else.
@@ -301,13 +385,32 @@ fn psycopg_python() -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = root.join(".tools/psycopg-venv");
     let python = venv.join("bin/python");
-    let ok = |p: &std::path::Path| std::process::Command::new(p).args(["-c", "import psycopg"]).output().is_ok_and(|o| o.status.success());
+    let ok = |p: &std::path::Path| {
+        std::process::Command::new(p)
+            .args(["-c", "import psycopg"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if !ok(&python) {
         let _ = std::fs::remove_dir_all(&venv);
-        let st = std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 -m venv");
-        assert!(st.success(), "python3 -m venv failed: run scripts/setup.sh (python3-venv)");
+        let st = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(
+            st.success(),
+            "python3 -m venv failed: run scripts/setup.sh (python3-venv)"
+        );
         let st = std::process::Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "psycopg[binary]==3.3.9"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "psycopg[binary]==3.3.9",
+            ])
             .status()
             .expect("pip");
         assert!(st.success(), "installing psycopg[binary] from PyPI failed");
@@ -324,25 +427,44 @@ async fn the_python_example_routes_each_tenant_and_refuses_the_others() {
     let python = psycopg_python();
     let nobody = unique("nobody");
     let out = std::process::Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/tenant_request.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/python/tenant_request.py"
+        ))
         .arg(env.pooler_url())
-        .args([tenants[0].name.as_str(), tenants[1].name.as_str(), &nobody, tenants[0].name.as_str()])
+        .args([
+            tenants[0].name.as_str(),
+            tenants[1].name.as_str(),
+            &nobody,
+            tenants[0].name.as_str(),
+        ])
         .output()
         .expect("run the example");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let a = &tenants[0].name;
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
-        vec![format!("{a} ok {a}"), format!("{} not-active", tenants[1].name), format!("{nobody} unknown"), format!("{a} ok {a}")],
+        vec![
+            format!("{a} ok {a}"),
+            format!("{} not-active", tenants[1].name),
+            format!("{nobody} unknown"),
+            format!("{a} ok {a}")
+        ],
     );
     // Every transaction it opened was ended (refused ones left nothing).
     let mut su = env.db.superuser().await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND state = 'idle in transaction'")
-        .bind(env.gw.as_str())
-        .fetch_one(&mut su)
-        .await
-        .unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND state = 'idle in transaction'",
+    )
+    .bind(env.gw.as_str())
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
     assert_eq!(n, 0, "the example left a transaction open");
 }
 
@@ -352,8 +474,13 @@ async fn the_caps_watchdog_cancels_a_statement_through_the_pooler_and_the_connec
     let mut tenants = env.tenants(2).await;
     tenants[0].spec.database.statement_timeout = "2s".into();
     tenants[0].converge(&env.db).await.unwrap();
-    pg::watchdog::ensure_visibility(&env.db.admin).await.expect("the admin sees tenants' sessions");
-    let cfg = pg::watchdog::Config { grace: Duration::from_secs(1), gateway: Some(env.gw.to_string()) };
+    pg::watchdog::ensure_visibility(&env.db.admin)
+        .await
+        .expect("the admin sees tenants' sessions");
+    let cfg = pg::watchdog::Config {
+        grace: Duration::from_secs(1),
+        gateway: Some(env.gw.to_string()),
+    };
     let (pool, signalled) = (env.db.admin.clone(), Arc::new(std::sync::Mutex::new(Vec::new())));
     let out = signalled.clone();
     let dog = tokio::spawn(async move {
@@ -365,21 +492,33 @@ async fn the_caps_watchdog_cancels_a_statement_through_the_pooler_and_the_connec
     });
     let gateway = env.gateway(1).await;
     let mut tx = gateway.begin(tenants[0].name.as_str(), "wd", "r-1").await.unwrap();
-    sqlx::raw_sql("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.unwrap();
+    sqlx::raw_sql("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let t0 = Instant::now();
-    let e = sqlx::raw_sql("SELECT pg_sleep(30)").execute(&mut *tx).await.expect_err("not cancelled");
+    let e = sqlx::raw_sql("SELECT pg_sleep(30)")
+        .execute(&mut *tx)
+        .await
+        .expect_err("not cancelled");
     let took = t0.elapsed();
     assert_eq!(sqlstate(&e), "57014", "{e}");
     assert!(took < Duration::from_secs(4), "cancelled after {took:?}");
     tx.rollback().await.unwrap();
     // The same client connection serves the other tenant next, unharmed.
     let mut tx = gateway.begin(tenants[1].name.as_str(), "wd", "r-2").await.unwrap();
-    let rows: Vec<String> = sqlx::query_scalar("SELECT v FROM items").fetch_all(&mut *tx).await.unwrap();
+    let rows: Vec<String> = sqlx::query_scalar("SELECT v FROM items")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
     assert_eq!(rows, vec![tenants[1].name.to_string()]);
     tx.commit().await.unwrap();
     assert!(!dog.is_finished(), "the watchdog's pass failed");
     dog.abort();
     let s = signalled.lock().unwrap().clone();
     assert_eq!(s.len(), 1, "{s:?}");
-    assert_eq!((s[0].tenant.as_str(), s[0].via), (tenants[0].name.as_str(), pg::watchdog::Via::ApplicationName));
+    assert_eq!(
+        (s[0].tenant.as_str(), s[0].via),
+        (tenants[0].name.as_str(), pg::watchdog::Via::ApplicationName)
+    );
 }

@@ -19,8 +19,8 @@ use std::io::{self, Read};
 use std::sync::OnceLock;
 
 use tenant_operator::crypto::{
-    self, envelope_key_version, stream_key_version, Keyring, OpeningReader, Purpose,
-    StreamDecryptor, StreamEncryptor, TenantSalt,
+    self, envelope_key_version, stream_key_version, Keyring, OpeningReader, Purpose, StreamDecryptor, StreamEncryptor,
+    TenantSalt,
 };
 
 /// The tenant every fixture belongs to.
@@ -70,20 +70,15 @@ pub fn fixture() -> &'static Fixture {
             (&ring, b"the database password"),
             (&old_ring, b"sealed under v1"),
         ] {
-            let env = crypto::seal(r, &salt, UID, Purpose::Secrets, NAME, plaintext)
-                .expect("fixture envelope");
+            let env = crypto::seal(r, &salt, UID, Purpose::Secrets, NAME, plaintext).expect("fixture envelope");
             envelopes.push((env, plaintext.to_vec()));
         }
         // 3 full chunks and a short last one.
-        let stream_plaintext: Vec<u8> = (0..(3 * STREAM_CHUNK + 8))
-            .map(|i| (i * 7 + 3) as u8)
-            .collect();
+        let stream_plaintext: Vec<u8> = (0..(3 * STREAM_CHUNK + 8)).map(|i| (i * 7 + 3) as u8).collect();
         let mut enc =
-            StreamEncryptor::with_chunk_size(&ring, &salt, UID, Purpose::Backup, STREAM_CHUNK)
-                .expect("fixture stream");
+            StreamEncryptor::with_chunk_size(&ring, &salt, UID, Purpose::Backup, STREAM_CHUNK).expect("fixture stream");
         let mut stream = Vec::new();
-        enc.push(&stream_plaintext, &mut stream)
-            .expect("fixture stream");
+        enc.push(&stream_plaintext, &mut stream).expect("fixture stream");
         enc.finish(&mut stream).expect("fixture stream");
         Fixture {
             ring,
@@ -152,16 +147,9 @@ pub fn envelope_open(data: &[u8]) {
     match crypto::open(&fx.ring, &fx.salt, UID, Purpose::Secrets, NAME, &candidate) {
         Ok(plaintext) => {
             let Some((_, sealed)) = known else {
-                panic!(
-                    "an envelope that was never sealed opened ({} bytes)",
-                    candidate.len()
-                );
+                panic!("an envelope that was never sealed opened ({} bytes)", candidate.len());
             };
-            assert_eq!(
-                plaintext.as_slice(),
-                sealed.as_slice(),
-                "opened to other bytes"
-            );
+            assert_eq!(plaintext.as_slice(), sealed.as_slice(), "opened to other bytes");
             assert!(version.is_ok(), "opened, but its key version did not parse");
         }
         Err(err) => {
@@ -170,15 +158,7 @@ pub fn envelope_open(data: &[u8]) {
     }
     // Never under another name or purpose, valid or not.
     assert!(
-        crypto::open(
-            &fx.ring,
-            &fx.salt,
-            UID,
-            Purpose::Secrets,
-            "other",
-            &candidate
-        )
-        .is_err(),
+        crypto::open(&fx.ring, &fx.salt, UID, Purpose::Secrets, "other", &candidate).is_err(),
         "an envelope opened under another name"
     );
     assert!(
@@ -223,8 +203,7 @@ pub fn stream_open(data: &[u8]) {
     let _ = stream_key_version(&candidate);
 
     // Push in splits.
-    let mut dec = StreamDecryptor::new(&fx.ring, &fx.salt, UID, Purpose::Backup)
-        .expect("decryptor for a valid uid");
+    let mut dec = StreamDecryptor::new(&fx.ring, &fx.salt, UID, Purpose::Backup).expect("decryptor for a valid uid");
     let mut out = Vec::new();
     let mut rest = &candidate[..];
     let mut sizes = split_sizes(seed);
@@ -247,10 +226,7 @@ pub fn stream_open(data: &[u8]) {
     match result {
         Ok(()) => {
             assert!(intact, "an altered stream opened to the end");
-            assert_eq!(
-                out, fx.stream_plaintext,
-                "an intact stream opened to other bytes"
-            );
+            assert_eq!(out, fx.stream_plaintext, "an intact stream opened to other bytes");
         }
         Err(err) => assert!(!intact, "the intact stream failed: {err}"),
     }
@@ -260,8 +236,8 @@ pub fn stream_open(data: &[u8]) {
         data: &candidate,
         sizes: split_sizes(seed.wrapping_add(1)),
     };
-    let mut reader = OpeningReader::new(inner, &fx.ring, &fx.salt, UID, Purpose::Backup)
-        .expect("reader for a valid uid");
+    let mut reader =
+        OpeningReader::new(inner, &fx.ring, &fx.salt, UID, Purpose::Backup).expect("reader for a valid uid");
     let mut out = Vec::new();
     let mut buf = vec![0u8; usize::from(seed % 50) + 1];
     let end = loop {
@@ -269,10 +245,7 @@ pub fn stream_open(data: &[u8]) {
             Ok(0) => break Ok(()),
             Ok(n) => {
                 out.extend_from_slice(&buf[..n]);
-                assert!(
-                    is_prefix(&out),
-                    "the reader released plaintext that was never sealed"
-                );
+                assert!(is_prefix(&out), "the reader released plaintext that was never sealed");
             }
             Err(err) => break Err(err),
         }
@@ -285,10 +258,7 @@ pub fn stream_open(data: &[u8]) {
         Err(err) => {
             assert!(!intact, "the reader failed on the intact stream: {err}");
             // After an error, the reader stays failed.
-            assert!(
-                reader.read(&mut buf).is_err(),
-                "the reader recovered after an error"
-            );
+            assert!(reader.read(&mut buf).is_err(), "the reader recovered after an error");
         }
     }
 }

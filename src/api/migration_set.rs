@@ -117,7 +117,11 @@ fn default_canary() -> u32 {
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        Self { max_concurrent: default_max_concurrent(), canary: default_canary(), on_failure: OnFailure::default() }
+        Self {
+            max_concurrent: default_max_concurrent(),
+            canary: default_canary(),
+            on_failure: OnFailure::default(),
+        }
     }
 }
 

@@ -6,13 +6,21 @@ pub mod migration_set;
 pub mod tenant;
 pub mod tenant_restore;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
-pub use migration_set::{FailedTenant, Migration, MigrationSet, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, OnFailure, RolloutSpec, VersionCount};
+pub use migration_set::{
+    FailedTenant, Migration, MigrationSet, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, OnFailure,
+    RolloutSpec, VersionCount,
+};
+pub use tenant::{
+    DatabaseSpec, RateLimit, RateLimitUnit, RateLimitsSpec, Tenant, TenantPhase, TenantSpec, TenantState, TenantStatus,
+    TenantUsage,
+};
 pub use tenant_restore::{RestorePhase, TenantRestore, TenantRestoreSpec, TenantRestoreStatus};
-pub use tenant::{DatabaseSpec, RateLimit, RateLimitUnit, RateLimitsSpec, Tenant, TenantPhase, TenantSpec, TenantState, TenantStatus, TenantUsage};
 
 /// API group of every resource of the operator.
 pub const GROUP: &str = "tenancy.dev";
@@ -81,7 +89,10 @@ fn sort_defaults(p: &mut JSONSchemaProps) {
     let nested = p.properties.iter_mut().flat_map(|m| m.values_mut());
     let nested = nested.chain(p.pattern_properties.iter_mut().flat_map(|m| m.values_mut()));
     let nested = nested.chain(p.definitions.iter_mut().flat_map(|m| m.values_mut()));
-    let nested = nested.chain(p.all_of.iter_mut().flatten()).chain(p.any_of.iter_mut().flatten()).chain(p.one_of.iter_mut().flatten());
+    let nested = nested
+        .chain(p.all_of.iter_mut().flatten())
+        .chain(p.any_of.iter_mut().flatten())
+        .chain(p.one_of.iter_mut().flatten());
     let nested = nested.chain(p.not.as_deref_mut());
     let nested = nested.chain(match p.items.as_mut() {
         Some(JSONSchemaPropsOrArray::Schema(s)) => vec![s.as_mut()],

@@ -243,15 +243,26 @@ impl RateLimitUnit {
 }
 
 fn default_api_limit() -> RateLimit {
-    RateLimit { requests_per_unit: 100, unit: RateLimitUnit::Second, shadow_mode: false }
+    RateLimit {
+        requests_per_unit: 100,
+        unit: RateLimitUnit::Second,
+        shadow_mode: false,
+    }
 }
 fn default_webhook_limit() -> RateLimit {
-    RateLimit { requests_per_unit: 20, unit: RateLimitUnit::Second, shadow_mode: false }
+    RateLimit {
+        requests_per_unit: 20,
+        unit: RateLimitUnit::Second,
+        shadow_mode: false,
+    }
 }
 
 impl Default for RateLimitsSpec {
     fn default() -> Self {
-        Self { api: default_api_limit(), webhook: default_webhook_limit() }
+        Self {
+            api: default_api_limit(),
+            webhook: default_webhook_limit(),
+        }
     }
 }
 

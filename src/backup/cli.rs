@@ -142,7 +142,10 @@ pub struct CommonArgs {
 
 impl CommonArgs {
     fn tools(&self) -> Tools {
-        Tools { pg_dump: self.pg_dump.clone(), pg_restore: self.pg_restore.clone() }
+        Tools {
+            pg_dump: self.pg_dump.clone(),
+            pg_restore: self.pg_restore.clone(),
+        }
     }
 }
 
@@ -152,7 +155,9 @@ const COMMAND_ACTOR: &str = "tenant-operator restore (command)";
 /// `30m`, `36h`, `14d`, `2w`, `90s`.
 pub fn parse_age(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or("a unit is needed: s, m, h, d or w")?;
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or("a unit is needed: s, m, h, d or w")?;
     let (n, unit) = s.split_at(split);
     let n: u64 = n.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
     let secs = match unit {
@@ -166,7 +171,9 @@ pub fn parse_age(s: &str) -> Result<Duration, String> {
     if n == 0 {
         return Err("must be more than 0".into());
     }
-    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(|| "too long".into())
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| "too long".into())
 }
 
 /// How long a command waits for the API server when the keys come from a
@@ -183,12 +190,19 @@ struct Cluster {
 /// Loads the root keys and reaches the cluster. Keys from the Secret need
 /// the cluster (an error without one); keys from a file make it optional:
 /// no cluster is a warning naming what is skipped (`skipped`).
-async fn keys_and_cluster(name: &TenantName, common: &CommonArgs, keys: &KeySource, skipped: &str) -> anyhow::Result<(Keyring, Option<Cluster>)> {
+async fn keys_and_cluster(
+    name: &TenantName,
+    common: &CommonArgs,
+    keys: &KeySource,
+    skipped: &str,
+) -> anyhow::Result<(Keyring, Option<Cluster>)> {
     let Some(path) = &common.root_keys_file else {
         let client = kube::Client::try_default()
             .await
             .context("building the Kubernetes client (kubeconfig or in-cluster; without a cluster, pass the keys with --root-keys-file)")?;
-        let ring = crate::keys::load(&client, keys).await.context("loading the root keys")?;
+        let ring = crate::keys::load(&client, keys)
+            .await
+            .context("loading the root keys")?;
         let tenant = match Api::<Tenant>::all(client.clone()).get_opt(name.as_str()).await {
             Ok(t) => t,
             Err(e) => {
@@ -198,14 +212,24 @@ async fn keys_and_cluster(name: &TenantName, common: &CommonArgs, keys: &KeySour
         };
         return Ok((ring, Some(Cluster { client, tenant })));
     };
-    let ring = crate::keys::load_file(path, keys.kms.as_ref()).await.context("loading the root keys")?;
+    let ring = crate::keys::load_file(path, keys.kms.as_ref())
+        .await
+        .context("loading the root keys")?;
     tracing::info!(file = %path.display(), active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded from a file");
     let why = match kube::Client::try_default().await {
         Err(e) => format!("no Kubernetes cluster is configured ({e})"),
-        Ok(client) => match tokio::time::timeout(KUBE_PROBE_TIMEOUT, Api::<Tenant>::all(client.clone()).get_opt(name.as_str())).await {
+        Ok(client) => match tokio::time::timeout(
+            KUBE_PROBE_TIMEOUT,
+            Api::<Tenant>::all(client.clone()).get_opt(name.as_str()),
+        )
+        .await
+        {
             Ok(Ok(tenant)) => return Ok((ring, Some(Cluster { client, tenant }))),
             Ok(Err(e)) => format!("the Tenant cannot be read from Kubernetes ({e})"),
-            Err(_) => format!("the Kubernetes API did not answer within {} s", KUBE_PROBE_TIMEOUT.as_secs()),
+            Err(_) => format!(
+                "the Kubernetes API did not answer within {} s",
+                KUBE_PROBE_TIMEOUT.as_secs()
+            ),
         },
     };
     tracing::warn!(reason = %why, "running without Kubernetes (root keys from a file): {skipped} are skipped");
@@ -213,10 +237,22 @@ async fn keys_and_cluster(name: &TenantName, common: &CommonArgs, keys: &KeySour
 }
 
 async fn publish(cluster: Option<&Cluster>, warning: bool, reason: &str, note: String) {
-    let Some(Cluster { client, tenant: Some(t) }) = cluster else { return };
-    let reporter = Reporter { controller: "tenant-operator".into(), instance: std::env::var("POD_NAME").ok() };
+    let Some(Cluster {
+        client,
+        tenant: Some(t),
+    }) = cluster
+    else {
+        return;
+    };
+    let reporter = Reporter {
+        controller: "tenant-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let ev = crate::controller::event_of(warning, reason, note);
-    if let Err(e) = Recorder::new(client.clone(), reporter).publish(&ev, &t.object_ref(&())).await {
+    if let Err(e) = Recorder::new(client.clone(), reporter)
+        .publish(&ev, &t.object_ref(&()))
+        .await
+    {
         tracing::warn!(error = %e, "publishing an event failed");
     }
 }
@@ -227,16 +263,27 @@ pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()>
     if args.common.job {
         return run_backup_job(args, name).await;
     }
-    let url = args.common.database_url.clone().context("DATABASE_URL (the admin DSN) is needed without --job")?;
+    let url = args
+        .common
+        .database_url
+        .clone()
+        .context("DATABASE_URL (the admin DSN) is needed without --job")?;
     let skipped = "the Tenant's spec.backup.retention (only --keep-count/--keep-max-age apply), Events and the tenancy.dev/last-backup annotation";
     let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, skipped).await?;
     let (pool, target) = crate::pg::connect(&url, 2).await.context("connecting to Postgres")?;
-    crate::pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
+    crate::pg::migrate_control_schema(&pool)
+        .await
+        .context("preparing the control schema")?;
     let tenant = cluster.as_ref().and_then(|c| c.tenant.as_ref());
-    let spec_retention = tenant.and_then(|t| t.spec.backup.as_ref()).map(|b| b.retention.clone()).unwrap_or_default();
+    let spec_retention = tenant
+        .and_then(|t| t.spec.backup.as_ref())
+        .map(|b| b.retention.clone())
+        .unwrap_or_default();
     let retention = Retention {
         count: args.keep_count.or(spec_retention.count),
-        max_age: args.keep_max_age.or_else(|| spec_retention.max_age.as_deref().and_then(|a| parse_age(a).ok())),
+        max_age: args
+            .keep_max_age
+            .or_else(|| spec_retention.max_age.as_deref().and_then(|a| parse_age(a).ok())),
     };
     let store = super::Store::open(&args.common.store.config())?;
     let done = async {
@@ -249,18 +296,37 @@ pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()>
     match done {
         Ok(out) => {
             let m = &out.manifest;
-            let note = format!("backup {} ({} bytes, key v{}) in {}; pruned {}", m.id, m.bytes, m.key_version, store.url(), out.pruned.len());
+            let note = format!(
+                "backup {} ({} bytes, key v{}) in {}; pruned {}",
+                m.id,
+                m.bytes,
+                m.key_version,
+                store.url(),
+                out.pruned.len()
+            );
             publish(cluster.as_ref(), false, "BackupSucceeded", note).await;
             match &cluster {
-                Some(Cluster { client, tenant: Some(_) }) => {
+                Some(Cluster {
+                    client,
+                    tenant: Some(_),
+                }) => {
                     let patch = serde_json::json!({ "metadata": { "annotations": { LAST_BACKUP_ANNOTATION: m.id } } });
                     let tenants: Api<Tenant> = Api::all(client.clone());
-                    if let Err(e) = tenants.patch(name.as_str(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await {
+                    if let Err(e) = tenants
+                        .patch(
+                            name.as_str(),
+                            &kube::api::PatchParams::default(),
+                            &kube::api::Patch::Merge(&patch),
+                        )
+                        .await
+                    {
                         tracing::warn!(error = %e, "annotating the Tenant failed");
                     }
                 }
                 Some(_) => {}
-                None => tracing::warn!(backup = %m.id, "the Tenant was not annotated (no Kubernetes): the controller reports status.lastBackup from tenancy.backups at its next reconcile"),
+                None => {
+                    tracing::warn!(backup = %m.id, "the Tenant was not annotated (no Kubernetes): the controller reports status.lastBackup from tenancy.backups at its next reconcile")
+                }
             }
             print_backup(&out)
         }
@@ -272,7 +338,12 @@ pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()>
 }
 
 fn print_backup(out: &super::BackupOutcome) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(&serde_json::json!({ "manifest": out.manifest, "pruned": out.pruned, "orphansPruned": out.orphans_pruned }))?);
+    println!(
+        "{}",
+        serde_json::to_string(
+            &serde_json::json!({ "manifest": out.manifest, "pruned": out.pruned, "orphansPruned": out.orphans_pruned })
+        )?
+    );
     Ok(())
 }
 
@@ -282,7 +353,10 @@ fn print_backup(out: &super::BackupOutcome) -> anyhow::Result<()> {
 async fn run_backup_job(args: BackupArgs, name: TenantName) -> anyhow::Result<()> {
     let access = super::TenantAccess::from_env(&name)?;
     let store = super::Store::open(&args.common.store.config())?;
-    let retention = Retention { count: args.keep_count, max_age: args.keep_max_age };
+    let retention = Retention {
+        count: args.keep_count,
+        max_age: args.keep_max_age,
+    };
     let out = super::backup(&access, &args.common.tools(), &store, retention).await?;
     tracing::info!(backup = %out.manifest.id, bytes = out.manifest.bytes, pruned = out.pruned.len(), "backup written; the operator records it");
     print_backup(&out)
@@ -303,7 +377,9 @@ pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<(
     if args.common.job {
         // A restore Job: the operator chose the backup and prepared the schema.
         let Selector::Id(id) = selector else {
-            anyhow::bail!("with --job, --backup must name a backup id: the operator resolves latest and --point-in-time")
+            anyhow::bail!(
+                "with --job, --backup must name a backup id: the operator resolves latest and --point-in-time"
+            )
         };
         let access = super::TenantAccess::from_env(&name)?;
         let store = super::Store::open(&args.common.store.config())?;
@@ -311,21 +387,42 @@ pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<(
         println!("{}", serde_json::to_string(&serde_json::json!({ "restored": m }))?);
         return Ok(());
     }
-    let url = args.common.database_url.clone().context("DATABASE_URL (the admin DSN) is needed without --job")?;
+    let url = args
+        .common
+        .database_url
+        .clone()
+        .context("DATABASE_URL (the admin DSN) is needed without --job")?;
     let (ring, cluster) = keys_and_cluster(&name, &args.common, &keys, "Events").await?;
     let ring = Arc::new(ring);
     let (pool, target) = crate::pg::connect(&url, 3).await.context("connecting to Postgres")?;
-    crate::pg::migrate_control_schema(&pool).await.context("preparing the control schema")?;
+    crate::pg::migrate_control_schema(&pool)
+        .await
+        .context("preparing the control schema")?;
     let store = super::Store::open(&args.common.store.config())?;
     let done = async {
         let access = super::TenantAccess::derive(&pool, &target, &name, &ring).await?;
-        super::restore(&pool, &ring, &access, &args.common.tools(), &store, &selector, COMMAND_ACTOR).await
+        super::restore(
+            &pool,
+            &ring,
+            &access,
+            &args.common.tools(),
+            &store,
+            &selector,
+            COMMAND_ACTOR,
+        )
+        .await
     }
     .await;
     match done {
         Ok(out) => {
             let m = &out.manifest;
-            publish(cluster.as_ref(), false, "Restored", format!("schema {} restored from backup {} ({} bytes)", m.schema, m.id, m.bytes)).await;
+            publish(
+                cluster.as_ref(),
+                false,
+                "Restored",
+                format!("schema {} restored from backup {} ({} bytes)", m.schema, m.id, m.bytes),
+            )
+            .await;
             println!("{}", serde_json::to_string(&serde_json::json!({ "restored": m }))?);
             Ok(())
         }

@@ -124,7 +124,11 @@ pub enum BackupError {
         source: std::io::Error,
     },
     #[error("{program} failed ({status}): {stderr}")]
-    Tool { program: String, status: String, stderr: String },
+    Tool {
+        program: String,
+        status: String,
+        stderr: String,
+    },
     #[error("reading the dump: {0}")]
     Read(#[source] std::io::Error),
     #[error("sealing the dump: {0}")]
@@ -164,7 +168,10 @@ pub fn backup_id(t: DateTime<Utc>) -> String {
 
 /// Checks a user-given id before it goes into an object path.
 pub fn check_id(id: &str) -> Result<(), BackupError> {
-    let ok = id.len() == 20 && id.is_ascii() && chrono::NaiveDateTime::parse_from_str(&id[..19], "%Y%m%dT%H%M%S%.3f").is_ok() && id.ends_with('Z');
+    let ok = id.len() == 20
+        && id.is_ascii()
+        && chrono::NaiveDateTime::parse_from_str(&id[..19], "%Y%m%dT%H%M%S%.3f").is_ok()
+        && id.ends_with('Z');
     if ok {
         Ok(())
     } else {
@@ -198,10 +205,23 @@ pub fn plan_prune(manifests: &[Manifest], retention: Retention, now: DateTime<Ut
 /// The ids of the orphan dumps among a tenant's `objects` (a listing of
 /// its prefix, `dir`): `<id>.dump.enc` without `<id>.manifest.json`, last
 /// modified more than `grace` before `now`. Sorted. Pure.
-pub fn plan_orphans(dir: &object_store::path::Path, objects: &[object_store::ObjectMeta], now: DateTime<Utc>, grace: Duration) -> Vec<String> {
+pub fn plan_orphans(
+    dir: &object_store::path::Path,
+    objects: &[object_store::ObjectMeta],
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> Vec<String> {
     let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
-    let in_dir = |o: &object_store::ObjectMeta| o.location.prefix_match(dir).is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none());
-    let names: std::collections::BTreeSet<&str> = objects.iter().filter(|o| in_dir(o)).filter_map(|o| o.location.filename()).collect();
+    let in_dir = |o: &object_store::ObjectMeta| {
+        o.location
+            .prefix_match(dir)
+            .is_some_and(|mut rest| rest.next().is_some() && rest.next().is_none())
+    };
+    let names: std::collections::BTreeSet<&str> = objects
+        .iter()
+        .filter(|o| in_dir(o))
+        .filter_map(|o| o.location.filename())
+        .collect();
     let mut out: Vec<String> = objects
         .iter()
         .filter(|o| in_dir(o) && now.signed_duration_since(o.last_modified) > grace)
@@ -227,7 +247,11 @@ impl std::fmt::Display for Selector {
         match self {
             Selector::Latest => write!(f, "latest"),
             Selector::Id(id) => write!(f, "id {id}"),
-            Selector::PointInTime(t) => write!(f, "the newest at or before {}", t.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            Selector::PointInTime(t) => write!(
+                f,
+                "the newest at or before {}",
+                t.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
         }
     }
 }
@@ -250,7 +274,10 @@ pub struct Tools {
 
 impl Default for Tools {
     fn default() -> Self {
-        Tools { pg_dump: "pg_dump".into(), pg_restore: "pg_restore".into() }
+        Tools {
+            pg_dump: "pg_dump".into(),
+            pg_restore: "pg_restore".into(),
+        }
     }
 }
 
@@ -264,23 +291,39 @@ pub struct BackupKeys {
 
 impl std::fmt::Debug for BackupKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackupKeys").field("versions", &self.versions()).field("active", &self.active).finish()
+        f.debug_struct("BackupKeys")
+            .field("versions", &self.versions())
+            .field("active", &self.active)
+            .finish()
     }
 }
 
 impl BackupKeys {
     /// Derives the tenant's backup key under every version of the keyring.
     pub fn from_ring(ring: &Keyring, salt: &crate::crypto::TenantSalt, uid: &str) -> Result<Self, CryptoError> {
-        let keys = ring.versions().map(|v| ring.derive_tenant_key(v, salt, uid, Purpose::Backup)).collect::<Result<Vec<_>, _>>()?;
-        Ok(BackupKeys { keys, active: ring.active_version() })
+        let keys = ring
+            .versions()
+            .map(|v| ring.derive_tenant_key(v, salt, uid, Purpose::Backup))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BackupKeys {
+            keys,
+            active: ring.active_version(),
+        })
     }
 
     /// Keys handed over (a Job's); the newest version seals.
     pub fn from_keys(keys: Vec<TenantKey>) -> Result<Self, BackupError> {
         if let Some(k) = keys.iter().find(|k| k.purpose() != Purpose::Backup) {
-            return Err(BackupError::Credentials(format!("a key for purpose {} was given as a backup key", k.purpose())));
+            return Err(BackupError::Credentials(format!(
+                "a key for purpose {} was given as a backup key",
+                k.purpose()
+            )));
         }
-        let active = keys.iter().map(TenantKey::version).max().ok_or_else(|| BackupError::Credentials("no backup key was given".into()))?;
+        let active = keys
+            .iter()
+            .map(TenantKey::version)
+            .max()
+            .ok_or_else(|| BackupError::Credentials("no backup key was given".into()))?;
         Ok(BackupKeys { keys, active })
     }
 
@@ -301,7 +344,8 @@ impl BackupKeys {
     }
 
     fn active(&self) -> Result<&TenantKey, BackupError> {
-        self.get(self.active).ok_or_else(|| BackupError::Credentials(format!("no backup key for the active version {}", self.active)))
+        self.get(self.active)
+            .ok_or_else(|| BackupError::Credentials(format!("no backup key for the active version {}", self.active)))
     }
 }
 
@@ -319,7 +363,11 @@ pub struct TenantAccess {
 impl std::fmt::Debug for TenantAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The login and keys print redacted; the admin pool not at all.
-        f.debug_struct("TenantAccess").field("login", &self.login).field("keys", &self.keys).field("admin", &self.admin.is_some()).finish()
+        f.debug_struct("TenantAccess")
+            .field("login", &self.login)
+            .field("keys", &self.keys)
+            .field("admin", &self.admin.is_some())
+            .finish()
     }
 }
 
@@ -335,18 +383,35 @@ pub const UID_ENV_VAR: &str = "TENANT_UID";
 impl TenantAccess {
     /// For an admin caller holding the root keys: the tenant's uid and salt
     /// from the registry, its ops login and backup keys derived.
-    pub async fn derive(admin: &PgPool, target: &Target, name: &TenantName, ring: &Keyring) -> Result<Self, BackupError> {
-        let uid = crate::pg::tenant::uid_of(admin, name.as_str()).await?.ok_or_else(|| BackupError::UnknownTenant(name.to_string()))?;
-        let salt = crate::pg::tenant::existing_key_salt(admin, &uid).await?.ok_or_else(|| BackupError::NoSalt(name.to_string()))?;
+    pub async fn derive(
+        admin: &PgPool,
+        target: &Target,
+        name: &TenantName,
+        ring: &Keyring,
+    ) -> Result<Self, BackupError> {
+        let uid = crate::pg::tenant::uid_of(admin, name.as_str())
+            .await?
+            .ok_or_else(|| BackupError::UnknownTenant(name.to_string()))?;
+        let salt = crate::pg::tenant::existing_key_salt(admin, &uid)
+            .await?
+            .ok_or_else(|| BackupError::NoSalt(name.to_string()))?;
         let login = OpsLogin::derive(target, name, &uid, ring, &salt).map_err(BackupError::Seal)?;
         let keys = BackupKeys::from_ring(ring, &salt, &uid).map_err(BackupError::Seal)?;
-        Ok(TenantAccess { login, keys, admin: Some(admin.clone()) })
+        Ok(TenantAccess {
+            login,
+            keys,
+            admin: Some(admin.clone()),
+        })
     }
 
     /// What a Job is given and nothing else: the ops login and the tenant
     /// key(s).
     pub fn new(login: OpsLogin, keys: BackupKeys) -> Self {
-        TenantAccess { login, keys, admin: None }
+        TenantAccess {
+            login,
+            keys,
+            admin: None,
+        }
     }
 
     /// A Job's access from its environment (the per-tenant Secret the
@@ -357,20 +422,36 @@ impl TenantAccess {
         let var = |k: &str| std::env::var(k).map_err(|_| BackupError::Credentials(format!("{k} is not set")));
         let user = var("PGUSER")?;
         if user != name.ops_role() {
-            return Err(BackupError::Credentials(format!("PGUSER is {user}, not tenant {name}'s ops login {}", name.ops_role())));
+            return Err(BackupError::Credentials(format!(
+                "PGUSER is {user}, not tenant {name}'s ops login {}",
+                name.ops_role()
+            )));
         }
         let uid = var(UID_ENV_VAR)?;
         let password = zeroize::Zeroizing::new(var("PGPASSWORD")?);
         let target = Target::from_options(sqlx::postgres::PgConnectOptions::new());
         let mut keys = Vec::new();
         for (k, v) in std::env::vars() {
-            let Some(version) = k.strip_prefix("TENANT_BACKUP_KEY_") else { continue };
-            let version: KeyVersion = version.to_lowercase().parse().map_err(|e: CryptoError| BackupError::Credentials(format!("{k}: {e}")))?;
+            let Some(version) = k.strip_prefix("TENANT_BACKUP_KEY_") else {
+                continue;
+            };
+            let version: KeyVersion = version
+                .to_lowercase()
+                .parse()
+                .map_err(|e: CryptoError| BackupError::Credentials(format!("{k}: {e}")))?;
             let v = zeroize::Zeroizing::new(v);
-            let bytes = zeroize::Zeroizing::new(hex::decode(v.trim()).map_err(|_| BackupError::Credentials(format!("{k} is not hex")))?);
-            keys.push(TenantKey::from_bytes(&bytes, version, Purpose::Backup).map_err(|e| BackupError::Credentials(format!("{k}: {e}")))?);
+            let bytes = zeroize::Zeroizing::new(
+                hex::decode(v.trim()).map_err(|_| BackupError::Credentials(format!("{k} is not hex")))?,
+            );
+            keys.push(
+                TenantKey::from_bytes(&bytes, version, Purpose::Backup)
+                    .map_err(|e| BackupError::Credentials(format!("{k}: {e}")))?,
+            );
         }
-        Ok(TenantAccess::new(OpsLogin::new(&target, name, &uid, password), BackupKeys::from_keys(keys)?))
+        Ok(TenantAccess::new(
+            OpsLogin::new(&target, name, &uid, password),
+            BackupKeys::from_keys(keys)?,
+        ))
     }
 
     pub fn name(&self) -> &TenantName {
@@ -395,11 +476,28 @@ impl TenantAccess {
     fn command(&self, program: &str) -> (std::process::Command, String) {
         let t = self.login.target();
         let mut cmd = std::process::Command::new(program);
-        for k in ["PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE", "PGOPTIONS", "PGSSLMODE"] {
+        for k in [
+            "PGHOST",
+            "PGHOSTADDR",
+            "PGPORT",
+            "PGDATABASE",
+            "PGUSER",
+            "PGPASSWORD",
+            "PGPASSFILE",
+            "PGSERVICE",
+            "PGOPTIONS",
+            "PGSSLMODE",
+        ] {
             cmd.env_remove(k);
         }
-        cmd.env("PGHOST", &t.host).env("PGPORT", t.port.to_string()).env("PGUSER", self.login.user()).env("PGPASSWORD", self.login.password());
-        cmd.env("PGSSLMODE", libpq_ssl_mode(t)).env("PGAPPNAME", format!("tenant-operator-{}", program.rsplit('/').next().unwrap_or(program)));
+        cmd.env("PGHOST", &t.host)
+            .env("PGPORT", t.port.to_string())
+            .env("PGUSER", self.login.user())
+            .env("PGPASSWORD", self.login.password());
+        cmd.env("PGSSLMODE", libpq_ssl_mode(t)).env(
+            "PGAPPNAME",
+            format!("tenant-operator-{}", program.rsplit('/').next().unwrap_or(program)),
+        );
         let escaped = t.database.replace('\\', "\\\\").replace('\'', "\\'");
         (cmd, format!("dbname='{escaped}'"))
     }
@@ -444,7 +542,12 @@ fn tool_version(program: &str) -> String {
 /// Writes nothing in Postgres: an admin caller records the outcome with
 /// [`record`]; the operator finds a Job's backups in the store
 /// ([`sync_registry`]).
-pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retention: Retention) -> Result<BackupOutcome, BackupError> {
+pub async fn backup(
+    access: &TenantAccess,
+    tools: &Tools,
+    store: &Store,
+    retention: Retention,
+) -> Result<BackupOutcome, BackupError> {
     let (name, uid) = (access.name().clone(), access.uid().to_owned());
     // The schema version, read as the owner; it also proves the login
     // works (and, for an admin caller, sets its password) before pg_dump.
@@ -457,7 +560,8 @@ pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retenti
     let started_at = Utc::now();
     let started = Instant::now();
     let id = backup_id(started_at);
-    let mut enc = StreamEncryptor::with_tenant_key(access.keys.active()?, &uid, Purpose::Backup).map_err(BackupError::Seal)?;
+    let mut enc =
+        StreamEncryptor::with_tenant_key(access.keys.active()?, &uid, Purpose::Backup).map_err(BackupError::Seal)?;
     let key_version = enc.header().key_version.get();
 
     let (cmd, dbname) = access.command(&tools.pg_dump);
@@ -467,10 +571,22 @@ pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retenti
         .arg(format!("--role={}", name.owner_role()))
         .arg("--dbname")
         .arg(&dbname);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| BackupError::Spawn { program: tools.pg_dump.clone(), source })?;
-    let mut stdout = child.stdout.take().ok_or_else(|| BackupError::Read(std::io::Error::other("no stdout")))?;
-    let mut stderr = child.stderr.take().ok_or_else(|| BackupError::Read(std::io::Error::other("no stderr")))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| BackupError::Spawn {
+        program: tools.pg_dump.clone(),
+        source,
+    })?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| BackupError::Read(std::io::Error::other("no stdout")))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| BackupError::Read(std::io::Error::other("no stderr")))?;
     let stderr_task = tokio::spawn(async move {
         let mut s = String::new();
         let _ = stderr.read_to_string(&mut s).await;
@@ -478,17 +594,27 @@ pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retenti
     });
 
     let dump_path = store.dump_path(&uid, &id);
-    let mut upload = store.inner.put_multipart(&dump_path).await.map_err(BackupError::Upload)?;
+    let mut upload = store
+        .inner
+        .put_multipart(&dump_path)
+        .await
+        .map_err(BackupError::Upload)?;
     let streamed = async {
         let mut hasher = Sha256::new();
         let mut total: u64 = 0;
         let mut part: Vec<u8> = Vec::with_capacity(PART_SIZE + crate::crypto::DEFAULT_CHUNK_SIZE as usize * 2);
         let mut buf = vec![0u8; 256 * 1024];
         let mut in_flight = futures::stream::FuturesOrdered::new();
-        let mut send = |part: &mut Vec<u8>, hasher: &mut Sha256, total: &mut u64, in_flight: &mut futures::stream::FuturesOrdered<_>| {
+        let mut send = |part: &mut Vec<u8>,
+                        hasher: &mut Sha256,
+                        total: &mut u64,
+                        in_flight: &mut futures::stream::FuturesOrdered<_>| {
             hasher.update(&part[..]);
             *total += part.len() as u64;
-            let data = std::mem::replace(part, Vec::with_capacity(PART_SIZE + crate::crypto::DEFAULT_CHUNK_SIZE as usize * 2));
+            let data = std::mem::replace(
+                part,
+                Vec::with_capacity(PART_SIZE + crate::crypto::DEFAULT_CHUNK_SIZE as usize * 2),
+            );
             in_flight.push_back(upload.put_part(PutPayload::from(data)));
         };
         loop {
@@ -508,7 +634,11 @@ pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retenti
         let status = child.wait().await.map_err(BackupError::Read)?;
         let stderr = stderr_task.await.unwrap_or_default();
         if !status.success() {
-            return Err(BackupError::Tool { program: tools.pg_dump.clone(), status: status.to_string(), stderr: stderr.trim().to_owned() });
+            return Err(BackupError::Tool {
+                program: tools.pg_dump.clone(),
+                status: status.to_string(),
+                stderr: stderr.trim().to_owned(),
+            });
         }
         enc.finish(&mut part).map_err(BackupError::Seal)?;
         send(&mut part, &mut hasher, &mut total, &mut in_flight);
@@ -546,14 +676,25 @@ pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retenti
         time: started_at,
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::BadManifest { id: id.clone(), why: e.to_string() })?;
-    if let Err(e) = store.inner.put(&store.manifest_path(&uid, &id), PutPayload::from(json)).await {
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::BadManifest {
+        id: id.clone(),
+        why: e.to_string(),
+    })?;
+    if let Err(e) = store
+        .inner
+        .put(&store.manifest_path(&uid, &id), PutPayload::from(json))
+        .await
+    {
         // A dump without a manifest is never listed: remove it.
         let _ = store.delete_quiet(&dump_path).await;
         return Err(BackupError::Upload(e));
     }
     let pruned = prune(store, &uid, retention, Utc::now()).await?;
-    Ok(BackupOutcome { manifest, pruned: pruned.backups, orphans_pruned: pruned.orphans })
+    Ok(BackupOutcome {
+        manifest,
+        pruned: pruned.backups,
+        orphans_pruned: pruned.orphans,
+    })
 }
 
 /// For an admin caller (the backup command run by a person): records a
@@ -561,7 +702,12 @@ pub async fn backup(access: &TenantAccess, tools: &Tools, store: &Store, retenti
 /// ones), as the operator's [`sync_registry`] would.
 pub async fn record(admin: &PgPool, outcome: &BackupOutcome) -> Result<(), BackupError> {
     let m = &outcome.manifest;
-    let row = BackupRow { id: m.id.clone(), taken_at: m.time, bytes: m.bytes as i64, key_version: m.key_version as i32 };
+    let row = BackupRow {
+        id: m.id.clone(),
+        taken_at: m.time,
+        bytes: m.bytes as i64,
+        key_version: m.key_version as i32,
+    };
     pgb::sync_backups(admin, &m.tenant_uid, &[row], &outcome.pruned).await?;
     Ok(())
 }
@@ -598,7 +744,15 @@ pub async fn sync_registry(admin: &PgPool, store: &Store, uid: &str) -> Result<S
         added.push(m);
     }
     let removed: Vec<String> = recorded.difference(&in_store).cloned().collect();
-    let rows: Vec<BackupRow> = added.iter().map(|m| BackupRow { id: m.id.clone(), taken_at: m.time, bytes: m.bytes as i64, key_version: m.key_version as i32 }).collect();
+    let rows: Vec<BackupRow> = added
+        .iter()
+        .map(|m| BackupRow {
+            id: m.id.clone(),
+            taken_at: m.time,
+            bytes: m.bytes as i64,
+            key_version: m.key_version as i32,
+        })
+        .collect();
     pgb::sync_backups(admin, uid, &rows, &removed).await?;
     Ok(Synced { added, removed })
 }
@@ -612,7 +766,10 @@ async fn read_manifest(store: &Store, uid: &str, id: &str) -> Result<Manifest, B
         .bytes()
         .await
         .map_err(|e| BackupError::Store(e.into()))?;
-    serde_json::from_slice(&bytes).map_err(|e| BackupError::BadManifest { id: id.to_owned(), why: e.to_string() })
+    serde_json::from_slice(&bytes).map_err(|e| BackupError::BadManifest {
+        id: id.to_owned(),
+        why: e.to_string(),
+    })
 }
 
 /// What [`prune`] deleted.
@@ -651,18 +808,42 @@ pub async fn prune(store: &Store, uid: &str, retention: Retention, now: DateTime
     }
     for (id, path) in stale_local_uploads(store, uid, now, ORPHAN_GRACE)? {
         tracing::warn!(tenant_uid = uid, backup = %id, "deleting the staging file of an upload that never completed");
-        std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(|source| BackupError::Local { path: path.display().to_string(), source })?;
+        std::fs::remove_file(&path)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|source| BackupError::Local {
+                path: path.display().to_string(),
+                source,
+            })?;
         orphans.push(id);
     }
-    Ok(Pruned { backups: doomed, orphans })
+    Ok(Pruned {
+        backups: doomed,
+        orphans,
+    })
 }
 
 /// In a filesystem store, the staging files (`<id>.dump.enc#<n>`, which
 /// listing does not show) of uploads that never completed (the process was
 /// killed), last written more than `grace` before `now`.
-fn stale_local_uploads(store: &Store, uid: &str, now: DateTime<Utc>, grace: Duration) -> Result<Vec<(String, std::path::PathBuf)>, BackupError> {
-    let Some(dir) = store.local_tenant_dir(uid) else { return Ok(Vec::new()) };
-    let local = |source| BackupError::Local { path: dir.display().to_string(), source };
+fn stale_local_uploads(
+    store: &Store,
+    uid: &str,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> Result<Vec<(String, std::path::PathBuf)>, BackupError> {
+    let Some(dir) = store.local_tenant_dir(uid) else {
+        return Ok(Vec::new());
+    };
+    let local = |source| BackupError::Local {
+        path: dir.display().to_string(),
+        source,
+    };
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -673,7 +854,9 @@ fn stale_local_uploads(store: &Store, uid: &str, now: DateTime<Utc>, grace: Dura
     for entry in entries {
         let entry = entry.map_err(local)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((id, n)) = name.split_once(".dump.enc#") else { continue };
+        let Some((id, n)) = name.split_once(".dump.enc#") else {
+            continue;
+        };
         if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || check_id(id).is_err() {
             continue;
         }
@@ -697,9 +880,21 @@ async fn read_manifests(store: &Store, objects: &[object_store::ObjectMeta]) -> 
     let mut out = Vec::new();
     for o in objects {
         let Some(file) = o.location.filename() else { continue };
-        let Some(id) = file.strip_suffix(".manifest.json") else { continue };
-        let bytes = store.inner.get(&o.location).await.map_err(|e| BackupError::Store(e.into()))?.bytes().await.map_err(|e| BackupError::Store(e.into()))?;
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| BackupError::BadManifest { id: id.to_owned(), why: e.to_string() })?;
+        let Some(id) = file.strip_suffix(".manifest.json") else {
+            continue;
+        };
+        let bytes = store
+            .inner
+            .get(&o.location)
+            .await
+            .map_err(|e| BackupError::Store(e.into()))?
+            .bytes()
+            .await
+            .map_err(|e| BackupError::Store(e.into()))?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| BackupError::BadManifest {
+            id: id.to_owned(),
+            why: e.to_string(),
+        })?;
         out.push(m);
     }
     out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
@@ -731,14 +926,28 @@ impl Drop for TempFile {
 /// Picks the backup `sel` names among the tenant's manifests and checks
 /// that it is this tenant's and sealed under a version in `held`. Reads
 /// the store only.
-pub async fn resolve(store: &Store, name: &TenantName, uid: &str, sel: &Selector, held: &[KeyVersion]) -> Result<Manifest, BackupError> {
+pub async fn resolve(
+    store: &Store,
+    name: &TenantName,
+    uid: &str,
+    sel: &Selector,
+    held: &[KeyVersion],
+) -> Result<Manifest, BackupError> {
     let manifests = list(store, uid).await?;
-    let manifest = select(&manifests, sel).cloned().ok_or_else(|| BackupError::NoSuchBackup { tenant: name.to_string(), wanted: sel.to_string() })?;
+    let manifest = select(&manifests, sel)
+        .cloned()
+        .ok_or_else(|| BackupError::NoSuchBackup {
+            tenant: name.to_string(),
+            wanted: sel.to_string(),
+        })?;
     let id = manifest.id.clone();
     check_id(&id)?;
     let refuse = |why: String| BackupError::Refused { id: id.clone(), why };
     if manifest.tenant_uid != uid || manifest.schema != name.schema() {
-        return Err(refuse(format!("it belongs to tenant uid {} (schema {}), not to {name}", manifest.tenant_uid, manifest.schema)));
+        return Err(refuse(format!(
+            "it belongs to tenant uid {} (schema {}), not to {name}",
+            manifest.tenant_uid, manifest.schema
+        )));
     }
     if !KeyVersion::new(manifest.key_version).is_ok_and(|v| held.contains(&v)) {
         let held: Vec<String> = held.iter().map(|v| v.to_string()).collect();
@@ -759,12 +968,19 @@ async fn fetch_verified(store: &Store, access: &TenantAccess, manifest: &Manifes
     let (name, uid, id) = (access.name(), access.uid(), manifest.id.clone());
     let refuse = |why: String| BackupError::Refused { id: id.clone(), why };
     let tmp = TempFile::new(name, "dump.enc");
-    let local = |source| BackupError::Local { path: tmp.0.display().to_string(), source };
+    let local = |source| BackupError::Local {
+        path: tmp.0.display().to_string(),
+        source,
+    };
     {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
         let mut file = tokio::fs::File::create(&tmp.0).await.map_err(local)?;
-        let got = store.inner.get(&store.dump_path(uid, &id)).await.map_err(|e| refuse(format!("the dump object cannot be read: {e}")))?;
+        let got = store
+            .inner
+            .get(&store.dump_path(uid, &id))
+            .await
+            .map_err(|e| refuse(format!("the dump object cannot be read: {e}")))?;
         let mut stream = got.into_stream();
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -777,13 +993,17 @@ async fn fetch_verified(store: &Store, access: &TenantAccess, manifest: &Manifes
         file.flush().await.map_err(local)?;
         let sha = hex::encode(hasher.finalize());
         if size != manifest.bytes || sha != manifest.sha256 {
-            return Err(refuse(format!("its SHA-256/size ({sha}, {size} bytes) differ from the manifest's ({}, {} bytes)", manifest.sha256, manifest.bytes)));
+            return Err(refuse(format!(
+                "its SHA-256/size ({sha}, {size} bytes) differ from the manifest's ({}, {} bytes)",
+                manifest.sha256, manifest.bytes
+            )));
         }
     }
     let (path, keys, uid_owned) = (tmp.0.clone(), access.keys.keys.clone(), uid.to_owned());
     let checked = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-        let mut r = OpeningReader::with_tenant_keys(f, keys, &uid_owned, Purpose::Backup).map_err(std::io::Error::other)?;
+        let mut r =
+            OpeningReader::with_tenant_keys(f, keys, &uid_owned, Purpose::Backup).map_err(std::io::Error::other)?;
         std::io::copy(&mut r, &mut std::io::sink())
     })
     .await
@@ -799,16 +1019,34 @@ async fn fetch_verified(store: &Store, access: &TenantAccess, manifest: &Manifes
 /// `pg_restore` as the ops login, then finalizes (admin; audit row
 /// `Restored` by `actor`) or puts the original back. Only this tenant's
 /// schema and app role are touched.
-pub async fn restore(admin: &PgPool, ring: &Keyring, access: &TenantAccess, tools: &Tools, store: &Store, sel: &Selector, actor: &str) -> Result<RestoreOutcome, BackupError> {
+pub async fn restore(
+    admin: &PgPool,
+    ring: &Keyring,
+    access: &TenantAccess,
+    tools: &Tools,
+    store: &Store,
+    sel: &Selector,
+    actor: &str,
+) -> Result<RestoreOutcome, BackupError> {
     // A reconcile holds the lock for a moment (shared, while it may enable
     // login); only another restore holds it longer.
-    let lock = pgb::restore_lock(admin, access.uid(), Duration::from_secs(30)).await?.ok_or_else(|| BackupError::RestoreRunning(access.name().to_string()))?;
+    let lock = pgb::restore_lock(admin, access.uid(), Duration::from_secs(30))
+        .await?
+        .ok_or_else(|| BackupError::RestoreRunning(access.name().to_string()))?;
     let result = restore_locked(admin, ring, access, tools, store, sel, actor).await;
     lock.release().await;
     result
 }
 
-async fn restore_locked(admin: &PgPool, ring: &Keyring, access: &TenantAccess, tools: &Tools, store: &Store, sel: &Selector, actor: &str) -> Result<RestoreOutcome, BackupError> {
+async fn restore_locked(
+    admin: &PgPool,
+    ring: &Keyring,
+    access: &TenantAccess,
+    tools: &Tools,
+    store: &Store,
+    sel: &Selector,
+    actor: &str,
+) -> Result<RestoreOutcome, BackupError> {
     let (name, uid) = (access.name(), access.uid());
     // A restore killed earlier left the schema aside: finish that first.
     let recovered = pgb::recover_aside_locked(admin, name, uid).await?;
@@ -820,7 +1058,12 @@ async fn restore_locked(admin: &PgPool, ring: &Keyring, access: &TenantAccess, t
 
     match pgb::prepare(admin, name, uid, pgb::BY_COMMAND, false).await? {
         pgb::Prepared::Done | pgb::Prepared::Already => {}
-        other => return Err(BackupError::NotPrepared { tenant: name.to_string(), why: format!("{other:?}") }),
+        other => {
+            return Err(BackupError::NotPrepared {
+                tenant: name.to_string(),
+                why: format!("{other:?}"),
+            })
+        }
     }
     match run_pg_restore(access, tools, &tmp.0).await {
         Ok(()) => {
@@ -828,11 +1071,19 @@ async fn restore_locked(admin: &PgPool, ring: &Keyring, access: &TenantAccess, t
             // anchors are reset to it (and that is recorded) before the app
             // may write again (docs/audit.md, "After a restore").
             let login = &access.login;
-            crate::pg::audit::rebase_after_restore(admin, ring, login, actor, serde_json::json!({ "backup": id })).await?;
-            let record = pgb::RestoreRecord { backup_id: id.clone(), actor: actor.to_owned(), detail: serde_json::json!({ "bytes": manifest.bytes, "keyVersion": manifest.key_version }) };
+            crate::pg::audit::rebase_after_restore(admin, ring, login, actor, serde_json::json!({ "backup": id }))
+                .await?;
+            let record = pgb::RestoreRecord {
+                backup_id: id.clone(),
+                actor: actor.to_owned(),
+                detail: serde_json::json!({ "bytes": manifest.bytes, "keyVersion": manifest.key_version }),
+            };
             match pgb::finalize(admin, name, uid, pgb::BY_COMMAND, false, &record).await? {
                 pgb::Finalized::Done | pgb::Finalized::Already => Ok(RestoreOutcome { manifest, recovered }),
-                other => Err(BackupError::RestoreFailed { id, why: format!("finalizing found {other:?}") }),
+                other => Err(BackupError::RestoreFailed {
+                    id,
+                    why: format!("finalizing found {other:?}"),
+                }),
             }
         }
         Err(why) => {
@@ -847,7 +1098,12 @@ async fn restore_locked(admin: &PgPool, ring: &Keyring, access: &TenantAccess, t
 /// prepared the schema (an empty one marked restoring, the original
 /// aside), and runs `pg_restore` into it. The operator finalizes or puts
 /// back when the Job ends.
-pub async fn restore_prepared(access: &TenantAccess, tools: &Tools, store: &Store, id: &str) -> Result<Manifest, BackupError> {
+pub async fn restore_prepared(
+    access: &TenantAccess,
+    tools: &Tools,
+    store: &Store,
+    id: &str,
+) -> Result<Manifest, BackupError> {
     check_id(id)?;
     let (name, uid) = (access.name(), access.uid());
     let manifest = resolve(store, name, uid, &Selector::Id(id.to_owned()), &access.keys.versions()).await?;
@@ -856,9 +1112,14 @@ pub async fn restore_prepared(access: &TenantAccess, tools: &Tools, store: &Stor
     let prepared = pgb::check_prepared(&mut conn, name, uid).await;
     conn.close().await;
     if let Err(why) = prepared? {
-        return Err(BackupError::NotPrepared { tenant: name.to_string(), why });
+        return Err(BackupError::NotPrepared {
+            tenant: name.to_string(),
+            why,
+        });
     }
-    run_pg_restore(access, tools, &tmp.0).await.map_err(|why| BackupError::PgRestore { id: id.to_owned(), why })?;
+    run_pg_restore(access, tools, &tmp.0)
+        .await
+        .map_err(|why| BackupError::PgRestore { id: id.to_owned(), why })?;
     Ok(manifest)
 }
 
@@ -867,7 +1128,11 @@ pub async fn restore_prepared(access: &TenantAccess, tools: &Tools, store: &Stor
 /// into a schema the admin created, owned by the tenant's owner, and only
 /// the admin sets its comment. Pure.
 pub fn restore_list(list: &str, schema: &str) -> String {
-    let skip = [format!("SCHEMA - {schema} "), format!("COMMENT - SCHEMA {schema} "), format!("ACL - SCHEMA {schema} ")];
+    let skip = [
+        format!("SCHEMA - {schema} "),
+        format!("COMMENT - SCHEMA {schema} "),
+        format!("ACL - SCHEMA {schema} "),
+    ];
     let mut out = String::with_capacity(list.len());
     for line in list.lines() {
         // `<dump id>; <table oid> <oid> <type> <namespace> <tag> <owner>`
@@ -884,9 +1149,17 @@ pub fn restore_list(list: &str, schema: &str) -> String {
 /// Runs `cmd` with the decrypted dump on its stdin; returns its status,
 /// stdout (when `capture`) and stderr. A decryption error kills it before
 /// its input ends (pg_restore must never see a clean end and commit).
-fn pipe_decrypted(mut cmd: std::process::Command, path: &std::path::Path, keys: Vec<TenantKey>, uid: &str, capture: bool) -> Result<(std::process::ExitStatus, String, String), String> {
+fn pipe_decrypted(
+    mut cmd: std::process::Command,
+    path: &std::path::Path,
+    keys: Vec<TenantKey>,
+    uid: &str,
+    capture: bool,
+) -> Result<(std::process::ExitStatus, String, String), String> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(Stdio::piped()).stdout(if capture { Stdio::piped() } else { Stdio::null() }).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(if capture { Stdio::piped() } else { Stdio::null() })
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("running {program}: {e}"))?;
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let reader = |pipe: Option<Box<dyn Read + Send>>| {
@@ -915,7 +1188,11 @@ fn pipe_decrypted(mut cmd: std::process::Command, path: &std::path::Path, keys: 
     }
     drop(stdin);
     let status = child.wait().map_err(|e| e.to_string())?;
-    Ok((status, out_thread.join().unwrap_or_default(), err_thread.join().unwrap_or_default()))
+    Ok((
+        status,
+        out_thread.join().unwrap_or_default(),
+        err_thread.join().unwrap_or_default(),
+    ))
 }
 
 /// Restores the decrypted dump at `path` as the ops login acting as the
@@ -935,13 +1212,19 @@ async fn run_pg_restore(access: &TenantAccess, tools: &Tools, path: &std::path::
         .arg(&dbname);
     let mut list_cmd = std::process::Command::new(&tools.pg_restore);
     list_cmd.arg("--list");
-    let (path, keys, uid, program) = (path.to_owned(), access.keys.keys.clone(), access.uid().to_owned(), tools.pg_restore.clone());
+    let (path, keys, uid, program) = (
+        path.to_owned(),
+        access.keys.keys.clone(),
+        access.uid().to_owned(),
+        tools.pg_restore.clone(),
+    );
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let (status, list, stderr) = pipe_decrypted(list_cmd, &path, keys.clone(), &uid, true)?;
         if !status.success() {
             return Err(format!("{program} --list failed ({status}): {}", stderr.trim()));
         }
-        std::fs::write(&list_file.0, restore_list(&list, &name.schema())).map_err(|e| format!("writing {}: {e}", list_file.0.display()))?;
+        std::fs::write(&list_file.0, restore_list(&list, &name.schema()))
+            .map_err(|e| format!("writing {}: {e}", list_file.0.display()))?;
         let (status, _, stderr) = pipe_decrypted(cmd, &path, keys, &uid, false)?;
         if status.success() {
             Ok(())
@@ -986,7 +1269,10 @@ mod tests {
         let target = crate::pg::Target::from_url("postgresql://admin:adminpw@db:5432/saas").unwrap();
         let name = TenantName::parse("acme").unwrap();
         let key = TenantKey::from_bytes(&[0xab; 32], KeyVersion::new(1).unwrap(), Purpose::Backup).unwrap();
-        let access = TenantAccess::new(OpsLogin::new(&target, &name, "u-1", zeroize::Zeroizing::new("opspw-123".into())), BackupKeys::from_keys(vec![key]).unwrap());
+        let access = TenantAccess::new(
+            OpsLogin::new(&target, &name, "u-1", zeroize::Zeroizing::new("opspw-123".into())),
+            BackupKeys::from_keys(vec![key]).unwrap(),
+        );
         let shown = format!("{access:?} {access:#?}");
         for secret in ["opspw-123", "adminpw", "abab", "171, 171"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
@@ -998,7 +1284,13 @@ mod tests {
         let id = backup_id(DateTime::from_timestamp(1_700_000_000, 5_000_000).unwrap());
         assert_eq!(id, "20231114T221320.005Z");
         check_id(&id).unwrap();
-        for bad in ["../../etc/passwd", "20231114T221320.005", "20231114T221320.005Z/x", "latest", ""] {
+        for bad in [
+            "../../etc/passwd",
+            "20231114T221320.005",
+            "20231114T221320.005Z/x",
+            "latest",
+            "",
+        ] {
             assert!(check_id(bad).is_err(), "{bad} accepted");
         }
     }
@@ -1007,18 +1299,42 @@ mod tests {
     fn retention_by_count_keeps_the_newest() {
         let all: Vec<Manifest> = (0..5).map(|i| m(i * 60)).collect();
         let now = all[4].time;
-        let doomed = plan_prune(&all, Retention { count: Some(2), max_age: None }, now);
+        let doomed = plan_prune(
+            &all,
+            Retention {
+                count: Some(2),
+                max_age: None,
+            },
+            now,
+        );
         assert_eq!(doomed, vec![all[2].id.clone(), all[1].id.clone(), all[0].id.clone()]);
-        assert!(plan_prune(&all, Retention::default(), now).is_empty(), "no retention keeps everything");
+        assert!(
+            plan_prune(&all, Retention::default(), now).is_empty(),
+            "no retention keeps everything"
+        );
     }
 
     #[test]
     fn retention_by_age_never_deletes_the_newest() {
         let all: Vec<Manifest> = (0..3).map(|i| m(i * 3600)).collect();
         let now = all[2].time + chrono::Duration::hours(10);
-        let doomed = plan_prune(&all, Retention { count: None, max_age: Some(Duration::from_secs(3600 * 10 + 1800)) }, now);
+        let doomed = plan_prune(
+            &all,
+            Retention {
+                count: None,
+                max_age: Some(Duration::from_secs(3600 * 10 + 1800)),
+            },
+            now,
+        );
         assert_eq!(doomed, vec![all[1].id.clone(), all[0].id.clone()]);
-        let both = plan_prune(&all, Retention { count: Some(2), max_age: Some(Duration::from_secs(3600 * 13)) }, now);
+        let both = plan_prune(
+            &all,
+            Retention {
+                count: Some(2),
+                max_age: Some(Duration::from_secs(3600 * 13)),
+            },
+            now,
+        );
         assert_eq!(both, vec![all[0].id.clone()]);
     }
 
@@ -1034,7 +1350,12 @@ mod tests {
             e_tag: None,
             version: None,
         };
-        let (old, new, backed, other) = ("20270101T000000.000Z", "20270101T060000.000Z", "20260101T000000.000Z", "20250101T000000.000Z");
+        let (old, new, backed, other) = (
+            "20270101T000000.000Z",
+            "20270101T060000.000Z",
+            "20260101T000000.000Z",
+            "20250101T000000.000Z",
+        );
         let objects = vec![
             obj(&format!("{old}.dump.enc"), 6 * 3600 + 1),
             obj(&format!("{new}.dump.enc"), 6 * 3600 - 1),
@@ -1047,12 +1368,21 @@ mod tests {
         // A manifest of the same id elsewhere does not make it a backup, and
         // a dump in a sub-folder is not the tenant's.
         let mut elsewhere = objects.clone();
-        elsewhere.push(object_store::ObjectMeta { location: object_store::path::Path::from(format!("pre/tenants/v/{old}.manifest.json")), ..obj("x", 0) });
-        elsewhere.push(object_store::ObjectMeta { location: dir.clone().join("sub").join(format!("{other}.dump.enc")), ..obj("x", 90 * 86400) });
+        elsewhere.push(object_store::ObjectMeta {
+            location: object_store::path::Path::from(format!("pre/tenants/v/{old}.manifest.json")),
+            ..obj("x", 0)
+        });
+        elsewhere.push(object_store::ObjectMeta {
+            location: dir.clone().join("sub").join(format!("{other}.dump.enc")),
+            ..obj("x", 90 * 86400)
+        });
         assert_eq!(plan_orphans(&dir, &elsewhere, now, grace), vec![old.to_string()]);
         // The grace is the line: a dump exactly as old is kept.
         assert!(plan_orphans(&dir, &[obj(&format!("{old}.dump.enc"), 6 * 3600)], now, grace).is_empty());
-        assert!(ORPHAN_GRACE > JOB_DEADLINE, "a backup Job may still be uploading a dump the grace lets pruning delete");
+        assert!(
+            ORPHAN_GRACE > JOB_DEADLINE,
+            "a backup Job may still be uploading a dump the grace lets pruning delete"
+        );
     }
 
     #[test]
@@ -1066,7 +1396,15 @@ mod tests {
         let all: Vec<Manifest> = (0..3).map(|i| m(i * 60)).collect();
         assert_eq!(select(&all, &Selector::Latest).unwrap().id, all[2].id);
         assert_eq!(select(&all, &Selector::Id(all[1].id.clone())).unwrap().id, all[1].id);
-        assert_eq!(select(&all, &Selector::PointInTime(all[1].time + chrono::Duration::seconds(59))).unwrap().id, all[1].id);
+        assert_eq!(
+            select(
+                &all,
+                &Selector::PointInTime(all[1].time + chrono::Duration::seconds(59))
+            )
+            .unwrap()
+            .id,
+            all[1].id
+        );
         assert!(select(&all, &Selector::PointInTime(all[0].time - chrono::Duration::seconds(1))).is_none());
     }
 }

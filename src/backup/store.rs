@@ -56,17 +56,31 @@ pub struct Store {
 impl Store {
     /// Opens the store `cfg` names.
     pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        let bad = |why: &str| StoreError::BadUrl { url: cfg.url.clone(), why: why.to_owned() };
+        let bad = |why: &str| StoreError::BadUrl {
+            url: cfg.url.clone(),
+            why: why.to_owned(),
+        };
         let url = url::Url::parse(&cfg.url).map_err(|e| bad(&e.to_string()))?;
         match url.scheme() {
             "file" => {
                 let dir = url.to_file_path().map_err(|_| bad("not an absolute file path"))?;
-                std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir { path: dir.display().to_string(), source })?;
+                std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
-                Ok(Store { inner: Arc::new(fs), prefix: Path::default(), url: cfg.url.clone(), local: Some(dir) })
+                Ok(Store {
+                    inner: Arc::new(fs),
+                    prefix: Path::default(),
+                    url: cfg.url.clone(),
+                    local: Some(dir),
+                })
             }
             "s3" => {
-                let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad("no bucket"))?;
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| bad("no bucket"))?;
                 // reqwest is built without a default crypto provider: use
                 // ring, like every other TLS client of the operator.
                 let _ = rustls::crypto::ring::default_provider().install_default();
@@ -80,7 +94,12 @@ impl Store {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
                 let prefix = Path::from(url.path().trim_matches('/'));
-                Ok(Store { inner: Arc::new(b.build()?), prefix, url: cfg.url.clone(), local: None })
+                Ok(Store {
+                    inner: Arc::new(b.build()?),
+                    prefix,
+                    url: cfg.url.clone(),
+                    local: None,
+                })
             }
             _ => Err(bad("the scheme must be file:// or s3://")),
         }
@@ -153,8 +172,15 @@ mod tests {
     #[test]
     fn tenants_objects_live_under_their_uid() {
         let dir = std::env::temp_dir().join(format!("store-test-{}", std::process::id()));
-        let s = Store::open(&StoreConfig { url: format!("file://{}", dir.display()), ..Default::default() }).unwrap();
-        assert_eq!(s.dump_path("u-1", "20260101T000000.000Z").as_ref(), "tenants/u-1/20260101T000000.000Z.dump.enc");
+        let s = Store::open(&StoreConfig {
+            url: format!("file://{}", dir.display()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.dump_path("u-1", "20260101T000000.000Z").as_ref(),
+            "tenants/u-1/20260101T000000.000Z.dump.enc"
+        );
         assert_eq!(s.manifest_path("u-1", "x").as_ref(), "tenants/u-1/x.manifest.json");
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -173,7 +199,15 @@ mod tests {
 
     #[test]
     fn other_schemes_are_refused() {
-        assert!(Store::open(&StoreConfig { url: "gs://x".into(), ..Default::default() }).is_err());
-        assert!(Store::open(&StoreConfig { url: "s3:///nobucket".into(), ..Default::default() }).is_err());
+        assert!(Store::open(&StoreConfig {
+            url: "gs://x".into(),
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Store::open(&StoreConfig {
+            url: "s3:///nobucket".into(),
+            ..Default::default()
+        })
+        .is_err());
     }
 }

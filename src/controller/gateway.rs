@@ -51,13 +51,17 @@ pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Erro
         Some(p) => (p, false),
         None => (crate::pg::scram::generate_password(), true),
     };
-    let data: BTreeMap<String, ByteString> = super::tenant::plan::login_secret_data(gateway.as_str(), &ctx.settings.endpoint, &password)
-        .into_iter()
-        .map(|(k, v)| (k, ByteString(v.into_bytes())))
-        .collect();
+    let data: BTreeMap<String, ByteString> =
+        super::tenant::plan::login_secret_data(gateway.as_str(), &ctx.settings.endpoint, &password)
+            .into_iter()
+            .map(|(k, v)| (k, ByteString(v.into_bytes())))
+            .collect();
     let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())]);
     let same = existing.as_ref().is_some_and(|s| {
-        s.data.as_ref() == Some(&data) && labels.iter().all(|(k, v)| s.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+        s.data.as_ref() == Some(&data)
+            && labels
+                .iter()
+                .all(|(k, v)| s.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
     });
     // The Secret first: a new password is on the role only once it can be
     // read (a failed write leaves the role's old password working).
@@ -76,21 +80,35 @@ pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Erro
     Ok(wrote || !outcome.actions.is_empty())
 }
 
-async fn write_secret(ctx: &Context, api: &Api<Secret>, existing: Option<Secret>, data: BTreeMap<String, ByteString>) -> Result<(), Error> {
+async fn write_secret(
+    ctx: &Context,
+    api: &Api<Secret>,
+    existing: Option<Secret>,
+    data: BTreeMap<String, ByteString>,
+) -> Result<(), Error> {
     let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())]);
     let mut secret = Secret {
-        metadata: ObjectMeta { name: Some(SECRET.into()), namespace: Some(ctx.settings.namespace.clone()), labels: Some(labels), ..ObjectMeta::default() },
+        metadata: ObjectMeta {
+            name: Some(SECRET.into()),
+            namespace: Some(ctx.settings.namespace.clone()),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
         data: Some(data),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };
     match existing {
         None => {
-            api.create(&PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
+            api.create(&PostParams::default(), &secret)
+                .await
+                .map_err(Error::WriteSecret)?;
         }
         Some(s) => {
             secret.metadata.resource_version = s.metadata.resource_version;
-            api.replace(SECRET, &PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
+            api.replace(SECRET, &PostParams::default(), &secret)
+                .await
+                .map_err(Error::WriteSecret)?;
         }
     }
     Stats::add(&ctx.stats.kube_writes, 1);

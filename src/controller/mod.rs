@@ -99,7 +99,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, pool: PgPool, settings: Settings) -> Self {
-        let reporter = Reporter { controller: "tenant-operator".into(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: "tenant-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         let recorder = Recorder::new(client.clone(), reporter);
         Self {
             client,

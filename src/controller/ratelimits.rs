@@ -93,7 +93,10 @@ pub fn subscribe(watch: &mut TenantWatch) -> Tenants {
         // The store swaps its content on InitDone.
         watcher::Event::Init | watcher::Event::InitApply(_) => None,
     });
-    Tenants { store: watch.store(), changes }
+    Tenants {
+        store: watch.store(),
+        changes,
+    }
 }
 
 /// Runs the writer until the process stops. Returns only if the Tenant
@@ -169,7 +172,10 @@ pub async fn run(ctx: Arc<Context>, tenants: Tenants) {
 }
 
 fn labels(base: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()), (CONFIG_LABEL.to_string(), base.to_string())])
+    BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (CONFIG_LABEL.to_string(), base.to_string()),
+    ])
 }
 
 /// What the writer last rendered and published, in memory.
@@ -198,8 +204,15 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let wanted_labels = labels(&cfg.configmap);
     let selector = format!("{CONFIG_LABEL}={}", cfg.configmap);
-    let listed = api.list(&ListParams::default().labels(&selector)).await.map_err(Error::ListConfigMaps)?;
-    let mut existing: BTreeMap<String, ConfigMap> = listed.items.into_iter().filter_map(|c| Some((c.metadata.name.clone()?, c))).collect();
+    let listed = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(Error::ListConfigMaps)?;
+    let mut existing: BTreeMap<String, ConfigMap> = listed
+        .items
+        .into_iter()
+        .filter_map(|c| Some((c.metadata.name.clone()?, c)))
+        .collect();
     if previous.is_none() {
         // After a start, what the rate-limit service holds now is the
         // baseline for events, so a restart publishes none.
@@ -214,7 +227,10 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
         let current = match existing.remove(&shard.name) {
             Some(c) => Some(c),
             // Not labelled (made by hand, or by an older version): adopt it.
-            None => api.get_opt(&shard.name).await.map_err(|e| Error::ReadConfigMap(shard.name.clone(), e))?,
+            None => api
+                .get_opt(&shard.name)
+                .await
+                .map_err(|e| Error::ReadConfigMap(shard.name.clone(), e))?,
         };
         if let Some(c) = &current {
             let same_labels = wanted_labels.iter().all(|(k, v)| c.labels().get(k) == Some(v));
@@ -257,14 +273,31 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
     // (a new tenant's limits are announced by its Provisioned event).
     let now = ratelimit::by_domain(cfg, &entries);
     let before = previous.replace(now.clone()).unwrap_or_default();
-    let changed: BTreeSet<&str> =
-        now.iter().filter(|(k, l)| before.get(*k).is_some_and(|p| p != *l)).map(|((_, tenant), _)| tenant.as_str()).collect();
+    let changed: BTreeSet<&str> = now
+        .iter()
+        .filter(|(k, l)| before.get(*k).is_some_and(|p| p != *l))
+        .map(|((_, tenant), _)| tenant.as_str())
+        .collect();
     if changed.len() > MAX_EVENTS {
-        tracing::info!(tenants = changed.len(), published = MAX_EVENTS, "rate limits changed for many tenants; publishing the first events only");
+        tracing::info!(
+            tenants = changed.len(),
+            published = MAX_EVENTS,
+            "rate limits changed for many tenants; publishing the first events only"
+        );
     }
     for name in changed.into_iter().take(MAX_EVENTS) {
-        let (Some(t), Some(e)) = (tenants.iter().find(|t| t.name_any() == name), entries.iter().find(|e| e.tenant == name)) else { continue };
-        let note = format!("rate limits now {} (ConfigMap {}/{})", e.summary(), ctx.settings.namespace, cfg.configmap);
+        let (Some(t), Some(e)) = (
+            tenants.iter().find(|t| t.name_any() == name),
+            entries.iter().find(|e| e.tenant == name),
+        ) else {
+            continue;
+        };
+        let note = format!(
+            "rate limits now {} (ConfigMap {}/{})",
+            e.summary(),
+            ctx.settings.namespace,
+            cfg.configmap
+        );
         apply::event(ctx, t, false, "RateLimitsChanged", note).await;
     }
     written.shards = Some(shards);

@@ -59,7 +59,12 @@ pub struct TenantWatch {
 impl TenantWatch {
     pub fn new(client: Client) -> Self {
         let (store, writer) = reflector::store::<Tenant>();
-        Self { store, writer, api: Api::all(client), listeners: Vec::new() }
+        Self {
+            store,
+            writer,
+            api: Api::all(client),
+            listeners: Vec::new(),
+        }
     }
 
     /// The cache every reader shares (filled once the watch runs).
@@ -71,7 +76,10 @@ impl TenantWatch {
     /// it. The channel is unbounded so that no reader ever holds up the
     /// watch (the rate-limit writer does not read while it writes): keep
     /// the messages small, and say only what the reader needs.
-    pub fn listen<T: Send + 'static>(&mut self, mut f: impl FnMut(&watcher::Event<Tenant>) -> Option<T> + Send + 'static) -> mpsc::UnboundedReceiver<T> {
+    pub fn listen<T: Send + 'static>(
+        &mut self,
+        mut f: impl FnMut(&watcher::Event<Tenant>) -> Option<T> + Send + 'static,
+    ) -> mpsc::UnboundedReceiver<T> {
         let (tx, rx) = mpsc::unbounded();
         self.listeners.push(Box::new(move |ev| {
             if let Some(msg) = f(ev) {
@@ -85,8 +93,14 @@ impl TenantWatch {
     /// applied, each once the store holds it). Nothing is watched until it
     /// is polled; the listeners hear nothing before either.
     pub fn into_stream(self) -> impl Stream<Item = Result<Tenant, watcher::Error>> + Send + 'static {
-        let Self { writer, api, listeners, .. } = self;
-        reflect(writer, listeners, watcher(api, watcher::Config::default().any_semantic()))
+        let Self {
+            writer, api, listeners, ..
+        } = self;
+        reflect(
+            writer,
+            listeners,
+            watcher(api, watcher::Config::default().any_semantic()),
+        )
     }
 }
 
@@ -151,31 +165,64 @@ mod tests {
     }
 
     fn finalizer(time: &str) -> Value {
-        entry("tenant-operator", "Update", None, Some(time), json!({ "f:metadata": { "f:finalizers": { ".": {}, "v:\"tenancy.dev/cleanup\"": {} } } }))
+        entry(
+            "tenant-operator",
+            "Update",
+            None,
+            Some(time),
+            json!({ "f:metadata": { "f:finalizers": { ".": {}, "v:\"tenancy.dev/cleanup\"": {} } } }),
+        )
     }
 
     fn status(time: &str) -> Value {
-        entry("tenant-operator", "Update", Some("status"), Some(time), json!({ "f:status": { ".": {}, "f:conditions": {}, "f:phase": {}, "f:schema": {} } }))
+        entry(
+            "tenant-operator",
+            "Update",
+            Some("status"),
+            Some(time),
+            json!({ "f:status": { ".": {}, "f:conditions": {}, "f:phase": {}, "f:schema": {} } }),
+        )
     }
 
     fn spec_write(manager: &str, operation: &str, time: Option<&str>) -> Value {
-        entry(manager, operation, None, time, json!({ "f:spec": { "f:database": { "f:connectionLimit": {} } } }))
+        entry(
+            manager,
+            operation,
+            None,
+            time,
+            json!({ "f:spec": { "f:database": { "f:connectionLimit": {} } } }),
+        )
     }
 
     /// Realistic managedFields, and who last changed the spec.
     fn histories() -> Vec<(&'static str, Vec<Value>, &'static str)> {
         let t = |s: u32| format!("2026-03-02T10:00:{s:02}Z");
         vec![
-            ("kubectl apply, then the operator", vec![client_side_apply(&t(0)), finalizer(&t(1)), status(&t(2))], "kubectl-client-side-apply"),
+            (
+                "kubectl apply, then the operator",
+                vec![client_side_apply(&t(0)), finalizer(&t(1)), status(&t(2))],
+                "kubectl-client-side-apply",
+            ),
             (
                 "then kubectl edit, then a status write",
-                vec![client_side_apply(&t(0)), finalizer(&t(1)), spec_write("kubectl-edit", "Update", Some(&t(5))), status(&t(9))],
+                vec![
+                    client_side_apply(&t(0)),
+                    finalizer(&t(1)),
+                    spec_write("kubectl-edit", "Update", Some(&t(5))),
+                    status(&t(9)),
+                ],
                 "kubectl-edit",
             ),
             (
                 "Argo CD server-side apply with labels",
                 vec![
-                    entry("argocd-controller", "Apply", None, Some(&t(0)), json!({ "f:metadata": { "f:labels": { "f:app.kubernetes.io/instance": {} } }, "f:spec": { "f:displayName": {}, "f:state": {} } })),
+                    entry(
+                        "argocd-controller",
+                        "Apply",
+                        None,
+                        Some(&t(0)),
+                        json!({ "f:metadata": { "f:labels": { "f:app.kubernetes.io/instance": {} } }, "f:spec": { "f:displayName": {}, "f:state": {} } }),
+                    ),
                     finalizer(&t(1)),
                     status(&t(30)),
                 ],
@@ -183,14 +230,55 @@ mod tests {
             ),
             (
                 "a later metadata-only write (kubectl label) is not a spec change",
-                vec![client_side_apply(&t(0)), spec_write("kubectl-edit", "Update", Some(&t(5))), entry("kubectl-label", "Update", None, Some(&t(7)), json!({ "f:metadata": { "f:labels": { ".": {}, "f:team": {} } } })), status(&t(8))],
+                vec![
+                    client_side_apply(&t(0)),
+                    spec_write("kubectl-edit", "Update", Some(&t(5))),
+                    entry(
+                        "kubectl-label",
+                        "Update",
+                        None,
+                        Some(&t(7)),
+                        json!({ "f:metadata": { "f:labels": { ".": {}, "f:team": {} } } }),
+                    ),
+                    status(&t(8)),
+                ],
                 "kubectl-edit",
             ),
-            ("a spec under a subresource does not count", vec![spec_write("helm", "Update", Some(&t(0))), entry("odd", "Update", Some("status"), Some(&t(9)), json!({ "f:spec": {} }))], "helm"),
-            ("two spec writes in the same second: the later entry", vec![client_side_apply(&t(3)), spec_write("helm", "Update", Some(&t(3))), status(&t(4))], "helm"),
-            ("an entry without a time loses to one with", vec![spec_write("untimed", "Update", None), spec_write("timed", "Update", Some(&t(0)))], "timed"),
-            ("only an untimed one", vec![spec_write("untimed", "Update", None), status(&t(1))], "untimed"),
-            ("only status and finalizer writes", vec![finalizer(&t(0)), status(&t(1))], "unknown"),
+            (
+                "a spec under a subresource does not count",
+                vec![
+                    spec_write("helm", "Update", Some(&t(0))),
+                    entry("odd", "Update", Some("status"), Some(&t(9)), json!({ "f:spec": {} })),
+                ],
+                "helm",
+            ),
+            (
+                "two spec writes in the same second: the later entry",
+                vec![
+                    client_side_apply(&t(3)),
+                    spec_write("helm", "Update", Some(&t(3))),
+                    status(&t(4)),
+                ],
+                "helm",
+            ),
+            (
+                "an entry without a time loses to one with",
+                vec![
+                    spec_write("untimed", "Update", None),
+                    spec_write("timed", "Update", Some(&t(0))),
+                ],
+                "timed",
+            ),
+            (
+                "only an untimed one",
+                vec![spec_write("untimed", "Update", None), status(&t(1))],
+                "untimed",
+            ),
+            (
+                "only status and finalizer writes",
+                vec![finalizer(&t(0)), status(&t(1))],
+                "unknown",
+            ),
             ("no managedFields", vec![], "unknown"),
         ]
     }
@@ -205,7 +293,10 @@ mod tests {
             let slim = slimmed(&full);
             assert_eq!(last_spec_manager(&slim), actor, "{what}: the slim Tenant");
             assert_eq!(last_spec_manager(&slimmed(&slim)), actor, "{what}: slimmed twice");
-            assert!(slim.metadata.managed_fields.as_ref().is_none_or(|m| m.len() == 1), "{what}: more than one entry kept");
+            assert!(
+                slim.metadata.managed_fields.as_ref().is_none_or(|m| m.len() == 1),
+                "{what}: more than one entry kept"
+            );
         }
         // The golden object itself: applied, then edited.
         let full = tenant(applied());
@@ -222,29 +313,70 @@ mod tests {
         let slim = slimmed(&full);
 
         let annotations = slim.metadata.annotations.clone().unwrap_or_default();
-        assert!(!annotations.contains_key(LAST_APPLIED), "the last-applied annotation was kept");
-        assert_eq!(annotations.get("tenancy.dev/last-backup").map(String::as_str), Some("20260302T100000Z"), "another annotation was dropped");
+        assert!(
+            !annotations.contains_key(LAST_APPLIED),
+            "the last-applied annotation was kept"
+        );
+        assert_eq!(
+            annotations.get("tenancy.dev/last-backup").map(String::as_str),
+            Some("20260302T100000Z"),
+            "another annotation was dropped"
+        );
         let kept = slim.metadata.managed_fields.clone().expect("the spec manager's entry");
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].manager.as_deref(), Some("kubectl-edit"));
         assert_eq!(kept[0].operation.as_deref(), Some("Update"));
         assert_eq!(kept[0].time, full.metadata.managed_fields.as_ref().unwrap()[2].time);
         assert_eq!(kept[0].fields_v1.as_ref().map(|f| &f.0), Some(&json!({ "f:spec": {} })));
-        assert_eq!((&kept[0].api_version, &kept[0].fields_type, &kept[0].subresource), (&None, &None, &None));
+        assert_eq!(
+            (&kept[0].api_version, &kept[0].fields_type, &kept[0].subresource),
+            (&None, &None, &None)
+        );
 
         // What reconciles read and the patches they write are guarded by.
         assert_eq!(slim.spec, full.spec);
         assert_eq!(slim.status, full.status);
         let (m, f) = (&slim.metadata, &full.metadata);
-        assert_eq!((&m.name, &m.uid, &m.resource_version, &m.generation, &m.finalizers, &m.labels, &m.creation_timestamp, &m.deletion_timestamp), (&f.name, &f.uid, &f.resource_version, &f.generation, &f.finalizers, &f.labels, &f.creation_timestamp, &f.deletion_timestamp));
+        assert_eq!(
+            (
+                &m.name,
+                &m.uid,
+                &m.resource_version,
+                &m.generation,
+                &m.finalizers,
+                &m.labels,
+                &m.creation_timestamp,
+                &m.deletion_timestamp
+            ),
+            (
+                &f.name,
+                &f.uid,
+                &f.resource_version,
+                &f.generation,
+                &f.finalizers,
+                &f.labels,
+                &f.creation_timestamp,
+                &f.deletion_timestamp
+            )
+        );
 
         // The bulk is gone: the field sets and the annotation were four
         // fifths of the metadata (and spec and status are kept whole).
         let size = |m: &kube::core::ObjectMeta| serde_json::to_vec(m).unwrap().len();
-        assert!(size(&slim.metadata) * 4 < size(&full.metadata), "metadata: slim {} bytes, full {}", size(&slim.metadata), size(&full.metadata));
+        assert!(
+            size(&slim.metadata) * 4 < size(&full.metadata),
+            "metadata: slim {} bytes, full {}",
+            size(&slim.metadata),
+            size(&full.metadata)
+        );
         // No annotation left: no empty map either.
         let mut only_applied = full.clone();
-        only_applied.metadata.annotations.as_mut().unwrap().remove("tenancy.dev/last-backup");
+        only_applied
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove("tenancy.dev/last-backup");
         assert_eq!(slimmed(&only_applied).metadata.annotations, None);
     }
 
@@ -279,7 +411,11 @@ mod tests {
         assert_eq!(applied_objects.len(), 2);
         for t in applied_objects {
             let t = t.expect("no watch error");
-            assert!(t.metadata.annotations.is_none(), "{}: the controller got the annotation", t.metadata.name.unwrap_or_default());
+            assert!(
+                t.metadata.annotations.is_none(),
+                "{}: the controller got the annotation",
+                t.metadata.name.unwrap_or_default()
+            );
         }
         let state = store.state();
         assert_eq!(state.len(), 1);

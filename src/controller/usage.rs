@@ -32,7 +32,6 @@ pub const MOVED: f64 = 0.10;
 pub const WRITES_PER_SAMPLE: usize = 500;
 /// How often `pg_stat_statements` is looked for again.
 const STATEMENTS_RECHECK: Duration = Duration::from_secs(600);
-/// How often a missing `pg_read_all_stats` is tried again.
 
 fn moved(old: f64, new: f64) -> bool {
     if old == new {
@@ -64,7 +63,10 @@ fn values(u: &TenantUsage) -> [f64; 7] {
 pub fn should_write(old: Option<&TenantUsage>, new: &TenantUsage, now: chrono::DateTime<chrono::Utc>) -> bool {
     let Some(old) = old else { return true };
     let (a, b) = (values(old), values(new));
-    if a.iter().zip(&b).any(|(x, y)| moved(*x, *y) || ((*x < 0.0) != (*y < 0.0))) {
+    if a.iter()
+        .zip(&b)
+        .any(|(x, y)| moved(*x, *y) || ((*x < 0.0) != (*y < 0.0)))
+    {
         return true;
     }
     if a == b {
@@ -114,7 +116,10 @@ pub async fn run(ctx: Arc<Context>) {
         tracing::info!("the usage sampler is off (--usage-interval-seconds=0)");
         return futures::future::pending().await;
     };
-    let cfg = us::Config { gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()), window: every };
+    let cfg = us::Config {
+        gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()),
+        window: every,
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut visibility = super::watchdog::Visibility::default();
@@ -138,7 +143,8 @@ pub async fn run(ctx: Arc<Context>) {
         }
         let src = pgss.as_ref().and_then(|(_, s)| s.as_deref());
         let started = Instant::now();
-        let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), us::sample(&ctx.pool, &cfg, src)).await {
+        let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), us::sample(&ctx.pool, &cfg, src)).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "usage sample failed; retrying at the next one");
@@ -161,7 +167,8 @@ pub async fn run(ctx: Arc<Context>) {
                 &figs,
                 |name, uid| {
                     let t: Arc<Tenant> = store.get(&ObjectRef::new(name))?;
-                    (t.metadata.uid.as_deref() == Some(uid) && t.metadata.deletion_timestamp.is_none()).then(|| t.status.as_ref().and_then(|s| s.usage.clone()))
+                    (t.metadata.uid.as_deref() == Some(uid) && t.metadata.deletion_timestamp.is_none())
+                        .then(|| t.status.as_ref().and_then(|s| s.usage.clone()))
                 },
                 &cancellations,
                 cur.sampled_at,
@@ -177,7 +184,13 @@ pub async fn run(ctx: Arc<Context>) {
                 Err(e) => tracing::warn!(tenant = %name, error = %e, "writing status.usage failed"),
             }
         }
-        tracing::debug!(tenants = figs.len(), query_ms = took.as_millis() as u64, due, written, "usage sample");
+        tracing::debug!(
+            tenants = figs.len(),
+            query_ms = took.as_millis() as u64,
+            due,
+            written,
+            "usage sample"
+        );
         prev = Some(cur);
     }
 }
@@ -208,12 +221,27 @@ mod tests {
     fn written_when_a_figure_moves_more_than_ten_percent_or_from_or_to_zero() {
         let old = usage(1_000_000, 10, 2.0, 0);
         assert!(should_write(None, &old, at(0)), "no status yet");
-        assert!(!should_write(Some(&old), &usage(1_000_000, 10, 2.0, 15), at(15)), "same figures");
-        assert!(!should_write(Some(&old), &usage(1_100_000, 11, 2.2, 15), at(15)), "10% exactly is not more than 10%");
+        assert!(
+            !should_write(Some(&old), &usage(1_000_000, 10, 2.0, 15), at(15)),
+            "same figures"
+        );
+        assert!(
+            !should_write(Some(&old), &usage(1_100_000, 11, 2.2, 15), at(15)),
+            "10% exactly is not more than 10%"
+        );
         assert!(should_write(Some(&old), &usage(1_100_001, 10, 2.0, 15), at(15)));
-        assert!(should_write(Some(&old), &usage(1_000_000, 8, 2.0, 15), at(15)), "down too");
-        assert!(should_write(Some(&old), &usage(1_000_000, 10, 0.0, 15), at(15)), "to zero");
-        assert!(should_write(Some(&usage(0, 0, 0.0, 0)), &usage(0, 0, 0.01, 15), at(15)), "from zero");
+        assert!(
+            should_write(Some(&old), &usage(1_000_000, 8, 2.0, 15), at(15)),
+            "down too"
+        );
+        assert!(
+            should_write(Some(&old), &usage(1_000_000, 10, 0.0, 15), at(15)),
+            "to zero"
+        );
+        assert!(
+            should_write(Some(&usage(0, 0, 0.0, 0)), &usage(0, 0, 0.01, 15), at(15)),
+            "from zero"
+        );
         let mut temp = old.clone();
         temp.temp_bytes = Some(0);
         assert!(should_write(Some(&old), &temp, at(15)), "temp bytes appear");
@@ -225,7 +253,10 @@ mod tests {
         let drift = |secs| usage(1_050_000, 10, 2.0, secs);
         assert!(!should_write(Some(&old), &drift(299), at(299)));
         assert!(should_write(Some(&old), &drift(300), at(300)));
-        assert!(!should_write(Some(&old), &usage(1_000_000, 10, 2.0, 3_600), at(3_600)), "unchanged: never, however old");
+        assert!(
+            !should_write(Some(&old), &usage(1_000_000, 10, 2.0, 3_600), at(3_600)),
+            "unchanged: never, however old"
+        );
         let mut bad = old.clone();
         bad.sampled_at = "yesterday".into();
         assert!(should_write(Some(&bad), &drift(1), at(1)));
@@ -265,7 +296,10 @@ mod tests {
         busy[7].sessions_active = 3;
         let c: HashMap<String, u64> = [("t0500".to_string(), 1)].into();
         let w = decide(&busy, |n, _| status.get(n).cloned(), &c, at(700));
-        assert_eq!(w.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["t0007", "t0500"]);
+        assert_eq!(
+            w.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["t0007", "t0500"]
+        );
         assert_eq!((w[0].1.sessions, w[1].1.cancellations), (3 + 1, 1));
         // Tenants the cache does not know are not written.
         assert!(decide(&busy, |_, _| None, &c, at(700)).is_empty());

@@ -34,7 +34,10 @@ pub struct WatchdogSettings {
 
 impl Default for WatchdogSettings {
     fn default() -> Self {
-        Self { interval: Some(Duration::from_secs(1)), grace: Duration::from_millis(500) }
+        Self {
+            interval: Some(Duration::from_secs(1)),
+            grace: Duration::from_millis(500),
+        }
     }
 }
 
@@ -73,7 +76,14 @@ pub struct DueEvent {
 
 impl EventThrottle {
     pub fn record(&mut self, s: &Signal) {
-        let p = self.pending.entry((s.tenant.clone(), s.reason)).or_insert_with(|| Pending { uid: s.uid.clone(), count: 0, last_note: String::new() });
+        let p = self
+            .pending
+            .entry((s.tenant.clone(), s.reason))
+            .or_insert_with(|| Pending {
+                uid: s.uid.clone(),
+                count: 0,
+                last_note: String::new(),
+            });
         p.count += 1;
         p.uid = s.uid.clone();
         p.last_note = note_of(s);
@@ -92,8 +102,20 @@ impl EventThrottle {
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
             let p = self.pending.remove(&k).expect("a pending key");
-            let more = if p.count > 1 { format!(" ({} sessions of this tenant in all since the last such Event)", p.count) } else { String::new() };
-            out.push(DueEvent { tenant: k.0.clone(), uid: p.uid, reason: k.1, note: format!("{}{more}", p.last_note) });
+            let more = if p.count > 1 {
+                format!(
+                    " ({} sessions of this tenant in all since the last such Event)",
+                    p.count
+                )
+            } else {
+                String::new()
+            };
+            out.push(DueEvent {
+                tenant: k.0.clone(),
+                uid: p.uid,
+                reason: k.1,
+                note: format!("{}{more}", p.last_note),
+            });
             self.last.insert(k, now);
         }
         // What was published long ago and has nothing pending is forgotten.
@@ -166,7 +188,10 @@ pub async fn run(ctx: Arc<Context>) {
         tracing::info!("the caps watchdog is off (--watchdog-interval-ms=0)");
         return futures::future::pending().await;
     };
-    let cfg = wd::Config { grace: ctx.settings.watchdog.grace, gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()) };
+    let cfg = wd::Config {
+        grace: ctx.settings.watchdog.grace,
+        gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()),
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut visibility = Visibility::default();
@@ -204,7 +229,9 @@ pub async fn run(ctx: Arc<Context>) {
             let event = super::event_of(true, ev.reason.as_str(), ev.note);
             match ctx.recorder.publish(&event, &tenant_ref(&ev.tenant, &ev.uid)).await {
                 Ok(()) => super::Stats::add(&ctx.stats.kube_writes, 1),
-                Err(e) => tracing::warn!(tenant = %ev.tenant, reason = ev.reason.as_str(), error = %e, "publishing a watchdog Event failed"),
+                Err(e) => {
+                    tracing::warn!(tenant = %ev.tenant, reason = ev.reason.as_str(), error = %e, "publishing a watchdog Event failed")
+                }
             }
         }
     }
@@ -237,15 +264,28 @@ mod tests {
         th.record(&sig("b", Reason::StatementCancelled, 3));
         let due = th.due(t0, 10);
         assert_eq!(due.len(), 3);
-        assert!(due[0].note.starts_with("cancelled a statement of session 1 (app login) after 3.2s: past the tenant's statementTimeout 2.0s"), "{:?}", due[0]);
-        assert_eq!((due[0].uid.as_str(), due[1].reason), ("uid-a", Reason::IdleSessionEnded));
+        assert!(
+            due[0].note.starts_with(
+                "cancelled a statement of session 1 (app login) after 3.2s: past the tenant's statementTimeout 2.0s"
+            ),
+            "{:?}",
+            due[0]
+        );
+        assert_eq!(
+            (due[0].uid.as_str(), due[1].reason),
+            ("uid-a", Reason::IdleSessionEnded)
+        );
         // Within the minute: held back and counted.
         th.record(&sig("a", Reason::StatementCancelled, 4));
         th.record(&sig("a", Reason::StatementCancelled, 5));
         assert!(th.due(t0 + Duration::from_secs(30), 10).is_empty());
         let due = th.due(t0 + Duration::from_secs(61), 10);
         assert_eq!(due.len(), 1);
-        assert!(due[0].note.contains("session 5") && due[0].note.contains("(2 sessions"), "{:?}", due[0]);
+        assert!(
+            due[0].note.contains("session 5") && due[0].note.contains("(2 sessions"),
+            "{:?}",
+            due[0]
+        );
         // Nothing pending: nothing due, and the old entries are forgotten.
         assert!(th.due(t0 + Duration::from_secs(200), 10).is_empty());
         assert!(th.last.is_empty() && th.pending.is_empty());
@@ -265,6 +305,14 @@ mod tests {
     #[test]
     fn the_event_names_the_tenant_object() {
         let r = tenant_ref("acme", "u-1");
-        assert_eq!((r.api_version.as_deref(), r.kind.as_deref(), r.name.as_deref(), r.uid.as_deref()), (Some("tenancy.dev/v1alpha1"), Some("Tenant"), Some("acme"), Some("u-1")));
+        assert_eq!(
+            (
+                r.api_version.as_deref(),
+                r.kind.as_deref(),
+                r.name.as_deref(),
+                r.uid.as_deref()
+            ),
+            (Some("tenancy.dev/v1alpha1"), Some("Tenant"), Some("acme"), Some("u-1"))
+        );
     }
 }

@@ -86,9 +86,7 @@ impl TenantSalt {
 
     /// A salt read back from storage; must be exactly 32 bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
-        let array: [u8; TENANT_SALT_LEN] = bytes
-            .try_into()
-            .map_err(|_| CryptoError::BadSaltLength(bytes.len()))?;
+        let array: [u8; TENANT_SALT_LEN] = bytes.try_into().map_err(|_| CryptoError::BadSaltLength(bytes.len()))?;
         Ok(Self(Zeroizing::new(array)))
     }
 
@@ -126,7 +124,11 @@ pub struct TenantKey {
 
 impl Clone for TenantKey {
     fn clone(&self) -> Self {
-        Self { key: Zeroizing::new(*self.key), version: self.version, purpose: self.purpose }
+        Self {
+            key: Zeroizing::new(*self.key),
+            version: self.version,
+            purpose: self.purpose,
+        }
     }
 }
 
@@ -135,8 +137,15 @@ impl TenantKey {
     /// backup or restore Job gets instead of the root keys (the operator
     /// derived it and wrote it into the Job's Secret). Must be 32 bytes.
     pub fn from_bytes(bytes: &[u8], version: KeyVersion, purpose: Purpose) -> Result<Self, CryptoError> {
-        let key: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::BadKeyLength { version, len: bytes.len() })?;
-        Ok(Self { key: Zeroizing::new(key), version, purpose })
+        let key: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::BadKeyLength {
+            version,
+            len: bytes.len(),
+        })?;
+        Ok(Self {
+            key: Zeroizing::new(key),
+            version,
+            purpose,
+        })
     }
 
     /// The key as 64 lower-case hex characters, for handing it to a Job
@@ -198,11 +207,7 @@ pub(crate) fn derive_from_root(
             len: 32,
             max: 255 * 32,
         })?;
-    Ok(TenantKey {
-        key,
-        version,
-        purpose,
-    })
+    Ok(TenantKey { key, version, purpose })
 }
 
 impl Keyring {
@@ -277,9 +282,7 @@ mod tests {
     #[test]
     fn derivation_matches_a_direct_hkdf_computation() {
         let ring = keyring(&[1], 1);
-        let key = ring
-            .derive_tenant_key(v(1), &salt(9), UID, Purpose::Secrets)
-            .unwrap();
+        let key = ring.derive_tenant_key(v(1), &salt(9), UID, Purpose::Secrets).unwrap();
         let hk = Hkdf::<Sha256>::new(Some(&[9u8; 32]), &key_bytes(1));
         let mut expected = [0u8; 32];
         hk.expand(
@@ -293,38 +296,24 @@ mod tests {
     #[test]
     fn same_inputs_give_the_same_key() {
         let ring = keyring(&[1, 2], 2);
-        let a = ring
-            .derive_tenant_key(v(2), &salt(1), UID, Purpose::Backup)
-            .unwrap();
-        let b = ring
-            .derive_tenant_key(v(2), &salt(1), UID, Purpose::Backup)
-            .unwrap();
+        let a = ring.derive_tenant_key(v(2), &salt(1), UID, Purpose::Backup).unwrap();
+        let b = ring.derive_tenant_key(v(2), &salt(1), UID, Purpose::Backup).unwrap();
         assert_eq!(a.bytes(), b.bytes());
-        let c = ring
-            .derive_active_tenant_key(&salt(1), UID, Purpose::Backup)
-            .unwrap();
+        let c = ring.derive_active_tenant_key(&salt(1), UID, Purpose::Backup).unwrap();
         assert_eq!(a.bytes(), c.bytes());
     }
 
     #[test]
     fn every_input_changes_the_key() {
         let ring = keyring(&[1, 2], 2);
-        let base = ring
-            .derive_tenant_key(v(1), &salt(1), UID, Purpose::Secrets)
-            .unwrap();
+        let base = ring.derive_tenant_key(v(1), &salt(1), UID, Purpose::Secrets).unwrap();
         let variants = [
-            (
-                "purpose",
-                ring.derive_tenant_key(v(1), &salt(1), UID, Purpose::Backup),
-            ),
+            ("purpose", ring.derive_tenant_key(v(1), &salt(1), UID, Purpose::Backup)),
             (
                 "tenant uid",
                 ring.derive_tenant_key(v(1), &salt(1), "other-uid", Purpose::Secrets),
             ),
-            (
-                "salt",
-                ring.derive_tenant_key(v(1), &salt(2), UID, Purpose::Secrets),
-            ),
+            ("salt", ring.derive_tenant_key(v(1), &salt(2), UID, Purpose::Secrets)),
             (
                 "key version",
                 ring.derive_tenant_key(v(2), &salt(1), UID, Purpose::Secrets),
@@ -385,9 +374,7 @@ mod tests {
     #[test]
     fn tenant_key_and_salt_debug_show_no_secret_bytes() {
         let ring = keyring(&[1], 1);
-        let key = ring
-            .derive_tenant_key(v(1), &salt(0x5a), UID, Purpose::Backup)
-            .unwrap();
+        let key = ring.derive_tenant_key(v(1), &salt(0x5a), UID, Purpose::Backup).unwrap();
         let shown = format!("{key:?} {key:#?} {:?}", salt(0x5a));
         assert!(shown.contains("v1") && shown.contains("Backup"), "{shown}");
         assert_no_key_bytes(&shown, key.bytes());

@@ -31,9 +31,8 @@ const AAD_DOMAIN: &[u8] = b"tenancy.dev/v1 envelope";
 /// The AAD: `lp(domain) | format byte | key version u32 BE | lp(uid) | lp(purpose) | lp(name)`
 /// where `lp(x)` = `u32 BE length || x`.
 fn envelope_aad(version: KeyVersion, tenant_uid: &str, purpose: Purpose, name: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(
-        4 + AAD_DOMAIN.len() + 1 + 4 + 12 + tenant_uid.len() + purpose.as_str().len() + name.len(),
-    );
+    let mut aad =
+        Vec::with_capacity(4 + AAD_DOMAIN.len() + 1 + 4 + 12 + tenant_uid.len() + purpose.as_str().len() + name.len());
     put_len_prefixed(&mut aad, AAD_DOMAIN);
     aad.push(ENVELOPE_FORMAT_V1);
     aad.extend_from_slice(&version.get().to_be_bytes());
@@ -200,15 +199,9 @@ mod tests {
                 bad[pos] ^= mask;
                 let err = open_default(&ring, &bad).expect_err("a flipped envelope opened");
                 match pos {
-                    0 => assert!(
-                        matches!(err, CryptoError::UnsupportedFormat { .. }),
-                        "{err}"
-                    ),
+                    0 => assert!(matches!(err, CryptoError::UnsupportedFormat { .. }), "{err}"),
                     1..=4 => assert!(
-                        matches!(
-                            err,
-                            CryptoError::UnknownKeyVersion(_) | CryptoError::Authentication
-                        ),
+                        matches!(err, CryptoError::UnknownKeyVersion(_) | CryptoError::Authentication),
                         "byte {pos}: {err}"
                     ),
                     _ => assert_eq!(err, CryptoError::Authentication, "byte {pos}"),
@@ -234,10 +227,7 @@ mod tests {
                 "another purpose",
                 open(&ring, &salt(1), UID, Purpose::Backup, NAME, &env),
             ),
-            (
-                "another salt",
-                open(&ring, &salt(2), UID, Purpose::Secrets, NAME, &env),
-            ),
+            ("another salt", open(&ring, &salt(2), UID, Purpose::Secrets, NAME, &env)),
         ];
         for (what, result) in cases {
             assert_eq!(
@@ -253,10 +243,7 @@ mod tests {
         let ring = keyring(&[1, 2], 2);
         let mut env = sealed(&ring, b"secret");
         env[1..5].copy_from_slice(&1u32.to_be_bytes());
-        assert_eq!(
-            open_default(&ring, &env).unwrap_err(),
-            CryptoError::Authentication
-        );
+        assert_eq!(open_default(&ring, &env).unwrap_err(), CryptoError::Authentication);
     }
 
     #[test]
@@ -281,20 +268,14 @@ mod tests {
         for len in 0..env.len() {
             let err = open_default(&ring, &env[..len]).expect_err("a truncated envelope opened");
             if len < ENVELOPE_OVERHEAD {
-                assert!(
-                    matches!(err, CryptoError::Truncated { .. }),
-                    "len {len}: {err}"
-                );
+                assert!(matches!(err, CryptoError::Truncated { .. }), "len {len}: {err}");
             } else {
                 assert_eq!(err, CryptoError::Authentication, "len {len}");
             }
         }
         let mut extended = env.clone();
         extended.push(0);
-        assert_eq!(
-            open_default(&ring, &extended).unwrap_err(),
-            CryptoError::Authentication
-        );
+        assert_eq!(open_default(&ring, &extended).unwrap_err(), CryptoError::Authentication);
     }
 
     #[test]
@@ -302,10 +283,7 @@ mod tests {
         let v1_active = keyring(&[1], 1);
         let old = sealed(&v1_active, b"sealed under v1");
         let rotated = keyring(&[1, 2], 2);
-        assert_eq!(
-            open_default(&rotated, &old).unwrap().as_slice(),
-            b"sealed under v1"
-        );
+        assert_eq!(open_default(&rotated, &old).unwrap().as_slice(), b"sealed under v1");
         let resealed = sealed(&rotated, b"sealed under v1");
         assert_eq!(envelope_key_version(&old).unwrap().get(), 1);
         assert_eq!(envelope_key_version(&resealed).unwrap().get(), 2);

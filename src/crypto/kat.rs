@@ -131,15 +131,7 @@ fn gcm_spec_test_case_14() {
 
 #[test]
 fn gcm_spec_test_case_15() {
-    check_gcm(
-        "15",
-        K15,
-        IV15,
-        P15,
-        "",
-        C15,
-        "b094dac5d93471bdec1a502270e3cc6c",
-    );
+    check_gcm("15", K15, IV15, P15, "", C15, "b094dac5d93471bdec1a502270e3cc6c");
 }
 
 #[test]

@@ -62,10 +62,7 @@ impl FromStr for KeyVersion {
             CryptoError::BadVersionName(shown)
         };
         let digits = s.strip_prefix('v').ok_or_else(bad)?;
-        if digits.is_empty()
-            || !digits.bytes().all(|b| b.is_ascii_digit())
-            || digits.starts_with('0')
-        {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.starts_with('0') {
             return Err(bad());
         }
         let n: u32 = digits.parse().map_err(|_| bad())?;
@@ -199,14 +196,10 @@ impl Keyring {
         let mut parsed = BTreeMap::new();
         for (name, bytes) in keys {
             let version: KeyVersion = name.parse()?;
-            let array: [u8; ROOT_KEY_LEN] =
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| CryptoError::BadKeyLength {
-                        version,
-                        len: bytes.len(),
-                    })?;
+            let array: [u8; ROOT_KEY_LEN] = bytes.as_slice().try_into().map_err(|_| CryptoError::BadKeyLength {
+                version,
+                len: bytes.len(),
+            })?;
             let bytes = Zeroizing::new(array);
             let fingerprint = KeyFingerprint::of(&bytes);
             parsed.insert(version, RootKey { bytes, fingerprint });
@@ -261,8 +254,7 @@ impl Keyring {
     pub fn active_fingerprint(&self) -> KeyFingerprint {
         // `check` guarantees the active version is present; fall back to a
         // fingerprint of nothing rather than panicking.
-        self.fingerprint(self.active)
-            .unwrap_or(KeyFingerprint([0u8; 8]))
+        self.fingerprint(self.active).unwrap_or(KeyFingerprint([0u8; 8]))
     }
 
     /// The raw key of `version`, for derivation inside this module only.
@@ -297,10 +289,7 @@ mod tests {
     use crate::crypto::testutil::{key_bytes, keyring};
 
     fn data(entries: &[(&str, Vec<u8>)]) -> BTreeMap<String, Vec<u8>> {
-        entries
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .collect()
+        entries.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
     }
 
     #[test]
@@ -324,10 +313,7 @@ mod tests {
             "v1a",
         ] {
             assert!(
-                matches!(
-                    bad.parse::<KeyVersion>(),
-                    Err(CryptoError::BadVersionName(_))
-                ),
+                matches!(bad.parse::<KeyVersion>(), Err(CryptoError::BadVersionName(_))),
                 "{bad:?} was accepted as a key version"
             );
         }
@@ -341,10 +327,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ring.active_version().get(), 2);
-        assert_eq!(
-            ring.versions().map(KeyVersion::get).collect::<Vec<_>>(),
-            vec![1, 2]
-        );
+        assert_eq!(ring.versions().map(KeyVersion::get).collect::<Vec<_>>(), vec![1, 2]);
         assert_ne!(
             ring.fingerprint(KeyVersion::new(1).unwrap()),
             ring.fingerprint(KeyVersion::new(2).unwrap())
@@ -354,10 +337,7 @@ mod tests {
 
     #[test]
     fn keyring_errors_name_the_problem() {
-        assert_eq!(
-            Keyring::new(BTreeMap::new(), "v1").unwrap_err(),
-            CryptoError::NoKeys
-        );
+        assert_eq!(Keyring::new(BTreeMap::new(), "v1").unwrap_err(), CryptoError::NoKeys);
         assert!(matches!(
             Keyring::new(data(&[("key1", key_bytes(1).to_vec())]), "v1").unwrap_err(),
             CryptoError::BadVersionName(n) if n == "key1"
@@ -416,10 +396,7 @@ mod tests {
         let ring = keyring(&[1, 2], 2);
         let shown = format!("{ring:?} {ring:#?}");
         assert!(shown.contains("v1") && shown.contains("v2"), "{shown}");
-        assert!(
-            shown.contains(&ring.active_fingerprint().to_string()),
-            "{shown}"
-        );
+        assert!(shown.contains(&ring.active_fingerprint().to_string()), "{shown}");
         for n in [1u32, 2] {
             crate::crypto::testutil::assert_no_key_bytes(&shown, &key_bytes(n));
         }

@@ -34,9 +34,8 @@ pub use envelope::{
 pub use error::CryptoError;
 pub use keyring::{generate_root_key, KeyFingerprint, KeyVersion, Keyring, ROOT_KEY_LEN};
 pub use stream::{
-    stream_key_version, OpeningReader, SealingWriter, StreamDecryptor, StreamEncryptor,
-    StreamHeader, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, STREAM_FORMAT_V1, STREAM_HEADER_LEN,
-    STREAM_MAGIC,
+    stream_key_version, OpeningReader, SealingWriter, StreamDecryptor, StreamEncryptor, StreamHeader,
+    DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, STREAM_FORMAT_V1, STREAM_HEADER_LEN, STREAM_MAGIC,
 };
 
 /// AES-256-GCM tag length in bytes.

@@ -138,12 +138,7 @@ struct ChunkCipher {
 }
 
 impl ChunkCipher {
-    fn new(
-        tenant_key: &TenantKey,
-        header: &StreamHeader,
-        tenant_uid: &str,
-        purpose: Purpose,
-    ) -> Self {
+    fn new(tenant_key: &TenantKey, header: &StreamHeader, tenant_uid: &str, purpose: Purpose) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(&header.stream_id), tenant_key.bytes());
         let mut stream_key = Zeroizing::new([0u8; 32]);
         // 32 bytes never exceeds HKDF's output limit, so this cannot fail.
@@ -180,10 +175,7 @@ impl ChunkCipher {
             self.done = true;
             return Ok(());
         }
-        self.index = self
-            .index
-            .checked_add(1)
-            .ok_or(CryptoError::StreamTooLong)?;
+        self.index = self.index.checked_add(1).ok_or(CryptoError::StreamTooLong)?;
         Ok(())
     }
 
@@ -206,12 +198,7 @@ impl ChunkCipher {
         };
         let (ciphertext, tag) = chunk.split_at_mut(pt_len);
         self.aead
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&nonce),
-                &self.aad,
-                ciphertext,
-                Tag::from_slice(tag),
-            )
+            .decrypt_in_place_detached(Nonce::from_slice(&nonce), &self.aad, ciphertext, Tag::from_slice(tag))
             .map_err(|_| CryptoError::Authentication)?;
         self.advance(last)?;
         Ok(pt_len)
@@ -237,12 +224,7 @@ pub struct StreamEncryptor {
 
 impl StreamEncryptor {
     /// A sealer under the active root key with the default 1 MiB chunks.
-    pub fn new(
-        keyring: &Keyring,
-        salt: &TenantSalt,
-        tenant_uid: &str,
-        purpose: Purpose,
-    ) -> Result<Self, CryptoError> {
+    pub fn new(keyring: &Keyring, salt: &TenantSalt, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
         Self::with_chunk_size(keyring, salt, tenant_uid, purpose, DEFAULT_CHUNK_SIZE)
     }
 
@@ -279,15 +261,28 @@ impl StreamEncryptor {
     pub fn with_tenant_key(key: &TenantKey, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
         validate_tenant_uid(tenant_uid)?;
         if key.purpose() != purpose {
-            return Err(CryptoError::WrongKeyPurpose { expected: purpose, got: key.purpose() });
+            return Err(CryptoError::WrongKeyPurpose {
+                expected: purpose,
+                got: key.purpose(),
+            });
         }
-        Ok(Self::from_key(key, tenant_uid, purpose, DEFAULT_CHUNK_SIZE as usize, DEFAULT_CHUNK_SIZE))
+        Ok(Self::from_key(
+            key,
+            tenant_uid,
+            purpose,
+            DEFAULT_CHUNK_SIZE as usize,
+            DEFAULT_CHUNK_SIZE,
+        ))
     }
 
     fn from_key(key: &TenantKey, tenant_uid: &str, purpose: Purpose, chunk: usize, chunk_size: u32) -> Self {
         let mut stream_id = [0u8; STREAM_ID_LEN];
         rand::rng().fill_bytes(&mut stream_id);
-        let header = StreamHeader { key_version: key.version(), stream_id, chunk_size };
+        let header = StreamHeader {
+            key_version: key.version(),
+            stream_id,
+            chunk_size,
+        };
         Self {
             header: header.to_bytes(),
             parsed_header: header,
@@ -353,10 +348,7 @@ impl StreamEncryptor {
 
     /// Seals the final chunk and hands it (and the header, if nothing was
     /// pushed) to `emit`.
-    pub fn finish_with<E: From<CryptoError>>(
-        mut self,
-        mut emit: impl FnMut(&[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
+    pub fn finish_with<E: From<CryptoError>>(mut self, mut emit: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
         if self.failed {
             return Err(CryptoError::StreamPoisoned.into());
         }
@@ -427,12 +419,7 @@ pub struct StreamDecryptor {
 impl StreamDecryptor {
     /// An opener for a stream of tenant `tenant_uid` and `purpose`, sealed
     /// under any version the keyring holds.
-    pub fn new(
-        keyring: &Keyring,
-        salt: &TenantSalt,
-        tenant_uid: &str,
-        purpose: Purpose,
-    ) -> Result<Self, CryptoError> {
+    pub fn new(keyring: &Keyring, salt: &TenantSalt, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
         validate_tenant_uid(tenant_uid)?;
         // Derive for every version now, so the decryptor owns no reference to
         // the keyring; the unused keys are dropped (and wiped) at the header.
@@ -456,7 +443,10 @@ impl StreamDecryptor {
     pub fn with_tenant_keys(keys: Vec<TenantKey>, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
         validate_tenant_uid(tenant_uid)?;
         if let Some(k) = keys.iter().find(|k| k.purpose() != purpose) {
-            return Err(CryptoError::WrongKeyPurpose { expected: purpose, got: k.purpose() });
+            return Err(CryptoError::WrongKeyPurpose {
+                expected: purpose,
+                got: k.purpose(),
+            });
         }
         Ok(Self {
             candidates: keys,
@@ -496,8 +486,7 @@ impl StreamDecryptor {
         while !rest.is_empty() {
             let Some(body) = self.body.as_mut() else {
                 let take = (STREAM_HEADER_LEN - self.header_filled).min(rest.len());
-                self.header_buf[self.header_filled..self.header_filled + take]
-                    .copy_from_slice(&rest[..take]);
+                self.header_buf[self.header_filled..self.header_filled + take].copy_from_slice(&rest[..take]);
                 self.header_filled += take;
                 rest = &rest[take..];
                 self.accept_header_bytes()?;
@@ -529,10 +518,7 @@ impl StreamDecryptor {
     }
 
     /// Authenticates the final chunk and hands its plaintext to `emit`.
-    pub fn finish_with<E: From<CryptoError>>(
-        mut self,
-        mut emit: impl FnMut(&[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
+    pub fn finish_with<E: From<CryptoError>>(mut self, mut emit: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
         let pt_len = self.open_final()?;
         if let Some(body) = self.body.as_ref() {
             emit(&body.buf[..pt_len])?;
@@ -633,14 +619,7 @@ impl<W: Write> SealingWriter<W> {
         tenant_uid: &str,
         purpose: Purpose,
     ) -> Result<Self, CryptoError> {
-        Self::with_chunk_size(
-            inner,
-            keyring,
-            salt,
-            tenant_uid,
-            purpose,
-            DEFAULT_CHUNK_SIZE,
-        )
+        Self::with_chunk_size(inner, keyring, salt, tenant_uid, purpose, DEFAULT_CHUNK_SIZE)
     }
 
     /// Seals into `inner` with a chosen chunk size.
@@ -731,9 +710,20 @@ impl<R: Read> OpeningReader<R> {
 
     /// Opens a stream read from `inner` with the tenant keys given
     /// ([`StreamDecryptor::with_tenant_keys`]).
-    pub fn with_tenant_keys(inner: R, keys: Vec<TenantKey>, tenant_uid: &str, purpose: Purpose) -> Result<Self, CryptoError> {
+    pub fn with_tenant_keys(
+        inner: R,
+        keys: Vec<TenantKey>,
+        tenant_uid: &str,
+        purpose: Purpose,
+    ) -> Result<Self, CryptoError> {
         let dec = StreamDecryptor::with_tenant_keys(keys, tenant_uid, purpose)?;
-        Ok(Self { inner, dec, out_start: 0, out_end: 0, done: false })
+        Ok(Self {
+            inner,
+            dec,
+            out_start: 0,
+            out_end: 0,
+            done: false,
+        })
     }
 
     /// The header, once read.
@@ -761,8 +751,7 @@ impl<R: Read> OpeningReader<R> {
         loop {
             let Some(body) = self.dec.body.as_mut() else {
                 let dec = &mut self.dec;
-                let n =
-                    Self::read_retrying(&mut self.inner, &mut dec.header_buf[dec.header_filled..])?;
+                let n = Self::read_retrying(&mut self.inner, &mut dec.header_buf[dec.header_filled..])?;
                 if n == 0 {
                     dec.open_final()?;
                     // `open_final` without a body always errors.
@@ -853,8 +842,7 @@ mod tests {
 
     /// Seals `data` pushing it in pieces of `piece` bytes.
     fn seal_with(ring: &Keyring, data: &[u8], chunk: u32, piece: usize) -> Vec<u8> {
-        let mut enc =
-            StreamEncryptor::with_chunk_size(ring, &salt(1), UID, Purpose::Backup, chunk).unwrap();
+        let mut enc = StreamEncryptor::with_chunk_size(ring, &salt(1), UID, Purpose::Backup, chunk).unwrap();
         let mut out = Vec::new();
         for part in data.chunks(piece.max(1)) {
             enc.push(part, &mut out).unwrap();
@@ -884,14 +872,22 @@ mod tests {
         let mut out = Vec::new();
         r.read_to_end(&mut out).unwrap();
         assert_eq!(out, data);
-        let v1 = ring.derive_tenant_key(KeyVersion::new(1).unwrap(), &salt(1), UID, Purpose::Backup).unwrap();
+        let v1 = ring
+            .derive_tenant_key(KeyVersion::new(1).unwrap(), &salt(1), UID, Purpose::Backup)
+            .unwrap();
         let mut r = OpeningReader::with_tenant_keys(&by_ring[..], vec![v1], UID, Purpose::Backup).unwrap();
         assert!(r.read_to_end(&mut Vec::new()).is_err(), "a v1 key opened a v2 stream");
         let secrets = ring.derive_active_tenant_key(&salt(1), UID, Purpose::Secrets).unwrap();
-        assert!(matches!(OpeningReader::with_tenant_keys(&by_ring[..], vec![secrets.clone()], UID, Purpose::Backup), Err(CryptoError::WrongKeyPurpose { .. })));
+        assert!(matches!(
+            OpeningReader::with_tenant_keys(&by_ring[..], vec![secrets.clone()], UID, Purpose::Backup),
+            Err(CryptoError::WrongKeyPurpose { .. })
+        ));
         assert!(StreamEncryptor::with_tenant_key(&secrets, UID, Purpose::Backup).is_err());
         let mut r = OpeningReader::with_tenant_keys(&by_ring[..], vec![key], "another-uid", Purpose::Backup).unwrap();
-        assert!(r.read_to_end(&mut Vec::new()).is_err(), "another tenant's uid opened the stream");
+        assert!(
+            r.read_to_end(&mut Vec::new()).is_err(),
+            "another tenant's uid opened the stream"
+        );
     }
 
     fn seal_default(ring: &Keyring, data: &[u8]) -> Vec<u8> {
@@ -921,12 +917,7 @@ mod tests {
 
     /// Opens through `OpeningReader` with an inner reader that returns at
     /// most `step` bytes per call and reads into a buffer of `read_len`.
-    fn open_reader(
-        ring: &Keyring,
-        sealed: &[u8],
-        step: usize,
-        read_len: usize,
-    ) -> io::Result<Vec<u8>> {
+    fn open_reader(ring: &Keyring, sealed: &[u8], step: usize, read_len: usize) -> io::Result<Vec<u8>> {
         struct Trickle<'a>(&'a [u8], usize);
         impl Read for Trickle<'_> {
             fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -936,9 +927,7 @@ mod tests {
                 Ok(n)
             }
         }
-        let mut reader =
-            OpeningReader::new(Trickle(sealed, step), ring, &salt(1), UID, Purpose::Backup)
-                .unwrap();
+        let mut reader = OpeningReader::new(Trickle(sealed, step), ring, &salt(1), UID, Purpose::Backup).unwrap();
         let mut out = Vec::new();
         let mut buf = vec![0u8; read_len];
         loop {
@@ -978,11 +967,7 @@ mod tests {
             for piece in [1, 3, C, C + 1, 1000] {
                 let sealed = seal_with(&ring, &data, CHUNK, piece);
                 let chunks = len / C + 1; // the final chunk holds len % C bytes
-                assert_eq!(
-                    sealed.len(),
-                    STREAM_HEADER_LEN + len + chunks * TAG_LEN,
-                    "len {len}"
-                );
+                assert_eq!(sealed.len(), STREAM_HEADER_LEN + len + chunks * TAG_LEN, "len {len}");
                 assert_eq!(stream_key_version(&sealed).unwrap().get(), 2);
                 for open_piece in [1, 7, C + TAG_LEN, 1 << 20] {
                     assert_eq!(
@@ -1002,15 +987,13 @@ mod tests {
     fn writer_and_reader_round_trip_with_default_chunks() {
         let ring = keyring(&[1], 1);
         let data = payload(3 * DEFAULT_CHUNK_SIZE as usize + 12345);
-        let mut writer =
-            SealingWriter::new(Vec::new(), &ring, &salt(1), UID, Purpose::Backup).unwrap();
+        let mut writer = SealingWriter::new(Vec::new(), &ring, &salt(1), UID, Purpose::Backup).unwrap();
         for part in data.chunks(100_000) {
             writer.write_all(part).unwrap();
         }
         writer.flush().unwrap();
         let sealed = writer.finish().unwrap();
-        let mut reader =
-            OpeningReader::new(&sealed[..], &ring, &salt(1), UID, Purpose::Backup).unwrap();
+        let mut reader = OpeningReader::new(&sealed[..], &ring, &salt(1), UID, Purpose::Backup).unwrap();
         let mut out = Vec::new();
         reader.read_to_end(&mut out).unwrap();
         assert!(out == data, "default-chunk round trip changed the data");
@@ -1028,8 +1011,8 @@ mod tests {
                     open_all(&ring, prefix).is_err(),
                     "len {len}: prefix of {cut} bytes opened"
                 );
-                let err = open_reader(&ring, prefix, 1 << 20, 1 << 20)
-                    .expect_err("reader reached EOF on a truncated stream");
+                let err =
+                    open_reader(&ring, prefix, 1 << 20, 1 << 20).expect_err("reader reached EOF on a truncated stream");
                 assert_eq!(err.kind(), io::ErrorKind::InvalidData);
             }
         }
@@ -1080,10 +1063,7 @@ mod tests {
         dropped.remove(1);
         cases.push(("drop 1", dropped));
         for (what, changed) in cases {
-            assert!(
-                open_all(&ring, &join(&header, &changed)).is_err(),
-                "{what} opened"
-            );
+            assert!(open_all(&ring, &join(&header, &changed)).is_err(), "{what} opened");
         }
     }
 
@@ -1165,17 +1145,11 @@ mod tests {
         );
         let mut relabel = sealed.clone();
         relabel[5..9].copy_from_slice(&1u32.to_be_bytes());
-        assert_eq!(
-            open_all(&ring, &relabel).unwrap_err(),
-            CryptoError::Authentication
-        );
+        assert_eq!(open_all(&ring, &relabel).unwrap_err(), CryptoError::Authentication);
         for size in [0u32, MAX_CHUNK_SIZE + 1] {
             let mut bad = sealed.clone();
             bad[25..29].copy_from_slice(&size.to_be_bytes());
-            assert_eq!(
-                open_all(&ring, &bad).unwrap_err(),
-                CryptoError::BadChunkSize(size)
-            );
+            assert_eq!(open_all(&ring, &bad).unwrap_err(), CryptoError::BadChunkSize(size));
         }
         let mut other_size = sealed.clone();
         other_size[25..29].copy_from_slice(&(CHUNK + 1).to_be_bytes());
@@ -1198,10 +1172,7 @@ mod tests {
     fn bad_magic_is_reported_on_the_first_byte() {
         let ring = keyring(&[1], 1);
         let mut dec = StreamDecryptor::new(&ring, &salt(1), UID, Purpose::Backup).unwrap();
-        assert_eq!(
-            dec.push(b"X", &mut Vec::new()).unwrap_err(),
-            CryptoError::BadMagic
-        );
+        assert_eq!(dec.push(b"X", &mut Vec::new()).unwrap_err(), CryptoError::BadMagic);
         assert_eq!(
             dec.push(b"TNBK", &mut Vec::new()).unwrap_err(),
             CryptoError::StreamPoisoned
@@ -1217,20 +1188,10 @@ mod tests {
                 "tenant",
                 open_as(&ring, "another-uid", Purpose::Backup, 1, &sealed, 100),
             ),
-            (
-                "purpose",
-                open_as(&ring, UID, Purpose::Secrets, 1, &sealed, 100),
-            ),
-            (
-                "salt",
-                open_as(&ring, UID, Purpose::Backup, 2, &sealed, 100),
-            ),
+            ("purpose", open_as(&ring, UID, Purpose::Secrets, 1, &sealed, 100)),
+            ("salt", open_as(&ring, UID, Purpose::Backup, 2, &sealed, 100)),
         ] {
-            assert_eq!(
-                result.unwrap_err(),
-                CryptoError::Authentication,
-                "wrong {what} opened"
-            );
+            assert_eq!(result.unwrap_err(), CryptoError::Authentication, "wrong {what} opened");
         }
         let rotated = keyring(&[1, 2], 2);
         assert_eq!(open_all(&rotated, &sealed).unwrap(), payload(C + 2));
@@ -1260,10 +1221,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, CryptoError::Authentication);
         assert_eq!(out, data[..C]);
-        assert_eq!(
-            dec.finish(&mut out).unwrap_err(),
-            CryptoError::StreamPoisoned
-        );
+        assert_eq!(dec.finish(&mut out).unwrap_err(), CryptoError::StreamPoisoned);
     }
 
     #[test]
@@ -1271,8 +1229,7 @@ mod tests {
         let ring = keyring(&[1], 1);
         for size in [0, MAX_CHUNK_SIZE + 1] {
             assert_eq!(
-                StreamEncryptor::with_chunk_size(&ring, &salt(1), UID, Purpose::Backup, size)
-                    .unwrap_err(),
+                StreamEncryptor::with_chunk_size(&ring, &salt(1), UID, Purpose::Backup, size).unwrap_err(),
                 CryptoError::BadChunkSize(size)
             );
         }
@@ -1282,10 +1239,7 @@ mod tests {
             .derive_tenant_key(KeyVersion::new(1).unwrap(), &salt(1), UID, Purpose::Backup)
             .unwrap();
         crate::crypto::testutil::assert_no_key_bytes(&shown, key.bytes());
-        crate::crypto::testutil::assert_no_key_bytes(
-            &shown,
-            &crate::crypto::testutil::key_bytes(1),
-        );
+        crate::crypto::testutil::assert_no_key_bytes(&shown, &crate::crypto::testutil::key_bytes(1));
     }
 
     #[test]
@@ -1293,8 +1247,7 @@ mod tests {
         let ring = keyring(&[1], 1);
         let data = payload(2 * C + 3);
         let sealed = seal_default(&ring, &data);
-        let mut reader =
-            OpeningReader::new(&sealed[..], &ring, &salt(1), UID, Purpose::Backup).unwrap();
+        let mut reader = OpeningReader::new(&sealed[..], &ring, &salt(1), UID, Purpose::Backup).unwrap();
         let mut out = Vec::new();
         loop {
             let available = reader.fill_buf().unwrap();
@@ -1309,8 +1262,7 @@ mod tests {
         let cut = &sealed[..sealed.len() - TAG_LEN - 3];
         let mut reader = OpeningReader::new(cut, &ring, &salt(1), UID, Purpose::Backup).unwrap();
         let mut sink = Vec::new();
-        let err =
-            io::copy(&mut reader, &mut sink).expect_err("a truncated stream was copied to the end");
+        let err = io::copy(&mut reader, &mut sink).expect_err("a truncated stream was copied to the end");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let inner = err.into_inner().unwrap().downcast::<CryptoError>().unwrap();
         assert_eq!(
@@ -1318,11 +1270,7 @@ mod tests {
             CryptoError::StreamTruncated,
             "the final chunk was cut off whole"
         );
-        assert_eq!(
-            sink,
-            data[..2 * C],
-            "only authenticated chunks were released"
-        );
+        assert_eq!(sink, data[..2 * C], "only authenticated chunks were released");
     }
 
     #[test]
@@ -1337,17 +1285,9 @@ mod tests {
             }
         }
         let ring = keyring(&[1], 1);
-        let mut writer =
-            SealingWriter::with_chunk_size(Full, &ring, &salt(1), UID, Purpose::Backup, CHUNK)
-                .unwrap();
-        assert_eq!(
-            writer.write(b"x").unwrap_err().kind(),
-            io::ErrorKind::StorageFull
-        );
-        assert_eq!(
-            writer.write(b"y").unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        let mut writer = SealingWriter::with_chunk_size(Full, &ring, &salt(1), UID, Purpose::Backup, CHUNK).unwrap();
+        assert_eq!(writer.write(b"x").unwrap_err().kind(), io::ErrorKind::StorageFull);
+        assert_eq!(writer.write(b"y").unwrap_err().kind(), io::ErrorKind::InvalidData);
         assert!(writer.finish().is_err());
     }
 

@@ -33,11 +33,7 @@ pub(crate) fn assert_no_key_bytes(shown: &str, key: &[u8]) {
     for window in key.windows(4) {
         let hex_lower = hex::encode(window);
         let hex_upper = hex_lower.to_uppercase();
-        let decimal = window
-            .iter()
-            .map(u8::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let decimal = window.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
         for needle in [&hex_lower, &hex_upper, &decimal] {
             assert!(
                 !shown.contains(needle.as_str()),

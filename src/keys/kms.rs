@@ -220,12 +220,7 @@ pub async fn unwrap_keys(
 /// `key_id` with the encryption context `{"tenancy.dev/root-key": version}`.
 /// Returns the ciphertext blob to store (base64 in the Secret's `data`) as
 /// the entry named `version`.
-pub async fn wrap_key(
-    cfg: &KmsConfig,
-    key_id: &str,
-    version: &str,
-    plaintext: &[u8],
-) -> Result<Vec<u8>, KmsError> {
+pub async fn wrap_key(cfg: &KmsConfig, key_id: &str, version: &str, plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
     check_version(version)?;
     let client = client(cfg)?;
     let response = client
@@ -278,9 +273,7 @@ fn client(cfg: &KmsConfig) -> Result<aws_sdk_kms::Client, KmsError> {
         return Err(KmsError::Config("the AWS region is empty".to_owned()));
     }
     let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
         .build_https();
     let mut builder = aws_sdk_kms::Config::builder()
         .behavior_version(BehaviorVersion::latest())
@@ -409,17 +402,9 @@ mod tests {
         };
         let wrapped = BTreeMap::from([("key1".to_owned(), vec![1u8, 2, 3])]);
         let err = unwrap_keys(&cfg, &wrapped).await.unwrap_err();
-        assert!(
-            matches!(&err, KmsError::BadVersion(n) if n == "key1"),
-            "{err}"
-        );
-        let err = wrap_key(&cfg, "alias/x", "v01", &[0u8; 32])
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, KmsError::BadVersion(n) if n == "v01"),
-            "{err}"
-        );
+        assert!(matches!(&err, KmsError::BadVersion(n) if n == "key1"), "{err}");
+        let err = wrap_key(&cfg, "alias/x", "v01", &[0u8; 32]).await.unwrap_err();
+        assert!(matches!(&err, KmsError::BadVersion(n) if n == "v01"), "{err}");
     }
 
     #[tokio::test]

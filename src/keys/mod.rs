@@ -84,17 +84,40 @@ pub async fn load(client: &Client, src: &KeySource) -> Result<Keyring, KeysError
     let secret = api
         .get_opt(&src.secret)
         .await
-        .map_err(|source| KeysError::Read { namespace: namespace.clone(), name: name.clone(), source })?
-        .ok_or_else(|| KeysError::Missing { namespace: namespace.clone(), name: name.clone() })?;
-    let mut data: BTreeMap<String, Vec<u8>> = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+        .map_err(|source| KeysError::Read {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?
+        .ok_or_else(|| KeysError::Missing {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        })?;
+    let mut data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
     if let Some(cfg) = &src.kms {
-        data = unwrap(cfg, data).await.map_err(|source| KeysError::Kms { namespace: namespace.clone(), name: name.clone(), source })?;
+        data = unwrap(cfg, data).await.map_err(|source| KeysError::Kms {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
     }
-    Keyring::from_secret_data(data).map_err(|source| KeysError::Invalid { namespace, name, source })
+    Keyring::from_secret_data(data).map_err(|source| KeysError::Invalid {
+        namespace,
+        name,
+        source,
+    })
 }
 
 /// Unwraps the `vN` entries with KMS; `active` passes through.
-async fn unwrap(cfg: &kms::KmsConfig, mut data: BTreeMap<String, Vec<u8>>) -> Result<BTreeMap<String, Vec<u8>>, kms::KmsError> {
+async fn unwrap(
+    cfg: &kms::KmsConfig,
+    mut data: BTreeMap<String, Vec<u8>>,
+) -> Result<BTreeMap<String, Vec<u8>>, kms::KmsError> {
     let active = data.remove("active");
     let unwrapped = kms::unwrap_keys(cfg, &data).await?;
     let mut out: BTreeMap<String, Vec<u8>> = unwrapped.into_iter().map(|(k, v)| (k, v.to_vec())).collect();
@@ -109,10 +132,19 @@ async fn unwrap(cfg: &kms::KmsConfig, mut data: BTreeMap<String, Vec<u8>>) -> Re
 /// `kms` is set (a copy of a KMS-wrapped Secret).
 pub async fn load_file(path: &Path, kms: Option<&kms::KmsConfig>) -> Result<Keyring, KeysError> {
     let shown = path.display().to_string();
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| KeysError::ReadFile { path: shown.clone(), source })?);
-    let mut data = parse_keys_file(&text).map_err(|why| KeysError::BadFile { path: shown.clone(), why })?;
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| KeysError::ReadFile {
+        path: shown.clone(),
+        source,
+    })?);
+    let mut data = parse_keys_file(&text).map_err(|why| KeysError::BadFile {
+        path: shown.clone(),
+        why,
+    })?;
     if let Some(cfg) = kms {
-        data = unwrap(cfg, data).await.map_err(|source| KeysError::FileKms { path: shown.clone(), source })?;
+        data = unwrap(cfg, data).await.map_err(|source| KeysError::FileKms {
+            path: shown.clone(),
+            source,
+        })?;
     }
     Keyring::from_secret_data(data).map_err(|source| KeysError::FileKeys { path: shown, source })
 }
@@ -153,12 +185,17 @@ pub fn parse_keys_file(text: &str) -> Result<BTreeMap<String, Vec<u8>>, String> 
         }
     };
     let decode = |name: &str, v: &str, what: &str| b64.decode(v).map_err(|_| format!("{what}{name} is not base64"));
-    let is_manifest = ["kind", "apiVersion", "data", "stringData", "metadata"].iter().any(|k| top.contains_key(*k));
+    let is_manifest = ["kind", "apiVersion", "data", "stringData", "metadata"]
+        .iter()
+        .any(|k| top.contains_key(*k));
     let mut out = BTreeMap::new();
     if is_manifest {
         if let Some(kind) = top.get("kind") {
             if kind.as_str() != Some("Secret") {
-                return Err(format!("kind is {}, not Secret", serde_yaml::to_string(kind).unwrap_or_default().trim()));
+                return Err(format!(
+                    "kind is {}, not Secret",
+                    serde_yaml::to_string(kind).unwrap_or_default().trim()
+                ));
             }
         }
         let data = string_map(top.get("data").unwrap_or(&serde_yaml::Value::Null), "data.")?;
@@ -172,7 +209,11 @@ pub fn parse_keys_file(text: &str) -> Result<BTreeMap<String, Vec<u8>>, String> 
     } else {
         for (k, v) in string_map(&serde_yaml::Value::Mapping(top), "")? {
             // A version name is never base64 of one: that starts with `d`.
-            let value = if k == "active" && v.starts_with('v') { v.into_bytes() } else { decode(&k, &v, "")? };
+            let value = if k == "active" && v.starts_with('v') {
+                v.into_bytes()
+            } else {
+                decode(&k, &v, "")?
+            };
             out.insert(k, value);
         }
     }
@@ -192,7 +233,10 @@ pub struct KeyHolder {
 
 impl KeyHolder {
     pub fn new(ring: Keyring) -> Self {
-        Self { ring: RwLock::new(Some(Arc::new(ring))), refused: RwLock::new(None) }
+        Self {
+            ring: RwLock::new(Some(Arc::new(ring))),
+            refused: RwLock::new(None),
+        }
     }
 
     pub fn current(&self) -> Option<Arc<Keyring>> {
@@ -207,7 +251,11 @@ impl KeyHolder {
     /// Installs `next` unless it lacks a version in `in_use` (envelopes or
     /// backups still need it). Returns whether the keyring changed.
     pub fn replace(&self, next: Keyring, in_use: &BTreeSet<KeyVersion>) -> Result<bool, String> {
-        let missing: Vec<String> = in_use.iter().filter(|v| !next.contains(**v)).map(|v| v.to_string()).collect();
+        let missing: Vec<String> = in_use
+            .iter()
+            .filter(|v| !next.contains(**v))
+            .map(|v| v.to_string())
+            .collect();
         if !missing.is_empty() {
             let msg = format!(
                 "refused the new root keys: version(s) {} are missing but tenants' sealed data still uses them; \
@@ -249,7 +297,12 @@ pub fn new_secret_yaml(namespace: &str, name: &str) -> String {
 
 /// A new root-keys Secret manifest whose random key `v1` is wrapped by KMS
 /// (the plaintext key never leaves this process).
-pub async fn new_wrapped_secret_yaml(namespace: &str, name: &str, cfg: &kms::KmsConfig, key_id: &str) -> Result<String, kms::KmsError> {
+pub async fn new_wrapped_secret_yaml(
+    namespace: &str,
+    name: &str,
+    cfg: &kms::KmsConfig,
+    key_id: &str,
+) -> Result<String, kms::KmsError> {
     use base64::Engine;
     let key = crate::crypto::generate_root_key();
     let wrapped = kms::wrap_key(cfg, key_id, "v1", key.as_slice()).await?;
@@ -274,11 +327,19 @@ mod tests {
         let in_use = BTreeSet::from([KeyVersion::new(1).unwrap()]);
         let err = holder.replace(ring(&[2, 3], 3), &in_use).unwrap_err();
         assert!(err.contains("v1"), "{err}");
-        assert_eq!(holder.current().unwrap().active_version().to_string(), "v2", "the refused keyring was installed");
+        assert_eq!(
+            holder.current().unwrap().active_version().to_string(),
+            "v2",
+            "the refused keyring was installed"
+        );
         assert!(holder.refused().is_some());
         assert_eq!(holder.replace(ring(&[1, 2, 3], 3), &in_use), Ok(true));
         assert!(holder.refused().is_none());
-        assert_eq!(holder.replace(ring(&[1, 2, 3], 3), &in_use), Ok(false), "an identical keyring is not a change");
+        assert_eq!(
+            holder.replace(ring(&[1, 2, 3], 3), &in_use),
+            Ok(false),
+            "an identical keyring is not a change"
+        );
     }
 
     #[test]
@@ -324,7 +385,9 @@ mod tests {
         }
         // Well formed, but a key of the wrong length: the keyring says so.
         let short = format!("v1: {secret_b64}\nactive: v1\n");
-        let err = Keyring::from_secret_data(parse_keys_file(&short).unwrap()).unwrap_err().to_string();
+        let err = Keyring::from_secret_data(parse_keys_file(&short).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("32 bytes") && !err.contains(secret_b64), "{err}");
     }
 
@@ -333,7 +396,9 @@ mod tests {
         use base64::Engine;
         let y = new_secret_yaml("ns", "keys");
         let line = y.lines().find(|l| l.trim_start().starts_with("v1:")).unwrap();
-        let key = base64::engine::general_purpose::STANDARD.decode(line.split(':').nth(1).unwrap().trim()).unwrap();
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(line.split(':').nth(1).unwrap().trim())
+            .unwrap();
         assert_eq!(key.len(), 32);
         assert_ne!(y, new_secret_yaml("ns", "keys"));
     }

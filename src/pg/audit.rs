@@ -59,7 +59,12 @@ const TAIL_TRIGGER: &str = "_tenancy_audit_tail";
 /// The triggers on each tenant table: INSERT and DELETE statement-level with
 /// transition tables (one append per statement, however many rows), UPDATE
 /// per row (old and new row side by side for the changed columns), TRUNCATE.
-pub const TABLE_TRIGGERS: [&str; 4] = ["_tenancy_audit_ins", "_tenancy_audit_upd", "_tenancy_audit_del", "_tenancy_audit_trunc"];
+pub const TABLE_TRIGGERS: [&str; 4] = [
+    "_tenancy_audit_ins",
+    "_tenancy_audit_upd",
+    "_tenancy_audit_del",
+    "_tenancy_audit_trunc",
+];
 /// Keys per audit entry of an INSERT or DELETE statement: a statement of
 /// 100,000 rows appends 10 entries, each a JSON array of 10,000 keys
 /// (bounded, far below jsonb's 255 MB limit).
@@ -91,7 +96,16 @@ pub const ANCHOR_DOMAIN: &[u8] = b"tenancy.dev/audit-anchor/v1\0";
 /// Verification uses this over the columns; the write function computes
 /// [`header_sql`] and [`tail_sql`] once per statement and only the key per
 /// row (the same bytes).
-pub fn content_sql(time: &str, actor: &str, given: &str, request: &str, op: &str, table: &str, pk: &str, changed: &str) -> String {
+pub fn content_sql(
+    time: &str,
+    actor: &str,
+    given: &str,
+    request: &str,
+    op: &str,
+    table: &str,
+    pk: &str,
+    changed: &str,
+) -> String {
     format!(
         "pg_catalog.convert_to({} || E'\\n' || {} || E'\\n' || {}, 'UTF8')",
         header_sql(time, actor, given, request, op, table),
@@ -102,7 +116,9 @@ pub fn content_sql(time: &str, actor: &str, given: &str, request: &str, op: &str
 
 /// The first line of the content (text).
 pub fn header_sql(time: &str, actor: &str, given: &str, request: &str, op: &str, table: &str) -> String {
-    format!("pg_catalog.jsonb_build_array(EXTRACT(EPOCH FROM {time}), {actor}, {given}, {request}, {op}, {table})::text")
+    format!(
+        "pg_catalog.jsonb_build_array(EXTRACT(EPOCH FROM {time}), {actor}, {given}, {request}, {op}, {table})::text"
+    )
 }
 
 /// The second line (text).
@@ -223,11 +239,17 @@ pub enum AuditAction {
     GuardTable,
     /// The audit triggers of a table; `replace` when some of them exist
     /// (dropped first).
-    TriggerTable { table: String, replace: bool },
+    TriggerTable {
+        table: String,
+        replace: bool,
+    },
     SetPgauditLog,
     /// The tenant's anchor function in [`ANCHOR_SCHEMA`] (admin), owned by
     /// the anchor `role`, its uid a literal in its body.
-    AnchorFunction { uid: String, role: String },
+    AnchorFunction {
+        uid: String,
+        role: String,
+    },
     /// The first head in `tenancy.audit_heads`: the in-schema head, through
     /// the anchor function (as the owner; a tenant whose chain predates
     /// anchoring keeps its chain).
@@ -270,7 +292,10 @@ pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditActi
     if !state.guard {
         actions.push(AuditAction::GuardTable);
     }
-    actions.extend(state.untriggered.iter().map(|t| AuditAction::TriggerTable { table: t.clone(), replace: state.stale.contains(t) }));
+    actions.extend(state.untriggered.iter().map(|t| AuditAction::TriggerTable {
+        table: t.clone(),
+        replace: state.stale.contains(t),
+    }));
     if let Some(p) = pgaudit {
         if p.loaded && p.can_set && !p.satisfied() {
             actions.push(AuditAction::SetPgauditLog);
@@ -287,7 +312,10 @@ pub fn plan_anchor(state: &AuditState, anchor: &AnchorState, uid: &str) -> Vec<A
         return actions;
     }
     if !anchor.function_current {
-        actions.push(AuditAction::AnchorFunction { uid: uid.to_owned(), role: anchor.role.clone() });
+        actions.push(AuditAction::AnchorFunction {
+            uid: uid.to_owned(),
+            role: anchor.role.clone(),
+        });
     }
     if !anchor.seeded {
         actions.push(AuditAction::SeedHead);
@@ -302,7 +330,10 @@ pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAudit
     } else if p.satisfied() || p.can_set {
         ReadAuditing::On
     } else {
-        ReadAuditing::NeedsSuperuser { app_role: app_role.to_owned(), admin: admin.to_owned() }
+        ReadAuditing::NeedsSuperuser {
+            app_role: app_role.to_owned(),
+            admin: admin.to_owned(),
+        }
     }
 }
 
@@ -443,12 +474,21 @@ BEGIN
 END
 "#
     );
-    Ok(BTreeMap::from([(WRITE_FN, write), (TRIGGER_FN, trigger), (GUARD_FN, guard), (TAIL_FN, tail)]))
+    Ok(BTreeMap::from([
+        (WRITE_FN, write),
+        (TRIGGER_FN, trigger),
+        (GUARD_FN, guard),
+        (TAIL_FN, tail),
+    ]))
 }
 
 /// The tenant's anchor function, qualified and quoted.
 fn anchor_fn(name: &TenantName) -> Result<String, PgError> {
-    Ok(format!("{}.{}", quote_ident(ANCHOR_SCHEMA)?, quote_ident(&name.schema())?))
+    Ok(format!(
+        "{}.{}",
+        quote_ident(ANCHOR_SCHEMA)?,
+        quote_ident(&name.schema())?
+    ))
 }
 
 /// The source of the tenant's anchor function: moves the tenant's head in
@@ -603,8 +643,10 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
     // dependency (TOAST tables and composite types excepted, neither audited).
     // Each function is current when sha256(name:source) is the expected one
     // and its owner, SECURITY DEFINER flag and search_path are right.
-    let expected: Vec<String> =
-        function_bodies(name)?.iter().map(|(f, body)| hex::encode(Sha256::digest(format!("{f}:{body}").as_bytes()))).collect();
+    let expected: Vec<String> = function_bodies(name)?
+        .iter()
+        .map(|(f, body)| hex::encode(Sha256::digest(format!("{f}:{body}").as_bytes())))
+        .collect();
     let row = sqlx::query(
         "SELECT n.oid IS NOT NULL AS schema_exists,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
@@ -756,8 +798,13 @@ $tenancy_prep$"#,
         prefix = quote_literal(ANCHOR_ROLE_PREFIX)?,
         schema = quote_literal(ANCHOR_SCHEMA)?,
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(query_err("preparing the audit anchoring"))?;
-    tx.commit().await.map_err(query_err("committing the anchoring set-up"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("preparing the audit anchoring"))?;
+    tx.commit()
+        .await
+        .map_err(query_err("committing the anchoring set-up"))?;
     Ok(())
 }
 
@@ -776,7 +823,9 @@ pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Resu
     .fetch_one(&mut *conn)
     .await
     .map_err(query_err("reading pgaudit's availability"))?;
-    let app_setting = settings.iter().find_map(|kv| kv.strip_prefix("pgaudit.log=").map(str::to_owned));
+    let app_setting = settings
+        .iter()
+        .find_map(|kv| kv.strip_prefix("pgaudit.log=").map(str::to_owned));
     let can_set = if !loaded {
         false
     } else if superuser {
@@ -790,7 +839,12 @@ pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Resu
     } else {
         false
     };
-    Ok(PgauditState { loaded, can_set, app_setting, admin })
+    Ok(PgauditState {
+        loaded,
+        can_set,
+        app_setting,
+        admin,
+    })
 }
 
 /// Runs `actions` on `conn`, in the transaction the caller holds; owner
@@ -801,7 +855,9 @@ async fn run(conn: &mut PgConnection, name: &TenantName, actions: &[AuditAction]
     // All of them in one round trip (a migration rollout runs this for
     // every tenant).
     if !stmts.is_empty() {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(stmts.join(";\n"))).execute(&mut *conn).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmts.join(";\n")))
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(stmts.len())
 }
@@ -858,13 +914,31 @@ SELECT 3, p.oid, p.proname, NULL, NULL, NULL, NULL, NULL, p.prosecdef, p.proowne
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CatalogFact {
     /// A relation of the tenant schema, of any kind (`pg_class.relkind`).
-    Relation { oid: u32, name: String, kind: char, partition: bool },
+    Relation {
+        oid: u32,
+        name: String,
+        kind: char,
+        partition: bool,
+    },
     /// A trigger named like one of the operator's, on a relation of the
     /// schema: its function, whether it is enabled (`tgenabled = 'O'`) and
     /// whether it is deferrable and initially deferred.
-    Trigger { relation: u32, name: String, function: u32, enabled: char, deferred: bool },
+    Trigger {
+        relation: u32,
+        name: String,
+        function: u32,
+        enabled: char,
+        deferred: bool,
+    },
     /// A function of the schema named like one of the audit functions.
-    Function { oid: u32, name: String, definer: bool, owned: bool, config: Option<Vec<String>>, source: String },
+    Function {
+        oid: u32,
+        name: String,
+        definer: bool,
+        owned: bool,
+        config: Option<Vec<String>>,
+        source: String,
+    },
 }
 
 /// Judges the in-transaction check's rows. Pure. When they show the audit
@@ -878,7 +952,10 @@ pub enum CatalogFact {
 /// and those of them that carry one of those names, both sorted by name.
 /// None otherwise: something of the audit log was dropped, disabled or
 /// replaced, and the full observation decides what to put back.
-pub fn converged_untriggered(facts: &[CatalogFact], bodies: &BTreeMap<&'static str, String>) -> Option<(Vec<String>, Vec<String>)> {
+pub fn converged_untriggered(
+    facts: &[CatalogFact],
+    bodies: &BTreeMap<&'static str, String>,
+) -> Option<(Vec<String>, Vec<String>)> {
     let functions: BTreeMap<u32, &str> = facts
         .iter()
         .filter_map(|f| match f {
@@ -889,7 +966,14 @@ pub fn converged_untriggered(facts: &[CatalogFact], bodies: &BTreeMap<&'static s
     let current = facts
         .iter()
         .filter(|f| match f {
-            CatalogFact::Function { name, definer, owned, config, source, .. } => {
+            CatalogFact::Function {
+                name,
+                definer,
+                owned,
+                config,
+                source,
+                ..
+            } => {
                 bodies.get(name.as_str()) == Some(source)
                     && *definer == (name != GUARD_FN)
                     && *owned
@@ -904,7 +988,13 @@ pub fn converged_untriggered(facts: &[CatalogFact], bodies: &BTreeMap<&'static s
     let calls = |function: &u32, f: &str| functions.get(function) == Some(&f);
     let triggers = |rel: u32| {
         facts.iter().filter_map(move |f| match f {
-            CatalogFact::Trigger { relation, name, function, enabled, deferred } if *relation == rel => Some((name.as_str(), function, *enabled == 'O', *deferred)),
+            CatalogFact::Trigger {
+                relation,
+                name,
+                function,
+                enabled,
+                deferred,
+            } if *relation == rel => Some((name.as_str(), function, *enabled == 'O', *deferred)),
             _ => None,
         })
     };
@@ -917,15 +1007,23 @@ pub fn converged_untriggered(facts: &[CatalogFact], bodies: &BTreeMap<&'static s
     let (Some((audit, 'r')), Some((_, 'r'))) = (table(AUDIT_TABLE), table(HEAD_TABLE)) else {
         return None;
     };
-    let guard = triggers(audit).any(|(name, function, enabled, _)| name == GUARD_TRIGGER && enabled && calls(function, GUARD_FN));
-    let tail = triggers(audit).any(|(name, function, enabled, deferred)| name == TAIL_TRIGGER && enabled && deferred && calls(function, TAIL_FN));
+    let guard = triggers(audit)
+        .any(|(name, function, enabled, _)| name == GUARD_TRIGGER && enabled && calls(function, GUARD_FN));
+    let tail = triggers(audit).any(|(name, function, enabled, deferred)| {
+        name == TAIL_TRIGGER && enabled && deferred && calls(function, TAIL_FN)
+    });
     if !(guard && tail) {
         return None;
     }
     let mut tables: Vec<(&str, u32)> = facts
         .iter()
         .filter_map(|f| match f {
-            CatalogFact::Relation { oid, name, kind: 'r' | 'p', partition: false } if !name.starts_with("_tenancy_") => Some((name.as_str(), *oid)),
+            CatalogFact::Relation {
+                oid,
+                name,
+                kind: 'r' | 'p',
+                partition: false,
+            } if !name.starts_with("_tenancy_") => Some((name.as_str(), *oid)),
             _ => None,
         })
         .collect();
@@ -933,7 +1031,10 @@ pub fn converged_untriggered(facts: &[CatalogFact], bodies: &BTreeMap<&'static s
     let (mut untriggered, mut stale) = (Vec::new(), Vec::new());
     for (name, oid) in tables {
         let ours: Vec<_> = triggers(oid).filter(|(t, ..)| TABLE_TRIGGERS.contains(t)).collect();
-        let good = ours.iter().filter(|(_, function, enabled, _)| *enabled && calls(function, TRIGGER_FN)).count();
+        let good = ours
+            .iter()
+            .filter(|(_, function, enabled, _)| *enabled && calls(function, TRIGGER_FN))
+            .count();
         if good != TABLE_TRIGGERS.len() {
             untriggered.push(name.to_owned());
             if !ours.is_empty() {
@@ -973,7 +1074,11 @@ pub async fn observe_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result
         .await
         .map_err(query_err("pinning the audit check's search_path"))?;
     let bodies = function_bodies(name)?;
-    let trigger_names: Vec<&str> = TABLE_TRIGGERS.iter().copied().chain([GUARD_TRIGGER, TAIL_TRIGGER]).collect();
+    let trigger_names: Vec<&str> = TABLE_TRIGGERS
+        .iter()
+        .copied()
+        .chain([GUARD_TRIGGER, TAIL_TRIGGER])
+        .collect();
     let function_names: Vec<&str> = bodies.keys().copied().collect();
     let rows = sqlx::query(IN_TX_SQL)
         .bind(name.schema())
@@ -983,9 +1088,22 @@ pub async fn observe_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result
         .fetch_all(&mut *conn)
         .await
         .map_err(query_err("checking the tenant's audit objects"))?;
-    let facts = rows.iter().map(catalog_fact).collect::<Result<Vec<_>, _>>().map_err(query_err("decoding the tenant's audit objects"))?;
+    let facts = rows
+        .iter()
+        .map(catalog_fact)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(query_err("decoding the tenant's audit objects"))?;
     if let Some((untriggered, stale)) = converged_untriggered(&facts, &bodies) {
-        let state = AuditState { schema_exists: true, table: true, head: true, functions_current: true, guard: true, untriggered, stale, misshapen: Vec::new() };
+        let state = AuditState {
+            schema_exists: true,
+            table: true,
+            head: true,
+            functions_current: true,
+            guard: true,
+            untriggered,
+            stale,
+            misshapen: Vec::new(),
+        };
         return Ok((state, Observation::Light));
     }
     Ok((observe(conn, name).await?, Observation::Full))
@@ -997,7 +1115,12 @@ fn catalog_fact(row: &sqlx::postgres::PgRow) -> Result<CatalogFact, sqlx::Error>
     let name: String = row.try_get("name")?;
     let char_of = |c: i8| c as u8 as char;
     Ok(match row.try_get::<i32, _>("what")? {
-        1 => CatalogFact::Relation { oid, name, kind: char_of(row.try_get("kind")?), partition: row.try_get("partition")? },
+        1 => CatalogFact::Relation {
+            oid,
+            name,
+            kind: char_of(row.try_get("kind")?),
+            partition: row.try_get("partition")?,
+        },
         2 => CatalogFact::Trigger {
             relation: oid,
             name,
@@ -1047,7 +1170,11 @@ pub struct AuditOutcome {
 }
 
 /// Whether a prune is due, and its cutoff: at most once a day. Pure.
-pub fn prune_due(retention_days: Option<u32>, last_pruned: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub fn prune_due(
+    retention_days: Option<u32>,
+    last_pruned: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
     let days = retention_days?;
     if last_pruned.is_some_and(|t| now - t < chrono::Duration::days(1)) {
         return None;
@@ -1059,14 +1186,20 @@ pub fn prune_due(retention_days: Option<u32>, last_pruned: Option<DateTime<Utc>>
 async fn salt_of(pool: &PgPool, name: &TenantName, uid: &str) -> Result<TenantSalt, PgError> {
     super::tenant::existing_key_salt(pool, uid)
         .await?
-        .ok_or_else(|| PgError::Audit { tenant: name.to_string(), what: "the tenant has no key salt in the registry (it is not provisioned)".into() })
+        .ok_or_else(|| PgError::Audit {
+            tenant: name.to_string(),
+            what: "the tenant has no key salt in the registry (it is not provisioned)".into(),
+        })
 }
 
 /// The uid of a tenant by name, from the registry.
 async fn uid_for(pool: &PgPool, name: &TenantName) -> Result<String, PgError> {
     super::tenant::uid_of(pool, name.as_str())
         .await?
-        .ok_or_else(|| PgError::Audit { tenant: name.to_string(), what: "the tenant is not in the registry".into() })
+        .ok_or_else(|| PgError::Audit {
+            tenant: name.to_string(),
+            what: "the tenant is not in the registry".into(),
+        })
 }
 
 /// A confined session of the tenant (its ops login, password derived from
@@ -1096,22 +1229,42 @@ fn misshapen(name: &TenantName, objects: &[String]) -> PgError {
 /// is set and a day has passed since the last prune (the same confined
 /// session). A converged tenant with nothing to prune runs no statement and
 /// opens no confined session.
-pub async fn converge(pool: &PgPool, ring: &Keyring, name: &TenantName, uid: &str, retention_days: Option<u32>) -> Result<AuditOutcome, PgError> {
-    let mut conn = pool.acquire().await.map_err(query_err("connecting to converge the audit log"))?;
+pub async fn converge(
+    pool: &PgPool,
+    ring: &Keyring,
+    name: &TenantName,
+    uid: &str,
+    retention_days: Option<u32>,
+) -> Result<AuditOutcome, PgError> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(query_err("connecting to converge the audit log"))?;
     let state = observe(&mut conn, name).await?;
     if !state.misshapen.is_empty() {
         return Err(misshapen(name, &state.misshapen));
     }
-    let anchor = if state.schema_exists { observe_anchor(&mut conn, name, uid).await? } else { AnchorState::default() };
+    let anchor = if state.schema_exists {
+        observe_anchor(&mut conn, name, uid).await?
+    } else {
+        AnchorState::default()
+    };
     let pgaudit = observe_pgaudit(&mut conn, name).await?;
     let mut actions = plan(&state, Some(&pgaudit));
     actions.extend(plan_anchor(&state, &anchor, uid));
     let (admin, owner): (Vec<AuditAction>, Vec<AuditAction>) = actions.iter().cloned().partition(|a| !a.as_owner());
     let mut statements = 0;
     if !admin.is_empty() {
-        let mut tx = conn.begin().await.map_err(query_err("starting the audit log's transaction"))?;
-        statements += run(&mut tx, name, &admin).await.map_err(query_err("converging the audit log's anchoring"))?;
-        tx.commit().await.map_err(query_err("committing the audit log's anchoring"))?;
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(query_err("starting the audit log's transaction"))?;
+        statements += run(&mut tx, name, &admin)
+            .await
+            .map_err(query_err("converging the audit log's anchoring"))?;
+        tx.commit()
+            .await
+            .map_err(query_err("committing the audit log's anchoring"))?;
     }
     drop(conn);
     let mut session: Option<Confined> = None;
@@ -1128,7 +1281,10 @@ pub async fn converge(pool: &PgPool, ring: &Keyring, name: &TenantName, uid: &st
             Ok(n) => statements += n,
             Err(e) => {
                 c.close().await;
-                return Err(PgError::Query { action: "converging the audit log", source: e });
+                return Err(PgError::Query {
+                    action: "converging the audit log",
+                    source: e,
+                });
             }
         }
         session = Some(c);
@@ -1151,7 +1307,12 @@ pub async fn converge(pool: &PgPool, ring: &Keyring, name: &TenantName, uid: &st
     if let Some(c) = session {
         c.close().await;
     }
-    Ok(AuditOutcome { actions, statements, read_auditing: read, pruned })
+    Ok(AuditOutcome {
+        actions,
+        statements,
+        read_auditing: read,
+        pruned,
+    })
 }
 
 /// What a prune did.
@@ -1174,7 +1335,13 @@ pub struct PruneOutcome {
 /// operator made; anchors before the cut are then forgotten. The rows are
 /// deleted on a confined session, as the owner; appends wait meanwhile (the
 /// head row is locked).
-pub async fn prune(pool: &PgPool, ring: &Keyring, name: &TenantName, before: DateTime<Utc>, actor: &str) -> Result<PruneOutcome, PgError> {
+pub async fn prune(
+    pool: &PgPool,
+    ring: &Keyring,
+    name: &TenantName,
+    before: DateTime<Utc>,
+    actor: &str,
+) -> Result<PruneOutcome, PgError> {
     let uid = uid_for(pool, name).await?;
     let mut c = open_confined(pool, ring, name, &uid).await?;
     let out = prune_on(pool, &mut c, name, &uid, before, actor).await;
@@ -1182,7 +1349,14 @@ pub async fn prune(pool: &PgPool, ring: &Keyring, name: &TenantName, before: Dat
     out
 }
 
-async fn prune_on(pool: &PgPool, conn: &mut PgConnection, name: &TenantName, uid: &str, before: DateTime<Utc>, actor: &str) -> Result<PruneOutcome, PgError> {
+async fn prune_on(
+    pool: &PgPool,
+    conn: &mut PgConnection,
+    name: &TenantName,
+    uid: &str,
+    before: DateTime<Utc>,
+    actor: &str,
+) -> Result<PruneOutcome, PgError> {
     let schema = quote_ident(&name.schema())?;
     let cut: Option<(i64, Vec<u8>, DateTime<Utc>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, hash, \"time\", operation FROM {schema}.{AUDIT_TABLE} WHERE \"time\" < $1 ORDER BY id DESC LIMIT 1"
@@ -1191,7 +1365,11 @@ async fn prune_on(pool: &PgPool, conn: &mut PgConnection, name: &TenantName, uid
     .fetch_optional(&mut *conn)
     .await
     .map_err(query_err("finding the audit log's cut"))?;
-    let mut out = PruneOutcome { deleted: 0, anchor: None, statements: 1 };
+    let mut out = PruneOutcome {
+        deleted: 0,
+        anchor: None,
+        statements: 1,
+    };
     if let Some((id, hash, time, _)) = cut.filter(|c| c.3 != "ANCHOR") {
         // The cut first, so that a crash between here and the delete
         // leaves a chain that still verifies (the cut row is still there).
@@ -1204,9 +1382,14 @@ async fn prune_on(pool: &PgPool, conn: &mut PgConnection, name: &TenantName, uid
             .map_err(query_err("recording the audit log's cut"))?
             .rows_affected();
         if recorded == 0 {
-            return Err(PgError::Audit { tenant: name.to_string(), what: "its chain is not anchored yet (the next reconcile anchors it); not pruned".into() });
+            return Err(PgError::Audit {
+                tenant: name.to_string(),
+                what: "its chain is not anchored yet (the next reconcile anchors it); not pruned".into(),
+            });
         }
-        let mut tx = Connection::begin(&mut *conn).await.map_err(query_err("starting the prune"))?;
+        let mut tx = Connection::begin(&mut *conn)
+            .await
+            .map_err(query_err("starting the prune"))?;
         sqlx::query("SELECT set_config('tenancy.audit_prune', 'on', true), set_config('tenancy.actor', $1, true), set_config('tenancy.request_id', '', true)")
             .bind(actor)
             .execute(&mut *tx)
@@ -1225,12 +1408,14 @@ async fn prune_on(pool: &PgPool, conn: &mut PgConnection, name: &TenantName, uid
         .flatten();
         out.statements += 3;
         if still == Some(true) {
-            let deleted = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{AUDIT_TABLE} WHERE id <= $1")))
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err("pruning the audit log"))?
-                .rows_affected();
+            let deleted = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {schema}.{AUDIT_TABLE} WHERE id <= $1"
+            )))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("pruning the audit log"))?
+            .rows_affected();
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {schema}.{AUDIT_TABLE} (id, \"time\", actor, actor_given, operation, row_pk, prev_hash, hash)
                  VALUES ($1, $2, $3, true, 'ANCHOR', jsonb_build_object('through_id', $1, 'before', $4::timestamptz, 'rows', $5::bigint), $6, $6)"
@@ -1390,7 +1575,10 @@ impl Walker {
     /// anchored head.
     pub fn with_anchors(head: Option<(i64, Vec<u8>)>, mut anchored: Anchored) -> Self {
         anchored.checkpoints.sort_by_key(|c| c.id);
-        Walker { anchored: Some(anchored), ..Walker::new(head) }
+        Walker {
+            anchored: Some(anchored),
+            ..Walker::new(head)
+        }
     }
 
     /// Records a break found outside the walk (an anchor that does not
@@ -1492,10 +1680,16 @@ impl Walker {
         self.last_id = r.id;
         if r.operation == "ANCHOR" {
             if !first {
-                return self.broke(r.id, "an ANCHOR row in the middle of the chain (only a prune's cut, at the start, may hold one)".into());
+                return self.broke(
+                    r.id,
+                    "an ANCHOR row in the middle of the chain (only a prune's cut, at the start, may hold one)".into(),
+                );
             }
             if r.prev_hash != r.hash {
-                return self.broke(r.id, "the ANCHOR row's prev_hash and hash differ (both must be the hash at the cut)".into());
+                return self.broke(
+                    r.id,
+                    "the ANCHOR row's prev_hash and hash differ (both must be the hash at the cut)".into(),
+                );
             }
             if let Some(anchored) = &self.anchored {
                 match &anchored.cut {
@@ -1533,7 +1727,11 @@ impl Walker {
         if computed != r.hash {
             return self.broke(
                 r.id,
-                format!("the row's content does not match its hash (stored {}, content gives {}): the row was edited", short(&r.hash), short(&computed)),
+                format!(
+                    "the row's content does not match its hash (stored {}, content gives {}): the row was edited",
+                    short(&r.hash),
+                    short(&computed)
+                ),
             );
         }
         if r.operation == "PRUNE" {
@@ -1556,7 +1754,14 @@ impl Walker {
     /// Checkpoints at row 0 (the empty chain), before a chain that starts
     /// at the genesis.
     fn pass_zero(&mut self) {
-        let zero = ChainRow { id: 0, operation: String::new(), prev_hash: Vec::new(), hash: GENESIS.to_vec(), content: Vec::new(), row_pk: None };
+        let zero = ChainRow {
+            id: 0,
+            operation: String::new(),
+            prev_hash: Vec::new(),
+            hash: GENESIS.to_vec(),
+            content: Vec::new(),
+            row_pk: None,
+        };
         self.pass_checkpoints(Some(&zero));
     }
 
@@ -1612,7 +1817,10 @@ async fn require_audit(conn: &mut PgConnection, name: &TenantName) -> Result<(),
         return Err(misshapen(name, &state.misshapen));
     }
     if !state.table || !state.head {
-        return Err(PgError::Audit { tenant: name.to_string(), what: "it has no audit log (the tenant does not exist or was never reconciled)".into() });
+        return Err(PgError::Audit {
+            tenant: name.to_string(),
+            what: "it has no audit log (the tenant does not exist or was never reconciled)".into(),
+        });
     }
     Ok(())
 }
@@ -1625,7 +1833,15 @@ async fn require_audit(conn: &mut PgConnection, name: &TenantName) -> Result<(),
 /// (u32 big-endian) and the previous anchor's MAC (one byte 0 when none;
 /// else 1, u32 length, bytes). Every field has a fixed width or a length
 /// prefix, so no two anchors share an encoding. Pure.
-pub fn anchor_message(uid: &str, seq: i64, last_id: i64, hash: &[u8], anchored_at_micros: i64, key_version: u32, prev_mac: Option<&[u8]>) -> Vec<u8> {
+pub fn anchor_message(
+    uid: &str,
+    seq: i64,
+    last_id: i64,
+    hash: &[u8],
+    anchored_at_micros: i64,
+    key_version: u32,
+    prev_mac: Option<&[u8]>,
+) -> Vec<u8> {
     let mut m = Vec::with_capacity(ANCHOR_DOMAIN.len() + uid.len() + hash.len() + 96);
     m.extend_from_slice(ANCHOR_DOMAIN);
     let field = |m: &mut Vec<u8>, b: &[u8]| {
@@ -1651,9 +1867,17 @@ pub fn anchor_message(uid: &str, seq: i64, last_id: i64, hash: &[u8], anchored_a
 /// The tenant's audit key under root key `version`: HKDF purpose `audit`.
 /// Held by the operator only; never sent to the database.
 fn audit_mac(ring: &Keyring, version: KeyVersion, salt: &TenantSalt, uid: &str) -> Result<Hmac<Sha256>, PgError> {
-    let key = ring.derive_tenant_key(version, salt, uid, Purpose::Audit).map_err(PgError::Keys)?;
+    let key = ring
+        .derive_tenant_key(version, salt, uid, Purpose::Audit)
+        .map_err(PgError::Keys)?;
     // HMAC takes keys of any length: this cannot fail.
-    <Hmac<Sha256> as Mac>::new_from_slice(key.bytes()).map_err(|_| PgError::Keys(crate::crypto::CryptoError::TooLong { what: "the audit key", len: 32, max: 0 }))
+    <Hmac<Sha256> as Mac>::new_from_slice(key.bytes()).map_err(|_| {
+        PgError::Keys(crate::crypto::CryptoError::TooLong {
+            what: "the audit key",
+            len: 32,
+            max: 0,
+        })
+    })
 }
 
 /// One row of `tenancy.audit_anchors`.
@@ -1670,12 +1894,28 @@ pub struct AnchorRow {
 
 impl AnchorRow {
     fn message(&self, uid: &str) -> Vec<u8> {
-        anchor_message(uid, self.seq, self.last_id, &self.hash, self.anchored_at.timestamp_micros(), self.key_version as u32, self.prev_mac.as_deref())
+        anchor_message(
+            uid,
+            self.seq,
+            self.last_id,
+            &self.hash,
+            self.anchored_at.timestamp_micros(),
+            self.key_version as u32,
+            self.prev_mac.as_deref(),
+        )
     }
 }
 
 /// A new anchor of (last_id, hash) after `prev` under the active root key.
-pub fn make_anchor(ring: &Keyring, salt: &TenantSalt, uid: &str, prev: Option<(i64, &[u8])>, last_id: i64, hash: &[u8], now: DateTime<Utc>) -> Result<AnchorRow, PgError> {
+pub fn make_anchor(
+    ring: &Keyring,
+    salt: &TenantSalt,
+    uid: &str,
+    prev: Option<(i64, &[u8])>,
+    last_id: i64,
+    hash: &[u8],
+    now: DateTime<Utc>,
+) -> Result<AnchorRow, PgError> {
     let version = ring.active_version();
     // Postgres keeps microseconds: the time the MAC covers is the stored one.
     let anchored_at = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
@@ -1699,13 +1939,32 @@ pub fn make_anchor(ring: &Keyring, salt: &TenantSalt, uid: &str, prev: Option<(i
 /// the checkpoints of those that verify, how many could not be checked (a
 /// root key version no longer in the keyring), and the first that fails.
 /// Pure but for the key derivation.
-pub fn check_anchors(ring: &Keyring, salt: &TenantSalt, uid: &str, anchors: &[AnchorRow]) -> (Vec<Checkpoint>, u64, Option<ChainBreak>) {
+pub fn check_anchors(
+    ring: &Keyring,
+    salt: &TenantSalt,
+    uid: &str,
+    anchors: &[AnchorRow],
+) -> (Vec<Checkpoint>, u64, Option<ChainBreak>) {
     let mut points = Vec::new();
     let mut unknown = 0;
     for (i, a) in anchors.iter().enumerate() {
-        let what = format!("anchor #{} of {} (tenancy.audit_anchors)", a.seq, a.anchored_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        let what = format!(
+            "anchor #{} of {} (tenancy.audit_anchors)",
+            a.seq,
+            a.anchored_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
         if i > 0 && a.prev_mac.as_deref() != Some(anchors[i - 1].mac.as_slice()) {
-            return (points, unknown, Some(ChainBreak { id: a.last_id, what: format!("{what} does not follow anchor #{}: an anchor was removed, inserted or edited", anchors[i - 1].seq) }));
+            return (
+                points,
+                unknown,
+                Some(ChainBreak {
+                    id: a.last_id,
+                    what: format!(
+                        "{what} does not follow anchor #{}: an anchor was removed, inserted or edited",
+                        anchors[i - 1].seq
+                    ),
+                }),
+            );
         }
         let version = match u32::try_from(a.key_version).ok().and_then(|v| KeyVersion::new(v).ok()) {
             Some(v) if ring.contains(v) => v,
@@ -1719,9 +1978,21 @@ pub fn check_anchors(ring: &Keyring, salt: &TenantSalt, uid: &str, anchors: &[An
             m.verify_slice(&a.mac).is_ok()
         });
         if !matches!(verified, Ok(true)) {
-            return (points, unknown, Some(ChainBreak { id: a.last_id, what: format!("{what} does not verify (its MAC is wrong): it was forged or edited") }));
+            return (
+                points,
+                unknown,
+                Some(ChainBreak {
+                    id: a.last_id,
+                    what: format!("{what} does not verify (its MAC is wrong): it was forged or edited"),
+                }),
+            );
         }
-        points.push(Checkpoint { id: a.last_id, hash: a.hash.clone(), what, is_anchor: true });
+        points.push(Checkpoint {
+            id: a.last_id,
+            hash: a.hash.clone(),
+            what,
+            is_anchor: true,
+        });
     }
     (points, unknown, None)
 }
@@ -1783,7 +2054,10 @@ pub async fn anchor_heads(pool: &PgPool, ring: &Keyring, uid: Option<&str>) -> R
 /// The tenant's anchoring as `tenancy.*` holds it: the head (row id, hash),
 /// the recorded retention cut, the anchors by seq.
 #[allow(clippy::type_complexity)]
-async fn read_anchoring(pool: &PgPool, uid: &str) -> Result<(Option<(i64, Vec<u8>)>, Option<(i64, Vec<u8>)>, Vec<AnchorRow>), PgError> {
+async fn read_anchoring(
+    pool: &PgPool,
+    uid: &str,
+) -> Result<(Option<(i64, Vec<u8>)>, Option<(i64, Vec<u8>)>, Vec<AnchorRow>), PgError> {
     let head: Option<(i64, Vec<u8>, Option<i64>, Option<Vec<u8>>)> =
         sqlx::query_as("SELECT last_id, hash, cut_id, cut_hash FROM tenancy.audit_heads WHERE tenant_uid = $1")
             .bind(uid)
@@ -1799,7 +2073,17 @@ async fn read_anchoring(pool: &PgPool, uid: &str) -> Result<(Option<(i64, Vec<u8
     .map_err(query_err("reading the audit anchors"))?;
     let anchors = anchors
         .into_iter()
-        .map(|(seq, last_id, hash, anchored_at, key_version, prev_mac, mac)| AnchorRow { seq, last_id, hash, anchored_at, key_version, prev_mac, mac })
+        .map(
+            |(seq, last_id, hash, anchored_at, key_version, prev_mac, mac)| AnchorRow {
+                seq,
+                last_id,
+                hash,
+                anchored_at,
+                key_version,
+                prev_mac,
+                mac,
+            },
+        )
         .collect();
     let cut = head.as_ref().and_then(|h| h.2.zip(h.3.clone()));
     Ok((head.map(|h| (h.0, h.1)), cut, anchors))
@@ -1813,7 +2097,10 @@ async fn read_anchoring(pool: &PgPool, uid: &str) -> Result<(Option<(i64, Vec<u8
 pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<VerifyReport, PgError> {
     let uid = uid_for(pool, name).await?;
     {
-        let mut conn = pool.acquire().await.map_err(query_err("connecting to verify the audit log"))?;
+        let mut conn = pool
+            .acquire()
+            .await
+            .map_err(query_err("connecting to verify the audit log"))?;
         require_audit(&mut conn, name).await?;
     }
     let salt = salt_of(pool, name, &uid).await?;
@@ -1821,17 +2108,42 @@ pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<
     // Read before the walk's snapshot: all of it was committed before it.
     let (head, cut, anchors) = read_anchoring(pool, &uid).await?;
     let Some((head_id, head_hash)) = head else {
-        return Err(PgError::Audit { tenant: name.to_string(), what: "its chain is not anchored yet (the next reconcile anchors it)".into() });
+        return Err(PgError::Audit {
+            tenant: name.to_string(),
+            what: "its chain is not anchored yet (the next reconcile anchors it)".into(),
+        });
     };
     let (anchored, unknown, anchor_break) = check_anchors(ring, &salt, &uid, &anchors);
     // The head and the cut first: at the same row, theirs is the message.
-    let mut checkpoints = vec![Checkpoint { id: head_id, hash: head_hash, what: "the anchored head (tenancy.audit_heads)".into(), is_anchor: false }];
+    let mut checkpoints = vec![Checkpoint {
+        id: head_id,
+        hash: head_hash,
+        what: "the anchored head (tenancy.audit_heads)".into(),
+        is_anchor: false,
+    }];
     if let Some((id, hash)) = &cut {
-        checkpoints.push(Checkpoint { id: *id, hash: hash.clone(), what: "the operator's retention cut (the ANCHOR row it recorded in tenancy.audit_heads)".into(), is_anchor: false });
+        checkpoints.push(Checkpoint {
+            id: *id,
+            hash: hash.clone(),
+            what: "the operator's retention cut (the ANCHOR row it recorded in tenancy.audit_heads)".into(),
+            is_anchor: false,
+        });
     }
     checkpoints.extend(anchored);
     let mut c = open_confined(pool, ring, name, &uid).await?;
-    let walked = walk(&mut c, name, Anchored { checkpoints, cut, head_after: None }, anchor_break, pool, &uid).await;
+    let walked = walk(
+        &mut c,
+        name,
+        Anchored {
+            checkpoints,
+            cut,
+            head_after: None,
+        },
+        anchor_break,
+        pool,
+        &uid,
+    )
+    .await;
     c.close().await;
     let mut report = walked?;
     report.anchors_skipped += unknown;
@@ -1840,17 +2152,40 @@ pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<
 
 /// The walk on a confined session, in one REPEATABLE READ snapshot; the
 /// anchored head is read again (admin) once the snapshot is taken.
-async fn walk(conn: &mut PgConnection, name: &TenantName, mut anchored: Anchored, anchor_break: Option<ChainBreak>, pool: &PgPool, uid: &str) -> Result<VerifyReport, PgError> {
+async fn walk(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    mut anchored: Anchored,
+    anchor_break: Option<ChainBreak>,
+    pool: &PgPool,
+    uid: &str,
+) -> Result<VerifyReport, PgError> {
     let schema = quote_ident(&name.schema())?;
-    let mut tx = Connection::begin(&mut *conn).await.map_err(query_err("starting the verification"))?;
-    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await.map_err(query_err("starting the verification"))?;
-    let content = content_sql("a.\"time\"", "a.actor", "a.actor_given", "a.request_id", "a.operation", "a.table_name", "a.row_pk", "a.changed_columns");
+    let mut tx = Connection::begin(&mut *conn)
+        .await
+        .map_err(query_err("starting the verification"))?;
+    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("starting the verification"))?;
+    let content = content_sql(
+        "a.\"time\"",
+        "a.actor",
+        "a.actor_given",
+        "a.request_id",
+        "a.operation",
+        "a.table_name",
+        "a.row_pk",
+        "a.changed_columns",
+    );
     let sql = format!("SELECT a.id, a.operation, a.prev_hash, a.hash, {content} AS content, a.row_pk FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id");
     // The first query takes the snapshot.
-    let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_id, hash FROM {schema}.{HEAD_TABLE}")))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(query_err("reading the audit chain head"))?;
+    let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT last_id, hash FROM {schema}.{HEAD_TABLE}"
+    )))
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(query_err("reading the audit chain head"))?;
     // Every commit in the snapshot moved the anchored head at or beyond its
     // last row: a row of the snapshot past it was appended without moving it.
     anchored.head_after = sqlx::query_scalar("SELECT last_id FROM tenancy.audit_heads WHERE tenant_uid = $1")
@@ -1863,9 +2198,21 @@ async fn walk(conn: &mut PgConnection, name: &TenantName, mut anchored: Anchored
         walker.broken(b);
     }
     {
-        let mut rows = sqlx::query_as::<_, (i64, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<serde_json::Value>)>(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
-        while let Some((id, operation, prev_hash, hash, content, row_pk)) = rows.try_next().await.map_err(query_err("reading the audit log"))? {
-            walker.push(&ChainRow { id, operation, prev_hash, hash, content, row_pk });
+        let mut rows = sqlx::query_as::<_, (i64, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<serde_json::Value>)>(
+            sqlx::AssertSqlSafe(sql),
+        )
+        .fetch(&mut *tx);
+        while let Some((id, operation, prev_hash, hash, content, row_pk)) =
+            rows.try_next().await.map_err(query_err("reading the audit log"))?
+        {
+            walker.push(&ChainRow {
+                id,
+                operation,
+                prev_hash,
+                hash,
+                content,
+                row_pk,
+            });
         }
     }
     tx.rollback().await.map_err(query_err("ending the verification"))?;
@@ -1894,10 +2241,19 @@ pub struct AuditRecord {
 /// Streams the tenant's audit rows with `time >= since`, in id order, to
 /// `out` as JSON lines (read on a confined session). Returns how many were
 /// written.
-pub async fn export<W: std::io::Write>(pool: &PgPool, ring: &Keyring, name: &TenantName, since: DateTime<Utc>, out: &mut W) -> Result<u64, PgError> {
+pub async fn export<W: std::io::Write>(
+    pool: &PgPool,
+    ring: &Keyring,
+    name: &TenantName,
+    since: DateTime<Utc>,
+    out: &mut W,
+) -> Result<u64, PgError> {
     let uid = uid_for(pool, name).await?;
     {
-        let mut conn = pool.acquire().await.map_err(query_err("connecting to export the audit log"))?;
+        let mut conn = pool
+            .acquire()
+            .await
+            .map_err(query_err("connecting to export the audit log"))?;
         require_audit(&mut conn, name).await?;
     }
     let mut c = open_confined(pool, ring, name, &uid).await?;
@@ -1906,7 +2262,12 @@ pub async fn export<W: std::io::Write>(pool: &PgPool, ring: &Keyring, name: &Ten
     n
 }
 
-async fn export_on<W: std::io::Write>(conn: &mut PgConnection, name: &TenantName, since: DateTime<Utc>, out: &mut W) -> Result<u64, PgError> {
+async fn export_on<W: std::io::Write>(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    since: DateTime<Utc>,
+    out: &mut W,
+) -> Result<u64, PgError> {
     let schema = quote_ident(&name.schema())?;
     let sql = format!(
         "SELECT id, \"time\", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash
@@ -1933,8 +2294,14 @@ async fn export_on<W: std::io::Write>(conn: &mut PgConnection, name: &TenantName
             })
         };
         let rec = decode().map_err(query_err("decoding an audit row"))?;
-        let line = serde_json::to_string(&rec).map_err(|e| PgError::Audit { tenant: name.to_string(), what: format!("encoding an exported row: {e}") })?;
-        writeln!(out, "{line}").map_err(|e| PgError::Query { action: "writing the export", source: sqlx::Error::Io(e) })?;
+        let line = serde_json::to_string(&rec).map_err(|e| PgError::Audit {
+            tenant: name.to_string(),
+            what: format!("encoding an exported row: {e}"),
+        })?;
+        writeln!(out, "{line}").map_err(|e| PgError::Query {
+            action: "writing the export",
+            source: sqlx::Error::Io(e),
+        })?;
         n += 1;
     }
     Ok(n)
@@ -1961,7 +2328,13 @@ pub struct RebaseOutcome {
 /// `detail`, e.g. the backup's id). Call it after `pg_restore` committed and
 /// before the app role may log in again: until then the restored chain's
 /// commits are refused (their head would move back).
-pub async fn rebase_after_restore(pool: &PgPool, ring: &Keyring, login: &OpsLogin, actor: &str, detail: serde_json::Value) -> Result<RebaseOutcome, PgError> {
+pub async fn rebase_after_restore(
+    pool: &PgPool,
+    ring: &Keyring,
+    login: &OpsLogin,
+    actor: &str,
+    detail: serde_json::Value,
+) -> Result<RebaseOutcome, PgError> {
     let name = login.tenant().clone();
     let uid = login.uid().to_owned();
     let salt = salt_of(pool, &name, &uid).await?;
@@ -1969,11 +2342,16 @@ pub async fn rebase_after_restore(pool: &PgPool, ring: &Keyring, login: &OpsLogi
     let mut c = confined::connect(pool, login).await?;
     #[allow(clippy::type_complexity)]
     let read: Result<(Option<(i64, Vec<u8>)>, Option<(i64, Vec<u8>)>), sqlx::Error> = async {
-        let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_id, hash FROM {schema}.{HEAD_TABLE}"))).fetch_optional(&mut *c).await?;
-        let anchor: Option<(i64, Vec<u8>)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT id, hash FROM {schema}.{AUDIT_TABLE} WHERE operation = 'ANCHOR' ORDER BY id LIMIT 1")))
-                .fetch_optional(&mut *c)
-                .await?;
+        let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT last_id, hash FROM {schema}.{HEAD_TABLE}"
+        )))
+        .fetch_optional(&mut *c)
+        .await?;
+        let anchor: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, hash FROM {schema}.{AUDIT_TABLE} WHERE operation = 'ANCHOR' ORDER BY id LIMIT 1"
+        )))
+        .fetch_optional(&mut *c)
+        .await?;
         Ok((head, anchor))
     }
     .await;
@@ -1981,11 +2359,12 @@ pub async fn rebase_after_restore(pool: &PgPool, ring: &Keyring, login: &OpsLogi
     let (head, cut) = read.map_err(query_err("reading the restored audit chain's head"))?;
     let (last_id, hash) = head.unwrap_or((0, GENESIS.to_vec()));
     let mut tx = pool.begin().await.map_err(query_err("starting the audit rebase"))?;
-    let before: Option<(i64, Vec<u8>)> = sqlx::query_as("SELECT last_id, hash FROM tenancy.audit_heads WHERE tenant_uid = $1 FOR UPDATE")
-        .bind(&uid)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(query_err("locking the anchored audit head"))?;
+    let before: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT last_id, hash FROM tenancy.audit_heads WHERE tenant_uid = $1 FOR UPDATE")
+            .bind(&uid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(query_err("locking the anchored audit head"))?;
     let last_seq: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM tenancy.audit_anchors WHERE tenant_uid = $1")
         .bind(&uid)
         .fetch_one(&mut *tx)
@@ -2040,7 +2419,11 @@ pub async fn rebase_after_restore(pool: &PgPool, ring: &Keyring, login: &OpsLogi
     });
     super::tenant::audit(&mut *tx, &uid, Some(name.as_str()), "AuditRebased", actor, record).await?;
     tx.commit().await.map_err(query_err("committing the audit rebase"))?;
-    Ok(RebaseOutcome { from, to, anchors_dropped: dropped })
+    Ok(RebaseOutcome {
+        from,
+        to,
+        anchors_dropped: dropped,
+    })
 }
 
 /// The anchoring of a deleted tenant goes with it (inside the delete's
@@ -2059,10 +2442,13 @@ pub async fn forget_tenant(tx: &mut PgConnection, name: &TenantName, uid: &str) 
     .map_err(query_err("reading the tenant's anchor function"))?;
     let mut n = 2;
     if ours {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP FUNCTION IF EXISTS {}(bigint, bytea)", anchor_fn(name)?)))
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("dropping the tenant's anchor function"))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP FUNCTION IF EXISTS {}(bigint, bytea)",
+            anchor_fn(name)?
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("dropping the tenant's anchor function"))?;
         n += 1;
     }
     sqlx::query("WITH a AS (DELETE FROM tenancy.audit_anchors WHERE tenant_uid = $1) DELETE FROM tenancy.audit_heads WHERE tenant_uid = $1")
@@ -2110,15 +2496,35 @@ mod tests {
     }
 
     fn full() -> AuditState {
-        AuditState { schema_exists: true, table: true, head: true, functions_current: true, guard: true, untriggered: vec![], stale: vec![], misshapen: vec![] }
+        AuditState {
+            schema_exists: true,
+            table: true,
+            head: true,
+            functions_current: true,
+            guard: true,
+            untriggered: vec![],
+            stale: vec![],
+            misshapen: vec![],
+        }
     }
 
     /// What the in-transaction check reads of a converged schema with the
     /// tables `docs` (audited) and `items` (audited), `_tenancy_migrations`,
     /// a sequence and a partition of `docs`.
     fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
-        let rel = |oid: u32, name: &str, kind: char, partition: bool| CatalogFact::Relation { oid, name: name.into(), kind, partition };
-        let tg = |relation: u32, name: &str, function: u32, deferred: bool| CatalogFact::Trigger { relation, name: name.into(), function, enabled: 'O', deferred };
+        let rel = |oid: u32, name: &str, kind: char, partition: bool| CatalogFact::Relation {
+            oid,
+            name: name.into(),
+            kind,
+            partition,
+        };
+        let tg = |relation: u32, name: &str, function: u32, deferred: bool| CatalogFact::Trigger {
+            relation,
+            name: name.into(),
+            function,
+            enabled: 'O',
+            deferred,
+        };
         let mut facts = vec![
             rel(10, AUDIT_TABLE, 'r', false),
             rel(11, HEAD_TABLE, 'r', false),
@@ -2187,40 +2593,83 @@ mod tests {
         assert_eq!(judge(&t, &facts), Some((vec![], vec![])));
         // A migration's new tables (a plain and a partitioned one); its
         // partitions, sequences and `_tenancy_*` tables are never audited.
-        facts.push(CatalogFact::Relation { oid: 20, name: "orders".into(), kind: 'r', partition: false });
-        facts.push(CatalogFact::Relation { oid: 21, name: "b_events".into(), kind: 'p', partition: false });
-        facts.push(CatalogFact::Relation { oid: 22, name: "b_events_1".into(), kind: 'r', partition: true });
-        facts.push(CatalogFact::Relation { oid: 23, name: "_tenancy_scratch".into(), kind: 'r', partition: false });
-        facts.push(CatalogFact::Relation { oid: 24, name: "v".into(), kind: 'v', partition: false });
-        assert_eq!(judge(&t, &facts), Some((vec!["b_events".into(), "orders".into()], vec![])));
+        facts.push(CatalogFact::Relation {
+            oid: 20,
+            name: "orders".into(),
+            kind: 'r',
+            partition: false,
+        });
+        facts.push(CatalogFact::Relation {
+            oid: 21,
+            name: "b_events".into(),
+            kind: 'p',
+            partition: false,
+        });
+        facts.push(CatalogFact::Relation {
+            oid: 22,
+            name: "b_events_1".into(),
+            kind: 'r',
+            partition: true,
+        });
+        facts.push(CatalogFact::Relation {
+            oid: 23,
+            name: "_tenancy_scratch".into(),
+            kind: 'r',
+            partition: false,
+        });
+        facts.push(CatalogFact::Relation {
+            oid: 24,
+            name: "v".into(),
+            kind: 'v',
+            partition: false,
+        });
+        assert_eq!(
+            judge(&t, &facts),
+            Some((vec!["b_events".into(), "orders".into()], vec![]))
+        );
     }
 
     #[test]
     fn a_table_trigger_dropped_disabled_or_replaced_makes_the_table_stale() {
         let t = n("acme");
         let mut facts = converged_facts(&t);
-        edit(&mut facts, |f| is_trigger(f, 15, "_tenancy_audit_upd"), |f| {
-            if let CatalogFact::Trigger { enabled, .. } = f {
-                *enabled = 'D';
-            }
-        });
+        edit(
+            &mut facts,
+            |f| is_trigger(f, 15, "_tenancy_audit_upd"),
+            |f| {
+                if let CatalogFact::Trigger { enabled, .. } = f {
+                    *enabled = 'D';
+                }
+            },
+        );
         assert_eq!(judge(&t, &facts), Some((vec!["items".into()], vec!["items".into()])));
         let mut facts = converged_facts(&t);
         facts.retain(|f| !is_trigger(f, 13, "_tenancy_audit_del"));
-        edit(&mut facts, |f| is_trigger(f, 15, "_tenancy_audit_ins"), |f| {
-            if let CatalogFact::Trigger { function, .. } = f {
-                *function = 9999; // CREATE OR REPLACE TRIGGER ... EXECUTE FUNCTION something_else()
-            }
-        });
-        assert_eq!(judge(&t, &facts), Some((vec!["docs".into(), "items".into()], vec!["docs".into(), "items".into()])));
+        edit(
+            &mut facts,
+            |f| is_trigger(f, 15, "_tenancy_audit_ins"),
+            |f| {
+                if let CatalogFact::Trigger { function, .. } = f {
+                    *function = 9999; // CREATE OR REPLACE TRIGGER ... EXECUTE FUNCTION something_else()
+                }
+            },
+        );
+        assert_eq!(
+            judge(&t, &facts),
+            Some((vec!["docs".into(), "items".into()], vec!["docs".into(), "items".into()]))
+        );
         // Another function of the schema named like ours does not count
         // (only the trigger function's oid does).
         let mut facts = converged_facts(&t);
-        edit(&mut facts, |f| is_trigger(f, 15, "_tenancy_audit_ins"), |f| {
-            if let CatalogFact::Trigger { function, .. } = f {
-                *function = 101; // the guard function
-            }
-        });
+        edit(
+            &mut facts,
+            |f| is_trigger(f, 15, "_tenancy_audit_ins"),
+            |f| {
+                if let CatalogFact::Trigger { function, .. } = f {
+                    *function = 101; // the guard function
+                }
+            },
+        );
         assert_eq!(judge(&t, &facts), Some((vec!["items".into()], vec!["items".into()])));
     }
 
@@ -2235,47 +2684,166 @@ mod tests {
             Box::new(move |facts: &mut Vec<CatalogFact>| edit(facts, |f| is_trigger(f, 10, wanted), change))
         };
         let cases: Vec<(&str, Tamper)> = vec![
-            ("audit table dropped", Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !matches!(x, CatalogFact::Relation { name, .. } if name == AUDIT_TABLE)))),
-            ("head table dropped", Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !matches!(x, CatalogFact::Relation { name, .. } if name == HEAD_TABLE)))),
+            (
+                "audit table dropped",
+                Box::new(|f: &mut Vec<CatalogFact>| {
+                    f.retain(|x| !matches!(x, CatalogFact::Relation { name, .. } if name == AUDIT_TABLE))
+                }),
+            ),
+            (
+                "head table dropped",
+                Box::new(|f: &mut Vec<CatalogFact>| {
+                    f.retain(|x| !matches!(x, CatalogFact::Relation { name, .. } if name == HEAD_TABLE))
+                }),
+            ),
             (
                 "head replaced by a view",
                 Box::new(|f: &mut Vec<CatalogFact>| {
-                    edit(f, |x| matches!(x, CatalogFact::Relation { name, .. } if name == HEAD_TABLE), |x| {
-                        if let CatalogFact::Relation { kind, .. } = x {
-                            *kind = 'v';
-                        }
-                    })
+                    edit(
+                        f,
+                        |x| matches!(x, CatalogFact::Relation { name, .. } if name == HEAD_TABLE),
+                        |x| {
+                            if let CatalogFact::Relation { kind, .. } = x {
+                                *kind = 'v';
+                            }
+                        },
+                    )
                 }),
             ),
             (
                 "audit table partitioned",
                 Box::new(|f: &mut Vec<CatalogFact>| {
-                    edit(f, |x| matches!(x, CatalogFact::Relation { name, .. } if name == AUDIT_TABLE), |x| {
-                        if let CatalogFact::Relation { kind, .. } = x {
-                            *kind = 'p';
-                        }
-                    })
+                    edit(
+                        f,
+                        |x| matches!(x, CatalogFact::Relation { name, .. } if name == AUDIT_TABLE),
+                        |x| {
+                            if let CatalogFact::Relation { kind, .. } = x {
+                                *kind = 'p';
+                            }
+                        },
+                    )
                 }),
             ),
-            ("trigger function's source replaced", set_fn(TRIGGER_FN, |x| if let CatalogFact::Function { source, .. } = x { source.push_str("-- evil") })),
-            ("write function made SECURITY INVOKER", set_fn(WRITE_FN, |x| if let CatalogFact::Function { definer, .. } = x { *definer = false })),
-            ("guard function made SECURITY DEFINER", set_fn(GUARD_FN, |x| if let CatalogFact::Function { definer, .. } = x { *definer = true })),
-            ("tail function given to another owner", set_fn(TAIL_FN, |x| if let CatalogFact::Function { owned, .. } = x { *owned = false })),
-            ("search_path reset", set_fn(WRITE_FN, |x| if let CatalogFact::Function { config, .. } = x { *config = None })),
+            (
+                "trigger function's source replaced",
+                set_fn(TRIGGER_FN, |x| {
+                    if let CatalogFact::Function { source, .. } = x {
+                        source.push_str("-- evil")
+                    }
+                }),
+            ),
+            (
+                "write function made SECURITY INVOKER",
+                set_fn(WRITE_FN, |x| {
+                    if let CatalogFact::Function { definer, .. } = x {
+                        *definer = false
+                    }
+                }),
+            ),
+            (
+                "guard function made SECURITY DEFINER",
+                set_fn(GUARD_FN, |x| {
+                    if let CatalogFact::Function { definer, .. } = x {
+                        *definer = true
+                    }
+                }),
+            ),
+            (
+                "tail function given to another owner",
+                set_fn(TAIL_FN, |x| {
+                    if let CatalogFact::Function { owned, .. } = x {
+                        *owned = false
+                    }
+                }),
+            ),
+            (
+                "search_path reset",
+                set_fn(WRITE_FN, |x| {
+                    if let CatalogFact::Function { config, .. } = x {
+                        *config = None
+                    }
+                }),
+            ),
             (
                 "search_path changed",
-                set_fn(TRIGGER_FN, |x| if let CatalogFact::Function { config, .. } = x { *config = Some(vec!["search_path=public".into()]) }),
+                set_fn(TRIGGER_FN, |x| {
+                    if let CatalogFact::Function { config, .. } = x {
+                        *config = Some(vec!["search_path=public".into()])
+                    }
+                }),
             ),
-            ("a setting added", set_fn(TRIGGER_FN, |x| if let CatalogFact::Function { config, .. } = x { config.as_mut().unwrap().push("work_mem=1MB".into()) })),
-            ("write function dropped", Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_fn(x, WRITE_FN)))),
-            ("guard trigger disabled", set_trigger(GUARD_TRIGGER, |x| if let CatalogFact::Trigger { enabled, .. } = x { *enabled = 'D' })),
-            ("guard trigger enabled only for replicas", set_trigger(GUARD_TRIGGER, |x| if let CatalogFact::Trigger { enabled, .. } = x { *enabled = 'R' })),
-            ("tail trigger disabled", set_trigger(TAIL_TRIGGER, |x| if let CatalogFact::Trigger { enabled, .. } = x { *enabled = 'D' })),
-            ("tail trigger not deferred", set_trigger(TAIL_TRIGGER, |x| if let CatalogFact::Trigger { deferred, .. } = x { *deferred = false })),
-            ("tail trigger calling another function", set_trigger(TAIL_TRIGGER, |x| if let CatalogFact::Trigger { function, .. } = x { *function = 9999 })),
-            ("guard trigger renamed", set_trigger(GUARD_TRIGGER, |x| if let CatalogFact::Trigger { name, .. } = x { *name = "renamed".into() })),
-            ("tail trigger dropped", Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_trigger(x, 10, TAIL_TRIGGER)))),
-            ("guard function renamed", set_fn(GUARD_FN, |x| if let CatalogFact::Function { name, .. } = x { *name = "_tenancy_audit_guard2".into() })),
+            (
+                "a setting added",
+                set_fn(TRIGGER_FN, |x| {
+                    if let CatalogFact::Function { config, .. } = x {
+                        config.as_mut().unwrap().push("work_mem=1MB".into())
+                    }
+                }),
+            ),
+            (
+                "write function dropped",
+                Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_fn(x, WRITE_FN))),
+            ),
+            (
+                "guard trigger disabled",
+                set_trigger(GUARD_TRIGGER, |x| {
+                    if let CatalogFact::Trigger { enabled, .. } = x {
+                        *enabled = 'D'
+                    }
+                }),
+            ),
+            (
+                "guard trigger enabled only for replicas",
+                set_trigger(GUARD_TRIGGER, |x| {
+                    if let CatalogFact::Trigger { enabled, .. } = x {
+                        *enabled = 'R'
+                    }
+                }),
+            ),
+            (
+                "tail trigger disabled",
+                set_trigger(TAIL_TRIGGER, |x| {
+                    if let CatalogFact::Trigger { enabled, .. } = x {
+                        *enabled = 'D'
+                    }
+                }),
+            ),
+            (
+                "tail trigger not deferred",
+                set_trigger(TAIL_TRIGGER, |x| {
+                    if let CatalogFact::Trigger { deferred, .. } = x {
+                        *deferred = false
+                    }
+                }),
+            ),
+            (
+                "tail trigger calling another function",
+                set_trigger(TAIL_TRIGGER, |x| {
+                    if let CatalogFact::Trigger { function, .. } = x {
+                        *function = 9999
+                    }
+                }),
+            ),
+            (
+                "guard trigger renamed",
+                set_trigger(GUARD_TRIGGER, |x| {
+                    if let CatalogFact::Trigger { name, .. } = x {
+                        *name = "renamed".into()
+                    }
+                }),
+            ),
+            (
+                "tail trigger dropped",
+                Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_trigger(x, 10, TAIL_TRIGGER))),
+            ),
+            (
+                "guard function renamed",
+                set_fn(GUARD_FN, |x| {
+                    if let CatalogFact::Function { name, .. } = x {
+                        *name = "_tenancy_audit_guard2".into()
+                    }
+                }),
+            ),
             ("no schema (no rows)", Box::new(|f: &mut Vec<CatalogFact>| f.clear())),
         ];
         for (what, tamper) in cases {
@@ -2290,13 +2858,35 @@ mod tests {
         let t = n("acme");
         // An overload of one of ours with another source does not count.
         let mut facts = converged_facts(&t);
-        facts.push(CatalogFact::Function { oid: 200, name: TRIGGER_FN.into(), definer: true, owned: true, config: None, source: "other".into() });
+        facts.push(CatalogFact::Function {
+            oid: 200,
+            name: TRIGGER_FN.into(),
+            definer: true,
+            owned: true,
+            config: None,
+            source: "other".into(),
+        });
         assert!(judge(&t, &facts).is_some());
         // One that matches too makes five: observe says not current.
         let mut facts = converged_facts(&t);
         let copy = facts.iter().find(|f| is_fn(f, WRITE_FN)).unwrap().clone();
-        if let CatalogFact::Function { name, definer, owned, config, source, .. } = copy {
-            facts.push(CatalogFact::Function { oid: 201, name, definer, owned, config, source });
+        if let CatalogFact::Function {
+            name,
+            definer,
+            owned,
+            config,
+            source,
+            ..
+        } = copy
+        {
+            facts.push(CatalogFact::Function {
+                oid: 201,
+                name,
+                definer,
+                owned,
+                config,
+                source,
+            });
         }
         assert_eq!(judge(&t, &facts), None);
         // Sources are another tenant's (its schema in every body).
@@ -2313,60 +2903,145 @@ mod tests {
             assert!(IN_TX_SQL.contains(&format!("FROM pg_catalog.{catalog} ")), "{catalog}");
         }
         assert!(!IN_TX_SQL.contains("JOIN") && !IN_TX_SQL.contains("pg_roles") && !IN_TX_SQL.contains("relnamespace"));
-        assert!(!IN_TX_SQL.contains("::regclass") && !IN_TX_SQL.contains("::text"), "unqualified types");
-        assert!(IN_TX_SQL.contains("c.oid = ANY") && IN_TX_SQL.contains("t.tgrelid = ANY") && IN_TX_SQL.contains("p.oid = ANY"));
+        assert!(
+            !IN_TX_SQL.contains("::regclass") && !IN_TX_SQL.contains("::text"),
+            "unqualified types"
+        );
+        assert!(
+            IN_TX_SQL.contains("c.oid = ANY")
+                && IN_TX_SQL.contains("t.tgrelid = ANY")
+                && IN_TX_SQL.contains("p.oid = ANY")
+        );
     }
 
     #[test]
     fn a_converged_schema_plans_nothing() {
         assert!(plan(&full(), None).is_empty());
-        let p = PgauditState { loaded: true, can_set: false, app_setting: None, ..Default::default() };
-        assert!(plan(&full(), Some(&p)).is_empty(), "nothing to do when pgaudit.log cannot be set");
-        let p = PgauditState { loaded: true, can_set: true, app_setting: Some("READ, write, ddl".into()), ..Default::default() };
+        let p = PgauditState {
+            loaded: true,
+            can_set: false,
+            app_setting: None,
+            ..Default::default()
+        };
+        assert!(
+            plan(&full(), Some(&p)).is_empty(),
+            "nothing to do when pgaudit.log cannot be set"
+        );
+        let p = PgauditState {
+            loaded: true,
+            can_set: true,
+            app_setting: Some("READ, write, ddl".into()),
+            ..Default::default()
+        };
         assert!(plan(&full(), Some(&p)).is_empty());
-        assert!(plan(&AuditState::default(), None).is_empty(), "no schema, nothing to do");
+        assert!(
+            plan(&AuditState::default(), None).is_empty(),
+            "no schema, nothing to do"
+        );
     }
 
     #[test]
     fn a_new_schema_gets_tables_functions_guard_and_triggers() {
-        let s = AuditState { schema_exists: true, untriggered: vec!["docs".into()], ..Default::default() };
-        let p = PgauditState { loaded: true, can_set: true, app_setting: None, ..Default::default() };
+        let s = AuditState {
+            schema_exists: true,
+            untriggered: vec!["docs".into()],
+            ..Default::default()
+        };
+        let p = PgauditState {
+            loaded: true,
+            can_set: true,
+            app_setting: None,
+            ..Default::default()
+        };
         let labels: Vec<_> = plan(&s, Some(&p)).iter().map(AuditAction::label).collect();
-        assert_eq!(labels, ["CreateAuditTables", "ReplaceAuditFunctions", "GuardAuditTable", "AuditTable", "SetPgauditLog"]);
+        assert_eq!(
+            labels,
+            [
+                "CreateAuditTables",
+                "ReplaceAuditFunctions",
+                "GuardAuditTable",
+                "AuditTable",
+                "SetPgauditLog"
+            ]
+        );
     }
 
     #[test]
     fn read_auditing_degrades_with_a_reason() {
         let off = PgauditState::default();
         assert_eq!(read_auditing(&off, "a", "adm").reason(), "PgauditNotInstalled");
-        let su = PgauditState { loaded: true, can_set: false, app_setting: None, ..Default::default() };
+        let su = PgauditState {
+            loaded: true,
+            can_set: false,
+            app_setting: None,
+            ..Default::default()
+        };
         let r = read_auditing(&su, "tenant_x_app", "adm");
         assert_eq!(r.reason(), "PgauditNeedsSuperuser");
-        assert!(r.message().contains("ALTER ROLE tenant_x_app SET pgaudit.log"), "{}", r.message());
-        let granted = PgauditState { loaded: true, can_set: false, app_setting: Some("all".into()), ..Default::default() };
+        assert!(
+            r.message().contains("ALTER ROLE tenant_x_app SET pgaudit.log"),
+            "{}",
+            r.message()
+        );
+        let granted = PgauditState {
+            loaded: true,
+            can_set: false,
+            app_setting: Some("all".into()),
+            ..Default::default()
+        };
         assert_eq!(read_auditing(&granted, "a", "adm"), ReadAuditing::On);
     }
 
     #[test]
     fn table_names_are_quoted_in_triggers() {
-        let sql = render(&AuditAction::TriggerTable { table: "we\"ird; DROP".into(), replace: true }, &n("acme")).unwrap();
-        assert!(sql.iter().all(|s| s.contains("\"tenant_acme\".\"we\"\"ird; DROP\"")), "{sql:?}");
+        let sql = render(
+            &AuditAction::TriggerTable {
+                table: "we\"ird; DROP".into(),
+                replace: true,
+            },
+            &n("acme"),
+        )
+        .unwrap();
+        assert!(
+            sql.iter().all(|s| s.contains("\"tenant_acme\".\"we\"\"ird; DROP\"")),
+            "{sql:?}"
+        );
         assert_eq!(sql.len(), 8);
     }
 
     #[test]
     fn only_tables_with_stale_triggers_get_drops() {
-        let s = AuditState { untriggered: vec!["new".into(), "tampered".into()], stale: vec!["tampered".into()], ..full() };
+        let s = AuditState {
+            untriggered: vec!["new".into(), "tampered".into()],
+            stale: vec!["tampered".into()],
+            ..full()
+        };
         let actions = plan(&s, None);
         assert_eq!(
             actions,
-            [AuditAction::TriggerTable { table: "new".into(), replace: false }, AuditAction::TriggerTable { table: "tampered".into(), replace: true }]
+            [
+                AuditAction::TriggerTable {
+                    table: "new".into(),
+                    replace: false
+                },
+                AuditAction::TriggerTable {
+                    table: "tampered".into(),
+                    replace: true
+                }
+            ]
         );
         let new = render(&actions[0], &n("acme")).unwrap();
         assert_eq!(new.len(), 4);
         assert!(new.iter().all(|s| s.starts_with("CREATE TRIGGER")), "{new:?}");
         let tampered = render(&actions[1], &n("acme")).unwrap();
-        assert_eq!(tampered.iter().filter(|s| s.starts_with("DROP TRIGGER IF EXISTS")).count(), 4, "{tampered:?}");
+        assert_eq!(
+            tampered
+                .iter()
+                .filter(|s| s.starts_with("DROP TRIGGER IF EXISTS"))
+                .count(),
+            4,
+            "{tampered:?}"
+        );
     }
 
     #[test]
@@ -2383,8 +3058,19 @@ mod tests {
         (1..=n as i64)
             .map(|id| {
                 let content = format!("row {id}").into_bytes();
-                let hash = Sha256::new().chain_update(&prev).chain_update(&content).finalize().to_vec();
-                let r = ChainRow { id, operation: "INSERT".into(), prev_hash: prev.clone(), hash: hash.clone(), content, row_pk: None };
+                let hash = Sha256::new()
+                    .chain_update(&prev)
+                    .chain_update(&content)
+                    .finalize()
+                    .to_vec();
+                let r = ChainRow {
+                    id,
+                    operation: "INSERT".into(),
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                    content,
+                    row_pk: None,
+                };
                 prev = hash;
                 r
             })
@@ -2437,13 +3123,16 @@ mod tests {
             anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_001, 1, Some(&[9; 32])),
             anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 2, Some(&[9; 32])),
             anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 1, None),
-            anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 1, Some(&[]))
+            anchor_message("uid-1", 3, 42, &[7; 32], 1_700_000_000_000_000, 1, Some(&[])),
         ];
         for v in &variants {
             assert_ne!(v, &base);
         }
         // Length prefixes: moving a byte from the uid into the hash changes the encoding.
-        assert_ne!(anchor_message("ab", 1, 1, b"c", 0, 1, None), anchor_message("a", 1, 1, b"bc", 0, 1, None));
+        assert_ne!(
+            anchor_message("ab", 1, 1, b"c", 0, 1, None),
+            anchor_message("a", 1, 1, b"bc", 0, 1, None)
+        );
         // The layout, field by field.
         let m = anchor_message("u", 1, 2, &[0xaa], 3, 4, None);
         let mut expected = ANCHOR_DOMAIN.to_vec();
@@ -2461,7 +3150,18 @@ mod tests {
         let mut out: Vec<AnchorRow> = Vec::new();
         for (id, hash) in points {
             let prev = out.last().map(|a| (a.seq, a.mac.clone()));
-            out.push(make_anchor(ring, salt, "uid-1", prev.as_ref().map(|p| (p.0, p.1.as_slice())), *id, hash, Utc::now()).unwrap());
+            out.push(
+                make_anchor(
+                    ring,
+                    salt,
+                    "uid-1",
+                    prev.as_ref().map(|p| (p.0, p.1.as_slice())),
+                    *id,
+                    hash,
+                    Utc::now(),
+                )
+                .unwrap(),
+            );
         }
         out
     }
@@ -2478,17 +3178,36 @@ mod tests {
         assert!(check_anchors(&r, &salt, "uid-2", &a).2.is_some());
         let mut edited = a.clone();
         edited[0].last_id = 3;
-        assert!(check_anchors(&r, &salt, "uid-1", &edited).2.unwrap().what.contains("does not verify"));
+        assert!(check_anchors(&r, &salt, "uid-1", &edited)
+            .2
+            .unwrap()
+            .what
+            .contains("does not verify"));
         // A removed anchor breaks the link of the next.
         let three = anchors(&r, &salt, &[(1, &rows[0].hash), (2, &rows[1].hash), (3, &rows[2].hash)]);
         let gap = [three[0].clone(), three[2].clone()];
-        assert!(check_anchors(&r, &salt, "uid-1", &gap).2.unwrap().what.contains("does not follow"));
+        assert!(check_anchors(&r, &salt, "uid-1", &gap)
+            .2
+            .unwrap()
+            .what
+            .contains("does not follow"));
         // An anchor under a root key that was retired is skipped, not failed;
         // after a rotation the next anchors are under the new key.
         let rotated = ring(2);
         let mut mixed = a.clone();
         let prev = (mixed[1].seq, mixed[1].mac.clone());
-        mixed.push(make_anchor(&rotated, &salt, "uid-1", Some((prev.0, &prev.1)), 5, &rows[4].hash, Utc::now()).unwrap());
+        mixed.push(
+            make_anchor(
+                &rotated,
+                &salt,
+                "uid-1",
+                Some((prev.0, &prev.1)),
+                5,
+                &rows[4].hash,
+                Utc::now(),
+            )
+            .unwrap(),
+        );
         assert_eq!(mixed[2].key_version, 2);
         let (points, unknown, bad) = check_anchors(&ring(1), &salt, "uid-1", &mixed);
         assert_eq!((points.len(), unknown, bad), (2, 1, None));
@@ -2496,11 +3215,19 @@ mod tests {
     }
 
     fn point(id: i64, hash: &[u8], anchor: bool) -> Checkpoint {
-        Checkpoint { id, hash: hash.to_vec(), what: format!("point {id}"), is_anchor: anchor }
+        Checkpoint {
+            id,
+            hash: hash.to_vec(),
+            what: format!("point {id}"),
+            is_anchor: anchor,
+        }
     }
 
     fn walk_anchored(rows: &[ChainRow], anchored: Anchored) -> VerifyReport {
-        let head = rows.last().map(|r| (r.id, r.hash.clone())).or(Some((0, GENESIS.to_vec())));
+        let head = rows
+            .last()
+            .map(|r| (r.id, r.hash.clone()))
+            .or(Some((0, GENESIS.to_vec())));
         let mut w = Walker::with_anchors(head, anchored);
         rows.iter().for_each(|r| w.push(r));
         w.finish()
@@ -2509,8 +3236,18 @@ mod tests {
     #[test]
     fn the_walk_checks_every_checkpoint_the_operator_recorded() {
         let rows = chain(6);
-        let points = vec![point(6, &rows[5].hash, false), point(3, &rows[2].hash, true), point(0, &GENESIS, true)];
-        let ok = walk_anchored(&rows, Anchored { checkpoints: points.clone(), ..Default::default() });
+        let points = vec![
+            point(6, &rows[5].hash, false),
+            point(3, &rows[2].hash, true),
+            point(0, &GENESIS, true),
+        ];
+        let ok = walk_anchored(
+            &rows,
+            Anchored {
+                checkpoints: points.clone(),
+                ..Default::default()
+            },
+        );
         assert_eq!(ok.first_break, None);
         assert_eq!(ok.anchors_checked, 2);
         // A consistent rewrite: every hash recomputed after an edit of row 2.
@@ -2519,41 +3256,118 @@ mod tests {
         let mut prev = rewritten[0].hash.clone();
         for r in rewritten.iter_mut().skip(1) {
             r.prev_hash = prev.clone();
-            r.hash = Sha256::new().chain_update(&prev).chain_update(&r.content).finalize().to_vec();
+            r.hash = Sha256::new()
+                .chain_update(&prev)
+                .chain_update(&r.content)
+                .finalize()
+                .to_vec();
             prev = r.hash.clone();
         }
-        assert_eq!(walk(&rewritten, Some((6, prev.clone()))).first_break, None, "without anchors the rewrite passes");
-        let b = walk_anchored(&rewritten, Anchored { checkpoints: points.clone(), ..Default::default() }).first_break.unwrap();
+        assert_eq!(
+            walk(&rewritten, Some((6, prev.clone()))).first_break,
+            None,
+            "without anchors the rewrite passes"
+        );
+        let b = walk_anchored(
+            &rewritten,
+            Anchored {
+                checkpoints: points.clone(),
+                ..Default::default()
+            },
+        )
+        .first_break
+        .unwrap();
         assert_eq!(b.id, 3);
         assert!(b.what.contains("point 3"), "{}", b.what);
         // The tail cut and the in-schema head set back to match.
-        let b = walk_anchored(&rows[..4], Anchored { checkpoints: points.clone(), ..Default::default() }).first_break.unwrap();
+        let b = walk_anchored(
+            &rows[..4],
+            Anchored {
+                checkpoints: points.clone(),
+                ..Default::default()
+            },
+        )
+        .first_break
+        .unwrap();
         assert_eq!(b.id, 6);
         assert!(b.what.contains("rows at the end"), "{}", b.what);
         // A missing row in the middle, at a checkpoint.
         let holed: Vec<ChainRow> = rows.iter().filter(|r| r.id != 3).cloned().collect();
-        assert!(walk_anchored(&holed, Anchored { checkpoints: points.clone(), ..Default::default() }).first_break.is_some());
+        assert!(walk_anchored(
+            &holed,
+            Anchored {
+                checkpoints: points.clone(),
+                ..Default::default()
+            }
+        )
+        .first_break
+        .is_some());
         // Rows beyond the anchored head read after the snapshot.
-        let b = walk_anchored(&rows, Anchored { checkpoints: vec![point(4, &rows[3].hash, false)], head_after: Some(4), ..Default::default() }).first_break.unwrap();
+        let b = walk_anchored(
+            &rows,
+            Anchored {
+                checkpoints: vec![point(4, &rows[3].hash, false)],
+                head_after: Some(4),
+                ..Default::default()
+            },
+        )
+        .first_break
+        .unwrap();
         assert_eq!(b.id, 5);
         assert!(b.what.contains("anchored head"), "{}", b.what);
         // The empty chain.
-        assert_eq!(walk_anchored(&[], Anchored { checkpoints: vec![point(0, &GENESIS, false)], ..Default::default() }).first_break, None);
-        assert!(walk_anchored(&[], Anchored { checkpoints: vec![point(0, &[1; 32], false)], ..Default::default() }).first_break.is_some());
+        assert_eq!(
+            walk_anchored(
+                &[],
+                Anchored {
+                    checkpoints: vec![point(0, &GENESIS, false)],
+                    ..Default::default()
+                }
+            )
+            .first_break,
+            None
+        );
+        assert!(walk_anchored(
+            &[],
+            Anchored {
+                checkpoints: vec![point(0, &[1; 32], false)],
+                ..Default::default()
+            }
+        )
+        .first_break
+        .is_some());
     }
 
     /// A chain pruned at row `cut`: an ANCHOR row there, the rows after it,
     /// a PRUNE row confirming it.
     fn pruned(rows: &[ChainRow], cut: usize) -> Vec<ChainRow> {
         let c = &rows[cut - 1];
-        let mut out = vec![ChainRow { id: c.id, operation: "ANCHOR".into(), prev_hash: c.hash.clone(), hash: c.hash.clone(), content: vec![], row_pk: None }];
+        let mut out = vec![ChainRow {
+            id: c.id,
+            operation: "ANCHOR".into(),
+            prev_hash: c.hash.clone(),
+            hash: c.hash.clone(),
+            content: vec![],
+            row_pk: None,
+        }];
         out.extend(rows[cut..].iter().cloned());
         let prev = out.last().map(|r| r.hash.clone()).unwrap();
         let content = b"prune".to_vec();
-        let hash = Sha256::new().chain_update(&prev).chain_update(&content).finalize().to_vec();
+        let hash = Sha256::new()
+            .chain_update(&prev)
+            .chain_update(&content)
+            .finalize()
+            .to_vec();
         let id = out.last().map(|r| r.id + 1).unwrap();
         let pk = serde_json::json!({"through_id": c.id, "cut_hash": hex::encode(&c.hash)});
-        out.push(ChainRow { id, operation: "PRUNE".into(), prev_hash: prev, hash, content, row_pk: Some(pk) });
+        out.push(ChainRow {
+            id,
+            operation: "PRUNE".into(),
+            prev_hash: prev,
+            hash,
+            content,
+            row_pk: Some(pk),
+        });
         out
     }
 
@@ -2563,19 +3377,58 @@ mod tests {
         let chain3 = pruned(&rows, 3);
         let cut = |id: i64| Some((id, rows[id as usize - 1].hash.clone()));
         let before = vec![point(2, &rows[1].hash, true), point(5, &rows[4].hash, true)];
-        let ok = walk_anchored(&chain3, Anchored { checkpoints: before.clone(), cut: cut(3), ..Default::default() });
+        let ok = walk_anchored(
+            &chain3,
+            Anchored {
+                checkpoints: before.clone(),
+                cut: cut(3),
+                ..Default::default()
+            },
+        );
         assert_eq!(ok.first_break, None);
-        assert_eq!((ok.anchors_checked, ok.anchors_skipped), (1, 1), "the anchor before the cut cannot be checked");
+        assert_eq!(
+            (ok.anchors_checked, ok.anchors_skipped),
+            (1, 1),
+            "the anchor before the cut cannot be checked"
+        );
         // No cut recorded: the owner pruned by itself.
-        let b = walk_anchored(&chain3, Anchored { checkpoints: before.clone(), ..Default::default() }).first_break.unwrap();
+        let b = walk_anchored(
+            &chain3,
+            Anchored {
+                checkpoints: before.clone(),
+                ..Default::default()
+            },
+        )
+        .first_break
+        .unwrap();
         assert!(b.what.contains("no retention cut"), "{}", b.what);
         // A cut further than the operator's.
-        let b = walk_anchored(&chain3, Anchored { checkpoints: before.clone(), cut: cut(2), ..Default::default() }).first_break.unwrap();
+        let b = walk_anchored(
+            &chain3,
+            Anchored {
+                checkpoints: before.clone(),
+                cut: cut(2),
+                ..Default::default()
+            },
+        )
+        .first_break
+        .unwrap();
         assert!(b.what.contains("after the operator's last retention cut"), "{}", b.what);
         // The operator recorded a later cut but crashed before deleting: the
         // older ANCHOR row is fine, the recorded cut's row must be passed.
         let mut points = before.clone();
         points.push(point(4, &rows[3].hash, false));
-        assert_eq!(walk_anchored(&chain3, Anchored { checkpoints: points, cut: cut(4), ..Default::default() }).first_break, None);
+        assert_eq!(
+            walk_anchored(
+                &chain3,
+                Anchored {
+                    checkpoints: points,
+                    cut: cut(4),
+                    ..Default::default()
+                }
+            )
+            .first_break,
+            None
+        );
     }
 }

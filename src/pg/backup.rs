@@ -79,7 +79,10 @@ pub fn restoring_marker(uid: &str, by: &str) -> String {
 
 /// The `by` of a restoring marker of this tenant.
 fn restoring_by<'a>(comment: &'a str, uid: &str) -> Option<&'a str> {
-    comment.strip_prefix("restoring for tenant uid ")?.strip_prefix(uid)?.strip_prefix(" by ")
+    comment
+        .strip_prefix("restoring for tenant uid ")?
+        .strip_prefix(uid)?
+        .strip_prefix(" by ")
 }
 
 /// One row of `tenancy.backups`.
@@ -116,7 +119,10 @@ pub async fn sync_backups(pool: &PgPool, uid: &str, add: &[BackupRow], remove: &
     if add.is_empty() && remove.is_empty() {
         return Ok(());
     }
-    let mut tx = pool.begin().await.map_err(query_err("starting the backups' transaction"))?;
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_err("starting the backups' transaction"))?;
     for row in add {
         sqlx::query(
             "INSERT INTO tenancy.backups (tenant_uid, id, taken_at, bytes, key_version) VALUES ($1, $2, $3, $4, $5)
@@ -150,7 +156,12 @@ pub async fn last_backup(pool: &PgPool, uid: &str) -> Result<Option<BackupRow>, 
 
 /// The recorded backup `id`, or (None) the newest taken at or before
 /// `before` (or the newest of all).
-pub async fn find_backup(pool: &PgPool, uid: &str, id: Option<&str>, before: Option<chrono::DateTime<chrono::Utc>>) -> Result<Option<BackupRow>, PgError> {
+pub async fn find_backup(
+    pool: &PgPool,
+    uid: &str,
+    id: Option<&str>,
+    before: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Option<BackupRow>, PgError> {
     let row: Option<(String, chrono::DateTime<chrono::Utc>, i64, i32)> = sqlx::query_as(
         "SELECT id, taken_at, bytes, key_version FROM tenancy.backups
           WHERE tenant_uid = $1 AND ($2::text IS NULL OR id = $2) AND ($3::timestamptz IS NULL OR taken_at <= $3)
@@ -162,7 +173,12 @@ pub async fn find_backup(pool: &PgPool, uid: &str, id: Option<&str>, before: Opt
     .fetch_optional(pool)
     .await
     .map_err(query_err("reading the tenant's backups"))?;
-    Ok(row.map(|(id, taken_at, bytes, key_version)| BackupRow { id, taken_at, bytes, key_version }))
+    Ok(row.map(|(id, taken_at, bytes, key_version)| BackupRow {
+        id,
+        taken_at,
+        bytes,
+        key_version,
+    }))
 }
 
 /// The registry row's state (`Active`/`Suspended`) of the tenant with `uid`.
@@ -217,7 +233,10 @@ async fn lock_row(tx: &mut PgConnection, uid: &str, exclusive: bool) -> Result<b
     match sqlx::query(sql).bind(LOCK_KIND).bind(uid).execute(&mut *tx).await {
         Ok(_) => Ok(true),
         Err(e) if is_lock_busy(&e) => Ok(false),
-        Err(e) => Err(PgError::Query { action: "taking the restore lock", source: e }),
+        Err(e) => Err(PgError::Query {
+            action: "taking the restore lock",
+            source: e,
+        }),
     }
 }
 
@@ -265,7 +284,10 @@ pub async fn restore_lock(pool: &PgPool, uid: &str, wait: std::time::Duration) -
 
 /// Takes the tenant's restore lock without waiting; None when taken.
 pub async fn try_restore_lock(pool: &PgPool, uid: &str) -> Result<Option<RestoreLock>, PgError> {
-    let mut conn = pool.acquire().await.map_err(query_err("connecting for the restore lock"))?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(query_err("connecting for the restore lock"))?;
     // A restore may take hours: its lock must not be ended as an idle
     // transaction by a server-wide setting.
     sqlx::raw_sql("SET idle_in_transaction_session_timeout = 0; BEGIN")
@@ -290,12 +312,14 @@ pub async fn guard_against_restore(tx: &mut PgConnection, name: &TenantName, uid
     if !lock_row(tx, uid, false).await? {
         return Ok(false);
     }
-    let aside: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1 AND obj_description(oid, 'pg_namespace') = $2)")
-        .bind(aside_schema(name))
-        .bind(ownership_marker(uid))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(query_err("checking for a restore under way"))?;
+    let aside: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1 AND obj_description(oid, 'pg_namespace') = $2)",
+    )
+    .bind(aside_schema(name))
+    .bind(ownership_marker(uid))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(query_err("checking for a restore under way"))?;
     Ok(!aside)
 }
 
@@ -340,7 +364,9 @@ async fn read_state(conn: &mut PgConnection, name: &TenantName, uid: &str) -> Re
     let live = match (live, comment) {
         (false, _) => Live::Absent,
         (true, Some(c)) if c == ownership_marker(uid) => Live::Ours,
-        (true, Some(c)) if restoring_by(&c, uid).is_some() && owned => Live::Restoring(restoring_by(&c, uid).unwrap_or_default().to_owned()),
+        (true, Some(c)) if restoring_by(&c, uid).is_some() && owned => {
+            Live::Restoring(restoring_by(&c, uid).unwrap_or_default().to_owned())
+        }
         (true, _) if owned => Live::OwnedOther,
         (true, _) => Live::Foreign,
     };
@@ -350,7 +376,11 @@ async fn read_state(conn: &mut PgConnection, name: &TenantName, uid: &str) -> Re
 /// On a confined session (a restore Job's): whether the tenant's schemas
 /// are as [`prepare`] leaves them (the original aside, an empty one marked
 /// restoring); Err says what was found instead.
-pub async fn check_prepared(conn: &mut PgConnection, name: &TenantName, uid: &str) -> Result<Result<(), String>, PgError> {
+pub async fn check_prepared(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    uid: &str,
+) -> Result<Result<(), String>, PgError> {
     Ok(match read_state(conn, name, uid).await? {
         (true, Live::Restoring(_)) => Ok(()),
         (aside, live) => Err(format!("aside schema present: {aside}, live schema: {live:?}")),
@@ -361,7 +391,10 @@ pub async fn check_prepared(conn: &mut PgConnection, name: &TenantName, uid: &st
 /// there is no aside schema with its marker (one catalog query, no lock,
 /// no write), else what its live schema is.
 pub async fn pending_restore(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Option<Live>, PgError> {
-    let mut conn = pool.acquire().await.map_err(query_err("connecting to read the tenant's schemas"))?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(query_err("connecting to read the tenant's schemas"))?;
     let (aside, live) = read_state(&mut conn, name, uid).await?;
     Ok(aside.then_some(live))
 }
@@ -385,12 +418,18 @@ pub enum AsideState {
 /// restore lock taken when `take_lock` (the TenantRestore controller's
 /// steps; the restore command holds it on a session of its own). None:
 /// the lock is taken.
-async fn step(pool: &PgPool, uid: &str, take_lock: bool) -> Result<Option<sqlx::Transaction<'static, Postgres>>, PgError> {
+async fn step(
+    pool: &PgPool,
+    uid: &str,
+    take_lock: bool,
+) -> Result<Option<sqlx::Transaction<'static, Postgres>>, PgError> {
     let mut tx = pool.begin().await.map_err(query_err("starting a restore step"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL lock_timeout = '{STEP_LOCK_TIMEOUT}'")))
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("bounding the restore step's lock waits"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = '{STEP_LOCK_TIMEOUT}'"
+    )))
+    .execute(&mut *tx)
+    .await
+    .map_err(query_err("bounding the restore step's lock waits"))?;
     if take_lock && !lock_row(&mut tx, uid, true).await? {
         let _ = tx.rollback().await;
         return Ok(None);
@@ -407,7 +446,10 @@ async fn nothing<T>(tx: sqlx::Transaction<'static, Postgres>, value: T) -> Resul
 }
 
 async fn run(tx: &mut PgConnection, stmt: String, action: &'static str) -> Result<(), PgError> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(query_err(action))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err(action))?;
     Ok(())
 }
 
@@ -440,16 +482,36 @@ async fn recover(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bool) -
     let (aside_q, live_q) = (quote_ident(&aside_schema(name))?, quote_ident(&name.schema())?);
     let state = match live {
         Live::Ours => {
-            run(&mut tx, format!("DROP SCHEMA {aside_q} CASCADE"), "dropping the schema a restore replaced").await?;
+            run(
+                &mut tx,
+                format!("DROP SCHEMA {aside_q} CASCADE"),
+                "dropping the schema a restore replaced",
+            )
+            .await?;
             AsideState::DroppedOld
         }
         Live::Absent => {
-            run(&mut tx, format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"), "renaming the tenant's schema back").await?;
+            run(
+                &mut tx,
+                format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"),
+                "renaming the tenant's schema back",
+            )
+            .await?;
             AsideState::PutBack
         }
         Live::Restoring(_) | Live::OwnedOther => {
-            run(&mut tx, format!("DROP SCHEMA {live_q} CASCADE"), "dropping an unfinished restore").await?;
-            run(&mut tx, format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"), "renaming the tenant's schema back").await?;
+            run(
+                &mut tx,
+                format!("DROP SCHEMA {live_q} CASCADE"),
+                "dropping an unfinished restore",
+            )
+            .await?;
+            run(
+                &mut tx,
+                format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"),
+                "renaming the tenant's schema back",
+            )
+            .await?;
             AsideState::PutBack
         }
         Live::Foreign => {
@@ -464,7 +526,10 @@ async fn recover(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bool) -
 fn foreign(name: &TenantName) -> PgError {
     PgError::MissingPrivilege {
         role: "restore".into(),
-        what: format!("schema {} to belong to the tenant's owner role before a restore replaces it; it belongs to another role", name.schema()),
+        what: format!(
+            "schema {} to belong to the tenant's owner role before a restore replaces it; it belongs to another role",
+            name.schema()
+        ),
     }
 }
 
@@ -489,7 +554,13 @@ pub enum Prepared {
 /// login, moves the live schema aside and creates an empty one owned by the
 /// tenant's owner, marked restoring by `by`, with `USAGE` for the app role;
 /// then ends the app role's sessions.
-pub async fn prepare(pool: &PgPool, name: &TenantName, uid: &str, by: &str, take_lock: bool) -> Result<Prepared, PgError> {
+pub async fn prepare(
+    pool: &PgPool,
+    name: &TenantName,
+    uid: &str,
+    by: &str,
+    take_lock: bool,
+) -> Result<Prepared, PgError> {
     let Some(mut tx) = step(pool, uid, take_lock).await? else {
         return Ok(Prepared::Busy);
     };
@@ -501,16 +572,43 @@ pub async fn prepare(pool: &PgPool, name: &TenantName, uid: &str, by: &str, take
             let (live_q, aside_q) = (quote_ident(&name.schema())?, quote_ident(&aside_schema(name))?);
             let (owner, app) = (quote_ident(&name.owner_role())?, quote_ident(&name.app_role())?);
             let marker = quote_literal(&restoring_marker(uid, by))?;
-            run(&mut tx, format!("ALTER ROLE {app} NOLOGIN"), "disabling the app role's login").await?;
-            run(&mut tx, format!("ALTER SCHEMA {live_q} RENAME TO {aside_q}"), "moving the tenant's schema aside").await?;
-            run(&mut tx, format!("CREATE SCHEMA {live_q} AUTHORIZATION {owner}"), "creating the schema to restore into").await?;
-            run(&mut tx, format!("COMMENT ON SCHEMA {live_q} IS {marker}"), "marking the schema as being restored").await?;
-            run(&mut tx, format!("GRANT USAGE ON SCHEMA {live_q} TO {app}"), "granting the app role its schema").await?;
+            run(
+                &mut tx,
+                format!("ALTER ROLE {app} NOLOGIN"),
+                "disabling the app role's login",
+            )
+            .await?;
+            run(
+                &mut tx,
+                format!("ALTER SCHEMA {live_q} RENAME TO {aside_q}"),
+                "moving the tenant's schema aside",
+            )
+            .await?;
+            run(
+                &mut tx,
+                format!("CREATE SCHEMA {live_q} AUTHORIZATION {owner}"),
+                "creating the schema to restore into",
+            )
+            .await?;
+            run(
+                &mut tx,
+                format!("COMMENT ON SCHEMA {live_q} IS {marker}"),
+                "marking the schema as being restored",
+            )
+            .await?;
+            run(
+                &mut tx,
+                format!("GRANT USAGE ON SCHEMA {live_q} TO {app}"),
+                "granting the app role its schema",
+            )
+            .await?;
             Prepared::Done
         }
         (false, _) => return nothing(tx, Prepared::NoSchema).await,
     };
-    tx.commit().await.map_err(query_err("committing the restore's preparation"))?;
+    tx.commit()
+        .await
+        .map_err(query_err("committing the restore's preparation"))?;
     super::tenant::terminate_sessions(pool, name).await?;
     Ok(prepared)
 }
@@ -540,7 +638,14 @@ pub struct RestoreRecord {
 /// the tenant's ownership marker, the aside schema is dropped, the app role
 /// gets its login back when the registry says Active, and the audit log a
 /// `Restored` row.
-pub async fn finalize(pool: &PgPool, name: &TenantName, uid: &str, by: &str, take_lock: bool, record: &RestoreRecord) -> Result<Finalized, PgError> {
+pub async fn finalize(
+    pool: &PgPool,
+    name: &TenantName,
+    uid: &str,
+    by: &str,
+    take_lock: bool,
+    record: &RestoreRecord,
+) -> Result<Finalized, PgError> {
     let Some(mut tx) = step(pool, uid, take_lock).await? else {
         return Ok(Finalized::Busy);
     };
@@ -558,15 +663,35 @@ pub async fn finalize(pool: &PgPool, name: &TenantName, uid: &str, by: &str, tak
             .fetch_one(&mut *tx)
             .await
             .map_err(query_err("reading the audit log"))?;
-            let found = if logged { Finalized::Already } else { Finalized::NotPrepared("the original schema is in place: the restore was put back".into()) };
+            let found = if logged {
+                Finalized::Already
+            } else {
+                Finalized::NotPrepared("the original schema is in place: the restore was put back".into())
+            };
             return nothing(tx, found).await;
         }
-        _ => return nothing(tx, Finalized::NotPrepared(format!("aside schema: {aside}, live schema: {live:?}"))).await,
+        _ => {
+            return nothing(
+                tx,
+                Finalized::NotPrepared(format!("aside schema: {aside}, live schema: {live:?}")),
+            )
+            .await
+        }
     }
     let (live_q, aside_q) = (quote_ident(&name.schema())?, quote_ident(&aside_schema(name))?);
     let marker = quote_literal(&ownership_marker(uid))?;
-    run(&mut tx, format!("COMMENT ON SCHEMA {live_q} IS {marker}"), "marking the restored schema as the tenant's").await?;
-    run(&mut tx, format!("DROP SCHEMA {aside_q} CASCADE"), "dropping the schema a restore replaced").await?;
+    run(
+        &mut tx,
+        format!("COMMENT ON SCHEMA {live_q} IS {marker}"),
+        "marking the restored schema as the tenant's",
+    )
+    .await?;
+    run(
+        &mut tx,
+        format!("DROP SCHEMA {aside_q} CASCADE"),
+        "dropping the schema a restore replaced",
+    )
+    .await?;
     // The operator's record of applied migrations described the replaced
     // schema: forget it, so the next reconcile re-reads the restored
     // schema's own version table (on its confined session) and brings it
@@ -590,7 +715,10 @@ pub async fn finalize(pool: &PgPool, name: &TenantName, uid: &str, by: &str, tak
 /// Whether a restore by `by` has put its schema in place and waits for
 /// [`finalize`] (the original aside, the live one marked restoring by it).
 pub async fn awaiting_finalize(pool: &PgPool, name: &TenantName, uid: &str, by: &str) -> Result<bool, PgError> {
-    let mut conn = pool.acquire().await.map_err(query_err("connecting to read the restore's state"))?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(query_err("connecting to read the restore's state"))?;
     let (aside, live) = read_state(&mut conn, name, uid).await?;
     Ok(aside && matches!(live, Live::Restoring(b) if b == by))
 }
@@ -610,7 +738,12 @@ async fn login_back(tx: &mut PgConnection, name: &TenantName, uid: &str) -> Resu
     if state.as_deref() != Some("Active") || !exists {
         return Ok(false);
     }
-    run(tx, format!("ALTER ROLE {} LOGIN", quote_ident(&name.app_role())?), "enabling the app role's login").await?;
+    run(
+        tx,
+        format!("ALTER ROLE {} LOGIN", quote_ident(&name.app_role())?),
+        "enabling the app role's login",
+    )
+    .await?;
     Ok(true)
 }
 
@@ -640,14 +773,26 @@ pub async fn put_back(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bo
     let (live_q, aside_q) = (quote_ident(&name.schema())?, quote_ident(&aside_schema(name))?);
     match live {
         Live::Absent => {}
-        Live::Restoring(_) | Live::OwnedOther => run(&mut tx, format!("DROP SCHEMA {live_q} CASCADE"), "dropping a failed restore").await?,
+        Live::Restoring(_) | Live::OwnedOther => {
+            run(
+                &mut tx,
+                format!("DROP SCHEMA {live_q} CASCADE"),
+                "dropping a failed restore",
+            )
+            .await?
+        }
         // Finalized (never put back then) or someone else's.
         Live::Ours | Live::Foreign => {
             let _ = tx.rollback().await;
             return Err(foreign(name));
         }
     }
-    run(&mut tx, format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"), "renaming the tenant's schema back").await?;
+    run(
+        &mut tx,
+        format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"),
+        "renaming the tenant's schema back",
+    )
+    .await?;
     login_back(&mut tx, name, uid).await?;
     tx.commit().await.map_err(query_err("committing the put-back"))?;
     Ok(PutBack::Done)

@@ -54,11 +54,22 @@ impl std::fmt::Debug for OpsLogin {
 
 impl OpsLogin {
     pub fn new(target: &Target, name: &TenantName, uid: &str, password: Zeroizing<String>) -> Self {
-        Self { target: target.clone(), name: name.clone(), uid: uid.to_owned(), password }
+        Self {
+            target: target.clone(),
+            name: name.clone(),
+            uid: uid.to_owned(),
+            password,
+        }
     }
 
     /// The login with the password derived under the active root key.
-    pub fn derive(target: &Target, name: &TenantName, uid: &str, ring: &Keyring, salt: &TenantSalt) -> Result<Self, CryptoError> {
+    pub fn derive(
+        target: &Target,
+        name: &TenantName,
+        uid: &str,
+        ring: &Keyring,
+        salt: &TenantSalt,
+    ) -> Result<Self, CryptoError> {
         let password = crate::crypto::login_password(ring, ring.active_version(), salt, uid)?;
         Ok(Self::new(target, name, uid, password))
     }
@@ -149,7 +160,10 @@ async fn open(login: &OpsLogin) -> Result<PgConnection, sqlx::Error> {
 /// one round trip.
 pub async fn connect(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, PgError> {
     let mut conn = log_in(admin, login).await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(enter_sql(&login.name)?)).execute(&mut *conn).await.map_err(super::query_err("acting as the tenant's owner"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(enter_sql(&login.name)?))
+        .execute(&mut *conn)
+        .await
+        .map_err(super::query_err("acting as the tenant's owner"))?;
     Ok(conn)
 }
 
@@ -160,7 +174,13 @@ pub async fn connect(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined,
 /// Holds no admin connection while it logs in; a password reset borrows one
 /// from `admin` for two statements.
 pub async fn log_in(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, PgError> {
-    let target = format!("{}:{}/{} as {}", login.target.host, login.target.port, login.target.database, login.user());
+    let target = format!(
+        "{}:{}/{} as {}",
+        login.target.host,
+        login.target.port,
+        login.target.database,
+        login.user()
+    );
     let conn = match open(login).await {
         Ok(c) => c,
         Err(e) if is_auth_failure(&e) => {
@@ -168,7 +188,10 @@ pub async fn log_in(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, 
             if !super::tenant::set_ops_password(admin, &login.name, &login.uid, &verifier).await? {
                 return Err(PgError::NoOpsRole(login.name.to_string()));
             }
-            open(login).await.map_err(|source| PgError::Connect { target: target.clone(), source })?
+            open(login).await.map_err(|source| PgError::Connect {
+                target: target.clone(),
+                source,
+            })?
         }
         Err(source) => return Err(PgError::Connect { target, source }),
     };
@@ -178,21 +201,36 @@ pub async fn log_in(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, 
 /// `SET ROLE <owner>; SET search_path TO <schema>` of `name`: quoted
 /// validated names.
 pub fn enter_sql(name: &TenantName) -> Result<String, PgError> {
-    Ok(format!("SET ROLE {}; SET search_path TO {}", quote_ident(&name.owner_role())?, quote_ident(&name.schema())?))
+    Ok(format!(
+        "SET ROLE {}; SET search_path TO {}",
+        quote_ident(&name.owner_role())?,
+        quote_ident(&name.schema())?
+    ))
 }
 
 /// [`connect`] for a process that holds the derived password but no admin
 /// (a backup or restore Job, given the password by the operator): a refused
 /// password is an error, not repaired.
 pub async fn connect_without_admin(login: &OpsLogin) -> Result<Confined, PgError> {
-    let target = format!("{}:{}/{} as {}", login.target.host, login.target.port, login.target.database, login.user());
-    let conn = open(login).await.map_err(|source| PgError::Connect { target, source })?;
+    let target = format!(
+        "{}:{}/{} as {}",
+        login.target.host,
+        login.target.port,
+        login.target.database,
+        login.user()
+    );
+    let conn = open(login)
+        .await
+        .map_err(|source| PgError::Connect { target, source })?;
     become_owner(Confined { conn }, login).await
 }
 
 async fn become_owner(mut conn: Confined, login: &OpsLogin) -> Result<Confined, PgError> {
     let sql = enter_sql(&login.name)?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(super::query_err("acting as the tenant's owner"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await
+        .map_err(super::query_err("acting as the tenant's owner"))?;
     Ok(conn)
 }
 

@@ -41,12 +41,18 @@ impl GatewayName {
         let ok = !name.is_empty()
             && name.len() <= 63
             && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !ok {
-            return Err(format!("gateway role {name:?} must be a lower-case identifier (a-z, 0-9, _) of at most 63 characters"));
+            return Err(format!(
+                "gateway role {name:?} must be a lower-case identifier (a-z, 0-9, _) of at most 63 characters"
+            ));
         }
         if name.starts_with("tenant_") || name.starts_with("pg_") {
-            return Err(format!("gateway role {name:?} may not start with tenant_ or pg_ (reserved for tenants' and Postgres's roles)"));
+            return Err(format!(
+                "gateway role {name:?} may not start with tenant_ or pg_ (reserved for tenants' and Postgres's roles)"
+            ));
         }
         Ok(Self(name.to_owned()))
     }
@@ -98,18 +104,30 @@ pub struct GatewayState {
 /// One converging step of the gateway.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GatewayAction {
-    Create { verifier: String },
-    StripElevated { superpowers: bool },
+    Create {
+        verifier: String,
+    },
+    StripElevated {
+        superpowers: bool,
+    },
     SetNoInherit,
     SetLogin,
     SetEmptySearchPath,
-    SetPassword { verifier: String },
-    RevokeMembershipIn { role: String },
-    RevokeMember { member: String },
+    SetPassword {
+        verifier: String,
+    },
+    RevokeMembershipIn {
+        role: String,
+    },
+    RevokeMember {
+        member: String,
+    },
     /// Revokes every privilege granted to the gateway in this database
     /// (`DROP OWNED BY`, after making the admin a member so it may), then
     /// gives back CONNECT.
-    RevokePrivileges { admin_is_member: bool },
+    RevokePrivileges {
+        admin_is_member: bool,
+    },
     GrantConnect,
 }
 
@@ -136,7 +154,11 @@ impl GatewayAction {
 pub enum GatewayError {
     #[error("role {role} already exists and was not created by this operator as the gateway of database {database} ({found}); \
              refusing to adopt it: pick another --gateway-role or remove it by hand")]
-    Conflict { role: String, database: String, found: String },
+    Conflict {
+        role: String,
+        database: String,
+        found: String,
+    },
     #[error(transparent)]
     Db(#[from] PgError),
 }
@@ -203,19 +225,34 @@ pub async fn observe(pool: &PgPool, gateway: &GatewayName) -> Result<(String, Op
 /// The actions that converge the gateway. `new_verifier` is the verifier of
 /// a password the Secret does not hold yet (a new gateway, or a Secret
 /// deleted by hand): it is set on the role.
-pub fn plan(gateway: &GatewayName, database: &str, observed: Option<&GatewayState>, new_verifier: Option<String>) -> Result<Vec<GatewayAction>, GatewayError> {
+pub fn plan(
+    gateway: &GatewayName,
+    database: &str,
+    observed: Option<&GatewayState>,
+    new_verifier: Option<String>,
+) -> Result<Vec<GatewayAction>, GatewayError> {
     let Some(g) = observed else {
         let verifier = new_verifier.unwrap_or_default();
         return Ok(vec![GatewayAction::Create { verifier }, GatewayAction::GrantConnect]);
     };
     let marker = gateway_marker(database);
     if g.comment.as_deref() != Some(marker.as_str()) {
-        let found = g.comment.as_ref().map(|c| format!("marked {c:?}")).unwrap_or_else(|| "no ownership marker".into());
-        return Err(GatewayError::Conflict { role: gateway.to_string(), database: database.to_owned(), found });
+        let found = g
+            .comment
+            .as_ref()
+            .map(|c| format!("marked {c:?}"))
+            .unwrap_or_else(|| "no ownership marker".into());
+        return Err(GatewayError::Conflict {
+            role: gateway.to_string(),
+            database: database.to_owned(),
+            found,
+        });
     }
     let mut actions = Vec::new();
     if g.elevated || g.superpowers {
-        actions.push(GatewayAction::StripElevated { superpowers: g.superpowers });
+        actions.push(GatewayAction::StripElevated {
+            superpowers: g.superpowers,
+        });
     }
     if g.inherit {
         actions.push(GatewayAction::SetNoInherit);
@@ -236,7 +273,9 @@ pub fn plan(gateway: &GatewayName, database: &str, observed: Option<&GatewayStat
         actions.push(GatewayAction::RevokeMember { member: member.clone() });
     }
     if g.foreign_privileges > 0 {
-        actions.push(GatewayAction::RevokePrivileges { admin_is_member: g.admin_is_member });
+        actions.push(GatewayAction::RevokePrivileges {
+            admin_is_member: g.admin_is_member,
+        });
     }
     if !g.database_connect && g.foreign_privileges == 0 {
         actions.push(GatewayAction::GrantConnect);
@@ -256,11 +295,15 @@ pub fn render(action: &GatewayAction, gateway: &GatewayName, database: &str) -> 
         ],
         // A CREATEROLE admin may not even name the superuser-only attributes.
         GatewayAction::StripElevated { superpowers: false } => vec![format!("ALTER ROLE {gw} NOCREATEDB NOCREATEROLE")],
-        GatewayAction::StripElevated { superpowers: true } => vec![format!("ALTER ROLE {gw} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")],
+        GatewayAction::StripElevated { superpowers: true } => vec![format!(
+            "ALTER ROLE {gw} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+        )],
         GatewayAction::SetNoInherit => vec![format!("ALTER ROLE {gw} NOINHERIT")],
         GatewayAction::SetLogin => vec![format!("ALTER ROLE {gw} LOGIN")],
         GatewayAction::SetEmptySearchPath => vec![format!("ALTER ROLE {gw} SET search_path TO ''")],
-        GatewayAction::SetPassword { verifier } => vec![format!("ALTER ROLE {gw} PASSWORD {}", quote_literal(verifier)?)],
+        GatewayAction::SetPassword { verifier } => {
+            vec![format!("ALTER ROLE {gw} PASSWORD {}", quote_literal(verifier)?)]
+        }
         GatewayAction::RevokeMembershipIn { role } => vec![format!("REVOKE {} FROM {gw}", quote_ident(role)?)],
         GatewayAction::RevokeMember { member } => vec![format!("REVOKE {gw} FROM {}", quote_ident(member)?)],
         GatewayAction::RevokePrivileges { admin_is_member } => {
@@ -287,25 +330,48 @@ pub struct GatewayOutcome {
 /// when something changed); writes nothing when it is converged.
 /// `password` is the one the Secret holds; `password_is_new` when the
 /// Secret did not hold it before (then it is set on the role).
-pub async fn converge(pool: &PgPool, gateway: &GatewayName, password: &str, password_is_new: bool) -> Result<GatewayOutcome, GatewayError> {
+pub async fn converge(
+    pool: &PgPool,
+    gateway: &GatewayName,
+    password: &str,
+    password_is_new: bool,
+) -> Result<GatewayOutcome, GatewayError> {
     let (database, observed) = observe(pool, gateway).await?;
     let verifier = (password_is_new || observed.is_none()).then(|| super::scram::verifier(password));
     let actions = plan(gateway, &database, observed.as_ref(), verifier)?;
     if actions.is_empty() {
         return Ok(GatewayOutcome { actions, statements: 0 });
     }
-    let mut tx = pool.begin().await.map_err(query_err("starting the gateway transaction"))?;
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_err("starting the gateway transaction"))?;
     let mut statements = 0;
     for action in &actions {
         for stmt in render(action, gateway, &database)? {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(|source| PgError::Query { action: action.label(), source })?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| PgError::Query {
+                    action: action.label(),
+                    source,
+                })?;
             statements += 1;
         }
     }
     let labels: Vec<&str> = actions.iter().map(GatewayAction::label).collect();
-    super::tenant::audit(&mut *tx, "gateway", None, "GatewayConverged", "tenant-operator", serde_json::json!({ "role": gateway.as_str(), "steps": labels }))
-        .await?;
-    tx.commit().await.map_err(query_err("committing the gateway's changes"))?;
+    super::tenant::audit(
+        &mut *tx,
+        "gateway",
+        None,
+        "GatewayConverged",
+        "tenant-operator",
+        serde_json::json!({ "role": gateway.as_str(), "steps": labels }),
+    )
+    .await?;
+    tx.commit()
+        .await
+        .map_err(query_err("committing the gateway's changes"))?;
     Ok(GatewayOutcome { actions, statements })
 }
 
@@ -341,7 +407,11 @@ fn audit_value(field: &'static str, value: &str) -> Result<String, BeginError> {
 /// application reads it once per cache period for all its tenants
 /// ([`begin_sql`] takes the values as literals), not once per request.
 pub fn caps_sql() -> String {
-    let copied = COPIED_SETTINGS.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    let copied = COPIED_SETTINGS
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "SELECT r.rolname::text, pg_catalog.split_part(kv, '=', 1), pg_catalog.substr(kv, pg_catalog.strpos(kv, '=') + 1) \
            FROM pg_catalog.pg_db_role_setting s JOIN pg_catalog.pg_roles r ON r.oid = s.setrole \
@@ -371,7 +441,12 @@ pub fn caps_sql() -> String {
 /// Only utility statements (`SET LOCAL`), no `SELECT`: nothing to plan,
 /// which is what keeps a tenant transaction's cost near a plain one's
 /// (`cargo bench --bench data_path`).
-pub fn begin_sql(tenant: &TenantName, actor: &str, request_id: &str, caps: &[(String, String)]) -> Result<String, BeginError> {
+pub fn begin_sql(
+    tenant: &TenantName,
+    actor: &str,
+    request_id: &str,
+    caps: &[(String, String)],
+) -> Result<String, BeginError> {
     let actor = audit_value("actor", actor)?;
     let request_id = audit_value("request_id", request_id)?;
     // Identifiers from a validated TenantName: [a-z0-9_] only.
@@ -383,7 +458,9 @@ pub fn begin_sql(tenant: &TenantName, actor: &str, request_id: &str, caps: &[(St
         tenant.as_str()
     );
     for (name, value) in caps {
-        let Some(name) = COPIED_SETTINGS.iter().find(|s| **s == name.as_str()) else { continue };
+        let Some(name) = COPIED_SETTINGS.iter().find(|s| **s == name.as_str()) else {
+            continue;
+        };
         if value.contains('\0') {
             return Err(BeginError::Nul { field: "setting" });
         }
@@ -438,7 +515,15 @@ mod tests {
     #[test]
     fn names_are_identifiers_and_never_a_tenants() {
         assert!(GatewayName::parse("tenancy_gateway").is_ok());
-        for bad in ["", "Gateway", "gw\"; DROP ROLE x", "tenant_a_app", "pg_read_all_data", "1gw", &"g".repeat(64)] {
+        for bad in [
+            "",
+            "Gateway",
+            "gw\"; DROP ROLE x",
+            "tenant_a_app",
+            "pg_read_all_data",
+            "1gw",
+            &"g".repeat(64),
+        ] {
             assert!(GatewayName::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -447,9 +532,18 @@ mod tests {
     fn a_converged_gateway_plans_nothing_and_a_new_one_is_created() {
         assert!(plan(&gw(), "saas", Some(&converged()), None).unwrap().is_empty());
         let a = plan(&gw(), "saas", None, Some("v".into())).unwrap();
-        assert_eq!(a, vec![GatewayAction::Create { verifier: "v".into() }, GatewayAction::GrantConnect]);
+        assert_eq!(
+            a,
+            vec![
+                GatewayAction::Create { verifier: "v".into() },
+                GatewayAction::GrantConnect
+            ]
+        );
         let sql = render(&a[0], &gw(), "saas").unwrap();
-        assert!(sql[0].starts_with("CREATE ROLE \"tenancy_gateway\" LOGIN NOINHERIT PASSWORD 'v'"), "{sql:?}");
+        assert!(
+            sql[0].starts_with("CREATE ROLE \"tenancy_gateway\" LOGIN NOINHERIT PASSWORD 'v'"),
+            "{sql:?}"
+        );
     }
 
     #[test]
@@ -470,13 +564,20 @@ mod tests {
                 GatewayAction::SetNoInherit,
                 GatewayAction::SetLogin,
                 GatewayAction::SetEmptySearchPath,
-                GatewayAction::RevokeMembershipIn { role: "pg_read_all_data".into() },
-                GatewayAction::RevokeMember { member: "mallory".into() },
+                GatewayAction::RevokeMembershipIn {
+                    role: "pg_read_all_data".into()
+                },
+                GatewayAction::RevokeMember {
+                    member: "mallory".into()
+                },
                 GatewayAction::RevokePrivileges { admin_is_member: false },
             ]
         );
         g.comment = Some(gateway_marker("other_db"));
-        assert!(matches!(plan(&gw(), "saas", Some(&g), None), Err(GatewayError::Conflict { .. })));
+        assert!(matches!(
+            plan(&gw(), "saas", Some(&g), None),
+            Err(GatewayError::Conflict { .. })
+        ));
     }
 
     #[test]
@@ -492,13 +593,22 @@ mod tests {
             sql.starts_with("SET LOCAL ROLE \"tenant_acme_eu_app\"; BEGIN; SET LOCAL search_path = \"tenant_acme_eu\"; SET LOCAL application_name = 'tenant:acme-eu'; "),
             "{sql}"
         );
-        assert!(sql.contains("SET LOCAL tenancy.actor = E'o''brien\\\\''; RESET ROLE; --';"), "{sql}");
+        assert!(
+            sql.contains("SET LOCAL tenancy.actor = E'o''brien\\\\''; RESET ROLE; --';"),
+            "{sql}"
+        );
         assert!(sql.contains("SET LOCAL statement_timeout = E'1500ms';"), "{sql}");
         assert!(sql.contains("SET LOCAL work_mem = E'8MB''; RESET ROLE; --';"), "{sql}");
-        assert!(!sql.contains("public"), "a setting outside COPIED_SETTINGS is ignored: {sql}");
+        assert!(
+            !sql.contains("public"),
+            "a setting outside COPIED_SETTINGS is ignored: {sql}"
+        );
         assert!(!sql.contains("SELECT"), "nothing to plan: {sql}");
         assert_eq!(begin_sql(&t, "a\0", "r", &[]), Err(BeginError::Nul { field: "actor" }));
-        assert_eq!(begin_sql(&t, "a", &"r".repeat(201), &[]), Err(BeginError::TooLong { field: "request_id" }));
+        assert_eq!(
+            begin_sql(&t, "a", &"r".repeat(201), &[]),
+            Err(BeginError::TooLong { field: "request_id" })
+        );
         assert!(caps_sql().contains("IN ('statement_timeout', 'idle_in_transaction_session_timeout', 'work_mem')"));
     }
 }

@@ -65,7 +65,13 @@ pub struct MigrationSql {
 impl MigrationSql {
     pub fn new(version: i64, name: impl Into<String>, sql: impl Into<String>, transactional: bool) -> Self {
         let sql = sql.into();
-        Self { version, name: name.into(), checksum: checksum(&sql), sql, transactional }
+        Self {
+            version,
+            name: name.into(),
+            checksum: checksum(&sql),
+            sql,
+            transactional,
+        }
     }
 }
 
@@ -104,7 +110,10 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { lock: Duration::from_secs(10), statement: Duration::from_secs(15 * 60) }
+        Self {
+            lock: Duration::from_secs(10),
+            statement: Duration::from_secs(15 * 60),
+        }
     }
 }
 
@@ -157,13 +166,22 @@ pub enum TenantOutcome {
     /// version added below the applied one): nothing was run.
     ChecksumMismatch { version: i64, detail: String },
     /// `version` failed; the schema stayed at `at`.
-    Failed { at: i64, version: i64, error: String, sqlstate: Option<String> },
+    Failed {
+        at: i64,
+        version: i64,
+        error: String,
+        sqlstate: Option<String>,
+    },
 }
 
 /// Reads the recorded migration state of many tenants in one query (of the
 /// control schema and the catalog; nothing inside a tenant schema).
-pub async fn observe_many(pool: &PgPool, names: &[TenantName]) -> Result<BTreeMap<TenantName, SchemaVersions>, PgError> {
-    let mut out: BTreeMap<TenantName, SchemaVersions> = names.iter().map(|n| (n.clone(), SchemaVersions::default())).collect();
+pub async fn observe_many(
+    pool: &PgPool,
+    names: &[TenantName],
+) -> Result<BTreeMap<TenantName, SchemaVersions>, PgError> {
+    let mut out: BTreeMap<TenantName, SchemaVersions> =
+        names.iter().map(|n| (n.clone(), SchemaVersions::default())).collect();
     if names.is_empty() {
         return Ok(out);
     }
@@ -179,11 +197,17 @@ pub async fn observe_many(pool: &PgPool, names: &[TenantName]) -> Result<BTreeMa
     .map_err(query_err("reading the tenants' schema versions"))?;
     let by_name: BTreeMap<&str, &TenantName> = names.iter().map(|n| (n.as_str(), n)).collect();
     for (tenant, exists, version, name, checksum) in rows {
-        let Some(n) = by_name.get(tenant.as_str()) else { continue };
+        let Some(n) = by_name.get(tenant.as_str()) else {
+            continue;
+        };
         let entry = out.entry((*n).clone()).or_default();
         entry.schema_exists = exists;
         if let (Some(version), Some(name), Some(checksum)) = (version, name, checksum) {
-            entry.applied.push(Applied { version, name, checksum });
+            entry.applied.push(Applied {
+                version,
+                name,
+                checksum,
+            });
         }
     }
     Ok(out)
@@ -199,21 +223,28 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<SchemaVersions,
 /// salt from `tenancy.tenants`, the password derived from `ring`'s active
 /// root key, the server from `pool`'s options. A registry row older than
 /// key salts gets its salt made here.
-pub async fn ops_logins(pool: &PgPool, ring: &Keyring, names: &[TenantName]) -> Result<BTreeMap<TenantName, OpsLogin>, PgError> {
+pub async fn ops_logins(
+    pool: &PgPool,
+    ring: &Keyring,
+    names: &[TenantName],
+) -> Result<BTreeMap<TenantName, OpsLogin>, PgError> {
     let mut out = BTreeMap::new();
     if names.is_empty() {
         return Ok(out);
     }
     let target = Target::of_pool(pool);
     let list: Vec<&str> = names.iter().map(TenantName::as_str).collect();
-    let rows: Vec<(String, String, Option<Vec<u8>>)> = sqlx::query_as("SELECT name, uid, key_salt FROM tenancy.tenants WHERE name = ANY($1)")
-        .bind(&list)
-        .fetch_all(pool)
-        .await
-        .map_err(query_err("reading the tenants' registry rows"))?;
+    let rows: Vec<(String, String, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT name, uid, key_salt FROM tenancy.tenants WHERE name = ANY($1)")
+            .bind(&list)
+            .fetch_all(pool)
+            .await
+            .map_err(query_err("reading the tenants' registry rows"))?;
     let by_name: BTreeMap<&str, &TenantName> = names.iter().map(|n| (n.as_str(), n)).collect();
     for (tenant, uid, salt) in rows {
-        let Some(n) = by_name.get(tenant.as_str()) else { continue };
+        let Some(n) = by_name.get(tenant.as_str()) else {
+            continue;
+        };
         let salt = match salt.and_then(|s| TenantSalt::from_bytes(&s).ok()) {
             Some(s) => s,
             None => match super::tenant::key_salt(pool, &uid).await? {
@@ -221,7 +252,10 @@ pub async fn ops_logins(pool: &PgPool, ring: &Keyring, names: &[TenantName]) -> 
                 None => continue,
             },
         };
-        let login = OpsLogin::derive(&target, n, &uid, ring, &salt).map_err(|source| PgError::OpsLogin { tenant: tenant.clone(), source })?;
+        let login = OpsLogin::derive(&target, n, &uid, ring, &salt).map_err(|source| PgError::OpsLogin {
+            tenant: tenant.clone(),
+            source,
+        })?;
         out.insert((*n).clone(), login);
     }
     Ok(out)
@@ -259,7 +293,16 @@ pub async fn failure_of(pool: &PgPool, tenant: &TenantName) -> Result<Option<Fai
 }
 
 fn record_from(r: (String, String, i64, i64, String, String, String, Option<String>)) -> FailureRecord {
-    FailureRecord { tenant: r.0, migration_set: r.1, set_generation: r.2, version: r.3, migration_name: r.4, reason: r.5, error: r.6, sqlstate: r.7 }
+    FailureRecord {
+        tenant: r.0,
+        migration_set: r.1,
+        set_generation: r.2,
+        version: r.3,
+        migration_name: r.4,
+        reason: r.5,
+        error: r.6,
+        sqlstate: r.7,
+    }
 }
 
 /// Removes a tenant's failure record (on success, and with the tenant).
@@ -298,7 +341,13 @@ enum Scope {
 /// clearing of an old failure and `COMMIT`, which releases the lock. A
 /// rollout's cost beside the migration itself is mostly these and the login
 /// (`cargo bench --bench migrations`, docs/migrations.md).
-pub async fn migrate_tenant(pool: &PgPool, login: &OpsLogin, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+pub async fn migrate_tenant(
+    pool: &PgPool,
+    login: &OpsLogin,
+    set: &SetRef,
+    migrations: &[MigrationSql],
+    timeouts: &Timeouts,
+) -> Result<TenantOutcome, PgError> {
     run_tenant(pool, login, set, migrations, timeouts, Scope::Pending).await
 }
 
@@ -306,17 +355,36 @@ pub async fn migrate_tenant(pool: &PgPool, login: &OpsLogin, set: &SetRef, migra
 /// them only if the schema's own table agrees (a record lost, or not yet
 /// written by an older operator, is re-synced instead, and the rollout's
 /// canaries keep deciding about the rest).
-pub async fn migrate_new_tenant(pool: &PgPool, login: &OpsLogin, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts) -> Result<TenantOutcome, PgError> {
+pub async fn migrate_new_tenant(
+    pool: &PgPool,
+    login: &OpsLogin,
+    set: &SetRef,
+    migrations: &[MigrationSql],
+    timeouts: &Timeouts,
+) -> Result<TenantOutcome, PgError> {
     run_tenant(pool, login, set, migrations, timeouts, Scope::FirstRun).await
 }
 
-async fn run_tenant(pool: &PgPool, login: &OpsLogin, set: &SetRef, migrations: &[MigrationSql], timeouts: &Timeouts, scope: Scope) -> Result<TenantOutcome, PgError> {
+async fn run_tenant(
+    pool: &PgPool,
+    login: &OpsLogin,
+    set: &SetRef,
+    migrations: &[MigrationSql],
+    timeouts: &Timeouts,
+    scope: Scope,
+) -> Result<TenantOutcome, PgError> {
     // The login first, holding no admin connection: a password reset
     // borrows one from `pool` (which may be as small as the rollout's).
     let mut session = confined::log_in(pool, login).await?;
     let result = async {
-        let mut conn: PoolConnection<Postgres> = pool.acquire().await.map_err(query_err("connecting to lock a tenant's migrations"))?;
-        let mut admin = Session { conn: &mut conn, clean: false };
+        let mut conn: PoolConnection<Postgres> = pool
+            .acquire()
+            .await
+            .map_err(query_err("connecting to lock a tenant's migrations"))?;
+        let mut admin = Session {
+            conn: &mut conn,
+            clean: false,
+        };
         let result = locked(admin.conn, &mut session, login, set, migrations, timeouts, scope).await;
         admin.clean = result.is_ok();
         result
@@ -370,24 +438,37 @@ async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<
     let rows = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *admin).await {
         Ok(rows) => rows,
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
-            sqlx::raw_sql("ROLLBACK").execute(&mut *admin).await.map_err(query_err("ending a refused migration lock"))?;
+            sqlx::raw_sql("ROLLBACK")
+                .execute(&mut *admin)
+                .await
+                .map_err(query_err("ending a refused migration lock"))?;
             return Ok(None);
         }
         Err(e) => return Err(query_err("taking the tenant's migration lock")(e)),
     };
     let decode = || -> Result<Locked, sqlx::Error> {
-        let mut locked = Locked { schema_exists: false, has_table: false, recorded: Vec::new() };
+        let mut locked = Locked {
+            schema_exists: false,
+            has_table: false,
+            recorded: Vec::new(),
+        };
         for r in &rows {
             if r.columns().len() == 2 {
                 locked.schema_exists = r.try_get(0)?;
                 locked.has_table = r.try_get(1)?;
             } else {
-                locked.recorded.push(Applied { version: r.try_get(0)?, name: r.try_get(1)?, checksum: r.try_get(2)? });
+                locked.recorded.push(Applied {
+                    version: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    checksum: r.try_get(2)?,
+                });
             }
         }
         Ok(locked)
     };
-    Ok(Some(decode().map_err(query_err("decoding the tenant's migration lock"))?))
+    Ok(Some(
+        decode().map_err(query_err("decoding the tenant's migration lock"))?,
+    ))
 }
 
 /// What the admin writes when the run ends, in the lock's transaction.
@@ -418,11 +499,25 @@ async fn locked(
         return Ok(TenantOutcome::Busy);
     };
     if !lock.schema_exists {
-        sqlx::raw_sql("ROLLBACK").execute(&mut *admin).await.map_err(query_err("releasing the tenant's migration lock"))?;
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *admin)
+            .await
+            .map_err(query_err("releasing the tenant's migration lock"))?;
         return Ok(TenantOutcome::NoSchema);
     }
     let mut record = Record::default();
-    let outcome = match run(session, login.tenant(), set, migrations, timeouts, scope, &lock, &mut record).await {
+    let outcome = match run(
+        session,
+        login.tenant(),
+        set,
+        migrations,
+        timeouts,
+        scope,
+        &lock,
+        &mut record,
+    )
+    .await
+    {
         Ok(o) => o,
         Err(e) => {
             // Nothing is recorded (the next run re-syncs), but what the
@@ -442,7 +537,10 @@ async fn locked(
         }
     };
     let sql = finish_sql(login, &lock.recorded, &record)?;
-    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *admin).await.map_err(query_err("recording the tenant's migrations"))?;
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&mut *admin)
+        .await
+        .map_err(query_err("recording the tenant's migrations"))?;
     revoke_ops_members(admin, login, &rows).await?;
     Ok(outcome)
 }
@@ -459,9 +557,18 @@ async fn revoke_ops_members(admin: &mut PgConnection, login: &OpsLogin, rows: &[
         return Ok(());
     }
     tracing::warn!(tenant = %login.tenant(), ?members, "a migration made roles members of the tenant's ops login; revoking");
-    let list = members.iter().map(|m| quote_ident(m)).collect::<Result<Vec<_>, _>>()?.join(", ");
+    let list = members
+        .iter()
+        .map(|m| quote_ident(m))
+        .collect::<Result<Vec<_>, _>>()?
+        .join(", ");
     let sql = format!("REVOKE {} FROM {list}", quote_ident(&login.user())?);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *admin).await.map_err(query_err("revoking the ops login from the roles a migration gave it to"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *admin)
+        .await
+        .map_err(query_err(
+            "revoking the ops login from the roles a migration gave it to",
+        ))?;
     Ok(())
 }
 
@@ -476,7 +583,11 @@ fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<Stri
     let mut sql = String::new();
     let mut rows: Vec<String> = Vec::new();
     if let Some(sync) = &r.sync {
-        let keep: Vec<String> = sync.iter().map(|a| a.version.to_string()).chain(r.applied.iter().map(|(a, _)| a.version.to_string())).collect();
+        let keep: Vec<String> = sync
+            .iter()
+            .map(|a| a.version.to_string())
+            .chain(r.applied.iter().map(|(a, _)| a.version.to_string()))
+            .collect();
         if recorded.iter().any(|a| !keep.contains(&a.version.to_string())) {
             sql.push_str(&format!("DELETE FROM tenancy.schema_versions WHERE tenant_uid = {uid} AND NOT (version = ANY (ARRAY[{}]::bigint[]));\n", keep.join(", ")));
         }
@@ -487,7 +598,12 @@ fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<Stri
         }
     }
     for (a, ms) in &r.applied {
-        rows.push(format!("({uid}, {}, {}, {}, {ms})", a.version, lit(&a.name)?, lit(&a.checksum)?));
+        rows.push(format!(
+            "({uid}, {}, {}, {}, {ms})",
+            a.version,
+            lit(&a.name)?,
+            lit(&a.checksum)?
+        ));
     }
     if !rows.is_empty() {
         sql.push_str(&format!(
@@ -517,7 +633,10 @@ fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<Stri
             lit(&f.error)?,
         ));
     } else if r.clear {
-        sql.push_str(&format!("DELETE FROM tenancy.migration_failures WHERE tenant_name = {};\n", lit(login.tenant().as_str())?));
+        sql.push_str(&format!(
+            "DELETE FROM tenancy.migration_failures WHERE tenant_name = {};\n",
+            lit(login.tenant().as_str())?
+        ));
     }
     if r.user_sql_ran {
         sql.push_str(&roles_reset_sql(login)?);
@@ -556,15 +675,25 @@ fn roles_reset_sql(login: &OpsLogin) -> Result<String, PgError> {
 /// Connection-level failures: the run is retried, nothing is recorded.
 fn is_connection_error(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") || c.starts_with("28")),
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") || c.starts_with("28")),
         _ => false,
     }
 }
 
 fn pg_error_parts(e: &sqlx::Error) -> (String, Option<String>) {
     match e {
-        sqlx::Error::Database(db) => (db.message().chars().take(MAX_ERROR).collect(), db.code().map(|c| c.into_owned())),
+        sqlx::Error::Database(db) => (
+            db.message().chars().take(MAX_ERROR).collect(),
+            db.code().map(|c| c.into_owned()),
+        ),
         other => (other.to_string().chars().take(MAX_ERROR).collect(), None),
     }
 }
@@ -641,7 +770,15 @@ fn short(sum: &str) -> &str {
 /// The version table's rows, lowest version first, from the rows of a
 /// simple-protocol query (text values).
 fn applied_from(rows: &[PgRow]) -> Result<Vec<Applied>, sqlx::Error> {
-    rows.iter().map(|r| Ok(Applied { version: r.try_get(0)?, name: r.try_get(1)?, checksum: r.try_get(2)? })).collect()
+    rows.iter()
+        .map(|r| {
+            Ok(Applied {
+                version: r.try_get(0)?,
+                name: r.try_get(1)?,
+                checksum: r.try_get(2)?,
+            })
+        })
+        .collect()
 }
 
 /// Runs the pending migrations on the confined session; gives the outcome
@@ -659,24 +796,37 @@ async fn run(
 ) -> Result<TenantOutcome, PgError> {
     let begin = begin_sql(name, timeouts)?;
     let table = version_table(name)?;
-    let create = if lock.has_table { String::new() } else { create_version_table_sql(name)? };
+    let create = if lock.has_table {
+        String::new()
+    } else {
+        create_version_table_sql(name)?
+    };
     // The first transaction reads the versions (under the lock, so no other
     // operator instance moves them meanwhile); it is the first migration's
     // transaction too when that one is transactional, and creates the
     // version table with it on a tenant's first run. An error here is not a
     // migration's: the run fails and the session is closed.
-    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{begin};\n{create}SELECT version, name, checksum FROM {table} ORDER BY version")))
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(query_err("reading the version table"))?;
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "{begin};\n{create}SELECT version, name, checksum FROM {table} ORDER BY version"
+    )))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_err("reading the version table"))?;
     let applied = applied_from(&rows).map_err(query_err("decoding the version table"))?;
     if applied != lock.recorded {
         record.sync = Some(applied.clone());
     }
     let from = applied.iter().map(|a| a.version).max().unwrap_or(0);
     if let Some((version, detail)) = find_mismatch(&applied, migrations) {
-        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
-        let migration_name = migrations.iter().find(|m| m.version == version).map(|m| m.name.clone()).unwrap_or_default();
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *conn)
+            .await
+            .map_err(query_err("ending the version check"))?;
+        let migration_name = migrations
+            .iter()
+            .find(|m| m.version == version)
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         record.failure = Some(FailureRecord {
             tenant: name.as_str().to_owned(),
             migration_set: set.name.clone(),
@@ -690,14 +840,28 @@ async fn run(
         return Ok(TenantOutcome::ChecksumMismatch { version, detail });
     }
     if scope == Scope::FirstRun && !applied.is_empty() {
-        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
-        return Ok(TenantOutcome::Migrated { from, to: from, applied: Vec::new() });
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *conn)
+            .await
+            .map_err(query_err("ending the version check"))?;
+        return Ok(TenantOutcome::Migrated {
+            from,
+            to: from,
+            applied: Vec::new(),
+        });
     }
     let pending: Vec<&MigrationSql> = migrations.iter().filter(|m| m.version > from).collect();
     if pending.is_empty() {
-        sqlx::raw_sql("COMMIT").execute(&mut *conn).await.map_err(query_err("ending the version check"))?;
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .map_err(query_err("ending the version check"))?;
         record.clear = true;
-        return Ok(TenantOutcome::Migrated { from, to: from, applied: Vec::new() });
+        return Ok(TenantOutcome::Migrated {
+            from,
+            to: from,
+            applied: Vec::new(),
+        });
     }
     let mut at = from;
     let mut in_tx = true;
@@ -718,7 +882,14 @@ async fn run(
         match step {
             Ok(ms) => {
                 at = m.version;
-                record.applied.push((Applied { version: m.version, name: m.name.clone(), checksum: m.checksum.clone() }, ms));
+                record.applied.push((
+                    Applied {
+                        version: m.version,
+                        name: m.name.clone(),
+                        checksum: m.checksum.clone(),
+                    },
+                    ms,
+                ));
             }
             Err(e) => {
                 let (error, sqlstate) = pg_error_parts(&e);
@@ -732,13 +903,22 @@ async fn run(
                     error: error.clone(),
                     sqlstate: sqlstate.clone(),
                 });
-                return Ok(TenantOutcome::Failed { at, version: m.version, error, sqlstate });
+                return Ok(TenantOutcome::Failed {
+                    at,
+                    version: m.version,
+                    error,
+                    sqlstate,
+                });
             }
         }
     }
     record.clear = true;
     let done = record.applied.iter().map(|(a, _)| a.version).collect();
-    Ok(TenantOutcome::Migrated { from, to: at, applied: done })
+    Ok(TenantOutcome::Migrated {
+        from,
+        to: at,
+        applied: done,
+    })
 }
 
 /// The tenant's version table, schema-qualified.
@@ -778,11 +958,18 @@ fn record_sql(name: &TenantName, m: &MigrationSql, audit: &[String], ms: i64) ->
 /// created, its version record and `COMMIT`. The outer `Result` is a
 /// failure around the migration (the connection); the inner one is the
 /// migration's own outcome (its duration in ms), rolled back on error.
-async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, prefix: &str) -> Result<Result<i64, sqlx::Error>, PgError> {
+async fn apply_in_transaction(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    m: &MigrationSql,
+    prefix: &str,
+) -> Result<Result<i64, sqlx::Error>, PgError> {
     let result: Result<i64, sqlx::Error> = async {
         let start = Instant::now();
         // The MigrationSet's SQL, by design: its author decides the schema.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{prefix}{}", m.sql))).execute(&mut *conn).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{prefix}{}", m.sql)))
+            .execute(&mut *conn)
+            .await?;
         let ms = start.elapsed().as_millis() as i64;
         // Audit triggers on the tables it created, committed with them (docs/audit.md).
         let audit = super::audit::statements_in_tx(conn, name).await?;
@@ -793,12 +980,18 @@ async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &Mi
     .await;
     match result {
         Ok(ms) => Ok(Ok(ms)),
-        Err(e) if is_connection_error(&e) => Err(PgError::Query { action: "running a migration", source: e }),
+        Err(e) if is_connection_error(&e) => Err(PgError::Query {
+            action: "running a migration",
+            source: e,
+        }),
         Err(e) => {
             // The migration's SQL, the audit DDL, the version record or a
             // deferred constraint at COMMIT failed: roll back (a no-op with a
             // warning when the failed COMMIT already did).
-            sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.map_err(query_err("rolling back a failed migration"))?;
+            sqlx::raw_sql("ROLLBACK")
+                .execute(&mut *conn)
+                .await
+                .map_err(query_err("rolling back a failed migration"))?;
             Ok(Err(e))
         }
     }
@@ -808,21 +1001,37 @@ async fn apply_in_transaction(conn: &mut PgConnection, name: &TenantName, m: &Mi
 /// end of the version check's transaction when it is still open; role,
 /// search_path and timeouts set for the session, which is closed after the
 /// run), then records its version in a transaction of its own (`begin`).
-async fn apply_outside_transaction(conn: &mut PgConnection, name: &TenantName, m: &MigrationSql, commit: &str, begin: &str, t: &Timeouts) -> Result<Result<i64, sqlx::Error>, PgError> {
+async fn apply_outside_transaction(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    m: &MigrationSql,
+    commit: &str,
+    begin: &str,
+    t: &Timeouts,
+) -> Result<Result<i64, sqlx::Error>, PgError> {
     let setup = format!(
         "{commit}{}; SET lock_timeout = '{}'; SET statement_timeout = '{}'",
         confined::enter_sql(name)?,
         Timeouts::ms(t.lock),
         Timeouts::ms(t.statement)
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut *conn).await.map_err(query_err("setting the migration's role"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("setting the migration's role"))?;
     let start = Instant::now();
     // Alone in its message: a multi-statement message is one transaction.
-    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone())).execute(&mut *conn).await.map(|_| ());
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone()))
+        .execute(&mut *conn)
+        .await
+        .map(|_| ());
     let ms = start.elapsed().as_millis() as i64;
     if let Err(e) = result {
         if is_connection_error(&e) {
-            return Err(PgError::Query { action: "running a migration", source: e });
+            return Err(PgError::Query {
+                action: "running a migration",
+                source: e,
+            });
         }
         return Ok(Err(e));
     }
@@ -830,8 +1039,13 @@ async fn apply_outside_transaction(conn: &mut PgConnection, name: &TenantName, m
     // of tables the migration created, as in the transactional case. An
     // error here is not the migration's: the run fails (the session is
     // closed, rolling it back).
-    sqlx::raw_sql(sqlx::AssertSqlSafe(begin.to_owned())).execute(&mut *conn).await.map_err(query_err("starting the version record"))?;
-    let audit = super::audit::statements_in_tx(conn, name).await.map_err(query_err("auditing the migration's tables"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(begin.to_owned()))
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("starting the version record"))?;
+    let audit = super::audit::statements_in_tx(conn, name)
+        .await
+        .map_err(query_err("auditing the migration's tables"))?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(record_sql(name, m, &audit, ms)?))
         .execute(&mut *conn)
         .await
@@ -848,13 +1062,23 @@ mod tests {
     }
 
     fn a(v: i64, sql: &str) -> Applied {
-        Applied { version: v, name: format!("m{v}"), checksum: checksum(sql) }
+        Applied {
+            version: v,
+            name: format!("m{v}"),
+            checksum: checksum(sql),
+        }
     }
 
     #[test]
     fn checksum_is_sha256_hex() {
-        assert_eq!(checksum(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-        assert_eq!(checksum("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            checksum(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            checksum("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

@@ -71,7 +71,13 @@ impl PgError {
         match self {
             PgError::Connect { .. } | PgError::RestoreRunning(_) | PgError::NoOpsRole(_) => true,
             PgError::Query { source, .. } => is_transient_sqlx(source),
-            PgError::Migrate(_) | PgError::BadUrl(_) | PgError::MissingPrivilege { .. } | PgError::NulInIdentifier | PgError::OpsLogin { .. } | PgError::Keys(_) | PgError::Audit { .. } => false,
+            PgError::Migrate(_)
+            | PgError::BadUrl(_)
+            | PgError::MissingPrivilege { .. }
+            | PgError::NulInIdentifier
+            | PgError::OpsLogin { .. }
+            | PgError::Keys(_)
+            | PgError::Audit { .. } => false,
         }
     }
 }
@@ -97,7 +103,10 @@ impl PgError {
             PgError::Connect { source, .. } | PgError::Query { source, .. } | PgError::BadUrl(source) => source,
             _ => return None,
         };
-        source.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned())
+        source
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned())
     }
 
     /// The error in words, with its SQLSTATE when Postgres gave one.
@@ -112,7 +121,11 @@ impl PgError {
 /// See [`PgError::is_unreachable`].
 pub fn is_unreachable_sqlx(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             // 08: connection exception, 28: invalid authorization (the admin
             // cannot log in), 53300: too many connections, 57P01-57P03: admin
@@ -139,7 +152,11 @@ SELECT 1 FROM tenancy.locks WHERE kind = 'database-acl' AND key = current_databa
 /// syntax errors are not.
 pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => match db.code() {
             // 08: connection exception, 40: transaction rollback (serialization,
             // deadlock), 53: insufficient resources, 55P03: lock not available,
@@ -196,7 +213,11 @@ pub struct Target {
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target").field("host", &self.host).field("port", &self.port).field("database", &self.database).finish_non_exhaustive()
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
     }
 }
 
@@ -257,14 +278,23 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target)
     // clear message instead of surfacing later as reconcile errors.
     let mut conn = tokio::time::timeout(Duration::from_secs(10), opts.connect())
         .await
-        .map_err(|_| PgError::Connect { target: describe(&target), source: sqlx::Error::PoolTimedOut })?
-        .map_err(|source| PgError::Connect { target: describe(&target), source })?;
+        .map_err(|_| PgError::Connect {
+            target: describe(&target),
+            source: sqlx::Error::PoolTimedOut,
+        })?
+        .map_err(|source| PgError::Connect {
+            target: describe(&target),
+            source,
+        })?;
     let scs: String = sqlx::query_scalar("SHOW standard_conforming_strings")
         .fetch_one(&mut conn)
         .await
         .map_err(query_err("reading standard_conforming_strings"))?;
     if scs != "on" {
-        return Err(PgError::MissingPrivilege { role: opts.get_username().to_owned(), what: "standard_conforming_strings = on".into() });
+        return Err(PgError::MissingPrivilege {
+            role: opts.get_username().to_owned(),
+            what: "standard_conforming_strings = on".into(),
+        });
     }
     let _ = conn.close().await;
     Ok((pool, target))
@@ -306,13 +336,22 @@ pub async fn migrate_control_schema(pool: &PgPool) -> Result<(), PgError> {
     let target = Target::from_options(opts.clone());
     let mut lock = tokio::time::timeout(Duration::from_secs(10), opts.connect())
         .await
-        .map_err(|_| PgError::Connect { target: describe(&target), source: sqlx::Error::PoolTimedOut })?
-        .map_err(|source| PgError::Connect { target: describe(&target), source })?;
+        .map_err(|_| PgError::Connect {
+            target: describe(&target),
+            source: sqlx::Error::PoolTimedOut,
+        })?
+        .map_err(|source| PgError::Connect {
+            target: describe(&target),
+            source,
+        })?;
     let result = migrate_locked(pool, &mut lock).await;
     // Ends the lock's transaction (rolled back with the connection if the
     // migrator failed).
     if result.is_ok() {
-        sqlx::raw_sql("COMMIT").execute(&mut lock).await.map_err(query_err("releasing the start-up lock"))?;
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut lock)
+            .await
+            .map_err(query_err("releasing the start-up lock"))?;
     }
     let _ = lock.close().await;
     result
@@ -322,7 +361,9 @@ async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<
     for attempt in 1.. {
         match sqlx::raw_sql(BOOTSTRAP_SQL).execute(&mut *lock).await {
             Ok(_) => break,
-            Err(e) if attempt < 10 && is_catalog_race(&e) => tokio::time::sleep(Duration::from_millis(20 * attempt)).await,
+            Err(e) if attempt < 10 && is_catalog_race(&e) => {
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await
+            }
             Err(e) => return Err(query_err("creating the control schema")(e)),
         }
     }
@@ -333,11 +374,17 @@ async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<
         kind = STARTUP_LOCK.0,
         key = STARTUP_LOCK.1
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *lock).await.map_err(query_err("taking the start-up lock"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *lock)
+        .await
+        .map_err(query_err("taking the start-up lock"))?;
     let mut conn = pool.acquire().await.map_err(query_err("connecting to migrate"))?;
     // The migrator keeps its bookkeeping table in the first schema of the
     // search path; point it at the control schema, not `public`.
-    sqlx::query("SET search_path TO tenancy").execute(&mut *conn).await.map_err(query_err("setting search_path"))?;
+    sqlx::query("SET search_path TO tenancy")
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("setting search_path"))?;
     let mut migrator = sqlx::migrate::Migrator::with_migrations(MIGRATOR.iter().cloned().collect());
     migrator.set_locking(false);
     let result = migrator.run(&mut *conn).await.map_err(PgError::Migrate);
@@ -370,7 +417,13 @@ pub async fn admin_facts(pool: &PgPool) -> Result<AdminFacts, PgError> {
     .fetch_one(pool)
     .await
     .map_err(query_err("reading the admin role's attributes"))?;
-    Ok(AdminFacts { role: row.0, superuser: row.1, createrole: row.2, signal_backend: row.3, owns_database: row.4 })
+    Ok(AdminFacts {
+        role: row.0,
+        superuser: row.1,
+        createrole: row.2,
+        signal_backend: row.3,
+        owns_database: row.4,
+    })
 }
 
 impl AdminFacts {
@@ -378,10 +431,16 @@ impl AdminFacts {
     /// is not (managed Postgres services do not give it).
     pub fn require(&self) -> Result<(), PgError> {
         if !self.superuser && !self.createrole {
-            return Err(PgError::MissingPrivilege { role: self.role.clone(), what: "CREATEROLE".into() });
+            return Err(PgError::MissingPrivilege {
+                role: self.role.clone(),
+                what: "CREATEROLE".into(),
+            });
         }
         if !self.superuser && !self.signal_backend {
-            return Err(PgError::MissingPrivilege { role: self.role.clone(), what: "membership in pg_signal_backend".into() });
+            return Err(PgError::MissingPrivilege {
+                role: self.role.clone(),
+                what: "membership in pg_signal_backend".into(),
+            });
         }
         Ok(())
     }
@@ -400,7 +459,10 @@ pub async fn harden_database(pool: &PgPool, facts: &AdminFacts) -> Result<Vec<St
         ));
         return Ok(warnings);
     }
-    let db: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(pool).await.map_err(query_err("reading the database name"))?;
+    let db: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .map_err(query_err("reading the database name"))?;
     let db = quote_ident(&db)?;
     // Each tenant's app role gets CONNECT explicitly; nobody else needs to
     // connect by default, create temporary tables, or use schema public.
@@ -419,9 +481,15 @@ pub async fn harden_database(pool: &PgPool, facts: &AdminFacts) -> Result<Vec<St
         if needed {
             let mut tx = pool.begin().await.map_err(query_err("starting a transaction"))?;
             if !stmt.contains("SCHEMA public") {
-                sqlx::raw_sql(LOCK_DATABASE_ACL).execute(&mut *tx).await.map_err(query_err("locking the database's ACL"))?;
+                sqlx::raw_sql(LOCK_DATABASE_ACL)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err("locking the database's ACL"))?;
             }
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(query_err("revoking PUBLIC's privileges"))?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("revoking PUBLIC's privileges"))?;
             tx.commit().await.map_err(query_err("committing the revoke"))?;
         }
     }
@@ -436,22 +504,39 @@ mod tests {
     fn quote_ident_wraps_and_doubles_quotes() {
         assert_eq!(quote_ident("tenant_acme").unwrap(), "\"tenant_acme\"");
         assert_eq!(quote_ident("select").unwrap(), "\"select\"");
-        assert_eq!(quote_ident("a\"; DROP SCHEMA x; --").unwrap(), "\"a\"\"; DROP SCHEMA x; --\"");
+        assert_eq!(
+            quote_ident("a\"; DROP SCHEMA x; --").unwrap(),
+            "\"a\"\"; DROP SCHEMA x; --\""
+        );
         assert_eq!(quote_ident("ünï").unwrap(), "\"ünï\"");
         assert!(quote_ident("a\0b").is_err());
     }
 
     #[test]
     fn only_connection_failures_count_as_unreachable() {
-        let q = |source| PgError::Query { action: "granting CONNECT on the database", source };
-        let io = q(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused")));
+        let q = |source| PgError::Query {
+            action: "granting CONNECT on the database",
+            source,
+        };
+        let io = q(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        )));
         assert!(io.is_unreachable() && io.is_transient());
         assert!(q(sqlx::Error::PoolTimedOut).is_unreachable());
-        assert!(PgError::Connect { target: "db:5432/x".into(), source: sqlx::Error::PoolClosed }.is_unreachable());
+        assert!(PgError::Connect {
+            target: "db:5432/x".into(),
+            source: sqlx::Error::PoolClosed
+        }
+        .is_unreachable());
         // Not reaching Postgres at all: no SQLSTATE to show.
         assert_eq!(io.sqlstate(), None);
         assert!(!PgError::RestoreRunning("acme".into()).is_unreachable());
-        assert!(!PgError::MissingPrivilege { role: "a".into(), what: "b".into() }.is_unreachable());
+        assert!(!PgError::MissingPrivilege {
+            role: "a".into(),
+            what: "b".into()
+        }
+        .is_unreachable());
     }
 
     /// A Postgres error with a SQLSTATE, as the server would send it.
@@ -489,13 +574,27 @@ mod tests {
 
     #[test]
     fn a_postgres_answer_is_an_error_with_its_sqlstate_not_an_unreachable_postgres() {
-        let q = |code, msg| PgError::Query { action: "granting CONNECT on the database", source: sqlx::Error::Database(Box::new(Db(code, msg))) };
+        let q = |code, msg| PgError::Query {
+            action: "granting CONNECT on the database",
+            source: sqlx::Error::Database(Box::new(Db(code, msg))),
+        };
         // The concurrent GRANT CONNECT of issue 14: an error, retried.
         let race = q("XX000", "tuple concurrently updated");
         assert!(!race.is_unreachable() && race.is_transient());
         assert_eq!(race.sqlstate().as_deref(), Some("XX000"));
-        assert!(race.describe().contains("tuple concurrently updated") && race.describe().ends_with("(SQLSTATE XX000)"), "{}", race.describe());
-        for (code, transient) in [("40001", true), ("40P01", true), ("55P03", true), ("42501", false), ("42601", false), ("23514", false)] {
+        assert!(
+            race.describe().contains("tuple concurrently updated") && race.describe().ends_with("(SQLSTATE XX000)"),
+            "{}",
+            race.describe()
+        );
+        for (code, transient) in [
+            ("40001", true),
+            ("40P01", true),
+            ("55P03", true),
+            ("42501", false),
+            ("42601", false),
+            ("23514", false),
+        ] {
             let e = q(code, "x");
             assert!(!e.is_unreachable(), "{code} counted as unreachable");
             assert_eq!(e.is_transient(), transient, "{code}");

@@ -15,7 +15,11 @@ pub const ITERATIONS: u32 = 4096;
 /// A new random password: 32 alphanumeric characters (about 190 bits), which
 /// needs no SASLprep and no quoting in a URI.
 pub fn generate_password() -> String {
-    rand::rng().sample_iter(&Alphanumeric).take(32).map(char::from).collect()
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
 }
 
 /// The verifier Postgres stores for `password`, with a random 16-byte salt.

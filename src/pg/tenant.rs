@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{query_err, quote_ident, quote_literal, PgError};
-use crate::sensitive::SecretString;
 use crate::names::TenantName;
+use crate::sensitive::SecretString;
 
 /// Sessions the ops login may hold at once: a migration, a backup, a
 /// restore and an audit read of the same tenant.
@@ -20,7 +20,13 @@ pub const OPS_CONNECTION_LIMIT: i32 = 4;
 
 /// The role settings the operator manages on the app role; any other setting
 /// found there is left alone.
-pub const MANAGED_SETTINGS: [&str; 5] = ["search_path", "statement_timeout", "idle_in_transaction_session_timeout", "work_mem", "temp_file_limit"];
+pub const MANAGED_SETTINGS: [&str; 5] = [
+    "search_path",
+    "statement_timeout",
+    "idle_in_transaction_session_timeout",
+    "work_mem",
+    "temp_file_limit",
+];
 
 /// A role as the catalog shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -110,7 +116,10 @@ pub fn ownership_marker(uid: &str) -> String {
 pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, PgError> {
     let schema = name.schema();
     let (owner, app, ops) = (name.owner_role(), name.app_role(), name.ops_role());
-    let mut conn = pool.acquire().await.map_err(query_err("connecting to read the catalog"))?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(query_err("connecting to read the catalog"))?;
 
     let schema_state = sqlx::query(
         "SELECT pg_get_userbyid(n.nspowner)::text AS owner,
@@ -242,7 +251,12 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
     .fetch_optional(&mut *conn)
     .await
     .map_err(query_err("reading the tenant registry"))?
-    .map(|(uid, name, schema, state)| RegistryRow { uid, name, schema, state });
+    .map(|(uid, name, schema, state)| RegistryRow {
+        uid,
+        name,
+        schema,
+        state,
+    });
 
     let (app_sessions, can_set_temp_file_limit): (i64, bool) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM pg_stat_activity WHERE usename = $1),
@@ -253,7 +267,16 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
     .await
     .map_err(query_err("counting the app role's sessions"))?;
 
-    Ok(CatalogState { schema: schema_state, owner_role, app_role, ops_role, privileges, registry, app_sessions, can_set_temp_file_limit })
+    Ok(CatalogState {
+        schema: schema_state,
+        owner_role,
+        app_role,
+        ops_role,
+        privileges,
+        registry,
+        app_sessions,
+        can_set_temp_file_limit,
+    })
 }
 
 /// One converging step. The plan builds a list of these; [`render`] turns
@@ -268,13 +291,26 @@ pub enum DbAction {
     GrantAppToAdmin,
     /// The gateway login ([`super::gateway`]) may `SET ROLE` to the app role
     /// of an Active tenant; revoked (as a foreign member) when it is not.
-    GrantAppToGateway { gateway: String },
-    CreateAppRole { verifier: SecretString, login: bool, connection_limit: i32 },
+    GrantAppToGateway {
+        gateway: String,
+    },
+    CreateAppRole {
+        verifier: SecretString,
+        login: bool,
+        connection_limit: i32,
+    },
     CreateSchema,
     GrantSchemaUsage,
-    RevokeSchemaFrom { grantee: String },
-    RevokeMembership { role: Role, member: String },
-    RevokeAppMembershipIn { role: String },
+    RevokeSchemaFrom {
+        grantee: String,
+    },
+    RevokeMembership {
+        role: Role,
+        member: String,
+    },
+    RevokeAppMembershipIn {
+        role: String,
+    },
     GrantExistingObjects,
     /// The app role may read but never write the operator's own tables in
     /// its schema (`_tenancy_*`), whatever a schema-wide grant gave it.
@@ -283,9 +319,16 @@ pub enum DbAction {
     GrantConnect,
     SetLogin(bool),
     SetConnectionLimit(i32),
-    SetSetting { name: &'static str, value: String },
-    ResetSetting { name: &'static str },
-    SetPassword { verifier: SecretString },
+    SetSetting {
+        name: &'static str,
+        value: String,
+    },
+    ResetSetting {
+        name: &'static str,
+    },
+    SetPassword {
+        verifier: SecretString,
+    },
     StripElevatedAttributes(Role),
     /// The ops login, created without a password: the first confined
     /// connection sets the derived one ([`super::confined`]).
@@ -296,7 +339,9 @@ pub enum DbAction {
     /// holds no privilege at all.
     SetOpsNoInherit,
     SetOpsLogin,
-    RevokeOpsMembershipIn { role: String },
+    RevokeOpsMembershipIn {
+        role: String,
+    },
 }
 
 /// Which of the tenant's two roles an action is about.
@@ -485,7 +530,12 @@ pub async fn apply(
     let mut tx = pool.begin().await.map_err(query_err("starting a transaction"))?;
     // Letting the app role log in must not race a restore that just locked
     // it out: the shared restore lock, held to commit, orders the two.
-    let enables_login = actions.iter().any(|a| matches!(a, DbAction::SetLogin(true) | DbAction::CreateAppRole { login: true, .. }));
+    let enables_login = actions.iter().any(|a| {
+        matches!(
+            a,
+            DbAction::SetLogin(true) | DbAction::CreateAppRole { login: true, .. }
+        )
+    });
     if enables_login && !super::backup::guard_against_restore(&mut tx, name, uid).await? {
         return Err(PgError::RestoreRunning(name.to_string()));
     }
@@ -496,10 +546,17 @@ pub async fn apply(
     let mut count = 0;
     // The database ACL change goes last: the lock it takes is held to
     // commit, so concurrent provisionings wait on each other only that long.
-    let (acl, rest): (Vec<&DbAction>, Vec<&DbAction>) = actions.iter().partition(|a| matches!(a, DbAction::GrantConnect));
+    let (acl, rest): (Vec<&DbAction>, Vec<&DbAction>) =
+        actions.iter().partition(|a| matches!(a, DbAction::GrantConnect));
     for action in rest {
         for stmt in render(action, name, uid, &db)? {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(|source| PgError::Query { action: action.label(), source })?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| PgError::Query {
+                    action: action.label(),
+                    source,
+                })?;
             count += 1;
         }
     }
@@ -509,15 +566,28 @@ pub async fn apply(
     }
     for action in acl {
         for stmt in render(action, name, uid, &db)? {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt)).execute(&mut *tx).await.map_err(|source| PgError::Query { action: action.label(), source })?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| PgError::Query {
+                    action: action.label(),
+                    source,
+                })?;
             count += 1;
         }
     }
-    tx.commit().await.map_err(query_err("committing the tenant's changes"))?;
+    tx.commit()
+        .await
+        .map_err(query_err("committing the tenant's changes"))?;
     Ok(count)
 }
 
-async fn write_registry(tx: &mut Transaction<'_, Postgres>, name: &TenantName, w: &RegistryWrite, actions: &[DbAction]) -> Result<(), PgError> {
+async fn write_registry(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &TenantName,
+    w: &RegistryWrite,
+    actions: &[DbAction],
+) -> Result<(), PgError> {
     sqlx::query(
         "INSERT INTO tenancy.tenants (uid, name, schema_name, state, key_salt) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (uid) DO UPDATE SET state = EXCLUDED.state, updated_at = now()
@@ -533,7 +603,15 @@ async fn write_registry(tx: &mut Transaction<'_, Postgres>, name: &TenantName, w
     .await
     .map_err(query_err("writing the tenant registry"))?;
     let labels: Vec<&str> = actions.iter().map(DbAction::label).collect();
-    audit(&mut **tx, &w.uid, Some(name.as_str()), w.audit_action, &w.actor, serde_json::json!({ "steps": labels })).await
+    audit(
+        &mut **tx,
+        &w.uid,
+        Some(name.as_str()),
+        w.audit_action,
+        &w.actor,
+        serde_json::json!({ "steps": labels }),
+    )
+    .await
 }
 
 /// Appends one row to the operator's audit log.
@@ -545,15 +623,17 @@ pub async fn audit<'e, E: sqlx::PgExecutor<'e>>(
     actor: &str,
     detail: serde_json::Value,
 ) -> Result<(), PgError> {
-    sqlx::query("INSERT INTO tenancy.audit_log (tenant_uid, tenant_name, action, actor, detail) VALUES ($1, $2, $3, $4, $5)")
-        .bind(uid)
-        .bind(name)
-        .bind(action)
-        .bind(actor)
-        .bind(sqlx::types::Json(detail))
-        .execute(exec)
-        .await
-        .map_err(query_err("writing the audit log"))?;
+    sqlx::query(
+        "INSERT INTO tenancy.audit_log (tenant_uid, tenant_name, action, actor, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(uid)
+    .bind(name)
+    .bind(action)
+    .bind(actor)
+    .bind(sqlx::types::Json(detail))
+    .execute(exec)
+    .await
+    .map_err(query_err("writing the audit log"))?;
     Ok(())
 }
 
@@ -570,7 +650,10 @@ pub async fn key_salt(pool: &PgPool, uid: &str) -> Result<Option<crate::crypto::
     .map_err(query_err("reading the tenant's key salt"))?;
     salt.map(|s| crate::crypto::TenantSalt::from_bytes(&s))
         .transpose()
-        .map_err(|_| PgError::MissingPrivilege { role: "registry".into(), what: "a 32-byte key salt".into() })
+        .map_err(|_| PgError::MissingPrivilege {
+            role: "registry".into(),
+            what: "a 32-byte key salt".into(),
+        })
 }
 
 /// The tenant's salt without creating one (for reading envelopes).
@@ -580,7 +663,9 @@ pub async fn existing_key_salt(pool: &PgPool, uid: &str) -> Result<Option<crate:
         .fetch_optional(pool)
         .await
         .map_err(query_err("reading the tenant's key salt"))?;
-    Ok(salt.flatten().and_then(|s| crate::crypto::TenantSalt::from_bytes(&s).ok()))
+    Ok(salt
+        .flatten()
+        .and_then(|s| crate::crypto::TenantSalt::from_bytes(&s).ok()))
 }
 
 /// Records the root key version of the tenant's sealed data; writes only
@@ -597,10 +682,11 @@ pub async fn set_key_version(pool: &PgPool, uid: &str, version: Option<u32>) -> 
 
 /// Root key versions some tenant's sealed data still uses.
 pub async fn key_versions_in_use(pool: &PgPool) -> Result<Vec<u32>, PgError> {
-    let v: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT key_version FROM tenancy.tenants WHERE key_version IS NOT NULL ORDER BY 1")
-        .fetch_all(pool)
-        .await
-        .map_err(query_err("reading the key versions in use"))?;
+    let v: Vec<i32> =
+        sqlx::query_scalar("SELECT DISTINCT key_version FROM tenancy.tenants WHERE key_version IS NOT NULL ORDER BY 1")
+            .fetch_all(pool)
+            .await
+            .map_err(query_err("reading the key versions in use"))?;
     Ok(v.into_iter().filter_map(|x| u32::try_from(x).ok()).collect())
 }
 
@@ -653,16 +739,24 @@ pub async fn terminate_ops_sessions(pool: &PgPool, name: &TenantName) -> Result<
 /// derived password), only on a role carrying this tenant's marker.
 /// Returns false when there is no such role.
 pub async fn set_ops_password(pool: &PgPool, name: &TenantName, uid: &str, verifier: &str) -> Result<bool, PgError> {
-    let marker: Option<Option<String>> = sqlx::query_scalar("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1")
-        .bind(name.ops_role())
-        .fetch_optional(pool)
-        .await
-        .map_err(query_err("reading the ops role"))?;
+    let marker: Option<Option<String>> =
+        sqlx::query_scalar("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1")
+            .bind(name.ops_role())
+            .fetch_optional(pool)
+            .await
+            .map_err(query_err("reading the ops role"))?;
     if marker.flatten().as_deref() != Some(ownership_marker(uid).as_str()) {
         return Ok(false);
     }
-    let sql = format!("ALTER ROLE {} PASSWORD {}", quote_ident(&name.ops_role())?, quote_literal(verifier)?);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await.map_err(query_err("setting the ops role's password"))?;
+    let sql = format!(
+        "ALTER ROLE {} PASSWORD {}",
+        quote_ident(&name.ops_role())?,
+        quote_literal(verifier)?
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .map_err(query_err("setting the ops role's password"))?;
     Ok(true)
 }
 
@@ -684,7 +778,11 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
             stmts.push(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
         }
     }
-    for (role, state) in [(&ops, &observed.ops_role), (&owner, &observed.owner_role), (&app, &observed.app_role)] {
+    for (role, state) in [
+        (&ops, &observed.ops_role),
+        (&owner, &observed.owner_role),
+        (&app, &observed.app_role),
+    ] {
         if let Some(r) = state {
             if ours(&r.comment) {
                 if !r.admin_is_member {
@@ -699,7 +797,11 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
     }
     // Lock the app role out first, then end its sessions, so none holds a
     // lock the drop would wait on and none can start in between.
-    if observed.app_role.as_ref().is_some_and(|r| ours(&r.comment) && r.can_login) {
+    if observed
+        .app_role
+        .as_ref()
+        .is_some_and(|r| ours(&r.comment) && r.can_login)
+    {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {app} NOLOGIN")))
             .execute(pool)
             .await
@@ -709,15 +811,22 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
     // transactions already running end with the sessions below.
     if let Some(r) = observed.app_role.as_ref().filter(|r| ours(&r.comment)) {
         for member in &r.other_members {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE {app} FROM {}", quote_ident(member)?)))
-                .execute(pool)
-                .await
-                .map_err(query_err("revoking the app role from its members"))?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "REVOKE {app} FROM {}",
+                quote_ident(member)?
+            )))
+            .execute(pool)
+            .await
+            .map_err(query_err("revoking the app role from its members"))?;
         }
     }
     // The ops login too: a migration, backup or restore still running for
     // this tenant ends here (its work rolls back).
-    if observed.ops_role.as_ref().is_some_and(|r| ours(&r.comment) && r.can_login) {
+    if observed
+        .ops_role
+        .as_ref()
+        .is_some_and(|r| ours(&r.comment) && r.can_login)
+    {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {ops} NOLOGIN")))
             .execute(pool)
             .await
@@ -727,16 +836,25 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         terminate_sessions(pool, name).await?;
         terminate_ops_sessions(pool, name).await?;
     }
-    let mut tx = pool.begin().await.map_err(query_err("starting the delete transaction"))?;
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_err("starting the delete transaction"))?;
     let mut acl_locked = false;
     for stmt in &stmts {
         // DROP OWNED revokes the app role's CONNECT: a change to the
         // database's ACL, serialized with the others.
         if stmt.starts_with("DROP OWNED") && !acl_locked {
-            sqlx::raw_sql(super::LOCK_DATABASE_ACL).execute(&mut *tx).await.map_err(query_err("locking the database's ACL"))?;
+            sqlx::raw_sql(super::LOCK_DATABASE_ACL)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("locking the database's ACL"))?;
             acl_locked = true;
         }
-        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt.clone())).execute(&mut *tx).await.map_err(query_err("dropping the tenant"))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt.clone()))
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("dropping the tenant"))?;
     }
     let removed = sqlx::query("DELETE FROM tenancy.tenants WHERE uid = $1")
         .bind(uid)
@@ -754,7 +872,15 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
             .execute(&mut *tx)
             .await
             .map_err(query_err("clearing the tenant's name from the audit log"))?;
-        audit(&mut *tx, uid, None, "Deleted", actor, serde_json::json!({ "statements": stmts.len() })).await?;
+        audit(
+            &mut *tx,
+            uid,
+            None,
+            "Deleted",
+            actor,
+            serde_json::json!({ "statements": stmts.len() }),
+        )
+        .await?;
     }
     tx.commit().await.map_err(query_err("committing the delete"))?;
     Ok(stmts.len())
@@ -769,13 +895,22 @@ pub async fn leftovers(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Ve
     if o.schema.as_ref().is_some_and(|s| s.comment.as_deref() == Some(&marker)) {
         left.push(format!("schema {}", name.schema()));
     }
-    if o.owner_role.as_ref().is_some_and(|r| r.comment.as_deref() == Some(&marker)) {
+    if o.owner_role
+        .as_ref()
+        .is_some_and(|r| r.comment.as_deref() == Some(&marker))
+    {
         left.push(format!("role {}", name.owner_role()));
     }
-    if o.app_role.as_ref().is_some_and(|r| r.comment.as_deref() == Some(&marker)) {
+    if o.app_role
+        .as_ref()
+        .is_some_and(|r| r.comment.as_deref() == Some(&marker))
+    {
         left.push(format!("role {}", name.app_role()));
     }
-    if o.ops_role.as_ref().is_some_and(|r| r.comment.as_deref() == Some(&marker)) {
+    if o.ops_role
+        .as_ref()
+        .is_some_and(|r| r.comment.as_deref() == Some(&marker))
+    {
         left.push(format!("role {}", name.ops_role()));
     }
     let registry: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.tenants WHERE uid = $1")
@@ -786,11 +921,12 @@ pub async fn leftovers(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Ve
     if registry > 0 {
         left.push("registry row".into());
     }
-    let named: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_uid = $1 AND tenant_name IS NOT NULL")
-        .bind(uid)
-        .fetch_one(pool)
-        .await
-        .map_err(query_err("reading the audit log"))?;
+    let named: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_uid = $1 AND tenant_name IS NOT NULL")
+            .bind(uid)
+            .fetch_one(pool)
+            .await
+            .map_err(query_err("reading the audit log"))?;
     if named > 0 {
         left.push(format!("{named} audit rows naming the tenant"));
     }
@@ -810,32 +946,75 @@ mod tests {
     fn every_identifier_is_quoted() {
         let name = n("select");
         let sql = render(&DbAction::CreateSchema, &name, "u-1", "db").unwrap();
-        assert_eq!(sql[0], "CREATE SCHEMA \"tenant_select\" AUTHORIZATION \"tenant_select_owner\"");
-        assert_eq!(sql[1], "COMMENT ON SCHEMA \"tenant_select\" IS 'managed by tenancy.dev for tenant uid u-1'");
+        assert_eq!(
+            sql[0],
+            "CREATE SCHEMA \"tenant_select\" AUTHORIZATION \"tenant_select_owner\""
+        );
+        assert_eq!(
+            sql[1],
+            "COMMENT ON SCHEMA \"tenant_select\" IS 'managed by tenancy.dev for tenant uid u-1'"
+        );
     }
 
     #[test]
     fn settings_values_are_literals_and_search_path_an_identifier() {
         let name = n("user");
-        let sql = render(&DbAction::SetSetting { name: "statement_timeout", value: "30s'; DROP ROLE x; --".into() }, &name, "u", "db").unwrap();
-        assert_eq!(sql, vec!["ALTER ROLE \"tenant_user_app\" SET statement_timeout TO '30s''; DROP ROLE x; --'"]);
-        let sql = render(&DbAction::SetSetting { name: "search_path", value: "tenant_user".into() }, &name, "u", "db").unwrap();
-        assert_eq!(sql, vec!["ALTER ROLE \"tenant_user_app\" SET search_path TO \"tenant_user\""]);
+        let sql = render(
+            &DbAction::SetSetting {
+                name: "statement_timeout",
+                value: "30s'; DROP ROLE x; --".into(),
+            },
+            &name,
+            "u",
+            "db",
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            vec!["ALTER ROLE \"tenant_user_app\" SET statement_timeout TO '30s''; DROP ROLE x; --'"]
+        );
+        let sql = render(
+            &DbAction::SetSetting {
+                name: "search_path",
+                value: "tenant_user".into(),
+            },
+            &name,
+            "u",
+            "db",
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            vec!["ALTER ROLE \"tenant_user_app\" SET search_path TO \"tenant_user\""]
+        );
     }
 
     #[test]
     fn marker_in_a_uid_cannot_break_out_of_the_comment() {
         let sql = render(&DbAction::CreateOwnerRole, &n("a"), "x' ; DROP DATABASE d; --", "db").unwrap();
-        assert_eq!(sql[1], "COMMENT ON ROLE \"tenant_a_owner\" IS 'managed by tenancy.dev for tenant uid x'' ; DROP DATABASE d; --'");
+        assert_eq!(
+            sql[1],
+            "COMMENT ON ROLE \"tenant_a_owner\" IS 'managed by tenancy.dev for tenant uid x'' ; DROP DATABASE d; --'"
+        );
     }
 
     #[test]
     fn labels_never_carry_the_password_verifier() {
-        let a = DbAction::SetPassword { verifier: "SCRAM-SHA-256$4096:secret".into() };
+        let a = DbAction::SetPassword {
+            verifier: "SCRAM-SHA-256$4096:secret".into(),
+        };
         assert!(!a.label().contains("SCRAM"));
         assert!(!a.label().contains("secret"));
-        let b = DbAction::CreateAppRole { verifier: "SCRAM-SHA-256$4096:secret".into(), login: true, connection_limit: 1 };
-        for shown in [format!("{a:?}"), format!("{b:?}"), format!("{:?}", vec![a.clone(), b.clone()])] {
+        let b = DbAction::CreateAppRole {
+            verifier: "SCRAM-SHA-256$4096:secret".into(),
+            login: true,
+            connection_limit: 1,
+        };
+        for shown in [
+            format!("{a:?}"),
+            format!("{b:?}"),
+            format!("{:?}", vec![a.clone(), b.clone()]),
+        ] {
             assert!(!shown.contains("SCRAM") && !shown.contains("secret"), "{shown}");
         }
         // The statement itself carries it (that is its purpose).

@@ -72,14 +72,16 @@ pub struct Sample {
 
 /// The part of [`USAGE_SQL`] that reads `pg_stat_statements` (`{pgss}`: its
 /// qualified name).
-const STATEMENTS_SQL: &str = "SELECT r.rolname::text AS rolname, pg_catalog.sum(p.total_exec_time)::float8 AS statement_ms,
+const STATEMENTS_SQL: &str =
+    "SELECT r.rolname::text AS rolname, pg_catalog.sum(p.total_exec_time)::float8 AS statement_ms,
          (pg_catalog.sum(p.temp_blks_written) * pg_catalog.current_setting('block_size')::int8)::int8 AS temp_bytes
     FROM {pgss} p JOIN pg_catalog.pg_roles r ON r.oid = p.userid
    WHERE p.dbid = (SELECT oid FROM db) AND r.rolname LIKE 'tenant\\_%\\_app'
    GROUP BY r.rolname";
 
 /// Without `pg_stat_statements`.
-const NO_STATEMENTS_SQL: &str = "SELECT NULL::text AS rolname, NULL::float8 AS statement_ms, NULL::int8 AS temp_bytes WHERE false";
+const NO_STATEMENTS_SQL: &str =
+    "SELECT NULL::text AS rolname, NULL::float8 AS statement_ms, NULL::int8 AS temp_bytes WHERE false";
 
 /// The one query for all tenants. $1: the gateway login ('' for none),
 /// $2: the window (ms); `{statements}`: [`STATEMENTS_SQL`] or
@@ -195,7 +197,13 @@ pub async fn sample(pool: &PgPool, cfg: &Config, pgss: Option<&str>) -> Result<S
             temp_bytes: r.try_get("temp_bytes").map_err(e())?,
         });
     }
-    Ok(Sample { at, sampled_at, window: cfg.window, statements: pgss.is_some(), rows: out })
+    Ok(Sample {
+        at,
+        sampled_at,
+        window: cfg.window,
+        statements: pgss.is_some(),
+        rows: out,
+    })
 }
 
 /// One tenant's figures, from two samples (or one).
@@ -232,15 +240,22 @@ fn round2(x: f64) -> f64 {
 /// statement time is the running statements' time in `cur`, per minute of
 /// its window. Pure.
 pub fn figures(prev: Option<&Sample>, cur: &Sample) -> Vec<Figures> {
-    let before: BTreeMap<&str, &Row> = prev.map(|p| p.rows.iter().map(|r| (r.name.as_str(), r)).collect()).unwrap_or_default();
-    let secs = prev.map(|p| cur.at.saturating_duration_since(p.at)).unwrap_or(cur.window).as_secs_f64();
+    let before: BTreeMap<&str, &Row> = prev
+        .map(|p| p.rows.iter().map(|r| (r.name.as_str(), r)).collect())
+        .unwrap_or_default();
+    let secs = prev
+        .map(|p| cur.at.saturating_duration_since(p.at))
+        .unwrap_or(cur.window)
+        .as_secs_f64();
     let window = cur.window.as_secs_f64();
     cur.rows
         .iter()
         .map(|r| {
             let old = before.get(r.name.as_str()).filter(|o| o.uid == r.uid);
             let rows_written_per_second = match old {
-                Some(o) if secs > 0.0 && r.rows_written >= o.rows_written => (r.rows_written - o.rows_written) as f64 / secs,
+                Some(o) if secs > 0.0 && r.rows_written >= o.rows_written => {
+                    (r.rows_written - o.rows_written) as f64 / secs
+                }
                 _ => 0.0,
             };
             let statement_seconds_per_minute = if cur.statements {
@@ -294,8 +309,14 @@ impl std::str::FromStr for SortBy {
 pub fn sort(figs: &mut [Figures], by: SortBy) {
     figs.sort_by(|a, b| {
         let key = match by {
-            SortBy::Cpu => b.statement_seconds_per_minute.total_cmp(&a.statement_seconds_per_minute).then(b.sessions_active.cmp(&a.sessions_active)),
-            SortBy::Sessions => b.sessions().cmp(&a.sessions()).then(b.sessions_active.cmp(&a.sessions_active)),
+            SortBy::Cpu => b
+                .statement_seconds_per_minute
+                .total_cmp(&a.statement_seconds_per_minute)
+                .then(b.sessions_active.cmp(&a.sessions_active)),
+            SortBy::Sessions => b
+                .sessions()
+                .cmp(&a.sessions())
+                .then(b.sessions_active.cmp(&a.sessions_active)),
             SortBy::Bytes => b.bytes.cmp(&a.bytes),
         };
         key.then_with(|| a.name.cmp(&b.name))
@@ -364,24 +385,69 @@ mod tests {
     use super::*;
 
     fn row(name: &str, rows_written: i64, statement_ms: Option<f64>, running_ms: f64) -> Row {
-        Row { name: name.into(), uid: format!("u-{name}"), sessions_active: 1, sessions_idle: 2, bytes: 8192, rows_written, running_ms, statement_ms, temp_bytes: statement_ms.map(|_| 4096) }
+        Row {
+            name: name.into(),
+            uid: format!("u-{name}"),
+            sessions_active: 1,
+            sessions_idle: 2,
+            bytes: 8192,
+            rows_written,
+            running_ms,
+            statement_ms,
+            temp_bytes: statement_ms.map(|_| 4096),
+        }
     }
 
     fn sample(at: Instant, statements: bool, rows: Vec<Row>) -> Sample {
-        Sample { at, sampled_at: chrono::Utc::now(), window: Duration::from_secs(15), statements, rows }
+        Sample {
+            at,
+            sampled_at: chrono::Utc::now(),
+            window: Duration::from_secs(15),
+            statements,
+            rows,
+        }
     }
 
     #[test]
     fn rates_come_from_two_samples() {
         let t0 = Instant::now();
-        let a = sample(t0, true, vec![row("a", 100, Some(1_000.0), 0.0), row("b", 50, Some(0.0), 0.0)]);
-        let b = sample(t0 + Duration::from_secs(10), true, vec![row("a", 600, Some(6_000.0), 0.0), row("b", 10, Some(0.0), 0.0), row("c", 9, Some(9.0), 0.0)]);
+        let a = sample(
+            t0,
+            true,
+            vec![row("a", 100, Some(1_000.0), 0.0), row("b", 50, Some(0.0), 0.0)],
+        );
+        let b = sample(
+            t0 + Duration::from_secs(10),
+            true,
+            vec![
+                row("a", 600, Some(6_000.0), 0.0),
+                row("b", 10, Some(0.0), 0.0),
+                row("c", 9, Some(9.0), 0.0),
+            ],
+        );
         let f = figures(Some(&a), &b);
-        assert_eq!((f[0].rows_written_per_second, f[0].statement_seconds_per_minute, f[0].temp_bytes), (50.0, 30.0, Some(4096)));
-        assert_eq!(f[1].rows_written_per_second, 0.0, "a counter that went back (stats reset) is no rate");
-        assert_eq!((f[2].rows_written_per_second, f[2].statement_seconds_per_minute), (0.0, 0.0), "new tenant: no rate yet");
+        assert_eq!(
+            (
+                f[0].rows_written_per_second,
+                f[0].statement_seconds_per_minute,
+                f[0].temp_bytes
+            ),
+            (50.0, 30.0, Some(4096))
+        );
+        assert_eq!(
+            f[1].rows_written_per_second, 0.0,
+            "a counter that went back (stats reset) is no rate"
+        );
+        assert_eq!(
+            (f[2].rows_written_per_second, f[2].statement_seconds_per_minute),
+            (0.0, 0.0),
+            "new tenant: no rate yet"
+        );
         let first = figures(None, &a);
-        assert_eq!((first[0].rows_written_per_second, first[0].statement_seconds_per_minute), (0.0, 0.0));
+        assert_eq!(
+            (first[0].rows_written_per_second, first[0].statement_seconds_per_minute),
+            (0.0, 0.0)
+        );
     }
 
     #[test]
@@ -394,14 +460,34 @@ mod tests {
     #[test]
     fn sorting_and_the_table() {
         let t0 = Instant::now();
-        let mut f = figures(None, &sample(t0, false, vec![row("b", 0, None, 1_000.0), row("a", 0, None, 1_000.0), row("c", 0, None, 5_000.0)]));
+        let mut f = figures(
+            None,
+            &sample(
+                t0,
+                false,
+                vec![
+                    row("b", 0, None, 1_000.0),
+                    row("a", 0, None, 1_000.0),
+                    row("c", 0, None, 5_000.0),
+                ],
+            ),
+        );
         f[0].bytes = 3 << 20;
         sort(&mut f, SortBy::Cpu);
-        assert_eq!(f.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["c", "a", "b"], "ties by name");
+        assert_eq!(
+            f.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
+            ["c", "a", "b"],
+            "ties by name"
+        );
         sort(&mut f, SortBy::Bytes);
         assert_eq!(f[0].name, "b");
         let t = render_table(&f);
-        assert!(t.starts_with("NAME   STMT-TIME   SESSIONS   BYTES    WRITES/S\nb      4.0s/min    1/3        3.0MiB   0.0\n"), "{t}");
+        assert!(
+            t.starts_with(
+                "NAME   STMT-TIME   SESSIONS   BYTES    WRITES/S\nb      4.0s/min    1/3        3.0MiB   0.0\n"
+            ),
+            "{t}"
+        );
         assert_eq!(human_bytes(512), "512B");
         assert_eq!("cpu".parse::<SortBy>(), Ok(SortBy::Cpu));
         assert!("mem".parse::<SortBy>().is_err());
@@ -410,11 +496,19 @@ mod tests {
     #[test]
     fn the_query_is_one_for_all_tenants_and_excludes_the_admin() {
         let sql = usage_sql(None);
-        for must in ["FROM tenancy.tenants", "a.usename <> current_user", "a.backend_type = 'client backend'", "JOIN t ON t.schema_name = n.nspname", "WHERE false"] {
+        for must in [
+            "FROM tenancy.tenants",
+            "a.usename <> current_user",
+            "a.backend_type = 'client backend'",
+            "JOIN t ON t.schema_name = n.nspname",
+            "WHERE false",
+        ] {
             assert!(sql.contains(must), "{must}");
         }
         let with = usage_sql(Some("\"public\".pg_stat_statements"));
-        assert!(with.contains("FROM \"public\".pg_stat_statements p") && with.contains("p.dbid = (SELECT oid FROM db)"));
+        assert!(
+            with.contains("FROM \"public\".pg_stat_statements p") && with.contains("p.dbid = (SELECT oid FROM db)")
+        );
         assert!(!with.contains("{"), "every placeholder is filled");
     }
 }

@@ -181,11 +181,22 @@ pub fn plan(sessions: &[Session], grace: Duration) -> Vec<Signal> {
             "idle in transaction" | "idle in transaction (aborted)" => Reason::IdleSessionEnded,
             _ => continue,
         };
-        let Some(cap) = cap_ms(&s.settings, reason.setting()) else { continue };
+        let Some(cap) = cap_ms(&s.settings, reason.setting()) else {
+            continue;
+        };
         if s.elapsed_ms <= cap.saturating_add(grace_ms) {
             continue;
         }
-        let signal = Signal { pid: s.pid, tenant: s.tenant.clone(), uid: s.uid.clone(), via: s.via, reason, since: s.since, elapsed_ms: s.elapsed_ms, cap_ms: cap };
+        let signal = Signal {
+            pid: s.pid,
+            tenant: s.tenant.clone(),
+            uid: s.uid.clone(),
+            via: s.via,
+            reason,
+            since: s.since,
+            elapsed_ms: s.elapsed_ms,
+            cap_ms: cap,
+        };
         match by_pid.get(&s.pid) {
             Some(prev) if prev.cap_ms <= cap => {}
             _ => {
@@ -266,7 +277,8 @@ pub async fn observe(pool: &PgPool, cfg: &Config) -> Result<Vec<Session>, PgErro
     for r in rows {
         let via: String = r.try_get("via").map_err(query_err("reading a watchdog row"))?;
         let Some(via) = Via::parse(&via) else { continue };
-        let since: Option<chrono::DateTime<chrono::Utc>> = r.try_get("since").map_err(query_err("reading a watchdog row"))?;
+        let since: Option<chrono::DateTime<chrono::Utc>> =
+            r.try_get("since").map_err(query_err("reading a watchdog row"))?;
         let Some(since) = since else { continue };
         out.push(Session {
             pid: r.try_get("pid").map_err(query_err("reading a watchdog row"))?,
@@ -323,7 +335,10 @@ pub async fn pass(pool: &PgPool, cfg: &Config) -> Result<PassOutcome, PgError> {
     let sessions = observe(pool, cfg).await?;
     let planned = plan(&sessions, cfg.grace);
     let signalled = signal(pool, &planned).await?;
-    Ok(PassOutcome { observed: sessions.len(), signalled })
+    Ok(PassOutcome {
+        observed: sessions.len(),
+        signalled,
+    })
 }
 
 /// Whether the admin sees other roles' session state and timings in
@@ -345,7 +360,10 @@ pub async fn ensure_visibility(pool: &PgPool) -> Result<(), PgError> {
     if can_see_sessions(pool).await? {
         return Ok(());
     }
-    let me: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(pool).await.map_err(query_err("reading the admin's name"))?;
+    let me: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool)
+        .await
+        .map_err(query_err("reading the admin's name"))?;
     let grant = format!("GRANT pg_read_all_stats TO {}", quote_ident(&me)?);
     match sqlx::raw_sql(sqlx::AssertSqlSafe(grant)).execute(pool).await {
         Ok(_) if can_see_sessions(pool).await? => Ok(()),
@@ -378,7 +396,12 @@ mod tests {
         }
     }
 
-    const CAPS: &[&str] = &["search_path=tenant_a", "statement_timeout=2000ms", "idle_in_transaction_session_timeout=5s", "work_mem=16384kB"];
+    const CAPS: &[&str] = &[
+        "search_path=tenant_a",
+        "statement_timeout=2000ms",
+        "idle_in_transaction_session_timeout=5s",
+        "work_mem=16384kB",
+    ];
 
     #[test]
     fn settings_read_as_postgres_stores_them() {
@@ -393,8 +416,18 @@ mod tests {
         for bad in ["", "s", "10 parsecs", "-1s", "1e400s"] {
             assert_eq!(setting_ms(bad), None, "{bad:?}");
         }
-        assert_eq!(cap_ms(&CAPS.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "statement_timeout"), Some(2_000));
-        assert_eq!(cap_ms(&["statement_timeout=0".to_string()], "statement_timeout"), None, "0: no limit");
+        assert_eq!(
+            cap_ms(
+                &CAPS.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "statement_timeout"
+            ),
+            Some(2_000)
+        );
+        assert_eq!(
+            cap_ms(&["statement_timeout=0".to_string()], "statement_timeout"),
+            None,
+            "0: no limit"
+        );
         assert_eq!(cap_ms(&[], "statement_timeout"), None);
     }
 
@@ -408,7 +441,10 @@ mod tests {
         ];
         let p = plan(&rows, grace);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert_eq!((p[0].pid, p[0].reason, p[0].cap_ms, p[0].since), (1, Reason::StatementCancelled, 2_000, at(1)));
+        assert_eq!(
+            (p[0].pid, p[0].reason, p[0].cap_ms, p[0].since),
+            (1, Reason::StatementCancelled, 2_000, at(1))
+        );
     }
 
     #[test]
@@ -421,14 +457,29 @@ mod tests {
             session(5, "a", "fastpath function call", 99_000, CAPS),
         ];
         let p = plan(&rows, Duration::from_secs(1));
-        assert_eq!(p.iter().map(|s| (s.pid, s.reason)).collect::<Vec<_>>(), [(1, Reason::IdleSessionEnded), (2, Reason::IdleSessionEnded)]);
+        assert_eq!(
+            p.iter().map(|s| (s.pid, s.reason)).collect::<Vec<_>>(),
+            [(1, Reason::IdleSessionEnded), (2, Reason::IdleSessionEnded)]
+        );
     }
 
     #[test]
     fn a_cap_of_zero_or_none_never_signals() {
         let rows = vec![
-            session(1, "z", "active", 3_600_000, &["statement_timeout=0", "idle_in_transaction_session_timeout=0"]),
-            session(2, "z", "idle in transaction", 3_600_000, &["statement_timeout=0", "idle_in_transaction_session_timeout=0"]),
+            session(
+                1,
+                "z",
+                "active",
+                3_600_000,
+                &["statement_timeout=0", "idle_in_transaction_session_timeout=0"],
+            ),
+            session(
+                2,
+                "z",
+                "idle in transaction",
+                3_600_000,
+                &["statement_timeout=0", "idle_in_transaction_session_timeout=0"],
+            ),
             session(3, "n", "active", 3_600_000, &[]),
             session(4, "x", "active", 3_600_000, &["statement_timeout=soon"]),
         ];
@@ -460,6 +511,10 @@ mod tests {
             assert!(OBSERVE_SQL.contains(must), "{must}");
         }
         assert!(!OBSERVE_SQL.contains("_ops"), "ops logins are never candidates");
-        assert_eq!(APPLICATION_NAME_PREFIX.len() + 1, 8, "substr(application_name, 8) skips the prefix");
+        assert_eq!(
+            APPLICATION_NAME_PREFIX.len() + 1,
+            8,
+            "substr(application_name, 8) skips the prefix"
+        );
     }
 }

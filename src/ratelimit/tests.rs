@@ -11,14 +11,19 @@ use crate::api::{RateLimitsSpec, TenantSpec};
 
 fn tenant(name: &str, state: TenantState, limits: RateLimitsSpec) -> Tenant {
     // Every other field at its default, as a manifest that omits it gets.
-    let mut spec: TenantSpec = serde_json::from_value(serde_json::json!({})).expect("an empty spec takes every default");
+    let mut spec: TenantSpec =
+        serde_json::from_value(serde_json::json!({})).expect("an empty spec takes every default");
     spec.state = state;
     spec.rate_limits = limits;
     Tenant::new(name, spec)
 }
 
 fn limit(n: u32, unit: RateLimitUnit, shadow: bool) -> RateLimit {
-    RateLimit { requests_per_unit: n, unit, shadow_mode: shadow }
+    RateLimit {
+        requests_per_unit: n,
+        unit,
+        shadow_mode: shadow,
+    }
 }
 
 /// Active with defaults, suspended (its shadow mode is dropped: a suspended
@@ -28,11 +33,32 @@ fn sample() -> Vec<Tenant> {
     let mut deleting = tenant("gone", TenantState::Active, RateLimitsSpec::default());
     deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
     vec![
-        tenant("delta", TenantState::Active, RateLimitsSpec { api: limit(5000, RateLimitUnit::Minute, false), webhook: limit(10, RateLimitUnit::Hour, false) }),
+        tenant(
+            "delta",
+            TenantState::Active,
+            RateLimitsSpec {
+                api: limit(5000, RateLimitUnit::Minute, false),
+                webhook: limit(10, RateLimitUnit::Hour, false),
+            },
+        ),
         tenant("acme", TenantState::Active, RateLimitsSpec::default()),
         deleting,
-        tenant("beta", TenantState::Suspended, RateLimitsSpec { api: limit(100, RateLimitUnit::Second, true), webhook: limit(7, RateLimitUnit::Day, false) }),
-        tenant("gamma", TenantState::Active, RateLimitsSpec { api: limit(250, RateLimitUnit::Second, true), webhook: limit(20, RateLimitUnit::Second, false) }),
+        tenant(
+            "beta",
+            TenantState::Suspended,
+            RateLimitsSpec {
+                api: limit(100, RateLimitUnit::Second, true),
+                webhook: limit(7, RateLimitUnit::Day, false),
+            },
+        ),
+        tenant(
+            "gamma",
+            TenantState::Active,
+            RateLimitsSpec {
+                api: limit(250, RateLimitUnit::Second, true),
+                webhook: limit(20, RateLimitUnit::Second, false),
+            },
+        ),
         tenant("123", TenantState::Active, RateLimitsSpec::default()),
     ]
 }
@@ -43,7 +69,10 @@ fn golden(file: &str, actual: &str) {
         std::fs::write(&path, actual).unwrap();
     }
     let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e} (UPDATE_GOLDEN=1 writes it)"));
-    assert_eq!(actual, want, "{file} differs from the golden file (UPDATE_GOLDEN=1 rewrites it after review)");
+    assert_eq!(
+        actual, want,
+        "{file} differs from the golden file (UPDATE_GOLDEN=1 rewrites it after review)"
+    );
 }
 
 #[test]
@@ -67,16 +96,26 @@ fn order_is_by_tenant_name_whatever_the_input_order() {
     assert_eq!(a, b);
     let root = schema::parse(&a[0].data["api.yaml"]).unwrap();
     let values: Vec<_> = root.descriptors.iter().map(|d| d.value.clone().unwrap()).collect();
-    assert_eq!(values, ["123", "acme", "beta", "delta", "gamma"], "sorted, and the tenant being deleted has no entry");
+    assert_eq!(
+        values,
+        ["123", "acme", "beta", "delta", "gamma"],
+        "sorted, and the tenant being deleted has no entry"
+    );
 }
 
 #[test]
 fn output_parses_as_envoy_ratelimit_config_and_says_what_the_specs_say() {
-    let cfg = RenderSettings { api_domain: "edge".into(), webhook_domain: "hooks".into(), descriptor_key: "tenant".into(), ..Default::default() };
+    let cfg = RenderSettings {
+        api_domain: "edge".into(),
+        webhook_domain: "hooks".into(),
+        descriptor_key: "tenant".into(),
+        ..Default::default()
+    };
     let shards = render(&cfg, &entries(&sample())).unwrap();
     let units = BTreeSet::from(["second", "minute", "hour", "day"]);
     for (file, content) in &shards[0].data {
-        let root = schema::parse(content).unwrap_or_else(|e| panic!("{file} is not valid envoyproxy/ratelimit config: {e}\n{content}"));
+        let root = schema::parse(content)
+            .unwrap_or_else(|e| panic!("{file} is not valid envoyproxy/ratelimit config: {e}\n{content}"));
         assert_eq!(root.domain, if file.starts_with("api") { "edge" } else { "hooks" });
         for d in &root.descriptors {
             assert_eq!(d.key, "tenant");
@@ -87,22 +126,40 @@ fn output_parses_as_envoy_ratelimit_config_and_says_what_the_specs_say() {
         }
     }
     let api = schema::parse(&shards[0].data["api.yaml"]).unwrap();
-    let find = |root: &schema::Root, t: &str| root.descriptors.iter().find(|d| d.value.as_deref() == Some(t)).cloned().unwrap();
+    let find = |root: &schema::Root, t: &str| {
+        root.descriptors
+            .iter()
+            .find(|d| d.value.as_deref() == Some(t))
+            .cloned()
+            .unwrap()
+    };
     let beta = find(&api, "beta");
-    assert_eq!(beta.rate_limit.unwrap().requests_per_unit, 0, "a suspended tenant gets 0");
+    assert_eq!(
+        beta.rate_limit.unwrap().requests_per_unit,
+        0,
+        "a suspended tenant gets 0"
+    );
     assert!(!beta.shadow_mode, "a suspended tenant's 0 is enforced, not shadowed");
     assert!(find(&api, "gamma").shadow_mode);
     assert_eq!(find(&api, "delta").rate_limit.unwrap().unit.as_deref(), Some("minute"));
     assert_eq!(find(&api, "acme").rate_limit.unwrap().requests_per_unit, 100);
     let hooks = schema::parse(&shards[0].data["webhook.yaml"]).unwrap();
     assert_eq!(find(&hooks, "acme").rate_limit.unwrap().requests_per_unit, 20);
-    assert_eq!(find(&hooks, "123").value.as_deref(), Some("123"), "a numeric name stays a string");
+    assert_eq!(
+        find(&hooks, "123").value.as_deref(),
+        Some("123"),
+        "a numeric name stays a string"
+    );
 }
 
 #[test]
 fn a_stray_field_fails_the_schema_check() {
-    let bad = "domain: x\ndescriptors:\n- {key: k, value: v, rate_limit: {unit: second, requests_per_unit: 1, burst: 2}}\n";
-    assert!(schema::parse(bad).is_err(), "deny_unknown_fields must reject what envoyproxy/ratelimit rejects");
+    let bad =
+        "domain: x\ndescriptors:\n- {key: k, value: v, rate_limit: {unit: second, requests_per_unit: 1, burst: 2}}\n";
+    assert!(
+        schema::parse(bad).is_err(),
+        "deny_unknown_fields must reject what envoyproxy/ratelimit rejects"
+    );
 }
 
 #[test]
@@ -128,7 +185,11 @@ fn ten_thousand_tenants_split_into_configmaps_under_one_mib() {
     let cfg = RenderSettings::default();
     let ts: Vec<Tenant> = (0..10_000)
         .map(|i| {
-            let state = if i % 10 == 0 { TenantState::Suspended } else { TenantState::Active };
+            let state = if i % 10 == 0 {
+                TenantState::Suspended
+            } else {
+                TenantState::Active
+            };
             let mut limits = RateLimitsSpec::default();
             limits.api.requests_per_unit = (i % 1000) as u32;
             tenant(&format!("customer-{i:05}-eu-west"), state, limits)
@@ -139,11 +200,19 @@ fn ten_thousand_tenants_split_into_configmaps_under_one_mib() {
     let shards = render(&cfg, &es).unwrap();
     let took = start.elapsed();
     let sizes: Vec<usize> = shards.iter().map(Shard::size).collect();
-    println!("10,000 tenants: {} ConfigMaps of {sizes:?} bytes, rendered in {took:?}", shards.len());
+    println!(
+        "10,000 tenants: {} ConfigMaps of {sizes:?} bytes, rendered in {took:?}",
+        shards.len()
+    );
     const MIB: usize = 1024 * 1024;
     assert!(shards.len() > 1, "1.9 MB of descriptors cannot fit one ConfigMap");
     for s in &shards {
-        assert!(s.size() <= cfg.budget_bytes && s.size() < MIB, "{} holds {} bytes", s.name, s.size());
+        assert!(
+            s.size() <= cfg.budget_bytes && s.size() < MIB,
+            "{} holds {} bytes",
+            s.name,
+            s.size()
+        );
         for (f, c) in &s.data {
             assert!(c.len() < MIB, "{f} is {} bytes", c.len());
         }
@@ -175,14 +244,30 @@ fn ten_thousand_tenants_split_into_configmaps_under_one_mib() {
     ts2[4242].spec.rate_limits.webhook.requests_per_unit = 999;
     let again = render(&cfg, &entries(&ts2)).unwrap();
     assert_eq!(again.len(), shards.len());
-    let changed: Vec<_> = again.iter().zip(&shards).filter(|(a, b)| a != b).map(|(a, _)| a.name.clone()).collect();
-    assert_eq!(changed, [shard_name(&cfg.configmap, shard_of("customer-04242-eu-west", shards.len()))]);
+    let changed: Vec<_> = again
+        .iter()
+        .zip(&shards)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.name.clone())
+        .collect();
+    assert_eq!(
+        changed,
+        [shard_name(
+            &cfg.configmap,
+            shard_of("customer-04242-eu-west", shards.len())
+        )]
+    );
 }
 
 #[test]
 fn more_than_the_shard_limit_is_an_error_not_a_truncation() {
-    let cfg = RenderSettings { budget_bytes: 2048, ..Default::default() };
-    let ts: Vec<Tenant> = (0..2000).map(|i| tenant(&format!("t{i}"), TenantState::Active, RateLimitsSpec::default())).collect();
+    let cfg = RenderSettings {
+        budget_bytes: 2048,
+        ..Default::default()
+    };
+    let ts: Vec<Tenant> = (0..2000)
+        .map(|i| tenant(&format!("t{i}"), TenantState::Active, RateLimitsSpec::default()))
+        .collect();
     assert!(matches!(render(&cfg, &entries(&ts)), Err(RenderError::TooLarge { .. })));
 }
 

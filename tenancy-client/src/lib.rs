@@ -34,8 +34,8 @@ use tenant_operator::crypto::{Keyring, Purpose, TenantSalt};
 use tenant_operator::names::TenantName;
 use tenant_operator::pg::gateway::{self as gw, Refusal};
 
-pub use tenant_operator::pg::gateway::BeginError;
 pub use tenant_operator::names::NameError;
+pub use tenant_operator::pg::gateway::BeginError;
 
 /// Why a tenant transaction (or a secret) could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +116,11 @@ impl Caps {
 
 impl CapsCache {
     fn new(ttl: Duration) -> Arc<Self> {
-        Arc::new(Self { ttl, state: Default::default(), reload: Default::default() })
+        Arc::new(Self {
+            ttl,
+            state: Default::default(),
+            reload: Default::default(),
+        })
     }
 
     async fn get(&self, pool: &PgPool, role: &str) -> Result<Vec<(String, String)>, Error> {
@@ -128,20 +132,32 @@ impl CapsCache {
             return Ok(c);
         }
         self.load(pool).await?;
-        Ok(self.state.read().expect("caps lock").by_role.get(role).cloned().unwrap_or_default())
+        Ok(self
+            .state
+            .read()
+            .expect("caps lock")
+            .by_role
+            .get(role)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn load(&self, pool: &PgPool) -> Result<(), Error> {
         // The simple protocol: one message, no prepared statement (behind
         // PgBouncer in transaction mode a statement prepared outside a
         // transaction may be gone, DISCARD ALL, before it runs).
-        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(gw::caps_sql())).fetch_all(pool).await?;
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(gw::caps_sql()))
+            .fetch_all(pool)
+            .await?;
         let mut by_role: HashMap<String, Vec<(String, String)>> = HashMap::new();
         for row in rows {
             let (role, name, value): (String, String, String) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
             by_role.entry(role).or_default().push((name, value));
         }
-        *self.state.write().expect("caps lock") = Caps { loaded: Some(Instant::now()), by_role };
+        *self.state.write().expect("caps lock") = Caps {
+            loaded: Some(Instant::now()),
+            by_role,
+        };
         Ok(())
     }
 }
@@ -149,8 +165,14 @@ impl CapsCache {
 /// Connection options from the data of the `tenant-gateway-db` Secret
 /// (keys `host`, `port`, `dbname`, `user`, `password`; `uri` is not needed).
 pub fn options_from_secret(data: &BTreeMap<String, String>) -> Result<PgConnectOptions, Error> {
-    let get = |k: &str| data.get(k).map(String::as_str).ok_or_else(|| Error::BadSecret(format!("no key {k:?}")));
-    let port: u16 = get("port")?.parse().map_err(|_| Error::BadSecret("port is not a number".into()))?;
+    let get = |k: &str| {
+        data.get(k)
+            .map(String::as_str)
+            .ok_or_else(|| Error::BadSecret(format!("no key {k:?}")))
+    };
+    let port: u16 = get("port")?
+        .parse()
+        .map_err(|_| Error::BadSecret("port is not a number".into()))?;
     Ok(PgConnectOptions::new_without_pgpass()
         .host(get("host")?)
         .port(port)
@@ -189,7 +211,10 @@ impl Gateway {
 
     /// A pool you built (keep its statement cache off behind a pooler).
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool, caps: CapsCache::new(DEFAULT_CAPS_TTL) }
+        Self {
+            pool,
+            caps: CapsCache::new(DEFAULT_CAPS_TTL),
+        }
     }
 
     /// Reads the tenants' caps again after `ttl` instead of
@@ -220,7 +245,12 @@ impl Gateway {
     /// `request_id` (at most 200 bytes, no NUL) land in every audit entry
     /// the transaction writes. Unknown or inactive tenant: a typed error,
     /// and the transaction is rolled back before any statement of yours.
-    pub async fn begin(&self, tenant: &str, actor: &str, request_id: &str) -> Result<Transaction<'static, Postgres>, Error> {
+    pub async fn begin(
+        &self,
+        tenant: &str,
+        actor: &str,
+        request_id: &str,
+    ) -> Result<Transaction<'static, Postgres>, Error> {
         let name = TenantName::parse(tenant)?;
         let caps = self.caps.get(&self.pool, &name.app_role()).await?;
         let sql = gw::begin_sql(&name, actor, request_id, &caps)?;
@@ -246,8 +276,21 @@ fn classify(e: sqlx::Error, name: &TenantName) -> Error {
 /// them can open every tenant's secrets: this is operator-level trust, not
 /// an application's) and the tenant's uid and HKDF salt from
 /// `tenancy.tenants` (which the gateway may not read: see [`tenant_key_context`]).
-pub fn open_secret(ring: &Keyring, tenant_uid: &str, salt: &TenantSalt, name: &str, envelope: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
-    Ok(tenant_operator::crypto::open(ring, salt, tenant_uid, Purpose::Secrets, name, envelope)?)
+pub fn open_secret(
+    ring: &Keyring,
+    tenant_uid: &str,
+    salt: &TenantSalt,
+    name: &str,
+    envelope: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+    Ok(tenant_operator::crypto::open(
+        ring,
+        salt,
+        tenant_uid,
+        Purpose::Secrets,
+        name,
+        envelope,
+    )?)
 }
 
 /// The tenant's uid and salt, read from the operator's registry through
@@ -256,7 +299,9 @@ pub fn open_secret(ring: &Keyring, tenant_uid: &str, salt: &TenantSalt, name: &s
 /// None when the tenant is not in the registry.
 pub async fn tenant_key_context(registry: &PgPool, tenant: &str) -> Result<Option<(String, TenantSalt)>, Error> {
     let name = TenantName::parse(tenant)?;
-    let Some(uid) = tenant_operator::pg::tenant::uid_of(registry, name.as_str()).await? else { return Ok(None) };
+    let Some(uid) = tenant_operator::pg::tenant::uid_of(registry, name.as_str()).await? else {
+        return Ok(None);
+    };
     let salt = tenant_operator::pg::tenant::existing_key_salt(registry, &uid).await?;
     Ok(salt.map(|s| (uid, s)))
 }

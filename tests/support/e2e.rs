@@ -45,7 +45,11 @@ fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join(name);
-    assert!(bin.exists(), "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`)",
+        bin.display()
+    );
     bin
 }
 
@@ -77,9 +81,11 @@ impl Env {
         let (db, admin_role, admin_url) = TestDb::with_own_admin(label).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (kubeconfig, server, serial) = match std::env::var("E2E_KUBECONFIG") {
-            Ok(path) if !path.is_empty() => {
-                (PathBuf::from(path), None, Some(REAL_CLUSTER.lock().unwrap_or_else(|p| p.into_inner())))
-            }
+            Ok(path) if !path.is_empty() => (
+                PathBuf::from(path),
+                None,
+                Some(REAL_CLUSTER.lock().unwrap_or_else(|p| p.into_inner())),
+            ),
             _ => {
                 let kubeconfig = dir.path().join("kubeconfig");
                 let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
@@ -94,28 +100,67 @@ impl Env {
                     .stderr(log)
                     .spawn()
                     .expect("start kube-test-server");
-                wait_for(Duration::from_secs(20), "the API test server's kubeconfig", || kubeconfig.exists());
+                wait_for(Duration::from_secs(20), "the API test server's kubeconfig", || {
+                    kubeconfig.exists()
+                });
                 (kubeconfig, Some(child), None)
             }
         };
-        assert!(rbac.is_none() || server.is_some(), "start_rbac needs the API test server (E2E_KUBECONFIG is set)");
-        let mut env = Env { db, admin_role, admin_url, kubeconfig, dir, server, operator: None, operator_kubeconfig: None, operator_env: operator_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), _serial: serial };
+        assert!(
+            rbac.is_none() || server.is_some(),
+            "start_rbac needs the API test server (E2E_KUBECONFIG is set)"
+        );
+        let mut env = Env {
+            db,
+            admin_role,
+            admin_url,
+            kubeconfig,
+            dir,
+            server,
+            operator: None,
+            operator_kubeconfig: None,
+            operator_env: operator_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            _serial: serial,
+        };
         env.kubectl_ok(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")]);
-        env.kubectl_ok(&["wait", "--for=condition=Established", "crd/tenants.tenancy.dev", "--timeout=30s"]);
+        env.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/tenants.tenancy.dev",
+            "--timeout=30s",
+        ]);
         let ns = env.kubectl(&["get", "namespace", NAMESPACE]);
         if !ns.status.success() {
             env.kubectl_ok(&["create", "namespace", NAMESPACE]);
         }
-        if !env.kubectl(&["get", "secret", "-n", NAMESPACE, ROOT_KEYS]).status.success() {
+        if !env
+            .kubectl(&["get", "secret", "-n", NAMESPACE, ROOT_KEYS])
+            .status
+            .success()
+        {
             let yaml = tenant_operator::keys::new_secret_yaml(NAMESPACE, ROOT_KEYS);
             let out = env.kubectl_stdin(&["apply"], &yaml);
-            assert!(out.status.success(), "creating the root keys: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "creating the root keys: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         if let Some(rbac) = rbac {
             let out = env.kubectl_stdin(&["apply"], rbac);
-            assert!(out.status.success(), "applying the RBAC objects: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "applying the RBAC objects: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let admin = std::fs::read_to_string(&env.kubeconfig).expect("kubeconfig");
-            assert!(admin.contains("kube-test-server-dummy-token"), "the API test server's kubeconfig changed format");
+            assert!(
+                admin.contains("kube-test-server-dummy-token"),
+                "the API test server's kubeconfig changed format"
+            );
             let path = env.dir.path().join("operator.kubeconfig");
             std::fs::write(&path, admin.replace("kube-test-server-dummy-token", OPERATOR_TOKEN)).unwrap();
             env.operator_kubeconfig = Some(path);
@@ -148,10 +193,17 @@ impl Env {
     /// the process. Its metrics server listens on a free loopback port
     /// (see [`metrics_addr`]).
     pub fn spawn_operator(&self, identity: &str, log: &str) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(log)).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(log))
+            .unwrap();
         Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
             .arg("run")
-            .env("KUBECONFIG", self.operator_kubeconfig.as_ref().unwrap_or(&self.kubeconfig))
+            .env(
+                "KUBECONFIG",
+                self.operator_kubeconfig.as_ref().unwrap_or(&self.kubeconfig),
+            )
             .env("DATABASE_URL", &self.admin_url)
             .env("OPERATOR_NAMESPACE", NAMESPACE)
             .env("RESYNC_SECONDS", "2")
@@ -203,7 +255,12 @@ impl Env {
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl").arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().expect("run kubectl")
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl")
     }
 
     /// Runs kubectl and returns its stdout; panics with its stderr and the
@@ -239,7 +296,9 @@ impl Env {
 
     pub async fn client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("client config");
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("client config");
         kube::Client::try_from(cfg).expect("client")
     }
 
@@ -254,7 +313,12 @@ impl Env {
     }
 
     pub fn wait_ready(&self, tenant: &str) {
-        self.kubectl_ok(&["wait", "--for=condition=Ready", &format!("tenant/{tenant}"), "--timeout=60s"]);
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("tenant/{tenant}"),
+            "--timeout=60s",
+        ]);
     }
 }
 
@@ -275,7 +339,7 @@ pub fn metrics_addr(log: &str) -> Option<String> {
         .filter(|l| l.contains("metrics and health server listening"))
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v.pointer("/fields/addr").and_then(|a| a.as_str()).map(str::to_owned))
-        .last()
+        .next_back()
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).
@@ -288,7 +352,10 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 

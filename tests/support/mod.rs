@@ -35,18 +35,31 @@ impl TestDb {
         let admin_url = env("TEST_PG_ADMIN_URL");
         let name = format!("t_{label}_{:08x}", rand::random::<u32>());
         let mut su = PgConnection::connect(&superuser_url).await.expect("superuser connects");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} OWNER tenancy_admin")))
-            .execute(&mut su)
-            .await
-            .expect("create test database");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name} OWNER tenancy_admin"
+        )))
+        .execute(&mut su)
+        .await
+        .expect("create test database");
         let admin_url = with_db(&admin_url, &name);
         let superuser_url = with_db(&superuser_url, &name);
-        let admin = PgPoolOptions::new().max_connections(4).connect(&admin_url).await.expect("admin connects");
-        TestDb { name, admin_url, superuser_url, admin }
+        let admin = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&admin_url)
+            .await
+            .expect("admin connects");
+        TestDb {
+            name,
+            admin_url,
+            superuser_url,
+            admin,
+        }
     }
 
     pub async fn superuser(&self) -> PgConnection {
-        PgConnection::connect(&self.superuser_url).await.expect("superuser connects")
+        PgConnection::connect(&self.superuser_url)
+            .await
+            .expect("superuser connects")
     }
 
     /// A URL for `user` with `password` on this test's database.
@@ -65,7 +78,11 @@ impl TestDb {
 /// The root keys the Postgres suites run with (one fixed key `v1`): the
 /// ops logins' passwords and the audit keys derive from them.
 pub fn test_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]), "v1").expect("test keyring")
+    tenant_operator::crypto::Keyring::new(
+        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
+        "v1",
+    )
+    .expect("test keyring")
 }
 
 /// [`test_ring`] as a root-keys file (`--root-keys-file`), written once
@@ -74,7 +91,10 @@ pub fn test_ring_file() -> std::path::PathBuf {
     use base64::Engine;
     let path = std::env::temp_dir().join(format!("tenant-test-root-keys-{}.yaml", std::process::id()));
     if !path.exists() {
-        let text = format!("v1: {}\nactive: v1\n", base64::engine::general_purpose::STANDARD.encode([0x5a; 32]));
+        let text = format!(
+            "v1: {}\nactive: v1\n",
+            base64::engine::general_purpose::STANDARD.encode([0x5a; 32])
+        );
         std::fs::write(&path, text).expect("write the root-keys file");
     }
     path
@@ -85,8 +105,8 @@ pub fn unique(base: &str) -> String {
 }
 
 impl TestDb {
-    /// Like [`TestDb::new`], plus an admin role of this test's own (CREATEROLE
-    /// + pg_signal_backend, owning the database), so a test can cut the
+    /// Like [`TestDb::new`], plus an admin role of this test's own
+    /// (CREATEROLE and pg_signal_backend, owning the database), so a test can cut the
     /// operator off from Postgres without touching other tests.
     pub async fn with_own_admin(label: &str) -> (TestDb, String, String) {
         let db = TestDb::new(label).await;
@@ -116,7 +136,9 @@ pub async fn gateway_db(label: &str) -> (TestDb, tenant_operator::pg::gateway::G
     pg::harden_database(&db.admin, &facts).await.expect("harden");
     let gw = pg::gateway::GatewayName::parse(&format!("gw_{}", db.name)).expect("gateway name");
     let password = pg::scram::generate_password();
-    let out = pg::gateway::converge(&db.admin, &gw, &password, true).await.expect("gateway converges");
+    let out = pg::gateway::converge(&db.admin, &gw, &password, true)
+        .await
+        .expect("gateway converges");
     assert!(out.statements > 0);
     (db, gw, password)
 }

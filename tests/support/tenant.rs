@@ -30,7 +30,13 @@ pub fn default_spec() -> TenantSpec {
 
 impl Tenant {
     pub fn new(name: &str) -> Self {
-        Tenant { name: TenantName::parse(name).expect("valid name"), uid: format!("uid-{name}"), spec: default_spec(), password: None, gateway: None }
+        Tenant {
+            name: TenantName::parse(name).expect("valid name"),
+            uid: format!("uid-{name}"),
+            spec: default_spec(),
+            password: None,
+            gateway: None,
+        }
     }
 
     /// One reconcile's Postgres half; keeps the password as the Secret would.
@@ -38,14 +44,28 @@ impl Tenant {
         let mut desired = plan::desired_db(&self.name, &self.spec)?;
         desired.gateway = self.gateway.clone();
         let catalog = pg::tenant::observe(&db.admin, &self.name).await?;
-        let out = converge_db(&db.admin, &super::test_ring(), &self.name, &self.uid, &desired, &catalog, self.password.as_deref(), "test").await?;
+        let out = converge_db(
+            &db.admin,
+            &super::test_ring(),
+            &self.name,
+            &self.uid,
+            &desired,
+            &catalog,
+            self.password.as_deref(),
+            "test",
+        )
+        .await?;
         self.password = Some(out.plan.password.clone());
         Ok(out)
     }
 
     /// A session as the tenant's app role, with the Secret's URI.
     pub async fn app(&self, db: &TestDb) -> Result<PgConnection, sqlx::Error> {
-        let e = Endpoint { host: "127.0.0.1".into(), port: db.port(), database: db.name.clone() };
+        let e = Endpoint {
+            host: "127.0.0.1".into(),
+            port: db.port(),
+            database: db.name.clone(),
+        };
         let data = plan::secret_data(&self.name, &e, self.password.as_deref().expect("converged"));
         PgConnection::connect(&data["uri"]).await
     }
@@ -61,7 +81,9 @@ pub async fn provision_many(db: &TestDb, names: &[String], parallel: usize) -> V
             for attempt in 1.. {
                 match t.converge(db).await {
                     Ok(_) => break,
-                    Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 10 => tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await,
+                    Err(ConvergeError::Db(e)) if e.is_transient() && attempt < 10 => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await
+                    }
                     Err(e) => panic!("provisioning {}: {e}", t.name),
                 }
             }

@@ -35,19 +35,36 @@ pub fn helm() -> Option<PathBuf> {
 }
 
 pub fn kubernetes_validate() -> Option<PathBuf> {
-    find("kubernetes-validate", "KUBERNETES_VALIDATE", &[".tools/k8s-validate-venv/bin/kubernetes-validate"], "run scripts/setup.sh")
+    find(
+        "kubernetes-validate",
+        "KUBERNETES_VALIDATE",
+        &[".tools/k8s-validate-venv/bin/kubernetes-validate"],
+        "run scripts/setup.sh",
+    )
 }
 
 pub fn lua() -> Option<PathBuf> {
-    find("lua5.4", "LUA", &[], "run scripts/setup.sh (Debian: apt-get install lua5.4)")
+    find(
+        "lua5.4",
+        "LUA",
+        &[],
+        "run scripts/setup.sh (Debian: apt-get install lua5.4)",
+    )
 }
 
 pub fn run(bin: &Path, args: &[&str]) -> Output {
-    Command::new(bin).args(args).output().unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
+    Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// `helm template tenant-operator <chart> -n tenant-system <extra>`: stdout.
@@ -70,5 +87,6 @@ pub fn documents(yaml: &str) -> Vec<serde_json::Value> {
 
 /// The first document of `kind` named `name` (any name when None).
 pub fn find_doc<'a>(docs: &'a [serde_json::Value], kind: &str, name: Option<&str>) -> Option<&'a serde_json::Value> {
-    docs.iter().find(|d| d["kind"] == kind && name.is_none_or(|n| d["metadata"]["name"] == n))
+    docs.iter()
+        .find(|d| d["kind"] == kind && name.is_none_or(|n| d["metadata"]["name"] == n))
 }

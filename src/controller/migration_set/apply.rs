@@ -51,7 +51,10 @@ impl Outcome {
     }
 
     fn stops_pause(&self) -> bool {
-        matches!(self, Outcome::Done(TenantOutcome::Failed { .. } | TenantOutcome::ChecksumMismatch { .. }) | Outcome::Error(_))
+        matches!(
+            self,
+            Outcome::Done(TenantOutcome::Failed { .. } | TenantOutcome::ChecksumMismatch { .. }) | Outcome::Error(_)
+        )
     }
 }
 
@@ -74,14 +77,24 @@ impl RolloutReport {
     /// Worth another pass soon: a tenant was busy, hit a transient error,
     /// or was not started.
     pub fn retry_soon(&self) -> bool {
-        self.results.iter().any(|(_, o)| matches!(o, Outcome::Error(_) | Outcome::Skipped | Outcome::Done(TenantOutcome::Busy)))
+        self.results.iter().any(|(_, o)| {
+            matches!(
+                o,
+                Outcome::Error(_) | Outcome::Skipped | Outcome::Done(TenantOutcome::Busy)
+            )
+        })
     }
 }
 
 /// Runs one pass of `plan`, each tenant with its ops login from `logins`
 /// (a tenant without one is not registered: `NoSchema`). Never fails as a
 /// whole: each tenant's outcome is in the report.
-pub async fn rollout(pool: &PgPool, logins: &BTreeMap<TenantName, OpsLogin>, plan: &RolloutPlan, timeouts: &Timeouts) -> RolloutReport {
+pub async fn rollout(
+    pool: &PgPool,
+    logins: &BTreeMap<TenantName, OpsLogin>,
+    plan: &RolloutPlan,
+    timeouts: &Timeouts,
+) -> RolloutReport {
     let start = Instant::now();
     let mut report = RolloutReport::default();
     if plan.is_empty() || plan.blocked.is_some() {
@@ -103,14 +116,38 @@ pub async fn rollout(pool: &PgPool, logins: &BTreeMap<TenantName, OpsLogin>, pla
     let latest = plan.latest();
     let deadline = start + PASS_BUDGET;
 
-    let canaries = stage(&migration_pool, logins, plan, &plan.canaries, true, timeouts, &peak, deadline).await;
+    let canaries = stage(
+        &migration_pool,
+        logins,
+        plan,
+        &plan.canaries,
+        true,
+        timeouts,
+        &peak,
+        deadline,
+    )
+    .await;
     let canaries_ok = canaries.iter().all(|(_, o)| o.at_latest(latest));
     report.results.extend(canaries);
     if canaries_ok {
-        report.results.extend(stage(&migration_pool, logins, plan, &plan.rest, false, timeouts, &peak, deadline).await);
+        report.results.extend(
+            stage(
+                &migration_pool,
+                logins,
+                plan,
+                &plan.rest,
+                false,
+                timeouts,
+                &peak,
+                deadline,
+            )
+            .await,
+        );
     } else {
         report.canary_stopped = true;
-        report.results.extend(plan.rest.iter().map(|n| (n.clone(), Outcome::Skipped)));
+        report
+            .results
+            .extend(plan.rest.iter().map(|n| (n.clone(), Outcome::Skipped)));
     }
     migration_pool.close().await;
     report.peak_connections = peak.load(Ordering::Relaxed);
@@ -177,12 +214,23 @@ pub async fn write_status(ctx: &Context, ms: &MigrationSet, status: MigrationSet
     // away (an emptied failed list) as null.
     let mut value = serde_json::to_value(&status).map_err(Error::Serialize)?;
     if let Some(map) = value.as_object_mut() {
-        for key in ["phase", "observedGeneration", "latestVersion", "progress", "versions", "failed", "conditions"] {
+        for key in [
+            "phase",
+            "observedGeneration",
+            "latestVersion",
+            "progress",
+            "versions",
+            "failed",
+            "conditions",
+        ] {
             map.entry(key).or_insert(serde_json::Value::Null);
         }
     }
     let patch = json!({ "status": value });
-    match api.patch_status(&ms.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match api
+        .patch_status(&ms.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
         Err(e) => return Err(Error::PatchStatus(e)),

@@ -29,8 +29,8 @@ use kube::{Api, Resource, ResourceExt};
 use sqlx::PgPool;
 
 use crate::api::{MigrationSet, MigrationSetPhase, MigrationSetSpec, Tenant};
-use crate::crypto::Keyring;
 use crate::controller::{Context, Stats};
+use crate::crypto::Keyring;
 use crate::names::TenantName;
 use crate::pg::migrations::Timeouts;
 use crate::pg::PgError;
@@ -91,7 +91,15 @@ impl Pass {
 
 /// Observe, plan, roll out (logging in as each planned tenant's ops role
 /// with a password derived from `ring`), observe again.
-pub async fn pass(pool: &PgPool, ring: &Keyring, name: &str, generation: i64, spec: &MigrationSetSpec, followers: &[TenantName], timeouts: &Timeouts) -> Result<Pass, PgError> {
+pub async fn pass(
+    pool: &PgPool,
+    ring: &Keyring,
+    name: &str,
+    generation: i64,
+    spec: &MigrationSetSpec,
+    followers: &[TenantName],
+    timeouts: &Timeouts,
+) -> Result<Pass, PgError> {
     let before = observe::observe(pool, name, followers).await?;
     let plan = plan::plan(name, generation, spec, &before);
     let logins = if plan.is_empty() || plan.blocked.is_some() {
@@ -108,12 +116,21 @@ pub async fn pass(pool: &PgPool, ring: &Keyring, name: &str, generation: i64, sp
         Some(after) => after,
         None => observe::observe(pool, name, followers).await?,
     };
-    Ok(Pass { plan, report, before, after })
+    Ok(Pass {
+        plan,
+        report,
+        before,
+        after,
+    })
 }
 
 /// `before` with the outcomes of `report` applied; None when an outcome
 /// leaves the tenant's state unknown (busy elsewhere, interrupted). Pure.
-pub fn advance(before: &plan::Observed, plan: &plan::RolloutPlan, report: &apply::RolloutReport) -> Option<plan::Observed> {
+pub fn advance(
+    before: &plan::Observed,
+    plan: &plan::RolloutPlan,
+    report: &apply::RolloutReport,
+) -> Option<plan::Observed> {
     use crate::pg::migrations::{Applied, FailureRecord, TenantOutcome, REASON_CHECKSUM, REASON_FAILED};
     let mut after = before.clone();
     for (tenant, outcome) in &report.results {
@@ -122,7 +139,12 @@ pub fn advance(before: &plan::Observed, plan: &plan::RolloutPlan, report: &apply
             migration_set: plan.set.name.clone(),
             set_generation: plan.set.generation,
             version,
-            migration_name: plan.migrations.iter().find(|m| m.version == version).map(|m| m.name.clone()).unwrap_or_default(),
+            migration_name: plan
+                .migrations
+                .iter()
+                .find(|m| m.version == version)
+                .map(|m| m.name.clone())
+                .unwrap_or_default(),
             reason: reason.into(),
             error: error.into(),
             sqlstate: sqlstate.clone(),
@@ -142,16 +164,33 @@ pub fn advance(before: &plan::Observed, plan: &plan::RolloutPlan, report: &apply
                     return None;
                 }
                 for m in plan.migrations.iter().filter(|m| applied.contains(&m.version)) {
-                    v.applied.push(Applied { version: m.version, name: m.name.clone(), checksum: m.checksum.clone() });
+                    v.applied.push(Applied {
+                        version: m.version,
+                        name: m.name.clone(),
+                        checksum: m.checksum.clone(),
+                    });
                 }
                 replace(&mut after, None);
             }
-            apply::Outcome::Done(TenantOutcome::Failed { version, error, sqlstate, at }) => {
+            apply::Outcome::Done(TenantOutcome::Failed {
+                version,
+                error,
+                sqlstate,
+                at,
+            }) => {
                 // Versions before the failed one may have been applied in this run.
                 let v = after.versions.entry(tenant.clone()).or_default();
                 let current = v.current();
-                for m in plan.migrations.iter().filter(|m| m.version > current && m.version <= *at) {
-                    v.applied.push(Applied { version: m.version, name: m.name.clone(), checksum: m.checksum.clone() });
+                for m in plan
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version > current && m.version <= *at)
+                {
+                    v.applied.push(Applied {
+                        version: m.version,
+                        name: m.name.clone(),
+                        checksum: m.checksum.clone(),
+                    });
                 }
                 replace(&mut after, Some(record(*version, REASON_FAILED, error, sqlstate)));
             }
@@ -179,19 +218,32 @@ pub fn subscribe(watch: &mut crate::controller::tenant_watch::TenantWatch) -> Fo
     // about 37 s at 1,000 tenants).
     let mut follows = FollowerIndex::default();
     let changes = watch.listen(move |ev| follows.changed(ev).then_some(()));
-    Followers { store: watch.store(), changes }
+    Followers {
+        store: watch.store(),
+        changes,
+    }
 }
 
 /// Starts the MigrationSet controller and drives it until shutdown.
 pub async fn run(ctx: Arc<Context>, tenants: Followers) {
-    let Followers { store, changes: tenant_changes } = tenants;
+    let Followers {
+        store,
+        changes: tenant_changes,
+    } = tenants;
     let sets: Api<MigrationSet> = Api::all(ctx.client.clone());
-    let sctx = Arc::new(SetContext { ctx: ctx.clone(), tenants: store });
+    let sctx = Arc::new(SetContext {
+        ctx: ctx.clone(),
+        tenants: store,
+    });
     Controller::new(sets, watcher::Config::default().any_semantic())
         // Sets are few: any Tenant change (created, deleted, moved to another
         // set) re-runs every set; the debounce merges bursts.
         .reconcile_all_on(tenant_changes)
-        .with_config(ControllerConfig::default().concurrency(4).debounce(Duration::from_secs(1)))
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(4)
+                .debounce(Duration::from_secs(1)),
+        )
         // No signal handling of its own: the Tenant controller owns shutdown
         // (`controller::run`). A pass cut short by it loses only open
         // transactions, which Postgres rolls back.
@@ -215,7 +267,11 @@ impl FollowerIndex {
     fn changed(&mut self, ev: &watcher::Event<Tenant>) -> bool {
         match ev {
             watcher::Event::Apply(t) | watcher::Event::InitApply(t) => {
-                let set = if t.metadata.deletion_timestamp.is_some() { String::new() } else { t.spec.database.migration_set.clone() };
+                let set = if t.metadata.deletion_timestamp.is_some() {
+                    String::new()
+                } else {
+                    t.spec.database.migration_set.clone()
+                };
                 self.0.insert(t.name_any(), set.clone()).as_ref() != Some(&set)
             }
             watcher::Event::Delete(t) => self.0.remove(&t.name_any()).is_some(),
@@ -236,7 +292,11 @@ async fn reconcile(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<Actio
     let started = std::time::Instant::now();
     let span = tracing::info_span!("reconcile", controller = "migrationset", set = %ms.name_any());
     let result = tracing::Instrument::instrument(reconcile_set(ms, sctx.clone()), span).await;
-    sctx.ctx.metrics.reconciled("migrationset", started.elapsed(), result.as_ref().err().map(Error::label));
+    sctx.ctx.metrics.reconciled(
+        "migrationset",
+        started.elapsed(),
+        result.as_ref().err().map(Error::label),
+    );
     result
 }
 
@@ -248,16 +308,38 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
     let generation = ms.metadata.generation.unwrap_or(0);
     let followers = observe::followers(&sctx.tenants.state(), &name);
     let ring = ctx.keys.current().ok_or(Error::NoRootKeys)?;
-    let pass = pass(&ctx.pool, &ring, &name, generation, &ms.spec, &followers, &ctx.settings.migration_timeouts).await?;
+    let pass = pass(
+        &ctx.pool,
+        &ring,
+        &name,
+        generation,
+        &ms.spec,
+        &followers,
+        &ctx.settings.migration_timeouts,
+    )
+    .await?;
     let migrated = pass.report.count(|o| matches!(o, apply::Outcome::Done(crate::pg::migrations::TenantOutcome::Migrated { applied, .. }) if !applied.is_empty()));
     if !pass.report.results.is_empty() {
         tracing::info!(set = %name, migrated, tenants = pass.report.results.len(), elapsed_ms = pass.report.elapsed.as_millis() as u64, "rollout pass");
     }
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true);
-    let new = status::compute(ms.status.as_ref(), ms.metadata.generation, &ms.spec, &pass.plan, &pass.after, pass.more(), &now);
+    let new = status::compute(
+        ms.status.as_ref(),
+        ms.metadata.generation,
+        &ms.spec,
+        &pass.plan,
+        &pass.after,
+        pass.more(),
+        &now,
+    );
     let old_phase = ms.status.as_ref().and_then(|s| s.phase);
     let phase = new.phase;
-    let message = new.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.message.clone()).unwrap_or_default();
+    let message = new
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
     apply::write_status(ctx, &ms, new).await?;
     ctx.reset_backoff(&format!("migrationset/{name}"));
     if old_phase != phase {
@@ -280,7 +362,11 @@ async fn event(ctx: &Context, ms: &MigrationSet, phase: MigrationSetPhase, messa
         MigrationSetPhase::Paused => "Paused",
     };
     let ev = Event {
-        type_: if phase == MigrationSetPhase::Paused { EventType::Warning } else { EventType::Normal },
+        type_: if phase == MigrationSetPhase::Paused {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.into(),
         note: Some(message.chars().take(1000).collect()),
         action: reason.into(),
@@ -302,21 +388,35 @@ mod tests {
     #[test]
     fn only_changes_of_a_tenants_set_bring_the_sets_back() {
         let tenant = |name: &str, set: &str| {
-            let mut t = Tenant::new(name, serde_json::from_value(serde_json::json!({"database": {"migrationSet": set}})).unwrap());
+            let mut t = Tenant::new(
+                name,
+                serde_json::from_value(serde_json::json!({"database": {"migrationSet": set}})).unwrap(),
+            );
             t.status = Some(Default::default());
             t
         };
         let mut idx = FollowerIndex::default();
-        assert!(idx.changed(&watcher::Event::Apply(tenant("a", "default"))), "a new tenant");
+        assert!(
+            idx.changed(&watcher::Event::Apply(tenant("a", "default"))),
+            "a new tenant"
+        );
         let mut status_only = tenant("a", "default");
         status_only.status.as_mut().unwrap().schema_version = Some(3);
         assert!(!idx.changed(&watcher::Event::Apply(status_only)), "a status write");
-        assert!(idx.changed(&watcher::Event::Apply(tenant("a", "other"))), "moved to another set");
+        assert!(
+            idx.changed(&watcher::Event::Apply(tenant("a", "other"))),
+            "moved to another set"
+        );
         let mut deleting = tenant("a", "other");
-        deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
         assert!(idx.changed(&watcher::Event::Apply(deleting)), "being deleted");
         assert!(idx.changed(&watcher::Event::Delete(tenant("a", "other"))), "gone");
-        assert!(!idx.changed(&watcher::Event::Delete(tenant("a", "other"))), "gone twice");
+        assert!(
+            !idx.changed(&watcher::Event::Delete(tenant("a", "other"))),
+            "gone twice"
+        );
         assert!(!idx.changed(&watcher::Event::Init));
         assert!(idx.changed(&watcher::Event::InitDone));
     }
@@ -324,33 +424,100 @@ mod tests {
     #[test]
     fn the_state_after_a_pass_follows_from_its_report() {
         let spec = MigrationSetSpec {
-            migrations: (1..=2).map(|v| Migration { version: v, name: format!("m{v}"), sql: format!("sql {v}"), transactional: true }).collect(),
-            rollout: RolloutSpec { max_concurrent: 2, canary: 0, on_failure: OnFailure::Continue },
+            migrations: (1..=2)
+                .map(|v| Migration {
+                    version: v,
+                    name: format!("m{v}"),
+                    sql: format!("sql {v}"),
+                    transactional: true,
+                })
+                .collect(),
+            rollout: RolloutSpec {
+                max_concurrent: 2,
+                canary: 0,
+                on_failure: OnFailure::Continue,
+            },
         };
         let names: Vec<TenantName> = ["a", "b", "c"].iter().map(|n| TenantName::parse(n).unwrap()).collect();
         let before = plan::Observed {
             followers: names.clone(),
-            versions: names.iter().map(|n| (n.clone(), SchemaVersions { schema_exists: true, applied: vec![] })).collect(),
+            versions: names
+                .iter()
+                .map(|n| {
+                    (
+                        n.clone(),
+                        SchemaVersions {
+                            schema_exists: true,
+                            applied: vec![],
+                        },
+                    )
+                })
+                .collect(),
             failures: vec![],
         };
         let p = plan::plan("default", 1, &spec, &before);
         let report = RolloutReport {
             results: vec![
-                (names[0].clone(), Outcome::Done(TenantOutcome::Migrated { from: 0, to: 2, applied: vec![1, 2] })),
-                (names[1].clone(), Outcome::Done(TenantOutcome::Failed { at: 1, version: 2, error: "boom".into(), sqlstate: None })),
+                (
+                    names[0].clone(),
+                    Outcome::Done(TenantOutcome::Migrated {
+                        from: 0,
+                        to: 2,
+                        applied: vec![1, 2],
+                    }),
+                ),
+                (
+                    names[1].clone(),
+                    Outcome::Done(TenantOutcome::Failed {
+                        at: 1,
+                        version: 2,
+                        error: "boom".into(),
+                        sqlstate: None,
+                    }),
+                ),
                 (names[2].clone(), Outcome::Skipped),
             ],
             ..Default::default()
         };
         let after = advance(&before, &p, &report).expect("known outcomes");
         assert_eq!(after.versions[&names[0]].current(), 2);
-        assert_eq!(after.versions[&names[1]].current(), 1, "the version before the failed one was applied");
+        assert_eq!(
+            after.versions[&names[1]].current(),
+            1,
+            "the version before the failed one was applied"
+        );
         assert_eq!(after.versions[&names[2]].current(), 0);
         assert_eq!(after.failures.len(), 1);
-        assert_eq!((after.failures[0].tenant.as_str(), after.failures[0].version, after.failures[0].reason.as_str()), ("b", 2, REASON_FAILED));
-        let busy = RolloutReport { results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Busy))], ..Default::default() };
-        assert!(advance(&before, &p, &busy).is_none(), "a tenant busy elsewhere must be read again");
-        let resynced = RolloutReport { results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Migrated { from: 2, to: 2, applied: vec![] }))], ..Default::default() };
-        assert!(advance(&before, &p, &resynced).is_none(), "a run that found the schema ahead of its record re-synced it: read again");
+        assert_eq!(
+            (
+                after.failures[0].tenant.as_str(),
+                after.failures[0].version,
+                after.failures[0].reason.as_str()
+            ),
+            ("b", 2, REASON_FAILED)
+        );
+        let busy = RolloutReport {
+            results: vec![(names[2].clone(), Outcome::Done(TenantOutcome::Busy))],
+            ..Default::default()
+        };
+        assert!(
+            advance(&before, &p, &busy).is_none(),
+            "a tenant busy elsewhere must be read again"
+        );
+        let resynced = RolloutReport {
+            results: vec![(
+                names[2].clone(),
+                Outcome::Done(TenantOutcome::Migrated {
+                    from: 2,
+                    to: 2,
+                    applied: vec![],
+                }),
+            )],
+            ..Default::default()
+        };
+        assert!(
+            advance(&before, &p, &resynced).is_none(),
+            "a run that found the schema ahead of its record re-synced it: read again"
+        );
     }
 }

@@ -30,5 +30,9 @@ pub fn followers(tenants: &[Arc<Tenant>], set: &str) -> Vec<TenantName> {
 pub async fn observe(pool: &PgPool, set: &str, followers: &[TenantName]) -> Result<Observed, PgError> {
     let versions = crate::pg::migrations::observe_many(pool, followers).await?;
     let failures = crate::pg::migrations::failures_of_set(pool, set).await?;
-    Ok(Observed { followers: followers.to_vec(), versions, failures })
+    Ok(Observed {
+        followers: followers.to_vec(),
+        versions,
+        failures,
+    })
 }

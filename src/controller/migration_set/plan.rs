@@ -35,9 +35,16 @@ pub fn migrations(spec: &MigrationSetSpec) -> Result<Vec<MigrationSql>, String> 
     let MigrationSetSpec { migrations, rollout: _ } = spec;
     let mut out: Vec<MigrationSql> = Vec::with_capacity(migrations.len());
     for (i, m) in migrations.iter().enumerate() {
-        let crate::api::Migration { version, name, sql, transactional } = m;
+        let crate::api::Migration {
+            version,
+            name,
+            sql,
+            transactional,
+        } = m;
         if *version < 1 {
-            return Err(format!("spec.migrations[{i}].version: {version} is not a positive integer"));
+            return Err(format!(
+                "spec.migrations[{i}].version: {version} is not a positive integer"
+            ));
         }
         if let Some(prev) = out.last() {
             if *version <= prev.version {
@@ -144,11 +151,19 @@ pub fn live_failures<'a>(obs: &'a Observed, set: &str, generation: i64) -> BTree
 
 /// The canaries: the first `canary` provisioned followers, by name.
 pub fn canaries(obs: &Observed, canary: usize) -> Vec<TenantName> {
-    obs.followers.iter().filter(|n| obs.versions.get(*n).is_some_and(|v| v.schema_exists)).take(canary).cloned().collect()
+    obs.followers
+        .iter()
+        .filter(|n| obs.versions.get(*n).is_some_and(|v| v.schema_exists))
+        .take(canary)
+        .cloned()
+        .collect()
 }
 
 pub fn plan(name: &str, generation: i64, spec: &MigrationSetSpec, obs: &Observed) -> RolloutPlan {
-    let set = SetRef { name: name.to_owned(), generation };
+    let set = SetRef {
+        name: name.to_owned(),
+        generation,
+    };
     let rollout = &spec.rollout;
     let max_concurrent = rollout.max_concurrent.clamp(1, 64) as usize;
     let mut out = RolloutPlan {
@@ -196,10 +211,21 @@ pub fn plan(name: &str, generation: i64, spec: &MigrationSetSpec, obs: &Observed
             return out;
         }
     }
-    let behind = |n: &&TenantName| obs.versions.get(*n).is_some_and(|v| v.schema_exists && v.current() < latest) && !failed.contains_key(n.as_str());
+    let behind = |n: &&TenantName| {
+        obs.versions
+            .get(*n)
+            .is_some_and(|v| v.schema_exists && v.current() < latest)
+            && !failed.contains_key(n.as_str())
+    };
     let canary_set: BTreeSet<&TenantName> = canaries.iter().collect();
     out.canaries = canaries.iter().filter(behind).cloned().collect();
-    let mut rest: Vec<TenantName> = obs.followers.iter().filter(behind).filter(|n| !canary_set.contains(n)).cloned().collect();
+    let mut rest: Vec<TenantName> = obs
+        .followers
+        .iter()
+        .filter(behind)
+        .filter(|n| !canary_set.contains(n))
+        .cloned()
+        .collect();
     let limit = max_concurrent * PASS_FACTOR;
     if rest.len() > limit {
         out.deferred = rest.len() - limit;
@@ -221,13 +247,35 @@ mod tests {
 
     fn spec(versions: &[(i64, &str)], canary: u32, on_failure: OnFailure) -> MigrationSetSpec {
         MigrationSetSpec {
-            migrations: versions.iter().map(|(v, sql)| Migration { version: *v, name: format!("m{v}"), sql: sql.to_string(), transactional: true }).collect(),
-            rollout: RolloutSpec { max_concurrent: 2, canary, on_failure },
+            migrations: versions
+                .iter()
+                .map(|(v, sql)| Migration {
+                    version: *v,
+                    name: format!("m{v}"),
+                    sql: sql.to_string(),
+                    transactional: true,
+                })
+                .collect(),
+            rollout: RolloutSpec {
+                max_concurrent: 2,
+                canary,
+                on_failure,
+            },
         }
     }
 
     fn at(v: &[(i64, &str)]) -> SchemaVersions {
-        SchemaVersions { schema_exists: true, applied: v.iter().map(|(v, sql)| Applied { version: *v, name: format!("m{v}"), checksum: checksum(sql) }).collect() }
+        SchemaVersions {
+            schema_exists: true,
+            applied: v
+                .iter()
+                .map(|(v, sql)| Applied {
+                    version: *v,
+                    name: format!("m{v}"),
+                    checksum: checksum(sql),
+                })
+                .collect(),
+        }
     }
 
     fn obs(tenants: &[(&str, SchemaVersions)]) -> Observed {
@@ -255,7 +303,11 @@ mod tests {
     fn versions_must_increase_strictly() {
         let s = spec(&[(1, "a"), (1, "b")], 1, OnFailure::Pause);
         let p = plan("default", 1, &s, &obs(&[]));
-        assert!(matches!(p.blocked, Some(Blocked::InvalidSpec(ref m)) if m.contains("strictly increasing")), "{:?}", p.blocked);
+        assert!(
+            matches!(p.blocked, Some(Blocked::InvalidSpec(ref m)) if m.contains("strictly increasing")),
+            "{:?}",
+            p.blocked
+        );
     }
 
     #[test]

@@ -48,17 +48,35 @@ pub fn compute(
     // behind (under any generation: an older one is retried, but until then
     // it is what is known).
     let mut failed: Vec<FailedTenant> = Vec::new();
-    if plan.blocked.as_ref().is_none_or(|b| !matches!(b, Blocked::InvalidSpec(_))) {
+    if plan
+        .blocked
+        .as_ref()
+        .is_none_or(|b| !matches!(b, Blocked::InvalidSpec(_)))
+    {
         for n in &after.followers {
             let Some(v) = after.versions.get(n) else { continue };
             if let Some((version, what)) = find_mismatch(&v.applied, &plan.migrations) {
-                failed.push(FailedTenant { tenant: n.to_string(), version, reason: REASON_CHECKSUM.into(), error: truncate(&what) });
-            } else if let Some(f) = after.failures.iter().find(|f| f.tenant == n.as_str() && f.reason == REASON_FAILED && f.version > v.current()) {
+                failed.push(FailedTenant {
+                    tenant: n.to_string(),
+                    version,
+                    reason: REASON_CHECKSUM.into(),
+                    error: truncate(&what),
+                });
+            } else if let Some(f) = after
+                .failures
+                .iter()
+                .find(|f| f.tenant == n.as_str() && f.reason == REASON_FAILED && f.version > v.current())
+            {
                 let error = match &f.sqlstate {
                     Some(code) => format!("{} (SQLSTATE {code})", f.error),
                     None => f.error.clone(),
                 };
-                failed.push(FailedTenant { tenant: n.to_string(), version: f.version, reason: REASON_FAILED.into(), error: truncate(&error) });
+                failed.push(FailedTenant {
+                    tenant: n.to_string(),
+                    version: f.version,
+                    reason: REASON_FAILED.into(),
+                    error: truncate(&error),
+                });
             }
         }
     }
@@ -87,18 +105,35 @@ pub fn compute(
         _ => ("Progressing", format!("{at_latest} of {} tenant(s) at version {latest}", after.followers.len())),
     };
     let conds = [
-        Cond::new("Ready", phase == MigrationSetPhase::Complete, ready_reason, ready_msg.clone()),
-        if phase == MigrationSetPhase::Paused { Cond::new("Paused", true, ready_reason, ready_msg) } else { Cond::new("Paused", false, "NotPaused", "") },
+        Cond::new(
+            "Ready",
+            phase == MigrationSetPhase::Complete,
+            ready_reason,
+            ready_msg.clone(),
+        ),
+        if phase == MigrationSetPhase::Paused {
+            Cond::new("Paused", true, ready_reason, ready_msg)
+        } else {
+            Cond::new("Paused", false, "NotPaused", "")
+        },
     ];
     MigrationSetStatus {
         phase: Some(phase),
         observed_generation: generation,
         latest_version: Some(latest),
         progress: Some(format!("{at_latest}/{}", after.followers.len())),
-        versions: versions.into_iter().map(|(version, tenants)| VersionCount { version, tenants }).collect(),
+        versions: versions
+            .into_iter()
+            .map(|(version, tenants)| VersionCount { version, tenants })
+            .collect(),
         failed_count,
         failed,
-        conditions: merge_conditions(old.map(|s| s.conditions.as_slice()).unwrap_or_default(), &conds, generation, now),
+        conditions: merge_conditions(
+            old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
+            &conds,
+            generation,
+            now,
+        ),
     }
 }
 
@@ -115,19 +150,44 @@ mod tests {
 
     fn spec(on_failure: OnFailure) -> MigrationSetSpec {
         MigrationSetSpec {
-            migrations: vec![Migration { version: 1, name: "m1".into(), sql: "a".into(), transactional: true }],
-            rollout: RolloutSpec { max_concurrent: 4, canary: 0, on_failure },
+            migrations: vec![Migration {
+                version: 1,
+                name: "m1".into(),
+                sql: "a".into(),
+                transactional: true,
+            }],
+            rollout: RolloutSpec {
+                max_concurrent: 4,
+                canary: 0,
+                on_failure,
+            },
         }
     }
 
     fn observed(n: usize, at_latest: usize, failed: usize) -> Observed {
-        let names: Vec<TenantName> = (0..n).map(|i| TenantName::parse(&format!("t{i:03}")).unwrap()).collect();
+        let names: Vec<TenantName> = (0..n)
+            .map(|i| TenantName::parse(&format!("t{i:03}")).unwrap())
+            .collect();
         let versions = names
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let applied = if i < at_latest { vec![Applied { version: 1, name: "m1".into(), checksum: checksum("a") }] } else { vec![] };
-                (t.clone(), SchemaVersions { schema_exists: true, applied })
+                let applied = if i < at_latest {
+                    vec![Applied {
+                        version: 1,
+                        name: "m1".into(),
+                        checksum: checksum("a"),
+                    }]
+                } else {
+                    vec![]
+                };
+                (
+                    t.clone(),
+                    SchemaVersions {
+                        schema_exists: true,
+                        applied,
+                    },
+                )
             })
             .collect();
         let failures = names[at_latest..at_latest + failed]
@@ -143,7 +203,11 @@ mod tests {
                 sqlstate: Some("23514".into()),
             })
             .collect();
-        Observed { followers: names, versions, failures }
+        Observed {
+            followers: names,
+            versions,
+            failures,
+        }
     }
 
     fn status(obs: &Observed, on_failure: OnFailure, more: bool) -> MigrationSetStatus {
@@ -155,15 +219,31 @@ mod tests {
     #[test]
     fn phases_follow_the_tenants() {
         let st = status(&observed(3, 3, 0), OnFailure::Pause, false);
-        assert_eq!((st.phase, st.progress.as_deref()), (Some(MigrationSetPhase::Complete), Some("3/3")));
+        assert_eq!(
+            (st.phase, st.progress.as_deref()),
+            (Some(MigrationSetPhase::Complete), Some("3/3"))
+        );
         assert_eq!(st.versions, vec![VersionCount { version: 1, tenants: 3 }]);
         let st = status(&observed(3, 1, 0), OnFailure::Pause, true);
-        assert_eq!((st.phase, st.progress.as_deref()), (Some(MigrationSetPhase::Progressing), Some("1/3")));
+        assert_eq!(
+            (st.phase, st.progress.as_deref()),
+            (Some(MigrationSetPhase::Progressing), Some("1/3"))
+        );
         let st = status(&observed(3, 1, 1), OnFailure::Pause, false);
         assert_eq!(st.phase, Some(MigrationSetPhase::Paused));
         let st = status(&observed(3, 2, 1), OnFailure::Continue, false);
-        assert_eq!(st.phase, Some(MigrationSetPhase::Paused), "only failed tenants are behind: nothing more happens");
-        assert_eq!(st.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str()), Some("False"));
+        assert_eq!(
+            st.phase,
+            Some(MigrationSetPhase::Paused),
+            "only failed tenants are behind: nothing more happens"
+        );
+        assert_eq!(
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.status.as_str()),
+            Some("False")
+        );
     }
 
     #[test]

@@ -34,18 +34,25 @@ pub async fn add_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
                { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
     };
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Serialize)?;
-    api.patch(&t.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await.map_err(Error::PatchFinalizer)?;
+    api.patch(&t.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map_err(Error::PatchFinalizer)?;
     Stats::add(&ctx.stats.kube_writes, 1);
     Ok(())
 }
 
 pub async fn remove_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
-    let Some(i) = t.finalizers().iter().position(|f| f == FINALIZER) else { return Ok(()) };
+    let Some(i) = t.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
     let api: Api<Tenant> = Api::all(ctx.client.clone());
     let patch = json!([{ "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER },
                        { "op": "remove", "path": format!("/metadata/finalizers/{i}") }]);
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Serialize)?;
-    match api.patch(&t.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+    match api
+        .patch(&t.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(Error::PatchFinalizer(e)),
@@ -85,8 +92,20 @@ pub async fn converge_secret(
     });
     if let Some(s) = existing {
         let same_data = s.data == secret.0.data;
-        let owner_uid = secret.0.metadata.owner_references.iter().flatten().next().map(|o| o.uid.clone());
-        let same_owner = s.metadata.owner_references.iter().flatten().any(|o| Some(&o.uid) == owner_uid.as_ref());
+        let owner_uid = secret
+            .0
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .next()
+            .map(|o| o.uid.clone());
+        let same_owner = s
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == owner_uid.as_ref());
         let same_labels = secret.0.labels().iter().all(|(k, v)| s.labels().get(k) == Some(v));
         if same_data && same_owner && same_labels && s.type_.as_deref() == Some("Opaque") {
             return Ok(false);
@@ -94,10 +113,15 @@ pub async fn converge_secret(
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let written = match existing {
-        None => api.create(&PostParams::default(), &secret.0).await.map_err(Error::WriteSecret)?,
+        None => api
+            .create(&PostParams::default(), &secret.0)
+            .await
+            .map_err(Error::WriteSecret)?,
         Some(s) => {
             secret.0.metadata.resource_version = s.metadata.resource_version.clone();
-            api.replace(&name.db_secret(), &PostParams::default(), &secret.0).await.map_err(Error::WriteSecret)?
+            api.replace(&name.db_secret(), &PostParams::default(), &secret.0)
+                .await
+                .map_err(Error::WriteSecret)?
         }
     };
     drop(Wiped(written));
@@ -147,7 +171,10 @@ pub async fn write_usage(ctx: &Context, name: &str, usage: &crate::api::TenantUs
 /// meanwhile (its finalizer was just removed) is no write and no error.
 async fn patch_status(ctx: &Context, name: &str, patch: serde_json::Value) -> Result<bool, Error> {
     let api: Api<Tenant> = Api::all(ctx.client.clone());
-    match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
         Err(e) => return Err(Error::PatchStatus(e)),
@@ -196,27 +223,67 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             }
         }
         crate::pg::tenant::set_key_version(&ctx.pool, uid, None).await?;
-        return Ok(Sealed { cond: Cond::new("SecretsSealed", true, "NoSecrets", "spec.secrets is empty"), key: None });
+        return Ok(Sealed {
+            cond: Cond::new("SecretsSealed", true, "NoSecrets", "spec.secrets is empty"),
+            key: None,
+        });
     }
     if let Err(msg) = sealing::validate(spec) {
-        return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "InvalidSpec", msg), key: None });
+        return Ok(Sealed {
+            cond: Cond::new("SecretsSealed", false, "InvalidSpec", msg),
+            key: None,
+        });
     }
     let Some(ring) = ctx.keys.current() else {
-        return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "NoRootKeys", "the operator has no root keys loaded"), key: None });
+        return Ok(Sealed {
+            cond: Cond::new(
+                "SecretsSealed",
+                false,
+                "NoRootKeys",
+                "the operator has no root keys loaded",
+            ),
+            key: None,
+        });
     };
     let Some(salt) = crate::pg::tenant::key_salt(&ctx.pool, uid).await? else {
-        return Ok(Sealed { cond: Cond::new("SecretsSealed", false, "NotProvisioned", "the tenant has no registry row yet"), key: None });
+        return Ok(Sealed {
+            cond: Cond::new(
+                "SecretsSealed",
+                false,
+                "NotProvisioned",
+                "the tenant has no registry row yet",
+            ),
+            key: None,
+        });
     };
     let sources = super::observe::read_sources(ctx, name.as_str(), spec).await?;
-    let existing_data: BTreeMap<String, Vec<u8>> =
-        existing.as_ref().and_then(|s| s.data.clone()).unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-    let plan = sealing::plan_sealed(&ring, &salt, uid, name.as_str(), &ctx.settings.secret_sources, spec, &sources, &existing_data).map_err(Error::Seal)?;
+    let existing_data: BTreeMap<String, Vec<u8>> = existing
+        .as_ref()
+        .and_then(|s| s.data.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    let plan = sealing::plan_sealed(
+        &ring,
+        &salt,
+        uid,
+        name.as_str(),
+        &ctx.settings.secret_sources,
+        spec,
+        &sources,
+        &existing_data,
+    )
+    .map_err(Error::Seal)?;
     drop(sources);
     let version = ring.active_version();
     let fingerprint = ring.active_fingerprint().to_string();
     let versions = sealing::versions_of(&plan.data);
     let annotations = BTreeMap::from([
-        (KEY_VERSION_ANNOTATION.to_string(), versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")),
+        (
+            KEY_VERSION_ANNOTATION.to_string(),
+            versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","),
+        ),
         (KEY_FINGERPRINT_ANNOTATION.to_string(), fingerprint.clone()),
     ]);
     let owner = t.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
@@ -240,27 +307,53 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
                 resource_version: existing.as_ref().and_then(|s| s.metadata.resource_version.clone()),
                 ..ObjectMeta::default()
             },
-            data: Some(plan.data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone()))).collect()),
+            data: Some(
+                plan.data
+                    .iter()
+                    .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+                    .collect(),
+            ),
             type_: Some("Opaque".into()),
             ..Secret::default()
         };
         if existing.is_some() {
-            api.replace(&name.sealed_secret(), &PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
+            api.replace(&name.sealed_secret(), &PostParams::default(), &secret)
+                .await
+                .map_err(Error::WriteSecret)?;
         } else {
-            api.create(&PostParams::default(), &secret).await.map_err(Error::WriteSecret)?;
+            api.create(&PostParams::default(), &secret)
+                .await
+                .map_err(Error::WriteSecret)?;
         }
         Stats::add(&ctx.stats.kube_writes, 1);
         if plan.sealed > 0 {
             // Envelopes under another root key were re-sealed: a key rotation.
-            let previous: Vec<String> = sealing::versions_of(&existing_data).iter().filter(|v| **v != version).map(|v| v.to_string()).collect();
-            let (action, reason) = if previous.is_empty() { ("SecretsSealed", "SecretsSealed") } else { ("KeyRotated", "KeyRotated") };
-            let detail = json!({ "sealed": plan.sealed, "key_version": version.to_string(), "previous_versions": previous });
-            let actor = if previous.is_empty() { super::plan::last_spec_manager(t) } else { "tenant-operator (root key rotation)".to_string() };
+            let previous: Vec<String> = sealing::versions_of(&existing_data)
+                .iter()
+                .filter(|v| **v != version)
+                .map(|v| v.to_string())
+                .collect();
+            let (action, reason) = if previous.is_empty() {
+                ("SecretsSealed", "SecretsSealed")
+            } else {
+                ("KeyRotated", "KeyRotated")
+            };
+            let detail =
+                json!({ "sealed": plan.sealed, "key_version": version.to_string(), "previous_versions": previous });
+            let actor = if previous.is_empty() {
+                super::plan::last_spec_manager(t)
+            } else {
+                "tenant-operator (root key rotation)".to_string()
+            };
             crate::pg::tenant::audit(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
             let note = if previous.is_empty() {
                 format!("sealed {} secret(s) under root key {version}", plan.sealed)
             } else {
-                format!("re-sealed {} secret(s) from root key {} to {version}", plan.sealed, previous.join(", "))
+                format!(
+                    "re-sealed {} secret(s) from root key {} to {version}",
+                    plan.sealed,
+                    previous.join(", ")
+                )
             };
             event(ctx, t, false, reason, note).await;
         }
@@ -270,12 +363,40 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
     let cond = if let Some(refused) = ctx.keys.refused() {
         Cond::new("SecretsSealed", false, "KeyRemovalRefused", refused)
     } else if !plan.not_allowed.is_empty() {
-        let all: Vec<&str> = plan.not_allowed.iter().chain(&plan.missing).map(String::as_str).collect();
-        Cond::new("SecretsSealed", false, "SourceNotAllowed", format!("not sealed: {}; the others are sealed", all.join("; ")))
+        let all: Vec<&str> = plan
+            .not_allowed
+            .iter()
+            .chain(&plan.missing)
+            .map(String::as_str)
+            .collect();
+        Cond::new(
+            "SecretsSealed",
+            false,
+            "SourceNotAllowed",
+            format!("not sealed: {}; the others are sealed", all.join("; ")),
+        )
     } else if !plan.missing.is_empty() {
-        Cond::new("SecretsSealed", false, "SourceMissing", format!("not sealed: {}; the others are sealed", plan.missing.join("; ")))
+        Cond::new(
+            "SecretsSealed",
+            false,
+            "SourceMissing",
+            format!("not sealed: {}; the others are sealed", plan.missing.join("; ")),
+        )
     } else {
-        Cond::new("SecretsSealed", true, "Sealed", format!("{} secret(s) sealed in Secret {}/{} under root key {version}", plan.data.len(), ctx.settings.namespace, name.sealed_secret()))
+        Cond::new(
+            "SecretsSealed",
+            true,
+            "Sealed",
+            format!(
+                "{} secret(s) sealed in Secret {}/{} under root key {version}",
+                plan.data.len(),
+                ctx.settings.namespace,
+                name.sealed_secret()
+            ),
+        )
     };
-    Ok(Sealed { cond, key: Some((version.to_string(), fingerprint)) })
+    Ok(Sealed {
+        cond,
+        key: Some((version.to_string(), fingerprint)),
+    })
 }

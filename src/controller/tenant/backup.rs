@@ -22,12 +22,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, Secret, SecretEnvSource, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, Secret, SecretEnvSource, SecurityContext, Volume, VolumeMount,
 };
-use k8s_openapi::ByteString;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -99,11 +99,19 @@ pub fn job_secret_data(
 
 /// The ops login's password under the active root key and the tenant's
 /// backup keys of `versions` (the active one when empty).
-pub fn job_credentials(ring: &crate::crypto::Keyring, salt: &crate::crypto::TenantSalt, uid: &str, versions: &[crate::crypto::KeyVersion]) -> Result<(zeroize::Zeroizing<String>, Vec<crate::crypto::TenantKey>), crate::crypto::CryptoError> {
+pub fn job_credentials(
+    ring: &crate::crypto::Keyring,
+    salt: &crate::crypto::TenantSalt,
+    uid: &str,
+    versions: &[crate::crypto::KeyVersion],
+) -> Result<(zeroize::Zeroizing<String>, Vec<crate::crypto::TenantKey>), crate::crypto::CryptoError> {
     let password = crate::crypto::login_password(ring, ring.active_version(), salt, uid)?;
     let active = [ring.active_version()];
     let versions = if versions.is_empty() { &active[..] } else { versions };
-    let keys = versions.iter().map(|v| ring.derive_tenant_key(*v, salt, uid, crate::crypto::Purpose::Backup)).collect::<Result<Vec<_>, _>>()?;
+    let keys = versions
+        .iter()
+        .map(|v| ring.derive_tenant_key(*v, salt, uid, crate::crypto::Purpose::Backup))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok((password, keys))
 }
 
@@ -130,10 +138,18 @@ pub async fn write_job_secret(
             return Ok(false);
         }
     }
-    let password = data.get("PGPASSWORD").map(|p| String::from_utf8_lossy(&p.0).into_owned()).unwrap_or_default();
+    let password = data
+        .get("PGPASSWORD")
+        .map(|p| String::from_utf8_lossy(&p.0).into_owned())
+        .unwrap_or_default();
     let verifier = crate::pg::scram::verifier_for_random_secret(&password);
-    if !crate::pg::tenant::set_ops_password(&ctx.pool, name, uid, &verifier).await.map_err(JobSecretError::Database)? {
-        return Err(JobSecretError::Database(crate::pg::PgError::NoOpsRole(name.to_string())));
+    if !crate::pg::tenant::set_ops_password(&ctx.pool, name, uid, &verifier)
+        .await
+        .map_err(JobSecretError::Database)?
+    {
+        return Err(JobSecretError::Database(crate::pg::PgError::NoOpsRole(
+            name.to_string(),
+        )));
     }
     let next = Secret {
         metadata: ObjectMeta {
@@ -149,8 +165,14 @@ pub async fn write_job_secret(
         ..Default::default()
     };
     match existing {
-        Some(_) => api.replace(secret, &PostParams::default(), &next).await.map_err(JobSecretError::Kube)?,
-        None => api.create(&PostParams::default(), &next).await.map_err(JobSecretError::Kube)?,
+        Some(_) => api
+            .replace(secret, &PostParams::default(), &next)
+            .await
+            .map_err(JobSecretError::Kube)?,
+        None => api
+            .create(&PostParams::default(), &next)
+            .await
+            .map_err(JobSecretError::Kube)?,
     };
     Stats::add(&ctx.stats.kube_writes, 1);
     Ok(true)
@@ -183,13 +205,23 @@ pub enum JobSecretError {
 /// read-only root filesystem (temporary files in an `emptyDir`), the
 /// runtime's default seccomp profile.
 pub fn restricted_security() -> (PodSecurityContext, SecurityContext) {
-    let seccomp = SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() };
-    let pod = PodSecurityContext { run_as_non_root: Some(true), seccomp_profile: Some(seccomp.clone()), ..Default::default() };
+    let seccomp = SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        ..Default::default()
+    };
+    let pod = PodSecurityContext {
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(seccomp.clone()),
+        ..Default::default()
+    };
     let container = SecurityContext {
         run_as_non_root: Some(true),
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
         seccomp_profile: Some(seccomp),
         ..Default::default()
     };
@@ -200,7 +232,13 @@ pub fn restricted_security() -> (PodSecurityContext, SecurityContext) {
 pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
     [env_secret, job_secret]
         .iter()
-        .map(|s| EnvFromSource { secret_ref: Some(SecretEnvSource { name: s.to_string(), optional: Some(false) }), ..Default::default() })
+        .map(|s| EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: s.to_string(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        })
         .collect()
 }
 
@@ -209,15 +247,34 @@ pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
 /// Jobs ran with `--job`) does not reach the pod (an `env` entry overrides
 /// `envFrom`).
 pub fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
-    vec![tmpdir, EnvVar { name: "DATABASE_URL".into(), value: Some(String::new()), ..Default::default() }]
+    vec![
+        tmpdir,
+        EnvVar {
+            name: "DATABASE_URL".into(),
+            value: Some(String::new()),
+            ..Default::default()
+        },
+    ]
 }
 
 /// The `emptyDir` for temporary files at `path` (`TMPDIR`), and its mount.
 pub fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
     (
-        Volume { name: "work".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
-        VolumeMount { name: "work".into(), mount_path: path.into(), ..Default::default() },
-        EnvVar { name: "TMPDIR".into(), value: Some(path.into()), ..Default::default() },
+        Volume {
+            name: "work".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "work".into(),
+            mount_path: path.into(),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "TMPDIR".into(),
+            value: Some(path.into()),
+            ..Default::default()
+        },
     )
 }
 
@@ -239,12 +296,22 @@ pub fn cronjob_name(name: &TenantName) -> String {
 pub fn check_schedule(s: &str) -> Result<(), String> {
     let fields: Vec<&str> = s.split_whitespace().collect();
     if fields.len() != 5 {
-        return Err(format!("{s:?} has {} fields; a schedule has 5 (minute hour day-of-month month day-of-week)", fields.len()));
+        return Err(format!(
+            "{s:?} has {} fields; a schedule has 5 (minute hour day-of-month month day-of-week)",
+            fields.len()
+        ));
     }
-    const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
     const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
-    let specs: [(&str, u32, u32, &[&str], u32); 5] =
-        [("minute", 0, 59, &[], 0), ("hour", 0, 23, &[], 0), ("day of month", 1, 31, &[], 0), ("month", 1, 12, &MONTHS, 1), ("day of week", 0, 7, &DAYS, 0)];
+    let specs: [(&str, u32, u32, &[&str], u32); 5] = [
+        ("minute", 0, 59, &[], 0),
+        ("hour", 0, 23, &[], 0),
+        ("day of month", 1, 31, &[], 0),
+        ("month", 1, 12, &MONTHS, 1),
+        ("day of week", 0, 7, &DAYS, 0),
+    ];
     for (field, (what, lo, hi, names, base)) in fields.iter().zip(specs) {
         let value = |v: &str| -> Result<u32, String> {
             if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(v)) {
@@ -262,7 +329,9 @@ pub fn check_schedule(s: &str) -> Result<(), String> {
                 None => (item, None),
             };
             if let Some(step) = step {
-                let n: u32 = step.parse().map_err(|_| format!("{what}: step {step:?} is not a number"))?;
+                let n: u32 = step
+                    .parse()
+                    .map_err(|_| format!("{what}: step {step:?} is not a number"))?;
                 if n == 0 || n > hi {
                     return Err(format!("{what}: step {n} is out of range"));
                 }
@@ -286,23 +355,49 @@ pub fn check_schedule(s: &str) -> Result<(), String> {
 }
 
 /// The wanted CronJob, or why there is none. Pure.
-pub fn desired_cronjob(name: &TenantName, owner: OwnerReference, state: TenantState, backup: &BackupSpec, settings: &BackupSettings, namespace: &str) -> Result<CronJob, (&'static str, String)> {
-    let BackupSpec { schedule, retention, suspend } = backup;
+pub fn desired_cronjob(
+    name: &TenantName,
+    owner: OwnerReference,
+    state: TenantState,
+    backup: &BackupSpec,
+    settings: &BackupSettings,
+    namespace: &str,
+) -> Result<CronJob, (&'static str, String)> {
+    let BackupSpec {
+        schedule,
+        retention,
+        suspend,
+    } = backup;
     check_schedule(schedule).map_err(|m| ("InvalidSchedule", m))?;
     let (Some(image), Some(env_secret)) = (&settings.image, &settings.env_secret) else {
-        return Err(("BackupNotConfigured", "the operator runs without --image or --backup-env-secret: backup Jobs cannot be created".into()));
+        return Err((
+            "BackupNotConfigured",
+            "the operator runs without --image or --backup-env-secret: backup Jobs cannot be created".into(),
+        ));
     };
     if settings.store.is_none() {
-        return Err(("BackupNotConfigured", "the operator runs without --backup-store: it could not record the Jobs' backups".into()));
+        return Err((
+            "BackupNotConfigured",
+            "the operator runs without --backup-store: it could not record the Jobs' backups".into(),
+        ));
     }
-    let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()), (TENANT_LABEL.to_string(), name.to_string())]);
+    let labels = BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (TENANT_LABEL.to_string(), name.to_string()),
+    ]);
     // The Job cannot read the Tenant: the retention goes in its flags.
-    let mut args = vec!["backup".to_string(), "--job".into(), "--tenant".into(), name.to_string()];
+    let mut args = vec![
+        "backup".to_string(),
+        "--job".into(),
+        "--tenant".into(),
+        name.to_string(),
+    ];
     if let Some(c) = retention.count {
         args.extend(["--keep-count".to_string(), c.to_string()]);
     }
     if let Some(a) = &retention.max_age {
-        crate::backup::cli::parse_age(a).map_err(|m| ("InvalidRetention", format!("spec.backup.retention.maxAge {a:?}: {m}")))?;
+        crate::backup::cli::parse_age(a)
+            .map_err(|m| ("InvalidRetention", format!("spec.backup.retention.maxAge {a:?}: {m}")))?;
         args.extend(["--keep-max-age".to_string(), a.clone()]);
     }
     let (pod_security, container_security) = restricted_security();
@@ -316,7 +411,10 @@ pub fn desired_cronjob(name: &TenantName, owner: OwnerReference, state: TenantSt
         volume_mounts: Some(vec![mount]),
         security_context: Some(container_security),
         resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([("cpu".to_string(), Quantity("100m".into())), ("memory".to_string(), Quantity("64Mi".into()))])),
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("100m".into())),
+                ("memory".to_string(), Quantity("64Mi".into())),
+            ])),
             limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
             ..Default::default()
         }),
@@ -338,7 +436,10 @@ pub fn desired_cronjob(name: &TenantName, owner: OwnerReference, state: TenantSt
             successful_jobs_history_limit: Some(3),
             failed_jobs_history_limit: Some(3),
             job_template: JobTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    ..Default::default()
+                }),
                 spec: Some(JobSpec {
                     backoff_limit: Some(2),
                     // Bounds a hung pg_dump (Forbid would hold back every
@@ -346,7 +447,10 @@ pub fn desired_cronjob(name: &TenantName, owner: OwnerReference, state: TenantSt
                     // which orphan pruning's grace must exceed.
                     active_deadline_seconds: Some(crate::backup::JOB_DEADLINE.as_secs() as i64),
                     template: PodTemplateSpec {
-                        metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                        metadata: Some(ObjectMeta {
+                            labels: Some(labels),
+                            ..Default::default()
+                        }),
                         spec: Some(PodSpec {
                             restart_policy: Some("Never".into()),
                             service_account_name: settings.service_account.clone(),
@@ -372,7 +476,15 @@ pub fn desired_cronjob(name: &TenantName, owner: OwnerReference, state: TenantSt
 /// Whether `existing` already is `desired` (same content hash and owner).
 pub fn up_to_date(existing: &CronJob, desired: &CronJob) -> bool {
     let hash = |c: &CronJob| c.annotations().get(SPEC_HASH_ANNOTATION).cloned();
-    let owner = |c: &CronJob| c.metadata.owner_references.clone().unwrap_or_default().into_iter().map(|o| o.uid).collect::<Vec<_>>();
+    let owner = |c: &CronJob| {
+        c.metadata
+            .owner_references
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.uid)
+            .collect::<Vec<_>>()
+    };
     hash(existing).is_some() && hash(existing) == hash(desired) && owner(existing) == owner(desired)
 }
 
@@ -391,47 +503,92 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(Error::Backup(e)),
             }
-            delete_job_secret(ctx, &job_secret_name(name)).await.map_err(Error::DeleteSecret)?;
+            delete_job_secret(ctx, &job_secret_name(name))
+                .await
+                .map_err(Error::DeleteSecret)?;
         }
         return Ok(None);
     };
     let owner = t.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
-    let desired = match desired_cronjob(name, owner.clone(), t.spec.state, spec, &ctx.settings.backup, &ctx.settings.namespace) {
+    let desired = match desired_cronjob(
+        name,
+        owner.clone(),
+        t.spec.state,
+        spec,
+        &ctx.settings.backup,
+        &ctx.settings.namespace,
+    ) {
         Ok(d) => d,
         Err((reason, message)) => return Ok(Some(Cond::new(CONDITION, false, reason, message))),
     };
     // The Jobs' Secret, before the CronJob that uses it: rewritten (with
     // the ops login's password) when the active root key changed.
     let Some(ring) = ctx.keys.current() else {
-        return Ok(Some(Cond::new(CONDITION, false, "RootKeysUnavailable", "the operator holds no root keys: the backup Jobs' key cannot be derived")));
+        return Ok(Some(Cond::new(
+            CONDITION,
+            false,
+            "RootKeysUnavailable",
+            "the operator holds no root keys: the backup Jobs' key cannot be derived",
+        )));
     };
     let Some(salt) = crate::pg::tenant::existing_key_salt(&ctx.pool, uid).await? else {
-        return Ok(Some(Cond::new(CONDITION, false, "NoKeySalt", "the tenant's registry row has no key salt yet")));
+        return Ok(Some(Cond::new(
+            CONDITION,
+            false,
+            "NoKeySalt",
+            "the tenant's registry row has no key salt yet",
+        )));
     };
     let (password, keys) = job_credentials(&ring, &salt, uid, &[]).map_err(Error::Seal)?;
-    let data = job_secret_data(name, uid, &ctx.settings.endpoint, ctx.settings.backup.pg_ssl_mode.as_deref(), &password, &keys);
-    let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()), (TENANT_LABEL.to_string(), name.to_string())]);
-    write_job_secret(ctx, &job_secret_name(name), owner, labels, name, uid, data).await.map_err(|e| match e {
-        JobSecretError::Kube(e) => Error::WriteSecret(e),
-        JobSecretError::Database(e) => Error::Database(e),
-    })?;
+    let data = job_secret_data(
+        name,
+        uid,
+        &ctx.settings.endpoint,
+        ctx.settings.backup.pg_ssl_mode.as_deref(),
+        &password,
+        &keys,
+    );
+    let labels = BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (TENANT_LABEL.to_string(), name.to_string()),
+    ]);
+    write_job_secret(ctx, &job_secret_name(name), owner, labels, name, uid, data)
+        .await
+        .map_err(|e| match e {
+            JobSecretError::Kube(e) => Error::WriteSecret(e),
+            JobSecretError::Database(e) => Error::Database(e),
+        })?;
     match existing {
         Some(e) if up_to_date(&e, &desired) => {}
         Some(e) => {
             let mut next = desired.clone();
             next.metadata.resource_version = e.metadata.resource_version.clone();
-            api.replace(&cj_name, &PostParams::default(), &next).await.map_err(Error::Backup)?;
+            api.replace(&cj_name, &PostParams::default(), &next)
+                .await
+                .map_err(Error::Backup)?;
             Stats::add(&ctx.stats.kube_writes, 1);
         }
         None => {
-            api.create(&PostParams::default(), &desired).await.map_err(Error::Backup)?;
+            api.create(&PostParams::default(), &desired)
+                .await
+                .map_err(Error::Backup)?;
             Stats::add(&ctx.stats.kube_writes, 1);
         }
     }
     sync_backups(ctx, t, uid).await;
     let suspended = desired.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
-    let message = format!("CronJob {}/{cj_name} runs `{}`{}", ctx.settings.namespace, spec.schedule, if suspended { " (suspended)" } else { "" });
-    Ok(Some(Cond::new(CONDITION, true, if suspended { "Suspended" } else { "Scheduled" }, message)))
+    let message = format!(
+        "CronJob {}/{cj_name} runs `{}`{}",
+        ctx.settings.namespace,
+        spec.schedule,
+        if suspended { " (suspended)" } else { "" }
+    );
+    Ok(Some(Cond::new(
+        CONDITION,
+        true,
+        if suspended { "Suspended" } else { "Scheduled" },
+        message,
+    )))
 }
 
 /// Records the backups the Jobs took (and forgets pruned ones): one listing
@@ -446,7 +603,10 @@ async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
     match synced {
         Ok(s) => {
             for m in &s.added {
-                let note = format!("backup {} ({} bytes, key v{}, schema version {:?})", m.id, m.bytes, m.key_version, m.schema_version);
+                let note = format!(
+                    "backup {} ({} bytes, key v{}, schema version {:?})",
+                    m.id, m.bytes, m.key_version, m.schema_version
+                );
                 super::apply::event(ctx, t, false, "BackupSucceeded", note).await;
             }
         }
@@ -458,7 +618,11 @@ async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
 /// short (`pg::backup::recover_aside`), but leaves alone one a TenantRestore
 /// is still running (its controller finalizes or puts it back). One catalog
 /// read when there is nothing to do.
-pub async fn recover_restore(ctx: &Context, name: &TenantName, uid: &str) -> Result<crate::pg::backup::AsideState, crate::pg::PgError> {
+pub async fn recover_restore(
+    ctx: &Context,
+    name: &TenantName,
+    uid: &str,
+) -> Result<crate::pg::backup::AsideState, crate::pg::PgError> {
     use crate::pg::backup::{self as pgb, AsideState, Live};
     let Some(live) = pgb::pending_restore(&ctx.pool, name, uid).await? else {
         return Ok(AsideState::Clean);
@@ -479,7 +643,12 @@ async fn tenant_restore_running(ctx: &Context, name: &str) -> bool {
     let api: Api<crate::api::TenantRestore> = Api::all(ctx.client.clone());
     match api.list(&kube::api::ListParams::default()).await {
         Ok(list) => list.items.iter().any(|r| {
-            r.name_any() == name && r.metadata.deletion_timestamp.is_none() && !matches!(r.status.as_ref().and_then(|s| s.phase), Some(crate::api::RestorePhase::Succeeded | crate::api::RestorePhase::Failed))
+            r.name_any() == name
+                && r.metadata.deletion_timestamp.is_none()
+                && !matches!(
+                    r.status.as_ref().and_then(|s| s.phase),
+                    Some(crate::api::RestorePhase::Succeeded | crate::api::RestorePhase::Failed)
+                )
         }),
         Err(e) => {
             tracing::warn!(restore = name, error = %e, "listing TenantRestores");
@@ -512,21 +681,50 @@ mod tests {
             image: Some("op:1".into()),
             env_secret: Some("backup-env".into()),
             service_account: Some("sa".into()),
-            store: Some(crate::backup::StoreConfig { url: "file:///b".into(), ..Default::default() }),
+            store: Some(crate::backup::StoreConfig {
+                url: "file:///b".into(),
+                ..Default::default()
+            }),
             pg_ssl_mode: None,
         }
     }
 
     fn owner() -> OwnerReference {
-        OwnerReference { api_version: "tenancy.dev/v1alpha1".into(), kind: "Tenant".into(), name: "acme".into(), uid: "u-1".into(), controller: Some(true), ..Default::default() }
+        OwnerReference {
+            api_version: "tenancy.dev/v1alpha1".into(),
+            kind: "Tenant".into(),
+            name: "acme".into(),
+            uid: "u-1".into(),
+            controller: Some(true),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn schedules_are_checked() {
-        for ok in ["0 3 * * *", "*/15 * * * *", "0 0 1,15 * mon-fri", "5 4 * jan,jul 0", "0 22 * * 1-5", "0 0 * * 7"] {
+        for ok in [
+            "0 3 * * *",
+            "*/15 * * * *",
+            "0 0 1,15 * mon-fri",
+            "5 4 * jan,jul 0",
+            "0 22 * * 1-5",
+            "0 0 * * 7",
+        ] {
             check_schedule(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["", "* * * *", "0 3 * * * *", "60 * * * *", "0 24 * * *", "0 0 0 * *", "0 0 * 13 *", "*/0 * * * *", "5-1 * * * *", "@daily", "a b c d e"] {
+        for bad in [
+            "",
+            "* * * *",
+            "0 3 * * * *",
+            "60 * * * *",
+            "0 24 * * *",
+            "0 0 0 * *",
+            "0 0 * 13 *",
+            "*/0 * * * *",
+            "5-1 * * * *",
+            "@daily",
+            "a b c d e",
+        ] {
             assert!(check_schedule(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -534,7 +732,10 @@ mod tests {
     #[test]
     fn cronjob_runs_the_backup_command_forbids_overlap_and_follows_suspension() {
         let n = TenantName::parse("acme").unwrap();
-        let spec = BackupSpec { schedule: "0 3 * * *".into(), ..Default::default() };
+        let spec = BackupSpec {
+            schedule: "0 3 * * *".into(),
+            ..Default::default()
+        };
         let cj = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns").unwrap();
         assert_eq!(cj.metadata.name.as_deref(), Some("tenant-acme-backup"));
         let s = cj.spec.as_ref().unwrap();
@@ -547,15 +748,39 @@ mod tests {
         assert_eq!(pod.service_account_name.as_deref(), Some("sa"));
         let deadline = s.job_template.spec.as_ref().unwrap().active_deadline_seconds;
         assert_eq!(deadline, Some(crate::backup::JOB_DEADLINE.as_secs() as i64));
-        assert!(crate::backup::ORPHAN_GRACE.as_secs() as i64 > deadline.unwrap(), "orphan pruning could delete the dump of a Job still running");
+        assert!(
+            crate::backup::ORPHAN_GRACE.as_secs() as i64 > deadline.unwrap(),
+            "orphan pruning could delete the dump of a Job still running"
+        );
         let suspended = desired_cronjob(&n, owner(), TenantState::Suspended, &spec, &settings(), "ns").unwrap();
         assert_eq!(suspended.spec.as_ref().unwrap().suspend, Some(true));
         assert!(!up_to_date(&cj, &suspended), "a suspension must rewrite the CronJob");
         let again = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns").unwrap();
-        assert!(up_to_date(&cj, &again), "an unchanged spec must not rewrite the CronJob");
-        let by_spec = BackupSpec { suspend: true, ..spec.clone() };
-        assert_eq!(desired_cronjob(&n, owner(), TenantState::Active, &by_spec, &settings(), "ns").unwrap().spec.unwrap().suspend, Some(true));
-        let err = desired_cronjob(&n, owner(), TenantState::Active, &spec, &BackupSettings::default(), "ns").unwrap_err();
+        assert!(
+            up_to_date(&cj, &again),
+            "an unchanged spec must not rewrite the CronJob"
+        );
+        let by_spec = BackupSpec {
+            suspend: true,
+            ..spec.clone()
+        };
+        assert_eq!(
+            desired_cronjob(&n, owner(), TenantState::Active, &by_spec, &settings(), "ns")
+                .unwrap()
+                .spec
+                .unwrap()
+                .suspend,
+            Some(true)
+        );
+        let err = desired_cronjob(
+            &n,
+            owner(),
+            TenantState::Active,
+            &spec,
+            &BackupSettings::default(),
+            "ns",
+        )
+        .unwrap_err();
         assert_eq!(err.0, "BackupNotConfigured");
     }
 
@@ -564,19 +789,60 @@ mod tests {
         let n = TenantName::parse("acme").unwrap();
         let spec = BackupSpec {
             schedule: "0 3 * * *".into(),
-            retention: crate::api::tenant::BackupRetention { count: Some(14), max_age: Some("30d".into()) },
+            retention: crate::api::tenant::BackupRetention {
+                count: Some(14),
+                max_age: Some("30d".into()),
+            },
             ..Default::default()
         };
         let cj = desired_cronjob(&n, owner(), TenantState::Active, &spec, &settings(), "ns").unwrap();
-        let pod = cj.spec.as_ref().unwrap().job_template.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let pod = cj
+            .spec
+            .as_ref()
+            .unwrap()
+            .job_template
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .clone()
+            .unwrap();
         let c = &pod.containers[0];
         // The retention travels in the flags: the Job cannot read its Tenant.
-        assert_eq!(c.args.as_ref().unwrap(), &["backup", "--job", "--tenant", "acme", "--keep-count", "14", "--keep-max-age", "30d"]);
+        assert_eq!(
+            c.args.as_ref().unwrap(),
+            &[
+                "backup",
+                "--job",
+                "--tenant",
+                "acme",
+                "--keep-count",
+                "14",
+                "--keep-max-age",
+                "30d"
+            ]
+        );
         // Its environment: the store's Secret and the tenant's own, nothing else.
-        let from: Vec<&str> = c.env_from.iter().flatten().filter_map(|e| e.secret_ref.as_ref()).map(|s| s.name.as_str()).collect();
+        let from: Vec<&str> = c
+            .env_from
+            .iter()
+            .flatten()
+            .filter_map(|e| e.secret_ref.as_ref())
+            .map(|s| s.name.as_str())
+            .collect();
         assert_eq!(from, ["backup-env", "tenant-acme-job"]);
-        let env: Vec<(&str, &str)> = c.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("?"))).collect();
-        assert_eq!(env, [("TMPDIR", "/tmp"), ("DATABASE_URL", "")], "the Job's own env: {env:?}");
+        let env: Vec<(&str, &str)> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("?")))
+            .collect();
+        assert_eq!(
+            env,
+            [("TMPDIR", "/tmp"), ("DATABASE_URL", "")],
+            "the Job's own env: {env:?}"
+        );
         let json = serde_json::to_string(&cj).unwrap();
         for leak in ["ROOT_KEYS", "root-keys", "KMS", "postgres://", "postgresql://"] {
             assert!(!json.contains(leak), "the CronJob mentions {leak}: {json}");
@@ -587,16 +853,40 @@ mod tests {
         assert_eq!(ps.run_as_non_root, Some(true));
         assert_eq!(ps.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         let cs = c.security_context.as_ref().unwrap();
-        assert_eq!((cs.allow_privilege_escalation, cs.read_only_root_filesystem, cs.run_as_non_root), (Some(false), Some(true), Some(true)));
-        assert_eq!(cs.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(
+            (
+                cs.allow_privilege_escalation,
+                cs.read_only_root_filesystem,
+                cs.run_as_non_root
+            ),
+            (Some(false), Some(true), Some(true))
+        );
+        assert_eq!(
+            cs.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
         assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/tmp");
         assert!(pod.volumes.as_ref().unwrap()[0].empty_dir.is_some());
         // A changed retention rewrites it.
-        let other = BackupSpec { retention: Default::default(), ..spec.clone() };
-        assert!(!up_to_date(&cj, &desired_cronjob(&n, owner(), TenantState::Active, &other, &settings(), "ns").unwrap()));
+        let other = BackupSpec {
+            retention: Default::default(),
+            ..spec.clone()
+        };
+        assert!(!up_to_date(
+            &cj,
+            &desired_cronjob(&n, owner(), TenantState::Active, &other, &settings(), "ns").unwrap()
+        ));
         // Without a store the operator could not record the backups.
-        let no_store = BackupSettings { store: None, ..settings() };
-        assert_eq!(desired_cronjob(&n, owner(), TenantState::Active, &spec, &no_store, "ns").unwrap_err().0, "BackupNotConfigured");
+        let no_store = BackupSettings {
+            store: None,
+            ..settings()
+        };
+        assert_eq!(
+            desired_cronjob(&n, owner(), TenantState::Active, &spec, &no_store, "ns")
+                .unwrap_err()
+                .0,
+            "BackupNotConfigured"
+        );
     }
 
     #[test]
@@ -607,19 +897,46 @@ mod tests {
         keys.insert("v2".to_string(), vec![2u8; 32]);
         let ring = crate::crypto::Keyring::new(keys, "v2").unwrap();
         let salt = crate::crypto::TenantSalt::generate();
-        let endpoint = super::super::plan::Endpoint { host: "db".into(), port: 5432, database: "saas".into() };
+        let endpoint = super::super::plan::Endpoint {
+            host: "db".into(),
+            port: 5432,
+            database: "saas".into(),
+        };
         let (pw, ks) = job_credentials(&ring, &salt, "u-1", &[]).unwrap();
         let data = job_secret_data(&n, "u-1", &endpoint, Some("require"), &pw, &ks);
         let names: Vec<&str> = data.keys().map(String::as_str).collect();
-        assert_eq!(names, ["PGDATABASE", "PGHOST", "PGPASSWORD", "PGPORT", "PGSSLMODE", "PGUSER", "TENANT_BACKUP_KEY_V2", "TENANT_UID"]);
+        assert_eq!(
+            names,
+            [
+                "PGDATABASE",
+                "PGHOST",
+                "PGPASSWORD",
+                "PGPORT",
+                "PGSSLMODE",
+                "PGUSER",
+                "TENANT_BACKUP_KEY_V2",
+                "TENANT_UID"
+            ]
+        );
         assert_eq!(data["PGUSER"], "tenant_acme_ops");
         assert_eq!(data["PGPASSWORD"], pw.as_str());
-        let v2 = ring.derive_tenant_key(crate::crypto::KeyVersion::new(2).unwrap(), &salt, "u-1", crate::crypto::Purpose::Backup).unwrap();
+        let v2 = ring
+            .derive_tenant_key(
+                crate::crypto::KeyVersion::new(2).unwrap(),
+                &salt,
+                "u-1",
+                crate::crypto::Purpose::Backup,
+            )
+            .unwrap();
         assert_eq!(data["TENANT_BACKUP_KEY_V2"], v2.to_hex().as_str());
         // A restore of a v1 backup gets v1's key alone.
         let (_, old) = job_credentials(&ring, &salt, "u-1", &[crate::crypto::KeyVersion::new(1).unwrap()]).unwrap();
         let data = job_secret_data(&n, "u-1", &endpoint, None, &pw, &old);
-        assert!(data.contains_key("TENANT_BACKUP_KEY_V1") && !data.contains_key("TENANT_BACKUP_KEY_V2") && !data.contains_key("PGSSLMODE"));
+        assert!(
+            data.contains_key("TENANT_BACKUP_KEY_V1")
+                && !data.contains_key("TENANT_BACKUP_KEY_V2")
+                && !data.contains_key("PGSSLMODE")
+        );
     }
 
     #[test]
@@ -628,6 +945,9 @@ mod tests {
         let name = cronjob_name(&n);
         assert!(name.len() <= 52, "{name}");
         assert!(name.starts_with("tenant-") && name.ends_with("-backup"));
-        assert_ne!(cronjob_name(&TenantName::parse(&format!("{}b", "a".repeat(39))).unwrap()), name);
+        assert_ne!(
+            cronjob_name(&TenantName::parse(&format!("{}b", "a".repeat(39))).unwrap()),
+            name
+        );
     }
 }

@@ -41,7 +41,9 @@ pub enum Step {
 /// Decides whether this reconcile runs the migrations itself.
 pub fn plan(set: Option<&MigrationSet>, versions: &SchemaVersions, failure: Option<&FailureRecord>) -> Step {
     let Some(set) = set else { return Step::Report };
-    let Ok(migrations) = checked_migrations(&set.spec) else { return Step::Report };
+    let Ok(migrations) = checked_migrations(&set.spec) else {
+        return Step::Report;
+    };
     if migrations.is_empty() || !versions.schema_exists || !versions.applied.is_empty() {
         return Step::Report;
     }
@@ -56,32 +58,78 @@ pub fn plan(set: Option<&MigrationSet>, versions: &SchemaVersions, failure: Opti
 }
 
 /// `MigrationsApplied` and `schemaVersion` from what was observed. Pure.
-pub fn condition(set_name: &str, set: Option<&MigrationSet>, versions: &SchemaVersions, failure: Option<&FailureRecord>) -> (Cond, i64) {
+pub fn condition(
+    set_name: &str,
+    set: Option<&MigrationSet>,
+    versions: &SchemaVersions,
+    failure: Option<&FailureRecord>,
+) -> (Cond, i64) {
     let current = versions.current();
     let Some(set) = set else {
         return (
-            Cond::new(CONDITION, false, "MigrationSetNotFound", format!("MigrationSet {set_name} does not exist; the schema stays at version {current} until it does")),
+            Cond::new(
+                CONDITION,
+                false,
+                "MigrationSetNotFound",
+                format!("MigrationSet {set_name} does not exist; the schema stays at version {current} until it does"),
+            ),
             current,
         );
     };
     let migrations = match checked_migrations(&set.spec) {
         Ok(m) => m,
-        Err(e) => return (Cond::new(CONDITION, false, "InvalidMigrationSet", format!("MigrationSet {set_name}: {e}")), current),
+        Err(e) => {
+            return (
+                Cond::new(
+                    CONDITION,
+                    false,
+                    "InvalidMigrationSet",
+                    format!("MigrationSet {set_name}: {e}"),
+                ),
+                current,
+            )
+        }
     };
     if let Some((_, what)) = find_mismatch(&versions.applied, &migrations) {
         return (Cond::new(CONDITION, false, "ChecksumMismatch", what), current);
     }
-    if let Some(f) = failure.filter(|f| f.migration_set == set_name && f.reason == REASON_FAILED && f.version > current) {
-        let code = f.sqlstate.as_deref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default();
-        let msg = format!("version {} ({}) failed: {}{code}; the schema stays at version {current}", f.version, f.migration_name, f.error);
+    if let Some(f) = failure.filter(|f| f.migration_set == set_name && f.reason == REASON_FAILED && f.version > current)
+    {
+        let code = f
+            .sqlstate
+            .as_deref()
+            .map(|c| format!(" (SQLSTATE {c})"))
+            .unwrap_or_default();
+        let msg = format!(
+            "version {} ({}) failed: {}{code}; the schema stays at version {current}",
+            f.version, f.migration_name, f.error
+        );
         return (Cond::new(CONDITION, false, "MigrationFailed", msg), current);
     }
     let latest = migrations.last().map(|m| m.version).unwrap_or(0);
     if current >= latest {
         let what = migrations.last().map(|m| format!(" ({})", m.name)).unwrap_or_default();
-        (Cond::new(CONDITION, true, "UpToDate", format!("schema at version {current}{what}, the latest of MigrationSet {set_name}")), current)
+        (
+            Cond::new(
+                CONDITION,
+                true,
+                "UpToDate",
+                format!("schema at version {current}{what}, the latest of MigrationSet {set_name}"),
+            ),
+            current,
+        )
     } else {
-        (Cond::new(CONDITION, false, "RollingOut", format!("schema at version {current} of {latest}; the MigrationSet {set_name} rollout applies the rest")), current)
+        (
+            Cond::new(
+                CONDITION,
+                false,
+                "RollingOut",
+                format!(
+                    "schema at version {current} of {latest}; the MigrationSet {set_name} rollout applies the rest"
+                ),
+            ),
+            current,
+        )
     }
 }
 
@@ -90,15 +138,24 @@ pub fn condition(set_name: &str, set: Option<&MigrationSet>, versions: &SchemaVe
 pub fn followers_to_refresh(ms: &MigrationSet, tenants: &[Arc<Tenant>]) -> Vec<ObjectRef<Tenant>> {
     let name = ms.metadata.name.as_deref().unwrap_or_default();
     let latest = ms.status.as_ref().and_then(|s| s.latest_version);
-    let failed: Vec<&str> = ms.status.iter().flat_map(|s| s.failed.iter().map(|f| f.tenant.as_str())).collect();
+    let failed: Vec<&str> = ms
+        .status
+        .iter()
+        .flat_map(|s| s.failed.iter().map(|f| f.tenant.as_str()))
+        .collect();
     tenants
         .iter()
         .filter(|t| t.spec.database.migration_set == name)
         .filter(|t| {
             let status = t.status.as_ref();
-            let applied = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION)).is_some_and(|c| c.status == "True");
+            let applied = status
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION))
+                .is_some_and(|c| c.status == "True");
             let shown = status.and_then(|s| s.schema_version);
-            latest.is_none() || shown != latest || !applied || failed.contains(&t.metadata.name.as_deref().unwrap_or_default())
+            latest.is_none()
+                || shown != latest
+                || !applied
+                || failed.contains(&t.metadata.name.as_deref().unwrap_or_default())
         })
         .map(|t| ObjectRef::from_obj(&**t))
         .collect()
@@ -108,7 +165,10 @@ pub fn followers_to_refresh(ms: &MigrationSet, tenants: &[Arc<Tenant>]) -> Vec<O
 /// runs one, else from the API server.
 async fn get_set(ctx: &Context, name: &str) -> Result<Option<Arc<MigrationSet>>, kube::Error> {
     if let Some(store) = ctx.migration_sets.get() {
-        if tokio::time::timeout(std::time::Duration::from_secs(10), store.wait_until_ready()).await.is_ok_and(|r| r.is_ok()) {
+        if tokio::time::timeout(std::time::Duration::from_secs(10), store.wait_until_ready())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
             // Not in the cache may only mean not yet in it (its watch event
             // can come before the cache's): then ask the API server.
             if let Some(set) = store.get(&ObjectRef::new(name)) {
@@ -135,9 +195,20 @@ pub enum StepError {
 /// gives the condition and schema version.
 pub async fn converge(ctx: &Context, t: &Tenant, name: &TenantName) -> Result<(Cond, i64), StepError> {
     let set_name = t.spec.database.migration_set.clone();
-    let set = get_set(ctx, &set_name).await.map_err(|e| StepError::ReadSet(set_name.clone(), e))?;
+    let set = get_set(ctx, &set_name)
+        .await
+        .map_err(|e| StepError::ReadSet(set_name.clone(), e))?;
     let ring = ctx.keys.current().ok_or(StepError::NoRootKeys)?;
-    converge_pg(&ctx.pool, &ring, name, &set_name, set.as_deref(), &ctx.settings.migration_timeouts).await.map_err(StepError::Database)
+    converge_pg(
+        &ctx.pool,
+        &ring,
+        name,
+        &set_name,
+        set.as_deref(),
+        &ctx.settings.migration_timeouts,
+    )
+    .await
+    .map_err(StepError::Database)
 }
 
 /// The Postgres half of [`converge`], for tests.
@@ -153,14 +224,23 @@ pub async fn converge_pg(
     let mut failure = crate::pg::migrations::failure_of(pool, name).await?;
     if let (Step::MigrateNew, Some(s)) = (plan(set, &versions, failure.as_ref()), set) {
         let migrations = checked_migrations(&s.spec).unwrap_or_default();
-        let set_ref = SetRef { name: set_name.to_owned(), generation: s.metadata.generation.unwrap_or(0) };
+        let set_ref = SetRef {
+            name: set_name.to_owned(),
+            generation: s.metadata.generation.unwrap_or(0),
+        };
         let outcome = match crate::pg::migrations::ops_login(pool, ring, name).await? {
-            Some(login) => crate::pg::migrations::migrate_new_tenant(pool, &login, &set_ref, &migrations, timeouts).await?,
+            Some(login) => {
+                crate::pg::migrations::migrate_new_tenant(pool, &login, &set_ref, &migrations, timeouts).await?
+            }
             None => TenantOutcome::NoSchema,
         };
         match &outcome {
-            TenantOutcome::Migrated { to, applied, .. } => tracing::info!(tenant = %name, version = to, applied = applied.len(), "brought the new schema to the latest version"),
-            TenantOutcome::Failed { version, error, .. } => tracing::warn!(tenant = %name, version, %error, "a migration of the new schema failed"),
+            TenantOutcome::Migrated { to, applied, .. } => {
+                tracing::info!(tenant = %name, version = to, applied = applied.len(), "brought the new schema to the latest version")
+            }
+            TenantOutcome::Failed { version, error, .. } => {
+                tracing::warn!(tenant = %name, version, %error, "a migration of the new schema failed")
+            }
             other => tracing::debug!(tenant = %name, outcome = ?other, "first migration run did nothing"),
         }
         versions = crate::pg::migrations::observe(pool, name).await?;
@@ -179,7 +259,16 @@ mod tests {
         let mut s = MigrationSet::new(
             "default",
             MigrationSetSpec {
-                migrations: sqls.iter().enumerate().map(|(i, sql)| Migration { version: i as i64 + 1, name: format!("m{}", i + 1), sql: sql.to_string(), transactional: true }).collect(),
+                migrations: sqls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, sql)| Migration {
+                        version: i as i64 + 1,
+                        name: format!("m{}", i + 1),
+                        sql: sql.to_string(),
+                        transactional: true,
+                    })
+                    .collect(),
                 rollout: RolloutSpec::default(),
             },
         );
@@ -190,7 +279,15 @@ mod tests {
     fn at(sqls: &[&str]) -> SchemaVersions {
         SchemaVersions {
             schema_exists: true,
-            applied: sqls.iter().enumerate().map(|(i, sql)| Applied { version: i as i64 + 1, name: format!("m{}", i + 1), checksum: checksum(sql) }).collect(),
+            applied: sqls
+                .iter()
+                .enumerate()
+                .map(|(i, sql)| Applied {
+                    version: i as i64 + 1,
+                    name: format!("m{}", i + 1),
+                    checksum: checksum(sql),
+                })
+                .collect(),
         }
     }
 
@@ -205,8 +302,16 @@ mod tests {
     fn only_a_schema_without_versions_is_migrated_here() {
         let s = set(1, &["a", "b"]);
         assert_eq!(plan(Some(&s), &at(&[]), None), Step::MigrateNew);
-        assert_eq!(plan(Some(&s), &at(&["a"]), None), Step::Report, "a tenant on a version is the rollout's");
-        assert_eq!(plan(Some(&s), &SchemaVersions::default(), None), Step::Report, "no schema yet");
+        assert_eq!(
+            plan(Some(&s), &at(&["a"]), None),
+            Step::Report,
+            "a tenant on a version is the rollout's"
+        );
+        assert_eq!(
+            plan(Some(&s), &SchemaVersions::default(), None),
+            Step::Report,
+            "no schema yet"
+        );
     }
 
     #[test]
@@ -228,8 +333,17 @@ mod tests {
         };
         let (c, v) = condition("default", Some(&s), &at(&["a"]), Some(&f));
         assert_eq!((c.status, c.reason, v), (false, "MigrationFailed", 1));
-        assert!(c.message.contains("version 2 (m2) failed: check constraint violated (SQLSTATE 23514)"), "{}", c.message);
-        assert_eq!(plan(Some(&s), &at(&[]), Some(&f)), Step::Report, "a failed first run waits for a new generation");
+        assert!(
+            c.message
+                .contains("version 2 (m2) failed: check constraint violated (SQLSTATE 23514)"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            plan(Some(&s), &at(&[]), Some(&f)),
+            Step::Report,
+            "a failed first run waits for a new generation"
+        );
         let edited = set(3, &["a", "b edited"]);
         let (c, _) = condition("default", Some(&edited), &at(&["a", "b"]), None);
         assert_eq!((c.status, c.reason), (false, "ChecksumMismatch"));

@@ -18,10 +18,10 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::core::PartialObjectMeta;
 use kube::{Api, ResourceExt};
 
 use crate::api::{Tenant, TenantPhase, TenantState};
@@ -122,32 +122,51 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
     let sets: Api<crate::api::MigrationSet> = Api::all(ctx.client.clone());
     tokio::spawn({
         use kube::runtime::WatchStreamExt;
-        let cache = kube::runtime::reflector::reflector(set_writer, watcher(sets.clone(), watcher::Config::default().any_semantic())).default_backoff();
+        let cache = kube::runtime::reflector::reflector(
+            set_writer,
+            watcher(sets.clone(), watcher::Config::default().any_semantic()),
+        )
+        .default_backoff();
         cache.for_each(|_| futures::future::ready(()))
     });
     let tenant_cache = tenants.store();
     let _ = ctx.metrics.tenant_store.set(tenants.store());
     let mut controller = Controller::for_stream(tenants.into_stream(), tenant_cache.clone())
-        .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| migrations::followers_to_refresh(&ms, &tenant_cache.state()))
-        .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)))
+        .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| {
+            migrations::followers_to_refresh(&ms, &tenant_cache.state())
+        })
+        .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| {
+            s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n))
+        })
         // A backup Job that ended brings its tenant back: the operator
         // records what the Job wrote to the store.
         .watches(
             Api::<k8s_openapi::api::batch::v1::Job>::namespaced(ctx.client.clone(), &ctx.settings.namespace),
             watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1)),
-            |j: k8s_openapi::api::batch::v1::Job| j.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n)),
+            |j: k8s_openapi::api::batch::v1::Job| {
+                j.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n))
+            },
         )
         // A new root key (rotation) re-seals every tenant, at the controller's
         // bounded concurrency.
         .reconcile_all_on(rotate_rx);
     for (api, index) in source_watches {
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
-            let tenants = index.sources.tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any());
-            tenants.into_iter().map(|n| ObjectRef::<Tenant>::new(&n)).collect::<Vec<_>>()
+            let tenants = index
+                .sources
+                .tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any());
+            tenants
+                .into_iter()
+                .map(|n| ObjectRef::<Tenant>::new(&n))
+                .collect::<Vec<_>>()
         });
     }
     controller
-        .with_config(ControllerConfig::default().concurrency(ctx.settings.concurrency).debounce(Duration::from_millis(200)))
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(ctx.settings.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -181,7 +200,10 @@ async fn watch_root_keys(ctx: Arc<Context>, rotate: futures::channel::mpsc::Unbo
             }
         };
         let in_use = match crate::pg::tenant::key_versions_in_use(&ctx.pool).await {
-            Ok(v) => v.into_iter().filter_map(|v| crate::crypto::KeyVersion::new(v).ok()).collect(),
+            Ok(v) => v
+                .into_iter()
+                .filter_map(|v| crate::crypto::KeyVersion::new(v).ok())
+                .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot check which key versions are in use; keeping the current keys");
                 continue;
@@ -214,8 +236,19 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
     // Every log line of the reconcile carries the tenant's name (the JSON
     // logs include the current span's fields).
     let span = tracing::info_span!("reconcile", controller = "tenant", tenant = %t.name_any());
-    let result = tracing::Instrument::instrument(async { if t.metadata.deletion_timestamp.is_some() { cleanup(&t, &ctx).await } else { converge(&t, &ctx).await } }, span).await;
-    ctx.metrics.reconciled("tenant", started.elapsed(), result.as_ref().err().map(Error::label));
+    let result = tracing::Instrument::instrument(
+        async {
+            if t.metadata.deletion_timestamp.is_some() {
+                cleanup(&t, &ctx).await
+            } else {
+                converge(&t, &ctx).await
+            }
+        },
+        span,
+    )
+    .await;
+    ctx.metrics
+        .reconciled("tenant", started.elapsed(), result.as_ref().err().map(Error::label));
     if result.is_ok() {
         ctx.reset_backoff(&t.name_any());
     }
@@ -224,15 +257,40 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
 
 /// Writes a status built from `conds` and publishes an event when the Ready
 /// condition's reason changes (so a steady state publishes nothing).
-async fn report(ctx: &Context, t: &Tenant, phase: TenantPhase, schema: Option<String>, conds: &[Cond]) -> Result<(), Error> {
+async fn report(
+    ctx: &Context,
+    t: &Tenant,
+    phase: TenantPhase,
+    schema: Option<String>,
+    conds: &[Cond],
+) -> Result<(), Error> {
     report_with(ctx, t, phase, schema, conds, status::Extra::default()).await
 }
 
 /// [`report`], also setting the status fields in `extra`.
-async fn report_with(ctx: &Context, t: &Tenant, phase: TenantPhase, schema: Option<String>, conds: &[Cond], extra: status::Extra) -> Result<(), Error> {
-    let new = status::next_status(t.status.as_ref(), phase, schema, t.metadata.generation, conds, &now(), extra);
-    let ready = conds.iter().find(|c| c.type_ == "Ready" || c.type_ == "DeletionBlocked");
-    let old_reason = ready.and_then(|c| status::condition(t.status.as_ref(), c.type_)).map(|c| c.reason.clone());
+async fn report_with(
+    ctx: &Context,
+    t: &Tenant,
+    phase: TenantPhase,
+    schema: Option<String>,
+    conds: &[Cond],
+    extra: status::Extra,
+) -> Result<(), Error> {
+    let new = status::next_status(
+        t.status.as_ref(),
+        phase,
+        schema,
+        t.metadata.generation,
+        conds,
+        &now(),
+        extra,
+    );
+    let ready = conds
+        .iter()
+        .find(|c| c.type_ == "Ready" || c.type_ == "DeletionBlocked");
+    let old_reason = ready
+        .and_then(|c| status::condition(t.status.as_ref(), c.type_))
+        .map(|c| c.reason.clone());
     apply::write_status(ctx, t, new).await?;
     if let Some(c) = ready {
         if old_reason.as_deref() != Some(c.reason) && (!c.status || c.type_ == "DeletionBlocked") {
@@ -249,15 +307,31 @@ async fn report_with(ctx: &Context, t: &Tenant, phase: TenantPhase, schema: Opti
 fn rate_limits_cond(ctx: &Context, t: &Tenant) -> Option<Cond> {
     let entry = crate::ratelimit::Entry::of(t)?;
     let cfg = &ctx.settings.ratelimit;
-    let message = format!("{} rendered into ConfigMap {}/{} (domains {}, {})", entry.summary(), ctx.settings.namespace, cfg.configmap, cfg.api_domain, cfg.webhook_domain);
+    let message = format!(
+        "{} rendered into ConfigMap {}/{} (domains {}, {})",
+        entry.summary(),
+        ctx.settings.namespace,
+        cfg.configmap,
+        cfg.api_domain,
+        cfg.webhook_domain
+    );
     Some(Cond::new("RateLimitsApplied", true, "Rendered", message))
 }
 
 /// Reports a failure a person must fix and waits for a change (or the
 /// periodic resync, for conflicts that are fixed inside Postgres).
-async fn fail(ctx: &Context, t: &Tenant, schema: Option<String>, reason: &'static str, message: String) -> Result<Action, Error> {
+async fn fail(
+    ctx: &Context,
+    t: &Tenant,
+    schema: Option<String>,
+    reason: &'static str,
+    message: String,
+) -> Result<Action, Error> {
     tracing::warn!(tenant = %t.name_any(), reason, %message, "tenant cannot be converged");
-    let mut conds = vec![Cond::new("Ready", false, reason, message.clone()), Cond::new("DatabaseReady", false, reason, message)];
+    let mut conds = vec![
+        Cond::new("Ready", false, reason, message.clone()),
+        Cond::new("DatabaseReady", false, reason, message),
+    ];
     conds.extend(rate_limits_cond(ctx, t));
     report(ctx, t, TenantPhase::Failed, schema, &conds).await?;
     Ok(Action::requeue(ctx.settings.resync))
@@ -269,23 +343,41 @@ async fn fail(ctx: &Context, t: &Tenant, schema: Option<String>, reason: &'stati
 /// SQLSTATE.
 pub fn retried_db_condition(err: &PgError, deleting: bool) -> (&'static str, String) {
     match (err.is_unreachable(), deleting) {
-        (true, true) => ("DatabaseUnavailable", format!("waiting for Postgres to drop the tenant: {err}")),
+        (true, true) => (
+            "DatabaseUnavailable",
+            format!("waiting for Postgres to drop the tenant: {err}"),
+        ),
         (true, false) => ("DatabaseUnavailable", format!("cannot reach Postgres: {err}")),
-        (false, true) => ("DatabaseError", format!("dropping the tenant failed, retrying: {}", err.describe())),
-        (false, false) => ("DatabaseError", format!("Postgres refused a step, retrying: {}", err.describe())),
+        (false, true) => (
+            "DatabaseError",
+            format!("dropping the tenant failed, retrying: {}", err.describe()),
+        ),
+        (false, false) => (
+            "DatabaseError",
+            format!("Postgres refused a step, retrying: {}", err.describe()),
+        ),
     }
 }
 
 /// Reports a Postgres failure that may go away by itself (unreachable, a
 /// lock or a concurrent update) and hands the error to the backoff.
-async fn database_down(ctx: &Context, t: &Tenant, schema: Option<String>, err: PgError, deleting: bool) -> Result<Action, Error> {
+async fn database_down(
+    ctx: &Context,
+    t: &Tenant,
+    schema: Option<String>,
+    err: PgError,
+    deleting: bool,
+) -> Result<Action, Error> {
     let (reason, message) = retried_db_condition(&err, deleting);
     let phase = match t.status.as_ref().and_then(|s| s.phase) {
         _ if deleting => TenantPhase::Deleting,
         Some(p @ (TenantPhase::Active | TenantPhase::Suspended)) => p,
         _ => TenantPhase::Provisioning,
     };
-    let mut conds = vec![Cond::new("Ready", false, reason, message.clone()), Cond::new("DatabaseReady", false, reason, message)];
+    let mut conds = vec![
+        Cond::new("Ready", false, reason, message.clone()),
+        Cond::new("DatabaseReady", false, reason, message),
+    ];
     if !deleting {
         conds.extend(rate_limits_cond(ctx, t));
     }
@@ -317,7 +409,16 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     match backup::recover_restore(ctx, &name, &uid).await {
         Ok(crate::pg::backup::AsideState::Clean) => {}
         Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
-        Ok(state) => apply::event(ctx, t, true, "RestoreRecovered", format!("an interrupted restore was finished: {state:?}")).await,
+        Ok(state) => {
+            apply::event(
+                ctx,
+                t,
+                true,
+                "RestoreRecovered",
+                format!("an interrupted restore was finished: {state:?}"),
+            )
+            .await
+        }
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
         Err(e) => return fail(ctx, t, schema, "DatabaseError", e.describe()).await,
     }
@@ -331,9 +432,27 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     // The root keys: the ops login's password and the audit key derive
     // from them.
     let Some(ring) = ctx.keys.current() else {
-        return fail(ctx, t, schema, "RootKeysUnavailable", "the root keys are not loaded".into()).await;
+        return fail(
+            ctx,
+            t,
+            schema,
+            "RootKeysUnavailable",
+            "the root keys are not loaded".into(),
+        )
+        .await;
     };
-    let outcome = match converge_db(&ctx.pool, &ring, &name, &uid, &desired, &observed.catalog, secret_password.as_ref().map(|p| p.as_str()), &actor).await {
+    let outcome = match converge_db(
+        &ctx.pool,
+        &ring,
+        &name,
+        &uid,
+        &desired,
+        &observed.catalog,
+        secret_password.as_ref().map(|p| p.as_str()),
+        &actor,
+    )
+    .await
+    {
         Ok(o) => o,
         Err(ConvergeError::Plan(e)) => return fail(ctx, t, schema, e.reason(), e.to_string()).await,
         Err(ConvergeError::Db(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
@@ -342,15 +461,36 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     Stats::add(&ctx.stats.ddl_statements, outcome.statements as u64);
     let (mut db_plan, registry) = (outcome.plan, outcome.registry);
     let read_auditing = &outcome.audit.read_auditing;
-    let read_auditing_cond = Cond::new("ReadAuditing", *read_auditing == crate::pg::audit::ReadAuditing::On, read_auditing.reason(), read_auditing.message());
+    let read_auditing_cond = Cond::new(
+        "ReadAuditing",
+        *read_auditing == crate::pg::audit::ReadAuditing::On,
+        read_auditing.reason(),
+        read_auditing.message(),
+    );
     let audit_steps: Vec<&str> = outcome.audit.actions.iter().map(|a| a.label()).collect();
     if !audit_steps.is_empty() && registry.as_ref().map(|w| w.audit_action) != Some("Provisioned") {
         // Drift: a table made outside migrations, a trigger dropped or
         // disabled, an audit function edited.
-        apply::event(ctx, t, false, "AuditConverged", format!("audit log converged: {}", audit_steps.join(", "))).await;
+        apply::event(
+            ctx,
+            t,
+            false,
+            "AuditConverged",
+            format!("audit log converged: {}", audit_steps.join(", ")),
+        )
+        .await;
     }
     if let Some(n) = outcome.audit.pruned.filter(|n| *n > 0) {
-        apply::event(ctx, t, false, "AuditPruned", format!("pruned {n} audit row(s) older than spec.audit.retentionDays; an ANCHOR row keeps the chain verifiable")).await;
+        apply::event(
+            ctx,
+            t,
+            false,
+            "AuditPruned",
+            format!(
+                "pruned {n} audit row(s) older than spec.audit.retentionDays; an ANCHOR row keeps the chain verifiable"
+            ),
+        )
+        .await;
     }
     let data = plan::secret_data(&name, &ctx.settings.endpoint, &db_plan.password);
     zeroize::Zeroize::zeroize(&mut db_plan.password);
@@ -358,30 +498,75 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
 
     if let Some(w) = &registry {
         let note = match w.audit_action {
-            "Provisioned" => format!("created schema {} with roles {} and {}", name.schema(), name.owner_role(), name.app_role()),
+            "Provisioned" => format!(
+                "created schema {} with roles {} and {}",
+                name.schema(),
+                name.owner_role(),
+                name.app_role()
+            ),
             "Suspended" => "app role can no longer log in; its sessions were terminated".to_string(),
             "Resumed" => "app role can log in again".to_string(),
-            _ => format!("converged drift: {}", db_plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>().join(", ")),
+            _ => format!(
+                "converged drift: {}",
+                db_plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>().join(", ")
+            ),
         };
         apply::event(ctx, t, false, w.audit_action, note).await;
     } else if secret_written && observed.secret.is_some() {
-        apply::event(ctx, t, false, "SecretRestored", format!("Secret {} rewritten", name.db_secret())).await;
+        apply::event(
+            ctx,
+            t,
+            false,
+            "SecretRestored",
+            format!("Secret {} rewritten", name.db_secret()),
+        )
+        .await;
     } else if secret_written {
-        apply::event(ctx, t, false, "SecretCreated", format!("Secret {} written with new credentials", name.db_secret())).await;
+        apply::event(
+            ctx,
+            t,
+            false,
+            "SecretCreated",
+            format!("Secret {} written with new credentials", name.db_secret()),
+        )
+        .await;
     }
 
     let (phase, reason, message) = match t.spec.state {
-        TenantState::Active => (TenantPhase::Active, "Provisioned", format!("schema {} is ready; credentials in Secret {}/{}", name.schema(), ctx.settings.namespace, name.db_secret())),
-        TenantState::Suspended => (TenantPhase::Suspended, "Suspended", "the tenant is suspended: its app role cannot log in".to_string()),
+        TenantState::Active => (
+            TenantPhase::Active,
+            "Provisioned",
+            format!(
+                "schema {} is ready; credentials in Secret {}/{}",
+                name.schema(),
+                ctx.settings.namespace,
+                name.db_secret()
+            ),
+        ),
+        TenantState::Suspended => (
+            TenantPhase::Suspended,
+            "Suspended",
+            "the tenant is suspended: its app role cannot log in".to_string(),
+        ),
     };
     let mut conds = vec![
         Cond::new("Ready", true, reason, message),
-        Cond::new("DatabaseReady", true, "Converged", "schema, roles, privileges and caps match the spec".to_string()),
+        Cond::new(
+            "DatabaseReady",
+            true,
+            "Converged",
+            "schema, roles, privileges and caps match the spec".to_string(),
+        ),
     ];
     conds.extend(rate_limits_cond(ctx, t));
     conds.push(match &db_plan.caps_not_applied {
         Some(why) => Cond::new("CapsApplied", false, "TempFileLimitNeedsPrivilege", why.clone()),
-        None => Cond::new("CapsApplied", true, "Applied", "connection limit, timeouts, work_mem and temp_file_limit as the spec says"),
+        None => Cond::new(
+            "CapsApplied",
+            true,
+            "Applied",
+            "connection limit, timeouts, work_mem and temp_file_limit as the spec says",
+        ),
     });
     conds.push(read_auditing_cond);
     let sealed = apply::converge_sealed(ctx, t, &name, &uid).await?;
@@ -394,15 +579,34 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             conds.push(cond);
             Some(version)
         }
-        Err(migrations::StepError::Database(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
+        Err(migrations::StepError::Database(e)) if e.is_transient() => {
+            return database_down(ctx, t, schema, e, false).await
+        }
         Err(e) => {
-            conds.push(Cond::new(migrations::CONDITION, false, "MigrationStateUnknown", e.to_string()));
+            conds.push(Cond::new(
+                migrations::CONDITION,
+                false,
+                "MigrationStateUnknown",
+                e.to_string(),
+            ));
             None
         }
     };
     conds.extend(backup::converge_cronjob(ctx, t, &name, &uid).await?);
     let last_backup = backup::last_backup(ctx, &uid).await;
-    report_with(ctx, t, phase, schema, &conds, status::Extra { key: sealed.key, schema_version, last_backup }).await?;
+    report_with(
+        ctx,
+        t,
+        phase,
+        schema,
+        &conds,
+        status::Extra {
+            key: sealed.key,
+            schema_version,
+            last_backup,
+        },
+    )
+    .await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
@@ -451,7 +655,12 @@ pub async fn converge_db(
         Some(_) if desired.login => Some("Resumed"),
         Some(_) => Some("Suspended"),
     };
-    let registry = audit_action.map(|audit_action| RegistryWrite { uid: uid.to_owned(), state, audit_action, actor: actor.to_owned() });
+    let registry = audit_action.map(|audit_action| RegistryWrite {
+        uid: uid.to_owned(),
+        state,
+        audit_action,
+        actor: actor.to_owned(),
+    });
     let statements = crate::pg::tenant::apply(pool, name, uid, &db_plan.actions, registry.as_ref()).await?;
     // Whenever the app role may not log in after the commit, end every
     // session it has: also one opened between the catalog read above and
@@ -465,7 +674,12 @@ pub async fn converge_db(
     // The audit log: observed first, so a converged tenant runs nothing.
     let audit = crate::pg::audit::converge(pool, ring, name, uid, desired.audit_retention_days).await?;
     let statements = statements + audit.statements;
-    Ok(DbOutcome { plan: db_plan, registry, statements, audit })
+    Ok(DbOutcome {
+        plan: db_plan,
+        registry,
+        statements,
+        audit,
+    })
 }
 
 async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
@@ -481,27 +695,70 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let schema = Some(name.schema());
     if t.spec.deletion_protection {
         let msg = "spec.deletionProtection is true: nothing is dropped until it is set to false".to_string();
-        report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "Deleting", "the Tenant is being deleted"), Cond::new("DeletionBlocked", true, "DeletionProtection", msg)]).await?;
+        report(
+            ctx,
+            t,
+            TenantPhase::Deleting,
+            schema,
+            &[
+                Cond::new("Ready", false, "Deleting", "the Tenant is being deleted"),
+                Cond::new("DeletionBlocked", true, "DeletionProtection", msg),
+            ],
+        )
+        .await?;
         return Ok(Action::await_change());
     }
-    report(ctx, t, TenantPhase::Deleting, schema.clone(), &[Cond::new("Ready", false, "Deleting", "dropping the tenant's schema and roles")]).await?;
+    report(
+        ctx,
+        t,
+        TenantPhase::Deleting,
+        schema.clone(),
+        &[Cond::new(
+            "Ready",
+            false,
+            "Deleting",
+            "dropping the tenant's schema and roles",
+        )],
+    )
+    .await?;
     let actor = plan::last_spec_manager(t);
     let dropped = match crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor).await {
         Ok(n) => n,
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, true).await,
         Err(e) => {
             let msg = format!("cannot drop the tenant: {}", e.describe());
-            report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "DeleteFailed", msg)]).await?;
+            report(
+                ctx,
+                t,
+                TenantPhase::Deleting,
+                schema,
+                &[Cond::new("Ready", false, "DeleteFailed", msg)],
+            )
+            .await?;
             return Err(Error::Database(e));
         }
     };
     Stats::add(&ctx.stats.ddl_statements, dropped as u64);
     apply::delete_secrets(ctx, &name).await?;
-    backup::delete_job_secret(ctx, &backup::job_secret_name(&name)).await.map_err(Error::DeleteSecret)?;
+    backup::delete_job_secret(ctx, &backup::job_secret_name(&name))
+        .await
+        .map_err(Error::DeleteSecret)?;
     let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;
     if !left.is_empty() {
         let msg = left.join(", ");
-        report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "DeleteIncomplete", format!("still present after drop: {msg}"))]).await?;
+        report(
+            ctx,
+            t,
+            TenantPhase::Deleting,
+            schema,
+            &[Cond::new(
+                "Ready",
+                false,
+                "DeleteIncomplete",
+                format!("still present after drop: {msg}"),
+            )],
+        )
+        .await?;
         return Err(Error::Leftovers(msg));
     }
     // The tenant's backups (the salt that opens them went with the registry
@@ -512,11 +769,33 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             Err(e) => Err(e.to_string()),
         };
         if let Err(msg) = deleted {
-            report(ctx, t, TenantPhase::Deleting, schema, &[Cond::new("Ready", false, "DeleteIncomplete", format!("deleting the tenant's backups: {msg}"))]).await?;
+            report(
+                ctx,
+                t,
+                TenantPhase::Deleting,
+                schema,
+                &[Cond::new(
+                    "Ready",
+                    false,
+                    "DeleteIncomplete",
+                    format!("deleting the tenant's backups: {msg}"),
+                )],
+            )
+            .await?;
             return Err(Error::DeleteBackups(msg));
         }
     }
-    apply::event(ctx, t, false, "Deleted", format!("dropped schema {}, roles, registry row with the key salt, Secrets and backups", name.schema())).await;
+    apply::event(
+        ctx,
+        t,
+        false,
+        "Deleted",
+        format!(
+            "dropped schema {}, roles, registry row with the key salt, Secrets and backups",
+            name.schema()
+        ),
+    )
+    .await;
     apply::remove_finalizer(ctx, t).await?;
     Ok(Action::await_change())
 }

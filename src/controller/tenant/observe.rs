@@ -80,7 +80,11 @@ fn absent<T>(r: Result<Option<T>, kube::Error>) -> Result<Option<T>, Error> {
     }
 }
 
-async fn read_source(ctx: &Context, tenant: &str, r: &crate::api::tenant::SecretKeyRef) -> Result<super::sealing::Source, Error> {
+async fn read_source(
+    ctx: &Context,
+    tenant: &str,
+    r: &crate::api::tenant::SecretKeyRef,
+) -> Result<super::sealing::Source, Error> {
     use super::sealing::{decide, Decision, Source};
     let policy = &ctx.settings.secret_sources;
     if policy.refuses_namespace(&r.namespace) {
@@ -104,14 +108,16 @@ async fn read_source(ctx: &Context, tenant: &str, r: &crate::api::tenant::Secret
         other => absent(other)?,
     };
     // Decided again on the object read: its labels may have changed since.
-    Ok(match decide(policy, tenant, &r.namespace, secret.as_ref().map(|s| &s.metadata)) {
-        Decision::Read => Source::take_key(secret.and_then(|s| s.data), &r.key),
-        Decision::Missing => Source::SecretMissing,
-        Decision::NotAllowed => {
-            let _ = Source::take_key(secret.and_then(|s| s.data), "");
-            Source::NotAllowed
-        }
-    })
+    Ok(
+        match decide(policy, tenant, &r.namespace, secret.as_ref().map(|s| &s.metadata)) {
+            Decision::Read => Source::take_key(secret.and_then(|s| s.data), &r.key),
+            Decision::Missing => Source::SecretMissing,
+            Decision::NotAllowed => {
+                let _ = Source::take_key(secret.and_then(|s| s.data), "");
+                Source::NotAllowed
+            }
+        },
+    )
 }
 
 /// The tenant's sealed Secret, if it exists.

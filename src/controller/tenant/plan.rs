@@ -64,7 +64,9 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
     if s == "0" {
         return Ok(0);
     }
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} has no unit (ms, s, min, h, d)"))?;
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (ms, s, min, h, d)"))?;
     let (num, unit) = s.split_at(split);
     let n: i64 = num.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
     let factor = match unit {
@@ -84,7 +86,9 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
 
 /// Kilobytes of a size (`64kB`, `16MB`, `1GB`, `1TB`), at most `max_kb`.
 fn parse_size_kb(s: &str, max_kb: i64) -> Result<i64, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} has no unit (kB, MB, GB)"))?;
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (kB, MB, GB)"))?;
     let (num, unit) = s.split_at(split);
     let n: i64 = num.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
     let factor: i64 = match unit {
@@ -117,7 +121,16 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
     // Destructured without `..`: a new spec field must be planned here or the
     // build fails.
     // Rate limits are planned by the rate-limit writer (`crate::ratelimit`).
-    let TenantSpec { display_name: _, state, deletion_protection: _, database, rate_limits: _, secrets: _, audit, backup: _ } = spec;
+    let TenantSpec {
+        display_name: _,
+        state,
+        deletion_protection: _,
+        database,
+        rate_limits: _,
+        secrets: _,
+        audit,
+        backup: _,
+    } = spec;
     // spec.backup becomes the CronJob (`super::backup::desired_cronjob`).
     // The audit log's objects and triggers are converged by `crate::pg::audit`
     // (every tenant has one); only its retention comes from the spec.
@@ -127,13 +140,32 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
     }
     // The MigrationSet is followed by the migrations step of the reconcile
     // (`super::migrations`) and rolled out by the MigrationSet controller.
-    let crate::api::DatabaseSpec { migration_set: _, connection_limit, statement_timeout, idle_in_transaction_timeout, work_mem, temp_file_limit } = database;
+    let crate::api::DatabaseSpec {
+        migration_set: _,
+        connection_limit,
+        statement_timeout,
+        idle_in_transaction_timeout,
+        work_mem,
+        temp_file_limit,
+    } = database;
     if !(1..=1000).contains(connection_limit) {
-        return Err(PlanError::InvalidSpec { field: "connectionLimit", message: format!("{connection_limit} is not between 1 and 1000") });
+        return Err(PlanError::InvalidSpec {
+            field: "connectionLimit",
+            message: format!("{connection_limit} is not between 1 and 1000"),
+        });
     }
-    let st = parse_duration_ms(statement_timeout).map_err(|m| PlanError::InvalidSpec { field: "statementTimeout", message: m })?;
-    let it = parse_duration_ms(idle_in_transaction_timeout).map_err(|m| PlanError::InvalidSpec { field: "idleInTransactionTimeout", message: m })?;
-    let wm = parse_memory_kb(work_mem).map_err(|m| PlanError::InvalidSpec { field: "workMem", message: m })?;
+    let st = parse_duration_ms(statement_timeout).map_err(|m| PlanError::InvalidSpec {
+        field: "statementTimeout",
+        message: m,
+    })?;
+    let it = parse_duration_ms(idle_in_transaction_timeout).map_err(|m| PlanError::InvalidSpec {
+        field: "idleInTransactionTimeout",
+        message: m,
+    })?;
+    let wm = parse_memory_kb(work_mem).map_err(|m| PlanError::InvalidSpec {
+        field: "workMem",
+        message: m,
+    })?;
     let mut settings = BTreeMap::from([
         ("search_path", name.schema()),
         ("statement_timeout", format!("{st}ms")),
@@ -141,10 +173,19 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
         ("work_mem", format!("{wm}kB")),
     ]);
     if let Some(limit) = temp_file_limit {
-        let kb = parse_size_kb(limit, i32::MAX as i64).map_err(|m| PlanError::InvalidSpec { field: "tempFileLimit", message: m })?;
+        let kb = parse_size_kb(limit, i32::MAX as i64).map_err(|m| PlanError::InvalidSpec {
+            field: "tempFileLimit",
+            message: m,
+        })?;
         settings.insert("temp_file_limit", format!("{kb}kB"));
     }
-    Ok(DesiredDb { login: *state == TenantState::Active, connection_limit: *connection_limit, settings, audit_retention_days: *retention_days, gateway: None })
+    Ok(DesiredDb {
+        login: *state == TenantState::Active,
+        connection_limit: *connection_limit,
+        settings,
+        audit_retention_days: *retention_days,
+        gateway: None,
+    })
 }
 
 /// What one reconcile must do to the database, and the credentials to hold.
@@ -178,8 +219,14 @@ impl std::fmt::Debug for DbPlan {
 fn check_marker(what: String, comment: &Option<String>, marker: &str) -> Result<(), PlanError> {
     match comment {
         Some(c) if c == marker => Ok(()),
-        Some(c) => Err(PlanError::Conflict { what, found: format!("marked {c:?}") }),
-        None => Err(PlanError::Conflict { what, found: "no ownership marker".into() }),
+        Some(c) => Err(PlanError::Conflict {
+            what,
+            found: format!("marked {c:?}"),
+        }),
+        None => Err(PlanError::Conflict {
+            what,
+            found: "no ownership marker".into(),
+        }),
     }
 }
 
@@ -194,7 +241,10 @@ pub fn plan_db(
     let marker = ownership_marker(uid);
     if let Some(row) = &observed.registry {
         if row.uid != uid {
-            return Err(PlanError::Conflict { what: format!("registry row for {name}"), found: format!("tenant uid {}", row.uid) });
+            return Err(PlanError::Conflict {
+                what: format!("registry row for {name}"),
+                found: format!("tenant uid {}", row.uid),
+            });
         }
     }
     if let Some(s) = &observed.schema {
@@ -233,7 +283,11 @@ pub fn plan_db(
     match &observed.app_role {
         None => {
             actions.extend([
-                DbAction::CreateAppRole { verifier: scram::verifier(&password).into(), login: desired.login, connection_limit: desired.connection_limit },
+                DbAction::CreateAppRole {
+                    verifier: scram::verifier(&password).into(),
+                    login: desired.login,
+                    connection_limit: desired.connection_limit,
+                },
                 DbAction::GrantAppToAdmin,
             ]);
             actions.extend(gateway.map(|g| DbAction::GrantAppToGateway { gateway: g.clone() }));
@@ -259,7 +313,9 @@ pub fn plan_db(
                 actions.push(DbAction::SetConnectionLimit(desired.connection_limit));
             }
             if password_is_new {
-                actions.push(DbAction::SetPassword { verifier: scram::verifier(&password).into() });
+                actions.push(DbAction::SetPassword {
+                    verifier: scram::verifier(&password).into(),
+                });
             }
         }
     }
@@ -267,7 +323,9 @@ pub fn plan_db(
     let schema_is_new = observed.schema.is_none();
     if let Some(s) = &observed.schema {
         for grantee in &s.other_grantees {
-            actions.push(DbAction::RevokeSchemaFrom { grantee: grantee.clone() });
+            actions.push(DbAction::RevokeSchemaFrom {
+                grantee: grantee.clone(),
+            });
         }
     } else {
         actions.push(DbAction::CreateSchema);
@@ -279,7 +337,9 @@ pub fn plan_db(
                 actions.push(DbAction::GrantSchemaUsage);
             }
             if p.schema_create {
-                actions.push(DbAction::RevokeSchemaFrom { grantee: name.app_role() });
+                actions.push(DbAction::RevokeSchemaFrom {
+                    grantee: name.app_role(),
+                });
                 actions.push(DbAction::GrantSchemaUsage);
             }
             if p.objects_missing_dml > 0 {
@@ -295,7 +355,12 @@ pub fn plan_db(
                 actions.push(DbAction::GrantConnect);
             }
         }
-        _ => actions.extend([DbAction::GrantSchemaUsage, DbAction::GrantExistingObjects, DbAction::SetDefaultPrivileges, DbAction::GrantConnect]),
+        _ => actions.extend([
+            DbAction::GrantSchemaUsage,
+            DbAction::GrantExistingObjects,
+            DbAction::SetDefaultPrivileges,
+            DbAction::GrantConnect,
+        ]),
     }
     let current = observed.app_role.as_ref().map(|r| &r.settings);
     let mut caps_not_applied = None;
@@ -309,7 +374,10 @@ pub fn plan_db(
                 ));
                 continue;
             }
-            actions.push(DbAction::SetSetting { name: setting, value: value.clone() });
+            actions.push(DbAction::SetSetting {
+                name: setting,
+                value: value.clone(),
+            });
         }
     }
     // A managed setting the spec no longer asks for goes back to the default.
@@ -326,7 +394,12 @@ pub fn plan_db(
     // sessions still working in the tenant's schema
     // (`crate::pg::tenant::terminate_sessions`).
     let terminate_sessions = !desired.login;
-    Ok(DbPlan { actions, password, terminate_sessions, caps_not_applied })
+    Ok(DbPlan {
+        actions,
+        password,
+        terminate_sessions,
+        caps_not_applied,
+    })
 }
 
 /// The ops login: LOGIN, NOINHERIT, member of the tenant's owner role and
@@ -347,7 +420,10 @@ fn plan_ops_role(actions: &mut Vec<DbAction>, name: &TenantName, ops: Option<&Ro
         actions.push(DbAction::SetOpsLogin);
     }
     for member in &r.other_members {
-        actions.push(DbAction::RevokeMembership { role: Role::Ops, member: member.clone() });
+        actions.push(DbAction::RevokeMembership {
+            role: Role::Ops,
+            member: member.clone(),
+        });
     }
     let owner = name.owner_role();
     for role in r.member_of.iter().filter(|m| **m != owner) {
@@ -368,7 +444,10 @@ fn role_hygiene(actions: &mut Vec<DbAction>, role: Role, r: &RoleState, grant_ad
         actions.push(grant_admin);
     }
     for member in &r.other_members {
-        actions.push(DbAction::RevokeMembership { role, member: member.clone() });
+        actions.push(DbAction::RevokeMembership {
+            role,
+            member: member.clone(),
+        });
     }
 }
 
@@ -384,7 +463,11 @@ pub fn login_secret_data(user: &str, endpoint: &Endpoint, password: &str) -> BTr
     // RFC 3986 unreserved characters stay as they are.
     const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
     let user = user.to_owned();
-    let host = if endpoint.host.contains(':') { format!("[{}]", endpoint.host) } else { endpoint.host.clone() };
+    let host = if endpoint.host.contains(':') {
+        format!("[{}]", endpoint.host)
+    } else {
+        endpoint.host.clone()
+    };
     let uri = format!(
         "postgresql://{}:{}@{}:{}/{}",
         utf8_percent_encode(&user, COMPONENT),
@@ -406,13 +489,17 @@ pub fn login_secret_data(user: &str, endpoint: &Endpoint, password: &str) -> BTr
 /// The manager that last changed the Tenant's spec, from managedFields: the
 /// actor recorded in the audit log.
 pub fn last_spec_manager(tenant: &Tenant) -> String {
-    spec_manager_entry(tenant).and_then(|m| m.manager.clone()).unwrap_or_else(|| "unknown".into())
+    spec_manager_entry(tenant)
+        .and_then(|m| m.manager.clone())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The managedFields entry [`last_spec_manager`] reads: the latest write of
 /// the spec itself (not of a subresource). The Tenant cache keeps only this
 /// one (`controller::tenant_watch::slim`).
-pub fn spec_manager_entry(tenant: &Tenant) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry> {
+pub fn spec_manager_entry(
+    tenant: &Tenant,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry> {
     tenant
         .metadata
         .managed_fields
@@ -451,10 +538,21 @@ mod tests {
             other_members: vec![],
             member_of: vec![],
         };
-        let settings = desired.settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let settings = desired
+            .settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         CatalogState {
-            schema: Some(SchemaState { owner: name().owner_role(), comment: Some(marker.clone()), other_grantees: vec![] }),
-            owner_role: Some(RoleState { other_members: vec![name().ops_role()], ..role(false, BTreeMap::new()) }),
+            schema: Some(SchemaState {
+                owner: name().owner_role(),
+                comment: Some(marker.clone()),
+                other_grantees: vec![],
+            }),
+            owner_role: Some(RoleState {
+                other_members: vec![name().ops_role()],
+                ..role(false, BTreeMap::new())
+            }),
             app_role: Some(role(desired.login, settings)),
             ops_role: Some(RoleState {
                 can_login: true,
@@ -463,8 +561,20 @@ mod tests {
                 member_of: vec![name().owner_role()],
                 ..role(false, BTreeMap::new())
             }),
-            privileges: Some(AppPrivileges { schema_usage: true, schema_create: false, database_connect: true, objects_missing_dml: 0, default_privileges: true, internal_writable: 0 }),
-            registry: Some(RegistryRow { uid: uid.into(), name: "acme".into(), schema: name().schema(), state: "Active".into() }),
+            privileges: Some(AppPrivileges {
+                schema_usage: true,
+                schema_create: false,
+                database_connect: true,
+                objects_missing_dml: 0,
+                default_privileges: true,
+                internal_writable: 0,
+            }),
+            registry: Some(RegistryRow {
+                uid: uid.into(),
+                name: "acme".into(),
+                schema: name().schema(),
+                state: "Active".into(),
+            }),
             app_sessions: 2,
             can_set_temp_file_limit: false,
         }
@@ -478,9 +588,20 @@ mod tests {
         assert_eq!(
             labels,
             [
-                "CreateOwnerRole", "GrantOwnerToAdmin", "CreateAppRole", "GrantAppToAdmin", "CreateOpsRole", "GrantOwnerToOps",
-                "CreateSchema", "GrantSchemaUsage",
-                "GrantExistingObjects", "SetDefaultPrivileges", "GrantConnect", "SetRoleSetting", "SetRoleSetting", "SetRoleSetting",
+                "CreateOwnerRole",
+                "GrantOwnerToAdmin",
+                "CreateAppRole",
+                "GrantAppToAdmin",
+                "CreateOpsRole",
+                "GrantOwnerToOps",
+                "CreateSchema",
+                "GrantSchemaUsage",
+                "GrantExistingObjects",
+                "SetDefaultPrivileges",
+                "GrantConnect",
+                "SetRoleSetting",
+                "SetRoleSetting",
+                "SetRoleSetting",
                 "SetRoleSetting"
             ]
         );
@@ -508,22 +629,40 @@ mod tests {
             ops.member_of = vec!["tenant_other_owner".into()];
             ops.other_members = vec!["mallory".into()];
         }
-        obs.owner_role.as_mut().unwrap().other_members.push("tenant_other_ops".into());
+        obs.owner_role
+            .as_mut()
+            .unwrap()
+            .other_members
+            .push("tenant_other_ops".into());
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
         for a in [
-            DbAction::RevokeMembership { role: Role::Owner, member: "tenant_other_ops".into() },
+            DbAction::RevokeMembership {
+                role: Role::Owner,
+                member: "tenant_other_ops".into(),
+            },
             DbAction::StripElevatedAttributes(Role::Ops),
             DbAction::SetOpsNoInherit,
-            DbAction::RevokeMembership { role: Role::Ops, member: "mallory".into() },
-            DbAction::RevokeOpsMembershipIn { role: "tenant_other_owner".into() },
+            DbAction::RevokeMembership {
+                role: Role::Ops,
+                member: "mallory".into(),
+            },
+            DbAction::RevokeOpsMembershipIn {
+                role: "tenant_other_owner".into(),
+            },
             DbAction::GrantOwnerToOps,
         ] {
             assert!(p.actions.contains(&a), "{a:?} missing from {:?}", p.actions);
         }
-        assert!(!p.actions.iter().any(|a| matches!(a, DbAction::RevokeMembership { member, .. } if *member == name().ops_role())));
+        assert!(!p
+            .actions
+            .iter()
+            .any(|a| matches!(a, DbAction::RevokeMembership { member, .. } if *member == name().ops_role())));
         // An ops role the operator did not create is never adopted.
         obs.ops_role.as_mut().unwrap().comment = None;
-        assert!(matches!(plan_db(&name(), "u1", &d, &obs, Some("pw")), Err(PlanError::Conflict { .. })));
+        assert!(matches!(
+            plan_db(&name(), "u1", &d, &obs, Some("pw")),
+            Err(PlanError::Conflict { .. })
+        ));
     }
 
     #[test]
@@ -532,7 +671,13 @@ mod tests {
         d.gateway = Some("tenancy_gateway".into());
         // Provisioning grants it in the same transaction.
         let p = plan_db(&name(), "u1", &d, &CatalogState::default(), None).unwrap();
-        assert!(p.actions.contains(&DbAction::GrantAppToGateway { gateway: "tenancy_gateway".into() }), "{:?}", p.actions);
+        assert!(
+            p.actions.contains(&DbAction::GrantAppToGateway {
+                gateway: "tenancy_gateway".into()
+            }),
+            "{:?}",
+            p.actions
+        );
         // Converged with it: nothing to do; the drift repair keeps it.
         let mut obs = converged("u1", &d);
         obs.app_role.as_mut().unwrap().other_members = vec!["tenancy_gateway".into()];
@@ -541,14 +686,28 @@ mod tests {
         // Revoked by hand: granted again; another member is still revoked.
         obs.app_role.as_mut().unwrap().other_members = vec!["mallory".into()];
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
-        assert!(p.actions.contains(&DbAction::GrantAppToGateway { gateway: "tenancy_gateway".into() }));
-        assert!(p.actions.contains(&DbAction::RevokeMembership { role: Role::App, member: "mallory".into() }));
+        assert!(p.actions.contains(&DbAction::GrantAppToGateway {
+            gateway: "tenancy_gateway".into()
+        }));
+        assert!(p.actions.contains(&DbAction::RevokeMembership {
+            role: Role::App,
+            member: "mallory".into()
+        }));
         // Suspended: revoked with the login, and its sessions ended.
         obs.app_role.as_mut().unwrap().other_members = vec!["tenancy_gateway".into()];
         obs.app_sessions = 0;
         d.login = false;
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
-        assert_eq!(p.actions, vec![DbAction::RevokeMembership { role: Role::App, member: "tenancy_gateway".into() }, DbAction::SetLogin(false)]);
+        assert_eq!(
+            p.actions,
+            vec![
+                DbAction::RevokeMembership {
+                    role: Role::App,
+                    member: "tenancy_gateway".into()
+                },
+                DbAction::SetLogin(false)
+            ]
+        );
         assert!(p.terminate_sessions);
     }
 
@@ -556,7 +715,11 @@ mod tests {
     fn a_missing_secret_password_rotates_the_role_password() {
         let d = desired_db(&name(), &spec()).unwrap();
         let p = plan_db(&name(), "u1", &d, &converged("u1", &d), None).unwrap();
-        assert!(matches!(p.actions.as_slice(), [DbAction::SetPassword { .. }]), "{:?}", p.actions);
+        assert!(
+            matches!(p.actions.as_slice(), [DbAction::SetPassword { .. }]),
+            "{:?}",
+            p.actions
+        );
     }
 
     #[test]
@@ -582,7 +745,11 @@ mod tests {
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
         assert!(p.terminate_sessions, "{:?}", p.actions);
         let active = desired_db(&name(), &spec()).unwrap();
-        assert!(!plan_db(&name(), "u1", &active, &converged("u1", &active), Some("pw")).unwrap().terminate_sessions);
+        assert!(
+            !plan_db(&name(), "u1", &active, &converged("u1", &active), Some("pw"))
+                .unwrap()
+                .terminate_sessions
+        );
     }
 
     #[test]
@@ -590,12 +757,23 @@ mod tests {
         let d = desired_db(&name(), &spec()).unwrap();
         let fresh = plan_db(&name(), "u1", &d, &CatalogState::default(), None).unwrap();
         let kept = plan_db(&name(), "u1", &d, &converged("u1", &d), Some("hunter2-password")).unwrap();
-        for (p, pw) in [(&fresh, fresh.password.clone()), (&kept, "hunter2-password".to_string())] {
+        for (p, pw) in [
+            (&fresh, fresh.password.clone()),
+            (&kept, "hunter2-password".to_string()),
+        ] {
             let shown = format!("{p:?}");
             assert!(!shown.contains(&pw), "{shown}");
             assert!(!shown.contains("SCRAM-SHA-256"), "{shown}");
         }
-        let data = secret_data(&name(), &Endpoint { host: "db".into(), port: 5432, database: "saas".into() }, "hunter2-password");
+        let data = secret_data(
+            &name(),
+            &Endpoint {
+                host: "db".into(),
+                port: 5432,
+                database: "saas".into(),
+            },
+            "hunter2-password",
+        );
         assert!(data["uri"].contains("hunter2-password"));
     }
 
@@ -609,7 +787,13 @@ mod tests {
         let p = plan_db(&name(), "u1", &d, &converged("u1", &d0), Some("pw")).unwrap();
         assert_eq!(
             p.actions,
-            vec![DbAction::SetConnectionLimit(5), DbAction::SetSetting { name: "work_mem", value: "65536kB".into() }]
+            vec![
+                DbAction::SetConnectionLimit(5),
+                DbAction::SetSetting {
+                    name: "work_mem",
+                    value: "65536kB".into()
+                }
+            ]
         );
     }
 
@@ -622,11 +806,22 @@ mod tests {
         obs.app_role.as_mut().unwrap().member_of = vec!["tenant_other_owner".into()];
         obs.privileges.as_mut().unwrap().schema_create = true;
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
-        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom { grantee: "PUBLIC".into() }));
-        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom { grantee: "tenant_evil_app".into() }));
-        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom { grantee: "tenant_acme_app".into() }));
-        assert!(p.actions.contains(&DbAction::RevokeMembership { role: Role::Owner, member: "tenant_evil_app".into() }));
-        assert!(p.actions.contains(&DbAction::RevokeAppMembershipIn { role: "tenant_other_owner".into() }));
+        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom {
+            grantee: "PUBLIC".into()
+        }));
+        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom {
+            grantee: "tenant_evil_app".into()
+        }));
+        assert!(p.actions.contains(&DbAction::RevokeSchemaFrom {
+            grantee: "tenant_acme_app".into()
+        }));
+        assert!(p.actions.contains(&DbAction::RevokeMembership {
+            role: Role::Owner,
+            member: "tenant_evil_app".into()
+        }));
+        assert!(p.actions.contains(&DbAction::RevokeAppMembershipIn {
+            role: "tenant_other_owner".into()
+        }));
     }
 
     #[test]
@@ -635,7 +830,13 @@ mod tests {
         let obs = converged("old-uid", &d);
         let err = plan_db(&name(), "new-uid", &d, &obs, None).unwrap_err();
         assert_eq!(err.reason(), "OwnershipConflict");
-        let obs = CatalogState { app_role: Some(RoleState { comment: None, ..Default::default() }), ..Default::default() };
+        let obs = CatalogState {
+            app_role: Some(RoleState {
+                comment: None,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         let err = plan_db(&name(), "u1", &d, &obs, None).unwrap_err();
         assert!(err.to_string().contains("tenant_acme_app"), "{err}");
     }
@@ -643,13 +844,34 @@ mod tests {
     #[test]
     fn out_of_range_spec_values_are_refused_with_the_field() {
         for (mutate, field) in [
-            (Box::new(|s: &mut TenantSpec| s.database.connection_limit = 0) as Box<dyn Fn(&mut TenantSpec)>, "connectionLimit"),
-            (Box::new(|s: &mut TenantSpec| s.database.connection_limit = 5000), "connectionLimit"),
-            (Box::new(|s: &mut TenantSpec| s.database.statement_timeout = "30 seconds".into()), "statementTimeout"),
-            (Box::new(|s: &mut TenantSpec| s.database.statement_timeout = "9999d".into()), "statementTimeout"),
-            (Box::new(|s: &mut TenantSpec| s.database.idle_in_transaction_timeout = "-1s".into()), "idleInTransactionTimeout"),
-            (Box::new(|s: &mut TenantSpec| s.database.work_mem = "1kB".into()), "workMem"),
-            (Box::new(|s: &mut TenantSpec| s.database.work_mem = "16MB'; DROP ROLE x; --".into()), "workMem"),
+            (
+                Box::new(|s: &mut TenantSpec| s.database.connection_limit = 0) as Box<dyn Fn(&mut TenantSpec)>,
+                "connectionLimit",
+            ),
+            (
+                Box::new(|s: &mut TenantSpec| s.database.connection_limit = 5000),
+                "connectionLimit",
+            ),
+            (
+                Box::new(|s: &mut TenantSpec| s.database.statement_timeout = "30 seconds".into()),
+                "statementTimeout",
+            ),
+            (
+                Box::new(|s: &mut TenantSpec| s.database.statement_timeout = "9999d".into()),
+                "statementTimeout",
+            ),
+            (
+                Box::new(|s: &mut TenantSpec| s.database.idle_in_transaction_timeout = "-1s".into()),
+                "idleInTransactionTimeout",
+            ),
+            (
+                Box::new(|s: &mut TenantSpec| s.database.work_mem = "1kB".into()),
+                "workMem",
+            ),
+            (
+                Box::new(|s: &mut TenantSpec| s.database.work_mem = "16MB'; DROP ROLE x; --".into()),
+                "workMem",
+            ),
         ] {
             let mut s = spec();
             mutate(&mut s);
@@ -669,15 +891,33 @@ mod tests {
         let mut obs = converged("u1", &d0);
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
         assert!(p.actions.is_empty(), "{:?}", p.actions);
-        assert!(p.caps_not_applied.as_deref().is_some_and(|m| m.contains("GRANT SET ON PARAMETER temp_file_limit")));
+        assert!(p
+            .caps_not_applied
+            .as_deref()
+            .is_some_and(|m| m.contains("GRANT SET ON PARAMETER temp_file_limit")));
         obs.can_set_temp_file_limit = true;
         let p = plan_db(&name(), "u1", &d, &obs, Some("pw")).unwrap();
-        assert_eq!(p.actions, vec![DbAction::SetSetting { name: "temp_file_limit", value: "1048576kB".into() }]);
+        assert_eq!(
+            p.actions,
+            vec![DbAction::SetSetting {
+                name: "temp_file_limit",
+                value: "1048576kB".into()
+            }]
+        );
         assert!(p.caps_not_applied.is_none());
         // Applied, then removed from the spec: back to the server default.
-        obs.app_role.as_mut().unwrap().settings.insert("temp_file_limit".into(), "1048576kB".into());
+        obs.app_role
+            .as_mut()
+            .unwrap()
+            .settings
+            .insert("temp_file_limit".into(), "1048576kB".into());
         let p = plan_db(&name(), "u1", &d0, &obs, Some("pw")).unwrap();
-        assert_eq!(p.actions, vec![DbAction::ResetSetting { name: "temp_file_limit" }]);
+        assert_eq!(
+            p.actions,
+            vec![DbAction::ResetSetting {
+                name: "temp_file_limit"
+            }]
+        );
     }
 
     #[test]
@@ -695,7 +935,11 @@ mod tests {
 
     #[test]
     fn secret_carries_a_working_uri() {
-        let e = Endpoint { host: "db.example".into(), port: 5433, database: "saas".into() };
+        let e = Endpoint {
+            host: "db.example".into(),
+            port: 5433,
+            database: "saas".into(),
+        };
         let d = secret_data(&name(), &e, "AbC123");
         assert_eq!(d["uri"], "postgresql://tenant_acme_app:AbC123@db.example:5433/saas");
         assert_eq!(d["user"], "tenant_acme_app");

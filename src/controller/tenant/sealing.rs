@@ -47,9 +47,20 @@ impl SourcePolicy {
     /// namespace is dropped from the list (it is never a source); the second
     /// value says whether it was there, for a warning.
     pub fn new(operator_namespace: &str, list: &str) -> (Self, bool) {
-        let mut namespaces: BTreeSet<String> = list.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect();
+        let mut namespaces: BTreeSet<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
         let had_own = namespaces.remove(operator_namespace);
-        (Self { operator_namespace: operator_namespace.to_owned(), namespaces }, had_own)
+        (
+            Self {
+                operator_namespace: operator_namespace.to_owned(),
+                namespaces,
+            },
+            had_own,
+        )
     }
 
     /// Whether every Secret of `namespace` may be a source.
@@ -67,8 +78,16 @@ impl SourcePolicy {
 /// Whether the Secret's metadata names `tenant` in its [`SEAL_FOR`] label or
 /// annotation.
 pub fn opted_in(meta: &ObjectMeta, tenant: &str) -> bool {
-    let label = meta.labels.as_ref().and_then(|l| l.get(SEAL_FOR)).is_some_and(|v| v == tenant);
-    let annotation = meta.annotations.as_ref().and_then(|a| a.get(SEAL_FOR)).is_some_and(|v| v.split(',').any(|t| t.trim() == tenant));
+    let label = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SEAL_FOR))
+        .is_some_and(|v| v == tenant);
+    let annotation = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SEAL_FOR))
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tenant));
     label || annotation
 }
 
@@ -107,7 +126,11 @@ pub fn decide(policy: &SourcePolicy, tenant: &str, namespace: &str, meta: Option
 /// reference and the configuration only, never on the Secret.
 pub fn not_allowed_message(policy: &SourcePolicy, tenant: &str, s: &TenantSecret) -> String {
     let r = &s.secret_ref;
-    let namespaces = if policy.namespaces.is_empty() { "none configured".to_string() } else { policy.namespaces.iter().cloned().collect::<Vec<_>>().join(", ") };
+    let namespaces = if policy.namespaces.is_empty() {
+        "none configured".to_string()
+    } else {
+        policy.namespaces.iter().cloned().collect::<Vec<_>>().join(", ")
+    };
     format!(
         "{}: Secret {}/{} is not an allowed source: a source must be in a namespace of --secret-source-namespaces ({namespaces}) \
          or carry the label {SEAL_FOR}={tenant} (or list {tenant} in the annotation {SEAL_FOR}) and be readable by the operator; \
@@ -197,7 +220,8 @@ pub fn plan_sealed(
             Source::Value(plain) => {
                 let keep = old.filter(|env| {
                     crypto::envelope_key_version(env).ok() == Some(active)
-                        && crypto::open(ring, salt, uid, Purpose::Secrets, &s.name, env).is_ok_and(|p| p.as_slice() == plain.as_slice())
+                        && crypto::open(ring, salt, uid, Purpose::Secrets, &s.name, env)
+                            .is_ok_and(|p| p.as_slice() == plain.as_slice())
                 });
                 let env = match keep {
                     Some(env) => env.clone(),
@@ -212,7 +236,9 @@ pub fn plan_sealed(
             why => {
                 let r = &s.secret_ref;
                 missing.push(match why {
-                    Source::KeyMissing => format!("{}: Secret {}/{} has no key {:?}", s.name, r.namespace, r.name, r.key),
+                    Source::KeyMissing => {
+                        format!("{}: Secret {}/{} has no key {:?}", s.name, r.namespace, r.name, r.key)
+                    }
                     _ => format!("{}: Secret {}/{} not found", s.name, r.namespace, r.name),
                 });
                 if let Some(env) = old {
@@ -222,7 +248,13 @@ pub fn plan_sealed(
         }
     }
     let changed = &data != existing;
-    Ok(SealPlan { data, changed, missing, not_allowed, sealed })
+    Ok(SealPlan {
+        data,
+        changed,
+        missing,
+        not_allowed,
+        sealed,
+    })
 }
 
 /// Checks what the CRD schema also checks: entry names are unique and valid
@@ -230,9 +262,14 @@ pub fn plan_sealed(
 pub fn validate(spec: &[TenantSecret]) -> Result<(), String> {
     let mut seen = BTreeSet::new();
     for s in spec {
-        let ok = !s.name.is_empty() && s.name.len() <= 253 && s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        let ok = !s.name.is_empty()
+            && s.name.len() <= 253
+            && s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
         if !ok {
-            return Err(format!("spec.secrets: {:?} is not a valid name (letters, digits, '-', '.', '_')", s.name));
+            return Err(format!(
+                "spec.secrets: {:?} is not a valid name (letters, digits, '-', '.', '_')",
+                s.name
+            ));
         }
         if !seen.insert(&s.name) {
             return Err(format!("spec.secrets: the name {:?} is used twice", s.name));
@@ -243,7 +280,9 @@ pub fn validate(spec: &[TenantSecret]) -> Result<(), String> {
 
 /// The key versions of envelopes, for the registry's bookkeeping.
 pub fn versions_of(data: &BTreeMap<String, Vec<u8>>) -> BTreeSet<KeyVersion> {
-    data.values().filter_map(|e| crypto::envelope_key_version(e).ok()).collect()
+    data.values()
+        .filter_map(|e| crypto::envelope_key_version(e).ok())
+        .collect()
 }
 
 /// Source Secret (namespace, name) of each tenant's sealed secrets.
@@ -252,7 +291,10 @@ pub struct SourceIndex(Mutex<HashMap<String, BTreeSet<(String, String)>>>);
 
 impl SourceIndex {
     pub fn set(&self, tenant: &str, spec: &[TenantSecret]) {
-        let refs: BTreeSet<_> = spec.iter().map(|s| (s.secret_ref.namespace.clone(), s.secret_ref.name.clone())).collect();
+        let refs: BTreeSet<_> = spec
+            .iter()
+            .map(|s| (s.secret_ref.namespace.clone(), s.secret_ref.name.clone()))
+            .collect();
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if refs.is_empty() {
             map.remove(tenant);
@@ -265,7 +307,10 @@ impl SourceIndex {
     pub fn tenants_of(&self, namespace: &str, name: &str) -> Vec<String> {
         let key = (namespace.to_owned(), name.to_owned());
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter().filter(|(_, refs)| refs.contains(&key)).map(|(t, _)| t.clone()).collect()
+        map.iter()
+            .filter(|(_, refs)| refs.contains(&key))
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 }
 
@@ -275,12 +320,22 @@ mod tests {
     use crate::api::tenant::SecretKeyRef;
 
     fn ring(versions: &[u32], active: u32) -> Keyring {
-        let map = versions.iter().map(|v| (format!("v{v}"), vec![*v as u8 + 7; 32])).collect();
+        let map = versions
+            .iter()
+            .map(|v| (format!("v{v}"), vec![*v as u8 + 7; 32]))
+            .collect();
         Keyring::new(map, &format!("v{active}")).unwrap()
     }
 
     fn entry(name: &str) -> TenantSecret {
-        TenantSecret { name: name.into(), secret_ref: SecretKeyRef { namespace: "src".into(), name: format!("{name}-src"), key: "password".into() } }
+        TenantSecret {
+            name: name.into(),
+            secret_ref: SecretKeyRef {
+                namespace: "src".into(),
+                name: format!("{name}-src"),
+                key: "password".into(),
+            },
+        }
     }
 
     fn val(v: &[u8]) -> Source {
@@ -311,13 +366,54 @@ mod tests {
     fn a_changed_source_or_a_new_active_key_reseals() {
         let salt = TenantSalt::generate();
         let spec = [entry("erp")];
-        let first = plan_sealed(&ring(&[1], 1), &salt, "uid", "acme", &policy(), &spec, &sources(&[("erp", val(b"a"))]), &BTreeMap::new()).unwrap();
-        let changed = plan_sealed(&ring(&[1], 1), &salt, "uid", "acme", &policy(), &spec, &sources(&[("erp", val(b"b"))]), &first.data).unwrap();
+        let first = plan_sealed(
+            &ring(&[1], 1),
+            &salt,
+            "uid",
+            "acme",
+            &policy(),
+            &spec,
+            &sources(&[("erp", val(b"a"))]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let changed = plan_sealed(
+            &ring(&[1], 1),
+            &salt,
+            "uid",
+            "acme",
+            &policy(),
+            &spec,
+            &sources(&[("erp", val(b"b"))]),
+            &first.data,
+        )
+        .unwrap();
         assert!(changed.changed);
-        let rotated = plan_sealed(&ring(&[1, 2], 2), &salt, "uid", "acme", &policy(), &spec, &sources(&[("erp", val(b"a"))]), &first.data).unwrap();
+        let rotated = plan_sealed(
+            &ring(&[1, 2], 2),
+            &salt,
+            "uid",
+            "acme",
+            &policy(),
+            &spec,
+            &sources(&[("erp", val(b"a"))]),
+            &first.data,
+        )
+        .unwrap();
         assert!(rotated.changed);
-        assert_eq!(versions_of(&rotated.data), BTreeSet::from([KeyVersion::new(2).unwrap()]));
-        let plain = crypto::open(&ring(&[1, 2], 2), &salt, "uid", Purpose::Secrets, "erp", &rotated.data["erp"]).unwrap();
+        assert_eq!(
+            versions_of(&rotated.data),
+            BTreeSet::from([KeyVersion::new(2).unwrap()])
+        );
+        let plain = crypto::open(
+            &ring(&[1, 2], 2),
+            &salt,
+            "uid",
+            Purpose::Secrets,
+            "erp",
+            &rotated.data["erp"],
+        )
+        .unwrap();
         assert_eq!(plain.as_slice(), b"a");
     }
 
@@ -331,7 +427,17 @@ mod tests {
         let p = plan_sealed(&r, &salt, "uid", "acme", &policy(), &spec, &one, &first.data).unwrap();
         assert_eq!(p.missing, vec!["sso: Secret src/sso-src not found".to_string()]);
         assert!(!p.changed, "the previous envelope of the missing source should be kept");
-        let fresh = plan_sealed(&r, &salt, "uid", "acme", &policy(), &spec, &sources(&[("erp", Source::KeyMissing)]), &BTreeMap::new()).unwrap();
+        let fresh = plan_sealed(
+            &r,
+            &salt,
+            "uid",
+            "acme",
+            &policy(),
+            &spec,
+            &sources(&[("erp", Source::KeyMissing)]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert!(fresh.data.is_empty());
         assert!(fresh.missing[0].contains("has no key \"password\""));
     }
@@ -340,7 +446,17 @@ mod tests {
     fn removed_entries_leave_the_sealed_secret() {
         let (r, salt) = (ring(&[1], 1), TenantSalt::generate());
         let src = sources(&[("erp", val(b"p1")), ("sso", val(b"p2"))]);
-        let first = plan_sealed(&r, &salt, "uid", "acme", &policy(), &[entry("erp"), entry("sso")], &src, &BTreeMap::new()).unwrap();
+        let first = plan_sealed(
+            &r,
+            &salt,
+            "uid",
+            "acme",
+            &policy(),
+            &[entry("erp"), entry("sso")],
+            &src,
+            &BTreeMap::new(),
+        )
+        .unwrap();
         let p = plan_sealed(&r, &salt, "uid", "acme", &policy(), &[entry("erp")], &src, &first.data).unwrap();
         assert!(p.changed);
         assert_eq!(p.data.keys().collect::<Vec<_>>(), ["erp"]);
@@ -351,7 +467,17 @@ mod tests {
         let r = ring(&[1], 1);
         let (salt_a, salt_b) = (TenantSalt::generate(), TenantSalt::generate());
         let src = sources(&[("erp", val(b"p"))]);
-        let b = plan_sealed(&r, &salt_b, "uid-b", "acme", &policy(), &[entry("erp")], &src, &BTreeMap::new()).unwrap();
+        let b = plan_sealed(
+            &r,
+            &salt_b,
+            "uid-b",
+            "acme",
+            &policy(),
+            &[entry("erp")],
+            &src,
+            &BTreeMap::new(),
+        )
+        .unwrap();
         let a = plan_sealed(&r, &salt_a, "uid-a", "acme", &policy(), &[entry("erp")], &src, &b.data).unwrap();
         assert!(a.changed && a.sealed == 1);
         assert!(crypto::open(&r, &salt_a, "uid-b", Purpose::Secrets, "erp", &a.data["erp"]).is_err());
@@ -378,11 +504,24 @@ mod tests {
 
     fn meta(ns: &str, name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> ObjectMeta {
         let map = |kv: &[(&str, &str)]| Some(kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
-        ObjectMeta { namespace: Some(ns.into()), name: Some(name.into()), labels: map(labels), annotations: map(annotations), ..ObjectMeta::default() }
+        ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            labels: map(labels),
+            annotations: map(annotations),
+            ..ObjectMeta::default()
+        }
     }
 
     fn entry_in(ns: &str, name: &str) -> TenantSecret {
-        TenantSecret { name: "stolen".into(), secret_ref: SecretKeyRef { namespace: ns.into(), name: name.into(), key: "k".into() } }
+        TenantSecret {
+            name: "stolen".into(),
+            secret_ref: SecretKeyRef {
+                namespace: ns.into(),
+                name: name.into(),
+                key: "k".into(),
+            },
+        }
     }
 
     /// The condition message a Tenant author sees for one entry, given what
@@ -393,7 +532,17 @@ mod tests {
             Decision::Missing => Source::SecretMissing,
             Decision::NotAllowed => Source::NotAllowed,
         };
-        let plan = plan_sealed(&ring(&[1], 1), &TenantSalt::generate(), "uid", tenant, p, std::slice::from_ref(e), &sources(&[("stolen", source)]), &BTreeMap::new()).unwrap();
+        let plan = plan_sealed(
+            &ring(&[1], 1),
+            &TenantSalt::generate(),
+            "uid",
+            tenant,
+            p,
+            std::slice::from_ref(e),
+            &sources(&[("stolen", source)]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert!(plan.data.is_empty(), "something was sealed for a refused source");
         [plan.missing, plan.not_allowed].concat()
     }
@@ -420,14 +569,25 @@ mod tests {
             let expected = vec![not_allowed_message(&p, "acme", e)];
             let exists = meta(&r.namespace, &r.name, &[], &[]);
             let labelled = opted(&r.namespace, &r.name);
-            let for_other = meta(&r.namespace, &r.name, &[(SEAL_FOR, "globex")], &[(SEAL_FOR, "globex,initech")]);
+            let for_other = meta(
+                &r.namespace,
+                &r.name,
+                &[(SEAL_FOR, "globex")],
+                &[(SEAL_FOR, "globex,initech")],
+            );
             let found: [Option<&ObjectMeta>; 4] = [None, Some(&exists), Some(&for_other), Some(&labelled)];
             for f in found {
                 let refused_anyway = r.namespace == "tenant-system";
                 if f == Some(&labelled) && !refused_anyway {
                     continue;
                 }
-                assert_eq!(seen(&p, "acme", e, f), expected, "{}/{} found as {f:?}", r.namespace, r.name);
+                assert_eq!(
+                    seen(&p, "acme", e, f),
+                    expected,
+                    "{}/{} found as {f:?}",
+                    r.namespace,
+                    r.name
+                );
             }
         }
         // Outside the source namespaces: missing, present, labelled for
@@ -439,15 +599,28 @@ mod tests {
             None,
             Some(meta("acme-onboarding", "erp", &[], &[])),
             Some(meta("acme-onboarding", "erp", &[(SEAL_FOR, "globex")], &[])),
-            Some(meta("acme-onboarding", "erp", &[(SEAL_FOR, "acme-eu")], &[(SEAL_FOR, "acme-eu, xacme")])),
-            Some(meta("acme-onboarding", "erp", &[("tenancy.dev/seal-for-acme", "true")], &[])),
+            Some(meta(
+                "acme-onboarding",
+                "erp",
+                &[(SEAL_FOR, "acme-eu")],
+                &[(SEAL_FOR, "acme-eu, xacme")],
+            )),
+            Some(meta(
+                "acme-onboarding",
+                "erp",
+                &[("tenancy.dev/seal-for-acme", "true")],
+                &[],
+            )),
         ] {
             assert_eq!(seen(&p, "acme", &e, f.as_ref()), expected, "found as {f:?}");
         }
         assert!(!expected[0].contains("not found"));
         // A metadata answer for another namespace than the one asked is not
         // trusted.
-        assert_eq!(decide(&p, "acme", "acme-onboarding", Some(&opted("src", "erp"))), Decision::NotAllowed);
+        assert_eq!(
+            decide(&p, "acme", "acme-onboarding", Some(&opted("src", "erp"))),
+            Decision::NotAllowed
+        );
         assert_eq!(decide(&p, "acme", "", Some(&opted("", "erp"))), Decision::NotAllowed);
     }
 
@@ -457,15 +630,30 @@ mod tests {
         let by_label = meta("acme-onboarding", "erp", &[(SEAL_FOR, "acme")], &[]);
         let by_annotation = meta("acme-onboarding", "erp", &[], &[(SEAL_FOR, "globex, acme")]);
         assert_eq!(decide(&p, "acme", "acme-onboarding", Some(&by_label)), Decision::Read);
-        assert_eq!(decide(&p, "acme", "acme-onboarding", Some(&by_annotation)), Decision::Read);
-        assert_eq!(decide(&p, "globex", "acme-onboarding", Some(&by_label)), Decision::NotAllowed);
-        assert_eq!(decide(&p, "globex", "acme-onboarding", Some(&by_annotation)), Decision::Read);
+        assert_eq!(
+            decide(&p, "acme", "acme-onboarding", Some(&by_annotation)),
+            Decision::Read
+        );
+        assert_eq!(
+            decide(&p, "globex", "acme-onboarding", Some(&by_label)),
+            Decision::NotAllowed
+        );
+        assert_eq!(
+            decide(&p, "globex", "acme-onboarding", Some(&by_annotation)),
+            Decision::Read
+        );
         // In a source namespace every Secret is allowed, and a missing one is
         // reported as missing (the configuration opened that namespace).
-        assert_eq!(decide(&p, "acme", "src", Some(&meta("src", "x", &[], &[]))), Decision::Read);
+        assert_eq!(
+            decide(&p, "acme", "src", Some(&meta("src", "x", &[], &[]))),
+            Decision::Read
+        );
         assert_eq!(decide(&p, "acme", "src", None), Decision::Missing);
         let e = entry_in("src", "gone");
-        assert_eq!(seen(&p, "acme", &e, None), vec!["stolen: Secret src/gone not found".to_string()]);
+        assert_eq!(
+            seen(&p, "acme", &e, None),
+            vec!["stolen: Secret src/gone not found".to_string()]
+        );
     }
 
     #[test]
@@ -488,8 +676,28 @@ mod tests {
     fn a_source_no_longer_allowed_loses_its_envelope() {
         let (r, salt) = (ring(&[1], 1), TenantSalt::generate());
         let spec = [entry("erp")];
-        let first = plan_sealed(&r, &salt, "uid", "acme", &policy(), &spec, &sources(&[("erp", val(b"p"))]), &BTreeMap::new()).unwrap();
-        let p = plan_sealed(&r, &salt, "uid", "acme", &policy(), &spec, &sources(&[("erp", Source::NotAllowed)]), &first.data).unwrap();
+        let first = plan_sealed(
+            &r,
+            &salt,
+            "uid",
+            "acme",
+            &policy(),
+            &spec,
+            &sources(&[("erp", val(b"p"))]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let p = plan_sealed(
+            &r,
+            &salt,
+            "uid",
+            "acme",
+            &policy(),
+            &spec,
+            &sources(&[("erp", Source::NotAllowed)]),
+            &first.data,
+        )
+        .unwrap();
         assert!(p.changed && p.data.is_empty());
         assert_eq!(p.not_allowed, vec![not_allowed_message(&policy(), "acme", &spec[0])]);
     }

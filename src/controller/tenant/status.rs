@@ -17,7 +17,12 @@ pub struct Cond {
 
 impl Cond {
     pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { type_, status, reason, message: message.into() }
+        Self {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -50,13 +55,26 @@ pub fn next_status(
     let conditions = merge_conditions(old_conds, conds, generation, now);
     let (key_version, key_fingerprint) = match extra.key {
         Some((v, f)) => (Some(v), Some(f)),
-        None => (old.and_then(|s| s.key_version.clone()), old.and_then(|s| s.key_fingerprint.clone())),
+        None => (
+            old.and_then(|s| s.key_version.clone()),
+            old.and_then(|s| s.key_fingerprint.clone()),
+        ),
     };
     let schema_version = extra.schema_version.or_else(|| old.and_then(|s| s.schema_version));
     let last_backup = extra.last_backup.or_else(|| old.and_then(|s| s.last_backup.clone()));
     // The usage sampler's figures are its own (src/controller/usage.rs).
     let usage = old.and_then(|s| s.usage.clone());
-    TenantStatus { phase: Some(phase), observed_generation: generation, schema, key_version, key_fingerprint, schema_version, last_backup, conditions, usage }
+    TenantStatus {
+        phase: Some(phase),
+        observed_generation: generation,
+        schema,
+        key_version,
+        key_fingerprint,
+        schema_version,
+        last_backup,
+        conditions,
+        usage,
+    }
 }
 
 /// Conditions from `conds`, keeping `lastTransitionTime` of those whose
@@ -66,7 +84,11 @@ pub fn merge_conditions(old: &[Condition], conds: &[Cond], generation: Option<i6
         .iter()
         .map(|c| {
             let status = if c.status { "True" } else { "False" }.to_string();
-            let since = old.iter().find(|o| o.type_ == c.type_ && o.status == status).map(|o| o.last_transition_time.clone()).unwrap_or_else(|| now.to_string());
+            let since = old
+                .iter()
+                .find(|o| o.type_ == c.type_ && o.status == status)
+                .map(|o| o.last_transition_time.clone())
+                .unwrap_or_else(|| now.to_string());
             Condition {
                 type_: c.type_.to_string(),
                 status,
@@ -93,19 +115,54 @@ mod tests {
         let c1 = [Cond::new("Ready", true, "Provisioned", "ok")];
         let s1 = next_status(None, TenantPhase::Active, None, Some(1), &c1, "t1", Extra::default());
         let c2 = [Cond::new("Ready", true, "Provisioned", "still ok")];
-        let s2 = next_status(Some(&s1), TenantPhase::Active, None, Some(2), &c2, "t2", Extra::default());
+        let s2 = next_status(
+            Some(&s1),
+            TenantPhase::Active,
+            None,
+            Some(2),
+            &c2,
+            "t2",
+            Extra::default(),
+        );
         assert_eq!(s2.conditions[0].last_transition_time, "t1");
         assert_eq!(s2.conditions[0].observed_generation, Some(2));
         let c3 = [Cond::new("Ready", false, "DatabaseUnavailable", "down")];
-        let s3 = next_status(Some(&s2), TenantPhase::Active, None, Some(2), &c3, "t3", Extra::default());
+        let s3 = next_status(
+            Some(&s2),
+            TenantPhase::Active,
+            None,
+            Some(2),
+            &c3,
+            "t3",
+            Extra::default(),
+        );
         assert_eq!(s3.conditions[0].last_transition_time, "t3");
     }
 
     #[test]
     fn same_outcome_gives_an_equal_status() {
-        let c = [Cond::new("Ready", true, "Provisioned", "ok"), Cond::new("DatabaseReady", true, "Converged", "ok")];
-        let s1 = next_status(None, TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t1", Extra::default());
-        let s2 = next_status(Some(&s1), TenantPhase::Active, Some("tenant_a".into()), Some(3), &c, "t9", Extra::default());
+        let c = [
+            Cond::new("Ready", true, "Provisioned", "ok"),
+            Cond::new("DatabaseReady", true, "Converged", "ok"),
+        ];
+        let s1 = next_status(
+            None,
+            TenantPhase::Active,
+            Some("tenant_a".into()),
+            Some(3),
+            &c,
+            "t1",
+            Extra::default(),
+        );
+        let s2 = next_status(
+            Some(&s1),
+            TenantPhase::Active,
+            Some("tenant_a".into()),
+            Some(3),
+            &c,
+            "t9",
+            Extra::default(),
+        );
         assert_eq!(s1, s2, "an unchanged outcome must not produce a status write");
     }
 }

@@ -85,8 +85,16 @@ pub async fn run(ctx: Arc<Context>) {
     let cfg = watcher::Config::default().labels(plan::RESTORE_LABEL);
     Controller::new(restores, watcher::Config::default().any_semantic())
         // The owner is cluster-scoped: map Jobs back by label, not `owns`.
-        .watches(jobs, cfg, |job: Job| job.labels().get(plan::RESTORE_LABEL).map(|n| ObjectRef::<TenantRestore>::new(n)))
-        .with_config(ControllerConfig::default().concurrency(4).debounce(Duration::from_millis(200)))
+        .watches(jobs, cfg, |job: Job| {
+            job.labels()
+                .get(plan::RESTORE_LABEL)
+                .map(|n| ObjectRef::<TenantRestore>::new(n))
+        })
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(4)
+                .debounce(Duration::from_millis(200)),
+        )
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -115,18 +123,51 @@ async fn write_status(ctx: &Context, r: &TenantRestore, status: TenantRestoreSta
         return Ok(false);
     }
     let api: Api<TenantRestore> = Api::all(ctx.client.clone());
-    match api.patch_status(&r.name_any(), &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "status": status }))).await {
+    match api
+        .patch_status(
+            &r.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
         Err(e) => return Err(Error::PatchStatus(e)),
     }
     Stats::add(&ctx.stats.kube_writes, 1);
-    if let Some(phase) = status.phase.filter(|p| r.status.as_ref().and_then(|s| s.phase) != Some(*p)) {
+    if let Some(phase) = status
+        .phase
+        .filter(|p| r.status.as_ref().and_then(|s| s.phase) != Some(*p))
+    {
         let tenant = &r.spec.tenant;
         match phase {
-            RestorePhase::Succeeded => event(ctx, r, false, "Restored", format!("tenant {tenant} restored from backup {}", status.backup_id.as_deref().unwrap_or("?"))).await,
-            RestorePhase::Failed => event(ctx, r, true, "RestoreFailed", status.error.clone().unwrap_or_default()).await,
-            RestorePhase::Running => event(ctx, r, false, "RestoreStarted", format!("Job {} runs", status.job.as_deref().unwrap_or("?"))).await,
+            RestorePhase::Succeeded => {
+                event(
+                    ctx,
+                    r,
+                    false,
+                    "Restored",
+                    format!(
+                        "tenant {tenant} restored from backup {}",
+                        status.backup_id.as_deref().unwrap_or("?")
+                    ),
+                )
+                .await
+            }
+            RestorePhase::Failed => {
+                event(ctx, r, true, "RestoreFailed", status.error.clone().unwrap_or_default()).await
+            }
+            RestorePhase::Running => {
+                event(
+                    ctx,
+                    r,
+                    false,
+                    "RestoreStarted",
+                    format!("Job {} runs", status.job.as_deref().unwrap_or("?")),
+                )
+                .await
+            }
             RestorePhase::Pending => {}
         }
     }
@@ -145,7 +186,12 @@ pub async fn reconcile(r: Arc<TenantRestore>, ctx: Arc<Context>) -> Result<Actio
 
 fn failed(r: &TenantRestore, why: String) -> TenantRestoreStatus {
     let old = r.status.clone().unwrap_or_default();
-    TenantRestoreStatus { phase: Some(RestorePhase::Failed), error: Some(why), observed_generation: r.metadata.generation, ..old }
+    TenantRestoreStatus {
+        phase: Some(RestorePhase::Failed),
+        error: Some(why),
+        observed_generation: r.metadata.generation,
+        ..old
+    }
 }
 
 async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Error> {
@@ -153,7 +199,10 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     let old = r.status.as_ref();
-    if matches!(old.and_then(|s| s.phase), Some(RestorePhase::Succeeded | RestorePhase::Failed)) {
+    if matches!(
+        old.and_then(|s| s.phase),
+        Some(RestorePhase::Succeeded | RestorePhase::Failed)
+    ) {
         return Ok(Action::await_change());
     }
     let name = r.name_any();
@@ -169,37 +218,93 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
     let Some(job) = jobs.get_opt(&plan::job_name(&name)).await.map_err(Error::Job)? else {
         return start(ctx, r, &tenant, &selector, &by).await;
     };
-    let conds = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+    let conds = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
     let is = |t: &str| conds.iter().any(|c| c.type_ == t && c.status == "True");
     let (succeeded, job_failed) = (is("Complete") || is("SuccessCriteriaMet"), is("Failed"));
     if !succeeded && !job_failed {
-        write_status(ctx, r, plan::status_from_job(old, &job, None, None, r.metadata.generation)).await?;
+        write_status(
+            ctx,
+            r,
+            plan::status_from_job(old, &job, None, None, r.metadata.generation),
+        )
+        .await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
     let Some(uid) = crate::pg::tenant::uid_of(&ctx.pool, tenant.as_str()).await? else {
-        write_status(ctx, r, failed(r, format!("tenant {tenant} is no longer in the registry"))).await?;
+        write_status(
+            ctx,
+            r,
+            failed(r, format!("tenant {tenant} is no longer in the registry")),
+        )
+        .await?;
         return Ok(Action::await_change());
     };
     let mut status = plan::status_from_job(old, &job, None, None, r.metadata.generation);
     if succeeded {
         let backup_id = plan::job_backup_id(&job).unwrap_or_default();
         let detail = serde_json::json!({ "restore": name, "job": plan::job_name(&name), "bytes": status.bytes });
-        let record = pgb::RestoreRecord { backup_id: backup_id.clone(), actor: by.clone(), detail };
+        let record = pgb::RestoreRecord {
+            backup_id: backup_id.clone(),
+            actor: by.clone(),
+            detail,
+        };
         // The restored audit chain is older than the anchored head: its
         // anchors are reset to it (recorded as AuditRebased) before the app
         // role may log in again (docs/audit.md, "After a restore").
         if pgb::awaiting_finalize(&ctx.pool, &tenant, &uid, &by).await? {
-            let ring = ctx.keys.current().ok_or_else(|| Error::Waiting("the root keys are not loaded".into()))?;
-            let salt = crate::pg::tenant::existing_key_salt(&ctx.pool, &uid).await?.ok_or_else(|| Error::Waiting(format!("tenant {tenant} has no key salt")))?;
-            let login = crate::pg::confined::OpsLogin::derive(&crate::pg::Target::of_pool(&ctx.pool), &tenant, &uid, &ring, &salt)
-                .map_err(|e| Error::Waiting(format!("deriving the ops login of tenant {tenant}: {e}")))?;
-            crate::pg::audit::rebase_after_restore(&ctx.pool, &ring, &login, &by, serde_json::json!({ "backup": backup_id, "restore": name })).await?;
+            let ring = ctx
+                .keys
+                .current()
+                .ok_or_else(|| Error::Waiting("the root keys are not loaded".into()))?;
+            let salt = crate::pg::tenant::existing_key_salt(&ctx.pool, &uid)
+                .await?
+                .ok_or_else(|| Error::Waiting(format!("tenant {tenant} has no key salt")))?;
+            let login = crate::pg::confined::OpsLogin::derive(
+                &crate::pg::Target::of_pool(&ctx.pool),
+                &tenant,
+                &uid,
+                &ring,
+                &salt,
+            )
+            .map_err(|e| Error::Waiting(format!("deriving the ops login of tenant {tenant}: {e}")))?;
+            crate::pg::audit::rebase_after_restore(
+                &ctx.pool,
+                &ring,
+                &login,
+                &by,
+                serde_json::json!({ "backup": backup_id, "restore": name }),
+            )
+            .await?;
         }
         match pgb::finalize(&ctx.pool, &tenant, &uid, &by, true, &record).await? {
-            pgb::Finalized::Done => tenant_event(ctx, &tenant, &uid, false, "Restored", format!("schema {} restored from backup {backup_id} by TenantRestore {name}", tenant.schema())).await,
+            pgb::Finalized::Done => {
+                tenant_event(
+                    ctx,
+                    &tenant,
+                    &uid,
+                    false,
+                    "Restored",
+                    format!(
+                        "schema {} restored from backup {backup_id} by TenantRestore {name}",
+                        tenant.schema()
+                    ),
+                )
+                .await
+            }
             pgb::Finalized::Already => {}
-            pgb::Finalized::Busy => return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken"))),
-            pgb::Finalized::NotPrepared(why) => status = failed(r, format!("the Job restored backup {backup_id} but the schema could not be finalized: {why}")),
+            pgb::Finalized::Busy => {
+                return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken")))
+            }
+            pgb::Finalized::NotPrepared(why) => {
+                status = failed(
+                    r,
+                    format!("the Job restored backup {backup_id} but the schema could not be finalized: {why}"),
+                )
+            }
         }
     } else {
         match pgb::put_back(&ctx.pool, &tenant, &uid, true).await? {
@@ -212,19 +317,32 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
             e.push_str(" (the original schema was put back)");
         }
     }
-    crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name)).await.map_err(Error::DeleteSecret)?;
+    crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name))
+        .await
+        .map_err(Error::DeleteSecret)?;
     write_status(ctx, r, status).await?;
     Ok(Action::await_change())
 }
 
 /// A new TenantRestore: resolve the backup, write the Job's Secret, prepare
 /// the schema, create the Job. Each step may be repeated after a crash.
-async fn start(ctx: &Context, r: &TenantRestore, tenant: &TenantName, selector: &Selector, by: &str) -> Result<Action, Error> {
+async fn start(
+    ctx: &Context,
+    r: &TenantRestore,
+    tenant: &TenantName,
+    selector: &Selector,
+    by: &str,
+) -> Result<Action, Error> {
     let name = r.name_any();
     let fail = |why: String| failed(r, why);
     let settings = &ctx.settings.backup;
     let Some(store_cfg) = &settings.store else {
-        write_status(ctx, r, fail("the operator runs without --backup-store: it cannot resolve the backup".into())).await?;
+        write_status(
+            ctx,
+            r,
+            fail("the operator runs without --backup-store: it cannot resolve the backup".into()),
+        )
+        .await?;
         return Ok(Action::await_change());
     };
     let Some(uid) = crate::pg::tenant::uid_of(&ctx.pool, tenant.as_str()).await? else {
@@ -249,7 +367,14 @@ async fn start(ctx: &Context, r: &TenantRestore, tenant: &TenantName, selector: 
         }
     };
     let owner = r.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
-    let job = match plan::desired_job(&name, tenant, &manifest.id, owner.clone(), settings, &ctx.settings.namespace) {
+    let job = match plan::desired_job(
+        &name,
+        tenant,
+        &manifest.id,
+        owner.clone(),
+        settings,
+        &ctx.settings.namespace,
+    ) {
         Ok(j) => j,
         Err(why) => {
             write_status(ctx, r, fail(why)).await?;
@@ -257,8 +382,16 @@ async fn start(ctx: &Context, r: &TenantRestore, tenant: &TenantName, selector: 
         }
     };
     let version = KeyVersion::new(manifest.key_version).map_err(|e| Error::Waiting(e.to_string()))?;
-    let (password, keys) = job_credentials(&ring, &salt, &uid, &[version]).map_err(|e| Error::Waiting(e.to_string()))?;
-    let data = job_secret_data(tenant, &uid, &ctx.settings.endpoint, settings.pg_ssl_mode.as_deref(), &password, &keys);
+    let (password, keys) =
+        job_credentials(&ring, &salt, &uid, &[version]).map_err(|e| Error::Waiting(e.to_string()))?;
+    let data = job_secret_data(
+        tenant,
+        &uid,
+        &ctx.settings.endpoint,
+        settings.pg_ssl_mode.as_deref(),
+        &password,
+        &keys,
+    );
     let labels = BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (TENANT_LABEL.to_string(), tenant.to_string()),
@@ -268,10 +401,21 @@ async fn start(ctx: &Context, r: &TenantRestore, tenant: &TenantName, selector: 
     match pgb::prepare(&ctx.pool, tenant, &uid, by, true).await? {
         pgb::Prepared::Done | pgb::Prepared::Already => {}
         pgb::Prepared::Busy => return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken"))),
-        pgb::Prepared::Unfinished => return Err(Error::Waiting(format!("another restore of tenant {tenant} is under way or was cut short (the Tenant's reconcile finishes it)"))),
+        pgb::Prepared::Unfinished => {
+            return Err(Error::Waiting(format!(
+                "another restore of tenant {tenant} is under way or was cut short (the Tenant's reconcile finishes it)"
+            )))
+        }
         pgb::Prepared::NoSchema => {
-            crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name)).await.map_err(Error::DeleteSecret)?;
-            write_status(ctx, r, fail(format!("tenant {tenant} has no schema of its own to restore into"))).await?;
+            crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name))
+                .await
+                .map_err(Error::DeleteSecret)?;
+            write_status(
+                ctx,
+                r,
+                fail(format!("tenant {tenant} has no schema of its own to restore into")),
+            )
+            .await?;
             return Ok(Action::await_change());
         }
     }
@@ -309,8 +453,28 @@ async fn tenant_event(ctx: &Context, tenant: &TenantName, uid: &str, warning: bo
 /// The termination message of the Job's failed pod (the log's tail).
 async fn pod_error(ctx: &Context, job: &str) -> Option<String> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let list = pods.list(&ListParams::default().labels(&format!("job-name={job}"))).await.ok()?;
-    list.items.iter().find_map(|p| {
-        p.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
-    }).map(|m| m.trim().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect())
+    let list = pods
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await
+        .ok()?;
+    list.items
+        .iter()
+        .find_map(|p| {
+            p.status
+                .as_ref()?
+                .container_statuses
+                .as_ref()?
+                .iter()
+                .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
+        })
+        .map(|m| {
+            m.trim()
+                .chars()
+                .rev()
+                .take(2000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect()
+        })
 }

@@ -12,10 +12,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (i, tenant) in args.enumerate() {
         match gateway.begin(&tenant, "demo", &format!("demo-{i}")).await {
             Ok(mut tx) => {
-                let (user, path, timeout): (String, String, String) =
-                    sqlx::query_as("SELECT current_user::text, current_setting('search_path'), current_setting('statement_timeout')")
-                        .fetch_one(&mut *tx)
-                        .await?;
+                let (user, path, timeout): (String, String, String) = sqlx::query_as(
+                    "SELECT current_user::text, current_setting('search_path'), current_setting('statement_timeout')",
+                )
+                .fetch_one(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 println!("{tenant}: ok, as {user}, search_path {path}, statement_timeout {timeout}");
             }

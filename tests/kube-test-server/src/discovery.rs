@@ -50,12 +50,7 @@ fn groups(st: &Store) -> Vec<(String, Vec<String>)> {
         if t.group.is_empty() {
             continue;
         }
-        let vs: Vec<String> = t
-            .versions
-            .iter()
-            .filter(|v| v.served)
-            .map(|v| v.name.clone())
-            .collect();
+        let vs: Vec<String> = t.versions.iter().filter(|v| v.served).map(|v| v.name.clone()).collect();
         match out.iter_mut().find(|(g, _)| *g == t.group) {
             Some((_, have)) => {
                 for v in vs {
@@ -89,15 +84,12 @@ pub fn group_list(st: &Store) -> Value {
 }
 
 pub fn group(st: &Store, g: &str) -> Option<Value> {
-    groups(st)
-        .iter()
-        .find(|(n, v)| n == g && !v.is_empty())
-        .map(|(n, v)| {
-            let mut j = group_json(n, v);
-            j["kind"] = json!("APIGroup");
-            j["apiVersion"] = json!("v1");
-            j
-        })
+    groups(st).iter().find(|(n, v)| n == g && !v.is_empty()).map(|(n, v)| {
+        let mut j = group_json(n, v);
+        j["kind"] = json!("APIGroup");
+        j["apiVersion"] = json!("v1");
+        j
+    })
 }
 
 fn hash8(s: &str) -> String {
@@ -108,11 +100,7 @@ fn hash8(s: &str) -> String {
 
 pub fn resource_list(st: &Store, g: &str, v: &str) -> Option<Value> {
     let mut res = vec![];
-    for t in st
-        .types
-        .values()
-        .filter(|t| t.group == g && t.version(v).is_some())
-    {
+    for t in st.types.values().filter(|t| t.group == g && t.version(v).is_some()) {
         let mut r = json!({
             "name": t.plural,
             "singularName": t.singular,
@@ -146,9 +134,7 @@ pub fn resource_list(st: &Store, g: &str, v: &str) -> Option<Value> {
     } else {
         format!("{g}/{v}")
     };
-    Some(
-        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": res}),
-    )
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": res}))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -235,14 +221,7 @@ fn content(schema_ref: &str, types: &[&str]) -> Value {
     Value::Object(m)
 }
 
-fn op(
-    action: &str,
-    id: &str,
-    gvk: &Value,
-    schema_ref: &str,
-    params: Vec<Value>,
-    body: Option<&[&str]>,
-) -> Value {
+fn op(action: &str, id: &str, gvk: &Value, schema_ref: &str, params: Vec<Value>, body: Option<&[&str]>) -> Value {
     let mut o = json!({
         "operationId": id,
         "parameters": params,
@@ -266,11 +245,7 @@ pub fn openapi_gv(st: &Store, g: &str, v: &str) -> Option<Value> {
     schemas.insert(OBJECT_META.into(), object_meta_schema());
     schemas.insert(LIST_META.into(), json!({"type": "object", "properties": {"continue": {"type": "string"}, "remainingItemCount": {"type": "integer", "format": "int64"}, "resourceVersion": {"type": "string"}, "selfLink": {"type": "string"}}}));
     let mut any = false;
-    for t in st
-        .types
-        .values()
-        .filter(|t| t.group == g && t.version(v).is_some())
-    {
+    for t in st.types.values().filter(|t| t.group == g && t.version(v).is_some()) {
         any = true;
         let gvk = json!({"group": t.group, "version": v, "kind": t.kind});
         let name = schema_name(t, v, &t.kind);
@@ -283,11 +258,9 @@ pub fn openapi_gv(st: &Store, g: &str, v: &str) -> Option<Value> {
             let props = o.entry("properties").or_insert_with(|| json!({}));
             props["apiVersion"] = json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."});
             props["kind"] = json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents."});
-            props["metadata"] = json!({"allOf": [{"$ref": format!("#/components/schemas/{OBJECT_META}")}], "default": {}});
-            o.insert(
-                "x-kubernetes-group-version-kind".into(),
-                json!([gvk.clone()]),
-            );
+            props["metadata"] =
+                json!({"allOf": [{"$ref": format!("#/components/schemas/{OBJECT_META}")}], "default": {}});
+            o.insert("x-kubernetes-group-version-kind".into(), json!([gvk.clone()]));
         }
         schemas.insert(name.clone(), s);
         schemas.insert(

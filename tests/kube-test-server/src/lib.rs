@@ -103,11 +103,7 @@ async fn entry(State(app): State<Arc<server::App>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, 64 * 1024 * 1024).await {
         Ok(b) => b,
-        Err(e) => {
-            return server::err_resp(&status::ApiError::bad_request(format!(
-                "reading request body: {e}"
-            )))
-        }
+        Err(e) => return server::err_resp(&status::ApiError::bad_request(format!("reading request body: {e}"))),
     };
     let log = app.log_requests.then(|| {
         let ua = parts
@@ -127,20 +123,13 @@ async fn entry(State(app): State<Arc<server::App>>, req: Request) -> Response {
     };
     let resp = server::handle(app, r).await;
     if let Some((method, uri, ua)) = log {
-        eprintln!(
-            "{} {method} {uri} {} {ua:?}",
-            store::now(),
-            resp.status().as_u16()
-        );
+        eprintln!("{} {method} {uri} {} {ua:?}", store::now(), resp.status().as_u16());
     }
     resp
 }
 
 /// Starts the server on `listener` in the current tokio runtime.
-pub async fn start(
-    listener: tokio::net::TcpListener,
-    config: Config,
-) -> std::io::Result<ServerHandle> {
+pub async fn start(listener: tokio::net::TcpListener, config: Config) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let app = Arc::new(server::App {
         store: Mutex::new(store::Store::new(config.watch_history)),

@@ -26,12 +26,7 @@ fn main() {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (a.clone(), None),
         };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .unwrap_or_else(|| usage())
-        };
+        let mut value = || inline.clone().or_else(|| args.next()).unwrap_or_else(|| usage());
         match flag.as_str() {
             "--listen" => listen = value(),
             "--kubeconfig" => kubeconfig = Some(value()),
@@ -43,8 +38,7 @@ fn main() {
                 config.rbac_tokens.push((token.to_string(), user.to_string()));
             }
             "--bookmark-interval-ms" => {
-                config.bookmark_interval =
-                    Duration::from_millis(value().parse().unwrap_or_else(|_| usage()))
+                config.bookmark_interval = Duration::from_millis(value().parse().unwrap_or_else(|_| usage()))
             }
             "-h" | "--help" => usage(),
             _ => usage(),
@@ -71,8 +65,7 @@ fn main() {
         };
         if let Some(path) = &kubeconfig {
             let tmp = format!("{path}.tmp.{}", std::process::id());
-            let written =
-                std::fs::write(&tmp, handle.kubeconfig()).and_then(|_| std::fs::rename(&tmp, path));
+            let written = std::fs::write(&tmp, handle.kubeconfig()).and_then(|_| std::fs::rename(&tmp, path));
             if let Err(e) = written {
                 eprintln!("kube-test-server: writing kubeconfig {path}: {e}");
                 return 1;
@@ -80,14 +73,13 @@ fn main() {
         }
         println!("listening on {}", handle.url());
         let _ = std::io::stdout().flush();
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("kube-test-server: installing SIGTERM handler: {e}");
-                    return 1;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("kube-test-server: installing SIGTERM handler: {e}");
+                return 1;
+            }
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -85,16 +85,12 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
                 .parse()
                 .map_err(|_| format!("add operation does not apply: invalid index {last:?}"))?;
             if i > a.len() {
-                return Err(format!(
-                    "add operation does not apply: index out of bounds: {path:?}"
-                ));
+                return Err(format!("add operation does not apply: index out of bounds: {path:?}"));
             }
             a.insert(i, value);
             Ok(())
         }
-        _ => Err(format!(
-            "add operation does not apply: doc is missing path: {path:?}"
-        )),
+        _ => Err(format!("add operation does not apply: doc is missing path: {path:?}")),
     }
 }
 
@@ -106,13 +102,11 @@ fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
     let p = get_ptr_mut(doc, parent)
         .ok_or_else(|| format!("remove operation does not apply: doc is missing path: {path:?}"))?;
     match p {
-        Value::Object(o) => o.remove(last).ok_or_else(|| {
-            format!("remove operation does not apply: doc is missing key: {path:?}")
-        }),
+        Value::Object(o) => o
+            .remove(last)
+            .ok_or_else(|| format!("remove operation does not apply: doc is missing key: {path:?}")),
         Value::Array(a) => {
-            let i: usize = last
-                .parse()
-                .map_err(|_| format!("invalid index {last:?}"))?;
+            let i: usize = last.parse().map_err(|_| format!("invalid index {last:?}"))?;
             if i >= a.len() {
                 return Err(format!(
                     "remove operation does not apply: doc is missing index: {path:?}"
@@ -128,15 +122,10 @@ fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
 
 /// RFC 6902 JSON patch. As on the real server, `test` with value `null` passes for a missing path.
 pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), String> {
-    let ops = patch
-        .as_array()
-        .ok_or("json patch must be an array of operations")?;
+    let ops = patch.as_array().ok_or("json patch must be an array of operations")?;
     for op in ops {
         let kind = op.get("op").and_then(Value::as_str).ok_or("missing op")?;
-        let path = op
-            .get("path")
-            .and_then(Value::as_str)
-            .ok_or("missing path")?;
+        let path = op.get("path").and_then(Value::as_str).ok_or("missing path")?;
         let value = op.get("value").cloned();
         match kind {
             "add" => add(doc, path, value.ok_or("add operation missing value")?)?,
@@ -148,26 +137,16 @@ pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), String> {
                 let v = value.ok_or("replace operation missing value")?;
                 match get_ptr_mut(doc, &toks) {
                     Some(t) => *t = v,
-                    None => {
-                        return Err(format!(
-                            "replace operation does not apply: doc is missing key: {path}"
-                        ))
-                    }
+                    None => return Err(format!("replace operation does not apply: doc is missing key: {path}")),
                 }
             }
             "move" => {
-                let from = op
-                    .get("from")
-                    .and_then(Value::as_str)
-                    .ok_or("move missing from")?;
+                let from = op.get("from").and_then(Value::as_str).ok_or("move missing from")?;
                 let v = remove(doc, from)?;
                 add(doc, path, v)?;
             }
             "copy" => {
-                let from = op
-                    .get("from")
-                    .and_then(Value::as_str)
-                    .ok_or("copy missing from")?;
+                let from = op.get("from").and_then(Value::as_str).ok_or("copy missing from")?;
                 let v = get_ptr(doc, &tokens(from)?)
                     .cloned()
                     .ok_or_else(|| format!("copy from missing path {from}"))?;
@@ -270,11 +249,8 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) {
                     (Some(mut cur), Some(key)) if items.iter().all(Value::is_object) => {
                         for item in items {
                             let id = item.get(key).cloned();
-                            let pos = cur
-                                .iter()
-                                .position(|c| id.is_some() && c.get(key) == id.as_ref());
-                            let delete =
-                                item.get("$patch").and_then(Value::as_str) == Some("delete");
+                            let pos = cur.iter().position(|c| id.is_some() && c.get(key) == id.as_ref());
+                            let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
                             match (pos, delete) {
                                 (Some(i), true) => {
                                     cur.remove(i);
@@ -367,9 +343,7 @@ fn item_key(item: &Value, keys: &[String]) -> Option<String> {
 
 fn list_kind_for(lists: Lists, path: &[String], items: &[Value]) -> ListKind {
     match lists(path, items) {
-        ListKind::Map(keys) if items.iter().all(|i| item_key(i, &keys).is_some()) => {
-            ListKind::Map(keys)
-        }
+        ListKind::Map(keys) if items.iter().all(|i| item_key(i, &keys).is_some()) => ListKind::Map(keys),
         ListKind::Set if items.iter().all(|i| !i.is_object() && !i.is_array()) => ListKind::Set,
         _ => ListKind::Atomic,
     }
@@ -387,12 +361,7 @@ pub fn leaves(v: &Value, lists: Lists) -> FieldSet {
                     if let Some(m) = val.as_object() {
                         for mk in ["labels", "annotations", "finalizers", "ownerReferences"] {
                             if let Some(x) = m.get(mk) {
-                                collect(
-                                    x,
-                                    &mut vec!["metadata".into(), mk.into()],
-                                    &mut out,
-                                    lists,
-                                );
+                                collect(x, &mut vec!["metadata".into(), mk.into()], &mut out, lists);
                             }
                         }
                     }
@@ -508,10 +477,7 @@ pub fn apply_merge(target: &mut Value, applied: &Value, path: &mut Vec<String>, 
             for (k, v) in a {
                 path.push(k.clone());
                 match t.get_mut(k) {
-                    Some(slot)
-                        if (slot.is_object() && v.is_object())
-                            || (slot.is_array() && v.is_array()) =>
-                    {
+                    Some(slot) if (slot.is_object() && v.is_object()) || (slot.is_array() && v.is_array()) => {
                         apply_merge(slot, v, path, lists)
                     }
                     _ => {
@@ -558,11 +524,7 @@ pub fn encode_fields(set: &FieldSet) -> Value {
     for path in set {
         let mut cur = &mut root;
         for p in path {
-            let key = if is_item(p) {
-                p.clone()
-            } else {
-                format!("f:{p}")
-            };
+            let key = if is_item(p) { p.clone() } else { format!("f:{p}") };
             let e = cur.entry(key).or_insert_with(|| Value::Object(Map::new()));
             let Value::Object(m) = e else { break };
             cur = m;
@@ -627,31 +589,15 @@ pub fn read_managed(obj: &Value) -> Vec<Managed> {
         .map(|a| {
             a.iter()
                 .map(|e| Managed {
-                    manager: e
-                        .get("manager")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    manager: e.get("manager").and_then(Value::as_str).unwrap_or("").to_string(),
                     operation: e
                         .get("operation")
                         .and_then(Value::as_str)
                         .unwrap_or("Update")
                         .to_string(),
-                    subresource: e
-                        .get("subresource")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    api_version: e
-                        .get("apiVersion")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    time: e
-                        .get("time")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    subresource: e.get("subresource").and_then(Value::as_str).unwrap_or("").to_string(),
+                    api_version: e.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string(),
+                    time: e.get("time").and_then(Value::as_str).unwrap_or("").to_string(),
                     fields: e.get("fieldsV1").map(decode_fields).unwrap_or_default(),
                 })
                 .collect()
@@ -702,9 +648,7 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, w: &Writer, lists: Lis
     let old_leaves = old.map(|o| leaves(o, lists)).unwrap_or_default();
     let changed: FieldSet = new_leaves
         .iter()
-        .filter(|p| {
-            !p.last().is_some_and(|s| is_item(s)) || old.and_then(|o| value_at(o, p)).is_none()
-        })
+        .filter(|p| !p.last().is_some_and(|s| is_item(s)) || old.and_then(|o| value_at(o, p)).is_none())
         .filter(|p| old.and_then(|o| value_at(o, p)) != value_at(new, p))
         .cloned()
         .collect();
@@ -714,9 +658,7 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, w: &Writer, lists: Lis
             .retain(|p| !changed.contains(p) && !removed.contains(p) && new_leaves.contains(p));
     }
     if !changed.is_empty() {
-        let mine = |e: &Managed| {
-            e.manager == w.manager && e.operation == "Update" && e.subresource == w.subresource
-        };
+        let mine = |e: &Managed| e.manager == w.manager && e.operation == "Update" && e.subresource == w.subresource;
         match entries.iter_mut().find(|e| mine(e)) {
             Some(e) => {
                 e.fields.extend(changed);
@@ -764,12 +706,8 @@ pub fn dotted(p: &FieldPath) -> String {
 /// count as a different value.
 fn covers(current: &Value, applied: &Value) -> bool {
     match (current, applied) {
-        (Value::Object(c), Value::Object(a)) => a
-            .iter()
-            .all(|(k, av)| c.get(k).is_some_and(|cv| covers(cv, av))),
-        (Value::Array(c), Value::Array(a)) => {
-            c.len() == a.len() && c.iter().zip(a).all(|(cv, av)| covers(cv, av))
-        }
+        (Value::Object(c), Value::Object(a)) => a.iter().all(|(k, av)| c.get(k).is_some_and(|cv| covers(cv, av))),
+        (Value::Array(c), Value::Array(a)) => c.len() == a.len() && c.iter().zip(a).all(|(cv, av)| covers(cv, av)),
         _ => current == applied,
     }
 }
@@ -785,13 +723,8 @@ pub fn server_side_apply(
     lists: Lists,
 ) -> Result<Value, Vec<Conflict>> {
     let mut entries = read_managed(current);
-    let applied_set: FieldSet = leaves(applied, lists)
-        .into_iter()
-        .filter(|p| scope(p))
-        .collect();
-    let mine = |e: &Managed| {
-        e.manager == w.manager && e.operation == "Apply" && e.subresource == w.subresource
-    };
+    let applied_set: FieldSet = leaves(applied, lists).into_iter().filter(|p| scope(p)).collect();
+    let mine = |e: &Managed| e.manager == w.manager && e.operation == "Apply" && e.subresource == w.subresource;
     let mut conflicts = vec![];
     let mut conflicted: BTreeMap<usize, FieldSet> = BTreeMap::new();
     for (i, e) in entries.iter().enumerate() {
@@ -893,10 +826,7 @@ mod tests {
             &mut t,
             &json!({"spec": {"containers": [{"name": "b", "image": "z"}, {"name": "a", "$patch": "delete"}]}}),
         );
-        assert_eq!(
-            t,
-            json!({"spec": {"containers": [{"name": "b", "image": "z"}]}})
-        );
+        assert_eq!(t, json!({"spec": {"containers": [{"name": "b", "image": "z"}]}}));
     }
 
     fn w<'a>(m: &'a str) -> Writer<'a> {
@@ -913,8 +843,7 @@ mod tests {
         let mut cur = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"a": 1, "b": 2}});
         track_update(None, &mut cur, &w("other"), &builtin_lists);
         let all = |_: &FieldPath| true;
-        let applied =
-            json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"a": 5}});
+        let applied = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"a": 5}});
         let err = server_side_apply(&cur, &applied, &w("me"), false, &all, &builtin_lists)
             .err()
             .unwrap();
@@ -924,8 +853,7 @@ mod tests {
             .unwrap();
         assert_eq!(out["spec"], json!({"a": 5, "b": 2}));
         // same value: shared ownership, no conflict
-        let same =
-            json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"b": 2}});
+        let same = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"b": 2}});
         assert!(server_side_apply(&cur, &same, &w("me"), false, &all, &builtin_lists).is_ok());
     }
 
@@ -956,10 +884,7 @@ mod tests {
         let cur = server_side_apply(&cur, &none, &w("ma"), false, &all, &builtin_lists)
             .ok()
             .unwrap();
-        assert_eq!(
-            cur["status"]["conditions"],
-            json!([{"type": "B", "status": "False"}])
-        );
+        assert_eq!(cur["status"]["conditions"], json!([{"type": "B", "status": "False"}]));
         // the managedFields round-trip
         let decoded = decode_fields(&encode_fields(&leaves(&b2, &builtin_lists)));
         assert_eq!(decoded, leaves(&b2, &builtin_lists));

@@ -47,10 +47,7 @@ fn fields(buf: &[u8]) -> Result<Vec<(u64, Wire<'_>)>, String> {
             }
             2 => {
                 let len = varint(buf, &mut pos).ok_or_else(bad)? as usize;
-                let end = pos
-                    .checked_add(len)
-                    .filter(|e| *e <= buf.len())
-                    .ok_or_else(bad)?;
+                let end = pos.checked_add(len).filter(|e| *e <= buf.len()).ok_or_else(bad)?;
                 let b = &buf[pos..end];
                 pos = end;
                 Wire::Bytes(b)
@@ -137,11 +134,7 @@ fn table(msg: &str) -> Option<&'static [(u64, &'static str, K)]> {
             (3, "binaryData", Msb),
             (4, "immutable", Bp),
         ],
-        "Namespace" => &[
-            (1, "metadata", M("ObjectMeta")),
-            (2, "spec", Skip),
-            (3, "status", Skip),
-        ],
+        "Namespace" => &[(1, "metadata", M("ObjectMeta")), (2, "spec", Skip), (3, "status", Skip)],
         "ServiceAccount" => &[
             (1, "metadata", M("ObjectMeta")),
             (2, "secrets", Rm("ObjectReference")),
@@ -178,10 +171,7 @@ fn table(msg: &str) -> Option<&'static [(u64, &'static str, K)]> {
             (7, "paused", B),
             (9, "progressDeadlineSeconds", Ip),
         ],
-        "DeploymentStrategy" => &[
-            (1, "type", S),
-            (2, "rollingUpdate", M("RollingUpdateDeployment")),
-        ],
+        "DeploymentStrategy" => &[(1, "type", S), (2, "rollingUpdate", M("RollingUpdateDeployment"))],
         "RollingUpdateDeployment" => &[(1, "maxUnavailable", Ios), (2, "maxSurge", Ios)],
         "PodTemplateSpec" => &[(1, "metadata", M("ObjectMeta")), (2, "spec", M("PodSpec"))],
         "PodSpec" => &[
@@ -232,22 +222,14 @@ fn table(msg: &str) -> Option<&'static [(u64, &'static str, K)]> {
             (4, "protocol", S),
             (5, "hostIP", S),
         ],
-        "EnvVar" => &[
-            (1, "name", S),
-            (2, "value", S),
-            (3, "valueFrom", M("EnvVarSource")),
-        ],
+        "EnvVar" => &[(1, "name", S), (2, "value", S), (3, "valueFrom", M("EnvVarSource"))],
         "EnvVarSource" => &[
             (1, "fieldRef", M("ObjectFieldSelector")),
             (3, "configMapKeyRef", M("KeySelector")),
             (4, "secretKeyRef", M("KeySelector")),
         ],
         "ObjectFieldSelector" => &[(1, "apiVersion", S), (2, "fieldPath", S)],
-        "KeySelector" => &[
-            (1, "", E("LocalObjectReference")),
-            (2, "key", S),
-            (3, "optional", Bp),
-        ],
+        "KeySelector" => &[(1, "", E("LocalObjectReference")), (2, "key", S), (3, "optional", Bp)],
         "ResourceRequirements" => &[(1, "limits", Msq), (2, "requests", Msq)],
         "Job" => &[
             (1, "metadata", M("ObjectMeta")),
@@ -336,12 +318,7 @@ fn table(msg: &str) -> Option<&'static [(u64, &'static str, K)]> {
             (2, "subjects", Rm("Subject")),
             (3, "roleRef", M("RoleRef")),
         ],
-        "Subject" => &[
-            (1, "kind", S),
-            (2, "apiGroup", S),
-            (3, "name", S),
-            (4, "namespace", S),
-        ],
+        "Subject" => &[(1, "kind", S), (2, "apiGroup", S), (3, "name", S), (4, "namespace", S)],
         "RoleRef" => &[(1, "apiGroup", S), (2, "kind", S), (3, "name", S)],
         "PodDisruptionBudget" => &[
             (1, "metadata", M("ObjectMeta")),
@@ -407,8 +384,7 @@ fn message(name: &str, buf: &[u8]) -> Result<Map<String, Value>, String> {
     if name == "Opaque" {
         return Ok(out);
     }
-    let t = table(name)
-        .ok_or_else(|| format!("protobuf message {name} is not supported; send JSON"))?;
+    let t = table(name).ok_or_else(|| format!("protobuf message {name} is not supported; send JSON"))?;
     for (n, w) in fields(buf)? {
         let Some((_, key, kind)) = t.iter().find(|(num, _, _)| *num == n) else {
             return Err(format!(
@@ -475,9 +451,7 @@ fn message(name: &str, buf: &[u8]) -> Result<Map<String, Value>, String> {
             (Ios, Wire::Bytes(x)) => {
                 out.insert(key, int_or_string(x)?);
             }
-            (_, Wire::Fixed) | (_, _) => {
-                return Err(format!("unexpected wire type for field {n} of {name}"))
-            }
+            (_, Wire::Fixed) | (_, _) => return Err(format!("unexpected wire type for field {n} of {name}")),
         }
     }
     Ok(out)
@@ -485,9 +459,7 @@ fn message(name: &str, buf: &[u8]) -> Result<Map<String, Value>, String> {
 
 /// Decodes a `k8s\0`-prefixed protobuf body (a `runtime.Unknown` envelope) into JSON.
 pub fn decode(body: &[u8]) -> Result<Value, String> {
-    let rest = body
-        .strip_prefix(b"k8s\x00")
-        .ok_or("missing protobuf magic prefix")?;
+    let rest = body.strip_prefix(b"k8s\x00").ok_or("missing protobuf magic prefix")?;
     let mut api_version = String::new();
     let mut kind = String::new();
     let mut raw: &[u8] = &[];

@@ -47,7 +47,11 @@ pub fn attributes(method: &str, segs: &[&str], watch: bool) -> Option<Attributes
         [] => return None,
     };
     // A namespace addressed as an object is cluster-scoped.
-    let (namespace, name) = if group.is_empty() && resource == "namespaces" { (None, name) } else { (namespace, name) };
+    let (namespace, name) = if group.is_empty() && resource == "namespaces" {
+        (None, name)
+    } else {
+        (namespace, name)
+    };
     let verb = match method {
         "GET" | "HEAD" if watch => "watch",
         "GET" | "HEAD" if name.is_some() => "get",
@@ -57,19 +61,39 @@ pub fn attributes(method: &str, segs: &[&str], watch: bool) -> Option<Attributes
         "PATCH" => "patch",
         "DELETE" if name.is_some() => "delete",
         "DELETE" => "deletecollection",
-        other => return Some(Attributes { verb: other.to_lowercase(), group: group.into(), resource, subresource, namespace, name }),
+        other => {
+            return Some(Attributes {
+                verb: other.to_lowercase(),
+                group: group.into(),
+                resource,
+                subresource,
+                namespace,
+                name,
+            })
+        }
     };
-    Some(Attributes { verb: verb.into(), group: group.into(), resource, subresource, namespace, name })
+    Some(Attributes {
+        verb: verb.into(),
+        group: group.into(),
+        resource,
+        subresource,
+        namespace,
+        name,
+    })
 }
 
 fn strs(v: &Value) -> Vec<&str> {
-    v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
 }
 
 fn subject_matches(subject: &Value, user: &str) -> bool {
     let kind = subject["kind"].as_str().unwrap_or("");
     let name = subject["name"].as_str().unwrap_or("");
-    let sa = user.strip_prefix("system:serviceaccount:").and_then(|r| r.split_once(':'));
+    let sa = user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'));
     match kind {
         "ServiceAccount" => sa == Some((subject["namespace"].as_str().unwrap_or(""), name)),
         "User" => name == user,
@@ -90,7 +114,9 @@ fn rule_allows(rule: &Value, a: &Attributes) -> bool {
     let resources = strs(&rule["resources"]);
     let resource_ok = match &a.subresource {
         None => any(&resources, &a.resource),
-        Some(sub) => resources.iter().any(|r| *r == "*" || *r == format!("{}/{sub}", a.resource) || *r == format!("*/{sub}")),
+        Some(sub) => resources
+            .iter()
+            .any(|r| *r == "*" || *r == format!("{}/{sub}", a.resource) || *r == format!("*/{sub}")),
     };
     if !resource_ok {
         return false;
@@ -100,30 +126,47 @@ fn rule_allows(rule: &Value, a: &Attributes) -> bool {
 }
 
 fn objects<'a>(store: &'a Store, plural: &str) -> impl Iterator<Item = &'a Value> {
-    store.objects.get(&("rbac.authorization.k8s.io".to_string(), plural.to_string())).into_iter().flat_map(|m| m.values())
+    store
+        .objects
+        .get(&("rbac.authorization.k8s.io".to_string(), plural.to_string()))
+        .into_iter()
+        .flat_map(|m| m.values())
 }
 
 fn role_rules<'a>(store: &'a Store, role_ref: &Value, binding_ns: Option<&str>) -> Vec<&'a Value> {
     let name = role_ref["name"].as_str().unwrap_or("");
     let role = match role_ref["kind"].as_str() {
         Some("ClusterRole") => objects(store, "clusterroles").find(|r| r["metadata"]["name"] == name),
-        Some("Role") => objects(store, "roles").find(|r| r["metadata"]["name"] == name && r["metadata"]["namespace"].as_str() == binding_ns),
+        Some("Role") => objects(store, "roles")
+            .find(|r| r["metadata"]["name"] == name && r["metadata"]["namespace"].as_str() == binding_ns),
         _ => None,
     };
-    role.and_then(|r| r["rules"].as_array()).map(|rules| rules.iter().collect()).unwrap_or_default()
+    role.and_then(|r| r["rules"].as_array())
+        .map(|rules| rules.iter().collect())
+        .unwrap_or_default()
 }
 
 /// Whether `user` may do `a`, from the RBAC objects in `store`.
 pub fn allowed(store: &Store, user: &str, a: &Attributes) -> bool {
-    let binds = |b: &Value| b["subjects"].as_array().is_some_and(|s| s.iter().any(|s| subject_matches(s, user)));
+    let binds = |b: &Value| {
+        b["subjects"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| subject_matches(s, user)))
+    };
     for b in objects(store, "clusterrolebindings").filter(|b| binds(b)) {
-        if role_rules(store, &b["roleRef"], None).into_iter().any(|r| rule_allows(r, a)) {
+        if role_rules(store, &b["roleRef"], None)
+            .into_iter()
+            .any(|r| rule_allows(r, a))
+        {
             return true;
         }
     }
     let Some(ns) = a.namespace.as_deref() else { return false };
     for b in objects(store, "rolebindings").filter(|b| b["metadata"]["namespace"] == ns && binds(b)) {
-        if role_rules(store, &b["roleRef"], Some(ns)).into_iter().any(|r| rule_allows(r, a)) {
+        if role_rules(store, &b["roleRef"], Some(ns))
+            .into_iter()
+            .any(|r| rule_allows(r, a))
+        {
             return true;
         }
     }
@@ -136,7 +179,11 @@ pub fn denied_message(user: &str, a: &Attributes) -> String {
         Some(s) => format!("{}/{s}", a.resource),
         None => a.resource.clone(),
     };
-    let qualified = if a.group.is_empty() { a.resource.clone() } else { format!("{}.{}", a.resource, a.group) };
+    let qualified = if a.group.is_empty() {
+        a.resource.clone()
+    } else {
+        format!("{}.{}", a.resource, a.group)
+    };
     let what = match &a.name {
         Some(n) => format!("{qualified} \"{n}\" is forbidden"),
         None => format!("{qualified} is forbidden"),
@@ -145,7 +192,10 @@ pub fn denied_message(user: &str, a: &Attributes) -> String {
         Some(ns) => format!("in the namespace \"{ns}\""),
         None => "at the cluster scope".to_string(),
     };
-    format!("{what}: User \"{user}\" cannot {} resource \"{resource}\" in API group \"{}\" {scope}", a.verb, a.group)
+    format!(
+        "{what}: User \"{user}\" cannot {} resource \"{resource}\" in API group \"{}\" {scope}",
+        a.verb, a.group
+    )
 }
 
 #[cfg(test)]
@@ -155,11 +205,25 @@ mod tests {
     #[test]
     fn attributes_of_common_paths() {
         let a = attributes("GET", &["api", "v1", "namespaces", "ns", "secrets"], true).unwrap();
-        assert_eq!((a.verb.as_str(), a.resource.as_str(), a.namespace.as_deref()), ("watch", "secrets", Some("ns")));
-        let a = attributes("PATCH", &["apis", "tenancy.dev", "v1alpha1", "tenants", "acme", "status"], false).unwrap();
-        assert_eq!((a.verb.as_str(), a.group.as_str(), a.subresource.as_deref(), a.namespace), ("patch", "tenancy.dev", Some("status"), None));
+        assert_eq!(
+            (a.verb.as_str(), a.resource.as_str(), a.namespace.as_deref()),
+            ("watch", "secrets", Some("ns"))
+        );
+        let a = attributes(
+            "PATCH",
+            &["apis", "tenancy.dev", "v1alpha1", "tenants", "acme", "status"],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (a.verb.as_str(), a.group.as_str(), a.subresource.as_deref(), a.namespace),
+            ("patch", "tenancy.dev", Some("status"), None)
+        );
         let a = attributes("DELETE", &["api", "v1", "namespaces", "gone"], false).unwrap();
-        assert_eq!((a.verb.as_str(), a.resource.as_str(), a.namespace, a.name.as_deref()), ("delete", "namespaces", None, Some("gone")));
+        assert_eq!(
+            (a.verb.as_str(), a.resource.as_str(), a.namespace, a.name.as_deref()),
+            ("delete", "namespaces", None, Some("gone"))
+        );
         assert!(attributes("GET", &["apis", "tenancy.dev", "v1alpha1"], false).is_none());
     }
 

@@ -72,9 +72,7 @@ impl ResourceType {
         }
     }
     pub fn has_status(&self, v: &str) -> bool {
-        self.versions
-            .iter()
-            .any(|x| x.name == v && x.status_subresource)
+        self.versions.iter().any(|x| x.name == v && x.status_subresource)
     }
     pub fn qualified_kind(&self) -> String {
         if self.group.is_empty() {
@@ -336,19 +334,10 @@ pub fn builtins() -> Vec<ResourceType> {
     for r in v.iter_mut() {
         if matches!(
             r.plural.as_str(),
-            "services"
-                | "jobs"
-                | "cronjobs"
-                | "deployments"
-                | "configmaps"
-                | "secrets"
-                | "serviceaccounts"
+            "services" | "jobs" | "cronjobs" | "deployments" | "configmaps" | "secrets" | "serviceaccounts"
         ) {
             // `kubectl get all` uses the `all` category.
-            if matches!(
-                r.plural.as_str(),
-                "services" | "jobs" | "cronjobs" | "deployments"
-            ) {
+            if matches!(r.plural.as_str(), "services" | "jobs" | "cronjobs" | "deployments") {
                 r.categories = vec!["all".to_string()];
             }
         }
@@ -361,11 +350,7 @@ pub fn builtins() -> Vec<ResourceType> {
 
 fn str_list(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
         .unwrap_or_default()
 }
 
@@ -391,38 +376,15 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
     for ver in spec.get("versions")?.as_array()? {
         let name = ver.get("name")?.as_str()?.to_string();
         let mut cols = vec![];
-        if let Some(pcs) = ver
-            .get("additionalPrinterColumns")
-            .and_then(Value::as_array)
-        {
+        if let Some(pcs) = ver.get("additionalPrinterColumns").and_then(Value::as_array) {
             for c in pcs {
                 cols.push(PrinterColumn {
-                    name: c
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    type_: c
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("string")
-                        .to_string(),
-                    format: c
-                        .get("format")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    description: c
-                        .get("description")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    name: c.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
+                    type_: c.get("type").and_then(Value::as_str).unwrap_or("string").to_string(),
+                    format: c.get("format").and_then(Value::as_str).unwrap_or("").to_string(),
+                    description: c.get("description").and_then(Value::as_str).unwrap_or("").to_string(),
                     priority: c.get("priority").and_then(Value::as_i64).unwrap_or(0),
-                    json_path: c
-                        .get("jsonPath")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    json_path: c.get("jsonPath").and_then(Value::as_str).unwrap_or("").to_string(),
                 });
             }
         } else {
@@ -442,10 +404,7 @@ pub fn from_crd(crd: &Value) -> Option<ResourceType> {
             schema: ver.pointer("/schema/openAPIV3Schema").cloned(),
             printer_columns: cols,
             status_subresource: ver.pointer("/subresources/status").is_some(),
-            deprecated: ver
-                .get("deprecated")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            deprecated: ver.get("deprecated").and_then(Value::as_bool).unwrap_or(false),
         });
     }
     Some(ResourceType {

@@ -20,13 +20,7 @@ fn truthy(schema: &Value, key: &str) -> bool {
 
 /// Removes fields the schema does not declare (recording their paths), drops `null`s of
 /// non-nullable fields, and applies `default`s. At the root, apiVersion/kind/metadata are kept.
-pub fn prune_and_default(
-    schema: &Value,
-    value: &mut Value,
-    path: &str,
-    root: bool,
-    unknown: &mut Vec<String>,
-) {
+pub fn prune_and_default(schema: &Value, value: &mut Value, path: &str, root: bool, unknown: &mut Vec<String>) {
     match value {
         Value::Object(obj) => {
             let props = schema.get("properties").and_then(Value::as_object);
@@ -38,9 +32,7 @@ pub fn prune_and_default(
                 if (root || embedded) && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
                     continue;
                 }
-                let sub_schema = props
-                    .and_then(|p| p.get(&k))
-                    .or_else(|| addl.filter(|a| a.is_object()));
+                let sub_schema = props.and_then(|p| p.get(&k)).or_else(|| addl.filter(|a| a.is_object()));
                 match sub_schema {
                     Some(s) => {
                         if obj.get(&k).is_some_and(Value::is_null) && !truthy(s, "nullable") {
@@ -123,14 +115,7 @@ fn num_str(v: &Value) -> String {
 
 /// Validates `value` (already pruned and defaulted). `old` is the previous value at the same
 /// path on updates, for transition rules.
-pub fn validate(
-    schema: &Value,
-    value: &Value,
-    old: Option<&Value>,
-    path: &str,
-    root: bool,
-    causes: &mut Vec<Cause>,
-) {
+pub fn validate(schema: &Value, value: &Value, old: Option<&Value>, path: &str, root: bool, causes: &mut Vec<Cause>) {
     if value.is_null() {
         if !truthy(schema, "nullable") && !root {
             causes.push(Cause::invalid(
@@ -138,10 +123,7 @@ pub fn validate(
                 value,
                 &format!(
                     "{path} in body must be of type {}: \"null\"",
-                    schema
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("object")
+                    schema.get("type").and_then(Value::as_str).unwrap_or("object")
                 ),
             ));
         }
@@ -153,10 +135,7 @@ pub fn validate(
             causes.push(Cause::type_invalid(
                 path,
                 &Value::String(type_name(value).into()),
-                &format!(
-                    "{path} in body must be of type integer,string: {:?}",
-                    type_name(value)
-                ),
+                &format!("{path} in body must be of type integer,string: {:?}", type_name(value)),
             ));
             return;
         }
@@ -209,7 +188,11 @@ pub fn validate(
                 let ok = match f {
                     "date-time" => chrono::DateTime::parse_from_rfc3339(s).is_ok(),
                     "date" => chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok(),
-                    "uuid" => regex::Regex::new("^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$").map(|r| r.is_match(s)).unwrap_or(true),
+                    "uuid" => regex::Regex::new(
+                        "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+                    )
+                    .map(|r| r.is_match(s))
+                    .unwrap_or(true),
                     _ => true,
                 };
                 if !ok {
@@ -237,10 +220,7 @@ pub fn validate(
                     causes.push(Cause::invalid(
                         path,
                         value,
-                        &format!(
-                            "{path} in body should be greater than or equal to {}",
-                            num_str(min)
-                        ),
+                        &format!("{path} in body should be greater than or equal to {}", num_str(min)),
                     ));
                 }
             }
@@ -258,10 +238,7 @@ pub fn validate(
                     causes.push(Cause::invalid(
                         path,
                         value,
-                        &format!(
-                            "{path} in body should be less than or equal to {}",
-                            num_str(max)
-                        ),
+                        &format!("{path} in body should be less than or equal to {}", num_str(max)),
                     ));
                 }
             }
@@ -330,14 +307,7 @@ pub fn validate(
                     continue;
                 }
                 if let Some(s) = props.and_then(|p| p.get(k)).or(addl) {
-                    validate(
-                        s,
-                        v,
-                        old.and_then(|o| o.get(k)),
-                        &child(path, k),
-                        false,
-                        causes,
-                    );
+                    validate(s, v, old.and_then(|o| o.get(k)), &child(path, k), false, causes);
                 }
             }
             if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64) {
@@ -348,10 +318,7 @@ pub fn validate(
         }
         _ => {}
     }
-    if let Some(rules) = schema
-        .get("x-kubernetes-validations")
-        .and_then(Value::as_array)
-    {
+    if let Some(rules) = schema.get("x-kubernetes-validations").and_then(Value::as_array) {
         for rule in rules {
             run_rule(rule, value, old, path, root, causes);
         }
@@ -383,11 +350,7 @@ pub fn list_kind(schema: &Value, path: &[String], items: &[Value]) -> crate::pat
         Some("map") => ListKind::Map(
             node.get("x-kubernetes-list-map-keys")
                 .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|k| k.as_str().map(str::to_string))
-                        .collect()
-                })
+                .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
                 .unwrap_or_default(),
         ),
         Some("set") => ListKind::Set,
@@ -413,8 +376,7 @@ pub fn to_cel(v: &Value) -> cel_interpreter::Value {
         Value::String(s) => C::String(Arc::new(s.clone())),
         Value::Array(a) => C::List(Arc::new(a.iter().map(to_cel).collect())),
         Value::Object(o) => {
-            let m: HashMap<String, cel_interpreter::Value> =
-                o.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+            let m: HashMap<String, cel_interpreter::Value> = o.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
             C::Map(m.into())
         }
     }
@@ -437,14 +399,7 @@ fn root_view(v: &Value) -> Value {
     v
 }
 
-fn run_rule(
-    rule: &Value,
-    value: &Value,
-    old: Option<&Value>,
-    path: &str,
-    root: bool,
-    causes: &mut Vec<Cause>,
-) {
+fn run_rule(rule: &Value, value: &Value, old: Option<&Value>, path: &str, root: bool, causes: &mut Vec<Cause>) {
     let Some(expr) = rule.get("rule").and_then(Value::as_str) else {
         return;
     };
@@ -490,9 +445,7 @@ fn run_rule(
         | cel_interpreter::ExecutionError::UnsupportedFunctionCallIdentifierType(_)),
     ) = &result
     {
-        eprintln!(
-            "kube-test-server: skipping CEL rule {expr:?} at {path:?}: unsupported here: {e}"
-        );
+        eprintln!("kube-test-server: skipping CEL rule {expr:?} at {path:?}: unsupported here: {e}");
         return;
     }
     let result = result.map_err(|e| format!("{e} evaluating rule: {expr}"));
@@ -522,10 +475,7 @@ fn run_rule(
         c.message = match reason {
             "FieldValueForbidden" => format!("Forbidden: {detail}"),
             "FieldValueRequired" => format!("Required value: {detail}"),
-            _ => format!(
-                "Duplicate value: {}: {detail}",
-                crate::status::show_value(&shown)
-            ),
+            _ => format!("Duplicate value: {}: {detail}", crate::status::show_value(&shown)),
         };
     }
     causes.push(c);
@@ -545,10 +495,7 @@ pub fn name_causes(rule: crate::resources::NameRule, name: &str) -> Vec<Cause> {
                     "must be no more than 253 characters",
                 ));
             }
-            let re = regex::Regex::new(
-                r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
-            )
-            .ok();
+            let re = regex::Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$").ok();
             if !re.is_some_and(|r| r.is_match(name)) {
                 out.push(Cause::invalid("metadata.name", &v, "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"));
             }
@@ -639,10 +586,21 @@ mod tests {
 
     #[test]
     fn errors() {
-        let mut o = json!({"metadata": {"name": "Bad_Name"}, "spec": {"state": "Nope", "limit": 5000, "hasCheck": {"a": "y"}}});
+        let mut o =
+            json!({"metadata": {"name": "Bad_Name"}, "spec": {"state": "Nope", "limit": 5000, "hasCheck": {"a": "y"}}});
         let (_, causes) = run(&mut o, None);
-        assert!(causes.contains(&"spec.limit: Invalid value: 5000: spec.limit in body should be less than or equal to 1000".to_string()), "{causes:?}");
-        assert!(causes.contains(&"spec.state: Unsupported value: \"Nope\": supported values: \"Active\", \"Suspended\"".to_string()), "{causes:?}");
+        assert!(
+            causes.contains(
+                &"spec.limit: Invalid value: 5000: spec.limit in body should be less than or equal to 1000".to_string()
+            ),
+            "{causes:?}"
+        );
+        assert!(
+            causes.contains(
+                &"spec.state: Unsupported value: \"Nope\": supported values: \"Active\", \"Suspended\"".to_string()
+            ),
+            "{causes:?}"
+        );
         assert!(
             causes.contains(&"metadata.name: Invalid value: \"object\": bad name".to_string()),
             "{causes:?}"
@@ -690,8 +648,7 @@ mod tests {
     #[test]
     fn transition_rule() {
         let old = json!({"metadata": {"name": "x"}, "spec": {"state": "Active", "immutable": "a"}});
-        let mut o =
-            json!({"metadata": {"name": "x"}, "spec": {"state": "Active", "immutable": "b"}});
+        let mut o = json!({"metadata": {"name": "x"}, "spec": {"state": "Active", "immutable": "b"}});
         let (_, causes) = run(&mut o, Some(&old));
         assert_eq!(
             causes,

@@ -43,9 +43,7 @@ fn split_top_level(s: &str) -> Vec<String> {
 fn parse_set(rest: &str) -> Result<Vec<String>, String> {
     let r = rest.trim();
     if !(r.starts_with('(') && r.ends_with(')')) {
-        return Err(format!(
-            "unable to parse requirement: expected '(' in {rest:?}"
-        ));
+        return Err(format!("unable to parse requirement: expected '(' in {rest:?}"));
     }
     Ok(r[1..r.len() - 1]
         .split(',')
@@ -120,9 +118,7 @@ impl FieldSelector {
             } else if let Some((k, v)) = part.split_once('=') {
                 (k, true, v)
             } else {
-                return Err(format!(
-                    "invalid selector: '{s}'; can't understand '{part}'"
-                ));
+                return Err(format!("invalid selector: '{s}'; can't understand '{part}'"));
             };
             let k = k.trim();
             if k != "metadata.name" && k != "metadata.namespace" && !extra.contains(&k) {
@@ -207,12 +203,8 @@ mod tests {
     #[test]
     fn field_selectors() {
         let o = json!({"metadata": {"name": "n", "namespace": "ns"}});
-        assert!(FieldSelector::parse("metadata.name=n", &[])
-            .unwrap()
-            .matches(&o));
-        assert!(!FieldSelector::parse("metadata.name!=n", &[])
-            .unwrap()
-            .matches(&o));
+        assert!(FieldSelector::parse("metadata.name=n", &[]).unwrap().matches(&o));
+        assert!(!FieldSelector::parse("metadata.name!=n", &[]).unwrap().matches(&o));
         assert!(FieldSelector::parse("spec.x=1", &[]).is_err());
     }
 }

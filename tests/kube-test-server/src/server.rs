@@ -49,10 +49,7 @@ impl Req {
         matches!(self.q(k), Some("true") | Some("1"))
     }
     fn header(&self, k: &str) -> &str {
-        self.headers
-            .get(k)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+        self.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("")
     }
 }
 
@@ -73,14 +70,10 @@ pub fn parse_query(q: &str) -> HashMap<String, String> {
 /// A JSON response with the headers the real API server sends on one.
 fn json_body(body: Body) -> Response<Body> {
     let mut r = Response::new(body);
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, private"),
-    );
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
     r
 }
 
@@ -149,8 +142,7 @@ pub async fn handle(app: Arc<App>, req: Req) -> Response<Body> {
             None => err_resp(&not_found_path()),
         },
         ["openapi", "v3"] if get => json_resp(200, &discovery::openapi_root(&app.lock()), &[]),
-        ["openapi", "v3", "api", "v1"] if get => match discovery::openapi_gv(&app.lock(), "", "v1")
-        {
+        ["openapi", "v3", "api", "v1"] if get => match discovery::openapi_gv(&app.lock(), "", "v1") {
             Some(v) => json_resp(200, &v, &[]),
             None => err_resp(&not_found_path()),
         },
@@ -193,7 +185,8 @@ fn authorize(app: &App, req: &Req, segs: &[&str]) -> Option<ApiError> {
         return None;
     }
     let mut e = ApiError::new(403, "Forbidden", crate::rbac::denied_message(user, &attrs));
-    e.details = Some(json!({"name": attrs.name.clone().unwrap_or_default(), "group": attrs.group, "kind": attrs.resource}));
+    e.details =
+        Some(json!({"name": attrs.name.clone().unwrap_or_default(), "group": attrs.group, "kind": attrs.resource}));
     Some(e)
 }
 
@@ -240,9 +233,8 @@ impl Target {
 async fn resource(app: Arc<App>, g: &str, v: &str, rest: &[&str], req: &Req) -> Response<Body> {
     let target = {
         let st = app.lock();
-        let namespaced_path = rest.len() >= 3
-            && rest[0] == "namespaces"
-            && st.find_type(g, v, rest[2]).is_some_and(|t| t.namespaced);
+        let namespaced_path =
+            rest.len() >= 3 && rest[0] == "namespaces" && st.find_type(g, v, rest[2]).is_some_and(|t| t.namespaced);
         let (ns, rest) = if namespaced_path {
             (Some(rest[1].to_string()), &rest[2..])
         } else {
@@ -325,11 +317,7 @@ const EVENT_FIELDS: [(&str, &str); 11] = [
 fn convert_event(obj: &mut Value, to_events_api: bool) {
     if let Some(o) = obj.as_object_mut() {
         for (core, ev) in EVENT_FIELDS {
-            let (from, to) = if to_events_api {
-                (core, ev)
-            } else {
-                (ev, core)
-            };
+            let (from, to) = if to_events_api { (core, ev) } else { (ev, core) };
             if from != to {
                 if let Some(v) = o.remove(from) {
                     o.insert(to.to_string(), v);
@@ -368,27 +356,21 @@ fn present(t: &Target, mut obj: Value) -> Value {
 }
 
 fn selectors(t: &Target, req: &Req) -> ApiResult<(LabelSelector, FieldSelector)> {
-    let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or(""))
+    let ls = LabelSelector::parse(req.q("labelSelector").unwrap_or("")).map_err(ApiError::bad_request)?;
+    let fs = FieldSelector::parse(req.q("fieldSelector").unwrap_or(""), extra_field_labels(t.g(), t.p()))
         .map_err(ApiError::bad_request)?;
-    let fs = FieldSelector::parse(
-        req.q("fieldSelector").unwrap_or(""),
-        extra_field_labels(t.g(), t.p()),
-    )
-    .map_err(ApiError::bad_request)?;
     Ok((ls, fs))
 }
 
 fn list(app: &App, t: &Target, req: &Req) -> Out {
     let (ls, fs) = selectors(t, req)?;
     let st = app.lock();
-    let limit = req
-        .q("limit")
-        .and_then(|l| l.parse::<usize>().ok())
-        .filter(|l| *l > 0);
+    let limit = req.q("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
     let start: Option<(String, String)> = match req.q("continue").filter(|c| !c.is_empty()) {
-        Some(c) => Some(decode_continue(c).ok_or_else(|| {
-            ApiError::bad_request("continue key is not valid: malformed continue token")
-        })?),
+        Some(c) => Some(
+            decode_continue(c)
+                .ok_or_else(|| ApiError::bad_request("continue key is not valid: malformed continue token"))?,
+        ),
         None => None,
     };
     let mut items = vec![];
@@ -412,12 +394,8 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
                 if items.len() == l {
                     next = items.last().map(|o: &Value| {
                         encode_continue(
-                            o.pointer("/metadata/namespace")
-                                .and_then(Value::as_str)
-                                .unwrap_or(""),
-                            o.pointer("/metadata/name")
-                                .and_then(Value::as_str)
-                                .unwrap_or(""),
+                            o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(""),
+                            o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or(""),
                         )
                     });
                     break;
@@ -461,20 +439,14 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
 
 fn encode_continue(ns: &str, name: &str) -> String {
     use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(json!({"ns": ns, "name": name}).to_string())
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"ns": ns, "name": name}).to_string())
 }
 
 fn decode_continue(c: &str) -> Option<(String, String)> {
     use base64::Engine as _;
-    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()?;
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
     let v: Value = serde_json::from_slice(&b).ok()?;
-    Some((
-        v.get("ns")?.as_str()?.to_string(),
-        v.get("name")?.as_str()?.to_string(),
-    ))
+    Some((v.get("ns")?.as_str()?.to_string(), v.get("name")?.as_str()?.to_string()))
 }
 
 fn get(app: &App, t: &Target, req: &Req) -> Out {
@@ -515,8 +487,7 @@ fn parse_body(req: &Req) -> ApiResult<Value> {
     }
     let y: serde_yaml::Value = serde_yaml::from_slice(&req.body)
         .map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))?;
-    serde_json::to_value(y)
-        .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))
+    serde_json::to_value(y).map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))
 }
 
 fn field_manager(req: &Req, default_from_ua: bool) -> String {
@@ -615,10 +586,7 @@ fn admit(t: &Target, obj: &mut Value, old: Option<&Value>, req: &Req) -> ApiResu
     if !unknown.is_empty() {
         match req.q("fieldValidation").unwrap_or("Warn") {
             "Strict" => {
-                let list: Vec<String> = unknown
-                    .iter()
-                    .map(|u| format!("unknown field {u:?}"))
-                    .collect();
+                let list: Vec<String> = unknown.iter().map(|u| format!("unknown field {u:?}")).collect();
                 return Err(ApiError::bad_request(format!(
                     "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
                     t.rt.kind,
@@ -634,22 +602,13 @@ fn admit(t: &Target, obj: &mut Value, old: Option<&Value>, req: &Req) -> ApiResu
     if !causes.is_empty() {
         return Err(ApiError::invalid(t.g(), &t.rt.kind, &name, causes));
     }
-    Ok(unknown
-        .iter()
-        .map(|u| format!("unknown field {u:?}"))
-        .collect())
+    Ok(unknown.iter().map(|u| format!("unknown field {u:?}")).collect())
 }
 
 fn validate_crd(obj: &Value) -> Vec<Cause> {
     let mut c = vec![];
-    let group = obj
-        .pointer("/spec/group")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let plural = obj
-        .pointer("/spec/names/plural")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let group = obj.pointer("/spec/group").and_then(Value::as_str).unwrap_or("");
+    let plural = obj.pointer("/spec/names/plural").and_then(Value::as_str).unwrap_or("");
     if group.is_empty() {
         c.push(Cause::required("spec.group", ""));
     }
@@ -664,10 +623,7 @@ fn validate_crd(obj: &Value) -> Vec<Cause> {
     {
         c.push(Cause::required("spec.names.kind", ""));
     }
-    let name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
     if !group.is_empty() && !plural.is_empty() && name != format!("{plural}.{group}") {
         c.push(Cause::invalid(
             "metadata.name",
@@ -732,9 +688,7 @@ const NAME_CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 fn create(app: &App, t: &Target, req: &Req) -> Out {
     let body = parse_body(req)?;
     if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "the body of the request must be a JSON object",
-        ));
+        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
     }
     check_kind(t, &body)?;
     let body = to_storage(t, body);
@@ -765,7 +719,9 @@ fn create_locked(
         if t.rt.namespaced {
             if let Some(bns) = md.get("namespace").and_then(Value::as_str) {
                 if !bns.is_empty() && bns != ns {
-                    return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
                 }
             }
             md["namespace"] = json!(ns);
@@ -789,10 +745,7 @@ fn create_locked(
                 t.g(),
                 &t.rt.kind,
                 "",
-                vec![Cause::required(
-                    "metadata.name",
-                    "name or generateName is required",
-                )],
+                vec![Cause::required("metadata.name", "name or generateName is required")],
             ));
         }
         loop {
@@ -814,9 +767,7 @@ fn create_locked(
                     t.g(),
                     t.p(),
                     &name,
-                    &format!(
-                    "unable to create new content in namespace {ns} because it is being terminated"
-                ),
+                    &format!("unable to create new content in namespace {ns} because it is being terminated"),
                 ))
             }
             _ => {}
@@ -856,11 +807,7 @@ fn create_locked(
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
         }
         ("", "secrets") => {
-            if obj
-                .get("type")
-                .and_then(Value::as_str)
-                .is_none_or(str::is_empty)
-            {
+            if obj.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
                 obj["type"] = json!("Opaque");
             }
             encode_string_data(&mut obj);
@@ -881,8 +828,7 @@ fn create_locked(
                 subresource: "",
                 time: &ts,
             };
-            obj = patch::server_side_apply(&obj, &applied, &w, force, &scope, &list_resolver(t))
-                .unwrap_or(obj);
+            obj = patch::server_side_apply(&obj, &applied, &w, force, &scope, &list_resolver(t)).unwrap_or(obj);
         }
         None => {
             let av = t.api_version();
@@ -918,14 +864,8 @@ fn encode_string_data(obj: &mut Value) {
                 .map(|o| o.entry("data").or_insert_with(|| json!({})));
             if let Some(Value::Object(d)) = data {
                 for (k, v) in m {
-                    let s = v
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string());
-                    d.insert(
-                        k.clone(),
-                        json!(base64::engine::general_purpose::STANDARD.encode(s)),
-                    );
+                    let s = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                    d.insert(k.clone(), json!(base64::engine::general_purpose::STANDARD.encode(s)));
                 }
             }
         }
@@ -938,9 +878,7 @@ fn register_crd(st: &mut Store, crd: &Value, warnings: &mut Vec<String>) {
         if st.types.get(&key).is_some_and(|t| t.builtin) {
             warnings.push(format!(
                 "{} conflicts with a built-in resource; not served",
-                crd.pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
+                crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
             ));
             return;
         }
@@ -974,9 +912,7 @@ fn scope_fn(t: &Target) -> impl Fn(&patch::FieldPath) -> bool + '_ {
 fn update(app: &App, t: &Target, req: &Req) -> Out {
     let body = parse_body(req)?;
     if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "the body of the request must be a JSON object",
-        ));
+        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
     }
     check_kind(t, &body)?;
     let body = to_storage(t, body);
@@ -1010,16 +946,8 @@ fn write_update(
 ) -> Out {
     let name = t.name.clone().unwrap_or_default();
     let ns = t.nsk();
-    if let Some(rv) = incoming
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-    {
-        if !rv.is_empty()
-            && Some(rv)
-                != old
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-        {
+    if let Some(rv) = incoming.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+        if !rv.is_empty() && Some(rv) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
             return Err(ApiError::stale(t.g(), t.p(), &name));
         }
     }
@@ -1114,14 +1042,10 @@ fn write_update(
     }
     let ts = now();
     if ssa.is_none() {
-        let client_set_managed = new.pointer("/metadata/managedFields")
-            != old.pointer("/metadata/managedFields")
+        let client_set_managed = new.pointer("/metadata/managedFields") != old.pointer("/metadata/managedFields")
             && new.pointer("/metadata/managedFields").is_some();
         if !client_set_managed {
-            new["metadata"]["managedFields"] = old
-                .pointer("/metadata/managedFields")
-                .cloned()
-                .unwrap_or(json!([]));
+            new["metadata"]["managedFields"] = old.pointer("/metadata/managedFields").cloned().unwrap_or(json!([]));
             let sub = if is_status { "status" } else { "" };
             let av = t.api_version();
             let w = patch::Writer {
@@ -1144,10 +1068,7 @@ fn write_update(
         v
     };
     if t.rt.tracks_generation && strip(&old) != strip(&new) {
-        let g = old
-            .pointer("/metadata/generation")
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
+        let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
         new["metadata"]["generation"] = json!(g + 1);
     }
     let without_mf = |v: &Value| {
@@ -1342,10 +1263,7 @@ fn last_applied_covers(obj: &Value, conflicts: &[patch::Conflict], lists: patch:
     let Ok(last) = serde_json::from_str::<Value>(text) else {
         return false;
     };
-    let allowed: Vec<String> = patch::leaves(&last, lists)
-        .iter()
-        .map(patch::dotted)
-        .collect();
+    let allowed: Vec<String> = patch::leaves(&last, lists).iter().map(patch::dotted).collect();
     conflicts.iter().all(|c| allowed.contains(&c.path))
 }
 
@@ -1382,12 +1300,14 @@ fn delete(app: &App, t: &Target, req: &Req) -> Out {
         .ok_or_else(|| ApiError::not_found(t.g(), t.p(), &name))?;
     if let Some(pre) = opts.get("preconditions") {
         if let Some(uid) = pre.get("uid").and_then(Value::as_str) {
-            let have = old
-                .pointer("/metadata/uid")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let have = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
             if uid != have {
-                return Err(ApiError::conflict(t.g(), t.p(), &name, &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {have}")));
+                return Err(ApiError::conflict(
+                    t.g(),
+                    t.p(),
+                    &name,
+                    &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {have}"),
+                ));
             }
         }
         if let Some(rv) = pre.get("resourceVersion").and_then(Value::as_str) {
@@ -1413,10 +1333,7 @@ fn delete(app: &App, t: &Target, req: &Req) -> Out {
         Some(still) => Ok((200, present(t, still), vec![])),
         None => {
             if t.rt.builtin {
-                let uid = old
-                    .pointer("/metadata/uid")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
+                let uid = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
                 Ok((200, success_status(t.g(), t.p(), &name, uid), vec![]))
             } else {
                 Ok((200, present(t, old), vec![]))
@@ -1433,9 +1350,7 @@ fn delete_collection(app: &App, t: &Target, req: &Req) -> Out {
         .get(&(t.sg().to_string(), t.p().to_string()))
         .map(|m| {
             m.iter()
-                .filter(|((ns, _), o)| {
-                    t.ns.as_ref().is_none_or(|w| w == ns) && ls.matches(o) && fs.matches(o)
-                })
+                .filter(|((ns, _), o)| t.ns.as_ref().is_none_or(|w| w == ns) && ls.matches(o) && fs.matches(o))
                 .map(|(k, _)| k.clone())
                 .collect()
         })
@@ -1456,14 +1371,7 @@ fn delete_collection(app: &App, t: &Target, req: &Req) -> Out {
 
 /// Deletes one object: with finalizers it is marked (deletionTimestamp) and kept; otherwise it
 /// is removed, then dependents are garbage-collected. Returns the object if it remains.
-pub fn delete_locked(
-    st: &mut Store,
-    g: &str,
-    p: &str,
-    ns: &str,
-    name: &str,
-    policy: &str,
-) -> Option<Value> {
+pub fn delete_locked(st: &mut Store, g: &str, p: &str, ns: &str, name: &str, policy: &str) -> Option<Value> {
     let old = st.get(g, p, ns, name)?.clone();
     let is_ns = g.is_empty() && p == "namespaces";
     let is_crd = g == "apiextensions.k8s.io" && p == "customresourcedefinitions";
@@ -1542,9 +1450,7 @@ fn finish_container(st: &mut Store, g: &str, p: &str, name: &str) -> Option<Valu
     let obj = st.get(g, p, "", name)?.clone();
     obj.pointer("/metadata/deletionTimestamp")?;
     let empty = if p == "namespaces" {
-        !st.objects
-            .values()
-            .any(|m| m.keys().any(|(ns, _)| ns == name))
+        !st.objects.values().any(|m| m.keys().any(|(ns, _)| ns == name))
     } else {
         crd_type_key(&obj).is_none_or(|k| st.objects.get(&k).is_none_or(|m| m.is_empty()))
     };
@@ -1578,9 +1484,7 @@ fn after_removal(st: &mut Store, g: &str, p: &str, ns: &str, gone: &Value, polic
         let mut deps = vec![];
         for ((tg, tp), m) in st.objects.iter() {
             for ((ons, n), o) in m.iter() {
-                let owners = o
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array);
+                let owners = o.pointer("/metadata/ownerReferences").and_then(Value::as_array);
                 if owners.is_some_and(|a| {
                     a.iter()
                         .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()))
@@ -1640,11 +1544,7 @@ fn after_removal(st: &mut Store, g: &str, p: &str, ns: &str, gone: &Value, polic
                     c.pointer("/metadata/deletionTimestamp").is_some()
                         && crd_type_key(c).is_some_and(|(cg, cp)| cg == g && cp == p)
                 })
-                .filter_map(|c| {
-                    c.pointer("/metadata/name")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
+                .filter_map(|c| c.pointer("/metadata/name").and_then(Value::as_str).map(str::to_string))
                 .collect()
         })
         .unwrap_or_default();
@@ -1692,7 +1592,8 @@ impl WatchFilter {
     fn render(&self, obj: Value) -> Value {
         match &self.table {
             Some(include) => {
-                let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
+                let meta =
+                    json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
                 table::table(&self.t.rt, &self.t.version, &[obj], meta, include)
             }
             None if self.partial => partial(&obj),
@@ -1818,9 +1719,7 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
                 }
                 Err(_) => {
                     drop(st);
-                    return err_resp(&ApiError::bad_request(format!(
-                        "invalid resource version: {rv_param}"
-                    )));
+                    return err_resp(&ApiError::bad_request(format!("invalid resource version: {rv_param}")));
                 }
             }
         }
@@ -1866,9 +1765,6 @@ async fn watch(app: Arc<App>, mut t: Target, req: &Req) -> Response<Body> {
         }
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let body = Body::from_stream(futures::StreamExt::map(
-        stream,
-        Ok::<Bytes, std::convert::Infallible>,
-    ));
+    let body = Body::from_stream(futures::StreamExt::map(stream, Ok::<Bytes, std::convert::Infallible>));
     json_body(body)
 }

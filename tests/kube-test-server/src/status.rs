@@ -73,11 +73,7 @@ impl Cause {
     }
     /// `field: message` as in the real server's aggregated message; a root field prints as `<nil>`.
     pub fn full(&self) -> String {
-        let f = if self.field.is_empty() {
-            "<nil>"
-        } else {
-            &self.field
-        };
+        let f = if self.field.is_empty() { "<nil>" } else { &self.field };
         format!("{f}: {}", self.message)
     }
 }
@@ -186,9 +182,7 @@ impl ApiError {
             code: 422,
             reason: "Invalid",
             message: msg,
-            details: Some(
-                json!({"name": name, "group": group, "kind": kind, "causes": causes_json}),
-            ),
+            details: Some(json!({"name": name, "group": group, "kind": kind, "causes": causes_json})),
         }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -211,12 +205,7 @@ impl ApiError {
         ApiError {
             code: 403,
             reason: "Forbidden",
-            message: format!(
-                "{} {:?} is forbidden: {}",
-                qualified(resource, group),
-                name,
-                why
-            ),
+            message: format!("{} {:?} is forbidden: {}", qualified(resource, group), name, why),
             details: Some(json!({"name": name, "group": group, "kind": resource})),
         }
     }

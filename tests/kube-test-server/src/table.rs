@@ -6,10 +6,7 @@ use serde_json::{json, Value};
 /// Evaluates the simple JSONPath subset used by printer columns.
 pub fn jsonpath(obj: &Value, path: &str) -> Vec<Value> {
     let p = path.trim();
-    let p = p
-        .strip_prefix('{')
-        .and_then(|x| x.strip_suffix('}'))
-        .unwrap_or(p);
+    let p = p.strip_prefix('{').and_then(|x| x.strip_suffix('}')).unwrap_or(p);
     let p = p.strip_prefix('$').unwrap_or(p);
     let mut cur = vec![obj.clone()];
     let chars: Vec<char> = p.chars().collect();
@@ -215,7 +212,8 @@ fn columns(rt: &ResourceType, version: &str) -> (Vec<Value>, Vec<PrinterColumn>)
         name: "Age".into(),
         type_: "date".into(),
         format: String::new(),
-        description: "CreationTimestamp is a timestamp representing the server time when this object was created.".into(),
+        description: "CreationTimestamp is a timestamp representing the server time when this object was created."
+            .into(),
         priority: 0,
         json_path: ".metadata.creationTimestamp".into(),
     };
@@ -257,32 +255,19 @@ fn columns(rt: &ResourceType, version: &str) -> (Vec<Value>, Vec<PrinterColumn>)
     };
     let mut defs = vec![name_col];
     for c in &pcs {
-        defs.push(column_def(
-            &c.name,
-            &c.type_,
-            &c.format,
-            &c.description,
-            c.priority,
-        ));
+        defs.push(column_def(&c.name, &c.type_, &c.format, &c.description, c.priority));
     }
     (defs, pcs)
 }
 
 fn row(obj: &Value, pcs: &[PrinterColumn], include: &str, secrets_data: bool) -> Value {
-    let mut cells = vec![obj
-        .pointer("/metadata/name")
-        .cloned()
-        .unwrap_or(Value::Null)];
+    let mut cells = vec![obj.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
     for c in pcs {
         cells.push(cell(c, obj));
     }
     if secrets_data {
         // Secrets' DATA column (count of keys), inserted before Age.
-        let n = obj
-            .get("data")
-            .and_then(Value::as_object)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let n = obj.get("data").and_then(Value::as_object).map(|m| m.len()).unwrap_or(0);
         let at = cells.len() - 1;
         cells.insert(at, json!(n));
     }
@@ -303,23 +288,14 @@ fn row(obj: &Value, pcs: &[PrinterColumn], include: &str, secrets_data: bool) ->
 }
 
 /// Builds a `meta.k8s.io/v1` Table from objects.
-pub fn table(
-    rt: &ResourceType,
-    version: &str,
-    objs: &[Value],
-    list_meta: Value,
-    include: &str,
-) -> Value {
+pub fn table(rt: &ResourceType, version: &str, objs: &[Value], list_meta: Value, include: &str) -> Value {
     let (mut defs, pcs) = columns(rt, version);
     let secrets = rt.builtin && rt.group.is_empty() && rt.plural == "secrets";
     if secrets {
         let at = defs.len() - 1;
         defs.insert(at, column_def("Data", "string", "", "", 0));
     }
-    let rows: Vec<Value> = objs
-        .iter()
-        .map(|o| row(o, &pcs, include, secrets))
-        .collect();
+    let rows: Vec<Value> = objs.iter().map(|o| row(o, &pcs, include, secrets)).collect();
     json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",

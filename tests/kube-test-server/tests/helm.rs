@@ -17,7 +17,9 @@ fn helm() -> Option<PathBuf> {
         if std::env::var_os("CI").is_some() {
             panic!("helm not found (set HELM or install it with tests/kube-test-server/scripts/install-helm.sh)");
         }
-        eprintln!("SKIPPED: helm not found; install it with tests/kube-test-server/scripts/install-helm.sh or set HELM");
+        eprintln!(
+            "SKIPPED: helm not found; install it with tests/kube-test-server/scripts/install-helm.sh or set HELM"
+        );
     }
     found
 }
@@ -47,32 +49,14 @@ fn helm_install_list_upgrade_uninstall() {
         "{}",
         stdout(&o)
     );
-    let out = s.kubectl_ok(&[
-        "get",
-        "configmap",
-        "demo-config",
-        "-o",
-        "jsonpath={.data.greeting}",
-    ]);
+    let out = s.kubectl_ok(&["get", "configmap", "demo-config", "-o", "jsonpath={.data.greeting}"]);
     assert_eq!(out, "hello");
-    let out = s.kubectl_ok(&[
-        "get",
-        "secret",
-        "demo-secret",
-        "-o",
-        "jsonpath={.data.password}",
-    ]);
+    let out = s.kubectl_ok(&["get", "secret", "demo-secret", "-o", "jsonpath={.data.password}"]);
     assert_eq!(out, "czNjcmV0");
     s.kubectl_ok(&["get", "serviceaccount", "demo-sa"]);
     let o = s.helm(&helm, &["upgrade", "demo", &chart, "--set", "greeting=hi"]);
     assert!(o.status.success(), "helm upgrade: {}", stderr(&o));
-    let out = s.kubectl_ok(&[
-        "get",
-        "configmap",
-        "demo-config",
-        "-o",
-        "jsonpath={.data.greeting}",
-    ]);
+    let out = s.kubectl_ok(&["get", "configmap", "demo-config", "-o", "jsonpath={.data.greeting}"]);
     assert_eq!(out, "hi");
     let o = s.helm(&helm, &["history", "demo"]);
     assert!(stdout(&o).contains("superseded"), "{}", stdout(&o));

@@ -5,8 +5,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Action;
@@ -30,24 +29,17 @@ async fn server() -> (kube_test_server::ServerHandle, Client) {
 }
 
 fn cm(name: &str, v: &str) -> ConfigMap {
-    serde_json::from_value(
-        json!({"metadata": {"name": name, "labels": {"app": "t"}}, "data": {"k": v}}),
-    )
-    .unwrap()
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": "t"}}, "data": {"k": v}})).unwrap()
 }
 
 async fn tenants(client: &Client) -> Api<DynamicObject> {
     let crd: CustomResourceDefinition =
-        serde_yaml::from_str(&std::fs::read_to_string(common::fixture("tenant-crd.yaml")).unwrap())
-            .unwrap();
+        serde_yaml::from_str(&std::fs::read_to_string(common::fixture("tenant-crd.yaml")).unwrap()).unwrap();
     Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &crd)
         .await
         .unwrap();
-    let ar = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"),
-        "tenants",
-    );
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"), "tenants");
     Api::all_with(client.clone(), &ar)
 }
 
@@ -74,9 +66,7 @@ impl std::error::Error for Never {}
 async fn watcher_relists_after_410_expired() {
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    api.create(&PostParams::default(), &cm("a", "1"))
-        .await
-        .unwrap();
+    api.create(&PostParams::default(), &cm("a", "1")).await.unwrap();
     let mut stream = watcher(api.clone(), watcher::Config::default().labels("app=t")).boxed();
     let mut inits = 0;
     let mut seen_b = false;
@@ -96,13 +86,9 @@ async fn watcher_relists_after_410_expired() {
                 watcher::Event::InitDone if inits == 1 => {
                     // force the next watch to start from a compacted resourceVersion
                     h.expire_watch_history();
-                    api.create(&PostParams::default(), &cm("b", "2"))
-                        .await
-                        .unwrap();
+                    api.create(&PostParams::default(), &cm("b", "2")).await.unwrap();
                 }
-                watcher::Event::InitApply(o) | watcher::Event::Apply(o)
-                    if o.metadata.name.as_deref() == Some("b") =>
-                {
+                watcher::Event::InitApply(o) | watcher::Event::Apply(o) if o.metadata.name.as_deref() == Some("b") => {
                     seen_b = true
                 }
                 watcher::Event::InitDone if inits >= 2 && seen_b => break,
@@ -114,10 +100,7 @@ async fn watcher_relists_after_410_expired() {
         .await
         .expect("watcher did not relist");
     assert!(saw_410, "the resumed watch did not report 410 Expired");
-    assert!(
-        inits >= 2,
-        "expected a relist after 410, saw {inits} init(s)"
-    );
+    assert!(inits >= 2, "expected a relist after 410, saw {inits} init(s)");
     h.shutdown().await;
 }
 
@@ -125,9 +108,7 @@ async fn watcher_relists_after_410_expired() {
 async fn watcher_with_streaming_lists() {
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    api.create(&PostParams::default(), &cm("a", "1"))
-        .await
-        .unwrap();
+    api.create(&PostParams::default(), &cm("a", "1")).await.unwrap();
     let mut stream = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
     let run = async {
         let mut initial = vec![];
@@ -136,9 +117,7 @@ async fn watcher_with_streaming_lists() {
                 watcher::Event::InitApply(o) => initial.push(o.metadata.name.unwrap()),
                 watcher::Event::InitDone => {
                     assert_eq!(initial, vec!["a".to_string()]);
-                    api.create(&PostParams::default(), &cm("c", "3"))
-                        .await
-                        .unwrap();
+                    api.create(&PostParams::default(), &cm("c", "3")).await.unwrap();
                 }
                 watcher::Event::Apply(o) if o.metadata.name.as_deref() == Some("c") => break,
                 _ => {}
@@ -155,18 +134,14 @@ async fn watcher_with_streaming_lists() {
 async fn finalizer_helper_adds_and_removes_its_finalizer() {
     let (h, client) = server().await;
     let api = tenants(&client).await;
-    api.create(&PostParams::default(), &tenant("acme"))
-        .await
-        .unwrap();
+    api.create(&PostParams::default(), &tenant("acme")).await.unwrap();
     let name = "tenancy.dev/cleanup";
     let reconcile = |obj: Arc<DynamicObject>| {
         let api = api.clone();
         async move {
             finalizer(&api, name, obj, |ev| async move {
                 match ev {
-                    FinalizerEvent::Apply(_) | FinalizerEvent::Cleanup(_) => {
-                        Ok::<_, Never>(Action::await_change())
-                    }
+                    FinalizerEvent::Apply(_) | FinalizerEvent::Cleanup(_) => Ok::<_, Never>(Action::await_change()),
                 }
             })
             .await
@@ -175,17 +150,11 @@ async fn finalizer_helper_adds_and_removes_its_finalizer() {
     };
     reconcile(Arc::new(api.get("acme").await.unwrap())).await;
     let obj = api.get("acme").await.unwrap();
-    assert_eq!(
-        obj.metadata.finalizers.as_deref(),
-        Some(&[name.to_string()][..])
-    );
+    assert_eq!(obj.metadata.finalizers.as_deref(), Some(&[name.to_string()][..]));
     // the Apply branch now runs without patching
     reconcile(Arc::new(obj.clone())).await;
     let del = api.delete("acme", &DeleteParams::default()).await.unwrap();
-    assert!(
-        del.is_left(),
-        "an object with a finalizer stays after delete"
-    );
+    assert!(del.is_left(), "an object with a finalizer stays after delete");
     let obj = api.get("acme").await.unwrap();
     assert!(obj.metadata.deletion_timestamp.is_some());
     reconcile(Arc::new(obj)).await;
@@ -204,50 +173,27 @@ async fn finalizer_helper_adds_and_removes_its_finalizer() {
 async fn stale_replace_is_a_conflict() {
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    let created = api
-        .create(&PostParams::default(), &cm("x", "1"))
-        .await
-        .unwrap();
+    let created = api.create(&PostParams::default(), &cm("x", "1")).await.unwrap();
     let mut first = created.clone();
     first.data = Some([("k".to_string(), "2".to_string())].into());
-    let replaced = api
-        .replace("x", &PostParams::default(), &first)
-        .await
-        .unwrap();
-    assert_ne!(
-        replaced.metadata.resource_version,
-        created.metadata.resource_version
-    );
+    let replaced = api.replace("x", &PostParams::default(), &first).await.unwrap();
+    assert_ne!(replaced.metadata.resource_version, created.metadata.resource_version);
     let mut stale = created.clone();
     stale.data = Some([("k".to_string(), "3".to_string())].into());
-    match api
-        .replace("x", &PostParams::default(), &stale)
-        .await
-        .unwrap_err()
-    {
+    match api.replace("x", &PostParams::default(), &stale).await.unwrap_err() {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 409);
             assert_eq!(s.reason, "Conflict");
-            assert!(
-                s.message.contains("the object has been modified"),
-                "{}",
-                s.message
-            );
+            assert!(s.message.contains("the object has been modified"), "{}", s.message);
         }
         other => panic!("unexpected {other:?}"),
     }
     // replace without a resourceVersion is unconditional
     let mut unconditional = stale;
     unconditional.metadata.resource_version = None;
-    api.replace("x", &PostParams::default(), &unconditional)
-        .await
-        .unwrap();
+    api.replace("x", &PostParams::default(), &unconditional).await.unwrap();
     // creating it again: AlreadyExists
-    match api
-        .create(&PostParams::default(), &cm("x", "1"))
-        .await
-        .unwrap_err()
-    {
+    match api.create(&PostParams::default(), &cm("x", "1")).await.unwrap_err() {
         kube::Error::Api(s) => assert_eq!((s.code, s.reason.as_str()), (409, "AlreadyExists")),
         other => panic!("unexpected {other:?}"),
     }
@@ -259,10 +205,7 @@ async fn server_side_apply_with_patch_apply() {
     let (h, client) = server().await;
     let api = tenants(&client).await;
     let pp = PatchParams::apply("tenant-operator");
-    let applied = api
-        .patch("acme", &pp, &Patch::Apply(tenant("acme")))
-        .await
-        .unwrap();
+    let applied = api.patch("acme", &pp, &Patch::Apply(tenant("acme"))).await.unwrap();
     assert_eq!(
         applied.data["spec"]["database"]["connectionLimit"],
         json!(20),
@@ -271,10 +214,7 @@ async fn server_side_apply_with_patch_apply() {
     assert_eq!(applied.metadata.generation, Some(1));
     // status through the status subresource with apply
     let status = json!({"apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant", "status": {"phase": "Active", "observedGeneration": 1}});
-    let s = api
-        .patch_status("acme", &pp, &Patch::Apply(status))
-        .await
-        .unwrap();
+    let s = api.patch_status("acme", &pp, &Patch::Apply(status)).await.unwrap();
     assert_eq!(s.data["status"]["phase"], json!("Active"));
     assert_eq!(s.metadata.generation, Some(1));
     // another manager with a different value conflicts; force takes over
@@ -354,17 +294,11 @@ async fn list_paginates_with_limit_and_continue() {
         .await
         .unwrap();
     assert_eq!(one.items.len(), 1);
-    let none = api
-        .list(&ListParams::default().labels("app!=t"))
-        .await
-        .unwrap();
+    let none = api.list(&ListParams::default().labels("app!=t")).await.unwrap();
     assert!(none.items.is_empty());
     // across namespaces
     let all: Api<ConfigMap> = Api::all(client.clone());
-    assert_eq!(
-        all.list(&ListParams::default()).await.unwrap().items.len(),
-        7
-    );
+    assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 7);
     h.shutdown().await;
 }
 
@@ -398,10 +332,7 @@ async fn events_recorder_events_show_as_core_events() {
     use kube::Resource;
     let (h, client) = server().await;
     let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    let c = api
-        .create(&PostParams::default(), &cm("evt", "1"))
-        .await
-        .unwrap();
+    let c = api.create(&PostParams::default(), &cm("evt", "1")).await.unwrap();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -439,17 +370,10 @@ async fn metadata_watcher_and_status_subresource() {
     use kube::runtime::WatchStreamExt;
     let (h, client) = server().await;
     let api = tenants(&client).await;
-    api.create(&PostParams::default(), &tenant("acme"))
-        .await
-        .unwrap();
-    let ar = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"),
-        "tenants",
-    );
+    api.create(&PostParams::default(), &tenant("acme")).await.unwrap();
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("tenancy.dev", "v1alpha1", "Tenant"), "tenants");
     let meta_api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client.clone(), &ar);
-    let mut stream = watcher(meta_api, watcher::Config::default())
-        .applied_objects()
-        .boxed();
+    let mut stream = watcher(meta_api, watcher::Config::default()).applied_objects().boxed();
     let first = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
         .await
         .unwrap()
@@ -461,9 +385,7 @@ async fn metadata_watcher_and_status_subresource() {
         .patch_status(
             "acme",
             &PatchParams::default(),
-            &Patch::Merge(
-                json!({"status": {"phase": "Provisioning"}, "spec": {"displayName": "nope"}}),
-            ),
+            &Patch::Merge(json!({"status": {"phase": "Provisioning"}, "spec": {"displayName": "nope"}})),
         )
         .await
         .unwrap();
@@ -475,9 +397,6 @@ async fn metadata_watcher_and_status_subresource() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(
-        next.metadata.resource_version,
-        patched.metadata.resource_version
-    );
+    assert_eq!(next.metadata.resource_version, patched.metadata.resource_version);
     h.shutdown().await;
 }

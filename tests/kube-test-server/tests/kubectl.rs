@@ -53,24 +53,10 @@ fn server_side_apply_and_conflicts() {
     assert!(out.contains("serverside-applied"), "{out}");
     // another manager changes a field the kubectl manager owns: conflict, then force
     let other = s.write("other.yaml", "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec: {displayName: Acme Corp, database: {connectionLimit: 70}}\n");
-    let o = s.kubectl(&[
-        "apply",
-        "--server-side",
-        "--field-manager=other",
-        "-f",
-        &other,
-    ]);
+    let o = s.kubectl(&["apply", "--server-side", "--field-manager=other", "-f", &other]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("conflict with \"kubectl\""),
-        "{}",
-        stderr(&o)
-    );
-    assert!(
-        stderr(&o).contains(".spec.database.connectionLimit"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("conflict with \"kubectl\""), "{}", stderr(&o));
+    assert!(stderr(&o).contains(".spec.database.connectionLimit"), "{}", stderr(&o));
     s.kubectl_ok(&[
         "apply",
         "--server-side",
@@ -97,14 +83,11 @@ fn server_side_apply_and_conflicts() {
     ]);
     assert!(mf.contains("kubectl") && mf.contains("other"), "{mf}");
     // server-side dry run does not write
-    let rv1 = s.kubectl_ok(&[
-        "get",
-        "tenant",
-        "acme",
-        "-o",
-        "jsonpath={.metadata.resourceVersion}",
-    ]);
-    let changed = s.write("c.yaml", "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec: {displayName: Changed}\n");
+    let rv1 = s.kubectl_ok(&["get", "tenant", "acme", "-o", "jsonpath={.metadata.resourceVersion}"]);
+    let changed = s.write(
+        "c.yaml",
+        "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec: {displayName: Changed}\n",
+    );
     s.kubectl_ok(&[
         "apply",
         "--server-side",
@@ -145,18 +128,8 @@ fn server_side_apply_after_client_side_apply_takes_over_without_conflict() {
         "o.yaml",
         "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec: {displayName: Acme Corp, database: {connectionLimit: 61}}\n",
     );
-    let o = s.kubectl(&[
-        "apply",
-        "--server-side",
-        "--field-manager=someone",
-        "-f",
-        &other,
-    ]);
-    assert!(
-        stderr(&o).contains("conflict with \"kubectl\""),
-        "{}",
-        stderr(&o)
-    );
+    let o = s.kubectl(&["apply", "--server-side", "--field-manager=someone", "-f", &other]);
+    assert!(stderr(&o).contains("conflict with \"kubectl\""), "{}", stderr(&o));
 }
 
 #[test]
@@ -164,12 +137,7 @@ fn status_subresource_and_wait_for_condition() {
     let s = with_crd();
     s.kubectl_ok(&["apply", "-f", &fixture("tenant-acme.yaml")]);
     let mut waiter = s
-        .kubectl_cmd(&[
-            "wait",
-            "--for=condition=Ready",
-            "tenant/acme",
-            "--timeout=20s",
-        ])
+        .kubectl_cmd(&["wait", "--for=condition=Ready", "tenant/acme", "--timeout=20s"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -192,11 +160,7 @@ fn status_subresource_and_wait_for_condition() {
     assert!(st.success());
     let out = s.kubectl_ok(&["get", "tenants", "--no-headers"]);
     let cols: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(
-        &cols[..4],
-        &["acme", "Active", "tenant_acme", "True"],
-        "{out}"
-    );
+    assert_eq!(&cols[..4], &["acme", "Active", "tenant_acme", "True"], "{out}");
     let out = s.kubectl_ok(&[
         "get",
         "tenant",
@@ -204,10 +168,7 @@ fn status_subresource_and_wait_for_condition() {
         "-o",
         "jsonpath={.spec.displayName} {.metadata.generation}",
     ]);
-    assert_eq!(
-        out, "Acme Corp 1",
-        "status writes ignore spec and keep generation"
-    );
+    assert_eq!(out, "Acme Corp 1", "status writes ignore spec and keep generation");
     // main-resource writes ignore status; spec changes bump generation
     s.kubectl_ok(&[
         "patch",
@@ -227,13 +188,7 @@ fn status_subresource_and_wait_for_condition() {
     assert_eq!(out, "New Active 2");
     // metadata-only change: no generation bump
     s.kubectl_ok(&["label", "tenant", "acme", "team=a"]);
-    let out = s.kubectl_ok(&[
-        "get",
-        "tenant",
-        "acme",
-        "-o",
-        "jsonpath={.metadata.generation}",
-    ]);
+    let out = s.kubectl_ok(&["get", "tenant", "acme", "-o", "jsonpath={.metadata.generation}"]);
     assert_eq!(out, "2");
 }
 
@@ -250,13 +205,7 @@ fn delete_blocks_until_finalizer_removed() {
         .spawn()
         .unwrap();
     assert!(eventually(10, || !s
-        .kubectl_ok(&[
-            "get",
-            "tenant",
-            "acme",
-            "-o",
-            "jsonpath={.metadata.deletionTimestamp}"
-        ])
+        .kubectl_ok(&["get", "tenant", "acme", "-o", "jsonpath={.metadata.deletionTimestamp}"])
         .is_empty()));
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -306,32 +255,40 @@ fn invalid_objects_are_refused_with_field_paths() {
     let e = stderr(&o);
     assert!(e.contains("spec.database.connectionLimit: Invalid value: 5000: spec.database.connectionLimit in body should be less than or equal to 1000"), "{e}");
     assert!(
-        e.contains(
-            r#"spec.state: Unsupported value: "Sleeping": supported values: "Active", "Suspended""#
-        ),
+        e.contains(r#"spec.state: Unsupported value: "Sleeping": supported values: "Active", "Suspended""#),
         "{e}"
     );
     // CEL rule on the name (valid subdomain, but not a DNS label of <= 40 chars)
     let long = "a".repeat(41);
-    let f = s.write("long.yaml", &format!("apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {long}}}\nspec: {{displayName: x}}\n"));
+    let f = s.write(
+        "long.yaml",
+        &format!(
+            "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {long}}}\nspec: {{displayName: x}}\n"
+        ),
+    );
     let o = s.kubectl(&["apply", "-f", &f]);
     assert!(stderr(&o).contains("metadata.name: Invalid value: \"object\": the tenant name must be a DNS-1123 label of at most 40 characters"), "{}", stderr(&o));
-    let f = s.write("dot.yaml", "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a.b}\nspec: {displayName: x}\n");
+    let f = s.write(
+        "dot.yaml",
+        "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: a.b}\nspec: {displayName: x}\n",
+    );
     let o = s.kubectl(&["apply", "-f", &f]);
     assert!(
         stderr(&o).contains("the tenant name must be a DNS-1123 label"),
         "{}",
         stderr(&o)
     );
-    let f = s.write("upper.yaml", "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: Bad_Name}\nspec: {displayName: x}\n");
-    let o = s.kubectl(&["apply", "-f", &f]);
-    assert!(
-        stderr(&o).contains("a lowercase RFC 1123 subdomain"),
-        "{}",
-        stderr(&o)
+    let f = s.write(
+        "upper.yaml",
+        "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: Bad_Name}\nspec: {displayName: x}\n",
     );
+    let o = s.kubectl(&["apply", "-f", &f]);
+    assert!(stderr(&o).contains("a lowercase RFC 1123 subdomain"), "{}", stderr(&o));
     // required field
-    let f = s.write("req.yaml", "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: req}\nspec: {state: Active}\n");
+    let f = s.write(
+        "req.yaml",
+        "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: req}\nspec: {state: Active}\n",
+    );
     let o = s.kubectl(&["apply", "-f", &f]);
     assert!(
         stderr(&o).contains("spec.displayName: Required value"),
@@ -339,7 +296,10 @@ fn invalid_objects_are_refused_with_field_paths() {
         stderr(&o)
     );
     // unknown fields: strict field validation (kubectl's default)
-    let f = s.write("unknown.yaml", "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: unk}\nspec: {displayName: x, foo: 1}\n");
+    let f = s.write(
+        "unknown.yaml",
+        "apiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata: {name: unk}\nspec: {displayName: x, foo: 1}\n",
+    );
     let o = s.kubectl(&["apply", "-f", &f]);
     assert!(
         stderr(&o).contains(r#"strict decoding error: unknown field "spec.foo""#),
@@ -349,25 +309,16 @@ fn invalid_objects_are_refused_with_field_paths() {
     // with --validate=warn it is pruned with a warning
     let o = s.kubectl(&["apply", "--validate=warn", "-f", &f]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains(r#"unknown field "spec.foo""#),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains(r#"unknown field "spec.foo""#), "{}", stderr(&o));
     let out = s.kubectl_ok(&["get", "tenant", "unk", "-o", "json"]);
     assert!(!out.contains("\"foo\""), "{out}");
-    assert!(
-        stdout(&s.kubectl(&["get", "tenants", "-o", "name"])).contains("tenant.tenancy.dev/unk")
-    );
+    assert!(stdout(&s.kubectl(&["get", "tenants", "-o", "name"])).contains("tenant.tenancy.dev/unk"));
 }
 
 #[test]
 fn builtins_apply_strategic_merge_and_namespace_deletion() {
     let s = TestServer::start();
-    let ns = s.write(
-        "ns.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n",
-    );
+    let ns = s.write("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n");
     s.kubectl_ok(&["apply", "-f", &ns]);
     let dep = |image: &str, env: &str| {
         format!(
@@ -393,24 +344,11 @@ fn builtins_apply_strategic_merge_and_namespace_deletion() {
     assert_eq!(out, "aHVudGVyMg== Opaque");
     let out = s.kubectl_ok(&["get", "secrets", "-A"]);
     assert!(out.contains("team-a") && out.contains("creds"), "{out}");
-    let out = s.kubectl_ok(&[
-        "get",
-        "cm",
-        "-n",
-        "team-a",
-        "-l",
-        "app notin (x)",
-        "-o",
-        "name",
-    ]);
+    let out = s.kubectl_ok(&["get", "cm", "-n", "team-a", "-l", "app notin (x)", "-o", "name"]);
     assert!(out.contains("configmap/cfg"), "{out}");
     // missing namespace
     let o = s.kubectl(&["create", "configmap", "x", "-n", "nope"]);
-    assert!(
-        stderr(&o).contains(r#"namespaces "nope" not found"#),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains(r#"namespaces "nope" not found"#), "{}", stderr(&o));
     // deleting the namespace deletes what is in it; kubectl waits for it
     s.kubectl_ok(&["delete", "namespace", "team-a", "--timeout=20s"]);
     let out = s.kubectl_ok(&[
@@ -452,13 +390,7 @@ fn garbage_collection_of_owned_objects() {
     );
     s.kubectl_ok(&["apply", "-f", &dep]);
     s.kubectl_ok(&["delete", "cm", "owner2", "--cascade=orphan"]);
-    let out = s.kubectl_ok(&[
-        "get",
-        "secret",
-        "kept",
-        "-o",
-        "jsonpath={.metadata.ownerReferences}",
-    ]);
+    let out = s.kubectl_ok(&["get", "secret", "kept", "-o", "jsonpath={.metadata.ownerReferences}"]);
     assert_eq!(out, "");
 }
 
@@ -495,14 +427,7 @@ fn kubectl_create_generators_send_protobuf_that_is_decoded() {
             "-n",
             "gen",
         ],
-        vec![
-            "create",
-            "configmap",
-            "c",
-            "--from-literal=a=b",
-            "-n",
-            "gen",
-        ],
+        vec!["create", "configmap", "c", "--from-literal=a=b", "-n", "gen"],
         vec!["create", "serviceaccount", "sa", "-n", "gen"],
         vec![
             "create",
@@ -525,32 +450,9 @@ fn kubectl_create_generators_send_protobuf_that_is_decoded() {
             "--",
             "date",
         ],
-        vec![
-            "create",
-            "job",
-            "manual",
-            "--from=cronjob/backup",
-            "-n",
-            "gen",
-        ],
-        vec![
-            "create",
-            "service",
-            "clusterip",
-            "svc",
-            "--tcp=80:8080",
-            "-n",
-            "gen",
-        ],
-        vec![
-            "create",
-            "role",
-            "r",
-            "--verb=get",
-            "--resource=secrets",
-            "-n",
-            "gen",
-        ],
+        vec!["create", "job", "manual", "--from=cronjob/backup", "-n", "gen"],
+        vec!["create", "service", "clusterip", "svc", "--tcp=80:8080", "-n", "gen"],
+        vec!["create", "role", "r", "--verb=get", "--resource=secrets", "-n", "gen"],
         vec![
             "create",
             "rolebinding",
@@ -574,7 +476,15 @@ fn kubectl_create_generators_send_protobuf_that_is_decoded() {
     }
     let out = s.kubectl_ok(&["get", "deploy", "d", "-n", "gen", "-o", "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].ports[0].containerPort}"]);
     assert_eq!(out, "2 nginx:1 8080");
-    let out = s.kubectl_ok(&["get", "job", "manual", "-n", "gen", "-o", "jsonpath={.spec.template.spec.containers[0].command[0]} {.metadata.ownerReferences[0].kind}"]);
+    let out = s.kubectl_ok(&[
+        "get",
+        "job",
+        "manual",
+        "-n",
+        "gen",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].command[0]} {.metadata.ownerReferences[0].kind}",
+    ]);
     assert_eq!(out, "date CronJob");
     let out = s.kubectl_ok(&[
         "get",

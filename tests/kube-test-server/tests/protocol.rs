@@ -63,10 +63,7 @@ fn http(url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &st
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(body)
     } else {
         body.to_string()
@@ -114,19 +111,11 @@ fn binary_writes_kubeconfig_prints_ready_line_and_stops_on_sigterm() {
         .output()
         .unwrap();
     let names = String::from_utf8_lossy(&out.stdout);
-    for ns in [
-        "namespace/default",
-        "namespace/kube-system",
-        "namespace/kube-public",
-    ] {
+    for ns in ["namespace/default", "namespace/kube-system", "namespace/kube-public"] {
         assert!(names.contains(ns), "{names}");
     }
     let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
     assert!(status.success(), "exit on SIGTERM: {status:?}");
 }
@@ -155,19 +144,10 @@ fn discovery_answers_plain_json_to_aggregated_requests() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert!(
-        names.contains(&"customresourcedefinitions")
-            && names.contains(&"customresourcedefinitions/status")
-    );
+    assert!(names.contains(&"customresourcedefinitions") && names.contains(&"customresourcedefinitions/status"));
     assert_eq!(http(&s.url, "GET", "/healthz", &[], "").body, "ok");
-    assert_eq!(
-        http(&s.url, "GET", "/version", &[], "").json()["major"],
-        "1"
-    );
-    assert_eq!(
-        http(&s.url, "GET", "/apis/tenancy.dev/v1alpha1", &[], "").status,
-        404
-    );
+    assert_eq!(http(&s.url, "GET", "/version", &[], "").json()["major"], "1");
+    assert_eq!(http(&s.url, "GET", "/apis/tenancy.dev/v1alpha1", &[], "").status, 404);
     // kubectl's own fallback path works (it asks for aggregated discovery first)
     let out = s.kubectl_ok(&["api-resources", "-o", "name"]);
     for r in [
@@ -238,19 +218,12 @@ fn watch_semantics() {
     });
     let base = "/api/v1/namespaces/default/configmaps";
     let create = |name: &str, label: &str| {
-        let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"tier": label}}}).to_string();
-        let r = http(
-            &s.url,
-            "POST",
-            base,
-            &[("Content-Type", "application/json")],
-            &body,
-        );
+        let body =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"tier": label}}})
+                .to_string();
+        let r = http(&s.url, "POST", base, &[("Content-Type", "application/json")], &body);
         assert_eq!(r.status, 201, "{}", r.body);
-        r.json()["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        r.json()["metadata"]["resourceVersion"].as_str().unwrap().to_string()
     };
     let rv1 = create("a", "x");
     // rv "0": current state as ADDED, then live events; selectors filter; timeoutSeconds ends it
@@ -264,10 +237,7 @@ fn watch_semantics() {
     let ev = r.events();
     assert_eq!(ev.len(), 1);
     assert_eq!(
-        (
-            ev[0]["type"].as_str(),
-            ev[0]["object"]["metadata"]["name"].as_str()
-        ),
+        (ev[0]["type"].as_str(), ev[0]["object"]["metadata"]["name"].as_str()),
         (Some("ADDED"), Some("a"))
     );
     // from a resourceVersion: only later events
@@ -294,16 +264,10 @@ fn watch_semantics() {
         &[],
         "",
     );
-    let bm: Vec<Value> = r
-        .events()
-        .into_iter()
-        .filter(|e| e["type"] == "BOOKMARK")
-        .collect();
+    let bm: Vec<Value> = r.events().into_iter().filter(|e| e["type"] == "BOOKMARK").collect();
     assert!(!bm.is_empty());
     assert_eq!(bm[0]["object"]["kind"], "ConfigMap");
-    assert!(bm[0]["object"]["metadata"]["resourceVersion"]
-        .as_str()
-        .is_some());
+    assert!(bm[0]["object"]["metadata"]["resourceVersion"].as_str().is_some());
     // streaming list: initial events then the initial-events-end bookmark
     let r = http(&s.url, "GET", &format!("{base}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=1"), &[], "");
     let ev = r.events();
@@ -333,10 +297,7 @@ fn watch_semantics() {
     assert_eq!(ev[0]["object"]["reason"], "Expired");
     // a label change out of the selector is a DELETED for that watcher
     let list = http(&s.url, "GET", base, &[], "").json();
-    let rv = list["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
     http(
         &s.url,
         "PATCH",
@@ -359,13 +320,7 @@ fn watch_semantics() {
 #[test]
 fn status_errors_look_like_the_real_server() {
     let s = TestServer::start();
-    let r = http(
-        &s.url,
-        "GET",
-        "/api/v1/namespaces/default/configmaps/nope",
-        &[],
-        "",
-    );
+    let r = http(&s.url, "GET", "/api/v1/namespaces/default/configmaps/nope", &[], "");
     assert_eq!(r.status, 404);
     let st = r.json();
     assert_eq!(st["kind"], "Status");
@@ -411,7 +366,9 @@ fn status_errors_look_like_the_real_server() {
         r#"{"metadata":{"name":"Bad_Name"}}"#,
     );
     assert_eq!(r.status, 422);
-    assert!(r.json()["message"].as_str().unwrap().starts_with("ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 subdomain"));
+    assert!(r.json()["message"].as_str().unwrap().starts_with(
+        "ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 subdomain"
+    ));
     let r = http(
         &s.url,
         "GET",

@@ -32,29 +32,58 @@ fn a_token_with_rbac_gets_exactly_what_its_bindings_grant() {
         "{}",
         stderr(&o)
     );
-    let rbac = format!(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: read-cm\nrules:\n- apiGroups: [\"\"]\n  resources: [\"configmaps\"]\n  verbs: [\"get\", \"list\"]\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: read-cm\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: read-cm}}\nsubjects:\n- {{kind: ServiceAccount, name: operator, namespace: ops}}\n---\n\
+    let rbac = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: read-cm\nrules:\n- apiGroups: [\"\"]\n  resources: [\"configmaps\"]\n  verbs: [\"get\", \"list\"]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: read-cm\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: read-cm}\nsubjects:\n- {kind: ServiceAccount, name: operator, namespace: ops}\n---\n\
          apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: secrets\n  namespace: ops\nrules:\n- apiGroups: [\"\"]\n  resources: [\"secrets\"]\n  verbs: [\"create\", \"list\"]\n- apiGroups: [\"\"]\n  resources: [\"secrets\"]\n  resourceNames: [\"mine\"]\n  verbs: [\"delete\"]\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: secrets\n  namespace: ops\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: secrets}}\nsubjects:\n- {{kind: ServiceAccount, name: operator, namespace: ops}}\n"
-    );
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: secrets\n  namespace: ops\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: secrets}\nsubjects:\n- {kind: ServiceAccount, name: operator, namespace: ops}\n"
+        .to_string();
     let path = s.write("rbac.yaml", &rbac);
     s.kubectl_ok(&["apply", "-f", &path]);
     // ClusterRoleBinding: everywhere.
     assert!(as_operator(&s, &["get", "configmaps", "-A"]).status.success());
     assert!(as_operator(&s, &["get", "configmaps", "-n", "other"]).status.success());
     // RoleBinding: only in its namespace.
-    assert!(as_operator(&s, &["create", "secret", "generic", "mine", "-n", "ops", "--from-literal=a=b"]).status.success());
+    assert!(as_operator(
+        &s,
+        &["create", "secret", "generic", "mine", "-n", "ops", "--from-literal=a=b"]
+    )
+    .status
+    .success());
     assert!(as_operator(&s, &["get", "secrets", "-n", "ops"]).status.success());
-    let o = as_operator(&s, &["create", "secret", "generic", "x", "-n", "other", "--from-literal=a=b"]);
-    assert!(!o.status.success() && stderr(&o).contains("cannot create resource \"secrets\""), "{}", stderr(&o));
+    let o = as_operator(
+        &s,
+        &["create", "secret", "generic", "x", "-n", "other", "--from-literal=a=b"],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("cannot create resource \"secrets\""),
+        "{}",
+        stderr(&o)
+    );
     // resourceNames: only the named object.
-    s.kubectl_ok(&["create", "secret", "generic", "theirs", "-n", "ops", "--from-literal=a=b"]);
+    s.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "theirs",
+        "-n",
+        "ops",
+        "--from-literal=a=b",
+    ]);
     let o = as_operator(&s, &["delete", "secret", "theirs", "-n", "ops"]);
-    assert!(!o.status.success() && stderr(&o).contains("secrets \"theirs\" is forbidden"), "{}", stderr(&o));
-    assert!(as_operator(&s, &["delete", "secret", "mine", "-n", "ops"]).status.success());
+    assert!(
+        !o.status.success() && stderr(&o).contains("secrets \"theirs\" is forbidden"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(as_operator(&s, &["delete", "secret", "mine", "-n", "ops"])
+        .status
+        .success());
     // Verbs not granted, and the admin (any other token) unaffected.
-    assert!(!as_operator(&s, &["delete", "configmap", "kube-root-ca.crt", "-n", "default"]).status.success());
+    assert!(
+        !as_operator(&s, &["delete", "configmap", "kube-root-ca.crt", "-n", "default"])
+            .status
+            .success()
+    );
     assert!(!as_operator(&s, &["get", "namespaces"]).status.success());
     s.kubectl_ok(&["get", "namespaces"]);
     // Discovery is open to everyone.

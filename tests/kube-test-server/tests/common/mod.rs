@@ -25,9 +25,7 @@ impl TestServer {
             .enable_all()
             .build()
             .unwrap();
-        let handle = rt
-            .block_on(kube_test_server::start_on("127.0.0.1:0", config))
-            .unwrap();
+        let handle = rt.block_on(kube_test_server::start_on("127.0.0.1:0", config)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, handle.kubeconfig()).unwrap();

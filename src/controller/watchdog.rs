@@ -101,7 +101,8 @@ impl EventThrottle {
         keys.truncate(max);
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            let p = self.pending.remove(&k).expect("a pending key");
+            // The keys were just read from `pending`.
+            let Some(p) = self.pending.remove(&k) else { continue };
             let more = if p.count > 1 {
                 format!(
                     " ({} sessions of this tenant in all since the last such Event)",

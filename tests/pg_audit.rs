@@ -952,11 +952,17 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
         ("a function renamed", "ALTER FUNCTION _tenancy_audit_guard() RENAME TO g2", Full),
         ("the guard disabled", "ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard", Full),
         ("the guard renamed", "ALTER TRIGGER _tenancy_audit_guard ON _tenancy_audit RENAME TO g2", Full),
-        ("the tail disabled", "ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_tail", Full),
+        ("the tail disabled", "ALTER TABLE _tenancy_audit_head DISABLE TRIGGER _tenancy_audit_tail", Full),
         (
             "the tail not deferred",
-            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit;
-             CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON _tenancy_audit NOT DEFERRABLE FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
+            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit_head;
+             CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER UPDATE ON _tenancy_audit_head NOT DEFERRABLE FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
+            Full,
+        ),
+        (
+            "the tail back on the audit table (per entry, as before 2026-12)",
+            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit_head;
+             CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON _tenancy_audit DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
             Full,
         ),
     ];
@@ -1011,7 +1017,7 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
         ("ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_upd; DROP TRIGGER _tenancy_audit_del ON docs; CREATE TABLE notes (id int PRIMARY KEY, body text)", true),
         ("CREATE OR REPLACE FUNCTION _tenancy_audit_trigger() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$", true),
         (
-            "ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_tail; ALTER FUNCTION _tenancy_audit_write(text, text, jsonb[], text[]) SECURITY INVOKER RESET search_path",
+            "ALTER TABLE _tenancy_audit_head DISABLE TRIGGER _tenancy_audit_tail; ALTER FUNCTION _tenancy_audit_write(text, text, jsonb[], text[]) SECURITY INVOKER RESET search_path",
             true,
         ),
         ("ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard", false),
@@ -1069,4 +1075,136 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
         .await
         .unwrap();
     assert!(r.first_break.is_some(), "{r:?}");
+}
+
+/// `audit verify` builds each entry's content itself from the columns
+/// (`pg::audit::Content`); it must give exactly the bytes the server's
+/// `content_sql` gives, for every kind of entry and for values that need
+/// escaping: quotes, backslashes, control characters, newlines, non-ASCII,
+/// an empty and a NULL request id, a table name with a quote and a space,
+/// a composite key, changed columns with odd names, TRUNCATE (no key, no
+/// columns), a statement of many rows, an ANCHOR and a PRUNE entry.
+#[tokio::test]
+async fn verify_builds_the_content_the_server_builds() {
+    let db = setup("aud_content").await;
+    let t = tenant_with_docs(&db, "ct").await;
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {owner}; SET search_path = {schema};
+         CREATE TABLE \"we'ird tab\\le\" (a int, \"b \"\"q\"\"\" text, \"ünï\tcol\" text, PRIMARY KEY (a, \"b \"\"q\"\"\"));
+         CREATE TABLE nokey (x int); RESET ROLE; RESET search_path;",
+        owner = t.name.owner_role(),
+        schema = t.name.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let mut t = t;
+    t.converge(&db).await.unwrap();
+    let mut app = t.app(&db).await.unwrap();
+    let actors = [
+        "plain",
+        "quote \" and backslash \\ and slash /",
+        "ctl \u{1} \u{8} \u{c} \u{1f} tab\tnl\ncr\r",
+        "ünïcødé ✓ 𝄞",
+        "",
+    ];
+    for (i, actor) in actors.iter().enumerate() {
+        let request = if i % 2 == 0 { Some(format!("req {actor}")) } else { None };
+        let mut tx = sqlx::Connection::begin(&mut app).await.unwrap();
+        sqlx::query("SELECT set_config('tenancy.actor', $1, true), set_config('tenancy.request_id', $2, true)")
+            .bind(actor)
+            .bind(request.unwrap_or_default())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO docs (body, n) VALUES ('x', {i}), ('y\"', {i});
+             UPDATE docs SET body = 'z\\\\', n = n + 1 WHERE n = {i};
+             INSERT INTO \"we'ird tab\\le\" VALUES ({i}, 'k\"{i}\\\\', 'v');
+             UPDATE \"we'ird tab\\le\" SET \"ünï\tcol\" = 'w' WHERE a = {i};
+             INSERT INTO nokey SELECT g FROM generate_series(1, 3) g;
+             DELETE FROM docs WHERE n > {i};"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {}; TRUNCATE {}.nokey; RESET ROLE",
+        t.name.owner_role(),
+        t.name.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let before = same_content(&mut su, &t).await;
+    assert_eq!(before, ["DELETE", "INSERT", "TRUNCATE", "UPDATE"]);
+    verified(&db, &t).await;
+    // A prune (ANCHOR and PRUNE entries): everything so far is old.
+    pg::audit::anchor_heads(&db.admin, &support::test_ring(), None)
+        .await
+        .unwrap();
+    let out = pg::audit::prune(&db.admin, &support::test_ring(), &t.name, chrono::Utc::now(), "tester")
+        .await
+        .unwrap();
+    assert!(out.deleted > 0, "nothing was pruned");
+    sqlx::query("INSERT INTO docs (body) VALUES ('after')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let after = same_content(&mut su, &t).await;
+    assert_eq!(after, ["ANCHOR", "INSERT", "PRUNE"]);
+    let r = verified(&db, &t).await;
+    assert_eq!(r.rows, 3, "the anchor row, the PRUNE and the INSERT entries walked");
+}
+
+/// Compares, for every entry of the tenant's log, the content the server
+/// builds (`content_sql`) with the one `audit verify` builds; gives the
+/// operations seen, sorted.
+async fn same_content(su: &mut sqlx::PgConnection, t: &Tenant) -> Vec<String> {
+    let content = pg::audit::content_sql(
+        "a.\"time\"",
+        "a.actor",
+        "a.actor_given",
+        "a.request_id",
+        "a.operation",
+        "a.table_name",
+        "a.row_pk",
+        "a.changed_columns",
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT a.operation, {content} AS server, EXTRACT(EPOCH FROM a.\"time\")::text AS epoch, a.actor, a.actor_given, a.request_id,
+                a.table_name, a.row_pk::text AS pk, a.changed_columns FROM {}._tenancy_audit a ORDER BY a.id",
+        t.name.schema()
+    )))
+    .fetch_all(&mut *su)
+    .await
+    .unwrap();
+    let mut ops = std::collections::BTreeSet::new();
+    for row in &rows {
+        let operation: String = row.get("operation");
+        let changed: Option<Vec<String>> = row.get("changed_columns");
+        let mut mine = Vec::new();
+        pg::audit::Content {
+            epoch: row.get("epoch"),
+            actor: row.get("actor"),
+            actor_given: row.get("actor_given"),
+            request_id: row.get("request_id"),
+            operation: &operation,
+            table: row.get("table_name"),
+            row_pk: row.get("pk"),
+            changed: changed.as_deref(),
+        }
+        .write(&mut mine);
+        let server: Vec<u8> = row.get("server");
+        assert_eq!(
+            String::from_utf8_lossy(&mine),
+            String::from_utf8_lossy(&server),
+            "{operation}: the content differs"
+        );
+        ops.insert(operation);
+    }
+    ops.into_iter().collect()
 }

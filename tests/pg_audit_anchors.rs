@@ -452,7 +452,8 @@ async fn a_tenant_whose_chain_predates_anchoring_is_anchored_by_the_next_reconci
     let mut t = tenant_with_docs(&db, "up").await;
     write(&db, &t, &["a", "b"]).await;
     // Back to the state before anchoring: no anchor function, no head or
-    // anchors in tenancy, the old commit-time function.
+    // anchors in tenancy, the old commit-time function (per entry, on the
+    // audit table, as it was then).
     let schema = t.name.schema();
     let mut su = db.superuser().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -464,7 +465,10 @@ async fn a_tenant_whose_chain_predates_anchoring_is_anchored_by_the_next_reconci
              UPDATE {schema}._tenancy_audit_head SET last_id = NEW.id, hash = NEW.hash;
            END IF;
            RETURN NULL;
-         END $f$;",
+         END $f$;
+         DROP TRIGGER _tenancy_audit_tail ON {schema}._tenancy_audit_head;
+         CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON {schema}._tenancy_audit DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION {schema}._tenancy_audit_tail();",
         uid = t.uid
     )))
     .execute(&mut su)
@@ -473,7 +477,16 @@ async fn a_tenant_whose_chain_predates_anchoring_is_anchored_by_the_next_reconci
     write(&db, &t, &["c"]).await;
     let out = t.converge(&db).await.unwrap();
     let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
-    assert_eq!(labels, ["ReplaceAuditFunctions", "AnchorFunction", "SeedAuditHead"]);
+    // The tail moves to the head table (once per transaction).
+    assert_eq!(
+        labels,
+        [
+            "ReplaceAuditFunctions",
+            "GuardAuditTable",
+            "AnchorFunction",
+            "SeedAuditHead"
+        ]
+    );
     assert_eq!(t.converge(&db).await.unwrap().statements, 0, "converged");
     write(&db, &t, &["d"]).await;
     let r = verify(&db, &t).await;

@@ -21,8 +21,9 @@
 //! sha256(prev_hash || content)`, content being [`content_sql`] of the row
 //! (a JSON array text of its fields). The first row's `prev_hash` is 32
 //! zero bytes; `_tenancy_audit_head` holds the last row's id and hash (set
-//! at commit by a deferred constraint trigger, so deleting the entries of
-//! the last transaction is found too), and its row lock serializes appends
+//! at commit, once per transaction, by a deferred constraint trigger on the
+//! head that the transaction's first append queues, so deleting the entries
+//! of the last transaction is found too), and its row lock serializes appends
 //! per tenant until commit, so the chain is linear under concurrency (and a
 //! REPEATABLE READ writer that raced gets a serialization failure instead
 //! of forking it). The same commit-time trigger moves the tenant's head in
@@ -129,6 +130,82 @@ fn pk_sql(pk: &str) -> String {
 /// The third line (text).
 pub fn tail_sql(changed: &str) -> String {
     format!("coalesce(pg_catalog.to_jsonb({changed})::text, 'null')")
+}
+
+/// One entry's fields as the walk reads them, rendered into the bytes
+/// [`content_sql`] gives on the server: jsonb's text form (`[a, b]`,
+/// strings escaped as PostgreSQL's `escape_json` does), the epoch as
+/// numeric text (`EXTRACT(EPOCH FROM time)::text`) and the key as its
+/// jsonb text. Checked against the SQL by `verify_builds_the_content_the_server_builds`
+/// (tests/pg_audit.rs).
+#[derive(Clone, Copy, Debug)]
+pub struct Content<'a> {
+    pub epoch: &'a str,
+    pub actor: &'a str,
+    pub actor_given: bool,
+    pub request_id: Option<&'a str>,
+    pub operation: &'a str,
+    pub table: Option<&'a str>,
+    pub row_pk: Option<&'a str>,
+    pub changed: Option<&'a [String]>,
+}
+
+impl Content<'_> {
+    /// Appends the content to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        out.extend_from_slice(self.epoch.as_bytes());
+        out.extend_from_slice(b", ");
+        json_string(out, self.actor);
+        out.extend_from_slice(if self.actor_given { b", true, " } else { b", false, " });
+        json_opt(out, self.request_id);
+        out.extend_from_slice(b", ");
+        json_string(out, self.operation);
+        out.extend_from_slice(b", ");
+        json_opt(out, self.table);
+        out.extend_from_slice(b"]\n");
+        out.extend_from_slice(self.row_pk.unwrap_or("null").as_bytes());
+        out.push(b'\n');
+        match self.changed {
+            None => out.extend_from_slice(b"null"),
+            Some(cols) => {
+                out.push(b'[');
+                for (i, c) in cols.iter().enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b", ");
+                    }
+                    json_string(out, c);
+                }
+                out.push(b']');
+            }
+        }
+    }
+}
+
+fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => json_string(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A JSON string as jsonb's text output writes it.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            c if c < 0x20 => out.extend_from_slice(format!("\\u{c:04x}").as_bytes()),
+            c => out.push(c),
+        }
+    }
+    out.push(b'"');
 }
 
 /// The audit objects of one tenant schema, as the catalog shows them.
@@ -341,39 +418,31 @@ pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAudit
 fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str, String>, PgError> {
     let schema = quote_ident(&name.schema())?;
     let owner = quote_literal(&name.owner_role())?;
-    let header = header_sql("v_time", "v_actor", "v_given", "v_request", "p_op", "p_table");
-    let tail = tail_sql("p_changed");
-    let pk = pk_sql("v_pk");
-    let write = format!(
-        r#"
-DECLARE
-  v_hash bytea;
-  v_time timestamptz;
-  v_actor text;
-  v_given boolean;
-  v_request text;
-  v_header bytea;
-  v_tail bytea;
-  v_pk jsonb;
-  v_prevs bytea[] := '{{}}';
-  v_hashes bytea[] := '{{}}';
-  v_i integer := 0;
-  v_xid bigint;
-  v_last bigint;
-BEGIN
-  IF coalesce(cardinality(p_pks), 0) = 0 THEN
-    RETURN;
+    // The append, shared by the write function (prune's PRUNE entry) and the
+    // trigger function, which runs it inline (a nested SECURITY DEFINER call
+    // per statement costs a GUC save/restore and a function call):
+    // `{op}`, `{table}`, `{pks}` (jsonb[]) and `{changed}` (text[]) are
+    // expressions of the enclosing function.
+    let append = |op: &str, table: &str, pks: &str, changed: &str, ret: &str| {
+        let header = header_sql("v_time", "v_actor", "v_given", "v_request", op, table);
+        let tail = tail_sql(changed);
+        format!(
+            r#"
+  IF coalesce(cardinality({pks}), 0) = 0 THEN
+    RETURN{ret};
   END IF;
   -- The head row's lock serializes appends per tenant until commit. The
-  -- first append of a transaction records where the chain stood (one head
-  -- update per transaction: updating it per append would make a long
-  -- transaction quadratic); a REPEATABLE READ writer that raced another
-  -- fails here (40001) rather than fork the chain.
+  -- first append of a transaction marks the head with its xid, which queues
+  -- the deferred tail trigger on the head: at commit, once per transaction
+  -- however many entries it appended, it moves the head to the last entry.
+  -- (Updating the head per append would make a long transaction
+  -- quadratic.) A REPEATABLE READ writer that raced another fails here
+  -- (40001) rather than fork the chain.
   SELECT h.xid INTO STRICT v_xid FROM {schema}.{HEAD_TABLE} h FOR UPDATE;
-  SELECT a.id, a.hash INTO v_last, v_hash FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id DESC LIMIT 1;
+  SELECT a.hash INTO v_hash FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id DESC LIMIT 1;
   v_hash := coalesce(v_hash, decode(repeat('00', 32), 'hex'));
   IF v_xid IS DISTINCT FROM txid_current() THEN
-    UPDATE {schema}.{HEAD_TABLE} SET xid = txid_current(), last_id = coalesce(v_last, 0), hash = v_hash;
+    UPDATE {schema}.{HEAD_TABLE} SET xid = txid_current();
   END IF;
   v_time := clock_timestamp();
   v_actor := nullif(current_setting('tenancy.actor', true), '');
@@ -384,7 +453,7 @@ BEGIN
   -- differs per row.
   v_header := convert_to({header} || E'\n', 'UTF8');
   v_tail := convert_to(E'\n' || {tail}, 'UTF8');
-  FOREACH v_pk IN ARRAY p_pks LOOP
+  FOREACH v_pk IN ARRAY {pks} LOOP
     v_i := v_i + 1;
     v_prevs[v_i] := v_hash;
     v_hash := sha256(v_hash || v_header || convert_to({pk}, 'UTF8') || v_tail);
@@ -392,58 +461,71 @@ BEGIN
   END LOOP;
   -- Ids are drawn in unnest's order: the chain's order.
   INSERT INTO {schema}.{AUDIT_TABLE} ("time", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash)
-  SELECT v_time, v_actor, v_given, v_request, p_op, p_table, u.pk, p_changed, u.prev, u.hash
-    FROM unnest(p_pks, v_prevs, v_hashes) AS u(pk, prev, hash);
-END
-"#
+  SELECT v_time, v_actor, v_given, v_request, {op}, {table}, u.pk, {changed}, u.prev, u.hash
+    FROM unnest({pks}, v_prevs, v_hashes) AS u(pk, prev, hash);"#,
+            pk = pk_sql("v_pk"),
+        )
+    };
+    const APPEND_VARS: &str = "
+  v_hash bytea;
+  v_time timestamptz;
+  v_actor text;
+  v_given boolean;
+  v_request text;
+  v_header bytea;
+  v_tail bytea;
+  v_pk jsonb;
+  v_prevs bytea[] := '{}';
+  v_hashes bytea[] := '{}';
+  v_i integer := 0;
+  v_xid bigint;";
+    let write = format!(
+        "\nDECLARE{APPEND_VARS}\nBEGIN{}\nEND\n",
+        append("p_op", "p_table", "p_pks", "p_changed", "")
     );
     let trigger = format!(
         r#"
-DECLARE
+DECLARE{APPEND_VARS}
   v_cols text;
   v_all jsonb[];
   v_pks jsonb[] := '{{}}';
-  v_i integer;
-  v_pk jsonb;
   v_new jsonb;
   v_old jsonb;
   v_changed text[];
 BEGIN
   IF TG_OP = 'TRUNCATE' THEN
-    PERFORM {schema}.{WRITE_FN}('TRUNCATE', TG_TABLE_NAME::text, ARRAY[NULL::jsonb], NULL);
-    RETURN NULL;
-  END IF;
-  IF TG_LEVEL = 'ROW' THEN
+    v_pks := ARRAY[NULL::jsonb];
+  ELSIF TG_LEVEL = 'ROW' THEN
     v_new := to_jsonb(NEW);
     v_old := to_jsonb(OLD);
     SELECT coalesce(array_agg(n.key ORDER BY n.key), '{{}}') INTO v_changed
       FROM jsonb_each(v_new) n WHERE (v_old -> n.key) IS DISTINCT FROM n.value;
-    SELECT jsonb_object_agg(a.attname, v_new -> a.attname::text) INTO v_pk
+    v_pks := ARRAY[jsonb_build_array((
+      SELECT jsonb_object_agg(a.attname, v_new -> a.attname::text)
+        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+       WHERE i.indrelid = TG_RELID AND i.indisprimary))];
+  ELSE
+    SELECT string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_cols
       FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
      WHERE i.indrelid = TG_RELID AND i.indisprimary;
-    PERFORM {schema}.{WRITE_FN}(TG_OP, TG_TABLE_NAME::text, ARRAY[jsonb_build_array(v_pk)], v_changed);
-    RETURN NULL;
-  END IF;
-  SELECT string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_cols
-    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-   WHERE i.indrelid = TG_RELID AND i.indisprimary;
-  EXECUTE format('SELECT array_agg(%s) FROM %I t',
-                 CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
-                 CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
-    INTO v_all;
-  -- One entry per {CHUNK_ROWS} rows of the statement: their keys as a JSON
-  -- array (a row without a primary key counts as null), in the transition
-  -- table's order. No rows: no entry.
-  IF coalesce(cardinality(v_all), 0) = 0 THEN
-    RETURN NULL;
-  END IF;
-  FOR v_i IN 0 .. (coalesce(cardinality(v_all), 0) - 1) / {CHUNK_ROWS} LOOP
-    v_pks[v_i + 1] := to_jsonb(v_all[v_i * {CHUNK_ROWS} + 1 : (v_i + 1) * {CHUNK_ROWS}]);
-  END LOOP;
-  PERFORM {schema}.{WRITE_FN}(TG_OP, TG_TABLE_NAME::text, v_pks, NULL);
+    EXECUTE format('SELECT array_agg(%s) FROM %I t',
+                   CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
+                   CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
+      INTO v_all;
+    IF coalesce(cardinality(v_all), 0) = 0 THEN
+      RETURN NULL;
+    END IF;
+    -- One entry per {CHUNK_ROWS} rows of the statement: their keys as a JSON
+    -- array (a row without a primary key counts as null), in the transition
+    -- table's order. No rows: no entry.
+    FOR v_i IN 0 .. (coalesce(cardinality(v_all), 0) - 1) / {CHUNK_ROWS} LOOP
+      v_pks[v_i + 1] := to_jsonb(v_all[v_i * {CHUNK_ROWS} + 1 : (v_i + 1) * {CHUNK_ROWS}]);
+    END LOOP;
+  END IF;{}
   RETURN NULL;
 END
-"#
+"#,
+        append("TG_OP", "TG_TABLE_NAME::text", "v_pks", "v_changed", " NULL")
     );
     let guard = format!(
         r#"
@@ -457,18 +539,24 @@ BEGIN
 END
 "#
     );
-    // At commit (deferred, once per entry of the transaction): the entry with
-    // the highest id moves the head to itself, and the tenant's head in
-    // tenancy.audit_heads through its anchor function (which refuses to move
-    // it back). Appends are serialized by the head's row lock, so the
-    // highest id is this transaction's last entry.
+    // At commit (deferred, once per transaction: queued by the first
+    // append's update of the head's xid): the last entry moves the head to
+    // itself, and the tenant's head in tenancy.audit_heads through its
+    // anchor function (which refuses to move it back). Appends are
+    // serialized by the head's row lock, so the last entry is this
+    // transaction's. The update touches the head only when it moves, so a
+    // tail trigger without its WHEN clause (put there by hand) still ends.
     let anchor = anchor_fn(name)?;
     let tail = format!(
         r#"
+DECLARE
+  v_last bigint;
+  v_hash bytea;
 BEGIN
-  IF NEW.id = (SELECT max(a.id) FROM {schema}.{AUDIT_TABLE} a) THEN
-    UPDATE {schema}.{HEAD_TABLE} SET last_id = NEW.id, hash = NEW.hash;
-    PERFORM {anchor}(NEW.id, NEW.hash);
+  SELECT a.id, a.hash INTO v_last, v_hash FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id DESC LIMIT 1;
+  IF v_last IS NOT NULL THEN
+    UPDATE {schema}.{HEAD_TABLE} SET last_id = v_last, hash = v_hash WHERE last_id IS DISTINCT FROM v_last OR hash IS DISTINCT FROM v_hash;
+    PERFORM {anchor}(v_last, v_hash);
   END IF;
   RETURN NULL;
 END
@@ -582,9 +670,12 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             format!(
                 "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{GUARD_FN}()"
             ),
+            // Before 2026-12 the tail was a deferred trigger per audit entry
+            // on the audit table; it is now one per transaction on the head.
             format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
+            format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{HEAD_TABLE}"),
             format!(
-                "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER INSERT ON {schema}.{AUDIT_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.{TAIL_FN}()"
+                "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER UPDATE ON {schema}.{HEAD_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.xid IS DISTINCT FROM NEW.xid) EXECUTE FUNCTION {schema}.{TAIL_FN}()"
             ),
         ],
         AuditAction::TriggerTable { table, replace } => {
@@ -655,8 +746,10 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
                          WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $4 AND t.tgenabled = 'O'
                            AND p.pronamespace = n.oid AND p.proname = $5)
                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-                         WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $11 AND t.tgenabled = 'O'
-                           AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $11) AS guard,
+                         WHERE c.relnamespace = n.oid AND c.relname = $3 AND t.tgname = $11 AND t.tgenabled = 'O'
+                           AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $11)
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+                         WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $11) AS guard,
                 ARRAY(SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
                 coalesce(u.untriggered, '{}') AS untriggered,
                 coalesce(u.stale, '{}') AS stale,
@@ -945,8 +1038,9 @@ pub enum CatalogFact {
 /// log's own objects as [`observe`] requires them (the audit and head
 /// tables, as tables; every audit function with its expected source
 /// (`bodies`), SECURITY DEFINER flag, owner and search_path, counted as
-/// `observe` counts them; the guard and the deferred tail trigger on the
-/// audit table, enabled, calling the schema's guard and tail functions),
+/// `observe` counts them; the guard trigger on the audit table and the
+/// deferred tail trigger on the head table (none on the audit table),
+/// enabled, calling the schema's guard and tail functions),
 /// gives what `observe` would say of the tenant tables: those lacking one
 /// of [`TABLE_TRIGGERS`] (enabled, calling the schema's trigger function),
 /// and those of them that carry one of those names, both sorted by name.
@@ -1004,14 +1098,16 @@ pub fn converged_untriggered(
             _ => None,
         })
     };
-    let (Some((audit, 'r')), Some((_, 'r'))) = (table(AUDIT_TABLE), table(HEAD_TABLE)) else {
+    let (Some((audit, 'r')), Some((head, 'r'))) = (table(AUDIT_TABLE), table(HEAD_TABLE)) else {
         return None;
     };
     let guard = triggers(audit)
         .any(|(name, function, enabled, _)| name == GUARD_TRIGGER && enabled && calls(function, GUARD_FN));
-    let tail = triggers(audit).any(|(name, function, enabled, deferred)| {
+    // The tail is on the head (once per transaction), not on the audit
+    // table (once per entry, as before 2026-12).
+    let tail = triggers(head).any(|(name, function, enabled, deferred)| {
         name == TAIL_TRIGGER && enabled && deferred && calls(function, TAIL_FN)
-    });
+    }) && !triggers(audit).any(|(name, ..)| name == TAIL_TRIGGER);
     if !(guard && tail) {
         return None;
     }
@@ -2168,17 +2264,14 @@ async fn walk(
         .execute(&mut *tx)
         .await
         .map_err(query_err("starting the verification"))?;
-    let content = content_sql(
-        "a.\"time\"",
-        "a.actor",
-        "a.actor_given",
-        "a.request_id",
-        "a.operation",
-        "a.table_name",
-        "a.row_pk",
-        "a.changed_columns",
+    // The content is built here from the columns ([`Content`]), the same
+    // bytes [`content_sql`] gives: the server only renders the epoch and
+    // the key (jsonb text), and sends the key once. `row_pk` as a value
+    // only where the walk reads it (PRUNE entries).
+    let sql = format!(
+        "SELECT a.id, a.operation, a.prev_hash, a.hash, EXTRACT(EPOCH FROM a.\"time\")::text, a.actor, a.actor_given, a.request_id,
+                a.table_name, a.row_pk::text, a.changed_columns FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id"
     );
-    let sql = format!("SELECT a.id, a.operation, a.prev_hash, a.hash, {content} AS content, a.row_pk FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id");
     // The first query takes the snapshot.
     let head: Option<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT last_id, hash FROM {schema}.{HEAD_TABLE}"
@@ -2198,21 +2291,40 @@ async fn walk(
         walker.broken(b);
     }
     {
-        let mut rows = sqlx::query_as::<_, (i64, String, Vec<u8>, Vec<u8>, Vec<u8>, Option<serde_json::Value>)>(
-            sqlx::AssertSqlSafe(sql),
-        )
-        .fetch(&mut *tx);
-        while let Some((id, operation, prev_hash, hash, content, row_pk)) =
-            rows.try_next().await.map_err(query_err("reading the audit log"))?
-        {
-            walker.push(&ChainRow {
-                id,
-                operation,
-                prev_hash,
-                hash,
-                content,
-                row_pk,
-            });
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
+        let mut content = Vec::new();
+        while let Some(row) = rows.try_next().await.map_err(query_err("reading the audit log"))? {
+            let mut decode = || -> Result<ChainRow, sqlx::Error> {
+                let operation: String = row.try_get(1)?;
+                let pk: Option<&str> = row.try_get(9)?;
+                Content {
+                    epoch: row.try_get(4)?,
+                    actor: row.try_get(5)?,
+                    actor_given: row.try_get(6)?,
+                    request_id: row.try_get(7)?,
+                    operation: &operation,
+                    table: row.try_get(8)?,
+                    row_pk: pk,
+                    changed: row.try_get::<Option<Vec<String>>, _>(10)?.as_deref(),
+                }
+                .write(&mut content);
+                let row_pk = match (operation.as_str(), pk) {
+                    ("PRUNE", Some(pk)) => serde_json::from_str(pk).ok(),
+                    _ => None,
+                };
+                Ok(ChainRow {
+                    id: row.try_get(0)?,
+                    operation,
+                    prev_hash: row.try_get(2)?,
+                    hash: row.try_get(3)?,
+                    content: std::mem::take(&mut content),
+                    row_pk,
+                })
+            };
+            let r = decode().map_err(query_err("decoding the audit log"))?;
+            walker.push(&r);
+            content = r.content;
+            content.clear();
         }
     }
     tx.rollback().await.map_err(query_err("ending the verification"))?;
@@ -2534,7 +2646,7 @@ mod tests {
             rel(15, "items", 'r', false),
             rel(16, "items_id_seq", 'S', false),
             tg(10, GUARD_TRIGGER, 103, false),
-            tg(10, TAIL_TRIGGER, 104, true),
+            tg(11, TAIL_TRIGGER, 104, true),
         ];
         for t in [13, 15] {
             facts.extend(TABLE_TRIGGERS.iter().map(|n| tg(t, n, 102, false)));
@@ -2681,7 +2793,13 @@ mod tests {
             Box::new(move |facts: &mut Vec<CatalogFact>| edit(facts, |f| is_fn(f, wanted), change))
         };
         let set_trigger = |wanted: &'static str, change: fn(&mut CatalogFact)| -> Tamper {
-            Box::new(move |facts: &mut Vec<CatalogFact>| edit(facts, |f| is_trigger(f, 10, wanted), change))
+            Box::new(move |facts: &mut Vec<CatalogFact>| {
+                edit(
+                    facts,
+                    |f| is_trigger(f, 10, wanted) || is_trigger(f, 11, wanted),
+                    change,
+                )
+            })
         };
         let cases: Vec<(&str, Tamper)> = vec![
             (
@@ -2834,7 +2952,19 @@ mod tests {
             ),
             (
                 "tail trigger dropped",
-                Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_trigger(x, 10, TAIL_TRIGGER))),
+                Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_trigger(x, 11, TAIL_TRIGGER))),
+            ),
+            (
+                "tail trigger on the audit table (per entry, as before 2026-12)",
+                Box::new(|f: &mut Vec<CatalogFact>| {
+                    for x in f.iter_mut() {
+                        if let CatalogFact::Trigger { relation, name, .. } = x {
+                            if name == TAIL_TRIGGER {
+                                *relation = 10
+                            }
+                        }
+                    }
+                }),
             ),
             (
                 "guard function renamed",

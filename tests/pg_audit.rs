@@ -685,8 +685,14 @@ async fn export_round_trips_as_json_lines() {
     .await
     .unwrap();
     assert_eq!(records.len(), rows.len());
-    // INSERT of 2 rows (one entry), UPDATE of 2 rows (one entry per row), DELETE of 2 rows (one entry).
-    assert_eq!(records.len(), 4);
+    // INSERT, UPDATE and DELETE of 2 rows each: one entry per statement.
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[1].operation, "UPDATE");
+    assert_eq!(
+        records[1].row_pk.as_ref().and_then(|k| k.as_array()).map(Vec::len),
+        Some(2),
+        "both keys in the UPDATE entry"
+    );
     for (rec, row) in records.iter().zip(&rows) {
         assert_eq!(rec.id, row.get::<i64, _>("id"));
         assert_eq!(rec.hash, row.get::<String, _>("hash"));
@@ -722,7 +728,7 @@ async fn export_round_trips_as_json_lines() {
         later.iter().map(|r| r.operation.as_str()).collect::<Vec<_>>(),
         ["DELETE"]
     );
-    assert_eq!(later, records[3..]);
+    assert_eq!(later, records[2..]);
 }
 
 #[tokio::test]
@@ -845,8 +851,9 @@ async fn concurrent_writers_keep_one_linear_chain() {
         task.await.unwrap();
     }
     let r = verified(&db, &t).await;
-    // Each transaction: 1 insert, then its writer's rows updated (1..=15).
-    let expected: u64 = 6 * (15 + (1..=15).sum::<u64>());
+    // Each transaction: 1 insert entry, 1 update entry (one per statement,
+    // holding the keys of its writer's rows, 1..=15).
+    let expected: u64 = 6 * (15 + 15);
     assert_eq!(r.rows, expected);
     let mut c = PgConnection::connect(&db.admin_url).await.unwrap();
     let gaps: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -866,7 +873,7 @@ async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile()
     let schema = t.name.schema();
     let mut su = db.superuser().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "ALTER TABLE {schema}.docs DISABLE TRIGGER _tenancy_audit_upd; DROP TRIGGER _tenancy_audit_del ON {schema}.docs"
+        "ALTER TABLE {schema}.docs DISABLE TRIGGER _tenancy_audit_update; DROP TRIGGER _tenancy_audit_del ON {schema}.docs"
     )))
     .execute(&mut su)
     .await
@@ -922,7 +929,7 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
              CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); CREATE VIEW v AS SELECT 1 AS x",
             Light,
         ),
-        ("a table trigger disabled", "ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_upd", Light),
+        ("a table trigger disabled", "ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_update", Light),
         ("a table trigger dropped", "DROP TRIGGER _tenancy_audit_trunc ON docs", Light),
         (
             "a table trigger pointed elsewhere",
@@ -1014,7 +1021,7 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
         generation: 1,
     };
     let steps = [
-        ("ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_upd; DROP TRIGGER _tenancy_audit_del ON docs; CREATE TABLE notes (id int PRIMARY KEY, body text)", true),
+        ("ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_update; DROP TRIGGER _tenancy_audit_del ON docs; CREATE TABLE notes (id int PRIMARY KEY, body text)", true),
         ("CREATE OR REPLACE FUNCTION _tenancy_audit_trigger() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$", true),
         (
             "ALTER TABLE _tenancy_audit_head DISABLE TRIGGER _tenancy_audit_tail; ALTER FUNCTION _tenancy_audit_write(text, text, jsonb[], text[]) SECURITY INVOKER RESET search_path",
@@ -1207,4 +1214,75 @@ async fn same_content(su: &mut sqlx::PgConnection, t: &Tenant) -> Vec<String> {
         ops.insert(operation);
     }
     ops.into_iter().collect()
+}
+
+/// An UPDATE appends one entry per statement (per 10,000 rows), holding
+/// every updated row's key and the columns any of them changed; a table
+/// still carrying the per-row UPDATE trigger of earlier versions gets the
+/// statement trigger at the next reconcile, and the old one is dropped (no
+/// entry twice).
+#[tokio::test]
+async fn an_update_appends_one_entry_per_statement_and_the_per_row_trigger_is_replaced() {
+    let db = setup("aud_upd_stmt").await;
+    let mut t = tenant_with_docs(&db, "us").await;
+    let schema = t.name.schema();
+    let mut su = db.superuser().await;
+    // The trigger layout of earlier versions on docs.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP TRIGGER _tenancy_audit_update ON {schema}.docs;
+         CREATE TRIGGER _tenancy_audit_upd AFTER UPDATE ON {schema}.docs FOR EACH ROW EXECUTE FUNCTION {schema}._tenancy_audit_trigger()"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql("INSERT INTO docs (body, n) SELECT 'r' || g, g FROM generate_series(1, 3) g")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::raw_sql("UPDATE docs SET n = n + 1 WHERE n <= 2")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let ops: Vec<String> = audit_rows(&db, &t).await.into_iter().map(|a| a.op).collect();
+    assert_eq!(ops, ["INSERT", "UPDATE", "UPDATE"], "the old trigger: an entry per row");
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["AuditTable"]);
+    let triggers: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = '{schema}.docs'::regclass ORDER BY 1"
+    )))
+    .fetch_all(&mut su)
+    .await
+    .unwrap();
+    assert_eq!(
+        triggers,
+        [
+            "_tenancy_audit_del",
+            "_tenancy_audit_ins",
+            "_tenancy_audit_trunc",
+            "_tenancy_audit_update"
+        ]
+    );
+    sqlx::raw_sql("UPDATE docs SET n = n * 10 WHERE id <= 2; UPDATE docs SET body = 'b' WHERE id = 3; UPDATE docs SET n = n WHERE id = 3; UPDATE docs SET n = 0 WHERE false")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let rows = audit_rows(&db, &t).await;
+    let tail: Vec<_> = rows[3..]
+        .iter()
+        .map(|a| (a.op.as_str(), a.pk.clone(), a.changed.clone()))
+        .collect();
+    let cols = |c: &[&str]| Some(c.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        tail,
+        [
+            ("UPDATE", Some(serde_json::json!([{"id": 1}, {"id": 2}])), cols(&["n"])),
+            ("UPDATE", Some(serde_json::json!([{"id": 3}])), cols(&["body"])),
+            // A row updated to the same values: an entry, nothing changed.
+            ("UPDATE", Some(serde_json::json!([{"id": 3}])), cols(&[])),
+        ],
+        "one entry per UPDATE statement; none for a statement that updated no row"
+    );
+    verified(&db, &t).await;
 }

@@ -57,15 +57,19 @@ const GUARD_TRIGGER: &str = "_tenancy_audit_guard";
 const TAIL_FN: &str = "_tenancy_audit_tail";
 /// The deferred (commit-time) trigger that moves the head to the last entry.
 const TAIL_TRIGGER: &str = "_tenancy_audit_tail";
-/// The triggers on each tenant table: INSERT and DELETE statement-level with
-/// transition tables (one append per statement, however many rows), UPDATE
-/// per row (old and new row side by side for the changed columns), TRUNCATE.
+/// The triggers on each tenant table: INSERT, UPDATE and DELETE
+/// statement-level with transition tables (one append per statement,
+/// however many rows), TRUNCATE.
 pub const TABLE_TRIGGERS: [&str; 4] = [
     "_tenancy_audit_ins",
-    "_tenancy_audit_upd",
+    "_tenancy_audit_update",
     "_tenancy_audit_del",
     "_tenancy_audit_trunc",
 ];
+/// Table triggers of earlier versions, dropped when a table's triggers are
+/// replaced: the per-row UPDATE trigger (one append per updated row, before
+/// 2026-12).
+const LEGACY_TABLE_TRIGGERS: [&str; 1] = ["_tenancy_audit_upd"];
 /// Keys per audit entry of an INSERT or DELETE statement: a statement of
 /// 100,000 rows appends 10 entries, each a JSON array of 10,000 keys
 /// (bounded, far below jsonb's 255 MB limit).
@@ -487,6 +491,7 @@ fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str, String>, 
         r#"
 DECLARE{APPEND_VARS}
   v_cols text;
+  v_keys text[];
   v_all jsonb[];
   v_pks jsonb[] := '{{}}';
   v_new jsonb;
@@ -496,6 +501,8 @@ BEGIN
   IF TG_OP = 'TRUNCATE' THEN
     v_pks := ARRAY[NULL::jsonb];
   ELSIF TG_LEVEL = 'ROW' THEN
+    -- A per-row UPDATE trigger of an earlier version, until the reconcile
+    -- replaces it.
     v_new := to_jsonb(NEW);
     v_old := to_jsonb(OLD);
     SELECT coalesce(array_agg(n.key ORDER BY n.key), '{{}}') INTO v_changed
@@ -504,6 +511,19 @@ BEGIN
       SELECT jsonb_object_agg(a.attname, v_new -> a.attname::text)
         FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
        WHERE i.indrelid = TG_RELID AND i.indisprimary))];
+  ELSIF TG_OP = 'UPDATE' THEN
+    -- The old and new transition tables hold each updated row at the same
+    -- position. The keys are the new rows' (as the per-row trigger gave);
+    -- the changed columns are those any row of the statement changed.
+    SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_keys
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = TG_RELID AND i.indisprimary;
+    WITH o AS (SELECT to_jsonb(o) AS j, row_number() OVER () AS n FROM tenancy_old o),
+         u AS (SELECT to_jsonb(u) AS j, row_number() OVER () AS n FROM tenancy_new u),
+         p AS (SELECT o.j AS old, u.j AS new, n FROM o JOIN u USING (n))
+    SELECT (SELECT array_agg((SELECT jsonb_object_agg(k, p.new -> k) FROM unnest(v_keys) k) ORDER BY p.n) FROM p),
+           (SELECT coalesce(array_agg(DISTINCT e.key ORDER BY e.key), '{{}}') FROM p, jsonb_each(p.new) e WHERE (p.old -> e.key) IS DISTINCT FROM e.value)
+      INTO v_all, v_changed;
   ELSE
     SELECT string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_cols
       FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
@@ -512,6 +532,8 @@ BEGIN
                    CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
                    CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
       INTO v_all;
+  END IF;
+  IF TG_LEVEL = 'STATEMENT' AND TG_OP <> 'TRUNCATE' THEN
     IF coalesce(cardinality(v_all), 0) = 0 THEN
       RETURN NULL;
     END IF;
@@ -684,10 +706,18 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             let [ins, upd, del, trunc] = TABLE_TRIGGERS;
             // A table without any of them (a migration's new table) skips
             // the drops: 4 statements fewer per table in a rollout.
-            let mut v: Vec<String> = if *replace { TABLE_TRIGGERS.iter().map(|tg| format!("DROP TRIGGER IF EXISTS {tg} ON {t}")).collect() } else { Vec::new() };
+            let mut v: Vec<String> = if *replace {
+                TABLE_TRIGGERS
+                    .iter()
+                    .chain(&LEGACY_TABLE_TRIGGERS)
+                    .map(|tg| format!("DROP TRIGGER IF EXISTS {tg} ON {t}"))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             v.extend([
                 format!("CREATE TRIGGER {ins} AFTER INSERT ON {t} REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
-                format!("CREATE TRIGGER {upd} AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}"),
+                format!("CREATE TRIGGER {upd} AFTER UPDATE ON {t} REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {del} AFTER DELETE ON {t} REFERENCING OLD TABLE AS tenancy_old FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {trunc} AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
             ]);
@@ -2747,7 +2777,7 @@ mod tests {
         let mut facts = converged_facts(&t);
         edit(
             &mut facts,
-            |f| is_trigger(f, 15, "_tenancy_audit_upd"),
+            |f| is_trigger(f, 15, "_tenancy_audit_update"),
             |f| {
                 if let CatalogFact::Trigger { enabled, .. } = f {
                     *enabled = 'D';
@@ -3136,7 +3166,8 @@ mod tests {
             sql.iter().all(|s| s.contains("\"tenant_acme\".\"we\"\"ird; DROP\"")),
             "{sql:?}"
         );
-        assert_eq!(sql.len(), 8);
+        // 4 drops, the legacy per-row UPDATE trigger's drop, 4 creates.
+        assert_eq!(sql.len(), 9);
     }
 
     #[test]
@@ -3169,7 +3200,7 @@ mod tests {
                 .iter()
                 .filter(|s| s.starts_with("DROP TRIGGER IF EXISTS"))
                 .count(),
-            4,
+            5,
             "{tampered:?}"
         );
     }

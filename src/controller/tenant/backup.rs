@@ -28,16 +28,15 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::ByteString;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::apply::{MANAGED_BY, TENANT_LABEL};
-use super::status::Cond;
 use super::Error;
 use crate::api::tenant::BackupSpec;
 use crate::api::{Tenant, TenantState};
-use crate::controller::{Context, Stats};
+use crate::controller::kit::{self, conditions::Cond, labels};
+use crate::controller::Context;
 use crate::names::TenantName;
 
 /// Condition type reported for `spec.backup`.
@@ -131,15 +130,25 @@ pub async fn write_job_secret(
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let existing = api.get_opt(secret).await.map_err(JobSecretError::Kube)?;
     let data: BTreeMap<String, ByteString> = data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect();
-    if let Some(s) = &existing {
-        let same_owner = s.metadata.owner_references.iter().flatten().any(|o| o.uid == owner.uid);
-        let same_labels = labels.iter().all(|(k, v)| s.labels().get(k) == Some(v));
-        if s.data.as_ref() == Some(&data) && same_owner && same_labels {
-            return Ok(false);
-        }
+    let next = Secret {
+        metadata: ObjectMeta {
+            name: Some(secret.to_owned()),
+            namespace: Some(ctx.settings.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    if existing.as_ref().is_some_and(|s| super::apply::same_secret(s, &next)) {
+        return Ok(false);
     }
-    let password = data
-        .get("PGPASSWORD")
+    let password = next
+        .data
+        .as_ref()
+        .and_then(|d| d.get("PGPASSWORD"))
         .map(|p| String::from_utf8_lossy(&p.0).into_owned())
         .unwrap_or_default();
     let verifier = crate::pg::scram::verifier_for_random_secret(&password);
@@ -151,44 +160,14 @@ pub async fn write_job_secret(
             name.to_string(),
         )));
     }
-    let next = Secret {
-        metadata: ObjectMeta {
-            name: Some(secret.to_owned()),
-            namespace: Some(ctx.settings.namespace.clone()),
-            labels: Some(labels),
-            owner_references: Some(vec![owner]),
-            resource_version: existing.as_ref().and_then(|e| e.metadata.resource_version.clone()),
-            ..Default::default()
-        },
-        data: Some(data),
-        type_: Some("Opaque".into()),
-        ..Default::default()
-    };
-    match existing {
-        Some(_) => api
-            .replace(secret, &PostParams::default(), &next)
-            .await
-            .map_err(JobSecretError::Kube)?,
-        None => api
-            .create(&PostParams::default(), &next)
-            .await
-            .map_err(JobSecretError::Kube)?,
-    };
-    Stats::add(&ctx.stats.kube_writes, 1);
+    kit::apply(ctx, &api, &next).await.map_err(JobSecretError::Kube)?;
     Ok(true)
 }
 
 /// Deletes a Job's Secret (a missing one is fine).
 pub async fn delete_job_secret(ctx: &Context, secret: &str) -> Result<bool, kube::Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match api.delete(secret, &DeleteParams::default()).await {
-        Ok(_) => {
-            Stats::add(&ctx.stats.kube_writes, 1);
-            Ok(true)
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(e) => Err(e),
-    }
+    kit::delete(ctx, &api, secret, &DeleteParams::default()).await
 }
 
 /// Why a Job's Secret could not be written.
@@ -381,10 +360,7 @@ pub fn desired_cronjob(
             "the operator runs without --backup-store: it could not record the Jobs' backups".into(),
         ));
     }
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), name.to_string()),
-    ]);
+    let labels = labels::of_tenant(name.as_str());
     // The Job cannot read the Tenant: the retention goes in its flags.
     let mut args = vec![
         "backup".to_string(),
@@ -488,7 +464,7 @@ pub fn up_to_date(existing: &CronJob, desired: &CronJob) -> bool {
     hash(existing).is_some() && hash(existing) == hash(desired) && owner(existing) == owner(desired)
 }
 
-/// Creates, replaces or deletes the tenant's CronJob and its Jobs' Secret,
+/// Applies or deletes the tenant's CronJob and its Jobs' Secret,
 /// and brings `tenancy.backups` in step with the store (an Event
 /// `BackupSucceeded` per backup found); returns the `BackupScheduled`
 /// condition (None without `spec.backup`).
@@ -498,11 +474,9 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
     let existing = api.get_opt(&cj_name).await.map_err(Error::Backup)?;
     let Some(spec) = &t.spec.backup else {
         if existing.is_some() {
-            match api.delete(&cj_name, &DeleteParams::background()).await {
-                Ok(_) => Stats::add(&ctx.stats.kube_writes, 1),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(Error::Backup(e)),
-            }
+            kit::delete(ctx, &api, &cj_name, &DeleteParams::background())
+                .await
+                .map_err(Error::Backup)?;
             delete_job_secret(ctx, &job_secret_name(name))
                 .await
                 .map_err(Error::DeleteSecret)?;
@@ -548,32 +522,22 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
         &password,
         &keys,
     );
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), name.to_string()),
-    ]);
-    write_job_secret(ctx, &job_secret_name(name), owner, labels, name, uid, data)
-        .await
-        .map_err(|e| match e {
-            JobSecretError::Kube(e) => Error::WriteSecret(e),
-            JobSecretError::Database(e) => Error::Database(e),
-        })?;
-    match existing {
-        Some(e) if up_to_date(&e, &desired) => {}
-        Some(e) => {
-            let mut next = desired.clone();
-            next.metadata.resource_version = e.metadata.resource_version.clone();
-            api.replace(&cj_name, &PostParams::default(), &next)
-                .await
-                .map_err(Error::Backup)?;
-            Stats::add(&ctx.stats.kube_writes, 1);
-        }
-        None => {
-            api.create(&PostParams::default(), &desired)
-                .await
-                .map_err(Error::Backup)?;
-            Stats::add(&ctx.stats.kube_writes, 1);
-        }
+    write_job_secret(
+        ctx,
+        &job_secret_name(name),
+        owner,
+        labels::of_tenant(name.as_str()),
+        name,
+        uid,
+        data,
+    )
+    .await
+    .map_err(|e| match e {
+        JobSecretError::Kube(e) => Error::WriteSecret(e),
+        JobSecretError::Database(e) => Error::Database(e),
+    })?;
+    if !existing.is_some_and(|e| up_to_date(&e, &desired)) {
+        kit::apply(ctx, &api, &desired).await.map_err(Error::Backup)?;
     }
     sync_backups(ctx, t, uid).await;
     let suspended = desired.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
@@ -607,7 +571,7 @@ async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
                     "backup {} ({} bytes, key v{}, schema version {:?})",
                     m.id, m.bytes, m.key_version, m.schema_version
                 );
-                super::apply::event(ctx, t, false, "BackupSucceeded", note).await;
+                kit::event(ctx, t, false, "BackupSucceeded", note).await;
             }
         }
         Err(e) => tracing::warn!(tenant = %t.name_any(), error = %e, "reading the tenant's backups in the store"),

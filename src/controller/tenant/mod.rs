@@ -25,11 +25,11 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 use crate::api::{Tenant, TenantPhase, TenantState};
+use crate::controller::kit::{self, conditions::Cond, labels};
 use crate::controller::{Context, Stats};
 use crate::names::TenantName;
 use crate::pg::tenant::RegistryWrite;
 use crate::pg::PgError;
-use status::Cond;
 
 /// Errors of one Tenant reconcile, named after the failed action.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +60,8 @@ pub enum Error {
     DeleteBackups(String),
 }
 
-impl Error {
-    /// A fixed word for logs and metrics labels.
-    pub fn label(&self) -> &'static str {
+impl kit::ReconcileError for Error {
+    fn label(&self) -> &'static str {
         match self {
             Error::ReadSecret(_) => "ReadSecret",
             Error::WriteSecret(_) => "WriteSecret",
@@ -98,7 +97,7 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
     // sources elsewhere cannot be watched (the operator may only `get`
     // them): they are re-read at every resync.
     let own_secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let own_cfg = watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1));
+    let own_cfg = watcher::Config::default().labels(&labels::managed_selector());
     let source_watches: Vec<(Api<PartialObjectMeta<Secret>>, Arc<Context>)> = ctx
         .settings
         .secret_sources
@@ -136,15 +135,19 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
             migrations::followers_to_refresh(&ms, &tenant_cache.state())
         })
         .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| {
-            s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n))
+            s.labels()
+                .get(labels::TENANT_LABEL)
+                .map(|n| ObjectRef::<Tenant>::new(n))
         })
         // A backup Job that ended brings its tenant back: the operator
         // records what the Job wrote to the store.
         .watches(
             Api::<k8s_openapi::api::batch::v1::Job>::namespaced(ctx.client.clone(), &ctx.settings.namespace),
-            watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1)),
+            watcher::Config::default().labels(&labels::managed_selector()),
             |j: k8s_openapi::api::batch::v1::Job| {
-                j.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n))
+                j.labels()
+                    .get(labels::TENANT_LABEL)
+                    .map(|n| ObjectRef::<Tenant>::new(n))
             },
         )
         // A new root key (rotation) re-seals every tenant, at the controller's
@@ -224,35 +227,26 @@ async fn watch_root_keys(ctx: Arc<Context>, rotate: futures::channel::mpsc::Unbo
 }
 
 fn error_policy(t: Arc<Tenant>, err: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff(&t.name_any());
-    tracing::warn!(tenant = %t.name_any(), error = %err, kind = err.label(), retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    kit::error_policy(&ctx, CONTROLLER, &t.name_any(), err)
 }
+
+/// The controller's name in metrics, logs and backoff keys.
+const CONTROLLER: &str = "tenant";
 
 /// One reconcile of one Tenant.
 pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
-    Stats::add(&ctx.stats.reconciles, 1);
-    let started = std::time::Instant::now();
+    let name = t.name_any();
     // Every log line of the reconcile carries the tenant's name (the JSON
     // logs include the current span's fields).
-    let span = tracing::info_span!("reconcile", controller = "tenant", tenant = %t.name_any());
-    let result = tracing::Instrument::instrument(
-        async {
-            if t.metadata.deletion_timestamp.is_some() {
-                cleanup(&t, &ctx).await
-            } else {
-                converge(&t, &ctx).await
-            }
-        },
-        span,
-    )
-    .await;
-    ctx.metrics
-        .reconciled("tenant", started.elapsed(), result.as_ref().err().map(Error::label));
-    if result.is_ok() {
-        ctx.reset_backoff(&t.name_any());
-    }
-    result
+    let span = tracing::info_span!("reconcile", controller = CONTROLLER, tenant = %name);
+    kit::reconcile(&ctx, CONTROLLER, &name, span, async {
+        if t.metadata.deletion_timestamp.is_some() {
+            cleanup(&t, &ctx).await
+        } else {
+            converge(&t, &ctx).await
+        }
+    })
+    .await
 }
 
 /// Writes a status built from `conds` and publishes an event when the Ready
@@ -294,7 +288,7 @@ async fn report_with(
     apply::write_status(ctx, t, new).await?;
     if let Some(c) = ready {
         if old_reason.as_deref() != Some(c.reason) && (!c.status || c.type_ == "DeletionBlocked") {
-            apply::event(ctx, t, true, c.reason, c.message.clone()).await;
+            kit::event(ctx, t, true, c.reason, c.message.clone()).await;
         }
     }
     Ok(())
@@ -410,7 +404,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Ok(crate::pg::backup::AsideState::Clean) => {}
         Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
         Ok(state) => {
-            apply::event(
+            kit::event(
                 ctx,
                 t,
                 true,
@@ -471,7 +465,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     if !audit_steps.is_empty() && registry.as_ref().map(|w| w.audit_action) != Some("Provisioned") {
         // Drift: a table made outside migrations, a trigger dropped or
         // disabled, an audit function edited.
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -481,7 +475,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     if let Some(n) = outcome.audit.pruned.filter(|n| *n > 0) {
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -511,9 +505,9 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
                 db_plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>().join(", ")
             ),
         };
-        apply::event(ctx, t, false, w.audit_action, note).await;
+        kit::event(ctx, t, false, w.audit_action, note).await;
     } else if secret_written && observed.secret.is_some() {
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -522,7 +516,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     } else if secret_written {
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -785,7 +779,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             return Err(Error::DeleteBackups(msg));
         }
     }
-    apply::event(
+    kit::event(
         ctx,
         t,
         false,

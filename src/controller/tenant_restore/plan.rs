@@ -10,12 +10,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use crate::api::{RestorePhase, TenantRestoreSpec, TenantRestoreStatus};
 use crate::backup::Selector;
-use crate::controller::tenant::apply::{MANAGED_BY, TENANT_LABEL};
+use crate::controller::kit::labels;
 use crate::controller::tenant::backup::{job_env, job_env_from, restricted_security, work_dir, BackupSettings};
 use crate::names::TenantName;
 
 /// Label on the Job naming its TenantRestore (brings it back on Job events).
 pub const RESTORE_LABEL: &str = "tenancy.dev/restore";
+
+/// The labels of a restore's Job and Secret: the operator's, the tenant's,
+/// and [`RESTORE_LABEL`] naming the TenantRestore.
+pub fn job_labels(tenant: &TenantName, restore: &str) -> BTreeMap<String, String> {
+    labels::managed(&[(labels::TENANT_LABEL, tenant.as_str()), (RESTORE_LABEL, restore)])
+}
 
 /// The Job of TenantRestore `name`.
 pub fn job_name(restore: &str) -> String {
@@ -76,11 +82,7 @@ pub fn desired_job(
     let (Some(image), Some(env_secret)) = (&settings.image, &settings.env_secret) else {
         return Err("the operator runs without --image or --backup-env-secret: restore Jobs cannot be created".into());
     };
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), tenant.to_string()),
-        (RESTORE_LABEL.to_string(), restore.to_string()),
-    ]);
+    let labels = job_labels(tenant, restore);
     let (pod_security, container_security) = restricted_security();
     // The downloaded (encrypted) dump waits here while it is checked; the
     // root filesystem is read-only.

@@ -18,7 +18,8 @@ use std::future::Future;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::ClusterResourceScope;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::Action;
+use kube::runtime::controller::{Action, Error as ControllerError};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -44,7 +45,10 @@ pub async fn reconcile<E: ReconcileError>(
 ) -> Result<Action, E> {
     Stats::add(&ctx.stats.reconciles, 1);
     let started = std::time::Instant::now();
-    let result = tracing::Instrument::instrument(run, span).await;
+    let result = tracing::Instrument::instrument(run, span.clone()).await;
+    if result.is_ok() {
+        span.in_scope(|| tracing::debug!(controller, "reconciled"));
+    }
     ctx.metrics
         .reconciled(controller, started.elapsed(), result.as_ref().err().map(|e| e.label()));
     if result.is_ok() {
@@ -59,6 +63,35 @@ pub fn error_policy<E: ReconcileError>(ctx: &Context, controller: &'static str, 
     let delay = ctx.backoff(&backoff_key(controller, name));
     tracing::warn!(controller, object = %name, error = %err, kind = err.label(), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+/// The settings of a controller's queue: at most `concurrency` reconciles
+/// at once, each object's events merged over `debounce`.
+pub fn queue(concurrency: u16, debounce: std::time::Duration) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .concurrency(concurrency)
+        .debounce(debounce)
+}
+
+/// Drives a controller's stream of outcomes to its end (a success was
+/// logged by [`reconcile`] in the object's span, a failure with its cause
+/// by [`error_policy`]).
+pub async fn drain<K, E, Q>(
+    controller: &'static str,
+    outcomes: impl futures::Stream<Item = Result<(ObjectRef<K>, Action), ControllerError<E, Q>>>,
+) where
+    K: Resource,
+    E: std::error::Error + 'static,
+    Q: std::error::Error + 'static,
+{
+    use futures::StreamExt;
+    outcomes
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(controller, error = %e, "reconcile failed");
+            }
+        })
+        .await
 }
 
 fn backoff_key(controller: &str, name: &str) -> String {

@@ -20,8 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use futures::StreamExt;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -231,26 +230,16 @@ pub async fn run(ctx: Arc<Context>, tenants: Followers) {
         ctx: ctx.clone(),
         tenants: store,
     });
-    Controller::new(sets, watcher::Config::default().any_semantic())
+    let outcomes = Controller::new(sets, watcher::Config::default().any_semantic())
         // Sets are few: any Tenant change (created, deleted, moved to another
         // set) re-runs every set; the debounce merges bursts.
         .reconcile_all_on(tenant_changes)
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(4)
-                .debounce(Duration::from_secs(1)),
-        )
+        .with_config(kit::queue(4, Duration::from_secs(1)))
         // No signal handling of its own: the Tenant controller owns shutdown
         // (`controller::run`). A pass cut short by it loses only open
         // transactions, which Postgres rolls back.
-        .run(reconcile, error_policy, sctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(set = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, sctx);
+    kit::drain(CONTROLLER, outcomes).await;
 }
 
 /// Which set each Tenant follows, as the watch last showed it: tells the

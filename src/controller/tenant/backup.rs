@@ -183,7 +183,7 @@ pub enum JobSecretError {
 /// their container: non-root, no privilege escalation, no capabilities, a
 /// read-only root filesystem (temporary files in an `emptyDir`), the
 /// runtime's default seccomp profile.
-pub fn restricted_security() -> (PodSecurityContext, SecurityContext) {
+fn restricted_security() -> (PodSecurityContext, SecurityContext) {
     let seccomp = SeccompProfile {
         type_: "RuntimeDefault".into(),
         ..Default::default()
@@ -208,7 +208,7 @@ pub fn restricted_security() -> (PodSecurityContext, SecurityContext) {
 }
 
 /// The environment sources of a Job: the store's Secret and the tenant's.
-pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
+fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
     [env_secret, job_secret]
         .iter()
         .map(|s| EnvFromSource {
@@ -225,7 +225,7 @@ pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
 /// empty, so that an env Secret still holding the admin DSN (from before
 /// Jobs ran with `--job`) does not reach the pod (an `env` entry overrides
 /// `envFrom`).
-pub fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
+fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
     vec![
         tmpdir,
         EnvVar {
@@ -237,7 +237,7 @@ pub fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
 }
 
 /// The `emptyDir` for temporary files at `path` (`TMPDIR`), and its mount.
-pub fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
+fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
     (
         Volume {
             name: "work".into(),
@@ -255,6 +255,50 @@ pub fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
             ..Default::default()
         },
     )
+}
+
+/// The pod of a backup or restore Job: `container` (its name, image and
+/// arguments) with the Jobs' environment (the store's Secret `env_secret`,
+/// the tenant's `job_secret`, `TMPDIR` on an `emptyDir` at `work_path`),
+/// the restricted security context, fixed resources, no service account
+/// token, never restarted. Pure.
+pub fn job_pod(
+    labels: &BTreeMap<String, String>,
+    settings: &BackupSettings,
+    mut container: Container,
+    env_secret: &str,
+    job_secret: &str,
+    work_path: &str,
+) -> PodTemplateSpec {
+    let (pod_security, container_security) = restricted_security();
+    let (volume, mount, tmpdir) = work_dir(work_path);
+    container.env_from = Some(job_env_from(env_secret, job_secret));
+    container.env = Some(job_env(tmpdir));
+    container.volume_mounts = Some(vec![mount]);
+    container.security_context = Some(container_security);
+    container.resources = Some(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("100m".into())),
+            ("memory".to_string(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
+        ..Default::default()
+    });
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels.clone()),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            service_account_name: settings.service_account.clone(),
+            automount_service_account_token: Some(false),
+            security_context: Some(pod_security),
+            volumes: Some(vec![volume]),
+            containers: vec![container],
+            ..Default::default()
+        }),
+    }
 }
 
 /// The CronJob's name: `tenant-<name>-backup`. CronJob names may have at
@@ -376,26 +420,13 @@ pub fn desired_cronjob(
             .map_err(|m| ("InvalidRetention", format!("spec.backup.retention.maxAge {a:?}: {m}")))?;
         args.extend(["--keep-max-age".to_string(), a.clone()]);
     }
-    let (pod_security, container_security) = restricted_security();
-    let (volume, mount, tmpdir) = work_dir("/tmp");
     let container = Container {
         name: "backup".into(),
         image: Some(image.clone()),
         args: Some(args),
-        env_from: Some(job_env_from(env_secret, &job_secret_name(name))),
-        env: Some(job_env(tmpdir)),
-        volume_mounts: Some(vec![mount]),
-        security_context: Some(container_security),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity("100m".into())),
-                ("memory".to_string(), Quantity("64Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
-            ..Default::default()
-        }),
         ..Default::default()
     };
+    let pod = job_pod(&labels, settings, container, env_secret, &job_secret_name(name), "/tmp");
     let mut cj = CronJob {
         metadata: ObjectMeta {
             name: Some(cronjob_name(name)),
@@ -413,7 +444,7 @@ pub fn desired_cronjob(
             failed_jobs_history_limit: Some(3),
             job_template: JobTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels.clone()),
+                    labels: Some(labels),
                     ..Default::default()
                 }),
                 spec: Some(JobSpec {
@@ -422,21 +453,7 @@ pub fn desired_cronjob(
                     // later backup) and the age of a dump still uploading,
                     // which orphan pruning's grace must exceed.
                     active_deadline_seconds: Some(crate::backup::JOB_DEADLINE.as_secs() as i64),
-                    template: PodTemplateSpec {
-                        metadata: Some(ObjectMeta {
-                            labels: Some(labels),
-                            ..Default::default()
-                        }),
-                        spec: Some(PodSpec {
-                            restart_policy: Some("Never".into()),
-                            service_account_name: settings.service_account.clone(),
-                            automount_service_account_token: Some(false),
-                            security_context: Some(pod_security),
-                            volumes: Some(vec![volume]),
-                            containers: vec![container],
-                            ..Default::default()
-                        }),
-                    },
+                    template: pod,
                     ..Default::default()
                 }),
             },

@@ -19,7 +19,7 @@ use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -164,21 +164,11 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
                 .collect::<Vec<_>>()
         });
     }
-    controller
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(ctx.settings.concurrency)
-                .debounce(Duration::from_millis(200)),
-        )
+    let outcomes = controller
+        .with_config(kit::queue(ctx.settings.concurrency, Duration::from_millis(200)))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(tenant = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    kit::drain(CONTROLLER, outcomes).await;
 }
 
 /// Reloads the root keys when their Secret changes; a keyring that drops a
@@ -292,6 +282,19 @@ async fn report_with(
         }
     }
     Ok(())
+}
+
+/// Reports a delete under way or stuck: phase Deleting, Ready false with
+/// `reason`.
+async fn report_deleting(
+    ctx: &Context,
+    t: &Tenant,
+    schema: Option<String>,
+    reason: &'static str,
+    message: String,
+) -> Result<(), Error> {
+    let ready = Cond::new("Ready", false, reason, message);
+    report(ctx, t, TenantPhase::Deleting, schema, &[ready]).await
 }
 
 /// `RateLimitsApplied`, computed from the spec alone: the rate-limit writer
@@ -702,17 +705,12 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         .await?;
         return Ok(Action::await_change());
     }
-    report(
+    report_deleting(
         ctx,
         t,
-        TenantPhase::Deleting,
         schema.clone(),
-        &[Cond::new(
-            "Ready",
-            false,
-            "Deleting",
-            "dropping the tenant's schema and roles",
-        )],
+        "Deleting",
+        "dropping the tenant's schema and roles".into(),
     )
     .await?;
     let actor = plan::last_spec_manager(t);
@@ -721,14 +719,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, true).await,
         Err(e) => {
             let msg = format!("cannot drop the tenant: {}", e.describe());
-            report(
-                ctx,
-                t,
-                TenantPhase::Deleting,
-                schema,
-                &[Cond::new("Ready", false, "DeleteFailed", msg)],
-            )
-            .await?;
+            report_deleting(ctx, t, schema, "DeleteFailed", msg).await?;
             return Err(Error::Database(e));
         }
     };
@@ -740,17 +731,12 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;
     if !left.is_empty() {
         let msg = left.join(", ");
-        report(
+        report_deleting(
             ctx,
             t,
-            TenantPhase::Deleting,
             schema,
-            &[Cond::new(
-                "Ready",
-                false,
-                "DeleteIncomplete",
-                format!("still present after drop: {msg}"),
-            )],
+            "DeleteIncomplete",
+            format!("still present after drop: {msg}"),
         )
         .await?;
         return Err(Error::Leftovers(msg));
@@ -763,19 +749,8 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             Err(e) => Err(e.to_string()),
         };
         if let Err(msg) = deleted {
-            report(
-                ctx,
-                t,
-                TenantPhase::Deleting,
-                schema,
-                &[Cond::new(
-                    "Ready",
-                    false,
-                    "DeleteIncomplete",
-                    format!("deleting the tenant's backups: {msg}"),
-                )],
-            )
-            .await?;
+            let message = format!("deleting the tenant's backups: {msg}");
+            report_deleting(ctx, t, schema, "DeleteIncomplete", message).await?;
             return Err(Error::DeleteBackups(msg));
         }
     }

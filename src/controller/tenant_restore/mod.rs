@@ -22,11 +22,10 @@ pub mod plan;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
@@ -81,25 +80,16 @@ pub async fn run(ctx: Arc<Context>) {
     let restores: Api<TenantRestore> = Api::all(ctx.client.clone());
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let cfg = watcher::Config::default().labels(plan::RESTORE_LABEL);
-    Controller::new(restores, watcher::Config::default().any_semantic())
+    let outcomes = Controller::new(restores, watcher::Config::default().any_semantic())
         // The owner is cluster-scoped: map Jobs back by label, not `owns`.
         .watches(jobs, cfg, |job: Job| {
             job.labels()
                 .get(plan::RESTORE_LABEL)
                 .map(|n| ObjectRef::<TenantRestore>::new(n))
         })
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(4)
-                .debounce(Duration::from_millis(200)),
-        )
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "tenantrestore reconcile failed");
-            }
-        })
-        .await;
+        .with_config(kit::queue(4, Duration::from_millis(200)))
+        .run(reconcile, error_policy, ctx);
+    kit::drain(CONTROLLER, outcomes).await;
 }
 
 /// The controller's name in metrics, logs and backoff keys.

@@ -658,7 +658,12 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let namespace = settings.namespace.clone();
     let ctx =
         Arc::new(Context::new(client.clone(), pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)));
-    tenant_operator::telemetry::serve(args.metrics_addr, ctx.clone())
+    let served = tenant_operator::telemetry::Served {
+        pool: ctx.pool.clone(),
+        metrics: ctx.metrics.clone(),
+        health: ctx.health.clone(),
+    };
+    tenant_operator::telemetry::serve(args.metrics_addr, served)
         .await
         .with_context(|| format!("starting the metrics server on {}", args.metrics_addr))?;
     let mut elector = args.leader_election.then(|| {

@@ -1,7 +1,7 @@
 //! Metrics and health: what the operator tells Prometheus and the kubelet.
 //!
-//! Takes the operator's [`Context`] (for the Postgres pool and the Tenant
-//! watch cache); gives [`Metrics`] (recorded by the controllers), [`Health`]
+//! Takes the admin pool, the [`Metrics`] and the [`Health`] the controllers
+//! share (the metrics hold the Tenant watch cache once it runs); gives [`Metrics`] (recorded by the controllers), [`Health`]
 //! (task liveness, Postgres reachability, start-up) and [`serve`], an HTTP
 //! server for `/metrics` (OpenMetrics text), `/healthz` and `/readyz`.
 //! Side effects: binds a TCP port; pings Postgres every 10 seconds.
@@ -31,7 +31,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::api::{Tenant, TenantPhase};
-use crate::controller::Context;
 
 /// How long Postgres may be unreachable before `/readyz` fails.
 pub const DB_UNREACHABLE_LIMIT: Duration = Duration::from_secs(60);
@@ -442,16 +441,25 @@ impl Health {
     }
 }
 
+/// What the HTTP server serves from: the admin pool (its gauges and the
+/// health ping), the metrics and the health.
+#[derive(Clone)]
+pub struct Served {
+    pub pool: sqlx::PgPool,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
 /// Pings Postgres every 10 seconds and records each success.
-pub async fn watch_database(ctx: Arc<Context>) {
+pub async fn watch_database(pool: sqlx::PgPool, health: Arc<Health>) {
     use sqlx::Connection;
     loop {
         let ping = async {
-            let mut conn = ctx.pool.acquire().await?;
+            let mut conn = pool.acquire().await?;
             conn.ping().await
         };
         match tokio::time::timeout(Duration::from_secs(5), ping).await {
-            Ok(Ok(())) => ctx.health.db_ok(),
+            Ok(Ok(())) => health.db_ok(),
             Ok(Err(e)) => tracing::warn!(error = %e, "Postgres health ping failed"),
             Err(_) => tracing::warn!("Postgres health ping timed out"),
         }
@@ -459,13 +467,13 @@ pub async fn watch_database(ctx: Arc<Context>) {
     }
 }
 
-async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+async fn metrics(State(s): State<Served>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        ctx.metrics.render(&ctx.pool),
+        s.metrics.render(&s.pool),
     )
 }
 
@@ -476,36 +484,33 @@ fn verdict(r: Result<(), String>) -> (StatusCode, String) {
     }
 }
 
-async fn healthz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
-    verdict(ctx.health.live())
+async fn healthz(State(s): State<Served>) -> impl IntoResponse {
+    verdict(s.health.live())
 }
 
-async fn readyz(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
-    verdict(ctx.health.ready())
+async fn readyz(State(s): State<Served>) -> impl IntoResponse {
+    verdict(s.health.ready())
 }
 
 /// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` in a
 /// background task; also starts the Postgres ping. Returns the bound
 /// address (port 0 picks a free one).
-pub async fn serve(addr: SocketAddr, ctx: Arc<Context>) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, served: Served) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(ctx.clone());
-    let health = ctx.clone();
+        .with_state(served.clone());
+    let health = served.health.clone();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics server stopped");
         }
-        health.health.task_died("metrics-server");
+        health.task_died("metrics-server");
     });
-    let db = ctx.clone();
-    tokio::spawn(async move {
-        watch_database(db.clone()).await;
-    });
+    tokio::spawn(watch_database(served.pool, served.health));
     tracing::info!(addr = %local, "metrics and health server listening");
     Ok(local)
 }

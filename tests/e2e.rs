@@ -294,19 +294,70 @@ async fn hand_made_damage_is_repaired() {
     let name = unique("heal");
     assert!(env.kubectl_stdin(&["apply"], &tenant_yaml(&name, "")).status.success());
     env.wait_ready(&name);
-    let uid0 = env.jsonpath(
-        &["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")],
-        "{.metadata.uid}",
+    let secret = format!("tenant-{name}-db");
+    let uid0 = env.jsonpath(&["secret", "-n", NAMESPACE, &secret], "{.metadata.uid}");
+
+    // Labels and annotations another tool adds to an owned object survive
+    // the operator's next write of it (Server-Side Apply, not replace);
+    // the data is the operator's: a key taken away comes back, a key added
+    // goes.
+    env.kubectl_ok(&["label", "secret", "-n", NAMESPACE, &secret, "team=payments"]);
+    env.kubectl_ok(&[
+        "annotate",
+        "secret",
+        "-n",
+        NAMESPACE,
+        &secret,
+        "backup.example.com/skip=true",
+    ]);
+    let rv0 = env.jsonpath(&["secret", "-n", NAMESPACE, &secret], "{.metadata.resourceVersion}");
+    env.kubectl_ok(&[
+        "patch",
+        "secret",
+        "-n",
+        NAMESPACE,
+        &secret,
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/data/uri"},{"op":"add","path":"/data/extra","value":"eA=="}]"#,
+    ]);
+    wait_for(
+        Duration::from_secs(30),
+        "the operator to rewrite the Secret's data",
+        || {
+            let data = env.jsonpath(&["secret", "-n", NAMESPACE, &secret], "{.data}");
+            data.contains("\"uri\"") && !data.contains("\"extra\"")
+        },
     );
+    assert_ne!(
+        rv0,
+        env.jsonpath(&["secret", "-n", NAMESPACE, &secret], "{.metadata.resourceVersion}")
+    );
+    assert_eq!(
+        env.jsonpath(&["secret", "-n", NAMESPACE, &secret], "{.metadata.labels.team}"),
+        "payments",
+        "the operator's write removed another manager's label"
+    );
+    assert_eq!(
+        env.jsonpath(
+            &["secret", "-n", NAMESPACE, &secret],
+            "{.metadata.annotations.backup\\.example\\.com/skip}"
+        ),
+        "true",
+        "the operator's write removed another manager's annotation"
+    );
+    let managers = env.jsonpath(
+        &["secret", "-n", NAMESPACE, &secret],
+        "{.metadata.managedFields[*].manager}",
+    );
+    assert!(managers.contains("tenant-operator"), "{managers}");
+    app_connect(&env, &name).await.expect("the rewritten uri logs in");
 
     // The Secret deleted by hand comes back (the watch on Secrets), with
     // credentials that work.
-    env.kubectl_ok(&["delete", "secret", "-n", NAMESPACE, &format!("tenant-{name}-db")]);
+    env.kubectl_ok(&["delete", "secret", "-n", NAMESPACE, &secret]);
     wait_for(Duration::from_secs(30), "the Secret to come back", || {
-        let uid = env.jsonpath(
-            &["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")],
-            "{.metadata.uid}",
-        );
+        let uid = env.jsonpath(&["secret", "-n", NAMESPACE, &secret], "{.metadata.uid}");
         !uid.is_empty() && uid != uid0
     });
     app_connect(&env, &name)

@@ -117,10 +117,15 @@ const RARE: &[(&str, &str, &str)] = &[
     ("tenancy.dev", "migrationsets", "get"),
     // An Event repeated within its series window is patched.
     ("events.k8s.io", "events", "patch"),
+    // Owned objects are written with Server-Side Apply (PATCH requests);
+    // the API server also authorizes an apply that creates as `create`,
+    // which the request log does not show as a request of its own.
+    ("", "secrets", "create"),
+    ("", "configmaps", "create"),
     // Backups and restores, which this flow does not run: the CronJob of a
     // tenant with spec.backup, a TenantRestore's Job, its pods and status.
     ("batch", "cronjobs", "create"),
-    ("batch", "cronjobs", "update"),
+    ("batch", "cronjobs", "patch"),
     ("batch", "cronjobs", "delete"),
     ("batch", "jobs", "get"),
     ("batch", "jobs", "create"),

@@ -248,7 +248,7 @@ async fn publish(cluster: Option<&Cluster>, warning: bool, reason: &str, note: S
         controller: "tenant-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let ev = crate::controller::event_of(warning, reason, note);
+    let ev = crate::controller::kit::events::event_of(warning, reason, note);
     if let Err(e) = Recorder::new(client.clone(), reporter)
         .publish(&ev, &t.object_ref(&()))
         .await

@@ -14,10 +14,9 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::PostParams;
 use kube::Api;
 
-use super::tenant::apply::MANAGED_BY;
+use super::kit::{self, labels};
 use super::{Context, Stats};
 use crate::pg::gateway::{GatewayError, GatewayName};
 
@@ -56,18 +55,30 @@ pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Erro
             .into_iter()
             .map(|(k, v)| (k, ByteString(v.into_bytes())))
             .collect();
-    let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())]);
-    let same = existing.as_ref().is_some_and(|s| {
-        s.data.as_ref() == Some(&data)
-            && labels
-                .iter()
-                .all(|(k, v)| s.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
-    });
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(SECRET.into()),
+            namespace: Some(ctx.settings.namespace.clone()),
+            labels: Some(labels::managed(&[])),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    };
     // The Secret first: a new password is on the role only once it can be
     // read (a failed write leaves the role's old password working).
+    let same = existing.as_ref().is_some_and(|s| {
+        s.data == secret.data
+            && labels::carries(
+                s.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                &labels::managed(&[]),
+            )
+    });
     let mut wrote = false;
     if !same {
-        write_secret(ctx, &api, existing, data).await?;
+        kit::apply(ctx, &api, &secret).await.map_err(Error::WriteSecret)?;
+        tracing::info!(secret = SECRET, "gateway credentials written");
         wrote = true;
     }
     let outcome = crate::pg::gateway::converge(&ctx.pool, gateway, &password, is_new).await?;
@@ -78,42 +89,6 @@ pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Erro
     }
     let _ = ctx.gateway.set(gateway.to_string());
     Ok(wrote || !outcome.actions.is_empty())
-}
-
-async fn write_secret(
-    ctx: &Context,
-    api: &Api<Secret>,
-    existing: Option<Secret>,
-    data: BTreeMap<String, ByteString>,
-) -> Result<(), Error> {
-    let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())]);
-    let mut secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(SECRET.into()),
-            namespace: Some(ctx.settings.namespace.clone()),
-            labels: Some(labels),
-            ..ObjectMeta::default()
-        },
-        data: Some(data),
-        type_: Some("Opaque".into()),
-        ..Secret::default()
-    };
-    match existing {
-        None => {
-            api.create(&PostParams::default(), &secret)
-                .await
-                .map_err(Error::WriteSecret)?;
-        }
-        Some(s) => {
-            secret.metadata.resource_version = s.metadata.resource_version;
-            api.replace(SECRET, &PostParams::default(), &secret)
-                .await
-                .map_err(Error::WriteSecret)?;
-        }
-    }
-    Stats::add(&ctx.stats.kube_writes, 1);
-    tracing::info!(secret = SECRET, "gateway credentials written");
-    Ok(())
 }
 
 /// Converges the gateway every resync period (and after a failure, with

@@ -6,6 +6,7 @@
 
 pub mod anchoring;
 pub mod gateway;
+pub mod kit;
 pub mod migration_set;
 pub mod ratelimits;
 pub mod tenant;
@@ -175,18 +176,5 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
         _ = anchoring::run(ctx.clone()) => ctx.health.task_died("audit-anchoring"),
         _ = watchdog::run(ctx.clone()) => ctx.health.task_died("watchdog"),
         _ = usage::run(ctx.clone()) => ctx.health.task_died("usage-sampler"),
-    }
-}
-
-/// An Event of the operator: Warning or Normal, with `reason` as its action
-/// too, and the note cut to the API's 1 kB limit.
-pub fn event_of(warning: bool, reason: &str, note: String) -> kube::runtime::events::Event {
-    use kube::runtime::events::{Event, EventType};
-    Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
     }
 }

@@ -4,8 +4,8 @@
 //! Takes the operator's Tenant cache ([`crate::controller::tenant_watch`])
 //! and its changes; on any change, debounced, and on every resync, renders the whole
 //! store with [`crate::ratelimit::render`] and converges the ConfigMaps in
-//! the operator namespace: get, then create or replace only the ones whose
-//! data differ, then delete shards no longer needed. Publishes a
+//! the operator namespace: get, then apply only the ones whose data
+//! differ, then delete shards no longer needed. Publishes a
 //! `RateLimitsChanged` Event on each tenant whose rendered limits changed.
 //! An unchanged set of tenants writes nothing.
 
@@ -16,16 +16,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::time::{sleep_until, Instant};
 
 use crate::api::Tenant;
-use crate::controller::tenant::apply::{self, MANAGED_BY};
+use crate::controller::kit::{self, labels};
 use crate::controller::tenant_watch::TenantWatch;
-use crate::controller::{Context, Stats};
+use crate::controller::Context;
 use crate::ratelimit::{self, Limit, RenderError};
 
 /// Label on every rendered ConfigMap; its value is the configured (first)
@@ -171,13 +171,6 @@ pub async fn run(ctx: Arc<Context>, tenants: Tenants) {
     }
 }
 
-fn labels(base: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (CONFIG_LABEL.to_string(), base.to_string()),
-    ])
-}
-
 /// What the writer last rendered and published, in memory.
 #[derive(Default)]
 struct Written {
@@ -202,7 +195,7 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
     let previous = &mut written.limits;
 
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let wanted_labels = labels(&cfg.configmap);
+    let wanted_labels = labels::managed(&[(CONFIG_LABEL, &cfg.configmap)]);
     let selector = format!("{CONFIG_LABEL}={}", cfg.configmap);
     let listed = api
         .list(&ListParams::default().labels(&selector))
@@ -233,12 +226,14 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
                 .map_err(|e| Error::ReadConfigMap(shard.name.clone(), e))?,
         };
         if let Some(c) = &current {
-            let same_labels = wanted_labels.iter().all(|(k, v)| c.labels().get(k) == Some(v));
-            if c.data.as_ref() == Some(&shard.data) && same_labels && c.binary_data.is_none() {
+            if c.data.as_ref() == Some(&shard.data)
+                && labels::carries(c.labels(), &wanted_labels)
+                && c.binary_data.is_none()
+            {
                 continue;
             }
         }
-        let mut cm = ConfigMap {
+        let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(shard.name.clone()),
                 namespace: Some(ctx.settings.namespace.clone()),
@@ -248,25 +243,18 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
             data: Some(shard.data.clone()),
             ..ConfigMap::default()
         };
-        let res = match current {
-            None => api.create(&PostParams::default(), &cm).await,
-            Some(c) => {
-                cm.metadata.resource_version = c.metadata.resource_version;
-                api.replace(&shard.name, &PostParams::default(), &cm).await
-            }
-        };
-        res.map_err(|e| Error::WriteConfigMap(shard.name.clone(), e))?;
-        Stats::add(&ctx.stats.kube_writes, 1);
+        kit::apply(ctx, &api, &cm)
+            .await
+            .map_err(|e| Error::WriteConfigMap(shard.name.clone(), e))?;
         writes += 1;
     }
     for name in existing.into_keys() {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => return Err(Error::DeleteConfigMap(name, e)),
+        if kit::delete(ctx, &api, &name, &DeleteParams::default())
+            .await
+            .map_err(|e| Error::DeleteConfigMap(name.clone(), e))?
+        {
+            writes += 1;
         }
-        Stats::add(&ctx.stats.kube_writes, 1);
-        writes += 1;
     }
 
     // Events for tenants whose limits were rendered before and differ now
@@ -298,7 +286,7 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
             ctx.settings.namespace,
             cfg.configmap
         );
-        apply::event(ctx, t, false, "RateLimitsChanged", note).await;
+        kit::event(ctx, t.as_ref(), false, "RateLimitsChanged", note).await;
     }
     written.shards = Some(shards);
     Ok(writes)

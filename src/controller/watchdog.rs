@@ -16,11 +16,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Resource;
-
+use super::kit::{self, events::tenant_ref};
 use super::Context;
-use crate::api::Tenant;
 use crate::pg::watchdog::{self as wd, Reason, Signal};
 
 /// The watchdog's settings (`--watchdog-interval-ms`, `--watchdog-grace-ms`).
@@ -148,16 +145,6 @@ fn note_of(s: &Signal) -> String {
     }
 }
 
-fn tenant_ref(name: &str, uid: &str) -> ObjectReference {
-    ObjectReference {
-        api_version: Some(Tenant::api_version(&()).into_owned()),
-        kind: Some(Tenant::kind(&()).into_owned()),
-        name: Some(name.to_string()),
-        uid: Some(uid.to_string()),
-        ..Default::default()
-    }
-}
-
 /// Whether the admin can see other roles' sessions (`pg_read_all_stats`,
 /// [`wd::ensure_visibility`]): checked until it can, at most once every
 /// [`VISIBILITY_RETRY`]. Shared by the watchdog and the usage sampler.
@@ -227,13 +214,14 @@ pub async fn run(ctx: Arc<Context>) {
             throttle.record(s);
         }
         for ev in throttle.due(Instant::now(), EVENTS_PER_PASS) {
-            let event = super::event_of(true, ev.reason.as_str(), ev.note);
-            match ctx.recorder.publish(&event, &tenant_ref(&ev.tenant, &ev.uid)).await {
-                Ok(()) => super::Stats::add(&ctx.stats.kube_writes, 1),
-                Err(e) => {
-                    tracing::warn!(tenant = %ev.tenant, reason = ev.reason.as_str(), error = %e, "publishing a watchdog Event failed")
-                }
-            }
+            kit::publish(
+                &ctx,
+                &tenant_ref(&ev.tenant, &ev.uid),
+                true,
+                ev.reason.as_str(),
+                ev.note,
+            )
+            .await;
         }
     }
 }
@@ -301,19 +289,5 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(th.due(t0, 10).len(), 10);
         assert_eq!(th.due(t0 + Duration::from_secs(1), 10).len(), 5);
-    }
-
-    #[test]
-    fn the_event_names_the_tenant_object() {
-        let r = tenant_ref("acme", "u-1");
-        assert_eq!(
-            (
-                r.api_version.as_deref(),
-                r.kind.as_deref(),
-                r.name.as_deref(),
-                r.uid.as_deref()
-            ),
-            (Some("tenancy.dev/v1alpha1"), Some("Tenant"), Some("acme"), Some("u-1"))
-        );
     }
 }

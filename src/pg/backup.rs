@@ -34,19 +34,17 @@
 //! holds it on a session of its own for its whole run; the TenantRestore
 //! controller takes it in each step's transaction). A reconcile that gives
 //! the app role its login takes it `FOR SHARE NOWAIT` in its own transaction
-//! ([`guard_against_restore`]). No tenant role can touch `tenancy.*`, so no
+//! ([`super::locks::guard_against_restore`]). No tenant role can touch `tenancy.*`, so no
 //! tenant can take, hold or stall it (advisory locks, used before, any role
 //! could).
 
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use super::tenant::ownership_marker;
+pub use super::locks::{aside_schema, LOCK_KIND};
+use super::locks::{lock_row, ownership_marker};
 use super::{query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
-
-/// The `kind` of the restore lock's row in `tenancy.locks`.
-pub const LOCK_KIND: &str = "restore";
 
 /// How long one admin step waits for a lock on the tenant's schemas (an app
 /// session still finishing a statement) before it gives up.
@@ -64,11 +62,6 @@ pub fn by_tenant_restore(restore: &str) -> String {
 /// The TenantRestore a restoring marker's `by` names, if it names one.
 pub fn tenant_restore_of(by: &str) -> Option<&str> {
     by.strip_prefix("TenantRestore/")
-}
-
-/// The name a restore moves the live schema to.
-pub fn aside_schema(name: &TenantName) -> String {
-    format!("{}$aside", name.schema())
 }
 
 /// The comment of a schema being restored, until finalize replaces it with
@@ -209,37 +202,6 @@ pub async fn schema_version(conn: &mut PgConnection) -> Result<Option<i64>, PgEr
         .map_err(query_err("reading the schema version"))
 }
 
-/// Whether `e` is Postgres's "lock not available" (NOWAIT, lock_timeout).
-fn is_lock_busy(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
-}
-
-/// Locks the tenant's restore row inside the caller's transaction
-/// (`FOR UPDATE` when `exclusive`, else `FOR SHARE`), without waiting;
-/// false when another transaction holds it in a conflicting mode. A false
-/// leaves the transaction aborted: roll it back.
-async fn lock_row(tx: &mut PgConnection, uid: &str, exclusive: bool) -> Result<bool, PgError> {
-    sqlx::query("INSERT INTO tenancy.locks (kind, key) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(LOCK_KIND)
-        .bind(uid)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("creating the restore lock's row"))?;
-    let sql = if exclusive {
-        "SELECT 1 FROM tenancy.locks WHERE kind = $1 AND key = $2 FOR UPDATE NOWAIT"
-    } else {
-        "SELECT 1 FROM tenancy.locks WHERE kind = $1 AND key = $2 FOR SHARE NOWAIT"
-    };
-    match sqlx::query(sql).bind(LOCK_KIND).bind(uid).execute(&mut *tx).await {
-        Ok(_) => Ok(true),
-        Err(e) if is_lock_busy(&e) => Ok(false),
-        Err(e) => Err(PgError::Query {
-            action: "taking the restore lock",
-            source: e,
-        }),
-    }
-}
-
 /// A session holding the tenant's restore lock (an open transaction with
 /// its row locked `FOR UPDATE`); unlocks when released or dropped.
 pub struct RestoreLock {
@@ -302,25 +264,6 @@ pub async fn try_restore_lock(pool: &PgPool, uid: &str) -> Result<Option<Restore
             other.map(|_| None)
         }
     }
-}
-
-/// Inside a transaction about to let the app role log in: holds the restore
-/// lock shared until commit, so that no restore step can run in between,
-/// and says false (do nothing) when a restore holds the lock or one is
-/// under way (an aside schema of this tenant exists).
-pub async fn guard_against_restore(tx: &mut PgConnection, name: &TenantName, uid: &str) -> Result<bool, PgError> {
-    if !lock_row(tx, uid, false).await? {
-        return Ok(false);
-    }
-    let aside: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1 AND obj_description(oid, 'pg_namespace') = $2)",
-    )
-    .bind(aside_schema(name))
-    .bind(ownership_marker(uid))
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(query_err("checking for a restore under way"))?;
-    Ok(!aside)
 }
 
 /// The tenant's schema as a restore sees it.

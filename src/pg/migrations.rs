@@ -305,16 +305,6 @@ fn record_from(r: (String, String, i64, i64, String, String, String, Option<Stri
     }
 }
 
-/// Removes a tenant's failure record (on success, and with the tenant).
-pub async fn clear_failure<'e, E: sqlx::PgExecutor<'e>>(exec: E, tenant: &str) -> Result<(), PgError> {
-    sqlx::query("DELETE FROM tenancy.migration_failures WHERE tenant_name = $1")
-        .bind(tenant)
-        .execute(exec)
-        .await
-        .map_err(query_err("clearing the tenant's migration failure"))?;
-    Ok(())
-}
-
 /// Which pending migrations a run applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Scope {

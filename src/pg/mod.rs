@@ -9,6 +9,7 @@ pub mod audit;
 pub mod backup;
 pub mod confined;
 pub mod gateway;
+pub mod locks;
 pub mod migrations;
 pub mod scram;
 pub mod tenant;

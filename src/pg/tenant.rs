@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
+// The marker lives in the leaf `locks`, which restores share; it is part of
+// this module's interface too.
+pub use super::locks::ownership_marker;
 use super::{query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
 use crate::sensitive::SecretString;
@@ -103,13 +106,6 @@ pub struct CatalogState {
     /// Whether the admin may set `temp_file_limit` (a superuser-only setting
     /// unless granted with `GRANT SET ON PARAMETER`, Postgres 15+).
     pub can_set_temp_file_limit: bool,
-}
-
-/// The marker the operator writes on everything it creates for a tenant, so
-/// it never adopts an object it did not create (another database's tenant
-/// of the same name, a left-over of a deleted tenant, a hand-made role).
-pub fn ownership_marker(uid: &str) -> String {
-    format!("managed by tenancy.dev for tenant uid {uid}")
 }
 
 /// Reads the tenant's catalog state: 3 to 4 queries, no writes.
@@ -536,7 +532,7 @@ pub async fn apply(
             DbAction::SetLogin(true) | DbAction::CreateAppRole { login: true, .. }
         )
     });
-    if enables_login && !super::backup::guard_against_restore(&mut tx, name, uid).await? {
+    if enables_login && !super::locks::guard_against_restore(&mut tx, name, uid).await? {
         return Err(PgError::RestoreRunning(name.to_string()));
     }
     let db: String = sqlx::query_scalar("SELECT current_database()::text")
@@ -863,7 +859,7 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         .map_err(query_err("deleting the registry row"))?
         .rows_affected();
     // The tenant's last migration failure (its Postgres error may quote data).
-    super::migrations::clear_failure(&mut *tx, name.as_str()).await?;
+    clear_failure(&mut *tx, name.as_str()).await?;
     // Its audit anchoring: the anchor function, head and anchors.
     super::audit::forget_tenant(&mut tx, name, uid).await?;
     if !stmts.is_empty() || removed > 0 {
@@ -884,6 +880,17 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
     }
     tx.commit().await.map_err(query_err("committing the delete"))?;
     Ok(stmts.len())
+}
+
+/// Removes a dropped tenant's migration failure record
+/// (`tenancy.migration_failures`, which the migration runs write).
+async fn clear_failure<'e, E: sqlx::PgExecutor<'e>>(exec: E, tenant: &str) -> Result<(), PgError> {
+    sqlx::query("DELETE FROM tenancy.migration_failures WHERE tenant_name = $1")
+        .bind(tenant)
+        .execute(exec)
+        .await
+        .map_err(query_err("clearing the tenant's migration failure"))?;
+    Ok(())
 }
 
 /// What of a deleted tenant is still in Postgres, in words; empty when

@@ -1,5 +1,4 @@
-//! Apply: run a [`RolloutPlan`] against Postgres with bounded parallelism,
-//! and write the MigrationSet's status (only when it changed).
+//! Apply: run a [`RolloutPlan`] against Postgres with bounded parallelism.
 //!
 //! Each tenant is migrated on a confined session of its own (its ops login,
 //! closed after the run; never the admin's) while an admin connection holds
@@ -16,16 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt};
-use kube::api::{Patch, PatchParams};
-use kube::{Api, ResourceExt};
-use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 use super::plan::RolloutPlan;
-use super::Error;
-use crate::api::{MigrationSet, MigrationSetStatus, OnFailure};
-use crate::controller::{Context, Stats};
+use crate::api::OnFailure;
 use crate::names::TenantName;
 use crate::pg::confined::OpsLogin;
 use crate::pg::migrations::{migrate_tenant, TenantOutcome, Timeouts};
@@ -201,40 +195,4 @@ async fn stage(
         .buffer_unordered(plan.max_concurrent.max(1))
         .collect()
         .await
-}
-
-/// Writes the status when it differs from the current one; returns whether
-/// it wrote.
-pub async fn write_status(ctx: &Context, ms: &MigrationSet, status: MigrationSetStatus) -> Result<bool, Error> {
-    if ms.status.as_ref() == Some(&status) {
-        return Ok(false);
-    }
-    let api: Api<MigrationSet> = Api::all(ctx.client.clone());
-    // A merge patch leaves out keys untouched: send the ones that went
-    // away (an emptied failed list) as null.
-    let mut value = serde_json::to_value(&status).map_err(Error::Serialize)?;
-    if let Some(map) = value.as_object_mut() {
-        for key in [
-            "phase",
-            "observedGeneration",
-            "latestVersion",
-            "progress",
-            "versions",
-            "failed",
-            "conditions",
-        ] {
-            map.entry(key).or_insert(serde_json::Value::Null);
-        }
-    }
-    let patch = json!({ "status": value });
-    match api
-        .patch_status(&ms.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
-        Err(e) => return Err(Error::PatchStatus(e)),
-    }
-    Stats::add(&ctx.stats.kube_writes, 1);
-    Ok(true)
 }

@@ -20,16 +20,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use futures::StreamExt;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use sqlx::PgPool;
 
 use crate::api::{MigrationSet, MigrationSetPhase, MigrationSetSpec, Tenant};
-use crate::controller::{Context, Stats};
+use crate::controller::kit;
+use crate::controller::Context;
 use crate::crypto::Keyring;
 use crate::names::TenantName;
 use crate::pg::migrations::Timeouts;
@@ -40,8 +39,6 @@ use crate::pg::PgError;
 pub enum Error {
     #[error("writing the MigrationSet's status: {0}")]
     PatchStatus(#[source] kube::Error),
-    #[error("building a patch: {0}")]
-    Serialize(#[source] serde_json::Error),
     #[error("the Tenant watch cache is gone")]
     StoreGone,
     #[error("the operator has no root keys loaded: it cannot log in as the tenants' ops roles")]
@@ -50,12 +47,10 @@ pub enum Error {
     Database(#[from] PgError),
 }
 
-impl Error {
-    /// A fixed word for logs and metrics labels.
-    pub fn label(&self) -> &'static str {
+impl kit::ReconcileError for Error {
+    fn label(&self) -> &'static str {
         match self {
             Error::PatchStatus(_) => "PatchStatus",
-            Error::Serialize(_) => "Serialize",
             Error::StoreGone => "StoreGone",
             Error::NoRootKeys => "NoRootKeys",
             Error::Database(e) if e.is_unreachable() => "DatabaseUnavailable",
@@ -235,26 +230,16 @@ pub async fn run(ctx: Arc<Context>, tenants: Followers) {
         ctx: ctx.clone(),
         tenants: store,
     });
-    Controller::new(sets, watcher::Config::default().any_semantic())
+    let outcomes = Controller::new(sets, watcher::Config::default().any_semantic())
         // Sets are few: any Tenant change (created, deleted, moved to another
         // set) re-runs every set; the debounce merges bursts.
         .reconcile_all_on(tenant_changes)
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(4)
-                .debounce(Duration::from_secs(1)),
-        )
+        .with_config(kit::queue(4, Duration::from_secs(1)))
         // No signal handling of its own: the Tenant controller owns shutdown
         // (`controller::run`). A pass cut short by it loses only open
         // transactions, which Postgres rolls back.
-        .run(reconcile, error_policy, sctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(set = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, sctx);
+    kit::drain(CONTROLLER, outcomes).await;
 }
 
 /// Which set each Tenant follows, as the watch last showed it: tells the
@@ -282,27 +267,21 @@ impl FollowerIndex {
     }
 }
 
+/// The controller's name in metrics, logs and backoff keys.
+const CONTROLLER: &str = "migrationset";
+
 fn error_policy(ms: Arc<MigrationSet>, err: &Error, sctx: Arc<SetContext>) -> Action {
-    let delay = sctx.ctx.backoff(&format!("migrationset/{}", ms.name_any()));
-    tracing::warn!(set = %ms.name_any(), error = %err, kind = err.label(), retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    kit::error_policy(&sctx.ctx, CONTROLLER, &ms.name_any(), err)
 }
 
 async fn reconcile(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    let span = tracing::info_span!("reconcile", controller = "migrationset", set = %ms.name_any());
-    let result = tracing::Instrument::instrument(reconcile_set(ms, sctx.clone()), span).await;
-    sctx.ctx.metrics.reconciled(
-        "migrationset",
-        started.elapsed(),
-        result.as_ref().err().map(Error::label),
-    );
-    result
+    let name = ms.name_any();
+    let span = tracing::info_span!("reconcile", controller = CONTROLLER, set = %name);
+    kit::reconcile(&sctx.ctx, CONTROLLER, &name, span, reconcile_set(ms, sctx.clone())).await
 }
 
 async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<Action, Error> {
     let ctx = &sctx.ctx;
-    Stats::add(&ctx.stats.reconciles, 1);
     sctx.tenants.wait_until_ready().await.map_err(|_| Error::StoreGone)?;
     let name = ms.name_any();
     let generation = ms.metadata.generation.unwrap_or(0);
@@ -340,11 +319,13 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
         .find(|c| c.type_ == "Ready")
         .map(|c| c.message.clone())
         .unwrap_or_default();
-    apply::write_status(ctx, &ms, new).await?;
-    ctx.reset_backoff(&format!("migrationset/{name}"));
+    kit::write_status(ctx, ms.as_ref(), ms.status.as_ref(), &new)
+        .await
+        .map_err(Error::PatchStatus)?;
     if old_phase != phase {
         if let Some(p) = phase {
-            event(ctx, &ms, p, message).await;
+            let (warning, reason) = phase_event(p);
+            kit::event(ctx, ms.as_ref(), warning, reason, message).await;
         }
     }
     Ok(match phase {
@@ -354,27 +335,13 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
     })
 }
 
-/// Publishes an Event on the set when its phase changes (best effort).
-async fn event(ctx: &Context, ms: &MigrationSet, phase: MigrationSetPhase, message: String) {
-    let reason = match phase {
-        MigrationSetPhase::Complete => "RolledOut",
-        MigrationSetPhase::Progressing => "RollingOut",
-        MigrationSetPhase::Paused => "Paused",
-    };
-    let ev = Event {
-        type_: if phase == MigrationSetPhase::Paused {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(message.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
-    match ctx.recorder.publish(&ev, &ms.object_ref(&())).await {
-        Ok(()) => Stats::add(&ctx.stats.kube_writes, 1),
-        Err(e) => tracing::warn!(set = %ms.name_any(), error = %e, "publishing an event failed"),
+/// The Event of a set whose phase changed: whether it is a warning, and its
+/// reason. Pure.
+pub fn phase_event(phase: MigrationSetPhase) -> (bool, &'static str) {
+    match phase {
+        MigrationSetPhase::Complete => (false, "RolledOut"),
+        MigrationSetPhase::Progressing => (false, "RollingOut"),
+        MigrationSetPhase::Paused => (true, "Paused"),
     }
 }
 

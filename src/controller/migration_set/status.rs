@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::plan::{self, Blocked, Observed, RolloutPlan};
 use crate::api::{FailedTenant, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, VersionCount};
-use crate::controller::tenant::status::{merge_conditions, Cond};
+use crate::controller::kit::conditions::{merge_conditions, Cond};
 use crate::pg::migrations::{find_mismatch, REASON_CHECKSUM, REASON_FAILED};
 
 /// Most failed tenants listed in the status (all are counted).

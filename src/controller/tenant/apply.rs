@@ -1,22 +1,22 @@
 //! Apply: the idempotent Kubernetes writes of a reconcile (finalizer,
-//! Secret, status, events). Each checks before writing.
+//! Secret, status). Each checks before writing; owned objects are written
+//! with Server-Side Apply ([`crate::controller::kit`]).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::Error;
 use crate::api::{Tenant, TenantStatus, FINALIZER};
+use crate::controller::kit::labels::{self, FIELD_MANAGER, TENANT_LABEL, USAGE_FIELD_MANAGER};
+use crate::controller::kit::{self, conditions::Cond};
 use crate::controller::{Context, Stats};
 use crate::names::TenantName;
-
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "tenant-operator");
-pub const TENANT_LABEL: &str = "tenancy.dev/tenant";
 
 pub fn has_finalizer(t: &Tenant) -> bool {
     t.finalizers().iter().any(|f| f == FINALIZER)
@@ -34,7 +34,7 @@ pub async fn add_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
                { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
     };
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Serialize)?;
-    api.patch(&t.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+    api.patch(&t.name_any(), &kit::write_params(), &Patch::<()>::Json(patch))
         .await
         .map_err(Error::PatchFinalizer)?;
     Stats::add(&ctx.stats.kube_writes, 1);
@@ -49,20 +49,17 @@ pub async fn remove_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
     let patch = json!([{ "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER },
                        { "op": "remove", "path": format!("/metadata/finalizers/{i}") }]);
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Serialize)?;
-    match api
-        .patch(&t.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(Error::PatchFinalizer(e)),
-    }
+    kit::gone_is_none(
+        api.patch(&t.name_any(), &kit::write_params(), &Patch::<()>::Json(patch))
+            .await,
+    )
+    .map_err(Error::PatchFinalizer)?;
     Stats::add(&ctx.stats.kube_writes, 1);
     Ok(())
 }
 
-/// Creates or replaces the tenant's connection Secret when its data, labels
-/// or owner differ from what is wanted. Returns whether it wrote.
+/// Applies the tenant's connection Secret when its data, labels or owner
+/// differ from what is wanted. Returns whether it wrote.
 pub async fn converge_secret(
     ctx: &Context,
     t: &Tenant,
@@ -74,15 +71,11 @@ pub async fn converge_secret(
     // and what the API server sends back are wiped when dropped.
     let data: BTreeMap<String, ByteString> = data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect();
     let owner = t.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), name.to_string()),
-    ]);
-    let mut secret = Wiped(Secret {
+    let secret = Wiped(Secret {
         metadata: ObjectMeta {
             name: Some(name.db_secret()),
             namespace: Some(ctx.settings.namespace.clone()),
-            labels: Some(labels),
+            labels: Some(labels::of_tenant(name.as_str())),
             owner_references: Some(vec![owner]),
             ..ObjectMeta::default()
         },
@@ -90,43 +83,31 @@ pub async fn converge_secret(
         type_: Some("Opaque".into()),
         ..Secret::default()
     });
-    if let Some(s) = existing {
-        let same_data = s.data == secret.0.data;
-        let owner_uid = secret
-            .0
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .next()
-            .map(|o| o.uid.clone());
-        let same_owner = s
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| Some(&o.uid) == owner_uid.as_ref());
-        let same_labels = secret.0.labels().iter().all(|(k, v)| s.labels().get(k) == Some(v));
-        if same_data && same_owner && same_labels && s.type_.as_deref() == Some("Opaque") {
-            return Ok(false);
-        }
+    if existing.is_some_and(|s| same_secret(s, &secret.0)) {
+        return Ok(false);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let written = match existing {
-        None => api
-            .create(&PostParams::default(), &secret.0)
-            .await
-            .map_err(Error::WriteSecret)?,
-        Some(s) => {
-            secret.0.metadata.resource_version = s.metadata.resource_version.clone();
-            api.replace(&name.db_secret(), &PostParams::default(), &secret.0)
-                .await
-                .map_err(Error::WriteSecret)?
-        }
-    };
+    let written = kit::apply(ctx, &api, &secret.0).await.map_err(Error::WriteSecret)?;
     drop(Wiped(written));
-    Stats::add(&ctx.stats.kube_writes, 1);
     Ok(true)
+}
+
+/// Whether `existing` already is `wanted`: the same data and type, the
+/// owner and labels of `wanted` among its own (others' labels are theirs).
+/// Pure.
+pub fn same_secret(existing: &Secret, wanted: &Secret) -> bool {
+    let owners = |s: &Secret| -> Vec<String> {
+        s.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .map(|o| o.uid.clone())
+            .collect()
+    };
+    existing.data == wanted.data
+        && existing.type_ == wanted.type_
+        && owners(wanted).iter().all(|u| owners(existing).contains(u))
+        && labels::carries(existing.labels(), wanted.labels())
 }
 
 /// A Secret whose data is zeroized when it is dropped.
@@ -143,54 +124,33 @@ pub async fn delete_secrets(ctx: &Context, name: &TenantName) -> Result<(), Erro
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     ctx.sources.set(name.as_str(), &[]);
     for secret in [name.db_secret(), name.sealed_secret()] {
-        match api.delete(&secret, &DeleteParams::default()).await {
-            Ok(_) => Stats::add(&ctx.stats.kube_writes, 1),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(Error::DeleteSecret(e)),
-        }
+        kit::delete(ctx, &api, &secret, &DeleteParams::default())
+            .await
+            .map_err(Error::DeleteSecret)?;
     }
     Ok(())
 }
 
 /// Writes the status when it differs from the current one; returns whether
-/// it wrote.
+/// it wrote. `status.usage` is carried over, not sent: it is the usage
+/// sampler's, under a field manager of its own.
 pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Result<bool, Error> {
     if t.status.as_ref() == Some(&status) {
         return Ok(false);
     }
-    patch_status(ctx, &t.name_any(), json!({ "status": status })).await
+    let owned = TenantStatus { usage: None, ..status };
+    let owned = serde_json::to_value(owned).map_err(Error::Serialize)?;
+    kit::apply_status::<Tenant>(ctx, &t.name_any(), FIELD_MANAGER, owned, true)
+        .await
+        .map_err(Error::PatchStatus)
 }
 
 /// Writes `status.usage` alone (the usage sampler's figures,
-/// src/controller/usage.rs), the same way; returns whether it wrote.
+/// src/controller/usage.rs); returns whether it wrote.
 pub async fn write_usage(ctx: &Context, name: &str, usage: &crate::api::TenantUsage) -> Result<bool, Error> {
-    patch_status(ctx, name, json!({ "status": { "usage": usage } })).await
-}
-
-/// A merge patch on the Tenant's status subresource; a Tenant gone
-/// meanwhile (its finalizer was just removed) is no write and no error.
-async fn patch_status(ctx: &Context, name: &str, patch: serde_json::Value) -> Result<bool, Error> {
-    let api: Api<Tenant> = Api::all(ctx.client.clone());
-    match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+    kit::apply_status::<Tenant>(ctx, name, USAGE_FIELD_MANAGER, json!({ "usage": usage }), false)
         .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
-        Err(e) => return Err(Error::PatchStatus(e)),
-    }
-    Stats::add(&ctx.stats.kube_writes, 1);
-    Ok(true)
-}
-
-/// Publishes an Event about the tenant. Events are best effort: a failure is
-/// logged, never fails the reconcile.
-pub async fn event(ctx: &Context, t: &Tenant, warning: bool, reason: &'static str, note: String) {
-    let ev = crate::controller::event_of(warning, reason, note);
-    match ctx.recorder.publish(&ev, &t.object_ref(&())).await {
-        Ok(()) => Stats::add(&ctx.stats.kube_writes, 1),
-        Err(e) => tracing::warn!(tenant = %t.name_any(), reason, error = %e, "publishing an event failed"),
-    }
+        .map_err(Error::PatchStatus)
 }
 
 /// Annotations on the sealed Secret: the root key version and fingerprint.
@@ -199,7 +159,7 @@ pub const KEY_FINGERPRINT_ANNOTATION: &str = "tenancy.dev/key-fingerprint";
 
 /// The outcome of converging the sealed secrets.
 pub struct Sealed {
-    pub cond: super::status::Cond,
+    pub cond: Cond,
     /// The root key version and fingerprint in use, for the status.
     pub key: Option<(String, String)>,
 }
@@ -209,18 +169,15 @@ pub struct Sealed {
 /// Writes nothing when nothing changed.
 pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: &str) -> Result<Sealed, Error> {
     use super::sealing;
-    use super::status::Cond;
     let spec = &t.spec.secrets;
     ctx.sources.set(name.as_str(), spec);
     let existing = super::observe::sealed_secret(ctx, name).await?;
     if spec.is_empty() {
         if existing.is_some() {
             let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-            match api.delete(&name.sealed_secret(), &DeleteParams::default()).await {
-                Ok(_) => Stats::add(&ctx.stats.kube_writes, 1),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(Error::DeleteSecret(e)),
-            }
+            kit::delete(ctx, &api, &name.sealed_secret(), &DeleteParams::default())
+                .await
+                .map_err(Error::DeleteSecret)?;
         }
         crate::pg::tenant::set_key_version(&ctx.pool, uid, None).await?;
         return Ok(Sealed {
@@ -298,13 +255,9 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             metadata: ObjectMeta {
                 name: Some(name.sealed_secret()),
                 namespace: Some(ctx.settings.namespace.clone()),
-                labels: Some(BTreeMap::from([
-                    (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-                    (TENANT_LABEL.to_string(), name.to_string()),
-                ])),
+                labels: Some(labels::of_tenant(name.as_str())),
                 annotations: Some(annotations),
                 owner_references: Some(vec![owner]),
-                resource_version: existing.as_ref().and_then(|s| s.metadata.resource_version.clone()),
                 ..ObjectMeta::default()
             },
             data: Some(
@@ -316,16 +269,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             type_: Some("Opaque".into()),
             ..Secret::default()
         };
-        if existing.is_some() {
-            api.replace(&name.sealed_secret(), &PostParams::default(), &secret)
-                .await
-                .map_err(Error::WriteSecret)?;
-        } else {
-            api.create(&PostParams::default(), &secret)
-                .await
-                .map_err(Error::WriteSecret)?;
-        }
-        Stats::add(&ctx.stats.kube_writes, 1);
+        kit::apply(ctx, &api, &secret).await.map_err(Error::WriteSecret)?;
         if plan.sealed > 0 {
             // Envelopes under another root key were re-sealed: a key rotation.
             let previous: Vec<String> = sealing::versions_of(&existing_data)
@@ -355,7 +299,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
                     previous.join(", ")
                 )
             };
-            event(ctx, t, false, reason, note).await;
+            kit::event(ctx, t, false, reason, note).await;
         }
     }
     // The oldest version still used is what rotation bookkeeping needs.

@@ -28,16 +28,15 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::ByteString;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::apply::{MANAGED_BY, TENANT_LABEL};
-use super::status::Cond;
 use super::Error;
 use crate::api::tenant::BackupSpec;
 use crate::api::{Tenant, TenantState};
-use crate::controller::{Context, Stats};
+use crate::controller::kit::{self, conditions::Cond, labels};
+use crate::controller::Context;
 use crate::names::TenantName;
 
 /// Condition type reported for `spec.backup`.
@@ -131,15 +130,25 @@ pub async fn write_job_secret(
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let existing = api.get_opt(secret).await.map_err(JobSecretError::Kube)?;
     let data: BTreeMap<String, ByteString> = data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect();
-    if let Some(s) = &existing {
-        let same_owner = s.metadata.owner_references.iter().flatten().any(|o| o.uid == owner.uid);
-        let same_labels = labels.iter().all(|(k, v)| s.labels().get(k) == Some(v));
-        if s.data.as_ref() == Some(&data) && same_owner && same_labels {
-            return Ok(false);
-        }
+    let next = Secret {
+        metadata: ObjectMeta {
+            name: Some(secret.to_owned()),
+            namespace: Some(ctx.settings.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    if existing.as_ref().is_some_and(|s| super::apply::same_secret(s, &next)) {
+        return Ok(false);
     }
-    let password = data
-        .get("PGPASSWORD")
+    let password = next
+        .data
+        .as_ref()
+        .and_then(|d| d.get("PGPASSWORD"))
         .map(|p| String::from_utf8_lossy(&p.0).into_owned())
         .unwrap_or_default();
     let verifier = crate::pg::scram::verifier_for_random_secret(&password);
@@ -151,44 +160,14 @@ pub async fn write_job_secret(
             name.to_string(),
         )));
     }
-    let next = Secret {
-        metadata: ObjectMeta {
-            name: Some(secret.to_owned()),
-            namespace: Some(ctx.settings.namespace.clone()),
-            labels: Some(labels),
-            owner_references: Some(vec![owner]),
-            resource_version: existing.as_ref().and_then(|e| e.metadata.resource_version.clone()),
-            ..Default::default()
-        },
-        data: Some(data),
-        type_: Some("Opaque".into()),
-        ..Default::default()
-    };
-    match existing {
-        Some(_) => api
-            .replace(secret, &PostParams::default(), &next)
-            .await
-            .map_err(JobSecretError::Kube)?,
-        None => api
-            .create(&PostParams::default(), &next)
-            .await
-            .map_err(JobSecretError::Kube)?,
-    };
-    Stats::add(&ctx.stats.kube_writes, 1);
+    kit::apply(ctx, &api, &next).await.map_err(JobSecretError::Kube)?;
     Ok(true)
 }
 
 /// Deletes a Job's Secret (a missing one is fine).
 pub async fn delete_job_secret(ctx: &Context, secret: &str) -> Result<bool, kube::Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match api.delete(secret, &DeleteParams::default()).await {
-        Ok(_) => {
-            Stats::add(&ctx.stats.kube_writes, 1);
-            Ok(true)
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(e) => Err(e),
-    }
+    kit::delete(ctx, &api, secret, &DeleteParams::default()).await
 }
 
 /// Why a Job's Secret could not be written.
@@ -204,7 +183,7 @@ pub enum JobSecretError {
 /// their container: non-root, no privilege escalation, no capabilities, a
 /// read-only root filesystem (temporary files in an `emptyDir`), the
 /// runtime's default seccomp profile.
-pub fn restricted_security() -> (PodSecurityContext, SecurityContext) {
+fn restricted_security() -> (PodSecurityContext, SecurityContext) {
     let seccomp = SeccompProfile {
         type_: "RuntimeDefault".into(),
         ..Default::default()
@@ -229,7 +208,7 @@ pub fn restricted_security() -> (PodSecurityContext, SecurityContext) {
 }
 
 /// The environment sources of a Job: the store's Secret and the tenant's.
-pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
+fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
     [env_secret, job_secret]
         .iter()
         .map(|s| EnvFromSource {
@@ -246,7 +225,7 @@ pub fn job_env_from(env_secret: &str, job_secret: &str) -> Vec<EnvFromSource> {
 /// empty, so that an env Secret still holding the admin DSN (from before
 /// Jobs ran with `--job`) does not reach the pod (an `env` entry overrides
 /// `envFrom`).
-pub fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
+fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
     vec![
         tmpdir,
         EnvVar {
@@ -258,7 +237,7 @@ pub fn job_env(tmpdir: EnvVar) -> Vec<EnvVar> {
 }
 
 /// The `emptyDir` for temporary files at `path` (`TMPDIR`), and its mount.
-pub fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
+fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
     (
         Volume {
             name: "work".into(),
@@ -276,6 +255,50 @@ pub fn work_dir(path: &str) -> (Volume, VolumeMount, EnvVar) {
             ..Default::default()
         },
     )
+}
+
+/// The pod of a backup or restore Job: `container` (its name, image and
+/// arguments) with the Jobs' environment (the store's Secret `env_secret`,
+/// the tenant's `job_secret`, `TMPDIR` on an `emptyDir` at `work_path`),
+/// the restricted security context, fixed resources, no service account
+/// token, never restarted. Pure.
+pub fn job_pod(
+    labels: &BTreeMap<String, String>,
+    settings: &BackupSettings,
+    mut container: Container,
+    env_secret: &str,
+    job_secret: &str,
+    work_path: &str,
+) -> PodTemplateSpec {
+    let (pod_security, container_security) = restricted_security();
+    let (volume, mount, tmpdir) = work_dir(work_path);
+    container.env_from = Some(job_env_from(env_secret, job_secret));
+    container.env = Some(job_env(tmpdir));
+    container.volume_mounts = Some(vec![mount]);
+    container.security_context = Some(container_security);
+    container.resources = Some(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("100m".into())),
+            ("memory".to_string(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
+        ..Default::default()
+    });
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels.clone()),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            service_account_name: settings.service_account.clone(),
+            automount_service_account_token: Some(false),
+            security_context: Some(pod_security),
+            volumes: Some(vec![volume]),
+            containers: vec![container],
+            ..Default::default()
+        }),
+    }
 }
 
 /// The CronJob's name: `tenant-<name>-backup`. CronJob names may have at
@@ -381,10 +404,7 @@ pub fn desired_cronjob(
             "the operator runs without --backup-store: it could not record the Jobs' backups".into(),
         ));
     }
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), name.to_string()),
-    ]);
+    let labels = labels::of_tenant(name.as_str());
     // The Job cannot read the Tenant: the retention goes in its flags.
     let mut args = vec![
         "backup".to_string(),
@@ -400,26 +420,13 @@ pub fn desired_cronjob(
             .map_err(|m| ("InvalidRetention", format!("spec.backup.retention.maxAge {a:?}: {m}")))?;
         args.extend(["--keep-max-age".to_string(), a.clone()]);
     }
-    let (pod_security, container_security) = restricted_security();
-    let (volume, mount, tmpdir) = work_dir("/tmp");
     let container = Container {
         name: "backup".into(),
         image: Some(image.clone()),
         args: Some(args),
-        env_from: Some(job_env_from(env_secret, &job_secret_name(name))),
-        env: Some(job_env(tmpdir)),
-        volume_mounts: Some(vec![mount]),
-        security_context: Some(container_security),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity("100m".into())),
-                ("memory".to_string(), Quantity("64Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
-            ..Default::default()
-        }),
         ..Default::default()
     };
+    let pod = job_pod(&labels, settings, container, env_secret, &job_secret_name(name), "/tmp");
     let mut cj = CronJob {
         metadata: ObjectMeta {
             name: Some(cronjob_name(name)),
@@ -437,7 +444,7 @@ pub fn desired_cronjob(
             failed_jobs_history_limit: Some(3),
             job_template: JobTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels.clone()),
+                    labels: Some(labels),
                     ..Default::default()
                 }),
                 spec: Some(JobSpec {
@@ -446,21 +453,7 @@ pub fn desired_cronjob(
                     // later backup) and the age of a dump still uploading,
                     // which orphan pruning's grace must exceed.
                     active_deadline_seconds: Some(crate::backup::JOB_DEADLINE.as_secs() as i64),
-                    template: PodTemplateSpec {
-                        metadata: Some(ObjectMeta {
-                            labels: Some(labels),
-                            ..Default::default()
-                        }),
-                        spec: Some(PodSpec {
-                            restart_policy: Some("Never".into()),
-                            service_account_name: settings.service_account.clone(),
-                            automount_service_account_token: Some(false),
-                            security_context: Some(pod_security),
-                            volumes: Some(vec![volume]),
-                            containers: vec![container],
-                            ..Default::default()
-                        }),
-                    },
+                    template: pod,
                     ..Default::default()
                 }),
             },
@@ -488,7 +481,7 @@ pub fn up_to_date(existing: &CronJob, desired: &CronJob) -> bool {
     hash(existing).is_some() && hash(existing) == hash(desired) && owner(existing) == owner(desired)
 }
 
-/// Creates, replaces or deletes the tenant's CronJob and its Jobs' Secret,
+/// Applies or deletes the tenant's CronJob and its Jobs' Secret,
 /// and brings `tenancy.backups` in step with the store (an Event
 /// `BackupSucceeded` per backup found); returns the `BackupScheduled`
 /// condition (None without `spec.backup`).
@@ -498,11 +491,9 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
     let existing = api.get_opt(&cj_name).await.map_err(Error::Backup)?;
     let Some(spec) = &t.spec.backup else {
         if existing.is_some() {
-            match api.delete(&cj_name, &DeleteParams::background()).await {
-                Ok(_) => Stats::add(&ctx.stats.kube_writes, 1),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(Error::Backup(e)),
-            }
+            kit::delete(ctx, &api, &cj_name, &DeleteParams::background())
+                .await
+                .map_err(Error::Backup)?;
             delete_job_secret(ctx, &job_secret_name(name))
                 .await
                 .map_err(Error::DeleteSecret)?;
@@ -548,32 +539,22 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
         &password,
         &keys,
     );
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), name.to_string()),
-    ]);
-    write_job_secret(ctx, &job_secret_name(name), owner, labels, name, uid, data)
-        .await
-        .map_err(|e| match e {
-            JobSecretError::Kube(e) => Error::WriteSecret(e),
-            JobSecretError::Database(e) => Error::Database(e),
-        })?;
-    match existing {
-        Some(e) if up_to_date(&e, &desired) => {}
-        Some(e) => {
-            let mut next = desired.clone();
-            next.metadata.resource_version = e.metadata.resource_version.clone();
-            api.replace(&cj_name, &PostParams::default(), &next)
-                .await
-                .map_err(Error::Backup)?;
-            Stats::add(&ctx.stats.kube_writes, 1);
-        }
-        None => {
-            api.create(&PostParams::default(), &desired)
-                .await
-                .map_err(Error::Backup)?;
-            Stats::add(&ctx.stats.kube_writes, 1);
-        }
+    write_job_secret(
+        ctx,
+        &job_secret_name(name),
+        owner,
+        labels::of_tenant(name.as_str()),
+        name,
+        uid,
+        data,
+    )
+    .await
+    .map_err(|e| match e {
+        JobSecretError::Kube(e) => Error::WriteSecret(e),
+        JobSecretError::Database(e) => Error::Database(e),
+    })?;
+    if !existing.is_some_and(|e| up_to_date(&e, &desired)) {
+        kit::apply(ctx, &api, &desired).await.map_err(Error::Backup)?;
     }
     sync_backups(ctx, t, uid).await;
     let suspended = desired.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
@@ -607,7 +588,7 @@ async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
                     "backup {} ({} bytes, key v{}, schema version {:?})",
                     m.id, m.bytes, m.key_version, m.schema_version
                 );
-                super::apply::event(ctx, t, false, "BackupSucceeded", note).await;
+                kit::event(ctx, t, false, "BackupSucceeded", note).await;
             }
         }
         Err(e) => tracing::warn!(tenant = %t.name_any(), error = %e, "reading the tenant's backups in the store"),

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::Cond;
 use crate::api::{MigrationSet, Tenant};
+use crate::controller::kit::conditions::Cond;
 use crate::controller::migration_set::plan::migrations as checked_migrations;
 use crate::controller::Context;
 use crate::names::TenantName;

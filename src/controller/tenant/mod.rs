@@ -19,17 +19,17 @@ use chrono::{SecondsFormat, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 use crate::api::{Tenant, TenantPhase, TenantState};
+use crate::controller::kit::{self, conditions::Cond, labels};
 use crate::controller::{Context, Stats};
 use crate::names::TenantName;
 use crate::pg::tenant::RegistryWrite;
 use crate::pg::PgError;
-use status::Cond;
 
 /// Errors of one Tenant reconcile, named after the failed action.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +60,8 @@ pub enum Error {
     DeleteBackups(String),
 }
 
-impl Error {
-    /// A fixed word for logs and metrics labels.
-    pub fn label(&self) -> &'static str {
+impl kit::ReconcileError for Error {
+    fn label(&self) -> &'static str {
         match self {
             Error::ReadSecret(_) => "ReadSecret",
             Error::WriteSecret(_) => "WriteSecret",
@@ -98,7 +97,7 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
     // sources elsewhere cannot be watched (the operator may only `get`
     // them): they are re-read at every resync.
     let own_secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let own_cfg = watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1));
+    let own_cfg = watcher::Config::default().labels(&labels::managed_selector());
     let source_watches: Vec<(Api<PartialObjectMeta<Secret>>, Arc<Context>)> = ctx
         .settings
         .secret_sources
@@ -136,15 +135,19 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
             migrations::followers_to_refresh(&ms, &tenant_cache.state())
         })
         .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| {
-            s.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n))
+            s.labels()
+                .get(labels::TENANT_LABEL)
+                .map(|n| ObjectRef::<Tenant>::new(n))
         })
         // A backup Job that ended brings its tenant back: the operator
         // records what the Job wrote to the store.
         .watches(
             Api::<k8s_openapi::api::batch::v1::Job>::namespaced(ctx.client.clone(), &ctx.settings.namespace),
-            watcher::Config::default().labels(&format!("{}={}", apply::MANAGED_BY.0, apply::MANAGED_BY.1)),
+            watcher::Config::default().labels(&labels::managed_selector()),
             |j: k8s_openapi::api::batch::v1::Job| {
-                j.labels().get(apply::TENANT_LABEL).map(|n| ObjectRef::<Tenant>::new(n))
+                j.labels()
+                    .get(labels::TENANT_LABEL)
+                    .map(|n| ObjectRef::<Tenant>::new(n))
             },
         )
         // A new root key (rotation) re-seals every tenant, at the controller's
@@ -161,21 +164,11 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
                 .collect::<Vec<_>>()
         });
     }
-    controller
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(ctx.settings.concurrency)
-                .debounce(Duration::from_millis(200)),
-        )
+    let outcomes = controller
+        .with_config(kit::queue(ctx.settings.concurrency, Duration::from_millis(200)))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(tenant = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
-            }
-        })
-        .await;
+        .run(reconcile, error_policy, ctx);
+    kit::drain(CONTROLLER, outcomes).await;
 }
 
 /// Reloads the root keys when their Secret changes; a keyring that drops a
@@ -224,35 +217,26 @@ async fn watch_root_keys(ctx: Arc<Context>, rotate: futures::channel::mpsc::Unbo
 }
 
 fn error_policy(t: Arc<Tenant>, err: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff(&t.name_any());
-    tracing::warn!(tenant = %t.name_any(), error = %err, kind = err.label(), retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    kit::error_policy(&ctx, CONTROLLER, &t.name_any(), err)
 }
+
+/// The controller's name in metrics, logs and backoff keys.
+const CONTROLLER: &str = "tenant";
 
 /// One reconcile of one Tenant.
 pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
-    Stats::add(&ctx.stats.reconciles, 1);
-    let started = std::time::Instant::now();
+    let name = t.name_any();
     // Every log line of the reconcile carries the tenant's name (the JSON
     // logs include the current span's fields).
-    let span = tracing::info_span!("reconcile", controller = "tenant", tenant = %t.name_any());
-    let result = tracing::Instrument::instrument(
-        async {
-            if t.metadata.deletion_timestamp.is_some() {
-                cleanup(&t, &ctx).await
-            } else {
-                converge(&t, &ctx).await
-            }
-        },
-        span,
-    )
-    .await;
-    ctx.metrics
-        .reconciled("tenant", started.elapsed(), result.as_ref().err().map(Error::label));
-    if result.is_ok() {
-        ctx.reset_backoff(&t.name_any());
-    }
-    result
+    let span = tracing::info_span!("reconcile", controller = CONTROLLER, tenant = %name);
+    kit::reconcile(&ctx, CONTROLLER, &name, span, async {
+        if t.metadata.deletion_timestamp.is_some() {
+            cleanup(&t, &ctx).await
+        } else {
+            converge(&t, &ctx).await
+        }
+    })
+    .await
 }
 
 /// Writes a status built from `conds` and publishes an event when the Ready
@@ -294,10 +278,23 @@ async fn report_with(
     apply::write_status(ctx, t, new).await?;
     if let Some(c) = ready {
         if old_reason.as_deref() != Some(c.reason) && (!c.status || c.type_ == "DeletionBlocked") {
-            apply::event(ctx, t, true, c.reason, c.message.clone()).await;
+            kit::event(ctx, t, true, c.reason, c.message.clone()).await;
         }
     }
     Ok(())
+}
+
+/// Reports a delete under way or stuck: phase Deleting, Ready false with
+/// `reason`.
+async fn report_deleting(
+    ctx: &Context,
+    t: &Tenant,
+    schema: Option<String>,
+    reason: &'static str,
+    message: String,
+) -> Result<(), Error> {
+    let ready = Cond::new("Ready", false, reason, message);
+    report(ctx, t, TenantPhase::Deleting, schema, &[ready]).await
 }
 
 /// `RateLimitsApplied`, computed from the spec alone: the rate-limit writer
@@ -410,7 +407,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Ok(crate::pg::backup::AsideState::Clean) => {}
         Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
         Ok(state) => {
-            apply::event(
+            kit::event(
                 ctx,
                 t,
                 true,
@@ -471,7 +468,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     if !audit_steps.is_empty() && registry.as_ref().map(|w| w.audit_action) != Some("Provisioned") {
         // Drift: a table made outside migrations, a trigger dropped or
         // disabled, an audit function edited.
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -481,7 +478,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     if let Some(n) = outcome.audit.pruned.filter(|n| *n > 0) {
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -511,9 +508,9 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
                 db_plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>().join(", ")
             ),
         };
-        apply::event(ctx, t, false, w.audit_action, note).await;
+        kit::event(ctx, t, false, w.audit_action, note).await;
     } else if secret_written && observed.secret.is_some() {
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -522,7 +519,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     } else if secret_written {
-        apply::event(
+        kit::event(
             ctx,
             t,
             false,
@@ -708,17 +705,12 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         .await?;
         return Ok(Action::await_change());
     }
-    report(
+    report_deleting(
         ctx,
         t,
-        TenantPhase::Deleting,
         schema.clone(),
-        &[Cond::new(
-            "Ready",
-            false,
-            "Deleting",
-            "dropping the tenant's schema and roles",
-        )],
+        "Deleting",
+        "dropping the tenant's schema and roles".into(),
     )
     .await?;
     let actor = plan::last_spec_manager(t);
@@ -727,14 +719,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, true).await,
         Err(e) => {
             let msg = format!("cannot drop the tenant: {}", e.describe());
-            report(
-                ctx,
-                t,
-                TenantPhase::Deleting,
-                schema,
-                &[Cond::new("Ready", false, "DeleteFailed", msg)],
-            )
-            .await?;
+            report_deleting(ctx, t, schema, "DeleteFailed", msg).await?;
             return Err(Error::Database(e));
         }
     };
@@ -746,17 +731,12 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;
     if !left.is_empty() {
         let msg = left.join(", ");
-        report(
+        report_deleting(
             ctx,
             t,
-            TenantPhase::Deleting,
             schema,
-            &[Cond::new(
-                "Ready",
-                false,
-                "DeleteIncomplete",
-                format!("still present after drop: {msg}"),
-            )],
+            "DeleteIncomplete",
+            format!("still present after drop: {msg}"),
         )
         .await?;
         return Err(Error::Leftovers(msg));
@@ -769,23 +749,12 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             Err(e) => Err(e.to_string()),
         };
         if let Err(msg) = deleted {
-            report(
-                ctx,
-                t,
-                TenantPhase::Deleting,
-                schema,
-                &[Cond::new(
-                    "Ready",
-                    false,
-                    "DeleteIncomplete",
-                    format!("deleting the tenant's backups: {msg}"),
-                )],
-            )
-            .await?;
+            let message = format!("deleting the tenant's backups: {msg}");
+            report_deleting(ctx, t, schema, "DeleteIncomplete", message).await?;
             return Err(Error::DeleteBackups(msg));
         }
     }
-    apply::event(
+    kit::event(
         ctx,
         t,
         false,

@@ -5,26 +5,7 @@
 //! caller writes only then.
 
 use crate::api::{Condition, TenantPhase, TenantStatus};
-
-/// A condition before timestamps: type, status, reason, message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cond {
-    pub type_: &'static str,
-    pub status: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Cond {
-    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            type_,
-            status,
-            reason,
-            message: message.into(),
-        }
-    }
-}
+use crate::controller::kit::conditions::{merge_conditions, Cond};
 
 /// Status fields a reconcile may not have looked at: `None` keeps what the
 /// old status says.
@@ -75,30 +56,6 @@ pub fn next_status(
         conditions,
         usage,
     }
-}
-
-/// Conditions from `conds`, keeping `lastTransitionTime` of those whose
-/// status did not change.
-pub fn merge_conditions(old: &[Condition], conds: &[Cond], generation: Option<i64>, now: &str) -> Vec<Condition> {
-    conds
-        .iter()
-        .map(|c| {
-            let status = if c.status { "True" } else { "False" }.to_string();
-            let since = old
-                .iter()
-                .find(|o| o.type_ == c.type_ && o.status == status)
-                .map(|o| o.last_transition_time.clone())
-                .unwrap_or_else(|| now.to_string());
-            Condition {
-                type_: c.type_.to_string(),
-                status,
-                reason: c.reason.to_string(),
-                message: c.message.clone(),
-                observed_generation: generation,
-                last_transition_time: since,
-            }
-        })
-        .collect()
 }
 
 /// The condition of `type_` in a status, if any.

@@ -22,22 +22,19 @@ pub mod plan;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::api::ListParams;
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 
-use std::collections::BTreeMap;
-
 use crate::api::{RestorePhase, TenantRestore, TenantRestoreStatus};
 use crate::backup::Selector;
-use crate::controller::tenant::apply::{MANAGED_BY, TENANT_LABEL};
+use crate::controller::kit::{self, events::tenant_ref};
 use crate::controller::tenant::backup::{job_credentials, job_secret_data, write_job_secret};
-use crate::controller::{Context, Stats};
+use crate::controller::Context;
 use crate::crypto::KeyVersion;
 use crate::names::TenantName;
 use crate::pg::backup as pgb;
@@ -63,8 +60,8 @@ pub enum Error {
     Waiting(String),
 }
 
-impl Error {
-    pub fn label(&self) -> &'static str {
+impl kit::ReconcileError for Error {
+    fn label(&self) -> &'static str {
         match self {
             Error::Job(_) => "WriteJob",
             Error::PatchStatus(_) => "PatchStatus",
@@ -83,59 +80,34 @@ pub async fn run(ctx: Arc<Context>) {
     let restores: Api<TenantRestore> = Api::all(ctx.client.clone());
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let cfg = watcher::Config::default().labels(plan::RESTORE_LABEL);
-    Controller::new(restores, watcher::Config::default().any_semantic())
+    let outcomes = Controller::new(restores, watcher::Config::default().any_semantic())
         // The owner is cluster-scoped: map Jobs back by label, not `owns`.
         .watches(jobs, cfg, |job: Job| {
             job.labels()
                 .get(plan::RESTORE_LABEL)
                 .map(|n| ObjectRef::<TenantRestore>::new(n))
         })
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(4)
-                .debounce(Duration::from_millis(200)),
-        )
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "tenantrestore reconcile failed");
-            }
-        })
-        .await;
+        .with_config(kit::queue(4, Duration::from_millis(200)))
+        .run(reconcile, error_policy, ctx);
+    kit::drain(CONTROLLER, outcomes).await;
 }
+
+/// The controller's name in metrics, logs and backoff keys.
+const CONTROLLER: &str = "tenantrestore";
 
 fn error_policy(r: Arc<TenantRestore>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("tenantrestore/{}", r.name_any());
-    let delay = ctx.backoff(&key);
-    tracing::warn!(restore = %r.name_any(), error = %err, kind = err.label(), retry_in = ?delay, "tenantrestore reconcile failed");
-    Action::requeue(delay)
+    kit::error_policy(&ctx, CONTROLLER, &r.name_any(), err)
 }
 
-async fn event(ctx: &Context, r: &TenantRestore, warning: bool, reason: &str, note: String) {
-    let ev = crate::controller::event_of(warning, reason, note);
-    if ctx.recorder.publish(&ev, &r.object_ref(&())).await.is_ok() {
-        Stats::add(&ctx.stats.kube_writes, 1);
-    }
-}
-
+/// Writes the status when it changed, and publishes an Event when the phase
+/// moved on.
 async fn write_status(ctx: &Context, r: &TenantRestore, status: TenantRestoreStatus) -> Result<bool, Error> {
-    if r.status.as_ref() == Some(&status) {
+    if !kit::write_status(ctx, r, r.status.as_ref(), &status)
+        .await
+        .map_err(Error::PatchStatus)?
+    {
         return Ok(false);
     }
-    let api: Api<TenantRestore> = Api::all(ctx.client.clone());
-    match api
-        .patch_status(
-            &r.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&serde_json::json!({ "status": status })),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
-        Err(e) => return Err(Error::PatchStatus(e)),
-    }
-    Stats::add(&ctx.stats.kube_writes, 1);
     if let Some(phase) = status
         .phase
         .filter(|p| r.status.as_ref().and_then(|s| s.phase) != Some(*p))
@@ -143,7 +115,7 @@ async fn write_status(ctx: &Context, r: &TenantRestore, status: TenantRestoreSta
         let tenant = &r.spec.tenant;
         match phase {
             RestorePhase::Succeeded => {
-                event(
+                kit::event(
                     ctx,
                     r,
                     false,
@@ -156,10 +128,10 @@ async fn write_status(ctx: &Context, r: &TenantRestore, status: TenantRestoreSta
                 .await
             }
             RestorePhase::Failed => {
-                event(ctx, r, true, "RestoreFailed", status.error.clone().unwrap_or_default()).await
+                kit::event(ctx, r, true, "RestoreFailed", status.error.clone().unwrap_or_default()).await
             }
             RestorePhase::Running => {
-                event(
+                kit::event(
                     ctx,
                     r,
                     false,
@@ -176,12 +148,9 @@ async fn write_status(ctx: &Context, r: &TenantRestore, status: TenantRestoreSta
 
 /// One reconcile of one TenantRestore.
 pub async fn reconcile(r: Arc<TenantRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let key = format!("tenantrestore/{}", r.name_any());
-    let result = reconcile_inner(&r, &ctx).await;
-    if result.is_ok() {
-        ctx.reset_backoff(&key);
-    }
-    result
+    let name = r.name_any();
+    let span = tracing::info_span!("reconcile", controller = CONTROLLER, restore = %name);
+    kit::reconcile(&ctx, CONTROLLER, &name, span, reconcile_inner(&r, &ctx)).await
 }
 
 fn failed(r: &TenantRestore, why: String) -> TenantRestoreStatus {
@@ -392,11 +361,7 @@ async fn start(
         &password,
         &keys,
     );
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), tenant.to_string()),
-        (plan::RESTORE_LABEL.to_string(), name.clone()),
-    ]);
+    let labels = plan::job_labels(tenant, &name);
     write_job_secret(ctx, &plan::secret_name(&name), owner, labels, tenant, &uid, data).await?;
     match pgb::prepare(&ctx.pool, tenant, &uid, by, true).await? {
         pgb::Prepared::Done | pgb::Prepared::Already => {}
@@ -420,11 +385,8 @@ async fn start(
         }
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let created = match jobs.create(&PostParams::default(), &job).await {
-        Ok(j) => {
-            Stats::add(&ctx.stats.kube_writes, 1);
-            j
-        }
+    let created = match kit::create(ctx, &jobs, &job).await {
+        Ok(j) => j,
         Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(&plan::job_name(&name)).await.map_err(Error::Job)?,
         Err(e) => return Err(Error::Job(e)),
     };
@@ -437,17 +399,7 @@ async fn start(
 
 /// An Event on the Tenant (cluster-scoped; its uid is the registry's).
 async fn tenant_event(ctx: &Context, tenant: &TenantName, uid: &str, warning: bool, reason: &str, note: String) {
-    let reference = k8s_openapi::api::core::v1::ObjectReference {
-        api_version: Some(crate::api::Tenant::api_version(&()).into_owned()),
-        kind: Some(crate::api::Tenant::kind(&()).into_owned()),
-        name: Some(tenant.to_string()),
-        uid: Some(uid.to_owned()),
-        ..Default::default()
-    };
-    let ev = crate::controller::event_of(warning, reason, note);
-    if ctx.recorder.publish(&ev, &reference).await.is_ok() {
-        Stats::add(&ctx.stats.kube_writes, 1);
-    }
+    kit::publish(ctx, &tenant_ref(tenant.as_str(), uid), warning, reason, note).await
 }
 
 /// The termination message of the Job's failed pod (the log's tail).

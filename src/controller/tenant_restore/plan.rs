@@ -4,18 +4,23 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::api::core::v1::Container;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::api::{RestorePhase, TenantRestoreSpec, TenantRestoreStatus};
 use crate::backup::Selector;
-use crate::controller::tenant::apply::{MANAGED_BY, TENANT_LABEL};
-use crate::controller::tenant::backup::{job_env, job_env_from, restricted_security, work_dir, BackupSettings};
+use crate::controller::kit::labels;
+use crate::controller::tenant::backup::{job_pod, BackupSettings};
 use crate::names::TenantName;
 
 /// Label on the Job naming its TenantRestore (brings it back on Job events).
 pub const RESTORE_LABEL: &str = "tenancy.dev/restore";
+
+/// The labels of a restore's Job and Secret: the operator's, the tenant's,
+/// and [`RESTORE_LABEL`] naming the TenantRestore.
+pub fn job_labels(tenant: &TenantName, restore: &str) -> BTreeMap<String, String> {
+    labels::managed(&[(labels::TENANT_LABEL, tenant.as_str()), (RESTORE_LABEL, restore)])
+}
 
 /// The Job of TenantRestore `name`.
 pub fn job_name(restore: &str) -> String {
@@ -76,20 +81,23 @@ pub fn desired_job(
     let (Some(image), Some(env_secret)) = (&settings.image, &settings.env_secret) else {
         return Err("the operator runs without --image or --backup-env-secret: restore Jobs cannot be created".into());
     };
-    let labels = BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (TENANT_LABEL.to_string(), tenant.to_string()),
-        (RESTORE_LABEL.to_string(), restore.to_string()),
-    ]);
-    let (pod_security, container_security) = restricted_security();
-    // The downloaded (encrypted) dump waits here while it is checked; the
-    // root filesystem is read-only.
-    let (volume, mount, tmpdir) = work_dir("/work");
+    let labels = job_labels(tenant, restore);
+    let container = Container {
+        name: "restore".into(),
+        image: Some(image.clone()),
+        args: Some(args),
+        // The error, for status.error, from the log's tail.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    };
+    // The downloaded (encrypted) dump waits in the work directory while it
+    // is checked; the root filesystem is read-only.
+    let pod = job_pod(&labels, settings, container, env_secret, &secret_name(restore), "/work");
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(job_name(restore)),
             namespace: Some(namespace.to_owned()),
-            labels: Some(labels.clone()),
+            labels: Some(labels),
             owner_references: Some(vec![owner]),
             ..Default::default()
         },
@@ -97,40 +105,7 @@ pub fn desired_job(
             // A restore is not retried by itself: the operator puts the
             // original back when it fails; a person decides what next.
             backoff_limit: Some(0),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    service_account_name: settings.service_account.clone(),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(pod_security),
-                    volumes: Some(vec![volume]),
-                    containers: vec![Container {
-                        name: "restore".into(),
-                        image: Some(image.clone()),
-                        args: Some(args),
-                        env_from: Some(job_env_from(env_secret, &secret_name(restore))),
-                        env: Some(job_env(tmpdir)),
-                        volume_mounts: Some(vec![mount]),
-                        security_context: Some(container_security),
-                        // The error, for status.error, from the log's tail.
-                        termination_message_policy: Some("FallbackToLogsOnError".into()),
-                        resources: Some(ResourceRequirements {
-                            requests: Some(BTreeMap::from([
-                                ("cpu".to_string(), Quantity("100m".into())),
-                                ("memory".to_string(), Quantity("64Mi".into())),
-                            ])),
-                            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-            },
+            template: pod,
             ..Default::default()
         }),
         ..Default::default()

@@ -167,6 +167,16 @@ pub async fn handle(app: Arc<App>, req: Req) -> Response<Body> {
 /// A 403 when the request's bearer token is one of the RBAC-checked ones
 /// and the stored RBAC objects do not allow the request.
 fn authorize(app: &App, req: &Req, segs: &[&str]) -> Option<ApiError> {
+    let user = rbac_user(app, req)?;
+    let attrs = crate::rbac::attributes(req.method.as_str(), segs, req.flag("watch"))?;
+    if crate::rbac::allowed(&app.lock(), user, &attrs) {
+        return None;
+    }
+    Some(forbidden(user, &attrs))
+}
+
+/// The RBAC-checked user the request comes from, if any.
+fn rbac_user<'a>(app: &'a App, req: &Req) -> Option<&'a str> {
     if app.rbac_tokens.is_empty() {
         return None;
     }
@@ -175,19 +185,38 @@ fn authorize(app: &App, req: &Req, segs: &[&str]) -> Option<ApiError> {
     // user too.
     let token = req.header("authorization").strip_prefix("Bearer ").map(str::trim);
     let impersonated = req.header("impersonate-user");
-    let user = app
-        .rbac_tokens
+    app.rbac_tokens
         .iter()
         .find(|(t, u)| Some(t.as_str()) == token || (!impersonated.is_empty() && u == impersonated))
-        .map(|(_, u)| u.as_str())?;
-    let attrs = crate::rbac::attributes(req.method.as_str(), segs, req.flag("watch"))?;
-    if crate::rbac::allowed(&app.lock(), user, &attrs) {
-        return None;
-    }
-    let mut e = ApiError::new(403, "Forbidden", crate::rbac::denied_message(user, &attrs));
+        .map(|(_, u)| u.as_str())
+}
+
+fn forbidden(user: &str, attrs: &crate::rbac::Attributes) -> ApiError {
+    let mut e = ApiError::new(403, "Forbidden", crate::rbac::denied_message(user, attrs));
     e.details =
         Some(json!({"name": attrs.name.clone().unwrap_or_default(), "group": attrs.group, "kind": attrs.resource}));
-    Some(e)
+    e
+}
+
+/// A server-side apply that creates the object is authorized as `create`
+/// too, as the real API server does (a `patch` grant alone does not create).
+fn authorize_apply_create(app: &App, st: &Store, t: &Target, req: &Req) -> Result<(), ApiError> {
+    let Some(user) = rbac_user(app, req) else {
+        return Ok(());
+    };
+    let attrs = crate::rbac::Attributes {
+        verb: "create".into(),
+        group: t.g().to_string(),
+        resource: t.p().to_string(),
+        subresource: None,
+        namespace: t.ns.clone(),
+        name: t.name.clone(),
+    };
+    if crate::rbac::allowed(st, user, &attrs) {
+        Ok(())
+    } else {
+        Err(forbidden(user, &attrs))
+    }
 }
 
 /// What a resource request addresses.
@@ -1155,6 +1184,7 @@ fn patch_handler(app: &App, t: &Target, req: &Req) -> Out {
             if t.sub.is_some() {
                 return Err(ApiError::not_found(t.g(), t.p(), &name));
             }
+            authorize_apply_create(app, &st, t, req)?;
             let mut body = to_storage(t, body);
             body["metadata"]["name"] = json!(name);
             let dry = req.q("dryRun").is_some_and(|d| !d.is_empty());

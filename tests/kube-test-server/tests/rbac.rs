@@ -89,3 +89,56 @@ fn a_token_with_rbac_gets_exactly_what_its_bindings_grant() {
     // Discovery is open to everyone.
     assert!(as_operator(&s, &["api-resources"]).status.success());
 }
+
+#[test]
+fn a_server_side_apply_that_creates_needs_create_as_well_as_patch() {
+    let s = TestServer::start_with(kube_test_server::Config {
+        rbac_tokens: vec![(TOKEN.into(), USER.into())],
+        ..Default::default()
+    });
+    s.kubectl_ok(&["create", "namespace", "ops"]);
+    let role = |verbs: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: cm\n  namespace: ops\nrules:\n- apiGroups: [\"\"]\n  resources: [\"configmaps\"]\n  verbs: [{verbs}]\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: cm\n  namespace: ops\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: cm}}\nsubjects:\n- {{kind: ServiceAccount, name: operator, namespace: ops}}\n"
+        )
+    };
+    s.kubectl_ok(&["apply", "-f", &s.write("patch.yaml", &role("\"get\", \"patch\""))]);
+    let cm = s.write(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: applied\n  namespace: ops\ndata:\n  a: \"1\"\n",
+    );
+    let apply = |file: &str| {
+        as_operator(
+            &s,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=op",
+                "-f",
+                file,
+            ],
+        )
+    };
+    // Absent: the apply would create it, which `patch` alone does not allow.
+    let o = apply(&cm);
+    assert!(
+        !o.status.success() && stderr(&o).contains("cannot create resource \"configmaps\""),
+        "{}",
+        stderr(&o)
+    );
+    // Present: `patch` is enough.
+    s.kubectl_ok(&["create", "configmap", "applied", "-n", "ops", "--from-literal=a=0"]);
+    let o = apply(&cm);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // With `create` too, an apply creates.
+    s.kubectl_ok(&["delete", "configmap", "applied", "-n", "ops"]);
+    s.kubectl_ok(&[
+        "apply",
+        "-f",
+        &s.write("both.yaml", &role("\"get\", \"patch\", \"create\"")),
+    ]);
+    let o = apply(&cm);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -1,0 +1,74 @@
+//! What tenant DDL and restores share, so neither imports the other: the
+//! ownership marker, the name of a schema put aside by a restore, and the
+//! restore lock (the row `('restore', <uid>)` of `tenancy.locks`). A leaf of
+//! `pg`.
+
+use sqlx::PgConnection;
+
+use super::{query_err, PgError};
+use crate::names::TenantName;
+
+/// The marker the operator writes on everything it creates for a tenant, so
+/// it never adopts an object it did not create (another database's tenant
+/// of the same name, a left-over of a deleted tenant, a hand-made role).
+pub fn ownership_marker(uid: &str) -> String {
+    format!("managed by tenancy.dev for tenant uid {uid}")
+}
+
+/// The `kind` of the restore lock's row in `tenancy.locks`.
+pub const LOCK_KIND: &str = "restore";
+
+/// The name a restore moves the live schema to.
+pub fn aside_schema(name: &TenantName) -> String {
+    format!("{}$aside", name.schema())
+}
+
+/// Whether `e` is Postgres's "lock not available" (NOWAIT, lock_timeout).
+fn is_lock_busy(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+/// Locks the tenant's restore row inside the caller's transaction
+/// (`FOR UPDATE` when `exclusive`, else `FOR SHARE`), without waiting;
+/// false when another transaction holds it in a conflicting mode. A false
+/// leaves the transaction aborted: roll it back.
+pub async fn lock_row(tx: &mut PgConnection, uid: &str, exclusive: bool) -> Result<bool, PgError> {
+    sqlx::query("INSERT INTO tenancy.locks (kind, key) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(LOCK_KIND)
+        .bind(uid)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("creating the restore lock's row"))?;
+    let sql = if exclusive {
+        "SELECT 1 FROM tenancy.locks WHERE kind = $1 AND key = $2 FOR UPDATE NOWAIT"
+    } else {
+        "SELECT 1 FROM tenancy.locks WHERE kind = $1 AND key = $2 FOR SHARE NOWAIT"
+    };
+    match sqlx::query(sql).bind(LOCK_KIND).bind(uid).execute(&mut *tx).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_lock_busy(&e) => Ok(false),
+        Err(e) => Err(PgError::Query {
+            action: "taking the restore lock",
+            source: e,
+        }),
+    }
+}
+
+/// Inside a transaction about to let the app role log in: holds the restore
+/// lock shared until commit, so that no restore step can run in between,
+/// and says false (do nothing) when a restore holds the lock or one is
+/// under way (an aside schema of this tenant exists).
+pub async fn guard_against_restore(tx: &mut PgConnection, name: &TenantName, uid: &str) -> Result<bool, PgError> {
+    if !lock_row(tx, uid, false).await? {
+        return Ok(false);
+    }
+    let aside: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1 AND obj_description(oid, 'pg_namespace') = $2)",
+    )
+    .bind(aside_schema(name))
+    .bind(ownership_marker(uid))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(query_err("checking for a restore under way"))?;
+    Ok(!aside)
+}

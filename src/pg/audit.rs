@@ -74,6 +74,9 @@ const LEGACY_TABLE_TRIGGERS: [&str; 1] = ["_tenancy_audit_upd"];
 /// 100,000 rows appends 10 entries, each a JSON array of 10,000 keys
 /// (bounded, far below jsonb's 255 MB limit).
 pub const CHUNK_ROWS: usize = 10_000;
+/// Below this many rows, an INSERT or DELETE statement's keys are read
+/// with a statically planned query (no planning per statement).
+const SMALL_STATEMENT: usize = 64;
 /// The `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
 /// What the operator asks pgaudit to log for each tenant's app role.
@@ -436,6 +439,7 @@ pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAudit
 fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str, String>, PgError> {
     let schema = quote_ident(&name.schema())?;
     let owner = quote_literal(&name.owner_role())?;
+    let schema_lit = quote_literal(&name.schema())?;
     // The append, shared by the write function (prune's PRUNE entry) and the
     // trigger function, which runs it inline (a nested SECURITY DEFINER call
     // per statement costs a GUC save/restore and a function call):
@@ -450,18 +454,24 @@ fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str, String>, 
     RETURN{ret};
   END IF;
   -- The head row's lock serializes appends per tenant until commit. The
-  -- first append of a transaction marks the head with its xid, which queues
-  -- the deferred tail trigger on the head: at commit, once per transaction
+  -- first append of a transaction marks the head with its xid (the update
+  -- takes the lock, waiting for the writer before), which queues the
+  -- deferred tail trigger on the head: at commit, once per transaction
   -- however many entries it appended, it moves the head to the last entry.
   -- (Updating the head per append would make a long transaction
-  -- quadratic.) A REPEATABLE READ writer that raced another fails here
-  -- (40001) rather than fork the chain.
-  SELECT h.xid INTO STRICT v_xid FROM {schema}.{HEAD_TABLE} h FOR UPDATE;
+  -- quadratic.) A later append finds the mark, and the lock, its own. A
+  -- REPEATABLE READ writer that raced another fails here (40001) rather
+  -- than fork the chain.
+  UPDATE {schema}.{HEAD_TABLE} SET xid = txid_current() WHERE xid IS DISTINCT FROM txid_current();
+  IF NOT FOUND THEN
+    SELECT h.xid INTO v_xid FROM {schema}.{HEAD_TABLE} h WHERE h.xid = txid_current();
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'the audit chain head %.{HEAD_TABLE} has no row', {schema_lit}
+        USING ERRCODE = 'no_data_found';
+    END IF;
+  END IF;
   SELECT a.hash INTO v_hash FROM {schema}.{AUDIT_TABLE} a ORDER BY a.id DESC LIMIT 1;
   v_hash := coalesce(v_hash, decode(repeat('00', 32), 'hex'));
-  IF v_xid IS DISTINCT FROM txid_current() THEN
-    UPDATE {schema}.{HEAD_TABLE} SET xid = txid_current();
-  END IF;
   v_time := clock_timestamp();
   v_actor := nullif(current_setting('tenancy.actor', true), '');
   v_given := v_actor IS NOT NULL;
@@ -539,13 +549,30 @@ BEGIN
            (SELECT coalesce(array_agg(DISTINCT e.key ORDER BY e.key), '{{}}') FROM p, jsonb_each(p.new) e WHERE (p.old -> e.key) IS DISTINCT FROM e.value)
       INTO v_all, v_changed;
   ELSE
-    SELECT string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_cols
+    SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)),
+           string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))
+      INTO v_keys, v_cols
       FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
      WHERE i.indrelid = TG_RELID AND i.indisprimary;
-    EXECUTE format('SELECT array_agg(%s) FROM %I t',
-                   CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
-                   CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
-      INTO v_all;
+    -- A statement of a few rows (the usual application write) reads its
+    -- keys with a plan cached for the session; a large one with a query
+    -- naming the key columns, planned per statement but touching only them.
+    IF TG_OP = 'INSERT' THEN
+      SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_new LIMIT {SMALL_STATEMENT}) s;
+    ELSE
+      SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_old LIMIT {SMALL_STATEMENT}) s;
+    END IF;
+    IF v_i < {SMALL_STATEMENT} AND TG_OP = 'INSERT' THEN
+      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_new t;
+    ELSIF v_i < {SMALL_STATEMENT} THEN
+      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_old t;
+    ELSE
+      EXECUTE format('SELECT array_agg(%s) FROM %I t',
+                     CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
+                     CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
+        INTO v_all;
+    END IF;
+    v_i := 0;
   END IF;
   IF TG_LEVEL = 'STATEMENT' AND TG_OP <> 'TRUNCATE' THEN
     IF coalesce(cardinality(v_all), 0) = 0 THEN

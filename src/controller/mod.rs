@@ -91,6 +91,9 @@ pub struct Context {
     pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// What `/healthz` and `/readyz` report.
     pub health: std::sync::Arc<crate::telemetry::Health>,
+    /// What the rate-limit ConfigMaps hold, as their writer last converged
+    /// them: `RateLimitsApplied` says True only for limits found here.
+    pub rate_limits: ratelimits::Applied,
     /// The gateway role, once it was converged: tenant reconciles make it a
     /// member of each Active tenant's app role.
     pub gateway: std::sync::OnceLock<String>,
@@ -116,6 +119,7 @@ impl Context {
             migration_sets: std::sync::OnceLock::new(),
             metrics: Default::default(),
             health: Default::default(),
+            rate_limits: Default::default(),
             gateway: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),
         }
@@ -165,11 +169,11 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
     // it, the rate-limit writer and the MigrationSet controller read its
     // store and hear of the changes they care about.
     let mut tenants = tenant_watch::TenantWatch::new(ctx.client.clone());
-    let ratelimit_input = ratelimits::subscribe(&mut tenants);
+    let (ratelimit_input, ratelimit_reports) = ratelimits::subscribe(&mut tenants);
     let migration_set_input = migration_set::subscribe(&mut tenants);
     tokio::select! {
         _ = gateway_loop => ctx.health.task_died("gateway"),
-        _ = tenant::run(ctx.clone(), tenants) => {}
+        _ = tenant::run(ctx.clone(), tenants, ratelimit_reports) => {}
         _ = ratelimits::run(ctx.clone(), ratelimit_input) => ctx.health.task_died("ratelimits"),
         _ = migration_set::run(ctx.clone(), migration_set_input) => ctx.health.task_died("migrationset-controller"),
         _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),

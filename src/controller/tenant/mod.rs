@@ -87,7 +87,14 @@ fn now() -> String {
 /// Starts the Tenant controller and drives it, and with it the operator's
 /// one Tenant watch (`tenants`, whose store the other readers share), until
 /// shutdown.
-pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::TenantWatch) {
+///
+/// `rate_limits_reported`: Tenants the rate-limit writer brings back
+/// because their `RateLimitsApplied` became stale (it wrote their limits).
+pub async fn run(
+    ctx: Arc<Context>,
+    tenants: crate::controller::tenant_watch::TenantWatch,
+    rate_limits_reported: impl futures::Stream<Item = ObjectRef<Tenant>> + Send + 'static,
+) {
     // Secrets, by metadata only (names and labels, never data), in the
     // namespaces the operator may list: its own, for the tenants' own
     // Secrets (by label; deleted or edited by hand brings the tenant back),
@@ -152,7 +159,8 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
         )
         // A new root key (rotation) re-seals every tenant, at the controller's
         // bounded concurrency.
-        .reconcile_all_on(rotate_rx);
+        .reconcile_all_on(rotate_rx)
+        .reconcile_on(rate_limits_reported);
     for (api, index) in source_watches {
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
             let tenants = index
@@ -297,22 +305,19 @@ async fn report_deleting(
     report(ctx, t, TenantPhase::Deleting, schema, &[ready]).await
 }
 
-/// `RateLimitsApplied`, computed from the spec alone: the rate-limit writer
-/// renders every Tenant that is not being deleted, whatever its database
-/// state, so the condition holds as soon as the writer catches up (about a
-/// second). None for a Tenant being deleted (it has no entry).
+/// `RateLimitsApplied`: True only once the rate-limit writer has put the
+/// tenant's current limits into the ConfigMaps
+/// ([`crate::controller::ratelimits::condition`]).
 fn rate_limits_cond(ctx: &Context, t: &Tenant) -> Option<Cond> {
-    let entry = crate::ratelimit::Entry::of(t)?;
-    let cfg = &ctx.settings.ratelimit;
-    let message = format!(
-        "{} rendered into ConfigMap {}/{} (domains {}, {})",
-        entry.summary(),
-        ctx.settings.namespace,
-        cfg.configmap,
-        cfg.api_domain,
-        cfg.webhook_domain
-    );
-    Some(Cond::new("RateLimitsApplied", true, "Rendered", message))
+    let held = ctx.rate_limits.get();
+    let old = status::condition(t.status.as_ref(), crate::controller::ratelimits::CONDITION);
+    crate::controller::ratelimits::condition(
+        &ctx.settings.ratelimit,
+        &ctx.settings.namespace,
+        t,
+        held.as_deref(),
+        old,
+    )
 }
 
 /// Reports a failure a person must fix and waits for a change (or the

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod migrations;
 pub mod observe;
 pub mod plan;
+pub mod schedule;
 pub mod sealing;
 pub mod status;
 

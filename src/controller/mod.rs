@@ -16,7 +16,6 @@ pub mod usage;
 pub mod watchdog;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -58,27 +57,12 @@ pub struct Settings {
     pub usage_interval: Option<Duration>,
 }
 
-/// Counters a test (and later the metrics endpoint) reads.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub reconciles: AtomicU64,
-    pub ddl_statements: AtomicU64,
-    pub kube_writes: AtomicU64,
-}
-
-impl Stats {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
 /// What each reconcile gets.
 pub struct Context {
     pub client: Client,
     pub pool: PgPool,
     pub settings: Settings,
     pub recorder: Recorder,
-    pub stats: Stats,
     /// The root keys in use.
     pub keys: std::sync::Arc<crate::keys::KeyHolder>,
     /// Which source Secrets each tenant's sealed secrets come from, so a
@@ -113,7 +97,6 @@ impl Context {
             pool,
             settings,
             recorder,
-            stats: Stats::default(),
             keys: Default::default(),
             sources: Default::default(),
             migration_sets: std::sync::OnceLock::new(),

@@ -345,13 +345,13 @@ async fn sync(
             data: Some(shard.data.clone()),
             ..ConfigMap::default()
         };
-        kit::apply(ctx, &api, &cm)
+        kit::apply(&api, &cm)
             .await
             .map_err(|e| Error::WriteConfigMap(shard.name.clone(), e))?;
         writes += 1;
     }
     for name in existing.into_keys() {
-        if kit::delete(ctx, &api, &name, &DeleteParams::default())
+        if kit::delete(&api, &name, &DeleteParams::default())
             .await
             .map_err(|e| Error::DeleteConfigMap(name.clone(), e))?
         {

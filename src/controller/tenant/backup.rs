@@ -160,14 +160,14 @@ pub async fn write_job_secret(
             name.to_string(),
         )));
     }
-    kit::apply(ctx, &api, &next).await.map_err(JobSecretError::Kube)?;
+    kit::apply(&api, &next).await.map_err(JobSecretError::Kube)?;
     Ok(true)
 }
 
 /// Deletes a Job's Secret (a missing one is fine).
 pub async fn delete_job_secret(ctx: &Context, secret: &str) -> Result<bool, kube::Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    kit::delete(ctx, &api, secret, &DeleteParams::default()).await
+    kit::delete(&api, secret, &DeleteParams::default()).await
 }
 
 /// Why a Job's Secret could not be written.
@@ -427,7 +427,7 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
     let existing = api.get_opt(&cj_name).await.map_err(Error::Backup)?;
     let Some(spec) = &t.spec.backup else {
         if existing.is_some() {
-            kit::delete(ctx, &api, &cj_name, &DeleteParams::background())
+            kit::delete(&api, &cj_name, &DeleteParams::background())
                 .await
                 .map_err(Error::Backup)?;
             delete_job_secret(ctx, &job_secret_name(name))
@@ -490,7 +490,7 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
         JobSecretError::Database(e) => Error::Database(e),
     })?;
     if !existing.is_some_and(|e| up_to_date(&e, &desired)) {
-        kit::apply(ctx, &api, &desired).await.map_err(Error::Backup)?;
+        kit::apply(&api, &desired).await.map_err(Error::Backup)?;
     }
     sync_backups(ctx, t, uid).await;
     let suspended = desired.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);

@@ -27,7 +27,7 @@ use kube::{Api, ResourceExt};
 
 use crate::api::{Tenant, TenantPhase, TenantState};
 use crate::controller::kit::{self, conditions::Cond, labels};
-use crate::controller::{Context, Stats};
+use crate::controller::Context;
 use crate::names::TenantName;
 use crate::pg::tenant::RegistryWrite;
 use crate::pg::PgError;
@@ -461,7 +461,6 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Err(ConvergeError::Db(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
         Err(ConvergeError::Db(e)) => return fail(ctx, t, schema, "DatabaseError", e.describe()).await,
     };
-    Stats::add(&ctx.stats.ddl_statements, outcome.statements as u64);
     let (mut db_plan, registry) = (outcome.plan, outcome.registry);
     let read_auditing = &outcome.audit.read_auditing;
     let read_auditing_cond = Cond::new(
@@ -720,8 +719,8 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     )
     .await?;
     let actor = plan::last_spec_manager(t);
-    let dropped = match crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor).await {
-        Ok(n) => n,
+    match crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor).await {
+        Ok(_) => {}
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, true).await,
         Err(e) => {
             let msg = format!("cannot drop the tenant: {}", e.describe());
@@ -729,7 +728,6 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             return Err(Error::Database(e));
         }
     };
-    Stats::add(&ctx.stats.ddl_statements, dropped as u64);
     apply::delete_secrets(ctx, &name).await?;
     backup::delete_job_secret(ctx, &backup::job_secret_name(&name))
         .await

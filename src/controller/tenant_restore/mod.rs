@@ -385,7 +385,7 @@ async fn start(
         }
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let created = match kit::create(ctx, &jobs, &job).await {
+    let created = match kit::create(&jobs, &job).await {
         Ok(j) => j,
         Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(&plan::job_name(&name)).await.map_err(Error::Job)?,
         Err(e) => return Err(Error::Job(e)),

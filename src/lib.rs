@@ -10,7 +10,7 @@ pub mod keys;
 pub mod leader;
 pub mod names;
 pub mod pg;
-pub mod ratelimit;
+pub mod ratelimit_config;
 pub mod sensitive;
 pub mod telemetry;
 pub mod top;

@@ -623,12 +623,12 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
         concurrency: args.concurrency,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
-        ratelimit: tenant_operator::ratelimit::RenderSettings {
+        ratelimit: tenant_operator::ratelimit_config::RenderSettings {
             configmap: args.ratelimit_configmap,
             api_domain: args.ratelimit_api_domain,
             webhook_domain: args.ratelimit_webhook_domain,
             descriptor_key: args.ratelimit_descriptor_key,
-            budget_bytes: tenant_operator::ratelimit::DEFAULT_BUDGET_BYTES,
+            budget_bytes: tenant_operator::ratelimit_config::DEFAULT_BUDGET_BYTES,
         },
         migration_timeouts: tenant_operator::pg::migrations::Timeouts {
             lock: args.migration_lock_timeout,
@@ -641,7 +641,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             grace: Duration::from_millis(args.watchdog_grace_ms),
         },
         usage_interval: (args.usage_interval_seconds > 0).then(|| Duration::from_secs(args.usage_interval_seconds)),
-        backup: tenant_operator::controller::tenant::backup::BackupSettings {
+        backup: tenant_operator::controller::tenant::backup_jobs::BackupSettings {
             image: args.image,
             env_secret: args.backup_env_secret,
             service_account: args.backup_service_account,

@@ -493,7 +493,7 @@ async fn start_up_without_a_database_url_or_with_an_unreachable_one_fails_clearl
 fn rate_limits(env: &Env, file: &str) -> Option<std::collections::BTreeMap<String, (u32, String, bool)>> {
     let path = format!("{{.data.{}}}", file.replace('.', "\\."));
     let yaml = env.jsonpath(&["configmap", "-n", NAMESPACE, "tenant-ratelimits"], &path);
-    let root = tenant_operator::ratelimit::schema::parse(&yaml).ok()?;
+    let root = tenant_operator::ratelimit_config::schema::parse(&yaml).ok()?;
     let domain = if file.starts_with("api") {
         "tenant-api"
     } else {
@@ -540,7 +540,7 @@ async fn never_true_before_the_configmap(env: &Env, tenant: &str, summary: &str,
         if shown {
             let cm = cms.get("tenant-ratelimits").await.unwrap();
             let yaml = cm.data.unwrap_or_default().remove("api.yaml").unwrap_or_default();
-            let root = tenant_operator::ratelimit::schema::parse(&yaml).unwrap();
+            let root = tenant_operator::ratelimit_config::schema::parse(&yaml).unwrap();
             let held = root
                 .descriptors
                 .iter()

@@ -12,7 +12,7 @@
 //! operator's side). Side effects: runs `pg_dump`/`pg_restore` as child
 //! processes, objects under `tenants/<uid>/` in the store, and (admin
 //! callers only) rows in `tenancy.backups` and the restore's steps
-//! ([`crate::pg::backup`]).
+//! ([`crate::pg::backup_sql`]).
 //!
 //! `pg_dump` and `pg_restore` never run as the admin: their session user is
 //! the tenant's ops login (`PGUSER`/`PGPASSWORD` in their environment, never
@@ -48,7 +48,7 @@ pub use store::{Store, StoreConfig, StoreError};
 
 use crate::crypto::{CryptoError, KeyVersion, Keyring, OpeningReader, Purpose, StreamEncryptor, TenantKey};
 use crate::names::TenantName;
-use crate::pg::backup::{self as pgb, BackupRow};
+use crate::pg::backup_sql::{self as pgb, BackupRow};
 use crate::pg::confined::{self, OpsLogin};
 use crate::pg::{PgError, Target};
 

@@ -37,13 +37,13 @@ pub struct Settings {
     /// Requeue after success, to catch changes made inside Postgres.
     pub resync: Duration,
     /// Names, domains and descriptor key of the rendered rate-limit config.
-    pub ratelimit: crate::ratelimit::RenderSettings,
+    pub ratelimit: crate::ratelimit_config::RenderSettings,
     /// `lock_timeout` and `statement_timeout` of each tenant migration.
     pub migration_timeouts: crate::pg::migrations::Timeouts,
     /// Where the root keys live (reloaded when that Secret changes).
     pub root_keys: crate::keys::KeySource,
     /// Backup CronJobs, restore Jobs and the backup store.
-    pub backup: tenant::backup::BackupSettings,
+    pub backup: tenant::backup_jobs::BackupSettings,
     /// Which Secrets may be sources of tenants' sealed secrets.
     pub secret_sources: tenant::sealing::SourcePolicy,
     /// Time between audit anchoring passes ([`anchoring`]).

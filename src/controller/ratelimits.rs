@@ -3,7 +3,7 @@
 //!
 //! Takes the operator's Tenant cache ([`crate::controller::tenant_watch`])
 //! and its changes; on any change, debounced, and on every resync, renders the whole
-//! store with [`crate::ratelimit::render`] and converges the ConfigMaps in
+//! store with [`crate::ratelimit_config::render`] and converges the ConfigMaps in
 //! the operator namespace: get, then apply only the ones whose data
 //! differ, then delete shards no longer needed. Publishes a
 //! `RateLimitsChanged` Event on each tenant whose rendered limits changed.
@@ -32,7 +32,7 @@ use crate::api::{Condition, Tenant};
 use crate::controller::kit::{self, conditions::Cond, labels};
 use crate::controller::tenant_watch::TenantWatch;
 use crate::controller::Context;
-use crate::ratelimit::{self, Entry, Limit, RenderError, RenderSettings};
+use crate::ratelimit_config::{self, Entry, Limit, RenderError, RenderSettings};
 
 /// Label on every rendered ConfigMap; its value is the configured (first)
 /// ConfigMap name, so shards of another configuration are left alone.
@@ -272,7 +272,7 @@ struct Written {
     /// back from the ConfigMaps at the first pass, then what was written.
     limits: Option<BTreeMap<(String, String), Limit>>,
     /// The shards last converged.
-    shards: Option<Vec<ratelimit::Shard>>,
+    shards: Option<Vec<ratelimit_config::Shard>>,
 }
 
 /// One pass: render the store, converge the ConfigMaps, publish events,
@@ -289,8 +289,8 @@ async fn sync(
 ) -> Result<usize, Error> {
     let cfg = &ctx.settings.ratelimit;
     let tenants = store.state();
-    let entries = ratelimit::entries(tenants.iter().map(|t| t.as_ref()));
-    let shards = ratelimit::render(cfg, &entries)?;
+    let entries = ratelimit_config::entries(tenants.iter().map(|t| t.as_ref()));
+    let shards = ratelimit_config::render(cfg, &entries)?;
     if !full && written.shards.as_ref() == Some(&shards) {
         return Ok(0);
     }
@@ -312,7 +312,7 @@ async fn sync(
         // After a start, what the rate-limit service holds now is the
         // baseline for events, so a restart publishes none.
         let files: Vec<_> = existing.values().filter_map(|c| c.data.as_ref()).collect();
-        *previous = Some(ratelimit::read_back(cfg, &files));
+        *previous = Some(ratelimit_config::read_back(cfg, &files));
     }
 
     let mut writes = 0;
@@ -361,7 +361,7 @@ async fn sync(
 
     // Events for tenants whose limits were rendered before and differ now
     // (a new tenant's limits are announced by its Provisioned event).
-    let now = ratelimit::by_domain(cfg, &entries);
+    let now = ratelimit_config::by_domain(cfg, &entries);
     let before = previous.replace(now.clone()).unwrap_or_default();
     let changed: BTreeSet<&str> = now
         .iter()
@@ -418,7 +418,7 @@ mod tests {
     }
 
     fn held_for(cfg: &RenderSettings, tenants: &[&Tenant]) -> Held {
-        ratelimit::by_domain(cfg, &ratelimit::entries(tenants.iter().copied()))
+        ratelimit_config::by_domain(cfg, &ratelimit_config::entries(tenants.iter().copied()))
     }
 
     fn shown(c: &Cond) -> Condition {

@@ -287,7 +287,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             } else {
                 "tenant-operator (root key rotation)".to_string()
             };
-            crate::pg::tenant::audit(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
+            crate::pg::tenant::record_event(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
             let note = if previous.is_empty() {
                 format!("sealed {} secret(s) under root key {version}", plan.sealed)
             } else {

@@ -5,7 +5,7 @@
 //! through the `tenancy.dev/cleanup` finalizer).
 
 pub mod apply;
-pub mod backup;
+pub mod backup_jobs;
 pub mod migrations;
 pub mod observe;
 pub mod plan;
@@ -409,9 +409,9 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     // A restore that was killed half-way left the schema aside: put it back
     // (or finish it) first; while a restore runs, leave the tenant alone.
     // Reads only when there is nothing to do.
-    match backup::recover_restore(ctx, &name, &uid).await {
-        Ok(crate::pg::backup::AsideState::Clean) => {}
-        Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
+    match backup_jobs::recover_restore(ctx, &name, &uid).await {
+        Ok(crate::pg::backup_sql::AsideState::Clean) => {}
+        Ok(crate::pg::backup_sql::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
         Ok(state) => {
             kit::event(
                 ctx,
@@ -594,8 +594,8 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             None
         }
     };
-    conds.extend(backup::converge_cronjob(ctx, t, &name, &uid).await?);
-    let last_backup = backup::last_backup(ctx, &uid).await;
+    conds.extend(backup_jobs::converge_cronjob(ctx, t, &name, &uid).await?);
+    let last_backup = backup_jobs::last_backup(ctx, &uid).await;
     report_with(
         ctx,
         t,
@@ -729,7 +729,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
     };
     apply::delete_secrets(ctx, &name).await?;
-    backup::delete_job_secret(ctx, &backup::job_secret_name(&name))
+    backup_jobs::delete_job_secret(ctx, &backup_jobs::job_secret_name(&name))
         .await
         .map_err(Error::DeleteSecret)?;
     let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;

@@ -532,15 +532,15 @@ async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
 }
 
 /// The Tenant reconcile's first step: finishes a restore that was cut
-/// short (`pg::backup::recover_aside`), but leaves alone one a TenantRestore
+/// short (`pg::backup_sql::recover_aside`), but leaves alone one a TenantRestore
 /// is still running (its controller finalizes or puts it back). One catalog
 /// read when there is nothing to do.
 pub async fn recover_restore(
     ctx: &Context,
     name: &TenantName,
     uid: &str,
-) -> Result<crate::pg::backup::AsideState, crate::pg::PgError> {
-    use crate::pg::backup::{self as pgb, AsideState, Live};
+) -> Result<crate::pg::backup_sql::AsideState, crate::pg::PgError> {
+    use crate::pg::backup_sql::{self as pgb, AsideState, Live};
     let Some(live) = pgb::pending_restore(&ctx.pool, name, uid).await? else {
         return Ok(AsideState::Clean);
     };
@@ -576,7 +576,7 @@ async fn tenant_restore_running(ctx: &Context, name: &str) -> bool {
 
 /// `status.lastBackup` from the backups table.
 pub async fn last_backup(ctx: &Context, uid: &str) -> Option<crate::api::tenant::LastBackup> {
-    match crate::pg::backup::last_backup(&ctx.pool, uid).await {
+    match crate::pg::backup_sql::last_backup(&ctx.pool, uid).await {
         Ok(row) => row.map(|r| crate::api::tenant::LastBackup {
             id: r.id,
             time: r.taken_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod cli;
 pub mod controller;
 pub mod crypto;
 pub mod keys;
@@ -11,6 +12,5 @@ pub mod leader;
 pub mod names;
 pub mod pg;
 pub mod ratelimit_config;
-pub mod sensitive;
+pub(crate) mod sensitive;
 pub mod telemetry;
-pub mod top;

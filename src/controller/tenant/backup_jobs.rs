@@ -352,7 +352,7 @@ pub fn desired_cronjob(
         args.extend(["--keep-count".to_string(), c.to_string()]);
     }
     if let Some(a) = &retention.max_age {
-        crate::backup::cli::parse_age(a)
+        crate::backup::parse_age(a)
             .map_err(|m| ("InvalidRetention", format!("spec.backup.retention.maxAge {a:?}: {m}")))?;
         args.extend(["--keep-max-age".to_string(), a.clone()]);
     }

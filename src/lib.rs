@@ -4,13 +4,13 @@
 
 pub mod api;
 pub mod backup;
+pub mod cli;
 pub mod controller;
 pub mod crypto;
 pub mod keys;
 pub mod leader;
 pub mod names;
 pub mod pg;
-pub mod ratelimit;
-pub mod sensitive;
+pub mod ratelimit_config;
+pub(crate) mod sensitive;
 pub mod telemetry;
-pub mod top;

@@ -1,14 +1,15 @@
-//! tenant-operator: read config, start telemetry and the controllers, wait
-//! for shutdown. Subcommands: `run` (the controller) and `crdgen`.
+//! tenant-operator: parses the arguments and dispatches to the library
+//! (`tenant_operator::cli`). Subcommands: `run` (the operator), `crdgen`,
+//! `keys`, `secrets`, `audit`, `backup`, `restore`, `top`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tenant_operator::cli;
 use tenant_operator::controller::tenant::plan::Endpoint;
-use tenant_operator::controller::{self, Context, Settings};
-use tenant_operator::pg;
+use tenant_operator::controller::{Context, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +38,7 @@ enum Command {
     /// (docs/backups.md).
     Backup {
         #[command(flatten)]
-        args: tenant_operator::backup::cli::BackupArgs,
+        args: cli::backup::BackupArgs,
         #[command(flatten)]
         keys: KeyArgs,
     },
@@ -45,7 +46,7 @@ enum Command {
     /// are not touched (docs/backups.md).
     Restore {
         #[command(flatten)]
-        args: tenant_operator::backup::cli::RestoreArgs,
+        args: cli::backup::RestoreArgs,
         #[command(flatten)]
         keys: KeyArgs,
     },
@@ -54,7 +55,7 @@ enum Command {
     Audit(AuditCommand),
     /// The tenants by statement time, sessions or bytes, like `kubectl top`
     /// (README, "Performance isolation").
-    Top(tenant_operator::top::TopArgs),
+    Top(cli::top::TopArgs),
 }
 
 #[derive(Subcommand)]
@@ -116,16 +117,9 @@ struct AuditKeyArgs {
 impl AuditKeyArgs {
     async fn load(&self) -> anyhow::Result<tenant_operator::crypto::Keyring> {
         let src = self.keys.source(&self.namespace);
-        let ring = match &self.root_keys_file {
-            Some(path) => tenant_operator::keys::load_file(path, src.kms.as_ref()).await?,
-            None => {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("building the Kubernetes client (kubeconfig or in-cluster; without a cluster, pass the keys with --root-keys-file)")?;
-                tenant_operator::keys::load(&client, &src).await?
-            }
-        };
-        Ok(ring)
+        cli::load_root_keys(&src, self.root_keys_file.as_deref())
+            .await
+            .context("loading the root keys")
     }
 }
 
@@ -406,198 +400,63 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             namespace,
             keys,
-        }) => open_secret(&tenant, &name, envelope_file, &database_url, &namespace, &keys).await,
+        }) => {
+            cli::secrets::open(
+                &tenant,
+                &name,
+                envelope_file,
+                &database_url,
+                &namespace,
+                &keys.source(&namespace),
+            )
+            .await
+        }
         Command::Audit(cmd) => audit(cmd).await,
-        Command::Top(args) => tenant_operator::top::run(args).await,
+        Command::Top(args) => cli::top::run(args).await,
         Command::Backup { args, keys } => {
-            cli_logging();
+            cli::logging();
             let src = keys.source(&args.common.namespace);
-            tenant_operator::backup::cli::run_backup(args, src).await
+            cli::backup::run_backup(args, src).await
         }
         Command::Restore { args, keys } => {
-            cli_logging();
+            cli::logging();
             let src = keys.source(&args.common.namespace);
-            tenant_operator::backup::cli::run_restore(args, src).await
+            cli::backup::run_restore(args, src).await
         }
     }
 }
 
-/// Logs of the one-shot commands: plain lines on stderr (stdout carries
-/// their JSON result).
-fn cli_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()),
-        )
-        .init();
-}
-
 async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
-    use tenant_operator::names::TenantName;
     match cmd {
         AuditCommand::Verify {
             tenant,
             database_url,
             keys,
-        } => {
-            let name = TenantName::parse(&tenant)?;
-            let ring = keys.load().await.context("loading the root keys")?;
-            let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
-            let report = pg::audit::verify(&pool, &ring, &name).await?;
-            let from = report
-                .anchor
-                .map(|a| format!(" from the anchor at row {a}"))
-                .unwrap_or_default();
-            match report.first_break {
-                None => {
-                    let skipped = if report.anchors_skipped > 0 {
-                        format!(
-                            ", {} not checkable (pruned, or a retired root key)",
-                            report.anchors_skipped
-                        )
-                    } else {
-                        String::new()
-                    };
-                    println!(
-                        "ok: {} row(s){from}, chain head {}; {} anchor(s) checked{skipped}",
-                        report.rows, report.head, report.anchors_checked
-                    );
-                    Ok(())
-                }
-                Some(b) => {
-                    println!("BROKEN at row {}: {}", b.id, b.what);
-                    anyhow::bail!("the audit chain of tenant {name} is broken at row {}", b.id)
-                }
-            }
-        }
+        } => cli::audit::verify(&tenant, &database_url, &keys.load().await?).await,
         AuditCommand::Export {
             tenant,
             since,
             database_url,
             keys,
-        } => {
-            let name = TenantName::parse(&tenant)?;
-            let ring = keys.load().await.context("loading the root keys")?;
-            let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            let n = pg::audit::export(&pool, &ring, &name, since, &mut out).await?;
-            std::io::Write::flush(&mut out)?;
-            eprintln!("exported {n} audit row(s) of tenant {name}");
-            Ok(())
-        }
+        } => cli::audit::export(&tenant, since, &database_url, &keys.load().await?).await,
         AuditCommand::Prune {
             tenant,
             retention_days,
             database_url,
             keys,
-        } => {
-            let name = TenantName::parse(&tenant)?;
-            let ring = keys.load().await.context("loading the root keys")?;
-            let (pool, _) = pg::connect(&database_url, 2).await.context("connecting to Postgres")?;
-            let before = chrono::Utc::now() - chrono::Duration::days(retention_days as i64);
-            let p = pg::audit::prune(&pool, &ring, &name, before, "tenant-operator audit prune").await?;
-            println!("pruned {} row(s) before {before}; anchor: {:?}", p.deleted, p.anchor);
-            Ok(())
-        }
+        } => cli::audit::prune(&tenant, retention_days, &database_url, &keys.load().await?).await,
     }
-}
-
-async fn open_secret(
-    tenant: &str,
-    name: &str,
-    envelope_file: Option<std::path::PathBuf>,
-    database_url: &str,
-    namespace: &str,
-    keys: &KeyArgs,
-) -> anyhow::Result<()> {
-    use std::io::Write;
-    let tenant = tenant_operator::names::TenantName::parse(tenant)?;
-    let (pool, _) = pg::connect(database_url, 1).await.context("connecting to Postgres")?;
-    let uid = pg::tenant::uid_of(&pool, tenant.as_str())
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("tenant {tenant} is not in the registry"))?;
-    let salt = pg::tenant::existing_key_salt(&pool, &uid).await?.ok_or_else(|| {
-        anyhow::anyhow!("tenant {tenant} has no key salt (deleted tenants' secrets cannot be opened)")
-    })?;
-    let client = kube::Client::try_default()
-        .await
-        .context("building the Kubernetes client")?;
-    let ring = tenant_operator::keys::load(&client, &keys.source(namespace)).await?;
-    let envelope = match envelope_file {
-        Some(path) => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-        None => {
-            let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, namespace);
-            let sealed = api
-                .get(&tenant.sealed_secret())
-                .await
-                .with_context(|| format!("reading Secret {namespace}/{}", tenant.sealed_secret()))?;
-            sealed
-                .data
-                .and_then(|mut d| d.remove(name))
-                .map(|b| b.0)
-                .ok_or_else(|| anyhow::anyhow!("{} has no secret {name:?}", tenant.sealed_secret()))?
-        }
-    };
-    let plain = tenant_operator::crypto::open(
-        &ring,
-        &salt,
-        &uid,
-        tenant_operator::crypto::Purpose::Secrets,
-        name,
-        &envelope,
-    )
-    .with_context(|| format!("opening secret {name:?} of tenant {tenant}"))?;
-    std::io::stdout().write_all(&plain)?;
-    Ok(())
 }
 
 async fn run(mut args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,sqlx=warn".into()),
-        )
-        .init();
-    // The DSN holds the admin's password: wiped once the pool has it.
+    cli::run::logging();
     let database_url = zeroize::Zeroizing::new(std::mem::take(&mut args.database_url));
-    let (pool, target) = pg::connect(&database_url, args.max_connections)
-        .await
-        .context("connecting to Postgres")?;
-    drop(database_url);
-    let facts = pg::admin_facts(&pool).await?;
-    facts.require()?;
-    pg::migrate_control_schema(&pool)
-        .await
-        .context("preparing the control schema")?;
-    for warning in pg::harden_database(&pool, &facts).await? {
-        tracing::warn!(%warning, "database hardening skipped");
-    }
+    let (pool, target, facts) = cli::run::open_database(database_url, args.max_connections).await?;
     let client = kube::Client::try_default()
         .await
         .context("building the Kubernetes client (kubeconfig or in-cluster)")?;
     let key_source = args.keys.source(&args.namespace);
-    let ring = tenant_operator::keys::load(&client, &key_source)
-        .await
-        .context("loading the root keys")?;
-    let missing: Vec<String> = pg::tenant::key_versions_in_use(&pool)
-        .await?
-        .into_iter()
-        .filter_map(|v| tenant_operator::crypto::KeyVersion::new(v).ok())
-        .filter(|v| !ring.contains(*v))
-        .map(|v| v.to_string())
-        .collect();
-    if !missing.is_empty() {
-        anyhow::bail!(
-            "the root keys lack version(s) {} that tenants' sealed data still uses: put them back into Secret {}/{}",
-            missing.join(", "),
-            key_source.namespace,
-            key_source.secret
-        );
-    }
-    tracing::info!(active = %ring.active_version(), fingerprint = %ring.active_fingerprint(), "root keys loaded");
+    let ring = cli::run::load_root_keys(&client, &pool, &key_source).await?;
     let (secret_sources, listed_own) = tenant_operator::controller::tenant::sealing::SourcePolicy::new(
         &args.namespace,
         &args.secret_source_namespaces,
@@ -623,12 +482,12 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
         concurrency: args.concurrency,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
-        ratelimit: tenant_operator::ratelimit::RenderSettings {
+        ratelimit: tenant_operator::ratelimit_config::RenderSettings {
             configmap: args.ratelimit_configmap,
             api_domain: args.ratelimit_api_domain,
             webhook_domain: args.ratelimit_webhook_domain,
             descriptor_key: args.ratelimit_descriptor_key,
-            budget_bytes: tenant_operator::ratelimit::DEFAULT_BUDGET_BYTES,
+            budget_bytes: tenant_operator::ratelimit_config::DEFAULT_BUDGET_BYTES,
         },
         migration_timeouts: tenant_operator::pg::migrations::Timeouts {
             lock: args.migration_lock_timeout,
@@ -641,7 +500,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             grace: Duration::from_millis(args.watchdog_grace_ms),
         },
         usage_interval: (args.usage_interval_seconds > 0).then(|| Duration::from_secs(args.usage_interval_seconds)),
-        backup: tenant_operator::controller::tenant::backup::BackupSettings {
+        backup: tenant_operator::controller::tenant::backup_jobs::BackupSettings {
             image: args.image,
             env_secret: args.backup_env_secret,
             service_account: args.backup_service_account,
@@ -655,71 +514,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
     };
     tracing::info!(namespace = %settings.namespace, concurrency = settings.concurrency, admin = %facts.role, superuser = facts.superuser, "tenant-operator starting");
-    let namespace = settings.namespace.clone();
-    let ctx =
-        Arc::new(Context::new(client.clone(), pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)));
-    let served = tenant_operator::telemetry::Served {
-        pool: ctx.pool.clone(),
-        metrics: ctx.metrics.clone(),
-        health: ctx.health.clone(),
-    };
-    tenant_operator::telemetry::serve(args.metrics_addr, served)
-        .await
-        .with_context(|| format!("starting the metrics server on {}", args.metrics_addr))?;
-    let mut elector = args.leader_election.then(|| {
-        let identity = tenant_operator::leader::default_identity();
-        tenant_operator::leader::Elector::new(client, &namespace, &args.lease_name, &identity, Default::default())
-    });
-    if let Some(e) = elector.as_mut() {
-        // A standby is ready: it is healthy and can take over at any time.
-        ctx.health.set_started();
-        tokio::select! {
-            _ = e.acquire() => {}
-            _ = shutdown_signal() => {
-                tracing::info!("tenant-operator stopped while standing by");
-                return Ok(());
-            }
-        }
-    }
-    ctx.metrics.set_leader(true);
-    ctx.health.set_started();
-    let lost = match elector.as_mut() {
-        Some(e) => tokio::select! {
-            _ = controller::run(ctx.clone()) => None,
-            why = e.hold() => Some(why),
-        },
-        None => {
-            controller::run(ctx.clone()).await;
-            None
-        }
-    };
-    ctx.metrics.set_leader(false);
-    if let Some(why) = lost {
-        // Exit non-zero: Kubernetes restarts the container, which comes back
-        // as a standby.
-        anyhow::bail!("lost the leader lease ({why}): stopping the controllers");
-    }
-    if let Some(e) = elector.as_mut() {
-        e.release().await;
-    }
-    if let Err(dead) = ctx.health.live() {
-        anyhow::bail!("a controller task ended ({dead}): stopping so that the operator is restarted");
-    }
-    tracing::info!("tenant-operator stopped");
-    Ok(())
-}
-
-/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+    let ctx = Arc::new(Context::new(client, pool, settings).with_keys(tenant_operator::keys::KeyHolder::new(ring)));
+    let lease = args.leader_election.then_some(args.lease_name.as_str());
+    cli::run::operate(ctx, args.metrics_addr, lease).await
 }

@@ -76,7 +76,12 @@ async fn apply_gives_an_isolated_schema_and_a_quiet_steady_state() {
     assert_eq!(user, format!("{schema}_app"));
     drop(conn);
 
-    // Steady state: several resyncs later, nothing was written anywhere.
+    // Steady state: once the rate-limit writer has reported (about a
+    // second after Ready), several resyncs later, nothing was written
+    // anywhere.
+    wait_for(Duration::from_secs(30), "RateLimitsApplied to turn True", || {
+        condition(&env, &name, "RateLimitsApplied", "status") == "True"
+    });
     let rv = |what: &[&str]| env.jsonpath(what, "{.metadata.resourceVersion}");
     let secret = ["secret", "-n", NAMESPACE, &format!("tenant-{name}-db")];
     let (t0, s0) = (rv(&["tenant", &name]), rv(&secret));
@@ -488,7 +493,7 @@ async fn start_up_without_a_database_url_or_with_an_unreachable_one_fails_clearl
 fn rate_limits(env: &Env, file: &str) -> Option<std::collections::BTreeMap<String, (u32, String, bool)>> {
     let path = format!("{{.data.{}}}", file.replace('.', "\\."));
     let yaml = env.jsonpath(&["configmap", "-n", NAMESPACE, "tenant-ratelimits"], &path);
-    let root = tenant_operator::ratelimit::schema::parse(&yaml).ok()?;
+    let root = tenant_operator::ratelimit_config::schema::parse(&yaml).ok()?;
     let domain = if file.starts_with("api") {
         "tenant-api"
     } else {
@@ -508,6 +513,54 @@ fn rate_limits(env: &Env, file: &str) -> Option<std::collections::BTreeMap<Strin
             })
             .collect(),
     )
+}
+
+/// Watches `tenant`'s `RateLimitsApplied` (for 30 s, or until it is True
+/// with `summary` and stays so for a second): whenever it is True with
+/// `summary`, the rate-limit ConfigMap, read right after, holds `api` as the
+/// tenant's API limit.
+async fn never_true_before_the_configmap(env: &Env, tenant: &str, summary: &str, api: (u32, &str)) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let client = env.client().await;
+    let tenants: kube::Api<tenant_operator::api::Tenant> = kube::Api::all(client.clone());
+    let cms: kube::Api<ConfigMap> = kube::Api::namespaced(client, NAMESPACE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut true_since: Option<std::time::Instant> = None;
+    let mut seen_pending = false;
+    while std::time::Instant::now() < deadline {
+        let t = tenants.get(tenant).await.unwrap();
+        let cond = t
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "RateLimitsApplied").cloned());
+        let shown = cond
+            .as_ref()
+            .is_some_and(|c| c.status == "True" && c.message.contains(summary));
+        seen_pending |= cond.as_ref().is_some_and(|c| c.reason == "Pending");
+        if shown {
+            let cm = cms.get("tenant-ratelimits").await.unwrap();
+            let yaml = cm.data.unwrap_or_default().remove("api.yaml").unwrap_or_default();
+            let root = tenant_operator::ratelimit_config::schema::parse(&yaml).unwrap();
+            let held = root
+                .descriptors
+                .iter()
+                .find(|d| d.value.as_deref() == Some(tenant))
+                .and_then(|d| d.rate_limit.as_ref())
+                .map(|rl| (rl.requests_per_unit, rl.unit.clone().unwrap_or_default()));
+            assert_eq!(
+                held,
+                Some((api.0, api.1.to_string())),
+                "RateLimitsApplied says {summary:?} ({cond:?}) while the ConfigMap holds another limit"
+            );
+            let since = *true_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                eprintln!("RateLimitsApplied became True after the ConfigMap (Pending seen: {seen_pending})");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("RateLimitsApplied never said {summary:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -534,7 +587,10 @@ async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
     assert_eq!(api[&b], (100, "second".into(), false), "the default API limit");
     assert_eq!(webhook[&a], (5, "second".into(), true));
     assert_eq!(webhook[&b], (20, "second".into(), false), "the default webhook limit");
-    assert_eq!(condition(&env, &a, "RateLimitsApplied", "status"), "True");
+    // The writer reports once it wrote them: the Tenant follows.
+    wait_for(Duration::from_secs(30), "RateLimitsApplied to turn True", || {
+        condition(&env, &a, "RateLimitsApplied", "status") == "True"
+    });
     assert_eq!(condition(&env, &a, "RateLimitsApplied", "reason"), "Rendered");
     let msg = condition(&env, &a, "RateLimitsApplied", "message");
     assert!(
@@ -551,6 +607,20 @@ async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
         env.jsonpath(&cm, "{.metadata.resourceVersion}"),
         "the rate-limit ConfigMap was rewritten in a steady state"
     );
+
+    // A change of limits: `RateLimitsApplied` says True for the new ones
+    // only once the ConfigMap holds them (the writer debounces for a
+    // second): every time the Tenant shows it, the ConfigMap read after
+    // already has them.
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &a,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"rateLimits":{"api":{"requestsPerUnit":70}}}}"#,
+    ]);
+    never_true_before_the_configmap(&env, &a, "api 70/minute", (70, "minute")).await;
 
     // Suspended: zero on both surfaces, and an event says so.
     env.kubectl_ok(&[
@@ -571,7 +641,7 @@ async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
     );
     assert_eq!(
         rate_limits(&env, "api.yaml").unwrap()[&a],
-        (50, "minute".into(), false),
+        (70, "minute".into(), false),
         "the other tenant changed"
     );
     wait_for(Duration::from_secs(30), "a RateLimitsChanged event", || {

@@ -446,3 +446,44 @@ async fn cronjob_backup_and_tenant_restore() {
     let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "the deleted tenant's backups are still in the store ({dir})");
 }
+
+/// `spec.backup.schedule` takes what a Kubernetes CronJob takes: the CRD
+/// admits a macro such as `@daily` (and the CronJob gets it as written);
+/// a time zone in the schedule, which Kubernetes refuses, is reported on
+/// the Tenant (`BackupScheduled=False`, `InvalidSchedule`) and the CronJob
+/// keeps its last good schedule.
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_schedules_are_the_ones_a_cronjob_takes() {
+    let env = Env::start("e2e_bksched").await;
+    let t = unique("bks");
+    let spec = "  backup:\n    schedule: \"@daily\"\n";
+    let out = env.kubectl_stdin(&["apply"], &with_backup(&t, "Active", spec));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.wait_ready(&t);
+    let cj = ["cronjob", "-n", NAMESPACE, &format!("tenant-{t}-backup")];
+    wait_for(LIMIT, "the backup CronJob", || {
+        env.jsonpath(&cj, "{.spec.schedule}") == "@daily"
+    });
+    let cond = |field: &str| {
+        env.jsonpath(
+            &["tenant", &t],
+            &format!("{{.status.conditions[?(@.type==\"BackupScheduled\")].{field}}}"),
+        )
+    };
+    wait_for(LIMIT, "BackupScheduled=True", || cond("status") == "True");
+
+    for (bad, says) in [
+        ("CRON_TZ=Europe/Berlin 0 3 * * *", "TZ"),
+        ("0 3 * * 7", "day of week"),
+        ("@every 1h", "macro"),
+    ] {
+        let patch = format!(r#"{{"spec":{{"backup":{{"schedule":"{bad}"}}}}}}"#);
+        env.kubectl_ok(&["patch", "tenant", &t, "--type=merge", "-p", &patch]);
+        wait_for(LIMIT, &format!("InvalidSchedule for {bad:?}"), || {
+            cond("reason") == "InvalidSchedule" && cond("message").contains(bad)
+        });
+        assert_eq!(cond("status"), "False");
+        assert!(cond("message").contains(says), "{}", cond("message"));
+        assert_eq!(env.jsonpath(&cj, "{.spec.schedule}"), "@daily");
+    }
+}

@@ -24,7 +24,7 @@ use tenant_operator::backup::{
 };
 use tenant_operator::crypto::{self, Keyring};
 use tenant_operator::pg;
-use tenant_operator::pg::backup::AsideState;
+use tenant_operator::pg::backup_sql::AsideState;
 
 fn keyring() -> Arc<Keyring> {
     let mut keys = std::collections::BTreeMap::new();
@@ -194,7 +194,7 @@ async fn restore_brings_back_one_tenant_and_leaves_the_other_alone() {
         !on_disk.windows(5).any(|w| w == b"row 1"),
         "plaintext rows are visible in the stored dump"
     );
-    let last = pg::backup::last_backup(&f.db.admin, &a.uid)
+    let last = pg::backup_sql::last_backup(&f.db.admin, &a.uid)
         .await
         .unwrap()
         .expect("the backup is recorded");
@@ -459,25 +459,27 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
 
     // Killed after the admin prepared (the original aside, an empty schema
     // marked restoring, the app role locked out), before pg_restore ran.
-    let lock = pg::backup::try_restore_lock(&f.db.admin, &a.uid)
+    let lock = pg::backup_sql::try_restore_lock(&f.db.admin, &a.uid)
         .await
         .unwrap()
         .expect("lock is free");
     assert_eq!(
-        pg::backup::prepare(&f.db.admin, &a.name, &a.uid, pg::backup::BY_COMMAND, false)
+        pg::backup_sql::prepare(&f.db.admin, &a.name, &a.uid, pg::backup_sql::BY_COMMAND, false)
             .await
             .unwrap(),
-        pg::backup::Prepared::Done
+        pg::backup_sql::Prepared::Done
     );
     assert!(a.app(&f.db).await.is_err(), "the app role can log in during a restore");
     assert_eq!(
         schemas_like(&f.db, &a).await,
-        vec![a.name.schema(), pg::backup::aside_schema(&a.name)]
+        vec![a.name.schema(), pg::backup_sql::aside_schema(&a.name)]
     );
     // While a restore holds the lock, recovery keeps out, and so does a
     // reconcile that would give the login back.
     assert_eq!(
-        pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(),
+        pg::backup_sql::recover_aside(&f.db.admin, &a.name, &a.uid)
+            .await
+            .unwrap(),
         AsideState::RestoreRunning
     );
     assert!(a.converge(&f.db).await.is_err(), "a reconcile ran during a restore");
@@ -492,7 +494,9 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
     assert!(a.app(&f.db).await.is_err());
     // ... the reconcile's pre-step puts it back, then the reconcile restores login.
     assert_eq!(
-        pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(),
+        pg::backup_sql::recover_aside(&f.db.admin, &a.name, &a.uid)
+            .await
+            .unwrap(),
         AsideState::PutBack
     );
     a.converge(&f.db).await.unwrap();
@@ -502,7 +506,9 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
         "the original schema is not usable after recovery"
     );
     assert_eq!(
-        pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(),
+        pg::backup_sql::recover_aside(&f.db.admin, &a.name, &a.uid)
+            .await
+            .unwrap(),
         AsideState::Clean
     );
     assert_eq!(a.converge(&f.db).await.unwrap().statements, 0, "recovery left drift");
@@ -511,10 +517,10 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
     // schema still says "restoring", so recovery drops what was restored
     // and puts the original back.
     assert_eq!(
-        pg::backup::prepare(&f.db.admin, &a.name, &a.uid, pg::backup::BY_COMMAND, true)
+        pg::backup_sql::prepare(&f.db.admin, &a.name, &a.uid, pg::backup_sql::BY_COMMAND, true)
             .await
             .unwrap(),
-        pg::backup::Prepared::Done
+        pg::backup_sql::Prepared::Done
     );
     {
         let acc = access(&f.db, &f.ring, &a.name).await;
@@ -523,7 +529,9 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
         c.close().await;
     }
     assert_eq!(
-        pg::backup::recover_aside(&f.db.admin, &a.name, &a.uid).await.unwrap(),
+        pg::backup_sql::recover_aside(&f.db.admin, &a.name, &a.uid)
+            .await
+            .unwrap(),
         AsideState::PutBack
     );
     a.converge(&f.db).await.unwrap();
@@ -531,44 +539,48 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
     assert_eq!(schemas_like(&f.db, &a).await, vec![a.name.schema()]);
 
     // The TenantRestore controller's steps are safe to repeat after a crash.
-    let by = pg::backup::by_tenant_restore("r1");
+    let by = pg::backup_sql::by_tenant_restore("r1");
     assert_eq!(
-        pg::backup::prepare(&f.db.admin, &a.name, &a.uid, &by, true)
+        pg::backup_sql::prepare(&f.db.admin, &a.name, &a.uid, &by, true)
             .await
             .unwrap(),
-        pg::backup::Prepared::Done
+        pg::backup_sql::Prepared::Done
     );
     assert_eq!(
-        pg::backup::prepare(&f.db.admin, &a.name, &a.uid, &by, true)
+        pg::backup_sql::prepare(&f.db.admin, &a.name, &a.uid, &by, true)
             .await
             .unwrap(),
-        pg::backup::Prepared::Already
+        pg::backup_sql::Prepared::Already
     );
     assert_eq!(
-        pg::backup::prepare(&f.db.admin, &a.name, &a.uid, "TenantRestore/other", true)
+        pg::backup_sql::prepare(&f.db.admin, &a.name, &a.uid, "TenantRestore/other", true)
             .await
             .unwrap(),
-        pg::backup::Prepared::Unfinished
+        pg::backup_sql::Prepared::Unfinished
     );
     assert_eq!(
-        pg::backup::put_back(&f.db.admin, &a.name, &a.uid, true).await.unwrap(),
-        pg::backup::PutBack::Done
+        pg::backup_sql::put_back(&f.db.admin, &a.name, &a.uid, true)
+            .await
+            .unwrap(),
+        pg::backup_sql::PutBack::Done
     );
     assert_eq!(
-        pg::backup::put_back(&f.db.admin, &a.name, &a.uid, true).await.unwrap(),
-        pg::backup::PutBack::Nothing
+        pg::backup_sql::put_back(&f.db.admin, &a.name, &a.uid, true)
+            .await
+            .unwrap(),
+        pg::backup_sql::PutBack::Nothing
     );
-    let record = pg::backup::RestoreRecord {
+    let record = pg::backup_sql::RestoreRecord {
         backup_id: "x".into(),
         actor: "test".into(),
         detail: serde_json::json!({}),
     };
     assert!(
         matches!(
-            pg::backup::finalize(&f.db.admin, &a.name, &a.uid, &by, true, &record)
+            pg::backup_sql::finalize(&f.db.admin, &a.name, &a.uid, &by, true, &record)
                 .await
                 .unwrap(),
-            pg::backup::Finalized::NotPrepared(_)
+            pg::backup_sql::Finalized::NotPrepared(_)
         ),
         "a put-back restore taken for finalized"
     );
@@ -578,22 +590,22 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
     // second says it was done (the audit log has it).
     let mut c = tenant_with_data(&f.db, "bk-kfin", 1).await;
     assert_eq!(
-        pg::backup::prepare(&f.db.admin, &c.name, &c.uid, &by, true)
+        pg::backup_sql::prepare(&f.db.admin, &c.name, &c.uid, &by, true)
             .await
             .unwrap(),
-        pg::backup::Prepared::Done
+        pg::backup_sql::Prepared::Done
     );
     assert_eq!(
-        pg::backup::finalize(&f.db.admin, &c.name, &c.uid, &by, true, &record)
+        pg::backup_sql::finalize(&f.db.admin, &c.name, &c.uid, &by, true, &record)
             .await
             .unwrap(),
-        pg::backup::Finalized::Done
+        pg::backup_sql::Finalized::Done
     );
     assert_eq!(
-        pg::backup::finalize(&f.db.admin, &c.name, &c.uid, &by, true, &record)
+        pg::backup_sql::finalize(&f.db.admin, &c.name, &c.uid, &by, true, &record)
             .await
             .unwrap(),
-        pg::backup::Finalized::Already
+        pg::backup_sql::Finalized::Already
     );
     let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_uid = $1 AND action = 'Restored' AND detail->>'backupId' = 'x'")
         .bind(&c.uid)
@@ -614,14 +626,14 @@ async fn a_restore_killed_half_way_leaves_the_original_usable() {
     bk_with(&f.db, &f.ring, &f.tools, &f.store, &a.name, Retention::default())
         .await
         .unwrap();
-    let copy = format!("CREATE SCHEMA \"{}\"", pg::backup::aside_schema(&a.name));
+    let copy = format!("CREATE SCHEMA \"{}\"", pg::backup_sql::aside_schema(&a.name));
     sqlx::raw_sql(sqlx::AssertSqlSafe(copy))
         .execute(&f.db.admin)
         .await
         .unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "COMMENT ON SCHEMA \"{}\" IS '{}'",
-        pg::backup::aside_schema(&a.name),
+        pg::backup_sql::aside_schema(&a.name),
         pg::tenant::ownership_marker(&a.uid)
     )))
     .execute(&f.db.admin)
@@ -732,7 +744,10 @@ async fn a_failing_pg_dump_leaves_nothing_under_the_final_name() {
         f.store.list_tenant(&a.uid).await.unwrap().is_empty(),
         "a failed backup left objects"
     );
-    assert!(pg::backup::last_backup(&f.db.admin, &a.uid).await.unwrap().is_none());
+    assert!(pg::backup_sql::last_backup(&f.db.admin, &a.uid)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -1012,7 +1027,7 @@ async fn disaster_recovery_without_a_cluster_uses_a_keys_file() {
         "no dump in the store"
     );
     assert_eq!(
-        pg::backup::last_backup(&db.admin, &a.uid)
+        pg::backup_sql::last_backup(&db.admin, &a.uid)
             .await
             .unwrap()
             .expect("recorded in tenancy.backups")
@@ -1260,26 +1275,26 @@ async fn a_job_restores_only_into_a_prepared_schema_with_its_tenants_key_alone()
     assert!(matches!(err, BackupError::NotPrepared { .. }), "{err}");
     assert_eq!(rows(&f.db, &a).await, live, "an unprepared schema was touched");
 
-    let by = pg::backup::by_tenant_restore("r-job");
+    let by = pg::backup_sql::by_tenant_restore("r-job");
     assert_eq!(
-        pg::backup::prepare(&f.db.admin, &a.name, &a.uid, &by, true)
+        pg::backup_sql::prepare(&f.db.admin, &a.name, &a.uid, &by, true)
             .await
             .unwrap(),
-        pg::backup::Prepared::Done
+        pg::backup_sql::Prepared::Done
     );
     backup::restore_prepared(&job, &f.tools, &f.store, &m.id)
         .await
         .expect("the Job restores into the prepared schema");
-    let record = pg::backup::RestoreRecord {
+    let record = pg::backup_sql::RestoreRecord {
         backup_id: m.id.clone(),
         actor: by.clone(),
         detail: serde_json::json!({}),
     };
     assert_eq!(
-        pg::backup::finalize(&f.db.admin, &a.name, &a.uid, &by, true, &record)
+        pg::backup_sql::finalize(&f.db.admin, &a.name, &a.uid, &by, true, &record)
             .await
             .unwrap(),
-        pg::backup::Finalized::Done
+        pg::backup_sql::Finalized::Done
     );
     assert_eq!(rows(&f.db, &a).await, before);
 

@@ -21,15 +21,15 @@ async fn a_reconcile_during_a_restore_keeps_the_app_role_locked_out() {
     t.app(&db).await.expect("the active tenant logs in");
 
     // A restore starts: it holds the lock and locks the app role out.
-    let lock = pg::backup::try_restore_lock(&db.admin, &t.uid)
+    let lock = pg::backup_sql::try_restore_lock(&db.admin, &t.uid)
         .await
         .unwrap()
         .expect("no restore running yet");
     assert_eq!(
-        pg::backup::prepare(&db.admin, &t.name, &t.uid, pg::backup::BY_COMMAND, false)
+        pg::backup_sql::prepare(&db.admin, &t.name, &t.uid, pg::backup_sql::BY_COMMAND, false)
             .await
             .unwrap(),
-        pg::backup::Prepared::Done
+        pg::backup_sql::Prepared::Done
     );
     assert!(t.app(&db).await.is_err());
 
@@ -55,14 +55,16 @@ async fn a_reconcile_during_a_restore_keeps_the_app_role_locked_out() {
     );
 
     // A second restore cannot start while the first runs (it waits, then says so).
-    let second = pg::backup::restore_lock(&db.admin, &t.uid, Duration::from_millis(500))
+    let second = pg::backup_sql::restore_lock(&db.admin, &t.uid, Duration::from_millis(500))
         .await
         .unwrap();
     assert!(second.is_none(), "two restores of one tenant at once");
     // Nor can the TenantRestore controller's steps.
     assert_eq!(
-        pg::backup::put_back(&db.admin, &t.name, &t.uid, true).await.unwrap(),
-        pg::backup::PutBack::Busy
+        pg::backup_sql::put_back(&db.admin, &t.name, &t.uid, true)
+            .await
+            .unwrap(),
+        pg::backup_sql::PutBack::Busy
     );
 
     // With the lock free but the restore's schemas still there (a
@@ -75,8 +77,10 @@ async fn a_reconcile_during_a_restore_keeps_the_app_role_locked_out() {
     assert!(matches!(err, pg::PgError::RestoreRunning(_)), "{err}");
     assert!(t.app(&db).await.is_err());
     assert_eq!(
-        pg::backup::put_back(&db.admin, &t.name, &t.uid, true).await.unwrap(),
-        pg::backup::PutBack::Done
+        pg::backup_sql::put_back(&db.admin, &t.name, &t.uid, true)
+            .await
+            .unwrap(),
+        pg::backup_sql::PutBack::Done
     );
     t.converge(&db).await.unwrap();
     t.app(&db).await.expect("login is back once the restore is done");
@@ -102,20 +106,22 @@ async fn the_app_role_holding_the_old_advisory_keys_delays_neither_a_restore_nor
 
     // A restore's lock and steps go through at once.
     let started = Instant::now();
-    let lock = pg::backup::try_restore_lock(&db.admin, &t.uid)
+    let lock = pg::backup_sql::try_restore_lock(&db.admin, &t.uid)
         .await
         .unwrap()
         .expect("the restore lock is not stalled by the app's advisory locks");
     lock.release().await;
     assert_eq!(
-        pg::backup::prepare(&db.admin, &t.name, &t.uid, pg::backup::BY_COMMAND, true)
+        pg::backup_sql::prepare(&db.admin, &t.name, &t.uid, pg::backup_sql::BY_COMMAND, true)
             .await
             .unwrap(),
-        pg::backup::Prepared::Done
+        pg::backup_sql::Prepared::Done
     );
     assert_eq!(
-        pg::backup::put_back(&db.admin, &t.name, &t.uid, true).await.unwrap(),
-        pg::backup::PutBack::Done
+        pg::backup_sql::put_back(&db.admin, &t.name, &t.uid, true)
+            .await
+            .unwrap(),
+        pg::backup_sql::PutBack::Done
     );
     // A reconcile that gives the login back (the prepare took it) too.
     t.converge(&db)

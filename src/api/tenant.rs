@@ -106,10 +106,14 @@ pub struct TenantSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupSpec {
-    /// A cron schedule of five fields (minute hour day-of-month month
-    /// day-of-week, in the CronJob controller's time zone), for example
-    /// `0 3 * * *`.
-    #[schemars(length(min = 9, max = 100))]
+    /// When backups run, as a Kubernetes CronJob's schedule takes it (in
+    /// the time zone of the kube-controller-manager): five fields (minute
+    /// hour day-of-month month day-of-week), for example `0 3 * * *`, or a
+    /// macro: `@yearly`, `@annually`, `@monthly`, `@weekly`, `@daily`,
+    /// `@midnight`, `@hourly`. `TZ=` and `CRON_TZ=` are refused, as
+    /// Kubernetes refuses them. A schedule it refuses shows as
+    /// `BackupScheduled=False`, reason `InvalidSchedule`.
+    #[schemars(length(min = 6, max = 100))]
     pub schedule: String,
     /// Which backups are kept after each backup; the newest is always kept.
     #[serde(default)]

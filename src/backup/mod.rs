@@ -12,7 +12,7 @@
 //! operator's side). Side effects: runs `pg_dump`/`pg_restore` as child
 //! processes, objects under `tenants/<uid>/` in the store, and (admin
 //! callers only) rows in `tenancy.backups` and the restore's steps
-//! ([`crate::pg::backup`]).
+//! ([`crate::pg::backup_sql`]).
 //!
 //! `pg_dump` and `pg_restore` never run as the admin: their session user is
 //! the tenant's ops login (`PGUSER`/`PGPASSWORD` in their environment, never
@@ -30,7 +30,6 @@
 //! [`ORPHAN_GRACE`], which is longer than a backup Job may run
 //! ([`JOB_DEADLINE`]), so a backup still under way is never touched.
 
-pub mod cli;
 pub mod store;
 
 use std::io::{Read, Write};
@@ -48,7 +47,7 @@ pub use store::{Store, StoreConfig, StoreError};
 
 use crate::crypto::{CryptoError, KeyVersion, Keyring, OpeningReader, Purpose, StreamEncryptor, TenantKey};
 use crate::names::TenantName;
-use crate::pg::backup::{self as pgb, BackupRow};
+use crate::pg::backup_sql::{self as pgb, BackupRow};
 use crate::pg::confined::{self, OpsLogin};
 use crate::pg::{PgError, Target};
 
@@ -1240,6 +1239,30 @@ async fn run_pg_restore(access: &TenantAccess, tools: &Tools, path: &std::path::
 /// finalizer); returns how many objects went.
 pub async fn delete_all(store: &Store, uid: &str) -> Result<usize, BackupError> {
     Ok(store.delete_tenant(uid).await?)
+}
+
+/// `30m`, `36h`, `14d`, `2w`, `90s`.
+pub fn parse_age(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or("a unit is needed: s, m, h, d or w")?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(format!("unknown unit {unit:?}: use s, m, h, d or w")),
+    };
+    if n == 0 {
+        return Err("must be more than 0".into());
+    }
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| "too long".into())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use k8s_openapi::ByteString;
 use kube::Api;
 
 use super::kit::{self, labels};
-use super::{Context, Stats};
+use super::Context;
 use crate::pg::gateway::{GatewayError, GatewayName};
 
 /// The Secret holding the gateway's credentials.
@@ -77,12 +77,11 @@ pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Erro
     });
     let mut wrote = false;
     if !same {
-        kit::apply(ctx, &api, &secret).await.map_err(Error::WriteSecret)?;
+        kit::apply(&api, &secret).await.map_err(Error::WriteSecret)?;
         tracing::info!(secret = SECRET, "gateway credentials written");
         wrote = true;
     }
     let outcome = crate::pg::gateway::converge(&ctx.pool, gateway, &password, is_new).await?;
-    Stats::add(&ctx.stats.ddl_statements, outcome.statements as u64);
     if !outcome.actions.is_empty() {
         let steps: Vec<&str> = outcome.actions.iter().map(|a| a.label()).collect();
         tracing::info!(gateway = %gateway, steps = ?steps, "gateway role converged");

@@ -16,7 +16,6 @@ pub mod usage;
 pub mod watchdog;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -38,13 +37,13 @@ pub struct Settings {
     /// Requeue after success, to catch changes made inside Postgres.
     pub resync: Duration,
     /// Names, domains and descriptor key of the rendered rate-limit config.
-    pub ratelimit: crate::ratelimit::RenderSettings,
+    pub ratelimit: crate::ratelimit_config::RenderSettings,
     /// `lock_timeout` and `statement_timeout` of each tenant migration.
     pub migration_timeouts: crate::pg::migrations::Timeouts,
     /// Where the root keys live (reloaded when that Secret changes).
     pub root_keys: crate::keys::KeySource,
     /// Backup CronJobs, restore Jobs and the backup store.
-    pub backup: tenant::backup::BackupSettings,
+    pub backup: tenant::backup_jobs::BackupSettings,
     /// Which Secrets may be sources of tenants' sealed secrets.
     pub secret_sources: tenant::sealing::SourcePolicy,
     /// Time between audit anchoring passes ([`anchoring`]).
@@ -58,27 +57,12 @@ pub struct Settings {
     pub usage_interval: Option<Duration>,
 }
 
-/// Counters a test (and later the metrics endpoint) reads.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub reconciles: AtomicU64,
-    pub ddl_statements: AtomicU64,
-    pub kube_writes: AtomicU64,
-}
-
-impl Stats {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
 /// What each reconcile gets.
 pub struct Context {
     pub client: Client,
     pub pool: PgPool,
     pub settings: Settings,
     pub recorder: Recorder,
-    pub stats: Stats,
     /// The root keys in use.
     pub keys: std::sync::Arc<crate::keys::KeyHolder>,
     /// Which source Secrets each tenant's sealed secrets come from, so a
@@ -91,6 +75,9 @@ pub struct Context {
     pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// What `/healthz` and `/readyz` report.
     pub health: std::sync::Arc<crate::telemetry::Health>,
+    /// What the rate-limit ConfigMaps hold, as their writer last converged
+    /// them: `RateLimitsApplied` says True only for limits found here.
+    pub rate_limits: ratelimits::Applied,
     /// The gateway role, once it was converged: tenant reconciles make it a
     /// member of each Active tenant's app role.
     pub gateway: std::sync::OnceLock<String>,
@@ -110,12 +97,12 @@ impl Context {
             pool,
             settings,
             recorder,
-            stats: Stats::default(),
             keys: Default::default(),
             sources: Default::default(),
             migration_sets: std::sync::OnceLock::new(),
             metrics: Default::default(),
             health: Default::default(),
+            rate_limits: Default::default(),
             gateway: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),
         }
@@ -165,11 +152,11 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
     // it, the rate-limit writer and the MigrationSet controller read its
     // store and hear of the changes they care about.
     let mut tenants = tenant_watch::TenantWatch::new(ctx.client.clone());
-    let ratelimit_input = ratelimits::subscribe(&mut tenants);
+    let (ratelimit_input, ratelimit_reports) = ratelimits::subscribe(&mut tenants);
     let migration_set_input = migration_set::subscribe(&mut tenants);
     tokio::select! {
         _ = gateway_loop => ctx.health.task_died("gateway"),
-        _ = tenant::run(ctx.clone(), tenants) => {}
+        _ = tenant::run(ctx.clone(), tenants, ratelimit_reports) => {}
         _ = ratelimits::run(ctx.clone(), ratelimit_input) => ctx.health.task_died("ratelimits"),
         _ = migration_set::run(ctx.clone(), migration_set_input) => ctx.health.task_died("migrationset-controller"),
         _ = tenant_restore::run(ctx.clone()) => ctx.health.task_died("tenantrestore-controller"),

@@ -3,30 +3,36 @@
 //!
 //! Takes the operator's Tenant cache ([`crate::controller::tenant_watch`])
 //! and its changes; on any change, debounced, and on every resync, renders the whole
-//! store with [`crate::ratelimit::render`] and converges the ConfigMaps in
+//! store with [`crate::ratelimit_config::render`] and converges the ConfigMaps in
 //! the operator namespace: get, then apply only the ones whose data
 //! differ, then delete shards no longer needed. Publishes a
 //! `RateLimitsChanged` Event on each tenant whose rendered limits changed.
 //! An unchanged set of tenants writes nothing.
+//!
+//! The writer is the one who makes a tenant's `RateLimitsApplied` true, so
+//! it reports it: after each pass it publishes what the ConfigMaps now hold
+//! ([`Applied`], in the [`Context`]) and brings back for reconcile the
+//! tenants whose condition no longer says so; the Tenant controller, the
+//! one status writer, sets the condition from that ([`condition`], pure).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tokio::time::{sleep_until, Instant};
 
-use crate::api::Tenant;
-use crate::controller::kit::{self, labels};
+use crate::api::{Condition, Tenant};
+use crate::controller::kit::{self, conditions::Cond, labels};
 use crate::controller::tenant_watch::TenantWatch;
 use crate::controller::Context;
-use crate::ratelimit::{self, Limit, RenderError};
+use crate::ratelimit_config::{self, Entry, Limit, RenderError, RenderSettings};
 
 /// Label on every rendered ConfigMap; its value is the configured (first)
 /// ConfigMap name, so shards of another configuration are left alone.
@@ -69,6 +75,80 @@ impl Error {
     }
 }
 
+/// The limits the rate-limit ConfigMaps hold, per (domain, tenant).
+pub type Held = BTreeMap<(String, String), Limit>;
+
+/// What the writer reports: the limits the ConfigMaps held after its last
+/// successful pass (they were compared with the API server's or written
+/// then); None until the first pass since the start.
+#[derive(Debug, Default)]
+pub struct Applied(RwLock<Option<Arc<Held>>>);
+
+impl Applied {
+    /// The limits held after the last pass, None before the first.
+    pub fn get(&self) -> Option<Arc<Held>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, held: Held) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(held));
+    }
+}
+
+/// The condition type the writer makes true.
+pub const CONDITION: &str = "RateLimitsApplied";
+
+/// `RateLimitsApplied` for a Tenant: True (`Rendered`) only when `held`,
+/// what the writer last put in the ConfigMaps, has this tenant's current
+/// limits on both surfaces; else False (`Pending`, the writer is behind or
+/// failing). Before the writer's first pass (`held` None) the condition in
+/// the status (`old`) stands when it is the True one for these very limits
+/// (so a restart writes nothing), else Pending. None for a Tenant being
+/// deleted (it has no entry). Pure.
+pub fn condition(
+    cfg: &RenderSettings,
+    namespace: &str,
+    t: &Tenant,
+    held: Option<&Held>,
+    old: Option<&Condition>,
+) -> Option<Cond> {
+    let entry = Entry::of(t)?;
+    let target = format!(
+        "ConfigMap {namespace}/{} (domains {}, {})",
+        cfg.configmap, cfg.api_domain, cfg.webhook_domain
+    );
+    let rendered = format!("{} rendered into {target}", entry.summary());
+    let applied = match held {
+        Some(h) => holds(cfg, h, &entry),
+        None => old.is_some_and(|c| c.status == "True" && c.reason == "Rendered" && c.message == rendered),
+    };
+    Some(if applied {
+        Cond::new(CONDITION, true, "Rendered", rendered)
+    } else {
+        let message = format!(
+            "waiting for the rate-limit writer to render {} into {target}",
+            entry.summary()
+        );
+        Cond::new(CONDITION, false, "Pending", message)
+    })
+}
+
+/// Whether `held` has `entry`'s limits on both surfaces.
+fn holds(cfg: &RenderSettings, held: &Held, entry: &Entry) -> bool {
+    let at = |domain: &str| held.get(&(domain.to_owned(), entry.tenant.clone()));
+    at(&cfg.api_domain) == Some(&entry.api) && at(&cfg.webhook_domain) == Some(&entry.webhook)
+}
+
+/// Whether `t`'s status shows another `RateLimitsApplied` than `held` gives
+/// (so the Tenant controller must write it).
+fn report_due(cfg: &RenderSettings, namespace: &str, t: &Tenant, held: &Held) -> bool {
+    let old = crate::controller::tenant::status::condition(t.status.as_ref(), CONDITION);
+    let Some(want) = condition(cfg, namespace, t, Some(held), old) else {
+        return false;
+    };
+    !old.is_some_and(|o| (o.status == "True") == want.status && o.reason == want.reason && o.message == want.message)
+}
+
 /// What a Tenant event means to the writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
@@ -83,26 +163,40 @@ enum Change {
 pub struct Tenants {
     store: Store<Tenant>,
     changes: futures::channel::mpsc::UnboundedReceiver<Change>,
+    /// Tenants whose `RateLimitsApplied` a pass made stale, for the Tenant
+    /// controller.
+    report: futures::channel::mpsc::UnboundedSender<ObjectRef<Tenant>>,
 }
 
-/// Subscribes the writer to the Tenant watch (before it starts).
-pub fn subscribe(watch: &mut TenantWatch) -> Tenants {
+/// Subscribes the writer to the Tenant watch (before it starts). Also
+/// gives the stream of Tenants to reconcile because the writer changed
+/// what their `RateLimitsApplied` should say (for the Tenant controller).
+pub fn subscribe(watch: &mut TenantWatch) -> (Tenants, futures::channel::mpsc::UnboundedReceiver<ObjectRef<Tenant>>) {
     let changes = watch.listen(|ev| match ev {
         watcher::Event::InitDone => Some(Change::Relisted),
         watcher::Event::Apply(_) | watcher::Event::Delete(_) => Some(Change::Changed),
         // The store swaps its content on InitDone.
         watcher::Event::Init | watcher::Event::InitApply(_) => None,
     });
-    Tenants {
-        store: watch.store(),
-        changes,
-    }
+    let (report, reports) = futures::channel::mpsc::unbounded();
+    (
+        Tenants {
+            store: watch.store(),
+            changes,
+            report,
+        },
+        reports,
+    )
 }
 
 /// Runs the writer until the process stops. Returns only if the Tenant
 /// watch ends, which it does not by itself.
 pub async fn run(ctx: Arc<Context>, tenants: Tenants) {
-    let Tenants { store, mut changes } = tenants;
+    let Tenants {
+        store,
+        mut changes,
+        report,
+    } = tenants;
     let mut resync = tokio::time::interval(ctx.settings.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -146,7 +240,7 @@ pub async fn run(ctx: Arc<Context>, tenants: Tenants) {
                 due = None;
                 first_change = None;
                 let started = Instant::now();
-                let result = sync(&ctx, &store, &mut state, full).await;
+                let result = sync(&ctx, &store, &mut state, full, &report).await;
                 ctx.metrics.reconciled("ratelimits", started.elapsed(), result.as_ref().err().map(Error::label));
                 match result {
                     Ok(0) => {
@@ -178,17 +272,25 @@ struct Written {
     /// back from the ConfigMaps at the first pass, then what was written.
     limits: Option<BTreeMap<(String, String), Limit>>,
     /// The shards last converged.
-    shards: Option<Vec<ratelimit::Shard>>,
+    shards: Option<Vec<ratelimit_config::Shard>>,
 }
 
-/// One pass: render the store, converge the ConfigMaps, publish events.
-/// Returns the number of ConfigMap writes. Unless `full`, a rendering equal
-/// to the last one converged returns at once.
-async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full: bool) -> Result<usize, Error> {
+/// One pass: render the store, converge the ConfigMaps, publish events,
+/// then what the ConfigMaps hold ([`Applied`]) and the tenants whose
+/// condition that changes (to `report`). Returns the number of ConfigMap
+/// writes. Unless `full`, a rendering equal to the last one converged
+/// returns at once.
+async fn sync(
+    ctx: &Context,
+    store: &Store<Tenant>,
+    written: &mut Written,
+    full: bool,
+    report: &futures::channel::mpsc::UnboundedSender<ObjectRef<Tenant>>,
+) -> Result<usize, Error> {
     let cfg = &ctx.settings.ratelimit;
     let tenants = store.state();
-    let entries = ratelimit::entries(tenants.iter().map(|t| t.as_ref()));
-    let shards = ratelimit::render(cfg, &entries)?;
+    let entries = ratelimit_config::entries(tenants.iter().map(|t| t.as_ref()));
+    let shards = ratelimit_config::render(cfg, &entries)?;
     if !full && written.shards.as_ref() == Some(&shards) {
         return Ok(0);
     }
@@ -210,7 +312,7 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
         // After a start, what the rate-limit service holds now is the
         // baseline for events, so a restart publishes none.
         let files: Vec<_> = existing.values().filter_map(|c| c.data.as_ref()).collect();
-        *previous = Some(ratelimit::read_back(cfg, &files));
+        *previous = Some(ratelimit_config::read_back(cfg, &files));
     }
 
     let mut writes = 0;
@@ -243,13 +345,13 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
             data: Some(shard.data.clone()),
             ..ConfigMap::default()
         };
-        kit::apply(ctx, &api, &cm)
+        kit::apply(&api, &cm)
             .await
             .map_err(|e| Error::WriteConfigMap(shard.name.clone(), e))?;
         writes += 1;
     }
     for name in existing.into_keys() {
-        if kit::delete(ctx, &api, &name, &DeleteParams::default())
+        if kit::delete(&api, &name, &DeleteParams::default())
             .await
             .map_err(|e| Error::DeleteConfigMap(name.clone(), e))?
         {
@@ -259,7 +361,7 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
 
     // Events for tenants whose limits were rendered before and differ now
     // (a new tenant's limits are announced by its Provisioned event).
-    let now = ratelimit::by_domain(cfg, &entries);
+    let now = ratelimit_config::by_domain(cfg, &entries);
     let before = previous.replace(now.clone()).unwrap_or_default();
     let changed: BTreeSet<&str> = now
         .iter()
@@ -289,5 +391,118 @@ async fn sync(ctx: &Context, store: &Store<Tenant>, written: &mut Written, full:
         kit::event(ctx, t.as_ref(), false, "RateLimitsChanged", note).await;
     }
     written.shards = Some(shards);
+    // The ConfigMaps hold `now` from here on: the conditions may say so,
+    // published before the tenants come back so their reconciles see it.
+    let ns = &ctx.settings.namespace;
+    let due: Vec<ObjectRef<Tenant>> = tenants
+        .iter()
+        .filter(|t| report_due(cfg, ns, t, &now))
+        .map(|t| ObjectRef::new(&t.name_any()))
+        .collect();
+    ctx.rate_limits.set(now);
+    for r in due {
+        let _ = report.unbounded_send(r);
+    }
     Ok(writes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{RateLimitUnit, TenantSpec, TenantState};
+
+    fn tenant(name: &str, api_rpu: u32) -> Tenant {
+        let mut spec: TenantSpec = serde_json::from_value(serde_json::json!({})).expect("defaults");
+        spec.rate_limits.api.requests_per_unit = api_rpu;
+        Tenant::new(name, spec)
+    }
+
+    fn held_for(cfg: &RenderSettings, tenants: &[&Tenant]) -> Held {
+        ratelimit_config::by_domain(cfg, &ratelimit_config::entries(tenants.iter().copied()))
+    }
+
+    fn shown(c: &Cond) -> Condition {
+        crate::controller::kit::conditions::merge_conditions(&[], std::slice::from_ref(c), Some(1), "t").remove(0)
+    }
+
+    #[test]
+    fn the_condition_is_true_only_when_the_configmap_holds_the_current_limits() {
+        let cfg = RenderSettings::default();
+        let acme = tenant("acme", 100);
+        // Nothing written yet, another tenant only, an older limit, a
+        // webhook limit missing: Pending.
+        let other = tenant("beta", 100);
+        let older = tenant("acme", 50);
+        let mut api_only = held_for(&cfg, &[&acme]);
+        api_only.remove(&(cfg.webhook_domain.clone(), "acme".into()));
+        for held in [
+            Held::new(),
+            held_for(&cfg, &[&other]),
+            held_for(&cfg, &[&older]),
+            api_only,
+        ] {
+            let c = condition(&cfg, "ns", &acme, Some(&held), None).unwrap();
+            assert_eq!((c.status, c.reason), (false, "Pending"), "{held:?}");
+            assert!(c.message.contains("api 100/second"), "{}", c.message);
+        }
+        let c = condition(&cfg, "ns", &acme, Some(&held_for(&cfg, &[&acme, &other])), None).unwrap();
+        assert_eq!((c.status, c.reason), (true, "Rendered"));
+        assert_eq!(
+            c.message,
+            "api 100/second, webhook 20/second rendered into ConfigMap ns/tenant-ratelimits (domains tenant-api, tenant-webhook)"
+        );
+        // A suspended tenant's limits are 0: its old ones do not count.
+        let mut suspended = acme.clone();
+        suspended.spec.state = TenantState::Suspended;
+        let c = condition(&cfg, "ns", &suspended, Some(&held_for(&cfg, &[&acme])), None).unwrap();
+        assert!(!c.status);
+        // Being deleted: no entry, no condition.
+        let mut gone = acme.clone();
+        gone.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert_eq!(condition(&cfg, "ns", &gone, Some(&Held::new()), None), None);
+    }
+
+    #[test]
+    fn before_the_writers_first_pass_only_a_true_condition_for_the_same_limits_stands() {
+        let cfg = RenderSettings::default();
+        let acme = tenant("acme", 100);
+        let true_now = condition(&cfg, "ns", &acme, Some(&held_for(&cfg, &[&acme])), None).unwrap();
+        assert!(true_now.status);
+        let kept = condition(&cfg, "ns", &acme, None, Some(&shown(&true_now))).unwrap();
+        assert_eq!(kept, true_now, "a restart must not flip the condition");
+        // The spec changed while the operator was down: Pending.
+        let changed = tenant("acme", 7);
+        let c = condition(&cfg, "ns", &changed, None, Some(&shown(&true_now))).unwrap();
+        assert_eq!((c.status, c.reason), (false, "Pending"));
+        assert!(!condition(&cfg, "ns", &acme, None, None).unwrap().status);
+    }
+
+    #[test]
+    fn a_pass_brings_back_only_the_tenants_whose_condition_it_changes() {
+        let cfg = RenderSettings::default();
+        let mut acme = tenant("acme", 100);
+        let beta = tenant("beta", 5);
+        let held = held_for(&cfg, &[&acme, &beta]);
+        // No status yet: due.
+        assert!(report_due(&cfg, "ns", &acme, &held));
+        let now = condition(&cfg, "ns", &acme, Some(&held), None).unwrap();
+        acme.status = Some(crate::api::TenantStatus {
+            conditions: vec![shown(&now)],
+            ..Default::default()
+        });
+        assert!(
+            !report_due(&cfg, "ns", &acme, &held),
+            "the steady state brings nothing back"
+        );
+        // Pending shown, the pass wrote the limits: due.
+        let pending = condition(&cfg, "ns", &acme, Some(&Held::new()), None).unwrap();
+        acme.status.as_mut().unwrap().conditions = vec![shown(&pending)];
+        assert!(report_due(&cfg, "ns", &acme, &held));
+        // True shown for limits the ConfigMaps no longer hold: due.
+        acme.status.as_mut().unwrap().conditions = vec![shown(&now)];
+        acme.spec.rate_limits.api.unit = RateLimitUnit::Minute;
+        assert!(report_due(&cfg, "ns", &acme, &held));
+    }
 }

@@ -6,7 +6,7 @@
 //! database the admin DSN names.
 
 pub mod audit;
-pub mod backup;
+pub mod backup_sql;
 pub mod confined;
 pub mod gateway;
 pub mod locks;

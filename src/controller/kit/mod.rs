@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{Context, Stats};
+use super::Context;
 use labels::FIELD_MANAGER;
 
 /// An error of one reconcile, with a fixed word for logs and metrics labels.
@@ -43,7 +43,6 @@ pub async fn reconcile<E: ReconcileError>(
     span: tracing::Span,
     run: impl Future<Output = Result<Action, E>>,
 ) -> Result<Action, E> {
-    Stats::add(&ctx.stats.reconciles, 1);
     let started = std::time::Instant::now();
     let result = tracing::Instrument::instrument(run, span.clone()).await;
     if result.is_ok() {
@@ -109,15 +108,11 @@ pub fn gone_is_none<T>(result: Result<T, kube::Error>) -> Result<Option<T>, kube
 }
 
 /// Deletes `name`; returns whether it was there (gone already is fine).
-pub async fn delete<K>(ctx: &Context, api: &Api<K>, name: &str, params: &DeleteParams) -> Result<bool, kube::Error>
+pub async fn delete<K>(api: &Api<K>, name: &str, params: &DeleteParams) -> Result<bool, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
-    let deleted = gone_is_none(api.delete(name, params).await)?.is_some();
-    if deleted {
-        Stats::add(&ctx.stats.kube_writes, 1);
-    }
-    Ok(deleted)
+    Ok(gone_is_none(api.delete(name, params).await)?.is_some())
 }
 
 /// Writes an object the operator owns with Server-Side Apply under its field
@@ -126,7 +121,7 @@ where
 /// and `binaryData` that `desired` does not hold are removed, as a replace
 /// removed them. The caller compares first, so that a reconcile with
 /// nothing to change sends nothing.
-pub async fn apply<K>(ctx: &Context, api: &Api<K>, desired: &K) -> Result<K, kube::Error>
+pub async fn apply<K>(api: &Api<K>, desired: &K) -> Result<K, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
@@ -138,7 +133,6 @@ where
             &Patch::Apply(desired),
         )
         .await?;
-    Stats::add(&ctx.stats.kube_writes, 1);
     let (Ok(have), Ok(want)) = (serde_json::to_value(&written), serde_json::to_value(desired)) else {
         return Ok(written);
     };
@@ -146,7 +140,6 @@ where
         return Ok(written);
     };
     let cleaned = api.patch(&name, &write_params(), &Patch::Merge(&patch)).await?;
-    Stats::add(&ctx.stats.kube_writes, 1);
     Ok(cleaned)
 }
 
@@ -176,7 +169,7 @@ pub fn foreign_data_keys(have: &Value, want: &Value) -> Option<Value> {
 
 /// Creates an object the operator writes once and never changes (a Job),
 /// under its field manager.
-pub async fn create<K>(ctx: &Context, api: &Api<K>, obj: &K) -> Result<K, kube::Error>
+pub async fn create<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
@@ -184,9 +177,7 @@ where
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
     };
-    let created = api.create(&params, obj).await?;
-    Stats::add(&ctx.stats.kube_writes, 1);
-    Ok(created)
+    api.create(&params, obj).await
 }
 
 /// Patch parameters of the operator's other writes (finalizers, leftovers).
@@ -240,11 +231,9 @@ where
     let Some(written) = gone_is_none(api.patch_status(name, &params, &Patch::Apply(&body)).await)? else {
         return Ok(false);
     };
-    Stats::add(&ctx.stats.kube_writes, 1);
     let written = serde_json::to_value(&written).unwrap_or_default();
     if let Some(patch) = legacy_status_keys(&written, &status).filter(|_| whole) {
         gone_is_none(api.patch_status(name, &write_params(), &Patch::Merge(&patch)).await)?;
-        Stats::add(&ctx.stats.kube_writes, 1);
     }
     Ok(true)
 }
@@ -277,15 +266,14 @@ pub fn legacy_status_keys(written: &Value, applied: &Value) -> Option<Value> {
 /// logged and never fails the reconcile.
 pub async fn publish(ctx: &Context, object: &ObjectReference, warning: bool, reason: &str, note: String) {
     let ev = events::event_of(warning, reason, note);
-    match ctx.recorder.publish(&ev, object).await {
-        Ok(()) => Stats::add(&ctx.stats.kube_writes, 1),
-        Err(e) => tracing::warn!(
+    if let Err(e) = ctx.recorder.publish(&ev, object).await {
+        tracing::warn!(
             kind = object.kind.as_deref().unwrap_or_default(),
             object = object.name.as_deref().unwrap_or_default(),
             reason,
             error = %e,
             "publishing an event failed"
-        ),
+        );
     }
 }
 

@@ -15,7 +15,7 @@ use super::Error;
 use crate::api::{Tenant, TenantStatus, FINALIZER};
 use crate::controller::kit::labels::{self, FIELD_MANAGER, TENANT_LABEL, USAGE_FIELD_MANAGER};
 use crate::controller::kit::{self, conditions::Cond};
-use crate::controller::{Context, Stats};
+use crate::controller::Context;
 use crate::names::TenantName;
 
 pub fn has_finalizer(t: &Tenant) -> bool {
@@ -37,7 +37,6 @@ pub async fn add_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
     api.patch(&t.name_any(), &kit::write_params(), &Patch::<()>::Json(patch))
         .await
         .map_err(Error::PatchFinalizer)?;
-    Stats::add(&ctx.stats.kube_writes, 1);
     Ok(())
 }
 
@@ -54,7 +53,6 @@ pub async fn remove_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
             .await,
     )
     .map_err(Error::PatchFinalizer)?;
-    Stats::add(&ctx.stats.kube_writes, 1);
     Ok(())
 }
 
@@ -87,7 +85,7 @@ pub async fn converge_secret(
         return Ok(false);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let written = kit::apply(ctx, &api, &secret.0).await.map_err(Error::WriteSecret)?;
+    let written = kit::apply(&api, &secret.0).await.map_err(Error::WriteSecret)?;
     drop(Wiped(written));
     Ok(true)
 }
@@ -124,7 +122,7 @@ pub async fn delete_secrets(ctx: &Context, name: &TenantName) -> Result<(), Erro
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     ctx.sources.set(name.as_str(), &[]);
     for secret in [name.db_secret(), name.sealed_secret()] {
-        kit::delete(ctx, &api, &secret, &DeleteParams::default())
+        kit::delete(&api, &secret, &DeleteParams::default())
             .await
             .map_err(Error::DeleteSecret)?;
     }
@@ -175,7 +173,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
     if spec.is_empty() {
         if existing.is_some() {
             let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-            kit::delete(ctx, &api, &name.sealed_secret(), &DeleteParams::default())
+            kit::delete(&api, &name.sealed_secret(), &DeleteParams::default())
                 .await
                 .map_err(Error::DeleteSecret)?;
         }
@@ -269,7 +267,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             type_: Some("Opaque".into()),
             ..Secret::default()
         };
-        kit::apply(ctx, &api, &secret).await.map_err(Error::WriteSecret)?;
+        kit::apply(&api, &secret).await.map_err(Error::WriteSecret)?;
         if plan.sealed > 0 {
             // Envelopes under another root key were re-sealed: a key rotation.
             let previous: Vec<String> = sealing::versions_of(&existing_data)
@@ -289,7 +287,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             } else {
                 "tenant-operator (root key rotation)".to_string()
             };
-            crate::pg::tenant::audit(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
+            crate::pg::tenant::record_event(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
             let note = if previous.is_empty() {
                 format!("sealed {} secret(s) under root key {version}", plan.sealed)
             } else {

@@ -5,10 +5,11 @@
 //! through the `tenancy.dev/cleanup` finalizer).
 
 pub mod apply;
-pub mod backup;
+pub mod backup_jobs;
 pub mod migrations;
 pub mod observe;
 pub mod plan;
+pub mod schedule;
 pub mod sealing;
 pub mod status;
 
@@ -26,7 +27,7 @@ use kube::{Api, ResourceExt};
 
 use crate::api::{Tenant, TenantPhase, TenantState};
 use crate::controller::kit::{self, conditions::Cond, labels};
-use crate::controller::{Context, Stats};
+use crate::controller::Context;
 use crate::names::TenantName;
 use crate::pg::tenant::RegistryWrite;
 use crate::pg::PgError;
@@ -87,7 +88,14 @@ fn now() -> String {
 /// Starts the Tenant controller and drives it, and with it the operator's
 /// one Tenant watch (`tenants`, whose store the other readers share), until
 /// shutdown.
-pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::TenantWatch) {
+///
+/// `rate_limits_reported`: Tenants the rate-limit writer brings back
+/// because their `RateLimitsApplied` became stale (it wrote their limits).
+pub async fn run(
+    ctx: Arc<Context>,
+    tenants: crate::controller::tenant_watch::TenantWatch,
+    rate_limits_reported: impl futures::Stream<Item = ObjectRef<Tenant>> + Send + 'static,
+) {
     // Secrets, by metadata only (names and labels, never data), in the
     // namespaces the operator may list: its own, for the tenants' own
     // Secrets (by label; deleted or edited by hand brings the tenant back),
@@ -152,7 +160,8 @@ pub async fn run(ctx: Arc<Context>, tenants: crate::controller::tenant_watch::Te
         )
         // A new root key (rotation) re-seals every tenant, at the controller's
         // bounded concurrency.
-        .reconcile_all_on(rotate_rx);
+        .reconcile_all_on(rotate_rx)
+        .reconcile_on(rate_limits_reported);
     for (api, index) in source_watches {
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
             let tenants = index
@@ -297,22 +306,19 @@ async fn report_deleting(
     report(ctx, t, TenantPhase::Deleting, schema, &[ready]).await
 }
 
-/// `RateLimitsApplied`, computed from the spec alone: the rate-limit writer
-/// renders every Tenant that is not being deleted, whatever its database
-/// state, so the condition holds as soon as the writer catches up (about a
-/// second). None for a Tenant being deleted (it has no entry).
+/// `RateLimitsApplied`: True only once the rate-limit writer has put the
+/// tenant's current limits into the ConfigMaps
+/// ([`crate::controller::ratelimits::condition`]).
 fn rate_limits_cond(ctx: &Context, t: &Tenant) -> Option<Cond> {
-    let entry = crate::ratelimit::Entry::of(t)?;
-    let cfg = &ctx.settings.ratelimit;
-    let message = format!(
-        "{} rendered into ConfigMap {}/{} (domains {}, {})",
-        entry.summary(),
-        ctx.settings.namespace,
-        cfg.configmap,
-        cfg.api_domain,
-        cfg.webhook_domain
-    );
-    Some(Cond::new("RateLimitsApplied", true, "Rendered", message))
+    let held = ctx.rate_limits.get();
+    let old = status::condition(t.status.as_ref(), crate::controller::ratelimits::CONDITION);
+    crate::controller::ratelimits::condition(
+        &ctx.settings.ratelimit,
+        &ctx.settings.namespace,
+        t,
+        held.as_deref(),
+        old,
+    )
 }
 
 /// Reports a failure a person must fix and waits for a change (or the
@@ -403,9 +409,9 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     // A restore that was killed half-way left the schema aside: put it back
     // (or finish it) first; while a restore runs, leave the tenant alone.
     // Reads only when there is nothing to do.
-    match backup::recover_restore(ctx, &name, &uid).await {
-        Ok(crate::pg::backup::AsideState::Clean) => {}
-        Ok(crate::pg::backup::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
+    match backup_jobs::recover_restore(ctx, &name, &uid).await {
+        Ok(crate::pg::backup_sql::AsideState::Clean) => {}
+        Ok(crate::pg::backup_sql::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
         Ok(state) => {
             kit::event(
                 ctx,
@@ -455,7 +461,6 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         Err(ConvergeError::Db(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
         Err(ConvergeError::Db(e)) => return fail(ctx, t, schema, "DatabaseError", e.describe()).await,
     };
-    Stats::add(&ctx.stats.ddl_statements, outcome.statements as u64);
     let (mut db_plan, registry) = (outcome.plan, outcome.registry);
     let read_auditing = &outcome.audit.read_auditing;
     let read_auditing_cond = Cond::new(
@@ -589,8 +594,8 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             None
         }
     };
-    conds.extend(backup::converge_cronjob(ctx, t, &name, &uid).await?);
-    let last_backup = backup::last_backup(ctx, &uid).await;
+    conds.extend(backup_jobs::converge_cronjob(ctx, t, &name, &uid).await?);
+    let last_backup = backup_jobs::last_backup(ctx, &uid).await;
     report_with(
         ctx,
         t,
@@ -714,8 +719,8 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     )
     .await?;
     let actor = plan::last_spec_manager(t);
-    let dropped = match crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor).await {
-        Ok(n) => n,
+    match crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor).await {
+        Ok(_) => {}
         Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, true).await,
         Err(e) => {
             let msg = format!("cannot drop the tenant: {}", e.describe());
@@ -723,9 +728,8 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             return Err(Error::Database(e));
         }
     };
-    Stats::add(&ctx.stats.ddl_statements, dropped as u64);
     apply::delete_secrets(ctx, &name).await?;
-    backup::delete_job_secret(ctx, &backup::job_secret_name(&name))
+    backup_jobs::delete_job_secret(ctx, &backup_jobs::job_secret_name(&name))
         .await
         .map_err(Error::DeleteSecret)?;
     let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;

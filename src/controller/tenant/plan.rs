@@ -120,7 +120,7 @@ pub fn parse_memory_kb(s: &str) -> Result<i64, String> {
 pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, PlanError> {
     // Destructured without `..`: a new spec field must be planned here or the
     // build fails.
-    // Rate limits are planned by the rate-limit writer (`crate::ratelimit`).
+    // Rate limits are planned by the rate-limit writer (`crate::ratelimit_config`).
     let TenantSpec {
         display_name: _,
         state,
@@ -131,7 +131,7 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
         audit,
         backup: _,
     } = spec;
-    // spec.backup becomes the CronJob (`super::backup::desired_cronjob`).
+    // spec.backup becomes the CronJob (`super::backup_jobs::desired_cronjob`).
     // The audit log's objects and triggers are converged by `crate::pg::audit`
     // (every tenant has one); only its retention comes from the spec.
     let crate::api::tenant::AuditSpec { retention_days } = audit;

@@ -6,11 +6,11 @@
 //! (the Job restores that id), the Job's Secret `tenant-restore-<name>` is
 //! written (the tenant's ops login and the backup key of that backup's root
 //! key version, nothing else), the tenant's schema is prepared
-//! (`pg::backup::prepare`: app role locked out, original aside, an empty
+//! (`pg::backup_sql::prepare`: app role locked out, original aside, an empty
 //! schema marked restoring), then the Job is created; it runs `pg_restore`
-//! as the ops login. When the Job succeeded: `pg::backup::finalize` (the
+//! as the ops login. When the Job succeeded: `pg::backup_sql::finalize` (the
 //! restored schema becomes the tenant's, the original is dropped, login
-//! back, audit row `Restored`); when it failed: `pg::backup::put_back`.
+//! back, audit row `Restored`); when it failed: `pg::backup_sql::put_back`.
 //! Either way the Job's Secret is deleted. Each step takes the tenant's
 //! restore lock and is safe to repeat after a crash. Writes: the Secret,
 //! the Job (created once, never changed), the TenantRestore's status (only
@@ -33,11 +33,11 @@ use kube::{Api, Resource, ResourceExt};
 use crate::api::{RestorePhase, TenantRestore, TenantRestoreStatus};
 use crate::backup::Selector;
 use crate::controller::kit::{self, events::tenant_ref};
-use crate::controller::tenant::backup::{job_credentials, job_secret_data, write_job_secret};
+use crate::controller::tenant::backup_jobs::{job_credentials, job_secret_data, write_job_secret};
 use crate::controller::Context;
 use crate::crypto::KeyVersion;
 use crate::names::TenantName;
-use crate::pg::backup as pgb;
+use crate::pg::backup_sql as pgb;
 
 /// Errors of one TenantRestore reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,7 @@ pub enum Error {
     #[error(transparent)]
     Database(#[from] crate::pg::PgError),
     #[error(transparent)]
-    Secret(#[from] crate::controller::tenant::backup::JobSecretError),
+    Secret(#[from] crate::controller::tenant::backup_jobs::JobSecretError),
     #[error("deleting the restore Job's Secret: {0}")]
     DeleteSecret(#[source] kube::Error),
     #[error("the operator holds no root keys yet")]
@@ -286,7 +286,7 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
             e.push_str(" (the original schema was put back)");
         }
     }
-    crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name))
+    crate::controller::tenant::backup_jobs::delete_job_secret(ctx, &plan::secret_name(&name))
         .await
         .map_err(Error::DeleteSecret)?;
     write_status(ctx, r, status).await?;
@@ -372,7 +372,7 @@ async fn start(
             )))
         }
         pgb::Prepared::NoSchema => {
-            crate::controller::tenant::backup::delete_job_secret(ctx, &plan::secret_name(&name))
+            crate::controller::tenant::backup_jobs::delete_job_secret(ctx, &plan::secret_name(&name))
                 .await
                 .map_err(Error::DeleteSecret)?;
             write_status(
@@ -385,7 +385,7 @@ async fn start(
         }
     }
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let created = match kit::create(ctx, &jobs, &job).await {
+    let created = match kit::create(&jobs, &job).await {
         Ok(j) => j,
         Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(&plan::job_name(&name)).await.map_err(Error::Job)?,
         Err(e) => return Err(Error::Job(e)),

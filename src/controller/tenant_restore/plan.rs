@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use crate::api::{RestorePhase, TenantRestoreSpec, TenantRestoreStatus};
 use crate::backup::Selector;
 use crate::controller::kit::labels;
-use crate::controller::tenant::backup::{job_pod, BackupSettings};
+use crate::controller::tenant::backup_jobs::{job_pod, BackupSettings};
 use crate::names::TenantName;
 
 /// Label on the Job naming its TenantRestore (brings it back on Job events).

@@ -6,7 +6,7 @@
 //!
 //! - **Job** (`--job`): what the backup CronJob and the restore
 //!   Job run. Everything comes from the environment the operator gives it
-//!   (the per-tenant Secret, [`super::TenantAccess::from_env`]): the
+//!   (the per-tenant Secret, [`crate::backup::TenantAccess::from_env`]): the
 //!   tenant's ops login and its backup key(s), nothing else; no Kubernetes
 //!   API, no admin, no root keys. A backup writes only the store; a restore
 //!   only runs `pg_restore` into the schema the operator prepared
@@ -29,8 +29,8 @@ use anyhow::Context as _;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Resource};
 
-use super::{Retention, Selector, StoreConfig, Tools};
 use crate::api::Tenant;
+use crate::backup::{parse_age, Retention, Selector, StoreConfig, Tools};
 use crate::crypto::Keyring;
 use crate::keys::KeySource;
 use crate::names::TenantName;
@@ -152,30 +152,6 @@ impl CommonArgs {
 /// Who the audit log names for a restore run by hand.
 const COMMAND_ACTOR: &str = "tenant-operator restore (command)";
 
-/// `30m`, `36h`, `14d`, `2w`, `90s`.
-pub fn parse_age(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or("a unit is needed: s, m, h, d or w")?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} does not start with a number"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(format!("unknown unit {unit:?}: use s, m, h, d or w")),
-    };
-    if n == 0 {
-        return Err("must be more than 0".into());
-    }
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| "too long".into())
-}
-
 /// How long a command waits for the API server when the keys come from a
 /// file (the cluster may be gone: do not hang on it).
 const KUBE_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -285,12 +261,12 @@ pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()>
             .keep_max_age
             .or_else(|| spec_retention.max_age.as_deref().and_then(|a| parse_age(a).ok())),
     };
-    let store = super::Store::open(&args.common.store.config())?;
+    let store = crate::backup::Store::open(&args.common.store.config())?;
     let done = async {
-        let access = super::TenantAccess::derive(&pool, &target, &name, &ring).await?;
-        let out = super::backup(&access, &args.common.tools(), &store, retention).await?;
-        super::record(&pool, &out).await?;
-        Ok::<_, super::BackupError>(out)
+        let access = crate::backup::TenantAccess::derive(&pool, &target, &name, &ring).await?;
+        let out = crate::backup::backup(&access, &args.common.tools(), &store, retention).await?;
+        crate::backup::record(&pool, &out).await?;
+        Ok::<_, crate::backup::BackupError>(out)
     }
     .await;
     match done {
@@ -337,7 +313,7 @@ pub async fn run_backup(args: BackupArgs, keys: KeySource) -> anyhow::Result<()>
     }
 }
 
-fn print_backup(out: &super::BackupOutcome) -> anyhow::Result<()> {
+fn print_backup(out: &crate::backup::BackupOutcome) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::to_string(
@@ -351,13 +327,13 @@ fn print_backup(out: &super::BackupOutcome) -> anyhow::Result<()> {
 /// environment, the store; retention from the flags (the operator writes
 /// the Tenant's into the CronJob). No Kubernetes, no admin.
 async fn run_backup_job(args: BackupArgs, name: TenantName) -> anyhow::Result<()> {
-    let access = super::TenantAccess::from_env(&name)?;
-    let store = super::Store::open(&args.common.store.config())?;
+    let access = crate::backup::TenantAccess::from_env(&name)?;
+    let store = crate::backup::Store::open(&args.common.store.config())?;
     let retention = Retention {
         count: args.keep_count,
         max_age: args.keep_max_age,
     };
-    let out = super::backup(&access, &args.common.tools(), &store, retention).await?;
+    let out = crate::backup::backup(&access, &args.common.tools(), &store, retention).await?;
     tracing::info!(backup = %out.manifest.id, bytes = out.manifest.bytes, pruned = out.pruned.len(), "backup written; the operator records it");
     print_backup(&out)
 }
@@ -370,7 +346,7 @@ pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<(
         ("latest", None) => Selector::Latest,
         (_, Some(_)) => anyhow::bail!("--point-in-time goes with --backup latest"),
         (id, None) => {
-            super::check_id(id)?;
+            crate::backup::check_id(id)?;
             Selector::Id(id.to_owned())
         }
     };
@@ -381,9 +357,9 @@ pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<(
                 "with --job, --backup must name a backup id: the operator resolves latest and --point-in-time"
             )
         };
-        let access = super::TenantAccess::from_env(&name)?;
-        let store = super::Store::open(&args.common.store.config())?;
-        let m = super::restore_prepared(&access, &args.common.tools(), &store, &id).await?;
+        let access = crate::backup::TenantAccess::from_env(&name)?;
+        let store = crate::backup::Store::open(&args.common.store.config())?;
+        let m = crate::backup::restore_prepared(&access, &args.common.tools(), &store, &id).await?;
         println!("{}", serde_json::to_string(&serde_json::json!({ "restored": m }))?);
         return Ok(());
     }
@@ -398,10 +374,10 @@ pub async fn run_restore(args: RestoreArgs, keys: KeySource) -> anyhow::Result<(
     crate::pg::migrate_control_schema(&pool)
         .await
         .context("preparing the control schema")?;
-    let store = super::Store::open(&args.common.store.config())?;
+    let store = crate::backup::Store::open(&args.common.store.config())?;
     let done = async {
-        let access = super::TenantAccess::derive(&pool, &target, &name, &ring).await?;
-        super::restore(
+        let access = crate::backup::TenantAccess::derive(&pool, &target, &name, &ring).await?;
+        crate::backup::restore(
             &pool,
             &ring,
             &access,

@@ -160,14 +160,14 @@ pub async fn write_job_secret(
             name.to_string(),
         )));
     }
-    kit::apply(ctx, &api, &next).await.map_err(JobSecretError::Kube)?;
+    kit::apply(&api, &next).await.map_err(JobSecretError::Kube)?;
     Ok(true)
 }
 
 /// Deletes a Job's Secret (a missing one is fine).
 pub async fn delete_job_secret(ctx: &Context, secret: &str) -> Result<bool, kube::Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    kit::delete(ctx, &api, secret, &DeleteParams::default()).await
+    kit::delete(&api, secret, &DeleteParams::default()).await
 }
 
 /// Why a Job's Secret could not be written.
@@ -313,70 +313,6 @@ pub fn cronjob_name(name: &TenantName) -> String {
     format!("tenant-{cut}-{hash}-backup")
 }
 
-/// Checks a five-field cron schedule (minute hour day-of-month month
-/// day-of-week; numbers, `*`, ranges, lists, steps, and month and day
-/// names).
-pub fn check_schedule(s: &str) -> Result<(), String> {
-    let fields: Vec<&str> = s.split_whitespace().collect();
-    if fields.len() != 5 {
-        return Err(format!(
-            "{s:?} has {} fields; a schedule has 5 (minute hour day-of-month month day-of-week)",
-            fields.len()
-        ));
-    }
-    const MONTHS: [&str; 12] = [
-        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-    ];
-    const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
-    let specs: [(&str, u32, u32, &[&str], u32); 5] = [
-        ("minute", 0, 59, &[], 0),
-        ("hour", 0, 23, &[], 0),
-        ("day of month", 1, 31, &[], 0),
-        ("month", 1, 12, &MONTHS, 1),
-        ("day of week", 0, 7, &DAYS, 0),
-    ];
-    for (field, (what, lo, hi, names, base)) in fields.iter().zip(specs) {
-        let value = |v: &str| -> Result<u32, String> {
-            if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(v)) {
-                return Ok(i as u32 + base);
-            }
-            let n: u32 = v.parse().map_err(|_| format!("{what}: {v:?} is not a number"))?;
-            if n < lo || n > hi {
-                return Err(format!("{what}: {n} is not between {lo} and {hi}"));
-            }
-            Ok(n)
-        };
-        for item in field.split(',') {
-            let (range, step) = match item.split_once('/') {
-                Some((r, s)) => (r, Some(s)),
-                None => (item, None),
-            };
-            if let Some(step) = step {
-                let n: u32 = step
-                    .parse()
-                    .map_err(|_| format!("{what}: step {step:?} is not a number"))?;
-                if n == 0 || n > hi {
-                    return Err(format!("{what}: step {n} is out of range"));
-                }
-            }
-            if range == "*" {
-                continue;
-            }
-            match range.split_once('-') {
-                Some((a, b)) => {
-                    if value(a)? > value(b)? {
-                        return Err(format!("{what}: range {range} runs backwards"));
-                    }
-                }
-                None => {
-                    value(range)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The wanted CronJob, or why there is none. Pure.
 pub fn desired_cronjob(
     name: &TenantName,
@@ -391,7 +327,7 @@ pub fn desired_cronjob(
         retention,
         suspend,
     } = backup;
-    check_schedule(schedule).map_err(|m| ("InvalidSchedule", m))?;
+    super::schedule::check(schedule).map_err(|m| ("InvalidSchedule", format!("spec.backup.schedule {m}")))?;
     let (Some(image), Some(env_secret)) = (&settings.image, &settings.env_secret) else {
         return Err((
             "BackupNotConfigured",
@@ -416,7 +352,7 @@ pub fn desired_cronjob(
         args.extend(["--keep-count".to_string(), c.to_string()]);
     }
     if let Some(a) = &retention.max_age {
-        crate::backup::cli::parse_age(a)
+        crate::backup::parse_age(a)
             .map_err(|m| ("InvalidRetention", format!("spec.backup.retention.maxAge {a:?}: {m}")))?;
         args.extend(["--keep-max-age".to_string(), a.clone()]);
     }
@@ -491,7 +427,7 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
     let existing = api.get_opt(&cj_name).await.map_err(Error::Backup)?;
     let Some(spec) = &t.spec.backup else {
         if existing.is_some() {
-            kit::delete(ctx, &api, &cj_name, &DeleteParams::background())
+            kit::delete(&api, &cj_name, &DeleteParams::background())
                 .await
                 .map_err(Error::Backup)?;
             delete_job_secret(ctx, &job_secret_name(name))
@@ -554,7 +490,7 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
         JobSecretError::Database(e) => Error::Database(e),
     })?;
     if !existing.is_some_and(|e| up_to_date(&e, &desired)) {
-        kit::apply(ctx, &api, &desired).await.map_err(Error::Backup)?;
+        kit::apply(&api, &desired).await.map_err(Error::Backup)?;
     }
     sync_backups(ctx, t, uid).await;
     let suspended = desired.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
@@ -596,15 +532,15 @@ async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
 }
 
 /// The Tenant reconcile's first step: finishes a restore that was cut
-/// short (`pg::backup::recover_aside`), but leaves alone one a TenantRestore
+/// short (`pg::backup_sql::recover_aside`), but leaves alone one a TenantRestore
 /// is still running (its controller finalizes or puts it back). One catalog
 /// read when there is nothing to do.
 pub async fn recover_restore(
     ctx: &Context,
     name: &TenantName,
     uid: &str,
-) -> Result<crate::pg::backup::AsideState, crate::pg::PgError> {
-    use crate::pg::backup::{self as pgb, AsideState, Live};
+) -> Result<crate::pg::backup_sql::AsideState, crate::pg::PgError> {
+    use crate::pg::backup_sql::{self as pgb, AsideState, Live};
     let Some(live) = pgb::pending_restore(&ctx.pool, name, uid).await? else {
         return Ok(AsideState::Clean);
     };
@@ -640,7 +576,7 @@ async fn tenant_restore_running(ctx: &Context, name: &str) -> bool {
 
 /// `status.lastBackup` from the backups table.
 pub async fn last_backup(ctx: &Context, uid: &str) -> Option<crate::api::tenant::LastBackup> {
-    match crate::pg::backup::last_backup(&ctx.pool, uid).await {
+    match crate::pg::backup_sql::last_backup(&ctx.pool, uid).await {
         Ok(row) => row.map(|r| crate::api::tenant::LastBackup {
             id: r.id,
             time: r.taken_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -682,31 +618,22 @@ mod tests {
     }
 
     #[test]
-    fn schedules_are_checked() {
-        for ok in [
-            "0 3 * * *",
-            "*/15 * * * *",
-            "0 0 1,15 * mon-fri",
-            "5 4 * jan,jul 0",
-            "0 22 * * 1-5",
-            "0 0 * * 7",
-        ] {
-            check_schedule(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
-        }
-        for bad in [
-            "",
-            "* * * *",
-            "0 3 * * * *",
-            "60 * * * *",
-            "0 24 * * *",
-            "0 0 0 * *",
-            "0 0 * 13 *",
-            "*/0 * * * *",
-            "5-1 * * * *",
-            "@daily",
-            "a b c d e",
-        ] {
-            assert!(check_schedule(bad).is_err(), "{bad:?} accepted");
+    fn the_cronjob_takes_a_kubernetes_schedule_and_an_invalid_one_is_a_reason() {
+        let n = TenantName::parse("acme").unwrap();
+        let with = |schedule: &str| BackupSpec {
+            schedule: schedule.into(),
+            ..Default::default()
+        };
+        let cj = desired_cronjob(&n, owner(), TenantState::Active, &with("@daily"), &settings(), "ns").unwrap();
+        assert_eq!(cj.spec.unwrap().schedule, "@daily");
+        for bad in ["CRON_TZ=UTC 0 3 * * *", "0 3 * * 7", "@every 1h"] {
+            let (reason, message) =
+                desired_cronjob(&n, owner(), TenantState::Active, &with(bad), &settings(), "ns").unwrap_err();
+            assert_eq!(reason, "InvalidSchedule");
+            assert!(
+                message.starts_with("spec.backup.schedule") && message.contains(bad),
+                "{message}"
+            );
         }
     }
 

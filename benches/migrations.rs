@@ -423,7 +423,7 @@ async fn main() {
                 .for_each_concurrent(4, |n| {
                     let pool = op_pool.clone();
                     async move {
-                        pg::audit::converge(&pool, &bench_ring(), n, &format!("uid-{n}"), None)
+                        pg::audit::converge(&pool, &bench_ring(), n, &format!("uid-{n}"), None, &[])
                             .await
                             .expect("auditing the baseline's tables");
                     }

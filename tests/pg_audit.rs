@@ -879,7 +879,7 @@ async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile()
     .await
     .unwrap();
     let mut conn = db.admin.acquire().await.unwrap();
-    let state = pg::audit::observe(&mut conn, &t.name).await.unwrap();
+    let state = pg::audit::observe(&mut conn, &t.name, &[]).await.unwrap();
     drop(conn);
     assert_eq!(state.untriggered, ["docs"]);
     assert_eq!(
@@ -983,10 +983,10 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
         .execute(&mut su)
         .await
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let (state, how) = pg::audit::observe_in_tx(&mut su, &t.name)
+        let (state, how) = pg::audit::observe_in_tx(&mut su, &t.name, &[])
             .await
             .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let full = pg::audit::observe(&mut su, &t.name).await.unwrap();
+        let full = pg::audit::observe(&mut su, &t.name, &[]).await.unwrap();
         sqlx::raw_sql("ROLLBACK").execute(&mut su).await.unwrap();
         assert_eq!(state, full, "{what}: the in-transaction check disagrees with observe");
         assert_eq!(how, expected, "{what}");
@@ -1048,7 +1048,7 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
             "{sql}"
         );
         let mut conn = db.admin.acquire().await.unwrap();
-        let state = pg::audit::observe(&mut conn, &t.name).await.unwrap();
+        let state = pg::audit::observe(&mut conn, &t.name, &[]).await.unwrap();
         drop(conn);
         assert_eq!(
             pg::audit::plan(&state, None),
@@ -1285,4 +1285,102 @@ async fn an_update_appends_one_entry_per_statement_and_the_per_row_trigger_is_re
         "one entry per UPDATE statement; none for a statement that updated no row"
     );
     verified(&db, &t).await;
+}
+
+/// `spec.audit.excludeTables`: a listed table loses its audit triggers at
+/// the next reconcile (its writes leave no entry; the rest of the log
+/// still verifies), the change is recorded with who made it, a migration's
+/// in-transaction audit check leaves it untriggered (and triggers a new
+/// table next to it), and taking it off the list audits it again.
+#[tokio::test]
+async fn an_excluded_table_is_not_audited_and_migrations_leave_it_so() {
+    let db = setup("aud_exclude").await;
+    let mut t = tenant_with_docs(&db, "ex").await;
+    let schema = t.name.schema();
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {}; CREATE TABLE {schema}.\"job queue\" (id bigserial PRIMARY KEY, payload text); RESET ROLE",
+        t.name.owner_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    t.spec.audit.exclude_tables = vec!["job queue".into(), "not there yet".into()];
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, Vec::<&str>::new(), "the new excluded table gets no triggers");
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "converged");
+    let events: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT action, actor, detail FROM tenancy.audit_log WHERE tenant_uid = $1 AND action = 'AuditExclusionChanged'",
+    )
+    .bind(&t.uid)
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].1, "test");
+    assert_eq!(events[0].2["to"], serde_json::json!(["job queue", "not there yet"]));
+
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql("INSERT INTO \"job queue\" (payload) VALUES ('a'); UPDATE \"job queue\" SET payload = 'b'; DELETE FROM \"job queue\"; INSERT INTO docs (body) VALUES ('kept')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(
+        audited_tables(&db, &t).await,
+        ["docs"],
+        "only the audited table's write"
+    );
+
+    // A migration: creates the excluded table's neighbour (audited in the
+    // migration's transaction) and the table "not there yet" (excluded).
+    let login = pg::migrations::ops_login(&db.admin, &support::test_ring(), &t.name)
+        .await
+        .unwrap()
+        .expect("registered");
+    assert_eq!(login.audit_exclude(), ["job queue", "not there yet"]);
+    let set = SetRef {
+        name: "default".into(),
+        generation: 1,
+    };
+    let migrations = vec![MigrationSql::new(
+        1,
+        "m1".to_string(),
+        "CREATE TABLE notes (id int PRIMARY KEY); CREATE TABLE \"not there yet\" (id int PRIMARY KEY)",
+        true,
+    )];
+    pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default())
+        .await
+        .unwrap();
+    sqlx::raw_sql("INSERT INTO notes VALUES (1); INSERT INTO \"not there yet\" VALUES (1)")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(audited_tables(&db, &t).await, ["docs", "notes"]);
+    assert_eq!(
+        t.converge(&db).await.unwrap().statements,
+        0,
+        "the migration left it converged"
+    );
+    verified(&db, &t).await;
+
+    // Off the list: audited again.
+    t.spec.audit.exclude_tables = vec!["not there yet".into()];
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["AuditTable"]);
+    sqlx::raw_sql("INSERT INTO \"job queue\" (payload) VALUES ('c')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(audited_tables(&db, &t).await, ["docs", "notes", "job queue"]);
+    verified(&db, &t).await;
+}
+
+async fn audited_tables(db: &TestDb, t: &Tenant) -> Vec<String> {
+    audit_rows(db, t)
+        .await
+        .into_iter()
+        .map(|a| a.table.unwrap_or_default())
+        .collect()
 }

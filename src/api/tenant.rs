@@ -149,6 +149,17 @@ pub struct AuditSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3650))]
     pub retention_days: Option<u32>,
+    /// Tables of the tenant's schema whose writes are not audited: a
+    /// high-churn table (a queue, a cache, a session store) whose audit
+    /// entries cost more than they tell. Their INSERT, UPDATE, DELETE and
+    /// TRUNCATE leave no entry, so neither the log nor `audit verify` says
+    /// anything about them while they are listed (earlier entries stay and
+    /// verify). Each change of the list is recorded in `tenancy.audit_log`
+    /// (`AuditExclusionChanged`, with who made it). Exact table names, up
+    /// to 64.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)), extend("x-kubernetes-list-type" = "set"))]
+    pub exclude_tables: Vec<String>,
 }
 
 impl AuditSpec {

@@ -247,6 +247,10 @@ pub struct AuditState {
     /// names (to be replaced); the others, typically a migration's new
     /// tables, only get them created.
     pub stale: Vec<String>,
+    /// Tables listed in `spec.audit.excludeTables` that still carry one of
+    /// the audit triggers (of [`TABLE_TRIGGERS`] or an earlier version's):
+    /// their triggers are dropped.
+    pub excluded_triggered: Vec<String>,
     /// `_tenancy_audit` or `_tenancy_audit_head` exists as something else
     /// than a table (a view, say): put there by the tenant's owner. The
     /// reconcile reports it and leaves it alone.
@@ -341,6 +345,10 @@ pub enum AuditAction {
         table: String,
         replace: bool,
     },
+    /// The audit triggers of a table excluded from auditing, dropped.
+    UntriggerTable {
+        table: String,
+    },
     SetPgauditLog,
     /// The tenant's anchor function in [`ANCHOR_SCHEMA`] (admin), owned by
     /// the anchor `role`, its uid a literal in its body.
@@ -361,6 +369,7 @@ impl AuditAction {
             AuditAction::ReplaceFunctions => "ReplaceAuditFunctions",
             AuditAction::GuardTable => "GuardAuditTable",
             AuditAction::TriggerTable { .. } => "AuditTable",
+            AuditAction::UntriggerTable { .. } => "UnauditTable",
             AuditAction::SetPgauditLog => "SetPgauditLog",
             AuditAction::AnchorFunction { .. } => "AnchorFunction",
             AuditAction::SeedHead => "SeedAuditHead",
@@ -394,6 +403,12 @@ pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditActi
         table: t.clone(),
         replace: state.stale.contains(t),
     }));
+    actions.extend(
+        state
+            .excluded_triggered
+            .iter()
+            .map(|t| AuditAction::UntriggerTable { table: t.clone() }),
+    );
     if let Some(p) = pgaudit {
         if p.loaded && p.can_set && !p.satisfied() {
             actions.push(AuditAction::SetPgauditLog);
@@ -764,6 +779,14 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             ]);
             v
         }
+        AuditAction::UntriggerTable { table } => {
+            let t = format!("{schema}.{}", quote_ident(table)?);
+            TABLE_TRIGGERS
+                .iter()
+                .chain(&LEGACY_TABLE_TRIGGERS)
+                .map(|tg| format!("DROP TRIGGER IF EXISTS {tg} ON {t}"))
+                .collect()
+        }
         AuditAction::SetPgauditLog => vec![format!("ALTER ROLE {app} SET pgaudit.log TO {}", quote_literal(PGAUDIT_CLASSES)?)],
         AuditAction::AnchorFunction { uid, role } => {
             let f = anchor_fn(name)?;
@@ -796,7 +819,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
 /// type it names is schema-qualified: inside a migration's transaction
 /// ([`observe_in_tx`]) the session's temporary schema, searched before
 /// `pg_catalog` for relations and types, could hold the owner's stand-ins.
-pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<AuditState, PgError> {
+pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[String]) -> Result<AuditState, PgError> {
     let schema = name.schema();
     // Relations and functions of the schema are found through their
     // dependency on it (pg_depend's reference index): pg_class and pg_proc
@@ -824,6 +847,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
                 ARRAY(SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
                 coalesce(u.untriggered, '{}') AS untriggered,
                 coalesce(u.stale, '{}') AS stale,
+                u.excluded_triggered,
                 (SELECT count(*) FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.objid
                   WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
                     AND p.pronamespace = n.oid
@@ -833,13 +857,15 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
                     AND p.proconfig = ARRAY[$10]) = cardinality($8) AS functions_current
            FROM (SELECT $1::pg_catalog.text AS name) x LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = x.name
            LEFT JOIN LATERAL (
-                SELECT array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE tg.good <> 4) AS untriggered,
-                       array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE tg.good <> 4 AND tg.ours > 0) AS stale
+                SELECT array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE NOT ex.excluded AND tg.good <> 4) AS untriggered,
+                       array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE NOT ex.excluded AND tg.good <> 4 AND tg.ours > 0) AS stale,
+                       array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE ex.excluded AND tg.ours > 0) AS excluded_triggered
                   FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.objid
-                 CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE t.tgenabled = 'O' AND p.pronamespace = n.oid AND p.proname = $7) AS good,
+                 CROSS JOIN LATERAL (SELECT c.relname::pg_catalog.text = ANY ($13) AS excluded) ex
+                 CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE t.tgname = ANY ($6) AND t.tgenabled = 'O' AND p.pronamespace = n.oid AND p.proname = $7) AS good,
                                             count(*) AS ours
                                        FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-                                      WHERE t.tgrelid = c.oid AND t.tgname = ANY ($6)) tg
+                                      WHERE t.tgrelid = c.oid AND t.tgname = ANY ($12)) tg
                  WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
                    AND c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
                    AND c.relname NOT LIKE '\\_tenancy\\_%') u ON true",
@@ -855,6 +881,8 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
     .bind(name.owner_role())
     .bind(FN_SEARCH_PATH)
     .bind(TAIL_TRIGGER)
+    .bind(TABLE_TRIGGERS.iter().chain(&LEGACY_TABLE_TRIGGERS).copied().collect::<Vec<_>>())
+    .bind(exclude)
     .fetch_one(&mut *conn)
     .await
     .map_err(query_err("reading the tenant's audit objects"))?;
@@ -866,6 +894,9 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName) -> Result<Audit
             guard: row.try_get("guard")?,
             untriggered: row.try_get("untriggered")?,
             stale: row.try_get("stale")?,
+            excluded_triggered: row
+                .try_get::<Option<Vec<String>>, _>("excluded_triggered")?
+                .unwrap_or_default(),
             misshapen: row.try_get::<Option<Vec<String>>, _>("misshapen")?.unwrap_or_default(),
             functions_current: row.try_get::<Option<bool>, _>("functions_current")?.unwrap_or(false),
         })
@@ -1120,7 +1151,8 @@ pub enum CatalogFact {
 pub fn converged_untriggered(
     facts: &[CatalogFact],
     bodies: &BTreeMap<&'static str, String>,
-) -> Option<(Vec<String>, Vec<String>)> {
+    exclude: &[String],
+) -> Option<Untriggered> {
     let functions: BTreeMap<u32, &str> = facts
         .iter()
         .filter_map(|f| match f {
@@ -1195,21 +1227,40 @@ pub fn converged_untriggered(
         })
         .collect();
     tables.sort();
-    let (mut untriggered, mut stale) = (Vec::new(), Vec::new());
+    let mut out = Untriggered::default();
     for (name, oid) in tables {
-        let ours: Vec<_> = triggers(oid).filter(|(t, ..)| TABLE_TRIGGERS.contains(t)).collect();
+        let ours: Vec<_> = triggers(oid)
+            .filter(|(t, ..)| TABLE_TRIGGERS.contains(t) || LEGACY_TABLE_TRIGGERS.contains(t))
+            .collect();
+        if exclude.iter().any(|e| e == name) {
+            if !ours.is_empty() {
+                out.excluded_triggered.push(name.to_owned());
+            }
+            continue;
+        }
         let good = ours
             .iter()
-            .filter(|(_, function, enabled, _)| *enabled && calls(function, TRIGGER_FN))
+            .filter(|(t, function, enabled, _)| TABLE_TRIGGERS.contains(t) && *enabled && calls(function, TRIGGER_FN))
             .count();
         if good != TABLE_TRIGGERS.len() {
-            untriggered.push(name.to_owned());
+            out.untriggered.push(name.to_owned());
             if !ours.is_empty() {
-                stale.push(name.to_owned());
+                out.stale.push(name.to_owned());
             }
         }
     }
-    Some((untriggered, stale))
+    Some(out)
+}
+
+/// What the light check gives of the tenant tables, each list sorted by
+/// name: tables lacking an audit trigger, those of them carrying one of
+/// the audit trigger names (replaced), and excluded tables still carrying
+/// one (dropped); as [`AuditState`] names them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Untriggered {
+    pub untriggered: Vec<String>,
+    pub stale: Vec<String>,
+    pub excluded_triggered: Vec<String>,
 }
 
 /// How [`observe_in_tx`] came to its state.
@@ -1235,7 +1286,11 @@ pub enum Observation {
 /// (so no operator or object of the tenant's can stand in for a built-in)
 /// and `plan_cache_mode` at `force_generic_plan` (one plan per session,
 /// which may run several migrations) for the rest of the transaction.
-pub async fn observe_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result<(AuditState, Observation), PgError> {
+pub async fn observe_in_tx(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    exclude: &[String],
+) -> Result<(AuditState, Observation), PgError> {
     sqlx::query("SELECT set_config('search_path', 'pg_catalog', true), set_config('plan_cache_mode', 'force_generic_plan', true)")
         .execute(&mut *conn)
         .await
@@ -1243,6 +1298,7 @@ pub async fn observe_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result
     let bodies = function_bodies(name)?;
     let trigger_names: Vec<&str> = TABLE_TRIGGERS
         .iter()
+        .chain(&LEGACY_TABLE_TRIGGERS)
         .copied()
         .chain([GUARD_TRIGGER, TAIL_TRIGGER])
         .collect();
@@ -1260,20 +1316,21 @@ pub async fn observe_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result
         .map(catalog_fact)
         .collect::<Result<Vec<_>, _>>()
         .map_err(query_err("decoding the tenant's audit objects"))?;
-    if let Some((untriggered, stale)) = converged_untriggered(&facts, &bodies) {
+    if let Some(u) = converged_untriggered(&facts, &bodies, exclude) {
         let state = AuditState {
             schema_exists: true,
             table: true,
             head: true,
             functions_current: true,
             guard: true,
-            untriggered,
-            stale,
+            untriggered: u.untriggered,
+            stale: u.stale,
+            excluded_triggered: u.excluded_triggered,
             misshapen: Vec::new(),
         };
         return Ok((state, Observation::Light));
     }
-    Ok((observe(conn, name).await?, Observation::Full))
+    Ok((observe(conn, name, exclude).await?, Observation::Full))
 }
 
 fn catalog_fact(row: &sqlx::postgres::PgRow) -> Result<CatalogFact, sqlx::Error> {
@@ -1314,8 +1371,12 @@ fn catalog_fact(row: &sqlx::postgres::PgRow) -> Result<CatalogFact, sqlx::Error>
 /// `force_generic_plan` for the rest of the transaction: the caller sets
 /// both back in that same message (`migrations::run`), before anything of
 /// the tenant's runs again.
-pub async fn statements_in_tx(conn: &mut PgConnection, name: &TenantName) -> Result<Vec<String>, sqlx::Error> {
-    let (state, _) = observe_in_tx(conn, name).await.map_err(into_sqlx)?;
+pub async fn statements_in_tx(
+    conn: &mut PgConnection,
+    name: &TenantName,
+    exclude: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
+    let (state, _) = observe_in_tx(conn, name, exclude).await.map_err(into_sqlx)?;
     statements(name, &plan(&state, None))
 }
 
@@ -1324,6 +1385,49 @@ fn into_sqlx(e: PgError) -> sqlx::Error {
         PgError::Query { source, .. } => source,
         other => sqlx::Error::Protocol(other.to_string()),
     }
+}
+
+/// Records the tenant's unaudited tables (`spec.audit.excludeTables`,
+/// sorted) in its registry row, where every migration's audit check reads
+/// them with the ops login, and the change in `tenancy.audit_log`
+/// (`AuditExclusionChanged`, with `actor`), in one transaction; called only
+/// when the registry's list differs. Returns whether it changed.
+pub async fn record_exclusion(
+    pool: &PgPool,
+    name: &TenantName,
+    uid: &str,
+    exclude: &[String],
+    actor: &str,
+) -> Result<bool, PgError> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(query_err("starting the audit exclusion's transaction"))?;
+    let before: Option<Vec<String>> = sqlx::query_scalar(
+        "WITH old AS (SELECT audit_exclude FROM tenancy.tenants WHERE uid = $1 FOR UPDATE)
+         UPDATE tenancy.tenants t SET audit_exclude = $2 FROM old
+          WHERE t.uid = $1 AND old.audit_exclude IS DISTINCT FROM $2 RETURNING old.audit_exclude",
+    )
+    .bind(uid)
+    .bind(exclude)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(query_err("recording the tables left unaudited"))?;
+    let Some(before) = before else {
+        return Ok(false);
+    };
+    let detail = serde_json::json!({"from": before, "to": exclude});
+    super::tenant::record_event(
+        &mut *tx,
+        uid,
+        Some(name.as_str()),
+        "AuditExclusionChanged",
+        actor,
+        detail,
+    )
+    .await?;
+    tx.commit().await.map_err(query_err("committing the audit exclusion"))?;
+    Ok(true)
 }
 
 /// What one audit convergence of a reconcile did.
@@ -1402,12 +1506,13 @@ pub async fn converge(
     name: &TenantName,
     uid: &str,
     retention_days: Option<u32>,
+    exclude: &[String],
 ) -> Result<AuditOutcome, PgError> {
     let mut conn = pool
         .acquire()
         .await
         .map_err(query_err("connecting to converge the audit log"))?;
-    let state = observe(&mut conn, name).await?;
+    let state = observe(&mut conn, name, exclude).await?;
     if !state.misshapen.is_empty() {
         return Err(misshapen(name, &state.misshapen));
     }
@@ -1979,7 +2084,7 @@ fn short(h: &[u8]) -> String {
 }
 
 async fn require_audit(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
-    let state = observe(conn, name).await?;
+    let state = observe(conn, name, &[]).await?;
     if !state.misshapen.is_empty() {
         return Err(misshapen(name, &state.misshapen));
     }
@@ -2602,7 +2707,7 @@ pub async fn rebase_after_restore(
         "anchors_dropped": dropped,
         "restore": detail,
     });
-    super::tenant::audit(&mut *tx, &uid, Some(name.as_str()), "AuditRebased", actor, record).await?;
+    super::tenant::record_event(&mut *tx, &uid, Some(name.as_str()), "AuditRebased", actor, record).await?;
     tx.commit().await.map_err(query_err("committing the audit rebase"))?;
     Ok(RebaseOutcome {
         from,
@@ -2689,6 +2794,7 @@ mod tests {
             guard: true,
             untriggered: vec![],
             stale: vec![],
+            excluded_triggered: vec![],
             misshapen: vec![],
         }
     }
@@ -2755,7 +2861,10 @@ mod tests {
     }
 
     fn judge(name: &TenantName, facts: &[CatalogFact]) -> Option<(Vec<String>, Vec<String>)> {
-        converged_untriggered(facts, &function_bodies(name).unwrap())
+        converged_untriggered(facts, &function_bodies(name).unwrap(), &[]).map(|u| {
+            assert!(u.excluded_triggered.is_empty());
+            (u.untriggered, u.stale)
+        })
     }
 
     fn edit(facts: &mut [CatalogFact], pick: impl Fn(&CatalogFact) -> bool, change: impl Fn(&mut CatalogFact)) {
@@ -2812,6 +2921,42 @@ mod tests {
             judge(&t, &facts),
             Some((vec!["b_events".into(), "orders".into()], vec![]))
         );
+    }
+
+    #[test]
+    fn an_excluded_table_is_never_untriggered_and_its_triggers_are_listed_for_dropping() {
+        let t = n("acme");
+        let bodies = function_bodies(&t).unwrap();
+        let mut facts = converged_facts(&t);
+        let items = vec!["items".to_string()];
+        let u = converged_untriggered(&facts, &bodies, &items).unwrap();
+        assert_eq!(u.excluded_triggered, ["items"]);
+        assert!(u.untriggered.is_empty() && u.stale.is_empty());
+        let s = AuditState {
+            excluded_triggered: u.excluded_triggered,
+            ..full()
+        };
+        let actions = plan(&s, None);
+        assert_eq!(actions, [AuditAction::UntriggerTable { table: "items".into() }]);
+        let sql = render(&actions[0], &t).unwrap();
+        assert_eq!(sql.len(), TABLE_TRIGGERS.len() + LEGACY_TABLE_TRIGGERS.len());
+        assert!(sql.iter().all(|s| s.starts_with("DROP TRIGGER IF EXISTS")), "{sql:?}");
+        // Once dropped (only the legacy per-row trigger left counts too).
+        facts.retain(|f| !matches!(f, CatalogFact::Trigger { relation: 15, .. }));
+        let u = converged_untriggered(&facts, &bodies, &items).unwrap();
+        assert_eq!(u, Untriggered::default());
+        facts.push(CatalogFact::Trigger {
+            relation: 15,
+            name: LEGACY_TABLE_TRIGGERS[0].into(),
+            function: 1,
+            enabled: 'O',
+            deferred: false,
+        });
+        let u = converged_untriggered(&facts, &bodies, &items).unwrap();
+        assert_eq!(u.excluded_triggered, ["items"]);
+        // Not excluded any more: the table needs its triggers, replacing the legacy one.
+        let u = converged_untriggered(&facts, &bodies, &[]).unwrap();
+        assert_eq!((u.untriggered, u.stale), (items.clone(), items));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct OpsLogin {
     name: TenantName,
     uid: String,
     password: Zeroizing<String>,
+    /// The tenant's tables left unaudited (`spec.audit.excludeTables`, as
+    /// the registry holds it): a migration's audit check leaves them alone.
+    audit_exclude: Vec<String>,
 }
 
 impl std::fmt::Debug for OpsLogin {
@@ -59,7 +62,18 @@ impl OpsLogin {
             name: name.clone(),
             uid: uid.to_owned(),
             password,
+            audit_exclude: Vec::new(),
         }
+    }
+
+    /// The login with the tenant's unaudited tables.
+    pub fn with_audit_exclude(mut self, tables: Vec<String>) -> Self {
+        self.audit_exclude = tables;
+        self
+    }
+
+    pub fn audit_exclude(&self) -> &[String] {
+        &self.audit_exclude
     }
 
     /// The login with the password derived under the active root key.

@@ -234,14 +234,14 @@ pub async fn ops_logins(
     }
     let target = Target::of_pool(pool);
     let list: Vec<&str> = names.iter().map(TenantName::as_str).collect();
-    let rows: Vec<(String, String, Option<Vec<u8>>)> =
-        sqlx::query_as("SELECT name, uid, key_salt FROM tenancy.tenants WHERE name = ANY($1)")
+    let rows: Vec<(String, String, Option<Vec<u8>>, Vec<String>)> =
+        sqlx::query_as("SELECT name, uid, key_salt, audit_exclude FROM tenancy.tenants WHERE name = ANY($1)")
             .bind(&list)
             .fetch_all(pool)
             .await
             .map_err(query_err("reading the tenants' registry rows"))?;
     let by_name: BTreeMap<&str, &TenantName> = names.iter().map(|n| (n.as_str(), n)).collect();
-    for (tenant, uid, salt) in rows {
+    for (tenant, uid, salt, exclude) in rows {
         let Some(n) = by_name.get(tenant.as_str()) else {
             continue;
         };
@@ -256,7 +256,7 @@ pub async fn ops_logins(
             tenant: tenant.clone(),
             source,
         })?;
-        out.insert((*n).clone(), login);
+        out.insert((*n).clone(), login.with_audit_exclude(exclude));
     }
     Ok(out)
 }
@@ -499,6 +499,7 @@ async fn locked(
     let outcome = match run(
         session,
         login.tenant(),
+        login.audit_exclude(),
         set,
         migrations,
         timeouts,
@@ -777,6 +778,7 @@ fn applied_from(rows: &[PgRow]) -> Result<Vec<Applied>, sqlx::Error> {
 async fn run(
     conn: &mut PgConnection,
     name: &TenantName,
+    exclude: &[String],
     set: &SetRef,
     migrations: &[MigrationSql],
     timeouts: &Timeouts,
@@ -863,11 +865,11 @@ async fn run(
             // change them).
             let prefix = if in_tx { String::new() } else { format!("{begin};\n") };
             in_tx = false;
-            apply_in_transaction(conn, name, m, &prefix).await?
+            apply_in_transaction(conn, name, exclude, m, &prefix).await?
         } else {
             let commit = if in_tx { "COMMIT;\n" } else { "" };
             in_tx = false;
-            apply_outside_transaction(conn, name, m, commit, &begin, timeouts).await?
+            apply_outside_transaction(conn, name, exclude, m, commit, &begin, timeouts).await?
         };
         match step {
             Ok(ms) => {
@@ -951,6 +953,7 @@ fn record_sql(name: &TenantName, m: &MigrationSql, audit: &[String], ms: i64) ->
 async fn apply_in_transaction(
     conn: &mut PgConnection,
     name: &TenantName,
+    exclude: &[String],
     m: &MigrationSql,
     prefix: &str,
 ) -> Result<Result<i64, sqlx::Error>, PgError> {
@@ -962,7 +965,7 @@ async fn apply_in_transaction(
             .await?;
         let ms = start.elapsed().as_millis() as i64;
         // Audit triggers on the tables it created, committed with them (docs/audit.md).
-        let audit = super::audit::statements_in_tx(conn, name).await?;
+        let audit = super::audit::statements_in_tx(conn, name, exclude).await?;
         let sql = record_sql(name, m, &audit, ms).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
         Ok(ms)
@@ -994,6 +997,7 @@ async fn apply_in_transaction(
 async fn apply_outside_transaction(
     conn: &mut PgConnection,
     name: &TenantName,
+    exclude: &[String],
     m: &MigrationSql,
     commit: &str,
     begin: &str,
@@ -1033,7 +1037,7 @@ async fn apply_outside_transaction(
         .execute(&mut *conn)
         .await
         .map_err(query_err("starting the version record"))?;
-    let audit = super::audit::statements_in_tx(conn, name)
+    let audit = super::audit::statements_in_tx(conn, name, exclude)
         .await
         .map_err(query_err("auditing the migration's tables"))?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(record_sql(name, m, &audit, ms)?))

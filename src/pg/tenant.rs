@@ -88,6 +88,8 @@ pub struct RegistryRow {
     pub name: String,
     pub schema: String,
     pub state: String,
+    /// The tables left unaudited (`spec.audit.excludeTables`), sorted.
+    pub audit_exclude: Vec<String>,
 }
 
 /// Everything the plan needs to know about one tenant in Postgres.
@@ -240,18 +242,19 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
         None
     };
 
-    let registry = sqlx::query_as::<_, (String, String, String, String)>(
-        "SELECT uid, name, schema_name, state FROM tenancy.tenants WHERE name = $1",
+    let registry = sqlx::query_as::<_, (String, String, String, String, Vec<String>)>(
+        "SELECT uid, name, schema_name, state, audit_exclude FROM tenancy.tenants WHERE name = $1",
     )
     .bind(name.as_str())
     .fetch_optional(&mut *conn)
     .await
     .map_err(query_err("reading the tenant registry"))?
-    .map(|(uid, name, schema, state)| RegistryRow {
+    .map(|(uid, name, schema, state, audit_exclude)| RegistryRow {
         uid,
         name,
         schema,
         state,
+        audit_exclude,
     });
 
     let (app_sessions, can_set_temp_file_limit): (i64, bool) = sqlx::query_as(
@@ -635,12 +638,6 @@ pub async fn record_event<'e, E: sqlx::PgExecutor<'e>>(
     .map_err(query_err("writing the audit log"))?;
     Ok(())
 }
-
-/// The old name of [`record_event`], kept only for `src/pg/audit.rs` (being
-/// rewritten elsewhere); its next change moves to `record_event` and this
-/// goes.
-#[doc(hidden)]
-pub use self::record_event as audit;
 
 /// The tenant's HKDF salt from the registry, made now if the row predates
 /// salts. None when the tenant has no registry row.

@@ -673,8 +673,18 @@ pub async fn converge_db(
             tracing::info!(tenant = %name, sessions = n, "terminated the suspended tenant's sessions");
         }
     }
+    // The tables left unaudited: in the registry first (a migration's audit
+    // check reads them there), then the triggers.
+    let exclude: Vec<String> = desired.audit_exclude.iter().cloned().collect();
+    let recorded = catalog.registry.as_ref().map(|r| r.audit_exclude.as_slice());
+    let mut statements = statements;
+    if recorded != Some(exclude.as_slice())
+        && crate::pg::audit::record_exclusion(pool, name, uid, &exclude, actor).await?
+    {
+        statements += 1;
+    }
     // The audit log: observed first, so a converged tenant runs nothing.
-    let audit = crate::pg::audit::converge(pool, ring, name, uid, desired.audit_retention_days).await?;
+    let audit = crate::pg::audit::converge(pool, ring, name, uid, desired.audit_retention_days, &exclude).await?;
     let statements = statements + audit.statements;
     Ok(DbOutcome {
         plan: db_plan,

@@ -27,6 +27,8 @@ pub struct DesiredDb {
     pub settings: BTreeMap<&'static str, String>,
     /// `spec.audit.retentionDays`: audit rows older than this are pruned.
     pub audit_retention_days: Option<u32>,
+    /// `spec.audit.excludeTables`: tables left without audit triggers.
+    pub audit_exclude: std::collections::BTreeSet<String>,
     /// The gateway login ([`crate::pg::gateway`]) that is a member of the
     /// app role while the tenant is Active; None: no gateway (any member
     /// other than the admin is revoked). Set by the controller, not the spec.
@@ -134,7 +136,10 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
     // spec.backup becomes the CronJob (`super::backup_jobs::desired_cronjob`).
     // The audit log's objects and triggers are converged by `crate::pg::audit`
     // (every tenant has one); only its retention comes from the spec.
-    let crate::api::tenant::AuditSpec { retention_days } = audit;
+    let crate::api::tenant::AuditSpec {
+        retention_days,
+        exclude_tables,
+    } = audit;
     if let Some(days) = retention_days.filter(|d| !(1..=3650).contains(d)) {
         return Err(PlanError::InvalidRetention(days));
     }
@@ -184,6 +189,7 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
         connection_limit: *connection_limit,
         settings,
         audit_retention_days: *retention_days,
+        audit_exclude: exclude_tables.iter().cloned().collect(),
         gateway: None,
     })
 }
@@ -574,6 +580,7 @@ mod tests {
                 name: "acme".into(),
                 schema: name().schema(),
                 state: "Active".into(),
+                audit_exclude: vec![],
             }),
             app_sessions: 2,
             can_set_temp_file_limit: false,

@@ -53,7 +53,7 @@ async fn owner(db: &TestDb, t: &Tenant) -> Confined {
 }
 
 async fn login(db: &TestDb, t: &Tenant, ring: &Keyring) -> OpsLogin {
-    let salt = pg::tenant::existing_key_salt(&db.admin, &t.uid)
+    let salt = pg::registry::existing_key_salt(&db.admin, &t.uid)
         .await
         .unwrap()
         .expect("salt");

@@ -56,16 +56,16 @@ async fn each_tenant_gets_its_own_salt_and_a_delete_shreds_it() {
     let mut b = Tenant::new(&unique("shred-b"));
     a.converge(&db).await.unwrap();
     b.converge(&db).await.unwrap();
-    let salt_a = pg::tenant::key_salt(&db.admin, &a.uid)
+    let salt_a = pg::registry::key_salt(&db.admin, &a.uid)
         .await
         .unwrap()
         .expect("A has a salt");
-    let salt_b = pg::tenant::key_salt(&db.admin, &b.uid)
+    let salt_b = pg::registry::key_salt(&db.admin, &b.uid)
         .await
         .unwrap()
         .expect("B has a salt");
     assert_ne!(salt_a.as_bytes(), salt_b.as_bytes(), "two tenants share a salt");
-    let again = pg::tenant::key_salt(&db.admin, &a.uid).await.unwrap().unwrap();
+    let again = pg::registry::key_salt(&db.admin, &a.uid).await.unwrap().unwrap();
     assert_eq!(salt_a.as_bytes(), again.as_bytes(), "the salt changed between reads");
     let hex_a = hex::encode(salt_a.as_bytes());
     assert_eq!(
@@ -91,7 +91,7 @@ async fn each_tenant_gets_its_own_salt_and_a_delete_shreds_it() {
         .await
         .unwrap();
     assert!(
-        pg::tenant::existing_key_salt(&db.admin, &a.uid)
+        pg::registry::existing_key_salt(&db.admin, &a.uid)
             .await
             .unwrap()
             .is_none(),
@@ -119,7 +119,7 @@ async fn each_tenant_gets_its_own_salt_and_a_delete_shreds_it() {
     }
     // B keeps its salt.
     assert_eq!(
-        pg::tenant::existing_key_salt(&db.admin, &b.uid)
+        pg::registry::existing_key_salt(&db.admin, &b.uid)
             .await
             .unwrap()
             .unwrap()
@@ -133,15 +133,15 @@ async fn key_versions_in_use_follow_the_registry() {
     let db = setup("keyver").await;
     let mut a = Tenant::new(&unique("kv-a"));
     a.converge(&db).await.unwrap();
-    assert!(pg::tenant::key_versions_in_use(&db.admin).await.unwrap().is_empty());
-    pg::tenant::set_key_version(&db.admin, &a.uid, Some(2)).await.unwrap();
-    assert_eq!(pg::tenant::key_versions_in_use(&db.admin).await.unwrap(), [2]);
+    assert!(pg::registry::key_versions_in_use(&db.admin).await.unwrap().is_empty());
+    pg::registry::set_key_version(&db.admin, &a.uid, Some(2)).await.unwrap();
+    assert_eq!(pg::registry::key_versions_in_use(&db.admin).await.unwrap(), [2]);
     let xmin: String = sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1")
         .bind(&a.uid)
         .fetch_one(&db.admin)
         .await
         .unwrap();
-    pg::tenant::set_key_version(&db.admin, &a.uid, Some(2)).await.unwrap();
+    pg::registry::set_key_version(&db.admin, &a.uid, Some(2)).await.unwrap();
     let xmin2: String = sqlx::query_scalar("SELECT xmin::text FROM tenancy.tenants WHERE uid = $1")
         .bind(&a.uid)
         .fetch_one(&db.admin)

@@ -283,7 +283,7 @@ async fn it_never_touches_the_admin_ops_logins_other_roles_tenants_within_limits
     .unwrap();
     let mut plain_c = PgConnection::connect(&env.db.url_as(&plain, "pw")).await.unwrap();
     // The capped tenant's ops login (migrations, backups).
-    let salt = pg::tenant::existing_key_salt(&env.db.admin, &capped.uid)
+    let salt = pg::registry::existing_key_salt(&env.db.admin, &capped.uid)
         .await
         .unwrap()
         .expect("salt");

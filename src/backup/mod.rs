@@ -388,10 +388,10 @@ impl TenantAccess {
         name: &TenantName,
         ring: &Keyring,
     ) -> Result<Self, BackupError> {
-        let uid = crate::pg::tenant::uid_of(admin, name.as_str())
+        let uid = crate::pg::registry::uid_of(admin, name.as_str())
             .await?
             .ok_or_else(|| BackupError::UnknownTenant(name.to_string()))?;
-        let salt = crate::pg::tenant::existing_key_salt(admin, &uid)
+        let salt = crate::pg::registry::existing_key_salt(admin, &uid)
             .await?
             .ok_or_else(|| BackupError::NoSalt(name.to_string()))?;
         let login = OpsLogin::derive(target, name, &uid, ring, &salt).map_err(BackupError::Seal)?;

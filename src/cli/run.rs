@@ -50,7 +50,7 @@ pub async fn load_root_keys(client: &kube::Client, pool: &sqlx::PgPool, source: 
     let ring = crate::keys::load(client, source)
         .await
         .context("loading the root keys")?;
-    let in_use = pg::tenant::key_versions_in_use(pool).await?;
+    let in_use = pg::registry::key_versions_in_use(pool).await?;
     let missing = missing_versions(&ring, &in_use);
     if !missing.is_empty() {
         anyhow::bail!(

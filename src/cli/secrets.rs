@@ -23,10 +23,10 @@ pub async fn open(
 ) -> anyhow::Result<()> {
     let tenant = TenantName::parse(tenant)?;
     let (pool, _) = pg::connect(database_url, 1).await.context("connecting to Postgres")?;
-    let uid = pg::tenant::uid_of(&pool, tenant.as_str())
+    let uid = pg::registry::uid_of(&pool, tenant.as_str())
         .await?
         .ok_or_else(|| anyhow::anyhow!("tenant {tenant} is not in the registry"))?;
-    let salt = pg::tenant::existing_key_salt(&pool, &uid).await?.ok_or_else(|| {
+    let salt = pg::registry::existing_key_salt(&pool, &uid).await?.ok_or_else(|| {
         anyhow::anyhow!("tenant {tenant} has no key salt (deleted tenants' secrets cannot be opened)")
     })?;
     let client = kube::Client::try_default()

@@ -650,7 +650,7 @@ pub async fn finalize(
         d.insert("backupId".into(), record.backup_id.clone().into());
         d.insert("by".into(), by.into());
     }
-    super::tenant::record_event(&mut *tx, uid, Some(name.as_str()), "Restored", &record.actor, detail).await?;
+    super::registry::record_event(&mut *tx, uid, Some(name.as_str()), "Restored", &record.actor, detail).await?;
     tx.commit().await.map_err(query_err("committing the restore"))?;
     Ok(Finalized::Done)
 }

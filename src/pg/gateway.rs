@@ -360,7 +360,7 @@ pub async fn converge(
         }
     }
     let labels: Vec<&str> = actions.iter().map(GatewayAction::label).collect();
-    super::tenant::record_event(
+    super::registry::record_event(
         &mut *tx,
         "gateway",
         None,

@@ -247,7 +247,7 @@ pub async fn ops_logins(
         };
         let salt = match salt.and_then(|s| TenantSalt::from_bytes(&s).ok()) {
             Some(s) => s,
-            None => match super::tenant::key_salt(pool, &uid).await? {
+            None => match super::registry::key_salt(pool, &uid).await? {
                 Some(s) => s,
                 None => continue,
             },

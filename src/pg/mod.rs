@@ -11,6 +11,7 @@ pub mod confined;
 pub mod gateway;
 pub mod locks;
 pub mod migrations;
+pub mod registry;
 pub mod scram;
 pub mod tenant;
 pub mod usage;

@@ -13,6 +13,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 // The marker lives in the leaf `locks`, which restores share; it is part of
 // this module's interface too.
 pub use super::locks::ownership_marker;
+use super::registry::record_event;
 use super::{query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
 use crate::sensitive::SecretString;
@@ -611,94 +612,6 @@ async fn write_registry(
         serde_json::json!({ "steps": labels }),
     )
     .await
-}
-
-/// Records one thing the operator did to a tenant (provisioned, suspended,
-/// restored, deleted, ...) as a row of `tenancy.audit_log`, the operator's
-/// own record of its actions. Not the tenant's data audit log
-/// ([`crate::pg::audit`], a hash chain inside the tenant's schema).
-pub async fn record_event<'e, E: sqlx::PgExecutor<'e>>(
-    exec: E,
-    uid: &str,
-    name: Option<&str>,
-    action: &str,
-    actor: &str,
-    detail: serde_json::Value,
-) -> Result<(), PgError> {
-    sqlx::query(
-        "INSERT INTO tenancy.audit_log (tenant_uid, tenant_name, action, actor, detail) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(uid)
-    .bind(name)
-    .bind(action)
-    .bind(actor)
-    .bind(sqlx::types::Json(detail))
-    .execute(exec)
-    .await
-    .map_err(query_err("writing the audit log"))?;
-    Ok(())
-}
-
-/// The tenant's HKDF salt from the registry, made now if the row predates
-/// salts. None when the tenant has no registry row.
-pub async fn key_salt(pool: &PgPool, uid: &str) -> Result<Option<crate::crypto::TenantSalt>, PgError> {
-    let salt: Option<Vec<u8>> = sqlx::query_scalar(
-        "UPDATE tenancy.tenants SET key_salt = coalesce(key_salt, $2) WHERE uid = $1 RETURNING key_salt",
-    )
-    .bind(uid)
-    .bind(crate::crypto::TenantSalt::generate().to_vec())
-    .fetch_optional(pool)
-    .await
-    .map_err(query_err("reading the tenant's key salt"))?;
-    salt.map(|s| crate::crypto::TenantSalt::from_bytes(&s))
-        .transpose()
-        .map_err(|_| PgError::MissingPrivilege {
-            role: "registry".into(),
-            what: "a 32-byte key salt".into(),
-        })
-}
-
-/// The tenant's salt without creating one (for reading envelopes).
-pub async fn existing_key_salt(pool: &PgPool, uid: &str) -> Result<Option<crate::crypto::TenantSalt>, PgError> {
-    let salt: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT key_salt FROM tenancy.tenants WHERE uid = $1")
-        .bind(uid)
-        .fetch_optional(pool)
-        .await
-        .map_err(query_err("reading the tenant's key salt"))?;
-    Ok(salt
-        .flatten()
-        .and_then(|s| crate::crypto::TenantSalt::from_bytes(&s).ok()))
-}
-
-/// Records the root key version of the tenant's sealed data; writes only
-/// when it changed.
-pub async fn set_key_version(pool: &PgPool, uid: &str, version: Option<u32>) -> Result<(), PgError> {
-    sqlx::query("UPDATE tenancy.tenants SET key_version = $2 WHERE uid = $1 AND key_version IS DISTINCT FROM $2")
-        .bind(uid)
-        .bind(version.map(|v| v as i32))
-        .execute(pool)
-        .await
-        .map_err(query_err("recording the tenant's key version"))?;
-    Ok(())
-}
-
-/// Root key versions some tenant's sealed data still uses.
-pub async fn key_versions_in_use(pool: &PgPool) -> Result<Vec<u32>, PgError> {
-    let v: Vec<i32> =
-        sqlx::query_scalar("SELECT DISTINCT key_version FROM tenancy.tenants WHERE key_version IS NOT NULL ORDER BY 1")
-            .fetch_all(pool)
-            .await
-            .map_err(query_err("reading the key versions in use"))?;
-    Ok(v.into_iter().filter_map(|x| u32::try_from(x).ok()).collect())
-}
-
-/// The uid of the tenant called `name` in the registry.
-pub async fn uid_of(pool: &PgPool, name: &str) -> Result<Option<String>, PgError> {
-    sqlx::query_scalar("SELECT uid FROM tenancy.tenants WHERE name = $1")
-        .bind(name)
-        .fetch_optional(pool)
-        .await
-        .map_err(query_err("reading the tenant registry"))
 }
 
 /// Ends every session of the app role, and every other session (the

@@ -299,9 +299,9 @@ pub fn open_secret(
 /// None when the tenant is not in the registry.
 pub async fn tenant_key_context(registry: &PgPool, tenant: &str) -> Result<Option<(String, TenantSalt)>, Error> {
     let name = TenantName::parse(tenant)?;
-    let Some(uid) = tenant_operator::pg::tenant::uid_of(registry, name.as_str()).await? else {
+    let Some(uid) = tenant_operator::pg::registry::uid_of(registry, name.as_str()).await? else {
         return Ok(None);
     };
-    let salt = tenant_operator::pg::tenant::existing_key_salt(registry, &uid).await?;
+    let salt = tenant_operator::pg::registry::existing_key_salt(registry, &uid).await?;
     Ok(salt.map(|s| (uid, s)))
 }

@@ -177,7 +177,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
                 .await
                 .map_err(Error::DeleteSecret)?;
         }
-        crate::pg::tenant::set_key_version(&ctx.pool, uid, None).await?;
+        crate::pg::registry::set_key_version(&ctx.pool, uid, None).await?;
         return Ok(Sealed {
             cond: Cond::new("SecretsSealed", true, "NoSecrets", "spec.secrets is empty"),
             key: None,
@@ -200,7 +200,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             key: None,
         });
     };
-    let Some(salt) = crate::pg::tenant::key_salt(&ctx.pool, uid).await? else {
+    let Some(salt) = crate::pg::registry::key_salt(&ctx.pool, uid).await? else {
         return Ok(Sealed {
             cond: Cond::new(
                 "SecretsSealed",
@@ -287,7 +287,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             } else {
                 "tenant-operator (root key rotation)".to_string()
             };
-            crate::pg::tenant::record_event(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
+            crate::pg::registry::record_event(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
             let note = if previous.is_empty() {
                 format!("sealed {} secret(s) under root key {version}", plan.sealed)
             } else {
@@ -301,7 +301,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
         }
     }
     // The oldest version still used is what rotation bookkeeping needs.
-    crate::pg::tenant::set_key_version(&ctx.pool, uid, versions.iter().next().map(|v| v.get())).await?;
+    crate::pg::registry::set_key_version(&ctx.pool, uid, versions.iter().next().map(|v| v.get())).await?;
     let cond = if let Some(refused) = ctx.keys.refused() {
         Cond::new("SecretsSealed", false, "KeyRemovalRefused", refused)
     } else if !plan.not_allowed.is_empty() {

@@ -458,7 +458,7 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
             "the operator holds no root keys: the backup Jobs' key cannot be derived",
         )));
     };
-    let Some(salt) = crate::pg::tenant::existing_key_salt(&ctx.pool, uid).await? else {
+    let Some(salt) = crate::pg::registry::existing_key_salt(&ctx.pool, uid).await? else {
         return Ok(Some(Cond::new(
             CONDITION,
             false,

@@ -201,7 +201,7 @@ async fn watch_root_keys(ctx: Arc<Context>, rotate: futures::channel::mpsc::Unbo
                 continue;
             }
         };
-        let in_use = match crate::pg::tenant::key_versions_in_use(&ctx.pool).await {
+        let in_use = match crate::pg::registry::key_versions_in_use(&ctx.pool).await {
             Ok(v) => v
                 .into_iter()
                 .filter_map(|v| crate::crypto::KeyVersion::new(v).ok())

@@ -203,7 +203,7 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
         .await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
-    let Some(uid) = crate::pg::tenant::uid_of(&ctx.pool, tenant.as_str()).await? else {
+    let Some(uid) = crate::pg::registry::uid_of(&ctx.pool, tenant.as_str()).await? else {
         write_status(
             ctx,
             r,
@@ -229,7 +229,7 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
                 .keys
                 .current()
                 .ok_or_else(|| Error::Waiting("the root keys are not loaded".into()))?;
-            let salt = crate::pg::tenant::existing_key_salt(&ctx.pool, &uid)
+            let salt = crate::pg::registry::existing_key_salt(&ctx.pool, &uid)
                 .await?
                 .ok_or_else(|| Error::Waiting(format!("tenant {tenant} has no key salt")))?;
             let login = crate::pg::confined::OpsLogin::derive(
@@ -314,11 +314,11 @@ async fn start(
         .await?;
         return Ok(Action::await_change());
     };
-    let Some(uid) = crate::pg::tenant::uid_of(&ctx.pool, tenant.as_str()).await? else {
+    let Some(uid) = crate::pg::registry::uid_of(&ctx.pool, tenant.as_str()).await? else {
         write_status(ctx, r, fail(format!("tenant {tenant} is not in the registry"))).await?;
         return Ok(Action::await_change());
     };
-    let Some(salt) = crate::pg::tenant::existing_key_salt(&ctx.pool, &uid).await? else {
+    let Some(salt) = crate::pg::registry::existing_key_salt(&ctx.pool, &uid).await? else {
         write_status(ctx, r, fail(format!("tenant {tenant} has no key salt"))).await?;
         return Ok(Action::await_change());
     };

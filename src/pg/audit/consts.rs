@@ -1,0 +1,72 @@
+//! The names and numbers the audit log's pieces share: its tables,
+//! functions and triggers in each tenant schema, the anchor schema and
+//! role, the chunking of large statements, the genesis hash.
+//!
+//! Takes nothing, gives constants; a leaf (imports nothing of the audit
+//! module). No side effects.
+
+/// The audit table in every tenant schema.
+pub const AUDIT_TABLE: &str = "_tenancy_audit";
+
+/// Its one-row chain head (last id, last hash, last prune).
+pub const HEAD_TABLE: &str = "_tenancy_audit_head";
+
+pub(super) const TRIGGER_FN: &str = "_tenancy_audit_trigger";
+
+pub(super) const WRITE_FN: &str = "_tenancy_audit_write";
+
+pub(super) const GUARD_FN: &str = "_tenancy_audit_guard";
+
+pub(super) const GUARD_TRIGGER: &str = "_tenancy_audit_guard";
+
+pub(super) const TAIL_FN: &str = "_tenancy_audit_tail";
+
+/// The deferred (commit-time) trigger that moves the head to the last entry.
+pub(super) const TAIL_TRIGGER: &str = "_tenancy_audit_tail";
+
+/// The triggers on each tenant table: INSERT, UPDATE and DELETE
+/// statement-level with transition tables (one append per statement,
+/// however many rows), TRUNCATE.
+pub const TABLE_TRIGGERS: [&str; 4] = [
+    "_tenancy_audit_ins",
+    "_tenancy_audit_update",
+    "_tenancy_audit_del",
+    "_tenancy_audit_trunc",
+];
+
+/// Table triggers of earlier versions, dropped when a table's triggers are
+/// replaced: the per-row UPDATE trigger (one append per updated row, before
+/// 2026-12).
+pub(super) const LEGACY_TABLE_TRIGGERS: [&str; 1] = ["_tenancy_audit_upd"];
+
+/// Keys per audit entry of an INSERT or DELETE statement: a statement of
+/// 100,000 rows appends 10 entries, each a JSON array of 10,000 keys
+/// (bounded, far below jsonb's 255 MB limit).
+pub const CHUNK_ROWS: usize = 10_000;
+
+/// Below this many rows, an INSERT or DELETE statement's keys are read
+/// with a statically planned query (no planning per statement).
+pub(super) const SMALL_STATEMENT: usize = 64;
+
+/// The `prev_hash` of the first row.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// What the operator asks pgaudit to log for each tenant's app role.
+pub const PGAUDIT_CLASSES: &str = "read, write";
+
+/// The `search_path` of the audit functions: only the catalog, so no object
+/// a tenant creates can stand in for a built-in.
+pub(super) const FN_SEARCH_PATH: &str = "search_path=pg_catalog, pg_temp";
+
+/// The schema of the per-tenant anchor functions (one per tenant, named
+/// like the tenant's schema), owned by the admin; each tenant's owner may
+/// use it (to call its own function) and nothing else.
+pub const ANCHOR_SCHEMA: &str = "tenancy_audit";
+
+/// The anchor role is this prefix and the database's oid (roles are
+/// cluster-wide, anchor functions per database): NOLOGIN, owns the anchor
+/// functions, may write `tenancy.audit_heads` and nothing else.
+pub const ANCHOR_ROLE_PREFIX: &str = "tenancy_anchor_";
+
+/// The domain separator of an anchor's MAC input ([`anchor_message`]).
+pub const ANCHOR_DOMAIN: &[u8] = b"tenancy.dev/audit-anchor/v1\0";

@@ -1,0 +1,389 @@
+//! The audit objects' desired state as data: the observed states
+//! ([`AuditState`], [`AnchorState`], [`PgauditState`]), the steps that
+//! converge them ([`AuditAction`], [`plan`], [`plan_anchor`]), the
+//! `ReadAuditing` outcome, and each step's SQL ([`render`], [`statements`]).
+//!
+//! Takes observed states and a validated [`TenantName`] (identifiers are
+//! quoted, function bodies dollar-quoted); gives actions and statements.
+//! Pure: nothing here touches a database.
+
+use chrono::{DateTime, Utc};
+
+use super::consts::{
+    AUDIT_TABLE, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE, LEGACY_TABLE_TRIGGERS, PGAUDIT_CLASSES, TABLE_TRIGGERS, TAIL_FN,
+    TAIL_TRIGGER, TRIGGER_FN, WRITE_FN,
+};
+use super::functions::{anchor_fn, anchor_function_body, function_bodies};
+use crate::names::TenantName;
+use crate::pg::{quote_ident, quote_literal, PgError};
+
+/// The audit objects of one tenant schema, as the catalog shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditState {
+    pub schema_exists: bool,
+    pub table: bool,
+    pub head: bool,
+    /// The three functions exist with the expected body, owner, SECURITY
+    /// DEFINER flag and search_path.
+    pub functions_current: bool,
+    /// The append-only guard trigger on the audit table exists and is enabled.
+    pub guard: bool,
+    /// Tenant tables lacking one of [`TABLE_TRIGGERS`] (or with one disabled
+    /// or pointing elsewhere).
+    pub untriggered: Vec<String>,
+    /// Those of `untriggered` that already carry a trigger of one of those
+    /// names (to be replaced); the others, typically a migration's new
+    /// tables, only get them created.
+    pub stale: Vec<String>,
+    /// Tables listed in `spec.audit.excludeTables` that still carry one of
+    /// the audit triggers (of [`TABLE_TRIGGERS`] or an earlier version's):
+    /// their triggers are dropped.
+    pub excluded_triggered: Vec<String>,
+    /// `_tenancy_audit` or `_tenancy_audit_head` exists as something else
+    /// than a table (a view, say): put there by the tenant's owner. The
+    /// reconcile reports it and leaves it alone.
+    pub misshapen: Vec<String>,
+}
+
+/// The tenant's anchoring, as the catalog and `tenancy.audit_heads` show
+/// it (read by the admin: catalogs and the control schema only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AnchorState {
+    /// The anchor role of this database ([`ANCHOR_ROLE_PREFIX`](super::consts::ANCHOR_ROLE_PREFIX) + oid).
+    pub role: String,
+    /// The tenant's anchor function exists with the expected body, owner,
+    /// SECURITY DEFINER, search_path and marker, EXECUTE only for the
+    /// tenant's owner, who may use its schema.
+    pub function_current: bool,
+    /// The tenant has a head in `tenancy.audit_heads`.
+    pub seeded: bool,
+    /// When the operator last pruned the tenant's log.
+    pub pruned_at: Option<DateTime<Utc>>,
+}
+
+/// What the server and the app role say about pgaudit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PgauditState {
+    /// `pgaudit.log` is a known setting: the library is loaded
+    /// (`shared_preload_libraries`).
+    pub loaded: bool,
+    /// The admin may set it on a role: superuser, or `GRANT SET ON
+    /// PARAMETER pgaudit.log` (Postgres 15+).
+    pub can_set: bool,
+    /// The app role's own `pgaudit.log`, if set.
+    pub app_setting: Option<String>,
+    /// The admin role (for the condition's message).
+    pub admin: String,
+}
+
+impl PgauditState {
+    /// Whether the app role's setting logs reads and writes.
+    pub fn satisfied(&self) -> bool {
+        let Some(v) = &self.app_setting else { return false };
+        let classes: Vec<String> = v.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
+        let has = |c: &str| classes.iter().any(|x| x == c || x == "all");
+        has("read") && has("write")
+    }
+}
+
+/// Read auditing of one tenant: the `ReadAuditing` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadAuditing {
+    /// The app role's statements are logged by pgaudit.
+    On,
+    /// The pgaudit library is not loaded on the server.
+    NotInstalled,
+    /// pgaudit is loaded but `pgaudit.log` is superuser-only and the admin
+    /// may not set it.
+    NeedsSuperuser { app_role: String, admin: String },
+}
+
+impl ReadAuditing {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReadAuditing::On => "Applied",
+            ReadAuditing::NotInstalled => "PgauditNotInstalled",
+            ReadAuditing::NeedsSuperuser { .. } => "PgauditNeedsSuperuser",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ReadAuditing::On => format!("pgaudit logs the app role's reads and writes (pgaudit.log = '{PGAUDIT_CLASSES}')"),
+            ReadAuditing::NotInstalled => {
+                "read auditing is off: the pgaudit library is not loaded (shared_preload_libraries); writes are still audited in _tenancy_audit".into()
+            }
+            ReadAuditing::NeedsSuperuser { app_role, admin } => format!(
+                "read auditing is off: pgaudit.log is superuser-only; as a superuser (RDS: rds_superuser) run ALTER ROLE {app_role} SET pgaudit.log = '{PGAUDIT_CLASSES}', \
+                 or GRANT SET ON PARAMETER pgaudit.log TO {admin} so the operator sets it (docs/audit.md)"
+            ),
+        }
+    }
+}
+
+/// One converging step of the audit objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditAction {
+    CreateTables,
+    ReplaceFunctions,
+    GuardTable,
+    /// The audit triggers of a table; `replace` when some of them exist
+    /// (dropped first).
+    TriggerTable {
+        table: String,
+        replace: bool,
+    },
+    /// The audit triggers of a table excluded from auditing, dropped.
+    UntriggerTable {
+        table: String,
+    },
+    SetPgauditLog,
+    /// The tenant's anchor function in [`ANCHOR_SCHEMA`](super::consts::ANCHOR_SCHEMA) (admin), owned by
+    /// the anchor `role`, its uid a literal in its body.
+    AnchorFunction {
+        uid: String,
+        role: String,
+    },
+    /// The first head in `tenancy.audit_heads`: the in-schema head, through
+    /// the anchor function (as the owner; a tenant whose chain predates
+    /// anchoring keeps its chain).
+    SeedHead,
+}
+
+impl AuditAction {
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuditAction::CreateTables => "CreateAuditTables",
+            AuditAction::ReplaceFunctions => "ReplaceAuditFunctions",
+            AuditAction::GuardTable => "GuardAuditTable",
+            AuditAction::TriggerTable { .. } => "AuditTable",
+            AuditAction::UntriggerTable { .. } => "UnauditTable",
+            AuditAction::SetPgauditLog => "SetPgauditLog",
+            AuditAction::AnchorFunction { .. } => "AnchorFunction",
+            AuditAction::SeedHead => "SeedAuditHead",
+        }
+    }
+
+    /// Runs as the tenant's owner role, on a confined session (everything
+    /// but the role setting and the anchor function).
+    pub(super) fn as_owner(&self) -> bool {
+        !matches!(self, AuditAction::SetPgauditLog | AuditAction::AnchorFunction { .. })
+    }
+}
+
+/// The steps that converge the audit objects. Pure. `pgaudit` is None where
+/// read auditing is not converged (inside a migration's transaction).
+pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditAction> {
+    let mut actions = Vec::new();
+    if !state.schema_exists {
+        return actions;
+    }
+    if !state.table || !state.head {
+        actions.push(AuditAction::CreateTables);
+    }
+    if !state.functions_current {
+        actions.push(AuditAction::ReplaceFunctions);
+    }
+    if !state.guard {
+        actions.push(AuditAction::GuardTable);
+    }
+    actions.extend(state.untriggered.iter().map(|t| AuditAction::TriggerTable {
+        table: t.clone(),
+        replace: state.stale.contains(t),
+    }));
+    actions.extend(
+        state
+            .excluded_triggered
+            .iter()
+            .map(|t| AuditAction::UntriggerTable { table: t.clone() }),
+    );
+    if let Some(p) = pgaudit {
+        if p.loaded && p.can_set && !p.satisfied() {
+            actions.push(AuditAction::SetPgauditLog);
+        }
+    }
+    actions
+}
+
+/// The steps that converge the tenant's anchoring: its anchor function
+/// (admin) and its first head (owner, after the owner's other steps). Pure.
+pub fn plan_anchor(state: &AuditState, anchor: &AnchorState, uid: &str) -> Vec<AuditAction> {
+    let mut actions = Vec::new();
+    if !state.schema_exists {
+        return actions;
+    }
+    if !anchor.function_current {
+        actions.push(AuditAction::AnchorFunction {
+            uid: uid.to_owned(),
+            role: anchor.role.clone(),
+        });
+    }
+    if !anchor.seeded {
+        actions.push(AuditAction::SeedHead);
+    }
+    actions
+}
+
+/// The `ReadAuditing` outcome once `plan`'s actions ran. Pure.
+pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAuditing {
+    if !p.loaded {
+        ReadAuditing::NotInstalled
+    } else if p.satisfied() || p.can_set {
+        ReadAuditing::On
+    } else {
+        ReadAuditing::NeedsSuperuser {
+            app_role: app_role.to_owned(),
+            admin: admin.to_owned(),
+        }
+    }
+}
+
+/// The SQL of one action. Identifiers are quoted; the functions' bodies are
+/// dollar-quoted with a tag no identifier of a validated name can contain.
+pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, PgError> {
+    let schema = quote_ident(&name.schema())?;
+    let app = quote_ident(&name.app_role())?;
+    Ok(match action {
+        AuditAction::CreateTables => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{AUDIT_TABLE} (
+                    id bigserial PRIMARY KEY,
+                    \"time\" timestamptz NOT NULL,
+                    actor text NOT NULL,
+                    actor_given boolean NOT NULL,
+                    request_id text,
+                    operation text NOT NULL,
+                    table_name text,
+                    row_pk jsonb,
+                    changed_columns text[],
+                    prev_hash bytea NOT NULL,
+                    hash bytea NOT NULL)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{HEAD_TABLE} (
+                    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+                    xid bigint,
+                    last_id bigint NOT NULL DEFAULT 0,
+                    hash bytea NOT NULL,
+                    pruned_at timestamptz)"
+            ),
+            // An INSERT or DELETE entry holds up to CHUNK_ROWS keys (~150 KB
+            // of JSON): lz4 compresses it several times faster than the
+            // default pglz. Servers built without lz4 keep pglz.
+            format!(
+                "DO $tenancy_lz4$ BEGIN ALTER TABLE {schema}.{AUDIT_TABLE} ALTER COLUMN row_pk SET COMPRESSION lz4; EXCEPTION WHEN feature_not_supported THEN NULL; END $tenancy_lz4$"
+            ),
+            format!("INSERT INTO {schema}.{HEAD_TABLE} (hash) VALUES (decode(repeat('00', 32), 'hex')) ON CONFLICT DO NOTHING"),
+            // The owner's default privileges gave the app DML; it keeps only
+            // SELECT on the log, nothing on the head or the id sequence.
+            format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE {schema}.{AUDIT_TABLE} FROM {app}"),
+            format!("REVOKE ALL ON TABLE {schema}.{HEAD_TABLE} FROM {app}"),
+            format!("REVOKE ALL ON SEQUENCE {schema}.{AUDIT_TABLE}_id_seq FROM {app}"),
+        ],
+        AuditAction::ReplaceFunctions => {
+            let bodies = function_bodies(name)?;
+            let mut v = Vec::new();
+            for (f, args, ret, definer) in [
+                (WRITE_FN, "p_op text, p_table text, p_pks jsonb[], p_changed text[]", "void", true),
+                (TRIGGER_FN, "", "trigger", true),
+                (GUARD_FN, "", "trigger", false),
+                (TAIL_FN, "", "trigger", true),
+            ] {
+                let security = if definer { "SECURITY DEFINER" } else { "SECURITY INVOKER" };
+                v.push(format!(
+                    "CREATE OR REPLACE FUNCTION {schema}.{f}({args}) RETURNS {ret} LANGUAGE plpgsql {security} SET search_path = pg_catalog, pg_temp AS $tenancy_fn${}$tenancy_fn$",
+                    bodies[f]
+                ));
+                let sig = if args.is_empty() { String::new() } else { "text, text, jsonb[], text[]".into() };
+                v.push(format!("REVOKE ALL ON FUNCTION {schema}.{f}({sig}) FROM PUBLIC"));
+            }
+            v
+        }
+        AuditAction::GuardTable => vec![
+            format!("DROP TRIGGER IF EXISTS {GUARD_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
+            format!(
+                "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{GUARD_FN}()"
+            ),
+            // Before 2026-12 the tail was a deferred trigger per audit entry
+            // on the audit table; it is now one per transaction on the head.
+            format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
+            format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{HEAD_TABLE}"),
+            format!(
+                "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER UPDATE ON {schema}.{HEAD_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.xid IS DISTINCT FROM NEW.xid) EXECUTE FUNCTION {schema}.{TAIL_FN}()"
+            ),
+        ],
+        AuditAction::TriggerTable { table, replace } => {
+            let t = format!("{schema}.{}", quote_ident(table)?);
+            let f = format!("{schema}.{TRIGGER_FN}()");
+            let [ins, upd, del, trunc] = TABLE_TRIGGERS;
+            // A table without any of them (a migration's new table) skips
+            // the drops: 4 statements fewer per table in a rollout.
+            let mut v: Vec<String> = if *replace {
+                TABLE_TRIGGERS
+                    .iter()
+                    .chain(&LEGACY_TABLE_TRIGGERS)
+                    .map(|tg| format!("DROP TRIGGER IF EXISTS {tg} ON {t}"))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            v.extend([
+                format!("CREATE TRIGGER {ins} AFTER INSERT ON {t} REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+                format!("CREATE TRIGGER {upd} AFTER UPDATE ON {t} REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+                format!("CREATE TRIGGER {del} AFTER DELETE ON {t} REFERENCING OLD TABLE AS tenancy_old FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+                format!("CREATE TRIGGER {trunc} AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
+            ]);
+            v
+        }
+        AuditAction::UntriggerTable { table } => {
+            let t = format!("{schema}.{}", quote_ident(table)?);
+            TABLE_TRIGGERS
+                .iter()
+                .chain(&LEGACY_TABLE_TRIGGERS)
+                .map(|tg| format!("DROP TRIGGER IF EXISTS {tg} ON {t}"))
+                .collect()
+        }
+        AuditAction::SetPgauditLog => vec![format!("ALTER ROLE {app} SET pgaudit.log TO {}", quote_literal(PGAUDIT_CLASSES)?)],
+        AuditAction::AnchorFunction { uid, role } => {
+            let f = anchor_fn(name)?;
+            let owner = quote_ident(&name.owner_role())?;
+            let role = quote_ident(role)?;
+            let marker = quote_literal(&crate::pg::locks::ownership_marker(uid))?;
+            let body = anchor_function_body(name, uid)?;
+            // Created by the admin (a member of the anchor role) and then
+            // given to the anchor role, so it runs with the anchor role's
+            // rights only; grants made before the owner change move with it.
+            // Dropped first: a replaced function would keep grants made
+            // by hand.
+            vec![
+                format!("DROP FUNCTION IF EXISTS {f}(bigint, bytea)"),
+                format!(
+                    "CREATE FUNCTION {f}(p_last_id bigint, p_hash bytea) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $tenancy_fn${body}$tenancy_fn$"
+                ),
+                format!("REVOKE ALL ON FUNCTION {f}(bigint, bytea) FROM PUBLIC"),
+                format!("GRANT EXECUTE ON FUNCTION {f}(bigint, bytea) TO {owner}"),
+                format!("COMMENT ON FUNCTION {f}(bigint, bytea) IS {marker}"),
+                format!("ALTER FUNCTION {f}(bigint, bytea) OWNER TO {role}"),
+            ]
+        }
+        AuditAction::SeedHead => vec![format!("SELECT {}(h.last_id, h.hash) FROM {schema}.{HEAD_TABLE} h", anchor_fn(name)?)],
+    })
+}
+
+/// The SQL of `actions`: admin steps first, then the owner's after a
+/// `SET LOCAL ROLE` to the owner.
+pub(super) fn statements(name: &TenantName, actions: &[AuditAction]) -> Result<Vec<String>, sqlx::Error> {
+    let rendered = |a: &AuditAction| render(a, name).map_err(|e| sqlx::Error::Protocol(e.to_string()));
+    let mut stmts: Vec<String> = Vec::new();
+    for a in actions.iter().filter(|a| !a.as_owner()) {
+        stmts.extend(rendered(a)?);
+    }
+    if actions.iter().any(AuditAction::as_owner) {
+        let owner = quote_ident(&name.owner_role()).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        stmts.push(format!("SET LOCAL ROLE {owner}"));
+        for a in actions.iter().filter(|a| a.as_owner()) {
+            stmts.extend(rendered(a)?);
+        }
+    }
+    Ok(stmts)
+}

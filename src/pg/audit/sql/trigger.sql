@@ -1,0 +1,74 @@
+DECLARE{{append_vars}}
+  v_cols text;
+  v_keys text[];
+  v_all jsonb[];
+  v_pks jsonb[] := '{}';
+  v_new jsonb;
+  v_old jsonb;
+  v_changed text[];
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    v_pks := ARRAY[NULL::jsonb];
+  ELSIF TG_LEVEL = 'ROW' THEN
+    -- A per-row UPDATE trigger of an earlier version, until the reconcile
+    -- replaces it.
+    v_new := to_jsonb(NEW);
+    v_old := to_jsonb(OLD);
+    SELECT coalesce(array_agg(n.key ORDER BY n.key), '{}') INTO v_changed
+      FROM jsonb_each(v_new) n WHERE (v_old -> n.key) IS DISTINCT FROM n.value;
+    v_pks := ARRAY[jsonb_build_array((
+      SELECT jsonb_object_agg(a.attname, v_new -> a.attname::text)
+        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+       WHERE i.indrelid = TG_RELID AND i.indisprimary))];
+  ELSIF TG_OP = 'UPDATE' THEN
+    -- The old and new transition tables hold each updated row at the same
+    -- position. The keys are the new rows' (as the per-row trigger gave);
+    -- the changed columns are those any row of the statement changed.
+    SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_keys
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = TG_RELID AND i.indisprimary;
+    WITH o AS (SELECT to_jsonb(o) AS j, row_number() OVER () AS n FROM tenancy_old o),
+         u AS (SELECT to_jsonb(u) AS j, row_number() OVER () AS n FROM tenancy_new u),
+         p AS (SELECT o.j AS old, u.j AS new, n FROM o JOIN u USING (n))
+    SELECT (SELECT array_agg((SELECT jsonb_object_agg(k, p.new -> k) FROM unnest(v_keys) k) ORDER BY p.n) FROM p),
+           (SELECT coalesce(array_agg(DISTINCT e.key ORDER BY e.key), '{}') FROM p, jsonb_each(p.new) e WHERE (p.old -> e.key) IS DISTINCT FROM e.value)
+      INTO v_all, v_changed;
+  ELSE
+    SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)),
+           string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))
+      INTO v_keys, v_cols
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = TG_RELID AND i.indisprimary;
+    -- A statement of a few rows (the usual application write) reads its
+    -- keys with a plan cached for the session; a large one with a query
+    -- naming the key columns, planned per statement but touching only them.
+    IF TG_OP = 'INSERT' THEN
+      SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_new LIMIT {{small_statement}}) s;
+    ELSE
+      SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_old LIMIT {{small_statement}}) s;
+    END IF;
+    IF v_i < {{small_statement}} AND TG_OP = 'INSERT' THEN
+      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_new t;
+    ELSIF v_i < {{small_statement}} THEN
+      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_old t;
+    ELSE
+      EXECUTE format('SELECT array_agg(%s) FROM %I t',
+                     CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
+                     CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
+        INTO v_all;
+    END IF;
+    v_i := 0;
+  END IF;
+  IF TG_LEVEL = 'STATEMENT' AND TG_OP <> 'TRUNCATE' THEN
+    IF coalesce(cardinality(v_all), 0) = 0 THEN
+      RETURN NULL;
+    END IF;
+    -- One entry per {{chunk_rows}} rows of the statement: their keys as a JSON
+    -- array (a row without a primary key counts as null), in the transition
+    -- table's order. No rows: no entry.
+    FOR v_i IN 0 .. (coalesce(cardinality(v_all), 0) - 1) / {{chunk_rows}} LOOP
+      v_pks[v_i + 1] := to_jsonb(v_all[v_i * {{chunk_rows}} + 1 : (v_i + 1) * {{chunk_rows}}]);
+    END LOOP;
+  END IF;{{append}}
+  RETURN NULL;
+END

@@ -1,0 +1,3 @@
+DECLARE{{append_vars}}
+BEGIN{{append}}
+END

@@ -1,0 +1,259 @@
+//! The rendered SQL, byte for byte: the installed functions are compared
+//! by sha256(name:source), so a changed byte makes every tenant's
+//! functions stale. The expected hashes were computed on the code before
+//! `pg::audit` was split into a module directory.
+use sha2::{Digest, Sha256};
+
+use super::functions::function_bodies;
+use super::*;
+use crate::names::TenantName;
+
+fn sha(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn fingerprints() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for tenant in ["acme", "a-b-9"] {
+        let name = TenantName::parse(tenant).unwrap();
+        for (f, body) in function_bodies(&name).unwrap() {
+            out.push((format!("{tenant} body {f}"), sha(&body)));
+        }
+        for uid in ["0b9c-uid", "we\"ird'uid"] {
+            out.push((
+                format!("{tenant} anchor body {uid}"),
+                sha(&anchor_function_body(&name, uid).unwrap()),
+            ));
+        }
+        let mut actions = vec![
+            AuditAction::CreateTables,
+            AuditAction::ReplaceFunctions,
+            AuditAction::GuardTable,
+            AuditAction::SetPgauditLog,
+            AuditAction::SeedHead,
+        ];
+        for table in ["orders", "we\"ird", "Mixed Case'q"] {
+            actions.push(AuditAction::TriggerTable {
+                table: table.into(),
+                replace: false,
+            });
+            actions.push(AuditAction::TriggerTable {
+                table: table.into(),
+                replace: true,
+            });
+            actions.push(AuditAction::UntriggerTable { table: table.into() });
+        }
+        for (uid, role) in [("0b9c-uid", "tenancy_anchor_16384"), ("we\"ird'uid", "r\"o'le")] {
+            actions.push(AuditAction::AnchorFunction {
+                uid: uid.into(),
+                role: role.into(),
+            });
+        }
+        for a in &actions {
+            out.push((
+                format!("{tenant} render {a:?}"),
+                sha(&render(a, &name).unwrap().join("\0")),
+            ));
+        }
+    }
+    out
+}
+
+const EXPECTED: &[(&str, &str)] = &[
+    (
+        "acme body _tenancy_audit_guard",
+        "2eb80fff8ad2c5a39597d8c2d96055d1bb36ddae1d6f6c184bcb455c7d2fdbb3",
+    ),
+    (
+        "acme body _tenancy_audit_tail",
+        "3e2aaf2614af631508778ea5413851f5b57529c5f34978c1e08df7eaab19ccdd",
+    ),
+    (
+        "acme body _tenancy_audit_trigger",
+        "b9df6d9d5bc8d74a1e7ed7026b0e7f7048d88025967eb95bd8e80095d39d6d00",
+    ),
+    (
+        "acme body _tenancy_audit_write",
+        "10ce969c9be29bb19b86c7b4c15d3166c883bc7e954a99cc51a61d33796c4c08",
+    ),
+    (
+        "acme anchor body 0b9c-uid",
+        "69fe1309dd31856a6ec0b4684d3605f1779af345091288adb2d9f5de80c55196",
+    ),
+    (
+        "acme anchor body we\"ird'uid",
+        "59fa3da6bff6196b9523a1c82faff70557d976f2dd4602c1cf65250e7489ffc8",
+    ),
+    (
+        "acme render CreateTables",
+        "ac22da119e6942b4419f01e1e4e4ccbaa53f95974b4a4d71b3a912c7ae704ec6",
+    ),
+    (
+        "acme render ReplaceFunctions",
+        "785a7ba4c8f3365476438f010e0c9e0929eb28145839cb1e0c316a09851724b5",
+    ),
+    (
+        "acme render GuardTable",
+        "8839d75c1949116e5ab9955d3611d29982b911531d1dc62bd83fa1340a95785b",
+    ),
+    (
+        "acme render SetPgauditLog",
+        "e24a7385eb9b933edb8692515f7e68d09952e8598a3c3d03cff1258e9ddf23a5",
+    ),
+    (
+        "acme render SeedHead",
+        "c94853be1d7f3005b66004620b2b4a543e707217097c410cee97ab761f48504f",
+    ),
+    (
+        "acme render TriggerTable { table: \"orders\", replace: false }",
+        "77b020a320eef13a7e98a9bfa45b15831fd8fdaee427248e4c9a03b87b03c270",
+    ),
+    (
+        "acme render TriggerTable { table: \"orders\", replace: true }",
+        "40fe0d2e7b1a87c52134a8da2a69a63189382a110e81971751499d98af0a564f",
+    ),
+    (
+        "acme render UntriggerTable { table: \"orders\" }",
+        "f3697412c7bc9582db29350efaf8ed531a951344047c1184cc11fc22432c9578",
+    ),
+    (
+        "acme render TriggerTable { table: \"we\\\"ird\", replace: false }",
+        "1189c8849240fef2c80e8fc01f94a772bbf40abc87eb87c3ee9a0b755eca50bc",
+    ),
+    (
+        "acme render TriggerTable { table: \"we\\\"ird\", replace: true }",
+        "6fa088239ab6281284dccaaddce019fe837d9254a1124215f5a1c3c99a52ccc1",
+    ),
+    (
+        "acme render UntriggerTable { table: \"we\\\"ird\" }",
+        "247a30f76e44aef6776342d73bc027f7464c2358c9ccfd7b64cbbcf78064e927",
+    ),
+    (
+        "acme render TriggerTable { table: \"Mixed Case'q\", replace: false }",
+        "6edf779591192651480b9569e758f156983fbc6bb08f51def8920236e02cd595",
+    ),
+    (
+        "acme render TriggerTable { table: \"Mixed Case'q\", replace: true }",
+        "16456c6c83b3575fb61917bf83bd3e1f26ba298347f11c33f2062eb77812e347",
+    ),
+    (
+        "acme render UntriggerTable { table: \"Mixed Case'q\" }",
+        "8728617b58838af3b252037ebbe0f260121f50f16c7bb8075b21567d3f62175e",
+    ),
+    (
+        "acme render AnchorFunction { uid: \"0b9c-uid\", role: \"tenancy_anchor_16384\" }",
+        "d3312676f71d6c934bcd0201115752d38ecdd5c63e395600b7a3871b8e908c94",
+    ),
+    (
+        "acme render AnchorFunction { uid: \"we\\\"ird'uid\", role: \"r\\\"o'le\" }",
+        "dec21978078527cec2ef5b8c9dea147e22642f0a2685f0d28e58235b55e342d3",
+    ),
+    (
+        "a-b-9 body _tenancy_audit_guard",
+        "d65a9489b7b61fb6f2afcae18118682b08cfdb631629fe33f3587ad81c2b3912",
+    ),
+    (
+        "a-b-9 body _tenancy_audit_tail",
+        "3d8ec9ca1bfa22b6214cf9a660ebb5f8ec5e836d24a85e4ad11462cc130977da",
+    ),
+    (
+        "a-b-9 body _tenancy_audit_trigger",
+        "a1f3cb03543196c5bd9deb173e5686ba96bf4314884d7ff428008da99c244eb0",
+    ),
+    (
+        "a-b-9 body _tenancy_audit_write",
+        "14fed6b33d8ca10168ba44ef356dfb80a28757fbf1f81ce19621c4572334ecba",
+    ),
+    (
+        "a-b-9 anchor body 0b9c-uid",
+        "83dc45f6dc8d3c92260229619d77edb2394fd02a7a38a6fe55645e7992a44da9",
+    ),
+    (
+        "a-b-9 anchor body we\"ird'uid",
+        "f5ffb71bbc83cc90343c2e0c043faabc2a7fd540d467370066c40ae2ebe69132",
+    ),
+    (
+        "a-b-9 render CreateTables",
+        "2726d8732d3bd35c5cb3b18cc9dd31dba752fd24f6fd80d3b71546c28eb19126",
+    ),
+    (
+        "a-b-9 render ReplaceFunctions",
+        "2f9e4d0aacd2e26cb80df573bb4e67f029ddcbd0b57c3cd1224c7e6fd488e328",
+    ),
+    (
+        "a-b-9 render GuardTable",
+        "d50a922d39126b67b9201ad4e335b3147344cad12f85bcd2c304b6680876b011",
+    ),
+    (
+        "a-b-9 render SetPgauditLog",
+        "23ed449a4dd656ad60540ef5baa91083b523a003151e32cef4fd0d392bc95717",
+    ),
+    (
+        "a-b-9 render SeedHead",
+        "c3550ba44fe9b65bd2ab45e7d7b44eaae0710d682828d21a6531cbe75215918e",
+    ),
+    (
+        "a-b-9 render TriggerTable { table: \"orders\", replace: false }",
+        "1d5f79ad23e2ca9e17faecf92d1d29e093a2d451762d96c05c14a3034228274f",
+    ),
+    (
+        "a-b-9 render TriggerTable { table: \"orders\", replace: true }",
+        "5524852af7973fa6f99c314d67e14fcaf81b65bef6553738bbd374a154efb1b6",
+    ),
+    (
+        "a-b-9 render UntriggerTable { table: \"orders\" }",
+        "6d726b6e4e5023dd2556c060821f5c3db44350c08b82e499b5691e41164e9e55",
+    ),
+    (
+        "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: false }",
+        "12c8c98d17a241ba6bafe3f8ebb4b86cf9fadf4234a5492c41311a359ba60e55",
+    ),
+    (
+        "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: true }",
+        "64fc8b776a7f6ed895bb1c3c0e59ee01e98935b1d3f4a447f7e0311a56128612",
+    ),
+    (
+        "a-b-9 render UntriggerTable { table: \"we\\\"ird\" }",
+        "b5cd8f84631816f694a2db0d14e932a35b3b1b573d8c3afa1a9a96780e5a68e7",
+    ),
+    (
+        "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: false }",
+        "ed399a303ef63e029a2d9d98021d5684999f550268149ffb296ac08e61298edf",
+    ),
+    (
+        "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: true }",
+        "e5a0a5cfd64af7baa932279c07e8ca4fb288fde9ac23065e31a22f45a58eb09d",
+    ),
+    (
+        "a-b-9 render UntriggerTable { table: \"Mixed Case'q\" }",
+        "fdf47578ed20155119e50e819280cd876973f2478b36522f5d19f93de5bea6cc",
+    ),
+    (
+        "a-b-9 render AnchorFunction { uid: \"0b9c-uid\", role: \"tenancy_anchor_16384\" }",
+        "f5971775684eec70c40ede5ebbe57f82decafe2ce5ebaa8a39bf5f2c3b79e155",
+    ),
+    (
+        "a-b-9 render AnchorFunction { uid: \"we\\\"ird'uid\", role: \"r\\\"o'le\" }",
+        "d93b82652e97ece64d1a84c6d1b33b64be9841dd82c71678c4d72df1496609d7",
+    ),
+];
+
+#[test]
+fn rendered_sql_is_unchanged_byte_for_byte() {
+    let got = fingerprints();
+    let listing: String = got.iter().map(|(k, v)| format!("        ({k:?}, {v:?}),\n")).collect();
+    assert_eq!(got.len(), EXPECTED.len(), "fingerprints:\n{listing}");
+    for ((k, v), (ek, ev)) in got.iter().zip(EXPECTED) {
+        assert_eq!((k.as_str(), v.as_str()), (*ek, *ev), "fingerprints:\n{listing}");
+    }
+}
+
+/// The anchoring set-up's `DO` block, likewise (hash of the text before the
+/// split).
+#[test]
+fn the_anchoring_setup_is_unchanged_byte_for_byte() {
+    assert_eq!(
+        sha(&super::functions::prepare_anchoring_sql().unwrap()),
+        "54a31a3f95af16f1b836e48a2eef8bdc9fced32d2ca493dc7493593e42f5977e"
+    );
+}

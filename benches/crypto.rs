@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, Key, KeyInit, Nonce, Tag};
+use aes_gcm::aead::{AeadInOut, Nonce, Tag};
+use aes_gcm::{Aes256Gcm, KeyInit};
 use criterion::{Criterion, Throughput};
 use hkdf::Hkdf;
 use rand::RngCore;
@@ -91,43 +91,51 @@ fn bench_envelopes(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
     // Raw: key schedule, a random nonce, encrypt a copy in place, append the tag.
     group.bench_function("raw_seal", |b| {
         b.iter(|| {
-            let aead = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&raw_key));
+            let aead = Aes256Gcm::new((&raw_key).into());
             let mut nonce = [0u8; 12];
             rand::rng().fill_bytes(&mut nonce);
             let mut out = Vec::with_capacity(12 + SECRET_LEN + TAG_LEN);
             out.extend_from_slice(&nonce);
             out.extend_from_slice(black_box(&secret));
             let tag = aead
-                .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", &mut out[12..])
+                .encrypt_inout_detached(nonce_of(&nonce), b"", (&mut out[12..]).into())
                 .expect("raw seal");
             out.extend_from_slice(&tag);
             out
         })
     });
     let raw_sealed = {
-        let aead = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&raw_key));
+        let aead = Aes256Gcm::new((&raw_key).into());
         let nonce = [7u8; 12];
         let mut out = nonce.to_vec();
         out.extend_from_slice(&secret);
         let tag = aead
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", &mut out[12..])
+            .encrypt_inout_detached(nonce_of(&nonce), b"", (&mut out[12..]).into())
             .expect("raw seal");
         out.extend_from_slice(&tag);
         out
     };
     group.bench_function("raw_open", |b| {
         b.iter(|| {
-            let aead = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&raw_key));
+            let aead = Aes256Gcm::new((&raw_key).into());
             let input = black_box(&raw_sealed);
             let (nonce, body) = input.split_at(12);
             let (ct, tag) = body.split_at(body.len() - TAG_LEN);
             let mut pt = ct.to_vec();
-            aead.decrypt_in_place_detached(Nonce::from_slice(nonce), b"", &mut pt, Tag::from_slice(tag))
+            aead.decrypt_inout_detached(nonce_of(nonce), b"", (&mut pt[..]).into(), tag_of(tag))
                 .expect("raw open");
             pt
         })
     });
     group.finish();
+}
+
+fn nonce_of(s: &[u8]) -> &Nonce<Aes256Gcm> {
+    s.try_into().expect("a 12-byte nonce")
+}
+
+fn tag_of(s: &[u8]) -> &Tag<Aes256Gcm> {
+    s.try_into().expect("a 16-byte tag")
 }
 
 /// Raw chunked AES-256-GCM: per 1 MiB chunk, copy into a reused buffer,
@@ -140,7 +148,7 @@ fn raw_stream_seal(aead: &Aes256Gcm, data: &[u8], out: &mut impl Write) {
         buf.clear();
         buf.extend_from_slice(chunk);
         let tag = aead
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", &mut buf)
+            .encrypt_inout_detached(nonce_of(&nonce), b"", (&mut buf[..]).into())
             .expect("raw chunk seal");
         out.write_all(&buf).expect("write");
         out.write_all(&tag).expect("write");
@@ -157,7 +165,7 @@ fn raw_stream_open(aead: &Aes256Gcm, sealed: &[u8], out: &mut impl Write) {
         let (ct, tag) = chunk.split_at(chunk.len() - TAG_LEN);
         buf.clear();
         buf.extend_from_slice(ct);
-        aead.decrypt_in_place_detached(Nonce::from_slice(&nonce), b"", &mut buf, Tag::from_slice(tag))
+        aead.decrypt_inout_detached(nonce_of(&nonce), b"", (&mut buf[..]).into(), tag_of(tag))
             .expect("raw chunk open");
         out.write_all(&buf).expect("write");
     }
@@ -166,7 +174,7 @@ fn raw_stream_open(aead: &Aes256Gcm, sealed: &[u8], out: &mut impl Write) {
 fn bench_stream(c: &mut Criterion, ring: &Keyring, salt: &TenantSalt) {
     let data = random_bytes(STREAM_LEN);
     let raw_key = root_key();
-    let aead = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&raw_key));
+    let aead = Aes256Gcm::new((&raw_key).into());
 
     let sealed = {
         let mut w = SealingWriter::new(

@@ -6,12 +6,11 @@
 //! secret's name, so an envelope moved anywhere else fails to open.
 //! Pure apart from the CSPRNG used for nonces.
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, Key, KeyInit, Nonce, Tag};
 use rand::RngCore;
 use zeroize::Zeroizing;
 
 use super::derive::{Purpose, TenantKey, TenantSalt};
+use super::gcm::Gcm;
 use super::keyring::{KeyVersion, Keyring};
 use super::{put_len_prefixed, validate_tenant_uid, CryptoError, NONCE_LEN, TAG_LEN};
 
@@ -53,8 +52,8 @@ fn check_name(name: &str) -> Result<(), CryptoError> {
     Ok(())
 }
 
-fn cipher(key: &TenantKey) -> Aes256Gcm {
-    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.bytes()))
+fn cipher(key: &TenantKey) -> Gcm {
+    Gcm::new(key.bytes())
 }
 
 /// Seals `plaintext` as the secret `name` of tenant `tenant_uid`, under the
@@ -88,7 +87,7 @@ pub fn seal(
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
     let tag = cipher(&key)
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[HEADER_LEN..])
+        .seal(&nonce, &aad, &mut out[HEADER_LEN..])
         .map_err(|_| CryptoError::TooLong {
             what: "envelope plaintext",
             len: plaintext.len(),
@@ -142,12 +141,15 @@ pub fn open(
     let key = keyring.derive_tenant_key(version, salt, tenant_uid, purpose)?;
     let aad = envelope_aad(version, tenant_uid, purpose, name);
 
-    let nonce = Nonce::from_slice(&envelope[5..HEADER_LEN]);
+    let nonce: &[u8; NONCE_LEN] = envelope[5..HEADER_LEN]
+        .try_into()
+        .map_err(|_| CryptoError::Authentication)?;
     let body = &envelope[HEADER_LEN..];
     let (ciphertext, tag) = body.split_at(body.len() - TAG_LEN);
+    let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Authentication)?;
     let mut plaintext = Zeroizing::new(ciphertext.to_vec());
     cipher(&key)
-        .decrypt_in_place_detached(nonce, &aad, &mut plaintext, Tag::from_slice(tag))
+        .open(nonce, &aad, &mut plaintext, tag)
         .map_err(|_| CryptoError::Authentication)?;
     Ok(plaintext)
 }

@@ -18,6 +18,7 @@
 mod derive;
 mod envelope;
 mod error;
+mod gcm;
 mod keyring;
 mod stream;
 

@@ -22,14 +22,13 @@
 
 use std::io::{self, BufRead, Read, Write};
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, Key, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
 use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::derive::{Purpose, TenantKey, TenantSalt};
+use super::gcm::Gcm;
 use super::keyring::{KeyVersion, Keyring};
 use super::{put_len_prefixed, validate_tenant_uid, CryptoError, NONCE_LEN, TAG_LEN};
 
@@ -131,7 +130,7 @@ fn check_chunk_size(chunk_size: u32) -> Result<usize, CryptoError> {
 /// Per-stream AEAD state: the stream key, the AAD buffer (rewritten in place
 /// per chunk) and the chunk counter.
 struct ChunkCipher {
-    aead: Aes256Gcm,
+    aead: Gcm,
     aad: Vec<u8>,
     index: u64,
     done: bool,
@@ -143,7 +142,7 @@ impl ChunkCipher {
         let mut stream_key = Zeroizing::new([0u8; 32]);
         // 32 bytes never exceeds HKDF's output limit, so this cannot fail.
         let _ = hk.expand(STREAM_KEY_INFO, stream_key.as_mut());
-        let aead = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(stream_key.as_ref()));
+        let aead = Gcm::new(&stream_key);
 
         let mut aad = Vec::with_capacity(STREAM_HEADER_LEN + 9 + 8 + tenant_uid.len() + 7);
         aad.extend_from_slice(&header.to_bytes());
@@ -184,10 +183,10 @@ impl ChunkCipher {
         let nonce = self.prepare(last)?;
         let tag = self
             .aead
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &self.aad, buf)
+            .seal(&nonce, &self.aad, buf)
             .map_err(|_| CryptoError::BadChunkSize(u32::try_from(buf.len()).unwrap_or(u32::MAX)))?;
         self.advance(last)?;
-        Ok(tag.into())
+        Ok(tag)
     }
 
     /// Decrypts `chunk` (ciphertext then tag) in place; returns the plaintext length.
@@ -197,8 +196,9 @@ impl ChunkCipher {
             return Err(CryptoError::StreamTruncated);
         };
         let (ciphertext, tag) = chunk.split_at_mut(pt_len);
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| CryptoError::StreamTruncated)?;
         self.aead
-            .decrypt_in_place_detached(Nonce::from_slice(&nonce), &self.aad, ciphertext, Tag::from_slice(tag))
+            .open(&nonce, &self.aad, ciphertext, tag)
             .map_err(|_| CryptoError::Authentication)?;
         self.advance(last)?;
         Ok(pt_len)

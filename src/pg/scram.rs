@@ -5,7 +5,7 @@
 //! the server, so no statement log can ever hold it. Pure; no I/O.
 
 use base64::{engine::general_purpose::STANDARD, Engine};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use rand::{distr::Alphanumeric, Rng, RngCore};
 use sha2::{Digest, Sha256};
 
@@ -45,7 +45,7 @@ pub fn verifier_for_random_secret(secret: &str) -> String {
 
 fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(msg);
     mac.finalize().into_bytes().into()
 }

@@ -11,7 +11,7 @@
 //! and schema and grants them (admin, under a row lock on `tenancy.locks`).
 
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use sqlx::PgPool;
 
@@ -98,7 +98,7 @@ pub(super) fn audit_mac(
         .derive_tenant_key(version, salt, uid, Purpose::Audit)
         .map_err(PgError::Keys)?;
     // HMAC takes keys of any length: this cannot fail.
-    <Hmac<Sha256> as Mac>::new_from_slice(key.bytes()).map_err(|_| {
+    <Hmac<Sha256> as KeyInit>::new_from_slice(key.bytes()).map_err(|_| {
         PgError::Keys(crate::crypto::CryptoError::TooLong {
             what: "the audit key",
             len: 32,

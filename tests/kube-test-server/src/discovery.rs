@@ -155,7 +155,10 @@ pub fn openapi_root(st: &Store) -> Value {
     let mut paths = Map::new();
     for (key, g, v) in gv_paths(st) {
         if let Some(doc) = openapi_gv(st, &g, &v) {
-            let hash = format!("{:X}", Sha256::digest(doc.to_string().as_bytes()));
+            let hash: String = Sha256::digest(doc.to_string().as_bytes())
+                .iter()
+                .map(|b| format!("{b:02X}"))
+                .collect();
             paths.insert(
                 key.clone(),
                 json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash={hash}")}),

@@ -34,31 +34,47 @@ pub enum Error {
     Gateway(#[from] GatewayError),
 }
 
-/// Converges the gateway role and its Secret; returns whether anything was
-/// written. On success the gateway is published to the tenant reconciles
-/// (`Context::gateway`).
-pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let existing = api.get_opt(SECRET).await.map_err(Error::ReadSecret)?;
+/// What the gateway's Secret should be, decided from what is there.
+#[derive(Debug)]
+pub struct SecretPlan {
+    /// The gateway login's password: the Secret's, or a new one.
+    pub password: String,
+    /// Whether the password is new (the role gets it after the Secret).
+    pub is_new: bool,
+    /// The Secret the operator wants.
+    pub secret: Secret,
+    /// Whether it differs from what is there (data or the managed labels).
+    pub write: bool,
+}
+
+/// Plans the gateway's Secret from the `existing` one: its password is kept
+/// when it has one, else `new_password()` is used; the Secret is written
+/// only when its data or managed labels differ. Pure.
+pub fn plan_secret(
+    existing: Option<&Secret>,
+    gateway: &GatewayName,
+    endpoint: &super::tenant::plan::Endpoint,
+    namespace: &str,
+    new_password: impl FnOnce() -> String,
+) -> SecretPlan {
     let secret_password = existing
-        .as_ref()
         .and_then(|s| s.data.as_ref())
         .and_then(|d| d.get("password"))
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
         .filter(|p| !p.is_empty());
     let (password, is_new) = match secret_password {
         Some(p) => (p, false),
-        None => (crate::pg::scram::generate_password(), true),
+        None => (new_password(), true),
     };
     let data: BTreeMap<String, ByteString> =
-        super::tenant::plan::login_secret_data(gateway.as_str(), &ctx.settings.endpoint, &password)
+        super::tenant::plan::login_secret_data(gateway.as_str(), endpoint, &password)
             .into_iter()
             .map(|(k, v)| (k, ByteString(v.into_bytes())))
             .collect();
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(SECRET.into()),
-            namespace: Some(ctx.settings.namespace.clone()),
+            namespace: Some(namespace.to_owned()),
             labels: Some(labels::managed(&[])),
             ..ObjectMeta::default()
         },
@@ -66,28 +82,47 @@ pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Erro
         type_: Some("Opaque".into()),
         ..Secret::default()
     };
-    // The Secret first: a new password is on the role only once it can be
-    // read (a failed write leaves the role's old password working).
-    let same = existing.as_ref().is_some_and(|s| {
+    let same = existing.is_some_and(|s| {
         s.data == secret.data
             && labels::carries(
                 s.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
                 &labels::managed(&[]),
             )
     });
-    let mut wrote = false;
-    if !same {
-        kit::apply(&api, &secret).await.map_err(Error::WriteSecret)?;
-        tracing::info!(secret = SECRET, "gateway credentials written");
-        wrote = true;
+    SecretPlan {
+        password,
+        is_new,
+        secret,
+        write: !same,
     }
-    let outcome = crate::pg::gateway::converge(&ctx.pool, gateway, &password, is_new).await?;
+}
+
+/// Converges the gateway role and its Secret; returns whether anything was
+/// written. On success the gateway is published to the tenant reconciles
+/// (`Context::gateway`).
+pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let existing = api.get_opt(SECRET).await.map_err(Error::ReadSecret)?;
+    let plan = plan_secret(
+        existing.as_ref(),
+        gateway,
+        &ctx.settings.endpoint,
+        &ctx.settings.namespace,
+        crate::pg::scram::generate_password,
+    );
+    // The Secret first: a new password is on the role only once it can be
+    // read (a failed write leaves the role's old password working).
+    if plan.write {
+        kit::apply(&api, &plan.secret).await.map_err(Error::WriteSecret)?;
+        tracing::info!(secret = SECRET, "gateway credentials written");
+    }
+    let outcome = crate::pg::gateway::converge(&ctx.pool, gateway, &plan.password, plan.is_new).await?;
     if !outcome.actions.is_empty() {
         let steps: Vec<&str> = outcome.actions.iter().map(|a| a.label()).collect();
         tracing::info!(gateway = %gateway, steps = ?steps, "gateway role converged");
     }
     let _ = ctx.gateway.set(gateway.to_string());
-    Ok(wrote || !outcome.actions.is_empty())
+    Ok(plan.write || !outcome.actions.is_empty())
 }
 
 /// Converges the gateway every resync period (and after a failure, with
@@ -106,5 +141,78 @@ pub async fn run(ctx: Arc<Context>, gateway: GatewayName) {
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::tenant::plan::Endpoint;
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            host: "pg.example".into(),
+            port: 5432,
+            database: "app".into(),
+        }
+    }
+
+    fn gw() -> GatewayName {
+        GatewayName::parse("app_gateway").unwrap()
+    }
+
+    fn new_pw() -> String {
+        "fresh-password".into()
+    }
+
+    #[test]
+    fn a_missing_secret_gets_a_new_password_and_is_written() {
+        let p = plan_secret(None, &gw(), &endpoint(), "ops", new_pw);
+        assert!(p.is_new);
+        assert!(p.write);
+        assert_eq!(p.password, "fresh-password");
+        let data = p.secret.data.as_ref().unwrap();
+        assert_eq!(data["password"].0, b"fresh-password");
+        assert_eq!(data["user"].0, b"app_gateway");
+        assert_eq!(p.secret.metadata.namespace.as_deref(), Some("ops"));
+        assert_eq!(p.secret.metadata.name.as_deref(), Some(SECRET));
+    }
+
+    #[test]
+    fn an_unchanged_secret_keeps_its_password_and_is_not_written() {
+        let first = plan_secret(None, &gw(), &endpoint(), "ops", new_pw);
+        let again = plan_secret(Some(&first.secret), &gw(), &endpoint(), "ops", || {
+            panic!("no new password for a Secret that has one")
+        });
+        assert!(!again.is_new);
+        assert!(!again.write);
+        assert_eq!(again.password, "fresh-password");
+    }
+
+    #[test]
+    fn a_moved_endpoint_or_lost_labels_rewrite_the_secret_with_the_same_password() {
+        let first = plan_secret(None, &gw(), &endpoint(), "ops", new_pw);
+        let mut moved = endpoint();
+        moved.port = 6432;
+        let p = plan_secret(Some(&first.secret), &gw(), &moved, "ops", || panic!("kept"));
+        assert!(p.write && !p.is_new);
+        assert_eq!(p.password, "fresh-password");
+        let mut unlabelled = first.secret.clone();
+        unlabelled.metadata.labels = None;
+        let p = plan_secret(Some(&unlabelled), &gw(), &endpoint(), "ops", || panic!("kept"));
+        assert!(p.write && !p.is_new);
+    }
+
+    #[test]
+    fn an_empty_password_is_replaced() {
+        let mut first = plan_secret(None, &gw(), &endpoint(), "ops", new_pw).secret;
+        first
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("password".into(), ByteString(Vec::new()));
+        let p = plan_secret(Some(&first), &gw(), &endpoint(), "ops", || "other".into());
+        assert!(p.is_new && p.write);
+        assert_eq!(p.password, "other");
     }
 }

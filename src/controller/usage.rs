@@ -120,20 +120,13 @@ pub async fn run(ctx: Arc<Context>) {
         gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()),
         window: every,
     };
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut visibility = super::watchdog::Visibility::default();
+    let mut passes = super::watchdog::Passes::every(every);
     let mut pgss: Option<(Instant, Option<String>)> = None;
     let mut prev: Option<us::Sample> = None;
     loop {
-        tick.tick().await;
-        match visibility.check(&ctx.pool).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
-                continue;
-            }
+        if let Err(e) = passes.next(&ctx.pool).await {
+            tracing::error!(error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
+            continue;
         }
         if pgss.as_ref().is_none_or(|(at, _)| at.elapsed() >= STATEMENTS_RECHECK) {
             match us::statements_source(&ctx.pool).await {

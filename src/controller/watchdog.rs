@@ -145,29 +145,44 @@ fn note_of(s: &Signal) -> String {
     }
 }
 
-/// Whether the admin can see other roles' sessions (`pg_read_all_stats`,
-/// [`wd::ensure_visibility`]): checked until it can, at most once every
-/// [`VISIBILITY_RETRY`]. Shared by the watchdog and the usage sampler.
-#[derive(Default)]
-pub(crate) struct Visibility {
+/// The passes of a loop that reads other roles' sessions (the watchdog and
+/// the usage sampler): one every interval (missed ticks delayed), once the
+/// admin can see those sessions (`pg_read_all_stats`,
+/// [`wd::ensure_visibility`], checked until it can, at most once every
+/// [`VISIBILITY_RETRY`]).
+pub(crate) struct Passes {
+    tick: tokio::time::Interval,
     checked: Option<Instant>,
     visible: bool,
 }
 
-impl Visibility {
-    /// Ok(true): go on; Ok(false): checked too recently, skip this pass;
-    /// Err: not visible (report it, skip this pass).
-    pub(crate) async fn check(&mut self, pool: &sqlx::PgPool) -> Result<bool, crate::pg::PgError> {
-        if self.visible {
-            return Ok(true);
+impl Passes {
+    pub(crate) fn every(every: Duration) -> Self {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            tick,
+            checked: None,
+            visible: false,
         }
-        if self.checked.is_some_and(|t| t.elapsed() < VISIBILITY_RETRY) {
-            return Ok(false);
+    }
+
+    /// Waits for the next pass that can see the sessions. Err: the check
+    /// failed (report it; the next call waits for a later pass).
+    pub(crate) async fn next(&mut self, pool: &sqlx::PgPool) -> Result<(), crate::pg::PgError> {
+        loop {
+            self.tick.tick().await;
+            if self.visible {
+                return Ok(());
+            }
+            if self.checked.is_some_and(|t| t.elapsed() < VISIBILITY_RETRY) {
+                continue;
+            }
+            self.checked = Some(Instant::now());
+            wd::ensure_visibility(pool).await?;
+            self.visible = true;
+            return Ok(());
         }
-        self.checked = Some(Instant::now());
-        wd::ensure_visibility(pool).await?;
-        self.visible = true;
-        Ok(true)
     }
 }
 
@@ -180,20 +195,13 @@ pub async fn run(ctx: Arc<Context>) {
         grace: ctx.settings.watchdog.grace,
         gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()),
     };
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut visibility = Visibility::default();
+    let mut passes = Passes::every(every);
     let mut throttle = EventThrottle::default();
     loop {
-        tick.tick().await;
-        match visibility.check(&ctx.pool).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                ctx.metrics.watchdog_failed();
-                tracing::error!(error = %e, "the caps watchdog cannot see tenants' sessions; caps are not enforced until it can");
-                continue;
-            }
+        if let Err(e) = passes.next(&ctx.pool).await {
+            ctx.metrics.watchdog_failed();
+            tracing::error!(error = %e, "the caps watchdog cannot see tenants' sessions; caps are not enforced until it can");
+            continue;
         }
         let outcome = match tokio::time::timeout(every.max(Duration::from_secs(10)), wd::pass(&ctx.pool, &cfg)).await {
             Ok(Ok(o)) => o,

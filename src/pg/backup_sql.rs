@@ -433,22 +433,15 @@ async fn recover(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bool) -
             .await?;
             AsideState::DroppedOld
         }
-        Live::Absent => {
-            run(
-                &mut tx,
-                format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"),
-                "renaming the tenant's schema back",
-            )
-            .await?;
-            AsideState::PutBack
-        }
-        Live::Restoring(_) | Live::OwnedOther => {
-            run(
-                &mut tx,
-                format!("DROP SCHEMA {live_q} CASCADE"),
-                "dropping an unfinished restore",
-            )
-            .await?;
+        Live::Absent | Live::Restoring(_) | Live::OwnedOther => {
+            if !matches!(live, Live::Absent) {
+                run(
+                    &mut tx,
+                    format!("DROP SCHEMA {live_q} CASCADE"),
+                    "dropping an unfinished restore",
+                )
+                .await?;
+            }
             run(
                 &mut tx,
                 format!("ALTER SCHEMA {aside_q} RENAME TO {live_q}"),

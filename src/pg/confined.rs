@@ -188,13 +188,7 @@ pub async fn connect(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined,
 /// Holds no admin connection while it logs in; a password reset borrows one
 /// from `admin` for two statements.
 pub async fn log_in(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, PgError> {
-    let target = format!(
-        "{}:{}/{} as {}",
-        login.target.host,
-        login.target.port,
-        login.target.database,
-        login.user()
-    );
+    let target = describe_login(login);
     let conn = match open(login).await {
         Ok(c) => c,
         Err(e) if is_auth_failure(&e) => {
@@ -212,6 +206,17 @@ pub async fn log_in(admin: &sqlx::PgPool, login: &OpsLogin) -> Result<Confined, 
     Ok(Confined { conn })
 }
 
+/// `host:port/database as user` of the ops login, for errors.
+fn describe_login(login: &OpsLogin) -> String {
+    format!(
+        "{}:{}/{} as {}",
+        login.target.host,
+        login.target.port,
+        login.target.database,
+        login.user()
+    )
+}
+
 /// `SET ROLE <owner>; SET search_path TO <schema>` of `name`: quoted
 /// validated names.
 pub fn enter_sql(name: &TenantName) -> Result<String, PgError> {
@@ -226,13 +231,7 @@ pub fn enter_sql(name: &TenantName) -> Result<String, PgError> {
 /// (a backup or restore Job, given the password by the operator): a refused
 /// password is an error, not repaired.
 pub async fn connect_without_admin(login: &OpsLogin) -> Result<Confined, PgError> {
-    let target = format!(
-        "{}:{}/{} as {}",
-        login.target.host,
-        login.target.port,
-        login.target.database,
-        login.user()
-    );
+    let target = describe_login(login);
     let conn = open(login)
         .await
         .map_err(|source| PgError::Connect { target, source })?;

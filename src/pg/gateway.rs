@@ -16,7 +16,7 @@
 
 use sqlx::{PgPool, Row};
 
-use super::{query_err, quote_ident, quote_literal, PgError};
+use super::{execute_all, query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
 
 /// The default gateway role name (`--gateway-role`, `GATEWAY_ROLE`).
@@ -348,16 +348,7 @@ pub async fn converge(
         .map_err(query_err("starting the gateway transaction"))?;
     let mut statements = 0;
     for action in &actions {
-        for stmt in render(action, gateway, &database)? {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
-                .execute(&mut *tx)
-                .await
-                .map_err(|source| PgError::Query {
-                    action: action.label(),
-                    source,
-                })?;
-            statements += 1;
-        }
+        statements += execute_all(&mut tx, action.label(), render(action, gateway, &database)?).await?;
     }
     let labels: Vec<&str> = actions.iter().map(GatewayAction::label).collect();
     super::registry::record_event(

@@ -182,6 +182,24 @@ pub(crate) fn query_err(action: &'static str) -> impl FnOnce(sqlx::Error) -> PgE
     move |source| PgError::Query { action, source }
 }
 
+/// Runs `statements` one by one on `conn` (each a simple query: DDL whose
+/// identifiers were quoted when it was rendered); a failure names `action`.
+/// Gives how many ran.
+pub(crate) async fn execute_all(
+    conn: &mut sqlx::PgConnection,
+    action: &'static str,
+    statements: Vec<String>,
+) -> Result<usize, PgError> {
+    let n = statements.len();
+    for stmt in statements {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+            .execute(&mut *conn)
+            .await
+            .map_err(query_err(action))?;
+    }
+    Ok(n)
+}
+
 /// Quotes an identifier for Postgres: wraps it in double quotes and doubles
 /// any double quote inside. Every dynamic identifier goes through here.
 pub fn quote_ident(ident: &str) -> Result<String, PgError> {
@@ -278,16 +296,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target)
         .connect_lazy_with(opts.clone());
     // One direct connection up front so a wrong URL fails start-up with a
     // clear message instead of surfacing later as reconcile errors.
-    let mut conn = tokio::time::timeout(Duration::from_secs(10), opts.connect())
-        .await
-        .map_err(|_| PgError::Connect {
-            target: describe(&target),
-            source: sqlx::Error::PoolTimedOut,
-        })?
-        .map_err(|source| PgError::Connect {
-            target: describe(&target),
-            source,
-        })?;
+    let mut conn = connect_direct(&opts, &target).await?;
     let scs: String = sqlx::query_scalar("SHOW standard_conforming_strings")
         .fetch_one(&mut conn)
         .await
@@ -327,6 +336,20 @@ fn is_catalog_race(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("23505") | Some("XX000")))
 }
 
+/// One connection outside the pool, given up after 10 s.
+async fn connect_direct(opts: &PgConnectOptions, target: &Target) -> Result<sqlx::PgConnection, PgError> {
+    tokio::time::timeout(Duration::from_secs(10), opts.connect())
+        .await
+        .map_err(|_| PgError::Connect {
+            target: describe(target),
+            source: sqlx::Error::PoolTimedOut,
+        })?
+        .map_err(|source| PgError::Connect {
+            target: describe(target),
+            source,
+        })
+}
+
 /// Creates the control schema if needed and runs its migrations. Safe to run
 /// from several operator replicas at once, and no tenant can stall it: the
 /// replicas take turns on a row lock of `tenancy.locks` (a table closed to
@@ -336,16 +359,7 @@ fn is_catalog_race(e: &sqlx::Error) -> bool {
 pub async fn migrate_control_schema(pool: &PgPool) -> Result<(), PgError> {
     let opts = pool.connect_options().as_ref().clone();
     let target = Target::from_options(opts.clone());
-    let mut lock = tokio::time::timeout(Duration::from_secs(10), opts.connect())
-        .await
-        .map_err(|_| PgError::Connect {
-            target: describe(&target),
-            source: sqlx::Error::PoolTimedOut,
-        })?
-        .map_err(|source| PgError::Connect {
-            target: describe(&target),
-            source,
-        })?;
+    let mut lock = connect_direct(&opts, &target).await?;
     let result = migrate_locked(pool, &mut lock).await;
     // Ends the lock's transaction (rolled back with the connection if the
     // migrator failed).

@@ -14,7 +14,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 // this module's interface too.
 pub use super::locks::ownership_marker;
 use super::registry::record_event;
-use super::{query_err, quote_ident, quote_literal, PgError};
+use super::{execute_all, query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
 use crate::sensitive::SecretString;
 
@@ -549,32 +549,14 @@ pub async fn apply(
     let (acl, rest): (Vec<&DbAction>, Vec<&DbAction>) =
         actions.iter().partition(|a| matches!(a, DbAction::GrantConnect));
     for action in rest {
-        for stmt in render(action, name, uid, &db)? {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
-                .execute(&mut *tx)
-                .await
-                .map_err(|source| PgError::Query {
-                    action: action.label(),
-                    source,
-                })?;
-            count += 1;
-        }
+        count += execute_all(&mut tx, action.label(), render(action, name, uid, &db)?).await?;
     }
     if let Some(w) = registry {
         write_registry(&mut tx, name, w, actions).await?;
         count += 1;
     }
     for action in acl {
-        for stmt in render(action, name, uid, &db)? {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
-                .execute(&mut *tx)
-                .await
-                .map_err(|source| PgError::Query {
-                    action: action.label(),
-                    source,
-                })?;
-            count += 1;
-        }
+        count += execute_all(&mut tx, action.label(), render(action, name, uid, &db)?).await?;
     }
     tx.commit()
         .await

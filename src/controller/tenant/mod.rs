@@ -3,12 +3,24 @@
 //! Takes Tenant objects from the watch; converges each tenant's schema,
 //! roles, caps and connection Secret, and its lifecycle (suspend, delete
 //! through the `tenancy.dev/cleanup` finalizer).
+//!
+//! A converge runs its steps in order (`converge_steps`: validate the spec,
+//! finalizer, recover an interrupted restore, [`observe`], [`converge_db`]
+//! with its [`plan`], the Secret, sealed secrets, [`migrations`], the backup
+//! CronJob); each returns `Result<_, Stop>` and stops with `?`. What they
+//! did goes to [`report::report`], pure, which decides the phase, the
+//! conditions and the Events; the reconcile publishes those and writes the
+//! status. A stop (a spec to fix, Postgres down, a restore running, a
+//! Kubernetes error) ends the reconcile in one place, `stopped`, after the
+//! Events of what the steps did so far. A delete (`cleanup_steps`) stops
+//! the same way.
 
 pub mod apply;
 pub mod backup_jobs;
 pub mod migrations;
 pub mod observe;
 pub mod plan;
+pub mod report;
 pub mod schedule;
 pub mod sealing;
 pub mod status;
@@ -25,7 +37,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
-use crate::api::{Tenant, TenantPhase, TenantState};
+use crate::api::{Tenant, TenantPhase};
 use crate::controller::kit::{self, conditions::Cond, labels};
 use crate::controller::Context;
 use crate::names::TenantName;
@@ -250,18 +262,18 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
 
 /// Writes a status built from `conds` and publishes an event when the Ready
 /// condition's reason changes (so a steady state publishes nothing).
-async fn report(
+async fn write_report(
     ctx: &Context,
     t: &Tenant,
     phase: TenantPhase,
     schema: Option<String>,
     conds: &[Cond],
 ) -> Result<(), Error> {
-    report_with(ctx, t, phase, schema, conds, status::Extra::default()).await
+    write_report_with(ctx, t, phase, schema, conds, status::Extra::default()).await
 }
 
-/// [`report`], also setting the status fields in `extra`.
-async fn report_with(
+/// [`write_report`], also setting the status fields in `extra`.
+async fn write_report_with(
     ctx: &Context,
     t: &Tenant,
     phase: TenantPhase,
@@ -303,7 +315,7 @@ async fn report_deleting(
     message: String,
 ) -> Result<(), Error> {
     let ready = Cond::new("Ready", false, reason, message);
-    report(ctx, t, TenantPhase::Deleting, schema, &[ready]).await
+    write_report(ctx, t, TenantPhase::Deleting, schema, &[ready]).await
 }
 
 /// `RateLimitsApplied`: True only once the rate-limit writer has put the
@@ -336,7 +348,7 @@ async fn fail(
         Cond::new("DatabaseReady", false, reason, message),
     ];
     conds.extend(rate_limits_cond(ctx, t));
-    report(ctx, t, TenantPhase::Failed, schema, &conds).await?;
+    write_report(ctx, t, TenantPhase::Failed, schema, &conds).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
@@ -385,21 +397,147 @@ async fn database_down(
         conds.extend(rate_limits_cond(ctx, t));
     }
     // The status write is best effort: the error below is what matters.
-    let _ = report(ctx, t, phase, schema, &conds).await;
+    let _ = write_report(ctx, t, phase, schema, &conds).await;
     Err(Error::Database(err))
 }
 
+/// One converge of a live Tenant: runs [`converge_steps`], then publishes
+/// and writes what [`report::report`] decides from their outcome. A step
+/// that stops ends it through [`stopped`], after the Events of what the
+/// steps did so far.
 async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    let mut done = report::Done::default();
+    let converged = match converge_steps(t, ctx, &mut done).await {
+        Ok(c) => c,
+        Err(stop) => {
+            publish(ctx, t, report::events(&done)).await;
+            return stopped(ctx, t, stop, false).await;
+        }
+    };
+    let schema = Some(converged.outcome.done.names.schema.clone());
+    let decided = report::report(converged.outcome);
+    publish(ctx, t, decided.events).await;
+    write_report_with(
+        ctx,
+        t,
+        decided.phase,
+        schema,
+        &decided.conditions,
+        status::Extra {
+            key: converged.key,
+            schema_version: decided.schema_version,
+            last_backup: converged.last_backup,
+        },
+    )
+    .await?;
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// Why the steps of a reconcile stopped before their end; [`stopped`] turns
+/// it into the reconcile's result.
+#[derive(Debug)]
+enum Stop {
+    /// A failure a person must fix ([`fail`]): phase Failed, no retry
+    /// before a change or the resync.
+    Invalid { reason: &'static str, message: String },
+    /// A Postgres failure that may go away by itself ([`database_down`]),
+    /// handed to the backoff.
+    Retry(PgError),
+    /// Come back after this long, touching nothing (a restore is running).
+    Requeue(Duration),
+    /// A delete that cannot finish: Ready false with `reason` (phase
+    /// Deleting), then `error` to the backoff.
+    Stuck {
+        reason: &'static str,
+        message: String,
+        error: Error,
+    },
+    /// Any other error, to the backoff as it is.
+    Error(Error),
+}
+
+impl Stop {
+    /// A Postgres failure of a step: retried when transient, else a
+    /// `DatabaseError` with its SQLSTATE that waits for a change.
+    fn database(e: PgError) -> Self {
+        if e.is_transient() {
+            Stop::Retry(e)
+        } else {
+            Stop::Invalid {
+                reason: "DatabaseError",
+                message: e.describe(),
+            }
+        }
+    }
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Error(e)
+    }
+}
+
+impl From<plan::PlanError> for Stop {
+    fn from(e: plan::PlanError) -> Self {
+        Stop::Invalid {
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ConvergeError> for Stop {
+    fn from(e: ConvergeError) -> Self {
+        match e {
+            ConvergeError::Plan(e) => e.into(),
+            ConvergeError::Db(e) => Stop::database(e),
+        }
+    }
+}
+
+/// The one place a [`Stop`] becomes the reconcile's result: reported (on
+/// the tenant's schema when its name is valid) and requeued, or handed to
+/// the backoff. `deleting`: the stop is [`cleanup`]'s.
+async fn stopped(ctx: &Context, t: &Tenant, stop: Stop, deleting: bool) -> Result<Action, Error> {
+    let schema = TenantName::parse(&t.name_any()).ok().map(|n| n.schema());
+    match stop {
+        Stop::Invalid { reason, message } => fail(ctx, t, schema, reason, message).await,
+        Stop::Retry(e) => database_down(ctx, t, schema, e, deleting).await,
+        Stop::Requeue(after) => Ok(Action::requeue(after)),
+        Stop::Stuck { reason, message, error } => {
+            report_deleting(ctx, t, schema, reason, message).await?;
+            Err(error)
+        }
+        Stop::Error(e) => Err(e),
+    }
+}
+
+/// Publishes `events` on the Tenant, in order.
+async fn publish(ctx: &Context, t: &Tenant, events: Vec<report::Event>) {
+    for e in events {
+        kit::event(ctx, t, e.warning, e.reason, e.note).await;
+    }
+}
+
+/// What [`converge_steps`] gives besides the report's input: the status
+/// fields no condition carries.
+struct Converged {
+    outcome: report::Outcome,
+    /// The root key version and fingerprint of the sealed secrets.
+    key: Option<(String, String)>,
+    last_backup: Option<crate::api::tenant::LastBackup>,
+}
+
+/// The steps of a converge, in order, each stopping with a [`Stop`]: what
+/// they did that Events tell goes into `done` as they run.
+async fn converge_steps(t: &Tenant, ctx: &Context, done: &mut report::Done) -> Result<Converged, Stop> {
     let uid = t.uid().ok_or(Error::MissingUid)?;
-    let name = match TenantName::parse(&t.name_any()) {
-        Ok(n) => n,
-        Err(e) => return fail(ctx, t, None, "InvalidName", e.to_string()).await,
-    };
-    let schema = Some(name.schema());
-    let mut desired = match plan::desired_db(&name, &t.spec) {
-        Ok(d) => d,
-        Err(e) => return fail(ctx, t, schema, e.reason(), e.to_string()).await,
-    };
+    let name = TenantName::parse(&t.name_any()).map_err(|e| Stop::Invalid {
+        reason: "InvalidName",
+        message: e.to_string(),
+    })?;
+    done.names = report::Names::of(&name, &ctx.settings.namespace);
+    let mut desired = plan::desired_db(&name, &t.spec)?;
     desired.gateway = ctx.gateway.get().cloned();
     // The finalizer goes on before anything exists outside Kubernetes, so a
     // delete can never skip cleanup.
@@ -409,42 +547,30 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     // A restore that was killed half-way left the schema aside: put it back
     // (or finish it) first; while a restore runs, leave the tenant alone.
     // Reads only when there is nothing to do.
-    match backup_jobs::recover_restore(ctx, &name, &uid).await {
-        Ok(crate::pg::backup_sql::AsideState::Clean) => {}
-        Ok(crate::pg::backup_sql::AsideState::RestoreRunning) => return Ok(Action::requeue(Duration::from_secs(10))),
-        Ok(state) => {
-            kit::event(
-                ctx,
-                t,
-                true,
-                "RestoreRecovered",
-                format!("an interrupted restore was finished: {state:?}"),
-            )
-            .await
-        }
-        Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
-        Err(e) => return fail(ctx, t, schema, "DatabaseError", e.describe()).await,
-    }
-    let observed = match observe::observe(ctx, &name).await {
-        Ok(o) => o,
-        Err(Error::Database(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
-        Err(e) => return Err(e),
+    done.restore_recovered = match backup_jobs::recover_restore(ctx, &name, &uid).await {
+        Ok(crate::pg::backup_sql::AsideState::Clean) => None,
+        Ok(crate::pg::backup_sql::AsideState::RestoreRunning) => return Err(Stop::Requeue(Duration::from_secs(10))),
+        Ok(state) => Some(state),
+        Err(e) => return Err(Stop::database(e)),
     };
+    let observed = observe::observe(ctx, &name).await.map_err(|e| match e {
+        Error::Database(e) if e.is_transient() => Stop::Retry(e),
+        e => Stop::Error(e),
+    })?;
     let actor = plan::last_spec_manager(t);
     let secret_password = observed.secret_password();
     // The root keys: the ops login's password and the audit key derive
     // from them.
-    let Some(ring) = ctx.keys.current() else {
-        return fail(
-            ctx,
-            t,
-            schema,
-            "RootKeysUnavailable",
-            "the root keys are not loaded".into(),
-        )
-        .await;
-    };
-    let outcome = match converge_db(
+    let ring = ctx.keys.current().ok_or_else(|| Stop::Invalid {
+        reason: "RootKeysUnavailable",
+        message: "the root keys are not loaded".into(),
+    })?;
+    let DbOutcome {
+        plan: mut db_plan,
+        registry,
+        audit,
+        ..
+    } = converge_db(
         &ctx.pool,
         &ring,
         &name,
@@ -454,162 +580,43 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         secret_password.as_ref().map(|p| p.as_str()),
         &actor,
     )
-    .await
-    {
-        Ok(o) => o,
-        Err(ConvergeError::Plan(e)) => return fail(ctx, t, schema, e.reason(), e.to_string()).await,
-        Err(ConvergeError::Db(e)) if e.is_transient() => return database_down(ctx, t, schema, e, false).await,
-        Err(ConvergeError::Db(e)) => return fail(ctx, t, schema, "DatabaseError", e.describe()).await,
-    };
-    let (mut db_plan, registry) = (outcome.plan, outcome.registry);
-    let read_auditing = &outcome.audit.read_auditing;
-    let read_auditing_cond = Cond::new(
-        "ReadAuditing",
-        *read_auditing == crate::pg::audit::ReadAuditing::On,
-        read_auditing.reason(),
-        read_auditing.message(),
-    );
-    let audit_steps: Vec<&str> = outcome.audit.actions.iter().map(|a| a.label()).collect();
-    if !audit_steps.is_empty() && registry.as_ref().map(|w| w.audit_action) != Some("Provisioned") {
-        // Drift: a table made outside migrations, a trigger dropped or
-        // disabled, an audit function edited.
-        kit::event(
-            ctx,
-            t,
-            false,
-            "AuditConverged",
-            format!("audit log converged: {}", audit_steps.join(", ")),
-        )
-        .await;
-    }
-    if let Some(n) = outcome.audit.pruned.filter(|n| *n > 0) {
-        kit::event(
-            ctx,
-            t,
-            false,
-            "AuditPruned",
-            format!(
-                "pruned {n} audit row(s) older than spec.audit.retentionDays; an ANCHOR row keeps the chain verifiable"
-            ),
-        )
-        .await;
-    }
+    .await?;
+    done.registry_action = registry.as_ref().map(|w| w.audit_action);
+    done.db_actions = db_plan.actions.iter().map(|a| a.label()).collect();
+    done.audit_steps = audit.actions.iter().map(|a| a.label()).collect();
+    done.pruned = audit.pruned;
     let data = plan::secret_data(&name, &ctx.settings.endpoint, &db_plan.password);
     zeroize::Zeroize::zeroize(&mut db_plan.password);
-    let secret_written = apply::converge_secret(ctx, t, &name, observed.secret.as_ref(), data).await?;
-
-    if let Some(w) = &registry {
-        let note = match w.audit_action {
-            "Provisioned" => format!(
-                "created schema {} with roles {} and {}",
-                name.schema(),
-                name.owner_role(),
-                name.app_role()
-            ),
-            "Suspended" => "app role can no longer log in; its sessions were terminated".to_string(),
-            "Resumed" => "app role can log in again".to_string(),
-            _ => format!(
-                "converged drift: {}",
-                db_plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>().join(", ")
-            ),
-        };
-        kit::event(ctx, t, false, w.audit_action, note).await;
-    } else if secret_written && observed.secret.is_some() {
-        kit::event(
-            ctx,
-            t,
-            false,
-            "SecretRestored",
-            format!("Secret {} rewritten", name.db_secret()),
-        )
-        .await;
-    } else if secret_written {
-        kit::event(
-            ctx,
-            t,
-            false,
-            "SecretCreated",
-            format!("Secret {} written with new credentials", name.db_secret()),
-        )
-        .await;
-    }
-
-    let (phase, reason, message) = match t.spec.state {
-        TenantState::Active => (
-            TenantPhase::Active,
-            "Provisioned",
-            format!(
-                "schema {} is ready; credentials in Secret {}/{}",
-                name.schema(),
-                ctx.settings.namespace,
-                name.db_secret()
-            ),
-        ),
-        TenantState::Suspended => (
-            TenantPhase::Suspended,
-            "Suspended",
-            "the tenant is suspended: its app role cannot log in".to_string(),
-        ),
-    };
-    let mut conds = vec![
-        Cond::new("Ready", true, reason, message),
-        Cond::new(
-            "DatabaseReady",
-            true,
-            "Converged",
-            "schema, roles, privileges and caps match the spec".to_string(),
-        ),
-    ];
-    conds.extend(rate_limits_cond(ctx, t));
-    conds.push(match &db_plan.caps_not_applied {
-        Some(why) => Cond::new("CapsApplied", false, "TempFileLimitNeedsPrivilege", why.clone()),
-        None => Cond::new(
-            "CapsApplied",
-            true,
-            "Applied",
-            "connection limit, timeouts, work_mem and temp_file_limit as the spec says",
-        ),
+    let written = apply::converge_secret(ctx, t, &name, observed.secret.as_ref(), data).await?;
+    done.secret = Some(report::SecretWrite {
+        written,
+        existed: observed.secret.is_some(),
     });
-    conds.push(read_auditing_cond);
     let sealed = apply::converge_sealed(ctx, t, &name, &uid).await?;
-    conds.push(sealed.cond);
     // After provisioning: a new schema gets the set's migrations here; one
     // already on a version is reported (the MigrationSet controller rolls
     // new versions out).
-    let schema_version = match migrations::converge(ctx, t, &name).await {
-        Ok((cond, version)) => {
-            conds.push(cond);
-            Some(version)
-        }
-        Err(migrations::StepError::Database(e)) if e.is_transient() => {
-            return database_down(ctx, t, schema, e, false).await
-        }
-        Err(e) => {
-            conds.push(Cond::new(
-                migrations::CONDITION,
-                false,
-                "MigrationStateUnknown",
-                e.to_string(),
-            ));
-            None
-        }
+    let migrations = match migrations::converge(ctx, t, &name).await {
+        Ok(m) => Ok(m),
+        Err(migrations::StepError::Database(e)) if e.is_transient() => return Err(Stop::Retry(e)),
+        Err(e) => Err(e.to_string()),
     };
-    conds.extend(backup_jobs::converge_cronjob(ctx, t, &name, &uid).await?);
+    let cronjob = backup_jobs::converge_cronjob(ctx, t, &name, &uid).await?;
     let last_backup = backup_jobs::last_backup(ctx, &uid).await;
-    report_with(
-        ctx,
-        t,
-        phase,
-        schema,
-        &conds,
-        status::Extra {
-            key: sealed.key,
-            schema_version,
-            last_backup,
+    Ok(Converged {
+        outcome: report::Outcome {
+            state: t.spec.state,
+            done: std::mem::take(done),
+            caps_not_applied: db_plan.caps_not_applied,
+            read_auditing: audit.read_auditing,
+            rate_limits: rate_limits_cond(ctx, t),
+            sealed: sealed.cond,
+            migrations,
+            cronjob,
         },
-    )
-    .await?;
-    Ok(Action::requeue(ctx.settings.resync))
+        key: sealed.key,
+        last_backup,
+    })
 }
 
 /// Why [`converge_db`] stopped.
@@ -694,7 +701,17 @@ pub async fn converge_db(
     })
 }
 
+/// One reconcile of a Tenant being deleted: [`cleanup_steps`], a stop
+/// ending through [`stopped`].
 async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    match cleanup_steps(t, ctx).await {
+        Ok(action) => Ok(action),
+        Err(stop) => stopped(ctx, t, stop, true).await,
+    }
+}
+
+/// Drops what the tenant has outside Kubernetes, then lets the Tenant go.
+async fn cleanup_steps(t: &Tenant, ctx: &Context) -> Result<Action, Stop> {
     if !apply::has_finalizer(t) {
         return Ok(Action::await_change());
     }
@@ -707,7 +724,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let schema = Some(name.schema());
     if t.spec.deletion_protection {
         let msg = "spec.deletionProtection is true: nothing is dropped until it is set to false".to_string();
-        report(
+        write_report(
             ctx,
             t,
             TenantPhase::Deleting,
@@ -723,37 +740,36 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
     report_deleting(
         ctx,
         t,
-        schema.clone(),
+        schema,
         "Deleting",
         "dropping the tenant's schema and roles".into(),
     )
     .await?;
     let actor = plan::last_spec_manager(t);
-    match crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor).await {
-        Ok(_) => {}
-        Err(e) if e.is_transient() => return database_down(ctx, t, schema, e, true).await,
-        Err(e) => {
-            let msg = format!("cannot drop the tenant: {}", e.describe());
-            report_deleting(ctx, t, schema, "DeleteFailed", msg).await?;
-            return Err(Error::Database(e));
-        }
-    };
+    crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor)
+        .await
+        .map_err(|e| match e {
+            e if e.is_transient() => Stop::Retry(e),
+            e => Stop::Stuck {
+                reason: "DeleteFailed",
+                message: format!("cannot drop the tenant: {}", e.describe()),
+                error: Error::Database(e),
+            },
+        })?;
     apply::delete_secrets(ctx, &name).await?;
     backup_jobs::delete_job_secret(ctx, &backup_jobs::job_secret_name(&name))
         .await
         .map_err(Error::DeleteSecret)?;
-    let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid).await?;
+    let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid)
+        .await
+        .map_err(Error::Database)?;
     if !left.is_empty() {
         let msg = left.join(", ");
-        report_deleting(
-            ctx,
-            t,
-            schema,
-            "DeleteIncomplete",
-            format!("still present after drop: {msg}"),
-        )
-        .await?;
-        return Err(Error::Leftovers(msg));
+        return Err(Stop::Stuck {
+            reason: "DeleteIncomplete",
+            message: format!("still present after drop: {msg}"),
+            error: Error::Leftovers(msg),
+        });
     }
     // The tenant's backups (the salt that opens them went with the registry
     // row, so a copy kept elsewhere cannot be opened either).
@@ -763,9 +779,11 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
             Err(e) => Err(e.to_string()),
         };
         if let Err(msg) = deleted {
-            let message = format!("deleting the tenant's backups: {msg}");
-            report_deleting(ctx, t, schema, "DeleteIncomplete", message).await?;
-            return Err(Error::DeleteBackups(msg));
+            return Err(Stop::Stuck {
+                reason: "DeleteIncomplete",
+                message: format!("deleting the tenant's backups: {msg}"),
+                error: Error::DeleteBackups(msg),
+            });
         }
     }
     kit::event(

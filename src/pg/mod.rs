@@ -151,31 +151,24 @@ INSERT INTO tenancy.locks (kind, key) VALUES ('database-acl', current_database()
 SELECT 1 FROM tenancy.locks WHERE kind = 'database-acl' AND key = current_database() FOR UPDATE";
 
 /// Connection-level and concurrency errors are transient; privilege and
-/// syntax errors are not.
+/// syntax errors are not. Everything [`is_unreachable_sqlx`] is transient
+/// (28: the admin cannot log in, revoked or a password changed, is not the
+/// tenant's fault and is fixed outside the operator, so it is retried with
+/// backoff while the condition says why); so are these answers of Postgres:
+/// 40 transaction rollback (serialization, deadlock), 53 insufficient
+/// resources, 55P03 lock not available, 57P operator intervention, and
+/// 23505 unique violation / XX000 "tuple concurrently updated" (two writers
+/// raced on a catalog row; a retry sees the winner).
 pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => match db.code() {
-            // 08: connection exception, 40: transaction rollback (serialization,
-            // deadlock), 53: insufficient resources, 55P03: lock not available,
-            // 57P: operator intervention (admin shutdown, cannot connect now).
-            Some(code) => {
-                // 28: the admin cannot log in (revoked, password changed):
-                // not the tenant's fault, and fixed outside the operator, so
-                // retried with backoff while the condition says why.
-                code.starts_with("08") || code.starts_with("28") || code.starts_with("40") || code.starts_with("53") || code == "55P03" || code.starts_with("57P")
-                // 23505 unique violation / XX000 "tuple concurrently updated":
-                // two writers raced on a catalog row; a retry sees the winner.
-                || code == "23505" || code == "XX000"
-            }
-            None => false,
-        },
-        _ => false,
-    }
+    is_unreachable_sqlx(e)
+        || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|code| {
+            code.starts_with("40")
+                || code.starts_with("53")
+                || code == "55P03"
+                || code.starts_with("57P")
+                || code == "23505"
+                || code == "XX000"
+        }))
 }
 
 pub(crate) fn query_err(action: &'static str) -> impl FnOnce(sqlx::Error) -> PgError {

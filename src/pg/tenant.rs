@@ -596,6 +596,15 @@ async fn write_registry(
     .await
 }
 
+/// `ALTER ROLE <role> NOLOGIN` (`role` quoted).
+async fn disable_login(pool: &PgPool, role: &str, action: &'static str) -> Result<(), PgError> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {role} NOLOGIN")))
+        .execute(pool)
+        .await
+        .map_err(query_err(action))?;
+    Ok(())
+}
+
 /// Ends every session of the app role, and every other session (the
 /// gateway's, serving this tenant through a pooler) holding a lock on a
 /// relation of the tenant's schema, except the ops login's and the
@@ -699,10 +708,7 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         .as_ref()
         .is_some_and(|r| ours(&r.comment) && r.can_login)
     {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {app} NOLOGIN")))
-            .execute(pool)
-            .await
-            .map_err(query_err("disabling the app role's login"))?;
+        disable_login(pool, &app, "disabling the app role's login").await?;
     }
     // Nobody may SET ROLE to the app role any more (the gateway): its
     // transactions already running end with the sessions below.
@@ -724,10 +730,7 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         .as_ref()
         .is_some_and(|r| ours(&r.comment) && r.can_login)
     {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {ops} NOLOGIN")))
-            .execute(pool)
-            .await
-            .map_err(query_err("disabling the ops role's login"))?;
+        disable_login(pool, &ops, "disabling the ops role's login").await?;
     }
     if observed.app_role.is_some() || observed.ops_role.is_some() {
         terminate_sessions(pool, name).await?;

@@ -9,7 +9,7 @@
 //! operator's finalizer and status writes and a `kubectl edit`;
 //! `tests/golden/tenant-kubectl-apply.json`, renamed per tenant), feeds
 //! them to reflector stores as a watch's initial list would, and counts the
-//! heap bytes the stores hold with a counting global allocator:
+//! heap bytes the stores hold with a counting global allocator (`cap`):
 //! - a store of full Tenants (what `Controller::new` kept),
 //! - a store with managedFields cleared (what the MigrationSet controller's
 //!   and the rate-limit writer's own watches kept),
@@ -20,52 +20,20 @@
 //! Not counted: allocator overhead and fragmentation, and the second copy a
 //! reflector builds during a relist (until `InitDone` swaps it in).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::alloc::System;
 
+use cap::Cap;
 use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
 use tenant_operator::api::Tenant;
 use tenant_operator::controller::tenant_watch::slim;
 
-/// The system allocator, counting the bytes in use.
-struct Counting;
-
-static IN_USE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            IN_USE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        IN_USE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            IN_USE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            IN_USE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
+/// The system allocator, counting the bytes in use (no limit).
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: Cap<System> = Cap::new(System, usize::MAX);
 
 fn in_use() -> isize {
-    IN_USE.load(Ordering::Relaxed)
+    GLOBAL.allocated() as isize
 }
 
 const FIXTURE: &str = include_str!("../tests/golden/tenant-kubectl-apply.json");

@@ -20,9 +20,13 @@
 //! Then verifies the tenant's chain. Drops its database and roles at the
 //! end. Not part of `cargo test`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
+use support::bench_ring;
 use tenant_operator::api::TenantSpec;
 use tenant_operator::controller::tenant::{converge_db, plan};
 use tenant_operator::names::TenantName;
@@ -56,16 +60,6 @@ async fn timed(conn: &mut PgConnection, sql: &str) -> Duration {
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     start.elapsed()
-}
-
-/// The root keys of the bench (one fixed key): the ops logins' passwords
-/// and the audit keys derive from them.
-fn bench_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(
-        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
-        "v1",
-    )
-    .expect("keyring")
 }
 
 const TABLE: &str = "(id bigserial PRIMARY KEY, name text NOT NULL, qty integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now())";
@@ -112,24 +106,7 @@ async fn main() {
     .execute(&mut admin)
     .await
     .expect("create the tables");
-    let catalog = pg::tenant::observe(&pool, &name).await.expect("observe");
-    let out = converge_db(
-        &pool,
-        &bench_ring(),
-        &name,
-        &uid,
-        &desired,
-        &catalog,
-        Some(&password),
-        "bench",
-    )
-    .await
-    .expect("audit the new table");
-    assert!(
-        out.audit.actions.iter().any(|a| a.label() == "AuditTable"),
-        "the tenant table got no triggers: {:?}",
-        out.audit.actions
-    );
+    support::audit_new_tables(&pool, &name, &uid, &desired, &password).await;
     sqlx::raw_sql("SET tenancy.actor = 'bench'; SET tenancy.request_id = 'bench-run'")
         .execute(&mut admin)
         .await

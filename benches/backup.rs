@@ -15,11 +15,15 @@
 //! Prints the best time of each, the sizes, and the ratio (target: at most
 //! 1.15). Drops its database and roles at the end. Not part of `cargo test`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection};
+use support::bench_ring;
 use tenant_operator::api::TenantSpec;
 use tenant_operator::backup::{self, Retention, Store, StoreConfig, Tools};
 use tenant_operator::controller::tenant::{converge_db, plan};
@@ -27,16 +31,6 @@ use tenant_operator::controller::tenant::{converge_db, plan};
 use tenant_operator::crypto::{self, Keyring};
 use tenant_operator::names::TenantName;
 use tenant_operator::pg;
-
-/// The root keys of the bench (one fixed key): the ops logins' passwords
-/// and the audit keys derive from them.
-fn bench_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(
-        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
-        "v1",
-    )
-    .expect("keyring")
-}
 
 fn env(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {

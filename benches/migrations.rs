@@ -29,12 +29,16 @@
 //! server time went; BENCH_PERF=<dir> records `perf` profiles.
 //! Drops its database and roles at the end. Not part of `cargo test`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sqlx::{Connection, PgConnection, PgPool};
+use support::bench_ring;
 use tenant_operator::api::{Migration, MigrationSetPhase, MigrationSetSpec, OnFailure, RolloutSpec, TenantSpec};
 use tenant_operator::controller::migration_set::apply::Outcome;
 use tenant_operator::controller::migration_set::{pass, status};
@@ -44,19 +48,6 @@ use tenant_operator::pg::migrations::TenantOutcome;
 use tenant_operator::names::TenantName;
 use tenant_operator::pg;
 use tenant_operator::pg::migrations::Timeouts;
-
-/// The root keys of the bench (one fixed key): the ops logins' passwords
-/// and the audit keys derive from them.
-/// The one keyring of the bench: tenants are provisioned and migrated under
-/// it (two keyrings made every tenant's first migration a password reset,
-/// a pg_authid write each).
-fn bench_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(
-        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
-        "v1",
-    )
-    .expect("keyring")
-}
 
 fn env(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {

@@ -19,11 +19,15 @@
 //! it at the end (BENCH_KEEP=1 keeps it, and prints how to reach it). Not
 //! part of `cargo test`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use sqlx::{Connection, PgConnection};
+use support::bench_ring;
 use tenant_operator::api::TenantSpec;
 use tenant_operator::controller::tenant::{converge_db, plan};
 use tenant_operator::names::TenantName;
@@ -45,14 +49,6 @@ fn env_or(var: &str, default: u64) -> u64 {
 fn with_db(url: &str, db: &str) -> String {
     let (base, _) = url.rsplit_once('/').expect("URL has a database part");
     format!("{base}/{db}")
-}
-
-fn bench_ring() -> tenant_operator::crypto::Keyring {
-    tenant_operator::crypto::Keyring::new(
-        std::collections::BTreeMap::from([("v1".to_string(), vec![0x5a; 32])]),
-        "v1",
-    )
-    .expect("keyring")
 }
 
 /// pgbench of the server's version when it is there, else PATH's.
@@ -231,24 +227,7 @@ async fn main() {
         .execute(&mut admin)
         .await
         .expect("create the tables");
-        let catalog = pg::tenant::observe(&pool, &name).await.expect("observe");
-        let out = converge_db(
-            &pool,
-            &bench_ring(),
-            &name,
-            &uid,
-            &desired,
-            &catalog,
-            Some(&password),
-            "bench",
-        )
-        .await
-        .expect("audit the new tables");
-        assert!(
-            out.audit.actions.iter().any(|a| a.label() == "AuditTable"),
-            "the tenant tables got no triggers: {:?}",
-            out.audit.actions
-        );
+        support::audit_new_tables(&pool, &name, &uid, &desired, &password).await;
         tenants.push((name, password, plain));
     }
     sqlx::raw_sql("VACUUM ANALYZE")

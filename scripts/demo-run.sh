@@ -33,6 +33,7 @@ ADMIN_URL="${TEST_PG_ADMIN_URL%/*}/saas"
 
 step "starting tenant-operator (log: operator.log)"
 DATABASE_URL=$ADMIN_URL OPERATOR_NAMESPACE=tenant-system RESYNC_SECONDS=10 METRICS_ADDR=127.0.0.1:0 \
+  BACKUP_STORE="file://$WORK/backups" \
   "$TARGET/debug/tenant-operator" run >"$WORK/operator.log" 2>&1 &
 pids+=($!)
 
@@ -74,5 +75,27 @@ psql "$TEST_PG_SUPERUSER_URL" -X -q -c "GRANT CONNECT ON DATABASE saas TO pgboun
 GW_PW=$(kubectl get secret -n tenant-system tenant-gateway-db -o jsonpath='{.data.password}' | base64 -d)
 "$TARGET/debug/tenancy-request" "postgresql://tenancy_gateway:$GW_PW@127.0.0.1:$TEST_PGBOUNCER_PORT/saas" acme globex initech | sed 's/^/    /'
 
+step "a second Postgres server as Shard eu-2 (database 'saas' there, the same kind of non-superuser admin)"
+psql "$TEST_PG2_SUPERUSER_URL" -X -q -c "CREATE DATABASE saas OWNER tenancy_admin"
+kubectl create secret generic eu-2-admin -n tenant-system --from-literal=url="${TEST_PG2_ADMIN_URL%/*}/saas"
+kubectl wait --for=condition=Established crd/shards.tenancy.dev --timeout=30s >/dev/null
+kubectl apply -f examples/shards/eu-2.yaml
+kubectl wait --for=condition=Ready shard/eu-2 --timeout=60s
+kubectl get shards
+
+step "a new tenant placed by label selector (region: eu) lands on eu-2"
+kubectl apply -f examples/shards/hooli.yaml
+kubectl wait --for=condition=Ready tenant/hooli --timeout=60s
+kubectl get tenants -o wide
+psql "$(uri hooli)" -X -q -c "SELECT current_user, inet_server_port() AS port, current_database()"
+
+step "moving acme to eu-2: writes stop, a backup of acme is restored there, the Secret follows, the old copy is dropped"
+kubectl patch tenant acme --type=merge -p '{"spec":{"placement":{"shard":"eu-2"}}}'
+for _ in $(seq 300); do [[ $(kubectl get tenant acme -o jsonpath='{.status.lastMove.result}') == Succeeded ]] && break; sleep 0.2; done
+kubectl get tenant acme -o jsonpath='{"    shard: "}{.status.shard}{"\n    lastMove: "}{.status.lastMove}{"\n"}'
+kubectl wait --for=condition=Ready tenant/acme --timeout=60s >/dev/null
+psql "$(uri acme)" -X -q -c "SELECT current_user, inet_server_port() AS port, current_database()"
+psql_su -c "SELECT count(*) AS acme_objects_left_on_the_first_server FROM pg_namespace WHERE nspname = 'tenant_acme'"
+
 echo
-echo "Done. Tenants are in Postgres schemas; kubectl drove everything; the operator ran as a non-superuser."
+echo "Done. Tenants are in Postgres schemas on two servers; kubectl drove everything; the operator ran as a non-superuser."

@@ -7,7 +7,9 @@
 # PG_EXTRA_OPTS adds server options (e.g. "-c log_min_duration_statement=5").
 #
 # Exports: TEST_PG_SUPERUSER_URL, TEST_PG_ADMIN_URL, TEST_PG_PORT,
-#          TEST_PG_DIR, TEST_PG_LOG.
+#          TEST_PG_DIR, TEST_PG_LOG; with PG_ENV_PREFIX=P, P_SUPERUSER_URL,
+#          P_ADMIN_URL, ... instead (a second server beside the first, for
+#          shards: PG_ENV_PREFIX=TEST_PG2).
 set -euo pipefail
 
 BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
@@ -59,9 +61,11 @@ CREATE ROLE tenancy_admin LOGIN CREATEROLE PASSWORD '$ADMINPW';
 GRANT pg_signal_backend TO tenancy_admin;
 SQL
 
-export TEST_PG_PORT=$PORT TEST_PG_DIR=$DIR TEST_PG_LOG=$DIR/postgres.log
-export TEST_PG_SUPERUSER_URL="postgresql://postgres:$SUPERPW@127.0.0.1:$PORT/postgres"
-export TEST_PG_ADMIN_URL="postgresql://tenancy_admin:$ADMINPW@127.0.0.1:$PORT/postgres"
+P=${PG_ENV_PREFIX:-TEST_PG}
+export "${P}_PORT=$PORT" "${P}_DIR=$DIR" "${P}_LOG=$DIR/postgres.log"
+export "${P}_SUPERUSER_URL=postgresql://postgres:$SUPERPW@127.0.0.1:$PORT/postgres"
+export "${P}_ADMIN_URL=postgresql://tenancy_admin:$ADMINPW@127.0.0.1:$PORT/postgres"
+unset PG_ENV_PREFIX
 echo "with-postgres: PostgreSQL $("$BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PORT (data in $DIR)" >&2
 set +e
 "$@"

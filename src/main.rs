@@ -499,6 +499,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             interval: (args.watchdog_interval_ms > 0).then(|| Duration::from_millis(args.watchdog_interval_ms)),
             grace: Duration::from_millis(args.watchdog_grace_ms),
         },
+        shard_max_connections: args.max_connections,
         usage_interval: (args.usage_interval_seconds > 0).then(|| Duration::from_secs(args.usage_interval_seconds)),
         backup: tenant_operator::controller::tenant::backup_jobs::BackupSettings {
             image: args.image,

@@ -131,6 +131,10 @@ const RARE: &[(&str, &str, &str)] = &[
     ("batch", "jobs", "create"),
     ("", "pods", "list"),
     ("tenancy.dev", "tenantrestores/status", "patch"),
+    // Shards, which this flow does not create: a Shard's finalizer and
+    // status.
+    ("tenancy.dev", "shards", "patch"),
+    ("tenancy.dev", "shards/status", "patch"),
 ];
 
 #[tokio::test(flavor = "multi_thread")]

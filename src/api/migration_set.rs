@@ -164,9 +164,25 @@ pub struct MigrationSetStatus {
     /// The failed tenants (at most 20, sorted by name) with the Postgres error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<FailedTenant>,
+    /// Progress on each shard, when followers live on more than the
+    /// default shard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardProgress>,
     /// Conditions: `Ready` (every tenant at the latest version) and `Paused`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A set's progress on one shard.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardProgress {
+    /// The shard's name.
+    pub shard: String,
+    /// Tenants of the shard at the latest version / following the set.
+    pub progress: String,
+    /// Of those, how many have a failed migration or a checksum mismatch.
+    pub failed_count: i64,
 }
 
 /// How many tenants are at one version.

@@ -3,6 +3,7 @@
 //! Takes nothing, gives the types and `all_crds()` (what `crdgen` prints).
 
 pub mod migration_set;
+pub mod shard;
 pub mod tenant;
 pub mod tenant_restore;
 
@@ -14,8 +15,9 @@ use serde::{Deserialize, Serialize};
 
 pub use migration_set::{
     FailedTenant, Migration, MigrationSet, MigrationSetPhase, MigrationSetSpec, MigrationSetStatus, OnFailure,
-    RolloutSpec, VersionCount,
+    RolloutSpec, ShardProgress, VersionCount,
 };
+pub use shard::{PlacementSpec, SecretKeyRef, Shard, ShardSpec, ShardState, ShardStatus, DEFAULT_SHARD};
 pub use tenant::{
     DatabaseSpec, RateLimit, RateLimitUnit, RateLimitsSpec, Tenant, TenantPhase, TenantSpec, TenantState, TenantStatus,
     TenantUsage,
@@ -50,7 +52,12 @@ pub struct Condition {
 
 /// Every CRD the operator serves, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![Tenant::crd(), MigrationSet::crd(), tenant_restore::TenantRestore::crd()]
+    vec![
+        Tenant::crd(),
+        MigrationSet::crd(),
+        tenant_restore::TenantRestore::crd(),
+        Shard::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, as committed under `crds/`.

@@ -33,6 +33,7 @@ pub const NAME_MAX_LEN: usize = 40;
     doc = "A customer of the SaaS: an isolated Postgres schema with its own roles, caps and credentials.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Schema", type_ = "string", json_path = ".status.schema"),
+    printcolumn(name = "Shard", type_ = "string", json_path = ".status.shard", priority = 1),
     printcolumn(name = "Version", type_ = "integer", json_path = ".status.schemaVersion"),
     printcolumn(
         name = "Ready",
@@ -100,6 +101,13 @@ pub struct TenantSpec {
     /// Unset: no scheduled backups (the CronJob is deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
+
+    /// Which Postgres server (Shard) the tenant lives on: `{shard: name}` or
+    /// `{shardSelector: {...}}`; unset: any Open shard. A new tenant goes to
+    /// the matching Open shard with the fewest tenants (ties by name) and
+    /// stays there (`status.shard`); see docs/shards.md.
+    #[serde(default, skip_serializing_if = "super::shard::PlacementSpec::is_default")]
+    pub placement: super::shard::PlacementSpec,
 }
 
 /// When the tenant is backed up and how many backups are kept.
@@ -381,6 +389,17 @@ pub struct TenantStatus {
     /// The tenant's Postgres schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
+    /// The shard the tenant lives on (written when it is placed, before
+    /// anything of it is created, and when a move commits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+    /// A move to another shard under way (docs/shards.md, "Moving a
+    /// tenant").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<super::shard::MoveStatus>,
+    /// How the last move ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_move: Option<super::shard::LastMove>,
     /// The root key version the tenant's sealed secrets are under (`v2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_version: Option<String>,

@@ -29,16 +29,10 @@ pub async fn open_database(
     database_url: zeroize::Zeroizing<String>,
     max_connections: u32,
 ) -> anyhow::Result<(sqlx::PgPool, Target, AdminFacts)> {
-    let (pool, target) = pg::connect(&database_url, max_connections)
-        .await
-        .context("connecting to Postgres")?;
-    drop(database_url);
-    let facts = pg::admin_facts(&pool).await?;
-    facts.require()?;
-    pg::migrate_control_schema(&pool)
-        .await
-        .context("preparing the control schema")?;
-    for warning in pg::harden_database(&pool, &facts).await? {
+    let opened = pg::open_admin(database_url, max_connections).await;
+    let (pool, target, facts, warnings) =
+        opened.context("preparing Postgres (connect, admin rights, control schema)")?;
+    for warning in warnings {
         tracing::warn!(%warning, "database hardening skipped");
     }
     Ok((pool, target, facts))

@@ -3,7 +3,7 @@
 //! one pass writes an HMAC'd anchor for every tenant whose chain head moved
 //! since its last anchor ([`crate::pg::audit::anchor_heads`]).
 //!
-//! Takes the context (admin pool, root keys, interval); side effects: rows
+//! Takes the context (every open shard's admin pool, root keys, interval); side effects: rows
 //! in `tenancy.audit_anchors`. Never returns.
 
 use std::sync::Arc;
@@ -19,10 +19,17 @@ pub async fn run(ctx: Arc<Context>) {
             tracing::warn!("audit anchoring skipped: the root keys are not loaded");
             continue;
         };
-        match crate::pg::audit::anchor_heads(&ctx.pool, &ring, None).await {
-            Ok(0) => tracing::debug!("audit anchoring: no head moved"),
-            Ok(n) => tracing::info!(anchors = n, "audit anchoring: anchored the tenants' moved chain heads"),
-            Err(e) => tracing::warn!(error = %e, "audit anchoring failed; retrying at the next pass"),
+        // Shard by shard: one that fails does not hold up the others.
+        for shard in ctx.shards.all() {
+            match crate::pg::audit::anchor_heads(&shard.pool, &ring, None).await {
+                Ok(0) => tracing::debug!(shard = %shard.name, "audit anchoring: no head moved"),
+                Ok(n) => {
+                    tracing::info!(shard = %shard.name, anchors = n, "audit anchoring: anchored the tenants' moved chain heads")
+                }
+                Err(e) => {
+                    tracing::warn!(shard = %shard.name, error = %e, "audit anchoring failed; retrying at the next pass")
+                }
+            }
         }
     }
 }

@@ -116,13 +116,27 @@ pub async fn converge(ctx: &Context, gateway: &GatewayName) -> Result<bool, Erro
         kit::apply(&api, &plan.secret).await.map_err(Error::WriteSecret)?;
         tracing::info!(secret = SECRET, "gateway credentials written");
     }
-    let outcome = crate::pg::gateway::converge(&ctx.pool, gateway, &plan.password, plan.is_new).await?;
-    if !outcome.actions.is_empty() {
-        let steps: Vec<&str> = outcome.actions.iter().map(|a| a.label()).collect();
-        tracing::info!(gateway = %gateway, steps = ?steps, "gateway role converged");
+    // The same role and password on every open shard (the default first:
+    // a failure there fails the converge; another shard's is logged and
+    // retried at the next resync, its tenants' grants waiting for it).
+    let mut changed = plan.write;
+    for shard in ctx.shards.all() {
+        match crate::pg::gateway::converge(&shard.pool, gateway, &plan.password, plan.is_new).await {
+            Ok(outcome) => {
+                if !outcome.actions.is_empty() {
+                    let steps: Vec<&str> = outcome.actions.iter().map(|a| a.label()).collect();
+                    tracing::info!(gateway = %gateway, shard = %shard.name, steps = ?steps, "gateway role converged");
+                    changed = true;
+                }
+            }
+            Err(e) if shard.name == crate::api::DEFAULT_SHARD => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(gateway = %gateway, shard = %shard.name, error = %e, "converging the gateway role on a shard failed")
+            }
+        }
     }
     let _ = ctx.gateway.set(gateway.to_string());
-    Ok(plan.write || !outcome.actions.is_empty())
+    Ok(changed)
 }
 
 /// Converges the gateway every resync period (and after a failure, with

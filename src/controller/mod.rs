@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod kit;
 pub mod migration_set;
 pub mod ratelimits;
+pub mod shards;
 pub mod tenant;
 pub mod tenant_restore;
 pub mod tenant_watch;
@@ -55,6 +56,8 @@ pub struct Settings {
     pub watchdog: watchdog::WatchdogSettings,
     /// Time between usage samples ([`usage`]); None: off.
     pub usage_interval: Option<Duration>,
+    /// Admin connections of each Shard's pool, at most.
+    pub shard_max_connections: u32,
 }
 
 /// What each reconcile gets.
@@ -81,6 +84,10 @@ pub struct Context {
     /// The gateway role, once it was converged: tenant reconciles make it a
     /// member of each Active tenant's app role.
     pub gateway: std::sync::OnceLock<String>,
+    /// The open shards ([`shards`]); `default` is the pool above.
+    pub shards: shards::Shards,
+    /// The placements this process made ([`tenant::placement`]).
+    pub placements: tenant::placement::Placements,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -92,9 +99,12 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let recorder = Recorder::new(client.clone(), reporter);
+        let shards = shards::Shards::new(shards::ShardConn::default_of(pool.clone(), settings.endpoint.clone()));
         Self {
             client,
             pool,
+            shards,
+            placements: Default::default(),
             settings,
             recorder,
             keys: Default::default(),
@@ -148,6 +158,8 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
             None => futures::future::pending::<()>().await,
         }
     };
+    // The shards, before anything asks for a tenant's.
+    shards::open_all(&ctx).await;
     // One watch and one cache of every Tenant: the Tenant controller drives
     // it, the rate-limit writer and the MigrationSet controller read its
     // store and hear of the changes they care about.
@@ -163,5 +175,6 @@ pub async fn run(ctx: std::sync::Arc<Context>) {
         _ = anchoring::run(ctx.clone()) => ctx.health.task_died("audit-anchoring"),
         _ = watchdog::run(ctx.clone()) => ctx.health.task_died("watchdog"),
         _ = usage::run(ctx.clone()) => ctx.health.task_died("usage-sampler"),
+        _ = shards::run(ctx.clone()) => ctx.health.task_died("shard-controller"),
     }
 }

@@ -111,11 +111,22 @@ pub fn decide(
         .collect()
 }
 
+/// Samples every open shard, each with a loop of its own; the metrics show
+/// the latest sample of every shard together.
 pub async fn run(ctx: Arc<Context>) {
     let Some(every) = ctx.settings.usage_interval else {
         tracing::info!("the usage sampler is off (--usage-interval-seconds=0)");
         return futures::future::pending().await;
     };
+    let board: Board = Default::default();
+    super::shards::each_shard(ctx, move |ctx, shard| run_on(ctx, shard, every, board.clone())).await
+}
+
+/// The latest figures of each shard, for the metrics.
+type Board = Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<us::Figures>>>>;
+
+async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: Duration, board: Board) {
+    let pool = &shard.pool;
     let cfg = us::Config {
         gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()),
         window: every,
@@ -124,20 +135,19 @@ pub async fn run(ctx: Arc<Context>) {
     let mut pgss: Option<(Instant, Option<String>)> = None;
     let mut prev: Option<us::Sample> = None;
     loop {
-        if let Err(e) = passes.next(&ctx.pool).await {
-            tracing::error!(error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
+        if let Err(e) = passes.next(pool).await {
+            tracing::error!(shard = %shard.name, error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
             continue;
         }
         if pgss.as_ref().is_none_or(|(at, _)| at.elapsed() >= STATEMENTS_RECHECK) {
-            match us::statements_source(&ctx.pool).await {
+            match us::statements_source(pool).await {
                 Ok(src) => pgss = Some((Instant::now(), src)),
                 Err(e) => tracing::warn!(error = %e, "looking for pg_stat_statements failed"),
             }
         }
         let src = pgss.as_ref().and_then(|(_, s)| s.as_deref());
         let started = Instant::now();
-        let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), us::sample(&ctx.pool, &cfg, src)).await
-        {
+        let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), us::sample(pool, &cfg, src)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "usage sample failed; retrying at the next one");
@@ -154,7 +164,13 @@ pub async fn run(ctx: Arc<Context>) {
         let base = prev.as_ref().filter(|p| p.statements == cur.statements);
         let figs = us::figures(base, &cur);
         let cancellations = ctx.metrics.watchdog_per_tenant();
-        ctx.metrics.set_usage(&figs, &cancellations);
+        let all: Vec<us::Figures> = {
+            let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+            b.insert(shard.name.clone(), figs.clone());
+            b.retain(|name, _| ctx.shards.get(name).is_some());
+            b.values().flatten().cloned().collect()
+        };
+        ctx.metrics.set_usage(&all, &cancellations);
         let writes = match ctx.metrics.tenant_store.get() {
             Some(store) => decide(
                 &figs,

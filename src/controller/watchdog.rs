@@ -186,11 +186,17 @@ impl Passes {
     }
 }
 
+/// Runs the watchdog on every open shard, each with a loop of its own.
 pub async fn run(ctx: Arc<Context>) {
     let Some(every) = ctx.settings.watchdog.interval else {
         tracing::info!("the caps watchdog is off (--watchdog-interval-ms=0)");
         return futures::future::pending().await;
     };
+    super::shards::each_shard(ctx, move |ctx, shard| run_on(ctx, shard, every)).await
+}
+
+async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: Duration) {
+    let pool = &shard.pool;
     let cfg = wd::Config {
         grace: ctx.settings.watchdog.grace,
         gateway: ctx.settings.gateway.as_ref().map(|g| g.to_string()),
@@ -198,12 +204,12 @@ pub async fn run(ctx: Arc<Context>) {
     let mut passes = Passes::every(every);
     let mut throttle = EventThrottle::default();
     loop {
-        if let Err(e) = passes.next(&ctx.pool).await {
+        if let Err(e) = passes.next(pool).await {
             ctx.metrics.watchdog_failed();
-            tracing::error!(error = %e, "the caps watchdog cannot see tenants' sessions; caps are not enforced until it can");
+            tracing::error!(shard = %shard.name, error = %e, "the caps watchdog cannot see tenants' sessions; caps are not enforced until it can");
             continue;
         }
-        let outcome = match tokio::time::timeout(every.max(Duration::from_secs(10)), wd::pass(&ctx.pool, &cfg)).await {
+        let outcome = match tokio::time::timeout(every.max(Duration::from_secs(10)), wd::pass(pool, &cfg)).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
                 ctx.metrics.watchdog_failed();

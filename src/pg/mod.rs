@@ -64,6 +64,8 @@ pub enum PgError {
     Keys(#[source] crate::crypto::CryptoError),
     #[error("the audit log of tenant {tenant}: {what}")]
     Audit { tenant: String, what: String },
+    #[error("tenant {0} is not in this database's registry")]
+    NotRegistered(String),
 }
 
 impl PgError {
@@ -79,7 +81,8 @@ impl PgError {
             | PgError::NulInIdentifier
             | PgError::OpsLogin { .. }
             | PgError::Keys(_)
-            | PgError::Audit { .. } => false,
+            | PgError::Audit { .. }
+            | PgError::NotRegistered(_) => false,
         }
     }
 }
@@ -453,6 +456,38 @@ impl AdminFacts {
         }
         Ok(())
     }
+}
+
+/// Connects as the admin of one database (the operator's own, or a
+/// Shard's), checks what the admin may do, brings the control schema up to
+/// date and hardens the database. Returns the warnings of what could not be
+/// hardened.
+///
+/// It runs on a blocking thread of its own: the control schema's migrator
+/// (`sqlx::migrate::Migrator::run`, generic over `Acquire<'_>`) makes a
+/// future the compiler cannot prove `Send` for every lifetime, which a
+/// controller's reconcile must be.
+pub async fn open_admin(
+    url: zeroize::Zeroizing<String>,
+    max_connections: u32,
+) -> Result<(PgPool, Target, AdminFacts, Vec<String>), PgError> {
+    let handle = tokio::runtime::Handle::current();
+    match tokio::task::spawn_blocking(move || handle.block_on(open_admin_here(&url, max_connections))).await {
+        Ok(opened) => opened,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+async fn open_admin_here(
+    url: &str,
+    max_connections: u32,
+) -> Result<(PgPool, Target, AdminFacts, Vec<String>), PgError> {
+    let (pool, target) = connect(url, max_connections).await?;
+    let facts = admin_facts(&pool).await?;
+    facts.require()?;
+    migrate_control_schema(&pool).await?;
+    let warnings = harden_database(&pool, &facts).await?;
+    Ok((pool, target, facts, warnings))
 }
 
 /// Hardening for the schema-per-tenant model, done once at start. Returns

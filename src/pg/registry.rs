@@ -97,3 +97,62 @@ pub async fn uid_of(pool: &PgPool, name: &str) -> Result<Option<String>, PgError
         .await
         .map_err(query_err("reading the tenant registry"))
 }
+
+/// Whether anything of the tenant `uid` (schema `schema`) is in this
+/// database: its registry row or its schema. Tells a tenant provisioned
+/// before shards existed (on the operator's own database) from one never
+/// provisioned.
+pub async fn holds_tenant(pool: &PgPool, uid: &str, schema: &str) -> Result<bool, PgError> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM tenancy.tenants WHERE uid = $1)
+             OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $2)",
+    )
+    .bind(uid)
+    .bind(schema)
+    .fetch_one(pool)
+    .await
+    .map_err(query_err("looking for the tenant in the registry"))
+}
+
+/// Copies tenant `uid`'s registry row (name, schema, key salt, key version,
+/// audit exclusions) from `from` to `to`, state `Suspended` (a move's
+/// target: its login stays off until the move commits). The same salt
+/// makes the same keys on both. Idempotent; an error when `to` holds
+/// another tenant of that name.
+pub async fn copy_row(from: &PgPool, to: &PgPool, uid: &str) -> Result<(), PgError> {
+    type Row = (String, String, Option<Vec<u8>>, Option<i32>, Vec<String>);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT name, schema_name, key_salt, key_version, audit_exclude FROM tenancy.tenants WHERE uid = $1",
+    )
+    .bind(uid)
+    .fetch_optional(from)
+    .await
+    .map_err(query_err("reading the tenant's registry row"))?;
+    let Some((name, schema, salt, version, exclude)) = row else {
+        return Err(PgError::NotRegistered(uid.to_owned()));
+    };
+    sqlx::query(
+        "INSERT INTO tenancy.tenants (uid, name, schema_name, state, key_salt, key_version, audit_exclude)
+         VALUES ($1, $2, $3, 'Suspended', $4, $5, $6)
+         ON CONFLICT (uid) DO UPDATE SET key_salt = EXCLUDED.key_salt, key_version = EXCLUDED.key_version,
+                                         audit_exclude = EXCLUDED.audit_exclude, updated_at = now()",
+    )
+    .bind(uid)
+    .bind(&name)
+    .bind(&schema)
+    .bind(salt)
+    .bind(version)
+    .bind(&exclude)
+    .execute(to)
+    .await
+    .map_err(query_err("copying the tenant's registry row"))?;
+    record_event(
+        to,
+        uid,
+        Some(&name),
+        "MoveStarted",
+        "tenant-operator (move)",
+        serde_json::json!({}),
+    )
+    .await
+}

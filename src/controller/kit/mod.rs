@@ -180,6 +180,47 @@ where
     api.create(&params, obj).await
 }
 
+/// Adds `finalizer` to the cluster-scoped `obj` with a JSON patch guarded by
+/// a `test`, so a concurrent writer makes it fail instead of clobbering the
+/// list.
+pub async fn add_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = ClusterResourceScope> + Clone + DeserializeOwned + Debug,
+{
+    let patch = if obj.meta().finalizers.is_none() {
+        json!([{ "op": "test", "path": "/metadata/finalizers", "value": null },
+               { "op": "add", "path": "/metadata/finalizers", "value": [finalizer] }])
+    } else {
+        json!([{ "op": "test", "path": "/metadata/finalizers", "value": obj.finalizers() },
+               { "op": "add", "path": "/metadata/finalizers/-", "value": finalizer }])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    Api::<K>::all(ctx.client.clone())
+        .patch(&obj.name_any(), &write_params(), &Patch::<()>::Json(patch))
+        .await?;
+    Ok(())
+}
+
+/// Removes `finalizer` from `obj` (guarded like [`add_finalizer`]); the
+/// object gone already is fine.
+pub async fn remove_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = ClusterResourceScope> + Clone + DeserializeOwned + Debug,
+{
+    let Some(i) = obj.finalizers().iter().position(|f| f == finalizer) else {
+        return Ok(());
+    };
+    let patch = json!([{ "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": finalizer },
+                       { "op": "remove", "path": format!("/metadata/finalizers/{i}") }]);
+    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    gone_is_none(
+        Api::<K>::all(ctx.client.clone())
+            .patch(&obj.name_any(), &write_params(), &Patch::<()>::Json(patch))
+            .await,
+    )?;
+    Ok(())
+}
+
 /// Patch parameters of the operator's other writes (finalizers, leftovers).
 pub fn write_params() -> PatchParams {
     PatchParams {

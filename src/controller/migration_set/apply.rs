@@ -80,70 +80,64 @@ impl RolloutReport {
     }
 }
 
-/// Runs one pass of `plan`, each tenant with its ops login from `logins`
-/// (a tenant without one is not registered: `NoSchema`). Never fails as a
-/// whole: each tenant's outcome is in the report.
-pub async fn rollout(
-    pool: &PgPool,
-    logins: &BTreeMap<TenantName, OpsLogin>,
-    plan: &RolloutPlan,
-    timeouts: &Timeouts,
-) -> RolloutReport {
+/// The tenants of one shard in a rollout: the shard's admin pool and the
+/// ops logins of its planned tenants.
+pub struct Shard<'a> {
+    pub pool: &'a PgPool,
+    pub logins: BTreeMap<TenantName, OpsLogin>,
+}
+
+/// Runs one pass of `plan`, each tenant with its ops login from its shard's
+/// `logins` (a tenant without one is not registered: `NoSchema`), at most
+/// `maxConcurrent` tenants at once over all shards; the canaries (on any
+/// shard) before the rest. Never fails as a whole: each tenant's outcome is
+/// in the report.
+pub async fn rollout(shards: &[Shard<'_>], plan: &RolloutPlan, timeouts: &Timeouts) -> RolloutReport {
     let start = Instant::now();
     let mut report = RolloutReport::default();
     if plan.is_empty() || plan.blocked.is_some() {
         return report;
     }
-    let opts = pool.connect_options().as_ref().clone();
     // A connection waits for a free slot as long as a migration may run.
     let wait = timeouts.statement.max(Duration::from_secs(60)) + timeouts.lock;
-    let migration_pool = PgPoolOptions::new()
-        .max_connections(plan.max_concurrent as u32)
-        .min_connections(0)
-        .acquire_timeout(wait)
-        .idle_timeout(Duration::from_secs(30))
-        // No ping per tenant: a session that died idle fails its next tenant
-        // as a lost connection (retried next pass) and is closed.
-        .test_before_acquire(false)
-        .connect_lazy_with(opts);
+    let pools: Vec<PgPool> = shards
+        .iter()
+        .map(|s| {
+            PgPoolOptions::new()
+                .max_connections(plan.max_concurrent as u32)
+                .min_connections(0)
+                .acquire_timeout(wait)
+                .idle_timeout(Duration::from_secs(30))
+                // No ping per tenant: a session that died idle fails its next
+                // tenant as a lost connection (retried next pass) and is closed.
+                .test_before_acquire(false)
+                .connect_lazy_with(s.pool.connect_options().as_ref().clone())
+        })
+        .collect();
+    let mut logins: BTreeMap<TenantName, (&PgPool, &OpsLogin)> = BTreeMap::new();
+    for (s, pool) in shards.iter().zip(&pools) {
+        logins.extend(s.logins.iter().map(|(n, l)| (n.clone(), (pool, l))));
+    }
     let peak = std::sync::atomic::AtomicU32::new(0);
     let latest = plan.latest();
     let deadline = start + PASS_BUDGET;
 
-    let canaries = stage(
-        &migration_pool,
-        logins,
-        plan,
-        &plan.canaries,
-        true,
-        timeouts,
-        &peak,
-        deadline,
-    )
-    .await;
+    let canaries = stage(&logins, plan, &plan.canaries, true, timeouts, &peak, deadline).await;
     let canaries_ok = canaries.iter().all(|(_, o)| o.at_latest(latest));
     report.results.extend(canaries);
     if canaries_ok {
-        report.results.extend(
-            stage(
-                &migration_pool,
-                logins,
-                plan,
-                &plan.rest,
-                false,
-                timeouts,
-                &peak,
-                deadline,
-            )
-            .await,
-        );
+        report
+            .results
+            .extend(stage(&logins, plan, &plan.rest, false, timeouts, &peak, deadline).await);
     } else {
         report.canary_stopped = true;
         report
             .results
             .extend(plan.rest.iter().map(|n| (n.clone(), Outcome::Skipped)));
     }
-    migration_pool.close().await;
+    for pool in pools {
+        pool.close().await;
+    }
     report.peak_connections = peak.load(Ordering::Relaxed);
     report.elapsed = start.elapsed();
     report
@@ -151,8 +145,7 @@ pub async fn rollout(
 
 #[allow(clippy::too_many_arguments)]
 async fn stage(
-    pool: &PgPool,
-    logins: &BTreeMap<TenantName, OpsLogin>,
+    logins: &BTreeMap<TenantName, (&PgPool, &OpsLogin)>,
     plan: &RolloutPlan,
     tenants: &[TenantName],
     canary: bool,
@@ -171,10 +164,13 @@ async fn stage(
                     return (name, Outcome::Skipped);
                 }
                 let result = match logins.get(&name) {
-                    Some(login) => migrate_tenant(pool, login, &plan.set, &plan.migrations, timeouts).await,
+                    Some((pool, login)) => {
+                        let r = migrate_tenant(pool, login, &plan.set, &plan.migrations, timeouts).await;
+                        peak.fetch_max(pool.size(), Ordering::Relaxed);
+                        r
+                    }
                     None => Ok(TenantOutcome::NoSchema),
                 };
-                peak.fetch_max(pool.size(), Ordering::Relaxed);
                 let outcome = match result {
                     Ok(o) => Outcome::Done(o),
                     Err(e) => Outcome::Error(e.to_string()),

@@ -45,6 +45,8 @@ pub enum Error {
     NoRootKeys,
     #[error(transparent)]
     Database(#[from] PgError),
+    #[error("shard {0:?} of some followers is not open; the rollout waits for it")]
+    ShardUnavailable(String),
 }
 
 impl kit::ReconcileError for Error {
@@ -55,6 +57,7 @@ impl kit::ReconcileError for Error {
             Error::NoRootKeys => "NoRootKeys",
             Error::Database(e) if e.is_unreachable() => "DatabaseUnavailable",
             Error::Database(_) => "DatabaseError",
+            Error::ShardUnavailable(_) => "ShardUnavailable",
         }
     }
 }
@@ -84,8 +87,13 @@ impl Pass {
     }
 }
 
-/// Observe, plan, roll out (logging in as each planned tenant's ops role
-/// with a password derived from `ring`), observe again.
+/// The followers of a set on one shard.
+pub struct Group<'a> {
+    pub pool: &'a PgPool,
+    pub followers: Vec<TenantName>,
+}
+
+/// [`pass_over`] for followers that all live on the shard of `pool`.
 pub async fn pass(
     pool: &PgPool,
     ring: &Keyring,
@@ -95,21 +103,52 @@ pub async fn pass(
     followers: &[TenantName],
     timeouts: &Timeouts,
 ) -> Result<Pass, PgError> {
-    let before = observe::observe(pool, name, followers).await?;
+    let groups = [Group {
+        pool,
+        followers: followers.to_vec(),
+    }];
+    pass_over(&groups, ring, name, generation, spec, timeouts).await
+}
+
+/// Observe every shard's followers, plan once for all of them (canaries
+/// and failure policy over the whole set), roll out (logging in as each
+/// planned tenant's ops role on its shard, with a password derived from
+/// `ring`), observe again.
+pub async fn pass_over(
+    groups: &[Group<'_>],
+    ring: &Keyring,
+    name: &str,
+    generation: i64,
+    spec: &MigrationSetSpec,
+    timeouts: &Timeouts,
+) -> Result<Pass, PgError> {
+    let before = observe_all(groups, name).await?;
     let plan = plan::plan(name, generation, spec, &before);
-    let logins = if plan.is_empty() || plan.blocked.is_some() {
-        Default::default()
-    } else {
-        let planned: Vec<TenantName> = plan.canaries.iter().chain(plan.rest.iter()).cloned().collect();
-        crate::pg::migrations::ops_logins(pool, ring, &planned).await?
-    };
-    let report = apply::rollout(pool, &logins, &plan, timeouts).await;
+    let mut shards = Vec::with_capacity(groups.len());
+    if !plan.is_empty() && plan.blocked.is_none() {
+        for g in groups {
+            let planned: Vec<TenantName> = plan
+                .canaries
+                .iter()
+                .chain(plan.rest.iter())
+                .filter(|t| g.followers.binary_search(t).is_ok())
+                .cloned()
+                .collect();
+            let logins = if planned.is_empty() {
+                Default::default()
+            } else {
+                crate::pg::migrations::ops_logins(g.pool, ring, &planned).await?
+            };
+            shards.push(apply::Shard { pool: g.pool, logins });
+        }
+    }
+    let report = apply::rollout(&shards, &plan, timeouts).await;
     // The state afterwards follows from the report, unless another instance
     // or a lost connection may have changed what is known: then read again
     // (re-reading a thousand version tables costs more than the pass).
     let after = match advance(&before, &plan, &report) {
         Some(after) => after,
-        None => observe::observe(pool, name, followers).await?,
+        None => observe_all(groups, name).await?,
     };
     Ok(Pass {
         plan,
@@ -117,6 +156,26 @@ pub async fn pass(
         before,
         after,
     })
+}
+
+/// The followers' state on every shard, as one [`plan::Observed`].
+/// `failures_of_set` records live beside the tenants they name, so each
+/// shard's are kept for its own followers only.
+async fn observe_all(groups: &[Group<'_>], name: &str) -> Result<plan::Observed, PgError> {
+    let mut all = plan::Observed::default();
+    for g in groups {
+        let o = observe::observe(g.pool, name, &g.followers).await?;
+        all.followers.extend(o.followers);
+        all.versions.extend(o.versions);
+        all.failures.extend(
+            o.failures
+                .into_iter()
+                .filter(|f| TenantName::parse(&f.tenant).is_ok_and(|t| g.followers.binary_search(&t).is_ok())),
+        );
+    }
+    all.followers.sort();
+    all.failures.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    Ok(all)
 }
 
 /// `before` with the outcomes of `report` applied; None when an outcome
@@ -285,15 +344,35 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
     sctx.tenants.wait_until_ready().await.map_err(|_| Error::StoreGone)?;
     let name = ms.name_any();
     let generation = ms.metadata.generation.unwrap_or(0);
-    let followers = observe::followers(&sctx.tenants.state(), &name);
+    let tenants = sctx.tenants.state();
+    let followers = observe::followers(&tenants, &name);
     let ring = ctx.keys.current().ok_or(Error::NoRootKeys)?;
-    let pass = pass(
-        &ctx.pool,
+    // Followers by shard (one not placed yet has nothing to migrate: it is
+    // observed on the default shard, where it has no schema).
+    let by_shard = observe::by_shard(&tenants, &followers, |t| {
+        crate::controller::tenant::placement::shard_of(ctx, t)
+    });
+    let mut conns = Vec::with_capacity(by_shard.len());
+    for (shard, names) in &by_shard {
+        let conn = ctx
+            .shards
+            .get(shard)
+            .ok_or_else(|| Error::ShardUnavailable(shard.clone()))?;
+        conns.push((conn, names));
+    }
+    let groups: Vec<Group<'_>> = conns
+        .iter()
+        .map(|(c, names)| Group {
+            pool: &c.pool,
+            followers: (*names).clone(),
+        })
+        .collect();
+    let pass = pass_over(
+        &groups,
         &ring,
         &name,
         generation,
         &ms.spec,
-        &followers,
         &ctx.settings.migration_timeouts,
     )
     .await?;
@@ -302,7 +381,7 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
         tracing::info!(set = %name, migrated, tenants = pass.report.results.len(), elapsed_ms = pass.report.elapsed.as_millis() as u64, "rollout pass");
     }
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true);
-    let new = status::compute(
+    let mut new = status::compute(
         ms.status.as_ref(),
         ms.metadata.generation,
         &ms.spec,
@@ -311,6 +390,7 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
         pass.more(),
         &now,
     );
+    new.shards = status::per_shard(&by_shard, &pass.plan, &pass.after);
     let old_phase = ms.status.as_ref().and_then(|s| s.phase);
     let phase = new.phase;
     let message = new

@@ -25,6 +25,28 @@ pub fn followers(tenants: &[Arc<Tenant>], set: &str) -> Vec<TenantName> {
     out
 }
 
+/// `followers` grouped by the shard `shard_of` gives their Tenant (one not
+/// placed yet: the default shard), each group sorted. Pure.
+pub fn by_shard(
+    tenants: &[Arc<Tenant>],
+    followers: &[TenantName],
+    shard_of: impl Fn(&Tenant) -> Option<String>,
+) -> std::collections::BTreeMap<String, Vec<TenantName>> {
+    let by_name: std::collections::HashMap<String, &Arc<Tenant>> = tenants.iter().map(|t| (t.name_any(), t)).collect();
+    let mut out: std::collections::BTreeMap<String, Vec<TenantName>> = Default::default();
+    for f in followers {
+        let shard = by_name
+            .get(f.as_str())
+            .and_then(|t| shard_of(t))
+            .unwrap_or_else(|| crate::api::DEFAULT_SHARD.to_string());
+        out.entry(shard).or_default().push(f.clone());
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
+}
+
 /// Reads the followers' version tables and the set's failure records: a
 /// few queries whatever the number of tenants.
 pub async fn observe(pool: &PgPool, set: &str, followers: &[TenantName]) -> Result<Observed, PgError> {

@@ -17,36 +17,47 @@ pub const MAX_FAILED: usize = 20;
 /// Most characters of a Postgres error in the status.
 pub const MAX_ERROR: usize = 500;
 
-/// The status after a pass. `plan` is the pass's plan (for why it was
-/// blocked), made from `spec`; `after` is observed once the pass finished; `more` says the
-/// controller will run another pass (deferred or interrupted tenants).
-pub fn compute(
-    old: Option<&MigrationSetStatus>,
-    generation: Option<i64>,
-    spec: &MigrationSetSpec,
+/// The progress on each shard (`shards`: name to its followers), when
+/// followers live on more than the default shard; empty otherwise. Pure.
+pub fn per_shard(
+    shards: &BTreeMap<String, Vec<crate::names::TenantName>>,
     plan: &RolloutPlan,
     after: &Observed,
-    more: bool,
-    now: &str,
-) -> MigrationSetStatus {
-    let latest = plan.latest();
-    let mut versions: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut at_latest = 0usize;
-    for n in &after.followers {
-        match after.versions.get(n) {
-            Some(v) if v.schema_exists => {
-                *versions.entry(v.current()).or_default() += 1;
-                if v.current() >= latest {
-                    at_latest += 1;
-                }
-            }
-            _ => {}
-        }
+) -> Vec<crate::api::ShardProgress> {
+    if shards.keys().all(|s| s == crate::api::DEFAULT_SHARD) {
+        return Vec::new();
     }
+    let latest = plan.latest();
+    let failed = failed_tenants(plan, after);
+    shards
+        .iter()
+        .map(|(shard, names)| {
+            let at = names
+                .iter()
+                .filter(|n| {
+                    after
+                        .versions
+                        .get(*n)
+                        .is_some_and(|v| v.schema_exists && v.current() >= latest)
+                })
+                .count();
+            let failed = names
+                .iter()
+                .filter(|n| failed.iter().any(|f| f.tenant == n.as_str()))
+                .count();
+            crate::api::ShardProgress {
+                shard: shard.clone(),
+                progress: format!("{at}/{}", names.len()),
+                failed_count: failed as i64,
+            }
+        })
+        .collect()
+}
 
-    // Failed: a mismatch seen now, or a failure record the tenant is still
-    // behind (under any generation: an older one is retried, but until then
-    // it is what is known).
+/// Every follower that failed: a checksum mismatch seen now, or a failure
+/// record the tenant is still behind (under any generation: an older one is
+/// retried, but until then it is what is known). Pure.
+pub fn failed_tenants(plan: &RolloutPlan, after: &Observed) -> Vec<FailedTenant> {
     let mut failed: Vec<FailedTenant> = Vec::new();
     if plan
         .blocked
@@ -80,6 +91,37 @@ pub fn compute(
             }
         }
     }
+    failed
+}
+
+/// The status after a pass. `plan` is the pass's plan (for why it was
+/// blocked), made from `spec`; `after` is observed once the pass finished; `more` says the
+/// controller will run another pass (deferred or interrupted tenants).
+pub fn compute(
+    old: Option<&MigrationSetStatus>,
+    generation: Option<i64>,
+    spec: &MigrationSetSpec,
+    plan: &RolloutPlan,
+    after: &Observed,
+    more: bool,
+    now: &str,
+) -> MigrationSetStatus {
+    let latest = plan.latest();
+    let mut versions: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut at_latest = 0usize;
+    for n in &after.followers {
+        match after.versions.get(n) {
+            Some(v) if v.schema_exists => {
+                *versions.entry(v.current()).or_default() += 1;
+                if v.current() >= latest {
+                    at_latest += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut failed = failed_tenants(plan, after);
     let failed_count = failed.len() as i64;
     failed.truncate(MAX_FAILED);
 
@@ -128,6 +170,7 @@ pub fn compute(
             .collect(),
         failed_count,
         failed,
+        shards: Vec::new(),
         conditions: merge_conditions(
             old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
             &conds,

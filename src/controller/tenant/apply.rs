@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{DeleteParams, Patch};
+use kube::api::DeleteParams;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -22,38 +22,17 @@ pub fn has_finalizer(t: &Tenant) -> bool {
     t.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-/// Adds the cleanup finalizer with a JSON patch guarded by a `test`, so a
-/// concurrent writer makes it fail instead of clobbering the list.
+/// Adds the cleanup finalizer ([`kit::add_finalizer`]).
 pub async fn add_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
-    let api: Api<Tenant> = Api::all(ctx.client.clone());
-    let patch = if t.metadata.finalizers.is_none() {
-        json!([{ "op": "test", "path": "/metadata/finalizers", "value": null },
-               { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }])
-    } else {
-        json!([{ "op": "test", "path": "/metadata/finalizers", "value": t.finalizers() },
-               { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }])
-    };
-    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Serialize)?;
-    api.patch(&t.name_any(), &kit::write_params(), &Patch::<()>::Json(patch))
+    kit::add_finalizer(ctx, t, FINALIZER)
         .await
-        .map_err(Error::PatchFinalizer)?;
-    Ok(())
+        .map_err(Error::PatchFinalizer)
 }
 
 pub async fn remove_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
-    let Some(i) = t.finalizers().iter().position(|f| f == FINALIZER) else {
-        return Ok(());
-    };
-    let api: Api<Tenant> = Api::all(ctx.client.clone());
-    let patch = json!([{ "op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER },
-                       { "op": "remove", "path": format!("/metadata/finalizers/{i}") }]);
-    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(Error::Serialize)?;
-    kit::gone_is_none(
-        api.patch(&t.name_any(), &kit::write_params(), &Patch::<()>::Json(patch))
-            .await,
-    )
-    .map_err(Error::PatchFinalizer)?;
-    Ok(())
+    kit::remove_finalizer(ctx, t, FINALIZER)
+        .await
+        .map_err(Error::PatchFinalizer)
 }
 
 /// Applies the tenant's connection Secret when its data, labels or owner
@@ -136,7 +115,13 @@ pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Re
     if t.status.as_ref() == Some(&status) {
         return Ok(false);
     }
-    let owned = TenantStatus { usage: None, ..status };
+    let owned = TenantStatus {
+        usage: None,
+        shard: None,
+        moving: None,
+        last_move: None,
+        ..status
+    };
     let owned = serde_json::to_value(owned).map_err(Error::Serialize)?;
     kit::apply_status::<Tenant>(ctx, &t.name_any(), FIELD_MANAGER, owned, true)
         .await
@@ -165,7 +150,13 @@ pub struct Sealed {
 /// Reads the sources, seals what changed and converges
 /// `tenant-<name>-sealed` (deleting it when the spec lists no secrets).
 /// Writes nothing when nothing changed.
-pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: &str) -> Result<Sealed, Error> {
+pub async fn converge_sealed(
+    ctx: &Context,
+    pool: &sqlx::PgPool,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+) -> Result<Sealed, Error> {
     use super::sealing;
     let spec = &t.spec.secrets;
     ctx.sources.set(name.as_str(), spec);
@@ -177,7 +168,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
                 .await
                 .map_err(Error::DeleteSecret)?;
         }
-        crate::pg::registry::set_key_version(&ctx.pool, uid, None).await?;
+        crate::pg::registry::set_key_version(pool, uid, None).await?;
         return Ok(Sealed {
             cond: Cond::new("SecretsSealed", true, "NoSecrets", "spec.secrets is empty"),
             key: None,
@@ -200,7 +191,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             key: None,
         });
     };
-    let Some(salt) = crate::pg::registry::key_salt(&ctx.pool, uid).await? else {
+    let Some(salt) = crate::pg::registry::key_salt(pool, uid).await? else {
         return Ok(Sealed {
             cond: Cond::new(
                 "SecretsSealed",
@@ -287,7 +278,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
             } else {
                 "tenant-operator (root key rotation)".to_string()
             };
-            crate::pg::registry::record_event(&ctx.pool, uid, Some(name.as_str()), action, &actor, detail).await?;
+            crate::pg::registry::record_event(pool, uid, Some(name.as_str()), action, &actor, detail).await?;
             let note = if previous.is_empty() {
                 format!("sealed {} secret(s) under root key {version}", plan.sealed)
             } else {
@@ -301,7 +292,7 @@ pub async fn converge_sealed(ctx: &Context, t: &Tenant, name: &TenantName, uid: 
         }
     }
     // The oldest version still used is what rotation bookkeeping needs.
-    crate::pg::registry::set_key_version(&ctx.pool, uid, versions.iter().next().map(|v| v.get())).await?;
+    crate::pg::registry::set_key_version(pool, uid, versions.iter().next().map(|v| v.get())).await?;
     let cond = if let Some(refused) = ctx.keys.refused() {
         Cond::new("SecretsSealed", false, "KeyRemovalRefused", refused)
     } else if !plan.not_allowed.is_empty() {

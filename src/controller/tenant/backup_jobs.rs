@@ -120,6 +120,7 @@ pub fn job_credentials(
 #[allow(clippy::too_many_arguments)]
 pub async fn write_job_secret(
     ctx: &Context,
+    shard: &crate::controller::shards::ShardConn,
     secret: &str,
     owner: OwnerReference,
     labels: BTreeMap<String, String>,
@@ -152,7 +153,7 @@ pub async fn write_job_secret(
         .map(|p| String::from_utf8_lossy(&p.0).into_owned())
         .unwrap_or_default();
     let verifier = crate::pg::scram::verifier_for_random_secret(&password);
-    if !crate::pg::tenant::set_ops_password(&ctx.pool, name, uid, &verifier)
+    if !crate::pg::tenant::set_ops_password(&shard.pool, name, uid, &verifier)
         .await
         .map_err(JobSecretError::Database)?
     {
@@ -421,7 +422,13 @@ pub fn up_to_date(existing: &CronJob, desired: &CronJob) -> bool {
 /// and brings `tenancy.backups` in step with the store (an Event
 /// `BackupSucceeded` per backup found); returns the `BackupScheduled`
 /// condition (None without `spec.backup`).
-pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid: &str) -> Result<Option<Cond>, Error> {
+pub async fn converge_cronjob(
+    ctx: &Context,
+    shard: &crate::controller::shards::ShardConn,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+) -> Result<Option<Cond>, Error> {
     let api: Api<CronJob> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let cj_name = cronjob_name(name);
     let existing = api.get_opt(&cj_name).await.map_err(Error::Backup)?;
@@ -458,7 +465,7 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
             "the operator holds no root keys: the backup Jobs' key cannot be derived",
         )));
     };
-    let Some(salt) = crate::pg::registry::existing_key_salt(&ctx.pool, uid).await? else {
+    let Some(salt) = crate::pg::registry::existing_key_salt(&shard.pool, uid).await? else {
         return Ok(Some(Cond::new(
             CONDITION,
             false,
@@ -470,13 +477,14 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
     let data = job_secret_data(
         name,
         uid,
-        &ctx.settings.endpoint,
-        ctx.settings.backup.pg_ssl_mode.as_deref(),
+        &shard.endpoint,
+        Some(crate::backup::libpq_ssl_mode(&shard.target)),
         &password,
         &keys,
     );
     write_job_secret(
         ctx,
+        shard,
         &job_secret_name(name),
         owner,
         labels::of_tenant(name.as_str()),
@@ -492,7 +500,7 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
     if !existing.is_some_and(|e| up_to_date(&e, &desired)) {
         kit::apply(&api, &desired).await.map_err(Error::Backup)?;
     }
-    sync_backups(ctx, t, uid).await;
+    sync_backups(ctx, &shard.pool, t, uid).await;
     let suspended = desired.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
     let message = format!(
         "CronJob {}/{cj_name} runs `{}`{}",
@@ -511,10 +519,10 @@ pub async fn converge_cronjob(ctx: &Context, t: &Tenant, name: &TenantName, uid:
 /// Records the backups the Jobs took (and forgets pruned ones): one listing
 /// of the tenant's folder in the store; Postgres and Events only on a
 /// change. A store error is logged, not fatal: the next reconcile retries.
-async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
+async fn sync_backups(ctx: &Context, pool: &sqlx::PgPool, t: &Tenant, uid: &str) {
     let Some(cfg) = &ctx.settings.backup.store else { return };
     let synced = match crate::backup::Store::open(cfg) {
-        Ok(store) => crate::backup::sync_registry(&ctx.pool, &store, uid).await,
+        Ok(store) => crate::backup::sync_registry(pool, &store, uid).await,
         Err(e) => Err(e.into()),
     };
     match synced {
@@ -537,11 +545,12 @@ async fn sync_backups(ctx: &Context, t: &Tenant, uid: &str) {
 /// read when there is nothing to do.
 pub async fn recover_restore(
     ctx: &Context,
+    pool: &sqlx::PgPool,
     name: &TenantName,
     uid: &str,
 ) -> Result<crate::pg::backup_sql::AsideState, crate::pg::PgError> {
     use crate::pg::backup_sql::{self as pgb, AsideState, Live};
-    let Some(live) = pgb::pending_restore(&ctx.pool, name, uid).await? else {
+    let Some(live) = pgb::pending_restore(pool, name, uid).await? else {
         return Ok(AsideState::Clean);
     };
     if let Live::Restoring(by) = &live {
@@ -551,7 +560,7 @@ pub async fn recover_restore(
             }
         }
     }
-    pgb::recover_aside(&ctx.pool, name, uid).await
+    pgb::recover_aside(pool, name, uid).await
 }
 
 /// Whether TenantRestore `name` exists and has not ended (true when the API
@@ -575,8 +584,8 @@ async fn tenant_restore_running(ctx: &Context, name: &str) -> bool {
 }
 
 /// `status.lastBackup` from the backups table.
-pub async fn last_backup(ctx: &Context, uid: &str) -> Option<crate::api::tenant::LastBackup> {
-    match crate::pg::backup_sql::last_backup(&ctx.pool, uid).await {
+pub async fn last_backup(pool: &sqlx::PgPool, uid: &str) -> Option<crate::api::tenant::LastBackup> {
+    match crate::pg::backup_sql::last_backup(pool, uid).await {
         Ok(row) => row.map(|r| crate::api::tenant::LastBackup {
             id: r.id,
             time: r.taken_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

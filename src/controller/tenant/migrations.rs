@@ -193,14 +193,19 @@ pub enum StepError {
 
 /// Observes, runs the first migrations of a new schema when planned, and
 /// gives the condition and schema version.
-pub async fn converge(ctx: &Context, t: &Tenant, name: &TenantName) -> Result<(Cond, i64), StepError> {
+pub async fn converge(
+    ctx: &Context,
+    pool: &sqlx::PgPool,
+    t: &Tenant,
+    name: &TenantName,
+) -> Result<(Cond, i64), StepError> {
     let set_name = t.spec.database.migration_set.clone();
     let set = get_set(ctx, &set_name)
         .await
         .map_err(|e| StepError::ReadSet(set_name.clone(), e))?;
     let ring = ctx.keys.current().ok_or(StepError::NoRootKeys)?;
     converge_pg(
-        &ctx.pool,
+        pool,
         &ring,
         name,
         &set_name,

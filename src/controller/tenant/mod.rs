@@ -18,7 +18,9 @@
 pub mod apply;
 pub mod backup_jobs;
 pub mod migrations;
+pub mod moving;
 pub mod observe;
+pub mod placement;
 pub mod plan;
 pub mod report;
 pub mod schedule;
@@ -71,6 +73,8 @@ pub enum Error {
     Backup(#[source] kube::Error),
     #[error("deleting the tenant's backups from the store: {0}")]
     DeleteBackups(String),
+    #[error("moving the tenant between shards: {0}")]
+    Move(String),
 }
 
 impl kit::ReconcileError for Error {
@@ -89,6 +93,7 @@ impl kit::ReconcileError for Error {
             Error::Seal(_) => "SealSecret",
             Error::Backup(_) => "WriteCronJob",
             Error::DeleteBackups(_) => "DeleteBackups",
+            Error::Move(_) => "Move",
         }
     }
 }
@@ -150,6 +155,18 @@ pub async fn run(
     });
     let tenant_cache = tenants.store();
     let _ = ctx.metrics.tenant_store.set(tenants.store());
+    // A shard that opens, closes or changes state, capacity or labels
+    // brings back the tenants that are not Ready (waiting for a shard).
+    let waiting_cache = tenants.store();
+    let shard_changes = ctx.shards.subscribe().flat_map(move |()| {
+        let waiting: Vec<ObjectRef<Tenant>> = waiting_cache
+            .state()
+            .iter()
+            .filter(|t| status::condition(t.status.as_ref(), "Ready").is_none_or(|c| c.status != "True"))
+            .map(|t| ObjectRef::from_obj(t.as_ref()))
+            .collect();
+        futures::stream::iter(waiting)
+    });
     let mut controller = Controller::for_stream(tenants.into_stream(), tenant_cache.clone())
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| {
             migrations::followers_to_refresh(&ms, &tenant_cache.state())
@@ -173,7 +190,8 @@ pub async fn run(
         // A new root key (rotation) re-seals every tenant, at the controller's
         // bounded concurrency.
         .reconcile_all_on(rotate_rx)
-        .reconcile_on(rate_limits_reported);
+        .reconcile_on(rate_limits_reported)
+        .reconcile_on(shard_changes);
     for (api, index) in source_watches {
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
             let tenants = index
@@ -213,16 +231,22 @@ async fn watch_root_keys(ctx: Arc<Context>, rotate: futures::channel::mpsc::Unbo
                 continue;
             }
         };
-        let in_use = match crate::pg::registry::key_versions_in_use(&ctx.pool).await {
-            Ok(v) => v
-                .into_iter()
-                .filter_map(|v| crate::crypto::KeyVersion::new(v).ok())
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot check which key versions are in use; keeping the current keys");
-                continue;
+        // The versions in use on every open shard.
+        let mut in_use = std::collections::BTreeSet::new();
+        let mut unknown = false;
+        for shard in ctx.shards.all() {
+            match crate::pg::registry::key_versions_in_use(&shard.pool).await {
+                Ok(v) => in_use.extend(v.into_iter().filter_map(|v| crate::crypto::KeyVersion::new(v).ok())),
+                Err(e) => {
+                    tracing::error!(shard = %shard.name, error = %e, "cannot check which key versions are in use; keeping the current keys");
+                    unknown = true;
+                    break;
+                }
             }
-        };
+        }
+        if unknown {
+            continue;
+        }
         match ctx.keys.replace(next, &in_use) {
             Ok(true) => {
                 tracing::info!(active = ?ctx.keys.current().map(|k| k.active_version().to_string()), "root keys changed: re-sealing every tenant");
@@ -401,6 +425,33 @@ async fn database_down(
     Err(Error::Database(err))
 }
 
+/// Reports a tenant waiting for its shard and comes back later (a shard
+/// opening or changing brings it back sooner).
+async fn waiting(
+    ctx: &Context,
+    t: &Tenant,
+    schema: Option<String>,
+    reason: &'static str,
+    message: String,
+    deleting: bool,
+) -> Result<Action, Error> {
+    tracing::info!(tenant = %t.name_any(), reason, %message, "tenant waits for its shard");
+    let phase = match t.status.as_ref().and_then(|s| s.phase) {
+        _ if deleting => TenantPhase::Deleting,
+        Some(p @ (TenantPhase::Active | TenantPhase::Suspended)) => p,
+        _ => TenantPhase::Pending,
+    };
+    let mut conds = vec![
+        Cond::new("Ready", false, reason, message.clone()),
+        Cond::new("DatabaseReady", false, reason, message),
+    ];
+    if !deleting {
+        conds.extend(rate_limits_cond(ctx, t));
+    }
+    write_report(ctx, t, phase, schema, &conds).await?;
+    Ok(Action::requeue(ctx.settings.resync.min(Duration::from_secs(30))))
+}
+
 /// One converge of a live Tenant: runs [`converge_steps`], then publishes
 /// and writes what [`report::report`] decides from their outcome. A step
 /// that stops ends it through [`stopped`], after the Events of what the
@@ -445,6 +496,10 @@ enum Stop {
     Retry(PgError),
     /// Come back after this long, touching nothing (a restore is running).
     Requeue(Duration),
+    /// The tenant has no open shard now (not placed yet, or its shard is
+    /// not open): Ready false with `reason`, phase kept (Pending for a new
+    /// tenant); a shard opening or changing brings it back.
+    Waiting { reason: &'static str, message: String },
     /// A delete that cannot finish: Ready false with `reason` (phase
     /// Deleting), then `error` to the backoff.
     Stuck {
@@ -504,6 +559,11 @@ async fn stopped(ctx: &Context, t: &Tenant, stop: Stop, deleting: bool) -> Resul
         Stop::Invalid { reason, message } => fail(ctx, t, schema, reason, message).await,
         Stop::Retry(e) => database_down(ctx, t, schema, e, deleting).await,
         Stop::Requeue(after) => Ok(Action::requeue(after)),
+        // Not on a shard (yet): the status names no schema it may not have.
+        Stop::Waiting { reason, message } => {
+            let schema = t.status.as_ref().and_then(|s| s.schema.clone());
+            waiting(ctx, t, schema, reason, message, deleting).await
+        }
         Stop::Stuck { reason, message, error } => {
             report_deleting(ctx, t, schema, reason, message).await?;
             Err(error)
@@ -544,16 +604,47 @@ async fn converge_steps(t: &Tenant, ctx: &Context, done: &mut report::Done) -> R
     if !apply::has_finalizer(t) {
         apply::add_finalizer(ctx, t).await?;
     }
+    // The shard: a new tenant is placed (and the choice recorded) before
+    // anything of it is created.
+    let resolved = match placement::resolve(ctx, t, &uid).await {
+        Ok(r) => r,
+        Err(placement::ResolveError::Record(e)) => return Err(Stop::Error(Error::PatchStatus(e))),
+        Err(placement::ResolveError::Database(e)) => return Err(Stop::database(e)),
+    };
+    let shard = match resolved {
+        placement::Placed::On(conn) => conn,
+        placement::Placed::Unavailable(shard) => {
+            return Err(Stop::Waiting {
+                reason: "ShardUnavailable",
+                message: format!("the tenant's shard {shard:?} is not open: see `kubectl get shard {shard}`"),
+            })
+        }
+        placement::Placed::Waiting(e) => {
+            return Err(Stop::Waiting {
+                reason: e.reason(),
+                message: e.to_string(),
+            })
+        }
+    };
+    // A move the spec asks for, or one under way.
+    let after = moving::drive(ctx, t, &name, &uid, shard, &desired)
+        .await
+        .map_err(|e| match e {
+            moving::MoveError::Db(e) if e.is_transient() => Stop::Retry(e),
+            e => Stop::Error(Error::Move(e.to_string())),
+        })?;
+    let shard = after.shard;
+    done.placed = after.placed;
     // A restore that was killed half-way left the schema aside: put it back
     // (or finish it) first; while a restore runs, leave the tenant alone.
     // Reads only when there is nothing to do.
-    done.restore_recovered = match backup_jobs::recover_restore(ctx, &name, &uid).await {
+    done.restore_recovered = match backup_jobs::recover_restore(ctx, &shard.pool, &name, &uid).await {
         Ok(crate::pg::backup_sql::AsideState::Clean) => None,
         Ok(crate::pg::backup_sql::AsideState::RestoreRunning) => return Err(Stop::Requeue(Duration::from_secs(10))),
         Ok(state) => Some(state),
         Err(e) => return Err(Stop::database(e)),
     };
-    let observed = observe::observe(ctx, &name).await.map_err(|e| match e {
+    let observed = observe::observe(ctx, &shard.pool, &name).await.map_err(|e| match e {
         Error::Database(e) if e.is_transient() => Stop::Retry(e),
         e => Stop::Error(e),
     })?;
@@ -571,7 +662,7 @@ async fn converge_steps(t: &Tenant, ctx: &Context, done: &mut report::Done) -> R
         audit,
         ..
     } = converge_db(
-        &ctx.pool,
+        &shard.pool,
         &ring,
         &name,
         &uid,
@@ -585,24 +676,24 @@ async fn converge_steps(t: &Tenant, ctx: &Context, done: &mut report::Done) -> R
     done.db_actions = db_plan.actions.iter().map(|a| a.label()).collect();
     done.audit_steps = audit.actions.iter().map(|a| a.label()).collect();
     done.pruned = audit.pruned;
-    let data = plan::secret_data(&name, &ctx.settings.endpoint, &db_plan.password);
+    let data = plan::secret_data(&name, &shard.endpoint, &db_plan.password);
     zeroize::Zeroize::zeroize(&mut db_plan.password);
     let written = apply::converge_secret(ctx, t, &name, observed.secret.as_ref(), data).await?;
     done.secret = Some(report::SecretWrite {
         written,
         existed: observed.secret.is_some(),
     });
-    let sealed = apply::converge_sealed(ctx, t, &name, &uid).await?;
+    let sealed = apply::converge_sealed(ctx, &shard.pool, t, &name, &uid).await?;
     // After provisioning: a new schema gets the set's migrations here; one
     // already on a version is reported (the MigrationSet controller rolls
     // new versions out).
-    let migrations = match migrations::converge(ctx, t, &name).await {
+    let migrations = match migrations::converge(ctx, &shard.pool, t, &name).await {
         Ok(m) => Ok(m),
         Err(migrations::StepError::Database(e)) if e.is_transient() => return Err(Stop::Retry(e)),
         Err(e) => Err(e.to_string()),
     };
-    let cronjob = backup_jobs::converge_cronjob(ctx, t, &name, &uid).await?;
-    let last_backup = backup_jobs::last_backup(ctx, &uid).await;
+    let cronjob = backup_jobs::converge_cronjob(ctx, &shard, t, &name, &uid).await?;
+    let last_backup = backup_jobs::last_backup(&shard.pool, &uid).await;
     Ok(Converged {
         outcome: report::Outcome {
             state: t.spec.state,
@@ -745,32 +836,27 @@ async fn cleanup_steps(t: &Tenant, ctx: &Context) -> Result<Action, Stop> {
         "dropping the tenant's schema and roles".into(),
     )
     .await?;
+    // A tenant never placed had nothing created (placement is recorded
+    // before anything is); one whose shard is not open waits for it.
+    let located = placement::locate(ctx, t, &uid).await.map_err(|e| match e {
+        e if e.is_transient() => Stop::Retry(e),
+        e => Stop::Error(Error::Database(e)),
+    })?;
+    let shard = match located {
+        None => None,
+        Some(s) => Some(ctx.shards.get(&s).ok_or_else(|| Stop::Waiting {
+            reason: "ShardUnavailable",
+            message: format!("waiting for shard {s:?} to drop the tenant: see `kubectl get shard {s}`"),
+        })?),
+    };
     let actor = plan::last_spec_manager(t);
-    crate::pg::tenant::drop_tenant(&ctx.pool, &name, &uid, &actor)
-        .await
-        .map_err(|e| match e {
-            e if e.is_transient() => Stop::Retry(e),
-            e => Stop::Stuck {
-                reason: "DeleteFailed",
-                message: format!("cannot drop the tenant: {}", e.describe()),
-                error: Error::Database(e),
-            },
-        })?;
+    if let Some(shard) = &shard {
+        drop_on(shard, &name, &uid, &actor).await?;
+    }
     apply::delete_secrets(ctx, &name).await?;
     backup_jobs::delete_job_secret(ctx, &backup_jobs::job_secret_name(&name))
         .await
         .map_err(Error::DeleteSecret)?;
-    let left = crate::pg::tenant::leftovers(&ctx.pool, &name, &uid)
-        .await
-        .map_err(Error::Database)?;
-    if !left.is_empty() {
-        let msg = left.join(", ");
-        return Err(Stop::Stuck {
-            reason: "DeleteIncomplete",
-            message: format!("still present after drop: {msg}"),
-            error: Error::Leftovers(msg),
-        });
-    }
     // The tenant's backups (the salt that opens them went with the registry
     // row, so a copy kept elsewhere cannot be opened either).
     if let Some(cfg) = &ctx.settings.backup.store {
@@ -798,5 +884,37 @@ async fn cleanup_steps(t: &Tenant, ctx: &Context) -> Result<Action, Stop> {
     )
     .await;
     apply::remove_finalizer(ctx, t).await?;
+    ctx.placements.forget(&uid);
     Ok(Action::await_change())
+}
+
+/// Drops the tenant from its shard and checks that nothing is left there.
+async fn drop_on(
+    shard: &crate::controller::shards::ShardConn,
+    name: &TenantName,
+    uid: &str,
+    actor: &str,
+) -> Result<(), Stop> {
+    crate::pg::tenant::drop_tenant(&shard.pool, name, uid, actor)
+        .await
+        .map_err(|e| match e {
+            e if e.is_transient() => Stop::Retry(e),
+            e => Stop::Stuck {
+                reason: "DeleteFailed",
+                message: format!("cannot drop the tenant: {}", e.describe()),
+                error: Error::Database(e),
+            },
+        })?;
+    let left = crate::pg::tenant::leftovers(&shard.pool, name, uid)
+        .await
+        .map_err(Error::Database)?;
+    if !left.is_empty() {
+        let msg = left.join(", ");
+        return Err(Stop::Stuck {
+            reason: "DeleteIncomplete",
+            message: format!("still present after drop: {msg}"),
+            error: Error::Leftovers(msg),
+        });
+    }
+    Ok(())
 }

@@ -47,10 +47,10 @@ pub fn wipe_secret(s: &mut Secret) {
     }
 }
 
-pub async fn observe(ctx: &Context, name: &TenantName) -> Result<Observed, Error> {
+pub async fn observe(ctx: &Context, pool: &sqlx::PgPool, name: &TenantName) -> Result<Observed, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let secret = secrets.get_opt(&name.db_secret()).await.map_err(Error::ReadSecret)?;
-    let catalog = crate::pg::tenant::observe(&ctx.pool, name).await?;
+    let catalog = crate::pg::tenant::observe(pool, name).await?;
     Ok(Observed { secret, catalog })
 }
 

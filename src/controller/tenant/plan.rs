@@ -132,6 +132,7 @@ pub fn desired_db(name: &TenantName, spec: &TenantSpec) -> Result<DesiredDb, Pla
         secrets: _,
         audit,
         backup: _,
+        placement: _,
     } = spec;
     // spec.backup becomes the CronJob (`super::backup_jobs::desired_cronjob`).
     // The audit log's objects and triggers are converged by `crate::pg::audit`

@@ -69,6 +69,9 @@ pub struct Done {
     pub pruned: Option<u64>,
     /// None until the Secret step ran.
     pub secret: Option<SecretWrite>,
+    /// `Placed` False (reason, message): the spec's shard is not where the
+    /// tenant is, and why ([`super::moving`]).
+    pub placed: Option<(&'static str, String)>,
 }
 
 /// Everything a converge that ran to the end observed and did.
@@ -178,6 +181,9 @@ pub fn report(o: Outcome) -> Report {
         }
     };
     conditions.extend(o.cronjob);
+    if let Some((reason, message)) = &o.done.placed {
+        conditions.push(Cond::new("Placed", false, reason, message.clone()));
+    }
     Report {
         phase,
         conditions,

@@ -49,6 +49,10 @@ pub fn next_status(
         phase: Some(phase),
         observed_generation: generation,
         schema,
+        // Placement writes it (`placement`), with a field manager of its own.
+        shard: old.and_then(|s| s.shard.clone()),
+        moving: old.and_then(|s| s.moving.clone()),
+        last_move: old.and_then(|s| s.last_move.clone()),
         key_version,
         key_fingerprint,
         schema_version,

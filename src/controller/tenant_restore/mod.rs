@@ -33,6 +33,7 @@ use kube::{Api, Resource, ResourceExt};
 use crate::api::{RestorePhase, TenantRestore, TenantRestoreStatus};
 use crate::backup::Selector;
 use crate::controller::kit::{self, events::tenant_ref};
+use crate::controller::shards::ShardConn;
 use crate::controller::tenant::backup_jobs::{job_credentials, job_secret_data, write_job_secret};
 use crate::controller::Context;
 use crate::crypto::KeyVersion;
@@ -183,9 +184,10 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
         }
     };
     let by = pgb::by_tenant_restore(&name);
+    let shard = shard_of(ctx, &tenant).await?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let Some(job) = jobs.get_opt(&plan::job_name(&name)).await.map_err(Error::Job)? else {
-        return start(ctx, r, &tenant, &selector, &by).await;
+        return start(ctx, &shard, r, &tenant, &selector, &by).await;
     };
     let conds = job
         .status
@@ -203,7 +205,7 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
         .await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
-    let Some(uid) = crate::pg::registry::uid_of(&ctx.pool, tenant.as_str()).await? else {
+    let Some(uid) = crate::pg::registry::uid_of(&shard.pool, tenant.as_str()).await? else {
         write_status(
             ctx,
             r,
@@ -224,24 +226,18 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
         // The restored audit chain is older than the anchored head: its
         // anchors are reset to it (recorded as AuditRebased) before the app
         // role may log in again (docs/audit.md, "After a restore").
-        if pgb::awaiting_finalize(&ctx.pool, &tenant, &uid, &by).await? {
+        if pgb::awaiting_finalize(&shard.pool, &tenant, &uid, &by).await? {
             let ring = ctx
                 .keys
                 .current()
                 .ok_or_else(|| Error::Waiting("the root keys are not loaded".into()))?;
-            let salt = crate::pg::registry::existing_key_salt(&ctx.pool, &uid)
+            let salt = crate::pg::registry::existing_key_salt(&shard.pool, &uid)
                 .await?
                 .ok_or_else(|| Error::Waiting(format!("tenant {tenant} has no key salt")))?;
-            let login = crate::pg::confined::OpsLogin::derive(
-                &crate::pg::Target::of_pool(&ctx.pool),
-                &tenant,
-                &uid,
-                &ring,
-                &salt,
-            )
-            .map_err(|e| Error::Waiting(format!("deriving the ops login of tenant {tenant}: {e}")))?;
+            let login = crate::pg::confined::OpsLogin::derive(&shard.target, &tenant, &uid, &ring, &salt)
+                .map_err(|e| Error::Waiting(format!("deriving the ops login of tenant {tenant}: {e}")))?;
             crate::pg::audit::rebase_after_restore(
-                &ctx.pool,
+                &shard.pool,
                 &ring,
                 &login,
                 &by,
@@ -249,7 +245,7 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
             )
             .await?;
         }
-        match pgb::finalize(&ctx.pool, &tenant, &uid, &by, true, &record).await? {
+        match pgb::finalize(&shard.pool, &tenant, &uid, &by, true, &record).await? {
             pgb::Finalized::Done => {
                 tenant_event(
                     ctx,
@@ -276,7 +272,7 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
             }
         }
     } else {
-        match pgb::put_back(&ctx.pool, &tenant, &uid, true).await? {
+        match pgb::put_back(&shard.pool, &tenant, &uid, true).await? {
             pgb::PutBack::Done | pgb::PutBack::Nothing => {}
             pgb::PutBack::Busy => return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken"))),
         }
@@ -297,6 +293,7 @@ async fn reconcile_inner(r: &TenantRestore, ctx: &Context) -> Result<Action, Err
 /// the schema, create the Job. Each step may be repeated after a crash.
 async fn start(
     ctx: &Context,
+    shard: &ShardConn,
     r: &TenantRestore,
     tenant: &TenantName,
     selector: &Selector,
@@ -314,11 +311,11 @@ async fn start(
         .await?;
         return Ok(Action::await_change());
     };
-    let Some(uid) = crate::pg::registry::uid_of(&ctx.pool, tenant.as_str()).await? else {
+    let Some(uid) = crate::pg::registry::uid_of(&shard.pool, tenant.as_str()).await? else {
         write_status(ctx, r, fail(format!("tenant {tenant} is not in the registry"))).await?;
         return Ok(Action::await_change());
     };
-    let Some(salt) = crate::pg::registry::existing_key_salt(&ctx.pool, &uid).await? else {
+    let Some(salt) = crate::pg::registry::existing_key_salt(&shard.pool, &uid).await? else {
         write_status(ctx, r, fail(format!("tenant {tenant} has no key salt"))).await?;
         return Ok(Action::await_change());
     };
@@ -356,14 +353,14 @@ async fn start(
     let data = job_secret_data(
         tenant,
         &uid,
-        &ctx.settings.endpoint,
-        settings.pg_ssl_mode.as_deref(),
+        &shard.endpoint,
+        Some(crate::backup::libpq_ssl_mode(&shard.target)),
         &password,
         &keys,
     );
     let labels = plan::job_labels(tenant, &name);
-    write_job_secret(ctx, &plan::secret_name(&name), owner, labels, tenant, &uid, data).await?;
-    match pgb::prepare(&ctx.pool, tenant, &uid, by, true).await? {
+    write_job_secret(ctx, shard, &plan::secret_name(&name), owner, labels, tenant, &uid, data).await?;
+    match pgb::prepare(&shard.pool, tenant, &uid, by, true).await? {
         pgb::Prepared::Done | pgb::Prepared::Already => {}
         pgb::Prepared::Busy => return Err(Error::Waiting(format!("the restore lock of tenant {tenant} is taken"))),
         pgb::Prepared::Unfinished => {
@@ -398,6 +395,26 @@ async fn start(
 }
 
 /// An Event on the Tenant (cluster-scoped; its uid is the registry's).
+/// The shard the restored tenant lives on (the Tenant's placement; a
+/// Tenant that is gone: the default shard, where its registry row, if any,
+/// says it is not there).
+async fn shard_of(ctx: &Context, tenant: &TenantName) -> Result<Arc<ShardConn>, Error> {
+    let t = ctx
+        .metrics
+        .tenant_store
+        .get()
+        .and_then(|s| s.get(&kube::runtime::reflector::ObjectRef::new(tenant.as_str())));
+    let Some(name) = t
+        .as_deref()
+        .and_then(|t| crate::controller::tenant::placement::shard_of(ctx, t))
+    else {
+        return Ok(ctx.shards.default_shard());
+    };
+    ctx.shards
+        .get(&name)
+        .ok_or_else(|| Error::Waiting(format!("the tenant's shard {name:?} is not open")))
+}
+
 async fn tenant_event(ctx: &Context, tenant: &TenantName, uid: &str, warning: bool, reason: &str, note: String) {
     kit::publish(ctx, &tenant_ref(tenant.as_str(), uid), warning, reason, note).await
 }

@@ -781,6 +781,25 @@ pub fn server_side_apply(
         remove_at(&mut out, p);
         removed.push(p);
     }
+    // A map left empty by those removals goes too, as the apiserver drops a
+    // field whose every owned child went (unless it is still applied or
+    // another manager owns something under it).
+    for p in &removed {
+        let mut parent: Vec<String> = p.to_vec();
+        while parent.len() > 1 {
+            parent.pop();
+            if parent.last().is_some_and(|s| is_item(s))
+                || applied_set.iter().any(|a| a.starts_with(&parent))
+                || others.iter().any(|o| o.starts_with(&parent))
+            {
+                break;
+            }
+            match value_at(&out, &parent) {
+                Some(Value::Object(m)) if m.is_empty() => remove_at(&mut out, &parent),
+                _ => break,
+            }
+        }
+    }
     apply_merge(&mut out, applied, &mut vec![], lists);
     match entries.iter_mut().find(|e| mine(e)) {
         Some(e) => {
@@ -855,6 +874,45 @@ mod tests {
         // same value: shared ownership, no conflict
         let same = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "spec": {"b": 2}});
         assert!(server_side_apply(&cur, &same, &w("me"), false, &all, &builtin_lists).is_ok());
+    }
+
+    #[test]
+    fn ssa_a_nested_object_a_manager_stops_applying_goes_whole() {
+        let all = |_: &FieldPath| true;
+        let obj = |status: Value| json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "a"}, "status": status});
+        let cur = obj(json!({}));
+        let cur = server_side_apply(
+            &cur,
+            &obj(json!({"phase": "Active", "schema": "s"})),
+            &w("main"),
+            false,
+            &all,
+            &builtin_lists,
+        )
+        .ok()
+        .unwrap();
+        let moving = json!({"shard": "a", "moving": {"from": "a", "to": "b", "phase": "Copying"}});
+        let cur = server_side_apply(&cur, &obj(moving), &w("place"), false, &all, &builtin_lists)
+            .ok()
+            .unwrap();
+        let cur = server_side_apply(
+            &cur,
+            &obj(json!({"phase": "Active", "schema": "s"})),
+            &w("main"),
+            true,
+            &all,
+            &builtin_lists,
+        )
+        .ok()
+        .unwrap();
+        let done = json!({"shard": "b", "lastMove": {"result": "Succeeded"}});
+        let out = server_side_apply(&cur, &obj(done), &w("place"), true, &all, &builtin_lists)
+            .ok()
+            .unwrap();
+        assert_eq!(
+            out["status"],
+            json!({"phase": "Active", "schema": "s", "shard": "b", "lastMove": {"result": "Succeeded"}})
+        );
     }
 
     #[test]

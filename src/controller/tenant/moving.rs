@@ -1,0 +1,856 @@
+//! Moving a placed tenant to another shard (docs/shards.md, "Moving a
+//! tenant").
+//!
+//! A move starts when `spec.placement.shard` names another shard than
+//! `status.shard`. Strategy `Copy`: the tenant's writes stop on the source
+//! (login off, sessions ended, gateway revoked: as a suspend), its registry
+//! row (uid, key salt, key version) is copied to the target, its roles and
+//! schema are created there, a backup of the source (the backup store's
+//! encrypted dump) is restored into the target's schema, the target's
+//! backup records are synced from the store; then the move commits by
+//! writing `status.shard`, the login is turned on at the target, and the
+//! source's copy is dropped. Every step is idempotent.
+//!
+//! A failure before the commit rolls back: the target's copy is dropped and
+//! the source serves again (`lastMove` Failed; retried when the spec
+//! changes or after ten minutes). An operator that finds a move `Copying`
+//! when it starts a reconcile was cut off mid-copy: it rolls back, then
+//! starts again. After the commit (`CleaningUp`) only the source's drop is
+//! left, retried until done. Never both copies live: the source's login is
+//! off from the first step, the target's on only after the commit.
+//!
+//! `decide` is pure; `drive` does the work.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::api::shard::{LastMove, MovePhase, MoveStatus};
+use crate::api::{ShardState, Tenant};
+use crate::controller::shards::ShardConn;
+use crate::controller::Context;
+use crate::names::TenantName;
+
+use super::placement::{self, State};
+use super::plan::DesiredDb;
+
+/// A failed move is tried again after this long (or when the spec changes).
+pub const RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// The strategy of every move today.
+pub const STRATEGY: &str = "Copy";
+
+/// What a reconcile does about placement. Pure input: the Tenant, where it
+/// is, whether the wanted shard is open and takes tenants, whether a backup
+/// store is configured, and the time.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing to move.
+    Stay,
+    /// The spec wants another shard but the move cannot start now: report
+    /// `Placed` False with this reason and message, serve where it is.
+    Blocked { reason: &'static str, message: String },
+    /// Start (or, after a cut-off copy, restart) a move to this shard.
+    Start(String),
+    /// A copy was cut off (operator restart): roll it back first.
+    RollBack(MoveStatus),
+    /// The move committed: drop the source's copy.
+    CleanUp(MoveStatus),
+}
+
+/// What placement needs to know of the wanted shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Registered and reachable, in this state, with room or not.
+    Open { state: ShardState, has_room: bool },
+    /// No such open shard.
+    Unknown,
+}
+
+/// Decides. Pure.
+/// `wanted`: the shard the tenant should be on (its `spec.placement.shard`,
+/// or the one a drain of its shard chose).
+pub fn decide(
+    t: &Tenant,
+    current: &str,
+    wanted: Option<&str>,
+    target: Target,
+    store: bool,
+    now: DateTime<Utc>,
+) -> Decision {
+    let status = t.status.as_ref();
+    match status.and_then(|s| s.moving.clone()) {
+        Some(m) if m.phase == MovePhase::CleaningUp => return Decision::CleanUp(m),
+        Some(m) => return Decision::RollBack(m),
+        None => {}
+    }
+    let Some(wanted) = wanted.filter(|w| *w != current) else {
+        return Decision::Stay;
+    };
+    let blocked = |reason: &'static str, why: String| Decision::Blocked {
+        reason,
+        message: format!("the tenant lives on shard {current} and should move to {wanted}: {why}"),
+    };
+    if let Some(last) = status.and_then(|s| s.last_move.as_ref()) {
+        let same_spec = last.generation == t.metadata.generation && last.to == wanted;
+        let recent = DateTime::parse_from_rfc3339(&last.finished_at)
+            .map(|at| {
+                now.signed_duration_since(at.with_timezone(&Utc))
+                    < chrono::Duration::from_std(RETRY_AFTER).unwrap_or_default()
+            })
+            .unwrap_or(false);
+        if last.result == "Failed" && same_spec && recent {
+            return blocked(
+                "MoveFailed",
+                format!(
+                    "the last move failed ({}); it is tried again after ten minutes or a spec change",
+                    last.message
+                ),
+            );
+        }
+    }
+    if !store {
+        return blocked(
+            "MoveNotAvailable",
+            "a move copies the tenant through the backup store, and the operator runs without --backup-store".into(),
+        );
+    }
+    match target {
+        Target::Unknown => blocked("ShardNotFound", format!("shard {wanted} is not open (see its status)")),
+        Target::Open { state, .. } if state != ShardState::Open => blocked(
+            "ShardNotOpen",
+            format!("shard {wanted} is {state:?}: it takes no tenants"),
+        ),
+        Target::Open { has_room: false, .. } => blocked("ShardFull", format!("shard {wanted} is full")),
+        Target::Open { .. } => Decision::Start(wanted.to_owned()),
+    }
+}
+
+/// Errors of a move step.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("{0}")]
+    Db(#[from] crate::pg::PgError),
+    #[error("{0}")]
+    Converge(#[from] super::ConvergeError),
+    #[error("{0}")]
+    Backup(#[from] crate::backup::BackupError),
+    #[error("{0}")]
+    Store(#[from] crate::backup::StoreError),
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Where the reconcile goes on after the move step: the shard to converge
+/// on, and a `Placed` condition (reason, message) when the spec's shard is
+/// not where the tenant is.
+pub struct After {
+    pub shard: Arc<ShardConn>,
+    pub placed: Option<(&'static str, String)>,
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The move step of a reconcile: decides, and does what is decided.
+pub async fn drive(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    current: Arc<ShardConn>,
+    desired: &DesiredDb,
+) -> Result<After, MoveError> {
+    let latest = placement::with_latest(ctx, t);
+    let t = latest.as_ref();
+    let stay = |placed| After {
+        shard: current.clone(),
+        placed,
+    };
+    // Where the tenant should be: where the spec pins it, or, on a
+    // Draining shard, where placement would put it now.
+    let pinned = t.spec.placement.shard.clone();
+    let draining = current.state == ShardState::Draining && t.status.as_ref().is_none_or(|s| s.moving.is_none());
+    let wanted = match (&pinned, draining) {
+        (Some(p), true) if *p == current.name => {
+            return Ok(stay(Some((
+                "ShardDraining",
+                format!(
+                    "shard {} is Draining, but spec.placement.shard pins the tenant to it: change that to let the drain move it",
+                    current.name
+                ),
+            ))))
+        }
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => match drain_target(ctx, t, &current) {
+            Ok(to) => Some(to),
+            Err(e) => {
+                return Ok(stay(Some((
+                    "ShardDraining",
+                    format!("shard {} is Draining, but the tenant has nowhere to go: {e}", current.name),
+                ))))
+            }
+        },
+        (None, false) => None,
+    };
+    // A drain moves at most the shard's maxConcurrentMoves tenants at once.
+    let _slot = match (draining && pinned.is_none(), wanted.is_some()) {
+        (true, true) => match ctx.placements.drain_slot(&current.name, current.max_concurrent_moves) {
+            Some(slot) => Some(slot),
+            None => {
+                return Ok(stay(Some((
+                    "ShardDraining",
+                    format!(
+                        "shard {} is Draining; this tenant waits for one of its {} move slot(s)",
+                        current.name, current.max_concurrent_moves
+                    ),
+                ))))
+            }
+        },
+        _ => None,
+    };
+    let target = match wanted.as_deref().and_then(|w| ctx.shards.get(w)) {
+        Some(c) => {
+            let count = crate::controller::shards::tenants_per_shard(ctx)
+                .get(&c.name)
+                .copied()
+                .unwrap_or(0);
+            Target::Open {
+                state: c.state,
+                has_room: c.max_tenants.is_none_or(|m| count < m as usize),
+            }
+        }
+        None => Target::Unknown,
+    };
+    let store = ctx.settings.backup.store.is_some();
+    match decide(t, &current.name, wanted.as_deref(), target, store, Utc::now()) {
+        Decision::Stay => Ok(stay(None)),
+        Decision::Blocked { reason, message } => Ok(stay(Some((reason, message)))),
+        // The tenant serves from here whatever happens to the source.
+        Decision::CleanUp(m) => match clean_up(ctx, t, name, uid, &current, &m).await {
+            Ok(()) => Ok(stay(None)),
+            Err(e) => {
+                tracing::warn!(tenant = %name, shard = %m.from, error = %e, "dropping the moved tenant's source copy failed; retrying");
+                Ok(stay(Some((
+                    "SourceCleanupPending",
+                    format!(
+                        "moved from shard {}; dropping the copy there failed, retrying: {e}",
+                        m.from
+                    ),
+                ))))
+            }
+        },
+        Decision::RollBack(m) => {
+            // Cut off during the copy: rolled back, and started again by the
+            // next reconcile (an interruption is not a failure). Rolling back
+            // already: only the target's copy is left to drop.
+            let (why, reason, message) = match m.phase {
+                MovePhase::Copying => (
+                    Some(("Interrupted", "the operator stopped during the copy")),
+                    "Moving",
+                    "a move cut off during its copy was rolled back; it starts again".to_string(),
+                ),
+                _ => (
+                    None,
+                    "MoveFailed",
+                    format!("the move to {} failed; dropping its copy there, retrying", m.to),
+                ),
+            };
+            roll_back(ctx, t, name, uid, &m, why).await?;
+            let from = ctx
+                .shards
+                .get(&m.from)
+                .ok_or_else(|| MoveError::Other(format!("shard {} is not open", m.from)))?;
+            Ok(After {
+                shard: from,
+                placed: Some((reason, message)),
+            })
+        }
+        Decision::Start(to) => {
+            let to = ctx
+                .shards
+                .get(&to)
+                .ok_or_else(|| MoveError::Other(format!("shard {to} is not open")))?;
+            match copy(ctx, t, name, uid, &current, &to, desired).await {
+                Ok(()) => Ok(After {
+                    shard: to,
+                    placed: None,
+                }),
+                // Committed: the tenant is on the target; the reconcile
+                // converges it there, the next one drops the source's copy.
+                Err(Failure::AfterCommit(e)) => {
+                    tracing::warn!(tenant = %name, to = %to.name, error = %e, "finishing the committed move failed; retrying");
+                    let message = format!("the move to {} committed; finishing it: {e}", to.name);
+                    Ok(After {
+                        shard: to,
+                        placed: Some(("Moving", message)),
+                    })
+                }
+                Err(Failure::BeforeCommit(e)) => {
+                    let m = MoveStatus {
+                        from: current.name.clone(),
+                        to: to.name.clone(),
+                        phase: MovePhase::Copying,
+                        strategy: STRATEGY.into(),
+                        strategy_reason: String::new(),
+                        started_at: now(),
+                    };
+                    tracing::warn!(tenant = %name, from = %m.from, to = %m.to, error = %e, "moving the tenant failed; rolling back");
+                    roll_back(ctx, t, name, uid, &m, Some(("Failed", &e.to_string()))).await?;
+                    Ok(stay(Some((
+                        "MoveFailed",
+                        format!("moving to shard {} failed and was rolled back: {e}", m.to),
+                    ))))
+                }
+            }
+        }
+    }
+}
+
+/// Where a drain sends the tenant: the shard placement would choose for it
+/// now (its selector kept), never the draining one.
+fn drain_target(ctx: &Context, t: &Tenant, current: &ShardConn) -> Result<String, placement::PlacementError> {
+    let open = ctx.shards.all();
+    let candidates: Vec<placement::Candidate<'_>> = open
+        .iter()
+        .filter(|c| c.name != current.name)
+        .map(|c| placement::Candidate {
+            name: &c.name,
+            state: c.state,
+            max_tenants: c.max_tenants,
+            labels: &c.labels,
+        })
+        .collect();
+    let spec = crate::api::PlacementSpec {
+        shard: None,
+        shard_selector: t.spec.placement.shard_selector.clone(),
+    };
+    placement::choose(&spec, &candidates, &crate::controller::shards::tenants_per_shard(ctx))
+}
+
+/// Why the copy strategy runs (logical replication is not built; in
+/// Postgres 15 it would need a superuser on the target for CREATE
+/// SUBSCRIPTION anyway).
+async fn strategy_reason(to: &ShardConn) -> String {
+    let superuser: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+        .fetch_one(&to.pool)
+        .await
+        .unwrap_or(false);
+    if superuser {
+        "online moves with logical replication are not built in this version: writes stop for the copy".into()
+    } else {
+        format!(
+            "logical replication needs CREATE SUBSCRIPTION, which Postgres 15 allows superusers only, and the admin of shard {} is not one: writes stop for the copy",
+            to.name
+        )
+    }
+}
+
+/// A failed copy: before the commit (rolled back) or after it (finished
+/// later).
+enum Failure {
+    BeforeCommit(MoveError),
+    AfterCommit(MoveError),
+}
+
+/// The copy, from the first step to the commit and the target's login on.
+async fn copy(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    from: &Arc<ShardConn>,
+    to: &Arc<ShardConn>,
+    desired: &DesiredDb,
+) -> Result<(), Failure> {
+    let (m, stopped, password, taken, ring) = copy_until_commit(ctx, t, name, uid, from, to, desired)
+        .await
+        .map_err(Failure::BeforeCommit)?;
+    finish(ctx, t, name, uid, from, to, desired, m, stopped, password, taken, ring)
+        .await
+        .map_err(Failure::AfterCommit)
+}
+
+type Committed = (
+    MoveStatus,
+    Instant,
+    Option<zeroize::Zeroizing<String>>,
+    crate::backup::BackupOutcome,
+    Arc<crate::crypto::Keyring>,
+);
+
+/// Steps 1 to 4: writes stopped, the target prepared and filled, the
+/// commit.
+async fn copy_until_commit(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    from: &Arc<ShardConn>,
+    to: &Arc<ShardConn>,
+    desired: &DesiredDb,
+) -> Result<Committed, MoveError> {
+    let started_at = now();
+    let reason = strategy_reason(to).await;
+    let mut m = MoveStatus {
+        from: from.name.clone(),
+        to: to.name.clone(),
+        phase: MovePhase::Copying,
+        strategy: STRATEGY.into(),
+        strategy_reason: reason.clone(),
+        started_at: started_at.clone(),
+    };
+    let last = t.status.as_ref().and_then(|s| s.last_move.clone());
+    placement::write(
+        ctx,
+        t,
+        uid,
+        &State {
+            shard: from.name.clone(),
+            moving: Some(m.clone()),
+            last_move: last,
+        },
+    )
+    .await?;
+    crate::controller::kit::event(
+        ctx,
+        t,
+        false,
+        "MoveStarted",
+        format!("moving to shard {} ({STRATEGY}: {reason})", to.name),
+    )
+    .await;
+    let ring = ctx
+        .keys
+        .current()
+        .ok_or_else(|| MoveError::Other("the root keys are not loaded".into()))?;
+    let actor = "tenant-operator (move)";
+    let observed = super::observe::observe(ctx, &from.pool, name)
+        .await
+        .map_err(|e| MoveError::Other(e.to_string()))?;
+    let password = observed.secret_password();
+    let off = DesiredDb {
+        login: false,
+        ..desired.clone()
+    };
+    // 1. Writes stop on the source.
+    super::converge_db(
+        &from.pool,
+        &ring,
+        name,
+        uid,
+        &off,
+        &observed.catalog,
+        password.as_ref().map(|p| p.as_str()),
+        actor,
+    )
+    .await?;
+    let stopped = Instant::now();
+    // 2. The registry row (same uid and key salt) and the roles and schema
+    // on the target, login off.
+    crate::pg::registry::copy_row(&from.pool, &to.pool, uid).await?;
+    let catalog = crate::pg::tenant::observe(&to.pool, name).await?;
+    super::converge_db(
+        &to.pool,
+        &ring,
+        name,
+        uid,
+        &off,
+        &catalog,
+        password.as_ref().map(|p| p.as_str()),
+        actor,
+    )
+    .await?;
+    // 3. The data: a backup of the source restored into the target.
+    let cfg = ctx
+        .settings
+        .backup
+        .store
+        .as_ref()
+        .ok_or_else(|| MoveError::Other("no backup store".into()))?;
+    let store = crate::backup::Store::open(cfg)?;
+    let tools = crate::backup::Tools::default();
+    let access = crate::backup::TenantAccess::derive(&from.pool, &from.target, name, &ring).await?;
+    let taken = crate::backup::backup(&access, &tools, &store, crate::backup::Retention::default()).await?;
+    crate::backup::record(&from.pool, &taken).await?;
+    let access = crate::backup::TenantAccess::derive(&to.pool, &to.target, name, &ring).await?;
+    let selector = crate::backup::Selector::Id(taken.manifest.id.clone());
+    crate::backup::restore(&to.pool, &ring, &access, &tools, &store, &selector, actor).await?;
+    crate::backup::sync_registry(&to.pool, &store, uid).await?;
+    // 4. Commit: the tenant is on the target from here on.
+    m.phase = MovePhase::CleaningUp;
+    placement::write(
+        ctx,
+        t,
+        uid,
+        &State {
+            shard: to.name.clone(),
+            moving: Some(m.clone()),
+            last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
+        },
+    )
+    .await?;
+    Ok((m, stopped, password, taken, ring))
+}
+
+/// Steps 5 and 6, after the commit: login on at the target, the source's
+/// copy dropped, `lastMove` written.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    from: &Arc<ShardConn>,
+    to: &Arc<ShardConn>,
+    desired: &DesiredDb,
+    m: MoveStatus,
+    stopped: Instant,
+    password: Option<zeroize::Zeroizing<String>>,
+    taken: crate::backup::BackupOutcome,
+    ring: Arc<crate::crypto::Keyring>,
+) -> Result<(), MoveError> {
+    let actor = "tenant-operator (move)";
+    // 5. Login on at the target (as the spec says).
+    let catalog = crate::pg::tenant::observe(&to.pool, name).await?;
+    super::converge_db(
+        &to.pool,
+        &ring,
+        name,
+        uid,
+        desired,
+        &catalog,
+        password.as_ref().map(|p| p.as_str()),
+        actor,
+    )
+    .await?;
+    let window = stopped.elapsed();
+    crate::pg::registry::record_event(
+        &to.pool,
+        uid,
+        Some(name.as_str()),
+        "Moved",
+        actor,
+        serde_json::json!({ "from": from.name, "to": to.name, "backup": taken.manifest.id, "writeUnavailableMs": window.as_millis() as i64 }),
+    )
+    .await?;
+    let done = LastMove {
+        from: from.name.clone(),
+        to: to.name.clone(),
+        strategy: STRATEGY.into(),
+        result: "Succeeded".into(),
+        started_at: m.started_at.clone(),
+        finished_at: now(),
+        write_unavailable_ms: Some(window.as_millis() as i64),
+        bytes: Some(taken.manifest.bytes as i64),
+        message: m.strategy_reason.clone(),
+        generation: t.metadata.generation,
+    };
+    tracing::info!(tenant = %name, from = %from.name, to = %to.name, write_unavailable_ms = window.as_millis() as u64, bytes = taken.manifest.bytes, "tenant moved");
+    // 6. The source's copy.
+    let cleaned = drop_source(name, uid, from).await;
+    placement::write(
+        ctx,
+        t,
+        uid,
+        &State {
+            shard: to.name.clone(),
+            moving: cleaned.is_err().then_some(m),
+            last_move: Some(done.clone()),
+        },
+    )
+    .await?;
+    crate::controller::kit::event(
+        ctx,
+        t,
+        false,
+        "Moved",
+        format!(
+            "moved from shard {} to {}: writes unavailable for {} ms",
+            from.name,
+            to.name,
+            window.as_millis()
+        ),
+    )
+    .await;
+    if let Err(e) = cleaned {
+        tracing::warn!(tenant = %name, shard = %from.name, error = %e, "dropping the moved tenant's source copy failed; retrying");
+    }
+    Ok(())
+}
+
+/// Drops the tenant from `shard` and checks nothing is left there.
+async fn drop_source(name: &TenantName, uid: &str, shard: &ShardConn) -> Result<(), MoveError> {
+    crate::pg::tenant::drop_tenant(&shard.pool, name, uid, "tenant-operator (move)").await?;
+    let left = crate::pg::tenant::leftovers(&shard.pool, name, uid).await?;
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(MoveError::Other(format!(
+            "still present after drop: {}",
+            left.join(", ")
+        )))
+    }
+}
+
+/// After the commit: drops the source's copy, then clears `moving`.
+async fn clean_up(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    current: &Arc<ShardConn>,
+    m: &MoveStatus,
+) -> Result<(), MoveError> {
+    let from = ctx
+        .shards
+        .get(&m.from)
+        .ok_or_else(|| MoveError::Other(format!("the move's source shard {} is not open", m.from)))?;
+    drop_source(name, uid, &from).await?;
+    placement::write(
+        ctx,
+        t,
+        uid,
+        &State {
+            shard: current.name.clone(),
+            moving: None,
+            last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Before the commit: drops the target's copy and, with `why` (result,
+/// message), records how the move ended (a new `lastMove` and an Event);
+/// the source serves again once the reconcile converges it.
+async fn roll_back(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    m: &MoveStatus,
+    why: Option<(&str, &str)>,
+) -> Result<(), MoveError> {
+    let mut back = m.clone();
+    back.phase = MovePhase::RollingBack;
+    let ended = match why {
+        Some((result, message)) => Some(LastMove {
+            from: m.from.clone(),
+            to: m.to.clone(),
+            strategy: m.strategy.clone(),
+            result: result.into(),
+            started_at: m.started_at.clone(),
+            finished_at: now(),
+            write_unavailable_ms: None,
+            bytes: None,
+            message: message.to_owned(),
+            generation: t.metadata.generation,
+        }),
+        None => t.status.as_ref().and_then(|s| s.last_move.clone()),
+    };
+    // The target's copy, when its shard is reachable (else kept in
+    // `moving` as RollingBack and retried).
+    let cleaned = match ctx.shards.get(&m.to) {
+        Some(to) => drop_source(name, uid, &to).await,
+        None => Err(MoveError::Other(format!("shard {} is not open", m.to))),
+    };
+    if let Err(e) = &cleaned {
+        tracing::warn!(tenant = %name, shard = %m.to, error = %e, "dropping the failed move's target copy failed; retrying");
+    }
+    placement::write(
+        ctx,
+        t,
+        uid,
+        &State {
+            shard: m.from.clone(),
+            moving: cleaned.is_err().then_some(back),
+            last_move: ended,
+        },
+    )
+    .await?;
+    if let Some((result, message)) = why {
+        let note = format!(
+            "moving to shard {} ended ({result}) and was rolled back: {message}",
+            m.to
+        );
+        crate::controller::kit::event(ctx, t, true, "MoveRolledBack", note).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(wanted: Option<&str>, moving: Option<MovePhase>, last: Option<(&str, i64, &str)>) -> Tenant {
+        let mut spec = serde_json::json!({});
+        if let Some(w) = wanted {
+            spec["placement"] = serde_json::json!({ "shard": w });
+        }
+        let mut t = Tenant::new("acme", serde_json::from_value(spec).unwrap());
+        t.metadata.generation = Some(3);
+        t.status = Some(crate::api::TenantStatus {
+            shard: Some("a".into()),
+            moving: moving.map(|phase| MoveStatus {
+                from: "a".into(),
+                to: "b".into(),
+                phase,
+                strategy: STRATEGY.into(),
+                strategy_reason: String::new(),
+                started_at: "2026-12-02T00:00:00Z".into(),
+            }),
+            last_move: last.map(|(result, generation, at)| LastMove {
+                from: "a".into(),
+                to: "b".into(),
+                strategy: STRATEGY.into(),
+                result: result.into(),
+                started_at: at.into(),
+                finished_at: at.into(),
+                write_unavailable_ms: None,
+                bytes: None,
+                message: "boom".into(),
+                generation: Some(generation),
+            }),
+            ..Default::default()
+        });
+        t
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    const OPEN: Target = Target::Open {
+        state: ShardState::Open,
+        has_room: true,
+    };
+
+    #[test]
+    fn a_new_shard_in_the_spec_starts_a_move_when_it_can() {
+        let now = at("2026-12-02T01:00:00Z");
+        assert_eq!(
+            decide(&tenant(None, None, None), "a", None, OPEN, true, now),
+            Decision::Stay
+        );
+        assert_eq!(
+            decide(&tenant(Some("a"), None, None), "a", Some("a"), OPEN, true, now),
+            Decision::Stay
+        );
+        assert_eq!(
+            decide(&tenant(Some("b"), None, None), "a", Some("b"), OPEN, true, now),
+            Decision::Start("b".into())
+        );
+        let reason = |d: Decision| match d {
+            Decision::Blocked { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            reason(decide(&tenant(Some("b"), None, None), "a", Some("b"), OPEN, false, now)),
+            "MoveNotAvailable"
+        );
+        assert_eq!(
+            reason(decide(
+                &tenant(Some("b"), None, None),
+                "a",
+                Some("b"),
+                Target::Unknown,
+                true,
+                now
+            )),
+            "ShardNotFound"
+        );
+        let closed = Target::Open {
+            state: ShardState::Closed,
+            has_room: true,
+        };
+        assert_eq!(
+            reason(decide(
+                &tenant(Some("b"), None, None),
+                "a",
+                Some("b"),
+                closed,
+                true,
+                now
+            )),
+            "ShardNotOpen"
+        );
+        let full = Target::Open {
+            state: ShardState::Open,
+            has_room: false,
+        };
+        assert_eq!(
+            reason(decide(&tenant(Some("b"), None, None), "a", Some("b"), full, true, now)),
+            "ShardFull"
+        );
+    }
+
+    #[test]
+    fn a_failed_move_waits_ten_minutes_or_a_spec_change() {
+        let failed = tenant(Some("b"), None, Some(("Failed", 3, "2026-12-02T01:00:00Z")));
+        let soon = at("2026-12-02T01:05:00Z");
+        assert!(matches!(
+            decide(&failed, "a", Some("b"), OPEN, true, soon),
+            Decision::Blocked {
+                reason: "MoveFailed",
+                ..
+            }
+        ));
+        assert_eq!(
+            decide(&failed, "a", Some("b"), OPEN, true, at("2026-12-02T01:11:00Z")),
+            Decision::Start("b".into())
+        );
+        let changed = tenant(Some("b"), None, Some(("Failed", 2, "2026-12-02T01:00:00Z")));
+        assert_eq!(
+            decide(&changed, "a", Some("b"), OPEN, true, soon),
+            Decision::Start("b".into())
+        );
+        let succeeded_back = tenant(Some("b"), None, Some(("Succeeded", 3, "2026-12-02T01:00:00Z")));
+        assert_eq!(
+            decide(&succeeded_back, "a", Some("b"), OPEN, true, soon),
+            Decision::Start("b".into())
+        );
+    }
+
+    #[test]
+    fn a_move_found_under_way_is_rolled_back_before_the_commit_and_cleaned_up_after() {
+        let now = at("2026-12-02T01:00:00Z");
+        assert!(matches!(
+            decide(
+                &tenant(Some("b"), Some(MovePhase::Copying), None),
+                "a",
+                Some("b"),
+                OPEN,
+                true,
+                now
+            ),
+            Decision::RollBack(_)
+        ));
+        assert!(matches!(
+            decide(
+                &tenant(Some("b"), Some(MovePhase::RollingBack), None),
+                "a",
+                Some("b"),
+                OPEN,
+                true,
+                now
+            ),
+            Decision::RollBack(_)
+        ));
+        assert!(matches!(
+            decide(
+                &tenant(Some("b"), Some(MovePhase::CleaningUp), None),
+                "b",
+                Some("b"),
+                OPEN,
+                true,
+                now
+            ),
+            Decision::CleanUp(_)
+        ));
+    }
+}

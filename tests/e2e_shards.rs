@@ -1,0 +1,777 @@
+//! Shards end to end: a second PostgreSQL server (`TEST_PG2_*`, started by
+//! `make test`) registered as a Shard; tenants placed by name, by selector
+//! and by count; capacity and state respected; everything of a tenant on
+//! its shard (schema, roles, Secret, migrations, delete); a Shard with
+//! tenants cannot be deleted.
+
+mod support;
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection, PgPool};
+use support::e2e::{tenant_yaml, wait_for, Env, NAMESPACE};
+use support::{env, unique};
+
+/// A database of its own on the second server, owned by an admin role of
+/// its own (CREATEROLE + pg_signal_backend, not superuser): (admin URL, a
+/// superuser pool on it for the checks).
+async fn second_server_db(label: &str) -> (String, PgPool) {
+    let su_url = env("TEST_PG2_SUPERUSER_URL");
+    let port = env("TEST_PG2_PORT");
+    let db = format!("s_{label}_{:08x}", rand::random::<u32>());
+    let role = format!("sadm_{:08x}", rand::random::<u32>());
+    let pw = format!("pw{:016x}", rand::random::<u64>());
+    let mut su = PgConnection::connect(&su_url)
+        .await
+        .expect("superuser on the second server");
+    for stmt in [
+        format!("CREATE ROLE {role} LOGIN CREATEROLE PASSWORD '{pw}'"),
+        format!("GRANT pg_signal_backend TO {role}"),
+        format!("CREATE DATABASE {db} OWNER {role}"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+            .execute(&mut su)
+            .await
+            .expect("second server database");
+    }
+    let (base, _) = su_url.rsplit_once('/').unwrap();
+    let pool = PgPool::connect(&format!("{base}/{db}")).await.expect("superuser pool");
+    (format!("postgresql://{role}:{pw}@127.0.0.1:{port}/{db}"), pool)
+}
+
+async fn schema_on(pool: &PgPool, tenant: &str) -> bool {
+    let schema = format!("tenant_{}", tenant.replace('-', "_"));
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(schema)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn roles_on(pool: &PgPool, tenant: &str) -> i64 {
+    let prefix = format!("tenant_{}_%", tenant.replace('-', "_"));
+    sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1")
+        .bind(prefix)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn secret_field(env: &Env, tenant: &str, key: &str) -> String {
+    use base64::Engine;
+    let b64 = env.jsonpath(
+        &["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-db")],
+        &format!("{{.data.{key}}}"),
+    );
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default()
+}
+
+fn ready_reason(env: &Env, tenant: &str) -> String {
+    env.jsonpath(&["tenant", tenant], "{.status.conditions[?(@.type==\"Ready\")].reason}")
+}
+
+fn apply(env: &Env, yaml: &str) {
+    let out = env.kubectl_stdin(&["apply"], yaml);
+    assert!(out.status.success(), "{}\n{yaml}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn shard_yaml(name: &str, labels: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: tenancy.dev/v1alpha1\nkind: Shard\nmetadata:\n  name: {name}\n  labels:\n{labels}\nspec:\n  adminSecretRef: {{name: {name}-admin, key: url}}\n{spec}"
+    )
+}
+
+fn wait_reason(env: &Env, tenant: &str, reason: &str) {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("tenant {tenant} Ready reason {reason}"),
+        || ready_reason(env, tenant) == reason,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_are_placed_on_shards_and_live_there_entirely() {
+    let env = Env::start("e2e_shards").await;
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/shards.tenancy.dev",
+        "--timeout=30s",
+    ]);
+    let (url2, pool2) = second_server_db("place").await;
+    let port2 = support::env("TEST_PG2_PORT");
+    let shard = unique("eu");
+
+    // A Shard whose Secret is missing says so; the Secret arriving opens it.
+    apply(&env, &shard_yaml(&shard, "    region: eu", "  maxTenants: 2\n"));
+    wait_for(Duration::from_secs(30), "the Shard reports its missing Secret", || {
+        env.jsonpath(&["shard", &shard], "{.status.conditions[?(@.type==\"Ready\")].reason}") == "SecretNotFound"
+    });
+    let out = env.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "-n",
+        NAMESPACE,
+        &format!("{shard}-admin"),
+        &format!("--from-literal=url={url2}"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Ready",
+        &format!("shard/{shard}"),
+        "--timeout=60s",
+    ]);
+    assert_eq!(env.jsonpath(&["shard", &shard], "{.status.reachable}"), "true");
+    assert!(env
+        .jsonpath(&["shard", &shard], "{.status.postgresVersion}")
+        .starts_with("15"));
+
+    // By name: everything of the tenant is on the second server.
+    let a = unique("sha");
+    apply(&env, &tenant_yaml(&a, &format!("  placement:\n    shard: {shard}\n")));
+    env.wait_ready(&a);
+    assert_eq!(env.jsonpath(&["tenant", &a], "{.status.shard}"), shard);
+    assert!(schema_on(&pool2, &a).await, "schema on the shard");
+    assert!(!schema_on(&env.db.admin, &a).await, "nothing on the default shard");
+    assert!(roles_on(&pool2, &a).await >= 2, "roles on the shard");
+    assert_eq!(secret_field(&env, &a, "port"), port2, "the Secret points at the shard");
+    let mut app = PgConnection::connect(&secret_field(&env, &a, "uri"))
+        .await
+        .expect("app login on the shard");
+    let (db, path): (String, String) =
+        sqlx::query_as("SELECT current_database()::text, current_setting('search_path')")
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
+    assert!(url2.ends_with(&format!("/{db}")), "connected to the shard's database");
+    assert!(path.contains(&format!("tenant_{}", a.replace('-', "_"))), "{path}");
+    app.close().await.unwrap();
+
+    // By selector; one no shard matches waits, Pending, with the reason.
+    let b = unique("shb");
+    apply(
+        &env,
+        &tenant_yaml(
+            &b,
+            "  placement:\n    shardSelector:\n      matchLabels: {region: eu}\n",
+        ),
+    );
+    env.wait_ready(&b);
+    assert_eq!(env.jsonpath(&["tenant", &b], "{.status.shard}"), shard);
+    let c = unique("shc");
+    apply(
+        &env,
+        &tenant_yaml(
+            &c,
+            "  placement:\n    shardSelector:\n      matchLabels: {region: ap}\n",
+        ),
+    );
+    wait_reason(&env, &c, "NoShardAvailable");
+    assert_eq!(env.jsonpath(&["tenant", &c], "{.status.phase}"), "Pending");
+
+    // Full (maxTenants: 2): waits; room made by raising the limit places it.
+    let d = unique("shd");
+    apply(&env, &tenant_yaml(&d, &format!("  placement:\n    shard: {shard}\n")));
+    wait_reason(&env, &d, "ShardFull");
+    apply(&env, &shard_yaml(&shard, "    region: eu", "  maxTenants: 3\n"));
+    env.wait_ready(&d);
+    let got = env.jsonpath(&["tenant", &d], "{.status.shard}");
+    if got != shard {
+        eprintln!(
+            "{}",
+            env.kubectl_ok(&["get", "tenant", &d, "-o", "yaml", "--show-managed-fields"])
+        );
+        eprintln!("{}", support::e2e::tail(&env.operator_log(), 60));
+    }
+    assert_eq!(got, shard);
+    wait_for(Duration::from_secs(30), "the Shard counts its tenants", || {
+        env.jsonpath(&["shard", &shard], "{.status.tenants}") == "3"
+    });
+
+    // By count: the default shard has fewer tenants.
+    let e = unique("she");
+    apply(&env, &tenant_yaml(&e, ""));
+    env.wait_ready(&e);
+    assert_eq!(env.jsonpath(&["tenant", &e], "{.status.shard}"), "default");
+    assert!(schema_on(&env.db.admin, &e).await);
+
+    // Closed: keeps its tenants, takes no new one.
+    apply(
+        &env,
+        &shard_yaml(&shard, "    region: eu", "  maxTenants: 10\n  state: Closed\n"),
+    );
+    let f = unique("shf");
+    apply(&env, &tenant_yaml(&f, &format!("  placement:\n    shard: {shard}\n")));
+    wait_reason(&env, &f, "ShardNotOpen");
+    assert_eq!(ready_reason(&env, &a), "Provisioned", "tenants on a Closed shard stay");
+
+    // Tenants never placed have nothing to drop: their delete is at once.
+    for t in [&c, &f] {
+        env.kubectl_ok(&["delete", "tenant", t, "--timeout=60s"]);
+    }
+
+    // A migration set rolls out on both shards, with progress per shard.
+    apply(
+        &env,
+        "apiVersion: tenancy.dev/v1alpha1\nkind: MigrationSet\nmetadata:\n  name: default\nspec:\n  migrations:\n    - version: 1\n      name: v1\n      sql: \"CREATE TABLE docs (id bigserial PRIMARY KEY)\"\n",
+    );
+    env.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Complete",
+        "migrationset/default",
+        "--timeout=90s",
+    ]);
+    let progress = env.jsonpath(&["migrationset", "default"], "{.status.shards}");
+    assert!(
+        progress.contains(&format!("\"shard\":\"{shard}\"")) && progress.contains("\"progress\":\"3/3\""),
+        "{progress}"
+    );
+    assert!(progress.contains("\"shard\":\"default\""), "{progress}");
+    for (pool, t) in [(&pool2, &a), (&env.db.admin, &e)] {
+        let table = format!("tenant_{}.docs", t.replace('-', "_"));
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND c.relname = 'docs')",
+        )
+        .bind(format!("tenant_{}", t.replace('-', "_")))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert!(exists, "{table} migrated on its shard");
+    }
+
+    // A Shard with tenants on it is not deleted.
+    env.kubectl_ok(&["delete", "shard", &shard, "--wait=false"]);
+    wait_for(Duration::from_secs(30), "the Shard's delete is held", || {
+        env.jsonpath(&["shard", &shard], "{.status.conditions[?(@.type==\"Ready\")].reason}") == "DeletionBlocked"
+    });
+
+    // Deleting the tenants drops everything of them on the shard; then the
+    // Shard goes.
+    for t in [&a, &b, &d, &e] {
+        env.kubectl_ok(&["delete", "tenant", t, "--wait=false"]);
+    }
+    for t in [&a, &b, &d, &e] {
+        env.kubectl_ok(&["wait", "--for=delete", &format!("tenant/{t}"), "--timeout=60s"]);
+    }
+    for t in [&a, &b, &d] {
+        assert!(!schema_on(&pool2, t).await, "schema of {t} dropped on the shard");
+        assert_eq!(roles_on(&pool2, t).await, 0, "roles of {t} dropped on the shard");
+    }
+    let registry: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.tenants")
+        .fetch_one(&pool2)
+        .await
+        .unwrap();
+    assert_eq!(registry, 0, "no registry row left on the shard");
+    env.kubectl_ok(&["wait", "--for=delete", &format!("shard/{shard}"), "--timeout=60s"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_whose_admin_lacks_createrole_is_refused_with_the_reason() {
+    let env = Env::start("e2e_shard_rights").await;
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/shards.tenancy.dev",
+        "--timeout=30s",
+    ]);
+    let (url2, pool2) = second_server_db("rights").await;
+    // The same database, through a login without CREATEROLE.
+    let weak = format!("weak_{:08x}", rand::random::<u32>());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {weak} LOGIN PASSWORD 'weakpw'"
+    )))
+    .execute(&pool2)
+    .await
+    .unwrap();
+    let (_, rest) = url2.split_once('@').unwrap();
+    let weak_url = format!("postgresql://{weak}:weakpw@{rest}");
+    let shard = unique("weak");
+    let out = env.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "-n",
+        NAMESPACE,
+        &format!("{shard}-admin"),
+        &format!("--from-literal=url={weak_url}"),
+    ]);
+    assert!(out.status.success());
+    apply(&env, &shard_yaml(&shard, "    tier: x", ""));
+    wait_for(Duration::from_secs(30), "the Shard reports the missing right", || {
+        env.jsonpath(&["shard", &shard], "{.status.conditions[?(@.type==\"Ready\")].reason}") == "AdminRightsMissing"
+    });
+    let msg = env.jsonpath(&["shard", &shard], "{.status.conditions[?(@.type==\"Ready\")].message}");
+    assert!(msg.contains("CREATEROLE"), "{msg}");
+    // A tenant asking for it waits; nothing was created anywhere.
+    let t = unique("shw");
+    apply(&env, &tenant_yaml(&t, &format!("  placement:\n    shard: {shard}\n")));
+    wait_reason(&env, &t, "ShardNotFound");
+    assert!(!schema_on(&pool2, &t).await);
+    assert!(!schema_on(&env.db.admin, &t).await);
+    // The CRD refuses placement by name and by selector at once, and a
+    // Shard without its Secret.
+    let out = env.kubectl_stdin(
+        &["apply"],
+        &tenant_yaml(
+            &unique("shx"),
+            &format!("  placement:\n    shard: {shard}\n    shardSelector: {{}}\n"),
+        ),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not both"));
+    let out = env.kubectl_stdin(
+        &["apply"],
+        "apiVersion: tenancy.dev/v1alpha1\nkind: Shard\nmetadata:\n  name: nosecret\nspec: {}\n",
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("adminSecretRef"));
+    env.kubectl_ok(&["delete", "tenant", &t]);
+    env.kubectl_ok(&["delete", "shard", &shard]);
+}
+
+/// Inserts into `items` through the tenant's Secret until `stop`, reading
+/// the Secret again after each failure (a move changes its host and port):
+/// the values whose INSERT was acknowledged.
+async fn writer(
+    kubeconfig: std::path::PathBuf,
+    tenant: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    let secret_uri = || {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "get",
+                "secret",
+                "-n",
+                NAMESPACE,
+                &format!("tenant-{tenant}-db"),
+                "-o",
+                "jsonpath={.data.uri}",
+            ])
+            .output()
+            .expect("kubectl");
+        use base64::Engine;
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(String::from_utf8_lossy(&out.stdout).trim())
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default()
+    };
+    let mut acked = Vec::new();
+    let mut n = 0u64;
+    let mut conn: Option<PgConnection> = None;
+    while !stop.load(Ordering::SeqCst) {
+        if conn.is_none() {
+            conn = PgConnection::connect(&secret_uri()).await.ok();
+            if conn.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        n += 1;
+        let v = format!("row-{n}");
+        let r = sqlx::query("INSERT INTO items (v) VALUES ($1)")
+            .bind(&v)
+            .execute(conn.as_mut().unwrap())
+            .await;
+        match r {
+            Ok(_) => acked.push(v),
+            Err(_) => {
+                conn = None;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    acked
+}
+
+const ITEMS_SET: &str = "apiVersion: tenancy.dev/v1alpha1\nkind: MigrationSet\nmetadata:\n  name: default\nspec:\n  migrations:\n    - version: 1\n      name: items\n      sql: \"CREATE TABLE items (id bigserial PRIMARY KEY, v text NOT NULL UNIQUE)\"\n";
+
+/// A Shard on the second server, Ready: (its name, a superuser pool on its
+/// database).
+async fn ready_shard(env: &Env, label: &str) -> (String, PgPool, String) {
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/shards.tenancy.dev",
+        "--timeout=30s",
+    ]);
+    let (url2, pool2) = second_server_db(label).await;
+    let shard = unique(label);
+    let out = env.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "-n",
+        NAMESPACE,
+        &format!("{shard}-admin"),
+        &format!("--from-literal=url={url2}"),
+    ]);
+    assert!(out.status.success());
+    apply(env, &shard_yaml(&shard, "    region: eu", ""));
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Ready",
+        &format!("shard/{shard}"),
+        "--timeout=60s",
+    ]);
+    (shard, pool2, url2)
+}
+
+/// [`wait_for`], printing the Tenant and the operator's log on a timeout.
+fn wait_tenant(env: &Env, tenant: &str, limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            eprintln!(
+                "{}",
+                env.kubectl_ok(&["get", "tenant", tenant, "-o", "yaml", "--show-managed-fields"])
+            );
+            for l in env.operator_log().lines().filter(|l| !l.contains("\"reconciled\"")) {
+                eprintln!("{l}");
+            }
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn last_move(env: &Env, tenant: &str, field: &str) -> String {
+    env.jsonpath(&["tenant", tenant], &format!("{{.status.lastMove.{field}}}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
+    let env = Env::start("e2e_move").await;
+    let (shard, pool2, url2) = ready_shard(&env, "mv").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    apply(&env, ITEMS_SET);
+    let t = unique("mov");
+    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
+    env.wait_ready(&t);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Complete",
+        "migrationset/default",
+        "--timeout=60s",
+    ]);
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), "default");
+
+    // A writer throughout the move.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = tokio::spawn(writer(env.kubeconfig.clone(), t.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &t,
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
+    ]);
+    wait_tenant(&env, &t, Duration::from_secs(90), "the move to succeed", || {
+        last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+    });
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), shard);
+    env.wait_ready(&t);
+    // Writes go on at the target.
+    let count_on_target = || async {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM tenant_{}.items",
+            t.replace('-', "_")
+        )))
+        .fetch_one(&pool2)
+        .await
+        .unwrap_or(0)
+    };
+    let before = count_on_target().await;
+    let mut grew = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if count_on_target().await > before + 5 {
+            grew = true;
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked = w.await.unwrap();
+    assert!(grew, "the writer goes on writing at the target");
+    assert!(acked.len() > 20, "the writer wrote: {}", acked.len());
+    // Every acknowledged row is on the target exactly once; ids did not
+    // collide (the sequence went on).
+    let rows: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, v FROM tenant_{}.items",
+        t.replace('-', "_")
+    )))
+    .fetch_all(&pool2)
+    .await
+    .unwrap();
+    let on_target: std::collections::HashMap<&str, usize> = rows.iter().fold(Default::default(), |mut m, (_, v)| {
+        *m.entry(v.as_str()).or_insert(0) += 1;
+        m
+    });
+    for v in &acked {
+        assert_eq!(on_target.get(v.as_str()), Some(&1), "{v} on the target exactly once");
+    }
+    let ids: std::collections::HashSet<i64> = rows.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), rows.len());
+    // Nothing of it on the source.
+    assert!(!schema_on(&pool1, &t).await, "schema dropped on the source");
+    assert_eq!(roles_on(&pool1, &t).await, 0, "roles dropped on the source");
+    let registry: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.tenants WHERE name = $1")
+        .bind(&t)
+        .fetch_one(&pool1)
+        .await
+        .unwrap();
+    assert_eq!(registry, 0, "registry row only on the target");
+    let registry: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.tenants WHERE name = $1")
+        .bind(&t)
+        .fetch_one(&pool2)
+        .await
+        .unwrap();
+    assert_eq!(registry, 1);
+    // The Secret points at the target; its password works there.
+    let port2 = support::env("TEST_PG2_PORT");
+    assert_eq!(secret_field(&env, &t, "port"), port2);
+    let window = last_move(&env, &t, "writeUnavailableMs");
+    println!(
+        "move: write-unavailable window {window} ms, {} rows acknowledged",
+        acked.len()
+    );
+    assert!(!window.is_empty());
+    // The audit chain moved with it and verifies at the target, with the
+    // keys derived from the moved salt.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+        .args(["audit", "verify", "--tenant", &t])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("DATABASE_URL", &url2)
+        .env("OPERATOR_NAMESPACE", NAMESPACE)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit verify at the target: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The admin role of the second server's test database (from its URL).
+fn admin_of(url: &str) -> String {
+    url.trim_start_matches("postgresql://")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_to_a_shard_that_is_down_rolls_back_and_the_tenant_keeps_serving() {
+    let env = Env::start("e2e_move_down").await;
+    let (shard, pool2, url2) = ready_shard(&env, "dn").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    apply(&env, ITEMS_SET);
+    let t = unique("mvd");
+    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
+    env.wait_ready(&t);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Complete",
+        "migrationset/default",
+        "--timeout=60s",
+    ]);
+    // The target goes down for the operator: its admin cannot log in, its
+    // sessions are ended.
+    let admin = admin_of(&url2);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {admin} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{admin}'"
+    )))
+    .execute(&pool2)
+    .await
+    .unwrap();
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &t,
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
+    ]);
+    wait_tenant(&env, &t, Duration::from_secs(60), "the move to fail", || {
+        last_move(&env, &t, "result") == "Failed"
+    });
+    // Still on the source, serving.
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), "default");
+    env.wait_ready(&t);
+    let mut wrote = false;
+    for _ in 0..60 {
+        if let Ok(mut c) = PgConnection::connect(&secret_field(&env, &t, "uri")).await {
+            if sqlx::query("INSERT INTO items (v) VALUES ('after-failed-move')")
+                .execute(&mut c)
+                .await
+                .is_ok()
+            {
+                wrote = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(wrote, "the app writes at the source after the failed move");
+    let placed = env.jsonpath(&["tenant", &t], "{.status.conditions[?(@.type==\"Placed\")].reason}");
+    assert_eq!(placed, "MoveFailed");
+    // The target back: the failed move's copy there is dropped.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {admin} LOGIN")))
+        .execute(&pool2)
+        .await
+        .unwrap();
+    wait_tenant(&env, &t, Duration::from_secs(60), "the rollback to finish", || {
+        env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+    });
+    assert!(!schema_on(&pool2, &t).await, "nothing of the tenant on the target");
+    let registry: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.tenants WHERE name = $1")
+        .bind(&t)
+        .fetch_one(&pool2)
+        .await
+        .unwrap_or(0);
+    assert_eq!(registry, 0);
+    assert!(schema_on(&pool1, &t).await, "the tenant is whole on the source");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_during_the_copy_rolls_back_then_moves_again() {
+    let mut env = Env::start("e2e_move_kill").await;
+    let (shard, pool2, _) = ready_shard(&env, "kl").await;
+    apply(&env, ITEMS_SET);
+    let t = unique("mvk");
+    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
+    env.wait_ready(&t);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Complete",
+        "migrationset/default",
+        "--timeout=60s",
+    ]);
+    // Enough rows that the copy takes a moment.
+    let su = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    let pool1 = su.clone();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO tenant_{}.items (v) SELECT 'bulk-' || g FROM generate_series(1, 1000000) g",
+        t.replace('-', "_")
+    )))
+    .execute(&su)
+    .await
+    .unwrap();
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &t,
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
+    ]);
+    wait_tenant(&env, &t, Duration::from_secs(60), "the copy to start", || {
+        env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "Copying"
+    });
+    env.stop_operator();
+    env.start_operator();
+    wait_tenant(
+        &env,
+        &t,
+        Duration::from_secs(120),
+        "the move to finish after the restart",
+        || last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty(),
+    );
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), shard);
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM tenant_{}.items",
+        t.replace('-', "_")
+    )))
+    .fetch_one(&pool2)
+    .await
+    .unwrap();
+    assert_eq!(n, 1_000_000, "every row on the target, once");
+    assert!(!schema_on(&pool1, &t).await, "nothing left on the source");
+    assert_eq!(roles_on(&pool1, &t).await, 0);
+    env.wait_ready(&t);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_shard_moves_its_tenants_away_one_at_a_time() {
+    let env = Env::start("e2e_drain").await;
+    let (shard, pool2, _) = ready_shard(&env, "dr").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    apply(&env, ITEMS_SET);
+    let (a, b, pinned) = (unique("dra"), unique("drb"), unique("drp"));
+    for t in [&a, &b, &pinned] {
+        apply(&env, &tenant_yaml(t, &format!("  placement:\n    shard: {shard}\n")));
+    }
+    for t in [&a, &b, &pinned] {
+        env.wait_ready(t);
+        assert_eq!(env.jsonpath(&["tenant", t], "{.status.shard}"), shard);
+    }
+    // a and b no longer pinned: placed tenants stay where they are.
+    for t in [&a, &b] {
+        env.kubectl_ok(&[
+            "patch",
+            "tenant",
+            t,
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/placement"}]"#,
+        ]);
+    }
+    apply(
+        &env,
+        &shard_yaml(&shard, "    region: eu", "  state: Draining\n  maxConcurrentMoves: 1\n"),
+    );
+    for t in [&a, &b] {
+        wait_tenant(
+            &env,
+            t,
+            Duration::from_secs(120),
+            "the drain to move the tenant",
+            || {
+                env.jsonpath(&["tenant", t], "{.status.shard}") == "default"
+                    && last_move(&env, t, "result") == "Succeeded"
+                    && env.jsonpath(&["tenant", t], "{.status.moving}").is_empty()
+            },
+        );
+        assert!(schema_on(&pool1, t).await, "{t} on the default shard");
+        assert!(!schema_on(&pool2, t).await, "{t} gone from the draining shard");
+    }
+    // The one pinned by spec stays, and says why.
+    wait_for(Duration::from_secs(30), "the pinned tenant to report the drain", || {
+        env.jsonpath(
+            &["tenant", &pinned],
+            "{.status.conditions[?(@.type==\"Placed\")].reason}",
+        ) == "ShardDraining"
+    });
+    assert_eq!(env.jsonpath(&["tenant", &pinned], "{.status.shard}"), shard);
+    // One at a time: the two moves did not overlap.
+    let window = |t: &str| {
+        let start = last_move(&env, t, "startedAt");
+        let end = last_move(&env, t, "finishedAt");
+        (
+            chrono::DateTime::parse_from_rfc3339(&start).unwrap(),
+            chrono::DateTime::parse_from_rfc3339(&end).unwrap(),
+        )
+    };
+    let ((s1, e1), (s2, e2)) = (window(&a), window(&b));
+    assert!(e1 <= s2 || e2 <= s1, "moves overlapped: {s1}..{e1} and {s2}..{e2}");
+    // Once empty, the Shard can go.
+    env.kubectl_ok(&["delete", "tenant", &pinned, "--timeout=60s"]);
+    env.kubectl_ok(&["delete", "shard", &shard, "--timeout=60s"]);
+}

@@ -212,6 +212,13 @@ async fn tenants_are_placed_on_shards_and_live_there_entirely() {
     wait_reason(&env, &f, "ShardNotOpen");
     assert_eq!(ready_reason(&env, &a), "Provisioned", "tenants on a Closed shard stay");
 
+    // A third shard (another database on the second server), with a tenant.
+    let (third, pool3, _) = ready_shard(&env, "th").await;
+    let g = unique("shg");
+    apply(&env, &tenant_yaml(&g, &format!("  placement:\n    shard: {third}\n")));
+    env.wait_ready(&g);
+    assert!(schema_on(&pool3, &g).await);
+
     // Tenants never placed have nothing to drop: their delete is at once.
     for t in [&c, &f] {
         env.kubectl_ok(&["delete", "tenant", t, "--timeout=60s"]);
@@ -234,7 +241,8 @@ async fn tenants_are_placed_on_shards_and_live_there_entirely() {
         "{progress}"
     );
     assert!(progress.contains("\"shard\":\"default\""), "{progress}");
-    for (pool, t) in [(&pool2, &a), (&env.db.admin, &e)] {
+    assert!(progress.contains(&format!("\"shard\":\"{third}\"")), "{progress}");
+    for (pool, t) in [(&pool2, &a), (&env.db.admin, &e), (&pool3, &g)] {
         let table = format!("tenant_{}.docs", t.replace('-', "_"));
         let exists: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -255,10 +263,10 @@ async fn tenants_are_placed_on_shards_and_live_there_entirely() {
 
     // Deleting the tenants drops everything of them on the shard; then the
     // Shard goes.
-    for t in [&a, &b, &d, &e] {
+    for t in [&a, &b, &d, &e, &g] {
         env.kubectl_ok(&["delete", "tenant", t, "--wait=false"]);
     }
-    for t in [&a, &b, &d, &e] {
+    for t in [&a, &b, &d, &e, &g] {
         env.kubectl_ok(&["wait", "--for=delete", &format!("tenant/{t}"), "--timeout=60s"]);
     }
     for t in [&a, &b, &d] {
@@ -469,6 +477,39 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
     ]);
     assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), "default");
 
+    // An application on both shards' gateways (one pool each), routed by
+    // tenant.
+    let gw_password = {
+        use base64::Engine;
+        let b64 = env.jsonpath(&["secret", "-n", NAMESPACE, "tenant-gateway-db"], "{.data.password}");
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap()).unwrap()
+    };
+    let gw_user = format!("gw_{}", env.db.name);
+    let gw_on = |port: String, db: &str| format!("postgresql://{gw_user}:{gw_password}@127.0.0.1:{port}/{db}");
+    let direct = |url: String| async move {
+        tenancy_client::Gateway::connect_direct(
+            url.parse().unwrap(),
+            sqlx::postgres::PgPoolOptions::new().max_connections(2),
+        )
+        .await
+        .unwrap()
+    };
+    let db2 = url2.rsplit('/').next().unwrap().to_string();
+    let sharded = tenancy_client::ShardedGateway::new(vec![
+        (
+            "default".into(),
+            direct(gw_on(support::env("TEST_PG_PORT"), &env.db.name)).await,
+        ),
+        (shard.clone(), direct(gw_on(support::env("TEST_PG2_PORT"), &db2)).await),
+    ]);
+    let mut tx = sharded.begin(&t, "app", "req-before").await.unwrap();
+    sqlx::query("INSERT INTO items (v) VALUES ('gateway-before')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(sharded.shard_of(&t), Some("default"));
+
     // A writer throughout the move.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = tokio::spawn(writer(env.kubeconfig.clone(), t.clone(), stop.clone()));
@@ -551,6 +592,33 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
         acked.len()
     );
     assert!(!window.is_empty());
+    // The same ShardedGateway follows the move, no restart.
+    let mut routed = false;
+    for _ in 0..50 {
+        if let Ok(mut tx) = sharded.begin(&t, "app", "req-after").await {
+            sqlx::query("INSERT INTO items (v) VALUES ('gateway-after')")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            routed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(routed, "the sharded gateway reaches the tenant after its move");
+    assert_eq!(sharded.shard_of(&t), Some(shard.as_str()));
+    let both: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM tenant_{}.items WHERE v IN ('gateway-before', 'gateway-after')",
+        t.replace('-', "_")
+    )))
+    .fetch_one(&pool2)
+    .await
+    .unwrap();
+    assert_eq!(
+        both, 2,
+        "the row written through the gateway before the move moved, the one after landed there"
+    );
     // The audit chain moved with it and verifies at the target, with the
     // keys derived from the moved salt.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
@@ -774,4 +842,82 @@ async fn a_draining_shard_moves_its_tenants_away_one_at_a_time() {
     // Once empty, the Shard can go.
     env.kubectl_ok(&["delete", "tenant", &pinned, "--timeout=60s"]);
     env.kubectl_ok(&["delete", "shard", &shard, "--timeout=60s"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_its_drop_waits() {
+    let env = Env::start_with(
+        "e2e_move_src",
+        None,
+        &[("TENANT_OPERATOR_TEST_MOVE_PAUSE_AFTER_COMMIT_MS", "4000")],
+    )
+    .await;
+    let (shard, pool2, _) = ready_shard(&env, "sc").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    apply(&env, ITEMS_SET);
+    let t = unique("mvs");
+    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
+    env.wait_ready(&t);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Complete",
+        "migrationset/default",
+        "--timeout=60s",
+    ]);
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &t,
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
+    ]);
+    wait_tenant(&env, &t, Duration::from_secs(60), "the commit", || {
+        env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "CleaningUp"
+    });
+    // The source (the operator's own database) goes down for the operator.
+    let admin = &env.admin_role;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {admin} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{admin}'"
+    )))
+    .execute(&pool1)
+    .await
+    .unwrap();
+    wait_tenant(
+        &env,
+        &t,
+        Duration::from_secs(60),
+        "the pending drop to be reported",
+        || {
+            env.jsonpath(&["tenant", &t], "{.status.conditions[?(@.type==\"Placed\")].reason}")
+                == "SourceCleanupPending"
+        },
+    );
+    // It serves from the target meanwhile: one live copy.
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), shard);
+    let mut c = PgConnection::connect(&secret_field(&env, &t, "uri"))
+        .await
+        .expect("app login at the target");
+    sqlx::query("INSERT INTO items (v) VALUES ('while-the-source-is-down')")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let source_login: bool = sqlx::query_scalar("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
+        .bind(format!("tenant_{}_app", t.replace('-', "_")))
+        .fetch_one(&pool1)
+        .await
+        .unwrap();
+    assert!(!source_login, "the source's copy cannot be logged into");
+    // The source back: its copy is dropped.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {admin} LOGIN")))
+        .execute(&pool1)
+        .await
+        .unwrap();
+    wait_tenant(&env, &t, Duration::from_secs(60), "the source's drop", || {
+        env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+    });
+    assert!(!schema_on(&pool1, &t).await);
+    assert_eq!(roles_on(&pool1, &t).await, 0);
+    assert!(schema_on(&pool2, &t).await);
+    assert_eq!(last_move(&env, &t, "result"), "Succeeded");
 }

@@ -18,11 +18,19 @@
 //! # Ok(()) }
 //! ```
 //!
+//! With tenants on several Postgres servers (tenant-operator's Shards),
+//! [`ShardedGateway`] holds one `Gateway` per shard and routes each tenant
+//! to the shard that serves it, following a move without a restart.
+//!
 //! What it does not protect against: code holding the pool can run
 //! `SET ROLE` to any Active tenant's app role itself (the gateway is a
 //! member of all of them). This API never takes a role name, only a
 //! validated tenant name, and [`Gateway::begin`] is the only way it opens a
 //! transaction; the README's threat model says the rest.
+
+mod sharded;
+
+pub use sharded::ShardedGateway;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

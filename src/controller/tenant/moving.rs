@@ -38,6 +38,10 @@ use super::plan::DesiredDb;
 /// A failed move is tried again after this long (or when the spec changes).
 pub const RETRY_AFTER: Duration = Duration::from_secs(600);
 
+/// Milliseconds a move waits between its commit and the source's drop
+/// (tests only: the window in which they take the source down).
+pub const PAUSE_AFTER_COMMIT_VAR: &str = "TENANT_OPERATOR_TEST_MOVE_PAUSE_AFTER_COMMIT_MS";
+
 /// The strategy of every move today.
 pub const STRATEGY: &str = "Copy";
 
@@ -551,6 +555,14 @@ async fn finish(
         generation: t.metadata.generation,
     };
     tracing::info!(tenant = %name, from = %from.name, to = %to.name, write_unavailable_ms = window.as_millis() as u64, bytes = taken.manifest.bytes, "tenant moved");
+    // A test hook (failpoint): hold the move between its commit and the
+    // source's drop, so that a test can take the source down there.
+    if let Some(ms) = std::env::var(PAUSE_AFTER_COMMIT_VAR)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     // 6. The source's copy.
     let cleaned = drop_source(name, uid, from).await;
     placement::write(

@@ -11,17 +11,7 @@ use support::e2e::{tenant_yaml, wait_for, Env, NAMESPACE};
 use support::unique;
 
 fn secret_field(env: &Env, tenant: &str, key: &str) -> String {
-    let b64 = env.jsonpath(
-        &["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-db")],
-        &format!("{{.data.{key}}}"),
-    );
-    use base64::Engine;
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .unwrap_or_default(),
-    )
-    .unwrap_or_default()
+    env.secret_value(&format!("tenant-{tenant}-db"), key)
 }
 
 async fn app_connect(env: &Env, tenant: &str) -> Result<PgConnection, sqlx::Error> {

@@ -58,17 +58,7 @@ async fn roles_on(pool: &PgPool, tenant: &str) -> i64 {
 }
 
 fn secret_field(env: &Env, tenant: &str, key: &str) -> String {
-    use base64::Engine;
-    let b64 = env.jsonpath(
-        &["secret", "-n", NAMESPACE, &format!("tenant-{tenant}-db")],
-        &format!("{{.data.{key}}}"),
-    );
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .unwrap_or_default(),
-    )
-    .unwrap_or_default()
+    env.secret_value(&format!("tenant-{tenant}-db"), key)
 }
 
 fn ready_reason(env: &Env, tenant: &str) -> String {
@@ -78,6 +68,20 @@ fn ready_reason(env: &Env, tenant: &str) -> String {
 fn apply(env: &Env, yaml: &str) {
     let out = env.kubectl_stdin(&["apply"], yaml);
     assert!(out.status.success(), "{}\n{yaml}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The Secret `<shard>-admin` holding `url`.
+fn admin_secret(env: &Env, shard: &str, url: &str) {
+    let out = env.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "-n",
+        NAMESPACE,
+        &format!("{shard}-admin"),
+        &format!("--from-literal=url={url}"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn shard_yaml(name: &str, labels: &str, spec: &str) -> String {
@@ -112,16 +116,7 @@ async fn tenants_are_placed_on_shards_and_live_there_entirely() {
     wait_for(Duration::from_secs(30), "the Shard reports its missing Secret", || {
         env.jsonpath(&["shard", &shard], "{.status.conditions[?(@.type==\"Ready\")].reason}") == "SecretNotFound"
     });
-    let out = env.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "-n",
-        NAMESPACE,
-        &format!("{shard}-admin"),
-        &format!("--from-literal=url={url2}"),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    admin_secret(&env, &shard, &url2);
     env.kubectl_ok(&[
         "wait",
         "--for=condition=Ready",
@@ -302,16 +297,7 @@ async fn a_shard_whose_admin_lacks_createrole_is_refused_with_the_reason() {
     let (_, rest) = url2.split_once('@').unwrap();
     let weak_url = format!("postgresql://{weak}:weakpw@{rest}");
     let shard = unique("weak");
-    let out = env.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "-n",
-        NAMESPACE,
-        &format!("{shard}-admin"),
-        &format!("--from-literal=url={weak_url}"),
-    ]);
-    assert!(out.status.success());
+    admin_secret(&env, &shard, &weak_url);
     apply(&env, &shard_yaml(&shard, "    tier: x", ""));
     wait_for(Duration::from_secs(30), "the Shard reports the missing right", || {
         env.jsonpath(&["shard", &shard], "{.status.conditions[?(@.type==\"Ready\")].reason}") == "AdminRightsMissing"
@@ -418,16 +404,7 @@ async fn ready_shard(env: &Env, label: &str) -> (String, PgPool, String) {
     ]);
     let (url2, pool2) = second_server_db(label).await;
     let shard = unique(label);
-    let out = env.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "-n",
-        NAMESPACE,
-        &format!("{shard}-admin"),
-        &format!("--from-literal=url={url2}"),
-    ]);
-    assert!(out.status.success());
+    admin_secret(env, &shard, &url2);
     apply(env, &shard_yaml(&shard, "    region: eu", ""));
     env.kubectl_ok(&[
         "wait",
@@ -456,6 +433,28 @@ fn wait_tenant(env: &Env, tenant: &str, limit: Duration, what: &str, mut cond: i
     }
 }
 
+/// A tenant on the default shard following the MigrationSet `default`
+/// (its `items` table), Ready: its name.
+fn tenant_with_items(env: &Env, prefix: &str) -> String {
+    apply(env, ITEMS_SET);
+    let t = unique(prefix);
+    apply(env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
+    env.wait_ready(&t);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Complete",
+        "migrationset/default",
+        "--timeout=60s",
+    ]);
+    t
+}
+
+/// Asks for `tenant` to move to `shard`.
+fn ask_move(env: &Env, tenant: &str, shard: &str) {
+    let patch = format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}");
+    env.kubectl_ok(&["patch", "tenant", tenant, "--type=merge", "-p", &patch]);
+}
+
 fn last_move(env: &Env, tenant: &str, field: &str) -> String {
     env.jsonpath(&["tenant", tenant], &format!("{{.status.lastMove.{field}}}"))
 }
@@ -465,25 +464,12 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
     let env = Env::start("e2e_move").await;
     let (shard, pool2, url2) = ready_shard(&env, "mv").await;
     let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
-    apply(&env, ITEMS_SET);
-    let t = unique("mov");
-    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
-    env.wait_ready(&t);
-    env.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Complete",
-        "migrationset/default",
-        "--timeout=60s",
-    ]);
+    let t = tenant_with_items(&env, "mov");
     assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), "default");
 
     // An application on both shards' gateways (one pool each), routed by
     // tenant.
-    let gw_password = {
-        use base64::Engine;
-        let b64 = env.jsonpath(&["secret", "-n", NAMESPACE, "tenant-gateway-db"], "{.data.password}");
-        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap()).unwrap()
-    };
+    let gw_password = env.secret_value("tenant-gateway-db", "password");
     let gw_user = format!("gw_{}", env.db.name);
     let gw_on = |port: String, db: &str| format!("postgresql://{gw_user}:{gw_password}@127.0.0.1:{port}/{db}");
     let direct = |url: String| async move {
@@ -514,14 +500,7 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = tokio::spawn(writer(env.kubeconfig.clone(), t.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    env.kubectl_ok(&[
-        "patch",
-        "tenant",
-        &t,
-        "--type=merge",
-        "-p",
-        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
-    ]);
+    ask_move(&env, &t, &shard);
     wait_tenant(&env, &t, Duration::from_secs(90), "the move to succeed", || {
         last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
     });
@@ -650,16 +629,7 @@ async fn a_move_to_a_shard_that_is_down_rolls_back_and_the_tenant_keeps_serving(
     let env = Env::start("e2e_move_down").await;
     let (shard, pool2, url2) = ready_shard(&env, "dn").await;
     let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
-    apply(&env, ITEMS_SET);
-    let t = unique("mvd");
-    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
-    env.wait_ready(&t);
-    env.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Complete",
-        "migrationset/default",
-        "--timeout=60s",
-    ]);
+    let t = tenant_with_items(&env, "mvd");
     // The target goes down for the operator: its admin cannot log in, its
     // sessions are ended.
     let admin = admin_of(&url2);
@@ -669,14 +639,7 @@ async fn a_move_to_a_shard_that_is_down_rolls_back_and_the_tenant_keeps_serving(
     .execute(&pool2)
     .await
     .unwrap();
-    env.kubectl_ok(&[
-        "patch",
-        "tenant",
-        &t,
-        "--type=merge",
-        "-p",
-        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
-    ]);
+    ask_move(&env, &t, &shard);
     wait_tenant(&env, &t, Duration::from_secs(60), "the move to fail", || {
         last_move(&env, &t, "result") == "Failed"
     });
@@ -722,16 +685,7 @@ async fn a_move_to_a_shard_that_is_down_rolls_back_and_the_tenant_keeps_serving(
 async fn an_operator_killed_during_the_copy_rolls_back_then_moves_again() {
     let mut env = Env::start("e2e_move_kill").await;
     let (shard, pool2, _) = ready_shard(&env, "kl").await;
-    apply(&env, ITEMS_SET);
-    let t = unique("mvk");
-    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
-    env.wait_ready(&t);
-    env.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Complete",
-        "migrationset/default",
-        "--timeout=60s",
-    ]);
+    let t = tenant_with_items(&env, "mvk");
     // Enough rows that the copy takes a moment.
     let su = PgPool::connect(&env.db.superuser_url).await.unwrap();
     let pool1 = su.clone();
@@ -742,14 +696,7 @@ async fn an_operator_killed_during_the_copy_rolls_back_then_moves_again() {
     .execute(&su)
     .await
     .unwrap();
-    env.kubectl_ok(&[
-        "patch",
-        "tenant",
-        &t,
-        "--type=merge",
-        "-p",
-        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
-    ]);
+    ask_move(&env, &t, &shard);
     wait_tenant(&env, &t, Duration::from_secs(60), "the copy to start", || {
         env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "Copying"
     });
@@ -854,24 +801,8 @@ async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_it
     .await;
     let (shard, pool2, _) = ready_shard(&env, "sc").await;
     let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
-    apply(&env, ITEMS_SET);
-    let t = unique("mvs");
-    apply(&env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
-    env.wait_ready(&t);
-    env.kubectl_ok(&[
-        "wait",
-        "--for=jsonpath={.status.phase}=Complete",
-        "migrationset/default",
-        "--timeout=60s",
-    ]);
-    env.kubectl_ok(&[
-        "patch",
-        "tenant",
-        &t,
-        "--type=merge",
-        "-p",
-        &format!("{{\"spec\":{{\"placement\":{{\"shard\":\"{shard}\"}}}}}}"),
-    ]);
+    let t = tenant_with_items(&env, "mvs");
+    ask_move(&env, &t, &shard);
     wait_tenant(&env, &t, Duration::from_secs(60), "the commit", || {
         env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "CleaningUp"
     });
@@ -920,4 +851,67 @@ async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_it
     assert_eq!(roles_on(&pool1, &t).await, 0);
     assert!(schema_on(&pool2, &t).await);
     assert_eq!(last_move(&env, &t, "result"), "Succeeded");
+}
+
+/// The write-unavailable window of a move of a large tenant, beside the
+/// same schema copied by hand (`pg_dump -Fc` of the source piped into
+/// `pg_restore` on the target, as a superuser) in the same run. Runs when
+/// `MOVE_BENCH_MIB` is set (e.g. `MOVE_BENCH_MIB=1024`): `make test` skips
+/// it (it takes minutes per GiB).
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_the_move_window_of_a_large_tenant() {
+    let Some(mib) = std::env::var("MOVE_BENCH_MIB").ok().and_then(|v| v.parse::<u64>().ok()) else {
+        eprintln!("MOVE_BENCH_MIB not set: the move benchmark does not run");
+        return;
+    };
+    let env = Env::start("e2e_move_bench").await;
+    let (shard, pool2, _) = ready_shard(&env, "bm").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    let t = tenant_with_items(&env, "mvb");
+    let schema = format!("tenant_{}", t.replace('-', "_"));
+    // Rows of ~1 KiB (incompressible text) until the schema holds `mib`.
+    let rows = mib * 1024;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {schema}.items (v) SELECT g || '-' || (SELECT string_agg(md5(k::text || g::text || random()::text), '') FROM generate_series(1, 30) AS k) FROM generate_series(1, {rows}) AS g"
+    )))
+    .execute(&pool1)
+    .await
+    .unwrap();
+    let bytes: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '{schema}' AND c.relkind = 'r'"
+    )))
+    .fetch_one(&pool1)
+    .await
+    .unwrap();
+    // Baseline: the schema copied by hand, dump piped into restore.
+    let scratch = format!("bench_copy_{:08x}", rand::random::<u32>());
+    let su2 = support::env("TEST_PG2_SUPERUSER_URL");
+    let (base2, _) = su2.rsplit_once('/').unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {scratch}")))
+        .execute(&pool2)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let by_hand = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "pg_dump -Fc --schema={schema} '{}' | pg_restore --no-owner --no-acl -d '{base2}/{scratch}'",
+            env.db.superuser_url
+        ))
+        .status()
+        .unwrap();
+    let baseline = started.elapsed();
+    assert!(by_hand.success());
+    ask_move(&env, &t, &shard);
+    wait_tenant(&env, &t, Duration::from_secs(3600), "the move", || {
+        last_move(&env, &t, "result") == "Succeeded"
+    });
+    let window: f64 = last_move(&env, &t, "writeUnavailableMs").parse().unwrap();
+    println!(
+        "move of {:.0} MiB: write-unavailable {:.2} s; pg_dump | pg_restore by hand {:.2} s; ratio {:.2}",
+        bytes as f64 / 1048576.0,
+        window / 1000.0,
+        baseline.as_secs_f64(),
+        window / 1000.0 / baseline.as_secs_f64()
+    );
 }

@@ -312,6 +312,18 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// One key of a Secret in the operator's namespace, decoded.
+    pub fn secret_value(&self, secret: &str, key: &str) -> String {
+        use base64::Engine;
+        let b64 = self.jsonpath(&["secret", "-n", NAMESPACE, secret], &format!("{{.data.{key}}}"));
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default()
+    }
+
     pub fn wait_ready(&self, tenant: &str) {
         self.kubectl_ok(&[
             "wait",

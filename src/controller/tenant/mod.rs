@@ -408,20 +408,9 @@ async fn database_down(
     deleting: bool,
 ) -> Result<Action, Error> {
     let (reason, message) = retried_db_condition(&err, deleting);
-    let phase = match t.status.as_ref().and_then(|s| s.phase) {
-        _ if deleting => TenantPhase::Deleting,
-        Some(p @ (TenantPhase::Active | TenantPhase::Suspended)) => p,
-        _ => TenantPhase::Provisioning,
-    };
-    let mut conds = vec![
-        Cond::new("Ready", false, reason, message.clone()),
-        Cond::new("DatabaseReady", false, reason, message),
-    ];
-    if !deleting {
-        conds.extend(rate_limits_cond(ctx, t));
-    }
+    let held = not_ready(ctx, t, reason, message, deleting, TenantPhase::Provisioning);
     // The status write is best effort: the error below is what matters.
-    let _ = write_report(ctx, t, phase, schema, &conds).await;
+    let _ = write_report(ctx, t, held.0, schema, &held.1).await;
     Err(Error::Database(err))
 }
 
@@ -436,10 +425,26 @@ async fn waiting(
     deleting: bool,
 ) -> Result<Action, Error> {
     tracing::info!(tenant = %t.name_any(), reason, %message, "tenant waits for its shard");
+    let held = not_ready(ctx, t, reason, message, deleting, TenantPhase::Pending);
+    write_report(ctx, t, held.0, schema, &held.1).await?;
+    Ok(Action::requeue(ctx.settings.resync.min(Duration::from_secs(30))))
+}
+
+/// The phase and conditions of a tenant held up by something that may pass:
+/// its phase kept when Active or Suspended (else `fresh`), `Ready` and
+/// `DatabaseReady` false with `reason`.
+fn not_ready(
+    ctx: &Context,
+    t: &Tenant,
+    reason: &'static str,
+    message: String,
+    deleting: bool,
+    fresh: TenantPhase,
+) -> (TenantPhase, Vec<Cond>) {
     let phase = match t.status.as_ref().and_then(|s| s.phase) {
         _ if deleting => TenantPhase::Deleting,
         Some(p @ (TenantPhase::Active | TenantPhase::Suspended)) => p,
-        _ => TenantPhase::Pending,
+        _ => fresh,
     };
     let mut conds = vec![
         Cond::new("Ready", false, reason, message.clone()),
@@ -448,8 +453,7 @@ async fn waiting(
     if !deleting {
         conds.extend(rate_limits_cond(ctx, t));
     }
-    write_report(ctx, t, phase, schema, &conds).await?;
-    Ok(Action::requeue(ctx.settings.resync.min(Duration::from_secs(30))))
+    (phase, conds)
 }
 
 /// One converge of a live Tenant: runs [`converge_steps`], then publishes

@@ -915,3 +915,72 @@ async fn bench_the_move_window_of_a_large_tenant() {
         window / 1000.0 / baseline.as_secs_f64()
     );
 }
+
+/// The operator CLI as a person with the admin DSN `database_url` and the
+/// root keys (from the cluster), with the suite's backup store.
+fn cli_on(env: &Env, database_url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
+        .args(args)
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("DATABASE_URL", database_url)
+        .env("OPERATOR_NAMESPACE", NAMESPACE)
+        .env("BACKUP_STORE", env.backup_store())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tenant-operator {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_taken_before_a_move_restores_on_the_target() {
+    let env = Env::start("e2e_move_backup").await;
+    let (shard, pool2, url2) = ready_shard(&env, "bk").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    let t = tenant_with_items(&env, "mvb");
+    let items = format!("tenant_{}.items", t.replace('-', "_"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {items} (v) VALUES ('one'), ('two'), ('three')"
+    )))
+    .execute(&pool1)
+    .await
+    .unwrap();
+    // A backup on the source shard, by hand.
+    let out = cli_on(&env, &env.admin_url, &["backup", "--tenant", &t]);
+    let id = serde_json::from_str::<serde_json::Value>(out.trim().lines().last().unwrap()).unwrap()["manifest"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ask_move(&env, &t, &shard);
+    wait_tenant(&env, &t, Duration::from_secs(90), "the move", || {
+        last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+    });
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {items} (v) VALUES ('after-the-move')"
+    )))
+    .execute(&pool2)
+    .await
+    .unwrap();
+    // The target lists it (its backup records came with the move) and
+    // restores it.
+    let listed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tenancy.backups b JOIN tenancy.tenants t ON t.uid = b.tenant_uid WHERE t.name = $1 AND b.id = $2",
+    )
+    .bind(&t)
+    .bind(&id)
+    .fetch_one(&pool2)
+    .await
+    .unwrap();
+    assert_eq!(listed, 1, "the pre-move backup is listed on the target");
+    cli_on(&env, &url2, &["restore", "--tenant", &t, "--backup", &id]);
+    let mut values: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT v FROM {items}")))
+        .fetch_all(&pool2)
+        .await
+        .unwrap();
+    values.sort();
+    assert_eq!(values, ["one", "three", "two"], "the target holds what the backup held");
+}

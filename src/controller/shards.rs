@@ -312,7 +312,7 @@ async fn reconcile(s: Arc<Shard>, ctx: Arc<Context>) -> Result<Action, Error> {
 /// placements this process made that the cache may not show yet).
 pub fn tenants_per_shard(ctx: &Context) -> HashMap<String, usize> {
     let tenants: Vec<Arc<Tenant>> = ctx.metrics.tenant_store.get().map(|s| s.state()).unwrap_or_default();
-    crate::controller::tenant::placement::counts(&tenants, &ctx.placements.snapshot())
+    ctx.placements.counts_of(&tenants)
 }
 
 /// Opens (or keeps) the shard, registers it, and reports on it.

@@ -217,7 +217,13 @@ pub async fn drive(
         },
         _ => None,
     };
-    let target = match wanted.as_deref().and_then(|w| ctx.shards.get(w)) {
+    // Counted only when the tenant should be elsewhere (a pinned tenant's
+    // resync counts nothing).
+    let target = match wanted
+        .as_deref()
+        .filter(|w| *w != current.name)
+        .and_then(|w| ctx.shards.get(w))
+    {
         Some(c) => {
             let count = crate::controller::shards::tenants_per_shard(ctx)
                 .get(&c.name)

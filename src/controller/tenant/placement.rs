@@ -148,8 +148,10 @@ pub struct Placements {
 }
 
 impl Placements {
-    pub fn snapshot(&self) -> HashMap<String, String> {
-        self.placed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// [`counts`] of `tenants` with this process's placements (read in
+    /// place, not copied).
+    pub fn counts_of(&self, tenants: &[Arc<Tenant>]) -> HashMap<String, usize> {
+        counts(tenants, &self.placed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn get(&self, uid: &str) -> Option<String> {
@@ -258,7 +260,16 @@ pub async fn resolve(ctx: &Context, t: &Tenant, uid: &str) -> Result<Placed, Res
             None => Placed::Unavailable(name),
         });
     }
-    let _turn = ctx.placements.choosing.lock().await;
+    // Choices take turns only when one can take another's room (more than
+    // one shard, or a limit); one shard without a limit places at once.
+    let contended = {
+        let open = ctx.shards.all();
+        open.len() > 1 || open.iter().any(|c| c.max_tenants.is_some())
+    };
+    let _turn = match contended {
+        true => Some(ctx.placements.choosing.lock().await),
+        false => None,
+    };
     if let Some(name) = locate(ctx, t, uid).await? {
         record(ctx, t, uid, &name).await?;
         return Ok(ctx.shards.get(&name).map_or(Placed::Unavailable(name), Placed::On));
@@ -277,7 +288,14 @@ pub async fn resolve(ctx: &Context, t: &Tenant, uid: &str) -> Result<Placed, Res
             labels: &c.labels,
         })
         .collect();
-    let counts = crate::controller::shards::tenants_per_shard(ctx);
+    // Counting every tenant matters only when there is a choice or a
+    // limit: with one shard and no limit, nothing is counted (10,000 new
+    // tenants would count 10,000 tenants each).
+    let counts = if candidates.len() > 1 || candidates.iter().any(|c| c.max_tenants.is_some()) {
+        crate::controller::shards::tenants_per_shard(ctx)
+    } else {
+        HashMap::new()
+    };
     let chosen = match choose(&t.spec.placement, &candidates, &counts) {
         Ok(c) => c,
         Err(e) => return Ok(Placed::Waiting(e)),

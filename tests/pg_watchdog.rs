@@ -101,6 +101,20 @@ impl Watchdog {
         );
         self.signalled.lock().unwrap().clone()
     }
+
+    /// [`Watchdog::signalled`] once it holds every one of `pids`, or after
+    /// 3 s: the session sees its statement cancelled while the pass that
+    /// cancelled it has not yet returned its report.
+    async fn signalled_for(&self, pids: &[i32]) -> Vec<Signal> {
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let got = self.signalled();
+            if pids.iter().all(|p| got.iter().any(|s| s.pid == *p)) || std::time::Instant::now() > until {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for Watchdog {
@@ -193,7 +207,7 @@ async fn a_statement_past_the_cap_is_cancelled_whatever_the_session_set() {
             "{what}: cancelled after {took:?} (cap 2 s, grace 1 s)"
         );
     }
-    let signalled = dog.signalled();
+    let signalled = dog.signalled_for(&[direct.0, via_gateway.0, renamed.0]).await;
     let of = |pid: i32| {
         signalled
             .iter()
@@ -247,7 +261,7 @@ async fn a_session_idle_in_a_transaction_past_its_cap_is_ended() {
         sqlx::raw_sql("SELECT 1").execute(&mut *tx).await.is_err(),
         "the gateway's idle transaction survived"
     );
-    let signalled = dog.signalled();
+    let signalled = dog.signalled_for(&[app_pid, gw_pid]).await;
     let mut got: Vec<(i32, Reason, Via)> = signalled.iter().map(|s| (s.pid, s.reason, s.via)).collect();
     got.sort_by_key(|g| g.0);
     let mut want = vec![

@@ -6,8 +6,6 @@
 //! control schema and reports on it; the Tenant controller places tenants
 //! (docs/shards.md).
 
-use std::collections::BTreeMap;
-
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -199,6 +197,3 @@ pub struct LastMove {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
 }
-
-/// Labels of a shard, for selectors.
-pub type ShardLabels = BTreeMap<String, String>;

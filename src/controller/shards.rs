@@ -157,7 +157,12 @@ impl Shards {
         }
     }
 
+    /// Removes a shard; never `default`, which [`Shards::default_shard`]
+    /// relies on.
     fn remove(&self, name: &str) -> Option<Arc<ShardConn>> {
+        if name == DEFAULT_SHARD {
+            return None;
+        }
         self.map.write().unwrap_or_else(|p| p.into_inner()).remove(name)
     }
 

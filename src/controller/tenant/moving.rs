@@ -285,7 +285,17 @@ pub async fn drive(
                 .shards
                 .get(&to)
                 .ok_or_else(|| MoveError::Other(format!("shard {to} is not open")))?;
-            match copy(ctx, t, name, uid, &current, &to, desired).await {
+            // The move as `status.moving` shows it, also what a rollback
+            // records (its start, its strategy).
+            let m = MoveStatus {
+                from: current.name.clone(),
+                to: to.name.clone(),
+                phase: MovePhase::Copying,
+                strategy: STRATEGY.into(),
+                strategy_reason: strategy_reason(&to).await,
+                started_at: now(),
+            };
+            match copy(ctx, t, name, uid, &current, &to, desired, m.clone()).await {
                 Ok(()) => Ok(After {
                     shard: to,
                     placed: None,
@@ -301,14 +311,6 @@ pub async fn drive(
                     })
                 }
                 Err(Failure::BeforeCommit(e)) => {
-                    let m = MoveStatus {
-                        from: current.name.clone(),
-                        to: to.name.clone(),
-                        phase: MovePhase::Copying,
-                        strategy: STRATEGY.into(),
-                        strategy_reason: String::new(),
-                        started_at: now(),
-                    };
                     tracing::warn!(tenant = %name, from = %m.from, to = %m.to, error = %e, "moving the tenant failed; rolling back");
                     roll_back(ctx, t, name, uid, &m, Some(("Failed", &e.to_string()))).await?;
                     Ok(stay(Some((
@@ -367,7 +369,9 @@ enum Failure {
     AfterCommit(MoveError),
 }
 
-/// The copy, from the first step to the commit and the target's login on.
+/// The copy `m`, from the first step to the commit and the target's login
+/// on.
+#[allow(clippy::too_many_arguments)]
 async fn copy(
     ctx: &Context,
     t: &Tenant,
@@ -376,8 +380,9 @@ async fn copy(
     from: &Arc<ShardConn>,
     to: &Arc<ShardConn>,
     desired: &DesiredDb,
+    m: MoveStatus,
 ) -> Result<(), Failure> {
-    let (m, stopped, password, taken, ring) = copy_until_commit(ctx, t, name, uid, from, to, desired)
+    let (m, stopped, password, taken, ring) = copy_until_commit(ctx, t, name, uid, from, to, desired, m)
         .await
         .map_err(Failure::BeforeCommit)?;
     finish(ctx, t, name, uid, from, to, desired, m, stopped, password, taken, ring)
@@ -395,6 +400,7 @@ type Committed = (
 
 /// Steps 1 to 4: writes stopped, the target prepared and filled, the
 /// commit.
+#[allow(clippy::too_many_arguments)]
 async fn copy_until_commit(
     ctx: &Context,
     t: &Tenant,
@@ -403,17 +409,9 @@ async fn copy_until_commit(
     from: &Arc<ShardConn>,
     to: &Arc<ShardConn>,
     desired: &DesiredDb,
+    mut m: MoveStatus,
 ) -> Result<Committed, MoveError> {
-    let started_at = now();
-    let reason = strategy_reason(to).await;
-    let mut m = MoveStatus {
-        from: from.name.clone(),
-        to: to.name.clone(),
-        phase: MovePhase::Copying,
-        strategy: STRATEGY.into(),
-        strategy_reason: reason.clone(),
-        started_at: started_at.clone(),
-    };
+    let reason = m.strategy_reason.clone();
     let last = t.status.as_ref().and_then(|s| s.last_move.clone());
     placement::write(
         ctx,

@@ -551,7 +551,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_take_the_status_then_this_process_placements_and_legacy_tenants_are_on_default() {
+    fn counts_take_this_process_placements_then_the_status_and_legacy_tenants_are_on_default() {
         let tenant = |name: &str, uid: &str, shard: Option<&str>, schema: bool| {
             let mut t = Tenant::new(name, serde_json::from_value(serde_json::json!({})).unwrap());
             t.metadata.uid = Some(uid.into());
@@ -570,12 +570,23 @@ mod tests {
             tenant("b", "u-b", None, true),
             tenant("c", "u-c", None, false),
             tenant("d", "u-d", None, false),
+            // Moved by this process to s2; the cache still shows s1.
+            tenant("e", "u-e", Some("s1"), true),
         ];
-        let placed: HashMap<String, String> = [("u-c".to_string(), "s1".to_string())].into();
+        let placed: HashMap<String, String> = [
+            ("u-c".to_string(), "s1".to_string()),
+            ("u-e".to_string(), "s2".to_string()),
+        ]
+        .into();
         let c = counts(&tenants, &placed);
-        assert_eq!(c.get("s1"), Some(&2));
+        assert_eq!(c.get("s1"), Some(&2), "a (status) and c (placed, not in the cache yet)");
+        assert_eq!(
+            c.get("s2"),
+            Some(&1),
+            "e where this process put it, not where the cache says"
+        );
         assert_eq!(c.get("default"), Some(&1));
-        assert_eq!(c.values().sum::<usize>(), 3, "d is not placed yet");
+        assert_eq!(c.values().sum::<usize>(), 4, "d is not placed yet");
         assert_eq!(
             recorded(&tenants[1]),
             None,

@@ -89,7 +89,7 @@ kubectl wait --for=condition=Ready tenant/hooli --timeout=60s
 kubectl get tenants -o wide
 psql "$(uri hooli)" -X -q -c "SELECT current_user, inet_server_port() AS port, current_database()"
 
-step "moving acme to eu-2: writes stop, a backup of acme is restored there, the Secret follows, the old copy is dropped"
+step "moving acme to eu-2 (strategy Copy: these admins are not superusers, so no logical replication; writes stop, a backup of acme is restored there, the Secret follows, the old copy is dropped)"
 kubectl patch tenant acme --type=merge -p '{"spec":{"placement":{"shard":"eu-2"}}}'
 for _ in $(seq 300); do [[ $(kubectl get tenant acme -o jsonpath='{.status.lastMove.result}') == Succeeded ]] && break; sleep 0.2; done
 kubectl get tenant acme -o jsonpath='{"    shard: "}{.status.shard}{"\n    lastMove: "}{.status.lastMove}{"\n"}'

@@ -53,7 +53,7 @@ LIBS=
 [[ -f "$(dirname "$BIN")/lib/pg_stat_statements.so" ]] && LIBS=${LIBS:+$LIBS,}pg_stat_statements
 PRELOAD=${LIBS:+-c shared_preload_libraries=$LIBS}
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/postgres.log" -w -t 60 \
-  -o "$PRELOAD -p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_statement=ddl -c log_line_prefix='%m [%p] %u@%d ' ${PG_EXTRA_OPTS:-}" \
+  -o "$PRELOAD -p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=400 -c wal_level=logical -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c log_statement=ddl -c log_line_prefix='%m [%p] %u@%d ' ${PG_EXTRA_OPTS:-}" \
   start >/dev/null
 
 as_pg "$BIN/psql" -h "$DIR" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q <<SQL

@@ -436,9 +436,14 @@ fn wait_tenant(env: &Env, tenant: &str, limit: Duration, what: &str, mut cond: i
 /// A tenant on the default shard following the MigrationSet `default`
 /// (its `items` table), Ready: its name.
 fn tenant_with_items(env: &Env, prefix: &str) -> String {
+    tenant_with_items_on(env, prefix, "default")
+}
+
+/// [`tenant_with_items`] on `shard`.
+fn tenant_with_items_on(env: &Env, prefix: &str, shard: &str) -> String {
     apply(env, ITEMS_SET);
     let t = unique(prefix);
-    apply(env, &tenant_yaml(&t, "  placement:\n    shard: default\n"));
+    apply(env, &tenant_yaml(&t, &format!("  placement:\n    shard: {shard}\n")));
     env.wait_ready(&t);
     env.kubectl_ok(&[
         "wait",
@@ -538,13 +543,7 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
     .fetch_all(&pool2)
     .await
     .unwrap();
-    let on_target: std::collections::HashMap<&str, usize> = rows.iter().fold(Default::default(), |mut m, (_, v)| {
-        *m.entry(v.as_str()).or_insert(0) += 1;
-        m
-    });
-    for v in &acked {
-        assert_eq!(on_target.get(v.as_str()), Some(&1), "{v} on the target exactly once");
-    }
+    assert_each_once(&rows, &acked);
     let ids: std::collections::HashSet<i64> = rows.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids.len(), rows.len());
     // Nothing of it on the source.
@@ -571,6 +570,10 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
         acked.len()
     );
     assert!(!window.is_empty());
+    // Plain CREATEROLE admins: the copy strategy, saying why.
+    assert_eq!(last_move(&env, &t, "strategy"), "Copy");
+    let why = last_move(&env, &t, "message");
+    assert!(why.contains("superusers only"), "{why}");
     // The same ShardedGateway follows the move, no restart.
     let mut routed = false;
     for _ in 0..50 {
@@ -600,10 +603,16 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
     );
     // The audit chain moved with it and verifies at the target, with the
     // keys derived from the moved salt.
+    assert_audit_verifies(&env, &t, &url2);
+}
+
+/// `tenant-operator audit verify` of `tenant` on the database of `url`
+/// succeeds.
+fn assert_audit_verifies(env: &Env, tenant: &str, url: &str) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
-        .args(["audit", "verify", "--tenant", &t])
+        .args(["audit", "verify", "--tenant", tenant])
         .env("KUBECONFIG", &env.kubeconfig)
-        .env("DATABASE_URL", &url2)
+        .env("DATABASE_URL", url)
         .env("OPERATOR_NAMESPACE", NAMESPACE)
         .output()
         .unwrap();
@@ -613,6 +622,17 @@ async fn a_tenant_moves_to_another_shard_under_write_load_and_loses_nothing() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every acknowledged value is among `rows` exactly once.
+fn assert_each_once(rows: &[(i64, String)], acked: &[String]) {
+    let on_target: std::collections::HashMap<&str, usize> = rows.iter().fold(Default::default(), |mut m, (_, v)| {
+        *m.entry(v.as_str()).or_insert(0) += 1;
+        m
+    });
+    for v in acked {
+        assert_eq!(on_target.get(v.as_str()), Some(&1), "{v} on the target exactly once");
+    }
 }
 
 /// The admin role of the second server's test database (from its URL).
@@ -866,9 +886,10 @@ async fn bench_the_move_window_of_a_large_tenant() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(256);
     let env = Env::start("e2e_move_bench").await;
-    let (shard, pool2, _) = ready_shard(&env, "bm").await;
-    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
-    let t = tenant_with_items(&env, "mvb");
+    // Superuser admins on both sides: the Logical strategy.
+    let (sa, pool1, url1) = superuser_shard(&env, "ba", 1).await;
+    let (sb, pool2, _) = superuser_shard(&env, "bb", 2).await;
+    let t = tenant_with_items_on(&env, "mvb", &sa);
     let schema = format!("tenant_{}", t.replace('-', "_"));
     // Rows of ~1 KiB of incompressible text; with its unique index, TOAST
     // and the audit log a row takes ~3.6 KiB: about `mib` MiB in all.
@@ -885,7 +906,8 @@ async fn bench_the_move_window_of_a_large_tenant() {
     .fetch_one(&pool1)
     .await
     .unwrap();
-    // Baseline: the schema copied by hand, dump piped into restore.
+    // Baseline: the schema copied by hand, dump piped into restore (what
+    // writes stopped for a copy would at best cost).
     let scratch = format!("bench_copy_{:08x}", rand::random::<u32>());
     let su2 = support::env("TEST_PG2_SUPERUSER_URL");
     let (base2, _) = su2.rsplit_once('/').unwrap();
@@ -897,22 +919,31 @@ async fn bench_the_move_window_of_a_large_tenant() {
     let by_hand = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "pg_dump -Fc --schema={schema} '{}' | pg_restore --no-owner --no-acl -d '{base2}/{scratch}'",
-            env.db.superuser_url
+            "pg_dump -Fc --schema={schema} '{url1}' | pg_restore --no-owner --no-acl -d '{base2}/{scratch}'"
         ))
         .status()
         .unwrap();
     let baseline = started.elapsed();
     assert!(by_hand.success());
-    ask_move(&env, &t, &shard);
+    // A writer throughout, as an application would.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = tokio::spawn(writer(env.kubeconfig.clone(), t.clone(), stop.clone()));
+    let started = std::time::Instant::now();
+    ask_move(&env, &t, &sb);
     wait_tenant(&env, &t, Duration::from_secs(3600), "the move", || {
         last_move(&env, &t, "result") == "Succeeded"
     });
+    let whole = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked = w.await.unwrap();
+    assert_eq!(last_move(&env, &t, "strategy"), "Logical");
     let window: f64 = last_move(&env, &t, "writeUnavailableMs").parse().unwrap();
     println!(
-        "move of {:.0} MiB: write-unavailable {:.2} s; pg_dump | pg_restore by hand {:.2} s; ratio {:.2}",
+        "logical move of {:.0} MiB ({} rows written during it): write-unavailable {:.2} s (target < 2 s), whole move {:.1} s; pg_dump | pg_restore by hand {:.2} s; window / by-hand ratio {:.3}",
         bytes as f64 / 1048576.0,
+        acked.len(),
         window / 1000.0,
+        whole.as_secs_f64(),
         baseline.as_secs_f64(),
         window / 1000.0 / baseline.as_secs_f64()
     );
@@ -985,4 +1016,325 @@ async fn a_backup_taken_before_a_move_restores_on_the_target() {
         .unwrap();
     values.sort();
     assert_eq!(values, ["one", "three", "two"], "the target holds what the backup held");
+}
+
+/// A Shard on a database of its own on server `server` (1 or 2) whose
+/// admin is the server's superuser (what logical replication needs in
+/// PostgreSQL 15), Ready: (its name, a superuser pool on its database, its
+/// admin URL).
+async fn superuser_shard(env: &Env, label: &str, server: u8) -> (String, PgPool, String) {
+    let prefix = if server == 1 { "TEST_PG" } else { "TEST_PG2" };
+    let su_url = support::env(&format!("{prefix}_SUPERUSER_URL"));
+    let db = format!("l_{label}_{:08x}", rand::random::<u32>());
+    let mut su = PgConnection::connect(&su_url).await.expect("superuser");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut su)
+        .await
+        .expect("database");
+    let (base, _) = su_url.rsplit_once('/').unwrap();
+    let url = format!("{base}/{db}");
+    let pool = PgPool::connect(&url).await.expect("superuser pool");
+    let shard = unique(label);
+    admin_secret(env, &shard, &url);
+    apply(env, &shard_yaml(&shard, "    replication: logical", ""));
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Ready",
+        &format!("shard/{shard}"),
+        "--timeout=60s",
+    ]);
+    (shard, pool, url)
+}
+
+async fn count(pool: &PgPool, sql: String) -> i64 {
+    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1)
+}
+
+/// What of `tenant`'s move's replication objects (publication, slot,
+/// subscription, login: all named `tenancy_move_<uid hex>`) a database's
+/// server still holds.
+async fn replication_leftovers(env: &Env, pool: &PgPool, tenant: &str) -> i64 {
+    let name = format!(
+        "tenancy_move_{}",
+        env.jsonpath(&["tenant", tenant], "{.metadata.uid}").replace('-', "")
+    );
+    count(
+        pool,
+        format!(
+            "SELECT (SELECT count(*) FROM pg_publication WHERE pubname = '{name}')
+                  + (SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}')
+                  + (SELECT count(*) FROM pg_subscription WHERE subname = '{name}')
+                  + (SELECT count(*) FROM pg_roles WHERE rolname = '{name}')"
+        ),
+    )
+    .await
+}
+
+async fn bulk(pool: &PgPool, t: &str, rows: u32) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO tenant_{}.items (v) SELECT 'bulk-' || g FROM generate_series(1, {rows}) g",
+        t.replace('-', "_")
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_moves_online_with_logical_replication_and_loses_nothing() {
+    let env = Env::start("e2e_move_logical").await;
+    let (sa, pool_a, _) = superuser_shard(&env, "la", 1).await;
+    let (sb, pool_b, url_b) = superuser_shard(&env, "lb", 2).await;
+    let t = tenant_with_items_on(&env, "mvl", &sa);
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), sa);
+    bulk(&pool_a, &t, 500_000).await;
+    let table = format!("tenant_{}.items", t.replace('-', "_"));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = tokio::spawn(writer(env.kubeconfig.clone(), t.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ask_move(&env, &t, &sb);
+    // The tenant serves from the source while its data is copied: its
+    // table grows there during `Copying`.
+    let mut served_while_copying = false;
+    wait_tenant(&env, &t, Duration::from_secs(120), "the move to succeed", || {
+        if !served_while_copying && env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "Copying" {
+            let rt = tokio::runtime::Handle::current();
+            let before =
+                tokio::task::block_in_place(|| rt.block_on(count(&pool_a, format!("SELECT count(*) FROM {table}"))));
+            std::thread::sleep(Duration::from_millis(300));
+            let after =
+                tokio::task::block_in_place(|| rt.block_on(count(&pool_a, format!("SELECT count(*) FROM {table}"))));
+            let still = env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "Copying";
+            served_while_copying = still && after > before;
+        }
+        last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+    });
+    assert!(
+        served_while_copying,
+        "the tenant took writes on the source during the copy"
+    );
+    assert_eq!(last_move(&env, &t, "strategy"), "Logical");
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), sb);
+    env.wait_ready(&t);
+    // Writes go on at the target (the sequence was carried: no id
+    // collides).
+    let before = count(&pool_b, format!("SELECT count(*) FROM {table}")).await;
+    let mut grew = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if count(&pool_b, format!("SELECT count(*) FROM {table}")).await > before + 5 {
+            grew = true;
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked = w.await.unwrap();
+    assert!(grew, "the writer goes on writing at the target");
+    let rows: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, v FROM {table} WHERE v LIKE 'row-%'"
+    )))
+    .fetch_all(&pool_b)
+    .await
+    .unwrap();
+    assert_each_once(&rows, &acked);
+    assert_eq!(
+        count(&pool_b, format!("SELECT count(*) FROM {table} WHERE v LIKE 'bulk-%'")).await,
+        500_000
+    );
+    assert_eq!(
+        count(&pool_b, format!("SELECT count(DISTINCT id) - count(*) FROM {table}")).await,
+        0
+    );
+    // One copy: nothing of the tenant, nor of the replication, on the
+    // source; no subscription left on the target.
+    assert!(!schema_on(&pool_a, &t).await, "schema dropped on the source");
+    assert_eq!(roles_on(&pool_a, &t).await, 0, "roles dropped on the source");
+    assert_eq!(
+        count(
+            &pool_a,
+            format!("SELECT count(*) FROM tenancy.tenants WHERE name = '{t}'")
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        replication_leftovers(&env, &pool_a, &t).await,
+        0,
+        "no publication, slot or login on the source"
+    );
+    assert_eq!(
+        replication_leftovers(&env, &pool_b, &t).await,
+        0,
+        "no subscription on the target"
+    );
+    assert_eq!(secret_field(&env, &t, "port"), support::env("TEST_PG2_PORT"));
+    let window: i64 = last_move(&env, &t, "writeUnavailableMs").parse().unwrap();
+    println!(
+        "logical move of ~{} MiB: write-unavailable window {window} ms (target < 2000), {} rows acknowledged",
+        last_move(&env, &t, "bytes").parse::<i64>().unwrap_or(0) >> 20,
+        acked.len()
+    );
+    assert!(
+        window < 10_000,
+        "the window is the cutover's, not the copy's: {window} ms"
+    );
+    // A tenant with a table logical replication could not follow (no
+    // primary key: its UPDATEs would fail while published) moves by copy,
+    // saying so.
+    let u = tenant_with_items_on(&env, "mvn", &sa);
+    let u_ = u.replace('-', "_");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE tenant_{u_}_owner; CREATE TABLE tenant_{u_}.nopk (v text); RESET ROLE"
+    )))
+    .execute(&pool_a)
+    .await
+    .unwrap();
+    ask_move(&env, &u, &sb);
+    wait_tenant(&env, &u, Duration::from_secs(90), "the copy move", || {
+        last_move(&env, &u, "result") == "Succeeded"
+    });
+    assert_eq!(last_move(&env, &u, "strategy"), "Copy");
+    let why = last_move(&env, &u, "message");
+    assert!(why.contains("nopk has no primary key"), "{why}");
+    // The audit chain came over with the tables and verifies at the
+    // target.
+    assert_audit_verifies(&env, &t, &url_b);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_during_a_logical_copy_and_during_its_cutover_rolls_back_and_moves_again() {
+    let mut env = Env::start_with(
+        "e2e_move_logical_kill",
+        None,
+        &[("TENANT_OPERATOR_TEST_MOVE_PAUSE_IN_CUTOVER_MS", "4000")],
+    )
+    .await;
+    let (sa, pool_a, _) = superuser_shard(&env, "ka", 1).await;
+    let (sb, pool_b, _) = superuser_shard(&env, "kb", 2).await;
+    let t = tenant_with_items_on(&env, "mlk", &sa);
+    bulk(&pool_a, &t, 1_000_000).await;
+    let table = format!("tenant_{}.items", t.replace('-', "_"));
+    ask_move(&env, &t, &sb);
+    // Killed while the subscription copies.
+    wait_tenant(&env, &t, Duration::from_secs(60), "the subscription", || {
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| rt.block_on(replication_leftovers(&env, &pool_b, &t))) >= 1
+    });
+    env.stop_operator();
+    assert!(
+        replication_leftovers(&env, &pool_a, &t).await > 0,
+        "the cut-off copy left its slot"
+    );
+    env.start_operator();
+    // Killed again in the cutover, writes stopped on the source.
+    wait_tenant(&env, &t, Duration::from_secs(120), "the cutover", || {
+        env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "CuttingOver"
+    });
+    assert_eq!(
+        last_move(&env, &t, "result"),
+        "Interrupted",
+        "the first attempt was rolled back"
+    );
+    env.stop_operator();
+    env.start_operator();
+    wait_tenant(&env, &t, Duration::from_secs(120), "the move to finish", || {
+        last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+    });
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), sb);
+    assert_eq!(last_move(&env, &t, "strategy"), "Logical");
+    assert_eq!(count(&pool_b, format!("SELECT count(*) FROM {table}")).await, 1_000_000);
+    assert!(!schema_on(&pool_a, &t).await, "nothing left on the source");
+    assert_eq!(roles_on(&pool_a, &t).await, 0);
+    assert_eq!(replication_leftovers(&env, &pool_a, &t).await, 0);
+    assert_eq!(replication_leftovers(&env, &pool_b, &t).await, 0);
+    env.wait_ready(&t);
+    let mut c = PgConnection::connect(&secret_field(&env, &t, "uri"))
+        .await
+        .expect("app login at the target");
+    sqlx::query("INSERT INTO items (v) VALUES ('after')")
+        .execute(&mut c)
+        .await
+        .expect("the sequence goes on at the target");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_during_a_logical_copy_is_not_lost() {
+    let env = Env::start("e2e_move_logical_ddl").await;
+    let (sa, pool_a, _) = superuser_shard(&env, "da", 1).await;
+    let (sb, pool_b, _) = superuser_shard(&env, "db", 2).await;
+    let t = tenant_with_items_on(&env, "mld", &sa);
+    bulk(&pool_a, &t, 300_000).await;
+    let t_ = t.replace('-', "_");
+    ask_move(&env, &t, &sb);
+    wait_tenant(&env, &t, Duration::from_secs(60), "the subscription", || {
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| rt.block_on(replication_leftovers(&env, &pool_b, &t))) >= 1
+    });
+    // A migration while the data is copied: it runs on the source (the
+    // tenant lives there until the commit); logical replication carries
+    // no DDL.
+    apply(
+        &env,
+        &format!(
+            "{ITEMS_SET}    - version: 2\n      name: note\n      sql: \"ALTER TABLE items ADD COLUMN note text NOT NULL DEFAULT 'n'\"\n"
+        ),
+    );
+    wait_tenant(
+        &env,
+        &t,
+        Duration::from_secs(120),
+        "the move's first attempt to end",
+        || matches!(last_move(&env, &t, "result").as_str(), "Failed" | "Succeeded"),
+    );
+    let first = last_move(&env, &t, "result");
+    let why = last_move(&env, &t, "message");
+    println!("first attempt: {first}: {why}");
+    if first == "Failed" {
+        // Rolled back: the source serves, with the migration; the target
+        // holds nothing; a spec change tries again.
+        assert!(why.contains("schema changed") || why.contains("subscription"), "{why}");
+        assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), sa);
+        wait_tenant(&env, &t, Duration::from_secs(60), "the rollback", || {
+            env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+        });
+        assert!(!schema_on(&pool_b, &t).await);
+        assert_eq!(replication_leftovers(&env, &pool_b, &t).await, 0);
+        assert_eq!(replication_leftovers(&env, &pool_a, &t).await, 0);
+        env.kubectl_ok(&[
+            "patch",
+            "tenant",
+            &t,
+            "--type=merge",
+            "-p",
+            "{\"spec\":{\"displayName\":\"retry\"}}",
+        ]);
+        wait_tenant(&env, &t, Duration::from_secs(120), "the retried move", || {
+            last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+        });
+    }
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), sb);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=jsonpath={.status.phase}=Complete",
+        "migrationset/default",
+        "--timeout=120s",
+    ]);
+    // Wherever it ran, the migration is in the tenant's schema on the
+    // shard it lives on, with every row.
+    wait_tenant(&env, &t, Duration::from_secs(60), "the column on the target", || {
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| {
+            rt.block_on(count(
+                &pool_b,
+                format!("SELECT count(*) FROM tenant_{t_}.items WHERE note = 'n'"),
+            ))
+        }) == 300_000
+    });
+    assert!(!schema_on(&pool_a, &t).await);
+    assert_eq!(replication_leftovers(&env, &pool_a, &t).await, 0);
+    assert_eq!(replication_leftovers(&env, &pool_b, &t).await, 0);
 }

@@ -148,25 +148,42 @@ impl PlacementSpec {
 pub struct MoveStatus {
     pub from: String,
     pub to: String,
-    /// `Copying` (writes stopped on the source, the data being copied),
-    /// `CleaningUp` (the target serves; the source's copy is being
-    /// dropped) or `RollingBack` (the move failed; the source serves, the
-    /// target's copy is being dropped).
+    /// `Copying` (the data being copied: with strategy `Copy` writes are
+    /// stopped on the source; with `Logical` the tenant serves from the
+    /// source while its tables are copied and then streamed),
+    /// `CuttingOver` (`Logical`: writes stopped, the target catching up to
+    /// the source's last change), `CleaningUp` (the target serves; the
+    /// source's copy is being dropped) or `RollingBack` (the move failed;
+    /// the source serves, the target's copy is being dropped).
     pub phase: MovePhase,
-    /// `Copy` (writes stopped for the copy: a backup of the source
-    /// restored on the target).
+    /// `Logical` (logical replication while the tenant serves; writes stop
+    /// only for the cutover) or `Copy` (writes stopped for the copy: a
+    /// backup of the source restored on the target).
     pub strategy: String,
     /// Why that strategy.
     #[serde(default)]
     pub strategy_reason: String,
     /// When the move started (RFC 3339).
     pub started_at: String,
+    /// `Logical`: bytes of the tenant's tables on the target so far, of
+    /// `bytesTotal` on the source (updated every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_copied: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<i64>,
+    /// `Logical`: bytes of WAL the target has still to confirm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
+    /// `Logical`: tables whose initial copy is not done yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables_pending: Option<i64>,
 }
 
 /// Where a move is.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum MovePhase {
     Copying,
+    CuttingOver,
     CleaningUp,
     RollingBack,
 }
@@ -186,7 +203,8 @@ pub struct LastMove {
     /// source to its login turned on at the target, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_unavailable_ms: Option<i64>,
-    /// Size of the copied (encrypted) dump.
+    /// `Copy`: size of the copied (encrypted) dump; `Logical`: size of the
+    /// tenant's tables on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<i64>,
     /// What happened, for people.

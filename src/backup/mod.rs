@@ -1194,14 +1194,13 @@ fn pipe_decrypted(
     ))
 }
 
-/// Restores the decrypted dump at `path` as the ops login acting as the
-/// owner: `pg_restore -l` for its TOC, the schema's own entries left out
-/// ([`restore_list`]), then `pg_restore --single-transaction
-/// --exit-on-error --role=<owner> -L <list>`.
-async fn run_pg_restore(access: &TenantAccess, tools: &Tools, path: &std::path::Path) -> Result<(), String> {
-    let name = access.name().clone();
+/// `pg_restore --single-transaction --exit-on-error --role=<owner>
+/// --use-list <list>` into the tenant's database as its ops login, and the
+/// list file it reads (to be written first).
+fn restore_command(access: &TenantAccess, tools: &Tools) -> (std::process::Command, TempFile) {
+    let name = access.name();
     let (mut cmd, dbname) = access.command(&tools.pg_restore);
-    let list_file = TempFile::new(&name, "list");
+    let list_file = TempFile::new(name, "list");
     cmd.arg("--single-transaction")
         .arg("--exit-on-error")
         .arg(format!("--role={}", name.owner_role()))
@@ -1209,6 +1208,16 @@ async fn run_pg_restore(access: &TenantAccess, tools: &Tools, path: &std::path::
         .arg(&list_file.0)
         .arg("--dbname")
         .arg(&dbname);
+    (cmd, list_file)
+}
+
+/// Restores the decrypted dump at `path` as the ops login acting as the
+/// owner: `pg_restore -l` for its TOC, the schema's own entries left out
+/// ([`restore_list`]), then `pg_restore --single-transaction
+/// --exit-on-error --role=<owner> -L <list>`.
+async fn run_pg_restore(access: &TenantAccess, tools: &Tools, path: &std::path::Path) -> Result<(), String> {
+    let name = access.name().clone();
+    let (cmd, list_file) = restore_command(access, tools);
     let mut list_cmd = std::process::Command::new(&tools.pg_restore);
     list_cmd.arg("--list");
     let (path, keys, uid, program) = (
@@ -1233,6 +1242,118 @@ async fn run_pg_restore(access: &TenantAccess, tools: &Tools, path: &std::path::
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// The `by` of a move's schema copy (its restoring marker).
+pub const BY_MOVE: &str = "tenant move";
+
+/// A move's first step with strategy `Logical`: the tenant's schema
+/// without its data (tables, their triggers, functions, grants), dumped
+/// from the source as its ops login and restored into the target as the
+/// target's ops login, through the restore's prepare and finalize (the
+/// target's converged schema set aside, an empty one made, then marked the
+/// tenant's). The data comes by logical replication. Idempotent: a schema
+/// already copied is copied again (the target serves nothing yet).
+pub async fn copy_schema(
+    to_admin: &PgPool,
+    from: &TenantAccess,
+    to: &TenantAccess,
+    tools: &Tools,
+    actor: &str,
+) -> Result<(), BackupError> {
+    let (name, uid) = (from.name().clone(), from.uid().to_owned());
+    let dump = TempFile::new(&name, "schema");
+    let (mut cmd, dbname) = from.command(&tools.pg_dump);
+    cmd.arg("--format=custom")
+        .arg("--schema-only")
+        .arg(format!("--schema={}", crate::pg::quote_ident(&name.schema())?))
+        .arg(format!("--role={}", name.owner_role()))
+        .arg("--file")
+        .arg(&dump.0)
+        .arg("--dbname")
+        .arg(&dbname);
+    let program = tools.pg_dump.clone();
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .map_err(|e| BackupError::Read(std::io::Error::other(e)))?
+        .map_err(|source| BackupError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(BackupError::Tool {
+            program,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    // The target's login works (its password set) before anything moves.
+    to.connect().await?.close().await;
+    // A copy interrupted earlier: its schema is put back first.
+    pgb::recover_aside(to_admin, &name, &uid).await?;
+    match pgb::prepare(to_admin, &name, &uid, BY_MOVE, false).await? {
+        pgb::Prepared::Done | pgb::Prepared::Already => {}
+        other => {
+            return Err(BackupError::NotPrepared {
+                tenant: name.to_string(),
+                why: format!("{other:?}"),
+            })
+        }
+    }
+    let restored = {
+        let (mut cmd, list_file) = restore_command(to, tools);
+        cmd.arg(&dump.0);
+        let mut list_cmd = std::process::Command::new(&tools.pg_restore);
+        list_cmd.arg("--list").arg(&dump.0);
+        let (program, schema) = (tools.pg_restore.clone(), name.schema());
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let list = list_cmd.output().map_err(|e| format!("running {program}: {e}"))?;
+            if !list.status.success() {
+                return Err(format!(
+                    "{program} --list failed ({}): {}",
+                    list.status,
+                    String::from_utf8_lossy(&list.stderr).trim()
+                ));
+            }
+            std::fs::write(
+                &list_file.0,
+                restore_list(&String::from_utf8_lossy(&list.stdout), &schema),
+            )
+            .map_err(|e| format!("writing {}: {e}", list_file.0.display()))?;
+            let out = cmd.output().map_err(|e| format!("running {program}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{program} failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+    };
+    if let Err(why) = restored {
+        pgb::put_back(to_admin, &name, &uid, false).await?;
+        return Err(BackupError::RestoreFailed {
+            id: "schema copy".into(),
+            why,
+        });
+    }
+    let record = pgb::RestoreRecord {
+        backup_id: format!("move-schema-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ")),
+        actor: actor.to_owned(),
+        detail: serde_json::json!({ "schemaOnly": true }),
+    };
+    match pgb::finalize(to_admin, &name, &uid, BY_MOVE, false, &record).await? {
+        pgb::Finalized::Done | pgb::Finalized::Already => Ok(()),
+        other => Err(BackupError::RestoreFailed {
+            id: "schema copy".into(),
+            why: format!("finalizing found {other:?}"),
+        }),
+    }
 }
 
 /// Deletes every backup of the tenant from the store (the delete

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod locks;
 pub mod migrations;
 pub mod registry;
+pub mod replication;
 pub mod scram;
 pub mod tenant;
 pub mod usage;
@@ -48,6 +49,8 @@ pub enum PgError {
     },
     #[error("the admin role {role:?} lacks {what}; grant it (see README, 'Admin role')")]
     MissingPrivilege { role: String, what: String },
+    #[error("{0}")]
+    Replication(String),
     #[error("an identifier contains a NUL byte")]
     NulInIdentifier,
     #[error("a restore of tenant {0} is running; retrying when it is done")]
@@ -73,7 +76,9 @@ impl PgError {
     /// opposed to one a person must fix.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Connect { .. } | PgError::RestoreRunning(_) | PgError::NoOpsRole(_) => true,
+            PgError::Connect { .. } | PgError::RestoreRunning(_) | PgError::NoOpsRole(_) | PgError::Replication(_) => {
+                true
+            }
             PgError::Query { source, .. } => is_transient_sqlx(source),
             PgError::Migrate(_)
             | PgError::BadUrl(_)

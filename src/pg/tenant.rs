@@ -628,6 +628,32 @@ pub async fn terminate_sessions(pool: &PgPool, name: &TenantName) -> Result<i64,
     Ok(n)
 }
 
+/// Ends the tenant's app sessions as [`terminate_sessions`] does and waits
+/// (up to `limit`) until they are gone: a commit under way in one of them
+/// is then in the WAL. Gives how many were signalled.
+pub async fn end_sessions_and_wait(
+    pool: &PgPool,
+    name: &TenantName,
+    limit: std::time::Duration,
+) -> Result<i64, PgError> {
+    let started = std::time::Instant::now();
+    let mut signalled = 0;
+    loop {
+        let n = terminate_sessions(pool, name).await?;
+        if n == 0 {
+            return Ok(signalled);
+        }
+        signalled += n;
+        if started.elapsed() > limit {
+            return Err(PgError::Replication(format!(
+                "{n} session(s) of tenant {name} did not end within {} s",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Ends every session of the tenant's ops login (a migration, backup or
 /// restore of this tenant); returns how many were signalled.
 pub async fn terminate_ops_sessions(pool: &PgPool, name: &TenantName) -> Result<i64, PgError> {

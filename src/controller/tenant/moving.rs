@@ -2,7 +2,16 @@
 //! tenant").
 //!
 //! A move starts when `spec.placement.shard` names another shard than
-//! `status.shard`. Strategy `Copy`: the tenant's writes stop on the source
+//! `status.shard`. Strategy `Logical` (both shards' admins superusers, the
+//! source at `wal_level=logical`): the registry row, roles and schema
+//! (without data) are made on the target, a publication of the tenant's
+//! tables on the source and a subscription on the target copy the data and
+//! stream every change while the tenant serves from the source
+//! (`Copying`, with bytes and lag in status); then the cutover
+//! (`CuttingOver`): writes stopped on the source, the target caught up to
+//! the source's last WAL position, the sequences copied, the replication
+//! objects dropped, the audit anchors rebased on the target, and the commit
+//! as below. Strategy `Copy` (otherwise): the tenant's writes stop on the source
 //! (login off, sessions ended, gateway revoked: as a suspend), its registry
 //! row (uid, key salt, key version) is copied to the target, its roles and
 //! schema are created there, a backup of the source (the backup store's
@@ -42,8 +51,27 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(600);
 /// (tests only: the window in which they take the source down).
 pub const PAUSE_AFTER_COMMIT_VAR: &str = "TENANT_OPERATOR_TEST_MOVE_PAUSE_AFTER_COMMIT_MS";
 
-/// The strategy of every move today.
-pub const STRATEGY: &str = "Copy";
+/// Milliseconds a `Logical` move waits in its cutover, writes stopped,
+/// before it reads the source's last position (tests only: the window in
+/// which they kill the operator).
+pub const PAUSE_IN_CUTOVER_VAR: &str = "TENANT_OPERATOR_TEST_MOVE_PAUSE_IN_CUTOVER_MS";
+
+/// Writes stopped on the source, then copied (a backup restored).
+pub const STRATEGY_COPY: &str = "Copy";
+/// Logical replication while the tenant serves; writes stop for the
+/// cutover only.
+pub const STRATEGY_LOGICAL: &str = "Logical";
+
+/// How long a cutover waits for the target to apply the source's last
+/// changes before it gives up (and rolls back).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
+
+/// The cutover starts when the initial copy is done and the target is
+/// this close (bytes of WAL) behind.
+const CUTOVER_LAG: i64 = 16 << 20;
+
+/// A `Logical` copy that makes no progress for this long fails.
+const STALL_LIMIT: Duration = Duration::from_secs(300);
 
 /// What a reconcile does about placement. Pure input: the Tenant, where it
 /// is, whether the wanted shard is open and takes tenants, whether a backup
@@ -74,13 +102,15 @@ pub enum Target {
 
 /// Decides. Pure.
 /// `wanted`: the shard the tenant should be on (its `spec.placement.shard`,
-/// or the one a drain of its shard chose).
+/// or the one a drain of its shard chose). `movable`: a strategy can run
+/// (logical replication between the two shards, or a backup store for a
+/// copy).
 pub fn decide(
     t: &Tenant,
     current: &str,
     wanted: Option<&str>,
     target: Target,
-    store: bool,
+    movable: bool,
     now: DateTime<Utc>,
 ) -> Decision {
     let status = t.status.as_ref();
@@ -114,10 +144,10 @@ pub fn decide(
             );
         }
     }
-    if !store {
+    if !movable {
         return blocked(
             "MoveNotAvailable",
-            "a move copies the tenant through the backup store, and the operator runs without --backup-store".into(),
+            "logical replication is not available between these shards, and a Copy move goes through the backup store, which the operator runs without (--backup-store)".into(),
         );
     }
     match target {
@@ -237,7 +267,23 @@ pub async fn drive(
         None => Target::Unknown,
     };
     let store = ctx.settings.backup.store.is_some();
-    match decide(t, &current.name, wanted.as_deref(), target, store, Utc::now()) {
+    // The strategy, read from both shards only when a move would start.
+    let to_conn = wanted
+        .as_deref()
+        .filter(|w| *w != current.name && t.status.as_ref().is_none_or(|s| s.moving.is_none()))
+        .and_then(|w| ctx.shards.get(w));
+    let strategy = match (&to_conn, target) {
+        (
+            Some(to),
+            Target::Open {
+                state: ShardState::Open,
+                has_room: true,
+            },
+        ) => Some(strategy(&current, to, name).await),
+        _ => None,
+    };
+    let movable = store || matches!(&strategy, Some((s, _)) if *s == STRATEGY_LOGICAL);
+    match decide(t, &current.name, wanted.as_deref(), target, movable, Utc::now()) {
         Decision::Stay => Ok(stay(None)),
         Decision::Blocked { reason, message } => Ok(stay(Some((reason, message)))),
         // The tenant serves from here whatever happens to the source.
@@ -264,6 +310,11 @@ pub async fn drive(
                     "Moving",
                     "a move cut off during its copy was rolled back; it starts again".to_string(),
                 ),
+                MovePhase::CuttingOver => (
+                    Some(("Interrupted", "the operator stopped during the cutover")),
+                    "Moving",
+                    "a move cut off during its cutover was rolled back; it starts again".to_string(),
+                ),
                 _ => (
                     None,
                     "MoveFailed",
@@ -287,15 +338,23 @@ pub async fn drive(
                 .ok_or_else(|| MoveError::Other(format!("shard {to} is not open")))?;
             // The move as `status.moving` shows it, also what a rollback
             // records (its start, its strategy).
+            let (strategy, reason) = match strategy {
+                Some(s) => s,
+                None => self::strategy(&current, &to, name).await,
+            };
             let m = MoveStatus {
                 from: current.name.clone(),
                 to: to.name.clone(),
                 phase: MovePhase::Copying,
-                strategy: STRATEGY.into(),
-                strategy_reason: strategy_reason(&to).await,
+                strategy: strategy.into(),
+                strategy_reason: reason,
                 started_at: now(),
+                bytes_copied: None,
+                bytes_total: None,
+                lag_bytes: None,
+                tables_pending: None,
             };
-            match copy(ctx, t, name, uid, &current, &to, desired, m.clone()).await {
+            match run(ctx, t, name, uid, &current, &to, desired, m.clone()).await {
                 Ok(()) => Ok(After {
                     shard: to,
                     placed: None,
@@ -344,21 +403,17 @@ fn drain_target(ctx: &Context, t: &Tenant, current: &ShardConn) -> Result<String
     placement::choose(&spec, &candidates, &crate::controller::shards::tenants_per_shard(ctx))
 }
 
-/// Why the copy strategy runs (logical replication is not built; in
-/// Postgres 15 it would need a superuser on the target for CREATE
-/// SUBSCRIPTION anyway).
-async fn strategy_reason(to: &ShardConn) -> String {
-    let superuser: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
-        .fetch_one(&to.pool)
-        .await
-        .unwrap_or(false);
-    if superuser {
-        "online moves with logical replication are not built in this version: writes stop for the copy".into()
-    } else {
-        format!(
-            "logical replication needs CREATE SUBSCRIPTION, which Postgres 15 allows superusers only, and the admin of shard {} is not one: writes stop for the copy",
-            to.name
-        )
+/// The strategy of a move from `from` to `to`, and why.
+async fn strategy(from: &ShardConn, to: &ShardConn, name: &TenantName) -> (&'static str, String) {
+    match crate::pg::replication::check(&from.pool, &to.pool, &name.schema(), &to.name, &from.name).await {
+        Ok(()) => (
+            STRATEGY_LOGICAL,
+            format!(
+                "the admins of shards {} and {} may replicate and the source runs wal_level=logical: the tenant serves during the copy, writes stop for the cutover only",
+                from.name, to.name
+            ),
+        ),
+        Err(why) => (STRATEGY_COPY, format!("{why}: writes stop for the copy")),
     }
 }
 
@@ -369,10 +424,10 @@ enum Failure {
     AfterCommit(MoveError),
 }
 
-/// The copy `m`, from the first step to the commit and the target's login
-/// on.
+/// The move `m` by its strategy, from the first step to the commit and
+/// the target's login on.
 #[allow(clippy::too_many_arguments)]
-async fn copy(
+async fn run(
     ctx: &Context,
     t: &Tenant,
     name: &TenantName,
@@ -382,21 +437,335 @@ async fn copy(
     desired: &DesiredDb,
     m: MoveStatus,
 ) -> Result<(), Failure> {
-    let (m, stopped, password, taken, ring) = copy_until_commit(ctx, t, name, uid, from, to, desired, m)
-        .await
-        .map_err(Failure::BeforeCommit)?;
-    finish(ctx, t, name, uid, from, to, desired, m, stopped, password, taken, ring)
+    let committed = if m.strategy == STRATEGY_LOGICAL {
+        replicate_until_commit(ctx, t, name, uid, from, to, desired, m).await
+    } else {
+        copy_until_commit(ctx, t, name, uid, from, to, desired, m).await
+    }
+    .map_err(Failure::BeforeCommit)?;
+    finish(ctx, t, name, uid, from, to, desired, committed)
         .await
         .map_err(Failure::AfterCommit)
 }
 
-type Committed = (
-    MoveStatus,
-    Instant,
-    Option<zeroize::Zeroizing<String>>,
-    crate::backup::BackupOutcome,
-    Arc<crate::crypto::Keyring>,
-);
+/// A move at its commit: the tenant is on the target, login still off.
+struct Committed {
+    m: MoveStatus,
+    /// When writes stopped on the source.
+    stopped: Instant,
+    /// The app role's password (from its Secret), kept across the move.
+    password: Option<zeroize::Zeroizing<String>>,
+    /// What was copied (`lastMove.bytes`).
+    bytes: i64,
+    /// For the `Moved` audit row.
+    detail: serde_json::Value,
+    ring: Arc<crate::crypto::Keyring>,
+}
+
+/// What both strategies read of the source when they start.
+struct Start {
+    ring: Arc<crate::crypto::Keyring>,
+    /// The source's catalog of the tenant.
+    catalog: crate::pg::tenant::CatalogState,
+    /// The app role's password (from its Secret), kept across the move.
+    password: Option<zeroize::Zeroizing<String>>,
+    /// The spec's database state with the login off.
+    off: DesiredDb,
+}
+
+impl Start {
+    fn password(&self) -> Option<&str> {
+        self.password.as_ref().map(|p| p.as_str())
+    }
+}
+
+/// The move's start: `status.moving` written and an Event; the keys and
+/// the source's state read.
+#[allow(clippy::too_many_arguments)]
+async fn begin(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    from: &ShardConn,
+    to: &ShardConn,
+    desired: &DesiredDb,
+    m: &MoveStatus,
+) -> Result<Start, MoveError> {
+    write_moving(ctx, t, uid, &from.name, m).await?;
+    crate::controller::kit::event(
+        ctx,
+        t,
+        false,
+        "MoveStarted",
+        format!("moving to shard {} ({}: {})", to.name, m.strategy, m.strategy_reason),
+    )
+    .await;
+    let ring = ctx
+        .keys
+        .current()
+        .ok_or_else(|| MoveError::Other("the root keys are not loaded".into()))?;
+    let observed = super::observe::observe(ctx, &from.pool, name)
+        .await
+        .map_err(|e| MoveError::Other(e.to_string()))?;
+    let password = observed.secret_password();
+    Ok(Start {
+        ring,
+        catalog: observed.catalog.clone(),
+        password,
+        off: DesiredDb {
+            login: false,
+            ..desired.clone()
+        },
+    })
+}
+
+/// The target made ready, login off: the registry row (same uid, key salt
+/// and key version), the roles, the schema and its audit objects.
+async fn make_target(
+    from: &ShardConn,
+    to: &ShardConn,
+    name: &TenantName,
+    uid: &str,
+    start: &Start,
+) -> Result<(), MoveError> {
+    crate::pg::registry::copy_row(&from.pool, &to.pool, uid).await?;
+    let catalog = crate::pg::tenant::observe(&to.pool, name).await?;
+    super::converge_db(
+        &to.pool,
+        &start.ring,
+        name,
+        uid,
+        &start.off,
+        &catalog,
+        start.password(),
+        ACTOR,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes stop on the source: login off, the gateway's grant revoked, the
+/// app's sessions ended, and waited for (a commit under way when a session
+/// is signalled is in the WAL, or in the dump, before the copy goes on).
+async fn stop_writes(from: &ShardConn, name: &TenantName, uid: &str, start: &Start) -> Result<Instant, MoveError> {
+    super::converge_db(
+        &from.pool,
+        &start.ring,
+        name,
+        uid,
+        &start.off,
+        &start.catalog,
+        start.password(),
+        ACTOR,
+    )
+    .await?;
+    crate::pg::tenant::end_sessions_and_wait(&from.pool, name, Duration::from_secs(10)).await?;
+    Ok(Instant::now())
+}
+
+/// Who the audit log names for a move's steps.
+const ACTOR: &str = "tenant-operator (move)";
+
+/// Strategy `Logical`, up to the commit: the target made (registry row,
+/// roles, schema without data), the data replicated while the tenant
+/// serves, then the cutover.
+#[allow(clippy::too_many_arguments)]
+async fn replicate_until_commit(
+    ctx: &Context,
+    t: &Tenant,
+    name: &TenantName,
+    uid: &str,
+    from: &Arc<ShardConn>,
+    to: &Arc<ShardConn>,
+    desired: &DesiredDb,
+    mut m: MoveStatus,
+) -> Result<Committed, MoveError> {
+    use crate::pg::replication;
+    let start = begin(ctx, t, name, uid, from, to, desired, &m).await?;
+    let ring = start.ring.clone();
+    let schema = name.schema();
+    // 1. The target: registry row, roles and schema (login off), then the
+    // source's schema without its data.
+    make_target(from, to, name, uid, &start).await?;
+    let tools = crate::backup::Tools::default();
+    let from_access = crate::backup::TenantAccess::derive(&from.pool, &from.target, name, &ring).await?;
+    let to_access = crate::backup::TenantAccess::derive(&to.pool, &to.target, name, &ring).await?;
+    crate::backup::copy_schema(&to.pool, &from_access, &to_access, &tools, ACTOR).await?;
+    // 2. Publication, slot and subscription: the tables copied, then
+    // every change streamed, while the tenant serves from the source.
+    let secret = replication::publish(&from.pool, &schema, uid).await?;
+    replication::subscribe(
+        &to.pool,
+        &from.target,
+        crate::backup::libpq_ssl_mode(&from.target),
+        uid,
+        &secret,
+    )
+    .await?;
+    drop(secret);
+    let bytes = follow_copy(ctx, t, uid, from, to, &schema, &mut m).await?;
+    crate::controller::kit::event(
+        ctx,
+        t,
+        false,
+        "MoveCopied",
+        format!(
+            "the tenant's tables are on shard {} ({bytes} bytes) and follow the source; cutting over",
+            to.name
+        ),
+    )
+    .await;
+    // 3. The cutover: writes stop; the target applies the source's last
+    // change; the sequences follow.
+    m.phase = MovePhase::CuttingOver;
+    write_moving(ctx, t, uid, &from.name, &m).await?;
+    crate::controller::kit::event(
+        ctx,
+        t,
+        false,
+        "MoveCuttingOver",
+        format!(
+            "writes stop on shard {} until shard {} has the last change",
+            from.name, to.name
+        ),
+    )
+    .await;
+    // No migration of the tenant runs on the source from here to the
+    // commit (one under way is waited for).
+    let migrations_held = replication::hold_migrations(&from.pool, uid, CATCH_UP_LIMIT).await?;
+    let stopped = stop_writes(from, name, uid, &start).await?;
+    if let Some(ms) = std::env::var(PAUSE_IN_CUTOVER_VAR)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let lsn = replication::current_lsn(&from.pool).await?;
+    let caught_up = replication::wait_applied(&to.pool, uid, &lsn, CATCH_UP_LIMIT).await?;
+    // DDL on the source since its schema was copied (a migration, which
+    // runs as the ops login, not stopped above) did not replicate.
+    if replication::schema_fingerprint(&from.pool, &schema).await?
+        != replication::schema_fingerprint(&to.pool, &schema).await?
+    {
+        return Err(MoveError::Other(
+            "the tenant's schema changed on the source during the copy (a migration?); the target's differs".into(),
+        ));
+    }
+    let sequences = replication::sequences(&from.pool, &schema).await?;
+    replication::set_sequences(&to.pool, &schema, &sequences).await?;
+    // The replication objects go before the commit (the source is known
+    // reachable here): the subscription with its slot, the publication,
+    // the replication login.
+    replication::clear(&to.pool, uid).await?;
+    replication::clear(&from.pool, uid).await?;
+    // The replicated audit chain is anchored on the target as after a
+    // restore (its head read there, recorded).
+    crate::pg::audit::rebase_after_restore(
+        &to.pool,
+        &ring,
+        &to_access.login,
+        ACTOR,
+        serde_json::json!({ "move": { "from": from.name, "to": to.name } }),
+    )
+    .await?;
+    if let Some(cfg) = ctx.settings.backup.store.as_ref() {
+        let store = crate::backup::Store::open(cfg)?;
+        crate::backup::sync_registry(&to.pool, &store, uid).await?;
+    }
+    tracing::info!(tenant = %name, to = %to.name, lsn = %lsn, caught_up_ms = caught_up.as_millis() as u64, sequences = sequences.len(), "cutover: the target has the source's last change");
+    // 4. Commit.
+    m.phase = MovePhase::CleaningUp;
+    (m.bytes_copied, m.bytes_total, m.lag_bytes, m.tables_pending) = (None, None, None, None);
+    commit(ctx, t, uid, to, &m).await?;
+    // Migrations follow `status.shard` to the target from here.
+    let _ = migrations_held.rollback().await;
+    Ok(Committed {
+        m,
+        stopped,
+        password: start.password,
+        bytes,
+        detail: serde_json::json!({ "strategy": STRATEGY_LOGICAL, "lsn": lsn, "sequences": sequences.len() }),
+        ring,
+    })
+}
+
+/// Waits for the subscription's initial copy and for the target to come
+/// within [`CUTOVER_LAG`] of the source, writing bytes and lag to
+/// `status.moving` every few seconds when they change. Gives the bytes on
+/// the target.
+async fn follow_copy(
+    ctx: &Context,
+    t: &Tenant,
+    uid: &str,
+    from: &ShardConn,
+    to: &ShardConn,
+    schema: &str,
+    m: &mut MoveStatus,
+) -> Result<i64, MoveError> {
+    use crate::pg::replication;
+    let mut written = Instant::now();
+    let mut progressed = (Instant::now(), -1i64, i64::MAX);
+    loop {
+        let state = replication::sync_state(&to.pool, schema, uid)
+            .await?
+            .ok_or_else(|| MoveError::Other(format!("the move's subscription on shard {} is gone", to.name)))?;
+        if state.disabled || state.errors > 0 {
+            return Err(MoveError::Other(format!(
+                "the subscription on shard {} stopped on an error ({} error(s); the target server's log says which)",
+                to.name, state.errors
+            )));
+        }
+        let (total, lag) = replication::source_state(&from.pool, schema, uid).await?;
+        let lag =
+            lag.ok_or_else(|| MoveError::Other(format!("the move's replication slot on shard {} is gone", from.name)))?;
+        if state.tables_pending == 0 && lag <= CUTOVER_LAG {
+            return Ok(state.bytes);
+        }
+        if state.bytes > progressed.1 || lag < progressed.2 {
+            progressed = (Instant::now(), state.bytes, lag);
+        } else if progressed.0.elapsed() > STALL_LIMIT {
+            return Err(MoveError::Other(format!(
+                "the copy to shard {} made no progress for {} s ({} of {} bytes, {lag} bytes behind)",
+                to.name,
+                STALL_LIMIT.as_secs(),
+                state.bytes,
+                total
+            )));
+        }
+        let now = (Some(state.bytes), Some(total), Some(lag), Some(state.tables_pending));
+        if written.elapsed() >= Duration::from_secs(3)
+            && now != (m.bytes_copied, m.bytes_total, m.lag_bytes, m.tables_pending)
+        {
+            (m.bytes_copied, m.bytes_total, m.lag_bytes, m.tables_pending) = now;
+            write_moving(ctx, t, uid, &from.name, m).await?;
+            written = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The commit: `status.shard` names the target (and `moving` says
+/// CleaningUp) from here on.
+async fn commit(ctx: &Context, t: &Tenant, uid: &str, to: &ShardConn, m: &MoveStatus) -> Result<(), MoveError> {
+    write_moving(ctx, t, uid, &to.name, m).await
+}
+
+/// `status.shard` and `status.moving` written, `lastMove` kept.
+async fn write_moving(ctx: &Context, t: &Tenant, uid: &str, shard: &str, m: &MoveStatus) -> Result<(), MoveError> {
+    placement::write(
+        ctx,
+        t,
+        uid,
+        &State {
+            shard: shard.to_owned(),
+            moving: Some(m.clone()),
+            last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
+        },
+    )
+    .await?;
+    Ok(())
+}
 
 /// Steps 1 to 4: writes stopped, the target prepared and filled, the
 /// commit.
@@ -411,68 +780,13 @@ async fn copy_until_commit(
     desired: &DesiredDb,
     mut m: MoveStatus,
 ) -> Result<Committed, MoveError> {
-    let reason = m.strategy_reason.clone();
-    let last = t.status.as_ref().and_then(|s| s.last_move.clone());
-    placement::write(
-        ctx,
-        t,
-        uid,
-        &State {
-            shard: from.name.clone(),
-            moving: Some(m.clone()),
-            last_move: last,
-        },
-    )
-    .await?;
-    crate::controller::kit::event(
-        ctx,
-        t,
-        false,
-        "MoveStarted",
-        format!("moving to shard {} ({STRATEGY}: {reason})", to.name),
-    )
-    .await;
-    let ring = ctx
-        .keys
-        .current()
-        .ok_or_else(|| MoveError::Other("the root keys are not loaded".into()))?;
-    let actor = "tenant-operator (move)";
-    let observed = super::observe::observe(ctx, &from.pool, name)
-        .await
-        .map_err(|e| MoveError::Other(e.to_string()))?;
-    let password = observed.secret_password();
-    let off = DesiredDb {
-        login: false,
-        ..desired.clone()
-    };
+    let start = begin(ctx, t, name, uid, from, to, desired, &m).await?;
+    let ring = start.ring.clone();
     // 1. Writes stop on the source.
-    super::converge_db(
-        &from.pool,
-        &ring,
-        name,
-        uid,
-        &off,
-        &observed.catalog,
-        password.as_ref().map(|p| p.as_str()),
-        actor,
-    )
-    .await?;
-    let stopped = Instant::now();
+    let stopped = stop_writes(from, name, uid, &start).await?;
     // 2. The registry row (same uid and key salt) and the roles and schema
     // on the target, login off.
-    crate::pg::registry::copy_row(&from.pool, &to.pool, uid).await?;
-    let catalog = crate::pg::tenant::observe(&to.pool, name).await?;
-    super::converge_db(
-        &to.pool,
-        &ring,
-        name,
-        uid,
-        &off,
-        &catalog,
-        password.as_ref().map(|p| p.as_str()),
-        actor,
-    )
-    .await?;
+    make_target(from, to, name, uid, &start).await?;
     // 3. The data: a backup of the source restored into the target.
     let cfg = ctx
         .settings
@@ -487,22 +801,19 @@ async fn copy_until_commit(
     crate::backup::record(&from.pool, &taken).await?;
     let access = crate::backup::TenantAccess::derive(&to.pool, &to.target, name, &ring).await?;
     let selector = crate::backup::Selector::Id(taken.manifest.id.clone());
-    crate::backup::restore(&to.pool, &ring, &access, &tools, &store, &selector, actor).await?;
+    crate::backup::restore(&to.pool, &ring, &access, &tools, &store, &selector, ACTOR).await?;
     crate::backup::sync_registry(&to.pool, &store, uid).await?;
     // 4. Commit: the tenant is on the target from here on.
     m.phase = MovePhase::CleaningUp;
-    placement::write(
-        ctx,
-        t,
-        uid,
-        &State {
-            shard: to.name.clone(),
-            moving: Some(m.clone()),
-            last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
-        },
-    )
-    .await?;
-    Ok((m, stopped, password, taken, ring))
+    commit(ctx, t, uid, to, &m).await?;
+    Ok(Committed {
+        m,
+        stopped,
+        password: start.password,
+        bytes: taken.manifest.bytes as i64,
+        detail: serde_json::json!({ "strategy": STRATEGY_COPY, "backup": taken.manifest.id }),
+        ring,
+    })
 }
 
 /// Steps 5 and 6, after the commit: login on at the target, the source's
@@ -516,13 +827,17 @@ async fn finish(
     from: &Arc<ShardConn>,
     to: &Arc<ShardConn>,
     desired: &DesiredDb,
-    m: MoveStatus,
-    stopped: Instant,
-    password: Option<zeroize::Zeroizing<String>>,
-    taken: crate::backup::BackupOutcome,
-    ring: Arc<crate::crypto::Keyring>,
+    committed: Committed,
 ) -> Result<(), MoveError> {
-    let actor = "tenant-operator (move)";
+    let Committed {
+        m,
+        stopped,
+        password,
+        bytes,
+        detail,
+        ring,
+    } = committed;
+    let actor = ACTOR;
     // 5. Login on at the target (as the spec says).
     let catalog = crate::pg::tenant::observe(&to.pool, name).await?;
     super::converge_db(
@@ -537,28 +852,28 @@ async fn finish(
     )
     .await?;
     let window = stopped.elapsed();
-    crate::pg::registry::record_event(
-        &to.pool,
-        uid,
-        Some(name.as_str()),
-        "Moved",
-        actor,
-        serde_json::json!({ "from": from.name, "to": to.name, "backup": taken.manifest.id, "writeUnavailableMs": window.as_millis() as i64 }),
-    )
+    crate::pg::registry::record_event(&to.pool, uid, Some(name.as_str()), "Moved", actor, {
+        let mut d =
+            serde_json::json!({ "from": from.name, "to": to.name, "writeUnavailableMs": window.as_millis() as i64 });
+        if let (Some(d), Some(more)) = (d.as_object_mut(), detail.as_object()) {
+            d.extend(more.clone());
+        }
+        d
+    })
     .await?;
     let done = LastMove {
         from: from.name.clone(),
         to: to.name.clone(),
-        strategy: STRATEGY.into(),
+        strategy: m.strategy.clone(),
         result: "Succeeded".into(),
         started_at: m.started_at.clone(),
         finished_at: now(),
         write_unavailable_ms: Some(window.as_millis() as i64),
-        bytes: Some(taken.manifest.bytes as i64),
+        bytes: Some(bytes),
         message: m.strategy_reason.clone(),
         generation: t.metadata.generation,
     };
-    tracing::info!(tenant = %name, from = %from.name, to = %to.name, write_unavailable_ms = window.as_millis() as u64, bytes = taken.manifest.bytes, "tenant moved");
+    tracing::info!(tenant = %name, from = %from.name, to = %to.name, strategy = %m.strategy, write_unavailable_ms = window.as_millis() as u64, bytes, "tenant moved");
     // A test hook (failpoint): hold the move between its commit and the
     // source's drop, so that a test can take the source down there.
     if let Some(ms) = std::env::var(PAUSE_AFTER_COMMIT_VAR)
@@ -575,7 +890,7 @@ async fn finish(
         uid,
         &State {
             shard: to.name.clone(),
-            moving: cleaned.is_err().then_some(m),
+            moving: cleaned.is_err().then(|| m.clone()),
             last_move: Some(done.clone()),
         },
     )
@@ -586,9 +901,10 @@ async fn finish(
         false,
         "Moved",
         format!(
-            "moved from shard {} to {}: writes unavailable for {} ms",
+            "moved from shard {} to {} ({}): writes unavailable for {} ms",
             from.name,
             to.name,
+            m.strategy,
             window.as_millis()
         ),
     )
@@ -601,8 +917,10 @@ async fn finish(
 
 /// Drops the tenant from `shard` and checks nothing is left there.
 async fn drop_source(name: &TenantName, uid: &str, shard: &ShardConn) -> Result<(), MoveError> {
-    crate::pg::tenant::drop_tenant(&shard.pool, name, uid, "tenant-operator (move)").await?;
-    let left = crate::pg::tenant::leftovers(&shard.pool, name, uid).await?;
+    crate::pg::replication::clear(&shard.pool, uid).await?;
+    crate::pg::tenant::drop_tenant(&shard.pool, name, uid, ACTOR).await?;
+    let mut left = crate::pg::tenant::leftovers(&shard.pool, name, uid).await?;
+    left.extend(crate::pg::replication::leftovers(&shard.pool, uid).await?);
     if left.is_empty() {
         Ok(())
     } else {
@@ -671,9 +989,18 @@ async fn roll_back(
     };
     // The target's copy, when its shard is reachable (else kept in
     // `moving` as RollingBack and retried).
+    // A `Logical` move's subscription goes first (with its slot on the
+    // source), then what the source holds of it.
     let cleaned = match ctx.shards.get(&m.to) {
         Some(to) => drop_source(name, uid, &to).await,
         None => Err(MoveError::Other(format!("shard {} is not open", m.to))),
+    };
+    let cleaned = match (cleaned, ctx.shards.get(&m.from)) {
+        (Ok(()), Some(from)) => crate::pg::replication::clear(&from.pool, uid)
+            .await
+            .map_err(MoveError::from),
+        (Ok(()), None) => Err(MoveError::Other(format!("shard {} is not open", m.from))),
+        (e, _) => e,
     };
     if let Err(e) = &cleaned {
         tracing::warn!(tenant = %name, shard = %m.to, error = %e, "dropping the failed move's target copy failed; retrying");
@@ -716,14 +1043,18 @@ mod tests {
                 from: "a".into(),
                 to: "b".into(),
                 phase,
-                strategy: STRATEGY.into(),
+                strategy: STRATEGY_COPY.into(),
                 strategy_reason: String::new(),
                 started_at: "2026-12-02T00:00:00Z".into(),
+                bytes_copied: None,
+                bytes_total: None,
+                lag_bytes: None,
+                tables_pending: None,
             }),
             last_move: last.map(|(result, generation, at)| LastMove {
                 from: "a".into(),
                 to: "b".into(),
-                strategy: STRATEGY.into(),
+                strategy: STRATEGY_COPY.into(),
                 result: result.into(),
                 started_at: at.into(),
                 finished_at: at.into(),

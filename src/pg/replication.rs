@@ -37,14 +37,16 @@ pub fn object_name(uid: &str) -> String {
 /// `schema`: `Err` says why not (the move then copies with writes
 /// stopped).
 pub async fn check(from: &PgPool, to: &PgPool, schema: &str, to_name: &str, from_name: &str) -> Result<(), String> {
-    type Side = (bool, String, i32, i64, i64);
+    type Side = (bool, String, i32, i64, i64, i64, i64);
     let side = |pool: &PgPool| {
         let pool = pool.clone();
         async move {
             sqlx::query_as::<_, Side>(
                 "SELECT r.rolsuper, current_setting('wal_level'), current_setting('server_version_num')::int4,
                         current_setting('max_replication_slots')::int8 - (SELECT count(*) FROM pg_catalog.pg_replication_slots),
-                        current_setting('max_logical_replication_workers')::int8
+                        current_setting('max_logical_replication_workers')::int8,
+                        current_setting('max_wal_senders')::int8 - (SELECT count(*) FROM pg_catalog.pg_stat_replication),
+                        current_setting('max_sync_workers_per_subscription')::int8
                    FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
             )
             .fetch_one(&pool)
@@ -52,8 +54,8 @@ pub async fn check(from: &PgPool, to: &PgPool, schema: &str, to_name: &str, from
             .map_err(|e| format!("reading the admin's rights failed: {e}"))
         }
     };
-    let (src_super, wal_level, src_version, free_slots, _) = side(from).await?;
-    let (dst_super, _, dst_version, _, workers) = side(to).await?;
+    let (src_super, wal_level, src_version, free_slots, _, free_senders, _) = side(from).await?;
+    let (dst_super, _, dst_version, _, workers, _, sync_workers) = side(to).await?;
     if src_version < 150000 || dst_version < 150000 {
         return Err("logical replication of a schema needs PostgreSQL 15 or later on both shards".into());
     }
@@ -72,9 +74,16 @@ pub async fn check(from: &PgPool, to: &PgPool, schema: &str, to_name: &str, from
             "shard {from_name} runs with wal_level={wal_level}; logical replication needs wal_level=logical"
         ));
     }
-    if free_slots < 1 {
+    // The move's slot, and one per table copied at once.
+    let needed = 1 + sync_workers;
+    if free_slots < needed {
         return Err(format!(
-            "shard {from_name} has no free replication slot (max_replication_slots)"
+            "shard {from_name} has {free_slots} free replication slot(s) and a move needs {needed} (max_replication_slots)"
+        ));
+    }
+    if free_senders < needed {
+        return Err(format!(
+            "shard {from_name} has {free_senders} free WAL sender(s) and a move needs {needed} (max_wal_senders)"
         ));
     }
     if workers < 1 {
@@ -84,13 +93,16 @@ pub async fn check(from: &PgPool, to: &PgPool, schema: &str, to_name: &str, from
     // publication would refuse while the tenant keeps serving.
     let odd: Vec<(String, String)> = sqlx::query_as(
         "SELECT c.relname::text,
-                CASE WHEN c.relpersistence = 'u' THEN 'is unlogged (logical replication does not carry it)'
+                CASE WHEN c.relkind = 'm' THEN 'is a materialized view (logical replication does not carry it)'
+                     WHEN c.relpersistence = 'u' THEN 'is unlogged (logical replication does not carry it)'
                      ELSE 'has no primary key or replica identity (its UPDATEs and DELETEs would fail while published)' END
            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-          WHERE n.nspname = $1 AND c.relkind = 'r'
-            AND (c.relpersistence = 'u'
-              OR c.relreplident = 'n'
-              OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+          WHERE n.nspname = $1
+            AND (c.relkind = 'm'
+              OR (c.relkind = 'r'
+                AND (c.relpersistence = 'u'
+                  OR c.relreplident = 'n'
+                  OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))))
           ORDER BY 1 LIMIT 3",
     )
     .bind(schema)
@@ -126,10 +138,15 @@ pub async fn publish(pool: &PgPool, schema: &str, uid: &str) -> Result<zeroize::
         .await
         .map_err(query_err("starting the move's publication"))?;
     let mut statements = vec!["SET LOCAL log_statement = 'none'".to_owned()];
+    // A week at most, a handful of connections (the apply worker and the
+    // table-sync workers).
+    let until = quote_literal(&(chrono::Utc::now() + chrono::Duration::days(7)).to_rfc3339())?;
+    let attrs =
+        format!("LOGIN REPLICATION BYPASSRLS NOINHERIT CONNECTION LIMIT 16 VALID UNTIL {until} PASSWORD {verifier}");
     statements.push(if has_role {
-        format!("ALTER ROLE {role} WITH LOGIN REPLICATION BYPASSRLS PASSWORD {verifier}")
+        format!("ALTER ROLE {role} WITH {attrs}")
     } else {
-        format!("CREATE ROLE {role} WITH LOGIN REPLICATION BYPASSRLS NOINHERIT PASSWORD {verifier}")
+        format!("CREATE ROLE {role} WITH {attrs}")
     });
     statements.push(format!(
         "GRANT CONNECT ON DATABASE {} TO {role}",
@@ -166,17 +183,17 @@ pub async fn subscribe(
     uid: &str,
     password: &str,
 ) -> Result<(), PgError> {
+    use sqlx::{ConnectOptions, Connection};
     let name = object_name(uid);
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_subscription WHERE subname = $1)")
-            .bind(&name)
-            .fetch_one(pool)
-            .await
-            .map_err(query_err("reading the move's subscription"))?;
-    if exists {
-        return Ok(());
-    }
-    let conninfo = format!(
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_subscription WHERE subname = $1
+                          AND subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))",
+    )
+    .bind(&name)
+    .fetch_one(pool)
+    .await
+    .map_err(query_err("reading the move's subscription"))?;
+    let conninfo = quote_literal(&format!(
         "host={} port={} dbname={} user={} password={} sslmode={ssl_mode} application_name={}",
         conninfo_value(&source.host),
         source.port,
@@ -184,31 +201,53 @@ pub async fn subscribe(
         conninfo_value(&name),
         conninfo_value(password),
         conninfo_value(&name),
-    );
+    ))?;
     let sub = quote_ident(&name)?;
-    let statements = vec![
-        "SET LOCAL log_statement = 'none'".to_owned(),
-        "SET LOCAL log_min_duration_statement = -1".to_owned(),
+    let statement = if exists {
+        // A move started again: the login's password was set anew.
+        format!("ALTER SUBSCRIPTION {sub} CONNECTION {conninfo}")
+    } else {
         format!(
-            "CREATE SUBSCRIPTION {sub} CONNECTION {} PUBLICATION {sub} WITH (create_slot = false, slot_name = {}, copy_data = true, disable_on_error = true)",
-            quote_literal(&conninfo)?,
+            "CREATE SUBSCRIPTION {sub} CONNECTION {conninfo} PUBLICATION {sub} WITH (create_slot = false, slot_name = {}, copy_data = true, disable_on_error = true)",
             quote_literal(&name)?
-        ),
-    ];
-    let mut tx = pool
-        .begin()
+        )
+    };
+    // The statement carries the password: on a connection of its own that
+    // logs no statement here, and with the server's statement logging,
+    // error statement logging and utility tracking off for its transaction.
+    let opts = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .log_statements(tracing::log::LevelFilter::Off)
+        .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(3600));
+    let mut conn = sqlx::PgConnection::connect_with(&opts)
         .await
-        .map_err(query_err("starting the move's subscription"))?;
-    super::execute_all(
-        &mut tx,
-        "subscribing the target to the tenant's publication",
-        statements,
-    )
-    .await?;
-    tx.commit()
-        .await
-        .map_err(query_err("committing the move's subscription"))?;
-    Ok(())
+        .map_err(query_err("connecting to subscribe the target"))?;
+    let result = async {
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(query_err("starting the move's subscription"))?;
+        super::execute_all(
+            &mut tx,
+            "subscribing the target to the tenant's publication",
+            vec![
+                "SET LOCAL log_statement = 'none'".to_owned(),
+                "SET LOCAL log_min_duration_statement = -1".to_owned(),
+                "SET LOCAL log_min_error_statement = 'panic'".to_owned(),
+                "SET LOCAL pg_stat_statements.track_utility = off".to_owned(),
+                statement,
+            ],
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(query_err("committing the move's subscription"))
+    }
+    .await;
+    let _ = conn.close().await;
+    result
 }
 
 /// A libpq connection-string value, single-quoted with `\` and `'`
@@ -239,7 +278,7 @@ pub async fn sync_state(pool: &PgPool, schema: &str, uid: &str) -> Result<Option
                 coalesce((SELECT apply_error_count + sync_error_count FROM pg_catalog.pg_stat_subscription_stats st WHERE st.subid = s.oid), 0),
                 coalesce((SELECT sum(pg_catalog.pg_total_relation_size(c.oid)) FROM pg_catalog.pg_class c
                            WHERE c.relnamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $2) AND c.relkind = 'r'), 0)::int8
-           FROM pg_catalog.pg_subscription s WHERE s.subname = $1",
+           FROM pg_catalog.pg_subscription s WHERE s.subname = $1 AND s.subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())",
     )
     .bind(object_name(uid))
     .bind(schema)
@@ -274,7 +313,9 @@ pub async fn source_state(pool: &PgPool, schema: &str, uid: &str) -> Result<(i64
 /// The source's current WAL position (after writes stopped: the last
 /// change the target must have applied).
 pub async fn current_lsn(pool: &PgPool) -> Result<String, PgError> {
-    sqlx::query_scalar("SELECT pg_catalog.pg_current_wal_lsn()::text")
+    // The insert position: a commit made with synchronous_commit off is
+    // acknowledged before the write position passes it.
+    sqlx::query_scalar("SELECT pg_catalog.pg_current_wal_insert_lsn()::text")
         .fetch_one(pool)
         .await
         .map_err(query_err("reading the source's WAL position"))
@@ -288,7 +329,10 @@ pub async fn wait_applied(pool: &PgPool, uid: &str, lsn: &str, limit: Duration) 
     let name = object_name(uid);
     loop {
         let done: Option<bool> = sqlx::query_scalar(
-            "SELECT coalesce(latest_end_lsn >= $2::pg_lsn, false) FROM pg_catalog.pg_stat_subscription WHERE subname = $1 AND relid IS NULL",
+            "SELECT coalesce(st.latest_end_lsn >= $2::pg_lsn, false) FROM pg_catalog.pg_stat_subscription st
+               JOIN pg_catalog.pg_subscription s ON s.oid = st.subid
+              WHERE s.subname = $1 AND st.relid IS NULL
+                AND s.subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())",
         )
         .bind(&name)
         .bind(lsn)
@@ -302,11 +346,30 @@ pub async fn wait_applied(pool: &PgPool, uid: &str, lsn: &str, limit: Duration) 
             return Err(PgError::Replication(format!(
                 "the target did not apply the source's changes up to {lsn} within {} s (apply worker {})",
                 limit.as_secs(),
-                if done.is_some() { "running" } else { "not running" }
+                if done.is_some() {
+                    "running"
+                } else {
+                    "not running: see the target server's log"
+                }
             )));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Whether the move's publication (on the source) still publishes the
+/// live schema named `schema`: a schema renamed aside and replaced (a
+/// restore) is no longer it, and its tables would not reach the target.
+pub async fn publishes(pool: &PgPool, schema: &str, uid: &str) -> Result<bool, PgError> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_namespace pn JOIN pg_catalog.pg_publication p ON p.oid = pn.pnpubid
+                         WHERE p.pubname = $1 AND pn.pnnspid = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $2))",
+    )
+    .bind(object_name(uid))
+    .bind(schema)
+    .fetch_one(pool)
+    .await
+    .map_err(query_err("reading the move's publication"))
 }
 
 /// Takes the tenant's migration lock on the source (the row migrations
@@ -353,12 +416,15 @@ pub async fn schema_fingerprint(pool: &PgPool, schema: &str) -> Result<String, P
         "WITH rel AS (
            SELECT c.oid, c.relname, c.relkind FROM pg_catalog.pg_class c
             WHERE c.relnamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1))
-         SELECT md5(coalesce(string_agg(x, E'\\n' ORDER BY x), '')) FROM (
+         SELECT md5(coalesce(string_agg(x, E'\\n' ORDER BY x COLLATE \"C\"), '')) FROM (
            SELECT 'rel ' || relname || ' ' || relkind::text AS x FROM rel
            UNION ALL
            SELECT 'col ' || r.relname || '.' || a.attname || ' ' || pg_catalog.format_type(a.atttypid, a.atttypmod)
                   || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+                  || coalesce(' default ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid), '')
+                  || CASE WHEN a.attgenerated <> '' THEN ' generated' ELSE '' END
              FROM rel r JOIN pg_catalog.pg_attribute a ON a.attrelid = r.oid
+             LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
             WHERE a.attnum > 0 AND NOT a.attisdropped
            UNION ALL
            SELECT 'con ' || r.relname || '.' || co.conname || ' ' || pg_catalog.pg_get_constraintdef(co.oid)
@@ -369,6 +435,19 @@ pub async fn schema_fingerprint(pool: &PgPool, schema: &str) -> Result<String, P
            UNION ALL
            SELECT 'trg ' || pg_catalog.pg_get_triggerdef(t.oid)
              FROM rel r JOIN pg_catalog.pg_trigger t ON t.tgrelid = r.oid WHERE NOT t.tgisinternal
+           UNION ALL
+           SELECT 'pol ' || r.relname || '.' || po.polname || ' ' || po.polcmd::text || ' '
+                  || coalesce(pg_catalog.pg_get_expr(po.polqual, po.polrelid), '') || ' '
+                  || coalesce(pg_catalog.pg_get_expr(po.polwithcheck, po.polrelid), '')
+             FROM rel r JOIN pg_catalog.pg_policy po ON po.polrelid = r.oid
+           UNION ALL
+           SELECT 'rls ' || c.relname || ' ' || c.relrowsecurity::text || c.relforcerowsecurity::text
+             FROM rel r JOIN pg_catalog.pg_class c ON c.oid = r.oid WHERE r.relkind IN ('r', 'p')
+           UNION ALL
+           SELECT 'type ' || t.typname || ' ' || t.typtype::text
+                  || coalesce(' ' || (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder) FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid), '')
+             FROM pg_catalog.pg_type t
+            WHERE t.typnamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1) AND t.typtype IN ('e', 'd')
            UNION ALL
            SELECT 'view ' || relname || ' ' || pg_catalog.pg_get_viewdef(oid) FROM rel WHERE relkind IN ('v', 'm')
            UNION ALL
@@ -446,7 +525,14 @@ pub async fn clear(pool: &PgPool, uid: &str) -> Result<(), PgError> {
             .execute(pool)
             .await;
         if let Err(e) = dropped {
-            tracing::warn!(subscription = %name, error = %e, "dropping the move's subscription with its slot failed; detaching it from the source");
+            let oid: Option<i64> =
+                sqlx::query_scalar("SELECT oid::int8 FROM pg_catalog.pg_subscription WHERE subname = $1")
+                    .bind(&name)
+                    .fetch_optional(pool)
+                    .await
+                    .ok()
+                    .flatten();
+            tracing::warn!(subscription = %name, oid = ?oid, error = %e, "dropping the move's subscription with its slot failed; detaching it from the source (its table-sync slots there, pg_<oid>_sync_*, are left to drop by hand)");
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER SUBSCRIPTION {q} DISABLE")))
                 .execute(pool)
                 .await

@@ -628,6 +628,54 @@ pub async fn terminate_sessions(pool: &PgPool, name: &TenantName) -> Result<i64,
     Ok(n)
 }
 
+/// Fences the app role's writes on `pool`: its INSERT, UPDATE, DELETE and
+/// TRUNCATE rights on the schema's tables revoked (a session that took the
+/// role before its login and gateway grant went, `SET ROLE` by the
+/// gateway, is refused at its next write), then every table locked
+/// `EXCLUSIVE` for a moment, which waits (up to `wait`) for the writes that
+/// passed the check to commit. After it no write of the app role commits
+/// there. A reconcile that converges the schema again grants them back
+/// (`GrantExistingObjects`).
+pub async fn fence_writes(pool: &PgPool, name: &TenantName, wait: std::time::Duration) -> Result<(), PgError> {
+    let (schema, app) = (quote_ident(&name.schema())?, quote_ident(&name.app_role())?);
+    let mut conn = pool.acquire().await.map_err(query_err("fencing the tenant's writes"))?;
+    super::execute_all(
+        &mut conn,
+        "revoking the app role's writes",
+        vec![format!(
+            "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {schema} FROM {app}"
+        )],
+    )
+    .await?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1",
+    )
+    .bind(name.schema())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_err("listing the tenant's tables"))?;
+    if tables.is_empty() {
+        return Ok(());
+    }
+    super::execute_all(
+        &mut conn,
+        "waiting for the tenant's writes under way",
+        vec![format!(
+            "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN EXCLUSIVE MODE; COMMIT",
+            wait.as_millis(),
+            tables.join(", ")
+        )],
+    )
+    .await
+    .inspect_err(|_| {
+        // A failed LOCK leaves the transaction aborted: end it.
+        conn.close_on_drop();
+    })?;
+    Ok(())
+}
+
 /// Ends the tenant's app sessions as [`terminate_sessions`] does and waits
 /// (up to `limit`) until they are gone: a commit under way in one of them
 /// is then in the WAL. Gives how many were signalled.

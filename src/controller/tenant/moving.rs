@@ -336,6 +336,19 @@ pub async fn drive(
                 .shards
                 .get(&to)
                 .ok_or_else(|| MoveError::Other(format!("shard {to} is not open")))?;
+            // A restore under way (its schema aside) finishes first.
+            if crate::pg::backup_sql::pending_restore(&current.pool, name, uid)
+                .await?
+                .is_some()
+            {
+                return Ok(stay(Some((
+                    "RestoreRunning",
+                    format!(
+                        "a restore of the tenant is under way on shard {}; the move to {} starts after it",
+                        current.name, to.name
+                    ),
+                ))));
+            }
             // The move as `status.moving` shows it, also what a rollback
             // records (its start, its strategy).
             let (strategy, reason) = match strategy {
@@ -561,6 +574,7 @@ async fn stop_writes(from: &ShardConn, name: &TenantName, uid: &str, start: &Sta
     )
     .await?;
     crate::pg::tenant::end_sessions_and_wait(&from.pool, name, Duration::from_secs(10)).await?;
+    crate::pg::tenant::fence_writes(&from.pool, name, Duration::from_secs(10)).await?;
     Ok(Instant::now())
 }
 
@@ -632,8 +646,10 @@ async fn replicate_until_commit(
     )
     .await;
     // No migration of the tenant runs on the source from here to the
-    // commit (one under way is waited for).
-    let migrations_held = replication::hold_migrations(&from.pool, uid, CATCH_UP_LIMIT).await?;
+    // commit (one under way is waited for). Not held during the copy: the
+    // lock's transaction has an xid, and a replication slot (the table-sync
+    // workers' too) waits for every transaction with one to end.
+    let mut migrations_held = replication::hold_migrations(&from.pool, uid, CATCH_UP_LIMIT).await?;
     let stopped = stop_writes(from, name, uid, &start).await?;
     if let Some(ms) = std::env::var(PAUSE_IN_CUTOVER_VAR)
         .ok()
@@ -643,6 +659,18 @@ async fn replicate_until_commit(
     }
     let lsn = replication::current_lsn(&from.pool).await?;
     let caught_up = replication::wait_applied(&to.pool, uid, &lsn, CATCH_UP_LIMIT).await?;
+    // The migration lock still held (its session alive), and the
+    // publication still the live schema's (a restore would have replaced
+    // it).
+    sqlx::query("SELECT 1")
+        .execute(&mut *migrations_held)
+        .await
+        .map_err(|e| MoveError::Other(format!("the migration lock on shard {} was lost: {e}", from.name)))?;
+    if !replication::publishes(&from.pool, &schema, uid).await? {
+        return Err(MoveError::Other(
+            "the tenant's schema on the source was replaced during the copy (a restore?)".into(),
+        ));
+    }
     // DDL on the source since its schema was copied (a migration, which
     // runs as the ops login, not stopped above) did not replicate.
     if replication::schema_fingerprint(&from.pool, &schema).await?
@@ -995,13 +1023,15 @@ async fn roll_back(
         Some(to) => drop_source(name, uid, &to).await,
         None => Err(MoveError::Other(format!("shard {} is not open", m.to))),
     };
-    let cleaned = match (cleaned, ctx.shards.get(&m.from)) {
-        (Ok(()), Some(from)) => crate::pg::replication::clear(&from.pool, uid)
+    // The source's slot, publication and login go whatever became of the
+    // target (a slot left there would hold the source's WAL).
+    let source = match ctx.shards.get(&m.from) {
+        Some(from) => crate::pg::replication::clear(&from.pool, uid)
             .await
             .map_err(MoveError::from),
-        (Ok(()), None) => Err(MoveError::Other(format!("shard {} is not open", m.from))),
-        (e, _) => e,
+        None => Err(MoveError::Other(format!("shard {} is not open", m.from))),
     };
+    let cleaned = cleaned.and(source);
     if let Err(e) = &cleaned {
         tracing::warn!(tenant = %name, shard = %m.to, error = %e, "dropping the failed move's target copy failed; retrying");
     }

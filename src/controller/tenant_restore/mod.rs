@@ -404,6 +404,18 @@ async fn shard_of(ctx: &Context, tenant: &TenantName) -> Result<Arc<ShardConn>, 
         .tenant_store
         .get()
         .and_then(|s| s.get(&kube::runtime::reflector::ObjectRef::new(tenant.as_str())));
+    // A move copies the schema as it is: a restore waits for its end (and
+    // a move does not start while a restore runs).
+    if let Some(m) = t
+        .as_deref()
+        .and_then(|t| t.status.as_ref())
+        .and_then(|s| s.moving.as_ref())
+    {
+        return Err(Error::Waiting(format!(
+            "tenant {tenant} is moving from shard {} to {}; the restore starts after the move",
+            m.from, m.to
+        )));
+    }
     let Some(name) = t
         .as_deref()
         .and_then(|t| crate::controller::tenant::placement::shard_of(ctx, t))

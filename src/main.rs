@@ -506,12 +506,15 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             env_secret: args.backup_env_secret,
             service_account: args.backup_service_account,
             pg_ssl_mode: Some(pg_ssl_mode),
-            store: args.backup_store.map(|url| tenant_operator::backup::StoreConfig {
-                url,
-                s3_endpoint: args.backup_s3_endpoint,
-                s3_path_style: args.backup_s3_path_style,
-                s3_region: args.backup_s3_region,
-            }),
+            store: args
+                .backup_store
+                .filter(|url| !url.is_empty())
+                .map(|url| tenant_operator::backup::StoreConfig {
+                    url,
+                    s3_endpoint: args.backup_s3_endpoint,
+                    s3_path_style: args.backup_s3_path_style,
+                    s3_region: args.backup_s3_region,
+                }),
         },
     };
     tracing::info!(namespace = %settings.namespace, concurrency = settings.concurrency, admin = %facts.role, superuser = facts.superuser, "tenant-operator starting");

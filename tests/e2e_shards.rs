@@ -1343,3 +1343,43 @@ async fn a_migration_during_a_logical_copy_is_not_lost() {
     assert_eq!(replication_leftovers(&env, &pool_a, &t).await, 0);
     assert_eq!(replication_leftovers(&env, &pool_b, &t).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_backup_store_a_copy_move_goes_through_a_private_folder_and_leaves_nothing() {
+    let env = Env::start_with("e2e_move_nostore", None, &[("BACKUP_STORE", "")]).await;
+    let (shard, pool2, _) = ready_shard(&env, "ns").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    let t = tenant_with_items(&env, "mvn");
+    bulk(&pool1, &t, 20_000).await;
+    ask_move(&env, &t, &shard);
+    wait_tenant(&env, &t, Duration::from_secs(90), "the move", || {
+        last_move(&env, &t, "result") == "Succeeded" && env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
+    });
+    assert_eq!(last_move(&env, &t, "strategy"), "Copy");
+    assert_eq!(
+        count(
+            &pool2,
+            format!("SELECT count(*) FROM tenant_{}.items", t.replace('-', "_"))
+        )
+        .await,
+        20_000
+    );
+    assert!(!schema_on(&pool1, &t).await);
+    // The sealed dump went with its folder; no backup is recorded.
+    let hex = env.jsonpath(&["tenant", &t], "{.metadata.uid}").replace('-', "");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(&hex))
+        .collect();
+    assert!(left.is_empty(), "the move's folder is gone: {left:?}");
+    assert_eq!(
+        count(
+            &pool2,
+            format!("SELECT count(*) FROM tenancy.backups b JOIN tenancy.tenants t ON t.uid = b.tenant_uid WHERE t.name = '{t}'")
+        )
+        .await,
+        0
+    );
+    env.wait_ready(&t);
+}

@@ -102,17 +102,8 @@ pub enum Target {
 
 /// Decides. Pure.
 /// `wanted`: the shard the tenant should be on (its `spec.placement.shard`,
-/// or the one a drain of its shard chose). `movable`: a strategy can run
-/// (logical replication between the two shards, or a backup store for a
-/// copy).
-pub fn decide(
-    t: &Tenant,
-    current: &str,
-    wanted: Option<&str>,
-    target: Target,
-    movable: bool,
-    now: DateTime<Utc>,
-) -> Decision {
+/// or the one a drain of its shard chose).
+pub fn decide(t: &Tenant, current: &str, wanted: Option<&str>, target: Target, now: DateTime<Utc>) -> Decision {
     let status = t.status.as_ref();
     match status.and_then(|s| s.moving.clone()) {
         Some(m) if m.phase == MovePhase::CleaningUp => return Decision::CleanUp(m),
@@ -143,12 +134,6 @@ pub fn decide(
                 ),
             );
         }
-    }
-    if !movable {
-        return blocked(
-            "MoveNotAvailable",
-            "logical replication is not available between these shards, and a Copy move goes through the backup store, which the operator runs without (--backup-store)".into(),
-        );
     }
     match target {
         Target::Unknown => blocked("ShardNotFound", format!("shard {wanted} is not open (see its status)")),
@@ -266,7 +251,6 @@ pub async fn drive(
         }
         None => Target::Unknown,
     };
-    let store = ctx.settings.backup.store.is_some();
     // The strategy, read from both shards only when a move would start.
     let to_conn = wanted
         .as_deref()
@@ -282,8 +266,7 @@ pub async fn drive(
         ) => Some(strategy(&current, to, name).await),
         _ => None,
     };
-    let movable = store || matches!(&strategy, Some((s, _)) if *s == STRATEGY_LOGICAL);
-    match decide(t, &current.name, wanted.as_deref(), target, movable, Utc::now()) {
+    match decide(t, &current.name, wanted.as_deref(), target, Utc::now()) {
         Decision::Stay => Ok(stay(None)),
         Decision::Blocked { reason, message } => Ok(stay(Some((reason, message)))),
         // The tenant serves from here whatever happens to the source.
@@ -578,6 +561,26 @@ async fn stop_writes(from: &ShardConn, name: &TenantName, uid: &str, start: &Sta
     Ok(Instant::now())
 }
 
+/// A `Copy` move's private backup folder when the operator runs without a
+/// backup store: removed (with the sealed dump in it) when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(uid: &str) -> Self {
+        Scratch(std::env::temp_dir().join(format!(
+            "tenant-operator-move-{}-{:016x}",
+            crate::pg::replication::object_name(uid),
+            rand::random::<u64>()
+        )))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Who the audit log names for a move's steps.
 const ACTOR: &str = "tenant-operator (move)";
 
@@ -815,22 +818,34 @@ async fn copy_until_commit(
     // 2. The registry row (same uid and key salt) and the roles and schema
     // on the target, login off.
     make_target(from, to, name, uid, &start).await?;
-    // 3. The data: a backup of the source restored into the target.
-    let cfg = ctx
-        .settings
-        .backup
-        .store
-        .as_ref()
-        .ok_or_else(|| MoveError::Other("no backup store".into()))?;
-    let store = crate::backup::Store::open(cfg)?;
+    // 3. The data: a backup of the source (sealed under the tenant's
+    // backup key) restored into the target: through the backup store, or,
+    // when the operator runs without one, a private folder of its own
+    // removed after the move (the backup is then not kept).
+    let (store, scratch) = match ctx.settings.backup.store.as_ref() {
+        Some(cfg) => (crate::backup::Store::open(cfg)?, None),
+        None => {
+            let scratch = Scratch::new(uid);
+            let cfg = crate::backup::StoreConfig {
+                url: format!("file://{}", scratch.0.display()),
+                ..Default::default()
+            };
+            (crate::backup::Store::open(&cfg)?, Some(scratch))
+        }
+    };
     let tools = crate::backup::Tools::default();
     let access = crate::backup::TenantAccess::derive(&from.pool, &from.target, name, &ring).await?;
     let taken = crate::backup::backup(&access, &tools, &store, crate::backup::Retention::default()).await?;
-    crate::backup::record(&from.pool, &taken).await?;
+    if scratch.is_none() {
+        crate::backup::record(&from.pool, &taken).await?;
+    }
     let access = crate::backup::TenantAccess::derive(&to.pool, &to.target, name, &ring).await?;
     let selector = crate::backup::Selector::Id(taken.manifest.id.clone());
     crate::backup::restore(&to.pool, &ring, &access, &tools, &store, &selector, ACTOR).await?;
-    crate::backup::sync_registry(&to.pool, &store, uid).await?;
+    if scratch.is_none() {
+        crate::backup::sync_registry(&to.pool, &store, uid).await?;
+    }
+    drop(scratch);
     // 4. Commit: the tenant is on the target from here on.
     m.phase = MovePhase::CleaningUp;
     commit(ctx, t, uid, to, &m).await?;
@@ -1110,16 +1125,13 @@ mod tests {
     #[test]
     fn a_new_shard_in_the_spec_starts_a_move_when_it_can() {
         let now = at("2026-12-02T01:00:00Z");
+        assert_eq!(decide(&tenant(None, None, None), "a", None, OPEN, now), Decision::Stay);
         assert_eq!(
-            decide(&tenant(None, None, None), "a", None, OPEN, true, now),
+            decide(&tenant(Some("a"), None, None), "a", Some("a"), OPEN, now),
             Decision::Stay
         );
         assert_eq!(
-            decide(&tenant(Some("a"), None, None), "a", Some("a"), OPEN, true, now),
-            Decision::Stay
-        );
-        assert_eq!(
-            decide(&tenant(Some("b"), None, None), "a", Some("b"), OPEN, true, now),
+            decide(&tenant(Some("b"), None, None), "a", Some("b"), OPEN, now),
             Decision::Start("b".into())
         );
         let reason = |d: Decision| match d {
@@ -1127,16 +1139,11 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            reason(decide(&tenant(Some("b"), None, None), "a", Some("b"), OPEN, false, now)),
-            "MoveNotAvailable"
-        );
-        assert_eq!(
             reason(decide(
                 &tenant(Some("b"), None, None),
                 "a",
                 Some("b"),
                 Target::Unknown,
-                true,
                 now
             )),
             "ShardNotFound"
@@ -1146,14 +1153,7 @@ mod tests {
             has_room: true,
         };
         assert_eq!(
-            reason(decide(
-                &tenant(Some("b"), None, None),
-                "a",
-                Some("b"),
-                closed,
-                true,
-                now
-            )),
+            reason(decide(&tenant(Some("b"), None, None), "a", Some("b"), closed, now)),
             "ShardNotOpen"
         );
         let full = Target::Open {
@@ -1161,7 +1161,7 @@ mod tests {
             has_room: false,
         };
         assert_eq!(
-            reason(decide(&tenant(Some("b"), None, None), "a", Some("b"), full, true, now)),
+            reason(decide(&tenant(Some("b"), None, None), "a", Some("b"), full, now)),
             "ShardFull"
         );
     }
@@ -1171,24 +1171,24 @@ mod tests {
         let failed = tenant(Some("b"), None, Some(("Failed", 3, "2026-12-02T01:00:00Z")));
         let soon = at("2026-12-02T01:05:00Z");
         assert!(matches!(
-            decide(&failed, "a", Some("b"), OPEN, true, soon),
+            decide(&failed, "a", Some("b"), OPEN, soon),
             Decision::Blocked {
                 reason: "MoveFailed",
                 ..
             }
         ));
         assert_eq!(
-            decide(&failed, "a", Some("b"), OPEN, true, at("2026-12-02T01:11:00Z")),
+            decide(&failed, "a", Some("b"), OPEN, at("2026-12-02T01:11:00Z")),
             Decision::Start("b".into())
         );
         let changed = tenant(Some("b"), None, Some(("Failed", 2, "2026-12-02T01:00:00Z")));
         assert_eq!(
-            decide(&changed, "a", Some("b"), OPEN, true, soon),
+            decide(&changed, "a", Some("b"), OPEN, soon),
             Decision::Start("b".into())
         );
         let succeeded_back = tenant(Some("b"), None, Some(("Succeeded", 3, "2026-12-02T01:00:00Z")));
         assert_eq!(
-            decide(&succeeded_back, "a", Some("b"), OPEN, true, soon),
+            decide(&succeeded_back, "a", Some("b"), OPEN, soon),
             Decision::Start("b".into())
         );
     }
@@ -1202,7 +1202,6 @@ mod tests {
                 "a",
                 Some("b"),
                 OPEN,
-                true,
                 now
             ),
             Decision::RollBack(_)
@@ -1213,7 +1212,6 @@ mod tests {
                 "a",
                 Some("b"),
                 OPEN,
-                true,
                 now
             ),
             Decision::RollBack(_)
@@ -1224,7 +1222,6 @@ mod tests {
                 "b",
                 Some("b"),
                 OPEN,
-                true,
                 now
             ),
             Decision::CleanUp(_)

@@ -263,7 +263,7 @@ pub async fn drive(
                 state: ShardState::Open,
                 has_room: true,
             },
-        ) => Some(strategy(&current, to, name).await),
+        ) => Some(strategy(t, &current, to, name).await),
         _ => None,
     };
     match decide(t, &current.name, wanted.as_deref(), target, Utc::now()) {
@@ -336,7 +336,7 @@ pub async fn drive(
             // records (its start, its strategy).
             let (strategy, reason) = match strategy {
                 Some(s) => s,
-                None => self::strategy(&current, &to, name).await,
+                None => self::strategy(t, &current, &to, name).await,
             };
             let m = MoveStatus {
                 from: current.name.clone(),
@@ -400,7 +400,14 @@ fn drain_target(ctx: &Context, t: &Tenant, current: &ShardConn) -> Result<String
 }
 
 /// The strategy of a move from `from` to `to`, and why.
-async fn strategy(from: &ShardConn, to: &ShardConn, name: &TenantName) -> (&'static str, String) {
+async fn strategy(t: &Tenant, from: &ShardConn, to: &ShardConn, name: &TenantName) -> (&'static str, String) {
+    if let Some(why) = copy_after_failure(
+        t.status.as_ref().and_then(|s| s.last_move.as_ref()),
+        &from.name,
+        &to.name,
+    ) {
+        return (STRATEGY_COPY, why);
+    }
     match crate::pg::replication::check(&from.pool, &to.pool, &name.schema(), &to.name, &from.name).await {
         Ok(()) => (
             STRATEGY_LOGICAL,
@@ -411,6 +418,29 @@ async fn strategy(from: &ShardConn, to: &ShardConn, name: &TenantName) -> (&'sta
         ),
         Err(why) => (STRATEGY_COPY, format!("{why}: writes stop for the copy")),
     }
+}
+
+/// What a `Logical` move's failure says when replication could not copy
+/// the data at all (the target cannot reach the source, the subscription
+/// stops on an error): the next move between the same shards copies.
+const CANNOT_REPLICATE: &str = "logical replication could not copy the tenant";
+
+/// Why a move copies although both shards could replicate: the last move
+/// between them was `Logical` and failed because replication could not copy
+/// the data (not a cutover that ran out of time, nor a migration). Pure.
+fn copy_after_failure(last: Option<&LastMove>, from: &str, to: &str) -> Option<String> {
+    let last = last?;
+    (last.result == "Failed"
+        && last.strategy == STRATEGY_LOGICAL
+        && last.from == from
+        && last.to == to
+        && last.message.contains(CANNOT_REPLICATE))
+    .then(|| {
+        format!(
+            "the last Logical move from shard {from} to {to} failed ({}): this one copies, writes stop for the copy",
+            last.message
+        )
+    })
 }
 
 /// A failed copy: before the commit (rolled back) or after it (finished
@@ -743,7 +773,7 @@ async fn follow_copy(
             .ok_or_else(|| MoveError::Other(format!("the move's subscription on shard {} is gone", to.name)))?;
         if state.disabled || state.errors > 0 {
             return Err(MoveError::Other(format!(
-                "the subscription on shard {} stopped on an error ({} error(s); the target server's log says which)",
+                "{CANNOT_REPLICATE}: the subscription on shard {} stopped on an error ({} error(s); the target server's log says which)",
                 to.name, state.errors
             )));
         }
@@ -757,7 +787,7 @@ async fn follow_copy(
             progressed = (Instant::now(), state.bytes, lag);
         } else if progressed.0.elapsed() > STALL_LIMIT {
             return Err(MoveError::Other(format!(
-                "the copy to shard {} made no progress for {} s ({} of {} bytes, {lag} bytes behind)",
+                "{CANNOT_REPLICATE}: the copy to shard {} made no progress for {} s ({} of {} bytes, {lag} bytes behind; can the target's server reach the source's?)",
                 to.name,
                 STALL_LIMIT.as_secs(),
                 state.bytes,
@@ -1191,6 +1221,43 @@ mod tests {
             decide(&succeeded_back, "a", Some("b"), OPEN, soon),
             Decision::Start("b".into())
         );
+    }
+
+    #[test]
+    fn a_logical_move_that_could_not_replicate_is_followed_by_a_copy() {
+        let last = |strategy: &str, result: &str, message: &str| LastMove {
+            from: "a".into(),
+            to: "b".into(),
+            strategy: strategy.into(),
+            result: result.into(),
+            started_at: String::new(),
+            finished_at: String::new(),
+            write_unavailable_ms: None,
+            bytes: None,
+            message: message.into(),
+            generation: Some(1),
+        };
+        let stalled = last(
+            STRATEGY_LOGICAL,
+            "Failed",
+            &format!("{CANNOT_REPLICATE}: the copy to shard b made no progress"),
+        );
+        assert!(copy_after_failure(Some(&stalled), "a", "b")
+            .unwrap()
+            .contains("this one copies"));
+        // Not for another pair of shards, a cutover's failure, a copy's, a
+        // success, or an interruption.
+        assert_eq!(copy_after_failure(Some(&stalled), "a", "c"), None);
+        assert_eq!(copy_after_failure(Some(&stalled), "c", "b"), None);
+        let schema = last(STRATEGY_LOGICAL, "Failed", "the tenant's schema changed on the source");
+        assert_eq!(copy_after_failure(Some(&schema), "a", "b"), None);
+        let copy = last(STRATEGY_COPY, "Failed", CANNOT_REPLICATE);
+        assert_eq!(copy_after_failure(Some(&copy), "a", "b"), None);
+        let fine = last(STRATEGY_LOGICAL, "Succeeded", CANNOT_REPLICATE);
+        assert_eq!(copy_after_failure(Some(&fine), "a", "b"), None);
+        let cut = last(STRATEGY_LOGICAL, "Interrupted", CANNOT_REPLICATE);
+        assert_eq!(copy_after_failure(Some(&cut), "a", "b"), None);
+        assert_eq!(copy_after_failure(None, "a", "b"), None);
     }
 
     #[test]

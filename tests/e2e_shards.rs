@@ -1383,3 +1383,52 @@ async fn without_a_backup_store_a_copy_move_goes_through_a_private_folder_and_le
     );
     env.wait_ready(&t);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_deleted_while_its_source_copy_waits_is_dropped_on_both_shards() {
+    let env = Env::start_with(
+        "e2e_move_del",
+        None,
+        &[("TENANT_OPERATOR_TEST_MOVE_PAUSE_AFTER_COMMIT_MS", "4000")],
+    )
+    .await;
+    let (shard, pool2, _) = ready_shard(&env, "dl").await;
+    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
+    let t = tenant_with_items(&env, "mvx");
+    ask_move(&env, &t, &shard);
+    wait_tenant(&env, &t, Duration::from_secs(60), "the commit", || {
+        env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "CleaningUp"
+    });
+    // The source goes down for the operator before it drops its copy.
+    let admin = &env.admin_role;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {admin} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{admin}'"
+    )))
+    .execute(&pool1)
+    .await
+    .unwrap();
+    wait_tenant(&env, &t, Duration::from_secs(60), "the pending drop", || {
+        env.jsonpath(&["tenant", &t], "{.status.conditions[?(@.type==\"Placed\")].reason}") == "SourceCleanupPending"
+    });
+    env.kubectl_ok(&["delete", "tenant", &t, "--wait=false"]);
+    // The delete waits for the source: the Tenant stays, its finalizer on.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(env.jsonpath(&["tenant", &t], "{.metadata.name}"), t, "the Tenant waits");
+    assert!(schema_on(&pool1, &t).await, "the source's copy is still there");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {admin} LOGIN")))
+        .execute(&pool1)
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(90), "the Tenant to go", || {
+        !env.kubectl(&["get", "tenant", &t]).status.success()
+    });
+    for pool in [&pool1, &pool2] {
+        assert!(!schema_on(pool, &t).await, "no schema left");
+        assert_eq!(roles_on(pool, &t).await, 0, "no role left");
+        assert_eq!(
+            count(pool, format!("SELECT count(*) FROM tenancy.tenants WHERE name = '{t}'")).await,
+            0,
+            "no registry row left"
+        );
+    }
+}

@@ -854,7 +854,28 @@ async fn cleanup_steps(t: &Tenant, ctx: &Context) -> Result<Action, Stop> {
         })?),
     };
     let actor = plan::last_spec_manager(t);
+    // A move left unfinished (a copy still to drop on its source or its
+    // target, a shard having been unreachable): that copy and the move's
+    // replication objects go too; the delete waits for that shard.
+    if let Some(m) = t.status.as_ref().and_then(|s| s.moving.as_ref()) {
+        for other in [&m.from, &m.to] {
+            if shard.as_ref().is_some_and(|s| &s.name == other) {
+                continue;
+            }
+            let conn = ctx.shards.get(other).ok_or_else(|| Stop::Waiting {
+                reason: "ShardUnavailable",
+                message: format!("waiting for shard {other:?} to drop the copy an unfinished move left there"),
+            })?;
+            crate::pg::replication::clear(&conn.pool, &uid)
+                .await
+                .map_err(Stop::database)?;
+            drop_on(&conn, &name, &uid, &actor).await?;
+        }
+    }
     if let Some(shard) = &shard {
+        crate::pg::replication::clear(&shard.pool, &uid)
+            .await
+            .map_err(Stop::database)?;
         drop_on(shard, &name, &uid, &actor).await?;
     }
     apply::delete_secrets(ctx, &name).await?;

@@ -811,22 +811,18 @@ async fn a_draining_shard_moves_its_tenants_away_one_at_a_time() {
     env.kubectl_ok(&["delete", "shard", &shard, "--timeout=60s"]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_its_drop_waits() {
-    let env = Env::start_with(
-        "e2e_move_src",
-        None,
-        &[("TENANT_OPERATOR_TEST_MOVE_PAUSE_AFTER_COMMIT_MS", "4000")],
-    )
-    .await;
-    let (shard, pool2, _) = ready_shard(&env, "sc").await;
+/// A tenant moved from the default shard to a new one, committed, whose
+/// source (the operator's own database) then goes down for the operator
+/// before it drops its copy there (the Env holds the move 4 s after its
+/// commit): (tenant, target shard, superuser pools on source and target).
+async fn committed_with_the_source_down(env: &Env, label: &str, prefix: &str) -> (String, String, PgPool, PgPool) {
+    let (shard, pool2, _) = ready_shard(env, label).await;
     let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
-    let t = tenant_with_items(&env, "mvs");
-    ask_move(&env, &t, &shard);
-    wait_tenant(&env, &t, Duration::from_secs(60), "the commit", || {
+    let t = tenant_with_items(env, prefix);
+    ask_move(env, &t, &shard);
+    wait_tenant(env, &t, Duration::from_secs(60), "the commit", || {
         env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "CleaningUp"
     });
-    // The source (the operator's own database) goes down for the operator.
     let admin = &env.admin_role;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "ALTER ROLE {admin} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{admin}'"
@@ -835,7 +831,7 @@ async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_it
     .await
     .unwrap();
     wait_tenant(
-        &env,
+        env,
         &t,
         Duration::from_secs(60),
         "the pending drop to be reported",
@@ -844,6 +840,26 @@ async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_it
                 == "SourceCleanupPending"
         },
     );
+    (t, shard, pool1, pool2)
+}
+
+/// The operator's admin may log in to the default shard again.
+async fn source_up(env: &Env, pool1: &PgPool) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {} LOGIN", env.admin_role)))
+        .execute(pool1)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_its_drop_waits() {
+    let env = Env::start_with(
+        "e2e_move_src",
+        None,
+        &[("TENANT_OPERATOR_TEST_MOVE_PAUSE_AFTER_COMMIT_MS", "4000")],
+    )
+    .await;
+    let (t, shard, pool1, pool2) = committed_with_the_source_down(&env, "sc", "mvs").await;
     // It serves from the target meanwhile: one live copy.
     assert_eq!(env.jsonpath(&["tenant", &t], "{.status.shard}"), shard);
     let mut c = PgConnection::connect(&secret_field(&env, &t, "uri"))
@@ -860,10 +876,7 @@ async fn the_source_down_after_the_commit_leaves_the_tenant_on_the_target_and_it
         .unwrap();
     assert!(!source_login, "the source's copy cannot be logged into");
     // The source back: its copy is dropped.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {admin} LOGIN")))
-        .execute(&pool1)
-        .await
-        .unwrap();
+    source_up(&env, &pool1).await;
     wait_tenant(&env, &t, Duration::from_secs(60), "the source's drop", || {
         env.jsonpath(&["tenant", &t], "{.status.moving}").is_empty()
     });
@@ -1392,33 +1405,13 @@ async fn a_tenant_deleted_while_its_source_copy_waits_is_dropped_on_both_shards(
         &[("TENANT_OPERATOR_TEST_MOVE_PAUSE_AFTER_COMMIT_MS", "4000")],
     )
     .await;
-    let (shard, pool2, _) = ready_shard(&env, "dl").await;
-    let pool1 = PgPool::connect(&env.db.superuser_url).await.unwrap();
-    let t = tenant_with_items(&env, "mvx");
-    ask_move(&env, &t, &shard);
-    wait_tenant(&env, &t, Duration::from_secs(60), "the commit", || {
-        env.jsonpath(&["tenant", &t], "{.status.moving.phase}") == "CleaningUp"
-    });
-    // The source goes down for the operator before it drops its copy.
-    let admin = &env.admin_role;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "ALTER ROLE {admin} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{admin}'"
-    )))
-    .execute(&pool1)
-    .await
-    .unwrap();
-    wait_tenant(&env, &t, Duration::from_secs(60), "the pending drop", || {
-        env.jsonpath(&["tenant", &t], "{.status.conditions[?(@.type==\"Placed\")].reason}") == "SourceCleanupPending"
-    });
+    let (t, _, pool1, pool2) = committed_with_the_source_down(&env, "dl", "mvx").await;
     env.kubectl_ok(&["delete", "tenant", &t, "--wait=false"]);
     // The delete waits for the source: the Tenant stays, its finalizer on.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(env.jsonpath(&["tenant", &t], "{.metadata.name}"), t, "the Tenant waits");
     assert!(schema_on(&pool1, &t).await, "the source's copy is still there");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {admin} LOGIN")))
-        .execute(&pool1)
-        .await
-        .unwrap();
+    source_up(&env, &pool1).await;
     wait_for(Duration::from_secs(90), "the Tenant to go", || {
         !env.kubectl(&["get", "tenant", &t]).status.success()
     });

@@ -251,21 +251,6 @@ pub async fn drive(
         }
         None => Target::Unknown,
     };
-    // The strategy, read from both shards only when a move would start.
-    let to_conn = wanted
-        .as_deref()
-        .filter(|w| *w != current.name && t.status.as_ref().is_none_or(|s| s.moving.is_none()))
-        .and_then(|w| ctx.shards.get(w));
-    let strategy = match (&to_conn, target) {
-        (
-            Some(to),
-            Target::Open {
-                state: ShardState::Open,
-                has_room: true,
-            },
-        ) => Some(strategy(t, &current, to, name).await),
-        _ => None,
-    };
     match decide(t, &current.name, wanted.as_deref(), target, Utc::now()) {
         Decision::Stay => Ok(stay(None)),
         Decision::Blocked { reason, message } => Ok(stay(Some((reason, message)))),
@@ -334,10 +319,8 @@ pub async fn drive(
             }
             // The move as `status.moving` shows it, also what a rollback
             // records (its start, its strategy).
-            let (strategy, reason) = match strategy {
-                Some(s) => s,
-                None => self::strategy(t, &current, &to, name).await,
-            };
+            // Read from both shards only when a move starts.
+            let (strategy, reason) = strategy(t, &current, &to, name).await;
             let m = MoveStatus {
                 from: current.name.clone(),
                 to: to.name.clone(),

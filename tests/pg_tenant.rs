@@ -346,7 +346,8 @@ async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
 /// Many Tenants created at once (as `kubectl apply -f` of a folder does):
 /// every reconcile succeeds the first time. Concurrent `GRANT CONNECT ON
 /// DATABASE` used to fail with "tuple concurrently updated" (XX000); it is
-/// now serialized on a `tenancy.locks` row.
+/// serialized on a `tenancy.locks` row, and the grants of reconciles running
+/// at the same time are combined into one statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
     let db = setup("conc").await;
@@ -402,6 +403,84 @@ async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
         .filter_map(|r| r.err().map(|e| e.to_string()))
         .collect();
     assert!(failed.is_empty(), "{} of 40 deletes failed: {failed:?}", failed.len());
+}
+
+/// The CONNECT grants of reconciles running at the same time are combined
+/// (`pg::connect_grants`): every caller gets its logins granted, a caller
+/// whose request breaks the combined statement fails alone (the batch is
+/// run again one caller at a time), and a login that already has CONNECT
+/// costs no statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_connect_grants_are_combined_and_a_bad_request_fails_alone() {
+    let db = setup("grants").await;
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
+    let roles: Vec<String> = (0..24)
+        .map(|i| unique(&format!("grant_{i}")).replace('-', "_"))
+        .collect();
+    for r in &roles {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE ROLE \"{r}\" NOLOGIN")))
+            .execute(&db.admin)
+            .await
+            .unwrap();
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(30)
+        .connect(&db.admin_url)
+        .await
+        .unwrap();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(roles.len() + 1));
+    let mut callers: Vec<Vec<String>> = roles.iter().map(|r| vec![r.clone()]).collect();
+    // Postgres refuses a NUL in a text parameter: the combined statement
+    // that carries this request fails.
+    callers.push(vec!["bad\0role".into()]);
+    let runs = callers.iter().map(|logins| {
+        let (pool, barrier, database) = (pool.clone(), barrier.clone(), database.clone());
+        let logins = logins.clone();
+        tokio::spawn(async move {
+            barrier.wait().await;
+            pg::connect_grants::grant_connect(&pool, &database, logins).await
+        })
+    });
+    let results: Vec<_> = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    let (bad, good) = results.split_last().unwrap();
+    assert!(bad.is_err(), "the bad request was granted: {bad:?}");
+    let failed: Vec<String> = good
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} good requests failed beside the bad one: {failed:?}",
+        failed.len()
+    );
+    let connect: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1) AND has_database_privilege(oid, current_database(), 'CONNECT')",
+    )
+    .bind(&roles)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(connect, 24);
+    // Granted already: nothing to run.
+    let again = pg::connect_grants::grant_connect(&pool, &database, roles.clone())
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    for r in &roles {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET lock_timeout = '10s'; REVOKE CONNECT ON DATABASE \"{database}\" FROM \"{r}\"; DROP ROLE \"{r}\""
+        )))
+        .execute(&db.admin)
+        .await
+        .unwrap();
+    }
 }
 
 #[tokio::test]

@@ -187,8 +187,14 @@ pub async fn observe_many(
     }
     let list: Vec<&str> = names.iter().map(TenantName::as_str).collect();
     let rows: Vec<(String, bool, Option<i64>, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT t.name, EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = t.schema_name), v.version, v.name, v.checksum
-           FROM tenancy.tenants t LEFT JOIN tenancy.schema_versions v ON v.tenant_uid = t.uid
+        // Index look-ups per named tenant (the lateral subquery is kept
+        // from being pulled up by OFFSET 0): the generic plan of a plain
+        // join scanned every tenant's versions and every schema name.
+        "SELECT t.name, (SELECT true FROM pg_namespace n WHERE n.nspname = t.schema_name LIMIT 1) IS NOT NULL,
+                v.version, v.name, v.checksum
+           FROM tenancy.tenants t
+           LEFT JOIN LATERAL (SELECT v.version, v.name, v.checksum FROM tenancy.schema_versions v
+                               WHERE v.tenant_uid = t.uid OFFSET 0) v ON true
           WHERE t.name = ANY($1) ORDER BY t.name, v.version",
     )
     .bind(&list)

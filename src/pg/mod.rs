@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod backup_sql;
 pub mod confined;
+pub mod connect_grants;
 pub mod gateway;
 pub mod locks;
 pub mod migrations;

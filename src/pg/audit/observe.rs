@@ -157,9 +157,18 @@ pub async fn observe_anchor(conn: &mut PgConnection, name: &TenantName, uid: &st
 
 /// Reads what pgaudit can do here and the app role's setting: 1 or 2
 /// queries, no writes.
+///
+/// Whether pgaudit is loaded: its `pgaudit.log` setting exists and is not a
+/// placeholder (a placeholder is flagged `NO_SHOW_ALL`). Read with
+/// `pg_settings_get_flags` on PostgreSQL 15+, not from `pg_settings`: that
+/// view checks, for every superuser-only setting, whether the admin has the
+/// privileges of `pg_read_all_settings`, which computes the admin's whole
+/// role membership (it is a member of two roles per tenant) again after
+/// every membership change anywhere: milliseconds per call during a
+/// provisioning burst, growing with the number of tenants.
 pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Result<PgauditState, PgError> {
-    let (admin, loaded, superuser, version, settings): (String, bool, bool, i32, Vec<String>) = sqlx::query_as(
-        "SELECT current_user::text, EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log'),
+    let (admin, superuser, version, settings): (String, bool, i32, Vec<String>) = sqlx::query_as(
+        "SELECT current_user::text,
                 (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
                 current_setting('server_version_num')::int,
                 coalesce((SELECT array_agg(x) FROM pg_db_role_setting s, unnest(s.setconfig) x
@@ -173,18 +182,22 @@ pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Resu
     let app_setting = settings
         .iter()
         .find_map(|kv| kv.strip_prefix("pgaudit.log=").map(str::to_owned));
-    let can_set = if !loaded {
-        false
-    } else if superuser {
-        true
-    } else if version >= 150000 {
+    let (loaded, can_set) = if version >= 150000 {
         // Postgres 15 lets a superuser grant one parameter (GRANT SET ON PARAMETER).
-        sqlx::query_scalar("SELECT has_parameter_privilege('pgaudit.log', 'SET')")
+        sqlx::query_as::<_, (bool, bool)>(
+            "SELECT loaded, loaded AND ($1 OR has_parameter_privilege('pgaudit.log', 'SET'))
+               FROM (SELECT coalesce(NOT 'NO_SHOW_ALL' = ANY (pg_catalog.pg_settings_get_flags('pgaudit.log')), false) AS loaded) x",
+        )
+        .bind(superuser)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(query_err("reading pgaudit's availability"))?
+    } else {
+        let loaded: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log')")
             .fetch_one(&mut *conn)
             .await
-            .map_err(query_err("reading the admin's right to set pgaudit.log"))?
-    } else {
-        false
+            .map_err(query_err("reading pgaudit's availability"))?;
+        (loaded, loaded && superuser)
     };
     Ok(PgauditState {
         loaded,

@@ -150,12 +150,16 @@ pub fn followers_to_refresh(ms: &MigrationSet, tenants: &[Arc<Tenant>]) -> Vec<O
         .status
         .as_ref()
         .is_some_and(|s| s.phase == Some(crate::api::MigrationSetPhase::Progressing));
+    // The `RollingOut` message of [`condition`] names the latest version.
+    let to_latest = latest.map(|l| format!(" of {l};"));
     let rolling_out_to_latest = |t: &Tenant| {
-        let Some(latest) = latest else { return false };
+        let Some(to_latest) = to_latest.as_deref() else {
+            return false;
+        };
         t.status
             .as_ref()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION))
-            .is_some_and(|c| c.reason == "RollingOut" && c.message.contains(&format!(" of {latest};")))
+            .is_some_and(|c| c.reason == "RollingOut" && c.message.contains(to_latest))
     };
     let failed: Vec<&str> = ms
         .status

@@ -155,7 +155,7 @@ pub async fn observe_anchor(conn: &mut PgConnection, name: &TenantName, uid: &st
     decode().map_err(query_err("decoding the tenant's audit anchoring"))
 }
 
-/// Reads what pgaudit can do here and the app role's setting: 1 or 2
+/// Reads what pgaudit can do here and the app role's setting: 2
 /// queries, no writes.
 ///
 /// Whether pgaudit is loaded: its `pgaudit.log` setting exists and is not a

@@ -11,11 +11,17 @@
 //! - one `INSERT ... SELECT` of BENCH_ROWS (default 100,000) rows;
 //! - BENCH_SINGLE (default 10,000) single-row INSERT statements in one
 //!   transaction (a server-side loop, so no network round trips);
-//! - one UPDATE of BENCH_ROWS / 10 rows (row-level trigger: one chained
-//!   append per row);
+//! - one UPDATE of BENCH_ROWS / 10 rows (one statement: one chained
+//!   append);
 //! - BENCH_TX (default 2,000) transactions of one single-row INSERT each,
 //!   committed one by one (a server-side loop with COMMIT): what each
 //!   commit pays, the commit-time head update and anchor call included.
+//!
+//! Beside each, the floor: the same writes on a table with an empty
+//! PL/pgSQL statement trigger, on one whose trigger does the least an
+//! audit trigger can (one INSERT of the statement's keys into a log
+//! table, SECURITY DEFINER, no chain), and on one with the same INSERT in a
+//! row trigger (cheaper for one row, dearer for many).
 //!
 //! Then verifies the tenant's chain. Drops its database and roles at the
 //! end. Not part of `cargo test`.
@@ -107,6 +113,44 @@ async fn main() {
     .await
     .expect("create the tables");
     support::audit_new_tables(&pool, &name, &uid, &desired, &password).await;
+    // The floor: what any PL/pgSQL statement trigger costs on this server,
+    // measured beside the audit log. `empty` does nothing; `one` does the
+    // least an audit trigger that records who changed which rows can do
+    // (SECURITY DEFINER with a fixed search_path, as the audit functions
+    // are, and one INSERT of the statement's keys into a log table: no
+    // chain, no head, no commit-time work).
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA bench_floor;
+         CREATE TABLE bench_floor.empty_items {TABLE};
+         CREATE TABLE bench_floor.one_items {TABLE};
+         CREATE TABLE bench_floor.log (id bigserial PRIMARY KEY, \"time\" timestamptz NOT NULL, actor text NOT NULL,
+                                       operation text NOT NULL, table_name text NOT NULL, row_pk jsonb);
+         CREATE FUNCTION bench_floor.empty() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN RETURN NULL; END $f$;
+         CREATE FUNCTION bench_floor.one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+         BEGIN
+           INSERT INTO bench_floor.log (\"time\", actor, operation, table_name, row_pk)
+           SELECT clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
+                  jsonb_agg(jsonb_build_object('id', n.id))
+             FROM tenancy_new n;
+           RETURN NULL;
+         END $f$;
+         CREATE TABLE bench_floor.row_items {TABLE};
+         CREATE FUNCTION bench_floor.row_one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+         BEGIN
+           INSERT INTO bench_floor.log (\"time\", actor, operation, table_name, row_pk)
+           VALUES (clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
+                   jsonb_build_array(jsonb_build_object('id', NEW.id)));
+           RETURN NULL;
+         END $f$;
+         CREATE TRIGGER f_row AFTER INSERT OR UPDATE ON bench_floor.row_items FOR EACH ROW EXECUTE FUNCTION bench_floor.row_one();
+         CREATE TRIGGER f_ins AFTER INSERT ON bench_floor.empty_items REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.empty();
+         CREATE TRIGGER f_upd AFTER UPDATE ON bench_floor.empty_items REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.empty();
+         CREATE TRIGGER f_ins AFTER INSERT ON bench_floor.one_items REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.one();
+         CREATE TRIGGER f_upd AFTER UPDATE ON bench_floor.one_items REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.one();"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("create the floor tables");
     sqlx::raw_sql("SET tenancy.actor = 'bench'; SET tenancy.request_id = 'bench-run'")
         .execute(&mut admin)
         .await
@@ -129,6 +173,11 @@ async fn main() {
     };
     let plain = "bench_plain.items".to_string();
     let audited = format!("{schema}.items");
+    let floors = [
+        "bench_floor.empty_items",
+        "bench_floor.one_items",
+        "bench_floor.row_items",
+    ];
 
     let mut results = Vec::new();
     for (label, make) in [
@@ -141,16 +190,28 @@ async fn main() {
         (format!("{txs} one-row INSERT transactions"), &commits),
     ] {
         let (mut base, mut with) = (Vec::new(), Vec::new());
-        // A warm-up of each, then alternate so both see the same cache and
+        let mut floor = [Vec::new(), Vec::new(), Vec::new()];
+        // A warm-up of each, then alternate so all see the same cache and
         // autovacuum weather.
-        timed(&mut admin, &make(&plain)).await;
-        timed(&mut admin, &make(&audited)).await;
+        for t in [plain.as_str(), audited.as_str(), floors[0], floors[1], floors[2]] {
+            timed(&mut admin, &make(t)).await;
+        }
         for _ in 0..rounds {
             base.push(timed(&mut admin, &make(&plain)).await);
             with.push(timed(&mut admin, &make(&audited)).await);
+            for (i, t) in floors.iter().enumerate() {
+                floor[i].push(timed(&mut admin, &make(t)).await);
+            }
         }
-        let (b, w) = (median(base), median(with));
-        results.push((label, b, w));
+        let [empty, one, row] = floor;
+        results.push((
+            label,
+            median(base),
+            median(with),
+            median(empty),
+            median(one),
+            median(row),
+        ));
     }
     let audit_rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {schema}._tenancy_audit"
@@ -163,12 +224,33 @@ async fn main() {
     let verify_time = verify_start.elapsed();
 
     println!("audit triggers vs the same writes without triggers, median of {rounds} rounds each (PostgreSQL, same server, same run):");
-    for (label, b, w) in &results {
+    let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+    let ratio = |d: &Duration, b: &Duration| d.as_secs_f64() / b.as_secs_f64();
+    for (label, b, w, empty, one, row) in &results {
         println!(
             "  {label:<48} without: {:>9.1} ms   with audit: {:>9.1} ms   ratio {:.2}x",
-            b.as_secs_f64() * 1e3,
-            w.as_secs_f64() * 1e3,
-            w.as_secs_f64() / b.as_secs_f64()
+            ms(b),
+            ms(w),
+            ratio(w, b)
+        );
+        println!(
+            "  {:<48} floor: an empty PL/pgSQL statement trigger {:.1} ms ({:.2}x); one INSERT of the keys per statement, no chain {:.1} ms ({:.2}x); one INSERT per row {:.1} ms ({:.2}x)",
+            "",
+            ms(empty),
+            ratio(empty, b),
+            ms(one),
+            ratio(one, b),
+            ms(row),
+            ratio(row, b)
+        );
+    }
+    for (label, b, w, empty, one, row) in &results {
+        println!(
+            "RESULT audit {label}: {:.2}x (floor: empty trigger {:.2}x, one INSERT per statement {:.2}x, per row {:.2}x)",
+            ratio(w, b),
+            ratio(empty, b),
+            ratio(one, b),
+            ratio(row, b)
         );
     }
     println!(
@@ -181,10 +263,10 @@ async fn main() {
             "BROKEN"
         }
     );
-    let target = results[0].2.as_secs_f64() / results[0].1.as_secs_f64();
+    let target = ratio(&results[0].2, &results[0].1);
     println!(
-        "  target (bulk insert below 2x): {}",
-        if target < 2.0 { "met" } else { "NOT met" }
+        "  target (bulk insert at most 1.5x): {}",
+        if target <= 1.5 { "met" } else { "NOT met" }
     );
 
     drop(admin);

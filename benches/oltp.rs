@@ -8,7 +8,12 @@
 //! - 16 clients spread over 16 tenants (one pgbench per tenant, at once);
 //! - 16 clients on one tenant through the gateway role (`SET LOCAL ROLE`
 //!   to the tenant's app role and its `search_path` in each transaction,
-//!   as `tenancy-client` begins one).
+//!   as `tenancy-client` begins one);
+//! - the floor, at 1 and 16 clients: the same tables with the least an
+//!   audit trigger can do, one INSERT of the keys into a log table
+//!   (SECURITY DEFINER, no chain, no head, nothing at commit), from a
+//!   statement trigger (`floor_0`) and from a row trigger (`floor_1`),
+//!   against plain: what any PL/pgSQL trigger design costs here.
 //!
 //! `PG_EXTRA_OPTS="-c fsync=on -c synchronous_commit=on -c full_page_writes=on" bash scripts/with-postgres.sh cargo bench --bench oltp`
 //! (fsync on, as in production; pgbench from the server's bin directory or
@@ -230,6 +235,53 @@ async fn main() {
         support::audit_new_tables(&pool, &name, &uid, &desired, &password).await;
         tenants.push((name, password, plain));
     }
+    // The floor, beside tenant 0: the same tables with the least an audit
+    // trigger can do (SECURITY DEFINER with a fixed search_path, one INSERT
+    // of the statement's keys into a log table; no chain, no head, nothing
+    // at commit), writable by tenant 0's app role.
+    {
+        let app = tenants[0].0.app_role();
+        let trigger = |table: &str, op: &str, refs: &str| {
+            format!(
+                "CREATE TRIGGER f_{op} AFTER {op} ON floor_0.{table} REFERENCING {refs} FOR EACH STATEMENT EXECUTE FUNCTION floor_0.one();
+                 CREATE TRIGGER f_{op} AFTER {op} ON floor_1.{table} FOR EACH ROW EXECUTE FUNCTION floor_0.row_one();"
+            )
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA floor_0; {tables}
+             CREATE TABLE floor_0.log (id bigserial PRIMARY KEY, \"time\" timestamptz NOT NULL, actor text NOT NULL,
+                                       operation text NOT NULL, table_name text NOT NULL, row_pk jsonb);
+             CREATE FUNCTION floor_0.one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+             BEGIN
+               INSERT INTO floor_0.log (\"time\", actor, operation, table_name, row_pk)
+               SELECT clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
+                      jsonb_agg(to_jsonb(n) -> 'id')
+                 FROM tenancy_new n;
+               RETURN NULL;
+             END $f$;
+             CREATE FUNCTION floor_0.row_one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+             BEGIN
+               INSERT INTO floor_0.log (\"time\", actor, operation, table_name, row_pk)
+               VALUES (clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
+                       jsonb_build_array(to_jsonb(NEW) -> 'id'));
+               RETURN NULL;
+             END $f$;
+             CREATE SCHEMA floor_1; {tables1}
+             {upd} {ins}
+             GRANT USAGE ON SCHEMA floor_0, floor_1 TO {app};
+             GRANT SELECT, INSERT, UPDATE ON floor_0.accounts, floor_0.history, floor_1.accounts, floor_1.history TO {app};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA floor_0 TO {app};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA floor_1 TO {app};
+             ANALYZE floor_0.accounts; ANALYZE floor_1.accounts;",
+            tables = tables_sql("floor_0", accounts),
+            tables1 = tables_sql("floor_1", accounts),
+            upd = trigger("accounts", "UPDATE", "OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new"),
+            ins = trigger("history", "INSERT", "NEW TABLE AS tenancy_new"),
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("create the floor tables");
+    }
     sqlx::raw_sql("VACUUM ANALYZE")
         .execute(&mut admin)
         .await
@@ -261,6 +313,34 @@ async fn main() {
             vec![(
                 app0.clone(),
                 write_script("tenant0.sql", script(&name0.schema(), accounts, "")),
+                clients,
+            )],
+        ));
+    }
+    for clients in [1u64, 16] {
+        cases.push((
+            format!("{clients} client(s), floor: one INSERT per row"),
+            vec![(
+                app0.clone(),
+                write_script("plain0.sql", script(plain0, accounts, "")),
+                clients,
+            )],
+            vec![(
+                app0.clone(),
+                write_script("floor1.sql", script("floor_1", accounts, "")),
+                clients,
+            )],
+        ));
+        cases.push((
+            format!("{clients} client(s), floor: one INSERT per statement"),
+            vec![(
+                app0.clone(),
+                write_script("plain0.sql", script(plain0, accounts, "")),
+                clients,
+            )],
+            vec![(
+                app0.clone(),
+                write_script("floor0.sql", script("floor_0", accounts, "")),
                 clients,
             )],
         ));

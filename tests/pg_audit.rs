@@ -1287,6 +1287,67 @@ async fn an_update_appends_one_entry_per_statement_and_the_per_row_trigger_is_re
     verified(&db, &t).await;
 }
 
+/// An UPDATE of many rows (at least the trigger's small-statement size)
+/// is read with a query planned for it, one comparison per column and row:
+/// it gives the same keys and changed columns as the cached query of a
+/// small one, on a composite key, a `json` column (no equality operator),
+/// numerics equal as jsonb, and columns named like the query's own.
+#[tokio::test]
+async fn a_large_update_records_what_a_small_one_would() {
+    let db = setup("aud_upd_large").await;
+    let mut t = Tenant::new(&unique("ul"));
+    t.converge(&db).await.unwrap();
+    let (schema, owner) = (t.name.schema(), t.name.owner_role());
+    let mut su = db.superuser().await;
+    let table = |name: &str, rows: usize| {
+        format!(
+            "CREATE TABLE {schema}.{name} (k int, tag text, n int, r text, j json, num numeric, \"we ird\" text, PRIMARY KEY (tag, k));
+             INSERT INTO {schema}.{name} SELECT g, 't' || (g % 3), g, 'r', '{{\"a\": 1}}', 1.0, 'w' FROM generate_series(1, {rows}) g;"
+        )
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {owner}; {} {} RESET ROLE;",
+        table("small", 3),
+        table("large", 200)
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    t.converge(&db).await.unwrap();
+    let mut app = t.app(&db).await.unwrap();
+    let statements = [
+        ("UPDATE {t} SET n = n + (k % 2)", vec!["n"]),
+        ("UPDATE {t} SET j = j, \"we ird\" = \"we ird\", num = 1.00", vec![]),
+        ("UPDATE {t} SET j = '{\"a\": 2}', r = r || 'x'", vec!["j", "r"]),
+        ("UPDATE {t} SET \"we ird\" = 'v', tag = tag", vec!["we ird"]),
+    ];
+    for (sql, changed) in &statements {
+        for (table, rows) in [("small", 3usize), ("large", 200)] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.replace("{t}", table)))
+                .execute(&mut app)
+                .await
+                .unwrap();
+            let last = audit_rows(&db, &t).await.pop().unwrap();
+            assert_eq!((last.op.as_str(), last.table.as_deref()), ("UPDATE", Some(table)));
+            assert_eq!(
+                last.changed.as_deref(),
+                Some(&changed.iter().map(|c| c.to_string()).collect::<Vec<_>>()[..]),
+                "{sql} on {table}"
+            );
+            let keys = last.pk.as_ref().and_then(|v| v.as_array()).expect("keys").clone();
+            assert_eq!(keys.len(), rows, "{sql} on {table}");
+            let mut got: Vec<(i64, String)> = keys
+                .iter()
+                .map(|k| (k["k"].as_i64().unwrap(), k["tag"].as_str().unwrap().to_owned()))
+                .collect();
+            got.sort();
+            let want: Vec<(i64, String)> = (1..=rows as i64).map(|g| (g, format!("t{}", g % 3))).collect();
+            assert_eq!(got, want, "every updated row's key, {sql} on {table}");
+        }
+    }
+    verified(&db, &t).await;
+}
+
 /// `spec.audit.excludeTables`: a listed table loses its audit triggers at
 /// the next reconcile (its writes leave no entry; the rest of the log
 /// still verifies), the change is recorded with who made it, a migration's

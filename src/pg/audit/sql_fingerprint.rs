@@ -66,15 +66,15 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_tail",
-        "3e2aaf2614af631508778ea5413851f5b57529c5f34978c1e08df7eaab19ccdd",
+        "51b63dee05cbf4c2a0593b9341db3ed55286aa5626c1c358481daf570a04b092",
     ),
     (
         "acme body _tenancy_audit_trigger",
-        "b9df6d9d5bc8d74a1e7ed7026b0e7f7048d88025967eb95bd8e80095d39d6d00",
+        "e3e076059e293c47170a84f0969f2e79f4c0191e93041454a8c6f775b8124923",
     ),
     (
         "acme body _tenancy_audit_write",
-        "10ce969c9be29bb19b86c7b4c15d3166c883bc7e954a99cc51a61d33796c4c08",
+        "55272aaa146c35b551d65e237c839864e4fb80f417ef794a7905c275ddf5cefb",
     ),
     (
         "acme anchor body 0b9c-uid",
@@ -90,7 +90,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render ReplaceFunctions",
-        "785a7ba4c8f3365476438f010e0c9e0929eb28145839cb1e0c316a09851724b5",
+        "709d40d89a90f5537a7fd73b5517f7cf4f8002d7d5b021da5223d7e487146fb8",
     ),
     (
         "acme render GuardTable",
@@ -154,15 +154,15 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_tail",
-        "3d8ec9ca1bfa22b6214cf9a660ebb5f8ec5e836d24a85e4ad11462cc130977da",
+        "a86926171118afec81a84d90324098bc5ca8176a6001976e403e80f5a194ad1c",
     ),
     (
         "a-b-9 body _tenancy_audit_trigger",
-        "a1f3cb03543196c5bd9deb173e5686ba96bf4314884d7ff428008da99c244eb0",
+        "16f0fa5fd9b560c4892ba47867c5dd414ee2495f30a7c0dbfe4048fa8362e4eb",
     ),
     (
         "a-b-9 body _tenancy_audit_write",
-        "14fed6b33d8ca10168ba44ef356dfb80a28757fbf1f81ce19621c4572334ecba",
+        "d5fba8ae58ea29a56e8ce748784d6706d4ec8635ff578fd7f4a8bfbc31c49004",
     ),
     (
         "a-b-9 anchor body 0b9c-uid",
@@ -178,7 +178,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "2f9e4d0aacd2e26cb80df573bb4e67f029ddcbd0b57c3cd1224c7e6fd488e328",
+        "1091dd1c23cee40035488c7458a91ec645b7484afc6ea5455f41b1627ef46646",
     ),
     (
         "a-b-9 render GuardTable",

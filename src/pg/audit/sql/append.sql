@@ -10,16 +10,19 @@
   -- (Updating the head per append would make a long transaction
   -- quadratic.) A later append finds the mark, and the lock, its own. A
   -- REPEATABLE READ writer that raced another fails here (40001) rather
-  -- than fork the chain.
-  UPDATE {{schema}}.{{head_table}} SET xid = txid_current() WHERE xid IS DISTINCT FROM txid_current();
+  -- than fork the chain. The head is found by its key (`one`), through its
+  -- index: a head updated thousands of times a second leaves dead versions
+  -- over many pages, which a scan of the table would read every time.
+  UPDATE {{schema}}.{{head_table}} SET xid = txid_current() WHERE one AND xid IS DISTINCT FROM txid_current();
+  -- In a statement of its own (a snapshot taken once the lock is held):
+  -- the mark is this transaction's, and the chain's last entry.
+  SELECT h.xid, (SELECT a.hash FROM {{schema}}.{{audit_table}} a ORDER BY a.id DESC LIMIT 1)
+    INTO v_xid, v_hash
+    FROM {{schema}}.{{head_table}} h WHERE h.one AND h.xid = txid_current();
   IF NOT FOUND THEN
-    SELECT h.xid INTO v_xid FROM {{schema}}.{{head_table}} h WHERE h.xid = txid_current();
-    IF NOT FOUND THEN
-      RAISE EXCEPTION 'the audit chain head %.{{head_table}} has no row', {{schema_lit}}
-        USING ERRCODE = 'no_data_found';
-    END IF;
+    RAISE EXCEPTION 'the audit chain head %.{{head_table}} has no row', {{schema_lit}}
+      USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT a.hash INTO v_hash FROM {{schema}}.{{audit_table}} a ORDER BY a.id DESC LIMIT 1;
   v_hash := coalesce(v_hash, decode(repeat('00', 32), 'hex'));
   v_time := clock_timestamp();
   v_actor := nullif(current_setting('tenancy.actor', true), '');

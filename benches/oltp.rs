@@ -302,9 +302,10 @@ async fn main() {
     let mut cases: Vec<(String, Side, Side)> = Vec::new();
     let (name0, pw0, plain0) = &tenants[0];
     let app0 = url_of(&name0.app_role(), pw0);
-    for clients in [1u64, 4, 16] {
-        cases.push((
-            format!("{clients} client(s) on one tenant"),
+    // Tenant 0's app role on the plain tables against `schema`'s.
+    let one_tenant = |label: String, schema: &str, clients: u64| {
+        (
+            label,
             vec![(
                 app0.clone(),
                 write_script("plain0.sql", script(plain0, accounts, "")),
@@ -312,38 +313,29 @@ async fn main() {
             )],
             vec![(
                 app0.clone(),
-                write_script("tenant0.sql", script(&name0.schema(), accounts, "")),
+                write_script(&format!("{schema}.sql"), script(schema, accounts, "")),
                 clients,
             )],
+        )
+    };
+    for clients in [1u64, 4, 16] {
+        cases.push(one_tenant(
+            format!("{clients} client(s) on one tenant"),
+            &name0.schema(),
+            clients,
         ));
     }
     for clients in [1u64, 16] {
-        cases.push((
-            format!("{clients} client(s), floor: one INSERT per row"),
-            vec![(
-                app0.clone(),
-                write_script("plain0.sql", script(plain0, accounts, "")),
+        for (floor, what) in [
+            ("floor_1", "one INSERT per row"),
+            ("floor_0", "one INSERT per statement"),
+        ] {
+            cases.push(one_tenant(
+                format!("{clients} client(s), floor: {what}"),
+                floor,
                 clients,
-            )],
-            vec![(
-                app0.clone(),
-                write_script("floor1.sql", script("floor_1", accounts, "")),
-                clients,
-            )],
-        ));
-        cases.push((
-            format!("{clients} client(s), floor: one INSERT per statement"),
-            vec![(
-                app0.clone(),
-                write_script("plain0.sql", script(plain0, accounts, "")),
-                clients,
-            )],
-            vec![(
-                app0.clone(),
-                write_script("floor0.sql", script("floor_0", accounts, "")),
-                clients,
-            )],
-        ));
+            ));
+        }
     }
     let (mut plain_all, mut audited_all) = (Vec::new(), Vec::new());
     for (i, (name, pw, plain)) in tenants.iter().enumerate() {

@@ -1301,8 +1301,9 @@ async fn a_large_update_records_what_a_small_one_would() {
     let mut su = db.superuser().await;
     let table = |name: &str, rows: usize| {
         format!(
-            "CREATE TABLE {schema}.{name} (k int, tag text, n int, r text, j json, num numeric, \"we ird\" text, PRIMARY KEY (tag, k));
-             INSERT INTO {schema}.{name} SELECT g, 't' || (g % 3), g, 'r', '{{\"a\": 1}}', 1.0, 'w' FROM generate_series(1, {rows}) g;"
+            "CREATE TABLE {schema}.{name} (k int, tag text, n int, r text, j json, num numeric, \"we ird\" text,
+                                           t int, o int, u int, c2 int, PRIMARY KEY (tag, k));
+             INSERT INTO {schema}.{name} SELECT g, 't' || (g % 3), g, 'r', '{{\"a\": 1}}', 1.0, 'w', 1, 2, 3, 4 FROM generate_series(1, {rows}) g;"
         )
     };
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -1320,6 +1321,11 @@ async fn a_large_update_records_what_a_small_one_would() {
         ("UPDATE {t} SET j = j, \"we ird\" = \"we ird\", num = 1.00", vec![]),
         ("UPDATE {t} SET j = '{\"a\": 2}', r = r || 'x'", vec!["j", "r"]),
         ("UPDATE {t} SET \"we ird\" = 'v', tag = tag", vec!["we ird"]),
+        // Columns named like the queries' own aliases and names.
+        (
+            "UPDATE {t} SET t = t + 1, o = o, u = u + 1, c2 = c2 + 1",
+            vec!["c2", "t", "u"],
+        ),
     ];
     for (sql, changed) in &statements {
         for (table, rows) in [("small", 3usize), ("large", 200)] {
@@ -1343,6 +1349,34 @@ async fn a_large_update_records_what_a_small_one_would() {
             got.sort();
             let want: Vec<(i64, String)> = (1..=rows as i64).map(|g| (g, format!("t{}", g % 3))).collect();
             assert_eq!(got, want, "every updated row's key, {sql} on {table}");
+        }
+    }
+    // INSERT and DELETE, small and large, on the same columns.
+    for (table, rows) in [("small", 3i64), ("large", 200)] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {table} (k, tag, t, o, u) SELECT g, 'new', 1, 2, 3 FROM generate_series(1, {rows}) g"
+        )))
+        .execute(&mut app)
+        .await
+        .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE tag = 'new'")))
+            .execute(&mut app)
+            .await
+            .unwrap();
+        let audit = audit_rows(&db, &t).await;
+        for entry in &audit[audit.len() - 2..] {
+            assert_eq!(entry.table.as_deref(), Some(table));
+            let mut got: Vec<(i64, String)> = entry
+                .pk
+                .as_ref()
+                .and_then(|v| v.as_array())
+                .expect("keys")
+                .iter()
+                .map(|k| (k["k"].as_i64().expect("k"), k["tag"].as_str().expect("tag").to_owned()))
+                .collect();
+            got.sort();
+            let want: Vec<(i64, String)> = (1..=rows).map(|g| (g, "new".to_owned())).collect();
+            assert_eq!(got, want, "{} on {table}", entry.op);
         }
     }
     verified(&db, &t).await;

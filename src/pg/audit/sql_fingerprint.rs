@@ -70,7 +70,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_trigger",
-        "e3e076059e293c47170a84f0969f2e79f4c0191e93041454a8c6f775b8124923",
+        "e05699616528e471ee74280c7bfd66485c76acd1a383aa9b5d0e388973663b59",
     ),
     (
         "acme body _tenancy_audit_write",
@@ -90,7 +90,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render ReplaceFunctions",
-        "709d40d89a90f5537a7fd73b5517f7cf4f8002d7d5b021da5223d7e487146fb8",
+        "1f8bafd011340a949b3059f193d237c9ba787cfcfbfbe046953a01b0b57cb464",
     ),
     (
         "acme render GuardTable",
@@ -158,7 +158,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_trigger",
-        "16f0fa5fd9b560c4892ba47867c5dd414ee2495f30a7c0dbfe4048fa8362e4eb",
+        "fc2b0f1f8e1185d71981ee329249c051ff1930c651e0c7dd2c37eecd296e31fe",
     ),
     (
         "a-b-9 body _tenancy_audit_write",
@@ -178,7 +178,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "1091dd1c23cee40035488c7458a91ec645b7484afc6ea5455f41b1627ef46646",
+        "43bed57867749c6c146558754d201cb28b4c94eef3c83d6dbdf4216d6a414f3f",
     ),
     (
         "a-b-9 render GuardTable",

@@ -7,6 +7,8 @@ DECLARE{{append_vars}}
   v_old jsonb;
   v_changed text[];
   v_diff text;
+  v_olds text;
+  v_news text;
 BEGIN
   IF TG_OP = 'TRUNCATE' THEN
     v_pks := ARRAY[NULL::jsonb];
@@ -32,8 +34,8 @@ BEGIN
       SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)) INTO v_keys
         FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
        WHERE i.indrelid = TG_RELID AND i.indisprimary;
-      WITH o AS (SELECT to_jsonb(o) AS j, row_number() OVER () AS n FROM tenancy_old o),
-           u AS (SELECT to_jsonb(u) AS j, row_number() OVER () AS n FROM tenancy_new u),
+      WITH o AS (SELECT to_jsonb(o.*) AS j, row_number() OVER () AS n FROM tenancy_old o),
+           u AS (SELECT to_jsonb(u.*) AS j, row_number() OVER () AS n FROM tenancy_new u),
            p AS (SELECT o.j AS old, u.j AS new, n FROM o JOIN u USING (n))
       SELECT (SELECT array_agg((SELECT jsonb_object_agg(k, p.new -> k) FROM unnest(v_keys) k) ORDER BY p.n) FROM p),
              (SELECT coalesce(array_agg(DISTINCT e.key ORDER BY e.key), '{}') FROM p, jsonb_each(p.new) e WHERE (p.old -> e.key) IS DISTINCT FROM e.value)
@@ -42,20 +44,24 @@ BEGIN
       -- Many rows: one query naming the key columns and comparing each
       -- column once per row, planned for this statement (a whole row as
       -- jsonb and a key/value row per column per row cost more than the
-      -- plan).
-      SELECT string_agg(format('%L, (u.r).%I', a.attname, a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))
+      -- plan). The sides' columns are renamed c<attnum>: a table's own
+      -- column names appear only qualified (o."x"), so none can be taken
+      -- for one of the query's names.
+      SELECT string_agg(format('o.%I AS c%s', a.attname, a.attnum), ', ' ORDER BY a.attnum),
+             string_agg(format('u.%I AS c%s', a.attname, a.attnum), ', ' ORDER BY a.attnum),
+             string_agg(format('CASE WHEN bool_or(pg_catalog.to_jsonb(o.c%s) IS DISTINCT FROM pg_catalog.to_jsonb(u.c%s)) THEN %L::text END',
+                               a.attnum, a.attnum, a.attname), ', ' ORDER BY a.attnum)
+        INTO v_olds, v_news, v_diff
+        FROM pg_attribute a WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
+      SELECT string_agg(format('%L, u.c%s', a.attname, a.attnum), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))
         INTO v_cols
         FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
        WHERE i.indrelid = TG_RELID AND i.indisprimary;
-      SELECT string_agg(format('CASE WHEN bool_or(pg_catalog.to_jsonb((o.r).%I) IS DISTINCT FROM pg_catalog.to_jsonb((u.r).%I)) THEN %L::text END',
-                               a.attname, a.attname, a.attname), ', ' ORDER BY a.attnum)
-        INTO v_diff
-        FROM pg_attribute a WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
       EXECUTE format('SELECT array_agg(%s ORDER BY o.n), ARRAY[%s]::text[]
-                        FROM (SELECT row_number() OVER () AS n, o AS r FROM tenancy_old o) o
-                        JOIN (SELECT row_number() OVER () AS n, u AS r FROM tenancy_new u) u USING (n)',
+                        FROM (SELECT row_number() OVER () AS n, %s FROM tenancy_old o) o
+                        JOIN (SELECT row_number() OVER () AS n, %s FROM tenancy_new u) u USING (n)',
                      CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
-                     v_diff)
+                     v_diff, v_olds, v_news)
         INTO v_all, v_changed;
       SELECT coalesce(array_agg(c ORDER BY c), '{}') INTO v_changed FROM unnest(v_changed) c WHERE c IS NOT NULL;
     END IF;
@@ -75,9 +81,9 @@ BEGIN
       SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_old LIMIT {{small_statement}}) s;
     END IF;
     IF v_i < {{small_statement}} AND TG_OP = 'INSERT' THEN
-      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_new t;
+      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t.*) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_new t;
     ELSIF v_i < {{small_statement}} THEN
-      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_old t;
+      SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t.*) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_old t;
     ELSE
       EXECUTE format('SELECT array_agg(%s) FROM %I t',
                      CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,

@@ -343,11 +343,38 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (op_db, base_db) = ("scale_op", "scale_psql");
     let mut su = PgConnection::connect(&su_url).await.expect("superuser connects");
-    for db in [op_db, base_db] {
+    // psql's baseline runs as an admin role of its own, made like the
+    // operator's (CREATEROLE, pg_signal_backend): roles are the cluster's,
+    // not a database's, and an admin that is a member of both sides' tenant
+    // roles would make each side pay for the other's. Postgres 15 computes a
+    // role's memberships in time quadratic in their number, dropping them at
+    // every role change (docs/scale.md), so the side that runs second (the
+    // operator) would pay for twice its own memberships.
+    let psql_admin = "tenancy_admin_psql";
+    let psql_password: String = sqlx::query_scalar("SELECT md5(random()::text)")
+        .fetch_one(&mut su)
+        .await
+        .expect("a password");
+    // The old baseline database goes first: it holds the old role's objects,
+    // and DROP DATABASE may not share a message with other statements.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {base_db} WITH (FORCE)"
+    )))
+    .execute(&mut su)
+    .await
+    .expect("drop the baseline's database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {psql_admin}; \
+         CREATE ROLE {psql_admin} LOGIN CREATEROLE PASSWORD '{psql_password}'; GRANT pg_signal_backend TO {psql_admin}"
+    )))
+    .execute(&mut su)
+    .await
+    .expect("the baseline's admin role");
+    for (db, owner) in [(op_db, "tenancy_admin"), (base_db, psql_admin)] {
         // One statement per message: neither may run in a transaction block.
         for stmt in [
             format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-            format!("CREATE DATABASE {db} OWNER tenancy_admin"),
+            format!("CREATE DATABASE {db} OWNER {owner}"),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
                 .execute(&mut su)
@@ -355,13 +382,17 @@ async fn main() {
                 .expect("create database");
         }
     }
-    let base_url = with_db(&admin_url, base_db);
+    let base_url = {
+        let mut u = url::Url::parse(&with_db(&admin_url, base_db)).expect("admin URL");
+        u.set_username(psql_admin).expect("user");
+        u.set_password(Some(&psql_password)).expect("password");
+        u.to_string()
+    };
     let op_url = with_db(&admin_url, op_db);
     // The operator's start-up hardening, on both.
-    for db in [op_db, base_db] {
-        let mut c = PgConnection::connect(&with_db(&admin_url, db))
-            .await
-            .expect("admin connects");
+    for url in [&op_url, &base_url] {
+        let db = url.rsplit_once('/').map(|(_, d)| d).unwrap_or_default();
+        let mut c = PgConnection::connect(url).await.expect("admin connects");
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "REVOKE ALL ON DATABASE {db} FROM PUBLIC; REVOKE ALL ON SCHEMA public FROM PUBLIC"
         )))

@@ -351,11 +351,12 @@ async fn a_session_opened_between_the_check_and_the_suspend_commit_is_ended() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
     let db = setup("conc").await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(40)
-        .connect(&db.admin_url)
-        .await
-        .unwrap();
+    // The operator's own pool: its sessions resolve no name through the
+    // search path (`pg_catalog` only, docs/scale.md), so everything the
+    // provisioning runs as the admin must name its schema.
+    let (pool, _) = pg::connect(&db.admin_url, 40).await.unwrap();
+    let search_path: String = sqlx::query_scalar("SHOW search_path").fetch_one(&pool).await.unwrap();
+    assert_eq!(search_path, "pg_catalog");
     let tenants: Vec<Tenant> = (0..40).map(|i| Tenant::new(&unique(&format!("c{i}")))).collect();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tenants.len()));
     let runs = tenants.iter().map(|t| {

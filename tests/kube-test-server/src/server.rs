@@ -11,6 +11,7 @@ use crate::table;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -395,45 +396,63 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
     let (ls, fs) = selectors(t, req)?;
     let st = app.lock();
     let limit = req.q("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
-    let start: Option<(String, String)> = match req.q("continue").filter(|c| !c.is_empty()) {
+    let start: Option<Continue> = match req.q("continue").filter(|c| !c.is_empty()) {
         Some(c) => Some(
             decode_continue(c)
                 .ok_or_else(|| ApiError::bad_request("continue key is not valid: malformed continue token"))?,
         ),
         None => None,
     };
+    // Every page of a paginated list shows the collection as it was when the
+    // first page was served, and carries that page's resourceVersion (as
+    // the API server does, reading the rest from the same etcd revision): a
+    // client that starts its watch there then misses nothing changed
+    // between two pages. The snapshot is the current state with the changes
+    // made since undone from the event history; a snapshot older than the
+    // history is 410 Expired, as after etcd's compaction.
+    let snapshot = start.as_ref().and_then(|c| c.rv).unwrap_or(st.rv);
+    let since = snapshot_changes(&st, t, snapshot)?;
     let mut items = vec![];
     let mut next = None;
-    if let Some(objs) = st.objects.get(&(t.sg().to_string(), t.p().to_string())) {
-        for ((ns, name), obj) in objs.iter() {
-            if let Some(want) = &t.ns {
-                if ns != want {
-                    continue;
-                }
-            }
-            if let Some((sns, sname)) = &start {
-                if (ns, name) <= (sns, sname) {
-                    continue;
-                }
-            }
-            if !(ls.matches(obj) && fs.matches(obj)) {
+    let empty = BTreeMap::new();
+    let objs = st
+        .objects
+        .get(&(t.sg().to_string(), t.p().to_string()))
+        .unwrap_or(&empty);
+    // The collection at `snapshot`: the current objects, those changed since
+    // as they were then (absent when created since).
+    let mut at_snapshot: BTreeMap<&(String, String), &Value> =
+        objs.iter().filter(|(k, _)| !since.contains_key(*k)).collect();
+    at_snapshot.extend(since.iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    for ((ns, name), obj) in at_snapshot {
+        if let Some(want) = &t.ns {
+            if ns != want {
                 continue;
             }
-            if let Some(l) = limit {
-                if items.len() == l {
-                    next = items.last().map(|o: &Value| {
-                        encode_continue(
-                            o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(""),
-                            o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or(""),
-                        )
-                    });
-                    break;
-                }
-            }
-            items.push(present(t, obj.clone()));
         }
+        if let Some(c) = &start {
+            if (ns, name) <= (&c.ns, &c.name) {
+                continue;
+            }
+        }
+        if !(ls.matches(obj) && fs.matches(obj)) {
+            continue;
+        }
+        if let Some(l) = limit {
+            if items.len() == l {
+                next = items.last().map(|o: &Value| {
+                    encode_continue(
+                        o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(""),
+                        o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or(""),
+                        snapshot,
+                    )
+                });
+                break;
+            }
+        }
+        items.push(present(t, obj.clone()));
     }
-    let mut meta = json!({"resourceVersion": st.rv.to_string()});
+    let mut meta = json!({"resourceVersion": snapshot.to_string()});
     if let Some(n) = next {
         meta["continue"] = json!(n);
     }
@@ -466,16 +485,66 @@ fn list(app: &App, t: &Target, req: &Req) -> Out {
     ))
 }
 
-fn encode_continue(ns: &str, name: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"ns": ns, "name": name}).to_string())
+/// Where a paginated list goes on: after this key, as of this resourceVersion.
+struct Continue {
+    ns: String,
+    name: String,
+    /// None in a token from before snapshots: the current state.
+    rv: Option<u64>,
 }
 
-fn decode_continue(c: &str) -> Option<(String, String)> {
+fn encode_continue(ns: &str, name: &str, rv: u64) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"ns": ns, "name": name, "rv": rv}).to_string())
+}
+
+fn decode_continue(c: &str) -> Option<Continue> {
     use base64::Engine as _;
     let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
     let v: Value = serde_json::from_slice(&b).ok()?;
-    Some((v.get("ns")?.as_str()?.to_string(), v.get("name")?.as_str()?.to_string()))
+    Some(Continue {
+        ns: v.get("ns")?.as_str()?.to_string(),
+        name: v.get("name")?.as_str()?.to_string(),
+        rv: v.get("rv").and_then(Value::as_u64),
+    })
+}
+
+/// The objects of `t`'s collection changed after `snapshot`, each as it was
+/// then (None: it did not exist). 410 Expired when the history no longer
+/// reaches back to `snapshot`.
+fn snapshot_changes<'a>(
+    st: &'a Store,
+    t: &Target,
+    snapshot: u64,
+) -> ApiResult<BTreeMap<(String, String), Option<&'a Value>>> {
+    let mut before = BTreeMap::new();
+    if snapshot >= st.rv {
+        return Ok(before);
+    }
+    if snapshot < st.min_watch_rv {
+        return Err(ApiError::expired(
+            "The provided continue parameter is too old to display a consistent list result. \
+             You can start a new list without the continue parameter.",
+        ));
+    }
+    // Newest first: the oldest change after the snapshot is undone last.
+    for ev in st.history.iter().rev().take_while(|e| e.rv > snapshot) {
+        if ev.group != t.sg() || ev.plural != t.p() {
+            continue;
+        }
+        let name = ev
+            .object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let was = match ev.etype {
+            "ADDED" => None,
+            _ => ev.prev.as_ref(),
+        };
+        before.insert((ev.namespace.clone(), name), was);
+    }
+    Ok(before)
 }
 
 fn get(app: &App, t: &Target, req: &Req) -> Out {

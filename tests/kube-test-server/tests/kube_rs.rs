@@ -258,6 +258,88 @@ async fn server_side_apply_with_patch_apply() {
     h.shutdown().await;
 }
 
+/// The pages of one list show the collection as of its first page and all
+/// carry that page's resourceVersion; a watch from it delivers what changed
+/// between the pages (a client that started watching from the newer version
+/// of a later page would never see a change to an item of an earlier one).
+#[tokio::test]
+async fn list_pages_are_one_snapshot_and_a_watch_from_it_misses_nothing() {
+    let (h, client) = server().await;
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "snap"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "snap");
+    for i in 0..6 {
+        api.create(&PostParams::default(), &cm(&format!("cm-{i}"), "v1"))
+            .await
+            .unwrap();
+    }
+    let first = api.list(&ListParams::default().limit(3)).await.unwrap();
+    let rv = first.metadata.resource_version.clone().unwrap();
+    let token = first.metadata.continue_.clone().unwrap();
+    // Between the pages: an item of the first page and one of the second
+    // changed, one of the second deleted, a new one created.
+    let data = |v: &str| Patch::Merge(json!({"data": {"k": v}}));
+    api.patch("cm-1", &PatchParams::default(), &data("v2")).await.unwrap();
+    api.patch("cm-5", &PatchParams::default(), &data("v2")).await.unwrap();
+    api.delete("cm-4", &DeleteParams::default()).await.unwrap();
+    api.create(&PostParams::default(), &cm("cm-6", "v1")).await.unwrap();
+    let second = api
+        .list(&ListParams::default().limit(3).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(second.metadata.resource_version.as_deref(), Some(rv.as_str()));
+    let shown: Vec<(String, String)> = second
+        .items
+        .iter()
+        .map(|c| (c.metadata.name.clone().unwrap(), c.data.as_ref().unwrap()["k"].clone()))
+        .collect();
+    let want: Vec<(String, String)> = [("cm-3", "v1"), ("cm-4", "v1"), ("cm-5", "v1")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(shown, want, "the second page as of the first");
+    assert!(
+        second.metadata.continue_.as_deref().unwrap_or("").is_empty(),
+        "cm-6 came later"
+    );
+    // A watch from the list's version gets the four changes.
+    let mut events = vec![];
+    let mut stream = api
+        .watch(&kube::api::WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    while events.len() < 4 {
+        match tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await {
+            Ok(Ok(Some(kube::api::WatchEvent::Added(c)))) => events.push(format!("ADDED {}", c.metadata.name.unwrap())),
+            Ok(Ok(Some(kube::api::WatchEvent::Modified(c)))) => {
+                events.push(format!("MODIFIED {}", c.metadata.name.unwrap()))
+            }
+            Ok(Ok(Some(kube::api::WatchEvent::Deleted(c)))) => {
+                events.push(format!("DELETED {}", c.metadata.name.unwrap()))
+            }
+            Ok(Ok(Some(_))) => {}
+            other => panic!("watch ended early: {other:?}, after {events:?}"),
+        }
+    }
+    assert_eq!(events, ["MODIFIED cm-1", "MODIFIED cm-5", "DELETED cm-4", "ADDED cm-6"]);
+    // Once the history no longer reaches back to the first page, the rest
+    // of that list is 410 Expired, as after etcd's compaction.
+    h.expire_watch_history();
+    match api.list(&ListParams::default().limit(3).continue_token(&token)).await {
+        Err(kube::Error::Api(e)) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+        other => panic!("expected 410 Expired, got {other:?}"),
+    }
+    // A new list starts afresh.
+    assert_eq!(api.list(&ListParams::default()).await.unwrap().items.len(), 6);
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn list_paginates_with_limit_and_continue() {
     let (h, client) = server().await;

@@ -114,39 +114,21 @@ async fn main() {
     .expect("create the tables");
     support::audit_new_tables(&pool, &name, &uid, &desired, &password).await;
     // The floor: what any PL/pgSQL statement trigger costs on this server,
-    // measured beside the audit log. `empty` does nothing; `one` does the
-    // least an audit trigger that records who changed which rows can do
-    // (SECURITY DEFINER with a fixed search_path, as the audit functions
-    // are, and one INSERT of the statement's keys into a log table: no
-    // chain, no head, no commit-time work).
+    // measured beside the audit log. `empty` does nothing; `one` and
+    // `row_one` do the least an audit trigger can (`support::floor_sql`).
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE SCHEMA bench_floor;
          CREATE TABLE bench_floor.empty_items {TABLE};
          CREATE TABLE bench_floor.one_items {TABLE};
-         CREATE TABLE bench_floor.log (id bigserial PRIMARY KEY, \"time\" timestamptz NOT NULL, actor text NOT NULL,
-                                       operation text NOT NULL, table_name text NOT NULL, row_pk jsonb);
+         {floor}
          CREATE FUNCTION bench_floor.empty() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN RETURN NULL; END $f$;
-         CREATE FUNCTION bench_floor.one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
-         BEGIN
-           INSERT INTO bench_floor.log (\"time\", actor, operation, table_name, row_pk)
-           SELECT clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
-                  jsonb_agg(jsonb_build_object('id', n.id))
-             FROM tenancy_new n;
-           RETURN NULL;
-         END $f$;
          CREATE TABLE bench_floor.row_items {TABLE};
-         CREATE FUNCTION bench_floor.row_one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
-         BEGIN
-           INSERT INTO bench_floor.log (\"time\", actor, operation, table_name, row_pk)
-           VALUES (clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
-                   jsonb_build_array(jsonb_build_object('id', NEW.id)));
-           RETURN NULL;
-         END $f$;
          CREATE TRIGGER f_row AFTER INSERT OR UPDATE ON bench_floor.row_items FOR EACH ROW EXECUTE FUNCTION bench_floor.row_one();
          CREATE TRIGGER f_ins AFTER INSERT ON bench_floor.empty_items REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.empty();
          CREATE TRIGGER f_upd AFTER UPDATE ON bench_floor.empty_items REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.empty();
          CREATE TRIGGER f_ins AFTER INSERT ON bench_floor.one_items REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.one();
-         CREATE TRIGGER f_upd AFTER UPDATE ON bench_floor.one_items REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.one();"
+         CREATE TRIGGER f_upd AFTER UPDATE ON bench_floor.one_items REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION bench_floor.one();",
+        floor = support::floor_sql("bench_floor", |row| format!("jsonb_build_object('id', {row}.id)")),
     )))
     .execute(&mut admin)
     .await

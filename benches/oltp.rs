@@ -249,23 +249,7 @@ async fn main() {
         };
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CREATE SCHEMA floor_0; {tables}
-             CREATE TABLE floor_0.log (id bigserial PRIMARY KEY, \"time\" timestamptz NOT NULL, actor text NOT NULL,
-                                       operation text NOT NULL, table_name text NOT NULL, row_pk jsonb);
-             CREATE FUNCTION floor_0.one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
-             BEGIN
-               INSERT INTO floor_0.log (\"time\", actor, operation, table_name, row_pk)
-               SELECT clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
-                      jsonb_agg(to_jsonb(n) -> 'id')
-                 FROM tenancy_new n;
-               RETURN NULL;
-             END $f$;
-             CREATE FUNCTION floor_0.row_one() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
-             BEGIN
-               INSERT INTO floor_0.log (\"time\", actor, operation, table_name, row_pk)
-               VALUES (clock_timestamp(), coalesce(nullif(current_setting('tenancy.actor', true), ''), session_user), TG_OP, TG_TABLE_NAME,
-                       jsonb_build_array(to_jsonb(NEW) -> 'id'));
-               RETURN NULL;
-             END $f$;
+             {floor}
              CREATE SCHEMA floor_1; {tables1}
              {upd} {ins}
              GRANT USAGE ON SCHEMA floor_0, floor_1 TO {app};
@@ -277,6 +261,7 @@ async fn main() {
             tables1 = tables_sql("floor_1", accounts),
             upd = trigger("accounts", "UPDATE", "OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new"),
             ins = trigger("history", "INSERT", "NEW TABLE AS tenancy_new"),
+            floor = support::floor_sql("floor_0", |row| format!("to_jsonb({row}) -> 'id'")),
         )))
         .execute(&mut admin)
         .await

@@ -74,7 +74,7 @@ async fn audit_rows(db: &TestDb, t: &Tenant) -> Vec<Audit> {
         "SELECT id, actor, actor_given, request_id, operation, table_name, row_pk, changed_columns FROM {}._tenancy_audit ORDER BY id",
         t.name.schema()
     )))
-    .fetch_all(&db.admin)
+    .fetch_all(&db.su)
     .await
     .unwrap();
     rows.iter()
@@ -221,7 +221,7 @@ async fn a_large_statement_is_audited_in_bounded_entries_holding_every_key() {
         "SELECT id::bigint FROM {}.docs ORDER BY id",
         t.name.schema()
     )))
-    .fetch_all(&db.admin)
+    .fetch_all(&db.su)
     .await
     .unwrap();
     assert_eq!(ids, db_ids, "every inserted row's key is in exactly one entry");
@@ -397,7 +397,7 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT id FROM {schema}._tenancy_audit ORDER BY id"
     )))
-    .fetch_all(&db.admin)
+    .fetch_all(&db.su)
     .await
     .unwrap();
     let mut su = db.superuser().await;
@@ -449,7 +449,7 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     let (head_id, last_id): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT h.last_id, (SELECT max(id) FROM {s2}._tenancy_audit) FROM {s2}._tenancy_audit_head h"
     )))
-    .fetch_one(&db.admin)
+    .fetch_one(&db.su)
     .await
     .unwrap();
     assert_eq!(head_id, last_id, "the commit moves the head to the last entry");
@@ -681,7 +681,7 @@ async fn export_round_trips_as_json_lines() {
         "SELECT id, actor, request_id, operation, encode(prev_hash, 'hex') AS prev, encode(hash, 'hex') AS hash, row_pk FROM {}._tenancy_audit ORDER BY id",
         t.name.schema()
     )))
-    .fetch_all(&db.admin)
+    .fetch_all(&db.su)
     .await
     .unwrap();
     assert_eq!(records.len(), rows.len());
@@ -855,7 +855,7 @@ async fn concurrent_writers_keep_one_linear_chain() {
     // holding the keys of its writer's rows, 1..=15).
     let expected: u64 = 6 * (15 + 15);
     assert_eq!(r.rows, expected);
-    let mut c = PgConnection::connect(&db.admin_url).await.unwrap();
+    let mut c = PgConnection::connect(&db.superuser_url).await.unwrap();
     let gaps: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM (SELECT prev_hash, lag(hash) OVER (ORDER BY id) AS before FROM {}._tenancy_audit) x WHERE before IS NOT NULL AND prev_hash <> before",
         t.name.schema()

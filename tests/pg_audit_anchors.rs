@@ -503,7 +503,7 @@ async fn a_restore_rebases_the_anchors_onto_the_restored_chain() {
     let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT last_id FROM {schema}._tenancy_audit_head"
     )))
-    .fetch_one(&db.admin)
+    .fetch_one(&db.su)
     .await
     .unwrap();
     write(&db, &t, &["c", "d"]).await;

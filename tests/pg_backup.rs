@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use object_store::path::Path;
 use support::tenant::Tenant;
-use support::{unique, TestDb};
+use support::{as_owner, unique, TestDb};
 use tenant_operator::backup::{
     self, BackupError, BackupOutcome, RestoreOutcome, Retention, Selector, Store, StoreConfig, TenantAccess, Tools,
 };
@@ -106,8 +106,9 @@ async fn tenant_with_data(db: &TestDb, base: &str, rows: i32) -> Tenant {
     let mut t = Tenant::new(&unique(base));
     t.converge(db).await.unwrap();
     let (schema, owner) = (t.name.schema(), t.name.owner_role());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SET ROLE \"{owner}\"; CREATE TABLE \"{schema}\".items (id int PRIMARY KEY, label text NOT NULL); RESET ROLE;"
+    sqlx::raw_sql(sqlx::AssertSqlSafe(as_owner(
+        &owner,
+        &format!("CREATE TABLE \"{schema}\".items (id int PRIMARY KEY, label text NOT NULL)"),
     )))
     .execute(&db.admin)
     .await
@@ -163,7 +164,7 @@ async fn change(db: &TestDb, t: &Tenant) {
 async fn schemas_like(db: &TestDb, t: &Tenant) -> Vec<String> {
     sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE $1 ORDER BY 1")
         .bind(format!("{}%", t.name.schema()))
-        .fetch_all(&db.admin)
+        .fetch_all(&db.su)
         .await
         .unwrap()
 }

@@ -156,8 +156,10 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     let mut su = db.superuser().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "GRANT {owner} TO {gw}; GRANT pg_read_all_data TO {gw}; GRANT SELECT ON tenancy.tenants TO {gw}; CREATE ROLE mallory_{db}; GRANT {gw} TO mallory_{db};
+         CREATE TABLE {schema}.secrets (v text); ALTER TABLE {schema}.secrets OWNER TO {owner}; GRANT USAGE ON SCHEMA {schema} TO {gw}; GRANT SELECT ON {schema}.secrets TO {gw};
          ALTER ROLE {gw} INHERIT CREATEDB; ALTER ROLE {gw} RESET search_path;",
         owner = b.name.owner_role(),
+        schema = b.name.schema(),
         db = db.name
     )))
     .execute(&mut su)
@@ -194,6 +196,21 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "42501");
+    // The grants a tenant's owner made it (revoked as that owner, of which
+    // the admin was a member for the converge's transaction only).
+    let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {}.secrets", b.name.schema())))
+        .fetch_all(&mut c)
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501");
+    let admin_member_of_owners: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_auth_members WHERE member = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+            AND pg_get_userbyid(roleid) LIKE '%\\_owner'",
+    )
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
+    assert_eq!(admin_member_of_owners, 0, "the admin kept a membership in a tenant's owner");
 
     // Deleted: the role is gone, the library says so.
     pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test")

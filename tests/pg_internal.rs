@@ -28,7 +28,11 @@ async fn internal_tables_stay_read_only_for_the_app_role() {
     .unwrap();
     let out = t.converge(&db).await.unwrap();
     let labels: Vec<_> = out.plan.actions.iter().map(|a| a.label()).collect();
-    assert_eq!(labels, ["GrantExistingObjects"], "{labels:?}");
+    assert_eq!(
+        labels,
+        ["GrantOwnerToAdmin", "GrantExistingObjects", "RevokeOwnerFromAdmin"],
+        "{labels:?}"
+    );
     let mut app = t.app(&db).await.unwrap();
     sqlx::query("INSERT INTO docs VALUES (1)")
         .execute(&mut app)
@@ -67,7 +71,7 @@ async fn internal_tables_stay_read_only_for_the_app_role() {
     let out = t.converge(&db).await.unwrap();
     assert_eq!(
         out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(),
-        ["RevokeInternalWrites"]
+        ["GrantOwnerToAdmin", "RevokeInternalWrites", "RevokeOwnerFromAdmin"]
     );
     assert!(sqlx::query("INSERT INTO _tenancy_demo VALUES (1)")
         .execute(&mut app)
@@ -182,7 +186,7 @@ async fn the_app_role_can_neither_advance_nor_set_an_internal_sequence() {
     let out = t.converge(&db).await.unwrap();
     assert_eq!(
         out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(),
-        ["RevokeInternalWrites"]
+        ["GrantOwnerToAdmin", "RevokeInternalWrites", "RevokeOwnerFromAdmin"]
     );
     let seqs = internal_sequences(&db, &t).await;
     assert!(
@@ -214,7 +218,7 @@ async fn the_app_role_can_neither_advance_nor_set_an_internal_sequence() {
     let out = t.converge(&db).await.unwrap();
     assert_eq!(
         out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(),
-        ["GrantExistingObjects"]
+        ["GrantOwnerToAdmin", "GrantExistingObjects", "RevokeOwnerFromAdmin"]
     );
     let seqs = internal_sequences(&db, &t).await;
     assert!(

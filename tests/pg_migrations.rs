@@ -121,7 +121,7 @@ async fn rows(db: &TestDb, t: &TenantName) -> Vec<(i64, String)> {
         "SELECT version, checksum FROM {}._tenancy_migrations ORDER BY version",
         t.schema()
     )))
-    .fetch_all(&db.admin)
+    .fetch_all(&db.su)
     .await
     .unwrap()
 }
@@ -326,7 +326,7 @@ async fn data_dependent_setup(label: &str) -> (TestDb, Vec<TenantName>, Vec<Migr
         "INSERT INTO {}.items VALUES (1, -5)",
         followers[3].schema()
     )))
-    .execute(&db.admin)
+    .execute(&db.su)
     .await
     .unwrap();
     let mut v2 = v1;
@@ -390,7 +390,7 @@ async fn with_continue_a_data_dependent_failure_holds_back_only_that_tenant() {
     // The failed tenant's schema is exactly as before: no constraint.
     let has: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'qty_not_negative' AND connamespace = $1::regnamespace)")
         .bind(followers[3].schema())
-        .fetch_one(&db.admin)
+        .fetch_one(&db.su)
         .await
         .unwrap();
     assert!(!has, "the failed migration left its constraint behind");
@@ -400,7 +400,7 @@ async fn with_continue_a_data_dependent_failure_holds_back_only_that_tenant() {
         "UPDATE {}.items SET qty = 0",
         followers[3].schema()
     )))
-    .execute(&db.admin)
+    .execute(&db.su)
     .await
     .unwrap();
     converge(&db, "default", 3, &s, &followers, 5).await;
@@ -581,13 +581,13 @@ async fn an_edited_migration_is_refused_and_never_rerun() {
     assert_eq!(rows(&db, &followers[0]).await, before, "the version table changed");
     let body: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'notes' AND column_name = 'body')")
         .bind(followers[0].schema())
-        .fetch_one(&db.admin)
+        .fetch_one(&db.su)
         .await
         .unwrap();
     assert!(!body, "the edited migration was re-run");
     let more: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(format!("{}.more", followers[0].schema()))
-        .fetch_one(&db.admin)
+        .fetch_one(&db.su)
         .await
         .unwrap();
     assert!(!more, "a version after the edited one ran");
@@ -709,13 +709,13 @@ async fn tables_created_by_migrations_belong_to_the_owner_and_the_app_gets_dml()
     let owner: String =
         sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE schemaname = $1 AND tablename = 'docs'")
             .bind(t.name.schema())
-            .fetch_one(&db.admin)
+            .fetch_one(&db.su)
             .await
             .unwrap();
     assert_eq!(owner, t.name.owner_role());
     let valid: bool = sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)")
         .bind(format!("{}.docs_body", t.name.schema()))
-        .fetch_one(&db.admin)
+        .fetch_one(&db.su)
         .await
         .unwrap();
     assert!(valid, "the concurrent index is not valid");
@@ -782,7 +782,7 @@ async fn a_tenant_waits_while_its_set_does_not_exist() {
     assert_eq!((cond.status, cond.reason, version), (false, "MigrationSetNotFound", 0));
     let table: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(format!("{}._tenancy_migrations", t.name.schema()))
-        .fetch_one(&db.admin)
+        .fetch_one(&db.su)
         .await
         .unwrap();
     assert!(!table, "a tenant without a set got a version table");
@@ -863,7 +863,7 @@ async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_fai
         "SELECT sum(n)::int8 FROM {}.items",
         t.schema()
     )))
-    .fetch_one(&db.admin)
+    .fetch_one(&db.su)
     .await
     .unwrap();
     assert_eq!(sum, 7, "the failed migration's row was kept");

@@ -750,3 +750,81 @@ async fn the_control_schema_migrates_idempotently_and_public_is_closed() {
         "the migrator's table is not in the control schema"
     );
 }
+
+/// The roles of `t` the admin (the session's user on `db.admin`) is a
+/// member of.
+async fn admin_memberships(db: &TestDb, t: &Tenant) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT pg_get_userbyid(roleid)::text FROM pg_auth_members
+          WHERE member = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+            AND pg_get_userbyid(roleid) = ANY ($1) ORDER BY 1",
+    )
+    .bind(vec![t.name.owner_role(), t.name.app_role(), t.name.ops_role()])
+    .fetch_all(&db.admin)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_admin_is_a_member_of_no_tenant_role_between_transactions() {
+    let db = setup("lend").await;
+    let mut t = Tenant::new(&unique("lend"));
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.plan.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels.first(), Some(&"CreateOwnerRole"));
+    assert_eq!(labels[1], "GrantOwnerToAdmin", "{labels:?}");
+    assert_eq!(labels.last(), Some(&"RevokeOwnerFromAdmin"), "{labels:?}");
+    assert!(admin_memberships(&db, &t).await.is_empty());
+    // Without it the admin cannot read the tenant's schema.
+    let e = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}._tenancy_audit",
+        t.name.schema()
+    )))
+    .fetch_all(&db.admin)
+    .await
+    .unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+
+    // What an earlier version left (a standing membership in the owner and
+    // the app role) is revoked once; the next reconcile writes nothing.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT {} TO CURRENT_USER; GRANT {} TO CURRENT_USER",
+        t.name.owner_role(),
+        t.name.app_role()
+    )))
+    .execute(&db.admin)
+    .await
+    .unwrap();
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.plan.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["RevokeOwnerFromAdmin", "RevokeAppFromAdmin"]);
+    assert!(admin_memberships(&db, &t).await.is_empty());
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0);
+
+    // Repairs on the owner's schema borrow the membership and give it back.
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "REVOKE USAGE ON SCHEMA {} FROM {}",
+        t.name.schema(),
+        t.name.app_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.plan.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["GrantOwnerToAdmin", "GrantSchemaUsage", "RevokeOwnerFromAdmin"]);
+    assert!(admin_memberships(&db, &t).await.is_empty());
+    sqlx::query("SELECT 1").execute(&mut t.app(&db).await.unwrap()).await.unwrap();
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0);
+
+    // The delete needs it too (the schema is the owner's), within its own
+    // transaction.
+    pg::tenant::drop_tenant(&db.admin, &t.name, &t.uid, "test").await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = ANY ($1)")
+        .bind(vec![t.name.owner_role(), t.name.app_role(), t.name.ops_role()])
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}

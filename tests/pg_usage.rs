@@ -103,7 +103,7 @@ impl Env {
                FROM pg_tables WHERE schemaname = $1",
         )
         .bind(self.tenants[i].name.schema())
-        .fetch_one(&self.db.admin)
+        .fetch_one(&self.db.su)
         .await
         .unwrap()
     }

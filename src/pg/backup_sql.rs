@@ -42,6 +42,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 
 pub use super::locks::{aside_schema, LOCK_KIND};
+use super::membership::Borrowed;
 use super::locks::{lock_row, ownership_marker};
 use super::{query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
@@ -357,15 +358,16 @@ pub enum AsideState {
     DroppedOld,
 }
 
-/// A transaction for one admin step: `lock_timeout` bounded, and the
+/// A transaction for one admin step: `lock_timeout` bounded, the
 /// restore lock taken when `take_lock` (the TenantRestore controller's
 /// steps; the restore command holds it on a session of its own). None:
 /// the lock is taken.
 async fn step(
     pool: &PgPool,
+    name: &TenantName,
     uid: &str,
     take_lock: bool,
-) -> Result<Option<sqlx::Transaction<'static, Postgres>>, PgError> {
+) -> Result<Option<(sqlx::Transaction<'static, Postgres>, Borrowed)>, PgError> {
     let mut tx = pool.begin().await.map_err(query_err("starting a restore step"))?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "SET LOCAL lock_timeout = '{STEP_LOCK_TIMEOUT}'"
@@ -377,7 +379,20 @@ async fn step(
         let _ = tx.rollback().await;
         return Ok(None);
     }
-    Ok(Some(tx))
+    // The schemas are the owner's: the admin is its member for this step.
+    let lent = super::membership::borrow(&mut tx, &name.owner_role()).await?;
+    Ok(Some((tx, lent)))
+}
+
+/// Commits a step that changed something, the admin's membership given
+/// back first.
+async fn commit(
+    mut tx: sqlx::Transaction<'static, Postgres>,
+    lent: Borrowed,
+    action: &'static str,
+) -> Result<(), PgError> {
+    lent.give_back(&mut tx).await?;
+    tx.commit().await.map_err(query_err(action))
 }
 
 /// Ends a step that changed nothing: rolled back now, not when the
@@ -415,7 +430,7 @@ pub async fn recover_aside_locked(pool: &PgPool, name: &TenantName, uid: &str) -
 }
 
 async fn recover(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bool) -> Result<AsideState, PgError> {
-    let Some(mut tx) = step(pool, uid, take_lock).await? else {
+    let Some((mut tx, lent)) = step(pool, name, uid, take_lock).await? else {
         return Ok(AsideState::RestoreRunning);
     };
     let (aside, live) = read_state(&mut tx, name, uid).await?;
@@ -455,7 +470,7 @@ async fn recover(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bool) -
             return Err(foreign(name));
         }
     };
-    tx.commit().await.map_err(query_err("committing the recovery"))?;
+    commit(tx, lent, "committing the recovery").await?;
     Ok(state)
 }
 
@@ -497,7 +512,7 @@ pub async fn prepare(
     by: &str,
     take_lock: bool,
 ) -> Result<Prepared, PgError> {
-    let Some(mut tx) = step(pool, uid, take_lock).await? else {
+    let Some((mut tx, lent)) = step(pool, name, uid, take_lock).await? else {
         return Ok(Prepared::Busy);
     };
     let (aside, live) = read_state(&mut tx, name, uid).await?;
@@ -542,9 +557,7 @@ pub async fn prepare(
         }
         (false, _) => return nothing(tx, Prepared::NoSchema).await,
     };
-    tx.commit()
-        .await
-        .map_err(query_err("committing the restore's preparation"))?;
+    commit(tx, lent, "committing the restore's preparation").await?;
     super::tenant::terminate_sessions(pool, name).await?;
     Ok(prepared)
 }
@@ -582,7 +595,7 @@ pub async fn finalize(
     take_lock: bool,
     record: &RestoreRecord,
 ) -> Result<Finalized, PgError> {
-    let Some(mut tx) = step(pool, uid, take_lock).await? else {
+    let Some((mut tx, lent)) = step(pool, name, uid, take_lock).await? else {
         return Ok(Finalized::Busy);
     };
     let (aside, live) = read_state(&mut tx, name, uid).await?;
@@ -644,7 +657,7 @@ pub async fn finalize(
         d.insert("by".into(), by.into());
     }
     super::registry::record_event(&mut *tx, uid, Some(name.as_str()), "Restored", &record.actor, detail).await?;
-    tx.commit().await.map_err(query_err("committing the restore"))?;
+    commit(tx, lent, "committing the restore").await?;
     Ok(Finalized::Done)
 }
 
@@ -699,7 +712,7 @@ pub enum PutBack {
 /// the tenant's owner without its marker), renames the original back and
 /// gives the app role its login back when the registry says Active.
 pub async fn put_back(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bool) -> Result<PutBack, PgError> {
-    let Some(mut tx) = step(pool, uid, take_lock).await? else {
+    let Some((mut tx, lent)) = step(pool, name, uid, take_lock).await? else {
         return Ok(PutBack::Busy);
     };
     let (aside, live) = read_state(&mut tx, name, uid).await?;
@@ -730,7 +743,7 @@ pub async fn put_back(pool: &PgPool, name: &TenantName, uid: &str, take_lock: bo
     )
     .await?;
     login_back(&mut tx, name, uid).await?;
-    tx.commit().await.map_err(query_err("committing the put-back"))?;
+    commit(tx, lent, "committing the put-back").await?;
     Ok(PutBack::Done)
 }
 

@@ -347,8 +347,20 @@ pub async fn converge(
         .await
         .map_err(query_err("starting the gateway transaction"))?;
     let mut statements = 0;
+    let mut lent = Vec::new();
     for action in &actions {
+        if matches!(action, GatewayAction::RevokePrivileges { .. }) {
+            // A privilege is revoked by its grantor: on a tenant's objects,
+            // that tenant's owner, of which the admin is a member for this
+            // transaction only (crate::pg::membership).
+            for owner in grantors(&mut tx, gateway).await? {
+                lent.push(super::membership::borrow(&mut tx, &owner).await?);
+            }
+        }
         statements += execute_all(&mut tx, action.label(), render(action, gateway, &database)?).await?;
+    }
+    for l in lent {
+        l.give_back(&mut tx).await?;
     }
     let labels: Vec<&str> = actions.iter().map(GatewayAction::label).collect();
     super::registry::record_event(
@@ -364,6 +376,30 @@ pub async fn converge(
         .await
         .map_err(query_err("committing the gateway's changes"))?;
     Ok(GatewayOutcome { actions, statements })
+}
+
+/// The owners (other than the admin, and not superusers) of the objects of
+/// this database on which the gateway holds a privilege.
+async fn grantors(conn: &mut sqlx::PgConnection, gateway: &GatewayName) -> Result<Vec<String>, PgError> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT r.rolname::text FROM pg_catalog.pg_shdepend d
+           CROSS JOIN LATERAL (
+             SELECT relowner FROM pg_catalog.pg_class WHERE d.classid = 'pg_class'::regclass AND oid = d.objid
+             UNION ALL SELECT nspowner FROM pg_catalog.pg_namespace WHERE d.classid = 'pg_namespace'::regclass AND oid = d.objid
+             UNION ALL SELECT proowner FROM pg_catalog.pg_proc WHERE d.classid = 'pg_proc'::regclass AND oid = d.objid
+             UNION ALL SELECT typowner FROM pg_catalog.pg_type WHERE d.classid = 'pg_type'::regclass AND oid = d.objid
+             UNION ALL SELECT defaclrole FROM pg_catalog.pg_default_acl WHERE d.classid = 'pg_default_acl'::regclass AND oid = d.objid
+           ) o(owner)
+           JOIN pg_catalog.pg_roles r ON r.oid = o.owner
+          WHERE d.refclassid = 'pg_authid'::regclass AND d.refobjid = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1)
+            AND d.deptype = 'a' AND d.dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+            AND r.rolname <> current_user AND NOT r.rolsuper
+          ORDER BY 1",
+    )
+    .bind(gateway.as_str())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(query_err("reading who granted the gateway its privileges"))
 }
 
 /// Why a tenant transaction cannot be opened, before anything is sent.

@@ -419,7 +419,9 @@ struct Locked {
 /// row, inserted if missing, `FOR UPDATE NOWAIT`), and reads whether the
 /// schema and its version table exist and what is recorded, in one round
 /// trip. None: another run holds the lock (the transaction is rolled
-/// back). Literals: the uid and schema are quoted.
+/// back). Literals: the uid and schema are quoted. The catalog is read by
+/// name, not with `to_regclass`: the admin has no USAGE on the tenant's
+/// schema (it is no standing member of the owner).
 async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<Locked>, PgError> {
     let uid = quote_literal(login.uid())?;
     let schema = quote_literal(&login.tenant().schema())?;
@@ -427,7 +429,8 @@ async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<
         "BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT}';
          INSERT INTO tenancy.locks (kind, key) VALUES ('{LOCK_KIND}', {uid}) ON CONFLICT DO NOTHING;
          SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {schema}) AS schema_exists,
-                to_regclass(format('%I.%I', {schema}::text, '{VERSION_TABLE}')) IS NOT NULL AS has_table
+                EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = {schema} AND c.relname = '{VERSION_TABLE}') AS has_table
            FROM tenancy.locks WHERE kind = '{LOCK_KIND}' AND key = {uid} FOR UPDATE OF locks NOWAIT;
          SELECT version, name, checksum FROM tenancy.schema_versions WHERE tenant_uid = {uid} ORDER BY version"
     );
@@ -651,8 +654,7 @@ fn finish_sql(login: &OpsLogin, recorded: &[Applied], r: &Record) -> Result<Stri
 /// next sessions of the tenant; `RESET ALL` writes nothing when none is
 /// set. The ops login's password, which it may also set itself, is not
 /// rewritten here: every `pg_authid` write makes every session recompute
-/// its role memberships (the admin is a member of every tenant's roles),
-/// a cost per run a rollout of thousands of tenants should not pay. A
+/// its role memberships, a cost per run a rollout of thousands of tenants should not pay. A
 /// password a migration chose stops working at the operator's next login
 /// of the tenant, which finds it refused and sets the derived one again;
 /// until then it logs in as that tenant's owner at most. The owner's own

@@ -11,6 +11,7 @@ pub mod confined;
 pub mod connect_grants;
 pub mod gateway;
 pub mod locks;
+pub mod membership;
 pub mod migrations;
 pub mod registry;
 pub mod replication;

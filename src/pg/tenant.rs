@@ -307,11 +307,14 @@ pub async fn observe(pool: &PgPool, name: &TenantName) -> Result<CatalogState, P
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DbAction {
     CreateOwnerRole,
-    /// Membership lets the admin create the schema for the owner, and later
-    /// drop what the roles own; Postgres 15 does not give it to CREATEROLE
-    /// creators by itself.
+    /// Membership lets the admin create the schema for the owner, set its
+    /// default privileges and grant on its objects; Postgres 15 does not give
+    /// it to CREATEROLE creators by itself. Granted for one transaction only:
+    /// the plan ends it with [`DbAction::RevokeOwnerFromAdmin`].
     GrantOwnerToAdmin,
-    GrantAppToAdmin,
+    RevokeOwnerFromAdmin,
+    /// A standing membership in the app role (earlier versions made one).
+    RevokeAppFromAdmin,
     /// The gateway login ([`super::gateway`]) may `SET ROLE` to the app role
     /// of an Active tenant; revoked (as a foreign member) when it is not.
     GrantAppToGateway {
@@ -376,12 +379,27 @@ pub enum Role {
 }
 
 impl DbAction {
+    /// Whether the admin must be a member of the owner role to run it: DDL
+    /// and grants on the schema the owner owns, or naming the owner.
+    pub fn needs_owner_membership(&self) -> bool {
+        matches!(
+            self,
+            DbAction::CreateSchema
+                | DbAction::GrantSchemaUsage
+                | DbAction::RevokeSchemaFrom { .. }
+                | DbAction::GrantExistingObjects
+                | DbAction::RevokeInternalWrites
+                | DbAction::SetDefaultPrivileges
+        )
+    }
+
     /// A fixed, password-free label for logs, audit rows and metrics.
     pub fn label(&self) -> &'static str {
         match self {
             DbAction::CreateOwnerRole => "CreateOwnerRole",
             DbAction::GrantOwnerToAdmin => "GrantOwnerToAdmin",
-            DbAction::GrantAppToAdmin => "GrantAppToAdmin",
+            DbAction::RevokeOwnerFromAdmin => "RevokeOwnerFromAdmin",
+            DbAction::RevokeAppFromAdmin => "RevokeAppFromAdmin",
             DbAction::GrantAppToGateway { .. } => "GrantAppToGateway",
             DbAction::CreateAppRole { .. } => "CreateAppRole",
             DbAction::CreateSchema => "CreateSchema",
@@ -428,7 +446,8 @@ pub fn render(action: &DbAction, name: &TenantName, uid: &str) -> Result<Vec<Str
             format!("COMMENT ON ROLE {owner} IS {marker}"),
         ],
         DbAction::GrantOwnerToAdmin => vec![format!("GRANT {owner} TO CURRENT_USER")],
-        DbAction::GrantAppToAdmin => vec![format!("GRANT {app} TO CURRENT_USER")],
+        DbAction::RevokeOwnerFromAdmin => vec![format!("REVOKE {owner} FROM CURRENT_USER")],
+        DbAction::RevokeAppFromAdmin => vec![format!("REVOKE {app} FROM CURRENT_USER")],
         DbAction::GrantAppToGateway { gateway } => vec![format!("GRANT {app} TO {}", quote_ident(gateway)?)],
         DbAction::CreateAppRole { verifier, login, connection_limit } => vec![
             format!(
@@ -651,9 +670,13 @@ pub async fn terminate_sessions(pool: &PgPool, name: &TenantName) -> Result<i64,
 /// (`GrantExistingObjects`).
 pub async fn fence_writes(pool: &PgPool, name: &TenantName, wait: std::time::Duration) -> Result<(), PgError> {
     let (schema, app) = (quote_ident(&name.schema())?, quote_ident(&name.app_role())?);
-    let mut conn = pool.acquire().await.map_err(query_err("fencing the tenant's writes"))?;
+    // One transaction, in which the admin is a member of the owner (the
+    // grants and the tables are the owner's): the REVOKE commits with the
+    // lock that waited for the writes under way, or not at all.
+    let mut tx = pool.begin().await.map_err(query_err("fencing the tenant's writes"))?;
+    let lent = super::membership::borrow(&mut tx, &name.owner_role()).await?;
     super::execute_all(
-        &mut conn,
+        &mut tx,
         "revoking the app role's writes",
         vec![format!(
             "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {schema} FROM {app}"
@@ -666,26 +689,23 @@ pub async fn fence_writes(pool: &PgPool, name: &TenantName, wait: std::time::Dur
           WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1",
     )
     .bind(name.schema())
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await
     .map_err(query_err("listing the tenant's tables"))?;
-    if tables.is_empty() {
-        return Ok(());
+    if !tables.is_empty() {
+        super::execute_all(
+            &mut tx,
+            "waiting for the tenant's writes under way",
+            vec![format!(
+                "SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN EXCLUSIVE MODE",
+                wait.as_millis(),
+                tables.join(", ")
+            )],
+        )
+        .await?;
     }
-    super::execute_all(
-        &mut conn,
-        "waiting for the tenant's writes under way",
-        vec![format!(
-            "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {} IN EXCLUSIVE MODE; COMMIT",
-            wait.as_millis(),
-            tables.join(", ")
-        )],
-    )
-    .await
-    .inspect_err(|_| {
-        // A failed LOCK leaves the transaction aborted: end it.
-        conn.close_on_drop();
-    })?;
+    lent.give_back(&mut tx).await?;
+    tx.commit().await.map_err(query_err("committing the tenant's write fence"))?;
     Ok(())
 }
 
@@ -766,27 +786,34 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
     let owner = quote_ident(&name.owner_role())?;
     let app = quote_ident(&name.app_role())?;
     let ops = quote_ident(&name.ops_role())?;
+    let roles = [
+        (&ops, &observed.ops_role),
+        (&owner, &observed.owner_role),
+        (&app, &observed.app_role),
+    ];
+    let ours_roles = || {
+        roles
+            .iter()
+            .filter_map(|(role, state)| state.as_ref().filter(|r| ours(&r.comment)).map(|r| (*role, r)))
+    };
+    // The admin becomes a member of each role for this transaction only (the
+    // roles and so the memberships go with it): dropping the owner's schema
+    // and what the roles own requires it.
+    for (role, r) in ours_roles() {
+        if !r.admin_is_member {
+            stmts.push(format!("GRANT {role} TO CURRENT_USER"));
+        }
+    }
     if let Some(s) = &observed.schema {
         if ours(&s.comment) {
             stmts.push(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
         }
     }
-    for (role, state) in [
-        (&ops, &observed.ops_role),
-        (&owner, &observed.owner_role),
-        (&app, &observed.app_role),
-    ] {
-        if let Some(r) = state {
-            if ours(&r.comment) {
-                if !r.admin_is_member {
-                    stmts.push(format!("GRANT {role} TO CURRENT_USER"));
-                }
-                // Removes grants to the role and its default privileges in this
-                // database; objects it owns here went with the schema.
-                stmts.push(format!("DROP OWNED BY {role}"));
-                stmts.push(format!("DROP ROLE IF EXISTS {role}"));
-            }
-        }
+    for (role, _) in ours_roles() {
+        // Removes grants to the role and its default privileges in this
+        // database; objects it owns here went with the schema.
+        stmts.push(format!("DROP OWNED BY {role}"));
+        stmts.push(format!("DROP ROLE IF EXISTS {role}"));
     }
     // Lock the app role out first, then end its sessions, so none holds a
     // lock the drop would wait on and none can start in between.

@@ -22,6 +22,10 @@ pub struct TestDb {
     pub admin_url: String,
     pub superuser_url: String,
     pub admin: PgPool,
+    /// A superuser pool (connected lazily), for the tests' own reads and
+    /// writes in tenant schemas: the admin is a member of no tenant's owner
+    /// outside the operator's transactions, so it cannot read them.
+    pub su: PgPool,
 }
 
 fn with_db(url: &str, db: &str) -> String {
@@ -48,11 +52,16 @@ impl TestDb {
             .connect(&admin_url)
             .await
             .expect("admin connects");
+        let su = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_lazy(&superuser_url)
+            .expect("superuser URL");
         TestDb {
             name,
             admin_url,
             superuser_url,
             admin,
+            su,
         }
     }
 
@@ -141,4 +150,13 @@ pub async fn gateway_db(label: &str) -> (TestDb, tenant_operator::pg::gateway::G
         .expect("gateway converges");
     assert!(out.statements > 0);
     (db, gw, password)
+}
+
+/// `sql` run as the tenant's `owner` by the non-superuser admin, as the
+/// operator does: a member of the owner for this one transaction only
+/// (`tenant_operator::pg::membership`). `sql` holds no transaction control.
+pub fn as_owner(owner: &str, sql: &str) -> String {
+    format!(
+        "BEGIN; GRANT \"{owner}\" TO CURRENT_USER; SET LOCAL ROLE \"{owner}\";\n{sql};\nRESET ROLE; REVOKE \"{owner}\" FROM CURRENT_USER; COMMIT;"
+    )
 }

@@ -275,17 +275,16 @@ pub fn plan_db(
 
     let ops = name.ops_role();
     match &observed.owner_role {
-        None => actions.extend([DbAction::CreateOwnerRole, DbAction::GrantOwnerToAdmin]),
+        None => actions.push(DbAction::CreateOwnerRole),
         Some(r) => {
-            // The ops login is the owner's one expected member (besides the
-            // admin); any other is revoked.
+            // The ops login is the owner's one expected member; any other
+            // is revoked.
             let mut r = r.clone();
             r.other_members.retain(|m| *m != ops);
-            role_hygiene(&mut actions, Role::Owner, &r, DbAction::GrantOwnerToAdmin)
+            role_hygiene(&mut actions, Role::Owner, &r)
         }
     }
-    // The gateway is the app role's one expected member (besides the admin)
-    // while the tenant is Active; otherwise it is revoked like any other.
+    // The gateway is the app role's one expected member while the tenant is Active; otherwise it is revoked like any other.
     let gateway = desired.gateway.as_ref().filter(|_| desired.login);
     match &observed.app_role {
         None => {
@@ -295,7 +294,6 @@ pub fn plan_db(
                     login: desired.login,
                     connection_limit: desired.connection_limit,
                 },
-                DbAction::GrantAppToAdmin,
             ]);
             actions.extend(gateway.map(|g| DbAction::GrantAppToGateway { gateway: g.clone() }));
         }
@@ -309,7 +307,7 @@ pub fn plan_db(
                 }
             }
             let r = &r;
-            role_hygiene(&mut actions, Role::App, r, DbAction::GrantAppToAdmin);
+            role_hygiene(&mut actions, Role::App, r);
             for role in &r.member_of {
                 actions.push(DbAction::RevokeAppMembershipIn { role: role.clone() });
             }
@@ -401,6 +399,7 @@ pub fn plan_db(
     // sessions still working in the tenant's schema
     // (`crate::pg::tenant::terminate_sessions`).
     let terminate_sessions = !desired.login;
+    borrow_owner(&mut actions, observed);
     Ok(DbPlan {
         actions,
         password,
@@ -441,14 +440,38 @@ fn plan_ops_role(actions: &mut Vec<DbAction>, name: &TenantName, ops: Option<&Ro
     }
 }
 
-/// Drift on an existing role: elevated attributes, foreign members, and the
-/// admin's membership (needed to manage it).
-fn role_hygiene(actions: &mut Vec<DbAction>, role: Role, r: &RoleState, grant_admin: DbAction) {
+/// The admin is a member of the tenant's owner role only inside the
+/// transaction that needs it (`GRANT ... TO CURRENT_USER` first, `REVOKE`
+/// last, so the membership never commits): the DDL that names the owner
+/// (`CREATE SCHEMA ... AUTHORIZATION`, `ALTER DEFAULT PRIVILEGES FOR ROLE`,
+/// grants on its objects) requires it of a non-superuser, and a standing
+/// membership in every tenant's roles makes every such statement, the
+/// admin's and anyone's granting through it, walk all of them again after
+/// each role change in the cluster (quadratic on PostgreSQL 15;
+/// docs/scale.md). A standing membership left by an earlier version is
+/// revoked once.
+fn borrow_owner(actions: &mut Vec<DbAction>, observed: &CatalogState) {
+    let standing = |r: &Option<RoleState>| r.as_ref().is_some_and(|r| r.admin_is_member);
+    let needs = actions.iter().any(DbAction::needs_owner_membership);
+    if needs && !standing(&observed.owner_role) {
+        let at = actions
+            .iter()
+            .position(|a| *a == DbAction::CreateOwnerRole)
+            .map_or(0, |i| i + 1);
+        actions.insert(at, DbAction::GrantOwnerToAdmin);
+    }
+    if needs || standing(&observed.owner_role) {
+        actions.push(DbAction::RevokeOwnerFromAdmin);
+    }
+    if standing(&observed.app_role) {
+        actions.push(DbAction::RevokeAppFromAdmin);
+    }
+}
+
+/// Drift on an existing role: elevated attributes and foreign members.
+fn role_hygiene(actions: &mut Vec<DbAction>, role: Role, r: &RoleState) {
     if r.elevated {
         actions.push(DbAction::StripElevatedAttributes(role));
-    }
-    if !r.admin_is_member {
-        actions.push(grant_admin);
     }
     for member in &r.other_members {
         actions.push(DbAction::RevokeMembership {
@@ -541,7 +564,7 @@ mod tests {
             comment: Some(marker.clone()),
             elevated: false,
             inherit: false,
-            admin_is_member: true,
+            admin_is_member: false,
             other_members: vec![],
             member_of: vec![],
         };
@@ -599,7 +622,6 @@ mod tests {
                 "CreateOwnerRole",
                 "GrantOwnerToAdmin",
                 "CreateAppRole",
-                "GrantAppToAdmin",
                 "CreateOpsRole",
                 "GrantOwnerToOps",
                 "CreateSchema",
@@ -610,7 +632,8 @@ mod tests {
                 "SetRoleSetting",
                 "SetRoleSetting",
                 "SetRoleSetting",
-                "SetRoleSetting"
+                "SetRoleSetting",
+                "RevokeOwnerFromAdmin"
             ]
         );
         assert_eq!(p.password.len(), 32);
@@ -626,6 +649,38 @@ mod tests {
         assert_eq!(p.password, "pw");
     }
 
+
+    #[test]
+    fn the_admin_is_a_member_of_the_owner_only_inside_the_transaction_that_needs_it() {
+        let d = desired_db(&name(), &spec()).unwrap();
+        let labels = |obs: &CatalogState| -> Vec<&'static str> {
+            let p = plan_db(&name(), "u1", &d, obs, Some("pw")).unwrap();
+            p.actions.iter().map(DbAction::label).collect()
+        };
+        // Work on the owner's schema: borrowed first, returned last.
+        let mut obs = converged("u1", &d);
+        obs.privileges.as_mut().unwrap().default_privileges = false;
+        assert_eq!(
+            labels(&obs),
+            ["GrantOwnerToAdmin", "SetDefaultPrivileges", "RevokeOwnerFromAdmin"]
+        );
+        // A change of the roles alone needs no membership.
+        let mut obs = converged("u1", &d);
+        obs.app_role.as_mut().unwrap().connection_limit += 1;
+        assert_eq!(labels(&obs), ["SetConnectionLimit"]);
+        // A standing membership (earlier versions) is revoked once; nothing
+        // is planned after it.
+        let mut obs = converged("u1", &d);
+        obs.owner_role.as_mut().unwrap().admin_is_member = true;
+        obs.app_role.as_mut().unwrap().admin_is_member = true;
+        assert_eq!(labels(&obs), ["RevokeOwnerFromAdmin", "RevokeAppFromAdmin"]);
+        // ... and not granted again when the same reconcile needs it.
+        obs.privileges.as_mut().unwrap().objects_missing_dml = 1;
+        assert_eq!(
+            labels(&obs),
+            ["GrantExistingObjects", "RevokeOwnerFromAdmin", "RevokeAppFromAdmin"]
+        );
+    }
     #[test]
     fn the_ops_login_is_kept_confined_to_its_owner() {
         let d = desired_db(&name(), &spec()).unwrap();

@@ -535,6 +535,14 @@ async fn main() {
     let op_prov = all_ready - start;
     let (busy1, srv1, op1) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
     let errors_prov = scrape_errors(metrics_port).await;
+    let secs = |d: Duration| d.as_secs_f64();
+    // As it goes (a run of 10,000 takes long): the summary below repeats it.
+    eprintln!(
+        "provisioning: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_prov} failed reconciles",
+        secs(psql_prov),
+        secs(op_prov),
+        secs(op_prov) / secs(psql_prov)
+    );
     profile_print(&mut su, op_db, "provisioning").await;
 
     // --- migration
@@ -559,6 +567,12 @@ async fn main() {
     .await;
     let op_mig = complete - start;
     let errors_mig = scrape_errors(metrics_port).await - errors_prov;
+    eprintln!(
+        "migration: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_mig} failed reconciles",
+        secs(psql_mig),
+        secs(op_mig),
+        secs(op_mig) / secs(psql_mig)
+    );
     profile_print(&mut su, op_db, "the migration").await;
 
     // Every Tenant shows the new version (the set's Complete comes from the
@@ -600,7 +614,6 @@ async fn main() {
     let hwm = proc_status_kib(op_pid, "VmHWM:");
     let peak_rss = peak.load(Ordering::Relaxed).max(hwm);
 
-    let secs = |d: Duration| d.as_secs_f64();
     let busy = (busy1 - busy0).max(1) as f64;
     println!();
     println!("| N = {n} | plain psql, serial | operator, end to end | ratio |");

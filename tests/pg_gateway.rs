@@ -198,10 +198,13 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     assert_eq!(sqlstate(&e), "42501");
     // The grants a tenant's owner made it (revoked as that owner, of which
     // the admin was a member for the converge's transaction only).
-    let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {}.secrets", b.name.schema())))
-        .fetch_all(&mut c)
-        .await
-        .unwrap_err();
+    let e = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM {}.secrets",
+        b.name.schema()
+    )))
+    .fetch_all(&mut c)
+    .await
+    .unwrap_err();
     assert_eq!(sqlstate(&e), "42501");
     let admin_member_of_owners: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_auth_members WHERE member = (SELECT oid FROM pg_roles WHERE rolname = current_user)
@@ -210,7 +213,10 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     .fetch_one(&db.admin)
     .await
     .unwrap();
-    assert_eq!(admin_member_of_owners, 0, "the admin kept a membership in a tenant's owner");
+    assert_eq!(
+        admin_member_of_owners, 0,
+        "the admin kept a membership in a tenant's owner"
+    );
 
     // Deleted: the role is gone, the library says so.
     pg::tenant::drop_tenant(&db.admin, &a.name, &a.uid, "test")

@@ -813,14 +813,22 @@ async fn the_admin_is_a_member_of_no_tenant_role_between_transactions() {
     .unwrap();
     let out = t.converge(&db).await.unwrap();
     let labels: Vec<_> = out.plan.actions.iter().map(|a| a.label()).collect();
-    assert_eq!(labels, ["GrantOwnerToAdmin", "GrantSchemaUsage", "RevokeOwnerFromAdmin"]);
+    assert_eq!(
+        labels,
+        ["GrantOwnerToAdmin", "GrantSchemaUsage", "RevokeOwnerFromAdmin"]
+    );
     assert!(admin_memberships(&db, &t).await.is_empty());
-    sqlx::query("SELECT 1").execute(&mut t.app(&db).await.unwrap()).await.unwrap();
+    sqlx::query("SELECT 1")
+        .execute(&mut t.app(&db).await.unwrap())
+        .await
+        .unwrap();
     assert_eq!(t.converge(&db).await.unwrap().statements, 0);
 
     // The delete needs it too (the schema is the owner's), within its own
     // transaction.
-    pg::tenant::drop_tenant(&db.admin, &t.name, &t.uid, "test").await.unwrap();
+    pg::tenant::drop_tenant(&db.admin, &t.name, &t.uid, "test")
+        .await
+        .unwrap();
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = ANY ($1)")
         .bind(vec![t.name.owner_role(), t.name.app_role(), t.name.ops_role()])
         .fetch_one(&db.admin)

@@ -42,8 +42,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 
 pub use super::locks::{aside_schema, LOCK_KIND};
-use super::membership::Borrowed;
 use super::locks::{lock_row, ownership_marker};
+use super::membership::Borrowed;
 use super::{query_err, quote_ident, quote_literal, PgError};
 use crate::names::TenantName;
 

@@ -40,7 +40,9 @@ pub async fn borrow(conn: &mut PgConnection, role: &str) -> Result<Borrowed, PgE
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("GRANT {quoted} TO CURRENT_USER")))
         .execute(&mut *conn)
         .await
-        .map_err(query_err("making the admin a member of the owner role for this transaction"))?;
+        .map_err(query_err(
+            "making the admin a member of the owner role for this transaction",
+        ))?;
     Ok(Borrowed(Some(quoted)))
 }
 

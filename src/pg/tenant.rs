@@ -705,7 +705,9 @@ pub async fn fence_writes(pool: &PgPool, name: &TenantName, wait: std::time::Dur
         .await?;
     }
     lent.give_back(&mut tx).await?;
-    tx.commit().await.map_err(query_err("committing the tenant's write fence"))?;
+    tx.commit()
+        .await
+        .map_err(query_err("committing the tenant's write fence"))?;
     Ok(())
 }
 

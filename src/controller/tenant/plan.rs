@@ -288,13 +288,11 @@ pub fn plan_db(
     let gateway = desired.gateway.as_ref().filter(|_| desired.login);
     match &observed.app_role {
         None => {
-            actions.extend([
-                DbAction::CreateAppRole {
-                    verifier: scram::verifier(&password).into(),
-                    login: desired.login,
-                    connection_limit: desired.connection_limit,
-                },
-            ]);
+            actions.extend([DbAction::CreateAppRole {
+                verifier: scram::verifier(&password).into(),
+                login: desired.login,
+                connection_limit: desired.connection_limit,
+            }]);
             actions.extend(gateway.map(|g| DbAction::GrantAppToGateway { gateway: g.clone() }));
         }
         Some(r) => {
@@ -648,7 +646,6 @@ mod tests {
         assert!(p.actions.is_empty(), "converged tenant planned {:?}", p.actions);
         assert_eq!(p.password, "pw");
     }
-
 
     #[test]
     fn the_admin_is_a_member_of_the_owner_only_inside_the_transaction_that_needs_it() {

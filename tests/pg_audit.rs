@@ -324,6 +324,7 @@ async fn a_table_created_by_a_later_migration_is_audited_without_a_reconcile() {
 async fn the_app_role_cannot_change_delete_truncate_or_forge_audit_rows() {
     let db = setup("aud_ro").await;
     let t = tenant_with_docs(&db, "ar").await;
+    let write_fn = pg::audit::AuditFns::of(&t.name).write;
     let mut app = t.app(&db).await.unwrap();
     sqlx::query("INSERT INTO docs (body) VALUES ('x')")
         .execute(&mut app)
@@ -334,6 +335,7 @@ async fn the_app_role_cannot_change_delete_truncate_or_forge_audit_rows() {
         .await
         .expect("the app may read its audit log");
     assert_eq!(n, 1);
+    let forge = format!("SELECT {write_fn}('INSERT', 'docs', ARRAY['{{}}'::jsonb], NULL)");
     for sql in [
         "UPDATE _tenancy_audit SET actor = 'mallory'",
         "DELETE FROM _tenancy_audit",
@@ -341,7 +343,7 @@ async fn the_app_role_cannot_change_delete_truncate_or_forge_audit_rows() {
         "INSERT INTO _tenancy_audit (\"time\", actor, actor_given, operation, prev_hash, hash) VALUES (now(), 'x', true, 'INSERT', '\\x00', '\\x00')",
         "UPDATE _tenancy_audit_head SET hash = '\\x00'",
         "SELECT * FROM _tenancy_audit_head",
-        "SELECT _tenancy_audit_write('INSERT', 'docs', ARRAY['{}'::jsonb], NULL)",
+        forge.as_str(),
         "SELECT setval('_tenancy_audit_id_seq', 1)",
         "DROP TRIGGER _tenancy_audit_ins ON docs",
         "ALTER TABLE docs DISABLE TRIGGER ALL",
@@ -910,6 +912,99 @@ async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile()
     verified(&db, &t).await;
 }
 
+/// Until 2026-12-03 the audit functions had one name in every schema
+/// (`_tenancy_audit_trigger`, ...), which made Postgres read every tenant's
+/// functions to resolve one tenant's in DDL. A tenant left so (its
+/// functions renamed back, triggers still calling them) is converged by its
+/// next reconcile: the tenant's own functions, every trigger moved to them,
+/// the old ones dropped; the chain goes on across the change and verifies,
+/// and the next reconcile runs nothing. Inside a migration's transaction
+/// the light check leaves such a schema to the full observation.
+#[tokio::test]
+async fn functions_named_alike_in_every_schema_give_way_to_the_tenants_own() {
+    let db = setup("aud_fn_names").await;
+    let mut t = tenant_with_docs(&db, "fn-up").await;
+    let schema = t.name.schema();
+    let fns = pg::audit::AuditFns::of(&t.name);
+    let mut su = db.superuser().await;
+    let functions = || {
+        let sql =
+            format!("SELECT p.proname::text FROM pg_proc p WHERE p.pronamespace = '{schema}'::regnamespace ORDER BY 1");
+        let pool = db.su.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        functions().await,
+        [fns.guard.as_str(), &fns.tail, &fns.trigger, &fns.write]
+    );
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('before')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER FUNCTION {schema}.{w}(text, text, jsonb[], text[]) RENAME TO _tenancy_audit_write;
+         ALTER FUNCTION {schema}.{tr}() RENAME TO _tenancy_audit_trigger;
+         ALTER FUNCTION {schema}.{g}() RENAME TO _tenancy_audit_guard;
+         ALTER FUNCTION {schema}.{ta}() RENAME TO _tenancy_audit_tail;",
+        w = fns.write,
+        tr = fns.trigger,
+        g = fns.guard,
+        ta = fns.tail
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    // The earlier version's layout still audits (the triggers call by oid).
+    sqlx::query("INSERT INTO docs (body) VALUES ('old names')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut su).await.unwrap();
+    let (state, how) = pg::audit::observe_in_tx(&mut su, &t.name, &[]).await.unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut su).await.unwrap();
+    assert_eq!(how, pg::audit::Observation::Full);
+    assert!(
+        state.legacy_functions && !state.functions_current && !state.guard,
+        "{state:?}"
+    );
+    assert_eq!(state.stale, ["docs"]);
+
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(
+        labels,
+        [
+            "ReplaceAuditFunctions",
+            "GuardAuditTable",
+            "AuditTable",
+            "DropLegacyAuditFunctions"
+        ]
+    );
+    assert_eq!(
+        functions().await,
+        [fns.guard.as_str(), &fns.tail, &fns.trigger, &fns.write]
+    );
+    let called: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT DISTINCT p.proname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
+          WHERE c.relnamespace = '{schema}'::regnamespace AND NOT t.tgisinternal ORDER BY 1"
+    )))
+    .fetch_all(&mut su)
+    .await
+    .unwrap();
+    assert_eq!(called, [fns.guard.as_str(), &fns.tail, &fns.trigger]);
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "converged");
+    sqlx::query("UPDATE docs SET n = 1").execute(&mut app).await.unwrap();
+    let ops: Vec<String> = audit_rows(&db, &t).await.into_iter().map(|a| a.op).collect();
+    assert_eq!(ops, ["INSERT", "INSERT", "UPDATE"]);
+    assert_eq!(verified(&db, &t).await.rows, 3);
+}
+
 /// Inside a migration's transaction the light check stands in for the full
 /// observation only when the audit log's own objects are intact: after each
 /// of these changes (made as the owner, as a migration would, in the
@@ -918,6 +1013,9 @@ async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile()
 /// observation otherwise.
 #[tokio::test]
 async fn the_in_transaction_check_agrees_with_the_full_observation() {
+    // (A function written `_tenancy_audit_x(` below is the tenant's own,
+    // `_tenancy_audit_x_<tenant>`: [`own_functions`]; quoted, it is the
+    // name itself.)
     use pg::audit::Observation::{Full, Light};
     let db = setup("aud_light").await;
     let t = tenant_with_docs(&db, "lt").await;
@@ -938,6 +1036,11 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
             Light,
         ),
         ("an overload of an audit function", "CREATE FUNCTION _tenancy_audit_trigger(x int) RETURNS int LANGUAGE sql AS 'SELECT 1'", Light),
+        (
+            "an overload named like an earlier version's function",
+            "CREATE FUNCTION \"_tenancy_audit_trigger\"(x int) RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            Full,
+        ),
         (
             "a temporary view hiding a new table from the catalog",
             "CREATE TABLE hidden (id int); CREATE TEMP VIEW pg_class AS SELECT * FROM pg_catalog.pg_class WHERE relname <> 'hidden';
@@ -975,6 +1078,7 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
     ];
     let mut su = db.superuser().await;
     for (what, sql, expected) in cases {
+        let sql = own_functions(sql, &t.name);
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "BEGIN; SET LOCAL ROLE {}; SET LOCAL search_path TO {}; {sql}",
             t.name.owner_role(),
@@ -996,7 +1100,9 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
             "a temporary view hiding a new table from the catalog" => {
                 assert_eq!(state.untriggered, ["hidden"], "{what}")
             }
-            "an overload of an audit function" => assert!(pg::audit::plan(&state, None).is_empty(), "{what}"),
+            "an overload of an audit function" | "an overload named like an earlier version's function" => {
+                assert!(pg::audit::plan(&state, None).is_empty(), "{what}")
+            }
             _ => assert!(!pg::audit::plan(&state, None).is_empty(), "{what}: nothing to repair"),
         }
     }
@@ -1034,7 +1140,8 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
     let mut app = t.app(&db).await.unwrap();
     for (i, (sql, transactional)) in steps.into_iter().enumerate() {
         let v = i as i64 + 1;
-        migrations.push(MigrationSql::new(v, format!("m{v}"), sql, transactional));
+        let sql = own_functions(sql, &t.name);
+        migrations.push(MigrationSql::new(v, format!("m{v}"), &sql, transactional));
         let out = pg::migrations::migrate_tenant(&db.admin, &login, &set, &migrations, &Timeouts::default())
             .await
             .unwrap();
@@ -1230,7 +1337,8 @@ async fn an_update_appends_one_entry_per_statement_and_the_per_row_trigger_is_re
     // The trigger layout of earlier versions on docs.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP TRIGGER _tenancy_audit_update ON {schema}.docs;
-         CREATE TRIGGER _tenancy_audit_upd AFTER UPDATE ON {schema}.docs FOR EACH ROW EXECUTE FUNCTION {schema}._tenancy_audit_trigger()"
+         CREATE TRIGGER _tenancy_audit_upd AFTER UPDATE ON {schema}.docs FOR EACH ROW EXECUTE FUNCTION {schema}.{}()",
+        pg::audit::AuditFns::of(&t.name).trigger
     )))
     .execute(&mut su)
     .await
@@ -1478,4 +1586,16 @@ async fn audited_tables(db: &TestDb, t: &Tenant) -> Vec<String> {
         .into_iter()
         .map(|a| a.table.unwrap_or_default())
         .collect()
+}
+
+/// `sql` with each audit function written by its base name and an opening
+/// parenthesis (`_tenancy_audit_trigger(`) given the tenant's own name
+/// (`_tenancy_audit_trigger_<tenant>(`); trigger names, never followed by
+/// one, are left alone.
+fn own_functions(sql: &str, name: &tenant_operator::names::TenantName) -> String {
+    let fns = pg::audit::AuditFns::of(name);
+    sql.replace("_tenancy_audit_write(", &format!("{}(", fns.write))
+        .replace("_tenancy_audit_trigger(", &format!("{}(", fns.trigger))
+        .replace("_tenancy_audit_guard(", &format!("{}(", fns.guard))
+        .replace("_tenancy_audit_tail(", &format!("{}(", fns.tail))
 }

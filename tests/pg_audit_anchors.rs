@@ -455,11 +455,12 @@ async fn a_tenant_whose_chain_predates_anchoring_is_anchored_by_the_next_reconci
     // anchors in tenancy, the old commit-time function (per entry, on the
     // audit table, as it was then).
     let schema = t.name.schema();
+    let tail = pg::audit::AuditFns::of(&t.name).tail;
     let mut su = db.superuser().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP FUNCTION tenancy_audit.{schema}(bigint, bytea);
          DELETE FROM tenancy.audit_anchors WHERE tenant_uid = '{uid}'; DELETE FROM tenancy.audit_heads WHERE tenant_uid = '{uid}';
-         CREATE OR REPLACE FUNCTION {schema}._tenancy_audit_tail() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+         CREATE OR REPLACE FUNCTION {schema}.{tail}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
          BEGIN
            IF NEW.id = (SELECT max(a.id) FROM {schema}._tenancy_audit a) THEN
              UPDATE {schema}._tenancy_audit_head SET last_id = NEW.id, hash = NEW.hash;
@@ -468,7 +469,7 @@ async fn a_tenant_whose_chain_predates_anchoring_is_anchored_by_the_next_reconci
          END $f$;
          DROP TRIGGER _tenancy_audit_tail ON {schema}._tenancy_audit_head;
          CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON {schema}._tenancy_audit DEFERRABLE INITIALLY DEFERRED
-           FOR EACH ROW EXECUTE FUNCTION {schema}._tenancy_audit_tail();",
+           FOR EACH ROW EXECUTE FUNCTION {schema}.{tail}();",
         uid = t.uid
     )))
     .execute(&mut su)

@@ -2,8 +2,10 @@
 //! functions and triggers in each tenant schema, the anchor schema and
 //! role, the chunking of large statements, the genesis hash.
 //!
-//! Takes nothing, gives constants; a leaf (imports nothing of the audit
-//! module). No side effects.
+//! Takes nothing (a tenant's name for [`AuditFns`]), gives constants; a
+//! leaf (imports nothing of the audit module). No side effects.
+
+use crate::names::TenantName;
 
 /// The audit table in every tenant schema.
 pub const AUDIT_TABLE: &str = "_tenancy_audit";
@@ -11,15 +13,55 @@ pub const AUDIT_TABLE: &str = "_tenancy_audit";
 /// Its one-row chain head (last id, last hash, last prune).
 pub const HEAD_TABLE: &str = "_tenancy_audit_head";
 
+/// The audit functions' base names; each tenant's are these with its name
+/// appended ([`AuditFns`]). Until 2026-12-03 they were the functions' names
+/// in every schema.
 pub(super) const TRIGGER_FN: &str = "_tenancy_audit_trigger";
 
 pub(super) const WRITE_FN: &str = "_tenancy_audit_write";
 
 pub(super) const GUARD_FN: &str = "_tenancy_audit_guard";
 
-pub(super) const GUARD_TRIGGER: &str = "_tenancy_audit_guard";
-
 pub(super) const TAIL_FN: &str = "_tenancy_audit_tail";
+
+/// The audit functions as an earlier version named them, the same in every
+/// tenant schema; a reconcile drops them once the triggers call the
+/// tenant's own.
+pub(super) const LEGACY_FUNCTIONS: [&str; 4] = [WRITE_FN, TRIGGER_FN, GUARD_FN, TAIL_FN];
+
+/// The names of one tenant's audit functions: each base name, `_`, and the
+/// tenant's name with dashes as underscores (`_tenancy_audit_trigger_acme`),
+/// so no two tenants' functions share a name. PostgreSQL resolves a
+/// function named in DDL (`CREATE TRIGGER ... EXECUTE FUNCTION`,
+/// `REVOKE ... ON FUNCTION`, `DROP FUNCTION`), even schema-qualified,
+/// through a cached list of every function of that name in every schema,
+/// dropped at any change to `pg_proc` and rebuilt with each function's
+/// source read out of TOAST; with one name in every schema, each tenant's
+/// provisioning and each migration's new backend paid for all tenants'
+/// functions (40% of the server's CPU in a 10,000-tenant burst,
+/// docs/scale.md). At most 23 + 40 characters (`NAME_MAX_LEN`): within
+/// PostgreSQL's 63.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditFns {
+    pub write: String,
+    pub trigger: String,
+    pub guard: String,
+    pub tail: String,
+}
+
+impl AuditFns {
+    pub fn of(name: &TenantName) -> Self {
+        let own = |base: &str| format!("{base}_{}", name.as_str().replace('-', "_"));
+        Self {
+            write: own(WRITE_FN),
+            trigger: own(TRIGGER_FN),
+            guard: own(GUARD_FN),
+            tail: own(TAIL_FN),
+        }
+    }
+}
+
+pub(super) const GUARD_TRIGGER: &str = "_tenancy_audit_guard";
 
 /// The deferred (commit-time) trigger that moves the head to the last entry.
 pub(super) const TAIL_TRIGGER: &str = "_tenancy_audit_tail";

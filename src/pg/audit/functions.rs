@@ -17,8 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::consts::{
-    ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, GUARD_FN, HEAD_TABLE, SMALL_STATEMENT, TAIL_FN,
-    TRIGGER_FN, WRITE_FN,
+    AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, HEAD_TABLE, SMALL_STATEMENT,
 };
 use super::content::{header_sql, pk_sql, tail_sql};
 use crate::names::TenantName;
@@ -59,8 +58,9 @@ fn body(file: &'static str, vars: &[(&str, &str)]) -> String {
     format!("\n{}", fill(file, vars))
 }
 
-/// The expected source of each audit function, by name.
-pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str, String>, PgError> {
+/// The expected source of each of the tenant's audit functions, by its
+/// name ([`AuditFns`]).
+pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<String, String>, PgError> {
     let schema = quote_ident(&name.schema())?;
     let owner = quote_literal(&name.owner_role())?;
     let schema_lit = quote_literal(&name.schema())?;
@@ -129,11 +129,12 @@ pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<&'static str
             ("anchor", &anchor),
         ],
     );
+    let fns = AuditFns::of(name);
     Ok(BTreeMap::from([
-        (WRITE_FN, write),
-        (TRIGGER_FN, trigger),
-        (GUARD_FN, guard),
-        (TAIL_FN, tail),
+        (fns.write, write),
+        (fns.trigger, trigger),
+        (fns.guard, guard),
+        (fns.tail, tail),
     ]))
 }
 

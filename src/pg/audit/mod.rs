@@ -66,8 +66,8 @@ mod tests;
 pub use anchor::{anchor_heads, anchor_message, check_anchors, make_anchor, prepare_anchoring, AnchorRow};
 pub use chain::{Anchored, ChainBreak, ChainRow, Checkpoint, VerifyReport, Walker};
 pub use consts::{
-    ANCHOR_DOMAIN, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, GENESIS, HEAD_TABLE, PGAUDIT_CLASSES,
-    TABLE_TRIGGERS,
+    AuditFns, ANCHOR_DOMAIN, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, GENESIS, HEAD_TABLE,
+    PGAUDIT_CLASSES, TABLE_TRIGGERS,
 };
 pub use content::{content_sql, header_sql, tail_sql, Content};
 pub use converge::{converge, record_exclusion, statements_in_tx, AuditOutcome};

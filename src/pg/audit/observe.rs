@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, Row};
 
 use super::consts::{
-    ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, FN_SEARCH_PATH, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE,
-    LEGACY_TABLE_TRIGGERS, TABLE_TRIGGERS, TAIL_FN, TAIL_TRIGGER, TRIGGER_FN,
+    AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, FN_SEARCH_PATH, GUARD_TRIGGER, HEAD_TABLE,
+    LEGACY_FUNCTIONS, LEGACY_TABLE_TRIGGERS, TABLE_TRIGGERS, TAIL_TRIGGER,
 };
 use super::functions::{anchor_function_body, function_bodies};
 use super::plan::{AnchorState, AuditState, PgauditState};
@@ -37,6 +37,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
     // dependency (TOAST tables and composite types excepted, neither audited).
     // Each function is current when sha256(name:source) is the expected one
     // and its owner, SECURITY DEFINER flag and search_path are right.
+    let fns = AuditFns::of(name);
     let expected: Vec<String> = function_bodies(name)?
         .iter()
         .map(|(f, body)| hex::encode(Sha256::digest(format!("{f}:{body}").as_bytes())))
@@ -50,7 +51,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
                            AND p.pronamespace = n.oid AND p.proname = $5)
                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
                          WHERE c.relnamespace = n.oid AND c.relname = $3 AND t.tgname = $11 AND t.tgenabled = 'O'
-                           AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $11)
+                           AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $14)
                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
                          WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $11) AS guard,
                 ARRAY(SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
@@ -63,7 +64,12 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
                     AND encode(sha256(convert_to(p.proname || ':' || p.prosrc, 'UTF8')), 'hex') = ANY ($8)
                     AND p.prosecdef = (p.proname <> $5)
                     AND p.proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $9)
-                    AND p.proconfig = ARRAY[$10]) = cardinality($8) AS functions_current
+                    AND p.proconfig = ARRAY[$10]) = cardinality($8) AS functions_current,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.objid
+                  WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                    AND p.pronamespace = n.oid AND p.proname = ANY ($15)
+                    -- The signatures DropLegacyFunctions drops (text, jsonb[], text[]: 25, 3807, 1009).
+                    AND CASE WHEN p.proname = $16 THEN p.proargtypes = '25 25 3807 1009'::pg_catalog.oidvector ELSE p.pronargs = 0 END) AS legacy_functions
            FROM (SELECT $1::pg_catalog.text AS name) x LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = x.name
            LEFT JOIN LATERAL (
                 SELECT array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE NOT ex.excluded AND tg.good <> 4) AS untriggered,
@@ -83,15 +89,18 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
     .bind(AUDIT_TABLE)
     .bind(HEAD_TABLE)
     .bind(GUARD_TRIGGER)
-    .bind(GUARD_FN)
+    .bind(&fns.guard)
     .bind(TABLE_TRIGGERS.to_vec())
-    .bind(TRIGGER_FN)
+    .bind(&fns.trigger)
     .bind(expected)
     .bind(name.owner_role())
     .bind(FN_SEARCH_PATH)
     .bind(TAIL_TRIGGER)
     .bind(TABLE_TRIGGERS.iter().chain(&LEGACY_TABLE_TRIGGERS).copied().collect::<Vec<_>>())
     .bind(exclude)
+    .bind(&fns.tail)
+    .bind(LEGACY_FUNCTIONS.to_vec())
+    .bind(LEGACY_FUNCTIONS[0])
     .fetch_one(&mut *conn)
     .await
     .map_err(query_err("reading the tenant's audit objects"))?;
@@ -108,6 +117,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
                 .unwrap_or_default(),
             misshapen: row.try_get::<Option<Vec<String>>, _>("misshapen")?.unwrap_or_default(),
             functions_current: row.try_get::<Option<bool>, _>("functions_current")?.unwrap_or(false),
+            legacy_functions: row.try_get::<Option<bool>, _>("legacy_functions")?.unwrap_or(false),
         })
     };
     decode().map_err(query_err("decoding the tenant's audit objects"))
@@ -219,7 +229,7 @@ pub async fn observe_pgaudit(conn: &mut PgConnection, name: &TenantName) -> Resu
 /// the full observation then runs). Rows: `what` 1, a relation of the
 /// schema (any kind); 2, a trigger named like one of the operator's
 /// (`$2`) on one of them; 3, a function of the schema named like an audit
-/// function (`$3`), `owned` when its owner is `$4`. Binds: the schema, the
+/// function (`$3`: the tenant's and those of earlier versions), `owned` when its owner is `$4`. Binds: the schema, the
 /// trigger names, the function names, the owner role.
 pub(super) const IN_TX_SQL: &str = "WITH d AS (SELECT d.classid, d.objid FROM pg_catalog.pg_depend d
               WHERE d.refclassid = '2615' AND d.refobjid = pg_catalog.to_regnamespace($1))
@@ -279,12 +289,21 @@ pub enum CatalogFact {
 /// of [`TABLE_TRIGGERS`] (enabled, calling the schema's trigger function),
 /// and those of them that carry one of those names, both sorted by name.
 /// None otherwise: something of the audit log was dropped, disabled or
-/// replaced, and the full observation decides what to put back.
+/// replaced, or an earlier version's functions (named alike in every
+/// schema, [`LEGACY_FUNCTIONS`]) are still there, and the full observation
+/// decides what to put back or drop.
 pub fn converged_untriggered(
     facts: &[CatalogFact],
-    bodies: &BTreeMap<&'static str, String>,
+    fns: &AuditFns,
+    bodies: &BTreeMap<String, String>,
     exclude: &[String],
 ) -> Option<Untriggered> {
+    if facts
+        .iter()
+        .any(|f| matches!(f, CatalogFact::Function { name, .. } if LEGACY_FUNCTIONS.contains(&name.as_str())))
+    {
+        return None;
+    }
     let functions: BTreeMap<u32, &str> = facts
         .iter()
         .filter_map(|f| match f {
@@ -304,7 +323,7 @@ pub fn converged_untriggered(
                 ..
             } => {
                 bodies.get(name.as_str()) == Some(source)
-                    && *definer == (name != GUARD_FN)
+                    && *definer == (*name != fns.guard)
                     && *owned
                     && config.as_deref() == Some(&[FN_SEARCH_PATH.to_owned()][..])
             }
@@ -337,11 +356,11 @@ pub fn converged_untriggered(
         return None;
     };
     let guard = triggers(audit)
-        .any(|(name, function, enabled, _)| name == GUARD_TRIGGER && enabled && calls(function, GUARD_FN));
+        .any(|(name, function, enabled, _)| name == GUARD_TRIGGER && enabled && calls(function, &fns.guard));
     // The tail is on the head (once per transaction), not on the audit
     // table (once per entry, as before 2026-12).
     let tail = triggers(head).any(|(name, function, enabled, deferred)| {
-        name == TAIL_TRIGGER && enabled && deferred && calls(function, TAIL_FN)
+        name == TAIL_TRIGGER && enabled && deferred && calls(function, &fns.tail)
     }) && !triggers(audit).any(|(name, ..)| name == TAIL_TRIGGER);
     if !(guard && tail) {
         return None;
@@ -372,7 +391,7 @@ pub fn converged_untriggered(
         }
         let good = ours
             .iter()
-            .filter(|(t, function, enabled, _)| TABLE_TRIGGERS.contains(t) && *enabled && calls(function, TRIGGER_FN))
+            .filter(|(t, function, enabled, _)| TABLE_TRIGGERS.contains(t) && *enabled && calls(function, &fns.trigger))
             .count();
         if good != TABLE_TRIGGERS.len() {
             out.untriggered.push(name.to_owned());
@@ -434,7 +453,7 @@ pub async fn observe_in_tx(
         .copied()
         .chain([GUARD_TRIGGER, TAIL_TRIGGER])
         .collect();
-    let function_names: Vec<&str> = bodies.keys().copied().collect();
+    let function_names: Vec<&str> = bodies.keys().map(String::as_str).chain(LEGACY_FUNCTIONS).collect();
     let rows = sqlx::query(IN_TX_SQL)
         .bind(name.schema())
         .bind(trigger_names)
@@ -448,7 +467,7 @@ pub async fn observe_in_tx(
         .map(catalog_fact)
         .collect::<Result<Vec<_>, _>>()
         .map_err(query_err("decoding the tenant's audit objects"))?;
-    if let Some(u) = converged_untriggered(&facts, &bodies, exclude) {
+    if let Some(u) = converged_untriggered(&facts, &AuditFns::of(name), &bodies, exclude) {
         let state = AuditState {
             schema_exists: true,
             table: true,
@@ -459,6 +478,7 @@ pub async fn observe_in_tx(
             stale: u.stale,
             excluded_triggered: u.excluded_triggered,
             misshapen: Vec::new(),
+            legacy_functions: false,
         };
         return Ok((state, Observation::Light));
     }

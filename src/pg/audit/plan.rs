@@ -10,8 +10,8 @@
 use chrono::{DateTime, Utc};
 
 use super::consts::{
-    AUDIT_TABLE, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE, LEGACY_TABLE_TRIGGERS, PGAUDIT_CLASSES, TABLE_TRIGGERS, TAIL_FN,
-    TAIL_TRIGGER, TRIGGER_FN, WRITE_FN,
+    AuditFns, AUDIT_TABLE, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE, LEGACY_TABLE_TRIGGERS, PGAUDIT_CLASSES, TABLE_TRIGGERS,
+    TAIL_FN, TAIL_TRIGGER, TRIGGER_FN, WRITE_FN,
 };
 use super::functions::{anchor_fn, anchor_function_body, function_bodies};
 use crate::names::TenantName;
@@ -23,9 +23,13 @@ pub struct AuditState {
     pub schema_exists: bool,
     pub table: bool,
     pub head: bool,
-    /// The three functions exist with the expected body, owner, SECURITY
-    /// DEFINER flag and search_path.
+    /// The four functions exist, under the tenant's names ([`AuditFns`]),
+    /// with the expected body, owner, SECURITY DEFINER flag and search_path.
     pub functions_current: bool,
+    /// Functions of an earlier version, named alike in every schema
+    /// ([`LEGACY_FUNCTIONS`](super::consts::LEGACY_FUNCTIONS)), are still
+    /// in the schema: dropped once the triggers call the tenant's own.
+    pub legacy_functions: bool,
     /// The append-only guard trigger on the audit table exists and is enabled.
     pub guard: bool,
     /// Tenant tables lacking one of [`TABLE_TRIGGERS`] (or with one disabled
@@ -137,6 +141,9 @@ pub enum AuditAction {
     UntriggerTable {
         table: String,
     },
+    /// An earlier version's functions, named alike in every schema, dropped
+    /// (after the triggers were moved to the tenant's own).
+    DropLegacyFunctions,
     SetPgauditLog,
     /// The tenant's anchor function in [`ANCHOR_SCHEMA`](super::consts::ANCHOR_SCHEMA) (admin), owned by
     /// the anchor `role`, its uid a literal in its body.
@@ -158,6 +165,7 @@ impl AuditAction {
             AuditAction::GuardTable => "GuardAuditTable",
             AuditAction::TriggerTable { .. } => "AuditTable",
             AuditAction::UntriggerTable { .. } => "UnauditTable",
+            AuditAction::DropLegacyFunctions => "DropLegacyAuditFunctions",
             AuditAction::SetPgauditLog => "SetPgauditLog",
             AuditAction::AnchorFunction { .. } => "AnchorFunction",
             AuditAction::SeedHead => "SeedAuditHead",
@@ -197,6 +205,9 @@ pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditActi
             .iter()
             .map(|t| AuditAction::UntriggerTable { table: t.clone() }),
     );
+    if state.legacy_functions {
+        actions.push(AuditAction::DropLegacyFunctions);
+    }
     if let Some(p) = pgaudit {
         if p.loaded && p.can_set && !p.satisfied() {
             actions.push(AuditAction::SetPgauditLog);
@@ -237,6 +248,10 @@ pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAudit
         }
     }
 }
+
+/// The write function's parameters, and its signature.
+const WRITE_ARGS: &str = "p_op text, p_table text, p_pks jsonb[], p_changed text[]";
+const WRITE_SIG: &str = "text, text, jsonb[], text[]";
 
 /// The SQL of one action. Identifiers are quoted; the functions' bodies are
 /// dollar-quoted with a tag no identifier of a validated name can contain.
@@ -282,39 +297,54 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
         ],
         AuditAction::ReplaceFunctions => {
             let bodies = function_bodies(name)?;
+            let fns = AuditFns::of(name);
             let mut v = Vec::new();
             for (f, args, ret, definer) in [
-                (WRITE_FN, "p_op text, p_table text, p_pks jsonb[], p_changed text[]", "void", true),
-                (TRIGGER_FN, "", "trigger", true),
-                (GUARD_FN, "", "trigger", false),
-                (TAIL_FN, "", "trigger", true),
+                (&fns.write, WRITE_ARGS, "void", true),
+                (&fns.trigger, "", "trigger", true),
+                (&fns.guard, "", "trigger", false),
+                (&fns.tail, "", "trigger", true),
             ] {
                 let security = if definer { "SECURITY DEFINER" } else { "SECURITY INVOKER" };
+                let q = quote_ident(f)?;
                 v.push(format!(
-                    "CREATE OR REPLACE FUNCTION {schema}.{f}({args}) RETURNS {ret} LANGUAGE plpgsql {security} SET search_path = pg_catalog, pg_temp AS $tenancy_fn${}$tenancy_fn$",
+                    "CREATE OR REPLACE FUNCTION {schema}.{q}({args}) RETURNS {ret} LANGUAGE plpgsql {security} SET search_path = pg_catalog, pg_temp AS $tenancy_fn${}$tenancy_fn$",
                     bodies[f]
                 ));
-                let sig = if args.is_empty() { String::new() } else { "text, text, jsonb[], text[]".into() };
-                v.push(format!("REVOKE ALL ON FUNCTION {schema}.{f}({sig}) FROM PUBLIC"));
+                let sig = if args.is_empty() { "" } else { WRITE_SIG };
+                v.push(format!("REVOKE ALL ON FUNCTION {schema}.{q}({sig}) FROM PUBLIC"));
             }
             v
         }
-        AuditAction::GuardTable => vec![
+        AuditAction::DropLegacyFunctions => [
+            (WRITE_FN, WRITE_SIG),
+            (TRIGGER_FN, ""),
+            (GUARD_FN, ""),
+            (TAIL_FN, ""),
+        ]
+        .iter()
+        .map(|(f, sig)| format!("DROP FUNCTION IF EXISTS {schema}.{f}({sig})"))
+        .collect(),
+        AuditAction::GuardTable => {
+            let guard = quote_ident(&AuditFns::of(name).guard)?;
+            let tail = quote_ident(&AuditFns::of(name).tail)?;
+            vec![
             format!("DROP TRIGGER IF EXISTS {GUARD_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
             format!(
-                "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{GUARD_FN}()"
+                "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{guard}()"
             ),
             // Before 2026-12 the tail was a deferred trigger per audit entry
             // on the audit table; it is now one per transaction on the head.
             format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
             format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{HEAD_TABLE}"),
             format!(
-                "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER UPDATE ON {schema}.{HEAD_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.xid IS DISTINCT FROM NEW.xid) EXECUTE FUNCTION {schema}.{TAIL_FN}()"
+                "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER UPDATE ON {schema}.{HEAD_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.xid IS DISTINCT FROM NEW.xid) EXECUTE FUNCTION {schema}.{tail}()"
             ),
-        ],
+            ]
+        }
         AuditAction::TriggerTable { table, replace } => {
             let t = format!("{schema}.{}", quote_ident(table)?);
-            let f = format!("{schema}.{TRIGGER_FN}()");
+            let f = format!("{schema}.{}()", quote_ident(&AuditFns::of(name).trigger)?);
             let [ins, upd, del, trunc] = TABLE_TRIGGERS;
             // A table without any of them (a migration's new table) skips
             // the drops: 4 statements fewer per table in a rollout.

@@ -11,7 +11,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use super::consts::{AUDIT_TABLE, HEAD_TABLE, WRITE_FN};
+use super::consts::{AuditFns, AUDIT_TABLE, HEAD_TABLE};
 use super::session::{open_confined, uid_for};
 use crate::crypto::Keyring;
 use crate::names::TenantName;
@@ -144,8 +144,9 @@ pub(super) async fn prune_on(
             .execute(&mut *tx)
             .await
             .map_err(query_err("writing the audit log's anchor"))?;
+            let write = quote_ident(&AuditFns::of(name).write)?;
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {schema}.{WRITE_FN}('PRUNE', NULL, ARRAY[jsonb_build_object('through_id', $1::bigint, 'cut_hash', encode($2, 'hex'), 'rows', $3::bigint)], NULL)"
+                "SELECT {schema}.{write}('PRUNE', NULL, ARRAY[jsonb_build_object('through_id', $1::bigint, 'cut_hash', encode($2, 'hex'), 'rows', $3::bigint)], NULL)"
             )))
             .bind(id)
             .bind(&hash)

@@ -61,19 +61,19 @@ fn fingerprints() -> Vec<(String, String)> {
 
 const EXPECTED: &[(&str, &str)] = &[
     (
-        "acme body _tenancy_audit_guard",
+        "acme body _tenancy_audit_guard_acme",
         "2eb80fff8ad2c5a39597d8c2d96055d1bb36ddae1d6f6c184bcb455c7d2fdbb3",
     ),
     (
-        "acme body _tenancy_audit_tail",
+        "acme body _tenancy_audit_tail_acme",
         "51b63dee05cbf4c2a0593b9341db3ed55286aa5626c1c358481daf570a04b092",
     ),
     (
-        "acme body _tenancy_audit_trigger",
+        "acme body _tenancy_audit_trigger_acme",
         "e05699616528e471ee74280c7bfd66485c76acd1a383aa9b5d0e388973663b59",
     ),
     (
-        "acme body _tenancy_audit_write",
+        "acme body _tenancy_audit_write_acme",
         "55272aaa146c35b551d65e237c839864e4fb80f417ef794a7905c275ddf5cefb",
     ),
     (
@@ -90,11 +90,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render ReplaceFunctions",
-        "1f8bafd011340a949b3059f193d237c9ba787cfcfbfbe046953a01b0b57cb464",
+        "de98bebe0abc11f355eec3a86805e3be9225ff9542e7e54f82c63d0ee7a0d823",
     ),
     (
         "acme render GuardTable",
-        "8839d75c1949116e5ab9955d3611d29982b911531d1dc62bd83fa1340a95785b",
+        "00dfbb581810bbc901bc190f23b1f01e5c3b2e91cd2196e754e3a2c9d6441c1b",
     ),
     (
         "acme render SetPgauditLog",
@@ -106,11 +106,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render TriggerTable { table: \"orders\", replace: false }",
-        "77b020a320eef13a7e98a9bfa45b15831fd8fdaee427248e4c9a03b87b03c270",
+        "cef087e99cd2b94c8ce3ed410b42c97e7b1651c596f39cf87ab376d088d56eee",
     ),
     (
         "acme render TriggerTable { table: \"orders\", replace: true }",
-        "40fe0d2e7b1a87c52134a8da2a69a63189382a110e81971751499d98af0a564f",
+        "1c7023222d7ee546a188302e57a1ca149f478aae04f8c87be8e153c780097317",
     ),
     (
         "acme render UntriggerTable { table: \"orders\" }",
@@ -118,11 +118,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render TriggerTable { table: \"we\\\"ird\", replace: false }",
-        "1189c8849240fef2c80e8fc01f94a772bbf40abc87eb87c3ee9a0b755eca50bc",
+        "5ce113828c948a3c0dda597d3a591795b9a4883efe5d708db0414c77e3092344",
     ),
     (
         "acme render TriggerTable { table: \"we\\\"ird\", replace: true }",
-        "6fa088239ab6281284dccaaddce019fe837d9254a1124215f5a1c3c99a52ccc1",
+        "95a843794aabe5dbefa0b7dd5bb3d0fba00fd68a845cf6661592feca1266d548",
     ),
     (
         "acme render UntriggerTable { table: \"we\\\"ird\" }",
@@ -130,11 +130,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render TriggerTable { table: \"Mixed Case'q\", replace: false }",
-        "6edf779591192651480b9569e758f156983fbc6bb08f51def8920236e02cd595",
+        "0b203f6d682e53a89dba74a204eaddde8ec623d556b9a7fde69cd663a77b1e02",
     ),
     (
         "acme render TriggerTable { table: \"Mixed Case'q\", replace: true }",
-        "16456c6c83b3575fb61917bf83bd3e1f26ba298347f11c33f2062eb77812e347",
+        "3ba6abb5fb9425167587a9dd8c17b4c852d1cf41a16c15db6a59db017143dec7",
     ),
     (
         "acme render UntriggerTable { table: \"Mixed Case'q\" }",
@@ -149,19 +149,19 @@ const EXPECTED: &[(&str, &str)] = &[
         "dec21978078527cec2ef5b8c9dea147e22642f0a2685f0d28e58235b55e342d3",
     ),
     (
-        "a-b-9 body _tenancy_audit_guard",
+        "a-b-9 body _tenancy_audit_guard_a_b_9",
         "d65a9489b7b61fb6f2afcae18118682b08cfdb631629fe33f3587ad81c2b3912",
     ),
     (
-        "a-b-9 body _tenancy_audit_tail",
+        "a-b-9 body _tenancy_audit_tail_a_b_9",
         "a86926171118afec81a84d90324098bc5ca8176a6001976e403e80f5a194ad1c",
     ),
     (
-        "a-b-9 body _tenancy_audit_trigger",
+        "a-b-9 body _tenancy_audit_trigger_a_b_9",
         "fc2b0f1f8e1185d71981ee329249c051ff1930c651e0c7dd2c37eecd296e31fe",
     ),
     (
-        "a-b-9 body _tenancy_audit_write",
+        "a-b-9 body _tenancy_audit_write_a_b_9",
         "d5fba8ae58ea29a56e8ce748784d6706d4ec8635ff578fd7f4a8bfbc31c49004",
     ),
     (
@@ -178,11 +178,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "43bed57867749c6c146558754d201cb28b4c94eef3c83d6dbdf4216d6a414f3f",
+        "70ce96bd65877ef1ca81518fff56a9e8f92e0a2bb04131bcf372967f7bf7718d",
     ),
     (
         "a-b-9 render GuardTable",
-        "d50a922d39126b67b9201ad4e335b3147344cad12f85bcd2c304b6680876b011",
+        "5bfb67334caea0928396097f25433f9f11710f03feb77e5e9de152ca9afa39c1",
     ),
     (
         "a-b-9 render SetPgauditLog",
@@ -194,11 +194,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render TriggerTable { table: \"orders\", replace: false }",
-        "1d5f79ad23e2ca9e17faecf92d1d29e093a2d451762d96c05c14a3034228274f",
+        "002e6a223bbc6bf10144d26c81a50f11355f787a1d3479d37012ecb101e0b4b5",
     ),
     (
         "a-b-9 render TriggerTable { table: \"orders\", replace: true }",
-        "5524852af7973fa6f99c314d67e14fcaf81b65bef6553738bbd374a154efb1b6",
+        "f730222c8d55399aa6a238abe08be289efa99b3b00c0bb506937c02882242c24",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"orders\" }",
@@ -206,11 +206,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: false }",
-        "12c8c98d17a241ba6bafe3f8ebb4b86cf9fadf4234a5492c41311a359ba60e55",
+        "878156ba0ee368d6bbccb350c3667a314474f76b153137a151ff9ae0ccb8388f",
     ),
     (
         "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: true }",
-        "64fc8b776a7f6ed895bb1c3c0e59ee01e98935b1d3f4a447f7e0311a56128612",
+        "af7c86e10d11253f17f613253b570215713c97567156b9ab1d760b08bf1c37f6",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"we\\\"ird\" }",
@@ -218,11 +218,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: false }",
-        "ed399a303ef63e029a2d9d98021d5684999f550268149ffb296ac08e61298edf",
+        "1ff1e6f8df65392e99077b357c4eee59d10f623b03eb884966504114239ae7fa",
     ),
     (
         "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: true }",
-        "e5a0a5cfd64af7baa932279c07e8ca4fb288fde9ac23065e31a22f45a58eb09d",
+        "242810a0ef32014845d14dd106cb03ff857b180f4d182268868a631b62125c91",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"Mixed Case'q\" }",

@@ -28,6 +28,7 @@ fn full() -> AuditState {
         stale: vec![],
         excluded_triggered: vec![],
         misshapen: vec![],
+        legacy_functions: false,
     }
 }
 
@@ -62,11 +63,12 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
     for t in [13, 15] {
         facts.extend(TABLE_TRIGGERS.iter().map(|n| tg(t, n, 102, false)));
     }
+    let fns = AuditFns::of(name);
     for (oid, (f, body)) in (101..).zip(function_bodies(name).unwrap()) {
         facts.push(CatalogFact::Function {
             oid,
-            name: f.into(),
-            definer: f != GUARD_FN,
+            definer: f != fns.guard,
+            name: f,
             owned: true,
             config: Some(vec![FN_SEARCH_PATH.into()]),
             source: body,
@@ -83,9 +85,9 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
     for f in facts.iter_mut() {
         if let CatalogFact::Trigger { name, function, .. } = f {
             *function = ids[match name.as_str() {
-                GUARD_TRIGGER => GUARD_FN,
-                TAIL_TRIGGER => TAIL_FN,
-                _ => TRIGGER_FN,
+                GUARD_TRIGGER => &fns.guard,
+                TAIL_TRIGGER => &fns.tail,
+                _ => &fns.trigger,
             }];
         }
     }
@@ -93,7 +95,7 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
 }
 
 fn judge(name: &TenantName, facts: &[CatalogFact]) -> Option<(Vec<String>, Vec<String>)> {
-    converged_untriggered(facts, &function_bodies(name).unwrap(), &[]).map(|u| {
+    converged_untriggered(facts, &AuditFns::of(name), &function_bodies(name).unwrap(), &[]).map(|u| {
         assert!(u.excluded_triggered.is_empty());
         (u.untriggered, u.stale)
     })
@@ -161,7 +163,7 @@ fn an_excluded_table_is_never_untriggered_and_its_triggers_are_listed_for_droppi
     let bodies = function_bodies(&t).unwrap();
     let mut facts = converged_facts(&t);
     let items = vec!["items".to_string()];
-    let u = converged_untriggered(&facts, &bodies, &items).unwrap();
+    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &items).unwrap();
     assert_eq!(u.excluded_triggered, ["items"]);
     assert!(u.untriggered.is_empty() && u.stale.is_empty());
     let s = AuditState {
@@ -175,7 +177,7 @@ fn an_excluded_table_is_never_untriggered_and_its_triggers_are_listed_for_droppi
     assert!(sql.iter().all(|s| s.starts_with("DROP TRIGGER IF EXISTS")), "{sql:?}");
     // Once dropped (only the legacy per-row trigger left counts too).
     facts.retain(|f| !matches!(f, CatalogFact::Trigger { relation: 15, .. }));
-    let u = converged_untriggered(&facts, &bodies, &items).unwrap();
+    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &items).unwrap();
     assert_eq!(u, Untriggered::default());
     facts.push(CatalogFact::Trigger {
         relation: 15,
@@ -184,10 +186,10 @@ fn an_excluded_table_is_never_untriggered_and_its_triggers_are_listed_for_droppi
         enabled: 'O',
         deferred: false,
     });
-    let u = converged_untriggered(&facts, &bodies, &items).unwrap();
+    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &items).unwrap();
     assert_eq!(u.excluded_triggered, ["items"]);
     // Not excluded any more: the table needs its triggers, replacing the legacy one.
-    let u = converged_untriggered(&facts, &bodies, &[]).unwrap();
+    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &[]).unwrap();
     assert_eq!((u.untriggered, u.stale), (items.clone(), items));
 }
 
@@ -239,8 +241,10 @@ fn a_table_trigger_dropped_disabled_or_replaced_makes_the_table_stale() {
 fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation() {
     let t = n("acme");
     type Tamper = Box<dyn Fn(&mut Vec<CatalogFact>)>;
-    let set_fn = |wanted: &'static str, change: fn(&mut CatalogFact)| -> Tamper {
-        Box::new(move |facts: &mut Vec<CatalogFact>| edit(facts, |f| is_fn(f, wanted), change))
+    let fns = AuditFns::of(&t);
+    let set_fn = |wanted: &String, change: fn(&mut CatalogFact)| -> Tamper {
+        let wanted = wanted.clone();
+        Box::new(move |facts: &mut Vec<CatalogFact>| edit(facts, |f| is_fn(f, &wanted), change))
     };
     let set_trigger = |wanted: &'static str, change: fn(&mut CatalogFact)| -> Tamper {
         Box::new(move |facts: &mut Vec<CatalogFact>| {
@@ -294,7 +298,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "trigger function's source replaced",
-            set_fn(TRIGGER_FN, |x| {
+            set_fn(&fns.trigger, |x| {
                 if let CatalogFact::Function { source, .. } = x {
                     source.push_str("-- evil")
                 }
@@ -302,7 +306,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "write function made SECURITY INVOKER",
-            set_fn(WRITE_FN, |x| {
+            set_fn(&fns.write, |x| {
                 if let CatalogFact::Function { definer, .. } = x {
                     *definer = false
                 }
@@ -310,7 +314,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "guard function made SECURITY DEFINER",
-            set_fn(GUARD_FN, |x| {
+            set_fn(&fns.guard, |x| {
                 if let CatalogFact::Function { definer, .. } = x {
                     *definer = true
                 }
@@ -318,7 +322,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "tail function given to another owner",
-            set_fn(TAIL_FN, |x| {
+            set_fn(&fns.tail, |x| {
                 if let CatalogFact::Function { owned, .. } = x {
                     *owned = false
                 }
@@ -326,7 +330,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "search_path reset",
-            set_fn(WRITE_FN, |x| {
+            set_fn(&fns.write, |x| {
                 if let CatalogFact::Function { config, .. } = x {
                     *config = None
                 }
@@ -334,7 +338,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "search_path changed",
-            set_fn(TRIGGER_FN, |x| {
+            set_fn(&fns.trigger, |x| {
                 if let CatalogFact::Function { config, .. } = x {
                     *config = Some(vec!["search_path=public".into()])
                 }
@@ -342,16 +346,16 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "a setting added",
-            set_fn(TRIGGER_FN, |x| {
+            set_fn(&fns.trigger, |x| {
                 if let CatalogFact::Function { config, .. } = x {
                     config.as_mut().unwrap().push("work_mem=1MB".into())
                 }
             }),
         ),
-        (
-            "write function dropped",
-            Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_fn(x, WRITE_FN))),
-        ),
+        ("write function dropped", {
+            let write = fns.write.clone();
+            Box::new(move |f: &mut Vec<CatalogFact>| f.retain(|x| !is_fn(x, &write)))
+        }),
         (
             "guard trigger disabled",
             set_trigger(GUARD_TRIGGER, |x| {
@@ -418,7 +422,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "guard function renamed",
-            set_fn(GUARD_FN, |x| {
+            set_fn(&fns.guard, |x| {
                 if let CatalogFact::Function { name, .. } = x {
                     *name = "_tenancy_audit_guard2".into()
                 }
@@ -434,13 +438,98 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
 }
 
 #[test]
+fn each_tenant_has_functions_of_its_own_names_and_the_shared_ones_are_dropped() {
+    // No two tenants' audit functions share a name (Postgres resolves a
+    // function named in DDL through a list of every function of that name
+    // in the database), and the longest name fits an identifier.
+    let a = AuditFns::of(&n("ab-c"));
+    let b = AuditFns::of(&n("a-bc"));
+    let long = AuditFns::of(&n(&"z".repeat(crate::api::tenant::NAME_MAX_LEN)));
+    let all = |f: &AuditFns| [f.write.clone(), f.trigger.clone(), f.guard.clone(), f.tail.clone()];
+    let mut names: Vec<String> = [&a, &b, &long].into_iter().flat_map(all).collect();
+    assert!(
+        names.iter().all(|f| f.len() <= 63 && f.starts_with("_tenancy_audit_")),
+        "{names:?}"
+    );
+    assert!(all(&a).iter().all(|f| !LEGACY_FUNCTIONS.contains(&f.as_str())));
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 12);
+    assert_eq!(a.trigger, "_tenancy_audit_trigger_ab_c");
+    // The bodies are keyed by those names; the triggers call them.
+    let t = n("acme");
+    let fns = AuditFns::of(&t);
+    assert_eq!(
+        function_bodies(&t).unwrap().into_keys().collect::<Vec<_>>(),
+        [
+            fns.guard.clone(),
+            fns.tail.clone(),
+            fns.trigger.clone(),
+            fns.write.clone()
+        ]
+    );
+    let sql = render(
+        &AuditAction::TriggerTable {
+            table: "items".into(),
+            replace: false,
+        },
+        &t,
+    )
+    .unwrap();
+    assert!(
+        sql.iter()
+            .all(|s| s.ends_with(&format!("EXECUTE FUNCTION \"tenant_acme\".\"{}\"()", fns.trigger))),
+        "{sql:?}"
+    );
+    let sql = render(&AuditAction::GuardTable, &t).unwrap().join(";");
+    assert!(
+        sql.contains(&format!("\"tenant_acme\".\"{}\"()", fns.guard))
+            && sql.contains(&format!("\"tenant_acme\".\"{}\"()", fns.tail))
+    );
+    // An earlier version's shared functions left in the schema: the light
+    // check defers to the full observation, whose state plans their drop
+    // last (after the triggers were moved to the tenant's own).
+    let mut facts = converged_facts(&t);
+    assert!(judge(&t, &facts).is_some());
+    facts.push(CatalogFact::Function {
+        oid: 300,
+        name: TRIGGER_FN.into(),
+        definer: true,
+        owned: true,
+        config: Some(vec![FN_SEARCH_PATH.into()]),
+        source: "old".into(),
+    });
+    assert_eq!(judge(&t, &facts), None);
+    let upgraded = AuditState {
+        functions_current: false,
+        guard: false,
+        untriggered: vec!["items".into()],
+        stale: vec!["items".into()],
+        legacy_functions: true,
+        ..full()
+    };
+    let actions = plan(&upgraded, None);
+    assert_eq!(actions.first(), Some(&AuditAction::ReplaceFunctions));
+    assert_eq!(actions.last(), Some(&AuditAction::DropLegacyFunctions));
+    assert_eq!(
+        render(&AuditAction::DropLegacyFunctions, &t).unwrap(),
+        [
+            "DROP FUNCTION IF EXISTS \"tenant_acme\"._tenancy_audit_write(text, text, jsonb[], text[])",
+            "DROP FUNCTION IF EXISTS \"tenant_acme\"._tenancy_audit_trigger()",
+            "DROP FUNCTION IF EXISTS \"tenant_acme\"._tenancy_audit_guard()",
+            "DROP FUNCTION IF EXISTS \"tenant_acme\"._tenancy_audit_tail()",
+        ]
+    );
+}
+
+#[test]
 fn functions_are_counted_as_observe_counts_them() {
     let t = n("acme");
     // An overload of one of ours with another source does not count.
     let mut facts = converged_facts(&t);
     facts.push(CatalogFact::Function {
         oid: 200,
-        name: TRIGGER_FN.into(),
+        name: AuditFns::of(&t).trigger,
         definer: true,
         owned: true,
         config: None,
@@ -449,7 +538,11 @@ fn functions_are_counted_as_observe_counts_them() {
     assert!(judge(&t, &facts).is_some());
     // One that matches too makes five: observe says not current.
     let mut facts = converged_facts(&t);
-    let copy = facts.iter().find(|f| is_fn(f, WRITE_FN)).unwrap().clone();
+    let copy = facts
+        .iter()
+        .find(|f| is_fn(f, &AuditFns::of(&t).write))
+        .unwrap()
+        .clone();
     if let CatalogFact::Function {
         name,
         definer,

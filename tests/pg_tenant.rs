@@ -94,6 +94,82 @@ async fn a_second_reconcile_issues_no_ddl_and_leaves_the_catalog_untouched() {
     assert_eq!(registry_before, registry_after, "the registry row was rewritten");
 }
 
+/// A tenant registered by a reconcile gets its ops login with the password
+/// derived from the key salt its registry row got, in the same transaction:
+/// the reconcile's confined sessions (the audit log's DDL) log straight in,
+/// no login is refused and no password reset follows (each refusal cost a
+/// server process in a provisioning burst; docs/scale.md).
+#[tokio::test]
+async fn a_new_tenants_ops_login_has_its_derived_password_from_the_start() {
+    let db = setup("opspw").await;
+    let mut t = Tenant::new(&unique("opspw"));
+    let first = t.converge(&db).await.unwrap();
+    let verifier = first
+        .plan
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            pg::tenant::DbAction::CreateOpsRole { verifier } => verifier.clone(),
+            _ => None,
+        })
+        .expect("the ops role was created with a verifier");
+    let stored = || async {
+        sqlx::query_scalar::<_, Option<String>>("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
+            .bind(t.name.ops_role())
+            .fetch_one(&db.su)
+            .await
+            .unwrap()
+    };
+    // The verifier created with the role is still the one stored after the
+    // audit log's confined sessions ran: none was refused and reset.
+    assert_eq!(stored().await.as_deref(), Some(verifier.expose()));
+    let salt = pg::registry::existing_key_salt(&db.admin, &t.uid)
+        .await
+        .unwrap()
+        .expect("the registry row holds the salt");
+    let login = pg::confined::OpsLogin::derive(
+        &pg::Target::from_url(&db.admin_url).unwrap(),
+        &t.name,
+        &t.uid,
+        &support::test_ring(),
+        &salt,
+    )
+    .unwrap();
+    // A login with no admin to repair it: the derived password is the one set.
+    let mut c = pg::confined::connect_without_admin(&login)
+        .await
+        .expect("the derived password logs in");
+    let who: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(who, t.name.owner_role());
+    assert_eq!(stored().await.as_deref(), Some(verifier.expose()));
+    // A tenant whose registry row is there but whose ops role is not (dropped
+    // by hand) gets the role back without a verifier: the salt the row holds
+    // is not the one this reconcile would have made. Its first confined
+    // session sets the password and logs in.
+    c.close().await;
+    let ops = pg::quote_ident(&t.name.ops_role()).unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {ops}; DROP ROLE {ops}")))
+        .execute(&db.su)
+        .await
+        .unwrap();
+    let again = t.converge(&db).await.unwrap();
+    assert!(again
+        .plan
+        .actions
+        .contains(&pg::tenant::DbAction::CreateOpsRole { verifier: None }));
+    let mut c = pg::confined::connect(&db.admin, &login)
+        .await
+        .expect("set on first use");
+    let who: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(who, t.name.owner_role());
+}
+
 #[tokio::test]
 async fn tenant_a_cannot_reach_tenant_b_by_any_path() {
     let db = setup("iso").await;

@@ -43,7 +43,7 @@ use crate::api::{Tenant, TenantPhase};
 use crate::controller::kit::{self, conditions::Cond, labels};
 use crate::controller::Context;
 use crate::names::TenantName;
-use crate::pg::tenant::RegistryWrite;
+use crate::pg::tenant::{DbAction, RegistryWrite};
 use crate::pg::PgError;
 
 /// Errors of one Tenant reconcile, named after the failed action.
@@ -750,7 +750,7 @@ pub async fn converge_db(
     secret_password: Option<&str>,
     actor: &str,
 ) -> Result<DbOutcome, ConvergeError> {
-    let db_plan = plan::plan_db(name, uid, desired, catalog, secret_password)?;
+    let mut db_plan = plan::plan_db(name, uid, desired, catalog, secret_password)?;
     let state = if desired.login { "Active" } else { "Suspended" };
     let previous_state = catalog.registry.as_ref().map(|r| r.state.as_str());
     let audit_action = match previous_state {
@@ -759,11 +759,29 @@ pub async fn converge_db(
         Some(_) if desired.login => Some("Resumed"),
         Some(_) => Some("Suspended"),
     };
+    let key_salt = crate::crypto::TenantSalt::generate();
+    // A tenant registered by this transaction: its ops login is created
+    // with the password derived from the salt its row gets, so the first
+    // confined session logs straight in (no refused login and reset).
+    if catalog.registry.is_none() {
+        if let Some(DbAction::CreateOpsRole { verifier }) = db_plan
+            .actions
+            .iter_mut()
+            .find(|a| matches!(a, DbAction::CreateOpsRole { .. }))
+        {
+            // A key that cannot derive leaves the role without a password:
+            // the confined session's reset path reports the real error.
+            *verifier = crate::crypto::login_password(ring, ring.active_version(), &key_salt, uid)
+                .ok()
+                .map(|p| crate::pg::scram::verifier_for_random_secret(&p).into());
+        }
+    }
     let registry = audit_action.map(|audit_action| RegistryWrite {
         uid: uid.to_owned(),
         state,
         audit_action,
         actor: actor.to_owned(),
+        key_salt,
     });
     let statements = crate::pg::tenant::apply(pool, name, uid, &db_plan.actions, registry.as_ref()).await?;
     // Whenever the app role may not log in after the commit, end every

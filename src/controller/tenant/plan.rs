@@ -411,7 +411,7 @@ pub fn plan_db(
 /// is not made a member (it needs none until the delete).
 fn plan_ops_role(actions: &mut Vec<DbAction>, name: &TenantName, ops: Option<&RoleState>) {
     let Some(r) = ops else {
-        actions.extend([DbAction::CreateOpsRole, DbAction::GrantOwnerToOps]);
+        actions.extend([DbAction::CreateOpsRole { verifier: None }, DbAction::GrantOwnerToOps]);
         return;
     };
     if r.elevated {

@@ -513,3 +513,76 @@ async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
     let (code, _) = http_get(&addr, "/nope").unwrap();
     assert_eq!(code, 404);
 }
+
+/// The tenant controller's reconciles so far, from /metrics.
+fn tenant_reconciles(env: &Env) -> u64 {
+    let m = get_metrics(env, "operator.log");
+    m.lines()
+        .find_map(|l| l.strip_prefix("tenant_operator_reconciles_total{controller=\"tenant\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tenant reconcile count in /metrics:\n{m}"))
+}
+
+/// The count once it has not moved for `quiet`.
+fn settled_reconciles(env: &Env, quiet: Duration) -> u64 {
+    let mut last = tenant_reconciles(env);
+    let mut since = Instant::now();
+    let limit = Instant::now() + Duration::from_secs(60);
+    while since.elapsed() < quiet {
+        assert!(
+            Instant::now() < limit,
+            "the tenant controller never went quiet ({last} reconciles):\n{}",
+            support::e2e::tail(&env.operator_log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let now = tenant_reconciles(env);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
+}
+
+/// A spec change is one reconcile: the status it writes (Ready) comes back
+/// through the watch, and that echo of the operator's own write starts no
+/// second reconcile (src/controller/tenant/echoes.rs). A change made by
+/// someone else to the same Tenant (an annotation) still starts one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_own_status_write_starts_no_reconcile_of_its_own() {
+    // No resync during the test: every reconcile counted has a cause.
+    let env = Env::start_with("ops_echo", None, &[("RESYNC_SECONDS", "600")]).await;
+    let a = unique("echo");
+    assert!(env
+        .kubectl_stdin(&["apply"], &tenant_yaml(&a, "  database:\n    connectionLimit: 5\n"))
+        .status
+        .success());
+    env.wait_ready(&a);
+    wait_for(Duration::from_secs(20), "the metrics address", || {
+        metrics_addr(&env.operator_log()).is_some()
+    });
+    let before = settled_reconciles(&env, Duration::from_secs(3));
+    env.kubectl_ok(&[
+        "patch",
+        "tenant",
+        &a,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"database":{"connectionLimit":7}}}"#,
+    ]);
+    let generation = env.jsonpath(&["tenant", &a], "{.metadata.generation}");
+    wait_for(Duration::from_secs(30), "the new generation observed", || {
+        env.jsonpath(&["tenant", &a], "{.status.observedGeneration}") == generation
+    });
+    let after = settled_reconciles(&env, Duration::from_secs(3));
+    assert_eq!(after - before, 1, "a spec change ran {} reconciles", after - before);
+    // Someone else's write: a reconcile (which writes nothing).
+    env.kubectl_ok(&["annotate", "tenant", &a, "example.com/note=hello"]);
+    let annotated = settled_reconciles(&env, Duration::from_secs(3));
+    assert_eq!(
+        annotated - after,
+        1,
+        "an annotation ran {} reconciles",
+        annotated - after
+    );
+}

@@ -88,6 +88,9 @@ pub struct Context {
     pub shards: shards::Shards,
     /// The placements this process made ([`tenant::placement`]).
     pub placements: tenant::placement::Placements,
+    /// This process's Tenant writes whose echo starts no reconcile
+    /// ([`tenant::echoes`]).
+    pub own_writes: tenant::echoes::OwnWrites,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -105,6 +108,7 @@ impl Context {
             pool,
             shards,
             placements: Default::default(),
+            own_writes: Default::default(),
             settings,
             recorder,
             keys: Default::default(),

@@ -183,7 +183,7 @@ where
 /// Adds `finalizer` to the cluster-scoped `obj` with a JSON patch guarded by
 /// a `test`, so a concurrent writer makes it fail instead of clobbering the
 /// list.
-pub async fn add_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), kube::Error>
+pub async fn add_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<K, kube::Error>
 where
     K: Resource<DynamicType = (), Scope = ClusterResourceScope> + Clone + DeserializeOwned + Debug,
 {
@@ -197,8 +197,7 @@ where
     let patch: json_patch::Patch = serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
     Api::<K>::all(ctx.client.clone())
         .patch(&obj.name_any(), &write_params(), &Patch::<()>::Json(patch))
-        .await?;
-    Ok(())
+        .await
 }
 
 /// Removes `finalizer` from `obj` (guarded like [`add_finalizer`]); the
@@ -243,7 +242,9 @@ where
         return Ok(false);
     }
     let status = serde_json::to_value(status).map_err(kube::Error::SerdeError)?;
-    apply_status::<K>(ctx, &obj.name_any(), FIELD_MANAGER, status, true).await
+    apply_status::<K>(ctx, &obj.name_any(), FIELD_MANAGER, status, true)
+        .await
+        .map(|w| w.is_some())
 }
 
 /// Applies `status` (the part of the status `manager` owns) to the status
@@ -257,7 +258,7 @@ pub async fn apply_status<K>(
     manager: &str,
     status: Value,
     whole: bool,
-) -> Result<bool, kube::Error>
+) -> Result<Option<K>, kube::Error>
 where
     K: Resource<DynamicType = (), Scope = ClusterResourceScope> + Clone + DeserializeOwned + Serialize + Debug,
 {
@@ -270,13 +271,13 @@ where
     });
     let params = PatchParams::apply(manager).force();
     let Some(written) = gone_is_none(api.patch_status(name, &params, &Patch::Apply(&body)).await)? else {
-        return Ok(false);
+        return Ok(None);
     };
-    let written = serde_json::to_value(&written).unwrap_or_default();
-    if let Some(patch) = legacy_status_keys(&written, &status).filter(|_| whole) {
-        gone_is_none(api.patch_status(name, &write_params(), &Patch::Merge(&patch)).await)?;
+    let value = serde_json::to_value(&written).unwrap_or_default();
+    if let Some(patch) = legacy_status_keys(&value, &status).filter(|_| whole) {
+        return gone_is_none(api.patch_status(name, &write_params(), &Patch::Merge(&patch)).await);
     }
-    Ok(true)
+    Ok(Some(written))
 }
 
 /// A merge patch removing the top-level status fields of `written` that

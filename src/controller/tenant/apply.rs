@@ -24,9 +24,14 @@ pub fn has_finalizer(t: &Tenant) -> bool {
 
 /// Adds the cleanup finalizer ([`kit::add_finalizer`]).
 pub async fn add_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
-    kit::add_finalizer(ctx, t, FINALIZER)
+    let writing = ctx.own_writes.writing(t);
+    let written = kit::add_finalizer(ctx, t, FINALIZER)
         .await
-        .map_err(Error::PatchFinalizer)
+        .map_err(Error::PatchFinalizer)?;
+    // The reconcile goes on from here: its echo brings nothing new.
+    ctx.own_writes.note(&written);
+    drop(writing);
+    Ok(())
 }
 
 pub async fn remove_finalizer(ctx: &Context, t: &Tenant) -> Result<(), Error> {
@@ -64,8 +69,10 @@ pub async fn converge_secret(
         return Ok(false);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let written = kit::apply(&api, &secret.0).await.map_err(Error::WriteSecret)?;
-    drop(Wiped(written));
+    let written = Wiped(kit::apply(&api, &secret.0).await.map_err(Error::WriteSecret)?);
+    // The reconcile goes on from here: the echo brings nothing new.
+    ctx.own_writes.note(&written.0);
+    drop(written);
     Ok(true)
 }
 
@@ -122,10 +129,22 @@ pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Re
         last_move: None,
         ..status
     };
+    let ready = owned
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
     let owned = serde_json::to_value(owned).map_err(Error::Serialize)?;
-    kit::apply_status::<Tenant>(ctx, &t.name_any(), FIELD_MANAGER, owned, true)
+    // Ready: the reconcile that wrote it converged everything, so the echo
+    // of this write needs no reconcile of its own (`super::echoes`).
+    let writing = ready.then(|| ctx.own_writes.writing(t));
+    let written = kit::apply_status::<Tenant>(ctx, &t.name_any(), FIELD_MANAGER, owned, true)
         .await
-        .map_err(Error::PatchStatus)
+        .map_err(Error::PatchStatus)?;
+    if let (Some(w), true) = (&written, ready) {
+        ctx.own_writes.note(w);
+    }
+    drop(writing);
+    Ok(written.is_some())
 }
 
 /// Writes `status.usage` alone (the usage sampler's figures,
@@ -133,6 +152,7 @@ pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Re
 pub async fn write_usage(ctx: &Context, name: &str, usage: &crate::api::TenantUsage) -> Result<bool, Error> {
     kit::apply_status::<Tenant>(ctx, name, USAGE_FIELD_MANAGER, json!({ "usage": usage }), false)
         .await
+        .map(|w| w.is_some())
         .map_err(Error::PatchStatus)
 }
 
@@ -258,7 +278,8 @@ pub async fn converge_sealed(
             type_: Some("Opaque".into()),
             ..Secret::default()
         };
-        kit::apply(&api, &secret).await.map_err(Error::WriteSecret)?;
+        let written = kit::apply(&api, &secret).await.map_err(Error::WriteSecret)?;
+        ctx.own_writes.note(&written);
         if plan.sealed > 0 {
             // Envelopes under another root key were re-sealed: a key rotation.
             let previous: Vec<String> = sealing::versions_of(&existing_data)

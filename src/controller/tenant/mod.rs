@@ -17,6 +17,7 @@
 
 pub mod apply;
 pub mod backup_jobs;
+pub mod echoes;
 pub mod migrations;
 pub mod moving;
 pub mod observe;
@@ -167,11 +168,28 @@ pub async fn run(
             .collect();
         futures::stream::iter(waiting)
     });
-    let mut controller = Controller::for_stream(tenants.into_stream(), tenant_cache.clone())
+    // The echoes of this process's own writes that it acted on already
+    // start no reconcile (`echoes`); every other Tenant event does.
+    let own = ctx.clone();
+    let own_secret_writes = ctx.clone();
+    let tenant_events = tenants.into_stream().filter(move |ev| {
+        let own = own.clone();
+        let t = ev.as_ref().ok().cloned();
+        async move {
+            match t {
+                Some(t) => !own.own_writes.is_echo_after_writes(&t).await,
+                None => true,
+            }
+        }
+    });
+    let mut controller = Controller::for_stream(tenant_events, tenant_cache.clone())
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| {
             migrations::followers_to_refresh(&ms, &tenant_cache.state())
         })
-        .watches(own_secrets, own_cfg, |s: PartialObjectMeta<Secret>| {
+        .watches(own_secrets, own_cfg, move |s: PartialObjectMeta<Secret>| {
+            if own_secret_writes.own_writes.is_echo(&s) {
+                return None;
+            }
             s.labels()
                 .get(labels::TENANT_LABEL)
                 .map(|n| ObjectRef::<Tenant>::new(n))
@@ -928,6 +946,7 @@ async fn cleanup_steps(t: &Tenant, ctx: &Context) -> Result<Action, Stop> {
     .await;
     apply::remove_finalizer(ctx, t).await?;
     ctx.placements.forget(&uid);
+    ctx.own_writes.forget(t);
     Ok(Action::await_change())
 }
 

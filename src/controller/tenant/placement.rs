@@ -314,7 +314,14 @@ async fn record(ctx: &Context, t: &Tenant, uid: &str, shard: &str) -> Result<(),
         moving: None,
         last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
     };
-    write(ctx, t, uid, &state).await.map_err(ResolveError::Record)
+    let writing = ctx.own_writes.writing(t);
+    let written = write(ctx, t, uid, &state).await.map_err(ResolveError::Record)?;
+    // The reconcile goes on on this shard: the echo brings nothing new.
+    if let Some(w) = &written {
+        ctx.own_writes.note(w);
+    }
+    drop(writing);
+    Ok(())
 }
 
 /// `status.moving` and `status.lastMove` as this process last wrote them.
@@ -359,7 +366,7 @@ pub struct State {
 /// Writes placement's fields of the status, all of them (a field left out
 /// is removed: Server-Side Apply), and remembers the shard until the cache
 /// shows it.
-pub async fn write(ctx: &Context, t: &Tenant, uid: &str, state: &State) -> Result<(), kube::Error> {
+pub async fn write(ctx: &Context, t: &Tenant, uid: &str, state: &State) -> Result<Option<Tenant>, kube::Error> {
     let mut body = json!({ "shard": state.shard });
     if let Some(m) = &state.moving {
         body["moving"] = serde_json::to_value(m).map_err(kube::Error::SerdeError)?;
@@ -367,7 +374,7 @@ pub async fn write(ctx: &Context, t: &Tenant, uid: &str, state: &State) -> Resul
     if let Some(l) = &state.last_move {
         body["lastMove"] = serde_json::to_value(l).map_err(kube::Error::SerdeError)?;
     }
-    kit::apply_status::<Tenant>(ctx, &t.name_any(), FIELD_MANAGER, body, false).await?;
+    let written = kit::apply_status::<Tenant>(ctx, &t.name_any(), FIELD_MANAGER, body, false).await?;
     ctx.placements.insert(uid, &state.shard);
     if state.moving.is_some() || state.last_move.is_some() {
         ctx.placements
@@ -376,7 +383,7 @@ pub async fn write(ctx: &Context, t: &Tenant, uid: &str, state: &State) -> Resul
             .unwrap_or_else(|p| p.into_inner())
             .insert(uid.to_owned(), (state.moving.clone(), state.last_move.clone()));
     }
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -206,11 +206,7 @@ async fn suspend_resume_and_delete_through_kubectl() {
 async fn deletion_protection_holds_a_delete_until_lifted() {
     let env = Env::start("e2e_prot").await;
     let name = unique("prot");
-    assert!(env
-        .kubectl_stdin(&["apply"], &tenant_yaml(&name, "  deletionProtection: true\n"))
-        .status
-        .success());
-    env.wait_ready(&name);
+    env.apply_ready(&name, "  deletionProtection: true\n");
     env.kubectl_ok(&["delete", "tenant", &name, "--wait=false"]);
     wait_for(Duration::from_secs(30), "DeletionBlocked", || {
         condition(&env, &name, "DeletionBlocked", "status") == "True"
@@ -602,14 +598,7 @@ async fn rate_limits_are_rendered_into_one_configmap_and_follow_the_tenants() {
     // only once the ConfigMap holds them (the writer debounces for a
     // second): every time the Tenant shows it, the ConfigMap read after
     // already has them.
-    env.kubectl_ok(&[
-        "patch",
-        "tenant",
-        &a,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"rateLimits":{"api":{"requestsPerUnit":70}}}}"#,
-    ]);
+    env.patch_tenant(&a, r#"{"spec":{"rateLimits":{"api":{"requestsPerUnit":70}}}}"#);
     never_true_before_the_configmap(&env, &a, "api 70/minute", (70, "minute")).await;
 
     // Suspended: zero on both surfaces, and an event says so.

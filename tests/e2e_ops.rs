@@ -553,23 +553,12 @@ async fn a_tenants_own_status_write_starts_no_reconcile_of_its_own() {
     // No resync during the test: every reconcile counted has a cause.
     let env = Env::start_with("ops_echo", None, &[("RESYNC_SECONDS", "600")]).await;
     let a = unique("echo");
-    assert!(env
-        .kubectl_stdin(&["apply"], &tenant_yaml(&a, "  database:\n    connectionLimit: 5\n"))
-        .status
-        .success());
-    env.wait_ready(&a);
+    env.apply_ready(&a, "  database:\n    connectionLimit: 5\n");
     wait_for(Duration::from_secs(20), "the metrics address", || {
         metrics_addr(&env.operator_log()).is_some()
     });
     let before = settled_reconciles(&env, Duration::from_secs(3));
-    env.kubectl_ok(&[
-        "patch",
-        "tenant",
-        &a,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"database":{"connectionLimit":7}}}"#,
-    ]);
+    env.patch_tenant(&a, r#"{"spec":{"database":{"connectionLimit":7}}}"#);
     let generation = env.jsonpath(&["tenant", &a], "{.metadata.generation}");
     wait_for(Duration::from_secs(30), "the new generation observed", || {
         env.jsonpath(&["tenant", &a], "{.status.observedGeneration}") == generation

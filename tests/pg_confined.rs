@@ -129,11 +129,7 @@ async fn nothing_run_on_a_confined_session_gets_out_of_its_tenant() {
             .execute(&mut *c)
             .await
             .expect("RESET ROLE is allowed");
-        let who: String = sqlx::query_scalar("SELECT current_user::text")
-            .fetch_one(&mut *c)
-            .await
-            .unwrap();
-        assert_eq!(who, a.name.ops_role());
+        assert_eq!(support::current_user(&mut c).await, a.name.ops_role());
         for sql in [
             format!("SELECT * FROM {b_table}"),
             format!("CREATE TABLE {}.t2 (x int)", a.name.schema()),

@@ -139,11 +139,7 @@ async fn a_new_tenants_ops_login_has_its_derived_password_from_the_start() {
     let mut c = pg::confined::connect_without_admin(&login)
         .await
         .expect("the derived password logs in");
-    let who: String = sqlx::query_scalar("SELECT current_user::text")
-        .fetch_one(&mut *c)
-        .await
-        .unwrap();
-    assert_eq!(who, t.name.owner_role());
+    assert_eq!(support::current_user(&mut c).await, t.name.owner_role());
     assert_eq!(stored().await.as_deref(), Some(verifier.expose()));
     // A tenant whose registry row is there but whose ops role is not (dropped
     // by hand) gets the role back without a verifier: the salt the row holds
@@ -163,11 +159,7 @@ async fn a_new_tenants_ops_login_has_its_derived_password_from_the_start() {
     let mut c = pg::confined::connect(&db.admin, &login)
         .await
         .expect("set on first use");
-    let who: String = sqlx::query_scalar("SELECT current_user::text")
-        .fetch_one(&mut *c)
-        .await
-        .unwrap();
-    assert_eq!(who, t.name.owner_role());
+    assert_eq!(support::current_user(&mut c).await, t.name.owner_role());
 }
 
 #[tokio::test]

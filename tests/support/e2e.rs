@@ -332,6 +332,19 @@ impl Env {
             "--timeout=60s",
         ]);
     }
+
+    /// `kubectl patch --type=merge` of Tenant `name` with `patch` (JSON).
+    pub fn patch_tenant(&self, name: &str, patch: &str) -> String {
+        self.kubectl_ok(&["patch", "tenant", name, "--type=merge", "-p", patch])
+    }
+
+    /// `kubectl apply` of Tenant `name` ([`tenant_yaml`] with `extra_spec`),
+    /// then waits for it to be Ready.
+    pub fn apply_ready(&self, name: &str, extra_spec: &str) {
+        let out = self.kubectl_stdin(&["apply"], &tenant_yaml(name, extra_spec));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        self.wait_ready(name);
+    }
 }
 
 impl Drop for Env {

@@ -160,3 +160,11 @@ pub fn as_owner(owner: &str, sql: &str) -> String {
         "BEGIN; GRANT \"{owner}\" TO CURRENT_USER; SET LOCAL ROLE \"{owner}\";\n{sql};\nRESET ROLE; REVOKE \"{owner}\" FROM CURRENT_USER; COMMIT;"
     )
 }
+
+/// The session's `current_user`.
+pub async fn current_user(c: &mut PgConnection) -> String {
+    sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(c)
+        .await
+        .expect("current_user")
+}

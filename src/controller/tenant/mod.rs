@@ -174,13 +174,9 @@ pub async fn run(
     let own_secret_writes = ctx.clone();
     let tenant_events = tenants.into_stream().filter(move |ev| {
         let own = own.clone();
-        let t = ev.as_ref().ok().cloned();
-        async move {
-            match t {
-                Some(t) => !own.own_writes.is_echo_after_writes(&t).await,
-                None => true,
-            }
-        }
+        // Judged by kind, name and version: the event itself is not kept.
+        let key = ev.as_ref().ok().and_then(echoes::key);
+        async move { !own.own_writes.is_echo_after_writes(key).await }
     });
     let mut controller = Controller::for_stream(tenant_events, tenant_cache.clone())
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| {

@@ -107,7 +107,7 @@ async fn main() {
         .expect("admin connects");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE SCHEMA bench_plain; CREATE TABLE bench_plain.items {TABLE};
-         BEGIN; SET LOCAL ROLE {owner}; CREATE TABLE {schema}.items {TABLE}; COMMIT;"
+         BEGIN; GRANT {owner} TO CURRENT_USER; SET LOCAL ROLE {owner}; CREATE TABLE {schema}.items {TABLE}; RESET ROLE; REVOKE {owner} FROM CURRENT_USER; COMMIT;"
     )))
     .execute(&mut admin)
     .await

@@ -224,7 +224,7 @@ async fn main() {
              GRANT USAGE ON SCHEMA {plain} TO {app};
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {plain} TO {app};
              GRANT USAGE ON ALL SEQUENCES IN SCHEMA {plain} TO {app};
-             BEGIN; SET LOCAL ROLE {owner}; {tenant_tables} COMMIT;
+             BEGIN; GRANT {owner} TO CURRENT_USER; SET LOCAL ROLE {owner}; {tenant_tables} RESET ROLE; REVOKE {owner} FROM CURRENT_USER; COMMIT;
              ANALYZE {plain}.accounts;",
             plain_tables = tables_sql(&plain, accounts),
             tenant_tables = tables_sql(&schema, accounts),

@@ -309,6 +309,14 @@ struct RunArgs {
     /// than its latest anchor without `audit verify` noticing.
     #[arg(long, env = "AUDIT_ANCHOR_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
     audit_anchor_seconds: u64,
+    /// Seconds between sealing passes: each seals into its chain the audit
+    /// entries no commit sealed (the last writes of a burst whose commit
+    /// found another seal under way, REPEATABLE READ writes), for every
+    /// tenant with such entries (one statistics query for all; docs/audit.md).
+    /// Until sealed they are not in `_tenancy_audit`, and the tenant's owner
+    /// could delete them unnoticed.
+    #[arg(long, env = "AUDIT_SEAL_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    audit_seal_seconds: u64,
     /// The gateway login of this database: applications reach every
     /// Active tenant through it over one pool (docs/data-path.md); its
     /// credentials go in Secret tenant-gateway-db. Roles are cluster-wide:
@@ -495,6 +503,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
         root_keys: key_source,
         audit_anchor_interval: Duration::from_secs(args.audit_anchor_seconds),
+        audit_seal_interval: Duration::from_secs(args.audit_seal_seconds),
         watchdog: tenant_operator::controller::watchdog::WatchdogSettings {
             interval: (args.watchdog_interval_ms > 0).then(|| Duration::from_millis(args.watchdog_interval_ms)),
             grace: Duration::from_millis(args.watchdog_grace_ms),

@@ -832,9 +832,14 @@ async fn concurrent_writers_keep_one_linear_chain() {
         let mut conn = t.app(&db).await.unwrap();
         tasks.push(tokio::spawn(async move {
             let mut done = 0;
+            let mut retries = 0;
             while done < 15 {
-                // Every other writer in REPEATABLE READ: it may have to retry
-                // (serialization failure) but never forks the chain.
+                // Every other writer in REPEATABLE READ: its entries wait
+                // for a READ COMMITTED commit (or the operator) to seal them;
+                // the chain never forks and, the writers' rows being their
+                // own, nothing of the audit log makes one retry (until
+                // 2026-12-03 the head's lock gave them serialization
+                // failures).
                 let iso = if w % 2 == 0 { "READ COMMITTED" } else { "REPEATABLE READ" };
                 let sql = format!(
                     "BEGIN ISOLATION LEVEL {iso}; SET LOCAL tenancy.actor = 'w{w}'; INSERT INTO docs (body, n) VALUES ('w{w}', {done}); UPDATE docs SET n = n + 1 WHERE body = 'w{w}'; COMMIT"
@@ -842,15 +847,17 @@ async fn concurrent_writers_keep_one_linear_chain() {
                 match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
                     Ok(_) => done += 1,
                     Err(e) if ["40001", "40P01"].contains(&sqlstate(&e).as_str()) => {
+                        retries += 1;
                         let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
                     }
                     Err(e) => panic!("writer {w}: {e}"),
                 }
             }
+            retries
         }));
     }
     for task in tasks {
-        task.await.unwrap();
+        assert_eq!(task.await.unwrap(), 0, "a writer had to retry");
     }
     let r = verified(&db, &t).await;
     // Each transaction: 1 insert entry, 1 update entry (one per statement,
@@ -866,6 +873,200 @@ async fn concurrent_writers_keep_one_linear_chain() {
     .await
     .unwrap();
     assert_eq!(gaps, 0);
+}
+
+/// The number of entries waiting in the tenant's pending table.
+async fn pending(db: &TestDb, t: &Tenant) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}._tenancy_audit_pending",
+        t.name.schema()
+    )))
+    .fetch_one(&db.su)
+    .await
+    .unwrap()
+}
+
+/// A tenant's writers do not wait for one another: a transaction with an
+/// audited write still open holds up no other writer of the tenant (until
+/// 2026-12-03 the chain head's row lock, taken at a transaction's first
+/// append, did until its commit). Each commit seals what it can see; the
+/// open transaction's entry is sealed at its own commit, after the other's.
+#[tokio::test]
+async fn a_tenants_writers_do_not_wait_for_one_anothers_commit() {
+    let db = setup("aud_nowait").await;
+    let t = tenant_with_docs(&db, "nw").await;
+    let mut first = t.app(&db).await.unwrap();
+    let mut second = t.app(&db).await.unwrap();
+    sqlx::raw_sql("BEGIN; SET LOCAL tenancy.actor = 'first'; INSERT INTO docs (body) VALUES ('first')")
+        .execute(&mut first)
+        .await
+        .unwrap();
+    let write = sqlx::raw_sql(
+        "BEGIN; SET LOCAL tenancy.actor = 'second'; INSERT INTO docs (body) VALUES ('second'); UPDATE docs SET n = 1; COMMIT",
+    )
+    .execute(&mut second);
+    tokio::time::timeout(std::time::Duration::from_secs(5), write)
+        .await
+        .expect("the second writer waited for the first one's commit")
+        .unwrap();
+    let actors = |rows: Vec<Audit>| rows.into_iter().map(|a| (a.actor, a.op)).collect::<Vec<_>>();
+    assert_eq!(
+        actors(audit_rows(&db, &t).await),
+        [
+            ("second".to_owned(), "INSERT".to_owned()),
+            ("second".into(), "UPDATE".into())
+        ],
+        "the second commit sealed its own entries"
+    );
+    // The open transaction's entry waits in the pending table, invisible
+    // to others until it commits, and is sealed by that commit.
+    sqlx::raw_sql("COMMIT").execute(&mut first).await.unwrap();
+    assert_eq!(pending(&db, &t).await, 0);
+    assert_eq!(
+        actors(audit_rows(&db, &t).await).last().unwrap(),
+        &("first".to_owned(), "INSERT".to_owned())
+    );
+    assert_eq!(verified(&db, &t).await.rows, 3);
+}
+
+/// What no commit sealed: a commit whose seal found another one under way
+/// (here the operator holding the head), and a REPEATABLE READ writer's
+/// (its snapshot may predate the last seal). The entries wait in the
+/// pending table, out of the chain; the operator's pass finds the tenant
+/// by the statistics and seals them, and `audit verify` seals before it
+/// walks. The app role cannot seal, read or clear the pending entries.
+#[tokio::test]
+async fn entries_no_commit_sealed_are_sealed_by_the_operators_pass_and_by_verify() {
+    let db = setup("aud_pending").await;
+    let t = tenant_with_docs(&db, "pe").await;
+    let other = tenant_with_docs(&db, "pe-quiet").await;
+    let schema = t.name.schema();
+    let ring = support::test_ring();
+    // A seal under way elsewhere: the head's row lock, held.
+    let mut holder = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; SELECT 1 FROM {schema}._tenancy_audit_head FOR UPDATE"
+    )))
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    let mut app = t.app(&db).await.unwrap();
+    let write = sqlx::query("INSERT INTO docs (body) VALUES ('while held')").execute(&mut app);
+    tokio::time::timeout(std::time::Duration::from_secs(5), write)
+        .await
+        .expect("a commit waited for a seal under way")
+        .unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert_eq!(pending(&db, &t).await, 1);
+    assert!(audit_rows(&db, &t).await.is_empty(), "sealed while the head was held");
+    // The app role: no rights on the pending table or the seal function.
+    let fns = pg::audit::AuditFns::of(&t.name);
+    for sql in [
+        "SELECT count(*) FROM _tenancy_audit_pending".to_owned(),
+        "DELETE FROM _tenancy_audit_pending".to_owned(),
+        "INSERT INTO _tenancy_audit_pending (\"time\", actor, actor_given, operation, seal) VALUES (now(), 'x', true, 'INSERT', true)".to_owned(),
+        format!("SELECT {}(true)", fns.seal),
+    ] {
+        let e = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut app)
+            .await
+            .expect_err(&sql);
+        assert_eq!(sqlstate(&e), "42501", "{sql}: {e}");
+    }
+    // The pass: the statistics name the tenant once the writer's are in
+    // (a backend sends them when it ends); the quiet tenant is not visited.
+    app.close().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let found = pg::audit::tenants_with_pending(&db.admin).await.unwrap();
+        if found.iter().any(|(n, _)| n == t.name.as_str()) {
+            assert!(!found.iter().any(|(n, _)| n == other.name.as_str()), "{found:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the statistics never showed the pending entry"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(pg::audit::seal_pending(&db.admin, &ring).await.unwrap(), 1);
+    assert_eq!(pending(&db, &t).await, 0);
+    assert_eq!(audit_rows(&db, &t).await.len(), 1);
+    assert_eq!(verified(&db, &t).await.rows, 1);
+    // A REPEATABLE READ writer leaves its entries to the next seal: here
+    // `audit verify`'s, which runs first.
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO docs (body) VALUES ('rr'); COMMIT")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(pending(&db, &t).await, 1);
+    assert_eq!(verified(&db, &t).await.rows, 2);
+    assert_eq!(pending(&db, &t).await, 0);
+    // A READ COMMITTED commit seals what waits before its own entries.
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO docs (body) VALUES ('rr2'); COMMIT; INSERT INTO docs (body) VALUES ('rc')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(pending(&db, &t).await, 0);
+    let keys: Vec<_> = audit_rows(&db, &t).await.into_iter().map(|a| a.id).collect();
+    assert_eq!(keys.len(), 4);
+    assert_eq!(verified(&db, &t).await.rows, 4);
+}
+
+/// A tenant converged by the version before sealing: no pending table and
+/// no seal function, the commit-time trigger on the head. The next
+/// reconcile creates the pending table and the seal, and moves the tail;
+/// the chain goes on from its head and verifies, and the next reconcile
+/// runs nothing.
+#[tokio::test]
+async fn a_tenant_made_before_sealing_is_converged_and_its_chain_goes_on() {
+    let db = setup("aud_seal_up").await;
+    let mut t = tenant_with_docs(&db, "su").await;
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('before')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let schema = t.name.schema();
+    let fns = pg::audit::AuditFns::of(&t.name);
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE {schema}._tenancy_audit_pending;
+         DROP FUNCTION {schema}.{seal}(boolean);
+         CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER UPDATE ON {schema}._tenancy_audit_head DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW WHEN (OLD.xid IS DISTINCT FROM NEW.xid) EXECUTE FUNCTION {schema}.{tail}();",
+        seal = fns.seal,
+        tail = fns.tail
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let mut conn = db.admin.acquire().await.unwrap();
+    let state = pg::audit::observe(&mut conn, &t.name, &[]).await.unwrap();
+    drop(conn);
+    assert!(!state.pending && !state.functions_current && !state.guard, "{state:?}");
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(
+        labels,
+        ["CreateAuditTables", "ReplaceAuditFunctions", "GuardAuditTable"]
+    );
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "converged");
+    let tails: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT c.relname::text FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
+          WHERE c.relnamespace = '{schema}'::regnamespace AND g.tgname = '_tenancy_audit_tail'"
+    )))
+    .fetch_all(&mut su)
+    .await
+    .unwrap();
+    assert_eq!(tails, ["_tenancy_audit_pending"]);
+    sqlx::query("INSERT INTO docs (body) VALUES ('after')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(pending(&db, &t).await, 0);
+    assert_eq!(verified(&db, &t).await.rows, 2);
 }
 
 #[tokio::test]
@@ -940,7 +1141,7 @@ async fn functions_named_alike_in_every_schema_give_way_to_the_tenants_own() {
     };
     assert_eq!(
         functions().await,
-        [fns.guard.as_str(), &fns.tail, &fns.trigger, &fns.write]
+        [fns.guard.as_str(), &fns.seal, &fns.tail, &fns.trigger, &fns.write]
     );
     let mut app = t.app(&db).await.unwrap();
     sqlx::query("INSERT INTO docs (body) VALUES ('before')")
@@ -988,7 +1189,7 @@ async fn functions_named_alike_in_every_schema_give_way_to_the_tenants_own() {
     );
     assert_eq!(
         functions().await,
-        [fns.guard.as_str(), &fns.tail, &fns.trigger, &fns.write]
+        [fns.guard.as_str(), &fns.seal, &fns.tail, &fns.trigger, &fns.write]
     );
     let called: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT DISTINCT p.proname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
@@ -1062,19 +1263,28 @@ async fn the_in_transaction_check_agrees_with_the_full_observation() {
         ("a function renamed", "ALTER FUNCTION _tenancy_audit_guard() RENAME TO g2", Full),
         ("the guard disabled", "ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard", Full),
         ("the guard renamed", "ALTER TRIGGER _tenancy_audit_guard ON _tenancy_audit RENAME TO g2", Full),
-        ("the tail disabled", "ALTER TABLE _tenancy_audit_head DISABLE TRIGGER _tenancy_audit_tail", Full),
+        ("the tail disabled", "ALTER TABLE _tenancy_audit_pending DISABLE TRIGGER _tenancy_audit_tail", Full),
         (
             "the tail not deferred",
-            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit_head;
-             CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER UPDATE ON _tenancy_audit_head NOT DEFERRABLE FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
+            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit_pending;
+             CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON _tenancy_audit_pending NOT DEFERRABLE FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
             Full,
         ),
         (
             "the tail back on the audit table (per entry, as before 2026-12)",
-            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit_head;
+            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit_pending;
              CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON _tenancy_audit DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
             Full,
         ),
+        (
+            "the tail back on the head (holding its lock to commit, as until 2026-12-03)",
+            "DROP TRIGGER _tenancy_audit_tail ON _tenancy_audit_pending;
+             CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER UPDATE ON _tenancy_audit_head DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION _tenancy_audit_tail()",
+            Full,
+        ),
+        ("the pending table's guard disabled", "ALTER TABLE _tenancy_audit_pending DISABLE TRIGGER _tenancy_audit_guard", Full),
+        ("the pending table dropped", "DROP TABLE _tenancy_audit_pending", Full),
+        ("the seal function made SECURITY INVOKER", "ALTER FUNCTION _tenancy_audit_seal(boolean) SECURITY INVOKER", Full),
     ];
     let mut su = db.superuser().await;
     for (what, sql, expected) in cases {
@@ -1130,7 +1340,7 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
         ("ALTER TABLE docs DISABLE TRIGGER _tenancy_audit_update; DROP TRIGGER _tenancy_audit_del ON docs; CREATE TABLE notes (id int PRIMARY KEY, body text)", true),
         ("CREATE OR REPLACE FUNCTION _tenancy_audit_trigger() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$", true),
         (
-            "ALTER TABLE _tenancy_audit_head DISABLE TRIGGER _tenancy_audit_tail; ALTER FUNCTION _tenancy_audit_write(text, text, jsonb[], text[]) SECURITY INVOKER RESET search_path",
+            "ALTER TABLE _tenancy_audit_pending DISABLE TRIGGER _tenancy_audit_tail; ALTER FUNCTION _tenancy_audit_write(text, text, jsonb[], text[]) SECURITY INVOKER RESET search_path",
             true,
         ),
         ("ALTER TABLE _tenancy_audit DISABLE TRIGGER _tenancy_audit_guard", false),
@@ -1598,4 +1808,5 @@ fn own_functions(sql: &str, name: &tenant_operator::names::TenantName) -> String
         .replace("_tenancy_audit_trigger(", &format!("{}(", fns.trigger))
         .replace("_tenancy_audit_guard(", &format!("{}(", fns.guard))
         .replace("_tenancy_audit_tail(", &format!("{}(", fns.tail))
+        .replace("_tenancy_audit_seal(", &format!("{}(", fns.seal))
 }

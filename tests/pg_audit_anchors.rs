@@ -467,7 +467,7 @@ async fn a_tenant_whose_chain_predates_anchoring_is_anchored_by_the_next_reconci
            END IF;
            RETURN NULL;
          END $f$;
-         DROP TRIGGER _tenancy_audit_tail ON {schema}._tenancy_audit_head;
+         DROP TRIGGER _tenancy_audit_tail ON {schema}._tenancy_audit_pending;
          CREATE CONSTRAINT TRIGGER _tenancy_audit_tail AFTER INSERT ON {schema}._tenancy_audit DEFERRABLE INITIALLY DEFERRED
            FOR EACH ROW EXECUTE FUNCTION {schema}.{tail}();",
         uid = t.uid
@@ -478,7 +478,7 @@ async fn a_tenant_whose_chain_predates_anchoring_is_anchored_by_the_next_reconci
     write(&db, &t, &["c"]).await;
     let out = t.converge(&db).await.unwrap();
     let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
-    // The tail moves to the head table (once per transaction).
+    // The tail moves back to the pending table (once per transaction).
     assert_eq!(
         labels,
         [

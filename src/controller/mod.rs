@@ -49,6 +49,9 @@ pub struct Settings {
     pub secret_sources: tenant::sealing::SourcePolicy,
     /// Time between audit anchoring passes ([`anchoring`]).
     pub audit_anchor_interval: Duration,
+    /// Time between passes sealing the audit entries no commit sealed
+    /// ([`anchoring`]).
+    pub audit_seal_interval: Duration,
     /// The gateway login of this database (`--gateway-role`); None: no
     /// gateway (`--gateway-role=""`).
     pub gateway: Option<crate::pg::gateway::GatewayName>,

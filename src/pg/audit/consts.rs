@@ -13,6 +13,15 @@ pub const AUDIT_TABLE: &str = "_tenancy_audit";
 /// Its one-row chain head (last id, last hash, last prune).
 pub const HEAD_TABLE: &str = "_tenancy_audit_head";
 
+/// Entries appended but not yet sealed into the chain: the triggers write
+/// here without any lock; the commit-time seal (or the operator's pass)
+/// moves them into [`AUDIT_TABLE`] in order, hashing them onto the chain.
+pub const PENDING_TABLE: &str = "_tenancy_audit_pending";
+
+/// The transaction-local setting the seal sets while it deletes what it
+/// sealed from [`PENDING_TABLE`] (the guard lets only that delete through).
+pub(super) const SEAL_SETTING: &str = "tenancy.audit_seal";
+
 /// The audit functions' base names; each tenant's are these with its name
 /// appended ([`AuditFns`]). Until 2026-12-03 they were the functions' names
 /// in every schema.
@@ -23,6 +32,8 @@ pub(super) const WRITE_FN: &str = "_tenancy_audit_write";
 pub(super) const GUARD_FN: &str = "_tenancy_audit_guard";
 
 pub(super) const TAIL_FN: &str = "_tenancy_audit_tail";
+
+pub(super) const SEAL_FN: &str = "_tenancy_audit_seal";
 
 /// The audit functions as an earlier version named them, the same in every
 /// tenant schema; a reconcile drops them once the triggers call the
@@ -47,6 +58,12 @@ pub struct AuditFns {
     pub trigger: String,
     pub guard: String,
     pub tail: String,
+    /// Seals the pending entries into the chain (`p_wait boolean`): called
+    /// by the tail at commit, and by the operator.
+    pub seal: String,
+    /// The transaction-local setting that marks the transaction's seal as
+    /// queued (its first entry's): one seal per transaction.
+    pub queued: String,
 }
 
 impl AuditFns {
@@ -57,13 +74,16 @@ impl AuditFns {
             trigger: own(TRIGGER_FN),
             guard: own(GUARD_FN),
             tail: own(TAIL_FN),
+            seal: own(SEAL_FN),
+            queued: format!("tenancy.audit_queued_{}", name.as_str().replace('-', "_")),
         }
     }
 }
 
 pub(super) const GUARD_TRIGGER: &str = "_tenancy_audit_guard";
 
-/// The deferred (commit-time) trigger that moves the head to the last entry.
+/// The deferred (commit-time) trigger on [`PENDING_TABLE`] that seals the
+/// transaction's entries (and any others committed before) into the chain.
 pub(super) const TAIL_TRIGGER: &str = "_tenancy_audit_tail";
 
 /// The triggers on each tenant table: INSERT, UPDATE and DELETE

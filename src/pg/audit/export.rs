@@ -3,7 +3,7 @@
 //!
 //! Takes the admin pool, the root keys, a validated [`TenantName`], a start
 //! time and a writer; gives how many rows were written. Side effects:
-//! reads the chain on a confined session; writes to the caller's writer.
+//! seals the pending entries and reads the chain on a confined session; writes to the caller's writer.
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::consts::AUDIT_TABLE;
+use super::seal::seal_on;
 use super::session::{open_confined, require_audit, uid_for};
 use crate::crypto::Keyring;
 use crate::names::TenantName;
@@ -46,15 +47,24 @@ pub async fn export<W: std::io::Write>(
     out: &mut W,
 ) -> Result<u64, PgError> {
     let uid = uid_for(pool, name).await?;
-    {
+    let sealable = {
         let mut conn = pool
             .acquire()
             .await
             .map_err(query_err("connecting to export the audit log"))?;
-        require_audit(&mut conn, name).await?;
-    }
+        require_audit(&mut conn, name).await?
+    };
     let mut c = open_confined(pool, ring, name, &uid).await?;
-    let n = export_on(&mut c, name, since, out).await;
+    // What no commit sealed yet goes into the chain first, so the export
+    // holds every committed write.
+    let n = match sealable {
+        true => seal_on(&mut c, name).await.map(|_| ()),
+        false => Ok(()),
+    };
+    let n = match n {
+        Ok(()) => export_on(&mut c, name, since, out).await,
+        Err(e) => Err(e),
+    };
     c.close().await;
     n
 }

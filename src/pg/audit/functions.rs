@@ -17,9 +17,10 @@
 use std::collections::BTreeMap;
 
 use super::consts::{
-    AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, HEAD_TABLE, SMALL_STATEMENT,
+    AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, HEAD_TABLE, PENDING_TABLE, SEAL_SETTING,
+    SMALL_STATEMENT,
 };
-use super::content::{header_sql, pk_sql, tail_sql};
+use super::content::content_sql;
 use crate::names::TenantName;
 use crate::pg::{quote_ident, quote_literal, PgError};
 
@@ -64,25 +65,21 @@ pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<String, Stri
     let schema = quote_ident(&name.schema())?;
     let owner = quote_literal(&name.owner_role())?;
     let schema_lit = quote_literal(&name.schema())?;
+    let fns = AuditFns::of(name);
+    let queued = quote_literal(&fns.queued)?;
+    let seal_setting = quote_literal(SEAL_SETTING)?;
     // The append, shared by the write function (prune's PRUNE entry) and the
     // trigger function, which runs it inline (a nested SECURITY DEFINER call
     // per statement costs a GUC save/restore and a function call):
     // `op`, `table`, `pks` (jsonb[]) and `changed` (text[]) are
     // expressions of the enclosing function.
     let append = |op: &str, table: &str, pks: &str, changed: &str, ret: &str| {
-        let header = header_sql("v_time", "v_actor", "v_given", "v_request", op, table);
-        let tail = tail_sql(changed);
-        let pk = pk_sql("v_pk");
         fill(
             text(include_str!("sql/append.sql")),
             &[
                 ("schema", &schema),
-                ("schema_lit", &schema_lit),
-                ("audit_table", AUDIT_TABLE),
-                ("head_table", HEAD_TABLE),
-                ("header", &header),
-                ("tail", &tail),
-                ("pk", &pk),
+                ("pending_table", PENDING_TABLE),
+                ("queued", &queued),
                 ("pks", pks),
                 ("op", op),
                 ("table", table),
@@ -111,30 +108,55 @@ pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<String, Stri
             ("chunk_rows", &CHUNK_ROWS.to_string()),
         ],
     );
-    let guard = body(include_str!("sql/guard.sql"), &[("owner", &owner)]);
-    // At commit (deferred, once per transaction: queued by the first
-    // append's update of the head's xid): the last entry moves the head to
-    // itself, and the tenant's head in tenancy.audit_heads through its
-    // anchor function (which refuses to move it back). Appends are
-    // serialized by the head's row lock, so the last entry is this
-    // transaction's. The update touches the head only when it moves, so a
-    // tail trigger without its WHEN clause (put there by hand) still ends.
+    let guard = body(
+        include_str!("sql/guard.sql"),
+        &[
+            ("owner", &owner),
+            ("audit_table", &quote_literal(AUDIT_TABLE)?),
+            ("pending_table", &quote_literal(PENDING_TABLE)?),
+            ("seal_setting", &seal_setting),
+        ],
+    );
+    // The seal: under the head's row lock, the pending entries in order,
+    // each hashed onto the chain (its content built by the query, the same
+    // bytes `content_sql` gives the walk), moved into the audit table; then
+    // the head and the tenant's head in tenancy.audit_heads through its
+    // anchor function (which refuses to move it back). The update touches
+    // the head only when it moves.
     let anchor = anchor_fn(name)?;
-    let tail = body(
-        include_str!("sql/tail.sql"),
+    let content = content_sql(
+        "p.\"time\"",
+        "p.actor",
+        "p.actor_given",
+        "p.request_id",
+        "p.operation",
+        "p.table_name",
+        "p.row_pk",
+        "p.changed_columns",
+    );
+    let seal = body(
+        include_str!("sql/seal.sql"),
         &[
             ("schema", &schema),
+            ("schema_lit", &schema_lit),
             ("audit_table", AUDIT_TABLE),
             ("head_table", HEAD_TABLE),
+            ("pending_table", PENDING_TABLE),
+            ("content", &content),
+            ("seal_setting", &seal_setting),
             ("anchor", &anchor),
         ],
     );
-    let fns = AuditFns::of(name);
+    // At commit (deferred, once per transaction: queued by its first
+    // entry): the seal, without waiting.
+    let seal_fn = quote_ident(&fns.seal)?;
+    let tail = body(include_str!("sql/tail.sql"), &[("schema", &schema), ("seal", &seal_fn)]);
     Ok(BTreeMap::from([
         (fns.write, write),
         (fns.trigger, trigger),
         (fns.guard, guard),
         (fns.tail, tail),
+        (fns.seal, seal),
     ]))
 }
 

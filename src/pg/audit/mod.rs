@@ -20,13 +20,15 @@
 //! The chain: every audit row carries `prev_hash` and `hash =
 //! sha256(prev_hash || content)`, content being [`content_sql`] of the row
 //! (a JSON array text of its fields). The first row's `prev_hash` is 32
-//! zero bytes; `_tenancy_audit_head` holds the last row's id and hash (set
-//! at commit, once per transaction, by a deferred constraint trigger on the
-//! head that the transaction's first append queues, so deleting the entries
-//! of the last transaction is found too), and its row lock serializes appends
-//! per tenant until commit, so the chain is linear under concurrency (and a
-//! REPEATABLE READ writer that raced gets a serialization failure instead
-//! of forking it). The same commit-time trigger moves the tenant's head in
+//! zero bytes. The triggers append without a lock, to
+//! `_tenancy_audit_pending`; at commit, once per transaction (a deferred
+//! constraint trigger queued by its first entry), the transaction seals
+//! every pending entry it can see into `_tenancy_audit` in order, under the
+//! head row's lock, taken with SKIP LOCKED (a writer never waits for
+//! another's commit: what a seal under way cannot see, the next one seals,
+//! or the operator's pass, [`seal_pending`]). The seal sets
+//! `_tenancy_audit_head` to the last row's id and hash (so deleting the
+//! last entries is found too) and moves the tenant's head in
 //! `tenancy.audit_heads` through its anchor function (forward only); the
 //! operator periodically writes an HMAC'd anchor of each head that moved
 //! (`tenancy.audit_anchors`), so rewriting the chain before the latest
@@ -38,7 +40,7 @@
 //! [`plan`] (states, actions, their SQL; pure), [`observe`] (reading the
 //! catalogs, the light in-transaction check), [`converge`] (the reconcile's
 //! and the migration's audit step), `session` (registry look-ups and the
-//! confined session the effectful parts share), [`retention`] (prune),
+//! confined session the effectful parts share), [`retention`] (prune), `seal` (sealing what no commit sealed),
 //! [`chain`] (the walk; pure), [`anchor`] (HMAC'd heads), [`verify`],
 //! [`export`], [`restore`] (rebase after restore, forget on delete).
 //! Imports only go down that list's dependencies (consts and content are
@@ -55,6 +57,7 @@ mod observe;
 mod plan;
 mod restore;
 mod retention;
+mod seal;
 mod session;
 mod verify;
 
@@ -67,7 +70,7 @@ pub use anchor::{anchor_heads, anchor_message, check_anchors, make_anchor, prepa
 pub use chain::{Anchored, ChainBreak, ChainRow, Checkpoint, VerifyReport, Walker};
 pub use consts::{
     AuditFns, ANCHOR_DOMAIN, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, GENESIS, HEAD_TABLE,
-    PGAUDIT_CLASSES, TABLE_TRIGGERS,
+    PENDING_TABLE, PGAUDIT_CLASSES, TABLE_TRIGGERS,
 };
 pub use content::{content_sql, header_sql, tail_sql, Content};
 pub use converge::{converge, record_exclusion, statements_in_tx, AuditOutcome};
@@ -82,4 +85,5 @@ pub use plan::{
 };
 pub use restore::{forget_tenant, leftovers, rebase_after_restore, RebaseOutcome};
 pub use retention::{prune, prune_due, PruneOutcome};
+pub use seal::{seal_pending, tenants_with_pending};
 pub use verify::verify;

@@ -16,7 +16,7 @@ use sqlx::{PgConnection, Row};
 
 use super::consts::{
     AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, FN_SEARCH_PATH, GUARD_TRIGGER, HEAD_TABLE,
-    LEGACY_FUNCTIONS, LEGACY_TABLE_TRIGGERS, TABLE_TRIGGERS, TAIL_TRIGGER,
+    LEGACY_FUNCTIONS, LEGACY_TABLE_TRIGGERS, PENDING_TABLE, TABLE_TRIGGERS, TAIL_TRIGGER,
 };
 use super::functions::{anchor_function_body, function_bodies};
 use super::plan::{AnchorState, AuditState, PgauditState};
@@ -46,15 +46,16 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
         "SELECT n.oid IS NOT NULL AS schema_exists,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
-                EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-                         WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $4 AND t.tgenabled = 'O'
-                           AND p.pronamespace = n.oid AND p.proname = $5)
+                EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $17 AND c.relkind = 'r') AS pending,
+                (SELECT count(*) FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+                  WHERE c.relnamespace = n.oid AND c.relname IN ($2, $17) AND t.tgname = $4 AND t.tgenabled = 'O'
+                    AND p.pronamespace = n.oid AND p.proname = $5) = 2
                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-                         WHERE c.relnamespace = n.oid AND c.relname = $3 AND t.tgname = $11 AND t.tgenabled = 'O'
+                         WHERE c.relnamespace = n.oid AND c.relname = $17 AND t.tgname = $11 AND t.tgenabled = 'O'
                            AND t.tgdeferrable AND t.tginitdeferred AND p.pronamespace = n.oid AND p.proname = $14)
                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-                         WHERE c.relnamespace = n.oid AND c.relname = $2 AND t.tgname = $11) AS guard,
-                ARRAY(SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
+                         WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3) AND t.tgname = $11) AS guard,
+                ARRAY(SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3, $17) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
                 coalesce(u.untriggered, '{}') AS untriggered,
                 coalesce(u.stale, '{}') AS stale,
                 u.excluded_triggered,
@@ -101,6 +102,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
     .bind(&fns.tail)
     .bind(LEGACY_FUNCTIONS.to_vec())
     .bind(LEGACY_FUNCTIONS[0])
+    .bind(PENDING_TABLE)
     .fetch_one(&mut *conn)
     .await
     .map_err(query_err("reading the tenant's audit objects"))?;
@@ -109,6 +111,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
             schema_exists: row.try_get("schema_exists")?,
             table: row.try_get("audit")?,
             head: row.try_get("head")?,
+            pending: row.try_get("pending")?,
             guard: row.try_get("guard")?,
             untriggered: row.try_get("untriggered")?,
             stale: row.try_get("stale")?,
@@ -352,16 +355,24 @@ pub fn converged_untriggered(
             _ => None,
         })
     };
-    let (Some((audit, 'r')), Some((head, 'r'))) = (table(AUDIT_TABLE), table(HEAD_TABLE)) else {
+    let (Some((audit, 'r')), Some((head, 'r')), Some((pending, 'r'))) =
+        (table(AUDIT_TABLE), table(HEAD_TABLE), table(PENDING_TABLE))
+    else {
         return None;
     };
-    let guard = triggers(audit)
-        .any(|(name, function, enabled, _)| name == GUARD_TRIGGER && enabled && calls(function, &fns.guard));
-    // The tail is on the head (once per transaction), not on the audit
-    // table (once per entry, as before 2026-12).
-    let tail = triggers(head).any(|(name, function, enabled, deferred)| {
+    let guarded = |rel: u32| {
+        triggers(rel)
+            .any(|(name, function, enabled, _)| name == GUARD_TRIGGER && enabled && calls(function, &fns.guard))
+    };
+    let guard = guarded(audit) && guarded(pending);
+    // The tail is on the pending table (once per transaction), not on the
+    // audit table (once per entry, as before 2026-12) nor on the head (as
+    // until 2026-12-03).
+    let tail = triggers(pending).any(|(name, function, enabled, deferred)| {
         name == TAIL_TRIGGER && enabled && deferred && calls(function, &fns.tail)
-    }) && !triggers(audit).any(|(name, ..)| name == TAIL_TRIGGER);
+    }) && ![audit, head]
+        .iter()
+        .any(|rel| triggers(*rel).any(|(name, ..)| name == TAIL_TRIGGER));
     if !(guard && tail) {
         return None;
     }
@@ -472,6 +483,7 @@ pub async fn observe_in_tx(
             schema_exists: true,
             table: true,
             head: true,
+            pending: true,
             functions_current: true,
             guard: true,
             untriggered: u.untriggered,

@@ -10,8 +10,8 @@
 use chrono::{DateTime, Utc};
 
 use super::consts::{
-    AuditFns, AUDIT_TABLE, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE, LEGACY_TABLE_TRIGGERS, PGAUDIT_CLASSES, TABLE_TRIGGERS,
-    TAIL_FN, TAIL_TRIGGER, TRIGGER_FN, WRITE_FN,
+    AuditFns, AUDIT_TABLE, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE, LEGACY_TABLE_TRIGGERS, PENDING_TABLE, PGAUDIT_CLASSES,
+    TABLE_TRIGGERS, TAIL_FN, TAIL_TRIGGER, TRIGGER_FN, WRITE_FN,
 };
 use super::functions::{anchor_fn, anchor_function_body, function_bodies};
 use crate::names::TenantName;
@@ -23,14 +23,18 @@ pub struct AuditState {
     pub schema_exists: bool,
     pub table: bool,
     pub head: bool,
-    /// The four functions exist, under the tenant's names ([`AuditFns`]),
+    /// The pending table (entries not yet sealed into the chain) exists.
+    pub pending: bool,
+    /// The five functions exist, under the tenant's names ([`AuditFns`]),
     /// with the expected body, owner, SECURITY DEFINER flag and search_path.
     pub functions_current: bool,
     /// Functions of an earlier version, named alike in every schema
     /// ([`LEGACY_FUNCTIONS`](super::consts::LEGACY_FUNCTIONS)), are still
     /// in the schema: dropped once the triggers call the tenant's own.
     pub legacy_functions: bool,
-    /// The append-only guard trigger on the audit table exists and is enabled.
+    /// The append-only guard trigger on the audit and pending tables and
+    /// the deferred tail trigger on the pending table (on no other table)
+    /// exist, enabled, calling the tenant's functions.
     pub guard: bool,
     /// Tenant tables lacking one of [`TABLE_TRIGGERS`] (or with one disabled
     /// or pointing elsewhere).
@@ -43,7 +47,7 @@ pub struct AuditState {
     /// the audit triggers (of [`TABLE_TRIGGERS`] or an earlier version's):
     /// their triggers are dropped.
     pub excluded_triggered: Vec<String>,
-    /// `_tenancy_audit` or `_tenancy_audit_head` exists as something else
+    /// `_tenancy_audit`, `_tenancy_audit_head` or `_tenancy_audit_pending` exists as something else
     /// than a table (a view, say): put there by the tenant's owner. The
     /// reconcile reports it and leaves it alone.
     pub misshapen: Vec<String>,
@@ -186,7 +190,7 @@ pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditActi
     if !state.schema_exists {
         return actions;
     }
-    if !state.table || !state.head {
+    if !state.table || !state.head || !state.pending {
         actions.push(AuditAction::CreateTables);
     }
     if !state.functions_current {
@@ -288,22 +292,45 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             format!(
                 "DO $tenancy_lz4$ BEGIN ALTER TABLE {schema}.{AUDIT_TABLE} ALTER COLUMN row_pk SET COMPRESSION lz4; EXCEPTION WHEN feature_not_supported THEN NULL; END $tenancy_lz4$"
             ),
+            // Entries wait here, unchained, until the commit-time seal moves
+            // them into the chain: the same columns but the hashes, a pending
+            // id, and `seal` (the first entry of a transaction, which queues
+            // its seal).
+            format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{PENDING_TABLE} (
+                    pid bigserial PRIMARY KEY,
+                    \"time\" timestamptz NOT NULL,
+                    actor text NOT NULL,
+                    actor_given boolean NOT NULL,
+                    request_id text,
+                    operation text NOT NULL,
+                    table_name text,
+                    row_pk jsonb,
+                    changed_columns text[],
+                    seal boolean NOT NULL)"
+            ),
+            format!(
+                "DO $tenancy_lz4$ BEGIN ALTER TABLE {schema}.{PENDING_TABLE} ALTER COLUMN row_pk SET COMPRESSION lz4; EXCEPTION WHEN feature_not_supported THEN NULL; END $tenancy_lz4$"
+            ),
             format!("INSERT INTO {schema}.{HEAD_TABLE} (hash) VALUES (decode(repeat('00', 32), 'hex')) ON CONFLICT DO NOTHING"),
             // The owner's default privileges gave the app DML; it keeps only
             // SELECT on the log, nothing on the head or the id sequence.
             format!("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON TABLE {schema}.{AUDIT_TABLE} FROM {app}"),
             format!("REVOKE ALL ON TABLE {schema}.{HEAD_TABLE} FROM {app}"),
             format!("REVOKE ALL ON SEQUENCE {schema}.{AUDIT_TABLE}_id_seq FROM {app}"),
+            format!("REVOKE ALL ON TABLE {schema}.{PENDING_TABLE} FROM {app}"),
+            format!("REVOKE ALL ON SEQUENCE {schema}.{PENDING_TABLE}_pid_seq FROM {app}"),
         ],
         AuditAction::ReplaceFunctions => {
             let bodies = function_bodies(name)?;
             let fns = AuditFns::of(name);
             let mut v = Vec::new();
-            for (f, args, ret, definer) in [
-                (&fns.write, WRITE_ARGS, "void", true),
-                (&fns.trigger, "", "trigger", true),
-                (&fns.guard, "", "trigger", false),
-                (&fns.tail, "", "trigger", true),
+            for (f, args, sig, ret, definer) in [
+                (&fns.write, WRITE_ARGS, WRITE_SIG, "void", true),
+                (&fns.trigger, "", "", "trigger", true),
+                (&fns.guard, "", "", "trigger", false),
+                (&fns.tail, "", "", "trigger", true),
+                (&fns.seal, "p_wait boolean", "boolean", "bigint", true),
             ] {
                 let security = if definer { "SECURITY DEFINER" } else { "SECURITY INVOKER" };
                 let q = quote_ident(f)?;
@@ -311,7 +338,6 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
                     "CREATE OR REPLACE FUNCTION {schema}.{q}({args}) RETURNS {ret} LANGUAGE plpgsql {security} SET search_path = pg_catalog, pg_temp AS $tenancy_fn${}$tenancy_fn$",
                     bodies[f]
                 ));
-                let sig = if args.is_empty() { "" } else { WRITE_SIG };
                 v.push(format!("REVOKE ALL ON FUNCTION {schema}.{q}({sig}) FROM PUBLIC"));
             }
             v
@@ -328,19 +354,27 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
         AuditAction::GuardTable => {
             let guard = quote_ident(&AuditFns::of(name).guard)?;
             let tail = quote_ident(&AuditFns::of(name).tail)?;
-            vec![
-            format!("DROP TRIGGER IF EXISTS {GUARD_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
-            format!(
-                "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{guard}()"
-            ),
-            // Before 2026-12 the tail was a deferred trigger per audit entry
-            // on the audit table; it is now one per transaction on the head.
-            format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
-            format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{HEAD_TABLE}"),
-            format!(
-                "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER UPDATE ON {schema}.{HEAD_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.xid IS DISTINCT FROM NEW.xid) EXECUTE FUNCTION {schema}.{tail}()"
-            ),
-            ]
+            let mut v = Vec::new();
+            for t in [AUDIT_TABLE, PENDING_TABLE] {
+                v.push(format!("DROP TRIGGER IF EXISTS {GUARD_TRIGGER} ON {schema}.{t}"));
+                v.push(format!(
+                    "CREATE TRIGGER {GUARD_TRIGGER} BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.{t} FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{guard}()"
+                ));
+            }
+            // The tail seals at commit, once per transaction, queued by its
+            // first pending entry. Before 2026-12 it was a trigger per entry
+            // on the audit table; until 2026-12-03 one per transaction on the
+            // head, queued by the first append's update of the head, whose
+            // row lock serialized a tenant's writers until their commit.
+            v.extend([
+                format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{AUDIT_TABLE}"),
+                format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{HEAD_TABLE}"),
+                format!("DROP TRIGGER IF EXISTS {TAIL_TRIGGER} ON {schema}.{PENDING_TABLE}"),
+                format!(
+                    "CREATE CONSTRAINT TRIGGER {TAIL_TRIGGER} AFTER INSERT ON {schema}.{PENDING_TABLE} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.seal) EXECUTE FUNCTION {schema}.{tail}()"
+                ),
+            ]);
+            v
         }
         AuditAction::TriggerTable { table, replace } => {
             let t = format!("{schema}.{}", quote_ident(table)?);

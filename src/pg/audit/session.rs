@@ -59,7 +59,10 @@ pub(super) fn misshapen(name: &TenantName, objects: &[String]) -> PgError {
     }
 }
 
-pub(super) async fn require_audit(conn: &mut PgConnection, name: &TenantName) -> Result<(), PgError> {
+/// Checks that the tenant has an audit log; gives whether it can be sealed
+/// (its pending table and seal function are there: a tenant made by an
+/// earlier version has them from its next reconcile).
+pub(super) async fn require_audit(conn: &mut PgConnection, name: &TenantName) -> Result<bool, PgError> {
     let state = observe(conn, name, &[]).await?;
     if !state.misshapen.is_empty() {
         return Err(misshapen(name, &state.misshapen));
@@ -70,5 +73,5 @@ pub(super) async fn require_audit(conn: &mut PgConnection, name: &TenantName) ->
             what: "it has no audit log (the tenant does not exist or was never reconciled)".into(),
         });
     }
-    Ok(())
+    Ok(state.pending && state.functions_current)
 }

@@ -62,19 +62,23 @@ fn fingerprints() -> Vec<(String, String)> {
 const EXPECTED: &[(&str, &str)] = &[
     (
         "acme body _tenancy_audit_guard_acme",
-        "2eb80fff8ad2c5a39597d8c2d96055d1bb36ddae1d6f6c184bcb455c7d2fdbb3",
+        "17665729a44d4c1d6b6262a03850b1128b03e48dbb6fd0d115169ca208511a83",
+    ),
+    (
+        "acme body _tenancy_audit_seal_acme",
+        "af885323ec90b06ea58e6f948aaf2542b072c76bd10f0addfa98d30356790757",
     ),
     (
         "acme body _tenancy_audit_tail_acme",
-        "51b63dee05cbf4c2a0593b9341db3ed55286aa5626c1c358481daf570a04b092",
+        "4cfb71a76257a3116c57e56d843d2ea06837ec957049a3905586c0c1f1d86004",
     ),
     (
         "acme body _tenancy_audit_trigger_acme",
-        "e05699616528e471ee74280c7bfd66485c76acd1a383aa9b5d0e388973663b59",
+        "c1f67958c140ea5c0b56b910b2ecc73ecc5cdcdaefe2b2439c35268ee2047c75",
     ),
     (
         "acme body _tenancy_audit_write_acme",
-        "55272aaa146c35b551d65e237c839864e4fb80f417ef794a7905c275ddf5cefb",
+        "9b6f3c4ba7ed43c704b7cb0339e873166d8afa4bce9f13b82fdb6b06f8a4b85b",
     ),
     (
         "acme anchor body 0b9c-uid",
@@ -86,15 +90,15 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render CreateTables",
-        "ac22da119e6942b4419f01e1e4e4ccbaa53f95974b4a4d71b3a912c7ae704ec6",
+        "ae9dd64a398a6f0398a884e4106d4e13aee5077ed469f78dc6d0bce3ca9d33a4",
     ),
     (
         "acme render ReplaceFunctions",
-        "de98bebe0abc11f355eec3a86805e3be9225ff9542e7e54f82c63d0ee7a0d823",
+        "aeeaac2dbb1ce0e90c6d26789e66de7fd22f4d2cba1f14e1950640ad9d606ca5",
     ),
     (
         "acme render GuardTable",
-        "00dfbb581810bbc901bc190f23b1f01e5c3b2e91cd2196e754e3a2c9d6441c1b",
+        "bb38cd6c8295cf29d1df7dd30171127a3207f25e364381d4a268d6a15b4649f3",
     ),
     (
         "acme render SetPgauditLog",
@@ -150,19 +154,23 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_guard_a_b_9",
-        "d65a9489b7b61fb6f2afcae18118682b08cfdb631629fe33f3587ad81c2b3912",
+        "6e1ce4a23431b403ab234c97b1261a43a6c72e0e1bf8b52e5d9ee599f60dd692",
+    ),
+    (
+        "a-b-9 body _tenancy_audit_seal_a_b_9",
+        "79b330b1e0aa7a7f8feb03cc3a19742cf692b63ecb28765875f34be00bc2e24c",
     ),
     (
         "a-b-9 body _tenancy_audit_tail_a_b_9",
-        "a86926171118afec81a84d90324098bc5ca8176a6001976e403e80f5a194ad1c",
+        "8920f0d428b66669bd975718305891921520fd315e194c18d93d15daa0b35618",
     ),
     (
         "a-b-9 body _tenancy_audit_trigger_a_b_9",
-        "fc2b0f1f8e1185d71981ee329249c051ff1930c651e0c7dd2c37eecd296e31fe",
+        "0296d82f2f645823654b23b29a8042ed8c7403c0311599f5af5ec4644df1adfc",
     ),
     (
         "a-b-9 body _tenancy_audit_write_a_b_9",
-        "d5fba8ae58ea29a56e8ce748784d6706d4ec8635ff578fd7f4a8bfbc31c49004",
+        "3ca8b8846fed1538873fa428bf9e19e07e12b1ee0932028e9ce47373fad5417c",
     ),
     (
         "a-b-9 anchor body 0b9c-uid",
@@ -174,15 +182,15 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render CreateTables",
-        "2726d8732d3bd35c5cb3b18cc9dd31dba752fd24f6fd80d3b71546c28eb19126",
+        "01e30aa8a6621abe85b225b074c18b95b4588c070dacd993ccb62080d0259728",
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "70ce96bd65877ef1ca81518fff56a9e8f92e0a2bb04131bcf372967f7bf7718d",
+        "5a5a5609565026d810f297b08559bb22bc71f49272aea60d09451ae1626c8a31",
     ),
     (
         "a-b-9 render GuardTable",
-        "5bfb67334caea0928396097f25433f9f11710f03feb77e5e9de152ca9afa39c1",
+        "6a0b57ae57c9d1f0bde721a4bc1fd7e7e18991567fc13fde67fbd824d2aa0430",
     ),
     (
         "a-b-9 render SetPgauditLog",

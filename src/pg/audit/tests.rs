@@ -22,6 +22,7 @@ fn full() -> AuditState {
         schema_exists: true,
         table: true,
         head: true,
+        pending: true,
         functions_current: true,
         guard: true,
         untriggered: vec![],
@@ -57,8 +58,10 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
         rel(14, "docs_2026", 'r', true),
         rel(15, "items", 'r', false),
         rel(16, "items_id_seq", 'S', false),
+        rel(17, PENDING_TABLE, 'r', false),
         tg(10, GUARD_TRIGGER, 103, false),
-        tg(11, TAIL_TRIGGER, 104, true),
+        tg(17, GUARD_TRIGGER, 103, false),
+        tg(17, TAIL_TRIGGER, 104, true),
     ];
     for t in [13, 15] {
         facts.extend(TABLE_TRIGGERS.iter().map(|n| tg(t, n, 102, false)));
@@ -74,7 +77,7 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
             source: body,
         });
     }
-    // Ids of the functions by name (BTreeMap order): guard 101, tail 102, trigger 103, write 104.
+    // Ids of the functions by name (BTreeMap order): guard 101, seal 102, tail 103, trigger 104, write 105.
     let ids: BTreeMap<String, u32> = facts
         .iter()
         .filter_map(|f| match f {
@@ -250,7 +253,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         Box::new(move |facts: &mut Vec<CatalogFact>| {
             edit(
                 facts,
-                |f| is_trigger(f, 10, wanted) || is_trigger(f, 11, wanted),
+                |f| is_trigger(f, 10, wanted) || is_trigger(f, 11, wanted) || is_trigger(f, 17, wanted),
                 change,
             )
         })
@@ -406,7 +409,44 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
         ),
         (
             "tail trigger dropped",
-            Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_trigger(x, 11, TAIL_TRIGGER))),
+            Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_trigger(x, 17, TAIL_TRIGGER))),
+        ),
+        (
+            "guard trigger dropped from the pending table",
+            Box::new(|f: &mut Vec<CatalogFact>| f.retain(|x| !is_trigger(x, 17, GUARD_TRIGGER))),
+        ),
+        (
+            "pending table dropped",
+            Box::new(|f: &mut Vec<CatalogFact>| {
+                f.retain(|x| !matches!(x, CatalogFact::Relation { name, .. } if name == PENDING_TABLE))
+            }),
+        ),
+        (
+            "tail trigger on the head (once per transaction, holding the head's lock, as until 2026-12-03)",
+            Box::new(|f: &mut Vec<CatalogFact>| {
+                for x in f.iter_mut() {
+                    if let CatalogFact::Trigger { relation, name, .. } = x {
+                        if name == TAIL_TRIGGER {
+                            *relation = 11
+                        }
+                    }
+                }
+            }),
+        ),
+        (
+            "a second tail trigger, on the head",
+            Box::new(|f: &mut Vec<CatalogFact>| {
+                let tail = f.iter().find(|x| is_trigger(x, 17, TAIL_TRIGGER)).cloned().unwrap();
+                if let CatalogFact::Trigger { function, deferred, .. } = tail {
+                    f.push(CatalogFact::Trigger {
+                        relation: 11,
+                        name: TAIL_TRIGGER.into(),
+                        function,
+                        enabled: 'O',
+                        deferred,
+                    });
+                }
+            }),
         ),
         (
             "tail trigger on the audit table (per entry, as before 2026-12)",
@@ -445,7 +485,15 @@ fn each_tenant_has_functions_of_its_own_names_and_the_shared_ones_are_dropped() 
     let a = AuditFns::of(&n("ab-c"));
     let b = AuditFns::of(&n("a-bc"));
     let long = AuditFns::of(&n(&"z".repeat(crate::api::tenant::NAME_MAX_LEN)));
-    let all = |f: &AuditFns| [f.write.clone(), f.trigger.clone(), f.guard.clone(), f.tail.clone()];
+    let all = |f: &AuditFns| {
+        [
+            f.write.clone(),
+            f.trigger.clone(),
+            f.guard.clone(),
+            f.tail.clone(),
+            f.seal.clone(),
+        ]
+    };
     let mut names: Vec<String> = [&a, &b, &long].into_iter().flat_map(all).collect();
     assert!(
         names.iter().all(|f| f.len() <= 63 && f.starts_with("_tenancy_audit_")),
@@ -454,7 +502,7 @@ fn each_tenant_has_functions_of_its_own_names_and_the_shared_ones_are_dropped() 
     assert!(all(&a).iter().all(|f| !LEGACY_FUNCTIONS.contains(&f.as_str())));
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 12);
+    assert_eq!(names.len(), 15);
     assert_eq!(a.trigger, "_tenancy_audit_trigger_ab_c");
     // The bodies are keyed by those names; the triggers call them.
     let t = n("acme");
@@ -463,6 +511,7 @@ fn each_tenant_has_functions_of_its_own_names_and_the_shared_ones_are_dropped() 
         function_bodies(&t).unwrap().into_keys().collect::<Vec<_>>(),
         [
             fns.guard.clone(),
+            fns.seal.clone(),
             fns.tail.clone(),
             fns.trigger.clone(),
             fns.write.clone()

@@ -4,8 +4,8 @@
 //! cut and every kept anchor.
 //!
 //! Takes the admin pool, the root keys and a validated [`TenantName`];
-//! gives a [`VerifyReport`]. Side effects: may write one anchor (admin);
-//! reads the chain on a confined session (read-only transaction).
+//! gives a [`VerifyReport`]. Side effects: seals the pending entries
+//! (confined session); may write one anchor (admin); reads the chain on a confined session (read-only transaction).
 
 use futures::TryStreamExt;
 use sqlx::{Connection, PgConnection, PgPool, Row};
@@ -14,6 +14,7 @@ use super::anchor::{anchor_heads, check_anchors, read_anchoring};
 use super::chain::{Anchored, ChainBreak, ChainRow, Checkpoint, VerifyReport, Walker};
 use super::consts::{AUDIT_TABLE, HEAD_TABLE};
 use super::content::Content;
+use super::seal::seal_on;
 use super::session::{open_confined, require_audit, salt_of, uid_for};
 use crate::crypto::Keyring;
 use crate::names::TenantName;
@@ -26,24 +27,47 @@ use crate::pg::{query_err, quote_ident, PgError};
 /// anchor. Reports the first break.
 pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<VerifyReport, PgError> {
     let uid = uid_for(pool, name).await?;
-    {
+    let sealable = {
         let mut conn = pool
             .acquire()
             .await
             .map_err(query_err("connecting to verify the audit log"))?;
-        require_audit(&mut conn, name).await?;
-    }
+        require_audit(&mut conn, name).await?
+    };
     let salt = salt_of(pool, name, &uid).await?;
-    anchor_heads(pool, ring, Some(&uid)).await?;
+    let mut c = open_confined(pool, ring, name, &uid).await?;
+    // What no commit sealed yet goes into the chain first (and so under
+    // the anchor below).
+    if sealable {
+        if let Err(e) = seal_on(&mut c, name).await {
+            c.close().await;
+            return Err(e);
+        }
+    }
+    let verified = verify_on(&mut c, pool, ring, name, &uid, &salt).await;
+    c.close().await;
+    verified
+}
+
+/// Anchors the head, reads the anchoring, walks the chain on `conn`.
+async fn verify_on(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    ring: &Keyring,
+    name: &TenantName,
+    uid: &str,
+    salt: &crate::crypto::TenantSalt,
+) -> Result<VerifyReport, PgError> {
+    anchor_heads(pool, ring, Some(uid)).await?;
     // Read before the walk's snapshot: all of it was committed before it.
-    let (head, cut, anchors) = read_anchoring(pool, &uid).await?;
+    let (head, cut, anchors) = read_anchoring(pool, uid).await?;
     let Some((head_id, head_hash)) = head else {
         return Err(PgError::Audit {
             tenant: name.to_string(),
             what: "its chain is not anchored yet (the next reconcile anchors it)".into(),
         });
     };
-    let (anchored, unknown, anchor_break) = check_anchors(ring, &salt, &uid, &anchors);
+    let (anchored, unknown, anchor_break) = check_anchors(ring, salt, uid, &anchors);
     // The head and the cut first: at the same row, theirs is the message.
     let mut checkpoints = vec![Checkpoint {
         id: head_id,
@@ -60,9 +84,8 @@ pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<
         });
     }
     checkpoints.extend(anchored);
-    let mut c = open_confined(pool, ring, name, &uid).await?;
-    let walked = walk(
-        &mut c,
+    let mut report = walk(
+        conn,
         name,
         Anchored {
             checkpoints,
@@ -71,11 +94,9 @@ pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<
         },
         anchor_break,
         pool,
-        &uid,
+        uid,
     )
-    .await;
-    c.close().await;
-    let mut report = walked?;
+    .await?;
     report.anchors_skipped += unknown;
     Ok(report)
 }

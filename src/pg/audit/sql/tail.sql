@@ -1,13 +1,14 @@
-DECLARE
-  v_last bigint;
-  v_hash bytea;
 BEGIN
-  SELECT a.id, a.hash INTO v_last, v_hash FROM {{schema}}.{{audit_table}} a ORDER BY a.id DESC LIMIT 1;
-  IF v_last IS NOT NULL THEN
-    -- The head by its key, through its index (see the append).
-    UPDATE {{schema}}.{{head_table}} SET last_id = v_last, hash = v_hash
-     WHERE one AND (last_id IS DISTINCT FROM v_last OR hash IS DISTINCT FROM v_hash);
-    PERFORM {{anchor}}(v_last, v_hash);
+  -- At commit, once per transaction that appended (queued by its first
+  -- entry): seal what is pending, its own entries and those of every
+  -- transaction committed before, without waiting for a seal under way in
+  -- another transaction (whose commit is not waited for either: what it
+  -- cannot see, the next commit or the operator's pass seals). Only under
+  -- READ COMMITTED, whose statements see the latest commits: a REPEATABLE
+  -- READ or SERIALIZABLE writer's snapshot may predate the last seal, so
+  -- it leaves its entries to the next one.
+  IF current_setting('transaction_isolation') = 'read committed' THEN
+    PERFORM {{schema}}.{{seal}}(false);
   END IF;
   RETURN NULL;
 END

@@ -6,6 +6,9 @@
 //! p50/p99 latency for each, and the ratio audited/plain:
 //! - 1, 4 and 16 clients on one tenant;
 //! - 16 clients spread over 16 tenants (one pgbench per tenant, at once);
+//! - 1 and 16 clients on one tenant, and 16 over 16 tenants, with a seal
+//!   delay (`tenancy.audit_seal_delay_ms`, BENCH_SEAL_DELAY_MS, default
+//!   100): one seal per delay on a busy tenant instead of one per commit;
 //! - 16 clients on one tenant through the gateway role (`SET LOCAL ROLE`
 //!   to the tenant's app role and its `search_path` in each transaction,
 //!   as `tenancy-client` begins one);
@@ -310,6 +313,20 @@ async fn main() {
             clients,
         ));
     }
+    // The same with a seal delay: a transaction starting within it of the
+    // tenant's last seal leaves its entries to a later one (the session's
+    // setting, through libpq's `options`).
+    let delay = env_or("BENCH_SEAL_DELAY_MS", 100);
+    let delayed = |url: &str| format!("{url}?options=-c%20tenancy.audit_seal_delay_ms%3D{delay}");
+    for clients in [1u64, 16] {
+        let (label, plain, mut audited) = one_tenant(
+            format!("{clients} client(s) on one tenant, seal delay {delay} ms"),
+            &name0.schema(),
+            clients,
+        );
+        audited[0].0 = delayed(&audited[0].0);
+        cases.push((label, plain, audited));
+    }
     for clients in [1u64, 16] {
         for (floor, what) in [
             ("floor_1", "one INSERT per row"),
@@ -336,7 +353,16 @@ async fn main() {
             1,
         ));
     }
-    cases.push(("16 clients over 16 tenants".into(), plain_all, audited_all));
+    let audited_delayed = audited_all
+        .iter()
+        .map(|(u, p, c)| (delayed(u), p.clone(), *c))
+        .collect();
+    cases.push(("16 clients over 16 tenants".into(), plain_all.clone(), audited_all));
+    cases.push((
+        format!("16 clients over 16 tenants, seal delay {delay} ms"),
+        plain_all,
+        audited_delayed,
+    ));
     let gw_url = url_of(gw.as_str(), &gw_password);
     let role = format!("SET LOCAL ROLE {};\n", name0.app_role());
     cases.push((

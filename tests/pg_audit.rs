@@ -1014,6 +1014,55 @@ async fn entries_no_commit_sealed_are_sealed_by_the_operators_pass_and_by_verify
     assert_eq!(verified(&db, &t).await.rows, 4);
 }
 
+/// With a seal delay, a transaction that starts within it of the tenant's
+/// last seal leaves its entries to a later seal; a value that is not a
+/// number counts as no delay; the pass or verify seals what waits.
+#[tokio::test]
+async fn a_seal_delay_leaves_a_busy_tenants_entries_to_a_later_seal() {
+    let db = setup("aud_delay").await;
+    let t = tenant_with_docs(&db, "dl").await;
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::raw_sql("SET tenancy.audit_seal_delay_ms = 600000")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    // No seal yet: the first commit seals.
+    sqlx::query("INSERT INTO docs (body) VALUES ('a')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!((audit_rows(&db, &t).await.len(), pending(&db, &t).await), (1, 0));
+    // Within the delay: left to a later seal, several transactions' worth.
+    for body in ["b", "c"] {
+        sqlx::query("INSERT INTO docs (body) VALUES ($1)")
+            .bind(body)
+            .execute(&mut app)
+            .await
+            .unwrap();
+    }
+    assert_eq!((audit_rows(&db, &t).await.len(), pending(&db, &t).await), (1, 2));
+    // Not a number: no delay; this commit seals what waits, then its own.
+    sqlx::raw_sql("SET tenancy.audit_seal_delay_ms = '1; DROP TABLE docs'; INSERT INTO docs (body) VALUES ('d')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!((audit_rows(&db, &t).await.len(), pending(&db, &t).await), (4, 0));
+    sqlx::raw_sql("SET tenancy.audit_seal_delay_ms = 600000; INSERT INTO docs (body) VALUES ('e')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(pending(&db, &t).await, 1);
+    assert_eq!(verified(&db, &t).await.rows, 5);
+    // The chain's order is the order of the appends.
+    let keys: Vec<String> = audit_rows(&db, &t)
+        .await
+        .into_iter()
+        .map(|a| a.pk.unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (1..=5).map(|i| format!("[{{\"id\":{i}}}]")).collect();
+    assert_eq!(keys, expected);
+}
+
 /// A tenant converged by the version before sealing: no pending table and
 /// no seal function, the commit-time trigger on the head. The next
 /// reconcile creates the pending table and the seal, and moves the tail;

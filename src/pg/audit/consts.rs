@@ -22,6 +22,11 @@ pub const PENDING_TABLE: &str = "_tenancy_audit_pending";
 /// sealed from [`PENDING_TABLE`] (the guard lets only that delete through).
 pub(super) const SEAL_SETTING: &str = "tenancy.audit_seal";
 
+/// The seal delay in milliseconds (a role's or session's setting; unset or
+/// 0: every commit seals): a transaction starting within it of the
+/// tenant's last seal leaves its entries to a later seal.
+pub const SEAL_DELAY_SETTING: &str = "tenancy.audit_seal_delay_ms";
+
 /// The audit functions' base names; each tenant's are these with its name
 /// appended ([`AuditFns`]). Until 2026-12-03 they were the functions' names
 /// in every schema.

@@ -17,8 +17,8 @@
 use std::collections::BTreeMap;
 
 use super::consts::{
-    AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, HEAD_TABLE, PENDING_TABLE, SEAL_SETTING,
-    SMALL_STATEMENT,
+    AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, HEAD_TABLE, PENDING_TABLE,
+    SEAL_DELAY_SETTING, SEAL_SETTING, SMALL_STATEMENT,
 };
 use super::content::content_sql;
 use crate::names::TenantName;
@@ -68,6 +68,7 @@ pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<String, Stri
     let fns = AuditFns::of(name);
     let queued = quote_literal(&fns.queued)?;
     let seal_setting = quote_literal(SEAL_SETTING)?;
+    let delay_setting = quote_literal(SEAL_DELAY_SETTING)?;
     // The append, shared by the write function (prune's PRUNE entry) and the
     // trigger function, which runs it inline (a nested SECURITY DEFINER call
     // per statement costs a GUC save/restore and a function call):
@@ -79,7 +80,9 @@ pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<String, Stri
             &[
                 ("schema", &schema),
                 ("pending_table", PENDING_TABLE),
+                ("head_table", HEAD_TABLE),
                 ("queued", &queued),
+                ("delay_setting", &delay_setting),
                 ("pks", pks),
                 ("op", op),
                 ("table", table),

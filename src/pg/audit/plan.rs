@@ -284,8 +284,11 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
                     xid bigint,
                     last_id bigint NOT NULL DEFAULT 0,
                     hash bytea NOT NULL,
-                    pruned_at timestamptz)"
+                    pruned_at timestamptz,
+                    sealed_at timestamptz)"
             ),
+            // A head made before sealing (2026-12-03) gets the seal's time.
+            format!("ALTER TABLE {schema}.{HEAD_TABLE} ADD COLUMN IF NOT EXISTS sealed_at timestamptz"),
             // An INSERT or DELETE entry holds up to CHUNK_ROWS keys (~150 KB
             // of JSON): lz4 compresses it several times faster than the
             // default pglz. Servers built without lz4 keep pglz.

@@ -66,7 +66,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_seal_acme",
-        "af885323ec90b06ea58e6f948aaf2542b072c76bd10f0addfa98d30356790757",
+        "7581d390e9f01c33a27496b58c3e7a5501f289a15211299bb64decae7050f1dc",
     ),
     (
         "acme body _tenancy_audit_tail_acme",
@@ -74,11 +74,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_trigger_acme",
-        "c1f67958c140ea5c0b56b910b2ecc73ecc5cdcdaefe2b2439c35268ee2047c75",
+        "22d258c4815799db04b936c5bdc07ae917c0005283a256b90506c17a840e62e9",
     ),
     (
         "acme body _tenancy_audit_write_acme",
-        "9b6f3c4ba7ed43c704b7cb0339e873166d8afa4bce9f13b82fdb6b06f8a4b85b",
+        "1d3462b96d3e699a3d9260235b90399ef11328a3baa6b338d3c50f475e8ec24b",
     ),
     (
         "acme anchor body 0b9c-uid",
@@ -90,11 +90,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render CreateTables",
-        "ae9dd64a398a6f0398a884e4106d4e13aee5077ed469f78dc6d0bce3ca9d33a4",
+        "30ce16d224e11def85451daf777c1f9ec12560f331bd123e8ec2452ca98fbf70",
     ),
     (
         "acme render ReplaceFunctions",
-        "aeeaac2dbb1ce0e90c6d26789e66de7fd22f4d2cba1f14e1950640ad9d606ca5",
+        "bdc2c22c4e82133ddacb3b68b1d750b638820ea33e1a1adc9f97e139d79510c4",
     ),
     (
         "acme render GuardTable",
@@ -158,7 +158,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_seal_a_b_9",
-        "79b330b1e0aa7a7f8feb03cc3a19742cf692b63ecb28765875f34be00bc2e24c",
+        "6f1da35d328087181f6968deba3882dda0fd446e0e50e4e86eb43c2daa556aa8",
     ),
     (
         "a-b-9 body _tenancy_audit_tail_a_b_9",
@@ -166,11 +166,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_trigger_a_b_9",
-        "0296d82f2f645823654b23b29a8042ed8c7403c0311599f5af5ec4644df1adfc",
+        "fdf8c439e962030a65cfd4c126f4f3410d9fca2ef100826099b66bb5879206d2",
     ),
     (
         "a-b-9 body _tenancy_audit_write_a_b_9",
-        "3ca8b8846fed1538873fa428bf9e19e07e12b1ee0932028e9ce47373fad5417c",
+        "3d3b68855f5f67b846669c01a4b9268871e1efb066d7b33a4d39165887bd398c",
     ),
     (
         "a-b-9 anchor body 0b9c-uid",
@@ -182,11 +182,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render CreateTables",
-        "01e30aa8a6621abe85b225b074c18b95b4588c070dacd993ccb62080d0259728",
+        "06eacee4abdab9e649293d867e3cde5b0caea4bb493c876b9068d768c4daa28c",
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "5a5a5609565026d810f297b08559bb22bc71f49272aea60d09451ae1626c8a31",
+        "11af80c8865d8144e48ff0d455cbd907dc4dad395527555ca0fa24edfc9a42b9",
     ),
     (
         "a-b-9 render GuardTable",

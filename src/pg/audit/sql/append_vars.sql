@@ -4,4 +4,6 @@
   v_given boolean;
   v_request text;
   v_queue boolean;
+  v_delay integer;
+  v_recent boolean;
   v_i integer := 0;

@@ -297,11 +297,14 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             ),
             // Entries wait here, unchained, until the commit-time seal moves
             // them into the chain: the same columns but the hashes, a pending
-            // id, and `seal` (the first entry of a transaction, which queues
-            // its seal).
+            // id (their order), and `seal` (the first entry of a transaction,
+            // which queues its seal). No index: the seal reads the whole
+            // table, which autovacuum keeps small, and an index would add
+            // its own write and WAL to every audited statement (about 10%
+            // of the 16-client OLTP throughput, docs/audit.md).
             format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{PENDING_TABLE} (
-                    pid bigserial PRIMARY KEY,
+                    pid bigserial,
                     \"time\" timestamptz NOT NULL,
                     actor text NOT NULL,
                     actor_given boolean NOT NULL,

@@ -133,8 +133,25 @@ async fn main() {
     .execute(&mut admin)
     .await
     .expect("create the floor tables");
+    // Every side is written by the tenant's app role, as an application
+    // would (the admin holds no rights in the tenant schema): the plain and
+    // floor tables are granted to it.
+    let app_role = name.app_role();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT USAGE ON SCHEMA bench_plain, bench_floor TO {app_role};
+         GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA bench_plain, bench_floor TO {app_role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA bench_plain, bench_floor TO {app_role};"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("grant the plain and floor tables to the app role");
+    let (_, host) = admin_url.rsplit_once('@').expect("URL has a host");
+    let (host, _) = host.rsplit_once('/').expect("URL has a database part");
+    let mut writer = PgConnection::connect(&format!("postgresql://{app_role}:{password}@{host}/{dbname}"))
+        .await
+        .expect("the app role connects");
     sqlx::raw_sql("SET tenancy.actor = 'bench'; SET tenancy.request_id = 'bench-run'")
-        .execute(&mut admin)
+        .execute(&mut writer)
         .await
         .expect("set the actor");
 
@@ -176,13 +193,13 @@ async fn main() {
         // A warm-up of each, then alternate so all see the same cache and
         // autovacuum weather.
         for t in [plain.as_str(), audited.as_str(), floors[0], floors[1], floors[2]] {
-            timed(&mut admin, &make(t)).await;
+            timed(&mut writer, &make(t)).await;
         }
         for _ in 0..rounds {
-            base.push(timed(&mut admin, &make(&plain)).await);
-            with.push(timed(&mut admin, &make(&audited)).await);
+            base.push(timed(&mut writer, &make(&plain)).await);
+            with.push(timed(&mut writer, &make(&audited)).await);
             for (i, t) in floors.iter().enumerate() {
-                floor[i].push(timed(&mut admin, &make(t)).await);
+                floor[i].push(timed(&mut writer, &make(t)).await);
             }
         }
         let [empty, one, row] = floor;
@@ -198,7 +215,7 @@ async fn main() {
     let audit_rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {schema}._tenancy_audit"
     )))
-    .fetch_one(&mut admin)
+    .fetch_one(&mut writer)
     .await
     .expect("count");
     let verify_start = Instant::now();
@@ -251,6 +268,7 @@ async fn main() {
         if target <= 1.5 { "met" } else { "NOT met" }
     );
 
+    drop(writer);
     drop(admin);
     pool.close().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {dbname} WITH (FORCE)")))

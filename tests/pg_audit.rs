@@ -875,6 +875,14 @@ async fn concurrent_writers_keep_one_linear_chain() {
     assert_eq!(gaps, 0);
 }
 
+/// Runs `sql` (one or more statements) on `conn`; panics with the error.
+async fn exec(conn: &mut PgConnection, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 /// The number of entries waiting in the tenant's pending table.
 async fn pending(db: &TestDb, t: &Tenant) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -897,10 +905,11 @@ async fn a_tenants_writers_do_not_wait_for_one_anothers_commit() {
     let t = tenant_with_docs(&db, "nw").await;
     let mut first = t.app(&db).await.unwrap();
     let mut second = t.app(&db).await.unwrap();
-    sqlx::raw_sql("BEGIN; SET LOCAL tenancy.actor = 'first'; INSERT INTO docs (body) VALUES ('first')")
-        .execute(&mut first)
-        .await
-        .unwrap();
+    exec(
+        &mut first,
+        "BEGIN; SET LOCAL tenancy.actor = 'first'; INSERT INTO docs (body) VALUES ('first')",
+    )
+    .await;
     let write = sqlx::raw_sql(
         "BEGIN; SET LOCAL tenancy.actor = 'second'; INSERT INTO docs (body) VALUES ('second'); UPDATE docs SET n = 1; COMMIT",
     )
@@ -920,7 +929,7 @@ async fn a_tenants_writers_do_not_wait_for_one_anothers_commit() {
     );
     // The open transaction's entry waits in the pending table, invisible
     // to others until it commits, and is sealed by that commit.
-    sqlx::raw_sql("COMMIT").execute(&mut first).await.unwrap();
+    exec(&mut first, "COMMIT").await;
     assert_eq!(pending(&db, &t).await, 0);
     assert_eq!(
         actors(audit_rows(&db, &t).await).last().unwrap(),
@@ -956,7 +965,7 @@ async fn entries_no_commit_sealed_are_sealed_by_the_operators_pass_and_by_verify
         .await
         .expect("a commit waited for a seal under way")
         .unwrap();
-    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    exec(&mut holder, "ROLLBACK").await;
     assert_eq!(pending(&db, &t).await, 1);
     assert!(audit_rows(&db, &t).await.is_empty(), "sealed while the head was held");
     // The app role: no rights on the pending table or the seal function.
@@ -996,18 +1005,16 @@ async fn entries_no_commit_sealed_are_sealed_by_the_operators_pass_and_by_verify
     // A REPEATABLE READ writer leaves its entries to the next seal: here
     // `audit verify`'s, which runs first.
     let mut app = t.app(&db).await.unwrap();
-    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO docs (body) VALUES ('rr'); COMMIT")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(
+        &mut app,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO docs (body) VALUES ('rr'); COMMIT",
+    )
+    .await;
     assert_eq!(pending(&db, &t).await, 1);
     assert_eq!(verified(&db, &t).await.rows, 2);
     assert_eq!(pending(&db, &t).await, 0);
     // A READ COMMITTED commit seals what waits before its own entries.
-    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO docs (body) VALUES ('rr2'); COMMIT; INSERT INTO docs (body) VALUES ('rc')")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(&mut app, "BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO docs (body) VALUES ('rr2'); COMMIT; INSERT INTO docs (body) VALUES ('rc')").await;
     assert_eq!(pending(&db, &t).await, 0);
     let keys: Vec<_> = audit_rows(&db, &t).await.into_iter().map(|a| a.id).collect();
     assert_eq!(keys.len(), 4);
@@ -1022,15 +1029,9 @@ async fn a_seal_delay_leaves_a_busy_tenants_entries_to_a_later_seal() {
     let db = setup("aud_delay").await;
     let t = tenant_with_docs(&db, "dl").await;
     let mut app = t.app(&db).await.unwrap();
-    sqlx::raw_sql("SET tenancy.audit_seal_delay_ms = 600000")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(&mut app, "SET tenancy.audit_seal_delay_ms = 600000").await;
     // No seal yet: the first commit seals.
-    sqlx::query("INSERT INTO docs (body) VALUES ('a')")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(&mut app, "INSERT INTO docs (body) VALUES ('a')").await;
     assert_eq!((audit_rows(&db, &t).await.len(), pending(&db, &t).await), (1, 0));
     // Within the delay: left to a later seal, several transactions' worth.
     for body in ["b", "c"] {
@@ -1042,15 +1043,17 @@ async fn a_seal_delay_leaves_a_busy_tenants_entries_to_a_later_seal() {
     }
     assert_eq!((audit_rows(&db, &t).await.len(), pending(&db, &t).await), (1, 2));
     // Not a number: no delay; this commit seals what waits, then its own.
-    sqlx::raw_sql("SET tenancy.audit_seal_delay_ms = '1; DROP TABLE docs'; INSERT INTO docs (body) VALUES ('d')")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(
+        &mut app,
+        "SET tenancy.audit_seal_delay_ms = '1; DROP TABLE docs'; INSERT INTO docs (body) VALUES ('d')",
+    )
+    .await;
     assert_eq!((audit_rows(&db, &t).await.len(), pending(&db, &t).await), (4, 0));
-    sqlx::raw_sql("SET tenancy.audit_seal_delay_ms = 600000; INSERT INTO docs (body) VALUES ('e')")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(
+        &mut app,
+        "SET tenancy.audit_seal_delay_ms = 600000; INSERT INTO docs (body) VALUES ('e')",
+    )
+    .await;
     assert_eq!(pending(&db, &t).await, 1);
     assert_eq!(verified(&db, &t).await.rows, 5);
     // The chain's order is the order of the appends.
@@ -1073,10 +1076,7 @@ async fn a_tenant_made_before_sealing_is_converged_and_its_chain_goes_on() {
     let db = setup("aud_seal_up").await;
     let mut t = tenant_with_docs(&db, "su").await;
     let mut app = t.app(&db).await.unwrap();
-    sqlx::query("INSERT INTO docs (body) VALUES ('before')")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(&mut app, "INSERT INTO docs (body) VALUES ('before')").await;
     let schema = t.name.schema();
     let fns = pg::audit::AuditFns::of(&t.name);
     let mut su = db.superuser().await;
@@ -1110,10 +1110,7 @@ async fn a_tenant_made_before_sealing_is_converged_and_its_chain_goes_on() {
     .await
     .unwrap();
     assert_eq!(tails, ["_tenancy_audit_pending"]);
-    sqlx::query("INSERT INTO docs (body) VALUES ('after')")
-        .execute(&mut app)
-        .await
-        .unwrap();
+    exec(&mut app, "INSERT INTO docs (body) VALUES ('after')").await;
     assert_eq!(pending(&db, &t).await, 0);
     assert_eq!(verified(&db, &t).await.rows, 2);
 }

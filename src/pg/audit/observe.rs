@@ -282,12 +282,12 @@ pub enum CatalogFact {
 }
 
 /// Judges the in-transaction check's rows. Pure. When they show the audit
-/// log's own objects as [`observe`] requires them (the audit and head
-/// tables, as tables; every audit function with its expected source
+/// log's own objects as [`observe`] requires them (the audit, head and
+/// pending tables, as tables; every audit function with its expected source
 /// (`bodies`), SECURITY DEFINER flag, owner and search_path, counted as
-/// `observe` counts them; the guard trigger on the audit table and the
-/// deferred tail trigger on the head table (none on the audit table),
-/// enabled, calling the schema's guard and tail functions),
+/// `observe` counts them; the guard trigger on the audit and pending tables
+/// and the deferred tail trigger on the pending table (none on the audit or
+/// head table), enabled, calling the schema's guard and tail functions),
 /// gives what `observe` would say of the tenant tables: those lacking one
 /// of [`TABLE_TRIGGERS`] (enabled, calling the schema's trigger function),
 /// and those of them that carry one of those names, both sorted by name.

@@ -253,6 +253,25 @@ pub fn read_auditing(p: &PgauditState, app_role: &str, admin: &str) -> ReadAudit
     }
 }
 
+/// An audit entry's columns, in the chain and in the pending table (all
+/// but the ids and hashes).
+const ENTRY_COLUMNS: &str = "
+                    \"time\" timestamptz NOT NULL,
+                    actor text NOT NULL,
+                    actor_given boolean NOT NULL,
+                    request_id text,
+                    operation text NOT NULL,
+                    table_name text,
+                    row_pk jsonb,
+                    changed_columns text[]";
+
+/// `row_pk` of `table` compressed with lz4, where the server has it.
+fn lz4(schema: &str, table: &str) -> String {
+    format!(
+        "DO $tenancy_lz4$ BEGIN ALTER TABLE {schema}.{table} ALTER COLUMN row_pk SET COMPRESSION lz4; EXCEPTION WHEN feature_not_supported THEN NULL; END $tenancy_lz4$"
+    )
+}
+
 /// The write function's parameters, and its signature.
 const WRITE_ARGS: &str = "p_op text, p_table text, p_pks jsonb[], p_changed text[]";
 const WRITE_SIG: &str = "text, text, jsonb[], text[]";
@@ -266,15 +285,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
         AuditAction::CreateTables => vec![
             format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{AUDIT_TABLE} (
-                    id bigserial PRIMARY KEY,
-                    \"time\" timestamptz NOT NULL,
-                    actor text NOT NULL,
-                    actor_given boolean NOT NULL,
-                    request_id text,
-                    operation text NOT NULL,
-                    table_name text,
-                    row_pk jsonb,
-                    changed_columns text[],
+                    id bigserial PRIMARY KEY,{ENTRY_COLUMNS},
                     prev_hash bytea NOT NULL,
                     hash bytea NOT NULL)"
             ),
@@ -292,9 +303,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             // An INSERT or DELETE entry holds up to CHUNK_ROWS keys (~150 KB
             // of JSON): lz4 compresses it several times faster than the
             // default pglz. Servers built without lz4 keep pglz.
-            format!(
-                "DO $tenancy_lz4$ BEGIN ALTER TABLE {schema}.{AUDIT_TABLE} ALTER COLUMN row_pk SET COMPRESSION lz4; EXCEPTION WHEN feature_not_supported THEN NULL; END $tenancy_lz4$"
-            ),
+            lz4(&schema, AUDIT_TABLE),
             // Entries wait here, unchained, until the commit-time seal moves
             // them into the chain: the same columns but the hashes, a pending
             // id (their order), and `seal` (the first entry of a transaction,
@@ -304,20 +313,10 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             // of the 16-client OLTP throughput, docs/audit.md).
             format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{PENDING_TABLE} (
-                    pid bigserial,
-                    \"time\" timestamptz NOT NULL,
-                    actor text NOT NULL,
-                    actor_given boolean NOT NULL,
-                    request_id text,
-                    operation text NOT NULL,
-                    table_name text,
-                    row_pk jsonb,
-                    changed_columns text[],
+                    pid bigserial,{ENTRY_COLUMNS},
                     seal boolean NOT NULL)"
             ),
-            format!(
-                "DO $tenancy_lz4$ BEGIN ALTER TABLE {schema}.{PENDING_TABLE} ALTER COLUMN row_pk SET COMPRESSION lz4; EXCEPTION WHEN feature_not_supported THEN NULL; END $tenancy_lz4$"
-            ),
+            lz4(&schema, PENDING_TABLE),
             format!("INSERT INTO {schema}.{HEAD_TABLE} (hash) VALUES (decode(repeat('00', 32), 'hex')) ON CONFLICT DO NOTHING"),
             // The owner's default privileges gave the app DML; it keeps only
             // SELECT on the log, nothing on the head or the id sequence.

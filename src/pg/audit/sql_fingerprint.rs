@@ -66,7 +66,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_seal_acme",
-        "7581d390e9f01c33a27496b58c3e7a5501f289a15211299bb64decae7050f1dc",
+        "4d39fad6d76c7e1f13eb9c606f133c36ede73012ca71cdc11c68d423299ec68c",
     ),
     (
         "acme body _tenancy_audit_tail_acme",
@@ -94,7 +94,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render ReplaceFunctions",
-        "bdc2c22c4e82133ddacb3b68b1d750b638820ea33e1a1adc9f97e139d79510c4",
+        "6ac5aa8c432201c1b9cddeb41cfc23085560ece7388208670b8d56151a9779ca",
     ),
     (
         "acme render GuardTable",
@@ -158,7 +158,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_seal_a_b_9",
-        "6f1da35d328087181f6968deba3882dda0fd446e0e50e4e86eb43c2daa556aa8",
+        "a3cc080b0dfcc3fc081efd7f4e203550b8aa31e1a062fbd8abf8058d53363c3a",
     ),
     (
         "a-b-9 body _tenancy_audit_tail_a_b_9",
@@ -186,7 +186,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "11af80c8865d8144e48ff0d455cbd907dc4dad395527555ca0fa24edfc9a42b9",
+        "aebec32ef3461c497188d80229e7c50ccf6590558523140c7772b18325e14ff7",
     ),
     (
         "a-b-9 render GuardTable",

@@ -2,6 +2,7 @@ DECLARE
   v_last bigint;
   v_hash bytea;
   v_pids bigint[] := '{}';
+  v_rows tid[] := '{}';
   v_prevs bytea[] := '{}';
   v_hashes bytea[] := '{}';
   v_i integer := 0;
@@ -28,8 +29,9 @@ BEGIN
   -- ANCHOR row lies before it).
   -- Every pending entry this statement sees (committed, or this
   -- transaction's), in the order they were appended.
-  FOR r IN SELECT p.pid, {{content}} AS content FROM {{schema}}.{{pending_table}} p ORDER BY p.pid LOOP
+  FOR r IN SELECT p.ctid, p.pid, {{content}} AS content FROM {{schema}}.{{pending_table}} p ORDER BY p.pid LOOP
     v_i := v_i + 1;
+    v_rows[v_i] := r.ctid;
     v_pids[v_i] := r.pid;
     v_prevs[v_i] := v_hash;
     v_hash := sha256(v_hash || r.content);
@@ -40,9 +42,11 @@ BEGIN
   END IF;
   -- Ids are drawn in that order: the chain's order. The pending entries
   -- go in the same statement (the guard lets only the seal's delete
-  -- through).
+  -- through), found by their row addresses (no scan of the table, whose
+  -- dead rows autovacuum clears only now and then). The rows are locked by
+  -- the head's lock holder alone, so none moved since they were read.
   PERFORM set_config({{seal_setting}}, 'on', true);
-  WITH moved AS (DELETE FROM {{schema}}.{{pending_table}} p WHERE p.pid = ANY (v_pids) RETURNING p.*),
+  WITH moved AS (DELETE FROM {{schema}}.{{pending_table}} p WHERE p.ctid = ANY (v_rows) RETURNING p.*),
        sealed AS (
          INSERT INTO {{schema}}.{{audit_table}} ("time", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, prev_hash, hash)
          SELECT m."time", m.actor, m.actor_given, m.request_id, m.operation, m.table_name, m.row_pk, m.changed_columns, u.prev, u.hash

@@ -307,13 +307,13 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             // Entries wait here, unchained, until the commit-time seal moves
             // them into the chain: the same columns but the hashes, a pending
             // id (their order), and `seal` (the first entry of a transaction,
-            // which queues its seal). No index: the seal reads the whole
-            // table, which autovacuum keeps small, and an index would add
-            // its own write and WAL to every audited statement (about 10%
-            // of the 16-client OLTP throughput, docs/audit.md).
+            // which queues its seal). The key is the table's replica
+            // identity: an online move replicates it logically, and a
+            // table without one may not publish the seal's deletes (without
+            // it the 16-client OLTP figure was ~10% higher, docs/audit.md).
             format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{PENDING_TABLE} (
-                    pid bigserial,{ENTRY_COLUMNS},
+                    pid bigserial PRIMARY KEY,{ENTRY_COLUMNS},
                     seal boolean NOT NULL)"
             ),
             lz4(&schema, PENDING_TABLE),

@@ -90,7 +90,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render CreateTables",
-        "98748815986655dfe6da74a4e2554a2ae2de250f9a055dbb7115d694babb4404",
+        "30ce16d224e11def85451daf777c1f9ec12560f331bd123e8ec2452ca98fbf70",
     ),
     (
         "acme render ReplaceFunctions",
@@ -182,7 +182,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render CreateTables",
-        "69c76d50d0cafe7c98c2bd7f26ddc12c0eecf3087f25fddff461b262d6932cfd",
+        "06eacee4abdab9e649293d867e3cde5b0caea4bb493c876b9068d768c4daa28c",
     ),
     (
         "a-b-9 render ReplaceFunctions",

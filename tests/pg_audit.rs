@@ -1016,8 +1016,15 @@ async fn entries_no_commit_sealed_are_sealed_by_the_operators_pass_and_by_verify
     // A READ COMMITTED commit seals what waits before its own entries.
     exec(&mut app, "BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO docs (body) VALUES ('rr2'); COMMIT; INSERT INTO docs (body) VALUES ('rc')").await;
     assert_eq!(pending(&db, &t).await, 0);
-    let keys: Vec<_> = audit_rows(&db, &t).await.into_iter().map(|a| a.id).collect();
-    assert_eq!(keys.len(), 4);
+    // In the chain in the order they were written: the held write, the two
+    // REPEATABLE READ ones, the READ COMMITTED one.
+    let keys: Vec<String> = audit_rows(&db, &t)
+        .await
+        .into_iter()
+        .map(|a| a.pk.unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (1..=4).map(|i| format!("[{{\"id\":{i}}}]")).collect();
+    assert_eq!(keys, expected);
     assert_eq!(verified(&db, &t).await.rows, 4);
 }
 

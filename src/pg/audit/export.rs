@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::consts::AUDIT_TABLE;
-use super::seal::seal_on;
+use super::seal::seal_first;
 use super::session::{open_confined, require_audit, uid_for};
 use crate::crypto::Keyring;
 use crate::names::TenantName;
@@ -57,11 +57,7 @@ pub async fn export<W: std::io::Write>(
     let mut c = open_confined(pool, ring, name, &uid).await?;
     // What no commit sealed yet goes into the chain first, so the export
     // holds every committed write.
-    let n = match sealable {
-        true => seal_on(&mut c, name).await.map(|_| ()),
-        false => Ok(()),
-    };
-    let n = match n {
+    let n = match seal_first(&mut c, name, sealable).await {
         Ok(()) => export_on(&mut c, name, since, out).await,
         Err(e) => Err(e),
     };

@@ -31,6 +31,17 @@ pub(super) async fn seal_on(conn: &mut PgConnection, name: &TenantName) -> Resul
     Ok(n.max(0) as u64)
 }
 
+/// Before a read of the whole log (`audit verify`, `audit export`): seals
+/// what no commit sealed yet, when the tenant's log can be sealed (a tenant
+/// made by an earlier version has no pending table until its next
+/// reconcile).
+pub(super) async fn seal_first(conn: &mut PgConnection, name: &TenantName, sealable: bool) -> Result<(), PgError> {
+    if sealable {
+        seal_on(conn, name).await?;
+    }
+    Ok(())
+}
+
 /// The tenants of this server whose pending table holds entries, by the
 /// statistics' live-tuple count (one query for all tenants, catalogs and
 /// statistics only; the count lags commits by up to a second or so, and is

@@ -14,7 +14,7 @@ use super::anchor::{anchor_heads, check_anchors, read_anchoring};
 use super::chain::{Anchored, ChainBreak, ChainRow, Checkpoint, VerifyReport, Walker};
 use super::consts::{AUDIT_TABLE, HEAD_TABLE};
 use super::content::Content;
-use super::seal::seal_on;
+use super::seal::seal_first;
 use super::session::{open_confined, require_audit, salt_of, uid_for};
 use crate::crypto::Keyring;
 use crate::names::TenantName;
@@ -38,13 +38,10 @@ pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<
     let mut c = open_confined(pool, ring, name, &uid).await?;
     // What no commit sealed yet goes into the chain first (and so under
     // the anchor below).
-    if sealable {
-        if let Err(e) = seal_on(&mut c, name).await {
-            c.close().await;
-            return Err(e);
-        }
-    }
-    let verified = verify_on(&mut c, pool, ring, name, &uid, &salt).await;
+    let verified = match seal_first(&mut c, name, sealable).await {
+        Ok(()) => verify_on(&mut c, pool, ring, name, &uid, &salt).await,
+        Err(e) => Err(e),
+    };
     c.close().await;
     verified
 }

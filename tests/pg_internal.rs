@@ -211,14 +211,29 @@ async fn the_app_role_can_neither_advance_nor_set_an_internal_sequence() {
 
     // A table without the app's grants makes the reconcile grant on every
     // object of the schema; the internal sequences stay closed.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("REVOKE ALL ON {schema}.docs FROM {app}")))
-        .execute(&mut su)
-        .await
-        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "REVOKE ALL ON {schema}.docs FROM {app}; REVOKE ALL ON SEQUENCE {schema}.docs_id_seq FROM {app}"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
     let out = t.converge(&db).await.unwrap();
     assert_eq!(
         out.plan.actions.iter().map(|a| a.label()).collect::<Vec<_>>(),
         ["GrantOwnerToAdmin", "GrantExistingObjects", "RevokeOwnerFromAdmin"]
+    );
+    let (dml, seq): (bool, bool) = sqlx::query_as(
+        "SELECT has_table_privilege($1, $2 || '.docs', 'SELECT, INSERT, UPDATE, DELETE'),
+                has_sequence_privilege($1, $2 || '.docs_id_seq', 'USAGE, SELECT, UPDATE')",
+    )
+    .bind(&app)
+    .bind(&schema)
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
+    assert!(
+        dml && seq,
+        "the app's grants on the table ({dml}) and its sequence ({seq}) are back"
     );
     let seqs = internal_sequences(&db, &t).await;
     assert!(

@@ -15,6 +15,10 @@ pub fn ownership_marker(uid: &str) -> String {
     format!("managed by tenancy.dev for tenant uid {uid}")
 }
 
+/// The `kind` of a tenant's migration lock row in `tenancy.locks` (its
+/// key is the tenant's uid; made with the registry row).
+pub const MIGRATION_LOCK_KIND: &str = "migrate";
+
 /// The `kind` of the restore lock's row in `tenancy.locks`.
 pub const LOCK_KIND: &str = "restore";
 

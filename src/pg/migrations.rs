@@ -32,7 +32,7 @@ pub const VERSION_TABLE: &str = "_tenancy_migrations";
 
 /// The kind of a migration run's row in `tenancy.locks` (its key is the
 /// tenant's uid). Restores use `restore`.
-pub const LOCK_KIND: &str = "migrate";
+pub const LOCK_KIND: &str = super::locks::MIGRATION_LOCK_KIND;
 
 /// How long taking a tenant's migration lock may wait: only on another
 /// run that is inserting the same lock row right now (a held lock is

@@ -214,6 +214,35 @@ async fn two_hundred_tenants_converge_to_a_three_version_set() {
         "the rollout held {} connections, maxConcurrent is 8",
         last.report.peak_connections
     );
+    // Both ways of reading the followers' versions (looked up one by one,
+    // or every tenant of the database read and the others dropped, as for
+    // more than 256) agree, also on a follower not provisioned yet; and a
+    // tenant behind by one is seen as behind by both.
+    sqlx::query("DELETE FROM tenancy.schema_versions WHERE tenant_uid = (SELECT uid FROM tenancy.tenants WHERE name = $1) AND version = 3")
+        .bind(followers[7].as_str())
+        .execute(&db.admin)
+        .await
+        .unwrap();
+    let mut asked: Vec<TenantName> = followers.iter().take(150).cloned().collect();
+    asked.push(TenantName::parse(&unique("notyet")).unwrap());
+    let looked_up = pg::migrations::observe_many_with(&db.admin, &asked, false)
+        .await
+        .unwrap();
+    let scanned = pg::migrations::observe_many_with(&db.admin, &asked, true)
+        .await
+        .unwrap();
+    assert_eq!(looked_up, scanned);
+    assert_eq!(scanned.len(), 151, "one entry per name asked, no other tenant");
+    assert_eq!(scanned[&followers[7]].current(), 2);
+    assert_eq!(
+        scanned[&followers[8]]
+            .applied
+            .iter()
+            .map(|a| a.version)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(!scanned[asked.last().unwrap()].schema_exists);
 }
 
 #[tokio::test]
@@ -959,6 +988,62 @@ async fn a_run_cut_short_gives_back_neither_its_lock_nor_an_open_transaction() {
         .await
         .unwrap();
     assert!(clean, "a pooled session kept the run's role or lock");
+}
+
+/// A new tenant's reconcile logs in as the tenant once: the audit step's
+/// confined session is handed, acting as nobody again, to the first
+/// migration run of the new schema. Shown with the ops login limited to one
+/// connection while that session is open: a second login would be refused.
+#[tokio::test]
+async fn a_new_schemas_first_migrations_run_on_the_session_the_audit_step_opened() {
+    let db = setup("mshand").await;
+    let mut t = Tenant::new(&unique("mshand"));
+    let out = t.converge(&db).await.expect("provision");
+    // Acting as nobody: neither the owner nor in the tenant's schema.
+    let mut session = out
+        .session
+        .expect("the audit step opened a confined session for the new schema");
+    let (user, path): (String, String) = sqlx::query_as("SELECT current_user::text, current_setting('search_path')")
+        .fetch_one(&mut *session)
+        .await
+        .unwrap();
+    assert_eq!(user, t.name.ops_role(), "the handed session acts as the ops login only");
+    assert!(
+        !path.contains(&t.name.schema()),
+        "the handed session keeps the tenant's search_path: {path}"
+    );
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {} CONNECTION LIMIT 1",
+        t.name.ops_role()
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let set = set_object(
+        "default",
+        1,
+        spec(vec![m(1, "CREATE TABLE first (x int)")], 4, 1, OnFailure::Pause),
+    );
+    let (cond, version) = tenant_migrations::converge_pg_on(
+        &db.admin,
+        &ring(),
+        &t.name,
+        "default",
+        Some(&set),
+        &Timeouts::default(),
+        Some(session),
+    )
+    .await
+    .expect("the first run on the handed session");
+    assert_eq!((cond.status, version), (true, 1), "{}", cond.message);
+    // The limit does refuse a second login while one is open (what a run
+    // logging in again would have met).
+    let login = login(&db, &t.name).await;
+    let first = pg::confined::log_in(&db.admin, &login).await.expect("one login");
+    let second = pg::confined::log_in(&db.admin, &login).await;
+    assert!(second.is_err(), "the ops login's limit of one connection did not hold");
+    first.close().await;
 }
 
 /// A new tenant's first migration (its reconcile) and a rollout pass may

@@ -153,6 +153,29 @@ impl Confined {
     pub async fn close(self) {
         let _ = self.conn.close().await;
     }
+
+    /// Back to the state [`log_in`] gives (logged in, acting as nobody, the
+    /// login's own `search_path`), for a session [`connect`] opened and
+    /// whose transactions have ended: `RESET ROLE` and `RESET search_path`.
+    /// None (the session closed) when that fails, or when a transaction is
+    /// still open.
+    pub async fn leave_owner(mut self) -> Option<Confined> {
+        use sqlx::Connection;
+        if self.conn.is_in_transaction() {
+            self.close().await;
+            return None;
+        }
+        match sqlx::raw_sql("RESET ROLE; RESET search_path")
+            .execute(&mut self.conn)
+            .await
+        {
+            Ok(_) => Some(self),
+            Err(_) => {
+                self.close().await;
+                None
+            }
+        }
+    }
 }
 
 /// Whether a connect error says the password was refused (or the role has

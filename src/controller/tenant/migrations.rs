@@ -24,6 +24,7 @@ use crate::controller::kit::conditions::Cond;
 use crate::controller::migration_set::plan::migrations as checked_migrations;
 use crate::controller::Context;
 use crate::names::TenantName;
+use crate::pg::confined::Confined;
 use crate::pg::migrations::{find_mismatch, FailureRecord, SchemaVersions, SetRef, TenantOutcome, REASON_FAILED};
 use crate::pg::PgError;
 
@@ -222,19 +223,21 @@ pub async fn converge(
     pool: &sqlx::PgPool,
     t: &Tenant,
     name: &TenantName,
+    session: Option<Confined>,
 ) -> Result<(Cond, i64), StepError> {
     let set_name = t.spec.database.migration_set.clone();
     let set = get_set(ctx, &set_name)
         .await
         .map_err(|e| StepError::ReadSet(set_name.clone(), e))?;
     let ring = ctx.keys.current().ok_or(StepError::NoRootKeys)?;
-    converge_pg(
+    converge_pg_on(
         pool,
         &ring,
         name,
         &set_name,
         set.as_deref(),
         &ctx.settings.migration_timeouts,
+        session,
     )
     .await
     .map_err(StepError::Database)
@@ -249,20 +252,44 @@ pub async fn converge_pg(
     set: Option<&MigrationSet>,
     timeouts: &crate::pg::migrations::Timeouts,
 ) -> Result<(Cond, i64), PgError> {
-    let mut versions = crate::pg::migrations::observe(pool, name).await?;
-    let mut failure = crate::pg::migrations::failure_of(pool, name).await?;
-    if let (Step::MigrateNew, Some(s)) = (plan(set, &versions, failure.as_ref()), set) {
-        let migrations = checked_migrations(&s.spec).unwrap_or_default();
-        let set_ref = SetRef {
-            name: set_name.to_owned(),
-            generation: s.metadata.generation.unwrap_or(0),
-        };
-        let outcome = match crate::pg::migrations::ops_login(pool, ring, name).await? {
-            Some(login) => {
-                crate::pg::migrations::migrate_new_tenant(pool, &login, &set_ref, &migrations, timeouts).await?
-            }
-            None => TenantOutcome::NoSchema,
-        };
+    converge_pg_on(pool, ring, name, set_name, set, timeouts, None).await
+}
+
+/// [`converge_pg`], a first migration run using `session` (a confined
+/// session of the tenant the reconcile opened already, acting as nobody)
+/// instead of logging in again; closed when not used.
+pub async fn converge_pg_on(
+    pool: &sqlx::PgPool,
+    ring: &crate::crypto::Keyring,
+    name: &TenantName,
+    set_name: &str,
+    set: Option<&MigrationSet>,
+    timeouts: &crate::pg::migrations::Timeouts,
+    session: Option<Confined>,
+) -> Result<(Cond, i64), PgError> {
+    let mut session = session;
+    let result = async {
+        let mut versions = crate::pg::migrations::observe(pool, name).await?;
+        let mut failure = crate::pg::migrations::failure_of(pool, name).await?;
+        if let (Step::MigrateNew, Some(s)) = (plan(set, &versions, failure.as_ref()), set) {
+            let migrations = checked_migrations(&s.spec).unwrap_or_default();
+            let set_ref = SetRef {
+                name: set_name.to_owned(),
+                generation: s.metadata.generation.unwrap_or(0),
+            };
+            let outcome = match crate::pg::migrations::ops_login(pool, ring, name).await? {
+                Some(login) => match session.take() {
+                    Some(c) => {
+                        crate::pg::migrations::migrate_new_tenant_on(pool, &login, c, &set_ref, &migrations, timeouts)
+                            .await?
+                    }
+                    None => {
+                        crate::pg::migrations::migrate_new_tenant(pool, &login, &set_ref, &migrations, timeouts)
+                            .await?
+                    }
+                },
+                None => TenantOutcome::NoSchema,
+            };
         match &outcome {
             TenantOutcome::Migrated { to, applied, .. } => {
                 tracing::info!(tenant = %name, version = to, applied = applied.len(), "brought the new schema to the latest version")
@@ -272,10 +299,16 @@ pub async fn converge_pg(
             }
             other => tracing::debug!(tenant = %name, outcome = ?other, "first migration run did nothing"),
         }
-        versions = crate::pg::migrations::observe(pool, name).await?;
-        failure = crate::pg::migrations::failure_of(pool, name).await?;
+            versions = crate::pg::migrations::observe(pool, name).await?;
+            failure = crate::pg::migrations::failure_of(pool, name).await?;
+        }
+        Ok(condition(set_name, set, &versions, failure.as_ref()))
     }
-    Ok(condition(set_name, set, &versions, failure.as_ref()))
+    .await;
+    if let Some(c) = session {
+        c.close().await;
+    }
+    result
 }
 
 #[cfg(test)]

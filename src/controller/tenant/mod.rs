@@ -678,6 +678,7 @@ async fn converge_steps(t: &Tenant, ctx: &Context, done: &mut report::Done) -> R
         plan: mut db_plan,
         registry,
         audit,
+        session,
         ..
     } = converge_db(
         &shard.pool,
@@ -705,7 +706,7 @@ async fn converge_steps(t: &Tenant, ctx: &Context, done: &mut report::Done) -> R
     // After provisioning: a new schema gets the set's migrations here; one
     // already on a version is reported (the MigrationSet controller rolls
     // new versions out).
-    let migrations = match migrations::converge(ctx, &shard.pool, t, &name).await {
+    let migrations = match migrations::converge(ctx, &shard.pool, t, &name, session).await {
         Ok(m) => Ok(m),
         Err(migrations::StepError::Database(e)) if e.is_transient() => return Err(Stop::Retry(e)),
         Err(e) => Err(e.to_string()),
@@ -747,6 +748,10 @@ pub struct DbOutcome {
     pub statements: usize,
     /// The audit log's convergence (tables, triggers, pgaudit, retention).
     pub audit: crate::pg::audit::AuditOutcome,
+    /// The confined session the audit step opened, acting as nobody, for
+    /// the reconcile's first migration run of a new schema (one login per
+    /// new tenant); None when the audit log was converged already.
+    pub session: Option<crate::pg::confined::Confined>,
 }
 
 /// The Postgres half of a reconcile: plan from the observed catalog, run the
@@ -818,13 +823,15 @@ pub async fn converge_db(
         statements += 1;
     }
     // The audit log: observed first, so a converged tenant runs nothing.
-    let audit = crate::pg::audit::converge(pool, ring, name, uid, desired.audit_retention_days, &exclude).await?;
+    let (audit, session) =
+        crate::pg::audit::converge_keeping(pool, ring, name, uid, desired.audit_retention_days, &exclude).await?;
     let statements = statements + audit.statements;
     Ok(DbOutcome {
         plan: db_plan,
         registry,
         statements,
         audit,
+        session,
     })
 }
 

@@ -128,6 +128,26 @@ pub async fn converge(
     retention_days: Option<u32>,
     exclude: &[String],
 ) -> Result<AuditOutcome, PgError> {
+    let (outcome, session) = converge_keeping(pool, ring, name, uid, retention_days, exclude).await?;
+    if let Some(c) = session {
+        c.close().await;
+    }
+    Ok(outcome)
+}
+
+/// [`converge`], giving back the confined session it opened (when it
+/// opened one and did not prune on it), logged in and acting as nobody
+/// ([`Confined::leave_owner`]), for the reconcile's next step of the same
+/// tenant (a new schema's first migrations): one server process per new
+/// tenant instead of two.
+pub async fn converge_keeping(
+    pool: &PgPool,
+    ring: &Keyring,
+    name: &TenantName,
+    uid: &str,
+    retention_days: Option<u32>,
+    exclude: &[String],
+) -> Result<(AuditOutcome, Option<Confined>), PgError> {
     let mut conn = pool
         .acquire()
         .await
@@ -196,13 +216,17 @@ pub async fn converge(
             pruned = Some(p.deleted);
         }
     }
-    if let Some(c) = session {
-        c.close().await;
-    }
-    Ok(AuditOutcome {
-        actions,
-        statements,
-        read_auditing: read,
-        pruned,
-    })
+    let session = match session {
+        Some(c) => c.leave_owner().await,
+        None => None,
+    };
+    Ok((
+        AuditOutcome {
+            actions,
+            statements,
+            read_auditing: read,
+            pruned,
+        },
+        session,
+    ))
 }

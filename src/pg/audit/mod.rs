@@ -73,7 +73,7 @@ pub use consts::{
     PENDING_TABLE, PGAUDIT_CLASSES, TABLE_TRIGGERS,
 };
 pub use content::{content_sql, header_sql, tail_sql, Content};
-pub use converge::{converge, record_exclusion, statements_in_tx, AuditOutcome};
+pub use converge::{converge, converge_keeping, record_exclusion, statements_in_tx, AuditOutcome};
 pub use export::{export, AuditRecord};
 pub use functions::anchor_function_body;
 pub use observe::{

@@ -945,6 +945,14 @@ pub async fn drop_tenant(pool: &PgPool, name: &TenantName, uid: &str, actor: &st
         .await
         .map_err(query_err("deleting the registry row"))?
         .rows_affected();
+    // Its lock rows (the migration and restore locks, keyed by its uid).
+    sqlx::query("DELETE FROM tenancy.locks WHERE key = $1 AND kind IN ($2, $3)")
+        .bind(uid)
+        .bind(super::locks::MIGRATION_LOCK_KIND)
+        .bind(super::locks::LOCK_KIND)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("deleting the tenant's lock rows"))?;
     // The tenant's last migration failure (its Postgres error may quote data).
     clear_failure(&mut *tx, name.as_str()).await?;
     // Its audit anchoring: the anchor function, head and anchors.
@@ -1014,6 +1022,16 @@ pub async fn leftovers(pool: &PgPool, name: &TenantName, uid: &str) -> Result<Ve
         .map_err(query_err("reading the tenant registry"))?;
     if registry > 0 {
         left.push("registry row".into());
+    }
+    let locks: i64 = sqlx::query_scalar("SELECT count(*) FROM tenancy.locks WHERE key = $1 AND kind IN ($2, $3)")
+        .bind(uid)
+        .bind(super::locks::MIGRATION_LOCK_KIND)
+        .bind(super::locks::LOCK_KIND)
+        .fetch_one(pool)
+        .await
+        .map_err(query_err("reading the tenant's lock rows"))?;
+    if locks > 0 {
+        left.push(format!("{locks} lock rows"));
     }
     let named: i64 =
         sqlx::query_scalar("SELECT count(*) FROM tenancy.audit_log WHERE tenant_uid = $1 AND tenant_name IS NOT NULL")

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::Client;
 use sqlx::PgPool;
 
@@ -68,7 +68,9 @@ pub struct Context {
     pub client: Client,
     pub pool: PgPool,
     pub settings: Settings,
-    pub recorder: Recorder,
+    /// Who publishes the Events (`kit::publish` makes a `Recorder` of it
+    /// per Event).
+    pub reporter: Reporter,
     /// The root keys in use.
     pub keys: std::sync::Arc<crate::keys::KeyHolder>,
     /// Which source Secrets each tenant's sealed secrets come from, so a
@@ -94,6 +96,9 @@ pub struct Context {
     /// This process's Tenant writes whose echo starts no reconcile
     /// ([`tenant::echoes`]).
     pub own_writes: tenant::echoes::OwnWrites,
+    /// Which Tenants only the MigrationSet watch brought back, to say
+    /// `RollingOut` ([`tenant::triggers`]).
+    pub triggers: tenant::triggers::Triggers,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -104,7 +109,6 @@ impl Context {
             controller: "tenant-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        let recorder = Recorder::new(client.clone(), reporter);
         let shards = shards::Shards::new(shards::ShardConn::default_of(pool.clone(), settings.endpoint.clone()));
         Self {
             client,
@@ -112,8 +116,9 @@ impl Context {
             shards,
             placements: Default::default(),
             own_writes: Default::default(),
+            triggers: Default::default(),
             settings,
-            recorder,
+            reporter,
             keys: Default::default(),
             sources: Default::default(),
             migration_sets: std::sync::OnceLock::new(),

@@ -6,7 +6,7 @@
 //! `idleInTransactionTimeout` + grace, whatever the sessions set for
 //! themselves.
 //!
-//! Takes the context (admin pool, settings, metrics, Event recorder); side
+//! Takes the context (admin pool, settings, metrics, Event reporter); side
 //! effects: signals to tenants' backends, the counters
 //! `tenant_operator_watchdog_*`, and at most one Event per minute per tenant
 //! and reason (`StatementCancelled`, `IdleSessionEnded`) on the Tenant.

@@ -470,7 +470,21 @@ async fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.path().join("operator.log"));
     let op_log = std::fs::File::create(op_log_path).unwrap();
-    let operator = Command::new(release_bin("tenant-operator"))
+    // BENCH_OPERATOR_WRAPPER runs the operator under a profiler, e.g.
+    // `heaptrack -o /tmp/op` (words split on spaces); the peak RSS printed
+    // is then the wrapper's process's.
+    let wrapper: Vec<String> = std::env::var("BENCH_OPERATOR_WRAPPER")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut operator = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(release_bin("tenant-operator"));
+            c
+        }
+        None => Command::new(release_bin("tenant-operator")),
+    };
+    let operator = operator
         .arg("run")
         .env("KUBECONFIG", &kubeconfig)
         .env("DATABASE_URL", &op_url)

@@ -135,6 +135,8 @@ pub struct Metrics {
     watchdog_tenants: Family<TenantReasonLabels, Counter>,
     watchdog_named: Mutex<std::collections::HashSet<String>>,
     watchdog_errors: Counter,
+    /// Tenant reconciles that only said `RollingOut` (no Postgres).
+    light_reconciles: Counter,
     /// Sessions signalled per tenant since start (status.usage.cancellations).
     watchdog_per_tenant: Mutex<std::collections::HashMap<String, u64>>,
     usage: Family<MeasureTenantLabels, FloatGauge>,
@@ -199,6 +201,12 @@ impl Default for Metrics {
             "Caps watchdog passes that failed",
             watchdog_errors.clone(),
         );
+        let light_reconciles = Counter::default();
+        registry.register(
+            "tenant_light_reconciles",
+            "Tenant reconciles that only told a follower its MigrationSet rolls a new version out (RollingOut), from the watch caches, without Postgres; also counted in reconciles",
+            light_reconciles.clone(),
+        );
         let usage = Family::<MeasureTenantLabels, FloatGauge>::default();
         let usage_totals = Family::<MeasureLabel, FloatGauge>::default();
         registry.register(
@@ -223,6 +231,7 @@ impl Default for Metrics {
             watchdog_tenants,
             watchdog_named: Mutex::new(Default::default()),
             watchdog_errors,
+            light_reconciles,
             watchdog_per_tenant: Mutex::new(Default::default()),
             usage,
             usage_totals,
@@ -255,6 +264,11 @@ fn phase_label(p: Option<TenantPhase>) -> &'static str {
 }
 
 impl Metrics {
+    /// Records a light Tenant reconcile (`controller::tenant::triggers`).
+    pub fn light_reconcile(&self) {
+        self.light_reconciles.inc();
+    }
+
     /// Records one finished reconcile of `controller` that took `elapsed`;
     /// `error` is the failure's fixed label.
     pub fn reconciled(&self, controller: &'static str, elapsed: Duration, error: Option<&'static str>) {

@@ -120,18 +120,65 @@ pub fn condition(
             current,
         )
     } else {
-        (
-            Cond::new(
-                CONDITION,
-                false,
-                "RollingOut",
-                format!(
-                    "schema at version {current} of {latest}; the MigrationSet {set_name} rollout applies the rest"
-                ),
-            ),
-            current,
-        )
+        (rolling_out(current, latest, set_name), current)
     }
+}
+
+/// `MigrationsApplied` of a schema at `current` while its set rolls out
+/// `latest`. [`followers_to_refresh`] reads its message.
+fn rolling_out(current: i64, latest: i64, set_name: &str) -> Cond {
+    Cond::new(
+        CONDITION,
+        false,
+        "RollingOut",
+        format!("schema at version {current} of {latest}; the MigrationSet {set_name} rollout applies the rest"),
+    )
+}
+
+/// The light reconcile of a follower the set's watch brought back
+/// (`super::triggers`): when `t` is Ready, converged at its generation,
+/// shown `UpToDate` (or `RollingOut` to an older version) at a version
+/// below the one `set` now rolls out, and not listed as failed, its status
+/// with `MigrationsApplied` saying `RollingOut` from the version it shows,
+/// and nothing else changed. `None` when any of that does not hold: the
+/// reconcile is then full. Pure.
+///
+/// The version shown may be behind (the rollout may have migrated the
+/// schema since): the set's `Complete` brings every follower back for a
+/// full reconcile, which observes it.
+pub fn rolling_out_status(t: &Tenant, set: &MigrationSet, now: &str) -> Option<crate::api::TenantStatus> {
+    use crate::api::{MigrationSetPhase, TenantPhase};
+    let set_name = set.metadata.name.as_deref()?;
+    let status = t.status.as_ref()?;
+    let set_status = set.status.as_ref()?;
+    let latest = set_status.latest_version?;
+    let shown = status.schema_version?;
+    let tenant = t.metadata.name.as_deref()?;
+    let steady = t.metadata.deletion_timestamp.is_none()
+        && t.spec.database.migration_set == set_name
+        && status.observed_generation == t.metadata.generation
+        && matches!(status.phase, Some(TenantPhase::Active | TenantPhase::Suspended))
+        && super::status::condition(Some(status), "Ready").is_some_and(|c| c.status == "True");
+    let migrations = super::status::condition(Some(status), CONDITION)?;
+    let behind = shown < latest
+        && (migrations.reason == "UpToDate" || migrations.reason == "RollingOut")
+        && set_status.phase == Some(MigrationSetPhase::Progressing)
+        && !set_status.failed.iter().any(|f| f.tenant == tenant);
+    if !steady || !behind {
+        return None;
+    }
+    let cond = rolling_out(shown, latest, set_name);
+    let merged = crate::controller::kit::conditions::merge_conditions(
+        &status.conditions,
+        std::slice::from_ref(&cond),
+        t.metadata.generation,
+        now,
+    );
+    let mut next = status.clone();
+    for c in next.conditions.iter_mut().filter(|c| c.type_ == CONDITION) {
+        *c = merged[0].clone();
+    }
+    (next != *status).then_some(next)
 }
 
 /// The followers of `ms` whose status may be behind it: not shown at its
@@ -409,6 +456,96 @@ mod tests {
             ["rolling", "stale", "older"],
             "all behind, once the set settles"
         );
+    }
+
+    #[test]
+    fn a_steady_follower_behind_a_progressing_set_is_told_rolling_out_without_postgres() {
+        use crate::api::{FailedTenant, MigrationSetPhase, MigrationSetStatus, TenantPhase};
+        let base = || -> Tenant {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant",
+                "metadata": {"name": "acme", "generation": 4},
+                "spec": {},
+                "status": {"phase": "Active", "observedGeneration": 4, "schemaVersion": 1, "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "Provisioned", "message": "ok",
+                     "lastTransitionTime": "2026-12-01T00:00:00Z", "observedGeneration": 4},
+                    {"type": CONDITION, "status": "True", "reason": "UpToDate",
+                     "message": "schema at version 1 (a), the latest of MigrationSet default",
+                     "lastTransitionTime": "2026-12-01T00:00:00Z", "observedGeneration": 4},
+                    {"type": "SecretsSealed", "status": "True", "reason": "Sealed", "message": "0 secrets",
+                     "lastTransitionTime": "2026-12-01T00:00:00Z", "observedGeneration": 4}]}
+            }))
+            .unwrap()
+        };
+        let mut s = set(2, &["a", "b"]);
+        s.status = Some(MigrationSetStatus {
+            phase: Some(MigrationSetPhase::Progressing),
+            latest_version: Some(2),
+            ..Default::default()
+        });
+        let t = base();
+        let next = rolling_out_status(&t, &s, "2026-12-03T00:00:00Z").expect("light");
+        let old = t.status.as_ref().unwrap();
+        // Only MigrationsApplied changed, in place, and its message is the
+        // full reconcile's (followers_to_refresh reads it).
+        let (full, _) = condition("default", Some(&s), &at(&["a"]), None);
+        let c = next.conditions.iter().find(|c| c.type_ == CONDITION).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str(), &c.message, c.last_transition_time.as_str()),
+            ("False", "RollingOut", &full.message, "2026-12-03T00:00:00Z")
+        );
+        assert_eq!(c.observed_generation, Some(4));
+        let mut rest = next.clone();
+        rest.conditions.retain(|c| c.type_ != CONDITION);
+        let mut old_rest = old.clone();
+        old_rest.conditions.retain(|c| c.type_ != CONDITION);
+        assert_eq!(rest, old_rest);
+        assert_eq!(
+            next.conditions.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(),
+            ["Ready", CONDITION, "SecretsSealed"]
+        );
+        // Told already: nothing to write, so a full reconcile decides.
+        let mut told = t.clone();
+        told.status = Some(next);
+        assert_eq!(rolling_out_status(&told, &s, "2026-12-03T00:00:01Z"), None);
+
+        // Each of these needs the full reconcile.
+        let mut changed = base();
+        changed.metadata.generation = Some(5);
+        let mut not_ready = base();
+        not_ready.status.as_mut().unwrap().phase = Some(TenantPhase::Provisioning);
+        let mut other_set = base();
+        other_set.spec.database.migration_set = "other".into();
+        let mut failed_cond = base();
+        failed_cond.status.as_mut().unwrap().conditions[1].reason = "MigrationFailed".into();
+        let mut deleting = base();
+        deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        let mut ahead = base();
+        ahead.status.as_mut().unwrap().schema_version = Some(2);
+        for (what, t) in [
+            ("a spec not yet converged", changed),
+            ("not Ready", not_ready),
+            ("another set", other_set),
+            ("a failure shown", failed_cond),
+            ("being deleted", deleting),
+            ("shown at the latest", ahead),
+        ] {
+            assert_eq!(rolling_out_status(&t, &s, "now"), None, "{what}");
+        }
+        let mut listed = s.clone();
+        listed.status.as_mut().unwrap().failed = vec![FailedTenant {
+            tenant: "acme".into(),
+            version: 2,
+            reason: REASON_FAILED.into(),
+            error: "boom".into(),
+        }];
+        let mut complete = s.clone();
+        complete.status.as_mut().unwrap().phase = Some(MigrationSetPhase::Complete);
+        for (what, s) in [("listed as failed", listed), ("the set settled", complete)] {
+            assert_eq!(rolling_out_status(&base(), &s, "now"), None, "{what}");
+        }
     }
 
     #[test]

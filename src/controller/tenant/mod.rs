@@ -27,6 +27,7 @@ pub mod report;
 pub mod schedule;
 pub mod sealing;
 pub mod status;
+pub mod triggers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +112,7 @@ fn now() -> String {
 /// because their `RateLimitsApplied` became stale (it wrote their limits).
 pub async fn run(
     ctx: Arc<Context>,
-    tenants: crate::controller::tenant_watch::TenantWatch,
+    mut tenants: crate::controller::tenant_watch::TenantWatch,
     rate_limits_reported: impl futures::Stream<Item = ObjectRef<Tenant>> + Send + 'static,
 ) {
     // Secrets, by metadata only (names and labels, never data), in the
@@ -156,17 +157,50 @@ pub async fn run(
     });
     let tenant_cache = tenants.store();
     let _ = ctx.metrics.tenant_store.set(tenants.store());
+    // Every source but the MigrationSet's own marks the Tenants it brings
+    // back for a full reconcile (`triggers`); a Tenant not in the cache
+    // (deleted) is not marked, and one deleted is forgotten.
+    let marking = ctx.clone();
+    let marks_store = tenants.store();
+    let mark_full = move |name: &str| {
+        if marks_store.get(&ObjectRef::new(name)).is_some() {
+            marking.triggers.full(name);
+        }
+    };
+    let mut deleted = tenants.listen(|ev| match ev {
+        watcher::Event::Delete(t) => t.metadata.name.clone(),
+        _ => None,
+    });
+    let forgetting = ctx.clone();
+    tokio::spawn(async move {
+        while let Some(name) = deleted.next().await {
+            forgetting.triggers.forget(&name);
+        }
+    });
     // A shard that opens, closes or changes state, capacity or labels
     // brings back the tenants that are not Ready (waiting for a shard).
     let waiting_cache = tenants.store();
+    let mark = mark_full.clone();
     let shard_changes = ctx.shards.subscribe().flat_map(move |()| {
         let waiting: Vec<ObjectRef<Tenant>> = waiting_cache
             .state()
             .iter()
             .filter(|t| status::condition(t.status.as_ref(), "Ready").is_none_or(|c| c.status != "True"))
             .map(|t| ObjectRef::from_obj(t.as_ref()))
+            .inspect(|r| mark(&r.name))
             .collect();
         futures::stream::iter(waiting)
+    });
+    let mark = mark_full.clone();
+    let rate_limits_reported = rate_limits_reported.inspect(move |r| mark(&r.name));
+    // A rotation brings every Tenant back, each for a full reconcile.
+    let rotating = ctx.clone();
+    let rotate_cache = tenants.store();
+    let rotate_rx = rotate_rx.inspect(move |()| {
+        let all = rotate_cache.state();
+        rotating
+            .triggers
+            .full_all(all.iter().filter_map(|t| t.metadata.name.as_deref()));
     });
     // The echoes of this process's own writes that it acted on already
     // start no reconcile (`echoes`); every other Tenant event does.
@@ -176,29 +210,52 @@ pub async fn run(
         let own = own.clone();
         // Judged by kind, name and version: the event itself is not kept.
         let key = ev.as_ref().ok().and_then(echoes::key);
-        async move { !own.own_writes.is_echo_after_writes(key).await }
+        let name = ev.as_ref().ok().and_then(|t| t.metadata.name.clone());
+        async move {
+            let echo = own.own_writes.is_echo_after_writes(key).await;
+            if let (false, Some(name)) = (echo, name) {
+                own.triggers.full(&name);
+            }
+            !echo
+        }
     });
+    let set_marks = ctx.clone();
+    let mark_secret = mark_full.clone();
+    let mark_job = mark_full.clone();
     let mut controller = Controller::for_stream(tenant_events, tenant_cache.clone())
         .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| {
-            migrations::followers_to_refresh(&ms, &tenant_cache.state())
+            let refs = migrations::followers_to_refresh(&ms, &tenant_cache.state());
+            let ms = Arc::new(ms);
+            for r in &refs {
+                let light = tenant_cache
+                    .get(r)
+                    .is_some_and(|t| migrations::rolling_out_status(&t, &ms, "").is_some());
+                tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
+                if light {
+                    set_marks.triggers.rolling_out(&r.name, ms.clone());
+                } else {
+                    set_marks.triggers.full(&r.name);
+                }
+            }
+            refs
         })
         .watches(own_secrets, own_cfg, move |s: PartialObjectMeta<Secret>| {
             if own_secret_writes.own_writes.is_echo(&s) {
                 return None;
             }
-            s.labels()
-                .get(labels::TENANT_LABEL)
-                .map(|n| ObjectRef::<Tenant>::new(n))
+            let name = s.labels().get(labels::TENANT_LABEL)?;
+            mark_secret(name);
+            Some(ObjectRef::<Tenant>::new(name))
         })
         // A backup Job that ended brings its tenant back: the operator
         // records what the Job wrote to the store.
         .watches(
             Api::<k8s_openapi::api::batch::v1::Job>::namespaced(ctx.client.clone(), &ctx.settings.namespace),
             watcher::Config::default().labels(&labels::managed_selector()),
-            |j: k8s_openapi::api::batch::v1::Job| {
-                j.labels()
-                    .get(labels::TENANT_LABEL)
-                    .map(|n| ObjectRef::<Tenant>::new(n))
+            move |j: k8s_openapi::api::batch::v1::Job| {
+                let name = j.labels().get(labels::TENANT_LABEL)?;
+                mark_job(name);
+                Some(ObjectRef::<Tenant>::new(name))
             },
         )
         // A new root key (rotation) re-seals every tenant, at the controller's
@@ -207,12 +264,14 @@ pub async fn run(
         .reconcile_on(rate_limits_reported)
         .reconcile_on(shard_changes);
     for (api, index) in source_watches {
+        let mark = mark_full.clone();
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
             let tenants = index
                 .sources
                 .tenants_of(s.metadata.namespace.as_deref().unwrap_or_default(), &s.name_any());
             tenants
                 .into_iter()
+                .inspect(|n| mark(n))
                 .map(|n| ObjectRef::<Tenant>::new(&n))
                 .collect::<Vec<_>>()
         });
@@ -276,6 +335,8 @@ async fn watch_root_keys(ctx: Arc<Context>, rotate: futures::channel::mpsc::Unbo
 }
 
 fn error_policy(t: Arc<Tenant>, err: &Error, ctx: Arc<Context>) -> Action {
+    // The retry converges what the failed reconcile did not.
+    ctx.triggers.full(&t.name_any());
     kit::error_policy(&ctx, CONTROLLER, &t.name_any(), err)
 }
 
@@ -288,9 +349,14 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
     // Every log line of the reconcile carries the tenant's name (the JSON
     // logs include the current span's fields).
     let span = tracing::info_span!("reconcile", controller = CONTROLLER, tenant = %name);
+    let light = ctx.triggers.take(&name);
     kit::reconcile(&ctx, CONTROLLER, &name, span, async {
         if t.metadata.deletion_timestamp.is_some() {
             cleanup(&t, &ctx).await
+        } else if let Some(status) = light.and_then(|set| migrations::rolling_out_status(&t, &set, &now())) {
+            apply::write_status(&ctx, &t, status).await?;
+            ctx.metrics.light_reconcile();
+            Ok(Action::requeue(ctx.settings.resync))
         } else {
             converge(&t, &ctx).await
         }

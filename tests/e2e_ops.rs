@@ -612,7 +612,9 @@ async fn a_rollout_tells_its_waiting_followers_rolling_out_without_postgres() {
     };
     for t in &tenants {
         env.wait_ready(t);
-        wait_for(Duration::from_secs(60), "version 1, UpToDate", || shown(t) == "1/UpToDate");
+        wait_for(Duration::from_secs(60), "version 1, UpToDate", || {
+            shown(t) == "1/UpToDate"
+        });
     }
     wait_for(Duration::from_secs(30), "the set Complete at 1", || {
         env.jsonpath(&["migrationset", &set], "{.status.phase}/{.status.latestVersion}") == "Complete/1"
@@ -677,7 +679,9 @@ async fn a_rollout_tells_its_waiting_followers_rolling_out_without_postgres() {
         support::e2e::tail(&env.operator_log(), 150)
     );
     for t in &tenants {
-        wait_for(Duration::from_secs(30), "version 2, UpToDate", || shown(t) == "2/UpToDate");
+        wait_for(Duration::from_secs(30), "version 2, UpToDate", || {
+            shown(t) == "2/UpToDate"
+        });
         assert_eq!(
             env.jsonpath(&["tenant", t], "{.status.conditions[?(@.type==\"Ready\")].status}"),
             "True"

@@ -491,7 +491,12 @@ mod tests {
         let (full, _) = condition("default", Some(&s), &at(&["a"]), None);
         let c = next.conditions.iter().find(|c| c.type_ == CONDITION).unwrap();
         assert_eq!(
-            (c.status.as_str(), c.reason.as_str(), &c.message, c.last_transition_time.as_str()),
+            (
+                c.status.as_str(),
+                c.reason.as_str(),
+                &c.message,
+                c.last_transition_time.as_str()
+            ),
             ("False", "RollingOut", &full.message, "2026-12-03T00:00:00Z")
         );
         assert_eq!(c.observed_generation, Some(4));

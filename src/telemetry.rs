@@ -54,6 +54,11 @@ struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -135,8 +140,9 @@ pub struct Metrics {
     watchdog_tenants: Family<TenantReasonLabels, Counter>,
     watchdog_named: Mutex<std::collections::HashSet<String>>,
     watchdog_errors: Counter,
-    /// Tenant reconciles that only said `RollingOut` (no Postgres).
-    light_reconciles: Counter,
+    /// Light Tenant reconciles, per kind (`rolling_out`: no Postgres;
+    /// `settled`: the versions read).
+    light_reconciles: Family<KindLabel, Counter>,
     /// Sessions signalled per tenant since start (status.usage.cancellations).
     watchdog_per_tenant: Mutex<std::collections::HashMap<String, u64>>,
     usage: Family<MeasureTenantLabels, FloatGauge>,
@@ -201,10 +207,10 @@ impl Default for Metrics {
             "Caps watchdog passes that failed",
             watchdog_errors.clone(),
         );
-        let light_reconciles = Counter::default();
+        let light_reconciles = Family::<KindLabel, Counter>::default();
         registry.register(
             "tenant_light_reconciles",
-            "Tenant reconciles that only told a follower its MigrationSet rolls a new version out (RollingOut), from the watch caches, without Postgres; also counted in reconciles",
+            "Tenant reconciles that only rewrote a MigrationSet follower's MigrationsApplied: kind rolling_out (the set rolls a new version out; from the watch caches, without Postgres) or settled (the set is Complete; from the tenant's recorded versions); also counted in reconciles",
             light_reconciles.clone(),
         );
         let usage = Family::<MeasureTenantLabels, FloatGauge>::default();
@@ -264,9 +270,10 @@ fn phase_label(p: Option<TenantPhase>) -> &'static str {
 }
 
 impl Metrics {
-    /// Records a light Tenant reconcile (`controller::tenant::triggers`).
-    pub fn light_reconcile(&self) {
-        self.light_reconciles.inc();
+    /// Records a light Tenant reconcile (`controller::tenant::triggers`) of
+    /// `kind` (`rolling_out` or `settled`).
+    pub fn light_reconcile(&self, kind: &'static str) {
+        self.light_reconciles.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// Records one finished reconcile of `controller` that took `elapsed`;

@@ -622,14 +622,17 @@ async fn a_rollout_tells_its_waiting_followers_rolling_out_without_postgres() {
     wait_for(Duration::from_secs(20), "the metrics address", || {
         metrics_addr(&env.operator_log()).is_some()
     });
-    let light = || {
+    // Light reconciles of a kind so far (0 before the first).
+    let light_of = |kind: &str| {
         let m = get_metrics(&env, "operator.log");
+        let prefix = format!("tenant_operator_tenant_light_reconciles_total{{kind=\"{kind}\"}} ");
         m.lines()
-            .find_map(|l| l.strip_prefix("tenant_operator_tenant_light_reconciles_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no light reconcile count in /metrics:\n{m}"))
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|v| v.trim().parse::<u64>().expect("a count"))
+            .unwrap_or(0)
     };
-    assert_eq!(light(), 0, "no rollout yet");
+    let light = || light_of("rolling_out");
+    assert_eq!((light(), light_of("settled")), (0, 0), "no rollout yet");
     // Quiet first: a full reconcile running as the new version is applied
     // (the rate-limit writer's report of new tenants, say) would tell the
     // followers `RollingOut` itself, reading the set's new spec.
@@ -678,6 +681,11 @@ async fn a_rollout_tells_its_waiting_followers_rolling_out_without_postgres() {
         "no light reconcile ran; the set went {set_seen:?}:\n{}",
         support::e2e::tail(&env.operator_log(), 150)
     );
+    // Once the set is Complete, its followers are told from their
+    // recorded versions (the settled light reconcile), not a full one.
+    wait_for(Duration::from_secs(30), "a settled light reconcile", || {
+        light_of("settled") >= 1
+    });
     for t in &tenants {
         wait_for(Duration::from_secs(30), "version 2, UpToDate", || {
             shown(t) == "2/UpToDate"

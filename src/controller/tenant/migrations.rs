@@ -135,19 +135,12 @@ fn rolling_out(current: i64, latest: i64, set_name: &str) -> Cond {
     )
 }
 
-/// The light reconcile of a follower the set's watch brought back
-/// (`super::triggers`): when `t` is Ready, converged at its generation,
-/// shown `UpToDate` (or `RollingOut` to an older version) at a version
-/// below the one `set` now rolls out, and not listed as failed, its status
-/// with `MigrationsApplied` saying `RollingOut` from the version it shows,
-/// and nothing else changed. `None` when any of that does not hold: the
-/// reconcile is then full. Pure.
-///
-/// The version shown may be behind (the rollout may have migrated the
-/// schema since): the set's `Complete` brings every follower back for a
-/// full reconcile, which observes it.
-pub fn rolling_out_status(t: &Tenant, set: &MigrationSet, now: &str) -> Option<crate::api::TenantStatus> {
-    use crate::api::{MigrationSetPhase, TenantPhase};
+/// Whether `t` is a follower of `set` that a light reconcile may answer
+/// (`super::triggers`): Ready, converged at its generation, not being
+/// deleted, shown `UpToDate` (or `RollingOut`) at a version below the set's
+/// latest, and not listed as failed. Gives the version shown. Pure.
+fn behind_and_steady(t: &Tenant, set: &MigrationSet) -> Option<i64> {
+    use crate::api::TenantPhase;
     let set_name = set.metadata.name.as_deref()?;
     let status = t.status.as_ref()?;
     let set_status = set.status.as_ref()?;
@@ -158,27 +151,90 @@ pub fn rolling_out_status(t: &Tenant, set: &MigrationSet, now: &str) -> Option<c
         && t.spec.database.migration_set == set_name
         && status.observed_generation == t.metadata.generation
         && matches!(status.phase, Some(TenantPhase::Active | TenantPhase::Suspended))
+        && status.moving.is_none()
         && super::status::condition(Some(status), "Ready").is_some_and(|c| c.status == "True");
     let migrations = super::status::condition(Some(status), CONDITION)?;
     let behind = shown < latest
         && (migrations.reason == "UpToDate" || migrations.reason == "RollingOut")
-        && set_status.phase == Some(MigrationSetPhase::Progressing)
         && !set_status.failed.iter().any(|f| f.tenant == tenant);
-    if !steady || !behind {
-        return None;
-    }
-    let cond = rolling_out(shown, latest, set_name);
+    (steady && behind).then_some(shown)
+}
+
+/// `t`'s status with `MigrationsApplied` as `cond` and `schemaVersion` as
+/// `version`, nothing else changed; `None` when that is what it shows. Pure.
+pub fn with_migrations(t: &Tenant, cond: &Cond, version: i64, now: &str) -> Option<crate::api::TenantStatus> {
+    let status = t.status.as_ref()?;
     let merged = crate::controller::kit::conditions::merge_conditions(
         &status.conditions,
-        std::slice::from_ref(&cond),
+        std::slice::from_ref(cond),
         t.metadata.generation,
         now,
     );
     let mut next = status.clone();
+    let mut found = false;
     for c in next.conditions.iter_mut().filter(|c| c.type_ == CONDITION) {
         *c = merged[0].clone();
+        found = true;
     }
+    if !found {
+        return None;
+    }
+    next.schema_version = Some(version);
     (next != *status).then_some(next)
+}
+
+/// The light reconcile of a follower the set's watch brought back while
+/// the set is `Progressing` (`super::triggers`): when [`behind_and_steady`],
+/// its status with `MigrationsApplied` saying `RollingOut` from the version
+/// it shows, and nothing else changed, without Postgres. `None` when any of
+/// that does not hold (see [`settled_candidate`] for a set that settled).
+/// Pure.
+///
+/// The version shown may be behind (the rollout may have migrated the
+/// schema since): the set's `Complete` brings every follower back, and its
+/// versions are read then.
+pub fn rolling_out_status(t: &Tenant, set: &MigrationSet, now: &str) -> Option<crate::api::TenantStatus> {
+    use crate::api::MigrationSetPhase;
+    let set_name = set.metadata.name.as_deref()?;
+    let set_status = set.status.as_ref()?;
+    if set_status.phase != Some(MigrationSetPhase::Progressing) {
+        return None;
+    }
+    let shown = behind_and_steady(t, set)?;
+    let latest = set_status.latest_version?;
+    with_migrations(t, &rolling_out(shown, latest, set_name), shown, now)
+}
+
+/// Whether the set's watch brought `t` back because the set settled
+/// (`Complete`, at its generation) while `t` is [`behind_and_steady`]: the
+/// light reconcile then reads the tenant's recorded versions and failure
+/// (two indexed queries on the tenant's shard, not the full observation)
+/// and rewrites `MigrationsApplied` and `schemaVersion` from them. Pure.
+pub fn settled_candidate(t: &Tenant, set: &MigrationSet) -> bool {
+    use crate::api::MigrationSetPhase;
+    let Some(set_status) = set.status.as_ref() else {
+        return false;
+    };
+    set_status.phase == Some(MigrationSetPhase::Complete)
+        && set_status.observed_generation == set.metadata.generation
+        && behind_and_steady(t, set).is_some()
+}
+
+/// [`settled_candidate`]'s status: `MigrationsApplied` and `schemaVersion`
+/// from the tenant's recorded versions and failure on `pool`, as the full
+/// reconcile computes them ([`condition`]).
+pub async fn settled_status(
+    pool: &sqlx::PgPool,
+    t: &Tenant,
+    name: &TenantName,
+    set: &MigrationSet,
+    now: &str,
+) -> Result<Option<crate::api::TenantStatus>, PgError> {
+    let versions = crate::pg::migrations::observe(pool, name).await?;
+    let failure = crate::pg::migrations::failure_of(pool, name).await?;
+    let set_name = set.metadata.name.as_deref().unwrap_or_default();
+    let (cond, version) = condition(set_name, Some(set), &versions, failure.as_ref());
+    Ok(with_migrations(t, &cond, version, now))
 }
 
 /// The followers of `ms` whose status may be behind it: not shown at its
@@ -548,9 +604,43 @@ mod tests {
         }];
         let mut complete = s.clone();
         complete.status.as_mut().unwrap().phase = Some(MigrationSetPhase::Complete);
-        for (what, s) in [("listed as failed", listed), ("the set settled", complete)] {
+        for (what, s) in [
+            ("listed as failed", listed.clone()),
+            ("the set settled", complete.clone()),
+        ] {
             assert_eq!(rolling_out_status(&base(), &s, "now"), None, "{what}");
         }
+
+        // A set that settled at its generation: its followers behind are
+        // candidates for the light reconcile that reads their versions.
+        complete.status.as_mut().unwrap().observed_generation = complete.metadata.generation;
+        assert!(settled_candidate(&base(), &complete));
+        assert!(!settled_candidate(&base(), &s), "still progressing");
+        assert!(!settled_candidate(&base(), &listed), "listed as failed");
+        let mut stale = complete.clone();
+        stale.status.as_mut().unwrap().observed_generation = Some(1);
+        assert!(!settled_candidate(&base(), &stale), "a status of an older generation");
+        let mut moving = base();
+        moving.status.as_mut().unwrap().moving = Some(
+            serde_json::from_value(serde_json::json!({
+                "from": "default", "to": "s2", "phase": "Copying", "strategy": "logical", "startedAt": "2026-12-03T00:00:00Z"
+            }))
+            .expect("a MoveStatus"),
+        );
+        assert!(!settled_candidate(&moving, &complete), "moving between shards");
+        // What it then writes: the full reconcile's condition and version.
+        let (up, v) = condition("default", Some(&complete), &at(&["a", "b"]), None);
+        let next = with_migrations(&base(), &up, v, "2026-12-03T00:00:02Z").expect("a change");
+        assert_eq!(next.schema_version, Some(2));
+        let c = next.conditions.iter().find(|c| c.type_ == CONDITION).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "UpToDate"));
+        assert_eq!(
+            c.last_transition_time, "2026-12-01T00:00:00Z",
+            "True before, True now: the transition time holds"
+        );
+        let mut shown = base();
+        shown.status = Some(next);
+        assert_eq!(with_migrations(&shown, &up, v, "later"), None, "nothing to change");
     }
 
     #[test]

@@ -227,9 +227,9 @@ pub async fn run(
             let refs = migrations::followers_to_refresh(&ms, &tenant_cache.state());
             let ms = Arc::new(ms);
             for r in &refs {
-                let light = tenant_cache
-                    .get(r)
-                    .is_some_and(|t| migrations::rolling_out_status(&t, &ms, "").is_some());
+                let light = tenant_cache.get(r).is_some_and(|t| {
+                    migrations::rolling_out_status(&t, &ms, "").is_some() || migrations::settled_candidate(&t, &ms)
+                });
                 tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
                 if light {
                     set_marks.triggers.rolling_out(&r.name, ms.clone());
@@ -353,15 +353,45 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
     kit::reconcile(&ctx, CONTROLLER, &name, span, async {
         if t.metadata.deletion_timestamp.is_some() {
             cleanup(&t, &ctx).await
-        } else if let Some(status) = light.and_then(|set| migrations::rolling_out_status(&t, &set, &now())) {
+        } else if let Some((kind, status)) = match &light {
+            Some(set) => light_status(&t, set, &ctx).await,
+            None => None,
+        } {
             apply::write_status(&ctx, &t, status).await?;
-            ctx.metrics.light_reconcile();
+            ctx.metrics.light_reconcile(kind);
             Ok(Action::requeue(ctx.settings.resync))
         } else {
             converge(&t, &ctx).await
         }
     })
     .await
+}
+
+/// The light reconcile's status (`triggers`): `RollingOut` from the
+/// caches while the set progresses, or, once it settled, the tenant's
+/// recorded versions read on its shard. `None` (a full reconcile) when
+/// neither applies, the shard is not open, or the read fails.
+async fn light_status(
+    t: &Tenant,
+    set: &crate::api::MigrationSet,
+    ctx: &Context,
+) -> Option<(&'static str, crate::api::TenantStatus)> {
+    if let Some(status) = migrations::rolling_out_status(t, set, &now()) {
+        return Some(("rolling_out", status));
+    }
+    if !migrations::settled_candidate(t, set) {
+        return None;
+    }
+    let name = TenantName::parse(&t.name_any()).ok()?;
+    let shard = placement::shard_of(ctx, t)?;
+    let pool = ctx.shards.get(&shard)?.pool.clone();
+    match migrations::settled_status(&pool, t, &name, set, &now()).await {
+        Ok(status) => status.map(|s| ("settled", s)),
+        Err(e) => {
+            tracing::debug!(error = %e, "the light reconcile could not read the versions; a full one runs");
+            None
+        }
+    }
 }
 
 /// Writes a status built from `conds` and publishes an event when the Ready

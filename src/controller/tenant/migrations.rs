@@ -205,6 +205,19 @@ pub fn rolling_out_status(t: &Tenant, set: &MigrationSet, now: &str) -> Option<c
     with_migrations(t, &rolling_out(shown, latest, set_name), shown, now)
 }
 
+/// Whether the set's watch may leave `t` to a light reconcile: a
+/// [`behind_and_steady`] follower of a set that is `Progressing`, or
+/// [`settled_candidate`]. The reconcile decides again on what it finds
+/// then (and goes full when there is nothing to change). Pure; builds no
+/// status, as the set's watch asks it of every follower at each event.
+pub fn light_candidate(t: &Tenant, set: &MigrationSet) -> bool {
+    let progressing = set
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == Some(crate::api::MigrationSetPhase::Progressing));
+    (progressing && behind_and_steady(t, set).is_some()) || settled_candidate(t, set)
+}
+
 /// Whether the set's watch brought `t` back because the set settled
 /// (`Complete`, at its generation) while `t` is [`behind_and_steady`]: the
 /// light reconcile then reads the tenant's recorded versions and failure
@@ -594,7 +607,9 @@ mod tests {
             ("shown at the latest", ahead),
         ] {
             assert_eq!(rolling_out_status(&t, &s, "now"), None, "{what}");
+            assert!(!light_candidate(&t, &s), "{what}");
         }
+        assert!(light_candidate(&base(), &s));
         let mut listed = s.clone();
         listed.status.as_mut().unwrap().failed = vec![FailedTenant {
             tenant: "acme".into(),

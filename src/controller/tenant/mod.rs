@@ -227,9 +227,9 @@ pub async fn run(
             let refs = migrations::followers_to_refresh(&ms, &tenant_cache.state());
             let ms = Arc::new(ms);
             for r in &refs {
-                let light = tenant_cache.get(r).is_some_and(|t| {
-                    migrations::rolling_out_status(&t, &ms, "").is_some() || migrations::settled_candidate(&t, &ms)
-                });
+                let light = tenant_cache
+                    .get(r)
+                    .is_some_and(|t| migrations::light_candidate(&t, &ms));
                 tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
                 if light {
                     set_marks.triggers.rolling_out(&r.name, ms.clone());

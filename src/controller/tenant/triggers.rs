@@ -17,7 +17,7 @@
 //! sets; no I/O.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::api::MigrationSet;
 
@@ -33,32 +33,34 @@ struct Marks {
 }
 
 impl Triggers {
+    /// The marks; a panic elsewhere while they were held leaves them
+    /// usable (each change is one insert or remove).
+    fn marks(&self) -> MutexGuard<'_, Marks> {
+        self.marks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The MigrationSet's watch brings `name` back to say `RollingOut`, as
     /// `set` (the newest event of the set) says.
     pub fn rolling_out(&self, name: &str, set: Arc<MigrationSet>) {
-        self.marks
-            .lock()
-            .expect("trigger marks")
-            .rolling_out
-            .insert(name.to_owned(), set);
+        self.marks().rolling_out.insert(name.to_owned(), set);
     }
 
     /// Something else brings `name` back: its next reconcile is full.
     pub fn full(&self, name: &str) {
-        self.marks.lock().expect("trigger marks").full.insert(name.to_owned());
+        self.marks().full.insert(name.to_owned());
     }
 
     /// [`Self::full`] for each of `names` (a root-key rotation brings every
     /// Tenant back).
     pub fn full_all<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        let mut marks = self.marks.lock().expect("trigger marks");
+        let mut marks = self.marks();
         marks.full.extend(names.into_iter().map(str::to_owned));
     }
 
     /// At the start of a reconcile of `name`: the set, when only the set's
     /// watch asked for it since the last one. Clears both marks.
     pub fn take(&self, name: &str) -> Option<Arc<MigrationSet>> {
-        let mut marks = self.marks.lock().expect("trigger marks");
+        let mut marks = self.marks();
         let rolling_out = marks.rolling_out.remove(name);
         let full = marks.full.remove(name);
         rolling_out.filter(|_| !full)
@@ -66,20 +68,22 @@ impl Triggers {
 
     /// A Tenant gone from the watch: no reconcile will take its marks.
     pub fn forget(&self, name: &str) {
-        let mut marks = self.marks.lock().expect("trigger marks");
+        let mut marks = self.marks();
         marks.rolling_out.remove(name);
         marks.full.remove(name);
     }
 
-    /// How many names are marked (for the tests).
-    pub fn len(&self) -> usize {
-        let marks = self.marks.lock().expect("trigger marks");
+    /// How many names are marked.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let marks = self.marks();
         let mut names: HashSet<&String> = marks.rolling_out.keys().collect();
         names.extend(marks.full.iter());
         names.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

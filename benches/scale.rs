@@ -550,6 +550,18 @@ async fn main() {
     let op_prov = all_ready - start;
     let (busy1, srv1, op1) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
     let errors_prov = scrape_errors(metrics_port).await;
+    // The RSS peak so far and the RSS now, at each phase's end: when the
+    // peak happens, and what stays.
+    let rss_at = |phase: &str| {
+        let (p, now) = (peak.load(Ordering::Relaxed), proc_status_kib(op_pid, "VmRSS:"));
+        let mib = |k: u64| k as f64 / 1024.0;
+        format!(
+            "{phase}: RSS {:.1} MiB, peak so far {:.1} MiB",
+            mib(now),
+            mib(p.max(now))
+        )
+    };
+    let rss_prov = rss_at("every Tenant Ready");
     let secs = |d: Duration| d.as_secs_f64();
     // As it goes (a run of 10,000 takes long): the summary below repeats it.
     eprintln!(
@@ -582,6 +594,7 @@ async fn main() {
     .await;
     let op_mig = complete - start;
     let errors_mig = scrape_errors(metrics_port).await - errors_prov;
+    let rss_mig = rss_at("the set Complete");
     eprintln!(
         "migration: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_mig} failed reconciles",
         secs(psql_mig),
@@ -649,6 +662,7 @@ async fn main() {
     }
     let (moved, usage_only, other) = (moved.len(), usage_only.len(), other.len());
     let idle_ddl = pg_log_ddl(&pg_log, log_from);
+    let rss_idle = rss_at("after the idle resync");
     stop.store(true, Ordering::Relaxed);
     let hwm = proc_status_kib(op_pid, "VmHWM:");
     let peak_rss = peak.load(Ordering::Relaxed).max(hwm);
@@ -685,6 +699,7 @@ async fn main() {
         100.0 * (busy - (srv1 - srv0) as f64 - (op1 - op0) as f64) / busy
     );
     println!("operator peak RSS: {:.1} MiB", peak_rss as f64 / 1024.0);
+    println!("operator RSS by phase: {rss_prov}; {rss_mig}; {rss_idle}");
     println!("failed reconciles: {errors_prov} during provisioning, {errors_mig} during the migration");
     println!("idle resync ({resync} s + 10 s): {moved} Tenant resourceVersions moved ({usage_only} by the usage sampler writing status.usage only, {other} by anything else), {idle_ddl} DDL statements logged by Postgres");
     drop(procs);

@@ -6,6 +6,7 @@ pub mod migration_set;
 pub mod shard;
 pub mod tenant;
 pub mod tenant_restore;
+pub mod text;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
@@ -23,31 +24,34 @@ pub use tenant::{
     TenantUsage,
 };
 pub use tenant_restore::{RestorePhase, TenantRestore, TenantRestoreSpec, TenantRestoreStatus};
+pub use text::Text;
 
 /// API group of every resource of the operator.
 pub const GROUP: &str = "tenancy.dev";
 /// The finalizer that holds a Tenant until its data is destroyed.
 pub const FINALIZER: &str = "tenancy.dev/cleanup";
 
+// Its strings are `Text`s: the operator holds seven per Tenant in its cache,
+// and their values repeat across tenants.
 /// A status condition, as the Kubernetes API conventions define it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// The condition's type, such as `Ready`.
     #[serde(rename = "type")]
-    pub type_: String,
+    pub type_: Text,
     /// `True`, `False` or `Unknown`.
-    pub status: String,
+    pub status: Text,
     /// A CamelCase word saying why, for machines.
-    pub reason: String,
+    pub reason: Text,
     /// What happened and what a person can do, for people.
     #[serde(default)]
-    pub message: String,
+    pub message: Text,
     /// The `metadata.generation` this condition was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// When `status` last changed (RFC 3339).
-    pub last_transition_time: String,
+    pub last_transition_time: Text,
 }
 
 /// Every CRD the operator serves, in a stable order.

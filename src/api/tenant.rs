@@ -396,10 +396,10 @@ pub struct TenantStatus {
     /// A move to another shard under way (docs/shards.md, "Moving a
     /// tenant").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moving: Option<super::shard::MoveStatus>,
+    pub moving: Option<Box<super::shard::MoveStatus>>,
     /// How the last move ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_move: Option<super::shard::LastMove>,
+    pub last_move: Option<Box<super::shard::LastMove>>,
     /// The root key version the tenant's sealed secrets are under (`v2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_version: Option<String>,

@@ -22,7 +22,7 @@ use kube::{Api, ResourceExt};
 use sha2::Digest;
 use sqlx::PgPool;
 
-use crate::api::{Shard, ShardSpec, ShardState, ShardStatus, Tenant, DEFAULT_SHARD};
+use crate::api::{Shard, ShardSpec, ShardState, ShardStatus, Tenant, Text, DEFAULT_SHARD};
 use crate::controller::kit::{self, conditions::Cond};
 use crate::controller::tenant::plan::Endpoint;
 use crate::controller::Context;
@@ -510,8 +510,8 @@ async fn write_status(
     kit::write_status(ctx, s, old, &new).await.map_err(Error::PatchStatus)?;
     if let Some(c) = conds.first() {
         let now_ready = (
-            if c.status { "True" } else { "False" }.to_string(),
-            c.reason.to_string(),
+            Text::from(if c.status { "True" } else { "False" }),
+            Text::from(c.reason),
         );
         if was_ready.as_ref() != Some(&now_ready) {
             kit::event(ctx, s, !c.status, c.reason, c.message.clone()).await;

@@ -9,7 +9,7 @@
 
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
@@ -23,8 +23,9 @@ pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration
 /// Reduces a Tenant to what the operator reads, in place: drops the
 /// `last-applied-configuration` annotation, and of `managedFields` keeps
 /// only the entry [`last_spec_manager`](crate::controller::tenant::plan::last_spec_manager)
-/// names (manager, operation, time; its `fieldsV1` cut to `{"f:spec":{}}`),
-/// so the actor it gives is the same on the slim object. Spec, status,
+/// names (manager, operation, time; without its `fieldsV1`, which the API
+/// server sets on every entry it records, so an entry without one is the
+/// slim one), so the actor it gives is the same on the slim object. Spec, status,
 /// labels, other annotations, finalizers and the rest of the metadata are
 /// kept (reconciles read them and write patches guarded by them).
 pub fn slim(t: &mut Tenant) {
@@ -38,7 +39,6 @@ pub fn slim(t: &mut Tenant) {
         manager: m.manager.clone(),
         operation: m.operation.clone(),
         time: m.time.clone(),
-        fields_v1: Some(FieldsV1(serde_json::json!({ "f:spec": {} }))),
         ..ManagedFieldsEntry::default()
     });
     t.metadata.managed_fields = kept.map(|m| vec![m]);
@@ -327,7 +327,7 @@ mod tests {
         assert_eq!(kept[0].manager.as_deref(), Some("kubectl-edit"));
         assert_eq!(kept[0].operation.as_deref(), Some("Update"));
         assert_eq!(kept[0].time, full.metadata.managed_fields.as_ref().unwrap()[2].time);
-        assert_eq!(kept[0].fields_v1.as_ref().map(|f| &f.0), Some(&json!({ "f:spec": {} })));
+        assert_eq!(kept[0].fields_v1, None);
         assert_eq!(
             (&kept[0].api_version, &kept[0].fields_type, &kept[0].subresource),
             (&None, &None, &None)

@@ -112,8 +112,7 @@ impl OpsLogin {
     }
 
     fn options(&self) -> sqlx::postgres::PgConnectOptions {
-        self.target
-            .base
+        (*self.target.base)
             .clone()
             .username(&self.name.ops_role())
             .password(&self.password)

@@ -230,8 +230,9 @@ pub struct Target {
     pub database: String,
     /// The admin DSN's connection options (TLS, host, port, database), from
     /// which confined connections are made with another user and password
-    /// ([`confined`]). Never printed.
-    pub(crate) base: PgConnectOptions,
+    /// ([`confined`]). Never printed. Shared: every ops login of a
+    /// rollout pass holds its target (thousands at once).
+    pub(crate) base: std::sync::Arc<PgConnectOptions>,
 }
 
 impl std::fmt::Debug for Target {
@@ -258,12 +259,16 @@ impl Target {
 
     /// The target of an admin pool (its connection options).
     pub fn of_pool(pool: &PgPool) -> Self {
-        Self::from_options(pool.connect_options().as_ref().clone())
+        Self::from_shared(pool.connect_options())
     }
 
     /// The target of connection options (e.g. `PgConnectOptions::new()`,
     /// which reads libpq's `PG*` environment variables).
     pub fn from_options(opts: PgConnectOptions) -> Self {
+        Self::from_shared(std::sync::Arc::new(opts))
+    }
+
+    fn from_shared(opts: std::sync::Arc<PgConnectOptions>) -> Self {
         Target {
             host: opts.get_host().to_owned(),
             port: opts.get_port(),

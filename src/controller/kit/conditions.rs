@@ -30,17 +30,17 @@ pub fn merge_conditions(old: &[Condition], conds: &[Cond], generation: Option<i6
     conds
         .iter()
         .map(|c| {
-            let status = if c.status { "True" } else { "False" }.to_string();
+            let status = if c.status { "True" } else { "False" };
             let since = old
                 .iter()
                 .find(|o| o.type_ == c.type_ && o.status == status)
                 .map(|o| o.last_transition_time.clone())
-                .unwrap_or_else(|| now.to_string());
+                .unwrap_or_else(|| now.into());
             Condition {
-                type_: c.type_.to_string(),
-                status,
-                reason: c.reason.to_string(),
-                message: c.message.clone(),
+                type_: c.type_.into(),
+                status: status.into(),
+                reason: c.reason.into(),
+                message: c.message.as_str().into(),
                 observed_generation: generation,
                 last_transition_time: since,
             }

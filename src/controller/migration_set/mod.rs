@@ -397,7 +397,7 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
         .conditions
         .iter()
         .find(|c| c.type_ == "Ready")
-        .map(|c| c.message.clone())
+        .map(|c| c.message.to_string())
         .unwrap_or_default();
     kit::write_status(ctx, ms.as_ref(), ms.status.as_ref(), &new)
         .await

@@ -563,10 +563,10 @@ mod tests {
             (
                 c.status.as_str(),
                 c.reason.as_str(),
-                &c.message,
+                c.message.as_str(),
                 c.last_transition_time.as_str()
             ),
-            ("False", "RollingOut", &full.message, "2026-12-03T00:00:00Z")
+            ("False", "RollingOut", full.message.as_str(), "2026-12-03T00:00:00Z")
         );
         assert_eq!(c.observed_generation, Some(4));
         let mut rest = next.clone();

@@ -105,7 +105,7 @@ pub enum Target {
 /// or the one a drain of its shard chose).
 pub fn decide(t: &Tenant, current: &str, wanted: Option<&str>, target: Target, now: DateTime<Utc>) -> Decision {
     let status = t.status.as_ref();
-    match status.and_then(|s| s.moving.clone()) {
+    match status.and_then(|s| s.moving.as_deref().cloned()) {
         Some(m) if m.phase == MovePhase::CleaningUp => return Decision::CleanUp(m),
         Some(m) => return Decision::RollBack(m),
         None => {}
@@ -385,7 +385,7 @@ fn drain_target(ctx: &Context, t: &Tenant, current: &ShardConn) -> Result<String
 /// The strategy of a move from `from` to `to`, and why.
 async fn strategy(t: &Tenant, from: &ShardConn, to: &ShardConn, name: &TenantName) -> (&'static str, String) {
     if let Some(why) = copy_after_failure(
-        t.status.as_ref().and_then(|s| s.last_move.as_ref()),
+        t.status.as_ref().and_then(|s| s.last_move.as_deref()),
         &from.name,
         &to.name,
     ) {
@@ -804,7 +804,7 @@ async fn write_moving(ctx: &Context, t: &Tenant, uid: &str, shard: &str, m: &Mov
         &State {
             shard: shard.to_owned(),
             moving: Some(m.clone()),
-            last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
+            last_move: t.status.as_ref().and_then(|s| s.last_move.as_deref().cloned()),
         },
     )
     .await?;
@@ -1008,7 +1008,7 @@ async fn clean_up(
         &State {
             shard: current.name.clone(),
             moving: None,
-            last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
+            last_move: t.status.as_ref().and_then(|s| s.last_move.as_deref().cloned()),
         },
     )
     .await?;
@@ -1041,7 +1041,7 @@ async fn roll_back(
             message: message.to_owned(),
             generation: t.metadata.generation,
         }),
-        None => t.status.as_ref().and_then(|s| s.last_move.clone()),
+        None => t.status.as_ref().and_then(|s| s.last_move.as_deref().cloned()),
     };
     // The target's copy, when its shard is reachable (else kept in
     // `moving` as RollingBack and retried).
@@ -1097,29 +1097,33 @@ mod tests {
         t.metadata.generation = Some(3);
         t.status = Some(crate::api::TenantStatus {
             shard: Some("a".into()),
-            moving: moving.map(|phase| MoveStatus {
-                from: "a".into(),
-                to: "b".into(),
-                phase,
-                strategy: STRATEGY_COPY.into(),
-                strategy_reason: String::new(),
-                started_at: "2026-12-02T00:00:00Z".into(),
-                bytes_copied: None,
-                bytes_total: None,
-                lag_bytes: None,
-                tables_pending: None,
+            moving: moving.map(|phase| {
+                Box::new(MoveStatus {
+                    from: "a".into(),
+                    to: "b".into(),
+                    phase,
+                    strategy: STRATEGY_COPY.into(),
+                    strategy_reason: String::new(),
+                    started_at: "2026-12-02T00:00:00Z".into(),
+                    bytes_copied: None,
+                    bytes_total: None,
+                    lag_bytes: None,
+                    tables_pending: None,
+                })
             }),
-            last_move: last.map(|(result, generation, at)| LastMove {
-                from: "a".into(),
-                to: "b".into(),
-                strategy: STRATEGY_COPY.into(),
-                result: result.into(),
-                started_at: at.into(),
-                finished_at: at.into(),
-                write_unavailable_ms: None,
-                bytes: None,
-                message: "boom".into(),
-                generation: Some(generation),
+            last_move: last.map(|(result, generation, at)| {
+                Box::new(LastMove {
+                    from: "a".into(),
+                    to: "b".into(),
+                    strategy: STRATEGY_COPY.into(),
+                    result: result.into(),
+                    started_at: at.into(),
+                    finished_at: at.into(),
+                    write_unavailable_ms: None,
+                    bytes: None,
+                    message: "boom".into(),
+                    generation: Some(generation),
+                })
             }),
             ..Default::default()
         });

@@ -312,7 +312,7 @@ async fn record(ctx: &Context, t: &Tenant, uid: &str, shard: &str) -> Result<(),
     let state = State {
         shard: shard.to_owned(),
         moving: None,
-        last_move: t.status.as_ref().and_then(|s| s.last_move.clone()),
+        last_move: t.status.as_ref().and_then(|s| s.last_move.as_deref().cloned()),
     };
     let writing = ctx.own_writes.writing(t);
     let written = write(ctx, t, uid, &state).await.map_err(ResolveError::Record)?;
@@ -350,8 +350,8 @@ pub fn with_latest<'a>(ctx: &Context, t: &'a Tenant) -> std::borrow::Cow<'a, Ten
     let mut fresh = t.clone();
     let status = fresh.status.get_or_insert_with(Default::default);
     status.shard = ctx.placements.get(&uid).or(status.shard.take());
-    status.moving = moving;
-    status.last_move = last_move;
+    status.moving = moving.map(Box::new);
+    status.last_move = last_move.map(Box::new);
     std::borrow::Cow::Owned(fresh)
 }
 

@@ -534,7 +534,9 @@ pub fn spec_manager_entry(
         .iter()
         .flatten()
         .filter(|m| m.subresource.as_deref().unwrap_or("").is_empty())
-        .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").is_some()))
+        // An entry without a field set is the one `slim` kept (the API
+        // server records one in every entry).
+        .filter(|m| m.fields_v1.as_ref().is_none_or(|f| f.0.get("f:spec").is_some()))
         .max_by_key(|m| m.time.as_ref().map(|t| t.0))
 }
 

@@ -75,12 +75,14 @@ impl MigrationSql {
     }
 }
 
-/// A recorded migration of a tenant.
+/// A recorded migration of a tenant. Its name and checksum are the same in
+/// every follower of a set: a rollout pass holds them for all of them
+/// (twice), so they are shared ([`Text`](crate::api::Text)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     pub version: i64,
-    pub name: String,
-    pub checksum: String,
+    pub name: crate::api::Text,
+    pub checksum: crate::api::Text,
 }
 
 /// A tenant's migration state, as the control schema records it.
@@ -242,8 +244,8 @@ pub async fn observe_many_with(
         if let (Some(version), Some(name), Some(checksum)) = (version, name, checksum) {
             entry.applied.push(Applied {
                 version,
-                name,
-                checksum,
+                name: name.into(),
+                checksum: checksum.into(),
             });
         }
     }
@@ -511,8 +513,8 @@ async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<
             } else {
                 locked.recorded.push(Applied {
                     version: r.try_get(0)?,
-                    name: r.try_get(1)?,
-                    checksum: r.try_get(2)?,
+                    name: r.try_get::<String, _>(1)?.into(),
+                    checksum: r.try_get::<String, _>(2)?.into(),
                 });
             }
         }
@@ -826,8 +828,8 @@ fn applied_from(rows: &[PgRow]) -> Result<Vec<Applied>, sqlx::Error> {
         .map(|r| {
             Ok(Applied {
                 version: r.try_get(0)?,
-                name: r.try_get(1)?,
-                checksum: r.try_get(2)?,
+                name: r.try_get::<String, _>(1)?.into(),
+                checksum: r.try_get::<String, _>(2)?.into(),
             })
         })
         .collect()
@@ -938,8 +940,8 @@ async fn run(
                 record.applied.push((
                     Applied {
                         version: m.version,
-                        name: m.name.clone(),
-                        checksum: m.checksum.clone(),
+                        name: m.name.as_str().into(),
+                        checksum: m.checksum.as_str().into(),
                     },
                     ms,
                 ));
@@ -1119,8 +1121,8 @@ mod tests {
     fn a(v: i64, sql: &str) -> Applied {
         Applied {
             version: v,
-            name: format!("m{v}"),
-            checksum: checksum(sql),
+            name: format!("m{v}").into(),
+            checksum: checksum(sql).into(),
         }
     }
 

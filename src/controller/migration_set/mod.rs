@@ -220,8 +220,8 @@ pub fn advance(
                 for m in plan.migrations.iter().filter(|m| applied.contains(&m.version)) {
                     v.applied.push(Applied {
                         version: m.version,
-                        name: m.name.clone(),
-                        checksum: m.checksum.clone(),
+                        name: m.name.as_str().into(),
+                        checksum: m.checksum.as_str().into(),
                     });
                 }
                 replace(&mut after, None);
@@ -242,8 +242,8 @@ pub fn advance(
                 {
                     v.applied.push(Applied {
                         version: m.version,
-                        name: m.name.clone(),
-                        checksum: m.checksum.clone(),
+                        name: m.name.as_str().into(),
+                        checksum: m.checksum.as_str().into(),
                     });
                 }
                 replace(&mut after, Some(record(*version, REASON_FAILED, error, sqlstate)));

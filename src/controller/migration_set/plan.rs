@@ -271,8 +271,8 @@ mod tests {
                 .iter()
                 .map(|(v, sql)| Applied {
                     version: *v,
-                    name: format!("m{v}"),
-                    checksum: checksum(sql),
+                    name: format!("m{v}").into(),
+                    checksum: checksum(sql).into(),
                 })
                 .collect(),
         }

@@ -219,7 +219,7 @@ mod tests {
                     vec![Applied {
                         version: 1,
                         name: "m1".into(),
-                        checksum: checksum("a"),
+                        checksum: checksum("a").into(),
                     }]
                 } else {
                     vec![]

@@ -462,8 +462,8 @@ mod tests {
                 .enumerate()
                 .map(|(i, sql)| Applied {
                     version: i as i64 + 1,
-                    name: format!("m{}", i + 1),
-                    checksum: checksum(sql),
+                    name: format!("m{}", i + 1).into(),
+                    checksum: checksum(sql).into(),
                 })
                 .collect(),
         }

@@ -22,7 +22,7 @@ use kube::{Api, ResourceExt};
 use sha2::Digest;
 use sqlx::PgPool;
 
-use crate::api::{Shard, ShardSpec, ShardState, ShardStatus, Tenant, Text, DEFAULT_SHARD};
+use crate::api::{Shard, ShardSpec, ShardState, ShardStatus, Tenant, DEFAULT_SHARD};
 use crate::controller::kit::{self, conditions::Cond};
 use crate::controller::tenant::plan::Endpoint;
 use crate::controller::Context;
@@ -509,11 +509,8 @@ async fn write_status(
         .map(|c| (c.status.clone(), c.reason.clone()));
     kit::write_status(ctx, s, old, &new).await.map_err(Error::PatchStatus)?;
     if let Some(c) = conds.first() {
-        let now_ready = (
-            Text::from(if c.status { "True" } else { "False" }),
-            Text::from(c.reason),
-        );
-        if was_ready.as_ref() != Some(&now_ready) {
+        let status = if c.status { "True" } else { "False" };
+        if was_ready.as_ref().is_none_or(|(s, r)| *s != status || *r != c.reason) {
             kit::event(ctx, s, !c.status, c.reason, c.message.clone()).await;
         }
     }

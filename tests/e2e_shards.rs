@@ -427,7 +427,13 @@ fn wait_tenant(env: &Env, tenant: &str, limit: Duration, what: &str, mut cond: i
             for l in env.operator_log().lines().filter(|l| !l.contains("\"reconciled\"")) {
                 eprintln!("{l}");
             }
-            panic!("timed out after {limit:?} waiting for {what}");
+            // The move's state in the message itself: a CI log that keeps
+            // only the head and the tail of the output still says why.
+            let state = env.jsonpath(
+                &["tenant", tenant],
+                "moving={.status.moving} lastMove={.status.lastMove} conditions={.status.conditions[?(@.type==\"Placed\")]}",
+            );
+            panic!("timed out after {limit:?} waiting for {what}: {state}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }

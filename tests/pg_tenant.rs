@@ -905,3 +905,65 @@ async fn the_admin_is_a_member_of_no_tenant_role_between_transactions() {
         .unwrap();
     assert_eq!(left, 0);
 }
+
+/// A move's write fence against a session that holds a lock on one of the
+/// tenant's tables and then waits for the table's catalog row (autovacuum's
+/// `ANALYZE` of a table just filled does both; here a `GRANT` on the table
+/// stands for it): the fence takes its locks before it revokes, so it waits
+/// for that session instead of deadlocking with it, then fences. A fence that
+/// revoked first held the row the session waits for (a deadlock, one of the
+/// two cancelled: what failed a move's cutover in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_fence_waits_for_a_lock_holder_instead_of_deadlocking() {
+    use std::time::{Duration, Instant};
+    let db = setup("fencedl").await;
+    let mut t = Tenant::new(&unique("fdl"));
+    t.converge(&db).await.unwrap();
+    seed_table(&db, &t, "row").await;
+    let docs = format!("{}.docs", t.name.schema());
+    let mut holder = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; LOCK TABLE {docs} IN SHARE UPDATE EXCLUSIVE MODE"
+    )))
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    let fence = tokio::spawn({
+        let (pool, name) = (db.admin.clone(), t.name.clone());
+        async move { pg::tenant::fence_writes(&pool, &name, Duration::from_secs(20)).await }
+    });
+    // The fence waits for its lock on the table ...
+    let mut su = db.superuser().await;
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = '{docs}'::regclass"
+        )))
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the fence never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... while the holder updates the table's catalog row, then commits.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT SELECT ON {docs} TO {}; COMMIT",
+        t.name.ops_role()
+    )))
+    .execute(&mut holder)
+    .await
+    .expect("the lock holder goes on: no deadlock with the fence");
+    fence.await.unwrap().expect("the fence, once the holder committed");
+    let mut app = t.app(&db).await.expect("the app login (the fence leaves it)");
+    let refused = sqlx::query("INSERT INTO docs (body) VALUES ('after the fence')")
+        .execute(&mut app)
+        .await
+        .expect_err("a write after the fence");
+    assert_eq!(sqlstate(&refused), "42501");
+}

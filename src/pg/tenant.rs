@@ -727,33 +727,55 @@ pub async fn terminate_sessions(pool: &PgPool, name: &TenantName) -> Result<i64,
     Ok(n)
 }
 
-/// Fences the app role's writes on `pool`: its INSERT, UPDATE, DELETE and
-/// TRUNCATE rights on the schema's tables revoked (a session that took the
-/// role before its login and gateway grant went, `SET ROLE` by the
-/// gateway, is refused at its next write), then every table locked
-/// `EXCLUSIVE` for a moment, which waits (up to `wait`) for the writes that
-/// passed the check to commit. After it no write of the app role commits
-/// there. A reconcile that converges the schema again grants them back
-/// (`GrantExistingObjects`).
+/// Fences the app role's writes on `pool`: every table of the schema
+/// locked `EXCLUSIVE`, which waits (up to `wait`) for the writes under way
+/// to commit and holds back new ones, then the app role's INSERT, UPDATE,
+/// DELETE and TRUNCATE rights on them revoked (a session that took the role
+/// before its login and gateway grant went, `SET ROLE` by the gateway, is
+/// refused at its next write: one held back by the lock checks its rights
+/// once it has the lock, and finds them gone). After it no write of the app
+/// role commits there. A reconcile that converges the schema again grants
+/// them back (`GrantExistingObjects`).
+///
+/// The locks come before the `REVOKE`: the `REVOKE` updates the tables'
+/// `pg_class` rows, and a session holding a lock on one of the tables that
+/// then waits for those rows (autovacuum's `ANALYZE` of a table just
+/// filled, a `GRANT` on it) would deadlock with a fence that revoked first
+/// and then waited for its lock. The tenant's own tables are locked before
+/// the operator's (`_tenancy_*`), in the order its writes take them (a row
+/// written, then the audit trigger's entries). A deadlock all the same (a
+/// session taking them in another order) is tried again, up to three times.
 pub async fn fence_writes(pool: &PgPool, name: &TenantName, wait: std::time::Duration) -> Result<(), PgError> {
+    let mut attempt = 1;
+    loop {
+        match fence_writes_once(pool, name, wait).await {
+            Err(e) if attempt < FENCE_ATTEMPTS && e.sqlstate().as_deref() == Some(DEADLOCK_DETECTED) => {
+                tracing::info!(tenant = %name, attempt, error = %e, "fencing the tenant's writes met a deadlock; trying again");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// How many times [`fence_writes`] tries when it meets a deadlock.
+const FENCE_ATTEMPTS: u32 = 3;
+
+/// SQLSTATE `deadlock_detected`.
+const DEADLOCK_DETECTED: &str = "40P01";
+
+async fn fence_writes_once(pool: &PgPool, name: &TenantName, wait: std::time::Duration) -> Result<(), PgError> {
     let (schema, app) = (quote_ident(&name.schema())?, quote_ident(&name.app_role())?);
     // One transaction, in which the admin is a member of the owner (the
-    // grants and the tables are the owner's): the REVOKE commits with the
-    // lock that waited for the writes under way, or not at all.
+    // grants and the tables are the owner's; the lock needs write rights
+    // on them): the REVOKE commits with the locks, or not at all.
     let mut tx = pool.begin().await.map_err(query_err("fencing the tenant's writes"))?;
     let lent = super::membership::borrow(&mut tx, &name.owner_role()).await?;
-    super::execute_all(
-        &mut tx,
-        "revoking the app role's writes",
-        vec![format!(
-            "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {schema} FROM {app}"
-        )],
-    )
-    .await?;
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1",
+          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+          ORDER BY c.relname LIKE '\\_tenancy\\_%', c.relname",
     )
     .bind(name.schema())
     .fetch_all(&mut *tx)
@@ -771,6 +793,14 @@ pub async fn fence_writes(pool: &PgPool, name: &TenantName, wait: std::time::Dur
         )
         .await?;
     }
+    super::execute_all(
+        &mut tx,
+        "revoking the app role's writes",
+        vec![format!(
+            "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {schema} FROM {app}"
+        )],
+    )
+    .await?;
     lent.give_back(&mut tx).await?;
     tx.commit()
         .await

@@ -39,6 +39,13 @@ RUN groupadd --system --gid 10001 tenant-operator \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin tenant-operator
 COPY --from=builder /out/tenant-operator /usr/local/bin/tenant-operator
 USER 10001:10001
+# glibc's malloc: two arenas (not eight per core; the 10,000-Tenant runs
+# of docs/scale.md since 2026-12-03 used two), a fixed
+# 256 KiB mmap threshold (glibc otherwise raises it up to 32 MiB as large
+# buffers are freed, and later ones then stay in the heap) and a 512 KiB trim
+# threshold. benches/scale.rs runs the operator with the same value
+# (docs/scale.md, "The operator's memory").
+ENV GLIBC_TUNABLES=glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=262144:glibc.malloc.trim_threshold=524288
 # /metrics, /healthz, /readyz
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/tenant-operator"]

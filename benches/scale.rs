@@ -12,6 +12,11 @@
 //! - migration: `kubectl apply` of a new MigrationSet version (5 DDL
 //!   statements) until its status is Complete, beside ONE psql session
 //!   running the same 5 statements per schema, one transaction each;
+//! - both again against psql running the operator's own statements for
+//!   each tenant (rendered by the operator's code: the audit log's objects
+//!   and triggers, the version table and rows included), so the ratio
+//!   splits into what the product's DDL costs and what the operator's
+//!   machinery (observations, logins, the API server) adds;
 //! - the ratios, the operator's peak RSS, the CPU time of the API test
 //!   server against the whole machine's, the failed reconciles (the
 //!   operator's `reconcile_errors` metric), and an idle resync's writes
@@ -58,6 +63,12 @@ fn release_bin(name: &str) -> PathBuf {
     }
     bin
 }
+
+/// glibc's malloc settings that the operator's image sets (Dockerfile, ENV
+/// GLIBC_TUNABLES): two arenas, a fixed mmap threshold of 256 KiB and a
+/// trim threshold of 512 KiB (docs/scale.md, "The operator's memory").
+const IMAGE_GLIBC_TUNABLES: &str =
+    "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=262144:glibc.malloc.trim_threshold=524288";
 
 /// The one table of the first version.
 const V1: &str =
@@ -107,6 +118,107 @@ RESET ROLE; REVOKE {owner} FROM CURRENT_USER;
 COMMIT;
 "
     )
+}
+
+/// What the operator itself runs to provision tenant `i`, in one psql
+/// transaction: its plan for a new tenant rendered by the operator's own
+/// code (`plan_db` on an empty catalog, `pg::tenant::render`: roles,
+/// schema, grants, default privileges, role settings, the owner
+/// membership borrowed and given back), the database's CONNECT grant, the
+/// first migration as its runner does it (the version table, the table,
+/// its version row) and the audit log's objects (`pg::audit::plan` on a
+/// fresh schema with that table: the tables, the functions, the guard, the
+/// table's triggers). Left out: what lives in the control schema (the
+/// registry, the anchor function, the recorded versions) and the reads a
+/// reconcile makes; so this baseline asks psql for the statements whose
+/// cost is the product's, and the ratio against it is what the operator's
+/// own machinery costs on top.
+fn baseline_tenant_full(i: usize, db: &str) -> String {
+    use tenant_operator::controller::tenant::plan::{desired_db, plan_db};
+    use tenant_operator::pg::audit::{plan as audit_plan, render as audit_render, AuditState};
+    use tenant_operator::pg::tenant::{render, CatalogState, DbAction};
+    let name = tenant_operator::names::TenantName::parse(&format!("f{i:05}")).expect("a valid name");
+    let uid = format!("00000000-0000-4000-8000-{i:012}");
+    let spec: tenant_operator::api::TenantSpec = serde_json::from_str("{}").expect("an empty spec");
+    let desired = desired_db(&name, &spec).expect("the default spec plans");
+    let plan = plan_db(&name, &uid, &desired, &CatalogState::default(), None).expect("a new tenant plans");
+    let (schema, owner) = (name.schema(), name.owner_role());
+    let mut sql = vec!["BEGIN".to_string()];
+    let mut give_back = Vec::new();
+    for a in &plan.actions {
+        let stmts = render(a, &name, &uid).expect("render");
+        match a {
+            DbAction::RevokeOwnerFromAdmin => give_back = stmts,
+            DbAction::GrantConnect => sql.push(format!(
+                "GRANT CONNECT ON DATABASE {db} TO {}, {}",
+                name.app_role(),
+                name.ops_role()
+            )),
+            _ => sql.extend(stmts),
+        }
+    }
+    sql.push(format!("SET LOCAL ROLE {owner}"));
+    sql.push(format!("SET LOCAL search_path TO {schema}"));
+    sql.push(tenant_operator::pg::migrations::create_version_table_sql(&name).expect("version table"));
+    sql.push(V1.into());
+    sql.push(format!(
+        "INSERT INTO {schema}.{} (version, name, checksum, duration_ms) VALUES (1, 'items', '{}', 0)",
+        tenant_operator::pg::migrations::VERSION_TABLE,
+        tenant_operator::pg::migrations::checksum(V1)
+    ));
+    let fresh = AuditState {
+        schema_exists: true,
+        untriggered: vec!["items".into()],
+        ..AuditState::default()
+    };
+    for a in audit_plan(&fresh, None) {
+        sql.extend(audit_render(&a, &name).expect("render"));
+    }
+    sql.push("RESET ROLE".into());
+    sql.extend(give_back);
+    sql.push("COMMIT".into());
+    sql.join(";\n") + ";\n"
+}
+
+/// The migration as the operator runs it on tenant `i` of
+/// [`baseline_tenant_full`]: the 5 statements, the version row and the
+/// audit triggers of the two new tables (`pg::audit::plan` with every
+/// other audit object in place), as the owner in one transaction.
+fn baseline_migration_full(i: usize) -> String {
+    use tenant_operator::pg::audit::{plan as audit_plan, render as audit_render, AuditState};
+    let name = tenant_operator::names::TenantName::parse(&format!("f{i:05}")).expect("a valid name");
+    let (schema, owner) = (name.schema(), name.owner_role());
+    let mut sql = vec![
+        "BEGIN".to_string(),
+        format!("GRANT {owner} TO CURRENT_USER"),
+        format!("SET LOCAL ROLE {owner}"),
+        format!("SET LOCAL search_path TO {schema}"),
+        v2(),
+        format!(
+            "INSERT INTO {schema}.{} (version, name, checksum, duration_ms) VALUES (2, 'events', '{}', 0)",
+            tenant_operator::pg::migrations::VERSION_TABLE,
+            tenant_operator::pg::migrations::checksum(&v2())
+        ),
+    ];
+    let converged = AuditState {
+        schema_exists: true,
+        table: true,
+        head: true,
+        pending: true,
+        functions_current: true,
+        guard: true,
+        untriggered: vec!["event_tags".into(), "events".into()],
+        ..AuditState::default()
+    };
+    for a in audit_plan(&converged, None) {
+        sql.extend(audit_render(&a, &name).expect("render"));
+    }
+    sql.extend([
+        "RESET ROLE".to_string(),
+        format!("REVOKE {owner} FROM CURRENT_USER"),
+        "COMMIT".into(),
+    ]);
+    sql.join(";\n") + ";\n"
 }
 
 /// The migration as plain psql runs it: as the owner, a member of it for the
@@ -345,11 +457,15 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
+    assert!(
+        include_str!("../Dockerfile").contains(&format!("GLIBC_TUNABLES={IMAGE_GLIBC_TUNABLES}")),
+        "the Dockerfile's GLIBC_TUNABLES differ from IMAGE_GLIBC_TUNABLES: keep them the same"
+    );
     let su_url = env("TEST_PG_SUPERUSER_URL");
     let admin_url = env("TEST_PG_ADMIN_URL");
     let pg_log = env("TEST_PG_LOG");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (op_db, base_db) = ("scale_op", "scale_psql");
+    let (op_db, base_db, full_db) = ("scale_op", "scale_psql", "scale_psql_full");
     let mut su = PgConnection::connect(&su_url).await.expect("superuser connects");
     // psql's baseline runs as an admin role of its own, made like the
     // operator's (CREATEROLE, pg_signal_backend): roles are the cluster's,
@@ -365,12 +481,14 @@ async fn main() {
         .expect("a password");
     // The old baseline database goes first: it holds the old role's objects,
     // and DROP DATABASE may not share a message with other statements.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {base_db} WITH (FORCE)"
-    )))
-    .execute(&mut su)
-    .await
-    .expect("drop the baseline's database");
+    for db in [base_db, full_db] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&mut su)
+        .await
+        .expect("drop the baseline's database");
+    }
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP ROLE IF EXISTS {psql_admin}; \
          CREATE ROLE {psql_admin} LOGIN CREATEROLE PASSWORD '{psql_password}'; GRANT pg_signal_backend TO {psql_admin}"
@@ -378,7 +496,7 @@ async fn main() {
     .execute(&mut su)
     .await
     .expect("the baseline's admin role");
-    for (db, owner) in [(op_db, "tenancy_admin"), (base_db, psql_admin)] {
+    for (db, owner) in [(op_db, "tenancy_admin"), (base_db, psql_admin), (full_db, psql_admin)] {
         // One statement per message: neither may run in a transaction block.
         for stmt in [
             format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
@@ -390,15 +508,16 @@ async fn main() {
                 .expect("create database");
         }
     }
-    let base_url = {
-        let mut u = url::Url::parse(&with_db(&admin_url, base_db)).expect("admin URL");
+    let psql_url = |db: &str| {
+        let mut u = url::Url::parse(&with_db(&admin_url, db)).expect("admin URL");
         u.set_username(psql_admin).expect("user");
         u.set_password(Some(&psql_password)).expect("password");
         u.to_string()
     };
+    let (base_url, full_url) = (psql_url(base_db), psql_url(full_db));
     let op_url = with_db(&admin_url, op_db);
-    // The operator's start-up hardening, on both.
-    for url in [&op_url, &base_url] {
+    // The operator's start-up hardening, on all three.
+    for url in [&op_url, &base_url, &full_url] {
         let db = url.rsplit_once('/').map(|(_, d)| d).unwrap_or_default();
         let mut c = PgConnection::connect(url).await.expect("admin connects");
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -484,6 +603,17 @@ async fn main() {
         }
         None => Command::new(release_bin("tenant-operator")),
     };
+    // The image's malloc settings (Dockerfile), so the RSS measured is the
+    // RSS shipped; BENCH_GLIBC_TUNABLES overrides them ("" = glibc's
+    // defaults).
+    let tunables = std::env::var("BENCH_GLIBC_TUNABLES").unwrap_or_else(|_| IMAGE_GLIBC_TUNABLES.into());
+    if !tunables.is_empty() {
+        operator.env("GLIBC_TUNABLES", &tunables);
+    }
+    eprintln!(
+        "operator's GLIBC_TUNABLES: {}",
+        if tunables.is_empty() { "(none)" } else { &tunables }
+    );
     let operator = operator
         .arg("run")
         .env("KUBECONFIG", &kubeconfig)
@@ -525,6 +655,25 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // --- provisioning
+    // First psql running the operator's own statements, then its database
+    // and roles dropped (roles are the cluster's: left, they would make
+    // the two measurements after it work on a larger pg_authid).
+    let full_prov: String = (0..n).map(|i| baseline_tenant_full(i, full_db)).collect();
+    let psql_full_prov = psql_file(&full_url, &full_prov, dir.path(), "baseline-provision-full");
+    let full_mig: String = (0..n).map(baseline_migration_full).collect();
+    let psql_full_mig = psql_file(&full_url, &full_mig, dir.path(), "baseline-migration-full");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {full_db} WITH (FORCE)")))
+        .execute(&mut su)
+        .await
+        .expect("drop the full baseline's database");
+    let drops: String = (0..n)
+        .flat_map(|i| {
+            let t = tenant_operator::names::TenantName::parse(&format!("f{i:05}")).expect("a valid name");
+            [t.app_role(), t.ops_role(), t.owner_role()]
+        })
+        .map(|r| format!("DROP ROLE {r};\n"))
+        .collect();
+    psql_file(&base_url, &drops, dir.path(), "baseline-full-drop-roles");
     let base_prov: String = (0..n).map(|i| baseline_tenant(i, base_db)).collect();
     let psql_prov = psql_file(&base_url, &base_prov, dir.path(), "baseline-provision");
     let manifests: String = (0..n)
@@ -565,10 +714,12 @@ async fn main() {
     let secs = |d: Duration| d.as_secs_f64();
     // As it goes (a run of 10,000 takes long): the summary below repeats it.
     eprintln!(
-        "provisioning: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_prov} failed reconciles",
+        "provisioning: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_prov} failed reconciles; psql running the operator's statements {:.2} s ({:.2}x)",
         secs(psql_prov),
         secs(op_prov),
-        secs(op_prov) / secs(psql_prov)
+        secs(op_prov) / secs(psql_prov),
+        secs(psql_full_prov),
+        secs(op_prov) / secs(psql_full_prov)
     );
     profile_print(&mut su, op_db, "provisioning").await;
 
@@ -596,10 +747,12 @@ async fn main() {
     let errors_mig = scrape_errors(metrics_port).await - errors_prov;
     let rss_mig = rss_at("the set Complete");
     eprintln!(
-        "migration: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_mig} failed reconciles",
+        "migration: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_mig} failed reconciles; psql running the operator's statements {:.2} s ({:.2}x)",
         secs(psql_mig),
         secs(op_mig),
-        secs(op_mig) / secs(psql_mig)
+        secs(op_mig) / secs(psql_mig),
+        secs(psql_full_mig),
+        secs(op_mig) / secs(psql_full_mig)
     );
     profile_print(&mut su, op_db, "the migration").await;
 
@@ -678,10 +831,22 @@ async fn main() {
         secs(op_prov) / secs(psql_prov)
     );
     println!(
+        "| provisioning, psql running the operator's own statements (audit objects included) | {:.2} s | {:.2} s | {:.2}x |",
+        secs(psql_full_prov),
+        secs(op_prov),
+        secs(op_prov) / secs(psql_full_prov)
+    );
+    println!(
         "| 5-DDL migration, apply to Complete | {:.2} s | {:.2} s | {:.2}x |",
         secs(psql_mig),
         secs(op_mig),
         secs(op_mig) / secs(psql_mig)
+    );
+    println!(
+        "| migration, psql running the operator's own statements (audit triggers, version row) | {:.2} s | {:.2} s | {:.2}x |",
+        secs(psql_full_mig),
+        secs(op_mig),
+        secs(op_mig) / secs(psql_full_mig)
     );
     println!();
     println!("kubectl apply of {n} Tenants alone: {:.2} s", secs(kubectl_apply));

@@ -756,7 +756,7 @@ fn pg_error_parts(e: &sqlx::Error) -> (String, Option<String>) {
 /// transaction. The owner's default privileges give the app role DML on
 /// it; the app keeps only SELECT (it may read its schema version, not
 /// forge it). Identifiers are quoted validated names.
-fn create_version_table_sql(name: &TenantName) -> Result<String, PgError> {
+pub fn create_version_table_sql(name: &TenantName) -> Result<String, PgError> {
     let schema = quote_ident(&name.schema())?;
     let app = quote_ident(&name.app_role())?;
     Ok(format!(

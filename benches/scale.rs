@@ -200,16 +200,7 @@ fn baseline_migration_full(i: usize) -> String {
             tenant_operator::pg::migrations::checksum(&v2())
         ),
     ];
-    let converged = AuditState {
-        schema_exists: true,
-        table: true,
-        head: true,
-        pending: true,
-        functions_current: true,
-        guard: true,
-        untriggered: vec!["event_tags".into(), "events".into()],
-        ..AuditState::default()
-    };
+    let converged = AuditState::objects_present(vec!["event_tags".into(), "events".into()]);
     for a in audit_plan(&converged, None) {
         sql.extend(audit_render(&a, &name).expect("render"));
     }

@@ -480,17 +480,9 @@ pub async fn observe_in_tx(
         .map_err(query_err("decoding the tenant's audit objects"))?;
     if let Some(u) = converged_untriggered(&facts, &AuditFns::of(name), &bodies, exclude) {
         let state = AuditState {
-            schema_exists: true,
-            table: true,
-            head: true,
-            pending: true,
-            functions_current: true,
-            guard: true,
-            untriggered: u.untriggered,
             stale: u.stale,
             excluded_triggered: u.excluded_triggered,
-            misshapen: Vec::new(),
-            legacy_functions: false,
+            ..AuditState::objects_present(u.untriggered)
         };
         return Ok((state, Observation::Light));
     }

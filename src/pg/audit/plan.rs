@@ -53,6 +53,23 @@ pub struct AuditState {
     pub misshapen: Vec<String>,
 }
 
+impl AuditState {
+    /// A schema whose audit objects (tables, functions, guard) are all in
+    /// place, with `untriggered` tables still lacking their triggers.
+    pub fn objects_present(untriggered: Vec<String>) -> Self {
+        AuditState {
+            schema_exists: true,
+            table: true,
+            head: true,
+            pending: true,
+            functions_current: true,
+            guard: true,
+            untriggered,
+            ..AuditState::default()
+        }
+    }
+}
+
 /// The tenant's anchoring, as the catalog and `tenancy.audit_heads` show
 /// it (read by the admin: catalogs and the control schema only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

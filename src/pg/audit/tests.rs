@@ -18,19 +18,7 @@ fn n(s: &str) -> TenantName {
 }
 
 fn full() -> AuditState {
-    AuditState {
-        schema_exists: true,
-        table: true,
-        head: true,
-        pending: true,
-        functions_current: true,
-        guard: true,
-        untriggered: vec![],
-        stale: vec![],
-        excluded_triggered: vec![],
-        misshapen: vec![],
-        legacy_functions: false,
-    }
+    AuditState::objects_present(vec![])
 }
 
 /// What the in-transaction check reads of a converged schema with the

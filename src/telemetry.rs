@@ -141,7 +141,7 @@ pub struct Metrics {
     watchdog_named: Mutex<std::collections::HashSet<String>>,
     watchdog_errors: Counter,
     /// Light Tenant reconciles, per kind (`rolling_out`: no Postgres;
-    /// `settled`: the versions read).
+    /// `settled`: the versions read; `rate_limits`: no Postgres).
     light_reconciles: Family<KindLabel, Counter>,
     /// Sessions signalled per tenant since start (status.usage.cancellations).
     watchdog_per_tenant: Mutex<std::collections::HashMap<String, u64>>,
@@ -271,7 +271,7 @@ fn phase_label(p: Option<TenantPhase>) -> &'static str {
 
 impl Metrics {
     /// Records a light Tenant reconcile (`controller::tenant::triggers`) of
-    /// `kind` (`rolling_out` or `settled`).
+    /// `kind` (`rolling_out`, `settled` or `rate_limits`).
     pub fn light_reconcile(&self, kind: &'static str) {
         self.light_reconciles.get_or_create(&KindLabel { kind }).inc();
     }

@@ -524,6 +524,16 @@ fn tenant_reconciles(env: &Env) -> u64 {
         .unwrap_or_else(|| panic!("no tenant reconcile count in /metrics:\n{m}"))
 }
 
+/// Light Tenant reconciles of `kind` so far (0 before the first).
+fn light_reconciles(env: &Env, kind: &str) -> u64 {
+    let m = get_metrics(env, "operator.log");
+    let prefix = format!("tenant_operator_tenant_light_reconciles_total{{kind=\"{kind}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim().parse::<u64>().expect("a count"))
+        .unwrap_or(0)
+}
+
 /// The count once it has not moved for `quiet`.
 fn settled_reconciles(env: &Env, quiet: Duration) -> u64 {
     let mut last = tenant_reconciles(env);
@@ -577,6 +587,77 @@ async fn a_tenants_own_status_write_starts_no_reconcile_of_its_own() {
     );
 }
 
+/// A new tenant is observed in Postgres once. The rate-limit writer renders
+/// its limits about a second after the reconcile that provisioned it, and
+/// brings it back for `RateLimitsApplied` alone: a light reconcile, which
+/// rewrites that condition without observing Postgres
+/// (src/controller/tenant/triggers.rs). A changed limit is a spec change:
+/// one full reconcile, then the writer's light one again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rate_limit_writers_report_is_answered_by_a_light_reconcile() {
+    let env = Env::start_with("ops_rl_light", None, &[("RESYNC_SECONDS", "600")]).await;
+    wait_for(Duration::from_secs(20), "the metrics address", || {
+        metrics_addr(&env.operator_log()).is_some()
+    });
+    let rl = |t: &str| {
+        env.jsonpath(
+            &["tenant", t],
+            "{.status.conditions[?(@.type==\"RateLimitsApplied\")].status}|{.status.conditions[?(@.type==\"RateLimitsApplied\")].message}",
+        )
+    };
+    // A first tenant, so the counters exist; the one counted is the second.
+    let first = unique("rl");
+    env.apply_ready(&first, "");
+    wait_for(
+        Duration::from_secs(30),
+        "the first tenant's RateLimitsApplied True",
+        || rl(&first).starts_with("True|"),
+    );
+    let before = settled_reconciles(&env, Duration::from_secs(3));
+    let light_before = light_reconciles(&env, "rate_limits");
+    let a = unique("rl");
+    env.apply_ready(&a, "");
+    wait_for(Duration::from_secs(30), "RateLimitsApplied True", || {
+        rl(&a).starts_with("True|")
+    });
+    let after = settled_reconciles(&env, Duration::from_secs(3));
+    let light = light_reconciles(&env, "rate_limits") - light_before;
+    let log = || support::e2e::tail(&env.operator_log(), 60);
+    assert!(light >= 1, "the writer's report ran no light reconcile:\n{}", log());
+    assert_eq!(
+        after - before - light,
+        1,
+        "a new tenant ran {} full reconciles ({light} light):\n{}",
+        after - before - light,
+        log()
+    );
+    assert_eq!(
+        env.jsonpath(&["tenant", &a], "{.status.conditions[?(@.type==\"Ready\")].status}"),
+        "True"
+    );
+
+    // A new limit: the spec change's full reconcile says Pending, the
+    // writer's report (light) says the new limit is rendered.
+    env.patch_tenant(
+        &a,
+        r#"{"spec":{"rateLimits":{"api":{"requestsPerUnit":7,"unit":"second"}}}}"#,
+    );
+    wait_for(Duration::from_secs(30), "the new limit rendered", || {
+        let s = rl(&a);
+        s.starts_with("True|") && s.contains("api 7/second")
+    });
+    let changed = settled_reconciles(&env, Duration::from_secs(3));
+    let light_changed = light_reconciles(&env, "rate_limits") - light_before - light;
+    assert!(light_changed >= 1, "no light reconcile for the new limit:\n{}", log());
+    assert_eq!(
+        changed - after - light_changed,
+        1,
+        "a changed limit ran {} full reconciles:\n{}",
+        changed - after - light_changed,
+        log()
+    );
+}
+
 /// The light reconcile (src/controller/tenant/triggers.rs): when a
 /// MigrationSet starts rolling a new version out, its followers still
 /// shown `UpToDate` at the old one are told `RollingOut` from the watch
@@ -622,15 +703,7 @@ async fn a_rollout_tells_its_waiting_followers_rolling_out_without_postgres() {
     wait_for(Duration::from_secs(20), "the metrics address", || {
         metrics_addr(&env.operator_log()).is_some()
     });
-    // Light reconciles of a kind so far (0 before the first).
-    let light_of = |kind: &str| {
-        let m = get_metrics(&env, "operator.log");
-        let prefix = format!("tenant_operator_tenant_light_reconciles_total{{kind=\"{kind}\"}} ");
-        m.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .map(|v| v.trim().parse::<u64>().expect("a count"))
-            .unwrap_or(0)
-    };
+    let light_of = |kind: &str| light_reconciles(&env, kind);
     let light = || light_of("rolling_out");
     assert_eq!((light(), light_of("settled")), (0, 0), "no rollout yet");
     // Quiet first: a full reconcile running as the new version is applied

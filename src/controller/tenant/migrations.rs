@@ -140,19 +140,13 @@ fn rolling_out(current: i64, latest: i64, set_name: &str) -> Cond {
 /// deleted, shown `UpToDate` (or `RollingOut`) at a version below the set's
 /// latest, and not listed as failed. Gives the version shown. Pure.
 fn behind_and_steady(t: &Tenant, set: &MigrationSet) -> Option<i64> {
-    use crate::api::TenantPhase;
     let set_name = set.metadata.name.as_deref()?;
     let status = t.status.as_ref()?;
     let set_status = set.status.as_ref()?;
     let latest = set_status.latest_version?;
     let shown = status.schema_version?;
     let tenant = t.metadata.name.as_deref()?;
-    let steady = t.metadata.deletion_timestamp.is_none()
-        && t.spec.database.migration_set == set_name
-        && status.observed_generation == t.metadata.generation
-        && matches!(status.phase, Some(TenantPhase::Active | TenantPhase::Suspended))
-        && status.moving.is_none()
-        && super::status::condition(Some(status), "Ready").is_some_and(|c| c.status == "True");
+    let steady = t.spec.database.migration_set == set_name && super::status::steady(t);
     let migrations = super::status::condition(Some(status), CONDITION)?;
     let behind = shown < latest
         && (migrations.reason == "UpToDate" || migrations.reason == "RollingOut")
@@ -164,21 +158,7 @@ fn behind_and_steady(t: &Tenant, set: &MigrationSet) -> Option<i64> {
 /// `version`, nothing else changed; `None` when that is what it shows. Pure.
 pub fn with_migrations(t: &Tenant, cond: &Cond, version: i64, now: &str) -> Option<crate::api::TenantStatus> {
     let status = t.status.as_ref()?;
-    let merged = crate::controller::kit::conditions::merge_conditions(
-        &status.conditions,
-        std::slice::from_ref(cond),
-        t.metadata.generation,
-        now,
-    );
-    let mut next = status.clone();
-    let mut found = false;
-    for c in next.conditions.iter_mut().filter(|c| c.type_ == CONDITION) {
-        *c = merged[0].clone();
-        found = true;
-    }
-    if !found {
-        return None;
-    }
+    let mut next = super::status::replace_condition(status, cond, t.metadata.generation, now)?;
     next.schema_version = Some(version);
     (next != *status).then_some(next)
 }

@@ -47,6 +47,7 @@ use crate::controller::Context;
 use crate::names::TenantName;
 use crate::pg::tenant::{DbAction, RegistryWrite};
 use crate::pg::PgError;
+use triggers::Light;
 
 /// Errors of one Tenant reconcile, named after the failed action.
 #[derive(Debug, thiserror::Error)]
@@ -191,8 +192,15 @@ pub async fn run(
             .collect();
         futures::stream::iter(waiting)
     });
-    let mark = mark_full.clone();
-    let rate_limits_reported = rate_limits_reported.inspect(move |r| mark(&r.name));
+    // The rate-limit writer's report asks for `RateLimitsApplied` only: a
+    // light reconcile unless something else waits beside it.
+    let rl_marking = ctx.clone();
+    let rl_store = tenants.store();
+    let rate_limits_reported = rate_limits_reported.inspect(move |r| {
+        if rl_store.get(r).is_some() {
+            rl_marking.triggers.rate_limits(&r.name);
+        }
+    });
     // A rotation brings every Tenant back, each for a full reconcile.
     let rotating = ctx.clone();
     let rotate_cache = tenants.store();
@@ -354,8 +362,11 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
         if t.metadata.deletion_timestamp.is_some() {
             cleanup(&t, &ctx).await
         } else if let Some((kind, status)) = match &light {
-            Some(set) => light_status(&t, set, &ctx).await,
-            None => None,
+            Light::RollingOut(set) => light_status(&t, set, &ctx).await,
+            Light::RateLimits => rate_limits_cond(&ctx, &t)
+                .and_then(|c| status::with_rate_limits(&t, &c, &now()))
+                .map(|s| ("rate_limits", s)),
+            Light::Full => None,
         } {
             apply::write_status(&ctx, &t, status).await?;
             ctx.metrics.light_reconcile(kind);

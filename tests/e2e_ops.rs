@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use sqlx::Connection as _;
 use support::e2e::{http_get, metrics_addr, tenant_yaml, wait_for, Env, NAMESPACE};
 use support::tools::{self, documents, render};
 use support::unique;
@@ -585,6 +586,60 @@ async fn a_tenants_own_status_write_starts_no_reconcile_of_its_own() {
         "an annotation ran {} reconciles",
         annotated - after
     );
+}
+
+/// The usage sampler's writes of `status.usage` are the operator's own: the
+/// Tenant controller reads nothing of it, so their echo starts no reconcile
+/// (each started a full one, a second observation of every new tenant in a
+/// provisioning burst).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_samplers_writes_start_no_reconcile() {
+    let env = Env::start_with(
+        "ops_usage_echo",
+        None,
+        &[("RESYNC_SECONDS", "600"), ("USAGE_INTERVAL_SECONDS", "1")],
+    )
+    .await;
+    wait_for(Duration::from_secs(20), "the metrics address", || {
+        metrics_addr(&env.operator_log()).is_some()
+    });
+    let a = unique("use");
+    env.apply_ready(&a, "");
+    let sessions = || {
+        env.jsonpath(&["tenant", &a], "{.status.usage.sessions}")
+            .trim()
+            .to_string()
+    };
+    wait_for(Duration::from_secs(30), "a first status.usage", || sessions() == "0");
+    let before = settled_reconciles(&env, Duration::from_secs(3));
+    let rv = || env.jsonpath(&["tenant", &a], "{.metadata.resourceVersion}");
+    let rv_before = rv();
+    // Two of the app's sessions, then none: two more usage writes.
+    let uri = env.secret_value(&format!("tenant-{a}-db"), "uri");
+    let one = sqlx::PgConnection::connect(&uri).await.expect("app login");
+    let two = sqlx::PgConnection::connect(&uri).await.expect("app login");
+    wait_for(Duration::from_secs(30), "status.usage.sessions = 2", || {
+        sessions() == "2"
+    });
+    one.close().await.expect("close");
+    two.close().await.expect("close");
+    wait_for(Duration::from_secs(30), "status.usage.sessions = 0", || {
+        sessions() == "0"
+    });
+    assert_ne!(rv(), rv_before, "the sampler wrote the Tenant");
+    let after = settled_reconciles(&env, Duration::from_secs(3));
+    assert_eq!(
+        after - before,
+        0,
+        "the usage writes ran {} reconciles:\n{}",
+        after - before,
+        support::e2e::tail(&env.operator_log(), 60)
+    );
+    // Anyone else's write still starts one.
+    env.kubectl_ok(&["annotate", "tenant", &a, "example.com/note=hello"]);
+    wait_for(Duration::from_secs(30), "a reconcile for the annotation", || {
+        tenant_reconciles(&env) > after
+    });
 }
 
 /// A new tenant is observed in Postgres once. The rate-limit writer renders

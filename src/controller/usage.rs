@@ -186,7 +186,8 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
             b.values().flatten().cloned().collect()
         };
         ctx.metrics.set_usage(&all, &cancellations);
-        let writes = match ctx.metrics.tenant_store.get() {
+        let store = ctx.metrics.tenant_store.get();
+        let writes = match store {
             Some(store) => decide(
                 &figs,
                 |name, uid| {
@@ -202,7 +203,11 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
         let due = writes.len();
         let mut written = 0;
         for (name, usage) in writes.into_iter().take(WRITES_PER_SAMPLE) {
-            match super::tenant::apply::write_usage(&ctx, &name, &usage).await {
+            // `decide` found it in the store; a Tenant deleted since is left.
+            let Some(t) = store.and_then(|s| s.get(&ObjectRef::new(&name))) else {
+                continue;
+            };
+            match super::tenant::apply::write_usage(&ctx, &t, &usage).await {
                 Ok(true) => written += 1,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(tenant = %name, error = %e, "writing status.usage failed"),

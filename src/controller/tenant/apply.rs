@@ -148,12 +148,28 @@ pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Re
 }
 
 /// Writes `status.usage` alone (the usage sampler's figures,
-/// src/controller/usage.rs); returns whether it wrote.
-pub async fn write_usage(ctx: &Context, name: &str, usage: &crate::api::TenantUsage) -> Result<bool, Error> {
-    kit::apply_status::<Tenant>(ctx, name, USAGE_FIELD_MANAGER, json!({ "usage": usage }), false)
-        .await
-        .map(|w| w.is_some())
-        .map_err(Error::PatchStatus)
+/// src/controller/usage.rs) of `t` (the cached Tenant); returns whether it
+/// wrote. The write is noted as the operator's own (`super::echoes`): the
+/// Tenant controller reads nothing of `status.usage`, so its echo starts no
+/// reconcile (it started a full one, a second observation of each new
+/// tenant during a provisioning burst and of each migrated one during a
+/// rollout, whose sizes the sampler writes).
+pub async fn write_usage(ctx: &Context, t: &Tenant, usage: &crate::api::TenantUsage) -> Result<bool, Error> {
+    let writing = ctx.own_writes.writing(t);
+    let written = kit::apply_status::<Tenant>(
+        ctx,
+        &t.name_any(),
+        USAGE_FIELD_MANAGER,
+        json!({ "usage": usage }),
+        false,
+    )
+    .await
+    .map_err(Error::PatchStatus)?;
+    if let Some(w) = &written {
+        ctx.own_writes.note(w);
+    }
+    drop(writing);
+    Ok(written.is_some())
 }
 
 /// Annotations on the sealed Secret: the root key version and fingerprint.

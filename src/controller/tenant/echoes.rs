@@ -22,7 +22,10 @@
 //! - a status saying `Ready` is `True`, written at the end of a reconcile
 //!   that converged everything. A status saying anything else (waiting,
 //!   failed, provisioning) is not noted: its echo brings the tenant back as
-//!   before, for whatever may rely on it.
+//!   before, for whatever may rely on it;
+//! - the usage sampler's `status.usage`, which no reconcile reads (its echo
+//!   was a full reconcile of each new tenant in a provisioning burst, and of
+//!   each migrated one in a rollout, finding nothing to do).
 //!
 //! The moves' status writes are never noted: a move goes step by step.
 //! A deleted object's event carries the version of its deletion, never a

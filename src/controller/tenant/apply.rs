@@ -69,9 +69,11 @@ pub async fn converge_secret(
         return Ok(false);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let writing = ctx.own_writes.writing(&secret.0);
     let written = Wiped(kit::apply(&api, &secret.0).await.map_err(Error::WriteSecret)?);
     // The reconcile goes on from here: the echo brings nothing new.
     ctx.own_writes.note(&written.0);
+    drop(writing);
     drop(written);
     Ok(true)
 }
@@ -294,8 +296,10 @@ pub async fn converge_sealed(
             type_: Some("Opaque".into()),
             ..Secret::default()
         };
+        let writing = ctx.own_writes.writing(&secret);
         let written = kit::apply(&api, &secret).await.map_err(Error::WriteSecret)?;
         ctx.own_writes.note(&written);
+        drop(writing);
         if plan.sealed > 0 {
             // Envelopes under another root key were re-sealed: a key rotation.
             let previous: Vec<String> = sealing::versions_of(&existing_data)

@@ -11,8 +11,8 @@
 //! So the reconcile notes the `resourceVersion` each such write returned,
 //! and the Tenant stream drops the one event that shows exactly that
 //! version. The API server may send the event before the write's answer
-//! arrives: an event of a Tenant with a write in flight waits for it (at
-//! most [`WAIT_FOR_WRITE`]) before it is judged. Only that event: a change
+//! arrives: an event of a Tenant or Secret with a write in flight waits for
+//! it (at most [`WAIT_FOR_WRITE`]) before it is judged. Only that event: a change
 //! made by anyone else has a version of its own (the API server gives every write a new one), so it still starts
 //! a reconcile, and so does a relist that finds a newer object. Notes are
 //! made only for writes the reconcile acts on itself:
@@ -280,5 +280,36 @@ mod tests {
         // No write in flight: no wait, and another tenant's write holds no one.
         let _other = own.writing(&tenant("globex", "1"));
         assert!(!own.is_echo_after_writes(key(&tenant("acme", "6"))).await);
+    }
+
+    /// The Secret watch sees metadata only, the write holds the whole
+    /// Secret: the event of a Secret whose write is still on its way waits
+    /// for it too (before, it was judged at once, and a new tenant's
+    /// connection Secret could start a second full reconcile).
+    #[tokio::test]
+    async fn a_secrets_event_before_its_writes_answer_waits_for_it() {
+        let own = std::sync::Arc::new(OwnWrites::default());
+        let mut s = Secret::default();
+        s.metadata.name = Some("tenant-acme-db".into());
+        s.metadata.namespace = Some("tenancy".into());
+        let writing = own.writing(&s);
+        let mut meta = PartialObjectMeta::<Secret> {
+            types: None,
+            metadata: s.metadata.clone(),
+            _phantom: Default::default(),
+        };
+        meta.metadata.resource_version = Some("9".into());
+        let waiting = tokio::spawn({
+            let own = own.clone();
+            let key = key(&meta);
+            async move { own.is_echo_after_writes(key).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the Secret's event did not wait for its write");
+        s.metadata.resource_version = Some("9".into());
+        own.note(&s);
+        drop(writing);
+        assert!(waiting.await.unwrap(), "the Secret's echo was not recognised");
+        assert_eq!(own.pending(), 0);
     }
 }

@@ -227,6 +227,17 @@ pub async fn run(
             !echo
         }
     });
+    // The tenants' own Secrets likewise: the echo of a Secret the reconcile
+    // wrote (and went on from) starts none, once the write has returned (the
+    // watch may bring its event first, as for Tenants).
+    let own_secret_events = {
+        use kube::runtime::WatchStreamExt;
+        watcher(own_secrets, own_cfg).touched_objects().filter(move |ev| {
+            let own = own_secret_writes.clone();
+            let key = ev.as_ref().ok().and_then(echoes::key);
+            async move { !own.own_writes.is_echo_after_writes(key).await }
+        })
+    };
     let set_marks = ctx.clone();
     let mark_secret = mark_full.clone();
     let mark_job = mark_full.clone();
@@ -247,10 +258,7 @@ pub async fn run(
             }
             refs
         })
-        .watches(own_secrets, own_cfg, move |s: PartialObjectMeta<Secret>| {
-            if own_secret_writes.own_writes.is_echo(&s) {
-                return None;
-            }
+        .watches_stream(own_secret_events, move |s: PartialObjectMeta<Secret>| {
             let name = s.labels().get(labels::TENANT_LABEL)?;
             mark_secret(name);
             Some(ObjectRef::<Tenant>::new(name))

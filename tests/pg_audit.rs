@@ -1166,6 +1166,92 @@ async fn a_disabled_or_dropped_audit_trigger_is_put_back_by_the_next_reconcile()
     verified(&db, &t).await;
 }
 
+/// A migration run creates the audit objects it finds missing in its own
+/// transaction, under the tenant's migration lock; the reconcile's audit
+/// step creates them too. Two sessions creating the same table at once make
+/// one fail on pg_type's unique index (a 1,000-tenant burst recorded it as a
+/// failure of a new tenant's first migration, the rollout having reached
+/// the tenant between its schema's commit and its audit objects'). So the
+/// audit step, when it has DDL to run, waits for the lock and plans again
+/// from what it then finds; a converged tenant takes no lock.
+#[tokio::test]
+async fn the_audit_step_waits_for_a_migration_run_holding_the_tenants_lock() {
+    let db = setup("aud_mlock").await;
+    let mut t = tenant_with_docs(&db, "ml").await;
+    let wait = std::time::Duration::from_secs(5);
+    // Converged: no lock taken, so a run holding it holds nothing up.
+    let held = pg::locks::hold_migrations(&db.admin, &t.uid, wait).await.unwrap();
+    let quiet = tokio::time::timeout(std::time::Duration::from_secs(3), t.converge(&db))
+        .await
+        .expect("a converged tenant's audit step waited for the migration lock")
+        .unwrap();
+    assert_eq!(quiet.statements, 0);
+    held.rollback().await.unwrap();
+
+    // A trigger gone: the audit step has DDL to run, and waits.
+    let schema = t.name.schema();
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP TRIGGER _tenancy_audit_ins ON {schema}.docs"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let held = pg::locks::hold_migrations(&db.admin, &t.uid, wait).await.unwrap();
+    let name = t.name.clone();
+    let out = {
+        let converging = t.converge(&db);
+        tokio::pin!(converging);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(1500), &mut converging)
+                .await
+                .is_err(),
+            "the audit step ran its DDL while a migration run held the tenant's lock"
+        );
+        // What the run does meanwhile, as a migration's transaction does it
+        // (the owner, the audit statements read in the transaction), the audit
+        // step finds once it has the lock.
+        let owner = pg::quote_ident(&name.owner_role()).unwrap();
+        let mut tx = su.begin().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {owner}")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let stmts = pg::audit::statements_in_tx(&mut tx, &name, &[]).await.unwrap();
+        assert!(!stmts.is_empty(), "the run finds the trigger missing");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmts.join(";\n")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        held.commit().await.unwrap();
+        converging.await.unwrap()
+    };
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert!(
+        labels.is_empty(),
+        "planned again under the lock, nothing is left to do: {labels:?}"
+    );
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0);
+    // And without a run under way, the step repairs what is missing.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP TRIGGER _tenancy_audit_ins ON {schema}.docs"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["AuditTable"]);
+    let mut app = t.app(&db).await.unwrap();
+    sqlx::query("INSERT INTO docs (body) VALUES ('a')")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(audit_rows(&db, &t).await.len(), 1, "the insert is audited");
+    verified(&db, &t).await;
+}
+
 /// Until 2026-12-03 the audit functions had one name in every schema
 /// (`_tenancy_audit_trigger`, ...), which made Postgres read every tenant's
 /// functions to resolve one tenant's in DDL. A tenant left so (its

@@ -1,9 +1,12 @@
-//! What tenant DDL and restores share, so neither imports the other: the
-//! ownership marker, the name of a schema put aside by a restore, and the
-//! restore lock (the row `('restore', <uid>)` of `tenancy.locks`). A leaf of
-//! `pg`.
+//! What tenant DDL, migrations, moves and restores share, so none imports
+//! another: the ownership marker, the name of a schema put aside by a
+//! restore, the restore lock (the row `('restore', <uid>)` of
+//! `tenancy.locks`) and the migration lock held by others than a migration
+//! run ([`hold_migrations`]). A leaf of `pg`.
 
-use sqlx::PgConnection;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
 
 use super::{query_err, PgError};
 use crate::names::TenantName;
@@ -75,4 +78,39 @@ pub async fn guard_against_restore(tx: &mut PgConnection, name: &TenantName, uid
     .await
     .map_err(query_err("checking for a restore under way"))?;
     Ok(!aside)
+}
+
+/// Takes the tenant's migration lock on `pool`'s server (the row migration
+/// runs take `FOR UPDATE NOWAIT`) and holds it in the returned transaction:
+/// no migration of the tenant runs there until it ends (one under way is
+/// waited for, up to `wait`). A move's cutover holds it from before writes
+/// stop to the commit, so no DDL can land on the source unseen; the
+/// reconcile's audit step holds it while it creates audit objects, which a
+/// migration run creates too when it finds them missing.
+pub async fn hold_migrations(
+    pool: &PgPool,
+    uid: &str,
+    wait: Duration,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, PgError> {
+    let mut tx = pool.begin().await.map_err(query_err("taking the migration lock"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        wait.as_millis()
+    )))
+    .execute(&mut *tx)
+    .await
+    .map_err(query_err("taking the migration lock"))?;
+    sqlx::query("INSERT INTO tenancy.locks (kind, key) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(MIGRATION_LOCK_KIND)
+        .bind(uid)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("taking the migration lock"))?;
+    sqlx::query("SELECT 1 FROM tenancy.locks WHERE kind = $1 AND key = $2 FOR UPDATE")
+        .bind(MIGRATION_LOCK_KIND)
+        .bind(uid)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("waiting for the tenant's migration to end"))?;
+    Ok(tx)
 }

@@ -372,39 +372,6 @@ pub async fn publishes(pool: &PgPool, schema: &str, uid: &str) -> Result<bool, P
     .map_err(query_err("reading the move's publication"))
 }
 
-/// Takes the tenant's migration lock on the source (the row migrations
-/// take `FOR UPDATE NOWAIT`) and holds it in the returned transaction: no
-/// migration of the tenant runs there until it ends (one under way is
-/// waited for, up to `wait`). The cutover holds it from before writes stop
-/// to the commit, so no DDL can land on the source unseen.
-pub async fn hold_migrations(
-    pool: &PgPool,
-    uid: &str,
-    wait: Duration,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, PgError> {
-    let mut tx = pool.begin().await.map_err(query_err("taking the migration lock"))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        wait.as_millis()
-    )))
-    .execute(&mut *tx)
-    .await
-    .map_err(query_err("taking the migration lock"))?;
-    sqlx::query("INSERT INTO tenancy.locks (kind, key) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(super::migrations::LOCK_KIND)
-        .bind(uid)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("taking the migration lock"))?;
-    sqlx::query("SELECT 1 FROM tenancy.locks WHERE kind = $1 AND key = $2 FOR UPDATE")
-        .bind(super::migrations::LOCK_KIND)
-        .bind(uid)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("waiting for the tenant's migration to end"))?;
-    Ok(tx)
-}
-
 /// A digest of the schema's structure, by name (OIDs differ between
 /// servers): its relations, columns, constraints, indexes, triggers,
 /// views and functions. Equal on source and target when no DDL ran on the

@@ -665,7 +665,7 @@ async fn replicate_until_commit(
     // commit (one under way is waited for). Not held during the copy: the
     // lock's transaction has an xid, and a replication slot (the table-sync
     // workers' too) waits for every transaction with one to end.
-    let mut migrations_held = replication::hold_migrations(&from.pool, uid, CATCH_UP_LIMIT).await?;
+    let mut migrations_held = crate::pg::locks::hold_migrations(&from.pool, uid, CATCH_UP_LIMIT).await?;
     let stopped = stop_writes(from, name, uid, &start).await?;
     if let Some(ms) = std::env::var(PAUSE_IN_CUTOVER_VAR)
         .ok()

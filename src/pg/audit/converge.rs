@@ -113,10 +113,16 @@ pub struct AuditOutcome {
     pub pruned: Option<u64>,
 }
 
+/// How long the audit step waits for a migration run of the tenant under
+/// way ([`converge_keeping`]); past it the reconcile fails with the reason
+/// and is tried again.
+const MIGRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The audit half of a reconcile: observe (admin: catalogs and
 /// `tenancy.*`), then converge the anchor function and the app role's
 /// pgaudit setting (admin, one transaction) and the audit objects in the
-/// schema (a confined session, one transaction); then prune when retention
+/// schema (a confined session, one transaction, under the tenant's
+/// migration lock); then prune when retention
 /// is set and a day has passed since the last prune (the same confined
 /// session). A converged tenant with nothing to prune runs no statement and
 /// opens no confined session.
@@ -181,22 +187,52 @@ pub async fn converge_keeping(
     drop(conn);
     let mut session: Option<Confined> = None;
     if !owner.is_empty() {
+        // A migration run creates the audit objects it finds missing in its
+        // own transaction, under the tenant's migration lock: two sessions
+        // creating the same table at once (`CREATE TABLE IF NOT EXISTS`
+        // included) make one fail on pg_type's unique index, which a
+        // rollout reaching a tenant still being provisioned recorded as a
+        // failure of the tenant's first migration. So this step takes the
+        // lock too (waiting for a run under way), and plans its owner steps
+        // again from what it then finds. The login first, holding no admin
+        // connection: a password reset borrows one from `pool`.
         let mut c = open_confined(pool, ring, name, uid).await?;
         let result = async {
-            let mut tx = Connection::begin(&mut *c).await?;
-            let n = run(&mut tx, name, &owner).await?;
-            tx.commit().await?;
-            Ok::<usize, sqlx::Error>(n)
+            let mut held = crate::pg::locks::hold_migrations(pool, uid, MIGRATION_WAIT).await?;
+            let again = observe(&mut held, name, exclude).await?;
+            if !again.misshapen.is_empty() {
+                return Err(misshapen(name, &again.misshapen));
+            }
+            let owner: Vec<AuditAction> = plan(&again, Some(&pgaudit))
+                .into_iter()
+                .chain(plan_anchor(&again, &anchor, uid))
+                .filter(AuditAction::as_owner)
+                .collect();
+            let mut n = 0;
+            if !owner.is_empty() {
+                let ran = async {
+                    let mut tx = Connection::begin(&mut *c).await?;
+                    let n = run(&mut tx, name, &owner).await?;
+                    tx.commit().await?;
+                    Ok::<usize, sqlx::Error>(n)
+                };
+                n = ran.await.map_err(query_err("converging the audit log"))?;
+            }
+            held.commit()
+                .await
+                .map_err(query_err("releasing the tenant's migration lock"))?;
+            Ok((owner, n))
         }
         .await;
         match result {
-            Ok(n) => statements += n,
+            Ok((owner, n)) => {
+                statements += n;
+                actions.retain(|a| !a.as_owner());
+                actions.extend(owner);
+            }
             Err(e) => {
                 c.close().await;
-                return Err(PgError::Query {
-                    action: "converging the audit log",
-                    source: e,
-                });
+                return Err(e);
             }
         }
         session = Some(c);

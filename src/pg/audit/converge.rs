@@ -225,10 +225,14 @@ pub async fn converge_keeping(
         }
         .await;
         match result {
-            Ok((owner, n)) => {
+            Ok((again, n)) => {
                 statements += n;
-                actions.retain(|a| !a.as_owner());
-                actions.extend(owner);
+                // What was done: as planned, unless the plan under the lock
+                // differs (a migration run made some of it meanwhile).
+                if again != owner {
+                    actions.retain(|a| !a.as_owner());
+                    actions.extend(again);
+                }
             }
             Err(e) => {
                 c.close().await;

@@ -19,7 +19,8 @@
 //!   machinery (observations, logins, the API server) adds;
 //! - the ratios, the operator's peak RSS, the CPU time of the API test
 //!   server against the whole machine's, the failed reconciles (the
-//!   operator's `reconcile_errors` metric), and an idle resync's writes
+//!   operator's `reconcile_errors` metric), the migration runs that failed
+//!   (its log's warnings), and an idle resync's writes
 //!   (Tenant resourceVersions that moved, DDL statements in the server log).
 //!
 //! Not part of `cargo test`.
@@ -387,6 +388,18 @@ async fn scrape_errors(port: u16) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// The operator's "migration failed" warnings in its log so far: a run of
+/// the bench's migrations (which cannot fail on their own) that failed
+/// (recorded in `tenancy.migration_failures`, shown on the tenant and the
+/// set), which no failed-reconcile count shows.
+fn logged_migration_failures(path: &Path) -> usize {
+    let data = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&data)
+        .lines()
+        .filter(|l| l.contains("\"message\":\"migration failed\""))
+        .count()
+}
+
 fn pg_log_ddl(path: &str, from: u64) -> usize {
     let data = std::fs::read(path).unwrap_or_default();
     let tail = String::from_utf8_lossy(data.get(from as usize..).unwrap_or(&[]));
@@ -579,7 +592,7 @@ async fn main() {
     let op_log_path = std::env::var_os("BENCH_OPERATOR_LOG")
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.path().join("operator.log"));
-    let op_log = std::fs::File::create(op_log_path).unwrap();
+    let op_log = std::fs::File::create(&op_log_path).unwrap();
     // BENCH_OPERATOR_WRAPPER runs the operator under a profiler, e.g.
     // `heaptrack -o /tmp/op` (words split on spaces); the peak RSS printed
     // is then the wrapper's process's.
@@ -690,6 +703,7 @@ async fn main() {
     let op_prov = all_ready - start;
     let (busy1, srv1, op1) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
     let errors_prov = scrape_errors(metrics_port).await;
+    let failed_runs_prov = logged_migration_failures(&op_log_path);
     // The RSS peak so far and the RSS now, at each phase's end: when the
     // peak happens, and what stays.
     let rss_at = |phase: &str| {
@@ -736,6 +750,7 @@ async fn main() {
     .await;
     let op_mig = complete - start;
     let errors_mig = scrape_errors(metrics_port).await - errors_prov;
+    let failed_runs_mig = logged_migration_failures(&op_log_path) - failed_runs_prov;
     let rss_mig = rss_at("the set Complete");
     eprintln!(
         "migration: psql {:.2} s, operator {:.2} s ({:.2}x), {errors_mig} failed reconciles; psql running the operator's statements {:.2} s ({:.2}x)",
@@ -857,6 +872,9 @@ async fn main() {
     println!("operator peak RSS: {:.1} MiB", peak_rss as f64 / 1024.0);
     println!("operator RSS by phase: {rss_prov}; {rss_mig}; {rss_idle}");
     println!("failed reconciles: {errors_prov} during provisioning, {errors_mig} during the migration");
+    println!(
+        "migration runs that failed (the operator's \"migration failed\" warnings; none of the bench's migrations can fail): {failed_runs_prov} during provisioning, {failed_runs_mig} during the migration"
+    );
     println!("idle resync ({resync} s + 10 s): {moved} Tenant resourceVersions moved ({usage_only} by the usage sampler writing status.usage only, {other} by anything else), {idle_ddl} DDL statements logged by Postgres");
     drop(procs);
 }

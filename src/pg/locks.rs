@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
-use super::{query_err, PgError};
+use super::{query_err, quote_literal, PgError};
 use crate::names::TenantName;
 
 /// The marker the operator writes on everything it creates for a tenant, so
@@ -93,24 +93,17 @@ pub async fn hold_migrations(
     wait: Duration,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, PgError> {
     let mut tx = pool.begin().await.map_err(query_err("taking the migration lock"))?;
+    // One round trip (every new tenant's audit step takes it): the uid is
+    // quoted, the wait is digits.
+    let uid = quote_literal(uid)?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SET LOCAL lock_timeout = '{}ms'",
+        "SET LOCAL lock_timeout = '{}ms';
+         INSERT INTO tenancy.locks (kind, key) VALUES ('{MIGRATION_LOCK_KIND}', {uid}) ON CONFLICT DO NOTHING;
+         SELECT 1 FROM tenancy.locks WHERE kind = '{MIGRATION_LOCK_KIND}' AND key = {uid} FOR UPDATE",
         wait.as_millis()
     )))
     .execute(&mut *tx)
     .await
-    .map_err(query_err("taking the migration lock"))?;
-    sqlx::query("INSERT INTO tenancy.locks (kind, key) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(MIGRATION_LOCK_KIND)
-        .bind(uid)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("taking the migration lock"))?;
-    sqlx::query("SELECT 1 FROM tenancy.locks WHERE kind = $1 AND key = $2 FOR UPDATE")
-        .bind(MIGRATION_LOCK_KIND)
-        .bind(uid)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("waiting for the tenant's migration to end"))?;
+    .map_err(query_err("waiting for the tenant's migration to end"))?;
     Ok(tx)
 }

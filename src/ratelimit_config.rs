@@ -154,6 +154,29 @@ impl Shard {
     }
 }
 
+/// A SHA-256 digest of a rendering (every shard's name, file names and
+/// contents, each length-prefixed, in order): what the writer keeps of its
+/// last rendering to tell whether a new one differs, instead of the
+/// rendering itself (about 220 bytes per tenant). Pure.
+pub fn digest(shards: &[Shard]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut put = |b: &[u8]| {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    put(&(shards.len() as u64).to_le_bytes());
+    for s in shards {
+        put(s.name.as_bytes());
+        put(&(s.data.len() as u64).to_le_bytes());
+        for (k, v) in &s.data {
+            put(k.as_bytes());
+            put(v.as_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
 /// Why the tenants cannot be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {

@@ -90,8 +90,8 @@ impl Applied {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set(&self, held: Held) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(held));
+    fn set(&self, held: Arc<Held>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(held);
     }
 }
 
@@ -269,10 +269,13 @@ pub async fn run(ctx: Arc<Context>, tenants: Tenants) {
 #[derive(Default)]
 struct Written {
     /// The limits the rate-limit service holds, per (domain, tenant): read
-    /// back from the ConfigMaps at the first pass, then what was written.
-    limits: Option<BTreeMap<(String, String), Limit>>,
-    /// The shards last converged.
-    shards: Option<Vec<ratelimit_config::Shard>>,
+    /// back from the ConfigMaps at the first pass, then what was written
+    /// (the same map [`Applied`] reports, shared).
+    limits: Option<Arc<Held>>,
+    /// The digest of the shards last converged
+    /// ([`ratelimit_config::digest`]), not the shards: at 10,000 tenants
+    /// the rendering is about 2 MB the writer would hold between passes.
+    shards: Option<[u8; 32]>,
 }
 
 /// One pass: render the store, converge the ConfigMaps, publish events,
@@ -291,7 +294,8 @@ async fn sync(
     let tenants = store.state();
     let entries = ratelimit_config::entries(tenants.iter().map(|t| t.as_ref()));
     let shards = ratelimit_config::render(cfg, &entries)?;
-    if !full && written.shards.as_ref() == Some(&shards) {
+    let rendered = ratelimit_config::digest(&shards);
+    if !full && written.shards == Some(rendered) {
         return Ok(0);
     }
     let previous = &mut written.limits;
@@ -312,7 +316,7 @@ async fn sync(
         // After a start, what the rate-limit service holds now is the
         // baseline for events, so a restart publishes none.
         let files: Vec<_> = existing.values().filter_map(|c| c.data.as_ref()).collect();
-        *previous = Some(ratelimit_config::read_back(cfg, &files));
+        *previous = Some(Arc::new(ratelimit_config::read_back(cfg, &files)));
     }
 
     let mut writes = 0;
@@ -350,6 +354,8 @@ async fn sync(
             .map_err(|e| Error::WriteConfigMap(shard.name.clone(), e))?;
         writes += 1;
     }
+    // Written: the rendering is not kept (its digest is, below).
+    drop(shards);
     for name in existing.into_keys() {
         if kit::delete(&api, &name, &DeleteParams::default())
             .await
@@ -361,7 +367,7 @@ async fn sync(
 
     // Events for tenants whose limits were rendered before and differ now
     // (a new tenant's limits are announced by its Provisioned event).
-    let now = ratelimit_config::by_domain(cfg, &entries);
+    let now = Arc::new(ratelimit_config::by_domain(cfg, &entries));
     let before = previous.replace(now.clone()).unwrap_or_default();
     let changed: BTreeSet<&str> = now
         .iter()
@@ -390,7 +396,7 @@ async fn sync(
         );
         kit::event(ctx, t.as_ref(), false, "RateLimitsChanged", note).await;
     }
-    written.shards = Some(shards);
+    written.shards = Some(rendered);
     // The ConfigMaps hold `now` from here on: the conditions may say so,
     // published before the tenants come back so their reconciles see it.
     let ns = &ctx.settings.namespace;

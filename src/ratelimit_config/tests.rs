@@ -279,3 +279,41 @@ fn summary_names_both_surfaces() {
     let gamma = es.iter().find(|e| e.tenant == "gamma").unwrap();
     assert_eq!(gamma.summary(), "api 250/second (shadow mode), webhook 20/second");
 }
+
+#[test]
+fn the_digest_of_a_rendering_changes_with_any_byte_of_it() {
+    let cfg = RenderSettings::default();
+    let shards = render(&cfg, &entries(&sample())).expect("renders");
+    let d = digest(&shards);
+    assert_eq!(
+        d,
+        digest(&render(&cfg, &entries(&sample())).expect("renders")),
+        "same input, same digest"
+    );
+
+    // One tenant's limit changed: one byte of one file.
+    let mut tenants = sample();
+    tenants[0].spec.rate_limits.api.requests_per_unit += 1;
+    assert_ne!(d, digest(&render(&cfg, &entries(&tenants)).expect("renders")));
+
+    // The same bytes split differently between a file's name and its
+    // content, or between two shards, are a different rendering.
+    let one = |name: &str, file: &str, content: &str| Shard {
+        name: name.into(),
+        data: [(file.to_string(), content.to_string())].into(),
+    };
+    assert_ne!(
+        digest(&[one("cm", "a.yaml", "xy")]),
+        digest(&[one("cm", "a.yamlx", "y")])
+    );
+    assert_ne!(digest(&[one("cm", "a", "b")]), digest(&[one("cma", "", "b")]));
+    assert_ne!(
+        digest(&[one("cm", "a", "b"), one("cm-1", "c", "d")]),
+        digest(&[one("cm-1", "c", "d"), one("cm", "a", "b")]),
+        "shard order counts"
+    );
+    assert_ne!(digest(&[]), digest(&[one("cm", "", "")]));
+    let mut two = one("cm", "a", "b");
+    two.data.insert("c".into(), "d".into());
+    assert_ne!(digest(&[two]), digest(&[one("cm", "a", "b"), one("", "c", "d")]));
+}

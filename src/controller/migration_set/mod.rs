@@ -75,7 +75,6 @@ pub struct SetContext {
 pub struct Pass {
     pub plan: plan::RolloutPlan,
     pub report: apply::RolloutReport,
-    pub before: plan::Observed,
     pub after: plan::Observed,
 }
 
@@ -146,16 +145,13 @@ pub async fn pass_over(
     // The state afterwards follows from the report, unless another instance
     // or a lost connection may have changed what is known: then read again
     // (re-reading a thousand version tables costs more than the pass).
-    let after = match advance(&before, &plan, &report) {
+    // `before` becomes `after` in place: at 10,000 followers each copy of
+    // their recorded versions is about 1.6 MB.
+    let after = match advance(before, &plan, &report) {
         Some(after) => after,
         None => observe_all(groups, name).await?,
     };
-    Ok(Pass {
-        plan,
-        report,
-        before,
-        after,
-    })
+    Ok(Pass { plan, report, after })
 }
 
 /// The followers' state on every shard, as one [`plan::Observed`].
@@ -181,12 +177,12 @@ async fn observe_all(groups: &[Group<'_>], name: &str) -> Result<plan::Observed,
 /// `before` with the outcomes of `report` applied; None when an outcome
 /// leaves the tenant's state unknown (busy elsewhere, interrupted). Pure.
 pub fn advance(
-    before: &plan::Observed,
+    before: plan::Observed,
     plan: &plan::RolloutPlan,
     report: &apply::RolloutReport,
 ) -> Option<plan::Observed> {
     use crate::pg::migrations::{Applied, FailureRecord, TenantOutcome, REASON_CHECKSUM, REASON_FAILED};
-    let mut after = before.clone();
+    let mut after = before;
     for (tenant, outcome) in &report.results {
         let record = |version: i64, reason: &str, error: &str, sqlstate: &Option<String>| FailureRecord {
             tenant: tenant.to_string(),
@@ -526,7 +522,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let after = advance(&before, &p, &report).expect("known outcomes");
+        let after = advance(before.clone(), &p, &report).expect("known outcomes");
         assert_eq!(after.versions[&names[0]].current(), 2);
         assert_eq!(
             after.versions[&names[1]].current(),
@@ -548,7 +544,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            advance(&before, &p, &busy).is_none(),
+            advance(before.clone(), &p, &busy).is_none(),
             "a tenant busy elsewhere must be read again"
         );
         let resynced = RolloutReport {
@@ -563,7 +559,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            advance(&before, &p, &resynced).is_none(),
+            advance(before.clone(), &p, &resynced).is_none(),
             "a run that found the schema ahead of its record re-synced it: read again"
         );
     }

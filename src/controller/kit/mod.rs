@@ -72,6 +72,28 @@ pub fn queue(concurrency: u16, debounce: std::time::Duration) -> kube::runtime::
         .debounce(debounce)
 }
 
+/// `signals` at most once per `every`: a signal after a quiet `every` passes
+/// at once; those that come within `every` of the last one passed are
+/// merged into one, passed when `every` has gone by. For a controller
+/// re-run on a burst of changes elsewhere (`reconcile_all_on`), when
+/// catching up a few seconds late is fine and a run per second is not.
+pub fn throttle(
+    signals: impl futures::Stream<Item = ()> + Send + 'static,
+    every: std::time::Duration,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    use futures::{FutureExt, StreamExt};
+    let state = (signals.boxed(), None::<tokio::time::Instant>);
+    futures::stream::unfold(state, move |(mut signals, last)| async move {
+        signals.next().await?;
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + every).await;
+        }
+        // What came in meanwhile is merged into this one.
+        while let Some(Some(())) = signals.next().now_or_never() {}
+        Some(((), (signals, Some(tokio::time::Instant::now()))))
+    })
+}
+
 /// Drives a controller's stream of outcomes to its end (a success was
 /// logged by [`reconcile`] in the object's span, a failure with its cause
 /// by [`error_policy`]).
@@ -355,6 +377,37 @@ mod tests {
         // Labels and annotations are never touched.
         let have = json!({ "metadata": { "labels": { "team": "x" } }, "data": { "a": "1", "b": "2" } });
         assert_eq!(foreign_data_keys(&have, &want), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttle_passes_a_quiet_signal_at_once_and_merges_a_burst() {
+        use futures::StreamExt;
+        use std::time::Duration;
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = Box::pin(throttle(rx, Duration::from_secs(5)));
+        let start = tokio::time::Instant::now();
+        // The first passes at once.
+        tx.unbounded_send(()).unwrap();
+        assert_eq!(out.next().await, Some(()));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // A burst within the window: one signal, at its end.
+        for _ in 0..100 {
+            tx.unbounded_send(()).unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.unbounded_send(()).unwrap();
+        assert_eq!(out.next().await, Some(()));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // Nothing came after it: nothing more is passed.
+        assert!(tokio::time::timeout(Duration::from_secs(60), out.next()).await.is_err());
+        // After a quiet window, at once again.
+        let at = tokio::time::Instant::now();
+        tx.unbounded_send(()).unwrap();
+        assert_eq!(out.next().await, Some(()));
+        assert_eq!(at.elapsed(), Duration::ZERO);
+        // The source ends: so does the throttle.
+        drop(tx);
+        assert_eq!(out.next().await, None);
     }
 
     #[test]

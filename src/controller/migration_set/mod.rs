@@ -287,8 +287,13 @@ pub async fn run(ctx: Arc<Context>, tenants: Followers) {
     });
     let outcomes = Controller::new(sets, watcher::Config::default().any_semantic())
         // Sets are few: any Tenant change (created, deleted, moved to another
-        // set) re-runs every set; the debounce merges bursts.
-        .reconcile_all_on(tenant_changes)
+        // set) re-runs every set, at most once per FOLLOWERS_EVERY. A new
+        // tenant's first migrations are its own reconcile's, so what waits
+        // is the set's status and a tenant that moved to another set; a
+        // provisioning burst re-ran every set each second (a pass reads
+        // every follower's versions: 717 passes of 31 ms at 10,000
+        // tenants), and each status it wrote brought back the followers.
+        .reconcile_all_on(kit::throttle(tenant_changes, FOLLOWERS_EVERY))
         .with_config(kit::queue(4, Duration::from_secs(1)))
         // No signal handling of its own: the Tenant controller owns shutdown
         // (`controller::run`). A pass cut short by it loses only open
@@ -324,6 +329,10 @@ impl FollowerIndex {
 
 /// The controller's name in metrics, logs and backoff keys.
 const CONTROLLER: &str = "migrationset";
+
+/// The sets are re-run for changes of their followers at most this often
+/// (a change of a set itself is seen at once).
+pub const FOLLOWERS_EVERY: Duration = Duration::from_secs(5);
 
 fn error_policy(ms: Arc<MigrationSet>, err: &Error, sctx: Arc<SetContext>) -> Action {
     kit::error_policy(&sctx.ctx, CONTROLLER, &ms.name_any(), err)

@@ -272,6 +272,19 @@ pub fn plan_db(
         Some(p) if !p.is_empty() => (p.to_owned(), false),
         _ => (scram::generate_password(), true),
     };
+    // A password the operator just drew (190 random bits) gets the verifier
+    // of a machine-made secret: key stretching adds nothing against such a
+    // search, and Postgres pays it on every role creation (CREATE ROLE checks
+    // the verifier against the empty password) and every SCRAM login, on
+    // both ends. A password read from the Secret may have been put there by
+    // a person: it keeps Postgres's default stretching.
+    let app_verifier = |password: &str| {
+        if password_is_new {
+            scram::verifier_for_random_secret(password)
+        } else {
+            scram::verifier(password)
+        }
+    };
 
     let ops = name.ops_role();
     match &observed.owner_role {
@@ -289,7 +302,7 @@ pub fn plan_db(
     match &observed.app_role {
         None => {
             actions.extend([DbAction::CreateAppRole {
-                verifier: scram::verifier(&password).into(),
+                verifier: app_verifier(&password).into(),
                 login: desired.login,
                 connection_limit: desired.connection_limit,
             }]);
@@ -317,7 +330,7 @@ pub fn plan_db(
             }
             if password_is_new {
                 actions.push(DbAction::SetPassword {
-                    verifier: scram::verifier(&password).into(),
+                    verifier: app_verifier(&password).into(),
                 });
             }
         }
@@ -771,6 +784,35 @@ mod tests {
             ]
         );
         assert!(p.terminate_sessions);
+    }
+
+    #[test]
+    fn only_a_password_the_operator_drew_gets_the_machine_secrets_verifier() {
+        fn verifiers(p: &DbPlan) -> Vec<String> {
+            p.actions
+                .iter()
+                .filter_map(|a| match a {
+                    DbAction::CreateAppRole { verifier, .. } | DbAction::SetPassword { verifier } => {
+                        Some(verifier.expose().split(':').next().unwrap_or_default().to_owned())
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+        let d = desired_db(&name(), &spec()).unwrap();
+        let cheap = format!("SCRAM-SHA-256${}", scram::RANDOM_SECRET_ITERATIONS);
+        let stretched = format!("SCRAM-SHA-256${}", scram::ITERATIONS);
+        // Drawn now: a new tenant, a Secret without a password.
+        let fresh = plan_db(&name(), "u1", &d, &CatalogState::default(), None).unwrap();
+        assert_eq!(verifiers(&fresh), vec![cheap.clone()]);
+        let rotated = plan_db(&name(), "u1", &d, &converged("u1", &d), None).unwrap();
+        assert_eq!(verifiers(&rotated), vec![cheap]);
+        // Read from the Secret (anyone who can write it may have chosen
+        // it): the role made again with it keeps Postgres's stretching.
+        let mut dropped = converged("u1", &d);
+        dropped.app_role = None;
+        let again = plan_db(&name(), "u1", &d, &dropped, Some("chosen-by-a-person")).unwrap();
+        assert_eq!(verifiers(&again), vec![stretched]);
     }
 
     #[test]

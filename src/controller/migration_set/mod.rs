@@ -90,6 +90,9 @@ impl Pass {
 pub struct Group<'a> {
     pub pool: &'a PgPool,
     pub followers: Vec<TenantName>,
+    /// Those of them whose Tenant is still being provisioned (not Ready
+    /// yet), sorted ([`plan::Observed::provisioning`]).
+    pub provisioning: Vec<TenantName>,
 }
 
 /// [`pass_over`] for followers that all live on the shard of `pool`.
@@ -105,6 +108,7 @@ pub async fn pass(
     let groups = [Group {
         pool,
         followers: followers.to_vec(),
+        provisioning: Vec::new(),
     }];
     pass_over(&groups, ring, name, generation, spec, timeouts).await
 }
@@ -168,8 +172,10 @@ async fn observe_all(groups: &[Group<'_>], name: &str) -> Result<plan::Observed,
                 .into_iter()
                 .filter(|f| TenantName::parse(&f.tenant).is_ok_and(|t| g.followers.binary_search(&t).is_ok())),
         );
+        all.provisioning.extend(g.provisioning.iter().cloned());
     }
     all.followers.sort();
+    all.provisioning.sort();
     all.failures.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     Ok(all)
 }
@@ -365,11 +371,17 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
             .ok_or_else(|| Error::ShardUnavailable(shard.clone()))?;
         conns.push((conn, names));
     }
+    let provisioning = observe::provisioning(&tenants, &followers);
     let groups: Vec<Group<'_>> = conns
         .iter()
         .map(|(c, names)| Group {
             pool: &c.pool,
             followers: (*names).clone(),
+            provisioning: names
+                .iter()
+                .filter(|n| provisioning.binary_search(n).is_ok())
+                .cloned()
+                .collect(),
         })
         .collect();
     let pass = pass_over(
@@ -506,6 +518,7 @@ mod tests {
                 })
                 .collect(),
             failures: vec![],
+            provisioning: vec![],
         };
         let p = plan::plan("default", 1, &spec, &before);
         let report = RolloutReport {

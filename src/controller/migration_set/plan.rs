@@ -69,6 +69,11 @@ pub struct Observed {
     pub versions: BTreeMap<TenantName, SchemaVersions>,
     /// Failure records naming this set.
     pub failures: Vec<FailureRecord>,
+    /// Followers whose Tenant is still being provisioned (not Ready yet),
+    /// sorted: one with no migration applied is brought to the latest
+    /// version by its own reconcile, so a pass leaves it alone unless it is
+    /// a canary.
+    pub provisioning: Vec<TenantName>,
 }
 
 /// Why a pass starts nobody.
@@ -219,11 +224,21 @@ pub fn plan(name: &str, generation: i64, spec: &MigrationSetSpec, obs: &Observed
     };
     let canary_set: BTreeSet<&TenantName> = canaries.iter().collect();
     out.canaries = canaries.iter().filter(behind).cloned().collect();
+    // A new schema (no migration applied) of a Tenant still being
+    // provisioned gets every migration from its own reconcile, right after
+    // provisioning: a pass that ran it too would only find it busy (and run
+    // again a second later, for as long as a burst of new tenants lasts) or
+    // race it. A Tenant Ready at version 0 (its first run found the lock
+    // taken) is the pass's again.
+    let new_schema = |n: &&TenantName| {
+        obs.versions.get(*n).is_some_and(|v| v.applied.is_empty()) && obs.provisioning.binary_search(n).is_ok()
+    };
     let mut rest: Vec<TenantName> = obs
         .followers
         .iter()
         .filter(behind)
         .filter(|n| !canary_set.contains(n))
+        .filter(|n| !new_schema(n))
         .cloned()
         .collect();
     let limit = max_concurrent * PASS_FACTOR;
@@ -283,6 +298,7 @@ mod tests {
             followers: tenants.iter().map(|(t, _)| n(t)).collect(),
             versions: tenants.iter().map(|(t, v)| (n(t), v.clone())).collect(),
             failures: vec![],
+            provisioning: vec![],
         }
     }
 
@@ -321,6 +337,30 @@ mod tests {
         let p = plan("default", 1, &s, &o);
         assert!(p.canaries.is_empty());
         assert_eq!(p.rest, vec![n("b"), n("c")]);
+    }
+
+    #[test]
+    fn a_new_schema_still_being_provisioned_is_left_to_its_own_reconcile() {
+        let s = spec(&[(1, "a"), (2, "b")], 1, OnFailure::Pause);
+        // a: the canary, new and provisioning; b: at version 1; c: new and
+        // provisioning; d: new, its Tenant Ready (its first run found the
+        // lock taken); e: at version 1 and provisioning (a spec change).
+        let mut o = obs(&[
+            ("a", at(&[])),
+            ("b", at(&[(1, "a")])),
+            ("c", at(&[])),
+            ("d", at(&[])),
+            ("e", at(&[(1, "a")])),
+        ]);
+        o.provisioning = vec![n("a"), n("c"), n("e")];
+        let p = plan("default", 1, &s, &o);
+        // A canary is run whatever its state: the others wait on it.
+        assert_eq!(p.canaries, vec![n("a")]);
+        assert_eq!(p.rest, vec![n("b"), n("d"), n("e")]);
+        assert_eq!(p.deferred, 0);
+        // Once Ready, it is the pass's like any other.
+        o.provisioning.clear();
+        assert_eq!(plan("default", 1, &s, &o).rest, vec![n("b"), n("c"), n("d"), n("e")]);
     }
 
     #[test]

@@ -250,6 +250,7 @@ mod tests {
             followers: names,
             versions,
             failures,
+            provisioning: vec![],
         }
     }
 

@@ -293,12 +293,10 @@ pub async fn run(ctx: Arc<Context>, tenants: Followers) {
     });
     let outcomes = Controller::new(sets, watcher::Config::default().any_semantic())
         // Sets are few: any Tenant change (created, deleted, moved to another
-        // set) re-runs every set, at most once per FOLLOWERS_EVERY. A new
+        // set) re-runs every set, at most once per FOLLOWERS_EVERY (a pass
+        // reads every follower's versions: 31 ms at 10,000 tenants). A new
         // tenant's first migrations are its own reconcile's, so what waits
-        // is the set's status and a tenant that moved to another set; a
-        // provisioning burst re-ran every set each second (a pass reads
-        // every follower's versions: 717 passes of 31 ms at 10,000
-        // tenants), and each status it wrote brought back the followers.
+        // is the set's status and a tenant that moved to another set.
         .reconcile_all_on(kit::throttle(tenant_changes, FOLLOWERS_EVERY))
         .with_config(kit::queue(4, Duration::from_secs(1)))
         // No signal handling of its own: the Tenant controller owns shutdown

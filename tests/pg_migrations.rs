@@ -1071,37 +1071,31 @@ async fn a_second_run_on_a_new_tenant_is_told_busy_without_waiting_for_the_first
             pg::migrations::migrate_new_tenant(&admin, &login, &set, &[slow], &Timeouts::default()).await
         })
     };
-    // The first run holds the lock while its migration sleeps.
+    // The first run holds the lock while its migration sleeps: wait until
+    // the lock row is locked by a transaction in progress (its xmax), read
+    // without locking it. Trying the lock instead (FOR UPDATE NOWAIT) could
+    // hold the row for an instant just as the first run asks for it, and the
+    // first run would end Busy; the admin cannot see other roles' queries in
+    // pg_stat_activity.
     let start = Instant::now();
     loop {
-        let mut tx = db.admin.begin().await.unwrap();
-        let probe = sqlx::query(
-            "SELECT 1 FROM tenancy.locks l JOIN tenancy.tenants t ON l.key = t.uid
-              WHERE l.kind = 'migrate' AND t.name = $1 FOR UPDATE OF l NOWAIT",
+        let locked: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tenancy.locks l JOIN tenancy.tenants t ON l.key = t.uid
+                             WHERE l.kind = 'migrate' AND t.name = $1 AND l.xmax::text::bigint <> 0
+                               AND txid_status(l.xmax::text::bigint) = 'in progress')",
         )
         .bind(t.as_str())
-        .fetch_optional(&mut *tx)
-        .await;
-        tx.rollback().await.unwrap();
-        if let Err(e) = probe {
-            assert_eq!(
-                e.as_database_error().and_then(|d| d.code()).as_deref(),
-                Some("55P03"),
-                "{e}"
-            );
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
+        if locked {
             break;
         }
-        // (Before the row was made with the tenant, the first run inserted
-        // it uncommitted, which the probe cannot see: its session logged in
-        // and its lock is taken right after.)
-        let logged_in: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE usename = $1)")
-            .bind(t.ops_role())
-            .fetch_one(&db.admin)
-            .await
-            .unwrap();
-        if logged_in {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            break;
+        if first.is_finished() {
+            panic!(
+                "the first run ended before it was seen holding the lock: {:?}",
+                first.await
+            );
         }
         assert!(start.elapsed() < Duration::from_secs(10), "the first run never started");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -424,6 +424,13 @@ pub struct TenantStatus {
     pub usage: Option<TenantUsage>,
 }
 
+impl TenantStatus {
+    /// Its `Ready` condition is True.
+    pub fn is_ready(&self) -> bool {
+        self.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+    }
+}
+
 /// A tenant's usage as `status.usage` shows it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -90,9 +90,6 @@ impl Pass {
 pub struct Group<'a> {
     pub pool: &'a PgPool,
     pub followers: Vec<TenantName>,
-    /// Those of them whose Tenant is still being provisioned (not Ready
-    /// yet), sorted ([`plan::Observed::provisioning`]).
-    pub provisioning: Vec<TenantName>,
 }
 
 /// [`pass_over`] for followers that all live on the shard of `pool`.
@@ -108,24 +105,25 @@ pub async fn pass(
     let groups = [Group {
         pool,
         followers: followers.to_vec(),
-        provisioning: Vec::new(),
     }];
-    pass_over(&groups, ring, name, generation, spec, timeouts).await
+    pass_over(&groups, &[], ring, name, generation, spec, timeouts).await
 }
 
 /// Observe every shard's followers, plan once for all of them (canaries
 /// and failure policy over the whole set), roll out (logging in as each
 /// planned tenant's ops role on its shard, with a password derived from
-/// `ring`), observe again.
+/// `ring`), observe again. `provisioning`: the followers whose Tenant is
+/// not Ready yet, sorted ([`plan::Observed::provisioning`]).
 pub async fn pass_over(
     groups: &[Group<'_>],
+    provisioning: &[TenantName],
     ring: &Keyring,
     name: &str,
     generation: i64,
     spec: &MigrationSetSpec,
     timeouts: &Timeouts,
 ) -> Result<Pass, PgError> {
-    let before = observe_all(groups, name).await?;
+    let before = observe_all(groups, provisioning, name).await?;
     let plan = plan::plan(name, generation, spec, &before);
     let mut shards = Vec::with_capacity(groups.len());
     if !plan.is_empty() && plan.blocked.is_none() {
@@ -153,7 +151,7 @@ pub async fn pass_over(
     // their recorded versions is about 1.6 MB.
     let after = match advance(before, &plan, &report) {
         Some(after) => after,
-        None => observe_all(groups, name).await?,
+        None => observe_all(groups, provisioning, name).await?,
     };
     Ok(Pass { plan, report, after })
 }
@@ -161,8 +159,11 @@ pub async fn pass_over(
 /// The followers' state on every shard, as one [`plan::Observed`].
 /// `failures_of_set` records live beside the tenants they name, so each
 /// shard's are kept for its own followers only.
-async fn observe_all(groups: &[Group<'_>], name: &str) -> Result<plan::Observed, PgError> {
-    let mut all = plan::Observed::default();
+async fn observe_all(groups: &[Group<'_>], provisioning: &[TenantName], name: &str) -> Result<plan::Observed, PgError> {
+    let mut all = plan::Observed {
+        provisioning: provisioning.to_vec(),
+        ..Default::default()
+    };
     for g in groups {
         let o = observe::observe(g.pool, name, &g.followers).await?;
         all.followers.extend(o.followers);
@@ -172,10 +173,8 @@ async fn observe_all(groups: &[Group<'_>], name: &str) -> Result<plan::Observed,
                 .into_iter()
                 .filter(|f| TenantName::parse(&f.tenant).is_ok_and(|t| g.followers.binary_search(&t).is_ok())),
         );
-        all.provisioning.extend(g.provisioning.iter().cloned());
     }
     all.followers.sort();
-    all.provisioning.sort();
     all.failures.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     Ok(all)
 }
@@ -375,15 +374,11 @@ async fn reconcile_set(ms: Arc<MigrationSet>, sctx: Arc<SetContext>) -> Result<A
         .map(|(c, names)| Group {
             pool: &c.pool,
             followers: (*names).clone(),
-            provisioning: names
-                .iter()
-                .filter(|n| provisioning.binary_search(n).is_ok())
-                .cloned()
-                .collect(),
         })
         .collect();
     let pass = pass_over(
         &groups,
+        &provisioning,
         &ring,
         &name,
         generation,

@@ -41,9 +41,7 @@ pub fn provisioning(tenants: &[Arc<Tenant>], followers: &[TenantName]) -> Vec<Te
 
 fn ready_at_generation(t: &Tenant) -> bool {
     t.status.as_ref().is_some_and(|s| {
-        s.observed_generation.is_some()
-            && s.observed_generation == t.metadata.generation
-            && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+        s.observed_generation.is_some() && s.observed_generation == t.metadata.generation && s.is_ready()
     })
 }
 

@@ -131,10 +131,7 @@ pub async fn write_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Re
         last_move: None,
         ..status
     };
-    let ready = owned
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let ready = owned.is_ready();
     let owned = serde_json::to_value(owned).map_err(Error::Serialize)?;
     // Ready: the reconcile that wrote it converged everything, so the echo
     // of this write needs no reconcile of its own (`super::echoes`).

@@ -379,17 +379,59 @@ where
     }
 }
 
-async fn scrape_errors(port: u16) -> u64 {
+/// The operator's reconcile counters at one moment (its `/metrics`).
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    /// Reconciles run by the Tenant controller, and by the MigrationSet
+    /// controller (each one a rollout pass).
+    tenant: u64,
+    sets: u64,
+    /// Reconciles that failed, every controller and reason.
+    errors: u64,
+}
+
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+    fn sub(self, o: Counters) -> Counters {
+        Counters {
+            tenant: self.tenant - o.tenant,
+            sets: self.sets - o.sets,
+            errors: self.errors - o.errors,
+        }
+    }
+}
+
+/// Reads the counters. Panics when the endpoint shows no reconcile counter
+/// (unreachable, or the metric renamed): a failed-reconcile count of zero
+/// must come from a counter that was read. (Until 2026-12-04 this matched
+/// the names without their `tenant_operator_` prefix and so always read 0.)
+async fn scrape(port: u16) -> Counters {
     use std::io::Read as _;
     let mut text = String::new();
     if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
         let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
         let _ = s.read_to_string(&mut text);
     }
-    text.lines()
-        .filter(|l| l.starts_with("reconcile_errors_total"))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum::<f64>() as u64
+    let sum = |prefix: &str| -> Option<u64> {
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
+    };
+    for family in ["tenant_operator_reconciles", "tenant_operator_reconcile_errors"] {
+        assert!(
+            text.contains(&format!("# TYPE {family} counter")),
+            "the operator's /metrics (port {port}) shows no counter {family}:\n{text}"
+        );
+    }
+    Counters {
+        // A family has no line for a controller that has not run yet.
+        tenant: sum("tenant_operator_reconciles_total{controller=\"tenant\"}").unwrap_or(0),
+        sets: sum("tenant_operator_reconciles_total{controller=\"migrationset\"}").unwrap_or(0),
+        errors: sum("tenant_operator_reconcile_errors_total{").unwrap_or(0),
+    }
 }
 
 /// The operator's "migration failed" warnings in its log so far: a run of
@@ -692,6 +734,7 @@ async fn main() {
     std::fs::write(dir.path().join("tenants.yaml"), &manifests).unwrap();
     profile_reset(&mut su).await;
     let (busy0, srv0, op0) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
+    let counted0 = scrape(metrics_port).await;
     let start = Instant::now();
     let apply_path = dir.path().join("tenants.yaml");
     let apply = tokio::task::spawn_blocking({
@@ -706,7 +749,9 @@ async fn main() {
     let kubectl_apply = apply.await.unwrap();
     let op_prov = all_ready - start;
     let (busy1, srv1, op1) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
-    let errors_prov = scrape_errors(metrics_port).await;
+    let counted_prov = scrape(metrics_port).await;
+    let prov = counted_prov - counted0;
+    let errors_prov = prov.errors;
     let failed_runs_prov = logged_migration_failures(&op_log_path);
     // The RSS peak so far and the RSS now, at each phase's end: when the
     // peak happens, and what stays.
@@ -753,7 +798,8 @@ async fn main() {
     })
     .await;
     let op_mig = complete - start;
-    let errors_mig = scrape_errors(metrics_port).await - errors_prov;
+    let mig = scrape(metrics_port).await - counted_prov;
+    let errors_mig = mig.errors;
     let failed_runs_mig = logged_migration_failures(&op_log_path) - failed_runs_prov;
     let rss_mig = rss_at("the set Complete");
     eprintln!(
@@ -876,6 +922,10 @@ async fn main() {
     println!("operator peak RSS: {:.1} MiB", peak_rss as f64 / 1024.0);
     println!("operator RSS by phase: {rss_prov}; {rss_mig}; {rss_idle}");
     println!("failed reconciles: {errors_prov} during provisioning, {errors_mig} during the migration");
+    println!(
+        "reconciles run: provisioning {} Tenant, {} MigrationSet (rollout passes); migration {} Tenant, {} MigrationSet",
+        prov.tenant, prov.sets, mig.tenant, mig.sets
+    );
     println!(
         "migration runs that failed (the operator's \"migration failed\" warnings; none of the bench's migrations can fail): {failed_runs_prov} during provisioning, {failed_runs_mig} during the migration"
     );

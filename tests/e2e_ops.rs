@@ -518,11 +518,18 @@ async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
 
 /// The tenant controller's reconciles so far, from /metrics.
 fn tenant_reconciles(env: &Env) -> u64 {
+    reconciles_of(env, "tenant").unwrap_or_else(|m| panic!("no tenant reconcile count in /metrics:\n{m}"))
+}
+
+/// The reconciles of `controller` so far, from /metrics; Err(the page)
+/// when it has no line for that controller (none run yet).
+fn reconciles_of(env: &Env, controller: &str) -> Result<u64, String> {
     let m = get_metrics(env, "operator.log");
+    let prefix = format!("tenant_operator_reconciles_total{{controller=\"{controller}\"}} ");
     m.lines()
-        .find_map(|l| l.strip_prefix("tenant_operator_reconciles_total{controller=\"tenant\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no tenant reconcile count in /metrics:\n{m}"))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim().parse().expect("a count"))
+        .ok_or(m)
 }
 
 /// Light Tenant reconciles of `kind` so far (0 before the first).
@@ -586,6 +593,68 @@ async fn a_tenants_own_status_write_starts_no_reconcile_of_its_own() {
         "an annotation ran {} reconciles",
         annotated - after
     );
+}
+
+/// A MigrationSet's pass runs for a change of its spec, not for the echo of
+/// the status it wrote itself (in a provisioning burst that echo ran every
+/// set's pass about once a second: each pass wrote the followers' new
+/// count), nor for metadata the controller does not read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sets_own_status_write_does_not_run_its_pass_again() {
+    // No resync during the test: every pass counted has a cause.
+    let env = Env::start_with("ops_set_echo", None, &[("RESYNC_SECONDS", "600")]).await;
+    wait_for(Duration::from_secs(20), "the metrics address", || {
+        metrics_addr(&env.operator_log()).is_some()
+    });
+    let set = unique("echo");
+    let set_yaml = |versions: &[i64]| {
+        let mut y = format!(
+            "apiVersion: tenancy.dev/v1alpha1\nkind: MigrationSet\nmetadata:\n  name: {set}\nspec:\n  migrations:\n"
+        );
+        for v in versions {
+            y.push_str(&format!(
+                "  - version: {v}\n    name: m{v}\n    sql: \"CREATE TABLE t{v} (id int)\"\n"
+            ));
+        }
+        y
+    };
+    let passes = || reconciles_of(&env, "migrationset").unwrap_or(0);
+    // The count once it has not moved for 3 s.
+    let settled = || {
+        let (mut last, mut since) = (passes(), Instant::now());
+        while since.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = passes();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        last
+    };
+    let phase = || env.jsonpath(&["migrationset", &set], "{.status.phase}/{.status.latestVersion}");
+    let out = env.kubectl_stdin(&["apply"], &set_yaml(&[1]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(30), "the set Complete at 1", || {
+        phase() == "Complete/1"
+    });
+    let before = settled();
+    assert!(before >= 1, "no pass counted");
+    let out = env.kubectl_stdin(&["apply"], &set_yaml(&[1, 2]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(30), "the set Complete at 2", || {
+        phase() == "Complete/2"
+    });
+    let after = settled();
+    assert_eq!(
+        after - before,
+        1,
+        "a new version ran {} passes (its status write must not bring the set back):\n{}",
+        after - before,
+        support::e2e::tail(&env.operator_log(), 40)
+    );
+    env.kubectl_ok(&["annotate", "migrationset", &set, "example.com/note=hello"]);
+    let annotated = settled();
+    assert_eq!(annotated - after, 0, "an annotation ran {} passes", annotated - after);
 }
 
 /// The usage sampler's writes of `status.usage` are the operator's own: the
@@ -767,8 +836,8 @@ async fn a_rollout_tells_its_waiting_followers_rolling_out_without_postgres() {
     settled_reconciles(&env, Duration::from_secs(3));
 
     // Version 2 takes 4 s per tenant, one tenant at a time: the first pass
-    // stops at its 10 s budget with the last tenant left, and the status it
-    // writes (Progressing, latest 2) brings that one back.
+    // stops at its 10 s budget with the last tenant left, and its requeue
+    // (a second later: tenants were deferred) brings that one back.
     let v2 = (2, "ALTER TABLE docs ADD COLUMN tag text; SELECT pg_sleep(4)");
     let out = env.kubectl_stdin(&["apply"], &set_yaml(&[v1, v2]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -22,7 +22,7 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::{predicates, reflector, watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
 use sqlx::PgPool;
 
@@ -290,7 +290,20 @@ pub async fn run(ctx: Arc<Context>, tenants: Followers) {
         ctx: ctx.clone(),
         tenants: store,
     });
-    let outcomes = Controller::new(sets, watcher::Config::default().any_semantic())
+    // A set's own status writes do not bring it back: only a change of its
+    // generation (its spec; its deletion) does. During a provisioning
+    // burst every pass wrote the followers' new count, and the echo of
+    // that write ran the pass again about once a second (136 passes in a
+    // 155 s burst of 3,000 tenants). The cache still takes every event, so
+    // the next pass reads the status it wrote; the pass comes back on its
+    // own requeue (1 s or 5 s while Progressing) and on follower changes.
+    let (cache, writer) = reflector::store();
+    let set_events = watcher(sets, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let outcomes = Controller::for_stream(set_events, cache)
         // Sets are few: any Tenant change (created, deleted, moved to another
         // set) re-runs every set, at most once per FOLLOWERS_EVERY (a pass
         // reads every follower's versions: 31 ms at 10,000 tenants). A new

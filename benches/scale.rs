@@ -401,9 +401,10 @@ impl std::ops::Sub for Counters {
     }
 }
 
-/// Reads the counters. Panics when the endpoint shows no reconcile counter
-/// (unreachable, or the metric renamed): a failed-reconcile count of zero
-/// must come from a counter that was read. (Until 2026-12-04 this matched
+/// Reads the counters, by the names the operator's telemetry exports them
+/// under. Panics when the page shows no reconcile counter (unreachable, or
+/// renamed): a failed-reconcile count of zero must come from a page that
+/// was read. (An error counter has no line before the first error.) (Until 2026-12-04 this matched
 /// the names without their `tenant_operator_` prefix and so always read 0.)
 async fn scrape(port: u16) -> Counters {
     use std::io::Read as _;
@@ -420,17 +421,18 @@ async fn scrape(port: u16) -> Counters {
             .collect();
         (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
     };
-    for family in ["tenant_operator_reconciles", "tenant_operator_reconcile_errors"] {
-        assert!(
-            text.contains(&format!("# TYPE {family} counter")),
-            "the operator's /metrics (port {port}) shows no counter {family}:\n{text}"
-        );
-    }
+    use tenant_operator::telemetry::{RECONCILES_TOTAL, RECONCILE_ERRORS_TOTAL};
+    // Other controllers (the rate-limit writer, the sets) have run by the
+    // time the first Tenant is applied.
+    assert!(
+        text.lines().any(|l| l.starts_with(RECONCILES_TOTAL)),
+        "the operator's /metrics (port {port}) shows no {RECONCILES_TOTAL}:\n{text}"
+    );
     Counters {
         // A family has no line for a controller that has not run yet.
-        tenant: sum("tenant_operator_reconciles_total{controller=\"tenant\"}").unwrap_or(0),
-        sets: sum("tenant_operator_reconciles_total{controller=\"migrationset\"}").unwrap_or(0),
-        errors: sum("tenant_operator_reconcile_errors_total{").unwrap_or(0),
+        tenant: sum(&format!("{RECONCILES_TOTAL}{{controller=\"tenant\"}}")).unwrap_or(0),
+        sets: sum(&format!("{RECONCILES_TOTAL}{{controller=\"migrationset\"}}")).unwrap_or(0),
+        errors: sum(&format!("{RECONCILE_ERRORS_TOTAL}{{")).unwrap_or(0),
     }
 }
 

@@ -542,19 +542,26 @@ fn light_reconciles(env: &Env, kind: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The count once it has not moved for `quiet`.
+/// The Tenant controller's count once it has not moved for `quiet`.
 fn settled_reconciles(env: &Env, quiet: Duration) -> u64 {
-    let mut last = tenant_reconciles(env);
+    settled_count(env, "tenant", quiet)
+}
+
+/// The reconciles of `controller` (0 before its first) once the count has
+/// not moved for `quiet`.
+fn settled_count(env: &Env, controller: &str, quiet: Duration) -> u64 {
+    let count = || reconciles_of(env, controller).unwrap_or(0);
+    let mut last = count();
     let mut since = Instant::now();
     let limit = Instant::now() + Duration::from_secs(60);
     while since.elapsed() < quiet {
         assert!(
             Instant::now() < limit,
-            "the tenant controller never went quiet ({last} reconciles):\n{}",
+            "the {controller} controller never went quiet ({last} reconciles):\n{}",
             support::e2e::tail(&env.operator_log(), 40)
         );
         std::thread::sleep(Duration::from_millis(200));
-        let now = tenant_reconciles(env);
+        let now = count();
         if now != last {
             last = now;
             since = Instant::now();
@@ -618,19 +625,7 @@ async fn a_sets_own_status_write_does_not_run_its_pass_again() {
         }
         y
     };
-    let passes = || reconciles_of(&env, "migrationset").unwrap_or(0);
-    // The count once it has not moved for 3 s.
-    let settled = || {
-        let (mut last, mut since) = (passes(), Instant::now());
-        while since.elapsed() < Duration::from_secs(3) {
-            std::thread::sleep(Duration::from_millis(200));
-            let now = passes();
-            if now != last {
-                (last, since) = (now, Instant::now());
-            }
-        }
-        last
-    };
+    let settled = || settled_count(&env, "migrationset", Duration::from_secs(3));
     let phase = || env.jsonpath(&["migrationset", &set], "{.status.phase}/{.status.latestVersion}");
     let out = env.kubectl_stdin(&["apply"], &set_yaml(&[1]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

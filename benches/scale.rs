@@ -479,9 +479,11 @@ async fn profile_print(su: &mut PgConnection, db: &str, phase: &str) {
     }
     // Statements that differ only in quoted identifiers (one per tenant)
     // are counted together.
-    let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+    // The longest single call beside the total: a few long waits and many
+    // slow calls give the same total.
+    let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
         "SELECT left(regexp_replace(regexp_replace(query, '\"[^\"]*\"', '?', 'g'), '\\s+', ' ', 'g'), 160) AS q, \
-                sum(calls)::int8, sum(total_exec_time) \
+                sum(calls)::int8, sum(total_exec_time), max(max_exec_time) \
          FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
          WHERE d.datname = $1 GROUP BY q ORDER BY 3 DESC LIMIT 25",
     )
@@ -491,8 +493,8 @@ async fn profile_print(su: &mut PgConnection, db: &str, phase: &str) {
     .expect("pg_stat_statements");
     let total: f64 = rows.iter().map(|r| r.2).sum();
     println!("profile of {phase} (top 25 statements, {total:.0} ms in all of them):");
-    for (q, calls, ms) in rows {
-        println!("  {ms:>10.0} ms {calls:>8} calls  {q}");
+    for (q, calls, ms, longest) in rows {
+        println!("  {ms:>10.0} ms {calls:>8} calls (longest {longest:>7.1} ms)  {q}");
     }
 }
 

@@ -291,7 +291,9 @@ pub async fn run(ctx: Arc<Context>, tenants: Followers) {
         tenants: store,
     });
     // A set's own status writes do not bring it back: only a change of its
-    // generation (its spec; its deletion) does. During a provisioning
+    // generation (its spec) does; a deleted set (no finalizer) is gone, as
+    // before, and the filter's cache is keyed by uid, so one made again
+    // under the same name is seen. During a provisioning
     // burst every pass wrote the followers' new count, and the echo of
     // that write ran the pass again about once a second (136 passes in a
     // 155 s burst of 3,000 tenants). The cache still takes every event, so

@@ -456,6 +456,56 @@ fn pg_log_ddl(path: &str, from: u64) -> usize {
         .count()
 }
 
+/// The server processes started on database `db` since byte `from` of the
+/// server log (`log_connections`, set by scripts/bench-scale.sh), by the
+/// kind of login: a tenant's confined ops login, a tenant's app login, the
+/// operator's admin, anything else. Each is a new Postgres backend, with
+/// its cold catalog caches (docs/scale.md).
+fn pg_log_logins(path: &str, from: u64, db: &str) -> Logins {
+    let data = std::fs::read(path).unwrap_or_default();
+    let tail = String::from_utf8_lossy(data.get(from as usize..).unwrap_or(&[]));
+    let mut n = Logins::default();
+    let needle = format!(" database={db}");
+    for l in tail.lines().filter(|l| l.contains("connection authorized: user=")) {
+        let Some(rest) = l.split("connection authorized: user=").nth(1) else {
+            continue;
+        };
+        if !rest.contains(&needle) {
+            continue;
+        }
+        let user = rest.split_whitespace().next().unwrap_or("");
+        match user {
+            u if u.starts_with("tenant_") && u.ends_with("_ops") => n.ops += 1,
+            u if u.starts_with("tenant_") && u.ends_with("_app") => n.app += 1,
+            "tenancy_admin" => n.admin += 1,
+            _ => n.other += 1,
+        }
+    }
+    n
+}
+
+#[derive(Default, Debug)]
+struct Logins {
+    ops: usize,
+    app: usize,
+    admin: usize,
+    other: usize,
+}
+
+impl std::fmt::Display for Logins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} new server processes (tenant ops logins {}, tenant app logins {}, admin {}, other {})",
+            self.ops + self.app + self.admin + self.other,
+            self.ops,
+            self.app,
+            self.admin,
+            self.other
+        )
+    }
+}
+
 fn file_len(path: &str) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -467,10 +517,16 @@ async fn profile_reset(su: &mut PgConnection) {
     if std::env::var_os("BENCH_PROFILE").is_none() {
         return;
     }
-    sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()")
-        .execute(su)
-        .await
-        .expect("pg_stat_statements (BENCH_PROFILE)");
+    // Planning time too: a statement planned at each call (a custom plan
+    // of a prepared statement, an unprepared one) costs its planning on
+    // top of its execution.
+    sqlx::raw_sql(
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; ALTER SYSTEM SET pg_stat_statements.track_planning = on;
+         SELECT pg_reload_conf(); SELECT pg_stat_statements_reset()",
+    )
+    .execute(su)
+    .await
+    .expect("pg_stat_statements (BENCH_PROFILE)");
 }
 
 async fn profile_print(su: &mut PgConnection, db: &str, phase: &str) {
@@ -481,20 +537,23 @@ async fn profile_print(su: &mut PgConnection, db: &str, phase: &str) {
     // are counted together.
     // The longest single call beside the total: a few long waits and many
     // slow calls give the same total.
-    let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+    let rows: Vec<(String, i64, f64, f64, f64)> = sqlx::query_as(
         "SELECT left(regexp_replace(regexp_replace(query, '\"[^\"]*\"', '?', 'g'), '\\s+', ' ', 'g'), 160) AS q, \
-                sum(calls)::int8, sum(total_exec_time), max(max_exec_time) \
+                sum(calls)::int8, sum(total_exec_time), max(max_exec_time), sum(total_plan_time) \
          FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
-         WHERE d.datname = $1 GROUP BY q ORDER BY 3 DESC LIMIT 25",
+         WHERE d.datname = $1 GROUP BY q ORDER BY sum(total_exec_time) + sum(total_plan_time) DESC LIMIT 25",
     )
     .bind(db)
     .fetch_all(su)
     .await
     .expect("pg_stat_statements");
     let total: f64 = rows.iter().map(|r| r.2).sum();
-    println!("profile of {phase} (top 25 statements, {total:.0} ms in all of them):");
-    for (q, calls, ms, longest) in rows {
-        println!("  {ms:>10.0} ms {calls:>8} calls (longest {longest:>7.1} ms)  {q}");
+    let planning: f64 = rows.iter().map(|r| r.4).sum();
+    println!(
+        "profile of {phase} (top 25 statements by execution and planning, {total:.0} ms executing and {planning:.0} ms planning in all of them):"
+    );
+    for (q, calls, ms, longest, plan) in rows {
+        println!("  {ms:>10.0} ms {calls:>8} calls (longest {longest:>7.1} ms, planning {plan:>7.0} ms)  {q}");
     }
 }
 
@@ -739,6 +798,7 @@ async fn main() {
     profile_reset(&mut su).await;
     let (busy0, srv0, op0) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
     let counted0 = scrape(metrics_port).await;
+    let log_prov = file_len(&pg_log);
     let start = Instant::now();
     let apply_path = dir.path().join("tenants.yaml");
     let apply = tokio::task::spawn_blocking({
@@ -779,6 +839,8 @@ async fn main() {
         secs(psql_full_prov),
         secs(op_prov) / secs(psql_full_prov)
     );
+    let logins_prov = pg_log_logins(&pg_log, log_prov, op_db);
+    eprintln!("provisioning: {logins_prov}");
     profile_print(&mut su, op_db, "provisioning").await;
 
     // --- migration
@@ -786,6 +848,7 @@ async fn main() {
     let psql_mig = psql_file(&base_url, &base_mig, dir.path(), "baseline-migration");
     let sets: Api<MigrationSet> = Api::all(client.clone());
     profile_reset(&mut su).await;
+    let log_mig = file_len(&pg_log);
     let start = Instant::now();
     kubectl(
         &kubeconfig,
@@ -814,6 +877,8 @@ async fn main() {
         secs(psql_full_mig),
         secs(op_mig) / secs(psql_full_mig)
     );
+    let logins_mig = pg_log_logins(&pg_log, log_mig, op_db);
+    eprintln!("migration: {logins_mig}");
     profile_print(&mut su, op_db, "the migration").await;
 
     // Every Tenant shows the new version (the set's Complete comes from the
@@ -926,6 +991,7 @@ async fn main() {
     println!("operator peak RSS: {:.1} MiB", peak_rss as f64 / 1024.0);
     println!("operator RSS by phase: {rss_prov}; {rss_mig}; {rss_idle}");
     println!("failed reconciles: {errors_prov} during provisioning, {errors_mig} during the migration");
+    println!("operator's database, provisioning: {logins_prov}; the migration: {logins_mig}");
     println!(
         "reconciles run: provisioning {} Tenant, {} MigrationSet (rollout passes); migration {} Tenant, {} MigrationSet",
         prov.tenant, prov.sets, mig.tenant, mig.sets

@@ -8,5 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --workspace --bins --quiet
-export PG_EXTRA_OPTS="-c fsync=on -c synchronous_commit=on -c full_page_writes=on ${PG_EXTRA_OPTS:-}"
+# log_connections: the benchmark counts the server processes each phase starts.
+export PG_EXTRA_OPTS="-c fsync=on -c synchronous_commit=on -c full_page_writes=on -c log_connections=on ${PG_EXTRA_OPTS:-}"
 exec bash scripts/with-postgres.sh cargo bench --bench scale

@@ -1949,3 +1949,184 @@ fn own_functions(sql: &str, name: &tenant_operator::names::TenantName) -> String
         .replace("_tenancy_audit_tail(", &format!("{}(", fns.tail))
         .replace("_tenancy_audit_seal(", &format!("{}(", fns.seal))
 }
+
+/// The arguments of the audit trigger `tg` of `table`: the key index's oid,
+/// then the key's column names (`pg_trigger.tgargs`, NUL-terminated).
+async fn trigger_args(db: &TestDb, t: &Tenant, table: &str, tg: &str) -> Vec<String> {
+    let args: Vec<u8> = sqlx::query_scalar(
+        "SELECT t.tgargs FROM pg_trigger t WHERE t.tgrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass AND t.tgname = $3",
+    )
+    .bind(t.name.schema())
+    .bind(table)
+    .bind(tg)
+    .fetch_one(&db.su)
+    .await
+    .unwrap();
+    args.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect()
+}
+
+/// The keys of the tenant's last audit entry, on `orders`.
+async fn last_keys(db: &TestDb, t: &Tenant) -> serde_json::Value {
+    let last = audit_rows(db, t).await.pop().unwrap();
+    assert_eq!(last.table.as_deref(), Some("orders"));
+    last.pk.unwrap()
+}
+
+async fn key_index(db: &TestDb, t: &Tenant, table: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT i.indexrelid::text FROM pg_index i WHERE i.indrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass AND i.indisprimary",
+    )
+    .bind(t.name.schema())
+    .bind(table)
+    .fetch_one(&db.su)
+    .await
+    .unwrap()
+}
+
+/// The triggers carry the table's primary key (its index and column names)
+/// so that a statement does not query the catalog for it; an entry still
+/// names the key the catalog has when the statement runs: after a rename or
+/// a new key in the same transaction, with another replica identity, with
+/// triggers of an earlier version (no arguments). The next reconcile gives
+/// the triggers the current key.
+#[tokio::test]
+async fn an_entry_names_the_key_the_catalog_has_whatever_the_triggers_carry() {
+    let db = setup("aud_key_args").await;
+    let mut t = Tenant::new(&unique("ka"));
+    t.converge(&db).await.unwrap();
+    let (schema, owner) = (t.name.schema(), t.name.owner_role());
+    let mut su = db.superuser().await;
+    exec(
+        &mut su,
+        &format!(
+            "SET ROLE {owner}; CREATE TABLE {schema}.orders (\"Order Id\" int, sku text, x int NOT NULL UNIQUE, PRIMARY KEY (\"Order Id\", sku)); RESET ROLE;"
+        ),
+    )
+    .await;
+    t.converge(&db).await.unwrap();
+    let idx = key_index(&db, &t, "orders").await;
+    for tg in [
+        "_tenancy_audit_ins",
+        "_tenancy_audit_update",
+        "_tenancy_audit_del",
+        "_tenancy_audit_trunc",
+    ] {
+        assert_eq!(
+            trigger_args(&db, &t, "orders", tg).await,
+            [idx.as_str(), "Order Id", "sku"],
+            "{tg}"
+        );
+    }
+    // The trigger function's own check of them holds for a quoted name: the
+    // statement takes them, not the catalog query.
+    let holds: bool = sqlx::query_scalar(
+        "SELECT pg_get_replica_identity_index($1::regclass) = $2::oid
+            AND pg_get_indexdef($2::oid, 1, false) = quote_ident('Order Id')
+            AND pg_get_indexdef($2::oid, 2, false) = quote_ident('sku')",
+    )
+    .bind(format!("{schema}.orders"))
+    .bind(&idx)
+    .fetch_one(&db.su)
+    .await
+    .unwrap();
+    assert!(holds);
+    let mut app = t.app(&db).await.unwrap();
+    exec(&mut app, "INSERT INTO orders VALUES (1, 'a', 10)").await;
+    assert_eq!(
+        last_keys(&db, &t).await,
+        serde_json::json!([{"Order Id": 1, "sku": "a"}])
+    );
+    exec(&mut app, "UPDATE orders SET x = 11 WHERE sku = 'a'").await;
+    assert_eq!(
+        last_keys(&db, &t).await,
+        serde_json::json!([{"Order Id": 1, "sku": "a"}])
+    );
+
+    // A migration renames a key column and writes in its own transaction,
+    // before any reconcile: the triggers' names are stale.
+    exec(
+        &mut su,
+        &format!(
+            "BEGIN; SET LOCAL ROLE {owner}; ALTER TABLE {schema}.orders RENAME \"Order Id\" TO order_no;
+             INSERT INTO {schema}.orders VALUES (2, 'b', 20); COMMIT;"
+        ),
+    )
+    .await;
+    assert_eq!(
+        last_keys(&db, &t).await,
+        serde_json::json!([{"order_no": 2, "sku": "b"}])
+    );
+    // Another key, from columns that all existed, in one transaction.
+    exec(
+        &mut su,
+        &format!(
+            "BEGIN; SET LOCAL ROLE {owner}; ALTER TABLE {schema}.orders DROP CONSTRAINT orders_pkey, ADD PRIMARY KEY (x);
+             INSERT INTO {schema}.orders VALUES (3, 'c', 30); COMMIT;"
+        ),
+    )
+    .await;
+    assert_eq!(last_keys(&db, &t).await, serde_json::json!([{"x": 30}]));
+    exec(&mut app, "DELETE FROM orders WHERE x = 30").await;
+    assert_eq!(last_keys(&db, &t).await, serde_json::json!([{"x": 30}]));
+    // The next reconcile gives the triggers the new key.
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["AuditTable"]);
+    let idx = key_index(&db, &t, "orders").await;
+    assert_eq!(
+        trigger_args(&db, &t, "orders", "_tenancy_audit_ins").await,
+        [idx.as_str(), "x"]
+    );
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "converged: no DDL");
+    // A replica identity other than the key: the catalog's key.
+    exec(
+        &mut su,
+        &format!(
+            "SET ROLE {owner}; ALTER TABLE {schema}.orders REPLICA IDENTITY USING INDEX orders_x_key; RESET ROLE;"
+        ),
+    )
+    .await;
+    exec(&mut app, "INSERT INTO orders VALUES (4, 'd', 40)").await;
+    assert_eq!(last_keys(&db, &t).await, serde_json::json!([{"x": 40}]));
+    exec(
+        &mut su,
+        &format!("SET ROLE {owner}; ALTER TABLE {schema}.orders REPLICA IDENTITY FULL; ALTER TABLE {schema}.orders DROP CONSTRAINT orders_pkey, ADD PRIMARY KEY (order_no, sku); RESET ROLE;"),
+    )
+    .await;
+    exec(&mut app, "INSERT INTO orders VALUES (5, 'e', 50)").await;
+    assert_eq!(
+        last_keys(&db, &t).await,
+        serde_json::json!([{"order_no": 5, "sku": "e"}])
+    );
+
+    // Triggers of an earlier version, without arguments: exact keys, and
+    // the next reconcile replaces them.
+    let f = format!("{schema}._tenancy_audit_trigger_{}", t.name.as_str().replace('-', "_"));
+    exec(
+        &mut su,
+        &format!(
+            "SET ROLE {owner}; DROP TRIGGER _tenancy_audit_ins ON {schema}.orders;
+             CREATE TRIGGER _tenancy_audit_ins AFTER INSERT ON {schema}.orders REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}(); RESET ROLE;"
+        ),
+    )
+    .await;
+    assert!(trigger_args(&db, &t, "orders", "_tenancy_audit_ins").await.is_empty());
+    exec(&mut app, "INSERT INTO orders VALUES (6, 'f', 60)").await;
+    assert_eq!(
+        last_keys(&db, &t).await,
+        serde_json::json!([{"order_no": 6, "sku": "f"}])
+    );
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["AuditTable"]);
+    let idx = key_index(&db, &t, "orders").await;
+    assert_eq!(
+        trigger_args(&db, &t, "orders", "_tenancy_audit_ins").await,
+        [idx.as_str(), "order_no", "sku"]
+    );
+    drop(app);
+    verified(&db, &t).await;
+}

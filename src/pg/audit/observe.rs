@@ -23,27 +23,11 @@ use super::plan::{AnchorState, AuditState, PgauditState};
 use crate::names::TenantName;
 use crate::pg::{query_err, PgError};
 
-/// Reads the audit objects of the tenant schema: 1 query (constant text, so
-/// one prepared statement for every tenant), no writes. Every relation and
-/// type it names is schema-qualified: inside a migration's transaction
-/// ([`observe_in_tx`]) the session's temporary schema, searched before
-/// `pg_catalog` for relations and types, could hold the owner's stand-ins.
-pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[String]) -> Result<AuditState, PgError> {
-    let schema = name.schema();
-    // Relations and functions of the schema are found through their
-    // dependency on it (pg_depend's reference index): pg_class and pg_proc
-    // have no index on the namespace alone, and a scan of either grows with
-    // the number of tenants. Every table and function records that
-    // dependency (TOAST tables and composite types excepted, neither audited).
-    // Each function is current when sha256(name:source) is the expected one
-    // and its owner, SECURITY DEFINER flag and search_path are right.
-    let fns = AuditFns::of(name);
-    let expected: Vec<String> = function_bodies(name)?
-        .iter()
-        .map(|(f, body)| hex::encode(Sha256::digest(format!("{f}:{body}").as_bytes())))
-        .collect();
-    let row = sqlx::query(
-        "SELECT n.oid IS NOT NULL AS schema_exists,
+/// [`observe`]'s query; `KEY_ARGS` stands for the rows of a table's audit
+/// trigger arguments ([`super::plan::key_args_rows`] of `c.oid`): a
+/// table's triggers are current when their arguments are those bytes
+/// (each argument followed by a NUL, as `pg_trigger.tgargs` holds them).
+const OBSERVE_SQL: &str = "SELECT n.oid IS NOT NULL AS schema_exists,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $17 AND c.relkind = 'r') AS pending,
@@ -78,34 +62,68 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
                        array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE ex.excluded AND tg.ours > 0) AS excluded_triggered
                   FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.objid
                  CROSS JOIN LATERAL (SELECT c.relname::pg_catalog.text = ANY ($13) AS excluded) ex
-                 CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE t.tgname = ANY ($6) AND t.tgenabled = 'O' AND p.pronamespace = n.oid AND p.proname = $7) AS good,
+                 CROSS JOIN LATERAL (SELECT coalesce((SELECT pg_catalog.string_agg(pg_catalog.convert_to(k.v, pg_catalog.getdatabaseencoding()) || '\\x00'::pg_catalog.bytea, ''::pg_catalog.bytea ORDER BY k.o)
+                                                       FROM (KEY_ARGS) k), ''::pg_catalog.bytea) AS args) ka
+                 CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE t.tgname = ANY ($6) AND t.tgenabled = 'O' AND p.pronamespace = n.oid AND p.proname = $7
+                                                               AND t.tgargs = ka.args) AS good,
                                             count(*) AS ours
                                        FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
                                       WHERE t.tgrelid = c.oid AND t.tgname = ANY ($12)) tg
                  WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
                    AND c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-                   AND c.relname NOT LIKE '\\_tenancy\\_%') u ON true",
-    )
-    .bind(&schema)
-    .bind(AUDIT_TABLE)
-    .bind(HEAD_TABLE)
-    .bind(GUARD_TRIGGER)
-    .bind(&fns.guard)
-    .bind(TABLE_TRIGGERS.to_vec())
-    .bind(&fns.trigger)
-    .bind(expected)
-    .bind(name.owner_role())
-    .bind(FN_SEARCH_PATH)
-    .bind(TAIL_TRIGGER)
-    .bind(TABLE_TRIGGERS.iter().chain(&LEGACY_TABLE_TRIGGERS).copied().collect::<Vec<_>>())
-    .bind(exclude)
-    .bind(&fns.tail)
-    .bind(LEGACY_FUNCTIONS.to_vec())
-    .bind(LEGACY_FUNCTIONS[0])
-    .bind(PENDING_TABLE)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(query_err("reading the tenant's audit objects"))?;
+                   AND c.relname NOT LIKE '\\_tenancy\\_%') u ON true";
+
+/// [`OBSERVE_SQL`] with the key arguments' rows in place: one text, so one
+/// prepared statement for every tenant.
+static OBSERVE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| OBSERVE_SQL.replace("KEY_ARGS", &super::plan::key_args_rows("c.oid")));
+
+/// Reads the audit objects of the tenant schema: 1 query (constant text, so
+/// one prepared statement for every tenant), no writes. Every relation and
+/// type it names is schema-qualified: inside a migration's transaction
+/// ([`observe_in_tx`]) the session's temporary schema, searched before
+/// `pg_catalog` for relations and types, could hold the owner's stand-ins.
+pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[String]) -> Result<AuditState, PgError> {
+    let schema = name.schema();
+    // Relations and functions of the schema are found through their
+    // dependency on it (pg_depend's reference index): pg_class and pg_proc
+    // have no index on the namespace alone, and a scan of either grows with
+    // the number of tenants. Every table and function records that
+    // dependency (TOAST tables and composite types excepted, neither audited).
+    // Each function is current when sha256(name:source) is the expected one
+    // and its owner, SECURITY DEFINER flag and search_path are right.
+    let fns = AuditFns::of(name);
+    let expected: Vec<String> = function_bodies(name)?
+        .iter()
+        .map(|(f, body)| hex::encode(Sha256::digest(format!("{f}:{body}").as_bytes())))
+        .collect();
+    let row = sqlx::query(sqlx::AssertSqlSafe(OBSERVE.as_str()))
+        .bind(&schema)
+        .bind(AUDIT_TABLE)
+        .bind(HEAD_TABLE)
+        .bind(GUARD_TRIGGER)
+        .bind(&fns.guard)
+        .bind(TABLE_TRIGGERS.to_vec())
+        .bind(&fns.trigger)
+        .bind(expected)
+        .bind(name.owner_role())
+        .bind(FN_SEARCH_PATH)
+        .bind(TAIL_TRIGGER)
+        .bind(
+            TABLE_TRIGGERS
+                .iter()
+                .chain(&LEGACY_TABLE_TRIGGERS)
+                .copied()
+                .collect::<Vec<_>>(),
+        )
+        .bind(exclude)
+        .bind(&fns.tail)
+        .bind(LEGACY_FUNCTIONS.to_vec())
+        .bind(LEGACY_FUNCTIONS[0])
+        .bind(PENDING_TABLE)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(query_err("reading the tenant's audit objects"))?;
     let decode = || -> Result<AuditState, sqlx::Error> {
         Ok(AuditState {
             schema_exists: row.try_get("schema_exists")?,

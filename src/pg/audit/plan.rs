@@ -293,6 +293,23 @@ fn lz4(schema: &str, table: &str) -> String {
 const WRITE_ARGS: &str = "p_op text, p_table text, p_pks jsonb[], p_changed text[]";
 const WRITE_SIG: &str = "text, text, jsonb[], text[]";
 
+/// The rows `(v text, o int8)` that are the audit triggers' arguments for
+/// relation `rel` (an SQL expression of type oid), in order `o`: its
+/// primary key's index oid, then the key's column names in the index's
+/// order; no row for a table without a primary key. Every name
+/// schema-qualified. Used to make the triggers ([`render`]) and to tell
+/// whether those of a table are current (`observe`).
+pub(super) fn key_args_rows(rel: &str) -> String {
+    format!(
+        "SELECT i.indexrelid::pg_catalog.text AS v, 0::pg_catalog.int8 AS o FROM pg_catalog.pg_index i WHERE i.indrelid = {rel} AND i.indisprimary \
+         UNION ALL \
+         SELECT a.attname::pg_catalog.text, k.n FROM pg_catalog.pg_index i \
+          CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, n) \
+          JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+         WHERE i.indrelid = {rel} AND i.indisprimary"
+    )
+}
+
 /// The SQL of one action. Identifiers are quoted; the functions' bodies are
 /// dollar-quoted with a tag no identifier of a validated name can contain.
 pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, PgError> {
@@ -400,7 +417,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
         }
         AuditAction::TriggerTable { table, replace } => {
             let t = format!("{schema}.{}", quote_ident(table)?);
-            let f = format!("{schema}.{}()", quote_ident(&AuditFns::of(name).trigger)?);
+            let f = format!("{schema}.{}", quote_ident(&AuditFns::of(name).trigger)?);
             let [ins, upd, del, trunc] = TABLE_TRIGGERS;
             // A table without any of them (a migration's new table) skips
             // the drops: 4 statements fewer per table in a rollout.
@@ -413,12 +430,34 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             } else {
                 Vec::new()
             };
-            v.extend([
+            // The triggers' arguments are the table's primary key as the
+            // catalog has it when they are made (its index's oid, then its
+            // column names; none without a key): the trigger function takes
+            // them while they still hold, instead of a catalog query per
+            // statement (sql/trigger.sql). Read and used in one statement,
+            // in the same transaction as the drops.
+            let creates = [
                 format!("CREATE TRIGGER {ins} AFTER INSERT ON {t} REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {upd} AFTER UPDATE ON {t} REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {del} AFTER DELETE ON {t} REFERENCING OLD TABLE AS tenancy_old FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {trunc} AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
-            ]);
+            ];
+            let rel = format!("{}::pg_catalog.regclass", quote_literal(&t)?);
+            let executes: String = creates
+                .iter()
+                .map(|c| Ok(format!("\n  EXECUTE {} || '(' || a || ')';", quote_literal(c)?)))
+                .collect::<Result<_, PgError>>()?;
+            let body = format!(
+                " DECLARE a pg_catalog.text; BEGIN\n  SELECT coalesce(pg_catalog.string_agg(pg_catalog.quote_literal(k.v), ', ' ORDER BY k.o), '') INTO a FROM ({}) k;{executes}\nEND ",
+                key_args_rows(&rel)
+            );
+            // The table's name is the migration author's: the body's quote
+            // tag is one its text does not contain.
+            let tag = (0..)
+                .map(|i| format!("$tenancy_tg{i}$"))
+                .find(|tag| !body.contains(tag.as_str()))
+                .unwrap_or_default();
+            v.push(format!("DO {tag}{body}{tag}"));
             v
         }
         AuditAction::UntriggerTable { table } => {

@@ -74,7 +74,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_trigger_acme",
-        "22d258c4815799db04b936c5bdc07ae917c0005283a256b90506c17a840e62e9",
+        "96f21f43d962a90870e850ba758316e0a42c803a2e82c431d42c0236024176eb",
     ),
     (
         "acme body _tenancy_audit_write_acme",
@@ -94,7 +94,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render ReplaceFunctions",
-        "6ac5aa8c432201c1b9cddeb41cfc23085560ece7388208670b8d56151a9779ca",
+        "17fdb69a8f337f7c5fc23a6cbd1ca7e4d0888b9b835f34bdf42035d3a199ceb4",
     ),
     (
         "acme render GuardTable",
@@ -110,11 +110,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render TriggerTable { table: \"orders\", replace: false }",
-        "cef087e99cd2b94c8ce3ed410b42c97e7b1651c596f39cf87ab376d088d56eee",
+        "b94ace410e765a634b1151c50a38b162fd40c3702a081085d35bcda987031508",
     ),
     (
         "acme render TriggerTable { table: \"orders\", replace: true }",
-        "1c7023222d7ee546a188302e57a1ca149f478aae04f8c87be8e153c780097317",
+        "fa927e111e5cd893b99782c6470f425b61a7b51b3cd93e39e6f3a754598d7fed",
     ),
     (
         "acme render UntriggerTable { table: \"orders\" }",
@@ -122,11 +122,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render TriggerTable { table: \"we\\\"ird\", replace: false }",
-        "5ce113828c948a3c0dda597d3a591795b9a4883efe5d708db0414c77e3092344",
+        "1de30e158964691e77c7a37d1cb774b06852b1be8144c760f89f8e3d24729e34",
     ),
     (
         "acme render TriggerTable { table: \"we\\\"ird\", replace: true }",
-        "95a843794aabe5dbefa0b7dd5bb3d0fba00fd68a845cf6661592feca1266d548",
+        "01d1c652f546c49e9dc896f7dac36a68dc3ce7b73cd4b3501a7a06cb7f3e9ae0",
     ),
     (
         "acme render UntriggerTable { table: \"we\\\"ird\" }",
@@ -134,11 +134,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render TriggerTable { table: \"Mixed Case'q\", replace: false }",
-        "0b203f6d682e53a89dba74a204eaddde8ec623d556b9a7fde69cd663a77b1e02",
+        "aee4bdf3d2d97fa3d360b454eefbf72799482ef91815d5d3bf6a1ff95c1fd110",
     ),
     (
         "acme render TriggerTable { table: \"Mixed Case'q\", replace: true }",
-        "3ba6abb5fb9425167587a9dd8c17b4c852d1cf41a16c15db6a59db017143dec7",
+        "1b5412d2ed2edf0f1de72d7c58701b5560c7bf4bfde81c72b57c8716ef9d4148",
     ),
     (
         "acme render UntriggerTable { table: \"Mixed Case'q\" }",
@@ -166,7 +166,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_trigger_a_b_9",
-        "fdf8c439e962030a65cfd4c126f4f3410d9fca2ef100826099b66bb5879206d2",
+        "05985ca6cf2d9f58c11d27cc764a216eeb254869a4426f6fa5c4f796ae428d71",
     ),
     (
         "a-b-9 body _tenancy_audit_write_a_b_9",
@@ -186,7 +186,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "aebec32ef3461c497188d80229e7c50ccf6590558523140c7772b18325e14ff7",
+        "28b8c9510dd002654e904d32c6b565ce93bb8bfa9e0c0b41e00b2170cb457465",
     ),
     (
         "a-b-9 render GuardTable",
@@ -202,11 +202,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render TriggerTable { table: \"orders\", replace: false }",
-        "002e6a223bbc6bf10144d26c81a50f11355f787a1d3479d37012ecb101e0b4b5",
+        "ad1c91262dfcf64788acc45cd4c351c0c8d8294670648d4912f6c6e99b2ab603",
     ),
     (
         "a-b-9 render TriggerTable { table: \"orders\", replace: true }",
-        "f730222c8d55399aa6a238abe08be289efa99b3b00c0bb506937c02882242c24",
+        "64e505c914bfc72d9bb762b76fbf8b0c342d4a89040d2377590b415fb435df5a",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"orders\" }",
@@ -214,11 +214,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: false }",
-        "878156ba0ee368d6bbccb350c3667a314474f76b153137a151ff9ae0ccb8388f",
+        "ffca6180bf5e1b1706490f208f6073222d90e2fcbfcd542415f389da835e11cf",
     ),
     (
         "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: true }",
-        "af7c86e10d11253f17f613253b570215713c97567156b9ab1d760b08bf1c37f6",
+        "430a317da3a7488419b428ce8ac74a61302d5aa3fdd9712847c491ebe6354d05",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"we\\\"ird\" }",
@@ -226,11 +226,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: false }",
-        "1ff1e6f8df65392e99077b357c4eee59d10f623b03eb884966504114239ae7fa",
+        "addd0afd47fb55eea3430ab8743a83f4428523f3d15b48bebbf7d4f1e16ed3ed",
     ),
     (
         "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: true }",
-        "242810a0ef32014845d14dd106cb03ff857b180f4d182268868a631b62125c91",
+        "0a3379cdfbad4c74fc10600dff4d85f84d95cc67fa1a7de57c501cb72e72e64e",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"Mixed Case'q\" }",

@@ -520,13 +520,19 @@ async fn profile_reset(su: &mut PgConnection) {
     // Planning time too: a statement planned at each call (a custom plan
     // of a prepared statement, an unprepared one) costs its planning on
     // top of its execution.
-    sqlx::raw_sql(
-        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; ALTER SYSTEM SET pg_stat_statements.track_planning = on;
-         SELECT pg_reload_conf(); SELECT pg_stat_statements_reset()",
-    )
-    .execute(su)
-    .await
-    .expect("pg_stat_statements (BENCH_PROFILE)");
+    // (ALTER SYSTEM alone: a message of several statements is one
+    // transaction, where it may not run.)
+    for sql in [
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        "ALTER SYSTEM SET pg_stat_statements.track_planning = on",
+        "SELECT pg_reload_conf()",
+        "SELECT pg_stat_statements_reset()",
+    ] {
+        sqlx::raw_sql(sql)
+            .execute(&mut *su)
+            .await
+            .expect("pg_stat_statements (BENCH_PROFILE)");
+    }
 }
 
 async fn profile_print(su: &mut PgConnection, db: &str, phase: &str) {

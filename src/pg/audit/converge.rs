@@ -12,7 +12,7 @@
 use chrono::Utc;
 use sqlx::{Acquire, Connection, PgConnection, PgPool};
 
-use super::observe::{observe, observe_anchor, observe_in_tx, observe_pgaudit, GENERIC_PLAN};
+use super::observe::{observe, observe_anchor, observe_in_tx, observe_pgaudit};
 use super::plan::{plan, plan_anchor, read_auditing, statements, AnchorState, AuditAction, ReadAuditing};
 use super::retention::{prune_due, prune_on};
 use super::session::{misshapen, open_confined};
@@ -158,22 +158,7 @@ pub async fn converge_keeping(
         .acquire()
         .await
         .map_err(query_err("connecting to converge the audit log"))?;
-    // In a transaction of its own, planned once per session (`observe`).
-    let state = {
-        let mut tx = conn
-            .begin()
-            .await
-            .map_err(query_err("starting to read the tenant's audit objects"))?;
-        sqlx::query(GENERIC_PLAN)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("reading the tenant's audit objects"))?;
-        let state = observe(&mut tx, name, exclude).await?;
-        tx.commit()
-            .await
-            .map_err(query_err("reading the tenant's audit objects"))?;
-        state
-    };
+    let state = observe(&mut conn, name, exclude).await?;
     if !state.misshapen.is_empty() {
         return Err(misshapen(name, &state.misshapen));
     }
@@ -214,10 +199,6 @@ pub async fn converge_keeping(
         let mut c = open_confined(pool, ring, name, uid).await?;
         let result = async {
             let mut held = crate::pg::locks::hold_migrations(pool, uid, MIGRATION_WAIT).await?;
-            sqlx::query(GENERIC_PLAN)
-                .execute(&mut *held)
-                .await
-                .map_err(query_err("reading the tenant's audit objects"))?;
             let again = observe(&mut held, name, exclude).await?;
             if !again.misshapen.is_empty() {
                 return Err(misshapen(name, &again.misshapen));

@@ -73,23 +73,13 @@ const OBSERVE_SQL: &str = "SELECT n.oid IS NOT NULL AS schema_exists,
                    AND c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
                    AND c.relname NOT LIKE '\\_tenancy\\_%') u ON true";
 
-/// Makes the rest of the transaction run prepared statements with their
-/// generic plan, made once per session ([`observe`]).
-pub const GENERIC_PLAN: &str = "SELECT pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true)";
-
 /// [`OBSERVE_SQL`] with the key arguments' rows in place: one text, so one
 /// prepared statement for every tenant.
 static OBSERVE: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| OBSERVE_SQL.replace("KEY_ARGS", &super::plan::key_args_rows("c.oid")));
 
 /// Reads the audit objects of the tenant schema: 1 query (constant text, so
-/// one prepared statement for every tenant), no writes. Left to choose,
-/// Postgres plans this statement anew at every call (its generic plan's
-/// estimate is the higher): 6.3 ms a call in a provisioning burst of 1,000
-/// tenants (12.9 s over 2,049 calls, `track_planning`), against about
-/// 0.3 ms to run it. Callers that run it often do so in a transaction
-/// with [`GENERIC_PLAN`] first (the reconcile's audit step): one plan per
-/// session, the same index look-ups. Every relation and
+/// one prepared statement for every tenant), no writes. Every relation and
 /// type it names is schema-qualified: inside a migration's transaction
 /// ([`observe_in_tx`]) the session's temporary schema, searched before
 /// `pg_catalog` for relations and types, could hold the owner's stand-ins.

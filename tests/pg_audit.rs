@@ -2127,6 +2127,26 @@ async fn an_entry_names_the_key_the_catalog_has_whatever_the_triggers_carry() {
         trigger_args(&db, &t, "orders", "_tenancy_audit_ins").await,
         [idx.as_str(), "order_no", "sku"]
     );
+    // A key column whose name holds quotes and a backslash: the arguments
+    // are quoted as literals, compared byte for byte, and taken.
+    exec(
+        &mut su,
+        &format!(
+            "SET ROLE {owner}; CREATE TABLE {schema}.q (\"it's \"\"x\"\" \\\" int, v int, PRIMARY KEY (\"it's \"\"x\"\" \\\")); RESET ROLE;"
+        ),
+    )
+    .await;
+    t.converge(&db).await.unwrap();
+    let idx = key_index(&db, &t, "q").await;
+    assert_eq!(
+        trigger_args(&db, &t, "q", "_tenancy_audit_ins").await,
+        [idx.as_str(), "it's \"x\" \\"]
+    );
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "converged: no DDL");
+    exec(&mut app, "INSERT INTO q VALUES (7, 1)").await;
+    let last = audit_rows(&db, &t).await.pop().unwrap();
+    assert_eq!(last.table.as_deref(), Some("q"));
+    assert_eq!(last.pk.unwrap(), serde_json::json!([{"it's \"x\" \\": 7}]));
     drop(app);
     verified(&db, &t).await;
 }

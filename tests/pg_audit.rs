@@ -310,6 +310,17 @@ async fn a_table_created_by_a_later_migration_is_audited_without_a_reconcile() {
             ),
         ]
     );
+    // Their triggers carry the tables' keys, read in the migration's own
+    // transaction.
+    for (table, key) in [("orders", vec!["id"]), ("lines", vec!["order_id", "sku"])] {
+        let idx = key_index(&db, &t, table).await;
+        let want: Vec<&str> = [idx.as_str()].into_iter().chain(key).collect();
+        assert_eq!(
+            trigger_args(&db, &t, table, "_tenancy_audit_ins").await,
+            want,
+            "{table}"
+        );
+    }
     // The migrations left nothing for the reconcile to do.
     let again = t.converge(&db).await.unwrap();
     assert_eq!(

@@ -26,7 +26,8 @@ use crate::pg::{query_err, PgError};
 /// [`observe`]'s query; `KEY_ARGS` stands for the rows of a table's audit
 /// trigger arguments ([`super::plan::key_args_rows`] of `c.oid`): a
 /// table's triggers are current when their arguments are those bytes
-/// (each argument followed by a NUL, as `pg_trigger.tgargs` holds them).
+/// (each argument followed by a NUL, as `pg_trigger.tgargs` holds them);
+/// `keys` gives them for the tables whose triggers are to be made.
 const OBSERVE_SQL: &str = "SELECT n.oid IS NOT NULL AS schema_exists,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
@@ -42,6 +43,7 @@ const OBSERVE_SQL: &str = "SELECT n.oid IS NOT NULL AS schema_exists,
                 ARRAY(SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ($2, $3, $17) AND c.relkind <> 'r' ORDER BY 1) AS misshapen,
                 coalesce(u.untriggered, '{}') AS untriggered,
                 coalesce(u.stale, '{}') AS stale,
+                u.keys,
                 u.excluded_triggered,
                 (SELECT count(*) FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_proc p ON p.oid = d.objid
                   WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = n.oid AND d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
@@ -59,11 +61,13 @@ const OBSERVE_SQL: &str = "SELECT n.oid IS NOT NULL AS schema_exists,
            LEFT JOIN LATERAL (
                 SELECT array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE NOT ex.excluded AND tg.good <> 4) AS untriggered,
                        array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE NOT ex.excluded AND tg.good <> 4 AND tg.ours > 0) AS stale,
-                       array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE ex.excluded AND tg.ours > 0) AS excluded_triggered
+                       array_agg(c.relname::pg_catalog.text ORDER BY c.relname) FILTER (WHERE ex.excluded AND tg.ours > 0) AS excluded_triggered,
+                       pg_catalog.jsonb_object_agg(c.relname, kl.list) FILTER (WHERE NOT ex.excluded AND tg.good <> 4) AS keys
                   FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.objid
                  CROSS JOIN LATERAL (SELECT c.relname::pg_catalog.text = ANY ($13) AS excluded) ex
-                 CROSS JOIN LATERAL (SELECT coalesce((SELECT pg_catalog.string_agg(pg_catalog.convert_to(k.v, pg_catalog.getdatabaseencoding()) || '\\x00'::pg_catalog.bytea, ''::pg_catalog.bytea ORDER BY k.o)
-                                                       FROM (KEY_ARGS) k), ''::pg_catalog.bytea) AS args) ka
+                 CROSS JOIN LATERAL (SELECT coalesce(pg_catalog.array_agg(k.v ORDER BY k.o), '{}') AS list FROM (KEY_ARGS) k) kl
+                 CROSS JOIN LATERAL (SELECT coalesce((SELECT pg_catalog.string_agg(pg_catalog.convert_to(a.v, pg_catalog.getdatabaseencoding()) || '\\x00'::pg_catalog.bytea, ''::pg_catalog.bytea ORDER BY a.o)
+                                                       FROM pg_catalog.unnest(kl.list) WITH ORDINALITY AS a(v, o)), ''::pg_catalog.bytea) AS args) ka
                  CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE t.tgname = ANY ($6) AND t.tgenabled = 'O' AND p.pronamespace = n.oid AND p.proname = $7
                                                                AND t.tgargs = ka.args) AS good,
                                             count(*) AS ours
@@ -133,6 +137,10 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
             guard: row.try_get("guard")?,
             untriggered: row.try_get("untriggered")?,
             stale: row.try_get("stale")?,
+            keys: row
+                .try_get::<Option<sqlx::types::Json<BTreeMap<String, Vec<String>>>>, _>("keys")?
+                .map(|k| k.0)
+                .unwrap_or_default(),
             excluded_triggered: row
                 .try_get::<Option<Vec<String>>, _>("excluded_triggered")?
                 .unwrap_or_default(),
@@ -267,6 +275,18 @@ UNION ALL
 SELECT 3, p.oid, p.proname, NULL, NULL, NULL, NULL, NULL, p.prosecdef, p.proowner = pg_catalog.to_regrole($4), p.proconfig, p.prosrc
   FROM pg_catalog.pg_proc p
  WHERE p.oid = ANY (ARRAY(SELECT d.objid FROM d WHERE d.classid = '1255')) AND p.proname = ANY ($3)";
+
+/// The trigger arguments ([`super::plan::key_args_rows`]) of the tables
+/// `$2` of schema `$1`, by name, inside a migration's transaction (every
+/// name schema-qualified, as in [`IN_TX_SQL`]).
+static KEYS_IN_TX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT c.relname::pg_catalog.text, coalesce((SELECT pg_catalog.array_agg(k.v ORDER BY k.o) FROM ({}) k), '{{}}')
+           FROM pg_catalog.pg_class c
+          WHERE c.relnamespace = pg_catalog.to_regnamespace($1) AND c.relname = ANY ($2::pg_catalog.name[])",
+        super::plan::key_args_rows("c.oid")
+    )
+});
 
 /// One row of the in-transaction check ([`IN_TX_SQL`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -497,9 +517,23 @@ pub async fn observe_in_tx(
         .collect::<Result<Vec<_>, _>>()
         .map_err(query_err("decoding the tenant's audit objects"))?;
     if let Some(u) = converged_untriggered(&facts, &AuditFns::of(name), &bodies, exclude) {
+        // The keys of the tables to trigger (a migration's new tables), for
+        // the triggers' arguments: one more round trip, only then.
+        let keys = if u.untriggered.is_empty() {
+            BTreeMap::new()
+        } else {
+            let rows: Vec<(String, Vec<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(KEYS_IN_TX.as_str()))
+                .bind(name.schema())
+                .bind(&u.untriggered)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(query_err("reading the keys of the tenant's new tables"))?;
+            rows.into_iter().collect()
+        };
         let state = AuditState {
             stale: u.stale,
             excluded_triggered: u.excluded_triggered,
+            keys,
             ..AuditState::objects_present(u.untriggered)
         };
         return Ok((state, Observation::Light));

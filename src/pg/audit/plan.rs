@@ -43,6 +43,13 @@ pub struct AuditState {
     /// names (to be replaced); the others, typically a migration's new
     /// tables, only get them created.
     pub stale: Vec<String>,
+    /// The trigger arguments of each of `untriggered`: its primary key's
+    /// index oid, then the key's column names in the index's order (none
+    /// without a key), as the catalog had them when observed
+    /// ([`key_args_rows`]). A table missing here gets triggers without
+    /// arguments, which still record the right key (by a catalog query per
+    /// statement) until a reconcile makes them again.
+    pub keys: std::collections::BTreeMap<String, Vec<String>>,
     /// Tables listed in `spec.audit.excludeTables` that still carry one of
     /// the audit triggers (of [`TABLE_TRIGGERS`] or an earlier version's):
     /// their triggers are dropped.
@@ -157,6 +164,8 @@ pub enum AuditAction {
     TriggerTable {
         table: String,
         replace: bool,
+        /// The triggers' arguments ([`AuditState::keys`]).
+        args: Vec<String>,
     },
     /// The audit triggers of a table excluded from auditing, dropped.
     UntriggerTable {
@@ -219,6 +228,7 @@ pub fn plan(state: &AuditState, pgaudit: Option<&PgauditState>) -> Vec<AuditActi
     actions.extend(state.untriggered.iter().map(|t| AuditAction::TriggerTable {
         table: t.clone(),
         replace: state.stale.contains(t),
+        args: state.keys.get(t).cloned().unwrap_or_default(),
     }));
     actions.extend(
         state
@@ -297,8 +307,9 @@ const WRITE_SIG: &str = "text, text, jsonb[], text[]";
 /// relation `rel` (an SQL expression of type oid), in order `o`: its
 /// primary key's index oid, then the key's column names in the index's
 /// order; no row for a table without a primary key. Every name
-/// schema-qualified. Used to make the triggers ([`render`]) and to tell
-/// whether those of a table are current (`observe`).
+/// schema-qualified. Read by `observe` (to tell whether a table's
+/// triggers are current, and to make them) and by `observe_in_tx` (the
+/// keys of a migration's new tables).
 pub(super) fn key_args_rows(rel: &str) -> String {
     format!(
         "SELECT i.indexrelid::pg_catalog.text AS v, 0::pg_catalog.int8 AS o FROM pg_catalog.pg_index i WHERE i.indrelid = {rel} AND i.indisprimary \
@@ -415,9 +426,14 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             ]);
             v
         }
-        AuditAction::TriggerTable { table, replace } => {
+        AuditAction::TriggerTable { table, replace, args } => {
             let t = format!("{schema}.{}", quote_ident(table)?);
-            let f = format!("{schema}.{}", quote_ident(&AuditFns::of(name).trigger)?);
+            // The table's primary key as the catalog had it when observed
+            // (its index's oid, then its column names; none without a key):
+            // the trigger function takes them while they still hold, instead
+            // of a catalog query per statement (sql/trigger.sql).
+            let args = args.iter().map(|a| quote_literal(a)).collect::<Result<Vec<_>, _>>()?.join(", ");
+            let f = format!("{schema}.{}({args})", quote_ident(&AuditFns::of(name).trigger)?);
             let [ins, upd, del, trunc] = TABLE_TRIGGERS;
             // A table without any of them (a migration's new table) skips
             // the drops: 4 statements fewer per table in a rollout.
@@ -430,34 +446,12 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             } else {
                 Vec::new()
             };
-            // The triggers' arguments are the table's primary key as the
-            // catalog has it when they are made (its index's oid, then its
-            // column names; none without a key): the trigger function takes
-            // them while they still hold, instead of a catalog query per
-            // statement (sql/trigger.sql). Read and used in one statement,
-            // in the same transaction as the drops.
-            let creates = [
+            v.extend([
                 format!("CREATE TRIGGER {ins} AFTER INSERT ON {t} REFERENCING NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {upd} AFTER UPDATE ON {t} REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {del} AFTER DELETE ON {t} REFERENCING OLD TABLE AS tenancy_old FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
                 format!("CREATE TRIGGER {trunc} AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {f}"),
-            ];
-            let rel = format!("{}::pg_catalog.regclass", quote_literal(&t)?);
-            let executes: String = creates
-                .iter()
-                .map(|c| Ok(format!("\n  EXECUTE {} || '(' || a || ')';", quote_literal(c)?)))
-                .collect::<Result<_, PgError>>()?;
-            let body = format!(
-                " DECLARE a pg_catalog.text; BEGIN\n  SELECT coalesce(pg_catalog.string_agg(pg_catalog.quote_literal(k.v), ', ' ORDER BY k.o), '') INTO a FROM ({}) k;{executes}\nEND ",
-                key_args_rows(&rel)
-            );
-            // The table's name is the migration author's: the body's quote
-            // tag is one its text does not contain.
-            let tag = (0..)
-                .map(|i| format!("$tenancy_tg{i}$"))
-                .find(|tag| !body.contains(tag.as_str()))
-                .unwrap_or_default();
-            v.push(format!("DO {tag}{body}{tag}"));
+            ]);
             v
         }
         AuditAction::UntriggerTable { table } => {

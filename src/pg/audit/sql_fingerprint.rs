@@ -36,10 +36,12 @@ fn fingerprints() -> Vec<(String, String)> {
             actions.push(AuditAction::TriggerTable {
                 table: table.into(),
                 replace: false,
+                args: vec![],
             });
             actions.push(AuditAction::TriggerTable {
                 table: table.into(),
                 replace: true,
+                args: vec!["16384".into(), "it's \"x\" \\".into()],
             });
             actions.push(AuditAction::UntriggerTable { table: table.into() });
         }
@@ -109,36 +111,36 @@ const EXPECTED: &[(&str, &str)] = &[
         "c94853be1d7f3005b66004620b2b4a543e707217097c410cee97ab761f48504f",
     ),
     (
-        "acme render TriggerTable { table: \"orders\", replace: false }",
-        "b94ace410e765a634b1151c50a38b162fd40c3702a081085d35bcda987031508",
+        "acme render TriggerTable { table: \"orders\", replace: false, args: [] }",
+        "cef087e99cd2b94c8ce3ed410b42c97e7b1651c596f39cf87ab376d088d56eee",
     ),
     (
-        "acme render TriggerTable { table: \"orders\", replace: true }",
-        "fa927e111e5cd893b99782c6470f425b61a7b51b3cd93e39e6f3a754598d7fed",
+        "acme render TriggerTable { table: \"orders\", replace: true, args: [\"16384\", \"it's \\\"x\\\" \\\\\"] }",
+        "11b1b854df878815712702c369eb5bdf6dd186212566e9d3f484b49202397c44",
     ),
     (
         "acme render UntriggerTable { table: \"orders\" }",
         "f3697412c7bc9582db29350efaf8ed531a951344047c1184cc11fc22432c9578",
     ),
     (
-        "acme render TriggerTable { table: \"we\\\"ird\", replace: false }",
-        "1de30e158964691e77c7a37d1cb774b06852b1be8144c760f89f8e3d24729e34",
+        "acme render TriggerTable { table: \"we\\\"ird\", replace: false, args: [] }",
+        "5ce113828c948a3c0dda597d3a591795b9a4883efe5d708db0414c77e3092344",
     ),
     (
-        "acme render TriggerTable { table: \"we\\\"ird\", replace: true }",
-        "01d1c652f546c49e9dc896f7dac36a68dc3ce7b73cd4b3501a7a06cb7f3e9ae0",
+        "acme render TriggerTable { table: \"we\\\"ird\", replace: true, args: [\"16384\", \"it's \\\"x\\\" \\\\\"] }",
+        "7a14c104ebe984de7ba2ae0980d477157965228fca1f5cfdc7c8c203a7dba07d",
     ),
     (
         "acme render UntriggerTable { table: \"we\\\"ird\" }",
         "247a30f76e44aef6776342d73bc027f7464c2358c9ccfd7b64cbbcf78064e927",
     ),
     (
-        "acme render TriggerTable { table: \"Mixed Case'q\", replace: false }",
-        "aee4bdf3d2d97fa3d360b454eefbf72799482ef91815d5d3bf6a1ff95c1fd110",
+        "acme render TriggerTable { table: \"Mixed Case'q\", replace: false, args: [] }",
+        "0b203f6d682e53a89dba74a204eaddde8ec623d556b9a7fde69cd663a77b1e02",
     ),
     (
-        "acme render TriggerTable { table: \"Mixed Case'q\", replace: true }",
-        "1b5412d2ed2edf0f1de72d7c58701b5560c7bf4bfde81c72b57c8716ef9d4148",
+        "acme render TriggerTable { table: \"Mixed Case'q\", replace: true, args: [\"16384\", \"it's \\\"x\\\" \\\\\"] }",
+        "4eb02ed1ac644016ecd18f776884f3fa255ad73b41a09f9956728e26d18506ac",
     ),
     (
         "acme render UntriggerTable { table: \"Mixed Case'q\" }",
@@ -201,36 +203,36 @@ const EXPECTED: &[(&str, &str)] = &[
         "c3550ba44fe9b65bd2ab45e7d7b44eaae0710d682828d21a6531cbe75215918e",
     ),
     (
-        "a-b-9 render TriggerTable { table: \"orders\", replace: false }",
-        "ad1c91262dfcf64788acc45cd4c351c0c8d8294670648d4912f6c6e99b2ab603",
+        "a-b-9 render TriggerTable { table: \"orders\", replace: false, args: [] }",
+        "002e6a223bbc6bf10144d26c81a50f11355f787a1d3479d37012ecb101e0b4b5",
     ),
     (
-        "a-b-9 render TriggerTable { table: \"orders\", replace: true }",
-        "64e505c914bfc72d9bb762b76fbf8b0c342d4a89040d2377590b415fb435df5a",
+        "a-b-9 render TriggerTable { table: \"orders\", replace: true, args: [\"16384\", \"it's \\\"x\\\" \\\\\"] }",
+        "2bc612298996339b0d6588ef28278723642e09cc44ae036e4bda22701883794f",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"orders\" }",
         "6d726b6e4e5023dd2556c060821f5c3db44350c08b82e499b5691e41164e9e55",
     ),
     (
-        "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: false }",
-        "ffca6180bf5e1b1706490f208f6073222d90e2fcbfcd542415f389da835e11cf",
+        "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: false, args: [] }",
+        "878156ba0ee368d6bbccb350c3667a314474f76b153137a151ff9ae0ccb8388f",
     ),
     (
-        "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: true }",
-        "430a317da3a7488419b428ce8ac74a61302d5aa3fdd9712847c491ebe6354d05",
+        "a-b-9 render TriggerTable { table: \"we\\\"ird\", replace: true, args: [\"16384\", \"it's \\\"x\\\" \\\\\"] }",
+        "8ebe496bfe2e448d7bfe1ca789f1a83314095ad991875d57dd8265954c1563ad",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"we\\\"ird\" }",
         "b5cd8f84631816f694a2db0d14e932a35b3b1b573d8c3afa1a9a96780e5a68e7",
     ),
     (
-        "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: false }",
-        "addd0afd47fb55eea3430ab8743a83f4428523f3d15b48bebbf7d4f1e16ed3ed",
+        "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: false, args: [] }",
+        "1ff1e6f8df65392e99077b357c4eee59d10f623b03eb884966504114239ae7fa",
     ),
     (
-        "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: true }",
-        "0a3379cdfbad4c74fc10600dff4d85f84d95cc67fa1a7de57c501cb72e72e64e",
+        "a-b-9 render TriggerTable { table: \"Mixed Case'q\", replace: true, args: [\"16384\", \"it's \\\"x\\\" \\\\\"] }",
+        "5d6f329716acf7011f004a26eb055e421e5bd12f987bf704d52440f9f6402fef",
     ),
     (
         "a-b-9 render UntriggerTable { table: \"Mixed Case'q\" }",

@@ -509,21 +509,15 @@ fn each_tenant_has_functions_of_its_own_names_and_the_shared_ones_are_dropped() 
         &AuditAction::TriggerTable {
             table: "items".into(),
             replace: false,
+            args: vec![],
         },
         &t,
     )
     .unwrap();
-    // One statement: the key's arguments read from the catalog, then the
-    // four triggers made with them.
-    assert_eq!(sql.len(), 1, "{sql:?}");
-    assert_eq!(
-        sql[0]
-            .matches(&format!(
-                "EXECUTE FUNCTION \"tenant_acme\".\"{}\"' || '(' || a || ')'",
-                fns.trigger
-            ))
-            .count(),
-        4,
+    assert_eq!(sql.len(), 4, "{sql:?}");
+    assert!(
+        sql.iter()
+            .all(|s| s.ends_with(&format!("EXECUTE FUNCTION \"tenant_acme\".\"{}\"()", fns.trigger))),
         "{sql:?}"
     );
     let sql = render(&AuditAction::GuardTable, &t).unwrap().join(";");
@@ -714,6 +708,7 @@ fn table_names_are_quoted_in_triggers() {
         &AuditAction::TriggerTable {
             table: "we\"ird; DROP".into(),
             replace: true,
+            args: vec![],
         },
         &n("acme"),
     )
@@ -722,9 +717,8 @@ fn table_names_are_quoted_in_triggers() {
         sql.iter().all(|s| s.contains("\"tenant_acme\".\"we\"\"ird; DROP\"")),
         "{sql:?}"
     );
-    // 4 drops, the legacy per-row UPDATE trigger's drop, the creates.
-    assert_eq!(sql.len(), 6);
-    assert_eq!(sql[5].matches("CREATE TRIGGER").count(), 4, "{sql:?}");
+    // 4 drops, the legacy per-row UPDATE trigger's drop, 4 creates.
+    assert_eq!(sql.len(), 9);
 }
 
 #[test]
@@ -740,18 +734,19 @@ fn only_tables_with_stale_triggers_get_drops() {
         [
             AuditAction::TriggerTable {
                 table: "new".into(),
-                replace: false
+                replace: false,
+                args: vec![]
             },
             AuditAction::TriggerTable {
                 table: "tampered".into(),
-                replace: true
+                replace: true,
+                args: vec![]
             }
         ]
     );
     let new = render(&actions[0], &n("acme")).unwrap();
-    assert_eq!(new.len(), 1);
-    assert!(new[0].starts_with("DO $tenancy_tg0$"), "{new:?}");
-    assert_eq!(new[0].matches("CREATE TRIGGER").count(), 4, "{new:?}");
+    assert_eq!(new.len(), 4);
+    assert!(new.iter().all(|s| s.starts_with("CREATE TRIGGER")), "{new:?}");
     let tampered = render(&actions[1], &n("acme")).unwrap();
     assert_eq!(
         tampered
@@ -1152,17 +1147,42 @@ fn an_anchor_row_must_be_at_or_before_the_recorded_cut() {
 }
 
 #[test]
-fn a_table_named_like_the_trigger_blocks_quote_tag_gets_another_tag() {
-    let sql = render(
-        &AuditAction::TriggerTable {
-            table: "x$tenancy_tg0$; DROP".into(),
-            replace: false,
-        },
-        &n("acme"),
-    )
-    .unwrap();
-    assert_eq!(sql.len(), 1);
-    assert!(sql[0].starts_with("DO $tenancy_tg1$"), "{sql:?}");
-    assert!(sql[0].ends_with("END $tenancy_tg1$"), "{sql:?}");
-    assert_eq!(sql[0].matches("$tenancy_tg1$").count(), 2, "{sql:?}");
+fn the_triggers_arguments_are_the_observed_key_quoted_as_literals() {
+    let s = AuditState {
+        untriggered: vec!["orders".into(), "nokey".into()],
+        keys: [(
+            "orders".to_string(),
+            vec!["16384".to_string(), "it's \"x\" \\".to_string()],
+        )]
+        .into(),
+        ..full()
+    };
+    let actions = plan(&s, None);
+    assert_eq!(
+        actions,
+        [
+            AuditAction::TriggerTable {
+                table: "orders".into(),
+                replace: false,
+                args: vec!["16384".into(), "it's \"x\" \\".into()]
+            },
+            AuditAction::TriggerTable {
+                table: "nokey".into(),
+                replace: false,
+                args: vec![]
+            }
+        ]
+    );
+    let fns = AuditFns::of(&n("acme"));
+    let sql = render(&actions[0], &n("acme")).unwrap();
+    assert_eq!(sql.len(), 4);
+    assert!(
+        sql.iter().all(|s| s.ends_with(&format!(
+            "EXECUTE FUNCTION \"tenant_acme\".\"{}\"('16384', 'it''s \"x\" \\')",
+            fns.trigger
+        ))),
+        "{sql:?}"
+    );
+    let sql = render(&actions[1], &n("acme")).unwrap();
+    assert!(sql.iter().all(|s| s.ends_with("()")), "{sql:?}");
 }

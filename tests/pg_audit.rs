@@ -1979,6 +1979,25 @@ async fn trigger_args(db: &TestDb, t: &Tenant, table: &str, tg: &str) -> Vec<Str
         .collect()
 }
 
+/// A row of `orders` with new values at each call (rolled back).
+const FRESH_ORDER: &str = "INSERT INTO orders SELECT n, 'w', n FROM (SELECT (1000 + random() * 1e9)::int AS n) s";
+
+/// How many times one more audited `insert` on `conn` scans `pg_index` or
+/// its index by table (the trigger function's catalog query for the key;
+/// the checks of its arguments use the caches), in a transaction rolled back, after a
+/// first `insert` warmed the session's caches.
+async fn key_queries_of(conn: &mut PgConnection, insert: &str) -> i64 {
+    let scans = "SELECT pg_stat_get_xact_numscans('pg_catalog.pg_index'::regclass)
+                        + pg_stat_get_xact_numscans('pg_catalog.pg_index_indrelid_index'::regclass)";
+    exec(conn, "BEGIN").await;
+    exec(conn, insert).await;
+    let before: i64 = sqlx::query_scalar(scans).fetch_one(&mut *conn).await.unwrap();
+    exec(conn, insert).await;
+    let after: i64 = sqlx::query_scalar(scans).fetch_one(&mut *conn).await.unwrap();
+    exec(conn, "ROLLBACK").await;
+    after - before
+}
+
 /// The keys of the tenant's last audit entry, on `orders`.
 async fn last_keys(db: &TestDb, t: &Tenant) -> serde_json::Value {
     let last = audit_rows(db, t).await.pop().unwrap();
@@ -2045,6 +2064,8 @@ async fn an_entry_names_the_key_the_catalog_has_whatever_the_triggers_carry() {
     .unwrap();
     assert!(holds);
     let mut app = t.app(&db).await.unwrap();
+    // And it takes them: no catalog query for the key.
+    assert_eq!(key_queries_of(&mut app, FRESH_ORDER).await, 0);
     exec(&mut app, "INSERT INTO orders VALUES (1, 'a', 10)").await;
     assert_eq!(
         last_keys(&db, &t).await,
@@ -2066,6 +2087,8 @@ async fn an_entry_names_the_key_the_catalog_has_whatever_the_triggers_carry() {
         ),
     )
     .await;
+    // Stale arguments: the catalog query (the measure can see it).
+    assert!(key_queries_of(&mut app, FRESH_ORDER).await >= 1);
     assert_eq!(
         last_keys(&db, &t).await,
         serde_json::json!([{"order_no": 2, "sku": "b"}])

@@ -1084,6 +1084,205 @@ async fn a_seal_delay_leaves_a_busy_tenants_entries_to_a_later_seal() {
     assert_eq!(keys, expected);
 }
 
+/// The xid (as text) `sql` returns on `conn`.
+async fn xid_of(conn: &mut PgConnection, sql: &str) -> u64 {
+    let s: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT ({sql})::text")))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    s.parse().unwrap()
+}
+
+/// Whether the last seal's snapshot (the head's) shows `xid` running.
+async fn on_head(conn: &mut PgConnection, sql: &str, xid: u64) -> bool {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(xid.to_string())
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Three counters of this transaction's statistics (`sql`).
+async fn scans(conn: &mut PgConnection, sql: &str) -> (i64, i64, i64) {
+    sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// The seal reads the entries of the transactions the last seal could not
+/// see: those running when it sealed (its snapshot's in-progress ids, kept
+/// on the head) and those to come (ids from its snapshot's xmax). A
+/// transaction that appended before other commits sealed and commits after
+/// them without sealing itself (REPEATABLE READ) is among them, and sealed
+/// by the next commit, in the order of transaction ids. A last seal's
+/// snapshot beyond the sealing transaction's own id (a head restored from a
+/// server further along) is not used: the seal reads everything.
+#[tokio::test]
+async fn the_seal_reads_what_the_last_seal_could_not_see() {
+    let db = setup("aud_floor").await;
+    let t = tenant_with_docs(&db, "fl").await;
+    let schema = t.name.schema();
+    let mut su = db.superuser().await;
+    let xip_sql = format!("SELECT $1::text::xid8 = ANY (seal_xip) FROM {schema}._tenancy_audit_head");
+    let mut old = t.app(&db).await.unwrap();
+    let mut app = t.app(&db).await.unwrap();
+    exec(
+        &mut old,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL tenancy.actor = 'old'; INSERT INTO docs (body) VALUES ('old')",
+    )
+    .await;
+    let old_xid = xid_of(&mut old, "pg_current_xact_id()").await;
+    for body in ["a", "b"] {
+        exec(&mut app, &format!("INSERT INTO docs (body) VALUES ('{body}')")).await;
+    }
+    assert_eq!(audit_rows(&db, &t).await.len(), 2, "the later commits sealed");
+    assert!(
+        on_head(&mut su, &xip_sql, old_xid).await,
+        "the running transaction is not on the head"
+    );
+    exec(&mut old, "COMMIT").await;
+    assert_eq!(pending(&db, &t).await, 1, "a REPEATABLE READ commit does not seal");
+    exec(&mut app, "INSERT INTO docs (body) VALUES ('c')").await;
+    assert_eq!(pending(&db, &t).await, 0);
+    let actors: Vec<String> = audit_rows(&db, &t).await.into_iter().map(|a| a.actor).collect();
+    assert_eq!(actors[2..], ["old".to_owned(), t.name.app_role()][..]);
+    assert!(
+        !on_head(&mut su, &xip_sql, old_xid).await,
+        "an ended transaction is still on the head"
+    );
+    let xmax = xid_of(&mut su, &format!("SELECT seal_xmax FROM {schema}._tenancy_audit_head")).await;
+    assert!(xmax > old_xid);
+    assert_eq!(verified(&db, &t).await.rows, 4);
+
+    // A snapshot from elsewhere, far beyond this server's ids.
+    exec(
+        &mut su,
+        &format!("UPDATE {schema}._tenancy_audit_head SET seal_xmax = '9000000000000', seal_xip = '{{}}'"),
+    )
+    .await;
+    exec(&mut app, "INSERT INTO docs (body) VALUES ('d')").await;
+    assert_eq!(pending(&db, &t).await, 0, "a snapshot from elsewhere hid the entry");
+    let here = xid_of(&mut su, "pg_current_xact_id()").await;
+    let xmax = xid_of(&mut su, &format!("SELECT seal_xmax FROM {schema}._tenancy_audit_head")).await;
+    assert!(xmax <= here, "{xmax} > {here}");
+    assert_eq!(verified(&db, &t).await.rows, 5);
+}
+
+/// The seal reads the pending table through its (xid, pid) index even when
+/// the table's statistics make a scan look cheaper (just vacuumed), and
+/// reads none of the dead rows earlier seals left, though a transaction
+/// running elsewhere (as a backup's does) keeps vacuum from removing them:
+/// a scan of the table read every one.
+#[tokio::test]
+async fn the_seal_reads_the_pending_table_through_its_index_and_not_its_dead_rows() {
+    let db = setup("aud_floor_idx").await;
+    let t = tenant_with_docs(&db, "fi").await;
+    let schema = t.name.schema();
+    let fns = pg::audit::AuditFns::of(&t.name);
+    let mut su = db.superuser().await;
+    let mut holder = db.superuser().await;
+    exec(&mut holder, "BEGIN; SELECT pg_current_xact_id()").await;
+    let mut app = t.app(&db).await.unwrap();
+    exec(
+        &mut app,
+        "DO $$ BEGIN FOR i IN 1 .. 400 LOOP INSERT INTO docs (body) VALUES (i::text); COMMIT; END LOOP; END $$",
+    )
+    .await;
+    assert_eq!(audit_rows(&db, &t).await.len(), 400);
+    exec(&mut su, &format!("VACUUM {schema}._tenancy_audit_pending")).await;
+    let pages: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_relation_size('{schema}._tenancy_audit_pending') / 8192"
+    )))
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
+    assert!(pages >= 5, "the dead rows were removed ({pages} pages)");
+    // As the owner, in one transaction: an entry, the seal, and what the
+    // seal read of the pending table and of its index.
+    exec(
+        &mut su,
+        &format!(
+            "BEGIN; SET LOCAL ROLE {owner}; INSERT INTO {schema}.docs (body) VALUES ('owner')",
+            owner = t.name.owner_role()
+        ),
+    )
+    .await;
+    let stats_sql = format!(
+        "SELECT pg_stat_get_xact_numscans('{schema}._tenancy_audit_pending'::regclass),
+                pg_stat_get_xact_numscans('{schema}._tenancy_audit_pending_xid'::regclass),
+                pg_stat_get_xact_blocks_fetched('{schema}._tenancy_audit_pending'::regclass)"
+    );
+    let (_, _, blocks_before) = scans(&mut su, &stats_sql).await;
+    let sealed: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT {schema}.{}(false)", fns.seal)))
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(sealed, 1);
+    let (seq, idx, blocks) = scans(&mut su, &stats_sql).await;
+    assert_eq!(seq, 0, "the seal scanned the pending table");
+    assert!(idx >= 1, "the seal did not read the (xid, pid) index");
+    assert!(
+        blocks - blocks_before <= 4,
+        "the seal read {} blocks of a {pages}-page pending table",
+        blocks - blocks_before
+    );
+    let seqscan: String = sqlx::query_scalar("SELECT current_setting('enable_seqscan')")
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    assert_eq!(seqscan, "on", "the seal left the planner setting changed");
+    exec(&mut su, "COMMIT").await;
+    exec(&mut holder, "COMMIT").await;
+    assert_eq!(pending(&db, &t).await, 0);
+    assert_eq!(verified(&db, &t).await.rows, 401);
+}
+
+/// A pending table made before the seal read by transaction id (2026-12-05):
+/// no `xid` column, no index, no last snapshot on the head, an entry waiting. The
+/// next reconcile adds them (the waiting entry gets the id of the
+/// transaction that adds the column); the next commit seals it and its own.
+#[tokio::test]
+async fn a_pending_table_made_before_reading_by_transaction_id_is_converged_and_its_entries_sealed() {
+    let db = setup("aud_floor_up").await;
+    let mut t = tenant_with_docs(&db, "fu").await;
+    let schema = t.name.schema();
+    let mut app = t.app(&db).await.unwrap();
+    exec(&mut app, "INSERT INTO docs (body) VALUES ('before')").await;
+    let mut su = db.superuser().await;
+    exec(
+        &mut su,
+        &format!(
+            "ALTER TABLE {schema}._tenancy_audit_pending DROP COLUMN xid;
+             ALTER TABLE {schema}._tenancy_audit_head DROP COLUMN seal_xmax, DROP COLUMN seal_xip;",
+        ),
+    )
+    .await;
+    // The entry waiting: a REPEATABLE READ commit leaves it pending (its
+    // seal would fail on the dropped columns, as the old table's would not).
+    exec(
+        &mut su,
+        &format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL ROLE {}; INSERT INTO {schema}.docs (body) VALUES ('waiting'); COMMIT",
+            t.name.owner_role()
+        ),
+    )
+    .await;
+    assert_eq!(pending(&db, &t).await, 1);
+    let mut conn = db.admin.acquire().await.unwrap();
+    let state = pg::audit::observe(&mut conn, &t.name, &[]).await.unwrap();
+    drop(conn);
+    assert!(!state.pending && state.functions_current, "{state:?}");
+    let out = t.converge(&db).await.unwrap();
+    let labels: Vec<_> = out.audit.actions.iter().map(|a| a.label()).collect();
+    assert_eq!(labels, ["CreateAuditTables"]);
+    assert_eq!(t.converge(&db).await.unwrap().statements, 0, "converged");
+    exec(&mut app, "INSERT INTO docs (body) VALUES ('after')").await;
+    assert_eq!(pending(&db, &t).await, 0);
+    assert_eq!(audit_rows(&db, &t).await.len(), 3);
+    assert_eq!(verified(&db, &t).await.rows, 3);
+}
+
 /// A tenant converged by the version before sealing: no pending table and
 /// no seal function, the commit-time trigger on the head. The next
 /// reconcile creates the pending table and the seal, and moves the tail;

@@ -18,6 +18,10 @@ pub const HEAD_TABLE: &str = "_tenancy_audit_head";
 /// moves them into [`AUDIT_TABLE`] in order, hashing them onto the chain.
 pub const PENDING_TABLE: &str = "_tenancy_audit_pending";
 
+/// The index the seal reads [`PENDING_TABLE`] through: (xid, pid), from
+/// the last seal's floor.
+pub const PENDING_XID_INDEX: &str = "_tenancy_audit_pending_xid";
+
 /// The transaction-local setting the seal sets while it deletes what it
 /// sealed from [`PENDING_TABLE`] (the guard lets only that delete through).
 pub(super) const SEAL_SETTING: &str = "tenancy.audit_seal";

@@ -16,7 +16,7 @@ use sqlx::{PgConnection, Row};
 
 use super::consts::{
     AuditFns, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, FN_SEARCH_PATH, GUARD_TRIGGER, HEAD_TABLE,
-    LEGACY_FUNCTIONS, LEGACY_TABLE_TRIGGERS, PENDING_TABLE, TABLE_TRIGGERS, TAIL_TRIGGER,
+    LEGACY_FUNCTIONS, LEGACY_TABLE_TRIGGERS, PENDING_TABLE, PENDING_XID_INDEX, TABLE_TRIGGERS, TAIL_TRIGGER,
 };
 use super::functions::{anchor_function_body, function_bodies};
 use super::plan::{AnchorState, AuditState, PgauditState};
@@ -31,7 +31,12 @@ use crate::pg::{query_err, PgError};
 const OBSERVE_SQL: &str = "SELECT n.oid IS NOT NULL AS schema_exists,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $2 AND c.relkind = 'r') AS audit,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $3 AND c.relkind = 'r') AS head,
-                EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $17 AND c.relkind = 'r') AS pending,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+                         WHERE c.relnamespace = n.oid AND c.relname = $17 AND c.relkind = 'r'
+                           AND a.attname = 'xid' AND a.atttypid = 'pg_catalog.xid8'::pg_catalog.regtype AND NOT a.attisdropped)
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $18 AND c.relkind = 'i')
+                AND (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+                      WHERE c.relnamespace = n.oid AND c.relname = $3 AND a.attname IN ('seal_xmax', 'seal_xip') AND NOT a.attisdropped) = 2 AS pending,
                 (SELECT count(*) FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
                   WHERE c.relnamespace = n.oid AND c.relname IN ($2, $17) AND t.tgname = $4 AND t.tgenabled = 'O'
                     AND p.pronamespace = n.oid AND p.proname = $5) = 2
@@ -125,6 +130,7 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
         .bind(LEGACY_FUNCTIONS.to_vec())
         .bind(LEGACY_FUNCTIONS[0])
         .bind(PENDING_TABLE)
+        .bind(PENDING_XID_INDEX)
         .fetch_one(&mut *conn)
         .await
         .map_err(query_err("reading the tenant's audit objects"))?;

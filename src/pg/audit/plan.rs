@@ -10,8 +10,8 @@
 use chrono::{DateTime, Utc};
 
 use super::consts::{
-    AuditFns, AUDIT_TABLE, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE, LEGACY_TABLE_TRIGGERS, PENDING_TABLE, PGAUDIT_CLASSES,
-    TABLE_TRIGGERS, TAIL_FN, TAIL_TRIGGER, TRIGGER_FN, WRITE_FN,
+    AuditFns, AUDIT_TABLE, GUARD_FN, GUARD_TRIGGER, HEAD_TABLE, LEGACY_TABLE_TRIGGERS, PENDING_TABLE,
+    PENDING_XID_INDEX, PGAUDIT_CLASSES, TABLE_TRIGGERS, TAIL_FN, TAIL_TRIGGER, TRIGGER_FN, WRITE_FN,
 };
 use super::functions::{anchor_fn, anchor_function_body, function_bodies};
 use crate::names::TenantName;
@@ -23,7 +23,9 @@ pub struct AuditState {
     pub schema_exists: bool,
     pub table: bool,
     pub head: bool,
-    /// The pending table (entries not yet sealed into the chain) exists.
+    /// The pending table (entries not yet sealed into the chain) exists,
+    /// with its `xid` column and (xid, pid) index, and the head has its
+    /// last seal's snapshot (`seal_xmax`, `seal_xip`; added 2026-12-05).
     pub pending: bool,
     /// The five functions exist, under the tenant's names ([`AuditFns`]),
     /// with the expected body, owner, SECURITY DEFINER flag and search_path.
@@ -341,7 +343,9 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
                     last_id bigint NOT NULL DEFAULT 0,
                     hash bytea NOT NULL,
                     pruned_at timestamptz,
-                    sealed_at timestamptz)"
+                    sealed_at timestamptz,
+                    seal_xmax xid8,
+                    seal_xip xid8[])"
             ),
             // A head made before sealing (2026-12-03) gets the seal's time.
             format!("ALTER TABLE {schema}.{HEAD_TABLE} ADD COLUMN IF NOT EXISTS sealed_at timestamptz"),
@@ -356,12 +360,27 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             // identity: an online move replicates it logically, and a
             // table without one may not publish the seal's deletes (without
             // it the 16-client OLTP figure was ~10% higher, docs/audit.md).
+            //
+            // `xid` is the appending transaction's id: the seal reads the
+            // entries of the transactions the last seal could not see (the
+            // head's `seal_xmax` and `seal_xip`) through the (xid, pid)
+            // index, not every dead row the seals left since the last
+            // vacuum. A pending table made before 2026-12-05 gets the
+            // column (its rows the id of the transaction that adds it), the
+            // index, and the head those columns here (NULL: the next seal
+            // reads everything).
             format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{PENDING_TABLE} (
                     pid bigserial PRIMARY KEY,{ENTRY_COLUMNS},
-                    seal boolean NOT NULL)"
+                    seal boolean NOT NULL,
+                    xid xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id())"
             ),
             lz4(&schema, PENDING_TABLE),
+            format!(
+                "ALTER TABLE {schema}.{PENDING_TABLE} ADD COLUMN IF NOT EXISTS xid xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id()"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {PENDING_XID_INDEX} ON {schema}.{PENDING_TABLE} (xid, pid)"),
+            format!("ALTER TABLE {schema}.{HEAD_TABLE} ADD COLUMN IF NOT EXISTS seal_xmax xid8, ADD COLUMN IF NOT EXISTS seal_xip xid8[]"),
             format!("INSERT INTO {schema}.{HEAD_TABLE} (hash) VALUES (decode(repeat('00', 32), 'hex')) ON CONFLICT DO NOTHING"),
             // The owner's default privileges gave the app DML; it keeps only
             // SELECT on the log, nothing on the head or the id sequence.

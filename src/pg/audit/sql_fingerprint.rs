@@ -68,7 +68,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_seal_acme",
-        "4d39fad6d76c7e1f13eb9c606f133c36ede73012ca71cdc11c68d423299ec68c",
+        "ff6ce10f233f206732f647b40cb2e572ae88847fa806f53f5c5ead42e16b2997",
     ),
     (
         "acme body _tenancy_audit_tail_acme",
@@ -92,11 +92,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render CreateTables",
-        "30ce16d224e11def85451daf777c1f9ec12560f331bd123e8ec2452ca98fbf70",
+        "be29c5470ad89625effcfaf614e6349ccc0e0a8a4858bed7c874a8c98266e55f",
     ),
     (
         "acme render ReplaceFunctions",
-        "17fdb69a8f337f7c5fc23a6cbd1ca7e4d0888b9b835f34bdf42035d3a199ceb4",
+        "5632188ce79c160d746413235e27d1864ce5e98739b526118c0fd9081a2b4e63",
     ),
     (
         "acme render GuardTable",
@@ -160,7 +160,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_seal_a_b_9",
-        "a3cc080b0dfcc3fc081efd7f4e203550b8aa31e1a062fbd8abf8058d53363c3a",
+        "1814033400f88ff8fd9c5f1d01af26ad66061771b395d50e5b9662208ba796bc",
     ),
     (
         "a-b-9 body _tenancy_audit_tail_a_b_9",
@@ -184,11 +184,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render CreateTables",
-        "06eacee4abdab9e649293d867e3cde5b0caea4bb493c876b9068d768c4daa28c",
+        "0ebf0466d3ed5028013f9b438456d9b10b0e718c246784a2ca6ec09584d674b6",
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "28b8c9510dd002654e904d32c6b565ce93bb8bfa9e0c0b41e00b2170cb457465",
+        "11508826653223b68fafa8be4806f9379f978b3f04472aa16ac4706651381e21",
     ),
     (
         "a-b-9 render GuardTable",

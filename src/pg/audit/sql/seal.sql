@@ -7,6 +7,10 @@ DECLARE
   v_hashes bytea[] := '{}';
   v_i integer := 0;
   r record;
+  v_xmax xid8;
+  v_xip xid8[];
+  v_snap pg_snapshot;
+  v_seqscan text := current_setting('enable_seqscan');
 BEGIN
   -- One seal at a time: the head's row lock, held to commit. A committing
   -- writer does not wait for it (p_wait false: its entries are sealed by
@@ -20,16 +24,46 @@ BEGIN
         USING ERRCODE = 'no_data_found';
     END IF;
   ELSE
-    SELECT h.last_id, h.hash INTO v_last, v_hash FROM {{schema}}.{{head_table}} h WHERE h.one FOR UPDATE SKIP LOCKED;
+    SELECT h.last_id, h.hash, h.seal_xmax, h.seal_xip INTO v_last, v_hash, v_xmax, v_xip
+      FROM {{schema}}.{{head_table}} h WHERE h.one FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
       RETURN 0;
+    END IF;
+    -- A last seal's snapshot beyond this transaction's own id was not
+    -- taken on this server (the schema was restored or moved here): not
+    -- used.
+    IF v_xmax > pg_current_xact_id() THEN
+      v_xmax := NULL;
     END IF;
   END IF;
   -- The head holds the chain's last row (every seal moves it; a prune's
   -- ANCHOR row lies before it).
+  -- What this seal cannot see: the transactions running now (this
+  -- snapshot's in-progress ids, and this transaction's own, whose later
+  -- entries would follow its seal) and those to come (ids from the
+  -- snapshot's xmax). Every other transaction has ended, so the scan
+  -- below (a later snapshot) sees and seals what it appended; the next
+  -- seal reads only the entries of these.
+  v_snap := pg_current_snapshot();
   -- Every pending entry this statement sees (committed, or this
-  -- transaction's), in the order they were appended.
-  FOR r IN SELECT p.ctid, p.pid, {{content}} AS content FROM {{schema}}.{{pending_table}} p ORDER BY p.pid LOOP
+  -- transaction's) of the transactions the last seal could not see,
+  -- through the (xid, pid) index: by transaction id, then in the order
+  -- each transaction appended them. The dead rows the seals left are not
+  -- read (a scan of the table read every one since the last vacuum, and
+  -- a running transaction elsewhere, such as a backup's, keeps vacuum
+  -- from removing them). The operator's seal (p_wait) reads them all.
+  -- Planned on the index whatever the table's statistics say (a plan made
+  -- when the table was empty would scan it while it grows).
+  PERFORM set_config('enable_seqscan', 'off', true);
+  -- (Two branches, each a range of the index: a filter on a whole-index
+  -- scan would read every entry.)
+  FOR r IN SELECT s.ctid, s.pid, s.content FROM (
+             SELECT p.ctid, p.pid, p.xid, {{content}} AS content FROM {{schema}}.{{pending_table}} p
+              WHERE p.xid >= coalesce(v_xmax, '0'::xid8)
+             UNION ALL
+             SELECT p.ctid, p.pid, p.xid, {{content}} FROM {{schema}}.{{pending_table}} p
+              WHERE p.xid = ANY (v_xip) AND p.xid < coalesce(v_xmax, '0'::xid8)) s
+            ORDER BY s.xid, s.pid LOOP
     v_i := v_i + 1;
     v_rows[v_i] := r.ctid;
     v_pids[v_i] := r.pid;
@@ -37,6 +71,7 @@ BEGIN
     v_hash := sha256(v_hash || r.content);
     v_hashes[v_i] := v_hash;
   END LOOP;
+  PERFORM set_config('enable_seqscan', v_seqscan, true);
   IF v_i = 0 THEN
     RETURN 0;
   END IF;
@@ -56,7 +91,10 @@ BEGIN
          RETURNING id)
   SELECT max(id) INTO v_last FROM sealed;
   PERFORM set_config({{seal_setting}}, 'off', true);
-  UPDATE {{schema}}.{{head_table}} SET last_id = v_last, hash = v_hash, sealed_at = clock_timestamp() WHERE one;
+  UPDATE {{schema}}.{{head_table}} SET last_id = v_last, hash = v_hash, sealed_at = clock_timestamp(),
+         seal_xmax = pg_snapshot_xmax(v_snap),
+         seal_xip = ARRAY(SELECT pg_snapshot_xip(v_snap) UNION ALL SELECT pg_current_xact_id())
+   WHERE one;
   PERFORM {{anchor}}(v_last, v_hash);
   RETURN v_i;
 END

@@ -12,6 +12,9 @@
 //! - 16 clients on one tenant through the gateway role (`SET LOCAL ROLE`
 //!   to the tenant's app role and its `search_path` in each transaction,
 //!   as `tenancy-client` begins one);
+//! - 1 and 16 clients on one tenant while a snapshot is held elsewhere
+//!   on the server for the whole case (as a backup's pg_dump holds one):
+//!   no dead row is removed meanwhile, on either side;
 //! - the floor, at 1 and 16 clients: the same tables with the least an
 //!   audit trigger can do, one INSERT of the keys into a log table
 //!   (SECURITY DEFINER, no chain, no head, nothing at commit), from a
@@ -287,7 +290,8 @@ async fn main() {
     };
     // (label, [(url, script, clients)] for plain, the same for audited)
     type Side = Vec<(String, PathBuf, u64)>;
-    let mut cases: Vec<(String, Side, Side)> = Vec::new();
+    // (label, plain side, audited side, a snapshot held elsewhere meanwhile)
+    let mut cases: Vec<(String, Side, Side, bool)> = Vec::new();
     let (name0, pw0, plain0) = &tenants[0];
     let app0 = url_of(&name0.app_role(), pw0);
     // Tenant 0's app role on the plain tables against `schema`'s.
@@ -304,6 +308,7 @@ async fn main() {
                 write_script(&format!("{schema}.sql"), script(schema, accounts, "")),
                 clients,
             )],
+            false,
         )
     };
     for clients in [1u64, 4, 16] {
@@ -319,13 +324,13 @@ async fn main() {
     let delay = env_or("BENCH_SEAL_DELAY_MS", 100);
     let delayed = |url: &str| format!("{url}?options=-c%20tenancy.audit_seal_delay_ms%3D{delay}");
     for clients in [1u64, 16] {
-        let (label, plain, mut audited) = one_tenant(
+        let (label, plain, mut audited, _) = one_tenant(
             format!("{clients} client(s) on one tenant, seal delay {delay} ms"),
             &name0.schema(),
             clients,
         );
         audited[0].0 = delayed(&audited[0].0);
-        cases.push((label, plain, audited));
+        cases.push((label, plain, audited, false));
     }
     for clients in [1u64, 16] {
         for (floor, what) in [
@@ -357,11 +362,17 @@ async fn main() {
         .iter()
         .map(|(u, p, c)| (delayed(u), p.clone(), *c))
         .collect();
-    cases.push(("16 clients over 16 tenants".into(), plain_all.clone(), audited_all));
+    cases.push((
+        "16 clients over 16 tenants".into(),
+        plain_all.clone(),
+        audited_all,
+        false,
+    ));
     cases.push((
         format!("16 clients over 16 tenants, seal delay {delay} ms"),
         plain_all,
         audited_delayed,
+        false,
     ));
     let gw_url = url_of(gw.as_str(), &gw_password);
     let role = format!("SET LOCAL ROLE {};\n", name0.app_role());
@@ -387,7 +398,19 @@ async fn main() {
             ),
             16,
         )],
+        false,
     ));
+    // While a snapshot is held elsewhere on the server for the whole case
+    // (as a backup's pg_dump holds one): vacuum removes no dead row of
+    // either side meanwhile, the pending table's included.
+    for clients in [1u64, 16] {
+        let (label, plain, audited, _) = one_tenant(
+            format!("{clients} client(s) on one tenant, a snapshot held elsewhere"),
+            &name0.schema(),
+            clients,
+        );
+        cases.push((label, plain, audited, true));
+    }
 
     let run_side = |side: &Side, tag: &str, seconds: u64| {
         let runs: Vec<Run> = side
@@ -402,7 +425,21 @@ async fn main() {
          {rounds} round(s), fsync/synchronous_commit {fsync}, {accounts} accounts per tenant:"
     );
     let mut ratios = Vec::new();
-    for (label, plain, audited) in &cases {
+    for (label, plain, audited, hold) in &cases {
+        // The held snapshot, on a connection of its own (a backup's
+        // transaction has no id: it holds back the horizon only).
+        let mut holder = if *hold {
+            let mut c = PgConnection::connect(&with_db(&su_url, &dbname))
+                .await
+                .expect("superuser connects");
+            sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_catalog.pg_class")
+                .execute(&mut c)
+                .await
+                .expect("hold a snapshot");
+            Some(c)
+        } else {
+            None
+        };
         // A short warm-up of each side (caches, the first chain appends).
         run_side(plain, "warm-p", 2);
         run_side(audited, "warm-a", 2);
@@ -431,6 +468,13 @@ async fn main() {
             tps_a / tps_p
         );
         ratios.push((label.clone(), tps_a / tps_p));
+        if let Some(mut c) = holder.take() {
+            sqlx::raw_sql("COMMIT")
+                .execute(&mut c)
+                .await
+                .expect("release the snapshot");
+            sqlx::raw_sql("VACUUM").execute(&mut c).await.expect("vacuum");
+        }
     }
 
     // audit verify of the busiest tenant.

@@ -35,8 +35,8 @@ const OBSERVE_SQL: &str = "SELECT n.oid IS NOT NULL AS schema_exists,
                          WHERE c.relnamespace = n.oid AND c.relname = $17 AND c.relkind = 'r'
                            AND a.attname = 'xid' AND a.atttypid = 'pg_catalog.xid8'::pg_catalog.regtype AND NOT a.attisdropped)
                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace = n.oid AND c.relname = $18 AND c.relkind = 'i')
-                AND (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
-                      WHERE c.relnamespace = n.oid AND c.relname = $3 AND a.attname IN ('seal_xmax', 'seal_xip') AND NOT a.attisdropped) = 2 AS pending,
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+                         WHERE c.relnamespace = n.oid AND c.relname = $3 AND a.attname = 'seal_floor' AND NOT a.attisdropped) AS pending,
                 (SELECT count(*) FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
                   WHERE c.relnamespace = n.oid AND c.relname IN ($2, $17) AND t.tgname = $4 AND t.tgenabled = 'O'
                     AND p.pronamespace = n.oid AND p.proname = $5) = 2

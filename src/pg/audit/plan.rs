@@ -25,7 +25,7 @@ pub struct AuditState {
     pub head: bool,
     /// The pending table (entries not yet sealed into the chain) exists,
     /// with its `xid` column and (xid, pid) index, and the head has its
-    /// last seal's snapshot (`seal_xmax`, `seal_xip`; added 2026-12-05).
+    /// last seal's floor (`seal_floor`; added 2026-12-05).
     pub pending: bool,
     /// The five functions exist, under the tenant's names ([`AuditFns`]),
     /// with the expected body, owner, SECURITY DEFINER flag and search_path.
@@ -344,8 +344,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
                     hash bytea NOT NULL,
                     pruned_at timestamptz,
                     sealed_at timestamptz,
-                    seal_xmax xid8,
-                    seal_xip xid8[])"
+                    seal_floor xid8)"
             ),
             // A head made before sealing (2026-12-03) gets the seal's time.
             format!("ALTER TABLE {schema}.{HEAD_TABLE} ADD COLUMN IF NOT EXISTS sealed_at timestamptz"),
@@ -362,12 +361,12 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
             // it the 16-client OLTP figure was ~10% higher, docs/audit.md).
             //
             // `xid` is the appending transaction's id: the seal reads the
-            // entries of the transactions the last seal could not see (the
-            // head's `seal_xmax` and `seal_xip`) through the (xid, pid)
-            // index, not every dead row the seals left since the last
-            // vacuum. A pending table made before 2026-12-05 gets the
-            // column (its rows the id of the transaction that adds it), the
-            // index, and the head those columns here (NULL: the next seal
+            // entries at or above the last seal's floor (the head's
+            // `seal_floor`: the oldest transaction id then running) through
+            // the (xid, pid) index, not every dead row the seals left since
+            // the last vacuum. A pending table made before 2026-12-05 gets
+            // the column (its rows the id of the transaction that adds it),
+            // the index, and the head its floor here (NULL: the next seal
             // reads everything).
             format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{PENDING_TABLE} (
@@ -380,7 +379,7 @@ pub fn render(action: &AuditAction, name: &TenantName) -> Result<Vec<String>, Pg
                 "ALTER TABLE {schema}.{PENDING_TABLE} ADD COLUMN IF NOT EXISTS xid xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id()"
             ),
             format!("CREATE INDEX IF NOT EXISTS {PENDING_XID_INDEX} ON {schema}.{PENDING_TABLE} (xid, pid)"),
-            format!("ALTER TABLE {schema}.{HEAD_TABLE} ADD COLUMN IF NOT EXISTS seal_xmax xid8, ADD COLUMN IF NOT EXISTS seal_xip xid8[]"),
+            format!("ALTER TABLE {schema}.{HEAD_TABLE} ADD COLUMN IF NOT EXISTS seal_floor xid8"),
             format!("INSERT INTO {schema}.{HEAD_TABLE} (hash) VALUES (decode(repeat('00', 32), 'hex')) ON CONFLICT DO NOTHING"),
             // The owner's default privileges gave the app DML; it keeps only
             // SELECT on the log, nothing on the head or the id sequence.

@@ -68,7 +68,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_seal_acme",
-        "ff6ce10f233f206732f647b40cb2e572ae88847fa806f53f5c5ead42e16b2997",
+        "7ccde3d6a39b17d0a390390c26177fb173d0627dcaee60bef3e722a64c5b2eb7",
     ),
     (
         "acme body _tenancy_audit_tail_acme",
@@ -92,11 +92,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render CreateTables",
-        "be29c5470ad89625effcfaf614e6349ccc0e0a8a4858bed7c874a8c98266e55f",
+        "ef09f1dc4c7af05d4bfa85d9bfb7e5714818a2c3425a7bb403291e8f7a83382c",
     ),
     (
         "acme render ReplaceFunctions",
-        "5632188ce79c160d746413235e27d1864ce5e98739b526118c0fd9081a2b4e63",
+        "9d7e98ec44da4cddc1fbe1db347170e443c84bbca5b35119da156e3b9b727551",
     ),
     (
         "acme render GuardTable",
@@ -160,7 +160,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_seal_a_b_9",
-        "1814033400f88ff8fd9c5f1d01af26ad66061771b395d50e5b9662208ba796bc",
+        "bdd913e6c2ff44d14d973857186c1140c3f8d697ffd38e4a55748c1ac9a4cc28",
     ),
     (
         "a-b-9 body _tenancy_audit_tail_a_b_9",
@@ -184,11 +184,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render CreateTables",
-        "0ebf0466d3ed5028013f9b438456d9b10b0e718c246784a2ca6ec09584d674b6",
+        "252153cf79cca8810a68462550053456700130d824730e2f9903016f19ef7225",
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "11508826653223b68fafa8be4806f9379f978b3f04472aa16ac4706651381e21",
+        "f420c8229e0e6e6c4ef8ef932df2fab736a5687112740d1869cd727bef2ea160",
     ),
     (
         "a-b-9 render GuardTable",

@@ -7,9 +7,8 @@ DECLARE
   v_hashes bytea[] := '{}';
   v_i integer := 0;
   r record;
-  v_xmax xid8;
-  v_xip xid8[];
-  v_snap pg_snapshot;
+  v_floor xid8;
+  v_next xid8;
   v_seqscan text := current_setting('enable_seqscan');
 BEGIN
   -- One seal at a time: the head's row lock, held to commit. A committing
@@ -24,46 +23,38 @@ BEGIN
         USING ERRCODE = 'no_data_found';
     END IF;
   ELSE
-    SELECT h.last_id, h.hash, h.seal_xmax, h.seal_xip INTO v_last, v_hash, v_xmax, v_xip
+    SELECT h.last_id, h.hash, h.seal_floor INTO v_last, v_hash, v_floor
       FROM {{schema}}.{{head_table}} h WHERE h.one FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
       RETURN 0;
     END IF;
-    -- A last seal's snapshot beyond this transaction's own id was not
-    -- taken on this server (the schema was restored or moved here): not
-    -- used.
-    IF v_xmax > pg_current_xact_id() THEN
-      v_xmax := NULL;
+    -- A floor beyond this transaction's own id was not set on this server
+    -- (the schema was restored or moved here): not used.
+    IF v_floor > pg_current_xact_id() THEN
+      v_floor := NULL;
     END IF;
   END IF;
   -- The head holds the chain's last row (every seal moves it; a prune's
   -- ANCHOR row lies before it).
-  -- What this seal cannot see: the transactions running now (this
-  -- snapshot's in-progress ids, and this transaction's own, whose later
-  -- entries would follow its seal) and those to come (ids from the
-  -- snapshot's xmax). Every other transaction has ended, so the scan
-  -- below (a later snapshot) sees and seals what it appended; the next
-  -- seal reads only the entries of these.
-  v_snap := pg_current_snapshot();
+  -- The next seal's floor: the oldest transaction id running now (the
+  -- snapshot's xmin: transactions with an id, i.e. writers; a read-only
+  -- snapshot such as a backup's has none), or this transaction's own if
+  -- lower (its later entries would follow its seal). Every transaction
+  -- below it has ended, so the scan below (a later snapshot) sees and
+  -- seals what it appended; what is left or to come is at or above it.
+  v_next := least(pg_snapshot_xmin(pg_current_snapshot()), pg_current_xact_id_if_assigned());
   -- Every pending entry this statement sees (committed, or this
-  -- transaction's) of the transactions the last seal could not see,
-  -- through the (xid, pid) index: by transaction id, then in the order
-  -- each transaction appended them. The dead rows the seals left are not
-  -- read (a scan of the table read every one since the last vacuum, and
-  -- a running transaction elsewhere, such as a backup's, keeps vacuum
-  -- from removing them). The operator's seal (p_wait) reads them all.
-  -- Planned on the index whatever the table's statistics say (a plan made
-  -- when the table was empty would scan it while it grows).
+  -- transaction's) at or above the last seal's floor, through the
+  -- (xid, pid) index: by transaction id, then in the order each
+  -- transaction appended them. The dead rows the seals left below the
+  -- floor are not read (a scan of the table read every one since the last
+  -- vacuum, and a snapshot held elsewhere, such as a backup's, keeps
+  -- vacuum from removing them). The operator's seal (p_wait) reads them
+  -- all. Planned on the index whatever the table's statistics say (a plan
+  -- made when the table was empty would scan it while it grows).
   PERFORM set_config('enable_seqscan', 'off', true);
-  -- (Two branches, each a range of the index: a filter on a whole-index
-  -- scan would read every entry.)
-  FOR r IN SELECT s.ctid, s.pid, s.content FROM (
-             SELECT p.ctid, p.pid, p.xid, {{content}} AS content FROM {{schema}}.{{pending_table}} p
-              WHERE p.xid >= coalesce(v_xmax, '0'::xid8)
-             UNION ALL
-             SELECT p.ctid, p.pid, p.xid, {{content}} FROM {{schema}}.{{pending_table}} p
-              WHERE p.xid = ANY (v_xip) AND p.xid < coalesce(v_xmax, '0'::xid8)) s
-            ORDER BY s.xid, s.pid LOOP
+  FOR r IN SELECT p.ctid, p.pid, {{content}} AS content FROM {{schema}}.{{pending_table}} p
+            WHERE p.xid >= coalesce(v_floor, '0'::xid8) ORDER BY p.xid, p.pid LOOP
     v_i := v_i + 1;
     v_rows[v_i] := r.ctid;
     v_pids[v_i] := r.pid;
@@ -91,9 +82,7 @@ BEGIN
          RETURNING id)
   SELECT max(id) INTO v_last FROM sealed;
   PERFORM set_config({{seal_setting}}, 'off', true);
-  UPDATE {{schema}}.{{head_table}} SET last_id = v_last, hash = v_hash, sealed_at = clock_timestamp(),
-         seal_xmax = pg_snapshot_xmax(v_snap),
-         seal_xip = ARRAY(SELECT pg_snapshot_xip(v_snap) UNION ALL SELECT pg_current_xact_id())
+  UPDATE {{schema}}.{{head_table}} SET last_id = v_last, hash = v_hash, sealed_at = clock_timestamp(), seal_floor = v_next
    WHERE one;
   PERFORM {{anchor}}(v_last, v_hash);
   RETURN v_i;

@@ -49,7 +49,7 @@ pub async fn statements_in_tx(
     name: &TenantName,
     exclude: &[String],
 ) -> Result<Vec<String>, sqlx::Error> {
-    let (state, _) = observe_in_tx(conn, name, exclude).await.map_err(into_sqlx)?;
+    let state = observe_in_tx(conn, name, exclude).await.map_err(into_sqlx)?;
     statements(name, &plan(&state, None))
 }
 

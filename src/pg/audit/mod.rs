@@ -76,10 +76,7 @@ pub use content::{content_sql, header_sql, tail_sql, Content};
 pub use converge::{converge, converge_keeping, record_exclusion, statements_in_tx, AuditOutcome};
 pub use export::{export, AuditRecord};
 pub use functions::anchor_function_body;
-pub use observe::{
-    converged_untriggered, observe, observe_anchor, observe_in_tx, observe_pgaudit, CatalogFact, Observation,
-    Untriggered,
-};
+pub use observe::{audit_state, observe, observe_anchor, observe_in_tx, observe_pgaudit, CatalogFact};
 pub use plan::{
     plan, plan_anchor, read_auditing, render, AnchorState, AuditAction, AuditState, PgauditState, ReadAuditing,
 };

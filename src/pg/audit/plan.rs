@@ -48,7 +48,7 @@ pub struct AuditState {
     /// The trigger arguments of each of `untriggered`: its primary key's
     /// index oid, then the key's column names in the index's order (none
     /// without a key), as the catalog had them when observed
-    /// ([`key_args_rows`]). A table missing here gets triggers without
+    /// ([`super::observe::audit_state`]). A table missing here gets triggers without
     /// arguments, which still record the right key (by a catalog query per
     /// statement) until a reconcile makes them again.
     pub keys: std::collections::BTreeMap<String, Vec<String>>,
@@ -304,24 +304,6 @@ fn lz4(schema: &str, table: &str) -> String {
 /// The write function's parameters, and its signature.
 const WRITE_ARGS: &str = "p_op text, p_table text, p_pks jsonb[], p_changed text[]";
 const WRITE_SIG: &str = "text, text, jsonb[], text[]";
-
-/// The rows `(v text, o int8)` that are the audit triggers' arguments for
-/// relation `rel` (an SQL expression of type oid), in order `o`: its
-/// primary key's index oid, then the key's column names in the index's
-/// order; no row for a table without a primary key. Every name
-/// schema-qualified. Read by `observe` (to tell whether a table's
-/// triggers are current, and to make them) and by `observe_in_tx` (the
-/// keys of a migration's new tables).
-pub(super) fn key_args_rows(rel: &str) -> String {
-    format!(
-        "SELECT i.indexrelid::pg_catalog.text AS v, 0::pg_catalog.int8 AS o FROM pg_catalog.pg_index i WHERE i.indrelid = {rel} AND i.indisprimary \
-         UNION ALL \
-         SELECT a.attname::pg_catalog.text, k.n FROM pg_catalog.pg_index i \
-          CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS k(attnum, n) \
-          JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-         WHERE i.indrelid = {rel} AND i.indisprimary"
-    )
-}
 
 /// The SQL of one action. Identifiers are quoted; the functions' bodies are
 /// dollar-quoted with a tag no identifier of a validated name can contain.

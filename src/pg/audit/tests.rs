@@ -1,4 +1,4 @@
-//! Unit tests of the pure parts: the light check, the plan and its SQL,
+//! Unit tests of the pure parts: the observation's judge, the plan and its SQL,
 //! prune timing, the chain walk and the anchors.
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::consts::*;
 use super::functions::function_bodies;
-use super::observe::IN_TX_SQL;
+use super::observe::FACTS_SQL;
 use super::*;
 use crate::crypto::{Keyring, TenantSalt};
 use crate::names::TenantName;
@@ -21,9 +21,9 @@ fn full() -> AuditState {
     AuditState::objects_present(vec![])
 }
 
-/// What the in-transaction check reads of a converged schema with the
-/// tables `docs` (audited) and `items` (audited), `_tenancy_migrations`,
-/// a sequence and a partition of `docs`.
+/// What the observation reads of a converged schema with the tables
+/// `docs` (partitioned, no key, audited) and `items` (key `id`, index 30,
+/// audited), `_tenancy_migrations`, a sequence and a partition of `docs`.
 fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
     let rel = |oid: u32, name: &str, kind: char, partition: bool| CatalogFact::Relation {
         oid,
@@ -37,8 +37,15 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
         function,
         enabled: 'O',
         deferred,
+        args: if relation == 15 { b"30\0id\0".to_vec() } else { vec![] },
+    };
+    let column = |relation: u32, name: &str| CatalogFact::Column {
+        relation,
+        name: name.into(),
+        type_oid: 5069,
     };
     let mut facts = vec![
+        CatalogFact::Schema,
         rel(10, AUDIT_TABLE, 'r', false),
         rel(11, HEAD_TABLE, 'r', false),
         rel(12, "_tenancy_migrations", 'r', false),
@@ -47,6 +54,16 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
         rel(15, "items", 'r', false),
         rel(16, "items_id_seq", 'S', false),
         rel(17, PENDING_TABLE, 'r', false),
+        rel(18, PENDING_XID_INDEX, 'i', false),
+        column(17, "xid"),
+        column(11, "seal_floor"),
+        CatalogFact::KeyColumn {
+            relation: 15,
+            index: 30,
+            position: 1,
+            name: "id".into(),
+            encoded: b"id".to_vec(),
+        },
         tg(10, GUARD_TRIGGER, 103, false),
         tg(17, GUARD_TRIGGER, 103, false),
         tg(17, TAIL_TRIGGER, 104, true),
@@ -59,6 +76,13 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
         facts.push(CatalogFact::Function {
             oid,
             definer: f != fns.guard,
+            argtypes: if f == fns.seal {
+                "16".into()
+            } else if f == fns.write {
+                "25 25 3807 1009".into()
+            } else {
+                String::new()
+            },
             name: f,
             owned: true,
             config: Some(vec![FN_SEARCH_PATH.into()]),
@@ -85,11 +109,24 @@ fn converged_facts(name: &TenantName) -> Vec<CatalogFact> {
     facts
 }
 
+fn state_of(name: &TenantName, facts: &[CatalogFact], exclude: &[String]) -> AuditState {
+    audit_state(facts, &AuditFns::of(name), &function_bodies(name).unwrap(), exclude)
+}
+
+/// The tables to trigger and those of them stale, when the audit log's own
+/// objects are all as they should be; None otherwise.
 fn judge(name: &TenantName, facts: &[CatalogFact]) -> Option<(Vec<String>, Vec<String>)> {
-    converged_untriggered(facts, &AuditFns::of(name), &function_bodies(name).unwrap(), &[]).map(|u| {
-        assert!(u.excluded_triggered.is_empty());
-        (u.untriggered, u.stale)
-    })
+    let s = state_of(name, facts, &[]);
+    assert!(s.excluded_triggered.is_empty());
+    let intact = s.schema_exists
+        && s.table
+        && s.head
+        && s.pending
+        && s.guard
+        && s.functions_current
+        && !s.legacy_functions
+        && s.misshapen.is_empty();
+    intact.then_some((s.untriggered, s.stale))
 }
 
 fn edit(facts: &mut [CatalogFact], pick: impl Fn(&CatalogFact) -> bool, change: impl Fn(&mut CatalogFact)) {
@@ -151,37 +188,43 @@ fn the_light_check_passes_a_converged_schema_and_lists_new_tables_sorted() {
 #[test]
 fn an_excluded_table_is_never_untriggered_and_its_triggers_are_listed_for_dropping() {
     let t = n("acme");
-    let bodies = function_bodies(&t).unwrap();
     let mut facts = converged_facts(&t);
     let items = vec!["items".to_string()];
-    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &items).unwrap();
+    let u = state_of(&t, &facts, &items);
     assert_eq!(u.excluded_triggered, ["items"]);
     assert!(u.untriggered.is_empty() && u.stale.is_empty());
-    let s = AuditState {
-        excluded_triggered: u.excluded_triggered,
-        ..full()
-    };
-    let actions = plan(&s, None);
+    assert_eq!(
+        u,
+        AuditState {
+            excluded_triggered: items.clone(),
+            ..full()
+        }
+    );
+    let actions = plan(&u, None);
     assert_eq!(actions, [AuditAction::UntriggerTable { table: "items".into() }]);
     let sql = render(&actions[0], &t).unwrap();
     assert_eq!(sql.len(), TABLE_TRIGGERS.len() + LEGACY_TABLE_TRIGGERS.len());
     assert!(sql.iter().all(|s| s.starts_with("DROP TRIGGER IF EXISTS")), "{sql:?}");
     // Once dropped (only the legacy per-row trigger left counts too).
     facts.retain(|f| !matches!(f, CatalogFact::Trigger { relation: 15, .. }));
-    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &items).unwrap();
-    assert_eq!(u, Untriggered::default());
+    assert_eq!(state_of(&t, &facts, &items), full());
     facts.push(CatalogFact::Trigger {
         relation: 15,
         name: LEGACY_TABLE_TRIGGERS[0].into(),
         function: 1,
         enabled: 'O',
         deferred: false,
+        args: vec![],
     });
-    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &items).unwrap();
-    assert_eq!(u.excluded_triggered, ["items"]);
-    // Not excluded any more: the table needs its triggers, replacing the legacy one.
-    let u = converged_untriggered(&facts, &AuditFns::of(&t), &bodies, &[]).unwrap();
+    assert_eq!(state_of(&t, &facts, &items).excluded_triggered, ["items"]);
+    // Not excluded any more: the table needs its triggers, replacing the
+    // legacy one, with its key as their arguments.
+    let u = state_of(&t, &facts, &[]);
     assert_eq!((u.untriggered, u.stale), (items.clone(), items));
+    assert_eq!(
+        u.keys,
+        BTreeMap::from([("items".to_string(), vec!["30".to_string(), "id".to_string()])])
+    );
 }
 
 #[test]
@@ -432,6 +475,7 @@ fn any_change_to_the_audit_logs_own_objects_falls_back_to_the_full_observation()
                         function,
                         enabled: 'O',
                         deferred,
+                        args: vec![],
                     });
                 }
             }),
@@ -525,9 +569,9 @@ fn each_tenant_has_functions_of_its_own_names_and_the_shared_ones_are_dropped() 
         sql.contains(&format!("\"tenant_acme\".\"{}\"()", fns.guard))
             && sql.contains(&format!("\"tenant_acme\".\"{}\"()", fns.tail))
     );
-    // An earlier version's shared functions left in the schema: the light
-    // check defers to the full observation, whose state plans their drop
-    // last (after the triggers were moved to the tenant's own).
+    // An earlier version's shared functions left in the schema: the
+    // observation reports them, and the plan drops them last (after the
+    // triggers were moved to the tenant's own).
     let mut facts = converged_facts(&t);
     assert!(judge(&t, &facts).is_some());
     facts.push(CatalogFact::Function {
@@ -537,8 +581,10 @@ fn each_tenant_has_functions_of_its_own_names_and_the_shared_ones_are_dropped() 
         owned: true,
         config: Some(vec![FN_SEARCH_PATH.into()]),
         source: "old".into(),
+        argtypes: String::new(),
     });
     assert_eq!(judge(&t, &facts), None);
+    assert!(state_of(&t, &facts, &[]).legacy_functions);
     let upgraded = AuditState {
         functions_current: false,
         guard: false,
@@ -573,33 +619,20 @@ fn functions_are_counted_as_observe_counts_them() {
         owned: true,
         config: None,
         source: "other".into(),
+        argtypes: "23".into(),
     });
     assert!(judge(&t, &facts).is_some());
     // One that matches too makes five: observe says not current.
     let mut facts = converged_facts(&t);
-    let copy = facts
+    let mut copy = facts
         .iter()
         .find(|f| is_fn(f, &AuditFns::of(&t).write))
         .unwrap()
         .clone();
-    if let CatalogFact::Function {
-        name,
-        definer,
-        owned,
-        config,
-        source,
-        ..
-    } = copy
-    {
-        facts.push(CatalogFact::Function {
-            oid: 201,
-            name,
-            definer,
-            owned,
-            config,
-            source,
-        });
+    if let CatalogFact::Function { oid, .. } = &mut copy {
+        *oid = 201;
     }
+    facts.push(copy);
     assert_eq!(judge(&t, &facts), None);
     // Sources are another tenant's (its schema in every body).
     let facts = converged_facts(&n("other"));
@@ -607,21 +640,216 @@ fn functions_are_counted_as_observe_counts_them() {
 }
 
 #[test]
-fn the_in_transaction_query_reads_catalogs_only_by_index_and_qualified() {
-    // Constant text (one prepared statement per session), no view, no
-    // join, every relation and type qualified, pg_class never scanned by
-    // namespace.
-    for catalog in ["pg_depend", "pg_class", "pg_trigger", "pg_proc"] {
-        assert!(IN_TX_SQL.contains(&format!("FROM pg_catalog.{catalog} ")), "{catalog}");
+fn the_observation_reads_catalogs_only_by_index_and_qualified() {
+    // Constant text (one prepared statement per session), no view, every
+    // relation and type qualified, each catalog read by an indexed column:
+    // pg_class by oid or by (name, namespace), never by namespace alone.
+    for catalog in [
+        "pg_namespace",
+        "pg_depend",
+        "pg_class",
+        "pg_trigger",
+        "pg_proc",
+        "pg_attribute",
+        "pg_index",
+    ] {
+        assert!(FACTS_SQL.contains(&format!("FROM pg_catalog.{catalog} ")), "{catalog}");
     }
-    assert!(!IN_TX_SQL.contains("JOIN") && !IN_TX_SQL.contains("pg_roles") && !IN_TX_SQL.contains("relnamespace"));
+    assert!(!FACTS_SQL.contains("pg_roles") && !FACTS_SQL.contains("pg_tables"));
     assert!(
-        !IN_TX_SQL.contains("::regclass") && !IN_TX_SQL.contains("::text"),
+        !FACTS_SQL.contains("::regclass") && !FACTS_SQL.contains("::text") && !FACTS_SQL.contains("::oid"),
         "unqualified types"
     );
-    assert!(
-        IN_TX_SQL.contains("c.oid = ANY") && IN_TX_SQL.contains("t.tgrelid = ANY") && IN_TX_SQL.contains("p.oid = ANY")
+    for indexed in [
+        "d.refclassid = '2615' AND d.refobjid =",
+        "n.oid = pg_catalog.to_regnamespace($1)",
+        "c.oid = ANY",
+        "c.relname = ANY ($5) AND c.relnamespace =",
+        "t.tgrelid = ANY",
+        "p.oid = ANY",
+        "a.attrelid = ANY",
+        "a.attrelid = i.indrelid AND a.attnum = k.attnum",
+        "i.indrelid = ANY",
+    ] {
+        assert!(FACTS_SQL.contains(indexed), "{indexed}");
+    }
+    assert_eq!(FACTS_SQL.matches("relnamespace").count(), 2);
+    assert_eq!(FACTS_SQL.matches(" JOIN ").count(), 2, "the key's columns only");
+}
+
+/// A table's triggers carry its primary key (its index's oid, then its
+/// columns in the key's order, as `tgargs` holds them): a key changed,
+/// reordered, renamed or dropped makes the table stale, with the key it
+/// has now.
+#[test]
+fn triggers_whose_arguments_are_not_the_tables_key_are_stale() {
+    let t = n("acme");
+    let key = |facts: &mut Vec<CatalogFact>, index: u32, columns: &[&str]| {
+        facts.retain(|f| !matches!(f, CatalogFact::KeyColumn { relation: 15, .. }));
+        for (i, c) in columns.iter().enumerate() {
+            facts.push(CatalogFact::KeyColumn {
+                relation: 15,
+                index,
+                position: i as i64 + 1,
+                name: c.to_string(),
+                encoded: c.as_bytes().to_vec(),
+            });
+        }
+    };
+    let stale = |keys: &[&str]| {
+        let mut s = full();
+        s.untriggered = vec!["items".into()];
+        s.stale = vec!["items".into()];
+        s.keys
+            .insert("items".into(), keys.iter().map(|k| k.to_string()).collect());
+        s
+    };
+    let mut facts = converged_facts(&t);
+    assert_eq!(state_of(&t, &facts, &[]), full());
+    // Facts come in any order: the key's columns by position.
+    key(&mut facts, 30, &["id"]);
+    facts.rotate_left(3);
+    assert_eq!(state_of(&t, &facts, &[]), full());
+    key(&mut facts, 31, &["id"]);
+    assert_eq!(state_of(&t, &facts, &[]), stale(&["31", "id"]), "a new key index");
+    key(&mut facts, 30, &["id", "region"]);
+    assert_eq!(
+        state_of(&t, &facts, &[]),
+        stale(&["30", "id", "region"]),
+        "a column more"
     );
+    let mut swapped = converged_facts(&t);
+    key(&mut swapped, 30, &["region", "id"]);
+    swapped.retain(|f| !matches!(f, CatalogFact::KeyColumn { position: 1, .. }));
+    swapped.push(CatalogFact::KeyColumn {
+        relation: 15,
+        index: 30,
+        position: 1,
+        name: "region".into(),
+        encoded: b"region".to_vec(),
+    });
+    assert_eq!(state_of(&t, &swapped, &[]), stale(&["30", "region", "id"]));
+    key(&mut facts, 30, &["item_id"]);
+    assert_eq!(state_of(&t, &facts, &[]), stale(&["30", "item_id"]), "renamed");
+    key(&mut facts, 30, &[]);
+    assert_eq!(state_of(&t, &facts, &[]), stale(&[]), "no key");
+    // Compared as bytes in the database's encoding, not as text.
+    let mut latin = converged_facts(&t);
+    key(&mut latin, 30, &["id"]);
+    if let Some(CatalogFact::KeyColumn { encoded, .. }) =
+        latin.iter_mut().find(|f| matches!(f, CatalogFact::KeyColumn { .. }))
+    {
+        *encoded = b"i\xe9".to_vec();
+    }
+    assert_eq!(state_of(&t, &latin, &[]), stale(&["30", "id"]));
+}
+
+/// What the pending table needs, besides being a table: its transaction
+/// ids (`xid8`), their index, and the head's seal floor; and what is
+/// misshapen.
+#[test]
+fn the_pending_table_needs_its_transaction_ids_their_index_and_the_heads_floor() {
+    let t = n("acme");
+    let not_pending = |f: fn(&mut Vec<CatalogFact>)| {
+        let mut facts = converged_facts(&t);
+        f(&mut facts);
+        state_of(&t, &facts, &[])
+    };
+    let pending_only = AuditState {
+        pending: false,
+        ..full()
+    };
+    assert_eq!(
+        not_pending(|f| f.retain(|x| !matches!(x, CatalogFact::Column { name, .. } if name == "xid"))),
+        pending_only
+    );
+    assert_eq!(
+        not_pending(|f| f.retain(|x| !matches!(x, CatalogFact::Column { name, .. } if name == "seal_floor"))),
+        pending_only
+    );
+    assert_eq!(
+        not_pending(|f| f.retain(|x| !matches!(x, CatalogFact::Relation { name, .. } if name == PENDING_XID_INDEX))),
+        pending_only
+    );
+    assert_eq!(
+        not_pending(|f| {
+            for x in f.iter_mut() {
+                if let CatalogFact::Column { name, type_oid, .. } = x {
+                    if name == "xid" {
+                        *type_oid = 20; // bigint
+                    }
+                }
+            }
+        }),
+        pending_only
+    );
+    assert_eq!(
+        not_pending(|f| {
+            for x in f.iter_mut() {
+                if let CatalogFact::Relation { name, kind, .. } = x {
+                    if name == PENDING_XID_INDEX {
+                        *kind = 'r';
+                    }
+                }
+            }
+        }),
+        pending_only
+    );
+    // The columns must be on those relations: a tenant table's `xid` is not the pending table's.
+    assert_eq!(
+        not_pending(|f| {
+            for x in f.iter_mut() {
+                if let CatalogFact::Column { name, relation, .. } = x {
+                    if name == "xid" {
+                        *relation = 15;
+                    }
+                }
+            }
+        }),
+        pending_only
+    );
+    let misshapen = not_pending(|f| {
+        for x in f.iter_mut() {
+            if let CatalogFact::Relation { name, kind, .. } = x {
+                if name == PENDING_TABLE || name == AUDIT_TABLE {
+                    *kind = 'v';
+                }
+            }
+        }
+    });
+    assert_eq!(misshapen.misshapen, [AUDIT_TABLE, PENDING_TABLE]);
+    assert!(!misshapen.table && !misshapen.pending);
+    assert_eq!(
+        not_pending(|f| f.retain(|x| !matches!(x, CatalogFact::Schema))),
+        AuditState::default()
+    );
+}
+
+/// An earlier version's functions (named alike in every schema) count only
+/// with the signature their drop names.
+#[test]
+fn an_earlier_versions_function_counts_with_the_signature_its_drop_names() {
+    let t = n("acme");
+    let legacy = |name: &str, argtypes: &str| {
+        let mut facts = converged_facts(&t);
+        facts.push(CatalogFact::Function {
+            oid: 300,
+            name: name.into(),
+            definer: true,
+            owned: true,
+            config: None,
+            source: String::new(),
+            argtypes: argtypes.into(),
+        });
+        state_of(&t, &facts, &[]).legacy_functions
+    };
+    assert!(legacy(LEGACY_FUNCTIONS[0], "25 25 3807 1009"));
+    assert!(!legacy(LEGACY_FUNCTIONS[0], ""));
+    for f in &LEGACY_FUNCTIONS[1..] {
+        assert!(legacy(f, ""), "{f}");
+        assert!(!legacy(f, "23"), "{f}");
+    }
+    assert!(!legacy("_tenancy_audit_other", ""));
 }
 
 #[test]

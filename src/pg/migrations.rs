@@ -476,16 +476,23 @@ struct Locked {
 /// trip. None: another run holds the lock (the transaction is rolled
 /// back). Literals: the uid and schema are quoted. The catalog is read by
 /// name, not with `to_regclass`: the admin has no USAGE on the tenant's
-/// schema (it is no standing member of the owner).
+/// schema (it is no standing member of the owner). The schema's oid comes
+/// from `to_regnamespace` (a cache look-up, no ACL check), so `pg_class` is
+/// probed once on its (name, namespace) index: a join with `pg_namespace`
+/// by name was planned, while the catalogs' statistics still described a
+/// few schemas (during a burst of new tenants, before autovacuum analyzes
+/// them), as a scan of every `_tenancy_migrations` table, each joined to a
+/// sequential scan of `pg_namespace`: 1.4 to 2.0 ms a call at 1,000
+/// tenants, 0.07 ms at 10,000 (docs/scale.md, stop 44).
 async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<Locked>, PgError> {
     let uid = quote_literal(login.uid())?;
     let schema = quote_literal(&login.tenant().schema())?;
     let sql = format!(
         "BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT}';
          INSERT INTO tenancy.locks (kind, key) VALUES ('{LOCK_KIND}', {uid}) ON CONFLICT DO NOTHING;
-         SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {schema}) AS schema_exists,
-                EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                         WHERE n.nspname = {schema} AND c.relname = '{VERSION_TABLE}') AS has_table
+         SELECT pg_catalog.to_regnamespace({schema}) IS NOT NULL AS schema_exists,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                         WHERE c.relname = '{VERSION_TABLE}' AND c.relnamespace = pg_catalog.to_regnamespace({schema})) AS has_table
            FROM tenancy.locks WHERE kind = '{LOCK_KIND}' AND key = {uid} FOR UPDATE OF locks NOWAIT;
          SELECT version, name, checksum FROM tenancy.schema_versions WHERE tenant_uid = {uid} ORDER BY version"
     );

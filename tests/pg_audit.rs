@@ -1466,7 +1466,7 @@ async fn the_audit_step_waits_for_a_migration_run_holding_the_tenants_lock() {
 /// next reconcile: the tenant's own functions, every trigger moved to them,
 /// the old ones dropped; the chain goes on across the change and verifies,
 /// and the next reconcile runs nothing. Inside a migration's transaction
-/// the light check leaves such a schema to the full observation.
+/// the observation reports the earlier version's functions too.
 #[tokio::test]
 async fn functions_named_alike_in_every_schema_give_way_to_the_tenants_own() {
     let db = setup("aud_fn_names").await;

@@ -46,6 +46,9 @@ const OWN_COLUMNS: [&str; 2] = ["xid", "seal_floor"];
 /// temporary schema is searched first). `2615`, `1259` and `1255` are the
 /// fixed oids of `pg_namespace`, `pg_class` and `pg_proc`.
 ///
+/// `$1` is a validated schema name ([`TenantName::schema`]: lower-case
+/// letters, digits and `_`), which `to_regnamespace` reads as it is.
+///
 /// Rows (`what`): 0 the schema; 1 a relation of the schema (any kind), or
 /// one named like the audit log's own (`$5`); 2 a trigger named like one
 /// of the operator's (`$2`) on a relation of the schema, with its

@@ -582,3 +582,99 @@ async fn deleting_a_tenant_removes_its_anchoring() {
     .unwrap();
     assert_eq!((f, h, a), (0, 0, 0));
 }
+
+/// What the anchor observation reports after each change to the tenant's
+/// anchor function (made as the superuser in a transaction, rolled back
+/// after): only the function as the operator makes it (its source,
+/// SECURITY DEFINER, the anchor role as owner, the search_path, the
+/// ownership comment, EXECUTE for the tenant's owner and nobody else, the
+/// owner's USAGE on the schema) is current.
+#[tokio::test]
+async fn the_anchor_observation_reports_each_change_to_the_anchor_function() {
+    let db = setup("anc_observe").await;
+    let t = tenant_with_docs(&db, "ao").await;
+    let f = format!("{}.{}(bigint, bytea)", pg::audit::ANCHOR_SCHEMA, t.name.schema());
+    let owner = t.name.owner_role();
+    let cases: Vec<(&str, String, bool)> = vec![
+        ("nothing", "SELECT 1".into(), true),
+        (
+            "made SECURITY INVOKER",
+            format!("ALTER FUNCTION {f} SECURITY INVOKER"),
+            false,
+        ),
+        ("its search_path reset", format!("ALTER FUNCTION {f} RESET ALL"), false),
+        (
+            "its search_path changed",
+            format!("ALTER FUNCTION {f} SET search_path = public"),
+            false,
+        ),
+        (
+            "given to another owner",
+            format!("ALTER FUNCTION {f} OWNER TO postgres"),
+            false,
+        ),
+        (
+            "its comment changed",
+            format!("COMMENT ON FUNCTION {f} IS 'someone else''s'"),
+            false,
+        ),
+        ("its comment dropped", format!("COMMENT ON FUNCTION {f} IS NULL"), false),
+        (
+            "EXECUTE granted to PUBLIC",
+            format!("GRANT EXECUTE ON FUNCTION {f} TO PUBLIC"),
+            false,
+        ),
+        (
+            "EXECUTE granted to another role",
+            format!(
+                "CREATE ROLE anc_other_{}; GRANT EXECUTE ON FUNCTION {f} TO anc_other_{}",
+                t.uid.replace('-', "_"),
+                t.uid.replace('-', "_")
+            ),
+            false,
+        ),
+        (
+            "EXECUTE revoked from the owner",
+            format!("REVOKE EXECUTE ON FUNCTION {f} FROM {owner}"),
+            false,
+        ),
+        (
+            "the owner's USAGE on the schema revoked",
+            format!(
+                "REVOKE USAGE ON SCHEMA {s} FROM PUBLIC; REVOKE USAGE ON SCHEMA {s} FROM {owner}",
+                s = pg::audit::ANCHOR_SCHEMA
+            ),
+            false,
+        ),
+        ("renamed", format!("ALTER FUNCTION {f} RENAME TO other_name"), false),
+        ("dropped", format!("DROP FUNCTION {f}"), false),
+        (
+            "the owner role dropped",
+            format!("DROP OWNED BY {owner} CASCADE; DROP ROLE {owner}"),
+            false,
+        ),
+    ];
+    let mut su = db.superuser().await;
+    for (what, sql, current) in cases {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; {sql}")))
+            .execute(&mut su)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let state = pg::audit::observe_anchor(&mut su, &t.name, &t.uid)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        sqlx::raw_sql("ROLLBACK").execute(&mut su).await.unwrap();
+        assert_eq!(state.function_current, current, "{what}");
+        assert!(state.seeded, "{what}");
+        assert!(
+            state.role.starts_with(pg::audit::ANCHOR_ROLE_PREFIX),
+            "{what}: {}",
+            state.role
+        );
+        assert_eq!(
+            pg::audit::plan_anchor(&pg::audit::AuditState::objects_present(vec![]), &state, &t.uid).is_empty(),
+            current,
+            "{what}"
+        );
+    }
+}

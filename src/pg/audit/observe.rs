@@ -97,7 +97,7 @@ SELECT 5, i.indrelid, a.attname, NULL, NULL, i.indexrelid, NULL, NULL, NULL, NUL
  WHERE i.indrelid = ANY (ARRAY(SELECT d.objid FROM d WHERE d.classid = '1259')) AND i.indisprimary";
 
 /// The argument types of the one earlier-version function observed with
-/// arguments ([`LEGACY_FUNCTIONS`]`[0]`: text, text, jsonb, text[]), as
+/// arguments ([`LEGACY_FUNCTIONS`]`[0]`: text, text, jsonb[], text[]), as
 /// `DropLegacyFunctions` drops it; the others take none.
 const LEGACY_WRITE_ARGS: &str = "25 25 3807 1009";
 
@@ -135,24 +135,33 @@ pub async fn observe(conn: &mut PgConnection, name: &TenantName, exclude: &[Stri
 }
 
 /// Reads the tenant's anchoring (admin: catalogs and `tenancy.audit_heads`
-/// only): 1 query, no writes.
+/// only): 1 query, no writes. Roles by `to_regrole`, the schema by
+/// `to_regnamespace`, the comment from `pg_description` (`1255` is
+/// `pg_proc`'s fixed oid), not through the `pg_roles` view, a join or
+/// `obj_description`: like the audit observation it is planned again at
+/// nearly every call during a burst (each new schema resets every cached
+/// plan), and that form cost twice as much to plan (0.38 against 0.18 ms,
+/// docs/scale.md, stop 44).
 pub async fn observe_anchor(conn: &mut PgConnection, name: &TenantName, uid: &str) -> Result<AnchorState, PgError> {
     let row = sqlx::query(
-        "SELECT $5 || d.oid::text AS role,
-                coalesce((SELECT p.prosrc = $3 AND p.prosecdef AND p.proowner = r.oid AND p.proconfig = ARRAY[$4]
-                                 AND obj_description(p.oid, 'pg_proc') = $6
-                                 AND EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = o.oid AND a.privilege_type = 'EXECUTE')
-                                 AND NOT EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a WHERE a.grantee NOT IN (p.proowner, o.oid))
-                                 AND has_schema_privilege(o.oid, s.oid, 'USAGE')
-                            FROM pg_namespace s JOIN pg_proc p ON p.pronamespace = s.oid
-                           WHERE s.nspname = $7 AND p.proname = $1 AND p.proargtypes = '20 17'::oidvector), false) AS function_current,
+        "SELECT $5 || d.oid::pg_catalog.text AS role,
+                coalesce((SELECT p.prosrc = $3 AND p.prosecdef AND p.proowner = pg_catalog.to_regrole($5 || d.oid::pg_catalog.text)
+                                 AND p.proconfig = ARRAY[$4]
+                                 AND (SELECT c.description FROM pg_catalog.pg_description c
+                                       WHERE c.objoid = p.oid AND c.classoid = '1255' AND c.objsubid = 0) = $6
+                                 AND EXISTS (SELECT 1 FROM pg_catalog.aclexplode(p.proacl) a
+                                              WHERE a.grantee = pg_catalog.to_regrole($8) AND a.privilege_type = 'EXECUTE')
+                                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+                                                  WHERE a.grantee NOT IN (p.proowner, pg_catalog.to_regrole($8)))
+                                 AND pg_catalog.has_schema_privilege(pg_catalog.to_regrole($8), p.pronamespace, 'USAGE')
+                            FROM pg_catalog.pg_proc p
+                           WHERE p.proname = $1 AND p.proargtypes = '20 17' AND p.pronamespace = pg_catalog.to_regnamespace($7)), false)
+                  AS function_current,
                 h.tenant_uid IS NOT NULL AS seeded,
                 h.pruned_at
-           FROM pg_database d
-           LEFT JOIN pg_roles r ON r.rolname = $5 || d.oid::text
-           LEFT JOIN pg_roles o ON o.rolname = $8
+           FROM pg_catalog.pg_database d
            LEFT JOIN tenancy.audit_heads h ON h.tenant_uid = $2
-          WHERE d.datname = current_database()",
+          WHERE d.datname = pg_catalog.current_database()",
     )
     .bind(name.schema())
     .bind(uid)

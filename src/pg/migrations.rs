@@ -481,8 +481,8 @@ struct Locked {
 /// probed once on its (name, namespace) index: a join with `pg_namespace`
 /// by name was planned, while the catalogs' statistics still described a
 /// few schemas (during a burst of new tenants, before autovacuum analyzes
-/// them), as a scan of every `_tenancy_migrations` table, each joined to a
-/// sequential scan of `pg_namespace`: 1.4 to 2.0 ms a call at 1,000
+/// them), as a scan of every tenant's `_tenancy_migrations` so far by
+/// name, each probing `pg_namespace`: 1.4 to 2.0 ms a call at 1,000
 /// tenants, 0.07 ms at 10,000 (docs/scale.md, stop 44).
 async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<Locked>, PgError> {
     let uid = quote_literal(login.uid())?;

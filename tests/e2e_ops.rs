@@ -674,7 +674,13 @@ async fn the_usage_samplers_writes_start_no_reconcile() {
             .trim()
             .to_string()
     };
-    wait_for(Duration::from_secs(30), "a first status.usage", || sessions() == "0");
+    // The sampler spaces its samples by ten times what each took
+    // (`controller::usage::PACE`) and a rate needs two of them: on a loaded
+    // machine (the whole suite in CI, this file's tests in parallel) a
+    // sample of a few seconds puts the next tens of seconds away, so the
+    // waits on the sampler allow for that.
+    let sampled = Duration::from_secs(90);
+    wait_for(sampled, "a first status.usage", || sessions() == "0");
     let before = settled_reconciles(&env, Duration::from_secs(3));
     let rv = || env.jsonpath(&["tenant", &a], "{.metadata.resourceVersion}");
     let rv_before = rv();
@@ -682,14 +688,10 @@ async fn the_usage_samplers_writes_start_no_reconcile() {
     let uri = env.secret_value(&format!("tenant-{a}-db"), "uri");
     let one = sqlx::PgConnection::connect(&uri).await.expect("app login");
     let two = sqlx::PgConnection::connect(&uri).await.expect("app login");
-    wait_for(Duration::from_secs(30), "status.usage.sessions = 2", || {
-        sessions() == "2"
-    });
+    wait_for(sampled, "status.usage.sessions = 2", || sessions() == "2");
     one.close().await.expect("close");
     two.close().await.expect("close");
-    wait_for(Duration::from_secs(30), "status.usage.sessions = 0", || {
-        sessions() == "0"
-    });
+    wait_for(sampled, "status.usage.sessions = 0", || sessions() == "0");
     assert_ne!(rv(), rv_before, "the sampler wrote the Tenant");
     let after = settled_reconciles(&env, Duration::from_secs(3));
     assert_eq!(

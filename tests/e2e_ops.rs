@@ -675,10 +675,9 @@ async fn the_usage_samplers_writes_start_no_reconcile() {
             .to_string()
     };
     // The sampler spaces its samples by ten times what each took
-    // (`controller::usage::PACE`) and a rate needs two of them: on a loaded
-    // machine (the whole suite in CI, this file's tests in parallel) a
-    // sample of a few seconds puts the next tens of seconds away, so the
-    // waits on the sampler allow for that.
+    // (`controller::usage::PACE`): on a loaded machine (the whole suite in
+    // CI, this file's tests in parallel) a sample of a few seconds puts the
+    // next tens of seconds away, so the waits on the sampler allow for that.
     let sampled = Duration::from_secs(90);
     wait_for(sampled, "a first status.usage", || sessions() == "0");
     let before = settled_reconciles(&env, Duration::from_secs(3));

@@ -374,8 +374,13 @@ pub fn audit_state(
     });
 
     let calls = |function: &u32, f: &str| functions.get(function) == Some(&f);
-    let triggers = |rel: Option<u32>| {
-        facts.iter().filter_map(move |f| match f {
+    // Triggers and key columns grouped by relation once, so that judging
+    // every table reads each fact once (not once per table).
+    type TriggerFact<'a> = (&'a str, &'a u32, bool, bool, &'a [u8]);
+    let mut triggers_of: BTreeMap<u32, Vec<TriggerFact>> = BTreeMap::new();
+    let mut keys_of: BTreeMap<u32, Vec<KeyFact>> = BTreeMap::new();
+    for f in facts {
+        match f {
             CatalogFact::Trigger {
                 relation,
                 name,
@@ -383,10 +388,27 @@ pub fn audit_state(
                 enabled,
                 deferred,
                 args,
-            } if Some(*relation) == rel => Some((name.as_str(), function, *enabled == 'O', *deferred, args)),
-            _ => None,
-        })
-    };
+            } => triggers_of.entry(*relation).or_default().push((
+                name.as_str(),
+                function,
+                *enabled == 'O',
+                *deferred,
+                args.as_slice(),
+            )),
+            CatalogFact::KeyColumn {
+                relation,
+                index,
+                position,
+                name,
+                encoded,
+            } => keys_of
+                .entry(*relation)
+                .or_default()
+                .push((*position, *index, name.as_str(), encoded.as_slice())),
+            _ => {}
+        }
+    }
+    let triggers = |rel: Option<u32>| rel.and_then(|r| triggers_of.get(&r)).into_iter().flatten().copied();
     let oid_of = |wanted: &str| relation(wanted).map(|(oid, _)| oid);
     let guarded = |rel: &str| {
         triggers(oid_of(rel))
@@ -440,11 +462,11 @@ pub fn audit_state(
             }
             continue;
         }
-        let (key, key_args) = primary_key(facts, oid);
+        let (key, key_args) = primary_key(keys_of.remove(&oid).unwrap_or_default());
         let good = ours
             .iter()
             .filter(|(t, function, enabled, _, args)| {
-                TABLE_TRIGGERS.contains(t) && *enabled && calls(function, &fns.trigger) && **args == key_args
+                TABLE_TRIGGERS.contains(t) && *enabled && calls(function, &fns.trigger) && *args == key_args.as_slice()
             })
             .count();
         if good != TABLE_TRIGGERS.len() {
@@ -458,24 +480,15 @@ pub fn audit_state(
     state
 }
 
-/// The audit triggers' arguments for the table `rel` from its key columns'
-/// facts: as text (its key index's oid, then its column names in order;
-/// none without a key), and as `pg_trigger.tgargs` holds them (each
-/// argument in the database's encoding, followed by a NUL).
-fn primary_key(facts: &[CatalogFact], rel: u32) -> (Vec<String>, Vec<u8>) {
-    let mut columns: Vec<(i64, u32, &str, &[u8])> = facts
-        .iter()
-        .filter_map(|f| match f {
-            CatalogFact::KeyColumn {
-                relation,
-                index,
-                position,
-                name,
-                encoded,
-            } if *relation == rel => Some((*position, *index, name.as_str(), encoded.as_slice())),
-            _ => None,
-        })
-        .collect();
+/// One key column's fact: its position, the key's index, its name and its
+/// name in the database's encoding.
+type KeyFact<'a> = (i64, u32, &'a str, &'a [u8]);
+
+/// The audit triggers' arguments for a table from its key columns' facts:
+/// as text (its key index's oid, then its column names in order; none
+/// without a key), and as `pg_trigger.tgargs` holds them (each argument in
+/// the database's encoding, followed by a NUL).
+fn primary_key(mut columns: Vec<KeyFact>) -> (Vec<String>, Vec<u8>) {
     columns.sort();
     let Some(&(_, index, ..)) = columns.first() else {
         return (Vec::new(), Vec::new());

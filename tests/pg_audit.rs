@@ -1224,11 +1224,16 @@ async fn the_seal_reads_the_pending_table_through_its_index_and_not_its_dead_row
         "the seal read {} blocks of a {pages}-page pending table",
         blocks - blocks_before
     );
-    let seqscan: String = sqlx::query_scalar("SELECT current_setting('enable_seqscan')")
-        .fetch_one(&mut su)
-        .await
-        .unwrap();
-    assert_eq!(seqscan, "on", "the seal left the planner setting changed");
+    let settings: (String, String) =
+        sqlx::query_as("SELECT current_setting('enable_seqscan'), current_setting('plan_cache_mode')")
+            .fetch_one(&mut su)
+            .await
+            .unwrap();
+    assert_eq!(
+        settings,
+        ("on".to_owned(), "auto".to_owned()),
+        "the seal left the planner's settings changed"
+    );
     exec(&mut su, "COMMIT").await;
     exec(&mut holder, "COMMIT").await;
     assert_eq!(pending(&db, &t).await, 0);
@@ -2124,6 +2129,112 @@ async fn a_large_update_records_what_a_small_one_would() {
             got.sort();
             let want: Vec<(i64, String)> = (1..=rows).map(|g| (g, "new".to_owned())).collect();
             assert_eq!(got, want, "{} on {table}", entry.op);
+        }
+    }
+    verified(&db, &t).await;
+}
+
+/// A tenant's columns may be named like the trigger function's own
+/// variables (`v_keys`, `v_time`, ..., `found`): the function reads a
+/// tenant's rows only through whole-row references and names its variables
+/// first (`#variable_conflict use_variable`). Before that, a column named
+/// `v_keys` made every INSERT and DELETE of a few rows on its table fail
+/// ("column reference is ambiguous"). Statements of a few rows and of many,
+/// of none, and a composite key whose columns carry such names: each
+/// entry holds the keys it should, and the chain verifies.
+#[tokio::test]
+async fn columns_named_like_the_triggers_variables_are_audited() {
+    let db = setup("aud_var_names").await;
+    let mut t = Tenant::new(&unique("vn"));
+    t.converge(&db).await.unwrap();
+    let (schema, owner) = (t.name.schema(), t.name.owner_role());
+    let names = [
+        "v_time",
+        "v_actor",
+        "v_given",
+        "v_request",
+        "v_first",
+        "v_queue",
+        "v_delay",
+        "v_recent",
+        "v_i",
+        "v_cols",
+        "v_all",
+        "v_pks",
+        "v_new",
+        "v_old",
+        "v_changed",
+        "v_diff",
+        "v_olds",
+        "v_news",
+        "found",
+        "k",
+        "n",
+        "s",
+        "p",
+    ];
+    let columns: String = names.iter().map(|c| format!(", {c} int")).collect();
+    let mut su = db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {owner};
+         CREATE TABLE {schema}.odd (v_keys int, tg_op text{columns}, PRIMARY KEY (v_keys, tg_op));
+         RESET ROLE;"
+    )))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    t.converge(&db).await.unwrap();
+    let mut app = t.app(&db).await.unwrap();
+    let statements = [
+        (
+            "INSERT INTO odd (v_keys, tg_op, v_i) VALUES (1, 'a', 1), (2, 'b', 1)",
+            "INSERT",
+            2,
+        ),
+        (
+            "INSERT INTO odd (v_keys, tg_op, v_i) SELECT g, 'many', 1 FROM generate_series(10, 109) g",
+            "INSERT",
+            100,
+        ),
+        ("INSERT INTO odd (v_keys, tg_op) SELECT 1, 'none' WHERE false", "", 0),
+        ("UPDATE odd SET v_time = 5, found = 1 WHERE tg_op = 'a'", "UPDATE", 1),
+        ("UPDATE odd SET v_changed = 2 WHERE tg_op = 'many'", "UPDATE", 100),
+        ("DELETE FROM odd WHERE tg_op = 'b'", "DELETE", 1),
+        ("DELETE FROM odd WHERE tg_op = 'many'", "DELETE", 100),
+        ("DELETE FROM odd WHERE tg_op = 'none'", "", 0),
+    ];
+    for (sql, op, rows) in statements {
+        let before = audit_rows(&db, &t).await.len();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut app)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let audit = audit_rows(&db, &t).await;
+        if rows == 0 {
+            assert_eq!(audit.len(), before, "{sql}: no row, no entry");
+            continue;
+        }
+        assert_eq!(audit.len(), before + 1, "{sql}: one entry");
+        let last = audit.last().unwrap();
+        assert_eq!((last.op.as_str(), last.table.as_deref()), (op, Some("odd")), "{sql}");
+        let keys = last.pk.as_ref().and_then(|v| v.as_array()).expect("keys");
+        assert_eq!(keys.len(), rows, "{sql}");
+        assert!(
+            keys.iter()
+                .all(|k| k["v_keys"].is_i64() && k["tg_op"].is_string() && k.as_object().unwrap().len() == 2),
+            "{sql}: every key is the row's (v_keys, tg_op): {keys:?}"
+        );
+        if op == "UPDATE" {
+            let want: &[&str] = if rows == 1 {
+                &["found", "v_time"]
+            } else {
+                &["v_changed"]
+            };
+            assert_eq!(
+                last.changed.as_deref(),
+                Some(&want.iter().map(|c| c.to_string()).collect::<Vec<_>>()[..]),
+                "{sql}"
+            );
         }
     }
     verified(&db, &t).await;

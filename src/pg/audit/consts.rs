@@ -115,8 +115,9 @@ pub(super) const LEGACY_TABLE_TRIGGERS: [&str; 1] = ["_tenancy_audit_upd"];
 /// (bounded, far below jsonb's 255 MB limit).
 pub const CHUNK_ROWS: usize = 10_000;
 
-/// Below this many rows, an INSERT or DELETE statement's keys are read
-/// with a statically planned query (no planning per statement).
+/// Below this many rows, a statement's keys (and an UPDATE's changed
+/// columns) are read and its entry appended by one statement planned once
+/// per session; a larger one is read with a query planned for it.
 pub(super) const SMALL_STATEMENT: usize = 64;
 
 /// The `prev_hash` of the first row.

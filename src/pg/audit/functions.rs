@@ -71,31 +71,53 @@ pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<String, Stri
     let delay_setting = quote_literal(SEAL_DELAY_SETTING)?;
     // The append, shared by the write function (prune's PRUNE entry) and the
     // trigger function, which runs it inline (a nested SECURITY DEFINER call
-    // per statement costs a GUC save/restore and a function call):
-    // `op`, `table`, `pks` (jsonb[]) and `changed` (text[]) are
-    // expressions of the enclosing function.
+    // per statement costs a GUC save/restore and a function call): what
+    // every entry carries (`prepare`), the INSERT of entries from `pks`
+    // (jsonb[]; `op`, `table` and `changed` (text[]) are expressions of the
+    // enclosing function), and the transaction's mark once an entry is in
+    // (`mark`; the trigger's statement of a few rows inserts its own entry).
+    let prepare = fill(
+        text(include_str!("sql/append_prepare.sql")),
+        &[
+            ("schema", &schema),
+            ("head_table", HEAD_TABLE),
+            ("queued", &queued),
+            ("delay_setting", &delay_setting),
+        ],
+    );
+    let mark = |indent: &str| {
+        fill(
+            text(include_str!("sql/append_mark.sql")),
+            &[("indent", indent), ("queued", &queued)],
+        )
+    };
     let append = |op: &str, table: &str, pks: &str, changed: &str, ret: &str| {
         fill(
             text(include_str!("sql/append.sql")),
             &[
                 ("schema", &schema),
                 ("pending_table", PENDING_TABLE),
-                ("head_table", HEAD_TABLE),
-                ("queued", &queued),
-                ("delay_setting", &delay_setting),
                 ("pks", pks),
                 ("op", op),
                 ("table", table),
                 ("changed", changed),
                 ("ret", ret),
+                ("mark", &mark("  ")),
             ],
         )
     };
     let append_vars = text(include_str!("sql/append_vars.sql"));
+    // The trigger's entry for a statement of a few rows, inserted from the
+    // keys it read (`... FROM s`).
+    let small_insert = fill(
+        text(include_str!("sql/small_insert.sql")),
+        &[("schema", &schema), ("pending_table", PENDING_TABLE)],
+    );
     let write = body(
         include_str!("sql/write.sql"),
         &[
             ("append_vars", append_vars),
+            ("prepare", &prepare),
             ("append", &append("p_op", "p_table", "p_pks", "p_changed", "")),
         ],
     );
@@ -103,10 +125,13 @@ pub(super) fn function_bodies(name: &TenantName) -> Result<BTreeMap<String, Stri
         include_str!("sql/trigger.sql"),
         &[
             ("append_vars", append_vars),
+            ("prepare", &prepare),
             (
                 "append",
                 &append("TG_OP", "TG_TABLE_NAME::text", "v_pks", "v_changed", " NULL"),
             ),
+            ("mark", &mark("      ")),
+            ("small_insert", &small_insert),
             ("small_statement", &SMALL_STATEMENT.to_string()),
             ("chunk_rows", &CHUNK_ROWS.to_string()),
         ],

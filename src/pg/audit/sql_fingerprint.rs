@@ -68,7 +68,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_seal_acme",
-        "7ccde3d6a39b17d0a390390c26177fb173d0627dcaee60bef3e722a64c5b2eb7",
+        "d813f558d809ff70e865686c8829b2e450c5cc3276f5c5949a1c50111e8183c7",
     ),
     (
         "acme body _tenancy_audit_tail_acme",
@@ -76,11 +76,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme body _tenancy_audit_trigger_acme",
-        "96f21f43d962a90870e850ba758316e0a42c803a2e82c431d42c0236024176eb",
+        "32a110b49553ed3f91a6638a31f1dcb975737883ba45a7481e9d2d9d535f91b0",
     ),
     (
         "acme body _tenancy_audit_write_acme",
-        "1d3462b96d3e699a3d9260235b90399ef11328a3baa6b338d3c50f475e8ec24b",
+        "410088a576677dec011c031c7663fe006da8b08757f1092ecc3b2942a2a61996",
     ),
     (
         "acme anchor body 0b9c-uid",
@@ -96,7 +96,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render ReplaceFunctions",
-        "9d7e98ec44da4cddc1fbe1db347170e443c84bbca5b35119da156e3b9b727551",
+        "e8808f8c77b3ea550837601f0d0bf4a1d7128627a1fbc992da1f979db47a82dd",
     ),
     (
         "acme render GuardTable",
@@ -160,7 +160,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_seal_a_b_9",
-        "bdd913e6c2ff44d14d973857186c1140c3f8d697ffd38e4a55748c1ac9a4cc28",
+        "cc2a75e05f8b4c1a2df18c240da9c200073b0d82e057d904f14b39f320018dff",
     ),
     (
         "a-b-9 body _tenancy_audit_tail_a_b_9",
@@ -168,11 +168,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 body _tenancy_audit_trigger_a_b_9",
-        "05985ca6cf2d9f58c11d27cc764a216eeb254869a4426f6fa5c4f796ae428d71",
+        "4dcddc873ac1c4ccb7a068aa112c3c572ac489162df4d7dd7e880c3db9ff9ed6",
     ),
     (
         "a-b-9 body _tenancy_audit_write_a_b_9",
-        "3d3b68855f5f67b846669c01a4b9268871e1efb066d7b33a4d39165887bd398c",
+        "2d65b935e6e581dcabc591c6e0e3c2e82db9f12fa42a889e4c96c851da8a61a2",
     ),
     (
         "a-b-9 anchor body 0b9c-uid",
@@ -188,7 +188,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "f420c8229e0e6e6c4ef8ef932df2fab736a5687112740d1869cd727bef2ea160",
+        "a11180ee8bf7e9e4409fcb6c3282e8aa970fc48bce52571ed24e33e88398ffcf",
     ),
     (
         "a-b-9 render GuardTable",

@@ -2,32 +2,7 @@
   IF coalesce(cardinality({{pks}}), 0) = 0 THEN
     RETURN{{ret}};
   END IF;
-  -- No lock: the entries wait in the pending table, unchained, and are
-  -- sealed into the chain at commit (the tail trigger, deferred, queued by
-  -- the transaction's first entry: the one marked `seal`), so a tenant's
-  -- concurrent writers never wait for one another's commits. The mark is a
-  -- setting local to the transaction (a savepoint rolled back takes it and
-  -- its entry back alike).
-  v_time := clock_timestamp();
-  v_queue := current_setting({{queued}}, true) IS DISTINCT FROM 'on';
-  IF v_queue THEN
-    PERFORM set_config({{queued}}, 'on', true);
-    -- With a seal delay (milliseconds, the role's or session's setting),
-    -- a transaction that starts within it of the last seal leaves its
-    -- entries to a later one: one seal per delay on a busy tenant instead
-    -- of one per commit. A value that is not a number counts as 0.
-    v_delay := substring(current_setting({{delay_setting}}, true) FROM '^[0-9]{1,7}$')::integer;
-    IF v_delay > 0 THEN
-      SELECT h.sealed_at > v_time - make_interval(secs => v_delay / 1000.0) INTO v_recent
-        FROM {{schema}}.{{head_table}} h WHERE h.one;
-      v_queue := v_recent IS NOT TRUE;
-    END IF;
-  END IF;
-  v_actor := nullif(current_setting('tenancy.actor', true), '');
-  v_given := v_actor IS NOT NULL;
-  v_actor := coalesce(v_actor, session_user::text);
-  v_request := nullif(current_setting('tenancy.request_id', true), '');
   -- Pending ids are drawn in unnest's order: the statement's order.
   INSERT INTO {{schema}}.{{pending_table}} ("time", actor, actor_given, request_id, operation, table_name, row_pk, changed_columns, seal)
   SELECT v_time, v_actor, v_given, v_request, {{op}}, {{table}}, u.pk, {{changed}}, v_queue AND u.n = 1
-    FROM unnest({{pks}}) WITH ORDINALITY AS u(pk, n);
+    FROM unnest({{pks}}) WITH ORDINALITY AS u(pk, n);{{mark}}

@@ -1,3 +1,4 @@
+#variable_conflict use_variable
 DECLARE{{append_vars}}
   v_cols text;
   v_keys text[];
@@ -9,7 +10,7 @@ DECLARE{{append_vars}}
   v_diff text;
   v_olds text;
   v_news text;
-BEGIN
+BEGIN{{prepare}}
   IF TG_OP = 'TRUNCATE' THEN
     v_pks := ARRAY[NULL::jsonb];
   ELSIF TG_LEVEL = 'ROW' THEN
@@ -48,68 +49,74 @@ BEGIN
         FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
        WHERE i.indrelid = TG_RELID AND i.indisprimary;
     END IF;
+    -- A statement of fewer than {{small_statement}} rows (the usual application
+    -- write): its keys read and its entry appended by one statement, whose
+    -- plan is cached for the session; it gives the number of rows it read
+    -- (at most {{small_statement}}), so that one of none appends nothing and a larger
+    -- one is read below.
     IF TG_OP = 'UPDATE' THEN
       -- The old and new transition tables hold each updated row at the same
       -- position. The keys are the new rows' (as the per-row trigger gave);
       -- the changed columns are those any row of the statement changed,
       -- compared as jsonb values.
-      SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_new LIMIT {{small_statement}}) s;
-      IF v_i < {{small_statement}} THEN
-        -- A few rows: queries whose plans are cached for the session.
-        WITH o AS (SELECT to_jsonb(o.*) AS j, row_number() OVER () AS n FROM tenancy_old o),
-             u AS (SELECT to_jsonb(u.*) AS j, row_number() OVER () AS n FROM tenancy_new u),
-             p AS (SELECT o.j AS old, u.j AS new, n FROM o JOIN u USING (n))
-        SELECT (SELECT array_agg((SELECT jsonb_object_agg(k, p.new -> k) FROM unnest(v_keys) k) ORDER BY p.n) FROM p),
-               (SELECT coalesce(array_agg(DISTINCT e.key ORDER BY e.key), '{}') FROM p, jsonb_each(p.new) e WHERE (p.old -> e.key) IS DISTINCT FROM e.value)
-          INTO v_all, v_changed;
-      ELSE
-        -- Many rows: one query naming the key columns and comparing each
-        -- column once per row, planned for this statement (a whole row as
-        -- jsonb and a key/value row per column per row cost more than the
-        -- plan). The sides' columns are renamed c<attnum>: a table's own
-        -- column names appear only qualified (o."x"), so none can be taken
-        -- for one of the query's names.
-        SELECT string_agg(format('o.%I AS c%s', a.attname, a.attnum), ', ' ORDER BY a.attnum),
-               string_agg(format('u.%I AS c%s', a.attname, a.attnum), ', ' ORDER BY a.attnum),
-               string_agg(format('CASE WHEN bool_or(pg_catalog.to_jsonb(o.c%s) IS DISTINCT FROM pg_catalog.to_jsonb(u.c%s)) THEN %L::text END',
-                                 a.attnum, a.attnum, a.attname), ', ' ORDER BY a.attnum)
-          INTO v_olds, v_news, v_diff
-          FROM pg_attribute a WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
-        SELECT string_agg(format('%L, u.c%s', a.attname, a.attnum), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))
-          INTO v_cols
-          FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-         WHERE i.indrelid = TG_RELID AND i.indisprimary;
-        EXECUTE format('SELECT array_agg(%s ORDER BY o.n), ARRAY[%s]::text[]
-                          FROM (SELECT row_number() OVER () AS n, %s FROM tenancy_old o) o
-                          JOIN (SELECT row_number() OVER () AS n, %s FROM tenancy_new u) u USING (n)',
-                       CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
-                       v_diff, v_olds, v_news)
-          INTO v_all, v_changed;
-        SELECT coalesce(array_agg(c ORDER BY c), '{}') INTO v_changed FROM unnest(v_changed) c WHERE c IS NOT NULL;
-      END IF;
-      v_i := 0;
+      WITH o AS (SELECT to_jsonb(o.*) AS j, row_number() OVER () AS n FROM (SELECT * FROM tenancy_old LIMIT {{small_statement}}) o),
+           u AS (SELECT to_jsonb(u.*) AS j, row_number() OVER () AS n FROM (SELECT * FROM tenancy_new LIMIT {{small_statement}}) u),
+           p AS (SELECT o.j AS old, u.j AS new, n FROM o JOIN u USING (n)),
+           s AS (SELECT (SELECT array_agg((SELECT jsonb_object_agg(k, p.new -> k) FROM unnest(v_keys) k) ORDER BY p.n) FROM p) AS pks,
+                        (SELECT coalesce(array_agg(DISTINCT e.key ORDER BY e.key), '{}') FROM p, jsonb_each(p.new) e
+                          WHERE (p.old -> e.key) IS DISTINCT FROM e.value) AS changed),
+           i AS ({{small_insert}} to_jsonb(s.pks), s.changed, v_queue FROM s WHERE cardinality(s.pks) < {{small_statement}})
+      SELECT coalesce(cardinality(s.pks), 0) INTO v_i FROM s;
+    ELSIF TG_OP = 'INSERT' THEN
+      WITH s AS (SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t.*) -> k) FROM unnest(v_keys) k)) AS pks
+                   FROM (SELECT * FROM tenancy_new LIMIT {{small_statement}}) t),
+           i AS ({{small_insert}} to_jsonb(s.pks), NULL, v_queue FROM s WHERE cardinality(s.pks) < {{small_statement}})
+      SELECT coalesce(cardinality(s.pks), 0) INTO v_i FROM s;
     ELSE
-      -- A statement of a few rows (the usual application write) reads its
-      -- keys with a plan cached for the session; a large one with a query
-      -- naming the key columns, planned per statement but touching only them.
-      IF TG_OP = 'INSERT' THEN
-        SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_new LIMIT {{small_statement}}) s;
-      ELSE
-        SELECT count(*) INTO v_i FROM (SELECT FROM tenancy_old LIMIT {{small_statement}}) s;
-      END IF;
-      IF v_i < {{small_statement}} AND TG_OP = 'INSERT' THEN
-        SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t.*) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_new t;
-      ELSIF v_i < {{small_statement}} THEN
-        SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t.*) -> k) FROM unnest(v_keys) k)) INTO v_all FROM tenancy_old t;
-      ELSE
-        SELECT string_agg(format('%L, t.%I', k, k), ', ' ORDER BY n) INTO v_cols FROM unnest(v_keys) WITH ORDINALITY AS u(k, n);
-        EXECUTE format('SELECT array_agg(%s) FROM %I t',
-                       CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
-                       CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
-          INTO v_all;
-      END IF;
-      v_i := 0;
+      WITH s AS (SELECT array_agg((SELECT jsonb_object_agg(k, to_jsonb(t.*) -> k) FROM unnest(v_keys) k)) AS pks
+                   FROM (SELECT * FROM tenancy_old LIMIT {{small_statement}}) t),
+           i AS ({{small_insert}} to_jsonb(s.pks), NULL, v_queue FROM s WHERE cardinality(s.pks) < {{small_statement}})
+      SELECT coalesce(cardinality(s.pks), 0) INTO v_i FROM s;
     END IF;
+    IF v_i = 0 THEN
+      RETURN NULL;
+    ELSIF v_i < {{small_statement}} THEN{{mark}}
+      RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+      -- Many rows: one query naming the key columns and comparing each
+      -- column once per row, planned for this statement (a whole row as
+      -- jsonb and a key/value row per column per row cost more than the
+      -- plan). The sides' columns are renamed c<attnum>: a table's own
+      -- column names appear only qualified (o."x"), so none can be taken
+      -- for one of the query's names.
+      SELECT string_agg(format('o.%I AS c%s', a.attname, a.attnum), ', ' ORDER BY a.attnum),
+             string_agg(format('u.%I AS c%s', a.attname, a.attnum), ', ' ORDER BY a.attnum),
+             string_agg(format('CASE WHEN bool_or(pg_catalog.to_jsonb(o.c%s) IS DISTINCT FROM pg_catalog.to_jsonb(u.c%s)) THEN %L::text END',
+                               a.attnum, a.attnum, a.attname), ', ' ORDER BY a.attnum)
+        INTO v_olds, v_news, v_diff
+        FROM pg_attribute a WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
+      SELECT string_agg(format('%L, u.c%s', a.attname, a.attnum), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))
+        INTO v_cols
+        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+       WHERE i.indrelid = TG_RELID AND i.indisprimary;
+      EXECUTE format('SELECT array_agg(%s ORDER BY o.n), ARRAY[%s]::text[]
+                        FROM (SELECT row_number() OVER () AS n, %s FROM tenancy_old o) o
+                        JOIN (SELECT row_number() OVER () AS n, %s FROM tenancy_new u) u USING (n)',
+                     CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
+                     v_diff, v_olds, v_news)
+        INTO v_all, v_changed;
+      SELECT coalesce(array_agg(c ORDER BY c), '{}') INTO v_changed FROM unnest(v_changed) c WHERE c IS NOT NULL;
+    ELSE
+      -- Many rows: a query naming the key columns, planned per statement but
+      -- touching only them.
+      SELECT string_agg(format('%L, t.%I', k, k), ', ' ORDER BY n) INTO v_cols FROM unnest(v_keys) WITH ORDINALITY AS u(k, n);
+      EXECUTE format('SELECT array_agg(%s) FROM %I t',
+                     CASE WHEN v_cols IS NULL THEN 'NULL::jsonb' ELSE 'pg_catalog.jsonb_build_object(' || v_cols || ')' END,
+                     CASE TG_OP WHEN 'INSERT' THEN 'tenancy_new' ELSE 'tenancy_old' END)
+        INTO v_all;
+    END IF;
+    v_i := 0;
   END IF;
   IF TG_LEVEL = 'STATEMENT' AND TG_OP <> 'TRUNCATE' THEN
     IF coalesce(cardinality(v_all), 0) = 0 THEN

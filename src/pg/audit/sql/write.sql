@@ -1,3 +1,3 @@
 DECLARE{{append_vars}}
-BEGIN{{append}}
+BEGIN{{prepare}}{{append}}
 END

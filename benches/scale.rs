@@ -17,6 +17,9 @@
 //!   and triggers, the version table and rows included), so the ratio
 //!   splits into what the product's DDL costs and what the operator's
 //!   machinery (observations, logins, the API server) adds;
+//! - per phase, the WAL written, the WAL syncs (each a wait for the disk
+//!   with fsync on) and the transactions committed, per tenant, for the
+//!   operator and for both psql baselines;
 //! - the ratios, the operator's peak RSS, the CPU time of the API test
 //!   server against the whole machine's, the failed reconciles (the
 //!   operator's `reconcile_errors` metric), the migration runs that failed
@@ -245,6 +248,89 @@ fn psql_file(url: &str, sql: &str, dir: &Path, label: &str) -> Duration {
         String::from_utf8_lossy(&out.stderr)
     );
     took
+}
+
+/// What a phase wrote and how often it waited for the disk: the server's
+/// WAL insert position (exact), its WAL syncs (`pg_stat_wal`) and the
+/// transactions committed in database `db` (`pg_stat_database`). The two
+/// counters come from the statistics each backend flushes at a
+/// transaction's end at most once a second while busy, within ten seconds
+/// once idle, and at exit: a mark taken right after a phase may miss its
+/// last second (the operator's marks are taken after a pause).
+#[derive(Clone, Copy, Default)]
+struct WalMark {
+    bytes: i64,
+    syncs: i64,
+    commits: i64,
+}
+
+async fn wal_mark(su: &mut PgConnection, db: &str) -> WalMark {
+    let (bytes, syncs, commits): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (pg_current_wal_lsn() - '0/0')::int8, (SELECT wal_sync FROM pg_stat_wal), \
+                coalesce((SELECT xact_commit FROM pg_stat_database WHERE datname = $1), 0)",
+    )
+    .bind(db)
+    .fetch_one(su)
+    .await
+    .expect("the WAL position and counters");
+    WalMark { bytes, syncs, commits }
+}
+
+/// `to - from` per tenant, as one line: WAL written, WAL syncs, commits.
+fn wal_line(label: &str, from: WalMark, to: WalMark, n: usize) -> String {
+    let n = n.max(1) as f64;
+    format!(
+        "{label}: {:.1} MB of WAL in {} syncs, {} commits (per tenant {:.1} kB, {:.2} syncs, {:.2} commits)",
+        (to.bytes - from.bytes) as f64 / 1e6,
+        to.syncs - from.syncs,
+        to.commits - from.commits,
+        (to.bytes - from.bytes) as f64 / 1e3 / n,
+        (to.syncs - from.syncs) as f64 / n,
+        (to.commits - from.commits) as f64 / n,
+    )
+}
+
+/// One phase's [`wal_line`]s: the operator's (its marks taken 11 s after
+/// the phase), psql's running the operator's statements, plain psql's;
+/// printed as they come.
+fn wal_lines(
+    phase: &str,
+    op: (WalMark, WalMark),
+    full: (WalMark, WalMark),
+    plain: (WalMark, WalMark),
+    n: usize,
+) -> [String; 3] {
+    let lines = [
+        wal_line(&format!("{phase}, operator (and 11 s after)"), op.0, op.1, n),
+        wal_line(
+            &format!("{phase}, psql running the operator's statements"),
+            full.0,
+            full.1,
+            n,
+        ),
+        wal_line(&format!("{phase}, plain psql"), plain.0, plain.1, n),
+    ];
+    for l in &lines {
+        eprintln!("{l}");
+    }
+    lines
+}
+
+/// [`psql_file`] between two [`wal_mark`]s of database `db`.
+async fn psql_file_wal(
+    su: &mut PgConnection,
+    db: &str,
+    url: &str,
+    sql: &str,
+    dir: &Path,
+    label: &str,
+) -> (Duration, WalMark, WalMark) {
+    let from = wal_mark(su, db).await;
+    let took = psql_file(url, sql, dir, label);
+    // psql's backend flushes its statistics as it exits, just after psql
+    // returns.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (took, from, wal_mark(su, db).await)
 }
 
 /// Busy jiffies of the whole machine (all CPUs), from /proc/stat.
@@ -778,9 +864,25 @@ async fn main() {
     // and roles dropped (roles are the cluster's: left, they would make
     // the two measurements after it work on a larger pg_authid).
     let full_prov: String = (0..n).map(|i| baseline_tenant_full(i, full_db)).collect();
-    let psql_full_prov = psql_file(&full_url, &full_prov, dir.path(), "baseline-provision-full");
+    let (psql_full_prov, wal_full_prov0, wal_full_prov1) = psql_file_wal(
+        &mut su,
+        full_db,
+        &full_url,
+        &full_prov,
+        dir.path(),
+        "baseline-provision-full",
+    )
+    .await;
     let full_mig: String = (0..n).map(baseline_migration_full).collect();
-    let psql_full_mig = psql_file(&full_url, &full_mig, dir.path(), "baseline-migration-full");
+    let (psql_full_mig, wal_full_mig0, wal_full_mig1) = psql_file_wal(
+        &mut su,
+        full_db,
+        &full_url,
+        &full_mig,
+        dir.path(),
+        "baseline-migration-full",
+    )
+    .await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {full_db} WITH (FORCE)")))
         .execute(&mut su)
         .await
@@ -794,7 +896,15 @@ async fn main() {
         .collect();
     psql_file(&base_url, &drops, dir.path(), "baseline-full-drop-roles");
     let base_prov: String = (0..n).map(|i| baseline_tenant(i, base_db)).collect();
-    let psql_prov = psql_file(&base_url, &base_prov, dir.path(), "baseline-provision");
+    let (psql_prov, wal_prov0, wal_prov1) = psql_file_wal(
+        &mut su,
+        base_db,
+        &base_url,
+        &base_prov,
+        dir.path(),
+        "baseline-provision",
+    )
+    .await;
     let manifests: String = (0..n)
         .map(|i| {
             format!("---\napiVersion: tenancy.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: t{i:05}\nspec: {{}}\n")
@@ -802,6 +912,7 @@ async fn main() {
         .collect();
     std::fs::write(dir.path().join("tenants.yaml"), &manifests).unwrap();
     profile_reset(&mut su).await;
+    let wal_op_prov0 = wal_mark(&mut su, op_db).await;
     let (busy0, srv0, op0) = (machine_busy(), proc_cpu(server_pid), proc_cpu(op_pid));
     let counted0 = scrape(metrics_port).await;
     let log_prov = file_len(&pg_log);
@@ -847,13 +958,26 @@ async fn main() {
     );
     let logins_prov = pg_log_logins(&pg_log, log_prov, op_db);
     eprintln!("provisioning: {logins_prov}");
+    // The operator's idle backends flush their statistics within ten
+    // seconds (wal_mark).
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let wal_op_prov1 = wal_mark(&mut su, op_db).await;
+    let wal_prov_lines = wal_lines(
+        "provisioning",
+        (wal_op_prov0, wal_op_prov1),
+        (wal_full_prov0, wal_full_prov1),
+        (wal_prov0, wal_prov1),
+        n,
+    );
     profile_print(&mut su, op_db, "provisioning").await;
 
     // --- migration
     let base_mig: String = (0..n).map(baseline_migration).collect();
-    let psql_mig = psql_file(&base_url, &base_mig, dir.path(), "baseline-migration");
+    let (psql_mig, wal_mig0, wal_mig1) =
+        psql_file_wal(&mut su, base_db, &base_url, &base_mig, dir.path(), "baseline-migration").await;
     let sets: Api<MigrationSet> = Api::all(client.clone());
     profile_reset(&mut su).await;
+    let wal_op_mig0 = wal_mark(&mut su, op_db).await;
     let log_mig = file_len(&pg_log);
     let start = Instant::now();
     kubectl(
@@ -885,6 +1009,15 @@ async fn main() {
     );
     let logins_mig = pg_log_logins(&pg_log, log_mig, op_db);
     eprintln!("migration: {logins_mig}");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let wal_op_mig1 = wal_mark(&mut su, op_db).await;
+    let wal_mig_lines = wal_lines(
+        "migration",
+        (wal_op_mig0, wal_op_mig1),
+        (wal_full_mig0, wal_full_mig1),
+        (wal_mig0, wal_mig1),
+        n,
+    );
     profile_print(&mut su, op_db, "the migration").await;
 
     // Every Tenant shows the new version (the set's Complete comes from the
@@ -1002,6 +1135,9 @@ async fn main() {
     println!("operator RSS by phase: {rss_prov}; {rss_mig}; {rss_idle}");
     println!("failed reconciles: {errors_prov} during provisioning, {errors_mig} during the migration");
     println!("operator's database, provisioning: {logins_prov}; the migration: {logins_mig}");
+    for l in wal_prov_lines.iter().chain(&wal_mig_lines) {
+        println!("{l}");
+    }
     println!(
         "reconciles run: provisioning {} Tenant, {} MigrationSet (rollout passes); migration {} Tenant, {} MigrationSet",
         prov.tenant, prov.sets, mig.tenant, mig.sets

@@ -1392,7 +1392,13 @@ async fn the_audit_step_waits_for_a_migration_run_holding_the_tenants_lock() {
     let mut t = tenant_with_docs(&db, "ml").await;
     let wait = std::time::Duration::from_secs(5);
     // Converged: no lock taken, so a run holding it holds nothing up.
-    let held = pg::locks::hold_migrations(&db.admin, &t.uid, wait).await.unwrap();
+    let mut held = pg::locks::hold_migrations(&db.admin, &t.uid, wait).await.unwrap();
+    // The lock's transaction writes nothing worth a wait for the disk.
+    let sync: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *held)
+        .await
+        .unwrap();
+    assert_eq!(sync, "off", "the lock holder's commit waits for the disk");
     let quiet = tokio::time::timeout(std::time::Duration::from_secs(3), t.converge(&db))
         .await
         .expect("a converged tenant's audit step waited for the migration lock")

@@ -139,8 +139,16 @@ async fn grant(pool: &PgPool, database: &str, logins: &[&str]) -> Result<usize, 
         .map(|r| quote_ident(r))
         .collect::<Result<Vec<_>, _>>()?
         .join(", ");
+    // The commit does not wait for the disk (`synchronous_commit` off): the
+    // batch holds the database-ACL lock, which every other tenant's grant
+    // waits for, until it ends, and with fsync on the flush was most of
+    // it. A grant lost with the last fraction of a second's WAL in a crash
+    // fails closed (a login that cannot connect yet) and is made again by
+    // the tenant's next reconcile; a new tenant's later steps commit
+    // synchronously, which flushes it with them, before it is Ready.
+    // Revokes keep the synchronous commit.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "GRANT CONNECT ON DATABASE {} TO {to}",
+        "SET LOCAL synchronous_commit = off; GRANT CONNECT ON DATABASE {} TO {to}",
         quote_ident(database)?
     )))
     .execute(&mut *tx)

@@ -484,11 +484,20 @@ struct Locked {
 /// them), as a scan of every tenant's `_tenancy_migrations` so far by
 /// name, each probing `pg_namespace`: 1.4 to 2.0 ms a call at 1,000
 /// tenants, 0.07 ms at 10,000 (docs/scale.md, stop 44).
+///
+/// The transaction commits without waiting for the disk
+/// (`synchronous_commit` off): all it writes is the lock's row and, in
+/// the run's last message ([`finish_sql`]), the control copy of the
+/// tenant's versions and its failure record, which the next run re-syncs
+/// from the tenant's own version table when they differ (that table is
+/// written by the ops session's transaction, which commits synchronously
+/// before this one). With fsync on, it was one of the two waits for the
+/// disk per tenant of a rollout (docs/scale.md).
 async fn take_lock(admin: &mut PgConnection, login: &OpsLogin) -> Result<Option<Locked>, PgError> {
     let uid = quote_literal(login.uid())?;
     let schema = quote_literal(&login.tenant().schema())?;
     let sql = format!(
-        "BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT}';
+        "BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT}'; SET LOCAL synchronous_commit = off;
          INSERT INTO tenancy.locks (kind, key) VALUES ('{LOCK_KIND}', {uid}) ON CONFLICT DO NOTHING;
          SELECT pg_catalog.to_regnamespace({schema}) IS NOT NULL AS schema_exists,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_class c

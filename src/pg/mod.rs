@@ -427,8 +427,21 @@ async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<
     let _ = sqlx::query("RESET search_path").execute(&mut *conn).await;
     result?;
     drop(conn);
-    // The audit anchor role and the anchor functions' schema.
-    audit::prepare_anchoring(pool).await
+    // The audit anchor role and the anchor functions' schema. Its GRANT on
+    // the control schema rewrites the schema's ACL row, which another
+    // instance's BOOTSTRAP_SQL (run before it takes the start-up lock) may be
+    // rewriting at the same moment: "tuple concurrently updated", run again
+    // as the bootstrap is (seen once in CI with six instances at once).
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match audit::prepare_anchoring(pool).await {
+            Err(PgError::Query { source, .. }) if attempt < 10 && is_catalog_race(&source) => {
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What the admin role may do; checked at start so a missing privilege is

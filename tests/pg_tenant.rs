@@ -425,6 +425,12 @@ async fn forty_tenants_provisioned_at_once_all_succeed_the_first_time() {
     let (pool, _) = pg::connect(&db.admin_url, 40).await.unwrap();
     let search_path: String = sqlx::query_scalar("SHOW search_path").fetch_one(&pool).await.unwrap();
     assert_eq!(search_path, "pg_catalog");
+    // Its prepared statements are planned once per connection (docs/scale.md).
+    let plans: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(plans, "force_generic_plan");
     let tenants: Vec<Tenant> = (0..40).map(|i| Tenant::new(&unique(&format!("c{i}")))).collect();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(tenants.len()));
     let runs = tenants.iter().map(|t| {

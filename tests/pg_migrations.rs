@@ -833,6 +833,37 @@ async fn one_tenant(label: &str) -> (TestDb, TenantName, SetRef) {
     )
 }
 
+/// The operator's pool plans its own statements once per connection
+/// (`plan_cache_mode = force_generic_plan`, docs/scale.md); a tenant's
+/// migration, on the tenant's ops login derived from that pool, runs under
+/// the server's mode: a start-up option would have been inherited.
+#[tokio::test]
+async fn a_migration_runs_under_the_servers_plan_cache_mode_not_the_operators() {
+    let (db, t, set) = one_tenant("msplans").await;
+    let (pool, _) = pg::connect(&db.admin_url, 4).await.unwrap();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "force_generic_plan");
+    let login = pg::migrations::ops_login(&pool, &ring(), &t).await.unwrap().unwrap();
+    let v1 = MigrationSql::new(
+        1,
+        "v1",
+        "CREATE TABLE seen (mode text NOT NULL); INSERT INTO seen SELECT current_setting('plan_cache_mode')",
+        true,
+    );
+    let out = pg::migrations::migrate_tenant(&pool, &login, &set, &[v1], &Timeouts::default())
+        .await
+        .unwrap();
+    assert!(matches!(out, TenantOutcome::Migrated { to: 1, .. }), "{out:?}");
+    let seen: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT mode FROM {}.seen", t.schema())))
+        .fetch_one(&db.su)
+        .await
+        .unwrap();
+    assert_eq!(seen, "auto");
+}
+
 #[tokio::test]
 async fn deferred_checks_run_at_commit_with_the_tenant_search_path_and_their_failure_is_the_migrations() {
     let (db, t, set) = one_tenant("msdefer").await;

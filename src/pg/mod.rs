@@ -278,6 +278,29 @@ impl Target {
     }
 }
 
+/// Pool options whose sessions plan each prepared statement once:
+/// `SET plan_cache_mode = force_generic_plan` on every new connection. The
+/// operator runs the same few prepared statements for every tenant on its
+/// long-lived connections, and under the default mode Postgres planned
+/// several of them anew at every call (a custom plan, its parameters folded
+/// in, is always estimated cheaper than the generic one): in an idle resync
+/// of 10,000 tenants the audit check's catalog query spent more time
+/// planning than running (0.68 against 0.61 ms a call, docs/scale.md). A
+/// session setting on the pool's own connections, not a start-up option:
+/// a tenant's ops login, whose connect options derive from the pool's,
+/// does not inherit it, so a tenant's migration and the audit functions it
+/// sets off run under the server's (or role's) plan cache mode.
+pub(crate) fn planned_once(options: PgPoolOptions) -> PgPoolOptions {
+    options.after_connect(|conn, _| {
+        Box::pin(async move {
+            sqlx::query("SET plan_cache_mode = force_generic_plan")
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    })
+}
+
 /// Parses the admin DSN and opens a bounded pool; checks the server is
 /// reachable and the settings quoting relies on.
 pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target), PgError> {
@@ -307,32 +330,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<(PgPool, Target)
         ])
         .log_statements(tracing::log::LevelFilter::Trace);
     let target = Target::from_options(opts.clone());
-    let pool = PgPoolOptions::new()
+    let pool = planned_once(PgPoolOptions::new())
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(5))
         .idle_timeout(Duration::from_secs(60))
         .test_before_acquire(true)
-        // Generic plans on the admin's own sessions: the operator runs the
-        // same few prepared statements for every tenant on these long-lived
-        // connections, and under the default mode Postgres planned several
-        // of them anew at every call (a custom plan, its parameters folded
-        // in, is always estimated cheaper than the generic one): in an idle
-        // resync of 10,000 tenants the audit check's catalog query spent
-        // more time planning than running (0.68 against 0.61 ms a call,
-        // docs/scale.md). Each is now planned once per connection. A session
-        // setting, not a start-up option: `SET LOCAL plan_cache_mode TO
-        // DEFAULT` (a migration's own statements, `migrations::run`) still
-        // returns to the server's or role's value, and no other pool (the
-        // rollout's, the tenants' ops logins) inherits it.
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                sqlx::query("SET plan_cache_mode = force_generic_plan")
-                    .execute(conn)
-                    .await?;
-                Ok(())
-            })
-        })
         .connect_lazy_with(opts.clone());
     // One direct connection up front so a wrong URL fails start-up with a
     // clear message instead of surfacing later as reconcile errors.

@@ -103,10 +103,7 @@ pub async fn rollout(shards: &[Shard<'_>], plan: &RolloutPlan, timeouts: &Timeou
     let pools: Vec<PgPool> = shards
         .iter()
         .map(|s| {
-            // Its sessions plan the operator's per-tenant statements once
-            // (`pg::planned_once`); each tenant's migration still runs
-            // under the server's plan cache mode.
-            crate::pg::planned_once(PgPoolOptions::new())
+            PgPoolOptions::new()
                 .max_connections(plan.max_concurrent as u32)
                 .min_connections(0)
                 .acquire_timeout(wait)

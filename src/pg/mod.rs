@@ -379,6 +379,13 @@ fn is_catalog_race(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("23505") | Some("XX000")))
 }
 
+/// How long to wait before running a start-up step again after `e`, at its
+/// `attempt`-th try (1, 2, ...): a catalog race ([`is_catalog_race`]) is
+/// run again up to 10 times, 20 ms more each time; anything else is not.
+fn catalog_race_retry(attempt: u64, e: &sqlx::Error) -> Option<Duration> {
+    (attempt < 10 && is_catalog_race(e)).then(|| Duration::from_millis(20 * attempt))
+}
+
 /// One connection outside the pool, given up after 10 s.
 async fn connect_direct(opts: &PgConnectOptions, target: &Target) -> Result<sqlx::PgConnection, PgError> {
     tokio::time::timeout(Duration::from_secs(10), opts.connect())
@@ -420,10 +427,10 @@ async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<
     for attempt in 1.. {
         match sqlx::raw_sql(BOOTSTRAP_SQL).execute(&mut *lock).await {
             Ok(_) => break,
-            Err(e) if attempt < 10 && is_catalog_race(&e) => {
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await
-            }
-            Err(e) => return Err(query_err("creating the control schema")(e)),
+            Err(e) => match catalog_race_retry(attempt, &e) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(query_err("creating the control schema")(e)),
+            },
         }
     }
     let sql = format!(
@@ -458,11 +465,14 @@ async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match audit::prepare_anchoring(pool).await {
-            Err(PgError::Query { source, .. }) if attempt < 10 && is_catalog_race(&source) => {
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await
-            }
-            other => return other,
+        let result = audit::prepare_anchoring(pool).await;
+        let wait = match &result {
+            Err(PgError::Query { source, .. }) => catalog_race_retry(attempt, source),
+            _ => None,
+        };
+        match wait {
+            Some(wait) => tokio::time::sleep(wait).await,
+            None => return result,
         }
     }
 }
@@ -674,6 +684,17 @@ mod tests {
         fn kind(&self) -> sqlx::error::ErrorKind {
             sqlx::error::ErrorKind::Other
         }
+    }
+
+    #[test]
+    fn a_start_up_step_runs_again_on_a_catalog_race_only_and_at_most_ten_times() {
+        let db = |code| sqlx::Error::Database(Box::new(Db(code, "x")));
+        // A concurrent catalog write (XX000) or a catalog unique index (23505).
+        assert_eq!(catalog_race_retry(1, &db("XX000")), Some(Duration::from_millis(20)));
+        assert_eq!(catalog_race_retry(9, &db("23505")), Some(Duration::from_millis(180)));
+        assert_eq!(catalog_race_retry(10, &db("XX000")), None);
+        assert_eq!(catalog_race_retry(1, &db("42501")), None);
+        assert_eq!(catalog_race_retry(1, &sqlx::Error::PoolTimedOut), None);
     }
 
     #[test]

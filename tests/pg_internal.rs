@@ -97,6 +97,60 @@ async fn operator_instances_starting_at_once_all_prepare_the_control_schema() {
     }
 }
 
+/// The catalog rows a start prepares (the control schema, the anchor
+/// schema and role, the head table's grants), each as `xmin` (the
+/// transaction that last wrote it): unchanged means not written.
+async fn start_up_catalog_rows(db: &TestDb) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT 'schema ' || nspname::text, xmin::text FROM pg_namespace WHERE nspname IN ('tenancy', $1)
+         UNION ALL SELECT 'table ' || relname::text, xmin::text FROM pg_class WHERE oid IN ('tenancy.audit_heads'::regclass, 'tenancy.locks'::regclass)
+         UNION ALL SELECT 'role ' || rolname::text, xmin::text FROM pg_authid WHERE rolname = $2 || (SELECT oid FROM pg_database WHERE datname = current_database())::text
+         UNION ALL SELECT 'member ' || m.member::regrole::text, m.xmin::text FROM pg_auth_members m
+          WHERE m.roleid::regrole::text = $2 || (SELECT oid FROM pg_database WHERE datname = current_database())::text
+         ORDER BY 1",
+    )
+    .bind(pg::audit::ANCHOR_SCHEMA)
+    .bind(pg::audit::ANCHOR_ROLE_PREFIX)
+    .fetch_all(&mut db.superuser().await)
+    .await
+    .unwrap()
+}
+
+/// A start on a prepared database rewrites none of the catalog rows it
+/// prepares (it grants and revokes only what is missing or extra): an
+/// unconditional `GRANT` or `REVOKE` rewrites the schema's ACL row, which
+/// is what made instances starting at once fail with "tuple concurrently
+/// updated". A right given to PUBLIC on the control schema is still taken
+/// back.
+#[tokio::test]
+async fn a_start_on_a_prepared_database_rewrites_no_catalog_row() {
+    let db = TestDb::new("ctlquiet").await;
+    pg::migrate_control_schema(&db.admin).await.unwrap();
+    let before = start_up_catalog_rows(&db).await;
+    assert!(before.len() >= 5, "{before:?}");
+    pg::migrate_control_schema(&db.admin).await.unwrap();
+    assert_eq!(
+        start_up_catalog_rows(&db).await,
+        before,
+        "a second start rewrote catalog rows"
+    );
+    let public_on_tenancy = "SELECT has_schema_privilege('public', 'tenancy', 'USAGE')";
+    let mut su = db.superuser().await;
+    sqlx::raw_sql("GRANT USAGE ON SCHEMA tenancy TO PUBLIC")
+        .execute(&mut su)
+        .await
+        .unwrap();
+    assert!(sqlx::query_scalar::<_, bool>(public_on_tenancy)
+        .fetch_one(&mut su)
+        .await
+        .unwrap());
+    pg::migrate_control_schema(&db.admin).await.unwrap();
+    assert!(!sqlx::query_scalar::<_, bool>(public_on_tenancy)
+        .fetch_one(&mut su)
+        .await
+        .unwrap());
+}
+
 /// Every `_tenancy_*` sequence of the tenant schema (as the superuser sees
 /// them), and for each whether the app role could `nextval` or `setval` it.
 async fn internal_sequences(db: &TestDb, t: &Tenant) -> Vec<(String, bool, bool)> {

@@ -367,10 +367,22 @@ const STARTUP_LOCK_TIMEOUT: &str = "5min";
 
 /// The control schema and its lock table, idempotently: what the start-up
 /// lock needs before the migrator has run (the same table as migration
-/// `20261201000001_locks.sql`).
-const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS tenancy;
-REVOKE ALL ON SCHEMA tenancy FROM PUBLIC;
-CREATE TABLE IF NOT EXISTS tenancy.locks (kind text NOT NULL, key text NOT NULL, PRIMARY KEY (kind, key))";
+/// `20261201000001_locks.sql`). It runs before the lock, so on a prepared
+/// database it writes nothing: PUBLIC's rights on the schema are revoked
+/// only when it has one (a new schema gives PUBLIC none), since a `REVOKE`
+/// rewrites the schema's catalog row even when nothing changes, and a
+/// rewrite racing another instance's grant under the lock fails with "tuple
+/// concurrently updated".
+const BOOTSTRAP_SQL: &str = "DO $tenancy_boot$
+BEGIN
+  CREATE SCHEMA IF NOT EXISTS tenancy;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+              WHERE n.nspname = 'tenancy' AND a.grantee = 0) THEN
+    REVOKE ALL ON SCHEMA tenancy FROM PUBLIC;
+  END IF;
+  CREATE TABLE IF NOT EXISTS tenancy.locks (kind text NOT NULL, key text NOT NULL, PRIMARY KEY (kind, key));
+END
+$tenancy_boot$";
 
 /// Two instances creating the same catalog object at once: one of them
 /// fails on a catalog unique index (23505), or with "tuple concurrently
@@ -457,11 +469,13 @@ async fn migrate_locked(pool: &PgPool, lock: &mut sqlx::PgConnection) -> Result<
     let _ = sqlx::query("RESET search_path").execute(&mut *conn).await;
     result?;
     drop(conn);
-    // The audit anchor role and the anchor functions' schema. Its GRANT on
-    // the control schema rewrites the schema's ACL row, which another
-    // instance's BOOTSTRAP_SQL (run before it takes the start-up lock) may be
-    // rewriting at the same moment: "tuple concurrently updated", run again
-    // as the bootstrap is (seen once in CI with six instances at once).
+    // The audit anchor role and the anchor functions' schema. A grant it
+    // must make (a new database) rewrites the control schema's ACL row, which
+    // another instance's BOOTSTRAP_SQL (run before it takes the start-up
+    // lock) may be rewriting at the same moment when PUBLIC had a right to
+    // take back: "tuple concurrently updated", run again as the bootstrap is
+    // (seen once in CI with six instances at once, when both rewrote the row
+    // at every start).
     let mut attempt = 0;
     loop {
         attempt += 1;

@@ -10,19 +10,19 @@
 //! latest version, the rest. With `Pause` the first failure stops tenants not yet started; the
 //! ones in flight finish (DDL is never cancelled mid-way).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::{stream, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 use super::plan::RolloutPlan;
 use crate::api::OnFailure;
+use crate::crypto::Keyring;
 use crate::names::TenantName;
 use crate::pg::confined::OpsLogin;
-use crate::pg::migrations::{migrate_tenant, TenantOutcome, Timeouts};
+use crate::pg::migrations::{migrate_tenant, ops_logins, TenantOutcome, Timeouts};
 
 /// After this long a pass starts no further tenant (those in flight
 /// finish): the status is written and the next pass picks up the rest.
@@ -80,19 +80,28 @@ impl RolloutReport {
     }
 }
 
-/// The tenants of one shard in a rollout: the shard's admin pool and the
-/// ops logins of its planned tenants.
+/// The tenants of one shard in a rollout: the shard's admin pool and its
+/// planned tenants, sorted.
 pub struct Shard<'a> {
     pub pool: &'a PgPool,
-    pub logins: BTreeMap<TenantName, OpsLogin>,
+    pub tenants: Vec<TenantName>,
 }
 
-/// Runs one pass of `plan`, each tenant with its ops login from its shard's
-/// `logins` (a tenant without one is not registered: `NoSchema`), at most
-/// `maxConcurrent` tenants at once over all shards; the canaries (on any
-/// shard) before the rest. Never fails as a whole: each tenant's outcome is
-/// in the report.
-pub async fn rollout(shards: &[Shard<'_>], plan: &RolloutPlan, timeouts: &Timeouts) -> RolloutReport {
+/// How many tenants' ops logins are read and derived at once, as a pass
+/// reaches them: a pass that stops at its budget derives none for the
+/// tenants it skips, and holds the logins of about this many tenants (and
+/// those in flight), not of every planned one (at 10,000 followers the
+/// registry rows and logins of all of them were several MB at the
+/// rollout's peak).
+pub const LOGIN_CHUNK: usize = 128;
+
+/// Runs one pass of `plan`, each tenant with its ops login on its shard
+/// (read from the registry and derived from `ring` [`LOGIN_CHUNK`] tenants
+/// at a time, as the pass reaches them; a tenant not registered is
+/// `NoSchema`), at most `maxConcurrent` tenants at once over all shards;
+/// the canaries (on any shard) before the rest. Never fails as a whole:
+/// each tenant's outcome is in the report.
+pub async fn rollout(shards: &[Shard<'_>], ring: &Keyring, plan: &RolloutPlan, timeouts: &Timeouts) -> RolloutReport {
     let start = Instant::now();
     let mut report = RolloutReport::default();
     if plan.is_empty() || plan.blocked.is_some() {
@@ -114,21 +123,22 @@ pub async fn rollout(shards: &[Shard<'_>], plan: &RolloutPlan, timeouts: &Timeou
                 .connect_lazy_with(s.pool.connect_options().as_ref().clone())
         })
         .collect();
-    let mut logins: BTreeMap<TenantName, (&PgPool, &OpsLogin)> = BTreeMap::new();
-    for (s, pool) in shards.iter().zip(&pools) {
-        logins.extend(s.logins.iter().map(|(n, l)| (n.clone(), (pool, l))));
-    }
+    let on = Logins {
+        shards,
+        pools: &pools,
+        ring,
+    };
     let peak = std::sync::atomic::AtomicU32::new(0);
     let latest = plan.latest();
     let deadline = start + PASS_BUDGET;
 
-    let canaries = stage(&logins, plan, &plan.canaries, true, timeouts, &peak, deadline).await;
+    let canaries = stage(&on, plan, &plan.canaries, true, timeouts, &peak, deadline).await;
     let canaries_ok = canaries.iter().all(|(_, o)| o.at_latest(latest));
     report.results.extend(canaries);
     if canaries_ok {
         report
             .results
-            .extend(stage(&logins, plan, &plan.rest, false, timeouts, &peak, deadline).await);
+            .extend(stage(&on, plan, &plan.rest, false, timeouts, &peak, deadline).await);
     } else {
         report.canary_stopped = true;
         report
@@ -143,9 +153,72 @@ pub async fn rollout(shards: &[Shard<'_>], plan: &RolloutPlan, timeouts: &Timeou
     report
 }
 
+/// Where a pass's tenants log in: each shard's planned tenants, the
+/// rollout's pool on it, and the keys the ops passwords derive from.
+struct Logins<'a> {
+    shards: &'a [Shard<'a>],
+    pools: &'a [PgPool],
+    ring: &'a Keyring,
+}
+
+/// A tenant's shard (an index into the pass's shards and pools) and ops
+/// login, or why it has none: `Ok(None)` when it is not registered, `Err`
+/// when the registry could not be read. Owned, no borrow: a stream item
+/// that borrows is not provably `Send` for every lifetime, which the
+/// controller needs.
+type LoginOf = Result<Option<(usize, OpsLogin)>, String>;
+
+impl Logins<'_> {
+    /// The logins of `chunk`: one registry query per shard that holds some
+    /// of its tenants.
+    async fn of(&self, chunk: &[TenantName]) -> Vec<(TenantName, LoginOf)> {
+        let mut out: Vec<(TenantName, LoginOf)> = Vec::with_capacity(chunk.len());
+        let mut placed = vec![false; chunk.len()];
+        for (at, shard) in self.shards.iter().enumerate() {
+            let here: Vec<usize> = (0..chunk.len())
+                .filter(|&i| !placed[i] && shard.tenants.binary_search(&chunk[i]).is_ok())
+                .collect();
+            if here.is_empty() {
+                continue;
+            }
+            let names: Vec<TenantName> = here.iter().map(|&i| chunk[i].clone()).collect();
+            match ops_logins(shard.pool, self.ring, &names).await {
+                Ok(mut logins) => {
+                    for n in names {
+                        let login = logins.remove(&n).map(|l| (at, l));
+                        out.push((n, Ok(login)));
+                    }
+                }
+                Err(e) => out.extend(names.into_iter().map(|n| (n, Err(e.to_string())))),
+            }
+            for i in here {
+                placed[i] = true;
+            }
+        }
+        // On no shard of the pass: not registered anywhere it could run.
+        for (i, n) in chunk.iter().enumerate() {
+            if !placed[i] {
+                out.push((n.clone(), Ok(None)));
+            }
+        }
+        out
+    }
+}
+
+/// Whether a stage starts no further tenant: a failure stopped it, or (for
+/// all but the canaries, which always run: the rest waits on them) the
+/// pass is past its budget.
+fn start_no_more(stop: &AtomicBool, canary: bool, deadline: Instant) -> bool {
+    stop.load(Ordering::SeqCst) || (!canary && Instant::now() > deadline)
+}
+
+/// Runs `tenants` (in order, at most `maxConcurrent` at once), reading
+/// their logins [`LOGIN_CHUNK`] at a time as the stage reaches them. While
+/// a chunk's logins are read (one registry query per shard) the tenants in
+/// flight are not polled: their sessions wait a query's time.
 #[allow(clippy::too_many_arguments)]
 async fn stage(
-    logins: &BTreeMap<TenantName, (&PgPool, &OpsLogin)>,
+    on: &Logins<'_>,
     plan: &RolloutPlan,
     tenants: &[TenantName],
     canary: bool,
@@ -155,40 +228,85 @@ async fn stage(
 ) -> Vec<(TenantName, Outcome)> {
     let stop = AtomicBool::new(false);
     let stop_on_failure = canary || plan.on_failure == OnFailure::Pause;
-    stream::iter(tenants.iter().cloned())
-        .map(|name| {
-            let stop = &stop;
-            async move {
-                // Canaries always run: the rest waits on them.
-                if stop.load(Ordering::SeqCst) || (!canary && Instant::now() > deadline) {
-                    return (name, Outcome::Skipped);
+    let most = plan.max_concurrent.max(1);
+    let mut results = Vec::with_capacity(tenants.len());
+    let mut in_flight = FuturesUnordered::new();
+    for (at, chunk) in tenants.chunks(LOGIN_CHUNK).enumerate() {
+        if start_no_more(&stop, canary, deadline) {
+            results.extend(
+                tenants[at * LOGIN_CHUNK..]
+                    .iter()
+                    .map(|n| (n.clone(), Outcome::Skipped)),
+            );
+            break;
+        }
+        for (name, login) in on.of(chunk).await {
+            while in_flight.len() >= most {
+                if let Some(done) = in_flight.next().await {
+                    results.push(done);
                 }
-                let result = match logins.get(&name) {
-                    Some((pool, login)) => {
-                        let r = migrate_tenant(pool, login, &plan.set, &plan.migrations, timeouts).await;
-                        peak.fetch_max(pool.size(), Ordering::Relaxed);
-                        r
-                    }
-                    None => Ok(TenantOutcome::NoSchema),
-                };
-                let outcome = match result {
-                    Ok(o) => Outcome::Done(o),
-                    Err(e) => Outcome::Error(e.to_string()),
-                };
-                match &outcome {
-                    Outcome::Done(TenantOutcome::Failed { version, error, .. }) => {
-                        tracing::warn!(set = %plan.set.name, tenant = %name, version, %error, canary, "migration failed")
-                    }
-                    Outcome::Error(e) => tracing::warn!(set = %plan.set.name, tenant = %name, error = %e, "migrating a tenant was interrupted; retrying later"),
-                    _ => {}
-                }
-                if stop_on_failure && outcome.stops_pause() {
-                    stop.store(true, Ordering::SeqCst);
-                }
-                (name, outcome)
             }
-        })
-        .buffer_unordered(plan.max_concurrent.max(1))
-        .collect()
-        .await
+            if start_no_more(&stop, canary, deadline) {
+                results.push((name, Outcome::Skipped));
+                continue;
+            }
+            in_flight.push(run_one(
+                on,
+                plan,
+                name,
+                login,
+                canary,
+                stop_on_failure,
+                timeouts,
+                peak,
+                &stop,
+            ));
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        results.push(done);
+    }
+    results
+}
+
+/// One tenant of a stage: its migration on its login, the outcome logged
+/// when it failed, and the stage stopped when the policy says so.
+#[allow(clippy::too_many_arguments)]
+async fn run_one(
+    on: &Logins<'_>,
+    plan: &RolloutPlan,
+    name: TenantName,
+    login: LoginOf,
+    canary: bool,
+    stop_on_failure: bool,
+    timeouts: &Timeouts,
+    peak: &std::sync::atomic::AtomicU32,
+    stop: &AtomicBool,
+) -> (TenantName, Outcome) {
+    let outcome = match login {
+        Ok(Some((at, login))) => {
+            let pool = &on.pools[at];
+            let r = migrate_tenant(pool, &login, &plan.set, &plan.migrations, timeouts).await;
+            peak.fetch_max(pool.size(), Ordering::Relaxed);
+            match r {
+                Ok(o) => Outcome::Done(o),
+                Err(e) => Outcome::Error(e.to_string()),
+            }
+        }
+        Ok(None) => Outcome::Done(TenantOutcome::NoSchema),
+        Err(e) => Outcome::Error(format!("reading the tenant's ops login: {e}")),
+    };
+    match &outcome {
+        Outcome::Done(TenantOutcome::Failed { version, error, .. }) => {
+            tracing::warn!(set = %plan.set.name, tenant = %name, version, %error, canary, "migration failed")
+        }
+        Outcome::Error(e) => {
+            tracing::warn!(set = %plan.set.name, tenant = %name, error = %e, "migrating a tenant was interrupted; retrying later")
+        }
+        _ => {}
+    }
+    if stop_on_failure && outcome.stops_pause() {
+        stop.store(true, Ordering::SeqCst);
+    }
+    (name, outcome)
 }

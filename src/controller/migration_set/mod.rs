@@ -128,22 +128,18 @@ pub async fn pass_over(
     let mut shards = Vec::with_capacity(groups.len());
     if !plan.is_empty() && plan.blocked.is_none() {
         for g in groups {
-            let planned: Vec<TenantName> = plan
+            let mut tenants: Vec<TenantName> = plan
                 .canaries
                 .iter()
                 .chain(plan.rest.iter())
                 .filter(|t| g.followers.binary_search(t).is_ok())
                 .cloned()
                 .collect();
-            let logins = if planned.is_empty() {
-                Default::default()
-            } else {
-                crate::pg::migrations::ops_logins(g.pool, ring, &planned).await?
-            };
-            shards.push(apply::Shard { pool: g.pool, logins });
+            tenants.sort();
+            shards.push(apply::Shard { pool: g.pool, tenants });
         }
     }
-    let report = apply::rollout(&shards, &plan, timeouts).await;
+    let report = apply::rollout(&shards, ring, &plan, timeouts).await;
     // The state afterwards follows from the report, unless another instance
     // or a lost connection may have changed what is known: then read again
     // (re-reading a thousand version tables costs more than the pass).

@@ -19,6 +19,11 @@
 //! store plus two cleared ones) and after (one slim store), and the ratio.
 //! Not counted: allocator overhead and fragmentation, and the second copy a
 //! reflector builds during a relist (until `InitDone` swaps it in).
+//!
+//! Also what a rollout pass holds in ops logins (`pg::confined::OpsLogin`,
+//! keyed by tenant): for every planned follower, as a pass held them until
+//! stop 47, against one chunk of `controller::migration_set::apply::LOGIN_CHUNK`
+//! tenants, as it reads them now.
 
 use std::alloc::System;
 
@@ -79,6 +84,30 @@ fn store_bytes(n: usize, shrink: impl Fn(&mut Tenant)) -> (isize, usize) {
     (held, serialized)
 }
 
+/// Heap bytes of `n` ops logins keyed by tenant, as a rollout pass holds
+/// them (the password a fixed 43-character string, as the derived ones are).
+fn logins_bytes(n: usize) -> isize {
+    use tenant_operator::names::TenantName;
+    use tenant_operator::pg::{confined::OpsLogin, Target};
+    let opts: sqlx::postgres::PgConnectOptions = "postgres://tenancy_admin@db.example.internal:5432/app"
+        .parse()
+        .expect("options");
+    let target = Target::from_options(opts);
+    let before = in_use();
+    let logins: std::collections::BTreeMap<TenantName, OpsLogin> = (0..n)
+        .map(|i| {
+            let name = TenantName::parse(&format!("tenant-{i:05}")).expect("a name");
+            let uid = format!("{i:08x}-1c2d-4e5f-8a9b-0c1d2e3f4a5b");
+            let password = zeroize::Zeroizing::new("p".repeat(43));
+            let login = OpsLogin::new(&target, &name, &uid, password);
+            (name, login)
+        })
+        .collect();
+    let held = in_use() - before;
+    drop(logins);
+    held
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let n: usize = std::env::var("BENCH_TENANTS")
@@ -119,6 +148,15 @@ fn main() {
         size_of::<tenant_operator::api::TenantSpec>(),
         size_of::<tenant_operator::api::TenantStatus>(),
         size_of::<tenant_operator::api::Condition>()
+    );
+    let chunk = tenant_operator::controller::migration_set::apply::LOGIN_CHUNK;
+    let (every, one_chunk) = (logins_bytes(n), logins_bytes(chunk.min(n)));
+    println!(
+        "a rollout pass's ops logins: every one of {n} followers {:.0} B/tenant, {:.1} MiB (until stop 47); one chunk of {} {:.2} MiB (now)",
+        per(every),
+        kib(every),
+        chunk.min(n),
+        kib(one_chunk)
     );
     let before = full + 2 * cleared;
     println!(

@@ -91,8 +91,8 @@ pub struct Shard<'a> {
 /// reaches them: a pass that stops at its budget derives none for the
 /// tenants it skips, and holds the logins of about this many tenants (and
 /// those in flight), not of every planned one (at 10,000 followers the
-/// logins alone were 3.0 MiB, `cargo bench --bench tenant_memory`, and the
-/// registry rows they were read from about as much again while read).
+/// logins alone were 3.0 MiB, `cargo bench --bench tenant_memory`, besides
+/// the registry rows they were read from, while those were read).
 pub const LOGIN_CHUNK: usize = 128;
 
 /// Runs one pass of `plan`, each tenant with its ops login on its shard

@@ -335,6 +335,59 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
     );
 }
 
+/// A pass reads and derives a tenant's ops login only when it reaches the
+/// tenant (`apply::LOGIN_CHUNK` at a time), not for every planned follower
+/// before its first migration: a pass the canary stopped reads no login
+/// of the rest. Seen through the registry: reading the login of a tenant
+/// whose row has no key salt (a row older than key salts) makes one, so
+/// a follower the pass never reached keeps none.
+#[tokio::test]
+async fn a_pass_reads_no_login_of_a_tenant_it_does_not_reach() {
+    let db = setup("mslazy").await;
+    let tenants = provision_many(&db, &tenant_names("z", 4), 4).await;
+    let followers = names(&tenants);
+    let v1 = vec![m(1, "CREATE TABLE items (id int PRIMARY KEY)")];
+    converge(
+        &db,
+        "default",
+        1,
+        &spec(v1.clone(), 4, 1, OnFailure::Continue),
+        &followers,
+        5,
+    )
+    .await;
+    let rest: Vec<&str> = followers[1..].iter().map(TenantName::as_str).collect();
+    sqlx::query("UPDATE tenancy.tenants SET key_salt = NULL WHERE name = ANY($1)")
+        .bind(&rest)
+        .execute(&mut db.superuser().await)
+        .await
+        .unwrap();
+    assert_eq!(salted(&db, &rest).await, 0);
+
+    let mut broken = v1.clone();
+    broken.push(m(2, "SELECT 1 / 0"));
+    let s2 = spec(broken, 4, 1, OnFailure::Continue);
+    let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default())
+        .await
+        .unwrap();
+    assert!(p.report.canary_stopped, "{:?}", p.report);
+    assert_eq!(p.report.count(|o| matches!(o, Outcome::Skipped)), 3);
+    assert_eq!(
+        salted(&db, &rest).await,
+        0,
+        "the pass read the logins of tenants it did not reach"
+    );
+}
+
+/// How many of the tenants `names` have a key salt in the registry.
+async fn salted(db: &TestDb, names: &[&str]) -> i64 {
+    sqlx::query_scalar("SELECT count(key_salt) FROM tenancy.tenants WHERE name = ANY($1)")
+        .bind(names)
+        .fetch_one(&mut db.superuser().await)
+        .await
+        .unwrap()
+}
+
 /// Six tenants at version 1 with an `items` table; the fourth holds a row a
 /// version-2 CHECK rejects.
 async fn data_dependent_setup(label: &str) -> (TestDb, Vec<TenantName>, Vec<Migration>) {

@@ -245,10 +245,11 @@ async fn two_hundred_tenants_converge_to_a_three_version_set() {
     assert!(!scanned[asked.last().unwrap()].schema_exists);
 }
 
-#[tokio::test]
-async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
-    let db = setup("mscanary").await;
-    let tenants = provision_many(&db, &tenant_names("c", 6), 4).await;
+/// `count` tenants named `prefix`..., following set `default` at version 1
+/// (an `items` table); gives the database, the followers and that version.
+async fn at_version_one(label: &str, prefix: &str, count: usize) -> (TestDb, Vec<TenantName>, Vec<Migration>) {
+    let db = setup(label).await;
+    let tenants = provision_many(&db, &tenant_names(prefix, count), 4).await;
     let followers = names(&tenants);
     let v1 = vec![m(1, "CREATE TABLE items (id int PRIMARY KEY)")];
     converge(
@@ -260,6 +261,12 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
         5,
     )
     .await;
+    (db, followers, v1)
+}
+
+#[tokio::test]
+async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
+    let (db, followers, v1) = at_version_one("mscanary", "c", 6).await;
 
     // Version 2 fails everywhere; with Continue the canary still gates.
     let mut broken = v1.clone();
@@ -343,19 +350,7 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
 /// a follower the pass never reached keeps none.
 #[tokio::test]
 async fn a_pass_reads_no_login_of_a_tenant_it_does_not_reach() {
-    let db = setup("mslazy").await;
-    let tenants = provision_many(&db, &tenant_names("z", 4), 4).await;
-    let followers = names(&tenants);
-    let v1 = vec![m(1, "CREATE TABLE items (id int PRIMARY KEY)")];
-    converge(
-        &db,
-        "default",
-        1,
-        &spec(v1.clone(), 4, 1, OnFailure::Continue),
-        &followers,
-        5,
-    )
-    .await;
+    let (db, followers, v1) = at_version_one("mslazy", "z", 4).await;
     let rest: Vec<&str> = followers[1..].iter().map(TenantName::as_str).collect();
     sqlx::query("UPDATE tenancy.tenants SET key_salt = NULL WHERE name = ANY($1)")
         .bind(&rest)

@@ -24,6 +24,10 @@
 //! keyed by tenant): for every planned follower, as a pass held them until
 //! stop 47, against one chunk of `controller::migration_set::apply::LOGIN_CHUNK`
 //! tenants, as it reads them now.
+//!
+//! And the rate-limit writer's rendering of every tenant
+//! (`ratelimit_config::render`): the most heap it held at once while
+//! rendering, beyond its input, and what the rendering itself holds.
 
 use std::alloc::System;
 
@@ -108,6 +112,27 @@ fn logins_bytes(n: usize) -> isize {
     held
 }
 
+/// The rate-limit rendering of `n` tenants: the most heap in use at once
+/// while `render` ran, beyond what was in use before, and the bytes the
+/// result holds. Run before anything larger (the peak counter only rises).
+fn render_bytes(n: usize) -> (isize, isize, usize) {
+    use tenant_operator::ratelimit_config::{render, Entry, RenderSettings};
+    let fixture = fixture();
+    // One Tenant at a time, so no larger peak comes first; the names are
+    // in order already.
+    let es: Vec<Entry> = (0..n)
+        .filter_map(|i| Entry::of(&serde_json::from_str::<Tenant>(&tenant_json(&fixture, i)).expect("a Tenant")))
+        .collect();
+    let before = in_use();
+    assert!(
+        GLOBAL.max_allocated() as isize <= before + (1 << 20),
+        "a larger peak came first"
+    );
+    let shards = render(&RenderSettings::default(), &es).expect("renders");
+    let (peak, held) = (GLOBAL.max_allocated() as isize - before, in_use() - before);
+    (peak, held, shards.len())
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let n: usize = std::env::var("BENCH_TENANTS")
@@ -117,6 +142,8 @@ fn main() {
     let per = |b: isize| b as f64 / n as f64;
     let kib = |b: isize| b as f64 / 1024.0 / 1024.0;
 
+    // First, while the peak counter has seen nothing larger.
+    let (render_peak, render_held, render_shards) = render_bytes(n);
     // Warm up (lazy statics, the allocator's first arenas), then measure.
     let _ = store_bytes(10, |_| {});
     let (full, full_json) = store_bytes(n, |_| {});
@@ -157,6 +184,11 @@ fn main() {
         kib(every),
         chunk.min(n),
         kib(one_chunk)
+    );
+    println!(
+        "the rate-limit rendering of {n} tenants ({render_shards} ConfigMaps): {:.1} MiB at most in use while rendering, {:.1} MiB the rendering",
+        kib(render_peak),
+        kib(render_held)
     );
     let before = full + 2 * cleared;
     println!(

@@ -223,80 +223,159 @@ fn descriptor_line(key_q: &str, tenant: &str, l: &Limit) -> String {
 
 const HEADER: &str = "# Rendered by tenant-operator from the Tenant objects; edits are overwritten.\n";
 
-fn file(domain: &str, lines: &[&str]) -> String {
-    let mut out = String::with_capacity(HEADER.len() + 64 + lines.iter().map(|l| l.len()).sum::<usize>());
+/// One rendered file: the header, the domain, and the descriptor lines of
+/// `entries` (each entry's `line`), `len` bytes long ([`file_len`]).
+fn file<'a>(
+    domain: &str,
+    entries: impl Iterator<Item = &'a Entry>,
+    line: impl Fn(&Entry) -> String,
+    len: usize,
+) -> String {
+    let mut out = String::with_capacity(len);
     out.push_str(HEADER);
     out.push_str("domain: ");
     out.push_str(&quote(domain));
     out.push('\n');
-    if lines.is_empty() {
-        out.push_str("descriptors: []\n");
-    } else {
-        out.push_str("descriptors:\n");
-        for l in lines {
-            out.push_str(l);
+    let mut any = false;
+    for e in entries {
+        if !any {
+            out.push_str("descriptors:\n");
+            any = true;
         }
+        out.push_str(&line(e));
+    }
+    if !any {
+        out.push_str("descriptors: []\n");
     }
     out
+}
+
+/// The length of [`file`]'s output for `count` lines of `lines` bytes in
+/// all.
+fn file_len(domain: &str, count: usize, lines: usize) -> usize {
+    let descriptors = if count == 0 {
+        "descriptors: []\n"
+    } else {
+        "descriptors:\n"
+    };
+    HEADER.len() + "domain: ".len() + quote(domain).len() + 1 + descriptors.len() + lines
+}
+
+/// The file names of shard `i` of `n`.
+fn file_names(i: usize, n: usize) -> (String, String) {
+    if n == 1 {
+        ("api.yaml".to_string(), "webhook.yaml".to_string())
+    } else {
+        (format!("api-{i}.yaml"), format!("webhook-{i}.yaml"))
+    }
 }
 
 /// Renders the entries (sorted by tenant, as [`entries`] gives them) into as
 /// few ConfigMaps as the budget allows: one ConfigMap with `api.yaml` and
 /// `webhook.yaml` when they fit, else the smallest shard count whose every
 /// shard fits. The same input always gives the same bytes.
+///
+/// The shard count is chosen from the descriptor lines' lengths (each line
+/// formatted once and only its length kept), and only the chosen one is
+/// rendered, each line written into its file: at 10,000 tenants the
+/// rendering (about 2.2 MB) is the only large thing made, where every line
+/// was kept as a string, the one-ConfigMap rendering made to learn its size,
+/// and then the shards (about three times as much at once).
 pub fn render(cfg: &RenderSettings, entries: &[Entry]) -> Result<Vec<Shard>, RenderError> {
     let key_q = quote(&cfg.descriptor_key);
-    let lines: Vec<(String, String)> = entries
+    let lens: Vec<(usize, usize)> = entries
         .iter()
         .map(|e| {
             (
-                descriptor_line(&key_q, &e.tenant, &e.api),
-                descriptor_line(&key_q, &e.tenant, &e.webhook),
+                descriptor_line(&key_q, &e.tenant, &e.api).len(),
+                descriptor_line(&key_q, &e.tenant, &e.webhook).len(),
             )
         })
         .collect();
-    let single = render_shards(cfg, entries, &lines, 1);
-    if single[0].size() <= cfg.budget_bytes {
-        return Ok(single);
+    let fits = |n: usize| {
+        shard_sizes(cfg, entries, &lens, n)
+            .iter()
+            .all(|&s| s <= cfg.budget_bytes)
+    };
+    let total = shard_sizes(cfg, entries, &lens, 1)[0];
+    let n = if total <= cfg.budget_bytes {
+        Some(1)
+    } else {
+        (total.div_ceil(cfg.budget_bytes).max(2)..=MAX_SHARDS).find(|&n| fits(n))
+    };
+    match n {
+        Some(n) => Ok(render_shards(cfg, entries, &key_q, &lens, n)),
+        None => Err(RenderError::TooLarge {
+            tenants: entries.len(),
+            max: MAX_SHARDS,
+            budget: cfg.budget_bytes,
+        }),
     }
-    let total = single[0].size();
-    let first = total.div_ceil(cfg.budget_bytes).max(2);
-    for n in first..=MAX_SHARDS {
-        let shards = render_shards(cfg, entries, &lines, n);
-        if shards.iter().all(|s| s.size() <= cfg.budget_bytes) {
-            return Ok(shards);
-        }
-    }
-    Err(RenderError::TooLarge {
-        tenants: entries.len(),
-        max: MAX_SHARDS,
-        budget: cfg.budget_bytes,
-    })
 }
 
-fn render_shards(cfg: &RenderSettings, entries: &[Entry], lines: &[(String, String)], n: usize) -> Vec<Shard> {
-    let mut parts: Vec<(Vec<&str>, Vec<&str>)> = vec![(Vec::new(), Vec::new()); n];
-    for (e, (api, webhook)) in entries.iter().zip(lines) {
-        let i = if n == 1 { 0 } else { shard_of(&e.tenant, n) };
-        parts[i].0.push(api);
-        parts[i].1.push(webhook);
+/// The shard each entry lands in when there are `n`.
+fn shard_index(e: &Entry, n: usize) -> usize {
+    if n == 1 {
+        0
+    } else {
+        shard_of(&e.tenant, n)
     }
-    parts
+}
+
+/// Per shard of `n`: how many entries it holds and its api and webhook
+/// lines' bytes.
+fn tally(entries: &[Entry], lens: &[(usize, usize)], n: usize) -> Vec<(usize, usize, usize)> {
+    let mut acc = vec![(0usize, 0usize, 0usize); n];
+    for (e, (api, webhook)) in entries.iter().zip(lens) {
+        let a = &mut acc[shard_index(e, n)];
+        a.0 += 1;
+        a.1 += api;
+        a.2 += webhook;
+    }
+    acc
+}
+
+/// The data bytes ([`Shard::size`]) of each of `n` shards, from the lines'
+/// lengths, without rendering them.
+fn shard_sizes(cfg: &RenderSettings, entries: &[Entry], lens: &[(usize, usize)], n: usize) -> Vec<usize> {
+    tally(entries, lens, n)
         .into_iter()
         .enumerate()
-        .map(|(i, (api, webhook))| {
-            let (fa, fw) = if n == 1 {
-                ("api.yaml".to_string(), "webhook.yaml".to_string())
-            } else {
-                (format!("api-{i}.yaml"), format!("webhook-{i}.yaml"))
-            };
-            let data = BTreeMap::from([
-                (fa, file(&cfg.api_domain, &api)),
-                (fw, file(&cfg.webhook_domain, &webhook)),
-            ]);
+        .map(|(i, (count, api, webhook))| {
+            let (fa, fw) = file_names(i, n);
+            fa.len() + file_len(&cfg.api_domain, count, api) + fw.len() + file_len(&cfg.webhook_domain, count, webhook)
+        })
+        .collect()
+}
+
+fn render_shards(
+    cfg: &RenderSettings,
+    entries: &[Entry],
+    key_q: &str,
+    lens: &[(usize, usize)],
+    n: usize,
+) -> Vec<Shard> {
+    tally(entries, lens, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (count, api_len, webhook_len))| {
+            let (fa, fw) = file_names(i, n);
+            let mine = || entries.iter().filter(move |e| shard_index(e, n) == i);
+            let api = file(
+                &cfg.api_domain,
+                mine(),
+                |e| descriptor_line(key_q, &e.tenant, &e.api),
+                file_len(&cfg.api_domain, count, api_len),
+            );
+            let webhook = file(
+                &cfg.webhook_domain,
+                mine(),
+                |e| descriptor_line(key_q, &e.tenant, &e.webhook),
+                file_len(&cfg.webhook_domain, count, webhook_len),
+            );
             Shard {
                 name: shard_name(&cfg.configmap, i),
-                data,
+                data: BTreeMap::from([(fa, api), (fw, webhook)]),
             }
         })
         .collect()

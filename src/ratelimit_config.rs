@@ -277,10 +277,10 @@ fn file_names(i: usize, n: usize) -> (String, String) {
 ///
 /// The shard count is chosen from the descriptor lines' lengths (each line
 /// formatted once and only its length kept), and only the chosen one is
-/// rendered, each line written into its file: at 10,000 tenants the
-/// rendering (about 2.2 MB) is the only large thing made, where every line
-/// was kept as a string, the one-ConfigMap rendering made to learn its size,
-/// and then the shards (about three times as much at once).
+/// rendered, each line written into its file: at 10,000 tenants at most
+/// 2.0 MiB in use while rendering, 1.8 of them the rendering, where every
+/// line was kept as a string, the one-ConfigMap rendering made to learn its
+/// size, and then the shards (6.6 MiB; `cargo bench --bench tenant_memory`).
 pub fn render(cfg: &RenderSettings, entries: &[Entry]) -> Result<Vec<Shard>, RenderError> {
     let key_q = quote(&cfg.descriptor_key);
     let lens: Vec<(usize, usize)> = entries

@@ -357,3 +357,50 @@ fn ten_thousand_tenants_render_as_before_byte_for_byte() {
     );
     assert!(render(&tight, &entries(&ts[..1])).unwrap().len() == 1);
 }
+
+/// The sizes the shard count is chosen by (computed from the lines'
+/// lengths) are the sizes of the shards then rendered, for every count: an
+/// underestimate would let a ConfigMap past its budget.
+#[test]
+fn the_sizes_a_shard_count_is_chosen_by_are_the_rendered_sizes() {
+    let cfg = RenderSettings::default();
+    let ts: Vec<Tenant> = (0..500)
+        .map(|i| {
+            let mut limits = RateLimitsSpec::default();
+            limits.api.requests_per_unit = i * 37 % 100_000;
+            limits.webhook.shadow_mode = i % 2 == 0;
+            let name = if i % 5 == 0 {
+                format!("tenant-with-a-longer-name-{i}")
+            } else {
+                format!("t{i}")
+            };
+            tenant(&name, TenantState::Active, limits)
+        })
+        .collect();
+    let es = entries(&ts);
+    let key_q = quote(&cfg.descriptor_key);
+    let lens: Vec<(usize, usize)> = es
+        .iter()
+        .map(|e| {
+            (
+                descriptor_line(&key_q, &e.tenant, &e.api).len(),
+                descriptor_line(&key_q, &e.tenant, &e.webhook).len(),
+            )
+        })
+        .collect();
+    for n in [1, 2, 3, 7, MAX_SHARDS] {
+        let rendered: Vec<usize> = render_shards(&cfg, &es, &key_q, &lens, n)
+            .iter()
+            .map(Shard::size)
+            .collect();
+        assert_eq!(shard_sizes(&cfg, &es, &lens, n), rendered, "{n} shards");
+    }
+    // No tenant at all: both files still declare their domain.
+    assert_eq!(
+        shard_sizes(&cfg, &[], &[], 1),
+        render_shards(&cfg, &[], &key_q, &[], 1)
+            .iter()
+            .map(Shard::size)
+            .collect::<Vec<_>>()
+    );
+}

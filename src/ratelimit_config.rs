@@ -283,15 +283,7 @@ fn file_names(i: usize, n: usize) -> (String, String) {
 /// size, and then the shards (6.6 MiB; `cargo bench --bench tenant_memory`).
 pub fn render(cfg: &RenderSettings, entries: &[Entry]) -> Result<Vec<Shard>, RenderError> {
     let key_q = quote(&cfg.descriptor_key);
-    let lens: Vec<(usize, usize)> = entries
-        .iter()
-        .map(|e| {
-            (
-                descriptor_line(&key_q, &e.tenant, &e.api).len(),
-                descriptor_line(&key_q, &e.tenant, &e.webhook).len(),
-            )
-        })
-        .collect();
+    let lens = line_lengths(&key_q, entries);
     let fits = |n: usize| {
         shard_sizes(cfg, entries, &lens, n)
             .iter()
@@ -311,6 +303,20 @@ pub fn render(cfg: &RenderSettings, entries: &[Entry]) -> Result<Vec<Shard>, Ren
             budget: cfg.budget_bytes,
         }),
     }
+}
+
+/// Each entry's api and webhook descriptor lines' lengths (each line
+/// formatted and dropped).
+fn line_lengths(key_q: &str, entries: &[Entry]) -> Vec<(usize, usize)> {
+    entries
+        .iter()
+        .map(|e| {
+            (
+                descriptor_line(key_q, &e.tenant, &e.api).len(),
+                descriptor_line(key_q, &e.tenant, &e.webhook).len(),
+            )
+        })
+        .collect()
 }
 
 /// The shard each entry lands in when there are `n`.

@@ -379,15 +379,7 @@ fn the_sizes_a_shard_count_is_chosen_by_are_the_rendered_sizes() {
         .collect();
     let es = entries(&ts);
     let key_q = quote(&cfg.descriptor_key);
-    let lens: Vec<(usize, usize)> = es
-        .iter()
-        .map(|e| {
-            (
-                descriptor_line(&key_q, &e.tenant, &e.api).len(),
-                descriptor_line(&key_q, &e.tenant, &e.webhook).len(),
-            )
-        })
-        .collect();
+    let lens = line_lengths(&key_q, &es);
     for n in [1, 2, 3, 7, MAX_SHARDS] {
         let rendered: Vec<usize> = render_shards(&cfg, &es, &key_q, &lens, n)
             .iter()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use support::tenant::{provision_many, Tenant};
 use support::{unique, TestDb};
 use tenant_operator::api::{Migration, MigrationSet, MigrationSetPhase, MigrationSetSpec, OnFailure, RolloutSpec};
-use tenant_operator::controller::migration_set::apply::Outcome;
+use tenant_operator::controller::migration_set::apply::{Outcome, LOGIN_CHUNK};
 use tenant_operator::controller::migration_set::plan::Blocked;
 use tenant_operator::controller::migration_set::{pass, status, Pass};
 use tenant_operator::controller::tenant::migrations as tenant_migrations;
@@ -345,12 +345,13 @@ async fn a_canary_failure_stops_the_rollout_before_any_other_tenant_changes() {
 /// A pass reads and derives a tenant's ops login only when it reaches the
 /// tenant (`apply::LOGIN_CHUNK` at a time), not for every planned follower
 /// before its first migration: a pass the canary stopped reads no login
-/// of the rest. Seen through the registry: reading the login of a tenant
-/// whose row has no key salt (a row older than key salts) makes one, so
-/// a follower the pass never reached keeps none.
+/// of the rest, and a pass `Pause` stopped in the rest's first chunk reads
+/// none of the next chunk. Seen through the registry: reading the login of
+/// a tenant whose row has no key salt (a row older than key salts) makes
+/// one, so a follower the pass never reached keeps none.
 #[tokio::test]
 async fn a_pass_reads_no_login_of_a_tenant_it_does_not_reach() {
-    let (db, followers, v1) = at_version_one("mslazy", "z", 4).await;
+    let (db, followers, v1) = at_version_one("mslazy", "z", LOGIN_CHUNK + 3).await;
     let rest: Vec<&str> = followers[1..].iter().map(TenantName::as_str).collect();
     sqlx::query("UPDATE tenancy.tenants SET key_salt = NULL WHERE name = ANY($1)")
         .bind(&rest)
@@ -365,12 +366,48 @@ async fn a_pass_reads_no_login_of_a_tenant_it_does_not_reach() {
     let p = pass(&db.admin, &ring(), "default", 2, &s2, &followers, &Timeouts::default())
         .await
         .unwrap();
-    assert!(p.report.canary_stopped, "{:?}", p.report);
-    assert_eq!(p.report.count(|o| matches!(o, Outcome::Skipped)), 3);
+    assert!(p.report.canary_stopped, "{:?}", p.report.results[0]);
+    assert_eq!(p.report.count(|o| matches!(o, Outcome::Skipped)), LOGIN_CHUNK + 2);
     assert_eq!(
         salted(&db, &rest).await,
         0,
         "the pass read the logins of tenants it did not reach"
+    );
+
+    // The canary passes; the first of the rest fails on its data and
+    // `Pause` stops the stage inside its first chunk of logins.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {}.items VALUES (5)",
+        followers[1].schema()
+    )))
+    .execute(&db.su)
+    .await
+    .unwrap();
+    let mut checked = v1.clone();
+    checked.push(m(2, "ALTER TABLE items ADD CONSTRAINT none_yet CHECK (id < 0)"));
+    let s3 = spec(checked, 4, 1, OnFailure::Pause);
+    let p = pass(&db.admin, &ring(), "default", 3, &s3, &followers, &Timeouts::default())
+        .await
+        .unwrap();
+    let outcome = |t: &TenantName| &p.report.results.iter().find(|(n, _)| n == t).unwrap().1;
+    assert!(outcome(&followers[0]).at_latest(2), "{:?}", outcome(&followers[0]));
+    assert!(
+        matches!(
+            outcome(&followers[1]),
+            Outcome::Done(TenantOutcome::Failed { version: 2, .. })
+        ),
+        "{:?}",
+        outcome(&followers[1])
+    );
+    let second_chunk = &rest[LOGIN_CHUNK..];
+    for t in &followers[1 + LOGIN_CHUNK..] {
+        assert_eq!(outcome(t), &Outcome::Skipped, "{t}");
+    }
+    assert_eq!(salted(&db, &rest[..1]).await, 1, "the first chunk's logins were read");
+    assert_eq!(
+        salted(&db, second_chunk).await,
+        0,
+        "the pass read the logins of the chunk after the one it stopped in"
     );
 }
 

@@ -24,7 +24,7 @@
 //! row trigger (cheaper for one row, dearer for many).
 //!
 //! Then verifies the tenant's chain. Drops its database and roles at the
-//! end. Not part of `cargo test`.
+//! end (kept with BENCH_KEEP=1, to look into). Not part of `cargo test`.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -271,6 +271,10 @@ async fn main() {
     drop(writer);
     drop(admin);
     pool.close().await;
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("  BENCH_KEEP: database {dbname} and the roles of tenant {name} kept");
+        return;
+    }
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {dbname} WITH (FORCE)")))
         .execute(&mut su)
         .await

@@ -2,7 +2,8 @@
 # Measures the usage sampler's one query (src/pg/usage.rs, USAGE_SQL) on
 # N synthetic tenants (default 10,000), each a schema with two tables (a
 # primary key, a secondary index, a toastable column: 8 relations with
-# the sequence and toast), no sessions: EXPLAIN (ANALYZE, BUFFERS), 3 runs.
+# the sequence and toast), no sessions: EXPLAIN (ANALYZE, BUFFERS), 3 runs
+# with no sizes known, 3 with every size known from the sample before.
 # Run inside scripts/with-postgres.sh: bash scripts/with-postgres.sh bash scripts/usage-explain.sh [N]
 set -euo pipefail
 N=${1:-10000}
@@ -24,16 +25,35 @@ for ((s = 1; s <= N; s += 500)); do
                     CREATE TABLE tenant_t%s.events (id bigint PRIMARY KEY, at timestamptz); INSERT INTO tenant_t%s.items (v) VALUES (''x'')', i, i, i, i, i);
   END LOOP; END \$\$"
 done
-SQL_TEXT=$(python3 - <<'PY'
-import re
+# The query with no sizes known (every schema's files read), and with the
+# sizes of a sample taken just before (none of them read again: nothing
+# was written in between).
+query() {
+  python3 - "$1" <<'PY'
+import re, sys
 src = open("src/pg/usage.rs").read()
 q = re.search(r'pub const USAGE_SQL: &str = r#"(.*?)"#;', src, re.S).group(1)
-none = re.search(r'const NO_STATEMENTS_SQL: &str = "(.*?)";', src, re.S).group(1)
-print(q.replace("{statements}", none).replace("$1", "''").replace("$2", "15000"))
+none = re.search(r'const NO_STATEMENTS_SQL: &str =\s*"(.*?)";', src, re.S).group(1)
+q = q.replace("{statements}", none).replace("$1", "''").replace("$2", "15000")
+if sys.argv[1] == "known":
+    for n, col in (("$3", "name"), ("$4", "size_key"), ("$5", "bytes")):
+        q = q.replace(n, "(SELECT array_agg(%s) FROM usage_known)" % col)
+else:
+    q = q.replace("$3", "'{}'").replace("$4", "'{}'").replace("$5", "'{}'")
+print(q)
 PY
-)
+}
+COLD=$(query none)
+KNOWN=$(query known)
 "${P[@]}" -c "VACUUM ANALYZE" >/dev/null
 "${P[@]}" -c "SELECT count(*) AS relations FROM pg_class WHERE relnamespace IN (SELECT oid FROM pg_namespace WHERE nspname LIKE 'tenant\_%')"
 for run in 1 2 3; do
-  "${P[@]}" -c "EXPLAIN (ANALYZE, BUFFERS) $SQL_TEXT" | grep -E "Execution Time|Planning Time|Seq Scan on pg_class"
+  echo "no sizes known, run $run:"
+  "${P[@]}" -c "EXPLAIN (ANALYZE, BUFFERS) $COLD" | grep -E "Execution Time|Planning Time|Seq Scan on pg_class"
 done
+"${P[@]}" -c "CREATE TABLE usage_known AS SELECT name, size_key, bytes FROM ($COLD) q"
+for run in 1 2 3; do
+  echo "every size known from the sample before, run $run:"
+  "${P[@]}" -c "EXPLAIN (ANALYZE, BUFFERS) $KNOWN" | grep -E "Execution Time|Planning Time|Seq Scan on pg_class"
+done
+"${P[@]}" -c "SELECT count(*) FILTER (WHERE measured) AS read_again, count(*) AS tenants, count(*) FILTER (WHERE q.bytes = k.bytes) AS same_bytes FROM ($KNOWN) q JOIN usage_known k USING (name)"

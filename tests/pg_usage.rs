@@ -83,7 +83,14 @@ impl Env {
     }
 
     async fn sample(&self) -> us::Sample {
-        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None)
+        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None, None)
+            .await
+            .expect("sample")
+    }
+
+    /// A sample given `known`, the one before.
+    async fn sample_after(&self, known: &us::Sample) -> us::Sample {
+        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None, Some(known))
             .await
             .expect("sample")
     }
@@ -354,7 +361,7 @@ async fn with_pg_stat_statements_statement_time_and_temp_bytes_come_from_it_by_r
         .expect("look for pg_stat_statements")
         .expect("found and readable by the admin");
     let cfg = env.config(Duration::from_secs(15));
-    let before = us::sample(&env.db.admin, &cfg, Some(&src)).await.expect("sample");
+    let before = us::sample(&env.db.admin, &cfg, Some(&src), None).await.expect("sample");
     assert!(
         before.statements,
         "the sample says its statement time comes from pg_stat_statements"
@@ -372,7 +379,7 @@ async fn with_pg_stat_statements_statement_time_and_temp_bytes_come_from_it_by_r
     .await
     .unwrap();
     drop(app);
-    let after = us::sample(&env.db.admin, &cfg, Some(&src)).await.expect("sample");
+    let after = us::sample(&env.db.admin, &cfg, Some(&src), None).await.expect("sample");
     let delta = |i: usize, f: fn(&Row) -> Option<f64>| {
         f(env.row(&after, i)).unwrap_or(0.0) - f(env.row(&before, i)).unwrap_or(0.0)
     };
@@ -388,4 +395,103 @@ async fn with_pg_stat_statements_statement_time_and_temp_bytes_come_from_it_by_r
         let other = delta(i, |r| r.statement_ms);
         assert!(other < 100.0, "tenant {i} was charged {other} ms it did not run");
     }
+}
+
+/// A sample given the one before keeps the bytes of every schema whose
+/// files did not change (no file read), and reads again those of a schema
+/// that was written, rewritten by `VACUUM FULL` (no row written: a new file
+/// node) or given an index.
+#[tokio::test]
+async fn a_sample_reads_again_only_the_schemas_whose_files_changed() {
+    let env = setup("us_sizes", [3_000, 300, 30]).await;
+    let want: Vec<i64> = [3_000i64, 300, 30].iter().map(|n| n + n / 10).collect();
+    let first = env
+        .sample_until(|s| (0..3).all(|i| env.row(s, i).rows_written >= want[i]))
+        .await;
+    assert!(
+        (0..3).all(|i| env.row(&first, i).measured),
+        "no sizes given: every schema read"
+    );
+    let second = env.sample_after(&first).await;
+    for i in 0..3 {
+        let (a, b) = (env.row(&first, i), env.row(&second, i));
+        assert!(!b.measured, "{}: read again with nothing changed", b.name);
+        assert_eq!((a.bytes, a.size_key), (b.bytes, b.size_key), "{}", b.name);
+    }
+    // Checks that tenant `i` was read again and its bytes are its files'
+    // now, and that the others kept theirs.
+    let check = |before: &us::Sample, after: &us::Sample, i: usize, what: &str| {
+        for j in 0..3 {
+            let (a, b) = (env.row(before, j), env.row(after, j));
+            if j == i {
+                assert!(
+                    b.measured && b.size_key != a.size_key,
+                    "{what}: {} not read again",
+                    b.name
+                );
+            } else {
+                assert!(!b.measured && b.bytes == a.bytes, "{what}: {} read again", b.name);
+            }
+        }
+    };
+    let within = |sampled: i64, want: i64| want > 0 && (sampled - want).abs() as f64 <= 0.10 * want as f64;
+
+    // small: 2,000 rows written by its application.
+    let small = &env.tenants[2];
+    let mut app = small.app(&env.db).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {}.items (v, blob) SELECT md5(i::text), repeat(md5(i::text), 100) FROM generate_series(1, 2000) i",
+        small.name.schema()
+    )))
+    .execute(&mut app)
+    .await
+    .unwrap();
+    drop(app);
+    let mut third = env.sample_after(&second).await;
+    let t0 = Instant::now();
+    while env.row(&third, 2).rows_written < want[2] + 2_000 && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        third = env.sample_after(&third).await;
+    }
+    check(&second, &third, 2, "rows written");
+    assert!(env.row(&third, 2).bytes > env.row(&second, 2).bytes);
+    assert!(
+        within(env.row(&third, 2).bytes, env.bytes(2).await),
+        "{:?}",
+        env.row(&third, 2)
+    );
+
+    // big: VACUUM FULL writes no row, and rewrites the table into new files.
+    let big = &env.tenants[0];
+    let mut su = env.db.superuser().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM FULL {}.items", big.name.schema())))
+        .execute(&mut su)
+        .await
+        .expect("vacuum full");
+    let fourth = env.sample_after(&third).await;
+    check(&third, &fourth, 0, "VACUUM FULL");
+    assert!(
+        within(env.row(&fourth, 0).bytes, env.bytes(0).await),
+        "{:?}",
+        env.row(&fourth, 0)
+    );
+
+    // mid: a new index, made by its owner.
+    let mid = &env.tenants[1];
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET ROLE {o}; CREATE INDEX ON {s}.items (blob, v); RESET ROLE",
+        o = mid.name.owner_role(),
+        s = mid.name.schema()
+    )))
+    .execute(&mut su)
+    .await
+    .expect("create index");
+    let fifth = env.sample_after(&fourth).await;
+    check(&fourth, &fifth, 1, "a new index");
+    assert!(env.row(&fifth, 1).bytes > env.row(&fourth, 1).bytes);
+    assert!(
+        within(env.row(&fifth, 1).bytes, env.bytes(1).await),
+        "{:?}",
+        env.row(&fifth, 1)
+    );
 }

@@ -38,6 +38,11 @@ pub const WRITES_PER_SAMPLE: usize = 500;
 /// 15 s interval kept a server backend busy 39% of the time.
 pub const PACE: u32 = 10;
 
+/// How long a tenant's bytes may be carried from sample to sample while its
+/// size key stays the same ([`crate::pg::usage::USAGE_SQL`]): then every
+/// schema's files are read again, whatever the keys say.
+pub const SIZES_REFRESH: Duration = Duration::from_secs(600);
+
 /// When the next sample may start: `every` after this one began, or
 /// [`PACE`] times what it took when that is later. Pure.
 pub fn next_sample(every: Duration, took: Duration) -> Duration {
@@ -148,6 +153,8 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
     let mut passes = super::watchdog::Passes::every(every);
     let mut pgss: Option<(Instant, Option<String>)> = None;
     let mut prev: Option<us::Sample> = None;
+    // When every tenant's files were last read (a sample given no sizes).
+    let mut sizes_read: Option<Instant> = None;
     loop {
         if let Err(e) = passes.next(pool).await {
             tracing::error!(shard = %shard.name, error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
@@ -161,8 +168,18 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
         }
         let src = pgss.as_ref().and_then(|(_, s)| s.as_deref());
         let started = Instant::now();
-        let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), us::sample(pool, &cfg, src)).await {
-            Ok(Ok(s)) => s,
+        let known = prev
+            .as_ref()
+            .filter(|_| sizes_read.is_some_and(|at| at.elapsed() < SIZES_REFRESH));
+        let read_all = known.is_none();
+        let sampled = us::sample(pool, &cfg, src, known);
+        let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), sampled).await {
+            Ok(Ok(s)) => {
+                if read_all {
+                    sizes_read = Some(started);
+                }
+                s
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "usage sample failed; retrying at the next one");
                 pgss = None;
@@ -216,6 +233,7 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
         tracing::debug!(
             tenants = figs.len(),
             query_ms = took.as_millis() as u64,
+            sizes_read = cur.rows.iter().filter(|r| r.measured).count(),
             due,
             written,
             next_in_ms = next.saturating_sub(started.elapsed()).as_millis() as u64,

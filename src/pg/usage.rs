@@ -49,6 +49,13 @@ pub struct Row {
     pub sessions_active: i64,
     pub sessions_idle: i64,
     pub bytes: i64,
+    /// What `bytes` was measured with ([`USAGE_SQL`], "the size key"): a
+    /// later sample whose key is the same keeps `bytes` without reading
+    /// the schema's files again.
+    pub size_key: i64,
+    /// Whether this sample read the schema's files for `bytes` (false: kept
+    /// from the sample it was given).
+    pub measured: bool,
     /// Cumulative since the statistics were reset.
     pub rows_written: i64,
     /// Running statements' elapsed time, each capped at the window (ms).
@@ -84,22 +91,60 @@ const NO_STATEMENTS_SQL: &str =
     "SELECT NULL::text AS rolname, NULL::float8 AS statement_ms, NULL::int8 AS temp_bytes WHERE false";
 
 /// The one query for all tenants. $1: the gateway login ('' for none),
-/// $2: the window (ms); `{statements}`: [`STATEMENTS_SQL`] or
+/// $2: the window (ms); $3, $4, $5: the tenants whose sizes are known, with
+/// the size key and the bytes they were measured with (empty arrays: measure
+/// every tenant); `{statements}`: [`STATEMENTS_SQL`] or
 /// [`NO_STATEMENTS_SQL`].
 pub const USAGE_SQL: &str = r#"
 WITH db AS (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()),
 t AS (SELECT name, uid, schema_name FROM tenancy.tenants),
-rel AS (
-  -- One pass over pg_class, hash-joined to the tenants' namespaces.
-  SELECT t.name,
-         pg_catalog.sum(pg_catalog.pg_total_relation_size(c.oid))::int8 AS bytes,
-         pg_catalog.sum(pg_catalog.pg_stat_get_tuples_inserted(c.oid) + pg_catalog.pg_stat_get_tuples_updated(c.oid)
-                        + pg_catalog.pg_stat_get_tuples_deleted(c.oid))::int8 AS rows_written
+r AS (
+  -- One pass over pg_class, hash-joined to the tenants' namespaces: each
+  -- table, materialized view and index of a tenant schema, with what its
+  -- files' size follows (the statistics functions are look-ups in the
+  -- server's statistics, not file reads).
+  SELECT t.name, c.oid, c.relkind,
+         c.oid::text || ':' || c.relfilenode || ':' || c.relpages
+           || CASE WHEN c.relkind = 'i' THEN '' ELSE
+                ':' || pg_catalog.pg_stat_get_tuples_inserted(c.oid) || ':' || pg_catalog.pg_stat_get_tuples_updated(c.oid)
+                || ':' || pg_catalog.pg_stat_get_tuples_deleted(c.oid)
+                || ':' || pg_catalog.pg_stat_get_vacuum_count(c.oid) || ':' || pg_catalog.pg_stat_get_autovacuum_count(c.oid)
+                || ':' || pg_catalog.pg_stat_get_vacuum_count(c.reltoastrelid) || ':' || pg_catalog.pg_stat_get_autovacuum_count(c.reltoastrelid)
+              END AS part,
+         CASE WHEN c.relkind <> 'i' THEN pg_catalog.pg_stat_get_tuples_inserted(c.oid) + pg_catalog.pg_stat_get_tuples_updated(c.oid)
+                                     + pg_catalog.pg_stat_get_tuples_deleted(c.oid) END AS written
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     JOIN t ON t.schema_name = n.nspname
-   WHERE c.relkind IN ('r', 'm')
-   GROUP BY t.name
+   WHERE c.relkind IN ('r', 'm', 'i')
+),
+keyed AS (
+  -- The size key: a hash of every relation's identity, file node, page
+  -- count, rows written and vacuums. What changes a schema's files changes
+  -- it: writes, a vacuum, a TRUNCATE, VACUUM FULL, CLUSTER or REINDEX (a new
+  -- file node), a table or index made or dropped.
+  SELECT name,
+         pg_catalog.hashtextextended(pg_catalog.string_agg(part, ',' ORDER BY oid), 0) AS size_key,
+         pg_catalog.sum(written)::int8 AS rows_written,
+         pg_catalog.array_agg(oid) FILTER (WHERE relkind <> 'i') AS tables
+    FROM r GROUP BY name
+),
+known AS (
+  SELECT k.name, k.size_key, k.bytes
+    FROM ROWS FROM (pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::int8[])) AS k(name, size_key, bytes)
+),
+rel AS (
+  -- A schema whose key is the one its known size was measured with keeps
+  -- that size; the others are measured: `pg_total_relation_size` (heap,
+  -- indexes, toast, every fork: an open and a `stat` per file) of each
+  -- table, the one costly part of the sample.
+  SELECT s.name, s.size_key, s.rows_written,
+         (k.size_key IS NULL OR k.size_key <> s.size_key) AS measured,
+         CASE WHEN k.size_key = s.size_key THEN k.bytes
+              ELSE (SELECT pg_catalog.sum(pg_catalog.pg_total_relation_size(x))::int8 FROM pg_catalog.unnest(s.tables) AS x)
+         END AS bytes
+    FROM keyed s
+    LEFT JOIN known k ON k.name = s.name
 ),
 act AS (
   SELECT a.usename::text AS usename, a.application_name, a.state,
@@ -130,6 +175,8 @@ SELECT t.name, t.uid,
        COALESCE(s.idle, 0)::int8 AS sessions_idle,
        COALESCE(r.bytes, 0)::int8 AS bytes,
        COALESCE(r.rows_written, 0)::int8 AS rows_written,
+       COALESCE(r.size_key, 0)::int8 AS size_key,
+       COALESCE(r.measured, true) AS measured,
        COALESCE(s.running_ms, 0)::float8 AS running_ms,
        st.statement_ms, st.temp_bytes
   FROM t
@@ -171,14 +218,26 @@ pub async fn statements_source(pool: &PgPool) -> Result<Option<String>, PgError>
 }
 
 /// One sample of every tenant ([`USAGE_SQL`]); `pgss` from [`statements_source`].
-pub async fn sample(pool: &PgPool, cfg: &Config, pgss: Option<&str>) -> Result<Sample, PgError> {
+/// A tenant of `known` (an earlier sample) whose size key is unchanged keeps
+/// its bytes from it, without its files being read; None reads every
+/// tenant's.
+pub async fn sample(
+    pool: &PgPool,
+    cfg: &Config,
+    pgss: Option<&str>,
+    known: Option<&Sample>,
+) -> Result<Sample, PgError> {
     let window_ms = cfg.window.as_secs_f64() * 1000.0;
     let sql = usage_sql(pgss);
+    let known = known.map(|k| k.rows.as_slice()).unwrap_or_default();
     let at = Instant::now();
     let sampled_at = chrono::Utc::now();
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(cfg.gateway.as_deref().unwrap_or(""))
         .bind(window_ms)
+        .bind(known.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
+        .bind(known.iter().map(|r| r.size_key).collect::<Vec<_>>())
+        .bind(known.iter().map(|r| r.bytes).collect::<Vec<_>>())
         .fetch_all(pool)
         .await
         .map_err(query_err("sampling tenants' usage"))?;
@@ -191,6 +250,8 @@ pub async fn sample(pool: &PgPool, cfg: &Config, pgss: Option<&str>) -> Result<S
             sessions_active: r.try_get("sessions_active").map_err(e())?,
             sessions_idle: r.try_get("sessions_idle").map_err(e())?,
             bytes: r.try_get("bytes").map_err(e())?,
+            size_key: r.try_get("size_key").map_err(e())?,
+            measured: r.try_get("measured").map_err(e())?,
             rows_written: r.try_get("rows_written").map_err(e())?,
             running_ms: r.try_get("running_ms").map_err(e())?,
             statement_ms: r.try_get("statement_ms").map_err(e())?,
@@ -391,6 +452,8 @@ mod tests {
             sessions_active: 1,
             sessions_idle: 2,
             bytes: 8192,
+            size_key: 1,
+            measured: true,
             rows_written,
             running_ms,
             statement_ms,

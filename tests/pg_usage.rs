@@ -83,14 +83,15 @@ impl Env {
     }
 
     async fn sample(&self) -> us::Sample {
-        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None, None)
+        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None, &[])
             .await
             .expect("sample")
     }
 
     /// A sample given `known`, the one before.
     async fn sample_after(&self, known: &us::Sample) -> us::Sample {
-        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None, Some(known))
+        let known: Vec<&Row> = known.rows.iter().collect();
+        us::sample(&self.db.admin, &self.config(Duration::from_secs(15)), None, &known)
             .await
             .expect("sample")
     }
@@ -361,7 +362,7 @@ async fn with_pg_stat_statements_statement_time_and_temp_bytes_come_from_it_by_r
         .expect("look for pg_stat_statements")
         .expect("found and readable by the admin");
     let cfg = env.config(Duration::from_secs(15));
-    let before = us::sample(&env.db.admin, &cfg, Some(&src), None).await.expect("sample");
+    let before = us::sample(&env.db.admin, &cfg, Some(&src), &[]).await.expect("sample");
     assert!(
         before.statements,
         "the sample says its statement time comes from pg_stat_statements"
@@ -379,7 +380,7 @@ async fn with_pg_stat_statements_statement_time_and_temp_bytes_come_from_it_by_r
     .await
     .unwrap();
     drop(app);
-    let after = us::sample(&env.db.admin, &cfg, Some(&src), None).await.expect("sample");
+    let after = us::sample(&env.db.admin, &cfg, Some(&src), &[]).await.expect("sample");
     let delta = |i: usize, f: fn(&Row) -> Option<f64>| {
         f(env.row(&after, i)).unwrap_or(0.0) - f(env.row(&before, i)).unwrap_or(0.0)
     };

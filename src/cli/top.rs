@@ -50,11 +50,12 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         gateway: (!args.gateway_role.is_empty()).then(|| args.gateway_role.clone()),
         window,
     };
-    let mut prev = us::sample(&pool, &cfg, pgss.as_deref(), None).await?;
+    let mut prev = us::sample(&pool, &cfg, pgss.as_deref(), &[]).await?;
     loop {
         tokio::time::sleep(window).await;
         // Sizes whose files did not change are the last sample's.
-        let cur = us::sample(&pool, &cfg, pgss.as_deref(), Some(&prev)).await?;
+        let known: Vec<&us::Row> = prev.rows.iter().collect();
+        let cur = us::sample(&pool, &cfg, pgss.as_deref(), &known).await?;
         let mut figs = us::figures(Some(&prev), &cur);
         us::sort(&mut figs, args.sort);
         if args.limit > 0 {

@@ -38,10 +38,12 @@ pub const WRITES_PER_SAMPLE: usize = 500;
 /// 15 s interval kept a server backend busy 39% of the time.
 pub const PACE: u32 = 10;
 
-/// How long a tenant's bytes may be carried from sample to sample while its
-/// size key stays the same ([`crate::pg::usage::USAGE_SQL`]): then every
-/// schema's files are read again, whatever the keys say.
-pub const SIZES_REFRESH: Duration = Duration::from_secs(600);
+/// A sample reads the files of the schemas whose size key changed
+/// ([`crate::pg::usage::USAGE_SQL`]) and, whatever the keys say, of this
+/// share of the tenants, those read longest ago ([`us::known_sizes`]):
+/// every schema's files are read at least every 40 samples (10 minutes at
+/// the default interval), a fortieth of them at a time.
+pub const SIZES_REREAD_SAMPLES: usize = 40;
 
 /// When the next sample may start: `every` after this one began, or
 /// [`PACE`] times what it took when that is later. Pure.
@@ -114,20 +116,31 @@ pub fn usage_of(f: &Figures, cancellations: u64, sampled_at: chrono::DateTime<ch
 
 /// The status writes one sample decides: for each tenant `current` knows
 /// (by name and uid: Some(its status.usage)), its new usage when
-/// [`should_write`]. Pure.
+/// [`should_write`]. The longest-waiting first: no status yet, then the
+/// oldest `sampledAt` (an unreadable one counts as none), then by name; a
+/// sample writes only the first [`WRITES_PER_SAMPLE`], so in name order a
+/// few hundred busy tenants early in the alphabet, due again at every
+/// sample, would keep the rest from ever being written. Pure.
 pub fn decide(
     figs: &[Figures],
     current: impl Fn(&str, &str) -> Option<Option<TenantUsage>>,
     cancellations: &HashMap<String, u64>,
     sampled_at: chrono::DateTime<chrono::Utc>,
 ) -> Vec<(String, TenantUsage)> {
-    figs.iter()
+    let mut due: Vec<_> = figs
+        .iter()
         .filter_map(|f| {
             let old = current(&f.name, &f.uid)?;
             let new = usage_of(f, cancellations.get(&f.name).copied().unwrap_or(0), sampled_at);
-            should_write(old.as_ref(), &new, sampled_at).then(|| (f.name.clone(), new))
+            should_write(old.as_ref(), &new, sampled_at).then(|| {
+                let written = old.and_then(|o| chrono::DateTime::parse_from_rfc3339(&o.sampled_at).ok());
+                (written, f.name.clone(), new)
+            })
         })
-        .collect()
+        .collect();
+    // Stable: figures come in name order.
+    due.sort_by_key(|(written, _, _)| *written);
+    due.into_iter().map(|(_, name, new)| (name, new)).collect()
 }
 
 /// Samples every open shard, each with a loop of its own; the metrics show
@@ -153,8 +166,6 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
     let mut passes = super::watchdog::Passes::every(every);
     let mut pgss: Option<(Instant, Option<String>)> = None;
     let mut prev: Option<us::Sample> = None;
-    // When every tenant's files were last read (a sample given no sizes).
-    let mut sizes_read: Option<Instant> = None;
     loop {
         if let Err(e) = passes.next(pool).await {
             tracing::error!(shard = %shard.name, error = %e, "the usage sampler cannot see tenants' sessions; no usage until it can");
@@ -170,16 +181,11 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
         let started = Instant::now();
         let known = prev
             .as_ref()
-            .filter(|_| sizes_read.is_some_and(|at| at.elapsed() < SIZES_REFRESH));
-        let read_all = known.is_none();
-        let sampled = us::sample(pool, &cfg, src, known);
+            .map(|p| us::known_sizes(p, p.rows.len().div_ceil(SIZES_REREAD_SAMPLES)))
+            .unwrap_or_default();
+        let sampled = us::sample(pool, &cfg, src, &known);
         let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), sampled).await {
-            Ok(Ok(s)) => {
-                if read_all {
-                    sizes_read = Some(started);
-                }
-                s
-            }
+            Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "usage sample failed; retrying at the next one");
                 pgss = None;
@@ -365,5 +371,51 @@ mod tests {
         assert_eq!((w[0].1.sessions, w[1].1.cancellations), (3 + 1, 1));
         // Tenants the cache does not know are not written.
         assert!(decide(&busy, |_, _| None, &c, at(700)).is_empty());
+    }
+
+    #[test]
+    fn busy_tenants_early_in_the_alphabet_do_not_keep_the_rest_from_being_written() {
+        // 1,000 tenants written once; then the first 600 by name are busy
+        // (their write rate goes to 5 rows/s, then back to 0) and the last
+        // 400 grew. Sample 1: all 1,000 due, 500 written (the same age:
+        // by name, busy ones). Sample 2: those 500 due again (back to 0)
+        // and the 400 grown: in name order the budget would go to the busy
+        // ones again and the grown ones would wait as long as that lasts.
+        let mut fleet = figs(1_000);
+        let mut status: HashMap<String, Option<TenantUsage>> = fleet.iter().map(|f| (f.name.clone(), None)).collect();
+        let none = HashMap::new();
+        for (n, u) in decide(&fleet, |n, _| status.get(n).cloned(), &none, at(0)) {
+            status.insert(n, Some(u));
+        }
+        for f in &mut fleet[600..] {
+            f.bytes *= 2;
+        }
+        let mut grown_written = 0;
+        for (k, rate) in [(1, 5.0), (2, 0.0)] {
+            for f in &mut fleet[..600] {
+                f.rows_written_per_second = rate;
+            }
+            let w = decide(&fleet, |n, _| status.get(n).cloned(), &none, at(15 * k));
+            let busy_due = w.iter().filter(|(n, _)| n.as_str() < "t0600").count();
+            assert!(busy_due >= WRITES_PER_SAMPLE, "sample {k}: {busy_due} busy tenants due");
+            for (n, u) in w.into_iter().take(WRITES_PER_SAMPLE) {
+                grown_written += usize::from(n.as_str() >= "t0600");
+                status.insert(n, Some(u));
+            }
+        }
+        assert_eq!(grown_written, 400, "every grown tenant written by the second sample");
+        // The order: no status yet, then the oldest status, then by name.
+        status.insert("t0900".into(), None);
+        let mut old = status["t0950"].clone().expect("written");
+        old.sampled_at = at(-60).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        status.insert("t0950".into(), Some(old));
+        for f in &mut fleet {
+            f.bytes *= 3;
+        }
+        let w = decide(&fleet, |n, _| status.get(n).cloned(), &none, at(100));
+        assert_eq!(
+            w.iter().take(2).map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["t0900", "t0950"]
+        );
     }
 }

@@ -54,8 +54,11 @@ pub struct Row {
     /// the schema's files again.
     pub size_key: i64,
     /// Whether this sample read the schema's files for `bytes` (false: kept
-    /// from the sample it was given).
+    /// from the sizes it was given).
     pub measured: bool,
+    /// When `bytes` was read from the files: this sample's time, or that of
+    /// the row it was kept from.
+    pub measured_at: Instant,
     /// Cumulative since the statistics were reset.
     pub rows_written: i64,
     /// Running statements' elapsed time, each capped at the window (ms).
@@ -218,18 +221,12 @@ pub async fn statements_source(pool: &PgPool) -> Result<Option<String>, PgError>
 }
 
 /// One sample of every tenant ([`USAGE_SQL`]); `pgss` from [`statements_source`].
-/// A tenant of `known` (an earlier sample) whose size key is unchanged keeps
-/// its bytes from it, without its files being read; None reads every
-/// tenant's.
-pub async fn sample(
-    pool: &PgPool,
-    cfg: &Config,
-    pgss: Option<&str>,
-    known: Option<&Sample>,
-) -> Result<Sample, PgError> {
+/// A tenant with a row in `known` (from an earlier sample, see
+/// [`known_sizes`]) whose size key is unchanged keeps its bytes from it,
+/// without its files being read; the others' files are read.
+pub async fn sample(pool: &PgPool, cfg: &Config, pgss: Option<&str>, known: &[&Row]) -> Result<Sample, PgError> {
     let window_ms = cfg.window.as_secs_f64() * 1000.0;
     let sql = usage_sql(pgss);
-    let known = known.map(|k| k.rows.as_slice()).unwrap_or_default();
     let at = Instant::now();
     let sampled_at = chrono::Utc::now();
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -242,16 +239,24 @@ pub async fn sample(
         .await
         .map_err(query_err("sampling tenants' usage"))?;
     let e = || query_err("reading a usage row");
+    let read_at: BTreeMap<&str, Instant> = known.iter().map(|r| (r.name.as_str(), r.measured_at)).collect();
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
+        let name: String = r.try_get("name").map_err(e())?;
+        let measured: bool = r.try_get("measured").map_err(e())?;
+        let measured_at = match read_at.get(name.as_str()) {
+            Some(t) if !measured => *t,
+            _ => at,
+        };
         out.push(Row {
-            name: r.try_get("name").map_err(e())?,
+            name,
             uid: r.try_get("uid").map_err(e())?,
             sessions_active: r.try_get("sessions_active").map_err(e())?,
             sessions_idle: r.try_get("sessions_idle").map_err(e())?,
             bytes: r.try_get("bytes").map_err(e())?,
             size_key: r.try_get("size_key").map_err(e())?,
-            measured: r.try_get("measured").map_err(e())?,
+            measured,
+            measured_at,
             rows_written: r.try_get("rows_written").map_err(e())?,
             running_ms: r.try_get("running_ms").map_err(e())?,
             statement_ms: r.try_get("statement_ms").map_err(e())?,
@@ -265,6 +270,22 @@ pub async fn sample(
         statements: pgss.is_some(),
         rows: out,
     })
+}
+
+/// The sizes the next sample may keep: every row of `prev` but the
+/// `reread` whose bytes were read from the files longest ago (the first in
+/// `prev`'s order among equals), whose files the next sample reads again
+/// whatever their size key says. With `reread` a fixed share of the
+/// tenants, every tenant's files are read again within as many samples as
+/// that share divides them into, a few at a time. Pure.
+pub fn known_sizes(prev: &Sample, reread: usize) -> Vec<&Row> {
+    let mut order: Vec<usize> = (0..prev.rows.len()).collect();
+    order.sort_by_key(|&i| (prev.rows[i].measured_at, i));
+    let mut keep = vec![true; prev.rows.len()];
+    for &i in order.iter().take(reread) {
+        keep[i] = false;
+    }
+    prev.rows.iter().zip(keep).filter(|(_, k)| *k).map(|(r, _)| r).collect()
 }
 
 /// One tenant's figures, from two samples (or one).
@@ -454,6 +475,7 @@ mod tests {
             bytes: 8192,
             size_key: 1,
             measured: true,
+            measured_at: Instant::now(),
             rows_written,
             running_ms,
             statement_ms,
@@ -469,6 +491,48 @@ mod tests {
             statements,
             rows,
         }
+    }
+
+    #[test]
+    fn the_sizes_read_longest_ago_are_read_again_a_share_at_a_time() {
+        // 100 tenants read at t0; each sample reads again the 3 read
+        // longest ago (as the sampler does: a fortieth, rounded up).
+        let t0 = Instant::now();
+        let mut prev = sample(
+            t0,
+            false,
+            (0..100).map(|i| row(&format!("t{i:03}"), 0, None, 0.0)).collect(),
+        );
+        for r in &mut prev.rows {
+            r.measured_at = t0;
+        }
+        let reread = prev.rows.len().div_ceil(40);
+        assert_eq!(reread, 3);
+        let mut read_again = std::collections::BTreeSet::new();
+        for k in 1..=34u64 {
+            let now = t0 + Duration::from_secs(15 * k);
+            let known: Vec<String> = known_sizes(&prev, reread).iter().map(|r| r.name.clone()).collect();
+            assert_eq!(known.len(), 97, "sample {k}");
+            // What `sample` makes of it: the rows not kept are read now.
+            for r in &mut prev.rows {
+                if !known.contains(&r.name) {
+                    // None twice before every one was read again once.
+                    assert!(
+                        read_again.insert(r.name.clone()) || read_again.len() >= 99,
+                        "sample {k}: {} read again twice",
+                        r.name
+                    );
+                    r.measured_at = now;
+                }
+            }
+        }
+        assert_eq!(read_again.len(), 100, "every tenant read again within 34 samples");
+        // The oldest go first, whatever their place.
+        prev.rows[50].measured_at = t0;
+        let known = known_sizes(&prev, 1);
+        assert!(known.iter().all(|r| r.name != "t050") && known.len() == 99);
+        assert_eq!(known_sizes(&prev, 0).len(), 100);
+        assert!(known_sizes(&prev, 1000).is_empty());
     }
 
     #[test]

@@ -32,10 +32,11 @@ pub const MOVED: f64 = 0.10;
 pub const WRITES_PER_SAMPLE: usize = 500;
 /// The sampler's share of the time at most: a sample that took `t` is
 /// followed by the next no sooner than `PACE * t` after it began, whatever
-/// the interval. The sample reads every tenant table's size from its files
-/// (`pg_total_relation_size`: an open and a `stat` per fork), which costs
-/// about 0.5 ms per tenant: 5.8 s a sample at 10,000 tenants, where a
-/// 15 s interval kept a server backend busy 39% of the time.
+/// the interval. A sample that reads many schemas' files
+/// (`pg_total_relation_size`: an open and a `stat` per file) is the costly
+/// one: the first, or one after a burst changed most schemas, 2 to 17 s at
+/// 10,000 tenants (by load); one that reads a fortieth of them, 0.5 to
+/// 0.7 s (docs/scale.md, stop 48).
 pub const PACE: u32 = 10;
 
 /// A sample reads the files of the schemas whose size key changed

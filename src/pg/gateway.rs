@@ -164,7 +164,11 @@ pub enum GatewayError {
 }
 
 /// Reads the gateway's catalog state (one query); None when there is no
-/// such role.
+/// such role. The database's ACL is read entry by entry (`unnest`, then
+/// `aclexplode` of one entry): `aclexplode` of the whole ACL reads
+/// (detoasts) it again for every row it returns, quadratic in its entries,
+/// two per tenant: 2.5 s a call at 10,000 tenants against 15 ms
+/// (docs/scale.md).
 pub async fn observe(pool: &PgPool, gateway: &GatewayName) -> Result<(String, Option<GatewayState>), PgError> {
     let row = sqlx::query(
         "SELECT current_database()::text AS db, r.oid IS NOT NULL AS found,
@@ -187,7 +191,7 @@ pub async fn observe(pool: &PgPool, gateway: &GatewayName) -> Result<(String, Op
                     AND d.dbid IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
                     AND NOT (d.classid = 'pg_database'::regclass AND d.deptype = 'a'
                              AND d.objid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                             AND NOT EXISTS (SELECT 1 FROM pg_database db, aclexplode(db.datacl) a
+                             AND NOT EXISTS (SELECT 1 FROM pg_database db, unnest(db.datacl) i, aclexplode(ARRAY[i]) a
                                               WHERE db.datname = current_database() AND a.grantee = r.oid AND a.privilege_type <> 'CONNECT'))) AS foreign_privileges,
                 coalesce(has_database_privilege(r.oid, current_database(), 'CONNECT'), false) AS connect
            FROM (SELECT 1) one LEFT JOIN pg_roles r ON r.rolname = $1",

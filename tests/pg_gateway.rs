@@ -33,6 +33,25 @@ fn sqlstate(e: &sqlx::Error) -> String {
         .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
+/// Runs `sql` as the superuser, then the gateway's converge: its actions'
+/// labels.
+async fn tamper_and_repair(
+    su: &mut PgConnection,
+    db: &TestDb,
+    gw: &GatewayName,
+    password: &str,
+    sql: String,
+) -> Vec<&'static str> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *su)
+        .await
+        .expect("tamper");
+    let out = pg::gateway::converge(&db.admin, gw, password, false)
+        .await
+        .expect("repair");
+    out.actions.iter().map(|a| a.label()).collect()
+}
+
 async fn seed(db: &TestDb, t: &Tenant, value: &str) {
     // As the tenant's owner would through a migration: a table and a row.
     let mut su = db.superuser().await;
@@ -154,21 +173,15 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     // someone, is revoked by its own converge; its attributes are put back.
     let b = tenant(&db, &gw, "gw-b").await;
     let mut su = db.superuser().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+    let labels = tamper_and_repair(&mut su, &db, &gw, &password, format!(
         "GRANT {owner} TO {gw}; GRANT pg_read_all_data TO {gw}; GRANT SELECT ON tenancy.tenants TO {gw}; CREATE ROLE mallory_{db}; GRANT {gw} TO mallory_{db};
          CREATE TABLE {schema}.secrets (v text); ALTER TABLE {schema}.secrets OWNER TO {owner}; GRANT USAGE ON SCHEMA {schema} TO {gw}; GRANT SELECT ON {schema}.secrets TO {gw};
          ALTER ROLE {gw} INHERIT CREATEDB; ALTER ROLE {gw} RESET search_path;",
         owner = b.name.owner_role(),
         schema = b.name.schema(),
         db = db.name
-    )))
-    .execute(&mut su)
-    .await
-    .unwrap();
-    let out = pg::gateway::converge(&db.admin, &gw, &password, false)
-        .await
-        .expect("repair");
-    let labels: Vec<&str> = out.actions.iter().map(|a| a.label()).collect();
+    ))
+    .await;
     assert!(
         labels.contains(&"RevokeForeignMembership")
             && labels.contains(&"RevokeGatewayMember")
@@ -182,17 +195,14 @@ async fn membership_follows_the_lifecycle_and_drift_is_repaired() {
     // A privilege on the database beside its CONNECT (read from the
     // database's ACL entry by entry: exploding the whole ACL, two entries
     // per tenant, took 2.5 s at 10,000 tenants) is revoked too.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "GRANT TEMPORARY ON DATABASE {} TO {gw}",
-        db.name
-    )))
-    .execute(&mut su)
-    .await
-    .unwrap();
-    let out = pg::gateway::converge(&db.admin, &gw, &password, false)
-        .await
-        .expect("repair");
-    let labels: Vec<&str> = out.actions.iter().map(|a| a.label()).collect();
+    let labels = tamper_and_repair(
+        &mut su,
+        &db,
+        &gw,
+        &password,
+        format!("GRANT TEMPORARY ON DATABASE {} TO {gw}", db.name),
+    )
+    .await;
     assert!(labels.contains(&"RevokeForeignPrivileges"), "{labels:?}");
     let (temp, connect): (bool, bool) = sqlx::query_as(
         "SELECT has_database_privilege($1, current_database(), 'TEMPORARY'), has_database_privilege($1, current_database(), 'CONNECT')",

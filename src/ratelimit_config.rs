@@ -361,21 +361,26 @@ fn render_shards(
     lens: &[(usize, usize)],
     n: usize,
 ) -> Vec<Shard> {
+    // Each entry's shard, found once (an index per entry, not a line).
+    let mut members: Vec<Vec<&Entry>> = vec![Vec::new(); n];
+    for e in entries {
+        members[shard_index(e, n)].push(e);
+    }
     tally(entries, lens, n)
         .into_iter()
+        .zip(members)
         .enumerate()
-        .map(|(i, (count, api_len, webhook_len))| {
+        .map(|(i, ((count, api_len, webhook_len), mine))| {
             let (fa, fw) = file_names(i, n);
-            let mine = || entries.iter().filter(move |e| shard_index(e, n) == i);
             let api = file(
                 &cfg.api_domain,
-                mine(),
+                mine.iter().copied(),
                 |e| descriptor_line(key_q, &e.tenant, &e.api),
                 file_len(&cfg.api_domain, count, api_len),
             );
             let webhook = file(
                 &cfg.webhook_domain,
-                mine(),
+                mine.iter().copied(),
                 |e| descriptor_line(key_q, &e.tenant, &e.webhook),
                 file_len(&cfg.webhook_domain, count, webhook_len),
             );

@@ -52,7 +52,7 @@ for run in 1 2 3; do
   echo "no sizes known, run $run:"
   "${P[@]}" -c "EXPLAIN (ANALYZE, BUFFERS) $COLD" | grep -E "Execution Time|Planning Time|Seq Scan on pg_class"
 done
-# As the sampler does (controller::usage::SIZES_REREAD_SAMPLES): every
+# As the sampler does (pg::usage::SIZES_REREAD_SAMPLES): every
 # size known but those of a fortieth of the tenants, read again.
 "${P[@]}" -c "CREATE TABLE usage_known AS SELECT name, size_key, bytes FROM ($COLD) q ORDER BY name OFFSET ($N + 39) / 40"
 for run in 1 2 3; do

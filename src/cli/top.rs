@@ -55,8 +55,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         tokio::time::sleep(window).await;
         // Sizes whose files did not change are the last sample's (but a
         // fortieth's, read again, as the sampler does).
-        let reread = prev.rows.len().div_ceil(crate::controller::usage::SIZES_REREAD_SAMPLES);
-        let known = us::known_sizes(&prev, reread);
+        let known = us::known_sizes_for_next(&prev);
         let cur = us::sample(&pool, &cfg, pgss.as_deref(), &known).await?;
         let mut figs = us::figures(Some(&prev), &cur);
         us::sort(&mut figs, args.sort);

@@ -39,13 +39,6 @@ pub const WRITES_PER_SAMPLE: usize = 500;
 /// 0.7 s (docs/scale.md, stop 48).
 pub const PACE: u32 = 10;
 
-/// A sample reads the files of the schemas whose size key changed
-/// ([`crate::pg::usage::USAGE_SQL`]) and, whatever the keys say, of this
-/// share of the tenants, those read longest ago ([`us::known_sizes`]):
-/// every schema's files are read at least every 40 samples (10 minutes at
-/// the default interval), a fortieth of them at a time.
-pub const SIZES_REREAD_SAMPLES: usize = 40;
-
 /// When the next sample may start: `every` after this one began, or
 /// [`PACE`] times what it took when that is later. Pure.
 pub fn next_sample(every: Duration, took: Duration) -> Duration {
@@ -180,10 +173,7 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
         }
         let src = pgss.as_ref().and_then(|(_, s)| s.as_deref());
         let started = Instant::now();
-        let known = prev
-            .as_ref()
-            .map(|p| us::known_sizes(p, p.rows.len().div_ceil(SIZES_REREAD_SAMPLES)))
-            .unwrap_or_default();
+        let known = prev.as_ref().map(us::known_sizes_for_next).unwrap_or_default();
         let sampled = us::sample(pool, &cfg, src, &known);
         let cur = match tokio::time::timeout(every.max(Duration::from_secs(30)), sampled).await {
             Ok(Ok(s)) => s,

@@ -272,6 +272,19 @@ pub async fn sample(pool: &PgPool, cfg: &Config, pgss: Option<&str>, known: &[&R
     })
 }
 
+/// A sample reads the files of the schemas whose size key changed
+/// ([`USAGE_SQL`]) and, whatever the keys say, of this share of the
+/// tenants, those read longest ago ([`known_sizes_for_next`]): every
+/// schema's files are read at least every 40 samples (10 minutes at the
+/// sampler's default interval), a fortieth of them at a time.
+pub const SIZES_REREAD_SAMPLES: usize = 40;
+
+/// The sizes the sample after `prev` keeps ([`known_sizes`]): all but
+/// the [`SIZES_REREAD_SAMPLES`]th part of them read longest ago.
+pub fn known_sizes_for_next(prev: &Sample) -> Vec<&Row> {
+    known_sizes(prev, prev.rows.len().div_ceil(SIZES_REREAD_SAMPLES))
+}
+
 /// The sizes the next sample may keep: every row of `prev` but the
 /// `reread` whose bytes were read from the files longest ago (the first in
 /// `prev`'s order among equals), whose files the next sample reads again
@@ -506,12 +519,12 @@ mod tests {
         for r in &mut prev.rows {
             r.measured_at = t0;
         }
-        let reread = prev.rows.len().div_ceil(40);
+        let reread = prev.rows.len().div_ceil(SIZES_REREAD_SAMPLES);
         assert_eq!(reread, 3);
         let mut read_again = std::collections::BTreeSet::new();
         for k in 1..=34u64 {
             let now = t0 + Duration::from_secs(15 * k);
-            let known: Vec<String> = known_sizes(&prev, reread).iter().map(|r| r.name.clone()).collect();
+            let known: Vec<String> = known_sizes_for_next(&prev).iter().map(|r| r.name.clone()).collect();
             assert_eq!(known.len(), 97, "sample {k}");
             // What `sample` makes of it: the rows not kept are read now.
             for r in &mut prev.rows {

@@ -1841,6 +1841,64 @@ async fn a_migration_that_breaks_the_audit_log_has_it_put_back_in_its_own_transa
     assert!(r.first_break.is_some(), "{r:?}");
 }
 
+/// The operator creates its functions without compiling their bodies
+/// (`check_function_bodies` off for those statements, docs/scale.md): each
+/// installed body still compiles (the PL/pgSQL validator run on every one
+/// of them with the checks on), and the setting is what it was afterwards,
+/// on or off, inside the same transaction (a migration's goes on after its
+/// audit statements).
+#[tokio::test]
+async fn functions_made_without_body_checks_compile_and_the_setting_is_given_back() {
+    let db = setup("aud_bodies").await;
+    let t = tenant_with_docs(&db, "bc").await;
+    let mut su = db.superuser().await;
+    let schema = t.name.schema();
+    for before in ["on", "off"] {
+        let mut tx = Connection::begin(&mut su).await.unwrap();
+        exec(&mut tx, &format!("SET LOCAL check_function_bodies = {before}")).await;
+        let sql = pg::audit::render(&pg::audit::AuditAction::ReplaceFunctions, &t.name)
+            .unwrap()
+            .join(";\n");
+        exec(
+            &mut tx,
+            &format!("SET LOCAL ROLE {}; {sql}; RESET ROLE", t.name.owner_role()),
+        )
+        .await;
+        let after: String = sqlx::query_scalar("SHOW check_function_bodies")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(after, before, "the setting after the audit functions");
+        tx.commit().await.unwrap();
+    }
+    // Every function of the schema and the tenant's anchor function,
+    // compiled now: a syntax error in a template fails here.
+    exec(&mut su, "SET check_function_bodies = on").await;
+    let checked: i64 = sqlx::query_scalar(
+        "SELECT count(plpgsql_validator(p.oid)) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+          WHERE l.lanname = 'plpgsql'
+            AND (p.pronamespace = $1::regnamespace OR (p.pronamespace = 'tenancy_audit'::regnamespace AND p.proname = $1))",
+    )
+    .bind(&schema)
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
+    assert!(
+        checked >= 6,
+        "the five audit functions and the anchor function, got {checked}"
+    );
+    // And one the checks would have refused is refused by the validator
+    // (the check above can fail).
+    exec(&mut su, &format!("SET check_function_bodies = off; CREATE FUNCTION {schema}.broken() RETURNS int LANGUAGE plpgsql AS $$BEGIN RETURN (; END$$")).await;
+    let e = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET check_function_bodies = on; SELECT plpgsql_validator('{schema}.broken()'::regprocedure)"
+    )))
+    .execute(&mut su)
+    .await
+    .expect_err("a body that does not compile");
+    assert_eq!(sqlstate(&e), "42601", "{e}");
+}
+
 /// `audit verify` builds each entry's content itself from the columns
 /// (`pg::audit::Content`); it must give exactly the bytes the server's
 /// `content_sql` gives, for every kind of entry and for values that need

@@ -96,7 +96,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render ReplaceFunctions",
-        "e8808f8c77b3ea550837601f0d0bf4a1d7128627a1fbc992da1f979db47a82dd",
+        "f18730589f9536c7b4c66b0645603bc24bfcc971a319d5ec3e6a18f3ca36a169",
     ),
     (
         "acme render GuardTable",
@@ -148,11 +148,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "acme render AnchorFunction { uid: \"0b9c-uid\", role: \"tenancy_anchor_16384\" }",
-        "d3312676f71d6c934bcd0201115752d38ecdd5c63e395600b7a3871b8e908c94",
+        "71454569681c0a7c514d2693bd45b76f4fba6faa6ea0bb0318b7b14bf4280cbd",
     ),
     (
         "acme render AnchorFunction { uid: \"we\\\"ird'uid\", role: \"r\\\"o'le\" }",
-        "dec21978078527cec2ef5b8c9dea147e22642f0a2685f0d28e58235b55e342d3",
+        "a746ad33e8a816e0ed732bdf32ed2b339cd967ea82467e1b52ddf73a0ab5a277",
     ),
     (
         "a-b-9 body _tenancy_audit_guard_a_b_9",
@@ -188,7 +188,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render ReplaceFunctions",
-        "a11180ee8bf7e9e4409fcb6c3282e8aa970fc48bce52571ed24e33e88398ffcf",
+        "113a530a31a4feee70bcdbb378a833444a04a979a2152c141948ed0f14d43ee1",
     ),
     (
         "a-b-9 render GuardTable",
@@ -240,11 +240,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
     (
         "a-b-9 render AnchorFunction { uid: \"0b9c-uid\", role: \"tenancy_anchor_16384\" }",
-        "f5971775684eec70c40ede5ebbe57f82decafe2ce5ebaa8a39bf5f2c3b79e155",
+        "117ba4b03c0ad558a72328fbd747e8bdfa28b68ed4b080ff5d5f7860b176b04a",
     ),
     (
         "a-b-9 render AnchorFunction { uid: \"we\\\"ird'uid\", role: \"r\\\"o'le\" }",
-        "d93b82652e97ece64d1a84c6d1b33b64be9841dd82c71678c4d72df1496609d7",
+        "15495f42142ce49284c0a390665b9640cd43e442a5f537639cbbb8c1e59831ee",
     ),
 ];
 

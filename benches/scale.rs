@@ -23,7 +23,8 @@
 //! - the ratios, the operator's peak RSS, the CPU time of the API test
 //!   server against the whole machine's, the failed reconciles (the
 //!   operator's `reconcile_errors` metric), the migration runs that failed
-//!   (its log's warnings), and an idle resync's writes
+//!   (its log's warnings), the usage sampler's writes after the migration
+//!   (until no Tenant was written for 35 s), then an idle resync's writes
 //!   (Tenant resourceVersions that moved, DDL statements in the server log).
 //!
 //! Not part of `cargo test`.
@@ -461,6 +462,37 @@ where
         }
         if state.len() >= n && state.values().filter(|v| **v).count() >= n {
             return Instant::now();
+        }
+    }
+}
+
+/// Watches the objects until none has been written for `quiet` (the
+/// first list's objects are not writes), for at most `deadline`: the
+/// writes seen and the time from the start to the last of them (zero if
+/// none came).
+async fn wait_quiet<K>(api: Api<K>, quiet: Duration, deadline: Duration) -> (usize, Duration, bool)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+    let start = Instant::now();
+    let limit = start + deadline;
+    let (mut writes, mut last, mut listed) = (0usize, start, false);
+    loop {
+        let until = if listed { (last + quiet).min(limit) } else { limit };
+        match tokio::time::timeout_at(until.into(), stream.next()).await {
+            Err(_) => return (writes, last - start, Instant::now() < limit),
+            Ok(Some(Ok(watcher::Event::InitDone))) => {
+                listed = true;
+                last = Instant::now();
+            }
+            Ok(Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)))) => {
+                writes += 1;
+                last = Instant::now();
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => eprintln!("watch: {e}"),
+            Ok(None) => panic!("watch ended"),
         }
     }
 }
@@ -1031,10 +1063,15 @@ async fn main() {
 
     // --- an idle resync: nothing may be written
     let by_name = |list: Vec<Tenant>| list.into_iter().map(|t| (t.name_any(), t)).collect::<HashMap<_, _>>();
-    // Two usage samples (15 s apart by default) after the last write: the
-    // rates the migration's writes left in status.usage fall back to zero
-    // first, and that is a change worth writing.
-    tokio::time::sleep(Duration::from_secs(35)).await;
+    // The usage sampler writes what the migration changed first: every
+    // schema's size grew (two tables), and the rates its writes left fall
+    // back to zero. At most 500 Tenants a sample (15 s apart by default),
+    // longest-waiting first: some 5 minutes of writes at 10,000 tenants.
+    // The idle window starts once no Tenant was written for two samples
+    // and more (35 s), so that it measures a resync with nothing to do;
+    // the drain's writes are printed beside it.
+    let (drain_writes, drain_time, drained) =
+        wait_quiet(tenants.clone(), Duration::from_secs(35), Duration::from_secs(1800)).await;
     let before = by_name(tenants.list(&Default::default()).await.expect("list").items);
     profile_reset(&mut su).await;
     // After the profile's own statements (ALTER SYSTEM is logged as DDL).
@@ -1144,6 +1181,11 @@ async fn main() {
     );
     println!(
         "migration runs that failed (the operator's \"migration failed\" warnings; none of the bench's migrations can fail): {failed_runs_prov} during provisioning, {failed_runs_mig} during the migration"
+    );
+    println!(
+        "after the followers showed the new version: {drain_writes} Tenant writes (the usage sampler's sizes and rates) in {:.1} s{}, then none for 35 s",
+        secs(drain_time),
+        if drained { "" } else { " (still writing after 30 minutes: the window below started anyway)" }
     );
     println!("idle resync ({resync} s + 10 s): {moved} Tenant resourceVersions moved ({usage_only} by the usage sampler writing status.usage only, {other} by anything else), {idle_ddl} DDL statements logged by Postgres");
     drop(procs);

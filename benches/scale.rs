@@ -24,7 +24,7 @@
 //!   server against the whole machine's, the failed reconciles (the
 //!   operator's `reconcile_errors` metric), the migration runs that failed
 //!   (its log's warnings), the usage sampler's writes after the migration
-//!   (until no Tenant was written for 35 s), then an idle resync's writes
+//!   (until one of its samples finds none due), then an idle resync's writes
 //!   (Tenant resourceVersions that moved, DDL statements in the server log).
 //!
 //! Not part of `cargo test`.
@@ -466,35 +466,45 @@ where
     }
 }
 
-/// Watches the objects until none has been written for `quiet` (the
-/// first list's objects are not writes), for at most `deadline`: the
-/// writes seen and the time from the start to the last of them (zero if
-/// none came).
-async fn wait_quiet<K>(api: Api<K>, quiet: Duration, deadline: Duration) -> (usize, Duration, bool)
-where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
-{
-    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
-    let start = Instant::now();
-    let limit = start + deadline;
-    let (mut writes, mut last, mut listed) = (0usize, start, false);
-    loop {
-        let until = if listed { (last + quiet).min(limit) } else { limit };
-        match tokio::time::timeout_at(until.into(), stream.next()).await {
-            Err(_) => return (writes, last - start, Instant::now() < limit),
-            Ok(Some(Ok(watcher::Event::InitDone))) => {
-                listed = true;
-                last = Instant::now();
-            }
-            Ok(Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)))) => {
-                writes += 1;
-                last = Instant::now();
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(e))) => eprintln!("watch: {e}"),
-            Ok(None) => panic!("watch ended"),
-        }
+/// The usage sampler's samples so far and the status writes its latest
+/// sample found due, summed over the shards (the operator's `/metrics`);
+/// None before its first sample.
+fn scrape_usage(port: u16) -> Option<(u64, u64)> {
+    use std::io::Read as _;
+    use tenant_operator::telemetry::{USAGE_SAMPLES_TOTAL, USAGE_WRITES_DUE};
+    let mut text = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let _ = s.read_to_string(&mut text);
     }
+    let sum = |name: &str| -> Option<u64> {
+        let values: Vec<u64> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .map(|v| v as u64)
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    };
+    Some((sum(USAGE_SAMPLES_TOTAL)?, sum(USAGE_WRITES_DUE)?))
+}
+
+/// Waits for a usage sample that began after this call and found no
+/// Tenant's usage to write (two samples ended since the call: the second
+/// began after it). The time it took, and whether it came before
+/// `deadline`.
+async fn wait_usage_steady(port: u16, deadline: Duration) -> (Duration, bool) {
+    let start = Instant::now();
+    let first = scrape_usage(port).map_or(0, |(n, _)| n);
+    while start.elapsed() < deadline {
+        if let Some((n, due)) = scrape_usage(port) {
+            if n >= first + 2 && due == 0 {
+                return (start.elapsed(), true);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    (start.elapsed(), false)
 }
 
 /// The operator's reconcile counters at one moment (its `/metrics`).
@@ -1065,14 +1075,20 @@ async fn main() {
     let by_name = |list: Vec<Tenant>| list.into_iter().map(|t| (t.name_any(), t)).collect::<HashMap<_, _>>();
     // The usage sampler writes what the migration changed first: every
     // schema's size grew (two tables), and the rates its writes left fall
-    // back to zero. At most 500 Tenants a sample (15 s apart by default),
-    // longest-waiting first: some 5 minutes of writes at 10,000 tenants.
-    // The idle window starts once no Tenant was written for two samples
-    // and more (35 s), so that it measures a resync with nothing to do;
-    // the drain's writes are printed beside it.
-    let (drain_writes, drain_time, drained) =
-        wait_quiet(tenants.clone(), Duration::from_secs(35), Duration::from_secs(1800)).await;
+    // back to zero. At most 500 Tenants a sample (15 s apart by default,
+    // more when a sample that reads many schemas' files is paced by its
+    // cost), longest-waiting first: minutes of writes at 10,000 tenants.
+    // The idle window starts at the first sample, begun after this point,
+    // that found no Tenant's usage to write (the operator's metrics), so
+    // that it measures a resync with nothing to do; the drain is printed
+    // beside it.
+    let drain_from = by_name(tenants.list(&Default::default()).await.expect("list").items);
+    let (drain_time, drained) = wait_usage_steady(metrics_port, Duration::from_secs(1800)).await;
     let before = by_name(tenants.list(&Default::default()).await.expect("list").items);
+    let drain_writes = before
+        .iter()
+        .filter(|(k, v)| drain_from.get(*k).map(|a| a.resource_version()) != Some(v.resource_version()))
+        .count();
     profile_reset(&mut su).await;
     // After the profile's own statements (ALTER SYSTEM is logged as DDL).
     let log_from = file_len(&pg_log);
@@ -1183,9 +1199,9 @@ async fn main() {
         "migration runs that failed (the operator's \"migration failed\" warnings; none of the bench's migrations can fail): {failed_runs_prov} during provisioning, {failed_runs_mig} during the migration"
     );
     println!(
-        "after the followers showed the new version: {drain_writes} Tenant writes (the usage sampler's sizes and rates) in {:.1} s{}, then none for 35 s",
+        "after the followers showed the new version: {drain_writes} Tenants written (the usage sampler's sizes and rates) until a usage sample found none to write, {:.1} s{}",
         secs(drain_time),
-        if drained { "" } else { " (still writing after 30 minutes: the window below started anyway)" }
+        if drained { "" } else { " (still some due after 30 minutes: the window below started anyway)" }
     );
     println!("idle resync ({resync} s + 10 s): {moved} Tenant resourceVersions moved ({usage_only} by the usage sampler writing status.usage only, {other} by anything else), {idle_ddl} DDL statements logged by Postgres");
     drop(procs);

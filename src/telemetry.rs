@@ -118,6 +118,11 @@ pub fn top_n(values: &[(&str, f64)], n: usize) -> (Vec<(String, f64)>, f64, f64)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabel {
     state: &'static str,
 }
@@ -147,6 +152,12 @@ pub struct Metrics {
     watchdog_per_tenant: Mutex<std::collections::HashMap<String, u64>>,
     usage: Family<MeasureTenantLabels, FloatGauge>,
     usage_totals: Family<MeasureLabel, FloatGauge>,
+    /// Usage samples taken, per shard.
+    usage_samples: Family<ShardLabel, Counter>,
+    /// Tenants whose `status.usage` the latest sample of a shard found to
+    /// differ (written at most [`crate::controller::usage::WRITES_PER_SAMPLE`]
+    /// a sample; 0: the shard's figures are what the Tenants show).
+    usage_due: Family<ShardLabel, Gauge>,
     /// The Tenant controller's watch cache, for the per-phase gauge (set
     /// when that controller starts).
     pub tenant_store: OnceLock<Store<Tenant>>,
@@ -156,6 +167,11 @@ pub struct Metrics {
 /// scale benchmark) look for them; the unit test below checks these names.
 pub const RECONCILES_TOTAL: &str = "tenant_operator_reconciles_total";
 pub const RECONCILE_ERRORS_TOTAL: &str = "tenant_operator_reconcile_errors_total";
+/// The usage sampler's samples, and the status writes its latest sample
+/// found due, per shard (the scale benchmark waits for a sample with none
+/// due before its idle window).
+pub const USAGE_SAMPLES_TOTAL: &str = "tenant_operator_usage_samples_total";
+pub const USAGE_WRITES_DUE: &str = "tenant_operator_usage_status_writes_due";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -230,6 +246,14 @@ impl Default for Metrics {
             "Tenants' usage at the latest sample, per measure, summed over all tenants",
             usage_totals.clone(),
         );
+        let usage_samples = Family::<ShardLabel, Counter>::default();
+        let usage_due = Family::<ShardLabel, Gauge>::default();
+        registry.register("usage_samples", "Usage samples taken, per shard", usage_samples.clone());
+        registry.register(
+            "usage_status_writes_due",
+            "Tenants whose status.usage the latest usage sample of the shard found to differ (at most 500 written a sample; 0: every Tenant shows its figures)",
+            usage_due.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -246,6 +270,8 @@ impl Default for Metrics {
             watchdog_per_tenant: Mutex::new(Default::default()),
             usage,
             usage_totals,
+            usage_samples,
+            usage_due,
             tenant_store: OnceLock::new(),
         }
     }
@@ -321,6 +347,16 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// One usage sample of `shard` taken, which found `due` Tenants'
+    /// `status.usage` to differ.
+    pub fn usage_sampled(&self, shard: &str, due: usize) {
+        let label = ShardLabel {
+            shard: shard.to_string(),
+        };
+        self.usage_samples.get_or_create(&label).inc();
+        self.usage_due.get_or_create(&label).set(due as i64);
     }
 
     /// Sets the usage gauges from one sample: per measure the
@@ -573,6 +609,24 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("tenant_operator_leader 1"), "{out}");
+    }
+
+    #[test]
+    fn usage_samples_are_counted_and_the_latest_samples_due_writes_shown_per_shard() {
+        let m = Metrics::default();
+        m.usage_sampled("default", 500);
+        m.usage_sampled("default", 0);
+        m.usage_sampled("eu-1", 7);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        for line in [
+            format!("{USAGE_SAMPLES_TOTAL}{{shard=\"default\"}} 2"),
+            format!("{USAGE_SAMPLES_TOTAL}{{shard=\"eu-1\"}} 1"),
+            format!("{USAGE_WRITES_DUE}{{shard=\"default\"}} 0"),
+            format!("{USAGE_WRITES_DUE}{{shard=\"eu-1\"}} 7"),
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in:\n{out}");
+        }
     }
 
     #[test]

@@ -466,27 +466,38 @@ where
     }
 }
 
-/// The usage sampler's samples so far and the status writes its latest
-/// sample found due, summed over the shards (the operator's `/metrics`);
-/// None before its first sample.
-fn scrape_usage(port: u16) -> Option<(u64, u64)> {
+/// The operator's `/metrics` page (empty when it cannot be read).
+fn metrics_page(port: u16) -> String {
     use std::io::Read as _;
-    use tenant_operator::telemetry::{USAGE_SAMPLES_TOTAL, USAGE_WRITES_DUE};
     let mut text = String::new();
     if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
         let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
         let _ = s.read_to_string(&mut text);
     }
-    let sum = |name: &str| -> Option<u64> {
-        let values: Vec<u64> = text
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .map(|v| v as u64)
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
-    };
-    Some((sum(USAGE_SAMPLES_TOTAL)?, sum(USAGE_WRITES_DUE)?))
+    text
+}
+
+/// The sum of the samples on the lines starting with `prefix`; None when
+/// there is none.
+fn sum_lines(text: &str, prefix: &str) -> Option<u64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
+}
+
+/// The usage sampler's samples so far and the status writes its latest
+/// sample found due, summed over the shards (the operator's `/metrics`);
+/// None before its first sample.
+fn scrape_usage(port: u16) -> Option<(u64, u64)> {
+    use tenant_operator::telemetry::{USAGE_SAMPLES_TOTAL, USAGE_WRITES_DUE};
+    let text = metrics_page(port);
+    Some((
+        sum_lines(&text, &format!("{USAGE_SAMPLES_TOTAL}{{"))?,
+        sum_lines(&text, &format!("{USAGE_WRITES_DUE}{{"))?,
+    ))
 }
 
 /// Waits for a usage sample that began after this call and found no
@@ -535,20 +546,8 @@ impl std::ops::Sub for Counters {
 /// was read. (An error counter has no line before the first error.) (Until 2026-12-04 this matched
 /// the names without their `tenant_operator_` prefix and so always read 0.)
 async fn scrape(port: u16) -> Counters {
-    use std::io::Read as _;
-    let mut text = String::new();
-    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        let _ = s.read_to_string(&mut text);
-    }
-    let sum = |prefix: &str| -> Option<u64> {
-        let values: Vec<f64> = text
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
-    };
+    let text = metrics_page(port);
+    let sum = |prefix: &str| sum_lines(&text, prefix);
     use tenant_operator::telemetry::{RECONCILES_TOTAL, RECONCILE_ERRORS_TOTAL};
     // Other controllers (the rate-limit writer, the sets) have run by the
     // time the first Tenant is applied.

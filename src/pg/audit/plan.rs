@@ -305,10 +305,11 @@ fn lz4(schema: &str, table: &str) -> String {
 /// compiled when created (`check_function_bodies` off, as `pg_dump`'s
 /// scripts do), then the setting is what it was (a migration's transaction
 /// goes on after them). The bodies are the operator's constant templates,
-/// each run by the tests; compiling them at creation was about 0.9 ms of
-/// server time per tenant for the five audit functions (2.1 against 1.1 to
-/// 1.3 ms, 300 tenants, docs/scale.md), a second of every thousand new
-/// tenants. Transaction-local: kept in a setting of the transaction.
+/// each run by the tests; compiling them at creation was about 1 ms of
+/// server time per tenant for the five audit functions (2.03 against 1.05
+/// ms, `cargo bench --bench audit_objects`, docs/scale.md), a second of
+/// every thousand new tenants. Transaction-local: kept in a setting of the
+/// transaction.
 pub(super) const BODY_CHECKS_OFF: &str = "SELECT pg_catalog.set_config('tenancy.check_function_bodies', pg_catalog.current_setting('check_function_bodies'), true), pg_catalog.set_config('check_function_bodies', 'off', true)";
 /// What [`BODY_CHECKS_OFF`] changed, back.
 pub(super) const BODY_CHECKS_BACK: &str = "SELECT pg_catalog.set_config('check_function_bodies', pg_catalog.current_setting('tenancy.check_function_bodies'), true)";

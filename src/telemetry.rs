@@ -158,6 +158,8 @@ pub struct Metrics {
     /// differ (written at most [`crate::controller::usage::WRITES_PER_SAMPLE`]
     /// a sample; 0: the shard's figures are what the Tenants show).
     usage_due: Family<ShardLabel, Gauge>,
+    /// The shards the two above have series for.
+    usage_shards: Mutex<std::collections::BTreeSet<String>>,
     /// The Tenant controller's watch cache, for the per-phase gauge (set
     /// when that controller starts).
     pub tenant_store: OnceLock<Store<Tenant>>,
@@ -272,6 +274,7 @@ impl Default for Metrics {
             usage_totals,
             usage_samples,
             usage_due,
+            usage_shards: Mutex::new(Default::default()),
             tenant_store: OnceLock::new(),
         }
     }
@@ -350,13 +353,25 @@ impl Metrics {
     }
 
     /// One usage sample of `shard` taken, which found `due` Tenants'
-    /// `status.usage` to differ.
-    pub fn usage_sampled(&self, shard: &str, due: usize) {
+    /// `status.usage` to differ; the series of shards that are not `live`
+    /// any more (deleted) are dropped.
+    pub fn usage_sampled(&self, shard: &str, due: usize, live: &[&str]) {
         let label = ShardLabel {
             shard: shard.to_string(),
         };
         self.usage_samples.get_or_create(&label).inc();
         self.usage_due.get_or_create(&label).set(due as i64);
+        let mut known = self.usage_shards.lock().unwrap_or_else(|p| p.into_inner());
+        known.insert(shard.to_string());
+        known.retain(|name| {
+            let keep = live.contains(&name.as_str());
+            if !keep {
+                let gone = ShardLabel { shard: name.clone() };
+                self.usage_samples.remove(&gone);
+                self.usage_due.remove(&gone);
+            }
+            keep
+        });
     }
 
     /// Sets the usage gauges from one sample: per measure the
@@ -614,11 +629,16 @@ mod tests {
     #[test]
     fn usage_samples_are_counted_and_the_latest_samples_due_writes_shown_per_shard() {
         let m = Metrics::default();
-        m.usage_sampled("default", 500);
-        m.usage_sampled("default", 0);
-        m.usage_sampled("eu-1", 7);
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        let both = ["default", "eu-1"];
+        m.usage_sampled("default", 500, &both);
+        m.usage_sampled("default", 0, &both);
+        m.usage_sampled("eu-1", 7, &both);
+        let page = |m: &Metrics| {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+            out
+        };
+        let out = page(&m);
         for line in [
             format!("{USAGE_SAMPLES_TOTAL}{{shard=\"default\"}} 2"),
             format!("{USAGE_SAMPLES_TOTAL}{{shard=\"eu-1\"}} 1"),
@@ -627,6 +647,12 @@ mod tests {
         ] {
             assert!(out.lines().any(|l| l == line), "{line} in:\n{out}");
         }
+        // Shard eu-1 deleted: its series go at the next sample of another.
+        m.usage_sampled("default", 0, &["default"]);
+        let out = page(&m);
+        assert!(!out.contains("eu-1"), "{out}");
+        let three = format!("{USAGE_SAMPLES_TOTAL}{{shard=\"default\"}} 3");
+        assert!(out.lines().any(|l| l == three), "{out}");
     }
 
     #[test]

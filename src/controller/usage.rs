@@ -215,7 +215,9 @@ async fn run_on(ctx: Arc<Context>, shard: Arc<super::shards::ShardConn>, every: 
             None => Vec::new(),
         };
         let due = writes.len();
-        ctx.metrics.usage_sampled(&shard.name, due);
+        let live = ctx.shards.all();
+        let live: Vec<&str> = live.iter().map(|c| c.name.as_str()).collect();
+        ctx.metrics.usage_sampled(&shard.name, due, &live);
         let mut written = 0;
         for (name, usage) in writes.into_iter().take(WRITES_PER_SAMPLE) {
             // `decide` found it in the store; a Tenant deleted since is left.

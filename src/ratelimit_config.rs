@@ -361,16 +361,22 @@ fn render_shards(
     lens: &[(usize, usize)],
     n: usize,
 ) -> Vec<Shard> {
-    // Each entry's shard, found once (an index per entry, not a line).
+    // Each entry's shard, found once (an index per entry, not a line),
+    // with the lengths of its shard's two files.
     let mut members: Vec<Vec<&Entry>> = vec![Vec::new(); n];
-    for e in entries {
-        members[shard_index(e, n)].push(e);
+    let mut lengths = vec![(0usize, 0usize); n];
+    for (e, (api, webhook)) in entries.iter().zip(lens) {
+        let i = shard_index(e, n);
+        members[i].push(e);
+        lengths[i].0 += api;
+        lengths[i].1 += webhook;
     }
-    tally(entries, lens, n)
+    members
         .into_iter()
-        .zip(members)
+        .zip(lengths)
         .enumerate()
-        .map(|(i, ((count, api_len, webhook_len), mine))| {
+        .map(|(i, (mine, (api_len, webhook_len)))| {
+            let count = mine.len();
             let (fa, fw) = file_names(i, n);
             let api = file(
                 &cfg.api_domain,

@@ -1997,8 +1997,9 @@ async fn same_content(su: &mut sqlx::PgConnection, t: &Tenant) -> Vec<String> {
         "a.changed_columns",
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT a.operation, {content} AS server, EXTRACT(EPOCH FROM a.\"time\")::text AS epoch, a.actor, a.actor_given, a.request_id,
+        "SELECT {}, a.operation, {content} AS server, EXTRACT(EPOCH FROM a.\"time\")::text AS epoch, a.actor, a.actor_given, a.request_id,
                 a.table_name, a.row_pk::text AS pk, a.changed_columns FROM {}._tenancy_audit a ORDER BY a.id",
+        pg::audit::time_columns_sql("a.\"time\""),
         t.name.schema()
     )))
     .fetch_all(&mut *su)
@@ -2009,8 +2010,12 @@ async fn same_content(su: &mut sqlx::PgConnection, t: &Tenant) -> Vec<String> {
         let operation: String = row.get("operation");
         let changed: Option<Vec<String>> = row.get("changed_columns");
         let mut mine = Vec::new();
+        // The epoch as the walk renders it from the stored time.
+        let mut epoch = String::new();
+        pg::audit::epoch_from_row(row, 0, &mut epoch).unwrap();
+        assert_eq!(epoch, row.get::<String, _>("epoch"), "{operation}: the epoch differs");
         pg::audit::Content {
-            epoch: row.get("epoch"),
+            epoch: &epoch,
             actor: row.get("actor"),
             actor_given: row.get("actor_given"),
             request_id: row.get("request_id"),
@@ -2029,6 +2034,187 @@ async fn same_content(su: &mut sqlx::PgConnection, t: &Tenant) -> Vec<String> {
         ops.insert(operation);
     }
     ops.into_iter().collect()
+}
+
+/// The epoch `audit verify` renders from an entry's stored time is the
+/// server's `EXTRACT(EPOCH FROM time)::text` for any time the type holds:
+/// before 1970 (negative, with and without a fraction), the first and
+/// last microsecond of the range, the last years of the range (where the
+/// server's epoch rounds, and the walk takes its text), `infinity` and
+/// `-infinity`, and times written in other time zones.
+#[tokio::test]
+async fn the_epoch_verify_writes_is_the_servers() {
+    let db = setup("aud_epoch").await;
+    let times = [
+        "2026-12-05 10:00:00+00",
+        "2026-12-05 10:00:00.123456+05:30",
+        "1970-01-01 00:00:00+00",
+        "1970-01-01 00:00:00.000001+00",
+        "1969-12-31 23:59:59.999999+00",
+        "1969-12-31 23:59:59.5+00",
+        "1969-12-31 23:59:59+00",
+        "1960-01-01 00:00:00.000001+00",
+        "2000-01-01 00:00:00+00",
+        "1999-12-31 23:59:59.999999-12",
+        "4714-11-24 00:00:00+00 BC",
+        "4714-11-24 00:00:00.000001+00 BC",
+        "199999-12-31 23:59:59.999999+00",
+        "200000-01-01 00:00:00+00",
+        "294246-06-01 00:00:00.5+00",
+        "294276-12-31 23:59:59.999999+00",
+        "294276-12-31 23:59:59.5+00",
+        "infinity",
+        "-infinity",
+    ];
+    let values = times
+        .iter()
+        .map(|t| format!("('{t}'::timestamptz)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {}, EXTRACT(EPOCH FROM v.t)::text, v.t::text FROM (VALUES {values}) v(t)",
+        pg::audit::time_columns_sql("v.t")
+    )))
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), times.len());
+    let mut rendered_here = 0;
+    for row in &rows {
+        let server: String = row.get(2);
+        let mut mine = String::new();
+        pg::audit::epoch_from_row(row, 0, &mut mine).unwrap();
+        assert_eq!(mine, server, "the epoch of {}", row.get::<String, _>(3));
+        if row.get::<Option<String>, _>(1).is_none() {
+            rendered_here += 1;
+        }
+    }
+    // All but the last years of the range and the infinities are rendered
+    // by the walk itself.
+    assert_eq!(rendered_here, times.len() - 6);
+}
+
+/// A chain of `SPLIT_WALK_ROWS` rows or more is read over two confined
+/// sessions sharing one snapshot (even and odd ids), and the walk still
+/// finds an edited entry in either half and a removed one; without a
+/// second session (the ops role's connection limit reached) the walk
+/// reads on one and gives the same answers.
+#[tokio::test]
+async fn a_long_chain_is_walked_on_two_sessions_and_a_break_in_either_half_is_found() {
+    let db = setup("aud_split").await;
+    let t = tenant_with_docs(&db, "sp").await;
+    let mut app = t.app(&db).await.unwrap();
+    // One entry per statement: a server-side loop of single-row INSERTs,
+    // and a few statements of many rows (large keys' text) among them.
+    let entries = pg::audit::SPLIT_WALK_ROWS + 17;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DO $$ BEGIN
+           FOR i IN 1..{entries} - 3 LOOP INSERT INTO docs (body, n) VALUES ('b', i); END LOOP;
+           INSERT INTO docs (body, n) SELECT 'bulk', g FROM generate_series(1, 2500) g;
+           UPDATE docs SET body = 'u' WHERE n <= 3000;
+           DELETE FROM docs WHERE n = 5;
+         END $$"
+    )))
+    .execute(&mut app)
+    .await
+    .unwrap();
+    let schema = t.name.schema();
+    let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM {schema}._tenancy_audit ORDER BY id"
+    )))
+    .fetch_all(&db.su)
+    .await
+    .unwrap();
+    assert_eq!(ids.len() as i64, entries);
+    let r = verified(&db, &t).await;
+    assert_eq!((r.rows, r.sessions), (entries as u64, 2), "a long chain, two sessions");
+
+    // The ops role may log in once only: the walk reads on one session.
+    let mut su = db.superuser().await;
+    let one = verify_with_one_ops_login(&db, &mut su, &t).await;
+    assert_eq!(one.first_break, None);
+    assert_eq!((one.rows, one.sessions, &one.head), (r.rows, 1, &r.head));
+
+    let tamper = |sql: String| format!("SET session_replication_role = replica; {sql}; RESET session_replication_role");
+    let broken_at = |r: pg::audit::VerifyReport| r.first_break.expect("a break").id;
+    // An edit in the even half, then one in the odd half (each undone).
+    for &id in ids
+        .iter()
+        .skip(4000)
+        .filter(|&&i| i % 2 == 0)
+        .take(1)
+        .chain(ids.iter().skip(7000).filter(|&&i| i % 2 != 0).take(1))
+    {
+        let old: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT actor FROM {schema}._tenancy_audit WHERE id = {id}"
+        )))
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(tamper(format!(
+            "UPDATE {schema}._tenancy_audit SET actor = 'someone-else' WHERE id = {id}"
+        ))))
+        .execute(&mut su)
+        .await
+        .unwrap();
+        let two = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
+            .await
+            .unwrap();
+        assert_eq!(two.sessions, 2);
+        assert_eq!(broken_at(two), id, "an edit of row {id}, two sessions");
+        let one = verify_with_one_ops_login(&db, &mut su, &t).await;
+        assert_eq!(one.sessions, 1);
+        assert_eq!(broken_at(one), id, "an edit of row {id}, one session");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(tamper(format!(
+            "UPDATE {schema}._tenancy_audit SET actor = '{}' WHERE id = {id}",
+            old.replace('\'', "''")
+        ))))
+        .execute(&mut su)
+        .await
+        .unwrap();
+    }
+    verified(&db, &t).await;
+    // A removed entry: the next one's link breaks.
+    let gone = ids[5000];
+    sqlx::raw_sql(sqlx::AssertSqlSafe(tamper(format!(
+        "DELETE FROM {schema}._tenancy_audit WHERE id = {gone}"
+    ))))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
+        .await
+        .unwrap();
+    assert_eq!(r.sessions, 2);
+    assert_eq!(broken_at(r), ids[5001], "row {gone} removed");
+}
+
+/// `audit verify` with the tenant's ops role allowed one connection (so
+/// the walk reads on one session); the limit is put back to 4 after.
+/// A server process of an earlier walk may hold its slot a moment after
+/// its client left: a refused first login is tried again.
+async fn verify_with_one_ops_login(db: &TestDb, su: &mut PgConnection, t: &Tenant) -> pg::audit::VerifyReport {
+    let limit = |n: i32| format!("ALTER ROLE {} CONNECTION LIMIT {n}", t.name.ops_role());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(limit(1)))
+        .execute(&mut *su)
+        .await
+        .unwrap();
+    let mut tries = 0;
+    let r = loop {
+        match pg::audit::verify(&db.admin, &support::test_ring(), &t.name).await {
+            Ok(r) => break r,
+            Err(e) if tries < 500 && e.to_string().contains("too many connections") => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("verify: {e}"),
+        }
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(limit(4)))
+        .execute(&mut *su)
+        .await
+        .unwrap();
+    r
 }
 
 /// An UPDATE appends one entry per statement (per 10,000 rows), holding

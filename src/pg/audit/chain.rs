@@ -34,6 +34,9 @@ pub struct VerifyReport {
     /// under a root key version no longer in the keyring.
     pub anchors_skipped: u64,
     pub first_break: Option<ChainBreak>,
+    /// How many sessions read the chain (two share one snapshot for a long
+    /// chain: `verify::SPLIT_WALK_ROWS`).
+    pub sessions: u8,
 }
 
 /// One row as the walk sees it.
@@ -348,6 +351,7 @@ impl Walker {
             anchors_checked: self.anchors_checked,
             anchors_skipped: self.anchors_skipped,
             first_break: self.first_break,
+            sessions: 1,
         }
     }
 }

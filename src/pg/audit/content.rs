@@ -101,6 +101,35 @@ impl Content<'_> {
     }
 }
 
+/// Microseconds between 1970-01-01 and 2000-01-01 UTC, Postgres' own
+/// epoch for `timestamptz`.
+const UNIX_TO_PG_EPOCH_MICROS: i128 = 946_684_800_000_000;
+
+/// `EXTRACT(EPOCH FROM t)::text` (PostgreSQL 14 and later: a numeric of
+/// scale 6) of a `timestamptz` as the server stores and sends it in
+/// binary: microseconds since 2000-01-01 UTC, `i64::MAX` and `i64::MIN`
+/// for `infinity` and `-infinity`. Appends it to `out`. Exact below the
+/// last 30 years of the server's range (there the server's own epoch
+/// takes a rounding path; the walk asks for its text instead:
+/// `verify::time_columns_sql`). The walk formats the epoch itself so that
+/// the server sends the column as it is; checked against the server by
+/// `the_epoch_verify_writes_is_the_servers` (tests/pg_audit.rs: negative,
+/// fractional, extreme and infinite times).
+pub fn epoch_text(pg_micros: i64, out: &mut String) {
+    use std::fmt::Write;
+    match pg_micros {
+        i64::MAX => out.push_str("Infinity"),
+        i64::MIN => out.push_str("-Infinity"),
+        v => {
+            let unix = i128::from(v) + UNIX_TO_PG_EPOCH_MICROS;
+            let sign = if unix < 0 { "-" } else { "" };
+            let abs = unix.unsigned_abs();
+            // Writing into a String cannot fail.
+            let _ = write!(out, "{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000);
+        }
+    }
+}
+
 fn json_opt(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => json_string(out, s),

@@ -72,7 +72,7 @@ pub use consts::{
     AuditFns, ANCHOR_DOMAIN, ANCHOR_ROLE_PREFIX, ANCHOR_SCHEMA, AUDIT_TABLE, CHUNK_ROWS, GENESIS, HEAD_TABLE,
     PENDING_TABLE, PGAUDIT_CLASSES, TABLE_TRIGGERS,
 };
-pub use content::{content_sql, header_sql, tail_sql, Content};
+pub use content::{content_sql, epoch_text, header_sql, tail_sql, Content};
 pub use converge::{converge, converge_keeping, record_exclusion, statements_in_tx, AuditOutcome};
 pub use export::{export, AuditRecord};
 pub use functions::anchor_function_body;
@@ -83,4 +83,4 @@ pub use plan::{
 pub use restore::{forget_tenant, leftovers, rebase_after_restore, RebaseOutcome};
 pub use retention::{prune, prune_due, PruneOutcome};
 pub use seal::{seal_pending, tenants_with_pending};
-pub use verify::verify;
+pub use verify::{epoch_from_row, time_columns_sql, verify, SPLIT_WALK_ROWS};

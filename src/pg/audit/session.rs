@@ -43,7 +43,18 @@ pub(super) async fn open_confined(
     uid: &str,
 ) -> Result<Confined, PgError> {
     let salt = salt_of(pool, name, uid).await?;
-    let login = OpsLogin::derive(&crate::pg::Target::of_pool(pool), name, uid, ring, &salt).map_err(PgError::Keys)?;
+    confined_with(pool, ring, name, uid, &salt).await
+}
+
+/// [`open_confined`] with the tenant's key salt already read.
+pub(super) async fn confined_with(
+    pool: &PgPool,
+    ring: &Keyring,
+    name: &TenantName,
+    uid: &str,
+    salt: &TenantSalt,
+) -> Result<Confined, PgError> {
+    let login = OpsLogin::derive(&crate::pg::Target::of_pool(pool), name, uid, ring, salt).map_err(PgError::Keys)?;
     confined::connect(pool, &login).await
 }
 

@@ -1414,3 +1414,35 @@ fn the_triggers_arguments_are_the_observed_key_quoted_as_literals() {
     let sql = render(&actions[1], &n("acme")).unwrap();
     assert!(sql.iter().all(|s| s.ends_with("()")), "{sql:?}");
 }
+
+/// The epoch the walk renders from a stored time is the server's
+/// `EXTRACT(EPOCH FROM t)::text` (the values PostgreSQL 15 gave for these
+/// times; the pg test `the_epoch_verify_writes_is_the_servers` compares
+/// with a live server).
+#[test]
+fn the_epoch_of_a_stored_time_is_the_servers_text() {
+    // Microseconds since 2000-01-01 UTC, as the server stores a time.
+    let pg = |unix_micros: i128| i64::try_from(unix_micros - 946_684_800_000_000).unwrap();
+    let cases: [(i64, &str); 10] = [
+        (pg(1_796_464_800_000_000), "1796464800.000000"),
+        (pg(500_000), "0.500000"),
+        (pg(0), "0.000000"),
+        (pg(-500_000), "-0.500000"),
+        (pg(-1_000_000), "-1.000000"),
+        (pg(-315_619_199_999_999), "-315619199.999999"),
+        (pg(-210_866_803_200_000_000), "-210866803200.000000"),
+        (0, "946684800.000000"),
+        (i64::MAX, "Infinity"),
+        (i64::MIN, "-Infinity"),
+    ];
+    for (micros, want) in cases {
+        let mut out = String::from("left over");
+        out.clear();
+        epoch_text(micros, &mut out);
+        assert_eq!(out, want, "{micros}");
+    }
+    // Appends.
+    let mut out = String::from("[");
+    epoch_text(pg(1), &mut out);
+    assert_eq!(out, "[0.000001");
+}

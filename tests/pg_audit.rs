@@ -91,6 +91,17 @@ async fn audit_rows(db: &TestDb, t: &Tenant) -> Vec<Audit> {
         .collect()
 }
 
+/// The ids of the tenant's audit log, in order.
+async fn audit_ids(db: &TestDb, t: &Tenant) -> Vec<i64> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM {}._tenancy_audit ORDER BY id",
+        t.name.schema()
+    )))
+    .fetch_all(&db.su)
+    .await
+    .unwrap()
+}
+
 fn cli(db: &TestDb, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tenant-operator"))
         .args(args)
@@ -407,12 +418,7 @@ async fn a_superuser_edit_or_removal_is_found_by_audit_verify() {
     );
 
     let schema = t.name.schema();
-    let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT id FROM {schema}._tenancy_audit ORDER BY id"
-    )))
-    .fetch_all(&db.su)
-    .await
-    .unwrap();
+    let ids = audit_ids(&db, &t).await;
     let mut su = db.superuser().await;
     // A superuser can get past the guard (replica mode skips triggers)...
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -2119,12 +2125,7 @@ async fn a_long_chain_is_walked_on_two_sessions_and_a_break_in_either_half_is_fo
     .await
     .unwrap();
     let schema = t.name.schema();
-    let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT id FROM {schema}._tenancy_audit ORDER BY id"
-    )))
-    .fetch_all(&db.su)
-    .await
-    .unwrap();
+    let ids = audit_ids(&db, &t).await;
     assert_eq!(ids.len() as i64, entries);
     let r = verified(&db, &t).await;
     assert_eq!((r.rows, r.sessions), (entries as u64, 2), "a long chain, two sessions");
@@ -2164,11 +2165,11 @@ async fn a_long_chain_is_walked_on_two_sessions_and_a_break_in_either_half_is_fo
             format!("UPDATE {schema}._tenancy_audit SET actor = 'someone-else' WHERE id = {id}"),
         )
         .await;
-        let two = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
-            .await
-            .unwrap();
-        assert_eq!(two.sessions, 2);
-        assert_eq!(broken_at(two), id, "an edit of row {id}, two sessions");
+        assert_eq!(
+            broken_at(on_two(&db, &t).await),
+            id,
+            "an edit of row {id}, two sessions"
+        );
         let one = verify_with_one_ops_login(&db, &mut su, &t).await;
         assert_eq!(one.sessions, 1);
         assert_eq!(broken_at(one), id, "an edit of row {id}, one session");
@@ -2189,11 +2190,16 @@ async fn a_long_chain_is_walked_on_two_sessions_and_a_break_in_either_half_is_fo
         format!("DELETE FROM {schema}._tenancy_audit WHERE id = {gone}"),
     )
     .await;
+    assert_eq!(broken_at(on_two(&db, &t).await), ids[5001], "row {gone} removed");
+}
+
+/// `audit verify` of a long chain, which reads on two sessions.
+async fn on_two(db: &TestDb, t: &Tenant) -> pg::audit::VerifyReport {
     let r = pg::audit::verify(&db.admin, &support::test_ring(), &t.name)
         .await
         .unwrap();
-    assert_eq!(r.sessions, 2);
-    assert_eq!(broken_at(r), ids[5001], "row {gone} removed");
+    assert_eq!(r.sessions, 2, "the walk's sessions");
+    r
 }
 
 /// `audit verify` with the tenant's ops role allowed one connection (so

@@ -166,16 +166,16 @@ pub fn epoch_from_row(row: &sqlx::postgres::PgRow, at: usize, out: &mut String) 
         return Ok(());
     }
     let time = row.try_get_raw(at)?;
-    let micros = match (time.format(), time.as_bytes().map_err(sqlx::Error::Decode)?) {
-        (sqlx::postgres::PgValueFormat::Binary, b) if b.len() == 8 => {
-            i64::from_be_bytes(b.try_into().expect("eight bytes"))
-        }
-        _ => {
-            return Err(sqlx::Error::Protocol(
-                "an audit entry's time is not a binary timestamptz".into(),
-            ))
-        }
+    let stored: Option<[u8; 8]> = match time.format() {
+        sqlx::postgres::PgValueFormat::Binary => time.as_bytes().ok().and_then(|b| b.try_into().ok()),
+        sqlx::postgres::PgValueFormat::Text => None,
     };
+    let Some(stored) = stored else {
+        return Err(sqlx::Error::Protocol(
+            "an audit entry's time is not a binary timestamptz".into(),
+        ));
+    };
+    let micros = i64::from_be_bytes(stored);
     epoch_text(micros, out);
     Ok(())
 }
@@ -324,15 +324,15 @@ async fn walk(
             loop {
                 let even_first = match (&next_even, &next_odd) {
                     (Some(e), Some(o)) => id(e)? < id(o)?,
-                    (Some(_), None) => true,
-                    (None, Some(_)) => false,
-                    (None, None) => break,
+                    (e, _) => e.is_some(),
                 };
+                let row = if even_first { next_even.take() } else { next_odd.take() };
+                // Both halves read to their end.
+                let Some(row) = row else { break };
+                take(&row)?;
                 if even_first {
-                    take(next_even.as_ref().expect("a row"))?;
                     next_even = even.try_next().await.map_err(&read)?;
                 } else {
-                    take(next_odd.as_ref().expect("a row"))?;
                     next_odd = odd.try_next().await.map_err(&read)?;
                 }
             }

@@ -15,7 +15,7 @@ use super::chain::{Anchored, ChainBreak, ChainRow, Checkpoint, VerifyReport, Wal
 use super::consts::{AUDIT_TABLE, HEAD_TABLE};
 use super::content::{epoch_text, Content};
 use super::seal::seal_first;
-use super::session::{confined_with, open_confined, require_audit, salt_of, uid_for};
+use super::session::{confined_with, require_audit, salt_of, uid_for};
 use crate::crypto::Keyring;
 use crate::names::TenantName;
 use crate::pg::{query_err, quote_ident, PgError};
@@ -34,8 +34,10 @@ pub async fn verify(pool: &PgPool, ring: &Keyring, name: &TenantName) -> Result<
             .map_err(query_err("connecting to verify the audit log"))?;
         require_audit(&mut conn, name).await?
     };
+    // The salt is read once, for this login, the walk's second one and
+    // the anchors' MACs.
     let salt = salt_of(pool, name, &uid).await?;
-    let mut c = open_confined(pool, ring, name, &uid).await?;
+    let mut c = confined_with(pool, ring, name, &uid, &salt).await?;
     // What no commit sealed yet goes into the chain first (and so under
     // the anchor below).
     let verified = match seal_first(&mut c, name, sealable).await {

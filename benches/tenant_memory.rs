@@ -25,6 +25,11 @@
 //! stop 47, against one chunk of `controller::migration_set::apply::LOGIN_CHUNK`
 //! tenants, as it reads them now.
 //!
+//! And what kube-runtime's scheduler holds per tenant waiting in it: for
+//! the resync (a requeue per tenant until stop 51; the rolling resync holds
+//! none), and for a follower its MigrationSet brought back (as
+//! `Controller::watches` queued it until stop 51, and by name now).
+//!
 //! And the rate-limit writer's rendering of every tenant
 //! (`ratelimit_config::render`): the most heap it held at once while
 //! rendering, beyond its input, and what the rendering itself holds.
@@ -112,6 +117,76 @@ fn logins_bytes(n: usize) -> isize {
     held
 }
 
+/// Heap bytes kube-runtime's scheduler holds for `n` Tenants waiting in
+/// it, each with the request `request` makes of the Tenant as the watch
+/// gave it, due later (a reconcile's requeue, or a follower waiting for its
+/// turn at the start of a rollout).
+fn scheduler_bytes(
+    n: usize,
+    request: impl Fn(&Tenant) -> kube::runtime::controller::ReconcileRequest<Tenant>,
+) -> isize {
+    use futures::StreamExt;
+    use kube::runtime::scheduler::{scheduler, ScheduleRequest};
+    let fixture = fixture();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut queued = Box::pin(scheduler(rx));
+        let before = in_use();
+        let run_at = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+        for i in 0..n {
+            let t: Tenant = serde_json::from_str(&tenant_json(&fixture, i)).expect("a Tenant");
+            tx.unbounded_send(ScheduleRequest {
+                message: request(&t),
+                run_at,
+            })
+            .expect("the scheduler listens");
+        }
+        // One poll takes every request in; none is due.
+        assert!(futures::poll!(queued.next()).is_pending());
+        in_use() - before
+    })
+}
+
+/// What the scheduler held per tenant: for its resync, as a requeue per
+/// tenant (`Action::requeue`, until stop 51) left it (the `ObjectRef` the
+/// controller built from the Tenant, with its name, resourceVersion and
+/// uid), against none with the rolling resync (`controller::tenant::resync`:
+/// a reconcile that ends well waits for a change); and for a follower its
+/// MigrationSet brought back, as `Controller::watches` queued it (that
+/// `ObjectRef`, and the set's own as the reason: its kind, group, version
+/// and plural as strings) against `reconcile_on` with the name only (now).
+fn scheduled_per_tenant(n: usize) -> (isize, isize, isize) {
+    use kube::runtime::controller::{ReconcileReason, ReconcileRequest};
+    use kube::runtime::reflector::ObjectRef;
+    use tenant_operator::api::MigrationSet;
+    let set: MigrationSet = serde_json::from_value(serde_json::json!({
+        "apiVersion": "tenancy.dev/v1alpha1", "kind": "MigrationSet",
+        "metadata": {"name": "app", "resourceVersion": "2048311", "uid": "6c1d2e3f-1c2d-4e5f-8a9b-0c1d2e3f4a5b"},
+        "spec": {"migrations": []}
+    }))
+    .expect("a MigrationSet");
+    let set_ref = ObjectRef::from_obj(&set).erase();
+    let resync = scheduler_bytes(n, |t| ReconcileRequest {
+        obj_ref: ObjectRef::from_obj(t),
+        reason: ReconcileReason::ReconcilerRequestedRetry,
+    });
+    let watched = scheduler_bytes(n, |t| ReconcileRequest {
+        obj_ref: ObjectRef::from_obj(t),
+        reason: ReconcileReason::RelatedObjectUpdated {
+            obj_ref: Box::new(set_ref.clone()),
+        },
+    });
+    let by_name = scheduler_bytes(n, |t| ReconcileRequest {
+        obj_ref: ObjectRef::new(t.metadata.name.as_deref().unwrap_or_default()),
+        reason: ReconcileReason::Unknown,
+    });
+    (resync, watched, by_name)
+}
+
 /// The rate-limit rendering of `n` tenants: the most heap in use at once
 /// while `render` ran, beyond what was in use before, and the bytes the
 /// result holds. Run before anything larger (the peak counter only rises).
@@ -149,6 +224,7 @@ fn main() {
     let (full, full_json) = store_bytes(n, |_| {});
     let (cleared, cleared_json) = store_bytes(n, |t| t.metadata.managed_fields = None);
     let (slimmed, slim_json) = store_bytes(n, slim);
+    let (resync_queued, set_queued, name_queued) = scheduled_per_tenant(n);
 
     println!("{n} Tenants as `kubectl apply` leaves them (tests/golden/tenant-kubectl-apply.json) with the status the operator writes at scale (tests/golden/tenant-status-at-scale.json)");
     println!(
@@ -189,6 +265,18 @@ fn main() {
         "the rate-limit rendering of {n} tenants ({render_shards} ConfigMaps): {:.1} MiB at most in use while rendering, {:.1} MiB the rendering",
         kib(render_peak),
         kib(render_held)
+    );
+    println!(
+        "the controller's scheduler, a resync entry per tenant (until stop 51): {:.0} B/tenant, {:.1} MiB; the rolling resync (now): none",
+        per(resync_queued),
+        kib(resync_queued)
+    );
+    println!(
+        "the controller's scheduler, every follower its MigrationSet brought back: as `watches` queued them (until stop 51) {:.0} B/tenant, {:.1} MiB; by name through `reconcile_on` (now) {:.0} B/tenant, {:.1} MiB",
+        per(set_queued),
+        kib(set_queued),
+        per(name_queued),
+        kib(name_queued)
     );
     let before = full + 2 * cleared;
     println!(

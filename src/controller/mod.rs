@@ -35,7 +35,8 @@ pub struct Settings {
     pub endpoint: Endpoint,
     /// Reconciles at once, at most.
     pub concurrency: u16,
-    /// Requeue after success, to catch changes made inside Postgres.
+    /// The period of the resyncs, to catch changes made inside Postgres
+    /// (for Tenants, one rolling pass a period: `tenant::resync`).
     pub resync: Duration,
     /// Names, domains and descriptor key of the rendered rate-limit config.
     pub ratelimit: crate::ratelimit_config::RenderSettings,

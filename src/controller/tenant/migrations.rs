@@ -278,7 +278,10 @@ pub fn followers_to_refresh(ms: &MigrationSet, tenants: &[Arc<Tenant>]) -> Vec<O
             }
             latest.is_none() || shown != latest || !applied || is_failed
         })
-        .map(|t| ObjectRef::from_obj(&**t))
+        // By name only: the controller reads the Tenant from its cache (a
+        // reference with the resourceVersion and uid is two strings more
+        // per follower waiting in the queue).
+        .filter_map(|t| t.metadata.name.as_deref().map(ObjectRef::new))
         .collect()
 }
 

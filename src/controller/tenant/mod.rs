@@ -24,6 +24,7 @@ pub mod observe;
 pub mod placement;
 pub mod plan;
 pub mod report;
+pub mod resync;
 pub mod schedule;
 pub mod sealing;
 pub mod status;
@@ -157,6 +158,7 @@ pub async fn run(
         cache.for_each(|_| futures::future::ready(()))
     });
     let tenant_cache = tenants.store();
+    let resync_cache = tenants.store();
     let _ = ctx.metrics.tenant_store.set(tenants.store());
     // Every source but the MigrationSet's own marks the Tenants it brings
     // back for a full reconcile (`triggers`); a Tenant not in the cache
@@ -187,7 +189,7 @@ pub async fn run(
             .state()
             .iter()
             .filter(|t| status::condition(t.status.as_ref(), "Ready").is_none_or(|c| c.status != "True"))
-            .map(|t| ObjectRef::from_obj(t.as_ref()))
+            .filter_map(|t| t.metadata.name.as_deref().map(ObjectRef::new))
             .inspect(|r| mark(&r.name))
             .collect();
         futures::stream::iter(waiting)
@@ -241,23 +243,39 @@ pub async fn run(
     let set_marks = ctx.clone();
     let mark_secret = mark_full.clone();
     let mark_job = mark_full.clone();
-    let mut controller = Controller::for_stream(tenant_events, tenant_cache.clone())
-        .watches(sets, watcher::Config::default(), move |ms: crate::api::MigrationSet| {
-            let refs = migrations::followers_to_refresh(&ms, &tenant_cache.state());
-            let ms = Arc::new(ms);
-            for r in &refs {
-                let light = tenant_cache
-                    .get(r)
-                    .is_some_and(|t| migrations::light_candidate(&t, &ms));
-                tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
-                if light {
-                    set_marks.triggers.rolling_out(&r.name, ms.clone());
-                } else {
-                    set_marks.triggers.full(&r.name);
+    // A set's followers come back by name (`reconcile_on`): at the start of
+    // a rollout every follower waits in the controller's queue, and
+    // `watches` would queue each with the set's own reference as the reason
+    // (its kind, group, version and plural as strings, twice per follower).
+    let set_cache = tenant_cache.clone();
+    let set_followers = {
+        use kube::runtime::WatchStreamExt;
+        watcher(sets, watcher::Config::default())
+            .default_backoff()
+            .touched_objects()
+            .filter_map(|ev| {
+                futures::future::ready(
+                    ev.inspect_err(|e| tracing::warn!(error = %e, "watching MigrationSets failed; retrying"))
+                        .ok(),
+                )
+            })
+            .flat_map(move |ms: crate::api::MigrationSet| {
+                let refs = migrations::followers_to_refresh(&ms, &set_cache.state());
+                let ms = Arc::new(ms);
+                for r in &refs {
+                    let light = set_cache.get(r).is_some_and(|t| migrations::light_candidate(&t, &ms));
+                    tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
+                    if light {
+                        set_marks.triggers.rolling_out(&r.name, ms.clone());
+                    } else {
+                        set_marks.triggers.full(&r.name);
+                    }
                 }
-            }
-            refs
-        })
+                futures::stream::iter(refs)
+            })
+    };
+    let mut controller = Controller::for_stream(tenant_events, tenant_cache)
+        .reconcile_on(set_followers)
         .watches_stream(own_secret_events, move |s: PartialObjectMeta<Secret>| {
             let name = s.labels().get(labels::TENANT_LABEL)?;
             mark_secret(name);
@@ -278,7 +296,10 @@ pub async fn run(
         // bounded concurrency.
         .reconcile_all_on(rotate_rx)
         .reconcile_on(rate_limits_reported)
-        .reconcile_on(shard_changes);
+        .reconcile_on(shard_changes)
+        // The periodic resync (a reconcile that ended well waits for a
+        // change), spread over the period.
+        .reconcile_on(resync::rolling(resync_cache, ctx.settings.resync));
     for (api, index) in source_watches {
         let mark = mark_full.clone();
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
@@ -378,7 +399,7 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
         } {
             apply::write_status(&ctx, &t, status).await?;
             ctx.metrics.light_reconcile(kind);
-            Ok(Action::requeue(ctx.settings.resync))
+            Ok(Action::await_change())
         } else {
             converge(&t, &ctx).await
         }
@@ -487,7 +508,7 @@ fn rate_limits_cond(ctx: &Context, t: &Tenant) -> Option<Cond> {
 }
 
 /// Reports a failure a person must fix and waits for a change (or the
-/// periodic resync, for conflicts that are fixed inside Postgres).
+/// periodic resync, [`resync`], for conflicts that are fixed inside Postgres).
 async fn fail(
     ctx: &Context,
     t: &Tenant,
@@ -502,7 +523,7 @@ async fn fail(
     ];
     conds.extend(rate_limits_cond(ctx, t));
     write_report(ctx, t, TenantPhase::Failed, schema, &conds).await?;
-    Ok(Action::requeue(ctx.settings.resync))
+    Ok(Action::await_change())
 }
 
 /// The reason and message of a Postgres failure that will be retried:
@@ -614,7 +635,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         },
     )
     .await?;
-    Ok(Action::requeue(ctx.settings.resync))
+    Ok(Action::await_change())
 }
 
 /// Why the steps of a reconcile stopped before their end; [`stopped`] turns

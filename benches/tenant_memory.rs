@@ -26,8 +26,8 @@
 //! tenants, as it reads them now.
 //!
 //! And what kube-runtime's scheduler holds per tenant waiting in it: for
-//! the resync (a requeue per tenant until stop 51; the rolling resync holds
-//! none), and for a follower its MigrationSet brought back (as
+//! the resync (a requeue per tenant until stop 51; now the operator's own
+//! `Resyncs`, measured too), and for a follower its MigrationSet brought back (as
 //! `Controller::watches` queued it until stop 51, and by name now).
 //!
 //! And the rate-limit writer's rendering of every tenant
@@ -151,11 +151,26 @@ fn scheduler_bytes(
     })
 }
 
+/// Heap bytes the resyncs of `n` tenants hold as the operator keeps them
+/// now (`controller::tenant::resync::Resyncs`: each name once, and when it
+/// is due).
+fn resyncs_bytes(n: usize) -> isize {
+    use tenant_operator::controller::tenant::resync::Resyncs;
+    let before = in_use();
+    let resyncs = Resyncs::default();
+    for i in 0..n {
+        resyncs.after(&format!("tenant-{i:05}"), std::time::Duration::from_secs(300));
+    }
+    assert_eq!(resyncs.len(), n);
+    let held = in_use() - before;
+    drop(resyncs);
+    held
+}
+
 /// What the scheduler held per tenant: for its resync, as a requeue per
 /// tenant (`Action::requeue`, until stop 51) left it (the `ObjectRef` the
 /// controller built from the Tenant, with its name, resourceVersion and
-/// uid), against none with the rolling resync (`controller::tenant::resync`:
-/// a reconcile that ends well waits for a change); and for a follower its
+/// uid); and for a follower its
 /// MigrationSet brought back, as `Controller::watches` queued it (that
 /// `ObjectRef`, and the set's own as the reason: its kind, group, version
 /// and plural as strings) against `reconcile_on` with the name only (now).
@@ -225,6 +240,7 @@ fn main() {
     let (cleared, cleared_json) = store_bytes(n, |t| t.metadata.managed_fields = None);
     let (slimmed, slim_json) = store_bytes(n, slim);
     let (resync_queued, set_queued, name_queued) = scheduled_per_tenant(n);
+    let resyncs_held = resyncs_bytes(n);
 
     println!("{n} Tenants as `kubectl apply` leaves them (tests/golden/tenant-kubectl-apply.json) with the status the operator writes at scale (tests/golden/tenant-status-at-scale.json)");
     println!(
@@ -267,9 +283,11 @@ fn main() {
         kib(render_held)
     );
     println!(
-        "the controller's scheduler, a resync entry per tenant (until stop 51): {:.0} B/tenant, {:.1} MiB; the rolling resync (now): none",
+        "the resyncs: an entry per tenant in the controller's scheduler (until stop 51) {:.0} B/tenant, {:.1} MiB; `tenant::resync::Resyncs` (now) {:.0} B/tenant, {:.1} MiB",
         per(resync_queued),
-        kib(resync_queued)
+        kib(resync_queued),
+        per(resyncs_held),
+        kib(resyncs_held)
     );
     println!(
         "the controller's scheduler, every follower its MigrationSet brought back: as `watches` queued them (until stop 51) {:.0} B/tenant, {:.1} MiB; by name through `reconcile_on` (now) {:.0} B/tenant, {:.1} MiB",

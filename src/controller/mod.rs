@@ -36,7 +36,8 @@ pub struct Settings {
     /// Reconciles at once, at most.
     pub concurrency: u16,
     /// The period of the resyncs, to catch changes made inside Postgres
-    /// (for Tenants, one rolling pass a period: `tenant::resync`).
+    /// (for Tenants, a period after each one's last good reconcile:
+    /// `tenant::resync`).
     pub resync: Duration,
     /// Names, domains and descriptor key of the rendered rate-limit config.
     pub ratelimit: crate::ratelimit_config::RenderSettings,
@@ -100,6 +101,8 @@ pub struct Context {
     /// Which Tenants only the MigrationSet watch brought back, to say
     /// `RollingOut` ([`tenant::triggers`]).
     pub triggers: tenant::triggers::Triggers,
+    /// The Tenants waiting for their periodic resync ([`tenant::resync`]).
+    pub resyncs: std::sync::Arc<tenant::resync::Resyncs>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -118,6 +121,7 @@ impl Context {
             placements: Default::default(),
             own_writes: Default::default(),
             triggers: Default::default(),
+            resyncs: Default::default(),
             settings,
             reporter,
             keys: Default::default(),

@@ -158,7 +158,6 @@ pub async fn run(
         cache.for_each(|_| futures::future::ready(()))
     });
     let tenant_cache = tenants.store();
-    let resync_cache = tenants.store();
     let _ = ctx.metrics.tenant_store.set(tenants.store());
     // Every source but the MigrationSet's own marks the Tenants it brings
     // back for a full reconcile (`triggers`); a Tenant not in the cache
@@ -178,6 +177,7 @@ pub async fn run(
     tokio::spawn(async move {
         while let Some(name) = deleted.next().await {
             forgetting.triggers.forget(&name);
+            forgetting.resyncs.forget(&name);
         }
     });
     // A shard that opens, closes or changes state, capacity or labels
@@ -297,9 +297,9 @@ pub async fn run(
         .reconcile_all_on(rotate_rx)
         .reconcile_on(rate_limits_reported)
         .reconcile_on(shard_changes)
-        // The periodic resync (a reconcile that ended well waits for a
-        // change), spread over the period.
-        .reconcile_on(resync::rolling(resync_cache, ctx.settings.resync));
+        // The periodic resync: a reconcile that ended well waits for a
+        // change, and its tenant comes back from here a period later.
+        .reconcile_on(resync::due(ctx.resyncs.clone()));
     for (api, index) in source_watches {
         let mark = mark_full.clone();
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
@@ -399,12 +399,19 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Erro
         } {
             apply::write_status(&ctx, &t, status).await?;
             ctx.metrics.light_reconcile(kind);
-            Ok(Action::await_change())
+            Ok(settled(&ctx, &name))
         } else {
             converge(&t, &ctx).await
         }
     })
     .await
+}
+
+/// The end of a reconcile that ended well: wait for a change, and come
+/// back at the resync, a period from now ([`resync`]).
+fn settled(ctx: &Context, name: &str) -> Action {
+    ctx.resyncs.after(name, ctx.settings.resync);
+    Action::await_change()
 }
 
 /// The light reconcile's status (`triggers`): `RollingOut` from the
@@ -508,7 +515,7 @@ fn rate_limits_cond(ctx: &Context, t: &Tenant) -> Option<Cond> {
 }
 
 /// Reports a failure a person must fix and waits for a change (or the
-/// periodic resync, [`resync`], for conflicts that are fixed inside Postgres).
+/// periodic resync, for conflicts that are fixed inside Postgres).
 async fn fail(
     ctx: &Context,
     t: &Tenant,
@@ -523,7 +530,7 @@ async fn fail(
     ];
     conds.extend(rate_limits_cond(ctx, t));
     write_report(ctx, t, TenantPhase::Failed, schema, &conds).await?;
-    Ok(Action::await_change())
+    Ok(settled(ctx, &t.name_any()))
 }
 
 /// The reason and message of a Postgres failure that will be retried:
@@ -635,7 +642,7 @@ async fn converge(t: &Tenant, ctx: &Context) -> Result<Action, Error> {
         },
     )
     .await?;
-    Ok(Action::await_change())
+    Ok(settled(ctx, &t.name_any()))
 }
 
 /// Why the steps of a reconcile stopped before their end; [`stopped`] turns

@@ -1,75 +1,132 @@
-//! The Tenant controller's periodic resync: one rolling pass over the
-//! cache per period.
+//! The Tenant controller's periodic resync, held compactly.
 //!
-//! A reconcile that ends well waits for a change (`Action::await_change`);
-//! [`rolling`] brings every cached Tenant back once per period (to catch
-//! what was changed inside Postgres or in Secrets the operator cannot
-//! watch), each in a fixed slot of the period chosen by its name
-//! ([`slot_of`]), so the resyncs of many tenants are spread evenly over the
-//! period. Until stop 51 each reconcile requeued its own tenant one period
-//! later, which kept an entry per tenant in kube-runtime's scheduler (the
-//! request twice, each with the name, resourceVersion and uid as owned
-//! strings: about 600 bytes per tenant, some 6 MiB at 10,000); this holds
-//! nothing per tenant, and reads the cache once per slot (`SLOTS` a period).
+//! A tenant is looked at again one period after its last reconcile that
+//! ended well (to catch what was changed inside Postgres or in Secrets the
+//! operator cannot watch), as a requeue would do it. Until stop 51 each
+//! such reconcile requeued its own tenant (`Action::requeue`), which kept
+//! an entry per settled tenant in kube-runtime's scheduler (the request
+//! twice, each with the name, resourceVersion and uid as owned strings,
+//! in tables that keep the capacity they grew to: about 600 bytes per
+//! tenant, some 6 MiB at 10,000). Now such a reconcile waits for a change
+//! (`Action::await_change`) and notes the tenant here ([`Resyncs::after`]):
+//! its name once, and when it is due, about 130 bytes; [`due`] hands each
+//! tenant to the controller (`reconcile_on`) when its time comes, so only
+//! the tenants due at that moment enter the controller's queue.
 //!
-//! The first pass starts one period after the watch (the watch's initial
-//! list reconciles every tenant already). Takes the Tenant cache and the
-//! period; no I/O.
+//! A later reconcile that ends well moves the tenant's time on; a deleted
+//! tenant is forgotten ([`Resyncs::forget`]). Takes names and times; no
+//! I/O.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use kube::runtime::reflector::{ObjectRef, Store};
-use tokio::time::{Instant, MissedTickBehavior};
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::api::Tenant;
 
-/// Slots a period is cut into, at most.
-pub const SLOTS: u32 = 600;
-
-/// The shortest time between two slots (a short period has fewer slots).
-pub const MIN_TICK: Duration = Duration::from_millis(50);
-
-/// How `period` is cut: the number of slots and the time between two.
-pub fn slots(period: Duration) -> (u32, Duration) {
-    let tick = (period / SLOTS).max(MIN_TICK);
-    let n = (period.as_nanos() / tick.as_nanos()).clamp(1, u128::from(SLOTS));
-    (n as u32, tick)
+/// The tenants waiting for their resync, and when each is due.
+#[derive(Default)]
+pub struct Resyncs {
+    due: Mutex<Due>,
+    /// Told when the earliest time changes (a tenant noted into an empty
+    /// set, or before every other).
+    earlier: Notify,
 }
 
-/// The slot of the tenant `name` among `slots`: FNV-1a of the name (the
-/// same in every process and build, so a restart keeps each tenant's slot).
-pub fn slot_of(name: &str, slots: u32) -> u32 {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    (hash % u64::from(slots.max(1))) as u32
+#[derive(Default)]
+struct Due {
+    /// When each tenant is due; the name is shared with `order`.
+    at: HashMap<Arc<str>, Instant>,
+    /// The same, by time.
+    order: BTreeSet<(Instant, Arc<str>)>,
 }
 
-/// The names of the cached tenants whose slot is `slot`.
-fn due(store: &Store<Tenant>, slot: u32, slots: u32) -> Vec<ObjectRef<Tenant>> {
-    store
-        .state()
-        .iter()
-        .filter_map(|t| t.metadata.name.as_deref())
-        .filter(|name| slot_of(name, slots) == slot)
-        .map(ObjectRef::new)
-        .collect()
+impl Resyncs {
+    fn lock(&self) -> MutexGuard<'_, Due> {
+        self.due.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `name` is due `after` from now (when it was due before no longer
+    /// counts).
+    pub fn after(&self, name: &str, after: Duration) {
+        let when = Instant::now() + after;
+        let mut due = self.lock();
+        let key = match due.at.get_key_value(name) {
+            Some((key, old)) => {
+                let (key, old) = (key.clone(), *old);
+                due.order.remove(&(old, key.clone()));
+                key
+            }
+            None => Arc::from(name),
+        };
+        due.order.insert((when, key.clone()));
+        let first = due.order.first().is_some_and(|(w, k)| *w == when && *k == key);
+        due.at.insert(key, when);
+        drop(due);
+        if first {
+            self.earlier.notify_one();
+        }
+    }
+
+    /// `name` is due no more (it was deleted).
+    pub fn forget(&self, name: &str) {
+        let mut due = self.lock();
+        if let Some((key, when)) = due.at.remove_entry(name) {
+            due.order.remove(&(when, key));
+        }
+    }
+
+    /// How many tenants wait for their resync.
+    pub fn len(&self) -> usize {
+        self.lock().at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the tenants due by `now`, and says when the next one is.
+    fn take(&self, now: Instant) -> (Vec<ObjectRef<Tenant>>, Option<Instant>) {
+        let mut due = self.lock();
+        let mut taken = Vec::new();
+        while let Some((when, _)) = due.order.first() {
+            if *when > now {
+                break;
+            }
+            if let Some((_, name)) = due.order.pop_first() {
+                due.at.remove(&name);
+                taken.push(ObjectRef::new(&name));
+            }
+        }
+        let next = due.order.first().map(|(when, _)| *when);
+        (taken, next)
+    }
 }
 
-/// Every Tenant in `store`, once per `period`, each in its slot; for
-/// `Controller::reconcile_on`. A slot missed while the process was busy is
-/// taken as soon as it can be (none is skipped).
-pub fn rolling(store: Store<Tenant>, period: Duration) -> impl Stream<Item = ObjectRef<Tenant>> + Send + 'static {
-    let (n, tick) = slots(period);
-    let mut ticks = tokio::time::interval_at(Instant::now() + period, tick);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    futures::stream::unfold((ticks, 0_u32), move |(mut ticks, slot)| {
-        let store = store.clone();
-        async move {
-            ticks.tick().await;
-            let refs = due(&store, slot, n);
-            Some((futures::stream::iter(refs), (ticks, (slot + 1) % n)))
+/// Every tenant of `resyncs` when it is due, for `Controller::reconcile_on`.
+pub fn due(resyncs: Arc<Resyncs>) -> impl Stream<Item = ObjectRef<Tenant>> + Send + 'static {
+    futures::stream::unfold(resyncs, |r| async move {
+        loop {
+            // Made before the look, so a tenant noted in between wakes it.
+            let earlier = r.earlier.notified();
+            let (taken, next) = r.take(Instant::now());
+            if !taken.is_empty() {
+                drop(earlier);
+                return Some((futures::stream::iter(taken), r));
+            }
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = earlier => {}
+                    }
+                }
+                None => earlier.await,
+            }
         }
     })
     .flatten()
@@ -78,48 +135,6 @@ pub fn rolling(store: Store<Tenant>, period: Duration) -> impl Stream<Item = Obj
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::runtime::reflector;
-    use kube::runtime::watcher::Event;
-    use std::collections::HashMap;
-
-    #[test]
-    fn a_period_is_cut_into_at_most_slots_of_at_least_the_shortest_tick() {
-        assert_eq!(slots(Duration::from_secs(300)), (600, Duration::from_millis(500)));
-        assert_eq!(slots(Duration::from_secs(2)), (40, MIN_TICK));
-        assert_eq!(slots(Duration::from_millis(10)), (1, MIN_TICK));
-        assert_eq!(slots(Duration::ZERO), (1, MIN_TICK));
-        let (n, tick) = slots(Duration::from_secs(86_400));
-        assert_eq!((n, tick), (600, Duration::from_secs(144)));
-    }
-
-    #[test]
-    fn ten_thousand_tenants_spread_evenly_over_the_slots_and_keep_theirs() {
-        let mut load: HashMap<u32, usize> = HashMap::new();
-        for i in 0..10_000 {
-            let name = format!("tenant-{i:05}");
-            let slot = slot_of(&name, SLOTS);
-            assert!(slot < SLOTS);
-            assert_eq!(slot, slot_of(&name, SLOTS), "a tenant's slot moved");
-            *load.entry(slot).or_default() += 1;
-        }
-        // 16.7 a slot on average: no slot empty, none more than twice that.
-        assert_eq!(load.len(), SLOTS as usize, "a slot got no tenant");
-        let most = load.values().max().copied().unwrap_or_default();
-        assert!(most <= 34, "a slot got {most} of 10,000 tenants");
-        // The value is fixed (FNV-1a 64 of "acme" is 0x0724d383f4f6de0f),
-        // not a per-process hash.
-        assert_eq!(slot_of("acme", SLOTS), 287);
-        assert_eq!(slot_of("anything", 1), 0);
-    }
-
-    fn tenant(name: &str) -> Tenant {
-        let mut t = Tenant::new(
-            name,
-            serde_json::from_value(serde_json::json!({})).expect("an empty spec"),
-        );
-        t.metadata.resource_version = Some("1".into());
-        t
-    }
 
     /// The resyncs `resyncs` gives until `end`, by tenant, with the time
     /// since `start` each came at.
@@ -127,44 +142,80 @@ mod tests {
         resyncs: &mut (impl Stream<Item = ObjectRef<Tenant>> + Unpin),
         start: Instant,
         end: Instant,
-    ) -> HashMap<String, Vec<Duration>> {
-        let mut seen: HashMap<String, Vec<Duration>> = HashMap::new();
+    ) -> Vec<(String, Duration)> {
+        let mut seen = Vec::new();
         while let Ok(Some(r)) = tokio::time::timeout_at(end, resyncs.next()).await {
-            seen.entry(r.name).or_default().push(start.elapsed());
+            seen.push((r.name, start.elapsed()));
         }
         seen
     }
 
-    /// Every tenant comes back exactly once a period, a period apart, none
-    /// before the first period has gone by; a tenant added later is in the
-    /// next pass, and one deleted is in none.
+    /// A tenant comes back a period after its last reconcile that ended
+    /// well, once; a second reconcile moves its time on; one forgotten
+    /// does not come back; one noted while the stream sleeps wakes it.
     #[tokio::test(start_paused = true)]
-    async fn every_cached_tenant_comes_back_once_a_period() {
-        let (store, mut writer) = reflector::store::<Tenant>();
-        writer.apply_watcher_event(&Event::Init);
-        for i in 0..50 {
-            writer.apply_watcher_event(&Event::InitApply(tenant(&format!("t{i}"))));
-        }
-        writer.apply_watcher_event(&Event::InitDone);
-        let period = Duration::from_secs(2);
+    async fn a_tenant_comes_back_a_period_after_its_last_good_reconcile() {
+        let r = Arc::new(Resyncs::default());
+        let period = Duration::from_secs(300);
         let start = Instant::now();
-        let mut resyncs = Box::pin(rolling(store, period));
+        r.after("a", period);
+        r.after("b", period);
+        r.after("c", period);
+        let mut resyncs = Box::pin(due(r.clone()));
+        // b reconciled again 100 s later; c deleted.
+        let seen = until(&mut resyncs, start, start + Duration::from_secs(100)).await;
+        assert!(seen.is_empty(), "{seen:?}");
+        r.after("b", period);
+        r.forget("c");
+        assert_eq!(r.len(), 2);
+        let seen = until(&mut resyncs, start, start + Duration::from_secs(1000)).await;
+        assert_eq!(
+            seen,
+            vec![("a".to_string(), period), ("b".to_string(), Duration::from_secs(400))],
+            "each once, a period after its last reconcile"
+        );
+        assert!(r.is_empty(), "a tenant handed over is no longer held");
+        // Noted while the stream waits with nothing held: it wakes for it.
+        r.after("d", Duration::from_secs(5));
+        let seen = until(&mut resyncs, start, start + Duration::from_secs(2000)).await;
+        assert_eq!(seen, vec![("d".to_string(), Duration::from_secs(1005))]);
+    }
 
-        // Up to just before the third pass's first slot.
-        let seen = until(&mut resyncs, start, start + 3 * period - MIN_TICK / 2).await;
-        assert_eq!(seen.len(), 50, "not every tenant came back: {seen:?}");
-        for (name, at) in &seen {
-            assert_eq!(at.len(), 2, "{name} came back {} times in two periods", at.len());
-            assert!(at[0] >= period, "{name} came back before a period: {at:?}");
-            assert_eq!(at[1] - at[0], period, "{name}'s resyncs were not a period apart");
+    /// A tenant noted with a shorter wait than those already held is not
+    /// kept waiting behind them.
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_time_wakes_the_stream() {
+        let r = Arc::new(Resyncs::default());
+        let start = Instant::now();
+        r.after("late", Duration::from_secs(600));
+        let mut resyncs = Box::pin(due(r.clone()));
+        let seen = until(&mut resyncs, start, start + Duration::from_secs(10)).await;
+        assert!(seen.is_empty());
+        r.after("soon", Duration::from_secs(20));
+        let seen = until(&mut resyncs, start, start + Duration::from_secs(700)).await;
+        assert_eq!(
+            seen,
+            vec![
+                ("soon".to_string(), Duration::from_secs(30)),
+                ("late".to_string(), Duration::from_secs(600))
+            ]
+        );
+    }
+
+    /// Many tenants due at once come in one batch; the set is empty after.
+    #[tokio::test(start_paused = true)]
+    async fn ten_thousand_tenants_due_together_all_come_back() {
+        let r = Arc::new(Resyncs::default());
+        for i in 0..10_000 {
+            r.after(&format!("tenant-{i:05}"), Duration::from_secs(60));
         }
-
-        writer.apply_watcher_event(&Event::Apply(tenant("late")));
-        writer.apply_watcher_event(&Event::Delete(tenant("t0")));
-        let seen = until(&mut resyncs, start, start + 4 * period - MIN_TICK / 2).await;
-        assert_eq!(seen.len(), 50, "{seen:?}");
-        assert_eq!(seen.get("late").map(Vec::len), Some(1), "the new tenant");
-        assert!(!seen.contains_key("t0"), "a deleted tenant came back");
-        assert!(seen.values().all(|at| at.len() == 1));
+        assert_eq!(r.len(), 10_000);
+        let start = Instant::now();
+        let mut resyncs = Box::pin(due(r.clone()));
+        let seen = until(&mut resyncs, start, start + Duration::from_secs(61)).await;
+        assert_eq!(seen.len(), 10_000);
+        let names: std::collections::HashSet<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.len(), 10_000, "a tenant came twice");
+        assert!(r.is_empty());
     }
 }

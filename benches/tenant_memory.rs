@@ -29,6 +29,9 @@
 //! the resync (a requeue per tenant until stop 51; now the operator's own
 //! `Resyncs`, measured too), and for a follower its MigrationSet brought back (as
 //! `Controller::watches` queued it until stop 51, and by name now).
+//! And what a tenant waiting for a reconcile holds in the operator's front
+//! queue (`controller::tenant::gate::Gate`, stop 52), against the
+//! scheduler's entry it replaces.
 //!
 //! And the rate-limit writer's rendering of every tenant
 //! (`ratelimit_config::render`): the most heap it held at once while
@@ -167,6 +170,22 @@ fn resyncs_bytes(n: usize) -> isize {
     held
 }
 
+/// Heap bytes `n` tenants waiting in the Tenant controller's front queue
+/// hold (`controller::tenant::gate::Gate`: each name once, in its lane),
+/// none of them handed over yet.
+fn gate_bytes(n: usize) -> isize {
+    use tenant_operator::controller::tenant::gate::{Gate, Lane};
+    let before = in_use();
+    let gate = Gate::default();
+    for i in 0..n {
+        gate.push(&format!("tenant-{i:05}"), Lane::Change);
+    }
+    assert_eq!(gate.counts(), (n, 0));
+    let held = in_use() - before;
+    drop(gate);
+    held
+}
+
 /// What the scheduler held per tenant: for its resync, as a requeue per
 /// tenant (`Action::requeue`, until stop 51) left it (the `ObjectRef` the
 /// controller built from the Tenant, with its name, resourceVersion and
@@ -241,6 +260,7 @@ fn main() {
     let (slimmed, slim_json) = store_bytes(n, slim);
     let (resync_queued, set_queued, name_queued) = scheduled_per_tenant(n);
     let resyncs_held = resyncs_bytes(n);
+    let gate_held = gate_bytes(n);
 
     println!("{n} Tenants as `kubectl apply` leaves them (tests/golden/tenant-kubectl-apply.json) with the status the operator writes at scale (tests/golden/tenant-status-at-scale.json)");
     println!(
@@ -295,6 +315,15 @@ fn main() {
         kib(set_queued),
         per(name_queued),
         kib(name_queued)
+    );
+    println!(
+        "every Tenant waiting for a reconcile (the Tenants applied faster than they are provisioned; the followers at a rollout's start): in the controller's scheduler, queued from their watch events (until stop 52) {:.0} B/tenant, {:.1} MiB, or by name {:.0} B/tenant; in `tenant::gate::Gate` (now; the scheduler holds at most {} of them) {:.0} B/tenant, {:.1} MiB",
+        per(resync_queued),
+        kib(resync_queued),
+        per(name_queued),
+        tenant_operator::controller::tenant::gate::RELEASED,
+        per(gate_held),
+        kib(gate_held)
     );
     let before = full + 2 * cleared;
     println!(

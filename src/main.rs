@@ -225,6 +225,10 @@ struct RunArgs {
     /// Most Tenant reconciles at once.
     #[arg(long, env = "TENANT_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
+    /// Most Tenants let into the controller's queue at once; the others wait
+    /// in the operator's front queue, by name (docs/scale.md).
+    #[arg(long, env = "TENANT_QUEUE_BOUND", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    queue_bound: u16,
     /// Most admin connections to Postgres.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     max_connections: u32,
@@ -489,6 +493,7 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             database: target.database,
         },
         concurrency: args.concurrency,
+        queue_bound: args.queue_bound,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         ratelimit: tenant_operator::ratelimit_config::RenderSettings {
             configmap: args.ratelimit_configmap,

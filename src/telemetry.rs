@@ -163,6 +163,10 @@ pub struct Metrics {
     /// The Tenant controller's watch cache, for the per-phase gauge (set
     /// when that controller starts).
     pub tenant_store: OnceLock<Store<Tenant>>,
+    /// The Tenant controller's front queue, for the queue gauge (set when
+    /// that controller starts).
+    pub tenant_gate: OnceLock<std::sync::Arc<crate::controller::tenant::gate::Gate>>,
+    tenant_queue: Family<PoolLabel, Gauge>,
 }
 
 /// The samples of the reconcile counters on `/metrics`, as readers (the
@@ -256,6 +260,12 @@ impl Default for Metrics {
             "Tenants whose status.usage the latest usage sample of the shard found to differ (at most 500 written a sample; 0: every Tenant shows its figures)",
             usage_due.clone(),
         );
+        let tenant_queue = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "tenant_queue",
+            "Tenants waiting for a reconcile: waiting in the operator's front queue, and handed to the controller's own queue (at most 256) and not yet reconciled",
+            tenant_queue.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -276,6 +286,8 @@ impl Default for Metrics {
             usage_due,
             usage_shards: Mutex::new(Default::default()),
             tenant_store: OnceLock::new(),
+            tenant_gate: OnceLock::new(),
+            tenant_queue,
         }
     }
 }
@@ -448,6 +460,12 @@ impl Metrics {
         }
         for (phase, n) in counts {
             self.tenants.get_or_create(&PhaseLabel { phase }).set(n);
+        }
+        if let Some(gate) = self.tenant_gate.get() {
+            let (waiting, handed) = gate.counts();
+            for (state, n) in [("waiting", waiting), ("in_controller", handed)] {
+                self.tenant_queue.get_or_create(&PoolLabel { state }).set(n as i64);
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -498,6 +498,13 @@ async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
     wait_for(Duration::from_secs(10), "the Active tenant in the phase gauge", || {
         get_metrics(&env, "operator.log").contains("tenant_operator_tenants{phase=\"Active\"} 1")
     });
+    // The front queue empties: nothing waits, and every tenant let into the
+    // controller's queue was reconciled (its outcome let it go).
+    wait_for(Duration::from_secs(20), "an empty front queue", || {
+        let m = get_metrics(&env, "operator.log");
+        m.contains("tenant_operator_tenant_queue{state=\"waiting\"} 0")
+            && m.contains("tenant_operator_tenant_queue{state=\"in_controller\"} 0")
+    });
     let m = get_metrics(&env, "operator.log");
     for needle in [
         "tenant_operator_reconciles_total{controller=\"tenant\"}",
@@ -514,6 +521,56 @@ async fn metrics_and_health_report_reconciles_phases_pool_and_readiness() {
     }
     let (code, _) = http_get(&addr, "/nope").unwrap();
     assert_eq!(code, 404);
+}
+
+/// The front queue's gauge: (waiting, in_controller), None before it has
+/// series.
+fn tenant_queue(env: &Env) -> Option<(u64, u64)> {
+    let m = get_metrics(env, "operator.log");
+    let of = |state: &str| {
+        let prefix = format!("tenant_operator_tenant_queue{{state=\"{state}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|v| v.trim().parse::<u64>().expect("a count"))
+    };
+    Some((of("waiting")?, of("in_controller")?))
+}
+
+/// A burst larger than the controller's queue bound (`TENANT_QUEUE_BOUND`,
+/// here 2) waits in the operator's front queue, by name, while at most 2
+/// are in the controller's queue; each reconcile's end lets the next in,
+/// and every Tenant converges (src/controller/tenant/gate.rs).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_past_the_queue_bound_waits_in_front_and_every_tenant_converges() {
+    let env = Env::start_with("ops_gate", None, &[("TENANT_QUEUE_BOUND", "2")]).await;
+    wait_for(Duration::from_secs(20), "the metrics address", || {
+        metrics_addr(&env.operator_log()).is_some()
+    });
+    wait_for(Duration::from_secs(20), "the queue gauge", || {
+        tenant_queue(&env).is_some()
+    });
+    let names: Vec<String> = (0..12).map(|i| unique(&format!("gate{i}"))).collect();
+    let manifest: Vec<String> = names.iter().map(|n| tenant_yaml(n, "")).collect();
+    let out = env.kubectl_stdin(&["apply"], &manifest.join("---\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ready =
+        |n: &String| env.jsonpath(&["tenant", n], "{.status.conditions[?(@.type==\"Ready\")].status}") == "True";
+    let (mut most_waiting, mut most_in) = (0, 0);
+    wait_for(Duration::from_secs(120), "every Tenant Ready", || {
+        if let Some((waiting, handed)) = tenant_queue(&env) {
+            most_waiting = most_waiting.max(waiting);
+            most_in = most_in.max(handed);
+        }
+        names.iter().all(ready)
+    });
+    assert!(most_in <= 2, "{most_in} Tenants were in the controller's queue at once");
+    assert!(
+        most_waiting > 0,
+        "no Tenant was ever seen waiting in front of the controller's queue"
+    );
+    wait_for(Duration::from_secs(20), "an empty front queue", || {
+        tenant_queue(&env) == Some((0, 0))
+    });
 }
 
 /// The tenant controller's reconciles so far, from /metrics.

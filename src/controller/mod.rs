@@ -35,6 +35,9 @@ pub struct Settings {
     pub endpoint: Endpoint,
     /// Reconciles at once, at most.
     pub concurrency: u16,
+    /// Tenants let into the controller's queue at once, at most
+    /// ([`tenant::gate`]).
+    pub queue_bound: u16,
     /// The period of the resyncs, to catch changes made inside Postgres
     /// (for Tenants, a period after each one's last good reconcile:
     /// `tenant::resync`).
@@ -103,6 +106,9 @@ pub struct Context {
     pub triggers: tenant::triggers::Triggers,
     /// The Tenants waiting for their periodic resync ([`tenant::resync`]).
     pub resyncs: std::sync::Arc<tenant::resync::Resyncs>,
+    /// The Tenants waiting for a reconcile, let into the controller's
+    /// queue a bounded number at a time ([`tenant::gate`]).
+    pub gate: std::sync::Arc<tenant::gate::Gate>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -122,6 +128,7 @@ impl Context {
             own_writes: Default::default(),
             triggers: Default::default(),
             resyncs: Default::default(),
+            gate: std::sync::Arc::new(tenant::gate::Gate::new(settings.queue_bound.into())),
             settings,
             reporter,
             keys: Default::default(),

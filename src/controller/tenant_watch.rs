@@ -99,7 +99,7 @@ impl TenantWatch {
         reflect(
             writer,
             listeners,
-            watcher(api, watcher::Config::default().any_semantic()),
+            watcher(api, watcher::Config::default().any_semantic()).default_backoff(),
         )
     }
 }

@@ -18,6 +18,7 @@
 pub mod apply;
 pub mod backup_jobs;
 pub mod echoes;
+pub mod gate;
 pub mod migrations;
 pub mod moving;
 pub mod observe;
@@ -159,6 +160,7 @@ pub async fn run(
     });
     let tenant_cache = tenants.store();
     let _ = ctx.metrics.tenant_store.set(tenants.store());
+    let _ = ctx.metrics.tenant_gate.set(ctx.gate.clone());
     // Every source but the MigrationSet's own marks the Tenants it brings
     // back for a full reconcile (`triggers`); a Tenant not in the cache
     // (deleted) is not marked, and one deleted is forgotten.
@@ -178,56 +180,81 @@ pub async fn run(
         while let Some(name) = deleted.next().await {
             forgetting.triggers.forget(&name);
             forgetting.resyncs.forget(&name);
+            forgetting.gate.forget(&name);
         }
     });
     // A shard that opens, closes or changes state, capacity or labels
     // brings back the tenants that are not Ready (waiting for a shard).
     let waiting_cache = tenants.store();
     let mark = mark_full.clone();
-    let shard_changes = ctx.shards.subscribe().flat_map(move |()| {
-        let waiting: Vec<ObjectRef<Tenant>> = waiting_cache
-            .state()
-            .iter()
-            .filter(|t| status::condition(t.status.as_ref(), "Ready").is_none_or(|c| c.status != "True"))
-            .filter_map(|t| t.metadata.name.as_deref().map(ObjectRef::new))
-            .inspect(|r| mark(&r.name))
-            .collect();
-        futures::stream::iter(waiting)
+    // The tasks that feed the gate end with this function (dropped or not).
+    let mut feeds = tokio::task::JoinSet::new();
+    let shard_gate = ctx.gate.clone();
+    let mut shard_changes = ctx.shards.subscribe();
+    feeds.spawn(async move {
+        while let Some(()) = shard_changes.next().await {
+            for t in waiting_cache.state().iter() {
+                let Some(name) = t.metadata.name.as_deref() else {
+                    continue;
+                };
+                if status::condition(t.status.as_ref(), "Ready").is_none_or(|c| c.status != "True") {
+                    mark(name);
+                    shard_gate.push(name, gate::Lane::Change);
+                }
+            }
+        }
     });
     // The rate-limit writer's report asks for `RateLimitsApplied` only: a
     // light reconcile unless something else waits beside it.
+    // Through the gate: in a provisioning burst it reports every new tenant.
     let rl_marking = ctx.clone();
     let rl_store = tenants.store();
-    let rate_limits_reported = rate_limits_reported.inspect(move |r| {
-        if rl_store.get(r).is_some() {
-            rl_marking.triggers.rate_limits(&r.name);
+    feeds.spawn(async move {
+        let mut reported = std::pin::pin!(rate_limits_reported);
+        while let Some(r) = reported.next().await {
+            if rl_store.get(&r).is_some() {
+                rl_marking.triggers.rate_limits(&r.name);
+                rl_marking.gate.push(&r.name, gate::Lane::Change);
+            }
         }
     });
-    // A rotation brings every Tenant back, each for a full reconcile.
+    // A new root key (rotation) brings every Tenant back, each for a full
+    // reconcile that re-seals it, through the gate.
     let rotating = ctx.clone();
     let rotate_cache = tenants.store();
-    let rotate_rx = rotate_rx.inspect(move |()| {
-        let all = rotate_cache.state();
-        rotating
-            .triggers
-            .full_all(all.iter().filter_map(|t| t.metadata.name.as_deref()));
+    feeds.spawn(async move {
+        let mut rotations = rotate_rx;
+        while let Some(()) = rotations.next().await {
+            let all = rotate_cache.state();
+            let names = || all.iter().filter_map(|t| t.metadata.name.as_deref());
+            rotating.triggers.full_all(names());
+            names().for_each(|n| rotating.gate.push(n, gate::Lane::Bulk));
+        }
     });
     // The echoes of this process's own writes that it acted on already
     // start no reconcile (`echoes`); every other Tenant event does.
+    // They wait in the gate (`gate`), as a set's followers, the resyncs
+    // and the shard changes do: the controller's queue holds a bounded
+    // number of requests. This task drives the operator's Tenant watch.
     let own = ctx.clone();
     let own_secret_writes = ctx.clone();
-    let tenant_events = tenants.into_stream().filter(move |ev| {
-        let own = own.clone();
-        // Judged by kind, name and version: the event itself is not kept.
-        let key = ev.as_ref().ok().and_then(echoes::key);
-        let name = ev.as_ref().ok().and_then(|t| t.metadata.name.clone());
-        async move {
-            let echo = own.own_writes.is_echo_after_writes(key).await;
-            if let (false, Some(name)) = (echo, name) {
-                own.triggers.full(&name);
+    let tenant_events = tenants.into_stream();
+    feeds.spawn(async move {
+        let mut events = std::pin::pin!(tenant_events);
+        while let Some(ev) = events.next().await {
+            // Errors are logged by the watch, which backs off.
+            let Ok(t) = ev else { continue };
+            let Some(name) = t.metadata.name.as_deref() else {
+                continue;
+            };
+            // Judged by kind, name and version: the event itself is not kept.
+            if own.own_writes.is_echo_after_writes(echoes::key(&t)).await {
+                continue;
             }
-            !echo
+            own.triggers.full(name);
+            own.gate.push(name, gate::Lane::Change);
         }
+        own.health.task_died("tenant-watch");
     });
     // The tenants' own Secrets likewise: the echo of a Secret the reconcile
     // wrote (and went on from) starts none, once the write has returned (the
@@ -243,63 +270,70 @@ pub async fn run(
     let set_marks = ctx.clone();
     let mark_secret = mark_full.clone();
     let mark_job = mark_full.clone();
-    // A set's followers come back by name (`reconcile_on`): at the start of
-    // a rollout every follower waits in the controller's queue, and
-    // `watches` would queue each with the set's own reference as the reason
-    // (its kind, group, version and plural as strings, twice per follower).
+    // A set's followers come back through the gate, by name: at the start
+    // of a rollout every follower waits at once.
     let set_cache = tenant_cache.clone();
-    let set_followers = {
+    feeds.spawn(async move {
         use kube::runtime::WatchStreamExt;
-        watcher(sets, watcher::Config::default())
+        let mut sets = std::pin::pin!(watcher(sets, watcher::Config::default())
             .default_backoff()
-            .touched_objects()
-            .filter_map(|ev| {
-                futures::future::ready(
-                    ev.inspect_err(|e| tracing::warn!(error = %e, "watching MigrationSets failed; retrying"))
-                        .ok(),
-                )
-            })
-            .flat_map(move |ms: crate::api::MigrationSet| {
-                let refs = migrations::followers_to_refresh(&ms, &set_cache.state());
-                let ms = Arc::new(ms);
-                for r in &refs {
-                    let light = set_cache.get(r).is_some_and(|t| migrations::light_candidate(&t, &ms));
-                    tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
-                    if light {
-                        set_marks.triggers.rolling_out(&r.name, ms.clone());
-                    } else {
-                        set_marks.triggers.full(&r.name);
-                    }
+            .touched_objects());
+        while let Some(ev) = sets.next().await {
+            let ms: crate::api::MigrationSet = match ev {
+                Ok(ms) => ms,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching MigrationSets failed; retrying");
+                    continue;
                 }
-                futures::stream::iter(refs)
-            })
-    };
-    let mut controller = Controller::for_stream(tenant_events, tenant_cache)
-        .reconcile_on(set_followers)
-        .watches_stream(own_secret_events, move |s: PartialObjectMeta<Secret>| {
-            let name = s.labels().get(labels::TENANT_LABEL)?;
-            mark_secret(name);
+            };
+            let refs = migrations::followers_to_refresh(&ms, &set_cache.state());
+            let ms = Arc::new(ms);
+            for r in &refs {
+                let light = set_cache.get(r).is_some_and(|t| migrations::light_candidate(&t, &ms));
+                tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
+                if light {
+                    set_marks.triggers.rolling_out(&r.name, ms.clone());
+                } else {
+                    set_marks.triggers.full(&r.name);
+                }
+                set_marks.gate.push(&r.name, gate::Lane::Bulk);
+            }
+        }
+        set_marks.health.task_died("migration-set-watch");
+    });
+    // The controller's own trigger stream is empty: what it reconciles
+    // comes from the gate and the other sources below.
+    let mut controller = Controller::for_stream(
+        futures::stream::pending::<Result<Tenant, watcher::Error>>(),
+        tenant_cache,
+    )
+    .reconcile_on(gate::released(ctx.gate.clone()))
+    .watches_stream(own_secret_events, move |s: PartialObjectMeta<Secret>| {
+        let name = s.labels().get(labels::TENANT_LABEL)?;
+        mark_secret(name);
+        Some(ObjectRef::<Tenant>::new(name))
+    })
+    // A backup Job that ended brings its tenant back: the operator
+    // records what the Job wrote to the store.
+    .watches(
+        Api::<k8s_openapi::api::batch::v1::Job>::namespaced(ctx.client.clone(), &ctx.settings.namespace),
+        watcher::Config::default().labels(&labels::managed_selector()),
+        move |j: k8s_openapi::api::batch::v1::Job| {
+            let name = j.labels().get(labels::TENANT_LABEL)?;
+            mark_job(name);
             Some(ObjectRef::<Tenant>::new(name))
-        })
-        // A backup Job that ended brings its tenant back: the operator
-        // records what the Job wrote to the store.
-        .watches(
-            Api::<k8s_openapi::api::batch::v1::Job>::namespaced(ctx.client.clone(), &ctx.settings.namespace),
-            watcher::Config::default().labels(&labels::managed_selector()),
-            move |j: k8s_openapi::api::batch::v1::Job| {
-                let name = j.labels().get(labels::TENANT_LABEL)?;
-                mark_job(name);
-                Some(ObjectRef::<Tenant>::new(name))
-            },
-        )
-        // A new root key (rotation) re-seals every tenant, at the controller's
-        // bounded concurrency.
-        .reconcile_all_on(rotate_rx)
-        .reconcile_on(rate_limits_reported)
-        .reconcile_on(shard_changes)
-        // The periodic resync: a reconcile that ended well waits for a
-        // change, and its tenant comes back from here a period later.
-        .reconcile_on(resync::due(ctx.resyncs.clone()));
+        },
+    );
+    // The periodic resync: a reconcile that ended well waits for a
+    // change, and its tenant comes back through the gate a period later.
+    let resync_gate = ctx.gate.clone();
+    let due = resync::due(ctx.resyncs.clone());
+    feeds.spawn(async move {
+        let mut due = std::pin::pin!(due);
+        while let Some(r) = due.next().await {
+            resync_gate.push(&r.name, gate::Lane::Bulk);
+        }
+    });
     for (api, index) in source_watches {
         let mark = mark_full.clone();
         controller = controller.watches(api, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
@@ -313,11 +347,24 @@ pub async fn run(
                 .collect::<Vec<_>>()
         });
     }
+    let done = ctx.gate.clone();
     let outcomes = controller
         .with_config(kit::queue(ctx.settings.concurrency, Duration::from_millis(200)))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx);
+        .run(reconcile, error_policy, ctx)
+        .inspect(move |outcome| {
+            use kube::runtime::controller::Error as E;
+            let name = match outcome {
+                Ok((r, _)) => Some(r.name.as_str()),
+                Err(E::ReconcilerFailed(_, r) | E::ObjectNotFound(r)) => Some(r.name.as_str()),
+                Err(_) => None,
+            };
+            if let Some(name) = name {
+                done.done(name);
+            }
+        });
     kit::drain(CONTROLLER, outcomes).await;
+    drop(feeds);
 }
 
 /// Reloads the root keys when their Secret changes; a keyring that drops a

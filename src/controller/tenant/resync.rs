@@ -11,8 +11,8 @@
 //! (`Action::await_change`) and notes the tenant here ([`Resyncs::after`]):
 //! its name once, and when it is due: 150 bytes per tenant at 10,000
 //! (`cargo bench --bench tenant_memory`); [`due`] hands each
-//! tenant to the controller (`reconcile_on`) when its time comes, so only
-//! the tenants due at that moment enter the controller's queue.
+//! tenant to the front queue ([`super::gate`]) when its time comes, so
+//! only the tenants due at that moment wait for a reconcile.
 //!
 //! A later reconcile that ends well moves the tenant's time on; a deleted
 //! tenant is forgotten ([`Resyncs::forget`]). Takes names and times; no
@@ -108,7 +108,7 @@ impl Resyncs {
     }
 }
 
-/// Every tenant of `resyncs` when it is due, for `Controller::reconcile_on`.
+/// Every tenant of `resyncs` when it is due, for the front queue.
 pub fn due(resyncs: Arc<Resyncs>) -> impl Stream<Item = ObjectRef<Tenant>> + Send + 'static {
     futures::stream::unfold(resyncs, |r| async move {
         loop {

@@ -22,10 +22,13 @@
 //!   (a set's followers, the periodic resync, a rotation): a Tenant applied during a rollout's start does not wait for
 //!   10,000 light reconciles. A name waiting in the bulk lane and pushed
 //!   into the change lane moves up.
-//! - **A name waits once.** Pushed again while it waits, nothing is added;
-//!   pushed while its reconcile is in the controller's queue or running, it
-//!   waits again (the running reconcile may have read the tenant before the
-//!   change), and the controller merges or holds the second request.
+//! - **A name waits once.** Pushed again while it waits, or while it is in
+//!   the controller's queue and its reconcile has not started
+//!   ([`Gate::started`]: that reconcile reads the cache and the marks when
+//!   it starts, so it sees the change), nothing is added, as the
+//!   controller's own queue merges a request for an object already in it.
+//!   Pushed once its reconcile started, it waits again (the reconcile may
+//!   have read the tenant before the change).
 //! - **Never stuck.** A name handed over longer than [`STALE`] ago no longer
 //!   counts against the bound (a reconcile the controller dropped, such as
 //!   one whose Tenant was deleted in between, gives no outcome by name in
@@ -78,8 +81,14 @@ struct Inner {
     /// `lanes`, whose entries that no longer match are skipped.
     waiting: HashMap<Arc<str>, Lane>,
     lanes: [VecDeque<Arc<str>>; 2],
-    /// The names handed over, and when.
-    released: HashMap<Arc<str>, Instant>,
+    /// The names handed over: when, and whether their reconcile started.
+    released: HashMap<Arc<str>, Handed>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Handed {
+    at: Instant,
+    started: bool,
 }
 
 impl Default for Gate {
@@ -106,6 +115,9 @@ impl Gate {
     /// already).
     pub fn push(&self, name: &str, lane: Lane) {
         let mut g = self.lock();
+        if g.released.get(name).is_some_and(|h| !h.started) {
+            return;
+        }
         let key = match g.waiting.get_key_value(name) {
             Some((_, held)) if *held <= lane => return,
             Some((key, _)) => key.clone(),
@@ -115,6 +127,13 @@ impl Gate {
         g.waiting.insert(key, lane);
         drop(g);
         self.wake.notify_one();
+    }
+
+    /// The reconcile of `name` starts: a change from now on needs another.
+    pub fn started(&self, name: &str) {
+        if let Some(h) = self.lock().released.get_mut(name) {
+            h.started = true;
+        }
     }
 
     /// The reconcile of `name` ended (or the controller dropped it).
@@ -147,7 +166,7 @@ impl Gate {
         let mut g = self.lock();
         let limit = self.limit;
         if g.released.len() >= limit && !g.waiting.is_empty() {
-            g.released.retain(|_, at| now.saturating_duration_since(*at) < STALE);
+            g.released.retain(|_, h| now.saturating_duration_since(h.at) < STALE);
         }
         let Inner {
             waiting,
@@ -165,7 +184,13 @@ impl Gate {
                 }
                 waiting.remove(&name);
                 taken.push(ObjectRef::new(&name));
-                released.insert(name, now);
+                released.insert(
+                    name,
+                    Handed {
+                        at: now,
+                        started: false,
+                    },
+                );
             }
             break;
         }
@@ -175,7 +200,7 @@ impl Gate {
             lanes.iter_mut().for_each(VecDeque::clear);
         }
         let stale = (!waiting.is_empty())
-            .then(|| released.values().min().map(|at| *at + STALE))
+            .then(|| released.values().map(|h| h.at).min().map(|at| at + STALE))
             .flatten();
         (taken, stale)
     }
@@ -278,10 +303,14 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_name_pushed_while_handed_over_waits_again() {
+    async fn a_name_pushed_once_its_reconcile_started_waits_again() {
         let gate = Gate::new(4);
         gate.push("a", Lane::Change);
         assert_eq!(names(&gate.take(Instant::now()).0), ["a"]);
+        // Not started: the reconcile to come sees this change.
+        gate.push("a", Lane::Change);
+        assert_eq!(gate.counts(), (0, 1));
+        gate.started("a");
         // Its reconcile may have read the Tenant before this change.
         gate.push("a", Lane::Change);
         assert_eq!(gate.counts(), (1, 1));

@@ -430,6 +430,17 @@ const CONTROLLER: &str = "tenant";
 /// One reconcile of one Tenant.
 pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = t.name_any();
+    // From here a change of this Tenant waits for a reconcile of its own
+    // (`gate`); before, the gate merged it into this one, so the Tenant is
+    // read from the cache again after this point (the controller read it
+    // when it queued this task).
+    ctx.gate.started(&name);
+    let t = ctx
+        .metrics
+        .tenant_store
+        .get()
+        .and_then(|s| s.get(&ObjectRef::new(&name)))
+        .unwrap_or(t);
     // Every log line of the reconcile carries the tenant's name (the JSON
     // logs include the current span's fields).
     let span = tracing::info_span!("reconcile", controller = CONTROLLER, tenant = %name);

@@ -72,6 +72,43 @@ pub fn queue(concurrency: u16, debounce: std::time::Duration) -> kube::runtime::
         .debounce(debounce)
 }
 
+/// What `take` hands out of `src`, as a stream: asked at once, again each
+/// time `wake(src)` is told, and at the time `take` named with its answer
+/// (`None`: only when told). For the queues of names the Tenant controller
+/// reads (`tenant::resync`, `tenant::gate`).
+pub fn handed_out<S, T>(
+    src: std::sync::Arc<S>,
+    wake: fn(&S) -> &tokio::sync::Notify,
+    take: fn(&S, tokio::time::Instant) -> (Vec<T>, Option<tokio::time::Instant>),
+) -> impl futures::Stream<Item = T> + Send + 'static
+where
+    S: Send + Sync + 'static,
+    T: Send + 'static,
+{
+    use futures::StreamExt;
+    futures::stream::unfold(src, move |s| async move {
+        loop {
+            // Made before the look, so a change in between wakes it.
+            let told = wake(&s).notified();
+            let (taken, next) = take(&s, tokio::time::Instant::now());
+            if !taken.is_empty() {
+                drop(told);
+                return Some((futures::stream::iter(taken), s));
+            }
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = told => {}
+                    }
+                }
+                None => told.await,
+            }
+        }
+    })
+    .flatten()
+}
+
 /// `signals` at most once per `every`: a signal after a quiet `every` passes
 /// at once; those that come within `every` of the last one passed are
 /// merged into one, passed when `every` has gone by. For a controller

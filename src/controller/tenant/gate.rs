@@ -45,7 +45,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -209,33 +209,14 @@ impl Gate {
 /// The names of `gate` as the bound lets them through, for
 /// `Controller::reconcile_on`.
 pub fn released(gate: Arc<Gate>) -> impl Stream<Item = ObjectRef<Tenant>> + Send + 'static {
-    futures::stream::unfold(gate, |g| async move {
-        loop {
-            // Made before the look, so a push or a done in between wakes it.
-            let wake = g.wake.notified();
-            let (taken, stale) = g.take(Instant::now());
-            if !taken.is_empty() {
-                drop(wake);
-                return Some((futures::stream::iter(taken), g));
-            }
-            match stale {
-                Some(at) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        () = wake => {}
-                    }
-                }
-                None => wake.await,
-            }
-        }
-    })
-    .flatten()
+    crate::controller::kit::handed_out(gate, |g| &g.wake, Gate::take)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::FutureExt;
+    use futures::StreamExt;
 
     fn names(refs: &[ObjectRef<Tenant>]) -> Vec<&str> {
         refs.iter().map(|r| r.name.as_str()).collect()

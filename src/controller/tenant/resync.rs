@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -110,32 +110,13 @@ impl Resyncs {
 
 /// Every tenant of `resyncs` when it is due, for the front queue.
 pub fn due(resyncs: Arc<Resyncs>) -> impl Stream<Item = ObjectRef<Tenant>> + Send + 'static {
-    futures::stream::unfold(resyncs, |r| async move {
-        loop {
-            // Made before the look, so a tenant noted in between wakes it.
-            let earlier = r.earlier.notified();
-            let (taken, next) = r.take(Instant::now());
-            if !taken.is_empty() {
-                drop(earlier);
-                return Some((futures::stream::iter(taken), r));
-            }
-            match next {
-                Some(at) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        () = earlier => {}
-                    }
-                }
-                None => earlier.await,
-            }
-        }
-    })
-    .flatten()
+    crate::controller::kit::handed_out(resyncs, |r| &r.earlier, Resyncs::take)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
 
     /// The resyncs `resyncs` gives until `end`, by tenant, with the time
     /// since `start` each came at.

@@ -13,14 +13,17 @@
 //! root-key rotation or the rate-limit writer's report brings back wait
 //! here instead ([`Gate::push`]): each name once, in one of two lanes (the
 //! Secrets and Jobs the controller watches still queue their tenant
-//! directly: an event per object, not a burst of every tenant). At most [`RELEASED`] of them are in the controller's queue at
-//! once ([`released`], for `reconcile_on`); the end of a reconcile
-//! ([`Gate::done`], from the controller's outcomes) lets the next one in.
+//! directly: an event per object, not a burst of every tenant). At most
+//! the bound ([`RELEASED`] by default) of them are in the controller's
+//! queue at once ([`released`], for `reconcile_on`); the end of a
+//! reconcile ([`Gate::done`], from the controller's outcomes) lets the
+//! next one in.
 //!
 //! - **Lanes.** [`Lane::Change`] (a Tenant's own events, a shard that
 //!   changed, the rate-limit writer's report) goes before [`Lane::Bulk`]
-//!   (a set's followers, the periodic resync, a rotation): a Tenant applied during a rollout's start does not wait for
-//!   10,000 light reconciles. A name waiting in the bulk lane and pushed
+//!   (a set's followers, the periodic resync, a rotation): a Tenant
+//!   applied during a rollout's start does not wait for 10,000 light
+//!   reconciles. A name waiting in the bulk lane and pushed
 //!   into the change lane moves up.
 //! - **A name waits once.** Pushed again while it waits, or while it is in
 //!   the controller's queue and its reconcile has not started
@@ -34,8 +37,8 @@
 //!   one whose Tenant was deleted in between, gives no outcome by name in
 //!   every case), and a deleted tenant is forgotten ([`Gate::forget`]).
 //!
-//! Why [`RELEASED`] (the default of `--queue-bound`) is 256: the controller delays every request by its
-//! debounce (200 ms) before it may run, so the requests in its queue must
+//! Why [`RELEASED`] (the default of `--queue-bound`) is 256: the
+//! controller delays every request by its debounce (200 ms) before it may run, so the requests in its queue must
 //! cover that delay at the reconcile rate: 256 allow some 1,200 reconciles
 //! a second, above what light reconciles reach on this machine.
 //!

@@ -263,7 +263,7 @@ impl Default for Metrics {
         let tenant_queue = Family::<PoolLabel, Gauge>::default();
         registry.register(
             "tenant_queue",
-            "Tenants waiting for a reconcile: waiting in the operator's front queue, and handed to the controller's own queue (at most 256) and not yet reconciled",
+            "Tenants waiting for a reconcile: waiting in the operator's front queue, and handed to the controller's own queue (at most --queue-bound) and not yet reconciled",
             tenant_queue.clone(),
         );
         Self {

@@ -563,7 +563,12 @@ async fn a_burst_past_the_queue_bound_waits_in_front_and_every_tenant_converges(
         }
         names.iter().all(ready)
     });
-    assert!(most_in <= 2, "{most_in} Tenants were in the controller's queue at once");
+    // The gauge reports the names handed over, which the gate caps: seen
+    // in use, and never past the bound.
+    assert!(
+        (1..=2).contains(&most_in),
+        "{most_in} Tenants seen in the controller's queue at once"
+    );
     assert!(
         most_waiting > 0,
         "no Tenant was ever seen waiting in front of the controller's queue"

@@ -142,21 +142,49 @@ pub async fn run(
         watch_root_keys(keys_ctx.clone(), rotate_tx).await;
         keys_ctx.health.task_died("root-keys-watch");
     });
-    // MigrationSets: a watch cache for the reconciles' lookups, and a watch
-    // that brings back the followers of a set whose status moved on (a
+    // The tasks that feed the gate (`gate`) end with this function (dropped
+    // or not).
+    let mut feeds = tokio::task::JoinSet::new();
+    // MigrationSets, one watch: a cache for the reconciles' lookups, and
+    // from its events the followers of a set whose status moved on (a
     // rollout pass migrated some) or whose spec changed, when they are not
-    // yet shown at its latest version.
+    // yet shown at its latest version, come back through the gate, by name
+    // (at the start of a rollout every follower waits at once).
     let (set_store, set_writer) = kube::runtime::reflector::store::<crate::api::MigrationSet>();
     let _ = ctx.migration_sets.set(set_store);
     let sets: Api<crate::api::MigrationSet> = Api::all(ctx.client.clone());
-    tokio::spawn({
+    let set_cache = tenants.store();
+    let set_marks = ctx.clone();
+    feeds.spawn(async move {
         use kube::runtime::WatchStreamExt;
-        let cache = kube::runtime::reflector::reflector(
+        let mut sets = std::pin::pin!(kube::runtime::reflector::reflector(
             set_writer,
-            watcher(sets.clone(), watcher::Config::default().any_semantic()),
+            watcher(sets, watcher::Config::default().any_semantic()),
         )
-        .default_backoff();
-        cache.for_each(|_| futures::future::ready(()))
+        .default_backoff()
+        .touched_objects());
+        while let Some(ev) = sets.next().await {
+            let ms: crate::api::MigrationSet = match ev {
+                Ok(ms) => ms,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching MigrationSets failed; retrying");
+                    continue;
+                }
+            };
+            let refs = migrations::followers_to_refresh(&ms, &set_cache.state());
+            let ms = Arc::new(ms);
+            for r in &refs {
+                let light = set_cache.get(r).is_some_and(|t| migrations::light_candidate(&t, &ms));
+                tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
+                if light {
+                    set_marks.triggers.rolling_out(&r.name, ms.clone());
+                } else {
+                    set_marks.triggers.full(&r.name);
+                }
+                set_marks.gate.push(&r.name, gate::Lane::Bulk);
+            }
+        }
+        set_marks.health.task_died("migration-set-watch");
     });
     let tenant_cache = tenants.store();
     let _ = ctx.metrics.tenant_store.set(tenants.store());
@@ -187,8 +215,6 @@ pub async fn run(
     // brings back the tenants that are not Ready (waiting for a shard).
     let waiting_cache = tenants.store();
     let mark = mark_full.clone();
-    // The tasks that feed the gate end with this function (dropped or not).
-    let mut feeds = tokio::task::JoinSet::new();
     let shard_gate = ctx.gate.clone();
     let mut shard_changes = ctx.shards.subscribe();
     feeds.spawn(async move {
@@ -267,40 +293,8 @@ pub async fn run(
             async move { !own.own_writes.is_echo_after_writes(key).await }
         })
     };
-    let set_marks = ctx.clone();
     let mark_secret = mark_full.clone();
     let mark_job = mark_full.clone();
-    // A set's followers come back through the gate, by name: at the start
-    // of a rollout every follower waits at once.
-    let set_cache = tenant_cache.clone();
-    feeds.spawn(async move {
-        use kube::runtime::WatchStreamExt;
-        let mut sets = std::pin::pin!(watcher(sets, watcher::Config::default())
-            .default_backoff()
-            .touched_objects());
-        while let Some(ev) = sets.next().await {
-            let ms: crate::api::MigrationSet = match ev {
-                Ok(ms) => ms,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching MigrationSets failed; retrying");
-                    continue;
-                }
-            };
-            let refs = migrations::followers_to_refresh(&ms, &set_cache.state());
-            let ms = Arc::new(ms);
-            for r in &refs {
-                let light = set_cache.get(r).is_some_and(|t| migrations::light_candidate(&t, &ms));
-                tracing::debug!(tenant = %r.name, light, "brought back by its MigrationSet");
-                if light {
-                    set_marks.triggers.rolling_out(&r.name, ms.clone());
-                } else {
-                    set_marks.triggers.full(&r.name);
-                }
-                set_marks.gate.push(&r.name, gate::Lane::Bulk);
-            }
-        }
-        set_marks.health.task_died("migration-set-watch");
-    });
     // The controller's own trigger stream is empty: what it reconciles
     // comes from the gate and the other sources below.
     let mut controller = Controller::for_stream(
@@ -330,8 +324,8 @@ pub async fn run(
     let due = resync::due(ctx.resyncs.clone());
     feeds.spawn(async move {
         let mut due = std::pin::pin!(due);
-        while let Some(r) = due.next().await {
-            resync_gate.push(&r.name, gate::Lane::Bulk);
+        while let Some(name) = due.next().await {
+            resync_gate.push(&name, gate::Lane::Bulk);
         }
     });
     for (api, index) in source_watches {

@@ -23,11 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::Stream;
-use kube::runtime::reflector::ObjectRef;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-use crate::api::Tenant;
 
 /// The tenants waiting for their resync, and when each is due.
 #[derive(Default)]
@@ -91,7 +88,7 @@ impl Resyncs {
     }
 
     /// Takes the tenants due by `now`, and says when the next one is.
-    fn take(&self, now: Instant) -> (Vec<ObjectRef<Tenant>>, Option<Instant>) {
+    fn take(&self, now: Instant) -> (Vec<Arc<str>>, Option<Instant>) {
         let mut due = self.lock();
         let mut taken = Vec::new();
         while let Some((when, _)) = due.order.first() {
@@ -100,7 +97,7 @@ impl Resyncs {
             }
             if let Some((_, name)) = due.order.pop_first() {
                 due.at.remove(&name);
-                taken.push(ObjectRef::new(&name));
+                taken.push(name);
             }
         }
         let next = due.order.first().map(|(when, _)| *when);
@@ -108,8 +105,9 @@ impl Resyncs {
     }
 }
 
-/// Every tenant of `resyncs` when it is due, for the front queue.
-pub fn due(resyncs: Arc<Resyncs>) -> impl Stream<Item = ObjectRef<Tenant>> + Send + 'static {
+/// The name of every tenant of `resyncs` when it is due, for the front
+/// queue.
+pub fn due(resyncs: Arc<Resyncs>) -> impl Stream<Item = Arc<str>> + Send + 'static {
     crate::controller::kit::handed_out(resyncs, |r| &r.earlier, Resyncs::take)
 }
 
@@ -121,13 +119,13 @@ mod tests {
     /// The resyncs `resyncs` gives until `end`, by tenant, with the time
     /// since `start` each came at.
     async fn until(
-        resyncs: &mut (impl Stream<Item = ObjectRef<Tenant>> + Unpin),
+        resyncs: &mut (impl Stream<Item = Arc<str>> + Unpin),
         start: Instant,
         end: Instant,
     ) -> Vec<(String, Duration)> {
         let mut seen = Vec::new();
         while let Ok(Some(r)) = tokio::time::timeout_at(end, resyncs.next()).await {
-            seen.push((r.name, start.elapsed()));
+            seen.push((r.to_string(), start.elapsed()));
         }
         seen
     }

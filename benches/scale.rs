@@ -980,9 +980,14 @@ async fn main() {
     let rss_at = |phase: &str| {
         let (p, now) = (peak.load(Ordering::Relaxed), proc_status_kib(op_pid, "VmRSS:"));
         let mib = |k: u64| k as f64 / 1024.0;
+        // What the RSS is made of: the binary's and libraries' pages
+        // (file-backed) against the heap, stacks and buffers (anonymous).
+        let (anon, file) = (proc_status_kib(op_pid, "RssAnon:"), proc_status_kib(op_pid, "RssFile:"));
         format!(
-            "{phase}: RSS {:.1} MiB, peak so far {:.1} MiB",
+            "{phase}: RSS {:.1} MiB (anonymous {:.1}, file-backed {:.1}), peak so far {:.1} MiB",
             mib(now),
+            mib(anon),
+            mib(file),
             mib(p.max(now))
         )
     };

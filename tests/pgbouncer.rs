@@ -188,8 +188,8 @@ async fn nothing_of_a_transaction_survives_on_a_reused_server_connection() {
     let mut tenants = env.tenants(3).await;
     // Distinct caps per tenant, so a leftover would show.
     for (i, t) in tenants.iter_mut().enumerate() {
-        t.spec.database.statement_timeout = format!("{}ms", 1001 + i);
-        t.spec.database.work_mem = format!("{}kB", 1100 + 10 * i);
+        t.spec.database.statement_timeout = format!("{}ms", 1001 + i).into();
+        t.spec.database.work_mem = format!("{}kB", 1100 + 10 * i).into();
         t.converge(&env.db).await.unwrap();
     }
     // One client connection: every transaction goes through PgBouncer to

@@ -133,7 +133,7 @@ pub struct PlacementSpec {
     /// Shards whose labels match (`matchLabels`, `matchExpressions`, as any
     /// Kubernetes label selector). Used to place a new tenant only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard_selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    pub shard_selector: Option<Box<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>>,
 }
 
 impl PlacementSpec {

@@ -8,7 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::Condition;
+use super::{Condition, Text};
 
 /// The regular expression of a tenant name: a DNS-1123 label.
 pub const NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -100,7 +100,7 @@ pub struct TenantSpec {
     /// under the tenant's backup key and stores it (see docs/backups.md).
     /// Unset: no scheduled backups (the CronJob is deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backup: Option<BackupSpec>,
+    pub backup: Option<Box<BackupSpec>>,
 
     /// Which Postgres server (Shard) the tenant lives on: `{shard: name}` or
     /// `{shardSelector: {...}}`; unset: any Open shard. A new tenant goes to
@@ -309,7 +309,7 @@ pub struct DatabaseSpec {
     /// `MigrationSetNotFound`.
     #[serde(default = "default_migration_set")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"))]
-    pub migration_set: String,
+    pub migration_set: Text,
 
     /// Most concurrent connections of the app role (`CONNECTION LIMIT`), 1 to 1000.
     #[serde(default = "default_connection_limit")]
@@ -321,20 +321,20 @@ pub struct DatabaseSpec {
     /// `min`, `h`, `d`), for example `30s`; `0` disables it. At most 24 days.
     #[serde(default = "default_statement_timeout")]
     #[schemars(regex(pattern = r"^(0|[1-9][0-9]{0,9}(ms|s|min|h|d))$"))]
-    pub statement_timeout: String,
+    pub statement_timeout: Text,
 
     /// Longest a session of the app role may sit idle inside a transaction
     /// (`idle_in_transaction_session_timeout`), same format as
     /// `statementTimeout`.
     #[serde(default = "default_idle_timeout")]
     #[schemars(regex(pattern = r"^(0|[1-9][0-9]{0,9}(ms|s|min|h|d))$"))]
-    pub idle_in_transaction_timeout: String,
+    pub idle_in_transaction_timeout: Text,
 
     /// Memory per sort or hash operation of the app role (`work_mem`): a
     /// positive integer and a unit (`kB`, `MB`, `GB`), 64kB to 2GB.
     #[serde(default = "default_work_mem")]
     #[schemars(regex(pattern = r"^[1-9][0-9]{0,9}(kB|MB|GB)$"))]
-    pub work_mem: String,
+    pub work_mem: Text,
 
     /// Most temporary-file space one session of the app role may use
     /// (`temp_file_limit`): a positive integer and a unit (`kB`, `MB`, `GB`,
@@ -343,22 +343,22 @@ pub struct DatabaseSpec {
     /// otherwise the condition `CapsApplied` says it was not applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[1-9][0-9]{0,9}(kB|MB|GB|TB)$"))]
-    pub temp_file_limit: Option<String>,
+    pub temp_file_limit: Option<Text>,
 }
 
-fn default_migration_set() -> String {
+fn default_migration_set() -> Text {
     "default".into()
 }
 fn default_connection_limit() -> i32 {
     20
 }
-fn default_statement_timeout() -> String {
+fn default_statement_timeout() -> Text {
     "30s".into()
 }
-fn default_idle_timeout() -> String {
+fn default_idle_timeout() -> Text {
     "60s".into()
 }
-fn default_work_mem() -> String {
+fn default_work_mem() -> Text {
     "16MB".into()
 }
 
@@ -392,7 +392,7 @@ pub struct TenantStatus {
     /// The shard the tenant lives on (written when it is placed, before
     /// anything of it is created, and when a move commits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard: Option<String>,
+    pub shard: Option<Text>,
     /// A move to another shard under way (docs/shards.md, "Moving a
     /// tenant").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -412,7 +412,7 @@ pub struct TenantStatus {
     pub schema_version: Option<i64>,
     /// The newest backup of the tenant (spec.backup, or one taken by hand).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_backup: Option<LastBackup>,
+    pub last_backup: Option<Box<LastBackup>>,
     /// Conditions: `Ready`, `DatabaseReady`, `RateLimitsApplied`,
     /// `MigrationsApplied`, `ReadAuditing` (pgaudit on the app role), and
     /// `DeletionBlocked` while a delete waits on `deletionProtection`.
@@ -457,7 +457,7 @@ pub struct TenantUsage {
     /// the leading operator started.
     pub cancellations: i64,
     /// When these figures were sampled (RFC 3339).
-    pub sampled_at: String,
+    pub sampled_at: Text,
 }
 
 /// A backup as `status.lastBackup` shows it.

@@ -104,7 +104,7 @@ pub fn usage_of(f: &Figures, cancellations: u64, sampled_at: chrono::DateTime<ch
         statement_seconds_per_minute: f.statement_seconds_per_minute,
         temp_bytes: f.temp_bytes,
         cancellations: cancellations.min(i64::MAX as u64) as i64,
-        sampled_at: sampled_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        sampled_at: sampled_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into(),
     }
 }
 
@@ -266,7 +266,7 @@ mod tests {
             statement_seconds_per_minute: stmt,
             temp_bytes: None,
             cancellations: 0,
-            sampled_at: at(secs).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            sampled_at: at(secs).to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into(),
         }
     }
 
@@ -401,7 +401,7 @@ mod tests {
         // The order: no status yet, then the oldest status, then by name.
         status.insert("t0900".into(), None);
         let mut old = status["t0950"].clone().expect("written");
-        old.sampled_at = at(-60).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        old.sampled_at = at(-60).to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into();
         status.insert("t0950".into(), Some(old));
         for f in &mut fleet {
             f.bytes *= 3;

@@ -329,7 +329,7 @@ impl FollowerIndex {
                 let set = if t.metadata.deletion_timestamp.is_some() {
                     String::new()
                 } else {
-                    t.spec.database.migration_set.clone()
+                    t.spec.database.migration_set.to_string()
                 };
                 self.0.insert(t.name_any(), set.clone()).as_ref() != Some(&set)
             }

@@ -324,7 +324,7 @@ pub async fn converge(
     name: &TenantName,
     session: Option<Confined>,
 ) -> Result<(Cond, i64), StepError> {
-    let set_name = t.spec.database.migration_set.clone();
+    let set_name = t.spec.database.migration_set.to_string();
     let set = get_set(ctx, &set_name)
         .await
         .map_err(|e| StepError::ReadSet(set_name.clone(), e))?;

@@ -19,7 +19,7 @@ use kube::core::{Selector, SelectorExt};
 use kube::ResourceExt;
 use serde_json::json;
 
-use crate::api::{PlacementSpec, ShardState, Tenant, DEFAULT_SHARD};
+use crate::api::{PlacementSpec, ShardState, Tenant, Text, DEFAULT_SHARD};
 use crate::controller::kit;
 use crate::controller::shards::ShardConn;
 use crate::controller::Context;
@@ -87,7 +87,7 @@ pub fn choose(
         return Ok(wanted.clone());
     }
     let selector = match &placement.shard_selector {
-        Some(s) => Some(Selector::try_from(s.clone()).map_err(|e| PlacementError::BadSelector(e.to_string()))?),
+        Some(s) => Some(Selector::try_from((**s).clone()).map_err(|e| PlacementError::BadSelector(e.to_string()))?),
         None => None,
     };
     let why = match &selector {
@@ -105,7 +105,7 @@ pub fn choose(
 
 /// The shard a Tenant's status records. Pure.
 pub fn recorded(t: &Tenant) -> Option<String> {
-    t.status.as_ref()?.shard.clone()
+    t.status.as_ref()?.shard.as_deref().map(String::from)
 }
 
 /// The shard a Tenant counts on: its recorded one, or `default` for one
@@ -114,7 +114,7 @@ pub fn recorded(t: &Tenant) -> Option<String> {
 fn counted_on(t: &Tenant) -> Option<String> {
     let s = t.status.as_ref()?;
     match (&s.shard, &s.schema, s.phase) {
-        (Some(shard), _, _) => Some(shard.clone()),
+        (Some(shard), _, _) => Some(shard.to_string()),
         (None, Some(_), Some(crate::api::TenantPhase::Active | crate::api::TenantPhase::Suspended)) => {
             Some(DEFAULT_SHARD.into())
         }
@@ -349,7 +349,7 @@ pub fn with_latest<'a>(ctx: &Context, t: &'a Tenant) -> std::borrow::Cow<'a, Ten
     };
     let mut fresh = t.clone();
     let status = fresh.status.get_or_insert_with(Default::default);
-    status.shard = ctx.placements.get(&uid).or(status.shard.take());
+    status.shard = ctx.placements.get(&uid).map(Text::from).or(status.shard.take());
     status.moving = moving.map(Box::new);
     status.last_move = last_move.map(Box::new);
     std::borrow::Cow::Owned(fresh)
@@ -517,10 +517,10 @@ mod tests {
         ];
         let by_labels = |m: &[(&str, &str)]| PlacementSpec {
             shard: None,
-            shard_selector: Some(LabelSelector {
+            shard_selector: Some(Box::new(LabelSelector {
                 match_labels: Some(labels(m)),
                 match_expressions: None,
-            }),
+            })),
         };
         let c = counts_of(&[("eu-1", 10)]);
         assert_eq!(choose(&by_labels(&[("region", "eu")]), &shards, &c).unwrap(), "eu-1");
@@ -533,26 +533,26 @@ mod tests {
         );
         let expr = PlacementSpec {
             shard: None,
-            shard_selector: Some(LabelSelector {
+            shard_selector: Some(Box::new(LabelSelector {
                 match_labels: None,
                 match_expressions: Some(vec![LabelSelectorRequirement {
                     key: "tier".into(),
                     operator: "Exists".into(),
                     values: None,
                 }]),
-            }),
+            })),
         };
         assert_eq!(choose(&expr, &shards, &c).unwrap(), "eu-1");
         let bad = PlacementSpec {
             shard: None,
-            shard_selector: Some(LabelSelector {
+            shard_selector: Some(Box::new(LabelSelector {
                 match_labels: None,
                 match_expressions: Some(vec![LabelSelectorRequirement {
                     key: "tier".into(),
                     operator: "Sometimes".into(),
                     values: None,
                 }]),
-            }),
+            })),
         };
         assert_eq!(choose(&bad, &shards, &c).unwrap_err().reason(), "InvalidPlacement");
     }
@@ -564,7 +564,7 @@ mod tests {
             t.metadata.uid = Some(uid.into());
             if shard.is_some() || schema {
                 t.status = Some(crate::api::TenantStatus {
-                    shard: shard.map(String::from),
+                    shard: shard.map(Text::from),
                     schema: schema.then(|| format!("tenant_{name}")),
                     phase: Some(crate::api::TenantPhase::Active),
                     ..Default::default()

@@ -42,7 +42,10 @@ pub fn next_status(
         ),
     };
     let schema_version = extra.schema_version.or_else(|| old.and_then(|s| s.schema_version));
-    let last_backup = extra.last_backup.or_else(|| old.and_then(|s| s.last_backup.clone()));
+    let last_backup = extra
+        .last_backup
+        .map(Box::new)
+        .or_else(|| old.and_then(|s| s.last_backup.clone()));
     // The usage sampler's figures are its own (src/controller/usage.rs).
     let usage = old.and_then(|s| s.usage.clone());
     TenantStatus {

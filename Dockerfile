@@ -25,8 +25,8 @@ COPY . .
 # Cache mounts keep the registry and the build between image builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin tenant-operator \
- && install -D -m 0755 target/release/tenant-operator /out/tenant-operator
+    cargo build --profile dist --locked --bin tenant-operator \
+ && install -D -m 0755 target/dist/tenant-operator /out/tenant-operator
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 ARG PG_MAJOR=15

@@ -56,12 +56,27 @@ fn with_db(url: &str, db: &str) -> String {
 }
 
 fn release_bin(name: &str) -> PathBuf {
+    built_bin("release", name, "cargo build --release --workspace --bins")
+}
+
+/// The operator as the image ships it (`[profile.dist]` in Cargo.toml: built
+/// for size).
+fn dist_bin(name: &str) -> PathBuf {
+    built_bin("dist", name, "cargo build --profile dist --bin tenant-operator")
+}
+
+fn built_bin(profile: &str, name: &str, build: &str) -> PathBuf {
     // The bench runs from target/release/deps/.
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join(name);
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("target dir");
+    let bin = target.join(profile).join(name);
     if !bin.exists() {
         eprintln!(
-            "{} is missing: `cargo build --release --workspace --bins` first (scripts/bench-scale.sh does)",
+            "{} is missing: `{build}` first (scripts/bench-scale.sh does)",
             bin.display()
         );
         std::process::exit(2);
@@ -844,10 +859,10 @@ async fn main() {
     let mut operator = match wrapper.split_first() {
         Some((program, args)) => {
             let mut c = Command::new(program);
-            c.args(args).arg(release_bin("tenant-operator"));
+            c.args(args).arg(dist_bin("tenant-operator"));
             c
         }
-        None => Command::new(release_bin("tenant-operator")),
+        None => Command::new(dist_bin("tenant-operator")),
     };
     // The image's malloc settings (Dockerfile), so the RSS measured is the
     // RSS shipped; BENCH_GLIBC_TUNABLES overrides them ("" = glibc's
